@@ -1,0 +1,38 @@
+# Two commands: `make run` starts the box on the dev ports with its data in ./data; `make test` runs everything.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+
+.PHONY: run test lint unit peers bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+run: $(STAMP)
+	@mkdir -p data
+	$(BIN)/letterbox --data ./data serve --listen 127.0.0.1 --port-offset 10000
+
+peers:
+	@bash .ci/install-peers
+
+lint: $(STAMP)
+	$(BIN)/ruff check appliance web tests bench
+	$(BIN)/mypy
+
+test: $(STAMP) peers lint
+	$(BIN)/pytest
+
+# Pure and fast: no Debian peers, no subprocesses.
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+bench: $(STAMP)
+	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

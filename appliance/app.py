@@ -1,0 +1,178 @@
+"""Composition root: open the db, build the services, start every listener, stop cleanly on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.accounts import Accounts
+from appliance.auth import Auth
+from appliance.config import STANDARD_PORTS, ServeConfig
+from appliance.db import Database
+from appliance.events import EventLog
+from appliance.services import Services
+from appliance.store.mailstore import MailStore
+from appliance.tls import TlsManager
+
+log = logging.getLogger("letterbox")
+
+STOP_TIMEOUT = 5.0  # seconds from SIGTERM to exit, per issue 2
+
+# Which module serves which port. Each has `async def serve(services, service, host, port) -> Server`.
+LISTENER_MODULES: dict[str, str] = {
+    "smtp": "appliance.smtp.server",
+    "submission": "appliance.smtp.server",
+    "submissions": "appliance.smtp.server",
+    "lmtp": "appliance.smtp.server",
+    "imap": "appliance.imap.server",
+    "imaps": "appliance.imap.server",
+    "pop3": "appliance.pop3.server",
+    "pop3s": "appliance.pop3.server",
+    "http": "appliance.web_server",
+    "https": "appliance.web_server",
+}
+
+# Background services started after the listeners: (module, factory); factory(services) -> obj with stop().
+BACKGROUND_MODULES: list[tuple[str, str]] = [
+    ("appliance.queue.service", "start_queue"),
+    ("appliance.inbound_auth", "start_inbound_auth"),  # installs the MX's SPF/DKIM/DMARC check
+]
+
+
+class StartupError(Exception):
+    """The box cannot start; the message is one line for the terminal."""
+
+
+@dataclass(frozen=True)
+class Listener:
+    service: str
+    host: str
+    port: int
+    server: asyncio.AbstractServer
+
+
+def system_hostname() -> str:
+    name = socket.getfqdn()
+    return name if "." in name else f"{name}.local"
+
+
+def _optional_module(name: str) -> Any | None:
+    """A protocol package may not exist yet in a partial build; anything else failing to import is a bug."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and name.startswith(exc.name):
+            return None
+        raise
+
+
+class Box:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.listeners: dict[str, Listener] = {}
+        self._background: list[Any] = []
+
+    @classmethod
+    async def start(cls, config: ServeConfig) -> Box:
+        config.data.create()
+        db = await Database.open(config.data.db)
+        try:
+            hostname = config.hostname or await db.get_setting("hostname") or system_hostname()
+            accounts = Accounts(db)
+            store = MailStore(config.data.mail, db)
+            services = Services(
+                config=config,
+                db=db,
+                accounts=accounts,
+                auth=Auth(db, accounts),
+                store=store,
+                tls=TlsManager(config.data.tls, hostname),
+                events=EventLog(db),
+                hostname=hostname,
+            )
+            recover: Callable[[], Awaitable[Any]] | None = getattr(store, "recover", None)
+            if recover is not None:
+                await recover()
+            box = cls(services)
+            services.extra["listeners"] = box.listener_status
+            await box._start_listeners()
+            await box._start_background()
+        except BaseException:
+            await db.close()
+            raise
+        return box
+
+    async def _start_listeners(self) -> None:
+        config = self.services.config
+        for service in STANDARD_PORTS:
+            if service in config.disabled:
+                continue
+            module = _optional_module(LISTENER_MODULES[service])
+            if module is None:
+                log.warning("%s: not built yet, not listening", service)
+                continue
+            host, port = config.listen_address(service), config.port(service)
+            try:
+                server = await module.serve(self.services, service, host, port)
+            except OSError as exc:
+                await self.stop()
+                raise StartupError(f"cannot listen for {service} on {host}:{port}: {exc.strerror}") from exc
+            bound = server.sockets[0].getsockname()[1] if server.sockets else port
+            self.listeners[service] = Listener(service, host, bound, server)
+            log.info("listening: %s on %s:%d", service, host, bound)
+
+    async def _start_background(self) -> None:
+        for module_name, factory in BACKGROUND_MODULES:
+            module = _optional_module(module_name)
+            if module is not None:
+                self._background.append(await getattr(module, factory)(self.services))
+
+    def listener_status(self) -> dict[str, tuple[str, int, bool]]:
+        """For the status page: service -> (host, port, serving)."""
+        return {
+            name: (lst.host, lst.port, lst.server.is_serving()) for name, lst in self.listeners.items()
+        }
+
+    def port(self, service: str) -> int:
+        return self.listeners[service].port
+
+    async def stop(self) -> None:
+        for obj in reversed(self._background):
+            with contextlib.suppress(Exception):
+                await obj.stop()
+        self._background.clear()
+        for lst in self.listeners.values():
+            lst.server.close()
+        for lst in self.listeners.values():
+            # wait_closed waits for every connection in 3.12+; bound it so a stuck client can't hold us.
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(lst.server.wait_closed(), timeout=1.0)
+        self.listeners.clear()
+        await self.services.db.close()
+
+
+async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] = print) -> None:
+    """`letterbox serve`: run until SIGTERM/SIGINT, then stop within STOP_TIMEOUT seconds."""
+    box = await Box.start(config)
+    announce(f"Letterbox {box.services.hostname}: data in {config.data.root.resolve()}")
+    for lst in box.listeners.values():
+        announce(f"  {lst.service:<12} {lst.host}:{lst.port}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await box.services.events.record("start", f"Letterbox started as {box.services.hostname}")
+    announce("ready")
+    await stop.wait()
+    log.info("stopping")
+    try:
+        await asyncio.wait_for(box.stop(), timeout=STOP_TIMEOUT)
+    except TimeoutError:
+        log.warning("stop took longer than %.0f s; exiting anyway", STOP_TIMEOUT)

@@ -1,0 +1,322 @@
+"""The `letterbox` command: argparse and printing only; every action is a service call."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import re
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from appliance.accounts import AccountError, Accounts
+from appliance.config import DataLayout, ServeConfig, default_data_dir
+from appliance.db import Database, DatabaseError
+
+
+class CliError(Exception):
+    """Printed as one line; exit status 1."""
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'500M', '2G', '0' -> bytes (binary units, as Dovecot's quota settings)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 500M or 2G; 0 for no limit)")
+    return int(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower())
+
+
+def read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        return line.rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise CliError("no terminal to ask for a password: use --password-stdin")
+    first = getpass.getpass("Password: ")
+    if first != getpass.getpass("Again: "):
+        raise CliError("the two passwords differ")
+    return first
+
+
+async def open_db(args: argparse.Namespace) -> Database:
+    layout = DataLayout(Path(args.data))
+    layout.create()
+    return await Database.open(layout.db)
+
+
+async def with_accounts(args: argparse.Namespace, action: Callable[[Accounts], Awaitable[Any]]) -> Any:
+    db = await open_db(args)
+    try:
+        return await action(Accounts(db))
+    finally:
+        await db.close()
+
+
+# --- serve -----------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from appliance.app import StartupError, serve_forever
+
+    config = ServeConfig(
+        data=DataLayout(Path(args.data)),
+        listen=args.listen,
+        port_offset=args.port_offset,
+        hostname=args.hostname,
+    )
+    try:
+        asyncio.run(serve_forever(config, announce=lambda line: print(line, flush=True)))
+    except StartupError as exc:
+        raise CliError(str(exc)) from exc
+
+
+# --- domains, users, aliases -----------------------------------------------------------------------
+
+def cmd_domain(args: argparse.Namespace) -> None:
+    async def act(accounts: Accounts) -> None:
+        if args.action == "add":
+            print(f"added domain {await accounts.add_domain(args.name)}")
+        elif args.action == "remove":
+            await accounts.remove_domain(args.name)
+            print(f"removed domain {args.name}")
+        else:
+            for name in await accounts.list_domains():
+                print(name)
+
+    asyncio.run(with_accounts(args, act))
+
+
+def cmd_user(args: argparse.Namespace) -> None:
+    password = read_password(args) if args.action in ("add", "passwd") else ""
+
+    async def act(accounts: Accounts) -> None:
+        if args.action == "add":
+            info = await accounts.add_user(
+                args.address, password, display_name=args.name or "", quota_bytes=args.quota
+            )
+            print(f"added mailbox {info.address}")
+        elif args.action == "passwd":
+            await accounts.set_password(args.address, password)
+            print(f"password changed for {args.address}")
+        elif args.action == "remove":
+            await accounts.remove_user(args.address)
+            print(f"removed mailbox {args.address} (its mail stays on disk under mail/)")
+        else:
+            for info in await accounts.list_users(args.domain):
+                quota = f"{info.quota_bytes // 1024**2}M" if info.quota_bytes else "unlimited"
+                state = "" if info.enabled else "  (disabled)"
+                print(f"{info.address}\t{info.display_name}\t{quota}{state}")
+
+    asyncio.run(with_accounts(args, act))
+
+
+def cmd_alias(args: argparse.Namespace) -> None:
+    async def act(accounts: Accounts) -> None:
+        if args.action == "add":
+            info = await accounts.add_alias(args.source, list(args.targets))
+            print(f"added alias {info.source} -> {', '.join(info.targets)}")
+        elif args.action == "remove":
+            await accounts.remove_alias(args.source)
+            print(f"removed alias {args.source}")
+        else:
+            for info in await accounts.list_aliases(args.domain):
+                print(f"{info.source}\t{', '.join(info.targets)}")
+
+    asyncio.run(with_accounts(args, act))
+
+
+# --- queue -----------------------------------------------------------------------------------------
+
+def cmd_queue(args: argparse.Namespace) -> None:
+    from appliance.queue.spool import Spool, format_queue
+
+    async def act() -> None:
+        db = await open_db(args)
+        try:
+            print(format_queue(await Spool(DataLayout(Path(args.data)).spool, db).messages()))
+        finally:
+            await db.close()
+
+    asyncio.run(act())
+
+
+def cmd_queue_flush(args: argparse.Namespace) -> None:
+    from appliance.queue.service import POLL_INTERVAL
+    from appliance.queue.state import flush
+
+    async def act() -> int:
+        db = await open_db(args)
+        try:
+            return await flush(db, args.ids)
+        finally:
+            await db.close()
+
+    count = asyncio.run(act())
+    print(f"{count} recipient{'s' if count != 1 else ''} due now; "
+          f"a running Letterbox tries them within {POLL_INTERVAL:.0f} s")
+
+
+def cmd_queue_delete(args: argparse.Namespace) -> None:
+    from appliance.queue.state import delete
+
+    async def act() -> list[str]:
+        db = await open_db(args)
+        try:
+            return await delete(db, DataLayout(Path(args.data)).spool, args.ids)
+        finally:
+            await db.close()
+
+    deleted = asyncio.run(act())
+    for queue_id in deleted:
+        print(f"deleted {queue_id} (no report is sent)")
+    missing = [i for i in args.ids if i not in deleted]
+    if missing:
+        raise CliError(f"not in the queue: {', '.join(missing)}")
+
+
+# --- dkim ------------------------------------------------------------------------------------------
+
+def cmd_dkim(args: argparse.Namespace) -> None:
+    from appliance import dkim_keys
+
+    async def act() -> dkim_keys.DkimKey:
+        db = await open_db(args)
+        try:
+            if not await Accounts(db).is_local_domain(args.domain):
+                raise CliError(f"{args.domain} is not a domain of this box (letterbox domain add)")
+            return await dkim_keys.rotate_key(db, DataLayout(Path(args.data)).dkim, args.domain)
+        finally:
+            await db.close()
+
+    key = asyncio.run(act())
+    print(f"new DKIM key for {key.domain}: selector {key.selector}, used for all mail from now on")
+    print("publish this record (the old one can go once mail signed with it has been delivered):")
+    print(f"{key.record_name}. IN TXT \"{key.txt_record()}\"")
+
+
+# --- dns -----------------------------------------------------------------------------------------
+
+def cmd_dns(args: argparse.Namespace) -> None:
+    from appliance import dns_check, dns_records
+    from appliance.accounts import mail_domain
+    from appliance.app import system_hostname
+
+    async def act() -> tuple[str, int]:
+        db = await open_db(args)
+        try:
+            domain = mail_domain(args.domain)
+            if not await Accounts(db).is_local_domain(domain):
+                raise CliError(f"{domain} is not a domain of this box (letterbox domain add)")
+            hostname = args.hostname or await db.get_setting("hostname") or system_hostname()
+            dkim_dir = DataLayout(Path(args.data)).dkim
+            if args.action == "records":
+                return dns_records.format_table(await dns_records.domain_records(db, dkim_dir, domain, hostname)), 0
+            results = await dns_check.check_domain(db, dkim_dir, domain, hostname)
+            await dns_check.save_results(db, domain, results)
+            return dns_check.format_results(results), sum(r.status != "found" for r in results)
+        finally:
+            await db.close()
+
+    text, problems = asyncio.run(act())
+    print(text)
+    if problems:
+        raise CliError(f"{problems} record{'s are' if problems != 1 else ' is'} not right yet (see above)")
+
+
+# --- parser ----------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="letterbox", description="A complete mail server in one box.")
+    parser.add_argument("--data", default=str(default_data_dir()),
+                        help="data directory (default: $LETTERBOX_DATA or ./data)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run every service of the box")
+    serve.add_argument("--listen", default="0.0.0.0", help="address to listen on (default: all)")
+    serve.add_argument("--port-offset", type=int, default=0, help="add N to every standard port")
+    serve.add_argument("--hostname", default=None, help="the box's host name (default: setting, else system)")
+    serve.set_defaults(func=cmd_serve)
+
+    domain = sub.add_parser("domain", help="mail domains")
+    dsub = domain.add_subparsers(dest="action", required=True)
+    dsub.add_parser("add").add_argument("name")
+    dsub.add_parser("remove").add_argument("name")
+    dsub.add_parser("list")
+    domain.set_defaults(func=cmd_domain)
+
+    user = sub.add_parser("user", help="mailboxes")
+    usub = user.add_subparsers(dest="action", required=True)
+    add = usub.add_parser("add")
+    add.add_argument("address")
+    add.add_argument("--name", help="display name")
+    add.add_argument("--quota", type=parse_size, default=0, help="e.g. 2G; 0 = unlimited")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    passwd = usub.add_parser("passwd")
+    passwd.add_argument("address")
+    passwd.add_argument("--password-stdin", action="store_true")
+    usub.add_parser("remove").add_argument("address")
+    usub.add_parser("list").add_argument("domain", nargs="?")
+    user.set_defaults(func=cmd_user)
+
+    alias = sub.add_parser("alias", help="aliases and forwards ('@domain' is a catch-all)")
+    asub = alias.add_subparsers(dest="action", required=True)
+    aadd = asub.add_parser("add")
+    aadd.add_argument("source")
+    aadd.add_argument("targets", nargs="+")
+    asub.add_parser("remove").add_argument("source")
+    asub.add_parser("list").add_argument("domain", nargs="?")
+    alias.set_defaults(func=cmd_alias)
+
+    # Other parts of the box (queue, dns, dkim, backup) add their subcommands below this line.
+    queue = sub.add_parser("queue", help="outbound mail waiting for delivery")
+    qsub = queue.add_subparsers(dest="action", required=True)
+    qsub.add_parser("list", help="spooled messages and the state of each recipient")
+    queue.set_defaults(func=cmd_queue)
+    qflush = qsub.add_parser("flush", help="try every deferred recipient (or those of IDs) now")
+    qflush.add_argument("ids", nargs="*", metavar="ID")
+    qflush.set_defaults(func=cmd_queue_flush)
+    qdelete = qsub.add_parser("delete", help="remove messages from the queue without a bounce")
+    qdelete.add_argument("ids", nargs="+", metavar="ID")
+    qdelete.set_defaults(func=cmd_queue_delete)
+
+    dkim = sub.add_parser("dkim", help="DKIM signing keys of the box's domains")
+    dksub = dkim.add_subparsers(dest="action", required=True)
+    dksub.add_parser("rotate", help="a new key under a new selector, in force at once").add_argument("domain")
+    dkim.set_defaults(func=cmd_dkim)
+
+    dns = sub.add_parser("dns", help="the DNS records a domain needs, and a live check of them")
+    dnsub = dns.add_subparsers(dest="action", required=True)
+    for action, text in (("records", "print the records to create"),
+                         ("check", "look each record up; exit 1 unless all are right")):
+        dns_action = dnsub.add_parser(action, help=text)
+        dns_action.add_argument("domain")
+        dns_action.add_argument("--hostname", help="the box's host name (default: the setting, else the system's)")
+    dns.set_defaults(func=cmd_dns)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except (CliError, AccountError, DatabaseError) as exc:
+        print(f"letterbox: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The one SQLite database of the box: aiosqlite in WAL mode, transactions, migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+log = logging.getLogger(__name__)
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+class DatabaseError(Exception):
+    """A database problem with a message fit for one line on a terminal."""
+
+
+def migrations_dir() -> Path:
+    """The migrations shipped with the code: the source tree, else the installed data files."""
+    here = Path(__file__).resolve().parent.parent / "migrations"
+    if here.is_dir():
+        return here
+    installed = Path(sys.prefix) / "share" / "letterbox" / "migrations"
+    if installed.is_dir():
+        return installed
+    raise DatabaseError(f"migrations folder not found (looked in {here} and {installed})")
+
+
+def load_migrations(folder: Path | None = None) -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every migration file, in order; gaps are an error."""
+    folder = folder or migrations_dir()
+    found: list[tuple[int, str, str]] = []
+    for path in sorted(folder.iterdir()):
+        m = _MIGRATION_NAME.match(path.name)
+        if m:
+            found.append((int(m.group(1)), path.name, path.read_text(encoding="utf-8")))
+    for expected, (version, name, _) in enumerate(found, start=1):
+        if version != expected:
+            raise DatabaseError(f"migration {name} is out of sequence (expected {expected:04d})")
+    return found
+
+
+class Database:
+    """One aiosqlite connection; writes are serialised through `transaction()`."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path, *, migrate: bool = True, migrations: Path | None = None) -> Database:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(str(path), isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute("PRAGMA synchronous=FULL")  # acknowledged mail must survive power loss
+        await conn.execute("PRAGMA foreign_keys=ON")
+        await conn.execute("PRAGMA busy_timeout=5000")
+        db = cls(conn, path)
+        if migrate:
+            try:
+                await db.migrate(load_migrations(migrations))
+            except BaseException:
+                await conn.close()
+                raise
+        return db
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def schema_version(self) -> int:
+        await self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+            " applied_at INTEGER NOT NULL DEFAULT (strftime('%s','now')))"
+        )
+        async with self._conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def migrate(self, migrations: Sequence[tuple[int, str, str]]) -> int:
+        """Apply the migrations the db lacks, each in its own transaction; return the new version."""
+        current = await self.schema_version()
+        known = len(migrations)
+        if current > known:
+            raise DatabaseError(
+                f"database {self.path} is at schema version {current}, newer than this Letterbox "
+                f"(knows up to {known}); upgrade Letterbox or restore a matching backup"
+            )
+        for version, name, sql in migrations[current:]:
+            async with self.transaction() as tx:
+                # executescript would COMMIT on its own; split statements to stay in our transaction.
+                for statement in _split_sql(sql):
+                    await tx.execute(statement)
+                await tx.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", (version, name))
+            log.info("migration applied: %s", name)
+        return known
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception. Writers queue on one lock."""
+        async with self._write_lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            else:
+                await self._conn.execute("COMMIT")
+
+    async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> int:
+        """One write statement in its own transaction; returns lastrowid."""
+        async with self.transaction() as tx:
+            cur = await tx.execute(sql, params)
+            return cur.lastrowid or 0
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        async with self.transaction() as tx:
+            await tx.executemany(sql, rows)
+
+    async def fetchone(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Row | None:
+        async with self._conn.execute(sql, params) as cur:
+            row = await cur.fetchone()
+        return row  # type: ignore[return-value]
+
+    async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        async with self._conn.execute(sql, params) as cur:
+            rows = await cur.fetchall()
+        return list(rows)  # type: ignore[arg-type]
+
+    async def get_setting(self, key: str, default: str | None = None) -> str | None:
+        row = await self.fetchone("SELECT value FROM settings WHERE key = ?", (key,))
+        return str(row["value"]) if row else default
+
+    async def set_setting(self, key: str, value: str) -> None:
+        await self.execute(
+            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements with sqlite3.complete_statement (handles quotes, triggers)."""
+    statements: list[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        if not buf and line.strip().startswith("--"):
+            continue
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                statements.append(buf.strip())
+            buf = ""
+    if buf.strip() and not all(ln.strip().startswith("--") or not ln.strip() for ln in buf.splitlines()):
+        raise DatabaseError("migration ends with an incomplete statement")
+    return statements

@@ -1,0 +1,29 @@
+"""The services every listener and the web console share; built once by app.py, passed in, never global."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from appliance.accounts import Accounts
+    from appliance.auth import Auth
+    from appliance.config import ServeConfig
+    from appliance.db import Database
+    from appliance.events import EventLog
+    from appliance.store.mailstore import MailStore
+    from appliance.tls import TlsManager
+
+
+@dataclass
+class Services:
+    config: ServeConfig
+    db: Database
+    accounts: Accounts
+    auth: Auth
+    store: MailStore
+    tls: TlsManager
+    events: EventLog
+    hostname: str
+    # Filled by the issues that add them (outbound queue, dns checker, ...): name -> service object.
+    extra: dict[str, Any] = field(default_factory=dict)

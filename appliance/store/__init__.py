@@ -1,0 +1,1 @@
+"""Maildir storage with a SQLite UID index."""

@@ -1,0 +1,339 @@
+"""The UID index of one folder: stable UIDs in SQLite, the folder's messages in memory.
+
+The db is the durable truth for UIDs, UIDVALIDITY, UIDNEXT and HIGHESTMODSEQ; the Maildir is the
+truth for which messages exist and their flags. `FolderIndex` keeps both in memory and brings them
+together: `scan()` compares the files with the index (cheaply: nothing is listed while the new/ and
+cur/ mtimes are unchanged) and a `Change` writes what differs in one transaction, then applies it
+to memory. Files nobody indexed (copied in from another server, written by Dovecot, or a crash
+between rename and commit) get new UIDs in name order; vanished files drop out; flag changes made
+on disk by another program are picked up.
+
+Rebuild: UIDs are never reused. When the message rows are lost but the folder row is kept, the
+files get new UIDs from UIDNEXT on and UIDVALIDITY stays (no UID names two messages). When the
+folder row is lost too, the folder gets a new UIDVALIDITY (time-based, never issued before), or
+Dovecot's UIDVALIDITY and UIDs when the folder has a `dovecot-uidlist`.
+
+Every method that reads or changes an index runs with the folder's lock held (mailstore.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from appliance.db import Database
+from appliance.store import maildir
+from appliance.store.maildir import Keywords, UidList
+from appliance.store.model import MessageInfo
+
+# A directory changed this recently may change again within the same mtime tick without its mtime
+# moving: such a folder is listed again at the next look (Dovecot does the same, for 1 s).
+DIRTY_WINDOW_NS = 2_000_000_000
+UIDVALIDITY_SETTING = "store_last_uidvalidity"
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    uid: int
+    base: str  # the Maildir unique name
+    flags: str  # upper-case Maildir letters, sorted
+    keywords: tuple[str, ...]
+    size: int
+    internaldate: int
+    modseq: int
+    sub: str = ""  # 'new' or 'cur' once seen on disk
+    filename: str = ""
+    info: MessageInfo | None = None  # built on demand, dropped on any change
+
+
+@dataclass(frozen=True)
+class Found:
+    """A message file the index does not know yet."""
+
+    base: str
+    sub: str
+    filename: str
+    size: int
+    mtime: int
+
+
+@dataclass
+class DiskChanges:
+    stamp: tuple[int, int]
+    dirty: bool
+    keywords: Keywords | None  # the folder's keyword map, when its file changed
+    keywords_mtime: int
+    found: list[Found] = field(default_factory=list)
+    moved: list[tuple[Entry, str, str]] = field(default_factory=list)  # entry, sub, file name
+    vanished: list[Entry] = field(default_factory=list)
+
+
+class FolderIndex:
+    def __init__(self, folder_id: int, name: str, path: Path, uidvalidity: int, uidnext: int,
+                 highestmodseq: int, subscribed: bool, entries: Sequence[Entry], uidlist: UidList | None) -> None:
+        self.id = folder_id
+        self.name = name
+        self.path = path  # sets the sub-directory paths too
+        self.uidvalidity = uidvalidity
+        self.uidnext = uidnext
+        self.highestmodseq = highestmodseq
+        self.subscribed = subscribed
+        self.lock = asyncio.Lock()
+        self.by_uid: dict[int, Entry] = {e.uid: e for e in entries}  # in UID order: UIDs only grow
+        self.by_base: dict[str, Entry] = {e.base: e for e in entries}
+        self.bytes = sum(e.size for e in entries)
+        self.keywords = Keywords()
+        self.keywords_mtime = -1
+        self.stamp: tuple[int, int] | None = None  # dir mtimes at the last listing
+        self.dirty = True
+        self.pending: set[str] = set()  # unique names being delivered: not yet ours to index
+        self.unclaimed: set[int] = set()  # recent messages in cur/ no session has claimed yet
+        self.deleted = False
+        self.uidlist = uidlist  # Dovecot's UIDs, adopted at the first scan
+        self._messages: tuple[MessageInfo, ...] | None = None
+        self._recent: frozenset[int] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @path.setter
+    def path(self, path: Path) -> None:
+        self._path = path
+        # Made once: joining two levels per message costs more than the rest of a snapshot.
+        self._dirs = {sub: path / sub for sub in ("new", "cur")}
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def info(self, entry: Entry) -> MessageInfo:
+        if entry.info is None:
+            entry.info = MessageInfo(
+                uid=entry.uid,
+                flags=maildir.imap_flags(entry.flags, entry.keywords),
+                size=entry.size,
+                internaldate=entry.internaldate,
+                modseq=entry.modseq,
+                path=self._dirs[entry.sub] / entry.filename,
+            )
+        return entry.info
+
+    def messages(self) -> tuple[MessageInfo, ...]:
+        if self._messages is None:
+            self._messages = tuple(self.info(e) for e in self.by_uid.values())
+        return self._messages
+
+    def recent(self) -> frozenset[int]:
+        """Recent and unclaimed: files still in new/, and copies/appends that went to cur/."""
+        if self._recent is None:
+            self._recent = frozenset(self.unclaimed | {e.uid for e in self.by_uid.values() if e.sub == "new"})
+        return self._recent
+
+    def entries(self, uids: Iterable[int]) -> list[Entry]:
+        return [e for uid in sorted(set(uids)) if (e := self.by_uid.get(uid)) is not None]
+
+    def invalidate(self, *, paths: bool = False) -> None:
+        self._messages = None
+        self._recent = None
+        if paths:
+            for e in self.by_uid.values():
+                e.info = None
+
+    # --- disk ------------------------------------------------------------------------------------
+
+    def scan(self) -> DiskChanges | None:
+        """Runs in a worker thread, lock held: what changed on disk, or None when nothing can have.
+        Raises FileNotFoundError when the folder's directories are gone."""
+        started = time.time_ns()
+        stamp = maildir.dir_stamp(self.path)
+        kw_mtime = maildir.keywords_mtime(self.path)
+        if stamp == self.stamp and not self.dirty and kw_mtime == self.keywords_mtime:
+            return None
+        keywords = maildir.read_keywords(self.path) if kw_mtime != self.keywords_mtime else None
+        listing = maildir.list_messages(self.path)
+        changes = DiskChanges(stamp, started - max(stamp) < DIRTY_WINDOW_NS, keywords, kw_mtime)
+        by_base = self.by_base
+        for base, (sub, filename) in listing.items():
+            entry = by_base.get(base)
+            if entry is None:
+                if base not in self.pending:
+                    found = _found(self.path, base, sub, filename)
+                    if found is not None:
+                        changes.found.append(found)
+            elif entry.filename != filename or entry.sub != sub:
+                changes.moved.append((entry, sub, filename))
+        if len(listing) - len(changes.found) != len(by_base):
+            gone = [e for base, e in by_base.items() if base not in listing]
+            if gone:
+                # A file another program renamed while we listed may have been missed: look again
+                # before calling it expunged.
+                again = maildir.list_messages(self.path)
+                for e in gone:
+                    if e.base in again:
+                        sub, filename = again[e.base]
+                        changes.moved.append((e, sub, filename))
+                    else:
+                        changes.vanished.append(e)
+        changes.found.sort(key=lambda f: f.base)  # delivery order: unique names start with the time
+        return changes
+
+
+def _found(folder: Path, base: str, sub: str, filename: str) -> Found | None:
+    try:
+        st = os.stat(folder / sub / filename)
+    except FileNotFoundError:
+        return None
+    return Found(base, sub, filename, st.st_size, int(st.st_mtime))
+
+
+class Change:
+    """One batch of changes to a folder's index: written in one transaction, then applied to memory."""
+
+    def __init__(self, folder: FolderIndex) -> None:
+        self.folder = folder
+        self.modseq = folder.highestmodseq + 1  # RFC 7162: one new mod-sequence for the batch
+        self.uidnext = folder.uidnext
+        self.last_uid = next(reversed(folder.by_uid), 0)
+        self.added: list[Entry] = []
+        self.updated: list[tuple[Entry, str, tuple[str, ...]]] = []  # entry, flags, keywords
+        self.located: list[tuple[Entry, str, str]] = []  # entry, sub, file name (no db change)
+        self.removed: list[Entry] = []
+
+    def add(self, base: str, sub: str, filename: str, flags: str, keywords: tuple[str, ...], size: int,
+            internaldate: int, uid: int | None = None) -> Entry:
+        """A new message with the next UID, or with `uid` (adopted from Dovecot) when that is above
+        every UID in the folder; UIDs only grow (RFC 3501 2.3.1.1)."""
+        if uid is None or uid <= self.last_uid:
+            uid = max(self.uidnext, self.last_uid + 1)
+        self.last_uid = uid
+        self.uidnext = max(self.uidnext, uid + 1)
+        entry = Entry(uid, base, flags, keywords, size, internaldate, self.modseq, sub, filename)
+        self.added.append(entry)
+        return entry
+
+    def update(self, entry: Entry, flags: str, keywords: tuple[str, ...]) -> None:
+        if (flags, keywords) != (entry.flags, entry.keywords):
+            self.updated.append((entry, flags, keywords))
+
+    def locate(self, entry: Entry, sub: str, filename: str) -> None:
+        self.located.append((entry, sub, filename))
+
+    def remove(self, entry: Entry) -> None:
+        self.removed.append(entry)
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.added or self.updated or self.removed)
+
+    async def write(self, tx: aiosqlite.Connection) -> None:
+        f = self.folder
+        if not self.writes:
+            return
+        if self.added:
+            await tx.executemany(
+                "INSERT INTO messages (folder_id, uid, basename, flags, keywords, size, internaldate, modseq)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(f.id, e.uid, e.base, e.flags, " ".join(e.keywords), e.size, e.internaldate, e.modseq)
+                 for e in self.added],
+            )
+        if self.updated:
+            await tx.executemany(
+                "UPDATE messages SET flags = ?, keywords = ?, modseq = ? WHERE folder_id = ? AND uid = ?",
+                [(flags, " ".join(kw), self.modseq, f.id, e.uid) for e, flags, kw in self.updated],
+            )
+        if self.removed:
+            await tx.executemany("DELETE FROM messages WHERE folder_id = ? AND uid = ?",
+                                 [(f.id, e.uid) for e in self.removed])
+        await tx.execute("UPDATE folders SET uidnext = ?, highestmodseq = ? WHERE id = ?",
+                         (self.uidnext, self.modseq, f.id))
+
+    def apply(self) -> None:
+        """After the commit: the same changes in memory."""
+        f = self.folder
+        for entry, sub, filename in self.located:
+            entry.sub, entry.filename, entry.info = sub, filename, None
+        for entry, flags, keywords in self.updated:
+            entry.flags, entry.keywords, entry.modseq, entry.info = flags, keywords, self.modseq, None
+        for entry in self.removed:
+            if f.by_uid.pop(entry.uid, None) is not None:
+                del f.by_base[entry.base]
+                f.bytes -= entry.size
+                f.unclaimed.discard(entry.uid)
+        for entry in self.added:
+            f.by_uid[entry.uid] = entry
+            f.by_base[entry.base] = entry
+            f.bytes += entry.size
+        if self.writes:
+            f.uidnext = self.uidnext
+            f.highestmodseq = self.modseq
+        if self.writes or self.located:
+            f.invalidate()
+
+
+async def commit(db: Database, changes: Sequence[Change]) -> None:
+    """Write several folders' changes in one transaction; memory follows only after the commit."""
+    changes = [c for c in changes if c.writes or c.located]
+    if any(c.writes for c in changes):
+        async with db.transaction() as tx:
+            for change in changes:
+                await change.write(tx)
+    for change in changes:
+        change.apply()
+
+
+# --- folder rows ---------------------------------------------------------------------------------
+
+async def folder_row(db: Database, mailbox_id: int, name: str) -> Any:
+    return await db.fetchone(
+        "SELECT id, uidvalidity, uidnext, highestmodseq, subscribed FROM folders WHERE mailbox_id = ? AND name = ?",
+        (mailbox_id, name),
+    )
+
+
+async def insert_folder(tx: aiosqlite.Connection, mailbox_id: int, name: str, uidlist: UidList | None = None) -> None:
+    """A new folder row; a name that had a stale row gets a new one (and a new UIDVALIDITY)."""
+    await tx.execute("DELETE FROM folders WHERE mailbox_id = ? AND name = ?", (mailbox_id, name))
+    if uidlist is not None:
+        uidvalidity, uidnext = uidlist.uidvalidity, uidlist.uidnext
+        await _note_uidvalidity(tx, uidvalidity)
+    else:
+        uidvalidity, uidnext = await new_uidvalidity(tx), 1
+    await tx.execute(
+        "INSERT INTO folders (mailbox_id, name, uidvalidity, uidnext) VALUES (?, ?, ?, ?)",
+        (mailbox_id, name, uidvalidity, uidnext),
+    )
+
+
+async def new_uidvalidity(tx: aiosqlite.Connection) -> int:
+    """RFC 3501 2.3.1.1: a UIDVALIDITY this box never issued: the time, or one more than the last."""
+    async with tx.execute("SELECT value FROM settings WHERE key = ?", (UIDVALIDITY_SETTING,)) as cur:
+        row = await cur.fetchone()
+    last = int(row[0]) if row else 0
+    value = max(int(time.time()), last + 1)
+    if value >= 2**32:
+        value = 1 + last % (2**32 - 1)  # a 32-bit number (RFC 3501 9 nz-number); 2106 problem
+    await _note_uidvalidity(tx, value)
+    return value
+
+
+async def _note_uidvalidity(tx: aiosqlite.Connection, value: int) -> None:
+    await tx.execute(
+        "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value ="
+        " CAST(MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER)) AS TEXT)",
+        (UIDVALIDITY_SETTING, str(value)),
+    )
+
+
+async def load_entries(db: Database, folder_id: int) -> list[Entry]:
+    rows = await db.fetchall(
+        "SELECT uid, basename, flags, keywords, size, internaldate, modseq FROM messages"
+        " WHERE folder_id = ? ORDER BY uid",
+        (folder_id,),
+    )
+    return [Entry(r[0], r[1], r[2], tuple(r[3].split()), r[4], r[5], r[6]) for r in rows]

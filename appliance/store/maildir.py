@@ -1,0 +1,512 @@
+"""Maildir++ on disk: folder names, unique file names, flags in the ':2,' info, durable writes.
+
+Everything here is plain blocking file work with no database and no event loop; the facade
+(mailstore.py) runs it in worker threads. The layout is Dovecot's, so either program reads the
+other's Maildir:
+
+- `<root>/{cur,new,tmp}` is INBOX; folder `A/B` is the directory `<root>/.A.B` with its own
+  `cur new tmp` and an empty `maildirfolder` file. A '.' inside a name level cannot be stored.
+- A message file is `<unique>` in new/ and `<unique>:2,<letters>` in cur/. Upper-case letters are
+  flags (D F P R S T), lower-case ones are keywords mapped in the folder's `dovecot-keywords` file
+  (`<index> <name>` per line, 'a' = 0), exactly as Dovecot keeps them.
+- A message is written to tmp/, fsynced, renamed into new/ (or cur/) and the directory fsynced:
+  a reader never sees a partial file, and a crash leaves at most debris in tmp/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import socket
+import string
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import BinaryIO
+
+from appliance.store.model import INBOX, SEPARATOR, StoreError
+
+SUBDIRS = ("cur", "new", "tmp")
+INFO = ":2,"  # Maildir info for version 2: flags follow
+FOLDER_MARKER = "maildirfolder"  # Dovecot (and Courier) mark folder directories with it
+KEYWORDS_FILE = "dovecot-keywords"
+UIDLIST_FILE = "dovecot-uidlist"
+TRASH_DIR = ".DOVECOT-TRASHED"  # Dovecot's name for a folder being deleted; both skip it
+KEYWORD_LETTERS = string.ascii_lowercase  # Maildir has room for 26 keywords per folder
+MAX_DIRNAME = 255  # NAME_MAX: the whole '.A.B' directory name must fit
+
+# RFC 3501 2.3.2 system flags and their Maildir letters. 'P' (passed/forwarded) has no IMAP flag;
+# it stays in the file name untouched.
+FLAG_OF_LETTER = {"D": "\\Draft", "F": "\\Flagged", "R": "\\Answered", "S": "\\Seen", "T": "\\Deleted"}
+LETTER_OF_FLAG = {flag.lower(): letter for letter, flag in FLAG_OF_LETTER.items()}
+
+_counter = itertools.count(1)
+
+
+def _host() -> str:
+    # Maildir: '/' and ':' in the host name are written as \057 and \072; ',' too, because
+    # ',S=<size>' follows the host.
+    name = socket.gethostname() or "localhost"
+    return name.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
+
+
+_HOST = _host()
+
+
+# --- names --------------------------------------------------------------------------------------
+
+def canonical_name(name: str) -> str:
+    """INBOX in any case is INBOX (RFC 3501 5.1), also as the first level of a longer name."""
+    head, sep, rest = name.partition(SEPARATOR)
+    return INBOX + sep + rest if head.upper() == INBOX else name
+
+
+def name_levels(name: str) -> list[str]:
+    """The levels of a folder name other than INBOX, checked for what the disk layout can hold."""
+    levels = name.split(SEPARATOR)
+    for level in levels:
+        if not level:
+            raise StoreError(f"folder name {name!r} has an empty level")
+        if "." in level:
+            raise StoreError(
+                f"folder name {name!r}: '.' cannot be used in a name (Maildir++ stores the "
+                f"hierarchy as dots in directory names)"
+            )
+        if any(ord(c) < 0x20 or c == "\x7f" for c in level):
+            raise StoreError(f"folder name {name!r} contains control characters")
+    if len(("." + ".".join(levels)).encode("utf-8")) > MAX_DIRNAME:
+        raise StoreError(f"folder name {name[:40]!r}... is too long")
+    return levels
+
+
+def folder_path(root: Path, name: str) -> Path:
+    if name == INBOX:
+        return root
+    return root / ("." + ".".join(name_levels(name)))
+
+
+def folder_name(dirname: str) -> str | None:
+    """The IMAP name of a directory in a Maildir++ root, or None when it is not a folder."""
+    if not dirname.startswith(".") or dirname in (".", "..", TRASH_DIR):
+        return None
+    levels = dirname[1:].split(".")
+    if any(not level for level in levels) or (len(levels) == 1 and levels[0].upper() == INBOX):
+        return None
+    return SEPARATOR.join(levels)
+
+
+def unique_name(size: int) -> str:
+    """Maildir unique name: time.M<usec>P<pid>Q<counter>.<host>,S=<size> (Dovecot's form)."""
+    usecs = time.time_ns() // 1000
+    sec, usec = divmod(usecs, 1_000_000)
+    return f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}.{_HOST},S={size}"
+
+
+def split_filename(filename: str) -> tuple[str, str]:
+    """(unique name, info letters). A name without ':2,' has no flags."""
+    base, sep, info = filename.partition(":")
+    if sep and info.startswith("2,"):
+        return base, info[2:]
+    return base, ""
+
+
+def cur_filename(base: str, letters: str) -> str:
+    return base + INFO + letters
+
+
+def sorted_letters(letters: Iterable[str]) -> str:
+    return "".join(sorted(set(letters)))  # Maildir: letters in ASCII order
+
+
+# --- flags and keywords -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Keywords:
+    """A folder's keyword letters: names[i] is the keyword of letter chr(ord('a') + i), '' if unused."""
+
+    names: tuple[str, ...] = ()
+
+    def name_of(self, letter: str) -> str | None:
+        i = ord(letter) - ord("a")
+        return self.names[i] or None if 0 <= i < len(self.names) else None
+
+    def letter_of(self, keyword: str) -> str | None:
+        folded = keyword.lower()  # keywords match case-insensitively, the first spelling is kept
+        for i, name in enumerate(self.names):
+            if name.lower() == folded:
+                return KEYWORD_LETTERS[i]
+        return None
+
+    def with_keywords(self, keywords: Iterable[str]) -> Keywords:
+        """This map plus letters for keywords it lacks; StoreError when the 26 letters run out."""
+        names = list(self.names)
+        known = {name.lower() for name in names if name}
+        for keyword in sorted(keywords):
+            if keyword.lower() in known:
+                continue
+            if not keyword or any(c.isspace() or ord(c) < 0x20 for c in keyword):
+                raise StoreError(f"keyword {keyword!r} cannot be stored")
+            if "" in names:
+                names[names.index("")] = keyword
+            elif len(names) < len(KEYWORD_LETTERS):
+                names.append(keyword)
+            else:
+                raise StoreError(f"too many keywords in this folder (Maildir has room for {len(KEYWORD_LETTERS)})")
+            known.add(keyword.lower())
+        return Keywords(tuple(names))
+
+
+def split_flags(flags: Iterable[str]) -> tuple[str, frozenset[str]]:
+    """IMAP flags -> (system flag letters, keywords). \\Recent and unknown system flags are ignored
+    (\\Recent is the server's to set, RFC 3501 2.3.2)."""
+    letters = []
+    keywords = set()
+    for flag in flags:
+        if flag.startswith("\\"):
+            letter = LETTER_OF_FLAG.get(flag.lower())
+            if letter:
+                letters.append(letter)
+        elif flag:
+            keywords.add(flag)
+    return sorted_letters(letters), frozenset(keywords)
+
+
+@lru_cache(maxsize=4096)
+def imap_flags(letters: str, keywords: tuple[str, ...]) -> frozenset[str]:
+    """The IMAP flags of upper-case letters and keyword names (shared frozensets, small memory)."""
+    return frozenset([FLAG_OF_LETTER[c] for c in letters if c in FLAG_OF_LETTER] + list(keywords))
+
+
+def decode_letters(letters: str, keywords: Keywords) -> tuple[str, tuple[str, ...]]:
+    """Info letters -> (upper-case flag letters, keyword names). Unmapped keyword letters are left out."""
+    upper = sorted_letters(c for c in letters if c.isupper())
+    names = tuple(sorted(n for c in letters if c.islower() and (n := keywords.name_of(c))))
+    return upper, names
+
+
+def encode_letters(upper: str, keyword_names: Iterable[str], keywords: Keywords, keep: str = "") -> str:
+    """Info letters for flag letters plus keywords (all mapped in `keywords`). `keep` are letters of
+    the old name to carry over: 'P' and anything this program does not understand."""
+    letters = set(upper) | set(keep)
+    for name in keyword_names:
+        letter = keywords.letter_of(name)
+        if letter is None:
+            raise StoreError(f"keyword {name!r} has no letter")  # callers map keywords first
+        letters.add(letter)
+    return sorted_letters(letters)
+
+
+def kept_letters(letters: str, keywords: Keywords) -> str:
+    """Letters an IMAP flag change must not drop: P, unknown flags, keyword letters with no name."""
+    return "".join(c for c in letters
+                   if (c.isupper() and c not in FLAG_OF_LETTER) or (c.islower() and keywords.name_of(c) is None))
+
+
+def read_keywords(folder: Path) -> Keywords:
+    try:
+        text = (folder / KEYWORDS_FILE).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return Keywords()
+    names = [""] * len(KEYWORD_LETTERS)
+    for line in text.splitlines():
+        index, _, name = line.partition(" ")
+        if index.isdigit() and int(index) < len(KEYWORD_LETTERS) and name.strip():
+            names[int(index)] = name.strip()
+    while names and not names[-1]:
+        names.pop()
+    return Keywords(tuple(names))
+
+
+def write_keywords(folder: Path, keywords: Keywords) -> None:
+    text = "".join(f"{i} {name}\n" for i, name in enumerate(keywords.names) if name)
+    tmp = folder / f"{KEYWORDS_FILE}.{unique_name(len(text))}"
+    _write_file(tmp, text.encode("utf-8"))
+    os.replace(tmp, folder / KEYWORDS_FILE)  # atomic: a reader sees the old map or the new one
+
+
+def keywords_mtime(folder: Path) -> int:
+    try:
+        return os.stat(folder / KEYWORDS_FILE).st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
+@dataclass(frozen=True)
+class UidList:
+    uidvalidity: int
+    uidnext: int
+    uids: Mapping[str, int]  # unique name -> UID
+
+
+def read_uidlist(folder: Path) -> UidList | None:
+    """Dovecot's `dovecot-uidlist` (versions 1 and 3), or None when absent or unreadable."""
+    try:
+        lines = (folder / UIDLIST_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not lines:
+        return None
+    header = lines[0].split()
+    try:
+        if header[0] == "1":
+            uidvalidity, uidnext = int(header[1]), int(header[2])
+        elif header[0] == "3":
+            fields = {h[0]: h[1:] for h in header[1:] if h}
+            uidvalidity, uidnext = int(fields["V"]), int(fields["N"])
+        else:
+            return None
+    except (IndexError, KeyError, ValueError):
+        return None
+    uids: dict[str, int] = {}
+    for line in lines[1:]:
+        uid_text, _, rest = line.partition(" ")
+        if not uid_text.isdigit():
+            continue
+        if header[0] == "3":
+            _, colon, name = rest.partition(":")  # '<uid> [<ext> ...] :<name>'
+            if not colon:
+                continue
+        else:
+            name = rest
+        base = split_filename(name.strip())[0]
+        if base:
+            uids[base] = int(uid_text)
+    if not 0 < uidvalidity < 2**32:
+        return None
+    uidnext = max([uidnext, *[u + 1 for u in uids.values()]])
+    return UidList(uidvalidity, uidnext, uids)
+
+
+# --- directories --------------------------------------------------------------------------------
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_maildir(path: Path, *, folder: bool) -> bool:
+    """Create the Maildir (and parents) where parts are missing; True when anything was made."""
+    made = False
+    for sub in SUBDIRS:
+        if not (path / sub).is_dir():
+            (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            made = True
+    if folder and not (path / FOLDER_MARKER).exists():
+        (path / FOLDER_MARKER).touch(mode=0o600)
+        made = True
+    if made:
+        for sub in SUBDIRS:
+            fsync_dir(path / sub)
+        fsync_dir(path)
+        fsync_dir(path.parent)
+    return made
+
+
+def discover_folders(root: Path) -> list[str]:
+    """Names of the folders in a Maildir++ root (without INBOX)."""
+    found = []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            name = folder_name(entry.name)
+            if name is not None and entry.is_dir(follow_symlinks=False):
+                found.append(name)
+    return sorted(found)
+
+
+def remove_folder(path: Path) -> None:
+    """Delete a folder directory: first renamed aside (atomic, so it is gone for every reader at
+    once), then removed. A crash in between leaves TRASH_DIR, removed by clean_debris()."""
+    trash = path.parent / TRASH_DIR
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.rename(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash)
+
+
+def clean_debris(root: Path) -> int:
+    """At start, when no delivery is in flight: remove every file in tmp/ of every Maildir under
+    `root` (mail/<domain>/<local>/) and half-deleted folders. Returns how many entries went."""
+    removed = 0
+    for domain in _subdirs(root):
+        for mailbox in _subdirs(domain):
+            trash = mailbox / TRASH_DIR
+            if trash.is_dir():
+                shutil.rmtree(trash, ignore_errors=True)
+                removed += 1
+            maildirs = [mailbox] + [d for d in _subdirs(mailbox) if folder_name(d.name)]
+            for maildir in maildirs:
+                tmp = maildir / "tmp"
+                for entry in _entries(tmp):
+                    if entry.is_file(follow_symlinks=False):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
+                            removed += 1
+    return removed
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return [Path(e.path) for e in _entries(path) if e.is_dir(follow_symlinks=False)]
+
+
+def _entries(path: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+# --- messages -----------------------------------------------------------------------------------
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class WriteJob:
+    maildir: Path
+    base: str  # unique name, chosen by the caller (who marks it pending first)
+    sub: str  # 'new' or 'cur'
+    filename: str
+    mtime: int | None  # INTERNALDATE; Dovecot reads it from the file's mtime
+
+
+def write_message(job: WriteJob, data: bytes) -> None:
+    """tmp/ -> fsync -> rename into new/ or cur/ -> fsync the directory. Durable when it returns."""
+    tmp = job.maildir / "tmp" / job.base
+    try:
+        _write_file(tmp, data)
+        if job.mtime is not None:
+            os.utime(tmp, (job.mtime, job.mtime))
+        os.rename(tmp, job.maildir / job.sub / job.filename)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(job.maildir / job.sub)
+
+
+def write_messages(jobs: Iterable[WriteJob], data: bytes) -> list[OSError | None]:
+    """Each copy on its own: one failing (disk full, folder gone) does not stop the others."""
+    results: list[OSError | None] = []
+    for job in jobs:
+        try:
+            write_message(job, data)
+            results.append(None)
+        except OSError as exc:
+            results.append(exc)
+    return results
+
+
+def copy_message(src: Path, job: WriteJob) -> None:
+    """A hard link when possible (the file is never changed in place, so sharing is safe, as
+    Dovecot does); else a real copy through tmp/. The caller fsyncs the target directory."""
+    target = job.maildir / job.sub / job.filename
+    try:
+        os.link(src, target)
+        return
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and not src.exists():
+            raise
+    data = src.read_bytes()
+    tmp = job.maildir / "tmp" / job.base
+    try:
+        _write_file(tmp, data)
+        st = os.stat(src)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.rename(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def dir_stamp(folder: Path) -> tuple[int, int]:
+    """mtimes of new/ and cur/: a file added, removed or renamed there changes them."""
+    return os.stat(folder / "new").st_mtime_ns, os.stat(folder / "cur").st_mtime_ns
+
+
+def list_messages(folder: Path) -> dict[str, tuple[str, str]]:
+    """unique name -> (sub, file name) for every message file. new/ is read before cur/, so a file
+    another program moves from new/ to cur/ meanwhile is seen at least once; cur/ wins."""
+    found: dict[str, tuple[str, str]] = {}
+    for sub in ("new", "cur"):
+        for filename in os.listdir(folder / sub):
+            if filename[0] != ".":  # Maildir readers skip dot files
+                found[filename.partition(":")[0]] = (sub, filename)  # split_filename, inlined: hot
+    return found
+
+
+def open_message(path: Path) -> BinaryIO:
+    """Open a message file; when a flag change renamed it since `path` was read, find it by its
+    unique name in cur/ or new/."""
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        base = split_filename(path.name)[0]
+        for sub in ("cur", "new"):
+            with contextlib.suppress(FileNotFoundError):
+                for filename in os.listdir(path.parent.parent / sub):
+                    if split_filename(filename)[0] == base:
+                        return (path.parent.parent / sub / filename).open("rb")
+        raise
+
+
+def rename_files(moves: Iterable[tuple[Path, Path]], *, durable: bool = True) -> list[bool]:
+    """Rename each (source, target); False where the source is gone (expunged or renamed by
+    another program meanwhile). With `durable`, the directories touched are fsynced once each."""
+    done: list[bool] = []
+    touched: set[Path] = set()
+    for source, target in moves:
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:
+            done.append(False)
+            continue
+        done.append(True)
+        touched.update((source.parent, target.parent))
+    if durable:
+        for directory in touched:
+            fsync_dir(directory)
+    return done
+
+
+def unlink_files(paths: Iterable[Path]) -> None:
+    touched: set[Path] = set()
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            touched.add(path.parent)
+    for directory in touched:
+        fsync_dir(directory)
+
+
+def copy_messages(copies: Iterable[tuple[Path, WriteJob]]) -> None:
+    """All copies or none (RFC 3501 6.4.7: a failed COPY leaves the target as it was)."""
+    made: list[Path] = []
+    try:
+        for source, job in copies:
+            copy_message(source, job)
+            made.append(job.maildir / job.sub / job.filename)
+        for directory in {path.parent for path in made}:
+            fsync_dir(directory)
+    except BaseException:
+        for path in made:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise

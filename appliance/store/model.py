@@ -1,0 +1,55 @@
+"""Values and errors of the mail store; `appliance.store.mailstore` re-exports all of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+INBOX = "INBOX"
+SEPARATOR = "/"  # the IMAP hierarchy separator; '.' on disk (Maildir++)
+
+SPECIAL_FOLDERS = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk",
+                   "Archive": "\\Archive"}
+
+
+class StoreError(Exception):
+    """A store operation that cannot be done; the message is fit for a protocol reply."""
+
+
+class QuotaExceeded(StoreError): ...
+
+
+class NoSuchFolder(StoreError): ...
+
+
+class FolderExists(StoreError): ...
+
+
+@dataclass(frozen=True, slots=True)  # one per message held in memory: no __dict__
+class MessageInfo:
+    uid: int
+    flags: frozenset[str]  # IMAP names: \Seen \Answered \Flagged \Deleted \Draft, plus keywords
+    size: int  # bytes on disk (CRLF as stored)
+    internaldate: int  # unix seconds
+    modseq: int
+    path: Path  # the file as it is now (its name changes with flags; re-read after a flag change)
+
+
+@dataclass(frozen=True)
+class FolderSnapshot:
+    name: str
+    uidvalidity: int
+    uidnext: int
+    messages: tuple[MessageInfo, ...]  # ordered by UID
+    # With claim_recent: the UIDs this snapshot claimed as \Recent (files moved from new/ to cur/).
+    # Without: the UIDs that are recent and not yet claimed by any session (nothing is claimed).
+    recent: frozenset[int]
+    highestmodseq: int = 1
+
+
+@dataclass(frozen=True)
+class FolderInfo:
+    name: str  # IMAP name with '/' as separator; 'INBOX' for the root
+    special_use: str | None
+    subscribed: bool
+    has_children: bool

@@ -1,0 +1,255 @@
+"""Shared fixtures: a real Letterbox on a background loop (`box`) and as a subprocess (`served_box`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trustme
+
+from appliance.config import STANDARD_PORTS, DataLayout, ServeConfig
+
+T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parent.parent
+LETTERBOX = str(Path(sys.executable).parent / "letterbox")
+TEST_HOSTNAME = "localhost"  # mbsync/fetchmail match the cert name and ignore IP SANs (PEERS.md)
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_program(name: str) -> str:
+    """Path of a Debian test peer; under CI=true a missing one fails the test instead of skipping it."""
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
+    )
+    if path is None:
+        message = f"{name} is not installed (make test installs it: see Makefile 'peers')"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def install_test_certificate(ca: trustme.CA, layout: DataLayout) -> None:
+    # fetchmail 6.4 refuses a server certificate without a subject CN, whatever its SANs say.
+    cert = ca.issue_cert(TEST_HOSTNAME, "127.0.0.1", "mail.example.test", common_name=TEST_HOSTNAME)
+    layout.tls.mkdir(parents=True, exist_ok=True)
+    (layout.tls / "cert.pem").write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    key = layout.tls / "key.pem"
+    key.write_bytes(cert.private_key_pem.bytes())
+    key.chmod(0o600)
+
+
+# Settings every test box starts with: outbound mail stays queued (the queue would otherwise ask the
+# system's DNS and connect to real MX hosts) and the MX adds no SPF/DKIM/DMARC results (which also
+# need DNS). Tests of those parts turn them on with their own loopback DNS server (issue 7).
+TEST_SETTINGS = {"queue_hold": "1", "inbound_auth": "off"}
+
+
+def preset_settings(layout: DataLayout, settings: dict[str, str] = TEST_SETTINGS) -> None:
+    """Write settings into the box's db before it starts (creating and migrating the db)."""
+    from appliance.db import Database
+
+    async def write() -> None:
+        db = await Database.open(layout.db)
+        try:
+            for key, value in settings.items():
+                await db.set_setting(key, value)
+        finally:
+            await db.close()
+
+    asyncio.run(write())
+
+
+def client_context(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+class BoxHandle:
+    """The whole box on its own event loop thread; blocking clients run in the test thread."""
+
+    def __init__(self, root: Path, ca: trustme.CA, disabled: frozenset[str] = frozenset()) -> None:
+        from appliance.app import Box
+
+        self.data = DataLayout(root)
+        self.data.create()
+        install_test_certificate(ca, self.data)
+        preset_settings(self.data)
+        self.client_context = client_context(ca)
+        self.ca = ca
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="letterbox-loop", daemon=True)
+        self._thread.start()
+        config = ServeConfig(
+            data=self.data,
+            listen="127.0.0.1",
+            port_overrides=dict.fromkeys(STANDARD_PORTS, 0),
+            disabled=disabled,
+            hostname="mail.example.test",
+        )
+        try:
+            self.box = self.run(Box.start(config))
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.services = self.box.services
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def port(self, service: str) -> int:
+        return self.box.port(service)
+
+    def add_user(self, address: str, password: str, quota_bytes: int = 0) -> None:
+        async def add() -> None:
+            domain = address.rsplit("@", 1)[1]
+            accounts = self.services.accounts
+            if not await accounts.is_local_domain(domain):
+                await accounts.add_domain(domain)
+            await accounts.add_user(address, password, quota_bytes=quota_bytes)
+
+        self.run(add())
+
+    def close(self) -> None:
+        try:
+            self.run(self.box.stop(), timeout=15)
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def box(tmp_path: Path, ca: trustme.CA) -> Iterator[BoxHandle]:
+    handle = BoxHandle(tmp_path / "data", ca)
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+# --- the real process ------------------------------------------------------------------------------
+
+def _ports_free(offset: int) -> bool:
+    for port in STANDARD_PORTS.values():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port + offset))
+            except OSError:
+                return False
+    return True
+
+
+def pick_port_offset() -> int:
+    # Spread across the range so parallel runs rarely collide; each candidate is checked.
+    base = 20000 + (os.getpid() * 37) % 20000
+    for step in range(200):
+        offset = 20000 + (base + step * 1009) % 30000
+        if _ports_free(offset):
+            return offset
+    raise RuntimeError("no free port range for letterbox serve")
+
+
+class ServedBox:
+    """`letterbox serve` as a subprocess on its own data dir and port offset."""
+
+    def __init__(self, root: Path, ca: trustme.CA) -> None:
+        self.data = DataLayout(root / "data")
+        self.data.create()
+        install_test_certificate(ca, self.data)
+        preset_settings(self.data)
+        self.ca = ca
+        self.ca_file = root / "ca.pem"
+        ca.cert_pem.write_to_path(str(self.ca_file))
+        self.client_context = client_context(ca)
+        self.log_path = root / "serve.log"
+        self.offset = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "LETTERBOX_DATA": str(self.data.root), "PYTHONUNBUFFERED": "1"}
+
+    def start(self, timeout: float = 30) -> None:
+        self.offset = pick_port_offset()
+        log = self.log_path.open("ab")
+        earlier = log.tell()  # a restart appends: only this run's "ready" counts
+        self.proc = subprocess.Popen(
+            [LETTERBOX, "serve", "--listen", "127.0.0.1", "--port-offset", str(self.offset),
+             "--hostname", TEST_HOSTNAME],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.data.root.parent,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if b"\nready\n" in self.log_path.read_bytes()[earlier:]:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"letterbox serve exited: {self.log_path.read_text(errors='replace')}")
+            time.sleep(0.05)
+        raise RuntimeError(f"letterbox serve not ready: {self.log_path.read_text(errors='replace')}")
+
+    def port(self, service: str) -> int:
+        return STANDARD_PORTS[service] + self.offset
+
+    def cli(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [LETTERBOX, *args], input=input, capture_output=True, text=True, env=self.env(), timeout=60
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"letterbox {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def add_user(self, address: str, password: str) -> None:
+        domain = address.rsplit("@", 1)[1]
+        if domain not in self.cli("domain", "list").stdout.split():
+            self.cli("domain", "add", domain)
+        self.cli("user", "add", address, "--password-stdin", input=password + "\n")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def served_box(tmp_path: Path, ca: trustme.CA) -> Iterator[ServedBox]:
+    served = ServedBox(tmp_path, ca)
+    served.start()
+    try:
+        yield served
+    finally:
+        served.stop()

@@ -1,0 +1,79 @@
+"""`letterbox serve` as a real process: starts on its ports, makes its certificate, stops on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import trustme
+from cryptography import x509
+
+from appliance.config import DataLayout
+from tests.conftest import LETTERBOX, ServedBox, pick_port_offset
+
+
+def test_serve_listens_and_stops_on_sigterm_within_5s(served_box: ServedBox) -> None:
+    log = served_box.log_path.read_text()
+    assert "ready" in log
+    for service in ("smtp", "imap", "pop3"):
+        if f" {service} " in log:
+            with socket.create_connection(("127.0.0.1", served_box.port(service)), timeout=5):
+                pass
+    assert served_box.data.db.exists()
+    started = time.monotonic()
+    code = served_box.stop(signal.SIGTERM)
+    assert time.monotonic() - started < 5
+    assert code == 0
+
+
+def test_first_start_makes_a_self_signed_certificate(tmp_path: Path) -> None:
+    layout = DataLayout(tmp_path / "data")
+    offset = pick_port_offset()
+    proc = subprocess.Popen(
+        [LETTERBOX, "--data", str(layout.root), "serve", "--listen", "127.0.0.1", "--port-offset", str(offset),
+         "--hostname", "mail.example.test"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip() == "ready":
+                break
+        assert any("data in" in line for line in lines), lines
+        cert = x509.load_pem_x509_certificate((layout.tls / "cert.pem").read_bytes())
+        assert cert.subject == cert.issuer
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert "mail.example.test" in names.get_values_for_type(x509.DNSName)
+        assert (layout.tls / "key.pem").stat().st_mode & 0o077 == 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert code == 0
+
+
+def test_tls_context_reloads_a_new_certificate(tmp_path: Path, ca: trustme.CA) -> None:
+    from appliance.tls import TlsManager
+
+    manager = TlsManager(tmp_path / "tls", "mail.example.test")
+    assert manager.info().self_signed
+    issued = ca.issue_cert("mail.example.test")
+    context = manager.context
+    manager.install(b"".join(b.bytes() for b in issued.cert_chain_pems), issued.private_key_pem.bytes())
+    assert manager.context is context  # the same object, so every listener sees the new certificate
+    assert not manager.info().self_signed
+    bad = ca.issue_cert("other.example.test")
+    try:
+        manager.install(bad.cert_chain_pems[0].bytes(), issued.private_key_pem.bytes())
+    except ssl.SSLError:
+        pass
+    else:  # pragma: no cover
+        raise AssertionError("a key that does not match the certificate must be refused")
+    assert "mail.example.test" in manager.info().names

@@ -1,0 +1,288 @@
+"""Auth against a real SQLite file: argon2id, rehash, disabled accounts, throttling, logging."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from appliance.accounts import Accounts
+from appliance.auth import Auth, Principal, Throttle, ThrottlePolicy, peer_key
+from appliance.db import Database
+from appliance.passwords import make_hasher
+
+FAST = make_hasher(time_cost=1, memory_cost_kib=8, parallelism=1)
+PASSWORD = "a long enough password"
+WRONG = "not the password at all"
+ALICE = "alice@example.org"
+# Small numbers so the throttle tests take well under a second of sleeping.
+QUICK = ThrottlePolicy(
+    free_failures=2, peer_free_failures=50, base_delay=0.05, max_delay=0.2, account_max_delay=0.1,
+    pair_lockout_failures=6, peer_lockout_failures=12, lockout_seconds=60, forgive_seconds=3600,
+)
+NO_THROTTLE = ThrottlePolicy(free_failures=10**6, peer_free_failures=10**6, pair_lockout_failures=10**6,
+                             peer_lockout_failures=10**6)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Box:
+    db: Database
+    accounts: Accounts
+    auth: Auth
+    clock: FakeClock
+
+
+def run(tmp_path: Path, scenario: Callable[[Box], Awaitable[None]], *, policy: ThrottlePolicy = QUICK) -> None:
+    async def main() -> None:
+        db = await Database.open(tmp_path / "letterbox.db")
+        try:
+            accounts = Accounts(db, hasher=FAST)
+            clock = FakeClock()
+            await accounts.add_domain("example.org")
+            await accounts.add_user(ALICE, PASSWORD)
+            await scenario(Box(db, accounts, Auth(db, accounts, policy=policy, clock=clock), clock))
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+
+
+def stored_hash(tmp_path: Path, address: str = ALICE) -> str:
+    local, domain = address.split("@")
+    with sqlite3.connect(tmp_path / "letterbox.db") as conn:
+        (value,) = conn.execute(
+            "SELECT password_hash FROM mailboxes m JOIN domains d ON d.id = m.domain_id"
+            " WHERE d.name = ? AND m.local_part = ?", (domain, local)
+        ).fetchone()
+    return str(value)
+
+
+def auth_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "letterbox.auth"]
+
+
+async def timed(coro: Awaitable[Principal | None]) -> tuple[Principal | None, float]:
+    started = time.monotonic()
+    result = await coro
+    return result, time.monotonic() - started
+
+
+def test_right_wrong_unknown(tmp_path: Path) -> None:
+    async def scenario(box: Box) -> None:
+        auth = box.auth
+        assert await auth.verify(ALICE, PASSWORD, "imap", "192.0.2.1") == Principal(ALICE, "mailbox")
+        assert await auth.verify("Alice@EXAMPLE.org", PASSWORD, "smtp", "192.0.2.1") == Principal(ALICE, "mailbox")
+        assert await auth.verify(ALICE, WRONG, "pop3", "192.0.2.1") is None
+        assert await auth.verify(ALICE, PASSWORD.upper(), "imap", "192.0.2.1") is None
+        assert await auth.verify(ALICE, "", "imap", "192.0.2.1") is None
+        assert await auth.verify("nobody@example.org", PASSWORD, "imap", "192.0.2.1") is None
+        assert await auth.verify("alice", PASSWORD, "imap", "192.0.2.1") is None
+        assert await auth.verify("alice+tag@example.org", PASSWORD, "imap", "192.0.2.1") is None
+        assert await auth.verify(ALICE, PASSWORD + "\x00x", "imap", "192.0.2.1") is None
+        assert await auth.verify(ALICE, "x" * 100_000, "imap", "192.0.2.1") is None
+        assert await auth.verify("\r\n" * 500, "\x00", "imap", "") is None
+
+    run(tmp_path, scenario, policy=NO_THROTTLE)
+
+
+def test_disabled_mailbox_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="letterbox.auth")
+
+    async def scenario(box: Box) -> None:
+        await box.accounts.update_user(ALICE, enabled=False)
+        assert await box.auth.verify(ALICE, PASSWORD, "imap", "192.0.2.1") is None
+        assert any(line.startswith("auth disabled:") for line in auth_lines(caplog))
+        # A right password for a disabled account is not counted as a guess.
+        for _ in range(10):
+            assert await box.auth.verify(ALICE, PASSWORD, "imap", "192.0.2.1") is None
+        await box.accounts.update_user(ALICE, enabled=True)
+        assert await box.auth.verify(ALICE, PASSWORD, "imap", "192.0.2.1") == Principal(ALICE, "mailbox")
+
+    run(tmp_path, scenario)
+
+
+def test_rehash_when_parameters_change(tmp_path: Path) -> None:
+    stronger = make_hasher(time_cost=2, memory_cost_kib=16, parallelism=1)
+    seen: dict[str, str] = {}
+
+    async def scenario(box: Box) -> None:
+        seen["before"] = stored_hash(tmp_path)
+        auth = Auth(box.db, box.accounts, policy=NO_THROTTLE, hasher=stronger)
+        assert await auth.verify(ALICE, WRONG, "imap", "192.0.2.1") is None
+        assert stored_hash(tmp_path) == seen["before"]  # only a proven password is rehashed
+        assert await auth.verify(ALICE, PASSWORD, "imap", "192.0.2.1") == Principal(ALICE, "mailbox")
+        seen["after"] = stored_hash(tmp_path)
+        assert await auth.verify(ALICE, PASSWORD, "imap", "192.0.2.1") == Principal(ALICE, "mailbox")
+        assert stored_hash(tmp_path) == seen["after"]  # once upgraded, left alone
+
+    run(tmp_path, scenario)
+    assert seen["before"].startswith("$argon2id$v=19$m=8,t=1,p=1$")
+    assert seen["after"].startswith("$argon2id$v=19$m=16,t=2,p=1$")
+
+
+def test_unknown_accounts_cost_as_much_as_known(tmp_path: Path) -> None:
+    costly = make_hasher(time_cost=2, memory_cost_kib=8 * 1024, parallelism=1)
+
+    async def scenario(box: Box) -> None:
+        accounts = Accounts(box.db, hasher=costly)
+        await accounts.set_password(ALICE, PASSWORD)
+        auth = Auth(box.db, accounts, policy=NO_THROTTLE)
+        await auth.verify("warm@example.org", WRONG, "imap", "192.0.2.1")  # makes the dummy hash
+        known = [(await timed(auth.verify(ALICE, WRONG, "imap", "192.0.2.1")))[1] for _ in range(5)]
+        unknown = [(await timed(auth.verify("nobody@example.org", WRONG, "imap", "192.0.2.1")))[1]
+                   for _ in range(5)]
+        assert statistics.median(unknown) > 0.3 * statistics.median(known), (known, unknown)
+
+    run(tmp_path, scenario)
+
+
+def test_burst_is_slowed_then_locked_but_other_addresses_still_work(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="letterbox.auth")
+
+    async def scenario(box: Box) -> None:
+        auth = box.auth
+        took: list[float] = []
+        for _ in range(QUICK.pair_lockout_failures):
+            result, seconds = await timed(auth.verify(ALICE, WRONG, "imap", "192.0.2.1"))
+            assert result is None
+            took.append(seconds)
+        # Free failures are quick; then the delay grows up to the cap.
+        assert max(took[: QUICK.free_failures]) < QUICK.base_delay
+        assert took[QUICK.free_failures] >= QUICK.base_delay
+        assert took[QUICK.free_failures + 1] >= 2 * QUICK.base_delay
+        assert took[-1] >= QUICK.max_delay
+        # Locked out: the right password from the same address is refused, quickly and without a check.
+        result, seconds = await timed(auth.verify(ALICE, PASSWORD, "imap", "192.0.2.1"))
+        assert result is None and seconds < QUICK.base_delay
+        assert auth_lines(caplog)[-1].startswith("auth locked:")
+        assert any(r.levelno == logging.WARNING and "lockout" in r.getMessage() for r in caplog.records)
+        # The owner elsewhere gets in, at most slowed by the bounded per-account delay.
+        result, seconds = await timed(auth.verify(ALICE, PASSWORD, "imap", "198.51.100.7"))
+        assert result == Principal(ALICE, "mailbox")
+        assert seconds < QUICK.max_delay
+        # The same throttle covers every protocol (and the web) for that address and account.
+        assert await auth.verify(ALICE, PASSWORD, "smtp", "192.0.2.1") is None
+        assert await auth.verify(ALICE, PASSWORD, "web", "192.0.2.1") is None
+        # The lockout ends by itself.
+        box.clock.now += QUICK.lockout_seconds + 1
+        assert await auth.verify(ALICE, PASSWORD, "pop3", "192.0.2.1") == Principal(ALICE, "mailbox")
+
+    run(tmp_path, scenario)
+
+
+def test_parallel_guesses_are_counted_one_by_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="letterbox.auth")
+    fast = ThrottlePolicy(free_failures=100, peer_free_failures=100, pair_lockout_failures=5,
+                          peer_lockout_failures=100)
+
+    async def scenario(box: Box) -> None:
+        auth = Auth(box.db, box.accounts, policy=fast, clock=box.clock)
+        results = await asyncio.gather(*(auth.verify(ALICE, WRONG, "imap", "192.0.2.1") for _ in range(20)))
+        assert results == [None] * 20
+        lines = auth_lines(caplog)
+        assert sum(line.startswith("auth bad-password:") for line in lines) == fast.pair_lockout_failures
+        assert sum(line.startswith("auth locked:") for line in lines) == 20 - fast.pair_lockout_failures
+
+    run(tmp_path, scenario)
+
+
+def test_password_spraying_locks_the_client_address(tmp_path: Path) -> None:
+    async def scenario(box: Box) -> None:
+        auth = Auth(box.db, box.accounts, policy=ThrottlePolicy(
+            free_failures=100, peer_free_failures=100, pair_lockout_failures=100, peer_lockout_failures=8,
+            lockout_seconds=60, forgive_seconds=3600), clock=box.clock)
+        for i in range(8):
+            assert await auth.verify(f"user{i}@example.org", WRONG, "smtp", "192.0.2.9") is None
+        # The address is locked for every account, even with a right password...
+        assert await auth.verify(ALICE, PASSWORD, "smtp", "192.0.2.9") is None
+        # ...its IPv6 /64 neighbours count as the same client, other addresses do not.
+        for _ in range(8):
+            await auth.verify("x@example.org", WRONG, "smtp", "2001:db8::1")
+        assert await auth.verify(ALICE, PASSWORD, "smtp", "2001:db8::ffff") is None
+        assert await auth.verify(ALICE, PASSWORD, "smtp", "2001:db8:0:1::1") == Principal(ALICE, "mailbox")
+        assert await auth.verify(ALICE, PASSWORD, "smtp", "192.0.2.10") == Principal(ALICE, "mailbox")
+
+    run(tmp_path, scenario)
+
+
+def test_peer_keys() -> None:
+    assert peer_key("192.0.2.1") == "192.0.2.1"
+    assert peer_key("::ffff:192.0.2.1") == "192.0.2.1"
+    assert peer_key("2001:db8::1") == peer_key("[2001:db8::2]") == "2001:db8::/64"
+    assert peer_key("2001:db8:0:1::1") == "2001:db8:0:1::/64"
+    assert peer_key("") == "unknown"
+    assert peer_key("weird\npeer") == "weird?peer"
+
+
+def test_throttle_memory_is_bounded() -> None:
+    throttle = Throttle(ThrottlePolicy(max_tracked=50))
+    for i in range(500):
+        throttle.failed(f"198.51.100.{i % 250}", f"mailbox:user{i}@example.org")
+    assert throttle.tracked() <= 50
+
+
+def test_admins_share_the_throttle(tmp_path: Path) -> None:
+    async def scenario(box: Box) -> None:
+        await box.accounts.add_admin("root", "the admin passphrase")
+        auth = box.auth
+        assert await auth.verify_admin("Root", "the admin passphrase", "192.0.2.1") == Principal("root", "admin")
+        assert await auth.verify_admin("root", WRONG, "192.0.2.1") is None
+        assert await auth.verify_admin(ALICE, PASSWORD, "192.0.2.1") is None  # a mailbox is no admin
+        assert await auth.verify("root", "the admin passphrase", "imap", "192.0.2.1") is None
+        for _ in range(QUICK.pair_lockout_failures):
+            await auth.verify_admin("root", WRONG, "192.0.2.2")
+        assert await auth.verify_admin("root", "the admin passphrase", "192.0.2.2") is None
+        assert await auth.verify_admin("root", "the admin passphrase", "192.0.2.3") == Principal("root", "admin")
+
+    run(tmp_path, scenario)
+
+
+def test_every_attempt_is_logged_without_secrets(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    secrets = (PASSWORD, WRONG, "the admin passphrase", "yet another wrong guess")
+
+    async def scenario(box: Box) -> None:
+        auth = box.auth
+        await box.accounts.add_admin("root", "the admin passphrase")
+        await auth.verify(ALICE, PASSWORD, "imap", "192.0.2.1")
+        await auth.verify(ALICE, WRONG, "smtp", "192.0.2.1")
+        await auth.verify("nobody@example.org", WRONG, "pop3", "192.0.2.1")
+        await auth.verify("bob@example.org\r\nauth ok: forged", WRONG, "pop3", "192.0.2.1")
+        await auth.verify_admin("root", "the admin passphrase", "192.0.2.1")
+        await box.accounts.update_user(ALICE, enabled=False)
+        await auth.verify(ALICE, PASSWORD, "web", "192.0.2.1")
+        for _ in range(QUICK.pair_lockout_failures + 1):
+            await auth.verify(ALICE, "yet another wrong guess", "imap", "192.0.2.5")
+
+    run(tmp_path, scenario)
+    lines = auth_lines(caplog)
+    assert lines[0] == "auth ok: service=imap peer=192.0.2.1 mailbox=alice@example.org"
+    assert lines[1] == "auth bad-password: service=smtp peer=192.0.2.1 mailbox=alice@example.org"
+    assert lines[2] == "auth unknown-account: service=pop3 peer=192.0.2.1 mailbox=nobody@example.org"
+    assert lines[3].startswith("auth unknown-account: service=pop3 peer=192.0.2.1 mailbox=")
+    assert "\n" not in lines[3] and "\r" not in lines[3]
+    assert lines[4] == "auth ok: service=web peer=192.0.2.1 admin=root"
+    assert lines[5] == "auth disabled: service=web peer=192.0.2.1 mailbox=alice@example.org"
+    assert any(line.startswith("auth locked:") for line in lines)
+    everything = "\n".join(
+        f"{r.getMessage()} {r.exc_text or ''} {r.args!r}" for r in caplog.records
+    )
+    for secret in secrets:
+        assert secret not in everything

@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from appliance.db import Database, DatabaseError, _split_sql, load_migrations
+
+
+def test_migrations_are_numbered_without_gaps() -> None:
+    migrations = load_migrations()
+    assert [v for v, _, _ in migrations] == list(range(1, len(migrations) + 1))
+
+
+@pytest.mark.parametrize("start", range(len(load_migrations()) + 1))
+def test_migrates_from_every_earlier_version(tmp_path: Path, start: int) -> None:
+    migrations = load_migrations()
+
+    async def scenario() -> None:
+        old = await Database.open(tmp_path / "x.db", migrate=False)
+        await old.migrate(migrations[:start])
+        assert await old.schema_version() == start
+        await old.close()
+        db = await Database.open(tmp_path / "x.db")
+        assert await db.schema_version() == len(migrations)
+        names = {r["name"] for r in await db.fetchall("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"domains", "mailboxes", "aliases", "folders", "messages", "queue_messages"} <= names
+        mode = await db.fetchone("PRAGMA journal_mode")
+        assert mode is not None and mode[0] == "wal"
+        await db.close()
+
+    asyncio.run(scenario())
+
+
+def test_newer_database_is_refused_with_one_clear_line(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        db = await Database.open(tmp_path / "x.db")
+        await db.execute("INSERT INTO schema_migrations (version, name) VALUES (999, '0999_future.sql')")
+        await db.close()
+        with pytest.raises(DatabaseError, match="newer than this Letterbox") as info:
+            await Database.open(tmp_path / "x.db")
+        assert "\n" not in str(info.value)
+
+    asyncio.run(scenario())
+
+
+def test_failed_migration_leaves_nothing_half_applied(tmp_path: Path) -> None:
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    (folder / "0001_ok.sql").write_text("CREATE TABLE a (x INTEGER);\n")
+    (folder / "0002_broken.sql").write_text("CREATE TABLE b (x INTEGER);\nINSERT INTO nowhere VALUES (1);\n")
+
+    async def scenario() -> None:
+        with pytest.raises(sqlite3.OperationalError):
+            await Database.open(tmp_path / "x.db", migrations=folder)
+        db = await Database.open(tmp_path / "x.db", migrate=False)
+        assert await db.schema_version() == 1
+        tables = {r["name"] for r in await db.fetchall("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert "a" in tables and "b" not in tables
+        await db.close()
+
+    asyncio.run(scenario())
+
+
+def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        db = await Database.open(tmp_path / "x.db")
+        with pytest.raises(RuntimeError):
+            async with db.transaction() as tx:
+                await tx.execute("INSERT INTO settings (key, value) VALUES ('k', 'v')")
+                raise RuntimeError("boom")
+        assert await db.get_setting("k") is None
+        await db.set_setting("k", "v1")
+        await db.set_setting("k", "v2")
+        assert await db.get_setting("k") == "v2"
+        await db.close()
+
+    asyncio.run(scenario())
+
+
+def test_split_sql_keeps_semicolons_inside_strings() -> None:
+    script = "-- comment\nCREATE TABLE t (x TEXT DEFAULT ';');\nINSERT INTO t VALUES ('a;b');\n"
+    assert _split_sql(script) == ["CREATE TABLE t (x TEXT DEFAULT ';');", "INSERT INTO t VALUES ('a;b');"]

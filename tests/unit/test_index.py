@@ -1,0 +1,218 @@
+"""The UID index (appliance/store/index.py) against a real SQLite file and a real Maildir on tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+from appliance.db import Database
+from appliance.store import index, maildir
+from appliance.store.index import Change, FolderIndex
+
+T = TypeVar("T")
+LONG_AGO = 1_500_000_000  # dir mtimes set here are outside the dirty window
+
+
+def run(tmp_path: Path, body: Callable[[Database], Awaitable[T]]) -> T:
+    async def main() -> T:
+        db = await Database.open(tmp_path / "letterbox.db")
+        try:
+            await db.execute("INSERT INTO domains (id, name, created_at) VALUES (1, 'ex.test', 0)")
+            await db.execute("INSERT INTO mailboxes (id, domain_id, local_part, password_hash, created_at)"
+                             " VALUES (1, 1, 'alice', 'x', 0)")
+            return await body(db)
+        finally:
+            await db.close()
+
+    return asyncio.run(main())
+
+
+async def open_folder(db: Database, path: Path, name: str = "INBOX") -> FolderIndex:
+    row = await index.folder_row(db, 1, name)
+    if row is None:
+        async with db.transaction() as tx:
+            await index.insert_folder(tx, 1, name)
+        row = await index.folder_row(db, 1, name)
+    assert row is not None
+    entries = await index.load_entries(db, row[0])
+    return FolderIndex(row[0], name, path, row[1], row[2], row[3], bool(row[4]), entries, None)
+
+
+def drop(path: Path, filename: str, sub: str = "cur", data: bytes = b"Subject: x\r\n\r\nx\r\n") -> None:
+    (path / sub / filename).write_bytes(data)
+
+
+def age(path: Path) -> None:
+    for sub in ("new", "cur"):
+        os.utime(path / sub, (LONG_AGO, LONG_AGO))
+
+
+async def sync(db: Database, f: FolderIndex) -> Change:
+    """What mailstore._sync does, minus keyword remapping: enough to drive the index alone."""
+    found = await asyncio.to_thread(f.scan)
+    change = Change(f)
+    if found is None:
+        return change
+    if found.keywords is not None:
+        f.keywords = found.keywords
+    f.keywords_mtime = found.keywords_mtime
+    for entry, sub, filename in found.moved:
+        change.locate(entry, sub, filename)
+        change.update(entry, *maildir.decode_letters(maildir.split_filename(filename)[1], f.keywords))
+    for entry in found.vanished:
+        change.remove(entry)
+    for new in found.found:
+        flags, names = maildir.decode_letters(maildir.split_filename(new.filename)[1], f.keywords)
+        change.add(new.base, new.sub, new.filename, flags, names, new.size, new.mtime)
+    await index.commit(db, [change])
+    f.stamp, f.dirty = found.stamp, found.dirty
+    return change
+
+
+def test_uidvalidity_is_never_issued_twice(tmp_path: Path) -> None:
+    async def body(db: Database) -> list[int]:
+        values = []
+        for _ in range(50):  # far more than one per second
+            async with db.transaction() as tx:
+                values.append(await index.new_uidvalidity(tx))
+        return values
+
+    values = run(tmp_path, body)
+    assert values == sorted(set(values)) and 0 < values[0] < 2**32
+
+
+def test_files_get_uids_in_name_order_and_keep_them(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    maildir.make_maildir(folder, folder=False)
+    drop(folder, "1700000002.b.host", sub="new")
+    drop(folder, "1700000001.a.host:2,S")
+    drop(folder, "1700000003.c.host:2,FPT")
+
+    async def body(db: Database) -> None:
+        f = await open_folder(db, folder)
+        change = await sync(db, f)
+        assert [(e.uid, e.base, e.flags) for e in change.added] == [
+            (1, "1700000001.a.host", "S"), (2, "1700000002.b.host", ""), (3, "1700000003.c.host", "FPT"),
+        ]
+        assert (f.uidnext, f.highestmodseq) == (4, 2)
+        assert [m.uid for m in f.messages()] == [1, 2, 3]
+        assert f.recent() == {2}  # still in new/
+        # A second index over the same db and files: the same UIDs, nothing written.
+        again = await open_folder(db, folder)
+        second = await sync(db, again)
+        assert not second.writes and len(second.located) == 3
+        assert [(m.uid, m.flags, m.path.name) for m in again.messages()] == [
+            (m.uid, m.flags, m.path.name) for m in f.messages()
+        ]
+
+    run(tmp_path, body)
+
+
+def test_changes_made_by_another_program_are_seen(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    maildir.make_maildir(folder, folder=False)
+    drop(folder, "1.a.host", sub="new")
+    drop(folder, "2.b.host:2,")
+
+    async def body(db: Database) -> None:
+        f = await open_folder(db, folder)
+        await sync(db, f)
+        os.rename(folder / "new" / "1.a.host", folder / "cur" / "1.a.host:2,RS")  # read and answered
+        os.unlink(folder / "cur" / "2.b.host:2,")
+        drop(folder, "3.c.host:2,D")
+        change = await sync(db, f)
+        assert [e.uid for e in change.removed] == [2]
+        assert [e.uid for e in change.added] == [3]
+        [m1, m3] = f.messages()
+        assert m1.flags == {"\\Seen", "\\Answered"} and m1.modseq == 3 and m1.path.parent.name == "cur"
+        assert m3.flags == {"\\Draft"} and f.uidnext == 4
+        rows = await db.fetchall("SELECT uid, flags, modseq FROM messages ORDER BY uid")
+        assert [tuple(r) for r in rows] == [(1, "RS", 3), (3, "D", 3)]
+
+    run(tmp_path, body)
+
+
+def test_an_unchanged_folder_is_not_listed(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    maildir.make_maildir(folder, folder=False)
+    drop(folder, "1.a.host:2,")
+
+    async def body(db: Database) -> None:
+        f = await open_folder(db, folder)
+        await sync(db, f)
+        assert f.dirty  # the directories changed just now: their mtime may not move again
+        assert await asyncio.to_thread(f.scan) is not None
+        age(folder)
+        await sync(db, f)
+        assert not f.dirty
+        assert await asyncio.to_thread(f.scan) is None
+        drop(folder, "2.b.host", sub="new")  # any change moves the mtime
+        change = await sync(db, f)
+        assert [e.base for e in change.added] == ["2.b.host"]
+
+    run(tmp_path, body)
+
+
+def test_pending_deliveries_are_not_adopted(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    maildir.make_maildir(folder, folder=False)
+
+    async def body(db: Database) -> None:
+        f = await open_folder(db, folder)
+        f.pending.add("9.z.host")
+        drop(folder, "9.z.host", sub="new")  # renamed into new/, not yet committed by its delivery
+        assert not (await sync(db, f)).added
+        f.pending.clear()
+        assert [e.base for e in (await sync(db, f)).added] == ["9.z.host"]
+
+    run(tmp_path, body)
+
+
+def test_adopted_uids_must_grow(tmp_path: Path) -> None:
+    async def body(db: Database) -> None:
+        f = await open_folder(db, tmp_path)
+        change = Change(f)
+        a = change.add("a", "cur", "a:2,", "", (), 1, 0, uid=5)
+        b = change.add("b", "cur", "b:2,", "", (), 1, 0, uid=3)  # below one given: renumbered
+        c = change.add("c", "cur", "c:2,", "", (), 1, 0)
+        assert (a.uid, b.uid, c.uid, change.uidnext) == (5, 6, 7, 8)
+        await index.commit(db, [change])
+        assert list(f.by_uid) == [5, 6, 7] and f.bytes == 3
+        row = await index.folder_row(db, 1, "INBOX")
+        assert row is not None and (row[2], row[3]) == (8, 2)
+
+    run(tmp_path, body)
+
+
+def test_a_failed_commit_leaves_memory_alone(tmp_path: Path) -> None:
+    async def body(db: Database) -> None:
+        f = await open_folder(db, tmp_path)
+        first = Change(f)
+        first.add("a", "cur", "a:2,", "", (), 1, 0)
+        await index.commit(db, [first])
+        clash = Change(f)
+        clash.add("a", "cur", "a:2,S", "", (), 1, 0)  # the same unique name twice: UNIQUE fails
+        try:
+            await index.commit(db, [clash])
+        except Exception:
+            pass
+        else:
+            raise AssertionError("duplicate unique name accepted")
+        assert list(f.by_uid) == [1] and f.uidnext == 2
+        assert (await db.fetchone("SELECT COUNT(*) FROM messages"))[0] == 1  # type: ignore[index]
+
+    run(tmp_path, body)
+
+
+def test_a_new_row_for_a_stale_name_gets_a_new_uidvalidity(tmp_path: Path) -> None:
+    async def body(db: Database) -> None:
+        f = await open_folder(db, tmp_path, "Old")
+        async with db.transaction() as tx:
+            await index.insert_folder(tx, 1, "Old")
+        row = await index.folder_row(db, 1, "Old")
+        assert row is not None and row[1] != f.uidvalidity
+
+    run(tmp_path, body)

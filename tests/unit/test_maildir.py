@@ -1,0 +1,214 @@
+"""Maildir++ on disk (appliance/store/maildir.py): names, flags, keywords, durable writes, debris."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from appliance.store import maildir
+from appliance.store.maildir import Keywords, WriteJob
+from appliance.store.model import StoreError
+
+UNIQUE = re.compile(r"^\d+\.M\d+P\d+Q\d+\.[^/:,]+,S=(\d+)$")
+
+
+# --- folder names -------------------------------------------------------------------------------
+
+def test_folder_paths_follow_maildir_plus_plus(tmp_path: Path) -> None:
+    assert maildir.folder_path(tmp_path, "INBOX") == tmp_path
+    assert maildir.folder_path(tmp_path, "Sent") == tmp_path / ".Sent"
+    assert maildir.folder_path(tmp_path, "A/B/C") == tmp_path / ".A.B.C"
+    assert maildir.folder_path(tmp_path, "INBOX/Sub") == tmp_path / ".INBOX.Sub"
+    assert maildir.folder_name(".A.B.C") == "A/B/C"
+    assert maildir.folder_name(".Sent") == "Sent"
+
+
+@pytest.mark.parametrize("dirname", ["cur", "new", "tmp", ".", "..", ".DOVECOT-TRASHED", "..A", ".A..B", ".A.",
+                                     ".INBOX", ".inbox"])
+def test_directories_that_are_not_folders(dirname: str) -> None:
+    assert maildir.folder_name(dirname) is None
+
+
+def test_a_dot_inside_a_name_is_refused_clearly() -> None:
+    with pytest.raises(StoreError, match=r"'\.' cannot be used"):
+        maildir.folder_path(Path("/x"), "v1.2")
+    with pytest.raises(StoreError, match="empty level"):
+        maildir.name_levels("A//B")
+    with pytest.raises(StoreError, match="too long"):
+        maildir.name_levels("x" * 300)
+
+
+def test_inbox_is_canonical_in_any_case() -> None:
+    assert maildir.canonical_name("inbox") == "INBOX"
+    assert maildir.canonical_name("InBoX/Sub") == "INBOX/Sub"
+    assert maildir.canonical_name("Inboxes") == "Inboxes"
+
+
+@given(st.lists(st.text(st.characters(blacklist_characters="./", min_codepoint=0x20, max_codepoint=0x7E),
+                        min_size=1, max_size=12), min_size=1, max_size=4))
+def test_folder_names_round_trip(levels: list[str]) -> None:
+    name = "/".join(levels)
+    if levels[0].upper() == "INBOX" and len(levels) == 1:
+        return
+    path = maildir.folder_path(Path("/m"), name)
+    assert maildir.folder_name(path.name) == name
+
+
+# --- unique names and flags ---------------------------------------------------------------------
+
+def test_unique_names_follow_the_convention_and_never_repeat() -> None:
+    names = {maildir.unique_name(4096) for _ in range(2000)}
+    assert len(names) == 2000
+    for name in list(names)[:20]:
+        m = UNIQUE.match(name)
+        assert m and m.group(1) == "4096", name
+        assert f"P{os.getpid()}Q" in name
+
+
+def test_file_names_carry_flags_in_the_info() -> None:
+    assert maildir.split_filename("123.M1P2Q3.host,S=10:2,FS") == ("123.M1P2Q3.host,S=10", "FS")
+    assert maildir.split_filename("123.M1P2Q3.host,S=10") == ("123.M1P2Q3.host,S=10", "")
+    assert maildir.split_filename("123.host:1,experimental") == ("123.host", "")
+    assert maildir.cur_filename("base", "RS") == "base:2,RS"
+
+
+def test_flags_round_trip_through_letters() -> None:
+    keywords = Keywords(("$Forwarded", "Work"))
+    upper, names = maildir.split_flags({"\\Seen", "\\flagged", "\\Recent", "\\Bogus", "Work", "$Forwarded"})
+    assert upper == "FS"  # \Recent is the server's, unknown system flags are dropped
+    letters = maildir.encode_letters(upper, sorted(names), keywords)
+    assert letters == "FSab"
+    back = maildir.decode_letters(letters, keywords)
+    assert back == ("FS", ("$Forwarded", "Work"))
+    assert maildir.imap_flags(*back) == {"\\Seen", "\\Flagged", "$Forwarded", "Work"}
+    assert maildir.imap_flags("DFPRST", ()) == {"\\Draft", "\\Flagged", "\\Answered", "\\Seen", "\\Deleted"}
+
+
+def test_passed_and_unknown_letters_are_kept() -> None:
+    keywords = Keywords(("Work",))
+    # P (passed) has no IMAP flag, 'z' no keyword name: an IMAP flag change must not drop either.
+    assert maildir.kept_letters("PSaz", keywords) == "Pz"
+    assert maildir.decode_letters("PSaz", keywords) == ("PS", ("Work",))
+
+
+def test_keywords_file_is_dovecots(tmp_path: Path) -> None:
+    (tmp_path / "dovecot-keywords").write_text("0 $Junk\n1 NonJunk\n3 Later\n")
+    keywords = maildir.read_keywords(tmp_path)
+    assert keywords.letter_of("$junk") == "a"  # keywords match case-insensitively
+    assert keywords.letter_of("Later") == "d"
+    assert keywords.name_of("c") is None
+    grown = keywords.with_keywords({"Work", "$JUNK"})
+    assert grown.letter_of("Work") == "c"  # the free slot first; no letter is ever reassigned
+    maildir.write_keywords(tmp_path, grown)
+    assert (tmp_path / "dovecot-keywords").read_text() == "0 $Junk\n1 NonJunk\n2 Work\n3 Later\n"
+    assert maildir.read_keywords(tmp_path) == grown
+    assert [p.name for p in tmp_path.iterdir()] == ["dovecot-keywords"]
+
+
+def test_a_folder_has_room_for_26_keywords() -> None:
+    full = Keywords(()).with_keywords({f"k{i:02d}" for i in range(26)})
+    assert full.letter_of("k25") == "z"
+    with pytest.raises(StoreError, match="too many keywords"):
+        full.with_keywords({"one-more"})
+    with pytest.raises(StoreError):
+        Keywords(()).with_keywords({"two words"})
+
+
+def test_dovecot_uidlists_are_read(tmp_path: Path) -> None:
+    (tmp_path / "dovecot-uidlist").write_text(
+        "3 V1700000000 N7 G3085f01b7f11094c501100008c4a11c1\n"
+        "4 :1700000001.M1P1.host,S=10\n"
+        "6 W12 :1700000002.M1P1.host,S=11\n"
+    )
+    uidlist = maildir.read_uidlist(tmp_path)
+    assert uidlist is not None
+    assert (uidlist.uidvalidity, uidlist.uidnext) == (1700000000, 7)
+    assert dict(uidlist.uids) == {"1700000001.M1P1.host,S=10": 4, "1700000002.M1P1.host,S=11": 6}
+    (tmp_path / "dovecot-uidlist").write_text("1 1600000000 3\n2 1600000001.host:2,S\n")
+    old = maildir.read_uidlist(tmp_path)
+    assert old is not None and old.uidvalidity == 1600000000 and dict(old.uids) == {"1600000001.host": 2}
+    (tmp_path / "dovecot-uidlist").write_text("garbage\n")
+    assert maildir.read_uidlist(tmp_path) is None
+
+
+# --- files --------------------------------------------------------------------------------------
+
+def test_a_written_message_is_whole_in_new_and_tmp_is_empty(tmp_path: Path) -> None:
+    maildir.make_maildir(tmp_path, folder=False)
+    data = b"Subject: x\r\n\r\n" + b"y" * 100_000
+    base = maildir.unique_name(len(data))
+    maildir.write_message(WriteJob(tmp_path, base, "new", base, 1_600_000_000), data)
+    assert (tmp_path / "new" / base).read_bytes() == data
+    assert os.stat(tmp_path / "new" / base).st_mtime == 1_600_000_000  # INTERNALDATE, as Dovecot reads it
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert maildir.list_messages(tmp_path) == {base: ("new", base)}
+
+
+def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
+    maildir.make_maildir(tmp_path, folder=False)
+    job = WriteJob(tmp_path, "x", "new", "x", None)
+    (tmp_path / "new").rmdir()  # the rename fails
+    [error] = maildir.write_messages([job], b"data")
+    assert isinstance(error, FileNotFoundError)
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_folders_get_the_maildirfolder_marker(tmp_path: Path) -> None:
+    assert maildir.make_maildir(tmp_path / ".Sent", folder=True)
+    assert sorted(p.name for p in (tmp_path / ".Sent").iterdir()) == ["cur", "maildirfolder", "new", "tmp"]
+    assert not maildir.make_maildir(tmp_path / ".Sent", folder=True)
+    (tmp_path / ".DOVECOT-TRASHED").mkdir()
+    (tmp_path / "stray").mkdir()
+    maildir.make_maildir(tmp_path / ".A.B", folder=True)
+    assert maildir.discover_folders(tmp_path) == ["A/B", "Sent"]
+
+
+def test_listing_skips_dot_files_and_prefers_cur(tmp_path: Path) -> None:
+    maildir.make_maildir(tmp_path, folder=False)
+    (tmp_path / "new" / "1.a.host").write_bytes(b"x")
+    (tmp_path / "cur" / "1.a.host:2,S").write_bytes(b"x")  # moved by another program while we listed
+    (tmp_path / "cur" / ".nfs000").write_bytes(b"x")
+    assert maildir.list_messages(tmp_path) == {"1.a.host": ("cur", "1.a.host:2,S")}
+
+
+def test_debris_is_cleaned_in_every_maildir(tmp_path: Path) -> None:
+    box = tmp_path / "ex.test" / "alice"
+    maildir.make_maildir(box, folder=False)
+    maildir.make_maildir(box / ".Sent", folder=True)
+    (box / "tmp" / "half").write_bytes(b"partial")
+    (box / ".Sent" / "tmp" / "half2").write_bytes(b"partial")
+    (box / "new" / "whole").write_bytes(b"kept")
+    (box / ".DOVECOT-TRASHED" / "cur").mkdir(parents=True)
+    assert maildir.clean_debris(tmp_path) == 3
+    assert list((box / "tmp").iterdir()) == [] and list((box / ".Sent" / "tmp").iterdir()) == []
+    assert (box / "new" / "whole").exists() and not (box / ".DOVECOT-TRASHED").exists()
+    assert maildir.clean_debris(tmp_path / "missing") == 0
+
+
+def test_copies_are_hard_links_and_all_or_nothing(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for d in (src, dst):
+        maildir.make_maildir(d, folder=False)
+    (src / "cur" / "a:2,S").write_bytes(b"one")
+    maildir.copy_messages([(src / "cur" / "a:2,S", WriteJob(dst, "b", "cur", "b:2,S", None))])
+    assert os.stat(dst / "cur" / "b:2,S").st_ino == os.stat(src / "cur" / "a:2,S").st_ino
+    with pytest.raises(FileNotFoundError):
+        maildir.copy_messages([
+            (src / "cur" / "a:2,S", WriteJob(dst, "c", "cur", "c:2,", None)),
+            (src / "cur" / "gone", WriteJob(dst, "d", "cur", "d:2,", None)),
+        ])
+    assert sorted(p.name for p in (dst / "cur").iterdir()) == ["b:2,S"]
+
+
+def test_open_message_follows_a_rename(tmp_path: Path) -> None:
+    maildir.make_maildir(tmp_path, folder=False)
+    (tmp_path / "cur" / "base:2,S").write_bytes(b"body")
+    with maildir.open_message(tmp_path / "new" / "base") as f:
+        assert f.read() == b"body"
+    with pytest.raises(FileNotFoundError):
+        maildir.open_message(tmp_path / "cur" / "other:2,")

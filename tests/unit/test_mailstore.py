@@ -1,0 +1,687 @@
+"""The mail store facade (appliance/store/mailstore.py) on a real Maildir and a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from appliance.db import Database
+from appliance.store import maildir
+from appliance.store.mailstore import (
+    FolderExists,
+    MailStore,
+    NoSuchFolder,
+    QuotaExceeded,
+    StoreError,
+)
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[2]
+ALICE, BOB, FULL = "alice@ex.test", "bob@ex.test", "full@ex.test"
+MAILBOXES = {ALICE: 0, BOB: 0, FULL: 1000}
+MSG = b"Subject: hi\r\n\r\nhello\r\n"
+LONG_AGO = 1_500_000_000
+
+
+@asynccontextmanager
+async def opened(root: Path) -> AsyncIterator[MailStore]:
+    """A store as the app opens one: db, MailStore, recover()."""
+    db = await Database.open(root / "letterbox.db")
+    try:
+        for address, quota in MAILBOXES.items():
+            local, domain = address.split("@")
+            await db.execute("INSERT OR IGNORE INTO domains (name, created_at) VALUES (?, 0)", (domain,))
+            await db.execute(
+                "INSERT OR IGNORE INTO mailboxes (domain_id, local_part, password_hash, quota_bytes, created_at)"
+                " SELECT id, ?, 'x', ?, 0 FROM domains WHERE name = ?", (local, quota, domain),
+            )
+        store = MailStore(root / "mail", db)
+        await store.recover()
+        yield store
+    finally:
+        await db.close()
+
+
+def run(tmp_path: Path, body: Callable[[MailStore], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with opened(tmp_path) as store:
+            return await body(store)
+
+    return asyncio.run(main())
+
+
+def home(tmp_path: Path, address: str = ALICE) -> Path:
+    local, domain = address.split("@")
+    return tmp_path / "mail" / domain / local
+
+
+def files(folder: Path, sub: str) -> list[str]:
+    return sorted(p.name for p in (folder / sub).iterdir())
+
+
+def age(folder: Path) -> None:
+    for sub in ("new", "cur"):
+        os.utime(folder / sub, (LONG_AGO, LONG_AGO))
+
+
+# --- delivery -------------------------------------------------------------------------------------
+
+def test_delivery_is_durable_indexed_and_makes_the_special_folders(tmp_path: Path) -> None:
+    async def body(store: MailStore) -> None:
+        result = await store.deliver([ALICE, BOB], MSG)
+        assert result == {ALICE: 1, BOB: 1}
+        snap = await store.snapshot(ALICE, "INBOX")
+        [info] = snap.messages
+        assert (info.uid, info.size, info.flags) == (1, len(MSG), frozenset())
+        assert abs(info.internaldate - time.time()) < 5
+        assert info.path.parent.name == "new" and info.path.read_bytes() == MSG
+        assert snap.uidnext == 2 and snap.recent == {1}
+        row = await store._db.fetchone("SELECT basename, size FROM messages")
+        assert row is not None and tuple(row) == (info.path.name, len(MSG))
+
+    run(tmp_path, body)
+    box = home(tmp_path)
+    assert files(box, "tmp") == []
+    assert re.fullmatch(rf"\d+\.M\d+P{os.getpid()}Q\d+\.[^/:]+,S={len(MSG)}", files(box, "new")[0])
+    for name in ("Sent", "Drafts", "Trash", "Junk", "Archive"):
+        assert (box / f".{name}" / "maildirfolder").exists()
+        assert all((box / f".{name}" / sub).is_dir() for sub in ("cur", "new", "tmp"))
+
+
+def test_each_mailbox_gets_its_own_result(tmp_path: Path) -> None:
+    async def body(store: MailStore) -> None:
+        big = MSG + b"x" * 2000
+        result = await store.deliver([ALICE, "nobody@ex.test", FULL, "Alice@EX.TEST", "not-an-address"], big)
+        assert result[ALICE] == 1 and result["Alice@EX.TEST"] == 1  # one copy per mailbox
+        assert isinstance(result[FULL], QuotaExceeded)
+        assert isinstance(result["nobody@ex.test"], StoreError)
+        assert isinstance(result["not-an-address"], StoreError)
+        assert len((await store.snapshot(ALICE, "INBOX")).messages) == 1
+        assert (await store.snapshot(FULL, "INBOX")).messages == ()
+        assert await store.deliver([FULL], MSG) == {FULL: 1}  # a small one still fits
+        assert await store.usage(FULL) == (len(MSG), 1000)
+        assert await store.usage(ALICE) == (len(big), 0)
+
+    run(tmp_path, body)
+    assert files(home(tmp_path, FULL), "tmp") == []
+
+
+def test_concurrent_deliveries_do_not_overrun_the_quota(tmp_path: Path) -> None:
+    async def body(store: MailStore) -> None:
+        results = await asyncio.gather(*[store.deliver([FULL], b"x" * 200) for _ in range(10)])
+        delivered = [r[FULL] for r in results if isinstance(r[FULL], int)]
+        assert len(delivered) == 5 and sorted(delivered) == [1, 2, 3, 4, 5]
+        assert await store.usage(FULL) == (1000, 1000)
+        await store.expunge(FULL, "INBOX", [1, 2])
+        assert (await store.deliver([FULL], b"x" * 400))[FULL] == 6  # expunging frees the space
+
+    run(tmp_path, body)
+
+
+def test_usage_counts_every_folder_after_a_restart(tmp_path: Path) -> None:
+    async def first(store: MailStore) -> None:
+        await store.deliver([FULL], b"x" * 300)
+        await store.append(FULL, "Sent", b"y" * 300, frozenset({"\\Seen"}), None)
+
+    async def second(store: MailStore) -> None:
+        assert await store.usage(FULL) == (600, 1000)
+        assert isinstance((await store.deliver([FULL], b"z" * 500))[FULL], QuotaExceeded)
+
+    run(tmp_path, first)
+    run(tmp_path, second)
+
+
+def test_uids_survive_a_restart(tmp_path: Path) -> None:
+    async def first(store: MailStore) -> tuple[int, list[tuple[int, str]]]:
+        for n in range(3):
+            await store.deliver([ALICE], MSG + str(n).encode())
+        await store.store_flags(ALICE, "INBOX", [2], frozenset({"\\Seen", "Work"}), "add")
+        snap = await store.snapshot(ALICE, "INBOX")
+        return snap.uidvalidity, [(m.uid, m.path.read_bytes().decode()) for m in snap.messages]
+
+    async def second(store: MailStore) -> tuple[int, list[tuple[int, str]]]:
+        snap = await store.snapshot(ALICE, "INBOX")
+        assert snap.messages[1].flags == {"\\Seen", "Work"}
+        assert (await store.deliver([ALICE], MSG))[ALICE] == 4
+        return snap.uidvalidity, [(m.uid, m.path.read_bytes().decode()) for m in snap.messages]
+
+    before = run(tmp_path, first)
+    assert run(tmp_path, second) == before
+
+
+def test_a_rebuild_never_reuses_a_uid(tmp_path: Path) -> None:
+    """Lost message rows: the files get new UIDs above the old ones and UIDVALIDITY stays (no UID ever
+    names two messages). Lost folder row: a new UIDVALIDITY, UIDs from 1."""
+
+    async def deliver(store: MailStore) -> tuple[int, list[bytes]]:
+        for n in range(3):
+            await store.deliver([ALICE], MSG + str(n).encode())
+        snap = await store.snapshot(ALICE, "INBOX")
+        return snap.uidvalidity, [m.path.read_bytes() for m in snap.messages]
+
+    uidvalidity, bodies = run(tmp_path, deliver)
+
+    async def without_messages(store: MailStore) -> None:
+        await store._db.execute("DELETE FROM messages")
+        snap = await store.snapshot(ALICE, "INBOX")
+        assert snap.uidvalidity == uidvalidity
+        assert [m.uid for m in snap.messages] == [4, 5, 6]
+        assert [m.path.read_bytes() for m in snap.messages] == bodies  # same order
+
+    async def without_folders(store: MailStore) -> None:
+        await store._db.execute("DELETE FROM folders")
+        snap = await store.snapshot(ALICE, "INBOX")
+        assert snap.uidvalidity != uidvalidity
+        assert [m.uid for m in snap.messages] == [1, 2, 3]
+        assert [m.path.read_bytes() for m in snap.messages] == bodies
+
+    run(tmp_path, without_messages)
+    run(tmp_path, without_folders)
+
+
+# --- a Maildir written by another program -----------------------------------------------------------
+
+def test_a_foreign_maildir_is_picked_up(tmp_path: Path) -> None:
+    box = home(tmp_path)
+    for folder in (box, box / ".Work"):
+        maildir.make_maildir(folder, folder=folder != box)
+    (box / "cur" / "1600000001.M1P1.other:2,FS").write_bytes(b"Subject: one\r\n\r\n1\r\n")
+    (box / "cur" / "1600000002.M1P1.other:2,Sa").write_bytes(b"Subject: two\r\n\r\n2\r\n")
+    (box / "new" / "1600000003.M1P1.other").write_bytes(b"Subject: three\r\n\r\n3\r\n")
+    (box / "dovecot-keywords").write_text("0 $Label1\n")
+    (box / ".Work" / "cur" / "1600000004.M1P1.other:2,").write_bytes(b"Subject: four\r\n\r\n4\r\n")
+    os.utime(box / "cur" / "1600000001.M1P1.other:2,FS", (1600000001, 1600000001))
+
+    async def body(store: MailStore) -> None:
+        snap = await store.snapshot(ALICE, "INBOX")
+        assert [(m.uid, m.flags) for m in snap.messages] == [
+            (1, {"\\Flagged", "\\Seen"}), (2, {"\\Seen", "$Label1"}), (3, frozenset()),
+        ]
+        assert snap.messages[0].internaldate == 1600000001
+        assert [f.name for f in await store.folders(ALICE)][:2] == ["INBOX", "Archive"]
+        assert "Work" in [f.name for f in await store.folders(ALICE)]
+        assert [m.uid for m in (await store.snapshot(ALICE, "Work")).messages] == [1]
+
+        watcher = store.watch(ALICE, "INBOX")
+        # Another program reads message 3, unflags 1 and deletes 2.
+        os.rename(box / "new" / "1600000003.M1P1.other", box / "cur" / "1600000003.M1P1.other:2,S")
+        os.rename(box / "cur" / "1600000001.M1P1.other:2,FS", box / "cur" / "1600000001.M1P1.other:2,S")
+        os.unlink(box / "cur" / "1600000002.M1P1.other:2,Sa")
+        later = await store.snapshot(ALICE, "INBOX")
+        assert [(m.uid, m.flags) for m in later.messages] == [(1, {"\\Seen"}), (3, {"\\Seen"})]
+        assert later.highestmodseq > snap.highestmodseq
+        assert all(m.modseq == later.highestmodseq for m in later.messages)
+        assert await watcher.wait(0)  # sessions watching the folder hear of it
+
+    run(tmp_path, body)
+
+
+def test_dovecot_uids_are_adopted_on_first_sight(tmp_path: Path) -> None:
+    box = home(tmp_path)
+    maildir.make_maildir(box, folder=False)
+    (box / "cur" / "1600000001.M1P1.dove:2,S").write_bytes(b"a")
+    (box / "cur" / "1600000002.M1P1.dove:2,").write_bytes(b"b")
+    (box / "new" / "1600000003.M1P1.dove").write_bytes(b"c")  # arrived after Dovecot last looked
+    (box / "dovecot-uidlist").write_text(
+        "3 V1234567 N13 Gabc\n7 :1600000001.M1P1.dove\n12 W1 :1600000002.M1P1.dove\n"
+    )
+
+    async def body(store: MailStore) -> None:
+        snap = await store.snapshot(ALICE, "INBOX")
+        assert snap.uidvalidity == 1234567
+        assert [(m.uid, m.path.read_bytes()) for m in snap.messages] == [(7, b"a"), (12, b"b"), (13, b"c")]
+        assert snap.uidnext == 14
+
+    run(tmp_path, body)
+
+
+# --- flags and \Recent ----------------------------------------------------------------------------
+
+def test_flags_round_trip_through_file_names(tmp_path: Path) -> None:
+    box = home(tmp_path)
+
+    async def body(store: MailStore) -> None:
+        await store.deliver([ALICE], MSG)
+        await store.snapshot(ALICE, "INBOX", claim_recent=True)
+
+        async def change(flags: set[str], mode: str) -> str:
+            [info] = await store.store_flags(ALICE, "INBOX", [1], frozenset(flags), mode)  # type: ignore[arg-type]
+            assert info.path.exists()
+            return info.path.name.split(":2,")[1]
+
+        assert await change({"\\Seen", "\\Flagged"}, "add") == "FS"
+        assert await change({"Work", "\\Answered"}, "add") == "FRSa"
+        assert (box / "dovecot-keywords").read_text() == "0 Work\n"
+        assert await change({"\\Flagged", "work"}, "remove") == "RS"  # keywords match in any case
+        assert await change({"\\Deleted", "\\Draft"}, "set") == "DT"
+        # P (passed) is set by other programs and has no IMAP flag: IMAP changes keep it.
+        [info] = (await store.snapshot(ALICE, "INBOX")).messages
+        os.rename(info.path, info.path.with_name(info.path.name + "P"))
+        assert (await store.snapshot(ALICE, "INBOX")).messages[0].flags == {"\\Deleted", "\\Draft"}
+        assert await change({"\\Seen"}, "set") == "PS"
+        assert await change(set(), "set") == "P"
+        [unchanged] = await store.store_flags(ALICE, "INBOX", [1, 99], frozenset(), "remove")
+        assert unchanged.uid == 1  # every existing message is reported, changed or not
+
+    run(tmp_path, body)
+
+
+def test_flag_changes_bump_modseq(tmp_path: Path) -> None:
+    async def body(store: MailStore) -> None:
+        await store.deliver([ALICE], MSG)
+        await store.deliver([ALICE], MSG)
+        start = (await store.snapshot(ALICE, "INBOX")).highestmodseq
+        [one, two] = await store.store_flags(ALICE, "INBOX", [1, 2], frozenset({"\\Seen"}), "add")
+        assert one.modseq == two.modseq == start + 1
+        [one, two] = await store.store_flags(ALICE, "INBOX", [1, 2], frozenset({"\\Seen"}), "add")
+        assert one.modseq == start + 1  # nothing changed, nothing bumped
+        assert (await store.snapshot(ALICE, "INBOX")).highestmodseq == start + 1
+
+    run(tmp_path, body)
+
+
+def test_too_many_keywords_are_refused(tmp_path: Path) -> None:
+    async def body(store: MailStore) -> None:
+        await store.deliver([ALICE], MSG)
+        await store.store_flags(ALICE, "INBOX", [1], frozenset(f"k{i}" for i in range(26)), "add")
+        with pytest.raises(StoreError, match="too many keywords"):
+            await store.store_flags(ALICE, "INBOX", [1], frozenset({"one-more"}), "add")
+        [info] = (await store.snapshot(ALICE, "INBOX")).messages
+        assert len(info.flags) == 26
+
+    run(tmp_path, body)
+
+
+def test_recent_is_claimed_by_one_session_only(tmp_path: Path) -> None:
+    box = home(tmp_path)
+
+    async def body(store: MailStore) -> None:
+        await store.deliver([ALICE], MSG)
+        await store.deliver([ALICE], MSG)
+        peek = await store.snapshot(ALICE, "INBOX")
+        assert peek.recent == {1, 2} and len(files(box, "new")) == 2  # looked at, not claimed
+        first = await store.snapshot(ALICE, "INBOX", claim_recent=True)
+        assert first.recent == {1, 2}
+        assert files(box, "new") == [] and all(n.endswith(":2,") for n in files(box, "cur"))
+        assert all(m.path.exists() for m in first.messages)
+        second = await store.snapshot(ALICE, "INBOX", claim_recent=True)
+        assert second.recent == frozenset()
+        # An append with flags goes to cur/ and is still recent for the next claimer.
+        _, uid = await store.append(ALICE, "INBOX", MSG, frozenset({"\\Seen"}), None)
+        await store.deliver([ALICE], MSG)
+        third = await store.snapshot(ALICE, "INBOX", claim_recent=True)
+        assert third.recent == {uid, uid + 1}
+        # A flag change on a message still in new/ moves it to cur/ and keeps it recent.
+        await store.deliver([ALICE], MSG)
+        await store.store_flags(ALICE, "INBOX", [5], frozenset({"\\Flagged"}), "add")
+        assert files(box, "new") == []
+        assert (await store.snapshot(ALICE, "INBOX", claim_recent=True)).recent == {5}
+
+    run(tmp_path, body)
+
+
+# --- expunge, copy, move, append ------------------------------------------------------------------
+
+def test_expunge_removes_files_and_uids(tmp_path: Path) -> None:
+    async def body(store: MailStore) -> None:
+        for _ in range(3):
+            await store.deliver([ALICE], MSG)
+        paths = [m.path for m in (await store.snapshot(ALICE, "INBOX")).messages]
+        assert await store.expunge(ALICE, "INBOX", [2, 3, 42]) == [2, 3]
+        assert not paths[1].exists() and not paths[2].exists() and paths[0].exists()
+        snap = await store.snapshot(ALICE, "INBOX")
+        assert [m.uid for m in snap.messages] == [1] and snap.uidnext == 4
+        assert await store.expunge(ALICE, "INBOX", [2]) == []
+        assert (await store.deliver([ALICE], MSG))[ALICE] == 4  # UIDs are not reused
+
+    run(tmp_path, body)
+
+
+def test_copy_and_move(tmp_path: Path) -> None:
+    box = home(tmp_path)
+
+    async def body(store: MailStore) -> None:
+        for n in range(3):
+            await store.deliver([ALICE], MSG + str(n).encode())
+        await store.store_flags(ALICE, "INBOX", [1], frozenset({"\\Seen", "Work"}), "set")
+        assert await store.copy(ALICE, "INBOX", [1, 2, 7], "Archive") == [(1, 1), (2, 2)]
+        archive = await store.snapshot(ALICE, "Archive")
+        assert [m.flags for m in archive.messages] == [{"\\Seen", "Work"}, frozenset()]
+        assert archive.recent == {1, 2}
+        assert (box / ".Archive" / "dovecot-keywords").read_text() == "0 Work\n"
+        inbox = await store.snapshot(ALICE, "INBOX")
+        assert os.stat(archive.messages[0].path).st_ino == os.stat(inbox.messages[0].path).st_ino
+        assert [m.internaldate for m in archive.messages] == [m.internaldate for m in inbox.messages[:2]]
+
+        assert await store.move(ALICE, "INBOX", [2, 3], "Trash") == [(2, 1), (3, 2)]
+        assert [m.uid for m in (await store.snapshot(ALICE, "INBOX")).messages] == [1]
+        trash = await store.snapshot(ALICE, "Trash")
+        assert [m.path.read_bytes() for m in trash.messages] == [MSG + b"1", MSG + b"2"]
+        assert files(box, "new") == []
+
+        with pytest.raises(NoSuchFolder):
+            await store.copy(ALICE, "INBOX", [1], "Nowhere")
+        assert await store.move(ALICE, "Trash", [1], "Trash") == [(1, 3)]  # same folder: new UID
+        assert [m.uid for m in (await store.snapshot(ALICE, "Trash")).messages] == [2, 3]
+        assert await store.usage(ALICE) == (sum(len(MSG) + 1 for _ in range(5)), 0)
+
+    run(tmp_path, body)
+
+
+def test_copy_over_quota_copies_nothing(tmp_path: Path) -> None:
+    async def body(store: MailStore) -> None:
+        await store.deliver([FULL], b"x" * 400)
+        await store.deliver([FULL], b"y" * 400)
+        with pytest.raises(QuotaExceeded):
+            await store.copy(FULL, "INBOX", [1, 2], "Archive")
+        assert (await store.snapshot(FULL, "Archive")).messages == ()
+        assert await store.move(FULL, "INBOX", [1, 2], "Archive") == [(1, 1), (2, 2)]  # moves use no space
+
+    run(tmp_path, body)
+
+
+def test_append(tmp_path: Path) -> None:
+    async def body(store: MailStore) -> None:
+        validity, uid = await store.append(ALICE, "Sent", MSG, frozenset({"\\Seen", "$Forwarded"}), 1_600_000_000)
+        snap = await store.snapshot(ALICE, "Sent")
+        assert (snap.uidvalidity, snap.messages[0].uid) == (validity, uid) == (validity, 1)
+        [info] = snap.messages
+        assert info.flags == {"\\Seen", "$Forwarded"} and info.internaldate == 1_600_000_000
+        assert info.path.parent.name == "cur" and os.stat(info.path).st_mtime == 1_600_000_000
+        assert (await store.append(ALICE, "inbox", MSG, frozenset(), None))[1] == 1  # INBOX in any case
+        with pytest.raises(NoSuchFolder):
+            await store.append(ALICE, "drafts", MSG, frozenset(), None)  # other names are case-sensitive
+        with pytest.raises(QuotaExceeded):
+            await store.append(FULL, "INBOX", b"x" * 1001, frozenset(), None)
+
+    run(tmp_path, body)
+
+
+# --- folders --------------------------------------------------------------------------------------
+
+def test_create_and_delete_folders(tmp_path: Path) -> None:
+    box = home(tmp_path)
+
+    async def body(store: MailStore) -> None:
+        await store.create_folder(ALICE, "Projects/2024/Q1")
+        assert (box / ".Projects.2024.Q1" / "maildirfolder").exists()
+        infos = {f.name: f for f in await store.folders(ALICE)}
+        assert {"Projects", "Projects/2024", "Projects/2024/Q1"} <= set(infos)  # superiors made too
+        assert infos["Projects"].has_children and not infos["Projects/2024/Q1"].has_children
+        assert infos["Sent"].special_use == "\\Sent" and infos["Projects"].special_use is None
+        with pytest.raises(FolderExists):
+            await store.create_folder(ALICE, "Projects/2024")
+        with pytest.raises(FolderExists):
+            await store.create_folder(ALICE, "inbox")
+        with pytest.raises(StoreError, match=r"'\.' cannot be used"):
+            await store.create_folder(ALICE, "v1.2")
+        with pytest.raises(StoreError, match="INBOX cannot be deleted"):
+            await store.delete_folder(ALICE, "INBOX")
+
+        await store.append(ALICE, "Projects", MSG, frozenset(), None)
+        old = await store.snapshot(ALICE, "Projects")
+        watcher = store.watch(ALICE, "Projects")
+        await store.delete_folder(ALICE, "Projects")
+        assert await watcher.wait(0)
+        assert not (box / ".Projects").exists() and (box / ".Projects.2024").exists()  # RFC 3501 6.3.4
+        with pytest.raises(NoSuchFolder):
+            await store.snapshot(ALICE, "Projects")
+        with pytest.raises(NoSuchFolder):
+            await store.delete_folder(ALICE, "Projects")
+        await store.create_folder(ALICE, "Projects")
+        new = await store.snapshot(ALICE, "Projects")
+        assert new.messages == () and new.uidvalidity != old.uidvalidity  # RFC 3501 2.3.1.1
+
+    run(tmp_path, body)
+
+
+def test_rename_moves_children_and_keeps_uids(tmp_path: Path) -> None:
+    box = home(tmp_path)
+
+    async def body(store: MailStore) -> None:
+        await store.create_folder(ALICE, "A/B")
+        await store.append(ALICE, "A/B", MSG, frozenset({"\\Seen"}), None)
+        before = await store.snapshot(ALICE, "A/B")
+        await store.rename_folder(ALICE, "A", "X/Y")
+        names = [f.name for f in await store.folders(ALICE)]
+        assert "A" not in names and "A/B" not in names and {"X", "X/Y", "X/Y/B"} <= set(names)
+        after = await store.snapshot(ALICE, "X/Y/B")
+        assert after.uidvalidity == before.uidvalidity
+        assert [(m.uid, m.flags) for m in after.messages] == [(1, {"\\Seen"})]
+        assert after.messages[0].path.parent.parent == box / ".X.Y.B"
+        with pytest.raises(NoSuchFolder):
+            await store.rename_folder(ALICE, "A", "C")
+        with pytest.raises(FolderExists):
+            await store.rename_folder(ALICE, "X/Y", "Sent")
+        with pytest.raises(StoreError, match="below itself"):
+            await store.rename_folder(ALICE, "X", "X/Z")
+        with pytest.raises(StoreError, match=r"'\.' cannot"):
+            await store.rename_folder(ALICE, "X", "X.Z")
+        with pytest.raises(NoSuchFolder):  # a name the disk cannot hold names no folder
+            await store.rename_folder(ALICE, "X.Z", "Z")
+        with pytest.raises(NoSuchFolder):
+            await store.snapshot(ALICE, "a.b")
+        with pytest.raises(NoSuchFolder):
+            await store.delete_folder(ALICE, "A//B")
+
+    run(tmp_path, body)
+
+
+def test_renaming_inbox_moves_its_messages(tmp_path: Path) -> None:
+    async def body(store: MailStore) -> None:
+        for n in range(2):
+            await store.deliver([ALICE], MSG + str(n).encode())
+        await store.create_folder(ALICE, "INBOX/Child")
+        await store.rename_folder(ALICE, "INBOX", "Old mail")
+        inbox = await store.snapshot(ALICE, "INBOX")
+        assert inbox.messages == () and inbox.uidnext == 3
+        old = await store.snapshot(ALICE, "Old mail")
+        assert [m.path.read_bytes() for m in old.messages] == [MSG + b"0", MSG + b"1"]
+        assert "INBOX/Child" in [f.name for f in await store.folders(ALICE)]  # RFC 3501 6.3.5
+        assert (await store.deliver([ALICE], MSG))[ALICE] == 3
+
+    run(tmp_path, body)
+
+
+def test_subscriptions(tmp_path: Path) -> None:
+    async def body(store: MailStore) -> None:
+        await store.subscribe(ALICE, "Junk", False)
+        subscribed = {f.name: f.subscribed for f in await store.folders(ALICE)}
+        assert subscribed["Junk"] is False and subscribed["INBOX"] is True
+        await store.subscribe(ALICE, "Gone", False)  # clients unsubscribe after DELETE
+        with pytest.raises(NoSuchFolder):
+            await store.subscribe(ALICE, "Gone", True)
+
+    run(tmp_path, body)
+
+
+# --- watchers -------------------------------------------------------------------------------------
+
+def test_watchers_are_woken_after_committed_changes(tmp_path: Path) -> None:
+    async def body(store: MailStore) -> None:
+        inbox, sent = store.watch(ALICE, "INBOX"), store.watch(ALICE, "Sent")
+        assert not await inbox.wait(0)
+        assert not await inbox.wait(0.01)
+        waiting = asyncio.ensure_future(inbox.wait())
+        await asyncio.sleep(0)
+        uid = (await store.deliver([ALICE], MSG))[ALICE]
+        assert await asyncio.wait_for(waiting, 5)
+        # The UID is committed by the time the watcher runs.
+        assert uid in [m.uid for m in (await store.snapshot(ALICE, "INBOX")).messages]
+        assert not await inbox.wait(0)  # reading the change clears it
+        await store.store_flags(ALICE, "INBOX", [1], frozenset({"\\Seen"}), "add")
+        assert await inbox.wait(0) and not await sent.wait(0)
+        inbox.close()
+        await store.expunge(ALICE, "INBOX", [1])
+        assert not await inbox.wait(0)
+        await store.copy(ALICE, "INBOX", [], "Sent")
+        assert not await sent.wait(0)
+
+    run(tmp_path, body)
+
+
+# --- durability -----------------------------------------------------------------------------------
+
+def test_a_reader_never_sees_a_partial_message(tmp_path: Path) -> None:
+    box = home(tmp_path)
+    size = 1 << 20
+    stop = threading.Event()
+    problems: list[str] = []
+    checked = [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            for sub in ("new", "cur"):
+                try:
+                    names = os.listdir(box / sub)
+                except FileNotFoundError:
+                    continue
+                for name in names:
+                    try:
+                        data = (box / sub / name).read_bytes()
+                    except FileNotFoundError:
+                        continue
+                    checked[0] += 1
+                    if len(data) != size or not data.endswith(b"END\r\n"):
+                        problems.append(f"{sub}/{name}: {len(data)} bytes")
+
+    async def body(store: MailStore) -> None:
+        await store.snapshot(ALICE, "INBOX")
+        thread = threading.Thread(target=reader)
+        thread.start()
+        try:
+            data = b"Subject: big\r\n\r\n" + b"x" * (size - 21) + b"END\r\n"
+            for _ in range(20):
+                assert isinstance((await store.deliver([ALICE], data))[ALICE], int)
+        finally:
+            stop.set()
+            thread.join()
+
+    run(tmp_path, body)
+    assert problems == [] and checked[0] > 0
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import asyncio, sys
+    from pathlib import Path
+    from appliance.db import Database
+    from appliance.store.mailstore import MailStore
+
+    async def main():
+        root = Path(sys.argv[1])
+        db = await Database.open(root / "letterbox.db")
+        store = MailStore(root / "mail", db)
+        n = 0
+        while True:
+            n += 1
+            data = b"Subject: %d\\r\\n\\r\\n" % n + b"x" * 200_000 + b"\\r\\nEND %d\\r\\n" % n
+            uid = (await store.deliver(["alice@ex.test"], data))["alice@ex.test"]
+            print(n, uid, flush=True)
+
+    asyncio.run(main())
+""")
+
+
+def crash_body(n: int) -> bytes:
+    return b"Subject: %d\r\n\r\n" % n + b"x" * 200_000 + b"\r\nEND %d\r\n" % n
+
+
+def test_a_crash_while_delivering_leaves_only_tmp_debris(tmp_path: Path) -> None:
+    """SIGKILL a process that delivers in a loop, at a random point; reopen like a restart."""
+    run(tmp_path, lambda store: store.snapshot(ALICE, "INBOX"))  # accounts and Maildir in place
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", CRASH_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    acked: dict[int, int] = {}
+    try:
+        while len(acked) < 25:
+            line = proc.stdout.readline()
+            assert line, "the delivering process died on its own"
+            n, uid = map(int, line.split())
+            acked[n] = uid
+        time.sleep(0.003 * (os.getpid() % 7))  # somewhere inside the next delivery
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        rest, _ = proc.communicate()
+    for line in rest.splitlines(keepends=True):  # acknowledged before the kill, read after it
+        if line.endswith(b"\n"):
+            n, uid = map(int, line.split())
+            acked[n] = uid
+    box = home(tmp_path)
+    # Whatever is in new/ or cur/ is whole; partial files can only be in tmp/.
+    for sub in ("new", "cur"):
+        for name in files(box, sub):
+            data = (box / sub / name).read_bytes()
+            n = int(data.split(b" ", 2)[1].split(b"\r\n")[0])
+            assert data == crash_body(n), name
+
+    async def reopened(store: MailStore) -> None:
+        assert files(box, "tmp") == []  # recover() ran
+        snap = await store.snapshot(ALICE, "INBOX")
+        by_uid = {m.uid: m.path.read_bytes() for m in snap.messages}
+        for n, uid in acked.items():
+            assert by_uid[uid] == crash_body(n)  # every acknowledged message, under its UID
+        assert len(snap.messages) == len(files(box, "new")) + len(files(box, "cur"))
+        assert len(snap.messages) - len(acked) <= 1  # at most the one cut short after its rename
+
+    run(tmp_path, reopened)
+
+
+def test_recover_removes_tmp_debris_and_half_deleted_folders(tmp_path: Path) -> None:
+    run(tmp_path, lambda store: store.deliver([ALICE], MSG))
+    box = home(tmp_path)
+    (box / "tmp" / "1.M1P1Q1.host,S=99").write_bytes(b"Subject: cut")
+    (box / ".Sent" / "tmp" / "2.M1P1Q1.host,S=99").write_bytes(b"Subject: cut")
+    (box / ".DOVECOT-TRASHED" / "cur").mkdir(parents=True)
+
+    async def body(store: MailStore) -> None:
+        assert await store.recover() == 0  # opened() already ran it
+        assert len((await store.snapshot(ALICE, "INBOX")).messages) == 1
+
+    run(tmp_path, body)
+    assert files(box, "tmp") == [] and files(box / ".Sent", "tmp") == []
+    assert not (box / ".DOVECOT-TRASHED").exists()
+
+
+# --- speed ----------------------------------------------------------------------------------------
+
+def test_snapshot_of_an_unchanged_10k_folder_is_fast(tmp_path: Path) -> None:
+    """The IMAP target: under ~50 ms for 10,000 messages when nothing changed."""
+    box = home(tmp_path)
+    maildir.make_maildir(box, folder=False)
+    for n in range(10_000):
+        (box / "cur" / f"1600000000.M{n:06d}P1Q1.other,S=3:2,S").write_bytes(b"x\r\n")
+    age(box)
+
+    async def body(store: MailStore) -> tuple[float, float]:
+        first = await store.snapshot(ALICE, "INBOX")
+        assert len(first.messages) == 10_000
+        age(box)
+        await store.snapshot(ALICE, "INBOX")  # the first listing is taken as "recent": list again
+        timings = []
+        for _ in range(5):
+            started = time.perf_counter()
+            snap = await store.snapshot(ALICE, "INBOX", claim_recent=True)
+            timings.append(time.perf_counter() - started)
+            assert len(snap.messages) == 10_000
+        os.utime(box / "cur", None)  # a change: a full listing
+        started = time.perf_counter()
+        await store.snapshot(ALICE, "INBOX")
+        return min(timings), time.perf_counter() - started
+
+    unchanged, relisted = run(tmp_path, body)
+    print(f"snapshot of 10k: unchanged {unchanged * 1000:.1f} ms, relisted {relisted * 1000:.1f} ms")
+    assert unchanged < 0.05
