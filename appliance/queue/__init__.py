@@ -1,0 +1,1 @@
+"""Outbound mail: the spool (written by SMTP) and its delivery to other domains."""

@@ -1,0 +1,230 @@
+"""The outbound spool: one durable file per message plus its envelope rows in the db.
+
+The format, for the outbound side that reads it:
+- `spool/<id>.eml` is the message exactly as it will be sent (CRLF line ends, our Received: on top).
+- `queue_messages` has one row per file (`id` = file name without `.eml`, the envelope sender, '' for
+  the null sender), `queue_recipients` one row per recipient, state 'queued', due now.
+- Writing order: the file goes to `spool/.<id>.eml.tmp`, is fsynced, linked as `<id>.eml` and the
+  directory fsynced; only then are the rows committed, in one transaction. So every row has its
+  complete file; a crash can leave a `.tmp` file or an `.eml` without rows, and both are debris
+  (`orphans()` lists them for the queue's start-up cleanup).
+- Ids sort by creation time (nanosecond clock in hex, then random), so a listing is in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from appliance.db import Database
+
+if TYPE_CHECKING:
+    from appliance.services import Services
+
+log = logging.getLogger("letterbox.spool")
+
+SPOOL_SUFFIX = ".eml"
+TMP_PREFIX = "."
+TMP_SUFFIX = ".tmp"
+SPOOL_KEY = "spool"  # services.extra: the box's one Spool, shared by the SMTP listeners and the queue
+ORPHAN_MIN_AGE = 600.0  # seconds; an enqueue takes far less than this between rename and commit
+
+
+def new_queue_id() -> str:
+    """Unique, time-ordered, safe as a file name and in a Received: `id` clause."""
+    return f"{time.time_ns():016x}{secrets.token_hex(4)}".upper()
+
+
+@dataclass(frozen=True)
+class QueuedRecipient:
+    recipient: str
+    domain: str
+    state: str  # queued | delivered | failed
+    attempts: int
+    next_attempt: int
+    last_error: str
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    id: str
+    sender: str  # '' is the null sender
+    size: int
+    created_at: int
+    auth_user: str | None
+    recipients: tuple[QueuedRecipient, ...]
+
+
+def _write_durably(directory: Path, name: str, data: bytes) -> None:
+    """tmp -> fsync -> rename -> fsync dir: after this returns the file survives a power cut."""
+    final = directory / name
+    tmp = directory / f"{TMP_PREFIX}{name}{TMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.link(tmp, final)  # unlike rename, never replaces an existing message
+    finally:
+        tmp.unlink()
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def recipient_domain(recipient: str) -> str:
+    return recipient.rpartition("@")[2].lower()
+
+
+class Spool:
+    def __init__(self, directory: Path, db: Database) -> None:
+        self.directory = directory
+        self._db = db
+        # Called (synchronously, after commit) with the new id: the queue worker's wake-up.
+        self.on_enqueue: list[Callable[[str], None]] = []
+
+    def path(self, queue_id: str) -> Path:
+        return self.directory / f"{queue_id}{SPOOL_SUFFIX}"
+
+    async def enqueue(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        auth_user: str | None = None,
+        queue_id: str | None = None,
+    ) -> str:
+        """Durably spool one message for `recipients`; returns its id once file and rows are on disk."""
+        if not recipients:
+            raise ValueError("a spooled message needs at least one recipient")
+        queue_id = queue_id or new_queue_id()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_write_durably, self.directory, queue_id + SPOOL_SUFFIX, data)
+        now = int(time.time())
+        try:
+            async with self._db.transaction() as tx:
+                await tx.execute(
+                    "INSERT INTO queue_messages (id, sender, size, created_at, auth_user) VALUES (?, ?, ?, ?, ?)",
+                    (queue_id, sender, len(data), now, auth_user),
+                )
+                await tx.executemany(
+                    "INSERT INTO queue_recipients (message_id, recipient, domain, state, next_attempt,"
+                    " updated_at) VALUES (?, ?, ?, 'queued', ?, ?)",
+                    [(queue_id, rcpt, recipient_domain(rcpt), now, now) for rcpt in dict.fromkeys(recipients)],
+                )
+        except BaseException:
+            # No rows: the file would be debris. Remove it now rather than leave it to the cleanup.
+            with contextlib.suppress(OSError):
+                self.path(queue_id).unlink()
+            raise
+        log.info("spooled %s from=<%s> rcpts=%d size=%d", queue_id, sender, len(recipients), len(data))
+        for callback in self.on_enqueue:
+            try:
+                callback(queue_id)
+            except Exception:
+                log.exception("spool wake-up callback failed")
+        return queue_id
+
+    async def messages(self) -> list[QueuedMessage]:
+        """Everything in the queue, oldest first, with each recipient's state."""
+        rows = await self._db.fetchall(
+            "SELECT id, sender, size, created_at, auth_user FROM queue_messages ORDER BY created_at, id"
+        )
+        rcpt_rows = await self._db.fetchall(
+            "SELECT message_id, recipient, domain, state, attempts, next_attempt, last_error"
+            " FROM queue_recipients ORDER BY id"
+        )
+        by_message: dict[str, list[QueuedRecipient]] = {}
+        for r in rcpt_rows:
+            by_message.setdefault(str(r["message_id"]), []).append(
+                QueuedRecipient(
+                    recipient=str(r["recipient"]),
+                    domain=str(r["domain"]),
+                    state=str(r["state"]),
+                    attempts=int(r["attempts"]),
+                    next_attempt=int(r["next_attempt"]),
+                    last_error=str(r["last_error"]),
+                )
+            )
+        return [
+            QueuedMessage(
+                id=str(r["id"]),
+                sender=str(r["sender"]),
+                size=int(r["size"]),
+                created_at=int(r["created_at"]),
+                auth_user=None if r["auth_user"] is None else str(r["auth_user"]),
+                recipients=tuple(by_message.get(str(r["id"]), ())),
+            )
+            for r in rows
+        ]
+
+    async def orphans(self, min_age_seconds: float = ORPHAN_MIN_AGE) -> list[Path]:
+        """Files in spool/ no row refers to (a crash between rename and commit, or a `.tmp`). Files
+        younger than `min_age_seconds` are left out: they may belong to an enqueue in progress."""
+        cutoff = time.time() - min_age_seconds
+        known = {str(r["id"]) for r in await self._db.fetchall("SELECT id FROM queue_messages")}
+
+        def scan() -> list[Path]:
+            if not self.directory.is_dir():
+                return []
+            found = []
+            for entry in self.directory.iterdir():
+                name = entry.name
+                try:
+                    if entry.stat().st_mtime > cutoff:
+                        continue
+                except FileNotFoundError:
+                    continue
+                if name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX):
+                    found.append(entry)
+                elif name.endswith(SPOOL_SUFFIX) and name[: -len(SPOOL_SUFFIX)] not in known:
+                    found.append(entry)
+            return sorted(found)
+
+        return await asyncio.to_thread(scan)
+
+
+def shared_spool(services: Services) -> Spool:
+    """The box's one Spool (so the queue's wake-up callback sees every enqueue), made on first use."""
+    spool = services.extra.get(SPOOL_KEY)
+    if not isinstance(spool, Spool):
+        spool = Spool(services.config.data.spool, services.db)
+        services.extra[SPOOL_KEY] = spool
+    return spool
+
+
+def format_queue(messages: Sequence[QueuedMessage]) -> str:
+    """`letterbox queue list`: one line per message, one indented line per recipient."""
+    if not messages:
+        return "queue is empty"
+    lines = []
+    for m in messages:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created_at))
+        lines.append(f"{m.id}  {when}  {m.size:>9} bytes  from <{m.sender}>")
+        for r in m.recipients:
+            attempts = f"{r.attempts} attempt{'s' if r.attempts != 1 else ''}"
+            error = f"  {r.last_error}" if r.last_error else ""
+            lines.append(f"    {r.recipient}  {r.state}, {attempts}{error}")
+    total = sum(len(m.recipients) for m in messages)
+    lines.append(f"{len(messages)} message{'s' if len(messages) != 1 else ''}, {total} recipient"
+                 f"{'s' if total != 1 else ''}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""SMTP (MX, submission), submissions and LMTP: aiosmtpd as the engine, our decisions in its hooks."""

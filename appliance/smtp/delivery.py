@@ -1,0 +1,184 @@
+"""After DATA: write every local copy and the spool entry, then say per recipient how it went.
+
+Nothing here replies before everything it reports as done is on disk: MailStore.deliver returns only
+after the copy is fsynced and indexed, Spool.enqueue only after file and rows are committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from appliance.accounts import Accounts
+from appliance.address import split_plus
+from appliance.queue import dsn
+from appliance.queue.spool import Spool
+from appliance.smtp import headers
+from appliance.smtp.headers import ReceivedFacts
+from appliance.smtp.policy import MAILBOX_FULL, TEMPORARY_FAILURE, RecipientRoute, Reply, queued
+from appliance.store.mailstore import MailStore, QuotaExceeded
+
+log = logging.getLogger("letterbox.smtp.delivery")
+
+@dataclass(frozen=True)
+class InboundMessage:
+    sender: str  # '' for the null sender
+    routes: tuple[RecipientRoute, ...]
+    data: bytes  # CRLF-normalised, without our trace headers
+    received: ReceivedFacts
+    auth_user: str | None = None
+    arrival: datetime = field(default_factory=lambda: datetime.now().astimezone())
+
+    @property
+    def queue_id(self) -> str:
+        return self.received.queue_id
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    replies: tuple[Reply, ...]  # one per route, in RCPT order (LMTP sends these)
+    summary: Reply  # the one reply SMTP sends
+
+
+def delivered_to_for(route: RecipientRoute, mailbox: str) -> str:
+    """The recipient address as given when it names this mailbox (so `alice+news@` keeps its tag),
+    else the mailbox an alias led to."""
+    local, _, domain = route.rcpt.rpartition("@")
+    base, _tag = split_plus(local)
+    return route.rcpt if f"{base}@{domain}" == mailbox or route.rcpt == mailbox else mailbox
+
+
+def local_copy(message: InboundMessage, route: RecipientRoute, mailbox: str) -> bytes:
+    """RFC 5321 4.4: the final delivery adds Return-Path; each copy says whom it was for."""
+    return (
+        headers.return_path(message.sender)
+        + headers.delivered_to(delivered_to_for(route, mailbox))
+        + headers.received_header(message.received, for_rcpt=route.rcpt)
+        + message.data
+    )
+
+
+class Deliverer:
+    def __init__(self, accounts: Accounts, store: MailStore, spool: Spool, hostname: str) -> None:
+        self._accounts = accounts
+        self._store = store
+        self._spool = spool
+        self._hostname = hostname
+
+    async def deliver(self, message: InboundMessage, *, per_recipient: bool) -> DeliveryReport:
+        """Write everything; `per_recipient` (LMTP) means failed recipients are answered one by one,
+        otherwise a partial failure is accepted and bounced (SMTP has one reply per message)."""
+        first_route: dict[str, RecipientRoute] = {}
+        for route in message.routes:
+            for mailbox in route.mailboxes:
+                first_route.setdefault(mailbox, route)
+        outcomes = dict(zip(
+            first_route,
+            await asyncio.gather(*(
+                self._store_copy(message, mailbox, local_copy(message, route, mailbox))
+                for mailbox, route in first_route.items()
+            )),
+            strict=True,
+        ))
+        outbound = list(dict.fromkeys(rcpt for route in message.routes for rcpt in route.outbound))
+        spooled = await self._spool_copy(message, outbound) if outbound else False
+
+        replies: list[Reply] = []
+        failures: list[dict[str, Reply]] = []
+        for route in message.routes:
+            failed = {mb: reply for mb in route.mailboxes if (reply := outcomes[mb]) is not None}
+            if route.outbound and not spooled:
+                failed.update(dict.fromkeys(route.outbound, TEMPORARY_FAILURE))
+            parts = len(route.mailboxes) + len(route.outbound)
+            if len(failed) < parts:
+                replies.append(queued(message.queue_id))
+            elif all(reply == MAILBOX_FULL for reply in failed.values()):
+                replies.append(MAILBOX_FULL)
+            else:
+                replies.append(TEMPORARY_FAILURE)
+            failures.append(failed)
+
+        accepted = any(reply.positive for reply in replies)
+        # Parts of accepted recipients that failed are bounced; a recipient that failed as a whole is
+        # answered with its own reply under LMTP, and bounced under SMTP when others were accepted.
+        bounce: dict[str, Reply] = {}
+        for reply, failed in zip(replies, failures, strict=True):
+            if reply.positive or (accepted and not per_recipient):
+                bounce.update(failed)
+        if bounce:
+            await self._bounce(message, bounce)
+        if accepted:
+            summary = queued(message.queue_id)
+        elif all(reply == MAILBOX_FULL for reply in replies):
+            summary = MAILBOX_FULL
+        else:
+            summary = TEMPORARY_FAILURE
+        return DeliveryReport(tuple(replies), summary)
+
+    async def _store_copy(self, message: InboundMessage, mailbox: str, data: bytes) -> Reply | None:
+        """None when the copy is durably in the mailbox, else the reply that describes the failure."""
+        try:
+            result = (await self._store.deliver([mailbox], data)).get(mailbox)
+        except Exception:
+            log.exception("%s: delivery to %s failed", message.queue_id, mailbox)
+            return TEMPORARY_FAILURE
+        if isinstance(result, int):
+            log.info("%s: delivered from=<%s> to=%s uid=%d size=%d",
+                     message.queue_id, message.sender, mailbox, result, len(data))
+            return None
+        if isinstance(result, QuotaExceeded):
+            log.info("%s: %s is over quota", message.queue_id, mailbox)
+            return MAILBOX_FULL
+        log.error("%s: delivery to %s failed: %r", message.queue_id, mailbox, result)
+        return TEMPORARY_FAILURE
+
+    async def _spool_copy(self, message: InboundMessage, recipients: Sequence[str]) -> bool:
+        for_rcpt = recipients[0] if len(recipients) == 1 else None
+        data = headers.received_header(message.received, for_rcpt=for_rcpt) + message.data
+        try:
+            await self._spool.enqueue(
+                message.sender, recipients, data, auth_user=message.auth_user, queue_id=message.queue_id
+            )
+        except Exception:
+            log.exception("%s: could not spool for %d recipients", message.queue_id, len(recipients))
+            return False
+        return True
+
+    async def _bounce(self, message: InboundMessage, failed: dict[str, Reply]) -> None:
+        """Tell the sender about copies that could not be written (never to the null sender)."""
+        if not message.sender:
+            log.warning("%s: not delivered to %s; null sender, no bounce", message.queue_id, ", ".join(failed))
+            return
+        report = dsn.build_report(
+            hostname=self._hostname,
+            sender=message.sender,
+            queue_id=message.queue_id,
+            action="failed",
+            recipients=[
+                # Accepted mail that could not be written is a permanent failure from here on.
+                dsn.DsnRecipient(rcpt, "5.2.2", "552 5.2.2 Mailbox full") if reply == MAILBOX_FULL
+                else dsn.DsnRecipient(rcpt, "5.3.0", "554 5.3.0 Local delivery failed")
+                for rcpt, reply in failed.items()
+            ],
+            original=message.data,
+            arrival=message.arrival,
+        )
+        try:
+            remote = [message.sender]
+            if await self._accounts.is_local_domain(message.sender.rpartition("@")[2]):
+                resolution = await self._accounts.resolve(message.sender)
+                remote = list(resolution.forwards)
+                for mailbox in resolution.mailboxes:
+                    copy = headers.return_path("") + headers.delivered_to(mailbox) + report
+                    result = (await self._store.deliver([mailbox], copy)).get(mailbox)
+                    if not isinstance(result, int):
+                        log.warning("%s: bounce to %s not delivered: %r", message.queue_id, mailbox, result)
+            if remote:
+                await self._spool.enqueue("", remote, report)
+        except Exception:
+            log.exception("%s: could not send the bounce to <%s>", message.queue_id, message.sender)
+            return
+        log.info("%s: bounced to <%s> for %s", message.queue_id, message.sender, ", ".join(failed))

@@ -1,0 +1,349 @@
+"""What each SMTP command does, as aiosmtpd handler hooks: EHLO, AUTH, MAIL, RCPT, DATA.
+
+One handler per listener; per-connection state lives in aiosmtpd's Session and our Envelope. Lookups
+happen here, decisions in policy.py, writing in delivery.py. Any unexpected error is logged with its
+traceback and answered with a 451 (the client retries); no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, TLSSetupException
+
+from appliance.address import Address
+from appliance.auth import Principal
+from appliance.queue.spool import new_queue_id
+from appliance.smtp import headers
+from appliance.smtp.delivery import Deliverer, InboundMessage
+from appliance.smtp.headers import ReceivedFacts, TlsFacts
+from appliance.smtp.inbound import INBOUND_CHECK, InboundCheck, InboundFacts
+from appliance.smtp.limits import SmtpLimits
+from appliance.smtp.policy import (
+    LMTP_SERVICE,
+    MX_SERVICE,
+    SUBMISSION_SERVICES,
+    TEMPORARY_FAILURE,
+    TOO_MANY_HOPS,
+    RecipientFacts,
+    RecipientRoute,
+    Reply,
+    SmtpReject,
+    declared_size,
+    is_bare_postmaster,
+    parse_recipient,
+    parse_sender,
+    postmaster_domain,
+    recipient_route,
+    sender_verdict,
+    unknown_user,
+)
+
+if TYPE_CHECKING:
+    from aiosmtpd.smtp import SMTP
+
+    from appliance.services import Services
+
+log = logging.getLogger("letterbox.smtp")
+
+# RFC 1869 / 2920 / 2034 / 6531 / 3207: what EHLO offers beyond what aiosmtpd lists itself.
+EXTRA_EHLO_KEYWORDS = ("PIPELINING", "ENHANCEDSTATUSCODES")
+LARGE_MESSAGE = 256 * 1024  # bigger messages are normalised off the event loop
+
+AUTH_OK = "235 2.7.0 Authentication successful"
+AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+AUTH_NOT_HERE = "502 5.5.1 AUTH not available on this port; use submission (587 or 465)"
+AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64"
+AUTH_BAD_PLAIN = "501 5.5.2 Cannot split the AUTH PLAIN response"
+AUTH_CANCELLED = "501 5.7.0 Authentication cancelled"
+
+
+class LetterboxSession(Session):
+    """aiosmtpd's Session without the deprecation warning its login_data setter logs on every AUTH."""
+
+    @property  # type: ignore[override]
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+    @property
+    def principal(self) -> Principal | None:
+        return self.auth_data if self.authenticated and isinstance(self.auth_data, Principal) else None
+
+
+class LetterboxEnvelope(Envelope):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sender: Address | None = None
+        self.routes: list[RecipientRoute] = []
+
+
+def _session(session: Session) -> LetterboxSession:
+    assert isinstance(session, LetterboxSession)
+    return session
+
+
+def _envelope(envelope: Envelope) -> LetterboxEnvelope:
+    assert isinstance(envelope, LetterboxEnvelope)
+    return envelope
+
+
+def peer_ip(session: Session) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "unknown")
+
+
+def tls_facts(server: SMTP) -> TlsFacts | None:
+    transport = server.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    cipher = ssl_object.cipher() or ("unknown", "", 0)
+    return TlsFacts(version=str(ssl_object.version() or "TLS"), cipher=str(cipher[0]), bits=int(cipher[2] or 0))
+
+
+def render_ehlo(responses: list[str], keywords: list[str]) -> list[str]:
+    """Rebuild the EHLO reply: aiosmtpd's lines (minus AUTH where we hide it) plus our keywords."""
+    lines = [line[4:] for line in responses]  # strip '250-' / '250 '
+    greeting, offered = lines[0], [kw for kw in lines[1:] if kw != "HELP"]
+    offered.extend(kw for kw in keywords if kw not in offered)
+    offered.append("HELP")
+    body = [greeting, *offered]
+    return [f"250-{text}" for text in body[:-1]] + [f"250 {body[-1]}"]
+
+
+class SmtpHandler:
+    """The hooks for one listener (`service` is 'smtp', 'submission', 'submissions' or 'lmtp')."""
+
+    def __init__(self, services: Services, service: str, limits: SmtpLimits, deliverer: Deliverer) -> None:
+        self.services = services
+        self.service = service
+        self.limits = limits
+        self.deliverer = deliverer
+        self.lmtp = service == LMTP_SERVICE
+        self.submission = service in SUBMISSION_SERVICES
+
+    # --- EHLO / LHLO ----------------------------------------------------------------------------------
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname  # the 5-argument hook must do this itself
+        keep = [r for r in responses if not (r[4:].startswith("AUTH") and not self.submission)]
+        return render_ehlo(keep, list(EXTRA_EHLO_KEYWORDS))
+
+    # --- AUTH (RFC 4954) ------------------------------------------------------------------------------
+
+    async def handle_AUTH(self, server: SMTP, session: Session, envelope: Envelope, args: list[str]) -> Any:
+        if not self.submission:
+            return AUTH_NOT_HERE
+        return MISSING  # aiosmtpd goes on to our auth_<MECHANISM> method
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        """RFC 4616: [authzid] NUL authcid NUL passwd, as an initial response or after a 334."""
+        blob: Any
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)  # challenge_auth already replied
+        else:
+            blob = _b64(args[1])
+            if blob is None:
+                return AuthResult(success=False, handled=False, message=AUTH_BAD_BASE64)
+        assert isinstance(blob, bytes)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            return AuthResult(success=False, handled=False, message=AUTH_BAD_PLAIN)
+        authzid, login, password = parts
+        if authzid and authzid != login:  # acting for someone else is not supported
+            return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+        return await self._verify(server, login, password)
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        """The de-facto LOGIN mechanism (draft-murchison-sasl-login): user name, then password."""
+        login: Any
+        if len(args) == 1:
+            login = await server.challenge_auth("Username:")
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            login = _b64(args[1])
+            if login is None:
+                return AuthResult(success=False, handled=False, message=AUTH_BAD_BASE64)
+        password = await server.challenge_auth("Password:")
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        assert isinstance(login, bytes) and isinstance(password, bytes)
+        return await self._verify(server, login, password)
+
+    async def _verify(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
+        assert server.session is not None
+        try:
+            address, secret = login.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+        # The shared service throttles (it may sleep here) and logs the attempt, never the password.
+        principal = await self.services.auth.verify(address, secret, "smtp", peer_ip(server.session))
+        if principal is None or principal.kind != "mailbox":
+            return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+        log.info("%s: authenticated as %s", peer_ip(server.session), principal.name)
+        return AuthResult(success=True, auth_data=principal, message=AUTH_OK)
+
+    # --- MAIL -----------------------------------------------------------------------------------------
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        env = _envelope(envelope)
+        principal = _session(session).principal
+        try:
+            sender = parse_sender(address, smtputf8=env.smtp_utf8)
+        except SmtpReject as reject:
+            return str(reject.reply)
+        owns = bool(
+            principal and sender and await self.services.accounts.may_send_as(principal.name, str(sender))
+        )
+        reply = sender_verdict(
+            sender, service=self.service, principal=principal.name if principal else None, owns_sender=owns
+        )
+        if reply.positive:
+            # The hook replaces aiosmtpd's default handling, so it records the sender itself.
+            env.mail_from = address
+            env.mail_options.extend(mail_options)
+            env.sender = sender
+        else:
+            log.info("%s: MAIL FROM:<%s> refused: %s", peer_ip(session), address[:100], reply)
+        return str(reply)
+
+    # --- RCPT -----------------------------------------------------------------------------------------
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        env = _envelope(envelope)
+        try:
+            route = await self._route(_session(session), env, address)
+        except SmtpReject as reject:
+            route = reject.reply
+        if isinstance(route, Reply):
+            log.info("%s: RCPT TO:<%s> refused: %s", peer_ip(session), address[:100], route)
+            return str(route)
+        env.rcpt_tos.append(address)
+        env.rcpt_options.extend(rcpt_options)
+        env.routes.append(route)
+        return "250 2.1.5 Recipient ok"
+
+    async def _route(self, session: LetterboxSession, env: LetterboxEnvelope, text: str) -> RecipientRoute | Reply:
+        accounts = self.services.accounts
+        if is_bare_postmaster(text):
+            domain = postmaster_domain(self.services.hostname, await accounts.list_domains())
+            if domain is None:
+                return unknown_user(text)
+            address = Address("postmaster", domain)
+        else:
+            address = parse_recipient(text, smtputf8=env.smtp_utf8)
+        local = not address.is_literal and await accounts.is_local_domain(address.domain)
+        mailboxes: tuple[str, ...] = ()
+        forwards: tuple[str, ...] = ()
+        full: dict[str, bool] = {}
+        if local:
+            resolution = await accounts.resolve(str(address))
+            mailboxes, forwards = resolution.mailboxes, resolution.forwards
+            size = declared_size(env.mail_options)
+            for mailbox in mailboxes:
+                used, quota = await self.services.store.usage(mailbox)
+                full[mailbox] = bool(quota) and used + size >= quota
+        facts = RecipientFacts(address, local, mailboxes, forwards, full)
+        return recipient_route(
+            facts,
+            authenticated=session.principal is not None,
+            accepted_so_far=len(env.routes),
+            max_recipients=self.limits.max_recipients,
+        )
+
+    # --- DATA -----------------------------------------------------------------------------------------
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        env = _envelope(envelope)
+        try:
+            return await self._data(server, _session(session), env)
+        except Exception:
+            log.exception("%s: DATA failed", peer_ip(session))
+            return self._for_all(env, TEMPORARY_FAILURE)
+
+    def _for_all(self, env: LetterboxEnvelope, reply: Reply | str) -> str:
+        """LMTP (RFC 2033 4.2) answers DATA once per accepted recipient, SMTP once."""
+        return "\r\n".join([str(reply)] * len(env.routes)) if self.lmtp else str(reply)
+
+    async def _data(self, server: SMTP, session: LetterboxSession, env: LetterboxEnvelope) -> str:
+        raw = env.original_content or b""
+        if len(raw) > LARGE_MESSAGE:
+            data = await asyncio.to_thread(headers.normalise_line_ends, raw)
+        else:
+            data = headers.normalise_line_ends(raw)
+        if headers.count_received(data) >= self.limits.max_received_headers:
+            return self._for_all(env, TOO_MANY_HOPS)
+        principal = session.principal
+        if self.submission and principal is not None:
+            data = headers.add_submission_headers(data, self.services.hostname)
+        sender = "" if env.sender is None else str(env.sender)
+        tls = tls_facts(server)
+        helo = session.host_name or "unknown"
+
+        check: InboundCheck | None = self.services.extra.get(INBOUND_CHECK)
+        if check is not None and self.service == MX_SERVICE:
+            facts = InboundFacts(peer_ip(session), helo, sender, tuple(r.rcpt for r in env.routes), tls is not None)
+            verdict = await check(facts, data)
+            if verdict.reject:
+                return self._for_all(env, verdict.reject)
+            data = verdict.headers + data
+
+        received = ReceivedFacts(
+            helo=helo,
+            peer_ip=peer_ip(session),
+            hostname=self.services.hostname,
+            protocol=headers.with_keyword(
+                lmtp=self.lmtp, extended=session.extended_smtp, tls=tls is not None,
+                authenticated=principal is not None, utf8=env.smtp_utf8,
+            ),
+            queue_id=new_queue_id(),
+            tls=tls,
+            auth_user=principal.name if principal else None,
+        )
+        message = InboundMessage(sender, tuple(env.routes), data, received, received.auth_user)
+        # Shielded: a client hanging up mid-delivery must not cancel a half-done write; the work
+        # finishes and the client, having seen no reply, retries (a duplicate beats a loss).
+        report = await asyncio.shield(self.deliverer.deliver(message, per_recipient=self.lmtp))
+        if report.summary.positive:
+            note = getattr(server, "note_accepted", None)
+            if note is not None:
+                note()
+        if self.lmtp:
+            return "\r\n".join(str(reply) for reply in report.replies)
+        return str(report.summary)
+
+    # --- anything unexpected --------------------------------------------------------------------------
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # The client's doing (a failed handshake after STARTTLS): aiosmtpd closes the connection.
+            log.info("STARTTLS handshake failed: %s", error.__cause__ or error)
+        else:
+            log.error("SMTP session error", exc_info=error)
+        return str(TEMPORARY_FAILURE)
+
+
+def _b64(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        return None

@@ -1,0 +1,158 @@
+"""Trace and submission headers: Received, Return-Path, Delivered-To, Date, Message-ID. Pure functions.
+
+Messages are handled as bytes and never re-serialised: headers are only ever added in front of the
+message or at the end of its header section, so a signed message stays byte-for-byte what was sent.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+MAX_HELO_SHOWN = 100  # how much of the client's HELO name a Received header repeats
+MAX_TRACE_ADDRESS = 300
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")  # RFC 5322 2.2 field-name ":"
+_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+_UNSAFE_IN_COMMENT = re.compile(r"[^\x21-\x27\x2a-\x5b\x5d-\x7e]")  # ctext minus space, RFC 5322 3.2.2
+
+
+def normalise_line_ends(data: bytes) -> bytes:
+    """Every bare LF and bare CR becomes CRLF (as Postfix's smtpd_forbid_bare_newline=normalize).
+    aiosmtpd only ends DATA at CRLF.CRLF, so `\\n.\\n` and `\\r.\\n` were content; normalising them keeps
+    any later SMTP hop (which dot-stuffs CRLF lines) from seeing an end of data there."""
+    if b"\r" not in data and b"\n" not in data:
+        return data
+    return _LINE_END.sub(b"\r\n", data)
+
+
+def header_section_end(data: bytes) -> int:
+    """Offset just past the last header line (RFC 5322 2.1, 2.2): where the empty line, or the first
+    line that is not a header field or a continuation, starts. A message without an empty line after
+    its fields is all header; one that starts with a non-field line has no header section."""
+    pos, end, in_field = 0, len(data), False
+    while pos < end:
+        eol = data.find(b"\r\n", pos)
+        line = data[pos:] if eol < 0 else data[pos:eol]
+        if not line:
+            return pos
+        if _FIELD_START.match(line) or (in_field and line[:1] in (b" ", b"\t")):
+            in_field = True
+            pos = end if eol < 0 else eol + 2
+            continue
+        return pos
+    return end
+
+
+def header_names(data: bytes) -> frozenset[str]:
+    """Lower-case names of the fields in the header section (stdlib parser, read only)."""
+    section = data[: header_section_end(data)]
+    parsed = BytesHeaderParser(policy=compat32).parsebytes(section)
+    return frozenset(name.lower() for name in parsed.keys())
+
+
+def count_received(data: bytes) -> int:
+    return len(_RECEIVED.findall(data, 0, header_section_end(data)))
+
+
+def rfc5322_date(when: datetime | None = None) -> str:
+    return email.utils.format_datetime(when or datetime.now().astimezone())
+
+
+def add_submission_headers(data: bytes, hostname: str, when: datetime | None = None) -> bytes:
+    """RFC 6409 8.2/8.3: a submission server may add a missing Date: and Message-ID:. They go at the end
+    of the header section, as Postfix does, so anything the client signed keeps its place."""
+    names = header_names(data)
+    extra = b""
+    if "date" not in names:
+        extra += f"Date: {rfc5322_date(when)}\r\n".encode("ascii")
+    if "message-id" not in names:
+        extra += f"Message-ID: {email.utils.make_msgid(domain=hostname)}\r\n".encode("ascii")
+    if not extra:
+        return data
+    end = header_section_end(data)
+    if end == len(data):
+        # All header (or empty): the last line may lack its CRLF, and the empty line is added.
+        head = data if not data or data.endswith(b"\r\n") else data + b"\r\n"
+        return head + extra + b"\r\n"
+    return data[:end] + extra + data[end:]
+
+
+def address_safe(text: str) -> str:
+    """An address inside a trace field: printable (UTF-8 allowed, RFC 6532), nothing that could end
+    the angle brackets or a comment, bounded."""
+    return "".join("?" if not ch.isprintable() or ch in "()<>\\ " else ch for ch in text[:MAX_TRACE_ADDRESS])
+
+
+def comment_safe(text: str, limit: int = MAX_HELO_SHOWN) -> str:
+    """Client-supplied text inside a Received comment or clause: printable ASCII, no parentheses or
+    backslashes (they would end or escape the comment), bounded."""
+    return _UNSAFE_IN_COMMENT.sub("?", text[:limit]) or "?"
+
+
+@dataclass(frozen=True)
+class TlsFacts:
+    version: str  # 'TLSv1.3'
+    cipher: str
+    bits: int
+
+
+@dataclass(frozen=True)
+class ReceivedFacts:
+    """What a Received: header says about one SMTP transaction (RFC 5321 4.4). Never a password."""
+
+    helo: str
+    peer_ip: str
+    hostname: str
+    protocol: str  # RFC 3848 / RFC 6531 'with' keyword: ESMTP, ESMTPSA, UTF8SMTPS, LMTP ...
+    queue_id: str
+    tls: TlsFacts | None = None
+    auth_user: str | None = None
+
+
+def with_keyword(*, lmtp: bool, extended: bool, tls: bool, authenticated: bool, utf8: bool) -> str:
+    """RFC 3848 (ESMTPS, ESMTPA, ESMTPSA, LMTPS ...) and RFC 6531 3.7.3 (UTF8SMTP ...)."""
+    if utf8:
+        base = "UTF8LMTP" if lmtp else "UTF8SMTP"
+    elif lmtp:
+        base = "LMTP"
+    else:
+        base = "ESMTP" if extended else "SMTP"
+    suffix = ("S" if tls else "") + ("A" if authenticated else "")
+    if base == "SMTP" and suffix:
+        base = "ESMTP"  # TLS and AUTH are ESMTP extensions; a HELO client can have neither
+    return base + suffix
+
+
+def received_header(facts: ReceivedFacts, *, for_rcpt: str | None, when: datetime | None = None) -> bytes:
+    """One Received: field, folded, CRLF-terminated. `for` names the recipient only when the copy is
+    for that recipient alone (RFC 5321 4.4 leaves it optional; it would reveal Bcc otherwise)."""
+    peer = f"[IPv6:{facts.peer_ip}]" if ":" in facts.peer_ip else f"[{facts.peer_ip}]"
+    lines = [f"Received: from {comment_safe(facts.helo)} ({peer})"]
+    if facts.tls is not None:
+        lines.append(
+            f"\t(using {comment_safe(facts.tls.version)} with cipher {comment_safe(facts.tls.cipher)}"
+            f" ({facts.tls.bits}/{facts.tls.bits} bits))"
+        )
+    if facts.auth_user:
+        lines.append(f"\t(Authenticated sender: {address_safe(facts.auth_user)})")
+    lines.append(f"\tby {facts.hostname} (Letterbox) with {facts.protocol} id {facts.queue_id}")
+    last = f"\tfor <{address_safe(for_rcpt)}>; " if for_rcpt else "\t"
+    lines.append(last + rfc5322_date(when))
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def return_path(sender: str) -> bytes:
+    """RFC 5321 4.4: added by the final delivery; `<>` for the null sender."""
+    return f"Return-Path: <{sender}>\r\n".encode()
+
+
+def delivered_to(address: str) -> bytes:
+    """The address this copy was delivered for (plus tag kept); what Postfix and Dovecot write, and
+    what loop detection and filters read."""
+    return f"Delivered-To: {address}\r\n".encode()

@@ -1,0 +1,32 @@
+"""The seam where inbound checks (SPF, DKIM, DMARC: the outbound/authentication issue) plug into the MX.
+
+Whoever implements them puts an `InboundCheck` into `services.extra[INBOUND_CHECK]`. The MX calls it
+once per message after DATA, before any copy is written; its headers (Authentication-Results:) go on
+top of the message under our Received:, and a `reject` reply refuses the whole message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+INBOUND_CHECK = "smtp.inbound_check"
+
+
+@dataclass(frozen=True)
+class InboundFacts:
+    peer_ip: str
+    helo: str
+    sender: str  # '' for the null sender
+    recipients: tuple[str, ...]
+    tls: bool
+
+
+@dataclass(frozen=True)
+class InboundVerdict:
+    headers: bytes = b""  # complete CRLF-terminated header lines to add
+    reject: str | None = None  # a full reply line, e.g. '550 5.7.1 Rejected by DMARC policy'
+
+
+class InboundCheck(Protocol):
+    async def __call__(self, facts: InboundFacts, data: bytes) -> InboundVerdict: ...

@@ -1,0 +1,48 @@
+"""Every bound the SMTP listeners enforce, as named constants and one value object tests can shrink."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# RFC 5321 4.5.3.1.8: a server must accept at least 100 recipients per message; more get 452 4.5.3.
+MAX_RECIPIENTS = 100
+# RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with CRLF; +1 for a transparency dot.
+MAX_LINE_OCTETS = 1001
+# RFC 5321 4.5.3.1.4: a command line is at most 512 octets with CRLF.
+MAX_COMMAND_OCTETS = 512
+# RFC 4954 4: an AUTH line with an initial response may be longer than 512 (it is still bounded by
+# MAX_LINE_OCTETS, the reader's limit).
+MAX_AUTH_COMMAND_OCTETS = MAX_LINE_OCTETS
+# Message size, advertised with SIZE (RFC 1870) and enforced with 552 5.3.4. Large enough for a 25 MB
+# attachment after base64.
+MAX_MESSAGE_OCTETS = 36 * 1024 * 1024
+# RFC 5321 4.5.3.2.7: wait at least 5 minutes for the next command.
+COMMAND_TIMEOUT = 300.0
+# RFC 5321 4.5.3.2.5/6: 3 minutes for each chunk of DATA; the whole transfer is bounded as well so a
+# client dribbling one byte at a time cannot hold a connection for ever.
+DATA_CHUNK_TIMEOUT = 180.0
+MAX_DATA_SECONDS = 1800.0
+# Errors (5xx replies) a client may provoke before it is told 421 and disconnected (Postfix's
+# smtpd_hard_error_limit is 20 as well). Reset by every accepted message.
+MAX_ERRORS = 20
+# Concurrent connections from one client address per listener, and in total per listener.
+MAX_CONNECTIONS_PER_CLIENT = 20
+MAX_CONNECTIONS = 500
+# RFC 5321 6.3: a message with this many Received: headers is looping.
+MAX_RECEIVED_HEADERS = 50
+
+
+@dataclass(frozen=True)
+class SmtpLimits:
+    max_recipients: int = MAX_RECIPIENTS
+    max_message_octets: int = MAX_MESSAGE_OCTETS
+    command_timeout: float = COMMAND_TIMEOUT
+    data_chunk_timeout: float = DATA_CHUNK_TIMEOUT
+    max_data_seconds: float = MAX_DATA_SECONDS
+    max_errors: int = MAX_ERRORS
+    max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT
+    max_connections: int = MAX_CONNECTIONS
+    max_received_headers: int = MAX_RECEIVED_HEADERS
+
+
+DEFAULT_LIMITS = SmtpLimits()

@@ -1,0 +1,352 @@
+"""asyncio glue for the SMTP listeners: aiosmtpd's protocol with our limits, replies and TLS set-up.
+
+aiosmtpd (1.4.6) parses commands, DATA (only CRLF.CRLF ends it, so bare-LF smuggling sequences stay
+content), SIZE, STARTTLS and the AUTH exchange; the subclass below adds what the box promises on top:
+enhanced status codes on every reply (RFC 2034), an error budget that ends abusive sessions with 421,
+per-client connection limits, a 421 on timeout, a DATA transfer bounded in time, and per-session
+command-size bookkeeping (aiosmtpd keeps that in one dict shared by every session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, syntax
+
+from appliance.queue.spool import shared_spool
+from appliance.smtp.delivery import Deliverer
+from appliance.smtp.handler import LetterboxEnvelope, LetterboxSession, SmtpHandler
+from appliance.smtp.limits import (
+    DEFAULT_LIMITS,
+    MAX_AUTH_COMMAND_OCTETS,
+    MAX_COMMAND_OCTETS,
+    MAX_LINE_OCTETS,
+    SmtpLimits,
+)
+from appliance.smtp.policy import LMTP_SERVICE, SMTP_SERVICES, SUBMISSION_SERVICES
+
+if TYPE_CHECKING:
+    from appliance.services import Services
+
+log = logging.getLogger("letterbox.smtp")
+
+TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds for an implicit-TLS (465) handshake
+IDENT = {"lmtp": "LMTP Letterbox"}
+DEFAULT_IDENT = "ESMTP Letterbox"
+
+# RFC 3463 class.subject.detail for replies aiosmtpd writes without one, by reply code.
+DEFAULT_STATUS = {
+    220: "2.0.0", 221: "2.0.0", 235: "2.7.0", 250: "2.0.0", 252: "2.0.0",
+    421: "4.3.0", 450: "4.0.0", 451: "4.3.0", 452: "4.3.1", 454: "4.7.0",
+    500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4",
+    530: "5.7.0", 535: "5.7.8", 538: "5.7.11", 550: "5.0.0", 552: "5.3.4", 553: "5.1.3",
+    554: "5.0.0", 555: "5.5.4",
+}
+# aiosmtpd's own texts we reword (the code stays).
+REWORDED = {
+    "552 Error: Too much mail data": "552 5.3.4 Message too big for this server",
+    "552 Error: message size exceeds fixed maximum message size":
+        "552 5.3.4 Message size exceeds fixed maximum message size",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
+    "500 Command line too long": "500 5.5.2 Command line too long",
+    "500 Error: command 'AUTH' not recognized": "503 5.5.1 Error: send EHLO first",
+}
+# DATA-phase errors aiosmtpd answers once; LMTP owes one reply per recipient (RFC 2033 4.2).
+DATA_ERRORS = frozenset({"552 Error: Too much mail data", "500 Line too long (see RFC5321 4.5.3.1.6)"})
+UNKNOWN_COMMAND = "500 5.5.1 Error: command not recognized"
+
+_REPLY = re.compile(r"(?P<code>[245]\d\d)(?P<sep>[ -])(?P<text>.*)", re.DOTALL)
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+
+
+def with_enhanced_code(line: str) -> str:
+    """RFC 2034 3: every 2xx/4xx/5xx reply (but the greeting and HELO/EHLO) carries a status code."""
+    if line in REWORDED:
+        return REWORDED[line]
+    m = _REPLY.fullmatch(line)
+    if m is None or _ENHANCED.match(m["text"]):
+        return line
+    code = int(m["code"])
+    status = DEFAULT_STATUS.get(code, f"{m['code'][0]}.0.0")
+    return f"{m['code']}{m['sep']}{status} {m['text']}"
+
+
+class ConnectionTracker:
+    """Open connections per client address on one listener; refuses past the limits. Also keeps the
+    live sessions, so closing the listener can tell each client 421 instead of leaving it hanging."""
+
+    def __init__(self, per_client: int, total: int) -> None:
+        self.per_client = per_client
+        self.total = total
+        self._open: collections.Counter[str] = collections.Counter()
+        self.sessions: set[LetterboxSMTP] = set()
+
+    def acquire(self, ip: str) -> bool:
+        if self._open[ip] >= self.per_client or sum(self._open.values()) >= self.total:
+            return False
+        self._open[ip] += 1
+        return True
+
+    def release(self, ip: str) -> None:
+        self._open[ip] -= 1
+        if self._open[ip] <= 0:
+            del self._open[ip]
+
+    def count(self, ip: str) -> int:
+        return self._open[ip]
+
+
+class _CommandTable(dict[str, Any]):
+    """aiosmtpd looks commands up with .get(); unknown ones go to our handler (not its own budget of
+    5 that ends in 502) so one error budget governs the session."""
+
+    def __init__(self, methods: dict[str, Any], unknown: Callable[[str], Coroutine[Any, Any, None]]) -> None:
+        super().__init__(methods)
+        self._unknown = unknown
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(key) or self._unknown
+
+
+class LetterboxSMTP(SMTP):
+    line_length_limit = MAX_LINE_OCTETS
+    command_size_limit = MAX_COMMAND_OCTETS
+
+    def __init__(
+        self,
+        handler: SmtpHandler,
+        *,
+        limits: SmtpLimits,
+        tracker: ConnectionTracker,
+        implicit_tls: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self.limits = limits
+        self._tracker = tracker
+        # aiosmtpd's class-level dict is shared by all sessions and grows on every EHLO: use our own.
+        self.command_size_limits: dict[str, int] = collections.defaultdict(lambda: MAX_COMMAND_OCTETS)
+        self.command_size_limits["AUTH"] = MAX_AUTH_COMMAND_OCTETS
+        if implicit_tls:
+            # Port 465 is TLS from the first byte (RFC 8314 3.3); aiosmtpd only knows STARTTLS.
+            self._auth_require_tls = False
+        self._smtp_methods = _CommandTable(self._smtp_methods, self._smtp_unknown)
+        self._greeted = False
+        self._raw_replies = False
+        self._errors = 0
+        self._client_ip: str | None = None
+        self._refused = False
+        self._data_deadline: float | None = None
+
+    # --- sessions and envelopes carry our extra state -------------------------------------------------
+
+    def _create_session(self) -> LetterboxSession:
+        return LetterboxSession(self.loop)
+
+    def _create_envelope(self) -> LetterboxEnvelope:
+        return LetterboxEnvelope()
+
+    # --- connection limits ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None and self._client_ip is None:  # not the STARTTLS re-entry
+            peer = transport.get_extra_info("peername")
+            ip = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+            if not self._tracker.acquire(ip):
+                self._refused = True
+                log.warning("%s: too many connections, refused", ip)
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(
+                    f"421 4.7.0 {self.hostname} Too many connections from your address, try later\r\n".encode()
+                )
+                transport.close()
+                return
+            self._client_ip = ip
+            self._tracker.sessions.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._client_ip is not None:
+            self._tracker.release(self._client_ip)
+            self._tracker.sessions.discard(self)
+            self._client_ip = None
+        super().connection_lost(error)
+
+    def shut_down(self) -> None:
+        """The listener is closing: RFC 5321 3.8, 421 and close (a transaction not yet answered is
+        not acknowledged, so the client will retry it)."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(f"421 4.3.2 {self.hostname} Service shutting down\r\n".encode())
+            transport.close()
+
+    # --- timeouts -------------------------------------------------------------------------------------
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 4.5.3.2: tell the client why before closing.
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+        if transport is not None:
+            super()._timeout_cb()
+
+    def data_received(self, data: bytes) -> None:
+        if self._data_deadline is not None and self.transport is not None:
+            # While DATA flows each chunk restarts the per-chunk timer, but never past the deadline.
+            remaining = self._data_deadline - self.loop.time()
+            if remaining > 0:
+                self._reset_timeout(min(self.limits.data_chunk_timeout, remaining))
+        super().data_received(data)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        self._data_deadline = self.loop.time() + self.limits.max_data_seconds
+        self._reset_timeout(self.limits.data_chunk_timeout)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._data_deadline = None
+            if self.transport is not None:
+                self._reset_timeout()
+
+    # --- greetings and replies ------------------------------------------------------------------------
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self.command_size_limits["MAIL"] = MAX_COMMAND_OCTETS  # aiosmtpd adds the SIZE/SMTPUTF8 room
+        self._raw_replies = True  # RFC 2034: no status codes in the EHLO reply
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._raw_replies = False
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._raw_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._raw_replies = False
+
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        result = super()._getparams(params)
+        if result is not None:
+            # RFC 4954 5: MAIL FROM's AUTH= parameter must be accepted where AUTH is offered; the
+            # identity it claims is not used (Received says who really authenticated).
+            result.pop("AUTH", None)
+        return result
+
+    async def _smtp_unknown(self, arg: str) -> None:
+        await self.push(UNKNOWN_COMMAND)
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, bytes):  # AUTH challenges (334)
+            await super().push(status)
+            return
+        if not self._greeted or self._raw_replies:
+            self._greeted = True
+            await super().push(status)
+            return
+        text = "\r\n".join(with_enhanced_code(line) for line in status.split("\r\n"))
+        await super().push(text)
+        if text.startswith("5"):
+            await self._count_error()
+
+    async def _count_error(self) -> None:
+        self._errors += 1
+        if self._errors >= self.limits.max_errors and self.transport is not None:
+            log.warning("%s: %d errors, disconnected", self._client_ip, self._errors)
+            await super().push(f"421 4.7.0 {self.hostname} Too many errors, closing connection")
+            self.transport.close()
+
+    def note_accepted(self) -> None:
+        """A message was accepted: the client is behaving, its error budget starts over."""
+        self._errors = 0
+
+
+class LetterboxLMTP(LetterboxSMTP):
+    """RFC 2033: LHLO instead of HELO/EHLO; the handler answers DATA once per recipient."""
+
+    @syntax("LHLO hostname")
+    async def smtp_LHLO(self, hostname: str) -> None:
+        await super().smtp_EHLO(hostname)
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        await self.push('500 5.5.1 Error: command "HELO" not recognized (this is LMTP: use LHLO)')
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self.push('500 5.5.1 Error: command "EHLO" not recognized (this is LMTP: use LHLO)')
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str) and status in DATA_ERRORS and self.envelope is not None:
+            status = "\r\n".join([status] * max(1, len(self.envelope.rcpt_tos)))  # type: ignore[assignment]
+        await super().push(status)
+
+
+async def start_server(
+    services: Services, service: str, host: str, port: int, *, limits: SmtpLimits = DEFAULT_LIMITS
+) -> asyncio.Server:
+    if service not in SMTP_SERVICES:
+        raise ValueError(f"not an SMTP service: {service}")
+    # aiosmtpd logs every command line at INFO; our handler logs what matters (never passwords).
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    loop = asyncio.get_running_loop()
+    deliverer = Deliverer(services.accounts, services.store, shared_spool(services), services.hostname)
+    handler = SmtpHandler(services, service, limits, deliverer)
+    tracker = ConnectionTracker(limits.max_connections_per_client, limits.max_connections)
+    implicit_tls = service == "submissions"
+    starttls = service != LMTP_SERVICE and not implicit_tls
+    protocol = LetterboxLMTP if service == LMTP_SERVICE else LetterboxSMTP
+
+    def factory() -> LetterboxSMTP:
+        return protocol(
+            handler,
+            limits=limits,
+            tracker=tracker,
+            implicit_tls=implicit_tls,
+            data_size_limit=limits.max_message_octets,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=services.hostname,
+            ident=IDENT.get(service, DEFAULT_IDENT),
+            tls_context=services.tls.context if starttls else None,
+            # RFC 8314 / RFC 6409: submission needs TLS first, then AUTH, before any mail.
+            require_starttls=service == "submission",
+            auth_required=service in SUBMISSION_SERVICES,
+            auth_require_tls=True,
+            timeout=limits.command_timeout,
+            loop=loop,
+        )
+
+    server = await loop.create_server(
+        factory,
+        host=host,
+        port=port,
+        ssl=services.tls.context if implicit_tls else None,
+        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
+        reuse_address=True,
+    )
+    stop_listening = server.close
+
+    def close() -> None:
+        # asyncio.Server.close() leaves open connections alone; ours say goodbye.
+        stop_listening()
+        for session in list(tracker.sessions):
+            session.shut_down()
+
+    server.close = close  # type: ignore[method-assign]
+    return server
+
+
+async def serve(services: Services, service: str, host: str, port: int) -> asyncio.Server:
+    """The listener contract (appliance/app.py): 'smtp' (MX), 'submission', 'submissions', 'lmtp'."""
+    return await start_server(services, service, host, port)

@@ -1,0 +1,176 @@
+"""SMTP intake benchmark: N messages over C concurrent sessions into the MX port of a real
+`letterbox serve`, each delivered (fsynced and indexed) into one Maildir before its 250.
+
+Prints messages/s, p50/p99 latency per message (MAIL FROM sent -> 250 after DATA) and the server's
+peak RSS. The MX's inbound checks (SPF, DKIM, DMARC) run as in production, against a DNS server on
+loopback that knows no records (so nothing leaves the machine); the outbound queue is held.
+Usage: python bench/smtp.py [--messages 2000] [--concurrency 10] [--size 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.support.dns_server import ZoneServer  # noqa: E402  (the repo's loopback DNS server)
+
+LETTERBOX = str(Path(sys.executable).parent / "letterbox")
+MX_PORT = 25
+PORTS = (25, 587, 465, 143, 993, 110, 995, 80, 443, 24)
+DOMAIN = "bench.test"
+RCPT = f"rcpt@{DOMAIN}"
+READY_TIMEOUT = 60.0
+
+
+def free_offset() -> int:
+    for offset in range(31000, 60000, 1009):
+        ok = True
+        for port in PORTS:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", port + offset))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return offset
+    raise SystemExit("no free port range")
+
+
+def set_settings(db: Path, settings: dict[str, str]) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.executemany("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", list(settings.items()))
+    conn.close()
+
+
+def cli(data: Path, *args: str, stdin: str | None = None) -> None:
+    subprocess.run([LETTERBOX, "--data", str(data), *args], input=stdin, text=True, check=True,
+                   capture_output=True)
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM: the high-water mark of resident memory, kept by the kernel for the whole run."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Session:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def reply(self) -> int:
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise ConnectionError("closed")
+            if line[3:4] != b"-":
+                return int(line[:3])
+
+    async def cmd(self, line: bytes, expect: int) -> None:
+        self.writer.write(line + b"\r\n")
+        code = await self.reply()
+        if code != expect:
+            raise RuntimeError(f"{line[:40]!r}: {code}")
+
+
+async def run_session(port: int, queue: asyncio.Queue[int], body: bytes, latencies: list[float]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    s = Session(reader, writer)
+    if await s.reply() != 220:
+        raise RuntimeError("no greeting")
+    await s.cmd(b"EHLO bench.client", 250)
+    while True:
+        try:
+            n = queue.get_nowait()
+        except asyncio.QueueEmpty:
+            break
+        started = time.perf_counter()
+        await s.cmd(b"MAIL FROM:<sender@elsewhere.test>", 250)
+        await s.cmd(f"RCPT TO:<{RCPT}>".encode(), 250)
+        await s.cmd(b"DATA", 354)
+        await s.cmd(f"Subject: bench {n}\r\n\r\n".encode() + body + b".", 250)
+        latencies.append(time.perf_counter() - started)
+    await s.cmd(b"QUIT", 221)
+    writer.close()
+    await writer.wait_closed()
+
+
+async def load(port: int, messages: int, concurrency: int, size: int) -> tuple[float, list[float]]:
+    line = b"x" * 76 + b"\r\n"
+    body = line * max(1, size // len(line))
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for n in range(messages):
+        queue.put_nowait(n)
+    latencies: list[float] = []
+    started = time.perf_counter()
+    await asyncio.gather(*(run_session(port, queue, body, latencies) for _ in range(concurrency)))
+    return time.perf_counter() - started, latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--size", type=int, default=2048, help="body bytes per message")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="letterbox-bench-") as tmp:
+        data = Path(tmp) / "data"
+        cli(data, "domain", "add", DOMAIN)
+        cli(data, "user", "add", RCPT, "--password-stdin", stdin="bench password 1234567\n")
+        dns = ZoneServer()
+        dns_port = dns.start()
+        set_settings(data / "letterbox.db", {"dns_resolver": f"127.0.0.1:{dns_port}", "queue_hold": "1"})
+        offset = free_offset()
+        log = Path(tmp) / "serve.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [LETTERBOX, "--data", str(data), "serve", "--listen", "127.0.0.1", "--port-offset", str(offset),
+                 "--hostname", "bench.test"],
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT
+            while b"\nready\n" not in log.read_bytes():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"letterbox serve did not start:\n{log.read_text()}")
+                time.sleep(0.05)
+            rss_idle = peak_rss_kib(proc.pid)
+            elapsed, latencies = asyncio.run(load(MX_PORT + offset, args.messages, args.concurrency, args.size))
+            rss_peak = peak_rss_kib(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+            dns.stop()
+        maildir = data / "mail" / DOMAIN / "rcpt"
+        stored = sum(1 for sub in ("new", "cur") for _ in (maildir / sub).iterdir())
+
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    print(f"smtp intake: {args.messages} messages x {args.size} B over {args.concurrency} sessions, "
+          f"delivered to one Maildir with fsync")
+    print(f"  throughput   {args.messages / elapsed:8.1f} messages/s  ({elapsed:.2f} s)")
+    print(f"  latency p50  {statistics.median(latencies) * 1000:8.1f} ms")
+    print(f"  latency p99  {p99 * 1000:8.1f} ms")
+    print(f"  server RSS   {rss_peak / 1024:8.1f} MiB peak  ({rss_idle / 1024:.1f} MiB after start)")
+    print(f"  stored       {stored} files")
+    if stored != args.messages:
+        raise SystemExit(f"expected {args.messages} files in the Maildir, found {stored}")
+
+
+if __name__ == "__main__":
+    main()

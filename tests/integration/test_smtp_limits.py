@@ -1,0 +1,274 @@
+"""Every SMTP limit answers with its reply code and never hangs: recipients, errors, connections,
+timeouts, sizes, line lengths, garbage. Servers with small limits run on the box's own loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from appliance.smtp.server import start_server
+from tests.conftest import BoxHandle
+from tests.support.smtp_wire import Wire, hold_outbound
+
+OURS = "ourdomain.test"
+FORWARD = f"fwd@{OURS}"  # an alias to an external address: accepted from anyone, lands in the spool
+
+StartServer = Callable[..., int]
+
+
+@pytest.fixture
+def limited(box: BoxHandle) -> Iterator[StartServer]:
+    """start(service='smtp', **limits) -> port of an extra listener with those SmtpLimits."""
+    from appliance.smtp.limits import SmtpLimits
+
+    servers: list[asyncio.Server] = []
+
+    def start(service: str = "smtp", **limits: Any) -> int:
+        server = box.run(start_server(box.services, service, "127.0.0.1", 0, limits=SmtpLimits(**limits)))
+        servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def add_alias() -> None:
+        await box.services.accounts.add_domain(OURS)
+        await box.services.accounts.add_alias(FORWARD, ["partner@external.test"])
+
+    hold_outbound(box)
+    box.run(add_alias())
+    yield start
+
+    async def close(server: asyncio.Server) -> None:
+        server.close()
+
+    for server in servers:
+        box.run(close(server))
+
+
+def greet(port: int) -> Wire:
+    wire = Wire(port)
+    assert wire.reply()[0] == 220
+    assert wire.cmd("EHLO client.test")[0] == 250
+    return wire
+
+
+def spooled(box: BoxHandle) -> int:
+    async def count() -> int:
+        row = await box.services.db.fetchone("SELECT COUNT(*) AS n FROM queue_messages")
+        return int(row["n"]) if row else 0
+
+    return box.run(count())
+
+
+def test_recipients_per_message(box: BoxHandle, limited: StartServer) -> None:
+    port = limited(max_recipients=3)
+    with greet(port) as wire:
+        assert wire.cmd("MAIL FROM:<a@external.test>")[0] == 250
+        for _ in range(3):
+            assert wire.cmd(f"RCPT TO:<{FORWARD}>")[0] == 250
+        code, text = wire.cmd(f"RCPT TO:<{FORWARD}>")
+        assert (code, text[:5]) == (452, "4.5.3")
+        assert wire.cmd("DATA")[0] == 354
+        code, text = wire.cmd(b"Subject: x\r\n\r\nhello\r\n.")
+        assert code == 250 and text.startswith("2.0.0 Ok: queued as ")
+    assert spooled(box) == 1
+
+
+def test_error_budget_ends_the_session_with_421(limited: StartServer) -> None:
+    port = limited(max_errors=4)
+    with greet(port) as wire:
+        assert wire.cmd("BOGUS")[0] == 500
+        assert wire.cmd("RCPT TO:<x@y.test>")[0] == 503
+        assert wire.cmd("MAIL FROM:<not an address>")[0] in (501, 553)
+        code, text = wire.cmd("XYZZY")
+        assert code == 500
+        code, text = wire.reply()
+        assert (code, text[:5]) == (421, "4.7.0")
+        assert wire.closed()
+
+
+def test_an_accepted_message_resets_the_error_budget(box: BoxHandle, limited: StartServer) -> None:
+    port = limited(max_errors=3)
+    with greet(port) as wire:
+        for _round in range(3):
+            assert wire.cmd("BOGUS")[0] == 500
+            assert wire.cmd("BOGUS")[0] == 500
+            assert wire.cmd("MAIL FROM:<a@external.test>")[0] == 250
+            assert wire.cmd(f"RCPT TO:<{FORWARD}>")[0] == 250
+            assert wire.cmd("DATA")[0] == 354
+            assert wire.cmd(b"Subject: x\r\n\r\nhi\r\n.")[0] == 250
+        assert wire.cmd("NOOP")[0] == 250
+
+
+def test_connections_per_client(limited: StartServer) -> None:
+    port = limited(max_connections_per_client=2)
+    first, second = greet(port), greet(port)
+    with Wire(port) as third:
+        code, text = third.reply()
+        assert (code, text.split()[0]) == (421, "4.7.0")
+        assert third.closed()
+    first.cmd("QUIT")
+    first.close()
+    deadline = time.monotonic() + 5
+    while True:  # the server notices the close asynchronously
+        with Wire(port) as again:
+            if again.reply()[0] == 220:
+                break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    second.close()
+
+
+def test_idle_timeout_says_421(limited: StartServer) -> None:
+    port = limited(command_timeout=0.5)
+    with greet(port) as wire:
+        started = time.monotonic()
+        code, text = wire.reply()
+        assert (code, text.split()[0]) == (421, "4.4.2")
+        assert wire.closed()
+        assert 0.4 < time.monotonic() - started < 5
+
+
+def test_data_stalled_mid_transfer_times_out(limited: StartServer) -> None:
+    port = limited(data_chunk_timeout=0.5)
+    with greet(port) as wire:
+        wire.cmd("MAIL FROM:<a@external.test>")
+        wire.cmd(f"RCPT TO:<{FORWARD}>")
+        assert wire.cmd("DATA")[0] == 354
+        wire.send(b"Subject: slow\r\n\r\npart")
+        code, _ = wire.reply()
+        assert code == 421
+        assert wire.closed()
+
+
+def test_a_dribbling_client_is_cut_off_after_the_data_deadline(limited: StartServer) -> None:
+    port = limited(data_chunk_timeout=1.0, max_data_seconds=1.5)
+    with greet(port) as wire:
+        wire.cmd("MAIL FROM:<a@external.test>")
+        wire.cmd(f"RCPT TO:<{FORWARD}>")
+        assert wire.cmd("DATA")[0] == 354
+        started = time.monotonic()
+        with pytest.raises((ConnectionError, OSError)):
+            for _ in range(100):  # one byte every 0.2 s would last 20 s
+                wire.send(b"x")
+                time.sleep(0.2)
+        assert time.monotonic() - started < 4
+
+
+def test_oversize_message_552(box: BoxHandle, limited: StartServer) -> None:
+    port = limited(max_message_octets=10_000)
+    with greet(port) as wire:
+        code, text = wire.cmd("MAIL FROM:<a@external.test> SIZE=20000")
+        assert (code, text[:5]) == (552, "5.3.4")
+        assert wire.cmd("MAIL FROM:<a@external.test> SIZE=5000")[0] == 250
+        assert wire.cmd(f"RCPT TO:<{FORWARD}>")[0] == 250
+        assert wire.cmd("DATA")[0] == 354
+        wire.send(b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n")
+        wire.send((b"y" * 70 + b"\r\n") * 200)
+        code, text = wire.cmd(b".")
+        assert (code, text[:5]) == (552, "5.3.4")
+        assert wire.cmd("NOOP")[0] == 250  # the session goes on
+    assert spooled(box) == 0
+
+
+def test_ehlo_advertises_the_size_limit(limited: StartServer) -> None:
+    port = limited(max_message_octets=12_345)
+    with Wire(port) as wire:
+        wire.reply()
+        _, text = wire.cmd("EHLO client.test")
+        assert "SIZE 12345" in text.splitlines()
+
+
+def test_long_lines(limited: StartServer) -> None:
+    port = limited()
+    with greet(port) as wire:
+        code, text = wire.cmd("NOOP " + "x" * 2000)
+        assert (code, text[:5]) == (500, "5.5.2")
+        code, _ = wire.cmd("MAIL FROM:<" + "a" * 600 + "@external.test>")
+        assert code == 500
+        assert wire.cmd("MAIL FROM:<a@external.test>")[0] == 250
+        assert wire.cmd(f"RCPT TO:<{FORWARD}>")[0] == 250
+        assert wire.cmd("DATA")[0] == 354
+        code, text = wire.cmd(b"Subject: x\r\n\r\n" + b"z" * 1200 + b"\r\nshort\r\n.")
+        assert (code, text[:5]) == (500, "5.5.2")
+        assert wire.cmd("NOOP")[0] == 250
+
+
+def test_garbage_never_gets_a_traceback(limited: StartServer) -> None:
+    port = limited(max_errors=100)
+    junk = [b"\xff\xfe\x00\x01", b"MAIL FROM:<\xff@x>", b"RCPT TO:<\x00>", b"EHLO \xc3\x28", b"AUTH PLAIN \xff",
+            b"MAIL FROM:<a@b> SIZE=-1", b"MAIL FROM:<a@b> BODY=9BIT", b"RCPT TO:<@@@>", b"DATA x", b"\r",
+            b"HELO", b"VRFY", b"EXPN x", b"MAIL FROM:<a@b> SMTPUTF8=1", b"RCPT TO:<a@b> NOTIFY=NEVER"]
+    with greet(port) as wire:
+        for line in junk:
+            code, text = wire.cmd(line)
+            assert 200 <= code < 600
+            assert "Traceback" not in text and "Error: (" not in text, (line, text)
+        assert wire.cmd("NOOP")[0] == 250
+
+
+def test_bogus_commands_count_as_errors_not_a_separate_budget(limited: StartServer) -> None:
+    # aiosmtpd alone would hang up after 5 unknown commands with a 502; ours counts them as errors.
+    port = limited(max_errors=8)
+    with greet(port) as wire:
+        for _ in range(7):
+            assert wire.cmd("BOGUS")[0] == 500
+        assert wire.cmd("BOGUS")[0] == 500
+        assert wire.reply()[0] == 421
+
+
+def test_failed_starttls_handshake_just_closes(box: BoxHandle, limited: StartServer) -> None:
+    port = limited()
+    with greet(port) as wire:
+        code, text = wire.cmd("STARTTLS")
+        assert (code, text[:5]) == (220, "2.0.0")
+        wire.send(b"this is not a TLS client hello\r\n" * 4)
+        assert wire.closed()
+    with greet(port) as wire:  # the listener is fine afterwards
+        assert wire.cmd("NOOP")[0] == 250
+
+
+def test_plaintext_client_on_the_implicit_tls_port(box: BoxHandle) -> None:
+    with Wire(box.port("submissions")) as wire:
+        wire.send(b"EHLO client.test\r\n")
+        assert wire.closed()
+    with Wire(box.port("submissions"), tls=box.client_context) as wire:
+        assert wire.reply()[0] == 220
+
+
+def test_pipelined_transaction(box: BoxHandle, limited: StartServer) -> None:
+    port = limited()
+    with greet(port) as wire:
+        wire.send(f"MAIL FROM:<a@external.test>\r\nRCPT TO:<{FORWARD}>\r\nRCPT TO:<x@external.test>\r\n"
+                  f"RCPT TO:<{FORWARD}>\r\nDATA\r\n")
+        assert [wire.reply()[0] for _ in range(5)] == [250, 250, 554, 250, 354]
+        wire.send(b"Subject: p\r\n\r\nx\r\n.\r\nQUIT\r\n")
+        assert wire.reply()[0] == 250
+        assert wire.reply()[0] == 221
+    assert spooled(box) == 1
+
+
+def test_mail_from_auth_parameter_is_accepted(limited: StartServer) -> None:
+    port = limited()
+    with greet(port) as wire:
+        assert wire.cmd("MAIL FROM:<a@external.test> AUTH=<>")[0] == 250
+        assert wire.cmd("RSET")[0] == 250
+        assert wire.cmd("MAIL FROM:<a@external.test> FOO=bar")[0] == 555
+
+
+def test_closing_the_listener_says_421_to_open_sessions(box: BoxHandle) -> None:
+    from appliance.smtp.limits import SmtpLimits
+
+    server = box.run(start_server(box.services, "smtp", "127.0.0.1", 0, limits=SmtpLimits()))
+    port = int(server.sockets[0].getsockname()[1])
+    with greet(port) as wire:
+
+        async def close() -> None:
+            server.close()
+
+        box.run(close())
+        code, text = wire.reply()
+        assert (code, text.split()[0]) == (421, "4.3.2")
+        assert wire.closed()

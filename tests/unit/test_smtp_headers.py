@@ -1,0 +1,130 @@
+"""Trace and submission headers (appliance/smtp/headers.py): pure functions on bytes."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+from datetime import datetime, timedelta, timezone
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from appliance.smtp.headers import (
+    ReceivedFacts,
+    TlsFacts,
+    add_submission_headers,
+    count_received,
+    delivered_to,
+    header_names,
+    header_section_end,
+    normalise_line_ends,
+    received_header,
+    return_path,
+    with_keyword,
+)
+
+WHEN = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone(timedelta(hours=2)))
+
+
+def test_bare_lf_and_cr_become_crlf() -> None:
+    assert normalise_line_ends(b"a\nb\r\nc\rd") == b"a\r\nb\r\nc\r\nd"
+    # The SMTP smuggling sequences are content; after this no later hop can take them for an end.
+    assert normalise_line_ends(b"x\n.\ny") == b"x\r\n.\r\ny"
+    assert normalise_line_ends(b"x\r.\ny") == b"x\r\n.\r\ny"
+    assert normalise_line_ends(b"no line ends") == b"no line ends"
+    assert normalise_line_ends(b"\r\n\r\n") == b"\r\n\r\n"
+
+
+@given(st.binary(max_size=300))
+def test_normalised_data_has_no_bare_cr_or_lf(data: bytes) -> None:
+    out = normalise_line_ends(data)
+    assert re.search(rb"\r(?!\n)|(?<!\r)\n", out) is None
+    assert out.replace(b"\r\n", b"") == data.replace(b"\r\n", b"").replace(b"\r", b"").replace(b"\n", b"")
+
+
+def test_header_section_end() -> None:
+    assert header_section_end(b"A: 1\r\nB: 2\r\n\r\nbody") == len(b"A: 1\r\nB: 2\r\n")
+    assert header_section_end(b"\r\nbody only") == 0
+    assert header_section_end(b"A: 1\r\n") == len(b"A: 1\r\n")
+    assert header_names(b"Subject: x\r\nMESSAGE-ID: <a@b>\r\n\r\nDate: not a header\r\n") == {"subject", "message-id"}
+
+
+def test_count_received_only_in_header_section() -> None:
+    msg = b"Received: a\r\nreceived : b\r\nSubject: x\r\n\r\nReceived: in the body\r\n"
+    assert count_received(msg) == 2
+
+
+def test_submission_headers_added_only_when_missing() -> None:
+    msg = b"From: a@b.test\r\nSubject: hi\r\n\r\nbody\r\n"
+    out = add_submission_headers(msg, "mail.example.test", WHEN)
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert body == b"body\r\n"
+    assert head.startswith(b"From: a@b.test\r\nSubject: hi\r\nDate: Mon, 06 May 2024 07:08:09 +0200\r\nMessage-ID: <")
+    assert re.search(rb"Message-ID: <[^>]+@mail\.example\.test>", head)
+    parsed = email.message_from_bytes(out, policy=email.policy.default)
+    assert parsed["Date"].datetime == WHEN
+    # Present already (any case): untouched, byte for byte.
+    full = b"date: Mon, 1 Jan 2024 00:00:00 +0000\r\nmessage-id: <x@y>\r\n\r\nbody\r\n"
+    assert add_submission_headers(full, "h", WHEN) is full
+
+
+def test_submission_headers_on_odd_messages() -> None:
+    only_headers = add_submission_headers(b"Subject: x", "h.test", WHEN)
+    assert only_headers.startswith(b"Subject: x\r\nDate: ")
+    assert only_headers.endswith(b"\r\n\r\n")
+    no_headers = add_submission_headers(b"\r\njust a body\r\n", "h.test", WHEN)
+    assert no_headers.startswith(b"Date: ") and no_headers.endswith(b"\r\n\r\njust a body\r\n")
+    empty = add_submission_headers(b"", "h.test", WHEN)
+    assert empty.startswith(b"Date: ") and empty.endswith(b"\r\n\r\n")
+
+
+@given(st.binary(max_size=200).map(normalise_line_ends))
+def test_submission_headers_keep_the_original_text(data: bytes) -> None:
+    out = add_submission_headers(data, "h.test", WHEN)
+    names = header_names(out)
+    assert "date" in names and "message-id" in names
+    end = header_section_end(data)
+    assert out.endswith(data[end:]) or end == len(data)
+
+
+def test_received_header_shape() -> None:
+    facts = ReceivedFacts(
+        helo="client.example", peer_ip="192.0.2.7", hostname="mail.example.test", protocol="ESMTPSA",
+        queue_id="ABC123", tls=TlsFacts("TLSv1.3", "TLS_AES_256_GCM_SHA384", 256), auth_user="alice@example.test",
+    )
+    field = received_header(facts, for_rcpt="bob@example.test", when=WHEN)
+    assert field == (
+        b"Received: from client.example ([192.0.2.7])\r\n"
+        b"\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\r\n"
+        b"\t(Authenticated sender: alice@example.test)\r\n"
+        b"\tby mail.example.test (Letterbox) with ESMTPSA id ABC123\r\n"
+        b"\tfor <bob@example.test>; Mon, 06 May 2024 07:08:09 +0200\r\n"
+    )
+    parsed = email.message_from_bytes(field + b"\r\n", policy=email.policy.default)
+    assert "ESMTPSA" in str(parsed["Received"])
+
+
+def test_received_header_neutralises_client_text() -> None:
+    facts = ReceivedFacts(helo="evil (x) \\ \r\nInjected: yes", peer_ip="2001:db8::1", hostname="h",
+                          protocol="ESMTP", queue_id="Q")
+    field = received_header(facts, for_rcpt="a>b\r\n@x", when=WHEN)
+    assert field.count(b"\r\n") == 3  # three folded lines, nothing injected
+    assert b"(x)" not in field and b"Injected: yes" not in field.replace(b"?", b"")
+    assert b"[IPv6:2001:db8::1]" in field
+    assert received_header(facts, for_rcpt=None, when=WHEN).endswith(b"\tMon, 06 May 2024 07:08:09 +0200\r\n")
+
+
+def test_with_keyword_rfc3848() -> None:
+    assert with_keyword(lmtp=False, extended=True, tls=False, authenticated=False, utf8=False) == "ESMTP"
+    assert with_keyword(lmtp=False, extended=False, tls=False, authenticated=False, utf8=False) == "SMTP"
+    assert with_keyword(lmtp=False, extended=True, tls=True, authenticated=False, utf8=False) == "ESMTPS"
+    assert with_keyword(lmtp=False, extended=True, tls=True, authenticated=True, utf8=False) == "ESMTPSA"
+    assert with_keyword(lmtp=True, extended=True, tls=False, authenticated=False, utf8=False) == "LMTP"
+    assert with_keyword(lmtp=False, extended=True, tls=True, authenticated=True, utf8=True) == "UTF8SMTPSA"
+
+
+def test_return_path_and_delivered_to() -> None:
+    assert return_path("") == b"Return-Path: <>\r\n"
+    assert return_path("a@b.test") == b"Return-Path: <a@b.test>\r\n"
+    assert delivered_to("alice+news@b.test") == b"Delivered-To: alice+news@b.test\r\n"

@@ -1,0 +1,52 @@
+"""Reply rendering and connection bookkeeping of the SMTP listener (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.smtp.handler import render_ehlo
+from appliance.smtp.server import ConnectionTracker, with_enhanced_code
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("250 OK", "250 2.0.0 OK"),
+        ("221 Bye", "221 2.0.0 Bye"),
+        ("220 Ready to start TLS", "220 2.0.0 Ready to start TLS"),
+        ("503 Error: need RCPT command", "503 5.5.1 Error: need RCPT command"),
+        ("501 Syntax: MAIL FROM: <address>", "501 5.5.4 Syntax: MAIL FROM: <address>"),
+        ("530 Must issue a STARTTLS command first", "530 5.7.0 Must issue a STARTTLS command first"),
+        ("552 Error: Too much mail data", "552 5.3.4 Message too big for this server"),
+        ("500 Line too long (see RFC5321 4.5.3.1.6)", "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"),
+        ("553 5.1.3 Error: malformed address", "553 5.1.3 Error: malformed address"),
+        ("250 2.1.5 Recipient ok", "250 2.1.5 Recipient ok"),
+        ("354 End data with <CR><LF>.<CR><LF>", "354 End data with <CR><LF>.<CR><LF>"),
+        ("334 VXNlcm5hbWU6", "334 VXNlcm5hbWU6"),
+        ("599 odd", "599 5.0.0 odd"),
+    ],
+)
+def test_enhanced_status_codes_added(line: str, expected: str) -> None:
+    assert with_enhanced_code(line) == expected
+
+
+def test_ehlo_reply_rendering() -> None:
+    aiosmtpd = ["250-mail.example.test", "250-SIZE 1000", "250-8BITMIME", "250-SMTPUTF8", "250-STARTTLS", "250 HELP"]
+    out = render_ehlo(aiosmtpd, ["PIPELINING", "ENHANCEDSTATUSCODES"])
+    assert out == [
+        "250-mail.example.test", "250-SIZE 1000", "250-8BITMIME", "250-SMTPUTF8", "250-STARTTLS",
+        "250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP",
+    ]
+
+
+def test_connection_tracker_limits_per_client_and_total() -> None:
+    tracker = ConnectionTracker(per_client=2, total=3)
+    assert tracker.acquire("a") and tracker.acquire("a")
+    assert not tracker.acquire("a")
+    assert tracker.acquire("b")
+    assert not tracker.acquire("c")  # total reached
+    tracker.release("a")
+    assert tracker.acquire("c")
+    assert tracker.count("a") == 1
+    tracker.release("a")
+    assert tracker.count("a") == 0

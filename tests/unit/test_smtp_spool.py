@@ -1,0 +1,96 @@
+"""The outbound spool (appliance/queue/spool.py) on a real SQLite file and directory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from appliance.db import Database
+from appliance.queue.spool import Spool, new_queue_id
+
+
+def run_with_spool(tmp_path: Path, body):  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        db = await Database.open(tmp_path / "letterbox.db")
+        try:
+            return await body(Spool(tmp_path / "spool", db), db)
+        finally:
+            await db.close()
+
+    return asyncio.run(main())
+
+
+def test_enqueue_writes_file_then_rows(tmp_path: Path) -> None:
+    woken: list[str] = []
+
+    async def body(spool: Spool, db: Database) -> str:
+        spool.on_enqueue.append(woken.append)
+        queue_id = await spool.enqueue("alice@ours.test", ["b@Ext.Test", "c@other.test", "b@Ext.Test"],
+                                       b"Subject: x\r\n\r\nhi\r\n", auth_user="alice@ours.test")
+        [message] = await spool.messages()
+        assert message.id == queue_id and message.sender == "alice@ours.test"
+        assert message.size == len(b"Subject: x\r\n\r\nhi\r\n") and message.auth_user == "alice@ours.test"
+        assert [(r.recipient, r.domain, r.state) for r in message.recipients] == [
+            ("b@Ext.Test", "ext.test", "queued"), ("c@other.test", "other.test", "queued")]
+        return queue_id
+
+    queue_id = run_with_spool(tmp_path, body)
+    assert (tmp_path / "spool" / f"{queue_id}.eml").read_bytes() == b"Subject: x\r\n\r\nhi\r\n"
+    assert oct((tmp_path / "spool" / f"{queue_id}.eml").stat().st_mode & 0o777) == "0o600"
+    assert woken == [queue_id]
+    assert [p.name for p in (tmp_path / "spool").iterdir()] == [f"{queue_id}.eml"]
+
+
+def test_null_sender_and_ids_sort_by_time(tmp_path: Path) -> None:
+    async def body(spool: Spool, db: Database) -> list[str]:
+        ids = [await spool.enqueue("", [f"r{i}@x.test"], b"x") for i in range(3)]
+        listed = [m.id for m in await spool.messages()]
+        assert listed == ids
+        assert all(m.sender == "" for m in await spool.messages())
+        return ids
+
+    ids = run_with_spool(tmp_path, body)
+    assert ids == sorted(ids)
+    assert len({new_queue_id() for _ in range(1000)}) == 1000
+
+
+def test_an_existing_message_is_never_replaced(tmp_path: Path) -> None:
+    async def body(spool: Spool, db: Database) -> None:
+        await spool.enqueue("a@b.test", ["c@d.test"], b"one", queue_id="SAME")
+        with pytest.raises(FileExistsError):
+            await spool.enqueue("a@b.test", ["c@d.test"], b"two", queue_id="SAME")
+        assert [m.id for m in await spool.messages()] == ["SAME"]
+        assert spool.path("SAME").read_bytes() == b"one"
+        assert sorted(p.name for p in spool.directory.iterdir()) == ["SAME.eml"]
+
+    run_with_spool(tmp_path, body)
+
+
+def test_failed_commit_leaves_no_file(tmp_path: Path) -> None:
+    async def body(spool: Spool, db: Database) -> None:
+        await db.execute("DROP TABLE queue_recipients")
+        with pytest.raises(sqlite3.OperationalError):
+            await spool.enqueue("a@b.test", ["c@d.test"], b"x")
+        assert list(spool.directory.iterdir()) == []
+        assert await db.fetchall("SELECT * FROM queue_messages") == []
+
+    run_with_spool(tmp_path, body)
+
+
+def test_orphans_are_files_without_rows(tmp_path: Path) -> None:
+    async def body(spool: Spool, db: Database) -> list[str]:
+        kept = await spool.enqueue("a@b.test", ["c@d.test"], b"kept")
+        (spool.directory / "DEADBEEF.eml").write_bytes(b"no rows")
+        (spool.directory / ".X.eml.tmp").write_bytes(b"half")
+        for name in ("DEADBEEF.eml", ".X.eml.tmp", f"{kept}.eml"):
+            os.utime(spool.directory / name, (1, 1))
+        young = await spool.orphans()
+        assert sorted(p.name for p in young) == [".X.eml.tmp", "DEADBEEF.eml"]
+        (spool.directory / "NEW.eml").write_bytes(b"just written")
+        return [p.name for p in await spool.orphans()]
+
+    assert "NEW.eml" not in run_with_spool(tmp_path, body)
