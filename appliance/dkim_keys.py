@@ -1,0 +1,156 @@
+"""DKIM keys of the box's domains: `<data>/dkim/<domain>/<selector>.key`, the selector in force in the
+settings (`dkim_selector:<domain>`).
+
+Keys are RSA 2048 (RFC 8301 3.2: at least 1024, 2048 recommended) in PKCS#1 PEM, which is what dkimpy
+signs with. Rotation writes a key under a new selector and switches to it; old keys stay on disk so
+their DNS records can be retired at leisure (mail already signed still verifies while they are
+published).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from appliance.db import Database
+
+KEY_BITS = 2048
+KEY_SUFFIX = ".key"
+SELECTOR_SETTING_PREFIX = "dkim_selector:"
+SELECTOR_PREFIX = "lb"
+_SELECTOR = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_DOMAIN = re.compile(r"^[a-z0-9.-]{1,253}$")
+
+
+class DkimKeyError(Exception):
+    """A key that cannot be used; the message is one line for a terminal or the console."""
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    domain: str
+    selector: str
+    private_pem: bytes = field(repr=False)
+
+    @property
+    def record_name(self) -> str:
+        """Where the public key is published (RFC 6376 3.6.2.1)."""
+        return f"{self.selector}._domainkey.{self.domain}"
+
+    def public_key_base64(self) -> str:
+        key = serialization.load_pem_private_key(self.private_pem, password=None)
+        der = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return base64.b64encode(der).decode("ascii")
+
+    def txt_record(self) -> str:
+        """The TXT value to publish at `record_name` (RFC 6376 3.6.1)."""
+        return f"v=DKIM1; k=rsa; p={self.public_key_base64()}"
+
+
+def selector_setting(domain: str) -> str:
+    return f"{SELECTOR_SETTING_PREFIX}{domain.lower()}"
+
+
+def _check(domain: str, selector: str) -> None:
+    # Both become path components: refuse anything that could climb out of dkim/.
+    if not _DOMAIN.match(domain) or ".." in domain or domain.startswith("."):
+        raise DkimKeyError(f"not a domain name: {domain!r}")
+    if not _SELECTOR.match(selector):
+        raise DkimKeyError(f"not a DKIM selector: {selector!r}")
+
+
+def key_path(dkim_dir: Path, domain: str, selector: str) -> Path:
+    domain = domain.lower()
+    _check(domain, selector)
+    return dkim_dir / domain / f"{selector}{KEY_SUFFIX}"
+
+
+def new_selector(existing: set[str], now: float | None = None) -> str:
+    """'lb20261123', or 'lb20261123-2', 'lb20261123-3'... when rotated more than once a day."""
+    base = SELECTOR_PREFIX + time.strftime("%Y%m%d", time.gmtime(now if now is not None else time.time()))
+    if base not in existing:
+        return base
+    for n in range(2, 1000):
+        if f"{base}-{n}" not in existing:
+            return f"{base}-{n}"
+    raise DkimKeyError("too many DKIM rotations today")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def generate_key(dkim_dir: Path, domain: str, selector: str, bits: int = KEY_BITS) -> DkimKey:
+    """Blocking (RSA generation takes a fraction of a second): call through asyncio.to_thread."""
+    path = key_path(dkim_dir, domain, selector)
+    if path.exists():
+        raise DkimKeyError(f"a DKIM key for {domain} with selector {selector} already exists")
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    _write_private(path, pem)
+    return DkimKey(domain.lower(), selector, pem)
+
+
+def load_key(dkim_dir: Path, domain: str, selector: str) -> DkimKey | None:
+    path = key_path(dkim_dir, domain, selector)
+    try:
+        pem = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return DkimKey(domain.lower(), selector, pem)
+
+
+def selectors_on_disk(dkim_dir: Path, domain: str) -> set[str]:
+    folder = dkim_dir / domain.lower()
+    if not folder.is_dir():
+        return set()
+    return {p.name[: -len(KEY_SUFFIX)] for p in folder.iterdir() if p.name.endswith(KEY_SUFFIX)}
+
+
+async def current_key(db: Database, dkim_dir: Path, domain: str) -> DkimKey | None:
+    """The key mail from `domain` is signed with, or None when the domain has none."""
+    selector = await db.get_setting(selector_setting(domain))
+    if not selector:
+        return None
+    return await asyncio.to_thread(load_key, dkim_dir, domain, selector)
+
+
+async def ensure_key(db: Database, dkim_dir: Path, domain: str) -> DkimKey:
+    """The current key, generated (and made current) if the domain has none yet."""
+    key = await current_key(db, dkim_dir, domain)
+    return key if key is not None else await rotate_key(db, dkim_dir, domain)
+
+
+async def rotate_key(db: Database, dkim_dir: Path, domain: str) -> DkimKey:
+    """A new key under a new selector, in force from now on; its TXT record must be published."""
+    domain = domain.lower()
+    existing = await asyncio.to_thread(selectors_on_disk, dkim_dir, domain)
+    selector = new_selector(existing)
+    key = await asyncio.to_thread(generate_key, dkim_dir, domain, selector)
+    await db.set_setting(selector_setting(domain), selector)
+    return key

@@ -1,0 +1,502 @@
+"""Who really sent this? SPF (RFC 7208) for MAIL FROM and HELO, DKIM (RFC 6376) and DMARC (RFC 7489)
+for mail arriving on the MX, summed up in an Authentication-Results header (RFC 8601).
+
+`check_message(...)` is the pure-ish core: message bytes and SMTP facts in, `AuthResults` out, all
+DNS through the resolver it is given. `InboundAuthenticator` is the MX's hook (the `InboundCheck` seam
+of appliance/smtp/inbound.py): it reads the settings, runs the checks and turns a DMARC p=reject
+failure into a 550 when the `dmarc_reject` setting allows (the default).
+
+Libraries do the protocols: pyspf evaluates SPF, dkimpy verifies signatures, authres writes the
+header, publicsuffixlist finds organizational domains. DMARC itself (record discovery, alignment,
+policy choice) is the short RFC 7489 6.6 procedure, written out here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import email.policy
+import email.utils
+import functools
+import ipaddress
+import logging
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.parser import BytesHeaderParser
+from typing import TYPE_CHECKING, Any
+
+import authres
+import authres.dmarc
+import dkim
+import dkim.util
+import dns.exception
+import dns.resolver
+import spf
+from publicsuffixlist import PublicSuffixList
+
+from appliance.db import Database
+from appliance.queue.resolver import make_resolver, resolver_setting
+from appliance.smtp.inbound import INBOUND_CHECK, InboundFacts, InboundVerdict
+
+if TYPE_CHECKING:
+    from appliance.services import Services
+
+log = logging.getLogger("letterbox.inbound_auth")
+
+SETTING_ENABLED = "inbound_auth"  # "off": no checks, no header (the default is on)
+SETTING_DMARC_REJECT = "dmarc_reject"  # "off": a p=reject failure is delivered, marked, not refused
+SPF_QUERY_TIME = 20.0  # RFC 7208 4.6.4: at least 20 seconds for the whole SPF evaluation
+DNS_TIMEOUT = 5.0  # seconds for one lookup (DKIM key, DMARC record)
+MAX_DKIM_SIGNATURES = 5  # verify at most this many signatures per message (each costs a lookup)
+MAX_HEADER_BYTES = 256 * 1024  # parse at most this much for From:/DKIM (headers are far smaller)
+DMARC_REJECT_REPLY = "550 5.7.1 Message rejected: it fails the DMARC policy of {domain}"
+
+_SAFE_ADDRESS = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+$")
+_COMMENT_UNSAFE = re.compile(r"[()\\\x00-\x1f\x7f]+")
+
+
+# --- results ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SpfResult:
+    result: str  # pass | fail | softfail | neutral | none | temperror | permerror
+    identity: str  # the address (MAIL FROM) or host name (HELO) that was checked
+    domain: str  # the domain whose policy decided
+    explanation: str = ""
+
+
+@dataclass(frozen=True)
+class DkimResult:
+    result: str  # pass | fail | neutral | temperror | permerror
+    domain: str  # d=
+    selector: str  # s=
+    signature: str = ""  # the first characters of b=, to tell signatures apart (RFC 6008)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class DmarcResult:
+    result: str  # pass | fail | none | temperror | permerror
+    from_domain: str  # the RFC 5322.From domain ('' when there is none usable)
+    policy: str = ""  # none | quarantine | reject: the policy that applies to this domain
+    disposition: str = ""  # what the policy asks for this message (after pct sampling)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class AuthResults:
+    spf_mailfrom: SpfResult
+    spf_helo: SpfResult
+    dkim: tuple[DkimResult, ...]
+    dmarc: DmarcResult
+
+    @property
+    def dmarc_reject(self) -> bool:
+        """The sender domain asks for this message to be rejected (RFC 7489 6.6.4)."""
+        return self.dmarc.result == "fail" and self.dmarc.disposition == "reject"
+
+    def header(self, authserv_id: str) -> bytes:
+        """The Authentication-Results field (RFC 8601 2.2), folded one method per line."""
+        results: list[Any] = []
+        mailfrom = self.spf_mailfrom
+        results.append(authres.SPFAuthenticationResult(
+            result=mailfrom.result, result_comment=_comment(mailfrom.explanation),
+            smtp_mailfrom=_mailfrom_value(mailfrom.identity),
+        ))
+        if self.spf_helo.identity:
+            results.append(authres.SPFAuthenticationResult(
+                result=self.spf_helo.result, smtp_helo=self.spf_helo.identity,
+            ))
+        for sig in self.dkim or (DkimResult("none", "", ""),):
+            properties = [authres.AuthenticationResultProperty("header", "b", sig.signature)] if sig.signature else []
+            results.append(authres.DKIMAuthenticationResult(
+                result=sig.result, result_comment=_comment(sig.reason), header_d=sig.domain or None,
+                header_s=sig.selector or None, properties=properties,
+            ))
+        dmarc_result = self.dmarc
+        results.append(authres.dmarc.DMARCAuthenticationResult(
+            result=dmarc_result.result, result_comment=_comment(dmarc_result.reason),
+            header_from=dmarc_result.from_domain or None,
+            policy=dmarc_result.disposition or None,
+            policy_comment=f"p={dmarc_result.policy}" if dmarc_result.policy else None,
+        ))
+        body = "".join(f";\r\n\t{result}" for result in results)
+        return f"Authentication-Results: {authserv_id}{body}\r\n".encode()
+
+
+def _comment(text: str) -> str | None:
+    cleaned = _COMMENT_UNSAFE.sub(" ", text).strip()[:200]
+    return cleaned or None
+
+
+def _mailfrom_value(identity: str) -> str:
+    """RFC 8601 2.7.2: the address when it is a plain one, else just its domain."""
+    if _SAFE_ADDRESS.match(identity):
+        return identity
+    return identity.rpartition("@")[2] or "unknown"
+
+
+# --- DNS for the libraries --------------------------------------------------------------------------
+
+class _DnsTemporary(Exception):
+    """A lookup failed for a reason that may pass (timeout, SERVFAIL): the result is temperror."""
+
+
+_SPF_RESOLVER: contextvars.ContextVar[dns.resolver.Resolver | None] = contextvars.ContextVar(
+    "letterbox_spf_resolver", default=None
+)
+
+
+def _spf_lookup(name: str, qtype: str, strict: bool = True, timeout: float = DNS_TIMEOUT) -> list[Any]:
+    """pyspf's lookup hook (the shape of its DNSLookup_dnspython), with our resolver instead of the
+    system's and without dnspython's deprecated query()."""
+    resolver = _SPF_RESOLVER.get() or make_resolver(None)
+    try:
+        answer = resolver.resolve(name, qtype, lifetime=min(timeout, resolver.lifetime), raise_on_no_answer=False)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return []
+    except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+        raise spf.TempError(f"DNS {exc}") from exc
+    found: list[Any] = []
+    for rdata in answer.rrset or ():
+        if qtype in ("A", "AAAA"):
+            found.append(((name, qtype), rdata.address))
+        elif qtype == "MX":
+            found.append(((name, qtype), (rdata.preference, rdata.exchange)))
+        elif qtype == "PTR":
+            found.append(((name, qtype), rdata.target.to_text(True)))
+        elif qtype in ("TXT", "SPF"):
+            found.append(((name, qtype), rdata.strings))
+    return found
+
+
+# pyspf looks its DNS function up as a module global on every query: point it at ours, which reads
+# the resolver of the check in progress from a context variable (set on the checking thread).
+spf.DNSLookup = _spf_lookup
+
+
+def _txt_function(resolver: dns.resolver.Resolver, missing: set[str]) -> Callable[..., bytes | None]:
+    """dkimpy's dnsfunc: the first TXT record at `name`; records names without one in `missing`."""
+
+    def get_txt(name: bytes | str, timeout: float = DNS_TIMEOUT) -> bytes | None:
+        text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+        try:
+            answer = resolver.resolve(text, "TXT", lifetime=min(timeout, resolver.lifetime))
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            missing.add(text.rstrip(".").lower())
+            return None
+        except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+            raise _DnsTemporary(str(exc)) from exc
+        for rdata in answer:
+            return b"".join(rdata.strings)
+        return None
+
+    return get_txt
+
+
+# --- SPF --------------------------------------------------------------------------------------------
+
+def _is_domain(name: str) -> bool:
+    if "." not in name or name.startswith("[") or len(name) > 253:
+        return False
+    try:
+        ipaddress.ip_address(name)
+        return False
+    except ValueError:
+        return True
+
+
+def _spf(ip: str, sender: str, helo: str) -> tuple[str, str]:
+    try:
+        result, _code, explanation = spf.query(i=ip, s=sender, h=helo, querytime=SPF_QUERY_TIME).check()
+    except spf.TempError as exc:
+        return "temperror", str(exc)
+    except spf.PermError as exc:  # e.g. a client address pyspf cannot parse
+        return "permerror", str(exc)
+    return str(result), str(explanation)
+
+
+def check_spf(resolver: dns.resolver.Resolver, ip: str, sender: str, helo: str) -> tuple[SpfResult, SpfResult]:
+    """(MAIL FROM result, HELO result). Blocking. RFC 7208 2.4: a null sender is checked as
+    postmaster@HELO; RFC 7208 2.3: the HELO identity only when it is a domain name."""
+    token = _SPF_RESOLVER.set(resolver)
+    try:
+        helo_domain = helo.strip().rstrip(".").lower()
+        if _is_domain(helo_domain):
+            h_result, h_expl = _spf(ip, "", helo_domain)
+            helo_result = SpfResult(h_result, helo_domain, helo_domain, h_expl)
+        else:
+            helo_result = SpfResult("none", helo.strip()[:100], "", "HELO is not a domain name")
+        if not sender:
+            identity = f"postmaster@{helo_domain}" if _is_domain(helo_domain) else ""
+            mailfrom = SpfResult(helo_result.result, identity, helo_result.domain, helo_result.explanation)
+        else:
+            m_result, m_expl = _spf(ip, sender, helo_domain or "unknown")
+            mailfrom = SpfResult(m_result, sender, sender.rpartition("@")[2].lower(), m_expl)
+        return mailfrom, helo_result
+    finally:
+        _SPF_RESOLVER.reset(token)
+
+
+# --- DKIM -------------------------------------------------------------------------------------------
+
+def check_dkim(resolver: dns.resolver.Resolver, data: bytes) -> tuple[DkimResult, ...]:
+    """Verify each DKIM-Signature (at most MAX_DKIM_SIGNATURES). Blocking."""
+    verifier = dkim.DKIM(data, logger=log, timeout=int(DNS_TIMEOUT))
+    count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
+    results: list[DkimResult] = []
+    for index in range(min(count, MAX_DKIM_SIGNATURES)):
+        missing: set[str] = set()
+        domain = selector = signature = ""
+        try:
+            tags = dkim.util.parse_tag_value(
+                [v for n, v in verifier.headers if n.lower() == b"dkim-signature"][index]
+            )
+            domain = tags.get(b"d", b"").decode("ascii", "replace").lower()
+            selector = tags.get(b"s", b"").decode("ascii", "replace")
+            signature = re.sub(rb"\s+", b"", tags.get(b"b", b""))[:8].decode("ascii", "replace")
+        except Exception:  # the verifier below reports the syntax problem properly
+            pass
+        try:
+            ok = verifier.verify(idx=index, dnsfunc=_txt_function(resolver, missing))
+        except _DnsTemporary as exc:
+            results.append(DkimResult("temperror", domain, selector, signature, f"key lookup failed: {exc}"))
+            continue
+        except dkim.ValidationError as exc:
+            verdict = "fail" if "body hash" in str(exc) else "permerror"
+            results.append(DkimResult(verdict, domain, selector, signature, str(exc)))
+            continue
+        except dkim.DKIMException as exc:
+            results.append(DkimResult("neutral", domain, selector, signature, str(exc)))
+            continue
+        if ok:
+            results.append(DkimResult("pass", domain, selector, signature))
+        elif missing:
+            results.append(DkimResult("permerror", domain, selector, signature, "no key for signature"))
+        else:
+            results.append(DkimResult("fail", domain, selector, signature, "signature verification failed"))
+    return tuple(results)
+
+
+# --- DMARC ------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def public_suffixes() -> PublicSuffixList:
+    """The Public Suffix List shipped with publicsuffixlist (loaded once: it takes a moment)."""
+    return PublicSuffixList()
+
+
+def organizational_domain(domain: str) -> str:
+    """RFC 7489 3.2: the registered domain (one label below the public suffix)."""
+    domain = domain.lower().rstrip(".")
+    return public_suffixes().privatesuffix(domain) or domain
+
+
+def aligned(from_domain: str, other: str, mode: str) -> bool:
+    """RFC 7489 3.1: strict = the same name; relaxed = the same organizational domain."""
+    if not other:
+        return False
+    a, b = from_domain.lower().rstrip("."), other.lower().rstrip(".")
+    if a == b:
+        return True
+    return mode != "s" and organizational_domain(a) == organizational_domain(b)
+
+
+def parse_dmarc_record(text: str) -> dict[str, str] | None:
+    """RFC 7489 6.3 tag=value list; None unless it starts with v=DMARC1 and has a valid p=."""
+    parts = [part.strip() for part in text.split(";") if part.strip()]
+    if not parts or parts[0].replace(" ", "") != "v=DMARC1":  # 'v' must come first, exactly so
+        return None
+    tags: dict[str, str] = {}
+    for part in parts:
+        name, sep, value = part.partition("=")
+        if sep:
+            tags.setdefault(name.strip().lower(), value.strip())
+    if tags.get("p", "").lower() not in ("none", "quarantine", "reject"):
+        return None  # RFC 7489 6.6.3: a record without a valid p= is ignored (no rua fallback here)
+    return tags
+
+
+def _dmarc_record(resolver: dns.resolver.Resolver, domain: str) -> dict[str, str] | None:
+    """The one DMARC record at _dmarc.<domain>, or None (zero or several: RFC 7489 6.6.3)."""
+    try:
+        answer = resolver.resolve(f"_dmarc.{domain}", "TXT", lifetime=min(DNS_TIMEOUT, resolver.lifetime))
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return None
+    except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+        raise _DnsTemporary(str(exc)) from exc
+    records = [parse_dmarc_record(b"".join(r.strings).decode("utf-8", "replace")) for r in answer]
+    valid = [r for r in records if r is not None]
+    return valid[0] if len(valid) == 1 else None
+
+
+def from_domain(data: bytes) -> str | None:
+    """The single RFC 5322.From domain (RFC 7489 6.6.1); None when absent, repeated or ambiguous."""
+    head = data[:MAX_HEADER_BYTES]
+    headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+    values = headers.get_all("From") or []
+    if len(values) != 1:
+        return None
+    domains = {
+        addr.rpartition("@")[2].strip().lower().rstrip(".")
+        for _, addr in email.utils.getaddresses([str(values[0])]) if "@" in addr
+    }
+    return domains.pop() if len(domains) == 1 and "" not in domains else None
+
+
+def check_dmarc(
+    resolver: dns.resolver.Resolver,
+    data: bytes,
+    spf_result: SpfResult,
+    dkim_results: tuple[DkimResult, ...],
+    rng: random.Random | None = None,
+) -> DmarcResult:
+    """RFC 7489 6.6: discover the policy, check identifier alignment, pick the disposition. Blocking."""
+    domain = from_domain(data)
+    if domain is None:
+        return DmarcResult("permerror", "", reason="no single From: domain")
+    organization = organizational_domain(domain)
+    try:
+        record = _dmarc_record(resolver, domain)
+        found_at = domain
+        if record is None and organization != domain:
+            record = _dmarc_record(resolver, organization)
+            found_at = organization
+    except _DnsTemporary as exc:
+        return DmarcResult("temperror", domain, reason=f"DMARC record lookup failed: {exc}")
+    if record is None:
+        return DmarcResult("none", domain)
+    policy = record["p"].lower()
+    if found_at != domain and record.get("sp", "").lower() in ("none", "quarantine", "reject"):
+        policy = record["sp"].lower()  # RFC 7489 6.3 sp=: the policy for subdomains
+    spf_ok = spf_result.result == "pass" and aligned(domain, spf_result.domain, record.get("aspf", "r").lower())
+    dkim_ok = any(
+        d.result == "pass" and aligned(domain, d.domain, record.get("adkim", "r").lower()) for d in dkim_results
+    )
+    if spf_ok or dkim_ok:
+        how = "aligned " + " and ".join(n for n, ok in (("SPF", spf_ok), ("DKIM", dkim_ok)) if ok)
+        return DmarcResult("pass", domain, policy, "none", how)
+    disposition = policy
+    try:
+        pct = max(0, min(100, int(record.get("pct", "100"))))
+    except ValueError:
+        pct = 100
+    if pct < 100 and (rng or random.Random()).randrange(100) >= pct:
+        # RFC 7489 6.6.4: outside the sampled percentage, apply the next less strict policy.
+        disposition = {"reject": "quarantine", "quarantine": "none"}.get(policy, "none")
+    return DmarcResult("fail", domain, policy, disposition, "neither SPF nor DKIM aligned and passing")
+
+
+# --- the whole check --------------------------------------------------------------------------------
+
+def evaluate(
+    resolver: dns.resolver.Resolver,
+    data: bytes,
+    *,
+    peer_ip: str,
+    helo: str,
+    mail_from: str,
+    rng: random.Random | None = None,
+) -> AuthResults:
+    """Every check, blocking (DNS and RSA); `check_message` runs it off the event loop."""
+    spf_mailfrom, spf_helo = check_spf(resolver, peer_ip, mail_from, helo)
+    dkim_results = check_dkim(resolver, data)
+    # RFC 7489 4.1: SPF's identity is MAIL FROM, or the HELO name for the null sender (check_spf
+    # already gave that result to spf_mailfrom).
+    dmarc_result = check_dmarc(resolver, data, spf_mailfrom, dkim_results, rng)
+    return AuthResults(spf_mailfrom, spf_helo, dkim_results, dmarc_result)
+
+
+async def check_message(
+    data: bytes,
+    *,
+    peer_ip: str,
+    helo: str,
+    mail_from: str,
+    resolver: dns.resolver.Resolver,
+    rng: random.Random | None = None,
+) -> AuthResults:
+    """SPF, DKIM and DMARC for one received message (CRLF line ends, before our own headers)."""
+    return await asyncio.to_thread(
+        evaluate, resolver, data, peer_ip=peer_ip, helo=helo, mail_from=mail_from, rng=rng
+    )
+
+
+# --- forged results ---------------------------------------------------------------------------------
+
+_RESULTS_FIELD = re.compile(rb"^authentication-results[ \t]*:[ \t\r\n]*([^;\s]+)", re.IGNORECASE)
+
+
+def remove_forged_results(data: bytes, authserv_id: str) -> bytes:
+    """RFC 8601 5: drop Authentication-Results fields that claim to be ours before adding our own.
+    Works on the raw header section so every other byte (and any DKIM signature) is untouched."""
+    end = data.find(b"\r\n\r\n")
+    head_end = len(data) if end < 0 else end + 2
+    fields: list[bytes] = []
+    for line in data[:head_end].splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line  # a folded continuation belongs to the field above
+        else:
+            fields.append(line)
+    ours = authserv_id.lower().encode("utf-8", "replace")
+    kept = [f for f in fields if not ((m := _RESULTS_FIELD.match(f)) and m.group(1).lower() == ours)]
+    if len(kept) == len(fields):
+        return data
+    return b"".join(kept) + data[head_end:]
+
+
+# --- the MX hook ------------------------------------------------------------------------------------
+
+def _enabled(value: str | None, default: bool = True) -> bool:
+    if value is None or not value.strip():
+        return default
+    return value.strip().lower() not in ("0", "off", "no", "false")
+
+
+class InboundAuthenticator:
+    """The `InboundCheck` the MX calls after DATA (appliance/smtp/inbound.py)."""
+
+    def __init__(self, db: Database, authserv_id: str, *, rng: random.Random | None = None) -> None:
+        self._db = db
+        self._authserv_id = authserv_id
+        self._rng = rng
+        self._resolver_key: str | None = None
+        self._resolver: dns.resolver.Resolver | None = None
+
+    async def _current_resolver(self) -> dns.resolver.Resolver:
+        setting = await resolver_setting(self._db)
+        if self._resolver is None or setting != self._resolver_key:
+            self._resolver, self._resolver_key = make_resolver(setting), setting
+        return self._resolver
+
+    async def __call__(self, facts: InboundFacts, data: bytes) -> InboundVerdict:
+        if not _enabled(await self._db.get_setting(SETTING_ENABLED)):
+            return InboundVerdict()
+        try:
+            results = await check_message(
+                data, peer_ip=facts.peer_ip, helo=facts.helo, mail_from=facts.sender,
+                resolver=await self._current_resolver(), rng=self._rng,
+            )
+        except Exception:
+            # A bug here must not cost mail: deliver without the header (and say so in the log).
+            log.exception("inbound authentication checks failed; delivering without them")
+            return InboundVerdict()
+        log.info("auth: ip=%s spf=%s helo-spf=%s dkim=%s dmarc=%s (%s)", facts.peer_ip,
+                 results.spf_mailfrom.result, results.spf_helo.result,
+                 ",".join(f"{d.result}:{d.domain}" for d in results.dkim) or "none",
+                 results.dmarc.result, results.dmarc.from_domain or "-")
+        if results.dmarc_reject and _enabled(await self._db.get_setting(SETTING_DMARC_REJECT)):
+            return InboundVerdict(reject=DMARC_REJECT_REPLY.format(domain=results.dmarc.from_domain))
+        return InboundVerdict(headers=results.header(self._authserv_id))
+
+    async def stop(self) -> None:
+        """Background-service shape (app.py): nothing runs between messages."""
+
+
+async def start_inbound_auth(services: Services) -> InboundAuthenticator:
+    """The composition root's hook: install the checks on the MX (services.extra seam)."""
+    checker = InboundAuthenticator(services.db, services.hostname)
+    services.extra[INBOUND_CHECK] = checker
+    return checker

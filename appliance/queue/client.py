@@ -1,0 +1,490 @@
+"""The SMTP client side: one session to one destination, carrying one or more messages.
+
+Built on smtplib (blocking; the queue runs it on its own thread pool) with what an MTA needs on top:
+connecting to a chosen address while naming the host (SNI, logs), trying the next MX when a host is
+down, opportunistic STARTTLS without certificate checks (RFC 7435) or required and verified for a
+relay, AUTH for a relay, SIZE / 8BITMIME / SMTPUTF8 honoured, MAIL and RCPT pipelined (RFC 2920), and
+every reply kept per recipient so the queue can decide what is final.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import smtplib
+import socket
+import ssl
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from appliance.queue.mx import Hop
+
+log = logging.getLogger("letterbox.queue.smtp")
+
+CONNECT_TIMEOUT = 30.0  # seconds to open a TCP connection (RFC 5321 4.5.3.2 sets none; 30 s is usual)
+COMMAND_TIMEOUT = 300.0  # RFC 5321 4.5.3.2.1-6: 5 minutes for the greeting and each reply
+DATA_END_TIMEOUT = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes for the reply to the final "."
+MAX_RCPTS_PER_TRANSACTION = 100  # RFC 5321 4.5.3.1.8: every server takes at least 100
+
+TlsPolicy = Literal["opportunistic", "required", "implicit"]
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    text: str  # continuation lines joined by spaces
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}".rstrip()
+
+    @property
+    def status(self) -> str:
+        """The RFC 3463 status: the reply's own enhanced code when it has one of the right class."""
+        m = _ENHANCED.match(self.text)
+        if m and m.group(1) == str(self.code)[0]:
+            return m.group(0)
+        return f"{str(self.code)[0]}.0.0"
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 400
+
+
+def reply_from(code: int, message: bytes | str) -> Reply:
+    text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+    return Reply(code, " ".join(line.strip() for line in text.splitlines() if line.strip()))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one recipient in one attempt."""
+
+    status: str  # RFC 3463: '2.0.0' delivered, '4.x.x' try again, '5.x.x' give up
+    text: str  # the remote reply ('550 5.1.1 No such user') or a description of the local problem
+    remote: str = ""  # 'mx.example.net[192.0.2.1]' when a server said it
+
+    @property
+    def delivered(self) -> bool:
+        return self.status.startswith("2")
+
+    @property
+    def permanent(self) -> bool:
+        return self.status.startswith("5")
+
+
+def from_reply(reply: Reply, hop: Hop) -> Outcome:
+    return Outcome(reply.status, str(reply), str(hop))
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message for one destination: the envelope and the exact bytes to send (CRLF ends)."""
+
+    sender: str  # '' for the null sender
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class RelayLogin:
+    user: str
+    password: str = field(repr=False)  # never logged, never shown
+
+
+class SessionFailed(Exception):
+    """No usable session to any of the hops; the status says whether a retry can help."""
+
+    def __init__(self, status: str, text: str, remote: str = "") -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.remote = remote
+
+    def outcome(self) -> Outcome:
+        return Outcome(self.status, self.text, self.remote)
+
+
+class _HopFailed(Exception):
+    def __init__(self, status: str, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+class _Pinned:
+    """Connect to a chosen address while smtplib keeps the host *name* (used for SNI and checks)."""
+
+    pinned_address = ""
+    _host: str  # smtplib's, declared here for the type checker
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        return super()._get_socket(self.pinned_address or host, port, timeout)  # type: ignore[misc, no-any-return]
+
+
+class _PinnedSMTP(_Pinned, smtplib.SMTP):
+    pass
+
+
+class _PinnedSMTPS(_Pinned, smtplib.SMTP_SSL):
+    pass
+
+
+def opportunistic_context() -> ssl.SSLContext:
+    """RFC 7435 opportunistic TLS: encrypt when offered, accept any certificate (MX hosts rarely
+    have one that names them, and refusing would only push the mail to plain text)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no CA store to load: nothing is verified
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def verifying_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """For a relay we send a password to: the certificate must be valid for its name."""
+    return ssl.create_default_context(cafile=ca_file or None)
+
+
+def tls_description(sock: Any) -> str:
+    version = sock.version() if hasattr(sock, "version") else None
+    if not version:
+        return ""
+    cipher = sock.cipher() or ("", "", 0)
+    return f"{version} {cipher[0]}".strip()
+
+
+def _ascii(text: str) -> bool:
+    return text.isascii()
+
+
+class AbortSignal:
+    """Lets the queue end every session at once when it stops: sockets are shut down under the
+    threads blocked on them, and no new session starts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._aborted = False
+        self._live: set[smtplib.SMTP] = set()
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    def attach(self, smtp: smtplib.SMTP) -> None:
+        with self._lock:
+            if self._aborted:
+                raise _HopFailed("4.3.2", "the queue is stopping")
+            self._live.add(smtp)
+
+    def detach(self, smtp: smtplib.SMTP) -> None:
+        with self._lock:
+            self._live.discard(smtp)
+
+    def check(self) -> None:
+        if self._aborted:
+            raise _HopFailed("4.3.2", "the queue is stopping")
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            live = list(self._live)
+        for smtp in live:
+            sock = smtp.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+class OutboundSession:
+    """One open SMTP session. Blocking: use from one thread at a time (abort() from any thread)."""
+
+    def __init__(self, smtp: smtplib.SMTP, hop: Hop, tls: str, abort: AbortSignal) -> None:
+        self._smtp = smtp
+        self._abort = abort
+        self.hop = hop
+        self.tls = tls  # e.g. 'TLSv1.3 TLS_AES_256_GCM_SHA384'; '' when the session is plain text
+        self.broken = False  # set when the connection can carry no further message
+        self.messages = 0
+
+    # --- opening --------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        hops: Sequence[Hop],
+        *,
+        port: int,
+        helo_name: str,
+        tls_policy: TlsPolicy = "opportunistic",
+        tls_context: ssl.SSLContext | None = None,
+        login: RelayLogin | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        command_timeout: float = COMMAND_TIMEOUT,
+        abort: AbortSignal | None = None,
+    ) -> OutboundSession:
+        """A session with the first hop that answers properly; raises SessionFailed otherwise."""
+        abort = abort or AbortSignal()
+        errors: list[str] = []
+        last_status = "4.4.1"
+        context = tls_context or opportunistic_context()
+        for hop in hops:
+            attempts = [True, False] if tls_policy == "opportunistic" else [True]
+            for use_starttls in attempts:
+                try:
+                    return cls._open_one(
+                        hop, port=port, helo_name=helo_name, tls_policy=tls_policy, starttls=use_starttls,
+                        context=context, login=login, connect_timeout=connect_timeout,
+                        command_timeout=command_timeout, abort=abort,
+                    )
+                except _StarttlsBroken as exc:
+                    # RFC 7435 opportunistic: a failed handshake falls back to plain text, once.
+                    log.info("%s: TLS handshake failed (%s); retrying without STARTTLS", hop, exc)
+                    errors.append(f"{hop}: TLS handshake failed: {exc}")
+                    continue
+                except _HopFailed as exc:
+                    log.info("%s: %s", hop, exc.text)
+                    errors.append(f"{hop}: {exc.text}")
+                    last_status = exc.status
+                    break
+            if abort.aborted:
+                break
+        detail = "; ".join(errors[-3:]) or "no address to try"
+        raise SessionFailed(last_status, detail, str(hops[-1]) if hops else "")
+
+    @classmethod
+    def _open_one(
+        cls,
+        hop: Hop,
+        *,
+        port: int,
+        helo_name: str,
+        tls_policy: TlsPolicy,
+        starttls: bool,
+        context: ssl.SSLContext,
+        login: RelayLogin | None,
+        connect_timeout: float,
+        command_timeout: float,
+        abort: AbortSignal,
+    ) -> OutboundSession:
+        smtp: _PinnedSMTP | _PinnedSMTPS
+        if tls_policy == "implicit":
+            smtp = _PinnedSMTPS(local_hostname=helo_name, timeout=connect_timeout, context=context)
+        else:
+            smtp = _PinnedSMTP(local_hostname=helo_name, timeout=connect_timeout)
+        smtp.pinned_address = hop.address
+        smtp._host = hop.name  # smtplib sets this only when __init__ connects; STARTTLS sends it as SNI
+        abort.attach(smtp)
+        try:
+            try:
+                code, message = smtp.connect(hop.name, port)
+            except ssl.SSLError as exc:
+                raise _HopFailed("4.7.5", f"TLS handshake failed: {exc}") from exc
+            except (OSError, smtplib.SMTPException) as exc:
+                raise _HopFailed("4.4.1", f"connection failed: {exc}") from exc
+            abort.check()
+            assert smtp.sock is not None
+            smtp.sock.settimeout(command_timeout)
+            if code != 220:
+                # RFC 5321 3.1: a 554 greeting means "no service here"; another MX may serve. The
+                # client should still say QUIT.
+                with contextlib.suppress(OSError, smtplib.SMTPException):
+                    smtp.quit()
+                raise _HopFailed("4.4.2" if code < 500 else "4.3.0",
+                                 f"refused to talk to me: {reply_from(code, message)}")
+            cls._hello(smtp)
+            tls = tls_description(smtp.sock) if tls_policy == "implicit" else ""
+            if tls_policy != "implicit" and starttls and smtp.has_extn("starttls"):
+                try:
+                    code, message = smtp.starttls(context=context)
+                except smtplib.SMTPResponseException as exc:
+                    if tls_policy == "required":
+                        raise _HopFailed("4.7.5", f"STARTTLS refused: {reply_from(exc.smtp_code, exc.smtp_error)}") from exc
+                    raise _StarttlsBroken(str(reply_from(exc.smtp_code, exc.smtp_error))) from exc
+                except (ssl.SSLError, ssl.CertificateError) as exc:
+                    if tls_policy == "required":
+                        raise _HopFailed("4.7.5", f"TLS handshake failed: {exc}") from exc
+                    raise _StarttlsBroken(str(exc)) from exc
+                tls = tls_description(smtp.sock)
+                cls._hello(smtp)  # RFC 3207 4.2: forget the pre-TLS EHLO, ask again
+            elif tls_policy == "required":
+                raise _HopFailed("4.7.4", "the relay does not offer STARTTLS; not sending the password in clear")
+            if login is not None:
+                try:
+                    smtp.login(login.user, login.password)
+                except smtplib.SMTPAuthenticationError as exc:
+                    # Our configuration is wrong, not the mail: defer (4.7.8), never bounce for it.
+                    raise _HopFailed("4.7.8", f"relay refused our login: {reply_from(exc.smtp_code, exc.smtp_error)}") from exc
+                except smtplib.SMTPException as exc:
+                    raise _HopFailed("4.7.8", f"relay login failed: {exc}") from exc
+            abort.check()
+            return cls(smtp, hop, tls, abort)
+        except (_HopFailed, _StarttlsBroken):
+            abort.detach(smtp)
+            _close_quietly(smtp)
+            raise
+        except (OSError, smtplib.SMTPException) as exc:
+            abort.detach(smtp)
+            _close_quietly(smtp)
+            if abort.aborted:
+                raise _HopFailed("4.3.2", "the queue is stopping") from exc
+            raise _HopFailed("4.4.2", f"session failed: {exc}") from exc
+
+    @staticmethod
+    def _hello(smtp: smtplib.SMTP) -> None:
+        code, message = smtp.ehlo()
+        if code == 250:
+            return
+        code, message = smtp.helo()  # RFC 5321 4.1.1.1: a server that knows no EHLO may know HELO
+        if code != 250:
+            raise _HopFailed("4.4.2", f"HELO refused: {reply_from(code, message)}")
+
+    # --- sending --------------------------------------------------------------------------------------
+
+    def _feature(self, name: str) -> str | None:
+        return self._smtp.esmtp_features.get(name) if self._smtp.has_extn(name) else None
+
+    def precheck(self, message: Outgoing) -> Outcome | None:
+        """A permanent problem that makes sending pointless, judged from the server's EHLO."""
+        envelope_utf8 = not all(_ascii(a) for a in (message.sender, *message.recipients))
+        if envelope_utf8 and self._feature("smtputf8") is None:
+            # RFC 6531 3.2: a non-ASCII address needs SMTPUTF8 end to end.
+            return Outcome("5.6.7", f"{self.hop.name} does not support SMTPUTF8, needed for a non-ASCII address",
+                           str(self.hop))
+        if not message.data.isascii() and self._feature("8bitmime") is None:
+            # RFC 6152 3: without 8BITMIME only 7-bit data may be sent; converting would break DKIM.
+            return Outcome("5.6.3", f"{self.hop.name} does not accept 8-bit data (no 8BITMIME)", str(self.hop))
+        size = self._feature("size")
+        if size and size.strip().isdigit() and 0 < int(size) < len(message.data):
+            # RFC 1870 6: the server told us its fixed limit.
+            return Outcome("5.3.4", f"message is {len(message.data)} bytes; {self.hop.name} accepts at most "
+                                    f"{int(size)}", str(self.hop))
+        return None
+
+    def _mail_options(self, message: Outgoing) -> list[bytes]:
+        options = []
+        if self._feature("size") is not None:
+            options.append(f"SIZE={len(message.data)}".encode())
+        if not message.data.isascii():
+            options.append(b"BODY=8BITMIME")
+        envelope_utf8 = not all(_ascii(a) for a in (message.sender, *message.recipients))
+        if self._feature("smtputf8") is not None and (envelope_utf8 or not message.data.isascii()):
+            options.append(b"SMTPUTF8")  # RFC 6531 3.4: the message may carry UTF-8 headers
+        return options
+
+    def send(self, message: Outgoing) -> dict[str, Outcome]:
+        """One transaction per MAX_RCPTS_PER_TRANSACTION recipients; an outcome for each recipient.
+        After a broken connection the remaining recipients get a temporary outcome and `broken` is set."""
+        problem = self.precheck(message)
+        if problem is not None:
+            return dict.fromkeys(message.recipients, problem)
+        outcomes: dict[str, Outcome] = {}
+        options = self._mail_options(message)
+        recipients = list(message.recipients)
+        for start in range(0, len(recipients), MAX_RCPTS_PER_TRANSACTION):
+            chunk = recipients[start:start + MAX_RCPTS_PER_TRANSACTION]
+            if self.broken:
+                lost = Outcome("4.4.2", "connection lost before this recipient was tried", str(self.hop))
+                outcomes.update(dict.fromkeys(chunk, lost))
+                continue
+            outcomes.update(self._transaction(message.sender, chunk, message.data, options))
+        self.messages += 1
+        return outcomes
+
+    def _command(self, verb: bytes, address: str, options: Sequence[bytes] = ()) -> bytes:
+        return b" ".join([verb + b"<" + address.encode("utf-8") + b">", *options]) + b"\r\n"
+
+    def _read(self) -> Reply:
+        code, message = self._smtp.getreply()
+        return reply_from(code, message)
+
+    def _transaction(
+        self, sender: str, recipients: list[str], data: bytes, options: list[bytes]
+    ) -> dict[str, Outcome]:
+        hop = self.hop
+        try:
+            mail_cmd = self._command(b"MAIL FROM:", sender, options)
+            rcpt_cmds = [self._command(b"RCPT TO:", r) for r in recipients]
+            if self._smtp.has_extn("pipelining"):
+                # RFC 2920 3.1: MAIL and every RCPT in one write; the replies come back in order.
+                self._smtp.send(mail_cmd + b"".join(rcpt_cmds))
+                mail_reply = self._read()
+                rcpt_replies = [self._read() for _ in rcpt_cmds]
+            else:
+                self._smtp.send(mail_cmd)
+                mail_reply = self._read()
+                rcpt_replies = []
+                if mail_reply.positive:
+                    for cmd in rcpt_cmds:
+                        self._smtp.send(cmd)
+                        rcpt_replies.append(self._read())
+            if mail_reply.code == 421 or any(r.code == 421 for r in rcpt_replies):
+                self.broken = True  # RFC 5321 3.8: the server is closing the session
+            if not mail_reply.positive:
+                self._reset()
+                return dict.fromkeys(recipients, from_reply(mail_reply, hop))
+            outcomes = {r: from_reply(reply, hop) for r, reply in zip(recipients, rcpt_replies, strict=True)}
+            accepted = [r for r, reply in zip(recipients, rcpt_replies, strict=True) if reply.positive]
+            if not accepted or self.broken:
+                self._reset()
+                if self.broken:
+                    lost = Outcome("4.4.2", "server closed the session (421)", str(hop))
+                    outcomes.update(dict.fromkeys(accepted, lost))
+                return outcomes
+            assert self._smtp.sock is not None
+            timeout = self._smtp.sock.gettimeout()
+            self._smtp.sock.settimeout(DATA_END_TIMEOUT)
+            try:
+                code, message = self._smtp.data(data)
+            finally:
+                if self._smtp.sock is not None:
+                    self._smtp.sock.settimeout(timeout)
+            final = reply_from(code, message)
+            if code == 421:
+                self.broken = True
+            if not final.positive:
+                self._reset()
+            outcomes.update(dict.fromkeys(accepted, from_reply(final, hop)))
+            return outcomes
+        except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
+            reply = reply_from(exc.smtp_code, exc.smtp_error)
+            if exc.smtp_code == 421:
+                self.broken = True
+            self._reset()
+            return dict.fromkeys(recipients, from_reply(reply, hop))
+        except (OSError, smtplib.SMTPException) as exc:
+            # Connection lost or timed out mid-transaction. If it died after the final "." the
+            # message may have arrived: a retry can duplicate it, which beats losing it.
+            self.broken = True
+            log.info("%s: connection lost: %s", hop, exc)
+            return dict.fromkeys(recipients, Outcome("4.4.2", f"connection lost: {exc}", str(hop)))
+
+    def _reset(self) -> None:
+        if self.broken:
+            return
+        try:
+            code, _ = self._smtp.rset()
+            if code != 250:
+                self.broken = True
+        except (OSError, smtplib.SMTPException):
+            self.broken = True
+
+    # --- closing --------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if not self.broken:
+            with contextlib.suppress(OSError, smtplib.SMTPException):
+                self._smtp.quit()
+        self._abort.detach(self._smtp)
+        _close_quietly(self._smtp)
+
+
+class _StarttlsBroken(Exception):
+    pass
+
+
+def _close_quietly(smtp: smtplib.SMTP) -> None:
+    with contextlib.suppress(OSError, smtplib.SMTPException):
+        smtp.close()

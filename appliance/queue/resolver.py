@@ -1,0 +1,88 @@
+"""Which DNS server the box asks: the system's (resolv.conf), or the `dns_resolver` setting.
+
+The setting ("127.0.0.1:5353", "[::1]:53", "192.0.2.1") exists for tests, which serve a zone on
+loopback, and for boxes whose upstream resolver is not trustworthy (a local validating resolver).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+import dns.asyncresolver
+import dns.resolver
+
+from appliance.db import Database
+
+log = logging.getLogger("letterbox.dns")
+
+SETTING = "dns_resolver"
+DNS_PORT = 53
+QUERY_TIMEOUT = 5.0  # seconds for one server to answer one query
+QUERY_LIFETIME = 15.0  # seconds for a whole lookup, retries included
+FALLBACK_NAMESERVER = "127.0.0.1"  # when there is no resolv.conf at all (a bare container)
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """'127.0.0.1:5353' -> ('127.0.0.1', 5353); '[::1]:53', '::1', '192.0.2.1' work too."""
+    text = text.strip()
+    host, port = text, DNS_PORT
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"not a resolver address: {text!r}")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = int(port_text)
+    ipaddress.ip_address(host)  # raises ValueError for a name: a resolver is given by address
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return host, port
+
+
+def configure(resolver: dns.resolver.BaseResolver, setting: str | None) -> None:
+    resolver.timeout = QUERY_TIMEOUT
+    resolver.lifetime = QUERY_LIFETIME
+    if setting:
+        host, port = parse_nameserver(setting)
+        resolver.nameservers = [host]
+        resolver.port = port
+
+
+def _system_or_fallback(resolver: dns.resolver.BaseResolver) -> None:
+    try:
+        resolver.read_resolv_conf("/etc/resolv.conf")
+    except (dns.resolver.NoResolverConfiguration, OSError):
+        log.warning("no usable /etc/resolv.conf; asking %s", FALLBACK_NAMESERVER)
+        resolver.nameservers = [FALLBACK_NAMESERVER]
+
+
+def make_async_resolver(setting: str | None) -> dns.asyncresolver.Resolver:
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    if not setting:
+        _system_or_fallback(resolver)
+    configure(resolver, setting)
+    return resolver
+
+
+def make_resolver(setting: str | None) -> dns.resolver.Resolver:
+    resolver = dns.resolver.Resolver(configure=False)
+    if not setting:
+        _system_or_fallback(resolver)
+    configure(resolver, setting)
+    return resolver
+
+
+async def resolver_setting(db: Database) -> str | None:
+    """The configured resolver address, or None for the system's; an invalid value is logged and ignored."""
+    value = await db.get_setting(SETTING)
+    if not value:
+        return None
+    try:
+        parse_nameserver(value)
+    except ValueError:
+        log.warning("ignoring the %s setting %r: not an address[:port]", SETTING, value)
+        return None
+    return value

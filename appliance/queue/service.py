@@ -1,0 +1,584 @@
+"""The outbound queue: takes what the spool holds to other domains' servers, retries, reports.
+
+One scheduler task finds due recipients (state in the db, so a restart loses nothing) and hands them,
+grouped per (message, destination domain), to workers: at most MAX_SESSIONS SMTP sessions in all and
+MAX_SESSIONS_PER_DOMAIN per destination domain. A worker opens one session for its domain and sends
+every pending message of that domain through it, each message as one transaction carrying all its
+recipients there. Outcomes are recorded per recipient; permanent failures and expiry produce a
+failure DSN to the sender, a long delay a warning DSN; nothing is ever sent to the null sender.
+
+Blocking work (smtplib, DKIM signing, reading the spool file) runs on daemon threads, so a remote
+server that stops answering can hold up neither the event loop nor the process's exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import queue
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from appliance import dkim_keys
+from appliance.queue import dkim_sign, dsn
+from appliance.queue.client import (
+    AbortSignal,
+    OutboundSession,
+    Outcome,
+    Outgoing,
+    SessionFailed,
+    opportunistic_context,
+    verifying_context,
+)
+from appliance.queue.mx import Hop, RouteError, delivery_hops, host_hops
+from appliance.queue.resolver import make_async_resolver, resolver_setting
+from appliance.queue.retry import RetryPolicy, load_policy
+from appliance.queue.smarthost import Smarthost, SmarthostError, load_smarthost
+from appliance.queue.spool import Spool
+from appliance.queue.state import Job, QueueState, Reportable, spool_file
+
+if TYPE_CHECKING:
+    import dns.asyncresolver
+
+    from appliance.services import Services
+
+log = logging.getLogger("letterbox.queue")
+
+T = TypeVar("T")
+
+SERVICE_KEY = "queue"  # services.extra: the running OutboundQueue
+SPOOL_KEY = "spool"  # services.extra: the box's one Spool, shared with the SMTP listeners
+
+MAX_SESSIONS = 20  # SMTP sessions open at once, all destinations together
+MAX_SESSIONS_PER_DOMAIN = 4  # per destination domain: polite to the receiver, like Postfix's default
+MAX_MESSAGES_PER_SESSION = 100  # then a fresh session (Postfix: smtp_connection_reuse_count_limit)
+DISPATCH_BATCH = 500  # due recipient rows fetched per scheduler pass (beyond those in flight)
+POLL_INTERVAL = 5.0  # seconds; the scheduler also looks at the db this often (CLI flush/delete)
+CONFIG_TTL = 1.0  # seconds a reading of the settings (and of DKIM keys) is reused
+SWEEP_INTERVAL = 60.0  # seconds between retries of reports that could not be handed over
+STOP_TIMEOUT = 2.0  # seconds stop() waits for workers to record what they finished (app: 5 s in all)
+
+SETTING_PORT = "outbound_port"  # the destination port; 25 except in tests
+SETTING_HOLD = "queue_hold"  # "1": keep everything queued, deliver nothing (tests, maintenance)
+DEFAULT_PORT = 25
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Everything a delivery pass needs from the settings, read once per pass."""
+
+    policy: RetryPolicy
+    port: int
+    smarthost: Smarthost | None
+    resolver: dns.asyncresolver.Resolver
+    hold: bool
+    smarthost_error: str = ""
+
+
+def shared_spool(services: Services) -> Spool:
+    """The box's one Spool (the SMTP listeners create it first when they run)."""
+    spool = services.extra.get(SPOOL_KEY)
+    if not isinstance(spool, Spool):
+        spool = Spool(services.config.data.spool, services.db)
+        services.extra[SPOOL_KEY] = spool
+    return spool
+
+
+class DaemonThreads:
+    """A small pool of daemon threads for blocking SMTP work: like asyncio.to_thread, but a thread
+    stuck on a dead server never delays the process's exit, and threads are reused (starting one
+    per message stalls the event loop under load)."""
+
+    def __init__(self, max_threads: int) -> None:
+        self._max = max_threads
+        self._work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._threads = 0
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: T | None, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]
+
+        def job() -> None:
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop may be gone when we stop
+                loop.call_soon_threadsafe(settle, result, error)
+
+        with self._lock:
+            spawn = self._idle == 0 and self._threads < self._max
+            if spawn:
+                self._threads += 1
+        if spawn:
+            threading.Thread(target=self._serve, name="letterbox-outbound", daemon=True).start()
+        self._work.put(job)
+        return await future
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            job = self._work.get()
+            with self._lock:
+                self._idle -= 1
+            if job is None:
+                with self._lock:
+                    self._threads -= 1
+                return
+            job()
+
+    def shutdown(self) -> None:
+        """Idle threads end; busy ones end after their job (the sockets are cut separately)."""
+        with self._lock:
+            count = self._threads
+        for _ in range(count):
+            self._work.put(None)
+
+
+def _load_and_sign(path: Path, key: dkim_keys.DkimKey | None) -> bytes:
+    data = path.read_bytes()
+    if key is None:
+        return data
+    try:
+        return dkim_sign.sign(data, key)
+    except Exception:
+        # An unsignable message (broken headers) still goes out; the receiver judges it unsigned.
+        log.exception("DKIM signing with %s failed; sending unsigned", key.record_name)
+        return data
+
+
+class OutboundQueue:
+    def __init__(
+        self,
+        services: Services,
+        *,
+        spool: Spool | None = None,
+        policy: RetryPolicy | None = None,
+        max_sessions: int = MAX_SESSIONS,
+        max_sessions_per_domain: int = MAX_SESSIONS_PER_DOMAIN,
+        poll_interval: float = POLL_INTERVAL,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.services = services
+        self.spool = spool or shared_spool(services)
+        self.state = QueueState(services.db, self.spool.directory)
+        self._default_policy = policy or RetryPolicy()
+        self._max_sessions = max_sessions
+        self._per_domain = max_sessions_per_domain
+        self._poll_interval = poll_interval
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._pending: dict[str, collections.deque[Job]] = {}
+        self._in_flight: set[tuple[str, str]] = set()
+        self._in_flight_rows = 0
+        self._active: collections.Counter[str] = collections.Counter()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._abort = AbortSignal()
+        # One per session plus spares for the short jobs (signing and sending a message, closing).
+        self._threads = DaemonThreads(max_sessions * 2)
+        self._tls_context = opportunistic_context()
+        self._relay_contexts: dict[str, ssl.SSLContext] = {}
+        self._config_cache: tuple[float, DeliveryConfig] | None = None
+        self._config_generation = 0  # bumped by wake(): a reading begun before it is stale
+        self._settle_lock = asyncio.Lock()  # one report per failure, however many jobs end at once
+        self._keys: dict[str, tuple[float, dkim_keys.DkimKey | None]] = {}
+        self._resolver_key: str | None = None
+        self._resolver: dns.asyncresolver.Resolver | None = None
+        self._stopping = False
+
+    # --- life cycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._stopping = False
+        self._abort = AbortSignal()
+        await self._clean_up()
+        self.spool.on_enqueue.append(self._on_enqueue)
+        self._scheduler = asyncio.create_task(self._run(), name="letterbox-queue")
+        log.info("outbound queue started")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(ValueError):
+            self.spool.on_enqueue.remove(self._on_enqueue)
+        self._abort.abort()  # every SMTP socket fails now; workers record a temporary failure
+        self._wake.set()
+        tasks = [t for t in (self._scheduler, *self._workers) if t is not None]
+        if tasks:
+            _done, still = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=1.0)
+        self._scheduler = None
+        self._threads.shutdown()
+        log.info("outbound queue stopped")
+
+    def wake(self) -> None:
+        """Look for due work now, with the settings as they are now (a flush, a console change)."""
+        self._config_cache = None
+        self._config_generation += 1
+        self._wake.set()
+
+    def _on_enqueue(self, _queue_id: str) -> None:
+        self._wake.set()
+
+    async def flush(self) -> int:
+        from appliance.queue.state import flush
+
+        count = await flush(self.services.db, now=int(self._clock()))
+        self.wake()
+        return count
+
+    async def _clean_up(self) -> None:
+        """Start-up: remove spool debris, and finish what a crash interrupted (reports, removals)."""
+        for path in await self.spool.orphans():
+            log.warning("removing orphaned spool file %s", path.name)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        for message_id in await self.state.unsettled():
+            await self._settle(message_id)
+
+    # --- scheduling -----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        last_sweep = self._clock()
+        while not self._stopping:
+            self._wake.clear()
+            delay = self._poll_interval
+            try:
+                delay = await self._dispatch()
+                if self._clock() - last_sweep >= SWEEP_INTERVAL:
+                    last_sweep = self._clock()
+                    for message_id in await self.state.unsettled():
+                        if not any(key[0] == message_id for key in self._in_flight):
+                            await self._settle(message_id)
+            except Exception:
+                log.exception("queue scheduler pass failed")
+            if self._stopping:
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, delay))
+
+    async def _config(self) -> DeliveryConfig:
+        """The settings in force; re-read at most every CONFIG_TTL seconds (a pass runs per wake-up)."""
+        now = time.monotonic()
+        if self._config_cache is not None and now - self._config_cache[0] < CONFIG_TTL:
+            return self._config_cache[1]
+        while True:
+            generation = self._config_generation
+            config = await self._read_config()
+            if generation == self._config_generation:
+                self._config_cache = (now, config)
+                return config
+
+    async def _read_config(self) -> DeliveryConfig:
+        db = self.services.db
+        policy = await load_policy(db, self._default_policy)
+        port_text = await db.get_setting(SETTING_PORT)
+        try:
+            port = int(port_text) if port_text else DEFAULT_PORT
+        except ValueError:
+            log.warning("ignoring the %s setting %r", SETTING_PORT, port_text)
+            port = DEFAULT_PORT
+        smarthost, smarthost_error = None, ""
+        try:
+            smarthost = await load_smarthost(db)
+        except SmarthostError as exc:
+            smarthost_error = f"the relay setting is invalid: {exc}"
+        setting = await resolver_setting(db)
+        if self._resolver is None or setting != self._resolver_key:
+            self._resolver, self._resolver_key = make_async_resolver(setting), setting
+            self._resolver.cache = _dns_cache()
+        hold = (await db.get_setting(SETTING_HOLD) or "").strip().lower() in ("1", "yes", "on", "true")
+        return DeliveryConfig(policy, port, smarthost, self._resolver, hold, smarthost_error)
+
+    async def _dispatch(self) -> float:
+        """One pass: start workers for due jobs; returns seconds until the next pass is needed."""
+        config = await self._config()
+        if config.hold:
+            return self._poll_interval
+        now = int(self._clock())
+        if len(self._in_flight) < DISPATCH_BATCH * 4:
+            jobs = await self.state.due(now, self._in_flight_rows + DISPATCH_BATCH, self._in_flight)
+            for job in jobs:
+                self._in_flight.add(job.key)
+                self._in_flight_rows += len(job.recipients)
+                self._pending.setdefault(job.domain, collections.deque()).append(job)
+        for domain, jobs_for_domain in list(self._pending.items()):
+            while (jobs_for_domain and self._active[domain] < self._per_domain
+                   and sum(self._active.values()) < self._max_sessions):
+                self._active[domain] += 1
+                task = asyncio.create_task(self._worker(domain, config), name=f"letterbox-queue-{domain}")
+                self._workers.add(task)
+                task.add_done_callback(self._workers.discard)
+            if not jobs_for_domain and not self._active[domain]:
+                del self._pending[domain]
+        next_due = await self.state.next_due(after=now)
+        if next_due is None:
+            return self._poll_interval
+        return min(self._poll_interval, max(0.0, next_due - self._clock()))
+
+    # --- delivery -------------------------------------------------------------------------------------
+
+    async def _worker(self, domain: str, config: DeliveryConfig) -> None:
+        session: OutboundSession | None = None
+        jobs = self._pending.get(domain) or collections.deque()
+        try:
+            while jobs and not self._stopping:
+                job = jobs.popleft()
+                handed_back = False
+                try:
+                    if session is not None and (session.broken or session.messages >= MAX_MESSAGES_PER_SESSION):
+                        await self._threads.run(session.close)
+                        session = None
+                    if session is None:
+                        try:
+                            session = await self._open(domain, config)
+                        except (RouteError, SessionFailed) as exc:
+                            if self._active[domain] > 1 and not getattr(exc, "permanent", False):
+                                # Others are already sending to this domain (servers often cap
+                                # sessions per client): leave the job to them, and no failure.
+                                jobs.appendleft(job)
+                                handed_back = True
+                                break
+                            # The same failure holds for everything waiting for this domain now.
+                            failure = _failure(exc)
+                            await self._finish(job, dict.fromkeys((r.address for r in job.recipients), failure),
+                                               config, "")
+                            while jobs:
+                                other = jobs.popleft()
+                                try:
+                                    await self._finish(other, dict.fromkeys(
+                                        (r.address for r in other.recipients), failure), config, "")
+                                finally:
+                                    self._release(other)
+                            break
+                    await self._deliver(job, session, config)
+                finally:
+                    if not handed_back:
+                        self._release(job)
+        except Exception:
+            log.exception("queue worker for %s failed", domain)
+        finally:
+            while jobs and self._stopping:  # left for the next start; the rows are still queued
+                self._release(jobs.popleft())
+            if session is not None:
+                with contextlib.suppress(Exception):
+                    await self._threads.run(session.close)
+            self._active[domain] -= 1
+            if self._active[domain] <= 0:
+                del self._active[domain]
+            self._wake.set()
+
+    def _release(self, job: Job) -> None:
+        if job.key in self._in_flight:
+            self._in_flight.discard(job.key)
+            self._in_flight_rows -= len(job.recipients)
+
+    async def _open(self, domain: str, config: DeliveryConfig) -> OutboundSession:
+        relay = config.smarthost
+        if config.smarthost_error:
+            raise SessionFailed("4.3.5", config.smarthost_error)
+        if relay is not None:
+            hops: list[Hop] = await host_hops(config.resolver, relay.host)
+            context = self._relay_contexts.get(relay.ca_file)
+            if context is None:
+                context = self._relay_contexts[relay.ca_file] = await asyncio.to_thread(
+                    verifying_context, relay.ca_file)
+            return await self._threads.run(lambda: OutboundSession.open(
+                hops, port=relay.port, helo_name=self.services.hostname,
+                tls_policy="implicit" if relay.tls == "implicit" else "required",
+                tls_context=context, login=relay.login, abort=self._abort,
+            ))
+        hops = await delivery_hops(config.resolver, domain, own_hostnames=[self.services.hostname], rng=self._rng)
+        return await self._threads.run(lambda: OutboundSession.open(
+            hops, port=config.port, helo_name=self.services.hostname, tls_policy="opportunistic",
+            tls_context=self._tls_context, abort=self._abort,
+        ))
+
+    async def _signing_key(self, job: Job, path: Path) -> dkim_keys.DkimKey | None:
+        """The author domain's key for mail our users submitted (RFC 6376; DMARC alignment)."""
+        if not job.auth_user:
+            return None
+
+        def author() -> str | None:
+            with path.open("rb") as f:
+                return dkim_sign.author_domain(f.read(256 * 1024))  # the header section is enough
+
+        domain = await asyncio.to_thread(author)
+        if domain is None:
+            return None
+        cached = self._keys.get(domain)
+        if cached is not None and time.monotonic() - cached[0] < CONFIG_TTL:
+            return cached[1]
+        key = None
+        if await self.services.accounts.is_local_domain(domain):
+            key = await dkim_keys.current_key(self.services.db, self.services.config.data.dkim, domain)
+            if key is None:
+                log.warning("no DKIM key for %s: its mail goes out unsigned", domain)
+        self._keys[domain] = (time.monotonic(), key)
+        return key
+
+    async def _deliver(self, job: Job, session: OutboundSession, config: DeliveryConfig) -> None:
+        path = spool_file(self.spool.directory, job.message_id)
+        try:
+            key = await self._signing_key(job, path)
+        except FileNotFoundError:
+            key = None
+        addresses = tuple(r.address for r in job.recipients)
+
+        def transmit() -> dict[str, Outcome]:
+            try:
+                data = _load_and_sign(path, key)
+            except FileNotFoundError:
+                # Deleted by `letterbox queue delete` meanwhile, or lost: nothing to send.
+                return dict.fromkeys(addresses, Outcome("5.3.0", "the spool file of this message is missing"))
+            return session.send(Outgoing(job.sender, addresses, data))
+
+        outcomes = await self._threads.run(transmit)
+        await self._finish(job, outcomes, config, session.tls)
+
+    async def _finish(self, job: Job, outcomes: dict[str, Outcome], config: DeliveryConfig, tls: str) -> None:
+        now = int(self._clock())
+        if self._stopping:
+            # Sessions were cut by stop(): those failures are ours, not the destination's. Leave the
+            # recipients due, untouched, for the next start; record only what is certain.
+            outcomes = {a: o for a, o in outcomes.items() if o.delivered or o.permanent}
+        for address, outcome in outcomes.items():
+            verdict = "sent" if outcome.delivered else "bounced" if outcome.permanent else "deferred"
+            log.info("%s: to=<%s> relay=%s tls=%s status=%s (%s)", job.message_id, address,
+                     outcome.remote or "none", tls or "none", verdict, outcome.text)
+        recorded = await self.state.record(job, outcomes, policy=config.policy, now=now, tls=tls)
+        if recorded.delayed:
+            await self._report(job.message_id, job.sender, job.created_at, "delayed", recorded.delayed,
+                               will_retry_until=int(job.created_at + config.policy.max_age))
+        if recorded.needs_settling:
+            await self._settle(job.message_id)
+
+    # --- reports to the sender ------------------------------------------------------------------------
+
+    async def _settle(self, message_id: str) -> None:
+        async with self._settle_lock:
+            await self._settle_locked(message_id)
+
+    async def _settle_locked(self, message_id: str) -> None:
+        settlement = await self.state.settlement(message_id)
+        if settlement is None:
+            return
+        if settlement.failed:
+            if settlement.sender:
+                if not await self._report(message_id, settlement.sender, settlement.created_at, "failed",
+                                          settlement.failed):
+                    return  # kept unsettled: the periodic sweep tries the report again
+            else:
+                log.info("%s: failure not reported: the sender is null (RFC 5321 6.1)", message_id)
+        await self.state.settled(settlement)
+        for failed in settlement.failed:
+            await self.services.events.record(
+                "bounce", f"{message_id}: to <{failed.address}> failed: {dsn.one_line(failed.diagnostic, 200)}"
+            )
+
+    async def _report(
+        self,
+        message_id: str,
+        sender: str,
+        created_at: int,
+        action: dsn.Action,
+        recipients: tuple[Reportable, ...],
+        will_retry_until: int | None = None,
+    ) -> bool:
+        """Build the DSN and hand it to the sender: local mailboxes via the store, others via the spool.
+        False when it could not be handed over (logged)."""
+        if not sender:
+            return True
+        path = spool_file(self.spool.directory, message_id)
+        try:
+            original = await asyncio.to_thread(_read_head, path)
+        except FileNotFoundError:
+            original = b""
+        zone = datetime.now().astimezone().tzinfo
+        last = max(r.last_attempt for r in recipients)
+        report = dsn.build_report(
+            hostname=self.services.hostname,
+            sender=sender,
+            queue_id=message_id,
+            action=action,
+            recipients=[dsn.DsnRecipient(r.address, r.status, r.diagnostic, r.remote.partition("[")[0])
+                        for r in recipients],
+            original=original,
+            arrival=datetime.fromtimestamp(created_at, zone),
+            last_attempt=datetime.fromtimestamp(last, zone) if last else None,
+            will_retry_until=datetime.fromtimestamp(will_retry_until, zone) if will_retry_until else None,
+        )
+        try:
+            await self._hand_to_sender(sender, report)
+        except Exception:
+            log.exception("%s: could not send the %s report to <%s>", message_id, action, sender)
+            return False
+        log.info("%s: %s report sent to <%s> for %s", message_id, action, sender,
+                 ", ".join(r.address for r in recipients))
+        return True
+
+    async def _hand_to_sender(self, sender: str, report: bytes) -> None:
+        accounts, store = self.services.accounts, self.services.store
+        remote = [sender]
+        if await accounts.is_local_domain(sender.rpartition("@")[2]):
+            resolution = await accounts.resolve(sender)
+            remote = list(resolution.forwards)
+            for mailbox in resolution.mailboxes:
+                copy = b"Return-Path: <>\r\n" + f"Delivered-To: {mailbox}\r\n".encode() + report
+                result = (await store.deliver([mailbox], copy)).get(mailbox)
+                if not isinstance(result, int):
+                    raise RuntimeError(f"the store refused the report for {mailbox}: {result!r}")
+            if not resolution.mailboxes and not remote:
+                log.warning("report for <%s> dropped: no such local address", sender)
+        if remote:
+            await self.spool.enqueue("", remote, report)  # null sender: a report is never bounced
+
+
+def _read_head(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(dsn.MAX_RETURNED_HEADERS + 4)
+
+
+def _failure(exc: RouteError | SessionFailed) -> Outcome:
+    if isinstance(exc, RouteError):
+        return Outcome(exc.status, exc.text)
+    return exc.outcome()
+
+
+def _dns_cache() -> Any:
+    import dns.resolver
+
+    return dns.resolver.LRUCache(4096)
+
+
+async def start_queue(services: Services, **options: Any) -> OutboundQueue:
+    """The composition root's hook (appliance/app.py BACKGROUND_MODULES)."""
+    queue = OutboundQueue(services, **options)
+    await queue.start()
+    services.extra[SERVICE_KEY] = queue
+    return queue

@@ -1,0 +1,275 @@
+"""The queue's state in the db: which recipients are due, what each attempt did, when a message is done.
+
+Rows (written by spool.py, updated only here): one `queue_messages` row per spooled file, one
+`queue_recipients` row per recipient with `state` queued -> delivered | failed. A message is removed
+(rows, then file) when no recipient is queued and every failure has been reported to the sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.db import Database
+from appliance.queue.client import Outcome
+from appliance.queue.retry import RetryPolicy
+
+QUEUED, DELIVERED, FAILED = "queued", "delivered", "failed"
+
+
+@dataclass(frozen=True)
+class JobRecipient:
+    row_id: int
+    address: str
+    attempts: int
+    delay_notified: bool
+
+
+@dataclass(frozen=True)
+class Job:
+    """The due recipients of one message at one destination domain: one SMTP transaction."""
+
+    message_id: str
+    domain: str
+    sender: str
+    created_at: int
+    auth_user: str | None
+    recipients: tuple[JobRecipient, ...]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.message_id, self.domain)
+
+
+@dataclass(frozen=True)
+class Reportable:
+    """A recipient the sender must hear about (failed, or delayed)."""
+
+    address: str
+    status: str
+    diagnostic: str
+    remote: str
+    last_attempt: int
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What an attempt changed that needs telling: delay notices, and whether the message is done."""
+
+    delayed: tuple[Reportable, ...]
+    needs_settling: bool  # failures to report, or nothing left queued
+
+
+@dataclass(frozen=True)
+class Settlement:
+    message_id: str
+    sender: str
+    created_at: int
+    failed: tuple[Reportable, ...]  # not yet reported
+    finished: bool  # nothing left queued
+
+
+def spool_file(spool_dir: Path, message_id: str) -> Path:
+    return spool_dir / f"{message_id}.eml"
+
+
+def _reportable(row: sqlite3.Row) -> Reportable:
+    return Reportable(
+        address=str(row["recipient"]), status=str(row["status"]) or "5.0.0", diagnostic=str(row["last_error"]),
+        remote=str(row["remote"]), last_attempt=int(row["last_attempt"]),
+    )
+
+
+class QueueState:
+    def __init__(self, db: Database, spool_dir: Path) -> None:
+        self._db = db
+        self._spool_dir = spool_dir
+
+    async def due(self, now: int, limit: int, skip: set[tuple[str, str]]) -> list[Job]:
+        """Due recipients grouped per (message, domain), oldest first, leaving out jobs in `skip`."""
+        rows = await self._db.fetchall(
+            "SELECT r.id, r.message_id, r.recipient, r.domain, r.attempts, r.delay_notified,"
+            " m.sender, m.created_at, m.auth_user"
+            " FROM queue_recipients r JOIN queue_messages m ON m.id = r.message_id"
+            " WHERE r.state = 'queued' AND r.next_attempt <= ?"
+            " ORDER BY r.next_attempt, r.id LIMIT ?",
+            (now, limit),
+        )
+        jobs: dict[tuple[str, str], list[sqlite3.Row]] = {}
+        for row in rows:
+            key = (str(row["message_id"]), str(row["domain"]))
+            if key not in skip:
+                jobs.setdefault(key, []).append(row)
+        return [
+            Job(
+                message_id=key[0],
+                domain=key[1],
+                sender=str(group[0]["sender"]),
+                created_at=int(group[0]["created_at"]),
+                auth_user=None if group[0]["auth_user"] is None else str(group[0]["auth_user"]),
+                recipients=tuple(
+                    JobRecipient(int(r["id"]), str(r["recipient"]), int(r["attempts"]), bool(r["delay_notified"]))
+                    for r in group
+                ),
+            )
+            for key, group in jobs.items()
+        ]
+
+    async def next_due(self, after: int) -> int | None:
+        """The next time after `after` something falls due (what is due already is in hand or waits
+        for a free session, whose end wakes the scheduler)."""
+        row = await self._db.fetchone(
+            "SELECT MIN(next_attempt) AS t FROM queue_recipients WHERE state = 'queued' AND next_attempt > ?",
+            (after,),
+        )
+        return None if row is None or row["t"] is None else int(row["t"])
+
+    async def record(
+        self,
+        job: Job,
+        outcomes: Mapping[str, Outcome],
+        *,
+        policy: RetryPolicy,
+        now: int,
+        tls: str = "",
+    ) -> Recorded:
+        """Store one attempt's outcome for each recipient of `job`, in one transaction. A message with
+        nothing left queued and nothing to report is removed right here (rows now, file after)."""
+        delayed: list[Reportable] = []
+        expired = policy.expired(job.created_at, now)
+        finished = False
+        needs_settling = False
+        async with self._db.transaction() as tx:
+            for rcpt in job.recipients:
+                outcome = outcomes.get(rcpt.address)
+                if outcome is None:
+                    continue  # not attempted after all (the queue is stopping): stays due, untouched
+                attempts = rcpt.attempts + 1
+                if outcome.delivered:
+                    state, next_attempt, text = DELIVERED, now, outcome.text
+                elif outcome.permanent:
+                    state, next_attempt, text = FAILED, now, outcome.text
+                    needs_settling = True
+                elif expired:
+                    # RFC 5321 4.5.4.1: give up; the sender learns the last reason we had.
+                    state, next_attempt = FAILED, now
+                    days = policy.max_age / 86400
+                    text = f"{outcome.text} (gave up after {days:g} days)" if days >= 1 else \
+                        f"{outcome.text} (gave up after {policy.max_age:g} seconds)"
+                    needs_settling = True
+                else:
+                    state, text = QUEUED, outcome.text
+                    next_attempt = int(policy.next_attempt(job.created_at, attempts, now))
+                    if job.sender and not rcpt.delay_notified and policy.wants_delay_notice(job.created_at, now):
+                        delayed.append(Reportable(rcpt.address, outcome.status, outcome.text, outcome.remote, now))
+                await tx.execute(
+                    "UPDATE queue_recipients SET state = ?, attempts = ?, next_attempt = ?, last_error = ?,"
+                    " status = ?, remote = ?, tls = ?, last_attempt = ?, updated_at = ?,"
+                    " delay_notified = delay_notified OR ? WHERE id = ?",
+                    (state, attempts, next_attempt, text, outcome.status, outcome.remote,
+                     tls if outcome.remote else "", now, now,
+                     int(any(d.address == rcpt.address for d in delayed)), rcpt.row_id),
+                )
+            if not needs_settling:
+                cur = await tx.execute(
+                    "SELECT COUNT(*) FROM queue_recipients WHERE message_id = ?"
+                    " AND (state = 'queued' OR (state = 'failed' AND dsn_sent = 0))",
+                    (job.message_id,),
+                )
+                row = await cur.fetchone()
+                if row is not None and int(row[0]) == 0:
+                    await tx.execute("DELETE FROM queue_messages WHERE id = ?", (job.message_id,))
+                    finished = True
+        if finished:
+            await self._remove_file(job.message_id)
+        return Recorded(tuple(delayed), needs_settling)
+
+    async def settlement(self, message_id: str) -> Settlement | None:
+        """Failures not yet reported, and whether the message is finished; None if it is gone."""
+        message = await self._db.fetchone(
+            "SELECT sender, created_at FROM queue_messages WHERE id = ?", (message_id,)
+        )
+        if message is None:
+            return None
+        rows = await self._db.fetchall(
+            "SELECT recipient, state, status, last_error, remote, last_attempt, dsn_sent"
+            " FROM queue_recipients WHERE message_id = ? ORDER BY id",
+            (message_id,),
+        )
+        failed = tuple(_reportable(r) for r in rows if r["state"] == FAILED and not r["dsn_sent"])
+        finished = not any(r["state"] == QUEUED for r in rows)
+        return Settlement(message_id, str(message["sender"]), int(message["created_at"]), failed, finished)
+
+    async def settled(self, settlement: Settlement) -> None:
+        """The failures in `settlement` are reported; remove the message if nothing else is pending
+        (judged now, inside the transaction: another job may have finished since the snapshot)."""
+        async with self._db.transaction() as tx:
+            await tx.executemany(
+                "UPDATE queue_recipients SET dsn_sent = 1 WHERE message_id = ? AND recipient = ?"
+                " AND state = 'failed'",
+                [(settlement.message_id, f.address) for f in settlement.failed],
+            )
+            cur = await tx.execute(
+                "DELETE FROM queue_messages WHERE id = ? AND NOT EXISTS (SELECT 1 FROM queue_recipients"
+                " WHERE message_id = ? AND (state = 'queued' OR (state = 'failed' AND dsn_sent = 0)))",
+                (settlement.message_id, settlement.message_id),
+            )
+            removed = bool(cur.rowcount)
+        if removed:
+            await self._remove_file(settlement.message_id)
+
+    async def unsettled(self) -> list[str]:
+        """Messages with unreported failures or nothing left queued (after a crash at the wrong moment)."""
+        rows = await self._db.fetchall(
+            "SELECT m.id FROM queue_messages m WHERE NOT EXISTS (SELECT 1 FROM queue_recipients r"
+            " WHERE r.message_id = m.id AND r.state = 'queued') OR EXISTS (SELECT 1 FROM queue_recipients r"
+            " WHERE r.message_id = m.id AND r.state = 'failed' AND r.dsn_sent = 0)"
+        )
+        return [str(r["id"]) for r in rows]
+
+    async def _remove_file(self, message_id: str) -> None:
+        await asyncio.to_thread(_unlink, spool_file(self._spool_dir, message_id))
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+# --- the CLI's operations: they work on the db alone, the running server sees them on its next pass ----
+
+async def flush(db: Database, message_ids: Iterable[str] = (), now: int | None = None) -> int:
+    """Make queued recipients due now (all, or those of `message_ids`); returns how many."""
+    now = int(time.time()) if now is None else now
+    ids = list(message_ids)
+    async with db.transaction() as tx:
+        if ids:
+            marks = ",".join("?" * len(ids))
+            cur = await tx.execute(
+                f"UPDATE queue_recipients SET next_attempt = ? WHERE state = 'queued' AND message_id IN ({marks})",
+                (now, *ids),
+            )
+        else:
+            cur = await tx.execute("UPDATE queue_recipients SET next_attempt = ? WHERE state = 'queued'", (now,))
+        return int(cur.rowcount or 0)
+
+
+async def delete(db: Database, spool_dir: Path, message_ids: Sequence[str]) -> list[str]:
+    """Remove messages from the queue without telling anyone (the admin's decision); returns the ids
+    that existed. Rows go first: a crash in between leaves only a file, which start-up cleans."""
+    found: list[str] = []
+    async with db.transaction() as tx:
+        for message_id in message_ids:
+            cur = await tx.execute("DELETE FROM queue_messages WHERE id = ?", (message_id,))
+            if cur.rowcount:
+                found.append(message_id)
+    for message_id in found:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(spool_file(spool_dir, message_id))
+    return found

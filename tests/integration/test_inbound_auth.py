@@ -1,0 +1,258 @@
+"""SPF, DKIM and DMARC on received mail, every record served by a DNS server on loopback (issue 7).
+
+The checks themselves (`check_message`) first, then through the MX: the Authentication-Results
+header on delivered mail and a DMARC p=reject failure refused with 550.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import smtplib
+from collections.abc import Iterator
+
+import pytest
+
+from appliance import dkim_keys
+from appliance.inbound_auth import (
+    AuthResults,
+    check_message,
+    from_domain,
+    organizational_domain,
+    remove_forged_results,
+)
+from appliance.queue import dkim_sign
+from appliance.queue.resolver import make_resolver
+from tests.conftest import BoxHandle
+from tests.support.dns_server import ZoneServer
+from tests.support.smtp_wire import maildir_messages, parse
+
+CLIENT_IP = "127.0.0.1"  # the address tests connect from
+PASSWORD = "correct horse battery staple 9"
+ALICE = "alice@ourdomain.test"
+
+
+def message(author: str = "news@sender.test", body: bytes = b"Hello.\r\n") -> bytes:
+    return (f"From: Sender <{author}>\r\nTo: alice@ourdomain.test\r\nSubject: hi\r\n"
+            "Message-ID: <m1@sender.test>\r\n\r\n").encode() + body
+
+
+def txt(value: str) -> str:
+    return " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+
+
+@pytest.fixture
+def zone() -> Iterator[ZoneServer]:
+    server = ZoneServer(ttl=0)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> dkim_keys.DkimKey:
+    return dkim_keys.generate_key(tmp_path_factory.mktemp("dkim"), "sender.test", "s1")
+
+
+def check(zone: ZoneServer, data: bytes, *, sender: str = "bounce@sender.test", helo: str = "mta.sender.test",
+          ip: str = CLIENT_IP, seed: int = 0, lifetime: float | None = None) -> AuthResults:
+    resolver = make_resolver(zone.address)
+    if lifetime is not None:
+        resolver.lifetime = lifetime
+    return asyncio.run(check_message(data, peer_ip=ip, helo=helo, mail_from=sender, resolver=resolver,
+                                     rng=random.Random(seed)))
+
+
+def publish(zone: ZoneServer, key: dkim_keys.DkimKey) -> None:
+    zone.set(key.record_name, "TXT", [txt(key.txt_record())])
+
+
+# --- SPF ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("record", "expected"), [
+    ("v=spf1 ip4:127.0.0.1 -all", "pass"),
+    ("v=spf1 ip4:192.0.2.1 -all", "fail"),
+    ("v=spf1 ip4:192.0.2.1 ~all", "softfail"),
+    ("v=spf1 ?all", "neutral"),
+    ("v=spf1 include:missing.invalid.test -all", "permerror"),
+    (None, "none"),
+])
+def test_spf_for_mail_from(zone: ZoneServer, record: str | None, expected: str) -> None:
+    zone.set("sender.test", "A", ["192.0.2.9"])
+    if record:
+        zone.set("sender.test", "TXT", [txt(record)])
+    results = check(zone, message())
+    assert results.spf_mailfrom.result == expected
+    assert results.spf_mailfrom.identity == "bounce@sender.test"
+
+
+def test_spf_for_helo_and_the_null_sender(zone: ZoneServer) -> None:
+    zone.set("mta.sender.test", "TXT", [txt("v=spf1 a -all")])
+    zone.set("mta.sender.test", "A", [CLIENT_IP])
+    results = check(zone, message(), sender="")
+    assert results.spf_helo.result == "pass" and results.spf_helo.identity == "mta.sender.test"
+    # RFC 7208 2.4: the null sender is checked as postmaster@HELO.
+    assert results.spf_mailfrom.result == "pass"
+    assert results.spf_mailfrom.identity == "postmaster@mta.sender.test"
+    zone.set("mta.sender.test", "A", ["192.0.2.1"])
+    assert check(zone, message(), sender="").spf_helo.result == "fail"
+
+
+def test_spf_temperror_when_dns_does_not_answer() -> None:
+    dead = ZoneServer()
+    dead.start()
+    dead.stop()  # nothing listens on this port now: every lookup fails
+    results = check(dead, message(), lifetime=0.5)
+    assert results.spf_mailfrom.result == "temperror"
+    assert results.dmarc.result == "temperror"
+
+
+# --- DKIM ---------------------------------------------------------------------------------------------
+
+def test_dkim_pass_and_fail(zone: ZoneServer, key: dkim_keys.DkimKey) -> None:
+    publish(zone, key)
+    signed = dkim_sign.sign(message(), key)
+    [good] = check(zone, signed).dkim
+    assert (good.result, good.domain, good.selector) == ("pass", "sender.test", "s1")
+    assert len(good.signature) == 8
+    tampered = signed.replace(b"Hello.", b"Hellp.")
+    [bad] = check(zone, tampered).dkim
+    assert bad.result == "fail" and "body hash" in bad.reason
+    header_tampered = signed.replace(b"Subject: hi", b"Subject: HI there")
+    assert check(zone, header_tampered).dkim[0].result == "fail"
+
+
+def test_dkim_without_a_published_key_or_signature(zone: ZoneServer, key: dkim_keys.DkimKey) -> None:
+    [missing] = check(zone, dkim_sign.sign(message(), key)).dkim
+    assert missing.result == "permerror"
+    assert check(zone, message()).dkim == ()
+    assert "dkim=none" in check(zone, message()).header("mail.example.test").decode()
+
+
+# --- DMARC --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("policy", "spf_record", "signed", "expected", "disposition"), [
+    ("reject", "v=spf1 ip4:127.0.0.1 -all", False, "pass", "none"),  # aligned SPF
+    ("reject", "v=spf1 -all", True, "pass", "none"),  # aligned DKIM
+    ("reject", "v=spf1 -all", False, "fail", "reject"),
+    ("quarantine", "v=spf1 -all", False, "fail", "quarantine"),
+    ("none", "v=spf1 -all", False, "fail", "none"),
+])
+def test_dmarc_policy_outcomes(zone: ZoneServer, key: dkim_keys.DkimKey, policy: str, spf_record: str,
+                               signed: bool, expected: str, disposition: str) -> None:
+    publish(zone, key)
+    zone.set("sender.test", "TXT", [txt(spf_record)])
+    zone.set("_dmarc.sender.test", "TXT", [txt(f"v=DMARC1; p={policy}; rua=mailto:d@sender.test")])
+    data = dkim_sign.sign(message(), key) if signed else message()
+    results = check(zone, data)
+    assert results.dmarc.result == expected
+    assert results.dmarc.policy == policy and results.dmarc.disposition == disposition
+    assert results.dmarc_reject == (expected == "fail" and policy == "reject")
+
+
+def test_dmarc_alignment_relaxed_strict_and_the_organizational_record(zone: ZoneServer) -> None:
+    # The envelope domain is a subdomain of the From: domain: aligned when relaxed only.
+    zone.set("bounces.sender.test", "TXT", [txt("v=spf1 ip4:127.0.0.1 -all")])
+    zone.set("_dmarc.sender.test", "TXT", [txt("v=DMARC1; p=reject; aspf=r")])
+    assert check(zone, message(), sender="x@bounces.sender.test").dmarc.result == "pass"
+    zone.set("_dmarc.sender.test", "TXT", [txt("v=DMARC1; p=reject; aspf=s")])
+    assert check(zone, message(), sender="x@bounces.sender.test").dmarc.result == "fail"
+    # From: a subdomain without its own record: the organizational domain's sp= applies.
+    zone.set("_dmarc.sender.test", "TXT", [txt("v=DMARC1; p=reject; sp=quarantine")])
+    results = check(zone, message(author="news@mail.sender.test"), sender="x@other.test")
+    assert (results.dmarc.result, results.dmarc.policy) == ("fail", "quarantine")
+    assert results.dmarc.from_domain == "mail.sender.test"
+
+
+def test_dmarc_none_without_a_record_and_pct_sampling(zone: ZoneServer) -> None:
+    assert check(zone, message()).dmarc.result == "none"
+    zone.set("_dmarc.sender.test", "TXT", [txt("v=DMARC1; p=reject; pct=0")])
+    results = check(zone, message())
+    # RFC 7489 6.6.4: outside the sampled percentage the next less strict policy applies.
+    assert results.dmarc.result == "fail" and results.dmarc.disposition == "quarantine"
+    assert not results.dmarc_reject
+
+
+def test_dmarc_helpers() -> None:
+    assert organizational_domain("a.b.sender.test") == "sender.test"
+    assert organizational_domain("mail.example.co.uk") == "example.co.uk"
+    assert from_domain(b"From: a@X.Test\r\n\r\n") == "x.test"
+    assert from_domain(b"From: a@x.test, b@y.test\r\n\r\n") is None  # RFC 7489 6.6.1: ambiguous
+    assert from_domain(b"From: a@x.test\r\nFrom: b@x.test\r\n\r\n") is None
+    assert from_domain(b"Subject: none\r\n\r\n") is None
+
+
+def test_the_authentication_results_header(zone: ZoneServer, key: dkim_keys.DkimKey) -> None:
+    publish(zone, key)
+    zone.set("sender.test", "TXT", [txt("v=spf1 ip4:127.0.0.1 -all")])
+    zone.set("_dmarc.sender.test", "TXT", [txt("v=DMARC1; p=reject")])
+    header = check(zone, dkim_sign.sign(message(), key)).header("mail.example.test").decode()
+    assert header.startswith("Authentication-Results: mail.example.test;\r\n\t")
+    assert header.endswith("\r\n") and all(len(line) < 200 for line in header.split("\r\n"))
+    flat = " ".join(header.split())
+    assert "spf=pass" in flat and "smtp.mailfrom=bounce@sender.test" in flat
+    assert "spf=none smtp.helo=mta.sender.test" in flat
+    assert "dkim=pass header.b=" in flat and "header.d=sender.test header.s=s1" in flat
+    assert "dmarc=pass (aligned SPF and DKIM) header.from=sender.test policy.dmarc=none (p=reject)" in flat
+
+
+def test_forged_results_claiming_our_name_are_removed() -> None:
+    data = (b"Received: from x\r\nAuthentication-Results: Mail.Example.Test;\r\n\tdkim=pass header.d=bank.test\r\n"
+            b"Authentication-Results: other.test; spf=pass\r\nSubject: hi\r\n\r\n"
+            b"Authentication-Results: mail.example.test; in the body stays\r\n")
+    cleaned = remove_forged_results(data, "mail.example.test")
+    assert cleaned == (b"Received: from x\r\nAuthentication-Results: other.test; spf=pass\r\nSubject: hi\r\n\r\n"
+                       b"Authentication-Results: mail.example.test; in the body stays\r\n")
+    assert remove_forged_results(cleaned, "mail.example.test") is cleaned
+
+
+# --- through the MX -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def mx(box: BoxHandle, zone: ZoneServer) -> BoxHandle:
+    box.add_user(ALICE, PASSWORD)
+    box.run(box.services.db.set_setting("dns_resolver", zone.address))
+    box.run(box.services.db.set_setting("inbound_auth", "on"))
+    return box
+
+
+def send(box: BoxHandle, data: bytes, sender: str = "bounce@sender.test") -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", box.port("smtp"), timeout=30) as client:
+        client.ehlo("mta.sender.test")
+        client.mail(sender)
+        assert client.rcpt(ALICE)[0] == 250
+        return client.data(data)
+
+
+def test_the_mx_refuses_a_dmarc_reject_failure_with_550(mx: BoxHandle, zone: ZoneServer) -> None:
+    zone.set("sender.test", "TXT", [txt("v=spf1 ip4:192.0.2.1 -all")])
+    zone.set("_dmarc.sender.test", "TXT", [txt("v=DMARC1; p=reject")])
+    code, text = send(mx, message())
+    assert code == 550 and b"DMARC" in text and b"sender.test" in text
+    assert maildir_messages(mx.data.mail, ALICE) == []
+
+
+def test_the_mx_delivers_with_the_results_when_rejecting_is_off(mx: BoxHandle, zone: ZoneServer) -> None:
+    mx.run(mx.services.db.set_setting("dmarc_reject", "off"))
+    zone.set("sender.test", "TXT", [txt("v=spf1 ip4:192.0.2.1 -all")])
+    zone.set("_dmarc.sender.test", "TXT", [txt("v=DMARC1; p=reject")])
+    code, _ = send(mx, message())
+    assert code == 250
+    [raw] = maildir_messages(mx.data.mail, ALICE)
+    results = " ".join(parse(raw)["Authentication-Results"].split())
+    assert results.startswith("mail.example.test;")
+    assert "spf=fail (SPF fail - not authorized) smtp.mailfrom=bounce@sender.test" in results
+    assert "header.from=sender.test policy.dmarc=reject (p=reject)" in results and "dmarc=fail" in results
+
+
+def test_the_mx_adds_a_passing_result(mx: BoxHandle, zone: ZoneServer, key: dkim_keys.DkimKey) -> None:
+    publish(zone, key)
+    zone.set("sender.test", "TXT", [txt("v=spf1 ip4:127.0.0.1 -all")])
+    zone.set("_dmarc.sender.test", "TXT", [txt("v=DMARC1; p=reject")])
+    code, _ = send(mx, dkim_sign.sign(message(), key))
+    assert code == 250
+    [raw] = maildir_messages(mx.data.mail, ALICE)
+    results = " ".join(parse(raw)["Authentication-Results"].split())
+    assert "spf=pass" in results and "dkim=pass" in results and "dmarc=pass" in results

@@ -1,0 +1,205 @@
+"""The SMTP client session against real servers on loopback: pipelining, SIZE, 8BITMIME, SMTPUTF8,
+STARTTLS fallback, hop failover, 421, and recipient batches (issue 7)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+
+import pytest
+import trustme
+
+from appliance.queue.client import MAX_RCPTS_PER_TRANSACTION, OutboundSession, Outgoing, SessionFailed
+from appliance.queue.mx import Hop
+from tests.support.receivers import Receiver, Script, free_port
+
+MESSAGE = b"From: a@ours.test\r\nSubject: t\r\n\r\nbody\r\n"
+
+
+class Scripted:
+    """A raw TCP server: for each connection, its own list of (line prefix to expect, reply to send)."""
+
+    def __init__(self, host: str, port: int, conversations: list[list[tuple[str, str]]]) -> None:
+        self.conversations = conversations
+        self.chunks: list[bytes] = []  # what each recv() returned, in order
+        self.errors: list[str] = []
+        self._sock = socket.create_server((host, port))
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> Scripted:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+        self._thread.join(5)
+        assert not self.errors, self.errors
+
+    def _serve(self) -> None:
+        for script in self.conversations:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                buffer = b""
+                for expect, reply in script:
+                    while expect and b"\r\n" not in buffer:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            self.errors.append(f"closed while waiting for {expect!r}")
+                            break
+                        self.chunks.append(chunk)
+                        buffer += chunk
+                    if expect:
+                        line, _, buffer = buffer.partition(b"\r\n")
+                        if not line.decode().upper().startswith(expect.upper()):
+                            self.errors.append(f"expected {expect!r}, got {line!r}")
+                    if expect == "DATA":
+                        conn.sendall(b"354 go ahead\r\n")
+                        while b"\r\n.\r\n" not in buffer:
+                            chunk = conn.recv(65536)
+                            if not chunk:
+                                break
+                            buffer += chunk
+                        _, _, buffer = buffer.partition(b"\r\n.\r\n")
+                    if reply == "<close>":
+                        break
+                    if reply:
+                        conn.sendall(reply.encode() + b"\r\n")
+
+
+EHLO_BASIC = "250-scripted\r\n250 8BITMIME"
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port(("127.0.0.1", "127.0.0.2", "127.0.0.3"))
+
+
+def open_session(port: int, *hops: Hop) -> OutboundSession:
+    return OutboundSession.open(list(hops) or [Hop("mx.test", "127.0.0.2")], port=port, helo_name="mail.ours.test",
+                                connect_timeout=5, command_timeout=5)
+
+
+def test_mail_and_every_rcpt_go_in_one_write_when_pipelining_is_offered(port: int) -> None:
+    script = [("", "220 hi"), ("EHLO mail.ours.test", "250-scripted\r\n250-PIPELINING\r\n250 8BITMIME"),
+              ("MAIL FROM:<a@ours.test>", "250 ok"), ("RCPT TO:<x@far.test>", "250 ok"),
+              ("RCPT TO:<y@far.test>", "550 5.1.1 no"), ("DATA", "250 2.0.0 queued"), ("QUIT", "221 bye")]
+    with Scripted("127.0.0.2", port, [script]) as server:
+        session = open_session(port)
+        outcomes = session.send(Outgoing("a@ours.test", ("x@far.test", "y@far.test"), MESSAGE))
+        session.close()
+    assert outcomes["x@far.test"].delivered and outcomes["x@far.test"].text == "250 2.0.0 queued"
+    assert outcomes["y@far.test"].permanent and outcomes["y@far.test"].status == "5.1.1"
+    envelope = [c for c in server.chunks if c.startswith(b"MAIL")]
+    assert envelope == [b"MAIL FROM:<a@ours.test>\r\nRCPT TO:<x@far.test>\r\nRCPT TO:<y@far.test>\r\n"]
+
+
+def test_without_pipelining_commands_wait_for_their_replies(port: int) -> None:
+    script = [("", "220 hi"), ("EHLO", EHLO_BASIC), ("MAIL FROM:<a@ours.test>", "250 ok"),
+              ("RCPT TO:<x@far.test>", "250 ok"), ("DATA", "250 ok"), ("QUIT", "221 bye")]
+    with Scripted("127.0.0.2", port, [script]) as server:
+        session = open_session(port)
+        assert session.send(Outgoing("a@ours.test", ("x@far.test",), MESSAGE))["x@far.test"].delivered
+        session.close()
+    assert b"MAIL FROM:<a@ours.test>\r\n" in server.chunks
+
+
+def test_a_refusing_greeting_sends_us_to_the_next_hop(port: int) -> None:
+    refusing = [("", "554 5.3.2 no service here"), ("QUIT", "221 bye")]
+    good = [("", "220 hi"), ("EHLO", EHLO_BASIC), ("QUIT", "221 bye")]
+    with Scripted("127.0.0.2", port, [refusing]), Scripted("127.0.0.3", port, [good]):
+        session = open_session(port, Hop("mx1.test", "127.0.0.2"), Hop("mx2.test", "127.0.0.3"))
+        assert session.hop == Hop("mx2.test", "127.0.0.3")
+        session.close()
+
+
+def test_no_hop_answers(port: int) -> None:
+    with pytest.raises(SessionFailed) as info:
+        open_session(port, Hop("mx1.test", "127.0.0.2"), Hop("mx2.test", "127.0.0.3"))
+    assert info.value.status.startswith("4") and "mx2.test[127.0.0.3]: connection failed" in info.value.text
+
+
+def test_a_broken_starttls_falls_back_to_plain_text(port: int) -> None:
+    broken = [("", "220 hi"), ("EHLO", "250-scripted\r\n250 STARTTLS"), ("STARTTLS", "220 go"), ("", "<close>")]
+    plain = [("", "220 hi"), ("EHLO", "250-scripted\r\n250 STARTTLS"), ("QUIT", "221 bye")]
+    with Scripted("127.0.0.2", port, [broken, plain]):
+        session = open_session(port)
+        assert session.tls == ""
+        session.close()
+
+
+def test_size_8bitmime_and_smtputf8_are_respected(port: int) -> None:
+    eight_bit = "From: a@ours.test\r\nSubject: caf\u00e9\r\n\r\nd\u00e9j\u00e0 vu\r\n".encode()
+    with Receiver("127.0.0.2", port, size_limit=2000) as receiver:
+        session = open_session(port)
+        too_big = session.send(Outgoing("a@ours.test", ("x@far.test",), MESSAGE + b"x" * 3000))
+        assert too_big["x@far.test"].status == "5.3.4" and "at most 2000" in too_big["x@far.test"].text
+        utf8 = session.send(Outgoing("a@ours.test", ("j\u00f6rg@far.test",), eight_bit))
+        assert utf8["j\u00f6rg@far.test"].delivered
+        session.close()
+        [transaction] = receiver.transactions
+    assert receiver.connections == 1
+    assert "BODY=8BITMIME" in transaction.mail_options and "SMTPUTF8" in transaction.mail_options
+    assert f"SIZE={len(eight_bit)}" in transaction.mail_options
+    assert transaction.rcpt_tos == ("j\u00f6rg@far.test",) and transaction.data == eight_bit
+
+    # A server without 8BITMIME and SMTPUTF8: nothing is sent that it cannot take.
+    old = [("", "220 hi"), ("EHLO", "250-scripted\r\n250 PIPELINING"), ("QUIT", "221 bye")]
+    with Scripted("127.0.0.2", port, [old]):
+        session = open_session(port)
+        assert session.send(Outgoing("a@ours.test", ("x@far.test",), eight_bit))["x@far.test"].status == "5.6.3"
+        assert session.send(Outgoing("a@ours.test", ("j\u00f6rg@far.test",), MESSAGE))["j\u00f6rg@far.test"].status \
+            == "5.6.7"
+        session.close()
+
+
+def test_421_ends_the_session_and_defers(port: int) -> None:
+    script = [("", "220 hi"), ("EHLO", "250-scripted\r\n250 PIPELINING"), ("MAIL", "250 ok"),
+              ("RCPT", "421 4.3.2 shutting down"), ("", "<close>")]
+    with Scripted("127.0.0.2", port, [script]):
+        session = open_session(port)
+        outcomes = session.send(Outgoing("a@ours.test", ("x@far.test",), MESSAGE))
+        assert session.broken and outcomes["x@far.test"].status == "4.3.2"
+        session.close()
+
+
+def test_many_recipients_are_split_into_transactions(port: int) -> None:
+    recipients = tuple(f"r{n}@far.test" for n in range(MAX_RCPTS_PER_TRANSACTION + 5))
+    with Receiver("127.0.0.2", port) as receiver:
+        session = open_session(port)
+        outcomes = session.send(Outgoing("a@ours.test", recipients, MESSAGE))
+        session.close()
+        transactions = receiver.wait(2)
+    assert all(o.delivered for o in outcomes.values()) and len(outcomes) == len(recipients)
+    assert [len(t.rcpt_tos) for t in transactions] == [MAX_RCPTS_PER_TRANSACTION, 5]
+
+
+@pytest.fixture
+def tls_receiver(port: int, ca: trustme.CA) -> Iterator[Receiver]:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("mx.test").configure_cert(ctx)
+    with Receiver("127.0.0.2", port, tls_context=ctx, require_starttls=True) as receiver:
+        yield receiver
+
+
+def test_opportunistic_tls_takes_any_certificate_and_records_the_fact(tls_receiver: Receiver, port: int) -> None:
+    session = open_session(port)  # the box does not trust the test CA: no verification for MX hosts
+    assert session.tls.startswith("TLSv1.")
+    assert session.send(Outgoing("a@ours.test", ("x@far.test",), MESSAGE))["x@far.test"].delivered
+    session.close()
+    assert tls_receiver.wait(1)[0].tls
+
+
+def test_a_data_refusal_is_per_message(port: int) -> None:
+    with Receiver("127.0.0.2", port, script=Script(data=["554 5.7.1 spam"])) as receiver:
+        session = open_session(port)
+        first = session.send(Outgoing("a@ours.test", ("x@far.test",), MESSAGE))
+        second = session.send(Outgoing("a@ours.test", ("x@far.test",), MESSAGE))
+        session.close()
+        receiver.wait(1)
+    assert first["x@far.test"].status == "5.7.1" and second["x@far.test"].delivered

@@ -1,0 +1,207 @@
+"""The outbound queue against real receiving SMTP servers on loopback addresses, found through a real
+DNS server on loopback serving a test zone (issue 7). Mail is submitted on 587 like a client would."""
+
+from __future__ import annotations
+
+import time
+
+import dkim
+
+from appliance import dkim_keys
+from appliance.queue.service import SERVICE_KEY, start_queue
+from tests.support.outbound import (  # noqa: F401  (fixtures)
+    ALICE,
+    MX1,
+    MX2,
+    OURS,
+    Outbound,
+    delivery_status,
+    mx,
+    outbound_fixture,
+    parse,
+    zone_fixture,
+)
+from tests.support.receivers import Script
+
+
+def test_one_transaction_per_domain_over_starttls_with_our_hostname(outbound: Outbound) -> None:
+    mx(outbound.zone, "example.net", (10, "mx.example.net", MX1))
+    mx(outbound.zone, "other.test", (10, "mx.other.test", MX2))
+    tls = outbound.server_tls("mx.example.net")
+    with outbound.receiver(MX1, tls_context=tls, require_starttls=True) as first, \
+            outbound.receiver(MX2) as second:
+        outbound.submit(["a@example.net", "b@example.net", "c@other.test"])
+        [transaction] = first.wait(1)
+        [other] = second.wait(1)
+        outbound.wait_empty()
+    assert transaction.rcpt_tos == ("a@example.net", "b@example.net")  # one transaction carries both
+    assert first.connections == 1
+    assert transaction.tls  # STARTTLS offered, so used (the receiver refuses MAIL without it)
+    assert transaction.helo == "mail.example.test"
+    assert transaction.mail_from == ALICE
+    assert transaction.data.endswith(b"\r\n\r\nHi there.\r\n")
+    assert any(opt.startswith("SIZE=") for opt in transaction.mail_options)
+    assert other.rcpt_tos == ("c@other.test",) and not other.tls
+
+
+def test_first_mx_down_the_next_one_takes_it(outbound: Outbound) -> None:
+    # Preference 10 points at an address where nothing listens; 20 at the receiver.
+    mx(outbound.zone, "example.net", (20, "backup.example.net", MX1), (10, "primary.example.net", MX2))
+    with outbound.receiver(MX1) as backup:
+        outbound.submit(["a@example.net"])
+        [transaction] = backup.wait(1)
+        outbound.wait_empty()
+    assert transaction.rcpt_tos == ("a@example.net",)
+
+
+def test_implicit_mx_and_ipv6(outbound: Outbound) -> None:
+    outbound.zone.set("v6only.test", "AAAA", ["::1"])  # no MX: the domain itself is the host
+    with outbound.receiver("::1") as receiver:
+        outbound.submit(["a@v6only.test"])
+        [transaction] = receiver.wait(1)
+        outbound.wait_empty()
+    assert transaction.rcpt_tos == ("a@v6only.test",)
+
+
+def test_temporary_failure_then_success_on_retry(outbound: Outbound) -> None:
+    mx(outbound.zone, "example.net", (10, "mx.example.net", MX1))
+    script = Script(data=["451 4.3.0 Greylisted, try again later"])
+    with outbound.receiver(MX1, script=script) as receiver:
+        outbound.submit(["a@example.net"])
+        outbound.wait_until(lambda: any(r.attempts == 1 for m in outbound.messages() for r in m.recipients),
+                            what="the first attempt to be recorded")
+        [queued] = outbound.messages()
+        assert queued.recipients[0].state == "queued"
+        assert queued.recipients[0].last_error == "451 4.3.0 Greylisted, try again later"
+        [transaction] = receiver.wait(1)  # the retry, a second later
+        outbound.wait_empty()
+    assert receiver.connections == 2
+    assert transaction.rcpt_tos == ("a@example.net",)
+    assert outbound.inbox() == []  # no report for a delivery that worked in the end
+
+
+def test_permanent_failure_sends_a_dsn_to_the_senders_inbox(outbound: Outbound) -> None:
+    mx(outbound.zone, "example.net", (10, "mx.example.net", MX1))
+    script = Script(rcpt={"nobody@example.net": "550 5.1.1 <nobody@example.net>: Recipient address rejected"})
+    with outbound.receiver(MX1, script=script) as receiver:
+        outbound.submit(["nobody@example.net", "a@example.net"])
+        [transaction] = receiver.wait(1)
+        [report] = outbound.wait_inbox(1)
+        outbound.wait_empty()
+    assert transaction.rcpt_tos == ("a@example.net",)  # the good recipient still got it
+    msg = parse(report)
+    assert msg["Return-Path"] == "<>"
+    assert msg["To"] == ALICE and "Undelivered" in msg["Subject"]
+    per_message, per_recipient = delivery_status(report)
+    assert per_message["Reporting-MTA"] == "dns; mail.example.test"
+    assert per_recipient["Final-Recipient"] == "rfc822; nobody@example.net"
+    assert per_recipient["Action"] == "failed" and per_recipient["Status"] == "5.1.1"
+    assert per_recipient["Remote-MTA"] == "dns; mx.example.net"
+    diagnostic = " ".join(per_recipient["Diagnostic-Code"].split())  # unfolded
+    assert diagnostic == "smtp; 550 5.1.1 <nobody@example.net>: Recipient address rejected"
+    returned = next(p for p in msg.walk() if p.get_content_type() == "text/rfc822-headers")
+    assert "Subject: hello" in returned.get_payload(decode=True).decode()
+
+
+def test_expiry_sends_a_dsn_with_the_last_error(outbound: Outbound) -> None:
+    outbound.setting("queue_max_age", "2")
+    mx(outbound.zone, "example.net", (10, "mx.example.net", MX1))
+    script = Script(data=["451 4.7.1 Try again later"] * 20)
+    with outbound.receiver(MX1, script=script) as receiver:
+        outbound.submit(["a@example.net"])
+        [report] = outbound.wait_inbox(1, timeout=30)
+        outbound.wait_empty()
+        assert receiver.transactions == []
+    assert receiver.connections >= 2  # retried before giving up
+    _, per_recipient = delivery_status(report)
+    assert per_recipient["Action"] == "failed" and per_recipient["Status"] == "4.7.1"
+    assert " ".join(per_recipient["Diagnostic-Code"].split()).startswith("smtp; 451 4.7.1 Try again later")
+
+
+def test_a_long_delay_warns_the_sender_once_and_keeps_trying(outbound: Outbound) -> None:
+    outbound.setting("queue_delay_notice", "1")
+    mx(outbound.zone, "example.net", (10, "mx.example.net", MX1))
+    script = Script(data=["451 4.3.0 Try again later"] * 3)
+    with outbound.receiver(MX1, script=script) as receiver:
+        outbound.submit(["a@example.net"])
+        [transaction] = receiver.wait(1, timeout=30)  # delivered after the warning
+        outbound.wait_empty()
+    [warning] = outbound.inbox()
+    assert "Delayed Mail" in parse(warning)["Subject"]
+    _, per_recipient = delivery_status(warning)
+    assert per_recipient["Action"] == "delayed" and per_recipient["Will-Retry-Until"]
+    assert transaction.rcpt_tos == ("a@example.net",)
+
+
+def test_null_mx_fails_at_once(outbound: Outbound) -> None:
+    outbound.zone.set("nomail.test", "MX", ["0 ."])
+    outbound.submit(["a@nomail.test"])
+    [report] = outbound.wait_inbox(1)
+    outbound.wait_empty()
+    _, per_recipient = delivery_status(report)
+    assert per_recipient["Status"] == "5.1.10"
+    assert "null MX" in parse(report).get_payload()[0].get_payload(decode=True).decode()
+
+
+def test_each_failure_is_reported_exactly_once(outbound: Outbound) -> None:
+    for domain in ("gone1.test", "gone2.test", "gone3.test"):
+        outbound.zone.set(domain, "MX", ["0 ."])
+    outbound.submit(["a@gone1.test", "b@gone2.test", "c@gone3.test", "d@gone3.test"])
+    outbound.wait_empty()
+    time.sleep(0.3)  # a duplicate report would be on its way by now
+    reported = [block["Final-Recipient"] for raw in outbound.inbox() for block in delivery_status(raw)[1:]]
+    assert sorted(reported) == [f"rfc822; {r}" for r in ("a@gone1.test", "b@gone2.test", "c@gone3.test",
+                                                           "d@gone3.test")]
+
+
+def test_no_report_is_ever_sent_to_the_null_sender(outbound: Outbound) -> None:
+    outbound.zone.set("nomail.test", "MX", ["0 ."])
+    spool = outbound.queue.spool
+    outbound.box.run(spool.enqueue("", ["a@nomail.test"], b"Subject: a bounce\r\n\r\nx\r\n"))
+    outbound.wait_empty()
+    assert outbound.messages() == [] and outbound.inbox() == []
+
+
+def test_dkim_signature_verifies_against_the_published_key(outbound: Outbound) -> None:
+    box = outbound.box
+    key = box.run(dkim_keys.ensure_key(box.services.db, box.data.dkim, OURS))
+    outbound.zone.set(key.record_name, "TXT", [_txt(key.txt_record())])
+    mx(outbound.zone, "example.net", (10, "mx.example.net", MX1))
+    with outbound.receiver(MX1) as receiver:
+        outbound.submit(["a@example.net"])
+        [transaction] = receiver.wait(1)
+    assert transaction.data.startswith(b"DKIM-Signature: ")
+
+    def dns_txt(name: bytes, timeout: int = 5) -> bytes | None:
+        import dns.resolver
+
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers, resolver.port = ["127.0.0.1"], outbound.zone.port
+        answer = resolver.resolve(name.decode(), "TXT")
+        return b"".join(next(iter(answer)).strings)
+
+    assert dkim.verify(transaction.data, dnsfunc=dns_txt)
+    sig = dkim.DKIM(transaction.data)
+    assert sig.verify(dnsfunc=dns_txt) and sig.domain == OURS.encode() and sig.selector == key.selector.encode()
+
+
+def test_queued_mail_survives_a_restart_of_the_queue(outbound: Outbound) -> None:
+    mx(outbound.zone, "example.net", (10, "mx.example.net", MX1))
+    outbound.setting("queue_hold", "1")
+    outbound.submit(["a@example.net"])
+    [queued] = outbound.messages()
+    box = outbound.box
+    box.run(outbound.queue.stop())
+    with outbound.receiver(MX1) as receiver:
+        outbound.setting("queue_hold", "0")
+        box.services.extra[SERVICE_KEY] = box.run(start_queue(box.services))
+        [transaction] = receiver.wait(1)
+        outbound.wait_empty()
+        box.run(outbound.queue.stop())
+    assert transaction.rcpt_tos == ("a@example.net",)
+    assert not (box.data.spool / f"{queued.id}.eml").exists()
+
+
+def _txt(value: str) -> str:
+    """A TXT rdata in zone-file syntax: long values split into quoted strings of at most 255."""
+    return " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))

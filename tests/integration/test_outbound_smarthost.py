@@ -1,0 +1,113 @@
+"""Everything outbound through a relay that requires TLS and AUTH: a real aiosmtpd relay with an
+authenticator and a certificate from the test CA (issue 7)."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+
+import pytest
+import trustme
+
+from appliance.queue.smarthost import Smarthost, load_smarthost, save_smarthost
+from tests.support.outbound import ALICE, MX1, Outbound, outbound_fixture, zone_fixture  # noqa: F401
+from tests.support.receivers import Receiver
+
+RELAY_USER, RELAY_PASSWORD = "relay-user", "relay pass 5ecret!"
+RELAY_NAME = "relay.example.test"
+
+
+def relay_tls(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(RELAY_NAME).configure_cert(ctx)
+    return ctx
+
+
+def use_relay(outbound: Outbound, tmp_path: Path, *, tls: str = "starttls", password: str = RELAY_PASSWORD) -> None:
+    ca_file = tmp_path / "relay-ca.pem"
+    outbound.ca.cert_pem.write_to_path(str(ca_file))
+    outbound.zone.set(RELAY_NAME, "A", [MX1])
+    relay = Smarthost(RELAY_NAME, outbound.port, tls, RELAY_USER, password, str(ca_file))  # type: ignore[arg-type]
+    outbound.box.run(save_smarthost(outbound.box.services.db, relay))
+    outbound.wake()
+
+
+def letterbox_log(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("letterbox"))
+
+
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+def test_all_mail_goes_through_the_relay_with_tls_and_login(
+    outbound: Outbound, tmp_path: Path, caplog: pytest.LogCaptureFixture, tls: str
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="letterbox")
+    use_relay(outbound, tmp_path, tls=tls)
+    relay = Receiver(MX1, outbound.port, tls_context=relay_tls(outbound.ca), require_starttls=tls == "starttls",
+                     implicit_tls=tls == "implicit", credentials={RELAY_USER: RELAY_PASSWORD})
+    with relay:
+        # No DNS records at all for the destinations: the relay is the only hop.
+        outbound.submit(["a@far-away.test", "b@elsewhere.test"])
+        transactions = relay.wait(2)
+        outbound.wait_empty()
+    assert sorted(t.rcpt_tos for t in transactions) == [("a@far-away.test",), ("b@elsewhere.test",)]
+    assert all(t.login == RELAY_USER and t.tls and t.mail_from == ALICE for t in transactions)
+    assert RELAY_PASSWORD not in letterbox_log(caplog)
+    assert "relay=relay.example.test[127.0.0.2]" in letterbox_log(caplog)
+
+
+def test_a_refused_login_defers_and_never_bounces(
+    outbound: Outbound, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="letterbox")
+    outbound.setting("queue_retry_intervals", "3600")  # one attempt only
+    use_relay(outbound, tmp_path, password="wrong password")
+    relay = Receiver(MX1, outbound.port, tls_context=relay_tls(outbound.ca), require_starttls=True,
+                     credentials={RELAY_USER: RELAY_PASSWORD})
+    with relay:
+        outbound.submit(["a@far-away.test"])
+        outbound.wait_until(lambda: any(r.attempts for m in outbound.messages() for r in m.recipients),
+                            what="an attempt")
+        assert relay.failed_logins >= 1 and relay.transactions == []
+    [queued] = outbound.messages()
+    [rcpt] = queued.recipients
+    assert rcpt.state == "queued" and "relay refused our login: 535" in rcpt.last_error
+    assert outbound.inbox() == []
+    assert "wrong password" not in letterbox_log(caplog)
+
+
+def test_a_relay_without_starttls_never_gets_the_password(outbound: Outbound, tmp_path: Path) -> None:
+    outbound.setting("queue_retry_intervals", "3600")  # one attempt only
+    use_relay(outbound, tmp_path)
+    with Receiver(MX1, outbound.port) as relay:  # plain text only
+        outbound.submit(["a@far-away.test"])
+        outbound.wait_until(lambda: any(r.attempts for m in outbound.messages() for r in m.recipients),
+                            what="an attempt")
+        assert relay.transactions == []
+    [rcpt] = outbound.messages()[0].recipients
+    assert rcpt.state == "queued" and "does not offer STARTTLS" in rcpt.last_error
+
+
+def test_relay_certificate_must_match_its_name(outbound: Outbound, tmp_path: Path) -> None:
+    outbound.setting("queue_retry_intervals", "3600")  # one attempt only
+    use_relay(outbound, tmp_path)
+    wrong = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    outbound.ca.issue_cert("someone-else.test").configure_cert(wrong)
+    with Receiver(MX1, outbound.port, tls_context=wrong, require_starttls=True,
+                  credentials={RELAY_USER: RELAY_PASSWORD}) as relay:
+        outbound.submit(["a@far-away.test"])
+        outbound.wait_until(lambda: any(r.attempts for m in outbound.messages() for r in m.recipients),
+                            what="an attempt")
+        assert relay.transactions == [] and relay.failed_logins == 0
+    [rcpt] = outbound.messages()[0].recipients
+    assert rcpt.state == "queued" and "TLS handshake failed" in rcpt.last_error
+
+
+def test_settings_round_trip_and_the_password_stays_out_of_repr(outbound: Outbound) -> None:
+    db = outbound.box.services.db
+    relay = Smarthost("smtp.provider.test", 587, "starttls", "me", "pw-123")
+    outbound.box.run(save_smarthost(db, relay))
+    assert outbound.box.run(load_smarthost(db)) == relay
+    assert "pw-123" not in repr(relay) and "pw-123" not in relay.describe()
+    outbound.box.run(save_smarthost(db, None))
+    assert outbound.box.run(load_smarthost(db)) is None

@@ -1,0 +1,60 @@
+"""MX ordering, null MX and address literals (RFC 5321 5.1, RFC 7505), pure (issue 7)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from appliance.queue.mx import (
+    MxHost,
+    RouteError,
+    address_literal,
+    dns_domain,
+    is_null_mx,
+    order_mx,
+    usable_mx,
+)
+
+
+def test_lower_preference_first_and_equal_preferences_shuffled() -> None:
+    records = [MxHost(20, "c"), MxHost(10, "a"), MxHost(10, "b"), MxHost(30, "d")]
+    seen = set()
+    for seed in range(40):
+        ordered = order_mx(records, random.Random(seed))
+        assert {ordered[0].name, ordered[1].name} == {"a", "b"}
+        assert [r.name for r in ordered[2:]] == ["c", "d"]
+        seen.add(tuple(r.name for r in ordered[:2]))
+    assert seen == {("a", "b"), ("b", "a")}  # both orders happen
+
+
+def test_null_mx() -> None:
+    assert is_null_mx([MxHost(0, "")])
+    assert not is_null_mx([MxHost(10, "")])  # RFC 7505 3: preference 0 only
+    assert not is_null_mx([MxHost(0, ""), MxHost(10, "mx")])
+    assert usable_mx([MxHost(0, ""), MxHost(10, "mx")], []) == [MxHost(10, "mx")]
+
+
+def test_our_own_name_and_worse_hosts_are_dropped() -> None:
+    records = [MxHost(10, "primary.test"), MxHost(20, "mail.example.test"), MxHost(30, "tertiary.test")]
+    assert usable_mx(records, ["Mail.Example.Test."]) == [MxHost(10, "primary.test")]
+    assert usable_mx([MxHost(10, "mail.example.test")], ["mail.example.test"]) == []
+
+
+@pytest.mark.parametrize(("domain", "expected"), [
+    ("[192.0.2.1]", "192.0.2.1"),
+    ("[IPv6:2001:db8::1]", "2001:db8::1"),
+    ("[ipv6:::1]", "::1"),
+    ("[300.1.1.1]", None),
+    ("example.net", None),
+])
+def test_address_literals(domain: str, expected: str | None) -> None:
+    assert address_literal(domain) == expected
+
+
+def test_dns_names_in_a_labels() -> None:
+    assert dns_domain("Example.NET.") == "example.net"
+    assert dns_domain("bücher.example") == "xn--bcher-kva.example"
+    with pytest.raises(RouteError) as info:
+        dns_domain("a\u200db.example")
+    assert info.value.permanent
