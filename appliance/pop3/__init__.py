@@ -1,0 +1,1 @@
+"""POP3 (RFC 1939) server: sans-IO protocol core, session logic, asyncio glue."""

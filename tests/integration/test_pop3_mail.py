@@ -1,0 +1,218 @@
+"""POP3 on a real box with poplib: the maildrop, RETR/TOP/UIDL/DELE, UPDATE only at QUIT, locking, IMAP."""
+
+from __future__ import annotations
+
+import imaplib
+import poplib
+import re
+import time
+
+import pytest
+
+from tests.conftest import BoxHandle
+
+USER = "alice@example.test"
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def pop_box(box: BoxHandle) -> BoxHandle:
+    box.add_user(USER, PASSWORD)
+    return box
+
+
+def message(n: int, body: bytes = b"") -> bytes:
+    return (
+        f"From: sender{n}@example.org\r\nTo: {USER}\r\nSubject: message {n}\r\n"
+        f"Message-ID: <m{n}@example.org>\r\n\r\n".encode()
+        + (body or f"Body of message {n}.\r\n".encode())
+    )
+
+
+def deliver(box: BoxHandle, data: bytes, mailbox: str = USER) -> int:
+    result = box.run(box.services.store.deliver([mailbox], data))[mailbox]
+    assert isinstance(result, int), result
+    return result
+
+
+def pop3s(box: BoxHandle) -> poplib.POP3_SSL:
+    client = poplib.POP3_SSL("127.0.0.1", box.port("pop3s"), context=box.client_context, timeout=15)
+    client.user(USER)
+    client.pass_(PASSWORD)
+    return client
+
+
+def drop(client: poplib.POP3) -> None:
+    """Hang up without QUIT."""
+    client.file.close()
+    client.sock.close()
+
+
+def login_when_unlocked(box: BoxHandle) -> poplib.POP3_SSL:
+    """Log in once the server has noticed that the previous session's connection is gone."""
+    for _ in range(100):
+        try:
+            return pop3s(box)
+        except poplib.error_proto as exc:
+            assert b"[IN-USE]" in exc.args[0]
+            time.sleep(0.05)
+    pytest.fail("the lock of a dropped session was never released")
+
+
+def retr(client: poplib.POP3, n: int) -> bytes:
+    """RETR as bytes: poplib splits the lines and removes the dot-stuffing."""
+    _, lines, _ = client.retr(n)
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+def imap_uids(box: BoxHandle) -> tuple[int, list[int]]:
+    with imaplib.IMAP4_SSL("127.0.0.1", box.port("imaps"), ssl_context=box.client_context, timeout=15) as imap:
+        imap.login(USER, PASSWORD)
+        imap.select("INBOX", readonly=True)
+        uidvalidity = int(imap.response("UIDVALIDITY")[1][0])  # type: ignore[arg-type]
+        _, data = imap.uid("SEARCH", "ALL")
+        return uidvalidity, [int(u) for u in data[0].split()]  # type: ignore[union-attr]
+
+
+def test_stat_list_uidl_retr_top_agree_with_the_store_and_imap(pop_box: BoxHandle) -> None:
+    stuffed = b".leading dot\r\n..two dots\r\n.\r\nend\r\n"
+    sent = [message(1), message(2, stuffed), message(3)]
+    for data in sent:
+        deliver(pop_box, data)
+    client = pop3s(pop_box)
+    try:
+        count, octets = client.stat()
+        assert (count, octets) == (3, sum(len(d) for d in sent))
+        _, listing, _ = client.list()
+        assert listing == [f"{i} {len(d)}".encode() for i, d in enumerate(sent, 1)]
+        assert client.list(2).split() == [b"+OK", b"2", str(len(sent[1])).encode()]
+        for i, data in enumerate(sent, 1):
+            assert retr(client, i) == data
+        _, top, _ = client.top(2, 1)
+        assert top[-2:] == [b"", b".leading dot"] and top[0].startswith(b"From: ")
+        _, uidl, _ = client.uidl()
+        uidvalidity, uids = imap_uids(pop_box)
+        assert uidl == [f"{i} {uidvalidity}.{uid}".encode() for i, uid in enumerate(uids, 1)]
+        assert client.uidl(3).split()[2] == f"{uidvalidity}.{uids[2]}".encode()
+        assert client.noop().startswith(b"+OK")
+    finally:
+        client.quit()
+
+
+def test_deletions_only_at_quit_and_rset(pop_box: BoxHandle) -> None:
+    for n in range(1, 5):
+        deliver(pop_box, message(n))
+    client = pop3s(pop_box)
+    client.dele(1)
+    client.dele(2)
+    assert client.stat()[0] == 2
+    with pytest.raises(poplib.error_proto, match="already deleted"):
+        client.retr(1)
+    assert [line.split()[0] for line in client.list()[1]] == [b"3", b"4"]
+    assert client.rset().startswith(b"+OK Maildrop has 4 messages")
+    client.dele(4)
+    # The connection drops without QUIT: nothing is deleted (RFC 1939 6).
+    drop(client)
+    client = login_when_unlocked(pop_box)
+    assert client.stat()[0] == 4
+    client.dele(1)
+    client.dele(3)
+    assert client.quit().startswith(b"+OK Letterbox POP3 server signing off (2 messages left)")
+    client = pop3s(pop_box)
+    try:
+        assert [retr(client, i) for i in (1, 2)] == [message(2), message(4)]
+    finally:
+        client.quit()
+
+
+def test_second_session_gets_in_use_until_the_first_quits(pop_box: BoxHandle) -> None:
+    first = pop3s(pop_box)
+    second = poplib.POP3_SSL("127.0.0.1", pop_box.port("pop3s"), context=pop_box.client_context, timeout=15)
+    second.user(USER)
+    with pytest.raises(poplib.error_proto, match=re.escape("-ERR [IN-USE]")):
+        second.pass_(PASSWORD)
+    # Over STLS on the other listener too: one lock table for both.
+    third = poplib.POP3("127.0.0.1", pop_box.port("pop3"), timeout=15)
+    third.stls(pop_box.client_context)
+    third.user(USER)
+    with pytest.raises(poplib.error_proto, match=re.escape("-ERR [IN-USE]")):
+        third.pass_(PASSWORD)
+    third.quit()
+    first.quit()
+    second.user(USER)
+    assert second.pass_(PASSWORD).startswith(b"+OK Logged in")
+    second.quit()
+
+
+def test_a_dropped_session_releases_the_lock(pop_box: BoxHandle) -> None:
+    drop(pop3s(pop_box))
+    login_when_unlocked(pop_box).quit()
+
+
+def test_maildrop_is_a_snapshot_at_login(pop_box: BoxHandle) -> None:
+    deliver(pop_box, message(1))
+    client = pop3s(pop_box)
+    deliver(pop_box, message(2))
+    assert client.stat()[0] == 1
+    client.quit()
+    client = pop3s(pop_box)
+    assert client.stat()[0] == 2
+    client.quit()
+
+
+def test_imap_sees_pop3_deletions_as_expunge_and_retrieved_as_seen(pop_box: BoxHandle) -> None:
+    for n in range(1, 4):
+        deliver(pop_box, message(n))
+    with imaplib.IMAP4_SSL("127.0.0.1", pop_box.port("imaps"), ssl_context=pop_box.client_context,
+                           timeout=15) as imap:
+        imap.login(USER, PASSWORD)
+        imap.select("INBOX")
+        client = pop3s(pop_box)
+        client.retr(1)
+        client.retr(3)
+        client.dele(1)
+        client.quit()
+        _, data = imap.noop()
+        untagged = imap.untagged_responses
+        assert untagged.get("EXPUNGE") == [b"1"], (data, untagged)
+        imap.untagged_responses.clear()  # the NOOP's FETCH of the flag change would be mixed in
+        _, data = imap.fetch("1:*", "(UID FLAGS)")
+        flags = {int(m.group(1)): m.group(2) for item in data
+                 if (m := re.search(rb"UID (\d+) FLAGS \((.*?)\)", item))}  # type: ignore[arg-type]
+        assert set(flags) == {2, 3} and b"\\Seen" not in flags[2] and b"\\Seen" in flags[3]
+        imap.logout()
+
+
+def test_large_message_streams_intact(pop_box: BoxHandle) -> None:
+    line = b"0123456789" * 7 + b"\r\n"
+    body = b"".join((b"." if i % 97 == 0 else b"") + line for i in range(100_000))  # about 7 MB
+    data = message(1, body)
+    deliver(pop_box, data)
+    client = pop3s(pop_box)
+    try:
+        assert client.stat() == (1, len(data))
+        assert retr(client, 1) == data
+    finally:
+        client.quit()
+
+
+def test_foreign_message_with_bare_lf_is_sent_with_crlf(pop_box: BoxHandle) -> None:
+    deliver(pop_box, message(1))  # makes the Maildir
+    new = pop_box.data.mail / "example.test" / "alice" / "new"
+    (new / "1700000000.M1P1.elsewhere").write_bytes(b"Subject: lf only\n\n.dot\nbody\n")
+    client = pop3s(pop_box)
+    try:
+        assert client.stat()[0] == 2
+        assert retr(client, 2) == b"Subject: lf only\r\n\r\n.dot\r\nbody\r\n"
+    finally:
+        client.quit()
+
+
+def test_message_removed_by_imap_meanwhile_gets_err(pop_box: BoxHandle) -> None:
+    uid = deliver(pop_box, message(1))
+    client = pop3s(pop_box)
+    pop_box.run(pop_box.services.store.expunge(USER, "INBOX", [uid]))
+    with pytest.raises(poplib.error_proto, match="removed by another session"):
+        client.retr(1)
+    client.dele(1)
+    assert client.quit().startswith(b"+OK")

@@ -1,0 +1,70 @@
+"""The per-session maildrop: numbering, deletion marks, sizes and unique-ids (RFC 1939 5-7)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.pop3.maildrop import Maildrop, parse_number, unique_id, wire_size
+from appliance.pop3.replies import Pop3Err
+from appliance.store.model import MessageInfo
+
+
+def info(uid: int, size: int, name: str | None = None) -> MessageInfo:
+    path = Path("/m/cur") / (name or f"1700000000.M{uid}P1Q1.host,S={size}:2,")
+    return MessageInfo(uid, frozenset(), size, 1_700_000_000, 1, path)
+
+
+def drop() -> Maildrop:
+    return Maildrop(1234, [info(3, 100), info(7, 250), info(9, 40)])
+
+
+def test_numbers_sizes_and_unique_ids() -> None:
+    d = drop()
+    assert [(m.number, m.uid, m.size, m.unique_id) for m in d.messages] == [
+        (1, 3, 100, "1234.3"), (2, 7, 250, "1234.7"), (3, 9, 40, "1234.9"),
+    ]
+    assert d.stat() == (3, 390)
+
+
+def test_deletion_marks_hide_messages_until_reset() -> None:
+    d = drop()
+    d.delete(d.message("2"))
+    assert d.stat() == (2, 140)
+    assert [m.number for m in d.live()] == [1, 3]
+    with pytest.raises(Pop3Err, match="already deleted"):
+        d.message("2")
+    assert d.deleted_uids() == [7]
+    d.reset()
+    assert d.stat() == (3, 390) and d.deleted_uids() == []
+
+
+def test_seen_are_retrieved_and_not_deleted() -> None:
+    d = drop()
+    d.retrieved.update({1, 2})
+    d.delete(d.message("1"))
+    assert d.seen_uids() == [7]
+
+
+@pytest.mark.parametrize("argument", ["0", "4", "99999999999", "-1", "1.0", "x", "", "١"])
+def test_bad_message_numbers(argument: str) -> None:
+    with pytest.raises(Pop3Err) as caught:
+        drop().message(argument)
+    assert caught.value.reply.render().startswith(b"-ERR ")
+
+
+def test_parse_number() -> None:
+    assert parse_number("0") == 0 and parse_number("0042") == 42
+    with pytest.raises(Pop3Err):
+        parse_number("12345678901")
+
+
+def test_wire_size_prefers_dovecots_crlf_size() -> None:
+    assert wire_size(info(1, 100, "1700000000.M1P1.host,S=100,W=104:2,S")) == 104
+    assert wire_size(info(1, 100)) == 100
+
+
+def test_unique_ids_are_printable_and_short() -> None:
+    uid = unique_id(2**32 - 1, 2**32 - 1)
+    assert len(uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uid)
