@@ -1,0 +1,359 @@
+"""The commands a client can send, as values: what the parser produces and the session consumes.
+
+Every command is a frozen dataclass with the client's `tag` and the upper-case command `name`; UID
+variants (RFC 3501 6.4.8) carry `uid=True` and the name of the command they wrap.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+# RFC 3501 2.3.2: the system flags, in the spelling we answer with (clients may send any case).
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+RECENT = "\\Recent"
+_CANONICAL_FLAGS = {flag.lower(): flag for flag in (*SYSTEM_FLAGS, RECENT)}
+
+
+def canonical_flag(flag: str) -> str:
+    """System flags in their standard spelling; keywords as sent (RFC 3501 2.3.2)."""
+    return _CANONICAL_FLAGS.get(flag.lower(), flag)
+
+
+# --- sequence sets ----------------------------------------------------------------------------------
+
+STAR = 0  # "*" in a sequence set (0 is never a valid message number or UID)
+
+
+@dataclass(frozen=True)
+class SequenceSet:
+    """RFC 3501 9 sequence-set: ranges of message numbers or UIDs, `*` meaning the largest in use.
+
+    A range's ends may come in either order (RFC 3501 9: "2:4" and "4:2" are the same)."""
+
+    ranges: tuple[tuple[int, int], ...]
+
+    def bounds(self, largest: int) -> Iterator[tuple[int, int]]:
+        """Each range as (low, high) with `*` replaced by `largest`."""
+        for start, end in self.ranges:
+            a = largest if start == STAR else start
+            b = largest if end == STAR else end
+            yield (a, b) if a <= b else (b, a)
+
+    def contains(self, number: int, largest: int) -> bool:
+        return any(low <= number <= high for low, high in self.bounds(largest))
+
+    def numbers(self, largest: int) -> list[int]:
+        """Every number the set names, in ascending order, bounded by `largest` (message numbers)."""
+        found: set[int] = set()
+        for low, high in self.bounds(largest):
+            found.update(range(max(low, 1), min(high, largest) + 1))
+        return sorted(found)
+
+    def mentions_beyond(self, largest: int) -> bool:
+        """True if a number (not `*`) exceeds `largest`: RFC 3501 6.4.8 says that is an error for
+        message sequence numbers."""
+        return any(n > largest for r in self.ranges for n in r if n != STAR)
+
+    def select(self, items: Iterable[int], largest: int) -> list[int]:
+        """The members of `items` (sorted ascending) the set contains."""
+        bounds = list(self.bounds(largest))
+        return [n for n in items if any(low <= n <= high for low, high in bounds)]
+
+    def __str__(self) -> str:
+        def one(n: int) -> str:
+            return "*" if n == STAR else str(n)
+
+        return ",".join(one(a) if a == b else f"{one(a)}:{one(b)}" for a, b in self.ranges)
+
+    @classmethod
+    def of(cls, numbers: Iterable[int]) -> SequenceSet:
+        """A compact set naming exactly `numbers` (for COPYUID and friends)."""
+        ranges: list[tuple[int, int]] = []
+        for n in sorted(set(numbers)):
+            if ranges and ranges[-1][1] == n - 1:
+                ranges[-1] = (ranges[-1][0], n)
+            else:
+                ranges.append((n, n))
+        return cls(tuple(ranges))
+
+
+def compact(numbers: Iterable[int]) -> str:
+    """Numbers in the order given, as an IMAP set ("3:5,9"); for UIDPLUS responses order matters."""
+    parts: list[str] = []
+    start = prev = None
+    for n in numbers:
+        if prev is not None and n == prev + 1:
+            prev = n
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}:{prev}")
+        start = prev = n
+    if start is not None:
+        parts.append(str(start) if start == prev else f"{start}:{prev}")
+    return ",".join(parts)
+
+
+# --- FETCH items (RFC 3501 6.4.5) -------------------------------------------------------------------
+
+SectionText = Literal["", "HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT", "MIME"]
+
+
+@dataclass(frozen=True)
+class Section:
+    """BODY[section]: a part path (1.2.3) and what of it (RFC 3501 6.4.5)."""
+
+    part: tuple[int, ...] = ()
+    text: SectionText = ""
+    fields: tuple[str, ...] = ()  # for HEADER.FIELDS (.NOT), upper-cased as sent back
+
+    def spec(self) -> str:
+        parts = [".".join(str(p) for p in self.part)] if self.part else []
+        if self.text:
+            parts.append(self.text)
+        spec = ".".join(parts)
+        if self.text.startswith("HEADER.FIELDS"):
+            spec += " (" + " ".join(self.fields) + ")"
+        return spec
+
+
+@dataclass(frozen=True)
+class FetchAttribute:
+    """A FETCH item without a section: FLAGS, UID, INTERNALDATE, RFC822.SIZE, ENVELOPE, BODY,
+    BODYSTRUCTURE, RFC822, RFC822.HEADER, RFC822.TEXT."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class BodySection:
+    """BODY[section]<partial> or BODY.PEEK[...] (RFC 3501 6.4.5)."""
+
+    section: Section
+    peek: bool = False
+    partial: tuple[int, int] | None = None  # (origin octet, count)
+
+    def response_name(self) -> str:
+        """The name in the FETCH response: no PEEK, and the partial shows only its origin."""
+        name = f"BODY[{self.section.spec()}]"
+        if self.partial is not None:
+            name += f"<{self.partial[0]}>"
+        return name
+
+
+FetchItem = FetchAttribute | BodySection
+
+# RFC 3501 6.4.5 macros.
+FETCH_MACROS: dict[str, tuple[str, ...]] = {
+    "ALL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"),
+    "FAST": ("FLAGS", "INTERNALDATE", "RFC822.SIZE"),
+    "FULL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"),
+}
+SIMPLE_FETCH_ATTRIBUTES = frozenset(
+    {"FLAGS", "UID", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY", "BODYSTRUCTURE", "RFC822",
+     "RFC822.HEADER", "RFC822.TEXT"}
+)
+
+
+# --- SEARCH keys (RFC 3501 6.4.4) -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SearchAll:
+    pass
+
+
+@dataclass(frozen=True)
+class FlagKey:
+    """ANSWERED/UNANSWERED, DELETED, DRAFT, FLAGGED, SEEN, KEYWORD x, RECENT and their opposites."""
+
+    flag: str
+    present: bool = True
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """NEW is RECENT UNSEEN (RFC 3501 6.4.4)."""
+
+
+@dataclass(frozen=True)
+class HeaderKey:
+    """FROM, TO, CC, BCC, SUBJECT, HEADER name value: substring of the decoded header field."""
+
+    field: str
+    value: str
+
+
+@dataclass(frozen=True)
+class TextKey:
+    """BODY (body only) or TEXT (headers and body)."""
+
+    where: Literal["BODY", "TEXT"]
+    value: str
+
+
+@dataclass(frozen=True)
+class DateKey:
+    """BEFORE/ON/SINCE (internal date) and SENTBEFORE/SENTON/SENTSINCE (Date: header)."""
+
+    sent: bool
+    relation: Literal["BEFORE", "ON", "SINCE"]
+    date: dt.date
+
+
+@dataclass(frozen=True)
+class SizeKey:
+    relation: Literal["LARGER", "SMALLER"]
+    size: int
+
+
+@dataclass(frozen=True)
+class SetKey:
+    """A sequence set of message numbers, or UID set."""
+
+    uid: bool
+    set: SequenceSet
+
+
+@dataclass(frozen=True)
+class NotKey:
+    key: SearchKey
+
+
+@dataclass(frozen=True)
+class OrKey:
+    left: SearchKey
+    right: SearchKey
+
+
+@dataclass(frozen=True)
+class AndKey:
+    keys: tuple[SearchKey, ...]
+
+
+SearchKey = SearchAll | FlagKey | NewKey | HeaderKey | TextKey | DateKey | SizeKey | SetKey | NotKey | OrKey | AndKey
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Command:
+    tag: str
+    name: str  # upper case; "FETCH" for both FETCH and UID FETCH
+
+
+@dataclass(frozen=True)
+class Login(Command):
+    user: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Authenticate(Command):
+    mechanism: str
+    initial: str | None = field(default=None, repr=False)  # SASL-IR (RFC 4959), base64 or "="
+
+
+@dataclass(frozen=True)
+class MailboxCommand(Command):
+    """SELECT, EXAMINE, CREATE, DELETE, SUBSCRIBE, UNSUBSCRIBE, GETQUOTAROOT: one mailbox name."""
+
+    mailbox: str
+
+
+@dataclass(frozen=True)
+class Rename(Command):
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
+class ListCommand(Command):
+    """LIST / LSUB (RFC 3501 6.3.8-9), with the RFC 5258 selection and return options clients use
+    to ask for SPECIAL-USE (RFC 6154) and CHILDREN."""
+
+    reference: str
+    patterns: tuple[str, ...]
+    select: tuple[str, ...] = ()
+    returns: tuple[str, ...] = ()
+    extended: bool = False
+
+
+@dataclass(frozen=True)
+class Status(Command):
+    mailbox: str
+    items: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Append(Command):
+    mailbox: str
+    flags: tuple[str, ...]
+    date: int | None  # unix seconds
+    message: bytes = field(repr=False, compare=False)  # may be the bytearray it was read into
+
+
+@dataclass(frozen=True)
+class Fetch(Command):
+    uid: bool
+    set: SequenceSet
+    items: tuple[FetchItem, ...]
+
+
+@dataclass(frozen=True)
+class Store(Command):
+    uid: bool
+    set: SequenceSet
+    mode: Literal["set", "add", "remove"]
+    silent: bool
+    flags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CopyMove(Command):
+    """COPY, MOVE (RFC 6851) and their UID forms."""
+
+    uid: bool
+    set: SequenceSet
+    mailbox: str
+
+
+@dataclass(frozen=True)
+class Search(Command):
+    uid: bool
+    charset: str | None
+    key: SearchKey
+
+
+@dataclass(frozen=True)
+class Expunge(Command):
+    """EXPUNGE, or UID EXPUNGE set (RFC 4315 2.1) when `uids` is given."""
+
+    uids: SequenceSet | None = None
+
+
+@dataclass(frozen=True)
+class Id(Command):
+    """RFC 2971: the client's identification, or None for NIL."""
+
+    params: tuple[tuple[str, str | None], ...] | None
+
+
+@dataclass(frozen=True)
+class Enable(Command):
+    capabilities: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class QuotaCommand(Command):
+    """GETQUOTA root, or SETQUOTA root (resources) (RFC 2087)."""
+
+    root: str
+    limits: tuple[tuple[str, int], ...] = ()
+
+
+# Commands that take no arguments at all (RFC 3501 6.1, 6.2.1, 6.3.10-, 6.4.1-3, RFC 2177, 3691, 2342).
+NO_ARGUMENT_COMMANDS = frozenset(
+    {"CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "CHECK", "CLOSE", "UNSELECT", "NAMESPACE", "IDLE"}
+)

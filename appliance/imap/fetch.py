@@ -1,0 +1,510 @@
+"""What FETCH sends for one message: ENVELOPE, BODY/BODYSTRUCTURE and BODY[section]<partial>.
+
+Pure functions over a scanned structure (mime.py) and the open message file; no store, no asyncio.
+Section contents that are large stay in the file and go out as FileSlice literals, read in chunks
+while the server writes them (RFC 3501 6.4.5, 7.4.2).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from email.header import Header
+from email.message import Message
+from email.policy import default as default_policy
+from email.utils import getaddresses
+from functools import lru_cache
+from typing import BinaryIO, Protocol
+
+from appliance.imap.commands import BodySection, FetchItem, Section
+from appliance.imap.limits import MAX_HEADER_OCTETS
+from appliance.imap.mime import Part, Span, unfold
+from appliance.imap.responses import Atom, LiteralBytes, Raw, Streamed, Value, render_value
+
+CHUNK = 256 * 1024  # octets read from the file per write
+INLINE_LITERAL = 256 * 1024  # section contents up to this size are read into memory at once
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_ATTRIBUTE_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&+^`|")
+_ROUTE = re.compile(r"<\s*(@[^:<>]+):\s*([^<>\s]+)\s*>")
+MONTH_NAMES = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+MISSING_MAILBOX = "MISSING_MAILBOX"  # Dovecot's placeholders, which clients already know
+MISSING_DOMAIN = "MISSING_DOMAIN"
+
+
+def to_crlf(chunk: bytes, prev_cr: bool) -> bytes:
+    """Bare LF written as CRLF; `prev_cr` says the previous chunk ended in CR (a CRLF cut in two)."""
+    out = _BARE_LF.sub(b"\r\n", chunk)
+    if prev_cr and chunk.startswith(b"\n"):
+        out = out[1:]
+    return out
+
+
+def raw(value: str) -> bytes:
+    """A header value as the octets on disk (the parser kept 8-bit octets as surrogate escapes)."""
+    return value.encode("utf-8", "surrogateescape")
+
+
+# --- reading regions -------------------------------------------------------------------------------
+
+class Readable(Protocol):
+    def seek(self, pos: int, whence: int = 0, /) -> int: ...
+    def read(self, n: int = -1, /) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class FileSlice:
+    """A region of a message file as IMAP literal content: CRLF line ends, optionally a partial.
+
+    Owns the open file (the message's path changes with its flags, an open file does not) and closes
+    it when the content has been read or `close()` is called."""
+
+    def __init__(self, f: Readable, span: Span, partial: tuple[int, int] | None = None) -> None:
+        self._f = f
+        self._span = span
+        self._skip = 0
+        size = span.wire_size
+        if partial is not None:
+            origin, count = partial
+            self._skip = min(origin, size)
+            size = max(0, min(count, size - origin))
+        self._length = size
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def chunks(self) -> Iterator[bytes]:
+        try:
+            yield from _read_wire(self._f, self._span, self._skip, self._length)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _read_wire(f: Readable, span: Span, skip: int, length: int) -> Iterator[bytes]:
+    """`length` wire octets of `span`, starting `skip` wire octets in."""
+    if length <= 0:
+        return
+    left = length
+    if span.wire_size == span.end - span.start:
+        # No bare LF in the region: wire octets are file octets, seek straight to them.
+        f.seek(span.start + skip)
+        while left:
+            chunk = f.read(min(CHUNK, left))
+            if not chunk:
+                raise OSError("message file shorter than its index says")
+            left -= len(chunk)
+            yield chunk
+        return
+    f.seek(span.start)
+    file_left = span.end - span.start
+    prev_cr = False
+    while left:
+        chunk = f.read(min(CHUNK, file_left))
+        if not chunk:
+            raise OSError("message file shorter than its index says")
+        file_left -= len(chunk)
+        wire = to_crlf(chunk, prev_cr)
+        prev_cr = chunk.endswith(b"\r")
+        if skip:
+            cut = min(skip, len(wire))
+            wire = wire[cut:]
+            skip -= cut
+        if wire:
+            wire = wire[:left]
+            left -= len(wire)
+            yield wire
+
+
+class _Unclosable:
+    """A view of a file that FileSlice may 'close' without closing the file under it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+
+    def seek(self, pos: int, whence: int = 0, /) -> int:
+        return self._f.seek(pos, whence)
+
+    def read(self, n: int = -1, /) -> bytes:
+        return self._f.read(n)
+
+    def close(self) -> None:
+        pass
+
+
+Reopen = Callable[[], BinaryIO]
+
+
+def section_literal(f: BinaryIO, span: Span, partial: tuple[int, int] | None, reopen: Reopen | None) -> Value:
+    """Small content inline; large content as a FileSlice on a handle from `reopen`, which the slice
+    owns (so the caller's file can be closed independently of the write)."""
+    probe = FileSlice(_Unclosable(f), span, partial)
+    if probe.length <= INLINE_LITERAL or reopen is None:
+        return LiteralBytes(b"".join(probe.chunks()))
+    return Streamed(FileSlice(reopen(), span, partial))
+
+
+# --- sections (RFC 3501 6.4.5) -----------------------------------------------------------------------
+
+def locate(root: Part, path: tuple[int, ...]) -> tuple[Part, bool] | None:
+    """The part a section path names, and whether it is a whole message (the top level or the
+    message inside a message/rfc822 part). Part 1 of a non-multipart message is its body."""
+    node, is_message = root, True
+    for i, number in enumerate(path):
+        if i and node.is_message and not is_message:
+            node, is_message = node.children[0], True  # numbers after a message/rfc822 part go inside
+        if node.is_multipart:
+            if number > len(node.children):
+                return None
+            node, is_message = node.children[number - 1], False
+        elif is_message and number == 1:
+            is_message = False
+        else:
+            return None
+    return node, is_message
+
+
+def section_span(root: Part, section: Section) -> Span | None:
+    """The region of the file a section names (None for HEADER.FIELDS, which is built, and for a
+    part that does not exist)."""
+    found = locate(root, section.part)
+    if found is None:
+        return None
+    node, is_message = found
+    text = section.text
+    if text == "":
+        if not section.part:
+            return whole_message(root)  # BODY[]: the entire message
+        return node.body
+    if text == "MIME":
+        return node.header
+    # HEADER, TEXT and HEADER.FIELDS name a message: the top, or the one inside a message/rfc822 part.
+    if section.part:
+        if is_message or not node.is_message:
+            return None
+        node = node.children[0]
+    if text == "HEADER" or text.startswith("HEADER.FIELDS"):
+        return node.header
+    return node.body
+
+
+def whole_message(root: Part) -> Span:
+    return Span(root.header.start, root.body.end, root.header.wire_start, root.body.wire_end)
+
+
+def header_fields(header: bytes, fields: tuple[str, ...], exclude: bool) -> bytes:
+    """RFC 3501 6.4.5 HEADER.FIELDS (.NOT): the named fields of a header block, in their order, with
+    their continuation lines, then the blank line. Line ends are CRLF."""
+    wanted = {f.lower() for f in fields}
+    out = bytearray()
+    keep = False
+    ended = False  # the block ends with its blank line (a message may have no body and no blank line)
+    for line in header.splitlines(keepends=True):
+        if line in (b"\r\n", b"\n"):
+            ended = True
+            break
+        if not line.endswith(b"\n"):
+            line += b"\r\n"
+        if line[:1] in (b" ", b"\t"):
+            if keep:
+                out += line
+            continue
+        name = line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+        keep = (name in wanted) != exclude and b":" in line
+        if keep:
+            out += line
+    if ended:
+        out += b"\r\n"
+    return to_crlf(bytes(out), False)
+
+
+def body_section(f: BinaryIO, root: Part, item: BodySection, reopen: Reopen | None) -> Value:
+    section = item.section
+    span = section_span(root, section)
+    if span is None:
+        return LiteralBytes(b"")  # a part that does not exist is empty (as Dovecot answers)
+    if section.text.startswith("HEADER.FIELDS"):
+        block = _read_header_block(f, span)
+        data = header_fields(block, section.fields, section.text.endswith(".NOT"))
+        if item.partial is not None:
+            origin, count = item.partial
+            data = data[origin:origin + count]
+        return LiteralBytes(data)
+    return section_literal(f, span, item.partial, reopen)
+
+
+def _read_header_block(f: BinaryIO, span: Span) -> bytes:
+    f.seek(span.start)
+    return f.read(min(span.end - span.start, MAX_HEADER_OCTETS))
+
+
+# --- ENVELOPE (RFC 3501 7.4.2) ---------------------------------------------------------------------
+
+def _nstring(headers: Message, name: str) -> Value:
+    value = headers.get(name)
+    if value is None:
+        return None
+    return raw(unfold(value).strip())
+
+
+def envelope(headers: Message) -> Value:
+    from_ = addresses(headers, "From")
+    sender = addresses(headers, "Sender") or from_
+    reply_to = addresses(headers, "Reply-To") or from_
+    return [
+        _nstring(headers, "Date"),
+        _nstring(headers, "Subject"),
+        from_,
+        sender,
+        reply_to,
+        addresses(headers, "To"),
+        addresses(headers, "Cc"),
+        addresses(headers, "Bcc"),
+        _nstring(headers, "In-Reply-To"),
+        _nstring(headers, "Message-ID"),
+    ]
+
+
+def addresses(headers: Message, name: str) -> Value:
+    """An address list as ENVELOPE wants it: ((name adl mailbox host)(...)) or NIL when empty
+    (RFC 3501 9: the addresses follow each other without spaces)."""
+    values = headers.get_all(name)
+    if not values:
+        return None
+    rendered = b"".join(_address_list(unfold(value)) for value in values)
+    if not rendered:
+        return None
+    return Raw(b"(" + rendered + b")")
+
+
+@lru_cache(maxsize=8192)
+def _address_list(text: str) -> bytes:
+    """The rendered addresses of one header value. Cached: a mailbox has the same From and To
+    values over and over, and parsing addresses is the costly part of an ENVELOPE."""
+    found = _grouped_addresses(text) if ":" in text else _plain_addresses(text)
+    return b"".join(render_value(a) for a in found)
+
+
+def _plain_addresses(text: str) -> list[Value]:
+    # email.utils.getaddresses is fast and keeps display names as written (encoded words and all).
+    out: list[Value] = []
+    for display, address in getaddresses([text]):
+        if not address:
+            continue
+        out.append(_address(display, address))
+    return out
+
+
+def _address(display: str, address: str) -> Value:
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    return [raw(display) if display else None, None, raw(local) or MISSING_MAILBOX, raw(domain) or MISSING_DOMAIN]
+
+
+def _grouped_addresses(text: str) -> list[Value]:
+    """Group syntax and source routes (rare): the full RFC 5322 parser from email.headerregistry."""
+    try:
+        header = default_policy.header_factory("To", text)
+        groups = header.groups  # type: ignore[attr-defined]
+    except Exception:  # a header the parser cannot take is not worth failing a FETCH for
+        return _plain_addresses(text)
+    routes = {spec.strip().lower(): route.replace(" ", "") for route, spec in _ROUTE.findall(text)}
+    out: list[Value] = []
+    for group in groups:
+        if group.display_name is not None:
+            out.append([None, None, raw(group.display_name), None])  # RFC 3501 7.4.2 group start
+        for address in group.addresses:
+            name = address.display_name
+            if name and not name.isascii():
+                name = Header(name, "utf-8").encode()
+            spec = f"{address.username}@{address.domain}" if address.domain else address.username
+            value = _address(name, spec)
+            route = routes.get(spec.lower())
+            if route and isinstance(value, list):
+                value[1] = raw(route)  # RFC 3501 7.4.2 at-domain-list (source route)
+            out.append(value)
+        if group.display_name is not None:
+            out.append([None, None, None, None])  # group end
+    return out
+
+
+# --- BODY and BODYSTRUCTURE (RFC 3501 7.4.2) -------------------------------------------------------
+
+def body_structure(part: Part, extensible: bool) -> Value:
+    if part.is_multipart:
+        children = Raw(b"".join(render_value(body_structure(c, extensible)) for c in part.children))
+        value: list[Value] = [children, part.subtype]
+        if extensible:
+            params = _params(part.headers)
+            value += [params, _disposition(part.headers), _language(part.headers),
+                      _nstring(part.headers, "Content-Location")]
+        return value
+    headers = part.headers
+    params = _params(headers)
+    if not params and part.maintype == "text":
+        params = [b"charset", b"us-ascii"]  # RFC 2045 5.2 default (Dovecot adds it too)
+    encoding = headers.get("Content-Transfer-Encoding")
+    fields: list[Value] = [
+        part.maintype, part.subtype, params or None,
+        _nstring(headers, "Content-ID"), _nstring(headers, "Content-Description"),
+        raw(unfold(encoding).strip()) if encoding else "7bit",
+        part.body.wire_size,
+    ]
+    if part.is_message:
+        inner = part.children[0]
+        fields += [envelope(inner.headers), body_structure(inner, extensible), part.lines]
+    elif part.maintype == "message" and part.subtype in ("rfc822", "global"):
+        # RFC 3501 9 body-type-msg always has an envelope and a body; an encapsulated message we
+        # could not walk (base64-encoded, too deep) gets empty ones, as Dovecot does.
+        fields += [[None] * 10, _EMPTY_EXTENSIBLE if extensible else _EMPTY_BASIC, part.lines]
+    elif part.maintype == "text":
+        fields.append(part.lines)
+    if extensible:
+        fields += [_nstring(headers, "Content-MD5"), _disposition(headers), _language(headers),
+                   _nstring(headers, "Content-Location")]
+    return fields
+
+
+_EMPTY_BASIC: list[Value] = ["text", "plain", [b"charset", b"us-ascii"], None, None, "7bit", 0, 0]
+_EMPTY_EXTENSIBLE: list[Value] = [*_EMPTY_BASIC, None, None, None, None]
+
+
+def _params(headers: Message, header: str = "content-type") -> list[Value]:
+    """Parameters of Content-Type or Content-Disposition as a flat (name value ...) list. RFC 2231
+    values (name*=charset'lang'text, possibly continued) come out as one name*=charset''%XX value."""
+    try:
+        params = headers.get_params(header=header, unquote=True)
+    except Exception:
+        return []
+    if not params:
+        return []
+    out: list[Value] = []
+    for name, value in params[1:]:
+        if not name:
+            continue
+        if isinstance(value, tuple):
+            charset, _lang, text = value
+            data = text.encode("latin-1", "replace")
+            quoted = "".join(chr(b) if chr(b) in _ATTRIBUTE_SAFE else f"%{b:02X}" for b in data)
+            out += [raw(name) + b"*", (charset or "utf-8").encode("ascii", "replace") + b"''" + quoted.encode()]
+        else:
+            out += [raw(name), raw(value)]
+    return out
+
+
+def _disposition(headers: Message) -> Value:
+    value = headers.get("Content-Disposition")
+    if value is None:
+        return None
+    kind = unfold(value).split(";", 1)[0].strip()
+    if not kind:
+        return None
+    params = _params(headers, header="content-disposition")
+    return [raw(kind), params or None]
+
+
+def _language(headers: Message) -> Value:
+    value = headers.get("Content-Language")
+    if value is None:
+        return None
+    tags = [t.strip() for t in unfold(value).split(",") if t.strip()]
+    if not tags:
+        return None
+    return [raw(t) for t in tags]
+
+
+# --- one message's FETCH items ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MessageFacts:
+    """What the index knows of a message (no file needed for these FETCH items)."""
+
+    uid: int
+    flags: tuple[str, ...]  # in the order they are sent, \Recent included when it applies
+    size: int
+    internaldate: int
+
+
+INDEX_ITEMS = frozenset({"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE"})
+
+
+def needs_file(item: FetchItem) -> bool:
+    return isinstance(item, BodySection) or item.name not in INDEX_ITEMS
+
+
+def needs_structure(item: FetchItem) -> bool:
+    """Whether an item needs the whole MIME walk, not only the top-level header block."""
+    if isinstance(item, BodySection):
+        return bool(item.section.part) or not item.section.text.startswith("HEADER")
+    return item.name in ("BODY", "BODYSTRUCTURE", "RFC822", "RFC822.TEXT")
+
+
+def index_value(name: str, facts: MessageFacts) -> Value:
+    if name == "UID":
+        return facts.uid
+    if name == "FLAGS":
+        return Atom("(" + " ".join(facts.flags) + ")")
+    if name == "INTERNALDATE":
+        return internaldate_atom(facts.internaldate)
+    if name == "RFC822.SIZE":
+        return facts.size
+    raise ValueError(f"{name} needs the message file")
+
+
+def item_values(
+    items: Sequence[FetchItem], facts: MessageFacts, f: BinaryIO | None, root: Part | None,
+    reopen: Reopen | None = None,
+) -> list[tuple[str, Value]]:
+    """(response name, value) for each FETCH item, in the order asked (RFC 3501 7.4.2). `f` and `root`
+    are the open message and its structure, needed unless every item is an index item."""
+    out: list[tuple[str, Value]] = []
+    for item in items:
+        assert root is None or root.complete or not needs_structure(item), "header-only scan used for a body item"
+        if isinstance(item, BodySection):
+            assert f is not None and root is not None
+            out.append((item.response_name(), body_section(f, root, item, reopen)))
+            continue
+        name = item.name
+        if name in INDEX_ITEMS:
+            out.append((name, index_value(name, facts)))
+            continue
+        assert f is not None and root is not None
+        if name == "ENVELOPE":
+            value = envelope(root.headers)
+        elif name == "BODYSTRUCTURE":
+            value = body_structure(root, extensible=True)
+        elif name == "BODY":
+            value = body_structure(root, extensible=False)
+        elif name == "RFC822":
+            value = section_literal(f, whole_message(root), None, reopen)
+        elif name == "RFC822.HEADER":
+            value = section_literal(f, root.header, None, reopen)
+        elif name == "RFC822.TEXT":
+            value = section_literal(f, root.body, None, reopen)
+        else:
+            raise ValueError(f"unknown FETCH item {name}")
+        out.append((name, value))
+    return out
+
+
+# --- INTERNALDATE (RFC 3501 9 date-time) -----------------------------------------------------------
+
+def internaldate(seconds: int) -> bytes:
+    """RFC 3501 9 date-time in the server's time zone ("dd-Mon-yyyy hh:mm:ss +zzzz"), quoted."""
+    when = dt.datetime.fromtimestamp(seconds, dt.UTC).astimezone()
+    offset = when.utcoffset() or dt.timedelta()
+    minutes = int(offset.total_seconds()) // 60
+    sign = "+" if minutes >= 0 else "-"
+    minutes = abs(minutes)
+    month = MONTH_NAMES[when.month - 1]  # not strftime("%b"): that follows the locale
+    return (f'"{when.day:2d}-{month}-{when.year:04d} {when.hour:02d}:{when.minute:02d}:{when.second:02d} '
+            f'{sign}{minutes // 60:02d}{minutes % 60:02d}"').encode("ascii")
+
+
+def internaldate_atom(seconds: int) -> Atom:
+    return Atom(internaldate(seconds).decode("ascii"))

@@ -1,0 +1,62 @@
+"""Every bound the IMAP listeners enforce, as named constants and one value object tests can shrink."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# One command line (between literals), CRLF included. Dovecot uses 64 KiB as well: long UID sets from
+# clients like Thunderbird and mbsync fit easily.
+MAX_LINE_OCTETS = 64 * 1024
+# A literal inside any command but APPEND (passwords, search strings, mailbox names).
+MAX_LITERAL_OCTETS = 64 * 1024
+# The message literal of APPEND: the largest message the box keeps (a little above the SMTP limit, so a
+# message that was delivered can always be copied back in by a client).
+MAX_APPEND_OCTETS = 64 * 1024 * 1024
+# Everything one command may carry besides the APPEND message: lines plus small literals.
+MAX_COMMAND_OCTETS = 1024 * 1024
+# Literals in one command (guards against a flood of empty literals).
+MAX_LITERALS_PER_COMMAND = 1000
+# Malformed commands in a row before the server says BYE.
+MAX_BAD_COMMANDS = 10
+# RFC 3501 5.4: the autologout timer of an authenticated session is at least 30 minutes.
+AUTHENTICATED_TIMEOUT = 30 * 60.0
+# Before login a client has no reason to be slow; a short timer limits idle unauthenticated sockets.
+PREAUTH_TIMEOUT = 120.0
+# RFC 2177 3: clients re-issue IDLE at least every 29 minutes; the same 30 minute timer applies.
+IDLE_TIMEOUT = AUTHENTICATED_TIMEOUT
+# Seconds for a TLS handshake (implicit TLS on 993 or after STARTTLS).
+TLS_HANDSHAKE_TIMEOUT = 30.0
+# A client that stops reading: seconds one write may wait for the socket to drain.
+WRITE_TIMEOUT = 300.0
+# Concurrent connections per client address and in total per listener.
+MAX_CONNECTIONS_PER_CLIENT = 50
+MAX_CONNECTIONS = 1000
+# MIME nesting and part count a structure scan follows; deeper or further parts are treated as opaque.
+MAX_MIME_DEPTH = 40
+MAX_MIME_PARTS = 2000
+# Header block of one MIME part kept in memory for parsing; the rest of a huge header is skipped.
+MAX_HEADER_OCTETS = 256 * 1024
+# Parsed message structures kept per session (FETCH of the same messages again is common).
+STRUCTURE_CACHE_ENTRIES = 512
+# Messages larger than this are searched as raw bytes instead of decoded MIME text.
+MAX_DECODED_SEARCH_OCTETS = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ImapLimits:
+    max_line_octets: int = MAX_LINE_OCTETS
+    max_literal_octets: int = MAX_LITERAL_OCTETS
+    max_append_octets: int = MAX_APPEND_OCTETS
+    max_command_octets: int = MAX_COMMAND_OCTETS
+    max_literals_per_command: int = MAX_LITERALS_PER_COMMAND
+    max_bad_commands: int = MAX_BAD_COMMANDS
+    authenticated_timeout: float = AUTHENTICATED_TIMEOUT
+    preauth_timeout: float = PREAUTH_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
+    tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT
+    write_timeout: float = WRITE_TIMEOUT
+    max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT
+    max_connections: int = MAX_CONNECTIONS
+
+
+DEFAULT_LIMITS = ImapLimits()

@@ -1,0 +1,371 @@
+"""The MIME structure of a stored message, with the byte offsets IMAP sections need.
+
+The stdlib `email` package parses header blocks (Content-Type and its parameters, RFC 2231, address
+lists) but says nothing about where a part begins and ends in the file, and BODY[1.2] must send the
+exact octets of that part. So this module walks the message once, line by line, and only finds the
+part boundaries (RFC 2046 5.1.1), handing each header block to `email` to interpret.
+
+Offsets come in two kinds: `file` offsets into the bytes on disk, and `wire` offsets into the message
+as IMAP sends it, with every bare LF written as CRLF (RFC 3501 requires CRLF; a Maildir written by
+other software may use LF alone). Sizes in BODYSTRUCTURE and RFC822.SIZE are wire sizes.
+
+The walk reads the file with bounded readline calls, so a 50 MB message is scanned in constant
+memory; nesting depth and part count are bounded (limits.py) and anything beyond is treated as opaque.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from email.message import Message
+from email.parser import BytesHeaderParser
+from email.policy import Compat32
+from typing import BinaryIO
+
+from appliance.imap.limits import MAX_HEADER_OCTETS, MAX_MIME_DEPTH, MAX_MIME_PARTS
+
+READ_LIMIT = 64 * 1024  # longest piece of a line read at once
+SKIP_BLOCK = 1024 * 1024  # octets read at once while crossing a body
+_LWSP = b" \t\r\n"
+
+
+class RawHeaderPolicy(Compat32):
+    """compat32, except header values come back as the raw strings (8-bit bytes as surrogate escapes)
+    instead of email.header.Header objects: IMAP sends header text as it is on disk."""
+
+    def header_fetch_parse(self, name: str, value: str) -> str:  # type: ignore[override]
+        return value
+
+
+RAW_POLICY = RawHeaderPolicy(linesep="\r\n")
+_HEADER_PARSER = BytesHeaderParser(policy=RAW_POLICY)
+
+
+@dataclass(frozen=True)
+class Span:
+    """A region of the message: [start, end) in file octets, and its length in wire octets."""
+
+    start: int
+    end: int
+    wire_start: int
+    wire_end: int
+
+    @property
+    def wire_size(self) -> int:
+        return self.wire_end - self.wire_start
+
+
+@dataclass
+class Part:
+    """One MIME entity: its header block, its body, and its children.
+
+    For multipart/* the children are the body parts; for message/rfc822 the one child is the
+    encapsulated message (whose own header and body spans start at this part's body)."""
+
+    header: Span  # the header block including the blank line that ends it
+    body: Span
+    headers: Message
+    maintype: str
+    subtype: str
+    lines: int  # line ends in the body (RFC 3501 7.4.2 body-fld-lines)
+    children: list[Part] = field(default_factory=list)
+    complete: bool = True  # False from scan_header: only the header block was read
+
+    @property
+    def is_multipart(self) -> bool:
+        return self.maintype == "multipart" and bool(self.children)
+
+    @property
+    def is_message(self) -> bool:
+        return self.maintype == "message" and self.subtype in ("rfc822", "global") and bool(self.children)
+
+
+_Mark = tuple[int, int, int]  # (file offset, wire offset, line ends read)
+
+
+class _Reader:
+    """Lines of a binary file, with a one-line pushback and both offset kinds tracked."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.pos = 0
+        self.wire = 0
+        self.lines = 0  # line ends (LF) read
+        self.last_eol = 0  # file octets of the end of the last line read: 2 CRLF, 1 LF, 0 none
+        self._at_line_start = True
+        self._prev_cr = False
+        self._saved: tuple[int, int, int, int, bool, bool] | None = None
+        self._pushed: bytes | None = None
+
+    def readline(self) -> tuple[bytes, bool] | None:
+        """(piece, starts_a_line), or None at the end. Long lines come in pieces; only a piece at the
+        start of a line can be a delimiter or the blank line ending a header block."""
+        if self._pushed is not None:
+            chunk, self._pushed = self._pushed, None
+        else:
+            chunk = self._f.readline(READ_LIMIT)
+            if not chunk:
+                return None
+        starts = self._at_line_start
+        self._saved = (self.pos, self.wire, self.lines, self.last_eol, self._at_line_start, self._prev_cr)
+        self.pos += len(chunk)
+        self.wire += len(chunk) + _bare_lfs(chunk, self._prev_cr)
+        if chunk.endswith(b"\n"):
+            self.lines += 1
+            self.last_eol = 2 if chunk.endswith(b"\r\n") or (chunk == b"\n" and self._prev_cr) else 1
+            self._at_line_start = True
+        else:
+            self.last_eol = 0
+            self._at_line_start = False
+        self._prev_cr = chunk.endswith(b"\r")
+        self._last = chunk
+        return chunk, starts
+
+    def skip_lines(self) -> None:
+        """Move quickly over text that cannot hold a delimiter line (one that starts with "--"),
+        reading in blocks: a 50 MB attachment is crossed without a Python step per line. Stops just
+        before the next candidate line, or at the end."""
+        if self._pushed is not None:
+            return
+        while True:
+            block = self._f.read(SKIP_BLOCK)
+            if not block:
+                return
+            if self._at_line_start and block.startswith(b"--"):
+                self._f.seek(self.pos)
+                return
+            found = block.find(b"\n--")
+            if found >= 0:
+                take = block[: found + 1]
+            elif len(block) == SKIP_BLOCK:
+                take = block[:-2]  # a "\n-" or "\r\n" may continue in the next block
+            else:
+                take = block
+            self._consume(take)
+            self._f.seek(self.pos)
+            if found >= 0 or len(block) < SKIP_BLOCK:
+                return
+
+    def _consume(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self._saved = None
+        self.pos += len(chunk)
+        self.wire += len(chunk) + _bare_lfs(chunk, self._prev_cr)
+        self.lines += chunk.count(b"\n")
+        if chunk.endswith(b"\n"):
+            self.last_eol = 2 if chunk.endswith(b"\r\n") or (chunk == b"\n" and self._prev_cr) else 1
+            self._at_line_start = True
+        else:
+            self.last_eol = 0
+            self._at_line_start = False
+        self._prev_cr = chunk.endswith(b"\r")
+
+    def push_back(self) -> None:
+        """Un-read the line just read (a delimiter that ends the enclosing parts too)."""
+        assert self._saved is not None
+        self.pos, self.wire, self.lines, self.last_eol, self._at_line_start, self._prev_cr = self._saved
+        self._saved = None
+        self._pushed = self._last
+
+
+def _bare_lfs(chunk: bytes, prev_cr: bool) -> int:
+    lfs = chunk.count(b"\n")
+    if not lfs:
+        return 0
+    bare = lfs - chunk.count(b"\r\n")
+    if prev_cr and chunk.startswith(b"\n"):
+        bare -= 1
+    return bare
+
+
+class _Scan:
+    def __init__(self, f: BinaryIO) -> None:
+        self.r = _Reader(f)
+        self.parts = 0
+
+    @staticmethod
+    def delimiter(item: tuple[bytes, bool], boundaries: list[bytes]) -> tuple[int, bool] | None:
+        """(index into `boundaries`, is the close delimiter) when this line is a delimiter line of
+        one of the enclosing multiparts (RFC 2046 5.1.1; trailing white space is allowed)."""
+        line, starts = item
+        if not starts or not boundaries or not line.startswith(b"--"):
+            return None
+        text = line.rstrip(_LWSP)
+        for i in range(len(boundaries) - 1, -1, -1):
+            b = boundaries[i]
+            if text == b:
+                return i, False
+            if len(text) == len(b) + 2 and text.startswith(b) and text.endswith(b"--"):
+                return i, True
+        return None
+
+    def part(self, boundaries: list[bytes], depth: int, default_type: str) -> tuple[Part, bool]:
+        """Read one entity up to (not including) the next delimiter of an enclosing multipart, or the
+        end. Returns the part and whether a delimiter stopped it (pushed back for the caller)."""
+        r = self.r
+        self.parts += 1
+        h_start, h_wire = r.pos, r.wire
+        header = bytearray()
+        stopped = False
+        while True:
+            item = r.readline()
+            if item is None:
+                break
+            if self.delimiter(item, boundaries) is not None:
+                r.push_back()
+                stopped = True
+                break
+            line, starts = item
+            if starts and line in (b"\r\n", b"\n"):
+                break
+            if len(header) + len(line) <= MAX_HEADER_OCTETS:
+                header += line
+        header_end = (r.pos, r.wire)
+        headers = _HEADER_PARSER.parsebytes(bytes(header))
+        headers.set_default_type(default_type)
+        maintype, subtype = _content_type(headers)
+        body_start, body_wire, lines_before = r.pos, r.wire, r.lines
+        floor: _Mark = (r.pos, r.wire, r.lines)  # a body never ends before this
+        children: list[Part] = []
+        room = depth < MAX_MIME_DEPTH and self.parts < MAX_MIME_PARTS
+        if stopped:
+            pass
+        elif maintype == "multipart" and room and _boundary(headers):
+            delimiter = b"--" + _boundary(headers)
+            child_default = "message/rfc822" if subtype == "digest" else "text/plain"
+            stopped, closed_at = self.multipart(delimiter, boundaries, depth, child_default, children)
+            if closed_at is not None:
+                # The close delimiter's own line end stays in the body; only an epilogue can give
+                # up the line end that precedes an enclosing delimiter (Dovecot agrees).
+                floor = closed_at
+        elif maintype == "message" and subtype in ("rfc822", "global") and room and not _encoded(headers):
+            child, stopped = self.part(boundaries, depth + 1, "text/plain")
+            children.append(child)
+        else:
+            stopped = self.leaf(boundaries)
+        # RFC 2046 5.1.1: the line end before a delimiter belongs to the delimiter, so it is not in
+        # the body, nor counted as one of its lines (lines are line ends, as Dovecot counts them).
+        end, wire_end, lines = r.pos, r.wire, r.lines - lines_before
+        if stopped and r.last_eol:
+            end, wire_end, lines = r.pos - r.last_eol, r.wire - 2, lines - 1
+            if end < floor[0]:
+                if floor[0] > body_start:
+                    end, wire_end, lines = floor[0], floor[1], floor[2] - lines_before
+                else:
+                    # An empty body right before a delimiter: the line end was the header's last.
+                    header_end = max((end, wire_end), (h_start, h_wire))
+                    end, wire_end, lines = header_end[0], header_end[1], 0
+                    body_start, body_wire = end, wire_end
+        if maintype == "multipart" and not children:
+            # RFC 2046 5.1.1 needs a boundary and at least one part; BODYSTRUCTURE cannot describe an
+            # empty multipart, so such a body is served as the text it is.
+            maintype, subtype = "text", "plain"
+        header_span = Span(h_start, header_end[0], h_wire, header_end[1])
+        body = Span(body_start, end, body_wire, wire_end)
+        return Part(header_span, body, headers, maintype, subtype, lines, children), stopped
+
+    def multipart(self, delimiter: bytes, outer: list[bytes], depth: int, child_default: str,
+                  children: list[Part]) -> tuple[bool, _Mark | None]:
+        """Preamble, body parts, epilogue. Returns whether an enclosing delimiter ended it, and where
+        the close delimiter line ended (None when there was none)."""
+        r = self.r
+        stack = [*outer, delimiter]
+        mine = len(outer)
+        closed = False
+        while not closed:  # the preamble, up to the first delimiter of this multipart
+            r.skip_lines()
+            item = r.readline()
+            if item is None:
+                return False, None
+            hit = self.delimiter(item, stack)
+            if hit is None:
+                continue
+            if hit[0] < mine:
+                r.push_back()
+                return True, None
+            closed = hit[1]
+            break
+        while not closed and self.parts < MAX_MIME_PARTS:  # body parts, each ended by a delimiter
+            child, stopped = self.part(stack, depth + 1, child_default)
+            children.append(child)
+            if not stopped:
+                return False, None
+            item = r.readline()
+            assert item is not None
+            hit = self.delimiter(item, stack)
+            assert hit is not None
+            if hit[0] < mine:
+                r.push_back()
+                return True, None
+            closed = hit[1]
+        closed_at: _Mark | None = (r.pos, r.wire, r.lines) if closed else None
+        return self.leaf(outer), closed_at  # the epilogue, up to an enclosing delimiter or the end
+
+    def leaf(self, boundaries: list[bytes]) -> bool:
+        """Skip a body up to the next enclosing delimiter (pushed back) or the end."""
+        r = self.r
+        while True:
+            r.skip_lines()
+            item = r.readline()
+            if item is None:
+                return False
+            if self.delimiter(item, boundaries) is not None:
+                r.push_back()
+                return True
+
+
+def _boundary(headers: Message) -> bytes:
+    value = headers.get_param("boundary")
+    if isinstance(value, tuple):  # RFC 2231 encoded boundary: unusual, but the value is plain
+        value = value[2]
+    if not isinstance(value, str) or not value:
+        return b""
+    return value.encode("ascii", "surrogateescape")[:200]  # RFC 2046: at most 70 characters
+
+
+def _encoded(headers: Message) -> bool:
+    # RFC 2046 5.2.1: message/rfc822 is 7bit, 8bit or binary; base64 or quoted-printable content
+    # (seen in the wild) cannot be walked as a message and is served as an opaque body.
+    cte = (headers.get("Content-Transfer-Encoding") or "").strip().lower()
+    return cte in ("base64", "quoted-printable")
+
+
+def _content_type(headers: Message) -> tuple[str, str]:
+    ctype = headers.get_content_type()  # the default (text/plain or message/rfc822) when invalid
+    maintype, _, subtype = ctype.partition("/")
+    return maintype, subtype
+
+
+def scan(f: BinaryIO) -> Part:
+    """The structure of the message in `f` (read from its current position, which must be 0)."""
+    part, _ = _Scan(f).part([], 0, "text/plain")
+    return part
+
+
+def scan_header(f: BinaryIO) -> Part:
+    """Only the top-level header block (enough for ENVELOPE and BODY[HEADER.FIELDS ...], what most
+    clients fetch for a message list): the body is not walked, `complete` is False."""
+    r = _Reader(f)
+    header = bytearray()
+    while True:
+        item = r.readline()
+        if item is None:
+            break
+        line, starts = item
+        if starts and line in (b"\r\n", b"\n"):
+            break
+        if len(header) + len(line) <= MAX_HEADER_OCTETS:
+            header += line
+    headers = _HEADER_PARSER.parsebytes(bytes(header))
+    maintype, subtype = _content_type(headers)
+    end = Span(r.pos, r.pos, r.wire, r.wire)
+    return Part(Span(0, r.pos, 0, r.wire), end, headers, maintype, subtype, 0, [], complete=False)
+
+
+_UNFOLD = re.compile(r"\r?\n(?=[ \t])")
+
+
+def unfold(value: str) -> str:
+    """RFC 5322 2.2.3: a folded header value with its line breaks removed."""
+    return _UNFOLD.sub("", value).replace("\r", "").replace("\n", "")

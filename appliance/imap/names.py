@@ -1,0 +1,111 @@
+"""Mailbox names as clients see them: '/' hierarchy, modified UTF-7 (RFC 3501 5.1.3), LIST patterns.
+
+Names travel between client and store unchanged (the store keeps the modified UTF-7 form, as Dovecot
+does on disk), so this module only checks them and matches them against LIST patterns.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+SEPARATOR = "/"
+MAX_NAME_LENGTH = 255  # octets of one full mailbox name
+MAX_NAME_DEPTH = 16  # levels of hierarchy
+_MUTF7_SHIFT = re.compile(r"&([A-Za-z0-9+,]*)-")
+
+
+def is_inbox(name: str) -> bool:
+    return name.upper() == "INBOX"
+
+
+def canonical(name: str) -> str:
+    """INBOX in any case is INBOX (RFC 3501 5.1); other names are case-sensitive."""
+    if is_inbox(name):
+        return "INBOX"
+    if name.upper().startswith("INBOX" + SEPARATOR):
+        return "INBOX" + name[5:]
+    return name
+
+
+def invalid_reason(name: str) -> str | None:
+    """Why a name cannot be created, or None when it is fine."""
+    if not name:
+        return "Empty mailbox name"
+    if len(name.encode("utf-8")) > MAX_NAME_LENGTH:
+        return "Mailbox name too long"
+    if any(not (0x20 <= ord(c) <= 0x7E) for c in name):
+        return "Mailbox names are modified UTF-7 (RFC 3501 5.1.3)"
+    if "*" in name or "%" in name:
+        return "Mailbox names cannot contain wildcards"
+    parts = name.split(SEPARATOR)
+    if any(p == "" for p in parts):
+        return "Empty level in mailbox name"
+    if len(parts) > MAX_NAME_DEPTH:
+        return "Mailbox hierarchy too deep"
+    if any(p in (".", "..") or p.startswith(".") for p in parts):
+        return "Mailbox name levels cannot start with a dot"
+    if "." in name:
+        # Maildir++ keeps hierarchy as dots in directory names (DESIGN.md), so a dot inside a name
+        # would read back as a level separator (Dovecot refuses it too).
+        return "Mailbox names cannot contain a dot"
+    rest = _MUTF7_SHIFT.sub("", name)
+    if "&" in rest:
+        return "Bad modified UTF-7 in mailbox name"
+    return None
+
+
+class Pattern:
+    """RFC 3501 6.3.8: reference and pattern joined; '*' matches anything, '%' anything but the
+    hierarchy separator. INBOX is case-insensitive (RFC 3501 5.1), so it matches "inbox" or "In%"."""
+
+    def __init__(self, reference: str, pattern: str) -> None:
+        if pattern.startswith(SEPARATOR) or not reference:
+            full = pattern
+        elif reference.endswith(SEPARATOR):
+            full = reference + pattern
+        else:
+            full = reference + SEPARATOR + pattern if pattern else reference
+        parts = []
+        for ch in full:
+            if ch == "*":
+                parts.append(".*")
+            elif ch == "%":
+                parts.append("[^/]*")
+            else:
+                parts.append(re.escape(ch))
+        body = "".join(parts) + r"\Z"
+        self._exact = re.compile(body, re.DOTALL)
+        self._inbox = re.compile(body, re.DOTALL | re.IGNORECASE)
+        # Children of INBOX ("INBOX/x") when the pattern spells INBOX in another case.
+        self._inbox_children = None
+        if full[:5].upper() == "INBOX" and full[5:6] in ("/", "*", "%"):
+            self._inbox_children = re.compile("INBOX" + "".join(parts[5:]) + r"\Z", re.DOTALL)
+
+    def match(self, name: str) -> bool:
+        if name == "INBOX":
+            return self._inbox.match(name) is not None
+        if self._exact.match(name):
+            return True
+        return self._inbox_children is not None and name.startswith("INBOX/") and bool(self._inbox_children.match(name))
+
+
+def pattern_regex(reference: str, pattern: str) -> Pattern:
+    return Pattern(reference, pattern)
+
+
+def with_parents(names: Iterable[str]) -> dict[str, bool]:
+    """Every name and every level above it; True for names that exist, False for implied parents
+    (listed with \\Noselect when a '%' pattern reaches them, RFC 3501 6.3.8)."""
+    found: dict[str, bool] = {}
+    for name in names:
+        found[name] = True
+        parts = name.split(SEPARATOR)
+        for i in range(1, len(parts)):
+            found.setdefault(SEPARATOR.join(parts[:i]), False)
+    return found
+
+
+def has_children(name: str, names: Iterable[str]) -> bool:
+    prefix = name + SEPARATOR
+    return any(n.startswith(prefix) for n in names)

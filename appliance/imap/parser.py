@@ -1,0 +1,770 @@
+"""RFC 3501 9 grammar: one complete, framed command (text and literals) into a command value.
+
+The framer in protocol.py has already split the command at its literals, so the parser sees a list of
+text pieces and literal payloads and never waits for data. Anything that does not match the grammar
+raises ParseError with a text for the tagged BAD.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from appliance.imap.commands import (
+    FETCH_MACROS,
+    NO_ARGUMENT_COMMANDS,
+    SIMPLE_FETCH_ATTRIBUTES,
+    STAR,
+    AndKey,
+    Append,
+    Authenticate,
+    BodySection,
+    Command,
+    CopyMove,
+    DateKey,
+    Enable,
+    Expunge,
+    Fetch,
+    FetchAttribute,
+    FetchItem,
+    FlagKey,
+    HeaderKey,
+    Id,
+    ListCommand,
+    Login,
+    MailboxCommand,
+    NewKey,
+    NotKey,
+    OrKey,
+    QuotaCommand,
+    Rename,
+    Search,
+    SearchAll,
+    SearchKey,
+    Section,
+    SectionText,
+    SequenceSet,
+    SetKey,
+    SizeKey,
+    Status,
+    Store,
+    TextKey,
+    canonical_flag,
+)
+
+
+class ParseError(Exception):
+    """The command does not match the grammar; str() is the text of the BAD reply."""
+
+
+@dataclass(frozen=True)
+class LiteralPart:
+    """The payload of one literal ({n} or {n+}) in a framed command."""
+
+    data: bytes = field(compare=False)
+
+
+Segment = bytes | LiteralPart
+
+# RFC 3501 9: atom-specials = "(" / ")" / "{" / SP / CTL / list-wildcards / quoted-specials / resp-specials
+_ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
+ATOM_CHARS = frozenset(c for c in range(1, 0x80) if c not in _ATOM_SPECIALS)
+ASTRING_CHARS = ATOM_CHARS | {ord("]")}
+TAG_CHARS = ASTRING_CHARS - {ord("+")}
+# Clients send UTF-8 unquoted (SEARCH FROM Jörg); accepted in astrings read from them, never sent.
+ASTRING_INPUT_CHARS = ASTRING_CHARS | frozenset(range(0x80, 0x100))
+LIST_CHARS = ATOM_CHARS | frozenset(b"%*]")
+SEQUENCE_CHARS = frozenset(b"0123456789:,*")
+MONTHS = {name.upper(): i for i, name in enumerate(calendar.month_abbr) if name}
+MAX_NUMBER = 2**32 - 1  # RFC 3501 9: number is a 32-bit unsigned integer
+MAX_SEARCH_DEPTH = 50  # nested parentheses/NOT/OR in one SEARCH
+STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN"})
+SEARCH_FLAG_KEYS: dict[str, tuple[str, bool]] = {
+    "ANSWERED": ("\\Answered", True), "UNANSWERED": ("\\Answered", False),
+    "DELETED": ("\\Deleted", True), "UNDELETED": ("\\Deleted", False),
+    "DRAFT": ("\\Draft", True), "UNDRAFT": ("\\Draft", False),
+    "FLAGGED": ("\\Flagged", True), "UNFLAGGED": ("\\Flagged", False),
+    "SEEN": ("\\Seen", True), "UNSEEN": ("\\Seen", False),
+    "RECENT": ("\\Recent", True), "OLD": ("\\Recent", False),
+}
+SEARCH_HEADER_KEYS = frozenset({"FROM", "TO", "CC", "BCC", "SUBJECT"})
+SEARCH_DATE_KEYS: dict[str, tuple[bool, str]] = {
+    "BEFORE": (False, "BEFORE"), "ON": (False, "ON"), "SINCE": (False, "SINCE"),
+    "SENTBEFORE": (True, "BEFORE"), "SENTON": (True, "ON"), "SENTSINCE": (True, "SINCE"),
+}
+UID_COMMANDS = frozenset({"COPY", "MOVE", "FETCH", "SEARCH", "STORE", "EXPUNGE"})
+_DATE_TIME = re.compile(
+    rb'^"([ \d]\d)-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)"'
+)
+
+
+class Reader:
+    """A cursor over the framed command: text pieces with literal payloads between them."""
+
+    def __init__(self, segments: list[Segment]) -> None:
+        if not segments or not isinstance(segments[0], bytes):
+            raise ValueError("a framed command starts with text")
+        self.segments = segments
+        self.index = 0
+        self.pos = 0
+
+    @property
+    def text(self) -> bytes:
+        seg = self.segments[self.index]
+        assert isinstance(seg, bytes)
+        return seg
+
+    def peek(self) -> int | None:
+        """The next byte of the current text piece, or None at its end (a literal may follow)."""
+        text = self.text
+        return text[self.pos] if self.pos < len(text) else None
+
+    def at_literal(self) -> bool:
+        return self.pos >= len(self.text) and self.index + 1 < len(self.segments)
+
+    def at_end(self) -> bool:
+        return self.pos >= len(self.text) and self.index + 1 >= len(self.segments)
+
+    def take_literal(self) -> bytes:
+        if not self.at_literal():
+            raise ParseError("expected a literal")
+        seg = self.segments[self.index + 1]
+        assert isinstance(seg, LiteralPart)
+        self.index += 2
+        self.pos = 0
+        return seg.data
+
+    def expect(self, char: bytes) -> None:
+        if self.peek() != char[0]:
+            found = "end of line" if self.peek() is None else repr(chr(self.text[self.pos]))
+            raise ParseError(f"expected {char.decode()!r}, found {found}")
+        self.pos += 1
+
+    def accept(self, char: bytes) -> bool:
+        if self.peek() == char[0]:
+            self.pos += 1
+            return True
+        return False
+
+    def sp(self) -> None:
+        self.expect(b" ")
+
+    def chars(self, allowed: frozenset[int], what: str) -> bytes:
+        text, start = self.text, self.pos
+        end = start
+        while end < len(text) and text[end] in allowed:
+            end += 1
+        if end == start:
+            raise ParseError(f"expected {what}")
+        self.pos = end
+        return text[start:end]
+
+    def atom(self) -> str:
+        return self.chars(ATOM_CHARS, "an atom").decode("ascii")
+
+    def keyword(self) -> str:
+        """An atom compared case-insensitively (command names, search keys, fetch items)."""
+        return self.atom().upper()
+
+    def peek_keyword(self) -> str | None:
+        """The atom at the cursor, upper-cased, without consuming it."""
+        start = self.pos
+        try:
+            return self.keyword()
+        except ParseError:
+            return None
+        finally:
+            self.pos = start
+
+    def number(self, nonzero: bool = False) -> int:
+        digits = self.chars(frozenset(b"0123456789"), "a number")
+        value = int(digits)
+        if value > MAX_NUMBER or (nonzero and value == 0):
+            raise ParseError(f"number out of range: {digits.decode()}")
+        return value
+
+    def quoted(self) -> bytes:
+        """RFC 3501 9 quoted: DQUOTE *QUOTED-CHAR DQUOTE, with \\ escaping only \\ and \"."""
+        self.expect(b'"')
+        text = self.text
+        out = bytearray()
+        i = self.pos
+        while True:
+            if i >= len(text):
+                raise ParseError("unterminated quoted string")
+            c = text[i]
+            if c == 0x22:
+                self.pos = i + 1
+                return bytes(out)
+            if c == 0x5C:
+                if i + 1 >= len(text) or text[i + 1] not in (0x22, 0x5C):
+                    raise ParseError("bad escape in quoted string")
+                out.append(text[i + 1])
+                i += 2
+                continue
+            if c in (0x0D, 0x0A, 0x00):
+                raise ParseError("control character in quoted string")
+            out.append(c)  # 8-bit is tolerated: clients send UTF-8 in quoted strings
+            i += 1
+
+    def string_bytes(self) -> bytes:
+        if self.at_literal():
+            return self.take_literal()
+        if self.peek() == 0x22:
+            return self.quoted()
+        raise ParseError("expected a string")
+
+    def astring_bytes(self) -> bytes:
+        if self.at_literal():
+            return self.take_literal()
+        if self.peek() == 0x22:
+            return self.quoted()
+        return self.chars(ASTRING_INPUT_CHARS, "a string")
+
+    def astring(self) -> str:
+        return decode_text(self.astring_bytes())
+
+    def string(self) -> str:
+        return decode_text(self.string_bytes())
+
+    def nstring(self) -> str | None:
+        if self.peek() in (ord("N"), ord("n")) and self.text[self.pos:self.pos + 3].upper() == b"NIL":
+            after = self.text[self.pos + 3:self.pos + 4]
+            if after in (b"", b" ", b")"):
+                self.pos += 3
+                return None
+        return self.string()
+
+    def mailbox(self) -> str:
+        """RFC 3501 5.1: INBOX is case-insensitive; other names are returned as sent (modified UTF-7)."""
+        name = self.astring()
+        return "INBOX" if name.upper() == "INBOX" else name
+
+    def list_mailbox(self) -> str:
+        if self.at_literal() or self.peek() == 0x22:
+            return self.string()
+        return self.chars(LIST_CHARS, "a mailbox pattern").decode("ascii")
+
+    def sequence_set(self) -> SequenceSet:
+        raw = self.chars(SEQUENCE_CHARS, "a sequence set").decode("ascii")
+        ranges: list[tuple[int, int]] = []
+        for item in raw.split(","):
+            ends = item.split(":")
+            if len(ends) > 2:
+                raise ParseError(f"bad sequence set: {raw}")
+            values = [_seq_number(e, raw) for e in ends]
+            ranges.append((values[0], values[-1]))
+        return SequenceSet(tuple(ranges))
+
+    def flag(self) -> str:
+        if self.accept(b"\\"):
+            return canonical_flag("\\" + self.atom())
+        return self.atom()
+
+    def flag_list(self) -> tuple[str, ...]:
+        self.expect(b"(")
+        flags: list[str] = []
+        if not self.accept(b")"):
+            flags.append(self.flag())
+            while not self.accept(b")"):
+                self.sp()
+                flags.append(self.flag())
+        return tuple(flags)
+
+    def parenthesised(self, item: Callable[[], str]) -> tuple[str, ...]:
+        """'(' item *(SP item) ')' with at least one item."""
+        self.expect(b"(")
+        items = [item()]
+        while not self.accept(b")"):
+            self.sp()
+            items.append(item())
+        return tuple(items)
+
+    def end(self) -> None:
+        if not self.at_end():
+            raise ParseError("unexpected characters at end of command")
+
+
+def decode_text(data: bytes) -> str:
+    # IMAP4rev1 strings are 7-bit by the grammar, but clients send UTF-8 (search strings, passwords).
+    return data.decode("utf-8", errors="replace")
+
+
+def _seq_number(text: str, whole: str) -> int:
+    if text == "*":
+        return STAR
+    if not text.isdigit() or int(text) == 0 or int(text) > MAX_NUMBER:
+        raise ParseError(f"bad sequence set: {whole}")
+    return int(text)
+
+
+# --- entry point ------------------------------------------------------------------------------------
+
+def parse_tag(line: bytes) -> str | None:
+    """The tag of a (possibly malformed) command line, or None when it has no usable tag."""
+    end = 0
+    while end < len(line) and line[end] in TAG_CHARS:
+        end += 1
+    if end == 0 or (end < len(line) and line[end] != 0x20):
+        return None
+    return line[:end].decode("ascii")
+
+
+def parse_command(segments: list[Segment]) -> Command:
+    last = segments[-1]
+    if isinstance(last, bytes) and last.endswith(b" "):
+        # Trailing spaces are outside any string (a quoted one would be unterminated); some clients
+        # send them, and they carry no meaning.
+        segments = [*segments[:-1], last.rstrip(b" ")]
+    r = Reader(segments)
+    tag = r.chars(TAG_CHARS, "a tag").decode("ascii")
+    try:
+        r.sp()
+        name = r.keyword()
+        if name == "UID":
+            r.sp()
+            sub = r.keyword()
+            if sub not in UID_COMMANDS:
+                raise ParseError(f"UID {sub} is not a command")
+            return _parse_uid(r, tag, sub)
+        if name in NO_ARGUMENT_COMMANDS:
+            r.end()
+            return Command(tag, name)
+        parser = _PARSERS.get(name)
+        if parser is None:
+            raise ParseError(f"unknown command {name}")
+        return parser(r, tag, name)
+    except ParseError as exc:
+        raise TaggedParseError(tag, str(exc)) from None
+
+
+class TaggedParseError(ParseError):
+    """A ParseError once the tag is known: the BAD goes to that tag."""
+
+    def __init__(self, tag: str, text: str) -> None:
+        super().__init__(text)
+        self.tag = tag
+
+
+def _parse_uid(r: Reader, tag: str, name: str) -> Command:
+    if name == "EXPUNGE":
+        r.sp()
+        uids = r.sequence_set()
+        r.end()
+        return Expunge(tag, name, uids)
+    return _PARSERS[name](r, tag, name, uid=True)  # type: ignore[call-arg]
+
+
+# --- per-command parsers ----------------------------------------------------------------------------
+
+def _login(r: Reader, tag: str, name: str) -> Command:
+    r.sp()
+    user = r.astring()
+    r.sp()
+    password = r.astring()
+    r.end()
+    return Login(tag, name, user, password)
+
+
+def _authenticate(r: Reader, tag: str, name: str) -> Command:
+    r.sp()
+    mechanism = r.keyword()
+    initial = None
+    if r.accept(b" "):
+        # RFC 4959: the initial response is base64 (1*base64-char) or "=" for an empty one.
+        initial = r.chars(frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="),
+                          "a base64 initial response").decode("ascii")
+    r.end()
+    return Authenticate(tag, name, mechanism, initial)
+
+
+def _one_mailbox(r: Reader, tag: str, name: str) -> Command:
+    r.sp()
+    mailbox = r.mailbox()
+    r.end()
+    return MailboxCommand(tag, name, mailbox)
+
+
+def _rename(r: Reader, tag: str, name: str) -> Command:
+    r.sp()
+    old = r.mailbox()
+    r.sp()
+    new = r.mailbox()
+    r.end()
+    return Rename(tag, name, old, new)
+
+
+def _list(r: Reader, tag: str, name: str) -> Command:
+    r.sp()
+    select: tuple[str, ...] = ()
+    extended = False
+    if name == "LIST" and r.peek() == ord("("):  # RFC 5258 3: selection options
+        extended = True
+        r.expect(b"(")
+        if not r.accept(b")"):
+            select = _rest_of_list(r, r.keyword)
+        r.sp()
+    reference = r.astring()
+    r.sp()
+    if name == "LIST" and r.peek() == ord("("):  # RFC 5258 3: several patterns
+        extended = True
+        patterns = r.parenthesised(r.list_mailbox)
+    else:
+        patterns = (r.list_mailbox(),)
+    returns: tuple[str, ...] = ()
+    if name == "LIST" and r.accept(b" "):
+        if r.keyword() != "RETURN":
+            raise ParseError("expected RETURN")
+        extended = True
+        r.sp()
+        r.expect(b"(")
+        if not r.accept(b")"):
+            returns = _rest_of_list(r, r.keyword)
+    r.end()
+    return ListCommand(tag, name, reference, patterns, select, returns, extended)
+
+
+def _rest_of_list(r: Reader, item: Callable[[], str]) -> tuple[str, ...]:
+    """Items up to and including the closing ')', the '(' already consumed, at least one item."""
+    items = [item()]
+    while not r.accept(b")"):
+        r.sp()
+        items.append(item())
+    return tuple(items)
+
+
+def _status(r: Reader, tag: str, name: str) -> Command:
+    r.sp()
+    mailbox = r.mailbox()
+    r.sp()
+    items = r.parenthesised(r.keyword)
+    for item in items:
+        if item not in STATUS_ITEMS:
+            raise ParseError(f"unknown STATUS item {item}")
+    r.end()
+    return Status(tag, name, mailbox, items)
+
+
+def parse_date_time(raw: bytes) -> int:
+    """RFC 3501 9 date-time ("dd-Mon-yyyy hh:mm:ss +zzzz") into unix seconds."""
+    m = _DATE_TIME.match(raw)
+    if not m or m.end() != len(raw):
+        raise ParseError("bad date-time")
+    day, mon, year, hh, mm, ss, sign, zh, zm = (g.decode("ascii") for g in m.groups())
+    month = MONTHS.get(mon.upper())
+    if month is None:
+        raise ParseError("bad month in date-time")
+    try:
+        offset = dt.timedelta(hours=int(zh), minutes=int(zm)) * (1 if sign == "+" else -1)
+        when = dt.datetime(int(year), month, int(day.strip()), int(hh), int(mm), int(ss),
+                           tzinfo=dt.timezone(offset))
+    except ValueError as exc:
+        raise ParseError("bad date-time") from exc
+    return int(when.timestamp())
+
+
+def _append(r: Reader, tag: str, name: str) -> Command:
+    r.sp()
+    mailbox = r.mailbox()
+    r.sp()
+    flags: tuple[str, ...] = ()
+    date: int | None = None
+    if r.peek() == ord("("):
+        flags = r.flag_list()
+        r.sp()
+    if r.peek() == 0x22:
+        start = r.pos
+        r.quoted()
+        date = parse_date_time(r.text[start:r.pos])
+        r.sp()
+    if not r.at_literal():
+        raise ParseError("APPEND needs the message as a literal")
+    message = r.take_literal()
+    r.end()  # RFC 3502 MULTIAPPEND is not offered
+    for flag in flags:
+        if flag == "\\Recent":
+            raise ParseError("\\Recent cannot be set")
+    return Append(tag, name, mailbox, flags, date, message)
+
+
+def _fetch(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
+    r.sp()
+    seq = r.sequence_set()
+    r.sp()
+    items: list[FetchItem] = []
+    if r.accept(b"("):
+        items.append(_fetch_att(r))
+        while not r.accept(b")"):
+            r.sp()
+            items.append(_fetch_att(r))
+    else:
+        word = _fetch_word(r)
+        if word in FETCH_MACROS:
+            items.extend(FetchAttribute(n) for n in FETCH_MACROS[word])
+        else:
+            items.append(_fetch_att(r, word))
+    r.end()
+    if uid and FetchAttribute("UID") not in items:
+        items.insert(0, FetchAttribute("UID"))  # RFC 3501 6.4.8: UID FETCH always returns the UID
+    return Fetch(tag, name, uid, seq, tuple(items))
+
+
+def _fetch_word(r: Reader) -> str:
+    allowed = ATOM_CHARS - {ord("[")}
+    return r.chars(frozenset(allowed), "a fetch item").decode("ascii").upper()
+
+
+def _fetch_att(r: Reader, word: str | None = None) -> FetchItem:
+    word = word or _fetch_word(r)
+    if word in ("BODY", "BODY.PEEK") and r.peek() == ord("["):
+        section = _section(r)
+        partial = None
+        if r.accept(b"<"):
+            origin = r.number()
+            r.expect(b".")
+            count = r.number(nonzero=True)
+            r.expect(b">")
+            partial = (origin, count)
+        return BodySection(section, peek=word == "BODY.PEEK", partial=partial)
+    if word in SIMPLE_FETCH_ATTRIBUTES:
+        return FetchAttribute(word)
+    raise ParseError(f"unknown FETCH item {word}")
+
+
+def _section(r: Reader) -> Section:
+    r.expect(b"[")
+    if r.accept(b"]"):
+        return Section()
+    spec = r.chars(frozenset(b"0123456789.ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"),
+                   "a section").decode("ascii").upper()
+    pieces = spec.split(".")
+    part: list[int] = []
+    while pieces and pieces[0].isdigit():
+        number = int(pieces.pop(0))
+        if number == 0 or number > MAX_NUMBER:
+            raise ParseError("section part numbers start at 1")
+        part.append(number)
+    text = ".".join(pieces)
+    if text not in ("", "HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT", "MIME"):
+        raise ParseError(f"bad section {spec}")
+    if text == "MIME" and not part:
+        raise ParseError("MIME needs a part number")
+    if not text and not part:
+        raise ParseError(f"bad section {spec}")
+    fields: tuple[str, ...] = ()
+    if text.startswith("HEADER.FIELDS"):
+        r.sp()
+        fields = tuple(f.upper() for f in r.parenthesised(lambda: r.astring()))
+    r.expect(b"]")
+    section_text: SectionText = text  # type: ignore[assignment]
+    return Section(tuple(part), section_text, fields)
+
+
+def _store(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
+    r.sp()
+    seq = r.sequence_set()
+    r.sp()
+    mode = "set"
+    if r.accept(b"+"):
+        mode = "add"
+    elif r.accept(b"-"):
+        mode = "remove"
+    word = r.keyword()
+    if word not in ("FLAGS", "FLAGS.SILENT"):
+        raise ParseError(f"unknown STORE item {word}")
+    r.sp()
+    if r.peek() == ord("("):
+        flags = r.flag_list()
+    else:
+        found = [r.flag()]
+        while r.accept(b" "):
+            found.append(r.flag())
+        flags = tuple(found)
+    r.end()
+    if "\\Recent" in flags:
+        raise ParseError("\\Recent cannot be stored")
+    return Store(tag, name, uid, seq, mode, word.endswith(".SILENT"), flags)  # type: ignore[arg-type]
+
+
+def _copy(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
+    r.sp()
+    seq = r.sequence_set()
+    r.sp()
+    mailbox = r.mailbox()
+    r.end()
+    return CopyMove(tag, name, uid, seq, mailbox)
+
+
+def _search(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
+    r.sp()
+    charset = None
+    if r.peek_keyword() == "CHARSET":
+        r.keyword()
+        r.sp()
+        charset = r.astring().upper()
+        r.sp()
+    keys = [_search_key(r, 0)]
+    while r.accept(b" "):
+        keys.append(_search_key(r, 0))
+    r.end()
+    key = keys[0] if len(keys) == 1 else AndKey(tuple(keys))
+    return Search(tag, name, uid, charset, key)
+
+
+def _search_key(r: Reader, depth: int) -> SearchKey:
+    if depth > MAX_SEARCH_DEPTH:
+        raise ParseError("search too deeply nested")
+    c = r.peek()
+    if c == ord("("):
+        r.pos += 1
+        keys = [_search_key(r, depth + 1)]
+        while not r.accept(b")"):
+            r.sp()
+            keys.append(_search_key(r, depth + 1))
+        return keys[0] if len(keys) == 1 else AndKey(tuple(keys))
+    if c is not None and c in SEQUENCE_CHARS:
+        return SetKey(False, r.sequence_set())
+    return _search_key_named(r, r.keyword(), depth)
+
+
+def _search_key_named(r: Reader, word: str, depth: int) -> SearchKey:
+    if word == "ALL":
+        return SearchAll()
+    if word == "NEW":
+        return NewKey()
+    if word in SEARCH_FLAG_KEYS:
+        flag, present = SEARCH_FLAG_KEYS[word]
+        return FlagKey(flag, present)
+    r.sp()
+    if word in ("KEYWORD", "UNKEYWORD"):
+        return FlagKey(r.flag(), word == "KEYWORD")
+    if word in SEARCH_HEADER_KEYS:
+        return HeaderKey(word, r.astring())
+    if word == "HEADER":
+        field_name = r.astring()
+        r.sp()
+        return HeaderKey(field_name.upper(), r.astring())
+    if word in ("BODY", "TEXT"):
+        return TextKey(word, r.astring())  # type: ignore[arg-type]
+    if word in SEARCH_DATE_KEYS:
+        sent, relation = SEARCH_DATE_KEYS[word]
+        return DateKey(sent, relation, _search_date(r))  # type: ignore[arg-type]
+    if word in ("LARGER", "SMALLER"):
+        return SizeKey(word, r.number())  # type: ignore[arg-type]
+    if word == "UID":
+        return SetKey(True, r.sequence_set())
+    if word == "NOT":
+        return NotKey(_search_key(r, depth + 1))
+    if word == "OR":
+        left = _search_key(r, depth + 1)
+        r.sp()
+        return OrKey(left, _search_key(r, depth + 1))
+    raise ParseError(f"unknown search key {word}")
+
+
+def _search_date(r: Reader) -> dt.date:
+    """RFC 3501 9 date: date-text or DQUOTE date-text DQUOTE; date-text = d[d]-Mon-yyyy."""
+    quoted = r.accept(b'"')
+    raw = r.chars(frozenset(b"0123456789-ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"),
+                  "a date").decode("ascii")
+    if quoted:
+        r.expect(b'"')
+    m = re.fullmatch(r"(\d{1,2})-([A-Za-z]{3})-(\d{4})", raw)
+    if not m or m.group(2).upper() not in MONTHS:
+        raise ParseError(f"bad date {raw}")
+    try:
+        return dt.date(int(m.group(3)), MONTHS[m.group(2).upper()], int(m.group(1)))
+    except ValueError as exc:
+        raise ParseError(f"bad date {raw}") from exc
+
+
+def _id(r: Reader, tag: str, name: str) -> Command:
+    r.sp()
+    if r.peek() in (ord("N"), ord("n")):
+        if r.keyword() != "NIL":
+            raise ParseError("expected NIL or a list")
+        r.end()
+        return Id(tag, name, None)
+    r.expect(b"(")
+    params: list[tuple[str, str | None]] = []
+    if not r.accept(b")"):
+        while True:
+            key = r.string()
+            r.sp()
+            params.append((key, r.nstring()))
+            if r.accept(b")"):
+                break
+            r.sp()
+    r.end()
+    return Id(tag, name, tuple(params))
+
+
+def _enable(r: Reader, tag: str, name: str) -> Command:
+    caps: list[str] = []
+    while r.accept(b" "):
+        caps.append(r.keyword())
+    if not caps:
+        raise ParseError("ENABLE needs a capability")
+    r.end()
+    return Enable(tag, name, tuple(caps))
+
+
+def _getquota(r: Reader, tag: str, name: str) -> Command:
+    r.sp()
+    root = r.astring()
+    r.end()
+    return QuotaCommand(tag, name, root)
+
+
+def _setquota(r: Reader, tag: str, name: str) -> Command:
+    r.sp()
+    root = r.astring()
+    r.sp()
+    r.expect(b"(")
+    limits: list[tuple[str, int]] = []
+    if not r.accept(b")"):
+        while True:
+            resource = r.keyword()
+            r.sp()
+            limits.append((resource, r.number()))
+            if r.accept(b")"):
+                break
+            r.sp()
+    r.end()
+    return QuotaCommand(tag, name, root, tuple(limits))
+
+
+def _expunge(r: Reader, tag: str, name: str) -> Command:
+    r.end()
+    return Expunge(tag, name)
+
+
+_PARSERS: dict[str, Callable[..., Command]] = {
+    "LOGIN": _login,
+    "AUTHENTICATE": _authenticate,
+    "SELECT": _one_mailbox,
+    "EXAMINE": _one_mailbox,
+    "CREATE": _one_mailbox,
+    "DELETE": _one_mailbox,
+    "SUBSCRIBE": _one_mailbox,
+    "UNSUBSCRIBE": _one_mailbox,
+    "GETQUOTAROOT": _one_mailbox,
+    "RENAME": _rename,
+    "LIST": _list,
+    "LSUB": _list,
+    "STATUS": _status,
+    "APPEND": _append,
+    "FETCH": _fetch,
+    "STORE": _store,
+    "COPY": _copy,
+    "MOVE": _copy,
+    "SEARCH": _search,
+    "EXPUNGE": _expunge,
+    "ID": _id,
+    "ENABLE": _enable,
+    "GETQUOTA": _getquota,
+    "SETQUOTA": _setquota,
+}

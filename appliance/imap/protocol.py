@@ -1,0 +1,230 @@
+"""Sans-IO IMAP server connection in the shape of h11: bytes in, events out, no sockets, no store.
+
+    conn = ImapConnection()
+    conn.receive_data(data)
+    while (event := conn.next_event()) is not NEED_DATA:
+        ...  # a Command, ContinuationRequest, Reject, Fatal or RawLine
+
+Framing comes first (RFC 3501 4.3, 7.5): a line ending in {n} announces a synchronising literal (the
+server must answer "+" before the client sends it: the ContinuationRequest event), {n+} a
+non-synchronising one (RFC 7888 LITERAL+). Once a command's last line is in, the parser sees the whole
+command as text pieces and literal payloads. Every size is bounded by ImapLimits; a literal too big
+for a synchronising client is refused before it is sent, one too big for a non-synchronising client
+ends the connection (RFC 7888 4), as does a line without end.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import cast
+
+from appliance.imap.commands import Command
+from appliance.imap.limits import DEFAULT_LIMITS, ImapLimits
+from appliance.imap.parser import LiteralPart, ParseError, Segment, TaggedParseError, parse_command, parse_tag
+from appliance.imap.responses import Bye, Continuation, Response, Tagged, UntaggedStatus
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+@dataclass(frozen=True)
+class ContinuationRequest:
+    """The client announced a synchronising literal: send `+` (the reply) and it will send the data."""
+
+    reply: Response
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A command the server will not run (syntax, sizes): send `reply`, go on with the next command."""
+
+    reply: Response
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """The connection cannot go on (framing lost, too many bad commands): send `reply` and close."""
+
+    reply: Response
+
+
+@dataclass(frozen=True)
+class RawLine:
+    """A line read in raw mode (AUTHENTICATE responses, IDLE's DONE), CRLF removed."""
+
+    data: bytes
+
+
+Event = Command | ContinuationRequest | Reject | Fatal | RawLine | _NeedData
+
+# RFC 3501 9 literal = "{" number "}" CRLF; RFC 7888 literal+ = "{" number "+}" CRLF.
+_LITERAL_MARKER = re.compile(rb"\{(\d{1,20})(\+?)\}\Z")
+_APPEND = re.compile(rb"^[^ ]+ (?:APPEND) ", re.IGNORECASE)
+LITERAL_CONTINUATION = "Ready for literal data"
+SMALL_LITERAL = 64 * 1024
+
+
+class ImapConnection:
+    def __init__(self, limits: ImapLimits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self._buffer = bytearray()
+        self._scan_from = 0  # where the search for the next LF resumes
+        self._segments: list[Segment] = []
+        self._command_octets = 0
+        self._literal: bytearray | None = None
+        self._literal_left = 0
+        self._raw_lines = 0
+        self._bad_in_a_row = 0
+        self._closed = False
+
+    # --- input -------------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        """Octets received but not yet turned into events."""
+        return len(self._buffer)
+
+    def discard_buffer(self) -> None:
+        """Forget everything not yet parsed: after STARTTLS, plaintext pipelined behind it must not be
+        taken as sent over TLS (the command injection of CVE-2011-0411)."""
+        self._buffer.clear()
+        self._scan_from = 0
+
+    def expect_raw_line(self) -> None:
+        """The next line is not a command (AUTHENTICATE response, IDLE's DONE): deliver it as RawLine."""
+        self._raw_lines += 1
+
+    def cancel_raw_line(self) -> None:
+        self._raw_lines = 0
+
+    # --- events ------------------------------------------------------------------------------------
+
+    def next_event(self) -> Event:
+        if self._closed:
+            return NEED_DATA
+        while True:
+            if self._literal is not None:
+                if not self._fill_literal():
+                    return NEED_DATA
+                continue
+            line = self._take_line()
+            if line is None:
+                if len(self._buffer) > self.limits.max_line_octets:
+                    return self._fatal("Line too long")
+                return NEED_DATA
+            if len(line) > self.limits.max_line_octets:
+                return self._fatal("Line too long")
+            line = _strip_eol(line)
+            if self._raw_lines and not self._segments:
+                self._raw_lines -= 1
+                return RawLine(line)
+            event = self._command_line(line)
+            if event is not None:
+                return event
+
+    def _take_line(self) -> bytes | None:
+        end = self._buffer.find(b"\n", self._scan_from)
+        if end < 0:
+            self._scan_from = len(self._buffer)
+            return None
+        line = bytes(self._buffer[: end + 1])
+        del self._buffer[: end + 1]
+        self._scan_from = 0
+        return line
+
+    def _fill_literal(self) -> bool:
+        assert self._literal is not None
+        take = min(self._literal_left, len(self._buffer))
+        if take:
+            self._literal += self._buffer[:take]
+            del self._buffer[:take]
+            self._literal_left -= take
+        if self._literal_left:
+            return False
+        # Small literals become bytes; a big one (an APPEND message) is handed on as the buffer it
+        # was read into, so a 50 MB message is held in memory once, not twice.
+        data = bytes(self._literal) if len(self._literal) <= SMALL_LITERAL else cast(bytes, self._literal)
+        self._segments.append(LiteralPart(data))
+        self._literal = None
+        return True
+
+    def _command_line(self, line: bytes) -> Event | None:
+        """One line of a command: either it announces a literal or it ends the command."""
+        self._command_octets += len(line) + 2
+        marker = _LITERAL_MARKER.search(line)
+        first = self._segments[0] if self._segments else line
+        assert isinstance(first, bytes)
+        if marker is None:
+            self._segments.append(line)
+            segments, self._segments = self._segments, []
+            octets, self._command_octets = self._command_octets, 0
+            if octets > self.limits.max_command_octets:
+                return self._bad(parse_tag(first), "Command too long")
+            return self._parse(segments)
+        size, non_sync = int(marker.group(1)), marker.group(2) == b"+"
+        self._segments.append(line[: marker.start()])
+        is_append = _APPEND.match(first) is not None
+        limit = self.limits.max_append_octets if is_append else self.limits.max_literal_octets
+        too_many = len(self._segments) // 2 >= self.limits.max_literals_per_command
+        if size > limit or too_many or (not is_append and self._command_octets + size > self.limits.max_command_octets):
+            if non_sync:
+                # RFC 7888 4: the data is already on its way and cannot be told apart from commands.
+                return self._fatal("Literal too large")
+            tag = parse_tag(first)
+            self._segments = []
+            self._command_octets = 0
+            # RFC 7888 4 / RFC 4469: refuse before the client sends it; it then drops the command.
+            return self._bad(tag, "Literal too large", status="NO", code="TOOBIG")
+        if not is_append:
+            self._command_octets += size
+        self._literal = bytearray()
+        self._literal_left = size
+        if non_sync:
+            return None
+        return ContinuationRequest(Continuation(LITERAL_CONTINUATION))
+
+    def _parse(self, segments: list[Segment]) -> Event:
+        try:
+            command = parse_command(segments)
+        except TaggedParseError as exc:
+            return self._bad(exc.tag, str(exc))
+        except ParseError as exc:
+            return self._bad(None, str(exc))
+        self._bad_in_a_row = 0
+        return command
+
+    def _bad(self, tag: str | None, text: str, status: str = "BAD", code: str | None = None) -> Event:
+        self._bad_in_a_row += 1
+        if self._bad_in_a_row > self.limits.max_bad_commands:
+            return self._fatal("Too many invalid commands")
+        if tag is None:
+            return Reject(UntaggedStatus("BAD", text, code))
+        return Reject(Tagged(tag, "NO" if status == "NO" else "BAD", text, code))
+
+    def note_bad_command(self) -> bool:
+        """The session answered BAD (wrong state, bad arguments); True when the budget is spent."""
+        self._bad_in_a_row += 1
+        return self._bad_in_a_row > self.limits.max_bad_commands
+
+    def _fatal(self, text: str) -> Fatal:
+        self._closed = True
+        self._buffer.clear()
+        return Fatal(Bye(text))
+
+
+def _strip_eol(line: bytes) -> bytes:
+    # RFC 3501 requires CRLF; a bare LF is accepted (some scripts and test tools send it).
+    if line.endswith(b"\r\n"):
+        return line[:-2]
+    return line[:-1] if line.endswith(b"\n") else line

@@ -1,0 +1,254 @@
+"""SEARCH (RFC 3501 6.4.4): which messages of the selected folder match a key.
+
+Keys on flags, sizes, dates and numbers use the index alone; header and text keys open the message
+(lazily, once per message, only when the cheaper keys of an AND have not already failed). Matching is
+case-insensitive substring matching on decoded text: RFC 2047 header words, transfer encodings and
+charsets are undone, so a search for "Jörg" finds =?utf-8?q?J=C3=B6rg?=. Very large messages are
+searched as raw octets instead of being decoded in memory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.header import decode_header, make_header
+from email.message import Message
+from email.parser import BytesHeaderParser
+from email.policy import default as default_policy
+from email.utils import parsedate_to_datetime
+from typing import BinaryIO
+
+from appliance.imap.commands import (
+    AndKey,
+    DateKey,
+    FlagKey,
+    HeaderKey,
+    NewKey,
+    NotKey,
+    OrKey,
+    SearchAll,
+    SearchKey,
+    SetKey,
+    SizeKey,
+    TextKey,
+)
+from appliance.imap.limits import MAX_DECODED_SEARCH_OCTETS, MAX_HEADER_OCTETS
+from appliance.imap.mime import RAW_POLICY, unfold
+
+SUPPORTED_CHARSETS = ("US-ASCII", "UTF-8")
+RAW_SEARCH_CHUNK = 1024 * 1024
+_HEADER_PARSER = BytesHeaderParser(policy=RAW_POLICY)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the index knows about one message of the selected folder."""
+
+    seq: int
+    uid: int
+    flags: frozenset[str]  # \Recent included when this session has it as recent
+    size: int
+    internaldate: int
+
+
+class _Content:
+    """The text of one message, read once on first need."""
+
+    def __init__(self, opener: Callable[[], BinaryIO], size: int) -> None:
+        self._opener = opener
+        self._size = size
+        self._headers: Message | None = None
+        self._body: str | None = None
+        self._header_text: str | None = None
+
+    def headers(self) -> Message:
+        if self._headers is None:
+            with self._opener() as f:
+                block = bytearray()
+                for line in f:
+                    if line in (b"\r\n", b"\n") or len(block) > MAX_HEADER_OCTETS:
+                        break
+                    block += line
+            self._headers = _HEADER_PARSER.parsebytes(bytes(block))
+        return self._headers
+
+    def header_values(self, name: str) -> list[str]:
+        return [decode_words(v) for v in self.headers().get_all(name) or []]
+
+    def header_text(self) -> str:
+        if self._header_text is None:
+            self._header_text = "\n".join(f"{k}: {decode_words(v)}" for k, v in self.headers().items()).casefold()
+        return self._header_text
+
+    def body_contains(self, needle: str) -> bool:
+        if self._size > MAX_DECODED_SEARCH_OCTETS:
+            return self._raw_contains(needle, body_only=True)
+        if self._body is None:
+            with self._opener() as f:
+                message = email.message_from_binary_file(f, policy=default_policy)
+            self._body = decoded_text(message).casefold()
+        return needle in self._body
+
+    def _raw_contains(self, needle: str, body_only: bool) -> bool:
+        target = needle.encode("utf-8")
+        overlap = max(len(target) - 1, 0)
+        tail = b""
+        in_body = not body_only
+        with self._opener() as f:
+            while True:
+                chunk = f.read(RAW_SEARCH_CHUNK)
+                if not chunk:
+                    return False
+                data = (tail + chunk).lower()
+                if not in_body:
+                    cut = re.search(rb"\r?\n\r?\n", data)
+                    if cut is None:
+                        tail = data[-3:]
+                        continue
+                    data, in_body = data[cut.end():], True
+                if target in data:
+                    return True
+                tail = data[-overlap:] if overlap else b""
+
+
+def decode_words(value: str) -> str:
+    """A header value with folding removed and RFC 2047 encoded words decoded; raw 8-bit text read
+    as UTF-8 (what it is in practice)."""
+    text = unfold(value)
+    try:
+        decoded = str(make_header(decode_header(text)))
+    except Exception:  # malformed encoded words: search the text as written
+        decoded = text
+    return decoded.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def decoded_text(message: Message) -> str:
+    """The text/* parts of a message, transfer encoding and charset undone, joined."""
+    texts: list[str] = []
+    for part in message.walk():
+        if part.is_multipart() or part.get_content_maintype() not in ("text", "message"):
+            continue
+        if part.get_content_maintype() == "message":
+            continue
+        try:
+            content = part.get_content()  # type: ignore[attr-defined]
+        except Exception:
+            payload = part.get_payload(decode=True)
+            content = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
+        if isinstance(content, str):
+            texts.append(content)
+    return "\n".join(texts)
+
+
+def sent_date(content: _Content) -> dt.date | None:
+    value = content.headers().get("Date")
+    if not value:
+        return None
+    try:
+        # RFC 3501 6.4.4: SENT* compare the date of the Date: header, "disregarding time and timezone".
+        return parsedate_to_datetime(unfold(value)).date()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _compare(day: dt.date, relation: str, target: dt.date) -> bool:
+    if relation == "BEFORE":
+        return day < target
+    if relation == "ON":
+        return day == target
+    return day >= target  # SINCE: on or after
+
+
+Predicate = Callable[[Candidate, "_Content"], bool]
+
+
+class Searcher:
+    """Evaluates one SEARCH key over the candidates of a folder. The key is compiled once into nested
+    closures, so a 100,000-message folder costs one call chain per message, not a tree walk."""
+
+    def __init__(self, key: SearchKey, largest_seq: int, largest_uid: int) -> None:
+        self.key = key
+        self.largest_seq = largest_seq
+        self.largest_uid = largest_uid
+        self._predicate = self._compile(key)
+
+    def needs_content(self) -> bool:
+        return _needs_content(self.key)
+
+    def matches(self, c: Candidate, opener: Callable[[], BinaryIO]) -> bool:
+        return self._predicate(c, _Content(opener, c.size))
+
+    def _compile(self, key: SearchKey) -> Predicate:
+        if isinstance(key, SearchAll):
+            return lambda c, content: True
+        if isinstance(key, FlagKey):
+            flag, present = key.flag, key.present
+            if flag.startswith("\\"):
+                return lambda c, content: (flag in c.flags) == present
+            lowered = flag.lower()  # keywords match case-insensitively
+
+            def keyword(c: Candidate, content: _Content) -> bool:
+                return (flag in c.flags or any(f.lower() == lowered for f in c.flags)) == present
+
+            return keyword
+        if isinstance(key, NewKey):
+            return lambda c, content: "\\Recent" in c.flags and "\\Seen" not in c.flags
+        if isinstance(key, SetKey):
+            bounds = list(key.set.bounds(self.largest_uid if key.uid else self.largest_seq))
+            if key.uid:
+                return lambda c, content: any(low <= c.uid <= high for low, high in bounds)
+            return lambda c, content: any(low <= c.seq <= high for low, high in bounds)
+        if isinstance(key, SizeKey):
+            size = key.size
+            if key.relation == "LARGER":
+                return lambda c, content: c.size > size
+            return lambda c, content: c.size < size
+        if isinstance(key, DateKey):
+            relation, target = key.relation, key.date
+            if key.sent:
+                def sent(c: Candidate, content: _Content) -> bool:
+                    day = sent_date(content)
+                    return day is not None and _compare(day, relation, target)
+
+                return sent
+            return lambda c, content: _compare(dt.datetime.fromtimestamp(c.internaldate).date(), relation, target)
+        if isinstance(key, HeaderKey):
+            field_name, needle = key.field, key.value.casefold()
+            return lambda c, content: any(needle in v.casefold() for v in content.header_values(field_name))
+        if isinstance(key, TextKey):
+            needle, everywhere = key.value.casefold(), key.where == "TEXT"
+
+            def text(c: Candidate, content: _Content) -> bool:
+                if everywhere and needle in content.header_text():
+                    return True
+                return content.body_contains(needle)
+
+            return text
+        if isinstance(key, NotKey):
+            inner = self._compile(key.key)
+            return lambda c, content: not inner(c, content)
+        if isinstance(key, OrKey):
+            left, right = self._compile(key.left), self._compile(key.right)
+            return lambda c, content: left(c, content) or right(c, content)
+        if isinstance(key, AndKey):
+            # Cheap keys first: an index-only key that fails saves opening the message.
+            parts = [self._compile(k) for k in sorted(key.keys, key=_needs_content)]
+            return lambda c, content: all(p(c, content) for p in parts)
+        raise TypeError(f"unknown search key {key!r}")
+
+
+def _needs_content(key: SearchKey) -> bool:
+    if isinstance(key, HeaderKey | TextKey):
+        return True
+    if isinstance(key, DateKey):
+        return key.sent
+    if isinstance(key, NotKey):
+        return _needs_content(key.key)
+    if isinstance(key, OrKey):
+        return _needs_content(key.left) or _needs_content(key.right)
+    if isinstance(key, AndKey):
+        return any(_needs_content(k) for k in key.keys)
+    return False

@@ -1,0 +1,181 @@
+"""The selected folder as one session sees it: message numbers, flags, \\Recent, and what changed.
+
+Message sequence numbers are per session (RFC 3501 2.3.1.2): they only shift when this session is
+told about an expunge. A new store snapshot is turned into the untagged responses that bring the
+client up to date: EXPUNGE (RFC 3501 7.4.1), EXISTS/RECENT (7.3.1-2) and FETCH FLAGS (7.4.2).
+During FETCH, STORE and SEARCH (not their UID forms) an EXPUNGE must not be sent (7.4.1); the
+expunged messages then stay in the view, marked gone, until a later command may announce them.
+
+Folders of 100,000 messages are normal, so the view keeps plain lists, dicts and sets (no object per
+message beyond the store's MessageInfo), and renders a flag list once per distinct set of flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+from appliance.imap.commands import RECENT, SYSTEM_FLAGS, SequenceSet
+from appliance.imap.responses import Atom, Data, FetchResponse, Response, flag_list
+from appliance.store.mailstore import FolderSnapshot, MessageInfo
+
+_ORDER = {flag: i for i, flag in enumerate(SYSTEM_FLAGS)}
+
+
+@lru_cache(maxsize=4096)
+def flag_text(flags: frozenset[str], recent: bool) -> str:
+    """'(\\Seen $Label \\Recent)': system flags in their usual order, keywords, then \\Recent."""
+    ordered = sorted(flags, key=lambda f: (_ORDER.get(f, len(_ORDER)), f))
+    if recent:
+        ordered.append(RECENT)
+    return "(" + " ".join(ordered) + ")"
+
+
+class SelectedFolder:
+    def __init__(self, snapshot: FolderSnapshot, readonly: bool) -> None:
+        self.name = snapshot.name
+        self.readonly = readonly
+        self.uidvalidity = snapshot.uidvalidity
+        self.uidnext = snapshot.uidnext
+        self.uids: list[int] = [m.uid for m in snapshot.messages]
+        self.infos: dict[int, MessageInfo] = {m.uid: m for m in snapshot.messages}
+        self.gone: set[int] = set()  # expunged elsewhere, not yet announced to this client
+        self.recent: set[int] = set(snapshot.recent)
+        self._seq: dict[int, int] | None = None
+        self.keywords: set[str] = _keywords(snapshot.messages)
+
+    # --- numbers -----------------------------------------------------------------------------------
+
+    @property
+    def exists(self) -> int:
+        return len(self.uids)
+
+    @property
+    def largest_uid(self) -> int:
+        return self.uids[-1] if self.uids else 0
+
+    def seq_of(self, uid: int) -> int:
+        if self._seq is None:
+            self._seq = {u: i for i, u in enumerate(self.uids, start=1)}
+        return self._seq[uid]
+
+    def uid_of(self, seq: int) -> int:
+        return self.uids[seq - 1]
+
+    def resolve(self, seqset: SequenceSet, uid: bool) -> list[int]:
+        """UIDs (ascending) a sequence set names. For UID sets, numbers that are not messages are
+        ignored (RFC 3501 6.4.8); `*` is the largest UID in use."""
+        if uid:
+            if not self.uids:
+                return []
+            if len(seqset.ranges) == 1:
+                low, high = next(seqset.bounds(self.largest_uid))
+                if low <= self.uids[0] and high >= self.uids[-1]:
+                    return list(self.uids)
+            return seqset.select(self.uids, self.largest_uid)
+        return [self.uids[n - 1] for n in seqset.numbers(self.exists)]
+
+    def flags_of(self, uid: int) -> list[str]:
+        return flag_text(self.infos[uid].flags, uid in self.recent)[1:-1].split()
+
+    def flags_atom(self, uid: int) -> Atom:
+        return Atom(flag_text(self.infos[uid].flags, uid in self.recent))
+
+    def info(self, uid: int) -> MessageInfo:
+        return self.infos[uid]
+
+    def is_gone(self, uid: int) -> bool:
+        return uid in self.gone
+
+    # --- responses for SELECT ----------------------------------------------------------------------
+
+    def flags_response(self) -> Data:
+        return Data("FLAGS", (flag_list([*SYSTEM_FLAGS, *sorted(self.keywords)]),))
+
+    def first_unseen(self) -> int | None:
+        for i, uid in enumerate(self.uids, start=1):
+            if "\\Seen" not in self.infos[uid].flags:
+                return i
+        return None
+
+    def unseen_count(self) -> int:
+        return sum(1 for u, m in self.infos.items() if u not in self.gone and "\\Seen" not in m.flags)
+
+    # --- changes -----------------------------------------------------------------------------------
+
+    def update_infos(self, infos: Iterable[MessageInfo]) -> None:
+        """This session changed these messages (STORE, implicit \\Seen): take the new state without
+        announcing it again later."""
+        for info in infos:
+            if info.uid in self.infos:
+                self.infos[info.uid] = info
+                self.keywords |= _keywords((info,))
+
+    def expunged_by_us(self, uids: Sequence[int]) -> list[Response]:
+        """Remove messages this session expunged; the EXPUNGE responses for them."""
+        return self._remove([u for u in uids if u in self.infos])
+
+    def apply(self, snapshot: FolderSnapshot, allow_expunge: bool, with_uid: bool = True) -> list[Response]:
+        """Bring the view up to `snapshot`; the untagged responses that tell the client."""
+        out: list[Response] = []
+        current = {m.uid: m for m in snapshot.messages}
+        self.gone.update(u for u in self.uids if u not in current)
+        if allow_expunge and self.gone:
+            out += self._remove(sorted(self.gone))
+        # Flag changes made elsewhere.
+        for uid in self.uids:
+            new = current.get(uid)
+            if new is None:
+                continue
+            old = self.infos[uid]
+            if new.flags != old.flags:
+                self.infos[uid] = new
+                self.keywords |= _keywords((new,))
+                out.append(self.flags_fetch(uid, with_uid))
+            elif new.path != old.path:
+                self.infos[uid] = new
+        # New messages (UIDs only grow, RFC 3501 2.3.1.1).
+        largest = self.largest_uid
+        added = [m for m in snapshot.messages if m.uid > largest]
+        recent_before = len(self.recent)
+        self.recent |= set(snapshot.recent)
+        if added:
+            for m in added:
+                self.uids.append(m.uid)
+                self.infos[m.uid] = m
+            self._seq = None
+            self.keywords |= _keywords(added)
+            out.append(Data(f"{self.exists} EXISTS"))
+        if added or len(self.recent) != recent_before:
+            out.append(Data(f"{len(self.recent)} RECENT"))
+        self.uidnext = max(self.uidnext, snapshot.uidnext)
+        return out
+
+    def flags_fetch(self, uid: int, with_uid: bool = True) -> FetchResponse:
+        items: list[tuple[str, Atom | int]] = []
+        if with_uid:
+            items.append(("UID", uid))
+        items.append(("FLAGS", self.flags_atom(uid)))
+        return FetchResponse(self.seq_of(uid), tuple(items))
+
+    def _remove(self, uids: Sequence[int]) -> list[Response]:
+        if not uids:
+            return []
+        doomed = set(uids)
+        out: list[Response] = []
+        removed = 0
+        for seq, uid in enumerate(self.uids, start=1):
+            if uid in doomed:
+                out.append(Data(f"{seq - removed} EXPUNGE"))  # later numbers shift down at once
+                removed += 1
+        self.uids = [u for u in self.uids if u not in doomed]
+        for uid in doomed:
+            self.infos.pop(uid, None)
+            self.recent.discard(uid)
+        self.gone -= doomed
+        self._seq = None
+        return out
+
+
+def _keywords(messages: Iterable[MessageInfo]) -> set[str]:
+    return {f for m in messages for f in m.flags if not f.startswith("\\")}

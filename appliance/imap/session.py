@@ -1,0 +1,876 @@
+"""What each IMAP command does, against the services (RFC 3501 6, plus the extensions we offer).
+
+One ImapSession per connection. Commands are dispatched through one table per state (RFC 3501 3);
+handlers are named cmd_<command>. A handler answers through `self.io` and raises ImapNo / ImapBad
+for a failed command: the error carries its reply. Anything else is a bug: the server logs it and
+says BYE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol, TypeVar
+
+from appliance.imap import fetch as fetching
+from appliance.imap import names
+from appliance.imap.commands import (
+    Append,
+    Authenticate,
+    BodySection,
+    Command,
+    CopyMove,
+    Enable,
+    Expunge,
+    Fetch,
+    FetchAttribute,
+    FetchItem,
+    Id,
+    ListCommand,
+    Login,
+    MailboxCommand,
+    QuotaCommand,
+    Rename,
+    Search,
+    SequenceSet,
+    Status,
+    Store,
+    compact,
+)
+from appliance.imap.errors import ImapBad, ImapError, ImapNo
+from appliance.imap.limits import STRUCTURE_CACHE_ENTRIES
+from appliance.imap.mime import Part, scan, scan_header
+from appliance.imap.responses import (
+    Bye,
+    Continuation,
+    Data,
+    FetchResponse,
+    Preformatted,
+    Response,
+    Tagged,
+    UntaggedStatus,
+    Value,
+    encode_astring,
+)
+from appliance.imap.search import SUPPORTED_CHARSETS, Candidate, Searcher
+from appliance.imap.selected import SelectedFolder, flag_text
+from appliance.store.mailstore import (
+    FolderExists,
+    FolderInfo,
+    MessageInfo,
+    NoSuchFolder,
+    QuotaExceeded,
+    StoreError,
+    Watcher,
+    open_message,
+)
+
+if TYPE_CHECKING:
+    from appliance.services import Services
+
+log = logging.getLogger("letterbox.imap")
+T = TypeVar("T")
+
+State = Literal["not_authenticated", "authenticated", "selected", "logout"]
+PERMANENT_FLAGS = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
+BASE_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE")
+AUTHENTICATED_CAPABILITIES = (
+    "IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "UIDPLUS", "MOVE", "SPECIAL-USE",
+    "NAMESPACE", "CHILDREN", "UNSELECT", "QUOTA",
+)
+SERVER_ID = (("name", "Letterbox"), ("vendor", "Letterbox"))
+FETCH_BATCH = 64  # messages whose files one worker-thread call reads
+EXTERNAL_POLL = 60.0  # seconds between looks at the disk during IDLE
+INDEX_FETCH_BATCH = 5000  # messages per rendered block of an index-only FETCH
+SEEN = "\\Seen"
+RECENT_FLAG = frozenset({"\\Recent"})
+# Commands after which the selected folder is another or none: no point bringing the old one up to date.
+LEAVES_FOLDER = frozenset({"SELECT", "EXAMINE", "UNSELECT", "CLOSE", "LOGOUT"})
+DELETED = "\\Deleted"
+
+
+class SessionIO(Protocol):
+    """What the session needs from the connection (server.py provides it)."""
+
+    peer: str
+    tls_active: bool
+    starttls_available: bool
+
+    async def send(self, *responses: Response) -> None: ...
+    async def read_line(self, seconds: float) -> bytes | None: ...
+    def prepare_tls(self) -> None: ...
+    async def start_tls(self) -> None: ...
+    def wait_line(self, seconds: float) -> asyncio.Task[bytes | None]: ...
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    hostname: str
+    idle_timeout: float
+
+
+class ImapSession:
+    def __init__(self, services: Services, io: SessionIO, config: SessionConfig) -> None:
+        self.services = services
+        self.store = services.store
+        self.io = io
+        self.config = config
+        self.state: State = "not_authenticated"
+        self.user: str | None = None
+        self.selected: SelectedFolder | None = None
+        self.watcher: Watcher | None = None
+        self._dirty = False  # look at the store before the next response (watcher fired, client polled)
+        self._structures: OrderedDict[tuple[str, int, int], Part] = OrderedDict()
+
+    # --- greeting and capabilities -----------------------------------------------------------------
+
+    def capabilities(self) -> tuple[str, ...]:
+        if self.state in ("authenticated", "selected"):
+            return AUTHENTICATED_CAPABILITIES
+        caps = list(BASE_CAPABILITIES)
+        if self.io.starttls_available and not self.io.tls_active:
+            caps.append("STARTTLS")
+        if self.io.tls_active:
+            caps.append("AUTH=PLAIN")
+        else:
+            caps.append("LOGINDISABLED")  # RFC 3501 6.2.3: no password over cleartext
+        return tuple(caps)
+
+    def capability_code(self) -> str:
+        return "CAPABILITY " + " ".join(self.capabilities())
+
+    def greeting(self) -> Response:
+        return UntaggedStatus("OK", f"{self.config.hostname} Letterbox IMAP ready", self.capability_code())
+
+    # --- dispatch ----------------------------------------------------------------------------------
+
+    async def handle(self, command: Command) -> str:
+        """Run one command and answer it; returns the status of the answer (OK, NO or BAD).
+        Raises only for bugs (the server logs them and says BYE)."""
+        table = DISPATCH[self.state]
+        handler = table.get(command.name)
+        try:
+            if handler is None:
+                if any(command.name in t for t in DISPATCH.values()):
+                    raise ImapBad(f"{command.name} is not allowed now")
+                raise ImapBad(f"Unknown command {command.name}")
+            if self.state == "selected" and command.name not in LEAVES_FOLDER:
+                await self.sync(allow_expunge=_may_expunge(command))
+            await handler(self, command)
+        except ImapError as exc:
+            if self.state == "selected":
+                await self.sync(allow_expunge=_may_expunge(command))
+            await self.io.send(Tagged(command.tag, exc.status, exc.text, exc.code))
+            return exc.status
+        return "OK"
+
+    async def ok(self, command: Command, text: str | None = None, code: str | None = None) -> None:
+        """The tagged OK, after any updates the client is owed (RFC 3501 7: untagged first)."""
+        if self.state == "selected":
+            await self.sync(allow_expunge=_may_expunge(command))
+        await self.io.send(Tagged(command.tag, "OK", text or f"{command.name} completed", code))
+
+    async def close(self) -> None:
+        self._unselect()
+
+    # --- any state (RFC 3501 6.1) ------------------------------------------------------------------
+
+    async def cmd_capability(self, command: Command) -> None:
+        await self.io.send(Data("CAPABILITY " + " ".join(self.capabilities())))
+        await self.ok(command)
+
+    async def cmd_noop(self, command: Command) -> None:
+        # NOOP is how a client polls (RFC 3501 6.1.2): look at the disk too, for changes another
+        # program made to the Maildir (they do not wake the watcher).
+        self._dirty = True
+        await self.ok(command)
+
+    async def cmd_logout(self, command: Command) -> None:
+        self._unselect()
+        self.state = "logout"
+        await self.io.send(Bye("Logging out"), Tagged(command.tag, "OK", "LOGOUT completed"))
+
+    async def cmd_id(self, command: Command) -> None:
+        assert isinstance(command, Id)
+        if command.params:
+            shown = " ".join(f"{k}={v}" for k, v in command.params[:8] if len(k) < 40)[:300]
+            log.info("imap client id: peer=%s %s", self.io.peer, shown.encode("ascii", "replace").decode())
+        values: list[Value] = []
+        for key, value in SERVER_ID:
+            values += [key, value]
+        await self.io.send(Data("ID", (values,)))
+        await self.ok(command)
+
+    # --- not authenticated (RFC 3501 6.2) ----------------------------------------------------------
+
+    async def cmd_starttls(self, command: Command) -> None:
+        if self.io.tls_active or not self.io.starttls_available:
+            raise ImapBad("TLS is already active" if self.io.tls_active else "STARTTLS is not offered here")
+        self.io.prepare_tls()  # stop reading plaintext before the client may start its handshake
+        await self.io.send(Tagged(command.tag, "OK", "Begin TLS negotiation now"))
+        await self.io.start_tls()
+
+    async def cmd_login(self, command: Command) -> None:
+        assert isinstance(command, Login)
+        self._require_tls()
+        await self._authenticate(command, command.user, command.password)
+
+    async def cmd_authenticate(self, command: Command) -> None:
+        assert isinstance(command, Authenticate)
+        if command.mechanism != "PLAIN":
+            raise ImapNo(f"Unsupported mechanism {command.mechanism}", "CANNOT")
+        self._require_tls()
+        response = command.initial
+        if response is None:
+            await self.io.send(Continuation(""))
+            line = await self.io.read_line(self.config.idle_timeout)
+            if line is None:
+                raise ImapBad("Authentication abandoned")
+            response = line.decode("ascii", "replace").strip()
+        if response == "*":
+            raise ImapBad("Authentication cancelled")  # RFC 3501 6.2.2
+        try:
+            # RFC 4959 3: "=" is an empty initial response.
+            decoded = b"" if response == "=" else base64.b64decode(response, validate=True)
+        except (binascii.Error, ValueError):
+            raise ImapBad("Invalid base64") from None
+        parts = decoded.split(b"\0")
+        if len(parts) != 3:
+            raise ImapNo("Malformed PLAIN response", "AUTHENTICATIONFAILED")
+        authzid, authcid, password = (p.decode("utf-8", "replace") for p in parts)
+        if authzid and authzid.lower() != authcid.lower():
+            raise ImapNo("Authorization identity must be the login name", "AUTHORIZATIONFAILED")
+        await self._authenticate(command, authcid, password)
+
+    def _require_tls(self) -> None:
+        if not self.io.tls_active:
+            # RFC 3501 6.2.3 / RFC 5530 PRIVACYREQUIRED: never a password in clear text.
+            raise ImapNo("Use STARTTLS first: no passwords over plain text", "PRIVACYREQUIRED")
+
+    async def _authenticate(self, command: Command, user: str, password: str) -> None:
+        principal = await self.services.auth.verify(user, password, "imap", self.io.peer)
+        if principal is None or principal.kind != "mailbox":
+            raise ImapNo("Authentication failed", "AUTHENTICATIONFAILED")
+        self.user = principal.name
+        self.state = "authenticated"
+        await self.io.send(Tagged(command.tag, "OK", "Logged in", self.capability_code()))
+
+    # --- authenticated (RFC 3501 6.3) --------------------------------------------------------------
+
+    @property
+    def mailbox(self) -> str:
+        assert self.user is not None
+        return self.user
+
+    async def cmd_select(self, command: Command) -> None:
+        assert isinstance(command, MailboxCommand)
+        readonly = command.name == "EXAMINE"
+        self._unselect()
+        name = names.canonical(command.mailbox)
+        try:
+            snapshot = await self.store.snapshot(self.mailbox, name, claim_recent=not readonly)
+        except NoSuchFolder:
+            raise ImapNo(f"Mailbox does not exist: {name}", "NONEXISTENT") from None
+        view = SelectedFolder(snapshot, readonly)
+        self.watcher = self.store.watch(self.mailbox, view.name)
+        self.selected = view
+        self.state = "selected"
+        self._dirty = False
+        out: list[Response] = [
+            view.flags_response(),
+            Data(f"{view.exists} EXISTS"),
+            Data(f"{len(view.recent)} RECENT"),
+        ]
+        unseen = view.first_unseen()
+        if unseen is not None:
+            out.append(UntaggedStatus("OK", f"First unseen is {unseen}", f"UNSEEN {unseen}"))
+        out += [
+            UntaggedStatus("OK", "UIDs valid", f"UIDVALIDITY {view.uidvalidity}"),
+            UntaggedStatus("OK", "Predicted next UID", f"UIDNEXT {view.uidnext}"),
+            UntaggedStatus("OK", "Limited" if readonly else "Flags permitted",
+                           "PERMANENTFLAGS ()" if readonly else f"PERMANENTFLAGS {PERMANENT_FLAGS}"),
+        ]
+        await self.io.send(*out)
+        await self.io.send(Tagged(command.tag, "OK", f"{command.name} completed",
+                                  "READ-ONLY" if readonly else "READ-WRITE"))
+
+    cmd_examine = cmd_select
+
+    async def cmd_create(self, command: Command) -> None:
+        assert isinstance(command, MailboxCommand)
+        name = names.canonical(command.mailbox.rstrip(names.SEPARATOR))  # RFC 3501 6.3.3: "foo/" is foo
+        if names.is_inbox(name):
+            raise ImapNo("INBOX always exists", "ALREADYEXISTS")
+        reason = names.invalid_reason(name)
+        if reason:
+            raise ImapNo(reason, "CANNOT")
+        try:
+            await self.store.create_folder(self.mailbox, name)
+        except FolderExists:
+            raise ImapNo("Mailbox already exists", "ALREADYEXISTS") from None
+        except StoreError as exc:
+            raise ImapNo(str(exc) or "Cannot create mailbox", "CANNOT") from None
+        await self.ok(command)
+
+    async def cmd_delete(self, command: Command) -> None:
+        assert isinstance(command, MailboxCommand)
+        name = names.canonical(command.mailbox)
+        if names.is_inbox(name):
+            raise ImapNo("INBOX cannot be deleted", "CANNOT")  # RFC 3501 6.3.4
+        if self.selected is not None and self.selected.name == name:
+            self._unselect()
+            self.state = "authenticated"
+        try:
+            await self.store.delete_folder(self.mailbox, name)
+        except NoSuchFolder:
+            raise ImapNo("Mailbox does not exist", "NONEXISTENT") from None
+        except StoreError as exc:
+            raise ImapNo(str(exc) or "Cannot delete mailbox", "CANNOT") from None
+        await self.ok(command)
+
+    async def cmd_rename(self, command: Command) -> None:
+        assert isinstance(command, Rename)
+        old, new = names.canonical(command.old), names.canonical(command.new.rstrip(names.SEPARATOR))
+        if names.is_inbox(new):
+            raise ImapNo("Cannot rename to INBOX", "ALREADYEXISTS")
+        reason = names.invalid_reason(new)
+        if reason:
+            raise ImapNo(reason, "CANNOT")
+        try:
+            await self.store.rename_folder(self.mailbox, old, new)
+        except NoSuchFolder:
+            raise ImapNo("Mailbox does not exist", "NONEXISTENT") from None
+        except FolderExists:
+            raise ImapNo("Target mailbox already exists", "ALREADYEXISTS") from None
+        except StoreError as exc:
+            raise ImapNo(str(exc) or "Cannot rename mailbox", "CANNOT") from None
+        await self.ok(command)
+
+    async def cmd_subscribe(self, command: Command) -> None:
+        assert isinstance(command, MailboxCommand)
+        try:
+            await self.store.subscribe(self.mailbox, names.canonical(command.mailbox), command.name == "SUBSCRIBE")
+        except NoSuchFolder:
+            raise ImapNo("Mailbox does not exist", "NONEXISTENT") from None
+        except StoreError as exc:
+            raise ImapNo(str(exc) or "Cannot change subscription", "CANNOT") from None
+        await self.ok(command)
+
+    cmd_unsubscribe = cmd_subscribe
+
+    async def cmd_list(self, command: Command) -> None:
+        assert isinstance(command, ListCommand)
+        lsub = command.name == "LSUB"
+        if not lsub and command.patterns == ("",):
+            # RFC 3501 6.3.8: an empty pattern asks for the hierarchy delimiter and root.
+            await self.io.send(Data('LIST (\\Noselect) "/" ""'))
+            await self.ok(command)
+            return
+        folders = await self.store.folders(self.mailbox)
+        by_name = {f.name: f for f in folders}
+        only_subscribed = lsub or "SUBSCRIBED" in command.select
+        only_special = "SPECIAL-USE" in command.select
+        show_subscribed = "SUBSCRIBED" in command.select or "SUBSCRIBED" in command.returns
+        regexes = [names.pattern_regex(command.reference, p) for p in command.patterns]
+        pool = [f.name for f in folders if f.subscribed] if only_subscribed else list(by_name)
+        out: list[Response] = []
+        for name, exists in sorted(names.with_parents(pool).items(), key=lambda item: _list_order(item[0])):
+            if not any(r.match(name) for r in regexes):
+                continue
+            info = by_name.get(name)
+            if only_special and (info is None or info.special_use is None):
+                continue
+            attrs = _list_attributes(name, info, exists, by_name, show_subscribed, lsub)
+            head = "LSUB" if lsub else "LIST"
+            out.append(Data(f'{head} ({" ".join(attrs)}) "/" ' + encode_astring(name).decode("utf-8")))
+        await self.io.send(*out)
+        await self.ok(command)
+
+    cmd_lsub = cmd_list
+
+    async def cmd_namespace(self, command: Command) -> None:
+        await self.io.send(Data('NAMESPACE (("" "/")) NIL NIL'))  # RFC 2342: one personal namespace
+        await self.ok(command)
+
+    async def cmd_status(self, command: Command) -> None:
+        assert isinstance(command, Status)
+        name = names.canonical(command.mailbox)
+        try:
+            snapshot = await self.store.snapshot(self.mailbox, name)
+        except NoSuchFolder:
+            raise ImapNo("Mailbox does not exist", "NONEXISTENT") from None
+        values = {
+            "MESSAGES": len(snapshot.messages),
+            "RECENT": len(snapshot.recent),
+            "UIDNEXT": snapshot.uidnext,
+            "UIDVALIDITY": snapshot.uidvalidity,
+            "UNSEEN": sum(1 for m in snapshot.messages if SEEN not in m.flags),
+        }
+        if self.selected is not None and self.selected.name == snapshot.name:
+            values["RECENT"] = len(self.selected.recent)
+        items = " ".join(f"{item} {values[item]}" for item in command.items)
+        await self.io.send(Data("STATUS " + encode_astring(name).decode("utf-8") + f" ({items})"))
+        await self.ok(command)
+
+    async def cmd_append(self, command: Command) -> None:
+        assert isinstance(command, Append)
+        name = names.canonical(command.mailbox)
+        if not command.message:
+            raise ImapNo("Empty message", "CANNOT")
+        try:
+            uidvalidity, uid = await self.store.append(
+                self.mailbox, name, command.message, frozenset(command.flags), command.date
+            )
+        except NoSuchFolder:
+            raise ImapNo("Mailbox does not exist", "TRYCREATE") from None  # RFC 3501 6.3.11
+        except QuotaExceeded:
+            raise ImapNo("Quota exceeded", "OVERQUOTA") from None
+        except StoreError as exc:
+            raise ImapNo(str(exc) or "Cannot append", "CANNOT") from None
+        await self.ok(command, code=f"APPENDUID {uidvalidity} {uid}")  # RFC 4315 3
+
+    async def cmd_enable(self, command: Command) -> None:
+        assert isinstance(command, Enable)
+        # RFC 5161: nothing we offer needs enabling (CONDSTORE/QRESYNC/UTF8=ACCEPT come later).
+        await self.io.send(Data("ENABLED"))
+        await self.ok(command)
+
+    async def cmd_getquotaroot(self, command: Command) -> None:
+        assert isinstance(command, MailboxCommand)
+        name = names.canonical(command.mailbox)
+        await self.io.send(Data("QUOTAROOT " + encode_astring(name).decode("utf-8") + ' ""'), await self._quota())
+        await self.ok(command)
+
+    async def cmd_getquota(self, command: Command) -> None:
+        assert isinstance(command, QuotaCommand)
+        if command.root != "":
+            raise ImapNo("No such quota root", "NONEXISTENT")
+        await self.io.send(await self._quota())
+        await self.ok(command)
+
+    async def cmd_setquota(self, command: Command) -> None:
+        raise ImapNo("Quotas are set by the administrator", "NOPERM")
+
+    async def _quota(self) -> Response:
+        used, limit = await self.store.usage(self.mailbox)
+        if not limit:
+            return Data('QUOTA "" ()')
+        # RFC 2087 3: STORAGE in units of 1024 octets.
+        return Data(f'QUOTA "" (STORAGE {(used + 1023) // 1024} {limit // 1024})')
+
+    async def cmd_idle(self, command: Command) -> None:
+        """RFC 2177: report changes as they happen until the client sends DONE."""
+        await self.io.send(Continuation("idling"))
+        done = self.io.wait_line(self.config.idle_timeout)
+        try:
+            while True:
+                if self.selected is not None:
+                    await self.sync(allow_expunge=True)
+                waiter: asyncio.Task[bool] | None = None
+                if self.watcher is not None:
+                    # Woken by any change through the store; every EXTERNAL_POLL seconds the disk
+                    # is looked at as well, for changes other programs make to the Maildir.
+                    waiter = asyncio.ensure_future(self.watcher.wait(EXTERNAL_POLL))
+                pending: set[asyncio.Future[object]] = {done}  # type: ignore[arg-type]
+                if waiter is not None:
+                    pending.add(waiter)  # type: ignore[arg-type]
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if waiter is not None and not waiter.done():
+                    waiter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await waiter
+                elif waiter is not None:
+                    waiter.result()
+                    self._dirty = True  # changed, or time to look at the disk
+                if done.done():
+                    break
+        finally:
+            if not done.done():
+                done.cancel()
+        line = done.result()
+        if line is None:
+            self.state = "logout"
+            await self.io.send(Bye("Autologout: idle for too long"))
+            return
+        if line.strip().upper() != b"DONE":
+            raise ImapBad("Expected DONE")
+        await self.ok(command, "IDLE terminated")
+
+    # --- selected (RFC 3501 6.4) -------------------------------------------------------------------
+
+    @property
+    def view(self) -> SelectedFolder:
+        assert self.selected is not None
+        return self.selected
+
+    async def cmd_check(self, command: Command) -> None:
+        self._dirty = True  # as NOOP (RFC 3501 6.4.1)
+        await self.ok(command)
+
+    async def cmd_close(self, command: Command) -> None:
+        view = self.view
+        if not view.readonly:
+            # RFC 3501 6.4.2: expunge \Deleted messages, without EXPUNGE responses.
+            doomed = [u for u in view.uids if DELETED in view.info(u).flags and not view.is_gone(u)]
+            if doomed:
+                await self._store_call(self.store.expunge(self.mailbox, view.name, doomed))
+        self._unselect()
+        self.state = "authenticated"
+        await self.ok(command)
+
+    async def cmd_unselect(self, command: Command) -> None:
+        self._unselect()
+        self.state = "authenticated"  # RFC 3691: like CLOSE, without the expunge
+        await self.ok(command)
+
+    async def cmd_expunge(self, command: Command) -> None:
+        assert isinstance(command, Expunge)
+        view = self._writable()
+        candidates = view.uids if command.uids is None else view.resolve(command.uids, uid=True)
+        doomed = [u for u in candidates if DELETED in view.info(u).flags and not view.is_gone(u)]
+        if doomed:
+            expunged = await self._store_call(self.store.expunge(self.mailbox, view.name, doomed))
+            await self.io.send(*view.expunged_by_us(expunged))
+        await self.ok(command)
+
+    async def cmd_search(self, command: Command) -> None:
+        assert isinstance(command, Search)
+        if command.charset is not None and command.charset not in SUPPORTED_CHARSETS:
+            raise ImapNo("Unsupported charset", "BADCHARSET (" + " ".join(SUPPORTED_CHARSETS) + ")")
+        view = self.view
+        searcher = Searcher(command.key, view.exists, view.largest_uid)
+        recent, infos = view.recent, view.infos
+        candidates = []
+        for seq, uid in enumerate(view.uids, start=1):
+            info = infos[uid]
+            flags = info.flags | RECENT_FLAG if uid in recent else info.flags
+            candidates.append(Candidate(seq, uid, flags, info.size, info.internaldate))
+        if searcher.needs_content():
+            infos = {uid: view.info(uid) for uid in view.uids}
+            found = await asyncio.to_thread(_search_files, searcher, candidates, infos)
+        else:
+            found = [c for c in candidates if searcher.matches(c, _no_content)]
+        numbers = [c.uid if command.uid else c.seq for c in found]
+        await self.io.send(Data("SEARCH" + "".join(f" {n}" for n in numbers)))
+        await self.ok(command)
+
+    async def cmd_fetch(self, command: Command) -> None:
+        assert isinstance(command, Fetch)
+        view = self.view
+        uids = self._resolve(command.set, command.uid)
+        if not uids:
+            await self.ok(command)
+            return
+        marks_seen = any(
+            (isinstance(i, BodySection) and not i.peek) or (isinstance(i, FetchAttribute) and i.name in ("RFC822", "RFC822.TEXT"))
+            for i in command.items
+        )
+        flags_changed: set[int] = set()
+        if marks_seen and not view.readonly:
+            unseen = [u for u in uids if SEEN not in view.info(u).flags and not view.is_gone(u)]
+            if unseen:
+                updated = await self._store_call(
+                    self.store.store_flags(self.mailbox, view.name, unseen, frozenset({SEEN}), "add")
+                )
+                view.update_infos(updated)
+                flags_changed = {i.uid for i in updated}
+        items = command.items
+        needs_file = any(fetching.needs_file(i) for i in items)
+        missing = False
+        if not needs_file:
+            for start in range(0, len(uids), INDEX_FETCH_BATCH):
+                await self.io.send(self._fetch_index_only(uids[start:start + INDEX_FETCH_BATCH], items, flags_changed))
+        else:
+            for start in range(0, len(uids), FETCH_BATCH):
+                batch = uids[start:start + FETCH_BATCH]
+                jobs = [(view.seq_of(uid), view.info(uid), self._facts(uid)) for uid in batch]
+                results = await asyncio.to_thread(self._fetch_files, jobs, items, flags_changed)
+                missing = missing or None in results
+                await self.io.send(*[r for r in results if r is not None])
+        if missing and not command.uid:
+            await self.sync(allow_expunge=False)
+            await self.io.send(Tagged(command.tag, "NO", "Some messages were expunged", "EXPUNGEISSUED"))
+            return
+        await self.ok(command)
+
+    def _facts(self, uid: int) -> fetching.MessageFacts:
+        view = self.view
+        info = view.info(uid)
+        return fetching.MessageFacts(uid, tuple(view.flags_of(uid)), info.size, info.internaldate)
+
+    def _fetch_index_only(self, uids: Sequence[int], items: Sequence[FetchItem], flags_changed: set[int]) -> Response:
+        """FETCH of index items only (the UID FLAGS sync every client does): rendered straight to
+        text, a few microseconds per message."""
+        view = self.view
+        names = [item.name for item in items if isinstance(item, FetchAttribute)]
+        add_flags = "FLAGS" not in names and bool(flags_changed)
+        recent, infos, seq_of = view.recent, view.infos, view.seq_of
+        lines: list[str] = []
+        for uid in uids:
+            info = infos[uid]
+            parts: list[str] = []
+            for name in names:
+                if name == "UID":
+                    parts.append(f"UID {uid}")
+                elif name == "FLAGS":
+                    parts.append("FLAGS " + flag_text(info.flags, uid in recent))
+                elif name == "RFC822.SIZE":
+                    parts.append(f"RFC822.SIZE {info.size}")
+                else:
+                    parts.append("INTERNALDATE " + fetching.internaldate(info.internaldate).decode("ascii"))
+            if add_flags and uid in flags_changed:
+                parts.append("FLAGS " + flag_text(info.flags, uid in recent))
+            lines.append(f"* {seq_of(uid)} FETCH ({' '.join(parts)})\r\n")
+        return Preformatted("".join(lines).encode("utf-8"))
+
+    def _fetch_files(
+        self, jobs: list[tuple[int, MessageInfo, fetching.MessageFacts]], items: Sequence[FetchItem],
+        flags_changed: set[int],
+    ) -> list[FetchResponse | None]:
+        """Runs in a worker thread: read and render what FETCH wants of each message."""
+        out: list[FetchResponse | None] = []
+        for seq, info, facts in jobs:
+            try:
+                f = open_message(info.path)
+            except FileNotFoundError:
+                out.append(None)
+                continue
+            with f:
+                root = self._structure(info, f, full=any(fetching.needs_structure(i) for i in items))
+                values = fetching.item_values(items, facts, f, root, _reopener(f))
+            if facts.uid in flags_changed and not any(name == "FLAGS" for name, _ in values):
+                values.append(("FLAGS", fetching.index_value("FLAGS", facts)))
+            out.append(FetchResponse(seq, tuple(values)))
+        return out
+
+    def _structure(self, info: MessageInfo, f: BinaryIO, full: bool) -> Part:
+        view = self.view
+        key = (view.name, view.uidvalidity, info.uid)
+        part = self._structures.get(key)
+        if part is not None:
+            self._structures.move_to_end(key)
+            return part
+        f.seek(0)
+        if not full:
+            return scan_header(f)  # cheap enough not to cache
+        part = scan(f)
+        self._structures[key] = part
+        if len(self._structures) > STRUCTURE_CACHE_ENTRIES:
+            self._structures.popitem(last=False)
+        return part
+
+    async def cmd_store(self, command: Command) -> None:
+        assert isinstance(command, Store)
+        view = self._writable()
+        uids = [u for u in self._resolve(command.set, command.uid) if not view.is_gone(u)]
+        if uids:
+            updated = await self._store_call(
+                self.store.store_flags(self.mailbox, view.name, uids, frozenset(command.flags), command.mode)
+            )
+            view.update_infos(updated)
+            if not command.silent:
+                await self.io.send(*[view.flags_fetch(i.uid, with_uid=command.uid) for i in updated])
+        await self.ok(command)
+
+    async def cmd_copy(self, command: Command) -> None:
+        assert isinstance(command, CopyMove)
+        view = self.view
+        if command.name == "MOVE":
+            self._writable()
+        dest = names.canonical(command.mailbox)
+        uids = [u for u in self._resolve(command.set, command.uid) if not view.is_gone(u)]
+        if not uids:
+            await self.ok(command)
+            return
+        operation = self.store.move if command.name == "MOVE" else self.store.copy
+        try:
+            pairs = await operation(self.mailbox, view.name, uids, dest)
+        except NoSuchFolder:
+            raise ImapNo("Destination mailbox does not exist", "TRYCREATE") from None  # RFC 3501 6.4.7
+        except QuotaExceeded:
+            raise ImapNo("Quota exceeded", "OVERQUOTA") from None
+        except StoreError as exc:
+            raise ImapNo(str(exc) or f"{command.name} failed", "CANNOT") from None
+        code = None
+        if pairs:
+            validity = await self.store.uidvalidity(self.mailbox, dest)
+            code = f"COPYUID {validity} {compact(p[0] for p in pairs)} {compact(p[1] for p in pairs)}"
+        if command.name == "MOVE":
+            # RFC 6851 4.3: COPYUID goes in an untagged OK before the EXPUNGEs.
+            if code:
+                await self.io.send(UntaggedStatus("OK", "Moved", code))
+            await self.io.send(*view.expunged_by_us([p[0] for p in pairs]))
+            await self.ok(command)
+        else:
+            await self.ok(command, code=code)
+
+    cmd_move = cmd_copy
+
+    # --- helpers -----------------------------------------------------------------------------------
+
+    def _writable(self) -> SelectedFolder:
+        view = self.view
+        if view.readonly:
+            raise ImapNo("Mailbox is read-only", "READ-ONLY")
+        return view
+
+    def _resolve(self, seqset: SequenceSet, uid: bool) -> list[int]:
+        view = self.view
+        if not uid and seqset.mentions_beyond(view.exists):
+            raise ImapBad("Invalid message sequence number")
+        return view.resolve(seqset, uid)
+
+    async def _store_call(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except NoSuchFolder:
+            raise ImapNo("Mailbox no longer exists", "NONEXISTENT") from None
+        except QuotaExceeded:
+            raise ImapNo("Quota exceeded", "OVERQUOTA") from None
+        except StoreError as exc:
+            raise ImapNo(str(exc) or "Mailbox error", "CANNOT") from None
+
+    def _unselect(self) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
+        self.watcher = None
+        self.selected = None
+        self._structures.clear()
+
+    def note_change(self) -> None:
+        self._dirty = True
+
+    async def sync(self, allow_expunge: bool) -> None:
+        """Send the untagged updates for changes made elsewhere since the last look."""
+        view = self.selected
+        if view is None or self.watcher is None:
+            return
+        changed = self._dirty or await self.watcher.wait(0)
+        if not changed:
+            return
+        self._dirty = False
+        try:
+            snapshot = await self.store.snapshot(self.mailbox, view.name, claim_recent=not view.readonly)
+        except NoSuchFolder:
+            # RFC 3501 leaves this open; the folder is gone, so the session leaves it.
+            self._unselect()
+            self.state = "authenticated"
+            await self.io.send(UntaggedStatus("OK", "Selected mailbox was deleted", "CLOSED"))
+            return
+        await self.io.send(*view.apply(snapshot, allow_expunge))
+        if any(view.is_gone(u) for u in view.uids):
+            self._dirty = True  # expunges still owed at the next command that may carry them
+
+
+# --- module helpers -------------------------------------------------------------------------------
+
+def _may_expunge(command: Command) -> bool:
+    # RFC 3501 7.4.1: no EXPUNGE while answering FETCH, STORE or SEARCH (the UID forms may carry it).
+    if command.name in ("FETCH", "STORE", "SEARCH"):
+        return bool(getattr(command, "uid", False))
+    return True
+
+
+def _reopener(f: BinaryIO) -> fetching.Reopen:
+    def reopen() -> BinaryIO:
+        # A second handle on the same open file (not the path: a flag change renames it).
+        return os.fdopen(os.dup(f.fileno()), "rb")
+
+    return reopen
+
+
+def _no_content() -> BinaryIO:
+    raise AssertionError("an index-only search opened a message")
+
+
+def _search_files(searcher: Searcher, candidates: list[Candidate], infos: dict[int, MessageInfo]) -> list[Candidate]:
+    found = []
+    for c in candidates:
+        path = infos[c.uid].path
+        try:
+            if searcher.matches(c, lambda p=path: open_message(p)):  # type: ignore[misc]
+                found.append(c)
+        except FileNotFoundError:
+            continue  # expunged meanwhile
+    return found
+
+
+def _list_order(name: str) -> tuple[int, str]:
+    return (0 if name == "INBOX" else 1, name)
+
+
+def _list_attributes(
+    name: str, info: FolderInfo | None, exists: bool, by_name: dict[str, FolderInfo], show_subscribed: bool,
+    lsub: bool,
+) -> list[str]:
+    attrs: list[str] = []
+    if not exists:
+        attrs.append("\\Noselect")
+    if not lsub:
+        children = info.has_children if info is not None else names.has_children(name, by_name)
+        attrs.append("\\HasChildren" if children else "\\HasNoChildren")  # RFC 3348
+    if info is not None and info.special_use:
+        attrs.append(info.special_use)  # RFC 6154
+    if show_subscribed and info is not None and info.subscribed:
+        attrs.append("\\Subscribed")
+    return attrs
+
+
+Handler = Callable[[ImapSession, Command], Awaitable[None]]
+
+_ANY: dict[str, Handler] = {
+    "CAPABILITY": ImapSession.cmd_capability,
+    "NOOP": ImapSession.cmd_noop,
+    "LOGOUT": ImapSession.cmd_logout,
+    "ID": ImapSession.cmd_id,
+}
+_AUTHENTICATED: dict[str, Handler] = {
+    **_ANY,
+    "SELECT": ImapSession.cmd_select,
+    "EXAMINE": ImapSession.cmd_examine,
+    "CREATE": ImapSession.cmd_create,
+    "DELETE": ImapSession.cmd_delete,
+    "RENAME": ImapSession.cmd_rename,
+    "SUBSCRIBE": ImapSession.cmd_subscribe,
+    "UNSUBSCRIBE": ImapSession.cmd_unsubscribe,
+    "LIST": ImapSession.cmd_list,
+    "LSUB": ImapSession.cmd_lsub,
+    "NAMESPACE": ImapSession.cmd_namespace,
+    "STATUS": ImapSession.cmd_status,
+    "APPEND": ImapSession.cmd_append,
+    "ENABLE": ImapSession.cmd_enable,
+    "GETQUOTA": ImapSession.cmd_getquota,
+    "GETQUOTAROOT": ImapSession.cmd_getquotaroot,
+    "SETQUOTA": ImapSession.cmd_setquota,
+    "IDLE": ImapSession.cmd_idle,
+}
+# RFC 3501 3: the commands each state accepts.
+DISPATCH: dict[State, dict[str, Handler]] = {
+    "not_authenticated": {
+        **_ANY,
+        "STARTTLS": ImapSession.cmd_starttls,
+        "AUTHENTICATE": ImapSession.cmd_authenticate,
+        "LOGIN": ImapSession.cmd_login,
+    },
+    "authenticated": _AUTHENTICATED,
+    "selected": {
+        **{name: handler for name, handler in _AUTHENTICATED.items() if name != "ENABLE"},  # RFC 5161 3.1
+        "CHECK": ImapSession.cmd_check,
+        "CLOSE": ImapSession.cmd_close,
+        "UNSELECT": ImapSession.cmd_unselect,
+        "EXPUNGE": ImapSession.cmd_expunge,
+        "SEARCH": ImapSession.cmd_search,
+        "FETCH": ImapSession.cmd_fetch,
+        "STORE": ImapSession.cmd_store,
+        "COPY": ImapSession.cmd_copy,
+        "MOVE": ImapSession.cmd_move,
+    },
+    "logout": {},
+}

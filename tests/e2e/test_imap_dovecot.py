@@ -1,0 +1,144 @@
+"""Maildir interop with Debian's Dovecot, both ways: a Maildir Dovecot wrote is served by `letterbox serve`
+with every message, folder and flag, and one Letterbox wrote is read by Dovecot the same way."""
+
+from __future__ import annotations
+
+import imaplib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ServedBox
+from tests.support.dovecot import PrivateDovecot
+
+pytestmark = pytest.mark.e2e
+
+USER = "alice@example.test"
+PASSWORD = "correct horse battery staple"
+DOVE_USER = "alice"
+
+
+def message(n: int) -> bytes:
+    return (f"From: sender{n}@example.org\r\nTo: {USER}\r\nSubject: interop {n}\r\nMessage-ID: <i{n}@example.org>"
+            f"\r\n\r\nBody of message {n}.\r\n").encode()
+
+
+# (folder, message number, flags) written on one side and expected on the other.
+CONTENT = [
+    ("INBOX", 1, r"(\Seen)"),
+    ("INBOX", 2, r"(\Flagged \Answered)"),
+    ("INBOX", 3, "()"),
+    ("INBOX", 4, r"(\Seen $Work)"),
+    ("Archive", 5, r"(\Seen)"),
+    ("Archive/2024", 6, r"(\Draft \Seen)"),
+    ("Sent", 7, r"(\Seen)"),
+]
+FOLDERS = {"INBOX", "Archive", "Archive/2024", "Sent"}
+
+
+def fill(client: imaplib.IMAP4) -> None:
+    for folder in sorted(FOLDERS - {"INBOX"}):
+        typ, data = client.create(folder)
+        assert typ == "OK" or b"exists" in data[0].lower(), data
+    for folder, n, flags in CONTENT:
+        typ, data = client.append(folder, flags, None, message(n))
+        assert typ == "OK", data
+
+
+def read_back(client: imaplib.IMAP4) -> tuple[set[str], dict[tuple[str, int], set[str]]]:
+    """Folders, and for each (folder, message number) its flags, read over IMAP."""
+    typ, listing = client.list()
+    assert typ == "OK"
+    folders = set()
+    for line in listing:
+        assert isinstance(line, bytes)
+        m = re.match(rb'\((.*?)\) "(.)" (.*)', line)
+        assert m, line
+        name = m.group(3).strip(b'"').decode()
+        if b"\\Noselect" not in m.group(1):
+            folders.add(name)
+    found: dict[tuple[str, int], set[str]] = {}
+    empty: set[str] = set()
+    for folder in folders:
+        typ, _ = client.select(f'"{folder}"', readonly=True)
+        assert typ == "OK"
+        typ, data = client.uid("FETCH", "1:*", "(FLAGS BODY.PEEK[])")
+        if data == [None]:
+            empty.add(folder)
+            continue
+        for item in data:
+            if not isinstance(item, tuple):
+                continue
+            head, body = item
+            n = int(re.search(rb"Subject: interop (\d+)", body).group(1))  # type: ignore[union-attr]
+            flags = set(re.search(rb"FLAGS \((.*?)\)", head).group(1).decode().split())  # type: ignore[union-attr]
+            flags.discard("\\Recent")
+            assert body == message(n)
+            found[(folder, n)] = flags
+    # Letterbox makes the special-use folders (Drafts, Trash, ...) on first use; empty extra
+    # folders are fine on either side.
+    return {f for f in folders if f not in empty or f in FOLDERS}, found
+
+
+def expected() -> dict[tuple[str, int], set[str]]:
+    return {(folder, n): set(flags.strip("()").split()) for folder, n, flags in CONTENT}
+
+
+@pytest.fixture
+def dovecot() -> Iterator[PrivateDovecot]:
+    server = PrivateDovecot({DOVE_USER: PASSWORD})
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def letterbox_maildir(served: ServedBox) -> Path:
+    local, domain = USER.split("@")
+    return served.data.mail / domain / local
+
+
+def test_dovecot_maildir_served_by_letterbox(dovecot: PrivateDovecot, served_box: ServedBox) -> None:
+    dovecot.start()
+    with imaplib.IMAP4("127.0.0.1", dovecot.port, timeout=30) as client:
+        client.login(DOVE_USER, PASSWORD)
+        fill(client)
+        folders, on_dovecot = read_back(client)
+        client.logout()
+    assert folders == FOLDERS and on_dovecot == expected()
+    dovecot.stop()
+
+    served_box.stop()
+    served_box.add_user(USER, PASSWORD)
+    dovecot.copy_maildir_out(DOVE_USER, letterbox_maildir(served_box))
+    served_box.start()
+    with imaplib.IMAP4_SSL("localhost", served_box.port("imaps"), ssl_context=served_box.client_context,
+                           timeout=30) as client:
+        client.login(USER, PASSWORD)
+        folders, on_letterbox = read_back(client)
+        client.logout()
+    assert folders == FOLDERS
+    assert on_letterbox == expected()
+
+
+def test_letterbox_maildir_read_by_dovecot(dovecot: PrivateDovecot, served_box: ServedBox) -> None:
+    served_box.add_user(USER, PASSWORD)
+    with imaplib.IMAP4_SSL("localhost", served_box.port("imaps"), ssl_context=served_box.client_context,
+                           timeout=30) as client:
+        client.login(USER, PASSWORD)
+        fill(client)
+        folders, on_letterbox = read_back(client)
+        client.logout()
+    assert folders == FOLDERS and on_letterbox == expected()
+    served_box.stop()
+
+    dovecot.copy_maildir_in(DOVE_USER, letterbox_maildir(served_box))
+    dovecot.start()
+    with imaplib.IMAP4("127.0.0.1", dovecot.port, timeout=30) as client:
+        client.login(DOVE_USER, PASSWORD)
+        folders, on_dovecot = read_back(client)
+        client.logout()
+    assert folders == FOLDERS
+    assert on_dovecot == expected()

@@ -1,0 +1,142 @@
+"""Live sessions: changes by deliveries and other sessions reach a client at its next command, and
+within a second while it IDLEs (RFC 2177)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from imapclient import IMAPClient
+
+from tests.conftest import BoxHandle
+from tests.support.imap_wire import RawImap
+
+USER = "alice@example.test"
+PASSWORD = "correct horse battery staple"
+
+
+def message(n: int) -> bytes:
+    return f"From: s@example.org\r\nSubject: live {n}\r\n\r\nbody {n}\r\n".encode()
+
+
+def deliver(box: BoxHandle, n: int) -> int:
+    result = box.run(box.services.store.deliver([USER], message(n)))[USER]
+    assert isinstance(result, int)
+    return result
+
+
+@pytest.fixture
+def imap_box(box: BoxHandle) -> BoxHandle:
+    box.add_user(USER, PASSWORD)
+    return box
+
+
+def session(box: BoxHandle) -> RawImap:
+    raw = RawImap(box.port("imaps"), box.client_context)
+    raw.login(USER, PASSWORD)
+    raw.command(b"s", b"SELECT INBOX")
+    return raw
+
+
+def test_delivery_shows_at_next_command(imap_box: BoxHandle) -> None:
+    deliver(imap_box, 1)
+    raw = session(imap_box)
+    try:
+        deliver(imap_box, 2)
+        reply = raw.command(b"a", b"NOOP")
+        assert b"* 2 EXISTS\r\n" in reply and b"* 2 RECENT\r\n" in reply
+        assert raw.command(b"b", b"NOOP") == [b"b OK NOOP completed\r\n"]
+    finally:
+        raw.close()
+
+
+def test_other_sessions_flags_and_expunges(imap_box: BoxHandle) -> None:
+    for n in range(3):
+        deliver(imap_box, n)
+    first, second = session(imap_box), session(imap_box)
+    try:
+        second.command(b"a", b"STORE 2 +FLAGS (\\Flagged)")
+        # The first session selected first, so the messages are \Recent in it.
+        assert b"* 2 FETCH (UID 2 FLAGS (\\Flagged \\Recent))\r\n" in first.command(b"b", b"NOOP")
+        second.command(b"c", b"STORE 1 +FLAGS.SILENT (\\Deleted)")
+        second.command(b"d", b"EXPUNGE")
+        # RFC 3501 7.4.1: no EXPUNGE during FETCH; the message numbers stay put until a NOOP.
+        reply = first.command(b"e", b"FETCH 3 (UID)")
+        assert b"EXPUNGE" not in b"".join(reply) and b"* 3 FETCH (UID 3)\r\n" in reply
+        reply = first.command(b"f", b"NOOP")
+        assert b"* 1 EXPUNGE\r\n" in reply
+        assert first.command(b"g", b"FETCH 2 (UID)")[0] == b"* 2 FETCH (UID 3)\r\n"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_idle_reports_delivery_within_a_second(imap_box: BoxHandle) -> None:
+    with IMAPClient("127.0.0.1", port=imap_box.port("imaps"), ssl_context=imap_box.client_context,
+                    timeout=30) as client:
+        client.login(USER, PASSWORD)
+        client.select_folder("INBOX")
+        client.idle()
+        time.sleep(0.2)
+        started = time.monotonic()
+        deliver(imap_box, 7)
+        responses = client.idle_check(timeout=5)
+        elapsed = time.monotonic() - started
+        client.idle_done()
+        assert (1, b"EXISTS") in responses
+        assert elapsed < 1.0
+
+
+def test_idle_reports_other_sessions_changes(imap_box: BoxHandle) -> None:
+    deliver(imap_box, 1)
+    other = session(imap_box)
+    try:
+        with IMAPClient("127.0.0.1", port=imap_box.port("imaps"), ssl_context=imap_box.client_context,
+                        timeout=30) as client:
+            client.login(USER, PASSWORD)
+            client.select_folder("INBOX")
+            client.idle()
+            other.command(b"a", b"STORE 1 +FLAGS (\\Seen)")
+            responses = client.idle_check(timeout=5)
+            assert any(r[1] == b"FETCH" for r in responses), responses
+            other.command(b"b", b"STORE 1 +FLAGS.SILENT (\\Deleted)")
+            other.command(b"c", b"EXPUNGE")
+            responses = []
+            deadline = time.monotonic() + 5
+            while (1, b"EXPUNGE") not in responses and time.monotonic() < deadline:
+                responses += client.idle_check(timeout=1)  # the \Deleted flag may come first
+            assert (1, b"EXPUNGE") in responses
+            client.idle_done()
+    finally:
+        other.close()
+
+
+def test_idle_needs_done(imap_box: BoxHandle) -> None:
+    raw = session(imap_box)
+    try:
+        raw.send(b"i IDLE\r\n")
+        assert raw.line() == b"+ idling\r\n"
+        raw.send(b"DONE\r\n")
+        assert raw.line() == b"i OK IDLE terminated\r\n"
+        raw.send(b"j IDLE\r\n")
+        raw.line()
+        raw.send(b"NOPE\r\n")
+        assert raw.line().startswith(b"j BAD")
+    finally:
+        raw.close()
+
+
+def test_fetch_of_a_message_expunged_elsewhere(imap_box: BoxHandle) -> None:
+    for n in range(3):
+        deliver(imap_box, n)
+    first, second = session(imap_box), session(imap_box)
+    try:
+        second.command(b"a", b"STORE 2 +FLAGS.SILENT (\\Deleted)")
+        second.command(b"b", b"EXPUNGE")
+        # RFC 2180 4.1.2 / RFC 5530: the numbers stay, the content is gone.
+        reply = first.command(b"c", b"FETCH 2 BODY.PEEK[]")
+        assert reply[-1].startswith(b"c NO [EXPUNGEISSUED]") and b"EXPUNGE\r\n" not in b"".join(reply)
+        assert first.command(b"d", b"UID FETCH 2 BODY.PEEK[]")[-2:] == [b"* 2 EXPUNGE\r\n", b"d OK FETCH completed\r\n"]
+    finally:
+        first.close()
+        second.close()

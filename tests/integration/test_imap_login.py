@@ -1,0 +1,250 @@
+"""IMAP connection set-up over real sockets: greeting, capabilities, STARTTLS, 993, login, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import imaplib
+import time
+
+import pytest
+from imapclient import IMAPClient
+
+from appliance.imap.limits import ImapLimits
+from appliance.imap.server import start_server
+from tests.conftest import BoxHandle
+from tests.support.imap_wire import RawImap
+
+USER = "alice@example.test"
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def imap_box(box: BoxHandle) -> BoxHandle:
+    box.add_user(USER, PASSWORD)
+    return box
+
+
+def test_cleartext_port_offers_starttls_and_refuses_passwords(imap_box: BoxHandle) -> None:
+    raw = RawImap(imap_box.port("imap"))
+    try:
+        assert raw.greeting.startswith(b"* OK [CAPABILITY IMAP4rev1 ")
+        caps = raw.command(b"a", b"CAPABILITY")[0]
+        assert b" STARTTLS" in caps and b" LOGINDISABLED" in caps and b"AUTH=PLAIN" not in caps
+        reply = raw.command(b"b", f"LOGIN {USER} \"{PASSWORD}\"".encode())
+        assert reply[-1].startswith(b"b NO [PRIVACYREQUIRED]")
+        reply = raw.command(b"c", b"AUTHENTICATE PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()))
+        assert reply[-1].startswith(b"c NO [PRIVACYREQUIRED]")
+        assert raw.command(b"d", b"SELECT INBOX")[-1].startswith(b"d BAD")
+        assert raw.command(b"e", b"LOGOUT")[0].startswith(b"* BYE")
+    finally:
+        raw.close()
+
+
+def test_imaplib_starttls_then_login(imap_box: BoxHandle) -> None:
+    with imaplib.IMAP4("127.0.0.1", imap_box.port("imap"), timeout=15) as client:
+        client.starttls(ssl_context=imap_box.client_context)
+        assert "AUTH=PLAIN" in client.capabilities and "LOGINDISABLED" not in client.capabilities
+        assert "STARTTLS" not in client.capabilities
+        typ, _ = client.login(USER, PASSWORD)
+        assert typ == "OK"
+        typ, data = client.capability()
+        caps = data[0].split()
+        for cap in (b"IDLE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"NAMESPACE", b"ID", b"ENABLE", b"LITERAL+",
+                    b"CHILDREN", b"UNSELECT", b"QUOTA"):
+            assert cap in caps
+        client.logout()
+
+
+def test_imaplib_implicit_tls_login(imap_box: BoxHandle) -> None:
+    with imaplib.IMAP4_SSL("127.0.0.1", imap_box.port("imaps"), ssl_context=imap_box.client_context,
+                           timeout=15) as client:
+        assert "STARTTLS" not in client.capabilities and "AUTH=PLAIN" in client.capabilities
+        assert client.login(USER, PASSWORD)[0] == "OK"
+        assert client.select("INBOX")[0] == "OK"
+
+
+def test_imapclient_plain_login_both_ports(imap_box: BoxHandle) -> None:
+    with IMAPClient("127.0.0.1", port=imap_box.port("imaps"), ssl_context=imap_box.client_context,
+                    timeout=15) as client:
+        client.plain_login(USER, PASSWORD)
+        assert client.select_folder("INBOX")[b"UIDVALIDITY"]
+    with IMAPClient("127.0.0.1", port=imap_box.port("imap"), ssl=False, timeout=15) as client:
+        client.starttls(imap_box.client_context)
+        client.login(USER, PASSWORD)
+        assert client.list_folders()
+
+
+def test_authenticate_plain_with_and_without_initial_response(imap_box: BoxHandle) -> None:
+    raw = RawImap(imap_box.port("imaps"), imap_box.client_context)
+    try:
+        token = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+        reply = raw.command(b"a", b"AUTHENTICATE PLAIN " + token)  # RFC 4959 SASL-IR
+        assert reply[-1].startswith(b"a OK [CAPABILITY IMAP4rev1")
+    finally:
+        raw.close()
+    raw = RawImap(imap_box.port("imaps"), imap_box.client_context)
+    try:
+        raw.send(b"a AUTHENTICATE PLAIN\r\n")
+        assert raw.line() == b"+ \r\n"
+        raw.send(token + b"\r\n")
+        assert raw.until_tagged(b"a")[-1].startswith(b"a OK")
+    finally:
+        raw.close()
+    raw = RawImap(imap_box.port("imaps"), imap_box.client_context)
+    try:
+        raw.send(b"a AUTHENTICATE PLAIN\r\n")
+        raw.line()
+        raw.send(b"*\r\n")
+        assert raw.until_tagged(b"a")[-1].startswith(b"a BAD")  # RFC 3501 6.2.2 cancel
+        assert raw.command(b"b", b"AUTHENTICATE CRAM-MD5")[-1].startswith(b"b NO")
+    finally:
+        raw.close()
+
+
+def test_wrong_password(imap_box: BoxHandle) -> None:
+    with imaplib.IMAP4_SSL("127.0.0.1", imap_box.port("imaps"), ssl_context=imap_box.client_context,
+                           timeout=30) as client:
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            client.login(USER, "wrong")
+        assert client.login(USER, PASSWORD)[0] == "OK"
+
+
+def test_starttls_drops_pipelined_plaintext(imap_box: BoxHandle) -> None:
+    raw = RawImap(imap_box.port("imap"))
+    try:
+        # CVE-2011-0411 style: a command pipelined behind STARTTLS must not run after the handshake.
+        raw.send(b"a STARTTLS\r\nb CAPABILITY\r\n")
+        assert raw.line().startswith(b"a OK")
+        tls = imap_box.client_context.wrap_socket(raw.sock, server_hostname="localhost")
+        tls.sendall(b"c NOOP\r\n")
+        assert tls.recv(4096).startswith(b"c OK")
+        tls.close()
+    finally:
+        raw.close()
+
+
+def test_bad_commands_are_answered_then_the_budget_ends_the_session(imap_box: BoxHandle) -> None:
+    raw = RawImap(imap_box.port("imap"))
+    try:
+        assert raw.command(b"a", b"FETCH")[-1].startswith(b"a BAD")
+        raw.send(b"\x00\xff garbage\r\n")
+        assert raw.line().startswith(b"* BAD")
+        for i in range(12):
+            raw.send(b"x%d BOGUS\r\n" % i)
+        seen = b""
+        while True:
+            try:
+                seen += raw.line()
+            except EOFError:
+                break
+        assert b"* BYE Too many invalid commands" in seen
+    finally:
+        raw.close()
+
+
+def test_overlong_line_is_refused(imap_box: BoxHandle) -> None:
+    raw = RawImap(imap_box.port("imap"))
+    try:
+        raw.send(b"a NOOP " + b"x" * (ImapLimits().max_line_octets + 10))
+        assert raw.line().startswith(b"* BYE")
+        assert raw.closed()
+    finally:
+        raw.close()
+
+
+def test_literal_too_big_is_refused_before_sending(imap_box: BoxHandle) -> None:
+    raw = RawImap(imap_box.port("imap"))
+    try:
+        assert raw.command(b"a", b"LOGIN {999999999}")[-1] == b"a NO [TOOBIG] Literal too large\r\n"
+        assert raw.command(b"b", b"NOOP")[-1].startswith(b"b OK")
+    finally:
+        raw.close()
+
+
+def test_idle_client_is_logged_out(imap_box: BoxHandle) -> None:
+    limits = ImapLimits(preauth_timeout=0.5, authenticated_timeout=1.0)
+
+    async def start() -> asyncio.Server:
+        return await start_server(imap_box.services, "imaps", "127.0.0.1", 0, limits)
+
+    async def stop(server: asyncio.Server) -> None:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)
+
+    server = imap_box.run(start())
+    port = int(server.sockets[0].getsockname()[1])
+    try:
+        _autologout(imap_box, port)
+    finally:
+        imap_box.run(stop(server))
+
+
+def _autologout(imap_box: BoxHandle, port: int) -> None:
+    raw = RawImap(port, imap_box.client_context)
+    try:
+        start_time = time.monotonic()
+        assert raw.line().startswith(b"* BYE Autologout")
+        assert time.monotonic() - start_time < 5
+    finally:
+        raw.close()
+    raw = RawImap(port, imap_box.client_context)
+    try:
+        raw.login(USER, PASSWORD)
+        assert raw.line().startswith(b"* BYE Autologout")
+    finally:
+        raw.close()
+
+
+def test_logout(imap_box: BoxHandle) -> None:
+    raw = RawImap(imap_box.port("imaps"), imap_box.client_context)
+    try:
+        raw.login(USER, PASSWORD)
+        reply = raw.command(b"z", b"LOGOUT")
+        assert reply[0].startswith(b"* BYE") and reply[-1].startswith(b"z OK")
+        assert raw.closed()
+    finally:
+        raw.close()
+
+
+def test_id_and_namespace_and_enable(imap_box: BoxHandle) -> None:
+    raw = RawImap(imap_box.port("imaps"), imap_box.client_context)
+    try:
+        reply = raw.command(b"a", b'ID ("name" "test" "version" "1")')
+        assert reply[0].startswith(b'* ID ("name" "Letterbox"')
+        raw.login(USER, PASSWORD)
+        assert raw.command(b"b", b"NAMESPACE")[0] == b'* NAMESPACE (("" "/")) NIL NIL\r\n'
+        assert raw.command(b"c", b"ENABLE CONDSTORE")[0] == b"* ENABLED\r\n"
+    finally:
+        raw.close()
+
+
+def test_connections_per_client_are_limited(imap_box: BoxHandle) -> None:
+    limits = ImapLimits(max_connections_per_client=2)
+
+    async def start() -> asyncio.Server:
+        return await start_server(imap_box.services, "imap", "127.0.0.1", 0, limits)
+
+    async def stop(server: asyncio.Server) -> None:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)
+
+    server = imap_box.run(start())
+    port = int(server.sockets[0].getsockname()[1])
+    clients = [RawImap(port), RawImap(port)]
+    try:
+        assert all(c.greeting.startswith(b"* OK") for c in clients)
+        third = RawImap(port)
+        assert third.greeting.startswith(b"* BYE Too many connections")
+        third.close()
+        leaving = clients.pop()
+        leaving.command(b"z", b"LOGOUT")
+        leaving.close()
+        time.sleep(0.2)
+        fourth = RawImap(port)
+        assert fourth.greeting.startswith(b"* OK")
+        fourth.close()
+    finally:
+        for c in clients:
+            c.close()
+        imap_box.run(stop(server))

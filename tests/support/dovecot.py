@@ -1,0 +1,162 @@
+"""A private Dovecot (Debian's dovecot-imapd) for interop tests: own config, state and ports under a temp
+dir, listening on 127.0.0.1 only, stopped by the PID it wrote (PEERS.md has the traps)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tests.conftest import require_program
+
+START_TIMEOUT = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateDovecot:
+    """Users get the uid/gid of `nobody` (Dovecot refuses uid 0 for mail)."""
+
+    def __init__(self, users: dict[str, str]) -> None:
+        self.binary = require_program("dovecot")
+        self.doveadm = require_program("doveadm")
+        # Not under pytest's tmp_path: that is 0700 root, and Dovecot's auth and mail processes run
+        # as other users that must reach the passwd file and the Maildir.
+        self.root = Path(tempfile.mkdtemp(prefix="letterbox-dovecot-"))
+        self.root.chmod(0o755)
+        self.port = free_port()
+        self.users = users
+        nobody = pwd.getpwnam("nobody")
+        self.uid, self.gid = nobody.pw_uid, nobody.pw_gid
+        self.mail = self.root / "mail"
+        self.conf = self.root / "dovecot.conf"
+        self._pid: int | None = None
+
+    def maildir(self, user: str) -> Path:
+        return self.mail / user / "Maildir"
+
+    def write_config(self) -> None:
+        for sub in ("run", "state", "mail"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        passwd = self.root / "passwd"
+        passwd.write_text("".join(
+            f"{user}:{{PLAIN}}{password}:{self.uid}:{self.gid}::{self.mail / user}\n"
+            for user, password in self.users.items()
+        ))
+        self.conf.write_text(f"""
+base_dir = {self.root / "run"}
+state_dir = {self.root / "state"}
+log_path = {self.root / "dovecot.log"}
+instance_name = letterbox-test-{self.port}
+listen = 127.0.0.1
+protocols = imap
+ssl = no
+disable_plaintext_auth = no
+mail_location = maildir:{self.mail}/%u/Maildir
+namespace inbox {{
+  inbox = yes
+  separator = /
+}}
+passdb {{
+  driver = passwd-file
+  args = {passwd}
+}}
+userdb {{
+  driver = passwd-file
+  args = {passwd}
+}}
+service imap-login {{
+  inet_listener imap {{
+    port = {self.port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service stats {{
+  unix_listener stats-writer {{
+    mode = 0666
+  }}
+}}
+""")
+
+    def give_mail_to_dovecot(self) -> None:
+        for path in [self.mail, *self.mail.rglob("*")]:
+            os.chown(path, self.uid, self.gid, follow_symlinks=False)
+
+    def start(self) -> None:
+        self.write_config()
+        self.give_mail_to_dovecot()
+        # The master daemonizes; its output goes to a file (a pipe would be held open by the daemon).
+        with (self.root / "start.log").open("wb") as out:
+            subprocess.run([self.binary, "-c", str(self.conf)], check=True, stdout=out, stderr=out,
+                           stdin=subprocess.DEVNULL, timeout=30)
+        deadline = time.monotonic() + START_TIMEOUT
+        pidfile = self.root / "run" / "master.pid"
+        while time.monotonic() < deadline:
+            if pidfile.exists():
+                try:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                        self._pid = int(pidfile.read_text().split()[0])
+                        return
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        if pidfile.exists():  # started but not answering: stop it before giving up
+            self._pid = int(pidfile.read_text().split()[0])
+            self.stop()
+        raise RuntimeError(f"dovecot did not start: {self.log()}")
+
+    def log(self) -> str:
+        path = self.root / "dovecot.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def doveadm_run(self, *args: str, input: bytes | None = None) -> bytes:
+        result = subprocess.run([self.doveadm, "-c", str(self.conf), *args], input=input, capture_output=True,
+                                timeout=60)
+        if result.returncode != 0:
+            raise AssertionError(f"doveadm {' '.join(args)}: {result.stderr.decode(errors='replace')}")
+        return result.stdout
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def stop(self) -> None:
+        if self._pid is None:
+            return
+        pid, self._pid = self._pid, None
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+    def copy_maildir_out(self, user: str, dest: Path) -> None:
+        """Copy a user's Maildir (files only, Dovecot's index caches left behind) and own it as root."""
+        shutil.copytree(self.maildir(user), dest, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("dovecot.index*", "dovecot.list.index*"))
+        for path in [dest, *dest.rglob("*")]:
+            os.chown(path, os.getuid(), os.getgid(), follow_symlinks=False)
+
+    def copy_maildir_in(self, user: str, source: Path) -> None:
+        dest = self.maildir(user)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source, dest, dirs_exist_ok=True)
+        self.give_mail_to_dovecot()

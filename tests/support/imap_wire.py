@@ -1,0 +1,83 @@
+"""A raw IMAP client for tests: exact bytes in and out, for what imaplib and imapclient cannot send."""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import time
+
+_LITERAL = re.compile(rb"\{(\d+)\}\r\n$")
+
+
+class RawImap:
+    def __init__(self, port: int, context: ssl.SSLContext | None = None, timeout: float = 15) -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock: socket.socket = context.wrap_socket(sock, server_hostname="localhost") if context else sock
+        self.buffer = b""
+        self.greeting = self.line()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            return False
+        self.buffer += chunk
+        return True
+
+    def line(self) -> bytes:
+        """One response line with any literals it announces appended (CRLF kept)."""
+        out = b""
+        while True:
+            while b"\r\n" not in self.buffer:
+                if not self._fill():
+                    raise EOFError(out + self.buffer)
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            out += line + b"\r\n"
+            m = _LITERAL.search(out)
+            if not m:
+                return out
+            size = int(m.group(1))
+            while len(self.buffer) < size:
+                if not self._fill():
+                    raise EOFError(out + self.buffer)
+            out += self.buffer[:size]
+            self.buffer = self.buffer[size:]
+
+    def until_tagged(self, tag: bytes) -> list[bytes]:
+        lines = []
+        while True:
+            line = self.line()
+            lines.append(line)
+            if line.startswith(tag + b" "):
+                return lines
+
+    def command(self, tag: bytes, text: bytes) -> list[bytes]:
+        self.send(tag + b" " + text + b"\r\n")
+        return self.until_tagged(tag)
+
+    def login(self, user: str, password: str) -> None:
+        reply = self.command(b"L", f'LOGIN "{user}" "{password}"'.encode())
+        assert reply[-1].startswith(b"L OK"), reply
+
+    def closed(self, wait: float = 5) -> bool:
+        """True when the server has closed the connection (reads until EOF, discarding)."""
+        self.sock.settimeout(wait)
+        deadline = time.monotonic() + wait
+        try:
+            while time.monotonic() < deadline:
+                if not self.sock.recv(65536):
+                    return True
+        except (ConnectionError, ssl.SSLError):
+            return True
+        except TimeoutError:
+            return False
+        return False
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

@@ -1,0 +1,207 @@
+"""The sans-IO IMAP connection: framing (byte at a time), literals, limits, bad-command budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.imap.commands import Append, Command, Fetch, Login, Search
+from appliance.imap.limits import ImapLimits
+from appliance.imap.protocol import (
+    NEED_DATA,
+    ContinuationRequest,
+    Event,
+    Fatal,
+    ImapConnection,
+    RawLine,
+    Reject,
+)
+
+
+def feed(conn: ImapConnection, data: bytes, step: int = 1) -> list[Event]:
+    """Feed `data` `step` bytes at a time, collecting every event."""
+    events: list[Event] = []
+    for i in range(0, len(data), step):
+        conn.receive_data(data[i:i + step])
+        while (event := conn.next_event()) is not NEED_DATA:
+            events.append(event)
+    return events
+
+
+def test_simple_commands_byte_at_a_time() -> None:
+    events = feed(ImapConnection(), b"a1 CAPABILITY\r\na2 noop\r\na3 LOGOUT\r\n")
+    assert events == [Command("a1", "CAPABILITY"), Command("a2", "NOOP"), Command("a3", "LOGOUT")]
+
+
+def test_nothing_until_the_line_ends() -> None:
+    conn = ImapConnection()
+    conn.receive_data(b"a1 NOOP")
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"\r")
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"\n")
+    assert conn.next_event() == Command("a1", "NOOP")
+
+
+def test_bare_lf_ends_a_line() -> None:
+    assert feed(ImapConnection(), b"a1 NOOP\n") == [Command("a1", "NOOP")]
+
+
+def test_synchronising_literal_asks_for_continuation() -> None:
+    conn = ImapConnection()
+    events = feed(conn, b"a1 LOGIN {4}\r\n")
+    assert len(events) == 1 and isinstance(events[0], ContinuationRequest)
+    assert events[0].reply.to_bytes() == b"+ Ready for literal data\r\n"
+    events = feed(conn, b"us r {3}\r\n")  # the literal is exactly 4 octets, spaces and all
+    assert isinstance(events[0], ContinuationRequest)
+    events = feed(conn, b"p\"w\r\n")
+    assert events == [Login("a1", "LOGIN", "us r", 'p"w')]
+
+
+def test_non_synchronising_literal_needs_no_continuation() -> None:
+    events = feed(ImapConnection(), b"a1 LOGIN {4+}\r\nuser {2+}\r\npw\r\n")
+    assert events == [Login("a1", "LOGIN", "user", "pw")]
+
+
+def test_literal_can_contain_crlf_and_braces() -> None:
+    msg = b"Subject: x {5}\r\n\r\nbody {3}\r\n"
+    events = feed(ImapConnection(), b"a1 APPEND INBOX {%d+}\r\n%s\r\n" % (len(msg), msg))
+    assert len(events) == 1
+    append = events[0]
+    assert isinstance(append, Append)
+    assert append.message == msg and append.mailbox == "INBOX"
+
+
+def test_append_with_flags_and_date_fed_in_chunks() -> None:
+    msg = b"From: a@b\r\n\r\nhi\r\n" * 100
+    data = b'A003 APPEND saved-messages (\\Seen) " 7-Feb-1994 21:52:25 -0800" {%d}\r\n%s\r\n' % (len(msg), msg)
+    for step in (1, 7, 4096):
+        events = feed(ImapConnection(), data, step)
+        assert isinstance(events[0], ContinuationRequest)
+        append = events[1]
+        assert isinstance(append, Append)
+        assert append.flags == ("\\Seen",)
+        assert append.date == 760686745  # 1994-02-08 05:52:25 UTC
+        assert bytes(append.message) == msg
+
+
+def test_pipelined_commands() -> None:
+    events = feed(ImapConnection(), b"a NOOP\r\nb NOOP\r\nc NOOP\r\n", step=100)
+    assert [e.tag for e in events if isinstance(e, Command)] == ["a", "b", "c"]
+
+
+def test_syntax_error_is_a_tagged_bad_and_the_stream_goes_on() -> None:
+    events = feed(ImapConnection(), b"a1 FETCH x FLAGS\r\na2 NOOP\r\n")
+    assert isinstance(events[0], Reject)
+    assert events[0].reply.to_bytes().startswith(b"a1 BAD ")
+    assert events[1] == Command("a2", "NOOP")
+
+
+def test_untaggable_garbage_is_an_untagged_bad() -> None:
+    events = feed(ImapConnection(), b"\x01\x02\r\n")
+    assert isinstance(events[0], Reject)
+    assert events[0].reply.to_bytes().startswith(b"* BAD ")
+
+
+def test_empty_line_is_bad() -> None:
+    events = feed(ImapConnection(), b"\r\n")
+    assert isinstance(events[0], Reject)
+
+
+def test_line_too_long_is_fatal() -> None:
+    conn = ImapConnection(ImapLimits(max_line_octets=100))
+    events = feed(conn, b"a1 NOOP " + b"x" * 200, step=50)
+    assert len(events) == 1 and isinstance(events[0], Fatal)
+    assert events[0].reply.to_bytes().startswith(b"* BYE ")
+    conn.receive_data(b"\r\na2 NOOP\r\n")
+    assert conn.next_event() is NEED_DATA  # nothing more once fatal
+
+
+def test_too_large_synchronising_literal_is_refused_before_it_is_sent() -> None:
+    conn = ImapConnection(ImapLimits(max_literal_octets=10))
+    events = feed(conn, b"a1 LOGIN {11}\r\n")
+    assert len(events) == 1 and isinstance(events[0], Reject)
+    assert events[0].reply.to_bytes() == b"a1 NO [TOOBIG] Literal too large\r\n"
+    assert feed(conn, b"a2 NOOP\r\n") == [Command("a2", "NOOP")]
+
+
+def test_too_large_non_synchronising_literal_is_fatal() -> None:
+    conn = ImapConnection(ImapLimits(max_literal_octets=10))
+    events = feed(conn, b"a1 LOGIN {11+}\r\n")
+    assert len(events) == 1 and isinstance(events[0], Fatal)
+
+
+def test_append_literal_has_its_own_limit() -> None:
+    conn = ImapConnection(ImapLimits(max_literal_octets=10, max_append_octets=100))
+    events = feed(conn, b"a1 APPEND INBOX {50}\r\n")
+    assert isinstance(events[0], ContinuationRequest)
+    events = feed(ImapConnection(ImapLimits(max_append_octets=100)), b"a1 APPEND INBOX {101}\r\n")
+    assert isinstance(events[0], Reject) and b"TOOBIG" in events[0].reply.to_bytes()
+
+
+def test_command_size_bounded_across_literals() -> None:
+    conn = ImapConnection(ImapLimits(max_literal_octets=100, max_command_octets=150))
+    events = feed(conn, b"a1 LOGIN {90+}\r\n" + b"u" * 90 + b" {90}\r\n")
+    assert isinstance(events[-1], Reject)
+
+
+def test_too_many_literals_in_one_command() -> None:
+    conn = ImapConnection(ImapLimits(max_literals_per_command=3))
+    data = b"a1 SEARCH" + b" TEXT {1+}\r\nx" * 5 + b"\r\n"
+    events = feed(conn, data, step=1000)
+    assert any(isinstance(e, Fatal) for e in events)
+
+
+def test_bad_command_budget() -> None:
+    conn = ImapConnection(ImapLimits(max_bad_commands=3))
+    events = feed(conn, b"a BOGUS\r\n" * 5, step=1000)
+    assert [type(e) for e in events] == [Reject, Reject, Reject, Fatal]
+
+
+def test_good_command_resets_budget() -> None:
+    conn = ImapConnection(ImapLimits(max_bad_commands=2))
+    events = feed(conn, b"a BOGUS\r\na BOGUS\r\nb NOOP\r\na BOGUS\r\na BOGUS\r\n", step=1000)
+    assert not any(isinstance(e, Fatal) for e in events)
+
+
+def test_session_bad_counts_toward_budget() -> None:
+    conn = ImapConnection(ImapLimits(max_bad_commands=1))
+    assert conn.note_bad_command() is False
+    assert conn.note_bad_command() is True
+
+
+def test_raw_lines_for_authenticate_and_idle() -> None:
+    conn = ImapConnection()
+    conn.expect_raw_line()
+    events = feed(conn, b"dXNlcgB1c2VyAHB3\r\na2 NOOP\r\n")
+    assert events == [RawLine(b"dXNlcgB1c2VyAHB3"), Command("a2", "NOOP")]
+
+
+def test_raw_line_is_not_parsed_or_limited_by_grammar() -> None:
+    conn = ImapConnection()
+    conn.expect_raw_line()
+    assert feed(conn, b"DONE {5}\r\n") == [RawLine(b"DONE {5}")]
+
+
+def test_discard_buffer_drops_pipelined_plaintext() -> None:
+    conn = ImapConnection()
+    conn.receive_data(b"a1 STARTTLS\r\na2 LOGIN evil pw\r\n")
+    assert conn.next_event() == Command("a1", "STARTTLS")
+    conn.discard_buffer()
+    assert conn.next_event() is NEED_DATA
+    assert conn.buffered == 0
+
+
+def test_fetch_and_search_survive_byte_feeding() -> None:
+    data = (b"a1 UID FETCH 1:*,7 (FLAGS BODY.PEEK[HEADER.FIELDS (From {4}\r\nDate)]<0.100>)\r\n"
+            b"a2 SEARCH CHARSET UTF-8 SUBJECT {5+}\r\nJ\xc3\xb6rg OR SEEN NOT 1:3\r\n")
+    events = feed(ImapConnection(), data)
+    assert isinstance(events[0], ContinuationRequest)
+    assert isinstance(events[1], Fetch) and events[1].uid
+    assert isinstance(events[2], Search) and events[2].charset == "UTF-8"
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 5, 64])
+def test_same_events_whatever_the_chunking(step: int) -> None:
+    data = (b"a LOGIN {3}\r\nabc def\r\nb APPEND INBOX (\\Seen) {5+}\r\nhello\r\nc SELECT inbox\r\n"
+            b"d FETCH 1 BODY[]\r\n")
+    assert feed(ImapConnection(), data, step) == feed(ImapConnection(), data, len(data))

@@ -1,0 +1,120 @@
+"""SEARCH evaluation (RFC 3501 6.4.4) over index facts and real message files."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+
+from appliance.imap.commands import Search
+from appliance.imap.parser import parse_command
+from appliance.imap.search import Candidate, Searcher, decode_words
+
+MESSAGES = {
+    1: b"From: =?utf-8?q?J=C3=B6rg?= <joerg@example.de>\r\nTo: bob@example.test\r\nSubject: Invoice March\r\n"
+       b"Date: Wed, 6 Mar 2024 08:00:00 -0500\r\nX-Spam: no\r\n\r\nPlease pay.\r\n",
+    2: b"From: alice@example.org\r\nTo: carol@example.test\r\nCc: bob@example.test\r\nSubject: Lunch\r\n"
+       b"Date: Fri, 1 Mar 2024 12:00:00 +0000\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+       b"Content-Transfer-Encoding: quoted-printable\r\n\r\nSch=C3=B6ne Gr=C3=BC=C3=9Fe\r\n",
+    3: b"From: news@example.net\r\nSubject: =?iso-8859-1?q?Caf=E9?=\r\nDate: garbage\r\nMIME-Version: 1.0\r\n"
+       b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhidden treasure\r\n"
+       b"--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\nAAAA\r\n--b--\r\n",
+}
+FLAGS = {1: {"\\Seen", "\\Flagged"}, 2: {"\\Recent"}, 3: {"\\Seen", "\\Deleted", "$Junk"}}
+DATES = {1: dt.datetime(2024, 3, 6, 14, 0), 2: dt.datetime(2024, 3, 1, 12, 0), 3: dt.datetime(2024, 3, 10, 9, 0)}
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[int, Path]:
+    out = {}
+    for uid, data in MESSAGES.items():
+        path = tmp_path / f"{uid}.eml"
+        path.write_bytes(data)
+        out[uid] = path
+    return out
+
+
+def search(text: str, files: dict[int, Path]) -> list[int]:
+    command = parse_command([f"a SEARCH {text}".encode()])
+    assert isinstance(command, Search)
+    uids = {1: 10, 2: 20, 3: 30}
+    searcher = Searcher(command.key, 3, 30)
+    found = []
+    for seq in (1, 2, 3):
+        c = Candidate(seq, uids[seq], frozenset(FLAGS[seq]), len(MESSAGES[seq]), int(DATES[seq].timestamp()))
+
+        def opener(p: Path = files[seq]) -> BinaryIO:
+            return p.open("rb")
+
+        if searcher.matches(c, opener):
+            found.append(seq)
+    return found
+
+
+@pytest.mark.parametrize("query,expected", [
+    ("ALL", [1, 2, 3]),
+    ("SEEN", [1, 3]), ("UNSEEN", [2]), ("FLAGGED", [1]), ("DELETED", [3]), ("UNDELETED", [1, 2]),
+    ("RECENT", [2]), ("OLD", [1, 3]), ("NEW", [2]), ("KEYWORD $junk", [3]), ("UNKEYWORD $Junk", [1, 2]),
+    ("ANSWERED", []), ("UNANSWERED", [1, 2, 3]), ("DRAFT", []), ("UNDRAFT", [1, 2, 3]),
+    ("1:2", [1, 2]), ("2:*", [2, 3]), ("UID 20", [2]), ("UID 25:*", [3]), ("NOT 1", [2, 3]),
+    ("OR 1 3", [1, 3]), ("OR SEEN RECENT", [1, 2, 3]), ("(SEEN FLAGGED)", [1]), ("SEEN NOT FLAGGED", [3]),
+    ("LARGER 200", [2, 3]), ("SMALLER 200", [1]), ("LARGER 261", [3]), ("SMALLER 261", [1]),
+    ("FROM joerg", [1]), ("FROM Jörg", [1]), ("FROM JÖRG", [1]), ("TO carol", [2]), ("CC bob", [2]),
+    ("BCC bob", []), ("SUBJECT invoice", [1]), ("SUBJECT café", [3]), ("HEADER X-Spam no", [1]),
+    ('HEADER X-Spam ""', [1]), ('HEADER Date ""', [1, 2, 3]),
+    ("BODY pay", [1]), ("BODY grüße", [2]), ("BODY treasure", [3]), ("BODY Invoice", []),
+    ("TEXT invoice", [1]), ("TEXT treasure", [3]), ("TEXT nowhere", []),
+    ("SINCE 5-Mar-2024", [1, 3]), ("BEFORE 5-Mar-2024", [2]), ("ON 1-Mar-2024", [2]),
+    ("SENTON 6-Mar-2024", [1]), ("SENTBEFORE 2-Mar-2024", [2]), ("SENTSINCE 1-Jan-2024", [1, 2]),
+    ("SEEN SUBJECT lunch", []), ("OR SUBJECT lunch BODY treasure", [2, 3]),
+])
+def test_search(query: str, expected: list[int], files: dict[int, Path]) -> None:
+    assert search(f"CHARSET UTF-8 {query}", files) == expected
+
+
+def test_index_keys_never_open_files() -> None:
+    command = parse_command([b"a SEARCH OR SEEN (1:3 NOT DELETED) LARGER 5"])
+    assert isinstance(command, Search)
+    searcher = Searcher(command.key, 3, 3)
+    assert not searcher.needs_content()
+
+    def forbidden() -> BinaryIO:
+        raise AssertionError("opened")
+
+    assert searcher.matches(Candidate(1, 1, frozenset(), 10, 0), forbidden)
+
+
+def test_cheap_keys_first_in_and() -> None:
+    command = parse_command([b"a SEARCH BODY x DELETED"])
+    assert isinstance(command, Search)
+    searcher = Searcher(command.key, 1, 1)
+
+    def forbidden() -> BinaryIO:
+        raise AssertionError("opened although DELETED already failed")
+
+    assert not searcher.matches(Candidate(1, 1, frozenset(), 10, 0), forbidden)
+
+
+def test_huge_message_searched_raw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import appliance.imap.search as search_module
+
+    monkeypatch.setattr(search_module, "MAX_DECODED_SEARCH_OCTETS", 100)
+    monkeypatch.setattr(search_module, "RAW_SEARCH_CHUNK", 64)
+    path = tmp_path / "big.eml"
+    path.write_bytes(b"Subject: big\r\n\r\n" + b"filler " * 100 + b"NEEDLE in the hay" + b" more" * 50)
+    command = parse_command([b"a SEARCH BODY needle"])
+    assert isinstance(command, Search)
+    searcher = Searcher(command.key, 1, 1)
+    size = path.stat().st_size
+    assert searcher.matches(Candidate(1, 1, frozenset(), size, 0), lambda: path.open("rb"))
+    command = parse_command([b"a SEARCH BODY big"])  # only in the header: not a BODY match
+    assert isinstance(command, Search)
+    assert not Searcher(command.key, 1, 1).matches(Candidate(1, 1, frozenset(), size, 0), lambda: path.open("rb"))
+
+
+def test_decode_words() -> None:
+    assert decode_words("=?utf-8?q?J=C3=B6rg?= <j@x>") == "Jörg <j@x>"
+    assert decode_words("=?bogus?q?x?=") == "=?bogus?q?x?="
+    assert decode_words("a\r\n b") == "a b"

@@ -1,0 +1,83 @@
+"""The selected-folder view: sequence numbers, and turning store snapshots into untagged updates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from appliance.imap.commands import STAR, SequenceSet
+from appliance.imap.selected import SelectedFolder
+from appliance.store.mailstore import FolderSnapshot, MessageInfo
+
+
+def info(uid: int, *flags: str) -> MessageInfo:
+    return MessageInfo(uid, frozenset(flags), 100 + uid, 1_700_000_000, 1, Path(f"/m/cur/{uid}:2,"))
+
+
+def snap(*messages: MessageInfo, recent: frozenset[int] = frozenset(), uidnext: int = 0) -> FolderSnapshot:
+    top = max((m.uid for m in messages), default=0)
+    return FolderSnapshot("INBOX", 42, uidnext or top + 1, tuple(messages), recent)
+
+
+def lines(responses: list) -> list[bytes]:  # type: ignore[type-arg]
+    return [r.to_bytes() for r in responses]
+
+
+def test_numbers_and_resolve() -> None:
+    view = SelectedFolder(snap(info(3), info(7), info(9)), readonly=False)
+    assert view.exists == 3 and view.largest_uid == 9
+    assert view.seq_of(7) == 2 and view.uid_of(3) == 9
+    assert view.resolve(SequenceSet(((2, STAR),)), uid=False) == [7, 9]
+    assert view.resolve(SequenceSet(((1, STAR),)), uid=True) == [3, 7, 9]
+    assert view.resolve(SequenceSet(((4, 8),)), uid=True) == [7]
+    assert view.resolve(SequenceSet(((10, STAR),)), uid=True) == [9]  # "*" is the largest UID
+    assert SelectedFolder(snap(), False).resolve(SequenceSet(((1, STAR),)), uid=True) == []
+
+
+def test_new_messages_announce_exists_and_recent() -> None:
+    view = SelectedFolder(snap(info(1)), readonly=False)
+    out = view.apply(snap(info(1), info(2), info(3), recent=frozenset({2, 3})), allow_expunge=True)
+    assert lines(out) == [b"* 3 EXISTS\r\n", b"* 2 RECENT\r\n"]
+    assert view.flags_of(2) == ["\\Recent"]
+    assert view.apply(snap(info(1), info(2), info(3)), allow_expunge=True) == []
+
+
+def test_expunge_numbers_shift_as_they_go() -> None:
+    view = SelectedFolder(snap(info(1), info(2), info(3), info(4), info(5)), readonly=False)
+    out = view.apply(snap(info(1), info(3), info(5)), allow_expunge=True)
+    # RFC 3501 7.4.1: each EXPUNGE renumbers the messages after it at once.
+    assert lines(out) == [b"* 2 EXPUNGE\r\n", b"* 3 EXPUNGE\r\n"]
+    assert view.uids == [1, 3, 5]
+
+
+def test_expunge_deferred_while_not_allowed() -> None:
+    view = SelectedFolder(snap(info(1), info(2), info(3)), readonly=False)
+    out = view.apply(snap(info(1), info(3), info(4)), allow_expunge=False)
+    assert lines(out) == [b"* 4 EXISTS\r\n", b"* 0 RECENT\r\n"]
+    assert view.is_gone(2) and view.seq_of(3) == 3
+    out = view.apply(snap(info(1), info(3), info(4)), allow_expunge=True)
+    assert lines(out) == [b"* 2 EXPUNGE\r\n"]
+
+
+def test_flag_changes_elsewhere_become_fetch_flags() -> None:
+    view = SelectedFolder(snap(info(1), info(2)), readonly=False)
+    out = view.apply(snap(info(1), info(2, "\\Seen", "$Label1")), allow_expunge=True)
+    assert lines(out) == [b"* 2 FETCH (UID 2 FLAGS (\\Seen $Label1))\r\n"]
+    assert "$Label1" in view.keywords
+    assert b"$Label1" in view.flags_response().to_bytes()
+
+
+def test_own_changes_are_not_announced_again() -> None:
+    view = SelectedFolder(snap(info(1)), readonly=False)
+    view.update_infos([info(1, "\\Seen")])
+    assert view.apply(snap(info(1, "\\Seen")), allow_expunge=True) == []
+
+
+def test_expunged_by_us() -> None:
+    view = SelectedFolder(snap(info(1), info(2), info(3)), readonly=False)
+    assert lines(view.expunged_by_us([1, 3])) == [b"* 1 EXPUNGE\r\n", b"* 2 EXPUNGE\r\n"]
+    assert view.uids == [2]
+
+
+def test_first_unseen_and_counts() -> None:
+    view = SelectedFolder(snap(info(1, "\\Seen"), info(2), info(3)), readonly=True)
+    assert view.first_unseen() == 2 and view.unseen_count() == 2
