@@ -1,0 +1,182 @@
+"""The DNS records a domain needs to receive and send mail through this box, as a table a person copies.
+
+One list serves the wizard, the console, `letterbox dns records` and the live checks (dns_check.py):
+each record says what to create (type, name, value) and why, in words for someone who is not a mail
+expert. `records_for` is pure; `domain_records` gathers its inputs (settings, DKIM key) for a domain.
+
+Names and host names are written fully qualified without the trailing dot; record values that name a
+host (MX, CNAME, SRV targets) carry the dot, as zone files and most DNS panels expect.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import dns.reversename
+
+from appliance import dkim_keys
+from appliance.db import Database
+
+SETTING_IPV4 = "public_ipv4"
+SETTING_IPV6 = "public_ipv6"
+
+SPF_VALUE = "v=spf1 mx -all"  # RFC 7208 5.4: the domain's MX hosts may send for it; nothing else may
+DMARC_VALUE = "v=DMARC1; p=quarantine"  # RFC 7489 6.3: ask receivers to treat failing mail as suspect
+MX_PREFERENCE = 10
+# RFC 6186 3.1 / 3.2: priority 0, weight 1 for the one server of each kind.
+SRV_PRIORITY = 0
+SRV_WEIGHT = 1
+# RFC 6186 / RFC 8314 5.1: the services a mail client looks up, with the box's listener of each.
+SRV_SERVICES: tuple[tuple[str, str, str], ...] = (
+    ("_submission._tcp", "submission", "sending mail (SMTP submission with STARTTLS)"),
+    ("_imaps._tcp", "imaps", "reading mail over IMAP with TLS"),
+    ("_pop3s._tcp", "pop3s", "downloading mail over POP3 with TLS"),
+)
+STANDARD_CLIENT_PORTS = {"submission": 587, "imaps": 993, "pop3s": 995}
+
+# Route lookups for these never send a packet (UDP connect only picks the source address); they are
+# documentation addresses (RFC 5737, RFC 3849), so nothing would answer anyway.
+_PROBE_V4 = "192.0.2.1"
+_PROBE_V6 = "2001:db8::1"
+
+Where = Literal["zone", "provider"]
+
+
+@dataclass(frozen=True)
+class DnsRecord:
+    """One row of the table. `value` None means "your public address" (not known yet)."""
+
+    key: str  # stable id: "mx", "a", "spf", "dkim", "srv-imaps"...; checks and tests refer to it
+    rdtype: str  # MX, A, AAAA, TXT, CNAME, SRV, PTR
+    name: str  # fully qualified, no trailing dot
+    value: str | None
+    why: str
+    where: Where = "zone"  # "provider": set by whoever gives you the address (PTR), not in your zone
+
+    @property
+    def shown_value(self) -> str:
+        return self.value if self.value is not None else f"(your public IPv{6 if self.rdtype == 'AAAA' else 4} address)"
+
+
+def _fqdn(name: str) -> str:
+    return name.rstrip(".").lower() + "."
+
+
+def records_for(
+    domain: str,
+    hostname: str,
+    *,
+    ipv4: str | None = None,
+    ipv6: str | None = None,
+    dkim: dkim_keys.DkimKey | None = None,
+    ports: Mapping[str, int] | None = None,
+) -> list[DnsRecord]:
+    """Every record for `domain` served by the box `hostname`, in the order a person creates them."""
+    domain = domain.rstrip(".").lower()
+    hostname = hostname.rstrip(".").lower()
+    ports = {**STANDARD_CLIENT_PORTS, **(ports or {})}
+    host_dot = _fqdn(hostname)
+    rows: list[DnsRecord] = [
+        DnsRecord("mx", "MX", domain, f"{MX_PREFERENCE} {host_dot}",
+                  f"Mail for {domain} is delivered to this box ({hostname})."),
+    ]
+    if ipv4 or not ipv6:
+        rows.append(DnsRecord("a", "A", hostname, ipv4,
+                              f"Other servers and mail clients find {hostname} at this IPv4 address."))
+    if ipv6:
+        rows.append(DnsRecord("aaaa", "AAAA", hostname, ipv6,
+                              f"The same for IPv6: {hostname} is reachable at this IPv6 address."))
+    rows.append(DnsRecord("spf", "TXT", domain, SPF_VALUE,
+                          f"SPF: only the mail servers of {domain} (this box) may send mail from {domain}; "
+                          "receivers can refuse forgeries."))
+    if dkim is not None:
+        rows.append(DnsRecord("dkim", "TXT", dkim.record_name, dkim.txt_record(),
+                              "DKIM: the public key receivers use to check the signature this box puts on "
+                              "every message it sends. Paste it as one value; zone files split it into "
+                              "quoted strings of at most 255 characters."))
+    rows.append(DnsRecord("dmarc", "TXT", f"_dmarc.{domain}", DMARC_VALUE,
+                          "DMARC: tells receivers to treat mail that fails SPF and DKIM as suspect "
+                          "(spam folder)."))
+    rows.append(DnsRecord("autoconfig", "CNAME", f"autoconfig.{domain}", host_dot,
+                          "Thunderbird and other clients fetch their settings from here: users only type "
+                          "their address and password."))
+    rows.append(DnsRecord("autodiscover", "CNAME", f"autodiscover.{domain}", host_dot,
+                          "The same for Outlook."))
+    for label, service, what in SRV_SERVICES:
+        rows.append(DnsRecord(f"srv-{service}", "SRV", f"{label}.{domain}",
+                              f"{SRV_PRIORITY} {SRV_WEIGHT} {ports[service]} {host_dot}",
+                              f"Tells mail clients where to connect for {what} (RFC 6186)."))
+    for key, address in (("ptr", ipv4), ("ptr6", ipv6)):
+        if address:
+            rows.append(DnsRecord(key, "PTR", dns.reversename.from_address(address).to_text(omit_final_dot=True),
+                                  host_dot,
+                                  "Reverse DNS: ask whoever gives you this address (your ISP or hosting "
+                                  f"provider) to set its name to {hostname}. Many receivers distrust mail "
+                                  "from an address without it.", where="provider"))
+    return rows
+
+
+def format_table(records: Sequence[DnsRecord]) -> str:
+    """The table as plain text for a terminal: one record a line, columns separated by two spaces."""
+    rows = [("TYPE", "NAME", "VALUE")] + [(r.rdtype, r.name, r.shown_value) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    lines = [f"{t:<{widths[0]}}  {n:<{widths[1]}}  {v}" for t, n, v in rows]
+    notes = [f"  {r.rdtype} {r.name}: {r.why}" for r in records]
+    return "\n".join([*lines, "", "Why:", *notes])
+
+
+# --- inputs -----------------------------------------------------------------------------------------
+
+def valid_public_address(text: str, version: int) -> str:
+    """The address in canonical form; ValueError (message for a form) when it cannot be the box's."""
+    try:
+        ip = ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise ValueError(f"not an IPv{version} address: {text.strip()[:60]!r}") from None
+    if ip.version != version:
+        raise ValueError(f"not an IPv{version} address: {text.strip()[:60]!r}")
+    if ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_link_local or ip.is_reserved:
+        raise ValueError(f"{ip} cannot be reached from other machines: enter the public address")
+    return str(ip)
+
+
+def is_public(address: str) -> bool:
+    return ipaddress.ip_address(address).is_global
+
+
+def _route_source(family: socket.AddressFamily, probe: str) -> str | None:
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((probe, 9))  # UDP connect sends nothing; it only asks the kernel for a route
+            return str(s.getsockname()[0]).split("%")[0]
+    except OSError:
+        return None
+
+
+def detect_public_addresses() -> tuple[str | None, str | None]:
+    """(IPv4, IPv6) of this machine when they are public; None when behind NAT or absent, so the
+    wizard asks. Looks only at the local routing table: no packet leaves the box."""
+    found: list[str | None] = []
+    for family, probe in ((socket.AF_INET, _PROBE_V4), (socket.AF_INET6, _PROBE_V6)):
+        address = _route_source(family, probe)
+        found.append(address if address and is_public(address) else None)
+    return found[0], found[1]
+
+
+async def public_addresses(db: Database) -> tuple[str | None, str | None]:
+    """The addresses given in the wizard or console (settings), else none."""
+    return (await db.get_setting(SETTING_IPV4) or None, await db.get_setting(SETTING_IPV6) or None)
+
+
+async def domain_records(
+    db: Database, dkim_dir: Path, domain: str, hostname: str, ports: Mapping[str, int] | None = None
+) -> list[DnsRecord]:
+    """The table for one of the box's domains; makes its DKIM key if it has none yet."""
+    ipv4, ipv6 = await public_addresses(db)
+    key = await dkim_keys.ensure_key(db, dkim_dir, domain)
+    return records_for(domain, hostname, ipv4=ipv4, ipv6=ipv6, dkim=key, ports=ports)

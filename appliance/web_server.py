@@ -1,0 +1,167 @@
+"""The web console's listeners: uvicorn inside the box's one asyncio loop.
+
+- "https": the console (web/app.py) with the box's certificate (services.tls.context, so a renewed
+  certificate is used from the next handshake on).
+- "http": redirects to HTTPS, except /.well-known/ (ACME challenges, Thunderbird's autoconfig) and
+  /mail/config-v1.1.xml (Thunderbird asks autoconfig.<domain> over plain HTTP), which the same app
+  answers directly.
+
+`serve` binds the socket itself (so port 0 works and a busy port fails at once with OSError, as the
+other listeners do) and runs uvicorn's server on it as a task. It returns an object shaped like
+asyncio.Server (sockets, close, wait_closed, is_serving) for the composition root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from appliance.services import Services
+
+
+APP_KEY = "web_app"  # services.extra: the one console app both listeners share
+PLAIN_HTTP_PATHS = ("/.well-known/", "/mail/config-v1.1.xml")
+KEEP_ALIVE_SECONDS = 5
+GRACEFUL_SHUTDOWN_SECONDS = 2
+MAX_CONNECTIONS = 200  # beyond this uvicorn answers 503 rather than piling up work on a small box
+MAX_REQUESTS_HEADER_BYTES = 16 * 1024  # h11's bound on an incomplete request head
+STARTUP_TIMEOUT = 10.0
+BACKLOG = 100
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn's server without its signal handling: the box's own loop owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class WebListener:
+    """What Box keeps for a listener: the bound socket, close(), wait_closed(), is_serving()."""
+
+    def __init__(self, server: _EmbeddedServer, task: asyncio.Task[None], sock: socket.socket) -> None:
+        self._server = server
+        self._task = task
+        self.sockets = [sock]
+
+    def close(self) -> None:
+        self._server.should_exit = True
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(self._task)
+
+    def is_serving(self) -> bool:
+        return self._server.started and not self._task.done() and not self._server.should_exit
+
+
+class RedirectToHttps:
+    """The plain-HTTP listener: the few paths clients fetch over HTTP go to the app, the rest to HTTPS."""
+
+    def __init__(self, app: ASGIApp, services: Services) -> None:
+        self.app = app
+        self.services = services
+
+    def https_port(self) -> int:
+        entry: Any = self.services.extra.get("listeners")
+        bound = entry() if callable(entry) else entry
+        if isinstance(bound, dict) and "https" in bound:
+            return int(bound["https"][1])
+        return self.services.config.port("https")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = str(scope.get("path", ""))
+        if scope["type"] != "http" or path.startswith(PLAIN_HTTP_PATHS):
+            await self.app(scope, receive, send)
+            return
+        host = _host_without_port(scope) or self.services.hostname
+        port = self.https_port()
+        target = f"https://{host}{'' if port == 443 else f':{port}'}{quote(path)}"
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        await send({"type": "http.response.start", "status": 301, "headers": [
+            (b"location", target.encode("latin-1")), (b"content-length", b"0"), (b"cache-control", b"no-store"),
+        ]})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def _host_without_port(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"host":
+            host = value.decode("latin-1").strip()
+            if host.startswith("["):  # [IPv6]:port
+                return host.split("]")[0] + "]"
+            host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+            # Only a plain host name or address goes into the Location header.
+            if host and all(ch.isalnum() or ch in ".-" for ch in host):
+                return host
+            return None
+    return None
+
+
+def console_app(services: Services) -> ASGIApp:
+    app: ASGIApp | None = services.extra.get(APP_KEY)
+    if app is None:
+        from web.app import create_app  # the web layer sits above appliance/: imported only here
+
+        app = create_app(services)
+        services.extra[APP_KEY] = app
+    return app
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=BACKLOG, reuse_port=False)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(services: Services, service: str, host: str, port: int) -> WebListener:
+    if service not in ("http", "https"):
+        raise ValueError(f"the web server does not serve {service!r}")
+    app = console_app(services)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # its start/stop chatter is INFO; real errors still show
+    if uvicorn_log.level == logging.NOTSET:
+        uvicorn_log.setLevel(logging.WARNING)
+    tls: ssl.SSLContext | None = services.tls.context if service == "https" else None
+    config = uvicorn.Config(
+        app if service == "https" else RedirectToHttps(app, services),
+        lifespan="off",
+        http="h11",
+        ws="none",
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,  # the peer address feeds the login throttle: never take it from a header
+        server_header=False,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        limit_concurrency=MAX_CONNECTIONS,
+        h11_max_incomplete_event_size=MAX_REQUESTS_HEADER_BYTES,
+        ssl_context_factory=(lambda _config, _default: tls) if tls is not None else None,
+    )
+    sock = _bind(host, port)
+    server = _EmbeddedServer(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name=f"letterbox-{service}")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + STARTUP_TIMEOUT
+    while not server.started:
+        if task.done():
+            sock.close()
+            task.result()  # raises what went wrong
+            raise OSError(f"{service}: the web server stopped while starting")
+        if loop.time() > deadline:
+            server.should_exit = True
+            raise OSError(f"{service}: the web server did not start within {STARTUP_TIMEOUT:.0f} s")
+        await asyncio.sleep(0.01)
+    return WebListener(server, task, sock)

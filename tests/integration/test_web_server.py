@@ -1,0 +1,86 @@
+"""The web listeners in the running box: uvicorn on the box's loop, HTTPS with the box's certificate,
+HTTP redirecting to HTTPS except for what clients fetch over plain HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+
+import httpx
+import pytest
+
+from appliance import web_server
+from tests.conftest import BoxHandle
+
+
+def test_https_serves_the_console_with_the_boxs_certificate(box: BoxHandle) -> None:
+    port = box.port("https")
+    response = httpx.get(f"https://localhost:{port}/", verify=box.client_context)
+    assert response.status_code == 303 and response.headers["location"] == "/setup"
+    page = httpx.get(f"https://localhost:{port}/setup/1", verify=box.client_context)
+    assert page.status_code == 200 and "Welcome to Letterbox" in page.text
+    assert "Secure" in page.headers["set-cookie"]
+    assert "server" not in page.headers  # no software banner
+    with pytest.raises(httpx.ConnectError):  # not trusted without the box's CA
+        httpx.get(f"https://localhost:{port}/", verify=ssl.create_default_context())
+
+
+def test_http_redirects_to_https(box: BoxHandle) -> None:
+    http, https = box.port("http"), box.port("https")
+    response = httpx.get(f"http://localhost:{http}/console/mailboxes?x=1&y=2")
+    assert response.status_code == 301
+    assert response.headers["location"] == f"https://localhost:{https}/console/mailboxes?x=1&y=2"
+    # A Host header that is not a plain name never makes it into the Location header.
+    with socket.create_connection(("127.0.0.1", http), timeout=5) as raw:
+        raw.sendall(b"GET /x HTTP/1.1\r\nHost: evil.example/@other\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := raw.recv(4096):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 301")
+    assert f"location: https://{box.services.hostname}:{https}/x".encode() in reply.lower()
+
+
+def test_thunderbird_autoconfig_over_plain_http(box: BoxHandle) -> None:
+    box.add_user("alice@example.test", "alice's long password")
+    http = box.port("http")
+    for path in ("/mail/config-v1.1.xml", "/.well-known/autoconfig/mail/config-v1.1.xml"):
+        response = httpx.get(f"http://localhost:{http}{path}?emailaddress=alice@example.test")
+        assert response.status_code == 200, path
+        assert f"<port>{box.port('imaps')}</port>" in response.text  # the port actually bound
+    assert httpx.get(f"http://localhost:{http}/.well-known/nothing-here").status_code == 404
+
+
+def test_listener_status_for_the_console(box: BoxHandle) -> None:
+    status = box.services.extra["listeners"]()
+    assert status["https"] == ("127.0.0.1", box.port("https"), True)
+    assert status["http"][2] is True
+
+
+def test_a_taken_port_fails_at_once(box: BoxHandle) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            box.run(web_server.serve(box.services, "https", "127.0.0.1", port))
+
+
+def test_close_stops_serving(box: BoxHandle) -> None:
+    async def start_and_stop() -> tuple[bool, bool, int]:
+        listener = await web_server.serve(box.services, "https", "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        serving = listener.is_serving()
+        listener.close()
+        await asyncio.wait_for(listener.wait_closed(), 5)
+        return serving, listener.is_serving(), port
+
+    serving, after, port = box.run(start_and_stop())
+    assert (serving, after) == (True, False)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"https://localhost:{port}/", verify=box.client_context, timeout=2)
+
+
+def test_unknown_service_is_refused(box: BoxHandle) -> None:
+    with pytest.raises(ValueError):
+        box.run(web_server.serve(box.services, "imap", "127.0.0.1", 0))

@@ -1,0 +1,124 @@
+"""The records table: what a domain needs, for the wizard, the console and `letterbox dns records`."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+
+from appliance import dkim_keys
+from appliance.db import Database
+from appliance.dns_records import (
+    DMARC_VALUE,
+    SPF_VALUE,
+    detect_public_addresses,
+    domain_records,
+    format_table,
+    records_for,
+    valid_public_address,
+)
+
+DOMAIN, HOST = "example.org", "mail.example.org"
+
+
+def by_key(records: list) -> dict:
+    return {r.key: r for r in records}
+
+
+def test_every_record_a_domain_needs(tmp_path: Path) -> None:
+    key = dkim_keys.generate_key(tmp_path, DOMAIN, "lb1", bits=1024)
+    rows = by_key(records_for(DOMAIN, HOST, ipv4="198.51.100.7", ipv6="2001:db8::7", dkim=key))
+    assert list(rows) == ["mx", "a", "aaaa", "spf", "dkim", "dmarc", "autoconfig", "autodiscover",
+                          "srv-submission", "srv-imaps", "srv-pop3s", "ptr", "ptr6"]
+    assert (rows["mx"].rdtype, rows["mx"].name, rows["mx"].value) == ("MX", DOMAIN, f"10 {HOST}.")
+    assert (rows["a"].name, rows["a"].value) == (HOST, "198.51.100.7")
+    assert (rows["aaaa"].rdtype, rows["aaaa"].value) == ("AAAA", "2001:db8::7")
+    assert (rows["spf"].rdtype, rows["spf"].name, rows["spf"].value) == ("TXT", DOMAIN, SPF_VALUE)
+    assert rows["dkim"].name == f"lb1._domainkey.{DOMAIN}"
+    assert rows["dkim"].value == key.txt_record() and rows["dkim"].value.startswith("v=DKIM1; k=rsa; p=MI")
+    assert (rows["dmarc"].name, rows["dmarc"].value) == (f"_dmarc.{DOMAIN}", DMARC_VALUE)
+    assert (rows["autoconfig"].rdtype, rows["autoconfig"].name, rows["autoconfig"].value) == (
+        "CNAME", f"autoconfig.{DOMAIN}", f"{HOST}.")
+    assert rows["autodiscover"].name == f"autodiscover.{DOMAIN}"
+    assert (rows["srv-submission"].name, rows["srv-submission"].value) == (
+        f"_submission._tcp.{DOMAIN}", f"0 1 587 {HOST}.")
+    assert rows["srv-imaps"].value == f"0 1 993 {HOST}."
+    assert rows["srv-pop3s"].value == f"0 1 995 {HOST}."
+    assert (rows["ptr"].rdtype, rows["ptr"].name, rows["ptr"].where) == ("PTR", "7.100.51.198.in-addr.arpa", "provider")
+    assert rows["ptr6"].name.endswith(".ip6.arpa")
+    assert all(r.why for r in rows.values())
+
+
+def test_without_an_address_the_a_record_asks_for_one() -> None:
+    rows = by_key(records_for(DOMAIN, HOST))
+    assert rows["a"].value is None and "your public IPv4 address" in rows["a"].shown_value
+    assert "aaaa" not in rows and "ptr" not in rows and "dkim" not in rows
+
+
+def test_ipv6_only_box_has_no_a_record() -> None:
+    rows = by_key(records_for(DOMAIN, HOST, ipv6="2001:db8::7"))
+    assert "a" not in rows and rows["aaaa"].value == "2001:db8::7"
+
+
+def test_srv_records_name_the_ports_given() -> None:
+    rows = by_key(records_for(DOMAIN, HOST, ports={"submission": 10587, "imaps": 10993, "pop3s": 10995}))
+    assert rows["srv-imaps"].value == f"0 1 10993 {HOST}."
+
+
+def test_names_are_lower_case_without_trailing_dot() -> None:
+    rows = by_key(records_for("Example.ORG.", "MAIL.Example.org."))
+    assert rows["mx"].name == DOMAIN and rows["mx"].value == f"10 {HOST}."
+
+
+def test_format_table_for_the_terminal() -> None:
+    text = format_table(records_for(DOMAIN, HOST, ipv4="198.51.100.7"))
+    lines = text.splitlines()
+    assert lines[0].split() == ["TYPE", "NAME", "VALUE"]
+    assert lines[1].split() == ["MX", DOMAIN, "10", f"{HOST}."]
+    assert "Why:" in lines and "  MX example.org: Mail for example.org" in text
+
+
+@pytest.mark.parametrize(("text", "version", "expected"), [
+    ("198.51.100.7", 4, "198.51.100.7"),
+    (" 2001:DB8::7 ", 6, "2001:db8::7"),
+    ("10.0.0.2", 4, "10.0.0.2"),  # private but possible (a LAN-only box); the page says so
+])
+def test_valid_public_address(text: str, version: int, expected: str) -> None:
+    assert valid_public_address(text, version) == expected
+
+
+@pytest.mark.parametrize(("text", "version"), [
+    ("127.0.0.1", 4), ("::1", 6), ("0.0.0.0", 4), ("224.0.0.1", 4), ("240.0.0.1", 4), ("example.org", 4),
+    ("198.51.100.7", 6),
+])
+def test_invalid_public_address(text: str, version: int) -> None:
+    with pytest.raises(ValueError):
+        valid_public_address(text, version)
+
+
+def test_detection_only_reports_public_addresses() -> None:
+    ipv4, ipv6 = detect_public_addresses()
+    for address, family in ((ipv4, socket.AF_INET), (ipv6, socket.AF_INET6)):
+        if address is not None:
+            socket.inet_pton(family, address)
+            assert not address.startswith(("10.", "192.168.", "127."))
+
+
+def test_domain_records_uses_settings_and_makes_the_dkim_key(tmp_path: Path) -> None:
+    async def scenario() -> list:
+        db = await Database.open(tmp_path / "db.sqlite")
+        try:
+            await db.set_setting("public_ipv4", "198.51.100.7")
+            first = await domain_records(db, tmp_path / "dkim", DOMAIN, HOST)
+            again = await domain_records(db, tmp_path / "dkim", DOMAIN, HOST)
+            assert by_key(first)["dkim"] == by_key(again)["dkim"]  # made once, then reused
+            return first
+        finally:
+            await db.close()
+
+    rows = by_key(asyncio.run(scenario()))
+    assert rows["a"].value == "198.51.100.7"
+    selector = rows["dkim"].name.split(".")[0]
+    assert (tmp_path / "dkim" / DOMAIN / f"{selector}.key").stat().st_mode & 0o077 == 0

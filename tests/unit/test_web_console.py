@@ -1,0 +1,264 @@
+"""The admin console over HTTP: domains and their DNS, mailboxes, aliases, status, events, password."""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.dns_server import ZoneServer
+from tests.support.web import (
+    ADMIN,
+    ADMIN_PASSWORD,
+    ALICE,
+    ALICE_PASSWORD,
+    DOMAIN,
+    HOSTNAME,
+    WebClient,
+    web_client,
+)
+
+NEW_PASSWORD = "a brand new passphrase"
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[WebClient]:
+    with web_client(tmp_path / "data") as client:
+        client.set_up()
+        client.login(ADMIN, ADMIN_PASSWORD)
+        yield client
+
+
+def error_of(page: str, field: str) -> str:
+    m = re.search(rf'id="e-{field}">([^<]*)<', page)
+    assert m, f"no error next to {field}"
+    return html.unescape(m.group(1))
+
+
+# --- status and events -------------------------------------------------------------------------------
+
+def test_status_page(web: WebClient) -> None:
+    web.services.extra["listeners"] = lambda: {"imaps": ("127.0.0.1", 993, True), "smtp": ("127.0.0.1", 25, False)}
+    (web.services.config.data.spool / "q1.msg").write_bytes(b"x" * 2048)
+    page = web.get("/console")
+    assert page.status_code == 200
+    text = page.text
+    assert "<code>127.0.0.1:993</code>" in text and ">up<" in text and ">down<" in text
+    assert "CN=" + HOSTNAME in text and "self-signed" in text and " days" in text
+    assert "Disk free" in text and "1 message, 2.0 KiB" in text
+    assert f'href="/console/domains/{DOMAIN}">{DOMAIN}</a></td><td>never' in text
+    assert text.index("smtp") < text.index("imaps")  # the standard order, whatever the dict order
+
+
+def test_status_accepts_a_plain_listener_dict(web: WebClient) -> None:
+    web.services.extra["listeners"] = {"https": ("0.0.0.0", 443, True)}
+    assert "0.0.0.0:443" in web.get("/console").text
+
+
+def test_events_page_shows_recent_events(web: WebClient) -> None:
+    web.run(web.services.events.record, "test", "something <happened>")
+    text = web.get("/console/events").text
+    assert "something &lt;happened&gt;" in text and f"login: {ADMIN}" in text
+
+
+# --- domains ---------------------------------------------------------------------------------------------
+
+def test_add_domain_then_its_dns_page(web: WebClient) -> None:
+    response = web.post("/console/domains", {"domain": "Second.Example"}, token_from="/console/domains")
+    assert response.headers["location"] == "/console/domains/second.example"
+    assert web.run(web.services.accounts.list_domains) == [DOMAIN, "second.example"]
+    page = web.get("/console/domains/second.example").text
+    assert "Domain second.example added" in page and "lb" in page and "_domainkey.second.example" in page
+    for bad, words in (("", "enter a domain"), ("x@y.org", "after the @"), (DOMAIN, "already exists")):
+        response = web.post("/console/domains", {"domain": bad}, token_from="/console/domains")
+        assert response.status_code == 400 and words in error_of(response.text, "domain"), bad
+
+
+def test_dns_page_of_unknown_domain_is_404(web: WebClient) -> None:
+    response = web.get("/console/domains/nowhere.example")
+    assert response.status_code == 404 and "not a domain of this box" in response.text
+
+
+def test_check_now_in_the_console(web: WebClient) -> None:
+    with ZoneServer({(DOMAIN, "MX"): [f"10 {HOSTNAME}."]}) as zone:
+        web.set_setting("dns_resolver", zone.address)
+        response = web.post(f"/console/domains/{DOMAIN}/check", {"ipv4": "198.51.100.7", "ipv6": ""},
+                            token_from=f"/console/domains/{DOMAIN}")
+        assert response.headers["location"] == f"/console/domains/{DOMAIN}"
+    page = web.get(f"/console/domains/{DOMAIN}").text
+    assert '<tr id="dns-mx" class="found">' in page and '<tr id="dns-a" class="missing">' in page
+    status = web.get("/console").text
+    assert "1 found" in status and "missing" in status
+    response = web.post(f"/console/domains/{DOMAIN}/check", {"ipv4": "999.1.1.1"},
+                        token_from=f"/console/domains/{DOMAIN}")
+    assert response.status_code == 400 and "not an IPv4" in error_of(response.text, "ipv4")
+
+
+def test_remove_domain_needs_confirmation_and_an_empty_domain(web: WebClient) -> None:
+    web.add_user()
+    confirm = web.get(f"/console/domains/{DOMAIN}/delete")
+    assert confirm.status_code == 200 and f"Remove the domain {DOMAIN}?" in confirm.text
+    response = web.post(f"/console/domains/{DOMAIN}/delete", token_from=f"/console/domains/{DOMAIN}/delete")
+    assert response.headers["location"] == "/console/domains"
+    assert "Not removed" in web.get("/console/domains").text
+    web.run(web.services.accounts.remove_user, ALICE)
+    web.post(f"/console/domains/{DOMAIN}/delete", token_from=f"/console/domains/{DOMAIN}/delete")
+    assert web.run(web.services.accounts.list_domains) == []
+
+
+# --- mailboxes -----------------------------------------------------------------------------------------
+
+def create_alice(web: WebClient, **changes: str):  # type: ignore[no-untyped-def]
+    values = {"local": "alice", "domain": DOMAIN, "name": "Alice Example", "quota": "2G",
+              "password": ALICE_PASSWORD, "password2": ALICE_PASSWORD}
+    values.update(changes)
+    return web.post("/console/mailboxes", values, token_from="/console/mailboxes")
+
+
+def test_create_mailbox(web: WebClient) -> None:
+    response = create_alice(web)
+    assert response.headers["location"] == "/console/mailboxes"
+    info = web.run(web.services.accounts.get_user, ALICE)
+    assert (info.display_name, info.quota_bytes, info.enabled) == ("Alice Example", 2 * 1024**3, True)
+    page = web.get("/console/mailboxes").text
+    assert "Mailbox alice@example.test created." in page and "Alice Example" in page and "2.0 GiB" in page
+    assert web.run(web.services.auth.verify, ALICE, ALICE_PASSWORD, "imap", "127.0.0.1") is not None
+
+
+@pytest.mark.parametrize(("changes", "field", "words"), [
+    ({"local": ""}, "local", "before the @"),
+    ({"local": "bad/name"}, "local", "letters, digits"),
+    ({"domain": "other.example"}, "domain", "box's domains"),
+    ({"quota": "lots"}, "quota", "500M or 2G"),
+    ({"password": "short", "password2": "short"}, "password", "too short"),
+    ({"password2": "not the same"}, "password2", "differ"),
+])
+def test_create_mailbox_errors_next_to_fields(web: WebClient, changes: dict[str, str], field: str, words: str) -> None:
+    response = create_alice(web, **changes)
+    assert response.status_code == 400
+    assert words in error_of(response.text, field)
+    assert web.run(web.services.accounts.get_user, ALICE) is None
+
+
+def test_create_existing_mailbox(web: WebClient) -> None:
+    web.add_user()
+    response = create_alice(web)
+    assert response.status_code == 400 and "already exists" in error_of(response.text, "local")
+
+
+def test_edit_quota_name_and_disable(web: WebClient) -> None:
+    web.add_user()
+    page = web.get(f"/console/mailboxes/{ALICE}")
+    assert page.status_code == 200 and "checked" in page.text
+    response = web.post(f"/console/mailboxes/{ALICE}", {"name": "Alice A.", "quota": "500M"},
+                        token_from=f"/console/mailboxes/{ALICE}")  # no "enabled": unchecked
+    assert response.headers["location"] == f"/console/mailboxes/{ALICE}"
+    info = web.run(web.services.accounts.get_user, ALICE)
+    assert (info.display_name, info.quota_bytes, info.enabled) == ("Alice A.", 500 * 1024**2, False)
+    assert web.run(web.services.auth.verify, ALICE, ALICE_PASSWORD, "imap", "127.0.0.1") is None
+    assert "disabled" in web.get("/console/mailboxes").text
+    web.post(f"/console/mailboxes/{ALICE}", {"name": "Alice A.", "quota": "", "enabled": "on"},
+             token_from=f"/console/mailboxes/{ALICE}")
+    info = web.run(web.services.accounts.get_user, ALICE)
+    assert (info.quota_bytes, info.enabled) == (0, True)
+    response = web.post(f"/console/mailboxes/{ALICE}", {"name": "x", "quota": "-1"},
+                        token_from=f"/console/mailboxes/{ALICE}")
+    assert response.status_code == 400 and "500M or 2G" in error_of(response.text, "quota")
+
+
+def test_set_password(web: WebClient) -> None:
+    web.add_user()
+    path = f"/console/mailboxes/{ALICE}/password"
+    response = web.post(path, {"password": "short", "password2": "short"}, token_from=f"/console/mailboxes/{ALICE}")
+    assert response.status_code == 400 and "too short" in error_of(response.text, "password")
+    response = web.post(path, {"password": NEW_PASSWORD, "password2": NEW_PASSWORD},
+                        token_from=f"/console/mailboxes/{ALICE}")
+    assert response.status_code == 303
+    assert web.run(web.services.auth.verify, ALICE, NEW_PASSWORD, "imap", "127.0.0.1") is not None
+
+
+def test_delete_mailbox_after_confirmation(web: WebClient) -> None:
+    web.add_user()
+    confirm = web.get(f"/console/mailboxes/{ALICE}/delete")
+    assert f"Delete the mailbox {ALICE}?" in confirm.text and "stays on disk" in confirm.text
+    assert web.run(web.services.accounts.get_user, ALICE) is not None  # GET never deletes
+    response = web.post(f"/console/mailboxes/{ALICE}/delete", token_from=f"/console/mailboxes/{ALICE}/delete")
+    assert response.headers["location"] == "/console/mailboxes"
+    assert web.run(web.services.accounts.get_user, ALICE) is None
+    assert web.get(f"/console/mailboxes/{ALICE}").status_code == 404
+    assert web.get(f"/console/mailboxes/{ALICE}/delete").status_code == 404
+
+
+# --- aliases --------------------------------------------------------------------------------------------
+
+def test_aliases_forward_and_catch_all(web: WebClient) -> None:
+    web.add_user()
+    response = web.post("/console/aliases", {"local": "info", "domain": DOMAIN,
+                                             "targets": f"{ALICE}\nsomeone@elsewhere.example"},
+                        token_from="/console/aliases")
+    assert response.headers["location"] == "/console/aliases"
+    response = web.post("/console/aliases", {"local": "", "domain": DOMAIN, "targets": ALICE},
+                        token_from="/console/aliases")
+    assert response.status_code == 303
+    resolution = web.run(web.services.accounts.resolve, f"info@{DOMAIN}")
+    assert resolution.mailboxes == (ALICE,) and resolution.forwards == ("someone@elsewhere.example",)
+    assert web.run(web.services.accounts.resolve, f"anything@{DOMAIN}").mailboxes == (ALICE,)
+    page = web.get("/console/aliases").text
+    assert f"@{DOMAIN}" in page and "catch-all" in page and "someone@elsewhere.example" in page
+    # edit, then delete after confirmation (the catch-all's URL starts with '@')
+    page = web.get(f"/console/aliases/info@{DOMAIN}")
+    assert page.status_code == 200 and "someone@elsewhere.example" in page.text
+    web.post(f"/console/aliases/info@{DOMAIN}", {"targets": ALICE}, token_from=f"/console/aliases/info@{DOMAIN}")
+    assert web.run(web.services.accounts.get_alias, f"info@{DOMAIN}").targets == (ALICE,)
+    response = web.post(f"/console/aliases/info@{DOMAIN}", {"targets": "not an address"},
+                        token_from=f"/console/aliases/info@{DOMAIN}")
+    assert response.status_code == 400 and "not a valid" in error_of(response.text, "targets")
+    assert "Delete the alias" in web.get(f"/console/aliases/@{DOMAIN}/delete").text
+    web.post(f"/console/aliases/@{DOMAIN}/delete", token_from=f"/console/aliases/@{DOMAIN}/delete")
+    assert web.run(web.services.accounts.get_alias, f"@{DOMAIN}") is None
+    assert web.get(f"/console/aliases/@{DOMAIN}").status_code == 404
+
+
+@pytest.mark.parametrize(("values", "field", "words"), [
+    ({"local": "info", "domain": DOMAIN, "targets": ""}, "targets", "at least one"),
+    ({"local": "info", "domain": DOMAIN, "targets": "bad@@address"}, "targets", "not a valid"),
+    ({"local": "info", "domain": "other.example", "targets": ALICE}, "domain", "box's domains"),
+    ({"local": "a@b", "domain": DOMAIN, "targets": ALICE}, "local", "before the @"),
+])
+def test_alias_errors(web: WebClient, values: dict[str, str], field: str, words: str) -> None:
+    response = web.post("/console/aliases", values, token_from="/console/aliases")
+    assert response.status_code == 400 and words in error_of(response.text, field)
+
+
+def test_duplicate_alias(web: WebClient) -> None:
+    web.run(web.services.accounts.add_alias, f"info@{DOMAIN}", ["x@elsewhere.example"])
+    response = web.post("/console/aliases", {"local": "info", "domain": DOMAIN, "targets": "y@elsewhere.example"},
+                        token_from="/console/aliases")
+    assert response.status_code == 400 and "already exists" in error_of(response.text, "local")
+
+
+# --- the admin's own password -------------------------------------------------------------------------
+
+def use_cookie(web: WebClient, value: str) -> None:
+    web.client.cookies.clear()
+    web.client.cookies.set("letterbox_session", value)
+
+
+def test_admin_changes_password_and_other_sessions_end(web: WebClient) -> None:
+    other = web.client.cookies.get("letterbox_session")
+    assert other
+    use_cookie(web, other)
+    assert web.get("/console").status_code == 200  # the cookie alone is the session
+    response = web.post("/console/password", {"current": "wrong password here", "password": NEW_PASSWORD,
+                                              "password2": NEW_PASSWORD}, token_from="/console/password")
+    assert response.status_code == 400 and "not your current password" in error_of(response.text, "current")
+    response = web.post("/console/password", {"current": ADMIN_PASSWORD, "password": NEW_PASSWORD,
+                                              "password2": NEW_PASSWORD}, token_from="/console/password")
+    assert response.headers["location"] == "/console"
+    assert web.get("/console").status_code == 200  # this session goes on
+    use_cookie(web, other)
+    assert web.get("/console").headers["location"].startswith("/login")  # the one from before is over
+    assert web.run(web.services.auth.verify_admin, ADMIN, NEW_PASSWORD, "127.0.0.1") is not None

@@ -1,0 +1,186 @@
+"""The wizard over HTTP (starlette TestClient, real services): the gate before the first admin, each
+step's page, its errors shown next to the fields, resuming after a reload, and the steps' effects."""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.dns_server import ZoneServer
+from tests.support.web import (
+    ADMIN,
+    ADMIN_PASSWORD,
+    ALICE,
+    ALICE_PASSWORD,
+    DOMAIN,
+    HOSTNAME,
+    WebClient,
+    web_client,
+)
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[WebClient]:
+    with web_client(tmp_path / "data") as client:
+        yield client
+
+
+def step1(web: WebClient, **changes: str):  # type: ignore[no-untyped-def]
+    values = {"name": ADMIN, "password": ADMIN_PASSWORD, "password2": ADMIN_PASSWORD, "hostname": HOSTNAME}
+    values.update(changes)
+    return web.post("/setup/1", values, token_from="/setup/1")
+
+
+def field_error(page: str, field: str) -> str:
+    m = re.search(rf'id="e-{field}">([^<]*)<', page)
+    assert m, f"no error shown next to {field}"
+    return html.unescape(m.group(1))
+
+
+@pytest.mark.parametrize("path", ["/", "/login", "/console", "/console/mailboxes", "/account", "/setup/3",
+                                  "/nonexistent"])
+def test_every_page_leads_to_setup_while_no_admin_exists(web: WebClient, path: str) -> None:
+    response = web.get(path, follow_redirects=True)
+    assert response.url.path == "/setup/1"
+    assert "Welcome to Letterbox" in response.text
+
+
+def test_step1_suggests_a_hostname_and_shows_errors_next_to_fields(web: WebClient) -> None:
+    page = web.get("/setup/1")
+    assert page.status_code == 200
+    assert f'value="{HOSTNAME}"' in page.text  # from the box's current name
+    response = step1(web, name="bad name", password="short", password2="short", hostname="mail")
+    assert response.status_code == 400
+    assert "letters, digits" in field_error(response.text, "name")
+    assert "too short" in field_error(response.text, "password")
+    assert "fully qualified" in field_error(response.text, "hostname")
+    assert 'value="bad name"' in response.text and "short" not in re.findall(r'value="([^"]*)"', response.text)
+    assert not web.run(web.services.accounts.has_admin)
+
+
+def test_the_whole_wizard(web: WebClient) -> None:
+    # 1: admin + hostname; logged in straight away
+    response = step1(web, hostname="Box.Example.Test")
+    assert (response.status_code, response.headers["location"]) == (303, "/setup/2")
+    assert web.run(web.services.accounts.list_admins) == [ADMIN]
+    assert web.setting("hostname") == "box.example.test" and web.services.hostname == "box.example.test"
+    # 2: the domain is suggested from the hostname
+    assert 'value="example.test"' in web.get("/setup/2").text
+    response = web.post("/setup/2", {"domain": "nodot"}, token_from="/setup/2")
+    assert response.status_code == 400 and "one dot" in field_error(response.text, "domain")
+    response = web.post("/setup/2", {"domain": DOMAIN}, token_from="/setup/2")
+    assert response.headers["location"] == "/setup/3"
+    assert web.run(web.services.accounts.list_domains) == [DOMAIN]
+    assert web.setting(f"dkim_selector:{DOMAIN}")
+    # 3: the records table, with the DKIM key made in step 2
+    page = web.get("/setup/3").text
+    for text in ("MX", "_dmarc.example.test", "_submission._tcp.example.test", "v=DKIM1; k=rsa; p=",
+                 "autoconfig.example.test", "box.example.test.", "not checked"):
+        assert text in page, text
+    response = web.post("/setup/3", {"ipv4": "127.0.0.1", "action": "continue"}, token_from="/setup/3")
+    assert response.status_code == 400 and "cannot be reached" in field_error(response.text, "ipv4")
+    response = web.post("/setup/3", {"ipv4": "198.51.100.7", "action": "continue"}, token_from="/setup/3")
+    assert response.headers["location"] == "/setup/4"
+    assert web.setting("public_ipv4") == "198.51.100.7"
+    # 4: certificate: the self-signed one names the old hostname, so a new one is made
+    page = web.get("/setup/4").text
+    assert "self-signed" in page and "new self-signed certificate" in page
+    response = web.post("/setup/4", {}, token_from="/setup/4")
+    assert response.headers["location"] == "/setup/5"
+    assert "box.example.test" in web.services.tls.info().names
+    # 5: mailboxes
+    response = web.post("/setup/5", {"action": "add", "local": "alice", "domain": DOMAIN, "name": "Alice",
+                                     "password": "x", "password2": "x"}, token_from="/setup/5")
+    assert response.status_code == 400 and "too short" in field_error(response.text, "password")
+    response = web.post("/setup/5", {"action": "add", "local": "alice", "domain": DOMAIN, "name": "Alice",
+                                     "password": ALICE_PASSWORD, "password2": ALICE_PASSWORD}, token_from="/setup/5")
+    assert response.headers["location"] == "/setup/5"
+    assert "Mailbox alice@example.test created." in web.get("/setup/5").text
+    response = web.post("/setup/5", {"action": "add", "local": "alice", "domain": DOMAIN, "name": "",
+                                     "password": ALICE_PASSWORD, "password2": ALICE_PASSWORD}, token_from="/setup/5")
+    assert response.status_code == 400 and "already exists" in field_error(response.text, "local")
+    response = web.post("/setup/5", {"action": "continue"}, token_from="/setup/5")
+    assert response.headers["location"] == "/setup/6"
+    # 6: done: client settings, the console link; setup is over
+    page = web.get("/setup/6").text
+    assert "Your box is ready" in page and "993" in page and "465" in page and 'href="/console"' in page
+    assert web.setting("setup_done") == "1"
+    assert web.get("/setup").headers["location"] == "/console"
+    assert web.get("/setup/2").headers["location"] == "/console"
+    assert web.get("/").headers["location"] == "/console"
+    events = [text for _, _, text in web.run(web.services.events.recent)]
+    assert "first-run setup finished" in events and f"domain {DOMAIN} added" in events
+
+
+def test_reload_resumes_at_the_same_step(web: WebClient) -> None:
+    step1(web)
+    web.post("/setup/2", {"domain": DOMAIN}, token_from="/setup/2")
+    assert web.get("/setup").headers["location"] == "/setup/3"
+    assert web.get("/setup/5").headers["location"] == "/setup/3"  # not reached yet
+    assert web.get("/setup/1").status_code == 200  # going back is fine
+    assert "The administrator account exists" in web.get("/setup/1").text
+    # A new browser (or a restart of the box): log in, and the wizard continues where it was.
+    web.client.cookies.clear()
+    assert web.get("/setup/3").headers["location"].startswith("/login")
+    response = web.login(ADMIN, ADMIN_PASSWORD)
+    assert response.headers["location"] == "/setup"
+    assert web.get("/setup").headers["location"] == "/setup/3"
+
+
+def test_step1_once_an_admin_exists_is_not_open_to_strangers(web: WebClient) -> None:
+    web.add_admin()
+    web.client.cookies.clear()
+    response = step1(web, name="intruder")
+    assert response.status_code == 303 and response.headers["location"].startswith("/login")
+    assert web.run(web.services.accounts.list_admins) == [ADMIN]
+
+
+def test_back_at_step1_only_the_hostname_changes(web: WebClient) -> None:
+    step1(web)
+    response = web.post("/setup/1", {"hostname": "other.example.test"}, token_from="/setup/1")
+    assert response.headers["location"] == "/setup/2"
+    assert web.setting("hostname") == "other.example.test"
+
+
+def test_check_now_marks_each_record(web: WebClient) -> None:
+    step1(web)
+    web.post("/setup/2", {"domain": DOMAIN}, token_from="/setup/2")
+    with ZoneServer({(DOMAIN, "MX"): [f"10 {HOSTNAME}."], (HOSTNAME, "A"): ["198.51.100.8"]}) as zone:
+        web.set_setting("dns_resolver", zone.address)
+        response = web.post("/setup/3", {"ipv4": "198.51.100.7", "action": "check"}, token_from="/setup/3")
+        assert response.headers["location"] == "/setup/3"
+    page = web.get("/setup/3").text
+    mx = re.search(r'<tr id="dns-mx" class="(\w+)"', page)
+    a = re.search(r'<tr id="dns-a" class="(\w+)"', page)
+    spf = re.search(r'<tr id="dns-spf" class="(\w+)"', page)
+    assert mx and a and spf
+    assert (mx.group(1), a.group(1), spf.group(1)) == ("found", "wrong", "missing")
+    assert "found: <code>198.51.100.8</code>" in page and "Last checked" in page
+
+
+def test_unknown_step_numbers(web: WebClient) -> None:
+    assert web.get("/setup/0").headers["location"] == "/setup"
+    assert web.get("/setup/seven").headers["location"] == "/setup"
+    assert web.get("/setup/2").headers["location"] == "/setup/1"
+
+
+def test_skipping_mailboxes_is_allowed(web: WebClient) -> None:
+    step1(web)
+    web.set_setting("setup_step", "5")
+    page = web.get("/setup/5").text
+    assert "Skip for now" in page
+    assert web.post("/setup/5", {"action": "continue"}, token_from="/setup/5").headers["location"] == "/setup/6"
+
+
+def test_wizard_mailbox_can_log_in_afterwards(web: WebClient) -> None:
+    step1(web)
+    web.post("/setup/2", {"domain": DOMAIN}, token_from="/setup/2")
+    web.set_setting("setup_step", "5")
+    web.post("/setup/5", {"action": "add", "local": "alice", "domain": DOMAIN, "name": "",
+                          "password": ALICE_PASSWORD, "password2": ALICE_PASSWORD}, token_from="/setup/5")
+    principal = web.run(web.services.auth.verify, ALICE, ALICE_PASSWORD, "imap", "127.0.0.1")
+    assert principal is not None and principal.name == ALICE

@@ -1,0 +1,167 @@
+"""Each first-run wizard step as a pure function: what is refused (with the error on the right field),
+what passes, and where it leads."""
+
+from __future__ import annotations
+
+import pytest
+
+from web import wizard
+from web.wizard import Done, Form, Next
+
+GOOD_PASSWORD = "correct horse battery"
+
+
+def admin_values(**changes: str) -> dict[str, str]:
+    values = {"name": "admin", "password": GOOD_PASSWORD, "password2": GOOD_PASSWORD, "hostname": "mail.example.org"}
+    values.update(changes)
+    return values
+
+
+# --- step 1 -------------------------------------------------------------------------------------------
+
+def test_admin_step_accepts_and_leads_to_the_domain_step() -> None:
+    result = wizard.admin_step(admin_values(name=" Admin ", hostname="Mail.Example.ORG."))
+    assert result == Next(2, {"hostname": "mail.example.org", "name": "admin", "password": GOOD_PASSWORD})
+
+
+@pytest.mark.parametrize(("changes", "field", "words"), [
+    ({"name": ""}, "name", "choose a name"),
+    ({"name": "ad min"}, "name", "letters, digits"),
+    ({"name": "admin@example.org"}, "name", "no @"),
+    ({"name": "a" * 65}, "name", "at most 64"),
+    ({"password": "short", "password2": "short"}, "password", "too short"),
+    ({"password": "password123", "password2": "password123"}, "password", "too common"),
+    ({"password": "aaaaaaaaaaaa", "password2": "aaaaaaaaaaaa"}, "password", "repeats"),
+    ({"password2": "something else entirely"}, "password2", "differ"),
+    ({"hostname": ""}, "hostname", "enter the name"),
+    ({"hostname": "mail"}, "hostname", "fully qualified"),
+    ({"hostname": "192.0.2.1"}, "hostname", "not an address"),
+    ({"hostname": "mail.local"}, "hostname", "private"),
+    ({"hostname": "mail..example.org"}, "hostname", "empty label"),
+    ({"hostname": "mail_box.example.org"}, "hostname", "letters, digits"),
+    ({"hostname": "mail.example.123"}, "hostname", "number"),
+])
+def test_admin_step_puts_each_error_next_to_its_field(changes: dict[str, str], field: str, words: str) -> None:
+    result = wizard.admin_step(admin_values(**changes))
+    assert isinstance(result, Form)
+    assert field in result.errors, result.errors
+    assert words in result.errors[field]
+
+
+def test_admin_step_never_echoes_passwords_back() -> None:
+    result = wizard.admin_step(admin_values(password2="does not match at all"))
+    assert isinstance(result, Form)
+    assert "password" not in result.values and "password2" not in result.values
+    assert result.values["hostname"] == "mail.example.org"
+
+
+def test_admin_step_after_the_admin_exists_only_changes_the_hostname() -> None:
+    result = wizard.admin_step({"hostname": "box.example.net"}, admin_exists=True)
+    assert result == Next(2, {"hostname": "box.example.net"})
+
+
+def test_international_hostname_becomes_an_a_label() -> None:
+    result = wizard.admin_step(admin_values(hostname="mail.bücher.example"))
+    assert isinstance(result, Next)
+    assert result.data["hostname"] == "mail.xn--bcher-kva.example"
+
+
+# --- step 2 -------------------------------------------------------------------------------------------
+
+def test_domain_step() -> None:
+    assert wizard.domain_step({"domain": " Example.ORG "}) == Next(3, {"domain": "example.org"})
+    for text, words in (("", "enter a domain"), ("alice@example.org", "after the @"), ("localhost", "one dot"),
+                        ("exa mple.org", "not a valid domain"), ("[192.0.2.1]", "address literal")):
+        result = wizard.domain_step({"domain": text})
+        assert isinstance(result, Form), text
+        assert words in result.errors["domain"], (text, result.errors)
+
+
+def test_suggested_domain_is_the_hostnames_parent() -> None:
+    assert wizard.suggest_domain("mail.example.org") == "example.org"
+    assert wizard.suggest_domain("example.org") == "example.org"
+
+
+# --- step 3 -------------------------------------------------------------------------------------------
+
+def test_dns_step_actions() -> None:
+    assert wizard.dns_step({"ipv4": "198.51.100.7", "action": "check"}) == Next(
+        3, {"ipv4": "198.51.100.7", "ipv6": ""}, "check")
+    assert wizard.dns_step({"ipv4": "198.51.100.7", "ipv6": "2001:DB8::7", "action": "continue"}) == Next(
+        4, {"ipv4": "198.51.100.7", "ipv6": "2001:db8::7"}, "continue")
+    assert wizard.dns_step({"ipv6": "2001:db8::7"}) == Next(3, {"ipv4": "", "ipv6": "2001:db8::7"}, "save")
+
+
+@pytest.mark.parametrize(("values", "field", "words"), [
+    ({}, "ipv4", "public address"),
+    ({"ipv4": "not an address"}, "ipv4", "not an IPv4"),
+    ({"ipv4": "2001:db8::1"}, "ipv4", "not an IPv4"),
+    ({"ipv6": "192.0.2.1"}, "ipv6", "not an IPv6"),
+    ({"ipv4": "127.0.0.1"}, "ipv4", "cannot be reached"),
+    ({"ipv4": "0.0.0.0"}, "ipv4", "cannot be reached"),
+    ({"ipv6": "fe80::1"}, "ipv6", "cannot be reached"),
+    ({"ipv4": "169.254.1.1"}, "ipv4", "cannot be reached"),
+])
+def test_dns_step_refuses_addresses_that_cannot_be_the_boxs(values: dict[str, str], field: str, words: str) -> None:
+    result = wizard.dns_step(values)
+    assert isinstance(result, Form)
+    assert words in result.errors[field], result.errors
+
+
+def test_dns_step_unknown_action() -> None:
+    result = wizard.dns_step({"ipv4": "198.51.100.7", "action": "drop tables"})
+    assert isinstance(result, Form) and "" in result.errors
+
+
+# --- steps 4 to 6 -------------------------------------------------------------------------------------
+
+def test_tls_step_keeps_the_certificate() -> None:
+    assert wizard.tls_step({}) == Next(5, {}, "keep")
+
+
+def mailbox_values(**changes: str) -> dict[str, str]:
+    values = {"action": "add", "local": "Alice", "domain": "example.org", "name": "Alice Example",
+              "password": "alice's long password", "password2": "alice's long password"}
+    values.update(changes)
+    return values
+
+
+def test_mailbox_step_adds_and_stays_on_the_step() -> None:
+    result = wizard.mailbox_step(mailbox_values(), domains=("example.org",))
+    assert result == Next(5, {"address": "alice@example.org", "name": "Alice Example",
+                              "password": "alice's long password"}, "add")
+
+
+def test_mailbox_step_continue() -> None:
+    assert wizard.mailbox_step({"action": "continue"}, domains=()) == Next(6, {}, "continue")
+
+
+@pytest.mark.parametrize(("changes", "field", "words"), [
+    ({"local": ""}, "local", "before the @"),
+    ({"local": "alice@example.org"}, "local", "only the part before"),
+    ({"local": "al/ice"}, "local", "letters, digits"),
+    ({"domain": "other.org"}, "domain", "box's domains"),
+    ({"name": "bad\x07name"}, "name", "control character"),
+    ({"password": "alice@example.org", "password2": "alice@example.org"}, "password", "must not be the address"),
+    ({"password2": "different"}, "password2", "differ"),
+])
+def test_mailbox_step_errors(changes: dict[str, str], field: str, words: str) -> None:
+    result = wizard.mailbox_step(mailbox_values(**changes), domains=("example.org",))
+    assert isinstance(result, Form)
+    assert words in result.errors[field], result.errors
+    assert "password" not in result.values
+
+
+def test_done_step() -> None:
+    assert wizard.done_step({}) == Done()
+
+
+def test_steps_are_numbered_one_to_six() -> None:
+    assert [n for n, _ in wizard.STEPS] == [1, 2, 3, 4, 5, 6]
+    assert (wizard.FIRST_STEP, wizard.LAST_STEP) == (1, 6)
+
+
+def test_overlong_input_is_cut_before_validation() -> None:
+    result = wizard.domain_step({"domain": "a" * 100_000})
+    assert isinstance(result, Form)
+    assert len(result.values["domain"]) <= wizard.MAX_FIELD

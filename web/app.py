@@ -1,0 +1,134 @@
+"""create_app(services): the web console as one Starlette application.
+
+Layers, outside in: security headers; a request body limit; the signed-cookie session; the first-run
+gate (while no admin exists, every page leads to /setup); the routes. Routes are thin: they read a
+form (CSRF-checked), call the services, and render a template. Nothing here writes SQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from web.pages import LoginRequired, render
+from web.routes import account, autoconfig, console, domains, login, mailboxes, setup, wellknown
+from web.security import SecurityHeadersMiddleware
+from web.session import SessionMiddleware, load_or_create_secret
+
+if TYPE_CHECKING:
+    from appliance.services import Services
+
+HERE = Path(__file__).resolve().parent
+MAX_REQUEST_BODY = 256 * 1024  # forms are small; the limit bounds what one request can make us parse
+# Reachable before the first admin exists: the wizard itself, its assets, and client autoconfig.
+OPEN_BEFORE_SETUP = ("/setup", "/static/", "/.well-known/", "/mail/config-v1.1.xml", "/autodiscover/",
+                     "/Autodiscover/")
+ERROR_TITLES = {400: "Bad request", 403: "Not allowed", 404: "Not found", 405: "Not allowed",
+                413: "Too large"}
+
+
+class SetupGate:
+    """While no admin exists, every page except the wizard redirects to /setup."""
+
+    def __init__(self, app: ASGIApp, services: Services) -> None:
+        self.app = app
+        self.services = services
+        self._admin_exists = False  # once true, stays true: the last admin cannot be removed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self._admin_exists:
+            path = str(scope.get("path", ""))
+            if not path.startswith(OPEN_BEFORE_SETUP):
+                self._admin_exists = await self.services.accounts.has_admin()
+                if not self._admin_exists:
+                    await RedirectResponse("/setup", status_code=303)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def _when(timestamp: int | float | dt.datetime | None) -> str:
+    if timestamp is None:
+        return ""
+    if isinstance(timestamp, dt.datetime):
+        return timestamp.astimezone().strftime("%Y-%m-%d %H:%M")
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _size(count: int | None) -> str:
+    if count is None:
+        return "?"
+    value = float(count)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(count)  # pragma: no cover
+
+
+def make_templates() -> Jinja2Templates:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,  # a template mistake fails a test instead of rendering blank
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["when"] = _when
+    env.filters["size"] = _size
+    env.filters["path"] = lambda text: quote(str(text), safe="@")
+    return Jinja2Templates(env=env)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if "session" not in request.scope:
+        return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+    return await render(request, "error.html", {
+        "title": ERROR_TITLES.get(exc.status_code, "Error"), "status": exc.status_code, "message": exc.detail,
+    }, status_code=exc.status_code)
+
+
+async def _login_required(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, LoginRequired)
+    return RedirectResponse(f"/login?next={quote(exc.next_path, safe='/@')}", status_code=303)
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        *login.routes, *setup.routes, *console.routes, *domains.routes, *mailboxes.routes, *account.routes,
+        *autoconfig.routes, *wellknown.routes,
+        Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+
+
+def create_app(services: Services) -> Starlette:
+    secret = load_or_create_secret(services.config.data.root)
+    app = Starlette(
+        routes=routes(),
+        middleware=[
+            Middleware(SecurityHeadersMiddleware),
+            Middleware(RequestBodyLimitMiddleware, max_body_size=MAX_REQUEST_BODY),
+            Middleware(SessionMiddleware, secret=secret),
+            Middleware(SetupGate, services=services),
+        ],
+        exception_handlers={HTTPException: _http_error, LoginRequired: _login_required},
+    )
+    app.state.services = services
+    app.state.secret = secret
+    app.state.templates = make_templates()
+    return app

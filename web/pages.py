@@ -1,0 +1,156 @@
+"""What every route shares: who is logged in, role checks, reading a form (with its CSRF token),
+rendering a template, flash messages, redirects."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from web.security import CSRF_FIELD, csrf_ok, csrf_token
+from web.session import LOGIN_MAX_SECONDS
+
+if TYPE_CHECKING:
+    from starlette.templating import Jinja2Templates
+
+    from appliance.services import Services
+
+Role = Literal["admin", "user"]
+MAX_FORM_FIELDS = 50
+MAX_FORM_PART = 64 * 1024
+MAX_FLASHES = 5
+_LOGIN_KEYS = ("user", "role", "at", "pw")
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str  # admin user name, or canonical mailbox address
+    role: Role
+
+
+class LoginRequired(Exception):
+    """Raised by require(): the exception handler sends the browser to the login page."""
+
+    def __init__(self, next_path: str) -> None:
+        super().__init__(next_path)
+        self.next_path = next_path
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+def _fingerprint(request: Request, password_hash: str) -> str:
+    """Ties a session to the password it was opened with: a password change ends every other session."""
+    secret: str = request.app.state.secret
+    return hmac.new(secret.encode(), password_hash.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+async def _credentials_hash(request: Request, name: str, role: Role) -> str | None:
+    accounts = services(request).accounts
+    creds = await (accounts.admin_credentials(name) if role == "admin" else accounts.mailbox_credentials(name))
+    if creds is None or not creds.enabled:
+        return None
+    return creds.password_hash
+
+
+async def log_in(request: Request, name: str, role: Role) -> None:
+    """A fresh session (new CSRF token too) for this principal."""
+    password_hash = await _credentials_hash(request, name, role)
+    request.session.clear()
+    request.state.principal = None
+    request.session.update(user=name, role=role, at=int(time.time()), pw=_fingerprint(request, password_hash or ""))
+    csrf_token(request.session)
+
+
+async def refresh_login(request: Request) -> None:
+    """After the logged-in person changed their own password: keep this session, end the others."""
+    principal = await current(request)
+    if principal is not None:
+        password_hash = await _credentials_hash(request, principal.name, principal.role)
+        request.session["pw"] = _fingerprint(request, password_hash or "")
+
+
+def log_out(request: Request) -> None:
+    request.session.clear()
+    request.state.principal = None
+
+
+async def current(request: Request) -> Principal | None:
+    """The logged-in principal, or None (and the login is forgotten) when the session expired, the
+    account is gone or disabled, or its password changed since."""
+    cached = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    session = request.session
+    name, role, at = session.get("user"), session.get("role"), session.get("at")
+    if not isinstance(name, str) or role not in ("admin", "user") or not isinstance(at, int):
+        return None
+    password_hash = None
+    if time.time() - at <= LOGIN_MAX_SECONDS:
+        password_hash = await _credentials_hash(request, name, role)
+    if password_hash is None or not hmac.compare_digest(str(session.get("pw", "")), _fingerprint(request, password_hash)):
+        for key in _LOGIN_KEYS:
+            session.pop(key, None)
+        return None
+    principal = Principal(name, role)
+    request.state.principal = principal
+    return principal
+
+
+async def require(request: Request, role: Role) -> Principal:
+    principal = await current(request)
+    if principal is None:
+        raise LoginRequired(request.url.path)
+    if principal.role != role:
+        raise HTTPException(403, "This page is for the box's administrators." if role == "admin"
+                            else "This page is for mailbox owners: log in with your mail address.")
+    return principal
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """The submitted fields as text; 403 unless the form carries this session's CSRF token."""
+    try:
+        form = await request.form(max_files=0, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_PART)
+    except HTTPException:
+        raise
+    except Exception as exc:  # malformed multipart, too many fields: the client's fault
+        raise HTTPException(400, "The form could not be read.") from exc
+    values = {key: value for key, value in form.multi_items() if not isinstance(value, UploadFile)}
+    if not csrf_ok(request.session, values.get(CSRF_FIELD)):
+        raise HTTPException(403, "This form has expired or came from another site. Reload the page and try again.")
+    return values
+
+
+def flash(request: Request, message: str) -> None:
+    messages = list(request.session.get("flash", []))[-MAX_FLASHES + 1:]
+    request.session["flash"] = [*messages, message]
+
+
+def redirect(path: str) -> RedirectResponse:
+    return RedirectResponse(path, status_code=303)
+
+
+async def render(
+    request: Request, template: str, context: Mapping[str, Any] | None = None, status_code: int = 200
+) -> Response:
+    templates: Jinja2Templates = request.app.state.templates
+    flashes = request.session.pop("flash", [])
+    full = {
+        "principal": await current(request),
+        "csrf_token": csrf_token(request.session),
+        "hostname": services(request).hostname,
+        "flashes": flashes if isinstance(flashes, list) else [],
+        "errors": {},
+        "values": {},
+        **(context or {}),
+    }
+    return templates.TemplateResponse(request, template, full, status_code=status_code)

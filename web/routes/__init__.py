@@ -1,0 +1,1 @@
+"""Routes, thin: parse the request, call the services, render a template."""

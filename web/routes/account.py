@@ -1,0 +1,71 @@
+"""/account: a mailbox owner's own page: client settings, password change, Apple profile."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from appliance.account_errors import AccountError
+from appliance.store.model import StoreError
+from web import forms
+from web.clients import mobileconfig
+from web.console_data import client_settings_for
+from web.pages import flash, read_form, redirect, refresh_login, render, require, services
+
+MOBILECONFIG_TYPE = "application/x-apple-aspen-config"
+
+
+async def account_page(request: Request, errors: dict[str, str] | None = None) -> Response:
+    principal = await require(request, "user")
+    svc = services(request)
+    info = await svc.accounts.get_user(principal.name)
+    used = quota = 0
+    try:
+        used, quota = await svc.store.usage(principal.name)
+    except StoreError:  # the page is still useful without the figure
+        pass
+    return await render(request, "account.html", {
+        "title": "Your mailbox", "mailbox": info, "settings": client_settings_for(svc), "used": used,
+        "quota": quota, "errors": errors or {},
+    }, status_code=400 if errors else 200)
+
+
+async def password_submit(request: Request) -> Response:
+    principal = await require(request, "user")
+    values = await read_form(request)
+    svc = services(request)
+    peer = request.client.host if request.client else "unknown"
+    errors: dict[str, str] = {}
+    if await svc.auth.verify(principal.name, forms.secret(values, "current"), "web", peer) is None:
+        errors["current"] = "this is not your current password"
+    else:
+        errors = forms.check_password(forms.secret(values, "password"), forms.secret(values, "password2"), principal.name)
+    if not errors:
+        try:
+            await svc.accounts.set_password(principal.name, forms.secret(values, "password"))
+        except AccountError as exc:
+            errors["password"] = str(exc)
+    if errors:
+        return await account_page(request, errors)
+    await refresh_login(request)
+    await svc.events.record("web", f"{principal.name} changed their password")
+    flash(request, "Your password was changed. Use the new one in your mail programs too.")
+    return redirect("/account")
+
+
+async def profile(request: Request) -> Response:
+    principal = await require(request, "user")
+    svc = services(request)
+    info = await svc.accounts.get_user(principal.name)
+    body = mobileconfig(principal.name, info.display_name if info else "", client_settings_for(svc))
+    filename = principal.name.replace("@", "_at_") + ".mobileconfig"
+    return Response(body, media_type=MOBILECONFIG_TYPE,
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+routes = [
+    Route("/account", account_page, methods=["GET"]),
+    Route("/account/password", password_submit, methods=["POST"]),
+    Route("/account/mobileconfig", profile, methods=["GET"]),
+]

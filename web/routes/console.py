@@ -1,0 +1,87 @@
+"""/console: the status page, recent events, and the admin's own password."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from appliance.account_errors import AccountError
+from appliance.config import STANDARD_PORTS
+from appliance.dns_check import load_results, summary
+from appliance.dns_records import SETTING_IPV4, SETTING_IPV6
+from web import forms
+from web.console_data import disk_usage, listeners, spool_usage
+from web.pages import flash, read_form, redirect, refresh_login, render, require, services
+from web.state import setup_done
+
+EVENTS_SHOWN = 200
+
+
+async def status(request: Request) -> Response:
+    await require(request, "admin")
+    svc = services(request)
+    bound = listeners(svc)
+    rows = [(name, *bound[name]) for name in STANDARD_PORTS if name in bound]
+    rows += [(name, *value) for name, value in bound.items() if name not in STANDARD_PORTS]
+    cert = svc.tls.info()
+    days_left = (cert.not_after - dt.datetime.now(dt.UTC)).days
+    disk = await asyncio.to_thread(disk_usage, svc.config.data.root)
+    spool_files, spool_bytes = await asyncio.to_thread(spool_usage, svc.config.data.spool)
+    dns = []
+    for domain in await svc.accounts.list_domains():
+        last = await load_results(svc.db, domain)
+        dns.append((domain, last[0] if last else None, summary(last[1]) if last else None))
+    return await render(request, "console/status.html", {
+        "title": "Status", "section": "status", "listeners": rows, "cert": cert, "days_left": days_left,
+        "disk": disk, "spool_files": spool_files, "spool_bytes": spool_bytes, "dns": dns,
+        "mailbox_count": len(await svc.accounts.list_users()), "alias_count": len(await svc.accounts.list_aliases()),
+        "ipv4": await svc.db.get_setting(SETTING_IPV4) or "", "ipv6": await svc.db.get_setting(SETTING_IPV6) or "",
+        "setup_done": await setup_done(svc.db),
+    })
+
+
+async def events(request: Request) -> Response:
+    await require(request, "admin")
+    recent = await services(request).events.recent(EVENTS_SHOWN)
+    return await render(request, "console/events.html", {"title": "Events", "section": "events", "events": recent})
+
+
+async def password_page(request: Request) -> Response:
+    await require(request, "admin")
+    return await render(request, "console/password.html", {"title": "Your password", "section": "password"})
+
+
+async def password_submit(request: Request) -> Response:
+    principal = await require(request, "admin")
+    values = await read_form(request)
+    svc = services(request)
+    peer = request.client.host if request.client else "unknown"
+    errors: dict[str, str] = {}
+    if await svc.auth.verify_admin(principal.name, forms.secret(values, "current"), peer) is None:
+        errors["current"] = "this is not your current password"
+    else:
+        errors = forms.check_password(forms.secret(values, "password"), forms.secret(values, "password2"), principal.name)
+    if not errors:
+        try:
+            await svc.accounts.set_admin_password(principal.name, forms.secret(values, "password"))
+        except AccountError as exc:
+            errors["password"] = str(exc)
+    if errors:
+        return await render(request, "console/password.html", {
+            "title": "Your password", "section": "password", "errors": errors}, status_code=400)
+    await refresh_login(request)
+    await svc.events.record("web", f"admin {principal.name} changed their password")
+    flash(request, "Your password was changed. Other sessions have been logged out.")
+    return redirect("/console")
+
+
+routes = [
+    Route("/console", status, methods=["GET"]),
+    Route("/console/events", events, methods=["GET"]),
+    Route("/console/password", password_page, methods=["GET"]),
+    Route("/console/password", password_submit, methods=["POST"]),
+]

@@ -1,0 +1,116 @@
+"""/console/domains: the box's mail domains, the DNS records of each and their live check."""
+
+from __future__ import annotations
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from appliance import dkim_keys
+from appliance.account_errors import AccountError
+from appliance.dns_check import load_results
+from appliance.dns_records import SETTING_IPV4, SETTING_IPV6, domain_records
+from web import forms, wizard
+from web.console_data import dns_ports
+from web.pages import flash, read_form, redirect, render, require, services
+from web.routes.setup import run_check, save_addresses
+
+
+async def _domain(request: Request) -> str:
+    domain = str(request.path_params["domain"]).lower()
+    if not await services(request).accounts.is_local_domain(domain):
+        raise HTTPException(404, f"{domain[:100]} is not a domain of this box.")
+    return domain
+
+
+async def domains_page(request: Request, values: dict[str, str] | None = None,
+                       errors: dict[str, str] | None = None) -> Response:
+    await require(request, "admin")
+    svc = services(request)
+    users = await svc.accounts.list_users()
+    aliases = await svc.accounts.list_aliases()
+    rows = []
+    for domain in await svc.accounts.list_domains():
+        rows.append((domain, sum(u.address.endswith("@" + domain) for u in users),
+                     sum(a.source.endswith("@" + domain) for a in aliases)))
+    return await render(request, "console/domains.html", {
+        "title": "Domains", "section": "domains", "domains": rows, "values": values or {}, "errors": errors or {},
+    }, status_code=400 if errors else 200)
+
+
+async def domain_add(request: Request) -> Response:
+    await require(request, "admin")
+    values = await read_form(request)
+    svc = services(request)
+    domain, errors = forms.new_domain(values)
+    if not errors:
+        try:
+            domain = await svc.accounts.add_domain(domain)
+        except AccountError as exc:
+            errors = {"domain": str(exc)}
+    if errors:
+        return await domains_page(request, {"domain": forms.text(values, "domain")}, errors)
+    await dkim_keys.ensure_key(svc.db, svc.config.data.dkim, domain)
+    await svc.events.record("web", f"domain {domain} added")
+    flash(request, f"Domain {domain} added: now create its DNS records.")
+    return redirect(f"/console/domains/{domain}")
+
+
+async def domain_dns(request: Request, errors: dict[str, str] | None = None,
+                     values: dict[str, str] | None = None) -> Response:
+    await require(request, "admin")
+    svc = services(request)
+    domain = await _domain(request)
+    records = await domain_records(svc.db, svc.config.data.dkim, domain, svc.hostname, dns_ports(svc))
+    last = await load_results(svc.db, domain)
+    shown = values or {"ipv4": await svc.db.get_setting(SETTING_IPV4) or "",
+                       "ipv6": await svc.db.get_setting(SETTING_IPV6) or ""}
+    return await render(request, "console/domain.html", {
+        "title": f"DNS for {domain}", "section": "domains", "domain": domain, "records": records,
+        "checked_at": last[0] if last else None, "results": {r.key: r for r in last[1]} if last else {},
+        "values": shown, "errors": errors or {},
+    }, status_code=400 if errors else 200)
+
+
+async def domain_check(request: Request) -> Response:
+    await require(request, "admin")
+    domain = await _domain(request)
+    values = await read_form(request)
+    result = wizard.dns_step({**values, "action": "check"})
+    if isinstance(result, wizard.Form):
+        return await domain_dns(request, dict(result.errors), dict(result.values))
+    assert isinstance(result, wizard.Next)
+    await save_addresses(request, dict(result.data))
+    await run_check(request, domain)
+    return redirect(f"/console/domains/{domain}")
+
+
+async def domain_delete(request: Request) -> Response:
+    await require(request, "admin")
+    svc = services(request)
+    domain = await _domain(request)
+    if request.method == "GET":
+        return await render(request, "console/confirm.html", {
+            "title": f"Remove {domain}", "section": "domains", "action": f"/console/domains/{domain}/delete",
+            "question": f"Remove the domain {domain}?",
+            "detail": "Only a domain without mailboxes and aliases can be removed.", "back": "/console/domains",
+        })
+    await read_form(request)
+    try:
+        await svc.accounts.remove_domain(domain)
+    except AccountError as exc:
+        flash(request, f"Not removed: {exc}")
+        return redirect("/console/domains")
+    await svc.events.record("web", f"domain {domain} removed")
+    flash(request, f"Domain {domain} removed.")
+    return redirect("/console/domains")
+
+
+routes = [
+    Route("/console/domains", domains_page, methods=["GET"]),
+    Route("/console/domains", domain_add, methods=["POST"]),
+    Route("/console/domains/{domain}", domain_dns, methods=["GET"]),
+    Route("/console/domains/{domain}/check", domain_check, methods=["POST"]),
+    Route("/console/domains/{domain}/delete", domain_delete, methods=["GET", "POST"]),
+]

@@ -1,0 +1,79 @@
+"""The front door: /, /login, /logout. Admins log in with their name, mailbox owners with their address."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from web.pages import Role, current, log_in, log_out, read_form, redirect, render, services
+from web.state import setup_done
+
+MAX_NEXT = 200
+ADMIN_PATHS = ("/console", "/setup")
+
+
+def safe_next(path: str | None) -> str | None:
+    """Only a path on this site: never '//host' or a full URL (an open redirect)."""
+    if not path or len(path) > MAX_NEXT or not path.startswith("/") or path.startswith("//") or "\\" in path:
+        return None
+    return path
+
+
+async def home_for(request: Request) -> str:
+    principal = await current(request)
+    if principal is None:
+        return "/login"
+    if principal.role == "user":
+        return "/account"
+    return "/console" if await setup_done(services(request).db) else "/setup"
+
+
+async def index(request: Request) -> Response:
+    return redirect(await home_for(request))
+
+
+async def login_page(request: Request) -> Response:
+    if await current(request) is not None:
+        return redirect(await home_for(request))
+    return await render(request, "login.html", {"title": "Log in", "next": safe_next(request.query_params.get("next"))})
+
+
+async def login_submit(request: Request) -> Response:
+    form = await read_form(request)
+    name = form.get("name", "").strip()[:320]
+    password = form.get("password", "")[:1024]
+    next_path = safe_next(form.get("next"))
+    svc = services(request)
+    peer = request.client.host if request.client else "unknown"
+    principal = None
+    if name and password:
+        if "@" in name:
+            principal = await svc.auth.verify(name, password, "web", peer)
+        else:
+            principal = await svc.auth.verify_admin(name, password, peer)
+    if principal is None:
+        return await render(request, "login.html", {
+            "title": "Log in", "next": next_path, "values": {"name": name},
+            "errors": {"": "Wrong name or password (or too many attempts: wait a minute)."},
+        }, status_code=401)
+    role: Role = "admin" if principal.kind == "admin" else "user"
+    await log_in(request, principal.name, role)
+    await svc.events.record("web", f"login: {principal.name}")
+    if next_path and role == "user" and next_path.startswith(ADMIN_PATHS):
+        next_path = None  # a mailbox owner who followed an admin link goes to their own page, not a 403
+    return redirect(next_path or await home_for(request))
+
+
+async def logout(request: Request) -> Response:
+    await read_form(request)
+    log_out(request)
+    return redirect("/login")
+
+
+routes = [
+    Route("/", index, methods=["GET"]),
+    Route("/login", login_page, methods=["GET"]),
+    Route("/login", login_submit, methods=["POST"]),
+    Route("/logout", logout, methods=["POST"]),
+]

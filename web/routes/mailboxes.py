@@ -1,0 +1,258 @@
+"""/console/mailboxes and /console/aliases: create, change, disable, delete (after a confirmation)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from appliance.account_errors import AccountError, AlreadyExists, InvalidAddress, WeakPassword
+from appliance.accounts import MailboxInfo
+from appliance.store.model import StoreError
+from web import forms
+from web.pages import flash, read_form, redirect, render, require, services
+
+MAX_USAGE_LOOKUPS = 200  # the list shows usage for this many mailboxes; the rest on their own page
+
+
+async def _usage(request: Request, address: str) -> int | None:
+    try:
+        used, _quota = await services(request).store.usage(address)
+    except StoreError:
+        return None
+    return used
+
+
+async def _mailbox(request: Request) -> MailboxInfo:
+    info = await services(request).accounts.get_user(str(request.path_params["address"]))
+    if info is None:
+        raise HTTPException(404, "No such mailbox.")
+    return info
+
+
+# --- mailboxes ----------------------------------------------------------------------------------------
+
+async def mailboxes_page(request: Request, values: dict[str, str] | None = None,
+                         errors: dict[str, str] | None = None) -> Response:
+    await require(request, "admin")
+    svc = services(request)
+    users = await svc.accounts.list_users()
+    usage: dict[str, int | None] = {}
+    for info in users[:MAX_USAGE_LOOKUPS]:
+        usage[info.address] = await _usage(request, info.address)
+    domains = await svc.accounts.list_domains()
+    return await render(request, "console/mailboxes.html", {
+        "title": "Mailboxes", "section": "mailboxes", "mailboxes": users, "usage": usage, "domains": domains,
+        "values": values or {"domain": domains[0] if domains else ""}, "errors": errors or {},
+    }, status_code=400 if errors else 200)
+
+
+async def mailbox_create(request: Request) -> Response:
+    await require(request, "admin")
+    values = await read_form(request)
+    svc = services(request)
+    data, errors = forms.new_mailbox(values, tuple(await svc.accounts.list_domains()))
+    if not errors:
+        try:
+            info = await svc.accounts.add_user(data["address"], data["password"], display_name=data["name"],
+                                               quota_bytes=int(data.get("quota", "0")))
+        except AccountError as exc:
+            errors = {"password" if isinstance(exc, WeakPassword) else "local": str(exc)}
+    if errors:
+        shown = {k: forms.text(values, k) for k in ("local", "domain", "name", "quota")}
+        return await mailboxes_page(request, shown, errors)
+    await svc.events.record("web", f"mailbox {info.address} created")
+    flash(request, f"Mailbox {info.address} created.")
+    return redirect("/console/mailboxes")
+
+
+async def mailbox_page(request: Request, errors: dict[str, str] | None = None,
+                       values: dict[str, str] | None = None) -> Response:
+    await require(request, "admin")
+    info = await _mailbox(request)
+    shown = values or {"name": info.display_name, "quota": forms.format_quota(info.quota_bytes)}
+    return await render(request, "console/mailbox.html", {
+        "title": info.address, "section": "mailboxes", "mailbox": info, "used": await _usage(request, info.address),
+        "values": shown, "errors": errors or {},
+    }, status_code=400 if errors else 200)
+
+
+async def mailbox_update(request: Request) -> Response:
+    await require(request, "admin")
+    info = await _mailbox(request)
+    values = await read_form(request)
+    name, errors = forms.display_name(values)
+    quota = 0
+    try:
+        quota = forms.parse_quota(forms.text(values, "quota"))
+    except ValueError as exc:
+        errors["quota"] = str(exc)
+    if errors:
+        return await mailbox_page(request, errors, {"name": name, "quota": forms.text(values, "quota")})
+    enabled = values.get("enabled") == "on"
+    svc = services(request)
+    try:
+        await svc.accounts.update_user(info.address, display_name=name, quota_bytes=quota, enabled=enabled)
+    except AccountError as exc:
+        return await mailbox_page(request, {"": str(exc)}, {"name": name, "quota": forms.text(values, "quota")})
+    changes = []
+    if enabled != info.enabled:
+        changes.append("enabled" if enabled else "disabled")
+    if quota != info.quota_bytes:
+        changes.append(f"quota {forms.format_quota(quota) or 'unlimited'}")
+    await svc.events.record("web", f"mailbox {info.address} changed" + (f": {', '.join(changes)}" if changes else ""))
+    flash(request, f"Mailbox {info.address} saved.")
+    return redirect(f"/console/mailboxes/{info.address}")
+
+
+async def mailbox_password(request: Request) -> Response:
+    await require(request, "admin")
+    info = await _mailbox(request)
+    values = await read_form(request)
+    errors = forms.check_password(forms.secret(values, "password"), forms.secret(values, "password2"), info.address)
+    svc = services(request)
+    if not errors:
+        try:
+            await svc.accounts.set_password(info.address, forms.secret(values, "password"))
+        except AccountError as exc:
+            errors = {"password": str(exc)}
+    if errors:
+        return await mailbox_page(request, errors)
+    await svc.events.record("web", f"password of {info.address} set by an administrator")
+    flash(request, f"New password set for {info.address}.")
+    return redirect(f"/console/mailboxes/{info.address}")
+
+
+async def mailbox_delete(request: Request) -> Response:
+    await require(request, "admin")
+    info = await _mailbox(request)
+    if request.method == "GET":
+        return await render(request, "console/confirm.html", {
+            "title": f"Delete {info.address}", "section": "mailboxes",
+            "action": f"/console/mailboxes/{info.address}/delete",
+            "question": f"Delete the mailbox {info.address}?",
+            "detail": "It can no longer log in or receive mail. Its stored mail stays on disk under "
+                      f"mail/{info.address.split('@')[1]}/{info.address.split('@')[0]}/ until you remove it.",
+            "back": f"/console/mailboxes/{info.address}",
+        })
+    await read_form(request)
+    svc = services(request)
+    try:
+        await svc.accounts.remove_user(info.address)
+    except AccountError as exc:
+        flash(request, f"Not deleted: {exc}")
+        return redirect("/console/mailboxes")
+    await svc.events.record("web", f"mailbox {info.address} deleted")
+    flash(request, f"Mailbox {info.address} deleted.")
+    return redirect("/console/mailboxes")
+
+
+# --- aliases ------------------------------------------------------------------------------------------
+
+async def aliases_page(request: Request, values: dict[str, str] | None = None,
+                       errors: dict[str, str] | None = None) -> Response:
+    await require(request, "admin")
+    svc = services(request)
+    domains = await svc.accounts.list_domains()
+    return await render(request, "console/aliases.html", {
+        "title": "Aliases", "section": "aliases", "aliases": await svc.accounts.list_aliases(), "domains": domains,
+        "values": values or {"domain": domains[0] if domains else ""}, "errors": errors or {},
+    }, status_code=400 if errors else 200)
+
+
+async def alias_create(request: Request) -> Response:
+    await require(request, "admin")
+    values = await read_form(request)
+    svc = services(request)
+    source, targets, errors = forms.new_alias(values, tuple(await svc.accounts.list_domains()))
+    if not errors:
+        try:
+            await svc.accounts.add_alias(source, targets)
+        except AlreadyExists as exc:
+            errors = {"local": str(exc)}
+        except InvalidAddress as exc:
+            errors = {"targets": str(exc)}
+        except AccountError as exc:
+            errors = {"": str(exc)}
+    if errors:
+        shown = {k: forms.text(values, k, forms.MAX_TARGETS_TEXT) for k in ("local", "domain", "targets")}
+        return await aliases_page(request, shown, errors)
+    await svc.events.record("web", f"alias {source} -> {', '.join(targets)} created")
+    flash(request, f"Alias {source} created.")
+    return redirect("/console/aliases")
+
+
+async def _alias_source(request: Request) -> tuple[str, tuple[str, ...]]:
+    source = str(request.path_params["source"])
+    info = await services(request).accounts.get_alias(source)
+    if info is None:
+        raise HTTPException(404, "No such alias.")
+    return info.source, info.targets
+
+
+async def alias_page(request: Request, errors: dict[str, str] | None = None, targets_text: str | None = None) -> Response:
+    await require(request, "admin")
+    source, targets = await _alias_source(request)
+    context: dict[str, Any] = {
+        "title": f"Alias {source}", "section": "aliases", "source": source,
+        "values": {"targets": targets_text if targets_text is not None else "\n".join(targets)},
+        "errors": errors or {},
+    }
+    return await render(request, "console/alias.html", context, status_code=400 if errors else 200)
+
+
+async def alias_update(request: Request) -> Response:
+    await require(request, "admin")
+    source, _ = await _alias_source(request)
+    values = await read_form(request)
+    targets, errors = forms.alias_targets(values, catch_all=source.startswith("@"))
+    svc = services(request)
+    if not errors:
+        try:
+            await svc.accounts.set_alias_targets(source, targets)
+        except AccountError as exc:
+            errors = {"targets": str(exc)}
+    if errors:
+        return await alias_page(request, errors, forms.text(values, "targets", forms.MAX_TARGETS_TEXT))
+    await svc.events.record("web", f"alias {source} -> {', '.join(targets)} changed")
+    flash(request, f"Alias {source} saved.")
+    return redirect("/console/aliases")
+
+
+async def alias_delete(request: Request) -> Response:
+    await require(request, "admin")
+    source, targets = await _alias_source(request)
+    if request.method == "GET":
+        return await render(request, "console/confirm.html", {
+            "title": f"Delete {source}", "section": "aliases", "action": f"/console/aliases/{source}/delete",
+            "question": f"Delete the alias {source}?",
+            "detail": f"Mail to it will no longer reach {', '.join(targets)}.", "back": "/console/aliases",
+        })
+    await read_form(request)
+    svc = services(request)
+    try:
+        await svc.accounts.remove_alias(source)
+    except AccountError as exc:
+        flash(request, f"Not deleted: {exc}")
+        return redirect("/console/aliases")
+    await svc.events.record("web", f"alias {source} deleted")
+    flash(request, f"Alias {source} deleted.")
+    return redirect("/console/aliases")
+
+
+routes = [
+    Route("/console/mailboxes", mailboxes_page, methods=["GET"]),
+    Route("/console/mailboxes", mailbox_create, methods=["POST"]),
+    Route("/console/mailboxes/{address}", mailbox_page, methods=["GET"]),
+    Route("/console/mailboxes/{address}", mailbox_update, methods=["POST"]),
+    Route("/console/mailboxes/{address}/password", mailbox_password, methods=["POST"]),
+    Route("/console/mailboxes/{address}/delete", mailbox_delete, methods=["GET", "POST"]),
+    Route("/console/aliases", aliases_page, methods=["GET"]),
+    Route("/console/aliases", alias_create, methods=["POST"]),
+    Route("/console/aliases/{source}", alias_page, methods=["GET"]),
+    Route("/console/aliases/{source}", alias_update, methods=["POST"]),
+    Route("/console/aliases/{source}/delete", alias_delete, methods=["GET", "POST"]),
+]

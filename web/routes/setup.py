@@ -1,0 +1,295 @@
+"""/setup: the first-run wizard. The steps' logic is in web/wizard.py; here each Next is applied.
+
+Access: while no admin exists only step 1 is reachable, by anyone who opens the page (as with Home
+Assistant's onboarding, the first person to reach the box sets it up). From then on the wizard is for
+the logged-in admin, who may go back to any step already reached; a reload resumes at the same step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import tempfile
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from appliance import dkim_keys
+from appliance.account_errors import AccountError, AlreadyExists, WeakPassword
+from appliance.dns_check import check_domain, load_results, save_results, summary
+from appliance.dns_records import SETTING_IPV4, SETTING_IPV6, detect_public_addresses, domain_records
+from appliance.tls import TlsManager, make_self_signed
+from web import wizard
+from web.console_data import client_settings_for, dns_ports
+from web.pages import log_in, read_form, redirect, render, require, services
+from web.state import SETUP_DOMAIN, SETUP_DONE, reach, setup_done, setup_step
+from web.wizard import Form, Next
+
+HOSTNAME_SETTING = "hostname"
+
+
+async def _guard(request: Request, step: int) -> Response | None:
+    """A redirect when this step is not for this visitor now; None to go on."""
+    svc = services(request)
+    if not await svc.accounts.has_admin():
+        return None if step == 1 else redirect("/setup/1")
+    await require(request, "admin")
+    if await setup_done(svc.db) and step != wizard.LAST_STEP:
+        return redirect("/console")
+    furthest = await setup_step(svc.db)
+    if step > furthest:
+        return redirect(f"/setup/{furthest}")
+    return None
+
+
+async def _page(request: Request, step: int, template: str, context: dict[str, object], status: int = 200) -> Response:
+    return await render(request, template, {
+        "title": f"Setup: {dict(wizard.STEPS)[step]}", "steps": wizard.STEPS, "step": step,
+        "furthest": await setup_step(services(request).db), **context,
+    }, status_code=status)
+
+
+async def setup_index(request: Request) -> Response:
+    svc = services(request)
+    if not await svc.accounts.has_admin():
+        return redirect("/setup/1")
+    if await setup_done(svc.db):
+        return redirect("/console")
+    await require(request, "admin")
+    return redirect(f"/setup/{await setup_step(svc.db)}")
+
+
+async def step_page(request: Request) -> Response:
+    try:
+        step = int(request.path_params["step"])
+    except ValueError:
+        step = 0
+    if not wizard.FIRST_STEP <= step <= wizard.LAST_STEP:
+        return redirect("/setup")
+    blocked = await _guard(request, step)
+    if blocked is not None:
+        return blocked
+    if request.method == "POST":
+        return await POSTS[step](request)
+    return await PAGES[step](request, None)
+
+
+# --- 1: admin and host name -----------------------------------------------------------------------------
+
+def suggested_hostname(current: str) -> str:
+    name, problem = wizard.check_hostname(current)
+    if name and not problem:
+        return name
+    name, problem = wizard.check_hostname(socket.getfqdn())
+    return name if name and not problem else ""
+
+
+async def admin_page(request: Request, form: Form | None) -> Response:
+    svc = services(request)
+    values = dict(form.values) if form else {"hostname": suggested_hostname(svc.hostname)}
+    return await _page(request, 1, "setup/admin.html", {
+        "admin_exists": await svc.accounts.has_admin(), "values": values, "errors": form.errors if form else {},
+    }, 400 if form else 200)
+
+
+async def admin_submit(request: Request) -> Response:
+    svc = services(request)
+    values = await read_form(request)
+    admin_exists = await svc.accounts.has_admin()
+    result = wizard.admin_step(values, admin_exists=admin_exists)
+    if isinstance(result, Form):
+        return await admin_page(request, result)
+    assert isinstance(result, Next)
+    if not admin_exists:
+        try:
+            await svc.accounts.add_admin(result.data["name"], result.data["password"])
+        except AlreadyExists:
+            return redirect("/login")  # someone else finished step 1 first
+        except AccountError as exc:
+            field = "password" if isinstance(exc, WeakPassword) else "name"
+            return await admin_page(request, Form({field: str(exc)}, {"name": values.get("name", ""),
+                                                                      "hostname": result.data["hostname"]}))
+        await log_in(request, result.data["name"], "admin")
+        await svc.events.record("setup", f"administrator {result.data['name']} created")
+    await svc.db.set_setting(HOSTNAME_SETTING, result.data["hostname"])
+    svc.hostname = result.data["hostname"]
+    await reach(svc.db, result.step)
+    return redirect(f"/setup/{result.step}")
+
+
+# --- 2: domain ----------------------------------------------------------------------------------------
+
+async def domain_page(request: Request, form: Form | None) -> Response:
+    svc = services(request)
+    chosen = await svc.db.get_setting(SETUP_DOMAIN)
+    values = dict(form.values) if form else {"domain": chosen or wizard.suggest_domain(svc.hostname)}
+    return await _page(request, 2, "setup/domain.html", {"values": values, "errors": form.errors if form else {}},
+                       400 if form else 200)
+
+
+async def domain_submit(request: Request) -> Response:
+    svc = services(request)
+    result = wizard.domain_step(await read_form(request))
+    if isinstance(result, Form):
+        return await domain_page(request, result)
+    assert isinstance(result, Next)
+    domain = result.data["domain"]
+    if not await svc.accounts.is_local_domain(domain):
+        try:
+            await svc.accounts.add_domain(domain)
+        except AccountError as exc:
+            return await domain_page(request, Form({"domain": str(exc)}, {"domain": domain}))
+        await svc.events.record("setup", f"domain {domain} added")
+    await svc.db.set_setting(SETUP_DOMAIN, domain)
+    await dkim_keys.ensure_key(svc.db, svc.config.data.dkim, domain)  # step 3 shows its public key
+    await reach(svc.db, result.step)
+    return redirect(f"/setup/{result.step}")
+
+
+# --- 3: DNS -----------------------------------------------------------------------------------------
+
+async def dns_page(request: Request, form: Form | None) -> Response:
+    svc = services(request)
+    domain = await svc.db.get_setting(SETUP_DOMAIN)
+    if not domain or not await svc.accounts.is_local_domain(domain):
+        return redirect("/setup/2")
+    ipv4, ipv6 = await svc.db.get_setting(SETTING_IPV4), await svc.db.get_setting(SETTING_IPV6)
+    detected = False
+    if not form and ipv4 is None and ipv6 is None:
+        found4, found6 = await asyncio.to_thread(detect_public_addresses)
+        detected = bool(found4 or found6)
+        ipv4, ipv6 = found4, found6
+    values = dict(form.values) if form else {"ipv4": ipv4 or "", "ipv6": ipv6 or ""}
+    records = await domain_records(svc.db, svc.config.data.dkim, domain, svc.hostname, dns_ports(svc))
+    last = await load_results(svc.db, domain)
+    return await _page(request, 3, "setup/dns.html", {
+        "domain": domain, "records": records, "values": values, "errors": form.errors if form else {},
+        "detected": detected, "checked_at": last[0] if last else None,
+        "results": {r.key: r for r in last[1]} if last else {},
+    }, 400 if form else 200)
+
+
+async def save_addresses(request: Request, data: dict[str, str]) -> None:
+    db = services(request).db
+    await db.set_setting(SETTING_IPV4, data.get("ipv4", ""))
+    await db.set_setting(SETTING_IPV6, data.get("ipv6", ""))
+
+
+async def run_check(request: Request, domain: str) -> None:
+    svc = services(request)
+    results = await check_domain(svc.db, svc.config.data.dkim, domain, svc.hostname, dns_ports(svc))
+    await save_results(svc.db, domain, results)
+    counts = summary(results)
+    await svc.events.record("dns", f"DNS check of {domain}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+
+
+async def dns_submit(request: Request) -> Response:
+    svc = services(request)
+    result = wizard.dns_step(await read_form(request))
+    if isinstance(result, Form):
+        return await dns_page(request, result)
+    assert isinstance(result, Next)
+    await save_addresses(request, dict(result.data))
+    if result.action == "check":
+        domain = await svc.db.get_setting(SETUP_DOMAIN)
+        if domain:
+            await run_check(request, domain)
+    await reach(svc.db, result.step)
+    return redirect(f"/setup/{result.step}")
+
+
+# --- 4: certificate ---------------------------------------------------------------------------------
+
+def needs_new_self_signed(tls: TlsManager, hostname: str) -> bool:
+    """The first start made a self-signed certificate for the system's name; the wizard may have chosen
+    another. A certificate from a CA (installed by hand, or ACME) is never replaced here."""
+    info = tls.info()
+    return info.self_signed and hostname not in info.names
+
+
+def replace_self_signed(tls: TlsManager, hostname: str) -> None:
+    """Blocking: run through asyncio.to_thread."""
+    with tempfile.TemporaryDirectory(dir=tls.dir) as tmp:
+        cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+        make_self_signed(hostname, cert, key)
+        tls.install(cert.read_bytes(), key.read_bytes())
+    tls.hostname = hostname
+
+
+async def tls_page(request: Request, form: Form | None) -> Response:
+    svc = services(request)
+    return await _page(request, 4, "setup/tls.html", {
+        "cert": svc.tls.info(), "renew": needs_new_self_signed(svc.tls, svc.hostname),
+    })
+
+
+async def tls_submit(request: Request) -> Response:
+    svc = services(request)
+    result = wizard.tls_step(await read_form(request))
+    assert isinstance(result, Next)
+    if needs_new_self_signed(svc.tls, svc.hostname):
+        await asyncio.to_thread(replace_self_signed, svc.tls, svc.hostname)
+        await svc.events.record("tls", f"new self-signed certificate for {svc.hostname}")
+    await reach(svc.db, result.step)
+    return redirect(f"/setup/{result.step}")
+
+
+# --- 5: mailboxes -------------------------------------------------------------------------------------
+
+async def mailboxes_page(request: Request, form: Form | None) -> Response:
+    svc = services(request)
+    domains = await svc.accounts.list_domains()
+    chosen = await svc.db.get_setting(SETUP_DOMAIN) or (domains[0] if domains else "")
+    return await _page(request, 5, "setup/mailboxes.html", {
+        "domains": domains, "mailboxes": await svc.accounts.list_users(),
+        "values": dict(form.values) if form else {"domain": chosen}, "errors": form.errors if form else {},
+    }, 400 if form else 200)
+
+
+async def mailboxes_submit(request: Request) -> Response:
+    svc = services(request)
+    values = await read_form(request)
+    result = wizard.mailbox_step(values, domains=tuple(await svc.accounts.list_domains()))
+    if isinstance(result, Form):
+        return await mailboxes_page(request, result)
+    assert isinstance(result, Next)
+    if result.action == "add":
+        try:
+            info = await svc.accounts.add_user(result.data["address"], result.data["password"],
+                                               display_name=result.data["name"])
+        except AccountError as exc:
+            field = "password" if isinstance(exc, WeakPassword) else "local"
+            shown = {k: values.get(k, "") for k in ("local", "domain", "name")}
+            return await mailboxes_page(request, Form({field: str(exc)}, shown))
+        await svc.events.record("web", f"mailbox {info.address} created")
+        request.session["flash"] = [f"Mailbox {info.address} created."]
+    await reach(svc.db, result.step)
+    return redirect(f"/setup/{result.step}")
+
+
+# --- 6: done ------------------------------------------------------------------------------------------
+
+async def done_page(request: Request, form: Form | None) -> Response:
+    svc = services(request)
+    if not await setup_done(svc.db):
+        await svc.db.set_setting(SETUP_DONE, "1")
+        await svc.events.record("setup", "first-run setup finished")
+    return await _page(request, 6, "setup/done.html", {
+        "settings": client_settings_for(svc), "mailboxes": await svc.accounts.list_users(),
+    })
+
+
+async def done_submit(request: Request) -> Response:
+    await read_form(request)
+    return redirect("/console")
+
+
+PAGES = {1: admin_page, 2: domain_page, 3: dns_page, 4: tls_page, 5: mailboxes_page, 6: done_page}
+POSTS = {1: admin_submit, 2: domain_submit, 3: dns_submit, 4: tls_submit, 5: mailboxes_submit, 6: done_submit}
+
+routes = [
+    Route("/setup", setup_index, methods=["GET"]),
+    Route("/setup/{step}", step_page, methods=["GET", "POST"]),
+]

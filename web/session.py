@@ -1,0 +1,93 @@
+"""A signed-cookie session (itsdangerous): the whole session lives in the cookie, signed with a secret
+kept in the data directory, so restarts keep people logged in and nothing is stored server-side.
+
+The cookie is HttpOnly, SameSite=Lax, Secure when the request came over HTTPS, and expires after
+SESSION_IDLE_SECONDS without a request (each response re-signs it). A login also ends after
+LOGIN_MAX_SECONDS whatever the activity (checked by web/pages.py against the login time it stores).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+from starlette.datastructures import MutableHeaders
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+COOKIE_NAME = "letterbox_session"
+SESSION_IDLE_SECONDS = 2 * 3600
+LOGIN_MAX_SECONDS = 12 * 3600
+MAX_COOKIE_BYTES = 4000  # browsers drop larger cookies; a session here is a few hundred bytes
+SECRET_FILE = "web-session.key"
+SECRET_BYTES = 32
+_SALT = "letterbox.session"
+
+
+def load_or_create_secret(data_root: Path) -> str:
+    """The signing secret, generated once (0600) in the data directory and reused after."""
+    path = data_root / SECRET_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        secret = path.read_text(encoding="ascii").strip()
+        if len(secret) >= SECRET_BYTES:
+            return secret
+        raise RuntimeError(f"{path} is damaged (too short): remove it to make a new one") from None
+    secret = secrets.token_hex(SECRET_BYTES)
+    try:
+        os.write(fd, secret.encode("ascii") + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return secret
+
+
+class SessionMiddleware:
+    """scope["session"]: a dict, read from the cookie and written back on every response."""
+
+    def __init__(self, app: ASGIApp, secret: str) -> None:
+        self.app = app
+        self.serializer = URLSafeTimedSerializer(secret, salt=_SALT)
+
+    def _load(self, raw: str | None) -> dict[str, Any]:
+        if not raw or len(raw) > MAX_COOKIE_BYTES:
+            return {}
+        try:
+            data = self.serializer.loads(raw, max_age=SESSION_IDLE_SECONDS)
+        except BadSignature:  # includes SignatureExpired
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        connection = HTTPConnection(scope)
+        had_cookie = COOKIE_NAME in connection.cookies
+        session = self._load(connection.cookies.get(COOKIE_NAME))
+        scope["session"] = session
+        secure = "; Secure" if scope.get("scheme") == "https" else ""
+
+        async def send_with_cookie(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                current: dict[str, Any] = scope["session"]
+                if current:
+                    value = self.serializer.dumps(current)
+                    headers.append(
+                        "Set-Cookie",
+                        f"{COOKIE_NAME}={value}; Path=/; Max-Age={SESSION_IDLE_SECONDS}; HttpOnly; "
+                        f"SameSite=Lax{secure}",
+                    )
+                elif had_cookie:
+                    headers.append(
+                        "Set-Cookie",
+                        f"{COOKIE_NAME}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}",
+                    )
+            await send(message)
+
+        await self.app(scope, receive, send_with_cookie)

@@ -1,0 +1,189 @@
+"""The first-run wizard as pure functions: each step takes what the person typed (and what the box
+already knows) and returns Form (show the step again, with an error next to each field), Next (the
+cleaned values to apply, and the step to go to) or Done.
+
+No I/O here: web/routes/setup.py applies a Next (creates the admin, the domain, ...), which is where
+the database can still refuse (a name taken meanwhile) and turn it back into a Form.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from appliance.account_errors import AccountError
+from appliance.accounts import mail_domain
+from appliance.dns_records import valid_public_address
+from web import forms
+
+STEPS: tuple[tuple[int, str], ...] = (
+    (1, "Administrator and host name"),
+    (2, "Mail domain"),
+    (3, "DNS records"),
+    (4, "Certificate"),
+    (5, "Mailboxes"),
+    (6, "Done"),
+)
+FIRST_STEP, LAST_STEP = STEPS[0][0], STEPS[-1][0]
+MAX_FIELD = 1024  # longer input is cut before validation (forms never need more)
+MAX_ADMIN_NAME = 64
+# Admin names never contain '@': the login form tells admins from mailbox owners by it.
+_ADMIN_NAME = re.compile(r"[a-z0-9_][a-z0-9._-]*")
+
+
+@dataclass(frozen=True)
+class Form:
+    """Show the step again. `errors` maps a field name ('' for the whole form) to one line."""
+
+    errors: Mapping[str, str]
+    values: Mapping[str, str] = field(default_factory=dict)  # what to fill back in (never passwords)
+
+
+@dataclass(frozen=True)
+class Next:
+    step: int
+    data: Mapping[str, str] = field(default_factory=dict)  # cleaned values for the route to apply
+    action: str = ""  # what the route should do, for steps with several buttons
+
+
+@dataclass(frozen=True)
+class Done:
+    pass
+
+
+StepResult = Form | Next | Done
+
+
+def _field(values: Mapping[str, str], name: str) -> str:
+    return str(values.get(name, ""))[:MAX_FIELD].strip()
+
+
+def _secret(values: Mapping[str, str], name: str) -> str:
+    # Passwords are not stripped: a trailing space typed on purpose is part of it.
+    return str(values.get(name, ""))[:MAX_FIELD]
+
+
+def check_admin_name(text: str) -> str | None:
+    name = text.strip().lower()
+    if not name:
+        return "choose a name to log in with"
+    if len(name) > MAX_ADMIN_NAME or not _ADMIN_NAME.fullmatch(name):
+        return f"use letters, digits and . _ - only (at most {MAX_ADMIN_NAME}; no @)"
+    return None
+
+
+def check_hostname(text: str) -> tuple[str | None, str | None]:
+    """(canonical host name, None) or (None, why it cannot be the box's name)."""
+    if not text:
+        return None, "enter the name of this box, e.g. mail.example.org"
+    try:
+        ipaddress.ip_address(text)
+        return None, "enter a name, not an address"
+    except ValueError:
+        pass
+    try:
+        name = mail_domain(text)
+    except AccountError as exc:
+        return None, str(exc)
+    labels = name.split(".")
+    if len(labels) < 2:
+        return None, "a full name with a dot is needed (a fully qualified domain name), e.g. mail.example.org"
+    if labels[-1].isdigit():
+        return None, "the last part of a host name cannot be a number"
+    if labels[-1] in ("local", "localhost", "localdomain", "internal", "lan", "home"):
+        return None, f"'.{labels[-1]}' names are private: other mail servers cannot find this box by it"
+    return name, None
+
+
+# --- step 1: administrator and host name ------------------------------------------------------------------
+
+def admin_step(values: Mapping[str, str], *, admin_exists: bool = False) -> StepResult:
+    """Fields: name, password, password2, hostname. Once the admin exists (the person came back to
+    step 1), only the host name can change."""
+    hostname, host_error = check_hostname(_field(values, "hostname"))
+    errors: dict[str, str] = {}
+    data: dict[str, str] = {}
+    if host_error:
+        errors["hostname"] = host_error
+    else:
+        assert hostname is not None
+        data["hostname"] = hostname
+    if not admin_exists:
+        name = _field(values, "name").lower()
+        name_error = check_admin_name(name)
+        if name_error:
+            errors["name"] = name_error
+        errors.update(forms.check_password(_secret(values, "password"), _secret(values, "password2"), name))
+        data["name"] = name
+        data["password"] = _secret(values, "password")
+    if errors:
+        return Form(errors, {"name": _field(values, "name"), "hostname": _field(values, "hostname")})
+    return Next(2, data)
+
+
+# --- step 2: first domain -------------------------------------------------------------------------------
+
+def suggest_domain(hostname: str) -> str:
+    """mail.example.org -> example.org: the usual layout, the box named inside the domain it serves."""
+    labels = hostname.split(".")
+    return ".".join(labels[1:]) if len(labels) > 2 else hostname
+
+
+def domain_step(values: Mapping[str, str]) -> StepResult:
+    domain, errors = forms.new_domain(values)
+    if errors:
+        return Form(errors, {"domain": _field(values, "domain")})
+    return Next(3, {"domain": domain})
+
+
+# --- step 3: DNS records --------------------------------------------------------------------------------
+
+def dns_step(values: Mapping[str, str]) -> StepResult:
+    """Fields: ipv4, ipv6 (at least one), action: 'save', 'check' or 'continue'. Publishing the records
+    is up to the person and can take hours to be visible: continuing never waits for the checks."""
+    action = _field(values, "action") or "save"
+    if action not in ("save", "check", "continue"):
+        return Form({"": "unknown action"}, dict(values))
+    errors: dict[str, str] = {}
+    data: dict[str, str] = {}
+    for name, version in (("ipv4", 4), ("ipv6", 6)):
+        text = _field(values, name)
+        if not text:
+            data[name] = ""
+            continue
+        try:
+            data[name] = valid_public_address(text, version)
+        except ValueError as exc:
+            errors[name] = str(exc)
+    if not errors and not data["ipv4"] and not data["ipv6"]:
+        errors["ipv4"] = "enter the public address of this box (or of your router, if it forwards the ports)"
+    if errors:
+        return Form(errors, {"ipv4": _field(values, "ipv4"), "ipv6": _field(values, "ipv6")})
+    return Next(4 if action == "continue" else 3, data, action)
+
+
+# --- step 4: certificate --------------------------------------------------------------------------------
+
+def tls_step(values: Mapping[str, str]) -> StepResult:
+    """Nothing to choose yet: the box keeps its self-signed certificate (Let's Encrypt comes later)."""
+    return Next(5, {}, "keep")
+
+
+# --- step 5: mailboxes ----------------------------------------------------------------------------------
+
+def mailbox_step(values: Mapping[str, str], *, domains: tuple[str, ...]) -> StepResult:
+    """action 'add' with fields local, domain, name, password, password2; or action 'continue'."""
+    if _field(values, "action") == "continue":
+        return Next(6, {}, "continue")
+    data, errors = forms.new_mailbox({k: v for k, v in values.items() if k != "quota"}, domains)
+    if errors:
+        return Form(errors, {name: _field(values, name) for name in ("local", "domain", "name")})
+    return Next(5, data, "add")
+
+
+# --- step 6 -----------------------------------------------------------------------------------------
+
+def done_step(values: Mapping[str, str]) -> StepResult:
+    return Done()
