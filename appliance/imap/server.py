@@ -4,22 +4,19 @@ Bytes from the socket go into the sans-IO ImapConnection; its events go to the I
 session's responses come back here to be written, streamed literals chunk by chunk from their files
 (read in a worker thread) so a large message never sits in memory whole.
 
-The socket side is a small asyncio.Protocol (Channel) rather than asyncio streams: STARTTLS must stop
-reading *before* the OK goes out and drop whatever plaintext arrived with the command, or bytes
-pipelined behind STARTTLS (or the start of the client's TLS handshake) could be taken for the wrong
-layer (RFC 3501 6.2.1, CVE-2011-0411).
+The socket side (Channel, connection limits, the listener) is shared with the other protocol
+servers in appliance/channel.py; STARTTLS there stops reading before the reply goes out.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from appliance.channel import Channel, ConnectionClosed, start_listener
 from appliance.imap.commands import Command
 from appliance.imap.limits import DEFAULT_LIMITS, ImapLimits
 from appliance.imap.protocol import (
@@ -40,116 +37,8 @@ log = logging.getLogger("letterbox.imap")
 
 IMPLICIT_TLS_SERVICES = frozenset({"imaps"})
 MAX_BUFFERED_INPUT = 256 * 1024  # unread input held before the socket stops being read
-WRITE_HIGH_WATER = 256 * 1024  # written but unsent output before a writer waits
 WRITE_BATCH = 64 * 1024  # small responses joined up to this size per write
 SHUTDOWN_TEXT = "Server shutting down"
-CLOSE_TIMEOUT = 5.0
-
-
-class ConnectionClosed(Exception):
-    """The client went away or stopped reading; end the session quietly."""
-
-
-class Channel(asyncio.Protocol):
-    """One socket's bytes both ways, with flow control; it stays the protocol across STARTTLS."""
-
-    def __init__(self, on_connect: Callable[[Channel], None]) -> None:
-        self._on_connect = on_connect
-        self.transport: asyncio.Transport | None = None
-        self._incoming = bytearray()
-        self._eof = False
-        self._lost = asyncio.Event()
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._reading_paused = False
-
-    # asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self._on_connect(self)
-
-    def data_received(self, data: bytes) -> None:
-        self._incoming += data
-        self._readable.set()
-        if len(self._incoming) > MAX_BUFFERED_INPUT and self.transport is not None and not self._reading_paused:
-            self.transport.pause_reading()
-            self._reading_paused = True
-
-    def eof_received(self) -> bool | None:
-        self._eof = True
-        self._readable.set()
-        return None  # close the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._eof = True
-        self._lost.set()
-        self._readable.set()
-        self._writable.set()
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    # for the handler
-
-    @property
-    def lost(self) -> bool:
-        return self._lost.is_set()
-
-    async def read(self) -> bytes:
-        """What has arrived, waiting for something; b"" at the end of the stream."""
-        while not self._incoming and not self._eof:
-            self._readable.clear()
-            await self._readable.wait()
-        data = bytes(self._incoming)
-        self._incoming.clear()
-        if self._reading_paused and self.transport is not None and not self.lost:
-            self._reading_paused = False
-            self.transport.resume_reading()
-        return data
-
-    def write(self, data: bytes) -> None:
-        if self.lost or self.transport is None or self.transport.is_closing():
-            raise ConnectionClosed("connection closed")
-        self.transport.write(data)
-
-    async def drain(self) -> None:
-        await self._writable.wait()
-        if self.lost:
-            raise ConnectionClosed("connection closed")
-
-    def stop_reading(self) -> None:
-        """Before the OK to STARTTLS: nothing more is read as plaintext, and what came is dropped."""
-        if self.transport is not None and not self._reading_paused:
-            self.transport.pause_reading()
-            self._reading_paused = True
-        self._incoming.clear()
-
-    async def start_tls(self, context: ssl.SSLContext, handshake_seconds: float) -> None:
-        assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        transport = await loop.start_tls(self.transport, self, context, server_side=True,
-                                         ssl_handshake_timeout=handshake_seconds)
-        if transport is None:
-            raise ConnectionClosed("TLS handshake failed")
-        self.transport = transport
-        self._reading_paused = False  # start_tls resumes reading on the new transport
-
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    async def wait_closed(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._lost.wait(), seconds)
-        if not self.lost and self.transport is not None:
-            self.transport.abort()
 
 
 class ConnectionHandler:
@@ -160,8 +49,7 @@ class ConnectionHandler:
         self.channel = channel
         self.limits = limits
         assert channel.transport is not None
-        peer = channel.transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        self.peer = channel.peer
         self.tls_active = implicit_tls
         self.starttls_available = not implicit_tls
         self.conn = ImapConnection(limits)
@@ -321,72 +209,19 @@ def _close(source: StreamedLiteral) -> None:
         close()
 
 
-class Tracker:
-    """Connections of one listener: counts per client address, and the tasks serving them."""
-
-    def __init__(self, limits: ImapLimits) -> None:
-        self.limits = limits
-        self.per_client: collections.Counter[str] = collections.Counter()
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    def acquire(self, ip: str) -> bool:
-        if len(self.tasks) >= self.limits.max_connections:
-            return False
-        if self.per_client[ip] >= self.limits.max_connections_per_client:
-            return False
-        self.per_client[ip] += 1
-        return True
-
-    def release(self, ip: str) -> None:
-        self.per_client[ip] -= 1
-        if self.per_client[ip] <= 0:
-            del self.per_client[ip]
-
-
 async def start_server(
     services: Services, service: str, host: str, port: int, limits: ImapLimits = DEFAULT_LIMITS
 ) -> asyncio.Server:
     implicit_tls = service in IMPLICIT_TLS_SERVICES
-    tracker = Tracker(limits)
-    loop = asyncio.get_running_loop()
-
-    async def serve_one(handler: ConnectionHandler) -> None:
-        try:
-            await handler.serve()
-        finally:
-            tracker.release(handler.peer)
-            await handler.channel.wait_closed(CLOSE_TIMEOUT)
-
-    def on_connect(channel: Channel) -> None:
-        handler = ConnectionHandler(services, channel, implicit_tls, limits)
-        if not tracker.acquire(handler.peer):
-            log.warning("imap %s: too many connections, refused", handler.peer)
-            with contextlib.suppress(Exception):
-                channel.write(Bye("Too many connections from your address").to_bytes())
-            channel.close()
-            return
-        task = loop.create_task(serve_one(handler))
-        tracker.tasks.add(task)
-        task.add_done_callback(tracker.tasks.discard)
-
-    server = await loop.create_server(
-        lambda: Channel(on_connect),
-        host=host,
-        port=port,
-        ssl=services.tls.context if implicit_tls else None,
-        ssl_handshake_timeout=limits.tls_handshake_timeout if implicit_tls else None,
-        reuse_address=True,
+    return await start_listener(
+        host, port,
+        tls_context=services.tls.context if implicit_tls else None,
+        limits=limits,
+        max_buffered=MAX_BUFFERED_INPUT,
+        make_handler=lambda channel: ConnectionHandler(services, channel, implicit_tls, limits),
+        refusal=Bye("Too many connections from your address").to_bytes(),
+        log=log,
     )
-    stop_listening = server.close
-
-    def close() -> None:
-        # asyncio.Server.close() leaves open connections alone; ours are told BYE and closed.
-        stop_listening()
-        for task in list(tracker.tasks):
-            task.cancel()
-
-    server.close = close  # type: ignore[method-assign]
-    return server
 
 
 async def serve(services: Services, service: str, host: str, port: int) -> asyncio.Server:
