@@ -472,8 +472,10 @@ class InboundAuthenticator:
         return self._resolver
 
     async def __call__(self, facts: InboundFacts, data: bytes) -> InboundVerdict:
+        # Whatever else happens, a header claiming our verdict must not reach a mail client (RFC 8601 5).
+        cleaned = remove_forged_results(data, self._authserv_id)
         if not _enabled(await self._db.get_setting(SETTING_ENABLED)):
-            return InboundVerdict()
+            return InboundVerdict(message=cleaned)
         try:
             results = await check_message(
                 data, peer_ip=facts.peer_ip, helo=facts.helo, mail_from=facts.sender,
@@ -482,14 +484,14 @@ class InboundAuthenticator:
         except Exception:
             # A bug here must not cost mail: deliver without the header (and say so in the log).
             log.exception("inbound authentication checks failed; delivering without them")
-            return InboundVerdict()
+            return InboundVerdict(message=cleaned)
         log.info("auth: ip=%s spf=%s helo-spf=%s dkim=%s dmarc=%s (%s)", facts.peer_ip,
                  results.spf_mailfrom.result, results.spf_helo.result,
                  ",".join(f"{d.result}:{d.domain}" for d in results.dkim) or "none",
                  results.dmarc.result, results.dmarc.from_domain or "-")
         if results.dmarc_reject and _enabled(await self._db.get_setting(SETTING_DMARC_REJECT)):
             return InboundVerdict(reject=DMARC_REJECT_REPLY.format(domain=results.dmarc.from_domain))
-        return InboundVerdict(headers=results.header(self._authserv_id))
+        return InboundVerdict(headers=results.header(self._authserv_id), message=cleaned)
 
     async def stop(self) -> None:
         """Background-service shape (app.py): nothing runs between messages."""

@@ -43,7 +43,7 @@ from appliance.queue.mx import Hop, RouteError, delivery_hops, host_hops
 from appliance.queue.resolver import make_async_resolver, resolver_setting
 from appliance.queue.retry import RetryPolicy, load_policy
 from appliance.queue.smarthost import Smarthost, SmarthostError, load_smarthost
-from appliance.queue.spool import Spool
+from appliance.queue.spool import Spool, shared_spool
 from appliance.queue.state import Job, QueueState, Reportable, spool_file
 
 if TYPE_CHECKING:
@@ -56,7 +56,6 @@ log = logging.getLogger("letterbox.queue")
 T = TypeVar("T")
 
 SERVICE_KEY = "queue"  # services.extra: the running OutboundQueue
-SPOOL_KEY = "spool"  # services.extra: the box's one Spool, shared with the SMTP listeners
 
 MAX_SESSIONS = 20  # SMTP sessions open at once, all destinations together
 MAX_SESSIONS_PER_DOMAIN = 4  # per destination domain: polite to the receiver, like Postfix's default
@@ -82,15 +81,6 @@ class DeliveryConfig:
     resolver: dns.asyncresolver.Resolver
     hold: bool
     smarthost_error: str = ""
-
-
-def shared_spool(services: Services) -> Spool:
-    """The box's one Spool (the SMTP listeners create it first when they run)."""
-    spool = services.extra.get(SPOOL_KEY)
-    if not isinstance(spool, Spool):
-        spool = Spool(services.config.data.spool, services.db)
-        services.extra[SPOOL_KEY] = spool
-    return spool
 
 
 class DaemonThreads:

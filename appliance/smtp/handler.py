@@ -305,7 +305,7 @@ class SmtpHandler:
             verdict = await check(facts, data)
             if verdict.reject:
                 return self._for_all(env, verdict.reject)
-            data = verdict.headers + data
+            data = verdict.headers + (data if verdict.message is None else verdict.message)
 
         received = ReceivedFacts(
             helo=helo,

@@ -2,7 +2,8 @@
 
 Whoever implements them puts an `InboundCheck` into `services.extra[INBOUND_CHECK]`. The MX calls it
 once per message after DATA, before any copy is written; its headers (Authentication-Results:) go on
-top of the message under our Received:, and a `reject` reply refuses the whole message.
+top of the message under our Received:, a `message` replaces what arrived (so forged fields can go),
+and a `reject` reply refuses the whole message.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class InboundFacts:
 class InboundVerdict:
     headers: bytes = b""  # complete CRLF-terminated header lines to add
     reject: str | None = None  # a full reply line, e.g. '550 5.7.1 Rejected by DMARC policy'
+    message: bytes | None = None  # what to deliver instead, e.g. with forged results removed
 
 
 class InboundCheck(Protocol):

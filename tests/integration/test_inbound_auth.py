@@ -256,3 +256,12 @@ def test_the_mx_adds_a_passing_result(mx: BoxHandle, zone: ZoneServer, key: dkim
     [raw] = maildir_messages(mx.data.mail, ALICE)
     results = " ".join(parse(raw)["Authentication-Results"].split())
     assert "spf=pass" in results and "dkim=pass" in results and "dmarc=pass" in results
+
+
+def test_the_mx_drops_a_forged_result_in_our_name(mx: BoxHandle, zone: ZoneServer) -> None:
+    forged = b"Authentication-Results: mail.example.test; dkim=pass header.d=bank.test\r\n" + message()
+    code, _ = send(mx, forged)
+    assert code == 250
+    [raw] = maildir_messages(mx.data.mail, ALICE)
+    fields = parse(raw).get_all("Authentication-Results")
+    assert len(fields) == 1 and "bank.test" not in fields[0] and "dkim=none" in " ".join(fields[0].split())
