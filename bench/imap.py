@@ -12,52 +12,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
-import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-LETTERBOX = str(Path(sys.executable).parent / "letterbox")
-PORTS = (25, 587, 465, 143, 993, 110, 995, 80, 443, 24)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.benchbox import cli, free_offset, peak_rss_kib, serving
+
 IMAPS = 993
 DOMAIN = "bench.test"
 USER = f"reader@{DOMAIN}"
 PASSWORD = "bench password 1234567"
-READY_TIMEOUT = 60.0
 _LITERAL = re.compile(rb"\{(\d+)\}\r\n$")
-
-
-def free_offset() -> int:
-    for offset in range(32000, 60000, 1013):
-        ok = True
-        for port in PORTS:
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind(("127.0.0.1", port + offset))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return offset
-    raise SystemExit("no free port range")
-
-
-def cli(data: Path, *args: str, stdin: str | None = None) -> None:
-    subprocess.run([LETTERBOX, "--data", str(data), *args], input=stdin, text=True, check=True,
-                   capture_output=True)
-
-
-def peak_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
 
 
 def write_messages(maildir: Path, count: int) -> None:
@@ -170,25 +139,9 @@ def run_size(size: int) -> tuple[dict[str, float], int]:
         cli(data, "domain", "add", DOMAIN)
         cli(data, "user", "add", USER, "--password-stdin", stdin=PASSWORD + "\n")
         write_messages(data / "mail" / DOMAIN / USER.split("@")[0], size)
-        offset = free_offset()
-        log = Path(tmp) / "serve.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [LETTERBOX, "--data", str(data), "serve", "--listen", "127.0.0.1", "--port-offset", str(offset),
-                 "--hostname", "bench.test"],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        try:
-            deadline = time.monotonic() + READY_TIMEOUT
-            while b"\nready\n" not in log.read_bytes():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"letterbox serve did not start:\n{log.read_text()}")
-                time.sleep(0.05)
+        with serving(data, Path(tmp) / "serve.log", offset := free_offset(), hostname="bench.test") as proc:
             results = asyncio.run(measure(IMAPS + offset, size))
             rss = peak_rss_kib(proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=15)
     return results, rss
 
 

@@ -12,52 +12,22 @@ Usage: python bench/pop3.py [--messages 10000] [--medium 200] [--medium-kib 256]
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-LETTERBOX = str(Path(sys.executable).parent / "letterbox")
-PORTS = (25, 587, 465, 143, 993, 110, 995, 80, 443, 24)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.benchbox import cli, free_offset, peak_rss_kib, serving
+
 POP3S_PORT = 995
 DOMAIN = "bench.test"
 USER = f"pop@{DOMAIN}"
 PASSWORD = "bench password 1234567"
-READY_TIMEOUT = 60.0
 END = b"\r\n.\r\n"
-
-
-def free_offset() -> int:
-    for offset in range(32000, 60000, 1013):
-        ok = True
-        for port in PORTS:
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind(("127.0.0.1", port + offset))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return offset
-    raise SystemExit("no free port range")
-
-
-def cli(data: Path, *args: str, stdin: str | None = None) -> None:
-    subprocess.run([LETTERBOX, "--data", str(data), *args], input=stdin, text=True, check=True,
-                   capture_output=True)
-
-
-def peak_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
 
 
 def message(n: int, size: int) -> bytes:
@@ -152,20 +122,7 @@ def main() -> None:
         cli(data, "user", "add", USER, "--password-stdin", stdin=PASSWORD + "\n")
         maildir = data / "mail" / DOMAIN / "pop"
         fill_maildir(maildir, args.messages, args.size)
-        offset = free_offset()
-        log = Path(tmp) / "serve.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [LETTERBOX, "--data", str(data), "serve", "--listen", "127.0.0.1", "--port-offset", str(offset),
-                 "--hostname", "localhost"],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        try:
-            deadline = time.monotonic() + READY_TIMEOUT
-            while b"\nready\n" not in log.read_bytes():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"letterbox serve did not start:\n{log.read_text()}")
-                time.sleep(0.05)
+        with serving(data, Path(tmp) / "serve.log", offset := free_offset()) as proc:
             context = ssl.create_default_context(cafile=str(data / "tls" / "cert.pem"))
             port = POP3S_PORT + offset
 
@@ -203,9 +160,6 @@ def main() -> None:
             large_time = time.perf_counter() - started
             client.quit()
             rss_after = peak_rss_kib(proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=15)
 
     mb = 1_000_000
     print(f"pop3 over TLS (995), maildrop of {args.messages} messages x {args.size} B")

@@ -25,7 +25,6 @@ import asyncio
 import base64
 import os
 import shutil
-import signal
 import socket
 import sqlite3
 import ssl
@@ -35,50 +34,20 @@ import tempfile
 import threading
 import time
 
-from appliance.db import Database
+from bench.benchbox import cli, free_offset, serving, set_settings
 from tests.support.dns_server import ZoneServer
 
-LETTERBOX = str(Path(sys.executable).parent / "letterbox")
-PORTS = (25, 587, 465, 143, 993, 110, 995, 80, 443, 24)
 SINK_HOST = "127.0.0.2"
 DOMAIN = "bench.test"
 USER, PASSWORD = f"sender@{DOMAIN}", "bench password 1234"
 DESTINATIONS = [f"d{n}.example" for n in range(10)]
-READY_TIMEOUT = 60.0
 POLL = 0.02  # seconds between looks at the queue
-
-
-def free_offset() -> int:
-    for offset in range(31000, 60000, 1013):
-        try:
-            for port in PORTS:
-                with socket.socket() as s:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    s.bind(("127.0.0.1", port + offset))
-        except OSError:
-            continue
-        return offset
-    raise SystemExit("no free port range")
 
 
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def cli(data: Path, *args: str, stdin: str | None = None) -> str:
-    return subprocess.run([LETTERBOX, "--data", str(data), *args], input=stdin, text=True, check=True,
-                          capture_output=True).stdout
-
-
-async def preset(data: Path, settings: dict[str, str]) -> None:
-    db = await Database.open(data / "letterbox.db")
-    try:
-        for key, value in settings.items():
-            await db.set_setting(key, value)
-    finally:
-        await db.close()
 
 
 class AiosmtpdSink:
@@ -243,69 +212,52 @@ def main() -> None:
     cli(data, "domain", "add", DOMAIN)
     cli(data, "user", "add", USER, "--password-stdin", stdin=PASSWORD + "\n")
     cli(data, "dkim", "rotate", DOMAIN)
-    asyncio.run(preset(data, {"dns_resolver": zone.address, "outbound_port": str(sink_port)}))
-    log = (workdir / "serve.log").open("wb")
+    set_settings(data, {"dns_resolver": zone.address, "outbound_port": str(sink_port)})
     profile = [sys.executable, "-m", "cProfile", "-o", args.profile] if args.profile else []
-    server = subprocess.Popen(
-        [*profile, LETTERBOX, "--data", str(data), "serve", "--listen", "127.0.0.1", "--port-offset", str(offset),
-         "--hostname", "localhost"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
     try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while b"\nready\n" not in (workdir / "serve.log").read_bytes():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("letterbox serve did not start:\n" + (workdir / "serve.log").read_text())
-            time.sleep(0.05)
+        with serving(data, workdir / "serve.log", offset, wrapper=profile):
+            print(f"queue: {args.messages} messages of {args.size} bytes to {len(DESTINATIONS)} domains, "
+                  f"{args.concurrency} submission sessions, DKIM-signed, sink: {sink_name}")
+            port = 587 + offset
 
-        print(f"queue: {args.messages} messages of {args.size} bytes to {len(DESTINATIONS)} domains, "
-              f"{args.concurrency} submission sessions, DKIM-signed, sink: {sink_name}")
-        port = 587 + offset
+            # 1. Live: the queue delivers while mail is being submitted.
+            accepted: dict[str, float] = {}
+            handed: dict[str, float] = {}
+            watcher = threading.Thread(target=watch_handoffs, args=(data / "letterbox.db", accepted, handed,
+                                                                    args.messages, time.monotonic() + 600))
+            start = time.monotonic()
+            watcher.start()
+            asyncio.run(submit_all(port, args.messages, args.concurrency, args.size, accepted))
+            submitted = time.monotonic()
+            watcher.join()
+            if len(handed) < args.messages:
+                raise SystemExit(f"only {len(handed)} of {args.messages} messages were handed off")
+            finished = max(handed.values())
+            latencies = [handed[q] - accepted[q] for q in accepted]
+            print(f"  submission (587, STARTTLS+AUTH): {args.messages / (submitted - start):8.1f} messages/s")
+            print(f"  submission -> handoff at sink:   {args.messages / (finished - start):8.1f} messages/s "
+                  f"({finished - start:.2f} s)")
+            print(f"  250 -> handoff latency:          p50 {statistics.median(latencies) * 1000:7.1f} ms   "
+                  f"p99 {percentile(latencies, 0.99) * 1000:7.1f} ms")
 
-        # 1. Live: the queue delivers while mail is being submitted.
-        accepted: dict[str, float] = {}
-        handed: dict[str, float] = {}
-        watcher = threading.Thread(target=watch_handoffs, args=(data / "letterbox.db", accepted, handed,
-                                                                args.messages, time.monotonic() + 600))
-        start = time.monotonic()
-        watcher.start()
-        asyncio.run(submit_all(port, args.messages, args.concurrency, args.size, accepted))
-        submitted = time.monotonic()
-        watcher.join()
-        if len(handed) < args.messages:
-            raise SystemExit(f"only {len(handed)} of {args.messages} messages were handed off")
-        finished = max(handed.values())
-        latencies = [handed[q] - accepted[q] for q in accepted]
-        print(f"  submission (587, STARTTLS+AUTH): {args.messages / (submitted - start):8.1f} messages/s")
-        print(f"  submission -> handoff at sink:   {args.messages / (finished - start):8.1f} messages/s "
-              f"({finished - start:.2f} s)")
-        print(f"  250 -> handoff latency:          p50 {statistics.median(latencies) * 1000:7.1f} ms   "
-              f"p99 {percentile(latencies, 0.99) * 1000:7.1f} ms")
-
-        # 2. Backlog: the same number queued while delivery is held, then released (the queue alone).
-        asyncio.run(preset(data, {"queue_hold": "1"}))
-        time.sleep(6)  # the running queue reads its settings at least every 5 s
-        backlog: dict[str, float] = {}
-        asyncio.run(submit_all(port, args.messages, args.concurrency, args.size, backlog))
-        drained: dict[str, float] = {}
-        watcher = threading.Thread(target=watch_handoffs, args=(data / "letterbox.db", backlog, drained,
-                                                                args.messages, time.monotonic() + 600))
-        asyncio.run(preset(data, {"queue_hold": "0"}))
-        released = time.monotonic()
-        watcher.start()
-        watcher.join()
-        if len(drained) < args.messages:
-            raise SystemExit(f"only {len(drained)} of {args.messages} queued messages were handed off")
-        first, last = min(drained.values()), max(drained.values())
-        print(f"  queued backlog -> sink:          {args.messages / (last - first):8.1f} messages/s "
-              f"(first handoff {first - released:.2f} s after release, all in {last - released:.2f} s)")
+            # 2. Backlog: the same number queued while delivery is held, then released (the queue alone).
+            set_settings(data, {"queue_hold": "1"})
+            time.sleep(6)  # the running queue reads its settings at least every 5 s
+            backlog: dict[str, float] = {}
+            asyncio.run(submit_all(port, args.messages, args.concurrency, args.size, backlog))
+            drained: dict[str, float] = {}
+            watcher = threading.Thread(target=watch_handoffs, args=(data / "letterbox.db", backlog, drained,
+                                                                    args.messages, time.monotonic() + 600))
+            set_settings(data, {"queue_hold": "0"})
+            released = time.monotonic()
+            watcher.start()
+            watcher.join()
+            if len(drained) < args.messages:
+                raise SystemExit(f"only {len(drained)} of {args.messages} queued messages were handed off")
+            first, last = min(drained.values()), max(drained.values())
+            print(f"  queued backlog -> sink:          {args.messages / (last - first):8.1f} messages/s "
+                  f"(first handoff {first - released:.2f} s after release, all in {last - released:.2f} s)")
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
         if sink_proc is not None:
             sink_proc.terminate()
             sink_proc.wait(10)

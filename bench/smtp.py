@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
-import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,49 +19,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.benchbox import cli, free_offset, peak_rss_kib, serving, set_settings  # noqa: E402
 from tests.support.dns_server import ZoneServer  # noqa: E402  (the repo's loopback DNS server)
 
-LETTERBOX = str(Path(sys.executable).parent / "letterbox")
 MX_PORT = 25
-PORTS = (25, 587, 465, 143, 993, 110, 995, 80, 443, 24)
 DOMAIN = "bench.test"
 RCPT = f"rcpt@{DOMAIN}"
-READY_TIMEOUT = 60.0
-
-
-def free_offset() -> int:
-    for offset in range(31000, 60000, 1009):
-        ok = True
-        for port in PORTS:
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind(("127.0.0.1", port + offset))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return offset
-    raise SystemExit("no free port range")
-
-
-def set_settings(db: Path, settings: dict[str, str]) -> None:
-    with sqlite3.connect(db) as conn:
-        conn.executemany("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", list(settings.items()))
-    conn.close()
-
-
-def cli(data: Path, *args: str, stdin: str | None = None) -> None:
-    subprocess.run([LETTERBOX, "--data", str(data), *args], input=stdin, text=True, check=True,
-                   capture_output=True)
-
-
-def peak_rss_kib(pid: int) -> int:
-    """VmHWM: the high-water mark of resident memory, kept by the kernel for the whole run."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
 
 
 class Session:
@@ -134,27 +93,13 @@ def main() -> None:
         cli(data, "user", "add", RCPT, "--password-stdin", stdin="bench password 1234567\n")
         dns = ZoneServer()
         dns_port = dns.start()
-        set_settings(data / "letterbox.db", {"dns_resolver": f"127.0.0.1:{dns_port}", "queue_hold": "1"})
-        offset = free_offset()
-        log = Path(tmp) / "serve.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [LETTERBOX, "--data", str(data), "serve", "--listen", "127.0.0.1", "--port-offset", str(offset),
-                 "--hostname", "bench.test"],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
+        set_settings(data, {"dns_resolver": f"127.0.0.1:{dns_port}", "queue_hold": "1"})
         try:
-            deadline = time.monotonic() + READY_TIMEOUT
-            while b"\nready\n" not in log.read_bytes():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"letterbox serve did not start:\n{log.read_text()}")
-                time.sleep(0.05)
-            rss_idle = peak_rss_kib(proc.pid)
-            elapsed, latencies = asyncio.run(load(MX_PORT + offset, args.messages, args.concurrency, args.size))
-            rss_peak = peak_rss_kib(proc.pid)
+            with serving(data, Path(tmp) / "serve.log", offset := free_offset(), hostname="bench.test") as proc:
+                rss_idle = peak_rss_kib(proc.pid)
+                elapsed, latencies = asyncio.run(load(MX_PORT + offset, args.messages, args.concurrency, args.size))
+                rss_peak = peak_rss_kib(proc.pid)
         finally:
-            proc.terminate()
-            proc.wait(timeout=15)
             dns.stop()
         maildir = data / "mail" / DOMAIN / "rcpt"
         stored = sum(1 for sub in ("new", "cur") for _ in (maildir / sub).iterdir())
