@@ -149,26 +149,27 @@ class Handler(Protocol):
     async def serve(self) -> None: ...
 
 
-class Tracker:
-    """Connections of one listener: counts per client address, and the tasks serving them."""
+class ConnectionLimiter:
+    """Open connections of one listener, per client address and in all; refuses past the limits."""
 
-    def __init__(self, limits: ListenerLimits) -> None:
-        self.limits = limits
-        self.per_client: collections.Counter[str] = collections.Counter()
-        self.tasks: set[asyncio.Task[None]] = set()
+    def __init__(self, per_client: int, total: int) -> None:
+        self.per_client = per_client
+        self.total = total
+        self._open: collections.Counter[str] = collections.Counter()
 
     def acquire(self, ip: str) -> bool:
-        if len(self.tasks) >= self.limits.max_connections:
+        if self._open[ip] >= self.per_client or self._open.total() >= self.total:
             return False
-        if self.per_client[ip] >= self.limits.max_connections_per_client:
-            return False
-        self.per_client[ip] += 1
+        self._open[ip] += 1
         return True
 
     def release(self, ip: str) -> None:
-        self.per_client[ip] -= 1
-        if self.per_client[ip] <= 0:
-            del self.per_client[ip]
+        self._open[ip] -= 1
+        if self._open[ip] <= 0:
+            del self._open[ip]
+
+    def count(self, ip: str) -> int:
+        return self._open[ip]
 
 
 async def start_listener(
@@ -184,27 +185,28 @@ async def start_listener(
 ) -> asyncio.Server:
     """A listener (implicit TLS when tls_context is given) that refuses connections over the limits
     with `refusal`, and whose close() cancels every session (each says goodbye in its own protocol)."""
-    tracker = Tracker(limits)
+    limiter = ConnectionLimiter(limits.max_connections_per_client, limits.max_connections)
+    tasks: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
 
     async def serve_one(channel: Channel, handler: Handler) -> None:
         try:
             await handler.serve()
         finally:
-            tracker.release(channel.peer)
+            limiter.release(channel.peer)
             await channel.wait_closed(CLOSE_TIMEOUT)
 
     def on_connect(channel: Channel) -> None:
         peer = channel.peer
-        if not tracker.acquire(peer):
+        if not limiter.acquire(peer):
             log.warning("%s: too many connections, refused", peer)
             with contextlib.suppress(Exception):
                 channel.write(refusal)
             channel.close()
             return
         task = loop.create_task(serve_one(channel, make_handler(channel)))
-        tracker.tasks.add(task)
-        task.add_done_callback(tracker.tasks.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     server = await loop.create_server(
         lambda: Channel(on_connect, max_buffered),
@@ -220,13 +222,13 @@ async def start_listener(
     def close() -> None:
         # asyncio.Server.close() leaves open connections alone; ours are told and closed.
         stop_listening()
-        for task in list(tracker.tasks):
+        for task in list(tasks):
             task.cancel()
 
     async def wait_closed() -> None:
         # As in Python 3.12: closed means every connection has finished too (sockets closed).
-        if tracker.tasks:
-            await asyncio.wait(list(tracker.tasks))
+        if tasks:
+            await asyncio.wait(list(tasks))
         await stop_waiting()
 
     server.close = close  # type: ignore[method-assign]

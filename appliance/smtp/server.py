@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, syntax
 
+from appliance.channel import ConnectionLimiter
 from appliance.queue.spool import shared_spool
 from appliance.smtp.delivery import Deliverer
 from appliance.smtp.handler import LetterboxEnvelope, LetterboxSession, SmtpHandler
@@ -76,29 +77,13 @@ def with_enhanced_code(line: str) -> str:
     return f"{m['code']}{m['sep']}{status} {m['text']}"
 
 
-class ConnectionTracker:
-    """Open connections per client address on one listener; refuses past the limits. Also keeps the
-    live sessions, so closing the listener can tell each client 421 instead of leaving it hanging."""
+class ConnectionTracker(ConnectionLimiter):
+    """The listener's connection limits, and its live sessions, so closing the listener can tell
+    each client 421 instead of leaving it hanging."""
 
     def __init__(self, per_client: int, total: int) -> None:
-        self.per_client = per_client
-        self.total = total
-        self._open: collections.Counter[str] = collections.Counter()
+        super().__init__(per_client, total)
         self.sessions: set[LetterboxSMTP] = set()
-
-    def acquire(self, ip: str) -> bool:
-        if self._open[ip] >= self.per_client or sum(self._open.values()) >= self.total:
-            return False
-        self._open[ip] += 1
-        return True
-
-    def release(self, ip: str) -> None:
-        self._open[ip] -= 1
-        if self._open[ip] <= 0:
-            del self._open[ip]
-
-    def count(self, ip: str) -> int:
-        return self._open[ip]
 
 
 class _CommandTable(dict[str, Any]):
