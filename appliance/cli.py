@@ -179,6 +179,44 @@ def cmd_queue_delete(args: argparse.Namespace) -> None:
         raise CliError(f"not in the queue: {', '.join(missing)}")
 
 
+# --- relay (smarthost) ------------------------------------------------------------------------------
+
+def cmd_relay(args: argparse.Namespace) -> None:
+    from appliance.queue.smarthost import (
+        DEFAULT_PORTS,
+        Smarthost,
+        SmarthostError,
+        load_smarthost,
+        save_smarthost,
+    )
+
+    password = read_password(args) if args.action == "set" and args.user else ""
+
+    async def act() -> Smarthost | None:
+        db = await open_db(args)
+        try:
+            if args.action == "set":
+                relay = Smarthost(host=args.host, port=args.port or DEFAULT_PORTS[args.tls], tls=args.tls,
+                                  user=args.user or "", password=password, ca_file=args.ca_file or "")
+                await save_smarthost(db, relay)
+                return relay
+            if args.action == "off":
+                await save_smarthost(db, None)
+                return None
+            return await load_smarthost(db)
+        finally:
+            await db.close()
+
+    try:
+        relay = asyncio.run(act())
+    except SmarthostError as exc:
+        raise CliError(str(exc)) from None
+    if relay is None:
+        print("no relay: mail goes straight to each domain's mail server (port 25)")
+    else:
+        print(f"relay: {relay.describe()}" + (" (set)" if args.action == "set" else ""))
+
+
 # --- dkim ------------------------------------------------------------------------------------------
 
 def cmd_dkim(args: argparse.Namespace) -> None:
@@ -274,6 +312,19 @@ def build_parser() -> argparse.ArgumentParser:
     alias.set_defaults(func=cmd_alias)
 
     # Other parts of the box (queue, dns, dkim, backup) add their subcommands below this line.
+    relay = sub.add_parser("relay", help="send all outbound mail through a relay (smarthost)")
+    rsub = relay.add_subparsers(dest="action", required=True)
+    rsub.add_parser("show", help="the relay in force, if any")
+    rsub.add_parser("off", help="deliver straight to each domain's mail server again")
+    rset = rsub.add_parser("set", help="use a relay from now on")
+    rset.add_argument("host")
+    rset.add_argument("--port", type=int, help="default: 587 with starttls, 465 with implicit")
+    rset.add_argument("--tls", choices=("starttls", "implicit"), default="starttls")
+    rset.add_argument("--user", help="login name; the password comes from a prompt or --password-stdin")
+    rset.add_argument("--password-stdin", action="store_true")
+    rset.add_argument("--ca-file", help="PEM file of the CA to trust for the relay instead of the system's")
+    relay.set_defaults(func=cmd_relay)
+
     queue = sub.add_parser("queue", help="outbound mail waiting for delivery")
     qsub = queue.add_subparsers(dest="action", required=True)
     qsub.add_parser("list", help="spooled messages and the state of each recipient")

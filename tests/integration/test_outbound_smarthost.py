@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
 import trustme
 
 from appliance.queue.smarthost import Smarthost, load_smarthost, save_smarthost
+from tests.conftest import LETTERBOX
 from tests.support.outbound import ALICE, MX1, Outbound, outbound_fixture, zone_fixture  # noqa: F401
 from tests.support.receivers import Receiver
 
@@ -111,3 +113,35 @@ def test_settings_round_trip_and_the_password_stays_out_of_repr(outbound: Outbou
     assert "pw-123" not in repr(relay) and "pw-123" not in relay.describe()
     outbound.box.run(save_smarthost(db, None))
     assert outbound.box.run(load_smarthost(db)) is None
+
+
+def test_the_relay_is_set_shown_and_cleared_from_the_command_line(outbound: Outbound, tmp_path: Path) -> None:
+    ca_file = tmp_path / "relay-ca.pem"
+    outbound.ca.cert_pem.write_to_path(str(ca_file))
+    outbound.zone.set(RELAY_NAME, "A", [MX1])
+
+    def letterbox(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([LETTERBOX, "--data", str(outbound.box.data.root), "relay", *args],
+                              input=stdin, capture_output=True, text=True, timeout=60)
+
+    result = letterbox("set", RELAY_NAME, "--port", str(outbound.port), "--user", RELAY_USER,
+                       "--password-stdin", "--ca-file", str(ca_file), stdin=RELAY_PASSWORD + "\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"relay: {RELAY_NAME}:{outbound.port} (starttls) as {RELAY_USER} (set)\n"
+    assert outbound.box.run(load_smarthost(outbound.box.services.db)) == Smarthost(
+        RELAY_NAME, outbound.port, "starttls", RELAY_USER, RELAY_PASSWORD, str(ca_file))
+    outbound.wake()
+    relay = Receiver(MX1, outbound.port, tls_context=relay_tls(outbound.ca), require_starttls=True,
+                     credentials={RELAY_USER: RELAY_PASSWORD})
+    with relay:
+        outbound.submit(["a@far-away.test"])
+        [transaction] = relay.wait(1)
+        outbound.wait_empty()
+    assert transaction.login == RELAY_USER and transaction.tls
+
+    shown = letterbox("show")
+    assert shown.stdout.startswith(f"relay: {RELAY_NAME}:") and RELAY_PASSWORD not in shown.stdout + shown.stderr
+    bad = letterbox("set", "no such/host")
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "relay host" in bad.stderr
+    assert letterbox("off").stdout.startswith("no relay")
+    assert outbound.box.run(load_smarthost(outbound.box.services.db)) is None
