@@ -34,5 +34,10 @@ unit: $(STAMP)
 bench: $(STAMP)
 	@for script in $(filter-out bench/benchbox.py,$(wildcard bench/*.py)); do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
+# Refresh docs/screenshots/ (the README's images): the end-to-end wizard test, writing there.
+.PHONY: screenshots
+screenshots: $(STAMP) peers
+	UPDATE_SCREENSHOTS=1 $(BIN)/pytest -p no:cacheprovider tests/e2e/test_web_wizard.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

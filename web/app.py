@@ -26,7 +26,7 @@ from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from web.pages import LoginRequired, render
-from web.routes import account, autoconfig, console, domains, login, mailboxes, setup, wellknown
+from web.routes import account, autoconfig, console, domains, login, mailboxes, sending, setup, wellknown
 from web.security import SecurityHeadersMiddleware
 from web.session import SessionMiddleware, load_or_create_secret
 
@@ -110,8 +110,8 @@ async def _login_required(request: Request, exc: Exception) -> Response:
 
 def routes() -> list[BaseRoute]:
     return [
-        *login.routes, *setup.routes, *console.routes, *domains.routes, *mailboxes.routes, *account.routes,
-        *autoconfig.routes, *wellknown.routes,
+        *login.routes, *setup.routes, *console.routes, *domains.routes, *mailboxes.routes, *sending.routes,
+        *account.routes, *autoconfig.routes, *wellknown.routes,
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
 

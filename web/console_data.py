@@ -1,22 +1,21 @@
 """Facts the console shows that come from the running box rather than from one service call: listener
-state, the ports clients and DNS records name, disk and spool usage, the certificate."""
+state, the ports clients and DNS records name, disk usage, what the outbound queue holds."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.config import STANDARD_PORTS
+from appliance.queue.spool import QueuedMessage, QueuedRecipient
 from web.clients import ClientSettings, client_settings
 
 if TYPE_CHECKING:
     from appliance.services import Services
 
 LISTENERS_KEY = "listeners"  # services.extra: name -> (host, port, up), or a callable returning that
-MAX_SPOOL_FILES_COUNTED = 100_000  # the status page stays fast even with a huge backlog
 
 
 def listeners(services: Services) -> dict[str, tuple[str, int, bool]]:
@@ -53,17 +52,26 @@ def disk_usage(path: Path) -> DiskUsage:
     return DiskUsage(usage.free, usage.total)
 
 
-def spool_usage(spool: Path) -> tuple[int, int]:
-    """(files, bytes) in the outbound spool. Blocking: run through asyncio.to_thread."""
-    files = size = 0
-    try:
-        with os.scandir(spool) as entries:
-            for entry in entries:
-                if entry.is_file(follow_symlinks=False):
-                    files += 1
-                    size += entry.stat(follow_symlinks=False).st_size
-                    if files >= MAX_SPOOL_FILES_COUNTED:
-                        break
-    except FileNotFoundError:
-        pass
-    return files, size
+@dataclass(frozen=True)
+class QueueSummary:
+    messages: int
+    size: int
+    deferred: int  # messages with a recipient tried and waiting for the next attempt
+    failed: int  # messages with a recipient that failed for good (its report is still to go out)
+
+
+def recipient_state(recipient: QueuedRecipient) -> str:
+    """'waiting' (not tried yet), 'deferred' (tried, will be tried again), 'delivered' or 'failed'."""
+    if recipient.state == "queued":
+        return "deferred" if recipient.attempts else "waiting"
+    return recipient.state
+
+
+def queue_summary(messages: list[QueuedMessage]) -> QueueSummary:
+    states = [{recipient_state(r) for r in m.recipients} for m in messages]
+    return QueueSummary(
+        messages=len(messages),
+        size=sum(m.size for m in messages),
+        deferred=sum(1 for s in states if "deferred" in s),
+        failed=sum(1 for s in states if "failed" in s),
+    )

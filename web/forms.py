@@ -4,6 +4,7 @@ the field before anything is tried."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import unicodedata
 from collections.abc import Mapping
@@ -12,6 +13,7 @@ from appliance.account_errors import AccountError
 from appliance.accounts import mail_domain, mailbox_address
 from appliance.address import parse_address
 from appliance.passwords import password_problem
+from appliance.queue.smarthost import DEFAULT_PORTS, RELAY_TLS_MODES, Smarthost, SmarthostError
 
 MAX_FIELD = 1024
 MAX_TARGETS_TEXT = 16 * 1024
@@ -144,3 +146,94 @@ def new_alias(values: Mapping[str, str], domains: tuple[str, ...]) -> tuple[str,
     targets, target_errors = alias_targets(values, catch_all=catch_all)
     errors.update(target_errors)
     return source, targets, errors
+
+
+# --- sending: direct delivery or a relay (the wizard's step and the console's Sending page) ----------
+
+SEND_DIRECT, SEND_RELAY = "direct", "relay"
+RELAY_SHOWN = ("mode", "relay_host", "relay_port", "relay_tls", "relay_user")  # never relay_password
+
+
+def relay_values(relay: Smarthost | None) -> dict[str, str]:
+    """The form's fields for the relay in force (None: direct delivery). Never the password."""
+    if relay is None:
+        return {"mode": SEND_DIRECT, "relay_tls": "starttls"}
+    return {"mode": SEND_RELAY, "relay_host": relay.host, "relay_port": str(relay.port), "relay_tls": relay.tls,
+            "relay_user": relay.user}
+
+
+def relay_shown(values: Mapping[str, str]) -> dict[str, str]:
+    """What the person typed, to fill back in after an error (never the password)."""
+    return {name: text(values, name) for name in RELAY_SHOWN}
+
+
+def _relay_host(value: str) -> tuple[str, str | None]:
+    if not value:
+        return "", "enter the relay's host name, e.g. smtp.provider.example"
+    try:
+        return str(ipaddress.ip_address(value.strip("[]"))), None
+    except ValueError:
+        pass
+    try:
+        return mail_domain(value), None
+    except AccountError as exc:
+        return "", str(exc)
+
+
+def relay_choice(values: Mapping[str, str], stored: Smarthost | None, ca_file: str = "") -> tuple[Smarthost | None, Errors]:
+    """Fields mode ('direct' or 'relay'), relay_host, relay_port (empty: the TLS mode's default),
+    relay_tls ('starttls' or 'implicit'), relay_user, relay_password. (None, {}) is direct delivery.
+
+    An empty password keeps the stored one, but only for the same user at the same host: a password
+    is never sent to a server it was not typed for."""
+    mode = text(values, "mode")
+    if mode == SEND_DIRECT:
+        return None, {}
+    if mode != SEND_RELAY:
+        return None, {"mode": "choose how this box sends mail"}
+    errors: Errors = {}
+    host, problem = _relay_host(text(values, "relay_host"))
+    if problem:
+        errors["relay_host"] = problem
+    tls = text(values, "relay_tls").lower()
+    if tls not in RELAY_TLS_MODES:
+        errors["relay_tls"] = "choose STARTTLS or implicit TLS"
+        tls = "starttls"
+    port_text = text(values, "relay_port")
+    port = DEFAULT_PORTS[tls]
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            errors["relay_port"] = "a port number between 1 and 65535 (usually 587 or 465)"
+        else:
+            port = int(port_text)
+    user = text(values, "relay_user")
+    password = secret(values, "relay_password")
+    if any(unicodedata.category(ch) == "Cc" for ch in user):
+        errors["relay_user"] = "the user name contains a control character"
+    if password and not user:
+        errors["relay_user"] = "enter the user name that goes with the password"
+    if user and not password:
+        if stored is not None and stored.password and stored.user == user and stored.host == host:
+            password = stored.password
+        elif stored is not None and stored.password and not errors.get("relay_host"):
+            errors["relay_password"] = "enter the password: the stored one belongs to another user or host"
+        else:
+            errors["relay_password"] = "enter the password the relay expects for this user"
+    if errors:
+        return None, errors
+    try:
+        return Smarthost(host, port, tls, user, password, ca_file), {}  # type: ignore[arg-type]  # tls checked
+    except SmarthostError as exc:
+        return None, {"": str(exc)}
+
+
+def sending_form(values: Mapping[str, str], stored: Smarthost | None, ca_file: str = "") -> tuple[str, Smarthost | None, Errors]:
+    """The Sending form (wizard step and console page): (action, relay or None for direct, errors).
+    action 'save' stores the choice; 'test' tries the relay first, so it needs one."""
+    action = text(values, "action") or "save"
+    if action not in ("save", "test"):
+        return action, None, {"": "unknown action"}
+    relay, errors = relay_choice(values, stored, ca_file)
+    if not errors and action == "test" and relay is None:
+        errors = {"mode": "choose “Send through a relay” to test one"}
+    return action, relay, errors

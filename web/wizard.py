@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from appliance.account_errors import AccountError
 from appliance.accounts import mail_domain
 from appliance.dns_records import valid_public_address
+from appliance.queue.smarthost import Smarthost
 from web import forms
 
 STEPS: tuple[tuple[int, str], ...] = (
@@ -23,8 +24,9 @@ STEPS: tuple[tuple[int, str], ...] = (
     (2, "Mail domain"),
     (3, "DNS records"),
     (4, "Certificate"),
-    (5, "Mailboxes"),
-    (6, "Done"),
+    (5, "Sending mail"),
+    (6, "Mailboxes"),
+    (7, "Done"),
 )
 FIRST_STEP, LAST_STEP = STEPS[0][0], STEPS[-1][0]
 MAX_FIELD = 1024  # longer input is cut before validation (forms never need more)
@@ -46,6 +48,7 @@ class Next:
     step: int
     data: Mapping[str, str] = field(default_factory=dict)  # cleaned values for the route to apply
     action: str = ""  # what the route should do, for steps with several buttons
+    relay: Smarthost | None = None  # step 5: the relay chosen (None: direct delivery)
 
 
 @dataclass(frozen=True)
@@ -171,19 +174,31 @@ def tls_step(values: Mapping[str, str]) -> StepResult:
     return Next(5, {}, "keep")
 
 
-# --- step 5: mailboxes ----------------------------------------------------------------------------------
+# --- step 5: sending mail -------------------------------------------------------------------------------
+
+def sending_step(values: Mapping[str, str], *, stored: Smarthost | None = None, ca_file: str = "") -> StepResult:
+    """Direct delivery, or a relay (the console's Sending page has the same form: forms.sending_form).
+    action 'save' (Continue) goes on to the mailboxes; 'test' tries the relay and stays here. An empty
+    password keeps the stored one (same user, same host)."""
+    action, relay, errors = forms.sending_form(values, stored, ca_file)
+    if errors:
+        return Form(errors, forms.relay_shown(values))
+    return Next(6 if action == "save" else 5, {}, action, relay)
+
+
+# --- step 6: mailboxes ----------------------------------------------------------------------------------
 
 def mailbox_step(values: Mapping[str, str], *, domains: tuple[str, ...]) -> StepResult:
     """action 'add' with fields local, domain, name, password, password2; or action 'continue'."""
     if _field(values, "action") == "continue":
-        return Next(6, {}, "continue")
+        return Next(7, {}, "continue")
     data, errors = forms.new_mailbox({k: v for k, v in values.items() if k != "quota"}, domains)
     if errors:
         return Form(errors, {name: _field(values, name) for name in ("local", "domain", "name")})
-    return Next(5, data, "add")
+    return Next(6, data, "add")
 
 
-# --- step 6 -----------------------------------------------------------------------------------------
+# --- step 7 -----------------------------------------------------------------------------------------
 
 def done_step(values: Mapping[str, str]) -> StepResult:
     return Done()

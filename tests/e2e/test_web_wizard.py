@@ -1,13 +1,19 @@
 """End to end in headless Chromium (Debian's chromium, driven by Playwright for Python): from an empty
 data directory a person completes the wizard by clicking and typing, copies the DNS records into their
-(loopback) DNS server and checks them, creates a mailbox in the console, and that mailbox then logs in
-over IMAP and receives a message sent over SMTP. Every wizard step and console page is saved as a
-screenshot in docs/screenshots/ (the README shows them)."""
+(loopback) DNS server and checks them, tests a relay (a real one on loopback, with STARTTLS and a login)
+and then chooses direct delivery, creates a mailbox in the console, retries and deletes a message in
+the outbound queue, and that mailbox then logs in over IMAP and receives a message sent over SMTP.
+
+Every wizard step and console page is saved as a screenshot: into docs/screenshots/ (the README shows
+them) only with UPDATE_SCREENSHOTS=1 (`make screenshots`), else into the test's tmp dir, so a plain
+test run leaves the work tree alone."""
 
 from __future__ import annotations
 
 import imaplib
+import os
 import smtplib
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,16 +23,19 @@ import trustme
 
 from tests.conftest import REPO, ServedBox, preset_settings, require_program
 from tests.support.dns_server import ZoneServer
+from tests.support.receivers import Receiver, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
-SHOTS = REPO / "docs" / "screenshots"
+DOC_SHOTS = REPO / "docs" / "screenshots"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 HOST, DOMAIN, PUBLIC_IP = "mail.example.test", "example.test", "198.51.100.7"
 ADMIN, ADMIN_PASSWORD = "admin", "correct horse battery staple"
 ALICE, ALICE_PASSWORD = "alice@example.test", "alice's long mail password"
-BOB_PASSWORD = "bob's long mail password"
+BOB, BOB_PASSWORD = "bob@example.test", "bob's long mail password"
+RELAY_NAME, RELAY_USER, RELAY_PASSWORD = "relay.example.test", "letterbox@provider.example", "relay pass 5ecret!"
+FAR = "someone@elsewhere.example"  # outbound mail for it is refused (a closed port) and stays deferred
 TXT_CHUNK = 255  # one character-string of a TXT record (RFC 1035 3.3)
 
 
@@ -39,7 +48,15 @@ def zone() -> Iterator[ZoneServer]:
 @pytest.fixture
 def served(tmp_path: Path, ca: trustme.CA, zone: ZoneServer) -> Iterator[ServedBox]:
     box = ServedBox(tmp_path, ca)
-    preset_settings(box.data, {"dns_resolver": zone.address})  # DNS checks ask only the loopback server
+    preset_settings(box.data, {
+        "dns_resolver": zone.address,  # DNS checks, MX and relay lookups ask only the loopback server
+        "queue_hold": "0",  # the queue runs: mail for FAR is tried (and refused) so the console shows it
+        "outbound_port": str(free_port(("127.0.0.1",))),  # nothing listens there
+        # The test relay's certificate comes from the test CA. Relative to the box's working directory
+        # (ServedBox runs it in tmp_path, next to ca.pem), so the screenshots show a short name.
+        "smarthost_ca_file": box.ca_file.name,
+    })
+    assert box.ca_file == box.data.root.parent / box.ca_file.name
     box.start()
     try:
         yield box
@@ -53,14 +70,32 @@ def zone_value(rdtype: str, value: str) -> str:
     return " ".join(f'"{value[i:i + TXT_CHUNK]}"' for i in range(0, len(value), TXT_CHUNK))
 
 
-def test_wizard_console_and_first_mail(served: ServedBox, zone: ZoneServer) -> None:
+@pytest.fixture
+def relay(ca: trustme.CA, zone: ZoneServer) -> Iterator[Receiver]:
+    """A relay on loopback that wants STARTTLS and then a login, named in the loopback DNS."""
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(RELAY_NAME).configure_cert(tls)
+    zone.set(RELAY_NAME, "A", ["127.0.0.1"])
+    with Receiver("127.0.0.1", free_port(("127.0.0.1",)), tls_context=tls, require_starttls=True,
+                  credentials={RELAY_USER: RELAY_PASSWORD}) as receiver:
+        yield receiver
+
+
+def screenshot_dir(tmp_path: Path) -> Path:
+    return DOC_SHOTS if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path / "screenshots"
+
+
+def test_wizard_console_and_first_mail(served: ServedBox, zone: ZoneServer, relay: Receiver, tmp_path: Path) -> None:
     chromium = require_program("chromium")
     from playwright.sync_api import Page, expect, sync_playwright
 
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    shots = screenshot_dir(tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    taken: list[str] = []
 
     def shot(page: Page, name: str) -> None:
-        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+        page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+        taken.append(name)
 
     https = f"https://localhost:{served.port('https')}"
     with sync_playwright() as playwright:
@@ -122,21 +157,45 @@ def test_wizard_console_and_first_mail(served: ServedBox, zone: ZoneServer) -> N
         shot(page, "setup-4-certificate")
         page.click("text=Keep this certificate and continue")
 
-        # 5: a first mailbox.
+        # 5: sending mail. A relay is typed in and tested against the real one on loopback...
         expect(page).to_have_url(f"{https}/setup/5")
+        expect(page.locator("#mode-direct")).to_be_checked()
+        expect(page.locator("#f-relay_host")).to_be_hidden()
+        page.check("#mode-relay")
+        page.fill("#f-relay_host", RELAY_NAME)
+        page.select_option("#f-relay_tls", "implicit")
+        expect(page.locator("#f-relay_port")).to_have_attribute("placeholder", "465")
+        page.select_option("#f-relay_tls", "starttls")
+        page.fill("#f-relay_port", str(relay.port))
+        page.fill("#f-relay_user", RELAY_USER)
+        page.fill("#f-relay_password", RELAY_PASSWORD)
+        shot(page, "setup-5-sending")
+        page.click("#test-relay")
+        expect(page.locator(".flash")).to_contain_text(f"The relay works ({RELAY_NAME}[127.0.0.1], TLSv1.")
+        assert relay.transactions == [] and relay.failed_logins == 0
+        expect(page.locator("#mode-relay")).to_be_checked()
+        expect(page.locator("#f-relay_password")).to_have_value("")  # never shown again
+        shot(page, "setup-5-sending-tested")
+        # ...but this box sends directly.
+        page.check("#mode-direct")
+        expect(page.locator("#f-relay_host")).to_be_hidden()
+        page.click("button[value=save]")
+
+        # 6: a first mailbox.
+        expect(page).to_have_url(f"{https}/setup/6")
         page.fill("#f-local", "bob")
         page.fill("#f-name", "Bob Example")
         page.fill("#f-password", BOB_PASSWORD)
         page.fill("#f-password2", BOB_PASSWORD)
         page.click("button[value=add]")
         expect(page.locator(".flash")).to_have_text("Mailbox bob@example.test created.")
-        shot(page, "setup-5-mailboxes")
+        shot(page, "setup-6-mailboxes")
         page.click("button[value=continue]")
 
-        # 6: done.
-        expect(page).to_have_url(f"{https}/setup/6")
+        # 7: done.
+        expect(page).to_have_url(f"{https}/setup/7")
         expect(page.locator("h1")).to_have_text("Your box is ready")
-        shot(page, "setup-6-done")
+        shot(page, "setup-7-done")
 
         # A reload resumes where the wizard is, and now it is finished: the console.
         page.goto(f"{https}/setup")
@@ -180,7 +239,41 @@ def test_wizard_console_and_first_mail(served: ServedBox, zone: ZoneServer) -> N
         shot(page, "console-events")
         page.click(".sidebar >> text=Status")
         expect(page.locator("body")).to_contain_text(f"{record_count} found")
+
+        # Bob writes to someone far away; that server refuses connections, so the message waits.
+        zone.set("elsewhere.example", "MX", ["10 mx.elsewhere.example."])
+        zone.set("mx.elsewhere.example", "A", ["127.0.0.1"])
+        with smtplib.SMTP("localhost", served.port("submission"), timeout=30) as submission:
+            submission.starttls(context=served.client_context)
+            submission.login(BOB, BOB_PASSWORD)
+            submission.sendmail(BOB, [FAR], b"From: bob@example.test\r\nTo: someone@elsewhere.example\r\n"
+                                             b"Subject: the queue\r\n\r\nThis one has to wait.\r\n")
+        page.click(".sidebar >> text=Sending")
+        expect(page.locator("h1")).to_have_text("Sending")
+        expect(page.locator("#sending-now")).to_contain_text("directly to each recipient's mail server")
+        for _ in range(60):  # the queue tries it within a moment; the page shows what the db says
+            if "deferred" in page.locator("table.queue").inner_text():
+                break
+            time.sleep(0.5)
+            page.reload()
+        expect(page.locator("table.queue")).to_contain_text("Connection refused")
+        expect(page.locator("#queue-summary")).to_contain_text("1 message")
+        expect(page.locator("#queue-summary")).to_contain_text("1 deferred")
+        shot(page, "console-sending")
+        page.click(".sidebar >> text=Status")  # the status page counts it and links to the queue
+        expect(page.locator("#queue-summary")).to_contain_text("1 deferred")
         shot(page, "console-status")
+        page.click("#queue-summary a")
+        expect(page.locator("h1")).to_have_text("Sending")
+        page.click("table.queue >> text=Retry now")
+        expect(page.locator(".flash")).to_contain_text("1 recipient will be tried again now.")
+        page.click("table.queue >> text=Delete")
+        expect(page.locator("h1")).to_contain_text("Delete the queued message")
+        page.click("text=Yes, delete")
+        expect(page.locator(".flash")).to_contain_text("deleted from the queue")
+        expect(page.locator("#queue")).to_contain_text("Nothing is waiting")
+        page.click(".sidebar >> text=Status")
+        expect(page.locator("#queue-summary")).to_have_text("0 messages")
 
         # The mailbox owner's own page, in a separate browser session.
         user = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860}).new_page()
@@ -194,6 +287,10 @@ def test_wizard_console_and_first_mail(served: ServedBox, zone: ZoneServer) -> N
         expect(user.locator("h1")).to_have_text(ALICE)
         shot(user, "account")
         browser.close()
+
+    # Every image the README shows was made, and no other is left over.
+    stale = sorted({p.stem for p in shots.glob("*.png")} - set(taken))
+    assert not stale, f"screenshots no test makes any more (delete them): {stale}"
 
     # The mailbox made in the console works: IMAP login, and mail sent over SMTP arrives.
     with smtplib.SMTP("localhost", served.port("smtp"), timeout=30) as smtp:

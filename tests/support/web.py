@@ -4,6 +4,7 @@ built on the TestClient's own event loop, so the app and the services share one 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,10 @@ from appliance.config import DataLayout, ServeConfig
 from appliance.db import Database
 from appliance.events import EventLog
 from appliance.passwords import make_hasher
+from appliance.queue.client import Outcome
+from appliance.queue.retry import RetryPolicy
+from appliance.queue.spool import QueuedMessage, shared_spool
+from appliance.queue.state import QueueState
 from appliance.services import Services
 from appliance.store.mailstore import MailStore
 from appliance.tls import TlsManager
@@ -109,11 +114,27 @@ class WebClient:
     def setting(self, key: str) -> str | None:
         return self.run(self.services.db.get_setting, key)
 
+    # --- the outbound queue (no queue runs here: messages stay where the test puts them) -----------
+    def enqueue(self, recipients: list[str], sender: str = ALICE, data: bytes = b"Subject: hi\r\n\r\nHello.\r\n") -> str:
+        return self.run(shared_spool(self.services).enqueue, sender, recipients, data, auth_user=sender or None)
+
+    def attempt(self, message_id: str, outcomes: dict[str, Outcome], now: int | None = None) -> None:
+        """Record one delivery attempt as the queue does (a 4xx outcome defers, a 5xx fails)."""
+        state = QueueState(self.services.db, self.services.config.data.spool)
+        when = int(time.time()) if now is None else now
+        jobs = [job for job in self.run(state.due, when + 10**6, 1000, set()) if job.message_id == message_id]
+        for job in jobs:
+            wanted = {r.address: outcomes[r.address] for r in job.recipients if r.address in outcomes}
+            self.run(state.record, job, wanted, policy=RetryPolicy(), now=when)
+
+    def queue(self) -> list[QueuedMessage]:
+        return self.run(shared_spool(self.services).messages)
+
     def set_up(self) -> None:
         """A box past its wizard: admin, domain, setup finished."""
         self.add_admin()
         self.add_domain()
-        self.set_setting("setup_step", "6")
+        self.set_setting("setup_step", "7")
         self.set_setting("setup_done", "1")
         self.set_setting("setup_domain", DOMAIN)
 

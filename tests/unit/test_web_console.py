@@ -42,13 +42,13 @@ def error_of(page: str, field: str) -> str:
 
 def test_status_page(web: WebClient) -> None:
     web.services.extra["listeners"] = lambda: {"imaps": ("127.0.0.1", 993, True), "smtp": ("127.0.0.1", 25, False)}
-    (web.services.config.data.spool / "q1.msg").write_bytes(b"x" * 2048)
+    web.enqueue(["bob@elsewhere.example"], data=b"x" * 2048)
     page = web.get("/console")
     assert page.status_code == 200
     text = page.text
     assert "<code>127.0.0.1:993</code>" in text and ">up<" in text and ">down<" in text
     assert "CN=" + HOSTNAME in text and "self-signed" in text and " days" in text
-    assert "Disk free" in text and "1 message, 2.0 KiB" in text
+    assert "Disk free" in text and '<a href="/console/sending">1 message</a>, 2.0 KiB' in text
     assert f'href="/console/domains/{DOMAIN}">{DOMAIN}</a></td><td>never' in text
     assert text.index("smtp") < text.index("imaps")  # the standard order, whatever the dict order
 

@@ -15,7 +15,8 @@ from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, ALICE_PASSWORD, DOMA
 from web import app as web_app
 
 WEB = Path(web_app.__file__).parent
-PARAMS = {"step": "1", "domain": DOMAIN, "address": ALICE, "source": f"info@{DOMAIN}"}
+PARAMS = {"step": "1", "domain": DOMAIN, "address": ALICE, "source": f"info@{DOMAIN}",
+          "message_id": "0123456789ABCDEF01234567"}
 OPEN_POSTS = {"/autodiscover/autodiscover.xml", "/Autodiscover/Autodiscover.xml"}  # no session, no form
 
 

@@ -92,21 +92,31 @@ def test_the_whole_wizard(web: WebClient) -> None:
     response = web.post("/setup/4", {}, token_from="/setup/4")
     assert response.headers["location"] == "/setup/5"
     assert "box.example.test" in web.services.tls.info().names
-    # 5: mailboxes
-    response = web.post("/setup/5", {"action": "add", "local": "alice", "domain": DOMAIN, "name": "Alice",
-                                     "password": "x", "password2": "x"}, token_from="/setup/5")
-    assert response.status_code == 400 and "too short" in field_error(response.text, "password")
-    response = web.post("/setup/5", {"action": "add", "local": "alice", "domain": DOMAIN, "name": "Alice",
-                                     "password": ALICE_PASSWORD, "password2": ALICE_PASSWORD}, token_from="/setup/5")
-    assert response.headers["location"] == "/setup/5"
-    assert "Mailbox alice@example.test created." in web.get("/setup/5").text
-    response = web.post("/setup/5", {"action": "add", "local": "alice", "domain": DOMAIN, "name": "",
-                                     "password": ALICE_PASSWORD, "password2": ALICE_PASSWORD}, token_from="/setup/5")
-    assert response.status_code == 400 and "already exists" in field_error(response.text, "local")
-    response = web.post("/setup/5", {"action": "continue"}, token_from="/setup/5")
+    # 5: sending mail: direct delivery is the default; a relay needs its password
+    page = web.get("/setup/5").text
+    assert 'id="mode-direct" checked' in page and "Test the relay" in page
+    response = web.post("/setup/5", {"mode": "relay", "relay_host": "smtp.provider.example", "relay_tls": "starttls",
+                                     "relay_user": "me", "relay_password": "", "action": "save"}, token_from="/setup/5")
+    assert response.status_code == 400 and "enter the password" in field_error(response.text, "relay_password")
+    assert 'value="smtp.provider.example"' in response.text and 'id="mode-relay" checked' in response.text
+    response = web.post("/setup/5", {"mode": "direct", "action": "save"}, token_from="/setup/5")
     assert response.headers["location"] == "/setup/6"
-    # 6: done: client settings, the console link; setup is over
-    page = web.get("/setup/6").text
+    assert web.setting("smarthost_host") == ""
+    # 6: mailboxes
+    response = web.post("/setup/6", {"action": "add", "local": "alice", "domain": DOMAIN, "name": "Alice",
+                                     "password": "x", "password2": "x"}, token_from="/setup/6")
+    assert response.status_code == 400 and "too short" in field_error(response.text, "password")
+    response = web.post("/setup/6", {"action": "add", "local": "alice", "domain": DOMAIN, "name": "Alice",
+                                     "password": ALICE_PASSWORD, "password2": ALICE_PASSWORD}, token_from="/setup/6")
+    assert response.headers["location"] == "/setup/6"
+    assert "Mailbox alice@example.test created." in web.get("/setup/6").text
+    response = web.post("/setup/6", {"action": "add", "local": "alice", "domain": DOMAIN, "name": "",
+                                     "password": ALICE_PASSWORD, "password2": ALICE_PASSWORD}, token_from="/setup/6")
+    assert response.status_code == 400 and "already exists" in field_error(response.text, "local")
+    response = web.post("/setup/6", {"action": "continue"}, token_from="/setup/6")
+    assert response.headers["location"] == "/setup/7"
+    # 7: done: client settings, the console link; setup is over
+    page = web.get("/setup/7").text
     assert "Your box is ready" in page and "993" in page and "465" in page and 'href="/console"' in page
     assert web.setting("setup_done") == "1"
     assert web.get("/setup").headers["location"] == "/console"
@@ -120,7 +130,7 @@ def test_reload_resumes_at_the_same_step(web: WebClient) -> None:
     step1(web)
     web.post("/setup/2", {"domain": DOMAIN}, token_from="/setup/2")
     assert web.get("/setup").headers["location"] == "/setup/3"
-    assert web.get("/setup/5").headers["location"] == "/setup/3"  # not reached yet
+    assert web.get("/setup/6").headers["location"] == "/setup/3"  # not reached yet
     assert web.get("/setup/1").status_code == 200  # going back is fine
     assert "The administrator account exists" in web.get("/setup/1").text
     # A new browser (or a restart of the box): log in, and the wizard continues where it was.
@@ -170,17 +180,17 @@ def test_unknown_step_numbers(web: WebClient) -> None:
 
 def test_skipping_mailboxes_is_allowed(web: WebClient) -> None:
     step1(web)
-    web.set_setting("setup_step", "5")
-    page = web.get("/setup/5").text
+    web.set_setting("setup_step", "6")
+    page = web.get("/setup/6").text
     assert "Skip for now" in page
-    assert web.post("/setup/5", {"action": "continue"}, token_from="/setup/5").headers["location"] == "/setup/6"
+    assert web.post("/setup/6", {"action": "continue"}, token_from="/setup/6").headers["location"] == "/setup/7"
 
 
 def test_wizard_mailbox_can_log_in_afterwards(web: WebClient) -> None:
     step1(web)
     web.post("/setup/2", {"domain": DOMAIN}, token_from="/setup/2")
-    web.set_setting("setup_step", "5")
-    web.post("/setup/5", {"action": "add", "local": "alice", "domain": DOMAIN, "name": "",
-                          "password": ALICE_PASSWORD, "password2": ALICE_PASSWORD}, token_from="/setup/5")
+    web.set_setting("setup_step", "6")
+    web.post("/setup/6", {"action": "add", "local": "alice", "domain": DOMAIN, "name": "",
+                          "password": ALICE_PASSWORD, "password2": ALICE_PASSWORD}, token_from="/setup/6")
     principal = web.run(web.services.auth.verify, ALICE, ALICE_PASSWORD, "imap", "127.0.0.1")
     assert principal is not None and principal.name == ALICE

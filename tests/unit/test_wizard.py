@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from appliance.queue.smarthost import Smarthost
 from web import wizard
 from web.wizard import Done, Form, Next
 
@@ -113,10 +114,89 @@ def test_dns_step_unknown_action() -> None:
     assert isinstance(result, Form) and "" in result.errors
 
 
-# --- steps 4 to 6 -------------------------------------------------------------------------------------
+# --- step 4 -------------------------------------------------------------------------------------------
 
 def test_tls_step_keeps_the_certificate() -> None:
     assert wizard.tls_step({}) == Next(5, {}, "keep")
+
+
+# --- step 5: sending mail -----------------------------------------------------------------------------
+
+RELAY_PASSWORD = "relay pass 5ecret!"
+
+
+def relay_values(**changes: str) -> dict[str, str]:
+    values = {"mode": "relay", "relay_host": "SMTP.Provider.Example", "relay_port": "", "relay_tls": "starttls",
+              "relay_user": "me@provider.example", "relay_password": RELAY_PASSWORD, "action": "save"}
+    values.update(changes)
+    return values
+
+
+def test_sending_step_direct_is_the_default_and_leads_to_the_mailboxes() -> None:
+    assert wizard.sending_step({"mode": "direct"}) == Next(6, {}, "save", None)
+    assert wizard.sending_step({"mode": "direct", "relay_host": "ignored", "action": "save"}) == Next(6, {}, "save")
+
+
+def test_sending_step_relay_with_the_tls_modes_default_port() -> None:
+    result = wizard.sending_step(relay_values())
+    assert isinstance(result, Next) and (result.step, result.action) == (6, "save")
+    assert result.relay == Smarthost("smtp.provider.example", 587, "starttls", "me@provider.example", RELAY_PASSWORD)
+    result = wizard.sending_step(relay_values(relay_tls="implicit", action="test"), ca_file="/etc/ca.pem")
+    assert isinstance(result, Next) and (result.step, result.action) == (5, "test")  # a test stays on the step
+    assert result.relay is not None and (result.relay.port, result.relay.tls) == (465, "implicit")
+    assert result.relay.ca_file == "/etc/ca.pem"
+    result = wizard.sending_step(relay_values(relay_port="2525", relay_host="192.0.2.25"))
+    assert isinstance(result, Next) and result.relay is not None
+    assert (result.relay.host, result.relay.port) == ("192.0.2.25", 2525)
+
+
+def test_sending_step_relay_without_a_login() -> None:
+    result = wizard.sending_step(relay_values(relay_user="", relay_password=""))
+    assert isinstance(result, Next) and result.relay is not None and result.relay.login is None
+
+
+@pytest.mark.parametrize(("changes", "field", "words"), [
+    ({"mode": ""}, "mode", "choose how"),
+    ({"mode": "carrier pigeon"}, "mode", "choose how"),
+    ({"mode": "direct", "action": "test"}, "mode", "to test one"),
+    ({"relay_host": ""}, "relay_host", "enter the relay"),
+    ({"relay_host": "smtp provider.example"}, "relay_host", "not a valid domain"),
+    ({"relay_port": "0"}, "relay_port", "between 1 and 65535"),
+    ({"relay_port": "65536"}, "relay_port", "between 1 and 65535"),
+    ({"relay_port": "smtp"}, "relay_port", "between 1 and 65535"),
+    ({"relay_tls": "none"}, "relay_tls", "STARTTLS or implicit"),
+    ({"relay_password": ""}, "relay_password", "enter the password"),
+    ({"relay_user": ""}, "relay_user", "goes with the password"),
+    ({"relay_user": "me\x07"}, "relay_user", "control character"),
+    ({"action": "drop tables"}, "", "unknown action"),
+])
+def test_sending_step_errors_next_to_their_field(changes: dict[str, str], field: str, words: str) -> None:
+    result = wizard.sending_step(relay_values(**changes))
+    assert isinstance(result, Form)
+    assert words in result.errors[field], result.errors
+    assert RELAY_PASSWORD not in result.values.values() and "relay_password" not in result.values
+
+
+def test_sending_step_keeps_the_stored_password_only_for_the_same_user_and_host() -> None:
+    stored = Smarthost("smtp.provider.example", 587, "starttls", "me@provider.example", "stored secret")
+    result = wizard.sending_step(relay_values(relay_password="", relay_tls="implicit"), stored=stored)
+    assert isinstance(result, Next) and result.relay is not None
+    assert (result.relay.password, result.relay.port) == ("stored secret", 465)
+    for changes in ({"relay_user": "someone@provider.example"}, {"relay_host": "smtp.elsewhere.example"}):
+        result = wizard.sending_step(relay_values(relay_password="", **changes), stored=stored)
+        assert isinstance(result, Form) and "another user or host" in result.errors["relay_password"]
+    result = wizard.sending_step(relay_values(relay_password="a new one"), stored=stored)
+    assert isinstance(result, Next) and result.relay is not None and result.relay.password == "a new one"
+
+
+def test_sending_step_shows_the_typed_values_back_but_never_the_password() -> None:
+    result = wizard.sending_step(relay_values(relay_port="99999"))
+    assert isinstance(result, Form)
+    assert result.values == {"mode": "relay", "relay_host": "SMTP.Provider.Example", "relay_port": "99999",
+                             "relay_tls": "starttls", "relay_user": "me@provider.example"}
+
+
+# --- steps 6 and 7 ------------------------------------------------------------------------------------
 
 
 def mailbox_values(**changes: str) -> dict[str, str]:
@@ -128,12 +208,12 @@ def mailbox_values(**changes: str) -> dict[str, str]:
 
 def test_mailbox_step_adds_and_stays_on_the_step() -> None:
     result = wizard.mailbox_step(mailbox_values(), domains=("example.org",))
-    assert result == Next(5, {"address": "alice@example.org", "name": "Alice Example",
+    assert result == Next(6, {"address": "alice@example.org", "name": "Alice Example",
                               "password": "alice's long password"}, "add")
 
 
 def test_mailbox_step_continue() -> None:
-    assert wizard.mailbox_step({"action": "continue"}, domains=()) == Next(6, {}, "continue")
+    assert wizard.mailbox_step({"action": "continue"}, domains=()) == Next(7, {}, "continue")
 
 
 @pytest.mark.parametrize(("changes", "field", "words"), [
@@ -156,9 +236,10 @@ def test_done_step() -> None:
     assert wizard.done_step({}) == Done()
 
 
-def test_steps_are_numbered_one_to_six() -> None:
-    assert [n for n, _ in wizard.STEPS] == [1, 2, 3, 4, 5, 6]
-    assert (wizard.FIRST_STEP, wizard.LAST_STEP) == (1, 6)
+def test_steps_are_numbered_one_to_seven() -> None:
+    assert [n for n, _ in wizard.STEPS] == [1, 2, 3, 4, 5, 6, 7]
+    assert dict(wizard.STEPS)[5] == "Sending mail" and dict(wizard.STEPS)[6] == "Mailboxes"
+    assert (wizard.FIRST_STEP, wizard.LAST_STEP) == (1, 7)
 
 
 def test_overlong_input_is_cut_before_validation() -> None:

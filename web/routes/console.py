@@ -13,8 +13,9 @@ from appliance.account_errors import AccountError
 from appliance.config import STANDARD_PORTS
 from appliance.dns_check import load_results, summary
 from appliance.dns_records import SETTING_IPV4, SETTING_IPV6
+from appliance.queue.spool import shared_spool
 from web import forms
-from web.console_data import disk_usage, listeners, spool_usage
+from web.console_data import disk_usage, listeners, queue_summary
 from web.pages import flash, read_form, redirect, refresh_login, render, require, services
 from web.state import setup_done
 
@@ -30,14 +31,14 @@ async def status(request: Request) -> Response:
     cert = svc.tls.info()
     days_left = (cert.not_after - dt.datetime.now(dt.UTC)).days
     disk = await asyncio.to_thread(disk_usage, svc.config.data.root)
-    spool_files, spool_bytes = await asyncio.to_thread(spool_usage, svc.config.data.spool)
+    queue = queue_summary(await shared_spool(svc).messages())
     dns = []
     for domain in await svc.accounts.list_domains():
         last = await load_results(svc.db, domain)
         dns.append((domain, last[0] if last else None, summary(last[1]) if last else None))
     return await render(request, "console/status.html", {
         "title": "Status", "section": "status", "listeners": rows, "cert": cert, "days_left": days_left,
-        "disk": disk, "spool_files": spool_files, "spool_bytes": spool_bytes, "dns": dns,
+        "disk": disk, "queue": queue, "dns": dns,
         "mailbox_count": len(await svc.accounts.list_users()), "alias_count": len(await svc.accounts.list_aliases()),
         "ipv4": await svc.db.get_setting(SETTING_IPV4) or "", "ipv6": await svc.db.get_setting(SETTING_IPV6) or "",
         "setup_done": await setup_done(svc.db),

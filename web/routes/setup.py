@@ -20,10 +20,12 @@ from appliance import dkim_keys
 from appliance.account_errors import AccountError, AlreadyExists, WeakPassword
 from appliance.dns_check import check_domain, load_results, save_results, summary
 from appliance.dns_records import SETTING_IPV4, SETTING_IPV6, detect_public_addresses, domain_records
+from appliance.queue.relay_check import RelayCheck
 from appliance.tls import TlsManager, make_self_signed
-from web import wizard
+from web import forms, wizard
 from web.console_data import client_settings_for, dns_ports
 from web.pages import log_in, read_form, redirect, render, require, services
+from web.routes import sending
 from web.state import SETUP_DOMAIN, SETUP_DONE, reach, setup_done, setup_step
 from web.wizard import Form, Next
 
@@ -236,13 +238,35 @@ async def tls_submit(request: Request) -> Response:
     return redirect(f"/setup/{result.step}")
 
 
-# --- 5: mailboxes -------------------------------------------------------------------------------------
+# --- 5: sending mail ---------------------------------------------------------------------------------
+
+async def sending_page(request: Request, form: Form | None, check: RelayCheck | None = None) -> Response:
+    context = await sending.form_context(services(request), form, check)
+    return await _page(request, 5, "setup/sending.html", context, 400 if form and form.errors else 200)
+
+
+async def sending_submit(request: Request) -> Response:
+    svc = services(request)
+    values = await read_form(request)
+    stored = await sending.stored_relay(svc)
+    result = wizard.sending_step(values, stored=stored.relay, ca_file=stored.ca_file)
+    if isinstance(result, Form):
+        return await sending_page(request, result)
+    assert isinstance(result, Next)
+    check = await sending.apply(request, result.action, result.relay)
+    if check is not None:  # the relay test failed: nothing saved, the form again with the error
+        return await sending_page(request, Form({}, forms.relay_shown(values)), check)
+    await reach(svc.db, result.step)
+    return redirect(f"/setup/{result.step}")
+
+
+# --- 6: mailboxes -------------------------------------------------------------------------------------
 
 async def mailboxes_page(request: Request, form: Form | None) -> Response:
     svc = services(request)
     domains = await svc.accounts.list_domains()
     chosen = await svc.db.get_setting(SETUP_DOMAIN) or (domains[0] if domains else "")
-    return await _page(request, 5, "setup/mailboxes.html", {
+    return await _page(request, 6, "setup/mailboxes.html", {
         "domains": domains, "mailboxes": await svc.accounts.list_users(),
         "values": dict(form.values) if form else {"domain": chosen}, "errors": form.errors if form else {},
     }, 400 if form else 200)
@@ -269,14 +293,14 @@ async def mailboxes_submit(request: Request) -> Response:
     return redirect(f"/setup/{result.step}")
 
 
-# --- 6: done ------------------------------------------------------------------------------------------
+# --- 7: done ------------------------------------------------------------------------------------------
 
 async def done_page(request: Request, form: Form | None) -> Response:
     svc = services(request)
     if not await setup_done(svc.db):
         await svc.db.set_setting(SETUP_DONE, "1")
         await svc.events.record("setup", "first-run setup finished")
-    return await _page(request, 6, "setup/done.html", {
+    return await _page(request, 7, "setup/done.html", {
         "settings": client_settings_for(svc), "mailboxes": await svc.accounts.list_users(),
     })
 
@@ -286,8 +310,9 @@ async def done_submit(request: Request) -> Response:
     return redirect("/console")
 
 
-PAGES = {1: admin_page, 2: domain_page, 3: dns_page, 4: tls_page, 5: mailboxes_page, 6: done_page}
-POSTS = {1: admin_submit, 2: domain_submit, 3: dns_submit, 4: tls_submit, 5: mailboxes_submit, 6: done_submit}
+PAGES = {1: admin_page, 2: domain_page, 3: dns_page, 4: tls_page, 5: sending_page, 6: mailboxes_page, 7: done_page}
+POSTS = {1: admin_submit, 2: domain_submit, 3: dns_submit, 4: tls_submit, 5: sending_submit, 6: mailboxes_submit,
+         7: done_submit}
 
 routes = [
     Route("/setup", setup_index, methods=["GET"]),

@@ -31,6 +31,33 @@ document.addEventListener("DOMContentLoaded", () => {
       if (pressed && pressed.id === "check-now") {
         pressed.textContent = "Checking…";
       }
+      if (pressed && pressed.id === "test-relay") {
+        pressed.textContent = "Testing…";
+      }
+    });
+  }
+  // Sending: the relay's fields only when a relay is chosen; the port's placeholder follows the TLS mode.
+  const sending = document.getElementById("sending-form");
+  if (sending) {
+    const relayFields = document.getElementById("relay-fields");
+    const testButton = document.getElementById("test-relay");
+    const tls = document.getElementById("f-relay_tls");
+    const port = document.getElementById("f-relay_port");
+    const defaults = { starttls: "587", implicit: "465" };
+    const showRelay = () => {
+      const relay = sending.querySelector("input[name=mode][value=relay]").checked;
+      relayFields.hidden = !relay;
+      testButton.hidden = !relay;
+    };
+    for (const radio of sending.querySelectorAll("input[name=mode]")) {
+      radio.addEventListener("change", showRelay);
+    }
+    showRelay();
+    tls.addEventListener("change", () => {
+      port.placeholder = defaults[tls.value] || "587";
+      if (Object.values(defaults).includes(port.value)) {
+        port.value = port.placeholder;  // a default port follows the mode; another one is kept
+      }
     });
   }
 });
