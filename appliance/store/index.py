@@ -8,6 +8,11 @@ to memory. Files nobody indexed (copied in from another server, written by Dovec
 between rename and commit) get new UIDs in name order; vanished files drop out; flag changes made
 on disk by another program are picked up.
 
+Sizes: an entry keeps the size on disk (quota) and the size on the wire, every line end CRLF
+(RFC822.SIZE, POP3 LIST), worked out once when the file is indexed (maildir.wire_size) so that
+no SELECT reads a file. Rows indexed before the wire size was kept have none: such entries are
+measured at the folder's next listing and the value written back.
+
 Rebuild: UIDs are never reused. When the message rows are lost but the folder row is kept, the
 files get new UIDs from UIDNEXT on and UIDVALIDITY stays (no UID names two messages). When the
 folder row is lost too, the folder gets a new UIDVALIDITY (time-based, never issued before), or
@@ -45,11 +50,12 @@ class Entry:
     base: str  # the Maildir unique name
     flags: str  # upper-case Maildir letters, sorted
     keywords: tuple[str, ...]
-    size: int
+    size: int  # octets on disk
     internaldate: int
     modseq: int
     sub: str = ""  # 'new' or 'cur' once seen on disk
     filename: str = ""
+    wire: int | None = None  # octets with CRLF line ends; None until measured
     info: MessageInfo | None = None  # built on demand, dropped on any change
 
 
@@ -62,6 +68,7 @@ class Found:
     filename: str
     size: int
     mtime: int
+    wire: int | None  # None when the file could not be read: measured at a later listing
 
 
 @dataclass
@@ -73,6 +80,7 @@ class DiskChanges:
     found: list[Found] = field(default_factory=list)
     moved: list[tuple[Entry, str, str]] = field(default_factory=list)  # entry, sub, file name
     vanished: list[Entry] = field(default_factory=list)
+    measured: list[tuple[Entry, int]] = field(default_factory=list)  # entries that had no wire size
 
 
 class FolderIndex:
@@ -88,7 +96,8 @@ class FolderIndex:
         self.lock = asyncio.Lock()
         self.by_uid: dict[int, Entry] = {e.uid: e for e in entries}  # in UID order: UIDs only grow
         self.by_base: dict[str, Entry] = {e.base: e for e in entries}
-        self.bytes = sum(e.size for e in entries)
+        self.bytes = sum(e.size for e in entries)  # on disk, for the quota
+        self.unmeasured: set[int] = {e.uid for e in entries if e.wire is None}  # UIDs without a wire size
         self.keywords = Keywords()
         self.keywords_mtime = -1
         self.stamp: tuple[int, int] | None = None  # dir mtimes at the last listing
@@ -117,7 +126,7 @@ class FolderIndex:
             entry.info = MessageInfo(
                 uid=entry.uid,
                 flags=maildir.imap_flags(entry.flags, entry.keywords),
-                size=entry.size,
+                size=entry.size if entry.wire is None else entry.wire,
                 internaldate=entry.internaldate,
                 modseq=entry.modseq,
                 path=self._dirs[entry.sub] / entry.filename,
@@ -181,15 +190,42 @@ class FolderIndex:
                     else:
                         changes.vanished.append(e)
         changes.found.sort(key=lambda f: f.base)  # delivery order: unique names start with the time
+        if self.unmeasured:
+            self._measure(listing, changes)
         return changes
+
+    def _measure(self, listing: dict[str, tuple[str, str]], changes: DiskChanges) -> None:
+        """Wire sizes for entries indexed without one (by an earlier version): read once, kept."""
+        for uid in sorted(self.unmeasured):
+            entry = self.by_uid.get(uid)
+            where = listing.get(entry.base) if entry is not None else None
+            if entry is None or where is None:
+                continue  # vanished: no size needed
+            try:
+                wire = maildir.wire_size(self._dirs[where[0]] / where[1])
+            except OSError:
+                continue  # renamed meanwhile or unreadable: tried again at the next listing
+            changes.measured.append((entry, wire))
 
 
 def _found(folder: Path, base: str, sub: str, filename: str) -> Found | None:
+    """A new file with its sizes (the wire size from Dovecot's ',W=' or counted), or None when it
+    is gone already (renamed or removed meanwhile: the next listing sees where it went)."""
+    path = folder / sub / filename
+    wire = maildir.name_wire_size(base)
     try:
-        st = os.stat(folder / sub / filename)
-    except FileNotFoundError:
+        if wire is None:
+            try:
+                st, wire = maildir.measure_file(path)
+            except (FileNotFoundError, NotADirectoryError):
+                raise
+            except OSError:  # unreadable: indexed all the same, measured at a later listing
+                st = os.stat(path)
+        else:
+            st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    return Found(base, sub, filename, st.st_size, int(st.st_mtime))
+    return Found(base, sub, filename, st.st_size, int(st.st_mtime), wire)
 
 
 class Change:
@@ -204,18 +240,23 @@ class Change:
         self.updated: list[tuple[Entry, str, tuple[str, ...]]] = []  # entry, flags, keywords
         self.located: list[tuple[Entry, str, str]] = []  # entry, sub, file name (no db change)
         self.removed: list[Entry] = []
+        self.measured: list[tuple[Entry, int]] = []  # entry, wire size (no modseq: no IMAP change)
 
     def add(self, base: str, sub: str, filename: str, flags: str, keywords: tuple[str, ...], size: int,
-            internaldate: int, uid: int | None = None) -> Entry:
+            internaldate: int, uid: int | None = None, *, wire: int | None = None) -> Entry:
         """A new message with the next UID, or with `uid` (adopted from Dovecot) when that is above
-        every UID in the folder; UIDs only grow (RFC 3501 2.3.1.1)."""
+        every UID in the folder; UIDs only grow (RFC 3501 2.3.1.1). `wire` is its size with CRLF line
+        ends; None leaves it to be measured at the next listing."""
         if uid is None or uid <= self.last_uid:
             uid = max(self.uidnext, self.last_uid + 1)
         self.last_uid = uid
         self.uidnext = max(self.uidnext, uid + 1)
-        entry = Entry(uid, base, flags, keywords, size, internaldate, self.modseq, sub, filename)
+        entry = Entry(uid, base, flags, keywords, size, internaldate, self.modseq, sub, filename, wire)
         self.added.append(entry)
         return entry
+
+    def measure(self, entry: Entry, wire: int) -> None:
+        self.measured.append((entry, wire))
 
     def update(self, entry: Entry, flags: str, keywords: tuple[str, ...]) -> None:
         if (flags, keywords) != (entry.flags, entry.keywords):
@@ -229,17 +270,26 @@ class Change:
 
     @property
     def writes(self) -> bool:
+        """Whether the folder's messages change (a new mod-sequence; sessions are told)."""
         return bool(self.added or self.updated or self.removed)
+
+    @property
+    def pending(self) -> bool:
+        """Whether there is anything to write or apply at all."""
+        return self.writes or bool(self.located or self.measured)
 
     async def write(self, tx: aiosqlite.Connection) -> None:
         f = self.folder
+        if self.measured:
+            await tx.executemany("UPDATE messages SET wire_size = ? WHERE folder_id = ? AND uid = ?",
+                                 [(wire, f.id, e.uid) for e, wire in self.measured])
         if not self.writes:
             return
         if self.added:
             await tx.executemany(
-                "INSERT INTO messages (folder_id, uid, basename, flags, keywords, size, internaldate, modseq)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(f.id, e.uid, e.base, e.flags, " ".join(e.keywords), e.size, e.internaldate, e.modseq)
+                "INSERT INTO messages (folder_id, uid, basename, flags, keywords, size, wire_size, internaldate,"
+                " modseq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(f.id, e.uid, e.base, e.flags, " ".join(e.keywords), e.size, e.wire, e.internaldate, e.modseq)
                  for e in self.added],
             )
         if self.updated:
@@ -260,26 +310,32 @@ class Change:
             entry.sub, entry.filename, entry.info = sub, filename, None
         for entry, flags, keywords in self.updated:
             entry.flags, entry.keywords, entry.modseq, entry.info = flags, keywords, self.modseq, None
+        for entry, wire in self.measured:
+            entry.wire, entry.info = wire, None
+            f.unmeasured.discard(entry.uid)
         for entry in self.removed:
             if f.by_uid.pop(entry.uid, None) is not None:
                 del f.by_base[entry.base]
                 f.bytes -= entry.size
                 f.unclaimed.discard(entry.uid)
+                f.unmeasured.discard(entry.uid)
         for entry in self.added:
             f.by_uid[entry.uid] = entry
             f.by_base[entry.base] = entry
             f.bytes += entry.size
+            if entry.wire is None:
+                f.unmeasured.add(entry.uid)
         if self.writes:
             f.uidnext = self.uidnext
             f.highestmodseq = self.modseq
-        if self.writes or self.located:
+        if self.pending:
             f.invalidate()
 
 
 async def commit(db: Database, changes: Sequence[Change]) -> None:
     """Write several folders' changes in one transaction; memory follows only after the commit."""
-    changes = [c for c in changes if c.writes or c.located]
-    if any(c.writes for c in changes):
+    changes = [c for c in changes if c.pending]
+    if any(c.writes or c.measured for c in changes):
         async with db.transaction() as tx:
             for change in changes:
                 await change.write(tx)
@@ -332,8 +388,8 @@ async def _note_uidvalidity(tx: aiosqlite.Connection, value: int) -> None:
 
 async def load_entries(db: Database, folder_id: int) -> list[Entry]:
     rows = await db.fetchall(
-        "SELECT uid, basename, flags, keywords, size, internaldate, modseq FROM messages"
+        "SELECT uid, basename, flags, keywords, size, internaldate, modseq, wire_size FROM messages"
         " WHERE folder_id = ? ORDER BY uid",
         (folder_id,),
     )
-    return [Entry(r[0], r[1], r[2], tuple(r[3].split()), r[4], r[5], r[6]) for r in rows]
+    return [Entry(r[0], r[1], r[2], tuple(r[3].split()), r[4], r[5], r[6], wire=r[7]) for r in rows]

@@ -11,6 +11,9 @@ other's Maildir:
   (`<index> <name>` per line, 'a' = 0), exactly as Dovecot keeps them.
 - A message is written to tmp/, fsynced, renamed into new/ (or cur/) and the directory fsynced:
   a reader never sees a partial file, and a crash leaves at most debris in tmp/.
+- A message's size on the wire (IMAP RFC822.SIZE, POP3 LIST) has every line end as CRLF, while
+  files other programs write may use bare LF: Dovecot puts that size in the name as ',W=<size>'
+  (',S=<size>' is the size on disk); without it the bare LFs are counted (`wire_size`).
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ import shutil
 import socket
 import string
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,6 +41,7 @@ UIDLIST_FILE = "dovecot-uidlist"
 TRASH_DIR = ".DOVECOT-TRASHED"  # Dovecot's name for a folder being deleted; both skip it
 KEYWORD_LETTERS = string.ascii_lowercase  # Maildir has room for 26 keywords per folder
 MAX_DIRNAME = 255  # NAME_MAX: the whole '.A.B' directory name must fit
+WIRE_CHUNK = 1024 * 1024  # octets read at once while counting a message's line ends
 
 # RFC 3501 2.3.2 system flags and their Maildir letters. 'P' (passed/forwarded) has no IMAP flag;
 # it stays in the file name untouched.
@@ -112,6 +116,17 @@ def split_filename(filename: str) -> tuple[str, str]:
     if sep and info.startswith("2,"):
         return base, info[2:]
     return base, ""
+
+
+def name_wire_size(base: str) -> int | None:
+    """Dovecot's ',W=<size>' in a unique name (the size with CRLF line ends), or None."""
+    if ",W=" not in base:
+        return None
+    for part in base.split(",")[1:]:  # the host is before the first ',' (its own commas are \054)
+        digits = part[2:]
+        if part.startswith("W=") and digits.isascii() and digits.isdigit():
+            return int(digits)
+    return None
 
 
 def cur_filename(base: str, letters: str) -> str:
@@ -434,6 +449,47 @@ def copy_message(src: Path, job: WriteJob) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def bare_lfs(data: bytes, prev_cr: bool = False) -> int:
+    """How many LFs of `data` have no CR before them; `prev_cr`: the octet before `data` was a CR
+    (a CRLF cut in two by a read)."""
+    lfs = data.count(b"\n")
+    if not lfs:
+        return 0
+    bare = lfs - data.count(b"\r\n")
+    if prev_cr and data[:1] == b"\n":
+        bare -= 1
+    return bare
+
+
+def count_wire_size(read: Callable[[int], bytes], chunk: int = WIRE_CHUNK) -> int:
+    """The size of a message with every bare LF written as CRLF, read in chunks through `read(n)`
+    (a file's read, or os.read on a descriptor; b'' at the end): a 50 MB message is never held
+    whole. A lone CR stays one octet, as the protocols send it."""
+    size = bare = 0
+    prev_cr = False
+    while data := read(chunk):
+        size += len(data)
+        bare += bare_lfs(data, prev_cr)
+        prev_cr = data[-1] == 0x0D
+    return size + bare
+
+
+def measure_file(path: Path) -> tuple[os.stat_result, int]:
+    """A message file's stat and its counted wire size, from one open. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.fstat(fd), count_wire_size(partial(os.read, fd))
+    finally:
+        os.close(fd)
+
+
+def wire_size(path: Path) -> int:
+    """A message file's size on the wire: ',W=' in its name when there, else counted from the file.
+    Raises OSError (FileNotFoundError when it is gone)."""
+    known = name_wire_size(split_filename(path.name)[0])
+    return known if known is not None else measure_file(path)[1]
 
 
 def dir_stamp(folder: Path) -> tuple[int, int]:

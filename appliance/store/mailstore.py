@@ -494,16 +494,21 @@ class MailStore:
                     change.update(entry, *maildir.decode_letters(letters, f.keywords))
         for entry in found.vanished:
             change.remove(entry)
+        for entry, wire in found.measured:
+            change.measure(entry, wire)
         uidlist, f.uidlist = f.uidlist, None
         adopted = uidlist.uids if uidlist is not None and not f.by_uid else {}
         newcomers = sorted(found.found, key=lambda x: (adopted.get(x.base, 2**32), x.base))
         for new in newcomers:
             flags, names = maildir.decode_letters(maildir.split_filename(new.filename)[1], f.keywords)
-            change.add(new.base, new.sub, new.filename, flags, names, new.size, new.mtime, adopted.get(new.base))
+            change.add(new.base, new.sub, new.filename, flags, names, new.size, new.mtime, adopted.get(new.base),
+                       wire=new.wire)
         await index.commit(self._db, [change])
         f.stamp, f.dirty = found.stamp, found.dirty
         if newcomers or found.vanished:
             log.info("store: %s %s: %d files indexed, %d gone", mb.key, f.name, len(newcomers), len(found.vanished))
+        if found.measured:
+            log.info("store: %s %s: wire sizes of %d messages indexed before", mb.key, f.name, len(found.measured))
         return change.writes
 
     async def _claim(self, f: FolderIndex) -> frozenset[int]:
@@ -543,6 +548,7 @@ class MailStore:
                    internaldate: int | None) -> list[int | StoreError]:
         """Write one copy into each target folder and index them all in one transaction."""
         size = len(data)
+        wire = size + maildir.bare_lfs(data)  # RFC822.SIZE and POP3 sizes count CRLF line ends
         date = internaldate if internaldate is not None else int(time.time())
         system, keywords = maildir.split_flags(flags)
         outcomes: list[int | StoreError | None] = [None] * len(targets)
@@ -591,7 +597,7 @@ class MailStore:
                         continue
                     job, names = jobs[i]
                     change = changes.setdefault(f.id, Change(f))
-                    entries[i] = change.add(job.base, job.sub, job.filename, system, names, size, date)
+                    entries[i] = change.add(job.base, job.sub, job.filename, system, names, size, date, wire=wire)
                 try:
                     await index.commit(self._db, list(changes.values()))
                 except Exception:
@@ -662,7 +668,8 @@ class MailStore:
             if not ok:
                 src.dirty = True
                 continue
-            new = in_change.add(job.base, "cur", job.filename, e.flags, e.keywords, e.size, e.internaldate)
+            new = in_change.add(job.base, "cur", job.filename, e.flags, e.keywords, e.size, e.internaldate,
+                                wire=e.wire)
             pairs.append((e.uid, new.uid))
             if move:
                 out_change.remove(e)

@@ -29,7 +29,7 @@ class FolderExists(StoreError): ...
 class MessageInfo:
     uid: int
     flags: frozenset[str]  # IMAP names: \Seen \Answered \Flagged \Deleted \Draft, plus keywords
-    size: int  # bytes on disk (CRLF as stored)
+    size: int  # octets on the wire: every line end CRLF (RFC822.SIZE, POP3 LIST), whatever the file has
     internaldate: int  # unix seconds
     modseq: int
     path: Path  # the file as it is now (its name changes with flags; re-read after a flag change)

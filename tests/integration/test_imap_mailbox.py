@@ -12,6 +12,7 @@ import pytest
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
+from appliance.imap import fetch as fetching
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
 
@@ -332,9 +333,6 @@ def test_unexpected_error_is_a_bye_not_a_traceback(imap_box: BoxHandle, monkeypa
         raw.close()
 
 
-@pytest.mark.xfail(strict=True, reason="store: MessageInfo.size is the size on disk; for a Maildir file with "
-                   "bare LF line ends (Dovecot writes those) RFC822.SIZE must be the CRLF size (W= in "
-                   "Dovecot's file name, or counted when indexing)")
 def test_rfc822_size_of_a_file_with_bare_lf(imap_box: BoxHandle, client: IMAPClient) -> None:
     client.select_folder("INBOX")  # the Maildir exists
     data = message(5).replace(b"\r\n", b"\n")
@@ -345,3 +343,57 @@ def test_rfc822_size_of_a_file_with_bare_lf(imap_box: BoxHandle, client: IMAPCli
     item = client.fetch([uid], ["RFC822.SIZE", "BODY.PEEK[]"])[uid]
     assert item[b"BODY[]"] == message(5)
     assert item[b"RFC822.SIZE"] == len(message(5))
+
+
+def crlf(data: bytes) -> bytes:
+    """As the wire has it: every LF without a CR before it written as CRLF."""
+    return re.sub(rb"(?<!\r)\n", b"\r\n", data)
+
+
+def fetch_whole(raw: RawImap, uid: int) -> tuple[int, bytes]:
+    """(RFC822.SIZE, BODY[] content) of one message, read by the literal length the server announced."""
+    reply = raw.command(b"f", b"UID FETCH %d (RFC822.SIZE BODY.PEEK[])" % uid)
+    assert reply[-1].startswith(b"f OK"), reply[-1]
+    [line] = [r for r in reply if r.startswith(b"* ") and b" FETCH (" in r]
+    size = re.search(rb"RFC822\.SIZE (\d+)", line)
+    literal = re.search(rb"BODY\[\] \{(\d+)\}\r\n", line)
+    assert size is not None and literal is not None, line[:200]
+    content = line[literal.end():literal.end() + int(literal[1])]
+    assert line[literal.end() + len(content):][:1] in (b")", b" ")  # the literal ended where it said
+    return int(size[1]), content
+
+
+def test_rfc822_size_and_body_of_bare_lf_files_without_w_size(imap_box: BoxHandle, client: IMAPClient) -> None:
+    client.select_folder("INBOX")  # the Maildir exists
+    small = b"Subject: mixed\n\r\nCRLF line\r\nLF line\n\nlone\rCR\n"
+    large = b"Subject: large\n\n" + b"".join(b"line %06d of a long message\n" % i for i in range(20_000))
+    assert len(crlf(large)) > fetching.INLINE_LITERAL  # sent as a streamed literal
+    cur = imap_box.data.mail / "example.test" / "alice" / "cur"
+    (cur / f"1700000000.M1P1.other,S={len(small)}:2,S").write_bytes(small)
+    (cur / f"1700000001.M1P1.other,S={len(large)}:2,S").write_bytes(large)
+    raw = RawImap(imap_box.port("imaps"), imap_box.client_context)
+    try:
+        raw.login(USER, PASSWORD)
+        assert raw.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        for uid, data in ((1, small), (2, large)):
+            size, content = fetch_whole(raw, uid)
+            assert content == crlf(data)
+            assert size == len(crlf(data))
+    finally:
+        raw.close()
+
+
+def test_append_and_copy_of_a_bare_lf_message_keep_the_wire_size(imap_box: BoxHandle) -> None:
+    data = b"Subject: appended with LF\n\nfirst\nsecond\r\nthird\n"
+    raw = RawImap(imap_box.port("imaps"), imap_box.client_context)
+    try:
+        raw.login(USER, PASSWORD)
+        raw.send(b"a APPEND INBOX {%d+}\r\n%s\r\n" % (len(data), data))
+        assert raw.until_tagged(b"a")[-1].startswith(b"a OK [APPENDUID ")
+        assert raw.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        assert fetch_whole(raw, 1) == (len(crlf(data)), crlf(data))
+        assert raw.command(b"c", b"UID COPY 1 Archive")[-1].startswith(b"c OK")
+        assert raw.command(b"s2", b"SELECT Archive")[-1].startswith(b"s2 OK")
+        assert fetch_whole(raw, 1) == (len(crlf(data)), crlf(data))
+    finally:
+        raw.close()

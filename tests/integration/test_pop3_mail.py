@@ -208,6 +208,26 @@ def test_foreign_message_with_bare_lf_is_sent_with_crlf(pop_box: BoxHandle) -> N
         client.quit()
 
 
+def test_list_size_of_a_bare_lf_message_is_what_retr_sends(pop_box: BoxHandle) -> None:
+    deliver(pop_box, message(1))  # makes the Maildir
+    content = b"Subject: lf only\n\n.dot stuffed on the wire\nbody\n..two dots\n\nend\n"
+    expected = content.replace(b"\n", b"\r\n")  # only bare LFs: each becomes CRLF
+    new = pop_box.data.mail / "example.test" / "alice" / "new"
+    (new / f"1700000000.M1P1.elsewhere,S={len(content)}").write_bytes(content)
+    client = pop3s(pop_box)
+    try:
+        assert client.stat() == (2, len(message(1)) + len(expected))
+        assert client.list(2).split() == [b"+OK", b"2", str(len(expected)).encode()]
+        _, listing, _ = client.list()
+        assert listing[1] == b"2 %d" % len(expected)
+        response, lines, octets = client.retr(2)
+        # poplib counts the octets with CRLF and without the dot-stuffing: the message as RFC 1939 sizes it.
+        assert octets == len(expected) and response.split()[1] == str(len(expected)).encode()
+        assert b"".join(line + b"\r\n" for line in lines) == expected
+    finally:
+        client.quit()
+
+
 def test_message_removed_by_imap_meanwhile_gets_err(pop_box: BoxHandle) -> None:
     uid = deliver(pop_box, message(1))
     client = pop3s(pop_box)

@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
+
 from appliance.db import Database
 from appliance.store import index, maildir
 from appliance.store.index import Change, FolderIndex
@@ -64,9 +66,11 @@ async def sync(db: Database, f: FolderIndex) -> Change:
         change.update(entry, *maildir.decode_letters(maildir.split_filename(filename)[1], f.keywords))
     for entry in found.vanished:
         change.remove(entry)
+    for entry, wire in found.measured:
+        change.measure(entry, wire)
     for new in found.found:
         flags, names = maildir.decode_letters(maildir.split_filename(new.filename)[1], f.keywords)
-        change.add(new.base, new.sub, new.filename, flags, names, new.size, new.mtime)
+        change.add(new.base, new.sub, new.filename, flags, names, new.size, new.mtime, wire=new.wire)
     await index.commit(db, [change])
     f.stamp, f.dirty = found.stamp, found.dirty
     return change
@@ -214,5 +218,126 @@ def test_a_new_row_for_a_stale_name_gets_a_new_uidvalidity(tmp_path: Path) -> No
             await index.insert_folder(tx, 1, "Old")
         row = await index.folder_row(db, 1, "Old")
         assert row is not None and row[1] != f.uidvalidity
+
+    run(tmp_path, body)
+
+
+# --- wire sizes (RFC822.SIZE, POP3 LIST: every line end CRLF) ------------------------------------
+
+LF_ONLY = b"Subject: lf\n\nline one\nline two\n"
+MIXED = b"Subject: mixed\r\n\r\ncrlf\r\nlf\n\nlone cr\rend\r\n"
+
+
+def test_files_found_get_their_wire_size(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    maildir.make_maildir(folder, folder=False)
+    drop(folder, "1.a.host", sub="new", data=LF_ONLY)
+    drop(folder, "2.b.host:2,S", data=MIXED)
+    drop(folder, "3.c.host:2,", data=b"Subject: crlf\r\n\r\nbody\r\n")
+    # Dovecot's W= is believed without reading the file (here it does not even match the content).
+    drop(folder, f"4.d.host,S={len(LF_ONLY)},W=1000:2,S", data=LF_ONLY)
+
+    async def body(db: Database) -> None:
+        f = await open_folder(db, folder)
+        await sync(db, f)
+        sizes = [m.size for m in f.messages()]
+        assert sizes == [len(LF_ONLY) + 4, len(MIXED) + 2, 23, 1000]
+        assert f.bytes == sum(os.stat(m.path).st_size for m in f.messages())  # the quota counts the disk
+        rows = await db.fetchall("SELECT size, wire_size FROM messages ORDER BY uid")
+        assert [tuple(r) for r in rows] == [(len(LF_ONLY), sizes[0]), (len(MIXED), sizes[1]), (23, 23),
+                                            (len(LF_ONLY), 1000)]
+        again = await open_folder(db, folder)  # after a restart: from the db, no file read
+        assert not again.unmeasured
+        await sync(db, again)
+        assert [m.size for m in again.messages()] == sizes
+
+    run(tmp_path, body)
+
+
+def test_rows_indexed_without_a_wire_size_are_measured_once(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    maildir.make_maildir(folder, folder=False)
+    drop(folder, "1.a.host:2,S", data=LF_ONLY)
+    drop(folder, "2.b.host:2,", data=MIXED)
+    drop(folder, "3.c.host", sub="new", data=b"x\r\n")
+
+    async def body(db: Database) -> None:
+        f = await open_folder(db, folder)
+        await sync(db, f)
+        await db.execute("UPDATE messages SET wire_size = NULL")  # as an earlier version left them
+        os.unlink(folder / "new" / "3.c.host")  # one of them gone meanwhile
+        old = await open_folder(db, folder)
+        assert old.unmeasured == {1, 2, 3}
+        modseq = old.highestmodseq
+        change = await sync(db, old)
+        assert sorted((e.uid, w) for e, w in change.measured) == [(1, len(LF_ONLY) + 4), (2, len(MIXED) + 2)]
+        assert [e.uid for e in change.removed] == [3]
+        assert [m.size for m in old.messages()] == [len(LF_ONLY) + 4, len(MIXED) + 2]
+        assert not old.unmeasured and old.highestmodseq == modseq + 1  # the expunge; measuring is no change
+        rows = await db.fetchall("SELECT uid, wire_size FROM messages ORDER BY uid")
+        assert [tuple(r) for r in rows] == [(1, len(LF_ONLY) + 4), (2, len(MIXED) + 2)]
+        age(folder)
+        quiet = await sync(db, old)
+        assert not quiet.measured and not quiet.pending
+
+    run(tmp_path, body)
+
+
+def test_measuring_alone_writes_no_new_modseq(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    maildir.make_maildir(folder, folder=False)
+    drop(folder, "1.a.host:2,S", data=LF_ONLY)
+
+    async def body(db: Database) -> None:
+        await sync(db, await open_folder(db, folder))
+        await db.execute("UPDATE messages SET wire_size = NULL")
+        f = await open_folder(db, folder)
+        change = await sync(db, f)
+        assert change.measured and not change.writes
+        row = await index.folder_row(db, 1, "INBOX")
+        assert row is not None and row[3] == f.highestmodseq == 2
+        assert f.messages()[0].modseq == 2 and f.messages()[0].size == len(LF_ONLY) + 4
+
+    run(tmp_path, body)
+
+
+def test_a_new_entry_without_a_wire_size_is_measured_at_the_next_listing(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    maildir.make_maildir(folder, folder=False)
+
+    async def body(db: Database) -> None:
+        f = await open_folder(db, folder)
+        await sync(db, f)
+        drop(folder, "1.a.host:2,", data=LF_ONLY)
+        change = Change(f)
+        change.add("1.a.host", "cur", "1.a.host:2,", "", (), len(LF_ONLY), 0)  # a copy of an unmeasured one
+        await index.commit(db, [change])
+        assert f.unmeasured == {1}
+        f.dirty = True
+        await sync(db, f)
+        assert not f.unmeasured and f.messages()[0].size == len(LF_ONLY) + 4
+
+    run(tmp_path, body)
+
+
+def test_an_unreadable_file_is_indexed_and_measured_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "m"
+    maildir.make_maildir(folder, folder=False)
+    drop(folder, "1.a.host:2,", data=LF_ONLY)
+
+    def unreadable(path: Path) -> tuple[os.stat_result, int]:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    async def body(db: Database) -> None:
+        f = await open_folder(db, folder)
+        with monkeypatch.context() as m:
+            m.setattr(maildir, "measure_file", unreadable)
+            change = await sync(db, f)
+        assert [e.uid for e in change.added] == [1] and f.unmeasured == {1}
+        assert f.messages()[0].size == len(LF_ONLY)  # the disk size until it can be read
+        f.dirty = True
+        change = await sync(db, f)
+        assert [(e.uid, w) for e, w in change.measured] == [(1, len(LF_ONLY) + 4)]
+        assert f.messages()[0].size == len(LF_ONLY) + 4
 
     run(tmp_path, body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -212,3 +213,61 @@ def test_open_message_follows_a_rename(tmp_path: Path) -> None:
         assert f.read() == b"body"
     with pytest.raises(FileNotFoundError):
         maildir.open_message(tmp_path / "cur" / "other:2,")
+
+
+# --- wire sizes -----------------------------------------------------------------------------------
+
+def crlf(data: bytes) -> bytes:
+    """The reference: every LF without a CR before it written as CRLF."""
+    return re.sub(rb"(?<!\r)\n", b"\r\n", data)
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"x", b"a\r\nb\r\n", b"a\nb\n", b"\n\n\n", b"a\r\nb\nc\r\n\n", b"\r\n\n\r\r\n", b"lone\rcr\r",
+    b"no end of line\n last",
+])
+def test_bare_lfs_are_counted(data: bytes) -> None:
+    assert len(data) + maildir.bare_lfs(data) == len(crlf(data))
+    assert maildir.count_wire_size(io.BytesIO(data).read) == len(crlf(data))
+
+
+def test_a_crlf_cut_by_a_chunk_boundary_is_one_line_end() -> None:
+    data = b"ab\r\ncd\ne\r\n"
+    for chunk in range(1, len(data) + 1):  # every cut, including between CR and LF at offsets 3 and 10
+        assert maildir.count_wire_size(io.BytesIO(data).read, chunk) == len(data) + 1, chunk
+    assert maildir.bare_lfs(b"\nx\n", prev_cr=True) == 1
+    assert maildir.bare_lfs(b"\nx\n", prev_cr=False) == 2
+    # A CR ending one chunk and a CR starting the next: the LF after the second is not bare.
+    assert maildir.count_wire_size(io.BytesIO(b"a\r\r\nb\n").read, 2) == len(crlf(b"a\r\r\nb\n"))
+
+
+@given(st.binary(max_size=200).map(lambda b: bytes(b"\r\nx"[c % 3] for c in b)), st.integers(1, 17))
+def test_counting_in_chunks_matches_the_whole(data: bytes, chunk: int) -> None:
+    assert maildir.count_wire_size(io.BytesIO(data).read, chunk) == len(crlf(data))
+
+
+def test_a_large_file_is_counted_in_chunks(tmp_path: Path) -> None:
+    line = b"0123456789" * 7 + b"\n"
+    data = bytearray(line * 50_000)  # about 3.5 MB: several chunks
+    data[maildir.WIRE_CHUNK - 1:maildir.WIRE_CHUNK + 1] = b"\r\n"  # a CRLF across the first boundary
+    path = tmp_path / "1700000000.M1P1.other,S=3550000:2,S"
+    path.write_bytes(bytes(data))
+    assert maildir.wire_size(path) == len(crlf(bytes(data)))
+    crlf_only = tmp_path / "crlf"
+    crlf_only.write_bytes(crlf(bytes(data)))
+    assert maildir.wire_size(crlf_only) == os.path.getsize(crlf_only)
+
+
+def test_dovecots_w_size_in_the_name_is_used_without_reading() -> None:
+    assert maildir.name_wire_size("1700000000.M1P1.host,S=100,W=104") == 104
+    assert maildir.name_wire_size("1700000000.M1P1.host,W=104,S=100") == 104
+    assert maildir.name_wire_size("1700000000.M1P1.host,S=100") is None
+    assert maildir.name_wire_size("1700000000.M1P1.host") is None
+    assert maildir.name_wire_size("1700000000.M1P1.host,W=") is None
+    assert maildir.name_wire_size("1700000000.M1P1.host,W=1x") is None
+    assert maildir.name_wire_size("1700000000.M1P1.host,W=\u00b2") is None  # isdigit() but no number
+    assert maildir.name_wire_size("1700000000.M1P1.host\\054W=5,S=4") is None  # an escaped comma of the host
+    # The info after ':2,' is not part of the unique name; the file need not be read (nor exist).
+    assert maildir.wire_size(Path("/nonexistent/cur/1.M1P1.host,S=10,W=12:2,S")) == 12
+    with pytest.raises(FileNotFoundError):
+        maildir.wire_size(Path("/nonexistent/cur/1.M1P1.host,S=10:2,S"))
