@@ -7,7 +7,6 @@ TRANSACTION state removes it (the UPDATE state). Pure bookkeeping: no store, no 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,24 +16,15 @@ from appliance.store.model import MessageInfo
 
 MAX_MESSAGE_NUMBER_DIGITS = 10
 # Dovecot's Maildir names may carry ',W=<n>': the size with CRLF line ends (the size on the wire).
-_WIRE_SIZE = re.compile(r",W=(\d+)")
 
 
 @dataclass(frozen=True)
 class DropMessage:
     number: int
     uid: int
-    size: int  # octets on the wire, CRLF line ends, before dot-stuffing (RFC 1939 11)
+    size: int  # octets on the wire, CRLF line ends, before dot-stuffing (RFC 1939 11): the store's size
     path: Path
     unique_id: str  # RFC 1939 7 UIDL
-
-
-def wire_size(info: MessageInfo) -> int:
-    """Letterbox stores CRLF, so the file size is the wire size; a foreign file named with ',W=' says
-    its CRLF size. A foreign file with bare LF and no ',W=' is counted as stored (RFC 1939 11 allows
-    the size to be worked out at login, but reading 10,000 files per login is not worth it)."""
-    found = _WIRE_SIZE.search(info.path.name.split(":", 1)[0])
-    return int(found.group(1)) if found else info.size
 
 
 def unique_id(uidvalidity: int, uid: int) -> str:
@@ -47,7 +37,7 @@ class Maildrop:
     def __init__(self, uidvalidity: int, messages: Sequence[MessageInfo]) -> None:
         self.uidvalidity = uidvalidity
         self.messages = tuple(
-            DropMessage(n, info.uid, wire_size(info), info.path, unique_id(uidvalidity, info.uid))
+            DropMessage(n, info.uid, info.size, info.path, unique_id(uidvalidity, info.uid))
             for n, info in enumerate(messages, start=1)
         )
         self.deleted: set[int] = set()  # message numbers marked by DELE

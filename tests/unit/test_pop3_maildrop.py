@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.pop3.maildrop import Maildrop, parse_number, unique_id, wire_size
+from appliance.pop3.maildrop import Maildrop, parse_number, unique_id
 from appliance.pop3.replies import Pop3Err
 from appliance.store.model import MessageInfo
 
@@ -58,11 +58,6 @@ def test_parse_number() -> None:
     assert parse_number("0") == 0 and parse_number("0042") == 42
     with pytest.raises(Pop3Err):
         parse_number("12345678901")
-
-
-def test_wire_size_prefers_dovecots_crlf_size() -> None:
-    assert wire_size(info(1, 100, "1700000000.M1P1.host,S=100,W=104:2,S")) == 104
-    assert wire_size(info(1, 100)) == 100
 
 
 def test_unique_ids_are_printable_and_short() -> None:
