@@ -3,7 +3,7 @@
 For each size: LOGIN+SELECT the first time (the index is built from the Maildir files, as after a
 copy from another server), LOGIN+SELECT again, `UID FETCH 1:* (UID FLAGS)`, `FETCH 1:* (ENVELOPE
 BODYSTRUCTURE)`, one SEARCH on a header (reads every file) and one on flags (index only), and the
-server's peak RSS. LOGIN is timed apart from SELECT: it is one argon2id hash, slow on purpose. Targets (issue 4): SELECT under 50 ms after the first open, the FLAGS fetch under
+server's peak RSS. LOGIN is timed apart from SELECT: it is one argon2id hash, slow on purpose. Targets (issue 4): SELECT under 50 ms after the first open (the median of 5), the FLAGS fetch under
 200 ms at 10k, cost growing no faster than linearly with the folder size.
 Usage: python bench/imap.py [--sizes 1000,10000,100000]
 """
@@ -113,8 +113,12 @@ async def measure(port: int, size: int) -> dict[str, float]:
             await client.close()
             continue
         results["LOGIN (argon2id)"] = login
-        results["SELECT"] = select
         results["connect+TLS+LOGIN+SELECT"] = time.perf_counter() - started
+        # Steady state: a folder whose files changed within the last 2 s is listed again (same-tick
+        # changes, appliance/store/index.py), so one SELECT soon after the first open can pay that.
+        reselects = sorted([select] + [(await timed(client, "SELECT INBOX"))[0] for _ in range(4)])
+        results["SELECT (median of 5)"] = reselects[2]
+        results["SELECT (slowest of 5)"] = reselects[-1]
     seconds, count = await timed(client, "UID FETCH 1:* (UID FLAGS)")
     assert count == size, (count, size)
     results["UID FETCH 1:* (UID FLAGS)"] = seconds
