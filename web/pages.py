@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from appliance.account_errors import AccountError
 from web.security import CSRF_FIELD, csrf_ok, csrf_token
 from web.session import LOGIN_MAX_SECONDS
 
@@ -137,6 +138,19 @@ def flash(request: Request, message: str) -> None:
 
 def redirect(path: str) -> RedirectResponse:
     return RedirectResponse(path, status_code=303)
+
+
+async def removed(request: Request, removal: Awaitable[object], *, what: str, verb: str, back: str) -> Response:
+    """The POST after a confirmation page: remove, record the event, say so, back to the list. An
+    AccountError (e.g. a domain that still has mailboxes) is shown instead, nothing recorded."""
+    try:
+        await removal
+    except AccountError as exc:
+        flash(request, f"Not {verb}: {exc}")
+        return redirect(back)
+    await services(request).events.record("web", f"{what} {verb}")
+    flash(request, f"{what[:1].upper()}{what[1:]} {verb}.")
+    return redirect(back)
 
 
 async def render(

@@ -13,7 +13,7 @@ from appliance.dns_check import load_results
 from appliance.dns_records import SETTING_IPV4, SETTING_IPV6, domain_records
 from web import forms, wizard
 from web.console_data import dns_ports
-from web.pages import flash, read_form, redirect, render, require, services
+from web.pages import flash, read_form, redirect, removed, render, require, services
 from web.routes.setup import run_check, save_addresses
 
 
@@ -97,14 +97,8 @@ async def domain_delete(request: Request) -> Response:
             "detail": "Only a domain without mailboxes and aliases can be removed.", "back": "/console/domains",
         })
     await read_form(request)
-    try:
-        await svc.accounts.remove_domain(domain)
-    except AccountError as exc:
-        flash(request, f"Not removed: {exc}")
-        return redirect("/console/domains")
-    await svc.events.record("web", f"domain {domain} removed")
-    flash(request, f"Domain {domain} removed.")
-    return redirect("/console/domains")
+    return await removed(request, svc.accounts.remove_domain(domain), what=f"domain {domain}", verb="removed",
+                         back="/console/domains")
 
 
 routes = [

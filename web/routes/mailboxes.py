@@ -13,7 +13,7 @@ from appliance.account_errors import AccountError, AlreadyExists, InvalidAddress
 from appliance.accounts import MailboxInfo
 from appliance.store.model import StoreError
 from web import forms
-from web.pages import flash, read_form, redirect, render, require, services
+from web.pages import flash, read_form, redirect, removed, render, require, services
 
 MAX_USAGE_LOOKUPS = 200  # the list shows usage for this many mailboxes; the rest on their own page
 
@@ -139,15 +139,8 @@ async def mailbox_delete(request: Request) -> Response:
             "back": f"/console/mailboxes/{info.address}",
         })
     await read_form(request)
-    svc = services(request)
-    try:
-        await svc.accounts.remove_user(info.address)
-    except AccountError as exc:
-        flash(request, f"Not deleted: {exc}")
-        return redirect("/console/mailboxes")
-    await svc.events.record("web", f"mailbox {info.address} deleted")
-    flash(request, f"Mailbox {info.address} deleted.")
-    return redirect("/console/mailboxes")
+    return await removed(request, services(request).accounts.remove_user(info.address),
+                         what=f"mailbox {info.address}", verb="deleted", back="/console/mailboxes")
 
 
 # --- aliases ------------------------------------------------------------------------------------------
@@ -232,15 +225,8 @@ async def alias_delete(request: Request) -> Response:
             "detail": f"Mail to it will no longer reach {', '.join(targets)}.", "back": "/console/aliases",
         })
     await read_form(request)
-    svc = services(request)
-    try:
-        await svc.accounts.remove_alias(source)
-    except AccountError as exc:
-        flash(request, f"Not deleted: {exc}")
-        return redirect("/console/aliases")
-    await svc.events.record("web", f"alias {source} deleted")
-    flash(request, f"Alias {source} deleted.")
-    return redirect("/console/aliases")
+    return await removed(request, services(request).accounts.remove_alias(source),
+                         what=f"alias {source}", verb="deleted", back="/console/aliases")
 
 
 routes = [
