@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from appliance.account_errors import AccountError
+from web.forms import check_password, secret
 from web.security import CSRF_FIELD, csrf_ok, csrf_token
 from web.session import LOGIN_MAX_SECONDS
 
@@ -129,6 +130,31 @@ async def read_form(request: Request) -> dict[str, str]:
     if not csrf_ok(request.session, values.get(CSRF_FIELD)):
         raise HTTPException(403, "This form has expired or came from another site. Reload the page and try again.")
     return values
+
+
+def peer(request: Request) -> str:
+    """The client's address, as the auth throttle and the log know it."""
+    return request.client.host if request.client else "unknown"
+
+
+async def change_own_password(
+    values: Mapping[str, str],
+    name: str,
+    verify: Callable[[str], Awaitable[object | None]],
+    store: Callable[[str], Awaitable[object]],
+) -> dict[str, str]:
+    """The "your password" form of users and admins: the current password must verify (through the
+    throttled auth service), the new one pass the strength check; errors by field, {} once stored."""
+    if await verify(secret(values, "current")) is None:
+        return {"current": "this is not your current password"}
+    password = secret(values, "password")
+    errors = check_password(password, secret(values, "password2"), name)
+    if not errors:
+        try:
+            await store(password)
+        except AccountError as exc:
+            errors = {"password": str(exc)}
+    return errors
 
 
 def flash(request: Request, message: str) -> None:

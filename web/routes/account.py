@@ -6,12 +6,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from appliance.account_errors import AccountError
 from appliance.store.model import StoreError
-from web import forms
 from web.clients import mobileconfig
 from web.console_data import client_settings_for
-from web.pages import flash, read_form, redirect, refresh_login, render, require, services
+from web.pages import (
+    change_own_password,
+    flash,
+    peer,
+    read_form,
+    redirect,
+    refresh_login,
+    render,
+    require,
+    services,
+)
 
 MOBILECONFIG_TYPE = "application/x-apple-aspen-config"
 
@@ -35,17 +43,11 @@ async def password_submit(request: Request) -> Response:
     principal = await require(request, "user")
     values = await read_form(request)
     svc = services(request)
-    peer = request.client.host if request.client else "unknown"
-    errors: dict[str, str] = {}
-    if await svc.auth.verify(principal.name, forms.secret(values, "current"), "web", peer) is None:
-        errors["current"] = "this is not your current password"
-    else:
-        errors = forms.check_password(forms.secret(values, "password"), forms.secret(values, "password2"), principal.name)
-    if not errors:
-        try:
-            await svc.accounts.set_password(principal.name, forms.secret(values, "password"))
-        except AccountError as exc:
-            errors["password"] = str(exc)
+    errors = await change_own_password(
+        values, principal.name,
+        lambda current: svc.auth.verify(principal.name, current, "web", peer(request)),
+        lambda password: svc.accounts.set_password(principal.name, password),
+    )
     if errors:
         return await account_page(request, errors)
     await refresh_login(request)

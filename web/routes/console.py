@@ -9,14 +9,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from appliance.account_errors import AccountError
 from appliance.config import STANDARD_PORTS
 from appliance.dns_check import load_results, summary
 from appliance.dns_records import SETTING_IPV4, SETTING_IPV6
 from appliance.queue.spool import shared_spool
-from web import forms
 from web.console_data import disk_usage, listeners, queue_summary
-from web.pages import flash, read_form, redirect, refresh_login, render, require, services
+from web.pages import (
+    change_own_password,
+    flash,
+    peer,
+    read_form,
+    redirect,
+    refresh_login,
+    render,
+    require,
+    services,
+)
 from web.state import setup_done
 
 EVENTS_SHOWN = 200
@@ -60,17 +68,11 @@ async def password_submit(request: Request) -> Response:
     principal = await require(request, "admin")
     values = await read_form(request)
     svc = services(request)
-    peer = request.client.host if request.client else "unknown"
-    errors: dict[str, str] = {}
-    if await svc.auth.verify_admin(principal.name, forms.secret(values, "current"), peer) is None:
-        errors["current"] = "this is not your current password"
-    else:
-        errors = forms.check_password(forms.secret(values, "password"), forms.secret(values, "password2"), principal.name)
-    if not errors:
-        try:
-            await svc.accounts.set_admin_password(principal.name, forms.secret(values, "password"))
-        except AccountError as exc:
-            errors["password"] = str(exc)
+    errors = await change_own_password(
+        values, principal.name,
+        lambda current: svc.auth.verify_admin(principal.name, current, peer(request)),
+        lambda password: svc.accounts.set_admin_password(principal.name, password),
+    )
     if errors:
         return await render(request, "console/password.html", {
             "title": "Your password", "section": "password", "errors": errors}, status_code=400)

@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from web.pages import Role, current, log_in, log_out, read_form, redirect, render, services
+from web.pages import Role, current, log_in, log_out, peer, read_form, redirect, render, services
 from web.state import setup_done
 
 MAX_NEXT = 200
@@ -45,13 +45,13 @@ async def login_submit(request: Request) -> Response:
     password = form.get("password", "")[:1024]
     next_path = safe_next(form.get("next"))
     svc = services(request)
-    peer = request.client.host if request.client else "unknown"
+    client = peer(request)
     principal = None
     if name and password:
         if "@" in name:
-            principal = await svc.auth.verify(name, password, "web", peer)
+            principal = await svc.auth.verify(name, password, "web", client)
         else:
-            principal = await svc.auth.verify_admin(name, password, peer)
+            principal = await svc.auth.verify_admin(name, password, client)
     if principal is None:
         return await render(request, "login.html", {
             "title": "Log in", "next": next_path, "values": {"name": name},
