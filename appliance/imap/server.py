@@ -48,7 +48,6 @@ class ConnectionHandler:
         self.services = services
         self.channel = channel
         self.limits = limits
-        assert channel.transport is not None
         self.peer = channel.peer
         self.tls_active = implicit_tls
         self.starttls_available = not implicit_tls

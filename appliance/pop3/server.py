@@ -40,7 +40,6 @@ class ConnectionHandler:
         self.services = services
         self.channel = channel
         self.limits = limits
-        assert channel.transport is not None
         self.peer = channel.peer
         self.tls_active = implicit_tls
         self.stls_available = not implicit_tls
