@@ -6,7 +6,6 @@ import base64
 import logging
 import poplib
 import re
-import socket
 import ssl
 import time
 
@@ -15,31 +14,14 @@ import pytest
 from appliance.pop3.limits import Pop3Limits
 from appliance.pop3.server import start_server
 from tests.conftest import BoxHandle
+from tests.support.raw_wire import RawLineClient
 
 USER = "alice@example.test"
 PASSWORD = "correct horse battery staple"
 
 
-class RawPop3:
+class RawPop3(RawLineClient):
     """Exact bytes in and out, for what poplib cannot send."""
-
-    def __init__(self, port: int, context: ssl.SSLContext | None = None, timeout: float = 15) -> None:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.sock: socket.socket = context.wrap_socket(sock, server_hostname="localhost") if context else sock
-        self.buffer = b""
-        self.greeting = self.line()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(self.buffer)
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return line
 
     def command(self, text: bytes) -> bytes:
         self.send(text + b"\r\n")

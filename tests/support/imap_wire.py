@@ -3,39 +3,20 @@
 from __future__ import annotations
 
 import re
-import socket
 import ssl
 import time
+
+from tests.support.raw_wire import RawLineClient
 
 _LITERAL = re.compile(rb"\{(\d+)\}\r\n$")
 
 
-class RawImap:
-    def __init__(self, port: int, context: ssl.SSLContext | None = None, timeout: float = 15) -> None:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.sock: socket.socket = context.wrap_socket(sock, server_hostname="localhost") if context else sock
-        self.buffer = b""
-        self.greeting = self.line()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> bool:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            return False
-        self.buffer += chunk
-        return True
-
+class RawImap(RawLineClient):
     def line(self) -> bytes:
         """One response line with any literals it announces appended (CRLF kept)."""
         out = b""
         while True:
-            while b"\r\n" not in self.buffer:
-                if not self._fill():
-                    raise EOFError(out + self.buffer)
-            line, self.buffer = self.buffer.split(b"\r\n", 1)
-            out += line + b"\r\n"
+            out += self.read_line(out) + b"\r\n"
             m = _LITERAL.search(out)
             if not m:
                 return out
