@@ -647,6 +647,25 @@ class Accounts:
             )
         log.info("admin added: %s", name)
 
+    async def add_first_admin(self, username: str, password: str) -> None:
+        """The wizard's administrator: created only while no admin exists. The check and the insert
+        are one statement in one BEGIN IMMEDIATE transaction, so of many simultaneous first-run
+        requests exactly one succeeds; the others get AlreadyExists."""
+        name = _admin_name(username)
+        problem = passwords.password_problem(password, address=name)
+        if problem:
+            raise WeakPassword(problem)
+        password_hash = await asyncio.to_thread(passwords.hash_password, password, self.hasher)
+        async with self._db.transaction() as tx:
+            cur = await tx.execute(
+                "INSERT INTO admins (username, password_hash, created_at)"
+                " SELECT ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM admins)",
+                (name, password_hash, _now()),
+            )
+            if cur.rowcount != 1:
+                raise AlreadyExists("the administrator was already created")
+        log.info("first admin added: %s", name)
+
     async def has_admin(self) -> bool:
         return await self._db.fetchone("SELECT 1 FROM admins LIMIT 1") is not None
 

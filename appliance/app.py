@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from appliance import setup_code
 from appliance.accounts import Accounts
 from appliance.auth import Auth
 from appliance.config import STANDARD_PORTS, ServeConfig
@@ -158,12 +159,24 @@ class Box:
         await self.services.db.close()
 
 
+async def announce_setup_code(services: Services, announce: Callable[[str], None]) -> None:
+    """Before the first admin exists, the wizard asks for a one-time code only the person at the box
+    sees: printed here (the machine's console on the image) and kept in the data directory."""
+    root = services.config.data.root
+    if await services.accounts.has_admin():
+        await asyncio.to_thread(setup_code.remove_code, root)  # an admin made with the CLI: not needed
+        return
+    code = await asyncio.to_thread(setup_code.ensure_code, root)
+    announce(f"First-run setup code: {code}  (the web wizard asks for it; also in {setup_code.code_path(root)})")
+
+
 async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] = print) -> None:
     """`letterbox serve`: run until SIGTERM/SIGINT, then stop within STOP_TIMEOUT seconds."""
     box = await Box.start(config)
     announce(f"Letterbox {box.services.hostname}: data in {config.data.root.resolve()}")
     for lst in box.listeners.values():
         announce(f"  {lst.service:<12} {lst.host}:{lst.port}")
+    await announce_setup_code(box.services, announce)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

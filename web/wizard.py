@@ -31,6 +31,8 @@ STEPS: tuple[tuple[int, str], ...] = (
 FIRST_STEP, LAST_STEP = STEPS[0][0], STEPS[-1][0]
 MAX_FIELD = 1024  # longer input is cut before validation (forms never need more)
 MAX_ADMIN_NAME = 64
+SETUP_CODE_MISSING = "enter the setup code this box printed when it started (also in its data folder, file setup-code)"
+SETUP_CODE_WRONG = "this is not the setup code of this box (or too many attempts: wait a minute)"
 # Admin names never contain '@': the login form tells admins from mailbox owners by it.
 _ADMIN_NAME = re.compile(r"[a-z0-9_][a-z0-9._-]*")
 
@@ -103,8 +105,8 @@ def check_hostname(text: str) -> tuple[str | None, str | None]:
 # --- step 1: administrator and host name ------------------------------------------------------------------
 
 def admin_step(values: Mapping[str, str], *, admin_exists: bool = False) -> StepResult:
-    """Fields: name, password, password2, hostname. Once the admin exists (the person came back to
-    step 1), only the host name can change."""
+    """Fields: code (checked by the route, before this), name, password, password2, hostname. Once the
+    admin exists (the person came back to step 1), only the host name can change."""
     hostname, host_error = check_hostname(_field(values, "hostname"))
     errors: dict[str, str] = {}
     data: dict[str, str] = {}
@@ -122,7 +124,10 @@ def admin_step(values: Mapping[str, str], *, admin_exists: bool = False) -> Step
         data["name"] = name
         data["password"] = _secret(values, "password")
     if errors:
-        return Form(errors, {"name": _field(values, "name"), "hostname": _field(values, "hostname")})
+        shown = {"name": _field(values, "name"), "hostname": _field(values, "hostname")}
+        if not admin_exists:
+            shown["code"] = _field(values, "code")  # already checked: not asked again for a typo elsewhere
+        return Form(errors, shown)
     return Next(2, data)
 
 

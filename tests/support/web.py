@@ -40,6 +40,16 @@ ALICE, ALICE_PASSWORD = "alice@example.test", "alice's long password"
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
+def setup_code(data_dir: Path) -> str:
+    """The one-time code the wizard's first step asks for, as the box keeps it in its data directory
+    (made at `serve` start, or by the first visit of /setup/1)."""
+    from appliance.setup_code import read_code
+
+    code = read_code(data_dir)
+    assert code, f"no setup code in {data_dir}: open /setup/1 (or start the box) first"
+    return code
+
+
 async def build_services(root: Path, *, policy: ThrottlePolicy = NO_THROTTLE, hostname: str = HOSTNAME) -> Services:
     layout = DataLayout(root)
     layout.create()
@@ -94,6 +104,19 @@ class WebClient:
     def logout(self) -> None:
         self.post("/logout", token_from="/")
         self.client.cookies.clear()
+
+    def setup_code(self) -> str:
+        """The first-run code (visiting /setup/1 makes it when the box has not yet)."""
+        self.get("/setup/1")
+        return setup_code(self.services.config.data.root)
+
+    def step1(self, **changes: str) -> httpx.Response:
+        """The wizard's first step, with the setup code and the standard admin and host name."""
+        values = {"name": ADMIN, "password": ADMIN_PASSWORD, "password2": ADMIN_PASSWORD, "hostname": HOSTNAME}
+        if not self.run(self.services.accounts.has_admin):
+            values["code"] = self.setup_code()
+        values.update(changes)
+        return self.post("/setup/1", values, token_from="/setup/1")
 
     # --- state ------------------------------------------------------------------------------------
     def add_admin(self, name: str = ADMIN, password: str = ADMIN_PASSWORD) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.auth import ThrottlePolicy
 from tests.support.dns_server import ZoneServer
 from tests.support.web import (
     ADMIN,
@@ -30,9 +31,7 @@ def web(tmp_path: Path) -> Iterator[WebClient]:
 
 
 def step1(web: WebClient, **changes: str):  # type: ignore[no-untyped-def]
-    values = {"name": ADMIN, "password": ADMIN_PASSWORD, "password2": ADMIN_PASSWORD, "hostname": HOSTNAME}
-    values.update(changes)
-    return web.post("/setup/1", values, token_from="/setup/1")
+    return web.step1(**changes)
 
 
 def field_error(page: str, field: str) -> str:
@@ -194,3 +193,28 @@ def test_wizard_mailbox_can_log_in_afterwards(web: WebClient) -> None:
                           "password": ALICE_PASSWORD, "password2": ALICE_PASSWORD}, token_from="/setup/6")
     principal = web.run(web.services.auth.verify, ALICE, ALICE_PASSWORD, "imap", "127.0.0.1")
     assert principal is not None and principal.name == ALICE
+
+
+# --- the one-time setup code (issue 11 item 4) --------------------------------------------------------
+
+def test_step1_needs_the_setup_code(web: WebClient) -> None:
+    for code, words in (("", "enter the setup code"), ("WRONG-CODE-HERE", "not the setup code")):
+        response = step1(web, code=code)
+        assert response.status_code == 400
+        assert words in field_error(response.text, "code")
+        assert not web.run(web.services.accounts.has_admin)
+    # Typed in lower case with spaces: still the code.
+    typed = web.setup_code().lower().replace("-", " ")
+    assert step1(web, code=typed).headers["location"] == "/setup/2"
+    assert not (web.services.config.data.root / "setup-code").exists()
+
+
+def test_setup_code_guesses_are_throttled_like_logins(tmp_path: Path) -> None:
+    strict = ThrottlePolicy(free_failures=0, base_delay=0, pair_lockout_failures=2, peer_lockout_failures=100)
+    with web_client(tmp_path / "data", policy=strict) as web:
+        right = web.setup_code()
+        for _ in range(3):
+            assert step1(web, code="AAAA-BBBB-CCCC").status_code == 400
+        response = step1(web, code=right)  # locked out now: even the right code is refused for a while
+        assert response.status_code == 400 and "too many attempts" in field_error(response.text, "code")
+        assert not web.run(web.services.accounts.has_admin)

@@ -1,8 +1,9 @@
 """/setup: the first-run wizard. The steps' logic is in web/wizard.py; here each Next is applied.
 
-Access: while no admin exists only step 1 is reachable, by anyone who opens the page (as with Home
-Assistant's onboarding, the first person to reach the box sets it up). From then on the wizard is for
-the logged-in admin, who may go back to any step already reached; a reload resumes at the same step.
+Access: while no admin exists only step 1 is reachable, and it needs the one-time setup code the box
+printed at its first start (appliance/setup_code.py): only the person at the box can claim it, not
+whoever reaches an unconfigured box first. From then on the wizard is for the logged-in admin, who may
+go back to any step already reached; a reload resumes at the same step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from appliance import dkim_keys
+from appliance import dkim_keys, setup_code
 from appliance.account_errors import AccountError, AlreadyExists, WeakPassword
 from appliance.dns_check import check_domain, load_results, save_results, summary
 from appliance.dns_records import SETTING_IPV4, SETTING_IPV6, detect_public_addresses, domain_records
@@ -24,7 +25,7 @@ from appliance.queue.relay_check import RelayCheck
 from appliance.tls import TlsManager, make_self_signed
 from web import forms, wizard
 from web.console_data import client_settings_for, dns_ports
-from web.pages import log_in, read_form, redirect, render, require, services
+from web.pages import log_in, peer, read_form, redirect, render, require, services
 from web.routes import sending
 from web.state import SETUP_DOMAIN, SETUP_DONE, reach, setup_done, setup_step
 from web.wizard import Form, Next
@@ -90,9 +91,13 @@ def suggested_hostname(current: str) -> str:
 
 async def admin_page(request: Request, form: Form | None) -> Response:
     svc = services(request)
+    admin_exists = await svc.accounts.has_admin()
+    if not admin_exists:  # normally made at start; made here too if it was removed meanwhile
+        await asyncio.to_thread(setup_code.ensure_code, svc.config.data.root)
     values = dict(form.values) if form else {"hostname": suggested_hostname(svc.hostname)}
     return await _page(request, 1, "setup/admin.html", {
-        "admin_exists": await svc.accounts.has_admin(), "values": values, "errors": form.errors if form else {},
+        "admin_exists": admin_exists, "values": values, "errors": form.errors if form else {},
+        "code_file": setup_code.code_path(svc.config.data.root),
     }, 400 if form else 200)
 
 
@@ -100,19 +105,28 @@ async def admin_submit(request: Request) -> Response:
     svc = services(request)
     values = await read_form(request)
     admin_exists = await svc.accounts.has_admin()
+    if not admin_exists:
+        # The code first, on its own: without it nothing else of the form is looked at.
+        code = values.get("code", "")
+        if not await setup_code.verify(svc.auth.throttle, svc.config.data.root, code, peer(request)):
+            problem = wizard.SETUP_CODE_MISSING if not code.strip() else wizard.SETUP_CODE_WRONG
+            return await admin_page(request, Form({"code": problem}, {
+                "name": values.get("name", "")[:wizard.MAX_FIELD], "hostname": values.get("hostname", "")[:wizard.MAX_FIELD],
+            }))
     result = wizard.admin_step(values, admin_exists=admin_exists)
     if isinstance(result, Form):
         return await admin_page(request, result)
     assert isinstance(result, Next)
     if not admin_exists:
         try:
-            await svc.accounts.add_admin(result.data["name"], result.data["password"])
+            await svc.accounts.add_first_admin(result.data["name"], result.data["password"])
         except AlreadyExists:
             return redirect("/login")  # someone else finished step 1 first
         except AccountError as exc:
             field = "password" if isinstance(exc, WeakPassword) else "name"
             return await admin_page(request, Form({field: str(exc)}, {"name": values.get("name", ""),
                                                                       "hostname": result.data["hostname"]}))
+        await asyncio.to_thread(setup_code.remove_code, svc.config.data.root)  # used: it opens nothing now
         await log_in(request, result.data["name"], "admin")
         await svc.events.record("setup", f"administrator {result.data['name']} created")
     await svc.db.set_setting(HOSTNAME_SETTING, result.data["hostname"])
