@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import getpass
 import logging
+import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,6 +20,11 @@ from appliance.db import Database, DatabaseError
 
 class CliError(Exception):
     """Printed as one line; exit status 1."""
+
+
+# What a shell reports for a program ended by SIGPIPE (128 + 13): `letterbox user list | head` exits
+# as `ls | head` would, so `set -o pipefail` scripts can still tell that the output was cut short.
+EXIT_STDOUT_CLOSED = 141
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -70,7 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         hostname=args.hostname,
     )
     try:
-        asyncio.run(serve_forever(config, announce=lambda line: print(line, flush=True)))
+        asyncio.run(serve_forever(config, announce=_announce))
     except StartupError as exc:
         raise CliError(str(exc)) from exc
 
@@ -352,7 +358,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _announce(line: str) -> None:
+    """A line for whoever watches `serve`. A reader that went away (`letterbox serve | head -3`) must
+    not stop the server: its later lines are dropped, nothing else changes."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader is gone, so neither a later print nor the interpreter's
+    final flush meets the closed pipe again (that flush is what prints 'Exception ignored ...')."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Python ignores SIGPIPE, so a closed stdout (`letterbox user list | head`) shows up
+    as BrokenPipeError from whichever print or flush meets it, for every command (argparse's --help
+    included): end quietly then, as a C program killed by SIGPIPE would."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            # Output to a pipe is block-buffered: flush here, inside the try, so a reader that has gone
+            # is noticed now and not at interpreter exit, where it can no longer be caught.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_STDOUT_CLOSED
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # The admin commands print their own one-line outcome; their INFO log lines would only repeat it.

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import trustme
 
-from tests.conftest import LETTERBOX
+from tests.conftest import LETTERBOX, ServedBox, pick_port_offset
 
 
 def run(data: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -84,3 +88,72 @@ def test_password_prompt_needs_a_terminal(tmp_path: Path) -> None:
     run(data, "domain", "add", "example.org")
     result = run(data, "user", "add", "bob@example.org", stdin="")
     assert_one_line_error(result, "--password-stdin")
+
+
+def run_into_closed_pipe(data: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """Run with stdout a real pipe whose reader has already gone (`letterbox ... | head` after head has
+    exited): every write to it fails with EPIPE."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run(
+            [LETTERBOX, "--data", str(data), *args], input=stdin, stdout=writer, stderr=subprocess.PIPE,
+            text=True, timeout=60,
+        )
+    finally:
+        os.close(writer)
+
+
+def test_a_closed_stdout_ends_every_command_quietly(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert run(data, "domain", "add", "example.org").returncode == 0
+    commands: list[tuple[tuple[str, ...], str]] = [
+        (("user", "add", "alice@example.org", "--password-stdin"), "a long enough password\n"),
+        (("user", "list"), ""),
+        (("domain", "list"), ""),
+        (("alias", "add", "info@example.org", "alice@example.org"), ""),
+        (("alias", "list"), ""),
+        (("queue", "list"), ""),
+        (("dns", "records", "example.org"), ""),
+        (("relay", "show"), ""),
+        (("--help",), ""),
+        (("user", "--help"), ""),
+    ]
+    for args, stdin in commands:
+        result = run_into_closed_pipe(data, *args, stdin=stdin)
+        # argparse already swallows a failed write of its help (and exits 0); everything else is ours.
+        expected = 0 if "--help" in args else 141
+        assert result.returncode == expected, (args, result.returncode, result.stderr)
+        assert result.stderr == "", (args, result.stderr)
+    # The commands that change something still did it, before finding nobody to tell.
+    assert "alice@example.org" in run(data, "user", "list").stdout
+    assert "info@example.org" in run(data, "alias", "list").stdout
+
+
+def test_serve_keeps_serving_after_its_stdout_reader_went_away(tmp_path: Path, ca: trustme.CA) -> None:
+    box = ServedBox(tmp_path, ca)
+    box.offset = pick_port_offset()
+    reader, writer = os.pipe()
+    os.close(reader)
+    with box.log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [LETTERBOX, "serve", "--listen", "127.0.0.1", "--port-offset", str(box.offset),
+             "--hostname", "mx.test"],
+            stdout=writer, stderr=log, env=box.env(),
+        )
+    os.close(writer)
+    try:
+        deadline = time.monotonic() + 30
+        # The log line written after the signal handlers are in place (the announce lines went nowhere).
+        while b"letterbox.events: start:" not in box.log_path.read_bytes():
+            assert proc.poll() is None, box.log_path.read_text()
+            assert time.monotonic() < deadline, box.log_path.read_text()
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", box.port("pop3")), timeout=10) as conn:
+            assert conn.recv(100).startswith(b"+OK")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    stderr = box.log_path.read_text()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
