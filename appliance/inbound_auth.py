@@ -458,8 +458,10 @@ def _enabled(value: str | None, default: bool = True) -> bool:
 class InboundAuthenticator:
     """The `InboundCheck` the MX calls after DATA (appliance/smtp/inbound.py)."""
 
-    def __init__(self, db: Database, authserv_id: str, *, rng: random.Random | None = None) -> None:
+    def __init__(self, db: Database, authserv_id: Callable[[], str], *, rng: random.Random | None = None) -> None:
         self._db = db
+        # Read at every message, never copied: the wizard renames the box while it runs, and a forged
+        # header naming the new host must go at once (issue 10 item 3).
         self._authserv_id = authserv_id
         self._rng = rng
         self._resolver_key: str | None = None
@@ -473,7 +475,8 @@ class InboundAuthenticator:
 
     async def __call__(self, facts: InboundFacts, data: bytes) -> InboundVerdict:
         # Whatever else happens, a header claiming our verdict must not reach a mail client (RFC 8601 5).
-        cleaned = remove_forged_results(data, self._authserv_id)
+        authserv_id = self._authserv_id()
+        cleaned = remove_forged_results(data, authserv_id)
         if not _enabled(await self._db.get_setting(SETTING_ENABLED)):
             return InboundVerdict(message=cleaned)
         try:
@@ -491,7 +494,7 @@ class InboundAuthenticator:
                  results.dmarc.result, results.dmarc.from_domain or "-")
         if results.dmarc_reject and _enabled(await self._db.get_setting(SETTING_DMARC_REJECT)):
             return InboundVerdict(reject=DMARC_REJECT_REPLY.format(domain=results.dmarc.from_domain))
-        return InboundVerdict(headers=results.header(self._authserv_id), message=cleaned)
+        return InboundVerdict(headers=results.header(authserv_id), message=cleaned)
 
     async def stop(self) -> None:
         """Background-service shape (app.py): nothing runs between messages."""
@@ -499,6 +502,6 @@ class InboundAuthenticator:
 
 async def start_inbound_auth(services: Services) -> InboundAuthenticator:
     """The composition root's hook: install the checks on the MX (services.extra seam)."""
-    checker = InboundAuthenticator(services.db, services.hostname)
+    checker = InboundAuthenticator(services.db, lambda: services.hostname)
     services.extra[INBOUND_CHECK] = checker
     return checker

@@ -24,6 +24,9 @@ class Services:
     store: MailStore
     tls: TlsManager
     events: EventLog
+    # The box's name, live: the wizard renames the box while it runs, so every service reads
+    # `services.hostname` when it uses it (banner, EHLO, Received, Authentication-Results, HELO,
+    # DSN...) and never keeps a copy; one that needs a function gets `lambda: services.hostname`.
     hostname: str
     # Filled by the issues that add them (outbound queue, dns checker, ...): name -> service object.
     extra: dict[str, Any] = field(default_factory=dict)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -62,11 +62,14 @@ def local_copy(message: InboundMessage, route: RecipientRoute, mailbox: str) -> 
 
 
 class Deliverer:
-    def __init__(self, accounts: Accounts, store: MailStore, spool: Spool, hostname: str) -> None:
+    def __init__(
+        self, accounts: Accounts, store: MailStore, spool: Spool, hostname: str | Callable[[], str]
+    ) -> None:
         self._accounts = accounts
         self._store = store
         self._spool = spool
-        self._hostname = hostname
+        # A callable is read at each report: the host name can change while the box runs.
+        self._hostname = hostname if callable(hostname) else (lambda: hostname)
 
     async def deliver(self, message: InboundMessage, *, per_recipient: bool) -> DeliveryReport:
         """Write everything; `per_recipient` (LMTP) means failed recipients are answered one by one,
@@ -153,7 +156,7 @@ class Deliverer:
             log.warning("%s: not delivered to %s; null sender, no bounce", message.queue_id, ", ".join(failed))
             return
         report = dsn.build_report(
-            hostname=self._hostname,
+            hostname=self._hostname(),
             sender=message.sender,
             queue_id=message.queue_id,
             action="failed",

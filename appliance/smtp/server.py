@@ -285,7 +285,7 @@ async def start_server(
     # aiosmtpd logs every command line at INFO; our handler logs what matters (never passwords).
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     loop = asyncio.get_running_loop()
-    deliverer = Deliverer(services.accounts, services.store, shared_spool(services), services.hostname)
+    deliverer = Deliverer(services.accounts, services.store, shared_spool(services), lambda: services.hostname)
     handler = SmtpHandler(services, service, limits, deliverer)
     tracker = ConnectionTracker(limits.max_connections_per_client, limits.max_connections)
     implicit_tls = service == "submissions"
@@ -301,7 +301,7 @@ async def start_server(
             data_size_limit=limits.max_message_octets,
             enable_SMTPUTF8=True,
             decode_data=False,
-            hostname=services.hostname,
+            hostname=services.hostname,  # read per connection: the name can change while the box runs
             ident=IDENT.get(service, DEFAULT_IDENT),
             tls_context=services.tls.context if starttls else None,
             # RFC 8314 / RFC 6409: submission needs TLS first, then AUTH, before any mail.
