@@ -15,6 +15,7 @@ import trustme
 from tests.conftest import TEST_SETTINGS, ServedBox, preset_settings
 from tests.support.dns_server import ZoneServer
 from tests.support.smtp_wire import maildir_messages, parse
+from tests.support.web import setup_code
 
 pytestmark = pytest.mark.e2e
 
@@ -47,7 +48,7 @@ def test_forged_results_naming_the_new_host_are_stripped_right_after_the_wizard(
         token = _CSRF.search(page.text)
         assert page.status_code == 200 and token, page.text[:500]
         response = web.post("/setup/1", data={
-            "csrf": token.group(1), "name": "admin", "password": PASSWORD, "password2": PASSWORD,
+            "csrf": token.group(1), "code": setup_code(box.data.root), "name": "admin", "password": PASSWORD, "password2": PASSWORD,
             "hostname": NEW_NAME,
         })
         assert response.status_code == 303, response.text[:500]

@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import BoxHandle
 from tests.support.dns_server import ZoneServer
 from tests.support.smtp_wire import Wire, maildir_messages, parse
+from tests.support.web import setup_code
 
 NEW_NAME = "renamed.example.test"
 ALICE, PASSWORD = "alice@example.test", "alice's long password 9"
@@ -37,7 +38,7 @@ def rename_through_the_wizard(box: BoxHandle, hostname: str) -> None:
         token = _CSRF.search(page.text)
         assert token, page.text[:500]
         response = web.post("/setup/1", data={
-            "csrf": token.group(1), "name": ADMIN, "password": ADMIN_PASSWORD, "password2": ADMIN_PASSWORD,
+            "csrf": token.group(1), "code": setup_code(box.data.root), "name": ADMIN, "password": ADMIN_PASSWORD, "password2": ADMIN_PASSWORD,
             "hostname": hostname,
         })
         assert response.status_code == 303, response.text[:500]
