@@ -40,6 +40,7 @@ from appliance.account_errors import (
 )
 from appliance.address import Address, parse_address, parse_domain, split_plus
 from appliance.db import Database
+from appliance.web_sessions import end_account_sessions
 
 log = logging.getLogger("letterbox.accounts")
 
@@ -327,6 +328,7 @@ class Accounts:
             )
             if cur.rowcount == 0:
                 raise NotFound(f"no mailbox {addr.canonical}")
+            await end_account_sessions(tx, "mailbox", addr.canonical)  # a stolen session ends with the old password
         log.info("password changed: %s", addr.canonical)
 
     async def update_user(
@@ -351,6 +353,8 @@ class Accounts:
                 )
                 if cur.rowcount == 0:
                     raise NotFound(f"no mailbox {addr.canonical}")
+                if enabled is False:  # disabled means logged out everywhere, also after re-enabling
+                    await end_account_sessions(tx, "mailbox", addr.canonical)
             log.info("mailbox changed: %s (%s)", addr.canonical, ", ".join(sorted(changes)))
         info = await self.get_user(addr.canonical)
         if info is None:
@@ -367,6 +371,7 @@ class Accounts:
             )
             if cur.rowcount == 0:
                 raise NotFound(f"no mailbox {addr.canonical}")
+            await end_account_sessions(tx, "mailbox", addr.canonical)
         log.info("mailbox removed: %s", addr.canonical)
 
     async def get_user(self, address: str) -> MailboxInfo | None:
@@ -685,6 +690,7 @@ class Accounts:
             cur = await tx.execute("UPDATE admins SET password_hash = ? WHERE username = ?", (password_hash, name))
             if cur.rowcount == 0:
                 raise NotFound(f"no admin {name}")
+            await end_account_sessions(tx, "admin", name)
         log.info("admin password changed: %s", name)
 
     async def remove_admin(self, username: str) -> None:
@@ -697,6 +703,7 @@ class Accounts:
             if count is not None and int(count["n"]) <= 1:
                 raise InUse(f"admin {name} is the last admin; add another one first")
             await tx.execute("DELETE FROM admins WHERE username = ?", (name,))
+            await end_account_sessions(tx, "admin", name)
         log.info("admin removed: %s", name)
 
 

@@ -25,10 +25,11 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from appliance.web_sessions import WebSessions
 from web.pages import LoginRequired, render
 from web.routes import account, autoconfig, console, domains, login, mailboxes, sending, setup, wellknown
 from web.security import SecurityHeadersMiddleware
-from web.session import SessionMiddleware, load_or_create_secret
+from web.session import LOGIN_MAX_SECONDS, SessionMiddleware, load_or_create_secret
 
 if TYPE_CHECKING:
     from appliance.services import Services
@@ -130,5 +131,6 @@ def create_app(services: Services) -> Starlette:
     )
     app.state.services = services
     app.state.secret = secret
+    app.state.sessions = WebSessions(services.db, max_age=LOGIN_MAX_SECONDS)
     app.state.templates = make_templates()
     return app

@@ -3,8 +3,6 @@ rendering a template, flash messages, redirects."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -16,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from appliance.account_errors import AccountError
+from appliance.web_sessions import Kind, WebSessions
 from web.forms import check_password, secret
 from web.security import CSRF_FIELD, csrf_ok, csrf_token
 from web.session import LOGIN_MAX_SECONDS
@@ -29,7 +28,7 @@ Role = Literal["admin", "user"]
 MAX_FORM_FIELDS = 50
 MAX_FORM_PART = 64 * 1024
 MAX_FLASHES = 5
-_LOGIN_KEYS = ("user", "role", "at", "pw")
+_LOGIN_KEYS = ("sid", "user", "role", "at")
 
 
 @dataclass(frozen=True)
@@ -50,56 +49,69 @@ def services(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 
 
-def _fingerprint(request: Request, password_hash: str) -> str:
-    """Ties a session to the password it was opened with: a password change ends every other session."""
-    secret: str = request.app.state.secret
-    return hmac.new(secret.encode(), password_hash.encode(), hashlib.sha256).hexdigest()[:32]
+def _sessions(request: Request) -> WebSessions:
+    return request.app.state.sessions  # type: ignore[no-any-return]
 
 
-async def _credentials_hash(request: Request, name: str, role: Role) -> str | None:
+def _kind(role: Role) -> Kind:
+    return "admin" if role == "admin" else "mailbox"
+
+
+async def _account_enabled(request: Request, name: str, role: Role) -> bool:
     accounts = services(request).accounts
     creds = await (accounts.admin_credentials(name) if role == "admin" else accounts.mailbox_credentials(name))
-    if creds is None or not creds.enabled:
-        return None
-    return creds.password_hash
+    return creds is not None and creds.enabled
 
 
 async def log_in(request: Request, name: str, role: Role) -> None:
-    """A fresh session (new CSRF token too) for this principal."""
-    password_hash = await _credentials_hash(request, name, role)
-    request.session.clear()
-    request.state.principal = None
-    request.session.update(user=name, role=role, at=int(time.time()), pw=_fingerprint(request, password_hash or ""))
+    """A fresh session (new CSRF token too) for this principal. The cookie carries only the token of a
+    server-side session (appliance/web_sessions.py), which logout, a password change or disabling the
+    account ends, whoever holds a copy of the cookie."""
+    await end_session(request)
+    token = await _sessions(request).open(_kind(role), name)
+    request.session.update(sid=token, user=name, role=role, at=int(time.time()))
     csrf_token(request.session)
 
 
 async def refresh_login(request: Request) -> None:
-    """After the logged-in person changed their own password: keep this session, end the others."""
-    principal = await current(request)
-    if principal is not None:
-        password_hash = await _credentials_hash(request, principal.name, principal.role)
-        request.session["pw"] = _fingerprint(request, password_hash or "")
+    """After the logged-in person changed their own password (which ended every session of the
+    account, this one too): a new session here, so they stay logged in; the others stay ended."""
+    principal = getattr(request.state, "principal", None)
+    if isinstance(principal, Principal):
+        await log_in(request, principal.name, principal.role)
+        request.state.principal = principal
 
 
-def log_out(request: Request) -> None:
+async def end_session(request: Request) -> None:
+    """Forget the login here and end it on the server: a copy of the cookie is worth nothing after."""
+    token = request.session.get("sid")
+    if isinstance(token, str):
+        await _sessions(request).end(token)
     request.session.clear()
     request.state.principal = None
 
 
+async def log_out(request: Request) -> None:
+    await end_session(request)
+
+
 async def current(request: Request) -> Principal | None:
-    """The logged-in principal, or None (and the login is forgotten) when the session expired, the
-    account is gone or disabled, or its password changed since."""
+    """The logged-in principal, or None (and the login is forgotten) when the session was ended or
+    expired, or the account is gone or disabled."""
     cached = getattr(request.state, "principal", None)
     if cached is not None:
         return cached  # type: ignore[no-any-return]
     session = request.session
-    name, role, at = session.get("user"), session.get("role"), session.get("at")
-    if not isinstance(name, str) or role not in ("admin", "user") or not isinstance(at, int):
+    token, name, role, at = session.get("sid"), session.get("user"), session.get("role"), session.get("at")
+    if not isinstance(token, str) or not isinstance(name, str) or role not in ("admin", "user") \
+            or not isinstance(at, int):
+        for key in _LOGIN_KEYS:
+            session.pop(key, None)
         return None
-    password_hash = None
-    if time.time() - at <= LOGIN_MAX_SECONDS:
-        password_hash = await _credentials_hash(request, name, role)
-    if password_hash is None or not hmac.compare_digest(str(session.get("pw", "")), _fingerprint(request, password_hash)):
+    stored = await _sessions(request).get(token)
+    valid = (stored is not None and stored.kind == _kind(role) and stored.name == name
+             and time.time() - stored.created_at <= LOGIN_MAX_SECONDS and await _account_enabled(request, name, role))
+    if not valid:
         for key in _LOGIN_KEYS:
             session.pop(key, None)
         return None

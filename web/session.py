@@ -1,5 +1,7 @@
-"""A signed-cookie session (itsdangerous): the whole session lives in the cookie, signed with a secret
-kept in the data directory, so restarts keep people logged in and nothing is stored server-side.
+"""A signed-cookie session (itsdangerous): the session's small data (CSRF token, flash messages, the
+login's token) lives in the cookie, signed with a secret kept in the data directory, so restarts keep
+people logged in. A login itself is valid only while its server-side row exists
+(appliance/web_sessions.py, checked by web/pages.py): the server can end it, a copied cookie included.
 
 The cookie is HttpOnly, SameSite=Lax, Secure when the request came over HTTPS, and expires after
 SESSION_IDLE_SECONDS without a request (each response re-signs it). A login also ends after

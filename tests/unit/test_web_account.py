@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import plistlib
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.web import ALICE, ALICE_PASSWORD, HOSTNAME, WebClient, web_client
+from tests.conftest import LETTERBOX
+from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, ALICE_PASSWORD, HOSTNAME, WebClient, web_client
+from web.session import COOKIE_NAME
 
 NEW_PASSWORD = "alice's brand new passphrase"
 
@@ -70,3 +73,97 @@ def test_apple_profile(web: WebClient) -> None:
 def test_profile_needs_a_login(web: WebClient) -> None:
     web.logout()
     assert web.get("/account/mobileconfig").headers["location"].startswith("/login")
+
+
+# --- sessions end on the server (issue 10 item 12) ------------------------------------------------------
+# Each test keeps a copy of a logged-in cookie, as someone who copied it would, and checks that the
+# copy stops working when it should.
+
+def _cookie(web: WebClient) -> str:
+    return str(web.client.cookies[COOKIE_NAME])
+
+
+def _with_cookie(web: WebClient, value: str, path: str = "/account") -> int:
+    """GET path carrying only this cookie (as a second browser holding a copy of it would)."""
+    saved = dict(web.client.cookies)
+    web.client.cookies.clear()
+    try:
+        response = web.client.get(path, headers={"Cookie": f"{COOKIE_NAME}={value}"}, follow_redirects=False)
+    finally:
+        web.client.cookies.clear()
+        for name, cookie_value in saved.items():
+            web.client.cookies.set(name, cookie_value)
+    return response.status_code
+
+
+def _as_admin(web: WebClient) -> None:
+    web.client.cookies.clear()
+    web.login(ADMIN, ADMIN_PASSWORD)
+
+
+def test_a_copied_cookie_dies_at_logout(web: WebClient) -> None:
+    copy = _cookie(web)
+    assert _with_cookie(web, copy) == 200
+    web.logout()
+    assert _with_cookie(web, copy) == 303  # to the login page
+    assert web.get("/account").status_code == 303
+
+
+def test_own_password_change_ends_the_other_sessions_only(web: WebClient) -> None:
+    other = _cookie(web)
+    web.client.cookies.clear()
+    web.login(ALICE, ALICE_PASSWORD)  # this browser changes the password; `other` is another device
+    response = web.post("/account/password", {"current": ALICE_PASSWORD, "password": NEW_PASSWORD,
+                                              "password2": NEW_PASSWORD}, token_from="/account")
+    assert response.headers["location"] == "/account"
+    assert web.get("/account").status_code == 200  # still logged in here
+    assert _with_cookie(web, other) == 303
+
+
+def test_password_set_by_an_admin_ends_the_sessions(web: WebClient) -> None:
+    copy = _cookie(web)
+    _as_admin(web)
+    response = web.post(f"/console/mailboxes/{ALICE}/password", {"password": NEW_PASSWORD, "password2": NEW_PASSWORD},
+                        token_from=f"/console/mailboxes/{ALICE}")
+    assert response.status_code == 303
+    assert _with_cookie(web, copy) == 303
+
+
+def test_password_set_with_the_cli_ends_the_sessions(web: WebClient) -> None:
+    copy = _cookie(web)
+    result = subprocess.run([LETTERBOX, "--data", str(web.services.config.data.root), "user", "passwd", ALICE,
+                             "--password-stdin"], input=NEW_PASSWORD + "\n", capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert _with_cookie(web, copy) == 303
+
+
+def test_disabling_a_mailbox_ends_its_sessions_for_good(web: WebClient) -> None:
+    copy = _cookie(web)
+    _as_admin(web)
+    form = {"name": "", "quota": "", "enabled": ""}
+    assert web.post(f"/console/mailboxes/{ALICE}", form, token_from=f"/console/mailboxes/{ALICE}").status_code == 303
+    assert _with_cookie(web, copy) == 303
+    web.run(web.services.accounts.update_user, ALICE, enabled=True)
+    assert _with_cookie(web, copy) == 303  # enabled again: the old session stays ended
+
+
+def test_deleting_a_mailbox_ends_its_sessions(web: WebClient) -> None:
+    copy = _cookie(web)
+    _as_admin(web)
+    response = web.post(f"/console/mailboxes/{ALICE}/delete", {}, token_from=f"/console/mailboxes/{ALICE}/delete")
+    assert response.status_code == 303
+    web.add_user()  # re-created under the same address: still not the old session's
+    assert _with_cookie(web, copy) == 303
+
+
+def test_admin_password_change_ends_the_admins_other_sessions(web: WebClient) -> None:
+    _as_admin(web)
+    other = _cookie(web)
+    web.client.cookies.clear()
+    web.login(ADMIN, ADMIN_PASSWORD)
+    response = web.post("/console/password", {"current": ADMIN_PASSWORD, "password": NEW_PASSWORD,
+                                              "password2": NEW_PASSWORD}, token_from="/console/password")
+    assert response.headers["location"] == "/console"
+    assert web.get("/console").status_code == 200
+    assert _with_cookie(web, other, "/console") == 303

@@ -67,7 +67,7 @@ async def login_submit(request: Request) -> Response:
 
 async def logout(request: Request) -> Response:
     await read_form(request)
-    log_out(request)
+    await log_out(request)
     return redirect("/login")
 
 
