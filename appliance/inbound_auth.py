@@ -24,7 +24,6 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
 from typing import TYPE_CHECKING, Any
 
 import authres
@@ -38,6 +37,7 @@ from publicsuffixlist import PublicSuffixList
 
 from appliance.db import Database
 from appliance.queue.resolver import make_resolver, resolver_setting
+from appliance.smtp import headers
 from appliance.smtp.inbound import INBOUND_CHECK, InboundFacts, InboundVerdict
 
 if TYPE_CHECKING:
@@ -51,6 +51,8 @@ SPF_QUERY_TIME = 20.0  # RFC 7208 4.6.4: at least 20 seconds for the whole SPF e
 DNS_TIMEOUT = 5.0  # seconds for one lookup (DKIM key, DMARC record)
 MAX_DKIM_SIGNATURES = 5  # verify at most this many signatures per message (each costs a lookup)
 MAX_HEADER_BYTES = 256 * 1024  # parse at most this much for From:/DKIM (headers are far smaller)
+# RFC 3463 4.7.0: the sender's policy could not be evaluated now; the sender retries later.
+CHECKS_FAILED_REPLY = "451 4.7.0 Message authentication checks could not be completed, try again later"
 DMARC_REJECT_REPLY = "550 5.7.1 Message rejected: it fails the DMARC policy of {domain}"
 
 _SAFE_ADDRESS = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+$")
@@ -83,6 +85,7 @@ class DmarcResult:
     policy: str = ""  # none | quarantine | reject: the policy that applies to this domain
     disposition: str = ""  # what the policy asks for this message (after pct sampling)
     reason: str = ""
+    could_not_run: bool = False  # the evaluation itself failed: the policy is unknown, so defer
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,13 @@ def check_spf(resolver: dns.resolver.Resolver, ip: str, sender: str, helo: str) 
 
 def check_dkim(resolver: dns.resolver.Resolver, data: bytes) -> tuple[DkimResult, ...]:
     """Verify each DKIM-Signature (at most MAX_DKIM_SIGNATURES). Blocking."""
-    verifier = dkim.DKIM(data, logger=log, timeout=int(DNS_TIMEOUT))
+    try:
+        verifier = dkim.DKIM(data, logger=log, timeout=int(DNS_TIMEOUT))
+    except dkim.MessageFormatError as exc:
+        # A header line dkimpy cannot read (no colon, a control character, `Name :`): no signature
+        # can be verified, which is a permanent error of the message (RFC 8601 2.7.1), never a reason
+        # to skip the checks that follow (issue 11 item 1).
+        return (DkimResult("permerror", "", "", reason=f"malformed header section: {exc}"),)
     count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
     results: list[DkimResult] = []
     for index in range(min(count, MAX_DKIM_SIGNATURES)):
@@ -270,6 +279,10 @@ def check_dkim(resolver: dns.resolver.Resolver, data: bytes) -> tuple[DkimResult
             continue
         except dkim.DKIMException as exc:
             results.append(DkimResult("neutral", domain, selector, signature, str(exc)))
+            continue
+        except Exception as exc:  # a library failure on hostile input: this signature did not verify
+            log.warning("DKIM verification of d=%s raised %s", domain or "?", type(exc).__name__)
+            results.append(DkimResult("permerror", domain, selector, signature, "signature could not be verified"))
             continue
         if ok:
             results.append(DkimResult("pass", domain, selector, signature))
@@ -332,18 +345,20 @@ def _dmarc_record(resolver: dns.resolver.Resolver, domain: str) -> dict[str, str
     return valid[0] if len(valid) == 1 else None
 
 
-def from_domain(data: bytes) -> str | None:
-    """The single RFC 5322.From domain (RFC 7489 6.6.1); None when absent, repeated or ambiguous."""
-    head = data[:MAX_HEADER_BYTES]
-    headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
-    values = headers.get_all("From") or []
-    if len(values) != 1:
-        return None
-    domains = {
-        addr.rpartition("@")[2].strip().lower().rstrip(".")
-        for _, addr in email.utils.getaddresses([str(values[0])]) if "@" in addr
-    }
-    return domains.pop() if len(domains) == 1 and "" not in domains else None
+def from_domains(data: bytes) -> tuple[str, ...]:
+    """Every RFC 5322.From domain, in order, without repeats. RFC 7489 6.6.1 leaves a message with
+    several From: fields or several authors to the receiver: here each domain is checked and the
+    strictest outcome applies, so a second From: (or one hidden behind a malformed line, which mail
+    clients still show) cannot take a spoof past a p=reject domain."""
+    found: dict[str, None] = {}
+    for name, value in headers.raw_fields(data, MAX_HEADER_BYTES):
+        if name != "from":
+            continue
+        for _, addr in email.utils.getaddresses([value]):
+            domain = addr.rpartition("@")[2].strip().lower().rstrip(".") if "@" in addr else ""
+            if domain:
+                found.setdefault(domain)
+    return tuple(found)
 
 
 def check_dmarc(
@@ -353,10 +368,29 @@ def check_dmarc(
     dkim_results: tuple[DkimResult, ...],
     rng: random.Random | None = None,
 ) -> DmarcResult:
-    """RFC 7489 6.6: discover the policy, check identifier alignment, pick the disposition. Blocking."""
-    domain = from_domain(data)
-    if domain is None:
-        return DmarcResult("permerror", "", reason="no single From: domain")
+    """RFC 7489 6.6 for each author domain; the strictest result stands for the message. Blocking."""
+    domains = from_domains(data)
+    if not domains:
+        return DmarcResult("permerror", "", reason="no From: domain")
+    results = [_dmarc_for(resolver, domain, spf_result, dkim_results, rng) for domain in domains]
+    return min(results, key=_leniency)
+
+
+def _leniency(result: DmarcResult) -> int:
+    """Lower is stricter: a reject beats a quarantine beats any other failure beats an error..."""
+    if result.result == "fail":
+        return {"reject": 0, "quarantine": 1}.get(result.disposition, 2)
+    return {"temperror": 3, "permerror": 4, "none": 5}.get(result.result, 6)
+
+
+def _dmarc_for(
+    resolver: dns.resolver.Resolver,
+    domain: str,
+    spf_result: SpfResult,
+    dkim_results: tuple[DkimResult, ...],
+    rng: random.Random | None,
+) -> DmarcResult:
+    """RFC 7489 6.6: discover the policy, check identifier alignment, pick the disposition."""
     organization = organizational_domain(domain)
     try:
         record = _dmarc_record(resolver, domain)
@@ -400,12 +434,30 @@ def evaluate(
     mail_from: str,
     rng: random.Random | None = None,
 ) -> AuthResults:
-    """Every check, blocking (DNS and RSA); `check_message` runs it off the event loop."""
-    spf_mailfrom, spf_helo = check_spf(resolver, peer_ip, mail_from, helo)
-    dkim_results = check_dkim(resolver, data)
+    """Every check, blocking (DNS and RSA); `check_message` runs it off the event loop.
+
+    A check that cannot run fails closed for its own part only (issue 11 item 1): SPF and DKIM become
+    errors, which never count as an aligned pass, and DMARC is still evaluated on what remains; a
+    DMARC evaluation that cannot run marks the result `could_not_run` and the MX defers the message."""
+    try:
+        spf_mailfrom, spf_helo = check_spf(resolver, peer_ip, mail_from, helo)
+    except Exception as exc:
+        log.warning("SPF check could not run: %s", type(exc).__name__)
+        sender_domain = mail_from.rpartition("@")[2].lower()
+        spf_mailfrom = SpfResult("temperror", mail_from, sender_domain, "SPF check could not run")
+        spf_helo = SpfResult("temperror", helo.strip()[:100], "", "SPF check could not run")
+    try:
+        dkim_results = check_dkim(resolver, data)
+    except Exception as exc:
+        log.warning("DKIM check could not run: %s", type(exc).__name__)
+        dkim_results = (DkimResult("temperror", "", "", reason="DKIM check could not run"),)
     # RFC 7489 4.1: SPF's identity is MAIL FROM, or the HELO name for the null sender (check_spf
     # already gave that result to spf_mailfrom).
-    dmarc_result = check_dmarc(resolver, data, spf_mailfrom, dkim_results, rng)
+    try:
+        dmarc_result = check_dmarc(resolver, data, spf_mailfrom, dkim_results, rng)
+    except Exception as exc:
+        log.warning("DMARC check could not run: %s", type(exc).__name__)
+        dmarc_result = DmarcResult("temperror", "", reason="DMARC check could not run", could_not_run=True)
     return AuthResults(spf_mailfrom, spf_helo, dkim_results, dmarc_result)
 
 
@@ -485,13 +537,16 @@ class InboundAuthenticator:
                 resolver=await self._current_resolver(), rng=self._rng,
             )
         except Exception:
-            # A bug here must not cost mail: deliver without the header (and say so in the log).
-            log.exception("inbound authentication checks failed; delivering without them")
-            return InboundVerdict(message=cleaned)
+            # Never "deliver without checks": that would let any input that trips a bug past a
+            # p=reject policy (issue 11 item 1). A 451 keeps the mail with the sender, who retries.
+            log.exception("inbound authentication checks failed; deferring the message")
+            return InboundVerdict(reject=CHECKS_FAILED_REPLY)
         log.info("auth: ip=%s spf=%s helo-spf=%s dkim=%s dmarc=%s (%s)", facts.peer_ip,
                  results.spf_mailfrom.result, results.spf_helo.result,
                  ",".join(f"{d.result}:{d.domain}" for d in results.dkim) or "none",
                  results.dmarc.result, results.dmarc.from_domain or "-")
+        if results.dmarc.could_not_run:
+            return InboundVerdict(reject=CHECKS_FAILED_REPLY)
         if results.dmarc_reject and _enabled(await self._db.get_setting(SETTING_DMARC_REJECT)):
             return InboundVerdict(reject=DMARC_REJECT_REPLY.format(domain=results.dmarc.from_domain))
         return InboundVerdict(headers=results.header(authserv_id), message=cleaned)

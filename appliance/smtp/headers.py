@@ -49,6 +49,29 @@ def header_section_end(data: bytes) -> int:
     return end
 
 
+def raw_fields(data: bytes, limit: int = 256 * 1024) -> list[tuple[str, str]]:
+    """Every (lower-case name, unfolded value) up to the first empty line, as a mail client may read
+    them: a malformed line (no colon, a control character in the name) is skipped, not taken as the
+    end of the header section, so a field hidden behind one is still seen; `From :` (space before the
+    colon, RFC 5322 4.5 obsolete syntax) counts as `From`. Bounded by `limit` bytes. Used where a
+    check must see what a reader will see (DMARC's From:, the submission From:/Sender: rule)."""
+    end = data.find(b"\r\n\r\n", 0, limit)
+    head = data[: limit if end < 0 else end]
+    fields: list[tuple[str, list[bytes]]] = []
+    in_field = False
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if in_field:
+                fields[-1][1].append(line)
+            continue
+        name, colon, value = line.partition(b":")
+        name = name.rstrip(b" \t")
+        in_field = bool(colon and name and all(0x21 <= c <= 0x7E for c in name))
+        if in_field:
+            fields.append((name.decode("ascii").lower(), [value]))
+    return [(name, b"".join(parts).decode("utf-8", "replace").strip()) for name, parts in fields]
+
+
 def header_names(data: bytes) -> frozenset[str]:
     """Lower-case names of the fields in the header section (stdlib parser, read only)."""
     section = data[: header_section_end(data)]

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from appliance import dkim_keys
+from appliance import dkim_keys, inbound_auth
 from appliance.inbound_auth import (
     AuthResults,
     check_message,
-    from_domain,
+    from_domains,
     organizational_domain,
     remove_forged_results,
 )
@@ -178,10 +178,14 @@ def test_dmarc_none_without_a_record_and_pct_sampling(zone: ZoneServer) -> None:
 def test_dmarc_helpers() -> None:
     assert organizational_domain("a.b.sender.test") == "sender.test"
     assert organizational_domain("mail.example.co.uk") == "example.co.uk"
-    assert from_domain(b"From: a@X.Test\r\n\r\n") == "x.test"
-    assert from_domain(b"From: a@x.test, b@y.test\r\n\r\n") is None  # RFC 7489 6.6.1: ambiguous
-    assert from_domain(b"From: a@x.test\r\nFrom: b@x.test\r\n\r\n") is None
-    assert from_domain(b"Subject: none\r\n\r\n") is None
+    assert from_domains(b"From: a@X.Test\r\n\r\n") == ("x.test",)
+    # RFC 7489 6.6.1: several authors or From: fields: every domain is checked.
+    assert from_domains(b"From: a@x.test, b@y.test\r\n\r\n") == ("x.test", "y.test")
+    assert from_domains(b"From: a@x.test\r\nFrom: b@x.test\r\n\r\n") == ("x.test",)
+    assert from_domains(b"Subject: none\r\n\r\n") == ()
+    # A From: behind a malformed line, or written `From :`, is what a mail client shows: it counts.
+    assert from_domains(b"NoColonHeader\r\nFrom: a@x.test\r\n\r\n") == ("x.test",)
+    assert from_domains(b"From : a@x.test\r\n\r\nFrom: body@y.test\r\n") == ("x.test",)
 
 
 def test_the_authentication_results_header(zone: ZoneServer, key: dkim_keys.DkimKey) -> None:
@@ -265,3 +269,70 @@ def test_the_mx_drops_a_forged_result_in_our_name(mx: BoxHandle, zone: ZoneServe
     [raw] = maildir_messages(mx.data.mail, ALICE)
     fields = parse(raw).get_all("Authentication-Results")
     assert len(fields) == 1 and "bank.test" not in fields[0] and "dkim=none" in " ".join(fields[0].split())
+
+
+# --- a check that cannot run fails closed (issue 11 item 1) -------------------------------------------
+
+MALFORMED_LINES = [b"NoColonHeader", b"X-Bad\x01: y", b"Subject2 : y"]
+
+
+def spoof(extra: bytes, author: str = "ceo@sender.test") -> bytes:
+    return (f"From: Boss <{author}>\r\n".encode() + extra + b"\r\nTo: alice@ourdomain.test\r\n"
+            b"Subject: pay\r\n\r\nPay now.\r\n")
+
+
+@pytest.mark.parametrize("extra", MALFORMED_LINES)
+def test_a_malformed_header_line_is_a_dkim_permerror_and_dmarc_still_applies(
+    zone: ZoneServer, extra: bytes
+) -> None:
+    zone.set("sender.test", "TXT", [txt("v=spf1 ip4:192.0.2.1 -all")])
+    zone.set("_dmarc.sender.test", "TXT", [txt("v=DMARC1; p=reject")])
+    results = check(zone, spoof(extra))
+    assert [d.result for d in results.dkim] == ["permerror"]
+    assert results.dmarc.result == "fail" and results.dmarc_reject
+    assert "dkim=permerror" in results.header("mail.example.test").decode()
+
+
+@pytest.mark.parametrize("extra", MALFORMED_LINES)
+def test_the_mx_refuses_a_spoof_with_a_malformed_header_line(mx: BoxHandle, zone: ZoneServer, extra: bytes) -> None:
+    zone.set("sender.test", "TXT", [txt("v=spf1 ip4:192.0.2.1 -all")])
+    zone.set("_dmarc.sender.test", "TXT", [txt("v=DMARC1; p=reject")])
+    code, text = send(mx, spoof(extra))
+    assert code == 550 and b"DMARC" in text
+    assert maildir_messages(mx.data.mail, ALICE) == []
+
+
+@pytest.mark.parametrize("data", [
+    b"NoColonHeader\r\nFrom: ceo@sender.test\r\nSubject: hidden\r\n\r\nPay.\r\n",  # From: behind junk
+    b"From: a@other.test\r\nFrom: ceo@sender.test\r\nSubject: two\r\n\r\nPay.\r\n",  # a second From:
+    b"From: a@other.test, ceo@sender.test\r\nSubject: two authors\r\n\r\nPay.\r\n",
+])
+def test_the_mx_refuses_a_spoof_hidden_from_the_from_parser(mx: BoxHandle, zone: ZoneServer, data: bytes) -> None:
+    zone.set("sender.test", "TXT", [txt("v=spf1 ip4:192.0.2.1 -all")])
+    zone.set("_dmarc.sender.test", "TXT", [txt("v=DMARC1; p=reject")])
+    code, _ = send(mx, data, sender="x@other.test")
+    assert code == 550
+    assert maildir_messages(mx.data.mail, ALICE) == []
+
+
+def test_a_check_that_crashes_defers_instead_of_delivering_unchecked(
+    mx: BoxHandle, zone: ZoneServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> object:
+        raise IndexError("a bug in a library")
+
+    zone.set("_dmarc.sender.test", "TXT", [txt("v=DMARC1; p=reject")])
+    monkeypatch.setattr(inbound_auth, "check_dmarc", broken)
+    code, text = send(mx, message())
+    assert code == 451 and b"4.7.0" in text
+    monkeypatch.undo()
+    monkeypatch.setattr(inbound_auth, "check_message", broken)
+    code, _ = send(mx, message())
+    assert code == 451
+    # SPF and DKIM failing alone still leave DMARC to decide: an aligned-nothing spoof is refused.
+    monkeypatch.undo()
+    monkeypatch.setattr(inbound_auth, "check_spf", broken)
+    monkeypatch.setattr(inbound_auth, "check_dkim", broken)
+    code, _ = send(mx, message())
+    assert code == 550
+    assert maildir_messages(mx.data.mail, ALICE) == []

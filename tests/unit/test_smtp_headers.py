@@ -128,3 +128,12 @@ def test_return_path_and_delivered_to() -> None:
     assert return_path("") == b"Return-Path: <>\r\n"
     assert return_path("a@b.test") == b"Return-Path: <a@b.test>\r\n"
     assert delivered_to("alice+news@b.test") == b"Delivered-To: alice+news@b.test\r\n"
+
+
+def test_raw_fields_sees_what_a_mail_client_sees() -> None:
+    from appliance.smtp.headers import raw_fields
+
+    data = (b"NoColonHeader\r\nFrom : a@b.test\r\nX-Bad\x01: y\r\n continued junk\r\nSubject: one\r\n two\r\n"
+            b"\r\nFrom: body@c.test\r\n")
+    assert raw_fields(data) == [("from", "a@b.test"), ("subject", "one two")]
+    assert raw_fields(b"From: x@y.test\r\n" * 10, limit=32) == [("from", "x@y.test")] * 2
