@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, syntax
+from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from appliance.channel import ConnectionLimiter
 from appliance.queue.spool import shared_spool
@@ -29,13 +29,14 @@ from appliance.smtp.limits import (
     MAX_LINE_OCTETS,
     SmtpLimits,
 )
-from appliance.smtp.policy import LMTP_SERVICE, SMTP_SERVICES, SUBMISSION_SERVICES
+from appliance.smtp.policy import LMTP_SERVICE, SMTP_SERVICES, SUBMISSION_SERVICES, TEMPORARY_FAILURE
 
 if TYPE_CHECKING:
     from appliance.services import Services
 
 log = logging.getLogger("letterbox.smtp")
 
+MAX_LOGGED_PROTOCOL_ERRORS = 3  # malformed inputs logged per connection (one short line each)
 TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds for an implicit-TLS (465) handshake
 IDENT = {"lmtp": "LMTP Letterbox"}
 DEFAULT_IDENT = "ESMTP Letterbox"
@@ -56,6 +57,8 @@ REWORDED = {
     "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
     "500 Command line too long": "500 5.5.2 Command line too long",
     "500 Error: command 'AUTH' not recognized": "503 5.5.1 Error: send EHLO first",
+    # RFC 5321 4.2.2/4.1.2: an address that does not parse is a syntax error in the arguments.
+    "553 5.1.3 Error: malformed address": "501 5.5.2 Syntax error in the address",
 }
 # DATA-phase errors aiosmtpd answers once; LMTP owes one reply per recipient (RFC 2033 4.2).
 DATA_ERRORS = frozenset({"552 Error: Too much mail data", "500 Line too long (see RFC5321 4.5.3.1.6)"})
@@ -127,6 +130,9 @@ class LetterboxSMTP(SMTP):
         self._client_ip: str | None = None
         self._refused = False
         self._data_deadline: float | None = None
+        self._malformed = 0
+        self._exceptions = 0
+        self._count_next_reply = False
 
     # --- sessions and envelopes carry our extra state -------------------------------------------------
 
@@ -222,6 +228,38 @@ class LetterboxSMTP(SMTP):
         finally:
             self._raw_replies = False
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parser (the stdlib's email header parser) raises IndexError and friends
+        on input such as `<a@` or `"`; that is the client's syntax error, answered like any other
+        malformed address (MAIL/RCPT 553 5.1.3, VRFY 502), never as a server failure (issue 11
+        item 10). Our own address rules run later, in the handler."""
+        try:
+            return super()._getaddr(arg)
+        except Exception as exc:  # only parsing runs in there: nothing of ours to hide
+            self._note_malformed(type(exc).__name__)
+            return None, None
+
+    def _note_malformed(self, what: str) -> None:
+        """One short line per connection for the first few malformed inputs, then silence: a client
+        cannot make the log grow faster than it sends (the error budget ends the session)."""
+        self._malformed += 1
+        if self._malformed <= MAX_LOGGED_PROTOCOL_ERRORS:
+            log.info("%s: malformed input (%s)%s", self._client_ip, what,
+                     "; not logging more of them" if self._malformed == MAX_LOGGED_PROTOCOL_ERRORS else "")
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Anything else a command raised: the handler's hook answers (451, TLS failures...); the
+        traceback is logged only for the first of them on a connection, one line afterwards."""
+        self._exceptions += 1
+        if isinstance(error, TLSSetupException) or self._exceptions <= 1:
+            status = await super().handle_exception(error)
+        else:
+            self._note_malformed(f"{type(error).__name__} in a command")
+            status = str(TEMPORARY_FAILURE)
+        # Every failed command spends the error budget as a 5xx does (push counts it once sent).
+        self._count_next_reply = not isinstance(error, TLSSetupException)
+        return status
+
     def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
         result = super()._getparams(params)
         if result is not None:
@@ -243,7 +281,8 @@ class LetterboxSMTP(SMTP):
             return
         text = "\r\n".join(with_enhanced_code(line) for line in status.split("\r\n"))
         await super().push(text)
-        if text.startswith("5"):
+        if text.startswith("5") or self._count_next_reply:
+            self._count_next_reply = False
             await self._count_error()
 
     async def _count_error(self) -> None:
