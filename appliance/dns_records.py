@@ -132,16 +132,56 @@ def format_table(records: Sequence[DnsRecord]) -> str:
 
 # --- inputs -----------------------------------------------------------------------------------------
 
+_FIND_PUBLIC = ("The public address is the one the internet sees for your connection: your router's status "
+                "page shows it (often as 'WAN' or 'Internet' address), or search 'what is my IP' from a "
+                "computer on the same network. Your router must forward the mail ports to this box.")
+_DOCUMENTATION = tuple(ipaddress.ip_network(n) for n in
+                       ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32", "3fff::/20"))
+_SHARED = ipaddress.ip_network("100.64.0.0/10")  # RFC 6598: carrier-grade NAT
+_RFC1918 = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
+_ULA = ipaddress.ip_network("fc00::/7")  # RFC 4193
+
+
+def _not_public_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why other mail servers could not reach this address, in plain words; None when they can."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return f"this is an IPv4 address written as IPv6: enter {ip.ipv4_mapped} as the IPv4 address instead"
+    if ip.is_loopback or ip.is_unspecified:
+        return f"{ip} means 'this machine itself' and is never reachable from other machines. {_FIND_PUBLIC}"
+    if ip.is_link_local:
+        return f"{ip} is a link-local address, valid only on the local network cable or Wi-Fi. {_FIND_PUBLIC}"
+    if ip.is_multicast:
+        return f"{ip} is a multicast (group) address, not the address of one machine. {_FIND_PUBLIC}"
+    if any(ip in net for net in _DOCUMENTATION):
+        return f"{ip} is an example address reserved for documentation, not a real one. {_FIND_PUBLIC}"
+    if isinstance(ip, ipaddress.IPv4Address) and ip in _SHARED:
+        return (f"{ip} is a shared address of your internet provider (carrier-grade NAT): many customers sit "
+                "behind one public address, and mail servers cannot reach this box through it. Ask your provider "
+                "for a public IPv4 address, use IPv6 if your connection has it, or run the box on a rented server.")
+    if isinstance(ip, ipaddress.IPv6Address) and ip in _ULA:
+        return (f"{ip} is a unique local (private) IPv6 address, reachable only inside your own network. "
+                "Enter the IPv6 address starting with 2 or 3 shown in your network settings, or leave IPv6 empty.")
+    if any(ip in net for net in _RFC1918):
+        return (f"{ip} is a private address, used only inside your home or office network: other mail servers "
+                f"cannot reach it. {_FIND_PUBLIC}")
+    if not ip.is_global:
+        return f"{ip} is in a reserved range that is not reachable from the internet. {_FIND_PUBLIC}"
+    return None
+
+
 def valid_public_address(text: str, version: int) -> str:
-    """The address in canonical form; ValueError (message for a form) when it cannot be the box's."""
+    """The address in canonical form; ValueError (message for a form) when it cannot be the box's:
+    every range that is not globally reachable (ipaddress's is_global: private, shared 100.64/10,
+    loopback, link-local, documentation, reserved, ULA...) and multicast are refused, with why."""
     try:
         ip = ipaddress.ip_address(text.strip())
     except ValueError:
         raise ValueError(f"not an IPv{version} address: {text.strip()[:60]!r}") from None
     if ip.version != version:
         raise ValueError(f"not an IPv{version} address: {text.strip()[:60]!r}")
-    if ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_link_local or ip.is_reserved:
-        raise ValueError(f"{ip} cannot be reached from other machines: enter the public address")
+    reason = _not_public_reason(ip)
+    if reason:
+        raise ValueError(reason)
     return str(ip)
 
 

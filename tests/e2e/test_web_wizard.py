@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 DOC_SHOTS = REPO / "docs" / "screenshots"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-HOST, DOMAIN, PUBLIC_IP = "mail.example.test", "example.test", "198.51.100.7"
+HOST, DOMAIN, PUBLIC_IP = "mail.example.test", "example.test", "192.0.32.7"
 ADMIN, ADMIN_PASSWORD = "admin", "correct horse battery staple"
 ALICE, ALICE_PASSWORD = "alice@example.test", "alice's long mail password"
 BOB, BOB_PASSWORD = "bob@example.test", "bob's long mail password"

@@ -81,9 +81,8 @@ def test_format_table_for_the_terminal() -> None:
 
 
 @pytest.mark.parametrize(("text", "version", "expected"), [
-    ("198.51.100.7", 4, "198.51.100.7"),
-    (" 2001:DB8::7 ", 6, "2001:db8::7"),
-    ("10.0.0.2", 4, "10.0.0.2"),  # private but possible (a LAN-only box); the page says so
+    ("192.0.32.7", 4, "192.0.32.7"),
+    (" 2620:0:2D0::7 ", 6, "2620:0:2d0::7"),
 ])
 def test_valid_public_address(text: str, version: int, expected: str) -> None:
     assert valid_public_address(text, version) == expected
@@ -96,6 +95,23 @@ def test_valid_public_address(text: str, version: int, expected: str) -> None:
 def test_invalid_public_address(text: str, version: int) -> None:
     with pytest.raises(ValueError):
         valid_public_address(text, version)
+
+
+@pytest.mark.parametrize(("text", "version", "words"), [
+    ("192.168.1.5", 4, "private address"), ("10.0.0.1", 4, "private address"), ("172.16.0.1", 4, "private address"),
+    ("100.64.1.1", 4, "carrier-grade NAT"), ("127.0.0.1", 4, "this machine itself"),
+    ("169.254.1.1", 4, "link-local"), ("198.51.100.7", 4, "documentation"), ("203.0.113.5", 4, "documentation"),
+    ("192.0.2.1", 4, "documentation"), ("224.0.0.1", 4, "multicast"), ("240.0.0.1", 4, "reserved"),
+    ("fd12:3456::1", 6, "unique local"), ("fe80::1", 6, "link-local"), ("2001:db8::7", 6, "documentation"),
+    ("::1", 6, "this machine itself"), ("ff02::1", 6, "multicast"), ("::ffff:192.0.32.7", 6, "enter 192.0.32.7"),
+])
+def test_addresses_the_internet_cannot_reach_are_refused_with_why(text: str, version: int, words: str) -> None:
+    """Issue 10 item 7: a LAN address was accepted and the user told to publish an A record for it."""
+    with pytest.raises(ValueError) as refused:
+        valid_public_address(text, version)
+    assert words in str(refused.value)
+    if version == 4 and words not in ("multicast", "reserved"):
+        assert "router" in str(refused.value) or "provider" in str(refused.value)
 
 
 def test_detection_only_reports_public_addresses() -> None:

@@ -85,7 +85,7 @@ def test_dns_page_of_unknown_domain_is_404(web: WebClient) -> None:
 def test_check_now_in_the_console(web: WebClient) -> None:
     with ZoneServer({(DOMAIN, "MX"): [f"10 {HOSTNAME}."]}) as zone:
         web.set_setting("dns_resolver", zone.address)
-        response = web.post(f"/console/domains/{DOMAIN}/check", {"ipv4": "198.51.100.7", "ipv6": ""},
+        response = web.post(f"/console/domains/{DOMAIN}/check", {"ipv4": "192.0.32.7", "ipv6": ""},
                             token_from=f"/console/domains/{DOMAIN}")
         assert response.headers["location"] == f"/console/domains/{DOMAIN}"
     page = web.get(f"/console/domains/{DOMAIN}").text

@@ -81,10 +81,10 @@ def test_the_whole_wizard(web: WebClient) -> None:
                  "autoconfig.example.test", "box.example.test.", "not checked"):
         assert text in page, text
     response = web.post("/setup/3", {"ipv4": "127.0.0.1", "action": "continue"}, token_from="/setup/3")
-    assert response.status_code == 400 and "cannot be reached" in field_error(response.text, "ipv4")
-    response = web.post("/setup/3", {"ipv4": "198.51.100.7", "action": "continue"}, token_from="/setup/3")
+    assert response.status_code == 400 and "this machine itself" in field_error(response.text, "ipv4")
+    response = web.post("/setup/3", {"ipv4": "192.0.32.7", "action": "continue"}, token_from="/setup/3")
     assert response.headers["location"] == "/setup/4"
-    assert web.setting("public_ipv4") == "198.51.100.7"
+    assert web.setting("public_ipv4") == "192.0.32.7"
     # 4: certificate: the self-signed one names the old hostname, so a new one is made
     page = web.get("/setup/4").text
     assert "self-signed" in page and "new self-signed certificate" in page
@@ -160,7 +160,7 @@ def test_check_now_marks_each_record(web: WebClient) -> None:
     web.post("/setup/2", {"domain": DOMAIN}, token_from="/setup/2")
     with ZoneServer({(DOMAIN, "MX"): [f"10 {HOSTNAME}."], (HOSTNAME, "A"): ["198.51.100.8"]}) as zone:
         web.set_setting("dns_resolver", zone.address)
-        response = web.post("/setup/3", {"ipv4": "198.51.100.7", "action": "check"}, token_from="/setup/3")
+        response = web.post("/setup/3", {"ipv4": "192.0.32.7", "action": "check"}, token_from="/setup/3")
         assert response.headers["location"] == "/setup/3"
     page = web.get("/setup/3").text
     mx = re.search(r'<tr id="dns-mx" class="(\w+)"', page)
@@ -218,3 +218,18 @@ def test_setup_code_guesses_are_throttled_like_logins(tmp_path: Path) -> None:
         response = step1(web, code=right)  # locked out now: even the right code is refused for a while
         assert response.status_code == 400 and "too many attempts" in field_error(response.text, "code")
         assert not web.run(web.services.accounts.has_admin)
+
+
+def test_step3_refuses_a_lan_address_and_says_what_the_public_one_is(web: WebClient) -> None:
+    """Issue 10 item 7: 192.168.1.5 was accepted, the records pointed at it and the router hint went away."""
+    step1(web)
+    web.post("/setup/2", {"domain": DOMAIN}, token_from="/setup/2")
+    for address in ("192.168.1.5", "100.64.3.4", "10.1.2.3"):
+        response = web.post("/setup/3", {"ipv4": address, "action": "continue"}, token_from="/setup/3")
+        assert response.status_code == 400, address
+        assert "router" in field_error(response.text, "ipv4") or "provider" in field_error(response.text, "ipv4")
+        assert 'id="behind-router"' in response.text
+    assert web.setting("public_ipv4") in (None, "")
+    response = web.post("/setup/3", {"ipv4": "192.0.32.7", "ipv6": "fd00::1", "action": "continue"},
+                        token_from="/setup/3")
+    assert response.status_code == 400 and "unique local" in field_error(response.text, "ipv6")

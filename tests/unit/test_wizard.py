@@ -86,11 +86,11 @@ def test_suggested_domain_is_the_hostnames_parent() -> None:
 # --- step 3 -------------------------------------------------------------------------------------------
 
 def test_dns_step_actions() -> None:
-    assert wizard.dns_step({"ipv4": "198.51.100.7", "action": "check"}) == Next(
-        3, {"ipv4": "198.51.100.7", "ipv6": ""}, "check")
-    assert wizard.dns_step({"ipv4": "198.51.100.7", "ipv6": "2001:DB8::7", "action": "continue"}) == Next(
-        4, {"ipv4": "198.51.100.7", "ipv6": "2001:db8::7"}, "continue")
-    assert wizard.dns_step({"ipv6": "2001:db8::7"}) == Next(3, {"ipv4": "", "ipv6": "2001:db8::7"}, "save")
+    assert wizard.dns_step({"ipv4": "192.0.32.7", "action": "check"}) == Next(
+        3, {"ipv4": "192.0.32.7", "ipv6": ""}, "check")
+    assert wizard.dns_step({"ipv4": "192.0.32.7", "ipv6": "2620:0:2D0::7", "action": "continue"}) == Next(
+        4, {"ipv4": "192.0.32.7", "ipv6": "2620:0:2d0::7"}, "continue")
+    assert wizard.dns_step({"ipv6": "2620:0:2d0::7"}) == Next(3, {"ipv4": "", "ipv6": "2620:0:2d0::7"}, "save")
 
 
 @pytest.mark.parametrize(("values", "field", "words"), [
@@ -98,10 +98,14 @@ def test_dns_step_actions() -> None:
     ({"ipv4": "not an address"}, "ipv4", "not an IPv4"),
     ({"ipv4": "2001:db8::1"}, "ipv4", "not an IPv4"),
     ({"ipv6": "192.0.2.1"}, "ipv6", "not an IPv6"),
-    ({"ipv4": "127.0.0.1"}, "ipv4", "cannot be reached"),
-    ({"ipv4": "0.0.0.0"}, "ipv4", "cannot be reached"),
-    ({"ipv6": "fe80::1"}, "ipv6", "cannot be reached"),
-    ({"ipv4": "169.254.1.1"}, "ipv4", "cannot be reached"),
+    ({"ipv4": "127.0.0.1"}, "ipv4", "this machine itself"),
+    ({"ipv4": "0.0.0.0"}, "ipv4", "this machine itself"),
+    ({"ipv6": "fe80::1"}, "ipv6", "link-local"),
+    ({"ipv4": "169.254.1.1"}, "ipv4", "link-local"),
+    ({"ipv4": "192.168.1.5"}, "ipv4", "private address"),  # issue 10 item 7
+    ({"ipv4": "100.64.0.9"}, "ipv4", "carrier-grade NAT"),
+    ({"ipv4": "198.51.100.7"}, "ipv4", "documentation"),
+    ({"ipv6": "fd00::5"}, "ipv6", "unique local"),
 ])
 def test_dns_step_refuses_addresses_that_cannot_be_the_boxs(values: dict[str, str], field: str, words: str) -> None:
     result = wizard.dns_step(values)
@@ -110,7 +114,7 @@ def test_dns_step_refuses_addresses_that_cannot_be_the_boxs(values: dict[str, st
 
 
 def test_dns_step_unknown_action() -> None:
-    result = wizard.dns_step({"ipv4": "198.51.100.7", "action": "drop tables"})
+    result = wizard.dns_step({"ipv4": "192.0.32.7", "action": "drop tables"})
     assert isinstance(result, Form) and "" in result.errors
 
 
