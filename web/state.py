@@ -7,7 +7,8 @@ from web.wizard import FIRST_STEP, LAST_STEP
 
 SETUP_STEP = "setup_step"  # the furthest step reached
 SETUP_DONE = "setup_done"  # "1" once the last step was shown
-SETUP_DOMAIN = "setup_domain"  # the domain made in step 2
+SETUP_DOMAIN = "setup_domain"  # the domain chosen in step 2
+SETUP_DOMAIN_ADDED = "setup_domain_added"  # "1" when step 2 created it (then a later step 2 may replace it)
 
 
 async def setup_step(db: Database) -> int:

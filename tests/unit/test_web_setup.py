@@ -233,3 +233,20 @@ def test_step3_refuses_a_lan_address_and_says_what_the_public_one_is(web: WebCli
     response = web.post("/setup/3", {"ipv4": "192.0.32.7", "ipv6": "fd00::1", "action": "continue"},
                         token_from="/setup/3")
     assert response.status_code == 400 and "unique local" in field_error(response.text, "ipv6")
+
+
+def test_going_back_to_step2_replaces_the_domain_it_added(web: WebClient) -> None:
+    """Issue 10 item 8: each step-2 submit added another domain, so fixing a typo left several."""
+    step1(web)
+    web.run(web.services.accounts.add_domain, "existing.test")  # made before the wizard (e.g. with the CLI)
+    for typo in ("exmaple.test", "exampel.test", "existing.test", DOMAIN):
+        response = web.post("/setup/2", {"domain": typo}, token_from="/setup/2")
+        assert response.headers["location"] == "/setup/3"
+        assert web.get("/setup/3").status_code == 200
+    assert sorted(web.run(web.services.accounts.list_domains)) == [DOMAIN, "existing.test"]
+    assert web.setting("setup_domain") == DOMAIN
+    # Submitting the same domain again changes nothing; a domain with a mailbox is never removed.
+    web.post("/setup/2", {"domain": DOMAIN}, token_from="/setup/2")
+    web.add_user()
+    web.post("/setup/2", {"domain": "other.test"}, token_from="/setup/2")
+    assert sorted(web.run(web.services.accounts.list_domains)) == [DOMAIN, "existing.test", "other.test"]

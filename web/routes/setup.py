@@ -27,7 +27,7 @@ from web import forms, wizard
 from web.console_data import client_settings_for, dns_ports
 from web.pages import log_in, peer, read_form, redirect, render, require, services
 from web.routes import sending
-from web.state import SETUP_DOMAIN, SETUP_DONE, reach, setup_done, setup_step
+from web.state import SETUP_DOMAIN, SETUP_DOMAIN_ADDED, SETUP_DONE, reach, setup_done, setup_step
 from web.wizard import Form, Next
 
 HOSTNAME_SETTING = "hostname"
@@ -152,13 +152,27 @@ async def domain_submit(request: Request) -> Response:
         return await domain_page(request, result)
     assert isinstance(result, Next)
     domain = result.data["domain"]
+    previous = await svc.db.get_setting(SETUP_DOMAIN)
+    previous_was_added_here = await svc.db.get_setting(SETUP_DOMAIN_ADDED) == "1"
+    added_here = previous_was_added_here and previous == domain
     if not await svc.accounts.is_local_domain(domain):
         try:
             await svc.accounts.add_domain(domain)
         except AccountError as exc:
             return await domain_page(request, Form({"domain": str(exc)}, {"domain": domain}))
+        added_here = True
         await svc.events.record("setup", f"domain {domain} added")
+    if previous and previous != domain and previous_was_added_here:
+        # Back to step 2 to fix a typo: the domain this step made before is replaced, not kept beside
+        # the new one. A domain that existed before the wizard, or got mailboxes since, stays.
+        try:
+            await svc.accounts.remove_domain(previous)
+        except AccountError:
+            pass
+        else:
+            await svc.events.record("setup", f"domain {previous} removed (replaced by {domain})")
     await svc.db.set_setting(SETUP_DOMAIN, domain)
+    await svc.db.set_setting(SETUP_DOMAIN_ADDED, "1" if added_here else "0")
     await dkim_keys.ensure_key(svc.db, svc.config.data.dkim, domain)  # step 3 shows its public key
     await reach(svc.db, result.step)
     return redirect(f"/setup/{result.step}")
