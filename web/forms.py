@@ -151,6 +151,7 @@ def new_alias(values: Mapping[str, str], domains: tuple[str, ...]) -> tuple[str,
 # --- sending: direct delivery or a relay (the wizard's step and the console's Sending page) ----------
 
 SEND_DIRECT, SEND_RELAY = "direct", "relay"
+SAVE_UNTESTED = "save_untested"  # the checkbox that confirms saving a relay without a working test
 RELAY_SHOWN = ("mode", "relay_host", "relay_port", "relay_tls", "relay_user")  # never relay_password
 
 
@@ -229,11 +230,18 @@ def relay_choice(values: Mapping[str, str], stored: Smarthost | None, ca_file: s
 
 def sending_form(values: Mapping[str, str], stored: Smarthost | None, ca_file: str = "") -> tuple[str, Smarthost | None, Errors]:
     """The Sending form (wizard step and console page): (action, relay or None for direct, errors).
-    action 'save' stores the choice; 'test' tries the relay first, so it needs one."""
+    action 'save' stores the choice; 'test' tries the relay first, so it needs one. Saving a relay
+    other than the stored one without testing it needs the SAVE_UNTESTED box ticked."""
     action = text(values, "action") or "save"
     if action not in ("save", "test"):
         return action, None, {"": "unknown action"}
     relay, errors = relay_choice(values, stored, ca_file)
     if not errors and action == "test" and relay is None:
         errors = {"mode": "choose “Send through a relay” to test one"}
+    if not errors and action == "save" and relay is not None and relay != stored \
+            and text(values, SAVE_UNTESTED) != "on":
+        # A relay is saved by a test that works. Saving one never tested (or whose test failed) would
+        # leave every outbound message deferred without a word: it needs a deliberate second yes.
+        errors = {SAVE_UNTESTED: "this relay has not passed a test: use “Test the relay” (it is saved when "
+                                 "it works), or tick the box to save it anyway"}
     return action, relay, errors

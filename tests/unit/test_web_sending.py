@@ -48,7 +48,7 @@ def error_of(page: str, field: str) -> str:
 
 def relay_form(**changes: str) -> dict[str, str]:
     values = {"mode": "relay", "relay_host": RELAY_NAME, "relay_port": "", "relay_tls": "starttls",
-              "relay_user": RELAY_USER, "relay_password": RELAY_PASSWORD, "action": "save"}
+              "relay_user": RELAY_USER, "relay_password": RELAY_PASSWORD, "action": "save", "save_untested": "on"}
     values.update(changes)
     return values
 
@@ -209,6 +209,24 @@ def test_the_wizard_step_tests_the_relay_too(web: WebClient, relay: Receiver) ->
     assert stored(web) is not None
     response = web.post("/setup/5", relay_form(relay_port=str(relay.port), relay_password=""), token_from="/setup/5")
     assert response.headers["location"] == "/setup/6"
+
+
+@pytest.mark.parametrize("path", ["/setup/5", "/console/sending"])
+def test_continue_after_a_failed_test_needs_a_second_yes(web: WebClient, relay: Receiver, path: str) -> None:
+    """Issue 10 item 9: a failed test, then Continue, saved a relay that does not work."""
+    web.set_setting("setup_done", "0")
+    web.set_setting("setup_step", "5")
+    failing = relay_form(relay_port=str(relay.port), relay_password="wrong password")
+    response = web.post(path, {**failing, "action": "test"}, token_from=path)
+    assert 'id="f-save_untested"' in response.text  # offered right after the failure
+    response = web.post(path, {**failing, "save_untested": ""}, token_from=path)
+    assert response.status_code == 400
+    assert "has not passed a test" in error_of(response.text, "save_untested")
+    assert stored(web) is None
+    response = web.post(path, {**failing, "save_untested": "on"}, token_from=path)
+    assert response.status_code == 303
+    assert stored(web) == Smarthost(RELAY_NAME, relay.port, "starttls", RELAY_USER, "wrong password",
+                                    web.setting("smarthost_ca_file") or "")
 
 
 def test_an_untrusted_certificate_and_a_closed_port(web: WebClient, relay: Receiver, tmp_path: Path) -> None:

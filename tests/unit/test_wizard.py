@@ -131,9 +131,24 @@ RELAY_PASSWORD = "relay pass 5ecret!"
 
 def relay_values(**changes: str) -> dict[str, str]:
     values = {"mode": "relay", "relay_host": "SMTP.Provider.Example", "relay_port": "", "relay_tls": "starttls",
-              "relay_user": "me@provider.example", "relay_password": RELAY_PASSWORD, "action": "save"}
+              "relay_user": "me@provider.example", "relay_password": RELAY_PASSWORD, "action": "save",
+              "save_untested": "on"}
     values.update(changes)
     return values
+
+
+def test_saving_an_untested_relay_needs_the_second_confirmation() -> None:
+    """Issue 10 item 9: Continue saved a relay that was never tested (or whose test failed)."""
+    result = wizard.sending_step(relay_values(save_untested=""))
+    assert isinstance(result, Form) and "has not passed a test" in result.errors["save_untested"]
+    assert "save_untested" not in result.values  # the box is never ticked for the person
+    result = wizard.sending_step(relay_values(save_untested="on"))
+    assert isinstance(result, Next) and result.relay is not None and result.action == "save"
+    # The relay already stored (saved by a test that worked) needs no second yes; nor does a test.
+    stored = Smarthost("smtp.provider.example", 587, "starttls", "me@provider.example", RELAY_PASSWORD)
+    assert isinstance(wizard.sending_step(relay_values(save_untested="", relay_password=""), stored=stored), Next)
+    assert isinstance(wizard.sending_step(relay_values(save_untested="", action="test")), Next)
+    assert isinstance(wizard.sending_step({"mode": "direct", "action": "save"}, stored=stored), Next)
 
 
 def test_sending_step_direct_is_the_default_and_leads_to_the_mailboxes() -> None:
