@@ -206,7 +206,8 @@ def test_the_wizard_step_tests_the_relay_too(web: WebClient, relay: Receiver) ->
     response = web.post("/setup/5", relay_form(relay_port=str(relay.port), action="test"), token_from="/setup/5")
     assert response.headers["location"] == "/setup/5"  # tested and saved; Continue is still to be pressed
     assert "The relay works" in text_of(web.get("/setup/5").text)
-    assert stored(web) is not None
+    saved = stored(web)
+    assert saved is not None and web.setting("smarthost_tested") == saved.describe()  # the done page trusts it
     response = web.post("/setup/5", relay_form(relay_port=str(relay.port), relay_password=""), token_from="/setup/5")
     assert response.headers["location"] == "/setup/6"
 

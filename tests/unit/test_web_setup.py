@@ -9,8 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from appliance.auth import ThrottlePolicy
+from appliance.dns_check import CheckResult, save_results
+from appliance.queue.smarthost import Smarthost, save_smarthost
 from tests.support.dns_server import ZoneServer
 from tests.support.web import (
     ADMIN,
@@ -116,7 +119,8 @@ def test_the_whole_wizard(web: WebClient) -> None:
     assert response.headers["location"] == "/setup/7"
     # 7: done: client settings, the console link; setup is over
     page = web.get("/setup/7").text
-    assert "Your box is ready" in page and "993" in page and "465" in page and 'href="/console"' in page
+    assert "Almost ready: 3 things left" in page and "993" in page and "465" in page and 'href="/console"' in page
+    assert "Your box is ready" not in page
     assert web.setting("setup_done") == "1"
     assert web.get("/setup").headers["location"] == "/console"
     assert web.get("/setup/2").headers["location"] == "/console"
@@ -250,3 +254,37 @@ def test_going_back_to_step2_replaces_the_domain_it_added(web: WebClient) -> Non
     web.add_user()
     web.post("/setup/2", {"domain": "other.test"}, token_from="/setup/2")
     assert sorted(web.run(web.services.accounts.list_domains)) == [DOMAIN, "existing.test", "other.test"]
+
+
+def test_done_lists_what_is_still_missing_each_with_its_fix(web: WebClient) -> None:
+    """Issue 10 item 15: "Your box is ready" with 11 records missing and a self-signed certificate."""
+    step1(web)
+    web.post("/setup/2", {"domain": DOMAIN}, token_from="/setup/2")
+    web.run(save_results, web.services.db, DOMAIN, [
+        CheckResult("mx", "MX", DOMAIN, "found"), CheckResult("spf", "TXT", DOMAIN, "missing"),
+        CheckResult("a", "A", HOSTNAME, "wrong", ("192.0.32.9",))])
+    web.run(save_smarthost, web.services.db, Smarthost("smtp.provider.example", 587, "starttls", "me", "pw"))
+    web.set_setting("setup_step", "7")
+    page = web.get("/setup/7").text
+    assert "Almost ready: 3 things left" in page and "Your box is ready" not in page
+    dns = re.search(r'<li id="todo-dns-example.test">(.*?)</li>\s*</ul>', page, re.S)
+    assert dns and "2 DNS records of example.test were not found" in dns.group(1)
+    assert f'href="/console/domains/{DOMAIN}"' in dns.group(1)
+    assert "TXT example.test: missing" in dns.group(1) and f"A {HOSTNAME}: wrong" in dns.group(1)
+    assert "MX example.test" not in dns.group(1)
+    assert 'id="todo-certificate"' in page and "self-signed" in page
+    assert 'id="todo-sending"' in page and "smtp.provider.example was saved without a working test" in page
+
+
+def test_done_says_ready_when_nothing_is_missing(web: WebClient, ca: trustme.CA) -> None:
+    step1(web)
+    web.post("/setup/2", {"domain": DOMAIN}, token_from="/setup/2")
+    web.run(save_results, web.services.db, DOMAIN, [CheckResult("mx", "MX", DOMAIN, "found")])
+    cert = ca.issue_cert(HOSTNAME)
+    web.services.tls.install(b"".join(b.bytes() for b in cert.cert_chain_pems), cert.private_key_pem.bytes())
+    relay = Smarthost("smtp.provider.example", 587, "starttls", "me", "pw")
+    web.run(save_smarthost, web.services.db, relay)
+    web.set_setting("smarthost_tested", relay.describe())  # as a test that worked leaves it
+    web.set_setting("setup_step", "7")
+    page = web.get("/setup/7").text
+    assert "Your box is ready" in page and 'id="todo"' not in page

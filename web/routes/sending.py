@@ -78,8 +78,22 @@ def _wake_queue(svc: Services) -> None:
         queue.wake()  # read the settings again / look for due work now, not at its next poll
 
 
-async def save(svc: Services, relay: Smarthost | None) -> None:
+# What the relay that last passed "Test the relay" was (Smarthost.describe(): no password), so a relay
+# changed since, here or with `letterbox relay`, no longer counts as tested.
+RELAY_TESTED = "smarthost_tested"
+
+
+async def relay_tested(svc: Services, relay: Smarthost) -> bool:
+    return await svc.db.get_setting(RELAY_TESTED) == relay.describe()
+
+
+async def save(svc: Services, relay: Smarthost | None, *, tested: bool = False) -> None:
+    before = (await stored_relay(svc)).relay
     await save_smarthost(svc.db, relay)
+    if relay is not None and tested:
+        await svc.db.set_setting(RELAY_TESTED, relay.describe())
+    elif relay != before or relay is None:  # a password changed untested counts as untested too
+        await svc.db.set_setting(RELAY_TESTED, "")
     _wake_queue(svc)
     if relay is None:
         await svc.events.record("sending", "outbound mail goes directly to each domain's mail server")
@@ -102,7 +116,7 @@ async def apply(request: Request, action: str, relay: Smarthost | None) -> Relay
         if not check.ok:
             await svc.events.record("sending", f"relay test of {relay.describe()} failed: {check.detail}")
             return check
-        await save(svc, relay)
+        await save(svc, relay, tested=True)
         flash(request, f"The relay works ({check.detail}). It is saved: all outbound mail goes through it.")
         return None
     await save(svc, relay)

@@ -24,6 +24,7 @@ from appliance.dns_records import SETTING_IPV4, SETTING_IPV6, detect_public_addr
 from appliance.queue.relay_check import RelayCheck
 from appliance.tls import TlsManager, make_self_signed
 from web import forms, wizard
+from web.checklist import still_to_do
 from web.console_data import client_settings_for, dns_ports
 from web.pages import log_in, peer, read_form, redirect, render, require, services
 from web.routes import sending
@@ -330,6 +331,7 @@ async def done_page(request: Request, form: Form | None) -> Response:
         await svc.events.record("setup", "first-run setup finished")
     return await _page(request, 7, "setup/done.html", {
         "settings": client_settings_for(svc), "mailboxes": await svc.accounts.list_users(),
+        "todos": await still_to_do(svc),
     })
 
 
