@@ -11,6 +11,16 @@ How failed logins are slowed (one Auth, so one Throttle, per box: SMTP, IMAP, PO
   elsewhere must not be able to lock its owner out, and a right password from another address works.
 - Attempts for one (client, account) pair are checked one at a time, so a burst of parallel guesses is
   counted exactly; argon2 work is bounded by MAX_CONCURRENT_HASHES.
+- Distributed guessing (many addresses, a few tries each, so no address is ever slowed) meets a budget
+  per account: at most `account_budget` passwords are checked per `budget_seconds` for that account from
+  all addresses together. Past it an attempt is refused without looking at the password, answered like
+  any failed login, so the answer never tells whether the guess was right. A check that finds the right
+  password gives its unit back: only wrong guesses (and checks in flight) fill the budget.
+- The budget must not lock the owner out, so the owner's own clients have their own: an address that
+  logged in to the account over IMAP, POP3 or SMTP in the last `trust_seconds` (kept in the db, so it
+  survives a restart), or on the web a device carrying the signed cookie set at its last login
+  (`sign_device`). They are not slowed by the account-wide delay either: that comes from others'
+  failures.
 - Unknown accounts are checked against a dummy hash, so they take as long as known ones.
 - Every attempt is logged on 'letterbox.auth' with outcome, service, peer and account; never the password.
 """
@@ -18,11 +28,17 @@ How failed logins are slowed (one Auth, so one Throttle, per box: SMTP, IMAP, PO
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
 import ipaddress
+import json
 import logging
+import math
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -43,7 +59,10 @@ MAX_LOGGED_NAME = 100  # account names come from the network: logged truncated a
 MAX_ACCOUNT_KEY = 320  # unparseable names are throttled by this much of their text
 IPV6_PREFIX = 64  # one IPv6 host usually controls a whole /64
 
-Outcome = Literal["ok", "bad-password", "unknown-account", "disabled", "locked"]
+MAX_TRUSTED_PER_ACCOUNT = 20  # remembered client addresses per account; the least recent are forgotten
+MAX_DEVICE_TOKEN = 1000  # a device cookie is ~150 characters; anything much longer is not ours
+
+Outcome = Literal["ok", "bad-password", "unknown-account", "disabled", "locked", "over-budget"]
 
 
 @dataclass(frozen=True)
@@ -66,10 +85,16 @@ class ThrottlePolicy:
     lockout_seconds: float = 900.0
     forgive_seconds: float = 60.0  # one counted failure leaks away every this many seconds
     max_tracked: int = 10_000  # entries per table; the least recently failed are dropped beyond
+    account_budget: int = 10  # passwords checked per account per budget_seconds, all strangers together
+    trusted_budget: int = 10  # the same, for each of the owner's remembered addresses and devices
+    budget_seconds: float = 60.0
+    trust_seconds: float = 30 * 86400  # how long a successful address or device stays remembered
 
     def __post_init__(self) -> None:
         if self.forgive_seconds <= 0 or self.base_delay < 0 or self.max_tracked < 1:
             raise ValueError("ThrottlePolicy needs forgive_seconds > 0, base_delay >= 0, max_tracked >= 1")
+        if self.account_budget < 1 or self.trusted_budget < 1 or self.budget_seconds <= 0:
+            raise ValueError("ThrottlePolicy needs budgets >= 1 and budget_seconds > 0")
 
 
 DEFAULT_POLICY = ThrottlePolicy()
@@ -118,6 +143,41 @@ class _Table(Generic[K]):
         return len(self._buckets)
 
 
+class _Budget(Generic[K]):
+    """At most `limit` events per `window` seconds per key: a sliding window of the event times, so no
+    60-second span ever holds more than the limit (a token bucket would allow twice that around a refill).
+    Bounded like _Table."""
+
+    def __init__(self, limit: int, window: float, max_tracked: int) -> None:
+        self._limit = limit
+        self._window = window
+        self._max_tracked = max_tracked
+        self._events: OrderedDict[K, deque[float]] = OrderedDict()
+
+    def take(self, key: K, now: float) -> bool:
+        """Spend one unit of the key's budget; False (nothing spent) when it is used up."""
+        events = self._events.pop(key, None) or deque()
+        while events and events[0] <= now - self._window:
+            events.popleft()
+        allowed = len(events) < self._limit
+        if allowed:
+            events.append(now)
+        if events:
+            self._events[key] = events  # most recently used last
+            while len(self._events) > self._max_tracked:
+                self._events.popitem(last=False)
+        return allowed
+
+    def give_back(self, key: K) -> None:
+        """Undo one take (the newest: the count is what matters)."""
+        events = self._events.get(key)
+        if events:
+            events.pop()
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
 class Throttle:
     """Failure accounting shared by every protocol. Pure bookkeeping except `serialised`."""
 
@@ -127,10 +187,16 @@ class Throttle:
         self._peers: _Table[str] = _Table(policy)
         self._pairs: _Table[tuple[str, str]] = _Table(policy)
         self._accounts: _Table[str] = _Table(policy)
+        self._account_budget: _Budget[str] = _Budget(policy.account_budget, policy.budget_seconds, policy.max_tracked)
+        self._trusted_budget: _Budget[tuple[str, str]] = _Budget(
+            policy.trusted_budget, policy.budget_seconds, policy.max_tracked
+        )
         self._in_progress: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
     def _delay_for(self, level: float, free: int, cap: float) -> float:
-        over = int(level) - free
+        # A failure counts until it has leaked away entirely: 2.98 after three quick failures is still
+        # three (int() made it two, so a fourth free failure slipped through).
+        over = math.ceil(level) - free
         if over < 0:
             return 0.0
         return min(cap, self.policy.base_delay * 2 ** min(over, 32))
@@ -140,15 +206,35 @@ class Throttle:
         now = self._clock()
         return max(self._peers.locked_for(peer, now), self._pairs.locked_for((peer, account), now))
 
-    def delay(self, peer: str, account: str) -> float:
-        """How long to wait before checking this attempt's password."""
+    def delay(self, peer: str, account: str, *, trusted: bool = False) -> float:
+        """How long to wait before checking this attempt's password. The owner's own address or device
+        (`trusted`) is not slowed by failures that others caused on the account."""
         now = self._clock()
         p = self.policy
+        account_delay = 0.0 if trusted else self._delay_for(
+            self._accounts.level(account, now), p.free_failures, p.account_max_delay
+        )
         return max(
             self._delay_for(self._peers.level(peer, now), p.peer_free_failures, p.max_delay),
             self._delay_for(self._pairs.level((peer, account), now), p.free_failures, p.max_delay),
-            self._delay_for(self._accounts.level(account, now), p.free_failures, p.account_max_delay),
+            account_delay,
         )
+
+    def take_check(self, account: str, trusted_client: str | None) -> bool:
+        """May a password be checked now for this account? Spends one check of the budget it comes out
+        of: the trusted client's own, or the one all other clients of the account share."""
+        now = self._clock()
+        if trusted_client is not None:
+            return self._trusted_budget.take((account, trusted_client), now)
+        return self._account_budget.take(account, now)
+
+    def give_back_check(self, account: str, trusted_client: str | None) -> None:
+        """The check found the right password: it was no guess, so it does not use up the budget (the
+        owner's many clients logging in at once are not slowed; only failures fill it)."""
+        if trusted_client is not None:
+            self._trusted_budget.give_back((account, trusted_client))
+        else:
+            self._account_budget.give_back(account)
 
     def failed(self, peer: str, account: str) -> str | None:
         """Count a failure; returns 'peer' or 'pair' when it starts a lockout of that key."""
@@ -174,7 +260,8 @@ class Throttle:
 
     def tracked(self) -> int:
         """Entries in the largest table (for tests and the console)."""
-        return max(len(self._peers), len(self._pairs), len(self._accounts))
+        return max(len(self._peers), len(self._pairs), len(self._accounts), len(self._account_budget),
+                   len(self._trusted_budget))
 
     @asynccontextmanager
     async def serialised(self, peer: str, account: str) -> AsyncIterator[None]:
@@ -213,6 +300,59 @@ def printable(text: str, limit: int = MAX_LOGGED_NAME) -> str:
     return cleaned + ("..." if len(text) > limit else "")
 
 
+@dataclass(frozen=True)
+class Device:
+    """A browser that logged in to `account` before, as its signed device cookie says (sign_device)."""
+
+    account: str  # the throttle's account key: 'mailbox:alice@example.org' or 'admin:root'
+    id: str
+
+
+_DEVICE_CONTEXT = b"letterbox.auth.device\x00"  # this HMAC cannot be mistaken for another use of the secret
+
+
+def account_key(principal: Principal) -> str:
+    return f"{principal.kind}:{principal.name}"
+
+
+def _device_mac(secret: str, payload: bytes) -> str:
+    return hmac.new(secret.encode(), _DEVICE_CONTEXT + payload, hashlib.sha256).hexdigest()
+
+
+def sign_device(secret: str, principal: Principal, now: float, device_id: str | None = None) -> str:
+    """The device cookie's value after a successful web login: which account, which device, when,
+    signed with HMAC-SHA256 and the box's secret so that only this box can have made it. It grants no
+    access, only the owner's own password-check budget; `device_id` keeps a known browser's id."""
+    body = {"a": account_key(principal), "d": device_id or secrets.token_urlsafe(16), "t": int(now)}
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(payload).decode("ascii").rstrip("=") + "." + _device_mac(secret, payload)
+
+
+def read_device(secret: str, token: str | None, now: float, max_age: float = DEFAULT_POLICY.trust_seconds) -> Device | None:
+    """The device a cookie names, or None when it is missing, forged, damaged or older than max_age."""
+    if not token or len(token) > MAX_DEVICE_TOKEN or token.count(".") != 1:
+        return None
+    encoded, mac = token.split(".")
+    try:
+        payload = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    if not hmac.compare_digest(mac, _device_mac(secret, payload)):
+        return None
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    account, device_id, issued = body.get("a"), body.get("d"), body.get("t")
+    if not isinstance(account, str) or not isinstance(device_id, str) or not isinstance(issued, int):
+        return None
+    if not 0 <= now - issued <= max_age:
+        return None
+    return Device(account, device_id)
+
+
 def _mailbox_account(address: str) -> str:
     try:
         return parse_address(address).canonical
@@ -224,38 +364,53 @@ class Auth:
     def __init__(
         self, db: Database, accounts: Accounts, *, policy: ThrottlePolicy = DEFAULT_POLICY,
         clock: Callable[[], float] = time.monotonic, hasher: PasswordHasher | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._db = db
         self._accounts = accounts
         self.throttle = Throttle(policy, clock)
+        self._wall_clock = wall_clock  # remembered addresses are stored in the db: unix time, not monotonic
         # New hashes use the parameters Accounts uses; a stored hash made otherwise is rehashed at login.
         self.hasher = hasher or accounts.hasher
         self._hash_slots = asyncio.Semaphore(MAX_CONCURRENT_HASHES)
         self._dummy_hash: str | None = None
 
-    async def verify(self, address: str, password: str, service: str, peer: str) -> Principal | None:
-        """Check a mailbox password. `service` is 'smtp', 'imap', 'pop3' or 'web'; `peer` the client IP.
-        Applies throttling (may sleep), logs the attempt (never the password)."""
-        return await self._attempt("mailbox", _mailbox_account(address), password, service, peer)
+    async def verify(
+        self, address: str, password: str, service: str, peer: str, *, device: Device | None = None
+    ) -> Principal | None:
+        """Check a mailbox password. `service` is 'smtp', 'imap', 'pop3' or 'web'; `peer` the client IP;
+        `device` what the web's device cookie proves (read_device). Applies throttling and the account's
+        budget (may sleep, may refuse without checking), logs the attempt (never the password)."""
+        return await self._attempt("mailbox", _mailbox_account(address), password, service, peer, device)
 
-    async def verify_admin(self, username: str, password: str, peer: str) -> Principal | None:
-        """Check a web console admin's password, with the same throttle as mailboxes."""
-        return await self._attempt("admin", username.strip().lower()[:MAX_ACCOUNT_KEY], password, "web", peer)
+    async def verify_admin(
+        self, username: str, password: str, peer: str, *, device: Device | None = None
+    ) -> Principal | None:
+        """Check a web console admin's password, with the same throttle and budget as mailboxes."""
+        account = username.strip().lower()[:MAX_ACCOUNT_KEY]
+        return await self._attempt("admin", account, password, "web", peer, device)
 
     async def _attempt(
-        self, kind: Literal["mailbox", "admin"], account: str, password: str, service: str, peer: str
+        self, kind: Literal["mailbox", "admin"], account: str, password: str, service: str, peer: str,
+        device: Device | None,
     ) -> Principal | None:
         client = peer_key(peer)
         key = f"{kind}:{account}"  # mailbox and admin names live in separate namespaces
         throttle = self.throttle
         async with throttle.serialised(client, key):
+            trusted = await self._trusted_client(key, client, service, device)
             delay = 0.0
             if not throttle.locked_for(client, key):
-                delay = throttle.delay(client, key)
+                delay = throttle.delay(client, key, trusted=trusted is not None)
                 if delay:
                     await asyncio.sleep(delay)
             if throttle.locked_for(client, key):
                 self._log("locked", kind, account, service, peer, delay)
+                return None
+            if not throttle.take_check(key, trusted):
+                # Not checked at all, so the answer (the usual failure) cannot depend on the password;
+                # not counted as a failure either: it proves nothing about this client.
+                self._log("over-budget", kind, account, service, peer, delay)
                 return None
             async with self._hash_slots:
                 if throttle.locked_for(client, key):  # a parallel attempt locked us out while we queued
@@ -266,6 +421,9 @@ class Auth:
                     await self._maybe_rehash(kind, creds, password)
             if outcome == "ok":
                 throttle.succeeded(client, key)
+                throttle.give_back_check(key, trusted)
+                if service != "web":  # the web remembers devices (a cookie), not addresses
+                    await self._remember(key, client)
             elif outcome != "disabled":  # a right password for a disabled account is not a guess
                 started = throttle.failed(client, key)
                 if started:
@@ -278,6 +436,39 @@ class Auth:
             if outcome == "ok" and creds is not None:
                 return Principal(creds.name, kind)
             return None
+
+    async def _trusted_client(self, key: str, client: str, service: str, device: Device | None) -> str | None:
+        """The owner's own client this attempt comes from, if any: a device whose cookie names this
+        account, or (IMAP, POP3, SMTP) an address that logged in to it within trust_seconds."""
+        if device is not None and device.account == key:
+            return f"device:{device.id}"
+        if service == "web":
+            return None
+        since = self._wall_clock() - self.throttle.policy.trust_seconds
+        row = await self._db.fetchone(
+            "SELECT 1 FROM auth_trusted_clients WHERE account = ? AND client = ? AND last_success >= ?",
+            (key, client, since),
+        )
+        return f"address:{client}" if row else None
+
+    async def _remember(self, key: str, client: str) -> None:
+        """Remember the address of a successful login (and forget this account's stale or surplus ones)."""
+        now = self._wall_clock()
+        try:
+            async with self._db.transaction() as tx:
+                await tx.execute(
+                    "INSERT INTO auth_trusted_clients (account, client, last_success) VALUES (?, ?, ?)"
+                    " ON CONFLICT (account, client) DO UPDATE SET last_success = excluded.last_success",
+                    (key, client, now),
+                )
+                await tx.execute(
+                    "DELETE FROM auth_trusted_clients WHERE account = ? AND (last_success < ? OR client NOT IN"
+                    " (SELECT client FROM auth_trusted_clients WHERE account = ?"
+                    "  ORDER BY last_success DESC LIMIT ?))",
+                    (key, now - self.throttle.policy.trust_seconds, key, MAX_TRUSTED_PER_ACCOUNT),
+                )
+        except Exception:  # the login itself succeeded; the address is remembered at the next one
+            log.exception("auth: could not remember the client address of %s", printable(key))
 
     async def _check(
         self, kind: Literal["mailbox", "admin"], account: str, password: str

@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 FAST = make_hasher(time_cost=1, memory_cost_kib=8, parallelism=1)
 NO_THROTTLE = ThrottlePolicy(free_failures=10**6, peer_free_failures=10**6, pair_lockout_failures=10**6,
-                             peer_lockout_failures=10**6)
+                             peer_lockout_failures=10**6, account_budget=10**6, trusted_budget=10**6)
 HOSTNAME = "mail.example.test"
 DOMAIN = "example.test"
 ADMIN, ADMIN_PASSWORD = "admin", "correct horse battery"

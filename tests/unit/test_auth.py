@@ -14,7 +14,17 @@ from pathlib import Path
 import pytest
 
 from appliance.accounts import Accounts
-from appliance.auth import Auth, Principal, Throttle, ThrottlePolicy, peer_key
+from appliance.auth import (
+    DEFAULT_POLICY,
+    Auth,
+    Device,
+    Principal,
+    Throttle,
+    ThrottlePolicy,
+    peer_key,
+    read_device,
+    sign_device,
+)
 from appliance.db import Database
 from appliance.passwords import make_hasher
 
@@ -26,9 +36,10 @@ ALICE = "alice@example.org"
 QUICK = ThrottlePolicy(
     free_failures=2, peer_free_failures=50, base_delay=0.05, max_delay=0.2, account_max_delay=0.1,
     pair_lockout_failures=6, peer_lockout_failures=12, lockout_seconds=60, forgive_seconds=3600,
+    account_budget=1000, trusted_budget=1000,  # the budget has its own tests
 )
 NO_THROTTLE = ThrottlePolicy(free_failures=10**6, peer_free_failures=10**6, pair_lockout_failures=10**6,
-                             peer_lockout_failures=10**6)
+                             peer_lockout_failures=10**6, account_budget=10**6, trusted_budget=10**6)
 
 
 class FakeClock:
@@ -286,3 +297,185 @@ def test_every_attempt_is_logged_without_secrets(tmp_path: Path, caplog: pytest.
     )
     for secret in secrets:
         assert secret not in everything
+
+
+def test_exactly_three_failures_go_through_undelayed() -> None:
+    """free_failures=3 means the fourth attempt waits, also when the failures came a second apart (the
+    leaky bucket had forgiven 2% of one, and int() rounded 2.98 down to two)."""
+    clock = FakeClock()
+    throttle = Throttle(DEFAULT_POLICY, clock)
+    peer, account = "192.0.2.1", "mailbox:alice@example.org"
+    undelayed = 0
+    while throttle.delay(peer, account) == 0:
+        undelayed += 1
+        throttle.failed(peer, account)
+        clock.now += 1
+        assert undelayed < 10
+    assert undelayed == DEFAULT_POLICY.free_failures == 3
+    assert throttle.delay(peer, account) == DEFAULT_POLICY.base_delay
+    # Once a whole failure has leaked away, the next attempt is free again.
+    clock.now += DEFAULT_POLICY.forgive_seconds
+    assert throttle.delay(peer, account) == 0
+
+
+# Only the budget matters here: no delays, no lockouts.
+BUDGET = ThrottlePolicy(
+    free_failures=10**6, peer_free_failures=10**6, pair_lockout_failures=10**6, peer_lockout_failures=10**6,
+    account_budget=10, trusted_budget=10, budget_seconds=60, trust_seconds=30 * 86400,
+)
+OWNER = "192.0.2.200"
+
+
+def outcomes(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [line.split(":", 1)[0].removeprefix("auth ") for line in auth_lines(caplog)]
+
+
+def make_auth(box: Box, wall: FakeClock, policy: ThrottlePolicy = BUDGET) -> Auth:
+    return Auth(box.db, box.accounts, policy=policy, clock=box.clock, wall_clock=wall)
+
+
+def test_distributed_guessing_gets_ten_checks_a_minute_per_account(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="letterbox.auth")
+
+    async def scenario(box: Box) -> None:
+        auth = make_auth(box, FakeClock())
+        # 20 addresses x 10 guesses, across every protocol, in parallel: never more than 10 checked.
+        guesses = [
+            auth.verify(ALICE, f"guess {n} from {i}", ("imap", "pop3", "smtp", "web")[n % 4], f"198.51.100.{i}")
+            for i in range(20) for n in range(10)
+        ]
+        assert await asyncio.gather(*guesses) == [None] * 200
+        assert outcomes(caplog).count("bad-password") == 10
+        assert outcomes(caplog).count("over-budget") == 190
+        # Past the budget even the right password is refused unchecked, with the same answer as a wrong one.
+        caplog.clear()
+        assert await auth.verify(ALICE, PASSWORD, "imap", "198.51.100.77") is None
+        assert outcomes(caplog) == ["over-budget"]
+        # Other accounts are not affected.
+        await box.accounts.add_user("bob@example.org", PASSWORD)
+        assert await auth.verify("bob@example.org", PASSWORD, "imap", "198.51.100.1") is not None
+        # A sliding minute: 59 s later still nothing, a minute after the checks the next 10.
+        box.clock.now += 59
+        assert await auth.verify(ALICE, PASSWORD, "imap", "198.51.100.77") is None
+        box.clock.now += 1.5
+        caplog.clear()
+        for i in range(12):
+            await auth.verify(ALICE, WRONG, "pop3", f"203.0.113.{i}")
+        assert outcomes(caplog).count("bad-password") == 10
+
+    run(tmp_path, scenario)
+
+
+def test_right_passwords_do_not_use_up_the_budget(tmp_path: Path) -> None:
+    async def scenario(box: Box) -> None:
+        auth = make_auth(box, FakeClock())
+        # Many clients of the owner logging in at once, from an address never seen before.
+        logins = [auth.verify(ALICE, PASSWORD, "imap", "192.0.2.77") for _ in range(30)]
+        assert all(result is not None for result in await asyncio.gather(*logins))
+        assert await auth.verify(ALICE, PASSWORD, "smtp", "192.0.2.78") is not None
+
+    run(tmp_path, scenario)
+
+
+def test_the_owners_addresses_keep_their_own_budget_across_restarts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="letterbox.auth")
+    slow_account = ThrottlePolicy(
+        free_failures=1, peer_free_failures=10**6, pair_lockout_failures=10**6, peer_lockout_failures=10**6,
+        base_delay=5.0, max_delay=5.0, account_max_delay=5.0, forgive_seconds=3600,
+        account_budget=10, trusted_budget=10, budget_seconds=60, trust_seconds=30 * 86400,
+    )
+
+    async def attack(auth: Auth) -> None:
+        await asyncio.gather(*(auth.verify(ALICE, WRONG, "imap", f"198.51.100.{i}") for i in range(30)))
+
+    async def scenario(box: Box) -> None:
+        wall = FakeClock()
+        auth = make_auth(box, wall)
+        assert await auth.verify(ALICE, PASSWORD, "imap", OWNER) is not None  # the owner's client, last week
+        wall.now += 7 * 86400
+        auth = make_auth(box, wall, BUDGET)  # a restart: the budget is gone, the address is remembered
+        await attack(auth)
+        assert await auth.verify(ALICE, PASSWORD, "imap", "192.0.2.201") is None  # a stranger: over budget
+        for service in ("imap", "pop3", "smtp"):
+            assert await auth.verify(ALICE, PASSWORD, service, OWNER) == Principal(ALICE, "mailbox")
+        # The web does not go by address: there, the device cookie is what counts.
+        assert await auth.verify(ALICE, PASSWORD, "web", OWNER) is None
+        # Also not slowed by the attackers' failures on the account (the account-wide delay).
+        auth = make_auth(box, wall, slow_account)
+        await attack(auth)
+        result, seconds = await timed(auth.verify(ALICE, PASSWORD, "pop3", OWNER))
+        assert result is not None and seconds < 2.0
+        # Even the owner's address has only a budget: its wrong passwords are checked 10 times a minute.
+        auth = make_auth(box, wall, BUDGET)
+        caplog.clear()
+        for _ in range(12):
+            assert await auth.verify(ALICE, WRONG, "smtp", OWNER) is None
+        assert outcomes(caplog).count("bad-password") == 10
+        assert outcomes(caplog)[-2:] == ["over-budget", "over-budget"]
+        # Forgotten after 30 days without a login from it.
+        auth = make_auth(box, wall, BUDGET)
+        wall.now += 31 * 86400
+        await attack(auth)
+        assert await auth.verify(ALICE, PASSWORD, "imap", OWNER) is None
+
+    run(tmp_path, scenario)
+
+
+def test_remembered_addresses_are_bounded_per_account(tmp_path: Path) -> None:
+    async def scenario(box: Box) -> None:
+        wall = FakeClock()
+        auth = make_auth(box, wall)
+        for i in range(40):
+            wall.now += 1
+            assert await auth.verify(ALICE, PASSWORD, "imap", f"192.0.2.{i}") is not None
+        rows = await box.db.fetchall("SELECT client FROM auth_trusted_clients ORDER BY last_success")
+        assert [row["client"] for row in rows] == [f"192.0.2.{i}" for i in range(20, 40)]
+
+    run(tmp_path, scenario)
+
+
+SECRET = "0123456789abcdef" * 4
+
+
+def test_device_cookies_are_signed_bound_to_an_account_and_expire() -> None:
+    alice = Principal(ALICE, "mailbox")
+    token = sign_device(SECRET, alice, 1000.0)
+    device = read_device(SECRET, token, 2000.0)
+    assert device is not None and device.account == "mailbox:alice@example.org"
+    assert read_device(SECRET, sign_device(SECRET, alice, 1000.0, device.id), 1000.0) == device
+    assert read_device("another box's secret" * 3, token, 2000.0) is None
+    payload, mac = token.split(".")
+    assert read_device(SECRET, payload + "." + mac[:-1] + ("0" if mac[-1] != "0" else "1"), 2000.0) is None
+    forged = sign_device(SECRET, Principal("root", "admin"), 1000.0).split(".")[0] + "." + mac
+    assert read_device(SECRET, forged, 2000.0) is None
+    assert read_device(SECRET, token, 1000.0 + DEFAULT_POLICY.trust_seconds + 1) is None
+    for junk in ("", "x", "a.b.c", "!!!.zz", "." * 5000, None):
+        assert read_device(SECRET, junk, 2000.0) is None
+
+
+def test_a_known_device_logs_in_to_the_web_during_an_attack(tmp_path: Path) -> None:
+    async def scenario(box: Box) -> None:
+        auth = make_auth(box, FakeClock())
+        await box.accounts.add_admin("root", "the admin passphrase")
+        alice_device = read_device(SECRET, sign_device(SECRET, Principal(ALICE, "mailbox"), 0), 0)
+        root_device = read_device(SECRET, sign_device(SECRET, Principal("root", "admin"), 0), 0)
+        for i in range(30):
+            await auth.verify(ALICE, WRONG, "web", f"198.51.100.{i}")
+            await auth.verify_admin("root", WRONG, f"198.51.100.{i}")
+        assert await auth.verify(ALICE, PASSWORD, "web", "192.0.2.9") is None
+        assert await auth.verify(ALICE, PASSWORD, "web", "192.0.2.9", device=root_device) is None
+        assert await auth.verify(ALICE, PASSWORD, "web", "192.0.2.9", device=alice_device) is not None
+        assert await auth.verify_admin("root", "the admin passphrase", "192.0.2.9") is None
+        assert await auth.verify_admin("root", "the admin passphrase", "192.0.2.9", device=root_device) is not None
+        # A device is one client: its own wrong passwords meet its own budget.
+        other = Device("mailbox:alice@example.org", "another")
+        for _ in range(10):
+            assert await auth.verify(ALICE, WRONG, "web", "192.0.2.9", device=other) is None
+        assert await auth.verify(ALICE, PASSWORD, "web", "192.0.2.9", device=other) is None
+        assert await auth.verify(ALICE, PASSWORD, "web", "192.0.2.9", device=alice_device) is not None
+
+    run(tmp_path, scenario)
