@@ -1,4 +1,4 @@
--- Letterbox schema, version 3: the client addresses each account recently logged in from.
+-- Letterbox schema, version 4: the client addresses each account recently logged in from.
 
 -- appliance/auth.py gives each account a budget of password checks per minute from all addresses
 -- together (against distributed guessing); an address that logged in to the account over IMAP, POP3
