@@ -178,6 +178,13 @@ class _Budget(Generic[K]):
         return len(self._events)
 
 
+def _failures(level: float) -> int:
+    """The failures a bucket still counts. One counts until it has leaked away entirely: 2.98 after
+    three failures a second apart is still three (int() made it two, so a fourth free failure slipped
+    through, and a lockout came one failure late)."""
+    return math.ceil(level)
+
+
 class Throttle:
     """Failure accounting shared by every protocol. Pure bookkeeping except `serialised`."""
 
@@ -194,9 +201,7 @@ class Throttle:
         self._in_progress: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
     def _delay_for(self, level: float, free: int, cap: float) -> float:
-        # A failure counts until it has leaked away entirely: 2.98 after three quick failures is still
-        # three (int() made it two, so a fourth free failure slipped through).
-        over = math.ceil(level) - free
+        over = _failures(level) - free
         if over < 0:
             return 0.0
         return min(cap, self.policy.base_delay * 2 ** min(over, 32))
@@ -243,11 +248,11 @@ class Throttle:
         self._accounts.add_failure(account, now)
         started: str | None = None
         pair = self._pairs.add_failure((peer, account), now)
-        if pair.level >= p.pair_lockout_failures and pair.locked_until <= now:
+        if _failures(pair.level) >= p.pair_lockout_failures and pair.locked_until <= now:
             pair.locked_until = now + p.lockout_seconds
             started = "pair"
         whole = self._peers.add_failure(peer, now)
-        if whole.level >= p.peer_lockout_failures and whole.locked_until <= now:
+        if _failures(whole.level) >= p.peer_lockout_failures and whole.locked_until <= now:
             whole.locked_until = now + p.lockout_seconds
             started = "peer"
         return started

@@ -318,6 +318,20 @@ def test_exactly_three_failures_go_through_undelayed() -> None:
     assert throttle.delay(peer, account) == 0
 
 
+def test_lockouts_start_at_exactly_their_count() -> None:
+    clock = FakeClock()
+    throttle = Throttle(DEFAULT_POLICY, clock)
+    started = []
+    for n in range(1, 12):
+        started.append((n, throttle.failed("192.0.2.1", "mailbox:alice@example.org")))
+        clock.now += 1
+    assert [n for n, what in started if what] == [DEFAULT_POLICY.pair_lockout_failures]
+    for i in range(DEFAULT_POLICY.peer_lockout_failures):
+        what = throttle.failed("192.0.2.2", f"mailbox:user{i}@example.org")
+        clock.now += 1
+    assert what == "peer"
+
+
 # Only the budget matters here: no delays, no lockouts.
 BUDGET = ThrottlePolicy(
     free_failures=10**6, peer_free_failures=10**6, pair_lockout_failures=10**6, peer_lockout_failures=10**6,

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import time
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from appliance.auth import DEFAULT_POLICY, Device, Principal, read_device, sign_device
 from web.pages import Role, current, log_in, log_out, peer, read_form, redirect, render, services
 from web.state import setup_done
 
 MAX_NEXT = 200
 ADMIN_PATHS = ("/console", "/setup")
+# The browser's proof that it logged in to an account before: its attempts then keep their own budget of
+# password checks when that account is under attack (appliance/auth.py). Sent only to /login.
+DEVICE_COOKIE = "letterbox_device"
+DEVICE_MAX_AGE = int(DEFAULT_POLICY.trust_seconds)
 
 
 def safe_next(path: str | None) -> str | None:
@@ -46,12 +53,13 @@ async def login_submit(request: Request) -> Response:
     next_path = safe_next(form.get("next"))
     svc = services(request)
     client = peer(request)
+    device = read_device(request.app.state.secret, request.cookies.get(DEVICE_COOKIE), time.time())
     principal = None
     if name and password:
         if "@" in name:
-            principal = await svc.auth.verify(name, password, "web", client)
+            principal = await svc.auth.verify(name, password, "web", client, device=device)
         else:
-            principal = await svc.auth.verify_admin(name, password, client)
+            principal = await svc.auth.verify_admin(name, password, client, device=device)
     if principal is None:
         return await render(request, "login.html", {
             "title": "Log in", "next": next_path, "values": {"name": name},
@@ -62,7 +70,20 @@ async def login_submit(request: Request) -> Response:
     await svc.events.record("web", f"login: {principal.name}")
     if next_path and role == "user" and next_path.startswith(ADMIN_PATHS):
         next_path = None  # a mailbox owner who followed an admin link goes to their own page, not a 403
-    return redirect(next_path or await home_for(request))
+    response = redirect(next_path or await home_for(request))
+    remember_device(request, response, principal, device)
+    return response
+
+
+def remember_device(request: Request, response: Response, principal: Principal, device: Device | None) -> None:
+    """(Re)sign the device cookie for the account just logged in to, for another DEVICE_MAX_AGE; a browser
+    already known keeps its id. One account per browser: the last one logged in to."""
+    known = device.id if device is not None and device.account == f"{principal.kind}:{principal.name}" else None
+    response.set_cookie(
+        DEVICE_COOKIE, sign_device(request.app.state.secret, principal, time.time(), known),
+        max_age=DEVICE_MAX_AGE, path="/login", httponly=True, samesite="strict",
+        secure=request.url.scheme == "https",
+    )
 
 
 async def logout(request: Request) -> Response:
