@@ -6,8 +6,9 @@ variants (RFC 3501 6.4.8) carry `uid=True` and the name of the command they wrap
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,6 +26,7 @@ def canonical_flag(flag: str) -> str:
 # --- sequence sets ----------------------------------------------------------------------------------
 
 STAR = 0  # "*" in a sequence set (0 is never a valid message number or UID)
+MAX_UINT = 2**32 - 1  # RFC 3501 9: the largest number
 
 
 @dataclass(frozen=True)
@@ -42,15 +44,27 @@ class SequenceSet:
             b = largest if end == STAR else end
             yield (a, b) if a <= b else (b, a)
 
+    def merged(self, largest: int) -> list[tuple[int, int]]:
+        """The ranges sorted and joined where they overlap or touch: a client may send thousands of
+        ranges ("1,3,5,..."), and testing every range for every message would take minutes."""
+        out: list[tuple[int, int]] = []
+        for low, high in sorted(self.bounds(largest)):
+            if out and low <= out[-1][1] + 1:
+                if high > out[-1][1]:
+                    out[-1] = (out[-1][0], high)
+            else:
+                out.append((low, high))
+        return out
+
     def contains(self, number: int, largest: int) -> bool:
-        return any(low <= number <= high for low, high in self.bounds(largest))
+        return in_ranges(number, self.merged(largest))
 
     def numbers(self, largest: int) -> list[int]:
         """Every number the set names, in ascending order, bounded by `largest` (message numbers)."""
-        found: set[int] = set()
-        for low, high in self.bounds(largest):
-            found.update(range(max(low, 1), min(high, largest) + 1))
-        return sorted(found)
+        found: list[int] = []
+        for low, high in self.merged(largest):
+            found.extend(range(max(low, 1), min(high, largest) + 1))
+        return found
 
     def mentions_beyond(self, largest: int) -> bool:
         """True if a number (not `*`) exceeds `largest`: RFC 3501 6.4.8 says that is an error for
@@ -58,9 +72,18 @@ class SequenceSet:
         return any(n > largest for r in self.ranges for n in r if n != STAR)
 
     def select(self, items: Iterable[int], largest: int) -> list[int]:
-        """The members of `items` (sorted ascending) the set contains."""
-        bounds = list(self.bounds(largest))
-        return [n for n in items if any(low <= n <= high for low, high in bounds)]
+        """The members of `items` (sorted ascending) the set contains: one pass over both."""
+        ranges = self.merged(largest)
+        out: list[int] = []
+        i = 0
+        for n in items:
+            while i < len(ranges) and ranges[i][1] < n:
+                i += 1
+            if i == len(ranges):
+                break
+            if n >= ranges[i][0]:
+                out.append(n)
+        return out
 
     def __str__(self) -> str:
         def one(n: int) -> str:
@@ -78,6 +101,12 @@ class SequenceSet:
             else:
                 ranges.append((n, n))
         return cls(tuple(ranges))
+
+
+def in_ranges(number: int, ranges: Sequence[tuple[int, int]]) -> bool:
+    """Whether `number` lies in one of `ranges` (sorted, disjoint, as SequenceSet.merged gives)."""
+    i = bisect.bisect_right(ranges, (number, MAX_UINT)) - 1
+    return i >= 0 and ranges[i][0] <= number <= ranges[i][1]
 
 
 def compact(numbers: Iterable[int]) -> str:

@@ -36,6 +36,8 @@ MAX_MIME_DEPTH = 40
 MAX_MIME_PARTS = 2000
 # Header block of one MIME part kept in memory for parsing; the rest of a huge header is skipped.
 MAX_HEADER_OCTETS = 256 * 1024
+# Patterns in one LIST (RFC 5258 allows a list): each is matched against every folder.
+MAX_LIST_PATTERNS = 100
 # Parsed message structures kept per session (FETCH of the same messages again is common).
 STRUCTURE_CACHE_ENTRIES = 512
 # Messages larger than this are searched as raw bytes instead of decoded MIME text.

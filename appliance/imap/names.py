@@ -55,6 +55,62 @@ def invalid_reason(name: str) -> str | None:
     return None
 
 
+class Wildcards:
+    """An IMAP wildcard pattern matched in time linear in the name (no backtracking).
+
+    '*' matches anything and '%' anything but the hierarchy separator (RFC 3501 6.3.8). A regex built
+    from the pattern backtracks: "*%*%*%...x" against a long name took seconds on the event loop and
+    froze every session. Here runs of wildcards collapse to one ('*' if the run holds a '*', since
+    "*%" matches what "*" does) and the name is fed once through a bit-parallel NFA: one integer holds
+    every pattern position reached so far, each name character costs a few integer operations.
+    """
+
+    def __init__(self, pattern: str, ignore_case: bool = False) -> None:
+        self._ignore_case = ignore_case
+        tokens: list[str] = []  # one character each; "*" and "%" are wildcards
+        for ch in pattern:
+            if ch in "*%" and tokens and tokens[-1] in "*%":
+                if ch == "*":
+                    tokens[-1] = "*"
+                continue
+            tokens.append(ch.lower() if ignore_case else ch)
+        self._length = len(tokens)
+        # A literal character consumes one name character: a name shorter than the literals of the
+        # pattern cannot match (this also keeps the integers small for any name that might).
+        self._literals = sum(1 for t in tokens if t not in "*%")
+        star = anysep = 0
+        masks: dict[str, int] = {}
+        for i, t in enumerate(tokens):
+            if t == "*":
+                star |= 1 << i
+            elif t == "%":
+                anysep |= 1 << i
+            else:
+                masks[t] = masks.get(t, 0) | (1 << (i + 1))  # reading t at position i reaches i + 1
+        self._star, self._percent, self._masks = star, anysep, masks
+        self._wild = star | anysep
+        self._accept = 1 << self._length
+
+    def _close(self, states: int) -> int:
+        # A wildcard also matches nothing: reaching it reaches the position after it. Wildcards never
+        # follow each other, so one step closes the set.
+        return states | ((states & self._wild) << 1)
+
+    def match(self, name: str) -> bool:
+        if len(name) < self._literals:
+            return False
+        if self._ignore_case:
+            name = name.lower()
+        states = self._close(1)
+        masks, star, percent = self._masks, self._star, self._percent
+        for ch in name:
+            stay = states & star if ch == SEPARATOR else states & (star | percent)
+            states = self._close(((states << 1) & masks.get(ch, 0)) | stay)
+            if not states:
+                return False
+        return bool(states & self._accept)
+
+
 class Pattern:
     """RFC 3501 6.3.8: reference and pattern joined; '*' matches anything, '%' anything but the
     hierarchy separator. INBOX is case-insensitive (RFC 3501 5.1), so it matches "inbox" or "In%"."""
@@ -66,28 +122,19 @@ class Pattern:
             full = reference + pattern
         else:
             full = reference + SEPARATOR + pattern if pattern else reference
-        parts = []
-        for ch in full:
-            if ch == "*":
-                parts.append(".*")
-            elif ch == "%":
-                parts.append("[^/]*")
-            else:
-                parts.append(re.escape(ch))
-        body = "".join(parts) + r"\Z"
-        self._exact = re.compile(body, re.DOTALL)
-        self._inbox = re.compile(body, re.DOTALL | re.IGNORECASE)
+        self._exact = Wildcards(full)
+        self._inbox = Wildcards(full, ignore_case=True)
         # Children of INBOX ("INBOX/x") when the pattern spells INBOX in another case.
         self._inbox_children = None
         if full[:5].upper() == "INBOX" and full[5:6] in ("/", "*", "%"):
-            self._inbox_children = re.compile("INBOX" + "".join(parts[5:]) + r"\Z", re.DOTALL)
+            self._inbox_children = Wildcards("INBOX" + full[5:])
 
     def match(self, name: str) -> bool:
         if name == "INBOX":
-            return self._inbox.match(name) is not None
+            return self._inbox.match(name)
         if self._exact.match(name):
             return True
-        return self._inbox_children is not None and name.startswith("INBOX/") and bool(self._inbox_children.match(name))
+        return self._inbox_children is not None and name.startswith("INBOX/") and self._inbox_children.match(name)
 
 
 def pattern_regex(reference: str, pattern: str) -> Pattern:

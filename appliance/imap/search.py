@@ -34,6 +34,7 @@ from appliance.imap.commands import (
     SetKey,
     SizeKey,
     TextKey,
+    in_ranges,
 )
 from appliance.imap.limits import MAX_DECODED_SEARCH_OCTETS, MAX_HEADER_OCTETS
 from appliance.imap.mime import RAW_POLICY, unfold
@@ -197,10 +198,10 @@ class Searcher:
         if isinstance(key, NewKey):
             return lambda c, content: "\\Recent" in c.flags and "\\Seen" not in c.flags
         if isinstance(key, SetKey):
-            bounds = list(key.set.bounds(self.largest_uid if key.uid else self.largest_seq))
+            ranges = key.set.merged(self.largest_uid if key.uid else self.largest_seq)
             if key.uid:
-                return lambda c, content: any(low <= c.uid <= high for low, high in bounds)
-            return lambda c, content: any(low <= c.seq <= high for low, high in bounds)
+                return lambda c, content: in_ranges(c.uid, ranges)
+            return lambda c, content: in_ranges(c.seq, ranges)
         if isinstance(key, SizeKey):
             size = key.size
             if key.relation == "LARGER":

@@ -45,7 +45,7 @@ from appliance.imap.commands import (
     compact,
 )
 from appliance.imap.errors import ImapBad, ImapError, ImapNo
-from appliance.imap.limits import STRUCTURE_CACHE_ENTRIES
+from appliance.imap.limits import MAX_LIST_PATTERNS, STRUCTURE_CACHE_ENTRIES
 from appliance.imap.mime import Part, scan, scan_header
 from appliance.imap.responses import (
     Bye,
@@ -94,6 +94,7 @@ RECENT_FLAG = frozenset({"\\Recent"})
 # Commands after which the selected folder is another or none: no point bringing the old one up to date.
 LEAVES_FOLDER = frozenset({"SELECT", "EXAMINE", "UNSELECT", "CLOSE", "LOGOUT"})
 DELETED = "\\Deleted"
+SEARCH_ON_LOOP = 1000  # messages an index-only SEARCH checks on the event loop; more go to a thread
 
 
 class SessionIO(Protocol):
@@ -373,6 +374,10 @@ class ImapSession:
             await self.io.send(Data('LIST (\\Noselect) "/" ""'))
             await self.ok(command)
             return
+        if len(command.patterns) > MAX_LIST_PATTERNS:
+            # RFC 5258 allows several patterns; thousands of them, each matched against every folder
+            # on the event loop, would stall every other session.
+            raise ImapBad("Too many patterns")
         folders = await self.store.folders(self.mailbox)
         by_name = {f.name: f for f in folders}
         only_subscribed = lsub or "SUBSCRIBED" in command.select
@@ -555,8 +560,12 @@ class ImapSession:
         if searcher.needs_content():
             infos = {uid: view.info(uid) for uid in view.uids}
             found = await asyncio.to_thread(_search_files, searcher, candidates, infos)
+        elif len(candidates) > SEARCH_ON_LOOP:
+            # A key of thousands of terms over a large folder is seconds of CPU: off the event loop,
+            # so other sessions are served meanwhile.
+            found = await asyncio.to_thread(_search_index, searcher, candidates)
         else:
-            found = [c for c in candidates if searcher.matches(c, _no_content)]
+            found = _search_index(searcher, candidates)
         numbers = [c.uid if command.uid else c.seq for c in found]
         await self.io.send(Data("SEARCH" + "".join(f" {n}" for n in numbers)))
         await self.ok(command)
@@ -788,6 +797,10 @@ def _reopener(f: BinaryIO) -> fetching.Reopen:
 
 def _no_content() -> BinaryIO:
     raise AssertionError("an index-only search opened a message")
+
+
+def _search_index(searcher: Searcher, candidates: list[Candidate]) -> list[Candidate]:
+    return [c for c in candidates if searcher.matches(c, _no_content)]
 
 
 def _search_files(searcher: Searcher, candidates: list[Candidate], infos: dict[int, MessageInfo]) -> list[Candidate]:

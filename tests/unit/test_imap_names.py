@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import re
+import time
 
-from appliance.imap.names import canonical, invalid_reason, pattern_regex, with_parents
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.imap.names import Wildcards, canonical, invalid_reason, pattern_regex, with_parents
 from appliance.imap.responses import encode_astring
 
 NAMES = ["INBOX", "Sent", "Archive", "Archive/2023", "Archive/2024", "Archive/2024/Q1", "Work/Projects"]
@@ -56,3 +61,35 @@ def test_list_names_are_astrings() -> None:
     assert encode_astring("Sent Items") == b'"Sent Items"'
     assert encode_astring("NIL") == b'"NIL"'
     assert encode_astring('a"b') == b'"a\\"b"'
+
+
+def _reference_regex(pattern: str) -> re.Pattern[str]:
+    """The backtracking translation the matcher replaced: right, but exponential on some patterns."""
+    body = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pattern)
+    return re.compile(body + r"\Z", re.DOTALL)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet="ab/*%", max_size=8), st.text(alphabet="ab/", max_size=10))
+def test_wildcards_agree_with_a_regex(pattern: str, name: str) -> None:
+    assert Wildcards(pattern).match(name) == bool(_reference_regex(pattern).match(name))
+
+
+@pytest.mark.parametrize("pattern,short_match", [
+    ("*%" * 20_000 + "x", False),
+    ("*" * 5_000, True),
+    ("%" * 30_000 + "x", False),
+    ("a*" * 10_000 + "b", False),
+    ("*a" * 127 + "*", True),
+    ("*a" * 10_000, False),
+])
+def test_pathological_patterns_match_in_linear_time(pattern: str, short_match: bool) -> None:
+    # Issue 10 item 4: a regex built from these backtracked for seconds per name, on the event loop.
+    name = "a" * 200 + "/" + "a" * 54
+    regex = pattern_regex("", pattern)
+    started = time.process_time()
+    for _ in range(100):
+        regex.match(name)
+    # 100 matches of a 255-character name; the regex needed minutes. A generous bound (CPU time).
+    assert time.process_time() - started < 5.0
+    assert regex.match("a/" * 127 + "a") is short_match

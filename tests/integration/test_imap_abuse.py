@@ -1,0 +1,72 @@
+"""What one logged-in user can do to the server: costly patterns and keys, deeply nested MIME, and
+commands after a failed SELECT (issues 10 and 11). Real server, real TLS, raw sockets."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import BoxHandle
+from tests.support.imap_wire import RawImap
+
+USER = "alice@example.test"
+OTHER = "bob@example.test"
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def imap_box(box: BoxHandle) -> BoxHandle:
+    box.add_user(USER, PASSWORD)
+    box.add_user(OTHER, PASSWORD)
+    return box
+
+
+@pytest.fixture
+def raw(imap_box: BoxHandle) -> Iterator[RawImap]:
+    client = RawImap(imap_box.port("imaps"), imap_box.client_context, timeout=60)
+    client.login(USER, PASSWORD)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def tagged(lines: list[bytes]) -> bytes:
+    return lines[-1]
+
+
+# --- issue 10 item 4: LIST patterns ----------------------------------------------------------------
+
+def test_pathological_list_patterns_do_not_stall_other_sessions(imap_box: BoxHandle, raw: RawImap) -> None:
+    for n in range(20):
+        assert tagged(raw.command(b"C", f'CREATE "Folder{n}/Sub{n}/Deeper level {n}"'.encode())).startswith(b"C OK")
+    other = RawImap(imap_box.port("imaps"), imap_box.client_context, timeout=60)
+    try:
+        other.login(OTHER, PASSWORD)
+        patterns = [b"*%" * 15_000 + b"x", b"*" * 5_000 + b"x", b"%*" * 15_000, b"F*o*l*d*e*r" * 2_000]
+        # Pipelined: the server works on these while the other session polls.
+        for i, pattern in enumerate(patterns):
+            raw.send(b"P%d LIST \"\" \"%s\"\r\n" % (i, pattern))
+        waits = []
+        for n in range(8):
+            started = time.monotonic()
+            assert tagged(other.command(b"N%d" % n, b"NOOP")).startswith(b"N%d OK" % n)
+            waits.append(time.monotonic() - started)
+        answers = [raw.until_tagged(b"P%d" % i) for i in range(len(patterns))]
+    finally:
+        other.close()
+    # Every pattern is answered (bounded time: the socket timeout), with the names it matches.
+    assert [a[-1].split(b" ")[1] for a in answers] == [b"OK"] * len(patterns)
+    # "...x" matches INBOX only (case-insensitive: "inbox"); "%*...": INBOX, the special folders, ours.
+    assert [len(a) - 1 for a in answers] == [1, 1, 1 + 5 + 20 * 3, 0]
+    assert statistics.median(waits) < 0.1, waits
+
+
+def test_too_many_list_patterns_are_refused(raw: RawImap) -> None:
+    patterns = b" ".join(b'"p%d*"' % n for n in range(500))
+    reply = raw.command(b"L1", b'LIST "" (' + patterns + b")")
+    assert tagged(reply).startswith(b"L1 BAD"), reply
+    assert tagged(raw.command(b"L2", b"NOOP")).startswith(b"L2 OK")
