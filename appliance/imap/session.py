@@ -273,7 +273,10 @@ class ImapSession:
     async def cmd_select(self, command: Command) -> None:
         assert isinstance(command, MailboxCommand)
         readonly = command.name == "EXAMINE"
+        # RFC 3501 6.3.1: SELECT first leaves any selected folder, and a failed SELECT leaves the
+        # session in the authenticated state (not selected with no folder).
         self._unselect()
+        self.state = "authenticated"
         name = names.canonical(command.mailbox)
         try:
             snapshot = await self.store.snapshot(self.mailbox, name, claim_recent=not readonly)

@@ -70,3 +70,33 @@ def test_too_many_list_patterns_are_refused(raw: RawImap) -> None:
     reply = raw.command(b"L1", b'LIST "" (' + patterns + b")")
     assert tagged(reply).startswith(b"L1 BAD"), reply
     assert tagged(raw.command(b"L2", b"NOOP")).startswith(b"L2 OK")
+
+
+# --- issue 11 item 11: a failed SELECT leaves the authenticated state -----------------------------
+
+SELECTED_COMMANDS = [
+    b"CHECK", b"CLOSE", b"UNSELECT", b"EXPUNGE", b"UID EXPUNGE 1", b"SEARCH ALL", b"UID SEARCH ALL",
+    b"FETCH 1 FLAGS", b"UID FETCH 1 FLAGS", b"STORE 1 +FLAGS (\\Seen)", b"UID STORE 1 +FLAGS (\\Seen)",
+    b"COPY 1 Trash", b"UID COPY 1 Trash", b"MOVE 1 Trash", b"UID MOVE 1 Trash",
+]
+
+
+@pytest.mark.parametrize("select", [b"SELECT", b"EXAMINE"])
+def test_selected_commands_after_a_failed_select_are_refused_and_the_session_goes_on(
+    imap_box: BoxHandle, raw: RawImap, select: bytes,
+) -> None:
+    result = imap_box.run(imap_box.services.store.deliver([USER], b"Subject: x\r\n\r\nbody\r\n"))
+    assert isinstance(result[USER], int)
+    assert tagged(raw.command(b"S1", select + b" INBOX")).startswith(b"S1 OK")
+    assert tagged(raw.command(b"S2", select + b" Missing")).startswith(b"S2 NO")
+    for n, command in enumerate(SELECTED_COMMANDS):
+        tag = b"T%d" % n
+        reply = raw.command(tag, command)
+        # RFC 3501 6.3.1: the session is authenticated now; Dovecot answers BAD "No mailbox selected".
+        assert tagged(reply).startswith(tag + b" BAD"), (command, reply)
+        assert not any(line.startswith(b"* BYE") for line in reply), (command, reply)
+    # Authenticated-state commands still work, and SELECT again brings the selected state back.
+    assert tagged(raw.command(b"A1", b'LIST "" INBOX')).startswith(b"A1 OK")
+    assert tagged(raw.command(b"A2", b"SELECT INBOX")).startswith(b"A2 OK")
+    assert tagged(raw.command(b"A3", b"FETCH 1 FLAGS")).startswith(b"A3 OK")
+    assert tagged(raw.command(b"A4", b"UID EXPUNGE 1")).startswith(b"A4 OK")
