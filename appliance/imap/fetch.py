@@ -289,10 +289,50 @@ def _address_list(text: str) -> bytes:
     return b"".join(render_value(a) for a in found)
 
 
+def parse_addresses(text: str) -> list[tuple[str, str]]:
+    """(display name, address) pairs of one header value. email.utils.getaddresses is fast and keeps
+    display names as written (encoded words and all), but recurses once per nested comment: a
+    header of a thousand "(" would raise RecursionError, so such comments are removed first."""
+    try:
+        return getaddresses([text])
+    except RecursionError:
+        return getaddresses([strip_comments(text)])
+
+
+def strip_comments(text: str) -> str:
+    """RFC 5322 3.2.2 comments removed (nested ones too, in one pass), quoted strings kept."""
+    out: list[str] = []
+    depth = 0
+    quoted = escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+            if not depth:
+                out.append(ch)
+            continue
+        if ch == "\\":
+            escaped = True
+            if not depth:
+                out.append(ch)
+            continue
+        if quoted:
+            quoted = ch != '"'
+            out.append(ch)
+        elif ch == "(":
+            depth += 1
+        elif ch == ")" and depth:
+            depth -= 1
+            if not depth:
+                out.append(" ")
+        elif not depth:
+            quoted = ch == '"'
+            out.append(ch)
+    return "".join(out)
+
+
 def _plain_addresses(text: str) -> list[Value]:
-    # email.utils.getaddresses is fast and keeps display names as written (encoded words and all).
     out: list[Value] = []
-    for display, address in getaddresses([text]):
+    for display, address in parse_addresses(text):
         if not address:
             continue
         out.append(_address(display, address))

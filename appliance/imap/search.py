@@ -9,15 +9,15 @@ searched as raw octets instead of being decoded in memory.
 
 from __future__ import annotations
 
+import binascii
 import datetime as dt
-import email
+import quopri
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesHeaderParser
-from email.policy import default as default_policy
 from email.utils import parsedate_to_datetime
 from typing import BinaryIO
 
@@ -37,7 +37,7 @@ from appliance.imap.commands import (
     in_ranges,
 )
 from appliance.imap.limits import MAX_DECODED_SEARCH_OCTETS, MAX_HEADER_OCTETS
-from appliance.imap.mime import RAW_POLICY, unfold
+from appliance.imap.mime import RAW_POLICY, Part, scan, unfold
 
 SUPPORTED_CHARSETS = ("US-ASCII", "UTF-8")
 RAW_SEARCH_CHUNK = 1024 * 1024
@@ -89,8 +89,7 @@ class _Content:
             return self._raw_contains(needle, body_only=True)
         if self._body is None:
             with self._opener() as f:
-                message = email.message_from_binary_file(f, policy=default_policy)
-            self._body = decoded_text(message).casefold()
+                self._body = decoded_text(f).casefold()
         return needle in self._body
 
     def _raw_contains(self, needle: str, body_only: bool) -> bool:
@@ -126,22 +125,48 @@ def decode_words(value: str) -> str:
     return decoded.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def decoded_text(message: Message) -> str:
-    """The text/* parts of a message, transfer encoding and charset undone, joined."""
+def decoded_text(f: BinaryIO) -> str:
+    """The text parts of the message in `f`, transfer encoding and charset undone, joined.
+
+    The structure comes from mime.scan, which bounds nesting depth and part count (the stdlib parser
+    recurses once per level: a message nested a thousand levels deep raised RecursionError). Parts
+    past the bound are opaque leaves and are searched as the text they are, as Dovecot does."""
+    root = scan(f)
     texts: list[str] = []
-    for part in message.walk():
-        if part.is_multipart() or part.get_content_maintype() not in ("text", "message"):
+    for part in _leaves(root):
+        if part.maintype != "text" and not (part.maintype == "message" and not part.children):
             continue
-        if part.get_content_maintype() == "message":
-            continue
-        try:
-            content = part.get_content()  # type: ignore[attr-defined]
-        except Exception:
-            payload = part.get_payload(decode=True)
-            content = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
-        if isinstance(content, str):
-            texts.append(content)
+        f.seek(part.body.start)
+        data = f.read(part.body.end - part.body.start)
+        texts.append(_decode_body(part.headers, data))
     return "\n".join(texts)
+
+
+def _leaves(root: Part) -> Iterator[Part]:
+    """Leaf parts in order, without recursion (the scan already bounds how many there are)."""
+    stack = [root]
+    while stack:
+        part = stack.pop()
+        if part.children:
+            stack.extend(reversed(part.children))
+        else:
+            yield part
+
+
+def _decode_body(headers: Message, data: bytes) -> str:
+    cte = unfold(headers.get("Content-Transfer-Encoding") or "").strip().lower()
+    try:
+        if cte == "base64":
+            data = binascii.a2b_base64(data)  # ignores line ends and stray characters
+        elif cte == "quoted-printable":
+            data = quopri.decodestring(data)
+    except (binascii.Error, ValueError):
+        pass  # malformed encoding: search the octets as they are
+    charset = headers.get_content_charset() or "utf-8"
+    try:
+        return data.decode(charset, "replace")
+    except LookupError:  # an unknown charset: UTF-8 is the best guess
+        return data.decode("utf-8", "replace")
 
 
 def sent_date(content: _Content) -> dt.date | None:

@@ -3,6 +3,7 @@ commands after a failed SELECT (issues 10 and 11). Real server, real TLS, raw so
 
 from __future__ import annotations
 
+import smtplib
 import statistics
 import time
 from collections.abc import Iterator
@@ -100,3 +101,58 @@ def test_selected_commands_after_a_failed_select_are_refused_and_the_session_goe
     assert tagged(raw.command(b"A2", b"SELECT INBOX")).startswith(b"A2 OK")
     assert tagged(raw.command(b"A3", b"FETCH 1 FLAGS")).startswith(b"A3 OK")
     assert tagged(raw.command(b"A4", b"UID EXPUNGE 1")).startswith(b"A4 OK")
+
+
+# --- issue 10 item 5: deeply nested MIME ---------------------------------------------------------
+
+DEPTH = 1_200
+
+
+def nested_multipart(depth: int) -> bytes:
+    head = b"From: a@example.org\r\nTo: " + USER.encode() + b"\r\nSubject: nested multipart\r\nMIME-Version: 1.0\r\n"
+    out = [head]
+    for level in range(depth):
+        out.append(b"Content-Type: multipart/mixed; boundary=\"b%d\"\r\n\r\n--b%d\r\n" % (level, level))
+    out.append(b"Content-Type: text/plain\r\n\r\ndeepest needle\r\n")
+    for level in reversed(range(depth)):
+        out.append(b"--b%d--\r\n" % level)
+    return b"".join(out)
+
+
+def nested_messages(depth: int) -> bytes:
+    head = b"From: a@example.org\r\nTo: " + USER.encode() + b"\r\nSubject: nested rfc822\r\nMIME-Version: 1.0\r\n"
+    out = [head]
+    for level in range(depth):
+        out.append(b"Content-Type: message/rfc822\r\n\r\nFrom: level%d@example.org\r\nSubject: level %d\r\n" % (level, level))
+    out.append(b"Content-Type: text/plain\r\n\r\ndeepest needle\r\n")
+    return b"".join(out)
+
+
+def send_mx(box: BoxHandle, data: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", box.port("smtp"), timeout=60) as client:
+        client.sendmail("a@example.org", [USER], data)
+
+
+@pytest.mark.parametrize("build", [nested_multipart, nested_messages])
+def test_deeply_nested_mime_is_answered_never_with_bye(imap_box: BoxHandle, raw: RawImap, build: object) -> None:
+    assert callable(build)
+    send_mx(imap_box, build(DEPTH))
+    assert tagged(raw.command(b"S", b"SELECT INBOX")).startswith(b"S OK")
+    path = b".".join([b"1"] * DEPTH)
+    answers = {}
+    for n, command in enumerate([
+        b"FETCH 1 BODYSTRUCTURE", b"FETCH 1 BODY", b"FETCH 1 ENVELOPE", b"FETCH 1 BODY.PEEK[" + path + b"]",
+        b"FETCH 1 BODY.PEEK[" + path + b".MIME]", b"FETCH 1 BODY.PEEK[1.1.1.1]", b"FETCH 1 BODY.PEEK[TEXT]",
+        b"SEARCH BODY needle", b"SEARCH TEXT needle", b"SEARCH BODY absent", b"SEARCH TEXT level", b"FETCH 1 RFC822.SIZE",
+    ]):
+        tag = b"F%d" % n
+        reply = raw.command(tag, command)
+        assert not any(line.startswith(b"* BYE") for line in reply), (command, reply[-1])
+        assert tagged(reply).startswith(tag + b" OK"), (command, reply[-1])
+        answers[command] = reply[0]
+    assert tagged(raw.command(b"N", b"NOOP")).startswith(b"N OK")
+    # Past the nesting bound the rest is one opaque text leaf: still searched, still well formed.
+    assert answers[b"SEARCH BODY needle"] == answers[b"SEARCH TEXT needle"] == b"* SEARCH 1\r\n"
+    assert answers[b"SEARCH BODY absent"] == b"* SEARCH\r\n"
+    structure = answers[b"FETCH 1 BODYSTRUCTURE"]
+    assert structure.count(b"(") == structure.count(b")") and structure.count(b"(") > 40

@@ -236,3 +236,10 @@ def test_header_only_scan_answers_header_items_the_same(name: str) -> None:
     full = item_values(items, facts, io.BytesIO(data), scan(io.BytesIO(data)))
     light = item_values(items, facts, io.BytesIO(data), scan_header(io.BytesIO(data)))
     assert FetchResponse(1, tuple(full)).to_bytes() == FetchResponse(1, tuple(light)).to_bytes()
+
+
+def test_envelope_of_deeply_nested_comments() -> None:
+    # email.utils.getaddresses recurses once per nested comment: RecursionError ended the session.
+    data = b"From: a@b.example " + b"(" * 5000 + b"x" + b")" * 5000 + b"\r\nTo: <c (note) @ d.example>\r\n\r\n"
+    env = render_value(envelope(scan(io.BytesIO(data)).headers))
+    assert b'((NIL NIL "a" "b.example"))' in env

@@ -118,3 +118,20 @@ def test_decode_words() -> None:
     assert decode_words("=?utf-8?q?J=C3=B6rg?= <j@x>") == "Jörg <j@x>"
     assert decode_words("=?bogus?q?x?=") == "=?bogus?q?x?="
     assert decode_words("a\r\n b") == "a b"
+
+
+@pytest.mark.parametrize("kind", ["multipart", "rfc822"])
+def test_deeply_nested_message_is_searched_without_recursion(tmp_path: Path, kind: str) -> None:
+    # Issue 10 item 5: the stdlib parser recursed once per level and ended the session with BYE.
+    depth = 1_500
+    if kind == "multipart":
+        data = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i) for i in range(depth))
+    else:
+        data = b"".join(b"Content-Type: message/rfc822\r\n\r\nSubject: level %d\r\n" % i for i in range(depth))
+    path = tmp_path / "deep.eml"
+    path.write_bytes(b"Subject: deep\r\n" + data + b"Content-Type: text/plain\r\n\r\nthe needle\r\n")
+    for query, found in (("BODY needle", True), ("TEXT needle", True), ("BODY haystack", False)):
+        command = parse_command([f"a SEARCH {query}".encode()])
+        assert isinstance(command, Search)
+        c = Candidate(1, 1, frozenset(), path.stat().st_size, 0)
+        assert Searcher(command.key, 1, 1).matches(c, lambda: path.open("rb")) is found
