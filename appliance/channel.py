@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -22,6 +24,10 @@ CLOSE_TIMEOUT = 5.0
 
 class ConnectionClosed(Exception):
     """The client went away or stopped reading; end the session quietly."""
+
+
+class DeadlineExpired(ConnectionClosed):
+    """A time limit that bounds more than one read ran out (the pre-auth phase, one whole command)."""
 
 
 class Channel(asyncio.Protocol):
@@ -38,12 +44,17 @@ class Channel(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._reading_paused = False
+        self._peer = "unknown"
+        self._expired: str | None = None
 
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        # Read once, now: an SSL transport forgets its peer once the client has gone.
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._on_connect(self)
 
@@ -75,8 +86,13 @@ class Channel(asyncio.Protocol):
 
     @property
     def peer(self) -> str:
-        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
-        return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        """The client's address as it was at accept (stable across STARTTLS and after the close)."""
+        return self._peer
+
+    def expire(self, reason: str) -> None:
+        """A deadline passed: the read waiting now (or the next one) raises DeadlineExpired."""
+        self._expired = reason
+        self._readable.set()
 
     @property
     def lost(self) -> bool:
@@ -85,8 +101,12 @@ class Channel(asyncio.Protocol):
     async def read(self) -> bytes:
         """What has arrived, waiting for something; b"" at the end of the stream."""
         while not self._incoming and not self._eof:
+            if self._expired is not None:
+                raise DeadlineExpired(self._expired)
             self._readable.clear()
             await self._readable.wait()
+        if self._expired is not None:
+            raise DeadlineExpired(self._expired)
         data = bytes(self._incoming)
         self._incoming.clear()
         if self._reading_paused and self.transport is not None and not self.lost:
@@ -114,9 +134,16 @@ class Channel(asyncio.Protocol):
     async def start_tls(self, context: ssl.SSLContext, handshake_seconds: float) -> None:
         assert self.transport is not None
         loop = asyncio.get_running_loop()
-        transport = await loop.start_tls(self.transport, self, context, server_side=True,
-                                         ssl_handshake_timeout=handshake_seconds)
+        try:
+            transport = await loop.start_tls(self.transport, self, context, server_side=True,
+                                             ssl_handshake_timeout=handshake_seconds)
+        except BaseException:
+            # asyncio has closed the socket, but the SSL layer it put in between never tells us
+            # connection_lost: mark the channel gone, or wait_closed would wait its whole timeout.
+            self.connection_lost(None)
+            raise
         if transport is None:
+            self.connection_lost(None)
             raise ConnectionClosed("TLS handshake failed")
         self.transport = transport
         self._reading_paused = False  # start_tls resumes reading on the new transport
@@ -133,10 +160,22 @@ class Channel(asyncio.Protocol):
 
 
 class ListenerLimits(Protocol):
+    """What start_listener needs from a protocol's limits (ImapLimits, Pop3Limits, SmtpLimits)."""
+
     @property
     def max_connections(self) -> int: ...
     @property
+    def max_preauth_connections(self) -> int: ...
+    @property
+    def max_connections_per_network(self) -> int: ...
+    @property
     def max_connections_per_client(self) -> int: ...
+    @property
+    def preauth_timeout(self) -> float: ...
+    @property
+    def stressed_preauth_timeout(self) -> float: ...
+    @property
+    def stress_fraction(self) -> float: ...
     @property
     def tls_handshake_timeout(self) -> float: ...
 
@@ -149,27 +188,202 @@ class Handler(Protocol):
     async def serve(self) -> None: ...
 
 
+# Addresses are also counted per network: one host with a /24 (IPv4) or a /64 (IPv6, the usual
+# allocation to a single site, RFC 6177) has as many addresses as it likes.
+IPV4_NETWORK_PREFIX = 24
+IPV6_NETWORK_PREFIX = 64
+
+
+def network_of(address: str) -> str:
+    """The /24 or /64 an address belongs to (an IPv4-mapped IPv6 address counts as its IPv4 one)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # not an IP address (a Unix socket, "unknown"): its own network
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = IPV4_NETWORK_PREFIX if ip.version == 4 else IPV6_NETWORK_PREFIX
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+class Slot:
+    """One accepted connection's place in its listener's counts.
+
+    The address and network are captured once, at accept: after the client has gone, an SSL
+    transport no longer knows its peer, so reading the address again at release would decrement the
+    wrong entry and leak the slot for ever (issue 10 item 2). release() is idempotent, so every path
+    that ends a connection (handshake failure, timeout, exception, cancellation) may call it.
+    """
+
+    def __init__(self, limiter: ConnectionLimiter, address: str, network: str, connected_at: float) -> None:
+        self.limiter = limiter
+        self.address = address
+        self.network = network
+        self.connected_at = connected_at
+        self.authenticated = False
+        self.released = False
+        self.stressed = False  # the listener was under stress while this connection was pre-auth
+        self._on_expire: Callable[[], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def preauth_deadline(self) -> float:
+        """Loop time by which the client must have logged in (a deadline from connect, not per read)."""
+        limits = self.limiter
+        seconds = limits.preauth_timeout
+        if self.stressed:
+            seconds = min(seconds, limits.stressed_preauth_timeout)
+        return self.connected_at + seconds
+
+    def watch_preauth(self, on_expire: Callable[[], None]) -> None:
+        """Call on_expire at the pre-auth deadline unless promote() or release() comes first; the
+        deadline moves earlier if the listener comes under stress meanwhile."""
+        self._on_expire = on_expire
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._on_expire is None or self.authenticated or self.released:
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(self.preauth_deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        on_expire, self._on_expire = self._on_expire, None
+        if on_expire is not None and not self.authenticated and not self.released:
+            on_expire()
+
+    def _stress(self) -> None:
+        if not self.stressed:
+            self.stressed = True
+            if self._timer is not None:
+                self._arm()
+
+    def promote(self) -> None:
+        """The client logged in (or, on the MX, started a transaction): it leaves the pre-auth pool."""
+        self.limiter._promote(self)
+
+    def release(self) -> None:
+        self.limiter._release(self)
+
+    def _stop_timer(self) -> None:
+        self._on_expire = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class ConnectionLimiter:
-    """Open connections of one listener, per client address and in all; refuses past the limits."""
+    """Open connections of one listener: per client address, per network, in total, and those not
+    yet logged in. Refuses past the limits; under stress cuts the pre-auth time.
 
-    def __init__(self, per_client: int, total: int) -> None:
+    As Postfix's stress-adaptive behaviour (and postscreen) does: when the pre-auth pool is more
+    than `stress_fraction` full, connections that have not logged in get `stressed_preauth_timeout`
+    (counted from their connect) instead of `preauth_timeout`, so idle sockets held by an attacker
+    are cut in seconds. The pre-auth pool is smaller than the total, so logged-in sessions always
+    have room that idle unauthenticated sockets cannot take.
+    """
+
+    def __init__(
+        self,
+        *,
+        per_client: int,
+        per_network: int,
+        preauth: int,
+        total: int,
+        preauth_timeout: float,
+        stressed_preauth_timeout: float,
+        stress_fraction: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # The clock must be the event loop's (asyncio's default loop.time() is time.monotonic()):
+        # pre-auth deadlines are armed with loop.call_at.
+        self._clock = clock
         self.per_client = per_client
+        self.per_network = per_network
+        self.max_preauth = min(preauth, total)
         self.total = total
-        self._open: collections.Counter[str] = collections.Counter()
+        self.preauth_timeout = preauth_timeout
+        self.stressed_preauth_timeout = stressed_preauth_timeout
+        self.stress_fraction = stress_fraction
+        self._by_address: collections.Counter[str] = collections.Counter()
+        self._by_network: collections.Counter[str] = collections.Counter()
+        self._preauth: set[Slot] = set()
+        self._open = 0
 
-    def acquire(self, ip: str) -> bool:
-        if self._open[ip] >= self.per_client or self._open.total() >= self.total:
-            return False
-        self._open[ip] += 1
-        return True
+    @classmethod
+    def for_limits(cls, limits: ListenerLimits) -> ConnectionLimiter:
+        return cls(
+            per_client=limits.max_connections_per_client,
+            per_network=limits.max_connections_per_network,
+            preauth=limits.max_preauth_connections,
+            total=limits.max_connections,
+            preauth_timeout=limits.preauth_timeout,
+            stressed_preauth_timeout=limits.stressed_preauth_timeout,
+            stress_fraction=limits.stress_fraction,
+        )
 
-    def release(self, ip: str) -> None:
-        self._open[ip] -= 1
-        if self._open[ip] <= 0:
-            del self._open[ip]
+    @property
+    def stressed(self) -> bool:
+        return len(self._preauth) >= self.stress_fraction * self.max_preauth
 
-    def count(self, ip: str) -> int:
-        return self._open[ip]
+    def acquire(self, address: str) -> Slot | None:
+        """A slot for a new connection from `address`, or None when a limit is reached."""
+        network = network_of(address)
+        if (
+            self._by_address[address] >= self.per_client
+            or self._by_network[network] >= self.per_network
+            or len(self._preauth) >= self.max_preauth
+            or self._open >= self.total
+        ):
+            return None
+        slot = Slot(self, address, network, self._clock())
+        self._by_address[address] += 1
+        self._by_network[network] += 1
+        self._open += 1
+        self._preauth.add(slot)
+        if self.stressed:
+            for waiting in self._preauth:
+                waiting._stress()
+        return slot
+
+    def _promote(self, slot: Slot) -> None:
+        if slot.released or slot.authenticated:
+            return
+        slot.authenticated = True
+        slot._stop_timer()
+        self._preauth.discard(slot)
+
+    def _release(self, slot: Slot) -> None:
+        if slot.released:
+            return
+        slot.released = True
+        slot._stop_timer()
+        self._preauth.discard(slot)
+        self._open -= 1
+        for counter, key in ((self._by_address, slot.address), (self._by_network, slot.network)):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
+
+    # what the listener holds, for tests and the status page
+
+    def count(self, address: str) -> int:
+        return self._by_address[address]
+
+    def network_count(self, address: str) -> int:
+        return self._by_network[network_of(address)]
+
+    @property
+    def open(self) -> int:
+        return self._open
+
+    @property
+    def preauth(self) -> int:
+        return len(self._preauth)
 
 
 async def start_listener(
@@ -179,13 +393,18 @@ async def start_listener(
     tls_context: ssl.SSLContext | None,
     limits: ListenerLimits,
     max_buffered: int,
-    make_handler: Callable[[Channel], Handler],
+    make_handler: Callable[[Channel, Slot], Handler],
     refusal: bytes,
     log: logging.Logger,
+    start_serving: bool = True,
 ) -> asyncio.Server:
     """A listener (implicit TLS when tls_context is given) that refuses connections over the limits
-    with `refusal`, and whose close() cancels every session (each says goodbye in its own protocol)."""
-    limiter = ConnectionLimiter(limits.max_connections_per_client, limits.max_connections)
+    with `refusal`, and whose close() cancels every session (each says goodbye in its own protocol).
+
+    make_handler gets the connection's Slot: it promotes it at login and may watch its pre-auth
+    deadline; the listener releases it, once, when the session's task ends, however it ends.
+    With start_serving=False the socket is bound but accepts nothing until start_serving()."""
+    limiter = ConnectionLimiter.for_limits(limits)
     tasks: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
 
@@ -193,23 +412,36 @@ async def start_listener(
         try:
             await handler.serve()
         finally:
-            limiter.release(channel.peer)
             await channel.wait_closed(CLOSE_TIMEOUT)
 
     def on_connect(channel: Channel) -> None:
         peer = channel.peer
-        if not limiter.acquire(peer):
+        slot = limiter.acquire(peer)
+        if slot is None:
             log.warning("%s: too many connections, refused", peer)
             with contextlib.suppress(Exception):
                 channel.write(refusal)
             channel.close()
             return
-        task = loop.create_task(serve_one(channel, make_handler(channel)))
+        try:
+            task = loop.create_task(serve_one(channel, make_handler(channel, slot)))
+        except BaseException:
+            slot.release()
+            channel.close()
+            raise
+
+        def finished(task: asyncio.Task[None]) -> None:
+            # A done callback runs on every ending, even for a task cancelled before it started,
+            # where a finally block in serve_one would never run.
+            slot.release()
+            tasks.discard(task)
+
         tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        task.add_done_callback(finished)
 
     server = await loop.create_server(
         lambda: Channel(on_connect, max_buffered),
+        start_serving=start_serving,
         host=host,
         port=port,
         ssl=tls_context,
@@ -233,4 +465,5 @@ async def start_listener(
 
     server.close = close  # type: ignore[method-assign]
     server.wait_closed = wait_closed  # type: ignore[method-assign]
+    server.limiter = limiter  # type: ignore[attr-defined]
     return server

@@ -20,17 +20,30 @@ MAX_LITERALS_PER_COMMAND = 1000
 MAX_BAD_COMMANDS = 10
 # RFC 3501 5.4: the autologout timer of an authenticated session is at least 30 minutes.
 AUTHENTICATED_TIMEOUT = 30 * 60.0
-# Before login a client has no reason to be slow; a short timer limits idle unauthenticated sockets.
+# Before login a client has no reason to be slow: the whole pre-auth phase, from connect to a
+# successful login, must fit in this many seconds (a deadline, not a timer reset by each read).
 PREAUTH_TIMEOUT = 120.0
+# One command, from its first byte to its last (line and literals), must arrive within this many
+# seconds; a literal adds its announced size at MIN_LITERAL_RATE. A client trickling a byte at a
+# time cannot hold a connection by never finishing its line (issue 11 item 7).
+COMMAND_TIMEOUT = 60.0
+MIN_LITERAL_RATE = 128 * 1024  # octets/s, about 1 Mbit/s: a 64 MB APPEND gets 60 + 512 s
 # RFC 2177 3: clients re-issue IDLE at least every 29 minutes; the same 30 minute timer applies.
 IDLE_TIMEOUT = AUTHENTICATED_TIMEOUT
 # Seconds for a TLS handshake (implicit TLS on 993 or after STARTTLS).
 TLS_HANDSHAKE_TIMEOUT = 30.0
 # A client that stops reading: seconds one write may wait for the socket to drain.
 WRITE_TIMEOUT = 300.0
-# Concurrent connections per client address and in total per listener.
+# Concurrent connections per client address, per network (/24, /64), not yet logged in, and in total
+# per listener. The pre-auth pool is smaller than the total: logged-in sessions always have room.
 MAX_CONNECTIONS_PER_CLIENT = 50
+MAX_CONNECTIONS_PER_NETWORK = 200
+MAX_PREAUTH_CONNECTIONS = 600
 MAX_CONNECTIONS = 1000
+# Stress (Postfix's stress-adaptive behaviour): when the pre-auth pool is this full, a connection
+# not yet logged in gets STRESSED_PREAUTH_TIMEOUT from its connect instead of PREAUTH_TIMEOUT.
+STRESS_FRACTION = 0.5
+STRESSED_PREAUTH_TIMEOUT = 10.0
 # MIME nesting and part count a structure scan follows; deeper or further parts are treated as opaque.
 MAX_MIME_DEPTH = 40
 MAX_MIME_PARTS = 2000
@@ -54,11 +67,17 @@ class ImapLimits:
     max_bad_commands: int = MAX_BAD_COMMANDS
     authenticated_timeout: float = AUTHENTICATED_TIMEOUT
     preauth_timeout: float = PREAUTH_TIMEOUT
+    command_timeout: float = COMMAND_TIMEOUT
+    min_literal_rate: int = MIN_LITERAL_RATE
     idle_timeout: float = IDLE_TIMEOUT
     tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT
     write_timeout: float = WRITE_TIMEOUT
     max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT
+    max_connections_per_network: int = MAX_CONNECTIONS_PER_NETWORK
+    max_preauth_connections: int = MAX_PREAUTH_CONNECTIONS
     max_connections: int = MAX_CONNECTIONS
+    stress_fraction: float = STRESS_FRACTION
+    stressed_preauth_timeout: float = STRESSED_PREAUTH_TIMEOUT
 
 
 DEFAULT_LIMITS = ImapLimits()

@@ -81,6 +81,9 @@ class ImapConnection:
         self._command_octets = 0
         self._literal: bytearray | None = None
         self._literal_left = 0
+        # Octets of the literals announced so far by the command being received: the server's
+        # deadline for one command grows with them (appliance/imap/server.py).
+        self.command_literal_octets = 0
         self._raw_lines = 0
         self._bad_in_a_row = 0
         self._closed = False
@@ -169,6 +172,7 @@ class ImapConnection:
             self._segments.append(line)
             segments, self._segments = self._segments, []
             octets, self._command_octets = self._command_octets, 0
+            self.command_literal_octets = 0
             if octets > self.limits.max_command_octets:
                 return self._bad(parse_tag(first), "Command too long")
             return self._parse(segments)
@@ -184,10 +188,12 @@ class ImapConnection:
             tag = parse_tag(first)
             self._segments = []
             self._command_octets = 0
+            self.command_literal_octets = 0
             # RFC 7888 4 / RFC 4469: refuse before the client sends it; it then drops the command.
             return self._bad(tag, "Literal too large", status="NO", code="TOOBIG")
         if not is_append:
             self._command_octets += size
+        self.command_literal_octets += size
         self._literal = bytearray()
         self._literal_left = size
         if non_sync:

@@ -16,7 +16,7 @@ import logging
 import ssl
 from typing import TYPE_CHECKING
 
-from appliance.channel import Channel, ConnectionClosed, start_listener
+from appliance.channel import Channel, ConnectionClosed, DeadlineExpired, Slot, start_listener
 from appliance.imap.commands import Command
 from appliance.imap.limits import DEFAULT_LIMITS, ImapLimits
 from appliance.imap.protocol import (
@@ -39,16 +39,22 @@ IMPLICIT_TLS_SERVICES = frozenset({"imaps"})
 MAX_BUFFERED_INPUT = 256 * 1024  # unread input held before the socket stops being read
 WRITE_BATCH = 64 * 1024  # small responses joined up to this size per write
 SHUTDOWN_TEXT = "Server shutting down"
+LOGGED_IN_STATES = frozenset({"authenticated", "selected"})
 
 
 class ConnectionHandler:
     """One client connection: the SessionIO the session talks through, and the read loop."""
 
-    def __init__(self, services: Services, channel: Channel, implicit_tls: bool, limits: ImapLimits) -> None:
+    def __init__(
+        self, services: Services, channel: Channel, slot: Slot, implicit_tls: bool, limits: ImapLimits
+    ) -> None:
         self.services = services
         self.channel = channel
+        self.slot = slot
         self.limits = limits
         self.peer = channel.peer
+        # Loop time the command being received began (its first byte), None between commands.
+        self._command_started: float | None = None
         self.tls_active = implicit_tls
         self.starttls_available = not implicit_tls
         self.conn = ImapConnection(limits)
@@ -114,12 +120,14 @@ class ConnectionHandler:
             while True:
                 event = self.conn.next_event()
                 if isinstance(event, RawLine):
+                    self._input_done()
                     return event.data
                 if event is NEED_DATA:
                     if not await self._read(seconds, bye=False):
                         return None
                     continue
                 if isinstance(event, Fatal):
+                    self._input_done()
                     await self.send(event.reply)
                     return None
         finally:
@@ -142,15 +150,44 @@ class ConnectionHandler:
 
     # --- the loop ----------------------------------------------------------------------------------
 
+    def _command_deadline(self) -> float | None:
+        """When the command being received must be complete: from its first byte, not per read."""
+        if self._command_started is None:
+            return None
+        literal_seconds = self.conn.command_literal_octets / self.limits.min_literal_rate
+        return self._command_started + self.limits.command_timeout + literal_seconds
+
+    def _input_done(self) -> None:
+        """A command (or raw line) is complete: the next one's clock starts with its first byte,
+        which may already be buffered (pipelining)."""
+        self._command_started = asyncio.get_running_loop().time() if self.conn.buffered else None
+
     async def _read(self, seconds: float, bye: bool = True) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = self._command_deadline()
+        if deadline is not None:
+            seconds = min(seconds, deadline - loop.time())
         try:
+            if seconds <= 0:
+                raise TimeoutError
             data = await asyncio.wait_for(self.channel.read(), seconds)
+        except DeadlineExpired as exc:
+            # The pre-auth deadline (appliance/channel.py Slot) passed: say why, then close.
+            log.info("imap %s: %s, disconnected", self.peer, exc)
+            await self._say_bye(f"Autologout: {exc}")
+            raise
         except TimeoutError:
+            if deadline is not None and loop.time() >= deadline - 0.001:
+                log.info("imap %s: command not complete within its time limit, disconnected", self.peer)
+                await self._say_bye("Autologout: command not completed in time")
+                raise ConnectionClosed("command deadline") from None
             if bye:
                 await self._say_bye("Autologout: idle for too long")
             return False
         if not data:
             return False
+        if self._command_started is None:
+            self._command_started = loop.time()
         self.conn.receive_data(data)
         return True
 
@@ -160,6 +197,9 @@ class ConnectionHandler:
         return self.limits.authenticated_timeout  # RFC 3501 5.4: at least 30 minutes
 
     async def run(self) -> None:
+        # RFC 3501 5.4 lets a server end an idle unauthenticated session; ours bounds the whole
+        # pre-auth phase from connect (shorter when the listener is under stress).
+        self.slot.watch_preauth(lambda: self.channel.expire("too slow to log in"))
         await self.send(self.session.greeting())
         while self.session.state != "logout":
             event = self.conn.next_event()
@@ -167,16 +207,23 @@ class ConnectionHandler:
                 if not await self._read(self._timeout()):
                     return
             elif isinstance(event, Command):
+                self._input_done()
                 status = await self.session.handle(event)
+                if self.session.state in LOGGED_IN_STATES:
+                    self.slot.promote()  # out of the pre-auth pool, its deadline and its stress
                 if status == "BAD" and self.conn.note_bad_command():
                     await self.send(Bye("Too many invalid commands"))
                     return
-            elif isinstance(event, ContinuationRequest | Reject):
+            elif isinstance(event, ContinuationRequest):
+                await self.send(event.reply)
+            elif isinstance(event, Reject):
+                self._input_done()
                 await self.send(event.reply)
             elif isinstance(event, Fatal):
                 await self.send(event.reply)
                 return
             elif isinstance(event, RawLine):
+                self._input_done()
                 continue
 
     async def _say_bye(self, text: str) -> None:
@@ -209,7 +256,13 @@ def _close(source: StreamedLiteral) -> None:
 
 
 async def start_server(
-    services: Services, service: str, host: str, port: int, limits: ImapLimits = DEFAULT_LIMITS
+    services: Services,
+    service: str,
+    host: str,
+    port: int,
+    limits: ImapLimits = DEFAULT_LIMITS,
+    *,
+    start_serving: bool = True,
 ) -> asyncio.Server:
     implicit_tls = service in IMPLICIT_TLS_SERVICES
     return await start_listener(
@@ -217,12 +270,16 @@ async def start_server(
         tls_context=services.tls.context if implicit_tls else None,
         limits=limits,
         max_buffered=MAX_BUFFERED_INPUT,
-        make_handler=lambda channel: ConnectionHandler(services, channel, implicit_tls, limits),
+        make_handler=lambda channel, slot: ConnectionHandler(services, channel, slot, implicit_tls, limits),
         refusal=Bye("Too many connections from your address").to_bytes(),
         log=log,
+        start_serving=start_serving,
     )
 
 
-async def serve(services: Services, service: str, host: str, port: int) -> asyncio.Server:
-    """The listener contract (appliance/app.py): 'imap' (143, STARTTLS) or 'imaps' (993, implicit TLS)."""
-    return await start_server(services, service, host, port)
+async def serve(
+    services: Services, service: str, host: str, port: int, *, start_serving: bool = True
+) -> asyncio.Server:
+    """The listener contract (appliance/app.py): 'imap' (143, STARTTLS) or 'imaps' (993, implicit TLS).
+    With start_serving=False the socket is bound but accepts nothing until server.start_serving()."""
+    return await start_server(services, service, host, port, start_serving=start_serving)

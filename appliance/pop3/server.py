@@ -16,7 +16,7 @@ import logging
 import ssl
 from typing import TYPE_CHECKING
 
-from appliance.channel import Channel, ConnectionClosed, start_listener
+from appliance.channel import Channel, ConnectionClosed, DeadlineExpired, Slot, start_listener
 from appliance.pop3.limits import DEFAULT_LIMITS, Pop3Limits
 from appliance.pop3.protocol import NEED_DATA, Command, Fatal, Pop3Connection, Reject, SaslResponse, State
 from appliance.pop3.replies import SYS_TEMP, Err, MessageBody, Reply, Streamed
@@ -36,11 +36,16 @@ INTERNAL_ERROR_REPLY = Err("Internal server error, closing connection", SYS_TEMP
 class ConnectionHandler:
     """One client connection: the SessionIO the session talks through, and the read loop."""
 
-    def __init__(self, services: Services, channel: Channel, implicit_tls: bool, limits: Pop3Limits) -> None:
+    def __init__(
+        self, services: Services, channel: Channel, slot: Slot, implicit_tls: bool, limits: Pop3Limits
+    ) -> None:
         self.services = services
         self.channel = channel
+        self.slot = slot
         self.limits = limits
         self.peer = channel.peer
+        # Loop time the line being received began (its first byte), None between lines.
+        self._line_started: float | None = None
         self.tls_active = implicit_tls
         self.stls_available = not implicit_tls
         self.conn = Pop3Connection(limits)
@@ -80,6 +85,7 @@ class ConnectionHandler:
         while True:
             event = self.conn.next_event()
             if isinstance(event, SaslResponse):
+                self._line_done()
                 return event.data
             if event is NEED_DATA:
                 if not await self._read():
@@ -102,21 +108,46 @@ class ConnectionHandler:
 
     # --- the loop ----------------------------------------------------------------------------------
 
+    def _line_done(self) -> None:
+        """A line is complete: the next one's clock starts with its first byte, which may already be
+        buffered (pipelining, RFC 2449 6.6)."""
+        self._line_started = asyncio.get_running_loop().time() if self.conn.buffered else None
+
     async def _read(self) -> bool:
+        loop = asyncio.get_running_loop()
+        seconds = self.limits.idle_timeout
+        deadline = None
+        if self._line_started is not None:  # a line has begun: it must end in time, however slowly it comes
+            deadline = self._line_started + self.limits.command_timeout
+            seconds = min(seconds, deadline - loop.time())
         try:
-            data = await asyncio.wait_for(self.channel.read(), self.limits.idle_timeout)
-        except TimeoutError:
+            if seconds <= 0:
+                raise TimeoutError
+            data = await asyncio.wait_for(self.channel.read(), seconds)
+        except DeadlineExpired as exc:
             # RFC 1939 3: on autologout the server closes without a reply and without UPDATE.
-            log.info("pop3 %s: idle for %.0f s, disconnected", self.peer, self.limits.idle_timeout)
+            log.info("pop3 %s: %s, disconnected", self.peer, exc)
+            self.conn.close()
+            return False
+        except TimeoutError:
+            if deadline is not None and loop.time() >= deadline - 0.001:
+                log.info("pop3 %s: line not complete within %.0f s, disconnected", self.peer,
+                         self.limits.command_timeout)
+            else:
+                log.info("pop3 %s: idle for %.0f s, disconnected", self.peer, self.limits.idle_timeout)
             self.conn.close()
             return False
         if not data:
             self.conn.close()
             return False
+        if self._line_started is None:
+            self._line_started = loop.time()
         self.conn.receive_data(data)
         return True
 
     async def run(self) -> None:
+        # The whole AUTHORIZATION state is bounded from connect (shorter under stress), not per read.
+        self.slot.watch_preauth(lambda: self.channel.expire("too slow to log in"))
         await self.send(self.session.greeting())
         while self.conn.state is not State.CLOSED:
             event = self.conn.next_event()
@@ -124,8 +155,12 @@ class ConnectionHandler:
                 if not await self._read():
                     return
             elif isinstance(event, Command):
+                self._line_done()
                 await self.session.handle(event)
+                if self.conn.state is State.TRANSACTION:
+                    self.slot.promote()  # out of the pre-auth pool, its deadline and its stress
             elif isinstance(event, Reject):
+                self._line_done()
                 await self.send(event.reply)
             elif isinstance(event, Fatal):
                 await self.send(event.reply)
@@ -158,7 +193,13 @@ class ConnectionHandler:
 
 
 async def start_server(
-    services: Services, service: str, host: str, port: int, limits: Pop3Limits = DEFAULT_LIMITS
+    services: Services,
+    service: str,
+    host: str,
+    port: int,
+    limits: Pop3Limits = DEFAULT_LIMITS,
+    *,
+    start_serving: bool = True,
 ) -> asyncio.Server:
     implicit_tls = service in IMPLICIT_TLS_SERVICES
     return await start_listener(
@@ -166,12 +207,16 @@ async def start_server(
         tls_context=services.tls.context if implicit_tls else None,
         limits=limits,
         max_buffered=MAX_BUFFERED_INPUT,
-        make_handler=lambda channel: ConnectionHandler(services, channel, implicit_tls, limits),
+        make_handler=lambda channel, slot: ConnectionHandler(services, channel, slot, implicit_tls, limits),
         refusal=Err("Too many connections from your address", SYS_TEMP).render(),
         log=log,
+        start_serving=start_serving,
     )
 
 
-async def serve(services: Services, service: str, host: str, port: int) -> asyncio.Server:
-    """The listener contract (appliance/app.py): 'pop3' (110, STLS) or 'pop3s' (995, implicit TLS)."""
-    return await start_server(services, service, host, port)
+async def serve(
+    services: Services, service: str, host: str, port: int, *, start_serving: bool = True
+) -> asyncio.Server:
+    """The listener contract (appliance/app.py): 'pop3' (110, STLS) or 'pop3s' (995, implicit TLS).
+    With start_serving=False the socket is bound but accepts nothing until server.start_serving()."""
+    return await start_server(services, service, host, port, start_serving=start_serving)

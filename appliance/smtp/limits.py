@@ -25,9 +25,23 @@ MAX_DATA_SECONDS = 1800.0
 # Errors (5xx replies) a client may provoke before it is told 421 and disconnected (Postfix's
 # smtpd_hard_error_limit is 20 as well). Reset by every accepted message.
 MAX_ERRORS = 20
-# Concurrent connections from one client address per listener, and in total per listener.
+# Concurrent connections per client address, per network (/24, /64), before the first transaction or
+# login, and in total per listener. The pre-auth pool is smaller than the total: sessions that send
+# mail or logged in always have room.
 MAX_CONNECTIONS_PER_CLIENT = 20
+MAX_CONNECTIONS_PER_NETWORK = 100
+MAX_PREAUTH_CONNECTIONS = 400
 MAX_CONNECTIONS = 500
+# From connect to the first accepted MAIL FROM (MX) or a successful AUTH (submission): a deadline, so
+# a client cannot sit on a slot by sending a harmless command every 299 s.
+PREAUTH_TIMEOUT = 300.0
+# Stress, as Postfix's stress-adaptive behaviour (smtpd_timeout 10 s under stress): when the pre-auth
+# pool is this full, a connection still in its pre-auth phase gets STRESSED_PREAUTH_TIMEOUT from its
+# connect.
+STRESS_FRACTION = 0.5
+STRESSED_PREAUTH_TIMEOUT = 10.0
+# Seconds for an implicit-TLS (465) handshake.
+TLS_HANDSHAKE_TIMEOUT = 30.0
 # RFC 5321 6.3: a message with this many Received: headers is looping.
 MAX_RECEIVED_HEADERS = 50
 
@@ -41,7 +55,13 @@ class SmtpLimits:
     max_data_seconds: float = MAX_DATA_SECONDS
     max_errors: int = MAX_ERRORS
     max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT
+    max_connections_per_network: int = MAX_CONNECTIONS_PER_NETWORK
+    max_preauth_connections: int = MAX_PREAUTH_CONNECTIONS
     max_connections: int = MAX_CONNECTIONS
+    preauth_timeout: float = PREAUTH_TIMEOUT
+    stress_fraction: float = STRESS_FRACTION
+    stressed_preauth_timeout: float = STRESSED_PREAUTH_TIMEOUT
+    tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT
     max_received_headers: int = MAX_RECEIVED_HEADERS
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
-from appliance.channel import ConnectionLimiter
+from appliance.channel import ConnectionLimiter, ListenerLimits, Slot
 from appliance.queue.spool import shared_spool
 from appliance.smtp.delivery import Deliverer
 from appliance.smtp.handler import LetterboxEnvelope, LetterboxSession, SmtpHandler
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("letterbox.smtp")
 
 MAX_LOGGED_PROTOCOL_ERRORS = 3  # malformed inputs logged per connection (one short line each)
-TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds for an implicit-TLS (465) handshake
 IDENT = {"lmtp": "LMTP Letterbox"}
 DEFAULT_IDENT = "ESMTP Letterbox"
 
@@ -80,12 +79,12 @@ def with_enhanced_code(line: str) -> str:
     return f"{m['code']}{m['sep']}{status} {m['text']}"
 
 
-class ConnectionTracker(ConnectionLimiter):
-    """The listener's connection limits, and its live sessions, so closing the listener can tell
-    each client 421 instead of leaving it hanging."""
+class ConnectionTracker:
+    """The listener's connection limits (the ConnectionLimiter IMAP and POP3 use too), and its live
+    sessions, so closing the listener can tell each client 421 instead of leaving it hanging."""
 
-    def __init__(self, per_client: int, total: int) -> None:
-        super().__init__(per_client, total)
+    def __init__(self, limits: ListenerLimits) -> None:
+        self.limiter = ConnectionLimiter.for_limits(limits)
         self.sessions: set[LetterboxSMTP] = set()
 
 
@@ -128,6 +127,7 @@ class LetterboxSMTP(SMTP):
         self._raw_replies = False
         self._errors = 0
         self._client_ip: str | None = None
+        self._slot: Slot | None = None
         self._refused = False
         self._data_deadline: float | None = None
         self._malformed = 0
@@ -146,9 +146,11 @@ class LetterboxSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None and self._client_ip is None:  # not the STARTTLS re-entry
+            # The address is read once, here, and the slot remembers it: it is what gets released.
             peer = transport.get_extra_info("peername")
             ip = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
-            if not self._tracker.acquire(ip):
+            slot = self._tracker.limiter.acquire(ip)
+            if slot is None:
                 self._refused = True
                 log.warning("%s: too many connections, refused", ip)
                 assert isinstance(transport, asyncio.WriteTransport)
@@ -158,17 +160,36 @@ class LetterboxSMTP(SMTP):
                 transport.close()
                 return
             self._client_ip = ip
+            self._slot = slot
             self._tracker.sessions.add(self)
+            super().connection_made(transport)
+            # From connect to the first transaction or login: one deadline, shorter under stress.
+            slot.watch_preauth(self._preauth_expired)
+            if self._handler_coroutine is not None:
+                # After a failed STARTTLS handshake asyncio's SSL layer never calls connection_lost
+                # on us: the end of the session's coroutine releases the slot as well.
+                self._handler_coroutine.add_done_callback(lambda _task: self._release())
+            return
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
-        if self._client_ip is not None:
-            self._tracker.release(self._client_ip)
-            self._tracker.sessions.discard(self)
-            self._client_ip = None
+        self._release()
         super().connection_lost(error)
+
+    def _release(self) -> None:
+        if self._slot is not None:
+            self._slot.release()  # idempotent: connection_lost and the coroutine's end both call it
+            self._tracker.sessions.discard(self)
+
+    def _promote(self) -> None:
+        if self._slot is not None:
+            self._slot.promote()
+
+    def _preauth_expired(self) -> None:
+        log.info("%s: no transaction or login within the pre-auth time, disconnected", self._client_ip)
+        self._timeout_cb()
 
     def shut_down(self) -> None:
         """The listener is closing: RFC 5321 3.8, 421 and close (a transaction not yet answered is
@@ -197,6 +218,18 @@ class LetterboxSMTP(SMTP):
             if remaining > 0:
                 self._reset_timeout(min(self.limits.data_chunk_timeout, remaining))
         super().data_received(data)
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await super().smtp_MAIL(arg)
+        if self.envelope is not None and self.envelope.mail_from is not None:
+            self._promote()  # a transaction began: the client is doing what port 25 is for
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        await super().smtp_AUTH(arg)
+        if self.session is not None and self.session.authenticated:
+            self._promote()
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -317,7 +350,13 @@ class LetterboxLMTP(LetterboxSMTP):
 
 
 async def start_server(
-    services: Services, service: str, host: str, port: int, *, limits: SmtpLimits = DEFAULT_LIMITS
+    services: Services,
+    service: str,
+    host: str,
+    port: int,
+    *,
+    limits: SmtpLimits = DEFAULT_LIMITS,
+    start_serving: bool = True,
 ) -> asyncio.Server:
     if service not in SMTP_SERVICES:
         raise ValueError(f"not an SMTP service: {service}")
@@ -326,7 +365,7 @@ async def start_server(
     loop = asyncio.get_running_loop()
     deliverer = Deliverer(services.accounts, services.store, shared_spool(services), lambda: services.hostname)
     handler = SmtpHandler(services, service, limits, deliverer)
-    tracker = ConnectionTracker(limits.max_connections_per_client, limits.max_connections)
+    tracker = ConnectionTracker(limits)
     implicit_tls = service == "submissions"
     starttls = service != LMTP_SERVICE and not implicit_tls
     protocol = LetterboxLMTP if service == LMTP_SERVICE else LetterboxSMTP
@@ -356,8 +395,9 @@ async def start_server(
         host=host,
         port=port,
         ssl=services.tls.context if implicit_tls else None,
-        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
+        ssl_handshake_timeout=limits.tls_handshake_timeout if implicit_tls else None,
         reuse_address=True,
+        start_serving=start_serving,
     )
     stop_listening = server.close
 
@@ -368,9 +408,13 @@ async def start_server(
             session.shut_down()
 
     server.close = close  # type: ignore[method-assign]
+    server.limiter = tracker.limiter  # type: ignore[attr-defined]
     return server
 
 
-async def serve(services: Services, service: str, host: str, port: int) -> asyncio.Server:
-    """The listener contract (appliance/app.py): 'smtp' (MX), 'submission', 'submissions', 'lmtp'."""
-    return await start_server(services, service, host, port)
+async def serve(
+    services: Services, service: str, host: str, port: int, *, start_serving: bool = True
+) -> asyncio.Server:
+    """The listener contract (appliance/app.py): 'smtp' (MX), 'submission', 'submissions', 'lmtp'.
+    With start_serving=False the socket is bound but accepts nothing until server.start_serving()."""
+    return await start_server(services, service, host, port, start_serving=start_serving)

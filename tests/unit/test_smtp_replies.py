@@ -39,14 +39,14 @@ def test_ehlo_reply_rendering() -> None:
     ]
 
 
-def test_connection_tracker_limits_per_client_and_total() -> None:
-    tracker = ConnectionTracker(per_client=2, total=3)
-    assert tracker.acquire("a") and tracker.acquire("a")
-    assert not tracker.acquire("a")
-    assert tracker.acquire("b")
-    assert not tracker.acquire("c")  # total reached
-    tracker.release("a")
-    assert tracker.acquire("c")
-    assert tracker.count("a") == 1
-    tracker.release("a")
-    assert tracker.count("a") == 0
+def test_connection_tracker_uses_the_shared_limiter_with_smtp_limits() -> None:
+    from appliance.smtp.limits import SmtpLimits
+
+    tracker = ConnectionTracker(SmtpLimits(max_connections_per_client=2, max_connections=3))
+    a1, a2 = tracker.limiter.acquire("192.0.2.1"), tracker.limiter.acquire("192.0.2.1")
+    assert a1 is not None and a2 is not None
+    assert tracker.limiter.acquire("192.0.2.1") is None
+    assert tracker.limiter.acquire("198.51.100.1") is not None
+    assert tracker.limiter.acquire("203.0.113.1") is None  # total reached
+    a1.release()
+    assert tracker.limiter.count("192.0.2.1") == 1

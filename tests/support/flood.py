@@ -1,0 +1,188 @@
+"""Hostile connection patterns from chosen loopback source addresses (issue 10 items 2 and 6): abrupt TLS
+closes at each stage of the handshake, idle sockets held open, and normal logins from a given address.
+
+Linux routes all of 127.0.0.0/8 to lo, so binding a client socket to 127.0.0.x before connect() gives
+the server that source address.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import poplib
+import resource
+import smtplib
+import socket
+import ssl
+import struct
+from collections.abc import Iterable
+
+# The protocols' TLS ports: implicit TLS, or plaintext then STARTTLS/STLS.
+IMPLICIT_TLS = ("imaps", "pop3s", "submissions")
+STARTTLS = ("imap", "pop3", "submission")
+TLS_SERVICES = IMPLICIT_TLS + STARTTLS
+
+# How an abrupt client goes away.
+RST_AFTER_HELLO = "rst_after_hello"  # ClientHello sent, then a reset
+CLOSE_MID_HANDSHAKE = "close_mid_handshake"  # part of the server's reply read, then close()
+RST_AFTER_HANDSHAKE = "rst_after_handshake"  # a completed handshake, then a reset
+MODES = (RST_AFTER_HELLO, CLOSE_MID_HANDSHAKE, RST_AFTER_HANDSHAKE)
+
+
+def raise_open_files_limit(wanted: int = 16384) -> None:
+    """Thousands of sockets on both ends of loopback need more than the usual 1024 descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def connect_from(source: str, port: int, timeout: float = 15) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+
+
+def reset(sock: socket.socket) -> None:
+    """close() with SO_LINGER 0: the kernel sends RST instead of FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _read_until(sock: socket.socket, ends: Iterable[bytes]) -> bytes:
+    data = b""
+    while not any(end in data for end in ends):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise EOFError(data)
+        data += chunk
+    return data
+
+
+def plaintext_to_tls(sock: socket.socket, service: str) -> None:
+    """Greeting, then the protocol's STARTTLS command and its go-ahead."""
+    if service == "imap":
+        _read_until(sock, [b"\r\n"])
+        sock.sendall(b"a STARTTLS\r\n")
+        _read_until(sock, [b"a OK"])
+    elif service == "pop3":
+        _read_until(sock, [b"\r\n"])
+        sock.sendall(b"STLS\r\n")
+        _read_until(sock, [b"+OK"])
+    elif service == "submission":
+        _read_until(sock, [b"\r\n"])
+        sock.sendall(b"EHLO flood.test\r\n")
+        _read_until(sock, [b"250 "])
+        sock.sendall(b"STARTTLS\r\n")
+        _read_until(sock, [b"220 "])
+    else:
+        raise ValueError(service)
+
+
+def _unverified_context() -> ssl.SSLContext:
+    # Built once: loading the system's CA store for each of a thousand connections costs more than the
+    # handshakes themselves, and these clients never verify anything.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+_ABRUPT_CONTEXT = _unverified_context()
+
+
+def abrupt_tls(port: int, service: str, source: str, mode: str) -> None:
+    """One connection that goes away abruptly at the given stage of the TLS handshake."""
+    context = _ABRUPT_CONTEXT
+    sock = connect_from(source, port)
+    try:
+        if service in STARTTLS:
+            plaintext_to_tls(sock, service)
+        if mode == RST_AFTER_HANDSHAKE:
+            tls = context.wrap_socket(sock, server_hostname="localhost")
+            sock = tls  # the reset goes out on the same descriptor
+            return
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        engine = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        try:
+            engine.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        sock.sendall(outgoing.read())
+        if mode == CLOSE_MID_HANDSHAKE:
+            sock.recv(64)  # a piece of the ServerHello
+            sock.close()
+    except OSError:
+        pass  # refused or reset by the server: still an abrupt client
+    finally:
+        if sock.fileno() != -1:
+            reset(sock)
+
+
+# --- normal clients from a chosen source address ------------------------------------------------------
+
+class Imap(imaplib.IMAP4):
+    def __init__(self, port: int, source: str) -> None:
+        self.source = source
+        super().__init__("127.0.0.1", port, timeout=15)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        return connect_from(self.source, self.port, timeout or 15)
+
+
+class ImapSsl(imaplib.IMAP4_SSL):
+    def __init__(self, port: int, source: str, context: ssl.SSLContext) -> None:
+        self.source = source
+        super().__init__("127.0.0.1", port, ssl_context=context, timeout=15)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        sock = connect_from(self.source, self.port, timeout or 15)
+        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+
+
+class Pop3(poplib.POP3):
+    def __init__(self, port: int, source: str) -> None:
+        self.source = source
+        super().__init__("127.0.0.1", port, timeout=15)
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        return connect_from(self.source, self.port, timeout)
+
+
+class Pop3Ssl(poplib.POP3_SSL):
+    def __init__(self, port: int, source: str, context: ssl.SSLContext) -> None:
+        self.source = source
+        super().__init__("127.0.0.1", port, context=context, timeout=15)
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        sock = connect_from(self.source, self.port, timeout)
+        return self.context.wrap_socket(sock, server_hostname=self.host)
+
+
+def login(service: str, port: int, source: str, context: ssl.SSLContext, user: str, password: str) -> None:
+    """A normal login over the service's TLS (implicit or after STARTTLS) from `source`; raises if refused."""
+    if service == "imaps":
+        with ImapSsl(port, source, context) as imaps:
+            assert imaps.login(user, password)[0] == "OK"
+            imaps.logout()
+    elif service == "imap":
+        with Imap(port, source) as imap:
+            imap.starttls(ssl_context=context)
+            assert imap.login(user, password)[0] == "OK"
+            imap.logout()
+    elif service in ("pop3s", "pop3"):
+        pop: poplib.POP3 = Pop3Ssl(port, source, context) if service == "pop3s" else Pop3(port, source)
+        try:
+            if service == "pop3":
+                pop.stls(context=context)
+            pop.user(user)
+            assert pop.pass_(password).startswith(b"+OK")
+            pop.quit()
+        finally:
+            pop.close()
+    elif service == "submissions":
+        with smtplib.SMTP_SSL("127.0.0.1", port, context=context, timeout=15, source_address=(source, 0)) as smtps:
+            smtps.login(user, password)
+    elif service == "submission":
+        with smtplib.SMTP("127.0.0.1", port, timeout=15, source_address=(source, 0)) as smtp:
+            smtp.starttls(context=context)
+            smtp.login(user, password)
+    else:
+        raise ValueError(service)
