@@ -34,6 +34,8 @@ from appliance.smtp.policy import (
     Reply,
     SmtpReject,
     declared_size,
+    header_sender_refused,
+    header_senders,
     is_bare_postmaster,
     parse_recipient,
     parse_sender,
@@ -294,6 +296,10 @@ class SmtpHandler:
             return self._for_all(env, TOO_MANY_HOPS)
         principal = session.principal
         if self.submission and principal is not None:
+            refused = await self._header_sender_refused(principal.name, data)
+            if refused is not None:
+                log.info("%s: %s refused: %s", peer_ip(session), principal.name, refused)
+                return str(refused)
             data = headers.add_submission_headers(data, self.services.hostname)
         sender = "" if env.sender is None else str(env.sender)
         tls = tls_facts(server)
@@ -330,6 +336,15 @@ class SmtpHandler:
         if self.lmtp:
             return "\r\n".join(str(reply) for reply in report.replies)
         return str(report.summary)
+
+    async def _header_sender_refused(self, login: str, data: bytes) -> Reply | None:
+        """The envelope rule applied to what the recipient reads (as Postfix's
+        reject_sender_login_mismatch with header checks, and mox): every From: address and Sender:
+        must be one the login may send as (issue 10 item 11)."""
+        for field, address in header_senders(headers.raw_fields(data)):
+            if not address or not await self.services.accounts.may_send_as(login, address):
+                return header_sender_refused(field, address)
+        return None
 
     # --- anything unexpected --------------------------------------------------------------------------
 

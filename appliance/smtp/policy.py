@@ -9,6 +9,7 @@ domains only ever come out of aliases an administrator made.
 
 from __future__ import annotations
 
+import email.utils
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -72,6 +73,11 @@ NEED_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address needs MAIL FROM ... SMTPU
 LITERAL_REFUSED = Reply(550, "5.1.2", "Address literals are not accepted as destinations")
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Local error in processing, try again later")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (mail loop?)")  # RFC 5321 6.3
+
+
+def header_sender_refused(field: str, address: str) -> Reply:
+    return Reply(550, "5.7.1", f"{field}: <{echo(address)}> is not an address you may send as; "
+                               "use your own address or one of your aliases")
 
 
 def relay_denied(address: str) -> Reply:
@@ -156,6 +162,20 @@ def sender_verdict(
         if not owns_sender:
             return NOT_OWNED_SENDER
     return SENDER_OK
+
+
+def header_senders(fields: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(field, address) for every author a reader will see: each address of each From: (RFC 5322
+    3.6.2 allows several) and of Sender:. A From:/Sender: that names no address at all yields
+    (field, '') so it is refused too; the stdlib's lenient splitter errs towards more addresses."""
+    found: list[tuple[str, str]] = []
+    for name, value in fields:
+        if name not in ("from", "sender"):
+            continue
+        field = "From" if name == "from" else "Sender"
+        addresses = [addr for _, addr in email.utils.getaddresses([value]) if addr]
+        found.extend((field, addr) for addr in addresses or [""])
+    return found
 
 
 @dataclass(frozen=True)
