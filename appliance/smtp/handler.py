@@ -29,6 +29,7 @@ from appliance.smtp.policy import (
     SUBMISSION_SERVICES,
     TEMPORARY_FAILURE,
     TOO_MANY_HOPS,
+    MailboxFacts,
     RecipientFacts,
     RecipientRoute,
     Reply,
@@ -37,9 +38,11 @@ from appliance.smtp.policy import (
     header_sender_refused,
     header_senders,
     is_bare_postmaster,
+    is_postmaster,
     parse_recipient,
     parse_sender,
     postmaster_domain,
+    postmaster_mailboxes,
     recipient_route,
     sender_verdict,
     unknown_user,
@@ -260,6 +263,8 @@ class SmtpHandler:
         if local:
             resolution = await accounts.resolve(str(address))
             mailboxes, forwards = resolution.mailboxes, resolution.forwards
+            if not mailboxes and not forwards and is_postmaster(address) and not self.submission:
+                mailboxes = await self._postmaster_mailboxes()
             size = declared_size(env.mail_options)
             for mailbox in mailboxes:
                 used, quota = await self.services.store.usage(mailbox)
@@ -271,6 +276,14 @@ class SmtpHandler:
             accepted_so_far=len(env.routes),
             max_recipients=self.limits.max_recipients,
         )
+
+    async def _postmaster_mailboxes(self) -> tuple[str, ...]:
+        """RFC 5321 4.5.1 on the MX and LMTP: postmaster@ every domain of ours reaches someone even
+        when no alias was made: the administrators (policy.postmaster_mailboxes says whom)."""
+        accounts = self.services.accounts
+        mailboxes = [MailboxFacts(m.address, m.enabled, m.created_at) for m in await accounts.list_users()]
+        primary = postmaster_domain(self.services.hostname, await accounts.list_domains())
+        return postmaster_mailboxes(await accounts.list_admins(), mailboxes, primary)
 
     # --- DATA -----------------------------------------------------------------------------------------
 

@@ -132,6 +132,35 @@ def postmaster_domain(hostname: str, domains: Sequence[str]) -> str | None:
     return domains[0] if domains else None
 
 
+def is_postmaster(address: Address) -> bool:
+    """RFC 5321 4.5.1: postmaster (any case) at every domain the box serves."""
+    return address.local.lower() == "postmaster" and not address.is_literal
+
+
+@dataclass(frozen=True)
+class MailboxFacts:
+    address: str  # canonical
+    enabled: bool
+    created_at: int
+
+
+def postmaster_mailboxes(
+    admins: Sequence[str], mailboxes: Sequence[MailboxFacts], primary_domain: str | None
+) -> tuple[str, ...]:
+    """Where mail to a postmaster nobody set up goes (RFC 5321 4.5.1 says it must be accepted): the
+    console administrators whose names are mailboxes of the box; else the oldest mailbox of the
+    primary domain (the one the box is named after: the wizard's first mailbox); else the oldest
+    mailbox at all. Disabled mailboxes never count. Empty when the box has no mailbox."""
+    enabled = sorted((m for m in mailboxes if m.enabled), key=lambda m: (m.created_at, m.address))
+    by_address = {m.address: m for m in enabled}
+    from_admins = tuple(dict.fromkeys(a.lower() for a in admins if a.lower() in by_address))
+    if from_admins:
+        return from_admins
+    primary = [m for m in enabled if primary_domain and m.address.endswith(f"@{primary_domain}")]
+    first = (primary or enabled)[:1]
+    return tuple(m.address for m in first)
+
+
 # --- decisions --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

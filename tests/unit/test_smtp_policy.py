@@ -174,3 +174,14 @@ def test_declared_size_and_echo() -> None:
     assert echo("a\x00b") == "a?b"
     assert echo("x" * 500).endswith("...") and len(echo("x" * 500)) == 103
     assert str(Reply(250, "2.0.0", "Ok")) == "250 2.0.0 Ok"
+
+
+def test_postmaster_mailboxes_rule() -> None:
+    from appliance.smtp.policy import MailboxFacts, postmaster_mailboxes
+
+    boxes = [MailboxFacts("zed@b.test", True, 1), MailboxFacts("amy@a.test", True, 3),
+             MailboxFacts("old@a.test", False, 0), MailboxFacts("bea@a.test", True, 2)]
+    assert postmaster_mailboxes([], boxes, "a.test") == ("bea@a.test",)  # oldest enabled of the primary
+    assert postmaster_mailboxes([], boxes, "c.test") == ("zed@b.test",)  # else the oldest at all
+    assert postmaster_mailboxes(["root", "AMY@a.test", "old@a.test"], boxes, "a.test") == ("amy@a.test",)
+    assert postmaster_mailboxes(["root"], [], "a.test") == ()
