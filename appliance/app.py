@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import resource
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -25,8 +26,11 @@ from appliance.tls import TlsManager
 log = logging.getLogger("letterbox")
 
 STOP_TIMEOUT = 5.0  # seconds from SIGTERM to exit, per issue 2
+OPEN_FILES_WANTED = 65536  # RLIMIT_NOFILE asked for at start (capped by the hard limit)
 
-# Which module serves which port. Each has `async def serve(services, service, host, port) -> Server`.
+# Which module serves which port. Each has `async def serve(services, service, host, port, *,
+# start_serving) -> Server`: with start_serving=False the socket is bound and accepts nothing until
+# `await server.start_serving()`.
 LISTENER_MODULES: dict[str, str] = {
     "smtp": "appliance.smtp.server",
     "submission": "appliance.smtp.server",
@@ -40,7 +44,8 @@ LISTENER_MODULES: dict[str, str] = {
     "https": "appliance.web_server",
 }
 
-# Background services started after the listeners: (module, factory); factory(services) -> obj with stop().
+# Background services, started once the listeners are bound and before they serve: (module, factory);
+# factory(services) -> obj with stop().
 BACKGROUND_MODULES: list[tuple[str, str]] = [
     ("appliance.queue.service", "start_queue"),
     ("appliance.inbound_auth", "start_inbound_auth"),  # installs the MX's SPF/DKIM/DMARC check
@@ -81,9 +86,16 @@ class Box:
         self._background: list[Any] = []
 
     @classmethod
-    async def start(cls, config: ServeConfig) -> Box:
+    async def start(cls, config: ServeConfig, *, serve: bool = True) -> Box:
+        """Open the db, build the services, bind every listener, start the background services, and
+        (unless serve=False) start accepting connections.
+
+        Every socket is bound before any accepts a client (issue 11 item 13): a listener that
+        cannot bind fails the start before anyone was served, and the MX's checks are installed
+        before its first connection."""
         config.data.create()
         db = await Database.open(config.data.db)
+        box: Box | None = None
         try:
             hostname = config.hostname or await db.get_setting("hostname") or system_hostname()
             accounts = Accounts(db)
@@ -103,14 +115,19 @@ class Box:
                 await recover()
             box = cls(services)
             services.extra["listeners"] = box.listener_status
-            await box._start_listeners()
+            await box._bind_listeners()
             await box._start_background()
+            if serve:
+                await box.start_serving()
         except BaseException:
+            if box is not None:
+                with contextlib.suppress(Exception):
+                    await box._stop_services()
             await db.close()
             raise
         return box
 
-    async def _start_listeners(self) -> None:
+    async def _bind_listeners(self) -> None:
         config = self.services.config
         for service in STANDARD_PORTS:
             if service in config.disabled:
@@ -121,13 +138,19 @@ class Box:
                 continue
             host, port = config.listen_address(service), config.port(service)
             try:
-                server = await module.serve(self.services, service, host, port)
+                server = await module.serve(self.services, service, host, port, start_serving=False)
             except OSError as exc:
-                await self.stop()
+                # Nothing has been served yet: close what was bound and refuse to start.
                 raise StartupError(f"cannot listen for {service} on {host}:{port}: {exc.strerror}") from exc
             bound = server.sockets[0].getsockname()[1] if server.sockets else port
             self.listeners[service] = Listener(service, host, bound, server)
-            log.info("listening: %s on %s:%d", service, host, bound)
+            log.debug("bound: %s on %s:%d", service, host, bound)
+
+    async def start_serving(self) -> None:
+        """Every listener is bound: now accept connections, on all of them."""
+        for lst in self.listeners.values():
+            await lst.server.start_serving()
+            log.info("listening: %s on %s:%d", lst.service, lst.host, lst.port)
 
     async def _start_background(self) -> None:
         for module_name, factory in BACKGROUND_MODULES:
@@ -145,6 +168,10 @@ class Box:
         return self.listeners[service].port
 
     async def stop(self) -> None:
+        await self._stop_services()
+        await self.services.db.close()
+
+    async def _stop_services(self) -> None:
         for obj in reversed(self._background):
             with contextlib.suppress(Exception):
                 await obj.stop()
@@ -156,7 +183,18 @@ class Box:
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await asyncio.wait_for(lst.server.wait_closed(), timeout=1.0)
         self.listeners.clear()
-        await self.services.db.close()
+
+
+def raise_open_files_limit() -> None:
+    """Every connection is a descriptor: a box under a connection flood (issue 10 item 6: thousands of
+    idle sockets) needs more than the common soft limit of 1024, up to what the system allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(OPEN_FILES_WANTED, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, target, exc)
 
 
 async def announce_setup_code(services: Services, announce: Callable[[str], None]) -> None:
@@ -171,21 +209,37 @@ async def announce_setup_code(services: Services, announce: Callable[[str], None
 
 
 async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] = print) -> None:
-    """`letterbox serve`: run until SIGTERM/SIGINT, then stop within STOP_TIMEOUT seconds."""
-    box = await Box.start(config)
-    announce(f"Letterbox {box.services.hostname}: data in {config.data.root.resolve()}")
-    for lst in box.listeners.values():
-        announce(f"  {lst.service:<12} {lst.host}:{lst.port}")
-    await announce_setup_code(box.services, announce)
+    """`letterbox serve`: run until SIGTERM/SIGINT, then stop within STOP_TIMEOUT seconds.
+
+    The signal handlers are installed before anything is opened (issue 10 item 16): a SIGTERM that
+    arrives while the box is starting lets the start finish, then stops cleanly (exit code 0)
+    without serving anyone. Before this point nothing is open, and the signal's default action
+    ends the process."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await box.services.events.record("start", f"Letterbox started as {box.services.hostname}")
-    announce("ready")
-    await stop.wait()
-    log.info("stopping")
     try:
-        await asyncio.wait_for(box.stop(), timeout=STOP_TIMEOUT)
-    except TimeoutError:
-        log.warning("stop took longer than %.0f s; exiting anyway", STOP_TIMEOUT)
+        raise_open_files_limit()
+        box = await Box.start(config, serve=False)
+        try:
+            if stop.is_set():
+                log.info("stopping: a signal came while starting")
+                return
+            await box.start_serving()
+            announce(f"Letterbox {box.services.hostname}: data in {config.data.root.resolve()}")
+            for lst in box.listeners.values():
+                announce(f"  {lst.service:<12} {lst.host}:{lst.port}")
+            await announce_setup_code(box.services, announce)
+            await box.services.events.record("start", f"Letterbox started as {box.services.hostname}")
+            announce("ready")
+            await stop.wait()
+            log.info("stopping")
+        finally:
+            try:
+                await asyncio.wait_for(box.stop(), timeout=STOP_TIMEOUT)
+            except TimeoutError:
+                log.warning("stop took longer than %.0f s; exiting anyway", STOP_TIMEOUT)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -48,22 +48,51 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class WebListener:
-    """What Box keeps for a listener: the bound socket, close(), wait_closed(), is_serving()."""
+    """What Box keeps for a listener: the bound socket, start_serving(), close(), wait_closed(),
+    is_serving() (the shape of asyncio.Server)."""
 
-    def __init__(self, server: _EmbeddedServer, task: asyncio.Task[None], sock: socket.socket) -> None:
+    def __init__(self, server: _EmbeddedServer, sock: socket.socket, service: str) -> None:
         self._server = server
-        self._task = task
+        self._service = service
+        self._task: asyncio.Task[None] | None = None
         self.sockets = [sock]
+
+    async def start_serving(self) -> None:
+        """Run uvicorn on the bound socket and wait until it accepts connections."""
+        if self._task is not None:
+            return
+        sock = self.sockets[0]
+        sock.listen(BACKLOG)
+        server = self._server
+        self._task = task = asyncio.create_task(server.serve(sockets=[sock]), name=f"letterbox-{self._service}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STARTUP_TIMEOUT
+        while not server.started:
+            if task.done():
+                sock.close()
+                task.result()  # raises what went wrong
+                raise OSError(f"{self._service}: the web server stopped while starting")
+            if loop.time() > deadline:
+                server.should_exit = True
+                raise OSError(f"{self._service}: the web server did not start within {STARTUP_TIMEOUT:.0f} s")
+            await asyncio.sleep(0.01)
 
     def close(self) -> None:
         self._server.should_exit = True
+        if self._task is None:
+            self.sockets[0].close()  # bound, never served
 
     async def wait_closed(self) -> None:
+        if self._task is None:
+            return
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(self._task)
 
     def is_serving(self) -> bool:
-        return self._server.started and not self._task.done() and not self._server.should_exit
+        return (
+            self._task is not None and self._server.started and not self._task.done()
+            and not self._server.should_exit
+        )
 
 
 class RedirectToHttps:
@@ -121,13 +150,24 @@ def console_app(services: Services) -> ASGIApp:
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    """Bound, not yet listening: until start_serving() a connection is refused, not left waiting."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=BACKLOG, reuse_port=False)
-    sock.setblocking(False)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as socket.create_server does
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
-async def serve(services: Services, service: str, host: str, port: int) -> WebListener:
+async def serve(
+    services: Services, service: str, host: str, port: int, *, start_serving: bool = True
+) -> WebListener:
     if service not in ("http", "https"):
         raise ValueError(f"the web server does not serve {service!r}")
     app = console_app(services)
@@ -150,18 +190,7 @@ async def serve(services: Services, service: str, host: str, port: int) -> WebLi
         h11_max_incomplete_event_size=MAX_REQUESTS_HEADER_BYTES,
         ssl_context_factory=(lambda _config, _default: tls) if tls is not None else None,
     )
-    sock = _bind(host, port)
-    server = _EmbeddedServer(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name=f"letterbox-{service}")
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + STARTUP_TIMEOUT
-    while not server.started:
-        if task.done():
-            sock.close()
-            task.result()  # raises what went wrong
-            raise OSError(f"{service}: the web server stopped while starting")
-        if loop.time() > deadline:
-            server.should_exit = True
-            raise OSError(f"{service}: the web server did not start within {STARTUP_TIMEOUT:.0f} s")
-        await asyncio.sleep(0.01)
-    return WebListener(server, task, sock)
+    listener = WebListener(_EmbeddedServer(config), _bind(host, port), service)
+    if start_serving:
+        await listener.start_serving()
+    return listener
