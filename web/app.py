@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from appliance.plain_errors import plain
 from appliance.web_sessions import WebSessions
 from web.pages import LoginRequired, render
 from web.routes import account, autoconfig, console, domains, login, mailboxes, sending, setup, wellknown
@@ -91,6 +92,7 @@ def make_templates() -> Jinja2Templates:
     )
     env.filters["when"] = _when
     env.filters["size"] = _size
+    env.filters["plain"] = plain  # library error texts (TLS, DNS, sockets) in plain words
     env.filters["path"] = lambda text: quote(str(text), safe="@")
     return Jinja2Templates(env=env)
 

@@ -1,0 +1,64 @@
+"""Network and TLS error texts in plain words, for the pages a person reads (the web console).
+
+The queue, the relay test and the DNS check keep the library's exact text (logs and delivery reports
+need it; a stored queue error may date from before this module); `plain` rewrites it where it is
+shown: `[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer
+certificate (_ssl.c:1006)` becomes "its certificate is not signed by an authority this box trusts
+(self-signed, or from a private authority)". Text it does not know is kept, minus the C source
+references that mean nothing to anyone.
+"""
+
+from __future__ import annotations
+
+import re
+
+# (pattern, replacement), applied in order; the patterns match the texts of ssl, socket, smtplib and
+# dnspython as Python 3.11+ renders them.
+_VERIFY = r"\[SSL: CERTIFICATE_VERIFY_FAILED\] certificate verify failed: "
+_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), r) for p, r in (
+    (_VERIFY + r"(unable to get local issuer certificate|self[- ]signed certificate( in certificate chain)?"
+     r"|unable to verify the first certificate|unable to get issuer certificate)",
+     "its certificate is not signed by an authority this box trusts (self-signed, or from a private "
+     "authority: `letterbox relay set --ca-file` names one to trust)"),
+    (_VERIFY + r"certificate has expired", "its certificate has expired"),
+    (_VERIFY + r"certificate is not yet valid", "its certificate is not valid yet (check this box's clock)"),
+    (_VERIFY + r"Hostname mismatch, certificate is not valid for '([^']*)'\.?",
+     r"its certificate is for another name, not \1"),
+    (_VERIFY + r"IP address mismatch, certificate is not valid for '([^']*)'\.?",
+     r"its certificate is not valid for the address \1"),
+    (_VERIFY + r"([^(]*)", r"its certificate was refused (\1)"),
+    (r"\[SSL: WRONG_VERSION_NUMBER\] wrong version number",
+     "the server did not answer in TLS on this port (a port for STARTTLS, such as 587, needs "
+     "“STARTTLS”; a port for implicit TLS, such as 465, needs “Implicit TLS”)"),
+    (r"\[SSL: (TLSV1_ALERT_PROTOCOL_VERSION|UNSUPPORTED_PROTOCOL|NO_PROTOCOLS_AVAILABLE)\][^(]*",
+     "the server offers only old TLS versions, which this box refuses "),
+    (r"\[SSL: (SSLV3_ALERT_HANDSHAKE_FAILURE|NO_SHARED_CIPHER|TLSV1_ALERT_[A-Z_]+)\][^(]*",
+     "the server and this box found no common way to encrypt "),
+    (r"\[SSL: [A-Z_]+\] ?", ""),
+    (r"EOF occurred in violation of protocol", "the server closed the connection during the TLS handshake"),
+    (r"\[Errno 111\] Connection refused", "connection refused: nothing accepts connections on that port "
+     "(wrong port, the server is down, or a firewall refuses)"),
+    (r"\[Errno 11[03]\] (Connection timed out|No route to host)",
+     "no answer: a firewall drops the connection, or the host is down"),
+    (r"\[Errno 101\] Network is unreachable", "this box has no route to that network (no IPv6, or no internet?)"),
+    (r"\[Errno 104\] Connection reset by peer", "the server broke off the connection"),
+    (r"\[Errno -[23]\] (Name or service not known|Temporary failure in name resolution)",
+     "the name could not be looked up in DNS"),
+    (r"\[Errno -5\] No address associated with hostname", "the name has no address in DNS"),
+    (r"^timed out$|(?<=: )timed out", "no answer in time: a firewall may drop the connection, or the "
+     "server is slow"),
+    (r"Connection unexpectedly closed", "the server closed the connection"),
+    (r"All nameservers failed to answer the query\.?|NoNameservers",
+     "no DNS server answered (check this box's network and DNS settings)"),
+    (r"The DNS operation timed out\.?|\bTimeout\b", "DNS did not answer in time"),
+    (r"The DNS query name does not exist\.?", "the name does not exist in DNS"),
+    (r"NoResolverConfiguration", "this box has no DNS server configured"),
+    (r" ?\(_ssl\.c:\d+\)", ""),
+))
+
+
+def plain(text: str) -> str:
+    """`text` with every library error it contains in plain words."""
+    for pattern, replacement in _RULES:
+        text = pattern.sub(replacement, text)
+    return text.strip()
