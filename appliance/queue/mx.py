@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -180,13 +181,35 @@ async def delivery_hops(
     return hops[:MAX_HOPS]
 
 
-async def host_hops(resolver: dns.asyncresolver.Resolver, host: str) -> list[Hop]:
-    """The addresses of one named host (the smarthost), or the literal itself."""
+async def _system_addresses(host: str) -> tuple[list[str], bool]:
+    """(addresses of `host` from the system's resolver, whether the failure may be temporary). The
+    system's getaddrinfo reads /etc/hosts too, so `localhost` or a name only the LAN knows work."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return [], exc.errno in (socket.EAI_AGAIN, getattr(socket, "EAI_SYSTEM", None))
+    except (OSError, UnicodeError):
+        return [], False
+    found: list[str] = []
+    for family, *_rest, sockaddr in infos:
+        address = str(sockaddr[0]).split("%")[0]
+        if family in (socket.AF_INET, socket.AF_INET6) and address not in found:
+            found.append(address)
+    return found, False
+
+
+async def host_hops(resolver: dns.asyncresolver.Resolver, host: str, *, system: bool = False) -> list[Hop]:
+    """The addresses of one named host (the smarthost), or the literal itself. `system`: ask the
+    system's resolver (which reads /etc/hosts) as any program would, rather than DNS only; used
+    when no dns_resolver setting forces one server."""
     try:
         return [Hop(host, str(ipaddress.ip_address(host.strip("[]"))))]
     except ValueError:
         pass
-    addresses, failed = await _addresses(resolver, dns_domain(host))
+    if system:
+        addresses, failed = await _system_addresses(dns_domain(host))
+    else:
+        addresses, failed = await _addresses(resolver, dns_domain(host))
     if not addresses:
         status = "4.4.3" if failed else "4.4.4"
         raise RouteError(status, f"no address found for the relay host {host}")

@@ -35,7 +35,8 @@ async def check_relay(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     try:
-        hops = await asyncio.wait_for(host_hops(make_async_resolver(resolver), relay.host), seconds)
+        hops = await asyncio.wait_for(host_hops(make_async_resolver(resolver), relay.host, system=resolver is None),
+                                      seconds)
     except RouteError as exc:
         return RelayCheck(False, exc.text)
     except TimeoutError:

@@ -393,7 +393,8 @@ class OutboundQueue:
         if config.smarthost_error:
             raise SessionFailed("4.3.5", config.smarthost_error)
         if relay is not None:
-            hops: list[Hop] = await host_hops(config.resolver, relay.host)
+            # Without a dns_resolver setting the relay is found as any program finds a host (/etc/hosts too).
+            hops: list[Hop] = await host_hops(config.resolver, relay.host, system=self._resolver_key is None)
             context = self._relay_contexts.get(relay.ca_file)
             if context is None:
                 context = self._relay_contexts[relay.ca_file] = await asyncio.to_thread(

@@ -212,6 +212,25 @@ def test_the_wizard_step_tests_the_relay_too(web: WebClient, relay: Receiver) ->
     assert response.headers["location"] == "/setup/6"
 
 
+def test_a_relay_named_localhost_is_found_through_the_system_resolver(
+    web: WebClient, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """Issue 10 item 16: `localhost` gave "no address found" (DNS only); without a dns_resolver setting
+    the relay is looked up as any program would, /etc/hosts included."""
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(tls)
+    ca.cert_pem.write_to_path(str(tmp_path / "relay-ca.pem"))
+    web.set_setting("smarthost_ca_file", str(tmp_path / "relay-ca.pem"))
+    assert not web.setting("dns_resolver")
+    with Receiver("127.0.0.1", free_port(("127.0.0.1",)), tls_context=tls, require_starttls=True,
+                  credentials={RELAY_USER: RELAY_PASSWORD}) as receiver:
+        response = web.post("/console/sending", relay_form(relay_host="localhost", relay_port=str(receiver.port),
+                                                           action="test"), token_from="/console/sending")
+        assert response.status_code == 303, text_of(response.text)[-800:]
+        assert "The relay works (localhost[127.0.0.1]" in text_of(web.get("/console/sending").text)
+        assert receiver.connections >= 1
+
+
 @pytest.mark.parametrize("path", ["/setup/5", "/console/sending"])
 def test_continue_after_a_failed_test_needs_a_second_yes(web: WebClient, relay: Receiver, path: str) -> None:
     """Issue 10 item 9: a failed test, then Continue, saved a relay that does not work."""
