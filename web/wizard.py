@@ -93,6 +93,8 @@ def check_hostname(text: str) -> tuple[str | None, str | None]:
     except AccountError as exc:
         return None, str(exc)
     labels = name.split(".")
+    if labels[0] == "localhost":
+        return None, "'localhost' is this machine's name for itself: enter the name the internet will know it by"
     if len(labels) < 2:
         return None, "a full name with a dot is needed (a fully qualified domain name), e.g. mail.example.org"
     if labels[-1].isdigit():

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import html
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trustme
 
+from appliance.app import system_hostname
 from appliance.auth import ThrottlePolicy
 from appliance.dns_check import CheckResult, save_results
 from appliance.queue.smarthost import Smarthost, save_smarthost
@@ -288,3 +290,33 @@ def test_done_says_ready_when_nothing_is_missing(web: WebClient, ca: trustme.CA)
     web.set_setting("setup_step", "7")
     page = web.get("/setup/7").text
     assert "Your box is ready" in page and 'id="todo"' not in page
+
+
+@pytest.mark.parametrize(("current", "fqdn", "host", "expected"), [
+    ("localhost.local", "box.example.org", "box", "box.example.org"),  # the old default is skipped
+    ("letterbox.local", "localhost", "mail.example.org", "mail.example.org"),  # getfqdn says localhost
+    ("letterbox.local", "localhost.localdomain", "localhost", ""),  # nothing usable: empty, with a placeholder
+])
+def test_step1_suggests_the_systems_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, current: str, fqdn: str,
+                                         host: str, expected: str) -> None:
+    """Issue 10 item 16: the host name field was empty on the first screen."""
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": fqdn)
+    monkeypatch.setattr(socket, "gethostname", lambda: host)
+    with web_client(tmp_path / "data") as web:
+        web.services.hostname = current
+        page = web.get("/setup/1").text
+        field = re.search(r'<input id="f-hostname"[^>]*>', page)
+        assert field and f'value="{expected}"' in field.group(0)
+
+
+@pytest.mark.parametrize(("fqdn", "host", "expected"), [
+    ("localhost", "localhost", "letterbox.local"),  # was localhost.local
+    ("localhost", "raspberrypi", "raspberrypi.local"),
+    ("localhost.localdomain", "box.example.org", "box.example.org"),
+    ("box.example.org", "box", "box.example.org"),
+])
+def test_the_first_start_never_names_the_box_localhost(monkeypatch: pytest.MonkeyPatch, fqdn: str, host: str,
+                                                        expected: str) -> None:
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": fqdn)
+    monkeypatch.setattr(socket, "gethostname", lambda: host)
+    assert system_hostname() == expected

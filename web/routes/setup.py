@@ -83,11 +83,14 @@ async def step_page(request: Request) -> Response:
 # --- 1: admin and host name -----------------------------------------------------------------------------
 
 def suggested_hostname(current: str) -> str:
-    name, problem = wizard.check_hostname(current)
-    if name and not problem:
-        return name
-    name, problem = wizard.check_hostname(socket.getfqdn())
-    return name if name and not problem else ""
+    """The box's current name if it can be a public one, else the system's full name (getfqdn, then
+    the host name itself, which some systems set to the full name while getfqdn says 'localhost');
+    '' when none can be (the field's placeholder shows an example)."""
+    for candidate in (current, socket.getfqdn(), socket.gethostname()):
+        name, problem = wizard.check_hostname(candidate.strip().rstrip("."))
+        if name and not problem:
+            return name
+    return ""
 
 
 async def admin_page(request: Request, form: Form | None) -> Response:
