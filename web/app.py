@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance.plain_errors import plain
 from appliance.web_sessions import WebSessions
+from web.display import idn
 from web.pages import LoginRequired, render
 from web.routes import account, autoconfig, console, domains, login, mailboxes, sending, setup, wellknown
 from web.security import SecurityHeadersMiddleware
@@ -92,6 +93,7 @@ def make_templates() -> Jinja2Templates:
     )
     env.filters["when"] = _when
     env.filters["size"] = _size
+    env.filters["idn"] = idn  # international names in Unicode, the xn-- form beside
     env.filters["plain"] = plain  # library error texts (TLS, DNS, sockets) in plain words
     env.filters["path"] = lambda text: quote(str(text), safe="@")
     return Jinja2Templates(env=env)

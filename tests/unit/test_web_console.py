@@ -262,3 +262,15 @@ def test_admin_changes_password_and_other_sessions_end(web: WebClient) -> None:
     use_cookie(web, other)
     assert web.get("/console").headers["location"].startswith("/login")  # the one from before is over
     assert web.run(web.services.auth.verify_admin, ADMIN, NEW_PASSWORD, "127.0.0.1") is not None
+
+
+def test_international_domains_are_shown_in_unicode_with_the_a_label(web: WebClient) -> None:
+    """Issue 10 item 16: international domains were shown only as xn--."""
+    web.add_domain("bücher.example")
+    web.add_user("anna@bücher.example", ALICE_PASSWORD)
+    both = "bücher.example (xn--bcher-kva.example)"
+    assert both in html.unescape(web.get("/console/domains").text)
+    assert f"DNS records for {both}" in html.unescape(web.get("/console/domains/xn--bcher-kva.example").text)
+    mailboxes = html.unescape(web.get("/console/mailboxes").text)
+    assert "anna@bücher.example (anna@xn--bcher-kva.example)" in mailboxes
+    assert '<option value="xn--bcher-kva.example">' in mailboxes  # the form still sends the stored name
