@@ -320,3 +320,18 @@ def test_the_first_start_never_names_the_box_localhost(monkeypatch: pytest.Monke
     monkeypatch.setattr(socket, "getfqdn", lambda name="": fqdn)
     monkeypatch.setattr(socket, "gethostname", lambda: host)
     assert system_hostname() == expected
+
+
+def _indicator(page: str) -> dict[int, str]:
+    pairs = re.findall(r'<li class="(\w*)"[^>]*>\s*(?:<a href="/setup/\d">)?\s*<span class="num">(\d)</span>', page)
+    return {int(number): state for state, number in pairs if state}
+
+
+def test_step_indicator_after_going_back(web: WebClient) -> None:
+    """Issue 10 item 16: back at step 1, step 2 was still marked done."""
+    step1(web)
+    web.post("/setup/2", {"domain": DOMAIN}, token_from="/setup/2")
+    page = web.get("/setup/1").text
+    assert _indicator(page) == {1: "current", 2: "visited", 3: "visited"}
+    assert '<a href="/setup/3">' in page  # still one click away
+    assert _indicator(web.get("/setup/3").text) == {1: "reached", 2: "reached", 3: "current"}
