@@ -36,7 +36,7 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), r) for p
      "the server and this box found no common way to encrypt "),
     (r"\[SSL: [A-Z_]+\] ?", ""),
     (r"EOF occurred in violation of protocol", "the server closed the connection during the TLS handshake"),
-    (r"\[Errno 111\] Connection refused", "connection refused: nothing accepts connections on that port "
+    (r"(connection failed: )?\[Errno 111\] Connection refused", "connection refused: nothing accepts connections on that port "
      "(wrong port, the server is down, or a firewall refuses)"),
     (r"\[Errno 11[03]\] (Connection timed out|No route to host)",
      "no answer: a firewall drops the connection, or the host is down"),
