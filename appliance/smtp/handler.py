@@ -47,6 +47,7 @@ from appliance.smtp.policy import (
     sender_verdict,
     unknown_user,
 )
+from appliance.smtp.probes import PROBING_BLOCKED, RECIPIENT_GUARD, RecipientProbeGuard
 
 if TYPE_CHECKING:
     from aiosmtpd.smtp import SMTP
@@ -69,6 +70,8 @@ AUTH_CANCELLED = "501 5.7.0 Authentication cancelled"
 
 class LetterboxSession(Session):
     """aiosmtpd's Session without the deprecation warning its login_data setter logs on every AUTH."""
+
+    refused_recipients = 0  # RCPTs refused with 5xx so far on this connection (probes.py delays)
 
     @property  # type: ignore[override]
     def login_data(self) -> Any:
@@ -136,6 +139,8 @@ class SmtpHandler:
         self.deliverer = deliverer
         self.lmtp = service == LMTP_SERVICE
         self.submission = service in SUBMISSION_SERVICES
+        if service == MX_SERVICE:
+            services.extra.setdefault(RECIPIENT_GUARD, RecipientProbeGuard())
 
     # --- EHLO / LHLO ----------------------------------------------------------------------------------
 
@@ -235,17 +240,39 @@ class SmtpHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
         env = _envelope(envelope)
-        try:
-            route = await self._route(_session(session), env, address)
-        except SmtpReject as reject:
-            route = reject.reply
+        sess, ip = _session(session), peer_ip(session)
+        guard = self._probe_guard(sess)
+        if guard is not None and guard.blocked(ip):
+            route: RecipientRoute | Reply = PROBING_BLOCKED  # the same answer for every address: no oracle
+        else:
+            try:
+                route = await self._route(sess, env, address)
+            except SmtpReject as reject:
+                route = reject.reply
         if isinstance(route, Reply):
-            log.info("%s: RCPT TO:<%s> refused: %s", peer_ip(session), address[:100], route)
+            log.info("%s: RCPT TO:<%s> refused: %s", ip, address[:100], route)
+            if guard is not None and (route.code >= 500 or route is PROBING_BLOCKED):
+                if route.status == "5.1.1":
+                    guard.record_unknown(ip)
+                sess.refused_recipients += 1
+                delay = guard.delay_for(sess.refused_recipients)
+                if delay:
+                    # Postfix's smtpd_error_sleep_time: an asyncio sleep that holds nothing; only
+                    # this client, whose next command waits for this reply, is slowed.
+                    await guard.sleep(delay)
             return str(route)
         env.rcpt_tos.append(address)
         env.rcpt_options.extend(rcpt_options)
         env.routes.append(route)
         return "250 2.1.5 Recipient ok"
+
+    def _probe_guard(self, session: LetterboxSession) -> RecipientProbeGuard | None:
+        """The MX's harvesting defence, for clients that have not logged in (read live: tests and a
+        later setting may replace it)."""
+        if self.service != MX_SERVICE or session.principal is not None:
+            return None
+        guard = self.services.extra.get(RECIPIENT_GUARD)
+        return guard if isinstance(guard, RecipientProbeGuard) else None
 
     async def _route(self, session: LetterboxSession, env: LetterboxEnvelope, text: str) -> RecipientRoute | Reply:
         accounts = self.services.accounts
