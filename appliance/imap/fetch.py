@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from email.header import Header
 from email.message import Message
 from email.policy import default as default_policy
-from email.utils import getaddresses
+from email.utils import getaddresses, unquote
 from functools import lru_cache
 from typing import BinaryIO, Protocol
 
@@ -330,7 +330,65 @@ def strip_comments(text: str) -> str:
     return "".join(out)
 
 
+def _split_elements(text: str) -> list[str]:
+    """The comma-separated elements of an address list (commas in quotes, comments and <> kept)."""
+    out: list[str] = []
+    start = depth = 0
+    quoted = escaped = angle = False
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif quoted:
+            quoted = ch != '"'
+        elif ch == "(":
+            depth += 1
+        elif ch == ")" and depth:
+            depth -= 1
+        elif depth:
+            continue
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            angle = True
+        elif ch == ">":
+            angle = False
+        elif ch == "," and not angle:
+            out.append(text[start:i])
+            start = i + 1
+    out.append(text[start:])
+    return out
+
+
+def _null_address(element: str) -> Value:
+    """`Name <>` (the null reverse-path of bounces, RFC 5321 4.5.5) or `<@>`: an address with no
+    mailbox and no domain. Dovecot keeps it with placeholders rather than dropping it, so a client
+    still shows "MAILER DAEMON"; None when the element is something else."""
+    text = strip_comments(element).strip() if "(" in element else element.strip()
+    if not text.endswith(">"):
+        return None
+    cut = text.rfind("<")
+    if cut < 0 or text[cut + 1:-1].strip() not in ("", "@"):
+        return None
+    display = text[:cut].strip()
+    if len(display) >= 2 and display.startswith('"') and display.endswith('"'):
+        display = unquote(display)
+    route = "INVALID_ROUTE" if "@" in text[cut:] else None  # Dovecot's placeholder for "<@>"
+    return [raw(display) if display else None, route, MISSING_MAILBOX, MISSING_DOMAIN]
+
+
 def _plain_addresses(text: str) -> list[Value]:
+    if "<" in text:
+        out: list[Value] = []
+        for element in _split_elements(text):
+            null = _null_address(element)
+            out += [null] if null is not None else _parsed_addresses(element)
+        return out
+    return _parsed_addresses(text)
+
+
+def _parsed_addresses(text: str) -> list[Value]:
     out: list[Value] = []
     for display, address in parse_addresses(text):
         if not address:
@@ -378,19 +436,19 @@ def _grouped_addresses(text: str) -> list[Value]:
 def body_structure(part: Part, extensible: bool) -> Value:
     if part.is_multipart:
         children = Raw(b"".join(render_value(body_structure(c, extensible)) for c in part.children))
-        value: list[Value] = [children, part.subtype]
+        value: list[Value] = [children, _spelled_type(part)[1]]
         if extensible:
-            params = _params(part.headers)
-            value += [params, _disposition(part.headers), _language(part.headers),
+            value += [_params(part.headers) or None, _disposition(part.headers), _language(part.headers),
                       _nstring(part.headers, "Content-Location")]
         return value
     headers = part.headers
     params = _params(headers)
-    if not params and part.maintype == "text":
-        params = [b"charset", b"us-ascii"]  # RFC 2045 5.2 default (Dovecot adds it too)
+    if part.maintype == "text" and not any(isinstance(n, bytes) and n.lower() == b"charset" for n in params[::2]):
+        params += [b"charset", b"us-ascii"]  # RFC 2045 5.2 default; Dovecot appends it after the others
     encoding = headers.get("Content-Transfer-Encoding")
+    maintype, subtype = _spelled_type(part)
     fields: list[Value] = [
-        part.maintype, part.subtype, params or None,
+        maintype, subtype, params or None,
         _nstring(headers, "Content-ID"), _nstring(headers, "Content-Description"),
         raw(unfold(encoding).strip()) if encoding else "7bit",
         part.body.wire_size,
@@ -414,27 +472,97 @@ _EMPTY_BASIC: list[Value] = ["text", "plain", [b"charset", b"us-ascii"], None, N
 _EMPTY_EXTENSIBLE: list[Value] = [*_EMPTY_BASIC, None, None, None, None]
 
 
-def _params(headers: Message, header: str = "content-type") -> list[Value]:
-    """Parameters of Content-Type or Content-Disposition as a flat (name value ...) list. RFC 2231
-    values (name*=charset'lang'text, possibly continued) come out as one name*=charset''%XX value."""
-    try:
-        params = headers.get_params(header=header, unquote=True)
-    except Exception:
+def _spelled_type(part: Part) -> tuple[Value, Value]:
+    """The media type and subtype in the case the message spells them ("Text" "X-MyOwn"), as Dovecot
+    sends them (RFC 2045 5.1: they are case-insensitive, so either is right; clients compare
+    without case). A defaulted or replaced type (no header, an invalid one, an opaque part past the
+    nesting bound) is sent as the scan decided it."""
+    value = part.headers.get("Content-Type")
+    if value is not None:
+        maintype, slash, subtype = unfold(value).split(";", 1)[0].partition("/")
+        maintype, subtype = maintype.strip(), subtype.strip()
+        if slash and maintype.lower() == part.maintype and subtype.lower() == part.subtype:
+            return raw(maintype), raw(subtype)
+    return part.maintype, part.subtype
+
+
+def parse_params(value: str) -> list[tuple[str, str]]:
+    """The parameters after the first ";" of a Content-Type or Content-Disposition value, names as
+    sent, quoted strings unquoted (RFC 2045 5.1). Tolerant: what does not parse is skipped."""
+    text = unfold(value)
+    if "(" in text:
+        text = strip_comments(text)
+    pos = text.find(";")
+    if pos < 0:
         return []
-    if not params:
-        return []
-    out: list[Value] = []
-    for name, value in params[1:]:
-        if not name:
-            continue
-        if isinstance(value, tuple):
-            charset, _lang, text = value
-            data = text.encode("latin-1", "replace")
-            quoted = "".join(chr(b) if chr(b) in _ATTRIBUTE_SAFE else f"%{b:02X}" for b in data)
-            out += [raw(name) + b"*", (charset or "utf-8").encode("ascii", "replace") + b"''" + quoted.encode()]
+    out: list[tuple[str, str]] = []
+    n = len(text)
+    while pos < n:
+        while pos < n and text[pos] in "; \t":
+            pos += 1
+        start = pos
+        while pos < n and text[pos] not in "=;":
+            pos += 1
+        name = text[start:pos].strip()
+        if pos >= n or text[pos] != "=":
+            continue  # a name without a value
+        pos += 1
+        while pos < n and text[pos] in " \t":
+            pos += 1
+        if pos < n and text[pos] == '"':
+            pos += 1
+            chars: list[str] = []
+            while pos < n and text[pos] != '"':
+                if text[pos] == "\\" and pos + 1 < n:
+                    pos += 1
+                chars.append(text[pos])
+                pos += 1
+            pos += 1
+            found = "".join(chars)
         else:
-            out += [raw(name), raw(value)]
+            start = pos
+            while pos < n and text[pos] != ";":
+                pos += 1
+            found = text[start:pos].strip()
+        if name and " " not in name:
+            out.append((name, found))
     return out
+
+
+def _params(headers: Message, header: str = "Content-Type") -> list[Value]:
+    """Parameters of Content-Type or Content-Disposition as a flat (name value ...) list, names as
+    sent. RFC 2231 parameters (name*=charset'lang'text, possibly continued as name*0*, name*1...)
+    come after the plain ones, continuations joined into one name* value that keeps the charset and
+    language (Dovecot's form): plain segments are %-encoded to fit the extended value."""
+    value = headers.get(header)
+    if value is None:
+        return []
+    plain: list[Value] = []
+    extended: dict[str, list[tuple[int, bool, str, str]]] = {}  # lower name -> segments
+    for name, text in parse_params(value):
+        if "*" not in name:
+            plain += [raw(name), raw(text)]
+            continue
+        base, _, rest = name.partition("*")
+        is_extended = rest.endswith("*") or rest == ""
+        number = rest.rstrip("*")
+        index = int(number) if number.isdigit() and len(number) < 5 else 0
+        extended.setdefault(base.lower(), []).append((index, is_extended, base, text))
+    for segments in extended.values():
+        segments.sort(key=lambda s: s[0])
+        base = segments[0][2]
+        if not any(s[1] for s in segments):
+            plain += [raw(base), raw("".join(s[3] for s in segments))]
+            continue
+        pieces = []
+        for i, (_, is_ext, _, text) in enumerate(segments):
+            if is_ext:
+                pieces.append(text)
+            else:
+                escaped = "".join(c if c in _ATTRIBUTE_SAFE else f"%{b:02X}" for c in text for b in c.encode())
+                pieces.append(("''" if i == 0 else "") + escaped)
+        plain += [raw(base + "*"), raw("".join(pieces))]
+    return plain
 
 
 def _disposition(headers: Message) -> Value:
@@ -444,7 +572,7 @@ def _disposition(headers: Message) -> Value:
     kind = unfold(value).split(";", 1)[0].strip()
     if not kind:
         return None
-    params = _params(headers, header="content-disposition")
+    params = _params(headers, header="Content-Disposition")
     return [raw(kind), params or None]
 
 

@@ -70,6 +70,7 @@ class Part:
     lines: int  # line ends in the body (RFC 3501 7.4.2 body-fld-lines)
     children: list[Part] = field(default_factory=list)
     complete: bool = True  # False from scan_header: only the header block was read
+    placeholder: bool = False  # the empty part that stands in for the missing parts of a multipart
 
     @property
     def is_multipart(self) -> bool:
@@ -257,12 +258,17 @@ class _Scan:
                     header_end = max((end, wire_end), (h_start, h_wire))
                     end, wire_end, lines = header_end[0], header_end[1], 0
                     body_start, body_wire = end, wire_end
-        if maintype == "multipart" and not children:
-            # RFC 2046 5.1.1 needs a boundary and at least one part; BODYSTRUCTURE cannot describe an
-            # empty multipart, so such a body is served as the text it is.
-            maintype, subtype = "text", "plain"
         header_span = Span(h_start, header_end[0], h_wire, header_end[1])
         body = Span(body_start, end, body_wire, wire_end)
+        if maintype == "multipart" and not children:
+            if not room:
+                # Past the nesting or part bound: one opaque text leaf (its text is still searched).
+                maintype, subtype = "text", "plain"
+            else:
+                # RFC 2046 5.1.1 needs a boundary and at least one part, and BODYSTRUCTURE cannot
+                # describe an empty multipart. Dovecot keeps the multipart with one empty text/plain
+                # part (BODY[1] and BODY[1.MIME] empty); clients already know that answer.
+                children.append(_empty_part(body))
         return Part(header_span, body, headers, maintype, subtype, lines, children), stopped
 
     def multipart(self, delimiter: bytes, outer: list[bytes], depth: int, child_default: str,
@@ -315,11 +321,21 @@ class _Scan:
                 return True
 
 
+def _empty_part(parent_body: Span) -> Part:
+    at = Span(parent_body.end, parent_body.end, parent_body.wire_end, parent_body.wire_end)
+    return Part(at, at, Message(), "text", "plain", 0, placeholder=True)
+
+
 def _boundary(headers: Message) -> bytes:
     value = headers.get_param("boundary")
     if isinstance(value, tuple):  # RFC 2231 encoded boundary: unusual, but the value is plain
         value = value[2]
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str):
+        return b""
+    # A folded header keeps its line break inside a quoted value ("foo\r\n bar"); RFC 5322 2.2.3
+    # unfolding removes the CRLF and keeps the space, so the delimiter lines read "--foo bar".
+    value = unfold(value)
+    if not value:
         return b""
     return value.encode("ascii", "surrogateescape")[:200]  # RFC 2046: at most 70 characters
 

@@ -134,7 +134,10 @@ def decoded_text(f: BinaryIO) -> str:
     root = scan(f)
     texts: list[str] = []
     for part in _leaves(root):
-        if part.maintype != "text" and not (part.maintype == "message" and not part.children):
+        # Text parts, and opaque bodies that may hold text: an encapsulated message we did not walk,
+        # a multipart without parts.
+        opaque = not part.children or part.children[0].placeholder
+        if part.maintype != "text" and not (part.maintype in ("message", "multipart") and opaque):
             continue
         f.seek(part.body.start)
         data = f.read(part.body.end - part.body.start)
@@ -147,7 +150,7 @@ def _leaves(root: Part) -> Iterator[Part]:
     stack = [root]
     while stack:
         part = stack.pop()
-        if part.children:
+        if part.children and not part.children[0].placeholder:
             stack.extend(reversed(part.children))
         else:
             yield part

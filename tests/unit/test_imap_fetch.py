@@ -34,12 +34,6 @@ EXPECTED: dict[str, dict[str, str]] = json.loads((CORPUS / "expected.json").read
 
 # Where we answer differently from Dovecot on purpose, with the reason.
 DELIBERATE_DIFFERENCES = {
-    # A multipart without a boundary: Dovecot invents one empty text/plain part; we serve the body as
-    # the text/plain it is, so the reader sees its content.
-    ("07_multipart_no_boundary.eml", "BODYSTRUCTURE"),
-    ("07_multipart_no_boundary.eml", "BODY"),
-    ("07_multipart_no_boundary.eml", "BODY.PEEK[1]"),
-    ("07_multipart_no_boundary.eml", "BODY.PEEK[1.MIME]"),
     # A base64-encoded message/rfc822 (seen in bounces): Dovecot parses the base64 as a header and
     # so keeps the line end before the next delimiter in the part (42 octets, 1 line); we keep to
     # RFC 2046 5.1.1 (that line end belongs to the delimiter: 40 octets, 0 lines).
@@ -88,10 +82,14 @@ def structure(data: bytes, extensible: bool = True) -> bytes:
     return render_value(body_structure(scan(io.BytesIO(data)), extensible))
 
 
-def test_multipart_without_boundary_is_served_as_text() -> None:
+def test_multipart_without_parts_keeps_its_type_with_one_empty_part() -> None:
+    # Issue 17: as Dovecot, a multipart without a boundary (or without any part) stays a multipart
+    # with one empty text/plain part; its text is still BODY[TEXT].
     data = (CORPUS / "07_multipart_no_boundary.eml").read_bytes()
-    assert structure(data) == b'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 60 5 NIL NIL NIL NIL)'
-    assert render_item(data, "BODY.PEEK[1]").endswith(b"--whatever--\r\n)\r\n")
+    assert structure(data) == (b'(("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 0 0 NIL NIL NIL NIL) "mixed" '
+                               b'NIL NIL NIL NIL)')
+    assert render_item(data, "BODY.PEEK[1]") == b"* 1 FETCH (BODY[1] {0}\r\n)\r\n"
+    assert render_item(data, "BODY.PEEK[TEXT]").endswith(b"--whatever--\r\n)\r\n")
 
 
 def test_lf_only_message_is_served_with_crlf() -> None:
