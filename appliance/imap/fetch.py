@@ -330,7 +330,7 @@ def strip_comments(text: str) -> str:
     return "".join(out)
 
 
-def _split_elements(text: str) -> list[str]:
+def split_address_elements(text: str) -> list[str]:
     """The comma-separated elements of an address list (commas in quotes, comments and <> kept)."""
     out: list[str] = []
     start = depth = 0
@@ -381,7 +381,7 @@ def _null_address(element: str) -> Value:
 def _plain_addresses(text: str) -> list[Value]:
     if "<" in text:
         out: list[Value] = []
-        for element in _split_elements(text):
+        for element in split_address_elements(text):
             null = _null_address(element)
             out += [null] if null is not None else _parsed_addresses(element)
         return out

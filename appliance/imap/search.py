@@ -36,10 +36,12 @@ from appliance.imap.commands import (
     TextKey,
     in_ranges,
 )
+from appliance.imap.fetch import parse_addresses, split_address_elements, strip_comments
 from appliance.imap.limits import MAX_DECODED_SEARCH_OCTETS, MAX_HEADER_OCTETS
 from appliance.imap.mime import RAW_POLICY, Part, scan, unfold
 
 SUPPORTED_CHARSETS = ("US-ASCII", "UTF-8")
+ADDRESS_FIELDS = frozenset({"FROM", "TO", "CC", "BCC", "SENDER", "REPLY-TO"})
 RAW_SEARCH_CHUNK = 1024 * 1024
 _HEADER_PARSER = BytesHeaderParser(policy=RAW_POLICY)
 
@@ -79,6 +81,16 @@ class _Content:
     def header_values(self, name: str) -> list[str]:
         return [decode_words(v) for v in self.headers().get_all(name) or []]
 
+    def address_values(self, name: str) -> list[str]:
+        """The addresses of an address field as "Display Name <local@domain>" (and group names):
+        RFC 3501 6.4.4 FROM/TO/CC/BCC search the address, so comments and folding inside the
+        address do not hide it, as in Dovecot. A value that yields no address is searched as text."""
+        out: list[str] = []
+        for value in self.headers().get_all(name) or []:
+            found = address_texts(value)
+            out += found if found else [decode_words(value)]
+        return out
+
     def header_text(self) -> str:
         if self._header_text is None:
             self._header_text = "\n".join(f"{k}: {decode_words(v)}" for k, v in self.headers().items()).casefold()
@@ -112,6 +124,56 @@ class _Content:
                 if target in data:
                     return True
                 tail = data[-overlap:] if overlap else b""
+
+
+def address_texts(value: str) -> list[str]:
+    """Each address of an address-list header as one searchable string."""
+    out: list[str] = []
+    for element in split_address_elements(unfold(value)):
+        colon = _group_colon(element)
+        if colon >= 0:  # RFC 5322 3.4 group: "name: a@b, c@d;" (the name is searchable too)
+            out.append(decode_words(element[:colon]).strip())
+            element = element[colon + 1:]
+        element = element.strip().rstrip(";").strip()
+        if not element:
+            continue
+        cut = element.rfind("<")
+        if cut >= 0:
+            # Comments inside <...> are not a display name (getaddresses would make them one).
+            element = element[:cut] + strip_comments(element[cut:])
+        for display, address in parse_addresses(element):
+            display = decode_words(display).strip()
+            if address:
+                out.append(f"{display} <{address}>" if display else address)
+            elif display:
+                out.append(display)
+    return out
+
+
+def _group_colon(element: str) -> int:
+    """Where the ":" of a group name is (outside quotes, comments and <...>), or -1."""
+    quoted = escaped = False
+    depth = 0
+    for i, ch in enumerate(element):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif quoted:
+            quoted = ch != '"'
+        elif ch == "(":
+            depth += 1
+        elif ch == ")" and depth:
+            depth -= 1
+        elif depth:
+            continue
+        elif ch == '"':
+            quoted = True
+        elif ch in "<@":
+            return -1
+        elif ch == ":":
+            return i
+    return -1
 
 
 def decode_words(value: str) -> str:
@@ -246,6 +308,11 @@ class Searcher:
             return lambda c, content: _compare(dt.datetime.fromtimestamp(c.internaldate).date(), relation, target)
         if isinstance(key, HeaderKey):
             field_name, needle = key.field, key.value.casefold()
+            if field_name.upper() in ADDRESS_FIELDS and needle:
+                def address(c: Candidate, content: _Content) -> bool:
+                    return any(needle in v.casefold() for v in content.address_values(field_name))
+
+                return address
             return lambda c, content: any(needle in v.casefold() for v in content.header_values(field_name))
         if isinstance(key, TextKey):
             needle, everywhere = key.value.casefold(), key.where == "TEXT"

@@ -135,3 +135,44 @@ def test_deeply_nested_message_is_searched_without_recursion(tmp_path: Path, kin
         assert isinstance(command, Search)
         c = Candidate(1, 1, frozenset(), path.stat().st_size, 0)
         assert Searcher(command.key, 1, 1).matches(c, lambda: path.open("rb")) is found
+
+
+# Dovecot's imaptest "search-addresses" mailbox and answers (issue 17: RFC 3501 6.4.4 searches the
+# address, so comments and spaces inside it do not hide it; display and group names are searched too).
+ADDRESS_MESSAGES = [
+    "From: user-from@domain.org\nTo: user-to@domain.org\nCc: user-cc@domain.org\nBcc: user-bcc@domain.org\n\nbody\n",
+    "From: RealFrom <user-from@domain.org>\nTo: RealTo <user-to@domain.org>\nCc: RealCc <user-cc@domain.org>\n"
+    "Bcc: RealBcc <user-bcc@domain.org>\n\nbody2\n",
+    "From: <user-from (comment)@ (comment) domain.org>\nTo: <user-to@domain.org>\nCc: <user-cc@domain.org>\n"
+    "Bcc: <user-bcc@domain.org>\n\nbody3\n",
+    "From: user-from@domain.org (RealFrom)\nTo: user-to@domain.org (RealTo)\nCc: user-cc@domain.org (RealCc)\n"
+    "Bcc: user-bcc@domain.org (RealBcc)\n\nbody4\n",
+    "From: user-from1@domain.org, user-from2@domain.org\nCc: user-cc@domain.org\n\nbody5\n",
+    "To: groupname: groupuser1@domain.org, groupuser2@domain.org;,\n  groupname2: groupuser3@domain.org;\n\nbody5\n",
+]
+
+
+@pytest.mark.parametrize("query,expected", [
+    ("FROM user-from@domain.org", [1, 2, 3, 4]), ("TO user-to@domain.org", [1, 2, 3, 4]),
+    ("CC user-cc@domain.org", [1, 2, 3, 4, 5]), ("BCC user-bcc@domain.org", [1, 2, 3, 4]),
+    ("FROM realfrom", [2, 4]), ("TO realto", [2, 4]), ("CC realcc", [2, 4]), ("BCC realbcc", [2, 4]),
+    ('HEADER FROM ""', [1, 2, 3, 4, 5]), ('HEADER TO ""', [1, 2, 3, 4, 6]), ('HEADER CC ""', [1, 2, 3, 4, 5]),
+    ('HEADER BCC ""', [1, 2, 3, 4]),
+    ("FROM ser-fro", [1, 2, 3, 4, 5]), ("TO ser-t", [1, 2, 3, 4]), ("CC ser-c", [1, 2, 3, 4, 5]),
+    ("BCC ser-bc", [1, 2, 3, 4]),
+    ("FROM ealfro", [2, 4]), ("TO ealt", [2, 4]), ("CC ealc", [2, 4]), ("BCC ealbc", [2, 4]),
+    ("FROM user-from1", [5]), ("FROM user-from2", [5]),
+    ("TO groupname", [6]), ("TO groupname2", [6]), ("TO groupuser1", [6]), ("TO groupuser2", [6]),
+    ("TO groupuser3", [6]), ("TO groupuser4", []),
+])
+def test_address_search_as_dovecot(tmp_path: Path, query: str, expected: list[int]) -> None:
+    command = parse_command([f"a SEARCH {query}".encode()])
+    assert isinstance(command, Search)
+    searcher = Searcher(command.key, len(ADDRESS_MESSAGES), len(ADDRESS_MESSAGES))
+    found = []
+    for n, text in enumerate(ADDRESS_MESSAGES, start=1):
+        path = tmp_path / f"{n}.eml"
+        path.write_bytes(text.replace("\n", "\r\n").encode())
+        if searcher.matches(Candidate(n, n, frozenset(), len(text), 0), lambda p=path: p.open("rb")):
+            found.append(n)
+    assert found == expected
