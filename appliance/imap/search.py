@@ -302,7 +302,11 @@ class Searcher:
             if key.sent:
                 def sent(c: Candidate, content: _Content) -> bool:
                     day = sent_date(content)
-                    return day is not None and _compare(day, relation, target)
+                    if day is None:
+                        # No usable Date header: the internal date stands in, as in Dovecot (where
+                        # a message without a date would otherwise match no SENT* key at all).
+                        day = dt.datetime.fromtimestamp(c.internaldate).date()
+                    return _compare(day, relation, target)
 
                 return sent
             return lambda c, content: _compare(dt.datetime.fromtimestamp(c.internaldate).date(), relation, target)
