@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
 from appliance.imap.commands import RECENT, SYSTEM_FLAGS, SequenceSet
-from appliance.imap.responses import Atom, Data, FetchResponse, Response, flag_list
+from appliance.imap.responses import Atom, Data, FetchResponse, Response, UntaggedStatus, flag_list
 from appliance.store.mailstore import FolderSnapshot, MessageInfo
 
 _ORDER = {flag: i for i, flag in enumerate(SYSTEM_FLAGS)}
@@ -92,6 +92,23 @@ class SelectedFolder:
     def flags_response(self) -> Data:
         return Data("FLAGS", (flag_list([*SYSTEM_FLAGS, *sorted(self.keywords)]),))
 
+    def permanent_flags(self) -> UntaggedStatus:
+        if self.readonly:
+            return UntaggedStatus("OK", "Limited", "PERMANENTFLAGS ()")
+        flags = " ".join([*SYSTEM_FLAGS, *sorted(self.keywords), "\\*"])
+        return UntaggedStatus("OK", "Flags permitted", f"PERMANENTFLAGS ({flags})")
+
+    def _learn_keywords(self, messages: Iterable[MessageInfo]) -> list[Response]:
+        """Take in keywords now in use; the untagged FLAGS and PERMANENTFLAGS that announce new ones.
+        RFC 3501 7.2.6: FLAGS lists the flags defined in the mailbox, and a client may rely on it to
+        show keywords; one set by STORE, COPY or APPEND (here or in another session) is announced
+        before the FETCH that carries it, as Dovecot does."""
+        new = _keywords(messages) - self.keywords
+        if not new:
+            return []
+        self.keywords |= new
+        return [self.flags_response(), self.permanent_flags()]
+
     def first_unseen(self) -> int | None:
         for i, uid in enumerate(self.uids, start=1):
             if "\\Seen" not in self.infos[uid].flags:
@@ -103,13 +120,13 @@ class SelectedFolder:
 
     # --- changes -----------------------------------------------------------------------------------
 
-    def update_infos(self, infos: Iterable[MessageInfo]) -> None:
+    def update_infos(self, infos: Iterable[MessageInfo]) -> list[Response]:
         """This session changed these messages (STORE, implicit \\Seen): take the new state without
-        announcing it again later."""
-        for info in infos:
-            if info.uid in self.infos:
-                self.infos[info.uid] = info
-                self.keywords |= _keywords((info,))
+        announcing it again later. Returns the announcement of any new keyword (send it first)."""
+        taken = [info for info in infos if info.uid in self.infos]
+        for info in taken:
+            self.infos[info.uid] = info
+        return self._learn_keywords(taken)
 
     def expunged_by_us(self, uids: Sequence[int]) -> list[Response]:
         """Remove messages this session expunged; the EXPUNGE responses for them."""
@@ -118,6 +135,7 @@ class SelectedFolder:
     def apply(self, snapshot: FolderSnapshot, allow_expunge: bool, with_uid: bool = True) -> list[Response]:
         """Bring the view up to `snapshot`; the untagged responses that tell the client."""
         out: list[Response] = []
+        changed: list[MessageInfo] = []
         current = {m.uid: m for m in snapshot.messages}
         self.gone.update(u for u in self.uids if u not in current)
         if allow_expunge and self.gone:
@@ -130,7 +148,7 @@ class SelectedFolder:
             old = self.infos[uid]
             if new.flags != old.flags:
                 self.infos[uid] = new
-                self.keywords |= _keywords((new,))
+                changed.append(new)
                 out.append(self.flags_fetch(uid, with_uid))
             elif new.path != old.path:
                 self.infos[uid] = new
@@ -144,12 +162,11 @@ class SelectedFolder:
                 self.uids.append(m.uid)
                 self.infos[m.uid] = m
             self._seq = None
-            self.keywords |= _keywords(added)
             out.append(Data(f"{self.exists} EXISTS"))
         if added or len(self.recent) != recent_before:
             out.append(Data(f"{len(self.recent)} RECENT"))
         self.uidnext = max(self.uidnext, snapshot.uidnext)
-        return out
+        return [*self._learn_keywords([*changed, *added]), *out]
 
     def flags_fetch(self, uid: int, with_uid: bool = True) -> FetchResponse:
         items: list[tuple[str, Atom | int]] = []

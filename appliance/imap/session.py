@@ -79,7 +79,6 @@ log = logging.getLogger("letterbox.imap")
 T = TypeVar("T")
 
 State = Literal["not_authenticated", "authenticated", "selected", "logout"]
-PERMANENT_FLAGS = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
 BASE_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE")
 AUTHENTICATED_CAPABILITIES = (
     "IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "UIDPLUS", "MOVE", "SPECIAL-USE",
@@ -298,8 +297,7 @@ class ImapSession:
         out += [
             UntaggedStatus("OK", "UIDs valid", f"UIDVALIDITY {view.uidvalidity}"),
             UntaggedStatus("OK", "Predicted next UID", f"UIDNEXT {view.uidnext}"),
-            UntaggedStatus("OK", "Limited" if readonly else "Flags permitted",
-                           "PERMANENTFLAGS ()" if readonly else f"PERMANENTFLAGS {PERMANENT_FLAGS}"),
+            view.permanent_flags(),
         ]
         await self.io.send(*out)
         await self.io.send(Tagged(command.tag, "OK", f"{command.name} completed",
@@ -591,7 +589,7 @@ class ImapSession:
                 updated = await self._store_call(
                     self.store.store_flags(self.mailbox, view.name, unseen, frozenset({SEEN}), "add")
                 )
-                view.update_infos(updated)
+                await self.io.send(*view.update_infos(updated))
                 flags_changed = {i.uid for i in updated}
         items = command.items
         needs_file = any(fetching.needs_file(i) for i in items)
@@ -686,7 +684,7 @@ class ImapSession:
             updated = await self._store_call(
                 self.store.store_flags(self.mailbox, view.name, uids, frozenset(command.flags), command.mode)
             )
-            view.update_infos(updated)
+            await self.io.send(*view.update_infos(updated))
             if not command.silent:
                 await self.io.send(*[view.flags_fetch(i.uid, with_uid=command.uid) for i in updated])
         await self.ok(command)

@@ -397,3 +397,41 @@ def test_append_and_copy_of_a_bare_lf_message_keep_the_wire_size(imap_box: BoxHa
         assert fetch_whole(raw, 1) == (len(crlf(data)), crlf(data))
     finally:
         raw.close()
+
+
+def test_new_keywords_are_announced_to_every_session_with_the_folder(imap_box: BoxHandle) -> None:
+    # Issue 17 (imaptest: "Keyword used without being in FLAGS"): RFC 3501 7.2.6 FLAGS lists the
+    # flags of the mailbox; a keyword new to it comes with an untagged FLAGS and PERMANENTFLAGS.
+    deliver(imap_box, message(1))
+    deliver(imap_box, message(2), folder="Archive")
+    one = RawImap(imap_box.port("imaps"), imap_box.client_context)
+    two = RawImap(imap_box.port("imaps"), imap_box.client_context)
+    try:
+        for c in (one, two):
+            c.login(USER, PASSWORD)
+            assert c.command(b"S", b"SELECT INBOX")[-1].startswith(b"S OK")
+        stored = one.command(b"A", b"STORE 1 +FLAGS ($Label1)")
+        flags = [i for i, line in enumerate(stored) if line.startswith(b"* FLAGS ")]
+        fetch = [i for i, line in enumerate(stored) if b"FETCH" in line]
+        assert flags and fetch and flags[0] < fetch[0], stored
+        assert b"$Label1" in stored[flags[0]]
+        assert any(b"[PERMANENTFLAGS (" in line and b"$Label1 \\*)]" in line for line in stored), stored
+        again = one.command(b"B", b"STORE 1 +FLAGS ($Label1)")
+        assert not any(line.startswith(b"* FLAGS") for line in again)  # announced once
+        seen = two.command(b"C", b"NOOP")
+        assert any(line.startswith(b"* FLAGS ") and b"$Label1" in line for line in seen), seen
+        assert any(b"PERMANENTFLAGS" in line and b"$Label1" in line for line in seen), seen
+        # COPY and APPEND from another session bring their keywords along too.
+        assert one.command(b"D", b"SELECT Archive")[-1].startswith(b"D OK")
+        assert one.command(b"E", b"STORE 1 +FLAGS ($FromArchive)")[-1].startswith(b"E OK")
+        assert one.command(b"F", b"COPY 1 INBOX")[-1].startswith(b"F OK")
+        seen = two.command(b"G", b"NOOP")
+        assert any(line.startswith(b"* FLAGS ") and b"$FromArchive" in line for line in seen), seen
+        literal = message(3)
+        one.send(b'H APPEND INBOX ($Appended) {%d+}\r\n' % len(literal) + literal + b"\r\n")
+        assert one.until_tagged(b"H")[-1].startswith(b"H OK")
+        seen = two.command(b"I", b"NOOP")
+        assert any(line.startswith(b"* FLAGS ") and b"$Appended" in line for line in seen), seen
+    finally:
+        one.close()
+        two.close()

@@ -61,7 +61,12 @@ def test_expunge_deferred_while_not_allowed() -> None:
 def test_flag_changes_elsewhere_become_fetch_flags() -> None:
     view = SelectedFolder(snap(info(1), info(2)), readonly=False)
     out = view.apply(snap(info(1), info(2, "\\Seen", "$Label1")), allow_expunge=True)
-    assert lines(out) == [b"* 2 FETCH (UID 2 FLAGS (\\Seen $Label1))\r\n"]
+    # A keyword new to the folder is announced first (RFC 3501 7.2.6), then the flags that use it.
+    assert lines(out) == [
+        b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Label1)\r\n",
+        b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Label1 \\*)] Flags permitted\r\n",
+        b"* 2 FETCH (UID 2 FLAGS (\\Seen $Label1))\r\n",
+    ]
     assert "$Label1" in view.keywords
     assert b"$Label1" in view.flags_response().to_bytes()
 
