@@ -19,7 +19,7 @@ from appliance.auth import Auth
 from appliance.config import STANDARD_PORTS, ServeConfig
 from appliance.db import Database
 from appliance.events import EventLog
-from appliance.services import Services
+from appliance.services import HOSTNAME_SETTING, Services
 from appliance.store.mailstore import MailStore
 from appliance.tls import TlsManager
 
@@ -114,7 +114,7 @@ class Box:
         db = await Database.open(config.data.db)
         box: Box | None = None
         try:
-            hostname = config.hostname or await db.get_setting("hostname") or system_hostname()
+            hostname = config.hostname or await db.get_setting(HOSTNAME_SETTING) or system_hostname()
             accounts = Accounts(db)
             store = MailStore(config.data.mail, db)
             services = Services(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+HOSTNAME_SETTING = "hostname"  # the db setting app.py starts with (after --hostname)
+
 if TYPE_CHECKING:
     from appliance.accounts import Accounts
     from appliance.auth import Auth
@@ -30,3 +32,10 @@ class Services:
     hostname: str
     # Filled by the issues that add them (outbound queue, dns checker, ...): name -> service object.
     extra: dict[str, Any] = field(default_factory=dict)
+
+    async def set_hostname(self, name: str) -> None:
+        """Rename the box (the wizard; any later console page or CLI command goes through here): kept
+        in the db for the next start, and in force at once for every service, since they read
+        `hostname` when they use it."""
+        await self.db.set_setting(HOSTNAME_SETTING, name)
+        self.hostname = name

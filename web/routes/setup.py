@@ -31,8 +31,6 @@ from web.routes import sending
 from web.state import SETUP_DOMAIN, SETUP_DOMAIN_ADDED, SETUP_DONE, reach, setup_done, setup_step
 from web.wizard import Form, Next
 
-HOSTNAME_SETTING = "hostname"
-
 
 async def _guard(request: Request, step: int) -> Response | None:
     """A redirect when this step is not for this visitor now; None to go on."""
@@ -133,8 +131,7 @@ async def admin_submit(request: Request) -> Response:
         await asyncio.to_thread(setup_code.remove_code, svc.config.data.root)  # used: it opens nothing now
         await log_in(request, result.data["name"], "admin")
         await svc.events.record("setup", f"administrator {result.data['name']} created")
-    await svc.db.set_setting(HOSTNAME_SETTING, result.data["hostname"])
-    svc.hostname = result.data["hostname"]
+    await svc.set_hostname(result.data["hostname"])
     await reach(svc.db, result.step)
     return redirect(f"/setup/{result.step}")
 
