@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import imaplib
+import smtplib
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -15,7 +18,9 @@ from tests.support.flood import (
     MODES,
     RST_AFTER_HANDSHAKE,
     TLS_SERVICES,
+    Imap,
     abrupt_tls,
+    connect_from,
     login,
     raise_open_files_limit,
 )
@@ -91,3 +96,95 @@ def test_normal_clients_that_log_out_leak_no_slot(attacked_box: BoxHandle) -> No
     finally:
         for server in (imaps, pop3s):
             box.run(stop(server))
+
+
+def _hold(port: int, sources: list[str]) -> list[socket.socket]:
+    """Idle connections from each source in turn, held open (never a byte sent)."""
+    def one(source: str) -> socket.socket | None:
+        try:
+            return connect_from(source, port, timeout=30)
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return [sock for sock in pool.map(one, sources) if sock is not None]
+
+
+def _deliver(port: int, source: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=15, source_address=(source, 0)) as mx:
+        mx.sendmail("someone@sender.test", [USER], b"Subject: through the flood\r\n\r\nstill here\r\n")
+
+
+def test_two_thousand_idle_connections_do_not_lock_out_a_normal_client(attacked_box: BoxHandle) -> None:
+    # Issue 10 item 6: 1,000 idle sockets on the MX from 100 addresses of one /24 and 5 others, 1,000 on
+    # IMAP from 40 addresses of the /24 and 2 others, were enough to fill the caps (500, 1,000) and
+    # refuse everyone. Per-network counting leaves the rest of the internet its room.
+    box = attacked_box
+    slash24 = [f"127.0.0.{i}" for i in range(2, 102)]
+    mx_sources = [a for a in slash24 for _ in range(9)] + [f"127.0.{n}.1" for n in range(1, 6) for _ in range(20)]
+    imap_sources = [a for a in slash24[:40] for _ in range(24)] + [f"127.0.{n}.1" for n in (6, 7) for _ in range(20)]
+    assert len(mx_sources) + len(imap_sources) == 2000
+    held: list[socket.socket] = []
+    try:
+        held += _hold(box.port("smtp"), mx_sources)
+        held += _hold(box.port("imap"), imap_sources)
+        assert len(held) == 2000  # every connect succeeded; the server decides what to keep
+        legit = "127.0.9.1"  # a client of another network
+        _deliver(box.port("smtp"), legit)
+        login("imap", box.port("imap"), legit, box.client_context, USER, PASSWORD)
+        login("pop3", box.port("pop3"), legit, box.client_context, USER, PASSWORD)
+        mx, imap = limiter(box, "smtp"), limiter(box, "imap")
+        if mx is not None and imap is not None:
+            assert mx.network_count("127.0.0.2") <= 100 and imap.network_count("127.0.0.2") <= 200
+    finally:
+        for sock in held:
+            sock.close()
+    assert box.run(box.services.store.snapshot(USER, "INBOX")).messages
+
+
+def test_under_stress_idle_preauth_connections_are_cut_and_logged_in_sessions_keep_their_room(
+    attacked_box: BoxHandle,
+) -> None:
+    # An attacker with many networks fills the pre-auth pool: above half of it the pre-auth time
+    # drops (here to 1 s), so the idle sockets go and a new client gets in; a session that had
+    # logged in before is untouched (the pre-auth pool is smaller than the total).
+    from appliance.imap.limits import ImapLimits
+    from appliance.imap.server import start_server as start_imap
+
+    box = attacked_box
+    limits = ImapLimits(max_connections=60, max_preauth_connections=40, stress_fraction=0.5,
+                        stressed_preauth_timeout=1.0, preauth_timeout=120.0)
+    server = box.run(start_imap(box.services, "imap", "127.0.0.1", 0, limits))
+    port = int(server.sockets[0].getsockname()[1])
+    held: list[socket.socket] = []
+    try:
+        with Imap(port, "127.0.9.1") as early:
+            early.starttls(ssl_context=box.client_context)
+            assert early.login(USER, PASSWORD)[0] == "OK"
+            held = _hold(port, [f"127.1.{n}.1" for n in range(60)])  # 60 networks, idle
+            assert len(held) == 60
+            deadline = time.monotonic() + 30
+            while True:  # a new client gets in once the stressed pre-auth time has cut the idle ones
+                try:
+                    login("imap", port, "127.0.9.2", box.client_context, USER, PASSWORD)
+                    break
+                except (OSError, EOFError, imaplib.IMAP4.error):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            assert early.noop()[0] == "OK"
+            cut = 0
+            for sock in held:
+                sock.settimeout(10)
+                try:
+                    while sock.recv(4096):
+                        pass
+                    cut += 1
+                except OSError:
+                    cut += 1
+            assert cut == 60  # every idle socket was closed by the server, long before 120 s
+            early.logout()
+    finally:
+        for sock in held:
+            sock.close()
+        box.run(stop(server))
