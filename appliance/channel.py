@@ -20,6 +20,11 @@ from typing import Protocol
 
 WRITE_HIGH_WATER = 256 * 1024  # written but unsent output before a writer waits
 CLOSE_TIMEOUT = 5.0
+# Connections the kernel queues before the loop accepts them (asyncio's default is 100): a burst of
+# connections must not make a legitimate client's SYN wait for a retransmission.
+LISTEN_BACKLOG = 1024
+# A flood is refused thousands of times: one log line per interval says how many, not one per refusal.
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 class ConnectionClosed(Exception):
@@ -313,6 +318,8 @@ class ConnectionLimiter:
         self._by_network: collections.Counter[str] = collections.Counter()
         self._preauth: set[Slot] = set()
         self._open = 0
+        self._refused_unlogged = 0
+        self._refusal_logged_at: float | None = None
 
     @classmethod
     def for_limits(cls, limits: ListenerLimits) -> ConnectionLimiter:
@@ -349,6 +356,16 @@ class ConnectionLimiter:
             for waiting in self._preauth:
                 waiting._stress()
         return slot
+
+    def refusal_to_log(self) -> int:
+        """Count one refusal; returns how many to report now (0: stay quiet, one line per interval)."""
+        self._refused_unlogged += 1
+        now = self._clock()
+        if self._refusal_logged_at is not None and now - self._refusal_logged_at < REFUSAL_LOG_INTERVAL:
+            return 0
+        count, self._refused_unlogged = self._refused_unlogged, 0
+        self._refusal_logged_at = now
+        return count
 
     def _promote(self, slot: Slot) -> None:
         if slot.released or slot.authenticated:
@@ -418,7 +435,8 @@ async def start_listener(
         peer = channel.peer
         slot = limiter.acquire(peer)
         if slot is None:
-            log.warning("%s: too many connections, refused", peer)
+            if refused := limiter.refusal_to_log():
+                log.warning("%s: too many connections, refused (%d refused since the last report)", peer, refused)
             with contextlib.suppress(Exception):
                 channel.write(refusal)
             channel.close()
@@ -447,6 +465,7 @@ async def start_listener(
         ssl=tls_context,
         ssl_handshake_timeout=limits.tls_handshake_timeout if tls_context is not None else None,
         reuse_address=True,
+        backlog=LISTEN_BACKLOG,
     )
     stop_listening = server.close
     stop_waiting = server.wait_closed

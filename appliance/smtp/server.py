@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
-from appliance.channel import ConnectionLimiter, ListenerLimits, Slot
+from appliance.channel import LISTEN_BACKLOG, ConnectionLimiter, ListenerLimits, Slot
 from appliance.queue.spool import shared_spool
 from appliance.smtp.delivery import Deliverer
 from appliance.smtp.handler import LetterboxEnvelope, LetterboxSession, SmtpHandler
@@ -152,7 +152,8 @@ class LetterboxSMTP(SMTP):
             slot = self._tracker.limiter.acquire(ip)
             if slot is None:
                 self._refused = True
-                log.warning("%s: too many connections, refused", ip)
+                if refused := self._tracker.limiter.refusal_to_log():
+                    log.warning("%s: too many connections, refused (%d refused since the last report)", ip, refused)
                 assert isinstance(transport, asyncio.WriteTransport)
                 transport.write(
                     f"421 4.7.0 {self.hostname} Too many connections from your address, try later\r\n".encode()
@@ -397,6 +398,7 @@ async def start_server(
         ssl=services.tls.context if implicit_tls else None,
         ssl_handshake_timeout=limits.tls_handshake_timeout if implicit_tls else None,
         reuse_address=True,
+        backlog=LISTEN_BACKLOG,
         start_serving=start_serving,
     )
     stop_listening = server.close
