@@ -100,6 +100,16 @@ class AuthResults:
         """The sender domain asks for this message to be rejected (RFC 7489 6.6.4)."""
         return self.dmarc.result == "fail" and self.dmarc.disposition == "reject"
 
+    def sender_authenticated(self, mail_from: str) -> bool:
+        """May a delivery report go to `mail_from`? Only when this message proves the address is
+        not forged: SPF passed for it, or DMARC passed for a From: domain aligned with it."""
+        if not mail_from:
+            return False
+        if self.spf_mailfrom.result == "pass":
+            return True
+        domain = mail_from.rpartition("@")[2]
+        return self.dmarc.result == "pass" and aligned(self.dmarc.from_domain, domain, "r")
+
     def header(self, authserv_id: str) -> bytes:
         """The Authentication-Results field (RFC 8601 2.2), folded one method per line."""
         results: list[Any] = []
@@ -530,7 +540,7 @@ class InboundAuthenticator:
         authserv_id = self._authserv_id()
         cleaned = remove_forged_results(data, authserv_id)
         if not _enabled(await self._db.get_setting(SETTING_ENABLED)):
-            return InboundVerdict(message=cleaned)
+            return InboundVerdict(message=cleaned, sender_authenticated=None)
         try:
             results = await check_message(
                 data, peer_ip=facts.peer_ip, helo=facts.helo, mail_from=facts.sender,
@@ -549,7 +559,8 @@ class InboundAuthenticator:
             return InboundVerdict(reject=CHECKS_FAILED_REPLY)
         if results.dmarc_reject and _enabled(await self._db.get_setting(SETTING_DMARC_REJECT)):
             return InboundVerdict(reject=DMARC_REJECT_REPLY.format(domain=results.dmarc.from_domain))
-        return InboundVerdict(headers=results.header(authserv_id), message=cleaned)
+        return InboundVerdict(headers=results.header(authserv_id), message=cleaned,
+                              sender_authenticated=results.sender_authenticated(facts.sender))
 
     async def stop(self) -> None:
         """Background-service shape (app.py): nothing runs between messages."""

@@ -1,7 +1,9 @@
 """DKIM-sign outgoing mail (RFC 6376) with dkimpy: which domain signs, and the signing itself.
 
 The signing domain is the author's (the From: header's domain), so DMARC (RFC 7489 3.1.1) finds the
-signature aligned; a message whose From: domain has no key of ours goes out unsigned.
+signature aligned; a message whose From: domain has no key of ours goes out unsigned. The queue signs
+only when the login that submitted the message may send as that From: address (never on the header
+alone: a signature of ours vouches for the author).
 """
 
 from __future__ import annotations
@@ -26,15 +28,21 @@ log = logging.getLogger("letterbox.queue.dkim")
 CANONICALIZATION = (b"relaxed", b"relaxed")
 
 
-def author_domain(data: bytes) -> str | None:
-    """The domain of the single From: address, lower-case; None when there is not exactly one."""
+def author_addresses(data: bytes) -> list[str]:
+    """The addresses of the one From: field (RFC 5322 3.6.2: several authors are allowed); empty
+    when there is no From: or more than one."""
     headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
     values = headers.get_all("From") or []
     if len(values) != 1:
-        return None
-    addresses = [addr for _, addr in email.utils.getaddresses([str(values[0])]) if addr]
+        return []
+    return [addr.strip() for _, addr in email.utils.getaddresses([str(values[0])]) if addr]
+
+
+def author_domain(data: bytes) -> str | None:
+    """The domain shared by every From: address, lower-case; None when there is no single one."""
+    addresses = author_addresses(data)
     domains = {addr.rpartition("@")[2].strip().lower() for addr in addresses if "@" in addr}
-    if len(domains) != 1:
+    if len(domains) != 1 or len(addresses) != len([a for a in addresses if "@" in a]):
         return None
     domain = domains.pop().rstrip(".")
     return domain or None

@@ -98,6 +98,7 @@ def build_report(
     last_attempt: datetime | None = None,
     will_retry_until: datetime | None = None,
     now: datetime | None = None,
+    message_id: str | None = None,
 ) -> bytes:
     """The whole DSN message for `sender` (never call this for the null sender: RFC 5321 6.1)."""
     if not sender:
@@ -112,7 +113,8 @@ def build_report(
         "Undelivered Mail Returned to Sender" if action == "failed" else "Delayed Mail (still being retried)"
     )
     report["Date"] = email.utils.format_datetime(now)
-    report["Message-ID"] = email.utils.make_msgid(domain=hostname)
+    # A caller that must recognise its report again after a crash chooses the Message-ID itself.
+    report["Message-ID"] = message_id or email.utils.make_msgid(domain=hostname)
     report["Auto-Submitted"] = "auto-replied"  # RFC 3834 5: nobody auto-replies to this
     headers = header_section(original)
     original_id = message_from_bytes(headers, policy=email.policy.compat32).get("Message-ID")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import email.utils
 import logging
 import queue
 import random
@@ -23,12 +24,12 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from appliance import dkim_keys
+from appliance import dkim_keys, srs
 from appliance.queue import dkim_sign, dsn
 from appliance.queue.client import (
     AbortSignal,
@@ -44,9 +45,10 @@ from appliance.queue.resolver import make_async_resolver, resolver_setting
 from appliance.queue.retry import RetryPolicy, load_policy
 from appliance.queue.smarthost import Smarthost, SmarthostError, load_smarthost
 from appliance.queue.spool import Spool, shared_spool
-from appliance.queue.state import Job, QueueState, Reportable, spool_file
+from appliance.queue.state import Job, QueueState, Reportable, Settlement, spool_file
 
 if TYPE_CHECKING:
+    import aiosqlite
     import dns.asyncresolver
 
     from appliance.services import Services
@@ -411,17 +413,31 @@ class OutboundQueue:
         ))
 
     async def _signing_key(self, job: Job, path: Path) -> dkim_keys.DkimKey | None:
-        """The author domain's key for mail our users submitted (RFC 6376; DMARC alignment)."""
+        """The author domain's key for mail our users submitted (RFC 6376; DMARC alignment), and only
+        when the login recorded with the message may send as the From: address: a signature of ours
+        says the domain vouches for the author, so the header alone must never choose the key
+        (submission refuses such a From: too; this is the second, independent check).
+
+        Forwards (an alias's mail to another domain, sent with an SRS sender) are not signed: they
+        have no login, their From: is someone else's domain, so a signature of the alias's domain
+        would not align for DMARC and would lend our domain's name to whatever the forward carries.
+        Their original signatures travel unchanged (only a Received: is added on top)."""
         if not job.auth_user:
             return None
 
-        def author() -> str | None:
+        def author() -> tuple[str | None, list[str]]:
             with path.open("rb") as f:
-                return dkim_sign.author_domain(f.read(256 * 1024))  # the header section is enough
+                head = f.read(256 * 1024)  # the header section is enough
+            return dkim_sign.author_domain(head), dkim_sign.author_addresses(head)
 
-        domain = await asyncio.to_thread(author)
+        domain, authors = await asyncio.to_thread(author)
         if domain is None:
             return None
+        for address in authors:
+            if not await self.services.accounts.may_send_as(job.auth_user, address):
+                log.warning("%s: not DKIM-signed: %s may not send as the From: address <%s>",
+                            job.message_id, job.auth_user, address[:100])
+                return None
         cached = self._keys.get(domain)
         if cached is not None and time.monotonic() - cached[0] < CONFIG_TTL:
             return cached[1]
@@ -464,6 +480,8 @@ class OutboundQueue:
                      outcome.remote or "none", tls or "none", verdict, outcome.text)
         recorded = await self.state.record(job, outcomes, policy=config.policy, now=now, tls=tls)
         if recorded.delayed:
+            # At most once: delay_notified was committed with the attempt (a warning lost in a crash
+            # costs less than two).
             await self._report(job.message_id, job.sender, job.created_at, "delayed", recorded.delayed,
                                will_retry_until=int(job.created_at + config.policy.max_age))
         if recorded.needs_settling:
@@ -480,17 +498,159 @@ class OutboundQueue:
         if settlement is None:
             return
         if settlement.failed:
-            if settlement.sender:
-                if not await self._report(message_id, settlement.sender, settlement.created_at, "failed",
-                                          settlement.failed):
-                    return  # kept unsettled: the periodic sweep tries the report again
-            else:
+            target = await self._report_address(settlement.sender)
+            if not settlement.sender:
                 log.info("%s: failure not reported: the sender is null (RFC 5321 6.1)", message_id)
+            elif settlement.sender_verified is False:
+                # A forward of mail whose sender passed neither SPF nor DMARC: the address is likely
+                # forged and a report would be backscatter to an innocent party.
+                log.info("%s: failure not reported to <%s>: the sender was not authenticated (SPF/DMARC)",
+                         message_id, settlement.sender)
+            elif target is None:
+                log.warning("%s: failure not reported: <%s> is an SRS address that does not verify",
+                            message_id, settlement.sender)
+            else:
+                # An interrupted report first, as it was begun; then one report for the rest.
+                groups: dict[str | None, list[Reportable]] = {}
+                for failed in settlement.failed:
+                    groups.setdefault(failed.report_id, []).append(failed)
+                for report_id, group in sorted(groups.items(), key=lambda item: item[0] is None):
+                    part = replace(settlement, failed=tuple(group))
+                    if not await self._report_failures(part, target, report_id):
+                        return  # kept unsettled: the periodic sweep tries the report again
+                await self._record_bounces(settlement)
+                return
         await self.state.settled(settlement)
+        await self._record_bounces(settlement)
+
+    async def _record_bounces(self, settlement: Settlement) -> None:
         for failed in settlement.failed:
             await self.services.events.record(
-                "bounce", f"{message_id}: to <{failed.address}> failed: {dsn.one_line(failed.diagnostic, 200)}"
+                "bounce", f"{settlement.message_id}: to <{failed.address}> failed: "
+                f"{dsn.one_line(failed.diagnostic, 200)}"
             )
+
+    async def _report_address(self, sender: str) -> str | None:
+        """Where a report about mail from `sender` goes: the sender, or for a forward's SRS sender of
+        ours the original sender it encodes (None if it does not verify)."""
+        local, _, domain = sender.rpartition("@")
+        if not sender or not srs.is_srs(local) or not await self.services.accounts.is_local_domain(domain):
+            return sender
+        try:
+            return srs.shared_rewriter(self.services).reverse(sender).original
+        except srs.InvalidSrs:
+            return None
+
+    async def _report_failures(self, part: Settlement, target: str, report_id: str | None) -> bool:
+        """Send one failure report about `part.failed` and record it as sent, exactly once across
+        crashes: a copy for a remote address is spooled in the transaction that marks the failures
+        reported; a copy for a local mailbox is written after its Message-ID is committed, and a
+        restart that finds that Message-ID in the mailbox does not write it again. False when the
+        report could not be handed over (logged; retried later)."""
+        message_id = part.message_id
+        resumed = report_id is not None
+        report_id = report_id or email.utils.make_msgid("dsn", domain=self.services.hostname)
+        report = await self._build(message_id, target, part.created_at, "failed", part.failed,
+                                   report_id=report_id)
+        try:
+            mailboxes, remote = await self._destinations(target)
+            if mailboxes:
+                if not resumed:
+                    await self.state.report_started(part, report_id, int(self._clock()))
+                started = min((f.report_started for f in part.failed), default=0)
+                for mailbox in mailboxes:
+                    if resumed and await self._holds_report(mailbox, report_id, started):
+                        log.info("%s: report %s already in %s (before a restart)", message_id, report_id, mailbox)
+                        continue
+                    await self._store_report(mailbox, report)
+            if remote:
+                removed = False
+
+                async def mark(tx: aiosqlite.Connection) -> None:
+                    nonlocal removed
+                    removed = await self.state.mark_settled(tx, part)
+
+                # Null sender: a report is never bounced (RFC 3464 / RFC 5321 6.1).
+                await self.spool.enqueue("", remote, report, also=mark)
+                if removed:
+                    await self.state.remove_file(message_id)
+            else:
+                await self.state.settled(part)
+        except Exception:
+            log.exception("%s: could not send the failure report to <%s>", message_id, target)
+            return False
+        log.info("%s: failed report sent to <%s> for %s", message_id, target,
+                 ", ".join(r.address for r in part.failed))
+        return True
+
+    async def _holds_report(self, mailbox: str, report_id: str, since: int) -> bool:
+        """Is the report with this Message-ID in the mailbox already? Only messages that arrived since
+        the report was begun are read (a restart right after a crash: a handful)."""
+        store = self.services.store
+        snapshot = await store.snapshot(mailbox, "INBOX")
+        paths = [m.path for m in snapshot.messages if m.internaldate >= since - 2]
+        needle = f"message-id: {report_id}".lower().encode("utf-8")
+
+        def search() -> bool:
+            for path in paths:
+                try:
+                    with path.open("rb") as f:
+                        head = f.read(dsn.MAX_RETURNED_HEADERS)
+                except FileNotFoundError:
+                    continue
+                top = head.split(b"\r\n\r\n", 1)[0].lower()
+                if needle in top:
+                    return True
+            return False
+
+        return await asyncio.to_thread(search)
+
+    async def _store_report(self, mailbox: str, report: bytes) -> None:
+        copy = b"Return-Path: <>\r\n" + f"Delivered-To: {mailbox}\r\n".encode() + report
+        result = (await self.services.store.deliver([mailbox], copy)).get(mailbox)
+        if not isinstance(result, int):
+            raise RuntimeError(f"the store refused the report for {mailbox}: {result!r}")
+
+    async def _destinations(self, address: str) -> tuple[tuple[str, ...], list[str]]:
+        """Local mailboxes and remote addresses a report for `address` goes to."""
+        accounts = self.services.accounts
+        if not await accounts.is_local_domain(address.rpartition("@")[2]):
+            return (), [address]
+        resolution = await accounts.resolve(address)
+        if not resolution.mailboxes and not resolution.forwards:
+            log.warning("report for <%s> dropped: no such local address", address)
+        return resolution.mailboxes, list(resolution.forwards)
+
+    async def _build(
+        self,
+        message_id: str,
+        target: str,
+        created_at: int,
+        action: dsn.Action,
+        recipients: tuple[Reportable, ...],
+        will_retry_until: int | None = None,
+        report_id: str | None = None,
+    ) -> bytes:
+        path = spool_file(self.spool.directory, message_id)
+        try:
+            original = await asyncio.to_thread(_read_head, path)
+        except FileNotFoundError:
+            original = b""
+        zone = datetime.now().astimezone().tzinfo
+        last = max(r.last_attempt for r in recipients)
+        return dsn.build_report(
+            hostname=self.services.hostname,
+            sender=target,
+            queue_id=message_id,
+            action=action,
+            recipients=[dsn.DsnRecipient(r.address, r.status, r.diagnostic, r.remote.partition("[")[0])
+                        for r in recipients],
+            original=original,
+            arrival=datetime.fromtimestamp(created_at, zone),
+            last_attempt=datetime.fromtimestamp(last, zone) if last else None,
+            will_retry_until=datetime.fromtimestamp(will_retry_until, zone) if will_retry_until else None,
+            message_id=report_id,
+        )
 
     async def _report(
         self,
@@ -501,53 +661,24 @@ class OutboundQueue:
         recipients: tuple[Reportable, ...],
         will_retry_until: int | None = None,
     ) -> bool:
-        """Build the DSN and hand it to the sender: local mailboxes via the store, others via the spool.
+        """A delay warning to the sender: local mailboxes via the store, others via the spool.
         False when it could not be handed over (logged)."""
-        if not sender:
+        target = await self._report_address(sender)
+        if not target:
             return True
-        path = spool_file(self.spool.directory, message_id)
+        report = await self._build(message_id, target, created_at, action, recipients, will_retry_until)
         try:
-            original = await asyncio.to_thread(_read_head, path)
-        except FileNotFoundError:
-            original = b""
-        zone = datetime.now().astimezone().tzinfo
-        last = max(r.last_attempt for r in recipients)
-        report = dsn.build_report(
-            hostname=self.services.hostname,
-            sender=sender,
-            queue_id=message_id,
-            action=action,
-            recipients=[dsn.DsnRecipient(r.address, r.status, r.diagnostic, r.remote.partition("[")[0])
-                        for r in recipients],
-            original=original,
-            arrival=datetime.fromtimestamp(created_at, zone),
-            last_attempt=datetime.fromtimestamp(last, zone) if last else None,
-            will_retry_until=datetime.fromtimestamp(will_retry_until, zone) if will_retry_until else None,
-        )
-        try:
-            await self._hand_to_sender(sender, report)
+            mailboxes, remote = await self._destinations(target)
+            for mailbox in mailboxes:
+                await self._store_report(mailbox, report)
+            if remote:
+                await self.spool.enqueue("", remote, report)  # null sender: a report is never bounced
         except Exception:
-            log.exception("%s: could not send the %s report to <%s>", message_id, action, sender)
+            log.exception("%s: could not send the %s report to <%s>", message_id, action, target)
             return False
-        log.info("%s: %s report sent to <%s> for %s", message_id, action, sender,
+        log.info("%s: %s report sent to <%s> for %s", message_id, action, target,
                  ", ".join(r.address for r in recipients))
         return True
-
-    async def _hand_to_sender(self, sender: str, report: bytes) -> None:
-        accounts, store = self.services.accounts, self.services.store
-        remote = [sender]
-        if await accounts.is_local_domain(sender.rpartition("@")[2]):
-            resolution = await accounts.resolve(sender)
-            remote = list(resolution.forwards)
-            for mailbox in resolution.mailboxes:
-                copy = b"Return-Path: <>\r\n" + f"Delivered-To: {mailbox}\r\n".encode() + report
-                result = (await store.deliver([mailbox], copy)).get(mailbox)
-                if not isinstance(result, int):
-                    raise RuntimeError(f"the store refused the report for {mailbox}: {result!r}")
-            if not resolution.mailboxes and not remote:
-                log.warning("report for <%s> dropped: no such local address", sender)
-        if remote:
-            await self.spool.enqueue("", remote, report)  # null sender: a report is never bounced
 
 
 def _read_head(path: Path) -> bytes:

@@ -7,7 +7,9 @@ The format, for the outbound side that reads it:
 - Writing order: the file goes to `spool/.<id>.eml.tmp`, is fsynced, linked as `<id>.eml` and the
   directory fsynced; only then are the rows committed, in one transaction. So every row has its
   complete file; a crash can leave a `.tmp` file or an `.eml` without rows, and both are debris
-  (`orphans()` lists them for the queue's start-up cleanup).
+  (`orphans()` lists them for the queue's start-up cleanup). Such a file was never acknowledged
+  (the 250 comes after the commit) or is fully settled (rows go before the file), so it is judged by
+  state alone, whatever its age; only the enqueues in progress in this process are spared.
 - Ids sort by creation time (nanosecond clock in hex, then random), so a listing is in arrival order.
 """
 
@@ -19,7 +21,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +29,8 @@ from typing import TYPE_CHECKING
 from appliance.db import Database
 
 if TYPE_CHECKING:
+    import aiosqlite
+
     from appliance.services import Services
 
 log = logging.getLogger("letterbox.spool")
@@ -35,7 +39,6 @@ SPOOL_SUFFIX = ".eml"
 TMP_PREFIX = "."
 TMP_SUFFIX = ".tmp"
 SPOOL_KEY = "spool"  # services.extra: the box's one Spool, shared by the SMTP listeners and the queue
-ORPHAN_MIN_AGE = 600.0  # seconds; an enqueue takes far less than this between rename and commit
 
 
 def new_queue_id() -> str:
@@ -100,6 +103,8 @@ class Spool:
         self._db = db
         # Called (synchronously, after commit) with the new id: the queue worker's wake-up.
         self.on_enqueue: list[Callable[[str], None]] = []
+        # Ids whose file may be on disk before their rows are: `orphans()` must not take them.
+        self._writing: set[str] = set()
 
     def path(self, queue_id: str) -> Path:
         return self.directory / f"{queue_id}{SPOOL_SUFFIX}"
@@ -112,30 +117,43 @@ class Spool:
         *,
         auth_user: str | None = None,
         queue_id: str | None = None,
+        sender_verified: bool | None = None,
+        also: Callable[[aiosqlite.Connection], Awaitable[None]] | None = None,
     ) -> str:
-        """Durably spool one message for `recipients`; returns its id once file and rows are on disk."""
+        """Durably spool one message for `recipients`; returns its id once file and rows are on disk.
+        `auth_user` is the login that submitted it (it decides the DKIM key), `sender_verified` the
+        MX's verdict on the envelope sender (None: not checked), and `also` runs in the transaction
+        that commits the rows: whatever it records happens if and only if the message is queued."""
         if not recipients:
             raise ValueError("a spooled message needs at least one recipient")
         queue_id = queue_id or new_queue_id()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(_write_durably, self.directory, queue_id + SPOOL_SUFFIX, data)
-        now = int(time.time())
+        self._writing.add(queue_id)
         try:
-            async with self._db.transaction() as tx:
-                await tx.execute(
-                    "INSERT INTO queue_messages (id, sender, size, created_at, auth_user) VALUES (?, ?, ?, ?, ?)",
-                    (queue_id, sender, len(data), now, auth_user),
-                )
-                await tx.executemany(
-                    "INSERT INTO queue_recipients (message_id, recipient, domain, state, next_attempt,"
-                    " updated_at) VALUES (?, ?, ?, 'queued', ?, ?)",
-                    [(queue_id, rcpt, recipient_domain(rcpt), now, now) for rcpt in dict.fromkeys(recipients)],
-                )
-        except BaseException:
-            # No rows: the file would be debris. Remove it now rather than leave it to the cleanup.
-            with contextlib.suppress(OSError):
-                self.path(queue_id).unlink()
-            raise
+            self.directory.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(_write_durably, self.directory, queue_id + SPOOL_SUFFIX, data)
+            now = int(time.time())
+            verified = None if sender_verified is None else int(sender_verified)
+            try:
+                async with self._db.transaction() as tx:
+                    await tx.execute(
+                        "INSERT INTO queue_messages (id, sender, size, created_at, auth_user, sender_verified)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (queue_id, sender, len(data), now, auth_user, verified),
+                    )
+                    await tx.executemany(
+                        "INSERT INTO queue_recipients (message_id, recipient, domain, state, next_attempt,"
+                        " updated_at) VALUES (?, ?, ?, 'queued', ?, ?)",
+                        [(queue_id, rcpt, recipient_domain(rcpt), now, now) for rcpt in dict.fromkeys(recipients)],
+                    )
+                    if also is not None:
+                        await also(tx)
+            except BaseException:
+                # No rows: the file would be debris. Remove it now rather than leave it to the cleanup.
+                with contextlib.suppress(OSError):
+                    self.path(queue_id).unlink()
+                raise
+        finally:
+            self._writing.discard(queue_id)
         log.info("spooled %s from=<%s> rcpts=%d size=%d", queue_id, sender, len(recipients), len(data))
         for callback in self.on_enqueue:
             try:
@@ -177,30 +195,36 @@ class Spool:
             for r in rows
         ]
 
-    async def orphans(self, min_age_seconds: float = ORPHAN_MIN_AGE) -> list[Path]:
-        """Files in spool/ no row refers to (a crash between rename and commit, or a `.tmp`). Files
-        younger than `min_age_seconds` are left out: they may belong to an enqueue in progress."""
-        cutoff = time.time() - min_age_seconds
-        known = {str(r["id"]) for r in await self._db.fetchall("SELECT id FROM queue_messages")}
+    async def orphans(self) -> list[Path]:
+        """Files in spool/ no row refers to: an `.eml` whose rows were never committed (never
+        acknowledged) or are gone (settled), and every `.tmp`; never one an enqueue of this process is
+        still writing. Judged by state, not age, so a start after a crash cleans at once.
 
-        def scan() -> list[Path]:
+        Order matters: the directory is listed first, then the enqueues in progress are noted, then
+        the rows read. A listed file whose enqueue is no longer in progress had its rows committed
+        before that note was taken (or never will: then it is debris), so the rows read after see it."""
+
+        def scan() -> list[os.DirEntry[str]]:
             if not self.directory.is_dir():
                 return []
-            found = []
-            for entry in self.directory.iterdir():
-                name = entry.name
-                try:
-                    if entry.stat().st_mtime > cutoff:
-                        continue
-                except FileNotFoundError:
-                    continue
-                if name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX):
-                    found.append(entry)
-                elif name.endswith(SPOOL_SUFFIX) and name[: -len(SPOOL_SUFFIX)] not in known:
-                    found.append(entry)
-            return sorted(found)
+            with os.scandir(self.directory) as entries:
+                return list(entries)
 
-        return await asyncio.to_thread(scan)
+        listed = await asyncio.to_thread(scan)
+        writing = set(self._writing)
+        known = {str(r["id"]) for r in await self._db.fetchall("SELECT id FROM queue_messages")}
+        found = []
+        for entry in listed:
+            name = entry.name
+            if name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX):
+                queue_id = name[len(TMP_PREFIX):-len(TMP_SUFFIX)].removesuffix(SPOOL_SUFFIX)
+                if queue_id not in writing:
+                    found.append(Path(entry.path))
+            elif name.endswith(SPOOL_SUFFIX):
+                queue_id = name[: -len(SPOOL_SUFFIX)]
+                if queue_id not in known and queue_id not in writing:
+                    found.append(Path(entry.path))
+        return sorted(found)
 
 
 def shared_spool(services: Services) -> Spool:

@@ -3,6 +3,8 @@
 Rows (written by spool.py, updated only here): one `queue_messages` row per spooled file, one
 `queue_recipients` row per recipient with `state` queued -> delivered | failed. A message is removed
 (rows, then file) when no recipient is queued and every failure has been reported to the sender.
+A failure report is recorded with its sending (`dsn_sent`, in the transaction that spools it, or
+after a local copy whose Message-ID was committed first as `report_id`), so a crash never makes two.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.db import Database
 from appliance.queue.client import Outcome
 from appliance.queue.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    import aiosqlite
 
 QUEUED, DELIVERED, FAILED = "queued", "delivered", "failed"
 
@@ -41,6 +47,7 @@ class Job:
     created_at: int
     auth_user: str | None
     recipients: tuple[JobRecipient, ...]
+    sender_verified: bool | None = None  # the MX's verdict on the sender; False: never report to it
 
     @property
     def key(self) -> tuple[str, str]:
@@ -56,6 +63,8 @@ class Reportable:
     diagnostic: str
     remote: str
     last_attempt: int
+    report_id: str | None = None  # the Message-ID of a report to a local mailbox already under way
+    report_started: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,7 @@ class Settlement:
     created_at: int
     failed: tuple[Reportable, ...]  # not yet reported
     finished: bool  # nothing left queued
+    sender_verified: bool | None = None
 
 
 def spool_file(spool_dir: Path, message_id: str) -> Path:
@@ -83,7 +93,13 @@ def _reportable(row: sqlite3.Row) -> Reportable:
     return Reportable(
         address=str(row["recipient"]), status=str(row["status"]) or "5.0.0", diagnostic=str(row["last_error"]),
         remote=str(row["remote"]), last_attempt=int(row["last_attempt"]),
+        report_id=None if row["report_id"] is None else str(row["report_id"]),
+        report_started=int(row["report_started"]),
     )
+
+
+def _verified(value: object) -> bool | None:
+    return None if value is None else bool(value)
 
 
 class QueueState:
@@ -95,7 +111,7 @@ class QueueState:
         """Due recipients grouped per (message, domain), oldest first, leaving out jobs in `skip`."""
         rows = await self._db.fetchall(
             "SELECT r.id, r.message_id, r.recipient, r.domain, r.attempts, r.delay_notified,"
-            " m.sender, m.created_at, m.auth_user"
+            " m.sender, m.created_at, m.auth_user, m.sender_verified"
             " FROM queue_recipients r JOIN queue_messages m ON m.id = r.message_id"
             " WHERE r.state = 'queued' AND r.next_attempt <= ?"
             " ORDER BY r.next_attempt, r.id LIMIT ?",
@@ -117,6 +133,7 @@ class QueueState:
                     JobRecipient(int(r["id"]), str(r["recipient"]), int(r["attempts"]), bool(r["delay_notified"]))
                     for r in group
                 ),
+                sender_verified=_verified(group[0]["sender_verified"]),
             )
             for key, group in jobs.items()
         ]
@@ -166,7 +183,8 @@ class QueueState:
                 else:
                     state, text = QUEUED, outcome.text
                     next_attempt = int(policy.next_attempt(job.created_at, attempts, now))
-                    if job.sender and not rcpt.delay_notified and policy.wants_delay_notice(job.created_at, now):
+                    if (job.sender and job.sender_verified is not False and not rcpt.delay_notified
+                            and policy.wants_delay_notice(job.created_at, now)):
                         delayed.append(Reportable(rcpt.address, outcome.status, outcome.text, outcome.remote, now))
                 await tx.execute(
                     "UPDATE queue_recipients SET state = ?, attempts = ?, next_attempt = ?, last_error = ?,"
@@ -187,42 +205,58 @@ class QueueState:
                     await tx.execute("DELETE FROM queue_messages WHERE id = ?", (job.message_id,))
                     finished = True
         if finished:
-            await self._remove_file(job.message_id)
+            await self.remove_file(job.message_id)
         return Recorded(tuple(delayed), needs_settling)
 
     async def settlement(self, message_id: str) -> Settlement | None:
         """Failures not yet reported, and whether the message is finished; None if it is gone."""
         message = await self._db.fetchone(
-            "SELECT sender, created_at FROM queue_messages WHERE id = ?", (message_id,)
+            "SELECT sender, created_at, sender_verified FROM queue_messages WHERE id = ?", (message_id,)
         )
         if message is None:
             return None
         rows = await self._db.fetchall(
-            "SELECT recipient, state, status, last_error, remote, last_attempt, dsn_sent"
-            " FROM queue_recipients WHERE message_id = ? ORDER BY id",
+            "SELECT recipient, state, status, last_error, remote, last_attempt, dsn_sent, report_id,"
+            " report_started FROM queue_recipients WHERE message_id = ? ORDER BY id",
             (message_id,),
         )
         failed = tuple(_reportable(r) for r in rows if r["state"] == FAILED and not r["dsn_sent"])
         finished = not any(r["state"] == QUEUED for r in rows)
-        return Settlement(message_id, str(message["sender"]), int(message["created_at"]), failed, finished)
+        return Settlement(message_id, str(message["sender"]), int(message["created_at"]), failed, finished,
+                          _verified(message["sender_verified"]))
 
-    async def settled(self, settlement: Settlement) -> None:
-        """The failures in `settlement` are reported; remove the message if nothing else is pending
-        (judged now, inside the transaction: another job may have finished since the snapshot)."""
+    async def report_started(self, settlement: Settlement, report_id: str, now: int) -> None:
+        """Commit the Message-ID of the report about to be written into a local mailbox, before it
+        is written: a restart looks for that copy rather than writing another."""
         async with self._db.transaction() as tx:
             await tx.executemany(
-                "UPDATE queue_recipients SET dsn_sent = 1 WHERE message_id = ? AND recipient = ?"
-                " AND state = 'failed'",
-                [(settlement.message_id, f.address) for f in settlement.failed],
+                "UPDATE queue_recipients SET report_id = ?, report_started = ? WHERE message_id = ?"
+                " AND recipient = ? AND state = 'failed' AND dsn_sent = 0",
+                [(report_id, now, settlement.message_id, f.address) for f in settlement.failed],
             )
-            cur = await tx.execute(
-                "DELETE FROM queue_messages WHERE id = ? AND NOT EXISTS (SELECT 1 FROM queue_recipients"
-                " WHERE message_id = ? AND (state = 'queued' OR (state = 'failed' AND dsn_sent = 0)))",
-                (settlement.message_id, settlement.message_id),
-            )
-            removed = bool(cur.rowcount)
+
+    async def mark_settled(self, tx: aiosqlite.Connection, settlement: Settlement) -> bool:
+        """Inside `tx`: the failures in `settlement` are reported; the message's rows go if nothing
+        else is pending (judged now: another job may have finished since the snapshot). True when
+        they went: the caller removes the file after the commit."""
+        await tx.executemany(
+            "UPDATE queue_recipients SET dsn_sent = 1 WHERE message_id = ? AND recipient = ?"
+            " AND state = 'failed'",
+            [(settlement.message_id, f.address) for f in settlement.failed],
+        )
+        cur = await tx.execute(
+            "DELETE FROM queue_messages WHERE id = ? AND NOT EXISTS (SELECT 1 FROM queue_recipients"
+            " WHERE message_id = ? AND (state = 'queued' OR (state = 'failed' AND dsn_sent = 0)))",
+            (settlement.message_id, settlement.message_id),
+        )
+        return bool(cur.rowcount)
+
+    async def settled(self, settlement: Settlement) -> None:
+        """The failures in `settlement` are reported (or are never to be); remove what is done."""
+        async with self._db.transaction() as tx:
+            removed = await self.mark_settled(tx, settlement)
         if removed:
-            await self._remove_file(settlement.message_id)
+            await self.remove_file(settlement.message_id)
 
     async def unsettled(self) -> list[str]:
         """Messages with unreported failures or nothing left queued (after a crash at the wrong moment)."""
@@ -233,7 +267,7 @@ class QueueState:
         )
         return [str(r["id"]) for r in rows]
 
-    async def _remove_file(self, message_id: str) -> None:
+    async def remove_file(self, message_id: str) -> None:
         await asyncio.to_thread(_unlink, spool_file(self._spool_dir, message_id))
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from appliance import srs
 from appliance.accounts import Accounts
 from appliance.address import split_plus
 from appliance.queue import dsn
-from appliance.queue.spool import Spool
+from appliance.queue.spool import Spool, new_queue_id
 from appliance.smtp import headers
 from appliance.smtp.headers import ReceivedFacts
 from appliance.smtp.policy import MAILBOX_FULL, TEMPORARY_FAILURE, RecipientRoute, Reply, queued
@@ -31,6 +32,9 @@ class InboundMessage:
     received: ReceivedFacts
     auth_user: str | None = None
     arrival: datetime = field(default_factory=lambda: datetime.now().astimezone())
+    # The MX's SPF/DMARC verdict on `sender` (None: not checked, e.g. submission). False: a failure
+    # of this message is never reported to the sender (it is likely forged: backscatter).
+    sender_verified: bool | None = None
 
     @property
     def queue_id(self) -> str:
@@ -63,13 +67,15 @@ def local_copy(message: InboundMessage, route: RecipientRoute, mailbox: str) -> 
 
 class Deliverer:
     def __init__(
-        self, accounts: Accounts, store: MailStore, spool: Spool, hostname: str | Callable[[], str]
+        self, accounts: Accounts, store: MailStore, spool: Spool, hostname: str | Callable[[], str],
+        rewriter: srs.SenderRewriter | None = None,
     ) -> None:
         self._accounts = accounts
         self._store = store
         self._spool = spool
         # A callable is read at each report: the host name can change while the box runs.
         self._hostname = hostname if callable(hostname) else (lambda: hostname)
+        self._srs = rewriter  # None: forwards keep the original sender
 
     async def deliver(self, message: InboundMessage, *, per_recipient: bool) -> DeliveryReport:
         """Write everything; `per_recipient` (LMTP) means failed recipients are answered one by one,
@@ -86,15 +92,17 @@ class Deliverer:
             )),
             strict=True,
         ))
-        outbound = list(dict.fromkeys(rcpt for route in message.routes for rcpt in route.outbound))
-        spooled = await self._spool_copy(message, outbound) if outbound else False
+        spooled: set[str] = set()
+        for index, (sender, recipients) in enumerate(await self._outbound_groups(message)):
+            queue_id = message.queue_id if index == 0 else new_queue_id()
+            if await self._spool_copy(message, sender, recipients, queue_id):
+                spooled.update(recipients)
 
         replies: list[Reply] = []
         failures: list[dict[str, Reply]] = []
         for route in message.routes:
             failed = {mb: reply for mb in route.mailboxes if (reply := outcomes[mb]) is not None}
-            if route.outbound and not spooled:
-                failed.update(dict.fromkeys(route.outbound, TEMPORARY_FAILURE))
+            failed.update(dict.fromkeys((r for r in route.outbound if r not in spooled), TEMPORARY_FAILURE))
             parts = len(route.mailboxes) + len(route.outbound)
             if len(failed) < parts:
                 replies.append(queued(message.queue_id))
@@ -138,12 +146,40 @@ class Deliverer:
         log.error("%s: delivery to %s failed: %r", message.queue_id, mailbox, result)
         return TEMPORARY_FAILURE
 
-    async def _spool_copy(self, message: InboundMessage, recipients: Sequence[str]) -> bool:
+    async def _outbound_groups(self, message: InboundMessage) -> list[tuple[str, list[str]]]:
+        """The spool entries to write: (envelope sender, recipients). A user's own mail and anything
+        from the null sender or a sender of our domains keeps its sender; an alias's forward of other
+        people's mail gets an SRS sender of the alias's domain, so SPF at the receiver checks a
+        domain that lists us (appliance/srs.py)."""
+        groups: dict[str, list[str]] = {}
+        seen: set[str] = set()
+        for route in message.routes:
+            targets = [(route.remote, message.sender)] if route.remote else []
+            if route.forwards:
+                sender = await self._forward_sender(message.sender, route.rcpt)
+                targets += [(rcpt, sender) for rcpt in route.forwards]
+            for rcpt, sender in targets:
+                if rcpt not in seen:
+                    seen.add(rcpt)
+                    groups.setdefault(sender, []).append(rcpt)
+        return list(groups.items())
+
+    async def _forward_sender(self, sender: str, alias: str) -> str:
+        if self._srs is None or not sender:
+            return sender  # the null sender is never rewritten
+        if await self._accounts.is_local_domain(sender.rpartition("@")[2]):
+            return sender  # ours already: SPF passes as it is
+        return self._srs.forward(sender, alias.rpartition("@")[2])
+
+    async def _spool_copy(self, message: InboundMessage, sender: str, recipients: Sequence[str],
+                          queue_id: str) -> bool:
         for_rcpt = recipients[0] if len(recipients) == 1 else None
-        data = headers.received_header(message.received, for_rcpt=for_rcpt) + message.data
+        received = message.received if queue_id == message.queue_id else replace(message.received, queue_id=queue_id)
+        data = headers.received_header(received, for_rcpt=for_rcpt) + message.data
         try:
             await self._spool.enqueue(
-                message.sender, recipients, data, auth_user=message.auth_user, queue_id=message.queue_id
+                sender, recipients, data, auth_user=message.auth_user, queue_id=queue_id,
+                sender_verified=message.sender_verified,
             )
         except Exception:
             log.exception("%s: could not spool for %d recipients", message.queue_id, len(recipients))
@@ -154,6 +190,10 @@ class Deliverer:
         """Tell the sender about copies that could not be written (never to the null sender)."""
         if not message.sender:
             log.warning("%s: not delivered to %s; null sender, no bounce", message.queue_id, ", ".join(failed))
+            return
+        if message.sender_verified is False:
+            log.warning("%s: not delivered to %s; sender <%s> not authenticated (SPF/DMARC), no bounce",
+                        message.queue_id, ", ".join(failed), message.sender)
             return
         report = dsn.build_report(
             hostname=self._hostname(),

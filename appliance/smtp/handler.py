@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, TLSSetupException
 
-from appliance.address import Address
+from appliance import srs
+from appliance.account_errors import InvalidAddress
+from appliance.address import Address, parse_address
 from appliance.auth import Principal
 from appliance.queue.spool import new_queue_id
 from appliance.smtp import headers
@@ -45,6 +47,7 @@ from appliance.smtp.policy import (
     postmaster_mailboxes,
     recipient_route,
     sender_verdict,
+    srs_route,
     unknown_user,
 )
 from appliance.smtp.probes import PROBING_BLOCKED, RECIPIENT_GUARD, RecipientProbeGuard
@@ -276,6 +279,9 @@ class SmtpHandler:
 
     async def _route(self, session: LetterboxSession, env: LetterboxEnvelope, text: str) -> RecipientRoute | Reply:
         accounts = self.services.accounts
+        bounce_route = await self._srs_route(env, text)
+        if bounce_route is not None:
+            return bounce_route
         if is_bare_postmaster(text):
             domain = postmaster_domain(self.services.hostname, await accounts.list_domains())
             if domain is None:
@@ -312,6 +318,28 @@ class SmtpHandler:
         primary = postmaster_domain(self.services.hostname, await accounts.list_domains())
         return postmaster_mailboxes(await accounts.list_admins(), mailboxes, primary)
 
+    async def _srs_route(self, env: LetterboxEnvelope, text: str) -> RecipientRoute | Reply | None:
+        """RCPT TO an SRS0 address of one of our domains (a bounce of a forward, appliance/srs.py);
+        None for any other address. Looked at before the usual parsing: an SRS address may exceed
+        the 64-octet local part that parse_recipient enforces (the path limit still holds)."""
+        local, at, domain = text.strip().strip("<>").rpartition("@")
+        if not at or not srs.is_srs(local):
+            return None
+        accounts = self.services.accounts
+        if not await accounts.is_local_domain(domain):
+            return None  # someone else's SRS address: the ordinary relay rule decides
+        original: str | None = None
+        mailboxes: tuple[str, ...] = ()
+        try:
+            original = srs.shared_rewriter(self.services).reverse(f"{local}@{domain}").original
+            target = parse_address(original, smtputf8=True)
+            if not target.is_literal and await accounts.is_local_domain(target.domain):
+                mailboxes = (await accounts.resolve(str(target))).mailboxes
+        except (srs.InvalidSrs, InvalidAddress):
+            original = None
+        return srs_route(f"{local}@{domain}", original=original, mailboxes=mailboxes,
+                         accepted_so_far=len(env.routes), max_recipients=self.limits.max_recipients)
+
     # --- DATA -----------------------------------------------------------------------------------------
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -346,12 +374,15 @@ class SmtpHandler:
         helo = session.host_name or "unknown"
 
         check: InboundCheck | None = self.services.extra.get(INBOUND_CHECK)
+        # Mail from the internet: may its sender be told about failures? (None: not judged here.)
+        sender_verified: bool | None = None
         if check is not None and self.service == MX_SERVICE:
             facts = InboundFacts(peer_ip(session), helo, sender, tuple(r.rcpt for r in env.routes), tls is not None)
             verdict = await check(facts, data)
             if verdict.reject:
                 return self._for_all(env, verdict.reject)
             data = verdict.headers + (data if verdict.message is None else verdict.message)
+            sender_verified = verdict.sender_authenticated
 
         received = ReceivedFacts(
             helo=helo,
@@ -365,7 +396,8 @@ class SmtpHandler:
             tls=tls,
             auth_user=principal.name if principal else None,
         )
-        message = InboundMessage(sender, tuple(env.routes), data, received, received.auth_user)
+        message = InboundMessage(sender, tuple(env.routes), data, received, received.auth_user,
+                                 sender_verified=sender_verified)
         # Shielded: a client hanging up mid-delivery must not cancel a half-done write; the work
         # finishes and the client, having seen no reply, retries (a duplicate beats a loss).
         report = await asyncio.shield(self.deliverer.deliver(message, per_recipient=self.lmtp))

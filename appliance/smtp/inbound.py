@@ -28,6 +28,10 @@ class InboundVerdict:
     headers: bytes = b""  # complete CRLF-terminated header lines to add
     reject: str | None = None  # a full reply line, e.g. '550 5.7.1 Rejected by DMARC policy'
     message: bytes | None = None  # what to deliver instead, e.g. with forged results removed
+    # The envelope sender is authenticated (SPF pass, or DMARC pass aligned with it): only then may
+    # a failure of this message be reported to it (no backscatter to forged senders). None: the
+    # checks are switched off, nothing was judged (reports go out as they would without checks).
+    sender_authenticated: bool | None = False
 
 
 class InboundCheck(Protocol):

@@ -4,7 +4,8 @@ The handler looks the facts up (is the domain ours, what does the address resolv
 full, does the user own the sender address) and these functions turn facts into a route or a reply.
 The rule that keeps the box from being an open relay lives in `recipient_route`: a client that has not
 authenticated can only reach addresses `Accounts.resolve()` gives something for; forwards to other
-domains only ever come out of aliases an administrator made.
+domains only ever come out of aliases an administrator made, and of SRS addresses of ours whose hash
+and age verify (`srs_route`: a bounce of a forward goes back to the original sender, appliance/srs.py).
 """
 
 from __future__ import annotations
@@ -239,6 +240,26 @@ def recipient_route(
     if address.is_literal:
         return LITERAL_REFUSED
     return RecipientRoute(rcpt, remote=rcpt)
+
+
+def srs_invalid(address: str) -> Reply:
+    return Reply(550, "5.7.1", f"<{echo(address)}>: Invalid or expired SRS address")
+
+
+def srs_route(
+    rcpt: str, *, original: str | None, mailboxes: tuple[str, ...] = (), accepted_so_far: int,
+    max_recipients: int,
+) -> RecipientRoute | Reply:
+    """RCPT TO an SRS0 address of one of our domains: relayed to the sender it encodes when it
+    verified (`original`), refused with 550 when forged or expired (None). An original of a local
+    domain (`mailboxes` resolved by the caller) is delivered here."""
+    if accepted_so_far >= max_recipients:
+        return TOO_MANY_RECIPIENTS
+    if original is None:
+        return srs_invalid(rcpt)
+    if mailboxes:
+        return RecipientRoute(rcpt, mailboxes)
+    return RecipientRoute(rcpt, forwards=(original,))
 
 
 def declared_size(mail_options: Sequence[str]) -> int:

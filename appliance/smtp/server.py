@@ -30,6 +30,7 @@ from appliance.smtp.limits import (
     SmtpLimits,
 )
 from appliance.smtp.policy import LMTP_SERVICE, SMTP_SERVICES, SUBMISSION_SERVICES, TEMPORARY_FAILURE
+from appliance.srs import shared_rewriter
 
 if TYPE_CHECKING:
     from appliance.services import Services
@@ -364,7 +365,8 @@ async def start_server(
     # aiosmtpd logs every command line at INFO; our handler logs what matters (never passwords).
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     loop = asyncio.get_running_loop()
-    deliverer = Deliverer(services.accounts, services.store, shared_spool(services), lambda: services.hostname)
+    deliverer = Deliverer(services.accounts, services.store, shared_spool(services), lambda: services.hostname,
+                          shared_rewriter(services))
     handler = SmtpHandler(services, service, limits, deliverer)
     tracker = ConnectionTracker(limits)
     implicit_tls = service == "submissions"

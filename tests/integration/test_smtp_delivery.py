@@ -112,7 +112,9 @@ def test_alias_expansion_local_copies_and_forward_to_the_spool(mx: BoxHandle) ->
         assert msg["Delivered-To"] == address
         assert f"for <team@{OURS}>" in " ".join(msg["Received"].split())
     [queued] = queue(mx)
-    assert queued.sender == "sender@external.test" and queued.auth_user is None
+    # The forward goes out with an SRS sender of the alias's domain (issue 10 item 13).
+    assert queued.sender.startswith("SRS0=") and queued.sender.endswith(f"=external.test=sender@{OURS}")
+    assert queued.auth_user is None
     assert [r.recipient for r in queued.recipients] == ["Partner@external.test"]
     spooled = (mx.data.spool / f"{queued.id}.eml").read_bytes()
     assert spooled.startswith(b"Received: from client.test") and spooled.endswith(BODY)
