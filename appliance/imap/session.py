@@ -385,7 +385,9 @@ class ImapSession:
         only_special = "SPECIAL-USE" in command.select
         show_subscribed = "SUBSCRIBED" in command.select or "SUBSCRIBED" in command.returns
         regexes = [names.pattern_regex(command.reference, p) for p in command.patterns]
-        pool = [f.name for f in folders if f.subscribed] if only_subscribed else list(by_name)
+        # RFC 3501 6.3.9: LSUB lists every subscribed name, also one whose folder is gone.
+        subscribed = set(await self.store.subscriptions(self.mailbox)) if only_subscribed else set()
+        pool = sorted(subscribed) if only_subscribed else list(by_name)
         out: list[Response] = []
         for name, exists in sorted(names.with_parents(pool).items(), key=lambda item: _list_order(item[0])):
             if not any(r.match(name) for r in regexes):
@@ -394,6 +396,8 @@ class ImapSession:
             if only_special and (info is None or info.special_use is None):
                 continue
             attrs = _list_attributes(name, info, exists, by_name, show_subscribed, lsub)
+            if info is None and name in subscribed and not lsub:
+                attrs = ["\\NonExistent", "\\Subscribed"]  # RFC 5258 3.4: subscribed, folder gone
             head = "LSUB" if lsub else "LIST"
             out.append(Data(f'{head} ({" ".join(attrs)}) "/" ' + encode_astring(name).decode("utf-8")))
         await self.io.send(*out)

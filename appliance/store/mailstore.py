@@ -245,12 +245,17 @@ class MailStore:
         """INBOX first, then every folder on disk by name."""
         mb = await self._mailbox(mailbox)
         names = [INBOX, *await asyncio.to_thread(maildir.discover_folders, mb.root)]
-        rows = await self._db.fetchall("SELECT name, subscribed FROM folders WHERE mailbox_id = ?", (mb.id,))
-        subscribed = {row[0]: bool(row[1]) for row in rows}
+        subscribed = set(await self.subscriptions(mailbox))
         parents = {SEPARATOR.join(levels[:i]) for levels in (n.split(SEPARATOR) for n in names)
                    for i in range(1, len(levels))}
-        return [FolderInfo(name, SPECIAL_FOLDERS.get(name), subscribed.get(name, True), name in parents)
+        return [FolderInfo(name, SPECIAL_FOLDERS.get(name), name in subscribed, name in parents)
                 for name in names]
+
+    async def subscriptions(self, mailbox: str) -> list[str]:
+        """The subscribed names, existing folders or not (RFC 3501 6.3.6: LSUB lists them all)."""
+        mb = await self._mailbox(mailbox)
+        rows = await self._db.fetchall("SELECT name FROM subscriptions WHERE mailbox_id = ?", (mb.id,))
+        return sorted(row[0] for row in rows)
 
     async def create_folder(self, mailbox: str, name: str) -> None:
         """RFC 3501 6.3.3; missing superior names are created too."""
@@ -323,6 +328,9 @@ class MailStore:
                         await tx.execute("DELETE FROM folders WHERE mailbox_id = ? AND name = ?", (mb.id, renamed))
                         await tx.execute("UPDATE folders SET name = ? WHERE mailbox_id = ? AND name = ?",
                                          (renamed, mb.id, n))
+                        # A subscription follows its folder to the new name, as in Dovecot.
+                        await tx.execute("UPDATE OR REPLACE subscriptions SET name = ? WHERE mailbox_id = ? AND name = ?",
+                                         (renamed, mb.id, n))
                 for f in loaded:
                     del mb.folders[f.name]
                 for renamed in renames.values():
@@ -336,15 +344,15 @@ class MailStore:
         self._wake(mb, *moving)
 
     async def subscribe(self, mailbox: str, name: str, subscribed: bool) -> None:
+        """RFC 3501 6.3.6/6.3.7. Subscribing checks that the folder exists (the RFC allows it, and a
+        typo then fails loudly); unsubscribing works for any name, a deleted folder's too."""
         mb = await self._mailbox(mailbox)
-        try:
-            f = await self._folder(mb, name)
-        except NoSuchFolder:
-            if not subscribed:
-                return  # unsubscribing a folder that is gone (clients do it after DELETE)
-            raise
-        await self._db.execute("UPDATE folders SET subscribed = ? WHERE id = ?", (int(subscribed), f.id))
-        f.subscribed = subscribed
+        if not subscribed:
+            name = maildir.canonical_name(name)
+            await self._db.execute("DELETE FROM subscriptions WHERE mailbox_id = ? AND name = ?", (mb.id, name))
+            return
+        f = await self._folder(mb, name)
+        await self._db.execute("INSERT OR IGNORE INTO subscriptions (mailbox_id, name) VALUES (?, ?)", (mb.id, f.name))
 
     async def usage(self, mailbox: str) -> tuple[int, int]:
         """(bytes used, quota bytes; 0 = none)."""
@@ -398,7 +406,22 @@ class MailStore:
         if row is not None and row[0] == 0:
             await asyncio.to_thread(_make_specials, mb.root)
         await self._folder_locked(mb, INBOX)
+        await self._fill_subscriptions(mb)
         mb.ready = True
+
+    async def _fill_subscriptions(self, mb: _Mailbox) -> None:
+        """Once per mailbox: subscribe INBOX and the folders it has (the special folders on a new
+        mailbox; all of them on one that predates the subscriptions table, where every folder counted
+        as subscribed unless unsubscribed). Folders created later are not subscribed (RFC 3501)."""
+        if await self._db.fetchone("SELECT 1 FROM subscriptions_ready WHERE mailbox_id = ?", (mb.id,)):
+            return
+        names = [INBOX, *await asyncio.to_thread(maildir.discover_folders, mb.root)]
+        rows = await self._db.fetchall("SELECT name FROM folders WHERE mailbox_id = ? AND subscribed = 0", (mb.id,))
+        unsubscribed = {row[0] for row in rows}
+        async with self._db.transaction() as tx:
+            await tx.executemany("INSERT OR IGNORE INTO subscriptions (mailbox_id, name) VALUES (?, ?)",
+                                 [(mb.id, n) for n in names if n not in unsubscribed])
+            await tx.execute("INSERT OR IGNORE INTO subscriptions_ready (mailbox_id) VALUES (?)", (mb.id,))
 
     async def _folder(self, mb: _Mailbox, name: str) -> FolderIndex:
         name = _existing_name(name)

@@ -435,3 +435,36 @@ def test_new_keywords_are_announced_to_every_session_with_the_folder(imap_box: B
     finally:
         one.close()
         two.close()
+
+
+def lsub(raw: RawImap, tag: bytes, pattern: bytes) -> list[bytes]:
+    reply = raw.command(tag, b'LSUB "" ' + pattern)
+    assert reply[-1].startswith(tag + b" OK"), reply
+    return [line.rstrip(b"\r\n") for line in reply[:-1]]
+
+
+def test_subscriptions_as_imaptest_checks_them(imap_box: BoxHandle) -> None:
+    # Issue 17 (imaptest "subscribe"), RFC 3501 6.3.6-6.3.9: CREATE does not subscribe, DELETE does
+    # not unsubscribe, LSUB shows an unsubscribed parent of a subscribed name as \Noselect.
+    raw = RawImap(imap_box.port("imaps"), imap_box.client_context)
+    try:
+        raw.login(USER, PASSWORD)
+        for name in (b"box/test", b"box/test2/test", b"box/test3/test3"):
+            assert raw.command(b"C", b"CREATE " + name)[-1].startswith(b"C OK")
+        assert lsub(raw, b"L0", b'"box/*"') == []
+        for name in (b"box/test", b"box/test2/test", b"box/test3/test3"):
+            assert raw.command(b"S", b"SUBSCRIBE " + name)[-1].startswith(b"S OK")
+        assert sorted(lsub(raw, b"L1", b'"box/%"')) == [
+            b'* LSUB () "/" box/test', b'* LSUB (\\Noselect) "/" box/test2', b'* LSUB (\\Noselect) "/" box/test3']
+        assert sorted(lsub(raw, b"L2", b"*test")) == [b'* LSUB () "/" box/test', b'* LSUB () "/" box/test2/test']
+        assert raw.command(b"D", b"DELETE box/test")[-1].startswith(b"D OK")
+        assert b'* LSUB () "/" box/test' in lsub(raw, b"L3", b'"box/%"')
+        listed = raw.command(b"L4", b'LIST (SUBSCRIBED) "" "box/test"')
+        assert listed[0].rstrip(b"\r\n") == b'* LIST (\\NonExistent \\Subscribed) "/" box/test', listed
+        assert raw.command(b"U", b"UNSUBSCRIBE box/test")[-1].startswith(b"U OK")
+        assert b'* LSUB () "/" box/test' not in lsub(raw, b"L5", b'"box/%"')
+        # INBOX and the special folders are subscribed from the start.
+        assert {line.rsplit(b" ", 1)[1] for line in lsub(raw, b"L6", b"%")} >= {
+            b"INBOX", b"Sent", b"Drafts", b"Trash", b"Junk", b"Archive"}
+    finally:
+        raw.close()

@@ -21,6 +21,7 @@ import pytest
 from appliance.db import Database
 from appliance.store import maildir
 from appliance.store.mailstore import (
+    SPECIAL_FOLDERS,
     FolderExists,
     MailStore,
     NoSuchFolder,
@@ -504,6 +505,28 @@ def test_subscriptions(tmp_path: Path) -> None:
         await store.subscribe(ALICE, "Gone", False)  # clients unsubscribe after DELETE
         with pytest.raises(NoSuchFolder):
             await store.subscribe(ALICE, "Gone", True)
+
+    run(tmp_path, body)
+
+
+def test_subscriptions_are_names_apart_from_folders(tmp_path: Path) -> None:
+    # Issue 17, RFC 3501 6.3.6: CREATE subscribes nothing, DELETE keeps the name subscribed; a new
+    # mailbox starts with INBOX and its special folders subscribed; RENAME takes the name along.
+    async def body(store: MailStore) -> None:
+        assert await store.subscriptions(ALICE) == sorted(["INBOX", *SPECIAL_FOLDERS])
+        await store.create_folder(ALICE, "Lists/Python")
+        assert "Lists/Python" not in await store.subscriptions(ALICE)
+        await store.subscribe(ALICE, "Lists/Python", True)
+        await store.delete_folder(ALICE, "Lists/Python")
+        assert "Lists/Python" in await store.subscriptions(ALICE)
+        assert "Lists/Python" not in [f.name for f in await store.folders(ALICE)]
+        await store.create_folder(ALICE, "Lists/Python")
+        assert {f.name: f.subscribed for f in await store.folders(ALICE)}["Lists/Python"] is True
+        await store.rename_folder(ALICE, "Lists", "Groups")
+        subscribed = await store.subscriptions(ALICE)
+        assert "Groups/Python" in subscribed and "Lists/Python" not in subscribed
+        await store.subscribe(ALICE, "Groups/Python", False)
+        assert "Groups/Python" not in await store.subscriptions(ALICE)
 
     run(tmp_path, body)
 
