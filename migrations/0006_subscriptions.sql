@@ -1,4 +1,4 @@
--- Letterbox schema, version 5: IMAP subscriptions are names, kept apart from the folders.
+-- Letterbox schema, version 6: IMAP subscriptions are names, kept apart from the folders.
 
 -- RFC 3501 6.3.6: the server must not remove a name from the subscription list because the mailbox
 -- is gone, so DELETE keeps it (a folder re-created later is subscribed again), and CREATE subscribes
