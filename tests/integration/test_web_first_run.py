@@ -82,3 +82,18 @@ def test_first_step_without_the_right_code_is_refused(box: BoxHandle, code: str 
     finally:
         client.close()
     assert box.run(box.services.accounts.list_admins()) == ["owner"]
+
+
+def test_serve_prints_the_code_until_an_admin_exists(box: BoxHandle) -> None:
+    from appliance.app import announce_setup_code
+
+    lines: list[str] = []
+    box.run(announce_setup_code(box.services, lines.append))
+    code = setup_code(box.data.root)
+    assert len(lines) == 1 and f"First-run setup code: {code}" in lines[0]
+    assert stat.S_IMODE(code_path(box.data.root).stat().st_mode) == 0o600
+    box.run(announce_setup_code(box.services, lines.append))  # a restart keeps the same code
+    assert f"First-run setup code: {code}" in lines[1]
+    box.run(box.services.accounts.add_admin("admin", ADMIN_PASSWORD))  # e.g. made another way
+    box.run(announce_setup_code(box.services, lines.append))
+    assert len(lines) == 2 and not code_path(box.data.root).exists()
