@@ -78,10 +78,11 @@ def remove_code(data_root: Path) -> None:
         code_path(data_root).unlink()
 
 
-def matches(data_root: Path, given: str) -> bool:
+def matches(data_root: Path, given: str) -> bool | None:
+    """Whether `given` is the code; None when there is no code (used up: the admin exists)."""
     stored = read_code(data_root)
     if stored is None:
-        return False
+        return None
     # Constant time: the time a wrong guess takes must not tell how much of it was right.
     return hmac.compare_digest(normalise(given).encode("ascii", "replace"), normalise(stored).encode("ascii"))
 
@@ -97,7 +98,10 @@ async def verify(throttle: Throttle, data_root: Path, given: str, peer: str) -> 
                 await asyncio.sleep(delay)
         if throttle.locked_for(client, THROTTLE_ACCOUNT):
             return False
-        ok = bool(given) and await asyncio.to_thread(matches, data_root, given)  # a file read: off the loop
+        found = await asyncio.to_thread(matches, data_root, given)  # a file read: off the loop
+        if found is None:  # no code any more: the request lost a race with the first admin, not a guess
+            return False
+        ok = bool(given) and found
         if ok:
             throttle.succeeded(client, THROTTLE_ACCOUNT)
         else:

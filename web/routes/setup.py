@@ -111,6 +111,8 @@ async def admin_submit(request: Request) -> Response:
         # The code first, on its own: without it nothing else of the form is looked at.
         code = values.get("code", "")
         if not await setup_code.verify(svc.auth.throttle, svc.config.data.root, code, peer(request)):
+            if await svc.accounts.has_admin():
+                return redirect("/login")  # someone else finished step 1 meanwhile
             problem = wizard.SETUP_CODE_MISSING if not code.strip() else wizard.SETUP_CODE_WRONG
             return await admin_page(request, Form({"code": problem}, {
                 "name": values.get("name", "")[:wizard.MAX_FIELD], "hostname": values.get("hostname", "")[:wizard.MAX_FIELD],
