@@ -93,6 +93,7 @@ RECENT_FLAG = frozenset({"\\Recent"})
 # Commands after which the selected folder is another or none: no point bringing the old one up to date.
 LEAVES_FOLDER = frozenset({"SELECT", "EXAMINE", "UNSELECT", "CLOSE", "LOGOUT"})
 DELETED = "\\Deleted"
+LIST_ON_LOOP = 2000  # names times patterns a LIST matches on the event loop; more go to a thread
 SEARCH_ON_LOOP = 1000  # messages an index-only SEARCH checks on the event loop; more go to a thread
 
 
@@ -384,23 +385,16 @@ class ImapSession:
         only_subscribed = lsub or "SUBSCRIBED" in command.select
         only_special = "SPECIAL-USE" in command.select
         show_subscribed = "SUBSCRIBED" in command.select or "SUBSCRIBED" in command.returns
-        regexes = [names.pattern_regex(command.reference, p) for p in command.patterns]
         # RFC 3501 6.3.9: LSUB lists every subscribed name, also one whose folder is gone.
         subscribed = set(await self.store.subscriptions(self.mailbox)) if only_subscribed else set()
         pool = sorted(subscribed) if only_subscribed else list(by_name)
-        out: list[Response] = []
-        for name, exists in sorted(names.with_parents(pool).items(), key=lambda item: _list_order(item[0])):
-            if not any(r.match(name) for r in regexes):
-                continue
-            info = by_name.get(name)
-            if only_special and (info is None or info.special_use is None):
-                continue
-            attrs = _list_attributes(name, info, exists, by_name, show_subscribed, lsub)
-            if info is None and name in subscribed and not lsub:
-                attrs = ["\\NonExistent", "\\Subscribed"]  # RFC 5258 3.4: subscribed, folder gone
-            head = "LSUB" if lsub else "LIST"
-            out.append(Data(f'{head} ({" ".join(attrs)}) "/" ' + encode_astring(name).decode("utf-8")))
-        await self.io.send(*out)
+        job = _ListJob(command.reference, command.patterns, by_name, subscribed, only_special, show_subscribed, lsub)
+        if len(pool) * len(command.patterns) > LIST_ON_LOOP:
+            # Thousands of folders times many patterns is real CPU: off the event loop.
+            lines = await asyncio.to_thread(job.lines, pool)
+        else:
+            lines = job.lines(pool)
+        await self.io.send(*[Data(line) for line in lines])
         await self.ok(command)
 
     cmd_lsub = cmd_list
@@ -824,15 +818,46 @@ def _list_order(name: str) -> tuple[int, str]:
     return (0 if name == "INBOX" else 1, name)
 
 
+@dataclass(frozen=True)
+class _ListJob:
+    """The LIST/LSUB answer lines for a pool of names: pure, so it can run in a worker thread."""
+
+    reference: str
+    patterns: tuple[str, ...]
+    by_name: dict[str, FolderInfo]
+    subscribed: set[str]
+    only_special: bool
+    show_subscribed: bool
+    lsub: bool
+
+    def lines(self, pool: list[str]) -> list[str]:
+        matchers = [names.pattern_regex(self.reference, p) for p in self.patterns]
+        # Names with a folder below them, once: testing each name against every folder would be
+        # quadratic in the folder count.
+        parents = set(names.with_parents(self.by_name)) - set(self.by_name)
+        parents |= {n for n, info in self.by_name.items() if info.has_children}
+        out: list[str] = []
+        head = "LSUB" if self.lsub else "LIST"
+        for name, exists in sorted(names.with_parents(pool).items(), key=lambda item: _list_order(item[0])):
+            if not any(m.match(name) for m in matchers):
+                continue
+            info = self.by_name.get(name)
+            if self.only_special and (info is None or info.special_use is None):
+                continue
+            attrs = _list_attributes(name, info, exists, name in parents, self.show_subscribed, self.lsub)
+            if info is None and name in self.subscribed and not self.lsub:
+                attrs = ["\\NonExistent", "\\Subscribed"]  # RFC 5258 3.4: subscribed, folder gone
+            out.append(f'{head} ({" ".join(attrs)}) "/" ' + encode_astring(name).decode("utf-8"))
+        return out
+
+
 def _list_attributes(
-    name: str, info: FolderInfo | None, exists: bool, by_name: dict[str, FolderInfo], show_subscribed: bool,
-    lsub: bool,
+    name: str, info: FolderInfo | None, exists: bool, children: bool, show_subscribed: bool, lsub: bool,
 ) -> list[str]:
     attrs: list[str] = []
     if not exists:
         attrs.append("\\Noselect")
     if not lsub:
-        children = info.has_children if info is not None else names.has_children(name, by_name)
         attrs.append("\\HasChildren" if children else "\\HasNoChildren")  # RFC 3348
     if info is not None and info.special_use:
         attrs.append(info.special_use)  # RFC 6154

@@ -93,3 +93,19 @@ def test_pathological_patterns_match_in_linear_time(pattern: str, short_match: b
     # 100 matches of a 255-character name; the regex needed minutes. A generous bound (CPU time).
     assert time.process_time() - started < 5.0
     assert regex.match("a/" * 127 + "a") is short_match
+
+
+def test_listing_many_folders_costs_linear_time() -> None:
+    # Each implied parent used to be checked for children against every folder (quadratic), and all
+    # of it ran on the event loop; big listings now go to a thread, and must be cheap anyway.
+    from appliance.imap.session import _ListJob
+    from appliance.store.model import FolderInfo
+
+    folders = {f"Group{n}/Leaf": FolderInfo(f"Group{n}/Leaf", None, True, False) for n in range(10_000)}
+    job = _ListJob("", ("*", "%/%"), folders, set(), False, False, False)
+    started = time.process_time()
+    lines = job.lines(list(folders))
+    assert time.process_time() - started < 5.0
+    assert len(lines) == 20_000
+    assert 'LIST (\\Noselect \\HasChildren) "/" Group0' in lines
+    assert 'LIST (\\HasNoChildren) "/" Group0/Leaf' in lines
