@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import BoxHandle
 from tests.support.dns_server import ZoneServer
+from tests.support.outbound import MX1, Outbound, mx, outbound_fixture  # noqa: F401  (fixture)
 from tests.support.smtp_wire import Wire, maildir_messages, parse
 from tests.support.web import setup_code
 
@@ -128,3 +129,13 @@ def test_autoconfig_names_the_new_host(renamed: BoxHandle) -> None:
     response = httpx.get(f"http://localhost:{http}/mail/config-v1.1.xml?emailaddress={ALICE}")
     assert response.status_code == 200
     assert f"<hostname>{NEW_NAME}</hostname>" in response.text
+
+
+def test_the_queue_says_helo_with_the_new_name(outbound: Outbound) -> None:
+    """The outbound queue (started with the box) greets other servers with today's name."""
+    rename_through_the_wizard(outbound.box, NEW_NAME)
+    mx(outbound.zone, "example.net", (10, "mx.example.net", MX1))
+    with outbound.receiver(MX1) as receiver:
+        outbound.submit(["someone@example.net"])
+        [transaction] = receiver.wait(1)
+    assert transaction.helo == NEW_NAME
