@@ -111,9 +111,11 @@ def test_imap_and_pop3_greetings_follow_a_rename(renamed: BoxHandle) -> None:
         pop.close()
 
 
-def test_a_delivery_report_names_the_new_host(renamed: BoxHandle) -> None:
+def test_a_delivery_report_names_the_new_host(renamed: BoxHandle, zone: ZoneServer) -> None:
     """The MX's Deliverer (built at start) writes the DSN of a failed local copy with today's name:
-    bob's mailbox is over quota, alice's copy is accepted, so alice gets the report."""
+    bob's mailbox is over quota, alice's copy is accepted, so alice gets the report (her domain's
+    SPF passes: reports go only to senders proven not forged)."""
+    zone.set("example.test", "TXT", ['"v=spf1 ip4:127.0.0.1 -all"'])
     renamed.add_user("bob@example.test", PASSWORD, quota_bytes=1)
     with smtplib.SMTP("127.0.0.1", renamed.port("smtp"), timeout=30) as client:
         client.ehlo("mta.sender.test")
