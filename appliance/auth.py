@@ -10,7 +10,9 @@ How failed logins are slowed (one Auth, so one Throttle, per box: SMTP, IMAP, PO
   for `lockout_seconds`. The account alone is never locked, only delayed a bounded time: an attacker
   elsewhere must not be able to lock its owner out, and a right password from another address works.
 - Attempts for one (client, account) pair are checked one at a time, so a burst of parallel guesses is
-  counted exactly; argon2 work is bounded by MAX_CONCURRENT_HASHES.
+  counted exactly; argon2 work is bounded by MAX_CONCURRENT_HASHES, and one of those slots is kept for
+  the owner's own clients (below), which also go first in the queue: an attack on other accounts, or
+  from many addresses, must not make the owner wait behind a queue of hashes.
 - Distributed guessing (many addresses, a few tries each, so no address is ever slowed) meets a budget
   per account: at most `account_budget` passwords are checked per `budget_seconds` for that account from
   all addresses together. Past it an attempt is refused without looking at the password, answered like
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -55,6 +58,7 @@ from appliance.db import Database
 log = logging.getLogger("letterbox.auth")
 
 MAX_CONCURRENT_HASHES = 2  # argon2id takes 64 MiB and a core each; the Pi has 4 cores and little memory
+HASH_SLOTS_KEPT_FOR_OWNERS = 1  # of those, never taken by clients an account has not seen before
 MAX_LOGGED_NAME = 100  # account names come from the network: logged truncated and escaped
 MAX_ACCOUNT_KEY = 320  # unparseable names are throttled by this much of their text
 IPV6_PREFIX = 64  # one IPv6 host usually controls a whole /64
@@ -285,6 +289,57 @@ class Throttle:
                 self._in_progress[key] = (lock, users - 1)
 
 
+class HashSlots:
+    """A semaphore for password hashes with two classes of waiters: the owners' own clients (a
+    remembered address or device) may take any free slot and are served first; everyone else leaves
+    `kept` slots free for them. Strangers' hashes then delay an owner by at most the one in progress."""
+
+    def __init__(self, size: int, kept: int) -> None:
+        if not 0 <= kept < size:
+            raise ValueError("HashSlots needs 0 <= kept < size")
+        self._free = size
+        self._kept = kept
+        self._waiting: dict[bool, deque[asyncio.Future[None]]] = {True: deque(), False: deque()}
+
+    def _may_take(self, owner: bool) -> bool:
+        return self._free > (0 if owner else self._kept)
+
+    @asynccontextmanager
+    async def slot(self, *, owner: bool) -> AsyncIterator[None]:
+        queue_ahead = self._waiting[True] or (not owner and self._waiting[False])
+        if self._may_take(owner) and not queue_ahead:
+            self._free -= 1
+        else:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiting[owner].append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._release()  # handed a slot just as we were cancelled: pass it on
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiting[owner].remove(waiter)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self._free += 1
+        while True:
+            if self._waiting[True] and self._may_take(True):
+                waiter = self._waiting[True].popleft()
+            elif self._waiting[False] and self._may_take(False):
+                waiter = self._waiting[False].popleft()
+            else:
+                return
+            if not waiter.done():
+                self._free -= 1
+                waiter.set_result(None)
+
+
 def peer_key(peer: str) -> str:
     """The throttle key of a client address: IPv4 as is, IPv4-mapped IPv6 as IPv4, IPv6 by /64."""
     text = peer.strip().strip("[]")
@@ -377,7 +432,7 @@ class Auth:
         self._wall_clock = wall_clock  # remembered addresses are stored in the db: unix time, not monotonic
         # New hashes use the parameters Accounts uses; a stored hash made otherwise is rehashed at login.
         self.hasher = hasher or accounts.hasher
-        self._hash_slots = asyncio.Semaphore(MAX_CONCURRENT_HASHES)
+        self._hash_slots = HashSlots(MAX_CONCURRENT_HASHES, HASH_SLOTS_KEPT_FOR_OWNERS)
         self._dummy_hash: str | None = None
 
     async def verify(
@@ -417,7 +472,7 @@ class Auth:
                 # not counted as a failure either: it proves nothing about this client.
                 self._log("over-budget", kind, account, service, peer, delay)
                 return None
-            async with self._hash_slots:
+            async with self._hash_slots.slot(owner=trusted is not None):
                 if throttle.locked_for(client, key):  # a parallel attempt locked us out while we queued
                     self._log("locked", kind, account, service, peer, delay)
                     return None

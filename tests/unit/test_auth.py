@@ -18,6 +18,7 @@ from appliance.auth import (
     DEFAULT_POLICY,
     Auth,
     Device,
+    HashSlots,
     Principal,
     Throttle,
     ThrottlePolicy,
@@ -493,3 +494,34 @@ def test_a_known_device_logs_in_to_the_web_during_an_attack(tmp_path: Path) -> N
         assert await auth.verify(ALICE, PASSWORD, "web", "192.0.2.9", device=alice_device) is not None
 
     run(tmp_path, scenario)
+
+
+def test_hash_slots_keep_room_for_owners_and_serve_them_first() -> None:
+    async def main() -> None:
+        slots = HashSlots(2, 1)
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def hash_(name: str, owner: bool) -> None:
+            async with slots.slot(owner=owner):
+                order.append(name)
+                await release.wait()
+
+        strangers = [asyncio.create_task(hash_(f"stranger{i}", False)) for i in range(3)]
+        await asyncio.sleep(0)
+        assert order == ["stranger0"]  # the second slot is kept for owners
+        owner = asyncio.create_task(hash_("owner", True))
+        await asyncio.sleep(0)
+        assert order == ["stranger0", "owner"]  # no wait behind the strangers' queue
+        cancelled = strangers[1]
+        cancelled.cancel()
+        late_owner = asyncio.create_task(hash_("late owner", True))
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(owner, late_owner, strangers[0], strangers[2])
+        assert cancelled.cancelled()
+        assert order == ["stranger0", "owner", "late owner", "stranger2"]
+        async with slots.slot(owner=False), slots.slot(owner=True):
+            pass  # every slot was given back
+
+    asyncio.run(main())
