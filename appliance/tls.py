@@ -1,38 +1,85 @@
-"""The box's certificate: self-signed on first start, one reloadable server SSLContext for every listener."""
+"""The box's certificate: self-signed on first start, replaced by ACME or an upload, served by every
+TLS listener from the next handshake on.
+
+Every listener holds one stable server context (`TlsManager.context`) for the life of the process.
+The certificate itself lives in a separate, fresh SSLContext per certificate (`TlsManager.current`),
+built and checked before it goes live; each new handshake switches to the current one. Two traps of
+the old design this avoids: a failed `load_cert_chain` on the live context left it broken, and loading
+an RSA certificate onto the EC context kept both (TLS 1.3 clients still got the old one).
+
+How the switch happens, per handshake, on public APIs only:
+- asyncio (every listener: create_server(ssl=...), loop.start_tls for STARTTLS, uvicorn on 443) wraps
+  each connection with `context.wrap_bio()`; our context returns an SSLObject whose first
+  do_handshake() reads the ClientHello out of the incoming memory BIO (and puts it back), then sets
+  `ssl_object.context` to the current certificate's context, or to a TLS-ALPN-01 challenge context
+  when the client offers `acme-tls/1` for a name being validated (RFC 8737 3).
+- a blocking `wrap_socket` (not used by the listeners) is covered by an sni_callback doing the same
+  switch without the ALPN choice.
+Open sessions keep the SSL object they were made with: a renewal drops nothing.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
+import itertools
 import logging
 import os
 import ssl
+import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from appliance.client_hello import NotClientHello, parse_client_hello
+
 log = logging.getLogger(__name__)
 
 SELF_SIGNED_DAYS = 825
 CERT_FILE = "cert.pem"  # leaf first, then any chain
 KEY_FILE = "key.pem"
+ACME_TLS_ALPN = "acme-tls/1"  # RFC 8737 6.2
+MAX_PEM_BYTES = 256 * 1024  # an upload bigger than this is not a certificate chain
+
+
+class CertificateProblem(ValueError):
+    """A certificate that must not go live, with the reason in plain words (shown as is)."""
 
 
 @dataclass(frozen=True)
 class CertificateInfo:
     subject: str
     issuer: str
+    not_before: dt.datetime
     not_after: dt.datetime
     names: tuple[str, ...]
     self_signed: bool
+    serial: int
+    fingerprint: str  # SHA-256 of the leaf, hex
+
+    @property
+    def lifetime(self) -> dt.timedelta:
+        return self.not_after - self.not_before
 
 
-def make_self_signed(hostname: str, cert_path: Path, key_path: Path) -> None:
+def _new_key_pem() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    return key, pem
+
+
+def self_signed_pem(hostname: str) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) for a self-signed EC P-256 certificate naming the box."""
+    key, key_pem = _new_key_pem()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = dt.datetime.now(dt.UTC)
     sans: list[x509.GeneralName] = [x509.DNSName(hostname)]
@@ -51,34 +98,257 @@ def make_self_signed(hostname: str, cert_path: Path, key_path: Path) -> None:
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    key_bytes = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    _write_private(key_path, key_bytes)
-    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+def make_self_signed(hostname: str, cert_path: Path, key_path: Path) -> None:
+    cert_pem, key_pem = self_signed_pem(hostname)
+    write_private(key_path, key_pem)
+    write_private(cert_path, cert_pem, mode=0o644)
+
+
+def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Atomic and durable: a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+_write_private = write_private  # the old name, for callers not yet moved
+
+
+def tls_alpn_challenge_pem(name: str, key_authorization: str) -> tuple[bytes, bytes]:
+    """RFC 8737 3: a self-signed certificate for `name` carrying the critical acmeIdentifier extension
+    (id-pe-acmeIdentifier 1.3.6.1.5.5.7.1.31) whose value is the DER OCTET STRING of the SHA-256 of
+    the key authorization. (`acme` 5.x no longer ships this helper.)"""
+    key, key_pem = _new_key_pem()
+    digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
+    der = b"\x04\x20" + digest  # OCTET STRING, 32 bytes
+    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31"), der), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+# --- checking a certificate before it goes live --------------------------------------------------------
+
+def _load_pem_chain(pem: bytes, what: str) -> list[x509.Certificate]:
+    if len(pem) > MAX_PEM_BYTES:
+        raise CertificateProblem(f"The {what} is too large to be a certificate file.")
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise CertificateProblem(f"The {what} is not a PEM certificate (it should start with "
+                                 "-----BEGIN CERTIFICATE-----).")
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise CertificateProblem(f"The {what} could not be read: the PEM text is damaged.") from None
+
+
+def name_covered(hostname: str, names: tuple[str, ...]) -> bool:
+    """RFC 6125 6.4.3: exact match, or a wildcard in the left-most label only."""
+    host = hostname.lower().rstrip(".")
+    for name in names:
+        name = name.lower().rstrip(".")
+        if name == host:
+            return True
+        if name.startswith("*.") and "." in host and host.split(".", 1)[1] == name[2:]:
+            return True
+    return False
+
+
+def describe(cert: x509.Certificate) -> CertificateInfo:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = tuple(str(n) for n in san.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        names = ()
+    return CertificateInfo(
+        subject=cert.subject.rfc4514_string(),
+        issuer=cert.issuer.rfc4514_string(),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        names=names,
+        self_signed=cert.subject == cert.issuer,
+        serial=cert.serial_number,
+        fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
+    )
+
+
+def _server_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    return ctx
+
+
+def context_for(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """A fresh server context holding exactly this certificate chain and key (the key must match)."""
+    ctx = _server_context()
+    with tempfile.TemporaryDirectory() as tmp:
+        cert_file, key_file = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
+        write_private(key_file, key_pem)
+        write_private(cert_file, cert_pem)
+        try:
+            ctx.load_cert_chain(cert_file, key_file)
+        except ssl.SSLError as exc:
+            if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
+                raise CertificateProblem("The private key does not belong to this certificate.") from None
+            raise CertificateProblem("The certificate or the private key could not be loaded "
+                                     f"({exc.reason or exc}).") from None
+        except ValueError:
+            raise CertificateProblem("The private key could not be read (it must be an unencrypted PEM key).") from None
+    return ctx
+
+
+def check_certificate(
+    cert_pem: bytes, key_pem: bytes, chain_pem: bytes = b"", *, hostname: str | None,
+    now: dt.datetime | None = None,
+) -> tuple[bytes, ssl.SSLContext, CertificateInfo]:
+    """Everything a new certificate must pass before it replaces a working one: readable, key matches,
+    chain verifies link by link, valid now, covers the host name. Returns (full chain PEM, context,
+    info); raises CertificateProblem with the reason in plain words."""
+    now = now or dt.datetime.now(dt.UTC)
+    certs = _load_pem_chain(cert_pem, "certificate")
+    if chain_pem.strip():
+        certs += _load_pem_chain(chain_pem, "chain")
+    if len(key_pem) > MAX_PEM_BYTES or b"PRIVATE KEY-----" not in key_pem:
+        raise CertificateProblem("The private key is not a PEM private key (it should start with "
+                                 "-----BEGIN PRIVATE KEY----- or -----BEGIN EC/RSA PRIVATE KEY-----).")
+    leaf = certs[0]
+    for child, issuer in itertools.pairwise(certs):
+        try:
+            child.verify_directly_issued_by(issuer)
+        except Exception as exc:  # InvalidSignature, ValueError (not an issuer), TypeError (key type)
+            raise CertificateProblem(
+                f"The chain does not verify: {child.subject.rfc4514_string()} was not issued by "
+                f"{issuer.subject.rfc4514_string()} ({type(exc).__name__}).") from None
+    for cert in certs:
+        if cert.not_valid_after_utc <= now:
+            which = "certificate" if cert is leaf else f"chain certificate {cert.subject.rfc4514_string()}"
+            raise CertificateProblem(f"The {which} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC.")
+        if cert.not_valid_before_utc > now + dt.timedelta(minutes=5):
+            raise CertificateProblem(
+                f"The certificate is not valid yet (from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC): "
+                "check the box's clock.")
+    info = describe(leaf)
+    if hostname and not name_covered(hostname, info.names):
+        shown = ", ".join(info.names) or "no names"
+        raise CertificateProblem(f"The certificate does not cover the host name {hostname} (it names {shown}).")
+    full = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+    ctx = context_for(full, key_pem)
+    return full, ctx, info
+
+
+# --- the per-handshake switch --------------------------------------------------------------------------
+
+class _SwitchingSSLObject(ssl.SSLObject):
+    """Chooses its certificate context from the ClientHello on the first do_handshake()."""
+
+    _letterbox_choose: Callable[[ssl.SSLObject, bytes], bool] | None = None
+    _letterbox_incoming: ssl.MemoryBIO | None = None
+
+    def do_handshake(self) -> None:
+        choose = self._letterbox_choose
+        incoming = self._letterbox_incoming
+        if choose is not None and incoming is not None:
+            # MemoryBIO is a FIFO with nothing else in it yet: read what arrived, put it back unchanged.
+            data = incoming.read()
+            if data:
+                incoming.write(data)
+            if not choose(self, data):
+                raise ssl.SSLWantReadError("the ClientHello is not complete yet")
+            self._letterbox_choose = None
+            self._letterbox_incoming = None
+        super().do_handshake()
+
+
+class SwitchingContext(ssl.SSLContext):
+    """The one context every listener holds; the certificate comes from `manager` per handshake."""
+
+    manager: TlsManager
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, server_side: bool = False,
+                 server_hostname: str | bytes | None = None, session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        obj = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        if server_side and isinstance(obj, _SwitchingSSLObject):
+            obj._letterbox_choose = self.manager._choose
+            obj._letterbox_incoming = incoming
+        return obj
 
 
 class TlsManager:
-    """Owns tls/cert.pem + tls/key.pem. `context` is one object for the life of the process; reload()
-    loads a new certificate into it, so listeners pick it up on their next handshake."""
+    """Owns tls/cert.pem + tls/key.pem, the current certificate's context, and the TLS-ALPN-01
+    challenge contexts of an ACME order in progress."""
 
     def __init__(self, tls_dir: Path, hostname: str) -> None:
         self.dir = tls_dir
         self.hostname = hostname
         self.cert_path = tls_dir / CERT_FILE
         self.key_path = tls_dir / KEY_FILE
+        self._lock = threading.Lock()  # install() runs in worker threads
+        self._challenges: dict[str, ssl.SSLContext] = {}
         self.ensure_certificate()
-        self.context = self._new_context()
+        try:
+            self.current = context_for(self.cert_path.read_bytes(), self.key_path.read_bytes())
+        except CertificateProblem as exc:
+            # A damaged pair on disk must not keep the box from starting: serve a new self-signed one.
+            log.error("the saved certificate cannot be used (%s): making a self-signed one", exc)
+            make_self_signed(hostname, self.cert_path, self.key_path)
+            self.current = context_for(self.cert_path.read_bytes(), self.key_path.read_bytes())
+        self._info = describe(x509.load_pem_x509_certificate(self.cert_path.read_bytes()))
+        self.context = self._outer_context()
+
+    def _outer_context(self) -> SwitchingContext:
+        ctx = SwitchingContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.options |= ssl.OP_NO_COMPRESSION
+        ctx.sslobject_class = _SwitchingSSLObject
+        ctx.manager = self
+        # A context needs a certificate of its own to start a handshake; the switch replaces it.
+        ctx.load_cert_chain(self.cert_path, self.key_path)
+        ctx.sni_callback = self._sni_switch
+        return ctx
+
+    def _sni_switch(self, sslobj: Any, server_name: str | None, ctx: ssl.SSLContext) -> None:
+        # Only for connections that the ClientHello switch did not handle (blocking wrap_socket).
+        if sslobj.context is self.context:
+            sslobj.context = self.current
+
+    def _choose(self, sslobj: ssl.SSLObject, data: bytes) -> bool:
+        """Pick the context for this connection; False while the ClientHello is incomplete."""
+        try:
+            hello = parse_client_hello(data)
+        except NotClientHello:
+            hello = None  # not TLS: the handshake fails on its own, with the current certificate
+        else:
+            if hello is None:
+                return False
+        chosen = self.current
+        if hello is not None and ACME_TLS_ALPN in hello.alpn and hello.server_name:
+            chosen = self._challenges.get(hello.server_name, chosen)
+        sslobj.context = chosen
+        return True
 
     def ensure_certificate(self) -> None:
         if not (self.cert_path.exists() and self.key_path.exists()):
@@ -86,44 +356,40 @@ class TlsManager:
             make_self_signed(self.hostname, self.cert_path, self.key_path)
             log.info("made a self-signed certificate for %s in %s", self.hostname, self.dir)
 
-    def _new_context(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.options |= ssl.OP_NO_COMPRESSION
-        ctx.load_cert_chain(self.cert_path, self.key_path)
-        return ctx
-
     def reload(self) -> None:
-        self.context.load_cert_chain(self.cert_path, self.key_path)
-        log.info("certificate reloaded: %s", self.info().subject)
+        """Load tls/cert.pem + key.pem again (edited by hand). A pair that does not load leaves the
+        working certificate in place and raises CertificateProblem."""
+        cert_pem, key_pem = self.cert_path.read_bytes(), self.key_path.read_bytes()
+        ctx = context_for(cert_pem, key_pem)
+        with self._lock:
+            self.current = ctx
+            self._info = describe(x509.load_pem_x509_certificate(cert_pem))
+        log.info("certificate reloaded: %s", self._info.subject)
 
-    def install(self, cert_pem: bytes, key_pem: bytes) -> None:
-        """Replace the certificate (ACME, or an upload) and reload; the pair is checked first."""
-        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        tmp_cert, tmp_key = self.dir / "new-cert.pem", self.dir / "new-key.pem"
-        _write_private(tmp_key, key_pem)
-        _write_private(tmp_cert, cert_pem, mode=0o644)
-        try:
-            probe.load_cert_chain(tmp_cert, tmp_key)
-        except (ssl.SSLError, ValueError):
-            tmp_cert.unlink(missing_ok=True)
-            tmp_key.unlink(missing_ok=True)
-            raise
-        os.replace(tmp_key, self.key_path)
-        os.replace(tmp_cert, self.cert_path)
-        self.reload()
+    def install(self, cert_pem: bytes, key_pem: bytes, chain_pem: bytes = b"", *,
+                hostname: str | None = None, now: dt.datetime | None = None) -> CertificateInfo:
+        """Check, save and serve a new certificate (ACME, an upload, a new self-signed one). Nothing is
+        written and nothing changes for the listeners unless every check passes. Blocking: call from a
+        thread on the loop's behalf."""
+        full, ctx, info = check_certificate(cert_pem, key_pem, chain_pem, hostname=hostname, now=now)
+        with self._lock:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            # Key first then certificate; a crash between the two leaves a mismatched pair, which the
+            # next start detects (context_for fails) and replaces rather than refusing to start.
+            write_private(self.key_path, key_pem)
+            write_private(self.cert_path, full, mode=0o644)
+            self.current = ctx
+            self._info = info
+        log.info("certificate installed: %s, serial %x, until %s", info.subject, info.serial, info.not_after)
+        return info
+
+    def set_challenge(self, name: str, cert_pem: bytes, key_pem: bytes) -> None:
+        ctx = context_for(cert_pem, key_pem)
+        ctx.set_alpn_protocols([ACME_TLS_ALPN])  # RFC 8737 3: the only protocol negotiated
+        self._challenges[name.lower().rstrip(".")] = ctx
+
+    def clear_challenge(self, name: str) -> None:
+        self._challenges.pop(name.lower().rstrip("."), None)
 
     def info(self) -> CertificateInfo:
-        cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
-        try:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            names = tuple(str(n) for n in san.get_values_for_type(x509.DNSName))
-        except x509.ExtensionNotFound:
-            names = ()
-        return CertificateInfo(
-            subject=cert.subject.rfc4514_string(),
-            issuer=cert.issuer.rfc4514_string(),
-            not_after=cert.not_valid_after_utc,
-            names=names,
-            self_signed=cert.subject == cert.issuer,
-        )
+        return self._info
