@@ -12,11 +12,18 @@ Rules every caller can rely on:
 - Only addresses in local domains resolve. resolve() of a remote address is empty: forwards only come
   from aliases, so nothing here can make the box an open relay.
 - A disabled mailbox still receives mail (as Postfix and Mail-in-a-Box do); it only cannot log in.
+- An alias never has the address of a mailbox, nor a mailbox that of an alias (issue 10 item 10): such
+  an alias would silently take all of that person's mail and let its targets send as them. Aliases made
+  by an earlier version keep working by the rule above.
+- Removing a mailbox moves its Maildir aside (appliance/store/trash.py), so a mailbox created later
+  under the same address starts empty; removing a domain moves its DKIM keys aside the same way.
+  Row ids are never reused (migration 0006), so nothing keyed by an id can reach a new owner.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import sqlite3
@@ -24,12 +31,13 @@ import time
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import aiosqlite
 from argon2 import PasswordHasher
 
-from appliance import passwords
+from appliance import dkim_keys, passwords
 from appliance.account_errors import (
     AccountError,
     AlreadyExists,
@@ -39,7 +47,9 @@ from appliance.account_errors import (
     WeakPassword,
 )
 from appliance.address import Address, parse_address, parse_domain, split_plus
+from appliance.config import DataLayout
 from appliance.db import Database
+from appliance.store import trash
 from appliance.web_sessions import end_account_sessions
 
 log = logging.getLogger("letterbox.accounts")
@@ -107,10 +117,43 @@ class _Expansion:
 # --- input checks (pure) -------------------------------------------------------------------------------
 
 def mail_domain(name: str) -> str:
-    """A name that can be a local mail domain: A-label, lower-case, never an address literal."""
+    """A name that can be a local mail domain: A-label, lower-case, a DNS name of at least two labels
+    whose last label is not all digits; never an address literal or a bare IP address. The one check
+    behind the wizard, the console and the CLI (issue 10 item 8)."""
+    text = name.strip()
+    if text.startswith("["):
+        raise InvalidAddress(f"not a valid domain name: {name[:80]!r} (an address literal cannot be a mail domain)")
+    if _is_ip_address(text):
+        raise InvalidAddress(
+            f"not a valid domain name: {name[:80]!r} (an IP address cannot be a mail domain; enter a name like example.org)"
+        )
+    domain = parse_domain(text)
+    labels = domain.split(".")
+    if len(labels) < 2:
+        raise InvalidAddress(f"not a valid domain name: {name[:80]!r} (a mail domain has at least one dot, e.g. example.org)")
+    # RFC 3696 2: a top-level domain is never all-numeric, so '10.0.0.1' or '1.2.3.4.5' is not a
+    # domain name even though each label is valid on its own.
+    if labels[-1].isdigit():
+        raise InvalidAddress(
+            f"not a valid domain name: {name[:80]!r} (the last part cannot be a number; an IP address cannot be a mail domain)"
+        )
+    return domain
+
+
+def stored_domain(name: str) -> str:
+    """The canonical spelling of a domain to look up: lenient where mail_domain is strict, so a
+    domain an earlier version accepted (an IP address, one label) can still be found and removed."""
     if name.strip().startswith("["):
         raise InvalidAddress(f"not a valid domain name: {name[:80]!r} (an address literal cannot be a mail domain)")
     return parse_domain(name.strip())
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.rstrip("."))
+    except ValueError:
+        return False
+    return True
 
 
 def mailbox_address(address: str) -> Address:
@@ -154,7 +197,7 @@ def _alias_source(source: str) -> tuple[str, str]:
     """(local part, domain) with '' as the local part of a catch-all '@domain'."""
     text = source.strip()
     if text.startswith("@"):
-        return "", mail_domain(text[1:])
+        return "", stored_domain(text[1:])
     addr = parse_address(text)
     if addr.is_literal:
         raise InvalidAddress(f"not a valid alias address: {source[:80]!r} (an address literal is never local)")
@@ -203,6 +246,23 @@ async def _one(
     return row  # type: ignore[return-value]
 
 
+async def _refuse_hidden_mailbox(tx: aiosqlite.Connection, domain_id: int, local: str, label: str,
+                                 targets: Sequence[str]) -> None:
+    """An alias wins over a mailbox of the same name (resolve()), so one that does not deliver to the
+    mailbox itself would silently take all of that person's mail (issue 10 item 10). Allowed only as an
+    explicit forward that keeps a copy: the mailbox is one of its own targets."""
+    if not local or await _one(
+        tx, "SELECT 1 FROM mailboxes WHERE domain_id = ? AND local_part = ?", (domain_id, local)
+    ) is None:
+        return
+    canonical = {t.lower() if t.startswith("@") else parse_address(t).canonical for t in targets}
+    if label not in canonical:
+        raise AlreadyExists(
+            f"{label} is a mailbox: an alias of the same name would take all of its mail. Choose another name,"
+            f" or, to forward its mail and keep a copy, include {label} itself among the targets"
+        )
+
+
 _MAILBOX_COLUMNS = (
     "m.local_part, d.name AS domain, m.display_name, m.quota_bytes, m.enabled, m.created_at"
     " FROM mailboxes m JOIN domains d ON d.id = m.domain_id"
@@ -220,8 +280,10 @@ def _mailbox_info(row: sqlite3.Row) -> MailboxInfo:
 
 
 class Accounts:
-    def __init__(self, db: Database, *, hasher: PasswordHasher | None = None) -> None:
+    def __init__(self, db: Database, *, hasher: PasswordHasher | None = None, data: DataLayout | None = None) -> None:
         self._db = db
+        # Where removals move mail and keys aside; None (unit tests of the db alone) leaves files be.
+        self._data = data
         # One hasher for new hashes everywhere; auth.py rehashes old ones to these parameters.
         self.hasher = hasher or passwords.DEFAULT_HASHER
 
@@ -238,26 +300,36 @@ class Accounts:
         return domain
 
     async def remove_domain(self, name: str) -> None:
-        """Refused while the domain has mailboxes or aliases: removing mail by accident is worse."""
-        domain = mail_domain(name)
-        async with self._db.transaction() as tx:
-            row = await _one(tx, "SELECT id FROM domains WHERE name = ?", (domain,))
-            if row is None:
-                raise NotFound(f"no domain {domain}")
-            counts = await _one(
-                tx,
-                "SELECT (SELECT COUNT(*) FROM mailboxes WHERE domain_id = :id) AS mailboxes,"
-                " (SELECT COUNT(*) FROM aliases WHERE domain_id = :id) AS aliases",
-                {"id": row["id"]},
-            )
-            assert counts is not None
-            mailboxes, aliases = int(counts["mailboxes"]), int(counts["aliases"])
-            if mailboxes or aliases:
-                raise InUse(
-                    f"domain {domain} still has {mailboxes} mailbox(es) and {aliases} alias(es); remove them first"
+        """Refused while the domain has mailboxes or aliases: removing mail by accident is worse. Its DKIM
+        keys (and the empty mail/<domain>/) are moved aside under deleted/."""
+        domain = stored_domain(name)
+        files = self._domain_files(domain)
+        entry: Path | None = None
+        try:
+            async with self._db.transaction() as tx:
+                row = await _one(tx, "SELECT id FROM domains WHERE name = ?", (domain,))
+                if row is None:
+                    raise NotFound(f"no domain {domain}")
+                counts = await _one(
+                    tx,
+                    "SELECT (SELECT COUNT(*) FROM mailboxes WHERE domain_id = :id) AS mailboxes,"
+                    " (SELECT COUNT(*) FROM aliases WHERE domain_id = :id) AS aliases",
+                    {"id": row["id"]},
                 )
-            await tx.execute("DELETE FROM domains WHERE id = ?", (row["id"],))
-        log.info("domain removed: %s", domain)
+                assert counts is not None
+                mailboxes, aliases = int(counts["mailboxes"]), int(counts["aliases"])
+                if mailboxes or aliases:
+                    raise InUse(
+                        f"domain {domain} still has {mailboxes} mailbox(es) and {aliases} alias(es); remove them first"
+                    )
+                await tx.execute("DELETE FROM domains WHERE id = ?", (row["id"],))
+                # The key in force goes with the domain; the same name added again gets a new one.
+                await tx.execute("DELETE FROM settings WHERE key = ?", (dkim_keys.selector_setting(domain),))
+                entry = await self._move_aside("domain", domain, files)
+        except BaseException:
+            await self._put_back(entry, files)
+            raise
+        log.info("domain removed: %s%s", domain, f" (its files moved to {entry})" if entry else "")
 
     async def list_domains(self) -> list[str]:
         rows = await self._db.fetchall("SELECT name FROM domains ORDER BY name")
@@ -265,7 +337,7 @@ class Accounts:
 
     async def is_local_domain(self, name: str) -> bool:
         try:
-            domain = mail_domain(name)
+            domain = stored_domain(name)
         except InvalidAddress:
             return False
         return await self._domain_id(domain) is not None
@@ -304,6 +376,11 @@ class Accounts:
             if await _one(tx, "SELECT 1 FROM mailboxes WHERE domain_id = ? AND local_part = ?",
                           (row["id"], addr.local)):
                 raise AlreadyExists(f"mailbox {addr.canonical} already exists")
+            if await _one(tx, "SELECT 1 FROM aliases WHERE domain_id = ? AND local_part = ?", (row["id"], addr.local)):
+                raise AlreadyExists(
+                    f"{addr.canonical} is already an alias; a mailbox of the same name would never get its mail:"
+                    " remove the alias first or choose another name"
+                )
             await tx.execute(
                 "INSERT INTO mailboxes (domain_id, local_part, display_name, password_hash, quota_bytes,"
                 " enabled, created_at) VALUES (?, ?, ?, ?, ?, 1, ?)",
@@ -361,18 +438,46 @@ class Accounts:
             raise NotFound(f"no mailbox {addr.canonical}")
         return info
 
-    async def remove_user(self, address: str) -> None:
-        """Removes the account and its index rows; the Maildir stays on disk for the admin to keep or delete."""
+    async def remove_user(self, address: str) -> str | None:
+        """Removes the account and its index rows, and moves its Maildir aside under deleted/ (purged
+        after trash.RETENTION_DAYS) so an address created again starts empty. Returns where the mail
+        went (None: there was none)."""
         addr = mailbox_address(address)
-        async with self._db.transaction() as tx:
-            cur = await tx.execute(
-                "DELETE FROM mailboxes WHERE local_part = ? AND domain_id = (SELECT id FROM domains WHERE name = ?)",
-                (addr.local, addr.domain),
-            )
-            if cur.rowcount == 0:
-                raise NotFound(f"no mailbox {addr.canonical}")
-            await end_account_sessions(tx, "mailbox", addr.canonical)
-        log.info("mailbox removed: %s", addr.canonical)
+        files = {"mail": self._data.mail / addr.domain / addr.local} if self._data else {}
+        entry: Path | None = None
+        try:
+            async with self._db.transaction() as tx:
+                cur = await tx.execute(
+                    "DELETE FROM mailboxes WHERE local_part = ?"
+                    " AND domain_id = (SELECT id FROM domains WHERE name = ?)",
+                    (addr.local, addr.domain),
+                )
+                if cur.rowcount == 0:
+                    raise NotFound(f"no mailbox {addr.canonical}")
+                await end_account_sessions(tx, "mailbox", addr.canonical)
+                entry = await self._move_aside("mailbox", addr.canonical, files)
+        except BaseException:
+            await self._put_back(entry, files)
+            raise
+        log.info("mailbox removed: %s%s", addr.canonical, f" (its mail moved to {entry})" if entry else "")
+        return str(entry) if entry else None
+
+    def _domain_files(self, domain: str) -> dict[str, Path]:
+        if self._data is None:
+            return {}
+        return {"dkim": self._data.dkim / domain, "mail": self._data.mail / domain}
+
+    async def _move_aside(self, kind: str, name: str, files: dict[str, Path]) -> Path | None:
+        """Called inside the removal's transaction, so a move that fails rolls the removal back."""
+        if self._data is None or not files:
+            return None
+        return await asyncio.to_thread(trash.move_aside, files, self._data.deleted, kind, name)
+
+    @staticmethod
+    async def _put_back(entry: Path | None, files: dict[str, Path]) -> None:
+        """The files were moved but the removal did not commit: the record is still there, so are they."""
+        if entry is not None:
+            await asyncio.to_thread(trash.restore, entry, files)
 
     async def get_user(self, address: str) -> MailboxInfo | None:
         try:
@@ -388,7 +493,7 @@ class Accounts:
         if domain is None:
             rows = await self._db.fetchall(f"SELECT {_MAILBOX_COLUMNS} ORDER BY d.name, m.local_part")
         else:
-            name = mail_domain(domain)
+            name = stored_domain(domain)
             await self._require_domain(name)
             rows = await self._db.fetchall(
                 f"SELECT {_MAILBOX_COLUMNS} WHERE d.name = ? ORDER BY m.local_part", (name,)
@@ -409,6 +514,7 @@ class Accounts:
                 raise NotFound(f"unknown domain {domain}: add the domain first")
             if await _one(tx, "SELECT 1 FROM aliases WHERE domain_id = ? AND local_part = ?", (row["id"], local)):
                 raise AlreadyExists(f"alias {label} already exists")
+            await _refuse_hidden_mailbox(tx, row["id"], local, label, clean)
             cur = await tx.execute(
                 "INSERT INTO aliases (domain_id, local_part, created_at) VALUES (?, ?, ?)",
                 (row["id"], local, _now()),
@@ -432,6 +538,9 @@ class Accounts:
             )
             if row is None:
                 raise NotFound(f"no alias {label}")
+            domain_id = await _one(tx, "SELECT id FROM domains WHERE name = ?", (domain,))
+            assert domain_id is not None
+            await _refuse_hidden_mailbox(tx, domain_id["id"], local, label, clean)
             await tx.execute("DELETE FROM alias_targets WHERE alias_id = ?", (row["id"],))
             await tx.executemany(
                 "INSERT INTO alias_targets (alias_id, target) VALUES (?, ?)", [(row["id"], t) for t in clean]
@@ -469,7 +578,7 @@ class Accounts:
         )
         params: tuple[str, ...] = ()
         if domain is not None:
-            name = mail_domain(domain)
+            name = stored_domain(domain)
             await self._require_domain(name)
             sql += " WHERE d.name = ?"
             params = (name,)
@@ -506,6 +615,11 @@ class Accounts:
         if addr.canonical == own.canonical:
             return True
         if addr.is_literal or not await self.is_local_domain(addr.domain):
+            return False
+        domain_id = await self._domain_id(addr.domain)
+        if domain_id is not None and await self._mailbox_exists(domain_id, addr.local.lower()):
+            # Someone else's mailbox: an alias of that name (a forward keeping a copy) sends its
+            # mail on, but never lends its owner's name to the targets (issue 10 item 10).
             return False
         expansion = _Expansion(use_catch_all=False)
         await self._expand(addr, (), expansion)

@@ -49,6 +49,7 @@ LISTENER_MODULES: dict[str, str] = {
 BACKGROUND_MODULES: list[tuple[str, str]] = [
     ("appliance.queue.service", "start_queue"),
     ("appliance.inbound_auth", "start_inbound_auth"),  # installs the MX's SPF/DKIM/DMARC check
+    ("appliance.store.trash", "start_purger"),  # removed mailboxes' mail, kept 30 days under deleted/
 ]
 
 
@@ -115,7 +116,7 @@ class Box:
         box: Box | None = None
         try:
             hostname = config.hostname or await db.get_setting(HOSTNAME_SETTING) or system_hostname()
-            accounts = Accounts(db)
+            accounts = Accounts(db, data=config.data)
             store = MailStore(config.data.mail, db)
             services = Services(
                 config=config,

@@ -7,15 +7,16 @@ import asyncio
 import getpass
 import logging
 import os
-import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from appliance import sizes
 from appliance.accounts import AccountError, Accounts
 from appliance.config import DataLayout, ServeConfig, default_data_dir
 from appliance.db import Database, DatabaseError
+from appliance.store import trash
 
 
 class CliError(Exception):
@@ -27,15 +28,12 @@ class CliError(Exception):
 EXIT_STDOUT_CLOSED = 141
 
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-
-
 def parse_size(text: str) -> int:
-    """'500M', '2G', '0' -> bytes (binary units, as Dovecot's quota settings)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 500M or 2G; 0 for no limit)")
-    return int(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower())
+    """'500M', '1.5G', '0' -> bytes, by appliance.sizes (the web console's rule too)."""
+    try:
+        return sizes.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def read_password(args: argparse.Namespace) -> str:
@@ -59,7 +57,7 @@ async def open_db(args: argparse.Namespace) -> Database:
 async def with_accounts(args: argparse.Namespace, action: Callable[[Accounts], Awaitable[Any]]) -> Any:
     db = await open_db(args)
     try:
-        return await action(Accounts(db))
+        return await action(Accounts(db, data=DataLayout(Path(args.data))))
     finally:
         await db.close()
 
@@ -110,11 +108,12 @@ def cmd_user(args: argparse.Namespace) -> None:
             await accounts.set_password(args.address, password)
             print(f"password changed for {args.address}")
         elif args.action == "remove":
-            await accounts.remove_user(args.address)
-            print(f"removed mailbox {args.address} (its mail stays on disk under mail/)")
+            moved = await accounts.remove_user(args.address)
+            kept = f" (its mail is kept {trash.RETENTION_DAYS} days in {moved})" if moved else ""
+            print(f"removed mailbox {args.address}{kept}")
         else:
             for info in await accounts.list_users(args.domain):
-                quota = f"{info.quota_bytes // 1024**2}M" if info.quota_bytes else "unlimited"
+                quota = sizes.format_size(info.quota_bytes) or "unlimited"
                 state = "" if info.enabled else "  (disabled)"
                 print(f"{info.address}\t{info.display_name}\t{quota}{state}")
 
@@ -299,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = usub.add_parser("add")
     add.add_argument("address")
     add.add_argument("--name", help="display name")
-    add.add_argument("--quota", type=parse_size, default=0, help="e.g. 2G; 0 = unlimited")
+    add.add_argument("--quota", type=parse_size, default=0, help="e.g. 2G or 1.5G; 0 = unlimited")
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     passwd = usub.add_parser("passwd")
     passwd.add_argument("address")

@@ -58,12 +58,19 @@ class DataLayout:
     def backups(self) -> Path:
         return self.root / "backups"
 
+    @property
+    def deleted(self) -> Path:
+        """Mail of removed mailboxes and keys of removed domains, kept for a while (appliance/store/trash.py)."""
+        return self.root / "deleted"
+
     def create(self) -> None:
-        for path in (self.root, self.mail, self.spool, self.tls, self.dkim, self.backups):
+        for path in (self.root, self.mail, self.spool, self.tls, self.dkim, self.backups, self.deleted):
             path.mkdir(parents=True, exist_ok=True)
-        # Keys and mail are private to the box.
-        for path in (self.root, self.tls, self.dkim):
-            path.chmod(0o700)
+        # Keys, mail, the queue and the db are private to the box (issue 11 item 6): no other local
+        # user may list or read them, whatever the umask was when an older version made them.
+        for path in (self.root, self.mail, self.spool, self.tls, self.dkim, self.backups, self.deleted):
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o700)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import sqlite3
 import sys
@@ -17,6 +18,13 @@ import aiosqlite
 log = logging.getLogger(__name__)
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# A migration that rebuilds a table (SQLite cannot change a column's definition in place) asks for
+# this on its first line: foreign keys are off while it runs, so dropping the old table does not
+# cascade into the tables that refer to it, and checked before it commits.
+FOREIGN_KEYS_OFF = "-- letterbox: foreign-keys-off"
+# The database and its -wal/-shm hold password hashes and the relay password: no other local user
+# may read them (issue 11 item 6).
+DB_FILE_MODE = 0o600
 
 
 class DatabaseError(Exception):
@@ -58,10 +66,19 @@ class Database:
 
     @classmethod
     async def open(cls, path: Path, *, migrate: bool = True, migrations: Path | None = None) -> Database:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = await aiosqlite.connect(str(path), isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        await conn.execute("PRAGMA journal_mode=WAL")
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # SQLite creates the db, -wal and -shm with 0644 minus the umask: a umask of 077 around the
+        # first statements makes them 0600 from the start; files of an older version are chmodded.
+        # The umask is process-wide, so it is set only while the files are being made.
+        old_umask = os.umask(0o077)
+        try:
+            conn = await aiosqlite.connect(str(path), isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute("SELECT COUNT(*) FROM sqlite_master")  # opens the -wal and -shm
+        finally:
+            os.umask(old_umask)
+        secure_db_files(path)
         await conn.execute("PRAGMA synchronous=FULL")  # acknowledged mail must survive power loss
         await conn.execute("PRAGMA foreign_keys=ON")
         await conn.execute("PRAGMA busy_timeout=5000")
@@ -96,11 +113,26 @@ class Database:
                 f"(knows up to {known}); upgrade Letterbox or restore a matching backup"
             )
         for version, name, sql in migrations[current:]:
-            async with self.transaction() as tx:
-                # executescript would COMMIT on its own; split statements to stay in our transaction.
-                for statement in _split_sql(sql):
-                    await tx.execute(statement)
-                await tx.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", (version, name))
+            rebuild = sql.lstrip().startswith(FOREIGN_KEYS_OFF)
+            if rebuild:  # a no-op inside a transaction, so before BEGIN
+                await self._conn.execute("PRAGMA foreign_keys=OFF")
+            try:
+                async with self.transaction() as tx:
+                    # executescript would COMMIT on its own; split statements to stay in our transaction.
+                    for statement in _split_sql(sql):
+                        await tx.execute(statement)
+                    if rebuild:
+                        async with tx.execute("PRAGMA foreign_key_check") as cur:
+                            broken = list(await cur.fetchall())
+                        if broken:
+                            raise DatabaseError(
+                                f"migration {name} would leave {len(broken)} broken reference(s), e.g. in table"
+                                f" {broken[0][0]}; nothing was changed"
+                            )
+                    await tx.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", (version, name))
+            finally:
+                if rebuild:
+                    await self._conn.execute("PRAGMA foreign_keys=ON")
             log.info("migration applied: %s", name)
         return known
 
@@ -146,6 +178,16 @@ class Database:
             "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             (key, value),
         )
+
+
+def secure_db_files(path: Path) -> None:
+    """0600 for the database and its WAL and shared-memory files (made 0644 by an earlier version)."""
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if file.stat().st_mode & 0o077:
+                file.chmod(DB_FILE_MODE)
+        except FileNotFoundError:
+            continue
 
 
 def _split_sql(script: str) -> list[str]:

@@ -9,6 +9,7 @@ import re
 import unicodedata
 from collections.abc import Mapping
 
+from appliance import sizes
 from appliance.account_errors import AccountError
 from appliance.accounts import mail_domain, mailbox_address
 from appliance.address import parse_address
@@ -17,7 +18,6 @@ from appliance.queue.smarthost import DEFAULT_PORTS, RELAY_TLS_MODES, Smarthost,
 
 MAX_FIELD = 1024
 MAX_TARGETS_TEXT = 16 * 1024
-_SIZE = re.compile(r"^(\d{1,7})\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
 
 Errors = dict[str, str]
 
@@ -32,23 +32,15 @@ def secret(values: Mapping[str, str], name: str) -> str:
 
 
 def parse_quota(value: str) -> int:
-    """'' or '0' -> 0 (no limit); '500M', '2G', '1024K' -> bytes (binary units). ValueError otherwise."""
-    value = value.strip()
-    if not value:
+    """'' -> 0 (no limit); otherwise appliance.sizes.parse_size, the rule the CLI uses too
+    ('1.5G', '500M', '0'). ValueError with the reason otherwise."""
+    if not value.strip():
         return 0
-    m = _SIZE.match(value)
-    if not m:
-        raise ValueError("a size like 500M or 2G; 0 or empty for no limit")
-    return int(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower())
+    return sizes.parse_size(value)
 
 
 def format_quota(size: int) -> str:
-    if size == 0:
-        return ""
-    for unit, power in (("T", 4), ("G", 3), ("M", 2), ("K", 1)):
-        if size % 1024**power == 0:
-            return f"{size // 1024**power}{unit}"
-    return str(size)
+    return sizes.format_size(size)
 
 
 def check_password(password: str, again: str, owner: str | None) -> Errors:

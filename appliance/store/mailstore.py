@@ -76,7 +76,10 @@ class MailStore:
     def __init__(self, root: Path, db: Database) -> None:
         self.root = root
         self._db = db
+        # Keyed by the mailboxes row id, which is never reused (migration 0006); `_current` says which
+        # id an address has now, so an entry of a removed mailbox is dropped as soon as it is seen.
         self._mailboxes: dict[int, _Mailbox] = {}
+        self._current: dict[str, int] = {}
         self._watchers: dict[tuple[str, str], set[Watcher]] = {}
 
     # --- start ------------------------------------------------------------------------------------
@@ -386,17 +389,38 @@ class MailStore:
             raise StoreError(f"not a mailbox address: {address[:100]!r}")
         row = await self._db.fetchone(_MAILBOX_SQL, (domain, local))
         if row is None:
+            self.forget_mailbox(f"{local}@{domain}")  # removed, maybe by the CLI in another process
             raise StoreError(f"no such mailbox: {address[:100]}")
         mb = self._mailboxes.get(row[0])
         if mb is None:
-            mb = _Mailbox(row[0], f"{row[2]}@{row[3]}", self.root / row[3] / row[2], row[1])
+            key = f"{row[2]}@{row[3]}"
+            self.forget_mailbox(key)  # a removed mailbox of the same address: nothing of it is reused
+            mb = _Mailbox(row[0], key, self.root / row[3] / row[2], row[1])
             self._mailboxes[mb.id] = mb
+            self._current[key] = mb.id
         mb.quota = row[1]  # the administrator may have changed it
         if not mb.ready:
             async with mb.lock:
                 if not mb.ready:
                     await self._setup(mb)
         return mb
+
+    def forget_mailbox(self, address: str) -> None:
+        """Drop what is cached about the mailbox at `address` (it was removed): its folders are marked
+        deleted, so an operation still holding one fails instead of writing for the next owner of
+        the address. The next access loads the mailbox afresh from the db."""
+        key = _address_key(address)
+        mb_id = self._current.pop(key, None)
+        mb = self._mailboxes.pop(mb_id, None) if mb_id is not None else None
+        if mb is None:
+            return
+        for f in mb.folders.values():
+            f.deleted = True
+        mb.folders.clear()
+        for (owner, _folder), watchers in list(self._watchers.items()):
+            if owner == key:
+                for watcher in list(watchers):
+                    watcher.notify()  # sessions look again and find the mailbox gone
 
     async def _setup(self, mb: _Mailbox) -> None:
         """First access in this process: the Maildir root exists; on the mailbox's first access ever

@@ -34,11 +34,13 @@ def test_domains_users_aliases_round_trip(tmp_path: Path) -> None:
     data = tmp_path / "data"
     assert run(data, "domain", "add", "Example.ORG").returncode == 0
     assert run(data, "domain", "list").stdout.split() == ["example.org"]
-    added = run(data, "user", "add", "Alice@Example.org", "--name", "Alice", "--quota", "1G",
+    added = run(data, "user", "add", "Alice@Example.org", "--name", "Alice", "--quota", "1.5G",
                 "--password-stdin", stdin="correct horse battery staple\n")
     assert added.returncode == 0, added.stderr
     listing = run(data, "user", "list").stdout
-    assert "alice@example.org" in listing and "1024M" in listing
+    assert "alice@example.org" in listing and "\t1.5G" in listing  # issue 10 item 16: decimals accepted
+    with sqlite3.connect(data / "letterbox.db") as db:
+        assert db.execute("SELECT quota_bytes FROM mailboxes").fetchone() == (1536 * 1024**2,)
     assert run(data, "alias", "add", "postmaster@example.org", "alice@example.org").returncode == 0
     assert "postmaster@example.org\talice@example.org" in run(data, "alias", "list").stdout
     changed = run(data, "user", "passwd", "alice@example.org", "--password-stdin",
@@ -65,6 +67,12 @@ def test_domains_users_aliases_round_trip(tmp_path: Path) -> None:
         (("domain", "add", "--", "-bad-.example"), None, "domain"),
         (("user", "remove", "nobody@example.org"), None, "nobody@example.org"),
         (("alias", "add", "x@example.org", "not an address"), None, "address"),
+        # Issue 10 item 8: an IP address, or anything not a DNS name, is never a mail domain.
+        (("domain", "add", "10.0.0.1"), None, "IP address"),
+        (("domain", "add", "192.168.1.5."), None, "IP address"),
+        (("domain", "add", "::1"), None, "IP address"),
+        (("domain", "add", "1.2.3.4.5"), None, "number"),
+        (("domain", "add", "localhost"), None, "dot"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path: Path, args: tuple[str, ...], stdin: str | None,
@@ -157,3 +165,62 @@ def test_serve_keeps_serving_after_its_stdout_reader_went_away(tmp_path: Path, c
     stderr = box.log_path.read_text()
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+def test_bad_quota_says_what_a_size_looks_like(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    run(data, "domain", "add", "example.org")
+    result = run(data, "user", "add", "bob@example.org", "--quota", "lots", "--password-stdin",
+                 stdin="a long enough password\n")
+    assert result.returncode != 0 and "not a size: 'lots'" in result.stderr and "1.5G" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_alias_and_mailbox_never_share_an_address(tmp_path: Path) -> None:
+    """Issue 10 item 10: an alias named like a mailbox would take all of its mail; refused both ways."""
+    data = tmp_path / "data"
+    run(data, "domain", "add", "example.org")
+    assert run(data, "user", "add", "bob@example.org", "--password-stdin", stdin="a long enough password\n").returncode == 0
+    assert_one_line_error(run(data, "alias", "add", "Bob@example.org", "eve@elsewhere.test"), "is a mailbox")
+    # Explicitly keeping a copy is a forward, not a takeover.
+    kept = run(data, "alias", "add", "bob@example.org", "bob@example.org", "bob@elsewhere.test")
+    assert kept.returncode == 0, kept.stderr
+    assert run(data, "alias", "add", "sales@example.org", "bob@example.org").returncode == 0
+    again = run(data, "user", "add", "sales@example.org", "--password-stdin", stdin="a long enough password\n")
+    assert_one_line_error(again, "already an alias")
+
+
+def test_removed_mailbox_mail_is_moved_aside_and_the_address_starts_empty(tmp_path: Path) -> None:
+    """Issue 10 item 1, from the CLI: the Maildir leaves mail/ for deleted/, so the same address created
+    again sees nothing of it."""
+    data = tmp_path / "data"
+    run(data, "domain", "add", "example.org")
+    password = "a long enough password\n"
+    assert run(data, "user", "add", "jonh@example.org", "--password-stdin", stdin=password).returncode == 0
+    maildir = data / "mail" / "example.org" / "jonh"
+    (maildir / "new").mkdir(parents=True)
+    (maildir / "new" / "1.M1P1.box").write_bytes(b"Subject: private\r\n\r\njonh's secret\r\n")
+    removed = run(data, "user", "remove", "jonh@example.org")
+    assert removed.returncode == 0, removed.stderr
+    assert "deleted" in removed.stdout and "30 days" in removed.stdout
+    assert not maildir.exists()
+    [entry] = (data / "deleted").iterdir()
+    assert entry.name.endswith("-mailbox-jonh@example.org")
+    assert (entry / "mail" / "new" / "1.M1P1.box").read_bytes().endswith(b"jonh's secret\r\n")
+    assert run(data, "user", "add", "jonh@example.org", "--password-stdin", stdin=password).returncode == 0
+    assert not maildir.exists()
+
+
+def test_removed_domain_takes_its_dkim_keys_along(tmp_path: Path) -> None:
+    """Issue 10 item 8: removing a domain left dkim/<domain>/ behind, reused if the name came back."""
+    data = tmp_path / "data"
+    run(data, "domain", "add", "example.org")
+    assert run(data, "dkim", "rotate", "example.org").returncode == 0
+    keys = data / "dkim" / "example.org"
+    assert list(keys.glob("*.key"))
+    assert run(data, "domain", "remove", "example.org").returncode == 0
+    assert not keys.exists()
+    [entry] = (data / "deleted").iterdir()
+    assert entry.name.endswith("-domain-example.org") and list((entry / "dkim").glob("*.key"))
+    with sqlite3.connect(data / "letterbox.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM settings WHERE key LIKE 'dkim_selector:%'").fetchone() == (0,)

@@ -54,7 +54,7 @@ async def build_services(root: Path, *, policy: ThrottlePolicy = NO_THROTTLE, ho
     layout = DataLayout(root)
     layout.create()
     db = await Database.open(layout.db)
-    accounts = Accounts(db, hasher=FAST)
+    accounts = Accounts(db, hasher=FAST, data=layout)
     return Services(
         config=ServeConfig(data=layout, listen="127.0.0.1", hostname=hostname),
         db=db,

@@ -183,7 +183,7 @@ def test_set_password(web: WebClient) -> None:
 def test_delete_mailbox_after_confirmation(web: WebClient) -> None:
     web.add_user()
     confirm = web.get(f"/console/mailboxes/{ALICE}/delete")
-    assert f"Delete the mailbox {ALICE}?" in confirm.text and "stays on disk" in confirm.text
+    assert f"Delete the mailbox {ALICE}?" in confirm.text and "starts empty" in confirm.text
     assert web.run(web.services.accounts.get_user, ALICE) is not None  # GET never deletes
     response = web.post(f"/console/mailboxes/{ALICE}/delete", token_from=f"/console/mailboxes/{ALICE}/delete")
     assert response.headers["location"] == "/console/mailboxes"

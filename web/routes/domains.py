@@ -11,9 +11,11 @@ from appliance import dkim_keys
 from appliance.account_errors import AccountError
 from appliance.dns_check import load_results
 from appliance.dns_records import SETTING_IPV4, SETTING_IPV6, domain_records
+from appliance.store import trash
 from web import forms, wizard
 from web.console_data import dns_ports
 from web.pages import flash, read_form, redirect, removed, render, require, services
+from web.routes.mailboxes import segment
 from web.routes.setup import run_check, save_addresses
 
 
@@ -54,7 +56,7 @@ async def domain_add(request: Request) -> Response:
     await dkim_keys.ensure_key(svc.db, svc.config.data.dkim, domain)
     await svc.events.record("web", f"domain {domain} added")
     flash(request, f"Domain {domain} added: now create its DNS records.")
-    return redirect(f"/console/domains/{domain}")
+    return redirect(f"/console/domains/{segment(domain)}")
 
 
 async def domain_dns(request: Request, errors: dict[str, str] | None = None,
@@ -83,7 +85,7 @@ async def domain_check(request: Request) -> Response:
     assert isinstance(result, wizard.Next)
     await save_addresses(request, dict(result.data))
     await run_check(request, domain)
-    return redirect(f"/console/domains/{domain}")
+    return redirect(f"/console/domains/{segment(domain)}")
 
 
 async def domain_delete(request: Request) -> Response:
@@ -92,9 +94,11 @@ async def domain_delete(request: Request) -> Response:
     domain = await _domain(request)
     if request.method == "GET":
         return await render(request, "console/confirm.html", {
-            "title": f"Remove {domain}", "section": "domains", "action": f"/console/domains/{domain}/delete",
+            "title": f"Remove {domain}", "section": "domains", "action": f"/console/domains/{segment(domain)}/delete",
             "question": f"Remove the domain {domain}?",
-            "detail": "Only a domain without mailboxes and aliases can be removed.", "back": "/console/domains",
+            "detail": "Only a domain without mailboxes and aliases can be removed. Its DKIM keys are moved to the "
+                      f"deleted/ folder of the data directory and removed for good after {trash.RETENTION_DAYS} days.",
+            "back": "/console/domains",
         })
     await read_form(request)
     return await removed(request, svc.accounts.remove_domain(domain), what=f"domain {domain}", verb="removed",
@@ -104,7 +108,9 @@ async def domain_delete(request: Request) -> Response:
 routes = [
     Route("/console/domains", domains_page, methods=["GET"]),
     Route("/console/domains", domain_add, methods=["POST"]),
-    Route("/console/domains/{domain}", domain_dns, methods=["GET"]),
-    Route("/console/domains/{domain}/check", domain_check, methods=["POST"]),
-    Route("/console/domains/{domain}/delete", domain_delete, methods=["GET", "POST"]),
+    # {domain:path} as for addresses (web/routes/mailboxes.py): whatever an earlier version stored
+    # stays reachable, so it can at least be removed.
+    Route("/console/domains/{domain:path}/check", domain_check, methods=["POST"]),
+    Route("/console/domains/{domain:path}/delete", domain_delete, methods=["GET", "POST"]),
+    Route("/console/domains/{domain:path}", domain_dns, methods=["GET"]),
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -11,11 +12,27 @@ from starlette.routing import Route
 
 from appliance.account_errors import AccountError, AlreadyExists, InvalidAddress, WeakPassword
 from appliance.accounts import MailboxInfo
+from appliance.store import trash
 from appliance.store.model import StoreError
 from web import forms
 from web.pages import flash, read_form, redirect, removed, render, require, services
 
 MAX_USAGE_LOOKUPS = 200  # the list shows usage for this many mailboxes; the rest on their own page
+
+
+def segment(value: str) -> str:
+    """An address as one URL path segment: '/', '%', '?', '#', spaces and non-ASCII percent-encoded
+    (RFC 3986 3.3), '@' and '+' kept for readability. The routes take the rest of the path
+    ({name:path}), since the server decodes '%2F' back into '/' before routing (issue 11 item 5)."""
+    return quote(value, safe="@+")
+
+
+def mailbox_url(address: str, action: str = "") -> str:
+    return f"/console/mailboxes/{segment(address)}{'/' + action if action else ''}"
+
+
+def alias_url(source: str, action: str = "") -> str:
+    return f"/console/aliases/{segment(source)}{'/' + action if action else ''}"
 
 
 async def _usage(request: Request, address: str) -> int | None:
@@ -105,7 +122,7 @@ async def mailbox_update(request: Request) -> Response:
         changes.append(f"quota {forms.format_quota(quota) or 'unlimited'}")
     await svc.events.record("web", f"mailbox {info.address} changed" + (f": {', '.join(changes)}" if changes else ""))
     flash(request, f"Mailbox {info.address} saved.")
-    return redirect(f"/console/mailboxes/{info.address}")
+    return redirect(mailbox_url(info.address))
 
 
 async def mailbox_password(request: Request) -> Response:
@@ -123,7 +140,7 @@ async def mailbox_password(request: Request) -> Response:
         return await mailbox_page(request, errors)
     await svc.events.record("web", f"password of {info.address} set by an administrator")
     flash(request, f"New password set for {info.address}.")
-    return redirect(f"/console/mailboxes/{info.address}")
+    return redirect(mailbox_url(info.address))
 
 
 async def mailbox_delete(request: Request) -> Response:
@@ -132,15 +149,21 @@ async def mailbox_delete(request: Request) -> Response:
     if request.method == "GET":
         return await render(request, "console/confirm.html", {
             "title": f"Delete {info.address}", "section": "mailboxes",
-            "action": f"/console/mailboxes/{info.address}/delete",
+            "action": mailbox_url(info.address, "delete"),
             "question": f"Delete the mailbox {info.address}?",
-            "detail": "It can no longer log in or receive mail. Its stored mail stays on disk under "
-                      f"mail/{info.address.split('@')[1]}/{info.address.split('@')[0]}/ until you remove it.",
-            "back": f"/console/mailboxes/{info.address}",
+            "detail": "It can no longer log in or receive mail. Its stored mail is moved to the deleted/ folder "
+                      f"of the data directory and removed for good after {trash.RETENTION_DAYS} days; a mailbox "
+                      "created later with the same address starts empty.",
+            "back": mailbox_url(info.address),
         })
     await read_form(request)
-    return await removed(request, services(request).accounts.remove_user(info.address),
-                         what=f"mailbox {info.address}", verb="deleted", back="/console/mailboxes")
+    svc = services(request)
+
+    async def remove() -> None:
+        await svc.accounts.remove_user(info.address)
+        svc.store.forget_mailbox(info.address)  # nothing cached for it may serve the next owner
+
+    return await removed(request, remove(), what=f"mailbox {info.address}", verb="deleted", back="/console/mailboxes")
 
 
 # --- aliases ------------------------------------------------------------------------------------------
@@ -220,7 +243,7 @@ async def alias_delete(request: Request) -> Response:
     source, targets = await _alias_source(request)
     if request.method == "GET":
         return await render(request, "console/confirm.html", {
-            "title": f"Delete {source}", "section": "aliases", "action": f"/console/aliases/{source}/delete",
+            "title": f"Delete {source}", "section": "aliases", "action": alias_url(source, "delete"),
             "question": f"Delete the alias {source}?",
             "detail": f"Mail to it will no longer reach {', '.join(targets)}.", "back": "/console/aliases",
         })
@@ -229,16 +252,18 @@ async def alias_delete(request: Request) -> Response:
                          what=f"alias {source}", verb="deleted", back="/console/aliases")
 
 
+# {name:path}: a stored address may contain '/' (an alias's local part), which arrives decoded. The
+# action routes come first: an address always ends in '@domain', so '.../delete' is never one.
 routes = [
     Route("/console/mailboxes", mailboxes_page, methods=["GET"]),
     Route("/console/mailboxes", mailbox_create, methods=["POST"]),
-    Route("/console/mailboxes/{address}", mailbox_page, methods=["GET"]),
-    Route("/console/mailboxes/{address}", mailbox_update, methods=["POST"]),
-    Route("/console/mailboxes/{address}/password", mailbox_password, methods=["POST"]),
-    Route("/console/mailboxes/{address}/delete", mailbox_delete, methods=["GET", "POST"]),
+    Route("/console/mailboxes/{address:path}/password", mailbox_password, methods=["POST"]),
+    Route("/console/mailboxes/{address:path}/delete", mailbox_delete, methods=["GET", "POST"]),
+    Route("/console/mailboxes/{address:path}", mailbox_page, methods=["GET"]),
+    Route("/console/mailboxes/{address:path}", mailbox_update, methods=["POST"]),
     Route("/console/aliases", aliases_page, methods=["GET"]),
     Route("/console/aliases", alias_create, methods=["POST"]),
-    Route("/console/aliases/{source}", alias_page, methods=["GET"]),
-    Route("/console/aliases/{source}", alias_update, methods=["POST"]),
-    Route("/console/aliases/{source}/delete", alias_delete, methods=["GET", "POST"]),
+    Route("/console/aliases/{source:path}/delete", alias_delete, methods=["GET", "POST"]),
+    Route("/console/aliases/{source:path}", alias_page, methods=["GET"]),
+    Route("/console/aliases/{source:path}", alias_update, methods=["POST"]),
 ]
