@@ -274,3 +274,89 @@ def test_international_domains_are_shown_in_unicode_with_the_a_label(web: WebCli
     mailboxes = html.unescape(web.get("/console/mailboxes").text)
     assert "anna@bücher.example (anna@xn--bcher-kva.example)" in mailboxes
     assert '<option value="xn--bcher-kva.example">' in mailboxes  # the form still sends the stored name
+
+
+# --- issue 11 item 5: every stored address is reachable -------------------------------------------------
+
+@pytest.mark.parametrize("local", ["a/b", "100%", "what?", "x#y", "p+q", "%2F", "a/delete", "{}&=~"])
+def test_alias_with_any_storable_character_can_be_opened_edited_and_deleted(web: WebClient, local: str) -> None:
+    web.add_user()
+    source = f"{local}@{DOMAIN}".lower()  # stored lower-case
+    created = web.post("/console/aliases", {"local": local, "domain": DOMAIN, "targets": ALICE},
+                       token_from="/console/aliases")
+    assert created.status_code == 303, error_of(created.text, "local")
+    listing = web.get("/console/aliases").text
+    links = {html.unescape(m) for m in re.findall(r'href="(/console/aliases/[^"]+)"', listing)}
+    [page_link] = [link for link in links if not link.endswith("/delete")]
+    [delete_link] = [link for link in links if link.endswith("/delete")]
+    page = web.get(page_link)
+    assert page.status_code == 200 and f"Alias {html.escape(source)}" in page.text
+    edit_action = html.unescape(re.search(r'<form method="post" action="(/console/aliases/[^"]+)"', page.text).group(1))  # type: ignore[union-attr]
+    response = web.post(edit_action, {"targets": f"{ALICE}, someone@elsewhere.example"}, token_from=page_link)
+    assert response.status_code == 303
+    assert web.run(web.services.accounts.get_alias, source).targets == (ALICE, "someone@elsewhere.example")
+    confirm = web.get(delete_link)
+    assert confirm.status_code == 200 and "Delete the alias" in confirm.text
+    action = html.unescape(re.search(r'<form method="post" action="(/console/aliases/[^"]+)"', confirm.text).group(1))  # type: ignore[union-attr]
+    assert web.post(action, token_from=delete_link).status_code == 303
+    assert web.run(web.services.accounts.get_alias, source) is None
+
+
+def test_mailbox_with_plus_and_dots_can_be_opened_and_deleted(web: WebClient) -> None:
+    address = f"first.last+x@{DOMAIN}"
+    web.add_user(address)
+    listing = web.get("/console/mailboxes").text
+    links = {html.unescape(m) for m in re.findall(r'href="(/console/mailboxes/[^"]+)"', listing)}
+    [delete_link] = [link for link in links if link.endswith("/delete")]
+    [page_link] = links - {delete_link}
+    assert web.get(page_link).status_code == 200
+    response = web.post(page_link, {"name": "F", "quota": "1.5G", "enabled": "on"}, token_from=page_link)
+    assert response.status_code == 303 and web.get(response.headers["location"]).status_code == 200
+    assert web.run(web.services.accounts.get_user, address).quota_bytes == 1536 * 1024**2
+    assert web.post(delete_link, token_from=delete_link).status_code == 303
+    assert web.run(web.services.accounts.get_user, address) is None
+
+
+# --- issue 10 items 8, 10, 16 in the console --------------------------------------------------------------
+
+@pytest.mark.parametrize("domain", ["10.0.0.1", "2001:db8::1", "1.2.3.4.5"])
+def test_console_refuses_an_ip_address_as_domain(web: WebClient, domain: str) -> None:
+    response = web.post("/console/domains", {"domain": domain}, token_from="/console/domains")
+    assert response.status_code == 400
+    assert "IP address" in error_of(response.text, "domain") or "number" in error_of(response.text, "domain")
+    assert web.run(web.services.accounts.list_domains) == [DOMAIN]
+
+
+def test_console_refuses_an_alias_named_like_a_mailbox(web: WebClient) -> None:
+    web.add_user()
+    form = web.get("/console/aliases").text
+    assert "cannot be that of a mailbox" in form  # said before anyone tries
+    response = web.post("/console/aliases", {"local": "alice", "domain": DOMAIN, "targets": "eve@elsewhere.example"},
+                        token_from="/console/aliases")
+    assert response.status_code == 400 and "is a mailbox" in error_of(response.text, "local")
+    assert web.run(web.services.accounts.resolve, ALICE).mailboxes == (ALICE,)
+    web.run(web.services.accounts.add_alias, f"sales@{DOMAIN}", [ALICE])
+    assert "already an alias" in web.get("/console/mailboxes").text  # the form's hint
+    response = create_alice(web, local="sales")
+    assert response.status_code == 400 and "already an alias" in error_of(response.text, "local")
+
+
+def test_console_quota_takes_decimals(web: WebClient) -> None:
+    response = create_alice(web, quota="1.5G")
+    assert response.status_code == 303
+    assert web.run(web.services.accounts.get_user, ALICE).quota_bytes == 1536 * 1024**2
+    assert 'value="1.5G"' in web.get(f"/console/mailboxes/{ALICE}").text
+
+
+def test_console_mailbox_delete_moves_mail_aside(web: WebClient) -> None:
+    web.add_user()
+    web.run(web.services.store.deliver, [ALICE], b"Subject: private\r\n\r\nfor alice\r\n")
+    confirm = web.get(f"/console/mailboxes/{ALICE}/delete")
+    assert "30 days" in confirm.text
+    web.post(f"/console/mailboxes/{ALICE}/delete", token_from=f"/console/mailboxes/{ALICE}/delete")
+    data = web.services.config.data
+    assert not (data.mail / DOMAIN / "alice").exists()
+    [entry] = data.deleted.iterdir()
+    assert any(b"for alice" in p.read_bytes() for p in (entry / "mail").rglob("*") if p.is_file() and "new" in p.parts)
+    web.add_user()
+    assert web.run(web.services.store.snapshot, ALICE, "INBOX").messages == ()

@@ -15,12 +15,12 @@ from appliance.store import trash
 from web import forms, wizard
 from web.console_data import dns_ports
 from web.pages import flash, read_form, redirect, removed, render, require, services
-from web.routes.mailboxes import segment
+from web.routes.mailboxes import path_address, segment
 from web.routes.setup import run_check, save_addresses
 
 
 async def _domain(request: Request) -> str:
-    domain = str(request.path_params["domain"]).lower()
+    domain = path_address(request, "domain").lower()
     if not await services(request).accounts.is_local_domain(domain):
         raise HTTPException(404, f"{domain[:100]} is not a domain of this box.")
     return domain
