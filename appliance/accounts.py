@@ -117,9 +117,9 @@ class _Expansion:
 # --- input checks (pure) -------------------------------------------------------------------------------
 
 def mail_domain(name: str) -> str:
-    """A name that can be a local mail domain: A-label, lower-case, a DNS name of at least two labels
-    whose last label is not all digits; never an address literal or a bare IP address. The one check
-    behind the wizard, the console and the CLI (issue 10 item 8)."""
+    """A DNS name that can be a mail domain or a host name: A-label, lower-case, its last label not all
+    digits; never an address literal or a bare IP address (issue 10 item 8). new_mail_domain() adds
+    the rules for a domain of this box."""
     text = name.strip()
     if text.startswith("["):
         raise InvalidAddress(f"not a valid domain name: {name[:80]!r} (an address literal cannot be a mail domain)")
@@ -129,14 +129,22 @@ def mail_domain(name: str) -> str:
         )
     domain = parse_domain(text)
     labels = domain.split(".")
-    if len(labels) < 2:
-        raise InvalidAddress(f"not a valid domain name: {name[:80]!r} (a mail domain has at least one dot, e.g. example.org)")
     # RFC 3696 2: a top-level domain is never all-numeric, so '10.0.0.1' or '1.2.3.4.5' is not a
     # domain name even though each label is valid on its own.
     if labels[-1].isdigit():
         raise InvalidAddress(
             f"not a valid domain name: {name[:80]!r} (the last part cannot be a number; an IP address cannot be a mail domain)"
         )
+    return domain
+
+
+def new_mail_domain(name: str) -> str:
+    """The one check of a domain added to the box, whether by the wizard, the console or the CLI (all
+    through Accounts.add_domain): mail_domain() and at least two labels, since mail for a one-label
+    name ('localhost', 'mail') can never come from outside."""
+    domain = mail_domain(name)
+    if "." not in domain:
+        raise InvalidAddress(f"not a valid domain name: {name[:80]!r} (a mail domain has at least one dot, e.g. example.org)")
     return domain
 
 
@@ -291,7 +299,7 @@ class Accounts:
 
     async def add_domain(self, name: str) -> str:
         """Add a local mail domain; returns the canonical (A-label) name."""
-        domain = mail_domain(name)
+        domain = new_mail_domain(name)
         async with self._db.transaction() as tx:
             if await _one(tx, "SELECT 1 FROM domains WHERE name = ?", (domain,)):
                 raise AlreadyExists(f"domain {domain} already exists")

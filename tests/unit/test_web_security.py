@@ -29,7 +29,7 @@ def all_routes() -> list[tuple[str, str]]:
         if isinstance(route, Route):
             path = route.path
             for name, value in PARAMS.items():
-                path = path.replace("{" + name + "}", value)
+                path = re.sub(r"\{" + name + r"(:\w+)?\}", value, path)
             for method in sorted(route.methods or ()):
                 if method != "HEAD":
                     found.append((method, path))
