@@ -17,7 +17,7 @@ Rules every caller can rely on:
   by an earlier version keep working by the rule above.
 - Removing a mailbox moves its Maildir aside (appliance/store/trash.py), so a mailbox created later
   under the same address starts empty; removing a domain moves its DKIM keys aside the same way.
-  Row ids are never reused (migration 0006), so nothing keyed by an id can reach a new owner.
+  Row ids are never reused (migration 0007), so nothing keyed by an id can reach a new owner.
 """
 
 from __future__ import annotations

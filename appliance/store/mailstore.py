@@ -76,7 +76,7 @@ class MailStore:
     def __init__(self, root: Path, db: Database) -> None:
         self.root = root
         self._db = db
-        # Keyed by the mailboxes row id, which is never reused (migration 0006); `_current` says which
+        # Keyed by the mailboxes row id, which is never reused (migration 0007); `_current` says which
         # id an address has now, so an entry of a removed mailbox is dropped as soon as it is seen.
         self._mailboxes: dict[int, _Mailbox] = {}
         self._current: dict[str, int] = {}
