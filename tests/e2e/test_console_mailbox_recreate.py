@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import imaplib
 import smtplib
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,3 +146,14 @@ def test_deleted_mailbox_mail_never_reaches_a_new_mailbox(served: ServedBox) -> 
     assert entry.name.endswith(f"-mailbox-{JONH}")
     assert any(SECRET.encode() in p.read_bytes() for p in (entry / "mail").rglob("*") if p.is_file()
                and p.parent.name in ("new", "cur"))
+
+
+def test_served_data_is_private_to_the_box(served: ServedBox) -> None:
+    """Issue 11 item 6: the db (password hashes, the relay password) and its -wal/-shm are 0600, and the
+    data directory and every directory of secrets or mail 0700, while `letterbox serve` runs."""
+    data = served.data
+    for path in (data.db, data.db.with_name("letterbox.db-wal"), data.db.with_name("letterbox.db-shm"),
+                 *data.tls.glob("*.key"), *data.tls.glob("*key*.pem")):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for path in (data.root, data.mail, data.spool, data.tls, data.dkim, data.backups, data.deleted):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
