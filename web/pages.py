@@ -91,7 +91,11 @@ async def end_session(request: Request) -> None:
     request.state.principal = None
 
 
-async def log_out(request: Request) -> None:
+async def log_out(request: Request, *, everywhere: bool = False) -> None:
+    """End this session; `everywhere`: every session of the account too (other browsers and devices)."""
+    principal = await current(request) if everywhere else None
+    if principal is not None:
+        await _sessions(request).end_all(_kind(principal.role), principal.name)
     await end_session(request)
 
 

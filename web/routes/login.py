@@ -87,8 +87,14 @@ def remember_device(request: Request, response: Response, principal: Principal, 
 
 
 async def logout(request: Request) -> Response:
-    await read_form(request)
-    await log_out(request)
+    """Ends this session on the server (a copy of the cookie is worth nothing after); with
+    everywhere=1, every session of the account."""
+    values = await read_form(request)
+    everywhere = values.get("everywhere") == "1"
+    principal = await current(request)
+    await log_out(request, everywhere=everywhere)
+    if principal is not None and everywhere:
+        await services(request).events.record("web", f"{principal.name} logged out on every device")
     return redirect("/login")
 
 
