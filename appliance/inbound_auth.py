@@ -314,7 +314,9 @@ def public_suffixes() -> PublicSuffixList:
 def organizational_domain(domain: str) -> str:
     """RFC 7489 3.2: the registered domain (one label below the public suffix)."""
     domain = domain.lower().rstrip(".")
-    return public_suffixes().privatesuffix(domain) or domain
+    # Empty labels (`a..bank.example`) are no name DNS holds, but a reader still sees bank.example.
+    labels = ".".join(label for label in domain.split(".") if label)
+    return public_suffixes().privatesuffix(labels) or labels
 
 
 def aligned(from_domain: str, other: str, mode: str) -> bool:
@@ -350,6 +352,11 @@ def _dmarc_record(resolver: dns.resolver.Resolver, domain: str) -> dict[str, str
         return None
     except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
         raise _DnsTemporary(str(exc)) from exc
+    except (dns.exception.SyntaxError, dns.exception.FormError, UnicodeError, ValueError):
+        # Not a name DNS can hold (a label over 63 octets, an empty label): no record here, but the
+        # organizational domain's record still applies (its p= or sp=), so such an author under a
+        # p=reject domain cannot slip past it.
+        return None
     records = [parse_dmarc_record(b"".join(r.strings).decode("utf-8", "replace")) for r in answer]
     valid = [r for r in records if r is not None]
     return valid[0] if len(valid) == 1 else None

@@ -306,6 +306,8 @@ def test_the_mx_refuses_a_spoof_with_a_malformed_header_line(mx: BoxHandle, zone
     b"NoColonHeader\r\nFrom: ceo@sender.test\r\nSubject: hidden\r\n\r\nPay.\r\n",  # From: behind junk
     b"From: a@other.test\r\nFrom: ceo@sender.test\r\nSubject: two\r\n\r\nPay.\r\n",  # a second From:
     b"From: a@other.test, ceo@sender.test\r\nSubject: two authors\r\n\r\nPay.\r\n",
+    b"From: ceo@" + b"x" * 70 + b".sender.test\r\nSubject: no such name\r\n\r\nPay.\r\n",  # label > 63
+    b"From: ceo@a..sender.test\r\nSubject: empty label\r\n\r\nPay.\r\n",
 ])
 def test_the_mx_refuses_a_spoof_hidden_from_the_from_parser(mx: BoxHandle, zone: ZoneServer, data: bytes) -> None:
     zone.set("sender.test", "TXT", [txt("v=spf1 ip4:192.0.2.1 -all")])
