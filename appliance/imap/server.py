@@ -158,12 +158,15 @@ class ConnectionHandler:
         return self._command_started + self.limits.command_timeout + literal_seconds
 
     def _input_done(self) -> None:
-        """A command (or raw line) is complete: the next one's clock starts with its first byte,
-        which may already be buffered (pipelining)."""
-        self._command_started = asyncio.get_running_loop().time() if self.conn.buffered else None
+        """A command (or raw line) is complete: the next one's clock starts with its first byte."""
+        self._command_started = None
 
     async def _read(self, seconds: float, bye: bool = True) -> bool:
         loop = asyncio.get_running_loop()
+        if self._command_started is None and self.conn.buffered:
+            # Part of the next command came pipelined behind the last one: its clock starts now,
+            # when the server turns to it, not while the server was busy answering the one before.
+            self._command_started = loop.time()
         deadline = self._command_deadline()
         if deadline is not None:
             seconds = min(seconds, deadline - loop.time())

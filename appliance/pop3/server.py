@@ -109,12 +109,15 @@ class ConnectionHandler:
     # --- the loop ----------------------------------------------------------------------------------
 
     def _line_done(self) -> None:
-        """A line is complete: the next one's clock starts with its first byte, which may already be
-        buffered (pipelining, RFC 2449 6.6)."""
-        self._line_started = asyncio.get_running_loop().time() if self.conn.buffered else None
+        """A line is complete: the next one's clock starts with its first byte."""
+        self._line_started = None
 
     async def _read(self) -> bool:
         loop = asyncio.get_running_loop()
+        if self._line_started is None and self.conn.buffered:
+            # Part of the next line came pipelined (RFC 2449 6.6) behind the last one: its clock
+            # starts when the server turns to it, not while it was busy answering the one before.
+            self._line_started = loop.time()
         seconds = self.limits.idle_timeout
         deadline = None
         if self._line_started is not None:  # a line has begun: it must end in time, however slowly it comes
