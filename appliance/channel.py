@@ -425,10 +425,22 @@ async def start_listener(
     tasks: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
 
-    async def serve_one(channel: Channel, handler: Handler) -> None:
+    async def serve_one(channel: Channel, slot: Slot, handler: Handler) -> None:
         try:
+            if tls_context is not None:
+                # Implicit TLS: the handshake happens here, after accept, so a connection is counted
+                # (per address, per network, pre-auth) from its first moment, and its pre-auth
+                # deadline bounds the handshake too. With create_server(ssl=...) asyncio would hold
+                # thousands of silent sockets in their handshake without our knowing.
+                seconds = min(limits.tls_handshake_timeout, slot.preauth_deadline - loop.time())
+                try:
+                    await channel.start_tls(tls_context, max(seconds, 0.001))
+                except (ssl.SSLError, OSError, TimeoutError, ConnectionClosed) as exc:
+                    log.debug("%s: TLS handshake failed: %s", channel.peer, exc)
+                    return
             await handler.serve()
         finally:
+            channel.close()
             await channel.wait_closed(CLOSE_TIMEOUT)
 
     def on_connect(channel: Channel) -> None:
@@ -437,12 +449,15 @@ async def start_listener(
         if slot is None:
             if refused := limiter.refusal_to_log():
                 log.warning("%s: too many connections, refused (%d refused since the last report)", peer, refused)
-            with contextlib.suppress(Exception):
-                channel.write(refusal)
+            if tls_context is None:  # on an implicit-TLS port plaintext would only garble the handshake
+                with contextlib.suppress(Exception):
+                    channel.write(refusal)
             channel.close()
             return
+        if tls_context is not None:
+            channel.stop_reading()  # the ClientHello is for the TLS layer start_tls puts in between
         try:
-            task = loop.create_task(serve_one(channel, make_handler(channel, slot)))
+            task = loop.create_task(serve_one(channel, slot, make_handler(channel, slot)))
         except BaseException:
             slot.release()
             channel.close()
@@ -462,8 +477,6 @@ async def start_listener(
         start_serving=start_serving,
         host=host,
         port=port,
-        ssl=tls_context,
-        ssl_handshake_timeout=limits.tls_handshake_timeout if tls_context is not None else None,
         reuse_address=True,
         backlog=LISTEN_BACKLOG,
     )

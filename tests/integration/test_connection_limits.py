@@ -188,3 +188,43 @@ def test_under_stress_idle_preauth_connections_are_cut_and_logged_in_sessions_ke
         for sock in held:
             sock.close()
         box.run(stop(server))
+
+
+@pytest.mark.parametrize("service", ["imaps", "pop3s"])
+def test_silent_sockets_on_an_implicit_tls_port_are_counted_from_accept(
+    attacked_box: BoxHandle, service: str
+) -> None:
+    # A socket that never sends its ClientHello used to sit in asyncio's handshake, uncounted; now
+    # the handshake runs after accept, inside the connection's slot and its pre-auth deadline.
+    from appliance.imap.limits import ImapLimits
+    from appliance.imap.server import start_server as start_imap
+    from appliance.pop3.limits import Pop3Limits
+    from appliance.pop3.server import start_server as start_pop3
+
+    box = attacked_box
+    if service == "imaps":
+        server = box.run(start_imap(box.services, service, "127.0.0.1", 0, ImapLimits(max_connections_per_client=3)))
+    else:
+        server = box.run(start_pop3(box.services, service, "127.0.0.1", 0, Pop3Limits(max_connections_per_client=3)))
+    port = int(server.sockets[0].getsockname()[1])
+    silent = _hold(port, ["127.0.0.40"] * 3)
+    try:
+        counts = limiter_of(server)
+        wait_for(lambda: counts.count("127.0.0.40") == 3, 10, "the silent sockets are counted")
+        with pytest.raises((OSError, EOFError)):
+            login(service, port, "127.0.0.40", box.client_context, USER, PASSWORD)
+        login(service, port, "127.0.0.41", box.client_context, USER, PASSWORD)
+    finally:
+        for sock in silent:
+            sock.close()
+    try:
+        wait_for(lambda: counts.count("127.0.0.40") == 0, 10, "their slots are released")
+        login(service, port, "127.0.0.40", box.client_context, USER, PASSWORD)
+    finally:
+        box.run(stop(server))
+
+
+def limiter_of(server: asyncio.Server) -> Any:
+    counts = getattr(server, "limiter", None)
+    assert counts is not None, "the listener exposes its ConnectionLimiter"
+    return counts
