@@ -53,6 +53,8 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), r) for p
     (r"The DNS operation timed out\.?|\bTimeout\b", "DNS did not answer in time"),
     (r"The DNS query name does not exist\.?", "the name does not exist in DNS"),
     (r"NoResolverConfiguration", "this box has no DNS server configured"),
+    (r"\[Errno 2\] No such file or directory(: '[^']*')?", "the file does not exist"),
+    (r"\[Errno 13\] Permission denied(: '[^']*')?", "the box may not read it (file permissions)"),
     (r" ?\(_ssl\.c:\d+\)", ""),
 ))
 

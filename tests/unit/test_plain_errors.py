@@ -24,6 +24,8 @@ from appliance.plain_errors import plain
     ("the lookup failed: NoNameservers", "no DNS server answered"),
     ("the lookup failed: Timeout", "DNS did not answer in time"),
     ("connection failed: Connection unexpectedly closed", "the server closed the connection"),
+    ("cannot read the CA file /etc/x.pem: [Errno 2] No such file or directory: '/etc/x.pem'",
+     "/etc/x.pem: the file does not exist"),
 ])
 def test_library_errors_become_plain_words(raw: str, words: str) -> None:
     shown = plain(raw)
