@@ -50,7 +50,7 @@ SETTING_DMARC_REJECT = "dmarc_reject"  # "off": a p=reject failure is delivered,
 SPF_QUERY_TIME = 20.0  # RFC 7208 4.6.4: at least 20 seconds for the whole SPF evaluation
 DNS_TIMEOUT = 5.0  # seconds for one lookup (DKIM key, DMARC record)
 MAX_DKIM_SIGNATURES = 5  # verify at most this many signatures per message (each costs a lookup)
-MAX_HEADER_BYTES = 256 * 1024  # parse at most this much for From:/DKIM (headers are far smaller)
+MAX_HEADER_BYTES = headers.MAX_HEADER_OCTETS  # the MX refuses a longer header section before we run
 # RFC 3463 4.7.0: the sender's policy could not be evaluated now; the sender retries later.
 CHECKS_FAILED_REPLY = "451 4.7.0 Message authentication checks could not be completed, try again later"
 DMARC_REJECT_REPLY = "550 5.7.1 Message rejected: it fails the DMARC policy of {domain}"

@@ -26,6 +26,7 @@ from appliance.smtp.headers import ReceivedFacts, TlsFacts
 from appliance.smtp.inbound import INBOUND_CHECK, InboundCheck, InboundFacts
 from appliance.smtp.limits import SmtpLimits
 from appliance.smtp.policy import (
+    HEADER_TOO_LARGE,
     LMTP_SERVICE,
     MX_SERVICE,
     SUBMISSION_SERVICES,
@@ -362,6 +363,9 @@ class SmtpHandler:
             data = headers.normalise_line_ends(raw)
         if headers.count_received(data) >= self.limits.max_received_headers:
             return self._for_all(env, TOO_MANY_HOPS)
+        if headers.header_section_too_large(data):
+            # The From: checks (DMARC, submission) read this much; a field past it would be unseen.
+            return self._for_all(env, HEADER_TOO_LARGE)
         principal = session.principal
         if self.submission and principal is not None:
             refused = await self._header_sender_refused(principal.name, data)

@@ -13,6 +13,9 @@ from datetime import datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
+# The header section a message may have (Postfix's header_size_limit is 100 KB): every check that
+# reads header fields (DMARC's From:, the submission From:/Sender: rule) sees all of it.
+MAX_HEADER_OCTETS = 256 * 1024
 MAX_HELO_SHOWN = 100  # how much of the client's HELO name a Received header repeats
 MAX_TRACE_ADDRESS = 300
 
@@ -49,7 +52,12 @@ def header_section_end(data: bytes) -> int:
     return end
 
 
-def raw_fields(data: bytes, limit: int = 256 * 1024) -> list[tuple[str, str]]:
+def header_section_too_large(data: bytes, limit: int = MAX_HEADER_OCTETS) -> bool:
+    """True when no empty line ends the header section within `limit` octets (and there is more)."""
+    return len(data) > limit and data.find(b"\r\n\r\n", 0, limit + 4) < 0
+
+
+def raw_fields(data: bytes, limit: int = MAX_HEADER_OCTETS) -> list[tuple[str, str]]:
     """Every (lower-case name, unfolded value) up to the first empty line, as a mail client may read
     them: a malformed line (no colon, a control character in the name) is skipped, not taken as the
     end of the header section, so a field hidden behind one is still seen; `From :` (space before the

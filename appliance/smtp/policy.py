@@ -74,6 +74,7 @@ NEED_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address needs MAIL FROM ... SMTPU
 LITERAL_REFUSED = Reply(550, "5.1.2", "Address literals are not accepted as destinations")
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Local error in processing, try again later")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (mail loop?)")  # RFC 5321 6.3
+HEADER_TOO_LARGE = Reply(552, "5.3.4", "Message header section too large")
 
 
 def header_sender_refused(field: str, address: str) -> Reply:

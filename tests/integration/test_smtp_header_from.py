@@ -97,3 +97,21 @@ def test_the_login_s_own_addresses_are_accepted(client: smtplib.SMTP, box_with_u
         code, text = submit(client, head)
         assert code == 250, (head, text)
     assert len(maildir_messages(box_with_users.data.mail, BOB)) == len(ALLOWED)
+
+
+def test_a_from_hidden_past_a_huge_header_section_is_refused(box_with_users: BoxHandle) -> None:
+    """The checks read the whole header section, so one longer than they read is refused outright."""
+    padding = "".join(f"X-Pad-{i}: {'p' * 900}\r\n" for i in range(300))  # ~270 KB of fields
+    with submission_465(box_with_users) as client:
+        client.login(ALICE, PASSWORD)
+        code, text = submit(client, padding + f"From: {BOB}\r\n")
+        assert code == 552 and text.startswith(b"5.3.4"), text
+        code, _ = submit(client, f"From: {ALICE}\r\n" + padding[: 100 * 1024])  # a long but fair header
+        assert code == 250
+    with smtplib.SMTP("127.0.0.1", box_with_users.port("smtp"), timeout=30) as mx:
+        mx.ehlo("mta.test")
+        mx.mail("x@sender.test")
+        mx.rcpt(BOB)
+        code, _ = mx.data((padding + "From: ceo@sender.test\r\nSubject: x\r\n\r\nx\r\n").encode())
+        assert code == 552
+    assert len(maildir_messages(box_with_users.data.mail, BOB)) == 1

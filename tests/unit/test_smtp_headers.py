@@ -137,3 +137,11 @@ def test_raw_fields_sees_what_a_mail_client_sees() -> None:
             b"\r\nFrom: body@c.test\r\n")
     assert raw_fields(data) == [("from", "a@b.test"), ("subject", "one two")]
     assert raw_fields(b"From: x@y.test\r\n" * 10, limit=32) == [("from", "x@y.test")] * 2
+
+
+def test_header_section_too_large() -> None:
+    from appliance.smtp.headers import header_section_too_large
+
+    assert not header_section_too_large(b"A: b\r\n\r\n" + b"x" * 1000, limit=100)
+    assert header_section_too_large(b"A: " + b"b" * 200 + b"\r\n\r\nbody", limit=100)
+    assert not header_section_too_large(b"A: b\r\n", limit=100)  # all header, but short
