@@ -147,39 +147,47 @@ class _Table(Generic[K]):
         return len(self._buckets)
 
 
+class BudgetUse:
+    """One unit of a budget: counted while its check runs (or waits for a hash slot), and for a
+    window after the check ended. Counting from the end, not the start, is what keeps every 60 s of
+    finished checks (what the log shows) within the limit, however long checks waited."""
+
+    __slots__ = ("until",)
+
+    def __init__(self) -> None:
+        self.until = math.inf
+
+
 class _Budget(Generic[K]):
-    """At most `limit` events per `window` seconds per key: a sliding window of the event times, so no
-    60-second span ever holds more than the limit (a token bucket would allow twice that around a refill).
-    Bounded like _Table."""
+    """At most `limit` uses per `window` seconds per key, as a sliding window (a token bucket would
+    allow twice the limit around a refill). Bounded like _Table."""
 
     def __init__(self, limit: int, window: float, max_tracked: int) -> None:
         self._limit = limit
         self._window = window
         self._max_tracked = max_tracked
-        self._events: OrderedDict[K, deque[float]] = OrderedDict()
+        self._uses: OrderedDict[K, list[BudgetUse]] = OrderedDict()
 
-    def take(self, key: K, now: float) -> bool:
-        """Spend one unit of the key's budget; False (nothing spent) when it is used up."""
-        events = self._events.pop(key, None) or deque()
-        while events and events[0] <= now - self._window:
-            events.popleft()
-        allowed = len(events) < self._limit
-        if allowed:
-            events.append(now)
-        if events:
-            self._events[key] = events  # most recently used last
-            while len(self._events) > self._max_tracked:
-                self._events.popitem(last=False)
-        return allowed
+    def take(self, key: K, now: float) -> BudgetUse | None:
+        """One unit of the key's budget, or None when it is used up."""
+        uses = [use for use in self._uses.pop(key, ()) if use.until > now]
+        taken = None
+        if len(uses) < self._limit:
+            taken = BudgetUse()
+            uses.append(taken)
+        if uses:
+            self._uses[key] = uses  # most recently used last
+            while len(self._uses) > self._max_tracked:
+                self._uses.popitem(last=False)
+        return taken
 
-    def give_back(self, key: K) -> None:
-        """Undo one take (the newest: the count is what matters)."""
-        events = self._events.get(key)
-        if events:
-            events.pop()
+    def give_back(self, key: K, use: BudgetUse) -> None:
+        uses = self._uses.get(key)
+        if uses:
+            self._uses[key] = [other for other in uses if other is not use]
 
     def __len__(self) -> int:
-        return len(self._events)
+        return len(self._uses)
 
 
 def _failures(level: float) -> int:
@@ -229,21 +237,25 @@ class Throttle:
             account_delay,
         )
 
-    def take_check(self, account: str, trusted_client: str | None) -> bool:
-        """May a password be checked now for this account? Spends one check of the budget it comes out
-        of: the trusted client's own, or the one all other clients of the account share."""
+    def take_check(self, account: str, trusted_client: str | None) -> BudgetUse | None:
+        """May a password be checked now for this account? One unit of the budget it comes out of (the
+        trusted client's own, or the one all other clients of the account share), or None. The caller
+        ends it with finish_check, or give_back_check when the password was right."""
         now = self._clock()
         if trusted_client is not None:
             return self._trusted_budget.take((account, trusted_client), now)
         return self._account_budget.take(account, now)
 
-    def give_back_check(self, account: str, trusted_client: str | None) -> None:
+    def finish_check(self, use: BudgetUse) -> None:
+        use.until = self._clock() + self.policy.budget_seconds
+
+    def give_back_check(self, account: str, trusted_client: str | None, use: BudgetUse) -> None:
         """The check found the right password: it was no guess, so it does not use up the budget (the
         owner's many clients logging in at once are not slowed; only failures fill it)."""
         if trusted_client is not None:
-            self._trusted_budget.give_back((account, trusted_client))
+            self._trusted_budget.give_back((account, trusted_client), use)
         else:
-            self._account_budget.give_back(account)
+            self._account_budget.give_back(account, use)
 
     def failed(self, peer: str, account: str) -> str | None:
         """Count a failure; returns 'peer' or 'pair' when it starts a lockout of that key."""
@@ -467,21 +479,26 @@ class Auth:
             if throttle.locked_for(client, key):
                 self._log("locked", kind, account, service, peer, delay)
                 return None
-            if not throttle.take_check(key, trusted):
+            use = throttle.take_check(key, trusted)
+            if use is None:
                 # Not checked at all, so the answer (the usual failure) cannot depend on the password;
                 # not counted as a failure either: it proves nothing about this client.
                 self._log("over-budget", kind, account, service, peer, delay)
                 return None
-            async with self._hash_slots.slot(owner=trusted is not None):
-                if throttle.locked_for(client, key):  # a parallel attempt locked us out while we queued
-                    self._log("locked", kind, account, service, peer, delay)
-                    return None
-                outcome, creds = await self._check(kind, account, password)
-                if outcome == "ok" and creds is not None:
-                    await self._maybe_rehash(kind, creds, password)
+            try:
+                async with self._hash_slots.slot(owner=trusted is not None):
+                    if throttle.locked_for(client, key):  # a parallel attempt locked us out while we queued
+                        throttle.give_back_check(key, trusted, use)
+                        self._log("locked", kind, account, service, peer, delay)
+                        return None
+                    outcome, creds = await self._check(kind, account, password)
+                    if outcome == "ok" and creds is not None:
+                        await self._maybe_rehash(kind, creds, password)
+            finally:
+                throttle.finish_check(use)  # also when the client went away while it waited
             if outcome == "ok":
                 throttle.succeeded(client, key)
-                throttle.give_back_check(key, trusted)
+                throttle.give_back_check(key, trusted, use)
                 if service != "web":  # the web remembers devices (a cookie), not addresses
                     await self._remember(key, client)
             elif outcome != "disabled":  # a right password for a disabled account is not a guess

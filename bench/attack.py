@@ -29,6 +29,7 @@ import asyncio
 import base64
 import contextlib
 import datetime
+import logging
 import os
 import re
 import signal
@@ -316,12 +317,16 @@ async def _relay_one(box: AttackBox, service: str, trick: bytes, source: str, re
                 await conn.starttls()
                 await conn.smtp(b"EHLO attacker.example")
         for sender in (f"<someone@{SENDER_DOMAIN}>".encode(), f"<{ALICE}>".encode(), b"<>"):
-            code, _ = await conn.smtp(b"MAIL FROM:" + sender)
-            if code != 250:
-                await conn.smtp(b"RSET")
-                continue
+            # RCPT even when MAIL was refused (no login on 587/465): it must not be taken either.
+            await conn.smtp(b"MAIL FROM:" + sender)
             result.tried += 1
             code, _ = await conn.smtp(b"RCPT TO:" + trick)
+            if b"\r" in trick or b"\n" in trick:
+                # The box may have read two commands (bare LF ends a line for it, as for Postfix): then
+                # the second reply is the one about the outside recipient, and commands and replies
+                # stay paired.
+                with contextlib.suppress(TimeoutError):
+                    code, _ = await conn.smtp_reply(within=1.0)
             if 200 <= code < 300:
                 result.accepted.append(f"{service}: {trick.decode(errors='replace')!r}")
                 code, _ = await conn.smtp(b"DATA")
@@ -365,13 +370,24 @@ def relay_battery(box: AttackBox, settle_seconds: float = 5.0, tls_tricks: int |
 PROTOCOLS = ("imap", "pop3", "smtp")
 
 
-async def try_login(protocol: str, user: str, password: str, source: str, box: AttackBox) -> bool:
-    """One login over the protocol's implicit-TLS port, from `source`; True when it succeeded."""
+async def try_login(protocol: str, user: str, password: str, source: str, box: AttackBox,
+                    answer_times: list[float] | None = None) -> bool:
+    """One login over the protocol's implicit-TLS port, from `source`; True when it succeeded. The
+    seconds from sending the password to the answer go to `answer_times` (the box's login work,
+    without the connection and TLS handshake)."""
+    sent = 0.0
+
+    def answered() -> None:
+        if answer_times is not None:
+            answer_times.append(time.monotonic() - sent)
+
     if protocol == "imap":
         conn = await Line.open(box.port("imaps"), source, tls=True)
         try:
             await conn.line()
+            sent = time.monotonic()
             reply = await conn.tagged(b"a1", f'LOGIN "{user}" "{password}"'.encode(), within=60)
+            answered()
             return reply.startswith(b"a1 OK")
         finally:
             await conn.close()
@@ -382,7 +398,10 @@ async def try_login(protocol: str, user: str, password: str, source: str, box: A
             conn.writer.write(f"USER {user}\r\n".encode())
             await conn.line()
             conn.writer.write(f"PASS {password}\r\n".encode())
-            return (await conn.line(within=60)).startswith(b"+OK")
+            sent = time.monotonic()
+            ok = (await conn.line(within=60)).startswith(b"+OK")
+            answered()
+            return ok
         finally:
             await conn.close()
     conn = await Line.open(box.port("submissions"), source, tls=True)
@@ -390,7 +409,9 @@ async def try_login(protocol: str, user: str, password: str, source: str, box: A
         await conn.smtp_reply()
         await conn.smtp(b"EHLO guesser.example")
         token = base64.b64encode(f"\0{user}\0{password}".encode())
+        sent = time.monotonic()
         code, _ = await conn.smtp(b"AUTH PLAIN " + token, within=60)
+        answered()
         return code == 235
     finally:
         await conn.close()
@@ -406,7 +427,8 @@ class GuessResult:
     answered: int = 0
     max_checked_per_minute: int = 0  # the most password checks for the account in any 60 s, from the log
     refused_unchecked: int = 0
-    owner_logins: list[float] = field(default_factory=list)  # seconds, during the attack
+    owner_logins: list[float] = field(default_factory=list)  # seconds from connect, during the attack
+    owner_answers: list[float] = field(default_factory=list)  # seconds from sending the password
     owner_failed: int = 0
 
 
@@ -445,7 +467,8 @@ async def _owner_login(box: AttackBox, result: GuessResult) -> None:
     started = time.monotonic()
     ok = False
     with contextlib.suppress(OSError, TimeoutError, ConnectionError, ssl.SSLError, ValueError):
-        ok = await asyncio.wait_for(try_login(result.protocol, result.account, PASSWORD, OWNER_ADDRESS, box), 30)
+        ok = await asyncio.wait_for(
+            try_login(result.protocol, result.account, PASSWORD, OWNER_ADDRESS, box, result.owner_answers), 30)
     if ok:
         result.owner_logins.append(time.monotonic() - started)
     else:
@@ -736,7 +759,8 @@ def run_part(part: str, sizes: Sizes, root: Path) -> tuple[list[str], bool]:
     with attack_box(root / part, guess_users(sizes) if part == "guessing" else []) as box:
         if part == "relay":
             r = relay_battery(box, tls_tricks=sizes.tls_tricks)
-            lines = [f"relay battery: {r.tried} tries on 25, 587 and 465 without a login",
+            lines = [f"relay battery: {r.tried} RCPT tries ({len(relay_tricks())} tricks x 3 senders) on 25, 587 and "
+                     "465 without a login",
                      f"  RCPT accepted   {len(r.accepted)} (local, or a line break made two commands of one)",
                      f"  relayed: {r.relayed}  (outside receiver got {r.delivered_outside}, "
                      f"queued for outside {r.queued_outside})"]
@@ -748,17 +772,20 @@ def run_part(part: str, sizes: Sizes, root: Path) -> tuple[list[str], bool]:
                 brute_attempts=sizes.brute_attempts, seconds=sizes.guess_seconds, modes=sizes.guess_modes)
             lines = ["password guessing (checks counted from the box's auth log; owner = 127.0.0.2, known):"]
             for g in results:
-                owner = f"{max(g.owner_logins):.2f} s" if g.owner_logins else "never"
+                owner = (f"{max(g.owner_logins):.2f} s (password answered in {max(g.owner_answers):.2f} s)"
+                         if g.owner_logins else "never")
                 lines.append(
                     f"  {g.protocol:<4} {g.mode:<6} {g.addresses:>3} addr  {g.attempts:>4} guesses  "
                     f"checked/min/account {g.max_checked_per_minute:>3}  refused unchecked {g.refused_unchecked:>4}  "
                     f"owner login {owner} ({g.owner_failed} failed)")
             worst = max(g.max_checked_per_minute for g in results)
             slowest = max((max(g.owner_logins) for g in results if g.owner_logins), default=float("inf"))
+            answer = max((max(g.owner_answers) for g in results if g.owner_answers), default=float("inf"))
             failed = sum(g.owner_failed for g in results)
             lines.append(f"  passwords checked per minute per account: {worst} (<= {MAX_CHECKS_PER_MINUTE})")
-            lines.append(f"  owner login time during the attack: {slowest:.2f} s (<= {MAX_OWNER_LOGIN_SECONDS:.0f} s), "
-                         f"{failed} owner logins failed; {baseline:.2f} s before the attack")
+            lines.append(f"  owner login time during the attack: {slowest:.2f} s from connect, {answer:.2f} s from "
+                         f"sending the password (<= {MAX_OWNER_LOGIN_SECONDS:.0f} s); {failed} owner logins failed; "
+                         f"{baseline:.2f} s before the attack")
             held = worst <= MAX_CHECKS_PER_MINUTE and slowest <= MAX_OWNER_LOGIN_SECONDS and not failed
             return lines, held
         if part == "slow":
@@ -783,6 +810,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the reduced run of tests/e2e/test_attack.py")
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ",".join(PARTS))
     args = parser.parse_args()
+    # Attackers write to connections the box has already dropped; asyncio would log each of those.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     sizes = QUICK if args.quick else FULL
     parts = [p for p in args.parts.split(",") if p]
     unknown = set(parts) - set(PARTS)

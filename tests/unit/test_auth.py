@@ -383,6 +383,28 @@ def test_distributed_guessing_gets_ten_checks_a_minute_per_account(
     run(tmp_path, scenario)
 
 
+def test_a_check_counts_while_it_waits_and_for_a_minute_after_it_ends() -> None:
+    """Checks that waited long for a hash slot must not bunch up: no 60 s of finished checks (what the
+    log shows) holds more than the budget."""
+    clock = FakeClock()
+    throttle = Throttle(BUDGET, clock)
+    account = "mailbox:alice@example.org"
+    uses = [throttle.take_check(account, None) for _ in range(10)]
+    assert all(use is not None for use in uses)
+    clock.now += 600  # all ten still waiting for a slot: still counted
+    assert throttle.take_check(account, None) is None
+    for use in uses:
+        assert use is not None
+        throttle.finish_check(use)
+    clock.now += 59
+    assert throttle.take_check(account, None) is None
+    clock.now += 1
+    assert throttle.take_check(account, None) is not None
+    # Trusted clients have their own ten.
+    assert all(throttle.take_check(account, "address:192.0.2.9") is not None for _ in range(10))
+    assert throttle.take_check(account, "address:192.0.2.9") is None
+
+
 def test_right_passwords_do_not_use_up_the_budget(tmp_path: Path) -> None:
     async def scenario(box: Box) -> None:
         auth = make_auth(box, FakeClock())
