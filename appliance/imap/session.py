@@ -125,6 +125,7 @@ class ImapSession:
         self.config = config
         self.state: State = "not_authenticated"
         self.user: str | None = None
+        self._generation: int | None = None  # the mailbox logged in to (MailStore.mailbox_generation)
         self.selected: SelectedFolder | None = None
         self.watcher: Watcher | None = None
         self._dirty = False  # look at the store before the next response (watcher fired, client polled)
@@ -155,6 +156,12 @@ class ImapSession:
     async def handle(self, command: Command) -> str:
         """Run one command and answer it; returns the status of the answer (OK, NO or BAD).
         Raises only for bugs (the server logs them and says BYE)."""
+        if self.user is not None and await self.store.mailbox_generation(self.user) != self._generation:
+            # Removed since the login, maybe re-created for someone else: nothing more for this session.
+            self._unselect()
+            self.state = "logout"
+            await self.io.send(Bye("This mailbox no longer exists"))
+            return "NO"
         table = DISPATCH[self.state]
         handler = table.get(command.name)
         try:
@@ -260,6 +267,7 @@ class ImapSession:
         if principal is None or principal.kind != "mailbox":
             raise ImapNo("Authentication failed", "AUTHENTICATIONFAILED")
         self.user = principal.name
+        self._generation = await self.store.mailbox_generation(principal.name)
         self.state = "authenticated"
         await self.io.send(Tagged(command.tag, "OK", "Logged in", self.capability_code()))
 

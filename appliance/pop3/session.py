@@ -26,6 +26,7 @@ from appliance.pop3.protocol import Command, Pop3Connection, State
 from appliance.pop3.replies import (
     AUTH,
     IN_USE,
+    SYS_PERM,
     SYS_TEMP,
     Continuation,
     Err,
@@ -102,6 +103,7 @@ class Pop3Session:
         self.locks = maildrop_locks(services)
         self.mailbox: str | None = None  # canonical address, once logged in (and the lock is ours)
         self.maildrop: Maildrop | None = None
+        self._generation: int | None = None  # the mailbox logged in to (MailStore.mailbox_generation)
         self._user: str | None = None  # the USER argument, waiting for PASS
         self._auth_failures = 0
         self._dispatch: dict[State, dict[str, Handler]] = {
@@ -134,6 +136,13 @@ class Pop3Session:
 
     async def handle(self, command: Command) -> None:
         handler = self._dispatch[self.conn.state][command.name]
+        if self.mailbox is not None and await self.store.mailbox_generation(self.mailbox) != self._generation:
+            # Removed since the login, maybe re-created for someone else: no RETR or QUIT (which
+            # would delete by message number) may touch that mailbox (issue 10 item 1).
+            log.info("pop3 %s: %s was removed; session ended", self.io.peer, self.mailbox)
+            self.conn.close()
+            await self.io.send(Err("This maildrop no longer exists", SYS_PERM))
+            return
         try:
             await handler(command)
         except Pop3Err as exc:
@@ -244,6 +253,7 @@ class Pop3Session:
             log.info("pop3 %s: %s refused, maildrop in use", self.io.peer, mailbox)
             raise Pop3Err("Maildrop is locked by another POP3 session", IN_USE)  # RFC 2449 8.1.1
         try:
+            self._generation = await self.store.mailbox_generation(mailbox)
             snapshot = await self.store.snapshot(mailbox, INBOX)
         except StoreError as exc:
             self.locks.release(mailbox)

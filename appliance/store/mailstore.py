@@ -405,6 +405,14 @@ class MailStore:
                     await self._setup(mb)
         return mb
 
+    async def mailbox_generation(self, address: str) -> int | None:
+        """Which mailbox `address` names now: its row id, never reused (None: no such mailbox). A
+        session keeps the one it logged in to and ends when it changes, so a session opened before
+        the mailbox was removed never reads a later mailbox of the same address (issue 10 item 1)."""
+        local, _, domain = _address_key(address).rpartition("@")
+        row = await self._db.fetchone(_MAILBOX_SQL, (domain, local))
+        return int(row[0]) if row is not None else None
+
     def forget_mailbox(self, address: str) -> None:
         """Drop what is cached about the mailbox at `address` (it was removed): its folders are marked
         deleted, so an operation still holding one fails instead of writing for the next owner of

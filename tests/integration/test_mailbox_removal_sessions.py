@@ -1,0 +1,64 @@
+"""Issue 10 item 1, for sessions: an IMAP or POP3 session logged in before its mailbox was removed ends at
+its next command; it never reads (or, at QUIT, deletes) the mail of a mailbox created later under the
+same address. Before, both sessions went on by address and saw the new owner's mail."""
+
+from __future__ import annotations
+
+import imaplib
+import poplib
+
+import pytest
+
+from tests.conftest import BoxHandle
+
+JONH = "jonh@example.test"
+OLD_PASSWORD, NEW_PASSWORD = "the first jonh's password", "the second jonh's password"
+
+
+def replace_jonh(box: BoxHandle) -> None:
+    """The administrator removes jonh, a new person gets the address, and mail arrives for them."""
+    accounts = box.services.accounts
+    box.run(accounts.remove_user(JONH))
+    box.run(accounts.add_user(JONH, NEW_PASSWORD))
+    [uid] = box.run(box.services.store.deliver([JONH], b"Subject: for the new jonh\r\n\r\nnew secret\r\n")).values()
+    assert uid == 1  # the same UID the old session's message had
+
+
+def test_imap_session_of_a_removed_mailbox_ends(box: BoxHandle) -> None:
+    box.add_user(JONH, OLD_PASSWORD)
+    box.run(box.services.store.deliver([JONH], b"Subject: old\r\n\r\nold letter\r\n"))
+    imap = imaplib.IMAP4_SSL("127.0.0.1", box.port("imaps"), ssl_context=box.client_context, timeout=15)
+    try:
+        imap.login(JONH, OLD_PASSWORD)
+        assert imap.select("INBOX")[1] == [b"1"]
+        replace_jonh(box)
+        with pytest.raises(imaplib.IMAP4.abort, match="no longer exists"):
+            imap.uid("FETCH", "1", "(BODY.PEEK[])")
+    finally:
+        try:
+            imap.shutdown()
+        except OSError:
+            pass
+    new = imaplib.IMAP4_SSL("127.0.0.1", box.port("imaps"), ssl_context=box.client_context, timeout=15)
+    try:
+        new.login(JONH, NEW_PASSWORD)
+        assert new.select("INBOX")[1] == [b"1"]
+    finally:
+        new.logout()
+
+
+def test_pop3_session_of_a_removed_mailbox_ends(box: BoxHandle) -> None:
+    box.add_user(JONH, OLD_PASSWORD)
+    box.run(box.services.store.deliver([JONH], b"Subject: old\r\n\r\nold letter\r\n"))
+    pop = poplib.POP3_SSL("127.0.0.1", box.port("pop3s"), context=box.client_context, timeout=15)
+    try:
+        pop.user(JONH)
+        pop.pass_(OLD_PASSWORD)
+        pop.dele(1)
+        replace_jonh(box)
+        with pytest.raises(poplib.error_proto, match="no longer exists"):
+            pop.retr(1)
+    finally:
+        pop.close()
+    messages = box.run(box.services.store.snapshot(JONH, "INBOX")).messages
+    assert len(messages) == 1 and b"new secret" in messages[0].path.read_bytes()  # nothing expunged
