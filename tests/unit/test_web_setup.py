@@ -76,6 +76,10 @@ def test_the_whole_wizard(web: WebClient) -> None:
     assert 'value="example.test"' in web.get("/setup/2").text
     response = web.post("/setup/2", {"domain": "nodot"}, token_from="/setup/2")
     assert response.status_code == 400 and "one dot" in field_error(response.text, "domain")
+    for address in ("10.0.0.1", "2001:db8::1"):  # issue 10 item 8: an IP address is never a mail domain
+        response = web.post("/setup/2", {"domain": address}, token_from="/setup/2")
+        assert response.status_code == 400 and "IP address" in field_error(response.text, "domain")
+    assert web.run(web.services.accounts.list_domains) == []
     response = web.post("/setup/2", {"domain": DOMAIN}, token_from="/setup/2")
     assert response.headers["location"] == "/setup/3"
     assert web.run(web.services.accounts.list_domains) == [DOMAIN]
