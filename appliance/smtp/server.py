@@ -72,6 +72,8 @@ def with_enhanced_code(line: str) -> str:
     """RFC 2034 3: every 2xx/4xx/5xx reply (but the greeting and HELO/EHLO) carries a status code."""
     if line in REWORDED:
         return REWORDED[line]
+    if line.startswith("502 Could not VRFY "):  # aiosmtpd's answer to an unparsable address
+        return "501 5.5.2 Syntax error in the address"  # RFC 5321 4.2.2/4.3.2: 501 for bad arguments
     m = _REPLY.fullmatch(line)
     if m is None or _ENHANCED.match(m["text"]):
         return line

@@ -21,6 +21,7 @@ from appliance.smtp.server import ConnectionTracker, with_enhanced_code
         ("500 Line too long (see RFC5321 4.5.3.1.6)", "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"),
         ("553 5.1.3 Error: malformed address", "501 5.5.2 Syntax error in the address"),
         ("250 2.1.5 Recipient ok", "250 2.1.5 Recipient ok"),
+        ('502 Could not VRFY "', "501 5.5.2 Syntax error in the address"),
         ("354 End data with <CR><LF>.<CR><LF>", "354 End data with <CR><LF>.<CR><LF>"),
         ("334 VXNlcm5hbWU6", "334 VXNlcm5hbWU6"),
         ("599 odd", "599 5.0.0 odd"),
