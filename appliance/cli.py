@@ -271,6 +271,77 @@ def cmd_dns(args: argparse.Namespace) -> None:
         raise CliError(f"{problems} record{'s are' if problems != 1 else ' is'} not right yet (see above)")
 
 
+# --- cert ----------------------------------------------------------------------------------------
+
+def cmd_cert(args: argparse.Namespace) -> None:
+    from appliance import acme_client, certificates
+    from appliance.app import system_hostname
+    from appliance.events import EventLog
+    from appliance.tls import CertificateProblem, TlsManager
+
+    def read(path: str | None, what: str) -> bytes:
+        if not path:
+            return b""
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise CliError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+    async def act() -> list[str]:
+        db = await open_db(args)
+        try:
+            layout = DataLayout(Path(args.data))
+            hostname = await db.get_setting("hostname") or system_hostname()
+            ctx = certificates.CertContext(
+                db=db, tls=TlsManager(layout.tls, hostname), events=EventLog(db), hostname=lambda: hostname,
+                acme_dir=layout.tls / "acme", http01=None, answers_tls_alpn=False)
+            domains = list(await Accounts(db).list_domains())
+            lines: list[str] = []
+            if args.action == "request":
+                directory = acme_client.LETS_ENCRYPT_STAGING if args.staging else args.directory
+                if args.ca_file:
+                    await db.set_setting(certificates.CA_FILE, args.ca_file)
+                info, names = await certificates.request(
+                    ctx, domains, directory=directory, email=args.email, eab_kid=args.eab_kid,
+                    eab_hmac_key=args.eab_hmac_key)
+                lines += [f"left out: {reason}" for reason in names.left_out]
+                lines.append(f"issued for {', '.join(info.names)} by {info.issuer}, until {info.not_after:%Y-%m-%d}")
+                lines.append("a running box serves it within a few seconds")
+            elif args.action == "renew":
+                renewed = await certificates.renew(ctx, domains, force=args.force)
+                lines.append("not due yet (use --force to renew now)" if renewed is None else
+                             f"renewed: serial {renewed.serial:x}, until {renewed.not_after:%Y-%m-%d}")
+            elif args.action == "import":
+                info = await certificates.import_pem(ctx, read(args.cert, "certificate"), read(args.key, "key"),
+                                                     read(args.chain, "chain"))
+                lines.append(f"installed for {', '.join(info.names)} from {info.issuer}, until {info.not_after:%Y-%m-%d}")
+            elif args.action == "self-signed":
+                info = await certificates.self_signed(ctx)
+                lines.append(f"self-signed certificate for {hostname}, until {info.not_after:%Y-%m-%d}")
+            else:
+                st = await certificates.status(ctx)
+                lines += [
+                    f"source:       {st.source}{'' if st.trusted else ' (mail programs warn about it)'}",
+                    f"names:        {', '.join(st.info.names) or '-'}",
+                    f"issuer:       {st.info.issuer}",
+                    f"valid until:  {st.info.not_after:%Y-%m-%d %H:%M} UTC",
+                    f"next renewal: {f'{st.next_renewal:%Y-%m-%d %H:%M} UTC' if st.next_renewal else '-'}",
+                    f"directory:    {st.directory}",
+                ]
+                if st.order.phase not in ("idle", "issued"):
+                    lines.append(f"last order:   {st.order.phase}: {st.order.message}")
+                if st.last_error:
+                    lines.append(f"last error:   {st.last_error}")
+            return lines
+        except (acme_client.AcmeProblem, CertificateProblem) as exc:
+            raise CliError(str(exc)) from None
+        finally:
+            await db.close()
+
+    for line in asyncio.run(act()):
+        print(line)
+
+
 # --- parser ----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,6 +425,26 @@ def build_parser() -> argparse.ArgumentParser:
         dns_action.add_argument("domain")
         dns_action.add_argument("--hostname", help="the box's host name (default: the setting, else the system's)")
     dns.set_defaults(func=cmd_dns)
+
+    cert = sub.add_parser("cert", help="the box's TLS certificate (Let's Encrypt or any ACME CA, or your own)")
+    csub = cert.add_subparsers(dest="action", required=True)
+    csub.add_parser("status", help="what is served, from where, the next renewal and the last error")
+    creq = csub.add_parser("request", help="order a certificate now (http-01 through the running box's port 80)")
+    where = creq.add_mutually_exclusive_group()
+    where.add_argument("--staging", action="store_true", help="Let's Encrypt's staging CA (untrusted, for trying)")
+    where.add_argument("--directory", metavar="URL", help="the ACME directory of another CA (RFC 8555)")
+    creq.add_argument("--email", metavar="ADDR", help="contact address for the CA's expiry notices")
+    creq.add_argument("--eab-kid", help="External Account Binding key ID (CAs that require it)")
+    creq.add_argument("--eab-hmac-key", help="External Account Binding HMAC key (base64url)")
+    creq.add_argument("--ca-file", help="PEM file of the CA to trust for the directory's HTTPS (a private CA)")
+    csub.add_parser("renew", help="renew when due").add_argument("--force", action="store_true",
+                                                                  help="renew now even if not due")
+    cimp = csub.add_parser("import", help="install your own certificate and key (PEM)")
+    cimp.add_argument("cert", metavar="CERT")
+    cimp.add_argument("key", metavar="KEY")
+    cimp.add_argument("--chain", metavar="FILE", help="intermediate certificates, if not in CERT")
+    csub.add_parser("self-signed", help="go back to a self-signed certificate")
+    cert.set_defaults(func=cmd_cert)
     return parser
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from appliance.certificates import CertContext
+
 HOSTNAME_SETTING = "hostname"  # the db setting app.py starts with (after --hostname)
 
 if TYPE_CHECKING:
     from appliance.accounts import Accounts
     from appliance.auth import Auth
+    from appliance.certificates import Renewer
     from appliance.config import ServeConfig
     from appliance.db import Database
     from appliance.events import EventLog
@@ -30,8 +33,17 @@ class Services:
     # `services.hostname` when it uses it (banner, EHLO, Received, Authentication-Results, HELO,
     # DSN...) and never keeps a copy; one that needs a function gets `lambda: services.hostname`.
     hostname: str
+    # The certificate use-cases' state: the http-01 answers the port-80 listener serves, the order lock.
+    certificates: CertContext = field(init=False)
+    renewer: Renewer | None = None  # started with the background services
     # Filled by the issues that add them (outbound queue, dns checker, ...): name -> service object.
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.certificates = CertContext(
+            db=self.db, tls=self.tls, events=self.events, hostname=lambda: self.hostname,
+            acme_dir=self.config.data.tls / "acme", http01={},
+        )
 
     async def set_hostname(self, name: str) -> None:
         """Rename the box (the wizard; any later console page or CLI command goes through here): kept

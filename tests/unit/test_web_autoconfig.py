@@ -113,7 +113,7 @@ def test_autodiscover_address_parsing() -> None:
 
 def test_acme_http01_answers_from_the_pending_challenges(web: WebClient) -> None:
     assert web.get("/.well-known/acme-challenge/abc_DEF-1").status_code == 404
-    web.services.extra["acme_http01"] = {"abc_DEF-1": "abc_DEF-1.thumbprint"}
+    web.services.certificates.http01 = {"abc_DEF-1": "abc_DEF-1.thumbprint"}
     response = web.client.get("http://testserver/.well-known/acme-challenge/abc_DEF-1")
     assert response.status_code == 200 and response.text == "abc_DEF-1.thumbprint"
     assert web.get("/.well-known/acme-challenge/other").status_code == 404

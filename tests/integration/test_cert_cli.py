@@ -1,0 +1,134 @@
+"""`letterbox cert ...`: uploads refused with a clear reason (mismatched key, a chain that doesn't verify,
+expired, wrong name, garbage), a good one installed; status and self-signed; an order started by the
+CLI is answered by the running box's port 80 and served by it without a restart."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+
+from appliance.config import DataLayout
+from tests.conftest import LETTERBOX, BoxHandle, preset_settings
+from tests.support.pebble import Pebble
+from tests.support.tls_probe import TLS_SERVICES, served_certificate
+
+HOST = "mail.example.test"
+
+
+def run(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([LETTERBOX, "--data", str(data), *args], capture_output=True, text=True, timeout=120)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("letterbox: ") and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cert") / "data"
+    layout = DataLayout(root)
+    layout.create()
+    preset_settings(layout, {"hostname": HOST})
+    return root
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("pems")
+    root = trustme.CA()
+    intermediate = root.create_child_ca()
+    good = intermediate.issue_cert(HOST)
+    other = intermediate.issue_cert(HOST)
+    now = dt.datetime.now(dt.UTC)
+    expired = intermediate.issue_cert(HOST, not_before=now - dt.timedelta(days=100), not_after=now - dt.timedelta(days=10))
+    wrong = intermediate.issue_cert("other.example.test")
+    stranger = trustme.CA().create_child_ca()
+    made = {
+        "leaf": good.cert_chain_pems[0].bytes(), "key": good.private_key_pem.bytes(),
+        "chain": intermediate.cert_pem.bytes(), "other_key": other.private_key_pem.bytes(),
+        "bad_chain": stranger.cert_pem.bytes(),
+        "expired": expired.cert_chain_pems[0].bytes(), "expired_key": expired.private_key_pem.bytes(),
+        "wrong": wrong.cert_chain_pems[0].bytes(), "wrong_key": wrong.private_key_pem.bytes(),
+        "garbage": b"this is not a certificate\n\x00\xff",
+    }
+    paths = {}
+    for name, blob in made.items():
+        paths[name] = out / f"{name}.pem"
+        paths[name].write_bytes(blob)
+    return paths
+
+
+@pytest.mark.parametrize(("cert", "key", "chain", "message"), [
+    ("leaf", "other_key", "chain", "the private key does not belong to this certificate"),
+    ("leaf", "key", "bad_chain", "the chain does not verify"),
+    ("expired", "expired_key", "chain", "the certificate expired on"),
+    ("wrong", "wrong_key", "chain", "does not cover the host name mail.example.test (it names other.example.test)"),
+    ("garbage", "key", None, "the certificate is not a pem certificate"),
+    ("leaf", "garbage", "chain", "the private key is not a pem private key"),
+    ("leaf", "key", "garbage", "the chain is not a pem certificate"),
+])
+def test_upload_refused_with_its_reason(data: Path, files: dict[str, Path], cert: str, key: str,
+                                        chain: str | None, message: str) -> None:
+    before = (DataLayout(data).tls / "cert.pem").read_bytes() if (DataLayout(data).tls / "cert.pem").exists() else None
+    args = ["cert", "import", str(files[cert]), str(files[key])] + (["--chain", str(files[chain])] if chain else [])
+    line = one_line_error(run(data, *args))
+    assert message in line.lower(), line
+    if before is not None:
+        assert (DataLayout(data).tls / "cert.pem").read_bytes() == before
+
+
+def test_good_upload_then_status_then_self_signed(data: Path, files: dict[str, Path]) -> None:
+    result = run(data, "cert", "import", str(files["leaf"]), str(files["key"]), "--chain", str(files["chain"]))
+    assert result.returncode == 0, result.stderr
+    assert f"installed for {HOST}" in result.stdout
+    status = run(data, "cert", "status")
+    assert "source:       imported" in status.stdout and HOST in status.stdout
+    assert (DataLayout(data).tls / "key.pem").stat().st_mode & 0o777 == 0o600
+    back = run(data, "cert", "self-signed")
+    assert back.returncode == 0 and f"self-signed certificate for {HOST}" in back.stdout
+    assert "mail programs warn" in run(data, "cert", "status").stdout
+
+
+def test_cli_order_answered_by_running_box(box: BoxHandle, tmp_path: Path) -> None:
+    pebble = Pebble(tmp_path / "pebble", http_port=box.port("http"), tls_port=box.port("https"))
+    pebble.start()
+    try:
+        async def settings() -> None:
+            for key, value in {"dns_resolver": pebble.dns, "public_ipv4": "127.0.0.1", "hostname": HOST}.items():
+                await box.services.db.set_setting(key, value)
+        box.run(settings())
+        result = run(box.data.root, "cert", "request", "--directory", pebble.directory,
+                     "--ca-file", str(pebble.listener_ca), "--email", "admin@example.test")
+        assert result.returncode == 0, result.stderr
+        assert f"issued for {HOST}" in result.stdout
+        # The running box notices the new file and serves it on every port, without a restart.
+        deadline = time.monotonic() + 30
+        import ssl
+        ctx = ssl.create_default_context(cafile=str(pebble.issuer_root))
+        while True:
+            try:
+                serials = {served_certificate(box.port(s), s, ctx, server_hostname=HOST).serial_number
+                           for s in TLS_SERVICES}
+                break
+            except ssl.SSLCertVerificationError:
+                assert time.monotonic() < deadline, "the box did not pick up the certificate the CLI installed"
+                time.sleep(0.5)
+        assert serials == {box.services.tls.info().serial}
+        status = run(box.data.root, "cert", "status")
+        assert "source:       acme" in status.stdout and "next renewal:" in status.stdout
+    finally:
+        pebble.stop()
+
+
+def test_cli_order_failure_is_one_plain_line(tmp_path: Path, data: Path) -> None:
+    line = one_line_error(run(data, "cert", "request", "--directory", "https://127.0.0.1:9/dir"))
+    # No DNS answer for the host name here (the system resolver): refused before asking any CA.
+    assert "mail.example.test" in line or "cannot be reached" in line
