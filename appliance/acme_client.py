@@ -14,6 +14,7 @@ back valid are skipped, the answers stay up until the order is final (the CA che
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import json
 import logging
 import os
@@ -104,6 +105,34 @@ class Progress:
     report: Callable[[str, str], None] = field(default=lambda phase, text: None)
 
 
+def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> dt.datetime | None:
+    """RFC 9110 10.2.3: seconds, or an HTTP date."""
+    if not value:
+        return None
+    now = now or dt.datetime.now(dt.UTC)
+    value = value.strip()
+    if value.isdigit():
+        return now + dt.timedelta(seconds=min(int(value), 30 * 86400))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+class _Network(client.ClientNetwork):
+    """Keeps the Retry-After of an error answer (RFC 8555 6.6: a rate limit says when to come back),
+    which the library drops when it turns the problem document into messages.Error."""
+
+    @classmethod
+    def _check_response(cls, response: requests.Response, content_type: str | None = None) -> requests.Response:
+        try:
+            return super()._check_response(response, content_type)
+        except messages.Error as exc:
+            exc.retry_after = parse_retry_after(response.headers.get("Retry-After"))  # type: ignore[attr-defined]
+            raise
+
+
 def load_or_make_account_key(acme_dir: Path) -> ec.EllipticCurvePrivateKey:
     """EC P-256, made once, kept 0600 in tls/acme/."""
     path = acme_dir / ACCOUNT_KEY_FILE
@@ -159,7 +188,7 @@ class AcmeOrder:
         self.sink = sink
         self.progress = progress or (lambda phase, text: None)
         self.key = jose.JWKEC(key=load_or_make_account_key(acme_dir))
-        self.net = client.ClientNetwork(
+        self.net = _Network(
             self.key, alg=jose.ES256, user_agent=USER_AGENT, timeout=NETWORK_TIMEOUT,
             verify_ssl=settings.ca_file or True,  # type: ignore[arg-type]  # a CA file path is accepted
         )
@@ -317,10 +346,10 @@ def explain(exc: BaseException, directory: str) -> AcmeProblem:
         return AcmeProblem(" ".join(lines) or "Validation failed.", kind="validation")
     if isinstance(exc, messages.Error):
         code, detail = exc.code or "", (exc.detail or exc.description or "").strip()
+        when = getattr(exc, "retry_after", None)
         if code == "rateLimited":
-            when = None
-            return AcmeProblem(f"The certificate authority's rate limit was reached: {detail}."
-                               + _retry_after_text(when), kind="rate-limit")
+            return AcmeProblem(f"The certificate authority's rate limit was reached: {detail.rstrip('.')}."
+                               + _retry_after_text(when), retry_after=when, kind="rate-limit")
         if code in ("externalAccountRequired", "unauthorized", "malformed") and "external account" in (
                 detail.lower() + code.lower()):
             return AcmeProblem(f"The certificate authority refused the External Account Binding (check the key "
@@ -331,7 +360,7 @@ def explain(exc: BaseException, directory: str) -> AcmeProblem:
         if code == "rejectedIdentifier":
             return AcmeProblem(f"The certificate authority will not issue for these names: {detail}", kind="names")
         return AcmeProblem(f"The certificate authority answered with an error ({code or 'unknown'}): {detail}",
-                           kind="ca-error")
+                           retry_after=when, kind="ca-error")
     if isinstance(exc, requests.exceptions.SSLError):
         return AcmeProblem(f"The certificate authority at {directory} cannot be reached securely (its TLS "
                            f"certificate is not trusted): {exc}", kind="unreachable")

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import email.policy
 import json
 import logging
 import random
@@ -332,6 +333,15 @@ def retry_delay(rng: random.Random) -> dt.timedelta:
     return RETRY_MIN + (RETRY_MAX - RETRY_MIN) * rng.random()
 
 
+def next_attempt(now: dt.datetime, problem: Exception, rng: random.Random) -> dt.datetime:
+    """After a failed renewal: 30-60 minutes with jitter, or later if the CA said so (Retry-After)."""
+    when = now + retry_delay(rng)
+    retry_after = getattr(problem, "retry_after", None)
+    if isinstance(retry_after, dt.datetime) and retry_after > when:
+        when = retry_after
+    return when
+
+
 class Renewer:
     """Checks at start and every 12 hours; renews an ACME certificate in its ARI window (RFC 9773) or when
     a third of its lifetime is left; retries a failure after 30-60 minutes (or the CA's Retry-After);
@@ -390,11 +400,18 @@ class Renewer:
                 log.warning("the certificate file changed but cannot be used (%s): keeping the served one", exc)
 
     async def check(self) -> dt.datetime:
-        """One pass; returns when to check next."""
+        """One pass; returns when to check next. The warning comes after the attempt, so it carries
+        the attempt's error (and is not sent when the renewal worked)."""
         now = self.ctx.clock()
+        before = self.ctx.tls.info().serial
+        next_check = await self._renew_if_due(now)
+        if self.ctx.tls.info().serial == before:  # just renewed: nothing to warn about
+            await self._maybe_warn(self.ctx.tls.info(), now)
+        return next_check
+
+    async def _renew_if_due(self, now: dt.datetime) -> dt.datetime:
         db = self.ctx.db
         info = self.ctx.tls.info()
-        await self._maybe_warn(info, now)
         if (await db.get_setting(SOURCE)) != "acme":
             return now + CHECK_EVERY
         retry_at = await db.get_setting(NEXT_ATTEMPT)
@@ -409,10 +426,7 @@ class Renewer:
         try:
             await request(self.ctx, await self.domains())
         except (AcmeProblem, CertificateProblem) as exc:
-            delay = retry_delay(self.rng)
-            when = now + delay
-            if isinstance(exc, AcmeProblem) and exc.retry_after and exc.retry_after > when:
-                when = exc.retry_after
+            when = next_attempt(now, exc, self.rng)
             await db.set_setting(NEXT_ATTEMPT, str(int(when.timestamp())))
             await self.ctx.events.record("certificate", f"renewal will be tried again at {when:%Y-%m-%d %H:%M} UTC")
             return when
@@ -443,7 +457,7 @@ def warning_message(hostname: str, recipient: str, subject: str, text: str) -> b
     msg["Message-ID"] = make_msgid(domain=hostname)
     msg["Auto-Submitted"] = "auto-generated"  # RFC 3834 5
     msg.set_content(text)
-    return bytes(msg)
+    return msg.as_bytes(policy=email.policy.SMTP)  # CRLF line ends, as delivered mail is stored
 
 
 async def _warn_postmaster(svc: Services, subject: str, text: str) -> None:
