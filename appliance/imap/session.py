@@ -396,7 +396,8 @@ class ImapSession:
         # RFC 3501 6.3.9: LSUB lists every subscribed name, also one whose folder is gone.
         subscribed = set(await self.store.subscriptions(self.mailbox)) if only_subscribed else set()
         pool = sorted(subscribed) if only_subscribed else list(by_name)
-        job = _ListJob(command.reference, command.patterns, by_name, subscribed, only_special, show_subscribed, lsub)
+        job = _ListJob(command.reference, command.patterns, by_name, subscribed, only_subscribed, only_special,
+                       show_subscribed, lsub)
         if len(pool) * len(command.patterns) > LIST_ON_LOOP:
             # Thousands of folders times many patterns is real CPU: off the event loop.
             lines = await asyncio.to_thread(job.lines, pool)
@@ -834,6 +835,7 @@ class _ListJob:
     patterns: tuple[str, ...]
     by_name: dict[str, FolderInfo]
     subscribed: set[str]
+    only_subscribed: bool
     only_special: bool
     show_subscribed: bool
     lsub: bool
@@ -846,8 +848,19 @@ class _ListJob:
         parents |= {n for n, info in self.by_name.items() if info.has_children}
         out: list[str] = []
         head = "LSUB" if self.lsub else "LIST"
-        for name, exists in sorted(names.with_parents(pool).items(), key=lambda item: _list_order(item[0])):
-            if not any(m.match(name) for m in matchers):
+        listed = names.with_parents(pool)
+        matched = {name for name in listed if any(m.match(name) for m in matchers)}
+        # RFC 3501 6.3.9: in LSUB a level that is only implied is listed, \Noselect, when it stands
+        # for a subscribed name below it that the pattern does not reach ("%" with "a/b" gives
+        # "a"); with "*" the name itself is listed and its parents are not (as Dovecot). LIST
+        # shows every implied level, as Dovecot does.
+        unreached_parents = {
+            names.SEPARATOR.join(levels[:i])
+            for levels in (n.split(names.SEPARATOR) for n in pool if n not in matched)
+            for i in range(1, len(levels))
+        }
+        for name, exists in sorted(listed.items(), key=lambda item: _list_order(item[0])):
+            if name not in matched or (self.only_subscribed and not exists and name not in unreached_parents):
                 continue
             info = self.by_name.get(name)
             if self.only_special and (info is None or info.special_use is None):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ class _Mailbox:
     ready: bool = False  # Maildir root and INBOX made, special folders on first access
     counted: bool = False  # every folder on disk indexed once, so usage is known
     reserved: int = 0  # bytes of deliveries in flight, counted against the quota
+    # Orders the writes of the subscriptions file (the last one written holds the last list read).
+    subscriptions_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class MailStore:
@@ -343,6 +346,7 @@ class MailStore:
                     f.path = maildir.folder_path(mb.root, f.name)
                     f.invalidate(paths=True)
                     mb.folders[f.name] = f
+        await self._mirror_subscriptions(mb)
         log.info("store: %s renamed folder %s to %s", mb.key, old, new)
         self._wake(mb, *moving)
 
@@ -353,9 +357,18 @@ class MailStore:
         if not subscribed:
             name = maildir.canonical_name(name)
             await self._db.execute("DELETE FROM subscriptions WHERE mailbox_id = ? AND name = ?", (mb.id, name))
-            return
-        f = await self._folder(mb, name)
-        await self._db.execute("INSERT OR IGNORE INTO subscriptions (mailbox_id, name) VALUES (?, ?)", (mb.id, f.name))
+        else:
+            f = await self._folder(mb, name)
+            await self._db.execute("INSERT OR IGNORE INTO subscriptions (mailbox_id, name) VALUES (?, ?)",
+                                   (mb.id, f.name))
+        await self._mirror_subscriptions(mb)
+
+    async def _mirror_subscriptions(self, mb: _Mailbox) -> None:
+        """Write the list to the Maildir root in Dovecot's format too, so a Maildir taken to Dovecot
+        keeps its subscriptions (the db stays the reference)."""
+        async with mb.subscriptions_lock:
+            rows = await self._db.fetchall("SELECT name FROM subscriptions WHERE mailbox_id = ?", (mb.id,))
+            await asyncio.to_thread(_write_dovecot_subscriptions, mb.root, sorted(row[0] for row in rows))
 
     async def usage(self, mailbox: str) -> tuple[int, int]:
         """(bytes used, quota bytes; 0 = none)."""
@@ -447,13 +460,18 @@ class MailStore:
         as subscribed unless unsubscribed). Folders created later are not subscribed (RFC 3501)."""
         if await self._db.fetchone("SELECT 1 FROM subscriptions_ready WHERE mailbox_id = ?", (mb.id,)):
             return
-        names = [INBOX, *await asyncio.to_thread(maildir.discover_folders, mb.root)]
-        rows = await self._db.fetchall("SELECT name FROM folders WHERE mailbox_id = ? AND subscribed = 0", (mb.id,))
-        unsubscribed = {row[0] for row in rows}
+        names = await asyncio.to_thread(_dovecot_subscriptions, mb.root)
+        if names is None:
+            names = [INBOX, *await asyncio.to_thread(maildir.discover_folders, mb.root)]
+            rows = await self._db.fetchall("SELECT name FROM folders WHERE mailbox_id = ? AND subscribed = 0",
+                                           (mb.id,))
+            unsubscribed = {row[0] for row in rows}
+            names = [n for n in names if n not in unsubscribed]
         async with self._db.transaction() as tx:
             await tx.executemany("INSERT OR IGNORE INTO subscriptions (mailbox_id, name) VALUES (?, ?)",
-                                 [(mb.id, n) for n in names if n not in unsubscribed])
+                                 [(mb.id, n) for n in names])
             await tx.execute("INSERT OR IGNORE INTO subscriptions_ready (mailbox_id) VALUES (?)", (mb.id,))
+        await self._mirror_subscriptions(mb)
 
     async def _folder(self, mb: _Mailbox, name: str) -> FolderIndex:
         name = _existing_name(name)
@@ -830,6 +848,37 @@ def _open_dir(path: Path, folder: bool) -> bool:
         return False
     maildir.make_maildir(path, folder=folder)
     return True
+
+
+MAX_SUBSCRIPTIONS_FILE = 1024 * 1024
+
+
+def _dovecot_subscriptions(root: Path) -> list[str] | None:
+    """The names in the `subscriptions` file Dovecot keeps in a Maildir root (a Maildir brought over
+    from Dovecot keeps its subscriptions), or None when there is none. Version 2 starts "V\t2" and a
+    blank line and separates levels with a tab; version 1 lists one name a line."""
+    path = root / "subscriptions"
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_SUBSCRIPTIONS_FILE)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    lines = data.decode("utf-8", "replace").split("\n")
+    if lines and lines[0].startswith("V\t"):
+        lines = [line.replace("\t", SEPARATOR) for line in lines[1:]]
+    return [maildir.canonical_name(line) for line in lines if line.strip() and "\0" not in line]
+
+
+def _write_dovecot_subscriptions(root: Path, names: Sequence[str]) -> None:
+    """Dovecot's version 2 subscriptions file, replaced atomically (a reader sees old or new)."""
+    text = "V\t2\n\n" + "".join(name.replace(SEPARATOR, "\t") + "\n" for name in names)
+    tmp = root / f"subscriptions.{os.getpid()}.tmp"  # no leading dot: never read as a folder
+    with tmp.open("wb") as f:
+        f.write(text.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / "subscriptions")
+    maildir.fsync_dir(root)
 
 
 def _make_specials(root: Path) -> None:

@@ -82,6 +82,12 @@ def read_back(client: imaplib.IMAP4) -> tuple[set[str], dict[tuple[str, int], se
     return {f for f in folders if f not in empty or f in FOLDERS}, found
 
 
+def subscribed(client: imaplib.IMAP4) -> set[str]:
+    typ, listing = client.lsub('""', "*")
+    assert typ == "OK"
+    return {line.rsplit(b" ", 1)[1].strip(b'"').decode() for line in listing if isinstance(line, bytes)}
+
+
 def expected() -> dict[tuple[str, int], set[str]]:
     return {(folder, n): set(flags.strip("()").split()) for folder, n, flags in CONTENT}
 
@@ -105,6 +111,7 @@ def test_dovecot_maildir_served_by_letterbox(dovecot: PrivateDovecot, served_box
     with imaplib.IMAP4("127.0.0.1", dovecot.port, timeout=30) as client:
         client.login(DOVE_USER, PASSWORD)
         fill(client)
+        assert client.subscribe('"Archive/2024"')[0] == "OK"
         folders, on_dovecot = read_back(client)
         client.logout()
     assert folders == FOLDERS and on_dovecot == expected()
@@ -118,6 +125,8 @@ def test_dovecot_maildir_served_by_letterbox(dovecot: PrivateDovecot, served_box
                            timeout=30) as client:
         client.login(USER, PASSWORD)
         folders, on_letterbox = read_back(client)
+        # Dovecot's subscriptions file comes along (issue 17): exactly what was subscribed there.
+        assert subscribed(client) == {"Archive/2024"}
         client.logout()
     assert folders == FOLDERS
     assert on_letterbox == expected()
@@ -129,9 +138,14 @@ def test_letterbox_maildir_read_by_dovecot(dovecot: PrivateDovecot, served_box: 
                            timeout=30) as client:
         client.login(USER, PASSWORD)
         fill(client)
+        assert client.subscribe('"Archive/2024"')[0] == "OK"
+        assert client.unsubscribe("Junk")[0] == "OK"
         folders, on_letterbox = read_back(client)
+        on_letterbox_subscribed = subscribed(client)
         client.logout()
     assert folders == FOLDERS and on_letterbox == expected()
+    # CREATE subscribed nothing (RFC 3501 6.3.6): INBOX, the special folders, and what we subscribed.
+    assert on_letterbox_subscribed == {"INBOX", "Sent", "Drafts", "Trash", "Archive", "Archive/2024"}
     served_box.stop()
 
     dovecot.copy_maildir_in(DOVE_USER, letterbox_maildir(served_box))
@@ -139,6 +153,7 @@ def test_letterbox_maildir_read_by_dovecot(dovecot: PrivateDovecot, served_box: 
     with imaplib.IMAP4("127.0.0.1", dovecot.port, timeout=30) as client:
         client.login(DOVE_USER, PASSWORD)
         folders, on_dovecot = read_back(client)
+        assert subscribed(client) == on_letterbox_subscribed  # the mirrored subscriptions file
         client.logout()
     assert folders == FOLDERS
     assert on_dovecot == expected()

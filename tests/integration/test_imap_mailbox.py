@@ -463,6 +463,9 @@ def test_subscriptions_as_imaptest_checks_them(imap_box: BoxHandle) -> None:
         assert listed[0].rstrip(b"\r\n") == b'* LIST (\\NonExistent \\Subscribed) "/" box/test', listed
         assert raw.command(b"U", b"UNSUBSCRIBE box/test")[-1].startswith(b"U OK")
         assert b'* LSUB () "/" box/test' not in lsub(raw, b"L5", b'"box/%"')
+        # With "*" the subscribed names themselves are listed, not their unsubscribed parents.
+        assert sorted(lsub(raw, b"L7", b'"box/*"')) == [
+            b'* LSUB () "/" box/test2/test', b'* LSUB () "/" box/test3/test3']
         # INBOX and the special folders are subscribed from the start.
         assert {line.rsplit(b" ", 1)[1] for line in lsub(raw, b"L6", b"%")} >= {
             b"INBOX", b"Sent", b"Drafts", b"Trash", b"Junk", b"Archive"}

@@ -102,7 +102,7 @@ def test_listing_many_folders_costs_linear_time() -> None:
     from appliance.store.model import FolderInfo
 
     folders = {f"Group{n}/Leaf": FolderInfo(f"Group{n}/Leaf", None, True, False) for n in range(10_000)}
-    job = _ListJob("", ("*", "%/%"), folders, set(), False, False, False)
+    job = _ListJob("", ("*", "%/%"), folders, set(), False, False, False, False)
     started = time.process_time()
     lines = job.lines(list(folders))
     assert time.process_time() - started < 5.0

@@ -527,6 +527,10 @@ def test_subscriptions_are_names_apart_from_folders(tmp_path: Path) -> None:
         assert "Groups/Python" in subscribed and "Lists/Python" not in subscribed
         await store.subscribe(ALICE, "Groups/Python", False)
         assert "Groups/Python" not in await store.subscriptions(ALICE)
+        # Mirrored in Dovecot's format, so the Maildir can go back to Dovecot with its subscriptions.
+        mirrored = (home(tmp_path) / "subscriptions").read_bytes()
+        assert mirrored == b"V\t2\n\n" + b"".join(n.replace("/", "\t").encode() + b"\n"
+                                                   for n in await store.subscriptions(ALICE))
 
     run(tmp_path, body)
 
@@ -712,3 +716,18 @@ def test_an_unchanged_10k_folder_is_not_listed_again(tmp_path: Path, monkeypatch
         return unchanged, len(listings) - listed - unchanged
 
     assert run(tmp_path, body) == (0, 1)
+
+
+def test_subscriptions_of_a_dovecot_maildir_are_taken_over(tmp_path: Path) -> None:
+    # A Maildir brought over from Dovecot keeps its subscriptions file (v2: levels separated by a tab).
+    root = home(tmp_path)
+    maildir.make_maildir(root, folder=False)
+    for name in ("Archive/2024", "Work"):
+        maildir.make_maildir(maildir.folder_path(root, name), folder=True)
+    (root / "subscriptions").write_bytes(b"V\t2\n\nArchive\t2024\nINBOX\n")
+
+    async def body(store: MailStore) -> None:
+        assert await store.subscriptions(ALICE) == ["Archive/2024", "INBOX"]
+        assert {f.name: f.subscribed for f in await store.folders(ALICE)}["Work"] is False
+
+    run(tmp_path, body)
