@@ -23,6 +23,9 @@ CLOSE_TIMEOUT = 5.0
 # Connections the kernel queues before the loop accepts them (asyncio's default is 100): a burst of
 # connections must not make a legitimate client's SYN wait for a retransmission.
 LISTEN_BACKLOG = 1024
+# When the pre-auth pool is full, a new connection pushes out the oldest one not logged in, if that
+# one has had at least this many seconds to log in.
+EVICT_MIN_AGE = 2.0
 # A flood is refused thousands of times: one log line per interval says how many, not one per refusal.
 REFUSAL_LOG_INTERVAL = 10.0
 
@@ -230,6 +233,10 @@ class Slot:
         self.stressed = False  # the listener was under stress while this connection was pre-auth
         self._on_expire: Callable[[], None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # How the listener hangs up on this connection to make room for a newer one (set by the
+        # listener right after acquire; see ConnectionLimiter.acquire).
+        self.on_evict: Callable[[], None] | None = None
+        self.evicted = False
 
     @property
     def preauth_deadline(self) -> float:
@@ -316,7 +323,8 @@ class ConnectionLimiter:
         self.stress_fraction = stress_fraction
         self._by_address: collections.Counter[str] = collections.Counter()
         self._by_network: collections.Counter[str] = collections.Counter()
-        self._preauth: set[Slot] = set()
+        # Insertion order is connect order: the first entry is the oldest connection not logged in.
+        self._preauth: dict[Slot, None] = {}
         self._open = 0
         self._refused_unlogged = 0
         self._refusal_logged_at: float | None = None
@@ -340,18 +348,17 @@ class ConnectionLimiter:
     def acquire(self, address: str) -> Slot | None:
         """A slot for a new connection from `address`, or None when a limit is reached."""
         network = network_of(address)
-        if (
-            self._by_address[address] >= self.per_client
-            or self._by_network[network] >= self.per_network
-            or len(self._preauth) >= self.max_preauth
-            or self._open >= self.total
-        ):
+        if self._by_address[address] >= self.per_client or self._by_network[network] >= self.per_network:
+            return None
+        if len(self._preauth) >= self.max_preauth and not self._evict_oldest():
+            return None
+        if self._open >= self.total:
             return None
         slot = Slot(self, address, network, self._clock())
         self._by_address[address] += 1
         self._by_network[network] += 1
         self._open += 1
-        self._preauth.add(slot)
+        self._preauth[slot] = None
         if self.stressed:
             for waiting in self._preauth:
                 waiting._stress()
@@ -367,19 +374,33 @@ class ConnectionLimiter:
         self._refusal_logged_at = now
         return count
 
+    def _evict_oldest(self) -> bool:
+        """The pre-auth pool is full: hang up on its oldest connection, if it has had EVICT_MIN_AGE
+        seconds to log in, so that a newcomer is never refused by idle sockets alone (Dovecot's login
+        processes do the same when their connection queue is full). An attacker who keeps the pool
+        full then only pushes out his own older sockets; a real client logs in within the time."""
+        oldest = next(iter(self._preauth), None)
+        if oldest is None or oldest.on_evict is None or self._clock() - oldest.connected_at < EVICT_MIN_AGE:
+            return False
+        self._preauth.pop(oldest, None)  # out of the pool now; its counts go when its session ends
+        oldest.evicted = True
+        oldest._stop_timer()
+        oldest.on_evict()
+        return True
+
     def _promote(self, slot: Slot) -> None:
-        if slot.released or slot.authenticated:
+        if slot.released or slot.authenticated or slot.evicted:
             return
         slot.authenticated = True
         slot._stop_timer()
-        self._preauth.discard(slot)
+        self._preauth.pop(slot, None)
 
     def _release(self, slot: Slot) -> None:
         if slot.released:
             return
         slot.released = True
         slot._stop_timer()
-        self._preauth.discard(slot)
+        self._preauth.pop(slot, None)
         self._open -= 1
         for counter, key in ((self._by_address, slot.address), (self._by_network, slot.network)):
             counter[key] -= 1
@@ -401,6 +422,12 @@ class ConnectionLimiter:
     @property
     def preauth(self) -> int:
         return len(self._preauth)
+
+
+def _evict(channel: Channel) -> None:
+    """Hang up on a connection not logged in to make room (ConnectionLimiter._evict_oldest)."""
+    channel.expire("connection queue full, oldest not logged in dropped")
+    channel.close()
 
 
 async def start_listener(
@@ -454,6 +481,7 @@ async def start_listener(
                     channel.write(refusal)
             channel.close()
             return
+        slot.on_evict = lambda: _evict(channel)
         if tls_context is not None:
             channel.stop_reading()  # the ClientHello is for the TLS layer start_tls puts in between
         try:

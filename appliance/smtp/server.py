@@ -165,6 +165,7 @@ class LetterboxSMTP(SMTP):
                 return
             self._client_ip = ip
             self._slot = slot
+            slot.on_evict = self._evicted
             self._tracker.sessions.add(self)
             super().connection_made(transport)
             # From connect to the first transaction or login: one deadline, shorter under stress.
@@ -190,6 +191,11 @@ class LetterboxSMTP(SMTP):
     def _promote(self) -> None:
         if self._slot is not None:
             self._slot.promote()
+
+    def _evicted(self) -> None:
+        # The pre-auth pool is full and this is its oldest session: make room (RFC 5321 4.5.3.2: 421).
+        log.info("%s: oldest session without a transaction, dropped to make room", self._client_ip)
+        self._timeout_cb()
 
     def _preauth_expired(self) -> None:
         log.info("%s: no transaction or login within the pre-auth time, disconnected", self._client_ip)

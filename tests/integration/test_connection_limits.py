@@ -228,3 +228,31 @@ def limiter_of(server: asyncio.Server) -> Any:
     counts = getattr(server, "limiter", None)
     assert counts is not None, "the listener exposes its ConnectionLimiter"
     return counts
+
+
+def test_a_full_preauth_pool_makes_room_for_a_newcomer_by_dropping_the_oldest(attacked_box: BoxHandle) -> None:
+    # An attacker with many networks fills the pre-auth pool of the MX and of IMAP (no stress cut
+    # here: 60 s); a new client is let in by hanging up on the oldest idle socket.
+    from appliance.imap.limits import ImapLimits
+    from appliance.imap.server import start_server as start_imap
+    from appliance.smtp.limits import SmtpLimits
+    from appliance.smtp.server import start_server as start_smtp
+
+    box = attacked_box
+    small = dict(max_connections=60, max_preauth_connections=40, stressed_preauth_timeout=60.0)
+    imap = box.run(start_imap(box.services, "imap", "127.0.0.1", 0, ImapLimits(**small)))  # type: ignore[arg-type]
+    mx = box.run(start_smtp(box.services, "smtp", "127.0.0.1", 0, limits=SmtpLimits(**small)))  # type: ignore[arg-type]
+    imap_port, mx_port = (int(s.sockets[0].getsockname()[1]) for s in (imap, mx))
+    held: list[socket.socket] = []
+    try:
+        held += _hold(imap_port, [f"127.2.{n}.1" for n in range(40)])
+        held += _hold(mx_port, [f"127.3.{n}.1" for n in range(40)])
+        wait_for(lambda: limiter_of(imap).preauth == 40 and limiter_of(mx).preauth == 40, 10, "pools full")
+        time.sleep(2.5)  # EVICT_MIN_AGE: the oldest have had their chance to log in
+        login("imap", imap_port, "127.0.9.3", box.client_context, USER, PASSWORD)
+        _deliver(mx_port, "127.0.9.3")
+    finally:
+        for sock in held:
+            sock.close()
+        box.run(stop(imap))
+        box.run(stop(mx))

@@ -161,3 +161,42 @@ def test_a_released_or_promoted_slot_never_fires(path: str) -> None:
         return fired
 
     assert asyncio.run(scenario()) == []
+
+
+def test_a_full_preauth_pool_drops_its_oldest_connection_for_a_newcomer() -> None:
+    # Dovecot's login processes do the same: idle sockets alone never refuse a new client.
+    clock = Clock()
+    lim = limiter(clock, per_client=100, per_network=100, preauth=3, total=10)
+    dropped: list[str] = []
+    slots = []
+    for i in range(3):
+        slot = lim.acquire(f"192.0.2.{i}")
+        assert slot is not None
+        slot.on_evict = lambda i=i: dropped.append(f"192.0.2.{i}")
+        slots.append(slot)
+        clock.now += 0.5
+    assert lim.acquire("198.51.100.1") is None  # the oldest has had only 1.5 s to log in
+    clock.now += 1.0
+    newcomer = lim.acquire("198.51.100.1")
+    assert newcomer is not None
+    assert dropped == ["192.0.2.0"] and slots[0].evicted
+    assert lim.preauth == 3 and lim.open == 4  # the dropped one counts until its session has ended
+    slots[0].promote()  # too late: an evicted connection does not come back into the counts
+    assert lim.preauth == 3
+    slots[0].release()
+    assert lim.open == 3 and lim.count("192.0.2.0") == 0
+
+
+def test_logged_in_sessions_are_never_evicted() -> None:
+    clock = Clock()
+    lim = limiter(clock, per_client=100, per_network=100, preauth=2, total=10)
+    dropped: list[Slot] = []
+    first, second = lim.acquire("192.0.2.1"), lim.acquire("192.0.2.2")
+    assert first is not None and second is not None
+    for slot in (first, second):
+        slot.on_evict = lambda slot=slot: dropped.append(slot)
+    first.promote()
+    clock.now += 10
+    assert lim.acquire("192.0.2.3") is not None  # room: one logged in left the pool, no eviction
+    assert lim.acquire("192.0.2.4") is not None  # the pool is full again: the pre-auth `second` goes
+    assert dropped == [second]
