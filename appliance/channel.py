@@ -102,6 +102,10 @@ class Channel(asyncio.Protocol):
         self._expired = reason
         self._readable.set()
 
+    def cancel_expiry(self) -> None:
+        """The login that was running when the pre-auth deadline passed succeeded: it counts."""
+        self._expired = None
+
     @property
     def lost(self) -> bool:
         return self._lost.is_set()

@@ -212,8 +212,10 @@ class ConnectionHandler:
             elif isinstance(event, Command):
                 self._input_done()
                 status = await self.session.handle(event)
-                if self.session.state in LOGGED_IN_STATES:
+                if self.session.state in LOGGED_IN_STATES and not self.slot.authenticated:
                     self.slot.promote()  # out of the pre-auth pool, its deadline and its stress
+                    if not self.slot.evicted:
+                        self.channel.cancel_expiry()  # the deadline passed during the login itself
                 if status == "BAD" and self.conn.note_bad_command():
                     await self.send(Bye("Too many invalid commands"))
                     return

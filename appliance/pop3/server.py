@@ -160,8 +160,10 @@ class ConnectionHandler:
             elif isinstance(event, Command):
                 self._line_done()
                 await self.session.handle(event)
-                if self.conn.state is State.TRANSACTION:
+                if self.conn.state is State.TRANSACTION and not self.slot.authenticated:
                     self.slot.promote()  # out of the pre-auth pool, its deadline and its stress
+                    if not self.slot.evicted:
+                        self.channel.cancel_expiry()  # the deadline passed during the login itself
             elif isinstance(event, Reject):
                 self._line_done()
                 await self.send(event.reply)

@@ -134,12 +134,12 @@ def test_imap_literal_trickled_is_cut_at_the_command_deadline(slow_box: BoxHandl
 
 def test_imap_normal_commands_after_login_are_not_cut(slow_box: BoxHandle, listener: Any) -> None:
     # The pre-auth deadline ends at login, and each complete command starts a fresh command clock.
-    limits = ImapLimits(preauth_timeout=1.0, command_timeout=1.0, authenticated_timeout=60.0)
+    limits = ImapLimits(preauth_timeout=3.0, command_timeout=1.0, authenticated_timeout=60.0)
     port = listener(start_imap, "imaps", limits)
     raw = RawImap(port, slow_box.client_context)
     try:
         raw.login(USER, PASSWORD)
-        for i in range(8):
+        for i in range(15):  # 4.5 s: past the pre-auth deadline, and each command well within its own
             time.sleep(0.3)
             assert raw.command(f"n{i}".encode(), b"NOOP")[-1].startswith(f"n{i} OK".encode())
     finally:
