@@ -92,6 +92,9 @@ class ThrottlePolicy:
     account_budget: int = 10  # passwords checked per account per budget_seconds, all strangers together
     trusted_budget: int = 10  # the same, for each of the owner's remembered addresses and devices
     budget_seconds: float = 60.0
+    # An attempt refused by the budget is answered after this long (Dovecot's auth_failure_delay): an
+    # instant "no" would invite a tight reconnect loop, each round a TLS handshake for the box.
+    over_budget_delay: float = 2.0
     trust_seconds: float = 30 * 86400  # how long a successful address or device stays remembered
 
     def __post_init__(self) -> None:
@@ -484,6 +487,7 @@ class Auth:
                 # Not checked at all, so the answer (the usual failure) cannot depend on the password;
                 # not counted as a failure either: it proves nothing about this client.
                 self._log("over-budget", kind, account, service, peer, delay)
+                await asyncio.sleep(throttle.policy.over_budget_delay)
                 return None
             try:
                 async with self._hash_slots.slot(owner=trusted is not None):

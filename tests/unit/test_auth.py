@@ -8,7 +8,7 @@ import sqlite3
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -336,7 +336,7 @@ def test_lockouts_start_at_exactly_their_count() -> None:
 # Only the budget matters here: no delays, no lockouts.
 BUDGET = ThrottlePolicy(
     free_failures=10**6, peer_free_failures=10**6, pair_lockout_failures=10**6, peer_lockout_failures=10**6,
-    account_budget=10, trusted_budget=10, budget_seconds=60, trust_seconds=30 * 86400,
+    account_budget=10, trusted_budget=10, budget_seconds=60, trust_seconds=30 * 86400, over_budget_delay=0.01,
 )
 OWNER = "192.0.2.200"
 
@@ -364,10 +364,16 @@ def test_distributed_guessing_gets_ten_checks_a_minute_per_account(
         assert await asyncio.gather(*guesses) == [None] * 200
         assert outcomes(caplog).count("bad-password") == 10
         assert outcomes(caplog).count("over-budget") == 190
-        # Past the budget even the right password is refused unchecked, with the same answer as a wrong one.
+        # Past the budget even the right password is refused unchecked, with the same answer as a wrong one,
+        # and not at once (an instant answer would invite a tight reconnect loop).
         caplog.clear()
+        slow = Auth(box.db, box.accounts, policy=replace(BUDGET, over_budget_delay=0.3), clock=box.clock)
+        for _ in range(10):
+            await slow.verify(ALICE, WRONG, "imap", "198.51.100.76")
+        result, seconds = await timed(slow.verify(ALICE, PASSWORD, "imap", "198.51.100.77"))
+        assert result is None and seconds >= 0.3
         assert await auth.verify(ALICE, PASSWORD, "imap", "198.51.100.77") is None
-        assert outcomes(caplog) == ["over-budget"]
+        assert outcomes(caplog)[-2:] == ["over-budget", "over-budget"]
         # Other accounts are not affected.
         await box.accounts.add_user("bob@example.org", PASSWORD)
         assert await auth.verify("bob@example.org", PASSWORD, "imap", "198.51.100.1") is not None
@@ -423,7 +429,7 @@ def test_the_owners_addresses_keep_their_own_budget_across_restarts(
     slow_account = ThrottlePolicy(
         free_failures=1, peer_free_failures=10**6, pair_lockout_failures=10**6, peer_lockout_failures=10**6,
         base_delay=5.0, max_delay=5.0, account_max_delay=5.0, forgive_seconds=3600,
-        account_budget=10, trusted_budget=10, budget_seconds=60, trust_seconds=30 * 86400,
+        account_budget=10, trusted_budget=10, budget_seconds=60, trust_seconds=30 * 86400, over_budget_delay=0.01,
     )
 
     async def attack(auth: Auth) -> None:

@@ -291,7 +291,8 @@ def test_a_browser_that_logged_in_before_keeps_its_own_budget(tmp_path: Path) ->
     """Distributed guessing fills the account's budget of password checks (appliance/auth.py); the
     owner's browser, known by the signed device cookie of its last login, still gets in."""
     policy = ThrottlePolicy(free_failures=100, peer_free_failures=100, pair_lockout_failures=100,
-                            peer_lockout_failures=100, base_delay=0, account_budget=3, trusted_budget=3)
+                            peer_lockout_failures=100, base_delay=0, account_budget=3, trusted_budget=3,
+                            over_budget_delay=0)
     with web_client(tmp_path / "budget", policy=policy) as web:
         web.set_up()
         web.add_user()
