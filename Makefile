@@ -32,7 +32,8 @@ unit: $(STAMP)
 	$(BIN)/pytest tests/unit
 
 bench: $(STAMP)
-	@for script in $(filter-out bench/benchbox.py,$(wildcard bench/*.py)); do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	@for script in $(basename $(notdir $(filter-out bench/__init__.py bench/benchbox.py,$(wildcard bench/*.py)))); do \
+		echo "== bench.$$script"; $(BIN)/python -m bench.$$script || exit 1; done
 
 # Refresh docs/screenshots/ (the README's images): the end-to-end wizard test, writing there.
 .PHONY: screenshots

@@ -14,15 +14,10 @@ figures the box promises.
 Everything runs on 127.0.0.0/8 with a temporary data directory: the outside world is a DNS server and
 an SMTP receiver on loopback (tests/support). Counts and durations are bounded; `--quick` is the
 reduced run that tests/e2e/test_attack.py makes on every `make test`.
-Usage: python bench/attack.py [--quick] [--parts relay,guessing,slow,crash]
+Usage: python -m bench.attack [--quick] [--parts relay,guessing,slow,crash]
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
 import asyncio
@@ -44,6 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from appliance.config import STANDARD_PORTS
 from bench.benchbox import LETTERBOX, READY_TIMEOUT, cli, free_offset, set_settings

@@ -2,7 +2,7 @@
 indexed in SQLite (synchronous=FULL) before it counts, first one after another, then with C
 deliveries in flight at once. Also times a snapshot of the resulting folder.
 
-Usage: python bench/deliver.py [--messages 2000] [--size 4096] [--concurrency 10] [--dir DIR]
+Usage: python -m bench.deliver [--messages 2000] [--size 4096] [--concurrency 10] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -12,17 +12,12 @@ import asyncio
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# The repository instead of bench/ first on the path: a bench script named like a stdlib module
-# (bench/queue.py) would otherwise shadow it.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from appliance.db import Database  # noqa: E402
-from appliance.store.mailstore import MailStore  # noqa: E402
+from appliance.db import Database
+from appliance.store.mailstore import MailStore
 
 MAILBOX = "bench@bench.test"
 

@@ -5,7 +5,7 @@ copy from another server), LOGIN+SELECT again, `UID FETCH 1:* (UID FLAGS)`, `FET
 BODYSTRUCTURE)`, one SEARCH on a header (reads every file) and one on flags (index only), and the
 server's peak RSS. LOGIN is timed apart from SELECT: it is one argon2id hash, slow on purpose. Targets (issue 4): SELECT under 50 ms after the first open (the median of 5), the FLAGS fetch under
 200 ms at 10k, cost growing no faster than linearly with the folder size.
-Usage: python bench/imap.py [--sizes 1000,10000,100000]
+Usage: python -m bench.imap [--sizes 1000,10000,100000]
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ import argparse
 import asyncio
 import re
 import ssl
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.benchbox import cli, free_offset, peak_rss_kib, serving
 
 IMAPS = 993

@@ -6,7 +6,7 @@
 2. RETR throughput in MB/s: many medium messages one after another, then one large message, with the
    server's peak RSS (RETR streams from the file, so a 50 MB message must not add 50 MB).
 
-Usage: python bench/pop3.py [--messages 10000] [--medium 200] [--medium-kib 256] [--large-mib 50]
+Usage: python -m bench.pop3 [--messages 10000] [--medium 200] [--medium-kib 256] [--large-mib 50]
 """
 
 from __future__ import annotations
@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import socket
 import ssl
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.benchbox import cli, free_offset, peak_rss_kib, serving
 
 POP3S_PORT = 995

@@ -4,7 +4,7 @@
 Prints messages/s, p50/p99 latency per message (MAIL FROM sent -> 250 after DATA) and the server's
 peak RSS. The MX's inbound checks (SPF, DKIM, DMARC) run as in production, against a DNS server on
 loopback that knows no records (so nothing leaves the machine); the outbound queue is held.
-Usage: python bench/smtp.py [--messages 2000] [--concurrency 10] [--size 2048]
+Usage: python -m bench.smtp [--messages 2000] [--concurrency 10] [--size 2048]
 """
 
 from __future__ import annotations
@@ -12,15 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from bench.benchbox import cli, free_offset, peak_rss_kib, serving, set_settings  # noqa: E402
-from tests.support.dns_server import ZoneServer  # noqa: E402  (the repo's loopback DNS server)
+from bench.benchbox import cli, free_offset, peak_rss_kib, serving, set_settings
+from tests.support.dns_server import ZoneServer  # the repo's loopback DNS server
 
 MX_PORT = 25
 DOMAIN = "bench.test"

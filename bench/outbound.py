@@ -5,20 +5,10 @@ DNS server on loopback.
 
 Prints submission rate, end-to-end rate (first submission -> last handoff) and p50/p99 of the time
 from a message's 250 on 587 to its removal from the queue (= accepted by the sink).
-Usage: python bench/queue.py [--messages 1000] [--concurrency 4] [--size 2048]
+Usage: python -m bench.outbound [--messages 1000] [--concurrency 4] [--size 2048]
 """
 
-# ruff: noqa: E402  (the sys.path fix below must run before the imports)
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-# This file is named like the stdlib's `queue`: take its folder off the path before anything imports
-# `queue`, and put the repository on it instead.
-_BENCH = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
-sys.path.insert(0, str(_BENCH.parent))
 
 import argparse
 import asyncio
@@ -30,9 +20,11 @@ import sqlite3
 import ssl
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 from bench.benchbox import cli, free_offset, serving, set_settings
 from tests.support.dns_server import ZoneServer
