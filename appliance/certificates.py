@@ -108,6 +108,7 @@ class CertContext:
     # tls-alpn-01 is answered by this process's 443 listener: not from the CLI (another process).
     answers_tls_alpn: bool = True
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    running: asyncio.Task[None] | None = None  # an order started from the web, followed by its page
     clock: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(dt.UTC))
 
 
@@ -277,6 +278,26 @@ async def request(ctx: CertContext, domains: list[str], *, directory: str | None
             await ctx.events.record("certificate", "names left out of the order: " + "; ".join(names.left_out))
         info = await _order(ctx, await acme_settings(ctx.db), names.names, reason="certificate ordered")
         return info, names
+
+
+async def start_request(ctx: CertContext, domains: list[str], **options: str | None) -> bool:
+    """Start an order in the background (the web page shows its progress from the stored state, so a
+    reload or another browser sees it too). False when one is already running."""
+    if ctx.running is not None and not ctx.running.done():
+        return False
+    await _set_state(ctx, "pending", "Checking that the names lead to this box.")
+
+    async def run() -> None:
+        try:
+            await request(ctx, domains, **options)  # type: ignore[arg-type]
+        except (AcmeProblem, CertificateProblem):
+            pass  # recorded in the state, the last error and the events by request()
+        except Exception:
+            log.exception("certificate order failed")
+            await _set_state(ctx, "failed", "The order failed unexpectedly; the log has the details.")
+
+    ctx.running = asyncio.create_task(run(), name="letterbox-cert-order")
+    return True
 
 
 async def renew(ctx: CertContext, domains: list[str], *, force: bool = False) -> CertificateInfo | None:

@@ -29,7 +29,18 @@ from appliance.plain_errors import plain
 from appliance.web_sessions import WebSessions
 from web.display import idn
 from web.pages import LoginRequired, render
-from web.routes import account, autoconfig, console, domains, login, mailboxes, sending, setup, wellknown
+from web.routes import (
+    account,
+    autoconfig,
+    certificate,
+    console,
+    domains,
+    login,
+    mailboxes,
+    sending,
+    setup,
+    wellknown,
+)
 from web.security import SecurityHeadersMiddleware
 from web.session import LOGIN_MAX_SECONDS, SessionMiddleware, load_or_create_secret
 
@@ -116,7 +127,7 @@ async def _login_required(request: Request, exc: Exception) -> Response:
 def routes() -> list[BaseRoute]:
     return [
         *login.routes, *setup.routes, *console.routes, *domains.routes, *mailboxes.routes, *sending.routes,
-        *account.routes, *autoconfig.routes, *wellknown.routes,
+        *account.routes, *autoconfig.routes, *wellknown.routes, *certificate.routes,
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
 

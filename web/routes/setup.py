@@ -27,7 +27,7 @@ from web import forms, wizard
 from web.checklist import still_to_do
 from web.console_data import client_settings_for, dns_ports
 from web.pages import log_in, peer, read_form, redirect, render, require, services
-from web.routes import sending
+from web.routes import certificate, sending
 from web.state import SETUP_DOMAIN, SETUP_DOMAIN_ADDED, SETUP_DONE, reach, setup_done, setup_step
 from web.wizard import Form, Next
 
@@ -254,8 +254,19 @@ def replace_self_signed(tls: TlsManager, hostname: str) -> None:
 async def tls_page(request: Request, form: Form | None) -> Response:
     svc = services(request)
     return await _page(request, 4, "setup/tls.html", {
-        "cert": svc.tls.info(), "renew": needs_new_self_signed(svc.tls, svc.hostname),
+        **await certificate.page_context(request), "base": "/setup/4",
+        "renew": needs_new_self_signed(svc.tls, svc.hostname),
     })
+
+
+async def tls_action(request: Request) -> Response:
+    """Step 4's own forms: order from an ACME CA, or upload (the console's Certificate page does the same)."""
+    blocked = await _guard(request, 4)
+    if blocked is not None:
+        return blocked
+    if request.path_params["action"] == "order":
+        return await certificate.order(request, "/setup/4")
+    return await certificate.upload(request, "/setup/4")
 
 
 async def tls_submit(request: Request) -> Response:
@@ -349,4 +360,5 @@ POSTS = {1: admin_submit, 2: domain_submit, 3: dns_submit, 4: tls_submit, 5: sen
 routes = [
     Route("/setup", setup_index, methods=["GET"]),
     Route("/setup/{step}", step_page, methods=["GET", "POST"]),
+    Route("/setup/4/{action:str}", tls_action, methods=["POST"]),
 ]
