@@ -53,7 +53,7 @@ async def still_to_do(svc: Services) -> list[Todo]:
     if cert.self_signed:
         todos.append(Todo("certificate", "The certificate is self-signed: mail programs warn about it (or refuse "
                           "it) until a certificate from a certificate authority such as Let's Encrypt replaces it.",
-                          "/console", "See the certificate"))
+                          "/console/certificate", "Get a trusted certificate"))
     relay = (await stored_relay(svc)).relay
     if relay is None:
         todos.append(Todo("sending", "Mail to other domains goes directly to their servers, which needs outbound "

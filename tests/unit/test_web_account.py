@@ -187,3 +187,14 @@ def test_a_plain_logout_ends_only_this_session(web: WebClient) -> None:
     laptop = _cookie(web)
     web.logout()
     assert _with_cookie(web, laptop) == 303 and _with_cookie(web, phone) == 200
+
+
+def test_certificate_warning_only_while_self_signed(web: WebClient) -> None:
+    import trustme
+
+    assert web.services.tls.info().self_signed
+    assert 'id="cert-warning"' in web.get("/account").text
+    leaf = trustme.CA().issue_cert(HOSTNAME)
+    web.services.tls.install(b"".join(b.bytes() for b in leaf.cert_chain_pems), leaf.private_key_pem.bytes(),
+                             hostname=HOSTNAME)
+    assert 'id="cert-warning"' not in web.get("/account").text

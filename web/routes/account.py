@@ -35,7 +35,7 @@ async def account_page(request: Request, errors: dict[str, str] | None = None) -
         pass
     return await render(request, "account.html", {
         "title": "Your mailbox", "mailbox": info, "settings": client_settings_for(svc), "used": used,
-        "quota": quota, "errors": errors or {},
+        "quota": quota, "errors": errors or {}, "self_signed": svc.tls.info().self_signed,
     }, status_code=400 if errors else 200)
 
 
