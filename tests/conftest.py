@@ -187,6 +187,7 @@ class ServedBox:
         self.client_context = client_context(ca)
         self.log_path = root / "serve.log"
         self.offset = 0
+        self.hostname = TEST_HOSTNAME  # a test may name the box otherwise before start()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
@@ -198,7 +199,7 @@ class ServedBox:
         earlier = log.tell()  # a restart appends: only this run's "ready" counts
         self.proc = subprocess.Popen(
             [LETTERBOX, "serve", "--listen", "127.0.0.1", "--port-offset", str(self.offset),
-             "--hostname", TEST_HOSTNAME],
+             "--hostname", self.hostname],
             stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.data.root.parent,
         )
         log.close()
