@@ -13,6 +13,7 @@ import asyncio
 import collections
 import logging
 import re
+import ssl
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, AnyStr
 
@@ -114,9 +115,13 @@ class LetterboxSMTP(SMTP):
         limits: SmtpLimits,
         tracker: ConnectionTracker,
         implicit_tls: bool = False,
+        implicit_tls_context: ssl.SSLContext | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
+        # Port 465: the handshake runs after accept, inside the connection's slot (see _handshake).
+        self._implicit_tls_context = implicit_tls_context
+        self._raw_transport: asyncio.BaseTransport | None = None  # set while that handshake runs
         self.limits = limits
         self._tracker = tracker
         # aiosmtpd's class-level dict is shared by all sessions and grows on every EHLO: use our own.
@@ -158,29 +163,67 @@ class LetterboxSMTP(SMTP):
                 if refused := self._tracker.limiter.refusal_to_log():
                     log.warning("%s: too many connections, refused (%d refused since the last report)", ip, refused)
                 assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(
-                    f"421 4.7.0 {self.hostname} Too many connections from your address, try later\r\n".encode()
-                )
+                if self._implicit_tls_context is None:  # plaintext would only garble a TLS handshake
+                    transport.write(
+                        f"421 4.7.0 {self.hostname} Too many connections from your address, try later\r\n".encode()
+                    )
                 transport.close()
                 return
             self._client_ip = ip
             self._slot = slot
             slot.on_evict = self._evicted
             self._tracker.sessions.add(self)
-            super().connection_made(transport)
-            # From connect to the first transaction or login: one deadline, shorter under stress.
-            slot.watch_preauth(self._preauth_expired)
-            if self._handler_coroutine is not None:
-                # After a failed STARTTLS handshake asyncio's SSL layer never calls connection_lost
-                # on us: the end of the session's coroutine releases the slot as well.
-                self._handler_coroutine.add_done_callback(lambda _task: self._release())
+            if self._implicit_tls_context is not None:
+                assert isinstance(transport, asyncio.ReadTransport)
+                transport.pause_reading()  # the ClientHello is for the TLS layer start_tls puts in between
+                self._raw_transport = transport
+                handshake = self.loop.create_task(self._handshake(transport, slot, self._implicit_tls_context))
+                handshake.add_done_callback(self._handshake_done)
+                return
+            self._start_session(transport, slot)
             return
         super().connection_made(transport)
+
+    async def _handshake(self, raw: asyncio.BaseTransport, slot: Slot, context: ssl.SSLContext) -> None:
+        """Implicit TLS (RFC 8314 3.3) after accept: a silent socket counts per address and network
+        and within its pre-auth deadline, which asyncio's own handshake (create_server(ssl=...)) hid."""
+        assert isinstance(raw, asyncio.Transport)
+        seconds = min(self.limits.tls_handshake_timeout, slot.preauth_deadline - self.loop.time())
+        try:
+            tls = await self.loop.start_tls(raw, self, context, server_side=True,
+                                            ssl_handshake_timeout=max(seconds, 0.001))
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            log.debug("%s: TLS handshake failed: %s", self._client_ip, exc)
+            raw.close()
+            return
+        if tls is None or raw.is_closing():
+            return
+        self._raw_transport = None
+        self._start_session(tls, slot)
+
+    def _handshake_done(self, task: asyncio.Task[None]) -> None:
+        if self._raw_transport is not None:  # failed, timed out or cancelled: no session was started
+            self._raw_transport.close()
+            self._raw_transport = None
+            self._release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: TLS set-up failed", self._client_ip, exc_info=task.exception())
+
+    def _start_session(self, transport: asyncio.BaseTransport, slot: Slot) -> None:
+        super().connection_made(transport)
+        # From connect to the first transaction or login: one deadline, shorter under stress.
+        slot.watch_preauth(self._preauth_expired)
+        if self._handler_coroutine is not None:
+            # After a failed STARTTLS handshake asyncio's SSL layer never calls connection_lost
+            # on us: the end of the session's coroutine releases the slot as well.
+            self._handler_coroutine.add_done_callback(lambda _task: self._release())
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
         self._release()
+        if self.session is None:  # the client went during the implicit-TLS handshake: no session yet
+            return
         super().connection_lost(error)
 
     def _release(self) -> None:
@@ -195,6 +238,9 @@ class LetterboxSMTP(SMTP):
     def _evicted(self) -> None:
         # The pre-auth pool is full and this is its oldest session: make room (RFC 5321 4.5.3.2: 421).
         log.info("%s: oldest session without a transaction, dropped to make room", self._client_ip)
+        if self._raw_transport is not None:  # still in its TLS handshake
+            self._raw_transport.close()
+            return
         self._timeout_cb()
 
     def _preauth_expired(self) -> None:
@@ -204,6 +250,8 @@ class LetterboxSMTP(SMTP):
     def shut_down(self) -> None:
         """The listener is closing: RFC 5321 3.8, 421 and close (a transaction not yet answered is
         not acknowledged, so the client will retry it)."""
+        if self._raw_transport is not None:  # still in its TLS handshake: nothing to say yet
+            self._raw_transport.close()
         transport = self.transport
         if transport is not None and not transport.is_closing():
             assert isinstance(transport, asyncio.WriteTransport)
@@ -387,6 +435,7 @@ async def start_server(
             limits=limits,
             tracker=tracker,
             implicit_tls=implicit_tls,
+            implicit_tls_context=services.tls.context if implicit_tls else None,
             data_size_limit=limits.max_message_octets,
             enable_SMTPUTF8=True,
             decode_data=False,
@@ -405,8 +454,6 @@ async def start_server(
         factory,
         host=host,
         port=port,
-        ssl=services.tls.context if implicit_tls else None,
-        ssl_handshake_timeout=limits.tls_handshake_timeout if implicit_tls else None,
         reuse_address=True,
         backlog=LISTEN_BACKLOG,
         start_serving=start_serving,

@@ -190,7 +190,7 @@ def test_under_stress_idle_preauth_connections_are_cut_and_logged_in_sessions_ke
         box.run(stop(server))
 
 
-@pytest.mark.parametrize("service", ["imaps", "pop3s"])
+@pytest.mark.parametrize("service", ["imaps", "pop3s", "submissions"])
 def test_silent_sockets_on_an_implicit_tls_port_are_counted_from_accept(
     attacked_box: BoxHandle, service: str
 ) -> None:
@@ -200,9 +200,14 @@ def test_silent_sockets_on_an_implicit_tls_port_are_counted_from_accept(
     from appliance.imap.server import start_server as start_imap
     from appliance.pop3.limits import Pop3Limits
     from appliance.pop3.server import start_server as start_pop3
+    from appliance.smtp.limits import SmtpLimits
+    from appliance.smtp.server import start_server as start_smtp
 
     box = attacked_box
-    if service == "imaps":
+    if service == "submissions":
+        server = box.run(start_smtp(box.services, service, "127.0.0.1", 0,
+                                    limits=SmtpLimits(max_connections_per_client=3)))
+    elif service == "imaps":
         server = box.run(start_imap(box.services, service, "127.0.0.1", 0, ImapLimits(max_connections_per_client=3)))
     else:
         server = box.run(start_pop3(box.services, service, "127.0.0.1", 0, Pop3Limits(max_connections_per_client=3)))
@@ -211,7 +216,7 @@ def test_silent_sockets_on_an_implicit_tls_port_are_counted_from_accept(
     try:
         counts = limiter_of(server)
         wait_for(lambda: counts.count("127.0.0.40") == 3, 10, "the silent sockets are counted")
-        with pytest.raises((OSError, EOFError)):
+        with pytest.raises((OSError, EOFError, smtplib.SMTPException)):
             login(service, port, "127.0.0.40", box.client_context, USER, PASSWORD)
         login(service, port, "127.0.0.41", box.client_context, USER, PASSWORD)
     finally:
