@@ -342,6 +342,88 @@ def cmd_cert(args: argparse.Namespace) -> None:
         print(line)
 
 
+# --- backup ----------------------------------------------------------------------------------------
+
+def _read_secret_file(name: str | None, what: str) -> str:
+    """A key or passphrase from a file, or from standard input for '-': never from argv."""
+    if name is None:
+        return ""
+    try:
+        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeError) as exc:
+        raise CliError(f"cannot read the {what} file {name}: {exc}") from exc
+    if not text.strip():
+        raise CliError(f"the {what} file {name} is empty")
+    return text
+
+
+def _secret(args: argparse.Namespace) -> Any:
+    from appliance import backup
+
+    text = _read_secret_file(args.key_file, "key") or _read_secret_file(args.passphrase_file, "passphrase")
+    if not text:
+        raise CliError("give the emergency kit with --key-file FILE or a passphrase with --passphrase-file FILE"
+                       " ('-' reads standard input)")
+    if args.passphrase_file:
+        return backup.Secret(passphrase=text.splitlines()[0])
+    return backup.Secret.from_text(text)
+
+
+def _manifest_line(manifest: dict[str, Any]) -> str:
+    return (f"made {manifest.get('created')} on {manifest.get('host')}: {len(manifest.get('domains', []))} domains,"
+            f" {len(manifest.get('mailboxes', []))} mailboxes, {manifest.get('messages')} messages")
+
+
+def cmd_backup(args: argparse.Namespace) -> None:
+    from appliance import backup
+    from appliance.events import EventLog
+
+    layout = DataLayout(Path(args.data))
+
+    async def act() -> None:
+        if args.action == "list":
+            for item in backup.list_backups(layout.backups):
+                print(f"{item.path}\t{sizes.format_size(item.size) or '0'}")
+            return
+        if args.action == "verify":
+            checked = await backup.verify(Path(args.file), _secret(args), layout)
+            print(f"{args.file}: every checksum matches ({checked.files} files); {_manifest_line(checked.manifest)}")
+            return
+        if args.action == "restore" and not args.mailbox:
+            restored = await backup.restore(layout, Path(args.file), _secret(args))
+            kept = f"; the old data is kept in {restored.kept_aside}" if restored.kept_aside else ""
+            print(f"restored {_manifest_line(restored.manifest)}{kept}")
+            return
+        db = await open_db(args)
+        try:
+            events = EventLog(db)
+            if args.action == "key":
+                kit = await backup.make_key(db, events, await db.get_setting("hostname") or "letterbox")
+                fd = os.open(args.kit_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(kit.text)
+                print(f"new backup key {kit.recipient}; emergency kit written to {args.kit_to}:"
+                      " keep it away from the box, it is not shown again")
+            elif args.action == "create":
+                key = _read_secret_file(args.key_file, "key")
+                passphrase = _read_secret_file(args.passphrase_file, "passphrase").splitlines()
+                made = await backup.create(db, events, layout, to=Path(args.to) if args.to else None,
+                                           key_text=key, passphrase=passphrase[0] if passphrase else "")
+                print(f"{made.path}\t{made.size} bytes\t{made.manifest['messages']} messages")
+            else:
+                done = await backup.restore_mailbox(db, events, layout, Path(args.file), _secret(args),
+                                                    args.mailbox, args.folder)
+                again = " (mailbox made again)" if done.created else ""
+                print(f"restored {done.messages} messages into {done.address}{again}")
+        finally:
+            await db.close()
+
+    try:
+        asyncio.run(act())
+    except backup.BackupError as exc:
+        raise CliError(str(exc)) from exc
+
+
 # --- parser ----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,6 +498,28 @@ def build_parser() -> argparse.ArgumentParser:
     dksub = dkim.add_subparsers(dest="action", required=True)
     dksub.add_parser("rotate", help="a new key under a new selector, in force at once").add_argument("domain")
     dkim.set_defaults(func=cmd_dkim)
+
+    bk = sub.add_parser("backup", help="encrypted backups of the whole box, and restores")
+    bksub = bk.add_subparsers(dest="action", required=True)
+    bkey = bksub.add_parser("key", help="make the backup key; writes the emergency kit (shown once)")
+    bkey.add_argument("--kit-to", required=True, help="file to write the emergency kit to (must not exist)")
+    bcreate = bksub.add_parser("create", help="make a backup now (default: into backups/)")
+    bcreate.add_argument("--to", help="a folder (e.g. a mounted USB disk) or a file name")
+    bsecret = bcreate.add_mutually_exclusive_group()
+    bsecret.add_argument("--key-file", help="encrypt to this kit or age1... key instead of the box's")
+    bsecret.add_argument("--passphrase-file", help="encrypt with the passphrase in this file ('-': stdin)")
+    bksub.add_parser("list", help="the backups under backups/")
+    for action, text in (("verify", "decrypt and check every checksum, change nothing"),
+                         ("restore", "replace the box's data with a backup (stop serve first), or --mailbox")):
+        p = bksub.add_parser(action, help=text)
+        p.add_argument("file")
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--key-file", help="the emergency kit ('-': stdin)")
+        g.add_argument("--passphrase-file", help="the passphrase ('-': stdin)")
+        if action == "restore":
+            p.add_argument("--mailbox", help="put back only this mailbox, into the running box")
+            p.add_argument("--folder", help="with --mailbox: only this folder")
+    bk.set_defaults(func=cmd_backup)
 
     dns = sub.add_parser("dns", help="the DNS records a domain needs, and a live check of them")
     dnsub = dns.add_subparsers(dest="action", required=True)

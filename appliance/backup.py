@@ -1,0 +1,1134 @@
+"""Backups of the whole box: one encrypted file, made online, restorable with standard tools.
+
+A backup is `letterbox-<host>-<UTC time>.tar.zst.age`: a tar stream, compressed with zstandard and
+encrypted with age (pyrage) to the box's X25519 backup key, so that
+`age -d -i kit.txt FILE | zstd -d | tar -x` unpacks it without Letterbox. Everything is streamed
+(bounded memory whatever the size of the mail).
+
+What it holds, in this order:
+1. `letterbox-manifest.json`: format and schema versions, host, time, domains, mailboxes, counts.
+2. `letterbox.db`: a snapshot of the database taken first, in one step (`VACUUM INTO`; the stepwise
+   backup API restarts on every foreign write and never ends while mail arrives).
+3. Every Maildir (the message files the snapshot indexes, plus each folder's own files such as
+   `dovecot-keywords`), `dkim/`, `tls/` (ACME account included), `spool/` (the messages the
+   snapshot's queue refers to), `srs.secret`, `setup-code`.
+4. `letterbox-checksums.sha256`: the SHA-256 of every file above in `sha256sum -c` form. It comes
+   last because the archive is written in one pass: a file's checksum is known only once it has
+   been read. A restore refuses an archive without it (truncated) or that disagrees with it.
+
+Consistency while mail arrives and clients move messages: the db snapshot decides what is in the
+backup. A message file is taken only when the snapshot indexes it; one delivered after the snapshot
+is left out entirely (it was acknowledged after the backup began, so it is not owed to this backup).
+A file renamed while the walk runs (new/ -> cur/, a flag change) is looked for again under its base
+name. A message the snapshot indexes but whose file was expunged before the walk reached it is left
+out, and its index row is dropped at restore: after a restore the index and the files agree.
+
+UIDs after a restore (RFC 3501 2.3.1.1: a UID is never reused under the same UIDVALIDITY): each folder
+keeps its UIDVALIDITY and every UID of the backup (clients keep their caches, POP3 UIDLs stay), and its
+UIDNEXT moves up by UID_MARGIN, past any UID the lost box could have handed out after the snapshot
+(or to the restored-over box's own UIDNEXT, when that is higher). A folder whose UIDNEXT would not fit
+in 32 bits gets a new UIDVALIDITY instead (clients then download it again, as the RFC intends).
+
+Restore is staged and atomic: the archive is unpacked into a staging directory beside the data
+directory (same file system), every checksum verified and the db checked and fixed up there; then the
+staging directory and the data directory are swapped with one renameat2(RENAME_EXCHANGE), so a kill at
+any moment leaves either the old or the new data complete. The old data is kept aside as
+`<data>.before-restore-<time>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import hashlib
+import io
+import json
+import os
+import secrets
+import shutil
+import socket
+import sqlite3
+import stat
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, TYPE_CHECKING, Any
+
+import pyrage
+import zstandard
+
+from appliance import __version__
+from appliance.config import DataLayout
+from appliance.db import DB_FILE_MODE, load_migrations
+from appliance.store import maildir
+
+if TYPE_CHECKING:
+    from appliance.db import Database
+    from appliance.events import EventLog
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "letterbox-manifest.json"
+CHECKSUMS_NAME = "letterbox-checksums.sha256"
+DB_NAME = "letterbox.db"
+SUFFIX = ".tar.zst.age"
+RECIPIENT_SETTING = "backup_recipient"  # the public half of the backup key; the secret is the kit
+TOP_FILES = ("srs.secret", "setup-code")
+TOP_TREES = ("dkim", "tls")
+# How far UIDNEXT moves at a restore: more mail than one folder receives between a backup and the
+# disaster that needs it. 2**32 / 10**6 leaves room for thousands of restores of the same folder.
+UID_MARGIN = 1_000_000
+MAX_UID = 2**32 - 1
+ZSTD_LEVEL = 3  # zstd's default: fast enough to keep up with age on 2 cores
+RENAME_EXCHANGE = 2  # linux/fs.h
+AT_FDCWD = -100
+VANISHED_RETRIES = 5
+MAX_MANIFEST = 16 * 1024 * 1024
+CHUNK = 1024 * 1024
+
+
+class BackupError(Exception):
+    """A backup or restore problem, in words fit for one line or a web page."""
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Secret:
+    """What unlocks a backup: an age identity (the emergency kit) or a passphrase."""
+
+    identity: str = ""
+    passphrase: str = ""
+
+    @classmethod
+    def from_text(cls, text: str) -> Secret:
+        """A kit file's text (its AGE-SECRET-KEY line) or else a passphrase (the first line)."""
+        for line in text.splitlines():
+            if line.strip().startswith("AGE-SECRET-KEY-"):
+                return cls(identity=line.strip())
+        first = text.splitlines()[0] if text.splitlines() else ""
+        if not first:
+            raise BackupError("the key file is empty: give the emergency kit or a passphrase")
+        return cls(passphrase=first)
+
+
+@dataclass(frozen=True)
+class Kit:
+    recipient: str
+    text: str  # the emergency kit: shown once, never kept by the box
+
+
+def new_kit(hostname: str) -> Kit:
+    identity = pyrage.x25519.Identity.generate()
+    recipient = str(identity.to_public())
+    made = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    text = (
+        f"# Letterbox emergency kit for {hostname}, made {made}\n"
+        "# Keep this file somewhere safe, away from the box. Without it no backup can be opened.\n"
+        "# Restore in the wizard's first screen ('Restore from a backup'), or by hand:\n"
+        "#   age -d -i kit.txt letterbox-....tar.zst.age | zstd -d | tar -x\n"
+        f"# public key: {recipient}\n"
+        f"{identity}\n"
+    )
+    return Kit(recipient, text)
+
+
+def recipient_of(text: str) -> str:
+    """A recipient 'age1...' given directly, or the public half of a kit's identity."""
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("age1"):
+            pyrage.x25519.Recipient.from_str(line)
+            return line
+        if line.startswith("AGE-SECRET-KEY-"):
+            return str(pyrage.x25519.Identity.from_str(line).to_public())
+    raise BackupError("no age key in the key file (expected an 'age1...' or 'AGE-SECRET-KEY-...' line)")
+
+
+# --- snapshot ------------------------------------------------------------------------------------
+
+@dataclass
+class Snapshot:
+    """What the db snapshot says is in the backup."""
+
+    path: Path
+    schema: int
+    hostname: str
+    domains: list[str]
+    mailboxes: dict[str, dict[str, int]]  # address -> folder name -> message count
+    # mail-relative maildir folder dir ("example.org/alice/.Sent") -> indexed base names
+    indexed: dict[str, set[str]]
+    queue_ids: set[str]
+    size: int
+
+
+def take_snapshot(db_path: Path, into: Path) -> Snapshot:
+    """VACUUM INTO: one consistent copy in one step, whatever writes go on meanwhile."""
+    into.unlink(missing_ok=True)
+    conn = sqlite3.connect(str(db_path), timeout=30)
+    try:
+        conn.execute("PRAGMA busy_timeout=30000")
+        old_umask = os.umask(0o077)
+        try:
+            conn.execute("VACUUM INTO ?", (str(into),))
+        finally:
+            os.umask(old_umask)
+    finally:
+        conn.close()
+    return read_snapshot(into)
+
+
+def read_snapshot(path: Path) -> Snapshot:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        schema = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+        host_row = conn.execute("SELECT value FROM settings WHERE key = 'hostname'").fetchone()
+        domains = [r[0] for r in conn.execute("SELECT name FROM domains ORDER BY name")]
+        mailboxes: dict[str, dict[str, int]] = {}
+        for local, domain in conn.execute(
+            "SELECT m.local_part, d.name FROM mailboxes m JOIN domains d ON d.id = m.domain_id ORDER BY 2, 1"
+        ):
+            mailboxes[f"{local}@{domain}"] = {}
+        indexed: dict[str, set[str]] = {}
+        size = 0
+        for local, domain, folder, base, msize in conn.execute(
+            "SELECT m.local_part, d.name, f.name, g.basename, g.size FROM messages g"
+            " JOIN folders f ON f.id = g.folder_id JOIN mailboxes m ON m.id = f.mailbox_id"
+            " JOIN domains d ON d.id = m.domain_id"
+        ):
+            key = _folder_key(domain, local, folder)
+            indexed.setdefault(key, set()).add(base)
+            counts = mailboxes.setdefault(f"{local}@{domain}", {})
+            counts[folder] = counts.get(folder, 0) + 1
+            size += int(msize)
+        queue_ids = {r[0] for r in conn.execute("SELECT id FROM queue_messages")}
+    finally:
+        conn.close()
+    return Snapshot(path, int(schema), str(host_row[0]) if host_row else socket.getfqdn(), domains,
+                    mailboxes, indexed, queue_ids, size)
+
+
+def _folder_key(domain: str, local: str, folder: str) -> str:
+    rel = maildir.folder_path(Path(domain) / local, folder)
+    return rel.as_posix()
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+class _HashingReader(io.RawIOBase):
+    """Hands a file to tarfile while hashing what it reads."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        return data
+
+
+@dataclass
+class Progress:
+    """Shared with a progress page: bytes done of an estimated total."""
+
+    done: int = 0
+    total: int = 0
+    stage: str = ""
+    cancelled: bool = False
+
+    @property
+    def percent(self) -> int:
+        return min(100, self.done * 100 // self.total) if self.total else 0
+
+
+@dataclass
+class _Writer:
+    tar: tarfile.TarFile
+    progress: Progress
+    sums: list[tuple[str, str]] = field(default_factory=list)
+    files: int = 0
+    now: int = field(default_factory=lambda: int(time.time()))
+
+    def add_dir(self, name: str) -> None:
+        info = tarfile.TarInfo(name)
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o700
+        info.mtime = self.now
+        self.tar.addfile(info)
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mode = 0o600
+        info.mtime = self.now
+        self.tar.addfile(info, io.BytesIO(data))
+        self.sums.append((hashlib.sha256(data).hexdigest(), name))
+        self.progress.done += len(data)
+
+    def add_open(self, name: str, f: IO[bytes]) -> None:
+        st = os.fstat(f.fileno())
+        info = tarfile.TarInfo(name)
+        info.size = st.st_size
+        info.mode = 0o600
+        info.mtime = int(st.st_mtime)
+        reader = _HashingReader(f)
+        self.tar.addfile(info, reader)  # type: ignore[arg-type]
+        self.sums.append((reader.sha.hexdigest(), name))
+        self.files += 1
+        self.progress.done += st.st_size
+
+    def add_path(self, name: str, path: Path) -> bool:
+        try:
+            with open(path, "rb") as f:
+                self.add_open(name, f)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def add_tree(self, name: str, path: Path) -> None:
+        """A small directory (dkim/, tls/, spool/...): regular files and subdirectories, no links."""
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except FileNotFoundError:
+            return
+        self.add_dir(name)
+        for entry in entries:
+            child = f"{name}/{entry.name}"
+            if entry.is_dir(follow_symlinks=False):
+                self.add_tree(child, Path(entry.path))
+            elif entry.is_file(follow_symlinks=False):
+                self.add_path(child, Path(entry.path))
+
+
+def _sum_line(digest: str, name: str) -> str:
+    # sha256sum's escaping: a name with a backslash or newline is written escaped, the line starts '\'.
+    if "\\" in name or "\n" in name:
+        return "\\" + digest + "  " + name.replace("\\", "\\\\").replace("\n", "\\n") + "\n"
+    return f"{digest}  {name}\n"
+
+
+def _parse_sums(text: str) -> dict[str, str]:
+    sums: dict[str, str] = {}
+    for line in text.splitlines():
+        escaped = line.startswith("\\")
+        if escaped:
+            line = line[1:]
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise BackupError("the backup's checksum list is damaged")
+        if escaped:
+            name = _unescape(name)
+        sums[name] = digest
+    return sums
+
+
+def _unescape(name: str) -> str:
+    out, i = [], 0
+    while i < len(name):
+        if name[i] == "\\" and i + 1 < len(name):
+            out.append("\n" if name[i + 1] == "n" else name[i + 1])
+            i += 2
+        else:
+            out.append(name[i])
+            i += 1
+    return "".join(out)
+
+
+def file_name(hostname: str, when: float | None = None) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
+    safe = "".join(c if c.isalnum() or c in ".-" else "-" for c in hostname) or "box"
+    return f"letterbox-{safe}-{stamp}{SUFFIX}"
+
+
+def _walk_maildirs(w: _Writer, layout: DataLayout, snap: Snapshot) -> None:
+    """Every Maildir folder directory under mail/, with the message files the snapshot indexes."""
+    mail = layout.mail
+    if not mail.is_dir():
+        return
+    w.add_dir("mail")
+    for domain in sorted(p for p in mail.iterdir() if p.is_dir() and not p.is_symlink()):
+        w.add_dir(f"mail/{domain.name}")
+        for box in sorted(p for p in domain.iterdir() if p.is_dir() and not p.is_symlink()):
+            rel_box = f"{domain.name}/{box.name}"
+            folders = [box, *sorted(
+                p for p in box.iterdir()
+                if p.is_dir() and not p.is_symlink() and maildir.folder_name(p.name) is not None
+            )]
+            for folder in folders:
+                rel = rel_box if folder == box else f"{rel_box}/{folder.name}"
+                _add_folder(w, folder, f"mail/{rel}", snap.indexed.get(rel, set()))
+
+
+def _add_folder(w: _Writer, folder: Path, name: str, indexed: set[str]) -> None:
+    w.add_dir(name)
+    for sub in ("cur", "new", "tmp"):
+        w.add_dir(f"{name}/{sub}")
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.is_file(follow_symlinks=False):
+                w.add_path(f"{name}/{entry.name}", Path(entry.path))
+    if not indexed:
+        return
+    for sub in ("cur", "new"):
+        try:
+            listing = os.listdir(folder / sub)
+        except FileNotFoundError:
+            continue
+        for filename in sorted(listing):
+            base = maildir.split_filename(filename)[0]
+            if base not in indexed:
+                continue  # delivered after the snapshot: not in this backup
+            _add_message(w, folder, name, sub, filename, base)
+
+
+def _add_message(w: _Writer, folder: Path, name: str, sub: str, filename: str, base: str) -> None:
+    """A message file, looked for again under its base name when it was renamed under us."""
+    for _ in range(VANISHED_RETRIES):
+        try:
+            f = open(folder / sub / filename, "rb")  # closed below, after a retry loop
+        except FileNotFoundError:
+            found = _find_base(folder, base)
+            if found is None:
+                return  # expunged: its index row is dropped at restore
+            sub, filename = found
+            continue
+        with f:
+            w.add_open(f"{name}/{sub}/{filename}", f)
+        return
+
+
+def _find_base(folder: Path, base: str) -> tuple[str, str] | None:
+    for sub in ("cur", "new"):
+        with contextlib.suppress(FileNotFoundError):
+            for filename in os.listdir(folder / sub):
+                if maildir.split_filename(filename)[0] == base:
+                    return sub, filename
+    return None
+
+
+def _manifest(snap: Snapshot, layout: DataLayout) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "letterbox": __version__,
+        "schema": snap.schema,
+        "host": snap.hostname,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_unix": int(time.time()),
+        "domains": snap.domains,
+        "mailboxes": [
+            {"address": a, "messages": sum(f.values()), "folders": f} for a, f in snap.mailboxes.items()
+        ],
+        "messages": sum(sum(f.values()) for f in snap.mailboxes.values()),
+        "mail_bytes": snap.size,
+        "queued": len(snap.queue_ids),
+        "checksums": CHECKSUMS_NAME,
+    }
+
+
+@dataclass(frozen=True)
+class Created:
+    path: Path
+    manifest: dict[str, Any]
+    files: int
+    size: int  # of the encrypted file
+
+
+def create_backup(layout: DataLayout, out: Path, *, recipient: str = "", passphrase: str = "",
+                  progress: Progress | None = None) -> Created:
+    """Write a backup of `layout` to `out` (made as `out.partial`, renamed when complete). Blocking:
+    run it in a worker thread."""
+    if not recipient and not passphrase:
+        raise BackupError("no backup key: make one first (`letterbox backup key`) or give a passphrase")
+    progress = progress or Progress()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    snap_path = out.parent / f".snapshot-{secrets.token_hex(6)}.db"
+    partial = out.with_name(out.name + ".partial")
+    try:
+        progress.stage = "snapshot"
+        snap = take_snapshot(layout.db, snap_path)
+        progress.total = snap.size + snap_path.stat().st_size
+        manifest = _manifest(snap, layout)
+        progress.stage = "writing"
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as sink:
+            with _encrypting(sink, recipient, passphrase) as plain:
+                cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0)
+                with cctx.stream_writer(plain, closefd=False) as z:
+                    with tarfile.open(fileobj=z, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                        w = _Writer(tar, progress)
+                        w.add_bytes(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+                        with open(snap_path, "rb") as f:
+                            w.add_open(DB_NAME, f)
+                        _walk_maildirs(w, layout, snap)
+                        for tree in TOP_TREES:
+                            w.add_tree(tree, layout.root / tree)
+                        _add_spool(w, layout, snap)
+                        for top in TOP_FILES:
+                            w.add_path(top, layout.root / top)
+                        w.add_bytes(CHECKSUMS_NAME, "".join(_sum_line(d, n) for d, n in w.sums).encode())
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(partial, out)
+        maildir.fsync_dir(out.parent)
+        progress.stage = "done"
+        return Created(out, manifest, w.files, out.stat().st_size)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        progress.stage = "failed"
+        raise
+    finally:
+        snap_path.unlink(missing_ok=True)
+
+
+def _add_spool(w: _Writer, layout: DataLayout, snap: Snapshot) -> None:
+    w.add_dir("spool")
+    for qid in sorted(snap.queue_ids):
+        w.add_path(f"spool/{qid}.eml", layout.spool / f"{qid}.eml")
+
+
+# --- age streams ---------------------------------------------------------------------------------
+
+class _PipeWriter(io.RawIOBase):
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b)
+        done = 0
+        while done < len(view):
+            done += os.write(self.fd, view[done:])
+        return done
+
+
+@contextlib.contextmanager
+def _encrypting(sink: IO[bytes], recipient: str, passphrase: str) -> Iterator[IO[bytes]]:
+    """A writable stream whose bytes reach `sink` encrypted with age. pyrage reads from a file
+    object, so the plaintext goes through a pipe to a thread running encrypt_io."""
+    if passphrase:
+        # pyrage's passphrase API takes the whole plaintext at once: it is streamed here through
+        # age's own format with an scrypt stanza, written by appliance.age_stream.
+        from appliance import age_stream
+
+        with age_stream.passphrase_writer(sink, passphrase) as plain:
+            yield plain
+        return
+    recipients = [pyrage.x25519.Recipient.from_str(recipient)]
+    r, wfd = os.pipe()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with os.fdopen(r, "rb", buffering=CHUNK) as reader:
+                pyrage.encrypt_io(reader, sink, recipients)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="backup-age", daemon=True)
+    thread.start()
+    writer = io.BufferedWriter(_PipeWriter(wfd), buffer_size=CHUNK)
+    try:
+        yield writer  # type: ignore[misc]
+        writer.flush()
+    finally:
+        os.close(wfd)
+        thread.join()
+    if errors:
+        raise BackupError(f"encryption failed: {errors[0]}")
+
+
+@contextlib.contextmanager
+def _decrypting(source: IO[bytes], secret: Secret) -> Iterator[IO[bytes]]:
+    """A readable stream of the plaintext of an age file. Damage and wrong keys surface as
+    BackupError when the stream ends or breaks."""
+    if secret.passphrase:
+        from appliance import age_stream
+
+        try:
+            with age_stream.passphrase_reader(source, secret.passphrase) as plain:
+                yield plain
+        except age_stream.AgeError as exc:
+            raise BackupError(f"{exc}; nothing was changed") from exc
+        return
+    try:
+        identities = [pyrage.x25519.Identity.from_str(secret.identity)]
+    except Exception as exc:
+        raise BackupError("the emergency kit's key is not valid") from exc
+    r, wfd = os.pipe()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with os.fdopen(wfd, "wb", buffering=CHUNK) as writer:
+                pyrage.decrypt_io(source, writer, identities)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="backup-age-d", daemon=True)
+    thread.start()
+    reader = os.fdopen(r, "rb", buffering=CHUNK)
+    failure: BaseException | None = None
+    try:
+        yield reader
+    except BaseException as exc:
+        failure = exc
+    finally:
+        reader.close()  # a writer still running gets EPIPE and stops
+        thread.join()
+    if errors and not isinstance(errors[0], BrokenPipeError):
+        raise _decrypt_error(errors[0]) from errors[0]
+    if failure is not None:
+        raise failure
+
+
+def _decrypt_error(exc: BaseException) -> BackupError:
+    text = str(exc)
+    if "No matching keys" in text:
+        return BackupError("this backup was not made for this key: wrong emergency kit")
+    if "header" in text.lower():
+        return BackupError("this is not a Letterbox backup, or its first bytes are damaged")
+    return BackupError("the backup is damaged or incomplete (truncated or altered); nothing was changed")
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Unpacked:
+    manifest: dict[str, Any]
+    root: Path  # the staged data directory
+    files: int
+
+
+def _safe_name(name: str) -> str:
+    p = PurePosixPath(name)
+    if not name or name.startswith("/") or p.is_absolute() or ".." in p.parts or "\\" in p.parts[0]:
+        raise BackupError(f"refused: the entry {name[:80]!r} would land outside the data directory")
+    if any(part in ("", ".") for part in name.rstrip("/").split("/")[1:]):
+        raise BackupError(f"refused: the entry {name[:80]!r} is not a plain path")
+    return p.as_posix().lstrip("./") if name.startswith("./") else p.as_posix()
+
+
+def unpack(source: IO[bytes], secret: Secret, staging: Path, *, known_schema: int | None = None,
+           only: Callable[[str], bool] | None = None, progress: Progress | None = None) -> Unpacked:
+    """Decrypt, decompress and unpack into `staging` (made here, 0700), verifying every checksum.
+    `only` limits which files are written (all are still read and verified)."""
+    progress = progress or Progress()
+    known = known_schema if known_schema is not None else len(load_migrations())
+    staging.mkdir(mode=0o700)
+    sums: dict[str, str] = {}
+    manifest: dict[str, Any] | None = None
+    listed: dict[str, str] | None = None
+    files = 0
+    try:
+        with _decrypting(source, secret) as plain:
+            dctx = zstandard.ZstdDecompressor()
+            with dctx.stream_reader(plain, read_across_frames=True) as z:
+                with tarfile.open(fileobj=z, mode="r|") as tar:
+                    for member in tar:
+                        if listed is not None:
+                            raise BackupError("refused: entries after the checksum list")
+                        name = _safe_name(member.name)
+                        if manifest is None and name != MANIFEST_NAME:
+                            raise BackupError("this is not a Letterbox backup (no manifest first)")
+                        if member.isdir():
+                            (staging / name).mkdir(parents=True, exist_ok=True, mode=0o700)
+                            continue
+                        if not member.isreg():
+                            raise BackupError(
+                                f"refused: {name[:80]!r} is a link or device, which a backup never holds")
+                        f = tar.extractfile(member)
+                        assert f is not None
+                        if name == MANIFEST_NAME:
+                            if member.size > MAX_MANIFEST:
+                                raise BackupError("refused: the manifest is too large")
+                            data = f.read()
+                            manifest = _check_manifest(data, known)
+                            sums[name] = hashlib.sha256(data).hexdigest()
+                            continue
+                        if name == CHECKSUMS_NAME:
+                            if member.size > 512 * 1024 * 1024:
+                                raise BackupError("refused: the checksum list is too large")
+                            listed = _parse_sums(f.read().decode("utf-8", "replace"))
+                            continue
+                        if name in sums:
+                            raise BackupError(f"refused: {name[:80]!r} appears twice")
+                        sums[name] = _write_member(f, staging / name, keep=only is None or only(name),
+                                                   progress=progress)
+                        files += 1
+                    # Read to the end so age authenticates the last chunk (a truncation shows there).
+                    while plain.read(CHUNK):
+                        pass
+    except BackupError:
+        raise
+    except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError, ValueError, UnicodeError) as exc:
+        raise BackupError("the backup is damaged or incomplete (truncated or altered); nothing was changed"
+                          ) from exc
+    if manifest is None:
+        raise BackupError("this is not a Letterbox backup (no manifest)")
+    if listed is None:
+        raise BackupError("the backup is incomplete: its checksum list is missing (truncated?)")
+    if listed != sums:
+        wrong = sorted(set(listed) ^ set(sums)) or [n for n in sums if listed.get(n) != sums[n]]
+        raise BackupError(f"refused: the files do not match the manifest's checksums (e.g. {wrong[0][:80]!r})")
+    return Unpacked(manifest, staging, files)
+
+
+def _check_manifest(data: bytes, known_schema: int) -> dict[str, Any]:
+    try:
+        manifest = json.loads(data)
+        fmt, schema = int(manifest["format"]), int(manifest["schema"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BackupError("the backup's manifest is damaged") from exc
+    if fmt > FORMAT_VERSION:
+        raise BackupError(f"this backup has format {fmt}, newer than this Letterbox reads ({FORMAT_VERSION})")
+    if schema > known_schema:
+        raise BackupError(
+            f"this backup comes from a newer Letterbox (schema {schema}, this one knows up to {known_schema}):"
+            " upgrade Letterbox first; nothing was changed")
+    return dict(manifest)
+
+
+def _write_member(f: IO[bytes], path: Path, *, keep: bool, progress: Progress) -> str:
+    sha = hashlib.sha256()
+    if not keep:
+        while chunk := f.read(CHUNK):
+            sha.update(chunk)
+        return sha.hexdigest()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        while chunk := f.read(CHUNK):
+            sha.update(chunk)
+            out.write(chunk)
+            progress.done += len(chunk)
+    return sha.hexdigest()
+
+
+def read_manifest(source: IO[bytes], secret: Secret) -> dict[str, Any]:
+    """Only the manifest (the first entry): what the restore page shows before asking to confirm."""
+    try:
+        with _decrypting(source, secret) as plain:
+            z = zstandard.ZstdDecompressor().stream_reader(plain, read_across_frames=True)
+            with tarfile.open(fileobj=z, mode="r|") as tar:
+                member = tar.next()
+                if member is None or member.name != MANIFEST_NAME or not member.isreg():
+                    raise BackupError("this is not a Letterbox backup (no manifest first)")
+                if member.size > MAX_MANIFEST:
+                    raise BackupError("refused: the manifest is too large")
+                f = tar.extractfile(member)
+                assert f is not None
+                return _check_manifest(f.read(), 10**9)
+    except BackupError:
+        raise
+    except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError, ValueError) as exc:
+        raise BackupError("the backup is damaged or incomplete; nothing was changed") from exc
+
+
+# --- fix-up and switch-over ----------------------------------------------------------------------
+
+def reconcile(root: Path, *, previous_db: Path | None = None) -> dict[str, int]:
+    """Make the staged db agree with the staged files, and move each folder's UIDNEXT past any UID the
+    lost box may have handed out since the snapshot."""
+    db = root / DB_NAME
+    conn = sqlite3.connect(str(db), isolation_level=None)
+    dropped = queue_dropped = bumped = renewed = 0
+    try:
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("BEGIN IMMEDIATE")
+        rows = conn.execute(
+            "SELECT f.id, d.name, m.local_part, f.name, f.uidvalidity, f.uidnext FROM folders f"
+            " JOIN mailboxes m ON m.id = f.mailbox_id JOIN domains d ON d.id = m.domain_id"
+        ).fetchall()
+        previous = _previous_uidnext(previous_db)
+        used_validity = {r[4] for r in rows} | {v for v, _ in previous.values()}
+        for fid, domain, local, name, validity, uidnext in rows:
+            folder = root / "mail" / _folder_key(domain, local, name)
+            present = {maildir.split_filename(n)[0] for sub in ("cur", "new") for n in _listdir(folder / sub)}
+            for (base,) in conn.execute("SELECT basename FROM messages WHERE folder_id = ?", (fid,)).fetchall():
+                if base not in present:
+                    conn.execute("DELETE FROM messages WHERE folder_id = ? AND basename = ?", (fid, base))
+                    dropped += 1
+            target = uidnext + UID_MARGIN
+            before = previous.get((domain, local, name))
+            if before is not None and before[0] == validity:
+                target = max(target, before[1])
+            if target <= MAX_UID:
+                conn.execute("UPDATE folders SET uidnext = ? WHERE id = ?", (target, fid))
+                bumped += 1
+            else:  # no room left above: a new UIDVALIDITY, and the UIDs start over (RFC 3501 2.3.1.1)
+                fresh = max([int(time.time()), *used_validity]) + 1
+                used_validity.add(fresh)
+                conn.execute("UPDATE folders SET uidvalidity = ?, uidnext = 1 WHERE id = ?", (fresh, fid))
+                conn.execute("DELETE FROM messages WHERE folder_id = ?", (fid,))  # re-indexed from the files
+                renewed += 1
+        spool = root / "spool"
+        for (qid,) in conn.execute("SELECT id FROM queue_messages").fetchall():
+            if not (spool / f"{qid}.eml").is_file():
+                conn.execute("DELETE FROM queue_messages WHERE id = ?", (qid,))
+                queue_dropped += 1
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    os.chmod(db, DB_FILE_MODE)
+    return {"dropped_rows": dropped, "dropped_queue": queue_dropped, "folders_bumped": bumped,
+            "folders_renewed": renewed}
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _previous_uidnext(db: Path | None) -> dict[tuple[str, str, str], tuple[int, int]]:
+    if db is None or not db.is_file():
+        return {}
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            rows = conn.execute(
+                "SELECT d.name, m.local_part, f.name, f.uidvalidity, f.uidnext FROM folders f"
+                " JOIN mailboxes m ON m.id = f.mailbox_id JOIN domains d ON d.id = m.domain_id"
+            ).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return {}
+    return {(d, lp, n): (int(v), int(u)) for d, lp, n, v, u in rows}
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two directories in one step (renameat2 RENAME_EXCHANGE, Linux >= 3.15)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(a))
+
+
+def staging_dir(data_root: Path) -> Path:
+    root = data_root.resolve()
+    return root.parent / f".{root.name}.restore-{secrets.token_hex(4)}"
+
+
+def clean_stale_staging(data_root: Path) -> None:
+    """Staging directories of restores that were killed before their switch-over."""
+    root = data_root.resolve()
+    for p in root.parent.glob(f".{root.name}.restore-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Restored:
+    manifest: dict[str, Any]
+    files: int
+    kept_aside: Path | None
+    fixes: dict[str, int]
+
+
+def restore_full(backup: Path, secret: Secret, data_root: Path, *, progress: Progress | None = None,
+                 check: Callable[[Path], None] | None = None) -> Restored:
+    """Replace the whole data directory with the backup's. Blocking; the box must not be serving
+    this data directory meanwhile (the web restore stops its services first)."""
+    progress = progress or Progress()
+    root = data_root.resolve()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(root)
+    staging = staging_dir(root)
+    progress.total = backup.stat().st_size * 2
+    progress.stage = "unpacking"
+    try:
+        with open(backup, "rb") as source:
+            unpacked = unpack(source, secret, staging, progress=progress)
+        if not (staging / DB_NAME).is_file():
+            raise BackupError("refused: the backup holds no database")
+        for sub in ("mail", "spool", "tls", "dkim", "backups", "deleted"):
+            (staging / sub).mkdir(exist_ok=True, mode=0o700)
+        progress.stage = "checking"
+        fixes = reconcile(staging, previous_db=root / DB_NAME if root.exists() else None)
+        for name in (MANIFEST_NAME, CHECKSUMS_NAME):
+            (staging / name).unlink(missing_ok=True)
+        if check is not None:
+            check(staging)
+        _fsync_tree_dirs(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    progress.stage = "switching"
+    aside: Path | None = None
+    if root.exists():
+        _exchange(staging, root)  # the one step: before it the old data, after it the new
+        aside = root.parent / f"{root.name}.before-restore-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        os.rename(staging, aside)
+        _carry_backups(aside, root)
+    else:
+        os.rename(staging, root)
+    maildir.fsync_dir(root.parent)
+    progress.stage = "done"
+    return Restored(unpacked.manifest, unpacked.files, aside, fixes)
+
+
+def undo_restore(data_root: Path, aside: Path) -> None:
+    """Put the data kept aside back (the restored box did not come up)."""
+    root = data_root.resolve()
+    _exchange(aside, root)
+    failed = root.parent / f".{root.name}.failed-restore-{secrets.token_hex(4)}"
+    os.rename(aside, failed)
+    shutil.rmtree(failed, ignore_errors=True)
+
+
+def _carry_backups(old: Path, new: Path) -> None:
+    """The backup files under the old backups/ stay with the box."""
+    src = old / "backups"
+    if not src.is_dir():
+        return
+    for p in src.iterdir():
+        if p.is_file() and p.name.endswith(SUFFIX):
+            with contextlib.suppress(OSError):
+                os.rename(p, new / "backups" / p.name)
+
+
+def _fsync_tree_dirs(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        maildir.fsync_dir(Path(dirpath))
+
+
+# --- listing -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackupFile:
+    path: Path
+    size: int
+    mtime: float
+
+
+def list_backups(folder: Path) -> list[BackupFile]:
+    found = []
+    for p in _listdir(folder):
+        if p.endswith(SUFFIX) and p.startswith("letterbox-"):
+            with contextlib.suppress(FileNotFoundError):
+                st = (folder / p).stat()
+                if stat.S_ISREG(st.st_mode):
+                    found.append(BackupFile(folder / p, st.st_size, st.st_mtime))
+    return sorted(found, key=lambda b: b.path.name, reverse=True)
+
+
+def prune(folder: Path, keep: int) -> list[Path]:
+    """Keep the newest `keep` backups in `folder`; returns what was removed."""
+    removed = []
+    for b in list_backups(folder)[max(keep, 1):]:
+        with contextlib.suppress(FileNotFoundError):
+            b.path.unlink()
+            removed.append(b.path)
+    return removed
+
+
+# --- one mailbox into the running box -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class MailboxRestored:
+    address: str
+    created: bool
+    messages: int  # files put back (already present ones are skipped)
+
+
+def restore_mailbox_files(backup: Path, secret: Secret, layout: DataLayout, address: str,
+                          folder: str | None = None) -> tuple[dict[str, Any], Path]:
+    """Unpack and verify the whole backup, writing only the db and the mailbox's Maildir, into a
+    staging directory; returns the manifest and the staging path (the caller removes it)."""
+    local, _, domain = address.rpartition("@")
+    prefix = f"mail/{domain}/{local}/"
+    staging = staging_dir(layout.root)
+    try:
+        with open(backup, "rb") as source:
+            unpacked = unpack(source, secret, staging,
+                              only=lambda n: n == DB_NAME or n.startswith(prefix))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not any(m.get("address") == address for m in unpacked.manifest.get("mailboxes", [])):
+        shutil.rmtree(staging, ignore_errors=True)
+        raise BackupError(f"the backup holds no mailbox {address}")
+    return unpacked.manifest, staging
+
+
+def mailbox_row(staged_db: Path, address: str) -> tuple[str, str, int, int]:
+    """(display name, password hash, quota, enabled) of a mailbox in a staged db."""
+    local, _, domain = address.rpartition("@")
+    conn = sqlite3.connect(f"file:{staged_db}?mode=ro", uri=True)
+    try:
+        row = conn.execute(
+            "SELECT m.display_name, m.password_hash, m.quota_bytes, m.enabled FROM mailboxes m"
+            " JOIN domains d ON d.id = m.domain_id WHERE d.name = ? AND m.local_part = ?", (domain, local)
+        ).fetchone()
+    finally:
+        conn.close()
+    if row is None:
+        raise BackupError(f"the backup holds no mailbox {address}")
+    return str(row[0]), str(row[1]), int(row[2]), int(row[3])
+
+
+def copy_mailbox(staged_box: Path, live_box: Path, folder: str | None) -> int:
+    """Put the staged mailbox's messages into the live Maildir, beside what is there: files whose
+    base name the live folder already has are skipped. The running store indexes the new files at
+    its next look (new UIDs above the folder's UIDNEXT, so no client cache is contradicted)."""
+    count = 0
+    folders = [staged_box, *sorted(
+        p for p in staged_box.iterdir() if p.is_dir() and maildir.folder_name(p.name) is not None
+    )] if staged_box.is_dir() else []
+    for src in folders:
+        name = maildir.INBOX if src == staged_box else maildir.folder_name(src.name)
+        if name is None or (folder is not None and name != folder):
+            continue
+        dst = live_box if src == staged_box else live_box / src.name
+        maildir.make_maildir(dst, folder=src != staged_box)
+        kw = src / maildir.KEYWORDS_FILE
+        if kw.is_file() and not (dst / maildir.KEYWORDS_FILE).exists():
+            shutil.copy2(kw, dst / maildir.KEYWORDS_FILE)
+        present = {maildir.split_filename(n)[0] for sub in ("cur", "new") for n in _listdir(dst / sub)}
+        for sub in ("cur", "new"):
+            for filename in sorted(_listdir(src / sub)):
+                if maildir.split_filename(filename)[0] in present:
+                    continue
+                tmp = dst / "tmp" / filename
+                shutil.copyfile(src / sub / filename, tmp)
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, dst / sub / filename)
+                count += 1
+        for sub in ("cur", "new"):
+            maildir.fsync_dir(dst / sub)
+    return count
+
+
+# --- the use-cases the CLI and the web share ---------------------------------------------------
+
+async def make_key(db: Database, events: EventLog, hostname: str) -> Kit:
+    """A new backup key: the box keeps the public half (in the settings, so a restored box keeps it
+    too); the secret half is the emergency kit, handed out once."""
+    kit = new_kit(hostname)
+    await db.set_setting(RECIPIENT_SETTING, kit.recipient)
+    await events.record("backup", f"new backup key {kit.recipient[:16]}...; emergency kit handed out")
+    return kit
+
+
+async def create(db: Database, events: EventLog, layout: DataLayout, *, to: Path | None = None,
+                 key_text: str = "", passphrase: str = "", progress: Progress | None = None,
+                 keep: int | None = None) -> Created:
+    """Make a backup now, online. `to` is a folder or a file name (default: backups/)."""
+    recipient = recipient_of(key_text) if key_text else ""
+    if not recipient and not passphrase:
+        recipient = await db.get_setting(RECIPIENT_SETTING) or ""
+    hostname = await db.get_setting("hostname") or socket.getfqdn()
+    if to is not None and not to.name.endswith(SUFFIX):
+        out = to / file_name(hostname)  # a folder, e.g. a mounted USB disk
+    else:
+        out = to or layout.backups / file_name(hostname)
+    try:
+        made = await asyncio.to_thread(create_backup, layout, out, recipient=recipient,
+                                       passphrase=passphrase, progress=progress)
+    except (BackupError, OSError) as exc:
+        await events.record("backup", f"backup failed: {exc}")
+        if isinstance(exc, BackupError):
+            raise
+        raise BackupError(f"the backup could not be written: {exc}") from exc
+    if keep is not None:
+        await asyncio.to_thread(prune, out.parent, keep)
+    await events.record("backup", f"backup made: {out.name} ({made.manifest['messages']} messages,"
+                                  f" {made.size} bytes)")
+    return made
+
+
+async def verify(path: Path, secret: Secret, layout: DataLayout) -> Unpacked:
+    """Read the whole backup, check every checksum, keep nothing."""
+    staging = staging_dir(layout.root)
+
+    def run() -> Unpacked:
+        with open(path, "rb") as source:
+            return unpack(source, secret, staging, only=lambda _n: False)
+
+    try:
+        return await asyncio.to_thread(run)
+    except FileNotFoundError as exc:
+        raise BackupError(f"no such backup: {path}") from exc
+    finally:
+        await asyncio.to_thread(shutil.rmtree, staging, True)
+
+
+async def restore_mailbox(db: Database, events: EventLog, layout: DataLayout, path: Path, secret: Secret,
+                          address: str, folder: str | None = None) -> MailboxRestored:
+    """Put one mailbox (or one folder of it) back from a backup into the running box, beside its
+    current mail; the mailbox is made again (same password) when it was deleted."""
+    from appliance.accounts import Accounts
+
+    address = address.strip().lower()
+    manifest, staging = await asyncio.to_thread(restore_mailbox_files, path, secret, layout, address, folder)
+    try:
+        display, pw_hash, quota, enabled = await asyncio.to_thread(mailbox_row, staging / DB_NAME, address)
+        local, _, domain = address.rpartition("@")
+        accounts = Accounts(db, data=layout)
+        created = False
+        if not await db.fetchone(
+            "SELECT 1 FROM mailboxes m JOIN domains d ON d.id = m.domain_id WHERE d.name = ? AND m.local_part = ?",
+            (domain, local),
+        ):
+            if domain not in await accounts.list_domains():
+                await accounts.add_domain(domain)
+            # The account comes back as it was, password hash included: its owner logs in as before.
+            await accounts.add_user(address, secrets.token_urlsafe(24), display_name=display, quota_bytes=quota)
+            await db.execute(
+                "UPDATE mailboxes SET password_hash = ?, enabled = ? WHERE local_part = ?"
+                " AND domain_id = (SELECT id FROM domains WHERE name = ?)", (pw_hash, enabled, local, domain))
+            created = True
+        count = await asyncio.to_thread(
+            copy_mailbox, staging / "mail" / domain / local, layout.mail / domain / local, folder)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, staging, True)
+    what = f"folder {folder} of {address}" if folder else address
+    await events.record("backup", f"restored {what} from {path.name} ({manifest.get('created')}):"
+                                  f" {count} messages put back")
+    return MailboxRestored(address, created, count)
+
+
+async def restore(layout: DataLayout, path: Path, secret: Secret, *, progress: Progress | None = None) -> Restored:
+    """Replace the box's data with a backup's (staged, verified, switched in one step). The services
+    must be stopped; the restored db is opened (and migrated) before the old data is let go, and the
+    old data comes back if that fails."""
+    from appliance.db import Database, DatabaseError
+    from appliance.events import EventLog
+
+    if not await asyncio.to_thread(path.is_file):
+        raise BackupError(f"no such backup: {path}")
+    restored = await asyncio.to_thread(restore_full, path, secret, layout.root, progress=progress)
+    try:
+        db = await Database.open(layout.db)
+        try:
+            await EventLog(db).record(
+                "backup", f"restored from {path.name} (made {restored.manifest.get('created')} on"
+                          f" {restored.manifest.get('host')}); old data kept in {restored.kept_aside}")
+        finally:
+            await db.close()
+    except (DatabaseError, sqlite3.Error, OSError) as exc:
+        if restored.kept_aside is not None:
+            await asyncio.to_thread(undo_restore, layout.root, restored.kept_aside)
+        raise BackupError(f"the restored data did not open ({exc}); the old data is back") from exc
+    return restored
