@@ -1,0 +1,340 @@
+"""`letterbox backup ...` (issue 14): the standard-tool restore path, every refusal leaving the box
+unchanged, kill -9 during a restore, and one mailbox put back into a box."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pyrage
+import pytest
+import zstandard
+
+from appliance import age_stream, backup
+from appliance.accounts import Accounts
+from appliance.config import DataLayout
+from appliance.db import Database
+from appliance.store.mailstore import MailStore
+from tests.conftest import LETTERBOX, require_program
+
+PASSWORD = "correct horse battery staple 9"
+ALICE, BOB = "alice@one.test", "bob@two.test"
+
+
+def run(data: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([LETTERBOX, "--data", str(data), *args], input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def message(n: int, size: int = 0) -> bytes:
+    return (f"From: x@far.test\r\nTo: {ALICE}\r\nSubject: {n}\r\n\r\nbody {n}\r\n").encode() + \
+        (os.urandom(size // 2).hex().encode() if size else b"")
+
+
+def make_box(root: Path, messages: int = 6, size: int = 0) -> DataLayout:
+    layout = DataLayout(root)
+    layout.create()
+
+    async def fill() -> None:
+        db = await Database.open(layout.db)
+        try:
+            accounts = Accounts(db, data=layout)
+            for address in (ALICE, BOB):
+                domain = address.split("@")[1]
+                if domain not in await accounts.list_domains():
+                    await accounts.add_domain(domain)
+                await accounts.add_user(address, PASSWORD)
+            store = MailStore(layout.mail, db)
+            for n in range(messages):
+                await store.deliver([ALICE, BOB] if n % 2 else [ALICE], message(n, size))
+            await store.create_folder(ALICE, "Keep")
+            await store.append(ALICE, "Keep", message(999), frozenset({"\\Seen", "$Important"}), None)
+            await db.set_setting("hostname", "box.one.test")
+        finally:
+            await db.close()
+
+    asyncio.run(fill())
+    (layout.dkim / "one.test.s1.pem").write_text("not really a key\n")
+    return layout
+
+
+def state(root: Path) -> dict[str, str]:
+    """Everything in a data directory (files and their bytes; the db by its rows)."""
+    out: dict[str, str] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for d in dirs:
+            out[str(Path(dirpath, d).relative_to(root)) + "/"] = ""
+        for name in files:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if name.startswith("letterbox.db"):
+                continue
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    conn = sqlite3.connect(root / "letterbox.db")
+    try:
+        for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'"):
+            rows = sorted(map(repr, conn.execute(f'SELECT * FROM "{table}"')))
+            out[f"db:{table}"] = hashlib.sha256("\n".join(rows).encode()).hexdigest()
+    finally:
+        conn.close()
+    return out
+
+
+def siblings(root: Path) -> list[str]:
+    return sorted(p.name for p in root.parent.iterdir())
+
+
+@pytest.fixture
+def made(tmp_path: Path) -> tuple[DataLayout, Path, Path]:
+    """A box with a backup key and one backup: (layout, backup file, kit file)."""
+    layout = make_box(tmp_path / "box" / "data")
+    kit = tmp_path / "kit.txt"
+    assert run(layout.root, "backup", "key", "--kit-to", str(kit)).returncode == 0
+    created = run(layout.root, "backup", "create")
+    assert created.returncode == 0, created.stderr
+    [item] = backup.list_backups(layout.backups)
+    return layout, item.path, kit
+
+
+def test_standard_tools_restore_path(made: tuple[DataLayout, Path, Path], tmp_path: Path) -> None:
+    """The README's commands, without Letterbox: age -d -i kit.txt FILE | zstd -d | tar -x."""
+    require_program("age")
+    require_program("zstd")
+    layout, file, kit = made
+    out = tmp_path / "by-hand"
+    out.mkdir()
+    subprocess.run(f"age -d -i {kit} {file} | zstd -d | tar -x", shell=True, check=True, cwd=out, timeout=60)
+    assert json.loads((out / backup.MANIFEST_NAME).read_text())["mailboxes"][0]["address"] == ALICE
+    subprocess.run(["sha256sum", "--quiet", "-c", backup.CHECKSUMS_NAME], check=True, cwd=out, timeout=60)
+    for sub in ("cur", "new"):
+        for p in (layout.mail / "one.test" / "alice" / sub).iterdir():
+            assert (out / "mail/one.test/alice" / sub / p.name).read_bytes() == p.read_bytes()
+    assert (out / "dkim/one.test.s1.pem").read_text() == "not really a key\n"
+    with sqlite3.connect(out / "letterbox.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 6 + 3 + 1
+
+
+def test_cli_create_list_verify_and_passphrase(made: tuple[DataLayout, Path, Path], tmp_path: Path) -> None:
+    layout, file, kit = made
+    listed = run(layout.root, "backup", "list")
+    assert str(file) in listed.stdout
+    verified = run(layout.root, "backup", "verify", str(file), "--key-file", "-", stdin=kit.read_text())
+    assert verified.returncode == 0 and "every checksum matches" in verified.stdout, verified.stderr
+    phrase = tmp_path / "phrase"
+    phrase.write_text("a long and secret passphrase\n")
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    created = run(layout.root, "backup", "create", "--to", str(usb), "--passphrase-file", str(phrase))
+    assert created.returncode == 0, created.stderr
+    [item] = backup.list_backups(usb)
+    assert item.path.name.startswith("letterbox-box.one.test-")
+    ok = run(layout.root, "backup", "verify", str(item.path), "--passphrase-file", str(phrase))
+    assert ok.returncode == 0, ok.stderr
+    # The reference implementation opens it too (age's scrypt recipient).
+    plain = pyrage.passphrase.decrypt(item.path.read_bytes(), "a long and secret passphrase")
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(plain)[:512].find(b"letterbox-manifest") >= 0
+
+
+def _craft(path: Path, entries: list[tuple[tarfile.TarInfo, bytes]], recipient: str, *,
+           schema: int | None = None, sums: dict[str, str] | None = None) -> None:
+    """A backup-like file made by hand, for the refusal cases."""
+    manifest = json.dumps({"format": 1, "schema": schema or 7, "host": "x", "mailboxes": []}).encode()
+    computed = {backup.MANIFEST_NAME: hashlib.sha256(manifest).hexdigest()}
+    with open(path, "wb") as sink, backup._encrypting(sink, recipient, "") as plain:
+        with zstandard.ZstdCompressor().stream_writer(plain, closefd=False) as z:
+            with tarfile.open(fileobj=z, mode="w|") as tar:
+                info = tarfile.TarInfo(backup.MANIFEST_NAME)
+                info.size = len(manifest)
+                tar.addfile(info, io.BytesIO(manifest))
+                for info, data in entries:
+                    tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+                    if info.isreg():
+                        computed[info.name] = hashlib.sha256(data).hexdigest()
+                text = "".join(f"{d}  {n}\n" for n, d in (sums or computed).items()).encode()
+                info = tarfile.TarInfo(backup.CHECKSUMS_NAME)
+                info.size = len(text)
+                tar.addfile(info, io.BytesIO(text))
+
+
+def _entry(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    info.linkname = link
+    return info, data
+
+
+def _refusals(tmp_path: Path, file: Path, kit: Path) -> list[tuple[str, Path, list[str], str]]:
+    recipient = backup.recipient_of(kit.read_text())
+    other = tmp_path / "other-kit.txt"
+    other.write_text(backup.new_kit("x").text)
+    phrase = tmp_path / "phrase"
+    phrase.write_text("not the passphrase\n")
+    data = file.read_bytes()
+    truncated = tmp_path / "truncated.tar.zst.age"
+    truncated.write_bytes(data[: len(data) * 2 // 3])
+    corrupted = tmp_path / "corrupted.tar.zst.age"
+    corrupted.write_bytes(data[:2000] + bytes([data[2000] ^ 1]) + data[2001:])
+    crafted: dict[str, Path] = {}
+    db = b"SQLite format 3\x00" + b"\x00" * 100
+    for label, entries, extra in (
+        ("newer", [_entry("letterbox.db", db)], {"schema": 99}),
+        ("mismatch", [_entry("letterbox.db", db)], {"sums": {"letterbox.db": "0" * 64}}),
+        ("dotdot", [_entry("../evil", b"x")], {}),
+        ("absolute", [_entry("/tmp/evil", b"x")], {}),
+        ("symlink", [_entry("mail/link", kind=tarfile.SYMTYPE, link="/etc")], {}),
+        ("hardlink", [_entry("mail/hard", kind=tarfile.LNKTYPE, link="letterbox.db")], {}),
+        ("device", [_entry("mail/dev", kind=tarfile.CHRTYPE)], {}),
+    ):
+        p = tmp_path / f"{label}.tar.zst.age"
+        _craft(p, entries, recipient, **extra)  # type: ignore[arg-type]
+        crafted[label] = p
+    key = ["--key-file", str(kit)]
+    return [
+        ("wrong kit", file, ["--key-file", str(other)], "wrong emergency kit"),
+        ("wrong passphrase", file, ["--passphrase-file", str(phrase)], "not protected by a passphrase"),
+        ("truncated", truncated, key, "damaged or incomplete"),
+        ("corrupted", corrupted, key, "damaged or incomplete"),
+        ("newer schema", crafted["newer"], key, "newer Letterbox"),
+        ("manifest mismatch", crafted["mismatch"], key, "do not match"),
+        ("..", crafted["dotdot"], key, "outside the data directory"),
+        ("absolute", crafted["absolute"], key, "outside the data directory"),
+        ("symlink", crafted["symlink"], key, "link or device"),
+        ("hard link", crafted["hardlink"], key, "link or device"),
+        ("device", crafted["device"], key, "link or device"),
+    ]
+
+
+def test_every_refusal_leaves_the_box_unchanged(made: tuple[DataLayout, Path, Path], tmp_path: Path) -> None:
+    """Each case through the application functions the CLI and the web call (verify, full restore,
+    one mailbox), and a few through the CLI for its one-line message."""
+    layout, file, kit = made
+    before, around = state(layout.root), siblings(layout.root)
+    for label, path, args, needle in _refusals(tmp_path, file, kit):
+        text = Path(args[1]).read_text()
+        secret = backup.Secret(passphrase=text.splitlines()[0]) if args[0] == "--passphrase-file" \
+            else backup.Secret.from_text(text)
+        for attempt in (
+            backup.verify(path, secret, layout),
+            backup.restore(layout, path, secret),
+            _restore_alice(layout, path, secret),
+        ):
+            with pytest.raises(backup.BackupError, match=needle):
+                asyncio.run(attempt)  # type: ignore[arg-type]
+            assert state(layout.root) == before, label
+            assert siblings(layout.root) == around, label
+        if label in ("wrong kit", "truncated", ".."):
+            result = run(layout.root, "backup", "restore", str(path), *args)
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 1 and len(lines) == 1 and needle in lines[0], result.stderr
+            assert state(layout.root) == before and siblings(layout.root) == around, label
+    assert not (tmp_path / "evil").exists() and not Path("/tmp/evil").exists()
+
+
+async def _restore_alice(layout: DataLayout, path: Path, secret: backup.Secret) -> None:
+    from appliance.events import EventLog
+
+    db = await Database.open(layout.db)
+    try:
+        await backup.restore_mailbox(db, EventLog(db), layout, path, secret, ALICE)
+    finally:
+        await db.close()
+
+
+def test_passphrase_backup_refuses_a_wrong_passphrase(tmp_path: Path) -> None:
+    sink = io.BytesIO()
+    with age_stream.passphrase_writer(sink, "right one") as plain:
+        plain.write(b"x" * 200_000)
+    with pytest.raises(age_stream.AgeError, match="wrong passphrase"):
+        with age_stream.passphrase_reader(io.BytesIO(sink.getvalue()), "wrong one"):
+            pass
+    with age_stream.passphrase_reader(io.BytesIO(sink.getvalue()), "right one") as reader:
+        assert reader.read() == b"x" * 200_000
+    with pytest.raises(age_stream.AgeError, match=r"damaged|truncated"):
+        with age_stream.passphrase_reader(io.BytesIO(sink.getvalue()[:-70_000]), "right one") as reader:
+            reader.read()
+
+
+def test_full_restore_keeps_the_old_data_aside(made: tuple[DataLayout, Path, Path], tmp_path: Path) -> None:
+    layout, file, kit = made
+    before = state(layout.root)
+    # Changes after the backup: a new mailbox; the restore takes the box back to the backup.
+    assert run(layout.root, "domain", "add", "three.test").returncode == 0
+    restored = run(layout.root, "backup", "restore", str(file), "--key-file", str(kit))
+    assert restored.returncode == 0, restored.stderr
+    assert "three.test" not in run(layout.root, "domain", "list").stdout
+    [aside] = [p for p in layout.root.parent.iterdir() if ".before-restore-" in p.name]
+    assert "three.test" in run(aside, "domain", "list").stdout
+    assert (layout.backups / file.name).exists()  # the backups stay with the box
+    after = state(layout.root)
+    assert {k for k in after if not k.startswith("db:")} == {k for k in before if not k.startswith("db:")}
+
+
+def test_kill_during_restore_leaves_old_or_new(tmp_path: Path) -> None:
+    """kill -9 at several moments after the restore began unpacking: the data directory is the old
+    one or the restored one, complete, never a mix."""
+    layout = make_box(tmp_path / "box" / "data", messages=120, size=60_000)
+    kit = tmp_path / "kit.txt"
+    assert run(layout.root, "backup", "key", "--kit-to", str(kit)).returncode == 0
+    assert run(layout.root, "backup", "create").returncode == 0
+    [item] = backup.list_backups(layout.backups)
+    file = tmp_path / item.path.name
+    shutil.move(item.path, file)
+    reference = tmp_path / "ref" / "data"
+    assert run(reference, "backup", "restore", str(file), "--key-file", str(kit)).returncode == 0
+    new_state = {k for k in state(reference) if not k.startswith("db:")}
+    outcomes = []
+    for i in range(8):
+        assert run(layout.root, "domain", "add", f"old{i}.test").returncode == 0
+        old_state = state(layout.root)
+        proc = subprocess.Popen([LETTERBOX, "--data", str(layout.root), "backup", "restore", str(file),
+                                 "--key-file", str(kit)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not any(".restore-" in n for n in siblings(layout.root)) and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        time.sleep(0.04 * i)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        now = state(layout.root)
+        if now == old_state:
+            outcomes.append("old")
+            continue
+        assert {k for k in now if not k.startswith("db:")} == new_state, i
+        assert f"old{i}.test" not in run(layout.root, "domain", "list").stdout
+        outcomes.append("new")
+        break
+    assert "old" in outcomes  # at least one kill landed mid-restore
+
+
+def test_one_mailbox_back_into_a_box(made: tuple[DataLayout, Path, Path]) -> None:
+    layout, file, kit = made
+    with sqlite3.connect(layout.db) as db:
+        (old_hash,) = db.execute("SELECT password_hash FROM mailboxes WHERE local_part = 'alice'").fetchone()
+    removed = run(layout.root, "user", "remove", ALICE)
+    assert removed.returncode == 0
+    alice = layout.mail / "one.test" / "alice"
+    assert not alice.exists()
+    bob = {p.name for p in (layout.mail / "two.test" / "bob").rglob("*") if p.is_file()}
+    result = run(layout.root, "backup", "restore", str(file), "--key-file", str(kit), "--mailbox", ALICE)
+    assert result.returncode == 0, result.stderr
+    assert "restored 7 messages into alice@one.test (mailbox made again)" in result.stdout
+    assert {p.name for p in (layout.mail / "two.test" / "bob").rglob("*") if p.is_file()} == bob
+    files = [p for sub in ("cur", "new") for p in (alice / sub).iterdir()]
+    assert len(files) == 6 and len(list((alice / ".Keep" / "cur").iterdir())) == 1
+    with sqlite3.connect(layout.db) as db:
+        (hash_,) = db.execute("SELECT password_hash FROM mailboxes WHERE local_part = 'alice'").fetchone()
+    assert hash_ == old_hash  # its owner logs in with the same password
+    # Again: nothing is doubled.
+    again = run(layout.root, "backup", "restore", str(file), "--key-file", str(kit), "--mailbox", ALICE)
+    assert "restored 0 messages" in again.stdout, again.stderr
