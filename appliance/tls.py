@@ -202,10 +202,14 @@ def _server_context() -> ssl.SSLContext:
     return ctx
 
 
-def context_for(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
-    """A fresh server context holding exactly this certificate chain and key (the key must match)."""
+def context_for(cert_pem: bytes, key_pem: bytes, workdir: Path | None = None) -> ssl.SSLContext:
+    """A fresh server context holding exactly this certificate chain and key (the key must match).
+    OpenSSL loads from files: they go in a private temporary directory under `workdir` (the box's
+    tls/, so a key never lands in a shared /tmp) and are gone when this returns."""
     ctx = _server_context()
-    with tempfile.TemporaryDirectory() as tmp:
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         cert_file, key_file = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
         write_private(key_file, key_pem)
         write_private(cert_file, cert_pem)
@@ -223,7 +227,7 @@ def context_for(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
 
 def check_certificate(
     cert_pem: bytes, key_pem: bytes, chain_pem: bytes = b"", *, hostname: str | None,
-    now: dt.datetime | None = None,
+    now: dt.datetime | None = None, workdir: Path | None = None,
 ) -> tuple[bytes, ssl.SSLContext, CertificateInfo]:
     """Everything a new certificate must pass before it replaces a working one: readable, key matches,
     chain verifies link by link, valid now, covers the host name. Returns (full chain PEM, context,
@@ -256,7 +260,7 @@ def check_certificate(
         shown = ", ".join(info.names) or "no names"
         raise CertificateProblem(f"The certificate does not cover the host name {hostname} (it names {shown}).")
     full = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-    ctx = context_for(full, key_pem)
+    ctx = context_for(full, key_pem, workdir)
     return full, ctx, info
 
 
@@ -310,12 +314,12 @@ class TlsManager:
         self._challenges: dict[str, ssl.SSLContext] = {}
         self.ensure_certificate()
         try:
-            self.current = context_for(self.cert_path.read_bytes(), self.key_path.read_bytes())
+            self.current = context_for(self.cert_path.read_bytes(), self.key_path.read_bytes(), self.dir)
         except CertificateProblem as exc:
             # A damaged pair on disk must not keep the box from starting: serve a new self-signed one.
             log.error("the saved certificate cannot be used (%s): making a self-signed one", exc)
             make_self_signed(hostname, self.cert_path, self.key_path)
-            self.current = context_for(self.cert_path.read_bytes(), self.key_path.read_bytes())
+            self.current = context_for(self.cert_path.read_bytes(), self.key_path.read_bytes(), self.dir)
         self._info = describe(x509.load_pem_x509_certificate(self.cert_path.read_bytes()))
         self.context = self._outer_context()
 
@@ -360,7 +364,7 @@ class TlsManager:
         """Load tls/cert.pem + key.pem again (edited by hand). A pair that does not load leaves the
         working certificate in place and raises CertificateProblem."""
         cert_pem, key_pem = self.cert_path.read_bytes(), self.key_path.read_bytes()
-        ctx = context_for(cert_pem, key_pem)
+        ctx = context_for(cert_pem, key_pem, self.dir)
         with self._lock:
             self.current = ctx
             self._info = describe(x509.load_pem_x509_certificate(cert_pem))
@@ -371,7 +375,8 @@ class TlsManager:
         """Check, save and serve a new certificate (ACME, an upload, a new self-signed one). Nothing is
         written and nothing changes for the listeners unless every check passes. Blocking: call from a
         thread on the loop's behalf."""
-        full, ctx, info = check_certificate(cert_pem, key_pem, chain_pem, hostname=hostname, now=now)
+        full, ctx, info = check_certificate(cert_pem, key_pem, chain_pem, hostname=hostname, now=now,
+                                            workdir=self.dir)
         with self._lock:
             self.dir.mkdir(parents=True, exist_ok=True)
             # Key first then certificate; a crash between the two leaves a mismatched pair, which the
@@ -384,7 +389,7 @@ class TlsManager:
         return info
 
     def set_challenge(self, name: str, cert_pem: bytes, key_pem: bytes) -> None:
-        ctx = context_for(cert_pem, key_pem)
+        ctx = context_for(cert_pem, key_pem, self.dir)
         ctx.set_alpn_protocols([ACME_TLS_ALPN])  # RFC 8737 3: the only protocol negotiated
         self._challenges[name.lower().rstrip(".")] = ctx
 

@@ -132,3 +132,26 @@ def test_cli_order_failure_is_one_plain_line(tmp_path: Path, data: Path) -> None
     line = one_line_error(run(data, "cert", "request", "--directory", "https://127.0.0.1:9/dir"))
     # No DNS answer for the host name here (the system resolver): refused before asking any CA.
     assert "mail.example.test" in line or "cannot be reached" in line
+
+
+def test_cli_challenge_failure_in_plain_words_old_certificate_kept(box: BoxHandle, tmp_path: Path) -> None:
+    from tests.support.pebble import free_port
+
+    closed = free_port()  # port 80 "closed on the router": the CA's connection is refused
+    pebble = Pebble(tmp_path / "pebble", http_port=closed, tls_port=closed)
+    pebble.start()
+    try:
+        async def settings() -> None:
+            for key, value in {"dns_resolver": pebble.dns, "public_ipv4": "127.0.0.1", "hostname": HOST}.items():
+                await box.services.db.set_setting(key, value)
+        box.run(settings())
+        before = (box.data.tls / "cert.pem").read_bytes()
+        line = one_line_error(run(box.data.root, "cert", "request", "--directory", pebble.directory,
+                                  "--ca-file", str(pebble.listener_ca)))
+        assert "could not connect to mail.example.test on port 80 (connection refused)" in line
+        assert "open port 80 on your router" in line
+        assert (box.data.tls / "cert.pem").read_bytes() == before
+        status = run(box.data.root, "cert", "status").stdout
+        assert "last error:" in status and "connection refused" in status
+    finally:
+        pebble.stop()

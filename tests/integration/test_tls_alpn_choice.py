@@ -30,6 +30,7 @@ def handshake(port: int, *, sni: str | None, alpn: list[str] | None, split: int 
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         first = True
         while True:
             try:
@@ -40,9 +41,11 @@ def handshake(port: int, *, sni: str | None, alpn: list[str] | None, split: int 
             out = outgoing.read()
             if out:
                 if first and split:
-                    for i in range(0, len(out), split):
-                        sock.sendall(out[i:i + split])
-                        time.sleep(0.02)  # separate segments: the server sees the pieces one by one
+                    pieces = [out[:split], out[split:2 * split], out[2 * split:]]
+                    for piece in pieces:
+                        if piece:
+                            sock.sendall(piece)
+                            time.sleep(0.05)  # separate segments: the server sees the pieces one by one
                 else:
                     sock.sendall(out)
                 first = False
@@ -73,11 +76,21 @@ def test_acme_tls_client_gets_challenge_certificate(box: BoxHandle, challenge: x
 
 
 def test_client_hello_split_across_packets(box: BoxHandle, challenge: x509.Certificate) -> None:
-    for split in (1, 7, 100):
+    tls = box.services.tls
+    outcomes: list[bool] = []
+    choose = tls._choose
+
+    def recording(sslobj: ssl.SSLObject, data: bytes) -> bool:
+        outcomes.append(choose(sslobj, data))
+        return outcomes[-1]
+
+    tls._choose = recording  # type: ignore[method-assign]  # to see that the server waited for the rest
+    for split in (5, 60, 300):  # byte by byte is the parser test's job (below): this is the socket path
         cert, _ = handshake(box.port("https"), sni="localhost", alpn=[ACME_TLS_ALPN], split=split)
         assert cert.serial_number == challenge.serial_number, split
         cert, _ = handshake(box.port("https"), sni="localhost", alpn=["h2", "http/1.1"], split=split)
         assert cert.serial_number == box.services.tls.info().serial, split
+    assert outcomes.count(False) >= 6, outcomes  # each split handshake waited at least once for more bytes
 
 
 def test_everyone_else_gets_the_box_certificate(box: BoxHandle, challenge: x509.Certificate) -> None:
