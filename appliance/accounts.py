@@ -250,8 +250,7 @@ async def _one(
     tx: aiosqlite.Connection, sql: str, params: Sequence[Any] | dict[str, Any] = ()
 ) -> sqlite3.Row | None:
     async with tx.execute(sql, params) as cur:
-        row = await cur.fetchone()
-    return row  # type: ignore[return-value]
+        return await cur.fetchone()  # type: ignore[no-any-return]
 
 
 async def _refuse_hidden_mailbox(tx: aiosqlite.Connection, domain_id: int, local: str, label: str,
@@ -432,7 +431,7 @@ class Accounts:
             assignments = ", ".join(f"{column} = :{column}" for column in changes)  # names from this code only
             async with self._db.transaction() as tx:
                 cur = await tx.execute(
-                    f"UPDATE mailboxes SET {assignments} WHERE local_part = :local"
+                    f"UPDATE mailboxes SET {assignments} WHERE local_part = :local"  # noqa: S608  column names from this code only
                     " AND domain_id = (SELECT id FROM domains WHERE name = :domain)",
                     {**changes, "local": addr.local, "domain": addr.domain},
                 )

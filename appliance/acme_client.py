@@ -329,7 +329,7 @@ def _challenge_problem(name: str, error: messages.Error) -> str:
     return f"Validation of {name} failed: {detail or code}."
 
 
-def explain(exc: BaseException, directory: str) -> AcmeProblem:
+def explain(exc: BaseException, directory: str) -> AcmeProblem:  # noqa: C901  one plain-words answer per ACME problem type (RFC 8555 6.7); a flat list reads best
     """What went wrong, for a person (the web page, the CLI, the event log)."""
     if isinstance(exc, AcmeProblem):
         return exc
@@ -395,7 +395,7 @@ def ari_window(settings: AcmeSettings, acme_dir: Path, cert_pem: bytes) -> dt.da
         order = AcmeOrder(settings, acme_dir, ChallengeSink(lambda a, b: None, lambda a: None,
                                                             lambda a, b: None, lambda a: None))
         return order.renewal_window(cert_pem)
-    except Exception as exc:  # ARI is advice: without it the lifetime rule decides
+    except Exception as exc:  # noqa: BLE001  ARI is advice: without it the lifetime rule decides
         log.info("ARI not available: %s", exc)
         return None
 

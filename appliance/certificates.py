@@ -373,7 +373,7 @@ class Renewer:
         self.ctx = ctx
         self.domains = domains
         self.warn = warn
-        self.rng = rng or random.Random()
+        self.rng = rng or random.Random()  # noqa: S311  retry jitter, not a secret
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._file_stamp = self._stamp()

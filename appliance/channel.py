@@ -434,7 +434,7 @@ def _evict(channel: Channel) -> None:
     channel.close()
 
 
-async def start_listener(
+async def start_listener(  # noqa: C901  the listener's options (TLS, limits, PROXY) set up in one place, in order
     host: str,
     port: int,
     *,

@@ -76,7 +76,7 @@ class DataLayout:
 @dataclass(frozen=True)
 class ServeConfig:
     data: DataLayout
-    listen: str = "0.0.0.0"
+    listen: str = "0.0.0.0"  # noqa: S104  a mail server serves the network by design
     port_offset: int = 0
     # Per-service overrides (tests pass port 0 or free ports); None means standard + offset.
     port_overrides: dict[str, int] = field(default_factory=dict)

@@ -161,8 +161,7 @@ class Database:
 
     async def fetchone(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Row | None:
         async with self._conn.execute(sql, params) as cur:
-            row = await cur.fetchone()
-        return row  # type: ignore[return-value]
+            return await cur.fetchone()  # type: ignore[no-any-return]
 
     async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         async with self._conn.execute(sql, params) as cur:

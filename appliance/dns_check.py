@@ -98,7 +98,7 @@ def _spf_authorises(record: str, hostname: str, addresses: Sequence[str]) -> boo
     return bool(terms & allowed)
 
 
-async def check_record(
+async def check_record(  # noqa: C901  one judgement per record kind (MX, A, SPF, DKIM, DMARC, PTR...)
     resolver: dns.asyncresolver.Resolver, record: DnsRecord, *, hostname: str, addresses: Sequence[str] = ()
 ) -> CheckResult:
     """Look one record up and judge what is published. Never raises for DNS trouble: status 'error'."""

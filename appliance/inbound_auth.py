@@ -276,7 +276,7 @@ def check_dkim(resolver: dns.resolver.Resolver, data: bytes) -> tuple[DkimResult
             domain = tags.get(b"d", b"").decode("ascii", "replace").lower()
             selector = tags.get(b"s", b"").decode("ascii", "replace")
             signature = re.sub(rb"\s+", b"", tags.get(b"b", b""))[:8].decode("ascii", "replace")
-        except Exception:  # the verifier below reports the syntax problem properly
+        except Exception:  # noqa: BLE001, S110  the verifier below reports the syntax problem properly
             pass
         try:
             ok = verifier.verify(idx=index, dnsfunc=_txt_function(resolver, missing))
@@ -290,7 +290,7 @@ def check_dkim(resolver: dns.resolver.Resolver, data: bytes) -> tuple[DkimResult
         except dkim.DKIMException as exc:
             results.append(DkimResult("neutral", domain, selector, signature, str(exc)))
             continue
-        except Exception as exc:  # a library failure on hostile input: this signature did not verify
+        except Exception as exc:  # noqa: BLE001  a library failure on hostile input: this signature did not verify
             log.warning("DKIM verification of d=%s raised %s", domain or "?", type(exc).__name__)
             results.append(DkimResult("permerror", domain, selector, signature, "signature could not be verified"))
             continue
@@ -434,7 +434,7 @@ def _dmarc_for(
         pct = max(0, min(100, int(record.get("pct", "100"))))
     except ValueError:
         pct = 100
-    if pct < 100 and (rng or random.Random()).randrange(100) >= pct:
+    if pct < 100 and (rng or random.Random()).randrange(100) >= pct:  # noqa: S311  DMARC pct sampling (RFC 7489 6.6.4), not a secret
         # RFC 7489 6.6.4: outside the sampled percentage, apply the next less strict policy.
         disposition = {"reject": "quarantine", "quarantine": "none"}.get(policy, "none")
     return DmarcResult("fail", domain, policy, disposition, "neither SPF nor DKIM aligned and passing")
@@ -458,21 +458,21 @@ def evaluate(
     DMARC evaluation that cannot run marks the result `could_not_run` and the MX defers the message."""
     try:
         spf_mailfrom, spf_helo = check_spf(resolver, peer_ip, mail_from, helo)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  a check that cannot run is temperror for its part only (issue 11)
         log.warning("SPF check could not run: %s", type(exc).__name__)
         sender_domain = mail_from.rpartition("@")[2].lower()
         spf_mailfrom = SpfResult("temperror", mail_from, sender_domain, "SPF check could not run")
         spf_helo = SpfResult("temperror", helo.strip()[:100], "", "SPF check could not run")
     try:
         dkim_results = check_dkim(resolver, data)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  as for SPF above
         log.warning("DKIM check could not run: %s", type(exc).__name__)
         dkim_results = (DkimResult("temperror", "", "", reason="DKIM check could not run"),)
     # RFC 7489 4.1: SPF's identity is MAIL FROM, or the HELO name for the null sender (check_spf
     # already gave that result to spf_mailfrom).
     try:
         dmarc_result = check_dmarc(resolver, data, spf_mailfrom, dkim_results, rng)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  as for SPF above; the MX then defers the message
         log.warning("DMARC check could not run: %s", type(exc).__name__)
         dmarc_result = DmarcResult("temperror", "", reason="DMARC check could not run", could_not_run=True)
     return AuthResults(spf_mailfrom, spf_helo, dkim_results, dmarc_result)

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("letterbox.srs")
 
-SECRET_FILE = "srs.secret"  # in the data dir
+SECRET_FILE = "srs.secret"  # noqa: S105  a file name, not a secret; in the data dir
 SERVICE_KEY = "srs"  # services.extra: the box's SenderRewriter
 PREFIX = "SRS0"
 SEPARATOR = "="

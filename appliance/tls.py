@@ -243,7 +243,7 @@ def check_certificate(
     for child, issuer in itertools.pairwise(certs):
         try:
             child.verify_directly_issued_by(issuer)
-        except Exception as exc:  # InvalidSignature, ValueError (not an issuer), TypeError (key type)
+        except Exception as exc:  # noqa: BLE001  InvalidSignature, ValueError (not an issuer), TypeError (key type)
             raise CertificateProblem(
                 f"The chain does not verify: {child.subject.rfc4514_string()} was not issued by "
                 f"{issuer.subject.rfc4514_string()} ({type(exc).__name__}).") from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import os
 import shutil
 import socket
@@ -116,10 +117,8 @@ class Submitter:
     async def close(self) -> None:
         self.writer.write(b"QUIT\r\n")
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
             await self.writer.wait_closed()
-        except (ConnectionError, ssl.SSLError):
-            pass
 
 
 async def submit_all(port: int, messages: int, concurrency: int, size: int,

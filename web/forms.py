@@ -173,7 +173,7 @@ def _relay_host(value: str) -> tuple[str, str | None]:
         return "", str(exc)
 
 
-def relay_choice(values: Mapping[str, str], stored: Smarthost | None, ca_file: str = "") -> tuple[Smarthost | None, Errors]:
+def relay_choice(values: Mapping[str, str], stored: Smarthost | None, ca_file: str = "") -> tuple[Smarthost | None, Errors]:  # noqa: C901  one check per relay field plus the stored-password rule; one place for the form's rules
     """Fields mode ('direct' or 'relay'), relay_host, relay_port (empty: the TLS mode's default),
     relay_tls ('starttls' or 'implicit'), relay_user, relay_password. (None, {}) is direct delivery.
 
@@ -209,9 +209,9 @@ def relay_choice(values: Mapping[str, str], stored: Smarthost | None, ca_file: s
         if stored is not None and stored.password and stored.user == user and stored.host == host:
             password = stored.password
         elif stored is not None and stored.password and not errors.get("relay_host"):
-            errors["relay_password"] = "enter the password: the stored one belongs to another user or host"
+            errors["relay_password"] = "enter the password: the stored one belongs to another user or host"  # noqa: S105  a form error message, not a secret
         else:
-            errors["relay_password"] = "enter the password the relay expects for this user"
+            errors["relay_password"] = "enter the password the relay expects for this user"  # noqa: S105  a form error message, not a secret
     if errors:
         return None, errors
     try:

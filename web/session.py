@@ -24,7 +24,7 @@ COOKIE_NAME = "letterbox_session"
 SESSION_IDLE_SECONDS = 2 * 3600
 LOGIN_MAX_SECONDS = 12 * 3600
 MAX_COOKIE_BYTES = 4000  # browsers drop larger cookies; a session here is a few hundred bytes
-SECRET_FILE = "web-session.key"
+SECRET_FILE = "web-session.key"  # noqa: S105  a file name, not a secret
 SECRET_BYTES = 32
 _SALT = "letterbox.session"
 

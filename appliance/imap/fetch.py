@@ -409,7 +409,7 @@ def _grouped_addresses(text: str) -> list[Value]:
     try:
         header = default_policy.header_factory("To", text)
         groups = header.groups  # type: ignore[attr-defined]
-    except Exception:  # a header the parser cannot take is not worth failing a FETCH for
+    except Exception:  # noqa: BLE001  a header the parser cannot take is not worth failing a FETCH for
         return _plain_addresses(text)
     routes = {spec.strip().lower(): route.replace(" ", "") for route, spec in _ROUTE.findall(text)}
     out: list[Value] = []
@@ -486,7 +486,7 @@ def _spelled_type(part: Part) -> tuple[Value, Value]:
     return part.maintype, part.subtype
 
 
-def parse_params(value: str) -> list[tuple[str, str]]:
+def parse_params(value: str) -> list[tuple[str, str]]:  # noqa: C901  a tolerant RFC 2045 5.1 parameter scanner: quoting and skipping in one loop
     """The parameters after the first ";" of a Content-Type or Content-Disposition value, names as
     sent, quoted strings unquoted (RFC 2045 5.1). Tolerant: what does not parse is skipped."""
     text = unfold(value)
@@ -634,14 +634,16 @@ def item_values(
     for item in items:
         assert root is None or root.complete or not needs_structure(item), "header-only scan used for a body item"
         if isinstance(item, BodySection):
-            assert f is not None and root is not None
+            assert f is not None
+            assert root is not None
             out.append((item.response_name(), body_section(f, root, item, reopen)))
             continue
         name = item.name
         if name in INDEX_ITEMS:
             out.append((name, index_value(name, facts)))
             continue
-        assert f is not None and root is not None
+        assert f is not None
+        assert root is not None
         if name == "ENVELOPE":
             value = envelope(root.headers)
         elif name == "BODYSTRUCTURE":

@@ -201,7 +201,7 @@ class _Scan:
                 return i, True
         return None
 
-    def part(self, boundaries: list[bytes], depth: int, default_type: str) -> tuple[Part, bool]:
+    def part(self, boundaries: list[bytes], depth: int, default_type: str) -> tuple[Part, bool]:  # noqa: C901  one MIME entity reader (RFC 2046 5.1); its cases are the delimiter states
         """Read one entity up to (not including) the next delimiter of an enclosing multipart, or the
         end. Returns the part and whether a delimiter stopped it (pushed back for the caller)."""
         r = self.r

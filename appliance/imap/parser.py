@@ -630,7 +630,7 @@ def _search_key(r: Reader, depth: int) -> SearchKey:
     return _search_key_named(r, r.keyword(), depth)
 
 
-def _search_key_named(r: Reader, word: str, depth: int) -> SearchKey:
+def _search_key_named(r: Reader, word: str, depth: int) -> SearchKey:  # noqa: C901  one branch per SEARCH key word of RFC 3501 6.4.4
     if word == "ALL":
         return SearchAll()
     if word == "NEW":

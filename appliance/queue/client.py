@@ -255,7 +255,7 @@ class OutboundSession:
         raise SessionFailed(last_status, detail, str(hops[-1]) if hops else "")
 
     @classmethod
-    def _open_one(
+    def _open_one(  # noqa: C901  connect, EHLO, STARTTLS, AUTH in RFC order (5321, 3207, 4954), one reply check per step
         cls,
         hop: Hop,
         *,
@@ -400,7 +400,7 @@ class OutboundSession:
         code, message = self._smtp.getreply()
         return reply_from(code, message)
 
-    def _transaction(
+    def _transaction(  # noqa: C901  the RFC 5321 3.3 transaction: one reply check per command, per-recipient outcomes
         self, sender: str, recipients: list[str], data: bytes, options: list[bytes]
     ) -> dict[str, Outcome]:
         hop = self.hop

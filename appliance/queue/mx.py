@@ -56,7 +56,7 @@ class RouteError(Exception):
 
 def order_mx(records: Iterable[MxHost], rng: random.Random | None = None) -> list[MxHost]:
     """Lowest preference first; hosts of equal preference in random order (RFC 5321 5.1)."""
-    rng = rng or random.Random()
+    rng = rng or random.Random()  # noqa: S311  MX load spreading (RFC 5321 5.1), not a secret
     by_pref: dict[int, list[MxHost]] = {}
     for record in records:
         by_pref.setdefault(record.preference, []).append(record)

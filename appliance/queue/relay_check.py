@@ -70,7 +70,7 @@ async def check_relay(
     def run() -> None:
         try:
             result = session()
-        except Exception as exc:  # a bug rather than the relay; still an answer for the page
+        except Exception as exc:  # noqa: BLE001  a bug rather than the relay; still an answer for the page
             result = RelayCheck(False, f"the test failed: {exc}")
         def settle() -> None:
             if not future.done():

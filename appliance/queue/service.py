@@ -112,7 +112,7 @@ class DaemonThreads:
         def job() -> None:
             try:
                 result, error = fn(*args), None
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001  any outcome of the worker, even a cancel, is handed to the awaiting future
                 result, error = None, exc
             with contextlib.suppress(RuntimeError):  # the loop may be gone when we stop
                 loop.call_soon_threadsafe(settle, result, error)
@@ -179,7 +179,7 @@ class OutboundQueue:
         self._max_sessions = max_sessions
         self._per_domain = max_sessions_per_domain
         self._poll_interval = poll_interval
-        self._rng = rng or random.Random()
+        self._rng = rng or random.Random()  # noqa: S311  retry jitter, not a secret
         self._clock = clock
         self._wake = asyncio.Event()
         self._pending: dict[str, collections.deque[Job]] = {}

@@ -21,7 +21,7 @@ SETTING_HOST = "smarthost_host"  # empty or absent: deliver directly to each dom
 SETTING_PORT = "smarthost_port"
 SETTING_TLS = "smarthost_tls"  # 'starttls' (required, never plain) or 'implicit'
 SETTING_USER = "smarthost_user"
-SETTING_PASSWORD = "smarthost_password"
+SETTING_PASSWORD = "smarthost_password"  # noqa: S105  a settings key, not a secret
 SETTING_CA_FILE = "smarthost_ca_file"  # optional PEM bundle to trust instead of the system's
 ALL_SETTINGS = (SETTING_HOST, SETTING_PORT, SETTING_TLS, SETTING_USER, SETTING_PASSWORD, SETTING_CA_FILE)
 
@@ -82,7 +82,7 @@ async def load_smarthost(db: Database) -> Smarthost | None:
 
 async def save_smarthost(db: Database, relay: Smarthost | None) -> None:
     """Store (or, with None, clear) the relay; one transaction so a half-written relay never exists."""
-    values = {key: "" for key in ALL_SETTINGS}
+    values = dict.fromkeys(ALL_SETTINGS, "")
     if relay is not None:
         values.update({
             SETTING_HOST: relay.host, SETTING_PORT: str(relay.port), SETTING_TLS: relay.tls,

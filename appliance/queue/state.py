@@ -286,7 +286,7 @@ async def flush(db: Database, message_ids: Iterable[str] = (), now: int | None =
         if ids:
             marks = ",".join("?" * len(ids))
             cur = await tx.execute(
-                f"UPDATE queue_recipients SET next_attempt = ? WHERE state = 'queued' AND message_id IN ({marks})",
+                f"UPDATE queue_recipients SET next_attempt = ? WHERE state = 'queued' AND message_id IN ({marks})",  # noqa: S608  only ? placeholders are interpolated
                 (now, *ids),
             )
         else:

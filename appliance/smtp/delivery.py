@@ -77,7 +77,7 @@ class Deliverer:
         self._hostname = hostname if callable(hostname) else (lambda: hostname)
         self._srs = rewriter  # None: forwards keep the original sender
 
-    async def deliver(self, message: InboundMessage, *, per_recipient: bool) -> DeliveryReport:
+    async def deliver(self, message: InboundMessage, *, per_recipient: bool) -> DeliveryReport:  # noqa: C901  the per-recipient outcome rules of SMTP vs LMTP (RFC 2033 4.2) kept together
         """Write everything; `per_recipient` (LMTP) means failed recipients are answered one by one,
         otherwise a partial failure is accepted and bounced (SMTP has one reply per message)."""
         first_route: dict[str, RecipientRoute] = {}

@@ -196,7 +196,8 @@ class SmtpHandler:
         password = await server.challenge_auth("Password:")
         if password is MISSING:
             return AuthResult(success=False, handled=True)
-        assert isinstance(login, bytes) and isinstance(password, bytes)
+        assert isinstance(login, bytes)
+        assert isinstance(password, bytes)
         return await self._verify(server, login, password)
 
     async def _verify(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:

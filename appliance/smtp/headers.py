@@ -84,7 +84,7 @@ def header_names(data: bytes) -> frozenset[str]:
     """Lower-case names of the fields in the header section (stdlib parser, read only)."""
     section = data[: header_section_end(data)]
     parsed = BytesHeaderParser(policy=compat32).parsebytes(section)
-    return frozenset(name.lower() for name in parsed.keys())
+    return frozenset(name.lower() for name in parsed)
 
 
 def count_received(data: bytes) -> int:

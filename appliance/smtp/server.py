@@ -326,7 +326,7 @@ class LetterboxSMTP(SMTP):
         item 10). Our own address rules run later, in the handler."""
         try:
             return super()._getaddr(arg)
-        except Exception as exc:  # only parsing runs in there: nothing of ours to hide
+        except Exception as exc:  # noqa: BLE001  only parsing runs in there: nothing of ours to hide
             self._note_malformed(type(exc).__name__)
             return None, None
 

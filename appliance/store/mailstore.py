@@ -537,7 +537,7 @@ class MailStore:
 
     # --- internals: the index against the disk ----------------------------------------------------
 
-    async def _sync(self, mb: _Mailbox, f: FolderIndex) -> bool:
+    async def _sync(self, mb: _Mailbox, f: FolderIndex) -> bool:  # noqa: C901  one reconciliation of Maildir and index; its cases are the states files can be in
         """Bring the index up to the disk (folder lock held); True when the db changed."""
         if f.deleted:
             raise NoSuchFolder(f"no folder named {f.name}")
@@ -617,7 +617,7 @@ class MailStore:
         f.keywords = wanted
         return wanted
 
-    async def _add(self, targets: Sequence[tuple[_Mailbox, FolderIndex]], data: bytes, flags: frozenset[str],
+    async def _add(self, targets: Sequence[tuple[_Mailbox, FolderIndex]], data: bytes, flags: frozenset[str],  # noqa: C901  writes, indexes and rolls back many copies in one transaction; to be split with MailStore (issue 12)
                    internaldate: int | None) -> list[int | StoreError]:
         """Write one copy into each target folder and index them all in one transaction."""
         size = len(data)

@@ -75,10 +75,8 @@ def restore(entry: Path, sources: Mapping[str, Path]) -> None:
         if moved.exists() and not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(moved), str(path))
-    try:
+    with contextlib.suppress(OSError):
         entry.rmdir()
-    except OSError:
-        pass
 
 
 def entry_time(entry: Path) -> float | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -29,10 +31,8 @@ async def account_page(request: Request, errors: dict[str, str] | None = None) -
     svc = services(request)
     info = await svc.accounts.get_user(principal.name)
     used = quota = 0
-    try:
+    with contextlib.suppress(StoreError):  # the page is still useful without the figure
         used, quota = await svc.store.usage(principal.name)
-    except StoreError:  # the page is still useful without the figure
-        pass
     return await render(request, "account.html", {
         "title": "Your mailbox", "mailbox": info, "settings": client_settings_for(svc), "used": used,
         "quota": quota, "errors": errors or {}, "self_signed": svc.tls.info().self_signed,
