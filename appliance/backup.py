@@ -393,7 +393,7 @@ def _add_message(w: _Writer, folder: Path, name: str, sub: str, filename: str, b
     """A message file, looked for again under its base name when it was renamed under us."""
     for _ in range(VANISHED_RETRIES):
         try:
-            f = open(folder / sub / filename, "rb")  # closed below, after a retry loop
+            f = open(folder / sub / filename, "rb")  # noqa: SIM115  closed below, after a retry loop
         except FileNotFoundError:
             found = _find_base(folder, base)
             if found is None:
@@ -461,7 +461,7 @@ def create_backup(layout: DataLayout, out: Path, *, recipient: str = "", passphr
         with os.fdopen(fd, "wb") as sink:
             with _encrypting(sink, recipient, passphrase) as plain:
                 cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0)
-                with cctx.stream_writer(plain, closefd=False) as z:
+                with cctx.stream_writer(plain, closefd=False) as z:  # noqa: SIM117  one stream layer per line: the pipeline reads top-down
                     with tarfile.open(fileobj=z, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                         w = _Writer(tar, progress)
                         w.add_bytes(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
@@ -531,7 +531,7 @@ def _encrypting(sink: IO[bytes], recipient: str, passphrase: str) -> Iterator[IO
         try:
             with os.fdopen(r, "rb", buffering=CHUNK) as reader:
                 pyrage.encrypt_io(reader, sink, recipients)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001  handed to the caller's thread, which re-raises it
             errors.append(exc)
 
     thread = threading.Thread(target=run, name="backup-age", daemon=True)
@@ -571,7 +571,7 @@ def _decrypting(source: IO[bytes], secret: Secret) -> Iterator[IO[bytes]]:
         try:
             with os.fdopen(wfd, "wb", buffering=CHUNK) as writer:
                 pyrage.decrypt_io(source, writer, identities)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001  handed to the caller's thread, which re-raises it
             errors.append(exc)
 
     thread = threading.Thread(target=run, name="backup-age-d", daemon=True)
@@ -580,7 +580,7 @@ def _decrypting(source: IO[bytes], secret: Secret) -> Iterator[IO[bytes]]:
     failure: BaseException | None = None
     try:
         yield reader
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001  kept, and re-raised after the reader thread is joined
         failure = exc
     finally:
         reader.close()  # a writer still running gets EPIPE and stops
@@ -618,7 +618,7 @@ def _safe_name(name: str) -> str:
     return p.as_posix().lstrip("./") if name.startswith("./") else p.as_posix()
 
 
-def unpack(source: IO[bytes], secret: Secret, staging: Path, *, known_schema: int | None = None,
+def unpack(source: IO[bytes], secret: Secret, staging: Path, *, known_schema: int | None = None,  # noqa: C901  checks every member kind of a hostile archive (paths, links, sums) in one pass
            only: Callable[[str], bool] | None = None, progress: Progress | None = None) -> Unpacked:
     """Decrypt, decompress and unpack into `staging` (made here, 0700), verifying every checksum.
     `only` limits which files are written (all are still read and verified)."""
@@ -632,7 +632,7 @@ def unpack(source: IO[bytes], secret: Secret, staging: Path, *, known_schema: in
     try:
         with _decrypting(source, secret) as plain:
             dctx = zstandard.ZstdDecompressor()
-            with dctx.stream_reader(plain, read_across_frames=True) as z:
+            with dctx.stream_reader(plain, read_across_frames=True) as z:  # noqa: SIM117  one stream layer per line: the pipeline reads top-down
                 with tarfile.open(fileobj=z, mode="r|") as tar:
                     for member in tar:
                         if listed is not None:

@@ -46,7 +46,8 @@ def test_forged_results_naming_the_new_host_are_stripped_right_after_the_wizard(
     with httpx.Client(base_url=f"https://localhost:{box.port('https')}", verify=box.client_context) as web:
         page = web.get("/setup/1")
         token = _CSRF.search(page.text)
-        assert page.status_code == 200 and token, page.text[:500]
+        assert page.status_code == 200, page.text[:500]
+        assert token, page.text[:500]
         response = web.post("/setup/1", data={
             "csrf": token.group(1), "code": setup_code(box.data.root), "name": "admin", "password": PASSWORD, "password2": PASSWORD,
             "hostname": NEW_NAME,
@@ -57,10 +58,12 @@ def test_forged_results_naming_the_new_host_are_stripped_right_after_the_wizard(
               f"From: Bank <ceo@bank.example>\r\nTo: {ALICE}\r\nSubject: urgent\r\n\r\nPay now.\r\n").encode()
     with smtplib.SMTP("127.0.0.1", box.port("smtp"), timeout=30) as client:
         code, banner = client.ehlo("mta.bank.example")
-        assert code == 250 and banner.decode().startswith(NEW_NAME)
+        assert code == 250
+        assert banner.decode().startswith(NEW_NAME)
         client.sendmail("ceo@bank.example", [ALICE], forged)
     [raw] = maildir_messages(box.data.mail, ALICE)
     [results] = parse(raw).get_all("Authentication-Results")
     flat = " ".join(results.split())
     assert flat.startswith(f"{NEW_NAME};"), flat
-    assert "dkim=pass" not in flat and "dkim=none" in flat
+    assert "dkim=pass" not in flat
+    assert "dkim=none" in flat

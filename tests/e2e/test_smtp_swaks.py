@@ -41,7 +41,8 @@ def test_receive_on_the_mx(served: ServedBox) -> None:
     assert "<-  250 2.0.0 Ok: queued as" in result.stdout
     [raw] = maildir_messages(served.data.mail, ALICE)
     msg = parse(raw)
-    assert msg["Subject"] == "swaks receive" and msg["Delivered-To"] == ALICE
+    assert msg["Subject"] == "swaks receive"
+    assert msg["Delivered-To"] == ALICE
     assert "hello from swaks" in msg.get_payload()
 
 

@@ -78,11 +78,15 @@ def assert_served_everywhere(box: BoxHandle, pebble: Pebble, serial: int) -> Non
 def test_fresh_box_orders_and_serves_on_every_port(box: BoxHandle, pebble: Pebble, challenge: str) -> None:
     box.run(box.services.accounts.add_domain(DOMAIN))
     info = order(box, challenge=challenge)
-    assert HOST in info.names and f"autoconfig.{DOMAIN}" in info.names and f"autodiscover.{DOMAIN}" in info.names
+    assert HOST in info.names
+    assert f"autoconfig.{DOMAIN}" in info.names
+    assert f"autodiscover.{DOMAIN}" in info.names
     assert not info.self_signed
     assert_served_everywhere(box, pebble, info.serial)
     status = box.run(certificates.status(box.services.certificates))
-    assert status.source == "acme" and status.trusted and status.order.phase == "issued"
+    assert status.source == "acme"
+    assert status.trusted
+    assert status.order.phase == "issued"
     assert status.next_renewal is not None
     key = box.data.tls / "acme" / "account-key.pem"
     assert key.stat().st_mode & 0o777 == 0o600
@@ -153,7 +157,9 @@ def test_challenge_fails_connection_refused_keeps_old_certificate(box: BoxHandle
         with pytest.raises(AcmeProblem, match=r"could not connect to mail\.example\.test on port 80 \(connection refused\)"):
             order(box)
         status = box.run(certificates.status(box.services.certificates))
-        assert status.order.phase == "failed" and status.last_error and "connection refused" in status.last_error
+        assert status.order.phase == "failed"
+        assert status.last_error
+        assert "connection refused" in status.last_error
         assert {served_certificate(box.port(s), s).serial_number for s in TLS_SERVICES} == {before}
     finally:
         p.stop()
@@ -164,7 +170,9 @@ def test_ca_unreachable(box: BoxHandle, pebble: Pebble) -> None:
     with pytest.raises(AcmeProblem, match=r"certificate authority at https://127\.0\.0\.1:\d+/dir cannot be reached"):
         order(box, directory=f"https://127.0.0.1:{free_port()}/dir")
     status = box.run(certificates.status(box.services.certificates))
-    assert status.order.phase == "failed" and status.last_error and "cannot be reached" in status.last_error
+    assert status.order.phase == "failed"
+    assert status.last_error
+    assert "cannot be reached" in status.last_error
     assert box.services.tls.info().serial == before
 
 

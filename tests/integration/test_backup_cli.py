@@ -83,7 +83,7 @@ def state(root: Path) -> dict[str, str]:
     conn = sqlite3.connect(root / "letterbox.db")
     try:
         for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'"):
-            rows = sorted(map(repr, conn.execute(f'SELECT * FROM "{table}"')))
+            rows = sorted(map(repr, conn.execute(f'SELECT * FROM "{table}"')))  # noqa: S608  table names from sqlite_master
             out[f"db:{table}"] = hashlib.sha256("\n".join(rows).encode()).hexdigest()
     finally:
         conn.close()
@@ -113,7 +113,7 @@ def test_standard_tools_restore_path(made: tuple[DataLayout, Path, Path], tmp_pa
     layout, file, kit = made
     out = tmp_path / "by-hand"
     out.mkdir()
-    subprocess.run(f"age -d -i {kit} {file} | zstd -d | tar -x", shell=True, check=True, cwd=out, timeout=60)
+    subprocess.run(f"age -d -i {kit} {file} | zstd -d | tar -x", shell=True, check=True, cwd=out, timeout=60)  # noqa: S602  the documented by-hand pipeline, paths from tmp_path
     assert json.loads((out / backup.MANIFEST_NAME).read_text())["mailboxes"][0]["address"] == ALICE
     subprocess.run(["sha256sum", "--quiet", "-c", backup.CHECKSUMS_NAME], check=True, cwd=out, timeout=60)
     for sub in ("cur", "new"):
@@ -129,7 +129,8 @@ def test_cli_create_list_verify_and_passphrase(made: tuple[DataLayout, Path, Pat
     listed = run(layout.root, "backup", "list")
     assert str(file) in listed.stdout
     verified = run(layout.root, "backup", "verify", str(file), "--key-file", "-", stdin=kit.read_text())
-    assert verified.returncode == 0 and "every checksum matches" in verified.stdout, verified.stderr
+    assert verified.returncode == 0, verified.stderr
+    assert "every checksum matches" in verified.stdout, verified.stderr
     phrase = tmp_path / "phrase"
     phrase.write_text("a long and secret passphrase\n")
     usb = tmp_path / "usb"
@@ -150,7 +151,7 @@ def _craft(path: Path, entries: list[tuple[tarfile.TarInfo, bytes]], recipient: 
     """A backup-like file made by hand, for the refusal cases."""
     manifest = json.dumps({"format": 1, "schema": schema or 7, "host": "x", "mailboxes": []}).encode()
     computed = {backup.MANIFEST_NAME: hashlib.sha256(manifest).hexdigest()}
-    with open(path, "wb") as sink, backup._encrypting(sink, recipient, "") as plain:
+    with open(path, "wb") as sink, backup._encrypting(sink, recipient, "") as plain:  # noqa: SIM117  one stream layer per line: the pipeline reads top-down
         with zstandard.ZstdCompressor().stream_writer(plain, closefd=False) as z:
             with tarfile.open(fileobj=z, mode="w|") as tar:
                 info = tarfile.TarInfo(backup.MANIFEST_NAME)
@@ -191,7 +192,7 @@ def _refusals(tmp_path: Path, file: Path, kit: Path) -> list[tuple[str, Path, li
         ("newer", [_entry("letterbox.db", db)], {"schema": 99}),
         ("mismatch", [_entry("letterbox.db", db)], {"sums": {"letterbox.db": "0" * 64}}),
         ("dotdot", [_entry("../evil", b"x")], {}),
-        ("absolute", [_entry("/tmp/evil", b"x")], {}),
+        ("absolute", [_entry("/tmp/evil", b"x")], {}),  # noqa: S108  a hostile archive's member name
         ("symlink", [_entry("mail/link", kind=tarfile.SYMTYPE, link="/etc")], {}),
         ("hardlink", [_entry("mail/hard", kind=tarfile.LNKTYPE, link="letterbox.db")], {}),
         ("device", [_entry("mail/dev", kind=tarfile.CHRTYPE)], {}),
@@ -236,9 +237,13 @@ def test_every_refusal_leaves_the_box_unchanged(made: tuple[DataLayout, Path, Pa
         if label in ("wrong kit", "truncated", ".."):
             result = run(layout.root, "backup", "restore", str(path), *args)
             lines = result.stderr.strip().splitlines()
-            assert result.returncode == 1 and len(lines) == 1 and needle in lines[0], result.stderr
-            assert state(layout.root) == before and siblings(layout.root) == around, label
-    assert not (tmp_path / "evil").exists() and not Path("/tmp/evil").exists()
+            assert result.returncode == 1, result.stderr
+            assert len(lines) == 1, result.stderr
+            assert needle in lines[0], result.stderr
+            assert state(layout.root) == before, label
+            assert siblings(layout.root) == around, label
+    assert not (tmp_path / "evil").exists()
+    assert not Path("/tmp/evil").exists()  # noqa: S108  checks the hostile name was not written
 
 
 async def _restore_alice(layout: DataLayout, path: Path, secret: backup.Secret) -> None:
@@ -255,12 +260,12 @@ def test_passphrase_backup_refuses_a_wrong_passphrase(tmp_path: Path) -> None:
     sink = io.BytesIO()
     with age_stream.passphrase_writer(sink, "right one") as plain:
         plain.write(b"x" * 200_000)
-    with pytest.raises(age_stream.AgeError, match="wrong passphrase"):
+    with pytest.raises(age_stream.AgeError, match="wrong passphrase"):  # noqa: SIM117  the raise must come from entering the reader
         with age_stream.passphrase_reader(io.BytesIO(sink.getvalue()), "wrong one"):
             pass
     with age_stream.passphrase_reader(io.BytesIO(sink.getvalue()), "right one") as reader:
         assert reader.read() == b"x" * 200_000
-    with pytest.raises(age_stream.AgeError, match=r"damaged|truncated"):
+    with pytest.raises(age_stream.AgeError, match=r"damaged|truncated"):  # noqa: SIM117  the raise may come from entering or reading
         with age_stream.passphrase_reader(io.BytesIO(sink.getvalue()[:-70_000]), "right one") as reader:
             reader.read()
 
@@ -331,7 +336,8 @@ def test_one_mailbox_back_into_a_box(made: tuple[DataLayout, Path, Path]) -> Non
     assert "restored 7 messages into alice@one.test (mailbox made again)" in result.stdout
     assert {p.name for p in (layout.mail / "two.test" / "bob").rglob("*") if p.is_file()} == bob
     files = [p for sub in ("cur", "new") for p in (alice / sub).iterdir()]
-    assert len(files) == 6 and len(list((alice / ".Keep" / "cur").iterdir())) == 1
+    assert len(files) == 6
+    assert len(list((alice / ".Keep" / "cur").iterdir())) == 1
     with sqlite3.connect(layout.db) as db:
         (hash_,) = db.execute("SELECT password_hash FROM mailboxes WHERE local_part = 'alice'").fetchone()
     assert hash_ == old_hash  # its owner logs in with the same password

@@ -27,7 +27,9 @@ def run(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 1, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("letterbox: ") and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("letterbox: "), result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     return lines[0]
 
 
@@ -90,10 +92,12 @@ def test_good_upload_then_status_then_self_signed(data: Path, files: dict[str, P
     assert result.returncode == 0, result.stderr
     assert f"installed for {HOST}" in result.stdout
     status = run(data, "cert", "status")
-    assert "source:       imported" in status.stdout and HOST in status.stdout
+    assert "source:       imported" in status.stdout
+    assert HOST in status.stdout
     assert (DataLayout(data).tls / "key.pem").stat().st_mode & 0o777 == 0o600
     back = run(data, "cert", "self-signed")
-    assert back.returncode == 0 and f"self-signed certificate for {HOST}" in back.stdout
+    assert back.returncode == 0
+    assert f"self-signed certificate for {HOST}" in back.stdout
     assert "mail programs warn" in run(data, "cert", "status").stdout
 
 
@@ -123,7 +127,8 @@ def test_cli_order_answered_by_running_box(box: BoxHandle, tmp_path: Path) -> No
                 time.sleep(0.5)
         assert serials == {box.services.tls.info().serial}
         status = run(box.data.root, "cert", "status")
-        assert "source:       acme" in status.stdout and "next renewal:" in status.stdout
+        assert "source:       acme" in status.stdout
+        assert "next renewal:" in status.stdout
     finally:
         pebble.stop()
 

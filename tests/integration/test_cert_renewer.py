@@ -67,12 +67,14 @@ def test_due_failure_retry_warning_then_success(box: BoxHandle, pebble: Pebble) 
     assert now + dt.timedelta(minutes=30) <= retry <= now + dt.timedelta(minutes=60)
     assert box.services.tls.info().serial == first.serial
     status = box.run(certificates.status(ctx))
-    assert status.last_error and "cannot be reached" in status.last_error
+    assert status.last_error
+    assert "cannot be reached" in status.last_error
     assert warnings == [f"Certificate of {box.services.hostname} expires in 13 days"]
     mail = maildir_messages(box.data.mail, USER)
     assert len(mail) == 1
     body = str(parse(mail[0]).get_payload(decode=True), "utf-8")  # type: ignore[arg-type]
-    assert "expires in 13 days" in body and "cannot be reached" in body
+    assert "expires in 13 days" in body
+    assert "cannot be reached" in body
 
     # Ten minutes later: nothing is tried (no tight loop), no second warning.
     events_before = len(box.run(box.services.events.recent(500)))
@@ -97,7 +99,8 @@ def test_next_attempt_honours_retry_after() -> None:
     error = messages.Error(typ="urn:ietf:params:acme:error:rateLimited", detail="too many certificates")
     error.retry_after = parse_retry_after("7200", now)  # type: ignore[attr-defined]
     problem = explain(error, "https://ca.example/dir")
-    assert problem.kind == "rate-limit" and "rate limit was reached: too many certificates." in problem.message
+    assert problem.kind == "rate-limit"
+    assert "rate limit was reached: too many certificates." in problem.message
     assert "Try again in about" in problem.message
     assert certificates.next_attempt(now, problem, rng) == now + dt.timedelta(hours=2)
     assert parse_retry_after("Wed, 21 Oct 2026 07:28:00 GMT") == dt.datetime(2026, 10, 21, 7, 28, tzinfo=dt.UTC)

@@ -155,4 +155,5 @@ def test_deeply_nested_mime_is_answered_never_with_bye(imap_box: BoxHandle, raw:
     assert answers[b"SEARCH BODY needle"] == answers[b"SEARCH TEXT needle"] == b"* SEARCH 1\r\n"
     assert answers[b"SEARCH BODY absent"] == b"* SEARCH\r\n"
     structure = answers[b"FETCH 1 BODYSTRUCTURE"]
-    assert structure.count(b"(") == structure.count(b")") and structure.count(b"(") > 40
+    assert structure.count(b"(") == structure.count(b")")
+    assert structure.count(b"(") > 40

@@ -30,7 +30,9 @@ def test_cleartext_port_offers_starttls_and_refuses_passwords(imap_box: BoxHandl
     try:
         assert raw.greeting.startswith(b"* OK [CAPABILITY IMAP4rev1 ")
         caps = raw.command(b"a", b"CAPABILITY")[0]
-        assert b" STARTTLS" in caps and b" LOGINDISABLED" in caps and b"AUTH=PLAIN" not in caps
+        assert b" STARTTLS" in caps
+        assert b" LOGINDISABLED" in caps
+        assert b"AUTH=PLAIN" not in caps
         reply = raw.command(b"b", f"LOGIN {USER} \"{PASSWORD}\"".encode())
         assert reply[-1].startswith(b"b NO [PRIVACYREQUIRED]")
         reply = raw.command(b"c", b"AUTHENTICATE PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()))
@@ -44,7 +46,8 @@ def test_cleartext_port_offers_starttls_and_refuses_passwords(imap_box: BoxHandl
 def test_imaplib_starttls_then_login(imap_box: BoxHandle) -> None:
     with imaplib.IMAP4("127.0.0.1", imap_box.port("imap"), timeout=15) as client:
         client.starttls(ssl_context=imap_box.client_context)
-        assert "AUTH=PLAIN" in client.capabilities and "LOGINDISABLED" not in client.capabilities
+        assert "AUTH=PLAIN" in client.capabilities
+        assert "LOGINDISABLED" not in client.capabilities
         assert "STARTTLS" not in client.capabilities
         typ, _ = client.login(USER, PASSWORD)
         assert typ == "OK"
@@ -59,7 +62,8 @@ def test_imaplib_starttls_then_login(imap_box: BoxHandle) -> None:
 def test_imaplib_implicit_tls_login(imap_box: BoxHandle) -> None:
     with imaplib.IMAP4_SSL("127.0.0.1", imap_box.port("imaps"), ssl_context=imap_box.client_context,
                            timeout=15) as client:
-        assert "STARTTLS" not in client.capabilities and "AUTH=PLAIN" in client.capabilities
+        assert "STARTTLS" not in client.capabilities
+        assert "AUTH=PLAIN" in client.capabilities
         assert client.login(USER, PASSWORD)[0] == "OK"
         assert client.select("INBOX")[0] == "OK"
 
@@ -201,7 +205,8 @@ def test_logout(imap_box: BoxHandle) -> None:
     try:
         raw.login(USER, PASSWORD)
         reply = raw.command(b"z", b"LOGOUT")
-        assert reply[0].startswith(b"* BYE") and reply[-1].startswith(b"z OK")
+        assert reply[0].startswith(b"* BYE")
+        assert reply[-1].startswith(b"z OK")
         assert raw.closed()
     finally:
         raw.close()

@@ -51,8 +51,10 @@ def test_select_reports_the_folder(imap_box: BoxHandle, client: IMAPClient) -> N
     for n in range(3):
         deliver(imap_box, message(n))
     info = client.select_folder("INBOX")
-    assert info[b"EXISTS"] == 3 and info[b"RECENT"] == 3
-    assert info[b"UIDNEXT"] == 4 and info[b"UIDVALIDITY"] > 0
+    assert info[b"EXISTS"] == 3
+    assert info[b"RECENT"] == 3
+    assert info[b"UIDNEXT"] == 4
+    assert info[b"UIDVALIDITY"] > 0
     assert info[b"READ-WRITE"]
     assert b"\\*" in info[b"PERMANENTFLAGS"]
     assert info[b"UNSEEN"] == [b"1"]
@@ -159,13 +161,16 @@ def test_append_with_flags_and_date(imap_box: BoxHandle) -> None:
         client.select("INBOX")
         typ, data = client.uid("FETCH", str(uid), "(FLAGS INTERNALDATE BODY.PEEK[])")
         head = data[0][0]
-        assert b"\\Seen" in head and b"\\Flagged" in head and b"$Work" in head
+        assert b"\\Seen" in head
+        assert b"\\Flagged" in head
+        assert b"$Work" in head
         assert imaplib.Internaldate2tuple(head) is not None
         stamp = dt.datetime(*imaplib.Internaldate2tuple(head)[:6])  # type: ignore[index, misc]
         assert stamp == dt.datetime.fromtimestamp(when.timestamp())
         assert data[0][1] == message(9)
         typ, data = client.append("Nope", None, None, message(1))
-        assert typ == "NO" and b"[TRYCREATE]" in data[0]
+        assert typ == "NO"
+        assert b"[TRYCREATE]" in data[0]
 
 
 def test_folders_create_list_rename_delete(imap_box: BoxHandle, client: IMAPClient) -> None:
@@ -177,14 +182,19 @@ def test_folders_create_list_rename_delete(imap_box: BoxHandle, client: IMAPClie
     with pytest.raises(IMAPClientError, match="CANNOT"):
         client.create_folder("Bad.Name")
     names = {name: flags for flags, _, name in client.list_folders()}
-    assert "INBOX" in names and "Projects/Alpha" in names and "Archive/2024" in names
-    assert b"\\HasChildren" in names["Projects"] and b"\\HasNoChildren" in names["Projects/Alpha"]
+    assert "INBOX" in names
+    assert "Projects/Alpha" in names
+    assert "Archive/2024" in names
+    assert b"\\HasChildren" in names["Projects"]
+    assert b"\\HasNoChildren" in names["Projects/Alpha"]
     top = [name for _, _, name in client.list_folders("", "%")]
-    assert "Projects" in top and "Projects/Alpha" not in top
+    assert "Projects" in top
+    assert "Projects/Alpha" not in top
     assert client.list_folders("", "")[0][1] == b"/"
     client.rename_folder("Projects", "Work")
     names = [name for _, _, name in client.list_folders()]
-    assert "Work/Alpha" in names and "Projects" not in names
+    assert "Work/Alpha" in names
+    assert "Projects" not in names
     client.delete_folder("Work/Alpha")
     with pytest.raises(IMAPClientError, match="NONEXISTENT"):
         client.delete_folder("Work/Alpha")
@@ -199,12 +209,16 @@ def test_special_use_and_subscriptions(imap_box: BoxHandle, client: IMAPClient) 
         if not client.folder_exists(name):
             client.create_folder(name)
     flags = {name: set(f) for f, _, name in client.list_folders()}
-    assert b"\\Sent" in flags["Sent"] and b"\\Trash" in flags["Trash"] and b"\\Junk" in flags["Junk"]
-    assert b"\\Drafts" in flags["Drafts"] and b"\\Archive" in flags["Archive"]
+    assert b"\\Sent" in flags["Sent"]
+    assert b"\\Trash" in flags["Trash"]
+    assert b"\\Junk" in flags["Junk"]
+    assert b"\\Drafts" in flags["Drafts"]
+    assert b"\\Archive" in flags["Archive"]
     special = client._imap._simple_command("LIST", "(SPECIAL-USE)", '""', '"*"')  # RFC 6154 selection
     assert special[0] == "OK"
     untagged = client._imap.untagged_responses.pop("LIST", [])
-    assert untagged and all(b"INBOX" not in line for line in untagged)
+    assert untagged
+    assert all(b"INBOX" not in line for line in untagged)
     client.create_folder("Lists")
     client.unsubscribe_folder("Lists")
     assert "Lists" not in [n for _, _, n in client.list_sub_folders()]
@@ -219,7 +233,9 @@ def test_status(imap_box: BoxHandle, client: IMAPClient) -> None:
     client.add_flags([1], [b"\\Seen"])
     client.create_folder("Other")
     status = client.folder_status("INBOX", ["MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN"])
-    assert status[b"MESSAGES"] == 4 and status[b"UNSEEN"] == 3 and status[b"UIDNEXT"] == 5
+    assert status[b"MESSAGES"] == 4
+    assert status[b"UNSEEN"] == 3
+    assert status[b"UIDNEXT"] == 5
     assert client.folder_status("Other", ["MESSAGES"])[b"MESSAGES"] == 0
     with pytest.raises(IMAPClientError, match="NONEXISTENT"):
         client.folder_status("Nope", ["MESSAGES"])
@@ -233,9 +249,11 @@ def test_copy_move_and_uidplus(imap_box: BoxHandle, client: IMAPClient) -> None:
     typ, data = raw.uid("COPY", f"{uids[0]}:{uids[1]}", "Kept")
     assert typ == "OK"
     _, copyuid = raw.response("COPYUID")  # imaplib keeps response codes by name
-    assert copyuid[0] and re.fullmatch(rb"\d+ 1:2 1:2", copyuid[0]), copyuid
+    assert copyuid[0], copyuid
+    assert re.fullmatch(rb"\d+ 1:2 1:2", copyuid[0]), copyuid
     typ, data = raw.uid("COPY", str(uids[0]), "Missing")
-    assert typ == "NO" and b"[TRYCREATE]" in data[0]
+    assert typ == "NO"
+    assert b"[TRYCREATE]" in data[0]
     client.move([uids[2]], "Kept")
     assert client.search(["ALL"]) == [uids[0], uids[1], uids[3]]
     client.select_folder("Kept")
@@ -273,7 +291,8 @@ def test_quota(box: BoxHandle) -> None:
         client.login("small@example.test", PASSWORD)
         roots = client.get_quota_root("INBOX")
         quota = roots[1][0]
-        assert quota.resource == "STORAGE" and quota.limit == 10
+        assert quota.resource == "STORAGE"
+        assert quota.limit == 10
         with pytest.raises(IMAPClientError, match="OVERQUOTA"):
             client.append("INBOX", b"Subject: big\r\n\r\n" + b"x" * 20_000)
 
@@ -327,7 +346,8 @@ def test_unexpected_error_is_a_bye_not_a_traceback(imap_box: BoxHandle, monkeypa
         raw.login(USER, PASSWORD)
         raw.send(b"a NAMESPACE\r\n")
         line = raw.line()
-        assert line.startswith(b"* BYE ") and b"secret" not in line
+        assert line.startswith(b"* BYE ")
+        assert b"secret" not in line
         assert raw.closed()
     finally:
         raw.close()
@@ -357,7 +377,8 @@ def fetch_whole(raw: RawImap, uid: int) -> tuple[int, bytes]:
     [line] = [r for r in reply if r.startswith(b"* ") and b" FETCH (" in r]
     size = re.search(rb"RFC822\.SIZE (\d+)", line)
     literal = re.search(rb"BODY\[\] \{(\d+)\}\r\n", line)
-    assert size is not None and literal is not None, line[:200]
+    assert size is not None, line[:200]
+    assert literal is not None, line[:200]
     content = line[literal.end():literal.end() + int(literal[1])]
     assert line[literal.end() + len(content):][:1] in (b")", b" ")  # the literal ended where it said
     return int(size[1]), content
@@ -413,7 +434,9 @@ def test_new_keywords_are_announced_to_every_session_with_the_folder(imap_box: B
         stored = one.command(b"A", b"STORE 1 +FLAGS ($Label1)")
         flags = [i for i, line in enumerate(stored) if line.startswith(b"* FLAGS ")]
         fetch = [i for i, line in enumerate(stored) if b"FETCH" in line]
-        assert flags and fetch and flags[0] < fetch[0], stored
+        assert flags, stored
+        assert fetch, stored
+        assert flags[0] < fetch[0], stored
         assert b"$Label1" in stored[flags[0]]
         assert any(b"[PERMANENTFLAGS (" in line and b"$Label1 \\*)]" in line for line in stored), stored
         again = one.command(b"B", b"STORE 1 +FLAGS ($Label1)")

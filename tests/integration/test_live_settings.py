@@ -65,10 +65,12 @@ def test_smtp_banner_and_ehlo_name_follow_a_rename(renamed: BoxHandle) -> None:
     for service in ("smtp", "submission", "lmtp"):
         with Wire(renamed.port(service)) as wire:
             code, banner = wire.reply()
-            assert code == 220 and banner.startswith(NEW_NAME), (service, banner)
+            assert code == 220, (service, banner)
+            assert banner.startswith(NEW_NAME), (service, banner)
             hello = "LHLO" if service == "lmtp" else "EHLO"
             code, text = wire.cmd(f"{hello} client.test")
-            assert code == 250 and text.splitlines()[0].startswith(NEW_NAME), (service, text)
+            assert code == 250, (service, text)
+            assert text.splitlines()[0].startswith(NEW_NAME), (service, text)
 
 
 def test_received_and_authentication_results_follow_a_rename(renamed: BoxHandle) -> None:
@@ -82,7 +84,9 @@ def test_received_and_authentication_results_follow_a_rename(renamed: BoxHandle)
     results = message.get_all("Authentication-Results")
     assert len(results) == 1, results
     flat = " ".join(results[0].split())
-    assert flat.startswith(f"{NEW_NAME};") and "dkim=pass" not in flat and "header.d=bank" not in flat
+    assert flat.startswith(f"{NEW_NAME};")
+    assert "dkim=pass" not in flat
+    assert "header.d=bank" not in flat
     assert "dkim=none" in flat
     assert f"by {NEW_NAME} (Letterbox)" in " ".join(message["Received"].split())
 
@@ -120,7 +124,8 @@ def test_a_delivery_report_names_the_new_host(renamed: BoxHandle, zone: ZoneServ
     with smtplib.SMTP("127.0.0.1", renamed.port("smtp"), timeout=30) as client:
         client.ehlo("mta.sender.test")
         client.mail(ALICE)  # no SIZE=: bob's quota is only found exceeded when the copy is written
-        assert client.rcpt(ALICE)[0] == 250 and client.rcpt("bob@example.test")[0] == 250
+        assert client.rcpt(ALICE)[0] == 250
+        assert client.rcpt("bob@example.test")[0] == 250
         assert client.data(b"Subject: x\r\n\r\nx\r\n")[0] == 250
     senders = [str(parse(raw)["From"]) for raw in maildir_messages(renamed.data.mail, ALICE)]
     assert any(f"MAILER-DAEMON@{NEW_NAME}" in sender for sender in senders), senders

@@ -22,18 +22,22 @@ def test_flush_and_delete(box: BoxHandle) -> None:
     box.run(box.services.db.execute("UPDATE queue_recipients SET next_attempt = 4000000000"))
 
     result = letterbox(box, "queue", "flush", second)
-    assert result.returncode == 0 and result.stdout.startswith("1 recipient due now")
+    assert result.returncode == 0
+    assert result.stdout.startswith("1 recipient due now")
     result = letterbox(box, "queue", "flush")
-    assert result.returncode == 0 and result.stdout.startswith("3 recipients due now")
+    assert result.returncode == 0
+    assert result.stdout.startswith("3 recipients due now")
     due = box.run(box.services.db.fetchall("SELECT next_attempt FROM queue_recipients"))
     assert all(int(r["next_attempt"]) < 4000000000 for r in due)
 
     result = letterbox(box, "queue", "delete", first)
-    assert result.returncode == 0 and f"deleted {first}" in result.stdout
+    assert result.returncode == 0
+    assert f"deleted {first}" in result.stdout
     assert not (box.data.spool / f"{first}.eml").exists()
     assert [m.id for m in box.run(queue.spool.messages())] == [second]
     result = letterbox(box, "queue", "delete", first)
-    assert result.returncode == 1 and f"not in the queue: {first}" in result.stderr
+    assert result.returncode == 1
+    assert f"not in the queue: {first}" in result.stderr
 
 
 def test_dkim_rotate_prints_the_record_to_publish(box: BoxHandle) -> None:
@@ -45,7 +49,10 @@ def test_dkim_rotate_prints_the_record_to_publish(box: BoxHandle) -> None:
     assert f'{key.record_name}. IN TXT "{key.txt_record()}"' in result.stdout
     again = letterbox(box, "dkim", "rotate", "ours.test")
     newer = box.run(dkim_keys.current_key(box.services.db, box.data.dkim, "ours.test"))
-    assert again.returncode == 0 and newer is not None and newer.selector != key.selector
+    assert again.returncode == 0
+    assert newer is not None
+    assert newer.selector != key.selector
 
     result = letterbox(box, "dkim", "rotate", "not-ours.test")
-    assert result.returncode == 1 and "not a domain of this box" in result.stderr
+    assert result.returncode == 1
+    assert "not a domain of this box" in result.stderr

@@ -41,7 +41,8 @@ def test_one_transaction_per_domain_over_starttls_with_our_hostname(outbound: Ou
     assert transaction.mail_from == ALICE
     assert transaction.data.endswith(b"\r\n\r\nHi there.\r\n")
     assert any(opt.startswith("SIZE=") for opt in transaction.mail_options)
-    assert other.rcpt_tos == ("c@other.test",) and not other.tls
+    assert other.rcpt_tos == ("c@other.test",)
+    assert not other.tls
 
 
 def test_first_mx_down_the_next_one_takes_it(outbound: Outbound) -> None:
@@ -91,11 +92,13 @@ def test_permanent_failure_sends_a_dsn_to_the_senders_inbox(outbound: Outbound) 
     assert transaction.rcpt_tos == ("a@example.net",)  # the good recipient still got it
     msg = parse(report)
     assert msg["Return-Path"] == "<>"
-    assert msg["To"] == ALICE and "Undelivered" in msg["Subject"]
+    assert msg["To"] == ALICE
+    assert "Undelivered" in msg["Subject"]
     per_message, per_recipient = delivery_status(report)
     assert per_message["Reporting-MTA"] == "dns; mail.example.test"
     assert per_recipient["Final-Recipient"] == "rfc822; nobody@example.net"
-    assert per_recipient["Action"] == "failed" and per_recipient["Status"] == "5.1.1"
+    assert per_recipient["Action"] == "failed"
+    assert per_recipient["Status"] == "5.1.1"
     assert per_recipient["Remote-MTA"] == "dns; mx.example.net"
     diagnostic = " ".join(per_recipient["Diagnostic-Code"].split())  # unfolded
     assert diagnostic == "smtp; 550 5.1.1 <nobody@example.net>: Recipient address rejected"
@@ -114,7 +117,8 @@ def test_expiry_sends_a_dsn_with_the_last_error(outbound: Outbound) -> None:
         assert receiver.transactions == []
     assert receiver.connections >= 2  # retried before giving up
     _, per_recipient = delivery_status(report)
-    assert per_recipient["Action"] == "failed" and per_recipient["Status"] == "4.7.1"
+    assert per_recipient["Action"] == "failed"
+    assert per_recipient["Status"] == "4.7.1"
     assert " ".join(per_recipient["Diagnostic-Code"].split()).startswith("smtp; 451 4.7.1 Try again later")
 
 
@@ -129,7 +133,8 @@ def test_a_long_delay_warns_the_sender_once_and_keeps_trying(outbound: Outbound)
     [warning] = outbound.inbox()
     assert "Delayed Mail" in parse(warning)["Subject"]
     _, per_recipient = delivery_status(warning)
-    assert per_recipient["Action"] == "delayed" and per_recipient["Will-Retry-Until"]
+    assert per_recipient["Action"] == "delayed"
+    assert per_recipient["Will-Retry-Until"]
     assert transaction.rcpt_tos == ("a@example.net",)
 
 
@@ -159,7 +164,8 @@ def test_no_report_is_ever_sent_to_the_null_sender(outbound: Outbound) -> None:
     spool = outbound.queue.spool
     outbound.box.run(spool.enqueue("", ["a@nomail.test"], b"Subject: a bounce\r\n\r\nx\r\n"))
     outbound.wait_empty()
-    assert outbound.messages() == [] and outbound.inbox() == []
+    assert outbound.messages() == []
+    assert outbound.inbox() == []
 
 
 def test_dkim_signature_verifies_against_the_published_key(outbound: Outbound) -> None:
@@ -182,7 +188,9 @@ def test_dkim_signature_verifies_against_the_published_key(outbound: Outbound) -
 
     assert dkim.verify(transaction.data, dnsfunc=dns_txt)
     sig = dkim.DKIM(transaction.data)
-    assert sig.verify(dnsfunc=dns_txt) and sig.domain == OURS.encode() and sig.selector == key.selector.encode()
+    assert sig.verify(dnsfunc=dns_txt)
+    assert sig.domain == OURS.encode()
+    assert sig.selector == key.selector.encode()
 
 
 def test_queued_mail_survives_a_restart_of_the_queue(outbound: Outbound) -> None:

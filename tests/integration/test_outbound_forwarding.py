@@ -61,7 +61,8 @@ def test_a_forward_leaves_with_an_srs_sender_and_its_bounce_goes_back(outbound: 
         outbound.wait_empty()
         assert forward.rcpt_tos == (TARGET,)
         srs_sender = forward.mail_from
-        assert srs_sender.startswith("SRS0=") and srs_sender.endswith(f"=origin.test=sender@{OURS}")
+        assert srs_sender.startswith("SRS0=")
+        assert srs_sender.endswith(f"=origin.test=sender@{OURS}")
         assert forward.data.endswith(BODY)  # the message itself is untouched
         assert not forward.data.startswith(b"DKIM-Signature")  # not signed for someone else's From:
 
@@ -70,7 +71,8 @@ def test_a_forward_leaves_with_an_srs_sender_and_its_bounce_goes_back(outbound: 
         assert send_mx(outbound, "", srs_sender, BOUNCE)[0] == 250
         [bounce] = origin.wait(1)
         outbound.wait_empty()
-    assert bounce.rcpt_tos == (ORIGINAL,) and bounce.mail_from == "<>"
+    assert bounce.rcpt_tos == (ORIGINAL,)
+    assert bounce.mail_from == "<>"
     assert bounce.data.endswith(BOUNCE)
 
 
@@ -129,11 +131,13 @@ def test_a_failed_forward_is_reported_to_an_authenticated_original_sender(outbou
         [report] = origin.wait(1)
         outbound.wait_empty()
     # Straight to the original sender (decoded from the SRS sender), from the null sender.
-    assert report.rcpt_tos == (ORIGINAL,) and report.mail_from == "<>"
+    assert report.rcpt_tos == (ORIGINAL,)
+    assert report.mail_from == "<>"
     msg = parse(report.data)
     assert msg["To"] == ORIGINAL
     _, per_recipient = delivery_status(report.data)
-    assert per_recipient["Final-Recipient"] == f"rfc822; {TARGET}" and per_recipient["Status"] == "5.1.1"
+    assert per_recipient["Final-Recipient"] == f"rfc822; {TARGET}"
+    assert per_recipient["Status"] == "5.1.1"
 
 
 # --- DKIM (issue 11 item 2) ---------------------------------------------------------------------------

@@ -71,4 +71,5 @@ def test_a_report_to_a_remote_sender_is_spooled_with_its_record(outbound: Outbou
     assert [m.id for m in outbound.messages()] == [queue_id]
     outbound.box.run(queue._settle(queue_id))
     [report] = outbound.messages()
-    assert report.sender == "" and [r.recipient for r in report.recipients] == ["someone@example.org"]
+    assert report.sender == ""
+    assert [r.recipient for r in report.recipients] == ["someone@example.org"]

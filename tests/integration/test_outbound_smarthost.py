@@ -70,10 +70,12 @@ def test_a_refused_login_defers_and_never_bounces(
         outbound.submit(["a@far-away.test"])
         outbound.wait_until(lambda: any(r.attempts for m in outbound.messages() for r in m.recipients),
                             what="an attempt")
-        assert relay.failed_logins >= 1 and relay.transactions == []
+        assert relay.failed_logins >= 1
+        assert relay.transactions == []
     [queued] = outbound.messages()
     [rcpt] = queued.recipients
-    assert rcpt.state == "queued" and "relay refused our login: 535" in rcpt.last_error
+    assert rcpt.state == "queued"
+    assert "relay refused our login: 535" in rcpt.last_error
     assert outbound.inbox() == []
     assert "wrong password" not in letterbox_log(caplog)
 
@@ -87,7 +89,8 @@ def test_a_relay_without_starttls_never_gets_the_password(outbound: Outbound, tm
                             what="an attempt")
         assert relay.transactions == []
     [rcpt] = outbound.messages()[0].recipients
-    assert rcpt.state == "queued" and "does not offer STARTTLS" in rcpt.last_error
+    assert rcpt.state == "queued"
+    assert "does not offer STARTTLS" in rcpt.last_error
 
 
 def test_relay_certificate_must_match_its_name(outbound: Outbound, tmp_path: Path) -> None:
@@ -100,9 +103,11 @@ def test_relay_certificate_must_match_its_name(outbound: Outbound, tmp_path: Pat
         outbound.submit(["a@far-away.test"])
         outbound.wait_until(lambda: any(r.attempts for m in outbound.messages() for r in m.recipients),
                             what="an attempt")
-        assert relay.transactions == [] and relay.failed_logins == 0
+        assert relay.transactions == []
+        assert relay.failed_logins == 0
     [rcpt] = outbound.messages()[0].recipients
-    assert rcpt.state == "queued" and "TLS handshake failed" in rcpt.last_error
+    assert rcpt.state == "queued"
+    assert "TLS handshake failed" in rcpt.last_error
 
 
 def test_settings_round_trip_and_the_password_stays_out_of_repr(outbound: Outbound) -> None:
@@ -110,7 +115,8 @@ def test_settings_round_trip_and_the_password_stays_out_of_repr(outbound: Outbou
     relay = Smarthost("smtp.provider.test", 587, "starttls", "me", "pw-123")
     outbound.box.run(save_smarthost(db, relay))
     assert outbound.box.run(load_smarthost(db)) == relay
-    assert "pw-123" not in repr(relay) and "pw-123" not in relay.describe()
+    assert "pw-123" not in repr(relay)
+    assert "pw-123" not in relay.describe()
     outbound.box.run(save_smarthost(db, None))
     assert outbound.box.run(load_smarthost(db)) is None
 
@@ -137,11 +143,15 @@ def test_the_relay_is_set_shown_and_cleared_from_the_command_line(outbound: Outb
         outbound.submit(["a@far-away.test"])
         [transaction] = relay.wait(1)
         outbound.wait_empty()
-    assert transaction.login == RELAY_USER and transaction.tls
+    assert transaction.login == RELAY_USER
+    assert transaction.tls
 
     shown = letterbox("show")
-    assert shown.stdout.startswith(f"relay: {RELAY_NAME}:") and RELAY_PASSWORD not in shown.stdout + shown.stderr
+    assert shown.stdout.startswith(f"relay: {RELAY_NAME}:")
+    assert RELAY_PASSWORD not in shown.stdout + shown.stderr
     bad = letterbox("set", "no such/host")
-    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "relay host" in bad.stderr
+    assert bad.returncode == 1
+    assert bad.stderr.count("\n") == 1
+    assert "relay host" in bad.stderr
     assert letterbox("off").stdout.startswith("no relay")
     assert outbound.box.run(load_smarthost(outbound.box.services.db)) is None

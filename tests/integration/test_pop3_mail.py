@@ -54,7 +54,7 @@ def login_when_unlocked(box: BoxHandle) -> poplib.POP3_SSL:
         try:
             return pop3s(box)
         except poplib.error_proto as exc:
-            assert b"[IN-USE]" in exc.args[0]
+            assert b"[IN-USE]" in exc.args[0]  # noqa: PT017  polling: each refusal until the lock is freed must be IN-USE
             time.sleep(0.05)
     pytest.fail("the lock of a dropped session was never released")
 
@@ -89,7 +89,8 @@ def test_stat_list_uidl_retr_top_agree_with_the_store_and_imap(pop_box: BoxHandl
         for i, data in enumerate(sent, 1):
             assert retr(client, i) == data
         _, top, _ = client.top(2, 1)
-        assert top[-2:] == [b"", b".leading dot"] and top[0].startswith(b"From: ")
+        assert top[-2:] == [b"", b".leading dot"]
+        assert top[0].startswith(b"From: ")
         _, uidl, _ = client.uidl()
         uidvalidity, uids = imap_uids(pop_box)
         assert uidl == [f"{i} {uidvalidity}.{uid}".encode() for i, uid in enumerate(uids, 1)]
@@ -179,7 +180,9 @@ def test_imap_sees_pop3_deletions_as_expunge_and_retrieved_as_seen(pop_box: BoxH
         _, data = imap.fetch("1:*", "(UID FLAGS)")
         flags = {int(m.group(1)): m.group(2) for item in data
                  if (m := re.search(rb"UID (\d+) FLAGS \((.*?)\)", item))}  # type: ignore[arg-type]
-        assert set(flags) == {2, 3} and b"\\Seen" not in flags[2] and b"\\Seen" in flags[3]
+        assert set(flags) == {2, 3}
+        assert b"\\Seen" not in flags[2]
+        assert b"\\Seen" in flags[3]
         imap.logout()
 
 
@@ -222,7 +225,8 @@ def test_list_size_of_a_bare_lf_message_is_what_retr_sends(pop_box: BoxHandle) -
         assert listing[1] == b"2 %d" % len(expected)
         response, lines, octets = client.retr(2)
         # poplib counts the octets with CRLF and without the dot-stuffing: the message as RFC 1939 sizes it.
-        assert octets == len(expected) and response.split()[1] == str(len(expected)).encode()
+        assert octets == len(expected)
+        assert response.split()[1] == str(len(expected)).encode()
         assert b"".join(line + b"\r\n" for line in lines) == expected
     finally:
         client.quit()

@@ -63,32 +63,38 @@ def test_mx_ehlo_offers_the_extensions_and_no_auth(mx: BoxHandle) -> None:
         assert "auth" not in features
         client.starttls(context=mx.client_context)
         client.ehlo("client.test")
-        assert "auth" not in client.esmtp_features and "starttls" not in client.esmtp_features
+        assert "auth" not in client.esmtp_features
+        assert "starttls" not in client.esmtp_features
         # Asked anyway, AUTH is refused with a pointer to the submission ports.
         code, text = client.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0alice@x\0pw").decode())
-        assert code == 502 and b"5.5.1" in text
+        assert code == 502
+        assert b"5.5.1" in text
 
 
 def test_greeting_names_the_host(mx: BoxHandle) -> None:
     with Wire(mx.port("smtp")) as wire:
         code, text = wire.reply()
-        assert code == 220 and text.startswith("mail.example.test ESMTP")
+        assert code == 220
+        assert text.startswith("mail.example.test ESMTP")
 
 
 def test_submission_offers_auth_only_after_starttls(mx: BoxHandle) -> None:
     with smtplib.SMTP("127.0.0.1", mx.port("submission"), timeout=10) as client:
         client.ehlo("client.test")
-        assert "starttls" in client.esmtp_features and "auth" not in client.esmtp_features
+        assert "starttls" in client.esmtp_features
+        assert "auth" not in client.esmtp_features
         code, _ = client.docmd("AUTH", "PLAIN " + base64.b64encode(f"\0alice@{OURS}\0{PASSWORD}".encode()).decode())
         assert code == 530  # never a password over cleartext
         code, text = client.docmd("MAIL", f"FROM:<alice@{OURS}>")
-        assert code == 530 and b"5.7.0" in text
+        assert code == 530
+        assert b"5.7.0" in text
         client.starttls(context=mx.client_context)
         client.ehlo("client.test")
         assert client.esmtp_features["auth"].split() == ["LOGIN", "PLAIN"]
         # TLS but no AUTH yet: still no mail.
         code, text = client.docmd("MAIL", f"FROM:<alice@{OURS}>")
-        assert code == 530 and b"5.7.0" in text
+        assert code == 530
+        assert b"5.7.0" in text
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
@@ -98,7 +104,8 @@ def test_submission_login_over_starttls(mx: BoxHandle, mechanism: str) -> None:
         client.ehlo("client.test")
         client.user, client.password = f"alice@{OURS}", PASSWORD
         code, text = client.auth(mechanism, getattr(client, f"auth_{mechanism.lower()}"))
-        assert code == 235 and text.startswith(b"2.7.0")
+        assert code == 235
+        assert text.startswith(b"2.7.0")
         code, text = client.docmd("AUTH", "PLAIN x")
         assert code == 503
 
@@ -116,7 +123,8 @@ def test_wrong_password_is_535(mx: BoxHandle) -> None:
     with smtplib.SMTP_SSL("127.0.0.1", mx.port("submissions"), timeout=30, context=mx.client_context) as client:
         with pytest.raises(smtplib.SMTPAuthenticationError) as err:
             client.login(f"alice@{OURS}", "wrong password")
-        assert err.value.smtp_code == 535 and err.value.smtp_error.startswith(b"5.7.8")
+        assert err.value.smtp_code == 535
+        assert err.value.smtp_error.startswith(b"5.7.8")
         with pytest.raises(smtplib.SMTPAuthenticationError):
             client.login("nobody@nowhere.test", PASSWORD)
 
@@ -190,13 +198,16 @@ def test_authenticated_user_still_cannot_use_literals(mx: BoxHandle) -> None:
 def test_lmtp_speaks_lhlo_only(box: BoxHandle) -> None:
     with Wire(box.port("lmtp")) as wire:
         code, text = wire.reply()
-        assert code == 220 and "LMTP" in text
+        assert code == 220
+        assert "LMTP" in text
         assert wire.cmd("EHLO client.test")[0] == 500
         assert wire.cmd("HELO client.test")[0] == 500
         code, text = wire.cmd("LHLO client.test")
         assert code == 250
-        assert "PIPELINING" in text and "ENHANCEDSTATUSCODES" in text
-        assert "AUTH" not in text and "STARTTLS" not in text
+        assert "PIPELINING" in text
+        assert "ENHANCEDSTATUSCODES" in text
+        assert "AUTH" not in text
+        assert "STARTTLS" not in text
 
 
 def test_commands_pipelined_with_starttls_are_discarded(mx: BoxHandle) -> None:

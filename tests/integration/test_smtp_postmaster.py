@@ -52,7 +52,8 @@ def test_postmaster_without_an_alias_reaches_the_first_mailbox_of_the_primary_do
         [(code, text)] = deliver(served, service, [form])
         assert code == 250, (form, text)
     assert len(maildir_messages(served.data.mail, CAROL)) == len(FORMS)
-    assert maildir_messages(served.data.mail, BOB) == [] and maildir_messages(served.data.mail, ALICE) == []
+    assert maildir_messages(served.data.mail, BOB) == []
+    assert maildir_messages(served.data.mail, ALICE) == []
 
 
 @pytest.mark.parametrize("service", ["smtp", "lmtp"])

@@ -22,7 +22,8 @@ def _prepared_client(box: BoxHandle) -> tuple[httpx.Client, str]:
     client = httpx.Client(base_url=f"https://localhost:{box.port('https')}", verify=box.client_context, timeout=180)
     page = client.get("/setup/1")
     m = _CSRF.search(page.text)
-    assert page.status_code == 200 and m
+    assert page.status_code == 200
+    assert m
     return client, m.group(1)
 
 
@@ -45,7 +46,7 @@ def test_simultaneous_first_steps_make_exactly_one_admin(box: BoxHandle) -> None
         start.wait(timeout=30)
         try:
             answers[i] = _step1(client, csrf, f"admin{i}", code)
-        except BaseException as exc:  # reported below, with the others
+        except BaseException as exc:  # noqa: BLE001  reported below, with the others
             answers[i] = exc
 
     threads = [threading.Thread(target=race, args=(i,)) for i in range(RACERS)]
@@ -78,7 +79,8 @@ def test_first_step_without_the_right_code_is_refused(box: BoxHandle, code: str 
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         # The right code still works afterwards (one wrong try does not burn it).
         right = _step1(client, csrf, "owner", setup_code(box.data.root))
-        assert right.status_code == 303 and right.headers["location"] == "/setup/2"
+        assert right.status_code == 303
+        assert right.headers["location"] == "/setup/2"
     finally:
         client.close()
     assert box.run(box.services.accounts.list_admins()) == ["owner"]
@@ -90,10 +92,12 @@ def test_serve_prints_the_code_until_an_admin_exists(box: BoxHandle) -> None:
     lines: list[str] = []
     box.run(announce_setup_code(box.services, lines.append))
     code = setup_code(box.data.root)
-    assert len(lines) == 1 and f"First-run setup code: {code}" in lines[0]
+    assert len(lines) == 1
+    assert f"First-run setup code: {code}" in lines[0]
     assert stat.S_IMODE(code_path(box.data.root).stat().st_mode) == 0o600
     box.run(announce_setup_code(box.services, lines.append))  # a restart keeps the same code
     assert f"First-run setup code: {code}" in lines[1]
     box.run(box.services.accounts.add_admin("admin", ADMIN_PASSWORD))  # e.g. made another way
     box.run(announce_setup_code(box.services, lines.append))
-    assert len(lines) == 2 and not code_path(box.data.root).exists()
+    assert len(lines) == 2
+    assert not code_path(box.data.root).exists()

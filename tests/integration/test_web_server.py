@@ -17,9 +17,11 @@ from tests.conftest import BoxHandle
 def test_https_serves_the_console_with_the_boxs_certificate(box: BoxHandle) -> None:
     port = box.port("https")
     response = httpx.get(f"https://localhost:{port}/", verify=box.client_context)
-    assert response.status_code == 303 and response.headers["location"] == "/setup"
+    assert response.status_code == 303
+    assert response.headers["location"] == "/setup"
     page = httpx.get(f"https://localhost:{port}/setup/1", verify=box.client_context)
-    assert page.status_code == 200 and "Welcome to Letterbox" in page.text
+    assert page.status_code == 200
+    assert "Welcome to Letterbox" in page.text
     assert "Secure" in page.headers["set-cookie"]
     assert "server" not in page.headers  # no software banner
     with pytest.raises(httpx.ConnectError):  # not trusted without the box's CA

@@ -7,6 +7,7 @@ the server that source address.
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import poplib
 import resource
@@ -101,10 +102,8 @@ def abrupt_tls(port: int, service: str, source: str, mode: str) -> None:
             return
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         engine = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-        try:
+        with contextlib.suppress(ssl.SSLWantReadError):
             engine.do_handshake()
-        except ssl.SSLWantReadError:
-            pass
         sock.sendall(outgoing.read())
         if mode == CLOSE_MID_HANDSHAKE:
             sock.recv(64)  # a piece of the ServerHello

@@ -67,14 +67,14 @@ class Pebble:
         if self.validity_seconds:
             config["certificateValidityPeriod"] = self.validity_seconds
         (self.root / "pebble.json").write_text(json.dumps({"pebble": config}))
-        log = open(self.root / "challtestsrv.log", "wb")
+        log = open(self.root / "challtestsrv.log", "wb")  # noqa: SIM115  open for the process's life; closed in stop()
         self.logs.append(log)
         self.procs.append(subprocess.Popen(
             ["pebble-challtestsrv", "-management", f"127.0.0.1:{self.dns_management_port}",
              "-dns01", f"127.0.0.1:{self.dns_port}", "-http01", "", "-https01", "", "-tlsalpn01", ""],
             stdout=log, stderr=subprocess.STDOUT))
         env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT=str(self.nonce_reject))
-        log = open(self.root / "pebble.log", "wb")
+        log = open(self.root / "pebble.log", "wb")  # noqa: SIM115  open for the process's life; closed in stop()
         self.logs.append(log)
         self.procs.append(subprocess.Popen(
             ["pebble", "-config", str(self.root / "pebble.json"), "-dnsserver", f"127.0.0.1:{self.dns_port}"],
@@ -102,13 +102,13 @@ class Pebble:
 
     def _get(self, url: str) -> bytes:
         ctx = ssl.create_default_context(cafile=str(self.listener_ca))
-        with urllib.request.urlopen(url, context=ctx, timeout=5) as resp:
+        with urllib.request.urlopen(url, context=ctx, timeout=5) as resp:  # noqa: S310  a fixed https URL of the local pebble
             return bytes(resp.read())
 
     def _post_dns(self, path: str, body: dict[str, Any]) -> None:
         req = urllib.request.Request(f"http://127.0.0.1:{self.dns_management_port}{path}",
                                      data=json.dumps(body).encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=5) as resp:
+        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310  a fixed http URL of the local challtestsrv
             resp.read()
 
     def set_a(self, host: str, address: str) -> None:

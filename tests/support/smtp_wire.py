@@ -3,6 +3,7 @@ replies, limits) and a reader for what landed in a Maildir."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from email import message_from_bytes
@@ -27,10 +28,8 @@ class Wire:
         self.close()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
     def send(self, data: bytes | str) -> None:
         self.sock.sendall(data.encode() if isinstance(data, str) else data)

@@ -182,7 +182,8 @@ def test_burst_is_slowed_then_locked_but_other_addresses_still_work(
         assert took[-1] >= QUICK.max_delay
         # Locked out: the right password from the same address is refused, quickly and without a check.
         result, seconds = await timed(auth.verify(ALICE, PASSWORD, "imap", "192.0.2.1"))
-        assert result is None and seconds < QUICK.base_delay
+        assert result is None
+        assert seconds < QUICK.base_delay
         assert auth_lines(caplog)[-1].startswith("auth locked:")
         assert any(r.levelno == logging.WARNING and "lockout" in r.getMessage() for r in caplog.records)
         # The owner elsewhere gets in, at most slowed by the bounded per-account delay.
@@ -289,7 +290,8 @@ def test_every_attempt_is_logged_without_secrets(tmp_path: Path, caplog: pytest.
     assert lines[1] == "auth bad-password: service=smtp peer=192.0.2.1 mailbox=alice@example.org"
     assert lines[2] == "auth unknown-account: service=pop3 peer=192.0.2.1 mailbox=nobody@example.org"
     assert lines[3].startswith("auth unknown-account: service=pop3 peer=192.0.2.1 mailbox=")
-    assert "\n" not in lines[3] and "\r" not in lines[3]
+    assert "\n" not in lines[3]
+    assert "\r" not in lines[3]
     assert lines[4] == "auth ok: service=web peer=192.0.2.1 admin=root"
     assert lines[5] == "auth disabled: service=web peer=192.0.2.1 mailbox=alice@example.org"
     assert any(line.startswith("auth locked:") for line in lines)
@@ -371,7 +373,8 @@ def test_distributed_guessing_gets_ten_checks_a_minute_per_account(
         for _ in range(10):
             await slow.verify(ALICE, WRONG, "imap", "198.51.100.76")
         result, seconds = await timed(slow.verify(ALICE, PASSWORD, "imap", "198.51.100.77"))
-        assert result is None and seconds >= 0.3
+        assert result is None
+        assert seconds >= 0.3
         assert await auth.verify(ALICE, PASSWORD, "imap", "198.51.100.77") is None
         assert outcomes(caplog)[-2:] == ["over-budget", "over-budget"]
         # Other accounts are not affected.
@@ -451,7 +454,8 @@ def test_the_owners_addresses_keep_their_own_budget_across_restarts(
         auth = make_auth(box, wall, slow_account)
         await attack(auth)
         result, seconds = await timed(auth.verify(ALICE, PASSWORD, "pop3", OWNER))
-        assert result is not None and seconds < 2.0
+        assert result is not None
+        assert seconds < 2.0
         # Even the owner's address has only a budget: its wrong passwords are checked 10 times a minute.
         auth = make_auth(box, wall, BUDGET)
         caplog.clear()
@@ -488,7 +492,8 @@ def test_device_cookies_are_signed_bound_to_an_account_and_expire() -> None:
     alice = Principal(ALICE, "mailbox")
     token = sign_device(SECRET, alice, 1000.0)
     device = read_device(SECRET, token, 2000.0)
-    assert device is not None and device.account == "mailbox:alice@example.org"
+    assert device is not None
+    assert device.account == "mailbox:alice@example.org"
     assert read_device(SECRET, sign_device(SECRET, alice, 1000.0, device.id), 1000.0) == device
     assert read_device("another box's secret" * 3, token, 2000.0) is None
     payload, mac = token.split(".")

@@ -19,10 +19,10 @@ class Clock:
 
 
 def limiter(clock: Clock | None = None, **overrides: float) -> ConnectionLimiter:
-    settings: dict[str, float] = dict(
-        per_client=3, per_network=5, preauth=8, total=10,
-        preauth_timeout=120.0, stressed_preauth_timeout=5.0, stress_fraction=0.5,
-    )
+    settings: dict[str, float] = {
+        "per_client": 3, "per_network": 5, "preauth": 8, "total": 10,
+        "preauth_timeout": 120.0, "stressed_preauth_timeout": 5.0, "stress_fraction": 0.5,
+    }
     settings.update(overrides)
     return ConnectionLimiter(
         per_client=int(settings["per_client"]),
@@ -52,7 +52,8 @@ def test_release_is_exactly_once_and_frees_what_was_acquired() -> None:
     slot.release()  # a second path ending the same connection must not free someone else's slot
     assert (lim.count("192.0.2.1"), lim.network_count("192.0.2.1"), lim.open, lim.preauth) == (0, 0, 0, 0)
     other = lim.acquire("192.0.2.1")
-    assert other is not None and lim.count("192.0.2.1") == 1  # not driven below zero by the double release
+    assert other is not None
+    assert lim.count("192.0.2.1") == 1
 
 
 def test_the_slot_remembers_its_address_whatever_the_transport_says_later() -> None:
@@ -62,7 +63,8 @@ def test_the_slot_remembers_its_address_whatever_the_transport_says_later() -> N
         slot = lim.acquire("192.0.2.1")
         assert slot is not None, "a closed connection's slot leaked"
         slot.release()
-    assert lim.open == 0 and lim.count("unknown") == 0
+    assert lim.open == 0
+    assert lim.count("unknown") == 0
 
 
 def test_per_address_per_network_and_total_limits() -> None:
@@ -73,7 +75,8 @@ def test_per_address_per_network_and_total_limits() -> None:
     held += [lim.acquire("192.0.2.2"), lim.acquire("192.0.2.3")]
     assert lim.acquire("192.0.2.4") is None  # per /24: a new address of the same network is refused
     held += [lim.acquire(f"198.51.100.{i}") for i in range(1, 6)]
-    assert all(held) and lim.open == 10
+    assert all(held)
+    assert lim.open == 10
     assert lim.acquire("203.0.113.1") is None  # total
     for slot in held:
         assert slot is not None
@@ -83,7 +86,8 @@ def test_per_address_per_network_and_total_limits() -> None:
 
 def test_ipv6_addresses_of_one_slash_64_share_a_budget() -> None:
     lim = limiter(per_client=10, per_network=2)
-    assert lim.acquire("2001:db8::1") and lim.acquire("2001:db8::2")
+    assert lim.acquire("2001:db8::1")
+    assert lim.acquire("2001:db8::2")
     assert lim.acquire("2001:db8::3") is None
     assert lim.acquire("2001:db8:0:1::1") is not None  # the next /64
 
@@ -97,24 +101,28 @@ def test_preauth_pool_leaves_room_for_logged_in_sessions() -> None:
     assert first is not None
     first.promote()
     first.promote()  # idempotent
-    assert lim.preauth == 3 and lim.open == 4
+    assert lim.preauth == 3
+    assert lim.open == 4
     assert lim.acquire("192.0.2.51") is not None  # a login made room in the pre-auth pool
     first.release()
-    assert lim.preauth == 4 and lim.open == 4
+    assert lim.preauth == 4
+    assert lim.open == 4
 
 
 def test_stress_shortens_the_preauth_deadline_of_new_and_waiting_connections() -> None:
     clock = Clock()
     lim = limiter(clock, per_client=100, per_network=100, preauth=10, total=20, stress_fraction=0.5)
     early = lim.acquire("192.0.2.1")
-    assert early is not None and not lim.stressed
+    assert early is not None
+    assert not lim.stressed
     assert early.preauth_deadline == 1000.0 + 120.0
     clock.now += 1
     rest = [lim.acquire(f"192.0.2.{i}") for i in range(2, 6)]  # 5 of 10: stressed
     assert lim.stressed
     assert early.preauth_deadline == 1000.0 + 5.0  # counted from its connect
     last = rest[-1]
-    assert last is not None and last.preauth_deadline == 1001.0 + 5.0
+    assert last is not None
+    assert last.preauth_deadline == 1001.0 + 5.0
     for slot in rest:
         assert slot is not None
         slot.release()
@@ -130,13 +138,15 @@ def test_deadline_timer_fires_moves_earlier_under_stress_and_stops_at_login() ->
         done = asyncio.Event()
         idle = lim.acquire("192.0.2.1")
         logged_in = lim.acquire("192.0.2.2")
-        assert idle is not None and logged_in is not None
+        assert idle is not None
+        assert logged_in is not None
         idle.watch_preauth(lambda: (fired.append("idle"), done.set()))
         logged_in.watch_preauth(lambda: fired.append("logged_in"))
         logged_in.promote()
         started = loop.time()
         more: list[Slot | None] = [lim.acquire("192.0.2.3"), lim.acquire("192.0.2.4")]  # 3 of 4 pre-auth
-        assert lim.stressed and all(more)
+        assert lim.stressed
+        assert all(more)
         await asyncio.wait_for(done.wait(), 10)
         elapsed = loop.time() - started
         await asyncio.sleep(0.3)
@@ -179,12 +189,15 @@ def test_a_full_preauth_pool_drops_its_oldest_connection_for_a_newcomer() -> Non
     clock.now += 1.0
     newcomer = lim.acquire("198.51.100.1")
     assert newcomer is not None
-    assert dropped == ["192.0.2.0"] and slots[0].evicted
-    assert lim.preauth == 3 and lim.open == 4  # the dropped one counts until its session has ended
+    assert dropped == ["192.0.2.0"]
+    assert slots[0].evicted
+    assert lim.preauth == 3
+    assert lim.open == 4
     slots[0].promote()  # too late: an evicted connection does not come back into the counts
     assert lim.preauth == 3
     slots[0].release()
-    assert lim.open == 3 and lim.count("192.0.2.0") == 0
+    assert lim.open == 3
+    assert lim.count("192.0.2.0") == 0
 
 
 def test_logged_in_sessions_are_never_evicted() -> None:
@@ -192,7 +205,8 @@ def test_logged_in_sessions_are_never_evicted() -> None:
     lim = limiter(clock, per_client=100, per_network=100, preauth=2, total=10)
     dropped: list[Slot] = []
     first, second = lim.acquire("192.0.2.1"), lim.acquire("192.0.2.2")
-    assert first is not None and second is not None
+    assert first is not None
+    assert second is not None
     for slot in (first, second):
         slot.on_evict = lambda slot=slot: dropped.append(slot)
     first.promote()

@@ -28,7 +28,8 @@ def test_migrates_from_every_earlier_version(tmp_path: Path, start: int) -> None
         names = {r["name"] for r in await db.fetchall("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"domains", "mailboxes", "aliases", "folders", "messages", "queue_messages"} <= names
         mode = await db.fetchone("PRAGMA journal_mode")
-        assert mode is not None and mode[0] == "wal"
+        assert mode is not None
+        assert mode[0] == "wal"
         await db.close()
 
     asyncio.run(scenario())
@@ -58,7 +59,8 @@ def test_failed_migration_leaves_nothing_half_applied(tmp_path: Path) -> None:
         db = await Database.open(tmp_path / "x.db", migrate=False)
         assert await db.schema_version() == 1
         tables = {r["name"] for r in await db.fetchall("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert "a" in tables and "b" not in tables
+        assert "a" in tables
+        assert "b" not in tables
         await db.close()
 
     asyncio.run(scenario())
@@ -67,7 +69,7 @@ def test_failed_migration_leaves_nothing_half_applied(tmp_path: Path) -> None:
 def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
     async def scenario() -> None:
         db = await Database.open(tmp_path / "x.db")
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError):  # noqa: PT012  the error must cross the transaction's exit, which rolls back
             async with db.transaction() as tx:
                 await tx.execute("INSERT INTO settings (key, value) VALUES ('k', 'v')")
                 raise RuntimeError("boom")

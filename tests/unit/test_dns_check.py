@@ -121,7 +121,8 @@ def test_one_record_missing(zone: ZoneServer, key: dkim_keys.DkimKey, name: str,
 def test_spf_without_spf_record_is_missing_and_shows_other_txt(zone: ZoneServer, key: dkim_keys.DkimKey) -> None:
     zone.set(DOMAIN, "TXT", ['"google-site-verification=abc"'])
     result = check(zone, key)["spf"]
-    assert result.status == "missing" and result.found == ("google-site-verification=abc",)
+    assert result.status == "missing"
+    assert result.found == ("google-site-verification=abc",)
 
 
 @pytest.mark.parametrize("spf", ["v=spf1 a:mail.example.test ~all", "v=spf1 ip4:198.51.100.7 -all",
@@ -166,12 +167,15 @@ def test_check_domain_through_the_resolver_setting_and_saved_results(tmp_path: P
             zone.set(key.record_name, "TXT", [f'"{key.txt_record()[:200]}" "{key.txt_record()[200:]}"'])
             results = await check_domain(db, tmp_path / "dkim", DOMAIN, HOST)
             statuses = {r.key: r.status for r in results}
-            assert statuses["dkim"] == "found" and statuses["mx"] == "found" and statuses["dmarc"] == "missing"
+            assert statuses["dkim"] == "found"
+            assert statuses["mx"] == "found"
+            assert statuses["dmarc"] == "missing"
             assert await load_results(db, DOMAIN) is None
             await save_results(db, DOMAIN, results, now=1_800_000_000)
             loaded = await load_results(db, DOMAIN)
             assert loaded == (1_800_000_000, results)
-            assert summary(results)["found"] == 2 and sum(summary(results).values()) == len(results)
+            assert summary(results)["found"] == 2
+            assert sum(summary(results).values()) == len(results)
             await db.set_setting("dns_check:" + DOMAIN, "not json")
             assert await load_results(db, DOMAIN) is None
         finally:

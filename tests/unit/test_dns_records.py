@@ -37,7 +37,8 @@ def test_every_record_a_domain_needs(tmp_path: Path) -> None:
     assert (rows["aaaa"].rdtype, rows["aaaa"].value) == ("AAAA", "2001:db8::7")
     assert (rows["spf"].rdtype, rows["spf"].name, rows["spf"].value) == ("TXT", DOMAIN, SPF_VALUE)
     assert rows["dkim"].name == f"lb1._domainkey.{DOMAIN}"
-    assert rows["dkim"].value == key.txt_record() and rows["dkim"].value.startswith("v=DKIM1; k=rsa; p=MI")
+    assert rows["dkim"].value == key.txt_record()
+    assert rows["dkim"].value.startswith("v=DKIM1; k=rsa; p=MI")
     assert (rows["dmarc"].name, rows["dmarc"].value) == (f"_dmarc.{DOMAIN}", DMARC_VALUE)
     assert (rows["autoconfig"].rdtype, rows["autoconfig"].name, rows["autoconfig"].value) == (
         "CNAME", f"autoconfig.{DOMAIN}", f"{HOST}.")
@@ -53,13 +54,17 @@ def test_every_record_a_domain_needs(tmp_path: Path) -> None:
 
 def test_without_an_address_the_a_record_asks_for_one() -> None:
     rows = by_key(records_for(DOMAIN, HOST))
-    assert rows["a"].value is None and "your public IPv4 address" in rows["a"].shown_value
-    assert "aaaa" not in rows and "ptr" not in rows and "dkim" not in rows
+    assert rows["a"].value is None
+    assert "your public IPv4 address" in rows["a"].shown_value
+    assert "aaaa" not in rows
+    assert "ptr" not in rows
+    assert "dkim" not in rows
 
 
 def test_ipv6_only_box_has_no_a_record() -> None:
     rows = by_key(records_for(DOMAIN, HOST, ipv6="2001:db8::7"))
-    assert "a" not in rows and rows["aaaa"].value == "2001:db8::7"
+    assert "a" not in rows
+    assert rows["aaaa"].value == "2001:db8::7"
 
 
 def test_srv_records_name_the_ports_given() -> None:
@@ -69,7 +74,8 @@ def test_srv_records_name_the_ports_given() -> None:
 
 def test_names_are_lower_case_without_trailing_dot() -> None:
     rows = by_key(records_for("Example.ORG.", "MAIL.Example.org."))
-    assert rows["mx"].name == DOMAIN and rows["mx"].value == f"10 {HOST}."
+    assert rows["mx"].name == DOMAIN
+    assert rows["mx"].value == f"10 {HOST}."
 
 
 def test_format_table_for_the_terminal() -> None:
@@ -77,7 +83,8 @@ def test_format_table_for_the_terminal() -> None:
     lines = text.splitlines()
     assert lines[0].split() == ["TYPE", "NAME", "VALUE"]
     assert lines[1].split() == ["MX", DOMAIN, "10", f"{HOST}."]
-    assert "Why:" in lines and "  MX example.org: Mail for example.org" in text
+    assert "Why:" in lines
+    assert "  MX example.org: Mail for example.org" in text
 
 
 @pytest.mark.parametrize(("text", "version", "expected"), [

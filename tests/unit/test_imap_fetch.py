@@ -60,7 +60,7 @@ def render_item(data: bytes, item_text: str) -> bytes:
 CASES = sorted((name, item) for name, items in EXPECTED.items() for item in items)
 
 
-@pytest.mark.parametrize("name,item", CASES, ids=[f"{n[:2]}:{i}" for n, i in CASES])
+@pytest.mark.parametrize(("name", "item"), CASES, ids=[f"{n[:2]}:{i}" for n, i in CASES])
 def test_matches_dovecot(name: str, item: str) -> None:
     data = (CORPUS / name).read_bytes()
     dovecot = re.sub(r"^UID \d+ ", "", EXPECTED[name][item]).encode("latin-1")

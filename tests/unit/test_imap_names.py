@@ -20,7 +20,7 @@ def matching(reference: str, pattern: str) -> list[str]:
     return [n for n in with_parents(NAMES) if regex.match(n)]
 
 
-@pytest.mark.parametrize("reference,pattern,expected", [
+@pytest.mark.parametrize(("reference", "pattern", "expected"), [
     ("", "*", ["INBOX", "Sent", "Archive", "Archive/2023", "Archive/2024", "Archive/2024/Q1", "Work/Projects",
                "Work"]),
     ("", "%", ["INBOX", "Sent", "Archive", "Work"]),
@@ -47,7 +47,7 @@ def test_canonical() -> None:
     assert canonical("Sent") == "Sent"
 
 
-@pytest.mark.parametrize("name,ok", [
+@pytest.mark.parametrize(("name", "ok"), [
     ("Sent", True), ("Archive/2024", True), ("&AOQ-nderungen", True), ("Stra&AN8-e/x", True),
     ("", False), ("a//b", False), ("/a", False), ("a/", False), ("a*", False), ("a%b", False),
     ("Mr. Smith", False), (".hidden", False), ("bad&name", False), ("Zoë", False), ("x" * 300, False),
@@ -75,7 +75,7 @@ def test_wildcards_agree_with_a_regex(pattern: str, name: str) -> None:
     assert Wildcards(pattern).match(name) == bool(_reference_regex(pattern).match(name))
 
 
-@pytest.mark.parametrize("pattern,short_match", [
+@pytest.mark.parametrize(("pattern", "short_match"), [
     ("*%" * 20_000 + "x", False),
     ("*" * 5_000, True),
     ("%" * 30_000 + "x", False),

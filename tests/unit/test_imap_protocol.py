@@ -49,7 +49,8 @@ def test_bare_lf_ends_a_line() -> None:
 def test_synchronising_literal_asks_for_continuation() -> None:
     conn = ImapConnection()
     events = feed(conn, b"a1 LOGIN {4}\r\n")
-    assert len(events) == 1 and isinstance(events[0], ContinuationRequest)
+    assert len(events) == 1
+    assert isinstance(events[0], ContinuationRequest)
     assert events[0].reply.to_bytes() == b"+ Ready for literal data\r\n"
     events = feed(conn, b"us r {3}\r\n")  # the literal is exactly 4 octets, spaces and all
     assert isinstance(events[0], ContinuationRequest)
@@ -68,7 +69,8 @@ def test_literal_can_contain_crlf_and_braces() -> None:
     assert len(events) == 1
     append = events[0]
     assert isinstance(append, Append)
-    assert append.message == msg and append.mailbox == "INBOX"
+    assert append.message == msg
+    assert append.mailbox == "INBOX"
 
 
 def test_append_with_flags_and_date_fed_in_chunks() -> None:
@@ -110,7 +112,8 @@ def test_empty_line_is_bad() -> None:
 def test_line_too_long_is_fatal() -> None:
     conn = ImapConnection(ImapLimits(max_line_octets=100))
     events = feed(conn, b"a1 NOOP " + b"x" * 200, step=50)
-    assert len(events) == 1 and isinstance(events[0], Fatal)
+    assert len(events) == 1
+    assert isinstance(events[0], Fatal)
     assert events[0].reply.to_bytes().startswith(b"* BYE ")
     conn.receive_data(b"\r\na2 NOOP\r\n")
     assert conn.next_event() is NEED_DATA  # nothing more once fatal
@@ -119,7 +122,8 @@ def test_line_too_long_is_fatal() -> None:
 def test_too_large_synchronising_literal_is_refused_before_it_is_sent() -> None:
     conn = ImapConnection(ImapLimits(max_literal_octets=10))
     events = feed(conn, b"a1 LOGIN {11}\r\n")
-    assert len(events) == 1 and isinstance(events[0], Reject)
+    assert len(events) == 1
+    assert isinstance(events[0], Reject)
     assert events[0].reply.to_bytes() == b"a1 NO [TOOBIG] Literal too large\r\n"
     assert feed(conn, b"a2 NOOP\r\n") == [Command("a2", "NOOP")]
 
@@ -127,7 +131,8 @@ def test_too_large_synchronising_literal_is_refused_before_it_is_sent() -> None:
 def test_too_large_non_synchronising_literal_is_fatal() -> None:
     conn = ImapConnection(ImapLimits(max_literal_octets=10))
     events = feed(conn, b"a1 LOGIN {11+}\r\n")
-    assert len(events) == 1 and isinstance(events[0], Fatal)
+    assert len(events) == 1
+    assert isinstance(events[0], Fatal)
 
 
 def test_append_literal_has_its_own_limit() -> None:
@@ -135,7 +140,8 @@ def test_append_literal_has_its_own_limit() -> None:
     events = feed(conn, b"a1 APPEND INBOX {50}\r\n")
     assert isinstance(events[0], ContinuationRequest)
     events = feed(ImapConnection(ImapLimits(max_append_octets=100)), b"a1 APPEND INBOX {101}\r\n")
-    assert isinstance(events[0], Reject) and b"TOOBIG" in events[0].reply.to_bytes()
+    assert isinstance(events[0], Reject)
+    assert b"TOOBIG" in events[0].reply.to_bytes()
 
 
 def test_command_size_bounded_across_literals() -> None:
@@ -196,8 +202,10 @@ def test_fetch_and_search_survive_byte_feeding() -> None:
             b"a2 SEARCH CHARSET UTF-8 SUBJECT {5+}\r\nJ\xc3\xb6rg OR SEEN NOT 1:3\r\n")
     events = feed(ImapConnection(), data)
     assert isinstance(events[0], ContinuationRequest)
-    assert isinstance(events[1], Fetch) and events[1].uid
-    assert isinstance(events[2], Search) and events[2].charset == "UTF-8"
+    assert isinstance(events[1], Fetch)
+    assert events[1].uid
+    assert isinstance(events[2], Search)
+    assert events[2].charset == "UTF-8"
 
 
 @pytest.mark.parametrize("step", [1, 2, 3, 5, 64])

@@ -24,8 +24,10 @@ def lines(responses: list) -> list[bytes]:  # type: ignore[type-arg]
 
 def test_numbers_and_resolve() -> None:
     view = SelectedFolder(snap(info(3), info(7), info(9)), readonly=False)
-    assert view.exists == 3 and view.largest_uid == 9
-    assert view.seq_of(7) == 2 and view.uid_of(3) == 9
+    assert view.exists == 3
+    assert view.largest_uid == 9
+    assert view.seq_of(7) == 2
+    assert view.uid_of(3) == 9
     assert view.resolve(SequenceSet(((2, STAR),)), uid=False) == [7, 9]
     assert view.resolve(SequenceSet(((1, STAR),)), uid=True) == [3, 7, 9]
     assert view.resolve(SequenceSet(((4, 8),)), uid=True) == [7]
@@ -53,7 +55,8 @@ def test_expunge_deferred_while_not_allowed() -> None:
     view = SelectedFolder(snap(info(1), info(2), info(3)), readonly=False)
     out = view.apply(snap(info(1), info(3), info(4)), allow_expunge=False)
     assert lines(out) == [b"* 4 EXISTS\r\n", b"* 0 RECENT\r\n"]
-    assert view.is_gone(2) and view.seq_of(3) == 3
+    assert view.is_gone(2)
+    assert view.seq_of(3) == 3
     out = view.apply(snap(info(1), info(3), info(4)), allow_expunge=True)
     assert lines(out) == [b"* 2 EXPUNGE\r\n"]
 
@@ -85,4 +88,5 @@ def test_expunged_by_us() -> None:
 
 def test_first_unseen_and_counts() -> None:
     view = SelectedFolder(snap(info(1, "\\Seen"), info(2), info(3)), readonly=True)
-    assert view.first_unseen() == 2 and view.unseen_count() == 2
+    assert view.first_unseen() == 2
+    assert view.unseen_count() == 2

@@ -85,7 +85,8 @@ def test_uidvalidity_is_never_issued_twice(tmp_path: Path) -> None:
         return values
 
     values = run(tmp_path, body)
-    assert values == sorted(set(values)) and 0 < values[0] < 2**32
+    assert values == sorted(set(values))
+    assert 0 < values[0] < 2**32
 
 
 def test_files_get_uids_in_name_order_and_keep_them(tmp_path: Path) -> None:
@@ -107,7 +108,8 @@ def test_files_get_uids_in_name_order_and_keep_them(tmp_path: Path) -> None:
         # A second index over the same db and files: the same UIDs, nothing written.
         again = await open_folder(db, folder)
         second = await sync(db, again)
-        assert not second.writes and len(second.located) == 3
+        assert not second.writes
+        assert len(second.located) == 3
         assert [(m.uid, m.flags, m.path.name) for m in again.messages()] == [
             (m.uid, m.flags, m.path.name) for m in f.messages()
         ]
@@ -131,8 +133,11 @@ def test_changes_made_by_another_program_are_seen(tmp_path: Path) -> None:
         assert [e.uid for e in change.removed] == [2]
         assert [e.uid for e in change.added] == [3]
         [m1, m3] = f.messages()
-        assert m1.flags == {"\\Seen", "\\Answered"} and m1.modseq == 3 and m1.path.parent.name == "cur"
-        assert m3.flags == {"\\Draft"} and f.uidnext == 4
+        assert m1.flags == {"\\Seen", "\\Answered"}
+        assert m1.modseq == 3
+        assert m1.path.parent.name == "cur"
+        assert m3.flags == {"\\Draft"}
+        assert f.uidnext == 4
         rows = await db.fetchall("SELECT uid, flags, modseq FROM messages ORDER BY uid")
         assert [tuple(r) for r in rows] == [(1, "RS", 3), (3, "D", 3)]
 
@@ -184,9 +189,11 @@ def test_adopted_uids_must_grow(tmp_path: Path) -> None:
         c = change.add("c", "cur", "c:2,", "", (), 1, 0)
         assert (a.uid, b.uid, c.uid, change.uidnext) == (5, 6, 7, 8)
         await index.commit(db, [change])
-        assert list(f.by_uid) == [5, 6, 7] and f.bytes == 3
+        assert list(f.by_uid) == [5, 6, 7]
+        assert f.bytes == 3
         row = await index.folder_row(db, 1, "INBOX")
-        assert row is not None and (row[2], row[3]) == (8, 2)
+        assert row is not None
+        assert (row[2], row[3]) == (8, 2)
 
     run(tmp_path, body)
 
@@ -201,11 +208,12 @@ def test_a_failed_commit_leaves_memory_alone(tmp_path: Path) -> None:
         clash.add("a", "cur", "a:2,S", "", (), 1, 0)  # the same unique name twice: UNIQUE fails
         try:
             await index.commit(db, [clash])
-        except Exception:
+        except Exception:  # noqa: BLE001, S110  whichever error the clash raises, memory must stay
             pass
         else:
             raise AssertionError("duplicate unique name accepted")
-        assert list(f.by_uid) == [1] and f.uidnext == 2
+        assert list(f.by_uid) == [1]
+        assert f.uidnext == 2
         assert (await db.fetchone("SELECT COUNT(*) FROM messages"))[0] == 1  # type: ignore[index]
 
     run(tmp_path, body)
@@ -217,7 +225,8 @@ def test_a_new_row_for_a_stale_name_gets_a_new_uidvalidity(tmp_path: Path) -> No
         async with db.transaction() as tx:
             await index.insert_folder(tx, 1, "Old")
         row = await index.folder_row(db, 1, "Old")
-        assert row is not None and row[1] != f.uidvalidity
+        assert row is not None
+        assert row[1] != f.uidvalidity
 
     run(tmp_path, body)
 
@@ -273,12 +282,14 @@ def test_rows_indexed_without_a_wire_size_are_measured_once(tmp_path: Path) -> N
         assert sorted((e.uid, w) for e, w in change.measured) == [(1, len(LF_ONLY) + 4), (2, len(MIXED) + 2)]
         assert [e.uid for e in change.removed] == [3]
         assert [m.size for m in old.messages()] == [len(LF_ONLY) + 4, len(MIXED) + 2]
-        assert not old.unmeasured and old.highestmodseq == modseq + 1  # the expunge; measuring is no change
+        assert not old.unmeasured
+        assert old.highestmodseq == modseq + 1
         rows = await db.fetchall("SELECT uid, wire_size FROM messages ORDER BY uid")
         assert [tuple(r) for r in rows] == [(1, len(LF_ONLY) + 4), (2, len(MIXED) + 2)]
         age(folder)
         quiet = await sync(db, old)
-        assert not quiet.measured and not quiet.pending
+        assert not quiet.measured
+        assert not quiet.pending
 
     run(tmp_path, body)
 
@@ -293,10 +304,13 @@ def test_measuring_alone_writes_no_new_modseq(tmp_path: Path) -> None:
         await db.execute("UPDATE messages SET wire_size = NULL")
         f = await open_folder(db, folder)
         change = await sync(db, f)
-        assert change.measured and not change.writes
+        assert change.measured
+        assert not change.writes
         row = await index.folder_row(db, 1, "INBOX")
-        assert row is not None and row[3] == f.highestmodseq == 2
-        assert f.messages()[0].modseq == 2 and f.messages()[0].size == len(LF_ONLY) + 4
+        assert row is not None
+        assert row[3] == f.highestmodseq == 2
+        assert f.messages()[0].modseq == 2
+        assert f.messages()[0].size == len(LF_ONLY) + 4
 
     run(tmp_path, body)
 
@@ -315,7 +329,8 @@ def test_a_new_entry_without_a_wire_size_is_measured_at_the_next_listing(tmp_pat
         assert f.unmeasured == {1}
         f.dirty = True
         await sync(db, f)
-        assert not f.unmeasured and f.messages()[0].size == len(LF_ONLY) + 4
+        assert not f.unmeasured
+        assert f.messages()[0].size == len(LF_ONLY) + 4
 
     run(tmp_path, body)
 
@@ -333,7 +348,8 @@ def test_an_unreadable_file_is_indexed_and_measured_later(tmp_path: Path, monkey
         with monkeypatch.context() as m:
             m.setattr(maildir, "measure_file", unreadable)
             change = await sync(db, f)
-        assert [e.uid for e in change.added] == [1] and f.unmeasured == {1}
+        assert [e.uid for e in change.added] == [1]
+        assert f.unmeasured == {1}
         assert f.messages()[0].size == len(LF_ONLY)  # the disk size until it can be read
         f.dirty = True
         change = await sync(db, f)

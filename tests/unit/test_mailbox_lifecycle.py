@@ -63,9 +63,11 @@ def test_removed_mailbox_mail_never_reaches_the_next_mailbox(tmp_path: Path, sec
     async def scenario(accounts: Accounts, store: MailStore, layout: DataLayout) -> None:
         await accounts.add_user(JONH, PASSWORD)
         [uid] = (await store.deliver([JONH], SECRET)).values()
-        assert uid == 1 and await uids(store, JONH) == [1]
+        assert uid == 1
+        assert await uids(store, JONH) == [1]
         moved = await accounts.remove_user(JONH)
-        assert moved is not None and Path(moved).parent == layout.deleted
+        assert moved is not None
+        assert Path(moved).parent == layout.deleted
         await accounts.add_user(second, PASSWORD)
         assert await uids(store, second) == []  # empty, whatever the cache held
         result = await store.deliver([second], b"Subject: welcome\r\n\r\nhi\r\n")
@@ -86,17 +88,21 @@ def test_mailbox_ids_are_never_reused(tmp_path: Path) -> None:
         await store.deliver([JONH], SECRET)
         row = await db.fetchone("SELECT id FROM mailboxes")
         folder = await db.fetchone("SELECT MAX(id) FROM folders")
-        assert row is not None and folder is not None
+        assert row is not None
+        assert folder is not None
         await accounts.remove_user(JONH)
         await accounts.add_user(DAVE, PASSWORD)
         await store.deliver([DAVE], SECRET)
         again = await db.fetchone("SELECT id FROM mailboxes")
         new_folder = await db.fetchone("SELECT MIN(id) FROM folders")
-        assert again is not None and new_folder is not None
-        assert again[0] > row[0] and new_folder[0] > folder[0]
+        assert again is not None
+        assert new_folder is not None
+        assert again[0] > row[0]
+        assert new_folder[0] > folder[0]
         for table in ("domains", "aliases", "queue_recipients"):  # every table whose ids are held in memory
             sql = await db.fetchone("SELECT sql FROM sqlite_master WHERE name = ?", (table,))
-            assert sql is not None and "AUTOINCREMENT" in sql[0], table
+            assert sql is not None, table
+            assert "AUTOINCREMENT" in sql[0], table
 
     run(tmp_path, scenario)
 
@@ -113,8 +119,10 @@ def test_store_drops_what_it_cached_of_a_removed_mailbox(tmp_path: Path) -> None
         await accounts.remove_user(JONH)
         with pytest.raises(StoreError, match="no such mailbox"):
             await store.usage(JONH)
-        assert JONH not in store._current and old.id not in store._mailboxes
-        assert old_inbox.deleted and await watcher.wait(0)
+        assert JONH not in store._current
+        assert old.id not in store._mailboxes
+        assert old_inbox.deleted
+        assert await watcher.wait(0)
         await accounts.add_user(JONH, PASSWORD)
         assert await uids(store, JONH) == []
         watcher.close()
@@ -144,7 +152,8 @@ def test_removal_that_does_not_commit_puts_the_mail_back(tmp_path: Path) -> None
             db.transaction = real  # type: ignore[method-assign]
         assert await accounts.get_user(JONH) is not None
         assert [m.uid for m in (await store.snapshot(JONH, "INBOX")).messages] == [1]
-        assert home.is_dir() and list(layout.deleted.iterdir()) == []
+        assert home.is_dir()
+        assert list(layout.deleted.iterdir()) == []
 
     run(tmp_path, scenario)
 
@@ -159,7 +168,9 @@ def test_purge_removes_only_expired_entries(tmp_path: Path) -> None:
     source.mkdir()
     recent = trash.move_aside({"mail": source}, deleted, "mailbox", "jonh@example.org", now=time.time() - 29 * day)
     (deleted / "kept-by-hand").mkdir()
-    assert old is not None and recent is not None and old != recent
+    assert old is not None
+    assert recent is not None
+    assert old != recent
     assert trash.purge(deleted) == [old]
     assert sorted(p.name for p in deleted.iterdir()) == sorted([recent.name, "kept-by-hand"])
     assert stat.S_IMODE(deleted.stat().st_mode) == 0o700

@@ -67,7 +67,8 @@ def test_unique_names_follow_the_convention_and_never_repeat() -> None:
     assert len(names) == 2000
     for name in list(names)[:20]:
         m = UNIQUE.match(name)
-        assert m and m.group(1) == "4096", name
+        assert m, name
+        assert m.group(1) == "4096", name
         assert f"P{os.getpid()}Q" in name
 
 
@@ -132,7 +133,9 @@ def test_dovecot_uidlists_are_read(tmp_path: Path) -> None:
     assert dict(uidlist.uids) == {"1700000001.M1P1.host,S=10": 4, "1700000002.M1P1.host,S=11": 6}
     (tmp_path / "dovecot-uidlist").write_text("1 1600000000 3\n2 1600000001.host:2,S\n")
     old = maildir.read_uidlist(tmp_path)
-    assert old is not None and old.uidvalidity == 1600000000 and dict(old.uids) == {"1600000001.host": 2}
+    assert old is not None
+    assert old.uidvalidity == 1600000000
+    assert dict(old.uids) == {"1600000001.host": 2}
     (tmp_path / "dovecot-uidlist").write_text("garbage\n")
     assert maildir.read_uidlist(tmp_path) is None
 
@@ -186,8 +189,10 @@ def test_debris_is_cleaned_in_every_maildir(tmp_path: Path) -> None:
     (box / "new" / "whole").write_bytes(b"kept")
     (box / ".DOVECOT-TRASHED" / "cur").mkdir(parents=True)
     assert maildir.clean_debris(tmp_path) == 3
-    assert list((box / "tmp").iterdir()) == [] and list((box / ".Sent" / "tmp").iterdir()) == []
-    assert (box / "new" / "whole").exists() and not (box / ".DOVECOT-TRASHED").exists()
+    assert list((box / "tmp").iterdir()) == []
+    assert list((box / ".Sent" / "tmp").iterdir()) == []
+    assert (box / "new" / "whole").exists()
+    assert not (box / ".DOVECOT-TRASHED").exists()
     assert maildir.clean_debris(tmp_path / "missing") == 0
 
 

@@ -88,10 +88,13 @@ def test_delivery_is_durable_indexed_and_makes_the_special_folders(tmp_path: Pat
         [info] = snap.messages
         assert (info.uid, info.size, info.flags) == (1, len(MSG), frozenset())
         assert abs(info.internaldate - time.time()) < 5
-        assert info.path.parent.name == "new" and info.path.read_bytes() == MSG
-        assert snap.uidnext == 2 and snap.recent == {1}
+        assert info.path.parent.name == "new"
+        assert info.path.read_bytes() == MSG
+        assert snap.uidnext == 2
+        assert snap.recent == {1}
         row = await store._db.fetchone("SELECT basename, size FROM messages")
-        assert row is not None and tuple(row) == (info.path.name, len(MSG))
+        assert row is not None
+        assert tuple(row) == (info.path.name, len(MSG))
 
     run(tmp_path, body)
     box = home(tmp_path)
@@ -106,7 +109,8 @@ def test_each_mailbox_gets_its_own_result(tmp_path: Path) -> None:
     async def body(store: MailStore) -> None:
         big = MSG + b"x" * 2000
         result = await store.deliver([ALICE, "nobody@ex.test", FULL, "Alice@EX.TEST", "not-an-address"], big)
-        assert result[ALICE] == 1 and result["Alice@EX.TEST"] == 1  # one copy per mailbox
+        assert result[ALICE] == 1
+        assert result["Alice@EX.TEST"] == 1
         assert isinstance(result[FULL], QuotaExceeded)
         assert isinstance(result["nobody@ex.test"], StoreError)
         assert isinstance(result["not-an-address"], StoreError)
@@ -124,7 +128,8 @@ def test_concurrent_deliveries_do_not_overrun_the_quota(tmp_path: Path) -> None:
     async def body(store: MailStore) -> None:
         results = await asyncio.gather(*[store.deliver([FULL], b"x" * 200) for _ in range(10)])
         delivered = [r[FULL] for r in results if isinstance(r[FULL], int)]
-        assert len(delivered) == 5 and sorted(delivered) == [1, 2, 3, 4, 5]
+        assert len(delivered) == 5
+        assert sorted(delivered) == [1, 2, 3, 4, 5]
         assert await store.usage(FULL) == (1000, 1000)
         await store.expunge(FULL, "INBOX", [1, 2])
         assert (await store.deliver([FULL], b"x" * 400))[FULL] == 6  # expunging frees the space
@@ -313,10 +318,12 @@ def test_recent_is_claimed_by_one_session_only(tmp_path: Path) -> None:
         await store.deliver([ALICE], MSG)
         await store.deliver([ALICE], MSG)
         peek = await store.snapshot(ALICE, "INBOX")
-        assert peek.recent == {1, 2} and len(files(box, "new")) == 2  # looked at, not claimed
+        assert peek.recent == {1, 2}
+        assert len(files(box, "new")) == 2
         first = await store.snapshot(ALICE, "INBOX", claim_recent=True)
         assert first.recent == {1, 2}
-        assert files(box, "new") == [] and all(n.endswith(":2,") for n in files(box, "cur"))
+        assert files(box, "new") == []
+        assert all(n.endswith(":2,") for n in files(box, "cur"))
         assert all(m.path.exists() for m in first.messages)
         second = await store.snapshot(ALICE, "INBOX", claim_recent=True)
         assert second.recent == frozenset()
@@ -342,9 +349,12 @@ def test_expunge_removes_files_and_uids(tmp_path: Path) -> None:
             await store.deliver([ALICE], MSG)
         paths = [m.path for m in (await store.snapshot(ALICE, "INBOX")).messages]
         assert await store.expunge(ALICE, "INBOX", [2, 3, 42]) == [2, 3]
-        assert not paths[1].exists() and not paths[2].exists() and paths[0].exists()
+        assert not paths[1].exists()
+        assert not paths[2].exists()
+        assert paths[0].exists()
         snap = await store.snapshot(ALICE, "INBOX")
-        assert [m.uid for m in snap.messages] == [1] and snap.uidnext == 4
+        assert [m.uid for m in snap.messages] == [1]
+        assert snap.uidnext == 4
         assert await store.expunge(ALICE, "INBOX", [2]) == []
         assert (await store.deliver([ALICE], MSG))[ALICE] == 4  # UIDs are not reused
 
@@ -400,8 +410,10 @@ def test_append(tmp_path: Path) -> None:
         snap = await store.snapshot(ALICE, "Sent")
         assert (snap.uidvalidity, snap.messages[0].uid) == (validity, uid) == (validity, 1)
         [info] = snap.messages
-        assert info.flags == {"\\Seen", "$Forwarded"} and info.internaldate == 1_600_000_000
-        assert info.path.parent.name == "cur" and os.stat(info.path).st_mtime == 1_600_000_000
+        assert info.flags == {"\\Seen", "$Forwarded"}
+        assert info.internaldate == 1_600_000_000
+        assert info.path.parent.name == "cur"
+        assert os.stat(info.path).st_mtime == 1_600_000_000
         assert (await store.append(ALICE, "inbox", MSG, frozenset(), None))[1] == 1  # INBOX in any case
         with pytest.raises(NoSuchFolder):
             await store.append(ALICE, "drafts", MSG, frozenset(), None)  # other names are case-sensitive
@@ -421,8 +433,10 @@ def test_create_and_delete_folders(tmp_path: Path) -> None:
         assert (box / ".Projects.2024.Q1" / "maildirfolder").exists()
         infos = {f.name: f for f in await store.folders(ALICE)}
         assert {"Projects", "Projects/2024", "Projects/2024/Q1"} <= set(infos)  # superiors made too
-        assert infos["Projects"].has_children and not infos["Projects/2024/Q1"].has_children
-        assert infos["Sent"].special_use == "\\Sent" and infos["Projects"].special_use is None
+        assert infos["Projects"].has_children
+        assert not infos["Projects/2024/Q1"].has_children
+        assert infos["Sent"].special_use == "\\Sent"
+        assert infos["Projects"].special_use is None
         with pytest.raises(FolderExists):
             await store.create_folder(ALICE, "Projects/2024")
         with pytest.raises(FolderExists):
@@ -437,14 +451,16 @@ def test_create_and_delete_folders(tmp_path: Path) -> None:
         watcher = store.watch(ALICE, "Projects")
         await store.delete_folder(ALICE, "Projects")
         assert await watcher.wait(0)
-        assert not (box / ".Projects").exists() and (box / ".Projects.2024").exists()  # RFC 3501 6.3.4
+        assert not (box / ".Projects").exists()
+        assert (box / ".Projects.2024").exists()
         with pytest.raises(NoSuchFolder):
             await store.snapshot(ALICE, "Projects")
         with pytest.raises(NoSuchFolder):
             await store.delete_folder(ALICE, "Projects")
         await store.create_folder(ALICE, "Projects")
         new = await store.snapshot(ALICE, "Projects")
-        assert new.messages == () and new.uidvalidity != old.uidvalidity  # RFC 3501 2.3.1.1
+        assert new.messages == ()
+        assert new.uidvalidity != old.uidvalidity
 
     run(tmp_path, body)
 
@@ -458,7 +474,9 @@ def test_rename_moves_children_and_keeps_uids(tmp_path: Path) -> None:
         before = await store.snapshot(ALICE, "A/B")
         await store.rename_folder(ALICE, "A", "X/Y")
         names = [f.name for f in await store.folders(ALICE)]
-        assert "A" not in names and "A/B" not in names and {"X", "X/Y", "X/Y/B"} <= set(names)
+        assert "A" not in names
+        assert "A/B" not in names
+        assert {"X", "X/Y", "X/Y/B"} <= set(names)
         after = await store.snapshot(ALICE, "X/Y/B")
         assert after.uidvalidity == before.uidvalidity
         assert [(m.uid, m.flags) for m in after.messages] == [(1, {"\\Seen"})]
@@ -488,7 +506,8 @@ def test_renaming_inbox_moves_its_messages(tmp_path: Path) -> None:
         await store.create_folder(ALICE, "INBOX/Child")
         await store.rename_folder(ALICE, "INBOX", "Old mail")
         inbox = await store.snapshot(ALICE, "INBOX")
-        assert inbox.messages == () and inbox.uidnext == 3
+        assert inbox.messages == ()
+        assert inbox.uidnext == 3
         old = await store.snapshot(ALICE, "Old mail")
         assert [m.path.read_bytes() for m in old.messages] == [MSG + b"0", MSG + b"1"]
         assert "INBOX/Child" in [f.name for f in await store.folders(ALICE)]  # RFC 3501 6.3.5
@@ -501,7 +520,8 @@ def test_subscriptions(tmp_path: Path) -> None:
     async def body(store: MailStore) -> None:
         await store.subscribe(ALICE, "Junk", False)
         subscribed = {f.name: f.subscribed for f in await store.folders(ALICE)}
-        assert subscribed["Junk"] is False and subscribed["INBOX"] is True
+        assert subscribed["Junk"] is False
+        assert subscribed["INBOX"] is True
         await store.subscribe(ALICE, "Gone", False)  # clients unsubscribe after DELETE
         with pytest.raises(NoSuchFolder):
             await store.subscribe(ALICE, "Gone", True)
@@ -524,7 +544,8 @@ def test_subscriptions_are_names_apart_from_folders(tmp_path: Path) -> None:
         assert {f.name: f.subscribed for f in await store.folders(ALICE)}["Lists/Python"] is True
         await store.rename_folder(ALICE, "Lists", "Groups")
         subscribed = await store.subscriptions(ALICE)
-        assert "Groups/Python" in subscribed and "Lists/Python" not in subscribed
+        assert "Groups/Python" in subscribed
+        assert "Lists/Python" not in subscribed
         await store.subscribe(ALICE, "Groups/Python", False)
         assert "Groups/Python" not in await store.subscriptions(ALICE)
         # Mirrored in Dovecot's format, so the Maildir can go back to Dovecot with its subscriptions.
@@ -550,7 +571,8 @@ def test_watchers_are_woken_after_committed_changes(tmp_path: Path) -> None:
         assert uid in [m.uid for m in (await store.snapshot(ALICE, "INBOX")).messages]
         assert not await inbox.wait(0)  # reading the change clears it
         await store.store_flags(ALICE, "INBOX", [1], frozenset({"\\Seen"}), "add")
-        assert await inbox.wait(0) and not await sent.wait(0)
+        assert await inbox.wait(0)
+        assert not await sent.wait(0)
         inbox.close()
         await store.expunge(ALICE, "INBOX", [1])
         assert not await inbox.wait(0)
@@ -598,7 +620,8 @@ def test_a_reader_never_sees_a_partial_message(tmp_path: Path) -> None:
             thread.join()
 
     run(tmp_path, body)
-    assert problems == [] and checked[0] > 0
+    assert problems == []
+    assert checked[0] > 0
 
 
 CRASH_SCRIPT = textwrap.dedent("""
@@ -679,7 +702,8 @@ def test_recover_removes_tmp_debris_and_half_deleted_folders(tmp_path: Path) -> 
         assert len((await store.snapshot(ALICE, "INBOX")).messages) == 1
 
     run(tmp_path, body)
-    assert files(box, "tmp") == [] and files(box / ".Sent", "tmp") == []
+    assert files(box, "tmp") == []
+    assert files(box / ".Sent", "tmp") == []
     assert not (box / ".DOVECOT-TRASHED").exists()
 
 

@@ -37,7 +37,8 @@ def test_deletion_marks_hide_messages_until_reset() -> None:
         d.message("2")
     assert d.deleted_uids() == [7]
     d.reset()
-    assert d.stat() == (3, 390) and d.deleted_uids() == []
+    assert d.stat() == (3, 390)
+    assert d.deleted_uids() == []
 
 
 def test_seen_are_retrieved_and_not_deleted() -> None:
@@ -55,11 +56,13 @@ def test_bad_message_numbers(argument: str) -> None:
 
 
 def test_parse_number() -> None:
-    assert parse_number("0") == 0 and parse_number("0042") == 42
+    assert parse_number("0") == 0
+    assert parse_number("0042") == 42
     with pytest.raises(Pop3Err):
         parse_number("12345678901")
 
 
 def test_unique_ids_are_printable_and_short() -> None:
     uid = unique_id(2**32 - 1, 2**32 - 1)
-    assert len(uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uid)
+    assert len(uid) <= 70
+    assert all(0x21 <= ord(c) <= 0x7E for c in uid)

@@ -198,7 +198,8 @@ def test_every_state_with_commands_has_a_grammar() -> None:
     assert set(GRAMMAR) == set(State)
     for table in GRAMMAR.values():
         for name, arity in table.items():
-            assert 3 <= len(name) <= 4 and name.isupper()
+            assert 3 <= len(name) <= 4
+            assert name.isupper()
             assert 0 <= arity.least <= arity.most
 
 

@@ -69,9 +69,11 @@ def test_capa_before_and_after_tls() -> None:
     assert io.out[-1] == (b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
                           b"PIPELINING\r\nSTLS\r\nIMPLEMENTATION Letterbox\r\n.\r\n")
     run(s, conn, b"STLS\r\n")
-    assert io.out[-1] == b"+OK Begin TLS negotiation\r\n" and io.tls_active
+    assert io.out[-1] == b"+OK Begin TLS negotiation\r\n"
+    assert io.tls_active
     run(s, conn, b"CAPA\r\n")
-    assert b"\r\nUSER\r\nSASL PLAIN\r\n" in io.out[-1] and b"STLS" not in io.out[-1]
+    assert b"\r\nUSER\r\nSASL PLAIN\r\n" in io.out[-1]
+    assert b"STLS" not in io.out[-1]
 
 
 def test_user_before_tls_is_refused_and_counted() -> None:
@@ -94,7 +96,8 @@ def test_maildrop_locks() -> None:
     assert not locks.acquire("a@example.test")
     assert locks.acquire("b@example.test")
     locks.release("a@example.test")
-    assert "a@example.test" not in locks and locks.acquire("a@example.test")
+    assert "a@example.test" not in locks
+    assert locks.acquire("a@example.test")
 
 
 def test_one_lock_table_per_box() -> None:

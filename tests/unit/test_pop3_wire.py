@@ -89,7 +89,8 @@ def test_file_body_streams_in_chunks_and_closes_the_file() -> None:
     f = io.BytesIO(data)
     body = FileBody(f, None, 4096)
     chunks = list(body.chunks())
-    assert len(chunks) > 10 and max(len(c) for c in chunks) <= 4096 * 2
+    assert len(chunks) > 10
+    assert max(len(c) for c in chunks) <= 4096 * 2
     assert b"".join(chunks) == reference(data)
     assert f.closed
 

@@ -33,12 +33,15 @@ def dns_for(*keys: dkim_keys.DkimKey):  # type: ignore[no-untyped-def]
 
 def test_a_signed_message_verifies_with_the_published_record(key: dkim_keys.DkimKey) -> None:
     signed = sign(MESSAGE, key)
-    assert signed.endswith(MESSAGE) and signed.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed;")
+    assert signed.endswith(MESSAGE)
+    assert signed.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed;")
     assert dkim.verify(signed, dnsfunc=dns_for(key))
     signature = dkim.DKIM(signed)
     assert signature.verify(dnsfunc=dns_for(key))
-    assert signature.domain == b"ours.test" and signature.selector == b"s1"
-    assert b"from" in signature.include_headers and b"subject" in signature.include_headers
+    assert signature.domain == b"ours.test"
+    assert signature.selector == b"s1"
+    assert b"from" in signature.include_headers
+    assert b"subject" in signature.include_headers
     assert not dkim.verify(signed.replace(b"Hello Bob.", b"Hello Eve."), dnsfunc=dns_for(key))
 
 
@@ -74,8 +77,10 @@ def test_rotation_makes_a_new_selector_and_keeps_the_old_key(tmp_path: Path) -> 
             await db.close()
 
     first, again, second, current = asyncio.run(run())
-    assert first == again and first.domain == "ours.test"
-    assert second.selector != first.selector and current == second
+    assert first == again
+    assert first.domain == "ours.test"
+    assert second.selector != first.selector
+    assert current == second
     assert dkim_keys.selectors_on_disk(tmp_path / "dkim", "ours.test") == {first.selector, second.selector}
 
 

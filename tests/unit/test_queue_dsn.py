@@ -37,7 +37,8 @@ def test_failure_report_structure() -> None:
     msg, (text, status, headers) = parts(raw)
     assert msg.get_param("report-type") == "delivery-status"
     assert msg["From"] == "Mail Delivery System <MAILER-DAEMON@mail.ours.test>"
-    assert msg["To"] == "a@ours.test" and msg["Auto-Submitted"] == "auto-replied"
+    assert msg["To"] == "a@ours.test"
+    assert msg["Auto-Submitted"] == "auto-replied"
     assert msg["In-Reply-To"] == "<m1@ours.test>"
     assert text.get_content_type() == "text/plain"
     assert "<x@far.test> (from mx.far.test): 550 5.1.1" in text.get_payload(decode=True).decode()
@@ -49,10 +50,13 @@ def test_failure_report_structure() -> None:
     assert first["Remote-MTA"] == "dns; mx.far.test"
     assert first["Diagnostic-Code"] == "smtp; 550 5.1.1 <x@far.test>: no such user"
     # Not an SMTP reply: no Diagnostic-Code (RFC 3464 2.3.6 wants a diagnostic type), no Remote-MTA.
-    assert second["Status"] == "5.1.10" and second["Diagnostic-Code"] is None and second["Remote-MTA"] is None
+    assert second["Status"] == "5.1.10"
+    assert second["Diagnostic-Code"] is None
+    assert second["Remote-MTA"] is None
     assert headers.get_content_type() == "text/rfc822-headers"
     returned = headers.get_payload(decode=True)
-    assert b"Subject: hello" in returned and b"secret body" not in returned
+    assert b"Subject: hello" in returned
+    assert b"secret body" not in returned
 
 
 def test_delay_report_says_when_we_give_up() -> None:
@@ -63,7 +67,8 @@ def test_delay_report_says_when_we_give_up() -> None:
     assert msg["Subject"].startswith("Delayed Mail")
     assert "You do not need to send it again" in text.get_payload(decode=True).decode()
     _, rcpt = status.get_payload()
-    assert rcpt["Action"] == "delayed" and rcpt["Will-Retry-Until"] == "Wed, 25 Nov 2026 08:00:00 +0000"
+    assert rcpt["Action"] == "delayed"
+    assert rcpt["Will-Retry-Until"] == "Wed, 25 Nov 2026 08:00:00 +0000"
 
 
 def test_never_to_the_null_sender_and_never_empty() -> None:
@@ -80,7 +85,8 @@ def test_multi_line_replies_and_control_characters_stay_on_one_header_line() -> 
     raw = report(recipients=[DsnRecipient("x@far.test", "5.0.0", "550 bad\r\nInjected: header")])
     _, (_, status, _) = parts(raw)
     _, rcpt = status.get_payload()
-    assert rcpt["Injected"] is None and rcpt["Diagnostic-Code"] == "smtp; 550 bad Injected: header"
+    assert rcpt["Injected"] is None
+    assert rcpt["Diagnostic-Code"] == "smtp; 550 bad Injected: header"
 
 
 def test_only_a_bounded_header_section_goes_back() -> None:

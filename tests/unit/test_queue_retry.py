@@ -22,9 +22,12 @@ from appliance.queue.retry import (
 def test_the_default_schedule_grows_to_hourly_and_gives_up_after_five_days() -> None:
     policy = RetryPolicy()
     assert [policy.delay_after(n) for n in range(1, 8)] == [60, 300, 900, 1800, 3600, 3600, 3600]
-    assert RETRY_INTERVALS == (60, 300, 900, 1800, 3600) and RETRY_EVERY == 3600
-    assert MAX_QUEUE_AGE == 5 * 86400 and DELAY_NOTICE_AFTER == 4 * 3600
-    assert not policy.expired(0, MAX_QUEUE_AGE - 1) and policy.expired(0, MAX_QUEUE_AGE)
+    assert RETRY_INTERVALS == (60, 300, 900, 1800, 3600)
+    assert RETRY_EVERY == 3600
+    assert MAX_QUEUE_AGE == 5 * 86400
+    assert DELAY_NOTICE_AFTER == 4 * 3600
+    assert not policy.expired(0, MAX_QUEUE_AGE - 1)
+    assert policy.expired(0, MAX_QUEUE_AGE)
 
 
 def test_the_last_try_is_at_the_deadline_not_after_it() -> None:

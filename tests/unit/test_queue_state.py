@@ -58,7 +58,8 @@ def test_outcomes_are_recorded_and_a_finished_message_disappears(tmp_path: Path)
         created = job.created_at
         recorded = await state.record(job, {"x@far.test": SENT, "y@far.test": LATER}, policy=POLICY,
                                       now=created + 1, tls="TLSv1.3")
-        assert recorded.delayed == () and not recorded.needs_settling
+        assert recorded.delayed == ()
+        assert not recorded.needs_settling
         assert await rows(db) == [("x@far.test", "delivered", 1, created + 1, "250 2.0.0 OK", 0),
                                   ("y@far.test", "queued", 1, created + 61, "451 4.7.1 greylisted", 0)]
         tls = await db.fetchone("SELECT tls, status, remote FROM queue_recipients WHERE recipient = 'x@far.test'")
@@ -66,7 +67,8 @@ def test_outcomes_are_recorded_and_a_finished_message_disappears(tmp_path: Path)
         [job] = await state.due(2**40, 100, set())
         assert [r.address for r in job.recipients] == ["y@far.test"]
         await state.record(job, {"y@far.test": SENT}, policy=POLICY, now=created + 70)
-        assert await rows(db) == [] and await spool.messages() == []
+        assert await rows(db) == []
+        assert await spool.messages() == []
         assert not spool.path(qid).exists()
 
     run(tmp_path, body)
@@ -80,11 +82,15 @@ def test_a_permanent_failure_waits_for_its_report_then_goes(tmp_path: Path) -> N
         assert recorded.needs_settling
         assert await state.unsettled() == [qid]
         settlement = await state.settlement(qid)
-        assert settlement is not None and settlement.finished and settlement.sender == "a@ours.test"
+        assert settlement is not None
+        assert settlement.finished
+        assert settlement.sender == "a@ours.test"
         [failed] = settlement.failed
         assert (failed.address, failed.status, failed.diagnostic) == ("x@far.test", "5.1.1", "550 5.1.1 no such user")
         await state.settled(settlement)
-        assert await rows(db) == [] and not spool.path(qid).exists() and await state.unsettled() == []
+        assert await rows(db) == []
+        assert not spool.path(qid).exists()
+        assert await state.unsettled() == []
 
     run(tmp_path, body)
 
@@ -144,6 +150,7 @@ def test_flush_and_delete(tmp_path: Path) -> None:
         assert await flush(db, [second], now=50) == 1
         assert await delete(db, spool.directory, [first, "NOPE"]) == [first]
         assert [m.id for m in await spool.messages()] == [second]
-        assert not spool.path(first).exists() and spool.path(second).exists()
+        assert not spool.path(first).exists()
+        assert spool.path(second).exists()
 
     run(tmp_path, body)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -38,7 +40,5 @@ def test_format_reads_back(size: int) -> None:
 
 @given(st.text(max_size=60))
 def test_any_text_is_a_size_or_a_value_error(text: str) -> None:
-    try:
+    with contextlib.suppress(ValueError):
         assert 0 <= parse_size(text) <= MAX_BYTES
-    except ValueError:
-        pass

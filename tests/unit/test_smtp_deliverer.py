@@ -71,10 +71,13 @@ def test_local_copies_and_spool(tmp_path: Path) -> None:
     async def body(w: World) -> None:
         routes = [local(ALICE), RecipientRoute(f"team@{OURS}", (ALICE, BOB), ("x@external.test",))]
         report = await w.deliverer.deliver(message("s@external.test", routes), per_recipient=False)
-        assert report.summary.code == 250 and [r.code for r in report.replies] == [250, 250]
-        assert len(w.inbox(ALICE)) == 1 and len(w.inbox(BOB)) == 1  # alice once, though named twice
+        assert report.summary.code == 250
+        assert [r.code for r in report.replies] == [250, 250]
+        assert len(w.inbox(ALICE)) == 1
+        assert len(w.inbox(BOB)) == 1
         [queued] = await w.spool.messages()
-        assert queued.id == "QID1" and [r.recipient for r in queued.recipients] == ["x@external.test"]
+        assert queued.id == "QID1"
+        assert [r.recipient for r in queued.recipients] == ["x@external.test"]
 
     run(tmp_path, body)
 
@@ -83,7 +86,8 @@ def test_smtp_partial_failure_is_accepted_and_bounced(tmp_path: Path) -> None:
     async def body(w: World) -> None:
         report = await w.deliverer.deliver(message(BOB, [local(ALICE), local(FULL)], BIG), per_recipient=False)
         assert report.summary.code == 250
-        assert w.inbox(FULL) == [] and len(w.inbox(ALICE)) == 1
+        assert w.inbox(FULL) == []
+        assert len(w.inbox(ALICE)) == 1
         [bounce] = w.inbox(BOB)
         assert parse(bounce).get_content_type() == "multipart/report"
         assert f"Final-Recipient: rfc822; {FULL}".encode() in bounce
@@ -103,7 +107,8 @@ def test_smtp_total_quota_failure_is_452_and_no_bounce(tmp_path: Path) -> None:
 def test_lmtp_answers_per_recipient_without_bounce(tmp_path: Path) -> None:
     async def body(w: World) -> None:
         report = await w.deliverer.deliver(message(BOB, [local(ALICE), local(FULL)], BIG), per_recipient=True)
-        assert report.replies == (report.replies[0], MAILBOX_FULL) and report.replies[0].code == 250
+        assert report.replies == (report.replies[0], MAILBOX_FULL)
+        assert report.replies[0].code == 250
         assert w.inbox(BOB) == []
 
     run(tmp_path, body)
@@ -117,7 +122,8 @@ def test_spool_failure(tmp_path: Path) -> None:
         assert report.summary == TEMPORARY_FAILURE
         mixed = RecipientRoute(f"team@{OURS}", (BOB,), ("x@external.test",))
         report = await w.deliverer.deliver(message(ALICE, [mixed]), per_recipient=False)
-        assert report.summary.code == 250 and len(w.inbox(BOB)) == 1
+        assert report.summary.code == 250
+        assert len(w.inbox(BOB)) == 1
         [bounce] = w.inbox(ALICE)  # the forward that could not be spooled is reported
         assert b"Final-Recipient: rfc822; x@external.test" in bounce
 

@@ -25,7 +25,8 @@ def test_an_address_over_its_limit_is_blocked_for_a_while() -> None:
         guard.record_unknown("192.0.2.1")
     assert not guard.blocked("192.0.2.1")
     guard.record_unknown("192.0.2.1")
-    assert guard.blocked("192.0.2.1") and not guard.blocked("192.0.2.2")
+    assert guard.blocked("192.0.2.1")
+    assert not guard.blocked("192.0.2.2")
     clock.now += 301
     assert not guard.blocked("192.0.2.1")
 

@@ -45,7 +45,8 @@ def test_connection_tracker_uses_the_shared_limiter_with_smtp_limits() -> None:
 
     tracker = ConnectionTracker(SmtpLimits(max_connections_per_client=2, max_connections=3))
     a1, a2 = tracker.limiter.acquire("192.0.2.1"), tracker.limiter.acquire("192.0.2.1")
-    assert a1 is not None and a2 is not None
+    assert a1 is not None
+    assert a2 is not None
     assert tracker.limiter.acquire("192.0.2.1") is None
     assert tracker.limiter.acquire("198.51.100.1") is not None
     assert tracker.limiter.acquire("203.0.113.1") is None  # total reached

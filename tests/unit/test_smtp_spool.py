@@ -31,8 +31,10 @@ def test_enqueue_writes_file_then_rows(tmp_path: Path) -> None:
         queue_id = await spool.enqueue("alice@ours.test", ["b@Ext.Test", "c@other.test", "b@Ext.Test"],
                                        b"Subject: x\r\n\r\nhi\r\n", auth_user="alice@ours.test")
         [message] = await spool.messages()
-        assert message.id == queue_id and message.sender == "alice@ours.test"
-        assert message.size == len(b"Subject: x\r\n\r\nhi\r\n") and message.auth_user == "alice@ours.test"
+        assert message.id == queue_id
+        assert message.sender == "alice@ours.test"
+        assert message.size == len(b"Subject: x\r\n\r\nhi\r\n")
+        assert message.auth_user == "alice@ours.test"
         assert [(r.recipient, r.domain, r.state) for r in message.recipients] == [
             ("b@Ext.Test", "ext.test", "queued"), ("c@other.test", "other.test", "queued")]
         return queue_id
@@ -112,6 +114,7 @@ def test_orphans_are_judged_by_state_not_age(tmp_path: Path) -> None:
         await holder
         assert await pending == "INFLIGHT"
         names = [p.name for p in await spool.orphans()]
-        assert "INFLIGHT.eml" not in names and f"{kept}.eml" not in names
+        assert "INFLIGHT.eml" not in names
+        assert f"{kept}.eml" not in names
 
     run_with_spool(tmp_path, body)

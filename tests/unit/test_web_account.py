@@ -31,8 +31,11 @@ def test_account_page_shows_client_settings(web: WebClient) -> None:
     page = web.get("/account")
     assert page.status_code == 200
     text = page.text
-    assert f"<code>{HOSTNAME}</code>" in text and "<code>10993</code>" in text  # the port actually bound
-    assert "<code>465</code>" in text and "<code>587</code>" in text and "STARTTLS" in text
+    assert f"<code>{HOSTNAME}</code>" in text
+    assert "<code>10993</code>" in text
+    assert "<code>465</code>" in text
+    assert "<code>587</code>" in text
+    assert "STARTTLS" in text
     assert f"User name: <code>{ALICE}</code>" in text
     assert 'href="/account/mobileconfig"' in text
 
@@ -40,10 +43,12 @@ def test_account_page_shows_client_settings(web: WebClient) -> None:
 def test_change_own_password(web: WebClient) -> None:
     response = web.post("/account/password", {"current": "not my password", "password": NEW_PASSWORD,
                                               "password2": NEW_PASSWORD}, token_from="/account")
-    assert response.status_code == 400 and "not your current password" in response.text
+    assert response.status_code == 400
+    assert "not your current password" in response.text
     response = web.post("/account/password", {"current": ALICE_PASSWORD, "password": "short",
                                               "password2": "short"}, token_from="/account")
-    assert response.status_code == 400 and "too short" in response.text
+    assert response.status_code == 400
+    assert "too short" in response.text
     response = web.post("/account/password", {"current": ALICE_PASSWORD, "password": NEW_PASSWORD,
                                               "password2": NEW_PASSWORD}, token_from="/account")
     assert response.headers["location"] == "/account"
@@ -59,15 +64,18 @@ def test_apple_profile(web: WebClient) -> None:
     assert response.headers["content-type"] == "application/x-apple-aspen-config"
     assert 'filename="alice_at_example.test.mobileconfig"' in response.headers["content-disposition"]
     profile = plistlib.loads(response.content)
-    assert profile["PayloadType"] == "Configuration" and profile["PayloadVersion"] == 1
+    assert profile["PayloadType"] == "Configuration"
+    assert profile["PayloadVersion"] == 1
     account = profile["PayloadContent"][0]
     assert account["PayloadType"] == "com.apple.mail.managed"
     assert (account["EmailAddress"], account["EmailAccountName"]) == (ALICE, "Alice Example")
     assert (account["IncomingMailServerHostName"], account["IncomingMailServerPortNumber"]) == (HOSTNAME, 993)
-    assert account["IncomingMailServerUseSSL"] is True and account["OutgoingMailServerUseSSL"] is True
+    assert account["IncomingMailServerUseSSL"] is True
+    assert account["OutgoingMailServerUseSSL"] is True
     assert (account["OutgoingMailServerPortNumber"], account["OutgoingMailServerUsername"]) == (465, ALICE)
     assert re.fullmatch(r"[0-9A-F-]{36}", account["PayloadUUID"])
-    assert "Password" not in str(profile.keys()) and ALICE_PASSWORD not in response.text
+    assert "Password" not in str(profile.keys())
+    assert ALICE_PASSWORD not in response.text
 
 
 def test_profile_needs_a_login(web: WebClient) -> None:
@@ -176,7 +184,8 @@ def test_log_out_on_every_device(web: WebClient) -> None:
     laptop = _cookie(web)
     assert 'id="logout-everywhere"' in web.get("/account").text
     web.post("/logout", {"everywhere": "1"}, token_from="/account")
-    assert _with_cookie(web, phone) == 303 and _with_cookie(web, laptop) == 303
+    assert _with_cookie(web, phone) == 303
+    assert _with_cookie(web, laptop) == 303
     assert "alice@example.test logged out on every device" in [t for _, _, t in web.run(web.services.events.recent)]
 
 
@@ -186,7 +195,8 @@ def test_a_plain_logout_ends_only_this_session(web: WebClient) -> None:
     web.login(ALICE, ALICE_PASSWORD)
     laptop = _cookie(web)
     web.logout()
-    assert _with_cookie(web, laptop) == 303 and _with_cookie(web, phone) == 200
+    assert _with_cookie(web, laptop) == 303
+    assert _with_cookie(web, phone) == 200
 
 
 def test_certificate_warning_only_while_self_signed(web: WebClient) -> None:

@@ -42,9 +42,11 @@ def servers(xml: bytes) -> list[tuple[str, str, str, str, str]]:
 @pytest.mark.parametrize("path", ["/.well-known/autoconfig/mail/config-v1.1.xml", "/mail/config-v1.1.xml"])
 def test_thunderbird_autoconfig(web: WebClient, path: str) -> None:
     response = web.get(f"{path}?emailaddress={ALICE}")
-    assert response.status_code == 200 and response.headers["content-type"].startswith("application/xml")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/xml")
     root = ET.fromstring(response.content)
-    assert root.tag == "clientConfig" and root.get("version") == "1.1"
+    assert root.tag == "clientConfig"
+    assert root.get("version") == "1.1"
     assert root.find("emailProvider").get("id") == DOMAIN  # type: ignore[union-attr]
     assert root.findtext("emailProvider/domain") == DOMAIN
     assert servers(response.content) == [
@@ -60,7 +62,8 @@ def test_thunderbird_autoconfig(web: WebClient, path: str) -> None:
 def test_autoconfig_without_address_uses_the_host_name(web: WebClient) -> None:
     web.add_domain("second.example")
     response = web.client.get("https://autoconfig.second.example/mail/config-v1.1.xml")
-    assert response.status_code == 200 and b"<domain>second.example</domain>" in response.content
+    assert response.status_code == 200
+    assert b"<domain>second.example</domain>" in response.content
     # Another name, several domains: nothing to say.
     assert web.get("/mail/config-v1.1.xml").status_code == 404
 
@@ -115,5 +118,6 @@ def test_acme_http01_answers_from_the_pending_challenges(web: WebClient) -> None
     assert web.get("/.well-known/acme-challenge/abc_DEF-1").status_code == 404
     web.services.certificates.http01 = {"abc_DEF-1": "abc_DEF-1.thumbprint"}
     response = web.client.get("http://testserver/.well-known/acme-challenge/abc_DEF-1")
-    assert response.status_code == 200 and response.text == "abc_DEF-1.thumbprint"
+    assert response.status_code == 200
+    assert response.text == "abc_DEF-1.thumbprint"
     assert web.get("/.well-known/acme-challenge/other").status_code == 404

@@ -43,7 +43,8 @@ def pems() -> dict[str, str]:
 def upload(web: WebClient, cert: str, key: str, chain: str = "") -> str:
     response = web.post("/console/certificate/upload", {"cert": cert, "key": key, "chain": chain},
                         token_from="/console/certificate")
-    assert response.status_code == 303 and response.headers["location"] == "/console/certificate"
+    assert response.status_code == 303
+    assert response.headers["location"] == "/console/certificate"
     return html.unescape(web.get("/console/certificate").text)
 
 
@@ -51,7 +52,9 @@ def test_page_shows_status_and_choices(web: WebClient) -> None:
     page = web.get("/console/certificate")
     assert page.status_code == 200
     text = html.unescape(page.text)
-    assert "self-signed" in text and "Get a certificate from Let's Encrypt" in text and "Use your own certificate" in text
+    assert "self-signed" in text
+    assert "Get a certificate from Let's Encrypt" in text
+    assert "Use your own certificate" in text
     assert "Port 80 is open on your router" in text
     assert 'href="/console/certificate"' in text  # in the console's menu
 
@@ -74,7 +77,8 @@ def test_good_upload_then_self_signed(web: WebClient, pems: dict[str, str]) -> N
     text = upload(web, pems["leaf"], pems["key"], pems["chain"])
     assert f"Installed: the certificate for {HOSTNAME} is served from now on." in text
     info = web.services.tls.info()
-    assert not info.self_signed and "trusted" in text
+    assert not info.self_signed
+    assert "trusted" in text
     assert "yours to renew" in text
     response = web.post("/console/certificate/self-signed", {}, token_from="/console/certificate")
     assert response.status_code == 303
@@ -95,7 +99,8 @@ def test_order_refused_when_host_name_does_not_resolve(web: WebClient) -> None:
 
     web.run(finished)
     text = html.unescape(web.get("/console/certificate").text)
-    assert 'data-phase="failed"' in text and f"The host name {HOSTNAME} does not resolve" in text
+    assert 'data-phase="failed"' in text
+    assert f"The host name {HOSTNAME} does not resolve" in text
 
 
 def test_custom_ca_needs_an_https_url(web: WebClient) -> None:
@@ -106,5 +111,7 @@ def test_custom_ca_needs_an_https_url(web: WebClient) -> None:
 def test_wizard_step4_offers_the_choices(web: WebClient) -> None:
     web.set_setting("setup_step", "4")
     text = html.unescape(web.get("/setup/4").text)
-    assert "Get a certificate from Let's Encrypt" in text and 'action="/setup/4/order"' in text
-    assert 'action="/setup/4/upload"' in text and "Keep self-signed and continue" in text
+    assert "Get a certificate from Let's Encrypt" in text
+    assert 'action="/setup/4/order"' in text
+    assert 'action="/setup/4/upload"' in text
+    assert "Keep self-signed and continue" in text

@@ -46,9 +46,14 @@ def test_status_page(web: WebClient) -> None:
     page = web.get("/console")
     assert page.status_code == 200
     text = page.text
-    assert "<code>127.0.0.1:993</code>" in text and ">up<" in text and ">down<" in text
-    assert "CN=" + HOSTNAME in text and "self-signed" in text and " days" in text
-    assert "Disk free" in text and '<a href="/console/sending">1 message</a>, 2.0 KiB' in text
+    assert "<code>127.0.0.1:993</code>" in text
+    assert ">up<" in text
+    assert ">down<" in text
+    assert "CN=" + HOSTNAME in text
+    assert "self-signed" in text
+    assert " days" in text
+    assert "Disk free" in text
+    assert '<a href="/console/sending">1 message</a>, 2.0 KiB' in text
     assert f'href="/console/domains/{DOMAIN}">{DOMAIN}</a></td><td>never' in text
     assert text.index("smtp") < text.index("imaps")  # the standard order, whatever the dict order
 
@@ -61,7 +66,8 @@ def test_status_accepts_a_plain_listener_dict(web: WebClient) -> None:
 def test_events_page_shows_recent_events(web: WebClient) -> None:
     web.run(web.services.events.record, "test", "something <happened>")
     text = web.get("/console/events").text
-    assert "something &lt;happened&gt;" in text and f"login: {ADMIN}" in text
+    assert "something &lt;happened&gt;" in text
+    assert f"login: {ADMIN}" in text
 
 
 # --- domains ---------------------------------------------------------------------------------------------
@@ -71,15 +77,19 @@ def test_add_domain_then_its_dns_page(web: WebClient) -> None:
     assert response.headers["location"] == "/console/domains/second.example"
     assert web.run(web.services.accounts.list_domains) == [DOMAIN, "second.example"]
     page = web.get("/console/domains/second.example").text
-    assert "Domain second.example added" in page and "lb" in page and "_domainkey.second.example" in page
+    assert "Domain second.example added" in page
+    assert "lb" in page
+    assert "_domainkey.second.example" in page
     for bad, words in (("", "enter a domain"), ("x@y.org", "after the @"), (DOMAIN, "already exists")):
         response = web.post("/console/domains", {"domain": bad}, token_from="/console/domains")
-        assert response.status_code == 400 and words in error_of(response.text, "domain"), bad
+        assert response.status_code == 400, bad
+        assert words in error_of(response.text, "domain"), bad
 
 
 def test_dns_page_of_unknown_domain_is_404(web: WebClient) -> None:
     response = web.get("/console/domains/nowhere.example")
-    assert response.status_code == 404 and "not a domain of this box" in response.text
+    assert response.status_code == 404
+    assert "not a domain of this box" in response.text
 
 
 def test_check_now_in_the_console(web: WebClient) -> None:
@@ -89,18 +99,22 @@ def test_check_now_in_the_console(web: WebClient) -> None:
                             token_from=f"/console/domains/{DOMAIN}")
         assert response.headers["location"] == f"/console/domains/{DOMAIN}"
     page = web.get(f"/console/domains/{DOMAIN}").text
-    assert '<tr id="dns-mx" class="found">' in page and '<tr id="dns-a" class="missing">' in page
+    assert '<tr id="dns-mx" class="found">' in page
+    assert '<tr id="dns-a" class="missing">' in page
     status = web.get("/console").text
-    assert "1 found" in status and "missing" in status
+    assert "1 found" in status
+    assert "missing" in status
     response = web.post(f"/console/domains/{DOMAIN}/check", {"ipv4": "999.1.1.1"},
                         token_from=f"/console/domains/{DOMAIN}")
-    assert response.status_code == 400 and "not an IPv4" in error_of(response.text, "ipv4")
+    assert response.status_code == 400
+    assert "not an IPv4" in error_of(response.text, "ipv4")
 
 
 def test_remove_domain_needs_confirmation_and_an_empty_domain(web: WebClient) -> None:
     web.add_user()
     confirm = web.get(f"/console/domains/{DOMAIN}/delete")
-    assert confirm.status_code == 200 and f"Remove the domain {DOMAIN}?" in confirm.text
+    assert confirm.status_code == 200
+    assert f"Remove the domain {DOMAIN}?" in confirm.text
     response = web.post(f"/console/domains/{DOMAIN}/delete", token_from=f"/console/domains/{DOMAIN}/delete")
     assert response.headers["location"] == "/console/domains"
     assert "Not removed" in web.get("/console/domains").text
@@ -124,7 +138,9 @@ def test_create_mailbox(web: WebClient) -> None:
     info = web.run(web.services.accounts.get_user, ALICE)
     assert (info.display_name, info.quota_bytes, info.enabled) == ("Alice Example", 2 * 1024**3, True)
     page = web.get("/console/mailboxes").text
-    assert "Mailbox alice@example.test created." in page and "Alice Example" in page and "2.0 GiB" in page
+    assert "Mailbox alice@example.test created." in page
+    assert "Alice Example" in page
+    assert "2.0 GiB" in page
     assert web.run(web.services.auth.verify, ALICE, ALICE_PASSWORD, "imap", "127.0.0.1") is not None
 
 
@@ -146,13 +162,15 @@ def test_create_mailbox_errors_next_to_fields(web: WebClient, changes: dict[str,
 def test_create_existing_mailbox(web: WebClient) -> None:
     web.add_user()
     response = create_alice(web)
-    assert response.status_code == 400 and "already exists" in error_of(response.text, "local")
+    assert response.status_code == 400
+    assert "already exists" in error_of(response.text, "local")
 
 
 def test_edit_quota_name_and_disable(web: WebClient) -> None:
     web.add_user()
     page = web.get(f"/console/mailboxes/{ALICE}")
-    assert page.status_code == 200 and "checked" in page.text
+    assert page.status_code == 200
+    assert "checked" in page.text
     response = web.post(f"/console/mailboxes/{ALICE}", {"name": "Alice A.", "quota": "500M"},
                         token_from=f"/console/mailboxes/{ALICE}")  # no "enabled": unchecked
     assert response.headers["location"] == f"/console/mailboxes/{ALICE}"
@@ -166,14 +184,16 @@ def test_edit_quota_name_and_disable(web: WebClient) -> None:
     assert (info.quota_bytes, info.enabled) == (0, True)
     response = web.post(f"/console/mailboxes/{ALICE}", {"name": "x", "quota": "-1"},
                         token_from=f"/console/mailboxes/{ALICE}")
-    assert response.status_code == 400 and "500M or 2G" in error_of(response.text, "quota")
+    assert response.status_code == 400
+    assert "500M or 2G" in error_of(response.text, "quota")
 
 
 def test_set_password(web: WebClient) -> None:
     web.add_user()
     path = f"/console/mailboxes/{ALICE}/password"
     response = web.post(path, {"password": "short", "password2": "short"}, token_from=f"/console/mailboxes/{ALICE}")
-    assert response.status_code == 400 and "too short" in error_of(response.text, "password")
+    assert response.status_code == 400
+    assert "too short" in error_of(response.text, "password")
     response = web.post(path, {"password": NEW_PASSWORD, "password2": NEW_PASSWORD},
                         token_from=f"/console/mailboxes/{ALICE}")
     assert response.status_code == 303
@@ -183,7 +203,8 @@ def test_set_password(web: WebClient) -> None:
 def test_delete_mailbox_after_confirmation(web: WebClient) -> None:
     web.add_user()
     confirm = web.get(f"/console/mailboxes/{ALICE}/delete")
-    assert f"Delete the mailbox {ALICE}?" in confirm.text and "starts empty" in confirm.text
+    assert f"Delete the mailbox {ALICE}?" in confirm.text
+    assert "starts empty" in confirm.text
     assert web.run(web.services.accounts.get_user, ALICE) is not None  # GET never deletes
     response = web.post(f"/console/mailboxes/{ALICE}/delete", token_from=f"/console/mailboxes/{ALICE}/delete")
     assert response.headers["location"] == "/console/mailboxes"
@@ -204,18 +225,23 @@ def test_aliases_forward_and_catch_all(web: WebClient) -> None:
                         token_from="/console/aliases")
     assert response.status_code == 303
     resolution = web.run(web.services.accounts.resolve, f"info@{DOMAIN}")
-    assert resolution.mailboxes == (ALICE,) and resolution.forwards == ("someone@elsewhere.example",)
+    assert resolution.mailboxes == (ALICE,)
+    assert resolution.forwards == ("someone@elsewhere.example",)
     assert web.run(web.services.accounts.resolve, f"anything@{DOMAIN}").mailboxes == (ALICE,)
     page = web.get("/console/aliases").text
-    assert f"@{DOMAIN}" in page and "catch-all" in page and "someone@elsewhere.example" in page
+    assert f"@{DOMAIN}" in page
+    assert "catch-all" in page
+    assert "someone@elsewhere.example" in page
     # edit, then delete after confirmation (the catch-all's URL starts with '@')
     page = web.get(f"/console/aliases/info@{DOMAIN}")
-    assert page.status_code == 200 and "someone@elsewhere.example" in page.text
+    assert page.status_code == 200
+    assert "someone@elsewhere.example" in page.text
     web.post(f"/console/aliases/info@{DOMAIN}", {"targets": ALICE}, token_from=f"/console/aliases/info@{DOMAIN}")
     assert web.run(web.services.accounts.get_alias, f"info@{DOMAIN}").targets == (ALICE,)
     response = web.post(f"/console/aliases/info@{DOMAIN}", {"targets": "not an address"},
                         token_from=f"/console/aliases/info@{DOMAIN}")
-    assert response.status_code == 400 and "not a valid" in error_of(response.text, "targets")
+    assert response.status_code == 400
+    assert "not a valid" in error_of(response.text, "targets")
     assert "Delete the alias" in web.get(f"/console/aliases/@{DOMAIN}/delete").text
     web.post(f"/console/aliases/@{DOMAIN}/delete", token_from=f"/console/aliases/@{DOMAIN}/delete")
     assert web.run(web.services.accounts.get_alias, f"@{DOMAIN}") is None
@@ -230,14 +256,16 @@ def test_aliases_forward_and_catch_all(web: WebClient) -> None:
 ])
 def test_alias_errors(web: WebClient, values: dict[str, str], field: str, words: str) -> None:
     response = web.post("/console/aliases", values, token_from="/console/aliases")
-    assert response.status_code == 400 and words in error_of(response.text, field)
+    assert response.status_code == 400
+    assert words in error_of(response.text, field)
 
 
 def test_duplicate_alias(web: WebClient) -> None:
     web.run(web.services.accounts.add_alias, f"info@{DOMAIN}", ["x@elsewhere.example"])
     response = web.post("/console/aliases", {"local": "info", "domain": DOMAIN, "targets": "y@elsewhere.example"},
                         token_from="/console/aliases")
-    assert response.status_code == 400 and "already exists" in error_of(response.text, "local")
+    assert response.status_code == 400
+    assert "already exists" in error_of(response.text, "local")
 
 
 # --- the admin's own password -------------------------------------------------------------------------
@@ -254,7 +282,8 @@ def test_admin_changes_password_and_other_sessions_end(web: WebClient) -> None:
     assert web.get("/console").status_code == 200  # the cookie alone is the session
     response = web.post("/console/password", {"current": "wrong password here", "password": NEW_PASSWORD,
                                               "password2": NEW_PASSWORD}, token_from="/console/password")
-    assert response.status_code == 400 and "not your current password" in error_of(response.text, "current")
+    assert response.status_code == 400
+    assert "not your current password" in error_of(response.text, "current")
     response = web.post("/console/password", {"current": ADMIN_PASSWORD, "password": NEW_PASSWORD,
                                               "password2": NEW_PASSWORD}, token_from="/console/password")
     assert response.headers["location"] == "/console"
@@ -290,13 +319,15 @@ def test_alias_with_any_storable_character_can_be_opened_edited_and_deleted(web:
     [page_link] = [link for link in links if not link.endswith("/delete")]
     [delete_link] = [link for link in links if link.endswith("/delete")]
     page = web.get(page_link)
-    assert page.status_code == 200 and f"Alias {html.escape(source)}" in page.text
+    assert page.status_code == 200
+    assert f"Alias {html.escape(source)}" in page.text
     edit_action = html.unescape(re.search(r'<form method="post" action="(/console/aliases/[^"]+)"', page.text).group(1))  # type: ignore[union-attr]
     response = web.post(edit_action, {"targets": f"{ALICE}, someone@elsewhere.example"}, token_from=page_link)
     assert response.status_code == 303
     assert web.run(web.services.accounts.get_alias, source).targets == (ALICE, "someone@elsewhere.example")
     confirm = web.get(delete_link)
-    assert confirm.status_code == 200 and "Delete the alias" in confirm.text
+    assert confirm.status_code == 200
+    assert "Delete the alias" in confirm.text
     action = html.unescape(re.search(r'<form method="post" action="(/console/aliases/[^"]+)"', confirm.text).group(1))  # type: ignore[union-attr]
     assert web.post(action, token_from=delete_link).status_code == 303
     assert web.run(web.services.accounts.get_alias, source) is None
@@ -311,7 +342,8 @@ def test_mailbox_with_plus_and_dots_can_be_opened_and_deleted(web: WebClient) ->
     [page_link] = links - {delete_link}
     assert web.get(page_link).status_code == 200
     response = web.post(page_link, {"name": "F", "quota": "1.5G", "enabled": "on"}, token_from=page_link)
-    assert response.status_code == 303 and web.get(response.headers["location"]).status_code == 200
+    assert response.status_code == 303
+    assert web.get(response.headers["location"]).status_code == 200
     assert web.run(web.services.accounts.get_user, address).quota_bytes == 1536 * 1024**2
     assert web.post(delete_link, token_from=delete_link).status_code == 303
     assert web.run(web.services.accounts.get_user, address) is None
@@ -333,12 +365,14 @@ def test_console_refuses_an_alias_named_like_a_mailbox(web: WebClient) -> None:
     assert "cannot be that of a mailbox" in form  # said before anyone tries
     response = web.post("/console/aliases", {"local": "alice", "domain": DOMAIN, "targets": "eve@elsewhere.example"},
                         token_from="/console/aliases")
-    assert response.status_code == 400 and "is a mailbox" in error_of(response.text, "local")
+    assert response.status_code == 400
+    assert "is a mailbox" in error_of(response.text, "local")
     assert web.run(web.services.accounts.resolve, ALICE).mailboxes == (ALICE,)
     web.run(web.services.accounts.add_alias, f"sales@{DOMAIN}", [ALICE])
     assert "already an alias" in web.get("/console/mailboxes").text  # the form's hint
     response = create_alice(web, local="sales")
-    assert response.status_code == 400 and "already an alias" in error_of(response.text, "local")
+    assert response.status_code == 400
+    assert "already an alias" in error_of(response.text, "local")
 
 
 def test_console_quota_takes_decimals(web: WebClient) -> None:

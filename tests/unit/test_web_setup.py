@@ -62,7 +62,8 @@ def test_step1_suggests_a_hostname_and_shows_errors_next_to_fields(web: WebClien
     assert "letters, digits" in field_error(response.text, "name")
     assert "too short" in field_error(response.text, "password")
     assert "fully qualified" in field_error(response.text, "hostname")
-    assert 'value="bad name"' in response.text and "short" not in re.findall(r'value="([^"]*)"', response.text)
+    assert 'value="bad name"' in response.text
+    assert "short" not in re.findall(r'value="([^"]*)"', response.text)
     assert not web.run(web.services.accounts.has_admin)
 
 
@@ -71,14 +72,17 @@ def test_the_whole_wizard(web: WebClient) -> None:
     response = step1(web, hostname="Box.Example.Test")
     assert (response.status_code, response.headers["location"]) == (303, "/setup/2")
     assert web.run(web.services.accounts.list_admins) == [ADMIN]
-    assert web.setting("hostname") == "box.example.test" and web.services.hostname == "box.example.test"
+    assert web.setting("hostname") == "box.example.test"
+    assert web.services.hostname == "box.example.test"
     # 2: the domain is suggested from the hostname
     assert 'value="example.test"' in web.get("/setup/2").text
     response = web.post("/setup/2", {"domain": "nodot"}, token_from="/setup/2")
-    assert response.status_code == 400 and "one dot" in field_error(response.text, "domain")
+    assert response.status_code == 400
+    assert "one dot" in field_error(response.text, "domain")
     for address in ("10.0.0.1", "2001:db8::1"):  # issue 10 item 8: an IP address is never a mail domain
         response = web.post("/setup/2", {"domain": address}, token_from="/setup/2")
-        assert response.status_code == 400 and "IP address" in field_error(response.text, "domain")
+        assert response.status_code == 400
+        assert "IP address" in field_error(response.text, "domain")
     assert web.run(web.services.accounts.list_domains) == []
     response = web.post("/setup/2", {"domain": DOMAIN}, token_from="/setup/2")
     assert response.headers["location"] == "/setup/3"
@@ -90,49 +94,60 @@ def test_the_whole_wizard(web: WebClient) -> None:
                  "autoconfig.example.test", "box.example.test.", "not checked"):
         assert text in page, text
     response = web.post("/setup/3", {"ipv4": "127.0.0.1", "action": "continue"}, token_from="/setup/3")
-    assert response.status_code == 400 and "this machine itself" in field_error(response.text, "ipv4")
+    assert response.status_code == 400
+    assert "this machine itself" in field_error(response.text, "ipv4")
     response = web.post("/setup/3", {"ipv4": "192.0.32.7", "action": "continue"}, token_from="/setup/3")
     assert response.headers["location"] == "/setup/4"
     assert web.setting("public_ipv4") == "192.0.32.7"
     # 4: certificate: the self-signed one names the old hostname, so a new one is made
     page = web.get("/setup/4").text
-    assert "self-signed" in page and "new self-signed certificate" in page
+    assert "self-signed" in page
+    assert "new self-signed certificate" in page
     response = web.post("/setup/4", {}, token_from="/setup/4")
     assert response.headers["location"] == "/setup/5"
     assert "box.example.test" in web.services.tls.info().names
     # 5: sending mail: direct delivery is the default; a relay needs its password
     page = web.get("/setup/5").text
-    assert 'id="mode-direct" checked' in page and "Test the relay" in page
+    assert 'id="mode-direct" checked' in page
+    assert "Test the relay" in page
     response = web.post("/setup/5", {"mode": "relay", "relay_host": "smtp.provider.example", "relay_tls": "starttls",
                                      "relay_user": "me", "relay_password": "", "action": "save"}, token_from="/setup/5")
-    assert response.status_code == 400 and "enter the password" in field_error(response.text, "relay_password")
-    assert 'value="smtp.provider.example"' in response.text and 'id="mode-relay" checked' in response.text
+    assert response.status_code == 400
+    assert "enter the password" in field_error(response.text, "relay_password")
+    assert 'value="smtp.provider.example"' in response.text
+    assert 'id="mode-relay" checked' in response.text
     response = web.post("/setup/5", {"mode": "direct", "action": "save"}, token_from="/setup/5")
     assert response.headers["location"] == "/setup/6"
     assert web.setting("smarthost_host") == ""
     # 6: mailboxes
     response = web.post("/setup/6", {"action": "add", "local": "alice", "domain": DOMAIN, "name": "Alice",
                                      "password": "x", "password2": "x"}, token_from="/setup/6")
-    assert response.status_code == 400 and "too short" in field_error(response.text, "password")
+    assert response.status_code == 400
+    assert "too short" in field_error(response.text, "password")
     response = web.post("/setup/6", {"action": "add", "local": "alice", "domain": DOMAIN, "name": "Alice",
                                      "password": ALICE_PASSWORD, "password2": ALICE_PASSWORD}, token_from="/setup/6")
     assert response.headers["location"] == "/setup/6"
     assert "Mailbox alice@example.test created." in web.get("/setup/6").text
     response = web.post("/setup/6", {"action": "add", "local": "alice", "domain": DOMAIN, "name": "",
                                      "password": ALICE_PASSWORD, "password2": ALICE_PASSWORD}, token_from="/setup/6")
-    assert response.status_code == 400 and "already exists" in field_error(response.text, "local")
+    assert response.status_code == 400
+    assert "already exists" in field_error(response.text, "local")
     response = web.post("/setup/6", {"action": "continue"}, token_from="/setup/6")
     assert response.headers["location"] == "/setup/7"
     # 7: done: client settings, the console link; setup is over
     page = web.get("/setup/7").text
-    assert "Almost ready: 3 things left" in page and "993" in page and "465" in page and 'href="/console"' in page
+    assert "Almost ready: 3 things left" in page
+    assert "993" in page
+    assert "465" in page
+    assert 'href="/console"' in page
     assert "Your box is ready" not in page
     assert web.setting("setup_done") == "1"
     assert web.get("/setup").headers["location"] == "/console"
     assert web.get("/setup/2").headers["location"] == "/console"
     assert web.get("/").headers["location"] == "/console"
     events = [text for _, _, text in web.run(web.services.events.recent)]
-    assert "first-run setup finished" in events and f"domain {DOMAIN} added" in events
+    assert "first-run setup finished" in events
+    assert f"domain {DOMAIN} added" in events
 
 
 def test_reload_resumes_at_the_same_step(web: WebClient) -> None:
@@ -154,7 +169,8 @@ def test_step1_once_an_admin_exists_is_not_open_to_strangers(web: WebClient) -> 
     web.add_admin()
     web.client.cookies.clear()
     response = step1(web, name="intruder")
-    assert response.status_code == 303 and response.headers["location"].startswith("/login")
+    assert response.status_code == 303
+    assert response.headers["location"].startswith("/login")
     assert web.run(web.services.accounts.list_admins) == [ADMIN]
 
 
@@ -176,9 +192,12 @@ def test_check_now_marks_each_record(web: WebClient) -> None:
     mx = re.search(r'<tr id="dns-mx" class="(\w+)"', page)
     a = re.search(r'<tr id="dns-a" class="(\w+)"', page)
     spf = re.search(r'<tr id="dns-spf" class="(\w+)"', page)
-    assert mx and a and spf
+    assert mx
+    assert a
+    assert spf
     assert (mx.group(1), a.group(1), spf.group(1)) == ("found", "wrong", "missing")
-    assert "found: <code>198.51.100.8</code>" in page and "Last checked" in page
+    assert "found: <code>198.51.100.8</code>" in page
+    assert "Last checked" in page
 
 
 def test_unknown_step_numbers(web: WebClient) -> None:
@@ -202,7 +221,8 @@ def test_wizard_mailbox_can_log_in_afterwards(web: WebClient) -> None:
     web.post("/setup/6", {"action": "add", "local": "alice", "domain": DOMAIN, "name": "",
                           "password": ALICE_PASSWORD, "password2": ALICE_PASSWORD}, token_from="/setup/6")
     principal = web.run(web.services.auth.verify, ALICE, ALICE_PASSWORD, "imap", "127.0.0.1")
-    assert principal is not None and principal.name == ALICE
+    assert principal is not None
+    assert principal.name == ALICE
 
 
 # --- the one-time setup code (issue 11 item 4) --------------------------------------------------------
@@ -226,7 +246,8 @@ def test_setup_code_guesses_are_throttled_like_logins(tmp_path: Path) -> None:
         for _ in range(3):
             assert step1(web, code="AAAA-BBBB-CCCC").status_code == 400
         response = step1(web, code=right)  # locked out now: even the right code is refused for a while
-        assert response.status_code == 400 and "too many attempts" in field_error(response.text, "code")
+        assert response.status_code == 400
+        assert "too many attempts" in field_error(response.text, "code")
         assert not web.run(web.services.accounts.has_admin)
 
 
@@ -242,7 +263,8 @@ def test_step3_refuses_a_lan_address_and_says_what_the_public_one_is(web: WebCli
     assert web.setting("public_ipv4") in (None, "")
     response = web.post("/setup/3", {"ipv4": "192.0.32.7", "ipv6": "fd00::1", "action": "continue"},
                         token_from="/setup/3")
-    assert response.status_code == 400 and "unique local" in field_error(response.text, "ipv6")
+    assert response.status_code == 400
+    assert "unique local" in field_error(response.text, "ipv6")
 
 
 def test_going_back_to_step2_replaces_the_domain_it_added(web: WebClient) -> None:
@@ -272,14 +294,19 @@ def test_done_lists_what_is_still_missing_each_with_its_fix(web: WebClient) -> N
     web.run(save_smarthost, web.services.db, Smarthost("smtp.provider.example", 587, "starttls", "me", "pw"))
     web.set_setting("setup_step", "7")
     page = web.get("/setup/7").text
-    assert "Almost ready: 3 things left" in page and "Your box is ready" not in page
+    assert "Almost ready: 3 things left" in page
+    assert "Your box is ready" not in page
     dns = re.search(r'<li id="todo-dns-example.test">(.*?)</li>\s*</ul>', page, re.S)
-    assert dns and "2 DNS records of example.test were not found" in dns.group(1)
+    assert dns
+    assert "2 DNS records of example.test were not found" in dns.group(1)
     assert f'href="/console/domains/{DOMAIN}"' in dns.group(1)
-    assert "TXT example.test: missing" in dns.group(1) and f"A {HOSTNAME}: wrong" in dns.group(1)
+    assert "TXT example.test: missing" in dns.group(1)
+    assert f"A {HOSTNAME}: wrong" in dns.group(1)
     assert "MX example.test" not in dns.group(1)
-    assert 'id="todo-certificate"' in page and "self-signed" in page
-    assert 'id="todo-sending"' in page and "smtp.provider.example was saved without a working test" in page
+    assert 'id="todo-certificate"' in page
+    assert "self-signed" in page
+    assert 'id="todo-sending"' in page
+    assert "smtp.provider.example was saved without a working test" in page
 
 
 def test_done_says_ready_when_nothing_is_missing(web: WebClient, ca: trustme.CA) -> None:
@@ -293,7 +320,8 @@ def test_done_says_ready_when_nothing_is_missing(web: WebClient, ca: trustme.CA)
     web.set_setting("smarthost_tested", relay.describe())  # as a test that worked leaves it
     web.set_setting("setup_step", "7")
     page = web.get("/setup/7").text
-    assert "Your box is ready" in page and 'id="todo"' not in page
+    assert "Your box is ready" in page
+    assert 'id="todo"' not in page
 
 
 @pytest.mark.parametrize(("current", "fqdn", "host", "expected"), [
@@ -310,7 +338,8 @@ def test_step1_suggests_the_systems_name(tmp_path: Path, monkeypatch: pytest.Mon
         web.services.hostname = current
         page = web.get("/setup/1").text
         field = re.search(r'<input id="f-hostname"[^>]*>', page)
-        assert field and f'value="{expected}"' in field.group(0)
+        assert field
+        assert f'value="{expected}"' in field.group(0)
 
 
 @pytest.mark.parametrize(("fqdn", "host", "expected"), [

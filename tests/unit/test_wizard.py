@@ -52,7 +52,8 @@ def test_admin_step_puts_each_error_next_to_its_field(changes: dict[str, str], f
 def test_admin_step_never_echoes_passwords_back() -> None:
     result = wizard.admin_step(admin_values(password2="does not match at all"))
     assert isinstance(result, Form)
-    assert "password" not in result.values and "password2" not in result.values
+    assert "password" not in result.values
+    assert "password2" not in result.values
     assert result.values["hostname"] == "mail.example.org"
 
 
@@ -115,7 +116,8 @@ def test_dns_step_refuses_addresses_that_cannot_be_the_boxs(values: dict[str, st
 
 def test_dns_step_unknown_action() -> None:
     result = wizard.dns_step({"ipv4": "192.0.32.7", "action": "drop tables"})
-    assert isinstance(result, Form) and "" in result.errors
+    assert isinstance(result, Form)
+    assert "" in result.errors
 
 
 # --- step 4 -------------------------------------------------------------------------------------------
@@ -140,10 +142,13 @@ def relay_values(**changes: str) -> dict[str, str]:
 def test_saving_an_untested_relay_needs_the_second_confirmation() -> None:
     """Issue 10 item 9: Continue saved a relay that was never tested (or whose test failed)."""
     result = wizard.sending_step(relay_values(save_untested=""))
-    assert isinstance(result, Form) and "has not passed a test" in result.errors["save_untested"]
+    assert isinstance(result, Form)
+    assert "has not passed a test" in result.errors["save_untested"]
     assert "save_untested" not in result.values  # the box is never ticked for the person
     result = wizard.sending_step(relay_values(save_untested="on"))
-    assert isinstance(result, Next) and result.relay is not None and result.action == "save"
+    assert isinstance(result, Next)
+    assert result.relay is not None
+    assert result.action == "save"
     # The relay already stored (saved by a test that worked) needs no second yes; nor does a test.
     stored = Smarthost("smtp.provider.example", 587, "starttls", "me@provider.example", RELAY_PASSWORD)
     assert isinstance(wizard.sending_step(relay_values(save_untested="", relay_password=""), stored=stored), Next)
@@ -158,20 +163,26 @@ def test_sending_step_direct_is_the_default_and_leads_to_the_mailboxes() -> None
 
 def test_sending_step_relay_with_the_tls_modes_default_port() -> None:
     result = wizard.sending_step(relay_values())
-    assert isinstance(result, Next) and (result.step, result.action) == (6, "save")
+    assert isinstance(result, Next)
+    assert (result.step, result.action) == (6, "save")
     assert result.relay == Smarthost("smtp.provider.example", 587, "starttls", "me@provider.example", RELAY_PASSWORD)
     result = wizard.sending_step(relay_values(relay_tls="implicit", action="test"), ca_file="/etc/ca.pem")
-    assert isinstance(result, Next) and (result.step, result.action) == (5, "test")  # a test stays on the step
-    assert result.relay is not None and (result.relay.port, result.relay.tls) == (465, "implicit")
+    assert isinstance(result, Next)
+    assert (result.step, result.action) == (5, "test")
+    assert result.relay is not None
+    assert (result.relay.port, result.relay.tls) == (465, "implicit")
     assert result.relay.ca_file == "/etc/ca.pem"
     result = wizard.sending_step(relay_values(relay_port="2525", relay_host="192.0.2.25"))
-    assert isinstance(result, Next) and result.relay is not None
+    assert isinstance(result, Next)
+    assert result.relay is not None
     assert (result.relay.host, result.relay.port) == ("192.0.2.25", 2525)
 
 
 def test_sending_step_relay_without_a_login() -> None:
     result = wizard.sending_step(relay_values(relay_user="", relay_password=""))
-    assert isinstance(result, Next) and result.relay is not None and result.relay.login is None
+    assert isinstance(result, Next)
+    assert result.relay is not None
+    assert result.relay.login is None
 
 
 @pytest.mark.parametrize(("changes", "field", "words"), [
@@ -193,19 +204,24 @@ def test_sending_step_errors_next_to_their_field(changes: dict[str, str], field:
     result = wizard.sending_step(relay_values(**changes))
     assert isinstance(result, Form)
     assert words in result.errors[field], result.errors
-    assert RELAY_PASSWORD not in result.values.values() and "relay_password" not in result.values
+    assert RELAY_PASSWORD not in result.values.values()
+    assert "relay_password" not in result.values
 
 
 def test_sending_step_keeps_the_stored_password_only_for_the_same_user_and_host() -> None:
     stored = Smarthost("smtp.provider.example", 587, "starttls", "me@provider.example", "stored secret")
     result = wizard.sending_step(relay_values(relay_password="", relay_tls="implicit"), stored=stored)
-    assert isinstance(result, Next) and result.relay is not None
+    assert isinstance(result, Next)
+    assert result.relay is not None
     assert (result.relay.password, result.relay.port) == ("stored secret", 465)
     for changes in ({"relay_user": "someone@provider.example"}, {"relay_host": "smtp.elsewhere.example"}):
         result = wizard.sending_step(relay_values(relay_password="", **changes), stored=stored)
-        assert isinstance(result, Form) and "another user or host" in result.errors["relay_password"]
+        assert isinstance(result, Form)
+        assert "another user or host" in result.errors["relay_password"]
     result = wizard.sending_step(relay_values(relay_password="a new one"), stored=stored)
-    assert isinstance(result, Next) and result.relay is not None and result.relay.password == "a new one"
+    assert isinstance(result, Next)
+    assert result.relay is not None
+    assert result.relay.password == "a new one"
 
 
 def test_sending_step_shows_the_typed_values_back_but_never_the_password() -> None:
@@ -257,7 +273,8 @@ def test_done_step() -> None:
 
 def test_steps_are_numbered_one_to_seven() -> None:
     assert [n for n, _ in wizard.STEPS] == [1, 2, 3, 4, 5, 6, 7]
-    assert dict(wizard.STEPS)[5] == "Sending mail" and dict(wizard.STEPS)[6] == "Mailboxes"
+    assert dict(wizard.STEPS)[5] == "Sending mail"
+    assert dict(wizard.STEPS)[6] == "Mailboxes"
     assert (wizard.FIRST_STEP, wizard.LAST_STEP) == (1, 7)
 
 

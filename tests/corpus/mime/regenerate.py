@@ -77,8 +77,7 @@ def fetch_raw(sock_file: io.BufferedRWPair, tag: int, uid: int, item: str) -> by
             continue
         if line.startswith(f"t{tag} ".encode()):
             break
-    body = response.split(b" FETCH (", 1)[1].rsplit(b")\r\nt", 1)[0]
-    return body
+    return response.split(b" FETCH (", 1)[1].rsplit(b")\r\nt", 1)[0]
 
 
 def main() -> None:
