@@ -182,7 +182,7 @@ FETCH_MACROS: dict[str, tuple[str, ...]] = {
 }
 SIMPLE_FETCH_ATTRIBUTES = frozenset(
     {"FLAGS", "UID", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY", "BODYSTRUCTURE", "RFC822",
-     "RFC822.HEADER", "RFC822.TEXT"}
+     "RFC822.HEADER", "RFC822.TEXT", "MODSEQ"}  # MODSEQ: RFC 7162 3.1.4.1
 )
 
 
@@ -246,6 +246,13 @@ class SetKey:
 
 
 @dataclass(frozen=True)
+class ModSeqKey:
+    """RFC 7162 3.1.5 MODSEQ: messages whose mod-sequence is at least `modseq`."""
+
+    modseq: int
+
+
+@dataclass(frozen=True)
 class NotKey:
     key: SearchKey
 
@@ -261,7 +268,8 @@ class AndKey:
     keys: tuple[SearchKey, ...]
 
 
-SearchKey = SearchAll | FlagKey | NewKey | HeaderKey | TextKey | DateKey | SizeKey | SetKey | NotKey | OrKey | AndKey
+SearchKey = (SearchAll | FlagKey | NewKey | HeaderKey | TextKey | DateKey | SizeKey | SetKey | NotKey | OrKey | AndKey
+             | ModSeqKey)
 
 
 # --- commands ---------------------------------------------------------------------------------------
@@ -289,6 +297,24 @@ class MailboxCommand(Command):
     """SELECT, EXAMINE, CREATE, DELETE, SUBSCRIBE, UNSUBSCRIBE, GETQUOTAROOT: one mailbox name."""
 
     mailbox: str
+
+
+@dataclass(frozen=True)
+class Qresync:
+    """RFC 7162 3.2.5: what a resyncing client last knew of the folder."""
+
+    uidvalidity: int
+    modseq: int
+    known_uids: SequenceSet | None = None
+    seq_match: tuple[SequenceSet, SequenceSet] | None = None  # known message numbers, their UIDs
+
+
+@dataclass(frozen=True)
+class Select(MailboxCommand):
+    """SELECT / EXAMINE with the RFC 7162 parameters CONDSTORE and QRESYNC."""
+
+    condstore: bool = False
+    qresync: Qresync | None = None
 
 
 @dataclass(frozen=True)
@@ -328,6 +354,8 @@ class Fetch(Command):
     uid: bool
     set: SequenceSet
     items: tuple[FetchItem, ...]
+    changedsince: int | None = None  # RFC 7162 3.1.4.1
+    vanished: bool = False  # RFC 7162 3.2.6 (UID FETCH, QRESYNC enabled)
 
 
 @dataclass(frozen=True)
@@ -337,6 +365,7 @@ class Store(Command):
     mode: Literal["set", "add", "remove"]
     silent: bool
     flags: tuple[str, ...]
+    unchangedsince: int | None = None  # RFC 7162 3.1.3
 
 
 @dataclass(frozen=True)

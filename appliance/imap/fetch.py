@@ -596,9 +596,10 @@ class MessageFacts:
     flags: tuple[str, ...]  # in the order they are sent, \Recent included when it applies
     size: int
     internaldate: int
+    modseq: int = 0
 
 
-INDEX_ITEMS = frozenset({"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE"})
+INDEX_ITEMS = frozenset({"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "MODSEQ"})
 
 
 def needs_file(item: FetchItem) -> bool:
@@ -621,6 +622,8 @@ def index_value(name: str, facts: MessageFacts) -> Value:
         return internaldate_atom(facts.internaldate)
     if name == "RFC822.SIZE":
         return facts.size
+    if name == "MODSEQ":
+        return Atom(f"({facts.modseq})")  # RFC 7162 3.1.4.1: a parenthesised list of one value
     raise ValueError(f"{name} needs the message file")
 
 

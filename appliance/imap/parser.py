@@ -36,9 +36,11 @@ from appliance.imap.commands import (
     ListCommand,
     Login,
     MailboxCommand,
+    ModSeqKey,
     NewKey,
     NotKey,
     OrKey,
+    Qresync,
     QuotaCommand,
     Rename,
     Search,
@@ -46,6 +48,7 @@ from appliance.imap.commands import (
     SearchKey,
     Section,
     SectionText,
+    Select,
     SequenceSet,
     SetKey,
     SizeKey,
@@ -81,7 +84,8 @@ SEQUENCE_CHARS = frozenset(b"0123456789:,*")
 MONTHS = {name.upper(): i for i, name in enumerate(calendar.month_abbr) if name}
 MAX_NUMBER = 2**32 - 1  # RFC 3501 9: number is a 32-bit unsigned integer
 MAX_SEARCH_DEPTH = 50  # nested parentheses/NOT/OR in one SEARCH
-STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN"})
+STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ"})
+MAX_MODSEQ = 2**63 - 1  # RFC 7162 7: mod-sequence-value is a 63-bit number
 SEARCH_FLAG_KEYS: dict[str, tuple[str, bool]] = {
     "ANSWERED": ("\\Answered", True), "UNANSWERED": ("\\Answered", False),
     "DELETED": ("\\Deleted", True), "UNDELETED": ("\\Deleted", False),
@@ -184,6 +188,14 @@ class Reader:
         value = int(digits)
         if value > MAX_NUMBER or (nonzero and value == 0):
             raise ParseError(f"number out of range: {digits.decode()}")
+        return value
+
+    def modseq(self, nonzero: bool = True) -> int:
+        """RFC 7162 7 mod-sequence-value (1..2^63-1; mod-sequence-valzer allows 0)."""
+        digits = self.chars(frozenset(b"0123456789"), "a mod-sequence")
+        value = int(digits)
+        if len(digits) > 19 or value > MAX_MODSEQ or (nonzero and value == 0):
+            raise ParseError(f"mod-sequence out of range: {digits[:20].decode()}")
         return value
 
     def quoted(self) -> bytes:
@@ -388,6 +400,63 @@ def _one_mailbox(r: Reader, tag: str, name: str) -> Command:
     return MailboxCommand(tag, name, mailbox)
 
 
+def _select(r: Reader, tag: str, name: str) -> Command:
+    """SELECT/EXAMINE mailbox [(CONDSTORE | QRESYNC (...))] (RFC 4466 2.1, RFC 7162 3.1.8, 3.2.5)."""
+    r.sp()
+    mailbox = r.mailbox()
+    condstore = False
+    qresync = None
+    if r.accept(b" "):
+        r.expect(b"(")
+        while True:
+            word = r.keyword()
+            if word == "CONDSTORE":
+                condstore = True
+            elif word == "QRESYNC":
+                r.sp()
+                qresync = _qresync(r)
+            else:
+                raise ParseError(f"unknown SELECT parameter {word}")
+            if r.accept(b")"):
+                break
+            r.sp()
+    r.end()
+    return Select(tag, name, mailbox, condstore, qresync)
+
+
+def _qresync(r: Reader) -> Qresync:
+    r.expect(b"(")
+    uidvalidity = r.number(nonzero=True)
+    r.sp()
+    modseq = r.modseq()
+    known = None
+    seq_match = None
+    if r.accept(b" "):
+        if r.peek() != ord("("):
+            known = r.sequence_set()
+            _no_star(known)
+            if r.accept(b" "):
+                seq_match = _seq_match(r)
+        else:
+            seq_match = _seq_match(r)
+    r.expect(b")")
+    return Qresync(uidvalidity, modseq, known, seq_match)
+
+
+def _seq_match(r: Reader) -> tuple[SequenceSet, SequenceSet]:
+    r.expect(b"(")
+    seqs = r.sequence_set()
+    r.sp()
+    uids = r.sequence_set()
+    r.expect(b")")
+    return seqs, uids
+
+
+def _no_star(seqset: SequenceSet) -> None:
+    if any(STAR in pair for pair in seqset.ranges):
+        raise ParseError("'*' is not allowed in known-uids")  # RFC 7162 7: sequence-set without '*'
+
+
 def _rename(r: Reader, tag: str, name: str) -> Command:
     r.sp()
     old = r.mailbox()
@@ -506,10 +575,30 @@ def _fetch(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
             items.extend(FetchAttribute(n) for n in FETCH_MACROS[word])
         else:
             items.append(_fetch_att(r, word))
+    changedsince = None
+    vanished = False
+    if r.accept(b" "):  # RFC 4466 2.4 fetch-modifiers: (CHANGEDSINCE n) (VANISHED) (RFC 7162 3.1.4.1, 3.2.6)
+        r.expect(b"(")
+        while True:
+            word = r.keyword()
+            if word == "CHANGEDSINCE":
+                r.sp()
+                changedsince = r.modseq()
+            elif word == "VANISHED":
+                vanished = True
+            else:
+                raise ParseError(f"unknown FETCH modifier {word}")
+            if r.accept(b")"):
+                break
+            r.sp()
+        if vanished and (not uid or changedsince is None):
+            raise ParseError("VANISHED needs UID FETCH and CHANGEDSINCE")  # RFC 7162 3.2.6
     r.end()
     if uid and FetchAttribute("UID") not in items:
         items.insert(0, FetchAttribute("UID"))  # RFC 3501 6.4.8: UID FETCH always returns the UID
-    return Fetch(tag, name, uid, seq, tuple(items))
+    if changedsince is not None and FetchAttribute("MODSEQ") not in items:
+        items.append(FetchAttribute("MODSEQ"))  # RFC 7162 3.1.4.1: CHANGEDSINCE implies MODSEQ
+    return Fetch(tag, name, uid, seq, tuple(items), changedsince, vanished)
 
 
 def _fetch_word(r: Reader) -> str:
@@ -567,6 +656,15 @@ def _store(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
     r.sp()
     seq = r.sequence_set()
     r.sp()
+    unchangedsince = None
+    if r.accept(b"("):  # RFC 4466 2.5 store-modifiers: (UNCHANGEDSINCE n) (RFC 7162 3.1.3)
+        word = r.keyword()
+        if word != "UNCHANGEDSINCE":
+            raise ParseError(f"unknown STORE modifier {word}")
+        r.sp()
+        unchangedsince = r.modseq(nonzero=False)
+        r.expect(b")")
+        r.sp()
     mode = "set"
     if r.accept(b"+"):
         mode = "add"
@@ -586,7 +684,8 @@ def _store(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
     r.end()
     if "\\Recent" in flags:
         raise ParseError("\\Recent cannot be stored")
-    return Store(tag, name, uid, seq, mode, word.endswith(".SILENT"), flags)  # type: ignore[arg-type]
+    return Store(tag, name, uid, seq, mode, word.endswith(".SILENT"), flags,  # type: ignore[arg-type]
+                 unchangedsince)
 
 
 def _copy(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
@@ -656,6 +755,16 @@ def _search_key_named(r: Reader, word: str, depth: int) -> SearchKey:  # noqa: C
         return SizeKey(word, r.number())  # type: ignore[arg-type]
     if word == "UID":
         return SetKey(True, r.sequence_set())
+    if word == "MODSEQ":
+        # RFC 7162 3.1.5: MODSEQ [entry-name entry-type-req] mod-sequence-valzer; the entry names
+        # a flag's own mod-sequence, which this server does not keep apart: the message's is used.
+        if r.peek() == ord('"'):
+            r.quoted()
+            r.sp()
+            if r.keyword() not in ("PRIV", "SHARED", "ALL"):
+                raise ParseError("bad MODSEQ entry type")
+            r.sp()
+        return ModSeqKey(r.modseq(nonzero=False))
     if word == "NOT":
         return NotKey(_search_key(r, depth + 1))
     if word == "OR":
@@ -745,8 +854,8 @@ def _expunge(r: Reader, tag: str, name: str) -> Command:
 _PARSERS: dict[str, Callable[..., Command]] = {
     "LOGIN": _login,
     "AUTHENTICATE": _authenticate,
-    "SELECT": _one_mailbox,
-    "EXAMINE": _one_mailbox,
+    "SELECT": _select,
+    "EXAMINE": _select,
     "CREATE": _one_mailbox,
     "DELETE": _one_mailbox,
     "SUBSCRIBE": _one_mailbox,

@@ -26,6 +26,7 @@ from appliance.imap.commands import (
     DateKey,
     FlagKey,
     HeaderKey,
+    ModSeqKey,
     NewKey,
     NotKey,
     OrKey,
@@ -55,6 +56,7 @@ class Candidate:
     flags: frozenset[str]  # \Recent included when this session has it as recent
     size: int
     internaldate: int
+    modseq: int = 0
 
 
 class _Content:
@@ -292,6 +294,9 @@ class Searcher:
             if key.uid:
                 return lambda c, content: in_ranges(c.uid, ranges)
             return lambda c, content: in_ranges(c.seq, ranges)
+        if isinstance(key, ModSeqKey):
+            least = key.modseq  # RFC 7162 3.1.5: mod-sequence equal or greater
+            return lambda c, content: c.modseq >= least
         if isinstance(key, SizeKey):
             size = key.size
             if key.relation == "LARGER":
@@ -338,6 +343,19 @@ class Searcher:
             parts = [self._compile(k) for k in sorted(key.keys, key=_needs_content)]
             return lambda c, content: all(p(c, content) for p in parts)
         raise TypeError(f"unknown search key {key!r}")
+
+
+def uses_modseq(key: SearchKey) -> bool:
+    """Whether the key has a MODSEQ criterion: the answer then carries (MODSEQ n) (RFC 7162 3.1.5)."""
+    if isinstance(key, ModSeqKey):
+        return True
+    if isinstance(key, NotKey):
+        return uses_modseq(key.key)
+    if isinstance(key, OrKey):
+        return uses_modseq(key.left) or uses_modseq(key.right)
+    if isinstance(key, AndKey):
+        return any(uses_modseq(k) for k in key.keys)
+    return False
 
 
 def _needs_content(key: SearchKey) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
-from appliance.imap.commands import RECENT, SYSTEM_FLAGS, SequenceSet
+from appliance.imap.commands import RECENT, SYSTEM_FLAGS, SequenceSet, compact
 from appliance.imap.responses import Atom, Data, FetchResponse, Response, UntaggedStatus, flag_list
 from appliance.store.mailstore import FolderSnapshot, MessageInfo
 
@@ -43,6 +43,11 @@ class SelectedFolder:
         self.recent: set[int] = set(snapshot.recent)
         self._seq: dict[int, int] | None = None
         self.keywords: set[str] = _keywords(snapshot.messages)
+        self.highestmodseq = snapshot.highestmodseq
+        # RFC 7162: once CONDSTORE is enabled every FETCH of flags carries MODSEQ (3.1); once QRESYNC
+        # is, expunges are told as VANISHED with UIDs (3.2.10) and every FETCH carries the UID.
+        self.condstore = False
+        self.qresync = False
 
     # --- numbers -----------------------------------------------------------------------------------
 
@@ -146,7 +151,7 @@ class SelectedFolder:
             if new is None:
                 continue
             old = self.infos[uid]
-            if new.flags != old.flags:
+            if new.flags != old.flags or (self.condstore and new.modseq != old.modseq):
                 self.infos[uid] = new
                 changed.append(new)
                 out.append(self.flags_fetch(uid, with_uid))
@@ -166,13 +171,16 @@ class SelectedFolder:
         if added or len(self.recent) != recent_before:
             out.append(Data(f"{len(self.recent)} RECENT"))
         self.uidnext = max(self.uidnext, snapshot.uidnext)
+        self.highestmodseq = max(self.highestmodseq, snapshot.highestmodseq)
         return [*self._learn_keywords([*changed, *added]), *out]
 
     def flags_fetch(self, uid: int, with_uid: bool = True) -> FetchResponse:
         items: list[tuple[str, Atom | int]] = []
-        if with_uid:
+        if with_uid or self.qresync:
             items.append(("UID", uid))
         items.append(("FLAGS", self.flags_atom(uid)))
+        if self.condstore:
+            items.append(("MODSEQ", Atom(f"({self.infos[uid].modseq})")))
         return FetchResponse(self.seq_of(uid), tuple(items))
 
     def _remove(self, uids: Sequence[int]) -> list[Response]:
@@ -181,10 +189,13 @@ class SelectedFolder:
         doomed = set(uids)
         out: list[Response] = []
         removed = 0
-        for seq, uid in enumerate(self.uids, start=1):
-            if uid in doomed:
-                out.append(Data(f"{seq - removed} EXPUNGE"))  # later numbers shift down at once
-                removed += 1
+        if self.qresync:
+            out.append(Data("VANISHED " + compact(sorted(doomed))))  # RFC 7162 3.2.10
+        else:
+            for seq, uid in enumerate(self.uids, start=1):
+                if uid in doomed:
+                    out.append(Data(f"{seq - removed} EXPUNGE"))  # later numbers shift down at once
+                    removed += 1
         self.uids = [u for u in self.uids if u not in doomed]
         for uid in doomed:
             self.infos.pop(uid, None)

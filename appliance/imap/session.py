@@ -36,13 +36,16 @@ from appliance.imap.commands import (
     ListCommand,
     Login,
     MailboxCommand,
+    Qresync,
     QuotaCommand,
     Rename,
     Search,
+    Select,
     SequenceSet,
     Status,
     Store,
     compact,
+    in_ranges,
 )
 from appliance.imap.errors import ImapBad, ImapError, ImapNo
 from appliance.imap.limits import MAX_LIST_PATTERNS, STRUCTURE_CACHE_ENTRIES
@@ -59,7 +62,7 @@ from appliance.imap.responses import (
     Value,
     encode_astring,
 )
-from appliance.imap.search import SUPPORTED_CHARSETS, Candidate, Searcher
+from appliance.imap.search import SUPPORTED_CHARSETS, Candidate, Searcher, uses_modseq
 from appliance.imap.selected import SelectedFolder, flag_text
 from appliance.store.mailstore import (
     FolderExists,
@@ -82,7 +85,7 @@ State = Literal["not_authenticated", "authenticated", "selected", "logout"]
 BASE_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE")
 AUTHENTICATED_CAPABILITIES = (
     "IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "UIDPLUS", "MOVE", "SPECIAL-USE",
-    "NAMESPACE", "CHILDREN", "UNSELECT", "QUOTA",
+    "NAMESPACE", "CHILDREN", "UNSELECT", "QUOTA", "CONDSTORE", "QRESYNC",
 )
 SERVER_ID = (("name", "Letterbox"), ("vendor", "Letterbox"))
 FETCH_BATCH = 64  # messages whose files one worker-thread call reads
@@ -130,6 +133,9 @@ class ImapSession:
         self.watcher: Watcher | None = None
         self._dirty = False  # look at the store before the next response (watcher fired, client polled)
         self._structures: OrderedDict[tuple[str, int, int], Part] = OrderedDict()
+        # RFC 7162 3.1/3.2: on once the client used or enabled CONDSTORE / enabled QRESYNC; never off.
+        self.condstore = False
+        self.qresync = False
 
     # --- greeting and capabilities -----------------------------------------------------------------
 
@@ -279,8 +285,12 @@ class ImapSession:
         return self.user
 
     async def cmd_select(self, command: Command) -> None:
-        assert isinstance(command, MailboxCommand)
+        assert isinstance(command, Select)
         readonly = command.name == "EXAMINE"
+        if command.qresync is not None and not self.qresync:
+            raise ImapBad("QRESYNC is not enabled")  # RFC 7162 3.2.5: ENABLE QRESYNC comes first
+        if command.condstore:
+            self.condstore = True
         # RFC 3501 6.3.1: SELECT first leaves any selected folder, and a failed SELECT leaves the
         # session in the authenticated state (not selected with no folder).
         self._unselect()
@@ -291,6 +301,7 @@ class ImapSession:
         except NoSuchFolder:
             raise ImapNo(f"Mailbox does not exist: {name}", "NONEXISTENT") from None
         view = SelectedFolder(snapshot, readonly)
+        view.condstore, view.qresync = self.condstore, self.qresync
         self.watcher = self.store.watch(self.mailbox, view.name)
         self.selected = view
         self.state = "selected"
@@ -308,11 +319,64 @@ class ImapSession:
             UntaggedStatus("OK", "Predicted next UID", f"UIDNEXT {view.uidnext}"),
             view.permanent_flags(),
         ]
+        if self.condstore:
+            out.append(UntaggedStatus("OK", "Highest", f"HIGHESTMODSEQ {view.highestmodseq}"))  # RFC 7162 3.1.2.1
+        if command.qresync is not None and command.qresync.uidvalidity == view.uidvalidity:
+            out += await self._resync(view, command.qresync)
         await self.io.send(*out)
         await self.io.send(Tagged(command.tag, "OK", f"{command.name} completed",
                                   "READ-ONLY" if readonly else "READ-WRITE"))
 
     cmd_examine = cmd_select
+
+    async def _resync(self, view: SelectedFolder, known: Qresync) -> list[Response]:
+        """RFC 7162 3.2.5.2: what changed since the client's mod-sequence: VANISHED (EARLIER) for the
+        expunged UIDs, then a FETCH of UID, FLAGS and MODSEQ for every message changed or added.
+        With known UIDs, only those are reported."""
+        out: list[Response] = []
+        vanished = await self._vanished(view, known.modseq, known.known_uids)
+        if vanished:
+            out.append(Data("VANISHED (EARLIER) " + vanished))
+        ranges = known.known_uids.merged(view.largest_uid) if known.known_uids is not None else None
+        for uid in view.uids:
+            info = view.info(uid)
+            if info.modseq > known.modseq and (ranges is None or in_ranges(uid, ranges)):
+                out.append(view.flags_fetch(uid))
+        return out
+
+    async def _vanished(self, view: SelectedFolder, modseq: int, within: SequenceSet | None) -> str:
+        """The UIDs expunged since `modseq` (within a UID set when given), as an IMAP set ('' for none)."""
+        recorded, complete = await self._store_call(self.store.expunged_since(self.mailbox, view.name, modseq))
+        present = set(view.uids) - view.gone
+        largest = max(view.largest_uid, view.uidnext - 1)
+        if complete:
+            uids = [u for u in recorded if u not in present]
+            if within is not None:
+                uids = within.select(uids, view.largest_uid)
+            return compact(uids)
+        # The record of expunges starts after `modseq`: every UID the folder no longer has may be one
+        # (RFC 7162 3.2.5.2 allows reporting UIDs expunged earlier, or never seen).
+        gaps: list[tuple[int, int]] = []
+        low = 1
+        for uid in sorted(present):
+            if uid > low:
+                gaps.append((low, uid - 1))
+            low = uid + 1
+        if low <= largest:
+            gaps.append((low, largest))
+        if within is not None:
+            gaps = _intersect(gaps, within.merged(view.largest_uid))
+        return ",".join(str(a) if a == b else f"{a}:{b}" for a, b in gaps)
+
+    async def _condstore_on(self) -> None:
+        """A CONDSTORE-enabling command (RFC 7162 3.1): the first one while a folder is selected is
+        followed by its HIGHESTMODSEQ, so the client has a starting point."""
+        if self.condstore:
+            return
+        self.condstore = True
+        if self.selected is not None:
+            self.selected.condstore = True
+            await self.io.send(UntaggedStatus("OK", "Highest", f"HIGHESTMODSEQ {self.selected.highestmodseq}"))
 
     async def cmd_create(self, command: Command) -> None:
         assert isinstance(command, MailboxCommand)
@@ -425,7 +489,10 @@ class ImapSession:
             "UIDNEXT": snapshot.uidnext,
             "UIDVALIDITY": snapshot.uidvalidity,
             "UNSEEN": sum(1 for m in snapshot.messages if SEEN not in m.flags),
+            "HIGHESTMODSEQ": snapshot.highestmodseq,  # RFC 7162 3.1.2.2
         }
+        if "HIGHESTMODSEQ" in command.items:
+            await self._condstore_on()
         if self.selected is not None and self.selected.name == snapshot.name:
             values["RECENT"] = len(self.selected.recent)
         items = " ".join(f"{item} {values[item]}" for item in command.items)
@@ -451,8 +518,16 @@ class ImapSession:
 
     async def cmd_enable(self, command: Command) -> None:
         assert isinstance(command, Enable)
-        # RFC 5161: nothing we offer needs enabling (CONDSTORE/QRESYNC/UTF8=ACCEPT come later).
-        await self.io.send(Data("ENABLED"))
+        # RFC 5161 3.1: ENABLED lists what this command turned on; unknown names are ignored.
+        enabled: list[str] = []
+        wanted = {c.upper() for c in command.capabilities}
+        if "QRESYNC" in wanted and not self.qresync:
+            self.qresync = True  # RFC 7162 3.2.3: QRESYNC implies CONDSTORE
+            enabled.append("QRESYNC")
+        if ("CONDSTORE" in wanted or "QRESYNC" in wanted) and not self.condstore:
+            self.condstore = True
+            enabled.insert(0, "CONDSTORE")
+        await self.io.send(Data(" ".join(["ENABLED", *enabled])))
         await self.ok(command)
 
     async def cmd_getquotaroot(self, command: Command) -> None:
@@ -564,7 +639,7 @@ class ImapSession:
         for seq, uid in enumerate(view.uids, start=1):
             info = infos[uid]
             flags = info.flags | RECENT_FLAG if uid in recent else info.flags
-            candidates.append(Candidate(seq, uid, flags, info.size, info.internaldate))
+            candidates.append(Candidate(seq, uid, flags, info.size, info.internaldate, info.modseq))
         if searcher.needs_content():
             infos = {uid: view.info(uid) for uid in view.uids}
             found = await asyncio.to_thread(_search_files, searcher, candidates, infos)
@@ -575,13 +650,31 @@ class ImapSession:
         else:
             found = _search_index(searcher, candidates)
         numbers = [c.uid if command.uid else c.seq for c in found]
-        await self.io.send(Data("SEARCH" + "".join(f" {n}" for n in numbers)))
+        text = "SEARCH" + "".join(f" {n}" for n in numbers)
+        if uses_modseq(command.key):
+            await self._condstore_on()
+            if found:
+                text += f" (MODSEQ {max(c.modseq for c in found)})"  # RFC 7162 3.1.5
+        await self.io.send(Data(text))
         await self.ok(command)
 
     async def cmd_fetch(self, command: Command) -> None:
         assert isinstance(command, Fetch)
         view = self.view
         uids = self._resolve(command.set, command.uid)
+        if command.vanished and not self.qresync:
+            raise ImapBad("VANISHED needs QRESYNC enabled")  # RFC 7162 3.2.6
+        if command.changedsince is not None or any(
+            isinstance(i, FetchAttribute) and i.name == "MODSEQ" for i in command.items
+        ):
+            await self._condstore_on()
+        if command.vanished and command.changedsince is not None:
+            vanished = await self._vanished(view, command.changedsince, command.set)
+            if vanished:
+                await self.io.send(Data("VANISHED (EARLIER) " + vanished))
+        if command.changedsince is not None:
+            since = command.changedsince
+            uids = [u for u in uids if view.info(u).modseq > since]  # RFC 7162 3.1.4.1
         if not uids:
             await self.ok(command)
             return
@@ -599,6 +692,8 @@ class ImapSession:
                 await self.io.send(*view.update_infos(updated))
                 flags_changed = {i.uid for i in updated}
         items = command.items
+        if self.condstore and FetchAttribute("FLAGS") in items and FetchAttribute("MODSEQ") not in items:
+            items = (*items, FetchAttribute("MODSEQ"))  # RFC 7162 3.1: FLAGS come with their MODSEQ
         needs_file = any(fetching.needs_file(i) for i in items)
         missing = False
         if not needs_file:
@@ -620,7 +715,7 @@ class ImapSession:
     def _facts(self, uid: int) -> fetching.MessageFacts:
         view = self.view
         info = view.info(uid)
-        return fetching.MessageFacts(uid, tuple(view.flags_of(uid)), info.size, info.internaldate)
+        return fetching.MessageFacts(uid, tuple(view.flags_of(uid)), info.size, info.internaldate, info.modseq)
 
     def _fetch_index_only(self, uids: Sequence[int], items: Sequence[FetchItem], flags_changed: set[int]) -> Response:
         """FETCH of index items only (the UID FLAGS sync every client does): rendered straight to
@@ -640,10 +735,14 @@ class ImapSession:
                     parts.append("FLAGS " + flag_text(info.flags, uid in recent))
                 elif name == "RFC822.SIZE":
                     parts.append(f"RFC822.SIZE {info.size}")
+                elif name == "MODSEQ":
+                    parts.append(f"MODSEQ ({info.modseq})")
                 else:
                     parts.append("INTERNALDATE " + fetching.internaldate(info.internaldate).decode("ascii"))
             if add_flags and uid in flags_changed:
                 parts.append("FLAGS " + flag_text(info.flags, uid in recent))
+                if view.condstore and "MODSEQ" not in names:
+                    parts.append(f"MODSEQ ({info.modseq})")
             lines.append(f"* {seq_of(uid)} FETCH ({' '.join(parts)})\r\n")
         return Preformatted("".join(lines).encode("utf-8"))
 
@@ -664,6 +763,8 @@ class ImapSession:
                 values = fetching.item_values(items, facts, f, root, _reopener(f))
             if facts.uid in flags_changed and not any(name == "FLAGS" for name, _ in values):
                 values.append(("FLAGS", fetching.index_value("FLAGS", facts)))
+                if self.condstore and not any(name == "MODSEQ" for name, _ in values):
+                    values.append(("MODSEQ", fetching.index_value("MODSEQ", facts)))
             out.append(FetchResponse(seq, tuple(values)))
         return out
 
@@ -687,13 +788,22 @@ class ImapSession:
         assert isinstance(command, Store)
         view = self._writable()
         uids = [u for u in self._resolve(command.set, command.uid) if not view.is_gone(u)]
+        if command.unchangedsince is not None:
+            await self._condstore_on()
+        modified: list[int] = []
         if uids:
-            updated = await self._store_call(
-                self.store.store_flags(self.mailbox, view.name, uids, frozenset(command.flags), command.mode)
-            )
+            updated, modified = await self._store_call(self.store.store_flags_unchanged_since(
+                self.mailbox, view.name, uids, frozenset(command.flags), command.mode, command.unchangedsince,
+            ))
             await self.io.send(*view.update_infos(updated))
             if not command.silent:
                 await self.io.send(*[view.flags_fetch(i.uid, with_uid=command.uid) for i in updated])
+        if modified:
+            # RFC 7162 3.1.3: the messages changed since UNCHANGEDSINCE were left alone; named by UID
+            # for UID STORE, by number otherwise.
+            numbers = modified if command.uid else [view.seq_of(u) for u in modified]
+            await self.ok(command, code="MODIFIED " + compact(sorted(numbers)))
+            return
         await self.ok(command)
 
     async def cmd_copy(self, command: Command) -> None:
@@ -793,6 +903,21 @@ def _may_expunge(command: Command) -> bool:
     if command.name in ("FETCH", "STORE", "SEARCH"):
         return bool(getattr(command, "uid", False))
     return True
+
+
+def _intersect(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The overlap of two sorted lists of disjoint inclusive ranges."""
+    out: list[tuple[int, int]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        low, high = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if low <= high:
+            out.append((low, high))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
 
 
 def _reopener(f: BinaryIO) -> fetching.Reopen:

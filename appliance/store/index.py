@@ -85,13 +85,16 @@ class DiskChanges:
 
 class FolderIndex:
     def __init__(self, folder_id: int, name: str, path: Path, uidvalidity: int, uidnext: int,
-                 highestmodseq: int, subscribed: bool, entries: Sequence[Entry], uidlist: UidList | None) -> None:
+                 highestmodseq: int, subscribed: bool, entries: Sequence[Entry], uidlist: UidList | None,
+                 expunges_known_since: int = 0) -> None:
         self.id = folder_id
         self.name = name
         self.path = path  # sets the sub-directory paths too
         self.uidvalidity = uidvalidity
         self.uidnext = uidnext
         self.highestmodseq = highestmodseq
+        # Expunges with a mod-sequence above this are all in the `expunged` table (migration 0009).
+        self.expunges_known_since = expunges_known_since
         self.subscribed = subscribed
         self.lock = asyncio.Lock()
         self.by_uid: dict[int, Entry] = {e.uid: e for e in entries}  # in UID order: UIDs only grow
@@ -300,6 +303,9 @@ class Change:
         if self.removed:
             await tx.executemany("DELETE FROM messages WHERE folder_id = ? AND uid = ?",
                                  [(f.id, e.uid) for e in self.removed])
+            # RFC 7162 3.2.5.2: kept for VANISHED (EARLIER), with the mod-sequence of the expunge.
+            await tx.executemany("INSERT OR REPLACE INTO expunged (folder_id, uid, modseq) VALUES (?, ?, ?)",
+                                 [(f.id, e.uid, self.modseq) for e in self.removed])
         await tx.execute("UPDATE folders SET uidnext = ?, highestmodseq = ? WHERE id = ?",
                          (self.uidnext, self.modseq, f.id))
 
@@ -347,7 +353,8 @@ async def commit(db: Database, changes: Sequence[Change]) -> None:
 
 async def folder_row(db: Database, mailbox_id: int, name: str) -> Any:
     return await db.fetchone(
-        "SELECT id, uidvalidity, uidnext, highestmodseq, subscribed FROM folders WHERE mailbox_id = ? AND name = ?",
+        "SELECT id, uidvalidity, uidnext, highestmodseq, subscribed, expunges_known_since FROM folders"
+        " WHERE mailbox_id = ? AND name = ?",
         (mailbox_id, name),
     )
 
@@ -393,3 +400,10 @@ async def load_entries(db: Database, folder_id: int) -> list[Entry]:
         (folder_id,),
     )
     return [Entry(r[0], r[1], r[2], tuple(r[3].split()), r[4], r[5], r[6], wire=r[7]) for r in rows]
+
+
+async def expunged_since(db: Database, folder_id: int, modseq: int) -> list[int]:
+    """UIDs expunged from the folder with a mod-sequence above `modseq`, ascending (RFC 7162)."""
+    rows = await db.fetchall("SELECT uid FROM expunged WHERE folder_id = ? AND modseq > ? ORDER BY uid",
+                             (folder_id, modseq))
+    return [r[0] for r in rows]

@@ -145,6 +145,17 @@ class MailStore:
             self._wake(mb, f.name)  # another program changed the folder: tell the sessions
         return snap
 
+    async def expunged_since(self, mailbox: str, folder: str, modseq: int) -> tuple[list[int], bool]:
+        """RFC 7162 3.2.5.2: the UIDs expunged from the folder with a mod-sequence above `modseq`,
+        ascending, and whether that list is complete (False when `modseq` predates the record of
+        expunges: the caller then treats every missing UID as possibly expunged)."""
+        mb = await self._mailbox(mailbox)
+        f = await self._folder(mb, folder)
+        async with f.lock:
+            await self._sync(mb, f)
+            uids = await index.expunged_since(self._db, f.id, modseq)
+            return uids, modseq >= f.expunges_known_since
+
     async def message_path(self, mailbox: str, folder: str, uid: int) -> Path | None:
         """Where a message's file is now, or None when there is no such message."""
         mb = await self._mailbox(mailbox)
@@ -158,6 +169,16 @@ class MailStore:
                           mode: Literal["set", "add", "remove"]) -> list[MessageInfo]:
         """Change flags (RFC 3501 6.4.6); returns the state of every given message that exists,
         changed or not. Each change renames the file in cur/ (a message in new/ moves to cur/)."""
+        result, _ = await self.store_flags_unchanged_since(mailbox, folder, uids, flags, mode, None)
+        return result
+
+    async def store_flags_unchanged_since(
+        self, mailbox: str, folder: str, uids: Sequence[int], flags: frozenset[str],
+        mode: Literal["set", "add", "remove"], unchanged_since: int | None,
+    ) -> tuple[list[MessageInfo], list[int]]:
+        """store_flags, leaving alone the messages whose mod-sequence is above `unchanged_since`
+        (RFC 7162 3.1.3 UNCHANGEDSINCE): the test and the change are one step under the folder
+        lock. Returns the state of the other given messages and the UIDs left alone."""
         mb = await self._mailbox(mailbox)
         f = await self._folder(mb, folder)
         system, keywords = maildir.split_flags(flags)
@@ -169,7 +190,11 @@ class MailStore:
             folded = {k.lower() for k in keywords}
             entries = f.entries(uids)
             plan: list[tuple[index.Entry, str, str, tuple[str, ...]]] = []
+            modified: list[int] = []
             for e in entries:
+                if unchanged_since is not None and e.modseq > unchanged_since:
+                    modified.append(e.uid)
+                    continue
                 if mode == "set":
                     upper = maildir.sorted_letters([c for c in e.flags if c not in maildir.FLAG_OF_LETTER] + [*system])
                     names = wanted
@@ -197,10 +222,11 @@ class MailStore:
                     change.locate(e, "cur", filename)
                     change.update(e, upper, names)
                 await index.commit(self._db, [change])
-            result = [f.info(e) for e in f.entries(uids)]
+            left = set(modified)
+            result = [f.info(e) for e in f.entries(uids) if e.uid not in left]
         if plan:
             self._wake(mb, f.name)
-        return result
+        return result, modified
 
     async def expunge(self, mailbox: str, folder: str, uids: Sequence[int]) -> list[int]:
         """Remove messages for good; returns the UIDs removed (RFC 3501 6.4.3)."""
@@ -500,7 +526,7 @@ class MailStore:
             entries: list[index.Entry] = []
         else:
             entries = await index.load_entries(self._db, row[0])
-        f = FolderIndex(row[0], name, path, row[1], row[2], row[3], bool(row[4]), entries, uidlist)
+        f = FolderIndex(row[0], name, path, row[1], row[2], row[3], bool(row[4]), entries, uidlist, row[5])
         mb.folders[name] = f
         return f
 

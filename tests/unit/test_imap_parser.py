@@ -29,15 +29,18 @@ from appliance.imap.commands import (
     ListCommand,
     Login,
     MailboxCommand,
+    ModSeqKey,
     NewKey,
     NotKey,
     OrKey,
+    Qresync,
     QuotaCommand,
     Rename,
     Search,
     SearchAll,
     SearchKey,
     Section,
+    Select,
     SequenceSet,
     SetKey,
     SizeKey,
@@ -91,10 +94,11 @@ def test_authenticate() -> None:
 
 @pytest.mark.parametrize("name", ["SELECT", "EXAMINE", "CREATE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE", "GETQUOTAROOT"])
 def test_one_mailbox_commands(name: str) -> None:
-    assert parse(f"a {name} inbox") == MailboxCommand("a", name, "INBOX")
-    assert parse(f'a {name} "Sent Items"') == MailboxCommand("a", name, "Sent Items")
-    assert parse(f"a {name} Archive/2024") == MailboxCommand("a", name, "Archive/2024")
-    assert parse(f"a {name} &AOQ-bc") == MailboxCommand("a", name, "&AOQ-bc")
+    kind = Select if name in ("SELECT", "EXAMINE") else MailboxCommand
+    assert parse(f"a {name} inbox") == kind("a", name, "INBOX")
+    assert parse(f'a {name} "Sent Items"') == kind("a", name, "Sent Items")
+    assert parse(f"a {name} Archive/2024") == kind("a", name, "Archive/2024")
+    assert parse(f"a {name} &AOQ-bc") == kind("a", name, "&AOQ-bc")
     bad(f"a {name}")
     bad(f"a {name} a b")
 
@@ -490,3 +494,45 @@ def test_a_set_of_many_ranges_costs_one_pass() -> None:
     numbers = s.set.numbers(100_000)
     assert time.process_time() - started < 5.0  # generous: the naive loops took minutes
     assert picked == numbers == list(range(1, 26_000, 2))
+
+
+# --- RFC 7162 CONDSTORE / QRESYNC syntax -----------------------------------------------------------
+
+def test_select_parameters() -> None:
+    assert parse("a SELECT INBOX (CONDSTORE)") == Select("a", "SELECT", "INBOX", condstore=True)
+    assert parse("a EXAMINE INBOX (QRESYNC (67890007 20050715194045000))") == Select(
+        "a", "EXAMINE", "INBOX", qresync=Qresync(67890007, 20050715194045000))
+    known = parse("a SELECT INBOX (QRESYNC (67890007 90060115194045000 41:211,214:541))")
+    assert isinstance(known, Select) and known.qresync is not None
+    assert known.qresync.known_uids == SequenceSet(((41, 211), (214, 541)))
+    full = parse("a SELECT INBOX (QRESYNC (67890007 90060115194045000 1:29997 (5000,7500,9000 15000,22500,27000)))")
+    assert isinstance(full, Select) and full.qresync is not None and full.qresync.seq_match is not None
+    matched = parse("a SELECT INBOX (QRESYNC (1 2 (1:3 4:6)))")
+    assert isinstance(matched, Select) and matched.qresync is not None
+    assert matched.qresync.known_uids is None and matched.qresync.seq_match is not None
+    bad("a SELECT INBOX (FOO)")
+    bad("a SELECT INBOX (QRESYNC (1 0))")  # a mod-sequence-value is never 0
+    bad("a SELECT INBOX (QRESYNC (1 2 1:*))")  # no '*' in known-uids
+    bad("a SELECT INBOX (QRESYNC (1 99999999999999999999))")  # beyond 63 bits
+
+
+def test_fetch_and_store_modifiers() -> None:
+    fetch = parse("a UID FETCH 1:* (FLAGS) (CHANGEDSINCE 12345 VANISHED)")
+    assert isinstance(fetch, Fetch) and fetch.changedsince == 12345 and fetch.vanished
+    assert FetchAttribute("MODSEQ") in fetch.items  # CHANGEDSINCE implies MODSEQ (RFC 7162 3.1.4.1)
+    plain = parse("a FETCH 1 (FLAGS MODSEQ)")
+    assert isinstance(plain, Fetch) and plain.items == (FetchAttribute("FLAGS"), FetchAttribute("MODSEQ"))
+    bad("a FETCH 1:* (FLAGS) (CHANGEDSINCE 1 VANISHED)")  # VANISHED only with UID FETCH
+    bad("a UID FETCH 1:* (FLAGS) (VANISHED)")  # and with CHANGEDSINCE
+    bad("a FETCH 1 FLAGS (CHANGEDSINCE 0)")
+    store = parse("a STORE 1:3 (UNCHANGEDSINCE 0) +FLAGS.SILENT (\\Seen)")
+    assert isinstance(store, Store) and store.unchangedsince == 0 and store.silent and store.mode == "add"
+    bad("a STORE 1 (CHANGEDSINCE 3) +FLAGS (\\Seen)")
+
+
+def test_search_modseq_and_status() -> None:
+    assert parse("a SEARCH MODSEQ 620162338") == Search("a", "SEARCH", False, None, ModSeqKey(620162338))
+    assert parse('a SEARCH MODSEQ "/flags/\\\\draft" all 620162338') == Search(
+        "a", "SEARCH", False, None, ModSeqKey(620162338))
+    status = parse("a STATUS INBOX (UIDNEXT HIGHESTMODSEQ)")
+    assert isinstance(status, Status) and status.items == ("UIDNEXT", "HIGHESTMODSEQ")
