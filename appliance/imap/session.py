@@ -662,19 +662,7 @@ class ImapSession:
         assert isinstance(command, Fetch)
         view = self.view
         uids = self._resolve(command.set, command.uid)
-        if command.vanished and not self.qresync:
-            raise ImapBad("VANISHED needs QRESYNC enabled")  # RFC 7162 3.2.6
-        if command.changedsince is not None or any(
-            isinstance(i, FetchAttribute) and i.name == "MODSEQ" for i in command.items
-        ):
-            await self._condstore_on()
-        if command.vanished and command.changedsince is not None:
-            vanished = await self._vanished(view, command.changedsince, command.set)
-            if vanished:
-                await self.io.send(Data("VANISHED (EARLIER) " + vanished))
-        if command.changedsince is not None:
-            since = command.changedsince
-            uids = [u for u in uids if view.info(u).modseq > since]  # RFC 7162 3.1.4.1
+        uids = await self._fetch_modifiers(command, uids)
         if not uids:
             await self.ok(command)
             return
@@ -711,6 +699,24 @@ class ImapSession:
             await self.io.send(Tagged(command.tag, "NO", "Some messages were expunged", "EXPUNGEISSUED"))
             return
         await self.ok(command)
+
+    async def _fetch_modifiers(self, command: Fetch, uids: list[int]) -> list[int]:
+        """RFC 7162 3.1.4.1 CHANGEDSINCE (only messages changed since) and 3.2.6 VANISHED (the UIDs of
+        the set expunged since, told first); the messages to answer for."""
+        view = self.view
+        if command.vanished and not self.qresync:
+            raise ImapBad("VANISHED needs QRESYNC enabled")
+        if command.changedsince is None and FetchAttribute("MODSEQ") not in command.items:
+            return uids
+        await self._condstore_on()
+        since = command.changedsince
+        if since is None:
+            return uids
+        if command.vanished:
+            vanished = await self._vanished(view, since, command.set)
+            if vanished:
+                await self.io.send(Data("VANISHED (EARLIER) " + vanished))
+        return [u for u in uids if view.info(u).modseq > since]
 
     def _facts(self, uid: int) -> fetching.MessageFacts:
         view = self.view

@@ -54,7 +54,9 @@ def fetches(lines: list[bytes]) -> dict[int, tuple[bytes, int]]:
             uid = re.search(rb"UID (\d+)", body)
             flags = re.search(rb"FLAGS \(([^)]*)\)", body)
             modseq = re.search(rb"MODSEQ \((\d+)\)", body)
-            assert uid and flags and modseq, line
+            assert uid, line
+            assert flags, line
+            assert modseq, line
             kept = b" ".join(f for f in flags.group(1).split() if f != b"\\Recent")
             out[int(uid.group(1))] = (kept, int(modseq.group(1)))
     return out
@@ -75,7 +77,8 @@ def raw(imap_box: BoxHandle) -> Iterator[RawImap]:
 
 def test_capabilities_and_enable(raw: RawImap) -> None:
     caps = raw.command(b"c", b"CAPABILITY")[0]
-    assert b" CONDSTORE" in caps and b" QRESYNC" in caps
+    assert b" CONDSTORE" in caps
+    assert b" QRESYNC" in caps
     assert raw.command(b"e", b"ENABLE QRESYNC")[0] == b"* ENABLED CONDSTORE QRESYNC\r\n"
     assert raw.command(b"e2", b"ENABLE CONDSTORE")[0] == b"* ENABLED\r\n"  # already on
 
@@ -91,11 +94,13 @@ def test_modseq_fetch_store_search_status(imap_box: BoxHandle, raw: RawImap) -> 
     selected = raw.command(b"s", b"SELECT INBOX (CONDSTORE)")
     highest = code(selected, b"HIGHESTMODSEQ")
     seen = fetches(raw.command(b"f", b"FETCH 1:* (UID FLAGS MODSEQ)"))
-    assert set(seen) == {1, 2, 3, 4} and all(0 < m <= highest for _, m in seen.values())
+    assert set(seen) == {1, 2, 3, 4}
+    assert all(0 < m <= highest for _, m in seen.values())
 
     # STORE carries the new MODSEQ; the folder's HIGHESTMODSEQ follows.
     stored = fetches(raw.command(b"t", b"UID STORE 2 +FLAGS (\\Flagged)"))
-    assert stored[2][0] == b"\\Flagged" and stored[2][1] > highest
+    assert stored[2][0] == b"\\Flagged"
+    assert stored[2][1] > highest
     status = raw.command(b"st", b"STATUS INBOX (HIGHESTMODSEQ MESSAGES)")
     assert f"HIGHESTMODSEQ {stored[2][1]}".encode() in status[0]
 
@@ -108,7 +113,8 @@ def test_modseq_fetch_store_search_status(imap_box: BoxHandle, raw: RawImap) -> 
     reply = raw.command(b"u", f"UID STORE 2:3 (UNCHANGEDSINCE {highest}) +FLAGS (\\Seen)".encode())
     assert reply[-1].startswith(b"u OK [MODIFIED 2]"), reply
     after = fetches(raw.command(b"f2", b"UID FETCH 2:3 (FLAGS)"))
-    assert b"\\Seen" not in after[2][0] and b"\\Seen" in after[3][0]
+    assert b"\\Seen" not in after[2][0]
+    assert b"\\Seen" in after[3][0]
     numbered = raw.command(b"u2", b"STORE 1 (UNCHANGEDSINCE 1) -FLAGS (\\Seen)")
     assert numbered[-1].startswith(b"u2 OK [MODIFIED 1]"), numbered
 
@@ -134,7 +140,8 @@ def test_uid_expunge_gives_vanished_under_qresync(imap_box: BoxHandle, raw: RawI
     raw.command(b"s", b"SELECT INBOX")
     raw.command(b"d", b"UID STORE 2:4 +FLAGS.SILENT (\\Deleted)")
     reply = raw.command(b"x", b"UID EXPUNGE 2:3")
-    assert reply[0] == b"* VANISHED 2:3\r\n" and reply[-1].startswith(b"x OK"), reply
+    assert reply[0] == b"* VANISHED 2:3\r\n", reply
+    assert reply[-1].startswith(b"x OK"), reply
     # Another session's expunge reaches this one as VANISHED too.
     other = session(imap_box)
     other.command(b"s", b"SELECT INBOX")
@@ -199,7 +206,8 @@ def test_qresync_client_resyncs_after_offline_changes_across_a_restart(tmp_path:
         # Exactly the changes: 2 flagged by the other session, 4 seen by the other program; nothing
         # for 1 and 5; 6 (new) is outside the known UIDs given.
         assert set(changed) == {2, 4}, reply
-        assert changed[2][0] == b"\\Flagged" and changed[4][0] == b"\\Seen"
+        assert changed[2][0] == b"\\Flagged"
+        assert changed[4][0] == b"\\Seen"
         assert all(m > highest for _, m in changed.values())
         assert all(m == known[uid][1] for uid, (_, m) in fetches_all(box).items() if uid in (1, 5))
         new_highest = code(reply, b"HIGHESTMODSEQ")
@@ -214,10 +222,12 @@ def test_qresync_client_resyncs_after_offline_changes_across_a_restart(tmp_path:
         assert set(fetches(reply)) == {2, 4, 6}
         assert b"* VANISHED (EARLIER) 3\r\n" in reply, reply
         reply = client.command(b"s2", f"EXAMINE INBOX (QRESYNC ({uidvalidity} {new_highest} 1:6))".encode())
-        assert fetches(reply) == {} and not any(b"VANISHED" in line for line in reply), reply
+        assert fetches(reply) == {}, reply
+        assert not any(b"VANISHED" in line for line in reply), reply
         # A wrong UIDVALIDITY: a plain select, nothing resynced (RFC 7162 3.2.5.2).
         reply = client.command(b"s3", f"EXAMINE INBOX (QRESYNC ({uidvalidity + 1} {highest}))".encode())
-        assert fetches(reply) == {} and not any(b"VANISHED" in line for line in reply), reply
+        assert fetches(reply) == {}, reply
+        assert not any(b"VANISHED" in line for line in reply), reply
         # UID FETCH ... (CHANGEDSINCE n VANISHED) tells the same within the set.
         reply = client.command(b"f", f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {highest} VANISHED)".encode())
         assert reply[0] == b"* VANISHED (EARLIER) 3\r\n", reply

@@ -503,13 +503,18 @@ def test_select_parameters() -> None:
     assert parse("a EXAMINE INBOX (QRESYNC (67890007 20050715194045000))") == Select(
         "a", "EXAMINE", "INBOX", qresync=Qresync(67890007, 20050715194045000))
     known = parse("a SELECT INBOX (QRESYNC (67890007 90060115194045000 41:211,214:541))")
-    assert isinstance(known, Select) and known.qresync is not None
+    assert isinstance(known, Select)
+    assert known.qresync is not None
     assert known.qresync.known_uids == SequenceSet(((41, 211), (214, 541)))
     full = parse("a SELECT INBOX (QRESYNC (67890007 90060115194045000 1:29997 (5000,7500,9000 15000,22500,27000)))")
-    assert isinstance(full, Select) and full.qresync is not None and full.qresync.seq_match is not None
+    assert isinstance(full, Select)
+    assert full.qresync is not None
+    assert full.qresync.seq_match is not None
     matched = parse("a SELECT INBOX (QRESYNC (1 2 (1:3 4:6)))")
-    assert isinstance(matched, Select) and matched.qresync is not None
-    assert matched.qresync.known_uids is None and matched.qresync.seq_match is not None
+    assert isinstance(matched, Select)
+    assert matched.qresync is not None
+    assert matched.qresync.known_uids is None
+    assert matched.qresync.seq_match is not None
     bad("a SELECT INBOX (FOO)")
     bad("a SELECT INBOX (QRESYNC (1 0))")  # a mod-sequence-value is never 0
     bad("a SELECT INBOX (QRESYNC (1 2 1:*))")  # no '*' in known-uids
@@ -518,15 +523,21 @@ def test_select_parameters() -> None:
 
 def test_fetch_and_store_modifiers() -> None:
     fetch = parse("a UID FETCH 1:* (FLAGS) (CHANGEDSINCE 12345 VANISHED)")
-    assert isinstance(fetch, Fetch) and fetch.changedsince == 12345 and fetch.vanished
+    assert isinstance(fetch, Fetch)
+    assert fetch.changedsince == 12345
+    assert fetch.vanished
     assert FetchAttribute("MODSEQ") in fetch.items  # CHANGEDSINCE implies MODSEQ (RFC 7162 3.1.4.1)
     plain = parse("a FETCH 1 (FLAGS MODSEQ)")
-    assert isinstance(plain, Fetch) and plain.items == (FetchAttribute("FLAGS"), FetchAttribute("MODSEQ"))
+    assert isinstance(plain, Fetch)
+    assert plain.items == (FetchAttribute("FLAGS"), FetchAttribute("MODSEQ"))
     bad("a FETCH 1:* (FLAGS) (CHANGEDSINCE 1 VANISHED)")  # VANISHED only with UID FETCH
     bad("a UID FETCH 1:* (FLAGS) (VANISHED)")  # and with CHANGEDSINCE
     bad("a FETCH 1 FLAGS (CHANGEDSINCE 0)")
     store = parse("a STORE 1:3 (UNCHANGEDSINCE 0) +FLAGS.SILENT (\\Seen)")
-    assert isinstance(store, Store) and store.unchangedsince == 0 and store.silent and store.mode == "add"
+    assert isinstance(store, Store)
+    assert store.unchangedsince == 0
+    assert store.silent
+    assert store.mode == "add"
     bad("a STORE 1 (CHANGEDSINCE 3) +FLAGS (\\Seen)")
 
 
@@ -535,4 +546,5 @@ def test_search_modseq_and_status() -> None:
     assert parse('a SEARCH MODSEQ "/flags/\\\\draft" all 620162338') == Search(
         "a", "SEARCH", False, None, ModSeqKey(620162338))
     status = parse("a STATUS INBOX (UIDNEXT HIGHESTMODSEQ)")
-    assert isinstance(status, Status) and status.items == ("UIDNEXT", "HIGHESTMODSEQ")
+    assert isinstance(status, Status)
+    assert status.items == ("UIDNEXT", "HIGHESTMODSEQ")
