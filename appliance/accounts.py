@@ -250,7 +250,7 @@ async def _one(
     tx: aiosqlite.Connection, sql: str, params: Sequence[Any] | dict[str, Any] = ()
 ) -> sqlite3.Row | None:
     async with tx.execute(sql, params) as cur:
-        return await cur.fetchone()  # type: ignore[no-any-return]
+        return await cur.fetchone()
 
 
 async def _refuse_hidden_mailbox(tx: aiosqlite.Connection, domain_id: int, local: str, label: str,

@@ -28,6 +28,8 @@ import requests
 from acme import challenges, client, crypto_util, errors, messages
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from josepy.jwa import ES256
+from josepy.jwk import JWK, JWKEC
 
 from appliance.tls import write_private
 
@@ -59,7 +61,7 @@ class TLSALPN01(challenges.KeyAuthorizationChallenge):
     response_cls = TLSALPN01Response
     typ = TLS_ALPN_01
 
-    def validation(self, account_key: jose.JWK, **kwargs: Any) -> str:
+    def validation(self, account_key: JWK, **kwargs: Any) -> str:
         return self.key_authorization(account_key)
 
 
@@ -129,7 +131,7 @@ class _Network(client.ClientNetwork):
         try:
             return super()._check_response(response, content_type)
         except messages.Error as exc:
-            exc.retry_after = parse_retry_after(response.headers.get("Retry-After"))  # type: ignore[attr-defined]
+            exc.retry_after = parse_retry_after(response.headers.get("Retry-After"))
             raise
 
 
@@ -187,9 +189,9 @@ class AcmeOrder:
         self.acme_dir = acme_dir
         self.sink = sink
         self.progress = progress or (lambda phase, text: None)
-        self.key = jose.JWKEC(key=load_or_make_account_key(acme_dir))
+        self.key = JWKEC(key=load_or_make_account_key(acme_dir))
         self.net = _Network(
-            self.key, alg=jose.ES256, user_agent=USER_AGENT, timeout=NETWORK_TIMEOUT,
+            self.key, alg=ES256, user_agent=USER_AGENT, timeout=NETWORK_TIMEOUT,
             verify_ssl=settings.ca_file or True,  # type: ignore[arg-type]  # a CA file path is accepted
         )
         self._client: client.ClientV2 | None = None

@@ -97,7 +97,7 @@ def passphrase_writer(sink: IO[bytes], passphrase: str, *, log_n: int = LOG_N) -
     sink.write(nonce)
     writer = _StreamWriter(sink, _hkdf(file_key, nonce, b"payload"))
     buffered = io.BufferedWriter(writer, buffer_size=1024 * 1024)
-    yield buffered  # type: ignore[misc]
+    yield buffered
     buffered.flush()
     writer.finish()
 

@@ -219,7 +219,7 @@ class Throttle:
         over = _failures(level) - free
         if over < 0:
             return 0.0
-        return min(cap, self.policy.base_delay * 2 ** min(over, 32))
+        return min(cap, self.policy.base_delay * 2.0 ** min(over, 32))
 
     def locked_for(self, peer: str, account: str) -> float:
         """Seconds left of a lockout affecting this attempt; 0 when none."""

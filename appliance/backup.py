@@ -66,6 +66,7 @@ from appliance import __version__
 from appliance.config import DataLayout
 from appliance.db import DB_FILE_MODE, load_migrations
 from appliance.store import maildir
+from appliance.store.model import INBOX
 
 if TYPE_CHECKING:
     from appliance.db import Database
@@ -280,7 +281,7 @@ class _Writer:
         info.mode = 0o600
         info.mtime = int(st.st_mtime)
         reader = _HashingReader(f)
-        self.tar.addfile(info, reader)  # type: ignore[arg-type]
+        self.tar.addfile(info, reader)
         self.sums.append((reader.sha.hexdigest(), name))
         self.files += 1
         self.progress.done += st.st_size
@@ -538,7 +539,7 @@ def _encrypting(sink: IO[bytes], recipient: str, passphrase: str) -> Iterator[IO
     thread.start()
     writer = io.BufferedWriter(_PipeWriter(wfd), buffer_size=CHUNK)
     try:
-        yield writer  # type: ignore[misc]
+        yield writer
         writer.flush()
     finally:
         os.close(wfd)
@@ -993,7 +994,7 @@ def copy_mailbox(staged_box: Path, live_box: Path, folder: str | None) -> int:
         p for p in staged_box.iterdir() if p.is_dir() and maildir.folder_name(p.name) is not None
     )] if staged_box.is_dir() else []
     for src in folders:
-        name = maildir.INBOX if src == staged_box else maildir.folder_name(src.name)
+        name = INBOX if src == staged_box else maildir.folder_name(src.name)
         if name is None or (folder is not None and name != folder):
             continue
         dst = live_box if src == staged_box else live_box / src.name

@@ -289,7 +289,7 @@ async def start_request(ctx: CertContext, domains: list[str], **options: str | N
 
     async def run() -> None:
         try:
-            await request(ctx, domains, **options)  # type: ignore[arg-type]
+            await request(ctx, domains, **options)
         except (AcmeProblem, CertificateProblem):
             pass  # recorded in the state, the last error and the events by request()
         except Exception:

@@ -161,12 +161,12 @@ class Database:
 
     async def fetchone(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Row | None:
         async with self._conn.execute(sql, params) as cur:
-            return await cur.fetchone()  # type: ignore[no-any-return]
+            return await cur.fetchone()
 
     async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         async with self._conn.execute(sql, params) as cur:
             rows = await cur.fetchall()
-        return list(rows)  # type: ignore[arg-type]
+        return list(rows)
 
     async def get_setting(self, key: str, default: str | None = None) -> str | None:
         row = await self.fetchone("SELECT value FROM settings WHERE key = ?", (key,))

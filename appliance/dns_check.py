@@ -76,7 +76,7 @@ async def _lookup(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) 
         if rdata.rdtype != wanted:
             continue
         if rdtype == "TXT":
-            values.append(b"".join(rdata.strings).decode("utf-8", "replace"))  # type: ignore[attr-defined]
+            values.append(b"".join(rdata.strings).decode("utf-8", "replace"))
         else:
             values.append(rdata.to_text())
     return values

@@ -128,7 +128,7 @@ class RedirectToHttps:
 def _host_without_port(scope: Scope) -> str | None:
     for name, value in scope.get("headers", []):
         if name == b"host":
-            host = value.decode("latin-1").strip()
+            host: str = value.decode("latin-1").strip()
             if host.startswith("["):  # [IPv6]:port
                 return host.split("]")[0] + "]"
             host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host

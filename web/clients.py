@@ -87,7 +87,7 @@ def thunderbird_config(domain: str, settings: ClientSettings) -> bytes:
     _server(provider, "incomingServer", "pop3", settings, "pop3s", "SSL")
     _server(provider, "outgoingServer", "smtp", settings, "submissions", "SSL")
     _server(provider, "outgoingServer", "smtp", settings, "submission", "STARTTLS")
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return bytes(ET.tostring(root, encoding="utf-8", xml_declaration=True))
 
 
 # --- Outlook --------------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def autodiscover_response(address: str, display_name: str, settings: ClientSetti
         _sub(protocol, "AuthRequired", "on")
         if kind == "SMTP":
             _sub(protocol, "UsePOPAuth", "on")  # the same login as for reading mail
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return bytes(ET.tostring(root, encoding="utf-8", xml_declaration=True))
 
 
 # --- Apple ---------------------------------------------------------------------------------------------

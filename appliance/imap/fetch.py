@@ -408,7 +408,7 @@ def _grouped_addresses(text: str) -> list[Value]:
     """Group syntax and source routes (rare): the full RFC 5322 parser from email.headerregistry."""
     try:
         header = default_policy.header_factory("To", text)
-        groups = header.groups  # type: ignore[attr-defined]
+        groups = header.groups
     except Exception:  # noqa: BLE001  a header the parser cannot take is not worth failing a FETCH for
         return _plain_addresses(text)
     routes = {spec.strip().lower(): route.replace(" ", "") for route, spec in _ROUTE.findall(text)}

@@ -33,7 +33,7 @@ class RawHeaderPolicy(Compat32):
     """compat32, except header values come back as the raw strings (8-bit bytes as surrogate escapes)
     instead of email.header.Header objects: IMAP sends header text as it is on disk."""
 
-    def header_fetch_parse(self, name: str, value: str) -> str:  # type: ignore[override]
+    def header_fetch_parse(self, name: str, value: str) -> str:
         return value
 
 

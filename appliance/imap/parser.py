@@ -367,7 +367,7 @@ def _parse_uid(r: Reader, tag: str, name: str) -> Command:
         uids = r.sequence_set()
         r.end()
         return Expunge(tag, name, uids)
-    return _PARSERS[name](r, tag, name, uid=True)  # type: ignore[call-arg]
+    return _PARSERS[name](r, tag, name, uid=True)
 
 
 # --- per-command parsers ----------------------------------------------------------------------------

@@ -77,7 +77,7 @@ class LetterboxSession(Session):
 
     refused_recipients = 0  # RCPTs refused with 5xx so far on this connection (probes.py delays)
 
-    @property  # type: ignore[override]
+    @property
     def login_data(self) -> Any:
         return self._login_data
 

@@ -100,7 +100,7 @@ class _CommandTable(dict[str, Any]):
         super().__init__(methods)
         self._unknown = unknown
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         return super().get(key) or self._unknown
 
 
@@ -267,7 +267,7 @@ class LetterboxSMTP(SMTP):
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
         if transport is not None:
-            super()._timeout_cb()
+            super()._timeout_cb()  # type: ignore[no-untyped-call]  # aiosmtpd leaves it unannotated
 
     def data_received(self, data: bytes) -> None:
         if self._data_deadline is not None and self.transport is not None:
@@ -403,7 +403,7 @@ class LetterboxLMTP(LetterboxSMTP):
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str) and status in DATA_ERRORS and self.envelope is not None:
-            status = "\r\n".join([status] * max(1, len(self.envelope.rcpt_tos)))  # type: ignore[assignment]
+            status = "\r\n".join([status] * max(1, len(self.envelope.rcpt_tos)))
         await super().push(status)
 
 

@@ -198,7 +198,7 @@ def _refusals(tmp_path: Path, file: Path, kit: Path) -> list[tuple[str, Path, li
         ("device", [_entry("mail/dev", kind=tarfile.CHRTYPE)], {}),
     ):
         p = tmp_path / f"{label}.tar.zst.age"
-        _craft(p, entries, recipient, **extra)  # type: ignore[arg-type]
+        _craft(p, entries, recipient, **extra)
         crafted[label] = p
     key = ["--key-file", str(kit)]
     return [
@@ -231,7 +231,7 @@ def test_every_refusal_leaves_the_box_unchanged(made: tuple[DataLayout, Path, Pa
             _restore_alice(layout, path, secret),
         ):
             with pytest.raises(backup.BackupError, match=needle):
-                asyncio.run(attempt)  # type: ignore[arg-type]
+                asyncio.run(attempt)
             assert state(layout.root) == before, label
             assert siblings(layout.root) == around, label
         if label in ("wrong kit", "truncated", ".."):

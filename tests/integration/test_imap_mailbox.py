@@ -165,7 +165,7 @@ def test_append_with_flags_and_date(imap_box: BoxHandle) -> None:
         assert b"\\Flagged" in head
         assert b"$Work" in head
         assert imaplib.Internaldate2tuple(head) is not None
-        stamp = dt.datetime(*imaplib.Internaldate2tuple(head)[:6])  # type: ignore[index, misc]
+        stamp = dt.datetime(*imaplib.Internaldate2tuple(head)[:6])
         assert stamp == dt.datetime.fromtimestamp(when.timestamp())
         assert data[0][1] == message(9)
         typ, data = client.append("Nope", None, None, message(1))

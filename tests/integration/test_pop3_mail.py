@@ -69,9 +69,9 @@ def imap_uids(box: BoxHandle) -> tuple[int, list[int]]:
     with imaplib.IMAP4_SSL("127.0.0.1", box.port("imaps"), ssl_context=box.client_context, timeout=15) as imap:
         imap.login(USER, PASSWORD)
         imap.select("INBOX", readonly=True)
-        uidvalidity = int(imap.response("UIDVALIDITY")[1][0])  # type: ignore[arg-type]
+        uidvalidity = int(imap.response("UIDVALIDITY")[1][0])
         _, data = imap.uid("SEARCH", "ALL")
-        return uidvalidity, [int(u) for u in data[0].split()]  # type: ignore[union-attr]
+        return uidvalidity, [int(u) for u in data[0].split()]
 
 
 def test_stat_list_uidl_retr_top_agree_with_the_store_and_imap(pop_box: BoxHandle) -> None:
@@ -179,7 +179,7 @@ def test_imap_sees_pop3_deletions_as_expunge_and_retrieved_as_seen(pop_box: BoxH
         imap.untagged_responses.clear()  # the NOOP's FETCH of the flag change would be mixed in
         _, data = imap.fetch("1:*", "(UID FLAGS)")
         flags = {int(m.group(1)): m.group(2) for item in data
-                 if (m := re.search(rb"UID (\d+) FLAGS \((.*?)\)", item))}  # type: ignore[arg-type]
+                 if (m := re.search(rb"UID (\d+) FLAGS \((.*?)\)", item))}
         assert set(flags) == {2, 3}
         assert b"\\Seen" not in flags[2]
         assert b"\\Seen" in flags[3]

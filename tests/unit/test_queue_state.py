@@ -35,7 +35,7 @@ def run(tmp_path: Path, body: Callable[[Database, Spool, QueueState], Awaitable[
 async def rows(db: Database) -> list[tuple[str, str, int, int, str, int]]:
     found = await db.fetchall("SELECT recipient, state, attempts, next_attempt, last_error, dsn_sent"
                               " FROM queue_recipients ORDER BY id")
-    return [tuple(r) for r in found]  # type: ignore[misc]
+    return [tuple(r) for r in found]
 
 
 def test_due_jobs_are_grouped_per_message_and_domain(tmp_path: Path) -> None:
