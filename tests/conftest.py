@@ -164,10 +164,12 @@ def _ports_free(offset: int) -> bool:
 
 
 def pick_port_offset() -> int:
-    # Spread across the range so parallel runs rarely collide; each candidate is checked.
-    base = 20000 + (os.getpid() * 37) % 20000
+    # Spread across the range so parallel runs rarely collide; each candidate is checked. Every port stays
+    # below the kernel's ephemeral range (32768 and up): a box restarted on the same ports must not find
+    # one of them taken by some client's outgoing connection in the meantime.
+    base = (os.getpid() * 37) % 11000
     for step in range(200):
-        offset = 20000 + (base + step * 1009) % 30000
+        offset = 20000 + (base + step * 1009) % 11000
         if _ports_free(offset):
             return offset
     raise RuntimeError("no free port range for letterbox serve")
