@@ -115,3 +115,18 @@ def test_wizard_step4_offers_the_choices(web: WebClient) -> None:
     assert 'action="/setup/4/order"' in text
     assert 'action="/setup/4/upload"' in text
     assert "Keep self-signed and continue" in text
+
+
+def test_check_names_now(web: WebClient) -> None:
+    from tests.support.dns_server import ZoneServer
+
+    with ZoneServer({}) as zone:
+        zone.set(HOSTNAME, "A", ["192.0.32.7"])
+        web.set_setting("dns_resolver", zone.address)
+        web.set_setting("public_ipv4", "192.0.32.7")
+        web.post("/console/certificate/check", {}, token_from="/console/certificate")
+        assert f"Ready: {HOSTNAME} leads to this box." in html.unescape(web.get("/console/certificate").text)
+        zone.set(HOSTNAME, "A", ["192.0.32.8"])
+        web.post("/console/certificate/check", {}, token_from="/console/certificate")
+        text = html.unescape(web.get("/console/certificate").text)
+        assert f"Not ready: The host name {HOSTNAME} points at 192.0.32.8, not at this box's public address 192.0.32.7" in text

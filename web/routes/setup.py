@@ -264,8 +264,11 @@ async def tls_action(request: Request) -> Response:
     blocked = await _guard(request, 4)
     if blocked is not None:
         return blocked
-    if request.path_params["action"] == "order":
+    action = request.path_params["action"]
+    if action == "order":
         return await certificate.order(request, "/setup/4")
+    if action == "check":
+        return await certificate.check(request, "/setup/4")
     return await certificate.upload(request, "/setup/4")
 
 
