@@ -82,6 +82,7 @@ def test_received_and_authentication_results_follow_a_rename(renamed: BoxHandle)
     [raw] = maildir_messages(renamed.data.mail, ALICE)
     message = parse(raw)
     results = message.get_all("Authentication-Results")
+    assert results is not None
     assert len(results) == 1, results
     flat = " ".join(results[0].split())
     assert flat.startswith(f"{NEW_NAME};")

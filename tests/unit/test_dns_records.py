@@ -13,6 +13,7 @@ from appliance.db import Database
 from appliance.dns_records import (
     DMARC_VALUE,
     SPF_VALUE,
+    DnsRecord,
     detect_public_addresses,
     domain_records,
     format_table,
@@ -23,7 +24,7 @@ from appliance.dns_records import (
 DOMAIN, HOST = "example.org", "mail.example.org"
 
 
-def by_key(records: list) -> dict:
+def by_key(records: list[DnsRecord]) -> dict[str, DnsRecord]:
     return {r.key: r for r in records}
 
 
@@ -130,7 +131,7 @@ def test_detection_only_reports_public_addresses() -> None:
 
 
 def test_domain_records_uses_settings_and_makes_the_dkim_key(tmp_path: Path) -> None:
-    async def scenario() -> list:
+    async def scenario() -> list[DnsRecord]:
         db = await Database.open(tmp_path / "db.sqlite")
         try:
             await db.set_setting("public_ipv4", "198.51.100.7")

@@ -127,7 +127,7 @@ def test_each_mailbox_gets_its_own_result(tmp_path: Path) -> None:
 def test_concurrent_deliveries_do_not_overrun_the_quota(tmp_path: Path) -> None:
     async def body(store: MailStore) -> None:
         results = await asyncio.gather(*[store.deliver([FULL], b"x" * 200) for _ in range(10)])
-        delivered = [r[FULL] for r in results if isinstance(r[FULL], int)]
+        delivered = [uid for r in results if isinstance(uid := r[FULL], int)]
         assert len(delivered) == 5
         assert sorted(delivered) == [1, 2, 3, 4, 5]
         assert await store.usage(FULL) == (1000, 1000)
@@ -227,7 +227,7 @@ def test_a_foreign_maildir_is_picked_up(tmp_path: Path) -> None:
         os.rename(box / "cur" / "1600000001.M1P1.other:2,FS", box / "cur" / "1600000001.M1P1.other:2,S")
         os.unlink(box / "cur" / "1600000002.M1P1.other:2,Sa")
         later = await store.snapshot(ALICE, "INBOX")
-        assert [(m.uid, m.flags) for m in later.messages] == [(1, {"\\Seen"}), (3, {"\\Seen"})]
+        assert [(m.uid, m.flags) for m in later.messages] == [(1, frozenset({"\\Seen"})), (3, frozenset({"\\Seen"}))]
         assert later.highestmodseq > snap.highestmodseq
         assert all(m.modseq == later.highestmodseq for m in later.messages)
         assert await watcher.wait(0)  # sessions watching the folder hear of it
@@ -479,7 +479,7 @@ def test_rename_moves_children_and_keeps_uids(tmp_path: Path) -> None:
         assert {"X", "X/Y", "X/Y/B"} <= set(names)
         after = await store.snapshot(ALICE, "X/Y/B")
         assert after.uidvalidity == before.uidvalidity
-        assert [(m.uid, m.flags) for m in after.messages] == [(1, {"\\Seen"})]
+        assert [(m.uid, m.flags) for m in after.messages] == [(1, frozenset({"\\Seen"}))]
         assert after.messages[0].path.parent.parent == box / ".X.Y.B"
         with pytest.raises(NoSuchFolder):
             await store.rename_folder(ALICE, "A", "C")

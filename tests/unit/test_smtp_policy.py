@@ -101,7 +101,7 @@ def test_percent_and_bang_are_plain_local_parts_nobody_owns() -> None:
 
 
 def test_known_local_user_any_case_is_routed_locally() -> None:
-    known = {f"alice@{OURS}": (f"alice@{OURS}",)}
+    known: dict[str, tuple[str, ...]] = {f"alice@{OURS}": (f"alice@{OURS}",)}
     for text in (f"<alice@{OURS}>", f"<ALICE@{OURS.upper()}>", f"<Alice@{OURS}.>", f"<@relay.test:alice@{OURS}>"):
         decision = route(facts_for(text, known=known))
         assert decision == RecipientRoute(f"alice@{OURS}", (f"alice@{OURS}",)), text
@@ -125,7 +125,7 @@ def test_alias_forwards_are_routed_even_for_strangers() -> None:
 
 
 def test_recipient_limit_and_full_mailboxes() -> None:
-    known = {f"alice@{OURS}": (f"alice@{OURS}",)}
+    known: dict[str, tuple[str, ...]] = {f"alice@{OURS}": (f"alice@{OURS}",)}
     assert route(facts_for(f"<alice@{OURS}>", known=known), so_far=100) == TOO_MANY_RECIPIENTS
     full = RecipientFacts(Address("alice", OURS), True, (f"alice@{OURS}",), (), {f"alice@{OURS}": True})
     assert route(full) == MAILBOX_FULL

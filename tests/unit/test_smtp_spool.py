@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from appliance.db import Database
 from appliance.queue.spool import Spool, new_queue_id
 
+T = TypeVar("T")
 
-def run_with_spool(tmp_path: Path, body):  # type: ignore[no-untyped-def]
-    async def main():  # type: ignore[no-untyped-def]
+
+def run_with_spool(tmp_path: Path, body: Callable[[Spool, Database], Awaitable[T]]) -> T:
+    async def main() -> T:
         db = await Database.open(tmp_path / "letterbox.db")
         try:
             return await body(Spool(tmp_path / "spool", db), db)

@@ -136,6 +136,7 @@ def test_create_mailbox(web: WebClient) -> None:
     response = create_alice(web)
     assert response.headers["location"] == "/console/mailboxes"
     info = web.run(web.services.accounts.get_user, ALICE)
+    assert info is not None
     assert (info.display_name, info.quota_bytes, info.enabled) == ("Alice Example", 2 * 1024**3, True)
     page = web.get("/console/mailboxes").text
     assert "Mailbox alice@example.test created." in page
@@ -175,12 +176,14 @@ def test_edit_quota_name_and_disable(web: WebClient) -> None:
                         token_from=f"/console/mailboxes/{ALICE}")  # no "enabled": unchecked
     assert response.headers["location"] == f"/console/mailboxes/{ALICE}"
     info = web.run(web.services.accounts.get_user, ALICE)
+    assert info is not None
     assert (info.display_name, info.quota_bytes, info.enabled) == ("Alice A.", 500 * 1024**2, False)
     assert web.run(web.services.auth.verify, ALICE, ALICE_PASSWORD, "imap", "127.0.0.1") is None
     assert "disabled" in web.get("/console/mailboxes").text
     web.post(f"/console/mailboxes/{ALICE}", {"name": "Alice A.", "quota": "", "enabled": "on"},
              token_from=f"/console/mailboxes/{ALICE}")
     info = web.run(web.services.accounts.get_user, ALICE)
+    assert info is not None
     assert (info.quota_bytes, info.enabled) == (0, True)
     response = web.post(f"/console/mailboxes/{ALICE}", {"name": "x", "quota": "-1"},
                         token_from=f"/console/mailboxes/{ALICE}")
