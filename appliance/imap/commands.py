@@ -333,6 +333,7 @@ class ListCommand(Command):
     select: tuple[str, ...] = ()
     returns: tuple[str, ...] = ()
     extended: bool = False
+    status_items: tuple[str, ...] = ()  # RFC 5819 RETURN (STATUS (...))
 
 
 @dataclass(frozen=True)
@@ -382,6 +383,7 @@ class Search(Command):
     uid: bool
     charset: str | None
     key: SearchKey
+    returns: tuple[str, ...] | None = None  # RFC 4731 RETURN (...): an ESEARCH answer; () means ALL
 
 
 @dataclass(frozen=True)

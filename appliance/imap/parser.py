@@ -84,7 +84,8 @@ SEQUENCE_CHARS = frozenset(b"0123456789:,*")
 MONTHS = {name.upper(): i for i, name in enumerate(calendar.month_abbr) if name}
 MAX_NUMBER = 2**32 - 1  # RFC 3501 9: number is a 32-bit unsigned integer
 MAX_SEARCH_DEPTH = 50  # nested parentheses/NOT/OR in one SEARCH
-STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ"})
+STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE"})
+SEARCH_RETURN_OPTIONS = frozenset({"MIN", "MAX", "COUNT", "ALL"})  # RFC 4731 3.1
 MAX_MODSEQ = 2**63 - 1  # RFC 7162 7: mod-sequence-value is a 63-bit number
 SEARCH_FLAG_KEYS: dict[str, tuple[str, bool]] = {
     "ANSWERED": ("\\Answered", True), "UNANSWERED": ("\\Answered", False),
@@ -490,8 +491,19 @@ def _list(r: Reader, tag: str, name: str) -> Command:
         extended = True
         r.sp()
         r.expect(b"(")
+        status_items: list[str] = []
+
+        def return_option() -> str:
+            word = r.keyword()
+            if word == "STATUS":  # RFC 5819 2: STATUS (status-att ...)
+                r.sp()
+                status_items.extend(_status_items(r))
+            return word
+
         if not r.accept(b")"):
-            returns = _rest_of_list(r, r.keyword)
+            returns = _rest_of_list(r, return_option)
+        r.end()
+        return ListCommand(tag, name, reference, patterns, select, returns, extended, tuple(status_items))
     r.end()
     return ListCommand(tag, name, reference, patterns, select, returns, extended)
 
@@ -509,12 +521,17 @@ def _status(r: Reader, tag: str, name: str) -> Command:
     r.sp()
     mailbox = r.mailbox()
     r.sp()
+    items = _status_items(r)
+    r.end()
+    return Status(tag, name, mailbox, items)
+
+
+def _status_items(r: Reader) -> tuple[str, ...]:
     items = r.parenthesised(r.keyword)
     for item in items:
         if item not in STATUS_ITEMS:
             raise ParseError(f"unknown STATUS item {item}")
-    r.end()
-    return Status(tag, name, mailbox, items)
+    return items
 
 
 def parse_date_time(raw: bytes) -> int:
@@ -699,6 +716,16 @@ def _copy(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
 
 def _search(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
     r.sp()
+    returns = None
+    if r.peek_keyword() == "RETURN":  # RFC 4731 3.1 / RFC 4466 2.6: before CHARSET
+        r.keyword()
+        r.sp()
+        r.expect(b"(")
+        returns = () if r.accept(b")") else _rest_of_list(r, r.keyword)
+        for option in returns:
+            if option not in SEARCH_RETURN_OPTIONS:
+                raise ParseError(f"unknown SEARCH return option {option}")
+        r.sp()
     charset = None
     if r.peek_keyword() == "CHARSET":
         r.keyword()
@@ -710,7 +737,7 @@ def _search(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
         keys.append(_search_key(r, 0))
     r.end()
     key = keys[0] if len(keys) == 1 else AndKey(tuple(keys))
-    return Search(tag, name, uid, charset, key)
+    return Search(tag, name, uid, charset, key, returns)
 
 
 def _search_key(r: Reader, depth: int) -> SearchKey:

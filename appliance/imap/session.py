@@ -85,7 +85,8 @@ State = Literal["not_authenticated", "authenticated", "selected", "logout"]
 BASE_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE")
 AUTHENTICATED_CAPABILITIES = (
     "IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "UIDPLUS", "MOVE", "SPECIAL-USE",
-    "NAMESPACE", "CHILDREN", "UNSELECT", "QUOTA", "CONDSTORE", "QRESYNC",
+    "NAMESPACE", "CHILDREN", "UNSELECT", "QUOTA", "CONDSTORE", "QRESYNC", "ESEARCH", "LIST-STATUS",
+    "STATUS=SIZE",
 )
 SERVER_ID = (("name", "Letterbox"), ("vendor", "Letterbox"))
 FETCH_BATCH = 64  # messages whose files one worker-thread call reads
@@ -464,10 +465,20 @@ class ImapSession:
                        show_subscribed, lsub)
         if len(pool) * len(command.patterns) > LIST_ON_LOOP:
             # Thousands of folders times many patterns is real CPU: off the event loop.
-            lines = await asyncio.to_thread(job.lines, pool)
+            entries = await asyncio.to_thread(job.entries, pool)
         else:
-            lines = job.lines(pool)
-        await self.io.send(*[Data(line) for line in lines])
+            entries = job.entries(pool)
+        if not command.status_items:
+            await self.io.send(*[Data(line) for _, line in entries])
+            await self.ok(command)
+            return
+        for name, line in entries:
+            await self.io.send(Data(line))
+            if name in by_name:
+                # RFC 5819 2: the STATUS of each selectable folder listed, right after its LIST line;
+                # one that vanished meanwhile is left out.
+                with contextlib.suppress(StoreError):
+                    await self.io.send(await self._status_response(name, command.status_items))
         await self.ok(command)
 
     cmd_lsub = cmd_list
@@ -480,9 +491,16 @@ class ImapSession:
         assert isinstance(command, Status)
         name = names.canonical(command.mailbox)
         try:
-            snapshot = await self.store.snapshot(self.mailbox, name)
+            response = await self._status_response(name, command.items)
         except NoSuchFolder:
             raise ImapNo("Mailbox does not exist", "NONEXISTENT") from None
+        if "HIGHESTMODSEQ" in command.items:
+            await self._condstore_on()
+        await self.io.send(response)
+        await self.ok(command)
+
+    async def _status_response(self, name: str, items: Sequence[str]) -> Response:
+        snapshot = await self.store.snapshot(self.mailbox, name)
         values = {
             "MESSAGES": len(snapshot.messages),
             "RECENT": len(snapshot.recent),
@@ -490,14 +508,12 @@ class ImapSession:
             "UIDVALIDITY": snapshot.uidvalidity,
             "UNSEEN": sum(1 for m in snapshot.messages if SEEN not in m.flags),
             "HIGHESTMODSEQ": snapshot.highestmodseq,  # RFC 7162 3.1.2.2
+            "SIZE": sum(m.size for m in snapshot.messages),  # RFC 8438: octets as RFC822.SIZE counts them
         }
-        if "HIGHESTMODSEQ" in command.items:
-            await self._condstore_on()
         if self.selected is not None and self.selected.name == snapshot.name:
             values["RECENT"] = len(self.selected.recent)
-        items = " ".join(f"{item} {values[item]}" for item in command.items)
-        await self.io.send(Data("STATUS " + encode_astring(name).decode("utf-8") + f" ({items})"))
-        await self.ok(command)
+        text = " ".join(f"{item} {values[item]}" for item in items)
+        return Data("STATUS " + encode_astring(snapshot.name).decode("utf-8") + f" ({text})")
 
     async def cmd_append(self, command: Command) -> None:
         assert isinstance(command, Append)
@@ -650,11 +666,16 @@ class ImapSession:
         else:
             found = _search_index(searcher, candidates)
         numbers = [c.uid if command.uid else c.seq for c in found]
-        text = "SEARCH" + "".join(f" {n}" for n in numbers)
-        if uses_modseq(command.key):
+        modseq = uses_modseq(command.key)
+        if modseq:
             await self._condstore_on()
-            if found:
-                text += f" (MODSEQ {max(c.modseq for c in found)})"  # RFC 7162 3.1.5
+        if command.returns is not None:
+            await self.io.send(_esearch(command, numbers, max((c.modseq for c in found), default=0) if modseq else 0))
+            await self.ok(command)
+            return
+        text = "SEARCH" + "".join(f" {n}" for n in numbers)
+        if modseq and found:
+            text += f" (MODSEQ {max(c.modseq for c in found)})"  # RFC 7162 3.1.5
         await self.io.send(Data(text))
         await self.ok(command)
 
@@ -911,6 +932,27 @@ def _may_expunge(command: Command) -> bool:
     return True
 
 
+def _esearch(command: Search, numbers: list[int], modseq: int) -> Response:
+    """RFC 4731 3.1: * ESEARCH (TAG "t") [UID] MIN n MAX n COUNT n ALL set; RETURN () means ALL.
+    MIN, MAX and ALL are left out when nothing matched; MODSEQ (RFC 7162 3.1.5) when asked for."""
+    options = command.returns or ("ALL",)
+    parts = [f'ESEARCH (TAG "{command.tag}")']
+    if command.uid:
+        parts.append("UID")
+    if numbers:
+        if "MIN" in options:
+            parts.append(f"MIN {numbers[0]}")
+        if "MAX" in options:
+            parts.append(f"MAX {numbers[-1]}")
+    if "COUNT" in options:
+        parts.append(f"COUNT {len(numbers)}")
+    if numbers and "ALL" in options:
+        parts.append("ALL " + compact(numbers))
+    if modseq:
+        parts.append(f"MODSEQ {modseq}")
+    return Data(" ".join(parts))
+
+
 def _intersect(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """The overlap of two sorted lists of disjoint inclusive ranges."""
     out: list[tuple[int, int]] = []
@@ -972,12 +1014,16 @@ class _ListJob:
     lsub: bool
 
     def lines(self, pool: list[str]) -> list[str]:
+        return [line for _, line in self.entries(pool)]
+
+    def entries(self, pool: list[str]) -> list[tuple[str, str]]:
+        """(name, LIST line) for each name listed, in order."""
         matchers = [names.pattern_regex(self.reference, p) for p in self.patterns]
         # Names with a folder below them, once: testing each name against every folder would be
         # quadratic in the folder count.
         parents = set(names.with_parents(self.by_name)) - set(self.by_name)
         parents |= {n for n, info in self.by_name.items() if info.has_children}
-        out: list[str] = []
+        out: list[tuple[str, str]] = []
         head = "LSUB" if self.lsub else "LIST"
         listed = names.with_parents(pool)
         matched = {name for name in listed if any(m.match(name) for m in matchers)}
@@ -999,7 +1045,7 @@ class _ListJob:
             attrs = _list_attributes(name, info, exists, name in parents, self.show_subscribed, self.lsub)
             if info is None and name in self.subscribed and not self.lsub:
                 attrs = ["\\NonExistent", "\\Subscribed"]  # RFC 5258 3.4: subscribed, folder gone
-            out.append(f'{head} ({" ".join(attrs)}) "/" ' + encode_astring(name).decode("utf-8"))
+            out.append((name, f'{head} ({" ".join(attrs)}) "/" ' + encode_astring(name).decode("utf-8")))
         return out
 
 

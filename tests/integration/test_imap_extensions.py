@@ -1,0 +1,67 @@
+"""ESEARCH (RFC 4731), LIST-STATUS (RFC 5819) and STATUS=SIZE (RFC 8438) over a real session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import BoxHandle
+from tests.support.imap_wire import RawImap
+
+USER = "alice@example.test"
+PASSWORD = "correct horse battery staple"
+
+
+def message(n: int, body: str = "hello") -> bytes:
+    return f"From: <s{n}@example.org>\r\nSubject: m{n}\r\n\r\n{body} {n}\r\n".encode()
+
+
+@pytest.fixture
+def raw(box: BoxHandle) -> Iterator[RawImap]:
+    box.add_user(USER, PASSWORD)
+    for n in range(1, 6):
+        result = box.run(box.services.store.deliver([USER], message(n)))[USER]
+        assert isinstance(result, int)
+    client = RawImap(box.port("imaps"), box.client_context)
+    client.login(USER, PASSWORD)
+    yield client
+    client.close()
+
+
+def test_capabilities(raw: RawImap) -> None:
+    caps = raw.command(b"c", b"CAPABILITY")[0].split()
+    for cap in (b"ESEARCH", b"LIST-STATUS", b"STATUS=SIZE"):
+        assert cap in caps
+
+
+def test_esearch(raw: RawImap) -> None:
+    raw.command(b"s", b"SELECT INBOX")
+    raw.command(b"t", b"STORE 2,4 +FLAGS (\\Seen)")
+    assert raw.command(b"a", b"SEARCH RETURN (MIN MAX COUNT ALL) UNSEEN")[0] == (
+        b'* ESEARCH (TAG "a") MIN 1 MAX 5 COUNT 3 ALL 1,3,5\r\n')
+    assert raw.command(b"b", b"UID SEARCH RETURN () SEEN")[0] == b'* ESEARCH (TAG "b") UID ALL 2,4\r\n'
+    assert raw.command(b"c", b"SEARCH RETURN (COUNT) CHARSET UTF-8 SUBJECT nothing")[0] == (
+        b'* ESEARCH (TAG "c") COUNT 0\r\n')
+    assert raw.command(b"d", b"SEARCH RETURN (MIN MAX) SUBJECT nothing")[0] == b'* ESEARCH (TAG "d")\r\n'
+    assert raw.command(b"e", b"SEARCH RETURN (SAVE) ALL")[-1].startswith(b"e BAD")  # SEARCHRES not offered
+
+
+def test_status_size_and_list_status(raw: RawImap) -> None:
+    size = sum(len(message(n)) for n in range(1, 6))
+    assert raw.command(b"s", b"STATUS INBOX (MESSAGES SIZE)")[0] == f"* STATUS INBOX (MESSAGES 5 SIZE {size})\r\n".encode()
+    raw.command(b"c", b"CREATE Lists/Work")
+    reply = raw.command(b"l", b'LIST "" "*" RETURN (SPECIAL-USE STATUS (MESSAGES UNSEEN))')
+    assert reply[-1].startswith(b"l OK"), reply
+    at = {line: i for i, line in enumerate(reply)}
+    inbox = next(i for line, i in at.items() if line.startswith(b"* LIST") and line.rstrip().endswith(b" INBOX"))
+    assert reply[inbox + 1] == b"* STATUS INBOX (MESSAGES 5 UNSEEN 5)\r\n"
+    sent = next(i for line, i in at.items() if line.startswith(b"* LIST") and b"\\Sent" in line)
+    assert reply[sent + 1] == b"* STATUS Sent (MESSAGES 0 UNSEEN 0)\r\n"
+    # "Lists" is only implied (\Noselect... or a folder made as a parent): no STATUS for a
+    # \NonExistent or \Noselect name.
+    for i, line in enumerate(reply):
+        if line.startswith(b"* LIST") and (b"\\Noselect" in line or b"\\NonExistent" in line):
+            assert not reply[i + 1].startswith(b"* STATUS"), reply
+    work = next(i for line, i in at.items() if line.rstrip().endswith(b"Lists/Work"))
+    assert reply[work + 1] == b"* STATUS Lists/Work (MESSAGES 0 UNSEEN 0)\r\n"
