@@ -14,6 +14,7 @@ import pytest
 from appliance.db import Database
 from appliance.store.mailstore import MailStore
 from tests.conftest import ServedBox
+from tests.support.polling import wait_until
 from tests.support.smtp_wire import hold_outbound_sql
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -66,7 +67,7 @@ class Sender:
                         with self.lock:
                             self.acked.add(pending.pop(0))
             except (OSError, smtplib.SMTPException):
-                time.sleep(0.05)  # server down: try again until it is back
+                time.sleep(0.05)  # server down: back off, then try again (bounded by self.deadline)
         with self.lock:
             self.unacked.update(pending)
 
@@ -78,10 +79,9 @@ def test_sigkill_loses_and_duplicates_nothing_acknowledged(served_box: ServedBox
     threads = [threading.Thread(target=sender.run, args=(list(range(i, TOTAL, SESSIONS)),)) for i in range(SESSIONS)]
     for t in threads:
         t.start()
-    while len(sender.acked) < KILL_AFTER and any(t.is_alive() for t in threads):
-        time.sleep(0.01)
-    served_box.kill()
-    time.sleep(0.5)
+    wait_until(lambda: len(sender.acked) >= KILL_AFTER or not any(t.is_alive() for t in threads),
+               seconds=120, what=f"{KILL_AFTER} acknowledged messages", interval=0.005)
+    served_box.kill()  # returns once the process is gone; start() waits for the new one's "ready"
     served_box.start()
     for t in threads:
         t.join(timeout=300)

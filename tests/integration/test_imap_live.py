@@ -78,8 +78,7 @@ def test_idle_reports_delivery_within_a_second(imap_box: BoxHandle) -> None:
                     timeout=30) as client:
         client.login(USER, PASSWORD)
         client.select_folder("INBOX")
-        client.idle()
-        time.sleep(0.2)
+        client.idle()  # returns on the server's "+ idling"; a change from then on is kept for it
         started = time.monotonic()
         deliver(imap_box, 7)
         responses = client.idle_check(timeout=5)

@@ -14,6 +14,7 @@ from appliance.imap.limits import ImapLimits
 from appliance.imap.server import start_server
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
+from tests.support.polling import wait_until
 
 USER = "alice@example.test"
 PASSWORD = "correct horse battery staple"
@@ -245,10 +246,13 @@ def test_connections_per_client_are_limited(imap_box: BoxHandle) -> None:
         leaving = clients.pop()
         leaving.command(b"z", b"LOGOUT")
         leaving.close()
-        time.sleep(0.2)
-        fourth = RawImap(port)
-        assert fourth.greeting.startswith(b"* OK")
-        fourth.close()
+
+        def greeted() -> bool:  # the slot is freed when the server sees the close: poll for it
+            attempt = RawImap(port)
+            attempt.close()
+            return attempt.greeting.startswith(b"* OK")
+
+        wait_until(greeted, seconds=10, what="a connection accepted after one left")
     finally:
         for c in clients:
             c.close()

@@ -3,8 +3,6 @@ DNS server on loopback serving a test zone (issue 7). Mail is submitted on 587 l
 
 from __future__ import annotations
 
-import time
-
 import dkim
 
 from appliance import dkim_keys
@@ -21,6 +19,7 @@ from tests.support.outbound import (  # noqa: F401  (fixtures)
     parse,
     zone_fixture,
 )
+from tests.support.polling import wait_until
 from tests.support.receivers import Script
 
 
@@ -153,8 +152,13 @@ def test_each_failure_is_reported_exactly_once(outbound: Outbound) -> None:
         outbound.zone.set(domain, "MX", ["0 ."])
     outbound.submit(["a@gone1.test", "b@gone2.test", "c@gone3.test", "d@gone3.test"])
     outbound.wait_empty()
-    time.sleep(0.3)  # a duplicate report would be on its way by now
-    reported = [block["Final-Recipient"] for raw in outbound.inbox() for block in delivery_status(raw)[1:]]
+    # A message leaves the queue only once its failures are settled, and a report is written before
+    # its settlement (appliance/queue/service.py): with the queue empty nothing can report again.
+
+    def reported_now() -> list[str]:
+        return [str(block["Final-Recipient"]) for raw in outbound.inbox() for block in delivery_status(raw)[1:]]
+
+    reported = wait_until(lambda: len(reported_now()) >= 4 and reported_now(), seconds=20, what="4 reported recipients")
     assert sorted(reported) == [f"rfc822; {r}" for r in ("a@gone1.test", "b@gone2.test", "c@gone3.test",
                                                            "d@gone3.test")]
 
