@@ -303,6 +303,10 @@ async def start_request(ctx: CertContext, domains: list[str], **options: str | N
 async def renew(ctx: CertContext, domains: list[str], *, force: bool = False) -> CertificateInfo | None:
     """Renew the ACME certificate when it is due (or now with force); None when not due."""
     async with ctx.lock:
+        if await ctx.db.get_setting(SOURCE) != "acme":
+            raise AcmeProblem("This certificate was not ordered through ACME by the box (it is self-signed or "
+                              "imported): use `letterbox cert request` (or the Certificate page) to get one.",
+                              kind="not-acme")
         info = ctx.tls.info()
         if not force and ctx.clock() < lifetime_due(info):
             return None

@@ -95,6 +95,8 @@ def test_good_upload_then_status_then_self_signed(data: Path, files: dict[str, P
     assert "source:       imported" in status.stdout
     assert HOST in status.stdout
     assert (DataLayout(data).tls / "key.pem").stat().st_mode & 0o777 == 0o600
+    line = one_line_error(run(data, "cert", "renew"))
+    assert "was not ordered through ACME" in line
     back = run(data, "cert", "self-signed")
     assert back.returncode == 0
     assert f"self-signed certificate for {HOST}" in back.stdout
