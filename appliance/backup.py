@@ -1179,3 +1179,53 @@ async def restore(layout: DataLayout, path: Path, secret: Secret, *, progress: P
             await asyncio.to_thread(undo_restore, layout.root, restored.kept_aside)
         raise BackupError(f"the restored data did not open ({exc}); the old data is back") from exc
     return restored
+
+
+# --- background work the console watches ---------------------------------------------------------
+
+KEEP_SETTING = "backup_keep"  # how many backups backups/ keeps
+DEFAULT_KEEP = 7
+
+
+@dataclass
+class BackupJob:
+    """One backup or restore running in the background; the console shows its progress, which lives
+    in the serving process and so survives a reload of the page."""
+
+    kind: str
+    progress: Progress
+    started: float
+    task: asyncio.Task[None] | None = None
+    result: str = ""
+    error: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+
+@dataclass
+class BackupJobs:
+    current: BackupJob | None = None
+
+    def start(self, kind: str, work: Callable[[Progress], Any]) -> BackupJob | None:
+        """Start `work(progress)` (a coroutine function returning a line for the page), unless a job
+        already runs (None then)."""
+        if self.current is not None and self.current.running:
+            return None
+        job = BackupJob(kind, Progress(), time.time())
+
+        async def run() -> None:
+            try:
+                job.result = str(await work(job.progress))
+            except BackupError as exc:
+                job.error = str(exc)
+            except Exception as exc:
+                import logging
+
+                logging.getLogger("letterbox.backup").exception("backup job failed")
+                job.error = f"failed: {exc.__class__.__name__}"
+
+        job.task = asyncio.get_running_loop().create_task(run())
+        self.current = job
+        return job

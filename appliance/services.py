@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from appliance.backup import BackupJobs
 from appliance.certificates import CertContext
 
 HOSTNAME_SETTING = "hostname"  # the db setting app.py starts with (after --hostname)
@@ -36,6 +37,8 @@ class Services:
     # The certificate use-cases' state: the http-01 answers the port-80 listener serves, the order lock.
     certificates: CertContext = field(init=False)
     renewer: Renewer | None = None  # started with the background services
+    # Backups and restores running in the background, watched by the console's Backups page.
+    backups: BackupJobs = field(default_factory=BackupJobs)
     # Filled by the issues that add them (outbound queue, dns checker, ...): name -> service object.
     extra: dict[str, Any] = field(default_factory=dict)
 

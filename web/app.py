@@ -32,6 +32,7 @@ from web.pages import LoginRequired, render
 from web.routes import (
     account,
     autoconfig,
+    backups,
     certificate,
     console,
     domains,
@@ -127,7 +128,7 @@ async def _login_required(request: Request, exc: Exception) -> Response:
 def routes() -> list[BaseRoute]:
     return [
         *login.routes, *setup.routes, *console.routes, *domains.routes, *mailboxes.routes, *sending.routes,
-        *account.routes, *autoconfig.routes, *wellknown.routes, *certificate.routes,
+        *account.routes, *autoconfig.routes, *wellknown.routes, *certificate.routes, *backups.routes,
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
 

@@ -1,0 +1,77 @@
+"""The console's Backups page (issue 14): the emergency kit as a download, a backup made in the
+background with its progress kept across reloads, the list with downloads, one mailbox put back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance import backup
+from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, WebClient, web_client
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[WebClient]:
+    with web_client(tmp_path / "data") as client:
+        client.set_up()
+        client.login(ADMIN, ADMIN_PASSWORD)
+        yield client
+
+
+def wait_for(web: WebClient, text: str) -> str:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        page = web.get("/console/backups").text
+        if text in page:
+            return page
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} never shown: {page[-2000:]}")
+
+
+def test_key_backup_download_and_one_mailbox_back(web: WebClient) -> None:
+    web.add_user()
+    for n in range(3):
+        web.run(web.services.store.deliver, [ALICE], f"Subject: {n}\r\n\r\nbody {n}\r\n".encode())
+    page = web.get("/console/backups")
+    assert page.status_code == 200
+    assert "Make the key and download the emergency kit" in page.text
+    kit = web.post("/console/backups/key", token_from="/console/backups")
+    assert kit.status_code == 200
+    assert kit.headers["content-disposition"] == 'attachment; filename="letterbox-emergency-kit.txt"'
+    assert "AGE-SECRET-KEY-" in kit.text
+    recipient = web.run(web.services.db.get_setting, backup.RECIPIENT_SETTING)
+    assert recipient
+    assert recipient in kit.text
+    # A second key only when asked for explicitly.
+    again = web.post("/console/backups/key", token_from="/console/backups")
+    assert again.status_code == 303
+    assert web.run(web.services.db.get_setting, backup.RECIPIENT_SETTING) == recipient
+
+    made = web.post("/console/backups/create", {"keep": "3"}, token_from="/console/backups")
+    assert made.status_code == 303
+    shown = wait_for(web, "Backup made")
+    [item] = backup.list_backups(web.services.config.data.backups)
+    assert item.path.name in shown
+    assert web.run(web.services.db.get_setting, backup.KEEP_SETTING) == "3"
+    download = web.get(f"/console/backups/download/{item.path.name}")
+    assert download.status_code == 200
+    assert download.content == item.path.read_bytes()
+    assert web.get("/console/backups/download/..%2Fletterbox.db").status_code == 404
+    assert web.get("/console/backups/download/nothing.tar.zst.age").status_code == 404
+
+    web.run(web.services.accounts.remove_user, ALICE)
+    back = web.post("/console/backups/restore-mailbox",
+                    {"file": item.path.name, "address": ALICE, "secret": kit.text}, token_from="/console/backups")
+    assert back.status_code == 303
+    wait_for(web, f"Restored 3 messages into {ALICE} (the mailbox was made again")
+    assert len(web.run(web.services.store.snapshot, ALICE, "INBOX").messages) == 3
+
+
+def test_backup_pages_are_for_admins_only(tmp_path: Path) -> None:
+    with web_client(tmp_path / "data") as client:
+        client.set_up()
+        assert client.get("/console/backups").status_code in (303, 307)
+        assert client.post("/console/backups/create", token_from="/login").status_code in (303, 307)

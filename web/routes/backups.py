@@ -1,0 +1,118 @@
+"""/console/backups: the backup key and its emergency kit, backups made now (in the background, with
+progress), the list under backups/ with downloads, and one mailbox put back from one of them. Thin:
+every action is an appliance.backup use-case, the same ones `letterbox backup ...` calls."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
+
+from appliance import backup
+from web.pages import flash, read_form, redirect, render, require, services
+
+MAX_SECRET = 4096  # a kit is about 300 characters; a passphrase fits easily
+
+
+async def _keep(request: Request) -> int:
+    text = await services(request).db.get_setting(backup.KEEP_SETTING) or ""
+    return int(text) if text.isdigit() and int(text) > 0 else backup.DEFAULT_KEEP
+
+
+async def page(request: Request) -> Response:
+    await require(request, "admin")
+    svc = services(request)
+    job = svc.backups.current
+    files = await asyncio.to_thread(backup.list_backups, svc.config.data.backups)
+    return await render(request, "console/backups.html", {
+        "title": "Backups", "section": "backups",
+        "recipient": await svc.db.get_setting(backup.RECIPIENT_SETTING) or "",
+        "job": job, "files": files, "keep": await _keep(request),
+    })
+
+
+async def make_key(request: Request) -> Response:
+    """The emergency kit, as a download: the box keeps only its public half."""
+    await require(request, "admin")
+    values = await read_form(request)
+    svc = services(request)
+    if await svc.db.get_setting(backup.RECIPIENT_SETTING) and values.get("confirm") != "replace":
+        flash(request, "The box has a backup key already: tick the box to replace it.")
+        return redirect("/console/backups")
+    kit = await backup.make_key(svc.db, svc.events, svc.hostname)
+    return Response(kit.text, media_type="text/plain; charset=utf-8", headers={
+        "Content-Disposition": 'attachment; filename="letterbox-emergency-kit.txt"',
+        "Cache-Control": "no-store",
+    })
+
+
+async def create(request: Request) -> Response:
+    await require(request, "admin")
+    values = await read_form(request)
+    svc = services(request)
+    if values.get("keep", "").isdigit() and 0 < int(values["keep"]) <= 1000:
+        await svc.db.set_setting(backup.KEEP_SETTING, values["keep"])
+    keep = await _keep(request)
+
+    async def work(progress: backup.Progress) -> str:
+        made = await backup.create(svc.db, svc.events, svc.config.data, progress=progress, keep=keep)
+        return f"Backup made: {made.path.name} ({made.manifest['messages']} messages)."
+
+    if svc.backups.start("backup", work) is None:
+        flash(request, "A backup or restore is already running: wait for it to finish.")
+    return redirect("/console/backups")
+
+
+def _named(request: Request, name: str) -> Path:
+    """A file of the list under backups/, by its exact name; never a path."""
+    for item in backup.list_backups(services(request).config.data.backups):
+        if item.path.name == name:
+            return item.path
+    raise HTTPException(404, "No such backup.")
+
+
+async def download(request: Request) -> Response:
+    await require(request, "admin")
+    path = await asyncio.to_thread(_named, request, str(request.path_params["name"]))
+    return FileResponse(path, filename=path.name, media_type="application/octet-stream",
+                        headers={"Cache-Control": "no-store"})
+
+
+async def restore_mailbox(request: Request) -> Response:
+    await require(request, "admin")
+    values = await read_form(request)
+    svc = services(request)
+    try:
+        path = await asyncio.to_thread(_named, request, values.get("file", ""))
+    except HTTPException:
+        flash(request, "Not restored: pick a backup from the list.")
+        return redirect("/console/backups")
+    text = values.get("secret", "")[:MAX_SECRET]
+    address = values.get("address", "").strip().lower()
+    folder = values.get("folder", "").strip() or None
+    if not text.strip() or "@" not in address:
+        flash(request, "Not restored: give the mailbox's address and the emergency kit or passphrase.")
+        return redirect("/console/backups")
+    secret = backup.Secret.from_text(text) if "AGE-SECRET-KEY-" in text else backup.Secret(passphrase=text.strip())
+
+    async def work(progress: backup.Progress) -> str:
+        done = await backup.restore_mailbox(svc.db, svc.events, svc.config.data, path, secret, address, folder)
+        again = " (the mailbox was made again, with its old password)" if done.created else ""
+        return f"Restored {done.messages} messages into {done.address}{again}."
+
+    if svc.backups.start("restore", work) is None:
+        flash(request, "A backup or restore is already running: wait for it to finish.")
+    return redirect("/console/backups")
+
+
+routes = [
+    Route("/console/backups", page, methods=["GET"]),
+    Route("/console/backups/key", make_key, methods=["POST"]),
+    Route("/console/backups/create", create, methods=["POST"]),
+    Route("/console/backups/restore-mailbox", restore_mailbox, methods=["POST"]),
+    Route("/console/backups/download/{name}", download, methods=["GET"]),
+]
