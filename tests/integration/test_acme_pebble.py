@@ -148,8 +148,9 @@ async def _no_warning(subject: str, text: str) -> None:
 
 def test_challenge_fails_connection_refused_keeps_old_certificate(box: BoxHandle, tmp_path: Path) -> None:
     closed = free_port()  # nothing listens there: the CA's connection is refused
-    p = Pebble(tmp_path / "pebble", http_port=closed, tls_port=closed)
     require_program("pebble")
+    require_program("pebble-challtestsrv")
+    p = Pebble(tmp_path / "pebble", http_port=closed, tls_port=closed)
     p.start()
     try:
         configure(box, p)

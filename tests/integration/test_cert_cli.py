@@ -13,7 +13,7 @@ import pytest
 import trustme
 
 from appliance.config import DataLayout
-from tests.conftest import LETTERBOX, BoxHandle, preset_settings
+from tests.conftest import LETTERBOX, BoxHandle, preset_settings, require_program
 from tests.support.pebble import Pebble
 from tests.support.tls_probe import TLS_SERVICES, served_certificate
 
@@ -104,6 +104,8 @@ def test_good_upload_then_status_then_self_signed(data: Path, files: dict[str, P
 
 
 def test_cli_order_answered_by_running_box(box: BoxHandle, tmp_path: Path) -> None:
+    require_program("pebble")
+    require_program("pebble-challtestsrv")
     pebble = Pebble(tmp_path / "pebble", http_port=box.port("http"), tls_port=box.port("https"))
     pebble.start()
     try:
@@ -145,6 +147,8 @@ def test_cli_challenge_failure_in_plain_words_old_certificate_kept(box: BoxHandl
     from tests.support.pebble import free_port
 
     closed = free_port()  # port 80 "closed on the router": the CA's connection is refused
+    require_program("pebble")
+    require_program("pebble-challtestsrv")
     pebble = Pebble(tmp_path / "pebble", http_port=closed, tls_port=closed)
     pebble.start()
     try:

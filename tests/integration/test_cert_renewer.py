@@ -26,6 +26,7 @@ USER, PASSWORD = f"alice@{DOMAIN}", "correct horse battery"
 @pytest.fixture
 def pebble(box: BoxHandle, tmp_path: Path) -> Iterator[Pebble]:
     require_program("pebble")
+    require_program("pebble-challtestsrv")
     p = Pebble(tmp_path / "pebble", http_port=box.port("http"), tls_port=box.port("https"))
     p.start()
     try:
