@@ -124,7 +124,7 @@ def test_wrong_password_is_535(mx: BoxHandle) -> None:
         with pytest.raises(smtplib.SMTPAuthenticationError) as err:
             client.login(f"alice@{OURS}", "wrong password")
         assert err.value.smtp_code == 535
-        assert err.value.smtp_error.startswith(b"5.7.8")
+        assert err.value.smtp_error.startswith(b"5.7.8")  # type: ignore[arg-type]  # typeshed says str; smtplib gives bytes
         with pytest.raises(smtplib.SMTPAuthenticationError):
             client.login("nobody@nowhere.test", PASSWORD)
 

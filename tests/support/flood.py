@@ -133,7 +133,8 @@ class ImapSsl(imaplib.IMAP4_SSL):
 
     def _create_socket(self, timeout: float | None) -> socket.socket:
         sock = connect_from(self.source, self.port, timeout or 15)
-        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+        wrapped: socket.socket = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+        return wrapped
 
 
 class Pop3(poplib.POP3):
@@ -148,11 +149,12 @@ class Pop3(poplib.POP3):
 class Pop3Ssl(poplib.POP3_SSL):
     def __init__(self, port: int, source: str, context: ssl.SSLContext) -> None:
         self.source = source
+        self.tls = context  # poplib keeps it as `context`, which its stubs do not declare
         super().__init__("127.0.0.1", port, context=context, timeout=15)
 
     def _create_socket(self, timeout: float) -> socket.socket:
         sock = connect_from(self.source, self.port, timeout)
-        return self.context.wrap_socket(sock, server_hostname=self.host)
+        return self.tls.wrap_socket(sock, server_hostname=self.host)
 
 
 def login(service: str, port: int, source: str, context: ssl.SSLContext, user: str, password: str) -> None:

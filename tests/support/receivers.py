@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -225,7 +225,7 @@ class Receiver:
             if self._server is not None:
                 self._server.close()
             for transport in list(self.transports):
-                transport.abort()
+                cast(asyncio.Transport, transport).abort()  # socket transports all have abort()
             await asyncio.sleep(0.05)  # let connection_lost run before the loop goes
 
         if self._thread.is_alive():

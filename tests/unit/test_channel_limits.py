@@ -4,6 +4,7 @@ released exactly once, per address, per network, the pre-auth pool, and stress (
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -18,7 +19,7 @@ class Clock:
         return self.now
 
 
-def limiter(clock: Clock | None = None, **overrides: float) -> ConnectionLimiter:
+def limiter(clock: Callable[[], float] | None = None, **overrides: float) -> ConnectionLimiter:
     settings: dict[str, float] = {
         "per_client": 3, "per_network": 5, "preauth": 8, "total": 10,
         "preauth_timeout": 120.0, "stressed_preauth_timeout": 5.0, "stress_fraction": 0.5,
@@ -140,7 +141,12 @@ def test_deadline_timer_fires_moves_earlier_under_stress_and_stops_at_login() ->
         logged_in = lim.acquire("192.0.2.2")
         assert idle is not None
         assert logged_in is not None
-        idle.watch_preauth(lambda: (fired.append("idle"), done.set()))
+
+        def on_idle() -> None:
+            fired.append("idle")
+            done.set()
+
+        idle.watch_preauth(on_idle)
         logged_in.watch_preauth(lambda: fired.append("logged_in"))
         logged_in.promote()
         started = loop.time()

@@ -177,6 +177,10 @@ def test_address_search_as_dovecot(tmp_path: Path, query: str, expected: list[in
     for n, text in enumerate(ADDRESS_MESSAGES, start=1):
         path = tmp_path / f"{n}.eml"
         path.write_bytes(text.replace("\n", "\r\n").encode())
-        if searcher.matches(Candidate(n, n, frozenset(), len(text), 0), lambda p=path: p.open("rb")):
+
+        def opener(p: Path = path) -> BinaryIO:
+            return p.open("rb")
+
+        if searcher.matches(Candidate(n, n, frozenset(), len(text), 0), opener):
             found.append(n)
     assert found == expected

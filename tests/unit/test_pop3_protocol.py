@@ -65,7 +65,7 @@ def test_successful_pass_moves_to_transaction_and_quit_to_update_then_closed() -
     conn.receive_data(b"PASS secret\r\n")
     conn.next_event()
     conn.send(Ok("Logged in"))
-    assert conn.state is State.TRANSACTION
+    assert conn.state is State.TRANSACTION  # type: ignore[comparison-overlap]  # mypy keeps the narrowing across send()
     conn.receive_data(b"STAT\r\nQUIT\r\n")
     assert conn.next_event() == Command("STAT", ())
     conn.send(Ok("0 0"))
