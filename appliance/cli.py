@@ -10,13 +10,16 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from appliance import sizes
 from appliance.accounts import AccountError, Accounts
+from appliance.admin import Admin, open_admin
 from appliance.config import DataLayout, ServeConfig, default_data_dir
 from appliance.db import Database, DatabaseError
 from appliance.store import trash
+
+T = TypeVar("T")
 
 
 class CliError(Exception):
@@ -54,12 +57,15 @@ async def open_db(args: argparse.Namespace) -> Database:
     return await Database.open(layout.db)
 
 
-async def with_accounts(args: argparse.Namespace, action: Callable[[Accounts], Awaitable[Any]]) -> Any:
-    db = await open_db(args)
-    try:
-        return await action(Accounts(db, data=DataLayout(Path(args.data))))
-    finally:
-        await db.close()
+def run_admin(args: argparse.Namespace, action: Callable[[Admin], Awaitable[T]]) -> T:
+    """One use-case of appliance/admin.py on the data directory, as the console would run it."""
+    hostname: str | None = getattr(args, "hostname", None)
+
+    async def act() -> T:
+        async with open_admin(Path(args.data), (lambda: hostname) if hostname else None) as admin:
+            return await action(admin)
+
+    return asyncio.run(act())
 
 
 # --- serve -----------------------------------------------------------------------------------------
@@ -79,60 +85,66 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from exc
 
 
-# --- domains, users, aliases -----------------------------------------------------------------------
+# --- domains, users, aliases, admins ---------------------------------------------------------------
 
 def cmd_domain(args: argparse.Namespace) -> None:
-    async def act(accounts: Accounts) -> None:
-        if args.action == "add":
-            print(f"added domain {await accounts.add_domain(args.name)}")
-        elif args.action == "remove":
-            await accounts.remove_domain(args.name)
-            print(f"removed domain {args.name}")
-        else:
-            for name in await accounts.list_domains():
-                print(name)
-
-    asyncio.run(with_accounts(args, act))
+    if args.action == "add":
+        print(f"added domain {run_admin(args, lambda admin: admin.add_domain(args.name))} (with its DKIM key)")
+    elif args.action == "remove":
+        print(f"removed domain {run_admin(args, lambda admin: admin.remove_domain(args.name))}")
+    else:
+        for name in run_admin(args, lambda admin: admin.accounts.list_domains()):
+            print(name)
 
 
 def cmd_user(args: argparse.Namespace) -> None:
     password = read_password(args) if args.action in ("add", "passwd") else ""
-
-    async def act(accounts: Accounts) -> None:
-        if args.action == "add":
-            info = await accounts.add_user(
-                args.address, password, display_name=args.name or "", quota_bytes=args.quota
-            )
-            print(f"added mailbox {info.address}")
-        elif args.action == "passwd":
-            await accounts.set_password(args.address, password)
-            print(f"password changed for {args.address}")
-        elif args.action == "remove":
-            moved = await accounts.remove_user(args.address)
-            kept = f" (its mail is kept {trash.RETENTION_DAYS} days in {moved})" if moved else ""
-            print(f"removed mailbox {args.address}{kept}")
-        else:
-            for info in await accounts.list_users(args.domain):
-                quota = sizes.format_size(info.quota_bytes) or "unlimited"
-                state = "" if info.enabled else "  (disabled)"
-                print(f"{info.address}\t{info.display_name}\t{quota}{state}")
-
-    asyncio.run(with_accounts(args, act))
+    if args.action == "add":
+        info = run_admin(args, lambda admin: admin.create_mailbox(
+            args.address, password, display_name=args.name or "", quota_bytes=args.quota))
+        print(f"added mailbox {info.address}")
+    elif args.action == "passwd":
+        print(f"password changed for {run_admin(args, lambda admin: admin.set_mailbox_password(args.address, password))}")
+    elif args.action == "remove":
+        moved = run_admin(args, lambda admin: admin.remove_mailbox(args.address))
+        kept = f" (its mail is kept {trash.RETENTION_DAYS} days in {moved})" if moved else ""
+        print(f"removed mailbox {args.address}{kept}")
+    elif args.action in ("enable", "disable"):
+        info = run_admin(args, lambda admin: admin.update_mailbox(args.address, enabled=args.action == "enable"))
+        print(f"mailbox {info.address} {args.action}d")
+    elif args.action == "quota":
+        info = run_admin(args, lambda admin: admin.update_mailbox(args.address, quota_bytes=args.size))
+        print(f"quota of {info.address}: {sizes.format_size(info.quota_bytes) or 'unlimited'}")
+    else:
+        for info in run_admin(args, lambda admin: admin.accounts.list_users(args.domain)):
+            quota = sizes.format_size(info.quota_bytes) or "unlimited"
+            state = "" if info.enabled else "  (disabled)"
+            print(f"{info.address}\t{info.display_name}\t{quota}{state}")
 
 
 def cmd_alias(args: argparse.Namespace) -> None:
-    async def act(accounts: Accounts) -> None:
-        if args.action == "add":
-            info = await accounts.add_alias(args.source, list(args.targets))
-            print(f"added alias {info.source} -> {', '.join(info.targets)}")
-        elif args.action == "remove":
-            await accounts.remove_alias(args.source)
-            print(f"removed alias {args.source}")
-        else:
-            for info in await accounts.list_aliases(args.domain):
-                print(f"{info.source}\t{', '.join(info.targets)}")
+    if args.action == "add":
+        info = run_admin(args, lambda admin: admin.add_alias(args.source, args.targets))
+        print(f"added alias {info.source} -> {', '.join(info.targets)}")
+    elif args.action == "remove":
+        print(f"removed alias {run_admin(args, lambda admin: admin.remove_alias(args.source))}")
+    else:
+        for info in run_admin(args, lambda admin: admin.accounts.list_aliases(args.domain)):
+            print(f"{info.source}\t{', '.join(info.targets)}")
 
-    asyncio.run(with_accounts(args, act))
+
+def cmd_admin(args: argparse.Namespace) -> None:
+    password = read_password(args) if args.action in ("add", "passwd") else ""
+    if args.action == "add":
+        print(f"added administrator {run_admin(args, lambda admin: admin.add_admin(args.name, password))}")
+    elif args.action == "passwd":
+        print(f"password changed for administrator "
+              f"{run_admin(args, lambda admin: admin.set_admin_password(args.name, password))}")
+    elif args.action == "remove":
+        print(f"removed administrator {run_admin(args, lambda admin: admin.remove_admin(args.name))}")
+    else:
+        for name in run_admin(args, lambda admin: admin.list_admins()):
+            print(name)
 
 
 # --- queue -----------------------------------------------------------------------------------------
@@ -152,31 +164,14 @@ def cmd_queue(args: argparse.Namespace) -> None:
 
 def cmd_queue_flush(args: argparse.Namespace) -> None:
     from appliance.queue.service import POLL_INTERVAL
-    from appliance.queue.state import flush
 
-    async def act() -> int:
-        db = await open_db(args)
-        try:
-            return await flush(db, args.ids)
-        finally:
-            await db.close()
-
-    count = asyncio.run(act())
+    count = run_admin(args, lambda admin: admin.flush_queue(args.ids))
     print(f"{count} recipient{'s' if count != 1 else ''} due now; "
           f"a running Letterbox tries them within {POLL_INTERVAL:.0f} s")
 
 
 def cmd_queue_delete(args: argparse.Namespace) -> None:
-    from appliance.queue.state import delete
-
-    async def act() -> list[str]:
-        db = await open_db(args)
-        try:
-            return await delete(db, DataLayout(Path(args.data)).spool, args.ids)
-        finally:
-            await db.close()
-
-    deleted = asyncio.run(act())
+    deleted = run_admin(args, lambda admin: admin.delete_queued(args.ids))
     for queue_id in deleted:
         print(f"deleted {queue_id} (no report is sent)")
     missing = [i for i in args.ids if i not in deleted]
@@ -187,33 +182,23 @@ def cmd_queue_delete(args: argparse.Namespace) -> None:
 # --- relay (smarthost) ------------------------------------------------------------------------------
 
 def cmd_relay(args: argparse.Namespace) -> None:
-    from appliance.queue.smarthost import (
-        DEFAULT_PORTS,
-        Smarthost,
-        SmarthostError,
-        load_smarthost,
-        save_smarthost,
-    )
+    from appliance.queue.smarthost import DEFAULT_PORTS, Smarthost, SmarthostError
 
     password = read_password(args) if args.action == "set" and args.user else ""
 
-    async def act() -> Smarthost | None:
-        db = await open_db(args)
-        try:
-            if args.action == "set":
-                relay = Smarthost(host=args.host, port=args.port or DEFAULT_PORTS[args.tls], tls=args.tls,
-                                  user=args.user or "", password=password, ca_file=args.ca_file or "")
-                await save_smarthost(db, relay)
-                return relay
-            if args.action == "off":
-                await save_smarthost(db, None)
-                return None
-            return await load_smarthost(db)
-        finally:
-            await db.close()
+    async def act(admin: Admin) -> Smarthost | None:
+        if args.action == "set":
+            relay = Smarthost(host=args.host, port=args.port or DEFAULT_PORTS[args.tls], tls=args.tls,
+                              user=args.user or "", password=password, ca_file=args.ca_file or "")
+            await admin.set_relay(relay)
+            return relay
+        if args.action == "off":
+            await admin.set_relay(None)
+            return None
+        return await admin.relay()
 
     try:
-        relay = asyncio.run(act())
+        relay = run_admin(args, act)
     except SmarthostError as exc:
         raise CliError(str(exc)) from None
     if relay is None:
@@ -225,18 +210,7 @@ def cmd_relay(args: argparse.Namespace) -> None:
 # --- dkim ------------------------------------------------------------------------------------------
 
 def cmd_dkim(args: argparse.Namespace) -> None:
-    from appliance import dkim_keys
-
-    async def act() -> dkim_keys.DkimKey:
-        db = await open_db(args)
-        try:
-            if not await Accounts(db).is_local_domain(args.domain):
-                raise CliError(f"{args.domain} is not a domain of this box (letterbox domain add)")
-            return await dkim_keys.rotate_key(db, DataLayout(Path(args.data)).dkim, args.domain)
-        finally:
-            await db.close()
-
-    key = asyncio.run(act())
+    key = run_admin(args, lambda admin: admin.rotate_dkim(args.domain))
     print(f"new DKIM key for {key.domain}: selector {key.selector}, used for all mail from now on")
     print("publish this record (the old one can go once mail signed with it has been delivered):")
     print(f"{key.record_name}. IN TXT \"{key.txt_record()}\"")
@@ -246,27 +220,13 @@ def cmd_dkim(args: argparse.Namespace) -> None:
 
 def cmd_dns(args: argparse.Namespace) -> None:
     from appliance import dns_check, dns_records
-    from appliance.accounts import mail_domain
-    from appliance.app import system_hostname
 
-    async def act() -> tuple[str, int]:
-        db = await open_db(args)
-        try:
-            domain = mail_domain(args.domain)
-            if not await Accounts(db).is_local_domain(domain):
-                raise CliError(f"{domain} is not a domain of this box (letterbox domain add)")
-            hostname = args.hostname or await db.get_setting("hostname") or system_hostname()
-            dkim_dir = DataLayout(Path(args.data)).dkim
-            if args.action == "records":
-                return dns_records.format_table(await dns_records.domain_records(db, dkim_dir, domain, hostname)), 0
-            results = await dns_check.check_domain(db, dkim_dir, domain, hostname)
-            await dns_check.save_results(db, domain, results)
-            return dns_check.format_results(results), sum(r.status != "found" for r in results)
-        finally:
-            await db.close()
-
-    text, problems = asyncio.run(act())
-    print(text)
+    if args.action == "records":
+        print(dns_records.format_table(run_admin(args, lambda admin: admin.dns_records(args.domain))))
+        return
+    results = run_admin(args, lambda admin: admin.check_dns(args.domain))
+    print(dns_check.format_results(results))
+    problems = sum(r.status != "found" for r in results)
     if problems:
         raise CliError(f"{problems} record{'s are' if problems != 1 else ' is'} not right yet (see above)")
 
@@ -457,8 +417,23 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.add_argument("address")
     passwd.add_argument("--password-stdin", action="store_true")
     usub.add_parser("remove").add_argument("address")
+    usub.add_parser("enable", help="it can log in and receive mail again").add_argument("address")
+    usub.add_parser("disable", help="no login, no mail accepted for it; its mail is kept").add_argument("address")
+    uquota = usub.add_parser("quota", help="set the storage limit")
+    uquota.add_argument("address")
+    uquota.add_argument("size", type=parse_size, help="e.g. 2G or 1.5G; 0 = unlimited")
     usub.add_parser("list").add_argument("domain", nargs="?")
     user.set_defaults(func=cmd_user)
+
+    admin = sub.add_parser("admin", help="administrators of the web console")
+    adsub = admin.add_subparsers(dest="action", required=True)
+    for action in ("add", "passwd"):
+        admin_action = adsub.add_parser(action)
+        admin_action.add_argument("name")
+        admin_action.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    adsub.add_parser("remove", help="refused for the last one").add_argument("name")
+    adsub.add_parser("list")
+    admin.set_defaults(func=cmd_admin)
 
     alias = sub.add_parser("alias", help="aliases and forwards ('@domain' is a catch-all)")
     asub = alias.add_subparsers(dest="action", required=True)

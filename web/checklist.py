@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+from appliance.admin import Admin
 from appliance.dns_check import load_results
-from web.routes.sending import relay_tested, stored_relay
+from web.sending_form import stored_relay
 
 if TYPE_CHECKING:
     from appliance.services import Services
@@ -54,13 +55,14 @@ async def still_to_do(svc: Services) -> list[Todo]:
         todos.append(Todo("certificate", "The certificate is self-signed: mail programs warn about it (or refuse "
                           "it) until a certificate from a certificate authority such as Let's Encrypt replaces it.",
                           "/console/certificate", "Get a trusted certificate"))
-    relay = (await stored_relay(svc)).relay
+    box = Admin.of(svc)
+    relay = (await stored_relay(box)).relay
     if relay is None:
         todos.append(Todo("sending", "Mail to other domains goes directly to their servers, which needs outbound "
                           "port 25; the box cannot check that your connection allows it (many home connections "
                           "block it). Send a message to an outside address to find out, or use a relay.",
                           "/console/sending", "Sending settings"))
-    elif not await relay_tested(svc, relay):
+    elif not await box.relay_tested(relay):
         todos.append(Todo("sending", f"The relay {relay.host} was saved without a working test: until it works, "
                           "mail to other domains waits in the queue.", "/console/sending", "Test the relay"))
     return todos

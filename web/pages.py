@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from appliance.account_errors import AccountError
+from appliance.admin import Admin
 from appliance.web_sessions import Kind, WebSessions
 from web.forms import check_password, secret
 from web.security import CSRF_FIELD, csrf_ok, csrf_token
@@ -47,6 +48,11 @@ class LoginRequired(Exception):
 
 def services(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
+
+
+def admin(request: Request) -> Admin:
+    """The box's use-cases (appliance/admin.py), the same functions the CLI calls."""
+    return Admin.of(services(request))
 
 
 def _sessions(request: Request) -> WebSessions:
@@ -183,14 +189,13 @@ def redirect(path: str) -> RedirectResponse:
 
 
 async def removed(request: Request, removal: Awaitable[object], *, what: str, verb: str, back: str) -> Response:
-    """The POST after a confirmation page: remove, record the event, say so, back to the list. An
-    AccountError (e.g. a domain that still has mailboxes) is shown instead, nothing recorded."""
+    """The POST after a confirmation page: remove (the use-case records its event), say so, back to
+    the list. An AccountError (e.g. a domain that still has mailboxes) is shown instead."""
     try:
         await removal
     except AccountError as exc:
         flash(request, f"Not {verb}: {exc}")
         return redirect(back)
-    await services(request).events.record("web", f"{what} {verb}")
     flash(request, f"{what[:1].upper()}{what[1:]} {verb}.")
     return redirect(back)
 

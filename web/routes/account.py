@@ -12,6 +12,7 @@ from appliance.store.model import StoreError
 from web.clients import mobileconfig
 from web.console_data import client_settings_for
 from web.pages import (
+    admin,
     change_own_password,
     flash,
     peer,
@@ -46,12 +47,11 @@ async def password_submit(request: Request) -> Response:
     errors = await change_own_password(
         values, principal.name,
         lambda current: svc.auth.verify(principal.name, current, "web", peer(request)),
-        lambda password: svc.accounts.set_password(principal.name, password),
+        lambda password: admin(request).set_mailbox_password(principal.name, password, by_owner=True),
     )
     if errors:
         return await account_page(request, errors)
     await refresh_login(request)
-    await svc.events.record("web", f"{principal.name} changed their password")
     flash(request, "Your password was changed. Use the new one in your mail programs too.")
     return redirect("/account")
 

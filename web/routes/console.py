@@ -15,6 +15,7 @@ from appliance.dns_records import SETTING_IPV4, SETTING_IPV6
 from appliance.queue.spool import shared_spool
 from web.console_data import disk_usage, listeners, queue_summary
 from web.pages import (
+    admin,
     change_own_password,
     flash,
     peer,
@@ -71,13 +72,12 @@ async def password_submit(request: Request) -> Response:
     errors = await change_own_password(
         values, principal.name,
         lambda current: svc.auth.verify_admin(principal.name, current, peer(request)),
-        lambda password: svc.accounts.set_admin_password(principal.name, password),
+        lambda password: admin(request).set_admin_password(principal.name, password, by_owner=True),
     )
     if errors:
         return await render(request, "console/password.html", {
             "title": "Your password", "section": "password", "errors": errors}, status_code=400)
     await refresh_login(request)
-    await svc.events.record("web", f"admin {principal.name} changed their password")
     flash(request, "Your password was changed. Other sessions have been logged out.")
     return redirect("/console")
 

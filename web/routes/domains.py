@@ -7,16 +7,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from appliance import dkim_keys
 from appliance.account_errors import AccountError
 from appliance.dns_check import load_results
-from appliance.dns_records import SETTING_IPV4, SETTING_IPV6, domain_records
+from appliance.dns_records import SETTING_IPV4, SETTING_IPV6
 from appliance.store import trash
 from web import forms, wizard
 from web.console_data import dns_ports
-from web.pages import flash, read_form, redirect, removed, render, require, services
-from web.routes.mailboxes import path_address, segment
-from web.routes.setup import run_check, save_addresses
+from web.pages import admin, flash, read_form, redirect, removed, render, require, services
+from web.urls import path_address, segment
 
 
 async def _domain(request: Request) -> str:
@@ -44,17 +42,14 @@ async def domains_page(request: Request, values: dict[str, str] | None = None,
 async def domain_add(request: Request) -> Response:
     await require(request, "admin")
     values = await read_form(request)
-    svc = services(request)
     domain, errors = forms.new_domain(values)
     if not errors:
         try:
-            domain = await svc.accounts.add_domain(domain)
+            domain = await admin(request).add_domain(domain)
         except AccountError as exc:
             errors = {"domain": str(exc)}
     if errors:
         return await domains_page(request, {"domain": forms.text(values, "domain")}, errors)
-    await dkim_keys.ensure_key(svc.db, svc.config.data.dkim, domain)
-    await svc.events.record("web", f"domain {domain} added")
     flash(request, f"Domain {domain} added: now create its DNS records.")
     return redirect(f"/console/domains/{segment(domain)}")
 
@@ -64,7 +59,7 @@ async def domain_dns(request: Request, errors: dict[str, str] | None = None,
     await require(request, "admin")
     svc = services(request)
     domain = await _domain(request)
-    records = await domain_records(svc.db, svc.config.data.dkim, domain, svc.hostname, dns_ports(svc))
+    records = await admin(request).dns_records(domain, dns_ports(svc))
     last = await load_results(svc.db, domain)
     shown = values or {"ipv4": await svc.db.get_setting(SETTING_IPV4) or "",
                        "ipv6": await svc.db.get_setting(SETTING_IPV6) or ""}
@@ -83,14 +78,14 @@ async def domain_check(request: Request) -> Response:
     if isinstance(result, wizard.Form):
         return await domain_dns(request, dict(result.errors), dict(result.values))
     assert isinstance(result, wizard.Next)
-    await save_addresses(request, dict(result.data))
-    await run_check(request, domain)
+    box = admin(request)
+    await box.set_public_addresses(result.data.get("ipv4", ""), result.data.get("ipv6", ""))
+    await box.check_dns(domain, dns_ports(services(request)))
     return redirect(f"/console/domains/{segment(domain)}")
 
 
 async def domain_delete(request: Request) -> Response:
     await require(request, "admin")
-    svc = services(request)
     domain = await _domain(request)
     if request.method == "GET":
         return await render(request, "console/confirm.html", {
@@ -101,7 +96,7 @@ async def domain_delete(request: Request) -> Response:
             "back": "/console/domains",
         })
     await read_form(request)
-    return await removed(request, svc.accounts.remove_domain(domain), what=f"domain {domain}", verb="removed",
+    return await removed(request, admin(request).remove_domain(domain), what=f"domain {domain}", verb="removed",
                          back="/console/domains")
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
-from urllib.parse import quote, unquote
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -16,37 +14,10 @@ from appliance.accounts import MailboxInfo
 from appliance.store import trash
 from appliance.store.model import StoreError
 from web import forms
-from web.pages import flash, read_form, redirect, removed, render, require, services
+from web.pages import admin, flash, read_form, redirect, removed, render, require, services
+from web.urls import alias_url, mailbox_url, path_address
 
 MAX_USAGE_LOOKUPS = 200  # the list shows usage for this many mailboxes; the rest on their own page
-
-
-def segment(value: str) -> str:
-    """An address as one URL path segment: '/', '%', '?', '#', spaces and non-ASCII percent-encoded
-    (RFC 3986 3.3), '@' and '+' kept for readability. The routes take the rest of the path
-    ({name:path}), since the server decodes '%2F' back into '/' before routing (issue 11 item 5)."""
-    return quote(value, safe="@+")
-
-
-def path_address(request: Request, name: str) -> str:
-    """The address in the path, decoded exactly once from the raw path when it came as one encoded
-    segment (`/console/<section>/<segment>[/<action>]`): a literal '%2F' in an alias stays '%2F'
-    whatever the server (or a test client) did with the decoded path. Else the route's parameter."""
-    raw = request.scope.get("raw_path")
-    if isinstance(raw, bytes):
-        parts = raw.decode("latin-1").partition("?")[0].split("/")
-        if len(parts) in (4, 5) and parts[3]:
-            with contextlib.suppress(UnicodeDecodeError):
-                return unquote(parts[3], errors="strict")
-    return str(request.path_params[name])
-
-
-def mailbox_url(address: str, action: str = "") -> str:
-    return f"/console/mailboxes/{segment(address)}{'/' + action if action else ''}"
-
-
-def alias_url(source: str, action: str = "") -> str:
-    return f"/console/aliases/{segment(source)}{'/' + action if action else ''}"
 
 
 async def _usage(request: Request, address: str) -> int | None:
@@ -88,14 +59,13 @@ async def mailbox_create(request: Request) -> Response:
     data, errors = forms.new_mailbox(values, tuple(await svc.accounts.list_domains()))
     if not errors:
         try:
-            info = await svc.accounts.add_user(data["address"], data["password"], display_name=data["name"],
-                                               quota_bytes=int(data.get("quota", "0")))
+            info = await admin(request).create_mailbox(data["address"], data["password"], display_name=data["name"],
+                                                       quota_bytes=int(data.get("quota", "0")))
         except AccountError as exc:
             errors = {"password" if isinstance(exc, WeakPassword) else "local": str(exc)}
     if errors:
         shown = {k: forms.text(values, k) for k in ("local", "domain", "name", "quota")}
         return await mailboxes_page(request, shown, errors)
-    await svc.events.record("web", f"mailbox {info.address} created")
     flash(request, f"Mailbox {info.address} created.")
     return redirect("/console/mailboxes")
 
@@ -124,17 +94,10 @@ async def mailbox_update(request: Request) -> Response:
     if errors:
         return await mailbox_page(request, errors, {"name": name, "quota": forms.text(values, "quota")})
     enabled = values.get("enabled") == "on"
-    svc = services(request)
     try:
-        await svc.accounts.update_user(info.address, display_name=name, quota_bytes=quota, enabled=enabled)
+        await admin(request).update_mailbox(info.address, display_name=name, quota_bytes=quota, enabled=enabled)
     except AccountError as exc:
         return await mailbox_page(request, {"": str(exc)}, {"name": name, "quota": forms.text(values, "quota")})
-    changes = []
-    if enabled != info.enabled:
-        changes.append("enabled" if enabled else "disabled")
-    if quota != info.quota_bytes:
-        changes.append(f"quota {forms.format_quota(quota) or 'unlimited'}")
-    await svc.events.record("web", f"mailbox {info.address} changed" + (f": {', '.join(changes)}" if changes else ""))
     flash(request, f"Mailbox {info.address} saved.")
     return redirect(mailbox_url(info.address))
 
@@ -144,15 +107,13 @@ async def mailbox_password(request: Request) -> Response:
     info = await _mailbox(request)
     values = await read_form(request)
     errors = forms.check_password(forms.secret(values, "password"), forms.secret(values, "password2"), info.address)
-    svc = services(request)
     if not errors:
         try:
-            await svc.accounts.set_password(info.address, forms.secret(values, "password"))
+            await admin(request).set_mailbox_password(info.address, forms.secret(values, "password"))
         except AccountError as exc:
             errors = {"password": str(exc)}
     if errors:
         return await mailbox_page(request, errors)
-    await svc.events.record("web", f"password of {info.address} set by an administrator")
     flash(request, f"New password set for {info.address}.")
     return redirect(mailbox_url(info.address))
 
@@ -171,13 +132,8 @@ async def mailbox_delete(request: Request) -> Response:
             "back": mailbox_url(info.address),
         })
     await read_form(request)
-    svc = services(request)
-
-    async def remove() -> None:
-        await svc.accounts.remove_user(info.address)
-        svc.store.forget_mailbox(info.address)  # nothing cached for it may serve the next owner
-
-    return await removed(request, remove(), what=f"mailbox {info.address}", verb="deleted", back="/console/mailboxes")
+    return await removed(request, admin(request).remove_mailbox(info.address), what=f"mailbox {info.address}",
+                         verb="deleted", back="/console/mailboxes")
 
 
 # --- aliases ------------------------------------------------------------------------------------------
@@ -200,7 +156,7 @@ async def alias_create(request: Request) -> Response:
     source, targets, errors = forms.new_alias(values, tuple(await svc.accounts.list_domains()))
     if not errors:
         try:
-            await svc.accounts.add_alias(source, targets)
+            await admin(request).add_alias(source, targets)
         except AlreadyExists as exc:
             errors = {"local": str(exc)}
         except InvalidAddress as exc:
@@ -210,7 +166,6 @@ async def alias_create(request: Request) -> Response:
     if errors:
         shown = {k: forms.text(values, k, forms.MAX_TARGETS_TEXT) for k in ("local", "domain", "targets")}
         return await aliases_page(request, shown, errors)
-    await svc.events.record("web", f"alias {source} -> {', '.join(targets)} created")
     flash(request, f"Alias {source} created.")
     return redirect("/console/aliases")
 
@@ -239,15 +194,13 @@ async def alias_update(request: Request) -> Response:
     source, _ = await _alias_source(request)
     values = await read_form(request)
     targets, errors = forms.alias_targets(values, catch_all=source.startswith("@"))
-    svc = services(request)
     if not errors:
         try:
-            await svc.accounts.set_alias_targets(source, targets)
+            await admin(request).set_alias_targets(source, targets)
         except AccountError as exc:
             errors = {"targets": str(exc)}
     if errors:
         return await alias_page(request, errors, forms.text(values, "targets", forms.MAX_TARGETS_TEXT))
-    await svc.events.record("web", f"alias {source} -> {', '.join(targets)} changed")
     flash(request, f"Alias {source} saved.")
     return redirect("/console/aliases")
 
@@ -262,7 +215,7 @@ async def alias_delete(request: Request) -> Response:
             "detail": f"Mail to it will no longer reach {', '.join(targets)}.", "back": "/console/aliases",
         })
     await read_form(request)
-    return await removed(request, services(request).accounts.remove_alias(source),
+    return await removed(request, admin(request).remove_alias(source),
                          what=f"alias {source}", verb="deleted", back="/console/aliases")
 
 

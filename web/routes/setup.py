@@ -9,6 +9,7 @@ go back to any step already reached; a reload resumes at the same step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import tempfile
 from pathlib import Path
@@ -17,17 +18,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from appliance import dkim_keys, setup_code
+from appliance import setup_code
 from appliance.account_errors import AccountError, AlreadyExists, WeakPassword
-from appliance.dns_check import check_domain, load_results, save_results, summary
-from appliance.dns_records import SETTING_IPV4, SETTING_IPV6, detect_public_addresses, domain_records
+from appliance.dns_check import load_results
+from appliance.dns_records import SETTING_IPV4, SETTING_IPV6, detect_public_addresses
 from appliance.queue.relay_check import RelayCheck
 from appliance.tls import TlsManager, make_self_signed
 from web import forms, wizard
 from web.checklist import still_to_do
 from web.console_data import client_settings_for, dns_ports
-from web.pages import log_in, peer, read_form, redirect, render, require, services
-from web.routes import certificate, sending
+from web.pages import admin, log_in, peer, read_form, redirect, render, require, services
+from web.routes import certificate
+from web.sending_form import apply, form_context, stored_relay
 from web.state import SETUP_DOMAIN, SETUP_DOMAIN_ADDED, SETUP_DONE, reach, setup_done, setup_step
 from web.wizard import Form, Next
 
@@ -123,7 +125,7 @@ async def admin_submit(request: Request) -> Response:
     assert isinstance(result, Next)
     if not admin_exists:
         try:
-            await svc.accounts.add_first_admin(result.data["name"], result.data["password"])
+            await admin(request).add_first_admin(result.data["name"], result.data["password"])
         except AlreadyExists:
             return redirect("/login")  # someone else finished step 1 first
         except AccountError as exc:
@@ -132,7 +134,6 @@ async def admin_submit(request: Request) -> Response:
                                                                       "hostname": result.data["hostname"]}))
         await asyncio.to_thread(setup_code.remove_code, svc.config.data.root)  # used: it opens nothing now
         await log_in(request, result.data["name"], "admin")
-        await svc.events.record("setup", f"administrator {result.data['name']} created")
     await svc.set_hostname(result.data["hostname"])
     await reach(svc.db, result.step)
     return redirect(f"/setup/{result.step}")
@@ -158,25 +159,20 @@ async def domain_submit(request: Request) -> Response:
     previous = await svc.db.get_setting(SETUP_DOMAIN)
     previous_was_added_here = await svc.db.get_setting(SETUP_DOMAIN_ADDED) == "1"
     added_here = previous_was_added_here and previous == domain
+    box = admin(request)
     if not await svc.accounts.is_local_domain(domain):
         try:
-            await svc.accounts.add_domain(domain)
+            await box.add_domain(domain)  # with its DKIM key: step 3 shows its public key
         except AccountError as exc:
             return await domain_page(request, Form({"domain": str(exc)}, {"domain": domain}))
         added_here = True
-        await svc.events.record("setup", f"domain {domain} added")
     if previous and previous != domain and previous_was_added_here:
         # Back to step 2 to fix a typo: the domain this step made before is replaced, not kept beside
         # the new one. A domain that existed before the wizard, or got mailboxes since, stays.
-        try:
-            await svc.accounts.remove_domain(previous)
-        except AccountError:
-            pass
-        else:
-            await svc.events.record("setup", f"domain {previous} removed (replaced by {domain})")
+        with contextlib.suppress(AccountError):
+            await box.remove_domain(previous)
     await svc.db.set_setting(SETUP_DOMAIN, domain)
     await svc.db.set_setting(SETUP_DOMAIN_ADDED, "1" if added_here else "0")
-    await dkim_keys.ensure_key(svc.db, svc.config.data.dkim, domain)  # step 3 shows its public key
     await reach(svc.db, result.step)
     return redirect(f"/setup/{result.step}")
 
@@ -195,7 +191,7 @@ async def dns_page(request: Request, form: Form | None) -> Response:
         detected = bool(found4 or found6)
         ipv4, ipv6 = found4, found6
     values = dict(form.values) if form else {"ipv4": ipv4 or "", "ipv6": ipv6 or ""}
-    records = await domain_records(svc.db, svc.config.data.dkim, domain, svc.hostname, dns_ports(svc))
+    records = await admin(request).dns_records(domain, dns_ports(svc))
     last = await load_results(svc.db, domain)
     return await _page(request, 3, "setup/dns.html", {
         "domain": domain, "records": records, "values": values, "errors": form.errors if form else {},
@@ -204,31 +200,18 @@ async def dns_page(request: Request, form: Form | None) -> Response:
     }, 400 if form else 200)
 
 
-async def save_addresses(request: Request, data: dict[str, str]) -> None:
-    db = services(request).db
-    await db.set_setting(SETTING_IPV4, data.get("ipv4", ""))
-    await db.set_setting(SETTING_IPV6, data.get("ipv6", ""))
-
-
-async def run_check(request: Request, domain: str) -> None:
-    svc = services(request)
-    results = await check_domain(svc.db, svc.config.data.dkim, domain, svc.hostname, dns_ports(svc))
-    await save_results(svc.db, domain, results)
-    counts = summary(results)
-    await svc.events.record("dns", f"DNS check of {domain}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
-
-
 async def dns_submit(request: Request) -> Response:
     svc = services(request)
     result = wizard.dns_step(await read_form(request))
     if isinstance(result, Form):
         return await dns_page(request, result)
     assert isinstance(result, Next)
-    await save_addresses(request, dict(result.data))
+    box = admin(request)
+    await box.set_public_addresses(result.data.get("ipv4", ""), result.data.get("ipv6", ""))
     if result.action == "check":
         domain = await svc.db.get_setting(SETUP_DOMAIN)
         if domain:
-            await run_check(request, domain)
+            await box.check_dns(domain, dns_ports(svc))
     await reach(svc.db, result.step)
     return redirect(f"/setup/{result.step}")
 
@@ -286,19 +269,19 @@ async def tls_submit(request: Request) -> Response:
 # --- 5: sending mail ---------------------------------------------------------------------------------
 
 async def sending_page(request: Request, form: Form | None, check: RelayCheck | None = None) -> Response:
-    context = await sending.form_context(services(request), form, check)
+    context = await form_context(admin(request), form, check)
     return await _page(request, 5, "setup/sending.html", context, 400 if form and form.errors else 200)
 
 
 async def sending_submit(request: Request) -> Response:
     svc = services(request)
     values = await read_form(request)
-    stored = await sending.stored_relay(svc)
+    stored = await stored_relay(admin(request))
     result = wizard.sending_step(values, stored=stored.relay, ca_file=stored.ca_file)
     if isinstance(result, Form):
         return await sending_page(request, result)
     assert isinstance(result, Next)
-    check = await sending.apply(request, result.action, result.relay)
+    check = await apply(request, result.action, result.relay)
     if check is not None:  # the relay test failed: nothing saved, the form again with the error
         return await sending_page(request, Form({}, forms.relay_shown(values)), check)
     await reach(svc.db, result.step)
@@ -326,13 +309,12 @@ async def mailboxes_submit(request: Request) -> Response:
     assert isinstance(result, Next)
     if result.action == "add":
         try:
-            info = await svc.accounts.add_user(result.data["address"], result.data["password"],
-                                               display_name=result.data["name"])
+            info = await admin(request).create_mailbox(result.data["address"], result.data["password"],
+                                                       display_name=result.data["name"])
         except AccountError as exc:
             field = "password" if isinstance(exc, WeakPassword) else "local"
             shown = {k: values.get(k, "") for k in ("local", "domain", "name")}
             return await mailboxes_page(request, Form({field: str(exc)}, shown))
-        await svc.events.record("web", f"mailbox {info.address} created")
         request.session["flash"] = [f"Mailbox {info.address} created."]
     await reach(svc.db, result.step)
     return redirect(f"/setup/{result.step}")

@@ -1,0 +1,287 @@
+"""The box's administrative use-cases, each one function with its side effects and its event.
+
+`letterbox ...` (appliance/cli.py) and the web console (web/routes/*) both act through `Admin`: they
+parse their input, call one method here and render what it returns. So a domain added by either gets
+its DKIM key, a relay changed by either wakes the queue, and both leave the same event. Validation
+that the person sees next to a form field stays in web/forms.py; the services check again here (and
+may still refuse: a name taken meanwhile), so the CLI is held to the same rules.
+
+An `Admin` is built from the running box's `Services` (`Admin.of`) or, in a CLI process, from the
+data directory alone (`open_admin`). Events are recorded by topic ("domains", "mailboxes", ...) with
+the same text whichever door the action came through, so the log reads the same for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from appliance import dkim_keys, dns_check, dns_records, sizes
+from appliance.account_errors import NotFound
+from appliance.accounts import Accounts, AliasInfo, MailboxInfo, stored_domain
+from appliance.config import DataLayout
+from appliance.db import Database
+from appliance.events import EventLog
+from appliance.queue import state as queue_state
+from appliance.queue.relay_check import RelayCheck, check_relay
+from appliance.queue.resolver import resolver_setting
+from appliance.queue.smarthost import Smarthost, SmarthostError, load_smarthost, save_smarthost
+
+if TYPE_CHECKING:
+    from appliance.services import Services
+    from appliance.store.mailstore import MailStore
+
+# What the relay that last passed "Test the relay" was (Smarthost.describe(): no password), so a relay
+# changed since, in the console or with `letterbox relay`, no longer counts as tested.
+RELAY_TESTED = "smarthost_tested"
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Admin:
+    db: Database
+    accounts: Accounts
+    data: DataLayout
+    events: EventLog
+    # The box's name, read when used: the wizard renames the box while it runs.
+    hostname: Callable[[], str]
+    # The running box's mail store, to drop what it caches for a removed mailbox; None in a CLI process
+    # (its sessions notice the removal through MailStore.mailbox_generation).
+    store: MailStore | None = None
+    # Tells the running queue to read its settings and look for due work now; nothing in a CLI process.
+    wake_queue: Callable[[], None] = field(default=_nothing)
+
+    @classmethod
+    def of(cls, services: Services) -> Admin:
+        def wake() -> None:
+            from appliance.queue.service import SERVICE_KEY, OutboundQueue
+
+            queue = services.extra.get(SERVICE_KEY)
+            if isinstance(queue, OutboundQueue):
+                queue.wake()
+
+        return cls(db=services.db, accounts=services.accounts, data=services.config.data, events=services.events,
+                   hostname=lambda: services.hostname, store=services.store, wake_queue=wake)
+
+    # --- domains ----------------------------------------------------------------------------------------
+
+    async def add_domain(self, name: str) -> str:
+        """Add a mail domain and its DKIM key (mail from it is signed from the first message on)."""
+        domain = await self.accounts.add_domain(name)
+        await dkim_keys.ensure_key(self.db, self.data.dkim, domain)
+        await self.events.record("domains", f"domain {domain} added")
+        return domain
+
+    async def remove_domain(self, name: str) -> str:
+        domain = stored_domain(name)
+        await self.accounts.remove_domain(domain)
+        await self.events.record("domains", f"domain {domain} removed")
+        return domain
+
+    async def local_domain(self, name: str) -> str:
+        """The canonical name of one of the box's domains; NotFound when it is not one."""
+        domain = stored_domain(name)
+        if not await self.accounts.is_local_domain(domain):
+            raise NotFound(f"{domain[:100]} is not a domain of this box (letterbox domain add)")
+        return domain
+
+    async def rotate_dkim(self, name: str) -> dkim_keys.DkimKey:
+        domain = await self.local_domain(name)
+        key = await dkim_keys.rotate_key(self.db, self.data.dkim, domain)
+        await self.events.record("dkim", f"new DKIM key for {domain}: selector {key.selector}")
+        return key
+
+    async def dns_records(self, name: str, ports: Mapping[str, int] | None = None) -> list[dns_records.DnsRecord]:
+        domain = await self.local_domain(name)
+        return await dns_records.domain_records(self.db, self.data.dkim, domain, self.hostname(), ports)
+
+    async def check_dns(self, name: str, ports: Mapping[str, int] | None = None) -> list[dns_check.CheckResult]:
+        """Look every record of the domain up now; the results are kept for the console."""
+        domain = await self.local_domain(name)
+        results = await dns_check.check_domain(self.db, self.data.dkim, domain, self.hostname(), ports)
+        await dns_check.save_results(self.db, domain, results)
+        counts = dns_check.summary(results)
+        await self.events.record("dns", f"DNS check of {domain}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+        return results
+
+    async def set_public_addresses(self, ipv4: str, ipv6: str) -> None:
+        """The box's public addresses for the A/AAAA and SPF records ('' = none); checked by the caller's
+        form (dns_records.valid_public_address)."""
+        await self.db.set_setting(dns_records.SETTING_IPV4, ipv4)
+        await self.db.set_setting(dns_records.SETTING_IPV6, ipv6)
+
+    # --- mailboxes --------------------------------------------------------------------------------------
+
+    async def create_mailbox(self, address: str, password: str, *, display_name: str = "",
+                             quota_bytes: int = 0) -> MailboxInfo:
+        info = await self.accounts.add_user(address, password, display_name=display_name, quota_bytes=quota_bytes)
+        await self.events.record("mailboxes", f"mailbox {info.address} created")
+        return info
+
+    async def remove_mailbox(self, address: str) -> str | None:
+        """Returns where its mail was moved (kept for trash.RETENTION_DAYS), None when it had none."""
+        info = await self._mailbox(address)
+        moved = await self.accounts.remove_user(info.address)
+        if self.store is not None:
+            self.store.forget_mailbox(info.address)  # nothing cached for it may serve the next owner
+        await self.events.record("mailboxes", f"mailbox {info.address} removed")
+        return moved
+
+    async def update_mailbox(self, address: str, *, display_name: str | None = None, quota_bytes: int | None = None,
+                             enabled: bool | None = None) -> MailboxInfo:
+        """Change what is given (None: left as it is): display name, quota (0 = no limit), enabled."""
+        before = await self._mailbox(address)
+        after = await self.accounts.update_user(before.address, display_name=display_name, quota_bytes=quota_bytes,
+                                                enabled=enabled)
+        changes = []
+        if after.enabled != before.enabled:
+            changes.append("enabled" if after.enabled else "disabled")
+        if after.quota_bytes != before.quota_bytes:
+            changes.append(f"quota {sizes.format_size(after.quota_bytes) or 'unlimited'}")
+        if after.display_name != before.display_name:
+            changes.append("display name")
+        await self.events.record("mailboxes", f"mailbox {after.address} changed"
+                                 + (f": {', '.join(changes)}" if changes else ""))
+        return after
+
+    async def set_mailbox_password(self, address: str, password: str, *, by_owner: bool = False) -> str:
+        """A new password (its other sessions end). `by_owner`: the owner changed it after proving the
+        current one (the console's account page); else an administrator set it."""
+        info = await self._mailbox(address)
+        await self.accounts.set_password(info.address, password)
+        await self.events.record("mailboxes", f"{info.address} changed their password" if by_owner
+                                 else f"password of {info.address} set by an administrator")
+        return info.address
+
+    async def _mailbox(self, address: str) -> MailboxInfo:
+        info = await self.accounts.get_user(address)
+        if info is None:
+            raise NotFound(f"no mailbox {address[:200]}")
+        return info
+
+    # --- aliases ----------------------------------------------------------------------------------------
+
+    async def add_alias(self, source: str, targets: Sequence[str]) -> AliasInfo:
+        info = await self.accounts.add_alias(source, list(targets))
+        await self.events.record("aliases", f"alias {info.source} -> {', '.join(info.targets)} created")
+        return info
+
+    async def set_alias_targets(self, source: str, targets: Sequence[str]) -> AliasInfo:
+        info = await self.accounts.set_alias_targets(source, list(targets))
+        await self.events.record("aliases", f"alias {info.source} -> {', '.join(info.targets)} changed")
+        return info
+
+    async def remove_alias(self, source: str) -> str:
+        info = await self.accounts.get_alias(source)
+        if info is None:
+            raise NotFound(f"no alias {source[:200]}")
+        await self.accounts.remove_alias(info.source)
+        await self.events.record("aliases", f"alias {info.source} removed")
+        return info.source
+
+    # --- web administrators -----------------------------------------------------------------------------
+
+    async def add_first_admin(self, name: str, password: str) -> str:
+        """The wizard's administrator: only while there is none (AlreadyExists otherwise)."""
+        await self.accounts.add_first_admin(name, password)
+        name = name.strip().lower()
+        await self.events.record("admins", f"administrator {name} created")
+        return name
+
+    async def add_admin(self, name: str, password: str) -> str:
+        await self.accounts.add_admin(name, password)
+        name = name.strip().lower()
+        await self.events.record("admins", f"administrator {name} created")
+        return name
+
+    async def set_admin_password(self, name: str, password: str, *, by_owner: bool = False) -> str:
+        await self.accounts.set_admin_password(name, password)
+        name = name.strip().lower()
+        await self.events.record("admins", f"admin {name} changed their password" if by_owner
+                                 else f"password of admin {name} set")
+        return name
+
+    async def remove_admin(self, name: str) -> str:
+        await self.accounts.remove_admin(name)
+        name = name.strip().lower()
+        await self.events.record("admins", f"administrator {name} removed")
+        return name
+
+    async def list_admins(self) -> list[str]:
+        return await self.accounts.list_admins()
+
+    # --- sending: direct or through a relay, and the queue ---------------------------------------------
+
+    async def relay(self) -> Smarthost | None:
+        """The relay in force (None: direct delivery); SmarthostError when the stored one is unusable."""
+        return await load_smarthost(self.db)
+
+    async def set_relay(self, relay: Smarthost | None, *, tested: bool = False) -> None:
+        """Store how mail leaves (None: straight to each domain's server) and have the running queue use
+        it for its next message. `tested`: this relay just passed check_relay."""
+        try:
+            before = await load_smarthost(self.db)
+        except SmarthostError:
+            before = None
+        await save_smarthost(self.db, relay)
+        if relay is not None and tested:
+            await self.db.set_setting(RELAY_TESTED, relay.describe())
+        elif relay != before or relay is None:  # a password changed untested counts as untested too
+            await self.db.set_setting(RELAY_TESTED, "")
+        self.wake_queue()
+        if relay is None:
+            await self.events.record("sending", "outbound mail goes directly to each domain's mail server")
+        else:
+            await self.events.record("sending", f"outbound mail goes through the relay {relay.describe()}")
+
+    async def relay_tested(self, relay: Smarthost) -> bool:
+        return await self.db.get_setting(RELAY_TESTED) == relay.describe()
+
+    async def test_relay(self, relay: Smarthost) -> RelayCheck:
+        """Try the relay (never stored here); a failure is an event, a success is stored by the caller
+        through set_relay(tested=True)."""
+        check = await check_relay(relay, helo_name=self.hostname(), resolver=await resolver_setting(self.db))
+        if not check.ok:
+            await self.events.record("sending", f"relay test of {relay.describe()} failed: {check.detail}")
+        return check
+
+    async def flush_queue(self, message_ids: Sequence[str] = ()) -> int:
+        """Every deferred recipient (or those of `message_ids`) due now; returns how many."""
+        count = await queue_state.flush(self.db, message_ids)
+        self.wake_queue()
+        what = f"message{'s' if len(message_ids) > 1 else ''} {', '.join(message_ids)}" if message_ids else "queue"
+        await self.events.record("sending", f"{what} flushed: {count} recipient{'' if count == 1 else 's'} due now")
+        return count
+
+    async def delete_queued(self, message_ids: Sequence[str]) -> list[str]:
+        """Remove messages from the queue without a report to their sender; returns those removed."""
+        deleted = await queue_state.delete(self.db, self.data.spool, list(message_ids))
+        for message_id in deleted:
+            await self.events.record("sending", f"message {message_id} deleted from the queue (no report sent)")
+        return deleted
+
+
+@asynccontextmanager
+async def open_admin(root: Path, hostname: Callable[[], str] | None = None) -> AsyncIterator[Admin]:
+    """An Admin on a data directory, for a process that is not the box (the CLI): its own database
+    connection, no store, no queue to wake (a running box reads the database for each decision)."""
+    layout = DataLayout(root)
+    layout.create()
+    db = await Database.open(layout.db)
+    try:
+        name = hostname
+        if name is None:
+            from appliance.app import system_hostname
+            from appliance.services import HOSTNAME_SETTING
+
+            stored = await db.get_setting(HOSTNAME_SETTING) or system_hostname()
+            name = lambda: stored  # noqa: E731  # a CLI command is too short-lived for a rename
+        yield Admin(db=db, accounts=Accounts(db, data=layout), data=layout, events=EventLog(db), hostname=name)
+    finally:
+        await db.close()
