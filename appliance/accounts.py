@@ -62,7 +62,9 @@ MAX_ADMIN_NAME = 64
 # Mailbox local parts name a directory (mail/<domain>/<local>/), so only a path-safe subset of
 # RFC 5321 atext: no '/', no quoting, nothing non-ASCII. Dot rules come from the dot-string syntax.
 _MAILBOX_LOCAL_PART = re.compile(r"[a-z0-9_][a-z0-9._+-]*")
-_ADMIN_NAME = re.compile(r"[a-z0-9_][a-z0-9._@-]*")
+# Admin names never contain '@': the login form tells admins from mailbox owners by it, so an admin
+# named with one could never log in. The one rule for the wizard, the CLI and the console.
+_ADMIN_NAME = re.compile(r"[a-z0-9_][a-z0-9._-]*")
 
 __all__ = [
     "AccountError", "Accounts", "AliasInfo", "AlreadyExists", "Credentials", "InUse", "InvalidAddress",
@@ -192,13 +194,21 @@ def _quota(value: int) -> int:
     return value
 
 
-def _admin_name(username: str) -> str:
+def admin_name_problem(username: str) -> str | None:
+    """Why this cannot be an administrator's name (None: it can, as username.strip().lower())."""
     name = username.strip().lower()
-    if not name or len(name) > MAX_ADMIN_NAME or not _ADMIN_NAME.fullmatch(name):
-        raise AccountError(
-            f"not a valid admin name: {username[:80]!r} (letters, digits and . _ @ -, at most {MAX_ADMIN_NAME})"
-        )
-    return name
+    if not name:
+        return "choose a name to log in with"
+    if len(name) > MAX_ADMIN_NAME or not _ADMIN_NAME.fullmatch(name):
+        return f"use letters, digits and . _ - only (at most {MAX_ADMIN_NAME}; no @)"
+    return None
+
+
+def _admin_name(username: str) -> str:
+    problem = admin_name_problem(username)
+    if problem:
+        raise AccountError(f"not a valid admin name: {username.strip()[:80]!r}: {problem}")
+    return username.strip().lower()
 
 
 def _alias_source(source: str) -> tuple[str, str]:

@@ -31,6 +31,8 @@ from appliance.queue.resolver import resolver_setting
 from appliance.queue.smarthost import Smarthost, SmarthostError, load_smarthost, save_smarthost
 
 if TYPE_CHECKING:
+    from argon2 import PasswordHasher
+
     from appliance.services import Services
     from appliance.store.mailstore import MailStore
 
@@ -268,7 +270,8 @@ class Admin:
 
 
 @asynccontextmanager
-async def open_admin(root: Path, hostname: Callable[[], str] | None = None) -> AsyncIterator[Admin]:
+async def open_admin(root: Path, hostname: Callable[[], str] | None = None, *,
+                     hasher: PasswordHasher | None = None) -> AsyncIterator[Admin]:
     """An Admin on a data directory, for a process that is not the box (the CLI): its own database
     connection, no store, no queue to wake (a running box reads the database for each decision)."""
     layout = DataLayout(root)
@@ -282,6 +285,6 @@ async def open_admin(root: Path, hostname: Callable[[], str] | None = None) -> A
 
             stored = await db.get_setting(HOSTNAME_SETTING) or system_hostname()
             name = lambda: stored  # noqa: E731  # a CLI command is too short-lived for a rename
-        yield Admin(db=db, accounts=Accounts(db, data=layout), data=layout, events=EventLog(db), hostname=name)
+        yield Admin(db=db, accounts=Accounts(db, data=layout, hasher=hasher), data=layout, events=EventLog(db), hostname=name)
     finally:
         await db.close()

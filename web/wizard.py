@@ -9,12 +9,11 @@ the database can still refuse (a name taken meanwhile) and turn it back into a F
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from appliance.account_errors import AccountError
-from appliance.accounts import mail_domain
+from appliance.accounts import admin_name_problem, mail_domain
 from appliance.dns_records import valid_public_address
 from appliance.queue.smarthost import Smarthost
 from web import forms
@@ -30,11 +29,8 @@ STEPS: tuple[tuple[int, str], ...] = (
 )
 FIRST_STEP, LAST_STEP = STEPS[0][0], STEPS[-1][0]
 MAX_FIELD = 1024  # longer input is cut before validation (forms never need more)
-MAX_ADMIN_NAME = 64
 SETUP_CODE_MISSING = "enter the setup code this box printed when it started (also in its data folder, file setup-code)"
 SETUP_CODE_WRONG = "this is not the setup code of this box (or too many attempts: wait a minute)"
-# Admin names never contain '@': the login form tells admins from mailbox owners by it.
-_ADMIN_NAME = re.compile(r"[a-z0-9_][a-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -71,12 +67,7 @@ def _secret(values: Mapping[str, str], name: str) -> str:
 
 
 def check_admin_name(text: str) -> str | None:
-    name = text.strip().lower()
-    if not name:
-        return "choose a name to log in with"
-    if len(name) > MAX_ADMIN_NAME or not _ADMIN_NAME.fullmatch(name):
-        return f"use letters, digits and . _ - only (at most {MAX_ADMIN_NAME}; no @)"
-    return None
+    return admin_name_problem(text)  # the rule Accounts enforces, so the form can say it first
 
 
 def check_hostname(text: str) -> tuple[str | None, str | None]:
