@@ -41,6 +41,7 @@ from appliance.queue.client import (
     verifying_context,
 )
 from appliance.queue.mx import Hop, RouteError, delivery_hops, host_hops
+from appliance.queue.report_delivery import deliver_report_to_sender
 from appliance.queue.resolver import make_async_resolver, resolver_setting
 from appliance.queue.retry import RetryPolicy, load_policy
 from appliance.queue.smarthost import Smarthost, SmarthostError, load_smarthost
@@ -553,29 +554,30 @@ class OutboundQueue:
         report = await self._build(message_id, target, part.created_at, "failed", part.failed,
                                    report_id=report_id)
         try:
-            mailboxes, remote = await self._destinations(target)
-            if mailboxes:
+            removed = False
+
+            async def begun() -> None:
                 if not resumed:
                     await self.state.report_started(part, report_id, int(self._clock()))
+
+            async def already_in(mailbox: str) -> bool:
                 started = min((f.report_started for f in part.failed), default=0)
-                for mailbox in mailboxes:
-                    if resumed and await self._holds_report(mailbox, report_id, started):
-                        log.info("%s: report %s already in %s (before a restart)", message_id, report_id, mailbox)
-                        continue
-                    await self._store_report(mailbox, report)
-            if remote:
-                removed = False
+                if resumed and await self._holds_report(mailbox, report_id, started):
+                    log.info("%s: report %s already in %s (before a restart)", message_id, report_id, mailbox)
+                    return True
+                return False
 
-                async def mark(tx: aiosqlite.Connection) -> None:
-                    nonlocal removed
-                    removed = await self.state.mark_settled(tx, part)
+            async def mark(tx: aiosqlite.Connection) -> None:
+                nonlocal removed
+                removed = await self.state.mark_settled(tx, part)
 
-                # Null sender: a report is never bounced (RFC 3464 / RFC 5321 6.1).
-                await self.spool.enqueue("", remote, report, also=mark)
-                if removed:
-                    await self.state.remove_file(message_id)
-            else:
+            spooled = await deliver_report_to_sender(self.services.accounts, self.services.store, self.spool, target,
+                                                     report, before_local=begun, already_in=already_in,
+                                                     with_spooling=mark)
+            if not spooled:
                 await self.state.settled(part)
+            elif removed:
+                await self.state.remove_file(message_id)
         except Exception:
             log.exception("%s: could not send the failure report to <%s>", message_id, target)
             return False
@@ -604,22 +606,6 @@ class OutboundQueue:
             return False
 
         return await asyncio.to_thread(search)
-
-    async def _store_report(self, mailbox: str, report: bytes) -> None:
-        copy = b"Return-Path: <>\r\n" + f"Delivered-To: {mailbox}\r\n".encode() + report
-        result = (await self.services.store.deliver([mailbox], copy)).get(mailbox)
-        if not isinstance(result, int):
-            raise RuntimeError(f"the store refused the report for {mailbox}: {result!r}")
-
-    async def _destinations(self, address: str) -> tuple[tuple[str, ...], list[str]]:
-        """Local mailboxes and remote addresses a report for `address` goes to."""
-        accounts = self.services.accounts
-        if not await accounts.is_local_domain(address.rpartition("@")[2]):
-            return (), [address]
-        resolution = await accounts.resolve(address)
-        if not resolution.mailboxes and not resolution.forwards:
-            log.warning("report for <%s> dropped: no such local address", address)
-        return resolution.mailboxes, list(resolution.forwards)
 
     async def _build(
         self,
@@ -668,11 +654,7 @@ class OutboundQueue:
             return True
         report = await self._build(message_id, target, created_at, action, recipients, will_retry_until)
         try:
-            mailboxes, remote = await self._destinations(target)
-            for mailbox in mailboxes:
-                await self._store_report(mailbox, report)
-            if remote:
-                await self.spool.enqueue("", remote, report)  # null sender: a report is never bounced
+            await deliver_report_to_sender(self.services.accounts, self.services.store, self.spool, target, report)
         except Exception:
             log.exception("%s: could not send the %s report to <%s>", message_id, action, target)
             return False

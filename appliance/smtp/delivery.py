@@ -16,6 +16,7 @@ from appliance import srs
 from appliance.accounts import Accounts
 from appliance.address import split_plus
 from appliance.queue import dsn
+from appliance.queue.report_delivery import deliver_report_to_sender
 from appliance.queue.spool import Spool, new_queue_id
 from appliance.smtp import headers
 from appliance.smtp.headers import ReceivedFacts
@@ -210,17 +211,7 @@ class Deliverer:
             arrival=message.arrival,
         )
         try:
-            remote = [message.sender]
-            if await self._accounts.is_local_domain(message.sender.rpartition("@")[2]):
-                resolution = await self._accounts.resolve(message.sender)
-                remote = list(resolution.forwards)
-                for mailbox in resolution.mailboxes:
-                    copy = headers.return_path("") + headers.delivered_to(mailbox) + report
-                    result = (await self._store.deliver([mailbox], copy)).get(mailbox)
-                    if not isinstance(result, int):
-                        log.warning("%s: bounce to %s not delivered: %r", message.queue_id, mailbox, result)
-            if remote:
-                await self._spool.enqueue("", remote, report)
+            await deliver_report_to_sender(self._accounts, self._store, self._spool, message.sender, report)
         except Exception:
             log.exception("%s: could not send the bounce to <%s>", message.queue_id, message.sender)
             return
