@@ -68,6 +68,7 @@ RETRY_MIN, RETRY_MAX = dt.timedelta(minutes=30), dt.timedelta(minutes=60)
 WARN_LEFT = dt.timedelta(days=14)
 FILE_POLL_SECONDS = 10.0  # a certificate installed by the CLI (another process) is picked up this fast
 DNS_TIMEOUT = 5.0
+STALE_ANSWERS = 24 * 3600  # seconds: an http-01 answer older than this belongs to no running order
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,8 @@ async def _order(ctx: CertContext, settings: AcmeSettings, names: list[str], *, 
         asyncio.run_coroutine_threadsafe(_set_state(ctx, phase, text), loop).result(30)
 
     await _set_state(ctx, "pending", f"Contacting {settings.directory} for {', '.join(names)}.")
+    # Answers left behind by an order that never finished (the process was killed mid-order).
+    await ctx.db.execute("DELETE FROM acme_challenges WHERE created_at < ?", (int(time.time()) - STALE_ANSWERS,))
     try:
         issued = await asyncio.to_thread(
             acme_client.order_certificate, settings, ctx.acme_dir, names, _sink(ctx, loop), progress)
