@@ -13,10 +13,12 @@ from tests.support.outbound import (  # noqa: F401  (fixtures)
     MX2,
     OURS,
     Outbound,
+    decoded,
     delivery_status,
     mx,
     outbound_fixture,
     parse,
+    subparts,
     zone_fixture,
 )
 from tests.support.polling import wait_until
@@ -102,7 +104,7 @@ def test_permanent_failure_sends_a_dsn_to_the_senders_inbox(outbound: Outbound) 
     diagnostic = " ".join(per_recipient["Diagnostic-Code"].split())  # unfolded
     assert diagnostic == "smtp; 550 5.1.1 <nobody@example.net>: Recipient address rejected"
     returned = next(p for p in msg.walk() if p.get_content_type() == "text/rfc822-headers")
-    assert "Subject: hello" in returned.get_payload(decode=True).decode()
+    assert "Subject: hello" in decoded(returned).decode()
 
 
 def test_expiry_sends_a_dsn_with_the_last_error(outbound: Outbound) -> None:
@@ -144,7 +146,7 @@ def test_null_mx_fails_at_once(outbound: Outbound) -> None:
     outbound.wait_empty()
     _, per_recipient = delivery_status(report)
     assert per_recipient["Status"] == "5.1.10"
-    assert "null MX" in parse(report).get_payload()[0].get_payload(decode=True).decode()
+    assert "null MX" in decoded(subparts(parse(report))[0]).decode()
 
 
 def test_each_failure_is_reported_exactly_once(outbound: Outbound) -> None:

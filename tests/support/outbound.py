@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from email import message_from_bytes
 from email.message import Message
+from typing import cast
 
 import pytest
 import trustme
@@ -123,6 +124,18 @@ def delivery_status(report: bytes) -> list[Message]:
     assert msg.get_content_type() == "multipart/report"
     assert msg.get_param("report-type") == "delivery-status"
     [status] = [part for part in msg.walk() if part.get_content_type() == "message/delivery-status"]
-    blocks = status.get_payload()
-    assert isinstance(blocks, list)
-    return blocks
+    return subparts(status)
+
+
+def subparts(part: Message) -> list[Message]:
+    """The parts of a multipart (or the blocks of a message/delivery-status), typed."""
+    payload = part.get_payload()
+    assert isinstance(payload, list)
+    return cast(list[Message], payload)
+
+
+def decoded(part: Message) -> bytes:
+    """A leaf part's body with its transfer encoding undone."""
+    data = part.get_payload(decode=True)
+    assert isinstance(data, bytes)
+    return data

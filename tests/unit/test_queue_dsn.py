@@ -9,6 +9,7 @@ from email.message import Message
 import pytest
 
 from appliance.queue.dsn import MAX_RETURNED_HEADERS, DsnRecipient, build_report, header_section, one_line
+from tests.support.outbound import decoded, subparts
 
 ARRIVAL = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
 ORIGINAL = b"From: a@ours.test\r\nSubject: hello\r\nMessage-ID: <m1@ours.test>\r\n\r\nsecret body\r\n"
@@ -26,9 +27,7 @@ def report(action: str = "failed", **kw: object) -> bytes:
 def parts(raw: bytes) -> tuple[Message, list[Message]]:
     msg = message_from_bytes(raw)
     assert msg.get_content_type() == "multipart/report"
-    payload = msg.get_payload()
-    assert isinstance(payload, list)
-    return msg, payload
+    return msg, subparts(msg)
 
 
 def test_failure_report_structure() -> None:
@@ -41,9 +40,9 @@ def test_failure_report_structure() -> None:
     assert msg["Auto-Submitted"] == "auto-replied"
     assert msg["In-Reply-To"] == "<m1@ours.test>"
     assert text.get_content_type() == "text/plain"
-    assert "<x@far.test> (from mx.far.test): 550 5.1.1" in text.get_payload(decode=True).decode()
+    assert "<x@far.test> (from mx.far.test): 550 5.1.1" in decoded(text).decode()
     assert status.get_content_type() == "message/delivery-status"
-    per_message, first, second = status.get_payload()
+    per_message, first, second = subparts(status)
     assert per_message["Reporting-MTA"] == "dns; mail.ours.test"
     assert per_message["Arrival-Date"] == "Fri, 20 Nov 2026 08:00:00 +0000"
     assert (first["Final-Recipient"], first["Action"], first["Status"]) == ("rfc822; x@far.test", "failed", "5.1.1")
@@ -54,7 +53,7 @@ def test_failure_report_structure() -> None:
     assert second["Diagnostic-Code"] is None
     assert second["Remote-MTA"] is None
     assert headers.get_content_type() == "text/rfc822-headers"
-    returned = headers.get_payload(decode=True)
+    returned = decoded(headers)
     assert b"Subject: hello" in returned
     assert b"secret body" not in returned
 
@@ -65,8 +64,8 @@ def test_delay_report_says_when_we_give_up() -> None:
                  recipients=[DsnRecipient("x@far.test", "4.4.1", "451 4.4.1 try later", "mx.far.test")])
     msg, (text, status, _) = parts(raw)
     assert msg["Subject"].startswith("Delayed Mail")
-    assert "You do not need to send it again" in text.get_payload(decode=True).decode()
-    _, rcpt = status.get_payload()
+    assert "You do not need to send it again" in decoded(text).decode()
+    _, rcpt = subparts(status)
     assert rcpt["Action"] == "delayed"
     assert rcpt["Will-Retry-Until"] == "Wed, 25 Nov 2026 08:00:00 +0000"
 
@@ -84,7 +83,7 @@ def test_multi_line_replies_and_control_characters_stay_on_one_header_line() -> 
     assert len(one_line("x" * 5000)) == 1000
     raw = report(recipients=[DsnRecipient("x@far.test", "5.0.0", "550 bad\r\nInjected: header")])
     _, (_, status, _) = parts(raw)
-    _, rcpt = status.get_payload()
+    _, rcpt = subparts(status)
     assert rcpt["Injected"] is None
     assert rcpt["Diagnostic-Code"] == "smtp; 550 bad Injected: header"
 
