@@ -24,11 +24,11 @@ from appliance.dns_check import load_results
 from appliance.dns_records import SETTING_IPV4, SETTING_IPV6, detect_public_addresses
 from appliance.queue.relay_check import RelayCheck
 from appliance.tls import TlsManager, make_self_signed
+from web import certificate_forms as certificate
 from web import forms, wizard
 from web.checklist import still_to_do
 from web.console_data import client_settings_for, dns_ports
 from web.pages import admin, log_in, peer, read_form, redirect, render, require, services
-from web.routes import certificate
 from web.sending_form import apply, form_context, stored_relay
 from web.state import SETUP_DOMAIN, SETUP_DOMAIN_ADDED, SETUP_DONE, reach, setup_done, setup_step
 from web.wizard import Form, Next
