@@ -165,7 +165,7 @@ async def check_names(ctx: CertContext, domains: list[str]) -> NamesCheck:
     """The host name must lead to this box (else the order would fail and count against the CA's rate
     limit): AcmeProblem if it doesn't. autoconfig./autodiscover.<domain> go in only when they do too."""
     hostname = ctx.hostname()
-    resolver = make_async_resolver(await resolver_setting(ctx.db))
+    resolver = make_async_resolver(await resolver_setting(ctx.db), cached=False)  # the person just fixed their DNS
     ipv4, ipv6 = await public_addresses(ctx.db)
     public = {a for a in (ipv4, ipv6) if a}
     host_addresses = await _addresses(resolver, hostname)

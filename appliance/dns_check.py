@@ -214,7 +214,7 @@ async def check_records(
 
 
 async def box_resolver(db: Database) -> dns.asyncresolver.Resolver:
-    return make_async_resolver(await resolver_setting(db))
+    return make_async_resolver(await resolver_setting(db), cached=False)
 
 
 async def check_domain(

@@ -20,6 +20,7 @@ import pytest
 import trustme
 
 from appliance.config import STANDARD_PORTS, DataLayout, ServeConfig
+from appliance.queue import dns_cache
 
 T = TypeVar("T")
 
@@ -27,6 +28,15 @@ REPO = Path(__file__).resolve().parent.parent
 LETTERBOX = str(Path(sys.executable).parent / "letterbox")
 TEST_HOSTNAME = "localhost"  # mbsync/fetchmail match the cert name and ignore IP SANs (PEERS.md)
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dns_cache() -> Iterator[None]:
+    """The box's DNS cache is per process and keyed by server address: a loopback DNS server's port may
+    be reused by the next test's server, whose records differ."""
+    dns_cache.forget_all()
+    yield
+    dns_cache.forget_all()
 
 
 def require_program(name: str) -> str:

@@ -13,6 +13,7 @@ import dns.asyncresolver
 import dns.resolver
 
 from appliance.db import Database
+from appliance.queue.dns_cache import cache_for
 
 log = logging.getLogger("letterbox.dns")
 
@@ -59,19 +60,31 @@ def _system_or_fallback(resolver: dns.resolver.BaseResolver) -> None:
         resolver.nameservers = [FALLBACK_NAMESERVER]
 
 
-def make_async_resolver(setting: str | None) -> dns.asyncresolver.Resolver:
+def _attach_cache(resolver: dns.resolver.BaseResolver) -> None:
+    # Keyed by the servers asked, not by the setting's text: "127.0.0.1:53" and "127.0.0.1" share,
+    # and the system's resolv.conf changing under us gets a fresh cache too.
+    resolver.cache = cache_for((tuple(str(n) for n in resolver.nameservers), resolver.port))
+
+
+def make_async_resolver(setting: str | None, *, cached: bool = True) -> dns.asyncresolver.Resolver:
+    """`cached=False` for the diagnostics a person runs right after changing their DNS (dns_check,
+    the certificate preflight): they must show what the servers say now, not what was seen before."""
     resolver = dns.asyncresolver.Resolver(configure=False)
     if not setting:
         _system_or_fallback(resolver)
     configure(resolver, setting)
+    if cached:
+        _attach_cache(resolver)
     return resolver
 
 
-def make_resolver(setting: str | None) -> dns.resolver.Resolver:
+def make_resolver(setting: str | None, *, cached: bool = True) -> dns.resolver.Resolver:
     resolver = dns.resolver.Resolver(configure=False)
     if not setting:
         _system_or_fallback(resolver)
     configure(resolver, setting)
+    if cached:
+        _attach_cache(resolver)
     return resolver
 
 

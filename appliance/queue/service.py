@@ -304,7 +304,6 @@ class OutboundQueue:
         setting = await resolver_setting(db)
         if self._resolver is None or setting != self._resolver_key:
             self._resolver, self._resolver_key = make_async_resolver(setting), setting
-            self._resolver.cache = _dns_cache()
         hold = (await db.get_setting(SETTING_HOLD) or "").strip().lower() in ("1", "yes", "on", "true")
         return DeliveryConfig(policy, port, smarthost, self._resolver, hold, smarthost_error)
 
@@ -674,10 +673,6 @@ def _failure(exc: RouteError | SessionFailed) -> Outcome:
     return exc.outcome()
 
 
-def _dns_cache() -> Any:
-    import dns.resolver
-
-    return dns.resolver.LRUCache(4096)
 
 
 async def start_queue(services: Services, **options: Any) -> OutboundQueue:

@@ -30,8 +30,13 @@ def _key(name: str, rdtype: str) -> tuple[str, str]:
 class ZoneServer:
     """records: {(name, rdtype): [rdata text, ...]}, e.g. {("example.test", "MX"): ["10 mx.example.test."]}."""
 
-    def __init__(self, records: Records | None = None, ttl: int = 60) -> None:
+    def __init__(self, records: Records | None = None, ttl: int = 60, negative_ttl: int | None = None) -> None:
         self.ttl = ttl
+        # With negative_ttl, NXDOMAIN and NODATA answers carry an SOA whose MINIMUM (and TTL) is that
+        # value, so resolvers may cache them (RFC 2308 3); without it they carry none.
+        self.negative_ttl = negative_ttl
+        self.queries = 0  # how many questions reached this server (caching tests count them)
+        self.servfail = False  # answer everything with SERVFAIL (a broken upstream)
         self._records: dict[tuple[str, str], list[str]] = defaultdict(list)
         self._lock = threading.Lock()
         for (name, rdtype), values in (records or {}).items():
@@ -56,7 +61,13 @@ class ZoneServer:
         question = query.question[0]
         qname = question.name.to_text().lower()
         qtype = dns.rdatatype.to_text(question.rdtype)
+        if self.servfail:
+            with self._lock:
+                self.queries += 1
+            response.set_rcode(dns.rcode.SERVFAIL)
+            return response.to_wire()
         with self._lock:
+            self.queries += 1
             known = any(name == qname for name, _ in self._records)
             values = list(self._records.get((qname, qtype), []))
             cname = list(self._records.get((qname, "CNAME"), []))
@@ -70,6 +81,12 @@ class ZoneServer:
             )
         elif not known:
             response.set_rcode(dns.rcode.NXDOMAIN)
+        if not response.answer and self.negative_ttl is not None:
+            zone = question.name.parent() if len(question.name) > 1 else question.name
+            soa = f"ns.{zone} hostmaster.{zone} 1 3600 600 86400 {self.negative_ttl}"
+            response.authority.append(
+                dns.rrset.from_text_list(zone, self.negative_ttl, dns.rdataclass.IN, "SOA", [soa])
+            )
         return response.to_wire()
 
     # --- serving -------------------------------------------------------------------------------------
