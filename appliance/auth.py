@@ -24,6 +24,10 @@ How failed logins are slowed (one Auth, so one Throttle, per box: SMTP, IMAP, PO
   (`sign_device`). They are not slowed by the account-wide delay either: that comes from others'
   failures.
 - Unknown accounts are checked against a dummy hash, so they take as long as known ones.
+- A password proven in the last few minutes is not hashed again (LoginCache, as Dovecot's auth cache):
+  the entry holds a keyed HMAC of it and the stored hash it matched, and is used only while the account's
+  stored hash (read from the db at each attempt) is unchanged and the account enabled. Everything above
+  (lockout, delays, budgets) still applies before the cache is consulted; failures are never cached.
 - Every attempt is logged on 'letterbox.auth' with outcome, service, peer and account; never the password.
 """
 
@@ -54,10 +58,11 @@ from appliance.account_errors import InvalidAddress
 from appliance.accounts import Accounts, Credentials
 from appliance.address import parse_address
 from appliance.db import Database
+from appliance.login_cache import LoginCache
 
 log = logging.getLogger("letterbox.auth")
 
-MAX_CONCURRENT_HASHES = 2  # argon2id takes 64 MiB and a core each; the Pi has 4 cores and little memory
+MAX_CONCURRENT_HASHES = 2  # argon2id takes 19 MiB and a core each; the Pi has 4 cores and little memory
 HASH_SLOTS_KEPT_FOR_OWNERS = 1  # of those, never taken by clients an account has not seen before
 MAX_LOGGED_NAME = 100  # account names come from the network: logged truncated and escaped
 MAX_ACCOUNT_KEY = 320  # unparseable names are throttled by this much of their text
@@ -439,7 +444,7 @@ class Auth:
     def __init__(
         self, db: Database, accounts: Accounts, *, policy: ThrottlePolicy = DEFAULT_POLICY,
         clock: Callable[[], float] = time.monotonic, hasher: PasswordHasher | None = None,
-        wall_clock: Callable[[], float] = time.time,
+        wall_clock: Callable[[], float] = time.time, login_cache: LoginCache | None = None,
     ) -> None:
         self._db = db
         self._accounts = accounts
@@ -449,6 +454,7 @@ class Auth:
         self.hasher = hasher or accounts.hasher
         self._hash_slots = HashSlots(MAX_CONCURRENT_HASHES, HASH_SLOTS_KEPT_FOR_OWNERS)
         self._dummy_hash: str | None = None
+        self.login_cache = login_cache or LoginCache(clock=clock)
 
     async def verify(
         self, address: str, password: str, service: str, peer: str, *, device: Device | None = None
@@ -490,14 +496,20 @@ class Auth:
                 await asyncio.sleep(throttle.policy.over_budget_delay)
                 return None
             try:
-                async with self._hash_slots.slot(owner=trusted is not None):
-                    if throttle.locked_for(client, key):  # a parallel attempt locked us out while we queued
-                        throttle.give_back_check(key, trusted, use)
-                        self._log("locked", kind, account, service, peer, delay)
-                        return None
-                    outcome, creds = await self._check(kind, account, password)
-                    if outcome == "ok" and creds is not None:
-                        await self._maybe_rehash(kind, creds, password)
+                creds = await self._credentials(kind, account)
+                if creds is not None and self._cached(kind, creds, password):
+                    outcome: Outcome = "ok"  # proven minutes ago against this very stored hash: no argon2
+                else:
+                    async with self._hash_slots.slot(owner=trusted is not None):
+                        if throttle.locked_for(client, key):  # a parallel attempt locked us out while we queued
+                            throttle.give_back_check(key, trusted, use)
+                            self._log("locked", kind, account, service, peer, delay)
+                            return None
+                        # Read again: the password may have changed while this attempt queued.
+                        outcome, creds = await self._check(await self._credentials(kind, account), password)
+                        if outcome == "ok" and creds is not None:
+                            stored = await self._maybe_rehash(kind, creds, password)
+                            self.login_cache.remember(f"{kind}:{creds.name}", password, stored)
             finally:
                 throttle.finish_check(use)  # also when the client went away while it waited
             if outcome == "ok":
@@ -551,13 +563,19 @@ class Auth:
         except Exception:  # the login itself succeeded; the address is remembered at the next one
             log.exception("auth: could not remember the client address of %s", printable(key))
 
-    async def _check(
-        self, kind: Literal["mailbox", "admin"], account: str, password: str
-    ) -> tuple[Outcome, Credentials | None]:
+    async def _credentials(self, kind: Literal["mailbox", "admin"], account: str) -> Credentials | None:
         if kind == "mailbox":
-            creds = await self._accounts.mailbox_credentials(account)
-        else:
-            creds = await self._accounts.admin_credentials(account)
+            return await self._accounts.mailbox_credentials(account)
+        return await self._accounts.admin_credentials(account)
+
+    def _cached(self, kind: Literal["mailbox", "admin"], creds: Credentials, password: str) -> bool:
+        """A recent success for this password against the hash stored now (so a change, even by the
+        CLI in another process, misses), on an enabled account whose hash needs no upgrade."""
+        return (creds.enabled
+                and not passwords.needs_rehash(creds.password_hash, self.hasher)
+                and self.login_cache.check(f"{kind}:{creds.name}", password, creds.password_hash))
+
+    async def _check(self, creds: Credentials | None, password: str) -> tuple[Outcome, Credentials | None]:
         if creds is None:
             # Same work as for a real account, so response time does not tell which names exist.
             await asyncio.to_thread(passwords.verify_password, await self._dummy(), password, self.hasher)
@@ -576,18 +594,21 @@ class Auth:
             )
         return self._dummy_hash
 
-    async def _maybe_rehash(self, kind: Literal["mailbox", "admin"], creds: Credentials, password: str) -> None:
-        """The password was just proven: store it again with the current parameters if they changed."""
+    async def _maybe_rehash(self, kind: Literal["mailbox", "admin"], creds: Credentials, password: str) -> str:
+        """The password was just proven: store it again with the current parameters if they changed.
+        Returns the hash stored now (what the login cache must compare with)."""
         if not passwords.needs_rehash(creds.password_hash, self.hasher):
-            return
+            return creds.password_hash
         new_hash = await asyncio.to_thread(passwords.hash_password, password, self.hasher)
         try:
             stored = await self._accounts.replace_password_hash(kind, creds.name, creds.password_hash, new_hash)
         except Exception:  # the login itself succeeded; an upgrade can wait for the next one
             log.exception("auth: could not store the rehashed password of %s", printable(creds.name))
-            return
-        if stored:
-            log.info("auth: password hash of %s upgraded to the current argon2id parameters", printable(creds.name))
+            return creds.password_hash
+        if not stored:
+            return creds.password_hash  # changed meanwhile: the cache entry will simply not match
+        log.info("auth: password hash of %s upgraded to the current argon2id parameters", printable(creds.name))
+        return new_hash
 
     @staticmethod
     def _log(outcome: Outcome, kind: str, account: str, service: str, peer: str, delay: float) -> None:
