@@ -496,22 +496,13 @@ class Auth:
                 await asyncio.sleep(throttle.policy.over_budget_delay)
                 return None
             try:
-                creds = await self._credentials(kind, account)
-                if creds is not None and self._cached(kind, creds, password):
-                    outcome: Outcome = "ok"  # proven minutes ago against this very stored hash: no argon2
-                else:
-                    async with self._hash_slots.slot(owner=trusted is not None):
-                        if throttle.locked_for(client, key):  # a parallel attempt locked us out while we queued
-                            throttle.give_back_check(key, trusted, use)
-                            self._log("locked", kind, account, service, peer, delay)
-                            return None
-                        # Read again: the password may have changed while this attempt queued.
-                        outcome, creds = await self._check(await self._credentials(kind, account), password)
-                        if outcome == "ok" and creds is not None:
-                            stored = await self._maybe_rehash(kind, creds, password)
-                            self.login_cache.remember(f"{kind}:{creds.name}", password, stored)
+                outcome, creds = await self._prove(kind, account, password, client, key, trusted is not None)
             finally:
                 throttle.finish_check(use)  # also when the client went away while it waited
+            if outcome == "locked":  # a parallel attempt locked us out while we queued for a hash slot
+                throttle.give_back_check(key, trusted, use)
+                self._log("locked", kind, account, service, peer, delay)
+                return None
             if outcome == "ok":
                 throttle.succeeded(client, key)
                 throttle.give_back_check(key, trusted, use)
@@ -529,6 +520,25 @@ class Auth:
             if outcome == "ok" and creds is not None:
                 return Principal(creds.name, kind)
             return None
+
+    async def _prove(
+        self, kind: Literal["mailbox", "admin"], account: str, password: str, client: str, key: str, owner: bool,
+    ) -> tuple[Outcome, Credentials | None]:
+        """The password checked: from the login cache when it was proven against the hash stored now,
+        else by argon2 in a hash slot (and then remembered). 'locked' when a parallel attempt locked
+        this client out while it queued for the slot."""
+        creds = await self._credentials(kind, account)
+        if creds is not None and self._cached(kind, creds, password):
+            return "ok", creds  # proven minutes ago against this very stored hash: no argon2
+        async with self._hash_slots.slot(owner=owner):
+            if self.throttle.locked_for(client, key):
+                return "locked", None
+            # Read again: the password may have changed while this attempt queued.
+            outcome, creds = await self._check(await self._credentials(kind, account), password)
+            if outcome == "ok" and creds is not None:
+                stored = await self._maybe_rehash(kind, creds, password)
+                self.login_cache.remember(f"{kind}:{creds.name}", password, stored)
+            return outcome, creds
 
     async def _trusted_client(self, key: str, client: str, service: str, device: Device | None) -> str | None:
         """The owner's own client this attempt comes from, if any: a device whose cookie names this
