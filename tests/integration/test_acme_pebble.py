@@ -15,6 +15,7 @@ import pytest
 
 from appliance import certificates
 from appliance.acme_client import AcmeProblem
+from appliance.tls import CertificateInfo
 from tests.conftest import BoxHandle, require_program
 from tests.support.imap_wire import RawImap
 from tests.support.pebble import EAB_HMAC, EAB_KID, Pebble, free_port
@@ -62,7 +63,7 @@ def pebble_context(pebble: Pebble) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(pebble.issuer_root))
 
 
-def order(box: BoxHandle, **kwargs: str) -> certificates.CertificateInfo:
+def order(box: BoxHandle, **kwargs: str) -> CertificateInfo:
     info, _ = box.run(certificates.request(box.services.certificates, [DOMAIN], **kwargs), timeout=120)
     return info
 

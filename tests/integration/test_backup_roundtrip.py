@@ -116,7 +116,7 @@ def populate(box: BoxHandle) -> None:
         client.starttls(context=box.client_context)
         client.login(ALICE, PASSWORD)
         client.sendmail(ALICE, ["someone@far.test"], message(99, "someone@far.test", ALICE))
-    assert box.run(box.services.db.fetchone("SELECT COUNT(*) FROM queue_messages"))[0] == 1
+    assert box.run(box.services.db.fetchall("SELECT COUNT(*) FROM queue_messages"))[0][0] == 1
 
 
 def test_round_trip_to_a_fresh_box(tmp_path: Path, ca: trustme.CA) -> None:
@@ -197,7 +197,7 @@ def deliver_queued(box: BoxHandle, tmp_path: Path) -> None:
         assert transaction.rcpt_tos == ("someone@far.test",)
         assert b"Subject: message 99" in transaction.data
         deadline = time.monotonic() + 20
-        while box.run(db.fetchone("SELECT COUNT(*) FROM queue_messages"))[0] and time.monotonic() < deadline:
+        while box.run(db.fetchall("SELECT COUNT(*) FROM queue_messages"))[0][0] and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         zone.stop()

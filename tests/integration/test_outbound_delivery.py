@@ -160,7 +160,11 @@ def test_each_failure_is_reported_exactly_once(outbound: Outbound) -> None:
     def reported_now() -> list[str]:
         return [str(block["Final-Recipient"]) for raw in outbound.inbox() for block in delivery_status(raw)[1:]]
 
-    reported = wait_until(lambda: len(reported_now()) >= 4 and reported_now(), seconds=20, what="4 reported recipients")
+    def all_four() -> list[str]:
+        now = reported_now()
+        return now if len(now) >= 4 else []
+
+    reported = wait_until(all_four, seconds=20, what="4 reported recipients")
     assert sorted(reported) == [f"rfc822; {r}" for r in ("a@gone1.test", "b@gone2.test", "c@gone3.test",
                                                            "d@gone3.test")]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.accounts import AliasInfo, MailboxInfo
 from tests.support.dns_server import ZoneServer
 from tests.support.web import (
     ADMIN,
@@ -31,6 +32,18 @@ def web(tmp_path: Path) -> Iterator[WebClient]:
         client.login(ADMIN, ADMIN_PASSWORD)
         yield client
 
+
+
+def user_of(web: WebClient, address: str) -> MailboxInfo:
+    info = web.run(web.services.accounts.get_user, address)
+    assert info is not None, address
+    return info
+
+
+def alias_of(web: WebClient, address: str) -> AliasInfo:
+    info = web.run(web.services.accounts.get_alias, address)
+    assert info is not None, address
+    return info
 
 def error_of(page: str, field: str) -> str:
     m = re.search(rf'id="e-{field}">([^<]*)<', page)
@@ -236,11 +249,11 @@ def test_aliases_forward_and_catch_all(web: WebClient) -> None:
     assert "catch-all" in page
     assert "someone@elsewhere.example" in page
     # edit, then delete after confirmation (the catch-all's URL starts with '@')
-    page = web.get(f"/console/aliases/info@{DOMAIN}")
-    assert page.status_code == 200
-    assert "someone@elsewhere.example" in page.text
+    response = web.get(f"/console/aliases/info@{DOMAIN}")
+    assert response.status_code == 200
+    assert "someone@elsewhere.example" in response.text
     web.post(f"/console/aliases/info@{DOMAIN}", {"targets": ALICE}, token_from=f"/console/aliases/info@{DOMAIN}")
-    assert web.run(web.services.accounts.get_alias, f"info@{DOMAIN}").targets == (ALICE,)
+    assert alias_of(web, f"info@{DOMAIN}").targets == (ALICE,)
     response = web.post(f"/console/aliases/info@{DOMAIN}", {"targets": "not an address"},
                         token_from=f"/console/aliases/info@{DOMAIN}")
     assert response.status_code == 400
@@ -327,7 +340,7 @@ def test_alias_with_any_storable_character_can_be_opened_edited_and_deleted(web:
     edit_action = html.unescape(re.search(r'<form method="post" action="(/console/aliases/[^"]+)"', page.text).group(1))  # type: ignore[union-attr]
     response = web.post(edit_action, {"targets": f"{ALICE}, someone@elsewhere.example"}, token_from=page_link)
     assert response.status_code == 303
-    assert web.run(web.services.accounts.get_alias, source).targets == (ALICE, "someone@elsewhere.example")
+    assert alias_of(web, source).targets == (ALICE, "someone@elsewhere.example")
     confirm = web.get(delete_link)
     assert confirm.status_code == 200
     assert "Delete the alias" in confirm.text
@@ -347,7 +360,7 @@ def test_mailbox_with_plus_and_dots_can_be_opened_and_deleted(web: WebClient) ->
     response = web.post(page_link, {"name": "F", "quota": "1.5G", "enabled": "on"}, token_from=page_link)
     assert response.status_code == 303
     assert web.get(response.headers["location"]).status_code == 200
-    assert web.run(web.services.accounts.get_user, address).quota_bytes == 1536 * 1024**2
+    assert user_of(web, address).quota_bytes == 1536 * 1024**2
     assert web.post(delete_link, token_from=delete_link).status_code == 303
     assert web.run(web.services.accounts.get_user, address) is None
 
@@ -381,7 +394,7 @@ def test_console_refuses_an_alias_named_like_a_mailbox(web: WebClient) -> None:
 def test_console_quota_takes_decimals(web: WebClient) -> None:
     response = create_alice(web, quota="1.5G")
     assert response.status_code == 303
-    assert web.run(web.services.accounts.get_user, ALICE).quota_bytes == 1536 * 1024**2
+    assert user_of(web, ALICE).quota_bytes == 1536 * 1024**2
     assert 'value="1.5G"' in web.get(f"/console/mailboxes/{ALICE}").text
 
 
