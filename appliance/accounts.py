@@ -296,6 +296,25 @@ def _mailbox_info(row: sqlite3.Row) -> MailboxInfo:
     )
 
 
+@dataclass(frozen=True)
+class MailboxRecord:
+    """What the mail store needs of a mailbox: its row id (never reused), quota and canonical parts."""
+
+    id: int
+    quota_bytes: int
+    local: str
+    domain: str
+
+
+async def mailbox_record(db: Database, domain: str, local: str) -> MailboxRecord | None:
+    """The mailbox `local`@`domain` as stored (parts already canonical), or None. A plain function on
+    the database, not an Accounts method: the store calls it on its own connection, with no hasher."""
+    row = await db.fetchone(
+        "SELECT m.id, m.quota_bytes, m.local_part, d.name FROM mailboxes m JOIN domains d ON d.id = m.domain_id"
+        " WHERE d.name = ? AND m.local_part = ?", (domain, local))
+    return MailboxRecord(int(row[0]), int(row[1]), str(row[2]), str(row[3])) if row is not None else None
+
+
 class Accounts:
     def __init__(self, db: Database, *, hasher: PasswordHasher | None = None, data: DataLayout | None = None) -> None:
         self._db = db

@@ -30,6 +30,7 @@ from typing import Literal
 
 import idna
 
+from appliance.accounts import mailbox_record
 from appliance.db import Database
 from appliance.store import index, maildir
 from appliance.store.index import Change, FolderIndex
@@ -53,11 +54,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("letterbox.store")
-
-_MAILBOX_SQL = (
-    "SELECT m.id, m.quota_bytes, m.local_part, d.name FROM mailboxes m JOIN domains d ON d.id = m.domain_id"
-    " WHERE d.name = ? AND m.local_part = ?"
-)
 
 
 @dataclass(eq=False)
@@ -426,18 +422,18 @@ class MailStore:
         local, _, domain = _address_key(address).rpartition("@")
         if not local or not domain or any(p in (".", "..") or "/" in p or "\0" in p for p in (local, domain)):
             raise StoreError(f"not a mailbox address: {address[:100]!r}")
-        row = await self._db.fetchone(_MAILBOX_SQL, (domain, local))
-        if row is None:
+        record = await mailbox_record(self._db, domain, local)
+        if record is None:
             self.forget_mailbox(f"{local}@{domain}")  # removed, maybe by the CLI in another process
             raise StoreError(f"no such mailbox: {address[:100]}")
-        mb = self._mailboxes.get(row[0])
+        mb = self._mailboxes.get(record.id)
         if mb is None:
-            key = f"{row[2]}@{row[3]}"
+            key = f"{record.local}@{record.domain}"
             self.forget_mailbox(key)  # a removed mailbox of the same address: nothing of it is reused
-            mb = _Mailbox(row[0], key, self.root / row[3] / row[2], row[1])
+            mb = _Mailbox(record.id, key, self.root / record.domain / record.local, record.quota_bytes)
             self._mailboxes[mb.id] = mb
             self._current[key] = mb.id
-        mb.quota = row[1]  # the administrator may have changed it
+        mb.quota = record.quota_bytes  # the administrator may have changed it
         if not mb.ready:
             async with mb.lock:
                 if not mb.ready:
@@ -449,8 +445,8 @@ class MailStore:
         session keeps the one it logged in to and ends when it changes, so a session opened before
         the mailbox was removed never reads a later mailbox of the same address (issue 10 item 1)."""
         local, _, domain = _address_key(address).rpartition("@")
-        row = await self._db.fetchone(_MAILBOX_SQL, (domain, local))
-        return int(row[0]) if row is not None else None
+        record = await mailbox_record(self._db, domain, local)
+        return record.id if record is not None else None
 
     def forget_mailbox(self, address: str) -> None:
         """Drop what is cached about the mailbox at `address` (it was removed): its folders are marked
