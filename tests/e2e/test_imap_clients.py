@@ -142,8 +142,8 @@ def test_mbsync_two_way_sync(served: ServedBox, tmp_path: Path) -> None:
     # Server changes: flag message 4, a new message arrives.
     with imap(served) as client:
         client.select("INBOX")
-        _, data = client.search(None, "SUBJECT", '"sync 4"')
-        client.store(data[0].decode(), "+FLAGS", r"(\Flagged)")
+        _, found = client.search(None, "SUBJECT", '"sync 4"')
+        client.store(found[0].decode(), "+FLAGS", r"(\Flagged)")
         client.append("INBOX", "()", None, message(30))
         client.logout()
 
@@ -195,5 +195,6 @@ set certificate_file="{tmp_path / "mutt_certs"}"
     with imap(served) as client:
         client.select("INBOX")
         _, data = client.fetch("1", "(FLAGS)")
+        assert isinstance(data[0], bytes), data
         assert b"\\Seen" in data[0], data  # mutt displayed it: read through the server, marked \Seen
         client.logout()

@@ -321,6 +321,6 @@ def test_wizard_console_and_first_mail(served: ServedBox, zone: ZoneServer, rela
             assert time.monotonic() < deadline, "the message did not arrive"
             time.sleep(0.3)
         _, fetched = imap.fetch(data[0].split()[0], "(BODY[TEXT])")
-        assert b"Welcome to your new box." in fetched[0][1]  # type: ignore[index]
+        assert b"Welcome to your new box." in fetched[0][1]  # type: ignore[index, operator]
     finally:
         imap.logout()

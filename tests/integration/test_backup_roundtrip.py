@@ -158,7 +158,7 @@ def test_round_trip_to_a_fresh_box(tmp_path: Path, ca: trustme.CA) -> None:
         assert rows_after[table] == rows, table
     # UID bookkeeping: every folder keeps UIDVALIDITY and moves UIDNEXT up by the margin.
     assert [r[:4] + r[5:] for r in rows_after["folders"]] == [r[:4] + r[5:] for r in rows_before["folders"]]
-    assert [r[4] for r in rows_after["folders"]] == [r[4] + backup.UID_MARGIN for r in rows_before["folders"]]
+    assert [r[4] for r in rows_after["folders"]] == [r[4] + backup.UID_MARGIN for r in rows_before["folders"]]  # type: ignore[operator]  # column 4 is UIDNEXT, an int
 
     restored = BoxHandle(fresh, ca)
     try:

@@ -97,7 +97,7 @@ def test_next_attempt_honours_retry_after() -> None:
     times = {certificates.next_attempt(now, RuntimeError(), rng) for _ in range(50)}
     assert all(now + dt.timedelta(minutes=30) <= t <= now + dt.timedelta(minutes=60) for t in times)
     assert len(times) > 40  # jitter
-    error = messages.Error(typ="urn:ietf:params:acme:error:rateLimited", detail="too many certificates")
+    error = messages.Error(typ="urn:ietf:params:acme:error:rateLimited", detail="too many certificates")  # type: ignore[call-arg]  # josepy fields
     error.retry_after = parse_retry_after("7200", now)
     problem = explain(error, "https://ca.example/dir")
     assert problem.kind == "rate-limit"

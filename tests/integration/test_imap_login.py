@@ -52,7 +52,7 @@ def test_imaplib_starttls_then_login(imap_box: BoxHandle) -> None:
         assert "STARTTLS" not in client.capabilities
         typ, _ = client.login(USER, PASSWORD)
         assert typ == "OK"
-        typ, data = client.capability()
+        _, data = client.capability()
         caps = data[0].split()
         for cap in (b"IDLE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"NAMESPACE", b"ID", b"ENABLE", b"LITERAL+",
                     b"CHILDREN", b"UNSELECT", b"QUOTA"):

@@ -160,14 +160,17 @@ def test_append_with_flags_and_date(imap_box: BoxHandle) -> None:
         uid = int(m.group(2))
         client.select("INBOX")
         typ, data = client.uid("FETCH", str(uid), "(FLAGS INTERNALDATE BODY.PEEK[])")
-        head = data[0][0]
+        first = data[0]
+        assert isinstance(first, tuple)  # (the line up to the literal, the literal)
+        head = first[0]
         assert b"\\Seen" in head
         assert b"\\Flagged" in head
         assert b"$Work" in head
-        assert imaplib.Internaldate2tuple(head) is not None
-        stamp = dt.datetime(*imaplib.Internaldate2tuple(head)[:6])
+        parsed = imaplib.Internaldate2tuple(head)
+        assert parsed is not None
+        stamp = dt.datetime(*parsed[:6])
         assert stamp == dt.datetime.fromtimestamp(when.timestamp())
-        assert data[0][1] == message(9)
+        assert first[1] == message(9)
         typ, data = client.append("Nope", None, None, message(1))
         assert typ == "NO"
         assert b"[TRYCREATE]" in data[0]
@@ -181,12 +184,12 @@ def test_folders_create_list_rename_delete(imap_box: BoxHandle, client: IMAPClie
         client.create_folder("Projects")
     with pytest.raises(IMAPClientError, match="CANNOT"):
         client.create_folder("Bad.Name")
-    names = {name: flags for flags, _, name in client.list_folders()}
-    assert "INBOX" in names
-    assert "Projects/Alpha" in names
-    assert "Archive/2024" in names
-    assert b"\\HasChildren" in names["Projects"]
-    assert b"\\HasNoChildren" in names["Projects/Alpha"]
+    listed = {name: flags for flags, _, name in client.list_folders()}
+    assert "INBOX" in listed
+    assert "Projects/Alpha" in listed
+    assert "Archive/2024" in listed
+    assert b"\\HasChildren" in listed["Projects"]
+    assert b"\\HasNoChildren" in listed["Projects/Alpha"]
     top = [name for _, _, name in client.list_folders("", "%")]
     assert "Projects" in top
     assert "Projects/Alpha" not in top

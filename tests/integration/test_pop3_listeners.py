@@ -106,7 +106,7 @@ def test_poplib_stls_and_implicit_tls(pop_box: BoxHandle) -> None:
     assert caps["SASL"] == ["PLAIN"]
     assert "STLS" not in caps
     with pytest.raises(poplib.error_proto, match="Already using TLS"):
-        client._shortcmd("STLS")
+        client._shortcmd("STLS")  # type: ignore[attr-defined]  # poplib's one-line command, not in its stubs
     client.user(USER)
     client.pass_(PASSWORD)
     client.quit()
