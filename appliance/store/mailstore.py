@@ -23,7 +23,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,6 +33,7 @@ import idna
 from appliance.accounts import mailbox_record
 from appliance.db import Database
 from appliance.store import index, maildir
+from appliance.store.changes import ChangeBus, Watcher
 from appliance.store.index import Change, FolderIndex
 from appliance.store.maildir import Keywords, WriteJob, open_message
 from appliance.store.model import (
@@ -79,7 +80,7 @@ class MailStore:
         # id an address has now, so an entry of a removed mailbox is dropped as soon as it is seen.
         self._mailboxes: dict[int, _Mailbox] = {}
         self._current: dict[str, int] = {}
-        self._watchers: dict[tuple[str, str], set[Watcher]] = {}
+        self.changes = ChangeBus()
 
     # --- start ------------------------------------------------------------------------------------
 
@@ -398,17 +399,7 @@ class MailStore:
         return await self._used(mb), mb.quota
 
     def watch(self, mailbox: str, folder: str) -> Watcher:
-        key = (_address_key(mailbox), maildir.canonical_name(folder))
-        watchers = self._watchers.setdefault(key, set())
-
-        def unregister(watcher: Watcher) -> None:
-            watchers.discard(watcher)
-            if not watchers and self._watchers.get(key) is watchers:
-                del self._watchers[key]
-
-        watcher = Watcher(unregister)
-        watchers.add(watcher)
-        return watcher
+        return self.changes.watch(_address_key(mailbox), maildir.canonical_name(folder))
 
     # Added for IMAP (issue 4): COPYUID/MOVE need the destination's UIDVALIDITY (RFC 4315 3), and a
     # snapshot of a large destination folder just for that number is wasteful.
@@ -460,10 +451,7 @@ class MailStore:
         for f in mb.folders.values():
             f.deleted = True
         mb.folders.clear()
-        for (owner, _folder), watchers in list(self._watchers.items()):
-            if owner == key:
-                for watcher in list(watchers):
-                    watcher.notify()  # sessions look again and find the mailbox gone
+        self.changes.mailbox_gone(key)  # sessions look again and find the mailbox gone
 
     async def _setup(self, mb: _Mailbox) -> None:
         """First access in this process: the Maildir root exists; on the mailbox's first access ever
@@ -774,36 +762,7 @@ class MailStore:
         return pairs
 
     def _wake(self, mb: _Mailbox, *names: str) -> None:
-        for name in names:
-            for watcher in self._watchers.get((mb.key, name), ()):
-                watcher.notify()
-
-
-class Watcher:
-    """Woken after any committed change to one folder (delivery, flags, expunge by any session)."""
-
-    def __init__(self, unregister: Callable[[Watcher], None]) -> None:
-        self._event = asyncio.Event()
-        self._unregister = unregister
-        self._closed = False
-
-    def notify(self) -> None:
-        self._event.set()
-
-    async def wait(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 (the contract's shape)
-        """True if the folder changed since the last wait; waits up to `timeout` (None: forever,
-        0: just look)."""
-        if not self._event.is_set() and timeout != 0 and not self._closed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), timeout)
-        changed = self._event.is_set()
-        self._event.clear()
-        return changed
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._unregister(self)
+        self.changes.changed(mb.key, *names)
 
 
 # --- helpers ---------------------------------------------------------------------------------------

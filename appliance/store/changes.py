@@ -1,0 +1,69 @@
+"""The store's change bus: who waits for changes to which folder, woken after each committed change
+(delivery, flags, expunge, rename by any session or by the rescan that finds another program's work).
+Apart from MailStore so the writing code and the waiting code only meet here (IMAP IDLE and NOOP,
+POP3's maildrop)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+
+class ChangeBus:
+    """Watchers keyed by (canonical mailbox address, canonical folder name)."""
+
+    def __init__(self) -> None:
+        self._watchers: dict[tuple[str, str], set[Watcher]] = {}
+
+    def watch(self, owner: str, folder: str) -> Watcher:
+        key = (owner, folder)
+        watchers = self._watchers.setdefault(key, set())
+
+        def unregister(watcher: Watcher) -> None:
+            watchers.discard(watcher)
+            if not watchers and self._watchers.get(key) is watchers:
+                del self._watchers[key]
+
+        watcher = Watcher(unregister)
+        watchers.add(watcher)
+        return watcher
+
+    def changed(self, owner: str, *folders: str) -> None:
+        for folder in folders:
+            for watcher in self._watchers.get((owner, folder), ()):
+                watcher.notify()
+
+    def mailbox_gone(self, owner: str) -> None:
+        """Every watcher of the mailbox looks again (and finds it gone)."""
+        for (who, _folder), watchers in list(self._watchers.items()):
+            if who == owner:
+                for watcher in list(watchers):
+                    watcher.notify()
+
+
+class Watcher:
+    """Woken after any committed change to one folder (delivery, flags, expunge by any session)."""
+
+    def __init__(self, unregister: Callable[[Watcher], None]) -> None:
+        self._event = asyncio.Event()
+        self._unregister = unregister
+        self._closed = False
+
+    def notify(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 (the contract's shape)
+        """True if the folder changed since the last wait; waits up to `timeout` (None: forever,
+        0: just look)."""
+        if not self._event.is_set() and timeout != 0 and not self._closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), timeout)
+        changed = self._event.is_set()
+        self._event.clear()
+        return changed
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._unregister(self)
