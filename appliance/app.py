@@ -188,6 +188,9 @@ class Box:
 
     async def stop(self) -> None:
         await self._stop_services()
+        # The Maildir's dovecot-uidlist files written before the process goes (issue 17).
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.services.store.flush_uidlists(), timeout=10)
         await self.services.db.close()
 
     async def _stop_services(self) -> None:

@@ -29,8 +29,12 @@ class DropMessage:
 
 def unique_id(uidvalidity: int, uid: int) -> str:
     """RFC 1939 7: up to 70 octets in 0x21-0x7E, never reused for another message of this maildrop.
-    The IMAP UIDVALIDITY and UID: a new UIDVALIDITY gives every message a new unique-id, as it must."""
-    return f"{uidvalidity}.{uid}"
+    The IMAP UID and UIDVALIDITY in Dovecot's default form (pop3_uidl_format = %08Xu%08Xv), so a
+    POP3 client that leaves mail on the server keeps its list when the Maildir moves between Dovecot
+    and Letterbox, either way (issue 17). A new UIDVALIDITY gives every message a new unique-id, as
+    it must. Earlier versions said "<uidvalidity>.<uid>": a client that kept those downloads the
+    messages it left on the server once more, once."""
+    return f"{uid:08X}{uidvalidity:08X}"
 
 
 class Maildrop:

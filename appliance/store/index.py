@@ -109,6 +109,10 @@ class FolderIndex:
         self.unclaimed: set[int] = set()  # recent messages in cur/ no session has claimed yet
         self.deleted = False
         self.uidlist = uidlist  # Dovecot's UIDs, adopted at the first scan
+        # Our dovecot-uidlist needs writing (messages added or removed, or not written since loading).
+        self.uidlist_stale = True
+        self.uidlist_lock = asyncio.Lock()  # orders the writes: the last one holds the latest state
+        self.uidlist_queued = False  # a write is scheduled that has not read the state yet
         self._messages: tuple[MessageInfo, ...] | None = None
         self._recent: frozenset[int] | None = None
 
@@ -334,6 +338,8 @@ class Change:
         if self.writes:
             f.uidnext = self.uidnext
             f.highestmodseq = self.modseq
+        if self.added or self.removed:
+            f.uidlist_stale = True
         if self.pending:
             f.invalidate()
 

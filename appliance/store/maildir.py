@@ -296,6 +296,30 @@ def read_uidlist(folder: Path) -> UidList | None:
     return UidList(uidvalidity, uidnext, uids)
 
 
+def write_uidlist(folder: Path, uidvalidity: int, uidnext: int, names: Iterable[tuple[int, str]]) -> None:
+    """Dovecot's `dovecot-uidlist`, version 3, replaced atomically (a reader sees the old file or the
+    new one): header `3 V<uidvalidity> N<uidnext> G<guid>`, then `<uid> :<unique name>` in UID order.
+    Dovecot taking the Maildir back keeps UIDVALIDITY and every UID (issue 17). The mailbox GUID of
+    an existing file is kept. Not fsynced: after a crash the index (the reference) writes it again
+    at the folder's first use."""
+    guid = _uidlist_guid(folder) or os.urandom(16).hex()
+    text = f"3 V{uidvalidity} N{uidnext} G{guid}\n" + "".join(f"{uid} :{name}\n" for uid, name in names)
+    tmp = folder / f"{UIDLIST_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, folder / UIDLIST_FILE)
+
+
+def _uidlist_guid(folder: Path) -> str | None:
+    try:
+        with (folder / UIDLIST_FILE).open("rb") as f:
+            first = f.readline(4096).decode("utf-8", "replace").split()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    fields = {h[0]: h[1:] for h in first[1:] if h} if first and first[0] == "3" else {}
+    guid = fields.get("G", "")
+    return guid if len(guid) == 32 and all(c in string.hexdigits for c in guid) else None
+
+
 # --- directories --------------------------------------------------------------------------------
 
 def fsync_dir(path: Path) -> None:

@@ -81,6 +81,7 @@ class MailStore:
         self._mailboxes: dict[int, _Mailbox] = {}
         self._current: dict[str, int] = {}
         self.changes = ChangeBus()
+        self._uidlist_writes: set[asyncio.Task[None]] = set()
 
     # --- start ------------------------------------------------------------------------------------
 
@@ -457,9 +458,9 @@ class MailStore:
         """First access in this process: the Maildir root exists; on the mailbox's first access ever
         (no folder rows yet) the special folders are made, as Dovecot's autocreate does."""
         await asyncio.to_thread(maildir.make_maildir, mb.root, folder=False)
-        row = await self._db.fetchone("SELECT COUNT(*) FROM folders WHERE mailbox_id = ?", (mb.id,))
-        if row is not None and row[0] == 0:
-            await asyncio.to_thread(_make_specials, mb.root)
+        # Missing special folders are made again at every first access, as Dovecot's autocreate
+        # does: a Maildir copied in from elsewhere gets its Sent, Drafts, Trash and Junk (issue 17).
+        await asyncio.to_thread(_make_specials, mb.root)
         await self._folder_locked(mb, INBOX)
         await self._fill_subscriptions(mb)
         mb.ready = True
@@ -588,6 +589,8 @@ class MailStore:
                        wire=new.wire)
         await index.commit(self._db, [change])
         f.stamp, f.dirty = found.stamp, found.dirty
+        if f.uidlist_stale:
+            self._uidlist_later(f)
         if newcomers or found.vanished:
             log.info("store: %s %s: %d files indexed, %d gone", mb.key, f.name, len(newcomers), len(found.vanished))
         if found.measured:
@@ -761,7 +764,39 @@ class MailStore:
         target.invalidate()
         return pairs
 
+    def _uidlist_later(self, f: FolderIndex) -> None:
+        """Write the folder's dovecot-uidlist soon, in its own task: changes made meanwhile (a burst
+        of deliveries) go into one write."""
+        if f.uidlist_queued:
+            return  # the write scheduled has not read the state yet: it takes this change too
+        f.uidlist_queued = True
+        task = asyncio.get_running_loop().create_task(self._write_uidlist(f))
+        self._uidlist_writes.add(task)
+        task.add_done_callback(self._uidlist_writes.discard)
+
+    async def _write_uidlist(self, f: FolderIndex) -> None:
+        async with f.uidlist_lock:
+            f.uidlist_queued = False
+            if f.deleted or not f.uidlist_stale:
+                return
+            f.uidlist_stale = False
+            names = [(e.uid, e.base) for e in f.by_uid.values()]  # read at once: no await in between
+            try:
+                await asyncio.to_thread(maildir.write_uidlist, f.path, f.uidvalidity, f.uidnext, names)
+            except OSError as exc:
+                f.uidlist_stale = True  # tried again after the next change
+                log.warning("store: cannot write %s/dovecot-uidlist: %s", f.path, exc)
+
+    async def flush_uidlists(self) -> None:
+        """Wait for the dovecot-uidlist writes under way (at stop, and in tests)."""
+        while self._uidlist_writes:
+            await asyncio.gather(*list(self._uidlist_writes), return_exceptions=True)
+
     def _wake(self, mb: _Mailbox, *names: str) -> None:
+        for name in names:
+            f = mb.folders.get(name)
+            if f is not None and f.uidlist_stale:
+                self._uidlist_later(f)
         self.changes.changed(mb.key, *names)
 
 

@@ -93,8 +93,9 @@ def test_stat_list_uidl_retr_top_agree_with_the_store_and_imap(pop_box: BoxHandl
         assert top[0].startswith(b"From: ")
         _, uidl, _ = client.uidl()
         uidvalidity, uids = imap_uids(pop_box)
-        assert uidl == [f"{i} {uidvalidity}.{uid}".encode() for i, uid in enumerate(uids, 1)]
-        assert client.uidl(3).split()[2] == f"{uidvalidity}.{uids[2]}".encode()
+        # Dovecot's default pop3_uidl_format %08Xu%08Xv (issue 17).
+        assert uidl == [f"{i} {uid:08X}{uidvalidity:08X}".encode() for i, uid in enumerate(uids, 1)]
+        assert client.uidl(3).split()[2] == f"{uids[2]:08X}{uidvalidity:08X}".encode()
         assert client.noop().startswith(b"+OK")
     finally:
         client.quit()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +53,7 @@ async def opened(root: Path) -> AsyncIterator[MailStore]:
         store = MailStore(root / "mail", db)
         await store.recover()
         yield store
+        await store.flush_uidlists()  # as Box.stop does
     finally:
         await db.close()
 
@@ -188,7 +190,17 @@ def test_a_rebuild_never_reuses_a_uid(tmp_path: Path) -> None:
         assert [m.path.read_bytes() for m in snap.messages] == bodies  # same order
 
     async def without_folders(store: MailStore) -> None:
+        # The dovecot-uidlist the store keeps (issue 17) still names every file: UIDVALIDITY and
+        # UIDs come back from it, as for a Maildir brought over from Dovecot.
         await store._db.execute("DELETE FROM folders")
+        snap = await store.snapshot(ALICE, "INBOX")
+        assert snap.uidvalidity == uidvalidity
+        assert [m.uid for m in snap.messages] == [4, 5, 6]
+        assert [m.path.read_bytes() for m in snap.messages] == bodies
+
+    async def without_folders_or_uidlist(store: MailStore) -> None:
+        await store._db.execute("DELETE FROM folders")
+        (home(tmp_path) / "dovecot-uidlist").unlink()
         snap = await store.snapshot(ALICE, "INBOX")
         assert snap.uidvalidity != uidvalidity
         assert [m.uid for m in snap.messages] == [1, 2, 3]
@@ -196,6 +208,7 @@ def test_a_rebuild_never_reuses_a_uid(tmp_path: Path) -> None:
 
     run(tmp_path, without_messages)
     run(tmp_path, without_folders)
+    run(tmp_path, without_folders_or_uidlist)
 
 
 # --- a Maildir written by another program -----------------------------------------------------------
@@ -755,3 +768,20 @@ def test_subscriptions_of_a_dovecot_maildir_are_taken_over(tmp_path: Path) -> No
         assert {f.name: f.subscribed for f in await store.folders(ALICE)}["Work"] is False
 
     run(tmp_path, body)
+
+
+def test_missing_special_folders_are_made_again(tmp_path: Path) -> None:
+    """A Maildir copied into a mailbox that was used before gets Sent/Drafts/Trash/Junk back at the
+    next start, as Dovecot's autocreate does (issue 17)."""
+
+    async def first(store: MailStore) -> None:
+        await store.deliver([ALICE], MSG)
+
+    run(tmp_path, first)
+    for name in (".Junk", ".Sent"):
+        shutil.rmtree(home(tmp_path) / name)
+
+    async def second(store: MailStore) -> set[str]:
+        return {f.name for f in await store.folders(ALICE)}
+
+    assert {"Sent", "Drafts", "Trash", "Junk"} <= run(tmp_path, second)

@@ -23,7 +23,7 @@ def drop() -> Maildrop:
 def test_numbers_sizes_and_unique_ids() -> None:
     d = drop()
     assert [(m.number, m.uid, m.size, m.unique_id) for m in d.messages] == [
-        (1, 3, 100, "1234.3"), (2, 7, 250, "1234.7"), (3, 9, 40, "1234.9"),
+        (1, 3, 100, "00000003000004D2"), (2, 7, 250, "00000007000004D2"), (3, 9, 40, "00000009000004D2"),
     ]
     assert d.stat() == (3, 390)
 
