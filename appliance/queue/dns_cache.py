@@ -30,11 +30,13 @@ from typing import Any
 import dns.rcode
 import dns.rdatatype
 
-MAX_ENTRIES = 4096  # answers per resolver configuration; a few hundred bytes each
+# Answers per resolver configuration. One answer (dnspython keeps the parsed response) is ~3 KB, so
+# this is ~3 MB at most; a message needs 3-6 answers for its sender, so it covers ~200 sender domains.
+MAX_ENTRIES = 1024
 MAX_TTL = 3600  # seconds a positive answer is kept at most
 MIN_TTL = 5  # a TTL of 1-4 s is raised to this; 0 stays "not cached"
 MAX_NEGATIVE_TTL = 300  # NXDOMAIN / NODATA at most 5 minutes (RFC 2308 5 allows up to hours)
-MAX_CONFIGURATIONS = 4  # caches kept for resolver configurations (the setting rarely changes)
+MAX_CONFIGURATIONS = 2  # the current configuration's cache and the one before (switching back is rare)
 
 
 def _ttl(answer: Any) -> int:
