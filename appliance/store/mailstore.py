@@ -101,8 +101,7 @@ class MailStore:
         """Durably write one copy per mailbox. Returns per mailbox its new UID or the error (QuotaExceeded).
         Every returned UID is fsynced and indexed before this returns."""
         results: dict[str, int | StoreError] = {}
-        targets: list[tuple[_Mailbox, FolderIndex]] = []
-        owners: dict[int, list[str]] = {}  # one copy per mailbox, however its address was spelled
+        done: dict[int, int | StoreError] = {}  # one copy per mailbox, however its address was spelled
         for address in dict.fromkeys(mailboxes):
             try:
                 mb = await self._mailbox(address)
@@ -110,14 +109,9 @@ class MailStore:
             except StoreError as exc:
                 results[address] = exc
                 continue
-            if mb.id not in owners:
-                owners[mb.id] = []
-                targets.append((mb, f))
-            owners[mb.id].append(address)
-        outcomes = await self._add(targets, data, flags, internaldate)
-        for (mb, _), outcome in zip(targets, outcomes, strict=True):
-            for address in owners[mb.id]:
-                results[address] = outcome
+            if mb.id not in done:
+                done[mb.id] = await self._add(mb, f, data, flags, internaldate)
+            results[address] = done[mb.id]
         return results
 
     async def append(self, mailbox: str, folder: str, data: bytes, flags: frozenset[str],
@@ -125,7 +119,7 @@ class MailStore:
         """(uidvalidity, uid) of the new message (RFC 3501 6.3.11, RFC 4315 APPENDUID)."""
         mb = await self._mailbox(mailbox)
         f = await self._folder(mb, folder)
-        [outcome] = await self._add([(mb, f)], data, flags, internaldate)
+        outcome = await self._add(mb, f, data, flags, internaldate)
         if isinstance(outcome, StoreError):
             raise outcome
         return f.uidvalidity, outcome
@@ -630,85 +624,57 @@ class MailStore:
         f.keywords = wanted
         return wanted
 
-    async def _add(self, targets: Sequence[tuple[_Mailbox, FolderIndex]], data: bytes, flags: frozenset[str],  # noqa: C901  writes, indexes and rolls back many copies in one transaction; to be split with MailStore (issue 12)
-                   internaldate: int | None) -> list[int | StoreError]:
-        """Write one copy into each target folder and index them all in one transaction."""
+    async def _add(self, mb: _Mailbox, f: FolderIndex, data: bytes, flags: frozenset[str],
+                   internaldate: int | None) -> int | StoreError:
+        """Write one copy into the folder (fsynced) and index it; its UID, or why not."""
         size = len(data)
         wire = size + maildir.bare_lfs(data)  # RFC822.SIZE and POP3 sizes count CRLF line ends
         date = internaldate if internaldate is not None else int(time.time())
         system, keywords = maildir.split_flags(flags)
-        outcomes: list[int | StoreError | None] = [None] * len(targets)
-        jobs: dict[int, tuple[WriteJob, tuple[str, ...]]] = {}
-        entries: dict[int, index.Entry] = {}
         try:
-            for i, (mb, f) in enumerate(targets):
+            names: tuple[str, ...] = ()
+            letters = system
+            if keywords:
+                async with f.lock:
+                    mapped = await self._map_keywords(f, keywords)
+                names = _spelled(keywords, mapped)
+                letters = maildir.encode_letters(system, names, mapped)
+            used = await self._used(mb) if mb.quota else 0
+        except StoreError as exc:
+            return exc
+        if mb.quota and used + mb.reserved + size > mb.quota:
+            return QuotaExceeded(f"{mb.key} is over quota ({used} of {mb.quota} bytes used)")
+        mb.reserved += size
+        base = maildir.unique_name(size)
+        f.pending.add(base)  # from here on no scan may adopt this file
+        sub, filename = ("cur", maildir.cur_filename(base, letters)) if letters else ("new", base)
+        job = WriteJob(f.path, base, sub, filename, internaldate)
+        try:
+            [error] = await asyncio.to_thread(maildir.write_messages, [job], data)
+            if error is not None:
+                log.error("store: writing to %s failed: %s", mb.key, error)
+                return StoreError(f"cannot write the message: {error.strerror or error}")
+            async with _locked(f):
+                if f.deleted:
+                    await asyncio.to_thread(maildir.unlink_files, [_job_path(job)])
+                    return NoSuchFolder(f"folder {f.name} was deleted")
+                change = Change(f)
+                entry = change.add(job.base, job.sub, job.filename, system, names, size, date, wire=wire)
                 try:
-                    names: tuple[str, ...] = ()
-                    letters = system
-                    if keywords:
-                        async with f.lock:
-                            mapped = await self._map_keywords(f, keywords)
-                        names = _spelled(keywords, mapped)
-                        letters = maildir.encode_letters(system, names, mapped)
-                    used = await self._used(mb) if mb.quota else 0
-                except StoreError as exc:
-                    outcomes[i] = exc
-                    continue
-                if mb.quota and used + mb.reserved + size > mb.quota:
-                    outcomes[i] = QuotaExceeded(f"{mb.key} is over quota ({used} of {mb.quota} bytes used)")
-                    continue
-                mb.reserved += size
-                base = maildir.unique_name(size)
-                f.pending.add(base)  # from here on no scan may adopt this file
-                sub, filename = ("cur", maildir.cur_filename(base, letters)) if letters else ("new", base)
-                jobs[i] = (WriteJob(f.path, base, sub, filename, internaldate), names)
-            order = list(jobs)
-            errors = await asyncio.to_thread(maildir.write_messages, [jobs[i][0] for i in order], data)
-            written = []
-            for i, error in zip(order, errors, strict=True):
-                if error is None:
-                    written.append(i)
-                else:
-                    log.error("store: writing to %s failed: %s", targets[i][0].key, error)
-                    outcomes[i] = StoreError(f"cannot write the message: {error.strerror or error}")
-            folders = {targets[i][1].id: targets[i][1] for i in written}
-            async with _locked(*folders.values()):
-                changes: dict[int, Change] = {}
-                orphans: list[Path] = []
-                for i in written:
-                    f = targets[i][1]
-                    if f.deleted:
-                        outcomes[i] = NoSuchFolder(f"folder {f.name} was deleted")
-                        orphans.append(_job_path(jobs[i][0]))
-                        continue
-                    job, names = jobs[i]
-                    change = changes.setdefault(f.id, Change(f))
-                    entries[i] = change.add(job.base, job.sub, job.filename, system, names, size, date, wire=wire)
-                try:
-                    await index.commit(self._db, list(changes.values()))
+                    await index.commit(self._db, [change])
                 except Exception:
-                    log.exception("store: indexing a delivery failed; its files are removed")
-                    await asyncio.to_thread(maildir.unlink_files, [_job_path(jobs[i][0]) for i in written])
-                    for i in written:
-                        outcomes[i] = StoreError("cannot index the message")
-                    entries.clear()
-                if orphans:
-                    await asyncio.to_thread(maildir.unlink_files, orphans)
-                for i, entry in entries.items():
-                    outcomes[i] = entry.uid
-                    if entry.sub == "cur":
-                        targets[i][1].unclaimed.add(entry.uid)
-                        targets[i][1].invalidate()
-                for i in written:
-                    targets[i][1].pending.discard(jobs[i][0].base)
+                    log.exception("store: indexing a delivery failed; its file is removed")
+                    await asyncio.to_thread(maildir.unlink_files, [_job_path(job)])
+                    return StoreError("cannot index the message")
+                if entry.sub == "cur":
+                    f.unclaimed.add(entry.uid)
+                    f.invalidate()
+                f.pending.discard(base)
         finally:
-            for i, (job, _) in jobs.items():
-                mb, f = targets[i]
-                mb.reserved -= size
-                f.pending.discard(job.base)
-        for i in entries:
-            self._wake(targets[i][0], targets[i][1].name)
-        return [o if o is not None else StoreError("not delivered") for o in outcomes]
+            mb.reserved -= size
+            f.pending.discard(base)
+        self._wake(mb, f.name)
+        return entry.uid
 
     async def _transfer(self, mb: _Mailbox, src: FolderIndex, target: FolderIndex, uids: Sequence[int], *,
                         move: bool) -> list[tuple[int, int]]:
