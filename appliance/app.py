@@ -11,9 +11,10 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from appliance import setup_code
+from appliance import backup, setup_code
 from appliance.accounts import Accounts
 from appliance.auth import Auth
 from appliance.config import STANDARD_PORTS, ServeConfig
@@ -243,25 +244,54 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
         loop.add_signal_handler(sig, stop.set)
     try:
         raise_open_files_limit()
-        box = await Box.start(config, serve=False)
-        try:
-            if stop.is_set():
-                log.info("stopping: a signal came while starting")
-                return
-            await box.start_serving()
-            announce(f"Letterbox {box.services.hostname}: data in {config.data.root.resolve()}")
-            for lst in box.listeners.values():
-                announce(f"  {lst.service:<12} {lst.host}:{lst.port}")
-            await announce_setup_code(box.services, announce)
-            await box.services.events.record("start", f"Letterbox started as {box.services.hostname}")
-            announce("ready")
-            await stop.wait()
-            log.info("stopping")
-        finally:
+        aside: Path | None = None
+        while True:
             try:
-                await asyncio.wait_for(box.stop(), timeout=STOP_TIMEOUT)
-            except TimeoutError:
-                log.warning("stop took longer than %.0f s; exiting anyway", STOP_TIMEOUT)
+                box = await Box.start(config, serve=False)
+            except Exception:
+                if aside is None:
+                    raise
+                # The restored data did not start: the old data comes back, and starts instead.
+                log.exception("the restored data did not start; putting the old data back")
+                await asyncio.to_thread(backup.undo_restore, config.data.root, aside)
+                aside = None
+                continue
+            staged = await _serve_until_stopped(box, config, stop, announce)
+            if staged is None:
+                return
+            # A restore from the web: the services are stopped; switch the data over, start again.
+            announce("restoring: switching the data directory over to the backup")
+            aside = await asyncio.to_thread(backup.switch_over, staged, config.data.root)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def _serve_until_stopped(box: Box, config: ServeConfig, stop: asyncio.Event,
+                               announce: Callable[[str], None]) -> backup.Staged | None:
+    """Serve until a signal (None) or until the web asks for a staged restore (returned), then stop."""
+    try:
+        if stop.is_set():
+            log.info("stopping: a signal came while starting")
+            return None
+        await box.start_serving()
+        announce(f"Letterbox {box.services.hostname}: data in {config.data.root.resolve()}")
+        for lst in box.listeners.values():
+            announce(f"  {lst.service:<12} {lst.host}:{lst.port}")
+        await announce_setup_code(box.services, announce)
+        await box.services.events.record("start", f"Letterbox started as {box.services.hostname}")
+        announce("ready")
+        jobs = box.services.backups
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(jobs.restart.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        log.info("stopping")
+        return jobs.staged if not stop.is_set() else None
+    finally:
+        try:
+            await asyncio.wait_for(box.stop(), timeout=STOP_TIMEOUT)
+        except TimeoutError:
+            log.warning("stop took longer than %.0f s; exiting anyway", STOP_TIMEOUT)

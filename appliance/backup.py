@@ -873,10 +873,20 @@ class Restored:
     fixes: dict[str, int]
 
 
-def restore_full(backup: Path, secret: Secret, data_root: Path, *, progress: Progress | None = None,
-                 check: Callable[[Path], None] | None = None) -> Restored:
-    """Replace the whole data directory with the backup's. Blocking; the box must not be serving
-    this data directory meanwhile (the web restore stops its services first)."""
+@dataclass(frozen=True)
+class Staged:
+    """A backup unpacked, verified and fixed up beside the data directory, ready to switch in."""
+
+    path: Path
+    manifest: dict[str, Any]
+    files: int
+    fixes: dict[str, int]
+
+
+def stage_full(backup: Path, secret: Secret, data_root: Path, *, progress: Progress | None = None,
+               check: Callable[[Path], None] | None = None) -> Staged:
+    """Unpack and verify a whole backup into a staging directory beside the data directory (the same
+    file system, so the switch-over is one rename). The data directory is not touched."""
     progress = progress or Progress()
     root = data_root.resolve()
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -901,18 +911,35 @@ def restore_full(backup: Path, secret: Secret, data_root: Path, *, progress: Pro
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    progress.stage = "switching"
+    progress.stage = "staged"
+    return Staged(staging, unpacked.manifest, unpacked.files, fixes)
+
+
+def switch_over(staged: Staged, data_root: Path) -> Path | None:
+    """The one step: the staged data becomes the data directory; the old one is kept aside (returned)."""
+    root = data_root.resolve()
     aside: Path | None = None
     if root.exists():
-        _exchange(staging, root)  # the one step: before it the old data, after it the new
+        _exchange(staged.path, root)  # before it the old data, after it the new
         aside = root.parent / f"{root.name}.before-restore-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-        os.rename(staging, aside)
+        os.rename(staged.path, aside)
         _carry_backups(aside, root)
     else:
-        os.rename(staging, root)
+        os.rename(staged.path, root)
     maildir.fsync_dir(root.parent)
+    return aside
+
+
+def restore_full(backup: Path, secret: Secret, data_root: Path, *, progress: Progress | None = None,
+                 check: Callable[[Path], None] | None = None) -> Restored:
+    """Replace the whole data directory with the backup's. Blocking; the box must not be serving
+    this data directory meanwhile (`letterbox serve` switches over between a stop and a start)."""
+    progress = progress or Progress()
+    staged = stage_full(backup, secret, data_root, progress=progress, check=check)
+    progress.stage = "switching"
+    aside = switch_over(staged, data_root)
     progress.stage = "done"
-    return Restored(unpacked.manifest, unpacked.files, aside, fixes)
+    return Restored(staged.manifest, staged.files, aside, staged.fixes)
 
 
 def undo_restore(data_root: Path, aside: Path) -> None:
@@ -1207,6 +1234,14 @@ class BackupJob:
 @dataclass
 class BackupJobs:
     current: BackupJob | None = None
+    # A whole-box restore staged by the web: `letterbox serve` stops the services, switches the data
+    # directory over and starts them again on the restored data (appliance/app.py).
+    staged: Staged | None = None
+    restart: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def switch_to(self, staged: Staged) -> None:
+        self.staged = staged
+        self.restart.set()
 
     def start(self, kind: str, work: Callable[[Progress], Any]) -> BackupJob | None:
         """Start `work(progress)` (a coroutine function returning a line for the page), unless a job

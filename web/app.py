@@ -38,6 +38,7 @@ from web.routes import (
     domains,
     login,
     mailboxes,
+    restore,
     sending,
     setup,
     wellknown,
@@ -127,7 +128,7 @@ async def _login_required(request: Request, exc: Exception) -> Response:
 
 def routes() -> list[BaseRoute]:
     return [
-        *login.routes, *setup.routes, *console.routes, *domains.routes, *mailboxes.routes, *sending.routes,
+        *login.routes, *restore.routes, *setup.routes, *console.routes, *domains.routes, *mailboxes.routes, *sending.routes,
         *account.routes, *autoconfig.routes, *wellknown.routes, *certificate.routes, *backups.routes,
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]

@@ -75,3 +75,18 @@ def test_backup_pages_are_for_admins_only(tmp_path: Path) -> None:
         client.set_up()
         assert client.get("/console/backups").status_code in (303, 307)
         assert client.post("/console/backups/create", token_from="/login").status_code in (303, 307)
+
+
+def test_wizard_first_screen_offers_the_restore_and_asks_the_setup_code(tmp_path: Path) -> None:
+    with web_client(tmp_path / "data") as client:
+        first = client.get("/setup/1")
+        assert 'href="/setup/restore"' in first.text
+        page = client.get("/setup/restore")
+        assert page.status_code == 200
+        assert 'enctype="multipart/form-data"' in page.text
+        token = client.csrf("/setup/restore")
+        wrong = client.client.post("/setup/restore", data={"csrf": token, "code": "AAAA-BBBB-CCCC", "secret": "x"},
+                                   files={"backup": ("b.tar.zst.age", b"not a backup")}, follow_redirects=True)
+        assert "not this box&#39;s setup code" in wrong.text or "not this box's setup code" in wrong.text
+        assert client.services.backups.current is None
+        assert not [p for p in (tmp_path).iterdir() if ".upload-" in p.name]

@@ -1,0 +1,143 @@
+"""Restoring the whole box from a backup: from the wizard's first screen on a fresh box ("Restore from
+a backup" beside "Start fresh", as Home Assistant's onboarding does) and from the console's Backups
+page. The backup is unpacked and verified beside the data directory while the box keeps running; then
+`letterbox serve` stops the services, switches the data directory over in one step and starts again
+on the restored data (appliance/app.py), keeping the old data aside.
+
+On a fresh box the one-time setup code is asked first, as in step 1: without it nobody can replace an
+unclaimed box's data with their own."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from appliance import backup, setup_code
+from web.pages import flash, peer, read_form, redirect, render, require, services
+from web.security import CSRF_FIELD, csrf_ok
+
+MAX_UPLOAD = 256 * 1024**3  # a backup is one file of any size a disk holds; it is streamed to disk
+MAX_SECRET = 4096
+
+
+def _secret(text: str) -> backup.Secret:
+    text = text[:MAX_SECRET]
+    return backup.Secret.from_text(text) if "AGE-SECRET-KEY-" in text else backup.Secret(passphrase=text.strip())
+
+
+def start_restore(request: Request, path: Path, secret: backup.Secret, *, remove_after: bool) -> bool:
+    """Stage the backup in the background, then ask `serve` to switch over; False when a job runs."""
+    svc = services(request)
+    root = svc.config.data.root
+
+    async def work(progress: backup.Progress) -> str:
+        try:
+            staged = await asyncio.to_thread(backup.stage_full, path, secret, root, progress=progress)
+        finally:
+            if remove_after:
+                await asyncio.to_thread(path.unlink, True)
+        await svc.events.record("backup", f"restore staged from {path.name} (made {staged.manifest.get('created')}"
+                                          f" on {staged.manifest.get('host')}); the box restarts on it")
+        svc.backups.switch_to(staged)
+        return (f"Verified {staged.files} files from {staged.manifest.get('host')} ({staged.manifest.get('created')}):"
+                " the box is restarting on the restored data. Log in with the restored accounts.")
+
+    return svc.backups.start("restore", work) is not None
+
+
+async def wizard_page(request: Request) -> Response:
+    svc = services(request)
+    if await svc.accounts.has_admin() and svc.backups.current is None:
+        return redirect("/login")
+    if not await svc.accounts.has_admin():
+        await asyncio.to_thread(setup_code.ensure_code, svc.config.data.root)
+    return await render(request, "setup/restore.html", {
+        "title": "Restore from a backup", "job": svc.backups.current, "steps": (), "step": 0, "furthest": 0,
+        "code_file": setup_code.code_path(svc.config.data.root),
+    })
+
+
+async def _read_upload(request: Request) -> tuple[dict[str, str], Path | None]:
+    """The form's text fields and the uploaded backup, streamed by starlette into a temporary file
+    and moved beside the data directory (the staging directory's file system)."""
+    try:
+        form = await request.form(max_files=1, max_fields=10, max_part_size=64 * 1024)
+    except HTTPException:
+        raise
+    except Exception as exc:
+        raise HTTPException(400, "The form could not be read.") from exc
+    values: dict[str, str] = {}
+    upload: UploadFile | None = None
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            upload = value
+        else:
+            values[key] = value
+    if not csrf_ok(request.session, values.get(CSRF_FIELD)):
+        raise HTTPException(403, "This form has expired or came from another site. Reload the page and try again.")
+    if upload is None or not upload.filename:
+        return values, None
+    root = services(request).config.data.root.resolve()
+    target = root.parent / f".{root.name}.upload-{secrets.token_hex(4)}"
+
+    def save(src: Any) -> None:
+        src.seek(0)
+        with open(target, "xb") as out:
+            shutil.copyfileobj(src, out, 1024 * 1024)
+
+    await asyncio.to_thread(save, upload.file)
+    await upload.close()
+    return values, target
+
+
+async def wizard_submit(request: Request) -> Response:
+    svc = services(request)
+    if await svc.accounts.has_admin():
+        return redirect("/login")
+    values, path = await _read_upload(request)
+    try:
+        if not await setup_code.verify(svc.auth.throttle, svc.config.data.root, values.get("code", ""), peer(request)):
+            flash(request, "Not restored: that is not this box's setup code (see the box's screen or its setup-code file).")
+            return redirect("/setup/restore")
+        if path is None or not values.get("secret", "").strip():
+            flash(request, "Not restored: choose the backup file and give its emergency kit or passphrase.")
+            return redirect("/setup/restore")
+        if not start_restore(request, path, _secret(values["secret"]), remove_after=True):
+            flash(request, "A restore is already running.")
+        else:
+            path = None  # the job removes it
+        return redirect("/setup/restore")
+    finally:
+        if path is not None:
+            await asyncio.to_thread(path.unlink, True)
+
+
+async def console_submit(request: Request) -> Response:
+    """The whole box from a backup under backups/ (the console's Backups page)."""
+    await require(request, "admin")
+    values = await read_form(request)
+    svc = services(request)
+    files = {b.path.name: b.path for b in await asyncio.to_thread(backup.list_backups, svc.config.data.backups)}
+    path = files.get(values.get("file", ""))
+    if path is None or not values.get("secret", "").strip() or values.get("confirm") != "yes":
+        flash(request, "Not restored: pick a backup, give its kit or passphrase and tick the confirmation.")
+        return redirect("/console/backups")
+    if not start_restore(request, path, _secret(values["secret"]), remove_after=False):
+        flash(request, "A backup or restore is already running: wait for it to finish.")
+    return redirect("/console/backups")
+
+
+routes = [
+    Route("/setup/restore", wizard_page, methods=["GET"]),
+    Route("/setup/restore", wizard_submit, methods=["POST"], max_body_size=MAX_UPLOAD),
+    Route("/console/backups/restore", console_submit, methods=["POST"]),
+]
