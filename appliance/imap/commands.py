@@ -387,6 +387,16 @@ class Search(Command):
 
 
 @dataclass(frozen=True)
+class Sort(Command):
+    """SORT / UID SORT (RFC 5256 3): (key, reversed) criteria, then a charset and a search."""
+
+    uid: bool
+    criteria: tuple[tuple[str, bool], ...]
+    charset: str
+    key: SearchKey
+
+
+@dataclass(frozen=True)
 class Expunge(Command):
     """EXPUNGE, or UID EXPUNGE set (RFC 4315 2.1) when `uids` is given."""
 

@@ -52,6 +52,7 @@ from appliance.imap.commands import (
     SequenceSet,
     SetKey,
     SizeKey,
+    Sort,
     Status,
     Store,
     TextKey,
@@ -100,7 +101,8 @@ SEARCH_DATE_KEYS: dict[str, tuple[bool, str]] = {
     "BEFORE": (False, "BEFORE"), "ON": (False, "ON"), "SINCE": (False, "SINCE"),
     "SENTBEFORE": (True, "BEFORE"), "SENTON": (True, "ON"), "SENTSINCE": (True, "SINCE"),
 }
-UID_COMMANDS = frozenset({"COPY", "MOVE", "FETCH", "SEARCH", "STORE", "EXPUNGE"})
+UID_COMMANDS = frozenset({"COPY", "MOVE", "FETCH", "SEARCH", "STORE", "EXPUNGE", "SORT"})
+SORT_KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO"})  # RFC 5256 3
 _DATE_TIME = re.compile(
     rb'^"([ \d]\d)-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)"'
 )
@@ -740,6 +742,39 @@ def _search(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
     return Search(tag, name, uid, charset, key, returns)
 
 
+def _sort(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
+    """SORT (criteria) charset search-key... (RFC 5256 3; the charset is required)."""
+    r.sp()
+    r.expect(b"(")
+    criteria: list[tuple[str, bool]] = []
+    reverse = False
+    while True:
+        word = r.keyword()
+        if word == "REVERSE":
+            if reverse:
+                raise ParseError("REVERSE twice")
+            reverse = True
+        elif word in SORT_KEYS:
+            criteria.append((word, reverse))
+            reverse = False
+        else:
+            raise ParseError(f"unknown sort key {word}")
+        if r.accept(b")"):
+            break
+        r.sp()
+    if reverse or not criteria:
+        raise ParseError("REVERSE must precede a sort key")
+    r.sp()
+    charset = r.astring().upper()
+    r.sp()
+    keys = [_search_key(r, 0)]
+    while r.accept(b" "):
+        keys.append(_search_key(r, 0))
+    r.end()
+    key = keys[0] if len(keys) == 1 else AndKey(tuple(keys))
+    return Sort(tag, name, uid, tuple(criteria), charset, key)
+
+
 def _search_key(r: Reader, depth: int) -> SearchKey:
     if depth > MAX_SEARCH_DEPTH:
         raise ParseError("search too deeply nested")
@@ -898,6 +933,7 @@ _PARSERS: dict[str, Callable[..., Command]] = {
     "COPY": _copy,
     "MOVE": _copy,
     "SEARCH": _search,
+    "SORT": _sort,
     "EXPUNGE": _expunge,
     "ID": _id,
     "ENABLE": _enable,

@@ -40,8 +40,10 @@ from appliance.imap.commands import (
     QuotaCommand,
     Rename,
     Search,
+    SearchKey,
     Select,
     SequenceSet,
+    Sort,
     Status,
     Store,
     compact,
@@ -64,6 +66,9 @@ from appliance.imap.responses import (
 )
 from appliance.imap.search import SUPPORTED_CHARSETS, Candidate, Searcher, uses_modseq
 from appliance.imap.selected import SelectedFolder, flag_text
+from appliance.imap.sort import HEADER_KEYS as SORT_HEADER_KEYS
+from appliance.imap.sort import SortItem
+from appliance.imap.sort import sort as sort_messages
 from appliance.store.mailstore import (
     FolderExists,
     FolderInfo,
@@ -86,7 +91,7 @@ BASE_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE")
 AUTHENTICATED_CAPABILITIES = (
     "IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "UIDPLUS", "MOVE", "SPECIAL-USE",
     "NAMESPACE", "CHILDREN", "UNSELECT", "QUOTA", "CONDSTORE", "QRESYNC", "ESEARCH", "LIST-STATUS",
-    "STATUS=SIZE",
+    "STATUS=SIZE", "SORT",
 )
 SERVER_ID = (("name", "Letterbox"), ("vendor", "Letterbox"))
 FETCH_BATCH = 64  # messages whose files one worker-thread call reads
@@ -644,12 +649,12 @@ class ImapSession:
             await self.io.send(*view.expunged_by_us(expunged))
         await self.ok(command)
 
-    async def cmd_search(self, command: Command) -> None:
-        assert isinstance(command, Search)
-        if command.charset is not None and command.charset not in SUPPORTED_CHARSETS:
+    async def _matching(self, key: SearchKey, charset: str | None) -> list[Candidate]:
+        """The messages of the selected folder a search key matches, in message-number order."""
+        if charset is not None and charset not in SUPPORTED_CHARSETS:
             raise ImapNo("Unsupported charset", "BADCHARSET (" + " ".join(SUPPORTED_CHARSETS) + ")")
         view = self.view
-        searcher = Searcher(command.key, view.exists, view.largest_uid)
+        searcher = Searcher(key, view.exists, view.largest_uid)
         recent, infos = view.recent, view.infos
         candidates = []
         for seq, uid in enumerate(view.uids, start=1):
@@ -665,6 +670,24 @@ class ImapSession:
             found = await asyncio.to_thread(_search_index, searcher, candidates)
         else:
             found = _search_index(searcher, candidates)
+        return found
+
+    async def cmd_sort(self, command: Command) -> None:
+        """RFC 5256 3: the matching messages in the order of the criteria."""
+        assert isinstance(command, Sort)
+        found = await self._matching(command.key, command.charset)
+        view = self.view
+        items = [SortItem(c.seq, c.uid, c.size, c.internaldate, view.info(c.uid).path) for c in found]
+        if any(k in SORT_HEADER_KEYS for k, _ in command.criteria):
+            ordered = await asyncio.to_thread(sort_messages, items, command.criteria)
+        else:
+            ordered = sort_messages(items, command.criteria)
+        await self.io.send(Data("SORT" + "".join(f" {i.uid if command.uid else i.seq}" for i in ordered)))
+        await self.ok(command)
+
+    async def cmd_search(self, command: Command) -> None:
+        assert isinstance(command, Search)
+        found = await self._matching(command.key, command.charset)
         numbers = [c.uid if command.uid else c.seq for c in found]
         modseq = uses_modseq(command.key)
         if modseq:
@@ -927,7 +950,7 @@ class ImapSession:
 
 def _may_expunge(command: Command) -> bool:
     # RFC 3501 7.4.1: no EXPUNGE while answering FETCH, STORE or SEARCH (the UID forms may carry it).
-    if command.name in ("FETCH", "STORE", "SEARCH"):
+    if command.name in ("FETCH", "STORE", "SEARCH", "SORT"):
         return bool(getattr(command, "uid", False))
     return True
 
@@ -1108,6 +1131,7 @@ DISPATCH: dict[State, dict[str, Handler]] = {
         "UNSELECT": ImapSession.cmd_unselect,
         "EXPUNGE": ImapSession.cmd_expunge,
         "SEARCH": ImapSession.cmd_search,
+        "SORT": ImapSession.cmd_sort,
         "FETCH": ImapSession.cmd_fetch,
         "STORE": ImapSession.cmd_store,
         "COPY": ImapSession.cmd_copy,

@@ -31,7 +31,7 @@ def raw(box: BoxHandle) -> Iterator[RawImap]:
 
 def test_capabilities(raw: RawImap) -> None:
     caps = raw.command(b"c", b"CAPABILITY")[0].split()
-    for cap in (b"ESEARCH", b"LIST-STATUS", b"STATUS=SIZE"):
+    for cap in (b"ESEARCH", b"LIST-STATUS", b"STATUS=SIZE", b"SORT"):
         assert cap in caps
 
 
@@ -65,3 +65,26 @@ def test_status_size_and_list_status(raw: RawImap) -> None:
             assert not reply[i + 1].startswith(b"* STATUS"), reply
     work = next(i for line, i in at.items() if line.rstrip().endswith(b"Lists/Work"))
     assert reply[work + 1] == b"* STATUS Lists/Work (MESSAGES 0 UNSEEN 0)\r\n"
+
+
+def test_sort(box: BoxHandle, raw: RawImap) -> None:
+    """RFC 5256 3: base subjects (Re:, [list], (fwd) ignored), first address's mailbox, Date in UTC
+    with the internal date standing in, REVERSE per key, message number as the final tie-breaker."""
+    letters = [
+        ("Re: [list] Zebra (fwd)", "carol@example.org", "Mon, 1 Jan 2024 12:00:00 +0000", "x" * 10),
+        ("apple", "Bob <bob@example.org>", "Mon, 1 Jan 2024 13:00:00 +0200", "x" * 300),  # 11:00 UTC
+        ("Fwd: Mango", "alice@example.org", None, "x" * 200),
+    ]
+    for subject, sender, date, body in letters:
+        head = f"From: {sender}\r\nSubject: {subject}\r\n" + (f"Date: {date}\r\n" if date else "")
+        result = box.run(box.services.store.deliver([USER], f"{head}\r\n{body}\r\n".encode(), folder="Archive"))
+        assert isinstance(result[USER], int)
+    raw.command(b"s", b"SELECT Archive")
+    assert raw.command(b"a", b"SORT (SUBJECT) UTF-8 ALL")[0] == b"* SORT 2 3 1\r\n"
+    assert raw.command(b"b", b"SORT (FROM) UTF-8 ALL")[0] == b"* SORT 3 2 1\r\n"
+    assert raw.command(b"c", b"SORT (REVERSE SIZE) UTF-8 ALL")[0] == b"* SORT 2 3 1\r\n"
+    # Message 3 has no Date: its internal date (now) sorts it last.
+    assert raw.command(b"d", b"SORT (DATE) UTF-8 ALL")[0] == b"* SORT 2 1 3\r\n"
+    assert raw.command(b"e", b"UID SORT (ARRIVAL) UTF-8 SUBJECT apple")[0].startswith(b"* SORT ")
+    assert raw.command(b"f", b"SORT (SUBJECT) KOI8-R ALL")[-1].startswith(b"f NO [BADCHARSET")
+    assert raw.command(b"g", b"SORT (REVERSE) UTF-8 ALL")[-1].startswith(b"g BAD")

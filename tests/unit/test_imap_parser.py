@@ -44,6 +44,7 @@ from appliance.imap.commands import (
     SequenceSet,
     SetKey,
     SizeKey,
+    Sort,
     Status,
     Store,
     TextKey,
@@ -548,3 +549,15 @@ def test_search_modseq_and_status() -> None:
     status = parse("a STATUS INBOX (UIDNEXT HIGHESTMODSEQ)")
     assert isinstance(status, Status)
     assert status.items == ("UIDNEXT", "HIGHESTMODSEQ")
+
+
+def test_sort_command() -> None:
+    sort = parse("a UID SORT (REVERSE DATE SUBJECT) UTF-8 UNSEEN")
+    assert isinstance(sort, Sort)
+    assert sort.uid
+    assert sort.criteria == (("DATE", True), ("SUBJECT", False))
+    assert sort.charset == "UTF-8"
+    bad("a SORT () UTF-8 ALL")
+    bad("a SORT (SUBJECT) ALL")  # the charset is required (RFC 5256 3)
+    bad("a SORT (REVERSE REVERSE DATE) UTF-8 ALL")
+    bad("a SORT (COLOR) UTF-8 ALL")

@@ -184,3 +184,15 @@ def test_address_search_as_dovecot(tmp_path: Path, query: str, expected: list[in
         if searcher.matches(Candidate(n, n, frozenset(), len(text), 0), opener):
             found.append(n)
     assert found == expected
+
+
+def test_base_subject_rfc5256() -> None:
+    from appliance.imap.sort import base_subject
+
+    assert base_subject("Re: hello") == "HELLO"
+    assert base_subject("RE: [list] Fwd: hello (fwd)") == "HELLO"
+    assert base_subject("[fwd: Re: x]") == "X"
+    assert base_subject("[list] hi") == "HI"
+    assert base_subject("[only]") == "[ONLY]"  # a blob is kept when nothing would remain
+    assert base_subject("Re[2]: abc") == "ABC"
+    assert base_subject("  a   b  ") == "A B"
