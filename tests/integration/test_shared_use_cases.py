@@ -20,10 +20,20 @@ from appliance import cli
 from appliance.admin import Admin, open_admin
 from appliance.passwords import verify_password
 from appliance.queue.smarthost import Smarthost
+from appliance.queue.spool import Spool
 from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, ALICE_PASSWORD, DOMAIN, FAST, web_client
 
 NEW_PASSWORD = "a brand new long passphrase"
 OTHER = "other.test"
+QUEUED = "0123456789ABCDEF0123"  # a fixed queue id, so both boxes hold the same queued message
+
+
+async def _deferred_message(admin: Admin) -> None:
+    """One message from alice to a remote address, deferred for a day after a first attempt."""
+    await Spool(admin.data.spool, admin.db).enqueue(ALICE, ["someone@elsewhere.test"], b"Subject: hi\r\n\r\nHello.\r\n",
+                                                    auth_user=ALICE, queue_id=QUEUED)
+    await admin.db.execute("UPDATE queue_recipients SET next_attempt = next_attempt + 86400, attempts = 1,"
+                           " last_error = '451 4.3.0 try later'")
 
 
 async def _base(admin: Admin) -> None:
@@ -85,8 +95,12 @@ CASES = [
     Case("relay off", ["relay", "off"], "/console/sending", {"mode": "direct", "action": "save"},
          extra_start=lambda admin: admin.set_relay(Smarthost("relay.example.test", 587)),
          expect_event="outbound mail goes directly to each domain's mail server"),
-    Case("queue flush", ["queue", "flush"], "/console/sending/retry", {},
-         expect_event="queue flushed: 0 recipients due now"),
+    Case("queue flush", ["queue", "flush"], "/console/sending/retry", {}, extra_start=_deferred_message,
+         expect_event="queue flushed: 1 recipient due now"),
+    Case("queue flush one", ["queue", "flush", QUEUED], f"/console/sending/{QUEUED}/retry", {},
+         extra_start=_deferred_message, expect_event=f"message {QUEUED} flushed: 1 recipient due now"),
+    Case("queue delete", ["queue", "delete", QUEUED], f"/console/sending/{QUEUED}/delete", {},
+         extra_start=_deferred_message, expect_event=f"message {QUEUED} deleted from the queue (no report sent)"),
 ]
 
 
@@ -115,10 +129,15 @@ def _snapshot(root: Path) -> dict[str, object]:
             "admins": rows("SELECT username FROM admins"),
             # A DKIM selector is made from the time: that there is one, not which.
             "settings": [(k, "<selector>" if str(k).startswith("dkim_selector:") else v) for k, v in settings],
+            # Due now or later: a flush makes the recipient due (its exact time is the clock's).
+            "queue": rows("SELECT m.id, m.sender, r.recipient, r.state, r.attempts, r.last_error,"
+                          " r.next_attempt <= CAST(strftime('%s', 'now') AS INTEGER) FROM queue_messages m"
+                          " JOIN queue_recipients r ON r.message_id = m.id"),
             "events": db.execute("SELECT kind, text FROM events WHERE text NOT LIKE 'login:%' ORDER BY id").fetchall(),
         }
     dkim = root / "dkim"
     snapshot["dkim keys"] = sorted((p.parent.name, p.suffix) for p in dkim.rglob("*.key")) if dkim.exists() else []
+    snapshot["spool"] = sorted(p.name for p in (root / "spool").rglob("*") if p.is_file())
     deleted = root / "deleted"
     snapshot["moved aside"] = sorted(
         (re.sub(r"^.*?-(mailbox|domain)-", r"\1 ", entry.name), sorted(p.name for p in entry.iterdir()))
