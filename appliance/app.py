@@ -52,6 +52,7 @@ BACKGROUND_MODULES: list[tuple[str, str]] = [
     ("appliance.inbound_auth", "start_inbound_auth"),  # installs the MX's SPF/DKIM/DMARC check
     ("appliance.store.trash", "start_purger"),  # removed mailboxes' mail, kept 30 days under deleted/
     ("appliance.certificates", "start_renewer"),
+    ("appliance.backup", "start_scheduler"),  # the daily backup, once switched on
 ]
 
 

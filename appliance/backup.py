@@ -71,6 +71,7 @@ from appliance.store.model import INBOX
 if TYPE_CHECKING:
     from appliance.db import Database
     from appliance.events import EventLog
+    from appliance.services import Services
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "letterbox-manifest.json"
@@ -1264,3 +1265,115 @@ class BackupJobs:
         job.task = asyncio.get_running_loop().create_task(run())
         self.current = job
         return job
+
+
+# --- the daily schedule ----------------------------------------------------------------------------
+
+SCHEDULE_SETTING = "backup_schedule"  # "daily" or "" (off)
+HOUR_SETTING = "backup_hour"  # local hour 0-23 of the daily run; 3 by default (a quiet hour)
+TARGET_SETTING = "backup_target"  # a folder such as a mounted USB disk; '' = backups/
+LAST_SETTING = "backup_last"  # JSON: {"at": unix time, "ok": bool, "text": "..."}
+DEFAULT_HOUR = 3
+SCHEDULE_POLL = 60.0  # settings changed in the console are seen within this
+
+
+def next_run(now: float, hour: int) -> float:
+    """The next local `hour`:00 after `now`."""
+    local = time.localtime(now)
+    today = time.mktime((local.tm_year, local.tm_mon, local.tm_mday, hour, 0, 0, 0, 0, -1))
+    if today > now:
+        return today
+    tomorrow = time.localtime(now + 86400)
+    return time.mktime((tomorrow.tm_year, tomorrow.tm_mon, tomorrow.tm_mday, hour, 0, 0, 0, 0, -1))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    enabled: bool
+    hour: int
+    target: str
+    keep: int
+    last: dict[str, Any]
+    next_at: float | None
+
+
+async def read_schedule(db: Database, now: float | None = None) -> Schedule:
+    enabled = (await db.get_setting(SCHEDULE_SETTING) or "") == "daily"
+    hour_text = await db.get_setting(HOUR_SETTING) or ""
+    hour = int(hour_text) if hour_text.isdigit() and int(hour_text) < 24 else DEFAULT_HOUR
+    keep_text = await db.get_setting(KEEP_SETTING) or ""
+    keep = int(keep_text) if keep_text.isdigit() and int(keep_text) > 0 else DEFAULT_KEEP
+    try:
+        last = json.loads(await db.get_setting(LAST_SETTING) or "{}")
+    except ValueError:
+        last = {}
+    at = next_run(time.time() if now is None else now, hour) if enabled else None
+    return Schedule(enabled, hour, await db.get_setting(TARGET_SETTING) or "", keep,
+                    last if isinstance(last, dict) else {}, at)
+
+
+async def set_schedule(db: Database, events: EventLog, *, enabled: bool, hour: int, target: str) -> None:
+    """The console's and the CLI's schedule form: daily at `hour` into `target` (or backups/)."""
+    if not 0 <= hour < 24:
+        raise BackupError("the hour is 0 to 23")
+    if target and not Path(target).is_absolute():
+        raise BackupError("the folder must be an absolute path, e.g. /media/usb/backups")
+    await db.set_setting(SCHEDULE_SETTING, "daily" if enabled else "")
+    await db.set_setting(HOUR_SETTING, str(hour))
+    await db.set_setting(TARGET_SETTING, target)
+    what = f"at {hour:02d}:00 into {target or 'backups/'}" if enabled else "off"
+    await events.record("backup", f"daily backups {what}")
+
+
+class Scheduler:
+    """Makes the daily backup while the box runs; the result goes into the settings for the status page."""
+
+    def __init__(self, db: Database, events: EventLog, layout: DataLayout, jobs: BackupJobs) -> None:
+        self.db, self.events, self.layout, self.jobs = db, events, layout, jobs
+        self._task: asyncio.Task[None] | None = None
+        self._due: float | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="letterbox-backup-schedule")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            schedule = await read_schedule(self.db)
+            now = time.time()
+            if not schedule.enabled:
+                self._due = None
+            elif self._due is None or abs(self._due - (schedule.next_at or now)) > 86400:
+                self._due = schedule.next_at
+            if self._due is not None and now >= self._due:
+                self._due = next_run(now + 1, schedule.hour)
+                await self.run_once(schedule)
+            await asyncio.sleep(SCHEDULE_POLL if self._due is None else min(SCHEDULE_POLL, max(1.0, self._due - now)))
+
+    async def run_once(self, schedule: Schedule) -> None:
+        target = Path(schedule.target) if schedule.target else None
+        done = asyncio.get_running_loop().create_future()
+
+        async def work(progress: Progress) -> str:
+            made = await create(self.db, self.events, self.layout, to=target, progress=progress, keep=schedule.keep)
+            return f"Backup made: {made.path}"
+
+        job = self.jobs.start("backup", work)
+        if job is None or job.task is None:
+            result = {"at": int(time.time()), "ok": False, "text": "skipped: another backup or restore was running"}
+        else:
+            job.task.add_done_callback(lambda _t: done.set_result(None))
+            await done
+            result = {"at": int(time.time()), "ok": not job.error, "text": job.error or job.result}
+        await self.db.set_setting(LAST_SETTING, json.dumps(result))
+
+
+async def start_scheduler(svc: Services) -> Scheduler:
+    scheduler = Scheduler(svc.db, svc.events, svc.config.data, svc.backups)
+    scheduler.start()
+    return scheduler

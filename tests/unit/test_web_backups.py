@@ -90,3 +90,34 @@ def test_wizard_first_screen_offers_the_restore_and_asks_the_setup_code(tmp_path
         assert "not this box&#39;s setup code" in wrong.text or "not this box's setup code" in wrong.text
         assert client.services.backups.current is None
         assert not [p for p in (tmp_path).iterdir() if ".upload-" in p.name]
+
+
+def test_daily_schedule_runs_and_shows_on_the_status_page(web: WebClient, tmp_path: Path) -> None:
+    web.run(backup.make_key, web.services.db, web.services.events, "x")
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    saved = web.post("/console/backups/schedule", {"enabled": "yes", "hour": "4", "target": str(usb)},
+                     token_from="/console/backups")
+    assert saved.status_code == 303
+    bad = web.post("/console/backups/schedule", {"enabled": "yes", "hour": "4", "target": "relative/dir"},
+                   token_from="/console/backups")
+    assert bad.status_code == 303
+    schedule = web.run(backup.read_schedule, web.services.db)
+    assert schedule.enabled
+    assert schedule.hour == 4
+    assert schedule.target == str(usb)
+    assert schedule.next_at is not None
+    assert time.localtime(schedule.next_at).tm_hour == 4
+    scheduler = backup.Scheduler(web.services.db, web.services.events, web.services.config.data, web.services.backups)
+    web.run(scheduler.run_once, schedule)
+    [made] = backup.list_backups(usb)
+    status = web.get("/console").text
+    assert "daily at 04:00" in status
+    assert ">ok<" in status
+    assert made.path.name in web.get("/console/backups").text
+
+
+def test_next_run_is_the_next_hour_of_the_day() -> None:
+    base = time.mktime((2026, 3, 10, 2, 30, 0, 0, 0, -1))
+    assert backup.next_run(base, 3) == base + 1800
+    assert backup.next_run(base, 2) == base + 86400 - 1800

@@ -32,6 +32,7 @@ async def page(request: Request) -> Response:
         "title": "Backups", "section": "backups",
         "recipient": await svc.db.get_setting(backup.RECIPIENT_SETTING) or "",
         "job": job, "files": files, "keep": await _keep(request),
+        "schedule": await backup.read_schedule(svc.db),
     })
 
 
@@ -64,6 +65,21 @@ async def create(request: Request) -> Response:
 
     if svc.backups.start("backup", work) is None:
         flash(request, "A backup or restore is already running: wait for it to finish.")
+    return redirect("/console/backups")
+
+
+async def schedule(request: Request) -> Response:
+    await require(request, "admin")
+    values = await read_form(request)
+    svc = services(request)
+    hour = values.get("hour", "")
+    try:
+        await backup.set_schedule(svc.db, svc.events, enabled=values.get("enabled") == "yes",
+                                  hour=int(hour) if hour.isdigit() else -1, target=values.get("target", "").strip())
+    except backup.BackupError as exc:
+        flash(request, f"Not saved: {exc}.")
+        return redirect("/console/backups")
+    flash(request, "Schedule saved.")
     return redirect("/console/backups")
 
 
@@ -113,6 +129,7 @@ routes = [
     Route("/console/backups", page, methods=["GET"]),
     Route("/console/backups/key", make_key, methods=["POST"]),
     Route("/console/backups/create", create, methods=["POST"]),
+    Route("/console/backups/schedule", schedule, methods=["POST"]),
     Route("/console/backups/restore-mailbox", restore_mailbox, methods=["POST"]),
     Route("/console/backups/download/{name}", download, methods=["GET"]),
 ]

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from appliance import backup
 from appliance.config import STANDARD_PORTS
 from appliance.dns_check import load_results, summary
 from appliance.dns_records import SETTING_IPV4, SETTING_IPV6
@@ -51,6 +52,7 @@ async def status(request: Request) -> Response:
         "mailbox_count": len(await svc.accounts.list_users()), "alias_count": len(await svc.accounts.list_aliases()),
         "ipv4": await svc.db.get_setting(SETTING_IPV4) or "", "ipv6": await svc.db.get_setting(SETTING_IPV6) or "",
         "setup_done": await setup_done(svc.db),
+        "backup_schedule": await backup.read_schedule(svc.db),
     })
 
 
