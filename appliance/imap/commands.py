@@ -348,6 +348,8 @@ class Append(Command):
     flags: tuple[str, ...]
     date: int | None  # unix seconds
     message: bytes = field(repr=False, compare=False)  # may be the bytearray it was read into
+    # RFC 3502 MULTIAPPEND: the messages after the first, each with its flags and date.
+    more: tuple[tuple[tuple[str, ...], int | None, bytes], ...] = field(default=(), repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -558,6 +558,15 @@ def _append(r: Reader, tag: str, name: str) -> Command:
     r.sp()
     mailbox = r.mailbox()
     r.sp()
+    flags, date, message = _append_message(r)
+    more = []
+    while r.accept(b" "):  # RFC 3502 2: further messages, each with its own flags and date
+        more.append(_append_message(r))
+    r.end()
+    return Append(tag, name, mailbox, flags, date, message, tuple(more))
+
+
+def _append_message(r: Reader) -> tuple[tuple[str, ...], int | None, bytes]:
     flags: tuple[str, ...] = ()
     date: int | None = None
     if r.peek() == ord("("):
@@ -571,11 +580,10 @@ def _append(r: Reader, tag: str, name: str) -> Command:
     if not r.at_literal():
         raise ParseError("APPEND needs the message as a literal")
     message = r.take_literal()
-    r.end()  # RFC 3502 MULTIAPPEND is not offered
     for flag in flags:
         if flag == "\\Recent":
             raise ParseError("\\Recent cannot be set")
-    return Append(tag, name, mailbox, flags, date, message)
+    return flags, date, message
 
 
 def _fetch(r: Reader, tag: str, name: str, uid: bool = False) -> Command:

@@ -181,7 +181,11 @@ class ImapConnection:
         is_append = _APPEND.match(first) is not None
         limit = self.limits.max_append_octets if is_append else self.limits.max_literal_octets
         too_many = len(self._segments) // 2 >= self.limits.max_literals_per_command
-        if size > limit or too_many or (not is_append and self._command_octets + size > self.limits.max_command_octets):
+        # A MULTIAPPEND (RFC 3502) is held in memory whole: all its messages together within one limit.
+        append_total = is_append and self.command_literal_octets + size > limit
+        if size > limit or too_many or append_total or (
+            not is_append and self._command_octets + size > self.limits.max_command_octets
+        ):
             if non_sync:
                 # RFC 7888 4: the data is already on its way and cannot be told apart from commands.
                 return self._fatal("Literal too large")

@@ -91,7 +91,7 @@ BASE_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE")
 AUTHENTICATED_CAPABILITIES = (
     "IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "UIDPLUS", "MOVE", "SPECIAL-USE",
     "NAMESPACE", "CHILDREN", "UNSELECT", "QUOTA", "CONDSTORE", "QRESYNC", "ESEARCH", "LIST-STATUS",
-    "STATUS=SIZE", "SORT",
+    "STATUS=SIZE", "SORT", "MULTIAPPEND",
 )
 SERVER_ID = (("name", "Letterbox"), ("vendor", "Letterbox"))
 FETCH_BATCH = 64  # messages whose files one worker-thread call reads
@@ -523,19 +523,26 @@ class ImapSession:
     async def cmd_append(self, command: Command) -> None:
         assert isinstance(command, Append)
         name = names.canonical(command.mailbox)
-        if not command.message:
+        messages = [(command.flags, command.date, command.message), *command.more]
+        if not all(message for _, _, message in messages):
             raise ImapNo("Empty message", "CANNOT")
+        uids: list[int] = []
+        uidvalidity = 0
         try:
-            uidvalidity, uid = await self.store.append(
-                self.mailbox, name, command.message, frozenset(command.flags), command.date
-            )
-        except NoSuchFolder:
-            raise ImapNo("Mailbox does not exist", "TRYCREATE") from None  # RFC 3501 6.3.11
-        except QuotaExceeded:
-            raise ImapNo("Quota exceeded", "OVERQUOTA") from None
+            for flags, date, message in messages:
+                uidvalidity, uid = await self.store.append(self.mailbox, name, message, frozenset(flags), date)
+                uids.append(uid)
         except StoreError as exc:
+            if uids:
+                # RFC 3502 6: all or nothing: the messages appended before the failure go again.
+                with contextlib.suppress(StoreError):
+                    await self.store.expunge(self.mailbox, name, uids)
+            if isinstance(exc, NoSuchFolder):
+                raise ImapNo("Mailbox does not exist", "TRYCREATE") from None  # RFC 3501 6.3.11
+            if isinstance(exc, QuotaExceeded):
+                raise ImapNo("Quota exceeded", "OVERQUOTA") from None
             raise ImapNo(str(exc) or "Cannot append", "CANNOT") from None
-        await self.ok(command, code=f"APPENDUID {uidvalidity} {uid}")  # RFC 4315 3
+        await self.ok(command, code=f"APPENDUID {uidvalidity} {compact(uids)}")  # RFC 4315 3
 
     async def cmd_enable(self, command: Command) -> None:
         assert isinstance(command, Enable)

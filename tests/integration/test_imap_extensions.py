@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -31,7 +32,7 @@ def raw(box: BoxHandle) -> Iterator[RawImap]:
 
 def test_capabilities(raw: RawImap) -> None:
     caps = raw.command(b"c", b"CAPABILITY")[0].split()
-    for cap in (b"ESEARCH", b"LIST-STATUS", b"STATUS=SIZE", b"SORT"):
+    for cap in (b"ESEARCH", b"LIST-STATUS", b"STATUS=SIZE", b"SORT", b"MULTIAPPEND"):
         assert cap in caps
 
 
@@ -88,3 +89,25 @@ def test_sort(box: BoxHandle, raw: RawImap) -> None:
     assert raw.command(b"e", b"UID SORT (ARRIVAL) UTF-8 SUBJECT apple")[0].startswith(b"* SORT ")
     assert raw.command(b"f", b"SORT (SUBJECT) KOI8-R ALL")[-1].startswith(b"f NO [BADCHARSET")
     assert raw.command(b"g", b"SORT (REVERSE) UTF-8 ALL")[-1].startswith(b"g BAD")
+
+
+def test_multiappend(box: BoxHandle, raw: RawImap) -> None:
+    reply = raw.command(b"a", b"APPEND Archive (\\Seen) {5+}\r\nfirst (\\Flagged) {6+}\r\nsecond")
+    assert re.match(rb"a OK \[APPENDUID \d+ 1:2\]", reply[-1]), reply
+    raw.command(b"s", b"SELECT Archive")
+    fetched = raw.command(b"f", b"FETCH 1:* (FLAGS)")
+    assert b"\\Seen" in fetched[0]
+    assert b"\\Flagged" in fetched[1]
+
+
+def test_multiappend_is_all_or_nothing(box: BoxHandle, raw: RawImap) -> None:
+    """RFC 3502 6: the second message is over quota, so the first is not kept either."""
+    box.add_user("small@example.test", PASSWORD, quota_bytes=1000)
+    client = RawImap(box.port("imaps"), box.client_context)
+    client.login("small@example.test", PASSWORD)
+    big = b"x" * 900
+    reply = client.command(b"a", b"APPEND INBOX {300+}\r\n" + b"y" * 300 + b" {900+}\r\n" + big)
+    assert reply[-1].startswith(b"a NO [OVERQUOTA]"), reply
+    status = client.command(b"s", b"STATUS INBOX (MESSAGES)")
+    assert status[0] == b"* STATUS INBOX (MESSAGES 0)\r\n"
+    client.close()
