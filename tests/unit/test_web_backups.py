@@ -121,3 +121,15 @@ def test_next_run_is_the_next_hour_of_the_day() -> None:
     base = time.mktime((2026, 3, 10, 2, 30, 0, 0, 0, -1))
     assert backup.next_run(base, 3) == base + 1800
     assert backup.next_run(base, 2) == base + 86400 - 1800
+
+
+def test_backup_with_a_passphrase_instead_of_the_key(web: WebClient) -> None:
+    refused = web.post("/console/backups/create", {"passphrase": ""}, token_from="/console/backups")
+    assert refused.status_code == 303
+    assert web.services.backups.current is None  # no key and no passphrase: nothing started
+    web.post("/console/backups/create", {"passphrase": "a long backup passphrase"}, token_from="/console/backups")
+    wait_for(web, "Backup made")
+    [item] = backup.list_backups(web.services.config.data.backups)
+    checked = web.run(backup.verify, item.path, backup.Secret(passphrase="a long backup passphrase"),
+                      web.services.config.data)
+    assert checked.manifest["format"] == backup.FORMAT_VERSION

@@ -58,9 +58,18 @@ async def create(request: Request) -> Response:
     if values.get("keep", "").isdigit() and 0 < int(values["keep"]) <= 1000:
         await svc.db.set_setting(backup.KEEP_SETTING, values["keep"])
     keep = await _keep(request)
+    # A passphrase instead of the box's key, for this backup only (never stored).
+    passphrase = values.get("passphrase", "")[:MAX_SECRET]
+    if passphrase and len(passphrase) < 12:
+        flash(request, "Not started: a passphrase needs at least 12 characters.")
+        return redirect("/console/backups")
+    if not passphrase and not await svc.db.get_setting(backup.RECIPIENT_SETTING):
+        flash(request, "Not started: make the backup key first, or give a passphrase.")
+        return redirect("/console/backups")
 
     async def work(progress: backup.Progress) -> str:
-        made = await backup.create(svc.db, svc.events, svc.config.data, progress=progress, keep=keep)
+        made = await backup.create(svc.db, svc.events, svc.config.data, progress=progress, keep=keep,
+                                   passphrase=passphrase)
         return f"Backup made: {made.path.name} ({made.manifest['messages']} messages)."
 
     if svc.backups.start("backup", work) is None:
