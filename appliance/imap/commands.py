@@ -399,6 +399,16 @@ class Sort(Command):
 
 
 @dataclass(frozen=True)
+class Thread(Command):
+    """THREAD / UID THREAD algorithm charset search (RFC 5256 4); REFERENCES is offered."""
+
+    uid: bool
+    algorithm: str
+    charset: str
+    key: SearchKey
+
+
+@dataclass(frozen=True)
 class Expunge(Command):
     """EXPUNGE, or UID EXPUNGE set (RFC 4315 2.1) when `uids` is given."""
 

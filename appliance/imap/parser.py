@@ -56,6 +56,7 @@ from appliance.imap.commands import (
     Status,
     Store,
     TextKey,
+    Thread,
     canonical_flag,
 )
 
@@ -101,7 +102,7 @@ SEARCH_DATE_KEYS: dict[str, tuple[bool, str]] = {
     "BEFORE": (False, "BEFORE"), "ON": (False, "ON"), "SINCE": (False, "SINCE"),
     "SENTBEFORE": (True, "BEFORE"), "SENTON": (True, "ON"), "SENTSINCE": (True, "SINCE"),
 }
-UID_COMMANDS = frozenset({"COPY", "MOVE", "FETCH", "SEARCH", "STORE", "EXPUNGE", "SORT"})
+UID_COMMANDS = frozenset({"COPY", "MOVE", "FETCH", "SEARCH", "STORE", "EXPUNGE", "SORT", "THREAD"})
 SORT_KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO"})  # RFC 5256 3
 _DATE_TIME = re.compile(
     rb'^"([ \d]\d)-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)"'
@@ -783,6 +784,23 @@ def _sort(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
     return Sort(tag, name, uid, tuple(criteria), charset, key)
 
 
+def _thread(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
+    """THREAD algorithm charset search-key... (RFC 5256 4)."""
+    r.sp()
+    algorithm = r.keyword()
+    if algorithm != "REFERENCES":
+        raise ParseError(f"unsupported threading algorithm {algorithm}")
+    r.sp()
+    charset = r.astring().upper()
+    r.sp()
+    keys = [_search_key(r, 0)]
+    while r.accept(b" "):
+        keys.append(_search_key(r, 0))
+    r.end()
+    key = keys[0] if len(keys) == 1 else AndKey(tuple(keys))
+    return Thread(tag, name, uid, algorithm, charset, key)
+
+
 def _search_key(r: Reader, depth: int) -> SearchKey:
     if depth > MAX_SEARCH_DEPTH:
         raise ParseError("search too deeply nested")
@@ -942,6 +960,7 @@ _PARSERS: dict[str, Callable[..., Command]] = {
     "MOVE": _copy,
     "SEARCH": _search,
     "SORT": _sort,
+    "THREAD": _thread,
     "EXPUNGE": _expunge,
     "ID": _id,
     "ENABLE": _enable,

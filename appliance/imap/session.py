@@ -46,6 +46,7 @@ from appliance.imap.commands import (
     Sort,
     Status,
     Store,
+    Thread,
     compact,
     in_ranges,
 )
@@ -67,7 +68,7 @@ from appliance.imap.responses import (
 from appliance.imap.search import SUPPORTED_CHARSETS, Candidate, Searcher, uses_modseq
 from appliance.imap.selected import SelectedFolder, flag_text
 from appliance.imap.sort import HEADER_KEYS as SORT_HEADER_KEYS
-from appliance.imap.sort import SortItem
+from appliance.imap.sort import SortItem, thread_references, thread_text
 from appliance.imap.sort import sort as sort_messages
 from appliance.store.mailstore import (
     FolderExists,
@@ -91,7 +92,7 @@ BASE_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE")
 AUTHENTICATED_CAPABILITIES = (
     "IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "UIDPLUS", "MOVE", "SPECIAL-USE",
     "NAMESPACE", "CHILDREN", "UNSELECT", "QUOTA", "CONDSTORE", "QRESYNC", "ESEARCH", "LIST-STATUS",
-    "STATUS=SIZE", "SORT", "MULTIAPPEND",
+    "STATUS=SIZE", "SORT", "MULTIAPPEND", "THREAD=REFERENCES",
 )
 SERVER_ID = (("name", "Letterbox"), ("vendor", "Letterbox"))
 FETCH_BATCH = 64  # messages whose files one worker-thread call reads
@@ -692,6 +693,16 @@ class ImapSession:
         await self.io.send(Data("SORT" + "".join(f" {i.uid if command.uid else i.seq}" for i in ordered)))
         await self.ok(command)
 
+    async def cmd_thread(self, command: Command) -> None:
+        """RFC 5256 4: the matching messages as threads (REFERENCES)."""
+        assert isinstance(command, Thread)
+        found = await self._matching(command.key, command.charset)
+        view = self.view
+        items = [SortItem(c.seq, c.uid, c.size, c.internaldate, view.info(c.uid).path) for c in found]
+        roots = await asyncio.to_thread(thread_references, items)
+        await self.io.send(Data("THREAD" + (" " + thread_text(roots, command.uid) if roots else "")))
+        await self.ok(command)
+
     async def cmd_search(self, command: Command) -> None:
         assert isinstance(command, Search)
         found = await self._matching(command.key, command.charset)
@@ -957,7 +968,7 @@ class ImapSession:
 
 def _may_expunge(command: Command) -> bool:
     # RFC 3501 7.4.1: no EXPUNGE while answering FETCH, STORE or SEARCH (the UID forms may carry it).
-    if command.name in ("FETCH", "STORE", "SEARCH", "SORT"):
+    if command.name in ("FETCH", "STORE", "SEARCH", "SORT", "THREAD"):
         return bool(getattr(command, "uid", False))
     return True
 
@@ -1139,6 +1150,7 @@ DISPATCH: dict[State, dict[str, Handler]] = {
         "EXPUNGE": ImapSession.cmd_expunge,
         "SEARCH": ImapSession.cmd_search,
         "SORT": ImapSession.cmd_sort,
+        "THREAD": ImapSession.cmd_thread,
         "FETCH": ImapSession.cmd_fetch,
         "STORE": ImapSession.cmd_store,
         "COPY": ImapSession.cmd_copy,

@@ -120,3 +120,169 @@ def base_subject(subject: str) -> str:
             text = text[5:-1].strip()
             continue
         return text.upper()
+
+
+# --- THREAD=REFERENCES (RFC 5256 3) ----------------------------------------------------------------
+
+_MSGID = re.compile(r"<[^<>\s]+>")
+
+
+@dataclass(eq=False)
+class _Node:
+    item: SortItem | None = None
+    parent: _Node | None = None
+    children: list[_Node] | None = None
+    date: int = 0
+    subject: str = ""
+    reply: bool = False
+
+    def kids(self) -> list[_Node]:
+        if self.children is None:
+            self.children = []
+        return self.children
+
+    def has_ancestor(self, other: _Node) -> bool:
+        node: _Node | None = self
+        while node is not None:
+            if node is other:
+                return True
+            node = node.parent
+        return False
+
+
+def thread_references(items: Sequence[SortItem]) -> list[_Node]:
+    """RFC 5256 3 REFERENCES: threads by Message-ID/References/In-Reply-To, dummies pruned, roots
+    grouped by base subject, siblings and threads in sent-date order. Runs in a worker thread."""
+    table: dict[str, _Node] = {}
+    for item in sorted(items, key=lambda i: i.seq):
+        headers = _headers(item.path)
+        ids = _MSGID.findall(_field(headers, "Message-ID"))
+        own = ids[0] if ids else ""
+        if not own or (own in table and table[own].item is not None):
+            own = f"<dummy-{item.uid}>"  # missing or duplicate Message-ID: a unique one (RFC 5256 3 1A)
+        node = table.setdefault(own, _Node())
+        raw_subject = decode_words(_field(headers, "Subject"))
+        node.item, node.date = item, _sent(headers, item.internaldate)
+        node.subject = base_subject(raw_subject)
+        node.reply = bool(_LEADER.match(" ".join(raw_subject.split()))) or raw_subject.rstrip().lower().endswith("(fwd)")
+        refs = _MSGID.findall(_field(headers, "References")) or _MSGID.findall(_field(headers, "In-Reply-To"))[:1]
+        prev: _Node | None = None
+        for ref in refs:  # 1B: link the references in order, never making a loop
+            ref_node = table.setdefault(ref, _Node())
+            if prev is not None and ref_node.parent is None and not prev.has_ancestor(ref_node):
+                _link(prev, ref_node)
+            prev = ref_node
+        if node.parent is not None:  # 1C: the message's parent is its last reference
+            node.parent.kids().remove(node)
+            node.parent = None
+        if prev is not None and prev is not node and not prev.has_ancestor(node):
+            _link(prev, node)
+    roots = [n for n in table.values() if n.parent is None]
+    roots = _prune(roots, top=True)
+    for root in roots:
+        _sort_tree(root)
+    roots = _group_by_subject(roots)
+    for root in roots:
+        _sort_tree(root)
+    roots.sort(key=lambda n: (n.date, _first_seq(n)))
+    return roots
+
+
+def _field(headers: Message | None, name: str) -> str:
+    value = headers.get(name) if headers is not None else None
+    return str(value) if value is not None else ""
+
+
+def _link(parent: _Node, child: _Node) -> None:
+    child.parent = parent
+    parent.kids().append(child)
+
+
+def _prune(nodes: list[_Node], top: bool) -> list[_Node]:
+    """RFC 5256 3 step 3: dummies without children go; a dummy's children take its place, except a
+    dummy at the top with several children, which stays to hold them together."""
+    out: list[_Node] = []
+    for node in nodes:
+        node.children = _prune(node.children or [], top=False)
+        for child in node.children:
+            child.parent = node
+        if node.item is None:
+            if not node.children:
+                continue
+            if not top or len(node.children) == 1:
+                for child in node.children:
+                    child.parent = node.parent
+                out.extend(node.children)
+                continue
+        out.append(node)
+    return out
+
+
+def _sort_tree(node: _Node) -> None:
+    """Siblings by sent date (ties by message number); a dummy dates from its first child."""
+    for child in node.children or []:
+        _sort_tree(child)
+    if node.children:
+        node.children.sort(key=lambda n: (n.date, _first_seq(n)))
+    if node.item is None and node.children:
+        node.date, node.subject = node.children[0].date, node.children[0].subject
+
+
+def _first_seq(node: _Node) -> int:
+    while node.item is None and node.children:
+        node = node.children[0]
+    return node.item.seq if node.item is not None else 0
+
+
+def _group_by_subject(roots: list[_Node]) -> list[_Node]:
+    """RFC 5256 3 step 5: threads whose roots share a base subject are gathered."""
+    table: dict[str, _Node] = {}
+    for root in roots:
+        subject = root.subject if root.item is not None else (root.children or [_Node()])[0].subject
+        if not subject:
+            continue
+        seen = table.get(subject)
+        if seen is None or (root.item is None and seen.item is not None) or (seen.reply and not root.reply):
+            table[subject] = root
+    out: list[_Node] = []
+    for root in roots:
+        subject = root.subject if root.item is not None else (root.children or [_Node()])[0].subject
+        keeper = table.get(subject) if subject else None
+        if keeper is None or keeper is root:
+            out.append(root)
+            continue
+        if keeper.item is None and root.item is None:
+            for child in root.kids():
+                _link(keeper, child)
+        elif keeper.item is None or (root.reply and not keeper.reply):
+            _link(keeper, root)
+        else:  # both replies or both not: a new dummy holds them
+            holder = _Node(subject=subject)
+            index = out.index(keeper) if keeper in out else None
+            for node in (keeper, root):
+                _link(holder, node)
+            table[subject] = holder
+            if index is not None:
+                out[index] = holder
+            else:
+                roots_pos = roots.index(keeper)
+                roots[roots_pos] = holder  # not yet reached: the holder takes its place
+    return out
+
+
+def thread_text(roots: Sequence[_Node], uid: bool) -> str:
+    """RFC 5256 4: (1)(2 3 4)(5 (6)(7)): a chain of only children flat, several children nested."""
+    def body(node: _Node) -> str:
+        parts: list[str] = []
+        while True:
+            if node.item is not None:
+                parts.append(str(node.item.uid if uid else node.item.seq))
+            kids = node.children or []
+            if len(kids) == 1:
+                node = kids[0]
+                continue
+            if kids:
+                parts.append("".join(f"({body(k)})" for k in kids))
+            return " ".join(parts)
+
+    return "".join(f"({body(root)})" for root in roots)

@@ -32,7 +32,7 @@ def raw(box: BoxHandle) -> Iterator[RawImap]:
 
 def test_capabilities(raw: RawImap) -> None:
     caps = raw.command(b"c", b"CAPABILITY")[0].split()
-    for cap in (b"ESEARCH", b"LIST-STATUS", b"STATUS=SIZE", b"SORT", b"MULTIAPPEND"):
+    for cap in (b"ESEARCH", b"LIST-STATUS", b"STATUS=SIZE", b"SORT", b"MULTIAPPEND", b"THREAD=REFERENCES"):
         assert cap in caps
 
 
@@ -111,3 +111,24 @@ def test_multiappend_is_all_or_nothing(box: BoxHandle, raw: RawImap) -> None:
     status = client.command(b"s", b"STATUS INBOX (MESSAGES)")
     assert status[0] == b"* STATUS INBOX (MESSAGES 0)\r\n"
     client.close()
+
+
+def test_thread_references(box: BoxHandle, raw: RawImap) -> None:
+    """RFC 5256 REFERENCES: References/In-Reply-To links, a subject-only reply gathered under its
+    original, a missing parent kept as a dummy holding its two children, threads by date."""
+    letters = [
+        ("<a@x>", "", "Hello"), ("<b@x>", "References: <a@x>", "Re: Hello"), ("<c@x>", "", "Other"),
+        ("<d@x>", "References: <a@x>", "Re: Hello"), ("<e@x>", "In-Reply-To: <b@x>", "Re: Hello"),
+        ("<f@x>", "", "Re: Other"), ("<g@x>", "References: <gone@x>", "Lost"),
+        ("<h@x>", "References: <gone@x>", "Lost too"),
+    ]
+    for day, (msgid, link, subject) in enumerate(letters, start=1):
+        head = (f"Message-ID: {msgid}\r\n" + (f"{link}\r\n" if link else "") +
+                f"Subject: {subject}\r\nDate: Mon, {day} Jan 2024 10:00:00 +0000\r\n")
+        result = box.run(box.services.store.deliver([USER], f"{head}\r\nbody\r\n".encode(), folder="Trash"))
+        assert isinstance(result[USER], int)
+    raw.command(b"s", b"SELECT Trash")
+    assert raw.command(b"t", b"THREAD REFERENCES UTF-8 ALL")[0] == b"* THREAD (1 (2 5)(4))(3 6)((7)(8))\r\n"
+    assert raw.command(b"u", b"UID THREAD REFERENCES UTF-8 SUBJECT other")[0] == b"* THREAD (3 6)\r\n"
+    assert raw.command(b"v", b"THREAD ORDEREDSUBJECT UTF-8 ALL")[-1].startswith(b"v BAD")
+    assert raw.command(b"w", b"THREAD REFERENCES UTF-8 SUBJECT nothing")[0] == b"* THREAD\r\n"

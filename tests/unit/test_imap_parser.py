@@ -48,6 +48,7 @@ from appliance.imap.commands import (
     Status,
     Store,
     TextKey,
+    Thread,
     compact,
 )
 from appliance.imap.parser import LiteralPart, ParseError, Segment, parse_command, parse_date_time
@@ -561,3 +562,12 @@ def test_sort_command() -> None:
     bad("a SORT (SUBJECT) ALL")  # the charset is required (RFC 5256 3)
     bad("a SORT (REVERSE REVERSE DATE) UTF-8 ALL")
     bad("a SORT (COLOR) UTF-8 ALL")
+
+
+def test_thread_command() -> None:
+    thread = parse("a UID THREAD REFERENCES UTF-8 UNSEEN")
+    assert isinstance(thread, Thread)
+    assert thread.uid
+    assert thread.algorithm == "REFERENCES"
+    bad("a THREAD REFERENCES ALL")  # the charset is required
+    bad("a THREAD ORDEREDSUBJECT UTF-8 ALL")  # not offered
