@@ -220,7 +220,8 @@ def test_id_and_namespace_and_enable(imap_box: BoxHandle) -> None:
         assert reply[0].startswith(b'* ID ("name" "Letterbox"')
         raw.login(USER, PASSWORD)
         assert raw.command(b"b", b"NAMESPACE")[0] == b'* NAMESPACE (("" "/")) NIL NIL\r\n'
-        assert raw.command(b"c", b"ENABLE CONDSTORE")[0] == b"* ENABLED\r\n"
+        assert raw.command(b"c", b"ENABLE CONDSTORE")[0] == b"* ENABLED CONDSTORE\r\n"  # RFC 7162
+        assert raw.command(b"d", b"ENABLE UTF8=ACCEPT")[0] == b"* ENABLED\r\n"  # not offered: ignored
     finally:
         raw.close()
 
