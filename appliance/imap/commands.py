@@ -172,7 +172,24 @@ class BodySection:
         return name
 
 
-FetchItem = FetchAttribute | BodySection
+@dataclass(frozen=True)
+class BinarySection:
+    """BINARY[part]<partial>, BINARY.PEEK[...] and BINARY.SIZE[part] (RFC 3516 4.2): a part's
+    content with its Content-Transfer-Encoding undone."""
+
+    part: tuple[int, ...]
+    peek: bool = False
+    partial: tuple[int, int] | None = None
+    size: bool = False
+
+    def response_name(self) -> str:
+        spec = ".".join(str(p) for p in self.part)
+        if self.size:
+            return f"BINARY.SIZE[{spec}]"
+        return f"BINARY[{spec}]" + (f"<{self.partial[0]}>" if self.partial is not None else "")
+
+
+FetchItem = FetchAttribute | BodySection | BinarySection
 
 # RFC 3501 6.4.5 macros.
 FETCH_MACROS: dict[str, tuple[str, ...]] = {

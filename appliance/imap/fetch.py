@@ -7,7 +7,9 @@ while the server writes them (RFC 3501 6.4.5, 7.4.2).
 
 from __future__ import annotations
 
+import binascii
 import datetime as dt
+import quopri
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,10 +20,10 @@ from email.utils import getaddresses, unquote
 from functools import lru_cache
 from typing import BinaryIO, Protocol
 
-from appliance.imap.commands import BodySection, FetchItem, Section
+from appliance.imap.commands import BinarySection, BodySection, FetchItem, Section
 from appliance.imap.limits import MAX_HEADER_OCTETS
 from appliance.imap.mime import Part, Span, unfold
-from appliance.imap.responses import Atom, LiteralBytes, Raw, Streamed, Value, render_value
+from appliance.imap.responses import Atom, Literal8Bytes, LiteralBytes, Raw, Streamed, Value, render_value
 
 CHUNK = 256 * 1024  # octets read from the file per write
 INLINE_LITERAL = 256 * 1024  # section contents up to this size are read into memory at once
@@ -603,11 +605,13 @@ INDEX_ITEMS = frozenset({"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "MODSEQ"
 
 
 def needs_file(item: FetchItem) -> bool:
-    return isinstance(item, BodySection) or item.name not in INDEX_ITEMS
+    return isinstance(item, BodySection | BinarySection) or item.name not in INDEX_ITEMS
 
 
 def needs_structure(item: FetchItem) -> bool:
     """Whether an item needs the whole MIME walk, not only the top-level header block."""
+    if isinstance(item, BinarySection):
+        return True
     if isinstance(item, BodySection):
         return bool(item.section.part) or not item.section.text.startswith("HEADER")
     return item.name in ("BODY", "BODYSTRUCTURE", "RFC822", "RFC822.TEXT")
@@ -641,6 +645,11 @@ def item_values(
             assert root is not None
             out.append((item.response_name(), body_section(f, root, item, reopen)))
             continue
+        if isinstance(item, BinarySection):
+            assert f is not None
+            assert root is not None
+            out.append((item.response_name(), binary_value(f, root, item)))
+            continue
         name = item.name
         if name in INDEX_ITEMS:
             out.append((name, index_value(name, facts)))
@@ -663,6 +672,62 @@ def item_values(
             raise ValueError(f"unknown FETCH item {name}")
         out.append((name, value))
     return out
+
+
+# --- BINARY (RFC 3516) ------------------------------------------------------------------------------
+
+class UnknownCte(Exception):
+    """A part whose Content-Transfer-Encoding this server cannot undo (RFC 3516 4.3 UNKNOWN-CTE)."""
+
+
+class NoSuchPart(Exception):
+    """BINARY of a part that does not exist or is not a single part."""
+
+
+def binary_value(f: BinaryIO, root: Part, item: BinarySection) -> Value:
+    """The decoded content (RFC 3516 4.2): a literal8 when it holds a NUL, its size for BINARY.SIZE."""
+    data = binary_content(f, root, item.part)
+    if item.partial is not None:
+        origin, count = item.partial
+        data = data[origin:origin + count]
+    if item.size:
+        return len(data)
+    return Literal8Bytes(data) if b"\0" in data else LiteralBytes(data)
+
+
+def binary_content(f: BinaryIO, root: Part, path: tuple[int, ...]) -> bytes:
+    if not path:
+        return _wire(f, whole_message(root))  # BINARY[]: the message as it is
+    found = locate(root, path)
+    if found is None:
+        raise NoSuchPart
+    node, _ = found
+    if node.is_multipart:
+        raise NoSuchPart  # RFC 3516 4.2: only a single part has content to decode
+    cte = str(node.headers.get("Content-Transfer-Encoding") or "7bit").strip().lower()
+    if cte in ("7bit", "8bit", "binary"):
+        return _wire(f, node.body)
+    f.seek(node.body.start)
+    raw = f.read(node.body.end - node.body.start)
+    if cte == "base64":
+        return _unbase64(raw)
+    if cte == "quoted-printable":
+        return quopri.decodestring(raw.replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n")
+    raise UnknownCte(cte)
+
+
+def _unbase64(raw: bytes) -> bytes:
+    """Tolerant base64: characters outside the alphabet skipped, a short last group dropped."""
+    cleaned = re.sub(rb"[^A-Za-z0-9+/]", b"", raw)
+    cleaned = cleaned[: len(cleaned) - len(cleaned) % 4] if len(cleaned) % 4 == 1 else cleaned
+    try:
+        return binascii.a2b_base64(cleaned + b"=" * (-len(cleaned) % 4))
+    except binascii.Error:
+        return b""
+
+
+def _wire(f: BinaryIO, span: Span) -> bytes:
+    return b"".join(FileSlice(_Unclosable(f), span, None).chunks())
 
 
 # --- INTERNALDATE (RFC 3501 9 date-time) -----------------------------------------------------------

@@ -21,6 +21,7 @@ from appliance.imap.commands import (
     AndKey,
     Append,
     Authenticate,
+    BinarySection,
     BodySection,
     Command,
     CopyMove,
@@ -646,9 +647,32 @@ def _fetch_att(r: Reader, word: str | None = None) -> FetchItem:
             r.expect(b">")
             partial = (origin, count)
         return BodySection(section, peek=word == "BODY.PEEK", partial=partial)
+    if word in ("BINARY", "BINARY.PEEK", "BINARY.SIZE") and r.peek() == ord("["):
+        return _binary(r, word)
     if word in SIMPLE_FETCH_ATTRIBUTES:
         return FetchAttribute(word)
     raise ParseError(f"unknown FETCH item {word}")
+
+
+def _binary(r: Reader, word: str) -> BinarySection:
+    """RFC 3516 4.2: BINARY[section-part]<partial>, BINARY.PEEK, BINARY.SIZE[section-part]."""
+    r.expect(b"[")
+    part: list[int] = []
+    if not r.accept(b"]"):
+        spec = r.chars(frozenset(b"0123456789."), "a part number").decode("ascii")
+        for piece in spec.split("."):
+            if not piece.isdigit() or int(piece) == 0 or int(piece) > MAX_NUMBER:
+                raise ParseError(f"bad part {spec}")
+            part.append(int(piece))
+        r.expect(b"]")
+    partial = None
+    if word != "BINARY.SIZE" and r.accept(b"<"):
+        origin = r.number()
+        r.expect(b".")
+        count = r.number(nonzero=True)
+        r.expect(b">")
+        partial = (origin, count)
+    return BinarySection(tuple(part), peek=word != "BINARY", partial=partial, size=word == "BINARY.SIZE")
 
 
 def _section(r: Reader) -> Section:

@@ -66,7 +66,8 @@ class RawLine:
 Event = Command | ContinuationRequest | Reject | Fatal | RawLine | _NeedData
 
 # RFC 3501 9 literal = "{" number "}" CRLF; RFC 7888 literal+ = "{" number "+}" CRLF.
-_LITERAL_MARKER = re.compile(rb"\{(\d{1,20})(\+?)\}\Z")
+# RFC 3516 literal8 (~{n}) is accepted where a literal is: an APPEND of binary content.
+_LITERAL_MARKER = re.compile(rb"~?\{(\d{1,20})(\+?)\}\Z")
 _APPEND = re.compile(rb"^[^ ]+ (?:APPEND) ", re.IGNORECASE)
 LITERAL_CONTINUATION = "Ready for literal data"
 SMALL_LITERAL = 64 * 1024

@@ -39,6 +39,13 @@ class LiteralBytes:
 
 
 @dataclass(frozen=True)
+class Literal8Bytes:
+    """RFC 3516 literal8 (~{n}): content that may hold NUL octets (FETCH BINARY)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Raw:
     """Pre-rendered IMAP data sent as is (a body structure's run of parts has no spaces in it)."""
 
@@ -50,7 +57,7 @@ class Streamed:
     source: StreamedLiteral
 
 
-Value: TypeAlias = "int | str | bytes | Atom | Raw | LiteralBytes | Streamed | Sequence[Value] | None"
+Value: TypeAlias = "int | str | bytes | Atom | Raw | LiteralBytes | Literal8Bytes | Streamed | Sequence[Value] | None"
 Piece = bytes | StreamedLiteral
 Status = Literal["OK", "NO", "BAD", "PREAUTH", "BYE"]
 
@@ -113,8 +120,8 @@ def encode_value(value: Value, out: list[Piece]) -> None:
         out.append(b"%d" % value)
     elif isinstance(value, Raw):
         out.append(value.data)
-    elif isinstance(value, LiteralBytes):
-        out.append(b"{%d}\r\n" % len(value.data))
+    elif isinstance(value, LiteralBytes | Literal8Bytes):
+        out.append((b"~{%d}\r\n" if isinstance(value, Literal8Bytes) else b"{%d}\r\n") % len(value.data))
         out.append(value.data)
     elif isinstance(value, Streamed):
         out.append(b"{%d}\r\n" % value.source.length)

@@ -24,6 +24,7 @@ from appliance.imap import names
 from appliance.imap.commands import (
     Append,
     Authenticate,
+    BinarySection,
     BodySection,
     Command,
     CopyMove,
@@ -92,7 +93,7 @@ BASE_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE")
 AUTHENTICATED_CAPABILITIES = (
     "IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "UIDPLUS", "MOVE", "SPECIAL-USE",
     "NAMESPACE", "CHILDREN", "UNSELECT", "QUOTA", "CONDSTORE", "QRESYNC", "ESEARCH", "LIST-STATUS",
-    "STATUS=SIZE", "SORT", "MULTIAPPEND", "THREAD=REFERENCES",
+    "STATUS=SIZE", "SORT", "MULTIAPPEND", "THREAD=REFERENCES", "BINARY",
 )
 SERVER_ID = (("name", "Letterbox"), ("vendor", "Letterbox"))
 FETCH_BATCH = 64  # messages whose files one worker-thread call reads
@@ -729,7 +730,8 @@ class ImapSession:
             await self.ok(command)
             return
         marks_seen = any(
-            (isinstance(i, BodySection) and not i.peek) or (isinstance(i, FetchAttribute) and i.name in ("RFC822", "RFC822.TEXT"))
+            (isinstance(i, BodySection | BinarySection) and not i.peek)
+            or (isinstance(i, FetchAttribute) and i.name in ("RFC822", "RFC822.TEXT"))
             for i in command.items
         )
         flags_changed: set[int] = set()
@@ -753,7 +755,12 @@ class ImapSession:
             for start in range(0, len(uids), FETCH_BATCH):
                 batch = uids[start:start + FETCH_BATCH]
                 jobs = [(view.seq_of(uid), view.info(uid), self._facts(uid)) for uid in batch]
-                results = await asyncio.to_thread(self._fetch_files, jobs, items, flags_changed)
+                try:
+                    results = await asyncio.to_thread(self._fetch_files, jobs, items, flags_changed)
+                except fetching.UnknownCte:
+                    raise ImapNo("Unknown Content-Transfer-Encoding", "UNKNOWN-CTE") from None  # RFC 3516 4.3
+                except fetching.NoSuchPart:
+                    raise ImapNo("No such part", "CANNOT") from None
                 missing = missing or None in results
                 await self.io.send(*[r for r in results if r is not None])
         if missing and not command.uid:

@@ -32,7 +32,7 @@ def raw(box: BoxHandle) -> Iterator[RawImap]:
 
 def test_capabilities(raw: RawImap) -> None:
     caps = raw.command(b"c", b"CAPABILITY")[0].split()
-    for cap in (b"ESEARCH", b"LIST-STATUS", b"STATUS=SIZE", b"SORT", b"MULTIAPPEND", b"THREAD=REFERENCES"):
+    for cap in (b"ESEARCH", b"LIST-STATUS", b"STATUS=SIZE", b"SORT", b"MULTIAPPEND", b"THREAD=REFERENCES", b"BINARY"):
         assert cap in caps
 
 
@@ -132,3 +132,29 @@ def test_thread_references(box: BoxHandle, raw: RawImap) -> None:
     assert raw.command(b"u", b"UID THREAD REFERENCES UTF-8 SUBJECT other")[0] == b"* THREAD (3 6)\r\n"
     assert raw.command(b"v", b"THREAD ORDEREDSUBJECT UTF-8 ALL")[-1].startswith(b"v BAD")
     assert raw.command(b"w", b"THREAD REFERENCES UTF-8 SUBJECT nothing")[0] == b"* THREAD\r\n"
+
+
+BINARY_MESSAGE = (
+    b"From: <s@example.org>\r\nSubject: binary\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    b"--b\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9 =3D ok\r\n"
+    b"--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\nAAEC/w==\r\n"
+    b"--b\r\nContent-Type: application/x-odd\r\nContent-Transfer-Encoding: x-uuencode\r\n\r\nbegin\r\n"
+    b"--b--\r\n"
+)
+
+
+def test_binary(box: BoxHandle, raw: RawImap) -> None:
+    """RFC 3516: content with its transfer encoding undone; a NUL makes it a literal8."""
+    result = box.run(box.services.store.deliver([USER], BINARY_MESSAGE, folder="Junk"))
+    assert isinstance(result[USER], int)
+    raw.command(b"s", b"SELECT Junk")
+    reply = raw.command(b"a", b"FETCH 1 (BINARY.PEEK[1] BINARY.SIZE[2] BINARY.PEEK[2])")
+    assert reply[0] == (b"* 1 FETCH (BINARY[1] {10}\r\ncaf\xc3\xa9 = ok BINARY.SIZE[2] 4 "
+                        b"BINARY[2] ~{4}\r\n\x00\x01\x02\xff)\r\n"), reply
+    assert raw.command(b"b", b"FETCH 1 (BINARY.PEEK[2]<1.2>)")[0] == b"* 1 FETCH (BINARY[2]<1> {2}\r\n\x01\x02)\r\n"
+    assert raw.command(b"c", b"FETCH 1 (BINARY.PEEK[3])")[-1].startswith(b"c NO [UNKNOWN-CTE]")
+    assert raw.command(b"d", b"FETCH 1 (FLAGS)")[0] == b"* 1 FETCH (FLAGS (\\Recent))\r\n"  # PEEK: not \Seen
+    # APPEND with a literal8 (RFC 3516 4.4).
+    reply = raw.command(b"e", b"APPEND Junk ~{12+}\r\nSubject: z\r\n\r\n")
+    assert reply[-1].startswith(b"e OK"), reply
