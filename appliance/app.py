@@ -18,6 +18,7 @@ from appliance import backup, setup_code
 from appliance.accounts import Accounts
 from appliance.auth import Auth
 from appliance.config import STANDARD_PORTS, ServeConfig
+from appliance.data_lock import DataDirInUse, DataDirLock
 from appliance.db import Database
 from appliance.events import EventLog
 from appliance.services import HOSTNAME_SETTING, Services
@@ -243,10 +244,17 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    data_lock = DataDirLock(config.data.root)
     try:
         raise_open_files_limit()
         aside: Path | None = None
         while True:
+            # Taken again at every start: after a restore the path names the restored directory.
+            config.data.create()
+            try:
+                data_lock.acquire()
+            except DataDirInUse as exc:
+                raise StartupError(str(exc)) from None
             try:
                 box = await Box.start(config, serve=False)
             except Exception:
@@ -264,6 +272,7 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
             announce("restoring: switching the data directory over to the backup")
             aside = await asyncio.to_thread(backup.switch_over, staged, config.data.root)
     finally:
+        data_lock.release()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 

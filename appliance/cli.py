@@ -16,6 +16,7 @@ from appliance import sizes
 from appliance.accounts import AccountError, Accounts
 from appliance.admin import Admin, open_admin
 from appliance.config import DataLayout, ServeConfig, default_data_dir
+from appliance.data_lock import data_dir_in_use
 from appliance.db import Database, DatabaseError
 from appliance.store import trash
 
@@ -350,6 +351,10 @@ def cmd_backup(args: argparse.Namespace) -> None:
             print(f"{args.file}: every checksum matches ({checked.files} files); {_manifest_line(checked.manifest)}")
             return
         if args.action == "restore" and not args.mailbox:
+            if data_dir_in_use(layout.root):
+                # Swapping the directory under a running box would leave it writing into the old one.
+                raise CliError("letterbox serve is running on this data directory: stop it first, or restore"
+                               " from the console (Backups), which restarts the box on the restored data")
             restored = await backup.restore(layout, Path(args.file), _secret(args))
             kept = f"; the old data is kept in {restored.kept_aside}" if restored.kept_aside else ""
             print(f"restored {_manifest_line(restored.manifest)}{kept}")
