@@ -27,8 +27,8 @@ from appliance.db import Database
 from appliance.events import EventLog
 from appliance.queue import state as queue_state
 from appliance.queue.relay_check import RelayCheck, check_relay
-from appliance.queue.resolver import resolver_setting
-from appliance.queue.smarthost import Smarthost, SmarthostError, load_smarthost, save_smarthost
+from appliance.queue.smarthost import Smarthost, SmarthostError
+from appliance.settings import Settings
 
 if TYPE_CHECKING:
     from argon2 import PasswordHasher
@@ -36,9 +36,6 @@ if TYPE_CHECKING:
     from appliance.services import Services
     from appliance.store.mailstore import MailStore
 
-# What the relay that last passed "Test the relay" was (Smarthost.describe(): no password), so a relay
-# changed since, in the console or with `letterbox relay`, no longer counts as tested.
-RELAY_TESTED = "smarthost_tested"
 
 
 def _nothing() -> None:
@@ -48,6 +45,7 @@ def _nothing() -> None:
 @dataclass
 class Admin:
     db: Database
+    settings: Settings
     accounts: Accounts
     data: DataLayout
     events: EventLog
@@ -56,19 +54,17 @@ class Admin:
     # The running box's mail store, to drop what it caches for a removed mailbox; None in a CLI process
     # (its sessions notice the removal through MailStore.mailbox_generation).
     store: MailStore | None = None
-    # Tells the running queue to read its settings and look for due work now; nothing in a CLI process.
+    # Tells the running queue to look for due work now; nothing in a CLI process (a running box reads
+    # the settings before each message, so a change made here is in force for its next one).
     wake_queue: Callable[[], None] = field(default=_nothing)
 
     @classmethod
     def of(cls, services: Services) -> Admin:
         def wake() -> None:
-            from appliance.queue.service import SERVICE_KEY, OutboundQueue
+            if services.queue is not None:
+                services.queue.wake()
 
-            queue = services.extra.get(SERVICE_KEY)
-            if isinstance(queue, OutboundQueue):
-                queue.wake()
-
-        return cls(db=services.db, accounts=services.accounts, data=services.config.data, events=services.events,
+        return cls(db=services.db, settings=services.settings, accounts=services.accounts, data=services.config.data, events=services.events,
                    hostname=lambda: services.hostname, store=services.store, wake_queue=wake)
 
     # --- domains ----------------------------------------------------------------------------------------
@@ -115,8 +111,7 @@ class Admin:
     async def set_public_addresses(self, ipv4: str, ipv6: str) -> None:
         """The box's public addresses for the A/AAAA and SPF records ('' = none); checked by the caller's
         form (dns_records.valid_public_address)."""
-        await self.db.set_setting(dns_records.SETTING_IPV4, ipv4)
-        await self.db.set_setting(dns_records.SETTING_IPV6, ipv6)
+        await self.settings.save(public_ipv4=ipv4, public_ipv6=ipv6)
 
     # --- mailboxes --------------------------------------------------------------------------------------
 
@@ -222,20 +217,21 @@ class Admin:
 
     async def relay(self) -> Smarthost | None:
         """The relay in force (None: direct delivery); SmarthostError when the stored one is unusable."""
-        return await load_smarthost(self.db)
+        values = await self.settings.fresh()
+        if values.relay_problem:
+            raise SmarthostError(values.relay_problem)
+        return values.relay
 
     async def set_relay(self, relay: Smarthost | None, *, tested: bool = False) -> None:
         """Store how mail leaves (None: straight to each domain's server) and have the running queue use
         it for its next message. `tested`: this relay just passed check_relay."""
-        try:
-            before = await load_smarthost(self.db)
-        except SmarthostError:
-            before = None
-        await save_smarthost(self.db, relay)
+        before = (await self.settings.fresh()).relay
         if relay is not None and tested:
-            await self.db.set_setting(RELAY_TESTED, relay.describe())
+            await self.settings.save(relay=relay, relay_tested=relay.describe())
         elif relay != before or relay is None:  # a password changed untested counts as untested too
-            await self.db.set_setting(RELAY_TESTED, "")
+            await self.settings.save(relay=relay, relay_tested="")
+        else:
+            await self.settings.save(relay=relay)
         self.wake_queue()
         if relay is None:
             await self.events.record("sending", "outbound mail goes directly to each domain's mail server")
@@ -243,12 +239,14 @@ class Admin:
             await self.events.record("sending", f"outbound mail goes through the relay {relay.describe()}")
 
     async def relay_tested(self, relay: Smarthost) -> bool:
-        return await self.db.get_setting(RELAY_TESTED) == relay.describe()
+        """Did this very relay (describe(): no password) pass "Test the relay"? One changed since, in the
+        console or with `letterbox relay`, no longer counts as tested."""
+        return (await self.settings.fresh()).relay_tested == relay.describe()
 
     async def test_relay(self, relay: Smarthost) -> RelayCheck:
         """Try the relay (never stored here); a failure is an event, a success is stored by the caller
         through set_relay(tested=True)."""
-        check = await check_relay(relay, helo_name=self.hostname(), resolver=await resolver_setting(self.db))
+        check = await check_relay(relay, helo_name=self.hostname(), resolver=(await self.settings.fresh()).dns_resolver)
         if not check.ok:
             await self.events.record("sending", f"relay test of {relay.describe()} failed: {check.detail}")
         return check
@@ -278,13 +276,10 @@ async def open_admin(root: Path, hostname: Callable[[], str] | None = None, *,
     layout.create()
     db = await Database.open(layout.db)
     try:
-        name = hostname
-        if name is None:
-            from appliance.app import system_hostname
-            from appliance.services import HOSTNAME_SETTING
+        from appliance.app import system_hostname
 
-            stored = await db.get_setting(HOSTNAME_SETTING) or system_hostname()
-            name = lambda: stored  # noqa: E731  # a CLI command is too short-lived for a rename
-        yield Admin(db=db, accounts=Accounts(db, data=layout, hasher=hasher), data=layout, events=EventLog(db), hostname=name)
+        settings = await Settings.load(db, default_hostname=system_hostname())
+        name = hostname or (lambda: settings.now.hostname)
+        yield Admin(db=db, settings=settings, accounts=Accounts(db, data=layout, hasher=hasher), data=layout, events=EventLog(db), hostname=name)
     finally:
         await db.close()

@@ -4,25 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import resource
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
-from appliance import backup, setup_code
+from appliance import backup, setup_code, web_server
 from appliance.accounts import Accounts
 from appliance.auth import Auth
+from appliance.certificates import start_renewer
 from appliance.config import STANDARD_PORTS, ServeConfig
 from appliance.data_lock import DataDirInUse, DataDirLock
 from appliance.db import Database
 from appliance.events import EventLog
-from appliance.services import HOSTNAME_SETTING, Services
+from appliance.imap import server as imap_server
+from appliance.inbound_auth import start_inbound_auth
+from appliance.pop3 import server as pop3_server
+from appliance.pop3.session import MaildropLocks
+from appliance.queue.service import start_queue
+from appliance.queue.spool import Spool
+from appliance.services import Services
+from appliance.settings import Settings
+from appliance.smtp import server as smtp_server
+from appliance.smtp.probes import RecipientProbeGuard
+from appliance.srs import SECRET_FILE, SenderRewriter, load_secret
 from appliance.store.mailstore import MailStore
+from appliance.store.trash import start_purger
 from appliance.tls import TlsManager
 
 log = logging.getLogger("letterbox")
@@ -30,30 +41,51 @@ log = logging.getLogger("letterbox")
 STOP_TIMEOUT = 5.0  # seconds from SIGTERM to exit, per issue 2
 OPEN_FILES_WANTED = 65536  # RLIMIT_NOFILE asked for at start (capped by the hard limit)
 
-# Which module serves which port. Each has `async def serve(services, service, host, port, *,
-# start_serving) -> Server`: with start_serving=False the socket is bound and accepts nothing until
-# `await server.start_serving()`.
-LISTENER_MODULES: dict[str, str] = {
-    "smtp": "appliance.smtp.server",
-    "submission": "appliance.smtp.server",
-    "submissions": "appliance.smtp.server",
-    "lmtp": "appliance.smtp.server",
-    "imap": "appliance.imap.server",
-    "imaps": "appliance.imap.server",
-    "pop3": "appliance.pop3.server",
-    "pop3s": "appliance.pop3.server",
-    "http": "appliance.web_server",
-    "https": "appliance.web_server",
+
+class BoundServer(Protocol):
+    """What a listener's serve() returns: an asyncio.Server bound but not yet accepting."""
+
+    @property
+    def sockets(self) -> Sequence[socket.socket]: ...
+
+    async def start_serving(self) -> None: ...
+    def is_serving(self) -> bool: ...
+    def close(self) -> None: ...
+    async def wait_closed(self) -> None: ...
+
+
+class ServeListener(Protocol):
+    def __call__(self, services: Services, service: str, host: str, port: int, *,
+                 start_serving: bool) -> Awaitable[BoundServer]: ...
+
+
+class BackgroundService(Protocol):
+    async def stop(self) -> None: ...
+
+
+# Which function serves which port: serve(services, service, host, port, *, start_serving) -> Server;
+# with start_serving=False the socket is bound and accepts nothing until `await server.start_serving()`.
+LISTENERS: dict[str, ServeListener] = {
+    "smtp": smtp_server.serve,
+    "submission": smtp_server.serve,
+    "submissions": smtp_server.serve,
+    "lmtp": smtp_server.serve,
+    "imap": imap_server.serve,
+    "imaps": imap_server.serve,
+    "pop3": pop3_server.serve,
+    "pop3s": pop3_server.serve,
+    "http": web_server.serve,
+    "https": web_server.serve,
 }
 
-# Background services, started once the listeners are bound and before they serve: (module, factory);
-# factory(services) -> obj with stop().
-BACKGROUND_MODULES: list[tuple[str, str]] = [
-    ("appliance.queue.service", "start_queue"),
-    ("appliance.inbound_auth", "start_inbound_auth"),  # installs the MX's SPF/DKIM/DMARC check
-    ("appliance.store.trash", "start_purger"),  # removed mailboxes' mail, kept 30 days under deleted/
-    ("appliance.certificates", "start_renewer"),
-    ("appliance.backup", "start_scheduler"),  # the daily backup, once switched on
+# Background services, started once the listeners are bound and before they serve; each puts itself
+# into its typed field on Services (queue, inbound_check, renewer) and has stop().
+BACKGROUND: list[Callable[[Services], Awaitable[BackgroundService]]] = [
+    start_queue,
+    start_inbound_auth,  # installs the MX's SPF/DKIM/DMARC check
+    start_purger,  # removed mailboxes' mail, kept 30 days under deleted/
+    start_renewer,
+    backup.start_scheduler,  # the daily backup, once switched on
 ]
 
 
@@ -66,7 +98,7 @@ class Listener:
     service: str
     host: str
     port: int
-    server: asyncio.AbstractServer
+    server: BoundServer
 
 
 FALLBACK_HOSTNAME = "letterbox.local"
@@ -91,21 +123,11 @@ def system_hostname() -> str:
     return f"{short}.local" if short and not localhost_like(short) else FALLBACK_HOSTNAME
 
 
-def _optional_module(name: str) -> Any | None:
-    """A protocol package may not exist yet in a partial build; anything else failing to import is a bug."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name and name.startswith(exc.name):
-            return None
-        raise
-
-
 class Box:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.listeners: dict[str, Listener] = {}
-        self._background: list[Any] = []
+        self._background: list[BackgroundService] = []
 
     @classmethod
     async def start(cls, config: ServeConfig, *, serve: bool = True) -> Box:
@@ -119,24 +141,26 @@ class Box:
         db = await Database.open(config.data.db)
         box: Box | None = None
         try:
-            hostname = config.hostname or await db.get_setting(HOSTNAME_SETTING) or system_hostname()
+            settings = await Settings.load(db, default_hostname=system_hostname(), hostname_override=config.hostname)
             accounts = Accounts(db, data=config.data)
             store = MailStore(config.data.mail, db)
             services = Services(
                 config=config,
                 db=db,
+                settings=settings,
                 accounts=accounts,
                 auth=Auth(db, accounts),
                 store=store,
-                tls=TlsManager(config.data.tls, hostname),
+                tls=TlsManager(config.data.tls, settings.now.hostname),
                 events=EventLog(db),
-                hostname=hostname,
+                spool=Spool(config.data.spool, db),
+                srs=SenderRewriter(load_secret(config.data.root / SECRET_FILE)),
+                maildrop_locks=MaildropLocks(),
+                recipient_guard=RecipientProbeGuard(),
             )
-            recover: Callable[[], Awaitable[Any]] | None = getattr(store, "recover", None)
-            if recover is not None:
-                await recover()
+            await store.recover()
             box = cls(services)
-            services.extra["listeners"] = box.listener_status
+            services.listener_status = box.listener_status
             await box._bind_listeners()
             await box._start_background()
             if serve:
@@ -154,13 +178,9 @@ class Box:
         for service in STANDARD_PORTS:
             if service in config.disabled:
                 continue
-            module = _optional_module(LISTENER_MODULES[service])
-            if module is None:
-                log.warning("%s: not built yet, not listening", service)
-                continue
             host, port = config.listen_address(service), config.port(service)
             try:
-                server = await module.serve(self.services, service, host, port, start_serving=False)
+                server = await LISTENERS[service](self.services, service, host, port, start_serving=False)
             except OSError as exc:
                 # Nothing has been served yet: close what was bound and refuse to start.
                 raise StartupError(f"cannot listen for {service} on {host}:{port}: {exc.strerror}") from exc
@@ -175,10 +195,8 @@ class Box:
             log.info("listening: %s on %s:%d", lst.service, lst.host, lst.port)
 
     async def _start_background(self) -> None:
-        for module_name, factory in BACKGROUND_MODULES:
-            module = _optional_module(module_name)
-            if module is not None:
-                self._background.append(await getattr(module, factory)(self.services))
+        for start in BACKGROUND:
+            self._background.append(await start(self.services))
 
     def listener_status(self) -> dict[str, tuple[str, int, bool]]:
         """For the status page: service -> (host, port, serving)."""

@@ -36,7 +36,8 @@ from appliance.acme_client import AcmeProblem, AcmeSettings, ChallengeSink
 from appliance.db import Database
 from appliance.dns_records import public_addresses
 from appliance.events import EventLog
-from appliance.queue.resolver import make_async_resolver, resolver_setting
+from appliance.queue.resolver import make_async_resolver
+from appliance.settings import read_settings
 from appliance.tls import (
     CertificateInfo,
     CertificateProblem,
@@ -165,7 +166,7 @@ async def check_names(ctx: CertContext, domains: list[str]) -> NamesCheck:
     """The host name must lead to this box (else the order would fail and count against the CA's rate
     limit): AcmeProblem if it doesn't. autoconfig./autodiscover.<domain> go in only when they do too."""
     hostname = ctx.hostname()
-    resolver = make_async_resolver(await resolver_setting(ctx.db), cached=False)  # the person just fixed their DNS
+    resolver = make_async_resolver((await read_settings(ctx.db)).dns_resolver, cached=False)  # the person just fixed their DNS
     ipv4, ipv6 = await public_addresses(ctx.db)
     public = {a for a in (ipv4, ipv6) if a}
     host_addresses = await _addresses(resolver, hostname)

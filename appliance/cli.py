@@ -18,6 +18,7 @@ from appliance.admin import Admin, open_admin
 from appliance.config import DataLayout, ServeConfig, default_data_dir
 from appliance.data_lock import data_dir_in_use
 from appliance.db import Database, DatabaseError
+from appliance.settings import read_settings
 from appliance.store import trash
 
 T = TypeVar("T")
@@ -252,7 +253,7 @@ def cmd_cert(args: argparse.Namespace) -> None:  # noqa: C901  dispatch of the f
         db = await open_db(args)
         try:
             layout = DataLayout(Path(args.data))
-            hostname = await db.get_setting("hostname") or system_hostname()
+            hostname = (await read_settings(db, default_hostname=system_hostname())).hostname
             ctx = certificates.CertContext(
                 db=db, tls=TlsManager(layout.tls, hostname), events=EventLog(db), hostname=lambda: hostname,
                 acme_dir=layout.tls / "acme", http01=None, answers_tls_alpn=False)
@@ -363,7 +364,7 @@ def cmd_backup(args: argparse.Namespace) -> None:
         try:
             events = EventLog(db)
             if args.action == "key":
-                kit = await backup.make_key(db, events, await db.get_setting("hostname") or "letterbox")
+                kit = await backup.make_key(db, events, (await read_settings(db, default_hostname="letterbox")).hostname)
                 fd = os.open(args.kit_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     f.write(kit.text)

@@ -63,6 +63,9 @@ class Database:
         self._conn = conn
         self.path = path
         self._write_lock = asyncio.Lock()
+        # Bumped by every settings write through this connection: SQLite's data_version only sees
+        # other connections' commits, and appliance/settings.py checks both before using its cache.
+        self.settings_generation = 0
 
     @classmethod
     async def open(cls, path: Path, *, migrate: bool = True, migrations: Path | None = None) -> Database:
@@ -177,6 +180,7 @@ class Database:
             "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             (key, value),
         )
+        self.settings_generation += 1
 
 
 def secure_db_files(path: Path) -> None:

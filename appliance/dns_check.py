@@ -28,7 +28,8 @@ import dns.resolver
 
 from appliance.db import Database
 from appliance.dns_records import DnsRecord, domain_records
-from appliance.queue.resolver import make_async_resolver, resolver_setting
+from appliance.queue.resolver import make_async_resolver
+from appliance.settings import read_settings
 
 Status = Literal["found", "missing", "wrong", "error"]
 STATUSES: tuple[Status, ...] = ("found", "missing", "wrong", "error")
@@ -214,7 +215,7 @@ async def check_records(
 
 
 async def box_resolver(db: Database) -> dns.asyncresolver.Resolver:
-    return make_async_resolver(await resolver_setting(db), cached=False)
+    return make_async_resolver((await read_settings(db)).dns_resolver, cached=False)
 
 
 async def check_domain(

@@ -21,9 +21,7 @@ import dns.reversename
 
 from appliance import dkim_keys
 from appliance.db import Database
-
-SETTING_IPV4 = "public_ipv4"
-SETTING_IPV6 = "public_ipv6"
+from appliance.settings import read_settings
 
 SPF_VALUE = "v=spf1 mx -all"  # RFC 7208 5.4: the domain's MX hosts may send for it; nothing else may
 DMARC_VALUE = "v=DMARC1; p=quarantine"  # RFC 7489 6.3: ask receivers to treat failing mail as suspect
@@ -210,7 +208,8 @@ def detect_public_addresses() -> tuple[str | None, str | None]:
 
 async def public_addresses(db: Database) -> tuple[str | None, str | None]:
     """The addresses given in the wizard or console (settings), else none."""
-    return (await db.get_setting(SETTING_IPV4) or None, await db.get_setting(SETTING_IPV6) or None)
+    values = await read_settings(db)
+    return values.public_ipv4 or None, values.public_ipv6 or None
 
 
 async def domain_records(

@@ -35,18 +35,16 @@ import dns.resolver
 import spf
 from publicsuffixlist import PublicSuffixList
 
-from appliance.db import Database
-from appliance.queue.resolver import make_resolver, resolver_setting
+from appliance.queue.resolver import make_resolver
 from appliance.smtp import headers
-from appliance.smtp.inbound import INBOUND_CHECK, InboundFacts, InboundVerdict
+from appliance.smtp.inbound import InboundFacts, InboundVerdict
 
 if TYPE_CHECKING:
     from appliance.services import Services
+    from appliance.settings import Settings
 
 log = logging.getLogger("letterbox.inbound_auth")
 
-SETTING_ENABLED = "inbound_auth"  # "off": no checks, no header (the default is on)
-SETTING_DMARC_REJECT = "dmarc_reject"  # "off": a p=reject failure is delivered, marked, not refused
 SPF_QUERY_TIME = 20.0  # RFC 7208 4.6.4: at least 20 seconds for the whole SPF evaluation
 DNS_TIMEOUT = 5.0  # seconds for one lookup (DKIM key, DMARC record)
 MAX_DKIM_SIGNATURES = 5  # verify at most this many signatures per message (each costs a lookup)
@@ -518,17 +516,11 @@ def remove_forged_results(data: bytes, authserv_id: str) -> bytes:
 
 # --- the MX hook ------------------------------------------------------------------------------------
 
-def _enabled(value: str | None, default: bool = True) -> bool:
-    if value is None or not value.strip():
-        return default
-    return value.strip().lower() not in ("0", "off", "no", "false")
-
-
 class InboundAuthenticator:
     """The `InboundCheck` the MX calls after DATA (appliance/smtp/inbound.py)."""
 
-    def __init__(self, db: Database, authserv_id: Callable[[], str], *, rng: random.Random | None = None) -> None:
-        self._db = db
+    def __init__(self, settings: Settings, authserv_id: Callable[[], str], *, rng: random.Random | None = None) -> None:
+        self._settings = settings
         # Read at every message, never copied: the wizard renames the box while it runs, and a forged
         # header naming the new host must go at once (issue 10 item 3).
         self._authserv_id = authserv_id
@@ -536,8 +528,7 @@ class InboundAuthenticator:
         self._resolver_key: str | None = None
         self._resolver: dns.resolver.Resolver | None = None
 
-    async def _current_resolver(self) -> dns.resolver.Resolver:
-        setting = await resolver_setting(self._db)
+    def _current_resolver(self, setting: str | None) -> dns.resolver.Resolver:
         if self._resolver is None or setting != self._resolver_key:
             self._resolver, self._resolver_key = make_resolver(setting), setting
         return self._resolver
@@ -546,12 +537,13 @@ class InboundAuthenticator:
         # Whatever else happens, a header claiming our verdict must not reach a mail client (RFC 8601 5).
         authserv_id = self._authserv_id()
         cleaned = remove_forged_results(data, authserv_id)
-        if not _enabled(await self._db.get_setting(SETTING_ENABLED)):
+        settings = await self._settings.fresh()
+        if not settings.inbound_auth:
             return InboundVerdict(message=cleaned, sender_authenticated=None)
         try:
             results = await check_message(
                 data, peer_ip=facts.peer_ip, helo=facts.helo, mail_from=facts.sender,
-                resolver=await self._current_resolver(), rng=self._rng,
+                resolver=self._current_resolver(settings.dns_resolver), rng=self._rng,
             )
         except Exception:
             # Never "deliver without checks": that would let any input that trips a bug past a
@@ -564,7 +556,7 @@ class InboundAuthenticator:
                  results.dmarc.result, results.dmarc.from_domain or "-")
         if results.dmarc.could_not_run:
             return InboundVerdict(reject=CHECKS_FAILED_REPLY)
-        if results.dmarc_reject and _enabled(await self._db.get_setting(SETTING_DMARC_REJECT)):
+        if results.dmarc_reject and settings.dmarc_reject:
             return InboundVerdict(reject=DMARC_REJECT_REPLY.format(domain=results.dmarc.from_domain))
         return InboundVerdict(headers=results.header(authserv_id), message=cleaned,
                               sender_authenticated=results.sender_authenticated(facts.sender))
@@ -574,7 +566,7 @@ class InboundAuthenticator:
 
 
 async def start_inbound_auth(services: Services) -> InboundAuthenticator:
-    """The composition root's hook: install the checks on the MX (services.extra seam)."""
-    checker = InboundAuthenticator(services.db, lambda: services.hostname)
-    services.extra[INBOUND_CHECK] = checker
+    """The composition root's hook: install the checks on the MX (services.inbound_check)."""
+    checker = InboundAuthenticator(services.settings, lambda: services.hostname)
+    services.inbound_check = checker
     return checker

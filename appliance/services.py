@@ -1,46 +1,62 @@
-"""The services every listener and the web console share; built once by app.py, passed in, never global."""
+"""The services every listener and the web console share; built once by app.py (the composition root),
+passed in, never global. Every field is typed, so go-to-definition and mypy follow the wiring."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from appliance.backup import BackupJobs
 from appliance.certificates import CertContext
 
-HOSTNAME_SETTING = "hostname"  # the db setting app.py starts with (after --hostname)
-
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
     from appliance.accounts import Accounts
     from appliance.auth import Auth
     from appliance.certificates import Renewer
     from appliance.config import ServeConfig
     from appliance.db import Database
     from appliance.events import EventLog
+    from appliance.pop3.session import MaildropLocks
+    from appliance.queue.service import OutboundQueue
+    from appliance.queue.spool import Spool
+    from appliance.settings import Settings
+    from appliance.smtp.inbound import InboundCheck
+    from appliance.smtp.probes import RecipientProbeGuard
+    from appliance.srs import SenderRewriter
     from appliance.store.mailstore import MailStore
     from appliance.tls import TlsManager
+
+# service -> (host, bound port, serving): the listeners as the status page and redirects see them.
+ListenerStatus = Callable[[], dict[str, tuple[str, int, bool]]]
 
 
 @dataclass
 class Services:
     config: ServeConfig
     db: Database
+    settings: Settings  # every run-time setting, live (appliance/settings.py)
     accounts: Accounts
     auth: Auth
     store: MailStore
     tls: TlsManager
     events: EventLog
-    # The box's name, live: the wizard renames the box while it runs, so every service reads
-    # `services.hostname` when it uses it (banner, EHLO, Received, Authentication-Results, HELO,
-    # DSN...) and never keeps a copy; one that needs a function gets `lambda: services.hostname`.
-    hostname: str
+    spool: Spool  # the box's one outbound spool: the SMTP listeners write, the queue reads
+    srs: SenderRewriter  # forwards' envelope senders (SRS0) and bounces to them
+    maildrop_locks: MaildropLocks  # one POP3 session per mailbox across the 110 and 995 listeners
+    recipient_guard: RecipientProbeGuard  # the MX's defence against recipient harvesting
     # The certificate use-cases' state: the http-01 answers the port-80 listener serves, the order lock.
     certificates: CertContext = field(init=False)
-    renewer: Renewer | None = None  # started with the background services
+    # Started after the listeners are bound (Box._start_background); None where a test runs without them.
+    queue: OutboundQueue | None = None
+    inbound_check: InboundCheck | None = None  # the MX's SPF/DKIM/DMARC check (appliance/inbound_auth.py)
+    renewer: Renewer | None = None
     # Backups and restores running in the background, watched by the console's Backups page.
     backups: BackupJobs = field(default_factory=BackupJobs)
-    # Filled by the issues that add them (outbound queue, dns checker, ...): name -> service object.
-    extra: dict[str, Any] = field(default_factory=dict)
+    listener_status: ListenerStatus | None = None  # set by the Box once its listeners are bound
+    web_app: ASGIApp | None = None  # the one console app the HTTP and HTTPS listeners share
 
     def __post_init__(self) -> None:
         self.certificates = CertContext(
@@ -48,9 +64,17 @@ class Services:
             acme_dir=self.config.data.tls / "acme", http01={},
         )
 
+    @property
+    def hostname(self) -> str:
+        """The box's name, live: the wizard renames the box while it runs, so every service reads
+        this when it uses it (banner, EHLO, Received, Authentication-Results, HELO, DSN...) and never
+        keeps a copy; one that needs a function gets `lambda: services.hostname`."""
+        return self.settings.now.hostname
+
     async def set_hostname(self, name: str) -> None:
         """Rename the box (the wizard; any later console page or CLI command goes through here): kept
-        in the db for the next start, and in force at once for every service, since they read
-        `hostname` when they use it."""
-        await self.db.set_setting(HOSTNAME_SETTING, name)
-        self.hostname = name
+        in the db for the next start, and in force at once for every service."""
+        await self.settings.save(hostname=name)
+
+    def listeners(self) -> dict[str, tuple[str, int, bool]]:
+        return self.listener_status() if self.listener_status is not None else {}

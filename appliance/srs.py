@@ -36,12 +36,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from appliance.services import Services
+    pass
 
 log = logging.getLogger("letterbox.srs")
 
 SECRET_FILE = "srs.secret"  # noqa: S105  a file name, not a secret; in the data dir
-SERVICE_KEY = "srs"  # services.extra: the box's SenderRewriter
 PREFIX = "SRS0"
 SEPARATOR = "="
 HASH_LENGTH = 8  # base32 characters = 40 bits; postsrsd's default is 4 base64 characters (24 bits)
@@ -154,11 +153,3 @@ class SenderRewriter:
             raise InvalidSrs("SRS0 address expired")
         return SrsAddress(f"{original_local}@{domain}", day)
 
-
-def shared_rewriter(services: Services) -> SenderRewriter:
-    """The box's one SenderRewriter, its secret read (or made) on first use."""
-    rewriter = services.extra.get(SERVICE_KEY)
-    if not isinstance(rewriter, SenderRewriter):
-        rewriter = SenderRewriter(load_secret(services.config.data.root / SECRET_FILE))
-        services.extra[SERVICE_KEY] = rewriter
-    return rewriter

@@ -19,7 +19,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import uvicorn
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from appliance.services import Services
 
 
-APP_KEY = "web_app"  # services.extra: the one console app both listeners share
 PLAIN_HTTP_PATHS = ("/.well-known/", "/mail/config-v1.1.xml")
 KEEP_ALIVE_SECONDS = 5
 GRACEFUL_SHUTDOWN_SECONDS = 2
@@ -103,10 +102,9 @@ class RedirectToHttps:
         self.services = services
 
     def https_port(self) -> int:
-        entry: Any = self.services.extra.get("listeners")
-        bound = entry() if callable(entry) else entry
-        if isinstance(bound, dict) and "https" in bound:
-            return int(bound["https"][1])
+        bound = self.services.listeners()
+        if "https" in bound:
+            return bound["https"][1]
         return self.services.config.port("https")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -140,13 +138,11 @@ def _host_without_port(scope: Scope) -> str | None:
 
 
 def console_app(services: Services) -> ASGIApp:
-    app: ASGIApp | None = services.extra.get(APP_KEY)
-    if app is None:
+    if services.web_app is None:
         from web.app import create_app  # the web layer sits above appliance/: imported only here
 
-        app = create_app(services)
-        services.extra[APP_KEY] = app
-    return app
+        services.web_app = create_app(services)
+    return services.web_app
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from appliance.config import STANDARD_PORTS
 from appliance.queue.spool import QueuedMessage, QueuedRecipient
@@ -15,14 +15,8 @@ from web.clients import ClientSettings, client_settings
 if TYPE_CHECKING:
     from appliance.services import Services
 
-LISTENERS_KEY = "listeners"  # services.extra: name -> (host, port, up), or a callable returning that
-
-
 def listeners(services: Services) -> dict[str, tuple[str, int, bool]]:
-    entry: Any = services.extra.get(LISTENERS_KEY)
-    if callable(entry):
-        entry = entry()
-    return dict(entry) if isinstance(entry, dict) else {}
+    return services.listeners()
 
 
 def client_settings_for(services: Services) -> ClientSettings:

@@ -10,7 +10,7 @@ from starlette.requests import Request
 
 from appliance.admin import Admin
 from appliance.queue.relay_check import RelayCheck
-from appliance.queue.smarthost import SETTING_CA_FILE, Smarthost, SmarthostError
+from appliance.queue.smarthost import Smarthost
 from web import forms
 from web.pages import admin, flash
 from web.wizard import Form
@@ -24,11 +24,8 @@ class Stored:
 
 
 async def stored_relay(box: Admin) -> Stored:
-    ca_file = (await box.db.get_setting(SETTING_CA_FILE) or "").strip()
-    try:
-        return Stored(await box.relay(), ca_file, "")
-    except SmarthostError as exc:
-        return Stored(None, ca_file, str(exc))
+    values = await box.settings.fresh()
+    return Stored(values.relay, values.relay_ca_file, values.relay_problem)
 
 
 async def form_context(box: Admin, form: Form | None, check: RelayCheck | None = None) -> dict[str, object]:

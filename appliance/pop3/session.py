@@ -47,7 +47,6 @@ log = logging.getLogger("letterbox.pop3")
 SERVICE = "pop3"  # the name auth.verify logs and throttles under, for both 110 and 995
 IMPLEMENTATION = "Letterbox"
 SASL_MECHANISMS = ("PLAIN",)
-LOCKS_KEY = "pop3.maildrop_locks"  # in services.extra: one table shared by the 110 and 995 listeners
 SEEN = "\\Seen"
 
 Handler = Callable[[Command], Awaitable[None]]
@@ -86,11 +85,6 @@ class MaildropLocks:
         return mailbox in self._held
 
 
-def maildrop_locks(services: Services) -> MaildropLocks:
-    locks = services.extra.setdefault(LOCKS_KEY, MaildropLocks())
-    assert isinstance(locks, MaildropLocks)
-    return locks
-
 
 class Pop3Session:
     def __init__(self, services: Services, io: SessionIO, conn: Pop3Connection,
@@ -100,7 +94,7 @@ class Pop3Session:
         self.io = io
         self.conn = conn
         self.limits = limits
-        self.locks = maildrop_locks(services)
+        self.locks = services.maildrop_locks
         self.mailbox: str | None = None  # canonical address, once logged in (and the lock is ours)
         self.maildrop: Maildrop | None = None
         self._generation: int | None = None  # the mailbox logged in to (MailStore.mailbox_generation)

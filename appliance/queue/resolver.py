@@ -12,12 +12,10 @@ import logging
 import dns.asyncresolver
 import dns.resolver
 
-from appliance.db import Database
 from appliance.queue.dns_cache import cache_for
 
 log = logging.getLogger("letterbox.dns")
 
-SETTING = "dns_resolver"
 DNS_PORT = 53
 QUERY_TIMEOUT = 5.0  # seconds for one server to answer one query
 QUERY_LIFETIME = 15.0  # seconds for a whole lookup, retries included
@@ -86,16 +84,3 @@ def make_resolver(setting: str | None, *, cached: bool = True) -> dns.resolver.R
     if cached:
         _attach_cache(resolver)
     return resolver
-
-
-async def resolver_setting(db: Database) -> str | None:
-    """The configured resolver address, or None for the system's; an invalid value is logged and ignored."""
-    value = await db.get_setting(SETTING)
-    if not value:
-        return None
-    try:
-        parse_nameserver(value)
-    except ValueError:
-        log.warning("ignoring the %s setting %r: not an address[:port]", SETTING, value)
-        return None
-    return value

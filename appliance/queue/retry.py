@@ -7,23 +7,13 @@ minutes) and grow towards hourly. Tests (and the console) shrink these through t
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-
-from appliance.db import Database
-
-log = logging.getLogger("letterbox.queue")
 
 # Seconds after the 1st, 2nd, ... failed attempt; after the last one, RETRY_EVERY forever.
 RETRY_INTERVALS: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0)
 RETRY_EVERY = 3600.0
 MAX_QUEUE_AGE = 5 * 24 * 3600.0  # RFC 5321 4.5.4.1: give up after 4-5 days
 DELAY_NOTICE_AFTER = 4 * 3600.0  # RFC 3464 "delayed" DSN once, after this long; 0 = never
-
-# Settings (seconds) that override the defaults; the console and the tests write these.
-SETTING_INTERVALS = "queue_retry_intervals"  # comma-separated seconds; the last one repeats
-SETTING_MAX_AGE = "queue_max_age"
-SETTING_DELAY_NOTICE = "queue_delay_notice"  # 0 turns delay notices off
 
 
 @dataclass(frozen=True)
@@ -71,21 +61,31 @@ def parse_intervals(text: str) -> tuple[float, ...]:
     return values
 
 
-async def load_policy(db: Database, default: RetryPolicy | None = None) -> RetryPolicy:
-    """The policy in force: the defaults overridden by whatever settings are present and valid."""
-    base = default or RetryPolicy()
-    intervals, then_every = base.intervals, base.then_every
-    max_age, notice = base.max_age, base.delay_notice_after
-    try:
-        if text := await db.get_setting(SETTING_INTERVALS):
-            intervals = parse_intervals(text)
-            then_every = intervals[-1]
-        if text := await db.get_setting(SETTING_MAX_AGE):
-            max_age = _seconds(text)
-        if (text := await db.get_setting(SETTING_DELAY_NOTICE)) is not None:
-            notice = _seconds(text)
-        return RetryPolicy(intervals, then_every, max_age, notice)
-    except ValueError as exc:
-        # A bad setting must not stop delivery: keep the defaults (the console validates on input).
-        log.warning("ignoring the queue retry settings: %s", exc)
-        return base
+@dataclass(frozen=True)
+class RetryOverrides:
+    """What the queue_* settings change (appliance/settings.py reads them); None keeps the default."""
+
+    intervals: tuple[float, ...] | None = None  # the last one repeats
+    max_age: float | None = None
+    delay_notice_after: float | None = None  # 0 turns delay notices off
+
+    def apply(self, base: RetryPolicy) -> RetryPolicy:
+        intervals, then_every = base.intervals, base.then_every
+        if self.intervals:
+            intervals, then_every = self.intervals, self.intervals[-1]
+        return RetryPolicy(
+            intervals, then_every,
+            base.max_age if self.max_age is None else self.max_age,
+            base.delay_notice_after if self.delay_notice_after is None else self.delay_notice_after,
+        )
+
+
+def parse_overrides(intervals: str | None, max_age: str | None, delay_notice: str | None) -> RetryOverrides:
+    """The settings' texts (None or empty: not set) as overrides; ValueError names a bad one."""
+    overrides = RetryOverrides(
+        intervals=parse_intervals(intervals) if intervals else None,
+        max_age=_seconds(max_age) if max_age else None,
+        delay_notice_after=_seconds(delay_notice) if delay_notice is not None and delay_notice.strip() else None,
+    )
+    overrides.apply(RetryPolicy())  # a zero max age or interval is refused here, not at delivery
+    return overrides

@@ -40,10 +40,10 @@ from appliance.queue.client import (
 )
 from appliance.queue.mx import Hop, RouteError, delivery_hops, host_hops
 from appliance.queue.report_delivery import deliver_report_to_sender
-from appliance.queue.resolver import make_async_resolver, resolver_setting
-from appliance.queue.retry import RetryPolicy, load_policy
-from appliance.queue.smarthost import Smarthost, SmarthostError, load_smarthost
-from appliance.queue.spool import Spool, shared_spool
+from appliance.queue.resolver import make_async_resolver
+from appliance.queue.retry import RetryPolicy
+from appliance.queue.smarthost import Smarthost
+from appliance.queue.spool import Spool
 from appliance.queue.state import Job, QueueState, Reportable, Settlement, spool_file
 from appliance.queue.threads import DaemonThreads
 
@@ -57,25 +57,21 @@ log = logging.getLogger("letterbox.queue")
 
 T = TypeVar("T")
 
-SERVICE_KEY = "queue"  # services.extra: the running OutboundQueue
-
 MAX_SESSIONS = 20  # SMTP sessions open at once, all destinations together
 MAX_SESSIONS_PER_DOMAIN = 4  # per destination domain: polite to the receiver, like Postfix's default
 MAX_MESSAGES_PER_SESSION = 100  # then a fresh session (Postfix: smtp_connection_reuse_count_limit)
 DISPATCH_BATCH = 500  # due recipient rows fetched per scheduler pass (beyond those in flight)
 POLL_INTERVAL = 5.0  # seconds; the scheduler also looks at the db this often (CLI flush/delete)
-CONFIG_TTL = 1.0  # seconds a reading of the settings (and of DKIM keys) is reused
+DKIM_KEY_TTL = 1.0  # seconds a domain's DKIM key is reused (a rotation is in force within this)
 SWEEP_INTERVAL = 60.0  # seconds between retries of reports that could not be handed over
 STOP_TIMEOUT = 2.0  # seconds stop() waits for workers to record what they finished (app: 5 s in all)
-
-SETTING_PORT = "outbound_port"  # the destination port; 25 except in tests
-SETTING_HOLD = "queue_hold"  # "1": keep everything queued, deliver nothing (tests, maintenance)
-DEFAULT_PORT = 25
 
 
 @dataclass(frozen=True)
 class DeliveryConfig:
-    """Everything a delivery pass needs from the settings, read once per pass."""
+    """Everything a delivery needs from the settings: read afresh (one cheap check, see
+    appliance/settings.py) before each pass and before each session, so a change made by the
+    console or the CLI is in force for the next message without any timer."""
 
     policy: RetryPolicy
     port: int
@@ -111,7 +107,7 @@ class OutboundQueue:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.services = services
-        self.spool = spool or shared_spool(services)
+        self.spool = spool or services.spool
         self.state = QueueState(services.db, self.spool.directory)
         self._default_policy = policy or RetryPolicy()
         self._max_sessions = max_sessions
@@ -131,8 +127,7 @@ class OutboundQueue:
         self._threads = DaemonThreads(max_sessions * 2)
         self._tls_context = opportunistic_context()
         self._relay_contexts: dict[str, ssl.SSLContext] = {}
-        self._config_cache: tuple[float, DeliveryConfig] | None = None
-        self._config_generation = 0  # bumped by wake(): a reading begun before it is stale
+        self._unsubscribe: Callable[[], None] | None = None
         self._settle_lock = asyncio.Lock()  # one report per failure, however many jobs end at once
         self._keys: dict[str, tuple[float, dkim_keys.DkimKey | None]] = {}
         self._resolver_key: str | None = None
@@ -146,6 +141,7 @@ class OutboundQueue:
         self._abort = AbortSignal()
         await self._clean_up()
         self.spool.on_enqueue.append(self._on_enqueue)
+        self._unsubscribe = self.services.settings.subscribe(self._on_settings_changed)
         self._scheduler = asyncio.create_task(self._run(), name="letterbox-queue")
         log.info("outbound queue started")
 
@@ -153,6 +149,9 @@ class OutboundQueue:
         self._stopping = True
         with contextlib.suppress(ValueError):
             self.spool.on_enqueue.remove(self._on_enqueue)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         self._abort.abort()  # every SMTP socket fails now; workers record a temporary failure
         self._wake.set()
         tasks = [t for t in (self._scheduler, *self._workers) if t is not None]
@@ -167,10 +166,11 @@ class OutboundQueue:
         log.info("outbound queue stopped")
 
     def wake(self) -> None:
-        """Look for due work now, with the settings as they are now (a flush, a console change)."""
-        self._config_cache = None
-        self._config_generation += 1
+        """Look for due work now (a flush; a settings change, through _on_settings_changed)."""
         self._wake.set()
+
+    def _on_settings_changed(self, _before: object, _after: object) -> None:
+        self._wake.set()  # a relay switched, hold lifted, retry times shortened: act now
 
     def _on_enqueue(self, _queue_id: str) -> None:
         self._wake.set()
@@ -213,36 +213,13 @@ class OutboundQueue:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, delay))
 
     async def _config(self) -> DeliveryConfig:
-        """The settings in force; re-read at most every CONFIG_TTL seconds (a pass runs per wake-up)."""
-        now = time.monotonic()
-        if self._config_cache is not None and now - self._config_cache[0] < CONFIG_TTL:
-            return self._config_cache[1]
-        while True:
-            generation = self._config_generation
-            config = await self._read_config()
-            if generation == self._config_generation:
-                self._config_cache = (now, config)
-                return config
-
-    async def _read_config(self) -> DeliveryConfig:
-        db = self.services.db
-        policy = await load_policy(db, self._default_policy)
-        port_text = await db.get_setting(SETTING_PORT)
-        try:
-            port = int(port_text) if port_text else DEFAULT_PORT
-        except ValueError:
-            log.warning("ignoring the %s setting %r", SETTING_PORT, port_text)
-            port = DEFAULT_PORT
-        smarthost, smarthost_error = None, ""
-        try:
-            smarthost = await load_smarthost(db)
-        except SmarthostError as exc:
-            smarthost_error = f"the relay setting is invalid: {exc}"
-        setting = await resolver_setting(db)
-        if self._resolver is None or setting != self._resolver_key:
-            self._resolver, self._resolver_key = make_async_resolver(setting), setting
-        hold = (await db.get_setting(SETTING_HOLD) or "").strip().lower() in ("1", "yes", "on", "true")
-        return DeliveryConfig(policy, port, smarthost, self._resolver, hold, smarthost_error)
+        """The settings in force now, whoever changed them last (this process or the CLI)."""
+        values = await self.services.settings.fresh()
+        if self._resolver is None or values.dns_resolver != self._resolver_key:
+            self._resolver, self._resolver_key = make_async_resolver(values.dns_resolver), values.dns_resolver
+        smarthost_error = f"the relay setting is invalid: {values.relay_problem}" if values.relay_problem else ""
+        return DeliveryConfig(values.retry.apply(self._default_policy), values.mx_port, values.relay,
+                              self._resolver, values.hold, smarthost_error)
 
     async def _dispatch(self) -> float:
         """One pass: start workers for due jobs; returns seconds until the next pass is needed."""
@@ -277,6 +254,15 @@ class OutboundQueue:
         jobs = self._pending.get(domain) or collections.deque()
         try:
             while jobs and not self._stopping:
+                # Each message goes by the settings in force when it is taken (a relay switched off by
+                # the CLI a moment ago must not carry it): a session opened by another route ends.
+                latest = await self._config()
+                if latest.hold:
+                    break
+                if session is not None and _route(latest) != _route(config):
+                    await self._threads.run(session.close)
+                    session = None
+                config = latest
                 job = jobs.popleft()
                 handed_back = False
                 try:
@@ -312,7 +298,7 @@ class OutboundQueue:
         except Exception:
             log.exception("queue worker for %s failed", domain)
         finally:
-            while jobs and self._stopping:  # left for the next start; the rows are still queued
+            while jobs and (self._stopping or config.hold):  # left for later; the rows are still queued
                 self._release(jobs.popleft())
             if session is not None:
                 with contextlib.suppress(Exception):
@@ -376,7 +362,7 @@ class OutboundQueue:
                             job.message_id, job.auth_user, address[:100])
                 return None
         cached = self._keys.get(domain)
-        if cached is not None and time.monotonic() - cached[0] < CONFIG_TTL:
+        if cached is not None and time.monotonic() - cached[0] < DKIM_KEY_TTL:
             return cached[1]
         key = None
         if await self.services.accounts.is_local_domain(domain):
@@ -474,7 +460,7 @@ class OutboundQueue:
         if not sender or not srs.is_srs(local) or not await self.services.accounts.is_local_domain(domain):
             return sender
         try:
-            return srs.shared_rewriter(self.services).reverse(sender).original
+            return self.services.srs.reverse(sender).original
         except srs.InvalidSrs:
             return None
 
@@ -599,6 +585,11 @@ class OutboundQueue:
         return True
 
 
+def _route(config: DeliveryConfig) -> tuple[object, ...]:
+    """What an open session depends on: the same route lets it carry the next message."""
+    return (config.smarthost, config.port, config.smarthost_error)
+
+
 def _read_head(path: Path) -> bytes:
     with path.open("rb") as f:
         return f.read(dsn.MAX_RETURNED_HEADERS + 4)
@@ -616,5 +607,5 @@ async def start_queue(services: Services, **options: Any) -> OutboundQueue:
     """The composition root's hook (appliance/app.py BACKGROUND_MODULES)."""
     queue = OutboundQueue(services, **options)
     await queue.start()
-    services.extra[SERVICE_KEY] = queue
+    services.queue = queue
     return queue

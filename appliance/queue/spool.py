@@ -31,14 +31,12 @@ from appliance.db import Database
 if TYPE_CHECKING:
     import aiosqlite
 
-    from appliance.services import Services
 
 log = logging.getLogger("letterbox.spool")
 
 SPOOL_SUFFIX = ".eml"
 TMP_PREFIX = "."
 TMP_SUFFIX = ".tmp"
-SPOOL_KEY = "spool"  # services.extra: the box's one Spool, shared by the SMTP listeners and the queue
 
 
 def new_queue_id() -> str:
@@ -226,14 +224,6 @@ class Spool:
                     found.append(Path(entry.path))
         return sorted(found)
 
-
-def shared_spool(services: Services) -> Spool:
-    """The box's one Spool (so the queue's wake-up callback sees every enqueue), made on first use."""
-    spool = services.extra.get(SPOOL_KEY)
-    if not isinstance(spool, Spool):
-        spool = Spool(services.config.data.spool, services.db)
-        services.extra[SPOOL_KEY] = spool
-    return spool
 
 
 def format_queue(messages: Sequence[QueuedMessage]) -> str:

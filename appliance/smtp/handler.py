@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, TLSSetupException
@@ -23,7 +24,7 @@ from appliance.queue.spool import new_queue_id
 from appliance.smtp import headers
 from appliance.smtp.delivery import Deliverer, InboundMessage
 from appliance.smtp.headers import ReceivedFacts, TlsFacts
-from appliance.smtp.inbound import INBOUND_CHECK, InboundCheck, InboundFacts
+from appliance.smtp.inbound import InboundFacts
 from appliance.smtp.limits import SmtpLimits
 from appliance.smtp.policy import (
     HEADER_TOO_LARGE,
@@ -51,7 +52,7 @@ from appliance.smtp.policy import (
     srs_route,
     unknown_user,
 )
-from appliance.smtp.probes import PROBING_BLOCKED, RECIPIENT_GUARD, RecipientProbeGuard
+from appliance.smtp.probes import PROBING_BLOCKED, RecipientProbeGuard
 
 if TYPE_CHECKING:
     from aiosmtpd.smtp import SMTP
@@ -76,6 +77,8 @@ class LetterboxSession(Session):
     """aiosmtpd's Session without the deprecation warning its login_data setter logs on every AUTH."""
 
     refused_recipients = 0  # RCPTs refused with 5xx so far on this connection (probes.py delays)
+    # Called when a message was accepted: the connection (server.py) starts its error budget over.
+    on_accepted: Callable[[], None] | None = None
 
     @property
     def login_data(self) -> Any:
@@ -143,8 +146,6 @@ class SmtpHandler:
         self.deliverer = deliverer
         self.lmtp = service == LMTP_SERVICE
         self.submission = service in SUBMISSION_SERVICES
-        if service == MX_SERVICE:
-            services.extra.setdefault(RECIPIENT_GUARD, RecipientProbeGuard())
 
     # --- EHLO / LHLO ----------------------------------------------------------------------------------
 
@@ -276,8 +277,7 @@ class SmtpHandler:
         later setting may replace it)."""
         if self.service != MX_SERVICE or session.principal is not None:
             return None
-        guard = self.services.extra.get(RECIPIENT_GUARD)
-        return guard if isinstance(guard, RecipientProbeGuard) else None
+        return self.services.recipient_guard
 
     async def _route(self, session: LetterboxSession, env: LetterboxEnvelope, text: str) -> RecipientRoute | Reply:
         accounts = self.services.accounts
@@ -333,7 +333,7 @@ class SmtpHandler:
         original: str | None = None
         mailboxes: tuple[str, ...] = ()
         try:
-            original = srs.shared_rewriter(self.services).reverse(f"{local}@{domain}").original
+            original = self.services.srs.reverse(f"{local}@{domain}").original
             target = parse_address(original, smtputf8=True)
             if not target.is_literal and await accounts.is_local_domain(target.domain):
                 mailboxes = (await accounts.resolve(str(target))).mailboxes
@@ -378,7 +378,7 @@ class SmtpHandler:
         tls = tls_facts(server)
         helo = session.host_name or "unknown"
 
-        check: InboundCheck | None = self.services.extra.get(INBOUND_CHECK)
+        check = self.services.inbound_check
         # Mail from the internet: may its sender be told about failures? (None: not judged here.)
         sender_verified: bool | None = None
         if check is not None and self.service == MX_SERVICE:
@@ -407,9 +407,8 @@ class SmtpHandler:
         # finishes and the client, having seen no reply, retries (a duplicate beats a loss).
         report = await asyncio.shield(self.deliverer.deliver(message, per_recipient=self.lmtp))
         if report.summary.positive:
-            note = getattr(server, "note_accepted", None)
-            if note is not None:
-                note()
+            if session.on_accepted is not None:
+                session.on_accepted()
         if self.lmtp:
             return "\r\n".join(str(reply) for reply in report.replies)
         return str(report.summary)

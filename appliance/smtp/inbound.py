@@ -1,6 +1,6 @@
 """The seam where inbound checks (SPF, DKIM, DMARC: the outbound/authentication issue) plug into the MX.
 
-Whoever implements them puts an `InboundCheck` into `services.extra[INBOUND_CHECK]`. The MX calls it
+Whoever implements them puts an `InboundCheck` into `services.inbound_check`. The MX calls it
 once per message after DATA, before any copy is written; its headers (Authentication-Results:) go on
 top of the message under our Received:, a `message` replaces what arrived (so forged fields can go),
 and a `reject` reply refuses the whole message.
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
-
-INBOUND_CHECK = "smtp.inbound_check"
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,6 @@ from typing import Any
 
 from appliance.smtp.policy import Reply
 
-RECIPIENT_GUARD = "smtp.recipient_guard"  # services.extra key: the MX's guard (tests swap its limits)
-
 # Refused recipients a session may make before each further one is delayed (Postfix's soft limit is 10;
 # a real sender mistypes one or two addresses, a harvester tries thousands).
 SOFT_ERRORS = 3

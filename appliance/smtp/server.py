@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, AnyStr
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from appliance.channel import LISTEN_BACKLOG, ConnectionLimiter, ListenerLimits, Slot
-from appliance.queue.spool import shared_spool
 from appliance.smtp.delivery import Deliverer
 from appliance.smtp.handler import LetterboxEnvelope, LetterboxSession, SmtpHandler
 from appliance.smtp.limits import (
@@ -31,7 +30,6 @@ from appliance.smtp.limits import (
     SmtpLimits,
 )
 from appliance.smtp.policy import LMTP_SERVICE, SMTP_SERVICES, SUBMISSION_SERVICES, TEMPORARY_FAILURE
-from appliance.srs import shared_rewriter
 
 if TYPE_CHECKING:
     from appliance.services import Services
@@ -145,7 +143,9 @@ class LetterboxSMTP(SMTP):
     # --- sessions and envelopes carry our extra state -------------------------------------------------
 
     def _create_session(self) -> LetterboxSession:
-        return LetterboxSession(self.loop)
+        session = LetterboxSession(self.loop)
+        session.on_accepted = self.note_accepted
+        return session
 
     def _create_envelope(self) -> LetterboxEnvelope:
         return LetterboxEnvelope()
@@ -421,8 +421,8 @@ async def start_server(
     # aiosmtpd logs every command line at INFO; our handler logs what matters (never passwords).
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     loop = asyncio.get_running_loop()
-    deliverer = Deliverer(services.accounts, services.store, shared_spool(services), lambda: services.hostname,
-                          shared_rewriter(services))
+    deliverer = Deliverer(services.accounts, services.store, services.spool, lambda: services.hostname,
+                          services.srs)
     handler = SmtpHandler(services, service, limits, deliverer)
     tracker = ConnectionTracker(limits)
     implicit_tls = service == "submissions"

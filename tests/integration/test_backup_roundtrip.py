@@ -19,7 +19,7 @@ import trustme
 from appliance import backup
 from appliance.config import DataLayout
 from appliance.dkim_keys import ensure_key
-from appliance.queue.smarthost import Smarthost, load_smarthost, save_smarthost
+from appliance.queue.smarthost import Smarthost
 from tests.conftest import BoxHandle
 from tests.support.dns_server import ZoneServer
 from tests.support.receivers import Receiver, free_port
@@ -108,7 +108,7 @@ def populate(box: BoxHandle) -> None:
         await store.store_flags(ALICE, "INBOX", [4], frozenset({"\\Seen"}), "add")
         await ensure_key(services.db, box.data.dkim, "one.test")
         await ensure_key(services.db, box.data.dkim, "two.test")
-        await save_smarthost(services.db, Smarthost("relay.far.test", 587, "starttls", "me", "relay secret 1"))
+        await services.settings.save(relay=Smarthost("relay.far.test", 587, "starttls", "me", "relay secret 1"))
 
     box.run(fill())
     # Outbound mail that waits in the queue (queue_hold is on in test boxes).
@@ -166,7 +166,7 @@ def test_round_trip_to_a_fresh_box(tmp_path: Path, ca: trustme.CA) -> None:
             assert imap_view(restored, addr) == imap_before[addr]
         assert imap_view(restored, ALICE, "Archive/2024") == archive_before
         assert pop3_uidls(restored, ALICE) == uidls_before
-        assert restored.run(load_smarthost(restored.services.db)) == Smarthost(
+        assert restored.run(restored.services.settings.fresh()).relay == Smarthost(
             "relay.far.test", 587, "starttls", "me", "relay secret 1")
         new_uid = restored.run(restored.services.store.deliver([ALICE], message(501)))[ALICE]
         assert isinstance(new_uid, int)
@@ -178,8 +178,6 @@ def test_round_trip_to_a_fresh_box(tmp_path: Path, ca: trustme.CA) -> None:
 
 def deliver_queued(box: BoxHandle, tmp_path: Path) -> None:
     """The message queued on the old box leaves the restored one."""
-    from appliance.queue.service import SERVICE_KEY
-
     zone = ZoneServer(ttl=0)
     zone.start()
     try:
@@ -187,12 +185,14 @@ def deliver_queued(box: BoxHandle, tmp_path: Path) -> None:
         zone.set("far.test", "MX", ["10 mx.far.test."])
         zone.set("mx.far.test", "A", [MX])
         db = box.services.db
-        box.run(save_smarthost(db, None))
+        box.run(box.services.settings.save(relay=None))
         for key, value in (("dns_resolver", zone.address), ("outbound_port", str(port)),
                            ("queue_retry_intervals", "1"), ("queue_hold", "0")):
             box.run(db.set_setting(key, value))
         with Receiver(MX, port) as receiver:
-            box.loop.call_soon_threadsafe(box.services.extra[SERVICE_KEY].wake)
+            queue = box.services.queue
+            assert queue is not None
+            box.loop.call_soon_threadsafe(queue.wake)
             [transaction] = receiver.wait(1)
         assert transaction.rcpt_tos == ("someone@far.test",)
         assert b"Subject: message 99" in transaction.data

@@ -9,18 +9,27 @@ local copy produces, and the mail-client autoconfig the web serves.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import imaplib
 import poplib
 import re
 import smtplib
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import BoxHandle
+from appliance.db import Database
+from appliance.queue.smarthost import Smarthost
+from appliance.settings import Settings
+from tests.conftest import LETTERBOX, BoxHandle
+from tests.integration.test_outbound_smarthost import RELAY_NAME, RELAY_PASSWORD, RELAY_USER, relay_tls
 from tests.support.dns_server import ZoneServer
-from tests.support.outbound import MX1, Outbound, mx, outbound_fixture  # noqa: F401  (fixture)
+from tests.support.outbound import MX1, MX2, Outbound, mx, outbound_fixture  # noqa: F401  (fixture)
+from tests.support.receivers import Receiver
 from tests.support.smtp_wire import Wire, maildir_messages, parse
 from tests.support.web import setup_code
 
@@ -30,19 +39,31 @@ ADMIN, ADMIN_PASSWORD = "admin", "correct horse battery"
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
-def rename_through_the_wizard(box: BoxHandle, hostname: str) -> None:
-    """Wizard step 1 over the box's own HTTPS listener, as a person at a browser does it."""
+@contextlib.contextmanager
+def admin_console(box: BoxHandle, hostname: str = NEW_NAME) -> Iterator[httpx.Client]:
+    """A browser-like client on the box's own HTTPS listener, logged in as the admin made by step 1."""
     base = f"https://localhost:{box.port('https')}"
     with httpx.Client(base_url=base, verify=box.client_context) as web:
-        page = web.get("/setup/1")
-        assert page.status_code == 200, page.text[:300]
-        token = _CSRF.search(page.text)
-        assert token, page.text[:500]
-        response = web.post("/setup/1", data={
-            "csrf": token.group(1), "code": setup_code(box.data.root), "name": ADMIN, "password": ADMIN_PASSWORD, "password2": ADMIN_PASSWORD,
-            "hostname": hostname,
-        })
-        assert response.status_code == 303, response.text[:500]
+        _step1(web, box, hostname)
+        yield web
+
+
+def rename_through_the_wizard(box: BoxHandle, hostname: str) -> None:
+    """Wizard step 1 over the box's own HTTPS listener, as a person at a browser does it."""
+    with admin_console(box, hostname):
+        pass
+
+
+def _step1(web: httpx.Client, box: BoxHandle, hostname: str) -> None:
+    page = web.get("/setup/1")
+    assert page.status_code == 200, page.text[:300]
+    token = _CSRF.search(page.text)
+    assert token, page.text[:500]
+    response = web.post("/setup/1", data={
+        "csrf": token.group(1), "code": setup_code(box.data.root), "name": ADMIN, "password": ADMIN_PASSWORD, "password2": ADMIN_PASSWORD,
+        "hostname": hostname,
+    })
+    assert response.status_code == 303, response.text[:500]
 
 
 @pytest.fixture
@@ -147,3 +168,93 @@ def test_the_queue_says_helo_with_the_new_name(outbound: Outbound) -> None:
         outbound.submit(["someone@example.net"])
         [transaction] = receiver.wait(1)
     assert transaction.helo == NEW_NAME
+
+
+# --- relay and hold: the queue reads the settings at use, whoever changed them ------------------------
+
+def _relay_to_mx1(outbound: Outbound, tmp_path: Path) -> tuple[Receiver, Receiver]:
+    """A relay (TLS + login) on MX1 and far-away.test's own MX on MX2, the relay stored and in use."""
+    ca_file = tmp_path / "relay-ca.pem"
+    outbound.ca.cert_pem.write_to_path(str(ca_file))
+    outbound.zone.set(RELAY_NAME, "A", [MX1])
+    mx(outbound.zone, "far-away.test", (10, "mx.far-away.test", MX2))
+    relay = Receiver(MX1, outbound.port, tls_context=relay_tls(outbound.ca), require_starttls=True,
+                     credentials={RELAY_USER: RELAY_PASSWORD})
+    direct = Receiver(MX2, outbound.port)
+    outbound.box.run(outbound.box.services.settings.save(relay=Smarthost(
+        RELAY_NAME, outbound.port, "starttls", RELAY_USER, RELAY_PASSWORD, str(ca_file))))
+    return relay, direct
+
+
+def test_relay_off_from_the_cli_is_in_force_when_the_cli_returns(outbound: Outbound, tmp_path: Path) -> None:
+    """Issue 12: `letterbox relay off` (another process, the same SQLite file) while the box runs: the
+    very next message goes straight to the recipient's MX. The queue had just used the relay, so a
+    cached reading of the settings (the old 1-second timer) would have carried it there."""
+    relay, direct = _relay_to_mx1(outbound, tmp_path)
+    with relay, direct:
+        outbound.submit(["first@far-away.test"])
+        assert [t.rcpt_tos for t in relay.wait(1)] == [("first@far-away.test",)]
+        outbound.wait_empty()
+        result = subprocess.run([LETTERBOX, "--data", str(outbound.box.data.root), "relay", "off"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        outbound.submit(["second@far-away.test"])
+        assert [t.rcpt_tos for t in direct.wait(1)] == [("second@far-away.test",)]
+        outbound.wait_empty()
+        assert len(relay.transactions) == 1
+    assert outbound.box.services.settings.now.relay is None
+
+
+def test_relay_off_through_the_console_reaches_the_queue_at_once(outbound: Outbound, tmp_path: Path) -> None:
+    relay, direct = _relay_to_mx1(outbound, tmp_path)
+    with relay, direct:
+        outbound.submit(["first@far-away.test"])
+        relay.wait(1)
+        outbound.wait_empty()
+        with admin_console(outbound.box) as web:
+            page = web.get("/console/sending")
+            token = _CSRF.search(page.text)
+            assert page.status_code == 200 and token, page.text[:300]
+            response = web.post("/console/sending", data={"csrf": token.group(1), "mode": "direct", "action": "save"})
+            assert response.status_code == 303, response.text[:500]
+        outbound.submit(["second@far-away.test"])
+        assert [t.rcpt_tos for t in direct.wait(1)] == [("second@far-away.test",)]
+        assert len(relay.transactions) == 1
+
+
+def test_hold_set_by_another_process_stops_delivery_and_lifting_it_resumes(outbound: Outbound) -> None:
+    """queue_hold written through a second SQLite connection (as the CLI or a script would): seen by
+    the running queue at its next use (PRAGMA data_version), and lifting it delivers what waited."""
+    mx(outbound.zone, "far-away.test", (10, "mx.far-away.test", MX2))
+
+    async def write_hold(value: bool) -> None:
+        other = await Database.open(outbound.box.data.db)
+        try:
+            await Settings(other, default_hostname="other.test").save(hold=value)
+        finally:
+            await other.close()
+
+    with Receiver(MX2, outbound.port) as direct:
+        asyncio.run(write_hold(True))
+        outbound.submit(["held@far-away.test"])
+        [held] = outbound.messages()
+        assert outbound.box.run(outbound.box.services.settings.fresh()).hold
+        outbound.queue.wake()  # a pass with the hold on: nothing leaves
+        outbound.box.run(asyncio.sleep(0.3))
+        assert direct.transactions == [] and outbound.messages()[0].id == held.id
+        asyncio.run(write_hold(False))
+        outbound.wake()  # the next pass (or the 5 s poll) reads the hold lifted
+        assert [t.rcpt_tos for t in direct.wait(1)] == [("held@far-away.test",)]
+
+
+def test_the_queue_is_told_of_a_settings_change(outbound: Outbound) -> None:
+    """One subscription: a change saved through Settings wakes the queue (no per-service copy)."""
+    seen: list[tuple[bool, bool]] = []
+    outbound.box.run(outbound.box.services.settings.fresh())  # the fixture's own changes are not ours to see
+    unsubscribe = outbound.box.services.settings.subscribe(lambda before, after: seen.append((before.hold, after.hold)))
+    try:
+        outbound.box.run(outbound.box.services.settings.save(hold=True))
+        outbound.box.run(outbound.box.services.settings.save(hold=False))
+    finally:
+        unsubscribe()
+    assert seen == [(False, True), (True, False)]

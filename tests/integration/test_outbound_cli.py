@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 from appliance import dkim_keys
-from appliance.queue.service import SERVICE_KEY, OutboundQueue
+from appliance.queue.service import OutboundQueue
 from tests.conftest import LETTERBOX, BoxHandle
 
 
@@ -15,7 +15,7 @@ def letterbox(box: BoxHandle, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_flush_and_delete(box: BoxHandle) -> None:
-    queue = box.services.extra[SERVICE_KEY]
+    queue = box.services.queue
     assert isinstance(queue, OutboundQueue)
     first = box.run(queue.spool.enqueue("a@ours.test", ["x@far.test", "y@far.test"], b"Subject: 1\r\n\r\n1\r\n"))
     second = box.run(queue.spool.enqueue("a@ours.test", ["z@far.test"], b"Subject: 2\r\n\r\n2\r\n"))

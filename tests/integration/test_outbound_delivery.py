@@ -6,7 +6,7 @@ from __future__ import annotations
 import dkim
 
 from appliance import dkim_keys
-from appliance.queue.service import SERVICE_KEY, start_queue
+from appliance.queue.service import start_queue
 from tests.support.outbound import (  # noqa: F401  (fixtures)
     ALICE,
     MX1,
@@ -212,7 +212,7 @@ def test_queued_mail_survives_a_restart_of_the_queue(outbound: Outbound) -> None
     box.run(outbound.queue.stop())
     with outbound.receiver(MX1) as receiver:
         outbound.setting("queue_hold", "0")
-        box.services.extra[SERVICE_KEY] = box.run(start_queue(box.services))
+        box.run(start_queue(box.services))
         [transaction] = receiver.wait(1)
         outbound.wait_empty()
         box.run(outbound.queue.stop())

@@ -48,7 +48,7 @@ def send_mx(outbound: Outbound, sender: str, rcpt: str, data: bytes = BODY) -> t
 
 
 def rewriter(outbound: Outbound) -> srs.SenderRewriter:
-    return srs.shared_rewriter(outbound.box.services)
+    return outbound.box.services.srs
 
 
 # --- SRS (issue 10 item 13) ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from appliance.queue.smarthost import Smarthost, load_smarthost, save_smarthost
+from appliance.queue.smarthost import Smarthost
 from tests.conftest import LETTERBOX
 from tests.support.outbound import ALICE, MX1, Outbound, outbound_fixture, zone_fixture  # noqa: F401
 from tests.support.receivers import Receiver
@@ -31,7 +31,7 @@ def use_relay(outbound: Outbound, tmp_path: Path, *, tls: str = "starttls", pass
     outbound.ca.cert_pem.write_to_path(str(ca_file))
     outbound.zone.set(RELAY_NAME, "A", [MX1])
     relay = Smarthost(RELAY_NAME, outbound.port, tls, RELAY_USER, password, str(ca_file))  # type: ignore[arg-type]
-    outbound.box.run(save_smarthost(outbound.box.services.db, relay))
+    outbound.box.run(outbound.box.services.settings.save(relay=relay))
     outbound.wake()
 
 
@@ -111,14 +111,14 @@ def test_relay_certificate_must_match_its_name(outbound: Outbound, tmp_path: Pat
 
 
 def test_settings_round_trip_and_the_password_stays_out_of_repr(outbound: Outbound) -> None:
-    db = outbound.box.services.db
+    settings = outbound.box.services.settings
     relay = Smarthost("smtp.provider.test", 587, "starttls", "me", "pw-123")
-    outbound.box.run(save_smarthost(db, relay))
-    assert outbound.box.run(load_smarthost(db)) == relay
+    outbound.box.run(settings.save(relay=relay))
+    assert outbound.box.run(settings.fresh()).relay == relay
     assert "pw-123" not in repr(relay)
     assert "pw-123" not in relay.describe()
-    outbound.box.run(save_smarthost(db, None))
-    assert outbound.box.run(load_smarthost(db)) is None
+    outbound.box.run(settings.save(relay=None))
+    assert outbound.box.run(settings.fresh()).relay is None
 
 
 def test_the_relay_is_set_shown_and_cleared_from_the_command_line(outbound: Outbound, tmp_path: Path) -> None:
@@ -134,7 +134,7 @@ def test_the_relay_is_set_shown_and_cleared_from_the_command_line(outbound: Outb
                        "--password-stdin", "--ca-file", str(ca_file), stdin=RELAY_PASSWORD + "\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"relay: {RELAY_NAME}:{outbound.port} (starttls) as {RELAY_USER} (set)\n"
-    assert outbound.box.run(load_smarthost(outbound.box.services.db)) == Smarthost(
+    assert outbound.box.run(outbound.box.services.settings.fresh()).relay == Smarthost(
         RELAY_NAME, outbound.port, "starttls", RELAY_USER, RELAY_PASSWORD, str(ca_file))
     outbound.wake()
     relay = Receiver(MX1, outbound.port, tls_context=relay_tls(outbound.ca), require_starttls=True,
@@ -154,4 +154,4 @@ def test_the_relay_is_set_shown_and_cleared_from_the_command_line(outbound: Outb
     assert bad.stderr.count("\n") == 1
     assert "relay host" in bad.stderr
     assert letterbox("off").stdout.startswith("no relay")
-    assert outbound.box.run(load_smarthost(outbound.box.services.db)) is None
+    assert outbound.box.run(outbound.box.services.settings.fresh()).relay is None

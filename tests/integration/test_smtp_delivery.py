@@ -34,9 +34,8 @@ def inbox(box: BoxHandle, address: str) -> list[bytes]:
 
 
 def queue(box: BoxHandle) -> list[QueuedMessage]:
-    from appliance.queue.spool import shared_spool
 
-    return box.run(shared_spool(box.services).messages())
+    return box.run(box.services.spool.messages())
 
 
 def send_mx(box: BoxHandle, sender: str, rcpts: list[str], data: bytes = BODY) -> tuple[int, bytes]:

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from appliance.smtp.probes import RECIPIENT_GUARD, ProbeLimits, RecipientProbeGuard
+from appliance.smtp.probes import ProbeLimits, RecipientProbeGuard
 from tests.conftest import BoxHandle
 
 PASSWORD = "correct horse battery staple 9"
@@ -40,7 +40,7 @@ def install(box: BoxHandle, limits: ProbeLimits, clock: Clock) -> tuple[Recipien
         asked.append(delay)
 
     guard.sleep = record
-    box.services.extra[RECIPIENT_GUARD] = guard
+    box.services.recipient_guard = guard
     return guard, asked
 
 

@@ -40,7 +40,7 @@ def test_a_listener_that_cannot_bind_fails_the_start_before_anyone_is_served(
     probed: list[str] = []
 
     async def serve(services: Any, service: str, host: str, port: int, **_: Any) -> Any:
-        for name, (lhost, lport, _serving) in services.extra["listeners"]().items():
+        for name, (lhost, lport, _serving) in services.listeners().items():
             probed.append(name)
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(lhost, lport), 2)

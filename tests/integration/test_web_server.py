@@ -54,7 +54,7 @@ def test_thunderbird_autoconfig_over_plain_http(box: BoxHandle) -> None:
 
 
 def test_listener_status_for_the_console(box: BoxHandle) -> None:
-    status = box.services.extra["listeners"]()
+    status = box.services.listeners()
     assert status["https"] == ("127.0.0.1", box.port("https"), True)
     assert status["http"][2] is True
 

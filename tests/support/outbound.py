@@ -14,7 +14,7 @@ from typing import cast
 import pytest
 import trustme
 
-from appliance.queue.service import SERVICE_KEY, OutboundQueue
+from appliance.queue.service import OutboundQueue
 from appliance.queue.spool import QueuedMessage
 from tests.conftest import BoxHandle
 from tests.support.dns_server import ZoneServer
@@ -36,7 +36,7 @@ class Outbound:
 
     @property
     def queue(self) -> OutboundQueue:
-        queue = self.box.services.extra[SERVICE_KEY]
+        queue = self.box.services.queue
         assert isinstance(queue, OutboundQueue)
         return queue
 

@@ -20,11 +20,15 @@ from appliance.config import DataLayout, ServeConfig
 from appliance.db import Database
 from appliance.events import EventLog
 from appliance.passwords import make_hasher
+from appliance.pop3.session import MaildropLocks
 from appliance.queue.client import Outcome
 from appliance.queue.retry import RetryPolicy
-from appliance.queue.spool import QueuedMessage, shared_spool
+from appliance.queue.spool import QueuedMessage, Spool
 from appliance.queue.state import QueueState
 from appliance.services import Services
+from appliance.settings import Settings
+from appliance.smtp.probes import RecipientProbeGuard
+from appliance.srs import SECRET_FILE, SenderRewriter, load_secret
 from appliance.store.mailstore import MailStore
 from appliance.tls import TlsManager
 
@@ -58,12 +62,16 @@ async def build_services(root: Path, *, policy: ThrottlePolicy = NO_THROTTLE, ho
     return Services(
         config=ServeConfig(data=layout, listen="127.0.0.1", hostname=hostname),
         db=db,
+        settings=await Settings.load(db, default_hostname=hostname, hostname_override=hostname),
         accounts=accounts,
         auth=Auth(db, accounts, policy=policy, hasher=FAST),
         store=MailStore(layout.mail, db),
         tls=TlsManager(layout.tls, hostname),
         events=EventLog(db),
-        hostname=hostname,
+        spool=Spool(layout.spool, db),
+        srs=SenderRewriter(load_secret(layout.root / SECRET_FILE)),
+        maildrop_locks=MaildropLocks(),
+        recipient_guard=RecipientProbeGuard(),
     )
 
 
@@ -139,7 +147,7 @@ class WebClient:
 
     # --- the outbound queue (no queue runs here: messages stay where the test puts them) -----------
     def enqueue(self, recipients: list[str], sender: str = ALICE, data: bytes = b"Subject: hi\r\n\r\nHello.\r\n") -> str:
-        return self.run(shared_spool(self.services).enqueue, sender, recipients, data, auth_user=sender or None)
+        return self.run(self.services.spool.enqueue, sender, recipients, data, auth_user=sender or None)
 
     def attempt(self, message_id: str, outcomes: dict[str, Outcome], now: int | None = None) -> None:
         """Record one delivery attempt as the queue does (a 4xx outcome defers, a 5xx fails)."""
@@ -151,7 +159,7 @@ class WebClient:
             self.run(state.record, job, wanted, policy=RetryPolicy(), now=when)
 
     def queue(self) -> list[QueuedMessage]:
-        return self.run(shared_spool(self.services).messages)
+        return self.run(self.services.spool.messages)
 
     def set_up(self) -> None:
         """A box past its wizard: admin, domain, setup finished."""

@@ -10,7 +10,7 @@ import pytest
 
 from appliance.pop3.protocol import GRAMMAR, Command, Pop3Connection, State
 from appliance.pop3.replies import Err, Ok, Reply
-from appliance.pop3.session import MaildropLocks, Pop3Session, maildrop_locks
+from appliance.pop3.session import MaildropLocks, Pop3Session
 
 
 class RecordingIO:
@@ -38,7 +38,7 @@ class RecordingIO:
 
 def session(*, tls: bool, stls: bool) -> tuple[Pop3Session, RecordingIO, Pop3Connection]:
     # Only what these tests touch: no command here reaches the store or the auth service.
-    services = cast(Any, SimpleNamespace(store=None, extra={}, hostname="mail.example.test"))
+    services = cast(Any, SimpleNamespace(store=None, maildrop_locks=MaildropLocks(), hostname="mail.example.test"))
     conn = Pop3Connection()
     io = RecordingIO(conn, tls=tls, stls=stls)
     return Pop3Session(services, io, conn), io, conn
@@ -98,11 +98,6 @@ def test_maildrop_locks() -> None:
     locks.release("a@example.test")
     assert "a@example.test" not in locks
     assert locks.acquire("a@example.test")
-
-
-def test_one_lock_table_per_box() -> None:
-    services = cast(Any, SimpleNamespace(extra={}))
-    assert maildrop_locks(services) is maildrop_locks(services)
 
 
 @pytest.mark.parametrize("reply", [Ok("x"), Err("y", "SYS/TEMP")])

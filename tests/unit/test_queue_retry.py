@@ -14,9 +14,9 @@ from appliance.queue.retry import (
     RETRY_EVERY,
     RETRY_INTERVALS,
     RetryPolicy,
-    load_policy,
     parse_intervals,
 )
+from appliance.settings import read_settings
 
 
 def test_the_default_schedule_grows_to_hourly_and_gives_up_after_five_days() -> None:
@@ -60,9 +60,9 @@ def test_settings_override_the_defaults_and_bad_ones_are_ignored(tmp_path: Path)
             await db.set_setting("queue_retry_intervals", "1,2")
             await db.set_setting("queue_max_age", "30")
             await db.set_setting("queue_delay_notice", "0")
-            good = await load_policy(db)
+            good = (await read_settings(db)).retry.apply(RetryPolicy())
             await db.set_setting("queue_max_age", "soon")
-            bad = await load_policy(db)
+            bad = (await read_settings(db)).retry.apply(RetryPolicy())
             return good, bad
         finally:
             await db.close()

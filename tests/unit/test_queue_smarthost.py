@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from appliance.db import Database
-from appliance.queue.smarthost import Smarthost, SmarthostError, load_smarthost, save_smarthost
+from appliance.queue.smarthost import Smarthost, SmarthostError
+from appliance.settings import Settings, read_settings
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -37,14 +38,15 @@ def test_stored_and_loaded_with_default_ports(tmp_path: Path) -> None:
     async def run() -> list[Smarthost | None]:
         db = await Database.open(tmp_path / "db.sqlite")
         try:
-            found = [await load_smarthost(db)]
-            await save_smarthost(db, Smarthost("smtp.provider.test", 2525, "starttls", "me", "pw"))
-            found.append(await load_smarthost(db))
+            settings = await Settings.load(db, default_hostname="box.test")
+            found = [settings.now.relay]
+            await settings.save(relay=Smarthost("smtp.provider.test", 2525, "starttls", "me", "pw"))
+            found.append(settings.now.relay)
             await db.set_setting("smarthost_port", "")
             await db.set_setting("smarthost_tls", "implicit")
-            found.append(await load_smarthost(db))
-            await save_smarthost(db, None)
-            found.append(await load_smarthost(db))
+            found.append((await settings.fresh()).relay)
+            await settings.save(relay=None)
+            found.append((await read_settings(db)).relay)
             return found
         finally:
             await db.close()

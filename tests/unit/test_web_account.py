@@ -27,7 +27,7 @@ def web(tmp_path: Path) -> Iterator[WebClient]:
 
 
 def test_account_page_shows_client_settings(web: WebClient) -> None:
-    web.services.extra["listeners"] = {"imaps": ("0.0.0.0", 10993, True)}
+    web.services.listener_status = lambda: {"imaps": ("0.0.0.0", 10993, True)}
     page = web.get("/account")
     assert page.status_code == 200
     text = page.text

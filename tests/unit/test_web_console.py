@@ -54,7 +54,7 @@ def error_of(page: str, field: str) -> str:
 # --- status and events -------------------------------------------------------------------------------
 
 def test_status_page(web: WebClient) -> None:
-    web.services.extra["listeners"] = lambda: {"imaps": ("127.0.0.1", 993, True), "smtp": ("127.0.0.1", 25, False)}
+    web.services.listener_status = lambda: {"imaps": ("127.0.0.1", 993, True), "smtp": ("127.0.0.1", 25, False)}
     web.enqueue(["bob@elsewhere.example"], data=b"x" * 2048)
     page = web.get("/console")
     assert page.status_code == 200
@@ -72,7 +72,7 @@ def test_status_page(web: WebClient) -> None:
 
 
 def test_status_accepts_a_plain_listener_dict(web: WebClient) -> None:
-    web.services.extra["listeners"] = {"https": ("0.0.0.0", 443, True)}
+    web.services.listener_status = lambda: {"https": ("0.0.0.0", 443, True)}
     assert "0.0.0.0:443" in web.get("/console").text
 
 

@@ -21,7 +21,7 @@ import trustme
 
 from appliance.queue.client import Outcome
 from appliance.queue.relay_check import check_relay
-from appliance.queue.smarthost import Smarthost, load_smarthost, save_smarthost
+from appliance.queue.smarthost import Smarthost
 from appliance.queue.state import spool_file
 from tests.support.dns_server import ZoneServer
 from tests.support.receivers import Receiver, free_port
@@ -54,7 +54,7 @@ def relay_form(**changes: str) -> dict[str, str]:
 
 
 def stored(web: WebClient) -> Smarthost | None:
-    return web.run(load_smarthost, web.services.db)
+    return web.run(web.services.settings.fresh).relay
 
 
 def text_of(page: str) -> str:
@@ -117,7 +117,7 @@ def test_errors_are_shown_next_to_their_fields_and_nothing_is_saved(web: WebClie
 
 
 def test_choosing_direct_delivery_clears_the_relay(web: WebClient) -> None:
-    web.run(save_smarthost, web.services.db, Smarthost(RELAY_NAME, 587, "starttls", RELAY_USER, RELAY_PASSWORD))
+    web.run(web.services.settings.save, relay=Smarthost(RELAY_NAME, 587, "starttls", RELAY_USER, RELAY_PASSWORD))
     response = web.post("/console/sending", {"mode": "direct", "action": "save"}, token_from="/console/sending")
     assert response.status_code == 303
     assert stored(web) is None

@@ -15,7 +15,7 @@ import trustme
 from appliance.app import system_hostname
 from appliance.auth import ThrottlePolicy
 from appliance.dns_check import CheckResult, save_results
-from appliance.queue.smarthost import Smarthost, save_smarthost
+from appliance.queue.smarthost import Smarthost
 from tests.support.dns_server import ZoneServer
 from tests.support.web import (
     ADMIN,
@@ -291,7 +291,7 @@ def test_done_lists_what_is_still_missing_each_with_its_fix(web: WebClient) -> N
     web.run(save_results, web.services.db, DOMAIN, [
         CheckResult("mx", "MX", DOMAIN, "found"), CheckResult("spf", "TXT", DOMAIN, "missing"),
         CheckResult("a", "A", HOSTNAME, "wrong", ("192.0.32.9",))])
-    web.run(save_smarthost, web.services.db, Smarthost("smtp.provider.example", 587, "starttls", "me", "pw"))
+    web.run(web.services.settings.save, relay=Smarthost("smtp.provider.example", 587, "starttls", "me", "pw"))
     web.set_setting("setup_step", "7")
     page = web.get("/setup/7").text
     assert "Almost ready: 3 things left" in page
@@ -316,7 +316,7 @@ def test_done_says_ready_when_nothing_is_missing(web: WebClient, ca: trustme.CA)
     cert = ca.issue_cert(HOSTNAME)
     web.services.tls.install(b"".join(b.bytes() for b in cert.cert_chain_pems), cert.private_key_pem.bytes())
     relay = Smarthost("smtp.provider.example", 587, "starttls", "me", "pw")
-    web.run(save_smarthost, web.services.db, relay)
+    web.run(web.services.settings.save, relay=relay)
     web.set_setting("smarthost_tested", relay.describe())  # as a test that worked leaves it
     web.set_setting("setup_step", "7")
     page = web.get("/setup/7").text
@@ -335,7 +335,7 @@ def test_step1_suggests_the_systems_name(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(socket, "getfqdn", lambda name="": fqdn)
     monkeypatch.setattr(socket, "gethostname", lambda: host)
     with web_client(tmp_path / "data") as web:
-        web.services.hostname = current
+        web.run(web.services.settings.save, hostname=current)
         page = web.get("/setup/1").text
         field = re.search(r'<input id="f-hostname"[^>]*>', page)
         assert field

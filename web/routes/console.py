@@ -12,8 +12,6 @@ from starlette.routing import Route
 from appliance import backup
 from appliance.config import STANDARD_PORTS
 from appliance.dns_check import load_results, summary
-from appliance.dns_records import SETTING_IPV4, SETTING_IPV6
-from appliance.queue.spool import shared_spool
 from web.console_data import disk_usage, listeners, queue_summary
 from web.pages import (
     admin,
@@ -41,7 +39,7 @@ async def status(request: Request) -> Response:
     cert = svc.tls.info()
     days_left = (cert.not_after - dt.datetime.now(dt.UTC)).days
     disk = await asyncio.to_thread(disk_usage, svc.config.data.root)
-    queue = queue_summary(await shared_spool(svc).messages())
+    queue = queue_summary(await svc.spool.messages())
     dns = []
     for domain in await svc.accounts.list_domains():
         last = await load_results(svc.db, domain)
@@ -50,8 +48,8 @@ async def status(request: Request) -> Response:
         "title": "Status", "section": "status", "listeners": rows, "cert": cert, "days_left": days_left,
         "disk": disk, "queue": queue, "dns": dns,
         "mailbox_count": len(await svc.accounts.list_users()), "alias_count": len(await svc.accounts.list_aliases()),
-        "ipv4": await svc.db.get_setting(SETTING_IPV4) or "", "ipv6": await svc.db.get_setting(SETTING_IPV6) or "",
-        "setup_done": await setup_done(svc.db),
+        "ipv4": (await svc.settings.fresh()).public_ipv4 or "", "ipv6": svc.settings.now.public_ipv6 or "",
+        "setup_done": await setup_done(svc.settings),
         "backup_schedule": await backup.read_schedule(svc.db),
     })
 

@@ -9,7 +9,6 @@ from starlette.routing import Route
 
 from appliance.account_errors import AccountError
 from appliance.dns_check import load_results
-from appliance.dns_records import SETTING_IPV4, SETTING_IPV6
 from appliance.store import trash
 from web import forms, wizard
 from web.console_data import dns_ports
@@ -61,8 +60,8 @@ async def domain_dns(request: Request, errors: dict[str, str] | None = None,
     domain = await _domain(request)
     records = await admin(request).dns_records(domain, dns_ports(svc))
     last = await load_results(svc.db, domain)
-    shown = values or {"ipv4": await svc.db.get_setting(SETTING_IPV4) or "",
-                       "ipv6": await svc.db.get_setting(SETTING_IPV6) or ""}
+    shown = values or {"ipv4": (await svc.settings.fresh()).public_ipv4 or "",
+                       "ipv6": svc.settings.now.public_ipv6 or ""}
     return await render(request, "console/domain.html", {
         "title": f"DNS for {domain}", "section": "domains", "domain": domain, "records": records,
         "checked_at": last[0] if last else None, "results": {r.key: r for r in last[1]} if last else {},

@@ -33,7 +33,7 @@ async def home_for(request: Request) -> str:
         return "/login"
     if principal.role == "user":
         return "/account"
-    return "/console" if await setup_done(services(request).db) else "/setup"
+    return "/console" if await setup_done(services(request).settings) else "/setup"
 
 
 async def index(request: Request) -> Response:

@@ -16,8 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from appliance.queue.relay_check import RelayCheck
-from appliance.queue.service import SETTING_HOLD
-from appliance.queue.spool import QueuedMessage, QueuedRecipient, shared_spool
+from appliance.queue.spool import QueuedMessage, QueuedRecipient
 from web import forms
 from web.console_data import queue_summary, recipient_state
 from web.pages import admin, flash, read_form, redirect, render, require, services
@@ -38,9 +37,9 @@ def _queue_rows(messages: list[QueuedMessage]) -> list[tuple[QueuedMessage, list
 async def sending_page(request: Request, form: Form | None = None, check: RelayCheck | None = None) -> Response:
     await require(request, "admin")
     svc = services(request)
-    messages = await shared_spool(svc).messages()
+    messages = await svc.spool.messages()
     now = int(time.time())
-    hold = (await svc.db.get_setting(SETTING_HOLD) or "").strip().lower() in ("1", "yes", "on", "true")
+    hold = (await svc.settings.fresh()).hold
     return await render(request, "console/sending.html", {
         "title": "Sending", "section": "sending", **await form_context(admin(request), form, check),
         "queue": _queue_rows(messages[:MAX_SHOWN]), "summary": queue_summary(messages),
@@ -98,7 +97,7 @@ async def delete_one(request: Request) -> Response:
     svc = services(request)
     if request.method == "GET":
         message_id = _message_id(request)
-        found = [m for m in await shared_spool(svc).messages() if m.id == message_id]
+        found = [m for m in await svc.spool.messages() if m.id == message_id]
         if not found:
             raise HTTPException(404, "This message is not in the queue (delivered or deleted meanwhile).")
         message = found[0]

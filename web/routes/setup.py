@@ -21,7 +21,7 @@ from starlette.routing import Route
 from appliance import setup_code
 from appliance.account_errors import AccountError, AlreadyExists, WeakPassword
 from appliance.dns_check import load_results
-from appliance.dns_records import SETTING_IPV4, SETTING_IPV6, detect_public_addresses
+from appliance.dns_records import detect_public_addresses
 from appliance.queue.relay_check import RelayCheck
 from appliance.tls import TlsManager, make_self_signed
 from web import certificate_forms as certificate
@@ -30,7 +30,7 @@ from web.checklist import still_to_do
 from web.console_data import client_settings_for, dns_ports
 from web.pages import admin, log_in, peer, read_form, redirect, render, require, services
 from web.sending_form import apply, form_context, stored_relay
-from web.state import SETUP_DOMAIN, SETUP_DOMAIN_ADDED, SETUP_DONE, reach, setup_done, setup_step
+from web.state import reach, setup_done, setup_step
 from web.wizard import Form, Next
 
 
@@ -40,9 +40,9 @@ async def _guard(request: Request, step: int) -> Response | None:
     if not await svc.accounts.has_admin():
         return None if step == 1 else redirect("/setup/1")
     await require(request, "admin")
-    if await setup_done(svc.db) and step != wizard.LAST_STEP:
+    if await setup_done(svc.settings) and step != wizard.LAST_STEP:
         return redirect("/console")
-    furthest = await setup_step(svc.db)
+    furthest = await setup_step(svc.settings)
     if step > furthest:
         return redirect(f"/setup/{furthest}")
     return None
@@ -51,7 +51,7 @@ async def _guard(request: Request, step: int) -> Response | None:
 async def _page(request: Request, step: int, template: str, context: dict[str, object], status: int = 200) -> Response:
     return await render(request, template, {
         "title": f"Setup: {dict(wizard.STEPS)[step]}", "steps": wizard.STEPS, "step": step,
-        "furthest": await setup_step(services(request).db), **context,
+        "furthest": await setup_step(services(request).settings), **context,
     }, status_code=status)
 
 
@@ -59,10 +59,10 @@ async def setup_index(request: Request) -> Response:
     svc = services(request)
     if not await svc.accounts.has_admin():
         return redirect("/setup/1")
-    if await setup_done(svc.db):
+    if await setup_done(svc.settings):
         return redirect("/console")
     await require(request, "admin")
-    return redirect(f"/setup/{await setup_step(svc.db)}")
+    return redirect(f"/setup/{await setup_step(svc.settings)}")
 
 
 async def step_page(request: Request) -> Response:
@@ -135,7 +135,7 @@ async def admin_submit(request: Request) -> Response:
         await asyncio.to_thread(setup_code.remove_code, svc.config.data.root)  # used: it opens nothing now
         await log_in(request, result.data["name"], "admin")
     await svc.set_hostname(result.data["hostname"])
-    await reach(svc.db, result.step)
+    await reach(svc.settings, result.step)
     return redirect(f"/setup/{result.step}")
 
 
@@ -143,7 +143,7 @@ async def admin_submit(request: Request) -> Response:
 
 async def domain_page(request: Request, form: Form | None) -> Response:
     svc = services(request)
-    chosen = await svc.db.get_setting(SETUP_DOMAIN)
+    chosen = (await svc.settings.fresh()).setup_domain
     values = dict(form.values) if form else {"domain": chosen or wizard.suggest_domain(svc.hostname)}
     return await _page(request, 2, "setup/domain.html", {"values": values, "errors": form.errors if form else {}},
                        400 if form else 200)
@@ -156,8 +156,9 @@ async def domain_submit(request: Request) -> Response:
         return await domain_page(request, result)
     assert isinstance(result, Next)
     domain = result.data["domain"]
-    previous = await svc.db.get_setting(SETUP_DOMAIN)
-    previous_was_added_here = await svc.db.get_setting(SETUP_DOMAIN_ADDED) == "1"
+    wizard_state = await svc.settings.fresh()
+    previous = wizard_state.setup_domain
+    previous_was_added_here = wizard_state.setup_domain_added
     added_here = previous_was_added_here and previous == domain
     box = admin(request)
     if not await svc.accounts.is_local_domain(domain):
@@ -171,9 +172,8 @@ async def domain_submit(request: Request) -> Response:
         # the new one. A domain that existed before the wizard, or got mailboxes since, stays.
         with contextlib.suppress(AccountError):
             await box.remove_domain(previous)
-    await svc.db.set_setting(SETUP_DOMAIN, domain)
-    await svc.db.set_setting(SETUP_DOMAIN_ADDED, "1" if added_here else "0")
-    await reach(svc.db, result.step)
+    await svc.settings.save(setup_domain=domain, setup_domain_added=added_here)
+    await reach(svc.settings, result.step)
     return redirect(f"/setup/{result.step}")
 
 
@@ -181,10 +181,11 @@ async def domain_submit(request: Request) -> Response:
 
 async def dns_page(request: Request, form: Form | None) -> Response:
     svc = services(request)
-    domain = await svc.db.get_setting(SETUP_DOMAIN)
+    domain = (await svc.settings.fresh()).setup_domain
     if not domain or not await svc.accounts.is_local_domain(domain):
         return redirect("/setup/2")
-    ipv4, ipv6 = await svc.db.get_setting(SETTING_IPV4), await svc.db.get_setting(SETTING_IPV6)
+    current = await svc.settings.fresh()
+    ipv4, ipv6 = current.public_ipv4, current.public_ipv6
     detected = False
     if not form and ipv4 is None and ipv6 is None:
         found4, found6 = await asyncio.to_thread(detect_public_addresses)
@@ -209,10 +210,10 @@ async def dns_submit(request: Request) -> Response:
     box = admin(request)
     await box.set_public_addresses(result.data.get("ipv4", ""), result.data.get("ipv6", ""))
     if result.action == "check":
-        domain = await svc.db.get_setting(SETUP_DOMAIN)
+        domain = (await svc.settings.fresh()).setup_domain
         if domain:
             await box.check_dns(domain, dns_ports(svc))
-    await reach(svc.db, result.step)
+    await reach(svc.settings, result.step)
     return redirect(f"/setup/{result.step}")
 
 
@@ -262,7 +263,7 @@ async def tls_submit(request: Request) -> Response:
     if needs_new_self_signed(svc.tls, svc.hostname):
         await asyncio.to_thread(replace_self_signed, svc.tls, svc.hostname)
         await svc.events.record("tls", f"new self-signed certificate for {svc.hostname}")
-    await reach(svc.db, result.step)
+    await reach(svc.settings, result.step)
     return redirect(f"/setup/{result.step}")
 
 
@@ -284,7 +285,7 @@ async def sending_submit(request: Request) -> Response:
     check = await apply(request, result.action, result.relay)
     if check is not None:  # the relay test failed: nothing saved, the form again with the error
         return await sending_page(request, Form({}, forms.relay_shown(values)), check)
-    await reach(svc.db, result.step)
+    await reach(svc.settings, result.step)
     return redirect(f"/setup/{result.step}")
 
 
@@ -293,7 +294,7 @@ async def sending_submit(request: Request) -> Response:
 async def mailboxes_page(request: Request, form: Form | None) -> Response:
     svc = services(request)
     domains = await svc.accounts.list_domains()
-    chosen = await svc.db.get_setting(SETUP_DOMAIN) or (domains[0] if domains else "")
+    chosen = (await svc.settings.fresh()).setup_domain or (domains[0] if domains else "")
     return await _page(request, 6, "setup/mailboxes.html", {
         "domains": domains, "mailboxes": await svc.accounts.list_users(),
         "values": dict(form.values) if form else {"domain": chosen}, "errors": form.errors if form else {},
@@ -316,7 +317,7 @@ async def mailboxes_submit(request: Request) -> Response:
             shown = {k: values.get(k, "") for k in ("local", "domain", "name")}
             return await mailboxes_page(request, Form({field: str(exc)}, shown))
         request.session["flash"] = [f"Mailbox {info.address} created."]
-    await reach(svc.db, result.step)
+    await reach(svc.settings, result.step)
     return redirect(f"/setup/{result.step}")
 
 
@@ -324,8 +325,8 @@ async def mailboxes_submit(request: Request) -> Response:
 
 async def done_page(request: Request, form: Form | None) -> Response:
     svc = services(request)
-    if not await setup_done(svc.db):
-        await svc.db.set_setting(SETUP_DONE, "1")
+    if not await setup_done(svc.settings):
+        await svc.settings.save(setup_done=True)
         await svc.events.record("setup", "first-run setup finished")
     return await _page(request, 7, "setup/done.html", {
         "settings": client_settings_for(svc), "mailboxes": await svc.accounts.list_users(),

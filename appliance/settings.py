@@ -1,0 +1,341 @@
+"""The box's run-time settings as one typed object: the only module that knows their keys in the
+`settings` table and how each value is written there.
+
+Every service and the web read the fields (`(await settings.fresh()).hold`, `settings.now.hostname`)
+and write through `settings.save(hold=True, ...)`; nobody keeps a copy. Values are live:
+
+- a change saved through this object is in force at once for every service of this process (the
+  snapshot is replaced before `save` returns, and subscribers are told);
+- a change committed by another process (the `letterbox` CLI writing the same SQLite file while
+  `serve` runs) is seen at the next `fresh()`: SQLite's `PRAGMA data_version` changes whenever
+  another connection commits (https://sqlite.org/pragma.html#pragma_data_version), so checking it
+  before serving the cached snapshot costs one cheap statement, and the snapshot is re-read only
+  when something changed. Writes through this process's own connection (`Database.set_setting`,
+  used by tests and older code) bump `Database.settings_generation`, checked the same way.
+
+Services that must react to a change (the queue waking up for a new relay) `subscribe` once; the
+callback runs after any reload that changed a value, whoever made the change.
+
+Not here: per-domain state that happens to live in the same table (DKIM selectors `dkim_selector:*`,
+DNS check results `dns_check:*`), the store's UIDVALIDITY counter, and the certificate module's ACME
+state; each is owned by its module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypedDict, Unpack
+
+from appliance.db import Database
+from appliance.queue.resolver import parse_nameserver
+from appliance.queue.retry import RetryOverrides, parse_overrides
+from appliance.queue.smarthost import DEFAULT_PORTS, Smarthost, SmarthostError
+
+log = logging.getLogger("letterbox.settings")
+
+# --- the keys (nowhere else) -----------------------------------------------------------------------------
+HOSTNAME = "hostname"
+PUBLIC_IPV4 = "public_ipv4"
+PUBLIC_IPV6 = "public_ipv6"
+QUEUE_HOLD = "queue_hold"  # "1": keep everything queued, deliver nothing (tests, maintenance)
+MX_PORT = "outbound_port"  # the port of other domains' mail servers; 25 except in tests
+RETRY_INTERVALS = "queue_retry_intervals"  # comma-separated seconds; the last one repeats
+RETRY_MAX_AGE = "queue_max_age"
+RETRY_DELAY_NOTICE = "queue_delay_notice"  # 0 turns delay notices off
+DNS_RESOLVER = "dns_resolver"  # address[:port]; empty: the system's resolver
+INBOUND_AUTH = "inbound_auth"  # "off": no SPF/DKIM/DMARC checks, no header (the default is on)
+DMARC_REJECT = "dmarc_reject"  # "off": a p=reject failure is delivered, marked, not refused
+RELAY_HOST = "smarthost_host"  # empty or absent: deliver directly to each domain's MX
+RELAY_PORT = "smarthost_port"  # the relay's port (not MX_PORT): empty means 587/465 by TLS mode
+RELAY_TLS = "smarthost_tls"  # 'starttls' (required, never plain) or 'implicit'
+RELAY_USER = "smarthost_user"
+RELAY_PASSWORD = "smarthost_password"  # in clear: SASL PLAIN needs it; never logged or shown
+RELAY_CA_FILE = "smarthost_ca_file"  # optional PEM bundle to trust instead of the system's
+RELAY_TESTED = "smarthost_tested"  # Smarthost.describe() of the relay that last passed its test
+SETUP_STEP = "setup_step"  # the furthest wizard step reached
+SETUP_DONE = "setup_done"  # "1" once the wizard's last step was shown
+SETUP_DOMAIN = "setup_domain"  # the domain chosen in step 2
+SETUP_DOMAIN_ADDED = "setup_domain_added"  # "1" when step 2 created it (a later step 2 may replace it)
+
+RELAY_KEYS = (RELAY_HOST, RELAY_PORT, RELAY_TLS, RELAY_USER, RELAY_PASSWORD, RELAY_CA_FILE)
+KNOWN_KEYS = (
+    HOSTNAME, PUBLIC_IPV4, PUBLIC_IPV6, QUEUE_HOLD, MX_PORT, RETRY_INTERVALS, RETRY_MAX_AGE,
+    RETRY_DELAY_NOTICE, DNS_RESOLVER, INBOUND_AUTH, DMARC_REJECT, *RELAY_KEYS, RELAY_TESTED,
+    SETUP_STEP, SETUP_DONE, SETUP_DOMAIN, SETUP_DOMAIN_ADDED,
+)
+
+DEFAULT_MX_PORT = 25
+_TRUE = ("1", "yes", "on", "true")
+_FALSE = ("0", "off", "no", "false")
+
+
+@dataclass(frozen=True)
+class SettingValues:
+    """One consistent reading of every setting, decoded. Invalid stored values (set by hand) fall back
+    to the default with a warning, except the relay, whose problem is kept to be shown (`relay_problem`):
+    mail must not silently go direct when the owner asked for a relay."""
+
+    hostname: str  # the box's name: --hostname, else the setting, else the system's
+    hostname_stored: bool  # False while the name is only the start-up default (never saved)
+    public_ipv4: str | None  # None: never given (the wizard then offers what it detects)
+    public_ipv6: str | None
+    hold: bool
+    mx_port: int
+    retry: RetryOverrides
+    dns_resolver: str | None  # None: the system's resolver
+    inbound_auth: bool
+    dmarc_reject: bool
+    relay: Smarthost | None
+    relay_problem: str  # why the stored relay is invalid; empty when it is fine
+    relay_ca_file: str  # the stored relay's CA file, kept even when the relay itself is invalid
+    relay_tested: str  # Smarthost.describe() of the last relay whose test passed
+    setup_step: int | None  # None: the wizard never recorded a step
+    setup_done: bool
+    setup_domain: str
+    setup_domain_added: bool
+
+
+class Changes(TypedDict, total=False):
+    """What `Settings.save` takes: any subset of the writable fields, typed."""
+
+    hostname: str
+    public_ipv4: str | None  # None: never given (the wizard then offers what it detects)
+    public_ipv6: str | None
+    hold: bool
+    mx_port: int | None  # None: back to 25
+    dns_resolver: str | None
+    inbound_auth: bool
+    dmarc_reject: bool
+    relay: Smarthost | None  # None: direct delivery (clears every relay key, CA file included)
+    relay_tested: str
+    setup_step: int
+    setup_done: bool
+    setup_domain: str
+    setup_domain_added: bool
+
+
+def _flag(raw: Mapping[str, str], key: str, default: bool) -> bool:
+    value = raw.get(key, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    return default
+
+
+def _int(raw: Mapping[str, str], key: str) -> int | None:
+    text = raw.get(key, "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        log.warning("ignoring the %s setting %r: not a number", key, text)
+        return None
+
+
+def _resolver(raw: Mapping[str, str]) -> str | None:
+    value = raw.get(DNS_RESOLVER, "").strip()
+    if not value:
+        return None
+    try:
+        parse_nameserver(value)
+    except ValueError:
+        log.warning("ignoring the %s setting %r: not an address[:port]", DNS_RESOLVER, value)
+        return None
+    return value
+
+
+def _relay(raw: Mapping[str, str]) -> tuple[Smarthost | None, str]:
+    host = raw.get(RELAY_HOST, "").strip()
+    if not host:
+        return None, ""
+    tls = raw.get(RELAY_TLS, "").strip().lower() or "starttls"
+    port_text = raw.get(RELAY_PORT, "").strip()
+    try:
+        try:
+            port = int(port_text) if port_text else DEFAULT_PORTS.get(tls, 587)
+        except ValueError as exc:
+            raise SmarthostError(f"the relay port {port_text!r} is not a number") from exc
+        return Smarthost(
+            host=host, port=port,
+            tls=tls,  # type: ignore[arg-type]  # validated in __post_init__
+            user=raw.get(RELAY_USER, "").strip(), password=raw.get(RELAY_PASSWORD, ""),
+            ca_file=raw.get(RELAY_CA_FILE, "").strip(),
+        ), ""
+    except SmarthostError as exc:
+        return None, str(exc)
+
+
+def decode(raw: Mapping[str, str], *, default_hostname: str, hostname_override: str | None = None) -> SettingValues:
+    """The typed reading of the raw rows (pure: unit-tested without a db)."""
+    stored_name = raw.get(HOSTNAME, "").strip()
+    relay, problem = _relay(raw)
+    try:
+        retry = parse_overrides(raw.get(RETRY_INTERVALS), raw.get(RETRY_MAX_AGE), raw.get(RETRY_DELAY_NOTICE))
+    except ValueError as exc:
+        # A bad setting must not stop delivery: keep the defaults (the console validates on input).
+        log.warning("ignoring the queue retry settings: %s", exc)
+        retry = RetryOverrides()
+    mx_port = _int(raw, MX_PORT)
+    return SettingValues(
+        hostname=hostname_override or stored_name or default_hostname,
+        hostname_stored=bool(stored_name),
+        public_ipv4=raw[PUBLIC_IPV4].strip() if PUBLIC_IPV4 in raw else None,
+        public_ipv6=raw[PUBLIC_IPV6].strip() if PUBLIC_IPV6 in raw else None,
+        hold=_flag(raw, QUEUE_HOLD, False),
+        mx_port=mx_port if mx_port is not None and 0 < mx_port < 65536 else DEFAULT_MX_PORT,
+        retry=retry,
+        dns_resolver=_resolver(raw),
+        inbound_auth=_flag(raw, INBOUND_AUTH, True),
+        dmarc_reject=_flag(raw, DMARC_REJECT, True),
+        relay=relay,
+        relay_problem=problem,
+        relay_ca_file=raw.get(RELAY_CA_FILE, "").strip(),
+        relay_tested=raw.get(RELAY_TESTED, ""),
+        setup_step=_int(raw, SETUP_STEP),
+        setup_done=raw.get(SETUP_DONE, "") == "1",
+        setup_domain=raw.get(SETUP_DOMAIN, "").strip(),
+        setup_domain_added=raw.get(SETUP_DOMAIN_ADDED, "") == "1",
+    )
+
+
+def _bit(value: bool) -> str:
+    return "1" if value else "0"
+
+
+def encode(changes: Changes) -> dict[str, str]:
+    """The rows that `changes` writes (pure)."""
+    rows: dict[str, str] = {}
+    for name, value in changes.items():
+        if name == "hostname":
+            rows[HOSTNAME] = str(value)
+        elif name == "public_ipv4":
+            rows[PUBLIC_IPV4] = str(value)
+        elif name == "public_ipv6":
+            rows[PUBLIC_IPV6] = str(value)
+        elif name == "hold":
+            rows[QUEUE_HOLD] = _bit(bool(value))
+        elif name == "mx_port":
+            rows[MX_PORT] = "" if value is None else str(value)
+        elif name == "dns_resolver":
+            rows[DNS_RESOLVER] = str(value or "")
+        elif name == "inbound_auth":
+            rows[INBOUND_AUTH] = "on" if value else "off"
+        elif name == "dmarc_reject":
+            rows[DMARC_REJECT] = "on" if value else "off"
+        elif name == "relay":
+            relay = value if isinstance(value, Smarthost) else None
+            rows.update(dict.fromkeys(RELAY_KEYS, ""))
+            if relay is not None:
+                rows.update({
+                    RELAY_HOST: relay.host, RELAY_PORT: str(relay.port), RELAY_TLS: relay.tls,
+                    RELAY_USER: relay.user, RELAY_PASSWORD: relay.password, RELAY_CA_FILE: relay.ca_file,
+                })
+        elif name == "relay_tested":
+            rows[RELAY_TESTED] = str(value)
+        elif name == "setup_step":
+            rows[SETUP_STEP] = str(int(value))  # type: ignore[call-overload]
+        elif name == "setup_done":
+            rows[SETUP_DONE] = _bit(bool(value))
+        elif name == "setup_domain":
+            rows[SETUP_DOMAIN] = str(value)
+        elif name == "setup_domain_added":
+            rows[SETUP_DOMAIN_ADDED] = _bit(bool(value))
+        else:  # pragma: no cover - Changes is closed; mypy rejects unknown names at the call
+            raise KeyError(name)
+    return rows
+
+
+Subscriber = Callable[[SettingValues, SettingValues], None]  # (before, after)
+
+
+class Settings:
+    """The live settings of one process, over its Database connection."""
+
+    def __init__(self, db: Database, *, default_hostname: str, hostname_override: str | None = None) -> None:
+        self._db = db
+        self._default_hostname = default_hostname
+        self._hostname_override = hostname_override  # --hostname: this run only, until a rename
+        self._now: SettingValues | None = None
+        self._seen: tuple[int, int] | None = None  # (data_version, settings_generation) of _now
+        self._subscribers: list[Subscriber] = []
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def load(cls, db: Database, *, default_hostname: str, hostname_override: str | None = None) -> Settings:
+        settings = cls(db, default_hostname=default_hostname, hostname_override=hostname_override)
+        await settings.fresh()
+        return settings
+
+    @property
+    def now(self) -> SettingValues:
+        """The last reading, without a db round trip: for code that cannot await (a banner, a
+        lambda). In-process changes are in it at once; another process's after the next fresh()."""
+        if self._now is None:
+            raise RuntimeError("Settings used before load()")
+        return self._now
+
+    async def fresh(self) -> SettingValues:
+        """The settings as committed right now, by this process or any other."""
+        mark = (await self._data_version(), self._db.settings_generation)
+        if self._now is not None and mark == self._seen:
+            return self._now
+        async with self._lock:
+            mark = (await self._data_version(), self._db.settings_generation)
+            if self._now is None or mark != self._seen:
+                await self._reload(mark)
+        return self.now
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call `callback(before, after)` after every reload that changed a value; returns an unsubscribe."""
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    async def save(self, **changes: Unpack[Changes]) -> SettingValues:
+        """Write the given fields in one transaction; in force for every service when this returns."""
+        rows = encode(changes)
+        await self.fresh()  # subscribers' `before` is what was in force, not an older reading
+        async with self._db.transaction() as tx:
+            for key, value in rows.items():
+                await tx.execute(
+                    "INSERT INTO settings (key, value) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+        if "hostname" in changes:
+            self._hostname_override = None  # a rename wins over --hostname from now on
+        self._db.settings_generation += 1
+        return await self.fresh()
+
+    async def _data_version(self) -> int:
+        row = await self._db.fetchone("PRAGMA data_version")
+        return int(row[0]) if row else 0
+
+    async def _reload(self, mark: tuple[int, int]) -> None:
+        rows = await self._db.fetchall(
+            f"SELECT key, value FROM settings WHERE key IN ({','.join('?' * len(KNOWN_KEYS))})", KNOWN_KEYS)
+        raw = {str(r["key"]): str(r["value"]) for r in rows}
+        before, after = self._now, decode(
+            raw, default_hostname=self._default_hostname, hostname_override=self._hostname_override)
+        self._now, self._seen = after, mark
+        if before is not None and before != after:
+            for callback in list(self._subscribers):
+                try:
+                    callback(before, after)
+                except Exception:
+                    log.exception("a settings subscriber failed")
+
+
+
+async def read_settings(db: Database, *, default_hostname: str = "") -> SettingValues:
+    """One reading for a short-lived caller (a CLI command, a one-off check): read at use, no cache."""
+    return (await Settings.load(db, default_hostname=default_hostname)).now
