@@ -9,9 +9,7 @@ import errno
 import signal
 import socket
 import subprocess
-import sys
 import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +25,6 @@ from tests.conftest import (
     pick_port_offset,
     preset_settings,
 )
-
-FAKE_MODULE = "tests_fake_busy_listener"
 
 
 def test_a_listener_that_cannot_bind_fails_the_start_before_anyone_is_served(
@@ -54,10 +50,7 @@ def test_a_listener_that_cannot_bind_fails_the_start_before_anyone_is_served(
                 writer.close()
         raise OSError(errno.EADDRINUSE, "Address already in use")
 
-    fake = types.ModuleType(FAKE_MODULE)
-    fake.serve = serve  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, FAKE_MODULE, fake)
-    monkeypatch.setitem(app.LISTENER_MODULES, "lmtp", FAKE_MODULE)  # lmtp is bound last
+    monkeypatch.setitem(app.LISTENERS, "lmtp", serve)  # lmtp is bound last
     layout = DataLayout(tmp_path / "data")
     layout.create()
     install_test_certificate(ca, layout)
