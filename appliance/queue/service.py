@@ -604,7 +604,7 @@ def _failure(exc: RouteError | SessionFailed) -> Outcome:
 
 
 async def start_queue(services: Services, **options: Any) -> OutboundQueue:
-    """The composition root's hook (appliance/app.py BACKGROUND_MODULES)."""
+    """The composition root's hook (appliance/app.py BACKGROUND)."""
     queue = OutboundQueue(services, **options)
     await queue.start()
     services.queue = queue
