@@ -52,7 +52,7 @@ RELAY_HOST = "smarthost_host"  # empty or absent: deliver directly to each domai
 RELAY_PORT = "smarthost_port"  # the relay's port (not MX_PORT): empty means 587/465 by TLS mode
 RELAY_TLS = "smarthost_tls"  # 'starttls' (required, never plain) or 'implicit'
 RELAY_USER = "smarthost_user"
-RELAY_PASSWORD = "smarthost_password"  # in clear: SASL PLAIN needs it; never logged or shown
+RELAY_PASSWORD = "smarthost_password"  # noqa: S105  a key, not a secret. In clear: SASL PLAIN needs it; never logged or shown
 RELAY_CA_FILE = "smarthost_ca_file"  # optional PEM bundle to trust instead of the system's
 RELAY_TESTED = "smarthost_tested"  # Smarthost.describe() of the relay that last passed its test
 SETUP_STEP = "setup_step"  # the furthest wizard step reached
@@ -67,6 +67,7 @@ KNOWN_KEYS = (
     SETUP_STEP, SETUP_DONE, SETUP_DOMAIN, SETUP_DOMAIN_ADDED,
 )
 
+_SELECT_KNOWN = f"SELECT key, value FROM settings WHERE key IN ({','.join('?' * len(KNOWN_KEYS))})"  # noqa: S608  placeholders only
 DEFAULT_MX_PORT = 25
 _TRUE = ("1", "yes", "on", "true")
 _FALSE = ("0", "off", "no", "false")
@@ -203,50 +204,55 @@ def decode(raw: Mapping[str, str], *, default_hostname: str, hostname_override: 
     )
 
 
-def _bit(value: bool) -> str:
+def _relay_rows(relay: Smarthost | None) -> dict[str, str]:
+    rows = dict.fromkeys(RELAY_KEYS, "")
+    if relay is not None:
+        rows.update({
+            RELAY_HOST: relay.host, RELAY_PORT: str(relay.port), RELAY_TLS: relay.tls,
+            RELAY_USER: relay.user, RELAY_PASSWORD: relay.password, RELAY_CA_FILE: relay.ca_file,
+        })
+    return rows
+
+
+def _on_off(value: object) -> str:
+    return "on" if value else "off"
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def _bit_of(value: object) -> str:
     return "1" if value else "0"
+
+
+# field -> (key, how its value is written); the relay spans six keys (_relay_rows).
+_ENCODINGS: dict[str, tuple[str, Callable[[object], str]]] = {
+    "hostname": (HOSTNAME, _text),
+    "public_ipv4": (PUBLIC_IPV4, _text),
+    "public_ipv6": (PUBLIC_IPV6, _text),
+    "hold": (QUEUE_HOLD, _bit_of),
+    "mx_port": (MX_PORT, _text),
+    "dns_resolver": (DNS_RESOLVER, _text),
+    "inbound_auth": (INBOUND_AUTH, _on_off),
+    "dmarc_reject": (DMARC_REJECT, _on_off),
+    "relay_tested": (RELAY_TESTED, _text),
+    "setup_step": (SETUP_STEP, _text),
+    "setup_done": (SETUP_DONE, _bit_of),
+    "setup_domain": (SETUP_DOMAIN, _text),
+    "setup_domain_added": (SETUP_DOMAIN_ADDED, _bit_of),
+}
 
 
 def encode(changes: Changes) -> dict[str, str]:
     """The rows that `changes` writes (pure)."""
     rows: dict[str, str] = {}
     for name, value in changes.items():
-        if name == "hostname":
-            rows[HOSTNAME] = str(value)
-        elif name == "public_ipv4":
-            rows[PUBLIC_IPV4] = str(value)
-        elif name == "public_ipv6":
-            rows[PUBLIC_IPV6] = str(value)
-        elif name == "hold":
-            rows[QUEUE_HOLD] = _bit(bool(value))
-        elif name == "mx_port":
-            rows[MX_PORT] = "" if value is None else str(value)
-        elif name == "dns_resolver":
-            rows[DNS_RESOLVER] = str(value or "")
-        elif name == "inbound_auth":
-            rows[INBOUND_AUTH] = "on" if value else "off"
-        elif name == "dmarc_reject":
-            rows[DMARC_REJECT] = "on" if value else "off"
-        elif name == "relay":
-            relay = value if isinstance(value, Smarthost) else None
-            rows.update(dict.fromkeys(RELAY_KEYS, ""))
-            if relay is not None:
-                rows.update({
-                    RELAY_HOST: relay.host, RELAY_PORT: str(relay.port), RELAY_TLS: relay.tls,
-                    RELAY_USER: relay.user, RELAY_PASSWORD: relay.password, RELAY_CA_FILE: relay.ca_file,
-                })
-        elif name == "relay_tested":
-            rows[RELAY_TESTED] = str(value)
-        elif name == "setup_step":
-            rows[SETUP_STEP] = str(int(value))  # type: ignore[call-overload]
-        elif name == "setup_done":
-            rows[SETUP_DONE] = _bit(bool(value))
-        elif name == "setup_domain":
-            rows[SETUP_DOMAIN] = str(value)
-        elif name == "setup_domain_added":
-            rows[SETUP_DOMAIN_ADDED] = _bit(bool(value))
-        else:  # pragma: no cover - Changes is closed; mypy rejects unknown names at the call
-            raise KeyError(name)
+        if name == "relay":
+            rows.update(_relay_rows(value if isinstance(value, Smarthost) else None))
+        else:
+            key, write = _ENCODINGS[name]
+            rows[key] = write(value)
     return rows
 
 
@@ -321,8 +327,7 @@ class Settings:
         return int(row[0]) if row else 0
 
     async def _reload(self, mark: tuple[int, int]) -> None:
-        rows = await self._db.fetchall(
-            f"SELECT key, value FROM settings WHERE key IN ({','.join('?' * len(KNOWN_KEYS))})", KNOWN_KEYS)
+        rows = await self._db.fetchall(_SELECT_KNOWN, KNOWN_KEYS)
         raw = {str(r["key"]): str(r["value"]) for r in rows}
         before, after = self._now, decode(
             raw, default_hostname=self._default_hostname, hostname_override=self._hostname_override)

@@ -254,15 +254,9 @@ class OutboundQueue:
         jobs = self._pending.get(domain) or collections.deque()
         try:
             while jobs and not self._stopping:
-                # Each message goes by the settings in force when it is taken (a relay switched off by
-                # the CLI a moment ago must not carry it): a session opened by another route ends.
-                latest = await self._config()
-                if latest.hold:
+                session, config = await self._follow_settings(session, config)
+                if config.hold:
                     break
-                if session is not None and _route(latest) != _route(config):
-                    await self._threads.run(session.close)
-                    session = None
-                config = latest
                 job = jobs.popleft()
                 handed_back = False
                 try:
@@ -298,8 +292,7 @@ class OutboundQueue:
         except Exception:
             log.exception("queue worker for %s failed", domain)
         finally:
-            while jobs and (self._stopping or config.hold):  # left for later; the rows are still queued
-                self._release(jobs.popleft())
+            self._leave_for_later(jobs, config.hold)
             if session is not None:
                 with contextlib.suppress(Exception):
                     await self._threads.run(session.close)
@@ -307,6 +300,22 @@ class OutboundQueue:
             if self._active[domain] <= 0:
                 del self._active[domain]
             self._wake.set()
+
+    def _leave_for_later(self, jobs: collections.deque[Job], hold: bool) -> None:
+        """Stopping, or a hold came: what this worker had not taken waits; its rows are still queued."""
+        while jobs and (self._stopping or hold):
+            self._release(jobs.popleft())
+
+    async def _follow_settings(
+        self, session: OutboundSession | None, config: DeliveryConfig
+    ) -> tuple[OutboundSession | None, DeliveryConfig]:
+        """Each message goes by the settings in force when it is taken (a relay switched off by the
+        CLI a moment ago must not carry it): a session opened for another route, or under a hold, ends."""
+        latest = await self._config()
+        if session is not None and (latest.hold or _route(latest) != _route(config)):
+            await self._threads.run(session.close)
+            session = None
+        return session, latest
 
     def _release(self, job: Job) -> None:
         if job.key in self._in_flight:

@@ -406,9 +406,8 @@ class SmtpHandler:
         # Shielded: a client hanging up mid-delivery must not cancel a half-done write; the work
         # finishes and the client, having seen no reply, retries (a duplicate beats a loss).
         report = await asyncio.shield(self.deliverer.deliver(message, per_recipient=self.lmtp))
-        if report.summary.positive:
-            if session.on_accepted is not None:
-                session.on_accepted()
+        if report.summary.positive and session.on_accepted is not None:
+            session.on_accepted()
         if self.lmtp:
             return "\r\n".join(str(reply) for reply in report.replies)
         return str(report.summary)

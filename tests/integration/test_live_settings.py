@@ -214,7 +214,8 @@ def test_relay_off_through_the_console_reaches_the_queue_at_once(outbound: Outbo
         with admin_console(outbound.box) as web:
             page = web.get("/console/sending")
             token = _CSRF.search(page.text)
-            assert page.status_code == 200 and token, page.text[:300]
+            assert page.status_code == 200, page.text[:300]
+            assert token, page.text[:300]
             response = web.post("/console/sending", data={"csrf": token.group(1), "mode": "direct", "action": "save"})
             assert response.status_code == 303, response.text[:500]
         outbound.submit(["second@far-away.test"])
@@ -241,7 +242,8 @@ def test_hold_set_by_another_process_stops_delivery_and_lifting_it_resumes(outbo
         assert outbound.box.run(outbound.box.services.settings.fresh()).hold
         outbound.queue.wake()  # a pass with the hold on: nothing leaves
         outbound.box.run(asyncio.sleep(0.3))
-        assert direct.transactions == [] and outbound.messages()[0].id == held.id
+        assert direct.transactions == []
+        assert outbound.messages()[0].id == held.id
         asyncio.run(write_hold(False))
         outbound.wake()  # the next pass (or the 5 s poll) reads the hold lifted
         assert [t.rcpt_tos for t in direct.wait(1)] == [("held@far-away.test",)]

@@ -1,0 +1,91 @@
+"""appliance/settings.py: the typed reading of every setting, its encoding, and live values across
+connections (issue 12)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from appliance.db import Database
+from appliance.queue.smarthost import Smarthost
+from appliance.settings import KNOWN_KEYS, Settings, SettingValues, decode, encode
+
+
+def test_defaults_when_nothing_is_stored() -> None:
+    values = decode({}, default_hostname="box.local")
+    assert values.hostname == "box.local"
+    assert not values.hostname_stored
+    assert values.public_ipv4 is None
+    assert values.mx_port == 25
+    assert values.relay is None
+    assert values.inbound_auth
+    assert values.dmarc_reject
+    assert not values.hold
+    assert values.dns_resolver is None
+    assert values.setup_step is None
+
+
+def test_invalid_values_fall_back_and_an_invalid_relay_is_explained() -> None:
+    values = decode({"outbound_port": "x", "dns_resolver": "not an address", "queue_max_age": "soon",
+                     "smarthost_host": "relay.test", "smarthost_port": "many"}, default_hostname="b.local")
+    assert values.mx_port == 25
+    assert values.dns_resolver is None
+    assert values.retry.max_age is None
+    assert values.relay is None
+    assert "not a number" in values.relay_problem
+
+
+def test_every_written_field_reads_back() -> None:
+    relay = Smarthost("relay.test", 2525, "implicit", "me", "pw", "/ca.pem")
+    rows = encode({"hostname": "mail.example.test", "public_ipv4": "192.0.2.1", "hold": True, "mx_port": 2525,
+                   "dns_resolver": "127.0.0.1:5353", "inbound_auth": False, "dmarc_reject": False,
+                   "relay": relay, "relay_tested": relay.describe(), "setup_step": 5, "setup_done": True,
+                   "setup_domain": "example.test", "setup_domain_added": True})
+    assert set(rows) <= set(KNOWN_KEYS)
+    values = decode(rows, default_hostname="b.local")
+    assert (values.hostname, values.public_ipv4, values.hold, values.mx_port) == ("mail.example.test", "192.0.2.1",
+                                                                               True, 2525)
+    assert (values.dns_resolver, values.inbound_auth, values.dmarc_reject) == ("127.0.0.1:5353", False, False)
+    assert values.relay == relay
+    assert values.relay_tested == relay.describe()
+    assert (values.setup_step, values.setup_done, values.setup_domain, values.setup_domain_added) == (
+        5, True, "example.test", True)
+    assert decode(encode({"relay": None}), default_hostname="b").relay is None
+
+
+def test_a_commit_by_another_connection_is_seen_at_the_next_use(tmp_path: Path) -> None:
+    """The CLI is another process with its own connection: PRAGMA data_version tells the box."""
+    async def run() -> tuple[SettingValues, SettingValues, list[bool]]:
+        box_db = await Database.open(tmp_path / "db.sqlite")
+        cli_db = await Database.open(tmp_path / "db.sqlite")
+        try:
+            box = await Settings.load(box_db, default_hostname="b.local")
+            seen: list[bool] = []
+            box.subscribe(lambda before, after: seen.append(after.hold))
+            before = await box.fresh()
+            await Settings(cli_db, default_hostname="b.local").save(hold=True)
+            return before, await box.fresh(), seen
+        finally:
+            await cli_db.close()
+            await box_db.close()
+
+    before, after, seen = asyncio.run(run())
+    assert not before.hold
+    assert after.hold
+    assert seen == [True]
+
+
+def test_hostname_override_holds_until_a_rename(tmp_path: Path) -> None:
+    async def run() -> list[str]:
+        db = await Database.open(tmp_path / "db.sqlite")
+        try:
+            await db.set_setting("hostname", "stored.example.test")
+            settings = await Settings.load(db, default_hostname="b.local", hostname_override="flag.example.test")
+            names = [settings.now.hostname]
+            await settings.save(hostname="renamed.example.test")
+            names.append(settings.now.hostname)
+            return names
+        finally:
+            await db.close()
+
+    assert asyncio.run(run()) == ["flag.example.test", "renamed.example.test"]
