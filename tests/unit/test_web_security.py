@@ -36,7 +36,10 @@ def all_routes() -> list[tuple[str, str]]:
     return found
 
 
-POSTS = [path for method, path in all_routes() if method == "POST" and path not in OPEN_POSTS]
+# Forms open only on a box without an administrator: their token check is tested on a fresh box below.
+FIRST_RUN_POSTS = {"/setup/restore"}
+POSTS = [path for method, path in all_routes()
+         if method == "POST" and path not in OPEN_POSTS and path not in FIRST_RUN_POSTS]
 ADMIN_GETS = [path for method, path in all_routes() if method == "GET" and path.startswith("/console")]
 ADMIN_POSTS = [path for path in POSTS if path.startswith("/console")]
 USER_PATHS = [(m, p) for m, p in all_routes() if p.startswith("/account")]
@@ -75,6 +78,28 @@ def test_every_form_without_its_csrf_token_is_refused(web: WebClient, path: str)
         assert "expired or came from another site" in response.text
     assert web.run(web.services.accounts.list_domains) == [DOMAIN]
     assert web.run(web.services.accounts.get_user, ALICE) is not None
+
+
+@pytest.mark.parametrize("path", sorted(FIRST_RUN_POSTS))
+def test_first_run_forms_without_their_token_are_refused(tmp_path: Path, path: str) -> None:
+    with web_client(tmp_path / "fresh") as fresh:
+        fresh.csrf("/setup/1")  # a session, so only the token is missing
+        for token in ("", "forged-token-" + "x" * 40):
+            response = fresh.client.post(path, data={"csrf": token, "code": "x", "secret": "x"},
+                                         files={"file": ("b.tar.zst.age", b"x" * 1024)}, follow_redirects=False)
+            assert response.status_code == 403, (path, response.status_code, response.text[:200])
+            assert "expired or came from another site" in response.text
+        assert not fresh.run(fresh.services.accounts.has_admin)
+
+
+@pytest.mark.parametrize("path", sorted(FIRST_RUN_POSTS))
+def test_first_run_forms_are_closed_once_an_admin_exists(web: WebClient, path: str) -> None:
+    web.login(ADMIN, ADMIN_PASSWORD)
+    response = web.client.post(path, data={"csrf": web.csrf("/console"), "code": "x", "secret": "x"},
+                               files={"file": ("b.tar.zst.age", b"x" * 1024)}, follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["location"].endswith("/login")
+    assert web.run(web.services.accounts.list_domains) == [DOMAIN]
 
 
 def test_a_token_from_another_session_is_refused(web: WebClient, tmp_path: Path) -> None:

@@ -83,8 +83,10 @@ async def _read_upload(request: Request) -> tuple[dict[str, str], Path | None]:
         else:
             values[key] = value
     if not csrf_ok(request.session, values.get(CSRF_FIELD)):
+        await form.close()  # the spooled upload goes with it
         raise HTTPException(403, "This form has expired or came from another site. Reload the page and try again.")
     if upload is None or not upload.filename:
+        await form.close()
         return values, None
     root = services(request).config.data.root.resolve()
     target = root.parent / f".{root.name}.upload-{secrets.token_hex(4)}"
