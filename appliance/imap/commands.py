@@ -426,6 +426,13 @@ class Thread(Command):
 
 
 @dataclass(frozen=True)
+class Compress(Command):
+    """COMPRESS mechanism (RFC 4978 3); DEFLATE is the one defined."""
+
+    mechanism: str
+
+
+@dataclass(frozen=True)
 class Expunge(Command):
     """EXPUNGE, or UID EXPUNGE set (RFC 4315 2.1) when `uids` is given."""
 

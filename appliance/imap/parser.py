@@ -24,6 +24,7 @@ from appliance.imap.commands import (
     BinarySection,
     BodySection,
     Command,
+    Compress,
     CopyMove,
     DateKey,
     Enable,
@@ -825,6 +826,13 @@ def _thread(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
     return Thread(tag, name, uid, algorithm, charset, key)
 
 
+def _compress(r: Reader, tag: str, name: str) -> Command:
+    r.sp()
+    mechanism = r.keyword()
+    r.end()
+    return Compress(tag, name, mechanism)
+
+
 def _search_key(r: Reader, depth: int) -> SearchKey:
     if depth > MAX_SEARCH_DEPTH:
         raise ParseError("search too deeply nested")
@@ -985,6 +993,7 @@ _PARSERS: dict[str, Callable[..., Command]] = {
     "SEARCH": _search,
     "SORT": _sort,
     "THREAD": _thread,
+    "COMPRESS": _compress,
     "EXPUNGE": _expunge,
     "ID": _id,
     "ENABLE": _enable,

@@ -99,6 +99,13 @@ class ImapConnection:
         """Octets received but not yet turned into events."""
         return len(self._buffer)
 
+    def take_buffer(self) -> bytes:
+        """Everything not yet parsed, removed: after COMPRESS it is compressed and goes through the
+        decompressor first (RFC 4978 3)."""
+        data = bytes(self._buffer)
+        self.discard_buffer()
+        return data
+
     def discard_buffer(self) -> None:
         """Forget everything not yet parsed: after STARTTLS, plaintext pipelined behind it must not be
         taken as sent over TLS (the command injection of CVE-2011-0411)."""

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import zlib
 from typing import TYPE_CHECKING
 
 from appliance.channel import Channel, ConnectionClosed, DeadlineExpired, Slot, start_listener
@@ -33,6 +34,7 @@ from appliance.imap.session import ImapSession, SessionConfig
 if TYPE_CHECKING:
     from appliance.services import Services
 
+INFLATE_CHUNK = 64 * 1024  # octets inflated per step, so a compression bomb costs no memory
 log = logging.getLogger("letterbox.imap")
 
 IMPLICIT_TLS_SERVICES = frozenset({"imaps"})
@@ -56,6 +58,10 @@ class ConnectionHandler:
         # Loop time the command being received began (its first byte), None between commands.
         self._command_started: float | None = None
         self.tls_active = implicit_tls
+        # RFC 4978: raw DEFLATE (no zlib header: wbits -15) both ways once COMPRESS succeeded. It sits
+        # above TLS: the channel carries the compressed bytes, TLS records and all, unchanged.
+        self._deflate: zlib._Compress | None = None
+        self._inflate: zlib._Decompress | None = None
         self.starttls_available = not implicit_tls
         self.conn = ImapConnection(limits)
         self.session = ImapSession(services, self, SessionConfig(services.hostname, limits.idle_timeout))
@@ -76,19 +82,38 @@ class ConnectionHandler:
                     if size < WRITE_BATCH:
                         continue
                 if pending:
-                    self.channel.write(b"".join(pending))
+                    self._write(b"".join(pending))
                     pending, size = [], 0
                     await self._drain()
                 if not isinstance(piece, bytes):
                     pieces[i] = b""  # streamed (and closed) below, whatever happens
                     await self._stream(piece)
             if pending:
-                self.channel.write(b"".join(pending))
+                self._write(b"".join(pending))
             await self._drain()
         finally:
             for piece in pieces:  # literals never streamed (the client went away): close their files
                 if not isinstance(piece, bytes):
                     _close(piece)
+
+    def _write(self, data: bytes) -> None:
+        if self._deflate is not None:
+            # A sync flush per write: the client can decode every response as soon as it arrives.
+            data = self._deflate.compress(data) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
+        self.channel.write(data)
+
+    @property
+    def compressed(self) -> bool:
+        return self._deflate is not None
+
+    def start_compression(self) -> None:
+        """After the OK to COMPRESS (RFC 4978 3): what the client pipelined behind the command is
+        compressed already, so it goes through the decompressor with the rest."""
+        self._deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
+        self._inflate = zlib.decompressobj(-15)
+        pending = self.conn.take_buffer()
+        if pending:
+            self._receive(pending)
 
     async def _stream(self, source: StreamedLiteral) -> None:
         chunks = source.chunks()
@@ -99,7 +124,7 @@ class ConnectionHandler:
                 if chunk is None:
                     break
                 sent += len(chunk)
-                self.channel.write(chunk)
+                self._write(chunk)
                 await self._drain()
         finally:
             _close(source)
@@ -170,6 +195,8 @@ class ConnectionHandler:
         deadline = self._command_deadline()
         if deadline is not None:
             seconds = min(seconds, deadline - loop.time())
+        if self._inflate_more():
+            return True
         try:
             if seconds <= 0:
                 raise TimeoutError
@@ -191,7 +218,23 @@ class ConnectionHandler:
             return False
         if self._command_started is None:
             self._command_started = loop.time()
+        self._receive(data)
+        return True
+
+    def _receive(self, data: bytes) -> None:
+        if self._inflate is not None:
+            try:
+                data = self._inflate.decompress(data, INFLATE_CHUNK)
+            except zlib.error:
+                raise ConnectionClosed("invalid compressed data") from None
         self.conn.receive_data(data)
+
+    def _inflate_more(self) -> bool:
+        """Bounded inflation (a small input may expand a thousandfold): input left over from the last
+        step is inflated before the socket is read again."""
+        if self._inflate is None or not self._inflate.unconsumed_tail:
+            return False
+        self._receive(self._inflate.unconsumed_tail)
         return True
 
     def _timeout(self) -> float:
@@ -233,7 +276,7 @@ class ConnectionHandler:
 
     async def _say_bye(self, text: str) -> None:
         with contextlib.suppress(Exception):
-            self.channel.write(Bye(text).to_bytes())
+            self._write(Bye(text).to_bytes())
 
     async def serve(self) -> None:
         try:

@@ -27,6 +27,7 @@ from appliance.imap.commands import (
     BinarySection,
     BodySection,
     Command,
+    Compress,
     CopyMove,
     Enable,
     Expunge,
@@ -93,7 +94,7 @@ BASE_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE")
 AUTHENTICATED_CAPABILITIES = (
     "IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "UIDPLUS", "MOVE", "SPECIAL-USE",
     "NAMESPACE", "CHILDREN", "UNSELECT", "QUOTA", "CONDSTORE", "QRESYNC", "ESEARCH", "LIST-STATUS",
-    "STATUS=SIZE", "SORT", "MULTIAPPEND", "THREAD=REFERENCES", "BINARY",
+    "STATUS=SIZE", "SORT", "MULTIAPPEND", "THREAD=REFERENCES", "BINARY", "COMPRESS=DEFLATE",
 )
 SERVER_ID = (("name", "Letterbox"), ("vendor", "Letterbox"))
 FETCH_BATCH = 64  # messages whose files one worker-thread call reads
@@ -120,6 +121,9 @@ class SessionIO(Protocol):
     def prepare_tls(self) -> None: ...
     async def start_tls(self) -> None: ...
     def wait_line(self, seconds: float) -> asyncio.Task[bytes | None]: ...
+    def start_compression(self) -> None: ...
+    @property
+    def compressed(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -694,6 +698,16 @@ class ImapSession:
         await self.io.send(Data("SORT" + "".join(f" {i.uid if command.uid else i.seq}" for i in ordered)))
         await self.ok(command)
 
+    async def cmd_compress(self, command: Command) -> None:
+        """RFC 4978 3: the OK goes out uncompressed; everything after it, both ways, is DEFLATE."""
+        assert isinstance(command, Compress)
+        if command.mechanism != "DEFLATE":
+            raise ImapBad("Unknown compression mechanism")
+        if self.io.compressed:
+            raise ImapNo("Compression is already active", "COMPRESSIONACTIVE")
+        await self.io.send(Tagged(command.tag, "OK", "DEFLATE active"))
+        self.io.start_compression()
+
     async def cmd_thread(self, command: Command) -> None:
         """RFC 5256 4: the matching messages as threads (REFERENCES)."""
         assert isinstance(command, Thread)
@@ -1139,6 +1153,7 @@ _AUTHENTICATED: dict[str, Handler] = {
     "GETQUOTAROOT": ImapSession.cmd_getquotaroot,
     "SETQUOTA": ImapSession.cmd_setquota,
     "IDLE": ImapSession.cmd_idle,
+    "COMPRESS": ImapSession.cmd_compress,
 }
 # RFC 3501 3: the commands each state accepts.
 DISPATCH: dict[State, dict[str, Handler]] = {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+import zlib
 from collections.abc import Iterator
 
 import pytest
@@ -32,7 +34,7 @@ def raw(box: BoxHandle) -> Iterator[RawImap]:
 
 def test_capabilities(raw: RawImap) -> None:
     caps = raw.command(b"c", b"CAPABILITY")[0].split()
-    for cap in (b"ESEARCH", b"LIST-STATUS", b"STATUS=SIZE", b"SORT", b"MULTIAPPEND", b"THREAD=REFERENCES", b"BINARY"):
+    for cap in (b"ESEARCH", b"LIST-STATUS", b"STATUS=SIZE", b"SORT", b"MULTIAPPEND", b"THREAD=REFERENCES", b"BINARY", b"COMPRESS=DEFLATE"):
         assert cap in caps
 
 
@@ -158,3 +160,27 @@ def test_binary(box: BoxHandle, raw: RawImap) -> None:
     # APPEND with a literal8 (RFC 3516 4.4).
     reply = raw.command(b"e", b"APPEND Junk ~{12+}\r\nSubject: z\r\n\r\n")
     assert reply[-1].startswith(b"e OK"), reply
+
+
+def test_compress_deflate_over_tls(box: BoxHandle, raw: RawImap) -> None:
+    """RFC 4978: raw DEFLATE both ways after the OK, under TLS; a command pipelined behind COMPRESS
+    (already compressed) is served; a second COMPRESS is refused."""
+    deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
+    inflate = zlib.decompressobj(-15)
+
+    def packed(text: bytes) -> bytes:
+        return deflate.compress(text) + deflate.flush(zlib.Z_SYNC_FLUSH)
+
+    raw.send(b"z COMPRESS DEFLATE\r\n" + packed(b"n NOOP\r\n"))
+    assert raw.line() == b"z OK DEFLATE active\r\n"
+    received = inflate.decompress(raw.buffer)
+    raw.buffer = b""
+    deadline = time.monotonic() + 15
+    while b"n OK" not in received and time.monotonic() < deadline:
+        received += inflate.decompress(raw.sock.recv(65536))
+    assert received.startswith(b"n OK"), received
+    raw.send(packed(b"s SELECT INBOX\r\nc COMPRESS DEFLATE\r\n"))
+    while b"c NO" not in received and time.monotonic() < deadline:
+        received += inflate.decompress(raw.sock.recv(65536))
+    assert b"* 5 EXISTS\r\n" in received
+    assert b"c NO [COMPRESSIONACTIVE]" in received
