@@ -97,9 +97,9 @@ async def end_session(request: Request) -> None:
     request.state.principal = None
 
 
-async def log_out(request: Request, *, everywhere: bool = False) -> None:
-    """End this session; `everywhere`: every session of the account too (other browsers and devices)."""
-    principal = await current(request) if everywhere else None
+async def log_out(request: Request) -> None:
+    """End every session of the logged-in account (other browsers and devices too), then this one."""
+    principal = await current(request)
     if principal is not None:
         await _sessions(request).end_all(_kind(principal.role), principal.name)
     await end_session(request)

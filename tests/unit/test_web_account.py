@@ -177,26 +177,23 @@ def test_admin_password_change_ends_the_admins_other_sessions(web: WebClient) ->
     assert _with_cookie(web, other, "/console") == 303
 
 
-def test_log_out_on_every_device(web: WebClient) -> None:
-    phone = _cookie(web)
-    web.client.cookies.clear()
-    web.login(ALICE, ALICE_PASSWORD)
-    laptop = _cookie(web)
-    assert 'id="logout-everywhere"' in web.get("/account").text
-    web.post("/logout", {"everywhere": "1"}, token_from="/account")
-    assert _with_cookie(web, phone) == 303
-    assert _with_cookie(web, laptop) == 303
-    assert "alice@example.test logged out on every device" in [t for _, _, t in web.run(web.services.events.recent)]
-
-
-def test_a_plain_logout_ends_only_this_session(web: WebClient) -> None:
+def test_logout_ends_every_session_of_the_account(web: WebClient) -> None:
     phone = _cookie(web)
     web.client.cookies.clear()
     web.login(ALICE, ALICE_PASSWORD)
     laptop = _cookie(web)
     web.logout()
     assert _with_cookie(web, laptop) == 303
-    assert _with_cookie(web, phone) == 200
+    assert _with_cookie(web, phone) == 303
+    assert "alice@example.test logged out (every session ended)" in [t for _, _, t in web.run(web.services.events.recent)]
+
+
+def test_logout_leaves_other_accounts_logged_in(web: WebClient) -> None:
+    alice = _cookie(web)
+    web.client.cookies.clear()
+    _as_admin(web)
+    web.logout()
+    assert _with_cookie(web, alice) == 200
 
 
 def test_certificate_warning_only_while_self_signed(web: WebClient) -> None:

@@ -87,14 +87,13 @@ def remember_device(request: Request, response: Response, principal: Principal, 
 
 
 async def logout(request: Request) -> Response:
-    """Ends this session on the server (a copy of the cookie is worth nothing after); with
-    everywhere=1, every session of the account."""
-    values = await read_form(request)
-    everywhere = values.get("everywhere") == "1"
+    """Ends every session of the account on the server (issue 10 item 12): this browser's, a copy of
+    its cookie, and the other browsers and devices logged in as the same account."""
+    await read_form(request)  # the CSRF check
     principal = await current(request)
-    await log_out(request, everywhere=everywhere)
-    if principal is not None and everywhere:
-        await services(request).events.record("web", f"{principal.name} logged out on every device")
+    await log_out(request)
+    if principal is not None:
+        await services(request).events.record("web", f"{principal.name} logged out (every session ended)")
     return redirect("/login")
 
 
