@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -392,11 +393,20 @@ def cmd_backup(args: argparse.Namespace) -> None:
 
 # --- parser ----------------------------------------------------------------------------------------
 
+def letterbox_version() -> str:
+    """The installed distribution's version (pyproject.toml), or 'unknown' when run from a bare tree."""
+    try:
+        return metadata.version("letterbox")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="letterbox", description="A complete mail server in one box.")
     parser.add_argument("--data", default=str(default_data_dir()),
                         help="data directory (default: $LETTERBOX_DATA or ./data)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    parser.add_argument("--version", action="version", version=f"letterbox {letterbox_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run every service of the box")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -230,3 +231,9 @@ def test_removed_domain_takes_its_dkim_keys_along(tmp_path: Path) -> None:
     assert list((entry / "dkim").glob("*.key"))
     with sqlite3.connect(data / "letterbox.db") as db:
         assert db.execute("SELECT COUNT(*) FROM settings WHERE key LIKE 'dkim_selector:%'").fetchone() == (0,)
+
+
+def test_version_is_printed() -> None:
+    run = subprocess.run([LETTERBOX, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0
+    assert re.fullmatch(r"letterbox \d+\.\d+\.\d+\S*\n", run.stdout)
