@@ -57,7 +57,10 @@ def test_postmaster_without_an_alias_reaches_the_first_mailbox_of_the_primary_do
 
 @pytest.mark.parametrize("service", ["smtp", "lmtp"])
 def test_postmaster_reaches_the_administrators_with_a_mailbox(served: BoxHandle, service: str) -> None:
-    served.run(served.services.accounts.add_admin(ALICE, PASSWORD))
+    # Admin names can no longer hold an '@' (such an admin could never log in), so an administrator named
+    # like a mailbox is one carried over from an earlier version: stored as it would have been.
+    served.run(served.services.db.execute(
+        "INSERT INTO admins (username, password_hash, created_at) VALUES (?, 'x', 0)", (ALICE,)))
     served.run(served.services.accounts.add_admin("root", PASSWORD))  # no mailbox of that name
     [(code, _)], [(code2, _)] = deliver(served, service, ["postmaster"]), deliver(served, service,
                                                                               ["postmaster@second.test"])
