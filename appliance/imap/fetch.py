@@ -332,11 +332,12 @@ def strip_comments(text: str) -> str:
     return "".join(out)
 
 
-def split_address_elements(text: str) -> list[str]:
-    """The comma-separated elements of an address list (commas in quotes, comments and <> kept)."""
-    out: list[str] = []
-    start = depth = 0
-    quoted = escaped = angle = False
+def top_level_chars(text: str) -> Iterator[tuple[int, str]]:
+    """(index, character) of each character outside RFC 5322 quoted strings and comments, the
+    quote marks, comments and backslash escapes themselves skipped: what address-list splitting
+    and group detection look at."""
+    depth = 0
+    quoted = escaped = False
     for i, ch in enumerate(text):
         if escaped:
             escaped = False
@@ -352,7 +353,17 @@ def split_address_elements(text: str) -> list[str]:
             continue
         elif ch == '"':
             quoted = True
-        elif ch == "<":
+        else:
+            yield i, ch
+
+
+def split_address_elements(text: str) -> list[str]:
+    """The comma-separated elements of an address list (commas in quotes, comments and <> kept)."""
+    out: list[str] = []
+    start = 0
+    angle = False
+    for i, ch in top_level_chars(text):
+        if ch == "<":
             angle = True
         elif ch == ">":
             angle = False

@@ -37,7 +37,7 @@ from appliance.imap.commands import (
     TextKey,
     in_ranges,
 )
-from appliance.imap.fetch import parse_addresses, split_address_elements, strip_comments
+from appliance.imap.fetch import parse_addresses, split_address_elements, strip_comments, top_level_chars
 from appliance.imap.limits import MAX_DECODED_SEARCH_OCTETS, MAX_HEADER_OCTETS
 from appliance.imap.mime import RAW_POLICY, Part, scan, unfold
 
@@ -154,26 +154,10 @@ def address_texts(value: str) -> list[str]:
 
 def _group_colon(element: str) -> int:
     """Where the ":" of a group name is (outside quotes, comments and <...>), or -1."""
-    quoted = escaped = False
-    depth = 0
-    for i, ch in enumerate(element):
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif quoted:
-            quoted = ch != '"'
-        elif ch == "(":
-            depth += 1
-        elif ch == ")" and depth:
-            depth -= 1
-        elif depth:
-            continue
-        elif ch == '"':
-            quoted = True
-        elif ch in "<@":
+    for i, ch in top_level_chars(element):
+        if ch in "<@":
             return -1
-        elif ch == ":":
+        if ch == ":":
             return i
     return -1
 
