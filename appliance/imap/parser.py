@@ -768,11 +768,7 @@ def _search(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
         r.sp()
         charset = r.astring().upper()
         r.sp()
-    keys = [_search_key(r, 0)]
-    while r.accept(b" "):
-        keys.append(_search_key(r, 0))
-    r.end()
-    key = keys[0] if len(keys) == 1 else AndKey(tuple(keys))
+    key = _search_keys(r)
     return Search(tag, name, uid, charset, key, returns)
 
 
@@ -801,11 +797,7 @@ def _sort(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
     r.sp()
     charset = r.astring().upper()
     r.sp()
-    keys = [_search_key(r, 0)]
-    while r.accept(b" "):
-        keys.append(_search_key(r, 0))
-    r.end()
-    key = keys[0] if len(keys) == 1 else AndKey(tuple(keys))
+    key = _search_keys(r)
     return Sort(tag, name, uid, tuple(criteria), charset, key)
 
 
@@ -818,11 +810,7 @@ def _thread(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
     r.sp()
     charset = r.astring().upper()
     r.sp()
-    keys = [_search_key(r, 0)]
-    while r.accept(b" "):
-        keys.append(_search_key(r, 0))
-    r.end()
-    key = keys[0] if len(keys) == 1 else AndKey(tuple(keys))
+    key = _search_keys(r)
     return Thread(tag, name, uid, algorithm, charset, key)
 
 
@@ -831,6 +819,16 @@ def _compress(r: Reader, tag: str, name: str) -> Command:
     mechanism = r.keyword()
     r.end()
     return Compress(tag, name, mechanism)
+
+
+def _search_keys(r: Reader) -> SearchKey:
+    """The search-key list ending SEARCH, SORT and THREAD (RFC 3501 6.4.4): keys separated by
+    spaces up to the end of the command, several of them ANDed."""
+    keys = [_search_key(r, 0)]
+    while r.accept(b" "):
+        keys.append(_search_key(r, 0))
+    r.end()
+    return keys[0] if len(keys) == 1 else AndKey(tuple(keys))
 
 
 def _search_key(r: Reader, depth: int) -> SearchKey:
