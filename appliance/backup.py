@@ -541,6 +541,22 @@ class _PipeWriter(io.RawIOBase):
         return done
 
 
+def _age_thread(name: str, work: Callable[[], None]) -> tuple[threading.Thread, list[BaseException]]:
+    """Start `work` (pyrage streaming one end of a pipe) on a daemon thread; whatever it raises is
+    kept in the returned list for the caller's thread to re-raise after joining it."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001  handed to the caller's thread, which re-raises it
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread, errors
+
+
 @contextlib.contextmanager
 def _encrypting(sink: IO[bytes], recipient: str, passphrase: str) -> Iterator[IO[bytes]]:
     """A writable stream whose bytes reach `sink` encrypted with age. pyrage reads from a file
@@ -555,17 +571,12 @@ def _encrypting(sink: IO[bytes], recipient: str, passphrase: str) -> Iterator[IO
         return
     recipients = [pyrage.x25519.Recipient.from_str(recipient)]
     r, wfd = os.pipe()
-    errors: list[BaseException] = []
 
-    def run() -> None:
-        try:
-            with os.fdopen(r, "rb", buffering=CHUNK) as reader:
-                pyrage.encrypt_io(reader, sink, recipients)
-        except BaseException as exc:  # noqa: BLE001  handed to the caller's thread, which re-raises it
-            errors.append(exc)
+    def encrypt() -> None:
+        with os.fdopen(r, "rb", buffering=CHUNK) as reader:
+            pyrage.encrypt_io(reader, sink, recipients)
 
-    thread = threading.Thread(target=run, name="backup-age", daemon=True)
-    thread.start()
+    thread, errors = _age_thread("backup-age", encrypt)
     writer = io.BufferedWriter(_PipeWriter(wfd), buffer_size=CHUNK)
     try:
         yield writer
@@ -595,17 +606,12 @@ def _decrypting(source: IO[bytes], secret: Secret) -> Iterator[IO[bytes]]:
     except Exception as exc:
         raise BackupError("the emergency kit's key is not valid") from exc
     r, wfd = os.pipe()
-    errors: list[BaseException] = []
 
-    def run() -> None:
-        try:
-            with os.fdopen(wfd, "wb", buffering=CHUNK) as writer:
-                pyrage.decrypt_io(source, writer, identities)
-        except BaseException as exc:  # noqa: BLE001  handed to the caller's thread, which re-raises it
-            errors.append(exc)
+    def decrypt() -> None:
+        with os.fdopen(wfd, "wb", buffering=CHUNK) as writer:
+            pyrage.decrypt_io(source, writer, identities)
 
-    thread = threading.Thread(target=run, name="backup-age-d", daemon=True)
-    thread.start()
+    thread, errors = _age_thread("backup-age-d", decrypt)
     reader = os.fdopen(r, "rb", buffering=CHUNK)
     failure: BaseException | None = None
     try:
