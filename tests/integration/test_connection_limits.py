@@ -8,19 +8,18 @@ import imaplib
 import smtplib
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
 from tests.conftest import BoxHandle
 from tests.support.flood import (
-    MODES,
-    RST_AFTER_HANDSHAKE,
     TLS_SERVICES,
     Imap,
-    abrupt_tls,
-    connect_from,
+    abrupt_tls_flood,
+    deliver,
+    hold,
+    idle_flood_sources,
     login,
     raise_open_files_limit,
 )
@@ -57,18 +56,7 @@ def test_a_thousand_abrupt_tls_clients_leak_no_slot_and_every_tls_port_still_log
     attacked_box: BoxHandle,
 ) -> None:
     box = attacked_box
-    # 167 per TLS port (1,002 in all) from 127.0.0.2..127.0.0.21, in the three ways of going away.
-    # 127.0.0.2 resets 60 completed handshakes per port, more than any per-address limit (IMAP/POP3
-    # 50, SMTP 20): one leaked slot per connection locks it out (issue 10 item 2).
-    jobs = []
-    for service in TLS_SERVICES:
-        for j in range(167):
-            if j < 60:
-                jobs.append((box.port(service), service, "127.0.0.2", RST_AFTER_HANDSHAKE))
-            else:
-                jobs.append((box.port(service), service, f"127.0.0.{3 + j % 19}", MODES[j % 3]))
-    with ThreadPoolExecutor(max_workers=24) as pool:
-        list(pool.map(lambda job: abrupt_tls(*job), jobs))
+    abrupt_tls_flood(box.port)  # 1,002 clients; 127.0.0.2 past every per-address limit (issue 10 item 2)
 
     for service in TLS_SERVICES:
         counts = limiter(box, service)
@@ -98,39 +86,20 @@ def test_normal_clients_that_log_out_leak_no_slot(attacked_box: BoxHandle) -> No
             box.run(stop(server))
 
 
-def _hold(port: int, sources: list[str]) -> list[socket.socket]:
-    """Idle connections from each source in turn, held open (never a byte sent)."""
-    def one(source: str) -> socket.socket | None:
-        try:
-            return connect_from(source, port, timeout=30)
-        except OSError:
-            return None
-
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        return [sock for sock in pool.map(one, sources) if sock is not None]
-
-
-def _deliver(port: int, source: str) -> None:
-    with smtplib.SMTP("127.0.0.1", port, timeout=15, source_address=(source, 0)) as mx:
-        mx.sendmail("someone@sender.test", [USER], b"Subject: through the flood\r\n\r\nstill here\r\n")
-
-
 def test_two_thousand_idle_connections_do_not_lock_out_a_normal_client(attacked_box: BoxHandle) -> None:
     # Issue 10 item 6: 1,000 idle sockets on the MX from 100 addresses of one /24 and 5 others, 1,000 on
     # IMAP from 40 addresses of the /24 and 2 others, were enough to fill the caps (500, 1,000) and
     # refuse everyone. Per-network counting leaves the rest of the internet its room.
     box = attacked_box
-    slash24 = [f"127.0.0.{i}" for i in range(2, 102)]
-    mx_sources = [a for a in slash24 for _ in range(9)] + [f"127.0.{n}.1" for n in range(1, 6) for _ in range(20)]
-    imap_sources = [a for a in slash24[:40] for _ in range(24)] + [f"127.0.{n}.1" for n in (6, 7) for _ in range(20)]
+    mx_sources, imap_sources = idle_flood_sources()
     assert len(mx_sources) + len(imap_sources) == 2000
     held: list[socket.socket] = []
     try:
-        held += _hold(box.port("smtp"), mx_sources)
-        held += _hold(box.port("imap"), imap_sources)
+        held += hold(box.port("smtp"), mx_sources)
+        held += hold(box.port("imap"), imap_sources)
         assert len(held) == 2000  # every connect succeeded; the server decides what to keep
         legit = "127.0.9.1"  # a client of another network
-        _deliver(box.port("smtp"), legit)
+        deliver(box.port("smtp"), legit, USER)
         login("imap", box.port("imap"), legit, box.client_context, USER, PASSWORD)
         login("pop3", box.port("pop3"), legit, box.client_context, USER, PASSWORD)
         mx, imap = limiter(box, "smtp"), limiter(box, "imap")
@@ -162,7 +131,7 @@ def test_under_stress_idle_preauth_connections_are_cut_and_logged_in_sessions_ke
         with Imap(port, "127.0.9.1") as early:
             early.starttls(ssl_context=box.client_context)
             assert early.login(USER, PASSWORD)[0] == "OK"
-            held = _hold(port, [f"127.1.{n}.1" for n in range(60)])  # 60 networks, idle
+            held = hold(port, [f"127.1.{n}.1" for n in range(60)])  # 60 networks, idle
             assert len(held) == 60
             deadline = time.monotonic() + 30
             while True:  # a new client gets in once the stressed pre-auth time has cut the idle ones
@@ -213,7 +182,7 @@ def test_silent_sockets_on_an_implicit_tls_port_are_counted_from_accept(
     else:
         server = box.run(start_pop3(box.services, service, "127.0.0.1", 0, Pop3Limits(max_connections_per_client=3)))
     port = int(server.sockets[0].getsockname()[1])
-    silent = _hold(port, ["127.0.0.40"] * 3)
+    silent = hold(port, ["127.0.0.40"] * 3)
     try:
         counts = limiter_of(server)
         wait_for(lambda: counts.count("127.0.0.40") == 3, 10, "the silent sockets are counted")
@@ -251,12 +220,12 @@ def test_a_full_preauth_pool_makes_room_for_a_newcomer_by_dropping_the_oldest(at
     imap_port, mx_port = (int(s.sockets[0].getsockname()[1]) for s in (imap, mx))
     held: list[socket.socket] = []
     try:
-        held += _hold(imap_port, [f"127.2.{n}.1" for n in range(40)])
-        held += _hold(mx_port, [f"127.3.{n}.1" for n in range(40)])
+        held += hold(imap_port, [f"127.2.{n}.1" for n in range(40)])
+        held += hold(mx_port, [f"127.3.{n}.1" for n in range(40)])
         wait_for(lambda: limiter_of(imap).preauth == 40 and limiter_of(mx).preauth == 40, 10, "pools full")
         time.sleep(2.5)  # EVICT_MIN_AGE: the oldest have had their chance to log in
         login("imap", imap_port, "127.0.9.3", box.client_context, USER, PASSWORD)
-        _deliver(mx_port, "127.0.9.3")
+        deliver(mx_port, "127.0.9.3", USER)
     finally:
         for sock in held:
             sock.close()

@@ -15,7 +15,8 @@ import smtplib
 import socket
 import ssl
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 # The protocols' TLS ports: implicit TLS, or plaintext then STARTTLS/STLS.
 IMPLICIT_TLS = ("imaps", "pop3s", "submissions")
@@ -115,6 +116,42 @@ def abrupt_tls(port: int, service: str, source: str, mode: str) -> None:
             reset(sock)
 
 
+def abrupt_tls_flood(port: Callable[[str], int]) -> None:
+    """167 abrupt TLS clients per TLS port (1,002 in all) from 127.0.0.2..127.0.0.21, in the three ways
+    of going away. 127.0.0.2 resets 60 completed handshakes per port, more than any per-address limit
+    (IMAP/POP3 50, SMTP 20): one leaked slot per connection locks it out (issue 10 item 2)."""
+    jobs = []
+    for service in TLS_SERVICES:
+        for j in range(167):
+            if j < 60:
+                jobs.append((port(service), service, "127.0.0.2", RST_AFTER_HANDSHAKE))
+            else:
+                jobs.append((port(service), service, f"127.0.0.{3 + j % 19}", MODES[j % 3]))
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        list(pool.map(lambda job: abrupt_tls(*job), jobs))
+
+
+def idle_flood_sources() -> tuple[list[str], list[str]]:
+    """Source addresses of 2,000 idle sockets (issue 10 item 6): for the MX, 100 addresses of one /24
+    and 5 others; for IMAP, 40 addresses of the /24 and 2 others."""
+    slash24 = [f"127.0.0.{i}" for i in range(2, 102)]
+    mx_sources = [a for a in slash24 for _ in range(9)] + [f"127.0.{n}.1" for n in range(1, 6) for _ in range(20)]
+    imap_sources = [a for a in slash24[:40] for _ in range(24)] + [f"127.0.{n}.1" for n in (6, 7) for _ in range(20)]
+    return mx_sources, imap_sources
+
+
+def hold(port: int, sources: list[str]) -> list[socket.socket]:
+    """Idle connections from each source in turn, held open (never a byte sent)."""
+    def one(source: str) -> socket.socket | None:
+        try:
+            return connect_from(source, port, timeout=30)
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return [sock for sock in pool.map(one, sources) if sock is not None]
+
+
 # --- normal clients from a chosen source address ------------------------------------------------------
 
 class Imap(imaplib.IMAP4):
@@ -187,3 +224,9 @@ def login(service: str, port: int, source: str, context: ssl.SSLContext, user: s
             smtp.login(user, password)
     else:
         raise ValueError(service)
+
+
+def deliver(port: int, source: str, recipient: str) -> None:
+    """One message through the MX from `source`."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=15, source_address=(source, 0)) as mx:
+        mx.sendmail("someone@sender.test", [recipient], b"Subject: through the flood\r\n\r\nstill here\r\n")
