@@ -5,6 +5,7 @@ stand in for the real minutes; a trickler that the server does not cut keeps goi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import time
@@ -91,13 +92,45 @@ def bytes_of(text: bytes) -> Iterator[bytes]:
     yield from forever(b"x")
 
 
-def test_imap_preauth_phase_is_one_deadline_not_a_timer_per_command(slow_box: BoxHandle, listener: Any) -> None:
-    port = listener(start_imap, "imaps", ImapLimits(preauth_timeout=1.0, command_timeout=30.0))
-    raw = RawImap(port, slow_box.client_context)
+@contextlib.contextmanager
+def _imaps(box: BoxHandle, port: int, login: bool = True) -> Iterator[RawImap]:
+    """A raw IMAPS connection (logged in as USER unless told not to), closed afterwards."""
+    raw = RawImap(port, box.client_context)
     try:
-        seconds, said = trickle(raw.sock, forever(b"a NOOP\r\n"))  # busy, but never logs in
+        if login:
+            raw.login(USER, PASSWORD)
+        yield raw
     finally:
         raw.close()
+
+
+@contextlib.contextmanager
+def _pop3s(box: BoxHandle, port: int) -> Iterator[ssl.SSLSocket]:
+    """A POP3S connection past its greeting, closed afterwards."""
+    sock = box.client_context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                          server_hostname="localhost")
+    try:
+        sock.recv(4096)  # greeting
+        yield sock
+    finally:
+        sock.close()
+
+
+@contextlib.contextmanager
+def _smtp(port: int) -> Iterator[socket.socket]:
+    """A plaintext SMTP connection past its greeting, closed afterwards."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock.recv(4096)  # greeting
+        yield sock
+    finally:
+        sock.close()
+
+
+def test_imap_preauth_phase_is_one_deadline_not_a_timer_per_command(slow_box: BoxHandle, listener: Any) -> None:
+    port = listener(start_imap, "imaps", ImapLimits(preauth_timeout=1.0, command_timeout=30.0))
+    with _imaps(slow_box, port, login=False) as raw:
+        seconds, said = trickle(raw.sock, forever(b"a NOOP\r\n"))  # busy, but never logs in
     assert seconds < TRICKLE_FOR / 2
     assert b"* BYE Autologout" in said
 
@@ -105,12 +138,8 @@ def test_imap_preauth_phase_is_one_deadline_not_a_timer_per_command(slow_box: Bo
 def test_imap_line_trickled_byte_by_byte_is_cut_at_the_command_deadline(slow_box: BoxHandle, listener: Any) -> None:
     limits = ImapLimits(command_timeout=1.0, authenticated_timeout=60.0, preauth_timeout=60.0)
     port = listener(start_imap, "imaps", limits)
-    raw = RawImap(port, slow_box.client_context)
-    try:
-        raw.login(USER, PASSWORD)
+    with _imaps(slow_box, port) as raw:
         seconds, said = trickle(raw.sock, bytes_of(b"b NOOP"))  # never ends its line
-    finally:
-        raw.close()
     assert seconds < TRICKLE_FOR / 2
     assert b"* BYE Autologout: command not completed in time" in said
 
@@ -120,14 +149,10 @@ def test_imap_literal_trickled_is_cut_at_the_command_deadline(slow_box: BoxHandl
     # announced size at the minimum rate (here ~1 s + 1,000 octets at 1 MB/s).
     limits = ImapLimits(command_timeout=1.0, min_literal_rate=1_000_000, authenticated_timeout=60.0)
     port = listener(start_imap, "imaps", limits)
-    raw = RawImap(port, slow_box.client_context)
-    try:
-        raw.login(USER, PASSWORD)
+    with _imaps(slow_box, port) as raw:
         raw.send(b"c APPEND INBOX {1000}\r\n")
         assert raw.line().startswith(b"+")
         seconds, said = trickle(raw.sock, forever(b"x"))
-    finally:
-        raw.close()
     assert seconds < TRICKLE_FOR / 2
     assert b"* BYE Autologout: command not completed in time" in said
 
@@ -136,61 +161,38 @@ def test_imap_normal_commands_after_login_are_not_cut(slow_box: BoxHandle, liste
     # The pre-auth deadline ends at login, and each complete command starts a fresh command clock.
     limits = ImapLimits(preauth_timeout=3.0, command_timeout=1.0, authenticated_timeout=60.0)
     port = listener(start_imap, "imaps", limits)
-    raw = RawImap(port, slow_box.client_context)
-    try:
-        raw.login(USER, PASSWORD)
+    with _imaps(slow_box, port) as raw:
         for i in range(15):  # 4.5 s: past the pre-auth deadline, and each command well within its own
             time.sleep(0.3)
             assert raw.command(f"n{i}".encode(), b"NOOP")[-1].startswith(f"n{i} OK".encode())
-    finally:
-        raw.close()
-
-
-def _pop3s(box: BoxHandle, port: int) -> ssl.SSLSocket:
-    sock = box.client_context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
-                                          server_hostname="localhost")
-    sock.recv(4096)  # greeting
-    return sock
 
 
 def test_pop3_authorization_state_is_one_deadline(slow_box: BoxHandle, listener: Any) -> None:
     port = listener(start_pop3, "pop3s", Pop3Limits(preauth_timeout=1.0, command_timeout=30.0))
-    sock = _pop3s(slow_box, port)
-    try:
+    with _pop3s(slow_box, port) as sock:
         seconds, _ = trickle(sock, forever(b"NOOP\r\n"))  # answered -ERR each time, never logs in
-    finally:
-        sock.close()
     assert seconds < TRICKLE_FOR / 2
 
 
 def test_pop3_line_trickled_byte_by_byte_is_cut(slow_box: BoxHandle, listener: Any) -> None:
     port = listener(start_pop3, "pop3s", Pop3Limits(preauth_timeout=60.0, command_timeout=1.0))
-    sock = _pop3s(slow_box, port)
-    try:
+    with _pop3s(slow_box, port) as sock:
         seconds, _ = trickle(sock, bytes_of(b"USER alice"))
-    finally:
-        sock.close()
     assert seconds < TRICKLE_FOR / 2
 
 
 def test_smtp_preauth_phase_is_one_deadline(slow_box: BoxHandle, listener: Any) -> None:
     # Each NOOP used to restart aiosmtpd's 300 s timer: a client never sending mail held its slot for ever.
     port = listener(start_smtp, "smtp", SmtpLimits(preauth_timeout=1.0, command_timeout=30.0))
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    try:
-        sock.recv(4096)
+    with _smtp(port) as sock:
         seconds, said = trickle(sock, forever(b"NOOP\r\n"))
-    finally:
-        sock.close()
     assert seconds < TRICKLE_FOR / 2
     assert b"421 4.4.2" in said
 
 
 def test_smtp_transaction_ends_the_preauth_deadline(slow_box: BoxHandle, listener: Any) -> None:
     port = listener(start_smtp, "smtp", SmtpLimits(preauth_timeout=1.0, command_timeout=30.0))
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    try:
-        sock.recv(4096)
+    with _smtp(port) as sock:
         sock.sendall(b"EHLO client.test\r\nMAIL FROM:<someone@sender.test>\r\n")
         time.sleep(2.0)
         sock.sendall(b"RSET\r\nNOOP\r\n")
@@ -201,5 +203,3 @@ def test_smtp_transaction_ends_the_preauth_deadline(slow_box: BoxHandle, listene
                 break
             said += chunk
         assert b"421" not in said
-    finally:
-        sock.close()
