@@ -103,16 +103,21 @@ def test_good_upload_then_status_then_self_signed(data: Path, files: dict[str, P
     assert "mail programs warn" in run(data, "cert", "status").stdout
 
 
+def point_at_pebble(box: BoxHandle, pebble: Pebble) -> None:
+    """The box's settings for an order from pebble: its DNS server, a loopback public address, HOST."""
+    async def settings() -> None:
+        for key, value in {"dns_resolver": pebble.dns, "public_ipv4": "127.0.0.1", "hostname": HOST}.items():
+            await box.services.db.set_setting(key, value)
+    box.run(settings())
+
+
 def test_cli_order_answered_by_running_box(box: BoxHandle, tmp_path: Path) -> None:
     require_program("pebble")
     require_program("pebble-challtestsrv")
     pebble = Pebble(tmp_path / "pebble", http_port=box.port("http"), tls_port=box.port("https"))
     pebble.start()
     try:
-        async def settings() -> None:
-            for key, value in {"dns_resolver": pebble.dns, "public_ipv4": "127.0.0.1", "hostname": HOST}.items():
-                await box.services.db.set_setting(key, value)
-        box.run(settings())
+        point_at_pebble(box, pebble)
         result = run(box.data.root, "cert", "request", "--directory", pebble.directory,
                      "--ca-file", str(pebble.listener_ca), "--email", "admin@example.test")
         assert result.returncode == 0, result.stderr
@@ -152,10 +157,7 @@ def test_cli_challenge_failure_in_plain_words_old_certificate_kept(box: BoxHandl
     pebble = Pebble(tmp_path / "pebble", http_port=closed, tls_port=closed)
     pebble.start()
     try:
-        async def settings() -> None:
-            for key, value in {"dns_resolver": pebble.dns, "public_ipv4": "127.0.0.1", "hostname": HOST}.items():
-                await box.services.db.set_setting(key, value)
-        box.run(settings())
+        point_at_pebble(box, pebble)
         before = (box.data.tls / "cert.pem").read_bytes()
         line = one_line_error(run(box.data.root, "cert", "request", "--directory", pebble.directory,
                                   "--ca-file", str(pebble.listener_ca)))
