@@ -331,26 +331,27 @@ class Searcher:
 
 def uses_modseq(key: SearchKey) -> bool:
     """Whether the key has a MODSEQ criterion: the answer then carries (MODSEQ n) (RFC 7162 3.1.5)."""
-    if isinstance(key, ModSeqKey):
-        return True
-    if isinstance(key, NotKey):
-        return uses_modseq(key.key)
-    if isinstance(key, OrKey):
-        return uses_modseq(key.left) or uses_modseq(key.right)
-    if isinstance(key, AndKey):
-        return any(uses_modseq(k) for k in key.keys)
-    return False
+    return _any_leaf(key, lambda leaf: isinstance(leaf, ModSeqKey))
 
 
 def _needs_content(key: SearchKey) -> bool:
-    if isinstance(key, HeaderKey | TextKey):
+    return _any_leaf(key, _reads_content)
+
+
+def _reads_content(leaf: SearchKey) -> bool:
+    if isinstance(leaf, HeaderKey | TextKey):
         return True
-    if isinstance(key, DateKey):
-        return key.sent
-    if isinstance(key, NotKey):
-        return _needs_content(key.key)
-    if isinstance(key, OrKey):
-        return _needs_content(key.left) or _needs_content(key.right)
-    if isinstance(key, AndKey):
-        return any(_needs_content(k) for k in key.keys)
+    if isinstance(leaf, DateKey):
+        return leaf.sent
     return False
+
+
+def _any_leaf(key: SearchKey, test: Callable[[SearchKey], bool]) -> bool:
+    """Whether `test` holds for any criterion under the NOT, OR and AND of a search key."""
+    if isinstance(key, NotKey):
+        return _any_leaf(key.key, test)
+    if isinstance(key, OrKey):
+        return _any_leaf(key.left, test) or _any_leaf(key.right, test)
+    if isinstance(key, AndKey):
+        return any(_any_leaf(k, test) for k in key.keys)
+    return test(key)
