@@ -18,6 +18,8 @@ import struct
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
+from tests.support.tls_probe import unverified_context
+
 # The protocols' TLS ports: implicit TLS, or plaintext then STARTTLS/STLS.
 IMPLICIT_TLS = ("imaps", "pop3s", "submissions")
 STARTTLS = ("imap", "pop3", "submission")
@@ -78,16 +80,9 @@ def plaintext_to_tls(sock: socket.socket, service: str) -> None:
         raise ValueError(service)
 
 
-def _unverified_context() -> ssl.SSLContext:
-    # Built once: loading the system's CA store for each of a thousand connections costs more than the
-    # handshakes themselves, and these clients never verify anything.
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-_ABRUPT_CONTEXT = _unverified_context()
+# Built once: loading the system's CA store for each of a thousand connections costs more than the
+# handshakes themselves, and these clients never verify anything.
+_ABRUPT_CONTEXT = unverified_context()
 
 
 def abrupt_tls(port: int, service: str, source: str, mode: str) -> None:
