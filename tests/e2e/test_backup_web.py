@@ -14,7 +14,12 @@ import pytest
 import trustme
 
 from tests.conftest import ServedBox, require_program
-from tests.e2e.test_console_mailbox_recreate import ADMIN, ADMIN_PASSWORD, DOMAIN, add_admin_and_domain, send
+from tests.e2e.test_console_mailbox_recreate import (
+    DOMAIN,
+    add_admin_and_domain,
+    log_in_admin,
+    send,
+)
 from tests.e2e.test_web_wizard import CHROMIUM_ARGS, screenshot_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -75,11 +80,7 @@ def test_backup_in_the_console_and_restore_from_the_wizard(boxes: tuple[ServedBo
         try:
             page = browser.new_context(ignore_https_errors=True, accept_downloads=True).new_page()
             page.set_default_timeout(60_000)
-            page.goto(f"{one}/login")
-            page.fill("#f-name", ADMIN)
-            page.fill("#f-password", ADMIN_PASSWORD)
-            page.click("button[type=submit]")
-            expect(page).to_have_url(f"{one}/console")
+            log_in_admin(page, one)
             page.goto(f"{one}/console/backups")
             with page.expect_download() as kit_download:
                 page.click("#make-key")
