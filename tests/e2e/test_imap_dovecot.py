@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ServedBox
-from tests.support.dovecot import PrivateDovecot
+from tests.support.dovecot import PrivateDovecot, private_dovecot
 
 pytestmark = pytest.mark.e2e
 
@@ -94,11 +94,8 @@ def expected() -> dict[tuple[str, int], set[str]]:
 
 @pytest.fixture
 def dovecot() -> Iterator[PrivateDovecot]:
-    server = PrivateDovecot({DOVE_USER: PASSWORD})
-    try:
+    with private_dovecot({DOVE_USER: PASSWORD}) as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 def letterbox_maildir(served: ServedBox) -> Path:

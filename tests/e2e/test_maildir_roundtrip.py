@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ServedBox
-from tests.support.dovecot import PrivateDovecot
+from tests.support.dovecot import PrivateDovecot, private_dovecot
 
 pytestmark = pytest.mark.e2e
 
@@ -101,11 +101,8 @@ def on_letterbox(served: ServedBox, user: str) -> imaplib.IMAP4:
 
 @pytest.fixture
 def dovecot() -> Iterator[PrivateDovecot]:
-    server = PrivateDovecot({DOVE_USER: PASSWORD})
-    try:
+    with private_dovecot({DOVE_USER: PASSWORD}) as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 def test_dovecot_letterbox_dovecot_letterbox(dovecot: PrivateDovecot, served_box: ServedBox) -> None:

@@ -11,6 +11,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.conftest import require_program
@@ -22,6 +24,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def private_dovecot(users: dict[str, str]) -> Iterator[PrivateDovecot]:
+    """A PrivateDovecot for the `with` block, its processes and files cleaned up afterwards."""
+    server = PrivateDovecot(users)
+    try:
+        yield server
+    finally:
+        server.cleanup()
 
 
 class PrivateDovecot:
