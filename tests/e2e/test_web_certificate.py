@@ -16,7 +16,7 @@ import trustme
 
 from tests.conftest import ServedBox, require_program
 from tests.e2e.test_web_wizard import CHROMIUM_ARGS, screenshot_dir
-from tests.support.pebble import Pebble
+from tests.support.pebble import Pebble, running_pebble
 from tests.support.tls_probe import TLS_SERVICES, served_certificate
 from tests.support.web import setup_code
 
@@ -42,14 +42,8 @@ def served(tmp_path: Path, ca: trustme.CA) -> Iterator[ServedBox]:
 
 @pytest.fixture
 def pebble(served: ServedBox, tmp_path: Path) -> Iterator[Pebble]:
-    require_program("pebble")
-    require_program("pebble-challtestsrv")
-    p = Pebble(tmp_path / "pebble", http_port=served.port("http"), tls_port=served.port("https"))
-    p.start()
-    try:
+    with running_pebble(tmp_path / "pebble", served.port("http"), served.port("https")) as p:
         yield p
-    finally:
-        p.stop()
 
 
 def write_settings(served: ServedBox, settings: dict[str, str]) -> None:

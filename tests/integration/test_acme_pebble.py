@@ -18,7 +18,7 @@ from appliance.acme_client import AcmeProblem
 from appliance.tls import CertificateInfo
 from tests.conftest import BoxHandle, require_program
 from tests.support.imap_wire import RawImap
-from tests.support.pebble import EAB_HMAC, EAB_KID, Pebble, free_port
+from tests.support.pebble import EAB_HMAC, EAB_KID, Pebble, free_port, running_pebble
 from tests.support.tls_probe import TLS_SERVICES, served_certificate
 
 HOST = "mail.example.test"
@@ -149,11 +149,7 @@ async def _no_warning(subject: str, text: str) -> None:
 
 def test_challenge_fails_connection_refused_keeps_old_certificate(box: BoxHandle, tmp_path: Path) -> None:
     closed = free_port()  # nothing listens there: the CA's connection is refused
-    require_program("pebble")
-    require_program("pebble-challtestsrv")
-    p = Pebble(tmp_path / "pebble", http_port=closed, tls_port=closed)
-    p.start()
-    try:
+    with running_pebble(tmp_path / "pebble", closed, closed) as p:
         configure(box, p)
         before = box.services.tls.info().serial
         with pytest.raises(AcmeProblem, match=r"could not connect to mail\.example\.test on port 80 \(connection refused\)"):
@@ -163,8 +159,6 @@ def test_challenge_fails_connection_refused_keeps_old_certificate(box: BoxHandle
         assert status.last_error
         assert "connection refused" in status.last_error
         assert {served_certificate(box.port(s), s).serial_number for s in TLS_SERVICES} == {before}
-    finally:
-        p.stop()
 
 
 def test_ca_unreachable(box: BoxHandle, pebble: Pebble) -> None:

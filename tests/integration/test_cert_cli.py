@@ -13,8 +13,8 @@ import pytest
 import trustme
 
 from appliance.config import DataLayout
-from tests.conftest import LETTERBOX, BoxHandle, preset_settings, require_program
-from tests.support.pebble import Pebble
+from tests.conftest import LETTERBOX, BoxHandle, preset_settings
+from tests.support.pebble import Pebble, running_pebble
 from tests.support.tls_probe import TLS_SERVICES, served_certificate
 
 HOST = "mail.example.test"
@@ -112,11 +112,7 @@ def point_at_pebble(box: BoxHandle, pebble: Pebble) -> None:
 
 
 def test_cli_order_answered_by_running_box(box: BoxHandle, tmp_path: Path) -> None:
-    require_program("pebble")
-    require_program("pebble-challtestsrv")
-    pebble = Pebble(tmp_path / "pebble", http_port=box.port("http"), tls_port=box.port("https"))
-    pebble.start()
-    try:
+    with running_pebble(tmp_path / "pebble", box.port("http"), box.port("https")) as pebble:
         point_at_pebble(box, pebble)
         result = run(box.data.root, "cert", "request", "--directory", pebble.directory,
                      "--ca-file", str(pebble.listener_ca), "--email", "admin@example.test")
@@ -138,8 +134,6 @@ def test_cli_order_answered_by_running_box(box: BoxHandle, tmp_path: Path) -> No
         status = run(box.data.root, "cert", "status")
         assert "source:       acme" in status.stdout
         assert "next renewal:" in status.stdout
-    finally:
-        pebble.stop()
 
 
 def test_cli_order_failure_is_one_plain_line(tmp_path: Path, data: Path) -> None:
@@ -152,11 +146,7 @@ def test_cli_challenge_failure_in_plain_words_old_certificate_kept(box: BoxHandl
     from tests.support.pebble import free_port
 
     closed = free_port()  # port 80 "closed on the router": the CA's connection is refused
-    require_program("pebble")
-    require_program("pebble-challtestsrv")
-    pebble = Pebble(tmp_path / "pebble", http_port=closed, tls_port=closed)
-    pebble.start()
-    try:
+    with running_pebble(tmp_path / "pebble", closed, closed) as pebble:
         point_at_pebble(box, pebble)
         before = (box.data.tls / "cert.pem").read_bytes()
         line = one_line_error(run(box.data.root, "cert", "request", "--directory", pebble.directory,
@@ -167,5 +157,3 @@ def test_cli_challenge_failure_in_plain_words_old_certificate_kept(box: BoxHandl
         status = run(box.data.root, "cert", "status").stdout
         assert "last error:" in status
         assert "connection refused" in status
-    finally:
-        pebble.stop()

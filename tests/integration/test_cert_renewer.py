@@ -14,9 +14,9 @@ from acme import messages
 
 from appliance import certificates
 from appliance.acme_client import explain, parse_retry_after
-from tests.conftest import BoxHandle, require_program
+from tests.conftest import BoxHandle
 from tests.integration.test_acme_pebble import DOMAIN, configure
-from tests.support.pebble import Pebble, free_port
+from tests.support.pebble import Pebble, free_port, running_pebble
 from tests.support.smtp_wire import maildir_messages, parse
 
 pytestmark = pytest.mark.e2e
@@ -25,15 +25,9 @@ USER, PASSWORD = f"alice@{DOMAIN}", "correct horse battery"
 
 @pytest.fixture
 def pebble(box: BoxHandle, tmp_path: Path) -> Iterator[Pebble]:
-    require_program("pebble")
-    require_program("pebble-challtestsrv")
-    p = Pebble(tmp_path / "pebble", http_port=box.port("http"), tls_port=box.port("https"))
-    p.start()
-    try:
+    with running_pebble(tmp_path / "pebble", box.port("http"), box.port("https")) as p:
         configure(box, p)
         yield p
-    finally:
-        p.stop()
 
 
 def set_setting(box: BoxHandle, key: str, value: str) -> None:

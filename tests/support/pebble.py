@@ -13,11 +13,15 @@ import ssl
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trustme
+
+from tests.conftest import require_program
 
 EAB_KID = "kid-1"
 EAB_HMAC = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"  # base64url
@@ -133,3 +137,16 @@ class Pebble:
         for log in self.logs:
             log.close()
         self.logs.clear()
+
+
+@contextmanager
+def running_pebble(root: Path, http_port: int, tls_port: int) -> Iterator[Pebble]:
+    """Pebble and its DNS started for the `with` block (the programs required), stopped afterwards."""
+    require_program("pebble")
+    require_program("pebble-challtestsrv")
+    pebble = Pebble(root, http_port=http_port, tls_port=tls_port)
+    pebble.start()
+    try:
+        yield pebble
+    finally:
+        pebble.stop()
