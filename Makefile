@@ -24,8 +24,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check appliance web tests bench
 	$(BIN)/mypy
 
+# Four workers on two cores: most tests wait on sockets and peers, not the CPU; one file per worker keeps
+# its module fixtures together (tests/conftest.py gives each worker its own ports).
 test: $(STAMP) peers lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 4 --dist loadfile
 
 # Pure and fast: no Debian peers, no subprocesses.
 unit: $(STAMP)

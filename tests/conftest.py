@@ -173,13 +173,27 @@ def _ports_free(offset: int) -> bool:
     return True
 
 
+PORT_BLOCK = 1000  # every standard port (24..995) fits in one block: boxes in two blocks never share a port
+# Offsets 11000..30000: above `make run`'s 10000 and below the kernel's ephemeral range (32768 and up), so a
+# box restarted on its ports never finds one taken by some client's outgoing connection meanwhile.
+PORT_BLOCKS = range(11, 31)  # 31000 and up: bench/benchbox.py (the attack test)
+
+
+def _my_port_blocks() -> list[int]:
+    """The blocks this test process may use: under pytest-xdist each worker gets its own share, so two
+    workers never race for the same ports (a box killed and restarted keeps its block)."""
+    blocks = list(PORT_BLOCKS)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or "1")
+    if worker.startswith("gw") and count > 1:
+        blocks = blocks[int(worker[2:]) % count::count]
+    return blocks
+
+
 def pick_port_offset() -> int:
-    # Spread across the range so parallel runs rarely collide; each candidate is checked. Every port stays
-    # below the kernel's ephemeral range (32768 and up): a box restarted on the same ports must not find
-    # one of them taken by some client's outgoing connection in the meantime.
-    base = (os.getpid() * 37) % 11000
-    for step in range(200):
-        offset = 20000 + (base + step * 1009) % 11000
+    # The first block of this process whose ports are all free (a box still running holds its own).
+    for block in _my_port_blocks():
+        offset = block * PORT_BLOCK
         if _ports_free(offset):
             return offset
     raise RuntimeError("no free port range for letterbox serve")

@@ -104,8 +104,8 @@ def abrupt_tls(port: int, service: str, source: str, mode: str) -> None:
         if mode == CLOSE_MID_HANDSHAKE:
             sock.recv(64)  # a piece of the ServerHello
             sock.close()
-    except OSError:
-        pass  # refused or reset by the server: still an abrupt client
+    except (OSError, EOFError):
+        pass  # refused, reset or closed by the server (its limits may say no mid-flood): still an abrupt client
     finally:
         if sock.fileno() != -1:
             reset(sock)
