@@ -40,7 +40,8 @@ bench: $(STAMP)
 # Refresh docs/screenshots/ (the README's images): the end-to-end wizard test, writing there.
 .PHONY: screenshots
 screenshots: $(STAMP) peers
-	UPDATE_SCREENSHOTS=1 $(BIN)/pytest -p no:cacheprovider tests/e2e/test_web_wizard.py tests/e2e/test_web_certificate.py
+	UPDATE_SCREENSHOTS=1 $(BIN)/pytest -p no:cacheprovider tests/e2e/test_web_wizard.py tests/e2e/test_web_certificate.py \
+		tests/e2e/test_backup_web.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
