@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance import backup
+from tests.support.polling import wait_until
 from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, WebClient, web_client
 
 
@@ -22,13 +23,11 @@ def web(tmp_path: Path) -> Iterator[WebClient]:
 
 
 def wait_for(web: WebClient, text: str) -> str:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def shown() -> str:
         page = web.get("/console/backups").text
-        if text in page:
-            return page
-        time.sleep(0.05)
-    raise AssertionError(f"{text!r} never shown: {page[-2000:]}")
+        return page if text in page else ""
+
+    return wait_until(shown, seconds=30, what=f"{text!r} shown on /console/backups")
 
 
 def test_key_backup_download_and_one_mailbox_back(web: WebClient) -> None:
