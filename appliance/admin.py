@@ -99,6 +99,11 @@ class Admin:
         domain = await self.local_domain(name)
         return await dns_records.domain_records(self.db, self.data.dkim, domain, self.hostname(), ports)
 
+    async def dns_zone_file(self, name: str, ports: Mapping[str, int] | None = None) -> str:
+        """The same records as a zone-file snippet for the registrar's import or a BIND zone."""
+        domain = await self.local_domain(name)
+        return dns_records.zone_file(domain, await self.dns_records(domain, ports))
+
     async def check_dns(self, name: str, ports: Mapping[str, int] | None = None) -> list[dns_check.CheckResult]:
         """Look every record of the domain up now; the results are kept for the console."""
         domain = await self.local_domain(name)

@@ -227,6 +227,9 @@ def cmd_dns(args: argparse.Namespace) -> None:
     if args.action == "records":
         print(dns_records.format_table(run_admin(args, lambda admin: admin.dns_records(args.domain))))
         return
+    if args.action == "zone":
+        print(run_admin(args, lambda admin: admin.dns_zone_file(args.domain)), end="")
+        return
     results = run_admin(args, lambda admin: admin.check_dns(args.domain))
     print(dns_check.format_results(results))
     problems = sum(r.status != "found" for r in results)
@@ -515,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     dns = sub.add_parser("dns", help="the DNS records a domain needs, and a live check of them")
     dnsub = dns.add_subparsers(dest="action", required=True)
     for action, text in (("records", "print the records to create"),
+                         ("zone", "print them as a zone-file snippet (names relative to the domain)"),
                          ("check", "look each record up; exit 1 unless all are right")):
         dns_action = dnsub.add_parser(action, help=text)
         dns_action.add_argument("domain")

@@ -60,9 +60,24 @@ class DnsRecord:
     def shown_value(self) -> str:
         return self.value if self.value is not None else f"(your public IPv{6 if self.rdtype == 'AAAA' else 4} address)"
 
+    def relative_name(self, zone: str) -> str | None:
+        """The name as registrars' forms ask for it: '@' for the zone itself, 'mail' for mail.<zone>;
+        None when the record does not belong in that zone (a host name elsewhere, a PTR)."""
+        return relative_name(self.name, zone) if self.where == "zone" else None
+
 
 def _fqdn(name: str) -> str:
     return name.rstrip(".").lower() + "."
+
+
+def relative_name(name: str, zone: str) -> str | None:
+    """`name` relative to `zone` ('@' for the apex); None when it is not inside the zone."""
+    name, zone = name.rstrip(".").lower(), zone.rstrip(".").lower()
+    if name == zone:
+        return "@"
+    if name.endswith("." + zone):
+        return name[: -len(zone) - 1]
+    return None
 
 
 def records_for(
@@ -126,6 +141,39 @@ def format_table(records: Sequence[DnsRecord]) -> str:
     lines = [f"{t:<{widths[0]}}  {n:<{widths[1]}}  {v}" for t, n, v in rows]
     notes = [f"  {r.rdtype} {r.name}: {r.why}" for r in records]
     return "\n".join([*lines, "", "Why:", *notes])
+
+
+ZONE_TTL = 3600  # an hour: short enough to fix a mistake the same day, long enough to cache well
+
+
+def _zone_value(record: DnsRecord) -> str:
+    """The record's data in zone-file syntax (RFC 1035 5.1): TXT as quoted strings of at most 255
+    characters each (RFC 7208 3.3, RFC 6376 3.6.2.2 join them back), quotes and backslashes escaped."""
+    value = record.value or ""
+    if record.rdtype != "TXT":
+        return value
+    escaped = [value[i:i + 255].replace("\\", "\\\\").replace('"', '\\"') for i in range(0, len(value), 255)] or [""]
+    return " ".join(f'"{chunk}"' for chunk in escaped)
+
+
+def zone_file(domain: str, records: Sequence[DnsRecord], *, ttl: int = ZONE_TTL) -> str:
+    """A snippet to paste into (or import as) the zone of `domain`: names relative to $ORIGIN where
+    they are inside it, fully qualified with the final dot where not; records that are not the zone
+    owner's to create (PTR) or whose value is unknown yet (the public address) are commented out with
+    the reason, so the file still loads."""
+    zone = domain.rstrip(".").lower()
+    lines = [f"; DNS records for {zone}, made by Letterbox. Import or paste into the zone {zone}.",
+             f"$ORIGIN {zone}.", f"$TTL {ttl}"]
+    for record in records:
+        owner = relative_name(record.name, zone) or _fqdn(record.name)
+        line = f"{owner:<32} IN {record.rdtype:<5} {_zone_value(record)}"
+        if record.where == "provider":
+            lines.append(f"; set by your provider, not in this zone: {owner} IN {record.rdtype} {record.value}")
+        elif record.value is None:
+            lines.append(f"; {owner} IN {record.rdtype} {record.shown_value}  <- enter the address and remove ';'")
+        else:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 # --- inputs -----------------------------------------------------------------------------------------

@@ -234,3 +234,30 @@ def test_admin_commands_and_one_name_rule(tmp_path: Path, monkeypatch: pytest.Mo
         events = [text for (text,) in db.execute("SELECT text FROM events WHERE kind = 'admins' ORDER BY id")]
     assert events == ["administrator boss created", "administrator second created", "password of admin boss set",
                       "administrator second removed"]
+
+
+def test_zone_file_is_the_same_from_the_cli_and_the_console(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 18: the records as a zone-file snippet, one Admin function behind both doors."""
+    root = tmp_path / "box"
+
+    async def base() -> None:
+        async with open_admin(root, lambda: "mail.example.test", hasher=FAST) as admin:
+            await _base(admin)
+            await admin.db.set_setting("hostname", "mail.example.test")
+
+    asyncio.run(base())
+    capsys.readouterr()
+    assert cli.main(["--data", str(root), "dns", "zone", DOMAIN]) == 0
+    by_cli = capsys.readouterr().out
+    with web_client(root) as web:
+        web.login(ADMIN, ADMIN_PASSWORD)
+        page = web.get(f"/console/domains/{DOMAIN}")
+        assert f'href="/console/domains/{DOMAIN}/zone"' in page.text
+        assert '<code class="relative">_dmarc</code>' in page.text
+        response = web.get(f"/console/domains/{DOMAIN}/zone")
+    assert response.status_code == 200
+    assert response.headers["content-disposition"] == f'attachment; filename="{DOMAIN}.zone"'
+    assert response.text == by_cli
+    assert f"$ORIGIN {DOMAIN}." in by_cli
+    assert "._domainkey" in by_cli

@@ -6,6 +6,7 @@ import asyncio
 import socket
 from pathlib import Path
 
+import dns.zone
 import pytest
 
 from appliance import dkim_keys
@@ -18,7 +19,9 @@ from appliance.dns_records import (
     domain_records,
     format_table,
     records_for,
+    relative_name,
     valid_public_address,
+    zone_file,
 )
 
 DOMAIN, HOST = "example.org", "mail.example.org"
@@ -146,3 +149,49 @@ def test_domain_records_uses_settings_and_makes_the_dkim_key(tmp_path: Path) -> 
     assert rows["a"].value == "198.51.100.7"
     selector = rows["dkim"].name.split(".")[0]
     assert (tmp_path / "dkim" / DOMAIN / f"{selector}.key").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize(("name", "zone", "expected"), [
+    ("example.org", "example.org", "@"), ("mail.example.org", "example.org", "mail"),
+    ("_dmarc.example.org", "example.org", "_dmarc"), ("lb1._domainkey.example.org", "Example.ORG.", "lb1._domainkey"),
+    ("mail.other.net", "example.org", None), ("badexample.org", "example.org", None),
+])
+def test_names_relative_to_the_zone(name: str, zone: str, expected: str | None) -> None:
+    """Registrars' forms ask for '@', 'mail', '_dmarc' rather than the full name (issue 18)."""
+    assert relative_name(name, zone) == expected
+
+
+def test_zone_file_loads_and_holds_every_record(tmp_path: Path) -> None:
+    key = dkim_keys.generate_key(tmp_path, DOMAIN, "lb1", bits=2048)
+    records = records_for(DOMAIN, HOST, ipv4="198.51.100.7", dkim=key)
+    text = zone_file(DOMAIN, records)
+    assert "$ORIGIN example.org." in text
+    for short in ("@", "_dmarc", "mail"):
+        assert f"\n{short} " in text
+    zone = dns.zone.from_text(text, origin=DOMAIN, check_origin=False, relativize=False)
+    for record in records:
+        if record.where == "provider":
+            continue
+        rdataset = zone.find_rdataset(record.name + ".", record.rdtype)
+        if record.rdtype == "TXT":
+            # a 2048-bit key is longer than one 255-character string: split, and joined back equal
+            assert [b"".join(r.strings).decode() for r in rdataset] == [record.value]
+        else:
+            assert [r.to_text() for r in rdataset] == [record.value]
+    assert "; set by your provider" in text  # the PTR is shown but is not a record of this zone
+    assert len(max(text.splitlines(), key=len)) > 255  # the key really needed splitting
+
+
+def test_zone_file_comments_out_what_is_not_known_yet() -> None:
+    text = zone_file(DOMAIN, records_for(DOMAIN, "mail.other.net"))
+    assert "; mail.other.net. IN A (your public IPv4 address)" in text
+    assert "10 mail.other.net." in text
+    zone = dns.zone.from_text(text, origin=DOMAIN, check_origin=False)
+    assert zone.get_rdataset("mail", "A") is None
+
+
+def test_zone_file_escapes_quotes() -> None:
+    record = DnsRecord("spf", "TXT", DOMAIN, 'v=spf1 "odd" \\ -all', "why")
+    text = zone_file(DOMAIN, [record])
+    zone = dns.zone.from_text(text, origin=DOMAIN, check_origin=False)
+    assert next(iter(zone.find_rdataset("@", "TXT"))).strings == (b'v=spf1 "odd" \\ -all',)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from appliance.account_errors import AccountError
@@ -69,6 +69,15 @@ async def domain_dns(request: Request, errors: dict[str, str] | None = None,
     }, status_code=400 if errors else 200)
 
 
+async def domain_zone(request: Request) -> Response:
+    """The records as a zone file to download: registrars import it, BIND and others load it."""
+    await require(request, "admin")
+    domain = await _domain(request)
+    text = await admin(request).dns_zone_file(domain, dns_ports(services(request)))
+    return PlainTextResponse(text, headers={
+        "Content-Disposition": f'attachment; filename="{domain}.zone"', "Cache-Control": "no-store"})
+
+
 async def domain_check(request: Request) -> Response:
     await require(request, "admin")
     domain = await _domain(request)
@@ -105,6 +114,7 @@ routes = [
     # {domain:path} as for addresses (web/routes/mailboxes.py): whatever an earlier version stored
     # stays reachable, so it can at least be removed.
     Route("/console/domains/{domain:path}/check", domain_check, methods=["POST"]),
+    Route("/console/domains/{domain:path}/zone", domain_zone, methods=["GET"]),
     Route("/console/domains/{domain:path}/delete", domain_delete, methods=["GET", "POST"]),
     Route("/console/domains/{domain:path}", domain_dns, methods=["GET"]),
 ]
