@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from appliance import backup, setup_code, web_server
+from appliance import backup, setup_code, systemd_notify, web_server
 from appliance.accounts import Accounts
 from appliance.auth import Auth
 from appliance.certificates import start_renewer
@@ -309,6 +309,7 @@ async def _serve_until_stopped(box: Box, config: ServeConfig, stop: asyncio.Even
         await announce_setup_code(box.services, announce)
         await box.services.events.record("start", f"Letterbox started as {box.services.hostname}")
         announce("ready")
+        systemd_notify.notify(f"READY=1\nSTATUS=serving as {box.services.hostname}")
         jobs = box.services.backups
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(jobs.restart.wait())]
         try:
@@ -317,6 +318,8 @@ async def _serve_until_stopped(box: Box, config: ServeConfig, stop: asyncio.Even
             for waiter in waiters:
                 waiter.cancel()
         log.info("stopping")
+        if stop.is_set():
+            systemd_notify.notify("STOPPING=1")
         return jobs.staged if not stop.is_set() else None
     finally:
         try:
