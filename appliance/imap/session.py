@@ -13,13 +13,10 @@ import base64
 import binascii
 import contextlib
 import logging
-import os
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, Generic, Literal, Protocol, TypeVar
 
-from appliance.imap import fetch as fetching
 from appliance.imap import names
 from appliance.imap.commands import (
     Append,
@@ -33,7 +30,6 @@ from appliance.imap.commands import (
     Expunge,
     Fetch,
     FetchAttribute,
-    FetchItem,
     Id,
     ListCommand,
     Login,
@@ -53,14 +49,12 @@ from appliance.imap.commands import (
     in_ranges,
 )
 from appliance.imap.errors import ImapBad, ImapError, ImapNo
-from appliance.imap.limits import MAX_LIST_PATTERNS, STRUCTURE_CACHE_ENTRIES
-from appliance.imap.mime import Part, scan, scan_header
+from appliance.imap.fetch_render import FetchRenderer
+from appliance.imap.limits import MAX_LIST_PATTERNS
 from appliance.imap.responses import (
     Bye,
     Continuation,
     Data,
-    FetchResponse,
-    Preformatted,
     Response,
     Tagged,
     UntaggedStatus,
@@ -68,16 +62,15 @@ from appliance.imap.responses import (
     encode_astring,
 )
 from appliance.imap.search import SUPPORTED_CHARSETS, Candidate, Searcher, uses_modseq
-from appliance.imap.selected import SelectedFolder, flag_text
+from appliance.imap.selected import SelectedFolder
 from appliance.imap.sort import HEADER_KEYS as SORT_HEADER_KEYS
 from appliance.imap.sort import SortItem, thread_references, thread_text
 from appliance.imap.sort import sort as sort_messages
+from appliance.imap.store_errors import MissingFolderCode, store_errors
 from appliance.store.mailstore import (
-    FolderExists,
     FolderInfo,
     MessageInfo,
     NoSuchFolder,
-    QuotaExceeded,
     StoreError,
     Watcher,
     open_message,
@@ -87,7 +80,7 @@ if TYPE_CHECKING:
     from appliance.services import Services
 
 log = logging.getLogger("letterbox.imap")
-T = TypeVar("T")
+C = TypeVar("C", bound=Command)
 
 State = Literal["not_authenticated", "authenticated", "selected", "logout"]
 BASE_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE")
@@ -97,9 +90,7 @@ AUTHENTICATED_CAPABILITIES = (
     "STATUS=SIZE", "SORT", "MULTIAPPEND", "THREAD=REFERENCES", "BINARY", "COMPRESS=DEFLATE",
 )
 SERVER_ID = (("name", "Letterbox"), ("vendor", "Letterbox"))
-FETCH_BATCH = 64  # messages whose files one worker-thread call reads
 EXTERNAL_POLL = 60.0  # seconds between looks at the disk during IDLE
-INDEX_FETCH_BATCH = 5000  # messages per rendered block of an index-only FETCH
 SEEN = "\\Seen"
 RECENT_FLAG = frozenset({"\\Recent"})
 # Commands after which the selected folder is another or none: no point bringing the old one up to date.
@@ -144,7 +135,7 @@ class ImapSession:
         self.selected: SelectedFolder | None = None
         self.watcher: Watcher | None = None
         self._dirty = False  # look at the store before the next response (watcher fired, client polled)
-        self._structures: OrderedDict[tuple[str, int, int], Part] = OrderedDict()
+        self.fetcher = FetchRenderer()  # FETCH responses and the structure cache of the selected folder
         # RFC 7162 3.1/3.2: on once the client used or enabled CONDSTORE / enabled QRESYNC; never off.
         self.condstore = False
         self.qresync = False
@@ -180,16 +171,15 @@ class ImapSession:
             self.state = "logout"
             await self.io.send(Bye("This mailbox no longer exists"))
             return "NO"
-        table = DISPATCH[self.state]
-        handler = table.get(command.name)
+        route = DISPATCH[self.state].get(command.name)
         try:
-            if handler is None:
+            if route is None:
                 if any(command.name in t for t in DISPATCH.values()):
                     raise ImapBad(f"{command.name} is not allowed now")
                 raise ImapBad(f"Unknown command {command.name}")
             if self.state == "selected" and command.name not in LEAVES_FOLDER:
                 await self.sync(allow_expunge=_may_expunge(command))
-            await handler(self, command)
+            await route.run(self, command)
         except ImapError as exc:
             if self.state == "selected":
                 await self.sync(allow_expunge=_may_expunge(command))
@@ -223,8 +213,7 @@ class ImapSession:
         self.state = "logout"
         await self.io.send(Bye("Logging out"), Tagged(command.tag, "OK", "LOGOUT completed"))
 
-    async def cmd_id(self, command: Command) -> None:
-        assert isinstance(command, Id)
+    async def cmd_id(self, command: Id) -> None:
         if command.params:
             shown = " ".join(f"{k}={v}" for k, v in command.params[:8] if len(k) < 40)[:300]
             log.info("imap client id: peer=%s %s", self.io.peer, shown.encode("ascii", "replace").decode())
@@ -243,13 +232,11 @@ class ImapSession:
         await self.io.send(Tagged(command.tag, "OK", "Begin TLS negotiation now"))
         await self.io.start_tls()
 
-    async def cmd_login(self, command: Command) -> None:
-        assert isinstance(command, Login)
+    async def cmd_login(self, command: Login) -> None:
         self._require_tls()
         await self._authenticate(command, command.user, command.password)
 
-    async def cmd_authenticate(self, command: Command) -> None:
-        assert isinstance(command, Authenticate)
+    async def cmd_authenticate(self, command: Authenticate) -> None:
         if command.mechanism != "PLAIN":
             raise ImapNo(f"Unsupported mechanism {command.mechanism}", "CANNOT")
         self._require_tls()
@@ -296,8 +283,7 @@ class ImapSession:
         assert self.user is not None
         return self.user
 
-    async def cmd_select(self, command: Command) -> None:
-        assert isinstance(command, Select)
+    async def cmd_select(self, command: Select) -> None:
         readonly = command.name == "EXAMINE"
         if command.qresync is not None and not self.qresync:
             raise ImapBad("QRESYNC is not enabled")  # RFC 7162 3.2.5: ENABLE QRESYNC comes first
@@ -308,10 +294,7 @@ class ImapSession:
         self._unselect()
         self.state = "authenticated"
         name = names.canonical(command.mailbox)
-        try:
-            snapshot = await self.store.snapshot(self.mailbox, name, claim_recent=not readonly)
-        except NoSuchFolder:
-            raise ImapNo(f"Mailbox does not exist: {name}", "NONEXISTENT") from None
+        snapshot = await self.store.snapshot(self.mailbox, name, claim_recent=not readonly)
         view = SelectedFolder(snapshot, readonly)
         view.condstore, view.qresync = self.condstore, self.qresync
         self.watcher = self.store.watch(self.mailbox, view.name)
@@ -358,7 +341,7 @@ class ImapSession:
 
     async def _vanished(self, view: SelectedFolder, modseq: int, within: SequenceSet | None) -> str:
         """The UIDs expunged since `modseq` (within a UID set when given), as an IMAP set ('' for none)."""
-        recorded, complete = await self._store_call(self.store.expunged_since(self.mailbox, view.name, modseq))
+        recorded, complete = await self.store.expunged_since(self.mailbox, view.name, modseq)
         present = set(view.uids) - view.gone
         largest = max(view.largest_uid, view.uidnext - 1)
         if complete:
@@ -390,70 +373,43 @@ class ImapSession:
             self.selected.condstore = True
             await self.io.send(UntaggedStatus("OK", "Highest", f"HIGHESTMODSEQ {self.selected.highestmodseq}"))
 
-    async def cmd_create(self, command: Command) -> None:
-        assert isinstance(command, MailboxCommand)
+    async def cmd_create(self, command: MailboxCommand) -> None:
         name = names.canonical(command.mailbox.rstrip(names.SEPARATOR))  # RFC 3501 6.3.3: "foo/" is foo
         if names.is_inbox(name):
             raise ImapNo("INBOX always exists", "ALREADYEXISTS")
         reason = names.invalid_reason(name)
         if reason:
             raise ImapNo(reason, "CANNOT")
-        try:
-            await self.store.create_folder(self.mailbox, name)
-        except FolderExists:
-            raise ImapNo("Mailbox already exists", "ALREADYEXISTS") from None
-        except StoreError as exc:
-            raise ImapNo(str(exc) or "Cannot create mailbox", "CANNOT") from None
+        await self.store.create_folder(self.mailbox, name)
         await self.ok(command)
 
-    async def cmd_delete(self, command: Command) -> None:
-        assert isinstance(command, MailboxCommand)
+    async def cmd_delete(self, command: MailboxCommand) -> None:
         name = names.canonical(command.mailbox)
         if names.is_inbox(name):
             raise ImapNo("INBOX cannot be deleted", "CANNOT")  # RFC 3501 6.3.4
         if self.selected is not None and self.selected.name == name:
             self._unselect()
             self.state = "authenticated"
-        try:
-            await self.store.delete_folder(self.mailbox, name)
-        except NoSuchFolder:
-            raise ImapNo("Mailbox does not exist", "NONEXISTENT") from None
-        except StoreError as exc:
-            raise ImapNo(str(exc) or "Cannot delete mailbox", "CANNOT") from None
+        await self.store.delete_folder(self.mailbox, name)
         await self.ok(command)
 
-    async def cmd_rename(self, command: Command) -> None:
-        assert isinstance(command, Rename)
+    async def cmd_rename(self, command: Rename) -> None:
         old, new = names.canonical(command.old), names.canonical(command.new.rstrip(names.SEPARATOR))
         if names.is_inbox(new):
             raise ImapNo("Cannot rename to INBOX", "ALREADYEXISTS")
         reason = names.invalid_reason(new)
         if reason:
             raise ImapNo(reason, "CANNOT")
-        try:
-            await self.store.rename_folder(self.mailbox, old, new)
-        except NoSuchFolder:
-            raise ImapNo("Mailbox does not exist", "NONEXISTENT") from None
-        except FolderExists:
-            raise ImapNo("Target mailbox already exists", "ALREADYEXISTS") from None
-        except StoreError as exc:
-            raise ImapNo(str(exc) or "Cannot rename mailbox", "CANNOT") from None
+        await self.store.rename_folder(self.mailbox, old, new)
         await self.ok(command)
 
-    async def cmd_subscribe(self, command: Command) -> None:
-        assert isinstance(command, MailboxCommand)
-        try:
-            await self.store.subscribe(self.mailbox, names.canonical(command.mailbox), command.name == "SUBSCRIBE")
-        except NoSuchFolder:
-            raise ImapNo("Mailbox does not exist", "NONEXISTENT") from None
-        except StoreError as exc:
-            raise ImapNo(str(exc) or "Cannot change subscription", "CANNOT") from None
+    async def cmd_subscribe(self, command: MailboxCommand) -> None:
+        await self.store.subscribe(self.mailbox, names.canonical(command.mailbox), command.name == "SUBSCRIBE")
         await self.ok(command)
 
     cmd_unsubscribe = cmd_subscribe
 
-    async def cmd_list(self, command: Command) -> None:
-        assert isinstance(command, ListCommand)
+    async def cmd_list(self, command: ListCommand) -> None:
         lsub = command.name == "LSUB"
         if not lsub and command.patterns == ("",):
             # RFC 3501 6.3.8: an empty pattern asks for the hierarchy delimiter and root.
@@ -498,13 +454,9 @@ class ImapSession:
         await self.io.send(Data('NAMESPACE (("" "/")) NIL NIL'))  # RFC 2342: one personal namespace
         await self.ok(command)
 
-    async def cmd_status(self, command: Command) -> None:
-        assert isinstance(command, Status)
+    async def cmd_status(self, command: Status) -> None:
         name = names.canonical(command.mailbox)
-        try:
-            response = await self._status_response(name, command.items)
-        except NoSuchFolder:
-            raise ImapNo("Mailbox does not exist", "NONEXISTENT") from None
+        response = await self._status_response(name, command.items)
         if "HIGHESTMODSEQ" in command.items:
             await self._condstore_on()
         await self.io.send(response)
@@ -526,8 +478,7 @@ class ImapSession:
         text = " ".join(f"{item} {values[item]}" for item in items)
         return Data("STATUS " + encode_astring(snapshot.name).decode("utf-8") + f" ({text})")
 
-    async def cmd_append(self, command: Command) -> None:
-        assert isinstance(command, Append)
+    async def cmd_append(self, command: Append) -> None:
         name = names.canonical(command.mailbox)
         messages = [(command.flags, command.date, command.message), *command.more]
         if not all(message for _, _, message in messages):
@@ -538,20 +489,15 @@ class ImapSession:
             for flags, date, message in messages:
                 uidvalidity, uid = await self.store.append(self.mailbox, name, message, frozenset(flags), date)
                 uids.append(uid)
-        except StoreError as exc:
+        except StoreError:
             if uids:
                 # RFC 3502 6: all or nothing: the messages appended before the failure go again.
                 with contextlib.suppress(StoreError):
                     await self.store.expunge(self.mailbox, name, uids)
-            if isinstance(exc, NoSuchFolder):
-                raise ImapNo("Mailbox does not exist", "TRYCREATE") from None  # RFC 3501 6.3.11
-            if isinstance(exc, QuotaExceeded):
-                raise ImapNo("Quota exceeded", "OVERQUOTA") from None
-            raise ImapNo(str(exc) or "Cannot append", "CANNOT") from None
+            raise  # answered by store_errors: TRYCREATE for a folder that does not exist (RFC 3501 6.3.11)
         await self.ok(command, code=f"APPENDUID {uidvalidity} {compact(uids)}")  # RFC 4315 3
 
-    async def cmd_enable(self, command: Command) -> None:
-        assert isinstance(command, Enable)
+    async def cmd_enable(self, command: Enable) -> None:
         # RFC 5161 3.1: ENABLED lists what this command turned on; unknown names are ignored.
         enabled: list[str] = []
         wanted = {c.upper() for c in command.capabilities}
@@ -564,20 +510,18 @@ class ImapSession:
         await self.io.send(Data(" ".join(["ENABLED", *enabled])))
         await self.ok(command)
 
-    async def cmd_getquotaroot(self, command: Command) -> None:
-        assert isinstance(command, MailboxCommand)
+    async def cmd_getquotaroot(self, command: MailboxCommand) -> None:
         name = names.canonical(command.mailbox)
         await self.io.send(Data("QUOTAROOT " + encode_astring(name).decode("utf-8") + ' ""'), await self._quota())
         await self.ok(command)
 
-    async def cmd_getquota(self, command: Command) -> None:
-        assert isinstance(command, QuotaCommand)
+    async def cmd_getquota(self, command: QuotaCommand) -> None:
         if command.root != "":
             raise ImapNo("No such quota root", "NONEXISTENT")
         await self.io.send(await self._quota())
         await self.ok(command)
 
-    async def cmd_setquota(self, command: Command) -> None:
+    async def cmd_setquota(self, command: QuotaCommand) -> None:
         raise ImapNo("Quotas are set by the administrator", "NOPERM")
 
     async def _quota(self) -> Response:
@@ -642,7 +586,7 @@ class ImapSession:
             # RFC 3501 6.4.2: expunge \Deleted messages, without EXPUNGE responses.
             doomed = [u for u in view.uids if DELETED in view.info(u).flags and not view.is_gone(u)]
             if doomed:
-                await self._store_call(self.store.expunge(self.mailbox, view.name, doomed))
+                await self.store.expunge(self.mailbox, view.name, doomed)
         self._unselect()
         self.state = "authenticated"
         await self.ok(command)
@@ -652,13 +596,12 @@ class ImapSession:
         self.state = "authenticated"  # RFC 3691: like CLOSE, without the expunge
         await self.ok(command)
 
-    async def cmd_expunge(self, command: Command) -> None:
-        assert isinstance(command, Expunge)
+    async def cmd_expunge(self, command: Expunge) -> None:
         view = self._writable()
         candidates = view.uids if command.uids is None else view.resolve(command.uids, uid=True)
         doomed = [u for u in candidates if DELETED in view.info(u).flags and not view.is_gone(u)]
         if doomed:
-            expunged = await self._store_call(self.store.expunge(self.mailbox, view.name, doomed))
+            expunged = await self.store.expunge(self.mailbox, view.name, doomed)
             await self.io.send(*view.expunged_by_us(expunged))
         await self.ok(command)
 
@@ -685,9 +628,8 @@ class ImapSession:
             found = _search_index(searcher, candidates)
         return found
 
-    async def cmd_sort(self, command: Command) -> None:
+    async def cmd_sort(self, command: Sort) -> None:
         """RFC 5256 3: the matching messages in the order of the criteria."""
-        assert isinstance(command, Sort)
         found = await self._matching(command.key, command.charset)
         view = self.view
         items = [SortItem(c.seq, c.uid, c.size, c.internaldate, view.info(c.uid).path) for c in found]
@@ -698,9 +640,8 @@ class ImapSession:
         await self.io.send(Data("SORT" + "".join(f" {i.uid if command.uid else i.seq}" for i in ordered)))
         await self.ok(command)
 
-    async def cmd_compress(self, command: Command) -> None:
+    async def cmd_compress(self, command: Compress) -> None:
         """RFC 4978 3: the OK goes out uncompressed; everything after it, both ways, is DEFLATE."""
-        assert isinstance(command, Compress)
         if command.mechanism != "DEFLATE":
             raise ImapBad("Unknown compression mechanism")
         if self.io.compressed:
@@ -708,9 +649,8 @@ class ImapSession:
         await self.io.send(Tagged(command.tag, "OK", "DEFLATE active"))
         self.io.start_compression()
 
-    async def cmd_thread(self, command: Command) -> None:
+    async def cmd_thread(self, command: Thread) -> None:
         """RFC 5256 4: the matching messages as threads (REFERENCES)."""
-        assert isinstance(command, Thread)
         found = await self._matching(command.key, command.charset)
         view = self.view
         items = [SortItem(c.seq, c.uid, c.size, c.internaldate, view.info(c.uid).path) for c in found]
@@ -718,8 +658,7 @@ class ImapSession:
         await self.io.send(Data("THREAD" + (" " + thread_text(roots, command.uid) if roots else "")))
         await self.ok(command)
 
-    async def cmd_search(self, command: Command) -> None:
-        assert isinstance(command, Search)
+    async def cmd_search(self, command: Search) -> None:
         found = await self._matching(command.key, command.charset)
         numbers = [c.uid if command.uid else c.seq for c in found]
         modseq = uses_modseq(command.key)
@@ -735,8 +674,7 @@ class ImapSession:
         await self.io.send(Data(text))
         await self.ok(command)
 
-    async def cmd_fetch(self, command: Command) -> None:
-        assert isinstance(command, Fetch)
+    async def cmd_fetch(self, command: Fetch) -> None:
         view = self.view
         uids = self._resolve(command.set, command.uid)
         uids = await self._fetch_modifiers(command, uids)
@@ -752,31 +690,13 @@ class ImapSession:
         if marks_seen and not view.readonly:
             unseen = [u for u in uids if SEEN not in view.info(u).flags and not view.is_gone(u)]
             if unseen:
-                updated = await self._store_call(
-                    self.store.store_flags(self.mailbox, view.name, unseen, frozenset({SEEN}), "add")
-                )
+                updated = await self.store.store_flags(self.mailbox, view.name, unseen, frozenset({SEEN}), "add")
                 await self.io.send(*view.update_infos(updated))
                 flags_changed = {i.uid for i in updated}
         items = command.items
         if self.condstore and FetchAttribute("FLAGS") in items and FetchAttribute("MODSEQ") not in items:
             items = (*items, FetchAttribute("MODSEQ"))  # RFC 7162 3.1: FLAGS come with their MODSEQ
-        needs_file = any(fetching.needs_file(i) for i in items)
-        missing = False
-        if not needs_file:
-            for start in range(0, len(uids), INDEX_FETCH_BATCH):
-                await self.io.send(self._fetch_index_only(uids[start:start + INDEX_FETCH_BATCH], items, flags_changed))
-        else:
-            for start in range(0, len(uids), FETCH_BATCH):
-                batch = uids[start:start + FETCH_BATCH]
-                jobs = [(view.seq_of(uid), view.info(uid), self._facts(uid)) for uid in batch]
-                try:
-                    results = await asyncio.to_thread(self._fetch_files, jobs, items, flags_changed)
-                except fetching.UnknownCte:
-                    raise ImapNo("Unknown Content-Transfer-Encoding", "UNKNOWN-CTE") from None  # RFC 3516 4.3
-                except fetching.NoSuchPart:
-                    raise ImapNo("No such part", "CANNOT") from None
-                missing = missing or None in results
-                await self.io.send(*[r for r in results if r is not None])
+        missing = await self.fetcher.send_fetch(view, uids, items, flags_changed, self.condstore, self.io.send)
         if missing and not command.uid:
             await self.sync(allow_expunge=False)
             await self.io.send(Tagged(command.tag, "NO", "Some messages were expunged", "EXPUNGEISSUED"))
@@ -801,89 +721,16 @@ class ImapSession:
                 await self.io.send(Data("VANISHED (EARLIER) " + vanished))
         return [u for u in uids if view.info(u).modseq > since]
 
-    def _facts(self, uid: int) -> fetching.MessageFacts:
-        view = self.view
-        info = view.info(uid)
-        return fetching.MessageFacts(uid, tuple(view.flags_of(uid)), info.size, info.internaldate, info.modseq)
-
-    def _fetch_index_only(self, uids: Sequence[int], items: Sequence[FetchItem], flags_changed: set[int]) -> Response:
-        """FETCH of index items only (the UID FLAGS sync every client does): rendered straight to
-        text, a few microseconds per message."""
-        view = self.view
-        names = [item.name for item in items if isinstance(item, FetchAttribute)]
-        add_flags = "FLAGS" not in names and bool(flags_changed)
-        recent, infos, seq_of = view.recent, view.infos, view.seq_of
-        lines: list[str] = []
-        for uid in uids:
-            info = infos[uid]
-            parts: list[str] = []
-            for name in names:
-                if name == "UID":
-                    parts.append(f"UID {uid}")
-                elif name == "FLAGS":
-                    parts.append("FLAGS " + flag_text(info.flags, uid in recent))
-                elif name == "RFC822.SIZE":
-                    parts.append(f"RFC822.SIZE {info.size}")
-                elif name == "MODSEQ":
-                    parts.append(f"MODSEQ ({info.modseq})")
-                else:
-                    parts.append("INTERNALDATE " + fetching.internaldate(info.internaldate).decode("ascii"))
-            if add_flags and uid in flags_changed:
-                parts.append("FLAGS " + flag_text(info.flags, uid in recent))
-                if view.condstore and "MODSEQ" not in names:
-                    parts.append(f"MODSEQ ({info.modseq})")
-            lines.append(f"* {seq_of(uid)} FETCH ({' '.join(parts)})\r\n")
-        return Preformatted("".join(lines).encode("utf-8"))
-
-    def _fetch_files(
-        self, jobs: list[tuple[int, MessageInfo, fetching.MessageFacts]], items: Sequence[FetchItem],
-        flags_changed: set[int],
-    ) -> list[FetchResponse | None]:
-        """Runs in a worker thread: read and render what FETCH wants of each message."""
-        out: list[FetchResponse | None] = []
-        for seq, info, facts in jobs:
-            try:
-                f = open_message(info.path)
-            except FileNotFoundError:
-                out.append(None)
-                continue
-            with f:
-                root = self._structure(info, f, full=any(fetching.needs_structure(i) for i in items))
-                values = fetching.item_values(items, facts, f, root, _reopener(f))
-            if facts.uid in flags_changed and not any(name == "FLAGS" for name, _ in values):
-                values.append(("FLAGS", fetching.index_value("FLAGS", facts)))
-                if self.condstore and not any(name == "MODSEQ" for name, _ in values):
-                    values.append(("MODSEQ", fetching.index_value("MODSEQ", facts)))
-            out.append(FetchResponse(seq, tuple(values)))
-        return out
-
-    def _structure(self, info: MessageInfo, f: BinaryIO, full: bool) -> Part:
-        view = self.view
-        key = (view.name, view.uidvalidity, info.uid)
-        part = self._structures.get(key)
-        if part is not None:
-            self._structures.move_to_end(key)
-            return part
-        f.seek(0)
-        if not full:
-            return scan_header(f)  # cheap enough not to cache
-        part = scan(f)
-        self._structures[key] = part
-        if len(self._structures) > STRUCTURE_CACHE_ENTRIES:
-            self._structures.popitem(last=False)
-        return part
-
-    async def cmd_store(self, command: Command) -> None:
-        assert isinstance(command, Store)
+    async def cmd_store(self, command: Store) -> None:
         view = self._writable()
         uids = [u for u in self._resolve(command.set, command.uid) if not view.is_gone(u)]
         if command.unchangedsince is not None:
             await self._condstore_on()
         modified: list[int] = []
         if uids:
-            updated, modified = await self._store_call(self.store.store_flags_unchanged_since(
+            updated, modified = await self.store.store_flags_unchanged_since(
                 self.mailbox, view.name, uids, frozenset(command.flags), command.mode, command.unchangedsince,
-            ))
+            )
             await self.io.send(*view.update_infos(updated))
             if not command.silent:
                 await self.io.send(*[view.flags_fetch(i.uid, with_uid=command.uid) for i in updated])
@@ -895,8 +742,7 @@ class ImapSession:
             return
         await self.ok(command)
 
-    async def cmd_copy(self, command: Command) -> None:
-        assert isinstance(command, CopyMove)
+    async def cmd_copy(self, command: CopyMove) -> None:
         view = self.view
         if command.name == "MOVE":
             self._writable()
@@ -906,14 +752,7 @@ class ImapSession:
             await self.ok(command)
             return
         operation = self.store.move if command.name == "MOVE" else self.store.copy
-        try:
-            pairs = await operation(self.mailbox, view.name, uids, dest)
-        except NoSuchFolder:
-            raise ImapNo("Destination mailbox does not exist", "TRYCREATE") from None  # RFC 3501 6.4.7
-        except QuotaExceeded:
-            raise ImapNo("Quota exceeded", "OVERQUOTA") from None
-        except StoreError as exc:
-            raise ImapNo(str(exc) or f"{command.name} failed", "CANNOT") from None
+        pairs = await operation(self.mailbox, view.name, uids, dest)  # store_errors: TRYCREATE (RFC 3501 6.4.7)
         code = None
         if pairs:
             validity = await self.store.uidvalidity(self.mailbox, dest)
@@ -943,22 +782,12 @@ class ImapSession:
             raise ImapBad("Invalid message sequence number")
         return view.resolve(seqset, uid)
 
-    async def _store_call(self, call: Awaitable[T]) -> T:
-        try:
-            return await call
-        except NoSuchFolder:
-            raise ImapNo("Mailbox no longer exists", "NONEXISTENT") from None
-        except QuotaExceeded:
-            raise ImapNo("Quota exceeded", "OVERQUOTA") from None
-        except StoreError as exc:
-            raise ImapNo(str(exc) or "Mailbox error", "CANNOT") from None
-
     def _unselect(self) -> None:
         if self.watcher is not None:
             self.watcher.close()
         self.watcher = None
         self.selected = None
-        self._structures.clear()
+        self.fetcher.forget()
 
     def note_change(self) -> None:
         self._dirty = True
@@ -989,8 +818,8 @@ class ImapSession:
 
 def _may_expunge(command: Command) -> bool:
     # RFC 3501 7.4.1: no EXPUNGE while answering FETCH, STORE or SEARCH (the UID forms may carry it).
-    if command.name in ("FETCH", "STORE", "SEARCH", "SORT", "THREAD"):
-        return bool(getattr(command, "uid", False))
+    if isinstance(command, Fetch | Store | Search | Sort | Thread):
+        return command.uid
     return True
 
 
@@ -1028,14 +857,6 @@ def _intersect(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> li
         else:
             j += 1
     return out
-
-
-def _reopener(f: BinaryIO) -> fetching.Reopen:
-    def reopen() -> BinaryIO:
-        # A second handle on the same open file (not the path: a flag change renames it).
-        return os.fdopen(os.dup(f.fileno()), "rb")
-
-    return reopen
 
 
 def _no_content() -> BinaryIO:
@@ -1126,57 +947,81 @@ def _list_attributes(
     return attrs
 
 
-Handler = Callable[[ImapSession, Command], Awaitable[None]]
+class Route(Generic[C]):
+    """One entry of the dispatch tables: the class the parser makes for a command name and the
+    handler that takes exactly that class, so handlers need no downcast and mypy checks the pair."""
 
-_ANY: dict[str, Handler] = {
-    "CAPABILITY": ImapSession.cmd_capability,
-    "NOOP": ImapSession.cmd_noop,
-    "LOGOUT": ImapSession.cmd_logout,
-    "ID": ImapSession.cmd_id,
+    __slots__ = ("handler", "kind", "missing_folder")
+
+    def __init__(self, kind: type[C], handler: Callable[[ImapSession, C], Awaitable[None]],
+                 missing_folder: MissingFolderCode = "NONEXISTENT") -> None:
+        self.kind = kind
+        self.handler = handler
+        self.missing_folder = missing_folder  # the code for a folder that does not exist (store_errors)
+
+    async def run(self, session: ImapSession, command: Command) -> None:
+        if not isinstance(command, self.kind):
+            # The parser and this table disagree: a bug, which the server logs and answers with BYE.
+            raise TypeError(f"{command.name} parsed as {type(command).__name__}, not {self.kind.__name__}")
+        with store_errors(command.name, self.missing_folder):
+            await self.handler(session, command)
+
+
+class Dispatch(Protocol):
+    """What the session needs of a table entry (the Route whatever command class it binds)."""
+
+    async def run(self, session: ImapSession, command: Command) -> None: ...
+
+
+_ANY: dict[str, Dispatch] = {
+    "CAPABILITY": Route(Command, ImapSession.cmd_capability),
+    "NOOP": Route(Command, ImapSession.cmd_noop),
+    "LOGOUT": Route(Command, ImapSession.cmd_logout),
+    "ID": Route(Id, ImapSession.cmd_id),
 }
-_AUTHENTICATED: dict[str, Handler] = {
+_AUTHENTICATED: dict[str, Dispatch] = {
     **_ANY,
-    "SELECT": ImapSession.cmd_select,
-    "EXAMINE": ImapSession.cmd_examine,
-    "CREATE": ImapSession.cmd_create,
-    "DELETE": ImapSession.cmd_delete,
-    "RENAME": ImapSession.cmd_rename,
-    "SUBSCRIBE": ImapSession.cmd_subscribe,
-    "UNSUBSCRIBE": ImapSession.cmd_unsubscribe,
-    "LIST": ImapSession.cmd_list,
-    "LSUB": ImapSession.cmd_lsub,
-    "NAMESPACE": ImapSession.cmd_namespace,
-    "STATUS": ImapSession.cmd_status,
-    "APPEND": ImapSession.cmd_append,
-    "ENABLE": ImapSession.cmd_enable,
-    "GETQUOTA": ImapSession.cmd_getquota,
-    "GETQUOTAROOT": ImapSession.cmd_getquotaroot,
-    "SETQUOTA": ImapSession.cmd_setquota,
-    "IDLE": ImapSession.cmd_idle,
-    "COMPRESS": ImapSession.cmd_compress,
+    "SELECT": Route(Select, ImapSession.cmd_select),
+    "EXAMINE": Route(Select, ImapSession.cmd_examine),
+    "CREATE": Route(MailboxCommand, ImapSession.cmd_create),
+    "DELETE": Route(MailboxCommand, ImapSession.cmd_delete),
+    "RENAME": Route(Rename, ImapSession.cmd_rename),
+    "SUBSCRIBE": Route(MailboxCommand, ImapSession.cmd_subscribe),
+    "UNSUBSCRIBE": Route(MailboxCommand, ImapSession.cmd_unsubscribe),
+    "LIST": Route(ListCommand, ImapSession.cmd_list),
+    "LSUB": Route(ListCommand, ImapSession.cmd_lsub),
+    "NAMESPACE": Route(Command, ImapSession.cmd_namespace),
+    "STATUS": Route(Status, ImapSession.cmd_status),
+    "APPEND": Route(Append, ImapSession.cmd_append, missing_folder="TRYCREATE"),  # RFC 3501 6.3.11
+    "ENABLE": Route(Enable, ImapSession.cmd_enable),
+    "GETQUOTA": Route(QuotaCommand, ImapSession.cmd_getquota),
+    "GETQUOTAROOT": Route(MailboxCommand, ImapSession.cmd_getquotaroot),
+    "SETQUOTA": Route(QuotaCommand, ImapSession.cmd_setquota),
+    "IDLE": Route(Command, ImapSession.cmd_idle),
+    "COMPRESS": Route(Compress, ImapSession.cmd_compress),
 }
 # RFC 3501 3: the commands each state accepts.
-DISPATCH: dict[State, dict[str, Handler]] = {
+DISPATCH: dict[State, dict[str, Dispatch]] = {
     "not_authenticated": {
         **_ANY,
-        "STARTTLS": ImapSession.cmd_starttls,
-        "AUTHENTICATE": ImapSession.cmd_authenticate,
-        "LOGIN": ImapSession.cmd_login,
+        "STARTTLS": Route(Command, ImapSession.cmd_starttls),
+        "AUTHENTICATE": Route(Authenticate, ImapSession.cmd_authenticate),
+        "LOGIN": Route(Login, ImapSession.cmd_login),
     },
     "authenticated": _AUTHENTICATED,
     "selected": {
-        **{name: handler for name, handler in _AUTHENTICATED.items() if name != "ENABLE"},  # RFC 5161 3.1
-        "CHECK": ImapSession.cmd_check,
-        "CLOSE": ImapSession.cmd_close,
-        "UNSELECT": ImapSession.cmd_unselect,
-        "EXPUNGE": ImapSession.cmd_expunge,
-        "SEARCH": ImapSession.cmd_search,
-        "SORT": ImapSession.cmd_sort,
-        "THREAD": ImapSession.cmd_thread,
-        "FETCH": ImapSession.cmd_fetch,
-        "STORE": ImapSession.cmd_store,
-        "COPY": ImapSession.cmd_copy,
-        "MOVE": ImapSession.cmd_move,
+        **{name: route for name, route in _AUTHENTICATED.items() if name != "ENABLE"},  # RFC 5161 3.1
+        "CHECK": Route(Command, ImapSession.cmd_check),
+        "CLOSE": Route(Command, ImapSession.cmd_close),
+        "UNSELECT": Route(Command, ImapSession.cmd_unselect),
+        "EXPUNGE": Route(Expunge, ImapSession.cmd_expunge),
+        "SEARCH": Route(Search, ImapSession.cmd_search),
+        "SORT": Route(Sort, ImapSession.cmd_sort),
+        "THREAD": Route(Thread, ImapSession.cmd_thread),
+        "FETCH": Route(Fetch, ImapSession.cmd_fetch),
+        "STORE": Route(Store, ImapSession.cmd_store),
+        "COPY": Route(CopyMove, ImapSession.cmd_copy, missing_folder="TRYCREATE"),  # RFC 3501 6.4.7
+        "MOVE": Route(CopyMove, ImapSession.cmd_move, missing_folder="TRYCREATE"),  # RFC 6851 3.3
     },
     "logout": {},
 }

@@ -338,12 +338,13 @@ def test_delete_folder_with_children(imap_box: BoxHandle, client: IMAPClient) ->
 
 
 def test_unexpected_error_is_a_bye_not_a_traceback(imap_box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
-    from appliance.imap.session import DISPATCH
+    from appliance.imap.commands import Command
+    from appliance.imap.session import DISPATCH, ImapSession, Route
 
-    async def broken(session: object, command: object) -> None:
+    async def broken(session: ImapSession, command: Command) -> None:
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setitem(DISPATCH["authenticated"], "NAMESPACE", broken)
+    monkeypatch.setitem(DISPATCH["authenticated"], "NAMESPACE", Route(Command, broken))
     raw = RawImap(imap_box.port("imaps"), imap_box.client_context)
     try:
         raw.login(USER, PASSWORD)
