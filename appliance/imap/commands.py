@@ -310,10 +310,11 @@ class Authenticate(Command):
 
 
 @dataclass(frozen=True)
-class MailboxCommand(Command):
-    """SELECT, EXAMINE, CREATE, DELETE, SUBSCRIBE, UNSUBSCRIBE, GETQUOTAROOT: one mailbox name."""
+class FolderCommand(Command):
+    """SELECT, EXAMINE, CREATE, DELETE, SUBSCRIBE, UNSUBSCRIBE, GETQUOTAROOT: one folder name (what
+    RFC 3501 calls a mailbox name; here a mailbox is a user's account)."""
 
-    mailbox: str
+    folder: str
 
 
 @dataclass(frozen=True)
@@ -327,7 +328,7 @@ class Qresync:
 
 
 @dataclass(frozen=True)
-class Select(MailboxCommand):
+class Select(FolderCommand):
     """SELECT / EXAMINE with the RFC 7162 parameters CONDSTORE and QRESYNC."""
 
     condstore: bool = False
@@ -355,13 +356,13 @@ class ListCommand(Command):
 
 @dataclass(frozen=True)
 class Status(Command):
-    mailbox: str
+    folder: str
     items: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Append(Command):
-    mailbox: str
+    folder: str
     flags: tuple[str, ...]
     date: int | None  # unix seconds
     message: bytes = field(repr=False, compare=False)  # may be the bytearray it was read into
@@ -394,7 +395,7 @@ class CopyMove(Command):
 
     uid: bool
     set: SequenceSet
-    mailbox: str
+    folder: str  # the target
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 # One command line (between literals), CRLF included. Dovecot uses 64 KiB as well: long UID sets from
 # clients like Thunderbird and mbsync fit easily.
 MAX_LINE_OCTETS = 64 * 1024
-# A literal inside any command but APPEND (passwords, search strings, mailbox names).
+# A literal inside any command but APPEND (passwords, search strings, folder names).
 MAX_LITERAL_OCTETS = 64 * 1024
 # The message literal of APPEND: the largest message the box keeps (a little above the SMTP limit, so a
 # message that was delivered can always be copied back in by a client).

@@ -1,4 +1,5 @@
-"""Mailbox names as clients see them: '/' hierarchy, modified UTF-7 (RFC 3501 5.1.3), LIST patterns.
+"""Folder names (RFC 3501 says mailbox names) as clients see them: '/' hierarchy, modified UTF-7
+(RFC 3501 5.1.3), LIST patterns.
 
 Names travel between client and store unchanged (the store keeps the modified UTF-7 form, as Dovecot
 does on disk), so this module only checks them and matches them against LIST patterns.
@@ -10,7 +11,7 @@ import re
 from collections.abc import Iterable
 
 SEPARATOR = "/"
-MAX_NAME_LENGTH = 255  # octets of one full mailbox name
+MAX_NAME_LENGTH = 255  # octets of one full folder name
 MAX_NAME_DEPTH = 16  # levels of hierarchy
 _MUTF7_SHIFT = re.compile(r"&([A-Za-z0-9+,]*)-")
 

@@ -33,11 +33,11 @@ from appliance.imap.commands import (
     FetchAttribute,
     FetchItem,
     FlagKey,
+    FolderCommand,
     HeaderKey,
     Id,
     ListCommand,
     Login,
-    MailboxCommand,
     ModSeqKey,
     NewKey,
     NotKey,
@@ -256,12 +256,14 @@ class Reader:
                 return None
         return self.string()
 
-    def mailbox(self) -> str:
-        """RFC 3501 5.1: INBOX is case-insensitive; other names are returned as sent (modified UTF-7)."""
+    def folder(self) -> str:
+        """RFC 3501 9 mailbox (a folder name here): INBOX is case-insensitive (RFC 3501 5.1); other
+        names are returned as sent (modified UTF-7)."""
         name = self.astring()
         return "INBOX" if name.upper() == "INBOX" else name
 
-    def list_mailbox(self) -> str:
+    def folder_pattern(self) -> str:
+        """RFC 3501 9 list-mailbox: a folder name that may hold the wildcards * and %."""
         if self.at_literal() or self.peek() == 0x22:
             return self.string()
         return self.chars(LIST_CHARS, "a mailbox pattern").decode("ascii")
@@ -399,17 +401,17 @@ def _authenticate(r: Reader, tag: str, name: str) -> Command:
     return Authenticate(tag, name, mechanism, initial)
 
 
-def _one_mailbox(r: Reader, tag: str, name: str) -> Command:
+def _one_folder(r: Reader, tag: str, name: str) -> Command:
     r.sp()
-    mailbox = r.mailbox()
+    folder = r.folder()
     r.end()
-    return MailboxCommand(tag, name, mailbox)
+    return FolderCommand(tag, name, folder)
 
 
 def _select(r: Reader, tag: str, name: str) -> Command:
     """SELECT/EXAMINE mailbox [(CONDSTORE | QRESYNC (...))] (RFC 4466 2.1, RFC 7162 3.1.8, 3.2.5)."""
     r.sp()
-    mailbox = r.mailbox()
+    folder = r.folder()
     condstore = False
     qresync = None
     if r.accept(b" "):
@@ -427,7 +429,7 @@ def _select(r: Reader, tag: str, name: str) -> Command:
                 break
             r.sp()
     r.end()
-    return Select(tag, name, mailbox, condstore, qresync)
+    return Select(tag, name, folder, condstore, qresync)
 
 
 def _qresync(r: Reader) -> Qresync:
@@ -465,9 +467,9 @@ def _no_star(seqset: SequenceSet) -> None:
 
 def _rename(r: Reader, tag: str, name: str) -> Command:
     r.sp()
-    old = r.mailbox()
+    old = r.folder()
     r.sp()
-    new = r.mailbox()
+    new = r.folder()
     r.end()
     return Rename(tag, name, old, new)
 
@@ -486,9 +488,9 @@ def _list(r: Reader, tag: str, name: str) -> Command:
     r.sp()
     if name == "LIST" and r.peek() == ord("("):  # RFC 5258 3: several patterns
         extended = True
-        patterns = r.parenthesised(r.list_mailbox)
+        patterns = r.parenthesised(r.folder_pattern)
     else:
-        patterns = (r.list_mailbox(),)
+        patterns = (r.folder_pattern(),)
     returns: tuple[str, ...] = ()
     if name == "LIST" and r.accept(b" "):
         if r.keyword() != "RETURN":
@@ -524,11 +526,11 @@ def _rest_of_list(r: Reader, item: Callable[[], str]) -> tuple[str, ...]:
 
 def _status(r: Reader, tag: str, name: str) -> Command:
     r.sp()
-    mailbox = r.mailbox()
+    folder = r.folder()
     r.sp()
     items = _status_items(r)
     r.end()
-    return Status(tag, name, mailbox, items)
+    return Status(tag, name, folder, items)
 
 
 def _status_items(r: Reader) -> tuple[str, ...]:
@@ -559,14 +561,14 @@ def parse_date_time(raw: bytes) -> int:
 
 def _append(r: Reader, tag: str, name: str) -> Command:
     r.sp()
-    mailbox = r.mailbox()
+    folder = r.folder()
     r.sp()
     flags, date, message = _append_message(r)
     more = []
     while r.accept(b" "):  # RFC 3502 2: further messages, each with its own flags and date
         more.append(_append_message(r))
     r.end()
-    return Append(tag, name, mailbox, flags, date, message, tuple(more))
+    return Append(tag, name, folder, flags, date, message, tuple(more))
 
 
 def _append_message(r: Reader) -> tuple[tuple[str, ...], int | None, bytes]:
@@ -745,9 +747,9 @@ def _copy(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
     r.sp()
     seq = r.sequence_set()
     r.sp()
-    mailbox = r.mailbox()
+    folder = r.folder()
     r.end()
-    return CopyMove(tag, name, uid, seq, mailbox)
+    return CopyMove(tag, name, uid, seq, folder)
 
 
 def _search(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
@@ -974,11 +976,11 @@ _PARSERS: dict[str, Callable[..., Command]] = {
     "AUTHENTICATE": _authenticate,
     "SELECT": _select,
     "EXAMINE": _select,
-    "CREATE": _one_mailbox,
-    "DELETE": _one_mailbox,
-    "SUBSCRIBE": _one_mailbox,
-    "UNSUBSCRIBE": _one_mailbox,
-    "GETQUOTAROOT": _one_mailbox,
+    "CREATE": _one_folder,
+    "DELETE": _one_folder,
+    "SUBSCRIBE": _one_folder,
+    "UNSUBSCRIBE": _one_folder,
+    "GETQUOTAROOT": _one_folder,
     "RENAME": _rename,
     "LIST": _list,
     "LSUB": _list,

@@ -105,9 +105,9 @@ class SelectedFolder:
 
     def _learn_keywords(self, messages: Iterable[MessageInfo]) -> list[Response]:
         """Take in keywords now in use; the untagged FLAGS and PERMANENTFLAGS that announce new ones.
-        RFC 3501 7.2.6: FLAGS lists the flags defined in the mailbox, and a client may rely on it to
-        show keywords; one set by STORE, COPY or APPEND (here or in another session) is announced
-        before the FETCH that carries it, as Dovecot does."""
+        RFC 3501 7.2.6: FLAGS lists the flags defined in the folder (its "mailbox"), and a client may
+        rely on it to show keywords; one set by STORE, COPY or APPEND (here or in another session) is
+        announced before the FETCH that carries it, as Dovecot does."""
         new = _keywords(messages) - self.keywords
         if not new:
             return []

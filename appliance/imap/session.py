@@ -30,10 +30,10 @@ from appliance.imap.commands import (
     Expunge,
     Fetch,
     FetchAttribute,
+    FolderCommand,
     Id,
     ListCommand,
     Login,
-    MailboxCommand,
     Qresync,
     QuotaCommand,
     Rename,
@@ -280,6 +280,8 @@ class ImapSession:
 
     @property
     def mailbox(self) -> str:
+        """The account logged in to: a mailbox in our words (README), whose folders are what RFC 3501
+        calls mailboxes."""
         assert self.user is not None
         return self.user
 
@@ -293,7 +295,7 @@ class ImapSession:
         # session in the authenticated state (not selected with no folder).
         self._unselect()
         self.state = "authenticated"
-        name = names.canonical(command.mailbox)
+        name = names.canonical(command.folder)
         snapshot = await self.store.snapshot(self.mailbox, name, claim_recent=not readonly)
         view = SelectedFolder(snapshot, readonly)
         view.condstore, view.qresync = self.condstore, self.qresync
@@ -373,8 +375,8 @@ class ImapSession:
             self.selected.condstore = True
             await self.io.send(UntaggedStatus("OK", "Highest", f"HIGHESTMODSEQ {self.selected.highestmodseq}"))
 
-    async def cmd_create(self, command: MailboxCommand) -> None:
-        name = names.canonical(command.mailbox.rstrip(names.SEPARATOR))  # RFC 3501 6.3.3: "foo/" is foo
+    async def cmd_create(self, command: FolderCommand) -> None:
+        name = names.canonical(command.folder.rstrip(names.SEPARATOR))  # RFC 3501 6.3.3: "foo/" is foo
         if names.is_inbox(name):
             raise ImapNo("INBOX always exists", "ALREADYEXISTS")
         reason = names.invalid_reason(name)
@@ -383,8 +385,8 @@ class ImapSession:
         await self.store.create_folder(self.mailbox, name)
         await self.ok(command)
 
-    async def cmd_delete(self, command: MailboxCommand) -> None:
-        name = names.canonical(command.mailbox)
+    async def cmd_delete(self, command: FolderCommand) -> None:
+        name = names.canonical(command.folder)
         if names.is_inbox(name):
             raise ImapNo("INBOX cannot be deleted", "CANNOT")  # RFC 3501 6.3.4
         if self.selected is not None and self.selected.name == name:
@@ -403,8 +405,8 @@ class ImapSession:
         await self.store.rename_folder(self.mailbox, old, new)
         await self.ok(command)
 
-    async def cmd_subscribe(self, command: MailboxCommand) -> None:
-        await self.store.subscribe(self.mailbox, names.canonical(command.mailbox), command.name == "SUBSCRIBE")
+    async def cmd_subscribe(self, command: FolderCommand) -> None:
+        await self.store.subscribe(self.mailbox, names.canonical(command.folder), command.name == "SUBSCRIBE")
         await self.ok(command)
 
     cmd_unsubscribe = cmd_subscribe
@@ -455,7 +457,7 @@ class ImapSession:
         await self.ok(command)
 
     async def cmd_status(self, command: Status) -> None:
-        name = names.canonical(command.mailbox)
+        name = names.canonical(command.folder)
         response = await self._status_response(name, command.items)
         if "HIGHESTMODSEQ" in command.items:
             await self._condstore_on()
@@ -479,7 +481,7 @@ class ImapSession:
         return Data("STATUS " + encode_astring(snapshot.name).decode("utf-8") + f" ({text})")
 
     async def cmd_append(self, command: Append) -> None:
-        name = names.canonical(command.mailbox)
+        name = names.canonical(command.folder)
         messages = [(command.flags, command.date, command.message), *command.more]
         if not all(message for _, _, message in messages):
             raise ImapNo("Empty message", "CANNOT")
@@ -510,8 +512,8 @@ class ImapSession:
         await self.io.send(Data(" ".join(["ENABLED", *enabled])))
         await self.ok(command)
 
-    async def cmd_getquotaroot(self, command: MailboxCommand) -> None:
-        name = names.canonical(command.mailbox)
+    async def cmd_getquotaroot(self, command: FolderCommand) -> None:
+        name = names.canonical(command.folder)
         await self.io.send(Data("QUOTAROOT " + encode_astring(name).decode("utf-8") + ' ""'), await self._quota())
         await self.ok(command)
 
@@ -746,7 +748,7 @@ class ImapSession:
         view = self.view
         if command.name == "MOVE":
             self._writable()
-        dest = names.canonical(command.mailbox)
+        dest = names.canonical(command.folder)
         uids = [u for u in self._resolve(command.set, command.uid) if not view.is_gone(u)]
         if not uids:
             await self.ok(command)
@@ -983,11 +985,11 @@ _AUTHENTICATED: dict[str, Dispatch] = {
     **_ANY,
     "SELECT": Route(Select, ImapSession.cmd_select),
     "EXAMINE": Route(Select, ImapSession.cmd_examine),
-    "CREATE": Route(MailboxCommand, ImapSession.cmd_create),
-    "DELETE": Route(MailboxCommand, ImapSession.cmd_delete),
+    "CREATE": Route(FolderCommand, ImapSession.cmd_create),
+    "DELETE": Route(FolderCommand, ImapSession.cmd_delete),
     "RENAME": Route(Rename, ImapSession.cmd_rename),
-    "SUBSCRIBE": Route(MailboxCommand, ImapSession.cmd_subscribe),
-    "UNSUBSCRIBE": Route(MailboxCommand, ImapSession.cmd_unsubscribe),
+    "SUBSCRIBE": Route(FolderCommand, ImapSession.cmd_subscribe),
+    "UNSUBSCRIBE": Route(FolderCommand, ImapSession.cmd_unsubscribe),
     "LIST": Route(ListCommand, ImapSession.cmd_list),
     "LSUB": Route(ListCommand, ImapSession.cmd_lsub),
     "NAMESPACE": Route(Command, ImapSession.cmd_namespace),
@@ -995,7 +997,7 @@ _AUTHENTICATED: dict[str, Dispatch] = {
     "APPEND": Route(Append, ImapSession.cmd_append, missing_folder="TRYCREATE"),  # RFC 3501 6.3.11
     "ENABLE": Route(Enable, ImapSession.cmd_enable),
     "GETQUOTA": Route(QuotaCommand, ImapSession.cmd_getquota),
-    "GETQUOTAROOT": Route(MailboxCommand, ImapSession.cmd_getquotaroot),
+    "GETQUOTAROOT": Route(FolderCommand, ImapSession.cmd_getquotaroot),
     "SETQUOTA": Route(QuotaCommand, ImapSession.cmd_setquota),
     "IDLE": Route(Command, ImapSession.cmd_idle),
     "COMPRESS": Route(Compress, ImapSession.cmd_compress),

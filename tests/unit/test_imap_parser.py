@@ -24,11 +24,11 @@ from appliance.imap.commands import (
     Fetch,
     FetchAttribute,
     FlagKey,
+    FolderCommand,
     HeaderKey,
     Id,
     ListCommand,
     Login,
-    MailboxCommand,
     ModSeqKey,
     NewKey,
     NotKey,
@@ -95,8 +95,8 @@ def test_authenticate() -> None:
 
 
 @pytest.mark.parametrize("name", ["SELECT", "EXAMINE", "CREATE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE", "GETQUOTAROOT"])
-def test_one_mailbox_commands(name: str) -> None:
-    kind = Select if name in ("SELECT", "EXAMINE") else MailboxCommand
+def test_one_folder_commands(name: str) -> None:
+    kind = Select if name in ("SELECT", "EXAMINE") else FolderCommand
     assert parse(f"a {name} inbox") == kind("a", name, "INBOX")
     assert parse(f'a {name} "Sent Items"') == kind("a", name, "Sent Items")
     assert parse(f"a {name} Archive/2024") == kind("a", name, "Archive/2024")

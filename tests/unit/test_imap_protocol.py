@@ -70,7 +70,7 @@ def test_literal_can_contain_crlf_and_braces() -> None:
     append = events[0]
     assert isinstance(append, Append)
     assert append.message == msg
-    assert append.mailbox == "INBOX"
+    assert append.folder == "INBOX"
 
 
 def test_append_with_flags_and_date_fed_in_chunks() -> None:
