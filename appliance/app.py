@@ -143,7 +143,7 @@ class Box:
         try:
             settings = await Settings.load(db, default_hostname=system_hostname(), hostname_override=config.hostname)
             accounts = Accounts(db, data=config.data)
-            store = MailStore(config.data.mail, db)
+            store = MailStore(config.data.mail, db, accounts)
             services = Services(
                 config=config,
                 db=db,

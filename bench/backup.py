@@ -79,7 +79,7 @@ def build_box(root: Path, count: int, size: int) -> int:
     async def index() -> None:
         db = await Database.open(layout.db)
         try:
-            snap = await MailStore(layout.mail, db).snapshot(USER, "INBOX")
+            snap = await MailStore(layout.mail, db, Accounts(db)).snapshot(USER, "INBOX")
             assert len(snap.messages) == count, len(snap.messages)
         finally:
             await db.close()

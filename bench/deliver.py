@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from appliance.accounts import Accounts
 from appliance.db import Database
 from appliance.store.mailstore import MailStore
 
@@ -51,7 +52,7 @@ async def bench(root: Path, messages: int, size: int, concurrency: int) -> None:
         await db.execute("INSERT INTO domains (name, created_at) VALUES ('bench.test', 0)")
         await db.execute("INSERT INTO mailboxes (domain_id, local_part, password_hash, created_at)"
                          " SELECT id, 'bench', 'x', 0 FROM domains")
-        store = MailStore(root / "mail", db)
+        store = MailStore(root / "mail", db, Accounts(db))
         await store.recover()
         await deliver_one(store, 0, size, [])  # the Maildir, folders and rows exist from here
 
@@ -73,7 +74,7 @@ async def bench(root: Path, messages: int, size: int, concurrency: int) -> None:
         report(f"concurrent ({concurrency} in flight)", latencies, time.perf_counter() - started, size)
 
         total = 2 * messages + 1
-        fresh = MailStore(root / "mail", db)  # a restart: the index comes from the db
+        fresh = MailStore(root / "mail", db, Accounts(db))  # a restart: the index comes from the db
         started = time.perf_counter()
         snap = await fresh.snapshot(MAILBOX, "INBOX")
         first = time.perf_counter() - started

@@ -8,21 +8,32 @@ alone: a signature of ours vouches for the author).
 
 from __future__ import annotations
 
+import asyncio
 import email.policy
 import email.utils
 import functools
 import logging
+import time
 from email.parser import BytesHeaderParser
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import dkim
 import dkim.crypto
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
+from appliance import dkim_keys
 from appliance.dkim_keys import DkimKey
 
+if TYPE_CHECKING:
+    from appliance.accounts import Accounts
+    from appliance.db import Database
+
 log = logging.getLogger("letterbox.queue.dkim")
+
+KEY_TTL = 1.0  # seconds a domain's DKIM key is reused (a rotation is in force within this)
+MAX_HEADER_READ = 256 * 1024  # the header section is enough to find the author
 
 # relaxed/relaxed survives the re-wrapping and whitespace changes relays are known for (RFC 6376 3.4).
 CANONICALIZATION = (b"relaxed", b"relaxed")
@@ -60,6 +71,66 @@ def sign(data: bytes, key: DkimKey) -> bytes:
         linesep=b"\r\n",
     )
     return bytes(header) + data
+
+
+def load_and_sign(path: Path, key: DkimKey | None) -> bytes:
+    """The spool file's bytes, signed with `key` when there is one. Blocking: run it on a thread."""
+    data = path.read_bytes()
+    if key is None:
+        return data
+    try:
+        return sign(data, key)
+    except Exception:
+        # An unsignable message (broken headers) still goes out; the receiver judges it unsigned.
+        log.exception("DKIM signing with %s failed; sending unsigned", key.record_name)
+        return data
+
+
+class SigningKeys:
+    """Which key signs a queued message, each domain's key read at most once a KEY_TTL."""
+
+    def __init__(self, accounts: Accounts, db: Database, directory: Path) -> None:
+        self._accounts = accounts
+        self._db = db
+        self._directory = directory
+        self._keys: dict[str, tuple[float, DkimKey | None]] = {}
+
+    async def for_message(self, message_id: str, auth_user: str | None, path: Path) -> DkimKey | None:
+        """The author domain's key for mail our users submitted (RFC 6376; DMARC alignment), and only
+        when the login recorded with the message may send as the From: address: a signature of ours
+        says the domain vouches for the author, so the header alone must never choose the key
+        (submission refuses such a From: too; this is the second, independent check).
+
+        Forwards (an alias's mail to another domain, sent with an SRS sender) are not signed: they
+        have no login, their From: is someone else's domain, so a signature of the alias's domain
+        would not align for DMARC and would lend our domain's name to whatever the forward carries.
+        Their original signatures travel unchanged (only a Received: is added on top)."""
+        if not auth_user:
+            return None
+
+        def author() -> tuple[str | None, list[str]]:
+            with path.open("rb") as f:
+                head = f.read(MAX_HEADER_READ)
+            return author_domain(head), author_addresses(head)
+
+        domain, authors = await asyncio.to_thread(author)
+        if domain is None:
+            return None
+        for address in authors:
+            if not await self._accounts.may_send_as(auth_user, address):
+                log.warning("%s: not DKIM-signed: %s may not send as the From: address <%s>",
+                            message_id, auth_user, address[:100])
+                return None
+        cached = self._keys.get(domain)
+        if cached is not None and time.monotonic() - cached[0] < KEY_TTL:
+            return cached[1]
+        key = None
+        if await self._accounts.is_local_domain(domain):
+            key = await dkim_keys.current_key(self._db, self._directory, domain)
+            if key is None:
+                log.warning("no DKIM key for %s: its mail goes out unsigned", domain)
+        self._keys[domain] = (time.monotonic(), key)
+        return key
 
 
 # --- RSA through OpenSSL ---------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from typing import Literal
 
 import idna
 
-from appliance.accounts import mailbox_record
 from appliance.db import Database
 from appliance.store import index, maildir
 from appliance.store.changes import ChangeBus, Watcher
@@ -43,6 +42,7 @@ from appliance.store.model import (
     FolderExists,
     FolderInfo,
     FolderSnapshot,
+    MailboxDirectory,
     MessageInfo,
     NoSuchFolder,
     QuotaExceeded,
@@ -73,9 +73,10 @@ class _Mailbox:
 
 
 class MailStore:
-    def __init__(self, root: Path, db: Database) -> None:
+    def __init__(self, root: Path, db: Database, directory: MailboxDirectory) -> None:
         self.root = root
         self._db = db
+        self._directory = directory  # which mailbox an address names: asked, never read from its tables
         # Keyed by the mailboxes row id, which is never reused (migration 0007); `_current` says which
         # id an address has now, so an entry of a removed mailbox is dropped as soon as it is seen.
         self._mailboxes: dict[int, _Mailbox] = {}
@@ -408,7 +409,7 @@ class MailStore:
         local, _, domain = _address_key(address).rpartition("@")
         if not local or not domain or any(p in (".", "..") or "/" in p or "\0" in p for p in (local, domain)):
             raise StoreError(f"not a mailbox address: {address[:100]!r}")
-        record = await mailbox_record(self._db, domain, local)
+        record = await self._directory.mailbox_record(domain, local)
         if record is None:
             self.forget_mailbox(f"{local}@{domain}")  # removed, maybe by the CLI in another process
             raise StoreError(f"no such mailbox: {address[:100]}")
@@ -431,7 +432,7 @@ class MailStore:
         session keeps the one it logged in to and ends when it changes, so a session opened before
         the mailbox was removed never reads a later mailbox of the same address (issue 10 item 1)."""
         local, _, domain = _address_key(address).rpartition("@")
-        record = await mailbox_record(self._db, domain, local)
+        record = await self._directory.mailbox_record(domain, local)
         return record.id if record is not None else None
 
     def forget_mailbox(self, address: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 INBOX = "INBOX"
 SEPARATOR = "/"  # the IMAP hierarchy separator; '.' on disk (Maildir++)
@@ -53,3 +54,22 @@ class FolderInfo:
     special_use: str | None
     subscribed: bool
     has_children: bool
+
+
+@dataclass(frozen=True)
+class MailboxRecord:
+    """What the mail store needs of a mailbox: its row id (never reused), quota and canonical parts."""
+
+    id: int
+    quota_bytes: int
+    local: str
+    domain: str
+
+
+class MailboxDirectory(Protocol):
+    """The store's one view of the accounts (appliance.accounts.Accounts provides it): which mailbox an
+    address names now. The store keeps no SQL of its own on the accounts tables."""
+
+    async def mailbox_record(self, domain: str, local: str) -> MailboxRecord | None:
+        """The mailbox `local`@`domain` (both canonical), or None when there is none."""
+        ...

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from appliance.accounts import Accounts
 from appliance.db import Database
 from appliance.store.mailstore import MailStore
 from tests.conftest import ServedBox
@@ -110,7 +111,7 @@ def test_sigkill_loses_and_duplicates_nothing_acknowledged(served_box: ServedBox
     async def indexed() -> int:
         db = await Database.open(served_box.data.db)
         try:
-            store = MailStore(served_box.data.mail, db)
+            store = MailStore(served_box.data.mail, db, Accounts(db))
             recover = getattr(store, "recover", None)
             if recover is not None:
                 await recover()

@@ -54,7 +54,7 @@ def make_box(root: Path, messages: int = 6, size: int = 0) -> DataLayout:
                 if domain not in await accounts.list_domains():
                     await accounts.add_domain(domain)
                 await accounts.add_user(address, PASSWORD)
-            store = MailStore(layout.mail, db)
+            store = MailStore(layout.mail, db, Accounts(db))
             for n in range(messages):
                 await store.deliver([ALICE, BOB] if n % 2 else [ALICE], message(n, size))
             await store.create_folder(ALICE, "Keep")

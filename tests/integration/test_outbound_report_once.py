@@ -51,11 +51,11 @@ def test_a_report_to_a_local_mailbox_is_not_written_twice(outbound: Outbound,
     queue_id = failed_message(outbound, ALICE)
     # The report reaches alice's inbox, then recording it fails: the message stays unsettled.
     crash_once(monkeypatch, queue.state, "settled")
-    outbound.box.run(queue._settle(queue_id))
+    outbound.box.run(queue.reports.settle(queue_id))
     assert len(outbound.inbox()) == 1
     assert [m.id for m in outbound.messages()] == [queue_id]
     # What a restart does: settle what is unsettled. The copy is found; no second one.
-    outbound.box.run(queue._settle(queue_id))
+    outbound.box.run(queue.reports.settle(queue_id))
     [report] = outbound.inbox()
     assert delivery_status(report)[1]["Final-Recipient"] == "rfc822; a@nomail.test"
     assert outbound.messages() == []
@@ -67,9 +67,9 @@ def test_a_report_to_a_remote_sender_is_spooled_with_its_record(outbound: Outbou
     queue_id = failed_message(outbound, "someone@example.org")
     # Recording fails inside the transaction that spools the report: neither happens.
     crash_once(monkeypatch, queue.state, "mark_settled")
-    outbound.box.run(queue._settle(queue_id))
+    outbound.box.run(queue.reports.settle(queue_id))
     assert [m.id for m in outbound.messages()] == [queue_id]
-    outbound.box.run(queue._settle(queue_id))
+    outbound.box.run(queue.reports.settle(queue_id))
     [report] = outbound.messages()
     assert report.sender == ""
     assert [r.recipient for r in report.recipients] == ["someone@example.org"]

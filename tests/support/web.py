@@ -65,7 +65,7 @@ async def build_services(root: Path, *, policy: ThrottlePolicy = NO_THROTTLE, ho
         settings=await Settings.load(db, default_hostname=hostname, hostname_override=hostname),
         accounts=accounts,
         auth=Auth(db, accounts, policy=policy, hasher=FAST),
-        store=MailStore(layout.mail, db),
+        store=MailStore(layout.mail, db, accounts),
         tls=TlsManager(layout.tls, hostname),
         events=EventLog(db),
         spool=Spool(layout.spool, db),

@@ -42,7 +42,7 @@ def run(tmp_path: Path, scenario: Scenario) -> None:
         try:
             accounts = Accounts(db, hasher=FAST, data=layout)
             await accounts.add_domain(DOMAIN)
-            await scenario(accounts, MailStore(layout.mail, db), layout)
+            await scenario(accounts, MailStore(layout.mail, db, accounts), layout)
         finally:
             await db.close()
 

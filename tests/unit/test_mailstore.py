@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import pytest
 
+from appliance.accounts import Accounts
 from appliance.db import Database
 from appliance.store import maildir
 from appliance.store.mailstore import (
@@ -50,7 +51,7 @@ async def opened(root: Path) -> AsyncIterator[MailStore]:
                 "INSERT OR IGNORE INTO mailboxes (domain_id, local_part, password_hash, quota_bytes, created_at)"
                 " SELECT id, ?, 'x', ?, 0 FROM domains WHERE name = ?", (local, quota, domain),
             )
-        store = MailStore(root / "mail", db)
+        store = MailStore(root / "mail", db, Accounts(db))
         await store.recover()
         yield store
         await store.flush_uidlists()  # as Box.stop does
@@ -640,13 +641,14 @@ def test_a_reader_never_sees_a_partial_message(tmp_path: Path) -> None:
 CRASH_SCRIPT = textwrap.dedent("""
     import asyncio, sys
     from pathlib import Path
+    from appliance.accounts import Accounts
     from appliance.db import Database
     from appliance.store.mailstore import MailStore
 
     async def main():
         root = Path(sys.argv[1])
         db = await Database.open(root / "letterbox.db")
-        store = MailStore(root / "mail", db)
+        store = MailStore(root / "mail", db, Accounts(db))
         n = 0
         while True:
             n += 1

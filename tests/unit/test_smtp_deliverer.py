@@ -28,7 +28,7 @@ class World:
         self.root = root
         self.db = db
         self.accounts = Accounts(db)
-        self.store = MailStore(root / "mail", db)
+        self.store = MailStore(root / "mail", db, self.accounts)
         self.spool = Spool(root / "spool", db)
         self.deliverer = Deliverer(self.accounts, self.store, self.spool, "mail.example.test")
 

@@ -1,0 +1,215 @@
+"""Reports to the sender of outbound mail: a failure report (bounce) once every recipient of a message
+is settled, a warning after a long delay; never to the null sender (RFC 5321 6.1), never to a forged
+sender of a forward, and exactly once across crashes. The reports are built by dsn.py and handed
+over by report_delivery.deliver_report_to_sender (a local mailbox or the spool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from appliance import srs
+from appliance.queue import dsn
+from appliance.queue.report_delivery import deliver_report_to_sender
+from appliance.queue.spool import Spool
+from appliance.queue.state import QueueState, Reportable, Settlement, spool_file
+
+if TYPE_CHECKING:
+    import aiosqlite
+
+    from appliance.services import Services
+
+log = logging.getLogger("letterbox.queue")
+
+
+class SenderReports:
+    def __init__(self, services: Services, spool: Spool, state: QueueState, clock: Callable[[], float]) -> None:
+        self._services = services
+        self._spool = spool
+        self._state = state
+        self._clock = clock
+        self._settle_lock = asyncio.Lock()  # one report per failure, however many jobs end at once
+
+    async def settle(self, message_id: str) -> None:
+        async with self._settle_lock:
+            await self._settle_locked(message_id)
+
+    async def _settle_locked(self, message_id: str) -> None:
+        settlement = await self._state.settlement(message_id)
+        if settlement is None:
+            return
+        if settlement.failed:
+            target = await self._report_address(settlement.sender)
+            if not settlement.sender:
+                log.info("%s: failure not reported: the sender is null (RFC 5321 6.1)", message_id)
+            elif settlement.sender_verified is False:
+                # A forward of mail whose sender passed neither SPF nor DMARC: the address is likely
+                # forged and a report would be backscatter to an innocent party.
+                log.info("%s: failure not reported to <%s>: the sender was not authenticated (SPF/DMARC)",
+                         message_id, settlement.sender)
+            elif target is None:
+                log.warning("%s: failure not reported: <%s> is an SRS address that does not verify",
+                            message_id, settlement.sender)
+            else:
+                # An interrupted report first, as it was begun; then one report for the rest.
+                groups: dict[str | None, list[Reportable]] = {}
+                for failed in settlement.failed:
+                    groups.setdefault(failed.report_id, []).append(failed)
+                for report_id, group in sorted(groups.items(), key=lambda item: item[0] is None):
+                    part = replace(settlement, failed=tuple(group))
+                    if not await self._report_failures(part, target, report_id):
+                        return  # kept unsettled: the periodic sweep tries the report again
+                await self._record_bounces(settlement)
+                return
+        await self._state.settled(settlement)
+        await self._record_bounces(settlement)
+
+    async def _record_bounces(self, settlement: Settlement) -> None:
+        for failed in settlement.failed:
+            await self._services.events.record(
+                "bounce", f"{settlement.message_id}: to <{failed.address}> failed: "
+                f"{dsn.one_line(failed.diagnostic, 200)}"
+            )
+
+    async def _report_address(self, sender: str) -> str | None:
+        """Where a report about mail from `sender` goes: the sender, or for a forward's SRS sender of
+        ours the original sender it encodes (None if it does not verify)."""
+        local, _, domain = sender.rpartition("@")
+        if not sender or not srs.is_srs(local) or not await self._services.accounts.is_local_domain(domain):
+            return sender
+        try:
+            return self._services.srs.reverse(sender).original
+        except srs.InvalidSrs:
+            return None
+
+    async def _report_failures(self, part: Settlement, target: str, report_id: str | None) -> bool:
+        """Send one failure report about `part.failed` and record it as sent, exactly once across
+        crashes: a copy for a remote address is spooled in the transaction that marks the failures
+        reported; a copy for a local mailbox is written after its Message-ID is committed, and a
+        restart that finds that Message-ID in the mailbox does not write it again. False when the
+        report could not be handed over (logged; retried later)."""
+        message_id = part.message_id
+        resumed = report_id is not None
+        report_id = report_id or email.utils.make_msgid("dsn", domain=self._services.hostname)
+        report = await self._build(message_id, target, part.created_at, "failed", part.failed,
+                                   report_id=report_id)
+        try:
+            removed = False
+
+            async def begun() -> None:
+                if not resumed:
+                    await self._state.report_started(part, report_id, int(self._clock()))
+
+            async def already_in(mailbox: str) -> bool:
+                started = min((f.report_started for f in part.failed), default=0)
+                if resumed and await self._holds_report(mailbox, report_id, started):
+                    log.info("%s: report %s already in %s (before a restart)", message_id, report_id, mailbox)
+                    return True
+                return False
+
+            async def mark(tx: aiosqlite.Connection) -> None:
+                nonlocal removed
+                removed = await self._state.mark_settled(tx, part)
+
+            spooled = await deliver_report_to_sender(self._services.accounts, self._services.store, self._spool, target,
+                                                     report, before_local=begun, already_in=already_in,
+                                                     with_spooling=mark)
+            if not spooled:
+                await self._state.settled(part)
+            elif removed:
+                await self._state.remove_file(message_id)
+        except Exception:
+            log.exception("%s: could not send the failure report to <%s>", message_id, target)
+            return False
+        log.info("%s: failed report sent to <%s> for %s", message_id, target,
+                 ", ".join(r.address for r in part.failed))
+        return True
+
+    async def _holds_report(self, mailbox: str, report_id: str, since: int) -> bool:
+        """Is the report with this Message-ID in the mailbox already? Only messages that arrived since
+        the report was begun are read (a restart right after a crash: a handful)."""
+        store = self._services.store
+        snapshot = await store.snapshot(mailbox, "INBOX")
+        paths = [m.path for m in snapshot.messages if m.internaldate >= since - 2]
+        needle = f"message-id: {report_id}".lower().encode("utf-8")
+
+        def search() -> bool:
+            for path in paths:
+                try:
+                    with path.open("rb") as f:
+                        head = f.read(dsn.MAX_RETURNED_HEADERS)
+                except FileNotFoundError:
+                    continue
+                top = head.split(b"\r\n\r\n", 1)[0].lower()
+                if needle in top:
+                    return True
+            return False
+
+        return await asyncio.to_thread(search)
+
+    async def _build(
+        self,
+        message_id: str,
+        target: str,
+        created_at: int,
+        action: dsn.Action,
+        recipients: tuple[Reportable, ...],
+        will_retry_until: int | None = None,
+        report_id: str | None = None,
+    ) -> bytes:
+        path = spool_file(self._spool.directory, message_id)
+        try:
+            original = await asyncio.to_thread(_read_head, path)
+        except FileNotFoundError:
+            original = b""
+        zone = datetime.now().astimezone().tzinfo
+        last = max(r.last_attempt for r in recipients)
+        return dsn.build_report(
+            hostname=self._services.hostname,
+            sender=target,
+            queue_id=message_id,
+            action=action,
+            recipients=[dsn.DsnRecipient(r.address, r.status, r.diagnostic, r.remote.partition("[")[0])
+                        for r in recipients],
+            original=original,
+            arrival=datetime.fromtimestamp(created_at, zone),
+            last_attempt=datetime.fromtimestamp(last, zone) if last else None,
+            will_retry_until=datetime.fromtimestamp(will_retry_until, zone) if will_retry_until else None,
+            message_id=report_id,
+        )
+
+    async def delayed(
+        self,
+        message_id: str,
+        sender: str,
+        created_at: int,
+        action: dsn.Action,
+        recipients: tuple[Reportable, ...],
+        will_retry_until: int | None = None,
+    ) -> bool:
+        """A delay warning to the sender: local mailboxes via the store, others via the spool.
+        False when it could not be handed over (logged)."""
+        target = await self._report_address(sender)
+        if not target:
+            return True
+        report = await self._build(message_id, target, created_at, action, recipients, will_retry_until)
+        try:
+            await deliver_report_to_sender(self._services.accounts, self._services.store, self._spool, target, report)
+        except Exception:
+            log.exception("%s: could not send the %s report to <%s>", message_id, action, target)
+            return False
+        log.info("%s: %s report sent to <%s> for %s", message_id, action, target,
+                 ", ".join(r.address for r in recipients))
+        return True
+
+
+def _read_head(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(dsn.MAX_RETURNED_HEADERS + 4)
