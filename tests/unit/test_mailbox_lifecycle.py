@@ -113,14 +113,14 @@ def test_store_drops_what_it_cached_of_a_removed_mailbox(tmp_path: Path) -> None
     async def scenario(accounts: Accounts, store: MailStore, layout: DataLayout) -> None:
         await accounts.add_user(JONH, PASSWORD)
         await store.deliver([JONH], SECRET)
-        old = store._mailboxes[store._current[JONH]]
+        old = store._boxes._mailboxes[store._boxes._current[JONH]]
         old_inbox = old.folders["INBOX"]
         watcher = store.watch(JONH, "INBOX")
         await accounts.remove_user(JONH)
         with pytest.raises(StoreError, match="no such mailbox"):
             await store.usage(JONH)
-        assert JONH not in store._current
-        assert old.id not in store._mailboxes
+        assert JONH not in store._boxes._current
+        assert old.id not in store._boxes._mailboxes
         assert old_inbox.deleted
         assert await watcher.wait(0)
         await accounts.add_user(JONH, PASSWORD)

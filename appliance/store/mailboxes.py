@@ -1,0 +1,405 @@
+"""The mailboxes the store has open: which mailbox an address names (asked of the accounts through
+MailboxDirectory), its Maildir++ root, its folders' indexes loaded once and kept in step with the disk
+(sync), the moves of messages between indexes, and who is told of a change (the change bus, the
+dovecot-uidlist files). mailstore.py (messages) and folders.py (folder administration) work through it;
+the rules they keep are in mailstore.py's docstring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import idna
+
+from appliance.db import Database
+from appliance.store import index, maildir, subscriptions
+from appliance.store.changes import ChangeBus
+from appliance.store.index import Change, FolderIndex
+from appliance.store.maildir import Keywords, WriteJob
+from appliance.store.model import (
+    INBOX,
+    SPECIAL_FOLDERS,
+    FolderExists,
+    MailboxDirectory,
+    NoSuchFolder,
+    QuotaExceeded,
+    StoreError,
+)
+
+log = logging.getLogger("letterbox.store")
+
+
+@dataclass(eq=False)
+class OpenMailbox:
+    id: int
+    key: str  # local@domain as stored
+    root: Path
+    quota: int  # bytes; 0 = none
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    folders: dict[str, FolderIndex] = field(default_factory=dict)
+    ready: bool = False  # Maildir root and INBOX made, special folders on first access
+    counted: bool = False  # every folder on disk indexed once, so usage is known
+    reserved: int = 0  # bytes of deliveries in flight, counted against the quota
+    # Orders the writes of the subscriptions file (the last one written holds the last list read).
+    subscriptions_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+
+class Mailboxes:
+    def __init__(self, root: Path, db: Database, directory: MailboxDirectory) -> None:
+        self.root = root
+        self._db = db
+        self._directory = directory  # which mailbox an address names: asked, never read from its tables
+        # Keyed by the mailboxes row id, which is never reused (migration 0007); `_current` says which
+        # id an address has now, so an entry of a removed mailbox is dropped as soon as it is seen.
+        self._mailboxes: dict[int, OpenMailbox] = {}
+        self._current: dict[str, int] = {}
+        self.changes = ChangeBus()
+        self._uidlist_writes: set[asyncio.Task[None]] = set()
+
+    async def get(self, address: str) -> OpenMailbox:
+        local, _, domain = address_key(address).rpartition("@")
+        if not local or not domain or any(p in (".", "..") or "/" in p or "\0" in p for p in (local, domain)):
+            raise StoreError(f"not a mailbox address: {address[:100]!r}")
+        record = await self._directory.mailbox_record(domain, local)
+        if record is None:
+            self.forget_mailbox(f"{local}@{domain}")  # removed, maybe by the CLI in another process
+            raise StoreError(f"no such mailbox: {address[:100]}")
+        mb = self._mailboxes.get(record.id)
+        if mb is None:
+            key = f"{record.local}@{record.domain}"
+            self.forget_mailbox(key)  # a removed mailbox of the same address: nothing of it is reused
+            mb = OpenMailbox(record.id, key, self.root / record.domain / record.local, record.quota_bytes)
+            self._mailboxes[mb.id] = mb
+            self._current[key] = mb.id
+        mb.quota = record.quota_bytes  # the administrator may have changed it
+        if not mb.ready:
+            async with mb.lock:
+                if not mb.ready:
+                    await self._setup(mb)
+        return mb
+
+    async def generation(self, address: str) -> int | None:
+        """Which mailbox `address` names now: its row id, never reused (None: no such mailbox). A
+        session keeps the one it logged in to and ends when it changes, so a session opened before
+        the mailbox was removed never reads a later mailbox of the same address (issue 10 item 1)."""
+        local, _, domain = address_key(address).rpartition("@")
+        record = await self._directory.mailbox_record(domain, local)
+        return record.id if record is not None else None
+
+    def forget_mailbox(self, address: str) -> None:
+        """Drop what is cached about the mailbox at `address` (it was removed): its folders are marked
+        deleted, so an operation still holding one fails instead of writing for the next owner of
+        the address. The next access loads the mailbox afresh from the db."""
+        key = address_key(address)
+        mb_id = self._current.pop(key, None)
+        mb = self._mailboxes.pop(mb_id, None) if mb_id is not None else None
+        if mb is None:
+            return
+        for f in mb.folders.values():
+            f.deleted = True
+        mb.folders.clear()
+        self.changes.mailbox_gone(key)  # sessions look again and find the mailbox gone
+
+    async def _setup(self, mb: OpenMailbox) -> None:
+        """First access in this process: the Maildir root exists; on the mailbox's first access ever
+        (no folder rows yet) the special folders are made, as Dovecot's autocreate does."""
+        await asyncio.to_thread(maildir.make_maildir, mb.root, folder=False)
+        # Missing special folders are made again at every first access, as Dovecot's autocreate
+        # does: a Maildir copied in from elsewhere gets its Sent, Drafts, Trash and Junk (issue 17).
+        await asyncio.to_thread(_make_specials, mb.root)
+        await self.folder_locked(mb, INBOX)
+        await subscriptions.fill(self._db, mb)
+        mb.ready = True
+
+    async def folder(self, mb: OpenMailbox, name: str) -> FolderIndex:
+        name = existing_name(name)
+        f = mb.folders.get(name)
+        if f is None:
+            async with mb.lock:
+                f = await self.folder_locked(mb, name)
+        return f
+
+    async def folder_locked(self, mb: OpenMailbox, name: str) -> FolderIndex:
+        """The folder's index, loaded from the db (a row made when missing). Mailbox lock held."""
+        f = mb.folders.get(name)
+        if f is not None:
+            return f
+        path = maildir.folder_path(mb.root, name)
+        if not await asyncio.to_thread(_open_dir, path, name != INBOX):
+            raise NoSuchFolder(f"no folder named {name}")
+        row = await index.folder_row(self._db, mb.id, name)
+        uidlist = None
+        if row is None:
+            uidlist = await asyncio.to_thread(maildir.read_uidlist, path)
+            async with self._db.transaction() as tx:
+                await index.insert_folder(tx, mb.id, name, uidlist)
+            row = await index.folder_row(self._db, mb.id, name)
+            assert row is not None
+            entries: list[index.Entry] = []
+        else:
+            entries = await index.load_entries(self._db, row[0])
+        f = FolderIndex(row[0], name, path, row[1], row[2], row[3], bool(row[4]), entries, uidlist, row[5])
+        mb.folders[name] = f
+        return f
+
+    async def make_folders(self, mb: OpenMailbox, names: Sequence[str], must_create: str | None = None) -> None:
+        """Create the folders of `names` that do not exist, with fresh rows. Mailbox lock held."""
+        made = await asyncio.to_thread(_make_folder_dirs, mb.root, names)
+        if must_create is not None and must_create not in made:
+            raise FolderExists(f"{must_create} already exists")
+        if made:
+            async with self._db.transaction() as tx:
+                for name in made:
+                    await index.insert_folder(tx, mb.id, name)
+            for name in made:
+                self.forget(mb, name)  # a stale index of an earlier folder of that name
+            log.info("store: %s created folder %s", mb.key, ", ".join(made))
+
+    def forget(self, mb: OpenMailbox, name: str) -> None:
+        f = mb.folders.pop(name, None)
+        if f is not None:
+            f.deleted = True
+
+    async def used(self, mb: OpenMailbox) -> int:
+        if not mb.counted:
+            for name in [INBOX, *await asyncio.to_thread(maildir.discover_folders, mb.root)]:
+                try:
+                    f = await self.folder(mb, name)
+                    if f.stamp is None:
+                        async with f.lock:
+                            await self.sync(mb, f)
+                except StoreError:
+                    continue  # a folder name this layout cannot hold, or gone meanwhile
+            mb.counted = True
+        return _bytes(mb)
+
+    async def sync(self, mb: OpenMailbox, f: FolderIndex) -> bool:  # noqa: C901  one reconciliation of Maildir and index; its cases are the states files can be in
+        """Bring the index up to the disk (folder lock held); True when the db changed."""
+        if f.deleted:
+            raise NoSuchFolder(f"no folder named {f.name}")
+        try:
+            found = await asyncio.to_thread(f.scan)
+        except (FileNotFoundError, NotADirectoryError):
+            self.forget(mb, f.name)
+            raise NoSuchFolder(f"no folder named {f.name}") from None
+        if found is None:
+            return False
+        change = Change(f)
+        remap = found.keywords is not None and found.keywords != f.keywords
+        if found.keywords is not None:
+            f.keywords = found.keywords
+        f.keywords_mtime = found.keywords_mtime
+        located = set()
+        for entry, sub, filename in found.moved:
+            change.locate(entry, sub, filename)
+            letters = maildir.split_filename(filename)[1]
+            if letters != entry.flags or entry.keywords:  # else unchanged: the common case at a restart
+                change.update(entry, *maildir.decode_letters(letters, f.keywords))
+            located.add(entry.uid)
+        if remap:  # another program changed the keyword letters: read every name again
+            for entry in f.by_uid.values():
+                letters = maildir.split_filename(entry.filename)[1]
+                if entry.uid not in located and any(c.islower() for c in letters):
+                    change.update(entry, *maildir.decode_letters(letters, f.keywords))
+        for entry in found.vanished:
+            change.remove(entry)
+        for entry, wire in found.measured:
+            change.measure(entry, wire)
+        uidlist, f.uidlist = f.uidlist, None
+        adopted = uidlist.uids if uidlist is not None and not f.by_uid else {}
+        newcomers = sorted(found.found, key=lambda x: (adopted.get(x.base, 2**32), x.base))
+        for new in newcomers:
+            flags, names = maildir.decode_letters(maildir.split_filename(new.filename)[1], f.keywords)
+            change.add(new.base, new.sub, new.filename, flags, names, new.size, new.mtime, adopted.get(new.base),
+                       wire=new.wire)
+        await index.commit(self._db, [change])
+        f.stamp, f.dirty = found.stamp, found.dirty
+        if f.uidlist_stale:
+            self._uidlist_later(f)
+        if newcomers or found.vanished:
+            log.info("store: %s %s: %d files indexed, %d gone", mb.key, f.name, len(newcomers), len(found.vanished))
+        if found.measured:
+            log.info("store: %s %s: wire sizes of %d messages indexed before", mb.key, f.name, len(found.measured))
+        return change.writes
+
+    async def claim(self, f: FolderIndex) -> frozenset[int]:
+        """Make the recent messages this caller's: new/ files move to cur/ (folder lock held)."""
+        recent = f.recent()
+        if not recent:
+            return recent
+        fresh = [e for e in f.entries(recent) if e.sub == "new"]
+        targets = [maildir.cur_filename(e.base, maildir.split_filename(e.filename)[1]) for e in fresh]
+        # Not fsynced: after a crash the file is back in new/ and simply recent again.
+        done = await asyncio.to_thread(
+            maildir.rename_files, [(f.path / "new" / e.filename, f.path / "cur" / t) for e, t in zip(fresh, targets, strict=True)],
+            durable=False,
+        )
+        change = Change(f)
+        for e, target, ok in zip(fresh, targets, done, strict=True):
+            if ok:
+                change.locate(e, "cur", target)
+            else:
+                f.dirty = True
+        await index.commit(self._db, [change])
+        f.unclaimed.clear()
+        f.invalidate()
+        return recent
+
+    async def map_keywords(self, f: FolderIndex, keywords: Iterable[str]) -> Keywords:
+        """Letters for these keywords in the folder's dovecot-keywords (folder lock held). The file is
+        read afresh, so letters another program assigned are never reused."""
+        current = await asyncio.to_thread(maildir.read_keywords, f.path)
+        wanted = current.with_keywords(keywords)
+        if wanted != current:
+            await asyncio.to_thread(maildir.write_keywords, f.path, wanted)
+        f.keywords = wanted
+        return wanted
+
+    async def transfer(self, mb: OpenMailbox, src: FolderIndex, target: FolderIndex, uids: Sequence[int], *,
+                        move: bool) -> list[tuple[int, int]]:
+        """Copy (hard links) or move (renames) messages into another folder; both locks held."""
+        await self.sync(mb, src)
+        if target is not src:
+            await self.sync(mb, target)
+        entries = src.entries(uids)
+        if not entries:
+            return []
+        size = sum(e.size for e in entries)
+        if not move and mb.quota:
+            used = _bytes(mb)
+            if used + mb.reserved + size > mb.quota:
+                raise QuotaExceeded(f"{mb.key} is over quota ({used} of {mb.quota} bytes used)")
+        keywords = {k for e in entries for k in e.keywords}
+        mapped = await self.map_keywords(target, keywords) if keywords else target.keywords
+        jobs = []
+        for e in entries:
+            base = maildir.unique_name(e.size)
+            filename = maildir.cur_filename(base, maildir.encode_letters(e.flags, e.keywords, mapped))
+            jobs.append(WriteJob(target.path, base, "cur", filename, None))
+        sources = [src.path / e.sub / e.filename for e in entries]
+        if move:
+            done = await asyncio.to_thread(
+                maildir.rename_files, [(s, j.maildir / j.sub / j.filename) for s, j in zip(sources, jobs, strict=True)]
+            )
+        else:
+            mb.reserved += size
+            try:
+                await asyncio.to_thread(maildir.copy_messages, list(zip(sources, jobs, strict=True)))
+            except FileNotFoundError:
+                src.dirty = True
+                raise StoreError("a message was expunged meanwhile; nothing copied") from None
+            except OSError as exc:
+                raise StoreError(f"cannot copy: {exc.strerror or exc}") from None
+            finally:
+                mb.reserved -= size
+            done = [True] * len(jobs)
+        out_change, in_change = Change(src), Change(target)
+        pairs = []
+        for e, job, ok in zip(entries, jobs, done, strict=True):
+            if not ok:
+                src.dirty = True
+                continue
+            new = in_change.add(job.base, "cur", job.filename, e.flags, e.keywords, e.size, e.internaldate,
+                                wire=e.wire)
+            pairs.append((e.uid, new.uid))
+            if move:
+                out_change.remove(e)
+        await index.commit(self._db, [out_change, in_change])  # RFC 3501 2.3.2: copies are \Recent
+        target.unclaimed.update(new for _, new in pairs)
+        target.invalidate()
+        return pairs
+
+    def _uidlist_later(self, f: FolderIndex) -> None:
+        """Write the folder's dovecot-uidlist soon, in its own task: changes made meanwhile (a burst
+        of deliveries) go into one write."""
+        if f.uidlist_queued:
+            return  # the write scheduled has not read the state yet: it takes this change too
+        f.uidlist_queued = True
+        task = asyncio.get_running_loop().create_task(self._write_uidlist(f))
+        self._uidlist_writes.add(task)
+        task.add_done_callback(self._uidlist_writes.discard)
+
+    async def _write_uidlist(self, f: FolderIndex) -> None:
+        async with f.uidlist_lock:
+            f.uidlist_queued = False
+            if f.deleted or not f.uidlist_stale:
+                return
+            f.uidlist_stale = False
+            names = [(e.uid, e.base) for e in f.by_uid.values()]  # read at once: no await in between
+            try:
+                await asyncio.to_thread(maildir.write_uidlist, f.path, f.uidvalidity, f.uidnext, names)
+            except OSError as exc:
+                f.uidlist_stale = True  # tried again after the next change
+                log.warning("store: cannot write %s/dovecot-uidlist: %s", f.path, exc)
+
+    async def flush_uidlists(self) -> None:
+        """Wait for the dovecot-uidlist writes under way (at stop, and in tests)."""
+        while self._uidlist_writes:
+            await asyncio.gather(*list(self._uidlist_writes), return_exceptions=True)
+
+    def wake(self, mb: OpenMailbox, *names: str) -> None:
+        for name in names:
+            f = mb.folders.get(name)
+            if f is not None and f.uidlist_stale:
+                self._uidlist_later(f)
+        self.changes.changed(mb.key, *names)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def address_key(address: str) -> str:
+    """local@domain as the db keeps it: lower case, the domain in A-label form; split at the last '@'."""
+    local, at, domain = address.rpartition("@")
+    domain = domain.rstrip(".").lower()
+    if not domain.isascii():
+        with contextlib.suppress(idna.IDNAError, UnicodeError):
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+    return f"{local.lower()}{at}{domain}"
+
+def existing_name(name: str) -> str:
+    """The canonical name of a folder looked up; a name the disk cannot hold names no folder."""
+    name = maildir.canonical_name(name)
+    if name != INBOX:
+        try:
+            maildir.name_levels(name)
+        except StoreError:
+            raise NoSuchFolder(f"no folder named {name[:100]}") from None
+    return name
+
+def _bytes(mb: OpenMailbox) -> int:
+    return sum(f.bytes for f in mb.folders.values())
+
+@contextlib.asynccontextmanager
+async def locked(*folders: FolderIndex) -> AsyncIterator[None]:
+    """Hold several folder locks, taken in folder-id order so two callers never wait on each other."""
+    async with contextlib.AsyncExitStack() as stack:
+        for f in sorted({f.id: f for f in folders}.values(), key=lambda f: f.id):
+            await stack.enter_async_context(f.lock)
+        yield
+
+def _open_dir(path: Path, folder: bool) -> bool:
+    """Does the folder exist? Missing cur/new/tmp of an existing one are made (a foreign copy);
+    INBOX always exists."""
+    if folder and not path.is_dir():
+        return False
+    maildir.make_maildir(path, folder=folder)
+    return True
+
+def _make_specials(root: Path) -> None:
+    for name in SPECIAL_FOLDERS:
+        maildir.make_maildir(maildir.folder_path(root, name), folder=True)
+
+def _make_folder_dirs(root: Path, names: Sequence[str]) -> list[str]:
+    made = []
+    for name in names:
+        path = maildir.folder_path(root, name)
+        if not path.is_dir():
+            maildir.make_maildir(path, folder=True)
+            made.append(name)
+    return made
