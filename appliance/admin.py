@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance import dkim_keys, dns_check, dns_records, sizes
+from appliance import backup, certificates, dkim_keys, dns_check, dns_records, sizes
 from appliance.account_errors import NotFound
 from appliance.accounts import Accounts, AliasInfo, MailboxInfo, stored_domain
 from appliance.config import DataLayout
@@ -29,6 +29,7 @@ from appliance.queue import state as queue_state
 from appliance.queue.relay_check import RelayCheck, check_relay
 from appliance.queue.smarthost import Smarthost, SmarthostError
 from appliance.settings import Settings
+from appliance.tls import CertificateInfo, TlsManager
 
 if TYPE_CHECKING:
     from argon2 import PasswordHasher
@@ -57,6 +58,9 @@ class Admin:
     # Tells the running queue to look for due work now; nothing in a CLI process (a running box reads
     # the settings before each message, so a change made here is in force for its next one).
     wake_queue: Callable[[], None] = field(default=_nothing)
+    # The running box's certificate context (its live TLS, its port-80 answers); in a CLI process one
+    # of its own is made on first use (answers through the db, read by the box that owns port 80).
+    certificate_context: certificates.CertContext | None = None
 
     @classmethod
     def of(cls, services: Services) -> Admin:
@@ -65,7 +69,8 @@ class Admin:
                 services.queue.wake()
 
         return cls(db=services.db, settings=services.settings, accounts=services.accounts, data=services.config.data, events=services.events,
-                   hostname=lambda: services.hostname, store=services.store, wake_queue=wake)
+                   hostname=lambda: services.hostname, store=services.store, wake_queue=wake,
+                   certificate_context=services.certificates)
 
     # --- domains ----------------------------------------------------------------------------------------
 
@@ -270,6 +275,53 @@ class Admin:
         for message_id in deleted:
             await self.events.record("sending", f"message {message_id} deleted from the queue (no report sent)")
         return deleted
+
+    # --- backups (the work is appliance/backup.py's; the event is logged there, once) -----------------
+
+    async def make_backup_key(self) -> backup.Kit:
+        """A new backup key; the returned emergency kit is its only copy of the secret half."""
+        return await backup.make_key(self.db, self.events, self.hostname())
+
+    async def create_backup(self, *, to: Path | None = None, key_text: str = "", passphrase: str = "",
+                            progress: backup.Progress | None = None, keep: int | None = None) -> backup.Created:
+        return await backup.create(self.db, self.events, self.data, to=to, key_text=key_text,
+                                   passphrase=passphrase, progress=progress, keep=keep)
+
+    async def restore_mailbox(self, path: Path, secret: backup.Secret, address: str,
+                              folder: str | None = None) -> backup.MailboxRestored:
+        return await backup.restore_mailbox(self.db, self.events, self.data, path, secret, address, folder)
+
+    async def set_backup_schedule(self, *, enabled: bool, hour: int, target: str) -> None:
+        await backup.set_schedule(self.db, self.events, enabled=enabled, hour=hour, target=target)
+
+    # --- certificates (the work and its event are appliance/certificates.py's) -------------------------
+
+    def _certificates(self) -> certificates.CertContext:
+        if self.certificate_context is None:
+            self.certificate_context = certificates.CertContext(
+                db=self.db, tls=TlsManager(self.data.tls, self.hostname()), events=self.events,
+                hostname=self.hostname, acme_dir=self.data.tls / "acme", http01=None, answers_tls_alpn=False)
+        return self.certificate_context
+
+    async def certificate_status(self) -> certificates.CertStatus:
+        return await certificates.status(self._certificates())
+
+    async def request_certificate(self, **options: str | None) -> tuple[CertificateInfo, certificates.NamesCheck]:
+        """Order a certificate for the box's name and domains now, and wait for it (the CLI)."""
+        return await certificates.request(self._certificates(), await self.accounts.list_domains(), **options)
+
+    async def start_certificate_request(self, **options: str | None) -> bool:
+        """The same order, followed in the background (the console's page shows its progress)."""
+        return await certificates.start_request(self._certificates(), await self.accounts.list_domains(), **options)
+
+    async def renew_certificate(self, *, force: bool = False) -> CertificateInfo | None:
+        return await certificates.renew(self._certificates(), await self.accounts.list_domains(), force=force)
+
+    async def import_certificate(self, cert_pem: bytes, key_pem: bytes, chain_pem: bytes = b"") -> CertificateInfo:
+        return await certificates.import_pem(self._certificates(), cert_pem, key_pem, chain_pem)
+
+    async def self_signed_certificate(self) -> CertificateInfo:
+        return await certificates.self_signed(self._certificates())
 
 
 @asynccontextmanager

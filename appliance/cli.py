@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from appliance import sizes
-from appliance.accounts import AccountError, Accounts
+from appliance.accounts import AccountError
 from appliance.admin import Admin, open_admin
 from appliance.config import DataLayout, ServeConfig, default_data_dir
 from appliance.data_lock import data_dir_in_use
 from appliance.db import Database, DatabaseError
-from appliance.settings import read_settings
 from appliance.store import trash
 
 T = TypeVar("T")
@@ -241,9 +240,7 @@ def cmd_dns(args: argparse.Namespace) -> None:
 
 def cmd_cert(args: argparse.Namespace) -> None:  # noqa: C901  dispatch of the five cert subcommands; each branch only parses and renders
     from appliance import acme_client, certificates
-    from appliance.app import system_hostname
-    from appliance.events import EventLog
-    from appliance.tls import CertificateProblem, TlsManager
+    from appliance.tls import CertificateProblem
 
     def read(path: str | None, what: str) -> bytes:
         if not path:
@@ -253,39 +250,31 @@ def cmd_cert(args: argparse.Namespace) -> None:  # noqa: C901  dispatch of the f
         except OSError as exc:
             raise CliError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
-    async def act() -> list[str]:
-        db = await open_db(args)
+    async def act(admin: Admin) -> list[str]:
         try:
-            layout = DataLayout(Path(args.data))
-            hostname = (await read_settings(db, default_hostname=system_hostname())).hostname
-            ctx = certificates.CertContext(
-                db=db, tls=TlsManager(layout.tls, hostname), events=EventLog(db), hostname=lambda: hostname,
-                acme_dir=layout.tls / "acme", http01=None, answers_tls_alpn=False)
-            domains = list(await Accounts(db).list_domains())
             lines: list[str] = []
             if args.action == "request":
                 directory = acme_client.LETS_ENCRYPT_STAGING if args.staging else args.directory
                 if args.ca_file:
-                    await db.set_setting(certificates.CA_FILE, args.ca_file)
-                info, names = await certificates.request(
-                    ctx, domains, directory=directory, email=args.email, eab_kid=args.eab_kid,
-                    eab_hmac_key=args.eab_hmac_key)
+                    await admin.db.set_setting(certificates.CA_FILE, args.ca_file)
+                info, names = await admin.request_certificate(
+                    directory=directory, email=args.email, eab_kid=args.eab_kid, eab_hmac_key=args.eab_hmac_key)
                 lines += [f"left out: {reason}" for reason in names.left_out]
                 lines.append(f"issued for {', '.join(info.names)} by {info.issuer}, until {info.not_after:%Y-%m-%d}")
                 lines.append("a running box serves it within a few seconds")
             elif args.action == "renew":
-                renewed = await certificates.renew(ctx, domains, force=args.force)
+                renewed = await admin.renew_certificate(force=args.force)
                 lines.append("not due yet (use --force to renew now)" if renewed is None else
                              f"renewed: serial {renewed.serial:x}, until {renewed.not_after:%Y-%m-%d}")
             elif args.action == "import":
-                info = await certificates.import_pem(ctx, read(args.cert, "certificate"), read(args.key, "key"),
-                                                     read(args.chain, "chain"))
+                info = await admin.import_certificate(read(args.cert, "certificate"), read(args.key, "key"),
+                                                      read(args.chain, "chain"))
                 lines.append(f"installed for {', '.join(info.names)} from {info.issuer}, until {info.not_after:%Y-%m-%d}")
             elif args.action == "self-signed":
-                info = await certificates.self_signed(ctx)
-                lines.append(f"self-signed certificate for {hostname}, until {info.not_after:%Y-%m-%d}")
+                info = await admin.self_signed_certificate()
+                lines.append(f"self-signed certificate for {admin.hostname()}, until {info.not_after:%Y-%m-%d}")
             else:
-                st = await certificates.status(ctx)
+                st = await admin.certificate_status()
                 lines += [
                     f"source:       {st.source}{'' if st.trusted else ' (mail programs warn about it)'}",
                     f"names:        {', '.join(st.info.names) or '-'}",
@@ -301,10 +290,8 @@ def cmd_cert(args: argparse.Namespace) -> None:  # noqa: C901  dispatch of the f
             return lines
         except (acme_client.AcmeProblem, CertificateProblem) as exc:
             raise CliError(str(exc)) from None
-        finally:
-            await db.close()
 
-    for line in asyncio.run(act()):
+    for line in run_admin(args, act):
         print(line)
 
 
@@ -342,7 +329,6 @@ def _manifest_line(manifest: dict[str, Any]) -> str:
 
 def cmd_backup(args: argparse.Namespace) -> None:
     from appliance import backup
-    from appliance.events import EventLog
 
     layout = DataLayout(Path(args.data))
 
@@ -364,11 +350,9 @@ def cmd_backup(args: argparse.Namespace) -> None:
             kept = f"; the old data is kept in {restored.kept_aside}" if restored.kept_aside else ""
             print(f"restored {_manifest_line(restored.manifest)}{kept}")
             return
-        db = await open_db(args)
-        try:
-            events = EventLog(db)
+        async with open_admin(layout.root) as admin:
             if args.action == "key":
-                kit = await backup.make_key(db, events, (await read_settings(db, default_hostname="letterbox")).hostname)
+                kit = await admin.make_backup_key()
                 fd = os.open(args.kit_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     f.write(kit.text)
@@ -377,16 +361,13 @@ def cmd_backup(args: argparse.Namespace) -> None:
             elif args.action == "create":
                 key = _read_secret_file(args.key_file, "key")
                 passphrase = _read_secret_file(args.passphrase_file, "passphrase").splitlines()
-                made = await backup.create(db, events, layout, to=Path(args.to) if args.to else None,
-                                           key_text=key, passphrase=passphrase[0] if passphrase else "")
+                made = await admin.create_backup(to=Path(args.to) if args.to else None,
+                                                 key_text=key, passphrase=passphrase[0] if passphrase else "")
                 print(f"{made.path}\t{made.size} bytes\t{made.manifest['messages']} messages")
             else:
-                done = await backup.restore_mailbox(db, events, layout, Path(args.file), _secret(args),
-                                                    args.mailbox, args.folder)
+                done = await admin.restore_mailbox(Path(args.file), _secret(args), args.mailbox, args.folder)
                 again = " (mailbox made again)" if done.created else ""
                 print(f"restored {done.messages} messages into {done.address}{again}")
-        finally:
-            await db.close()
 
     try:
         asyncio.run(act())

@@ -8,7 +8,7 @@ from starlette.responses import Response
 
 from appliance import acme_client, certificates
 from appliance.tls import CertificateProblem
-from web.pages import flash, read_form, redirect, services
+from web.pages import admin, flash, read_form, redirect, services
 
 CA_CHOICES = {
     "letsencrypt": acme_client.LETS_ENCRYPT,
@@ -19,7 +19,7 @@ MAX_PEM_FIELD = 60 * 1024
 
 async def page_context(request: Request) -> dict[str, object]:
     svc = services(request)
-    status = await certificates.status(svc.certificates)
+    status = await admin(request).certificate_status()
     directory = status.directory
     ca = next((k for k, v in CA_CHOICES.items() if v == directory), "custom")
     running = status.order.phase in ("pending", "validating") and svc.certificates.running is not None \
@@ -44,7 +44,6 @@ def _directory(values: dict[str, str]) -> str | None:
 
 
 async def order(request: Request, back: str) -> Response:
-    svc = services(request)
     values = await read_form(request)
     try:
         directory = _directory(values)
@@ -60,8 +59,7 @@ async def order(request: Request, back: str) -> Response:
     if values.get("eab_kid", "").strip():
         options["eab_kid"] = values["eab_kid"].strip()[:200]
         options["eab_hmac_key"] = values.get("eab_hmac_key", "").strip()[:200]
-    domains = list(await svc.accounts.list_domains())
-    if not await certificates.start_request(svc.certificates, domains, **options):
+    if not await admin(request).start_certificate_request(**options):
         flash(request, "An order is already running: wait for it to finish.")
     return redirect(back)
 
@@ -84,7 +82,6 @@ async def check(request: Request, back: str) -> Response:
 
 
 async def upload(request: Request, back: str) -> Response:
-    svc = services(request)
     values = await read_form(request)
     cert, key, chain = (values.get(name, "").strip() for name in ("cert", "key", "chain"))
     if not cert or not key:
@@ -94,7 +91,7 @@ async def upload(request: Request, back: str) -> Response:
         flash(request, "Not installed: that is too large to be a certificate.")
         return redirect(back)
     try:
-        info = await certificates.import_pem(svc.certificates, cert.encode(), key.encode(), chain.encode())
+        info = await admin(request).import_certificate(cert.encode(), key.encode(), chain.encode())
     except CertificateProblem as exc:
         flash(request, f"Not installed: {exc}")
         return redirect(back)
@@ -107,6 +104,6 @@ async def upload(request: Request, back: str) -> Response:
 
 async def self_signed(request: Request, back: str) -> Response:
     await read_form(request)
-    await certificates.self_signed(services(request).certificates)
+    await admin(request).self_signed_certificate()
     flash(request, "A new self-signed certificate is served from now on.")
     return redirect(back)

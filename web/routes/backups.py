@@ -13,7 +13,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from appliance import backup
-from web.pages import flash, read_form, redirect, render, require, services
+from web.pages import admin, flash, read_form, redirect, render, require, services
 
 MAX_SECRET = 4096  # a kit is about 300 characters; a passphrase fits easily
 
@@ -44,7 +44,7 @@ async def make_key(request: Request) -> Response:
     if await svc.db.get_setting(backup.RECIPIENT_SETTING) and values.get("confirm") != "replace":
         flash(request, "The box has a backup key already: tick the box to replace it.")
         return redirect("/console/backups")
-    kit = await backup.make_key(svc.db, svc.events, svc.hostname)
+    kit = await admin(request).make_backup_key()
     return Response(kit.text, media_type="text/plain; charset=utf-8", headers={
         "Content-Disposition": 'attachment; filename="letterbox-emergency-kit.txt"',
         "Cache-Control": "no-store",
@@ -67,9 +67,10 @@ async def create(request: Request) -> Response:
         flash(request, "Not started: make the backup key first, or give a passphrase.")
         return redirect("/console/backups")
 
+    box = admin(request)
+
     async def work(progress: backup.Progress) -> str:
-        made = await backup.create(svc.db, svc.events, svc.config.data, progress=progress, keep=keep,
-                                   passphrase=passphrase)
+        made = await box.create_backup(progress=progress, keep=keep, passphrase=passphrase)
         return f"Backup made: {made.path.name} ({made.manifest['messages']} messages)."
 
     if svc.backups.start("backup", work) is None:
@@ -80,11 +81,11 @@ async def create(request: Request) -> Response:
 async def schedule(request: Request) -> Response:
     await require(request, "admin")
     values = await read_form(request)
-    svc = services(request)
     hour = values.get("hour", "")
     try:
-        await backup.set_schedule(svc.db, svc.events, enabled=values.get("enabled") == "yes",
-                                  hour=int(hour) if hour.isdigit() else -1, target=values.get("target", "").strip())
+        await admin(request).set_backup_schedule(enabled=values.get("enabled") == "yes",
+                                                 hour=int(hour) if hour.isdigit() else -1,
+                                                 target=values.get("target", "").strip())
     except backup.BackupError as exc:
         flash(request, f"Not saved: {exc}.")
         return redirect("/console/backups")
@@ -124,8 +125,10 @@ async def restore_mailbox(request: Request) -> Response:
         return redirect("/console/backups")
     secret = backup.Secret.from_text(text) if "AGE-SECRET-KEY-" in text else backup.Secret(passphrase=text.strip())
 
+    box = admin(request)
+
     async def work(progress: backup.Progress) -> str:
-        done = await backup.restore_mailbox(svc.db, svc.events, svc.config.data, path, secret, address, folder)
+        done = await box.restore_mailbox(path, secret, address, folder)
         again = " (the mailbox was made again, with its old password)" if done.created else ""
         return f"Restored {done.messages} messages into {done.address}{again}."
 
