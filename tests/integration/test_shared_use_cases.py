@@ -157,9 +157,12 @@ def _snapshot(root: Path) -> dict[str, object]:
             "aliases": rows("SELECT d.name, a.local_part, t.target FROM aliases a JOIN domains d ON d.id = a.domain_id"
                             " JOIN alias_targets t ON t.alias_id = a.id"),
             "admins": rows("SELECT username FROM admins"),
-            # A DKIM selector is made from the time, a backup key at random: that there is one, not which.
+            # A DKIM selector is made from the time, a backup key at random: that there is one, not which;
+            # the certificate order's state says when it was set.
             "settings": [(k, "<selector>" if str(k).startswith("dkim_selector:") else
-                          "<backup key>" if k == "backup_recipient" else v) for k, v in settings],
+                          "<backup key>" if k == "backup_recipient" else
+                          re.sub(r'"at": \d+', '"at": <time>', str(v)) if k == "cert_order_state" else v)
+                         for k, v in settings],
             # Due now or later: a flush makes the recipient due (its exact time is the clock's).
             "queue": rows("SELECT m.id, m.sender, r.recipient, r.state, r.attempts, r.last_error,"
                           " r.next_attempt <= CAST(strftime('%s', 'now') AS INTEGER) FROM queue_messages m"
