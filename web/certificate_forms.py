@@ -1,5 +1,5 @@
 """The certificate actions behind the console's Certificate page and the wizard's step 4 (both call
-these with the page to go back to): each is an appliance.certificates call, shared by the CLI."""
+these with the page to go back to): each is an Admin use-case (appliance/admin.py), shared by the CLI."""
 
 from __future__ import annotations
 

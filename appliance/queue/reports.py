@@ -185,27 +185,20 @@ class SenderReports:
             message_id=report_id,
         )
 
-    async def delayed(
-        self,
-        message_id: str,
-        sender: str,
-        created_at: int,
-        action: dsn.Action,
-        recipients: tuple[Reportable, ...],
-        will_retry_until: int | None = None,
-    ) -> bool:
+    async def delayed(self, message_id: str, sender: str, created_at: int, recipients: tuple[Reportable, ...],
+                      will_retry_until: int) -> bool:
         """A delay warning to the sender: local mailboxes via the store, others via the spool.
         False when it could not be handed over (logged)."""
         target = await self._report_address(sender)
         if not target:
             return True
-        report = await self._build(message_id, target, created_at, action, recipients, will_retry_until)
+        report = await self._build(message_id, target, created_at, "delayed", recipients, will_retry_until)
         try:
             await deliver_report_to_sender(self._services.accounts, self._services.store, self._spool, target, report)
         except Exception:
-            log.exception("%s: could not send the %s report to <%s>", message_id, action, target)
+            log.exception("%s: could not send the delayed report to <%s>", message_id, target)
             return False
-        log.info("%s: %s report sent to <%s> for %s", message_id, action, target,
+        log.info("%s: delayed report sent to <%s> for %s", message_id, target,
                  ", ".join(r.address for r in recipients))
         return True
 

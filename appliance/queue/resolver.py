@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import TypeVar
 
 import dns.asyncresolver
 import dns.resolver
 
 from appliance.queue.dns_cache import cache_for
+
+R = TypeVar("R", bound=dns.resolver.BaseResolver)
 
 log = logging.getLogger("letterbox.dns")
 
@@ -67,17 +70,15 @@ def _attach_cache(resolver: dns.resolver.BaseResolver) -> None:
 def make_async_resolver(setting: str | None, *, cached: bool = True) -> dns.asyncresolver.Resolver:
     """`cached=False` for the diagnostics a person runs right after changing their DNS (dns_check,
     the certificate preflight): they must show what the servers say now, not what was seen before."""
-    resolver = dns.asyncresolver.Resolver(configure=False)
-    if not setting:
-        _system_or_fallback(resolver)
-    configure(resolver, setting)
-    if cached:
-        _attach_cache(resolver)
-    return resolver
+    return _set_up(dns.asyncresolver.Resolver(configure=False), setting, cached)
 
 
 def make_resolver(setting: str | None, *, cached: bool = True) -> dns.resolver.Resolver:
-    resolver = dns.resolver.Resolver(configure=False)
+    return _set_up(dns.resolver.Resolver(configure=False), setting, cached)
+
+
+def _set_up(resolver: R, setting: str | None, cached: bool) -> R:
+    """The one way both kinds are configured: the setting's server, or the system's (or a fallback)."""
     if not setting:
         _system_or_fallback(resolver)
     configure(resolver, setting)

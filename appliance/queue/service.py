@@ -331,8 +331,8 @@ class OutboundQueue:
         if recorded.delayed:
             # At most once: delay_notified was committed with the attempt (a warning lost in a crash
             # costs less than two).
-            await self.reports.delayed(job.message_id, job.sender, job.created_at, "delayed", recorded.delayed,
-                               will_retry_until=int(job.created_at + config.policy.max_age))
+            await self.reports.delayed(job.message_id, job.sender, job.created_at, recorded.delayed,
+                                       will_retry_until=int(job.created_at + config.policy.max_age))
         if recorded.needs_settling:
             await self.reports.settle(job.message_id)
 

@@ -299,8 +299,8 @@ def read_uidlist(folder: Path) -> UidList | None:
 def write_uidlist(folder: Path, uidvalidity: int, uidnext: int, names: Iterable[tuple[int, str]]) -> None:
     """Dovecot's `dovecot-uidlist`, version 3, replaced atomically (a reader sees the old file or the
     new one): header `3 V<uidvalidity> N<uidnext> G<guid>`, then `<uid> :<unique name>` in UID order.
-    Dovecot taking the Maildir back keeps UIDVALIDITY and every UID (issue 17). The mailbox GUID of
-    an existing file is kept. Not fsynced: after a crash the index (the reference) writes it again
+    Dovecot taking the Maildir back keeps UIDVALIDITY and every UID (issue 17). The folder's GUID
+    (Dovecot's "mailbox GUID") of an existing file is kept. Not fsynced: after a crash the index (the reference) writes it again
     at the folder's first use."""
     guid = _uidlist_guid(folder) or os.urandom(16).hex()
     text = f"3 V{uidvalidity} N{uidnext} G{guid}\n" + "".join(f"{uid} :{name}\n" for uid, name in names)

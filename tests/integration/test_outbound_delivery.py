@@ -155,7 +155,7 @@ def test_each_failure_is_reported_exactly_once(outbound: Outbound) -> None:
     outbound.submit(["a@gone1.test", "b@gone2.test", "c@gone3.test", "d@gone3.test"])
     outbound.wait_empty()
     # A message leaves the queue only once its failures are settled, and a report is written before
-    # its settlement (appliance/queue/service.py): with the queue empty nothing can report again.
+    # its settlement (appliance/queue/reports.py): with the queue empty nothing can report again.
 
     def reported_now() -> list[str]:
         return [str(block["Final-Recipient"]) for raw in outbound.inbox() for block in delivery_status(raw)[1:]]

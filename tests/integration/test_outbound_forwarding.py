@@ -115,7 +115,7 @@ def test_a_failed_forward_is_not_reported_to_a_sender_that_failed_spf(outbound: 
                        BODY.replace(b"sender@origin.test", b"spam@attacker.test"))[0] == 250
         outbound.wait_until(lambda: target.connections >= 1, what="the forward attempt")
         # A message leaves the queue only after its failures are settled, any report first
-        # (appliance/queue/service.py): with the queue empty, a report would already be out.
+        # (appliance/queue/reports.py): with the queue empty, a report would already be out.
         outbound.wait_empty()
         assert attacker.transactions == []
         assert attacker.connections == 0
