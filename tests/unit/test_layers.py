@@ -4,6 +4,7 @@ appliance module) and render; they never import one another, so a use-case has o
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROUTES = Path(__file__).resolve().parents[2] / "web" / "routes"
@@ -25,3 +26,17 @@ def test_routes_never_import_routes() -> None:
     assert files
     offenders = {p.name: sorted(n for n in _imports(p) if n.startswith("web.routes")) for p in files}
     assert {name: found for name, found in offenders.items() if found} == {}
+
+
+STORE = ROUTES.parents[1] / "appliance" / "store"
+ACCOUNT_TABLES = re.compile(r"\b(FROM|JOIN|INTO|UPDATE)\s+(mailboxes|domains|aliases|alias_targets|admins)\b", re.I)
+
+
+def test_the_store_asks_the_accounts_through_one_interface() -> None:
+    """The mail store knows a mailbox only through store.model.MailboxDirectory (issue 12): it never
+    imports the accounts layer and never reads or writes the accounts' tables itself."""
+    files = sorted(STORE.glob("*.py"))
+    assert files
+    importing = {p.name for p in files if any(n.startswith("appliance.accounts") for n in _imports(p))}
+    querying = {p.name for p in files if ACCOUNT_TABLES.search(p.read_text())}
+    assert (importing, querying) == (set(), set())
