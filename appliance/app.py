@@ -144,15 +144,16 @@ class Box:
             settings = await Settings.load(db, default_hostname=system_hostname(), hostname_override=config.hostname)
             accounts = Accounts(db, data=config.data)
             store = MailStore(config.data.mail, db, accounts)
+            events = EventLog(db)
             services = Services(
                 config=config,
                 db=db,
                 settings=settings,
                 accounts=accounts,
-                auth=Auth(db, accounts),
+                auth=Auth(db, accounts, events=events),
                 store=store,
                 tls=TlsManager(config.data.tls, settings.now.hostname),
-                events=EventLog(db),
+                events=events,
                 spool=Spool(config.data.spool, db),
                 srs=SenderRewriter(load_secret(config.data.root / SECRET_FILE)),
                 maildrop_locks=MaildropLocks(),

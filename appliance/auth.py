@@ -49,7 +49,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, TypeAlias, TypeVar
 
 from argon2 import PasswordHasher
 
@@ -58,6 +58,7 @@ from appliance.account_errors import InvalidAddress
 from appliance.accounts import Accounts, Credentials
 from appliance.address import parse_address
 from appliance.db import Database
+from appliance.events import EventLog
 from appliance.login_cache import LoginCache
 
 log = logging.getLogger("letterbox.auth")
@@ -78,6 +79,37 @@ Outcome = Literal["ok", "bad-password", "unknown-account", "disabled", "locked",
 class Principal:
     name: str  # canonical mailbox address, or admin user name
     kind: Literal["mailbox", "admin"]
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An attempt answered without looking at its password: the client is locked out, or the account's
+    budget for strangers is used up. The answer says "try later", never "wrong password" (issue 18): it
+    cannot tell a guess from the right password, as the password was not checked."""
+
+    reason: Literal["locked", "over-budget"]
+    retry_after: float  # seconds
+
+    def wait_words(self) -> str:
+        minutes = math.ceil(self.retry_after / 60)
+        return "a minute" if minutes <= 1 else f"{minutes} minutes"
+
+    def message(self) -> str:
+        if self.reason == "locked":
+            return f"Too many failed logins from your address: try again in {self.wait_words()}"
+        return f"Too many login attempts for this account just now: try again in {self.wait_words()}"
+
+
+@dataclass(frozen=True)
+class Lockout:
+    """A lockout in force, for the console: `account` None when the whole client address is locked."""
+
+    peer: str
+    account: str | None
+    seconds_left: float
+
+
+LoginResult: TypeAlias = Principal | Refused | None
 
 
 @dataclass(frozen=True)
@@ -150,6 +182,9 @@ class _Table(Generic[K]):
 
     def clear(self, key: K) -> None:
         self._buckets.pop(key, None)
+
+    def entries(self) -> list[K]:
+        return list(self._buckets)
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -286,6 +321,28 @@ class Throttle:
         one valid account cannot be used to launder guesses at others."""
         self._pairs.clear((peer, account))
         self._accounts.clear(account)
+
+    def lockouts(self) -> list[Lockout]:
+        """Lockouts in force now, the longest first."""
+        now = self._clock()
+        found = [Lockout(peer, None, left) for peer in self._peers.entries()
+                 if (left := self._peers.locked_for(peer, now)) > 0]
+        found += [Lockout(peer, account, left) for peer, account in self._pairs.entries()
+                  if (left := self._pairs.locked_for((peer, account), now)) > 0]
+        return sorted(found, key=lambda lockout: -lockout.seconds_left)
+
+    def unlock(self, peer: str, account: str | None) -> bool:
+        """Lift a lockout and forget the failures behind it (the admin vouches for the client); False
+        when there was none."""
+        now = self._clock()
+        if account is None:
+            was = self._peers.locked_for(peer, now) > 0
+            self._peers.clear(peer)
+            return was
+        was = self._pairs.locked_for((peer, account), now) > 0
+        self._pairs.clear((peer, account))
+        self._accounts.clear(account)
+        return was
 
     def tracked(self) -> int:
         """Entries in the largest table (for tests and the console)."""
@@ -440,13 +497,49 @@ def _mailbox_account(address: str) -> str:
         return address.strip().lower()[:MAX_ACCOUNT_KEY]
 
 
+FAILURE_NOTE_SECONDS = 300.0
+
+
+class _FailureNotes:
+    """Coalesces failed-login events per account: `due` says how many failures to report now (0:
+    not yet). Bounded like the throttle's tables."""
+
+    def __init__(self, clock: Callable[[], float], max_tracked: int = 10_000) -> None:
+        self._clock = clock
+        self._max = max_tracked
+        self._last: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def due(self, key: str) -> int:
+        now = self._clock()
+        at, pending = self._last.pop(key, (-math.inf, 0))
+        pending += 1
+        if now - at >= FAILURE_NOTE_SECONDS:
+            self._last[key] = (now, 0)
+            result = pending
+        else:
+            self._last[key] = (at, pending)
+            result = 0
+        while len(self._last) > self._max:
+            self._last.popitem(last=False)
+        return result
+
+
+def _shown_account(key: str) -> str:
+    """'mailbox:alice@example.org' -> 'alice@example.org', 'admin:root' -> 'admin root'; printable."""
+    kind, _, name = key.partition(":")
+    return printable(name) if kind == "mailbox" else f"admin {printable(name)}"
+
+
 class Auth:
     def __init__(
         self, db: Database, accounts: Accounts, *, policy: ThrottlePolicy = DEFAULT_POLICY,
         clock: Callable[[], float] = time.monotonic, hasher: PasswordHasher | None = None,
         wall_clock: Callable[[], float] = time.time, login_cache: LoginCache | None = None,
+        events: EventLog | None = None,
     ) -> None:
         self._db = db
+        self._events = events
+        self._failure_notes = _FailureNotes(clock)
         self._accounts = accounts
         self.throttle = Throttle(policy, clock)
         self._wall_clock = wall_clock  # remembered addresses are stored in the db: unix time, not monotonic
@@ -456,25 +549,50 @@ class Auth:
         self._dummy_hash: str | None = None
         self.login_cache = login_cache or LoginCache(clock=clock)
 
-    async def verify(
+    async def login(
         self, address: str, password: str, service: str, peer: str, *, device: Device | None = None
-    ) -> Principal | None:
+    ) -> LoginResult:
         """Check a mailbox password. `service` is 'smtp', 'imap', 'pop3' or 'web'; `peer` the client IP;
         `device` what the web's device cookie proves (read_device). Applies throttling and the account's
-        budget (may sleep, may refuse without checking), logs the attempt (never the password)."""
+        budget (may sleep, may refuse without checking: Refused), logs the attempt (never the password).
+        None: a wrong name or password."""
         return await self._attempt("mailbox", _mailbox_account(address), password, service, peer, device)
 
-    async def verify_admin(
+    async def login_admin(
         self, username: str, password: str, peer: str, *, device: Device | None = None
-    ) -> Principal | None:
+    ) -> LoginResult:
         """Check a web console admin's password, with the same throttle and budget as mailboxes."""
         account = username.strip().lower()[:MAX_ACCOUNT_KEY]
         return await self._attempt("admin", account, password, "web", peer, device)
 
+    async def verify(
+        self, address: str, password: str, service: str, peer: str, *, device: Device | None = None
+    ) -> Principal | None:
+        """`login` for callers that only need yes or no (a password re-entered to confirm a change)."""
+        result = await self.login(address, password, service, peer, device=device)
+        return result if isinstance(result, Principal) else None
+
+    async def verify_admin(
+        self, username: str, password: str, peer: str, *, device: Device | None = None
+    ) -> Principal | None:
+        result = await self.login_admin(username, password, peer, device=device)
+        return result if isinstance(result, Principal) else None
+
+    def lockouts(self) -> list[Lockout]:
+        return self.throttle.lockouts()
+
+    async def unlock(self, peer: str, account: str | None, by: str) -> bool:
+        """The console's Unlock button: lift one lockout, with its event."""
+        lifted = self.throttle.unlock(peer, account)
+        if lifted and self._events is not None:
+            whom = f"{_shown_account(account)} from {peer}" if account else f"the address {peer}"
+            await self._events.record("login", f"unlocked {whom} (by {by})")
+        return lifted
+
     async def _attempt(
         self, kind: Literal["mailbox", "admin"], account: str, password: str, service: str, peer: str,
         device: Device | None,
-    ) -> Principal | None:
+    ) -> LoginResult:
         client = peer_key(peer)
         key = f"{kind}:{account}"  # mailbox and admin names live in separate namespaces
         throttle = self.throttle
@@ -485,16 +603,16 @@ class Auth:
                 delay = throttle.delay(client, key, trusted=trusted is not None)
                 if delay:
                     await asyncio.sleep(delay)
-            if throttle.locked_for(client, key):
+            if locked := throttle.locked_for(client, key):
                 self._log("locked", kind, account, service, peer, delay)
-                return None
+                return Refused("locked", locked)
             use = throttle.take_check(key, trusted)
             if use is None:
-                # Not checked at all, so the answer (the usual failure) cannot depend on the password;
+                # Not checked at all, so the answer ("try later") cannot depend on the password;
                 # not counted as a failure either: it proves nothing about this client.
                 self._log("over-budget", kind, account, service, peer, delay)
                 await asyncio.sleep(throttle.policy.over_budget_delay)
-                return None
+                return Refused("over-budget", throttle.policy.budget_seconds)
             try:
                 outcome, creds = await self._prove(kind, account, password, client, key, trusted is not None)
             finally:
@@ -502,7 +620,7 @@ class Auth:
             if outcome == "locked":  # a parallel attempt locked us out while we queued for a hash slot
                 throttle.give_back_check(key, trusted, use)
                 self._log("locked", kind, account, service, peer, delay)
-                return None
+                return Refused("locked", throttle.locked_for(client, key))
             if outcome == "ok":
                 throttle.succeeded(client, key)
                 throttle.give_back_check(key, trusted, use)
@@ -516,10 +634,32 @@ class Auth:
                         "client address" if started == "peer" else "client address for this account",
                         throttle.policy.lockout_seconds, service, printable(peer), printable(account),
                     )
+                await self._note_failure(outcome, started, key, service, client)
             self._log(outcome, kind, account, service, peer, delay)
             if outcome == "ok" and creds is not None:
                 return Principal(creds.name, kind)
             return None
+
+    async def _note_failure(self, outcome: Outcome, started: str | None, key: str, service: str, client: str) -> None:
+        """Failed logins on the Events page: every lockout, and failures for accounts that exist (at
+        most one entry per account in FAILURE_NOTE_SECONDS, with the count since); guesses at names
+        that do not exist stay in the log only, so a flood of them cannot push real events out."""
+        if self._events is None:
+            return
+        minutes = math.ceil(self.throttle.policy.lockout_seconds / 60)
+        account = _shown_account(key)
+        try:
+            if started == "peer":
+                await self._events.record("login", f"locked out the address {client} for {minutes} minutes after "
+                                                   f"repeated failed logins ({service}, last for {account})")
+            elif started == "pair":
+                await self._events.record("login", f"locked out {account} from {client} for {minutes} minutes "
+                                                   f"after repeated failed logins ({service})")
+            elif outcome == "bad-password" and (count := self._failure_notes.due(key)):
+                more = f"; {count - 1} more since the last entry" if count > 1 else ""
+                await self._events.record("login", f"failed login for {account} from {client} ({service}){more}")
+        except Exception:  # the event is a report; the login answer must not depend on it
+            log.exception("auth: could not record a failed-login event")
 
     async def _prove(
         self, kind: Literal["mailbox", "admin"], account: str, password: str, client: str, key: str, owner: bool,

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Generic, Literal, Protocol, TypeVar
 
+from appliance.auth import Refused
 from appliance.imap import names
 from appliance.imap.commands import (
     Append,
@@ -268,7 +269,9 @@ class ImapSession:
             raise ImapNo("Use STARTTLS first: no passwords over plain text", "PRIVACYREQUIRED")
 
     async def _authenticate(self, command: Command, user: str, password: str) -> None:
-        principal = await self.services.auth.verify(user, password, "imap", self.io.peer)
+        principal = await self.services.auth.login(user, password, "imap", self.io.peer)
+        if isinstance(principal, Refused):  # RFC 5530 3: a temporary refusal, not a wrong password
+            raise ImapNo(principal.message(), "UNAVAILABLE")
         if principal is None or principal.kind != "mailbox":
             raise ImapNo("Authentication failed", "AUTHENTICATIONFAILED")
         self.user = principal.name

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from appliance.auth import Refused
 from appliance.pop3.limits import DEFAULT_LIMITS, Pop3Limits
 from appliance.pop3.maildrop import Maildrop, parse_number
 from appliance.pop3.protocol import Command, Pop3Connection, State
@@ -235,7 +236,10 @@ class Pop3Session:
             raise Pop3Err("Too many invalid commands")
 
     async def _login(self, user: str, password: str) -> None:
-        principal = await self.services.auth.verify(user, password, SERVICE, self.io.peer)
+        principal = await self.services.auth.login(user, password, SERVICE, self.io.peer)
+        if isinstance(principal, Refused):
+            # RFC 3206 4: SYS/TEMP, a passing problem; [AUTH] would make clients ask for a new password.
+            raise Pop3Err(principal.message(), SYS_TEMP)
         if principal is None or principal.kind != "mailbox":
             self._auth_failures += 1
             if self._auth_failures >= self.limits.max_auth_failures:

@@ -19,7 +19,7 @@ from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, TLSSetupExcept
 from appliance import srs
 from appliance.account_errors import InvalidAddress
 from appliance.address import Address, parse_address
-from appliance.auth import Principal
+from appliance.auth import Principal, Refused
 from appliance.queue.spool import new_queue_id
 from appliance.smtp import headers
 from appliance.smtp.delivery import Deliverer, InboundMessage
@@ -208,7 +208,10 @@ class SmtpHandler:
         except UnicodeDecodeError:
             return AuthResult(success=False, handled=False, message=AUTH_FAILED)
         # The shared service throttles (it may sleep here) and logs the attempt, never the password.
-        principal = await self.services.auth.verify(address, secret, "smtp", peer_ip(server.session))
+        principal = await self.services.auth.login(address, secret, "smtp", peer_ip(server.session))
+        if isinstance(principal, Refused):
+            # RFC 4954 6: 454 4.7.0 is the temporary failure; 535 would tell the user the password is wrong.
+            return AuthResult(success=False, handled=False, message=f"454 4.7.0 {principal.message()}")
         if principal is None or principal.kind != "mailbox":
             return AuthResult(success=False, handled=False, message=AUTH_FAILED)
         log.info("%s: authenticated as %s", peer_ip(server.session), principal.name)

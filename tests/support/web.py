@@ -59,15 +59,16 @@ async def build_services(root: Path, *, policy: ThrottlePolicy = NO_THROTTLE, ho
     layout.create()
     db = await Database.open(layout.db)
     accounts = Accounts(db, hasher=FAST, data=layout)
+    events = EventLog(db)
     return Services(
         config=ServeConfig(data=layout, listen="127.0.0.1", hostname=hostname),
         db=db,
         settings=await Settings.load(db, default_hostname=hostname, hostname_override=hostname),
         accounts=accounts,
-        auth=Auth(db, accounts, policy=policy, hasher=FAST),
+        auth=Auth(db, accounts, policy=policy, hasher=FAST, events=events),
         store=MailStore(layout.mail, db, accounts),
         tls=TlsManager(layout.tls, hostname),
-        events=EventLog(db),
+        events=events,
         spool=Spool(layout.spool, db),
         srs=SenderRewriter(load_secret(layout.root / SECRET_FILE)),
         maildrop_locks=MaildropLocks(),

@@ -558,3 +558,35 @@ def test_hash_slots_keep_room_for_owners_and_serve_them_first() -> None:
             pass  # every slot was given back
 
     asyncio.run(main())
+
+
+def test_failed_login_events_are_coalesced_per_account() -> None:
+    from appliance.auth import FAILURE_NOTE_SECONDS, _FailureNotes
+
+    clock = FakeClock()
+    notes = _FailureNotes(clock, max_tracked=2)
+    assert notes.due("mailbox:a") == 1  # the first failure is reported at once
+    assert [notes.due("mailbox:a") for _ in range(3)] == [0, 0, 0]
+    clock.now += FAILURE_NOTE_SECONDS
+    assert notes.due("mailbox:a") == 4  # then the count of those held back with the next one
+    assert notes.due("mailbox:b") == 1
+    assert notes.due("mailbox:c") == 1
+    assert notes.due("mailbox:a") == 1  # forgotten (bounded table): reported again
+
+
+def test_lockouts_are_listed_and_lifted() -> None:
+    clock = FakeClock()
+    throttle = Throttle(QUICK, clock)
+    for _ in range(QUICK.pair_lockout_failures):
+        throttle.failed("192.0.2.1", "mailbox:a@x")
+    (lockout,) = throttle.lockouts()
+    assert (lockout.peer, lockout.account, lockout.seconds_left) == ("192.0.2.1", "mailbox:a@x", QUICK.lockout_seconds)
+    assert throttle.unlock("192.0.2.1", "mailbox:a@x")
+    assert throttle.lockouts() == []
+    assert throttle.locked_for("192.0.2.1", "mailbox:a@x") == 0
+    assert not throttle.unlock("192.0.2.1", "mailbox:a@x")
+    for n in range(QUICK.peer_lockout_failures):
+        throttle.failed("192.0.2.9", f"mailbox:{n}@x")
+    assert any(lockout.account is None for lockout in throttle.lockouts())
+    assert throttle.unlock("192.0.2.9", None)
+    assert throttle.locked_for("192.0.2.9", "mailbox:new@x") == 0

@@ -197,8 +197,11 @@ def test_logins_are_throttled_by_the_shared_auth_service(tmp_path: Path) -> None
         web.set_up()
         for _ in range(3):  # exactly the limit, although the buckets leak a little between attempts
             assert web.post("/login", {"name": ADMIN, "password": "guess guess guess"}).status_code == 401
-        # Locked out now: even the right password is refused from this client for a while.
-        assert web.post("/login", {"name": ADMIN, "password": ADMIN_PASSWORD}).status_code == 401
+        # Locked out now: even the right password is refused from this client for a while, with
+        # "try later" (429), not "wrong password" (issue 18).
+        refused = web.post("/login", {"name": ADMIN, "password": ADMIN_PASSWORD})
+        assert refused.status_code == 429
+        assert "Too many failed logins from your address" in refused.text
         assert web.services.auth.throttle.locked_for("testclient", f"admin:{ADMIN}") > 0
 
 
@@ -339,12 +342,14 @@ def test_a_browser_that_logged_in_before_keeps_its_own_budget(tmp_path: Path) ->
         device, domain = stored.value, stored.domain
         assert device
         web.logout()  # forgets every cookie: from here on, a browser never seen before
-        for _ in range(5):
+        for _ in range(3):
             assert web.post("/login", {"name": ALICE, "password": "guess guess guess"}).status_code == 401
-        assert web.post("/login", {"name": ALICE, "password": ALICE_PASSWORD}).status_code == 401
+        # The budget is used up: "try later" (429) without looking at the password, right or wrong.
+        assert web.post("/login", {"name": ALICE, "password": "guess guess guess"}).status_code == 429
+        assert web.post("/login", {"name": ALICE, "password": ALICE_PASSWORD}).status_code == 429
         # A forged or damaged cookie is no device.
         web.client.cookies.set("letterbox_device", device[:-2] + "00", domain=domain, path="/login")
-        assert web.post("/login", {"name": ALICE, "password": ALICE_PASSWORD}).status_code == 401
+        assert web.post("/login", {"name": ALICE, "password": ALICE_PASSWORD}).status_code == 429
         web.client.cookies.set("letterbox_device", device, domain=domain, path="/login")
         response = web.post("/login", {"name": ALICE, "password": ALICE_PASSWORD})
         assert response.status_code == 303

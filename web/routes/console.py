@@ -56,8 +56,23 @@ async def status(request: Request) -> Response:
 
 async def events(request: Request) -> Response:
     await require(request, "admin")
-    recent = await services(request).events.recent(EVENTS_SHOWN)
-    return await render(request, "console/events.html", {"title": "Events", "section": "events", "events": recent})
+    svc = services(request)
+    recent = await svc.events.recent(EVENTS_SHOWN)
+    return await render(request, "console/events.html", {
+        "title": "Events", "section": "events", "events": recent, "lockouts": svc.auth.lockouts()})
+
+
+async def unlock(request: Request) -> Response:
+    """Lift a lockout the admin vouches for (a family member's phone with an old password, fixed now)."""
+    principal = await require(request, "admin")
+    values = await read_form(request)
+    client = values.get("peer", "")[:100]
+    account = values.get("account", "")[:400] or None
+    if await services(request).auth.unlock(client, account, by=principal.name):
+        flash(request, "Lockout lifted: that client can log in again.")
+    else:
+        flash(request, "That lockout had already ended.")
+    return redirect("/console/events")
 
 
 async def password_page(request: Request) -> Response:
@@ -85,6 +100,7 @@ async def password_submit(request: Request) -> Response:
 routes = [
     Route("/console", status, methods=["GET"]),
     Route("/console/events", events, methods=["GET"]),
+    Route("/console/events/unlock", unlock, methods=["POST"]),
     Route("/console/password", password_page, methods=["GET"]),
     Route("/console/password", password_submit, methods=["POST"]),
 ]

@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from appliance.auth import DEFAULT_POLICY, Device, Principal, read_device, sign_device
+from appliance.auth import DEFAULT_POLICY, Device, LoginResult, Principal, Refused, read_device, sign_device
 from web.pages import Role, current, log_in, log_out, peer, read_form, redirect, render, services
 from web.state import setup_done
 
@@ -54,17 +54,18 @@ async def login_submit(request: Request) -> Response:
     svc = services(request)
     client = peer(request)
     device = read_device(request.app.state.secret, request.cookies.get(DEVICE_COOKIE), time.time())
-    principal = None
+    principal: LoginResult = None
     if name and password:
         if "@" in name:
-            principal = await svc.auth.verify(name, password, "web", client, device=device)
+            principal = await svc.auth.login(name, password, "web", client, device=device)
         else:
-            principal = await svc.auth.verify_admin(name, password, client, device=device)
-    if principal is None:
+            principal = await svc.auth.login_admin(name, password, client, device=device)
+    if not isinstance(principal, Principal):
+        refused = isinstance(principal, Refused)
         return await render(request, "login.html", {
             "title": "Log in", "next": next_path, "values": {"name": name},
-            "errors": {"": "Wrong name or password (or too many attempts: wait a minute)."},
-        }, status_code=401)
+            "errors": {"": principal.message() + "." if isinstance(principal, Refused) else "Wrong name or password."},
+        }, status_code=429 if refused else 401)
     role: Role = "admin" if principal.kind == "admin" else "user"
     await log_in(request, principal.name, role)
     await svc.events.record("web", f"login: {principal.name}")
