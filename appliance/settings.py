@@ -44,6 +44,7 @@ log = logging.getLogger("letterbox.settings")
 
 # --- the keys (nowhere else) -----------------------------------------------------------------------------
 HOSTNAME = "hostname"
+TIME_ZONE = "time_zone"  # IANA name; empty: the system's (appliance/time_zone.py)
 PUBLIC_IPV4 = "public_ipv4"
 PUBLIC_IPV6 = "public_ipv6"
 QUEUE_HOLD = "queue_hold"  # "1": keep everything queued, deliver nothing (tests, maintenance)
@@ -196,7 +197,7 @@ RELAY_KEYS = (RELAY_HOST, RELAY_PORT, RELAY_TLS, RELAY_USER, RELAY_PASSWORD, REL
 KNOWN_KEYS = (
     HOSTNAME, PUBLIC_IPV4, PUBLIC_IPV6, QUEUE_HOLD, MX_PORT, RETRY_INTERVALS, RETRY_MAX_AGE,
     RETRY_DELAY_NOTICE, DNS_RESOLVER, INBOUND_AUTH, DMARC_REJECT, *RELAY_KEYS, RELAY_TESTED,
-    SETUP_STEP, SETUP_DONE, SETUP_DOMAIN, SETUP_DOMAIN_ADDED, *SPAM_KEYS,
+    SETUP_STEP, SETUP_DONE, SETUP_DOMAIN, SETUP_DOMAIN_ADDED, TIME_ZONE, *SPAM_KEYS,
 )
 
 _SELECT_KNOWN = f"SELECT key, value FROM settings WHERE key IN ({','.join('?' * len(KNOWN_KEYS))})"  # noqa: S608  placeholders only
@@ -230,6 +231,7 @@ class SettingValues:
     setup_domain: str
     setup_domain_added: bool
     spam: SpamSettings  # the spam and abuse layers (issue 16)
+    time_zone: str = ""  # IANA name for times shown to people; "": the system's
 
 
 class Changes(TypedDict, total=False):
@@ -250,6 +252,7 @@ class Changes(TypedDict, total=False):
     setup_domain: str
     setup_domain_added: bool
     spam: SpamSettings  # written whole: replace(now.spam, field=...)
+    time_zone: str
 
 
 def _flag(raw: Mapping[str, str], key: str, default: bool) -> bool:
@@ -336,6 +339,7 @@ def decode(raw: Mapping[str, str], *, default_hostname: str, hostname_override: 
         setup_domain=raw.get(SETUP_DOMAIN, "").strip(),
         setup_domain_added=raw.get(SETUP_DOMAIN_ADDED, "") == "1",
         spam=_spam(raw),
+        time_zone=raw.get(TIME_ZONE, "").strip(),
     )
 
 
@@ -376,6 +380,7 @@ _ENCODINGS: dict[str, tuple[str, Callable[[object], str]]] = {
     "setup_done": (SETUP_DONE, _bit_of),
     "setup_domain": (SETUP_DOMAIN, _text),
     "setup_domain_added": (SETUP_DOMAIN_ADDED, _bit_of),
+    "time_zone": (TIME_ZONE, _text),
 }
 
 

@@ -8,9 +8,9 @@ form (CSRF-checked), call the services, and render a template. Nothing here writ
 from __future__ import annotations
 
 import datetime as dt
-import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import jinja2
@@ -25,10 +25,11 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from appliance import time_zone
 from appliance.plain_errors import plain
 from appliance.web_sessions import WebSessions
 from web.display import idn
-from web.pages import LoginRequired, render
+from web.pages import LoginRequired, render, services
 from web.routes import (
     account,
     autoconfig,
@@ -77,12 +78,14 @@ class SetupGate:
         await self.app(scope, receive, send)
 
 
-def _when(timestamp: int | float | dt.datetime | None) -> str:
+@jinja2.pass_context
+def _when(context: Mapping[str, Any], timestamp: int | float | dt.datetime | None) -> str:
+    """A time in the box's time zone (the wizard's setting), with the zone's name beside it."""
     if timestamp is None:
         return ""
-    if isinstance(timestamp, dt.datetime):
-        return timestamp.astimezone().strftime("%Y-%m-%d %H:%M")
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    request = context.get("request")
+    name = services(request).settings.now.time_zone if isinstance(request, Request) else ""
+    return time_zone.shown(timestamp, name, seconds=not isinstance(timestamp, dt.datetime))
 
 
 def _size(count: int | None) -> str:

@@ -12,6 +12,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from appliance import time_zone
 from appliance.account_errors import AccountError
 from appliance.accounts import admin_name_problem, mail_domain
 from appliance.dns_records import valid_public_address
@@ -98,7 +99,7 @@ def check_hostname(text: str) -> tuple[str | None, str | None]:
 # --- step 1: administrator and host name ------------------------------------------------------------------
 
 def admin_step(values: Mapping[str, str], *, admin_exists: bool = False) -> StepResult:
-    """Fields: code (checked by the route, before this), name, password, password2, hostname. Once the
+    """Fields: code (checked by the route, before this), name, password, password2, hostname, time_zone. Once the
     admin exists (the person came back to step 1), only the host name can change."""
     hostname, host_error = check_hostname(_field(values, "hostname"))
     errors: dict[str, str] = {}
@@ -108,6 +109,13 @@ def admin_step(values: Mapping[str, str], *, admin_exists: bool = False) -> Step
     else:
         assert hostname is not None
         data["hostname"] = hostname
+    if _field(values, "time_zone"):  # absent (a script, an older page): the zone stays as it is
+        zone, zone_error = time_zone.check(_field(values, "time_zone"))
+        if zone_error:
+            errors["time_zone"] = zone_error
+        else:
+            assert zone is not None
+            data["time_zone"] = zone
     if not admin_exists:
         name = _field(values, "name").lower()
         name_error = check_admin_name(name)
@@ -117,7 +125,8 @@ def admin_step(values: Mapping[str, str], *, admin_exists: bool = False) -> Step
         data["name"] = name
         data["password"] = _secret(values, "password")
     if errors:
-        shown = {"name": _field(values, "name"), "hostname": _field(values, "hostname")}
+        shown = {"name": _field(values, "name"), "hostname": _field(values, "hostname"),
+                 "time_zone": _field(values, "time_zone")}
         if not admin_exists:
             shown["code"] = _field(values, "code")  # already checked: not asked again for a typo elsewhere
         return Form(errors, shown)

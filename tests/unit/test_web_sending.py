@@ -300,7 +300,7 @@ def test_the_queue_is_listed_with_each_recipients_state(web: WebClient) -> None:
     assert f'id="msg-{second}"' in page
     assert f"<code>{ALICE}</code>" in page
     text = text_of(page)
-    assert re.search(rf"{BOB}\s+deferred\s+1\s+\d{{4}}-\d\d-\d\d [\d:]+\s+connection refused", text), text
+    assert re.search(rf"{BOB}\s+deferred\s+1\s+\d{{4}}-\d\d-\d\d [\d:]+ [A-Z]+\s+connection refused", text), text
     assert re.search(rf"{CAROL}\s+waiting\s+0\s+now", text), text
     assert re.search(r"dave@nowhere.example\s+failed\s+1\s+–\s+550 5.1.1 no such user", text), text
     assert re.search(r"2 messages\s*, [\d.]+ (bytes|KiB)\s+1 deferred\s+1 failed", text), text

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from appliance import time_zone
 from appliance.app import system_hostname
 from appliance.auth import ThrottlePolicy
 from appliance.dns_check import CheckResult, save_results
@@ -368,3 +369,26 @@ def test_step_indicator_after_going_back(web: WebClient) -> None:
     assert _indicator(page) == {1: "current", 2: "visited", 3: "visited"}
     assert '<a href="/setup/3">' in page  # still one click away
     assert _indicator(web.get("/setup/3").text) == {1: "reached", 2: "reached", 3: "current"}
+
+
+def test_step1_sets_the_time_zone_every_time_shows(web: WebClient) -> None:
+    """Issue 18: a time-zone setting in step 1, suggested from the system, and every time shown with
+    its zone."""
+    page = web.get("/setup/1")
+    suggested = re.search(r'<option value="([^"]+)" selected>', page.text)
+    assert suggested
+    assert suggested.group(1) == time_zone.system_zone()
+    assert "Europe/Berlin" in page.text
+    response = step1(web, time_zone="Mars/Olympus")
+    assert response.status_code == 400
+    assert "Choose a time zone" in field_error(response.text, "time_zone")
+    assert step1(web, time_zone="Europe/Berlin").headers["location"] == "/setup/2"
+    assert web.setting("time_zone") == "Europe/Berlin"
+    assert web.services.settings.now.time_zone == "Europe/Berlin"
+    web.run(web.services.events.record, "test", "something happened")
+    events = web.get("/console/events").text  # logged in by step 1
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d CES?T", events), events[:2000]
+    # Going back to step 1 later keeps the choice shown, and another zone is in force at once.
+    assert '<option value="Europe/Berlin" selected>' in web.get("/setup/1").text
+    web.post("/setup/1", {"hostname": HOSTNAME, "time_zone": "America/New_York"}, token_from="/setup/1")
+    assert re.search(r"\d\d:\d\d:\d\d E[SD]T", web.get("/console/events").text)

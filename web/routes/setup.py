@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from appliance import setup_code
+from appliance import setup_code, time_zone
 from appliance.account_errors import AccountError, AlreadyExists, WeakPassword
 from appliance.dns_check import load_results
 from appliance.dns_records import detect_public_addresses
@@ -99,9 +99,11 @@ async def admin_page(request: Request, form: Form | None) -> Response:
     if not admin_exists:  # normally made at start; made here too if it was removed meanwhile
         await asyncio.to_thread(setup_code.ensure_code, svc.config.data.root)
     values = dict(form.values) if form else {"hostname": suggested_hostname(svc.hostname)}
+    if not values.get("time_zone"):
+        values["time_zone"] = (await svc.settings.fresh()).time_zone or time_zone.system_zone()
     return await _page(request, 1, "setup/admin.html", {
         "admin_exists": admin_exists, "values": values, "errors": form.errors if form else {},
-        "code_file": setup_code.code_path(svc.config.data.root),
+        "code_file": setup_code.code_path(svc.config.data.root), "time_zones": time_zone.available(),
     }, 400 if form else 200)
 
 
@@ -135,6 +137,8 @@ async def admin_submit(request: Request) -> Response:
         await asyncio.to_thread(setup_code.remove_code, svc.config.data.root)  # used: it opens nothing now
         await log_in(request, result.data["name"], "admin")
     await svc.set_hostname(result.data["hostname"])
+    if "time_zone" in result.data:
+        await svc.settings.save(time_zone=result.data["time_zone"])
     await reach(svc.settings, result.step)
     return redirect(f"/setup/{result.step}")
 
