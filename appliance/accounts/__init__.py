@@ -21,9 +21,10 @@ Rules every caller can rely on:
   Row ids are never reused (migration 0007), so nothing keyed by an id can reach a new owner.
 
 The package: checks.py (pure input rules), records.py (the values handed out), domains.py,
-mailboxes.py, aliases.py, resolution.py, credentials.py (for auth.py), admins.py (web admins) and
-files.py (moving removed mail and keys aside). `Accounts` below is the one object the rest of the box
-holds: it builds those parts on one database and forwards to them, so a caller needs one service.
+mailboxes.py, aliases.py, resolution.py, credentials.py (for auth.py), admins.py (web admins),
+files.py (moving removed mail and keys aside) and rows.py (the shared query helpers). `Accounts`
+below is the one object the rest of the box holds: it builds those parts on one database and
+forwards to them, so a caller needs one service.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ from argon2 import PasswordHasher
 
 from appliance import passwords
 from appliance.account_errors import AlreadyExists, InUse, NotFound, WeakPassword
-from appliance.accounts.checks import admin_name, now, one
+from appliance.accounts.checks import admin_name
 from appliance.accounts.credentials import CredentialStore
+from appliance.accounts.rows import now, one
 from appliance.db import Database
 from appliance.web_sessions import end_account_sessions
 

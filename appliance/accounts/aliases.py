@@ -9,9 +9,10 @@ from collections.abc import Sequence
 import aiosqlite
 
 from appliance.account_errors import AlreadyExists, InvalidAddress, NotFound
-from appliance.accounts.checks import alias_source, alias_targets, now, one, source_label, stored_domain
+from appliance.accounts.checks import alias_source, alias_targets, source_label, stored_domain
 from appliance.accounts.domains import Domains
 from appliance.accounts.records import AliasInfo
+from appliance.accounts.rows import now, one
 from appliance.address import parse_address
 from appliance.db import Database
 

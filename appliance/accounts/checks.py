@@ -7,13 +7,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import sqlite3
-import time
 import unicodedata
-from collections.abc import Iterable, Sequence
-from typing import Any
-
-import aiosqlite
+from collections.abc import Iterable
 
 from appliance.account_errors import AccountError, InvalidAddress
 from appliance.address import Address, parse_address, parse_domain
@@ -21,7 +16,11 @@ from appliance.address import Address, parse_address, parse_domain
 MAX_ALIAS_TARGETS = 200
 MAX_DISPLAY_NAME = 200
 MAX_ADMIN_NAME = 64
+# Mailbox local parts name a directory (mail/<domain>/<local>/), so only a path-safe subset of
+# RFC 5321 atext: no '/', no quoting, nothing non-ASCII. Dot rules come from the dot-string syntax.
 _MAILBOX_LOCAL_PART = re.compile(r"[a-z0-9_][a-z0-9._+-]*")
+# Admin names never contain '@': the login form tells admins from mailbox owners by it, so an admin
+# named with one could never log in. The one rule for the wizard, the CLI and the console.
 _ADMIN_NAME = re.compile(r"[a-z0-9_][a-z0-9._-]*")
 
 
@@ -146,13 +145,3 @@ def alias_targets(targets: Iterable[str], *, catch_all: bool) -> list[str]:
     if len(seen) > MAX_ALIAS_TARGETS:
         raise AccountError(f"an alias can have at most {MAX_ALIAS_TARGETS} targets")
     return list(seen.values())
-
-def now() -> int:
-    """Unix seconds, as the created_at columns keep them."""
-    return int(time.time())
-
-async def one(  # the one-row query inside a transaction, for every module of the package
-    tx: aiosqlite.Connection, sql: str, params: Sequence[Any] | dict[str, Any] = ()
-) -> sqlite3.Row | None:
-    async with tx.execute(sql, params) as cur:
-        return await cur.fetchone()

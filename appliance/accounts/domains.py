@@ -8,8 +8,9 @@ from pathlib import Path
 
 from appliance import dkim_keys
 from appliance.account_errors import AlreadyExists, InUse, InvalidAddress, NotFound
-from appliance.accounts.checks import new_mail_domain, now, one, stored_domain
+from appliance.accounts.checks import new_mail_domain, stored_domain
 from appliance.accounts.files import AccountFiles
+from appliance.accounts.rows import now, one
 from appliance.db import Database
 
 log = logging.getLogger("letterbox.accounts")

@@ -17,13 +17,12 @@ from appliance.accounts.checks import (
     clean_display_name,
     clean_quota,
     mailbox_address,
-    now,
-    one,
     stored_domain,
 )
 from appliance.accounts.domains import Domains
 from appliance.accounts.files import AccountFiles
 from appliance.accounts.records import MailboxInfo
+from appliance.accounts.rows import now, one
 from appliance.db import Database
 from appliance.store.model import MailboxRecord
 from appliance.web_sessions import end_account_sessions

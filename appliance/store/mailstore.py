@@ -272,6 +272,8 @@ class MailStore:
     def watch(self, mailbox: str, folder: str) -> Watcher:
         return self.changes.watch(address_key(mailbox), maildir.canonical_name(folder))
 
+    # Added for IMAP (issue 4): COPYUID/MOVE need the destination's UIDVALIDITY (RFC 4315 3), and a
+    # snapshot of a large destination folder just for that number is wasteful.
     async def uidvalidity(self, mailbox: str, folder: str) -> int:
         mb = await self._boxes.get(mailbox)
         return (await self._boxes.folder(mb, folder)).uidvalidity
