@@ -11,7 +11,7 @@ from pathlib import Path
 
 from appliance.db import Database
 from appliance.store import maildir
-from appliance.store.mailboxes import Mailboxes, existing_name, locked
+from appliance.store.mailboxes import OpenMailboxes, existing_name, locked
 from appliance.store.model import (
     INBOX,
     SEPARATOR,
@@ -27,7 +27,7 @@ log = logging.getLogger("letterbox.store")
 
 
 class FolderAdmin:
-    def __init__(self, boxes: Mailboxes, db: Database) -> None:
+    def __init__(self, boxes: OpenMailboxes, db: Database) -> None:
         self._boxes = boxes
         self._db = db
 

@@ -50,7 +50,7 @@ class OpenMailbox:
 
 
 
-class Mailboxes:
+class OpenMailboxes:
     def __init__(self, root: Path, db: Database, directory: MailboxDirectory) -> None:
         self.root = root
         self._db = db

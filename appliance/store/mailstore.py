@@ -31,7 +31,7 @@ from appliance.store import index, maildir
 from appliance.store.changes import Watcher
 from appliance.store.folders import FolderAdmin
 from appliance.store.index import Change, FolderIndex
-from appliance.store.mailboxes import Mailboxes, OpenMailbox, address_key, locked
+from appliance.store.mailboxes import OpenMailbox, OpenMailboxes, address_key, locked
 from appliance.store.maildir import Keywords, WriteJob, open_message
 from appliance.store.model import (
     SPECIAL_FOLDERS,
@@ -58,7 +58,7 @@ class MailStore:
     def __init__(self, root: Path, db: Database, directory: MailboxDirectory) -> None:
         self.root = root
         self._db = db
-        self._boxes = Mailboxes(root, db, directory)
+        self._boxes = OpenMailboxes(root, db, directory)
         self._folders = FolderAdmin(self._boxes, db)
         self.changes = self._boxes.changes
 
@@ -285,7 +285,7 @@ class MailStore:
         return await self._boxes.generation(address)
 
     def forget_mailbox(self, address: str) -> None:
-        """Drop what is cached about the mailbox at `address` (it was removed); see Mailboxes."""
+        """Drop what is cached about the mailbox at `address` (it was removed); see OpenMailboxes."""
         self._boxes.forget_mailbox(address)
 
     async def flush_uidlists(self) -> None:
