@@ -32,6 +32,7 @@ from appliance.settings import Settings
 from appliance.smtp import server as smtp_server
 from appliance.smtp.probes import RecipientProbeGuard
 from appliance.srs import SECRET_FILE, SenderRewriter, load_secret
+from appliance.status_checks import start_status_checks
 from appliance.store.mailstore import MailStore
 from appliance.store.trash import start_purger
 from appliance.tls import TlsManager
@@ -86,6 +87,7 @@ BACKGROUND: list[Callable[[Services], Awaitable[BackgroundService]]] = [
     start_purger,  # removed mailboxes' mail, kept 30 days under deleted/
     start_renewer,
     backup.start_scheduler,  # the daily backup, once switched on
+    start_status_checks,  # the status checklist, every few hours
 ]
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from appliance.backup import BackupJobs
 from appliance.certificates import CertContext
 from appliance.spam.decisions import DecisionLog
+from appliance.status_checks import Probes
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
@@ -60,6 +61,8 @@ class Services:
     backups: BackupJobs = field(default_factory=BackupJobs)
     listener_status: ListenerStatus | None = None  # set by the Box once its listeners are bound
     web_app: ASGIApp | None = None  # the one console app the HTTP and HTTPS listeners share
+    # What the status checklist's network checks connect to (appliance/status_checks.py); tests swap it.
+    status_probes: Probes = field(default_factory=Probes)
 
     def __post_init__(self) -> None:
         self.certificates = CertContext(

@@ -44,6 +44,7 @@ log = logging.getLogger("letterbox.settings")
 
 # --- the keys (nowhere else) -----------------------------------------------------------------------------
 HOSTNAME = "hostname"
+STATUS_CHECKS = "status_checks"  # on/off: the status checklist's background runs
 TIME_ZONE = "time_zone"  # IANA name; empty: the system's (appliance/time_zone.py)
 PUBLIC_IPV4 = "public_ipv4"
 PUBLIC_IPV6 = "public_ipv6"
@@ -197,7 +198,7 @@ RELAY_KEYS = (RELAY_HOST, RELAY_PORT, RELAY_TLS, RELAY_USER, RELAY_PASSWORD, REL
 KNOWN_KEYS = (
     HOSTNAME, PUBLIC_IPV4, PUBLIC_IPV6, QUEUE_HOLD, MX_PORT, RETRY_INTERVALS, RETRY_MAX_AGE,
     RETRY_DELAY_NOTICE, DNS_RESOLVER, INBOUND_AUTH, DMARC_REJECT, *RELAY_KEYS, RELAY_TESTED,
-    SETUP_STEP, SETUP_DONE, SETUP_DOMAIN, SETUP_DOMAIN_ADDED, TIME_ZONE, *SPAM_KEYS,
+    SETUP_STEP, SETUP_DONE, SETUP_DOMAIN, SETUP_DOMAIN_ADDED, TIME_ZONE, STATUS_CHECKS, *SPAM_KEYS,
 )
 
 _SELECT_KNOWN = f"SELECT key, value FROM settings WHERE key IN ({','.join('?' * len(KNOWN_KEYS))})"  # noqa: S608  placeholders only
@@ -232,6 +233,7 @@ class SettingValues:
     setup_domain_added: bool
     spam: SpamSettings  # the spam and abuse layers (issue 16)
     time_zone: str = ""  # IANA name for times shown to people; "": the system's
+    status_checks: bool = True  # the status checklist runs in the background every few hours
 
 
 class Changes(TypedDict, total=False):
@@ -253,6 +255,7 @@ class Changes(TypedDict, total=False):
     setup_domain_added: bool
     spam: SpamSettings  # written whole: replace(now.spam, field=...)
     time_zone: str
+    status_checks: bool
 
 
 def _flag(raw: Mapping[str, str], key: str, default: bool) -> bool:
@@ -340,6 +343,7 @@ def decode(raw: Mapping[str, str], *, default_hostname: str, hostname_override: 
         setup_domain_added=raw.get(SETUP_DOMAIN_ADDED, "") == "1",
         spam=_spam(raw),
         time_zone=raw.get(TIME_ZONE, "").strip(),
+        status_checks=_flag(raw, STATUS_CHECKS, True),
     )
 
 
@@ -381,6 +385,7 @@ _ENCODINGS: dict[str, tuple[str, Callable[[object], str]]] = {
     "setup_domain": (SETUP_DOMAIN, _text),
     "setup_domain_added": (SETUP_DOMAIN_ADDED, _bit_of),
     "time_zone": (TIME_ZONE, _text),
+    "status_checks": (STATUS_CHECKS, _on_off),
 }
 
 

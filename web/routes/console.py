@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from appliance import backup
+from appliance import backup, status_checks
 from appliance.config import STANDARD_PORTS
 from appliance.dns_check import load_results, summary
 from web.console_data import disk_usage, listeners, queue_summary
@@ -51,7 +51,19 @@ async def status(request: Request) -> Response:
         "ipv4": (await svc.settings.fresh()).public_ipv4 or "", "ipv6": svc.settings.now.public_ipv6 or "",
         "setup_done": await setup_done(svc.settings),
         "backup_schedule": await backup.read_schedule(svc.db),
+        "checks": await status_checks.load(svc.db),
     })
+
+
+async def status_check(request: Request) -> Response:
+    """Check now: every item of the checklist again (the background runs it every few hours)."""
+    await require(request, "admin")
+    await read_form(request)
+    items = await status_checks.run_all(services(request))
+    problems = sum(item.level in ("fail", "warn") for item in items)
+    flash(request, "Everything checked is fine." if not problems else
+          f"Checked: {problems} item{'' if problems == 1 else 's'} to look at.")
+    return redirect("/console")
 
 
 async def events(request: Request) -> Response:
@@ -99,6 +111,7 @@ async def password_submit(request: Request) -> Response:
 
 routes = [
     Route("/console", status, methods=["GET"]),
+    Route("/console/status/check", status_check, methods=["POST"]),
     Route("/console/events", events, methods=["GET"]),
     Route("/console/events/unlock", unlock, methods=["POST"]),
     Route("/console/password", password_page, methods=["GET"]),

@@ -1,0 +1,348 @@
+"""The status checklist (issue 18): is mail flowing, and what is there to fix, in plain words.
+
+Each check returns one `Item`: green (ok), amber (warn), red (fail) or grey (unknown: the check could
+not tell, e.g. DNS did not answer), with what was found and, unless green, what to do. `run_all` runs
+every check (each bounded in time: one that hangs is "unknown", never a stuck page) and keeps the
+results with their time in `status_checks`; the console shows the kept results and runs them again on
+demand; `StatusSchedule` runs them in the background every few hours.
+
+The checks that ask the network use the box's own resolver setting (as the mail path does) and
+`Probes` for what cannot be asked on loopback in a test otherwise: the remote MX that the outbound
+port-25 check connects to, and the kernel's clock state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import datetime as dt
+import ipaddress
+import logging
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+import dns.reversename
+
+from appliance.db import Database
+from appliance.dns_check import load_results
+from appliance.queue.resolver import make_async_resolver
+
+if TYPE_CHECKING:
+    from appliance.services import Services
+
+log = logging.getLogger("letterbox.status")
+
+Level = Literal["ok", "warn", "fail", "unknown"]
+CHECK_TIMEOUT = 15.0  # seconds for one check; a slower one is "unknown"
+EVERY = 6 * 3600.0  # background runs
+FIRST_RUN_DELAY = 300.0  # after start: let the box settle (and a short test run never probe anything)
+CERT_WARN_DAYS = 14
+DISK_FAIL_PERCENT = 90
+DISK_WARN_PERCENT = 80
+BACKUP_MAX_AGE = 3 * 86400
+DEFERRED_WARN_AGE = 86400
+DEFAULT_PORT25_TARGET = "aspmx.l.google.com:25"  # a big provider's MX, always there, as Mail-in-a-Box checks
+PORT25_TIMEOUT = 8.0
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str  # stable id: "dns", "ptr", "port25", "certificate", "backups", "disk", "queue", "clock", ...
+    title: str
+    level: Level
+    summary: str  # what was found
+    fix: str = ""  # what to do, when not ok
+    link: str = ""  # the console page that fixes it
+    checked_at: float = 0.0
+
+
+@dataclass
+class Probes:
+    """What the network-facing checks connect to: replaced in tests by loopback servers and fakes."""
+
+    port25_target: Callable[[], str] = lambda: DEFAULT_PORT25_TARGET
+    clock_synchronised: Callable[[], bool | None] = lambda: kernel_clock_synchronised()
+
+
+# --- the checks -------------------------------------------------------------------------------------
+
+async def check_dns(svc: Services) -> Item:
+    domains = await svc.accounts.list_domains()
+    if not domains:
+        return Item("dns", "DNS records", "fail", "No mail domain yet.", "Add the domain you receive mail for.",
+                    "/console/domains")
+    missing: list[str] = []
+    unchecked: list[str] = []
+    for domain in domains:
+        last = await load_results(svc.db, domain)
+        if last is None:
+            unchecked.append(domain)
+            continue
+        missing += [f"{r.rdtype} {r.name}" for r in last[1] if r.status != "found"]
+    if missing:
+        count = len(missing)
+        return Item("dns", "DNS records", "fail",
+                    f"{count} record{'' if count == 1 else 's'} not found or not right at the last check: "
+                    + ", ".join(missing[:6]) + ("…" if count > 6 else ""),
+                    f"Publish {'this record' if count == 1 else f'these {count} records'} where you manage your "
+                    "DNS, then check again on the domain's page.", "/console/domains")
+    if unchecked:
+        return Item("dns", "DNS records", "warn", "Not checked yet: " + ", ".join(unchecked),
+                    "Open the domain and press Check now.", "/console/domains")
+    return Item("dns", "DNS records", "ok", f"Every record of {', '.join(domains)} was found at the last check.")
+
+
+def _resolver(svc: Services) -> dns.asyncresolver.Resolver:
+    return make_async_resolver(svc.settings.now.dns_resolver, cached=False)  # a check sees what is there now
+
+
+async def _names(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) -> list[str]:
+    try:
+        answer = await resolver.resolve(name, rdtype)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return []
+    return [r.to_text().rstrip(".").lower() for r in answer]
+
+
+async def check_reverse_dns(svc: Services) -> Item:
+    """PTR of each public address names the host name, and that name resolves back to the address
+    (forward-confirmed reverse DNS, which many receivers require)."""
+    values = svc.settings.now
+    addresses = [a for a in (values.public_ipv4, values.public_ipv6) if a]
+    if not addresses:
+        return Item("ptr", "Reverse DNS", "unknown", "The box's public address is not set.",
+                    "Enter it on a domain's DNS page.", "/console/domains")
+    resolver = _resolver(svc)
+    host = svc.hostname.lower()
+    problems: list[str] = []
+    try:
+        for address in addresses:
+            names = await _names(resolver, dns.reversename.from_address(address).to_text(), "PTR")
+            if host not in names:
+                found = ", ".join(names) or "none"
+                problems.append(f"{address} is named {found}, not {host}")
+                continue
+            forward = await _names(resolver, host, "AAAA" if ipaddress.ip_address(address).version == 6 else "A")
+            if str(ipaddress.ip_address(address)) not in {str(ipaddress.ip_address(f)) for f in forward}:
+                problems.append(f"{host} does not resolve back to {address}")
+    except dns.exception.DNSException as exc:
+        return Item("ptr", "Reverse DNS", "unknown", f"DNS did not answer: {type(exc).__name__}",
+                    "Check again later; if it lasts, check the DNS resolver setting.")
+    if problems:
+        return Item("ptr", "Reverse DNS", "fail", "; ".join(problems),
+                    f"Ask whoever gives you the address (your internet or hosting provider) to set its reverse "
+                    f"DNS name (PTR) to {host}. Many receivers refuse mail from an address without it.")
+    return Item("ptr", "Reverse DNS", "ok", f"{', '.join(addresses)} named {host}, and back.")
+
+
+async def check_port25(svc: Services, probes: Probes) -> Item:
+    """A real TCP connection to a remote MX: home connections often block outbound port 25."""
+    if svc.settings.now.relay is not None:
+        return Item("port25", "Outbound port 25", "ok",
+                    f"Not needed: mail leaves through the relay {svc.settings.now.relay.host}.")
+    target = probes.port25_target()
+    host, _, port = target.rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), PORT25_TIMEOUT)
+    except (OSError, TimeoutError, ValueError) as exc:
+        return Item("port25", "Outbound port 25", "fail",
+                    f"Could not connect to {target} ({type(exc).__name__}): outbound port 25 looks blocked.",
+                    "Mail to other domains cannot leave directly. Ask your provider to open port 25, or send "
+                    "through your provider's relay (smarthost).", "/console/sending")
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return Item("port25", "Outbound port 25", "ok", f"Connected to {target}: mail can leave directly.")
+
+
+async def check_certificate(svc: Services) -> Item:
+    info = await asyncio.to_thread(svc.tls.info)
+    days = (info.not_after - dt.datetime.now(dt.UTC)).days
+    if days < 0:
+        return Item("certificate", "Certificate", "fail", f"Expired {-days} days ago.",
+                    "Renew it now.", "/console/certificate")
+    if info.self_signed:
+        return Item("certificate", "Certificate", "warn", "Self-signed: mail programs warn about it.",
+                    "Get a trusted certificate (Let's Encrypt).", "/console/certificate")
+    if days <= CERT_WARN_DAYS:
+        return Item("certificate", "Certificate", "fail", f"{days} days left, and renewal has not replaced it.",
+                    "Renew it now and read the last renewal error.", "/console/certificate")
+    return Item("certificate", "Certificate", "ok", f"Trusted, {days} days left.")
+
+
+async def check_backups(svc: Services, now: float) -> Item:
+    from appliance import backup
+
+    schedule = await backup.read_schedule(svc.db, now)
+    last = schedule.last
+    if not schedule.enabled and not last:
+        return Item("backups", "Backups", "warn", "No backup has been made and none is scheduled.",
+                    "Make the backup key, download the emergency kit and turn on daily backups.",
+                    "/console/backups")
+    if last and not last.get("ok", False):
+        return Item("backups", "Backups", "fail", f"The last backup failed: {str(last.get('text', ''))[:200]}",
+                    "See the Backups page.", "/console/backups")
+    at = float(last.get("at", 0)) if last else 0.0
+    if now - at > BACKUP_MAX_AGE:
+        return Item("backups", "Backups", "fail",
+                    "The last backup is more than 3 days old." if at else "No backup has succeeded yet.",
+                    "Make one now and check the schedule.", "/console/backups")
+    return Item("backups", "Backups", "ok", "Last backup " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at)))
+
+
+async def check_disk(svc: Services) -> Item:
+    usage = await asyncio.to_thread(shutil.disk_usage, svc.config.data.root)
+    used = round(100 * (usage.total - usage.free) / usage.total) if usage.total else 0
+    summary = f"{used}% used, {usage.free // 2**20:,} MiB free."
+    if used >= DISK_FAIL_PERCENT:
+        return Item("disk", "Disk", "fail", summary, "Delete old mail or backups, or move to a bigger disk.",
+                    "/console/backups")
+    if used >= DISK_WARN_PERCENT:
+        return Item("disk", "Disk", "warn", summary, "Plan for more space.")
+    return Item("disk", "Disk", "ok", summary)
+
+
+async def check_queue(svc: Services, now: float) -> Item:
+    messages = await svc.spool.messages()
+    waiting = [m for m in messages if any(r.attempts > 0 for r in m.recipients)]
+    if not waiting:
+        return Item("queue", "Outbound queue", "ok",
+                    f"{len(messages)} message{'' if len(messages) == 1 else 's'} waiting, none deferred.")
+    oldest = min(m.created_at for m in waiting)
+    hours = int((now - oldest) // 3600)
+    summary = f"{len(waiting)} deferred, the oldest for {hours} hours."
+    if now - oldest > DEFERRED_WARN_AGE:
+        return Item("queue", "Outbound queue", "warn", summary,
+                    "See why on the Sending page (the last error of each recipient).", "/console/sending")
+    return Item("queue", "Outbound queue", "ok", summary)
+
+
+async def check_clock(probes: Probes) -> Item:
+    synced = await asyncio.to_thread(probes.clock_synchronised)
+    if synced is None:
+        return Item("clock", "Time", "unknown", "The clock's synchronisation state cannot be read here.")
+    if not synced:
+        return Item("clock", "Time", "fail", "The clock is not synchronised.",
+                    "Turn on time synchronisation (systemd-timesyncd): DKIM, TLS and greylisting need the right time.")
+    return Item("clock", "Time", "ok", "The clock is synchronised.")
+
+
+class _Timex(ctypes.Structure):
+    # struct timex (sys/timex.h) on 64-bit Linux: 'modes' then 'offset'... 'status' is the 8th field,
+    # padded to its full size so the kernel never writes past the buffer.
+    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
+                ("rest", ctypes.c_long * 32)]
+
+
+TIME_ERROR = 5  # adjtimex's return: the clock is not synchronised (STA_UNSYNC)
+
+
+def kernel_clock_synchronised() -> bool | None:
+    """What `timedatectl`'s "System clock synchronized" reads: adjtimex(2) with no change asked."""
+    path = ctypes.util.find_library("c")
+    if path is None:
+        return None
+    try:
+        libc = ctypes.CDLL(path, use_errno=True)
+        state = libc.adjtimex(ctypes.byref(_Timex()))
+    except (OSError, AttributeError):
+        return None
+    if state < 0:
+        return None
+    return bool(state != TIME_ERROR)
+
+
+# --- running and keeping ----------------------------------------------------------------------------
+
+async def run_all(svc: Services, probes: Probes | None = None, *, now: float | None = None) -> list[Item]:
+    """Every check, each bounded by CHECK_TIMEOUT, concurrently; kept in the db with this time."""
+    probes = probes or svc.status_probes
+    at = time.time() if now is None else now
+    checks: list[tuple[str, str, Awaitable[Item]]] = [
+        ("dns", "DNS records", check_dns(svc)),
+        ("ptr", "Reverse DNS", check_reverse_dns(svc)),
+        ("port25", "Outbound port 25", check_port25(svc, probes)),
+        ("certificate", "Certificate", check_certificate(svc)),
+        ("backups", "Backups", check_backups(svc, at)),
+        ("disk", "Disk", check_disk(svc)),
+        ("queue", "Outbound queue", check_queue(svc, at)),
+        ("clock", "Time", check_clock(probes)),
+    ]
+    results = await asyncio.gather(*(_bounded(key, title, check) for key, title, check in checks))
+    items = [Item(i.key, i.title, i.level, i.summary, i.fix, i.link, at) for i in results]
+    await save(svc.db, items)
+    return items
+
+
+async def _bounded(key: str, title: str, check: Awaitable[Item]) -> Item:
+    try:
+        return await asyncio.wait_for(check, CHECK_TIMEOUT)
+    except TimeoutError:
+        return Item(key, title, "unknown", f"No answer within {CHECK_TIMEOUT:.0f} seconds.", "Check again later.")
+    except Exception as exc:  # one broken check must not hide the others
+        log.exception("status check %s failed", key)
+        return Item(key, title, "unknown", f"The check failed: {type(exc).__name__}", "Check again later.")
+
+
+async def save(db: Database, items: list[Item]) -> None:
+    async with db.transaction() as tx:
+        await tx.executemany(
+            "INSERT INTO status_checks (key, title, level, summary, fix, link, checked_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET title = excluded.title, level = excluded.level,"
+            " summary = excluded.summary, fix = excluded.fix, link = excluded.link, checked_at = excluded.checked_at",
+            [(i.key, i.title, i.level, i.summary, i.fix, i.link, int(i.checked_at)) for i in items])
+
+
+_ORDER = {"fail": 0, "warn": 1, "unknown": 2, "ok": 3}
+
+
+async def load(db: Database) -> list[Item]:
+    """The kept results, the problems first."""
+    rows = await db.fetchall("SELECT key, title, level, summary, fix, link, checked_at FROM status_checks")
+    items = [Item(str(r["key"]), str(r["title"]), r["level"], str(r["summary"]), str(r["fix"]), str(r["link"]),
+                  float(r["checked_at"])) for r in rows]
+    return sorted(items, key=lambda i: (_ORDER.get(i.level, 9), i.key))
+
+
+async def start_status_checks(svc: Services) -> StatusSchedule:
+    schedule = StatusSchedule(svc)
+    schedule.start()
+    return schedule
+
+
+class StatusSchedule:
+    """Runs the checks in the background: FIRST_RUN_DELAY after start, then every EVERY seconds."""
+
+    def __init__(self, svc: Services, *, first_delay: float = FIRST_RUN_DELAY, every: float = EVERY) -> None:
+        self._svc = svc
+        self._first_delay = first_delay
+        self._every = every
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="status-checks")
+
+    async def _run(self) -> None:
+        await asyncio.sleep(self._first_delay)
+        while True:
+            if self._svc.settings.now.status_checks:
+                try:
+                    await run_all(self._svc)
+                except Exception:  # the next run tries again
+                    log.exception("status checks failed")
+            await asyncio.sleep(self._every)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

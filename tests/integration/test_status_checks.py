@@ -1,0 +1,146 @@
+"""The status checklist (issue 18): each check against right, wrong and unreachable answers, on a real
+box, with a DNS zone, a "remote MX" and a closed port on loopback; the console shows it and checks
+again on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from appliance import status_checks
+from appliance.dns_check import CheckResult, save_results
+from appliance.queue.smarthost import Smarthost
+from appliance.status_checks import Item, Probes
+from tests.conftest import BoxHandle
+from tests.integration.test_live_settings import admin_console
+from tests.support.dns_server import ZoneServer
+
+HOST = "mail.example.test"
+IPV4 = "192.0.2.25"
+DOMAIN = "example.test"
+
+
+@contextlib.contextmanager
+def listening() -> Iterator[int]:
+    """A TCP port that accepts (the remote MX of the port-25 check)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        yield server.getsockname()[1]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(box: BoxHandle, probes: Probes | None = None) -> dict[str, Item]:
+    return {item.key: item for item in box.run(status_checks.run_all(box.services, probes or Probes(
+        port25_target=lambda: f"127.0.0.1:{closed_port()}", clock_synchronised=lambda: True)))}
+
+
+@pytest.fixture
+def zone() -> Iterator[ZoneServer]:
+    with ZoneServer(ttl=0) as server:
+        yield server
+
+
+@pytest.fixture
+def checked(box: BoxHandle, zone: ZoneServer) -> BoxHandle:
+    box.run(box.services.accounts.add_domain(DOMAIN))
+    box.run(box.services.settings.save(dns_resolver=zone.address, public_ipv4=IPV4))
+    return box
+
+
+def test_reverse_dns_right_wrong_and_unreachable(checked: BoxHandle, zone: ZoneServer) -> None:
+    ptr = "25.2.0.192.in-addr.arpa"
+    zone.set(ptr, "PTR", [f"{HOST}."])
+    zone.set(HOST, "A", [IPV4])
+    assert run(checked)["ptr"].level == "ok"
+    zone.set(HOST, "A", ["192.0.2.99"])
+    item = run(checked)["ptr"]
+    assert (item.level, item.summary) == ("fail", f"{HOST} does not resolve back to {IPV4}")
+    zone.set(ptr, "PTR", ["dsl-192-0-2-25.provider.example."])
+    item = run(checked)["ptr"]
+    assert item.level == "fail"
+    assert "named dsl-192-0-2-25.provider.example, not mail.example.test" in item.summary
+    assert "reverse DNS name (PTR)" in item.fix
+    zone.remove(ptr, "PTR")
+    assert "named none" in run(checked)["ptr"].summary
+    # DNS that does not answer: unknown, never a false "fail".
+    checked.run(checked.services.settings.save(dns_resolver=f"127.0.0.1:{closed_port()}"))
+    assert run(checked)["ptr"].level == "unknown"
+
+
+def test_outbound_port_25_open_blocked_and_relay(checked: BoxHandle) -> None:
+    with listening() as port:
+        item = run(checked, Probes(port25_target=lambda: f"127.0.0.1:{port}", clock_synchronised=lambda: True))["port25"]
+    assert (item.level, item.summary) == ("ok", f"Connected to 127.0.0.1:{port}: mail can leave directly.")
+    item = run(checked)["port25"]
+    assert item.level == "fail"
+    assert "relay (smarthost)" in item.fix
+    assert item.link == "/console/sending"
+    checked.run(checked.services.settings.save(relay=Smarthost(host="relay.example.test", port=587, tls="starttls")))
+    assert run(checked)["port25"].level == "ok"
+
+
+def test_dns_records_certificate_backups_disk_queue_clock(checked: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    items = run(checked)
+    assert items["dns"].level == "warn"  # never checked
+    checked.run(save_results(checked.services.db, DOMAIN, [
+        CheckResult("mx", "MX", DOMAIN, "found"), CheckResult("spf", "TXT", DOMAIN, "missing"),
+        CheckResult("dmarc", "TXT", f"_dmarc.{DOMAIN}", "wrong")]))
+    items = run(checked)
+    assert items["dns"].level == "fail"
+    assert "Publish these 2 records" in items["dns"].fix
+    checked.run(save_results(checked.services.db, DOMAIN, [CheckResult("mx", "MX", DOMAIN, "found")]))
+    assert run(checked)["dns"].level == "ok"
+
+    assert items["certificate"].level == "ok"  # the test CA's certificate: not self-signed, a year left
+    assert items["backups"].level == "warn"
+    assert "turn on daily backups" in items["backups"].fix
+    checked.run(checked.services.db.set_setting("backup_last", '{"at": 1, "ok": false, "text": "disk full"}'))
+    backups = run(checked)["backups"]
+    assert (backups.level, backups.summary) == ("fail", "The last backup failed: disk full")
+    assert items["disk"].level == "ok"
+    monkeypatch.setattr(status_checks, "DISK_FAIL_PERCENT", 0)
+    assert run(checked)["disk"].level == "fail"
+    assert items["queue"].level == "ok"
+    assert items["clock"].level == "ok"
+    assert run(checked, Probes(clock_synchronised=lambda: False))["clock"].level == "fail"
+    assert run(checked, Probes(clock_synchronised=lambda: None))["clock"].level == "unknown"
+
+
+def test_a_hanging_check_is_unknown_not_a_stuck_page(checked: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def hangs(probes: Probes) -> Item:
+        await asyncio.sleep(60)
+        raise AssertionError
+
+    monkeypatch.setattr(status_checks, "CHECK_TIMEOUT", 0.5)
+    monkeypatch.setattr(status_checks, "check_clock", hangs)
+    assert run(checked)["clock"].level == "unknown"
+
+
+def test_the_console_shows_the_checklist_and_checks_now(checked: BoxHandle) -> None:
+    checked.services.status_probes = Probes(port25_target=lambda: f"127.0.0.1:{closed_port()}",
+                                            clock_synchronised=lambda: True)
+    with admin_console(checked) as web:
+        page = web.get("/console")
+        assert "Not checked yet." in page.text
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert token
+        assert web.post("/console/status/check", data={}).status_code == 403  # the form's token is needed
+        response = web.post("/console/status/check", data={"csrf": token.group(1)})
+        assert response.status_code == 303
+        page = web.get("/console")
+    assert 'id="check-port25"' in page.text
+    section = page.text.split('id="checklist"')[1].split("</section>")[0]
+    # problems first, each with what to do and where
+    assert section.index("check-port25") < section.index("check-clock")
+    assert 'href="/console/sending">Fix it</a>' in section
