@@ -24,18 +24,17 @@ by a flush. Texts are cut to bounded lengths: the client chooses its HELO and en
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
+from appliance.batched_log import BatchedLog, cut
 from appliance.db import Database
 
 if TYPE_CHECKING:
-    import aiosqlite
+    pass
 
 log = logging.getLogger("letterbox.spam")
 
@@ -57,7 +56,6 @@ REJECT: Verdict = "reject"  # 5xx
 FLUSH_DELAY = 2.0  # seconds a decision may wait before its batch is written
 FLUSH_BATCH = 200  # this many waiting decisions are written at once
 MAX_PENDING = 5000
-PRUNE_EVERY = 3600.0  # seconds between deletions of old rows
 MAX_TEXT = 500  # reason
 MAX_FIELD = 320  # client ip, helo, sender, each recipient, queue id
 MAX_RECIPIENTS = 50  # recipients kept per decision (the count beyond is noted)
@@ -80,7 +78,7 @@ class Decision:
 
 
 def _cut(text: str, limit: int = MAX_FIELD) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return cut(text, limit)
 
 
 def _row(d: Decision) -> tuple[object, ...]:
@@ -96,105 +94,43 @@ _INSERT = ("INSERT INTO spam_decisions (at, client_ip, helo, sender, recipients,
 
 
 class DecisionLog:
-    """The batched writer and the reader of `spam_decisions`."""
+    """The batched writer (appliance/batched_log.py) and the reader of `spam_decisions`."""
 
     def __init__(self, db: Database, *, keep_days: Callable[[], int] = lambda: 30,
                  clock: Callable[[], float] = time.time, flush_delay: float = FLUSH_DELAY) -> None:
         self._db = db
-        self._keep_days = keep_days  # read at each prune: the setting is live
-        self._clock = clock
-        self._flush_delay = flush_delay
-        self._pending: deque[Decision] = deque()
-        self.dropped = 0  # decisions dropped because MAX_PENDING were waiting
-        self._timer: asyncio.TimerHandle | None = None
-        self._flushing: asyncio.Task[int] | None = None
-        self._last_prune = 0.0
-        self._closed = False
+        self._rows: BatchedLog[Decision] = BatchedLog(
+            db, "spam_decisions", _INSERT, _row, keep_days=keep_days, clock=clock, flush_delay=flush_delay,
+            batch=FLUSH_BATCH, max_pending=MAX_PENDING)
+
+    @property
+    def dropped(self) -> int:
+        """Decisions dropped because MAX_PENDING were waiting."""
+        return self._rows.dropped
 
     # --- writing ----------------------------------------------------------------------------------------
 
     def record(self, decision: Decision) -> None:
         """Remember one decision; written within FLUSH_DELAY seconds. Never blocks, never raises."""
         if decision.at <= 0:
-            decision = replace(decision, at=self._clock())
-        if len(self._pending) >= MAX_PENDING:
-            self._pending.popleft()
-            self.dropped += 1
-        self._pending.append(decision)
+            decision = replace(decision, at=self._rows.clock())
         log.debug("%s %s %s: %s", decision.layer, decision.verdict, decision.client_ip, decision.reason)
-        self._schedule(now=len(self._pending) >= FLUSH_BATCH)
-
-    def _schedule(self, *, now: bool) -> None:
-        if self._closed:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # no loop (a synchronous caller): the next flush() or close() writes it
-        if now:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            self._start_flush()
-        elif self._timer is None and (self._flushing is None or self._flushing.done()):
-            self._timer = loop.call_later(self._flush_delay, self._start_flush)
-
-    def _start_flush(self) -> None:
-        self._timer = None
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.ensure_future(self.flush())
+        self._rows.record(decision)
 
     async def flush(self) -> int:
         """Write every waiting decision in one transaction (and prune when due); returns how many."""
-        written = 0
-        while self._pending:
-            batch = list(self._pending)
-            self._pending.clear()
-            try:
-                async with self._db.transaction() as tx:
-                    await tx.executemany(_INSERT, [_row(d) for d in batch])
-                    await self._prune_if_due(tx)
-            except Exception:
-                # Only a log is lost: mail never depends on these rows.
-                log.exception("could not write %d spam decisions", len(batch))
-                return written
-            written += len(batch)
-        if self._pending and not self._closed:
-            self._schedule(now=False)
-        return written
-
-    async def _prune_if_due(self, tx: aiosqlite.Connection) -> None:
-        now = self._clock()
-        if now - self._last_prune < PRUNE_EVERY:
-            return
-        self._last_prune = now
-        await self._delete_old(tx, now)
-
-    async def _delete_old(self, tx: aiosqlite.Connection, now: float) -> int:
-        cursor = await tx.execute("DELETE FROM spam_decisions WHERE at < ?",
-                                  (int(now - max(self._keep_days(), 0) * 86400),))
-        return cursor.rowcount
+        return await self._rows.flush()
 
     async def prune(self) -> int:
         """Delete the rows older than the setting now; returns how many."""
-        await self._settle()
-        async with self._db.transaction() as tx:
-            self._last_prune = self._clock()
-            return await self._delete_old(tx, self._last_prune)
+        return await self._rows.prune()
 
     async def close(self) -> None:
         """Write what waits and stop scheduling (the box is stopping; the db closes next)."""
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        await self._settle()
+        await self._rows.close()
 
     async def _settle(self) -> None:
-        """Every decision recorded so far is in the database when this returns."""
-        if self._flushing is not None and not self._flushing.done():
-            await asyncio.shield(self._flushing)
-        await self.flush()
+        await self._rows.settle()
 
     # --- reading ----------------------------------------------------------------------------------------
 

@@ -1,0 +1,137 @@
+"""A log table written in batches: the hot path records rows in memory, one transaction writes them.
+
+Used where a record is kept of what happened (spam decisions, the delivery log) and a commit per
+record would cost the SMTP path an fsync of its own. `record` is synchronous and never touches the
+database; rows are written `flush_delay` seconds after the first of them (at once when `batch` are
+waiting). A crash loses at most those few seconds of log, never mail: nothing depends on these rows.
+At most `max_pending` rows wait (a flood cannot grow memory); beyond that the oldest are dropped and
+counted. Readers call `settle()` first, so they see every row recorded before the call. Rows older
+than `keep_days()` (read live: a setting) are deleted at most once an hour, by a flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+from appliance.db import Database
+
+log = logging.getLogger("letterbox.batched_log")
+
+T = TypeVar("T")
+
+FLUSH_DELAY = 2.0
+FLUSH_BATCH = 200
+MAX_PENDING = 5000
+PRUNE_EVERY = 3600.0
+
+
+def cut(text: str, limit: int) -> str:
+    """Bounded text for a log column: the network chooses most of what is logged."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class BatchedLog(Generic[T]):
+    """The batched writer of one table: `insert` takes the tuple `to_row(entry)` gives; the table has an
+    integer `at` column (Unix seconds) that pruning compares."""
+
+    def __init__(self, db: Database, table: str, insert: str, to_row: Callable[[T], Sequence[object]], *,
+                 keep_days: Callable[[], int] = lambda: 30, clock: Callable[[], float] = time.time,
+                 flush_delay: float = FLUSH_DELAY, batch: int = FLUSH_BATCH, max_pending: int = MAX_PENDING) -> None:
+        self._db = db
+        self._table = table
+        self._insert = insert
+        self._to_row = to_row
+        self._keep_days = keep_days
+        self._clock = clock
+        self._flush_delay = flush_delay
+        self._batch = batch
+        self._max_pending = max_pending
+        self._pending: deque[T] = deque()
+        self.dropped = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Task[int] | None = None
+        self._last_prune = 0.0
+        self._closed = False
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._clock
+
+    def record(self, entry: T) -> None:
+        """Remember one row; written within flush_delay seconds. Never blocks, never raises."""
+        if len(self._pending) >= self._max_pending:
+            self._pending.popleft()
+            self.dropped += 1
+        self._pending.append(entry)
+        self._schedule(now=len(self._pending) >= self._batch)
+
+    def _schedule(self, *, now: bool) -> None:
+        if self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a synchronous caller): the next flush() or close() writes it
+        if now:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._start_flush()
+        elif self._timer is None and (self._flushing is None or self._flushing.done()):
+            self._timer = loop.call_later(self._flush_delay, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._timer = None
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.ensure_future(self.flush())
+
+    async def flush(self) -> int:
+        """Write every waiting row in one transaction (and prune when due); returns how many."""
+        written = 0
+        while self._pending:
+            batch = list(self._pending)
+            self._pending.clear()
+            try:
+                async with self._db.transaction() as tx:
+                    await tx.executemany(self._insert, [tuple(self._to_row(entry)) for entry in batch])
+                    now = self._clock()
+                    if now - self._last_prune >= PRUNE_EVERY:
+                        self._last_prune = now
+                        await tx.execute(f"DELETE FROM {self._table} WHERE at < ?", (self._cutoff(now),))  # noqa: S608  table name is ours
+            except Exception:
+                log.exception("could not write %d rows of %s", len(batch), self._table)
+                return written
+            written += len(batch)
+        if self._pending and not self._closed:
+            self._schedule(now=False)
+        return written
+
+    def _cutoff(self, now: float) -> int:
+        return int(now - max(self._keep_days(), 0) * 86400)
+
+    async def prune(self) -> int:
+        """Delete the rows older than the setting now; returns how many."""
+        await self.settle()
+        async with self._db.transaction() as tx:
+            self._last_prune = self._clock()
+            cursor = await tx.execute(f"DELETE FROM {self._table} WHERE at < ?", (self._cutoff(self._last_prune),))  # noqa: S608  table name is ours
+            return int(cursor.rowcount)
+
+    async def close(self) -> None:
+        """Write what waits and stop scheduling (the box is stopping; the db closes next)."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Every row recorded so far is in the database when this returns."""
+        if self._flushing is not None and not self._flushing.done():
+            await asyncio.shield(self._flushing)
+        await self.flush()
