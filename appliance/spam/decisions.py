@@ -28,13 +28,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from appliance.batched_log import BatchedLog, cut
 from appliance.db import Database
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("letterbox.spam")
 
