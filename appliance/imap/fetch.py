@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import binascii
 import datetime as dt
-import quopri
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -289,6 +288,20 @@ def _address_list(text: str) -> bytes:
     values over and over, and parsing addresses is the costly part of an ENVELOPE."""
     found = _grouped_addresses(text) if ":" in text else _plain_addresses(text)
     return b"".join(render_value(a) for a in found)
+
+
+def first_mailbox(text: str) -> str:
+    """The mailbox of the first address of an address list as ENVELOPE shows it, which for a group
+    is the group's name (RFC 3501 7.4.2 group start): what SORT's FROM, TO and CC keys compare
+    (RFC 5256 3), as Dovecot does."""
+    found = _grouped_addresses(text) if ":" in text else _plain_addresses(text)
+    for address in found:
+        mailbox = address[2] if isinstance(address, list) else None
+        if isinstance(mailbox, bytes):
+            return mailbox.decode("utf-8", "surrogateescape")
+        if isinstance(mailbox, str) and mailbox != MISSING_MAILBOX:
+            return mailbox
+    return ""
 
 
 def parse_addresses(text: str) -> list[tuple[str, str]]:
@@ -723,8 +736,27 @@ def binary_content(f: BinaryIO, root: Part, path: tuple[int, ...]) -> bytes:
     if cte == "base64":
         return _unbase64(raw)
     if cte == "quoted-printable":
-        return quopri.decodestring(raw.replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n")
+        return decode_quoted_printable(raw)
     raise UnknownCte(cte)
+
+
+_QP_ESCAPE = re.compile(rb"=([0-9A-Fa-f]{2})")
+
+
+def decode_quoted_printable(raw: bytes) -> bytes:
+    """RFC 2045 6.7 decoding, with CRLF line ends: white space at the end of an encoded line is
+    deleted (rule 3), and "=" ending a line, even with white space after it, is a soft line break
+    (rule 5 and its robustness note); an "=" not followed by two hex digits is kept as it is.
+    (quopri keeps trailing white space and takes "= " as text.)"""
+    out = bytearray()
+    lines = raw.split(b"\n")
+    for i, line in enumerate(lines):
+        line = line.rstrip(b" \t\r")
+        soft = line.endswith(b"=")
+        out += _QP_ESCAPE.sub(lambda m: bytes((int(m.group(1), 16),)), line[:-1] if soft else line)
+        if not soft and i < len(lines) - 1:
+            out += b"\r\n"
+    return bytes(out)
 
 
 def _unbase64(raw: bytes) -> bytes:

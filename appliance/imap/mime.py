@@ -15,7 +15,10 @@ memory; nesting depth and part count are bounded (limits.py) and anything beyond
 
 from __future__ import annotations
 
+import base64
+import io
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -385,3 +388,37 @@ _UNFOLD = re.compile(r"\r?\n(?=[ \t])")
 def unfold(value: str) -> str:
     """RFC 5322 2.2.3: a folded header value with its line breaks removed."""
     return _UNFOLD.sub("", value).replace("\r", "").replace("\n", "")
+
+
+def _leaves(part: Part) -> Iterator[Part]:
+    if part.children:
+        for child in part.children:
+            yield from _leaves(child)
+    elif not part.placeholder:
+        yield part
+
+
+_CTE_FIELD = re.compile(rb"^Content-Transfer-Encoding[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*", re.IGNORECASE | re.MULTILINE)
+_BASE64_LINE = 76  # RFC 2045 6.8: encoded lines of at most 76 characters
+
+
+def base64_for_nul(data: bytes) -> bytes:
+    """The message with every part whose content holds a NUL re-encoded as base64 (RFC 3516 4.4: an
+    APPEND of binary content may be stored in another encoding). IMAP cannot send a NUL in a
+    literal (RFC 3501 9), so BODY[] would otherwise have no faithful answer; BINARY[] still decodes
+    the original octets. Dovecot does the same. Other parts and the header text stay as they are."""
+    if b"\0" not in data:
+        return data
+    out = bytearray()
+    done = 0
+    for leaf in _leaves(scan(io.BytesIO(data))):
+        body = data[leaf.body.start:leaf.body.end]
+        if b"\0" not in body:
+            continue
+        header = _CTE_FIELD.sub(b"", data[leaf.header.start:leaf.header.end])
+        cut = len(header) - (2 if header.endswith(b"\r\n") else 1 if header.endswith(b"\n") else 0)
+        encoded = base64.b64encode(body)
+        out += data[done:leaf.header.start] + header[:cut] + b"Content-Transfer-Encoding: base64\r\n" + header[cut:]
+        out += b"\r\n".join(encoded[i:i + _BASE64_LINE] for i in range(0, len(encoded), _BASE64_LINE))
+        done = leaf.body.end
+    return bytes(out + data[done:])

@@ -14,7 +14,7 @@ from email.parser import BytesHeaderParser
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from appliance.imap.fetch import parse_addresses
+from appliance.imap.fetch import first_mailbox
 from appliance.imap.limits import MAX_HEADER_OCTETS
 from appliance.imap.mime import RAW_POLICY
 from appliance.imap.search import decode_words
@@ -69,12 +69,7 @@ def _key(key: str, item: SortItem, headers: Message | None) -> int | str:
         return base_subject(decode_words(str(value))) if value is not None else ""
     # CC, FROM, TO: the mailbox (local part) of the first address, case-folded (RFC 5256 3).
     value = headers.get(key.capitalize() if key != "CC" else "Cc") if headers is not None else None
-    if value is None:
-        return ""
-    for _, address in parse_addresses(str(value)):
-        if address:
-            return address.rpartition("@")[0].lower() if "@" in address else address.lower()
-    return ""
+    return first_mailbox(str(value)).lower() if value is not None else ""
 
 
 def _sent(headers: Message | None, fallback: int) -> int:

@@ -27,9 +27,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def private_dovecot(users: dict[str, str]) -> Iterator[PrivateDovecot]:
+def private_dovecot(users: dict[str, str], tls: tuple[Path, Path] | None = None) -> Iterator[PrivateDovecot]:
     """A PrivateDovecot for the `with` block, its processes and files cleaned up afterwards."""
-    server = PrivateDovecot(users)
+    server = PrivateDovecot(users, tls)
     try:
         yield server
     finally:
@@ -37,9 +37,10 @@ def private_dovecot(users: dict[str, str]) -> Iterator[PrivateDovecot]:
 
 
 class PrivateDovecot:
-    """Users get the uid/gid of `nobody` (Dovecot refuses uid 0 for mail)."""
+    """Users get the uid/gid of `nobody` (Dovecot refuses uid 0 for mail). With `tls` (certificate and
+    key PEM files) it also serves IMAPS on `tls_port`."""
 
-    def __init__(self, users: dict[str, str]) -> None:
+    def __init__(self, users: dict[str, str], tls: tuple[Path, Path] | None = None) -> None:
         self.binary = require_program("dovecot")
         self.doveadm = require_program("doveadm")
         # Not under pytest's tmp_path: that is 0700 root, and Dovecot's auth and mail processes run
@@ -47,6 +48,8 @@ class PrivateDovecot:
         self.root = Path(tempfile.mkdtemp(prefix="letterbox-dovecot-"))
         self.root.chmod(0o755)
         self.port = free_port()
+        self.tls = tls
+        self.tls_port = free_port() if tls else 0
         self.users = users
         nobody = pwd.getpwnam("nobody")
         self.uid, self.gid = nobody.pw_uid, nobody.pw_gid
@@ -72,7 +75,7 @@ log_path = {self.root / "dovecot.log"}
 instance_name = letterbox-test-{self.port}
 listen = 127.0.0.1
 protocols = imap
-ssl = no
+{self._ssl_settings()}
 disable_plaintext_auth = no
 mail_location = maildir:{self.mail}/%u/Maildir
 namespace inbox {{
@@ -92,7 +95,8 @@ service imap-login {{
     port = {self.port}
   }}
   inet_listener imaps {{
-    port = 0
+    port = {self.tls_port}
+    ssl = {"yes" if self.tls else "no"}
   }}
 }}
 service stats {{
@@ -101,6 +105,13 @@ service stats {{
   }}
 }}
 """)
+
+    def _ssl_settings(self) -> str:
+        if self.tls is None:
+            return "ssl = no"
+        # Dovecot reads "<path" settings as the file's content; its login processes read them as root.
+        cert, key = self.tls
+        return f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}"
 
     def give_mail_to_dovecot(self) -> None:
         for path in [self.mail, *self.mail.rglob("*")]:
@@ -116,18 +127,28 @@ service stats {{
         deadline = time.monotonic() + START_TIMEOUT
         pidfile = self.root / "run" / "master.pid"
         while time.monotonic() < deadline:
-            if pidfile.exists():
+            pid = self._master_pid(pidfile)
+            if pid is not None:
                 try:
                     with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                        self._pid = int(pidfile.read_text().split()[0])
+                        self._pid = pid
                         return
                 except OSError:
                     pass
             time.sleep(0.05)
-        if pidfile.exists():  # started but not answering: stop it before giving up
-            self._pid = int(pidfile.read_text().split()[0])
+        self._pid = self._master_pid(pidfile)  # started but not answering: stop it before giving up
+        if self._pid is not None:
             self.stop()
         raise RuntimeError(f"dovecot did not start: {self.log()}")
+
+    @staticmethod
+    def _master_pid(pidfile: Path) -> int | None:
+        """The master's PID, once it has written it (the file exists, empty, for a moment before)."""
+        try:
+            words = pidfile.read_text().split()
+        except FileNotFoundError:
+            return None
+        return int(words[0]) if words else None
 
     def log(self) -> str:
         path = self.root / "dovecot.log"

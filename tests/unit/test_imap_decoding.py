@@ -1,0 +1,61 @@
+"""Content decoding and sort keys that Dovecot's imaptest found wrong (issue 17): quoted-printable
+for BINARY, SORT's first-address mailbox with groups, and binary APPENDs holding NULs."""
+
+from __future__ import annotations
+
+import io
+
+from appliance.imap.fetch import binary_content, decode_quoted_printable, first_mailbox
+from appliance.imap.mime import base64_for_nul, scan
+
+# The body of imaptest's fetch-binary-mime-qp.mbox, line ends as in the file.
+QP_BODY = (b"hello  \nbar=\n\nfoo\t=\nbar\nfoo\t \t= \n=62\nfoo = \t\nbar\nfoo =\n=62\nfoo  \nbar=\n\nfoo_bar\n")
+
+
+def test_quoted_printable_trailing_space_and_soft_breaks() -> None:
+    # RFC 2045 6.7: trailing white space is deleted (rule 3); "=" at the end of a line, even with
+    # white space after it, is a soft line break (rule 5). imaptest: fetch-binary-mime-qp.
+    decoded = decode_quoted_printable(QP_BODY)
+    assert decoded == b"hello\r\nbar\r\nfoo\tbar\r\nfoo\t \tb\r\nfoo bar\r\nfoo b\r\nfoo\r\nbar\r\nfoo_bar\r\n"
+    assert len(decoded) == 65  # imaptest's BINARY.SIZE[1]
+
+
+def test_quoted_printable_edge_cases() -> None:
+    assert decode_quoted_printable(b"caf=C3=A9 =3d ok\r\n") == "café = ok\r\n".encode()
+    assert decode_quoted_printable(b"no end=") == b"no end"
+    assert decode_quoted_printable(b"a=ZZb= c\r\n") == b"a=ZZb= c\r\n"  # not escapes: kept as they are
+    assert decode_quoted_printable(b"") == b""
+
+
+def test_sort_address_key_of_a_group_is_its_name() -> None:
+    # RFC 5256 3 sorts on the first address as ENVELOPE has it; for a group that is the group start,
+    # whose mailbox is the group's name (RFC 3501 7.4.2). imaptest: sort-addresses (Cc).
+    assert first_mailbox("user2: blah@domain1.org;") == "user2"
+    assert first_mailbox("user2@domain2.org (foo bar)") == "user2"
+    assert first_mailbox("foo bar <User1@domain1.org>, x@y") == "User1"
+    assert first_mailbox("") == ""
+
+
+def test_nul_content_is_stored_as_base64() -> None:
+    # RFC 3516 4.4 / imaptest append-binary: BODY[1] cannot carry a NUL, BINARY[1] gives it back.
+    message = (b"From: user@domain.org\r\nContent-Type: application/octet-stream\r\n"
+               b"Content-Transfer-Encoding: binary\r\n\r\n\x00-\xe4\n\r\n\n")
+    stored = base64_for_nul(message)
+    assert stored == (b"From: user@domain.org\r\nContent-Type: application/octet-stream\r\n"
+                      b"Content-Transfer-Encoding: base64\r\n\r\nAC3kCg0KCg==")
+    f = io.BytesIO(stored)
+    assert binary_content(f, scan(io.BytesIO(stored)), (1,)) == b"\x00-\xe4\n\r\n\n"
+
+
+def test_only_parts_with_nul_are_reencoded() -> None:
+    message = (b"Content-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\nContent-Type: text/plain\r\n\r\n"
+               b"hello\r\n--x\r\nContent-Type: application/x\r\nContent-transfer-encoding:\r\n 8bit\r\n\r\n"
+               b"\x00\x01" + b"\xff" * 100 + b"\r\n--x--\r\n")
+    stored = base64_for_nul(message)
+    assert b"\x00" not in stored
+    assert stored.startswith(message[:message.index(b"--x\r\nContent-Type: application")])
+    assert b"Content-transfer-encoding" not in stored
+    root = scan(io.BytesIO(stored))
+    assert binary_content(io.BytesIO(stored), root, (2,)) == b"\x00\x01" + b"\xff" * 100
+    assert all(len(line) <= 76 for line in stored.split(b"\r\n"))
+    assert base64_for_nul(b"Subject: plain\r\n\r\ntext\r\n") == b"Subject: plain\r\n\r\ntext\r\n"
