@@ -42,6 +42,11 @@ from appliance.store.model import MessageInfo
 # moving: such a folder is listed again at the next look (Dovecot does the same, for 1 s).
 DIRTY_WINDOW_NS = 2_000_000_000
 UIDVALIDITY_SETTING = "store_last_uidvalidity"
+# Expunge records kept per folder for QRESYNC (RFC 7162 3.2.5.2). Older ones are dropped and the
+# folder's `expunges_known_since` raised past them: a client that last synced before that gets every
+# UID it may know that is gone (a superset the RFC allows), narrowed by its known UIDs and
+# sequence-match data; one that synced since gets the exact list. 10,000 rows are about 200 KB.
+EXPUNGES_KEPT = 10_000
 
 
 @dataclass(slots=True, eq=False)
@@ -111,6 +116,11 @@ class FolderIndex:
         self.uidlist = uidlist  # Dovecot's UIDs, adopted at the first scan
         # Our dovecot-uidlist needs writing (messages added or removed, or not written since loading).
         self.uidlist_stale = True
+        # What the file holds since our last write: its stamp and its highest UID. New messages are
+        # appended to it; a removal (or a file we did not write) means writing it whole.
+        self.uidlist_written: maildir.UidListStamp | None = None
+        self.uidlist_last_uid = 0
+        self.uidlist_whole = True
         self.uidlist_lock = asyncio.Lock()  # orders the writes: the last one holds the latest state
         self.uidlist_queued = False  # a write is scheduled that has not read the state yet
         self._messages: tuple[MessageInfo, ...] | None = None
@@ -248,6 +258,7 @@ class Change:
         self.located: list[tuple[Entry, str, str]] = []  # entry, sub, file name (no db change)
         self.removed: list[Entry] = []
         self.measured: list[tuple[Entry, int]] = []  # entry, wire size (no modseq: no IMAP change)
+        self.expunges_known_since = folder.expunges_known_since  # raised when old records are pruned
 
     def add(self, base: str, sub: str, filename: str, flags: str, keywords: tuple[str, ...], size: int,
             internaldate: int, uid: int | None = None, *, wire: int | None = None) -> Entry:
@@ -310,8 +321,20 @@ class Change:
             # RFC 7162 3.2.5.2: kept for VANISHED (EARLIER), with the mod-sequence of the expunge.
             await tx.executemany("INSERT OR REPLACE INTO expunged (folder_id, uid, modseq) VALUES (?, ?, ?)",
                                  [(f.id, e.uid, self.modseq) for e in self.removed])
-        await tx.execute("UPDATE folders SET uidnext = ?, highestmodseq = ? WHERE id = ?",
-                         (self.uidnext, self.modseq, f.id))
+            await self._prune_expunged(tx)
+        await tx.execute("UPDATE folders SET uidnext = ?, highestmodseq = ?, expunges_known_since = ? WHERE id = ?",
+                         (self.uidnext, self.modseq, self.expunges_known_since, f.id))
+
+    async def _prune_expunged(self, tx: aiosqlite.Connection) -> None:
+        """Keep the newest EXPUNGES_KEPT expunge records of the folder (whole mod-sequences: the
+        records above `expunges_known_since` must be every expunge there was)."""
+        async with tx.execute("SELECT modseq FROM expunged WHERE folder_id = ? ORDER BY modseq DESC LIMIT 1 OFFSET ?",
+                              (self.folder.id, EXPUNGES_KEPT)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return
+        await tx.execute("DELETE FROM expunged WHERE folder_id = ? AND modseq <= ?", (self.folder.id, row[0]))
+        self.expunges_known_since = max(self.expunges_known_since, row[0])
 
     def apply(self) -> None:
         """After the commit: the same changes in memory."""
@@ -338,8 +361,11 @@ class Change:
         if self.writes:
             f.uidnext = self.uidnext
             f.highestmodseq = self.modseq
+            f.expunges_known_since = self.expunges_known_since
         if self.added or self.removed:
             f.uidlist_stale = True
+        if self.removed:
+            f.uidlist_whole = True  # lines must go: only a rewrite removes them
         if self.pending:
             f.invalidate()
 

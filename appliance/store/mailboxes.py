@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -331,12 +332,31 @@ class OpenMailboxes:
             if f.deleted or not f.uidlist_stale:
                 return
             f.uidlist_stale = False
-            names = [(e.uid, e.base) for e in f.by_uid.values()]  # read at once: no await in between
             try:
-                await asyncio.to_thread(maildir.write_uidlist, f.path, f.uidvalidity, f.uidnext, names)
+                await self._uidlist_write_or_append(f)
             except OSError as exc:
-                f.uidlist_stale = True  # tried again after the next change
+                f.uidlist_stale = f.uidlist_whole = True  # written whole after the next change
                 log.warning("store: cannot write %s/dovecot-uidlist: %s", f.path, exc)
+
+    @staticmethod
+    async def _uidlist_write_or_append(f: FolderIndex) -> None:
+        """Only new messages since the last write (the common case: deliveries): their lines are
+        appended. Anything else rewrites the file (0.1 s for 100,000 messages). The state is read
+        without an await in between, so each write holds one consistent state."""
+        last_uid = next(reversed(f.by_uid), 0)
+        # A reader of the appended file takes UIDNEXT as the last UID + 1: append only while that is true.
+        if not f.uidlist_whole and f.uidlist_written is not None and f.uidnext == last_uid + 1:
+            fresh = list(itertools.takewhile(lambda e: e.uid > f.uidlist_last_uid, reversed(f.by_uid.values())))
+            names = [(e.uid, e.base) for e in reversed(fresh)]
+            stamp = await asyncio.to_thread(maildir.append_uidlist, f.path, names, f.uidlist_written)
+            if stamp is not None:
+                f.uidlist_written, f.uidlist_last_uid = stamp, last_uid
+                return
+            last_uid = next(reversed(f.by_uid), 0)  # changed by someone else: written whole, from now
+        f.uidlist_whole = False
+        names = [(e.uid, e.base) for e in f.by_uid.values()]
+        f.uidlist_written = await asyncio.to_thread(maildir.write_uidlist, f.path, f.uidvalidity, f.uidnext, names)
+        f.uidlist_last_uid = last_uid
 
     async def flush_uidlists(self) -> None:
         """Wait for the dovecot-uidlist writes under way (at stop, and in tests)."""

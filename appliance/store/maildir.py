@@ -25,7 +25,7 @@ import shutil
 import socket
 import string
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -296,17 +296,45 @@ def read_uidlist(folder: Path) -> UidList | None:
     return UidList(uidvalidity, uidnext, uids)
 
 
-def write_uidlist(folder: Path, uidvalidity: int, uidnext: int, names: Iterable[tuple[int, str]]) -> None:
+UidListStamp = tuple[int, int, int]  # (inode, size, mtime_ns) of the dovecot-uidlist last written
+
+
+def write_uidlist(folder: Path, uidvalidity: int, uidnext: int, names: Iterable[tuple[int, str]]) -> UidListStamp:
     """Dovecot's `dovecot-uidlist`, version 3, replaced atomically (a reader sees the old file or the
     new one): header `3 V<uidvalidity> N<uidnext> G<guid>`, then `<uid> :<unique name>` in UID order.
     Dovecot taking the Maildir back keeps UIDVALIDITY and every UID (issue 17). The folder's GUID
     (Dovecot's "mailbox GUID") of an existing file is kept. Not fsynced: after a crash the index (the reference) writes it again
-    at the folder's first use."""
+    at the folder's first use. Returns the stamp append_uidlist checks."""
     guid = _uidlist_guid(folder) or os.urandom(16).hex()
     text = f"3 V{uidvalidity} N{uidnext} G{guid}\n" + "".join(f"{uid} :{name}\n" for uid, name in names)
     tmp = folder / f"{UIDLIST_FILE}.{os.getpid()}.tmp"
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, folder / UIDLIST_FILE)
+    return _uidlist_stamp(os.stat(folder / UIDLIST_FILE))
+
+
+def append_uidlist(folder: Path, names: Sequence[tuple[int, str]], expected: UidListStamp) -> UidListStamp | None:
+    """Add lines for new messages (UIDs above every one in the file) at the end of the file, as
+    Dovecot itself does: a reader takes UIDNEXT as the larger of the header's N and the last UID + 1.
+    None, with nothing written, when the file is not the one last written (`expected`): the caller
+    then writes it whole. One write() with O_APPEND, so a reader sees whole lines or none of them."""
+    try:
+        fd = os.open(folder / UIDLIST_FILE, os.O_WRONLY | os.O_APPEND)
+    except FileNotFoundError:
+        return None
+    try:
+        if _uidlist_stamp(os.fstat(fd)) != expected:
+            return None
+        data = "".join(f"{uid} :{name}\n" for uid, name in names).encode("utf-8")
+        if os.write(fd, data) != len(data):
+            raise OSError(f"short write to {folder / UIDLIST_FILE}")
+        return _uidlist_stamp(os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
+def _uidlist_stamp(st: os.stat_result) -> UidListStamp:
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _uidlist_guid(folder: Path) -> str | None:

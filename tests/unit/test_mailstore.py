@@ -787,3 +787,78 @@ def test_missing_special_folders_are_made_again(tmp_path: Path) -> None:
         return {f.name for f in await store.folders(ALICE)}
 
     assert {"Sent", "Drafts", "Trash", "Junk"} <= run(tmp_path, second)
+
+
+# --- records kept for other programs and for QRESYNC ------------------------------------------------
+
+def test_uidlist_grows_by_appending_and_is_rewritten_after_an_expunge(tmp_path: Path) -> None:
+    """New messages only: their lines are appended to dovecot-uidlist (same file, earlier bytes
+    untouched). An expunge rewrites it without the removed lines; a file changed by someone else is
+    written whole, never appended to."""
+    uidlist = home(tmp_path) / "dovecot-uidlist"
+
+    async def body(store: MailStore) -> None:
+        for n in range(3):
+            await store.deliver([ALICE], MSG + str(n).encode())
+        await store.flush_uidlists()
+        first = uidlist.read_bytes()
+        inode = uidlist.stat().st_ino
+        for n in range(3, 5):
+            await store.deliver([ALICE], MSG + str(n).encode())
+        await store.flush_uidlists()
+        grown = uidlist.read_bytes()
+        assert uidlist.stat().st_ino == inode  # appended, not replaced
+        assert grown.startswith(first)
+        snap = await store.snapshot(ALICE, "INBOX")
+        names = [m.path.name.split(":")[0] for m in snap.messages]
+        assert grown[len(first):].decode() == f"4 :{names[3]}\n5 :{names[4]}\n"
+        # Dovecot's reader (ours follows it): UIDNEXT is the larger of N and the last UID + 1.
+        read = maildir.read_uidlist(uidlist.parent)
+        assert read is not None
+        assert (read.uidvalidity, read.uidnext, dict(read.uids)) == (snap.uidvalidity, 6, dict(zip(names, range(1, 6), strict=True)))
+
+        await store.expunge(ALICE, "INBOX", [2])
+        await store.flush_uidlists()
+        assert uidlist.stat().st_ino != inode
+        lines = uidlist.read_text().splitlines()
+        assert lines[0].startswith(f"3 V{snap.uidvalidity} N6 G")
+        assert lines[1:] == [f"{uid} :{names[uid - 1]}" for uid in (1, 3, 4, 5)]
+
+        uidlist.write_text(uidlist.read_text() + "99 :stranger\n")  # another program's change
+        await store.deliver([ALICE], MSG + b"6")
+        await store.flush_uidlists()
+        assert "stranger" not in uidlist.read_text()
+        assert uidlist.read_text().splitlines()[0].startswith(f"3 V{snap.uidvalidity} N7 G")
+
+    run(tmp_path, body)
+
+
+def test_old_expunge_records_are_pruned_and_answered_conservatively(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most EXPUNGES_KEPT records per folder: a client whose mod-sequence is newer than the
+    pruned ones gets the exact list; an older one is told the list is incomplete (the session then
+    reports every UID it may know that is gone, RFC 7162 3.2.5.2). Kept across a restart."""
+    from appliance.store import index
+
+    monkeypatch.setattr(index, "EXPUNGES_KEPT", 3)
+
+    async def body(store: MailStore) -> list[int]:
+        for n in range(6):
+            await store.deliver([ALICE], MSG + str(n).encode())
+        modseqs = []
+        for uid in range(1, 6):  # one expunge per mod-sequence
+            modseqs.append((await store.snapshot(ALICE, "INBOX")).highestmodseq)
+            await store.expunge(ALICE, "INBOX", [uid])
+        rows = await store._db.fetchall("SELECT uid FROM expunged ORDER BY uid")
+        assert [r[0] for r in rows] == [3, 4, 5]
+        assert await store.expunged_since(ALICE, "INBOX", modseqs[2]) == ([3, 4, 5], True)
+        assert await store.expunged_since(ALICE, "INBOX", modseqs[3]) == ([4, 5], True)
+        assert (await store.expunged_since(ALICE, "INBOX", modseqs[1]))[1] is False
+        return modseqs
+
+    modseqs = run(tmp_path, body)
+
+    async def after_restart(store: MailStore) -> None:
+        assert (await store.expunged_since(ALICE, "INBOX", modseqs[1]))[1] is False
+        assert await store.expunged_since(ALICE, "INBOX", modseqs[2]) == ([3, 4, 5], True)
+
+    run(tmp_path, after_restart)
