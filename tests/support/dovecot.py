@@ -122,8 +122,11 @@ service stats {{
         self.give_mail_to_dovecot()
         # The master daemonizes; its output goes to a file (a pipe would be held open by the daemon).
         with (self.root / "start.log").open("wb") as out:
-            subprocess.run([self.binary, "-c", str(self.conf)], check=True, stdout=out, stderr=out,
-                           stdin=subprocess.DEVNULL, timeout=30)
+            started = subprocess.run([self.binary, "-c", str(self.conf)], stdout=out, stderr=out,
+                                     stdin=subprocess.DEVNULL, timeout=30, check=False)
+        if started.returncode != 0:
+            output = (self.root / "start.log").read_text(errors="replace")
+            raise RuntimeError(f"dovecot exited {started.returncode}: {output} {self.log()}")
         deadline = time.monotonic() + START_TIMEOUT
         pidfile = self.root / "run" / "master.pid"
         while time.monotonic() < deadline:
