@@ -510,9 +510,25 @@ def _list(r: Reader, tag: str, name: str) -> Command:
         if not r.accept(b")"):
             returns = _rest_of_list(r, return_option)
         r.end()
+        _check_list_options(select, returns)
         return ListCommand(tag, name, reference, patterns, select, returns, extended, tuple(status_items))
     r.end()
+    _check_list_options(select, returns)
     return ListCommand(tag, name, reference, patterns, select, returns, extended)
+
+
+LIST_SELECT_OPTIONS = frozenset({"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"})
+LIST_RETURN_OPTIONS = frozenset({"SUBSCRIBED", "CHILDREN", "SPECIAL-USE", "STATUS"})
+
+
+def _check_list_options(select: tuple[str, ...], returns: tuple[str, ...]) -> None:
+    """RFC 5258 3: an unknown selection or return option is an error (BAD), and RECURSIVEMATCH needs
+    another selection option to apply to, REMOTE not counting (RFC 6154 adds SPECIAL-USE)."""
+    unknown = [o for o in select if o not in LIST_SELECT_OPTIONS] + [o for o in returns if o not in LIST_RETURN_OPTIONS]
+    if unknown:
+        raise ParseError(f"unknown LIST option {unknown[0][:40]}")
+    if "RECURSIVEMATCH" in select and not set(select) - {"RECURSIVEMATCH", "REMOTE"}:
+        raise ParseError("RECURSIVEMATCH needs another selection option")
 
 
 def _rest_of_list(r: Reader, item: Callable[[], str]) -> tuple[str, ...]:

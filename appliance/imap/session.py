@@ -13,7 +13,7 @@ import base64
 import binascii
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Generic, Literal, Protocol, TypeVar
 
@@ -52,6 +52,7 @@ from appliance.imap.commands import (
 from appliance.imap.errors import ImapBad, ImapError, ImapNo
 from appliance.imap.fetch_render import FetchRenderer
 from appliance.imap.limits import MAX_LIST_PATTERNS
+from appliance.imap.mime import base64_for_nul
 from appliance.imap.responses import (
     Bye,
     Continuation,
@@ -88,7 +89,7 @@ BASE_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE")
 AUTHENTICATED_CAPABILITIES = (
     "IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "UIDPLUS", "MOVE", "SPECIAL-USE",
     "NAMESPACE", "CHILDREN", "UNSELECT", "QUOTA", "CONDSTORE", "QRESYNC", "ESEARCH", "LIST-STATUS",
-    "STATUS=SIZE", "SORT", "MULTIAPPEND", "THREAD=REFERENCES", "BINARY", "COMPRESS=DEFLATE",
+    "STATUS=SIZE", "SORT", "MULTIAPPEND", "THREAD=REFERENCES", "BINARY", "COMPRESS=DEFLATE", "LIST-EXTENDED",
 )
 SERVER_ID = (("name", "Letterbox"), ("vendor", "Letterbox"))
 EXTERNAL_POLL = 60.0  # seconds between looks at the disk during IDLE
@@ -334,7 +335,7 @@ class ImapSession:
         expunged UIDs, then a FETCH of UID, FLAGS and MODSEQ for every message changed or added.
         With known UIDs, only those are reported."""
         out: list[Response] = []
-        vanished = await self._vanished(view, known.modseq, known.known_uids)
+        vanished = await self._vanished(view, known.modseq, known.known_uids, _still_numbered(view, known.seq_match))
         if vanished:
             out.append(Data("VANISHED (EARLIER) " + vanished))
         ranges = known.known_uids.merged(view.largest_uid) if known.known_uids is not None else None
@@ -344,21 +345,23 @@ class ImapSession:
                 out.append(view.flags_fetch(uid))
         return out
 
-    async def _vanished(self, view: SelectedFolder, modseq: int, within: SequenceSet | None) -> str:
-        """The UIDs expunged since `modseq` (within a UID set when given), as an IMAP set ('' for none)."""
+    async def _vanished(self, view: SelectedFolder, modseq: int, within: SequenceSet | None, above: int = 0) -> str:
+        """The UIDs expunged since `modseq` (within a UID set when given, and above the UID `above`,
+        below which nothing was expunged), as an IMAP set ('' for none)."""
         recorded, complete = await self.store.expunged_since(self.mailbox, view.name, modseq)
         present = set(view.uids) - view.gone
         largest = max(view.largest_uid, view.uidnext - 1)
         if complete:
-            uids = [u for u in recorded if u not in present]
+            uids = [u for u in recorded if u not in present and u > above]
             if within is not None:
                 uids = within.select(uids, view.largest_uid)
             return compact(uids)
-        # The record of expunges starts after `modseq`: every UID the folder no longer has may be one
-        # (RFC 7162 3.2.5.2 allows reporting UIDs expunged earlier, or never seen).
+        # The record of expunges starts after `modseq` (older records are pruned): every UID the
+        # folder no longer has may be one (RFC 7162 3.2.5.2 allows reporting UIDs expunged
+        # earlier, or never seen), narrowed by the known UIDs and the sequence match data.
         gaps: list[tuple[int, int]] = []
-        low = 1
-        for uid in sorted(present):
+        low = above + 1
+        for uid in sorted(u for u in present if u > above):
             if uid > low:
                 gaps.append((low, uid - 1))
             low = uid + 1
@@ -434,7 +437,7 @@ class ImapSession:
         subscribed = set(await self.store.subscriptions(self.mailbox)) if only_subscribed else set()
         pool = sorted(subscribed) if only_subscribed else list(by_name)
         job = _ListJob(command.reference, command.patterns, by_name, subscribed, only_subscribed, only_special,
-                       show_subscribed, lsub)
+                       show_subscribed, lsub, "RECURSIVEMATCH" in command.select)
         if len(pool) * len(command.patterns) > LIST_ON_LOOP:
             # Thousands of folders times many patterns is real CPU: off the event loop.
             entries = await asyncio.to_thread(job.entries, pool)
@@ -488,6 +491,11 @@ class ImapSession:
         messages = [(command.flags, command.date, command.message), *command.more]
         if not all(message for _, _, message in messages):
             raise ImapNo("Empty message", "CANNOT")
+        if any(b"\0" in message for _, _, message in messages):
+            # RFC 3516 4.4: binary content (literal8) holding NULs is kept as base64, which any
+            # literal can carry; BINARY[] still gives the octets back.
+            messages = [(flags, date, await asyncio.to_thread(base64_for_nul, message))
+                        for flags, date, message in messages]
         uids: list[int] = []
         uidvalidity = 0
         try:
@@ -608,6 +616,12 @@ class ImapSession:
         if doomed:
             expunged = await self.store.expunge(self.mailbox, view.name, doomed)
             await self.io.send(*view.expunged_by_us(expunged))
+            if expunged and self.qresync:
+                # RFC 7162 3.2.7 (EXPUNGE) and 3.2.9 (UID EXPUNGE): the folder's mod-sequence after
+                # the expunge, once every change up to it has been told (the sync before the OK).
+                await self.sync(allow_expunge=True)
+                await self.ok(command, code=f"HIGHESTMODSEQ {view.highestmodseq}")
+                return
         await self.ok(command)
 
     async def _matching(self, key: SearchKey, charset: str | None) -> list[Candidate]:
@@ -670,7 +684,7 @@ class ImapSession:
         if modseq:
             await self._condstore_on()
         if command.returns is not None:
-            await self.io.send(_esearch(command, numbers, max((c.modseq for c in found), default=0) if modseq else 0))
+            await self.io.send(_esearch(command, found, numbers, modseq))
             await self.ok(command)
             return
         text = "SEARCH" + "".join(f" {n}" for n in numbers)
@@ -828,10 +842,17 @@ def _may_expunge(command: Command) -> bool:
     return True
 
 
-def _esearch(command: Search, numbers: list[int], modseq: int) -> Response:
+def _esearch(command: Search, found: Sequence[Candidate], numbers: list[int], with_modseq: bool) -> Response:
     """RFC 4731 3.1: * ESEARCH (TAG "t") [UID] MIN n MAX n COUNT n ALL set; RETURN () means ALL.
-    MIN, MAX and ALL are left out when nothing matched; MODSEQ (RFC 7162 3.1.5) when asked for."""
+    MIN, MAX and ALL are left out when nothing matched; MODSEQ (RFC 7162 3.1.5) when the search
+    used one: the highest of the messages returned, which for MIN and/or MAX alone means only
+    those one or two (imaptest esearch-condstore, as Dovecot)."""
     options = command.returns or ("ALL",)
+    modseq = 0
+    if with_modseq and found:
+        returned = found if "ALL" in options or "COUNT" in options else [
+            c for c, wanted in ((found[0], "MIN" in options), (found[-1], "MAX" in options)) if wanted]
+        modseq = max(c.modseq for c in returned)
     parts = [f'ESEARCH (TAG "{command.tag}")']
     if command.uid:
         parts.append("UID")
@@ -847,6 +868,29 @@ def _esearch(command: Search, numbers: list[int], modseq: int) -> Response:
     if modseq:
         parts.append(f"MODSEQ {modseq}")
     return Data(" ".join(parts))
+
+
+def _still_numbered(view: SelectedFolder, seq_match: tuple[SequenceSet, SequenceSet] | None) -> int:
+    """RFC 7162 3.2.5.2 sequence match data: pairs of a message number and the UID the client had
+    there. While a UID still has the number the client gave it, no message below it was expunged
+    since (new messages only come above), so VANISHED (EARLIER) need not look below it. The largest
+    such UID, reading the pairs in order up to the first that no longer holds; 0 without data."""
+    if seq_match is None:
+        return 0
+    numbers, uids = (_members(s) for s in seq_match)
+    above = 0
+    for number, uid in zip(numbers, uids, strict=False):
+        if uid <= above or view.is_gone(uid) or uid not in view.infos or view.seq_of(uid) != number:
+            break
+        above = uid
+    return above
+
+
+def _members(seqset: SequenceSet) -> Iterator[int]:
+    """The numbers of a set in the client's order, lazily: the caller stops at the first mismatch,
+    so a set of billions of numbers costs no more than the folder's size."""
+    for low, high in seqset.bounds(0):
+        yield from range(low, high + 1)
 
 
 def _intersect(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -900,6 +944,7 @@ class _ListJob:
     only_special: bool
     show_subscribed: bool
     lsub: bool
+    recursive: bool = False  # RFC 5258 RECURSIVEMATCH
 
     def lines(self, pool: list[str]) -> list[str]:
         return [line for _, line in self.entries(pool)]
@@ -924,16 +969,29 @@ class _ListJob:
             for levels in (n.split(names.SEPARATOR) for n in pool if n not in matched)
             for i in range(1, len(levels))
         }
+        # RFC 5258 3.5 (RECURSIVEMATCH): a name the patterns match with a subscribed name below it
+        # that they do not match is listed with CHILDINFO, whether or not it is subscribed itself.
+        childinfo = unreached_parents & matched if self.recursive and self.only_subscribed else set()
         for name, exists in sorted(listed.items(), key=lambda item: _list_order(item[0])):
-            if name not in matched or (self.only_subscribed and not exists and name not in unreached_parents):
+            if name not in matched:
+                continue
+            if self.only_subscribed and not exists and name not in childinfo and not (
+                    self.lsub and name in unreached_parents):
                 continue
             info = self.by_name.get(name)
             if self.only_special and (info is None or info.special_use is None):
                 continue
-            attrs = _list_attributes(name, info, exists, name in parents, self.show_subscribed, self.lsub)
-            if info is None and name in self.subscribed and not self.lsub:
-                attrs = ["\\NonExistent", "\\Subscribed"]  # RFC 5258 3.4: subscribed, folder gone
-            out.append((name, f'{head} ({" ".join(attrs)}) "/" ' + encode_astring(name).decode("utf-8")))
+            # LSUB marks a level that is only implied \Noselect; LIST asks whether the folder exists.
+            selectable = exists if self.lsub else info is not None
+            attrs = _list_attributes(name, info, selectable, name in parents, self.show_subscribed, self.lsub)
+            if info is None and not self.lsub and (name in self.subscribed or name not in parents):
+                # RFC 5258 3.4: a subscribed name whose folder is gone (or a name only a subscription
+                # below it stands for).
+                attrs = ["\\NonExistent", *(["\\Subscribed"] if name in self.subscribed else [])]
+            line = f'{head} ({" ".join(attrs)}) "/" ' + encode_astring(name).decode("utf-8")
+            if name in childinfo:
+                line += ' ("CHILDINFO" ("SUBSCRIBED"))'
+            out.append((name, line))
         return out
 
 
