@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint unit peers bench clean
+.PHONY: run test lint unit peers bench clean image image-pi image-test image-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,29 @@ bench: $(STAMP)
 screenshots: $(STAMP) peers
 	UPDATE_SCREENSHOTS=1 $(BIN)/pytest -p no:cacheprovider tests/e2e/test_web_wizard.py tests/e2e/test_web_certificate.py \
 		tests/e2e/test_backup_web.py
+
+# The appliance images (image/README.md): Debian bookworm by mmdebstrap, Letterbox from this checkout's wheel.
+# The Debian base is cached in /var/cache/letterbox-image keyed by the package list; outputs go to image/out/.
+IMAGE_OUT := image/out
+image-deps:
+	@bash image/install-build-deps
+
+# amd64 VM image: raw (Proxmox, KVM, dd to a disk), qcow2 (virt-manager/Proxmox), vmdk (VMware, VirtualBox), raw.xz.
+image: $(STAMP) image-deps
+	PYTHON=$(BIN)/python bash image/build.sh amd64 $(IMAGE_OUT) --formats raw,qcow2,vmdk,xz
+
+# Raspberry Pi 4/5 (arm64, built under qemu-user): slow, a release job. Then its kernel and root file
+# system are booted under qemu-system-aarch64 -M virt to the wizard (the Pi firmware cannot be emulated).
+image-pi: $(STAMP)
+	@bash image/install-build-deps --arm64
+	PYTHON=$(BIN)/python bash image/build.sh arm64 $(IMAGE_OUT) --formats raw,xz
+	$(BIN)/python -m tests.image.pi_virt $(IMAGE_OUT)/letterbox-arm64.img
+
+# Build the amd64 image and boot it under qemu (TCG) from the host: wizard, mail in and out, reboot.
+image-test: $(STAMP) image-deps
+	PYTHON=$(BIN)/python bash image/build.sh amd64 $(IMAGE_OUT)/test
+	LETTERBOX_IMAGE=$(IMAGE_OUT)/test/letterbox-amd64.img $(BIN)/pytest -p no:cacheprovider -p no:randomly \
+		-o addopts="--strict-markers -ra" tests/image -v -s
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

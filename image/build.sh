@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Build the Letterbox appliance image: image/build.sh amd64|arm64 OUTDIR [--formats raw,qcow2,vmdk,xz]
+#
+# 1. the Debian bookworm base (mmdebstrap, no Docker), cached in $LETTERBOX_IMAGE_CACHE keyed by the
+#    package list, so only a changed list pays the download and install again;
+# 2. Letterbox from a wheel built from this checkout, with its dependencies' wheels, into the venv
+#    /opt/letterbox/venv (no network at first boot);
+# 3. image/overlay/ copied onto /, the services enabled, everything per-machine removed (first boot makes
+#    the machine-id, SSH host keys, the certificate and the secrets);
+# 4. the disk, without loop devices or mounts: ext4 made from the tree (mkfs.ext4 -d), FAT with mtools,
+#    GRUB's images written in place (amd64: GPT with BIOS boot + EFI system partitions, boots with
+#    BIOS and UEFI; arm64: MBR with the Raspberry Pi firmware's FAT boot partition).
+# Prints the build time and sizes; writes OUTDIR/letterbox-ARCH.img (+ the other formats asked for).
+set -euo pipefail
+ARCH=${1:?usage: build.sh amd64|arm64 OUTDIR [--formats raw,qcow2,...]}
+OUT=${2:?usage: build.sh amd64|arm64 OUTDIR}
+FORMATS=raw
+[[ ${3:-} == --formats ]] && FORMATS=${4:?}
+IMAGE_DIR=$(cd "$(dirname "$0")" && pwd)
+REPO=$(dirname "$IMAGE_DIR")
+CACHE=${LETTERBOX_IMAGE_CACHE:-/var/cache/letterbox-image}
+PYTHON=${PYTHON:-python3}  # a Python with pip, to build the wheels (the Makefile passes .venv/bin/python)
+VENV=/opt/letterbox/venv
+# shellcheck source=lib/base.sh
+source "$IMAGE_DIR/lib/base.sh"
+# shellcheck source=lib/disk.sh
+source "$IMAGE_DIR/lib/disk.sh"
+
+started=$SECONDS
+step() { printf '[image %4ds] %s\n' $((SECONDS - started)) "$*"; }
+mkdir -p "$CACHE" "$OUT"
+WORK=$(mktemp -d /var/tmp/letterbox-image.XXXXXX)
+ROOT=$WORK/root
+cleanup() { rm -rf "$WORK"; }
+trap cleanup EXIT
+
+# --- 1. the base system ------------------------------------------------------------------------------
+key=$(base_key "$ARCH")
+BASE=$CACHE/base-$ARCH-$key.tar
+(
+    # One build at a time makes a missing base; the others wait and then use it.
+    flock 9
+    if [[ ! -s $BASE ]]; then
+        step "base system $ARCH ($key) not cached: mmdebstrap $SUITE"
+        make_base "$ARCH" "$BASE.partial"
+        mv "$BASE.partial" "$BASE"
+        find "$CACHE" -maxdepth 1 -name "base-$ARCH-*.tar" ! -name "$(basename "$BASE")" -delete
+    fi
+) 9>"$CACHE/base-$ARCH.lock"
+step "base system $ARCH: $BASE"
+mkdir "$ROOT"
+tar --numeric-owner --xattrs --xattrs-include='*' -C "$ROOT" -xpf "$BASE"
+
+# --- 2. Letterbox and its dependencies -------------------------------------------------------------
+WHEELS=$WORK/wheels
+step "wheels from $REPO"
+"$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$WHEELS" "$REPO"
+if [[ $ARCH != amd64 ]]; then
+    # Pure-Python wheels serve every architecture; the compiled ones are fetched again for aarch64.
+    for whl in "$WHEELS"/*.whl; do
+        [[ $whl == *-none-any.whl ]] && continue
+        name=$(basename "$whl" | cut -d- -f1-2 | sed 's/-/==/')
+        rm "$whl"
+        "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+            --python-version 3.11 --implementation cp \
+            --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 \
+            --dest "$WHEELS" "$name"
+    done
+fi
+version=$(basename "$(ls "$WHEELS"/letterbox-*.whl)" | cut -d- -f2)
+step "Letterbox $version into $VENV"
+mkdir -p "$ROOT/tmp/wheels"
+cp "$WHEELS"/*.whl "$ROOT/tmp/wheels/"
+chroot "$ROOT" python3 -m venv "$VENV"
+chroot "$ROOT" "$VENV/bin/pip" install --quiet --no-index --no-cache-dir --disable-pip-version-check \
+    --find-links /tmp/wheels letterbox
+rm -rf "$ROOT/tmp/wheels"
+ln -sf "$VENV/bin/letterbox" "$ROOT/usr/local/bin/letterbox"
+
+# --- 3. the system ---------------------------------------------------------------------------------
+step "system configuration"
+cp -a --no-preserve=ownership "$IMAGE_DIR/overlay/." "$ROOT/"
+# shellcheck source=lib/configure.sh
+source "$IMAGE_DIR/lib/configure.sh"
+configure_system "$ARCH" "$ROOT"
+check_nothing_unique "$ROOT"
+
+# --- 4. the disk -----------------------------------------------------------------------------------
+name=letterbox-$ARCH
+step "disk image ($ARCH)"
+if [[ $ARCH == amd64 ]]; then
+    make_disk_amd64 "$ROOT" "$WORK" "$OUT/$name.img"
+else
+    make_disk_arm64 "$ROOT" "$WORK" "$OUT/$name.img"
+fi
+IFS=, read -ra formats <<<"$FORMATS"
+for format in "${formats[@]}"; do
+    case $format in
+        raw) ;;
+        qcow2) qemu-img convert -O qcow2 "$OUT/$name.img" "$OUT/$name.qcow2" ;;
+        vmdk) qemu-img convert -O vmdk -o subformat=streamOptimized "$OUT/$name.img" "$OUT/$name.vmdk" ;;
+        xz) xz -T0 -6 -k -f "$OUT/$name.img" ;;
+        *) echo "unknown format $format" >&2; exit 2 ;;
+    esac
+done
+step "done: Letterbox $version, $ARCH"
+for f in "$OUT/$name".*; do
+    printf '  %-40s %5d MB\n' "$(basename "$f")" $(( $(stat -c %s "$f") / 1000000 ))
+done
+echo "build time: $((SECONDS - started)) s"

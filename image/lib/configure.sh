@@ -1,0 +1,71 @@
+# Sourced by image/build.sh: the system settings of the image, and the check that nothing in it is
+# per-machine (every box makes its own identity at first boot).
+# shellcheck shell=bash
+
+configure_system() {
+    local arch=$1 root=$2
+    echo letterbox >"$root/etc/hostname"
+    printf '127.0.0.1\tlocalhost\n127.0.1.1\tletterbox.local letterbox\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
+        >"$root/etc/hosts"
+    ln -sf /usr/share/zoneinfo/Etc/UTC "$root/etc/localtime"
+    echo Etc/UTC >"$root/etc/timezone"
+    ln -sf ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
+
+    # The service user; the data directory is made empty: the box makes its secrets and certificate
+    # at its first start.
+    chroot "$root" useradd --system --user-group --home-dir /var/lib/letterbox --no-create-home \
+        --shell /usr/sbin/nologin letterbox
+    chroot "$root" install -d -m 0750 -o letterbox -g letterbox /var/lib/letterbox
+    if [[ ! -f $root/etc/systemd/system/letterbox.service ]]; then
+        # Until image/overlay/etc/systemd/system/letterbox.service exists (hardened, with updates and
+        # rollback), a plain unit, so that the image can be built and tested meanwhile.
+        echo "WARNING: no image/overlay/etc/systemd/system/letterbox.service: using a plain unit" >&2
+        cat >"$root/etc/systemd/system/letterbox.service" <<UNIT
+[Unit]
+Description=Letterbox mail server
+After=network.target
+[Service]
+User=letterbox
+ExecStart=$VENV/bin/letterbox --data /var/lib/letterbox serve
+AmbientCapabilities=CAP_NET_BIND_SERVICE
+Restart=on-failure
+[Install]
+WantedBy=multi-user.target
+UNIT
+    fi
+
+    # DHCP by systemd-networkd (the .network file is in the overlay), names by systemd-resolved
+    # (its own mDNS off: avahi answers for letterbox.local).
+    systemctl --root="$root" enable systemd-networkd.service systemd-resolved.service systemd-timesyncd.service \
+        avahi-daemon.service letterbox.service letterbox-firstboot.service letterbox-growroot.service \
+        letterbox-swapfile.service letterbox-issue.path letterbox-issue.service >/dev/null 2>&1
+    # SSH stays off until the admin turns it on (its host keys are made at first boot all the same).
+    systemctl --root="$root" disable ssh.service >/dev/null 2>&1 || true
+    # Nothing at boot waits for the network beyond a first address on any link.
+    systemctl --root="$root" mask systemd-networkd-wait-online.service >/dev/null 2>&1
+
+    # Unattended Debian security upgrades (the origins are Debian's defaults: the security archive).
+    printf 'APT::Periodic::Update-Package-Lists "1";\nAPT::Periodic::Unattended-Upgrade "1";\n' \
+        >"$root/etc/apt/apt.conf.d/20auto-upgrades"
+    mkdir -p "$root/var/log/journal"  # persistent journal, capped in journald.conf.d
+
+    # Per-machine state out: first boot makes it (systemd: an empty machine-id means first boot).
+    : >"$root/etc/machine-id"
+    rm -f "$root/var/lib/dbus/machine-id" "$root/var/lib/systemd/random-seed" \
+        "$root/var/lib/systemd/credential.secret" "$root"/etc/ssh/ssh_host_*
+    rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/debconf/*-old \
+        "$root"/var/log/*.log "$root/var/log/apt"/* "$root"/tmp/* "$root"/root/.cache
+}
+
+# Fail the build if anything that must differ between two boxes is in the image.
+check_nothing_unique() {
+    local root=$1 bad=()
+    [[ -s $root/etc/machine-id ]] && bad+=("/etc/machine-id is not empty")
+    compgen -G "$root/etc/ssh/ssh_host_*" >/dev/null && bad+=("SSH host keys in /etc/ssh")
+    [[ -n $(ls -A "$root/var/lib/letterbox") ]] && bad+=("/var/lib/letterbox is not empty")
+    [[ -e $root/var/lib/systemd/random-seed ]] && bad+=("a random seed")
+    if ((${#bad[@]})); then
+        printf 'image would not be unique per machine: %s\n' "${bad[@]}" >&2
+        return 1
+    fi
+}

@@ -1,0 +1,110 @@
+# Sourced by image/build.sh: the disk image from the root tree, with no loop device and no mount.
+# shellcheck shell=bash
+
+MIB=1048576
+KERNEL_ARGS_AMD64="ro console=tty0 console=ttyS0,115200n8"
+
+# make_rootfs ROOT FILE LABEL UUID: an ext4 of the tree, as small as it goes plus room for the first
+# boot (it grows to fill the disk right after).
+make_rootfs() {
+    local root=$1 file=$2 label=$3 uuid=$4 used size
+    used=$(du -s --block-size=$MIB "$root" | cut -f1)
+    size=$((used * 110 / 100 + 100))  # ext4's own metadata, and about 64 MiB free
+    until mkfs.ext4 -q -F -L "$label" -U "$uuid" -m 1 -d "$root" "$file" "${size}M" 2>"$file.log"; do
+        grep -q 'Could not allocate\|No space left' "$file.log" || { cat "$file.log" >&2; return 1; }
+        size=$((size * 5 / 4))
+        rm -f "$file"
+    done
+    rm -f "$file.log"
+}
+
+grub_early_config() {
+    printf 'search --no-floppy --fs-uuid --set=root %s\nset prefix=($root)/boot/grub\n' "$1"
+}
+
+grub_config() {
+    local uuid=$1
+    cat <<CFG
+# Static on purpose: /vmlinuz and /initrd.img are the symlinks Debian keeps on the newest kernel, so a
+# kernel upgrade needs no update-grub (the image has no GRUB package: GRUB's images sit on the disk).
+serial --unit=0 --speed=115200
+terminal_input console serial
+terminal_output console serial
+set timeout=1
+set default=0
+menuentry "Letterbox" {
+    linux /vmlinuz root=UUID=$uuid $KERNEL_ARGS_AMD64
+    initrd /initrd.img
+}
+menuentry "Letterbox (previous kernel)" {
+    linux /vmlinuz.old root=UUID=$uuid $KERNEL_ARGS_AMD64
+    initrd /initrd.img.old
+}
+CFG
+}
+
+# amd64: GPT with a BIOS boot partition (GRUB's core.img), an EFI system partition (BOOTX64.EFI at the
+# removable-media path, so no NVRAM entry is needed) and the root file system.
+make_disk_amd64() {
+    local root=$1 work=$2 out=$3 uuid modules
+    uuid=$(cat /proc/sys/kernel/random/uuid)
+    mkdir -p "$root/boot/grub"
+    for platform in i386-pc x86_64-efi; do
+        mkdir -p "$root/boot/grub/$platform"
+        cp /usr/lib/grub/$platform/*.mod /usr/lib/grub/$platform/*.lst "$root/boot/grub/$platform/"
+    done
+    grub_config "$uuid" >"$root/boot/grub/grub.cfg"
+    printf 'UUID=%s\t/\text4\terrors=remount-ro,noatime\t0\t1\n' "$uuid" >"$root/etc/fstab"
+    grub_early_config "$uuid" >"$work/early.cfg"
+    modules="part_gpt part_msdos ext2 search search_fs_uuid normal configfile linux echo test serial terminal"
+    # shellcheck disable=SC2086
+    grub-mkimage -O i386-pc -o "$work/core.img" -c "$work/early.cfg" -p /boot/grub biosdisk $modules
+    # shellcheck disable=SC2086
+    grub-mkimage -O x86_64-efi -o "$work/BOOTX64.EFI" -c "$work/early.cfg" -p /boot/grub fat efi_gop $modules
+
+    make_rootfs "$root" "$work/root.ext4" letterbox-root "$uuid"
+    rm -f "$work/esp.img"
+    mkfs.vfat -C -F 32 -n LBXEFI "$work/esp.img" $((64 * 1024)) >/dev/null
+    mmd -i "$work/esp.img" ::/EFI ::/EFI/BOOT
+    mcopy -i "$work/esp.img" "$work/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
+
+    local root_sectors=$(( $(stat -c %s "$work/root.ext4") / 512 ))
+    local root_start=$(( (2 + 64 + 1) * 2048 ))  # 1 MiB gap, 1 MiB BIOS boot, 64 MiB ESP
+    rm -f "$out"
+    truncate -s $(( (root_start + root_sectors + 2048) * 512 )) "$out"
+    sfdisk --quiet "$out" <<TABLE
+label: gpt
+start=2048, size=2048, type=21686148-6449-6E6F-744E-656564454649, name="bios"
+start=4096, size=$((64 * 2048)), type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name="esp"
+start=$root_start, size=$root_sectors, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name="root"
+TABLE
+    dd if="$work/esp.img" of="$out" bs=$MIB seek=2 conv=notrunc,sparse status=none
+    dd if="$work/root.ext4" of="$out" bs=$MIB seek=$((root_start / 2048)) conv=notrunc,sparse status=none
+    python3 "$IMAGE_DIR/lib/bios_boot.py" "$out" /usr/lib/grub/i386-pc/boot.img "$work/core.img" 2048
+}
+
+# arm64 (Raspberry Pi 4/5): MBR, the firmware's FAT partition (/boot/firmware: firmware, kernel, initrd,
+# device trees, config.txt and cmdline.txt as Debian's raspi-firmware writes them) and the root.
+make_disk_arm64() {
+    local root=$1 work=$2 out=$3 uuid
+    uuid=$(cat /proc/sys/kernel/random/uuid)
+    printf 'LABEL=RASPIROOT\t/\text4\terrors=remount-ro,noatime\t0\t1\nLABEL=RASPIFIRM\t/boot/firmware\tvfat\tdefaults,noatime\t0\t2\n' \
+        >"$root/etc/fstab"
+    local boot_mib=384
+    rm -f "$work/boot.img"
+    mkfs.vfat -C -F 32 -n RASPIFIRM "$work/boot.img" $((boot_mib * 1024)) >/dev/null
+    mcopy -s -i "$work/boot.img" "$root"/boot/firmware/* ::/
+    rm -rf "${root:?}"/boot/firmware/*
+    make_rootfs "$root" "$work/root.ext4" RASPIROOT "$uuid"
+    local root_sectors=$(( $(stat -c %s "$work/root.ext4") / 512 ))
+    local root_start=$(( (4 + boot_mib) * 2048 ))
+    rm -f "$out"
+    truncate -s $(( (root_start + root_sectors) * 512 )) "$out"
+    sfdisk --quiet "$out" <<TABLE
+label: dos
+start=8192, size=$((boot_mib * 2048)), type=c, bootable
+start=$root_start, size=$root_sectors, type=83
+TABLE
+    dd if="$work/boot.img" of="$out" bs=$MIB seek=4 conv=notrunc,sparse status=none
+    dd if="$work/root.ext4" of="$out" bs=$MIB seek=$((root_start / 2048)) conv=notrunc,sparse status=none
+}

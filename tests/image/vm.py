@@ -1,0 +1,345 @@
+"""Boot a Letterbox appliance image under qemu (TCG, no KVM here) and drive it from the host.
+
+Used by the VM tests in tests/image/ (run by `make image-test`, never collected by `make test`; see
+conftest.py there). Usage:
+
+    from tests.image.vm import Vm, built_image
+
+    image = built_image()                   # the raw disk image from $LETTERBOX_IMAGE (make image-test sets it)
+    with Vm(image, tmp_path) as vm:         # copy-on-write overlay in tmp_path (4 GiB): the image is not changed
+        vm.start()                          # qemu-system-x86_64, user networking, host forwards (BIOS; uefi=True: OVMF)
+        seconds = vm.wait_for_wizard()      # until https answers the wizard; seconds since qemu started
+        vm.port(443)                        # the 127.0.0.1 port forwarded to the guest's 443 (also 25, 80, 993...)
+        out = vm.run("letterbox --version") # a root shell command in the guest (qemu guest agent); raises on exit != 0
+        vm.run("false", check=False).exit_code
+        vm.write_file("/tmp/new.whl", data) # bytes into a guest file (guest agent)
+        vm.reboot()                         # clean reboot from inside; then wait_for_wizard() again
+        vm.shutdown()                       # clean poweroff (also done, or qemu killed, on leaving the `with`)
+    vm.console_log()                        # the serial console so far (attach it to failures: vm.failure_report())
+
+Every wait has a generous deadline and fails with the console log attached: this runs in CI on a busy
+two-core machine, and a slow boot must not be mistaken for a broken one.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+GUEST_PORTS = (22, 25, 80, 110, 143, 443, 465, 587, 993, 995)
+BOOT_TIMEOUT = float(os.environ.get("LETTERBOX_VM_BOOT_TIMEOUT", "600"))  # TCG on a shared machine
+COMMAND_TIMEOUT = 300.0
+OVERLAY_SIZE = "4G"  # bigger than the image: first boot grows the root file system into it
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
+
+
+@dataclass(frozen=True)
+class DirectBoot:
+    """Boot a kernel and initrd given by the host instead of the disk's boot loader (the Raspberry Pi
+    image under `-M virt`: the Pi firmware itself cannot be emulated)."""
+
+    kernel: Path
+    initrd: Path
+    append: str
+    arch: str = "aarch64"
+    cpu: str = "cortex-a72"
+
+
+class VmError(AssertionError):
+    """A VM step failed; the message ends with the tail of the serial console."""
+
+
+@dataclass(frozen=True)
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def built_image() -> Path:
+    path = os.environ.get("LETTERBOX_IMAGE", "")
+    if not path or not Path(path).is_file():
+        raise VmError(f"LETTERBOX_IMAGE={path!r} is not a built image: run `make image-test`")
+    return Path(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def unverified_tls() -> ssl.SSLContext:
+    """The box's first certificate is self-signed (made at first boot): the test checks it differs per
+    box, it cannot be verified against anything."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class Vm:
+    def __init__(self, image: Path, workdir: Path, *, uefi: bool = False, memory_mb: int = 1024,
+                 name: str = "vm", direct_boot: DirectBoot | None = None) -> None:
+        self.image = image
+        self.direct_boot = direct_boot
+        self.dir = workdir / name
+        self.uefi = uefi
+        self.memory_mb = memory_mb
+        self.ports = {guest: free_port() for guest in GUEST_PORTS}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.disk = self.dir / "disk.qcow2"
+        self.console = self.dir / "console.log"
+        self.qga_socket = self.dir / "qga.sock"
+        self.qmp_socket = self.dir / "qmp.sock"
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def port(self, guest_port: int) -> int:
+        return self.ports[guest_port]
+
+    def command_line(self) -> list[str]:
+        forwards = ",".join(f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in self.ports.items())
+        if self.direct_boot is None:
+            machine = ["qemu-system-x86_64", "-machine", "q35", "-cpu", "max"]
+        else:
+            boot = self.direct_boot
+            machine = [f"qemu-system-{boot.arch}", "-machine", "virt", "-cpu", boot.cpu,
+                       "-kernel", str(boot.kernel), "-initrd", str(boot.initrd), "-append", boot.append]
+        cmd = [
+            *machine, "-accel", "tcg,thread=multi", "-smp", "2", "-m", str(self.memory_mb), "-display", "none", "-no-user-config",
+            "-drive", f"file={self.disk},if=virtio,format=qcow2,discard=unmap",
+            "-netdev", f"user,id=n0,{forwards}", "-device", "virtio-net-pci,netdev=n0",
+            "-object", "rng-random,filename=/dev/urandom,id=rng0", "-device", "virtio-rng-pci,rng=rng0",
+            "-chardev", f"socket,path={self.qga_socket},server=on,wait=off,id=qga0",
+            "-device", "virtio-serial", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+            "-serial", f"file:{self.console}",
+        ]
+        if self.uefi:
+            vars_copy = self.dir / "OVMF_VARS.fd"
+            if not vars_copy.exists():
+                shutil.copyfile(OVMF_VARS, vars_copy)
+            cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                    "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
+        return cmd
+
+    def start(self) -> None:
+        """Boot. The overlay is made on the first start only: a second start is the same machine."""
+        if not self.disk.exists():
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(self.image.resolve()),
+                            str(self.disk), OVERLAY_SIZE], check=True)
+        self.console.touch()
+        self.process = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.started_at = time.monotonic()
+
+    def stop(self) -> None:
+        """Power off cleanly if the guest still answers, else end qemu."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            with contextlib.suppress(OSError, VmError):
+                self._qmp("system_powerdown")
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def shutdown(self) -> None:
+        self.stop()
+
+    def reboot(self) -> None:
+        """A reboot from inside the guest (what an admin or an update does); qemu keeps running."""
+        self.run("systemctl reboot", check=False, timeout=30)
+        # Wait until the guest has really gone down, so a later wait does not see the old boot.
+        self._wait(lambda: not self._https_answers(timeout=2.0), 180, "the guest to go down for the reboot")
+        self.started_at = time.monotonic()
+
+    # --- waiting -----------------------------------------------------------------------------------
+    def console_log(self) -> str:
+        try:
+            return self.console.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def failure_report(self, what: str) -> str:
+        qemu_out = ""
+        if self.process is not None and self.process.poll() is not None and self.process.stdout is not None:
+            qemu_out = f"\nqemu exited with {self.process.returncode}: {self.process.stdout.read().decode(errors='replace')}"
+        tail = self.console_log()[-12000:]
+        return f"{what}{qemu_out}\n----- serial console of {self.dir.name} (last 12000 chars) -----\n{tail}"
+
+    def _wait(self, ready: Any, timeout: float, what: str) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise VmError(self.failure_report(f"qemu stopped while waiting for {what}"))
+            if ready():
+                return time.monotonic() - self.started_at
+            time.sleep(1.0)
+        raise VmError(self.failure_report(f"timed out after {timeout:.0f} s waiting for {what}"))
+
+    def _https_answers(self, timeout: float = 5.0) -> bool:
+        try:
+            status, _, _ = self.https_get("/setup", timeout=timeout)
+        except (OSError, http.client.HTTPException):
+            return False
+        return status in (200, 302, 303, 307)
+
+    def wait_for_wizard(self, timeout: float = BOOT_TIMEOUT) -> float:
+        """Seconds from qemu's start (or the reboot) until the web console answers over HTTPS."""
+        return self._wait(self._https_answers, timeout, "the web console (https) to answer")
+
+    # --- HTTP(S) through the forwards ----------------------------------------------------------------
+    def http_get(self, path: str, *, timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port(80), timeout=timeout)
+        return _request(conn, path)
+
+    def https_get(self, path: str, *, timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port(443), timeout=timeout, context=unverified_tls())
+        return _request(conn, path)
+
+    def certificate(self, guest_port: int = 443) -> bytes:
+        """The DER certificate the box presents on a TLS port."""
+        with socket.create_connection(("127.0.0.1", self.port(guest_port)), timeout=30) as raw, \
+                unverified_tls().wrap_socket(raw) as tls:
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return der
+
+    # --- commands in the guest (qemu guest agent) ---------------------------------------------------
+    @contextlib.contextmanager
+    def _agent(self, timeout: float) -> Iterator[_Channel]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(self.qga_socket))
+            channel = _Channel(sock)
+            channel.sync()
+            yield channel
+        finally:
+            sock.close()
+
+    def wait_for_agent(self, timeout: float = BOOT_TIMEOUT) -> float:
+        def answers() -> bool:
+            try:
+                with self._agent(timeout=5.0):
+                    return True
+            except (OSError, VmError, ValueError):
+                return False
+        return self._wait(answers, timeout, "the qemu guest agent")
+
+    def run(self, command: str, *, check: bool = True, timeout: float = COMMAND_TIMEOUT,
+            stdin: bytes | None = None) -> Result:
+        """`sh -c COMMAND` as root in the guest; waits for the agent first (it starts with the guest)."""
+        self.wait_for_agent()
+        args: dict[str, Any] = {"path": "/bin/sh", "arg": ["-c", command], "capture-output": True}
+        if stdin is not None:
+            args["input-data"] = base64.b64encode(stdin).decode()
+        with self._agent(timeout=30.0) as agent:
+            pid = agent.call("guest-exec", args)["pid"]
+            deadline = time.monotonic() + timeout
+            while True:
+                status = agent.call("guest-exec-status", {"pid": pid})
+                if status.get("exited"):
+                    break
+                if time.monotonic() > deadline:
+                    raise VmError(self.failure_report(f"`{command}` did not finish in {timeout:.0f} s"))
+                time.sleep(0.3)
+        result = Result(status.get("exitcode", -1), _b64(status.get("out-data")), _b64(status.get("err-data")))
+        if check and result.exit_code != 0:
+            raise VmError(f"`{command}` in the guest exited {result.exit_code}:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def write_file(self, path: str, data: bytes) -> None:
+        self.run(f"cat > {path}", stdin=data)
+
+    # --- qemu monitor --------------------------------------------------------------------------------
+    def _qmp(self, command: str) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.qmp_socket))
+            reader = sock.makefile("rb")
+            reader.readline()  # greeting
+            for message in ({"execute": "qmp_capabilities"}, {"execute": command}):
+                sock.sendall(json.dumps(message).encode() + b"\n")
+                while b'"return"' not in (line := reader.readline()) and b'"error"' not in line:
+                    if not line:
+                        raise VmError("qemu monitor closed")
+
+
+class _Channel:
+    """The guest agent's JSON protocol: a sync with a 0xFF marker first throws away replies meant for an
+    earlier client (qemu keeps the virtio port open across connections)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def sync(self) -> None:
+        token = int.from_bytes(os.urandom(4), "big") >> 1
+        self.sock.sendall(b"\xff" + json.dumps({"execute": "guest-sync-delimited", "arguments": {"id": token}}).encode())
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise VmError("guest agent closed")
+            self.buffer += chunk
+            if b"\xff" in self.buffer:
+                self.buffer = self.buffer[self.buffer.rindex(b"\xff") + 1:]
+                reply = self._reply()
+                if reply == token:
+                    return
+
+    def _reply(self) -> Any:
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise VmError("guest agent closed")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        message = json.loads(line)
+        if "error" in message:
+            raise VmError(f"guest agent: {message['error']}")
+        return message.get("return")
+
+    def call(self, command: str, arguments: dict[str, Any]) -> Any:
+        self.sock.sendall(json.dumps({"execute": command, "arguments": arguments}).encode())
+        return self._reply()
+
+
+def _request(conn: http.client.HTTPConnection, path: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def _b64(text: str | None) -> str:
+    return base64.b64decode(text).decode(errors="replace") if text else ""
