@@ -20,7 +20,8 @@ IMAGE_DIR=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$IMAGE_DIR")
 CACHE=${LETTERBOX_IMAGE_CACHE:-/var/cache/letterbox-image}
 PYTHON=${PYTHON:-python3}  # a Python with pip, to build the wheels (the Makefile passes .venv/bin/python)
-VENV=/opt/letterbox/venv
+PREFIX=/opt/letterbox  # venv-<version>/, and venv -> the one in force (as letterbox-update keeps it)
+DATA=/var/lib/letterbox/data
 # shellcheck source=lib/base.sh
 source "$IMAGE_DIR/lib/base.sh"
 # shellcheck source=lib/disk.sh
@@ -52,22 +53,36 @@ mkdir "$ROOT"
 tar --numeric-owner --xattrs --xattrs-include='*' -C "$ROOT" -xpf "$BASE"
 
 # --- 2. Letterbox and its dependencies -------------------------------------------------------------
+# Letterbox's own wheel is built each time; its dependencies' wheels are cached by pyproject.toml.
 WHEELS=$WORK/wheels
-step "wheels from $REPO"
-"$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$WHEELS" "$REPO"
-if [[ $ARCH != amd64 ]]; then
-    # Pure-Python wheels serve every architecture; the compiled ones are fetched again for aarch64.
-    for whl in "$WHEELS"/*.whl; do
-        [[ $whl == *-none-any.whl ]] && continue
-        name=$(basename "$whl" | cut -d- -f1-2 | sed 's/-/==/')
-        rm "$whl"
-        "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-            --python-version 3.11 --implementation cp \
-            --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 \
-            --dest "$WHEELS" "$name"
-    done
+DEPS=$CACHE/wheels-$ARCH-$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)
+pip_quiet() {  # pip, without the notes this machine's pip.conf makes about absent local indexes
+    "$PYTHON" -m pip "$@" --quiet --disable-pip-version-check 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+}
+step "wheel of $REPO"
+pip_quiet wheel --no-deps --wheel-dir "$WHEELS" "$REPO"
+if [[ ! -d $DEPS ]]; then
+    step "dependency wheels ($ARCH) not cached: $DEPS"
+    rm -rf "$DEPS.partial"
+    pip_quiet wheel --wheel-dir "$DEPS.partial" "$REPO"
+    rm -f "$DEPS.partial"/letterbox-*.whl
+    if [[ $ARCH != amd64 ]]; then
+        # Pure-Python wheels serve every architecture; the compiled ones are fetched again for aarch64.
+        for whl in "$DEPS.partial"/*.whl; do
+            [[ $whl == *-none-any.whl ]] && continue
+            name=$(basename "$whl" | cut -d- -f1-2 | sed 's/-/==/')
+            rm "$whl"
+            pip_quiet download --no-deps --only-binary=:all: --python-version 3.11 --implementation cp \
+                --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 \
+                --platform manylinux2014_aarch64 --dest "$DEPS.partial" "$name"
+        done
+    fi
+    mv "$DEPS.partial" "$DEPS"
+    find "$CACHE" -maxdepth 1 -name "wheels-$ARCH-*" ! -name "$(basename "$DEPS")" -exec rm -rf {} +
 fi
+cp "$DEPS"/*.whl "$WHEELS/"
 version=$(basename "$(ls "$WHEELS"/letterbox-*.whl)" | cut -d- -f2)
+VENV=$PREFIX/venv-$version
 step "Letterbox $version into $VENV"
 mkdir -p "$ROOT/tmp/wheels"
 cp "$WHEELS"/*.whl "$ROOT/tmp/wheels/"
@@ -75,7 +90,8 @@ chroot "$ROOT" python3 -m venv "$VENV"
 chroot "$ROOT" "$VENV/bin/pip" install --quiet --no-index --no-cache-dir --disable-pip-version-check \
     --find-links /tmp/wheels letterbox
 rm -rf "$ROOT/tmp/wheels"
-ln -sf "$VENV/bin/letterbox" "$ROOT/usr/local/bin/letterbox"
+ln -sfn "venv-$version" "$ROOT$PREFIX/venv"
+ln -sf "$PREFIX/venv/bin/letterbox" "$ROOT/usr/local/bin/letterbox"
 
 # --- 3. the system ---------------------------------------------------------------------------------
 step "system configuration"

@@ -15,7 +15,7 @@ configure_system() {
     # at its first start.
     chroot "$root" useradd --system --user-group --home-dir /var/lib/letterbox --no-create-home \
         --shell /usr/sbin/nologin letterbox
-    chroot "$root" install -d -m 0750 -o letterbox -g letterbox /var/lib/letterbox
+    chroot "$root" install -d -m 0700 -o letterbox -g letterbox /var/lib/letterbox
     if [[ ! -f $root/etc/systemd/system/letterbox.service ]]; then
         # Until image/overlay/etc/systemd/system/letterbox.service exists (hardened, with updates and
         # rollback), a plain unit, so that the image can be built and tested meanwhile.
@@ -26,7 +26,7 @@ Description=Letterbox mail server
 After=network.target
 [Service]
 User=letterbox
-ExecStart=$VENV/bin/letterbox --data /var/lib/letterbox serve
+ExecStart=$PREFIX/venv/bin/letterbox --data $DATA serve
 AmbientCapabilities=CAP_NET_BIND_SERVICE
 Restart=on-failure
 [Install]
@@ -37,17 +37,28 @@ UNIT
     # DHCP by systemd-networkd (the .network file is in the overlay), names by systemd-resolved
     # (its own mDNS off: avahi answers for letterbox.local).
     systemctl --root="$root" enable systemd-networkd.service systemd-resolved.service systemd-timesyncd.service \
-        avahi-daemon.service letterbox.service letterbox-firstboot.service letterbox-growroot.service \
-        letterbox-swapfile.service letterbox-issue.path letterbox-issue.service >/dev/null 2>&1
+        avahi-daemon.service >/dev/null 2>&1
+    # Every unit of the overlay that says where it belongs (letterbox.service, the first-boot units,
+    # letterbox-update.path...).
+    local unit
+    for unit in "$IMAGE_DIR"/overlay/etc/systemd/system/*.{service,path,timer,socket} "$root/etc/systemd/system/letterbox.service"; do
+        if [[ -f $unit ]] && grep -q '^\[Install\]' "$unit"; then
+            systemctl --root="$root" enable "$(basename "$unit")" >/dev/null 2>&1
+        fi
+    done
     # SSH stays off until the admin turns it on (its host keys are made at first boot all the same).
     systemctl --root="$root" disable ssh.service >/dev/null 2>&1 || true
-    # Nothing at boot waits for the network beyond a first address on any link.
-    systemctl --root="$root" mask systemd-networkd-wait-online.service >/dev/null 2>&1
 
     # Unattended Debian security upgrades (the origins are Debian's defaults: the security archive).
     printf 'APT::Periodic::Update-Package-Lists "1";\nAPT::Periodic::Unattended-Upgrade "1";\n' \
         >"$root/etc/apt/apt.conf.d/20auto-upgrades"
     mkdir -p "$root/var/log/journal"  # persistent journal, capped in journald.conf.d
+
+    # mmdebstrap's merged-/usr setup leaves usrmerge, and with it all of Perl (about 50 MB): /usr is
+    # merged already and nothing else needs them.
+    DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get -y -q purge usrmerge perl libfile-find-rule-perl \
+        libnumber-compare-perl libtext-glob-perl >/dev/null
+    DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get -y -q autoremove --purge >/dev/null
 
     # Per-machine state out: first boot makes it (systemd: an empty machine-id means first boot).
     : >"$root/etc/machine-id"

@@ -9,7 +9,7 @@ KERNEL_ARGS_AMD64="ro console=tty0 console=ttyS0,115200n8"
 make_rootfs() {
     local root=$1 file=$2 label=$3 uuid=$4 used size
     used=$(du -s --block-size=$MIB "$root" | cut -f1)
-    size=$((used * 110 / 100 + 100))  # ext4's own metadata, and about 64 MiB free
+    size=$((used * 105 / 100 + 64))  # ext4's own metadata (journal, inode tables), and some room
     until mkfs.ext4 -q -F -L "$label" -U "$uuid" -m 1 -d "$root" "$file" "${size}M" 2>"$file.log"; do
         grep -q 'Could not allocate\|No space left' "$file.log" || { cat "$file.log" >&2; return 1; }
         size=$((size * 5 / 4))

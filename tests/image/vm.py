@@ -40,7 +40,7 @@ from types import TracebackType
 from typing import Any
 
 GUEST_PORTS = (22, 25, 80, 110, 143, 443, 465, 587, 993, 995)
-BOOT_TIMEOUT = float(os.environ.get("LETTERBOX_VM_BOOT_TIMEOUT", "600"))  # TCG on a shared machine
+BOOT_TIMEOUT = float(os.environ.get("LETTERBOX_VM_BOOT_TIMEOUT", "1500"))  # TCG on a busy shared machine
 COMMAND_TIMEOUT = 300.0
 OVERLAY_SIZE = "4G"  # bigger than the image: first boot grows the root file system into it
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
@@ -130,6 +130,7 @@ class Vm:
                        "-kernel", str(boot.kernel), "-initrd", str(boot.initrd), "-append", boot.append]
         cmd = [
             *machine, "-accel", "tcg,thread=multi", "-smp", "2", "-m", str(self.memory_mb), "-display", "none", "-no-user-config",
+            "-nodefaults",  # no CD-ROM, VGA or parallel port for the guest to probe at every boot
             "-drive", f"file={self.disk},if=virtio,format=qcow2,discard=unmap",
             "-netdev", f"user,id=n0,{forwards}", "-device", "virtio-net-pci,netdev=n0",
             "-object", "rng-random,filename=/dev/urandom,id=rng0", "-device", "virtio-rng-pci,rng=rng0",
@@ -177,7 +178,7 @@ class Vm:
         """A reboot from inside the guest (what an admin or an update does); qemu keeps running."""
         self.run("systemctl reboot", check=False, timeout=30)
         # Wait until the guest has really gone down, so a later wait does not see the old boot.
-        self._wait(lambda: not self._https_answers(timeout=2.0), 180, "the guest to go down for the reboot")
+        self._wait(lambda: not self._https_answers(timeout=2.0), 600, "the guest to go down for the reboot")
         self.started_at = time.monotonic()
 
     # --- waiting -----------------------------------------------------------------------------------
@@ -276,8 +277,17 @@ class Vm:
             raise VmError(f"`{command}` in the guest exited {result.exit_code}:\n{result.stdout}\n{result.stderr}")
         return result
 
-    def write_file(self, path: str, data: bytes) -> None:
-        self.run(f"cat > {path}", stdin=data)
+    def write_file(self, path: str, data: bytes, *, chunk: int = 1 << 20) -> None:
+        """DATA into the guest file PATH (made or truncated; root's), in chunks the agent accepts."""
+        self.wait_for_agent()
+        with self._agent(timeout=60.0) as agent:
+            handle = agent.call("guest-file-open", {"path": path, "mode": "wb"})
+            try:
+                for start in range(0, len(data), chunk):
+                    piece = base64.b64encode(data[start:start + chunk]).decode()
+                    agent.call("guest-file-write", {"handle": handle, "buf-b64": piece})
+            finally:
+                agent.call("guest-file-close", {"handle": handle})
 
     # --- qemu monitor --------------------------------------------------------------------------------
     def _qmp(self, command: str) -> None:
