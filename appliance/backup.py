@@ -42,8 +42,8 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import hashlib
-import io
 import json
 import os
 import secrets
@@ -51,18 +51,16 @@ import shutil
 import socket
 import sqlite3
 import stat
-import tarfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import pyrage
 import zstandard
 
-from appliance import __version__
+from appliance import __version__, age_stream, backup_stream
 from appliance.config import DataLayout
 from appliance.db import DB_FILE_MODE, load_migrations
 from appliance.store import maildir
@@ -85,9 +83,7 @@ TOP_TREES = ("dkim", "tls")
 # disaster that needs it. 2**32 / 10**6 leaves room for thousands of restores of the same folder.
 UID_MARGIN = 1_000_000
 MAX_UID = 2**32 - 1
-# Level 1: measured here, python-zstandard's level 3 ran at half the speed of level 1 for 0.5% less
-# output on mail (text plus base64 attachments, which no level shrinks much).
-ZSTD_LEVEL = 1
+ZSTD_LEVEL = backup_stream.ZSTD_LEVEL
 RENAME_EXCHANGE = 2  # linux/fs.h
 AT_FDCWD = -100
 VANISHED_RETRIES = 5
@@ -216,33 +212,14 @@ def read_snapshot(path: Path) -> Snapshot:
                     mailboxes, indexed, queue_ids, size)
 
 
+@functools.lru_cache(maxsize=4096)
 def _folder_key(domain: str, local: str, folder: str) -> str:
+    # Cached: read_snapshot asks once per indexed message, mostly for the same few folders.
     rel = maildir.folder_path(Path(domain) / local, folder)
     return rel.as_posix()
 
 
 # --- writing -------------------------------------------------------------------------------------
-
-class _TarOut:
-    """A tar stream written straight to `out`: each header by tarfile's own TarInfo.tobuf (POSIX
-    pax for long names), then the data, padded to 512 octets. tarfile.TarFile in "w|" mode costs a
-    buffer copy and a Python call per 10 KB block on top of that, which measured here as a third of
-    the time for a mailbox of small files."""
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self.out = out
-
-    def addfile(self, info: tarfile.TarInfo, data: bytes | None = None) -> None:
-        self.out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-        if data:
-            self.out.write(data)
-            pad = -len(data) % tarfile.BLOCKSIZE
-            if pad:
-                self.out.write(b"\0" * pad)
-
-    def close(self) -> None:
-        self.out.write(b"\0" * (tarfile.BLOCKSIZE * 2))  # end of archive: two zero blocks
-
 
 @dataclass
 class Progress:
@@ -260,65 +237,67 @@ class Progress:
 
 @dataclass
 class _Writer:
-    tar: _TarOut
+    """Tar members written into the compressing, encrypting sink (appliance/backup_stream.py), with
+    the SHA-256 of each file for the checksum list."""
+
+    out: backup_stream.Sink
     progress: Progress
     sums: list[tuple[str, str]] = field(default_factory=list)
     files: int = 0
     now: int = field(default_factory=lambda: int(time.time()))
 
     def add_dir(self, name: str) -> None:
-        info = tarfile.TarInfo(name)
-        info.type = tarfile.DIRTYPE
-        info.mode = 0o700
-        info.mtime = self.now
-        self.tar.addfile(info)
+        self.out.write(backup_stream.header(name, mode=0o700, mtime=self.now, kind=backup_stream.DIRTYPE))
 
     def add_bytes(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mode = 0o600
-        info.mtime = self.now
-        self.tar.addfile(info, data)
+        self.out.write(backup_stream.header(name, len(data), mtime=self.now))
+        self.out.write(data)
+        self.out.write(backup_stream.padding(len(data)))
         self.sums.append((hashlib.sha256(data).hexdigest(), name))
         self.progress.done += len(data)
 
-    def add_open(self, name: str, f: IO[bytes]) -> None:
-        st = os.fstat(f.fileno())
-        info = tarfile.TarInfo(name)
-        info.mode = 0o600
-        info.mtime = int(st.st_mtime)
+    def add_fd(self, name: str, fd: int) -> None:
+        st = os.fstat(fd)
         if st.st_size <= CHUNK * 8:
             # A message: read whole (what the header says is what follows, even if the file changed).
-            data = f.read()
-            info.size = len(data)
-            self.tar.addfile(info, data)
+            # One read of more than the size reaches the end of a regular file in one call.
+            data = os.read(fd, st.st_size + 4096)
+            if len(data) > st.st_size:
+                rest = [data]
+                while more := os.read(fd, CHUNK):
+                    rest.append(more)
+                data = b"".join(rest)
+            size = len(data)
+            self.out.write(backup_stream.header(name, size, mtime=int(st.st_mtime)))
+            self.out.write(data)
             digest = hashlib.sha256(data).hexdigest()
         else:
-            info.size = st.st_size
-            self.tar.addfile(info)
+            size = st.st_size
+            self.out.write(backup_stream.header(name, size, mtime=int(st.st_mtime)))
             sha = hashlib.sha256()
-            left = st.st_size
+            left = size
             while left:
-                chunk = f.read(min(CHUNK, left))
+                chunk = os.read(fd, min(CHUNK, left))
                 if not chunk:
                     raise BackupError(f"{name} shrank while it was read")
                 sha.update(chunk)
-                self.tar.out.write(chunk)
+                self.out.write(chunk)
                 left -= len(chunk)
-            pad = -st.st_size % tarfile.BLOCKSIZE
-            if pad:
-                self.tar.out.write(b"\0" * pad)
             digest = sha.hexdigest()
+        self.out.write(backup_stream.padding(size))
         self.sums.append((digest, name))
         self.files += 1
-        self.progress.done += info.size
+        self.progress.done += size
 
-    def add_path(self, name: str, path: Path) -> bool:
+    def add_path(self, name: str, path: Path | str) -> bool:
         try:
-            with open(path, "rb") as f:
-                self.add_open(name, f)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
+        try:
+            self.add_fd(name, fd)
+        finally:
+            os.close(fd)
         return True
 
     def add_tree(self, name: str, path: Path) -> None:
@@ -406,8 +385,9 @@ def _add_folder(w: _Writer, folder: Path, name: str, indexed: set[str]) -> None:
     if not indexed:
         return
     for sub in ("cur", "new"):
+        where = os.path.join(folder, sub)
         try:
-            listing = os.listdir(folder / sub)
+            listing = os.listdir(where)
         except FileNotFoundError:
             continue
         for filename in sorted(listing):
@@ -421,15 +401,17 @@ def _add_message(w: _Writer, folder: Path, name: str, sub: str, filename: str, b
     """A message file, looked for again under its base name when it was renamed under us."""
     for _ in range(VANISHED_RETRIES):
         try:
-            f = open(folder / sub / filename, "rb")  # noqa: SIM115  closed below, after a retry loop
+            fd = os.open(os.path.join(folder, sub, filename), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             found = _find_base(folder, base)
             if found is None:
                 return  # expunged: its index row is dropped at restore
             sub, filename = found
             continue
-        with f:
-            w.add_open(f"{name}/{sub}/{filename}", f)
+        try:
+            w.add_fd(f"{name}/{sub}/{filename}", fd)
+        finally:
+            os.close(fd)
         return
 
 
@@ -485,27 +467,29 @@ def create_backup(layout: DataLayout, out: Path, *, recipient: str = "", passphr
         progress.total = snap.size + snap_path.stat().st_size
         manifest = _manifest(snap, layout)
         progress.stage = "writing"
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as sink:
-            with _encrypting(sink, recipient, passphrase) as plain:
-                # One worker thread compresses while this one reads files and writes headers.
-                cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=1)
-                with cctx.stream_writer(plain, closefd=False) as z:
-                    tar = _TarOut(z)
-                    w = _Writer(tar, progress)
-                    w.add_bytes(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
-                    with open(snap_path, "rb") as f:
-                        w.add_open(DB_NAME, f)
-                    _walk_maildirs(w, layout, snap)
-                    for tree in TOP_TREES:
-                        w.add_tree(tree, layout.root / tree)
-                    _add_spool(w, layout, snap)
-                    for top in TOP_FILES:
-                        w.add_path(top, layout.root / top)
-                    w.add_bytes(CHECKSUMS_NAME, "".join(_sum_line(d, n) for d, n in w.sums).encode())
-                    tar.close()
-            sink.flush()
-            os.fsync(sink.fileno())
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            # This thread walks, reads and hashes; a worker compresses, encrypts and writes.
+            sink = backup_stream.Sink(fd, recipient=recipient, passphrase=passphrase)
+            try:
+                w = _Writer(sink, progress)
+                w.add_bytes(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+                w.add_path(DB_NAME, snap_path)
+                _walk_maildirs(w, layout, snap)
+                for tree in TOP_TREES:
+                    w.add_tree(tree, layout.root / tree)
+                _add_spool(w, layout, snap)
+                for top in TOP_FILES:
+                    w.add_path(top, layout.root / top)
+                w.add_bytes(CHECKSUMS_NAME, "".join(_sum_line(d, n) for d, n in w.sums).encode())
+                sink.write(backup_stream.END)
+            except BaseException:
+                sink.abort()
+                raise
+            sink.close()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(partial, out)
         maildir.fsync_dir(out.parent)
         progress.stage = "done"
@@ -526,114 +510,48 @@ def _add_spool(w: _Writer, layout: DataLayout, snap: Snapshot) -> None:
 
 # --- age streams ---------------------------------------------------------------------------------
 
-class _PipeWriter(io.RawIOBase):
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        view = memoryview(b)
-        done = 0
-        while done < len(view):
-            done += os.write(self.fd, view[done:])
-        return done
-
-
-def _age_thread(name: str, work: Callable[[], None]) -> tuple[threading.Thread, list[BaseException]]:
-    """Start `work` (pyrage streaming one end of a pipe) on a daemon thread; whatever it raises is
-    kept in the returned list for the caller's thread to re-raise after joining it."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            work()
-        except BaseException as exc:  # noqa: BLE001  handed to the caller's thread, which re-raises it
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    return thread, errors
-
-
 @contextlib.contextmanager
 def _encrypting(sink: IO[bytes], recipient: str, passphrase: str) -> Iterator[IO[bytes]]:
-    """A writable stream whose bytes reach `sink` encrypted with age. pyrage reads from a file
-    object, so the plaintext goes through a pipe to a thread running encrypt_io."""
-    if passphrase:
-        # pyrage's passphrase API takes the whole plaintext at once: it is streamed here through
-        # age's own format with an scrypt stanza, written by appliance.age_stream.
-        from appliance import age_stream
+    """A writable stream whose bytes reach `sink` encrypted with age (for archives made by hand)."""
+    with age_stream.writer(sink, recipients=(recipient,) if recipient else (), passphrase=passphrase) as plain:
+        yield plain
 
-        with age_stream.passphrase_writer(sink, passphrase) as plain:
-            yield plain
-        return
-    recipients = [pyrage.x25519.Recipient.from_str(recipient)]
-    r, wfd = os.pipe()
 
-    def encrypt() -> None:
-        with os.fdopen(r, "rb", buffering=CHUNK) as reader:
-            pyrage.encrypt_io(reader, sink, recipients)
+def _age_error(exc: age_stream.AgeError) -> BackupError:
+    if exc.damaged:
+        return BackupError("the backup is damaged or incomplete (truncated or altered); nothing was changed")
+    if exc.wrong_key and "passphrase" in str(exc):
+        return BackupError(f"{exc}; nothing was changed")
+    if exc.wrong_key:
+        return BackupError("this backup was not made for this key: wrong emergency kit")
+    if "key" in str(exc):
+        return BackupError(f"the emergency kit's key is not valid ({exc})")
+    return BackupError("this is not a Letterbox backup, or its first bytes are damaged")
 
-    thread, errors = _age_thread("backup-age", encrypt)
-    writer = io.BufferedWriter(_PipeWriter(wfd), buffer_size=CHUNK)
+
+def _payload_key(source: IO[bytes], secret: Secret) -> bytes:
+    """Read the age header: the key of the payload that follows, or a refusal in plain words."""
     try:
-        yield writer
-        writer.flush()
-    finally:
-        os.close(wfd)
-        thread.join()
-    if errors:
-        raise BackupError(f"encryption failed: {errors[0]}")
+        return age_stream.read_header(source, identity=secret.identity, passphrase=secret.passphrase)
+    except age_stream.AgeError as exc:
+        raise _age_error(exc) from exc
 
 
 @contextlib.contextmanager
-def _decrypting(source: IO[bytes], secret: Secret) -> Iterator[IO[bytes]]:
-    """A readable stream of the plaintext of an age file. Damage and wrong keys surface as
-    BackupError when the stream ends or breaks."""
-    if secret.passphrase:
-        from appliance import age_stream
-
-        try:
-            with age_stream.passphrase_reader(source, secret.passphrase) as plain:
-                yield plain
-        except age_stream.AgeError as exc:
-            raise BackupError(f"{exc}; nothing was changed") from exc
-        return
+def _plain_members(source: IO[bytes], secret: Secret) -> Iterator[backup_stream.TarReader]:
+    """The tar stream inside an age file, read by a worker thread ahead of the caller. Damage and
+    wrong keys surface as BackupError (at the header, or where the stream breaks)."""
+    key = _payload_key(source, secret)
+    blocks = backup_stream.plain_blocks(source, key)
     try:
-        identities = [pyrage.x25519.Identity.from_str(secret.identity)]
-    except Exception as exc:
-        raise BackupError("the emergency kit's key is not valid") from exc
-    r, wfd = os.pipe()
-
-    def decrypt() -> None:
-        with os.fdopen(wfd, "wb", buffering=CHUNK) as writer:
-            pyrage.decrypt_io(source, writer, identities)
-
-    thread, errors = _age_thread("backup-age-d", decrypt)
-    reader = os.fdopen(r, "rb", buffering=CHUNK)
-    failure: BaseException | None = None
-    try:
-        yield reader
-    except BaseException as exc:  # noqa: BLE001  kept, and re-raised after the reader thread is joined
-        failure = exc
+        yield backup_stream.TarReader(blocks)
+    except age_stream.AgeError as exc:
+        raise _age_error(exc) from exc
+    except (backup_stream.TarFormatError, zstandard.ZstdError, EOFError, ValueError, UnicodeError) as exc:
+        raise BackupError("the backup is damaged or incomplete (truncated or altered); nothing was changed"
+                          ) from exc
     finally:
-        reader.close()  # a writer still running gets EPIPE and stops
-        thread.join()
-    if errors and not isinstance(errors[0], BrokenPipeError):
-        raise _decrypt_error(errors[0]) from errors[0]
-    if failure is not None:
-        raise failure
-
-
-def _decrypt_error(exc: BaseException) -> BackupError:
-    text = str(exc)
-    if "No matching keys" in text:
-        return BackupError("this backup was not made for this key: wrong emergency kit")
-    if "header" in text.lower():
-        return BackupError("this is not a Letterbox backup, or its first bytes are damaged")
-    return BackupError("the backup is damaged or incomplete (truncated or altered); nothing was changed")
+        blocks.close()
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -646,79 +564,114 @@ class Unpacked:
 
 
 def _safe_name(name: str) -> str:
-    p = PurePosixPath(name)
-    if not name or name.startswith("/") or p.is_absolute() or ".." in p.parts or "\\" in p.parts[0]:
+    if name.startswith("./"):
+        name = name[2:]
+    name = name.rstrip("/")
+    parts = name.split("/")
+    if not name or name.startswith("/") or ".." in parts or "\\" in parts[0]:
         raise BackupError(f"refused: the entry {name[:80]!r} would land outside the data directory")
-    if any(part in ("", ".") for part in name.rstrip("/").split("/")[1:]):
+    if "" in parts or "." in parts:
         raise BackupError(f"refused: the entry {name[:80]!r} is not a plain path")
-    return p.as_posix().lstrip("./") if name.startswith("./") else p.as_posix()
+    return name
 
 
-def unpack(source: IO[bytes], secret: Secret, staging: Path, *, known_schema: int | None = None,  # noqa: C901  checks every member kind of a hostile archive (paths, links, sums) in one pass
+@dataclass
+class _Unpacking:
+    """What one pass over a backup's members has seen so far."""
+
+    staging: str
+    known_schema: int
+    only: Callable[[str], bool] | None
+    progress: Progress
+    sums: dict[str, str] = field(default_factory=dict)
+    manifest: dict[str, Any] | None = None
+    listed: dict[str, str] | None = None
+    files: int = 0
+    made: set[str] = field(default_factory=set)
+
+    def member(self, tar: backup_stream.TarReader, raw_name: str, kind: bytes, size: int) -> None:
+        if self.listed is not None:
+            raise BackupError("refused: entries after the checksum list")
+        name = _safe_name(raw_name)
+        if self.manifest is None and name != MANIFEST_NAME:
+            raise BackupError("this is not a Letterbox backup (no manifest first)")
+        if kind == backup_stream.DIRTYPE:
+            path = os.path.join(self.staging, name)
+            if path not in self.made:
+                os.makedirs(path, mode=0o700, exist_ok=True)
+                self.made.add(path)
+            return
+        if kind != backup_stream.REGTYPE:
+            raise BackupError(f"refused: {name[:80]!r} is a link or device, which a backup never holds")
+        if name == MANIFEST_NAME:
+            if size > MAX_MANIFEST:
+                raise BackupError("refused: the manifest is too large")
+            data = b"".join(tar.data(size))
+            self.manifest = _check_manifest(data, self.known_schema)
+            self.sums[name] = hashlib.sha256(data).hexdigest()
+            return
+        if name == CHECKSUMS_NAME:
+            if size > 512 * 1024 * 1024:
+                raise BackupError("refused: the checksum list is too large")
+            self.listed = _parse_sums(b"".join(tar.data(size)).decode("utf-8", "replace"))
+            return
+        if name in self.sums:
+            raise BackupError(f"refused: {name[:80]!r} appears twice")
+        keep = self.only is None or self.only(name)
+        self.sums[name] = self._write(tar.data(size), os.path.join(self.staging, name) if keep else None)
+        self.progress.done += size
+        self.files += 1
+
+    def _write(self, pieces: Iterator[memoryview], path: str | None) -> str:
+        sha = hashlib.sha256()
+        if path is None:
+            for piece in pieces:
+                sha.update(piece)
+            return sha.hexdigest()
+        parent = os.path.dirname(path)
+        if parent not in self.made:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            self.made.add(parent)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            for piece in pieces:
+                sha.update(piece)
+                view = piece
+                while view:
+                    view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        return sha.hexdigest()
+
+
+def unpack(source: IO[bytes], secret: Secret, staging: Path, *, known_schema: int | None = None,
            only: Callable[[str], bool] | None = None, progress: Progress | None = None) -> Unpacked:
     """Decrypt, decompress and unpack into `staging` (made here, 0700), verifying every checksum.
-    `only` limits which files are written (all are still read and verified)."""
+    `only` limits which files are written (all are still read and verified). Nothing is synced here:
+    the caller syncs the staging directory once before it switches over (stage_full)."""
     progress = progress or Progress()
     known = known_schema if known_schema is not None else len(load_migrations())
     staging.mkdir(mode=0o700)
-    sums: dict[str, str] = {}
-    manifest: dict[str, Any] | None = None
-    listed: dict[str, str] | None = None
-    files = 0
-    made: set[Path] = set()
+    state = _Unpacking(str(staging), known, only, progress)
     try:
-        with _decrypting(source, secret) as plain:
-            dctx = zstandard.ZstdDecompressor()
-            with dctx.stream_reader(plain, read_size=CHUNK, read_across_frames=True) as z:  # noqa: SIM117  one stream layer per line: the pipeline reads top-down
-                # tarfile reads in 10 KB records: a buffer in front keeps that off the decompressor.
-                with tarfile.open(fileobj=io.BufferedReader(z, CHUNK), mode="r|") as tar:
-                    for member in tar:
-                        if listed is not None:
-                            raise BackupError("refused: entries after the checksum list")
-                        name = _safe_name(member.name)
-                        if manifest is None and name != MANIFEST_NAME:
-                            raise BackupError("this is not a Letterbox backup (no manifest first)")
-                        if member.isdir():
-                            (staging / name).mkdir(parents=True, exist_ok=True, mode=0o700)
-                            continue
-                        if not member.isreg():
-                            raise BackupError(
-                                f"refused: {name[:80]!r} is a link or device, which a backup never holds")
-                        f = tar.extractfile(member)
-                        assert f is not None
-                        if name == MANIFEST_NAME:
-                            if member.size > MAX_MANIFEST:
-                                raise BackupError("refused: the manifest is too large")
-                            data = f.read()
-                            manifest = _check_manifest(data, known)
-                            sums[name] = hashlib.sha256(data).hexdigest()
-                            continue
-                        if name == CHECKSUMS_NAME:
-                            if member.size > 512 * 1024 * 1024:
-                                raise BackupError("refused: the checksum list is too large")
-                            listed = _parse_sums(f.read().decode("utf-8", "replace"))
-                            continue
-                        if name in sums:
-                            raise BackupError(f"refused: {name[:80]!r} appears twice")
-                        sums[name] = _write_member(f, staging / name, keep=only is None or only(name),
-                                                   progress=progress, made=made)
-                        files += 1
-                    # Read to the end so age authenticates the last chunk (a truncation shows there).
-                    while plain.read(CHUNK):
-                        pass
+        with _plain_members(source, secret) as tar:
+            for name, kind, size in tar.members():
+                state.member(tar, name, kind, size)
+            # Read to the end so age authenticates the last chunk (a truncation shows there).
+            tar.drain()
     except BackupError:
         raise
-    except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError, ValueError, UnicodeError) as exc:
-        raise BackupError("the backup is damaged or incomplete (truncated or altered); nothing was changed"
-                          ) from exc
-    if manifest is None:
+    except OSError as exc:
+        raise BackupError(f"the backup could not be unpacked: {exc.strerror or exc}") from exc
+    if state.manifest is None:
         raise BackupError("this is not a Letterbox backup (no manifest)")
-    if listed is None:
+    if state.listed is None:
         raise BackupError("the backup is incomplete: its checksum list is missing (truncated?)")
-    if listed != sums:
+    if state.listed != state.sums:
+        listed, sums = state.listed, state.sums
         wrong = sorted(set(listed) ^ set(sums)) or [n for n in sums if listed.get(n) != sums[n]]
         raise BackupError(f"refused: the files do not match the manifest's checksums (e.g. {wrong[0][:80]!r})")
-    return Unpacked(manifest, staging, files)
+    return Unpacked(state.manifest, staging, state.files)
 
 
 def _check_manifest(data: bytes, known_schema: int) -> dict[str, Any]:
@@ -736,46 +689,16 @@ def _check_manifest(data: bytes, known_schema: int) -> dict[str, Any]:
     return dict(manifest)
 
 
-def _write_member(f: IO[bytes], path: Path, *, keep: bool, progress: Progress, made: set[Path]) -> str:
-    sha = hashlib.sha256()
-    if not keep:
-        while chunk := f.read(CHUNK):
-            sha.update(chunk)
-        return sha.hexdigest()
-    if path.parent not in made:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        made.add(path.parent)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        while chunk := f.read(CHUNK):
-            sha.update(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view):]
-            progress.done += len(chunk)
-    finally:
-        os.close(fd)
-    return sha.hexdigest()
-
-
 def read_manifest(source: IO[bytes], secret: Secret) -> dict[str, Any]:
     """Only the manifest (the first entry): what the restore page shows before asking to confirm."""
-    try:
-        with _decrypting(source, secret) as plain:
-            z = zstandard.ZstdDecompressor().stream_reader(plain, read_across_frames=True)
-            with tarfile.open(fileobj=z, mode="r|") as tar:
-                member = tar.next()
-                if member is None or member.name != MANIFEST_NAME or not member.isreg():
-                    raise BackupError("this is not a Letterbox backup (no manifest first)")
-                if member.size > MAX_MANIFEST:
-                    raise BackupError("refused: the manifest is too large")
-                f = tar.extractfile(member)
-                assert f is not None
-                return _check_manifest(f.read(), 10**9)
-    except BackupError:
-        raise
-    except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError, ValueError) as exc:
-        raise BackupError("the backup is damaged or incomplete; nothing was changed") from exc
+    with _plain_members(source, secret) as tar:
+        for name, kind, size in tar.members():
+            if name != MANIFEST_NAME or kind != backup_stream.REGTYPE:
+                break
+            if size > MAX_MANIFEST:
+                raise BackupError("refused: the manifest is too large")
+            return _check_manifest(b"".join(tar.data(size)), 10**9)
+    raise BackupError("this is not a Letterbox backup (no manifest first)")
 
 
 # --- fix-up and switch-over ----------------------------------------------------------------------
@@ -1030,15 +953,18 @@ class MailboxRestored:
 
 
 def restore_mailbox_files(backup: Path, secret: Secret, layout: DataLayout, address: str,
-                          folder: str | None = None) -> tuple[dict[str, Any], Path]:
+                          folder: str | None = None, *, progress: Progress | None = None
+                          ) -> tuple[dict[str, Any], Path]:
     """Unpack and verify the whole backup, writing only the db and the mailbox's Maildir, into a
     staging directory; returns the manifest and the staging path (the caller removes it)."""
     local, _, domain = address.rpartition("@")
     prefix = f"mail/{domain}/{local}/"
     staging = staging_dir(layout.root)
+    progress = progress or Progress()
+    progress.total, progress.stage = backup.stat().st_size * 2, "unpacking"
     try:
         with open(backup, "rb") as source:
-            unpacked = unpack(source, secret, staging,
+            unpacked = unpack(source, secret, staging, progress=progress,
                               only=lambda n: n == DB_NAME or n.startswith(prefix))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -1156,13 +1082,17 @@ async def verify(path: Path, secret: Secret, layout: DataLayout) -> Unpacked:
 
 
 async def restore_mailbox(db: Database, events: EventLog, layout: DataLayout, path: Path, secret: Secret,
-                          address: str, folder: str | None = None) -> MailboxRestored:
+                          address: str, folder: str | None = None, *,
+                          progress: Progress | None = None) -> MailboxRestored:
     """Put one mailbox (or one folder of it) back from a backup into the running box, beside its
     current mail; the mailbox is made again (same password) when it was deleted."""
     from appliance.accounts import Accounts
 
     address = address.strip().lower()
-    manifest, staging = await asyncio.to_thread(restore_mailbox_files, path, secret, layout, address, folder)
+    progress = progress or Progress()
+    manifest, staging = await asyncio.to_thread(restore_mailbox_files, path, secret, layout, address, folder,
+                                                progress=progress)
+    progress.stage = "copying"
     try:
         display, pw_hash, quota, enabled = await asyncio.to_thread(mailbox_row, staging / DB_NAME, address)
         local, _, domain = address.rpartition("@")
@@ -1184,6 +1114,7 @@ async def restore_mailbox(db: Database, events: EventLog, layout: DataLayout, pa
             copy_mailbox, staging / "mail" / domain / local, layout.mail / domain / local, folder)
     finally:
         await asyncio.to_thread(shutil.rmtree, staging, True)
+    progress.stage = "done"
     what = f"folder {folder} of {address}" if folder else address
     await events.record("backup", f"restored {what} from {path.name} ({manifest.get('created')}):"
                                   f" {count} messages put back")
@@ -1238,13 +1169,72 @@ class BackupJob:
         return self.task is not None and not self.task.done()
 
 
+@dataclass(frozen=True)
+class PendingRestore:
+    """A backup uploaded in the console, its manifest read, waiting for the administrator to confirm.
+    The secret stays here, in the serving process: the confirmation page never carries it."""
+
+    path: Path
+    secret: Secret
+    manifest: dict[str, Any]
+    address: str = ""  # one mailbox ('' = the whole box)
+    folder: str | None = None
+    made: float = field(default_factory=time.time)
+
+
+PENDING_TTL = 3600.0  # an upload nobody confirms is removed after an hour
+
+
+@dataclass
+class Transfer:
+    """A download in flight, for the progress the page polls."""
+
+    name: str
+    progress: Progress
+
+
 @dataclass
 class BackupJobs:
     current: BackupJob | None = None
+    pending: dict[str, PendingRestore] = field(default_factory=dict)
+    download: Transfer | None = None
     # A whole-box restore staged by the web: `letterbox serve` stops the services, switches the data
     # directory over and starts them again on the restored data (appliance/app.py).
     staged: Staged | None = None
     restart: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def hold(self, pending: PendingRestore) -> str:
+        """Keep an uploaded backup until it is confirmed; returns the token the page confirms with."""
+        self.expire()
+        token = secrets.token_urlsafe(18)
+        self.pending[token] = pending
+        return token
+
+    def take(self, token: str) -> PendingRestore | None:
+        self.expire()
+        return self.pending.pop(token, None)
+
+    def expire(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        for token, item in list(self.pending.items()):
+            if now - item.made > PENDING_TTL:
+                del self.pending[token]
+                item.path.unlink(missing_ok=True)
+
+    def status(self) -> dict[str, Any]:
+        """What the page polls: the current job and the download in flight."""
+        job, down = self.current, self.download
+        return {
+            "job": None if job is None else {
+                "kind": job.kind, "running": job.running, "percent": job.progress.percent,
+                "done": job.progress.done, "total": job.progress.total, "stage": job.progress.stage,
+                "result": job.result, "error": job.error,
+            },
+            "download": None if down is None else {
+                "name": down.name, "percent": down.progress.percent, "done": down.progress.done,
+                "total": down.progress.total, "stage": down.progress.stage,
+            },
+        }
 
     def switch_to(self, staged: Staged) -> None:
         self.staged = staged
