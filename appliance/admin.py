@@ -29,6 +29,9 @@ from appliance.queue import state as queue_state
 from appliance.queue.relay_check import RelayCheck, check_relay
 from appliance.queue.smarthost import Smarthost, SmarthostError
 from appliance.settings import Settings
+from appliance.spam import outbound
+from appliance.spam.dnsbl import ListReport, list_reports
+from appliance.spam.greylist import Greylist, GreylistEntry
 from appliance.tls import CertificateInfo, TlsManager
 
 if TYPE_CHECKING:
@@ -322,6 +325,42 @@ class Admin:
 
     async def self_signed_certificate(self) -> CertificateInfo:
         return await certificates.self_signed(self._certificates())
+
+    # --- spam and abuse (issue 16) ------------------------------------------------------------------
+
+    async def greylist_entries(self, limit: int = 1000, *, passed: bool | None = None) -> list[GreylistEntry]:
+        """The live greylist triplets, most recent first (`passed`: only those a retry got through, or
+        only those still waiting)."""
+        return await Greylist(self.db).entries(limit, passed=passed)
+
+    async def clear_greylist(self, *, network: str | None = None, sender: str | None = None,
+                             recipient: str | None = None) -> int:
+        """Forget the matching triplets (every triplet, and the SPF-known domains, when nothing is
+        given): their next mail is greylisted again. Returns how many went."""
+        count = await Greylist(self.db).clear(network=network, sender=sender, recipient=recipient)
+        parts = [f"{name} {value}" for name, value in (("network", network), ("sender", sender),
+                                                        ("recipient", recipient)) if value is not None]
+        what = "the whole greylist" if not parts else "greylist entries for " + ", ".join(parts)
+        await self.events.record("spam", f"{what} cleared ({count} entr{'y' if count == 1 else 'ies'})")
+        return count
+
+    async def dnsbl_status(self) -> list[ListReport]:
+        """Each configured DNS list and what it last answered: ok, refused (the list will not answer
+        this resolver: Spamhaus through a public one), failing (timeouts), or unknown (never asked)."""
+        spam = (await self.settings.fresh()).spam
+        return await list_reports(self.db, spam.dnsbl_lists if spam.dnsbl else (),
+                                  spam.domain_lists if spam.domain_blocklist else ())
+
+    async def outbound_suspensions(self) -> list[outbound.Suspension]:
+        return await outbound.suspensions(self.db)
+
+    async def lift_suspension(self, address: str) -> str:
+        """Let a suspended mailbox send again (after its password was changed)."""
+        mailbox = address.strip().lower()
+        if not await outbound.lift_suspension(self.db, mailbox):
+            raise NotFound(f"sending from {mailbox[:200]} is not suspended")
+        await self.events.record("spam", f"sending from {mailbox} allowed again")
+        return mailbox
 
 
 @asynccontextmanager

@@ -15,15 +15,12 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
-import email.policy
 import json
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +33,7 @@ from appliance.acme_client import AcmeProblem, AcmeSettings, ChallengeSink
 from appliance.db import Database
 from appliance.dns_records import public_addresses
 from appliance.events import EventLog
+from appliance.postmaster import mail_postmaster
 from appliance.queue.resolver import make_async_resolver
 from appliance.settings import read_settings
 from appliance.tls import (
@@ -477,39 +475,12 @@ class Renewer:
         await self.ctx.events.record("certificate", f"expiry warning sent to the postmaster ({days} days left)")
 
 
-def warning_message(hostname: str, recipient: str, subject: str, text: str) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = f"Letterbox <postmaster@{hostname}>"
-    msg["To"] = recipient
-    msg["Subject"] = subject
-    msg["Date"] = format_datetime(dt.datetime.now(dt.UTC))
-    msg["Message-ID"] = make_msgid(domain=hostname)
-    msg["Auto-Submitted"] = "auto-generated"  # RFC 3834 5
-    msg.set_content(text)
-    return msg.as_bytes(policy=email.policy.SMTP)  # CRLF line ends, as delivered mail is stored
-
-
-async def _warn_postmaster(svc: Services, subject: str, text: str) -> None:
-    """Into the postmaster's mailboxes (the admins', as the MX routes postmaster@ without an alias)."""
-    from appliance.smtp.policy import MailboxFacts, postmaster_domain, postmaster_mailboxes
-
-    accounts = svc.accounts
-    mailboxes = [MailboxFacts(m.address, m.enabled, m.created_at) for m in await accounts.list_users()]
-    primary = postmaster_domain(svc.hostname, await accounts.list_domains())
-    targets = postmaster_mailboxes(await accounts.list_admins(), mailboxes, primary)
-    if not targets:
-        log.warning("certificate warning not mailed (no mailbox for the postmaster): %s", subject)
-        return
-    recipient = f"postmaster@{primary or svc.hostname}"
-    await svc.store.deliver(list(targets), warning_message(svc.hostname, recipient, subject, text))
-
-
 async def start_renewer(svc: Services) -> Renewer:
     async def domains() -> list[str]:
         return list(await svc.accounts.list_domains())
 
     async def warn(subject: str, text: str) -> None:
-        await _warn_postmaster(svc, subject, text)
+        await mail_postmaster(svc, subject, text)
 
     renewer = Renewer(svc.certificates, domains, warn)
     svc.renewer = renewer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import getpass
 import logging
 import os
@@ -375,6 +376,40 @@ def cmd_backup(args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from exc
 
 
+# --- spam: the connection-time layers ----------------------------------------------------------------
+
+def _when(stamp: int | None) -> str:
+    return "-" if stamp is None else dt.datetime.fromtimestamp(stamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_spam_greylist(args: argparse.Namespace) -> None:
+    if args.greylist_action == "list":
+        for e in run_admin(args, lambda admin: admin.greylist_entries(passed=args.passed)):
+            state = f"passed {_when(e.passed_at)}" if e.passed_at is not None else "waiting"
+            print(f"{e.network}\t{e.sender}\t{e.recipient}\t{state}\tattempts {e.attempts}\t"
+                  f"last {_when(e.last_seen)}\texpires {_when(e.expires)}")
+        return
+    if not (args.all or args.network or args.sender or args.recipient):
+        raise CliError("say which triplets to clear (--network, --sender, --recipient) or --all")
+    count = run_admin(args, lambda admin: admin.clear_greylist(
+        network=args.network, sender=args.sender, recipient=args.recipient))
+    print(f"cleared {count} greylist entr{'y' if count == 1 else 'ies'}")
+
+
+def cmd_spam_lists(args: argparse.Namespace) -> None:
+    for report in run_admin(args, lambda admin: admin.dnsbl_status()):
+        detail = f": {report.detail}" if report.detail else ""
+        print(f"{report.zone}\t{report.kind}\t{report.state}{detail}\t(last seen {_when(report.checked_at)})")
+
+
+def cmd_spam_suspended(args: argparse.Namespace) -> None:
+    if args.suspended_action == "lift":
+        print(f"{run_admin(args, lambda admin: admin.lift_suspension(args.address))} may send again")
+        return
+    for s in run_admin(args, lambda admin: admin.outbound_suspensions()):
+        print(f"{s.mailbox}\tsince {_when(s.since)}\t{s.reason}")
+
+
 # --- parser ----------------------------------------------------------------------------------------
 
 def letterbox_version() -> str:
@@ -529,9 +564,31 @@ def build_parser() -> argparse.ArgumentParser:
     spam = sub.add_parser("spam", help="spam and abuse defence: blocklists, greylisting, content filter, limits")
     spam_actions = spam.add_subparsers(dest="action", required=True, metavar="ACTION")
     # Each `spam` subcommand is its own parser with its own func (set_defaults): the connection-time
-    # layers' commands (greylist) and the content filter's (status, learn) are added here side by side.
-    _ = spam_actions
+    # layers' commands (greylist, lists, suspended) and the content filter's (status, learn) side by side.
+    add_spam_envelope_commands(spam_actions)
     return parser
+
+
+def add_spam_envelope_commands(spam_actions: Any) -> None:
+    grey = spam_actions.add_parser("greylist", help="greylisted (client network, sender, recipient) triplets")
+    gsub = grey.add_subparsers(dest="greylist_action", required=True)
+    glist = gsub.add_parser("list", help="the triplets, most recently seen first")
+    which = glist.add_mutually_exclusive_group()
+    which.add_argument("--passed", action="store_const", const=True, dest="passed", help="only those let through")
+    which.add_argument("--waiting", action="store_const", const=False, dest="passed", help="only those not yet retried")
+    gclear = gsub.add_parser("clear", help="forget triplets (their next mail is greylisted again)")
+    gclear.add_argument("--network", help="a client network as listed, e.g. 192.0.2.0/24")
+    gclear.add_argument("--sender", help="an envelope sender ('<>' for the null sender)")
+    gclear.add_argument("--recipient")
+    gclear.add_argument("--all", action="store_true", help="every triplet (needed when no other option is given)")
+    grey.set_defaults(func=cmd_spam_greylist)
+    spam_actions.add_parser("lists", help="the DNS blocklists and whether each answers this box's resolver"
+                            ).set_defaults(func=cmd_spam_lists)
+    susp = spam_actions.add_parser("suspended", help="mailboxes whose sending is suspended")
+    ssub = susp.add_subparsers(dest="suspended_action")
+    ssub.add_parser("list")
+    ssub.add_parser("lift", help="let the mailbox send again").add_argument("address")
+    susp.set_defaults(func=cmd_spam_suspended)
 
 
 def _announce(line: str) -> None:

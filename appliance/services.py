@@ -10,6 +10,10 @@ from typing import TYPE_CHECKING
 from appliance.backup import BackupJobs
 from appliance.certificates import CertContext
 from appliance.spam.decisions import DecisionLog
+from appliance.spam.dnsbl import Blocklists, ListStatus
+from appliance.spam.greylist import Greylist
+from appliance.spam.outbound import OutboundGuard
+from appliance.spam.screen import SpamScreen
 from appliance.status_checks import Probes
 
 if TYPE_CHECKING:
@@ -53,6 +57,10 @@ class Services:
     certificates: CertContext = field(init=False)
     # Every spam layer's decisions, written in batches (appliance/spam/decisions.py); flushed at stop.
     spam_decisions: DecisionLog = field(init=False)
+    greylist: Greylist = field(init=False)  # greylisting state (appliance/spam/greylist.py)
+    blocklists: Blocklists = field(init=False)  # DNS blocklist lookups and each list's state
+    spam_screen: SpamScreen = field(init=False)  # the MX's connection/envelope-time layers
+    outbound_guard: OutboundGuard = field(init=False)  # submission's hourly limits and suspensions
     # Started after the listeners are bound (Box._start_background); None where a test runs without them.
     queue: OutboundQueue | None = None
     inbound_check: InboundCheck | None = None  # the MX's SPF/DKIM/DMARC check (appliance/inbound_auth.py)
@@ -70,6 +78,17 @@ class Services:
             acme_dir=self.config.data.tls / "acme", http01={},
         )
         self.spam_decisions = DecisionLog(self.db, keep_days=lambda: self.settings.now.spam.decisions_keep_days)
+        self.greylist = Greylist(self.db)
+        self.blocklists = Blocklists(ListStatus(self.db), lambda: self.settings.now.dns_resolver)
+        self.spam_screen = SpamScreen(self.settings, self.blocklists, self.greylist, self.spam_decisions)
+
+        async def notify_postmaster(subject: str, text: str) -> bool:
+            from appliance.postmaster import mail_postmaster
+
+            return await mail_postmaster(self, subject, text)
+
+        self.outbound_guard = OutboundGuard(self.db, self.settings, self.events, self.spam_decisions,
+                                            notify_postmaster=notify_postmaster)
 
     @property
     def hostname(self) -> str:

@@ -328,6 +328,10 @@ class OutboundQueue:
             log.info("%s: to=<%s> relay=%s tls=%s status=%s (%s)", job.message_id, address,
                      outcome.remote or "none", tls or "none", verdict, outcome.text)
         recorded = await self.state.record(job, outcomes, policy=config.policy, now=now, tls=tls)
+        refused = [o for o in outcomes.values() if o.permanent]
+        if job.auth_user and refused:
+            # A burst of these is what a stolen password looks like (spam/outbound.py suspends).
+            await self.services.outbound_guard.note_refused(job.auth_user, len(refused), refused[-1].text)
         if recorded.delayed:
             # At most once: delay_notified was committed with the attempt (a warning lost in a crash
             # costs less than two).

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from aiosmtpd.smtp import SMTP
 
     from appliance.services import Services
+    from appliance.spam.screen import ConnectionScreen
 
 log = logging.getLogger("letterbox.smtp")
 
@@ -77,6 +78,8 @@ class LetterboxSession(Session):
     """aiosmtpd's Session without the deprecation warning its login_data setter logs on every AUTH."""
 
     refused_recipients = 0  # RCPTs refused with 5xx so far on this connection (probes.py delays)
+    # The MX's spam layers for this client (appliance/spam/screen.py); None elsewhere and when skipped.
+    screen: ConnectionScreen | None = None
     # Called when a message was accepted: the connection (server.py) starts its error budget over.
     on_accepted: Callable[[], None] | None = None
 
@@ -234,6 +237,11 @@ class SmtpHandler:
         reply = sender_verdict(
             sender, service=self.service, principal=principal.name if principal else None, owns_sender=owns
         )
+        if reply.positive and self.submission and principal is not None:
+            limited = await self.services.outbound_guard.check_message(principal.name, peer_ip(session))
+            if limited is not None:
+                log.info("%s: MAIL FROM:<%s> by %s refused: %s", peer_ip(session), address[:100], principal.name, limited)
+                return limited
         if reply.positive:
             # The hook replaces aiosmtpd's default handling, so it records the sender itself.
             env.mail_from = address
@@ -258,6 +266,16 @@ class SmtpHandler:
                 route = await self._route(sess, env, address)
             except SmtpReject as reject:
                 route = reject.reply
+        if not isinstance(route, Reply) and self.submission and sess.principal is not None:
+            limited = await self.services.outbound_guard.check_recipient(sess.principal.name, len(env.routes), ip)
+            if limited is not None:
+                log.info("%s: RCPT TO:<%s> by %s refused: %s", ip, address[:100], sess.principal.name, limited)
+                return limited
+        if not isinstance(route, Reply) and sess.screen is not None and sess.principal is None:
+            refused = await sess.screen.check_recipient(sess.host_name or "", str(env.sender or ""), route.rcpt)
+            if refused is not None:
+                log.info("%s: RCPT TO:<%s> refused: %s", ip, address[:100], refused)
+                return refused
         if isinstance(route, Reply):
             log.info("%s: RCPT TO:<%s> refused: %s", ip, address[:100], route)
             if guard is not None and (route.code >= 500 or route is PROBING_BLOCKED):
@@ -411,6 +429,8 @@ class SmtpHandler:
         report = await asyncio.shield(self.deliverer.deliver(message, per_recipient=self.lmtp))
         if report.summary.positive and session.on_accepted is not None:
             session.on_accepted()
+        if report.summary.positive and self.submission and principal is not None:
+            self.services.outbound_guard.note_sent(principal.name, len(env.routes))
         if self.lmtp:
             return "\r\n".join(str(reply) for reply in report.replies)
         return str(report.summary)

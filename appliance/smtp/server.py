@@ -29,7 +29,13 @@ from appliance.smtp.limits import (
     MAX_LINE_OCTETS,
     SmtpLimits,
 )
-from appliance.smtp.policy import LMTP_SERVICE, SMTP_SERVICES, SUBMISSION_SERVICES, TEMPORARY_FAILURE
+from appliance.smtp.policy import (
+    LMTP_SERVICE,
+    MX_SERVICE,
+    SMTP_SERVICES,
+    SUBMISSION_SERVICES,
+    TEMPORARY_FAILURE,
+)
 
 if TYPE_CHECKING:
     from appliance.services import Services
@@ -139,6 +145,8 @@ class LetterboxSMTP(SMTP):
         self._malformed = 0
         self._exceptions = 0
         self._count_next_reply = False
+        # Port 25 only: the spam layers judge clients from the internet, never logged-in users.
+        self._screen_clients = handler.service == MX_SERVICE
 
     # --- sessions and envelopes carry our extra state -------------------------------------------------
 
@@ -182,7 +190,12 @@ class LetterboxSMTP(SMTP):
                 return
             self._start_session(transport, slot)
             return
+        # STARTTLS: aiosmtpd starts a new Session (RFC 3207 4.2); the client's spam screen, with its
+        # lookups, stays the connection's.
+        screen = self.session.screen if isinstance(self.session, LetterboxSession) else None
         super().connection_made(transport)
+        if screen is not None and isinstance(self.session, LetterboxSession):
+            self.session.screen = screen
 
     async def _handshake(self, raw: asyncio.BaseTransport, slot: Slot, context: ssl.SSLContext) -> None:
         """Implicit TLS (RFC 8314 3.3) after accept: a silent socket counts per address and network
@@ -211,6 +224,9 @@ class LetterboxSMTP(SMTP):
 
     def _start_session(self, transport: asyncio.BaseTransport, slot: Slot) -> None:
         super().connection_made(transport)
+        if self._screen_clients and self._client_ip is not None and isinstance(self.session, LetterboxSession):
+            # Port 25's spam layers start their lookups now, while the greeting waits (spam/screen.py).
+            self.session.screen = self.event_handler.services.spam_screen.connection(self._client_ip)
         # From connect to the first transaction or login: one deadline, shorter under stress.
         slot.watch_preauth(self._preauth_expired)
         if self._handler_coroutine is not None:
@@ -221,6 +237,8 @@ class LetterboxSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
+        if isinstance(self.session, LetterboxSession) and self.session.screen is not None:
+            self.session.screen.close()
         self._release()
         if self.session is None:  # the client went during the implicit-TLS handshake: no session yet
             return
@@ -319,6 +337,24 @@ class LetterboxSMTP(SMTP):
         finally:
             self._raw_replies = False
 
+    async def _screen_before_greeting(self) -> str | None:
+        """Port 25: the greeting delay and the early-talker check (spam/screen.py); the refusal to send
+        instead of the greeting, or None."""
+        screen = self.session.screen if isinstance(self.session, LetterboxSession) else None
+        if screen is None:
+            return None
+        reader = self._reader
+
+        def has_spoken() -> bool:
+            # Bytes the client sent before our 220 wait unread in the stream's buffer.
+            return bool(getattr(reader, "_buffer", b""))
+
+        try:
+            return await screen.before_greeting(has_spoken)
+        except Exception:
+            log.exception("%s: the greeting checks failed; greeting anyway", self._client_ip)
+            return None
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parser (the stdlib's email header parser) raises IndexError and friends
         on input such as `<a@` or `"`; that is the client's syntax error, answered like any other
@@ -366,8 +402,14 @@ class LetterboxSMTP(SMTP):
         if isinstance(status, bytes):  # AUTH challenges (334)
             await super().push(status)
             return
-        if not self._greeted or self._raw_replies:
+        if not self._greeted:
             self._greeted = True
+            refusal = await self._screen_before_greeting()
+            await super().push(refusal or status)
+            if refusal is not None and self.transport is not None:
+                self.transport.close()
+            return
+        if self._raw_replies:
             await super().push(status)
             return
         text = "\r\n".join(with_enhanced_code(line) for line in status.split("\r\n"))

@@ -14,6 +14,7 @@ from acme import messages
 
 from appliance import certificates
 from appliance.acme_client import explain, parse_retry_after
+from appliance.postmaster import mail_postmaster
 from tests.conftest import BoxHandle
 from tests.integration.test_acme_pebble import DOMAIN, configure
 from tests.support.pebble import Pebble, free_port, running_pebble
@@ -45,7 +46,7 @@ def test_due_failure_retry_warning_then_success(box: BoxHandle, pebble: Pebble) 
 
     async def warn(subject: str, text: str) -> None:
         warnings.append(subject)
-        await certificates._warn_postmaster(box.services, subject, text)
+        await mail_postmaster(box.services, subject, text)
 
     renewer = certificates.Renewer(ctx, domains, warn, rng=random.Random(7))
 

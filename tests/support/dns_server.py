@@ -37,6 +37,7 @@ class ZoneServer:
         self.negative_ttl = negative_ttl
         self.queries = 0  # how many questions reached this server (caching tests count them)
         self.servfail = False  # answer everything with SERVFAIL (a broken upstream)
+        self.silent = False  # answer nothing at all (a resolver that times out)
         self._records: dict[tuple[str, str], list[str]] = defaultdict(list)
         self._lock = threading.Lock()
         for (name, rdtype), values in (records or {}).items():
@@ -96,6 +97,8 @@ class ZoneServer:
         class Udp(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 data, sock = self.request
+                if zone.silent:
+                    return
                 sock.sendto(zone.answer(data), self.client_address)
 
         class Tcp(socketserver.BaseRequestHandler):
@@ -110,6 +113,8 @@ class ZoneServer:
                     if not chunk:
                         return
                     data += chunk
+                if zone.silent:
+                    return
                 reply = zone.answer(data)
                 self.request.sendall(struct.pack("!H", len(reply)) + reply)
 
