@@ -199,6 +199,7 @@ def test_swaks_retrying_after_the_delay_gets_through_and_the_triplet_is_remember
         return result if result.returncode == 0 else None
 
     second = wait_until(retry, seconds=60, what="swaks accepted after the greylisting delay")
+    assert second is not None
     assert "250 2.0.0" in second.stdout
     entries = mx.run(admin(mx).greylist_entries(passed=True))
     assert [(e.network, e.sender, e.recipient) for e in entries] == [("127.0.0.0/24", "bob@sender.test", ALICE)]
