@@ -66,5 +66,11 @@ image-test: $(STAMP) image-deps
 	LETTERBOX_IMAGE=$(IMAGE_OUT)/test/letterbox-amd64.img $(BIN)/pytest -p no:cacheprovider -p no:randomly \
 		-o addopts="--strict-markers -ra" tests/image -v -s
 
+# The update bundle of this checkout, for letterbox-update and the console's Updates page (and the image):
+# dist/letterbox-bundle-VERSION-MACHINE.tar, the Letterbox wheel and every dependency's (appliance/bundle.py).
+.PHONY: bundle
+bundle: $(STAMP)
+	$(BIN)/python -m appliance.bundle build --out dist
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -13,13 +13,17 @@ the same text whichever door the action came through, so the log reads the same 
 
 from __future__ import annotations
 
+import asyncio
+import os
+import secrets
+import shutil
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from appliance import backup, certificates, dkim_keys, dns_check, dns_records, sizes
+from appliance import backup, bundle, certificates, dkim_keys, dns_check, dns_records, sizes, update
 from appliance.account_errors import NotFound
 from appliance.accounts import Accounts, AliasInfo, MailboxInfo, stored_domain
 from appliance.config import DataLayout
@@ -361,6 +365,49 @@ class Admin:
             raise NotFound(f"sending from {mailbox[:200]} is not suspended")
         await self.events.record("spam", f"sending from {mailbox} allowed again")
         return mailbox
+
+
+    # --- updates (installed by letterbox-update, appliance/update.py, as root) -----------------------
+
+    async def update_state(self) -> UpdateState:
+        """The running version, the last update's outcome and whether an upload waits for letterbox-update."""
+        folder = self.data.root / update.UPDATES
+        last = await asyncio.to_thread(update.read_status, self.data.root)
+        waiting = await asyncio.to_thread((folder / update.INCOMING).exists)
+        return UpdateState(running=update.running_version(), last=last, waiting=waiting)
+
+    async def stage_update(self, upload: Path) -> bundle.BundleInfo:
+        """Check a bundle and hand it to letterbox-update: it becomes DATA/updates/incoming.tar, which
+        letterbox-update.path (root) watches. `upload` is moved when it is in DATA/updates already (the
+        console's upload), else copied. BundleError when it is not a bundle this box can install."""
+        info = await asyncio.to_thread(bundle.inspect, upload)
+        running = update.running_version()
+        if not update.is_newer(info.version, running):
+            raise bundle.BundleError(f"Letterbox {info.version} is not newer than the running {running}")
+        if info.machine and info.machine != os.uname().machine:
+            raise bundle.BundleError(f"this bundle is for {info.machine}; this box is {os.uname().machine}")
+        await asyncio.to_thread(_hand_over, upload, self.data.root / update.UPDATES)
+        await self.events.record("update", f"Letterbox {info.version} uploaded (running {running}); letterbox-update"
+                                           " installs it and restarts the box")
+        return info
+
+
+@dataclass(frozen=True)
+class UpdateState:
+    running: str
+    last: dict[str, Any] | None  # DATA/updates/status.json: state, version, previous, message, at
+    waiting: bool  # a bundle is in DATA/updates/incoming.tar, not taken yet
+
+
+def _hand_over(upload: Path, folder: Path) -> None:
+    folder.mkdir(mode=0o700, exist_ok=True)
+    dest = folder / update.INCOMING
+    if upload.parent.resolve() == folder.resolve():
+        os.replace(upload, dest)
+        return
+    tmp = folder / f".upload-{secrets.token_hex(4)}"
+    shutil.copyfile(upload, tmp)
+    os.replace(tmp, dest)
 
 
 @asynccontextmanager

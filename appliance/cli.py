@@ -10,7 +10,6 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -413,11 +412,30 @@ def cmd_spam_suspended(args: argparse.Namespace) -> None:
 # --- parser ----------------------------------------------------------------------------------------
 
 def letterbox_version() -> str:
-    """The installed distribution's version (pyproject.toml), or 'unknown' when run from a bare tree."""
+    from appliance.update import running_version
+
+    return running_version()
+
+
+# --- update ----------------------------------------------------------------------------------------
+
+def cmd_update(args: argparse.Namespace) -> None:
+    from appliance.bundle import BundleError
+
+    if args.action == "status":
+        state = run_admin(args, lambda admin: admin.update_state())
+        print(f"running: Letterbox {state.running}")
+        if state.waiting:
+            print("waiting: an uploaded bundle, for letterbox-update")
+        if state.last:
+            print(f"last update: {state.last.get('state')}: {state.last.get('message')}")
+        return
     try:
-        return metadata.version("letterbox")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+        info = run_admin(args, lambda admin: admin.stage_update(Path(args.bundle)))
+    except BundleError as exc:
+        raise CliError(str(exc)) from None
+    print(f"Letterbox {info.version} handed to letterbox-update: the box restarts on it (or stays on"
+          f" {letterbox_version()} if it does not come up); `letterbox update status` tells the outcome")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -540,6 +558,13 @@ def build_parser() -> argparse.ArgumentParser:
         dns_action.add_argument("domain")
         dns_action.add_argument("--hostname", help="the box's host name (default: the setting, else the system's)")
     dns.set_defaults(func=cmd_dns)
+
+    upd = sub.add_parser("update", help="newer versions of Letterbox (installed by letterbox-update)")
+    upsub = upd.add_subparsers(dest="action", required=True)
+    upsub.add_parser("status", help="the running version and the outcome of the last update")
+    upsub.add_parser("upload", help="hand a bundle to letterbox-update, as the console's Updates page does"
+                     ).add_argument("bundle", help="letterbox-bundle-VERSION-MACHINE.tar (make bundle)")
+    upd.set_defaults(func=cmd_update)
 
     cert = sub.add_parser("cert", help="the box's TLS certificate (Let's Encrypt or any ACME CA, or your own)")
     csub = cert.add_subparsers(dest="action", required=True)

@@ -42,6 +42,7 @@ from web.routes import (
     restore,
     sending,
     setup,
+    updates,
     wellknown,
 )
 from web.security import SecurityHeadersMiddleware
@@ -133,6 +134,7 @@ def routes() -> list[BaseRoute]:
     return [
         *login.routes, *restore.routes, *setup.routes, *console.routes, *domains.routes, *mailboxes.routes, *sending.routes,
         *account.routes, *autoconfig.routes, *wellknown.routes, *certificate.routes, *backups.routes,
+        *updates.routes,
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
 

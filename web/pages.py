@@ -15,6 +15,7 @@ from starlette.responses import RedirectResponse, Response
 
 from appliance.account_errors import AccountError
 from appliance.admin import Admin
+from appliance.update import running_version
 from appliance.web_sessions import Kind, WebSessions
 from web.forms import check_password, secret
 from web.security import CSRF_FIELD, csrf_ok, csrf_token
@@ -209,6 +210,7 @@ async def render(
         "principal": await current(request),
         "csrf_token": csrf_token(request.session),
         "hostname": services(request).hostname,
+        "letterbox_version": running_version(),
         "flashes": flashes if isinstance(flashes, list) else [],
         "errors": {},
         "values": {},

@@ -1,0 +1,471 @@
+"""letterbox-update: move the box to a newer Letterbox, keep its data, and roll back if it does not come up.
+
+Run as root by `/usr/local/sbin/letterbox-update BUNDLE` (or `--incoming` for a bundle uploaded in the
+console, started by letterbox-update.path). A bundle is `letterbox-bundle-<version>-<machine>.tar`, built
+by `make bundle` (appliance/bundle.py); a bare Letterbox wheel works too when the box can reach PyPI.
+
+The layout the image, install.sh, letterbox.service and this module share:
+
+    /opt/letterbox/venv              symlink to the venv in force
+    /opt/letterbox/venv-<version>/   one complete venv per installed version (the last two are kept)
+    /var/lib/letterbox/data/         the data directory (owned by the `letterbox` user)
+    DATA/updates/incoming.tar        a bundle uploaded in the console, waiting for this program
+    DATA/updates/status.json         the outcome of the last update, shown in the console
+    DATA/updates/before-<version>/   the database as it was before the update to <version>
+
+The steps, each one reversible until the new version has answered:
+1. check the bundle (appliance/bundle.py: sizes, names, SHA-256 of every wheel) and its version (newer
+   than the running one; `--allow-downgrade` to go back on purpose, which only works while the schema
+   did not change);
+2. install it into a NEW venv, /opt/letterbox/venv-<version>, from the bundle's wheels only (no network,
+   binary wheels only: pip unpacks them and runs none of their code as root), and check that it runs
+   (`letterbox --version`, as the `letterbox` user);
+3. take a backup with the running version (`letterbox backup create`, as the `letterbox` user) when the
+   box has a backup key; without one this is said and only step 5's snapshot is taken;
+4. stop the service;
+5. copy the database aside (DATA/updates/before-<version>/): migrations run when the new version
+   starts (appliance/db.py), and the old version refuses a database newer than itself;
+6. switch the symlink in one rename (a new symlink renamed over the old one);
+7. start the service and wait until it is active (Type=notify: READY=1 once every port serves) and its
+   web port answers;
+8. if it does not within the time allowed: stop it, switch the symlink back, put the database copy back
+   when its schema changed, start the old version again, and exit 1 with the reason.
+The old venv stays for a manual rollback (`ln -sfn venv-OLD /opt/letterbox/venv.new && mv -T ...`).
+
+Tests (tests/integration/test_update.py) run all of it with real venvs in a temporary prefix and a real
+`letterbox serve` behind a small service manager of their own (tests/support/service_manager.py), which
+speaks sd_notify as systemd does; `--systemctl` and `--user ''` are there for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import functools
+import http.client
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from appliance.bundle import BundleError, BundleInfo, inspect
+
+DEFAULT_PREFIX = Path("/opt/letterbox")
+DEFAULT_DATA = Path("/var/lib/letterbox/data")
+UPDATES = "updates"
+INCOMING = "incoming.tar"
+STATUS = "status.json"
+DB_FILES = ("letterbox.db", "letterbox.db-wal")
+KEEP_VENVS = 2  # the one in force and the one before it
+HEALTH_POLL = 0.5
+
+
+class UpdateError(Exception):
+    """The update did not happen (or was rolled back); one line for a person."""
+
+
+@dataclass
+class Options:
+    prefix: Path = DEFAULT_PREFIX
+    data: Path = DEFAULT_DATA
+    service: str = "letterbox"
+    systemctl: Sequence[str] = ("systemctl",)
+    user: str = "letterbox"  # runs the new code and the backup; '' = as whoever runs this (tests)
+    python: str = "/usr/bin/python3"
+    health_url: str = "http://127.0.0.1:80/"
+    timeout: float = 300.0
+    allow_downgrade: bool = False
+    say: Callable[[str], None] = field(default=print)
+
+
+@functools.cache
+def running_version() -> str:
+    """The installed distribution's version (pyproject.toml), or 'unknown' when run from a bare tree.
+    Read once: a process keeps running the version it started with, whatever is installed meanwhile."""
+    try:
+        return metadata.version("letterbox")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def version_key(version: str) -> tuple[int, ...] | None:
+    """'0.10.2' -> (0, 10, 2); None when it is not plain numbers (then any order is allowed)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)*)", version)
+    return tuple(int(p) for p in m.group(1).split(".")) if m else None
+
+
+def is_newer(candidate: str, running: str) -> bool:
+    a, b = version_key(candidate), version_key(running)
+    return candidate != running if a is None or b is None else a > b
+
+
+def venv_dir(prefix: Path, version: str) -> Path:
+    return prefix / f"venv-{version}"
+
+
+def current_venv(prefix: Path) -> Path | None:
+    link = prefix / "venv"
+    return link.resolve() if link.is_symlink() or link.is_dir() else None
+
+
+def venv_version(venv: Path) -> str:
+    """The version a venv directory holds: `venv-<version>` by name."""
+    return venv.name.removeprefix("venv-") if venv.name.startswith("venv-") else "unknown"
+
+
+def read_status(data_root: Path) -> dict[str, Any] | None:
+    """The last update's outcome (for the console); None when there was none or it cannot be read."""
+    try:
+        value = json.loads((data_root / UPDATES / STATUS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def switch_link(prefix: Path, target: Path) -> None:
+    """Point PREFIX/venv at `target` in one step: a new symlink renamed over the old one."""
+    tmp = prefix / f".venv-{secrets.token_hex(4)}"
+    os.symlink(target.name, tmp)
+    os.replace(tmp, prefix / "venv")
+    fd = os.open(prefix, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Updater:
+    def __init__(self, opts: Options) -> None:
+        self.o = opts
+        self.updates = opts.data / UPDATES
+
+    # --- small helpers -------------------------------------------------------------------------------
+
+    def _as_user(self, argv: list[str]) -> list[str]:
+        if self.o.user and os.geteuid() == 0 and pwd.getpwnam(self.o.user).pw_uid != 0:
+            return ["runuser", "-u", self.o.user, "--", *argv]
+        return argv
+
+    def _run(self, argv: Sequence[str], what: str, *, timeout: float | None = None) -> str:
+        try:
+            done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout or self.o.timeout, check=False)  # noqa: S603  fixed argv of our own programs
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise UpdateError(f"{what}: {exc}") from None
+        if done.returncode != 0:
+            detail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or [f"exit status {done.returncode}"]
+            raise UpdateError(f"{what}: {detail[0][:300]}")
+        return done.stdout
+
+    def _systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        argv = [*self.o.systemctl, *args]
+        try:
+            # systemd gives up on a start after TimeoutStartSec and fails it; this is only a backstop.
+            return subprocess.run(argv, capture_output=True, text=True, check=False,  # noqa: S603  the service manager
+                                  timeout=self.o.timeout + 60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return subprocess.CompletedProcess(argv, 1, "", str(exc))
+
+    def _give(self, path: Path) -> None:
+        """Files this program (root) writes into the data directory belong to the box's user."""
+        st = self.o.data.stat()
+        if os.geteuid() == 0:
+            os.chown(path, st.st_uid, st.st_gid)
+
+    def _write_status(self, **values: Any) -> None:
+        self.updates.mkdir(exist_ok=True, mode=0o700)
+        self._give(self.updates)
+        path = self.updates / STATUS
+        tmp = path.with_name(f".{STATUS}.{secrets.token_hex(4)}")
+        tmp.write_text(json.dumps({"at": int(time.time()), **values}), encoding="utf-8")
+        tmp.chmod(0o600)
+        self._give(tmp)
+        tmp.replace(path)
+
+    # --- the steps -------------------------------------------------------------------------------------
+
+    def install_venv(self, info: BundleInfo, wheels: Path) -> Path:
+        target = venv_dir(self.o.prefix, info.version)
+        if target.exists():
+            shutil.rmtree(target)  # a half-made venv of an earlier attempt (never the one in force)
+        self.o.say(f"installing Letterbox {info.version} into {target}")
+        # Without ensurepip (8 s of CPU, a minute on a Pi): the pip of the version in force installs into
+        # the new venv (`pip --python`), pip itself included when the bundle carries it (make bundle
+        # does), so the next update finds a pip there too.
+        self._run([self.o.python, "-m", "venv", "--without-pip", str(target)], "cannot make the venv")
+        pip = [sys.executable, "-m", "pip", "--python", str(target / "bin" / "python"), "install", "--quiet",
+               "--disable-pip-version-check", "--no-warn-script-location", "--only-binary=:all:"]
+        if info.machine:  # a bundle carries every wheel: no network at all
+            pip += ["--no-index", "--find-links", str(wheels)]
+        letterbox = next(n for n in info.wheels if n.startswith("letterbox-"))
+        extra = ["pip"] if any(n.startswith("pip-") for n in info.wheels) or not info.machine else []
+        try:
+            self._run([*pip, str(wheels / letterbox), *extra], "cannot install the bundle")
+            out = self._run(self._as_user([str(target / "bin" / "letterbox"), "--version"]),
+                            "the new version does not run", timeout=120)
+        except UpdateError:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        if out.split()[-1:] != [info.version]:
+            shutil.rmtree(target, ignore_errors=True)
+            raise UpdateError(f"the installed version says {out.strip()[:80]!r}, not {info.version}")
+        return target
+
+    def backup(self, current: Path) -> str:
+        """A backup with the running version, when the box has a backup key."""
+        try:
+            out = self._run(self._as_user([str(current / "bin" / "letterbox"), "--data", str(self.o.data),
+                                           "backup", "create"]), "backup")
+        except UpdateError as exc:
+            if "no backup key" in str(exc):
+                self.o.say("no backup key on this box (console -> Backups): no backup made; the database is"
+                           " copied aside before the update instead")
+                return ""
+            raise UpdateError(f"the backup before the update failed, nothing was changed: {exc}") from None
+        path = out.split("\t")[0].strip()
+        self.o.say(f"backup made: {path}")
+        return path
+
+    def snapshot_db(self, version: str) -> Path:
+        """The database (service stopped, so the files are consistent) copied to before-<version>/."""
+        snap = self.updates / f"before-{version}"
+        shutil.rmtree(snap, ignore_errors=True)
+        snap.mkdir(parents=True, mode=0o700)
+        self._give(self.updates)
+        self._give(snap)
+        for name in DB_FILES:
+            src = self.o.data / name
+            if src.exists():
+                shutil.copy2(src, snap / name)
+                self._give(snap / name)
+        return snap
+
+    def restore_db(self, snap: Path, failed_version: str) -> None:
+        kept = self.updates / f"failed-{failed_version}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        kept.mkdir(parents=True, mode=0o700)
+        self._give(kept)
+        for name in (*DB_FILES, "letterbox.db-shm"):
+            live = self.o.data / name
+            if live.exists():
+                os.replace(live, kept / name)
+        for name in DB_FILES:
+            if (snap / name).exists():
+                tmp = self.o.data / f".{name}.{secrets.token_hex(4)}"
+                shutil.copy2(snap / name, tmp)
+                self._give(tmp)
+                os.replace(tmp, self.o.data / name)
+        self.o.say(f"database put back as it was before the update (the migrated one is kept in {kept})")
+
+    def start_and_wait(self) -> str | None:
+        """Start the service; None once it is active and its web port answers, else the reason."""
+        started = self._systemctl("start", self.o.service)
+        if started.returncode != 0:
+            return f"the service did not start ({(started.stderr or started.stdout).strip()[:200] or started.returncode})"
+        deadline = time.monotonic() + self.o.timeout
+        reason = "no answer"
+        while time.monotonic() < deadline:
+            state = self._systemctl("is-active", self.o.service).stdout.strip()
+            if state in ("failed", "inactive"):
+                return f"the service is {state}"
+            if state == "active":
+                answer = http_answers(self.o.health_url)
+                if answer is None:
+                    return None
+                reason = answer
+            time.sleep(HEALTH_POLL)
+        return f"the web port did not answer within {self.o.timeout:.0f} s ({reason})"
+
+    # --- the whole update ------------------------------------------------------------------------------
+
+    def run(self, bundle: Path) -> str:
+        """Install `bundle` and switch to it; returns the version now running. UpdateError otherwise
+        (with everything as it was, or rolled back)."""
+        current = current_venv(self.o.prefix)
+        if current is None:
+            raise UpdateError(f"no Letterbox installed under {self.o.prefix} (run install.sh first)")
+        running = venv_version(current)
+        with tempfile.TemporaryDirectory(prefix=".update-", dir=self.o.prefix) as work:
+            wheels = Path(work)
+            try:
+                info = inspect(bundle, into=wheels)
+            except BundleError as exc:
+                raise UpdateError(str(exc)) from None
+            if info.machine and info.machine != os.uname().machine:
+                raise UpdateError(f"this bundle is for {info.machine}; this box is {os.uname().machine}")
+            if info.version == running:
+                raise UpdateError(f"Letterbox {running} is already running")
+            if not is_newer(info.version, running) and not self.o.allow_downgrade:
+                raise UpdateError(f"{info.version} is older than the running {running} (--allow-downgrade to go back)")
+            self._write_status(state="running", version=info.version, previous=running, message="installing")
+            try:
+                target = self.install_venv(info, wheels)
+            except UpdateError as exc:
+                self._write_status(state="failed", version=info.version, previous=running, message=str(exc))
+                raise
+        try:
+            self.backup(current)
+        except UpdateError as exc:
+            self._write_status(state="failed", version=info.version, previous=running, message=str(exc))
+            raise
+        return self._switch(current, target, info.version, running)
+
+    def _switch(self, current: Path, target: Path, version: str, running: str) -> str:
+        self.o.say(f"stopping Letterbox {running}")
+        self._systemctl("stop", self.o.service)
+        snap = self.snapshot_db(version)
+        schema_before = schema_version(snap / "letterbox.db")
+        switch_link(self.o.prefix, target)
+        self.o.say(f"starting Letterbox {version}")
+        problem = self.start_and_wait()
+        if problem is None:
+            self._write_status(state="done", version=version, previous=running,
+                               message=f"updated from {running} to {version}")
+            self.prune(keep={target, current})
+            self.o.say(f"Letterbox {version} is running (the previous version stays in {current})")
+            return version
+        self.o.say(f"Letterbox {version} did not come up: {problem}; going back to {running}")
+        self._systemctl("stop", self.o.service)
+        switch_link(self.o.prefix, current)
+        if schema_version(self.o.data / "letterbox.db") != schema_before:
+            self.restore_db(snap, version)
+        back = self.start_and_wait()
+        message = f"{version} did not come up ({problem}); rolled back to {running}"
+        if back is not None:
+            message += f", which did not come up either: {back}"
+        self._write_status(state="failed", version=version, previous=running, message=message)
+        raise UpdateError(message)
+
+    def prune(self, keep: set[Path]) -> None:
+        """Only the venv in force and the one before it stay; only the newest database copy stays."""
+        for venv in self.o.prefix.glob("venv-*"):
+            if venv.resolve() not in keep and venv.is_dir() and not venv.is_symlink():
+                shutil.rmtree(venv, ignore_errors=True)
+        snaps = sorted(self.updates.glob("before-*"), key=lambda p: p.stat().st_mtime)
+        for old in snaps[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def schema_version(db: Path) -> int:
+    """The schema version of a database file, read from a copy (with its WAL) so that nothing is
+    created next to the real one (root must not leave a -shm the box's user cannot open)."""
+    if not db.exists():
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "db"
+        shutil.copy2(db, copy)
+        wal = db.with_name(db.name + "-wal")
+        if wal.exists():
+            shutil.copy2(wal, Path(tmp) / "db-wal")
+        conn = sqlite3.connect(copy)
+        try:
+            row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()
+        except sqlite3.Error:
+            return 0
+        finally:
+            conn.close()
+    return int(row[0])
+
+
+def http_answers(url: str, timeout: float = 5.0) -> str | None:
+    """None when an HTTP server answers at `url` (any status: the box's port 80 redirects), else why not."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
+    try:
+        conn.request("GET", parts.path or "/")
+        conn.getresponse().read()
+    except (OSError, http.client.HTTPException) as exc:
+        return str(exc) or exc.__class__.__name__
+    finally:
+        conn.close()
+    return None
+
+
+@contextlib.contextmanager
+def _one_at_a_time(prefix: Path) -> Iterator[None]:
+    fd = os.open(prefix / ".update.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UpdateError("another update is running") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def take_incoming(opts: Options, into: Path) -> Path | None:
+    """Move an uploaded bundle out of the box's reach (the box's user owns DATA/updates) before checking
+    it; None when there is none."""
+    src = opts.data / UPDATES / INCOMING
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        os.unlink(src)
+        raise UpdateError(f"the uploaded bundle cannot be read: {exc.strerror}") from None
+    dest = into / INCOMING
+    with os.fdopen(fd, "rb") as f, open(dest, "wb") as out:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise UpdateError("the uploaded bundle is not a plain file")
+        shutil.copyfileobj(f, out)
+    os.unlink(src)
+    return dest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="letterbox-update", description="Install a newer Letterbox, keeping the data.")
+    parser.add_argument("bundle", nargs="?", help="letterbox-bundle-VERSION-MACHINE.tar (or a letterbox wheel)")
+    parser.add_argument("--incoming", action="store_true", help="install the bundle uploaded in the console, if any")
+    parser.add_argument("--prefix", type=Path, default=DEFAULT_PREFIX)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--service", default="letterbox")
+    parser.add_argument("--systemctl", default="systemctl", help="the service manager command (tests)")
+    parser.add_argument("--user", default="letterbox", help="the box's user ('' = the caller, for tests)")
+    parser.add_argument("--python", default="/usr/bin/python3", help="the Python the new venv is made from")
+    parser.add_argument("--health-url", default="http://127.0.0.1:80/")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds the new version has to answer")
+    parser.add_argument("--allow-downgrade", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.bundle and not args.incoming:
+        parser.error("give a BUNDLE or --incoming")
+    opts = Options(prefix=args.prefix, data=args.data, service=args.service, systemctl=args.systemctl.split(),
+                   user=args.user, python=args.python, health_url=args.health_url, timeout=args.timeout,
+                   allow_downgrade=args.allow_downgrade, say=lambda line: print(f"letterbox-update: {line}", flush=True))
+    os.umask(0o022)  # the venvs are readable by the box's user, writable by root only
+    try:
+        with _one_at_a_time(opts.prefix), tempfile.TemporaryDirectory(prefix=".incoming-", dir=opts.prefix) as tmp:
+            bundle = take_incoming(opts, Path(tmp)) if args.incoming else Path(args.bundle)
+            if bundle is None:
+                print("letterbox-update: no uploaded bundle waiting")
+                return 0
+            try:
+                Updater(opts).run(bundle)
+            except UpdateError as exc:
+                if args.incoming:  # the console shows why
+                    with contextlib.suppress(OSError):
+                        if (read_status(opts.data) or {}).get("state") != "failed":
+                            Updater(opts)._write_status(state="failed", version="", previous="", message=str(exc))
+                raise
+    except UpdateError as exc:
+        print(f"letterbox-update: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
