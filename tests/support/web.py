@@ -196,3 +196,14 @@ def web_client(root: Path, *, policy: ThrottlePolicy = NO_THROTTLE) -> Iterator[
             yield WebClient(client, services)
         finally:
             client.portal.call(services.db.close)
+
+
+@contextmanager
+def logged_in(root: Path, name: str, password: str) -> Iterator[WebClient]:
+    """A box past the wizard, with Alice's mailbox, and `name` logged in: where most console and account
+    page tests start."""
+    with web_client(root) as client:
+        client.set_up()
+        client.add_user()
+        client.login(name, password)
+        yield client

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LETTERBOX
-from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, ALICE_PASSWORD, HOSTNAME, WebClient, web_client
+from tests.support.web import (
+    ADMIN,
+    ADMIN_PASSWORD,
+    ALICE,
+    ALICE_PASSWORD,
+    HOSTNAME,
+    WebClient,
+    logged_in,
+)
 from web.session import COOKIE_NAME
 
 NEW_PASSWORD = "alice's brand new passphrase"
@@ -19,10 +27,7 @@ NEW_PASSWORD = "alice's brand new passphrase"
 
 @pytest.fixture
 def web(tmp_path: Path) -> Iterator[WebClient]:
-    with web_client(tmp_path / "data") as client:
-        client.set_up()
-        client.add_user()
-        client.login(ALICE, ALICE_PASSWORD)
+    with logged_in(tmp_path / "data", ALICE, ALICE_PASSWORD) as client:
         yield client
 
 

@@ -25,7 +25,7 @@ from appliance.queue.smarthost import Smarthost
 from appliance.queue.state import spool_file
 from tests.support.dns_server import ZoneServer
 from tests.support.receivers import Receiver, free_port
-from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, ALICE_PASSWORD, WebClient, web_client
+from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, ALICE_PASSWORD, WebClient, logged_in
 
 RELAY_NAME, RELAY_USER, RELAY_PASSWORD = "relay.example.test", "relay-user", "relay pass 5ecret!"
 BOB, CAROL = "bob@elsewhere.example", "carol@far-away.example"
@@ -33,10 +33,7 @@ BOB, CAROL = "bob@elsewhere.example", "carol@far-away.example"
 
 @pytest.fixture
 def web(tmp_path: Path) -> Iterator[WebClient]:
-    with web_client(tmp_path / "data") as client:
-        client.set_up()
-        client.add_user()
-        client.login(ADMIN, ADMIN_PASSWORD)
+    with logged_in(tmp_path / "data", ADMIN, ADMIN_PASSWORD) as client:
         yield client
 
 

@@ -16,7 +16,7 @@ import pytest
 from appliance import bundle, cli
 from appliance.update import running_version
 from tests.support.releases import build_wheel
-from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, ALICE_PASSWORD, WebClient, web_client
+from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, ALICE_PASSWORD, WebClient, logged_in
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def web(tmp_path: Path) -> Iterator[WebClient]:
-    with web_client(tmp_path / "data") as client:
-        client.set_up()
-        client.add_user()
-        client.login(ADMIN, ADMIN_PASSWORD)
+    with logged_in(tmp_path / "data", ADMIN, ADMIN_PASSWORD) as client:
         yield client
 
 
