@@ -214,6 +214,8 @@ class Box:
         await self._stop_services()
         with contextlib.suppress(Exception):
             await self.services.spam_decisions.close()  # the last few decisions, before the db closes
+        with contextlib.suppress(Exception):
+            await self.services.delivery_log.close()
         # The Maildir's dovecot-uidlist files written before the process goes (issue 17).
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.services.store.flush_uidlists(), timeout=10)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from appliance.backup import BackupJobs
 from appliance.certificates import CertContext
+from appliance.delivery_log import DeliveryLog
 from appliance.spam.decisions import DecisionLog
 from appliance.spam.dnsbl import Blocklists, ListStatus
 from appliance.spam.greylist import Greylist
@@ -61,6 +62,8 @@ class Services:
     blocklists: Blocklists = field(init=False)  # DNS blocklist lookups and each list's state
     spam_screen: SpamScreen = field(init=False)  # the MX's connection/envelope-time layers
     outbound_guard: OutboundGuard = field(init=False)  # submission's hourly limits and suspensions
+    # Every message in and out, per recipient (appliance/delivery_log.py); flushed at stop.
+    delivery_log: DeliveryLog = field(init=False)
     # Started after the listeners are bound (Box._start_background); None where a test runs without them.
     queue: OutboundQueue | None = None
     inbound_check: InboundCheck | None = None  # the MX's SPF/DKIM/DMARC check (appliance/inbound_auth.py)
@@ -89,6 +92,8 @@ class Services:
 
         self.outbound_guard = OutboundGuard(self.db, self.settings, self.events, self.spam_decisions,
                                             notify_postmaster=notify_postmaster)
+        self.delivery_log = DeliveryLog(self.db, enabled=lambda: self.settings.now.delivery_log,
+                                        keep_days=lambda: self.settings.now.delivery_log_days)
 
     @property
     def hostname(self) -> str:

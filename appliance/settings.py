@@ -44,6 +44,8 @@ log = logging.getLogger("letterbox.settings")
 
 # --- the keys (nowhere else) -----------------------------------------------------------------------------
 HOSTNAME = "hostname"
+DELIVERY_LOG = "delivery_log"  # on/off
+DELIVERY_LOG_DAYS = "delivery_log_days"
 STATUS_CHECKS = "status_checks"  # on/off: the status checklist's background runs
 TIME_ZONE = "time_zone"  # IANA name; empty: the system's (appliance/time_zone.py)
 PUBLIC_IPV4 = "public_ipv4"
@@ -198,7 +200,7 @@ RELAY_KEYS = (RELAY_HOST, RELAY_PORT, RELAY_TLS, RELAY_USER, RELAY_PASSWORD, REL
 KNOWN_KEYS = (
     HOSTNAME, PUBLIC_IPV4, PUBLIC_IPV6, QUEUE_HOLD, MX_PORT, RETRY_INTERVALS, RETRY_MAX_AGE,
     RETRY_DELAY_NOTICE, DNS_RESOLVER, INBOUND_AUTH, DMARC_REJECT, *RELAY_KEYS, RELAY_TESTED,
-    SETUP_STEP, SETUP_DONE, SETUP_DOMAIN, SETUP_DOMAIN_ADDED, TIME_ZONE, STATUS_CHECKS, *SPAM_KEYS,
+    SETUP_STEP, SETUP_DONE, SETUP_DOMAIN, SETUP_DOMAIN_ADDED, TIME_ZONE, STATUS_CHECKS, DELIVERY_LOG, DELIVERY_LOG_DAYS, *SPAM_KEYS,
 )
 
 _SELECT_KNOWN = f"SELECT key, value FROM settings WHERE key IN ({','.join('?' * len(KNOWN_KEYS))})"  # noqa: S608  placeholders only
@@ -234,6 +236,8 @@ class SettingValues:
     spam: SpamSettings  # the spam and abuse layers (issue 16)
     time_zone: str = ""  # IANA name for times shown to people; "": the system's
     status_checks: bool = True  # the status checklist runs in the background every few hours
+    delivery_log: bool = True  # every message in and out recorded (appliance/delivery_log.py)
+    delivery_log_days: int = 30  # how long its rows are kept
 
 
 class Changes(TypedDict, total=False):
@@ -256,6 +260,8 @@ class Changes(TypedDict, total=False):
     spam: SpamSettings  # written whole: replace(now.spam, field=...)
     time_zone: str
     status_checks: bool
+    delivery_log: bool
+    delivery_log_days: int
 
 
 def _flag(raw: Mapping[str, str], key: str, default: bool) -> bool:
@@ -344,6 +350,8 @@ def decode(raw: Mapping[str, str], *, default_hostname: str, hostname_override: 
         spam=_spam(raw),
         time_zone=raw.get(TIME_ZONE, "").strip(),
         status_checks=_flag(raw, STATUS_CHECKS, True),
+        delivery_log=_flag(raw, DELIVERY_LOG, True),
+        delivery_log_days=max(1, min(_int(raw, DELIVERY_LOG_DAYS) or 30, 3650)),
     )
 
 
@@ -386,6 +394,8 @@ _ENCODINGS: dict[str, tuple[str, Callable[[object], str]]] = {
     "setup_domain_added": (SETUP_DOMAIN_ADDED, _bit_of),
     "time_zone": (TIME_ZONE, _text),
     "status_checks": (STATUS_CHECKS, _on_off),
+    "delivery_log": (DELIVERY_LOG, _on_off),
+    "delivery_log_days": (DELIVERY_LOG_DAYS, _text),
 }
 
 

@@ -36,6 +36,7 @@ from web.routes import (
     backups,
     certificate,
     console,
+    delivery_log,
     domains,
     login,
     mailboxes,
@@ -134,7 +135,7 @@ def routes() -> list[BaseRoute]:
     return [
         *login.routes, *restore.routes, *setup.routes, *console.routes, *domains.routes, *mailboxes.routes, *sending.routes,
         *account.routes, *autoconfig.routes, *wellknown.routes, *certificate.routes, *backups.routes,
-        *updates.routes,
+        *updates.routes, *delivery_log.routes,
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
 

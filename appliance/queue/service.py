@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from appliance.delivery_log import Delivery
 from appliance.queue.client import (
     AbortSignal,
     OutboundSession,
@@ -210,7 +211,7 @@ class OutboundQueue:
         try:
             while jobs and not self._stopping:
                 session, config = await self._follow_settings(session, config)
-                if config.hold:
+                if config.hold or not jobs:  # the deque may have been emptied while we awaited
                     break
                 job = jobs.popleft()
                 handed_back = False
@@ -327,6 +328,10 @@ class OutboundQueue:
             verdict = "sent" if outcome.delivered else "bounced" if outcome.permanent else "deferred"
             log.info("%s: to=<%s> relay=%s tls=%s status=%s (%s)", job.message_id, address,
                      outcome.remote or "none", tls or "none", verdict, outcome.text)
+            self.services.delivery_log.record(Delivery(
+                direction="out", result="delivered" if outcome.delivered else "bounced" if outcome.permanent
+                else "deferred", sender=job.sender, recipient=address, detail=outcome.text,
+                client=outcome.remote, queue_id=job.message_id, owner=job.auth_user or ""))
         recorded = await self.state.record(job, outcomes, policy=config.policy, now=now, tls=tls)
         refused = [o for o in outcomes.values() if o.permanent]
         if job.auth_user and refused:

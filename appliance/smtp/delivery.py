@@ -15,6 +15,7 @@ from datetime import datetime
 from appliance import srs
 from appliance.accounts import Accounts
 from appliance.address import split_plus
+from appliance.delivery_log import Delivery, DeliveryLog, Result, message_id_of
 from appliance.queue import dsn
 from appliance.queue.report_delivery import deliver_report_to_sender
 from appliance.queue.spool import Spool, new_queue_id
@@ -69,9 +70,10 @@ def local_copy(message: InboundMessage, route: RecipientRoute, mailbox: str) -> 
 class Deliverer:
     def __init__(
         self, accounts: Accounts, store: MailStore, spool: Spool, hostname: str | Callable[[], str],
-        rewriter: srs.SenderRewriter | None = None,
+        rewriter: srs.SenderRewriter | None = None, delivery_log: DeliveryLog | None = None,
     ) -> None:
         self._accounts = accounts
+        self._log = delivery_log
         self._store = store
         self._spool = spool
         # A callable is read at each report: the host name can change while the box runs.
@@ -140,12 +142,27 @@ class Deliverer:
         if isinstance(result, int):
             log.info("%s: delivered from=<%s> to=%s uid=%d size=%d",
                      message.queue_id, message.sender, mailbox, result, len(data))
+            self._record(message, mailbox, "delivered", "INBOX", len(data))
             return None
         if isinstance(result, QuotaExceeded):
             log.info("%s: %s is over quota", message.queue_id, mailbox)
+            self._record(message, mailbox, "rejected", "the mailbox is full", len(data), check="quota")
             return MAILBOX_FULL
         log.error("%s: delivery to %s failed: %r", message.queue_id, mailbox, result)
         return TEMPORARY_FAILURE
+
+    def _record(self, message: InboundMessage, recipient: str, result: Result, detail: str, size: int,
+                *, check: str = "", queue_id: str | None = None) -> None:
+        """One delivery log row (appliance/delivery_log.py): mail from a logged-in user is "out" and
+        its owner is that user; mail from the internet is "in" and its owner the recipient mailbox."""
+        if self._log is None:
+            return
+        out = message.auth_user is not None
+        self._log.record(Delivery(
+            direction="out" if out else "in", result=result, sender=message.sender, recipient=recipient,
+            size=size, detail=detail, check=check, client=message.received.peer_ip,
+            queue_id=queue_id or message.queue_id, message_id=message_id_of(message.data),
+            owner=(message.auth_user or "") if out else (recipient if result in ("delivered", "junk") else "")))
 
     async def _outbound_groups(self, message: InboundMessage) -> list[tuple[str, list[str]]]:
         """The spool entries to write: (envelope sender, recipients). A user's own mail and anything
@@ -185,6 +202,8 @@ class Deliverer:
         except Exception:
             log.exception("%s: could not spool for %d recipients", message.queue_id, len(recipients))
             return False
+        for rcpt in recipients:
+            self._record(message, rcpt, "queued", "waiting in the outbound queue", len(data), queue_id=queue_id)
         return True
 
     async def _bounce(self, message: InboundMessage, failed: dict[str, Reply]) -> None:

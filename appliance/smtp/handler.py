@@ -20,6 +20,7 @@ from appliance import srs
 from appliance.account_errors import InvalidAddress
 from appliance.address import Address, parse_address
 from appliance.auth import Principal, Refused
+from appliance.delivery_log import Delivery, message_id_of
 from appliance.queue.spool import new_queue_id
 from appliance.smtp import headers
 from appliance.smtp.delivery import Deliverer, InboundMessage
@@ -278,6 +279,7 @@ class SmtpHandler:
                 return refused
         if isinstance(route, Reply):
             log.info("%s: RCPT TO:<%s> refused: %s", ip, address[:100], route)
+            self._log_refused(sess, env, route, "recipient", (address,))
             if guard is not None and (route.code >= 500 or route is PROBING_BLOCKED):
                 if route.status == "5.1.1":
                     guard.record_unknown(ip)
@@ -384,16 +386,16 @@ class SmtpHandler:
         else:
             data = headers.normalise_line_ends(raw)
         if headers.count_received(data) >= self.limits.max_received_headers:
-            return self._for_all(env, TOO_MANY_HOPS)
+            return self._refuse_data(session, env, TOO_MANY_HOPS, "loop", data)
         if headers.header_section_too_large(data):
             # The From: checks (DMARC, submission) read this much; a field past it would be unseen.
-            return self._for_all(env, HEADER_TOO_LARGE)
+            return self._refuse_data(session, env, HEADER_TOO_LARGE, "size", data)
         principal = session.principal
         if self.submission and principal is not None:
             refused = await self._header_sender_refused(principal.name, data)
             if refused is not None:
                 log.info("%s: %s refused: %s", peer_ip(session), principal.name, refused)
-                return str(refused)
+                return self._refuse_data(session, env, refused, "sender", data)
             data = headers.add_submission_headers(data, self.services.hostname)
         sender = "" if env.sender is None else str(env.sender)
         tls = tls_facts(server)
@@ -406,7 +408,7 @@ class SmtpHandler:
             facts = InboundFacts(peer_ip(session), helo, sender, tuple(r.rcpt for r in env.routes), tls is not None)
             verdict = await check(facts, data)
             if verdict.reject:
-                return self._for_all(env, verdict.reject)
+                return self._refuse_data(session, env, verdict.reject, "dmarc", data)
             data = verdict.headers + (data if verdict.message is None else verdict.message)
             sender_verified = verdict.sender_authenticated
 
@@ -434,6 +436,23 @@ class SmtpHandler:
         if self.lmtp:
             return "\r\n".join(str(reply) for reply in report.replies)
         return str(report.summary)
+
+    def _log_refused(self, session: LetterboxSession, env: LetterboxEnvelope, reply: Reply | str, check: str,
+                     recipients: tuple[str, ...], data: bytes | None = None) -> None:
+        """Refusals in the delivery log: admins see them all; a logged-in sender sees their own."""
+        principal = session.principal
+        for rcpt in recipients:
+            self.services.delivery_log.record(Delivery(
+                direction="out" if principal else "in", result="rejected",
+                sender="" if env.sender is None else str(env.sender), recipient=rcpt[:320],
+                size=len(data) if data is not None else None, detail=str(reply), check=check,
+                client=peer_ip(session), message_id=message_id_of(data) if data else None,
+                owner=principal.name if principal else ""))
+
+    def _refuse_data(self, session: LetterboxSession, env: LetterboxEnvelope, reply: Reply | str, check: str,
+                     data: bytes) -> str:
+        self._log_refused(session, env, reply, check, tuple(r.rcpt for r in env.routes), data)
+        return self._for_all(env, reply)
 
     async def _header_sender_refused(self, login: str, data: bytes) -> Reply | None:
         """The envelope rule applied to what the recipient reads (as Postfix's

@@ -464,7 +464,7 @@ async def start_server(
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     loop = asyncio.get_running_loop()
     deliverer = Deliverer(services.accounts, services.store, services.spool, lambda: services.hostname,
-                          services.srs)
+                          services.srs, delivery_log=services.delivery_log)
     handler = SmtpHandler(services, service, limits, deliverer)
     tracker = ConnectionTracker(limits)
     implicit_tls = service == "submissions"
