@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 import zlib
 from collections.abc import Iterator
 
@@ -11,6 +10,7 @@ import pytest
 
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
+from tests.support.polling import wait_until
 
 USER = "alice@example.test"
 PASSWORD = "correct horse battery staple"
@@ -175,12 +175,16 @@ def test_compress_deflate_over_tls(box: BoxHandle, raw: RawImap) -> None:
     assert raw.line() == b"z OK DEFLATE active\r\n"
     received = inflate.decompress(raw.buffer)
     raw.buffer = b""
-    deadline = time.monotonic() + 15
-    while b"n OK" not in received and time.monotonic() < deadline:
-        received += inflate.decompress(raw.sock.recv(65536))
+
+    def read_until(marker: bytes) -> bool:
+        nonlocal received
+        if marker not in received:
+            received += inflate.decompress(raw.sock.recv(65536))
+        return marker in received
+
+    wait_until(lambda: read_until(b"n OK"), seconds=15, what="the NOOP pipelined behind COMPRESS")
     assert received.startswith(b"n OK"), received
     raw.send(packed(b"s SELECT INBOX\r\nc COMPRESS DEFLATE\r\n"))
-    while b"c NO" not in received and time.monotonic() < deadline:
-        received += inflate.decompress(raw.sock.recv(65536))
+    wait_until(lambda: read_until(b"c NO"), seconds=15, what="the second COMPRESS refused")
     assert b"* 5 EXISTS\r\n" in received
     assert b"c NO [COMPRESSIONACTIVE]" in received
