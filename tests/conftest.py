@@ -11,7 +11,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +20,7 @@ import trustme
 
 from appliance.config import STANDARD_PORTS, DataLayout, ServeConfig
 from appliance.queue import dns_cache
+from tests.support.polling import wait_until
 
 T = TypeVar("T")
 
@@ -230,14 +230,19 @@ class ServedBox:
             stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.data.root.parent,
         )
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        proc = self.proc
+
+        def ready() -> bool:
             if b"\nready\n" in self.log_path.read_bytes()[earlier:]:
-                return
-            if self.proc.poll() is not None:
+                return True
+            if proc.poll() is not None:
                 raise RuntimeError(f"letterbox serve exited: {self.log_path.read_text(errors='replace')}")
-            time.sleep(0.05)
-        raise RuntimeError(f"letterbox serve not ready: {self.log_path.read_text(errors='replace')}")
+            return False
+
+        try:
+            wait_until(ready, seconds=timeout, interval=0.05, what="letterbox serve ready")
+        except AssertionError:
+            raise RuntimeError(f"letterbox serve not ready: {self.log_path.read_text(errors='replace')}") from None
 
     def port(self, service: str) -> int:
         return STANDARD_PORTS[service] + self.offset

@@ -6,7 +6,6 @@ and restarts on the restored data, and the restored mailbox logs in over IMAP an
 from __future__ import annotations
 
 import imaplib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tests.e2e.test_console_mailbox_recreate import (
     send,
 )
 from tests.e2e.test_web_wizard import CHROMIUM_ARGS, screenshot_dir
+from tests.support.polling import retry
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -46,21 +46,17 @@ def boxes(tmp_path: Path, ca: trustme.CA) -> Iterator[tuple[ServedBox, ServedBox
 
 def subjects(served: ServedBox, timeout: float = 60) -> list[bytes]:
     """The INBOX's subjects over IMAP, once the box answers with the restored accounts."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def read() -> list[bytes]:
+        imap = imaplib.IMAP4_SSL("localhost", served.port("imaps"), ssl_context=served.client_context, timeout=10)
         try:
-            imap = imaplib.IMAP4_SSL("localhost", served.port("imaps"), ssl_context=served.client_context, timeout=10)
-            try:
-                imap.login(JONH, PASSWORD)
-                imap.select("INBOX", readonly=True)
-                _, data = imap.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
-                return sorted(bytes(part[1]).strip() for part in data if isinstance(part, tuple))
-            finally:
-                imap.logout()
-        except (OSError, imaplib.IMAP4.error):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+            imap.login(JONH, PASSWORD)
+            imap.select("INBOX", readonly=True)
+            _, data = imap.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            return sorted(bytes(part[1]).strip() for part in data if isinstance(part, tuple))
+        finally:
+            imap.logout()
+
+    return retry(read, retry_on=(OSError, imaplib.IMAP4.error), seconds=timeout, interval=0.2)
 
 
 def test_backup_in_the_console_and_restore_from_the_wizard(boxes: tuple[ServedBox, ServedBox], tmp_path: Path) -> None:

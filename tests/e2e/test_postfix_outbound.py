@@ -8,14 +8,15 @@ queue and Maildir in a temp dir, PEERS.md); the test zone on a loopback DNS serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import dkim
@@ -26,6 +27,7 @@ import trustme
 from appliance.db import Database
 from tests.conftest import ServedBox, require_program
 from tests.support.dns_server import ZoneServer
+from tests.support.polling import process_gone, wait_until
 from tests.support.receivers import free_port
 
 pytestmark = pytest.mark.e2e
@@ -135,15 +137,10 @@ class PrivatePostfix:
     def stop(self) -> None:
         pid = self.master_pid()
         self._control("stop")
-        deadline = time.monotonic() + 10
-        while pid is not None and time.monotonic() < deadline:
+        if pid is not None:
             try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            if pid is not None:
+                wait_until(partial(process_gone, pid), seconds=10, interval=0.1, what="the postfix master gone")
+            except AssertionError:
                 os.kill(pid, signal.SIGKILL)  # our own instance's master, by its pid
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -220,9 +217,8 @@ def test_submitted_mail_reaches_postfix_signed_and_over_tls(
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
-    deadline = time.monotonic() + 45  # the queue notices the settings within its poll interval
-    while not postfix.mailbox() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    with contextlib.suppress(AssertionError):  # told with both logs just below
+        wait_until(postfix.mailbox, seconds=45, interval=0.2, what="the message at postfix")
     delivered = postfix.mailbox()
     assert delivered, f"nothing arrived; postfix log:\n{postfix.log.read_text()}\nbox log:\n" \
                       f"{served_box.log_path.read_text()}"

@@ -4,6 +4,7 @@ complete after a restart, and nothing half-written is visible."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import smtplib
 import threading
@@ -15,7 +16,7 @@ from appliance.accounts import Accounts
 from appliance.db import Database
 from appliance.store.mailstore import MailStore
 from tests.conftest import ServedBox
-from tests.support.polling import wait_until
+from tests.support.polling import retry, wait_until
 from tests.support.smtp_wire import hold_outbound_sql
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -47,28 +48,32 @@ class Sender:
 
     def run(self, numbers: list[int]) -> None:
         pending = list(numbers)
-        while pending and time.monotonic() < self.deadline:
-            try:
-                with smtplib.SMTP("127.0.0.1", self.served.port("smtp"), timeout=20) as client:
-                    client.ehlo("crash.test")
-                    while pending:
-                        n = pending[0]
-                        try:
-                            client.sendmail("sender@external.test", [ALICE], message(n))
-                        except smtplib.SMTPResponseException:
-                            with self.lock:
-                                self.unacked.add(pending.pop(0))
-                            continue
-                        except (OSError, smtplib.SMTPException):
-                            # No reply: the message may or may not be there; never resend it, or a
-                            # delivered-but-unacknowledged copy would be doubled.
-                            with self.lock:
-                                self.unacked.add(pending.pop(0))
-                            raise
+
+        def send_pending() -> None:
+            with smtplib.SMTP("127.0.0.1", self.served.port("smtp"), timeout=20) as client:
+                client.ehlo("crash.test")
+                while pending:
+                    n = pending[0]
+                    try:
+                        client.sendmail("sender@external.test", [ALICE], message(n))
+                    except smtplib.SMTPResponseException:
                         with self.lock:
-                            self.acked.add(pending.pop(0))
-            except (OSError, smtplib.SMTPException):
-                time.sleep(0.05)  # server down: back off, then try again (bounded by self.deadline)
+                            self.unacked.add(pending.pop(0))
+                        continue
+                    except (OSError, smtplib.SMTPException):
+                        # No reply: the message may or may not be there; never resend it, or a
+                        # delivered-but-unacknowledged copy would be doubled.
+                        with self.lock:
+                            self.unacked.add(pending.pop(0))
+                        raise
+                    with self.lock:
+                        self.acked.add(pending.pop(0))
+
+        # Server down: back off, then try again, until the budget of all senders is spent; what is
+        # left then counts as not acknowledged.
+        with contextlib.suppress(OSError, smtplib.SMTPException):
+            retry(send_pending, retry_on=(OSError, smtplib.SMTPException),
+                  seconds=self.deadline - time.monotonic(), interval=0.05)
         with self.lock:
             self.unacked.update(pending)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import ssl
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import trustme
 from tests.conftest import ServedBox, require_program
 from tests.e2e.test_web_wizard import CHROMIUM_ARGS, screenshot_dir
 from tests.support.pebble import Pebble, running_pebble
+from tests.support.polling import wait_until
 from tests.support.tls_probe import TLS_SERVICES, served_certificate
 from tests.support.web import setup_code
 
@@ -96,11 +96,14 @@ def test_wizard_step4_orders_from_pebble(served: ServedBox, pebble: Pebble, tmp_
         expect(page).to_have_url(f"{https}/setup/4")
         expect(page.locator("#cert-progress")).to_be_visible()
         page.screenshot(path=str(shots / "setup-4-certificate-progress.png"), full_page=True)
-        deadline = time.monotonic() + 60
-        while page.locator("#cert-progress").get_attribute("data-phase") in ("pending", "validating"):
-            assert time.monotonic() < deadline, "the order did not finish"
+        def finished() -> bool:
+            if page.locator("#cert-progress").get_attribute("data-phase") not in ("pending", "validating"):
+                return True
             page.wait_for_timeout(500)
             page.reload()
+            return False
+
+        wait_until(finished, seconds=60, interval=0, what="the order finished")
         expect(page.locator("#cert-progress")).to_have_attribute("data-phase", "issued")
         expect(page.locator("#cert-status")).to_contain_text("Pebble Intermediate")
         expect(page.locator("#cert-status .badge.found")).to_have_text("trusted")

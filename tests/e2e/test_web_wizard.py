@@ -23,6 +23,7 @@ import trustme
 
 from tests.conftest import REPO, ServedBox, preset_settings, require_program
 from tests.support.dns_server import ZoneServer
+from tests.support.polling import wait_until
 from tests.support.receivers import Receiver, free_port
 from tests.support.web import setup_code
 
@@ -318,15 +319,13 @@ def test_wizard_console_and_first_mail(served: ServedBox, zone: ZoneServer, rela
     imap = imaplib.IMAP4_SSL("localhost", served.port("imaps"), ssl_context=served.client_context, timeout=30)
     try:
         imap.login(ALICE, ALICE_PASSWORD)
-        deadline = time.monotonic() + 30
-        while True:
+        def arrived() -> list[bytes]:
             imap.select("INBOX")
             status, data = imap.search(None, "SUBJECT", '"hello from the e2e"')
-            if status == "OK" and data[0].split():
-                break
-            assert time.monotonic() < deadline, "the message did not arrive"
-            time.sleep(0.3)
-        _, fetched = imap.fetch(data[0].split()[0], "(BODY[TEXT])")
+            return data[0].split() if status == "OK" else []
+
+        found = wait_until(arrived, seconds=30, interval=0.3, what="the message arrived")
+        _, fetched = imap.fetch(found[0].decode(), "(BODY[TEXT])")
         assert b"Welcome to your new box." in fetched[0][1]  # type: ignore[index, operator]
     finally:
         imap.logout()

@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import tarfile
 import time
+from functools import partial
 from pathlib import Path
 
 import pyrage
@@ -26,6 +27,7 @@ from appliance.config import DataLayout
 from appliance.db import Database
 from appliance.store.mailstore import MailStore
 from tests.conftest import LETTERBOX, require_program
+from tests.support.polling import wait_until
 
 PASSWORD = "correct horse battery staple 9"
 ALICE, BOB = "alice@one.test", "bob@two.test"
@@ -304,10 +306,8 @@ def test_kill_during_restore_leaves_old_or_new(tmp_path: Path) -> None:
         old_state = state(layout.root)
         proc = subprocess.Popen([LETTERBOX, "--data", str(layout.root), "backup", "restore", str(file),
                                  "--key-file", str(kit)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while not any(".restore-" in n for n in siblings(layout.root)) and proc.poll() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        wait_until(partial(_restoring_or_done, layout.root, proc), seconds=30, interval=0.005,
+                   what="the restore under way")
         time.sleep(0.04 * i)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -320,6 +320,10 @@ def test_kill_during_restore_leaves_old_or_new(tmp_path: Path) -> None:
         outcomes.append("new")
         break
     assert "old" in outcomes  # at least one kill landed mid-restore
+
+
+def _restoring_or_done(root: Path, proc: subprocess.Popen[bytes]) -> bool:
+    return any(".restore-" in n for n in siblings(root)) or proc.poll() is not None
 
 
 def test_one_mailbox_back_into_a_box(made: tuple[DataLayout, Path, Path]) -> None:

@@ -11,7 +11,6 @@ import os
 import poplib
 import smtplib
 import sqlite3
-import time
 from pathlib import Path
 
 import trustme
@@ -22,6 +21,7 @@ from appliance.dkim_keys import ensure_key
 from appliance.queue.smarthost import Smarthost
 from tests.conftest import BoxHandle
 from tests.support.dns_server import ZoneServer
+from tests.support.polling import wait_until
 from tests.support.receivers import Receiver, free_port
 
 PASSWORD = "correct horse battery staple 9"
@@ -196,8 +196,7 @@ def deliver_queued(box: BoxHandle, tmp_path: Path) -> None:
             [transaction] = receiver.wait(1)
         assert transaction.rcpt_tos == ("someone@far.test",)
         assert b"Subject: message 99" in transaction.data
-        deadline = time.monotonic() + 20
-        while box.run(db.fetchall("SELECT COUNT(*) FROM queue_messages"))[0][0] and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not box.run(db.fetchall("SELECT COUNT(*) FROM queue_messages"))[0][0],
+                   seconds=20, interval=0.05, what="the queue emptied")
     finally:
         zone.stop()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import trustme
 from appliance.config import DataLayout
 from tests.conftest import LETTERBOX, BoxHandle, preset_settings
 from tests.support.pebble import Pebble, running_pebble
+from tests.support.polling import retry
 from tests.support.tls_probe import TLS_SERVICES, served_certificate
 
 HOST = "mail.example.test"
@@ -119,17 +119,12 @@ def test_cli_order_answered_by_running_box(box: BoxHandle, tmp_path: Path) -> No
         assert result.returncode == 0, result.stderr
         assert f"issued for {HOST}" in result.stdout
         # The running box notices the new file and serves it on every port, without a restart.
-        deadline = time.monotonic() + 30
         import ssl
         ctx = ssl.create_default_context(cafile=str(pebble.issuer_root))
-        while True:
-            try:
-                serials = {served_certificate(box.port(s), s, ctx, server_hostname=HOST).serial_number
-                           for s in TLS_SERVICES}
-                break
-            except ssl.SSLCertVerificationError:
-                assert time.monotonic() < deadline, "the box did not pick up the certificate the CLI installed"
-                time.sleep(0.5)
+        serials = retry(  # until the box picked up the certificate the CLI installed
+            lambda: {served_certificate(box.port(s), s, ctx, server_hostname=HOST).serial_number for s in TLS_SERVICES},
+            retry_on=(ssl.SSLCertVerificationError,), seconds=30, interval=0.5,
+        )
         assert serials == {box.services.tls.info().serial}
         status = run(box.data.root, "cert", "status")
         assert "source:       acme" in status.stdout

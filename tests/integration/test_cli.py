@@ -7,13 +7,13 @@ import re
 import socket
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import trustme
 
 from tests.conftest import LETTERBOX, ServedBox, pick_port_offset
+from tests.support.polling import wait_until
 
 
 def run(data: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -153,12 +153,12 @@ def test_serve_keeps_serving_after_its_stdout_reader_went_away(tmp_path: Path, c
         )
     os.close(writer)
     try:
-        deadline = time.monotonic() + 30
-        # The log line written after the signal handlers are in place (the announce lines went nowhere).
-        while b"letterbox.events: start:" not in box.log_path.read_bytes():
+        def started() -> bool:
+            # The log line written after the signal handlers are in place (the announce lines went nowhere).
             assert proc.poll() is None, box.log_path.read_text()
-            assert time.monotonic() < deadline, box.log_path.read_text()
-            time.sleep(0.05)
+            return b"letterbox.events: start:" in box.log_path.read_bytes()
+
+        wait_until(started, seconds=30, what="the start event in the log of serve")
         with socket.create_connection(("127.0.0.1", box.port("pop3")), timeout=10) as conn:
             assert conn.recv(100).startswith(b"+OK")
     finally:

@@ -8,6 +8,7 @@ import imaplib
 import smtplib
 import socket
 import time
+from functools import partial
 from typing import Any
 
 import pytest
@@ -23,21 +24,18 @@ from tests.support.flood import (
     login,
     raise_open_files_limit,
 )
+from tests.support.polling import retry, wait_until
 
 USER = "alice@example.test"
 PASSWORD = "correct horse battery staple"
 
 
+def _all_released(counts: Any) -> bool:
+    return bool(counts.open == 0)
+
+
 def limiter(box: BoxHandle, service: str) -> Any:
     return getattr(box.box.listeners[service].server, "limiter", None)
-
-
-def wait_for(condition: Any, seconds: float = 60, what: str = "") -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {seconds} s: {what}")
-        time.sleep(0.05)
 
 
 async def stop(server: asyncio.Server) -> None:  # on the box's loop, never from the test thread
@@ -61,7 +59,7 @@ def test_a_thousand_abrupt_tls_clients_leak_no_slot_and_every_tls_port_still_log
     for service in TLS_SERVICES:
         counts = limiter(box, service)
         if counts is not None:
-            wait_for(lambda counts=counts: counts.open == 0, what=f"{service}: every slot released")
+            wait_until(partial(_all_released, counts), seconds=60, what=f"{service}: every slot released")
     for source in ("127.0.0.2", "127.0.0.21", "127.0.0.99"):
         for service in TLS_SERVICES:
             login(service, box.port(service), source, box.client_context, USER, PASSWORD)
@@ -133,15 +131,9 @@ def test_under_stress_idle_preauth_connections_are_cut_and_logged_in_sessions_ke
             assert early.login(USER, PASSWORD)[0] == "OK"
             held = hold(port, [f"127.1.{n}.1" for n in range(60)])  # 60 networks, idle
             assert len(held) == 60
-            deadline = time.monotonic() + 30
-            while True:  # a new client gets in once the stressed pre-auth time has cut the idle ones
-                try:
-                    login("imap", port, "127.0.9.2", box.client_context, USER, PASSWORD)
-                    break
-                except (OSError, EOFError, imaplib.IMAP4.error):
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
+            # A new client gets in once the stressed pre-auth time has cut the idle ones.
+            retry(lambda: login("imap", port, "127.0.9.2", box.client_context, USER, PASSWORD),
+                  retry_on=(OSError, EOFError, imaplib.IMAP4.error), seconds=30, interval=0.2)
             assert early.noop()[0] == "OK"
             cut = 0
             for sock in held:
@@ -185,7 +177,7 @@ def test_silent_sockets_on_an_implicit_tls_port_are_counted_from_accept(
     silent = hold(port, ["127.0.0.40"] * 3)
     try:
         counts = limiter_of(server)
-        wait_for(lambda: counts.count("127.0.0.40") == 3, 10, "the silent sockets are counted")
+        wait_until(lambda: counts.count("127.0.0.40") == 3, seconds=10, what="the silent sockets are counted")
         with pytest.raises((OSError, EOFError, smtplib.SMTPException)):
             login(service, port, "127.0.0.40", box.client_context, USER, PASSWORD)
         login(service, port, "127.0.0.41", box.client_context, USER, PASSWORD)
@@ -193,7 +185,7 @@ def test_silent_sockets_on_an_implicit_tls_port_are_counted_from_accept(
         for sock in silent:
             sock.close()
     try:
-        wait_for(lambda: counts.count("127.0.0.40") == 0, 10, "their slots are released")
+        wait_until(lambda: counts.count("127.0.0.40") == 0, seconds=10, what="their slots are released")
         login(service, port, "127.0.0.40", box.client_context, USER, PASSWORD)
     finally:
         box.run(stop(server))
@@ -222,7 +214,7 @@ def test_a_full_preauth_pool_makes_room_for_a_newcomer_by_dropping_the_oldest(at
     try:
         held += hold(imap_port, [f"127.2.{n}.1" for n in range(40)])
         held += hold(mx_port, [f"127.3.{n}.1" for n in range(40)])
-        wait_for(lambda: limiter_of(imap).preauth == 40 and limiter_of(mx).preauth == 40, 10, "pools full")
+        wait_until(lambda: limiter_of(imap).preauth == 40 and limiter_of(mx).preauth == 40, seconds=10, what="pools full")
         time.sleep(2.5)  # EVICT_MIN_AGE: the oldest have had their chance to log in
         login("imap", imap_port, "127.0.9.3", box.client_context, USER, PASSWORD)
         deliver(mx_port, "127.0.9.3", USER)

@@ -12,6 +12,7 @@ import pytest
 
 from appliance.smtp.server import start_server
 from tests.conftest import BoxHandle
+from tests.support.polling import wait_until
 from tests.support.smtp_wire import Wire, hold_outbound
 
 OURS = "ourdomain.test"
@@ -112,13 +113,11 @@ def test_connections_per_client(limited: StartServer) -> None:
         assert third.closed()
     first.cmd("QUIT")
     first.close()
-    deadline = time.monotonic() + 5
-    while True:  # the server notices the close asynchronously
+    def served_again() -> bool:  # the server notices the close asynchronously
         with Wire(port) as again:
-            if again.reply()[0] == 220:
-                break
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+            return again.reply()[0] == 220
+
+    wait_until(served_again, seconds=30, what="a connection accepted once the first one closed")
     second.close()
 
 

@@ -3,6 +3,7 @@ dir, listening on 127.0.0.1 only, stopped by the PID it wrote (PEERS.md has the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -10,12 +11,13 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from tests.conftest import require_program
+from tests.support.polling import process_gone, wait_until
 
 START_TIMEOUT = 15.0
 
@@ -127,18 +129,21 @@ service stats {{
         if started.returncode != 0:
             output = (self.root / "start.log").read_text(errors="replace")
             raise RuntimeError(f"dovecot exited {started.returncode}: {output} {self.log()}")
-        deadline = time.monotonic() + START_TIMEOUT
         pidfile = self.root / "run" / "master.pid"
-        while time.monotonic() < deadline:
+
+        def answering() -> int | None:
             pid = self._master_pid(pidfile)
-            if pid is not None:
-                try:
-                    with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                        self._pid = pid
-                        return
-                except OSError:
-                    pass
-            time.sleep(0.05)
+            if pid is None:
+                return None
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return pid
+            except OSError:
+                return None
+
+        with contextlib.suppress(AssertionError):
+            self._pid = wait_until(answering, seconds=START_TIMEOUT, interval=0.05, what="dovecot answering")
+            return
         self._pid = self._master_pid(pidfile)  # started but not answering: stop it before giving up
         if self._pid is not None:
             self.stop()
@@ -176,13 +181,8 @@ service stats {{
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             return
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
+        with contextlib.suppress(AssertionError):  # still there after 10 s: left to the test's cleanup
+            wait_until(partial(process_gone, pid), seconds=10, interval=0.05, what="dovecot stopped")
 
     def copy_maildir_out(self, user: str, dest: Path) -> None:
         """Copy a user's Maildir (files only, Dovecot's index caches left behind) and own it as root."""

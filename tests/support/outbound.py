@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import smtplib
 import ssl
-import time
 from collections.abc import Callable, Iterator
 from email import message_from_bytes
 from email.message import Message
@@ -18,6 +17,7 @@ from appliance.queue.service import OutboundQueue
 from appliance.queue.spool import QueuedMessage
 from tests.conftest import BoxHandle
 from tests.support.dns_server import ZoneServer
+from tests.support.polling import wait_until
 from tests.support.receivers import Receiver, free_port
 from tests.support.smtp_wire import maildir_messages
 
@@ -69,12 +69,10 @@ class Outbound:
         return self.box.run(self.queue.spool.messages())
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float = 20, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}; queue: {self.messages()}")
+        try:
+            wait_until(predicate, seconds=timeout, interval=0.05, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; queue: {self.messages()}") from None
 
     def wait_empty(self, timeout: float = 20) -> None:
         self.wait_until(lambda: not self.messages(), timeout, "an empty queue")

@@ -11,7 +11,6 @@ import os
 import socket
 import ssl
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from typing import Any
 import trustme
 
 from tests.conftest import require_program
+from tests.support.polling import retry
 
 EAB_KID = "kid-1"
 EAB_HMAC = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"  # base64url
@@ -83,16 +83,16 @@ class Pebble:
         self.procs.append(subprocess.Popen(
             ["pebble", "-config", str(self.root / "pebble.json"), "-dnsserver", f"127.0.0.1:{self.dns_port}"],
             stdout=log, stderr=subprocess.STDOUT, env=env))
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self._get(f"https://127.0.0.1:{self.port}/dir")
-                self._post_dns("/set-default-ipv6", {"ip": ""})
-                break
-            except OSError:
-                if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
-                    raise RuntimeError("pebble did not start: " + (self.root / "pebble.log").read_text()) from None
-                time.sleep(0.1)
+        def ready() -> None:
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError("pebble did not start: " + (self.root / "pebble.log").read_text())
+            self._get(f"https://127.0.0.1:{self.port}/dir")
+            self._post_dns("/set-default-ipv6", {"ip": ""})
+
+        try:
+            retry(ready, retry_on=(OSError,), seconds=20, interval=0.1)
+        except OSError:
+            raise RuntimeError("pebble did not start: " + (self.root / "pebble.log").read_text()) from None
         (self.root / "pebble-root.pem").write_bytes(self._get(f"https://127.0.0.1:{self.management_port}/roots/0"))
         self.issuer_root = self.root / "pebble-root.pem"
 
