@@ -34,6 +34,7 @@ import dns.reversename
 from appliance.db import Database
 from appliance.dns_check import load_results
 from appliance.queue.resolver import make_async_resolver
+from appliance.spam import dnsbl
 
 if TYPE_CHECKING:
     from appliance.services import Services
@@ -141,6 +142,35 @@ async def check_reverse_dns(svc: Services) -> Item:
                     f"Ask whoever gives you the address (your internet or hosting provider) to set its reverse "
                     f"DNS name (PTR) to {host}. Many receivers refuse mail from an address without it.")
     return Item("ptr", "Reverse DNS", "ok", f"{', '.join(addresses)} named {host}, and back.")
+
+
+async def check_blocklists(svc: Services) -> Item:
+    """The box's own public addresses on the DNS blocklists it uses itself (receivers use the same)."""
+    values = svc.settings.now
+    addresses = [a for a in (values.public_ipv4, values.public_ipv6) if a]
+    if not addresses:
+        return Item("blocklists", "Blocklists", "unknown", "The box's public address is not set.",
+                     "Enter it on a domain's DNS page.", "/console/domains")
+    resolver = _resolver(svc)
+    listed: list[str] = []
+    unusable: list[str] = []
+    for zone in values.spam.dnsbl_lists:
+        for address in addresses:
+            answer = await dnsbl.ask(resolver, zone, dnsbl.ip_query_name(address, zone))
+            if answer.listed:
+                listed.append(f"{address} on {zone} ({', '.join(answer.codes)})")
+            elif answer.state != dnsbl.OK:
+                unusable.append(f"{zone}: {answer.detail}")
+    if listed:
+        return Item("blocklists", "Blocklists", "fail", "Listed: " + "; ".join(listed),
+                    "Receivers refuse mail from a listed address. Look the address up on the list's website for "
+                    "why and how to be removed (a compromised password sending spam is the usual cause).",
+                    "/console/events")
+    if unusable:
+        return Item("blocklists", "Blocklists", "unknown", "Could not ask: " + "; ".join(unusable),
+                    "Public resolvers are refused by Spamhaus: set the box's own resolver.")
+    return Item("blocklists", "Blocklists", "ok",
+                f"{', '.join(addresses)} not listed on {', '.join(values.spam.dnsbl_lists)}.")
 
 
 async def check_port25(svc: Services, probes: Probes) -> Item:
@@ -270,6 +300,7 @@ async def run_all(svc: Services, probes: Probes | None = None, *, now: float | N
     checks: list[tuple[str, str, Awaitable[Item]]] = [
         ("dns", "DNS records", check_dns(svc)),
         ("ptr", "Reverse DNS", check_reverse_dns(svc)),
+        ("blocklists", "Blocklists", check_blocklists(svc)),
         ("port25", "Outbound port 25", check_port25(svc, probes)),
         ("certificate", "Certificate", check_certificate(svc)),
         ("backups", "Backups", check_backups(svc, at)),

@@ -144,3 +144,14 @@ def test_the_console_shows_the_checklist_and_checks_now(checked: BoxHandle) -> N
     # problems first, each with what to do and where
     assert section.index("check-port25") < section.index("check-clock")
     assert 'href="/console/sending">Fix it</a>' in section
+
+
+def test_own_address_on_a_blocklist(checked: BoxHandle, zone: ZoneServer) -> None:
+    assert run(checked)["blocklists"].level == "ok"  # no answer for the name: NXDOMAIN, not listed
+    zone.set("25.2.0.192.zen.spamhaus.org", "A", ["127.0.0.2"])
+    item = run(checked)["blocklists"]
+    assert (item.level, item.summary) == ("fail", f"Listed: {IPV4} on zen.spamhaus.org (127.0.0.2)")
+    zone.set("25.2.0.192.zen.spamhaus.org", "A", ["127.255.255.254"])  # Spamhaus: query via a public resolver
+    item = run(checked)["blocklists"]
+    assert item.level == "unknown"
+    assert "resolver" in item.fix
