@@ -295,8 +295,10 @@ class Admin:
                                    passphrase=passphrase, progress=progress, keep=keep)
 
     async def restore_mailbox(self, path: Path, secret: backup.Secret, address: str,
-                              folder: str | None = None) -> backup.MailboxRestored:
-        return await backup.restore_mailbox(self.db, self.events, self.data, path, secret, address, folder)
+                              folder: str | None = None, *,
+                              progress: backup.Progress | None = None) -> backup.MailboxRestored:
+        return await backup.restore_mailbox(self.db, self.events, self.data, path, secret, address, folder,
+                                            progress=progress)
 
     async def set_backup_schedule(self, *, enabled: bool, hour: int, target: str) -> None:
         await backup.set_schedule(self.db, self.events, enabled=enabled, hour=hour, target=target)

@@ -5,11 +5,12 @@ every action is an appliance.backup use-case, the same ones `letterbox backup ..
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from appliance import backup
@@ -31,7 +32,7 @@ async def page(request: Request) -> Response:
     return await render(request, "console/backups.html", {
         "title": "Backups", "section": "backups",
         "recipient": await svc.db.get_setting(backup.RECIPIENT_SETTING) or "",
-        "job": job, "files": files, "keep": await _keep(request),
+        "job": job, "files": files, "keep": await _keep(request), "download": svc.backups.download,
         "schedule": await backup.read_schedule(svc.db),
     })
 
@@ -101,11 +102,34 @@ def _named(request: Request, name: str) -> Path:
     raise HTTPException(404, "No such backup.")
 
 
+DOWNLOAD_CHUNK = 1024 * 1024
+
+
 async def download(request: Request) -> Response:
+    """The file, streamed; the bytes sent so far are kept for the page's progress (it polls)."""
     await require(request, "admin")
     path = await asyncio.to_thread(_named, request, str(request.path_params["name"]))
-    return FileResponse(path, filename=path.name, media_type="application/octet-stream",
-                        headers={"Cache-Control": "no-store"})
+    jobs = services(request).backups
+    size = (await asyncio.to_thread(path.stat)).st_size
+    transfer = backup.Transfer(path.name, backup.Progress(total=size, stage="downloading"))
+    jobs.download = transfer
+
+    async def body() -> AsyncIterator[bytes]:
+        source = await asyncio.to_thread(open, path, "rb")
+        try:
+            while chunk := await asyncio.to_thread(source.read, DOWNLOAD_CHUNK):
+                yield chunk
+                transfer.progress.done += len(chunk)
+            transfer.progress.stage = "done"
+        finally:
+            if transfer.progress.stage != "done":
+                transfer.progress.stage = "stopped"
+            await asyncio.to_thread(source.close)
+
+    return StreamingResponse(body(), media_type="application/octet-stream", headers={
+        "Content-Length": str(size), "Cache-Control": "no-store",
+        "Content-Disposition": f'attachment; filename="{path.name}"',
+    })
 
 
 async def restore_mailbox(request: Request) -> Response:

@@ -12,17 +12,18 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from appliance import backup, setup_code
-from web.pages import flash, peer, read_form, redirect, render, require, services
+from web.pages import admin, flash, peer, read_form, redirect, render, require, services
 from web.security import CSRF_FIELD, csrf_ok
 
 MAX_UPLOAD = 256 * 1024**3  # a backup is one file of any size a disk holds; it is streamed to disk
@@ -66,9 +67,26 @@ async def wizard_page(request: Request) -> Response:
     })
 
 
+def _room_for(request: Request) -> None:
+    """Refuse an upload larger than the free space it needs before reading any of it: starlette's
+    spool file (the temporary directory) and the copy beside the data directory, which the restore
+    then unpacks next to (so a backup that cannot fit is refused at once, not after an hour)."""
+    try:
+        length = int(request.headers.get("content-length", ""))
+    except ValueError:
+        raise HTTPException(411, "The upload must say its size (Content-Length).") from None
+    root = services(request).config.data.root.resolve()
+    places = {root.parent, Path(tempfile.gettempdir())}
+    free = min(shutil.disk_usage(p).free for p in places if p.exists())
+    if length > MAX_UPLOAD or length * 2 > free:
+        raise HTTPException(413, f"The backup is too large for the free space on this box ({free // 2**20} MiB"
+                                 " free; the upload and its unpacked copy both need room).")
+
+
 async def _read_upload(request: Request) -> tuple[dict[str, str], Path | None]:
     """The form's text fields and the uploaded backup, streamed by starlette into a temporary file
     and moved beside the data directory (the staging directory's file system)."""
+    await asyncio.to_thread(_room_for, request)
     try:
         form = await request.form(max_files=1, max_fields=10, max_part_size=64 * 1024)
     except HTTPException:
@@ -138,8 +156,100 @@ async def console_submit(request: Request) -> Response:
     return redirect("/console/backups")
 
 
+async def console_upload(request: Request) -> Response:
+    """A backup file uploaded from the administrator's computer, for the whole box or one mailbox:
+    kept beside the data directory, its manifest read with the given key and shown for confirmation."""
+    await require(request, "admin")
+    values, path = await _read_upload(request)
+    svc = services(request)
+    try:
+        address = values.get("address", "").strip().lower()
+        if path is None or not values.get("secret", "").strip():
+            flash(request, "Not restored: choose the backup file and give its emergency kit or passphrase.")
+            return redirect("/console/backups")
+        if values.get("what") == "mailbox" and "@" not in address:
+            flash(request, "Not restored: give the address of the mailbox to put back.")
+            return redirect("/console/backups")
+        secret = _secret(values["secret"])
+        upload = path
+
+        def manifest() -> dict[str, Any]:
+            with open(upload, "rb") as source:
+                return backup.read_manifest(source, secret)
+
+        try:
+            found = await asyncio.to_thread(manifest)
+        except backup.BackupError as exc:
+            flash(request, f"Not restored: {exc}")
+            return redirect("/console/backups")
+        whole = values.get("what") != "mailbox"
+        pending = backup.PendingRestore(upload, secret, found, "" if whole else address,
+                                        (values.get("folder", "").strip() or None) if not whole else None)
+        token = svc.backups.hold(pending)
+        path = None  # kept until confirmed, cancelled or expired
+        return await render(request, "console/backup_confirm.html", {
+            "title": "Confirm the restore", "section": "backups", "token": token, "pending": pending,
+            "manifest": found, "size": pending.path.stat().st_size,
+        })
+    finally:
+        if path is not None:
+            await asyncio.to_thread(path.unlink, True)
+
+
+async def console_confirm(request: Request) -> Response:
+    await require(request, "admin")
+    values = await read_form(request)
+    svc = services(request)
+    pending = svc.backups.take(values.get("token", ""))
+    if pending is None:
+        flash(request, "Nothing to restore: the upload expired or was cancelled. Upload it again.")
+        return redirect("/console/backups")
+    if values.get("confirm") != "yes":
+        await asyncio.to_thread(pending.path.unlink, True)
+        flash(request, "Restore cancelled; the uploaded file was removed.")
+        return redirect("/console/backups")
+    if not pending.address:
+        started = start_restore(request, pending.path, pending.secret, remove_after=True)
+    else:
+        box = admin(request)
+
+        async def work(progress: backup.Progress) -> str:
+            try:
+                done = await box.restore_mailbox(pending.path, pending.secret, pending.address, pending.folder,
+                                                 progress=progress)
+            finally:
+                await asyncio.to_thread(pending.path.unlink, True)
+            again = " (the mailbox was made again, with its old password)" if done.created else ""
+            return f"Restored {done.messages} messages into {done.address}{again}."
+
+        started = svc.backups.start("restore", work) is not None
+    if not started:
+        await asyncio.to_thread(pending.path.unlink, True)
+        flash(request, "A backup or restore is already running: wait for it to finish, then upload again.")
+    return redirect("/console/backups")
+
+
+async def console_progress(request: Request) -> Response:
+    await require(request, "admin")
+    return JSONResponse(services(request).backups.status(), headers={"Cache-Control": "no-store"})
+
+
+async def wizard_progress(request: Request) -> Response:
+    """The wizard's restore, polled by its page (an unclaimed box, or the restore that claimed it)."""
+    svc = services(request)
+    if await svc.accounts.has_admin() and svc.backups.current is None:
+        raise HTTPException(404)
+    status = svc.backups.status()
+    status["download"] = None
+    return JSONResponse(status, headers={"Cache-Control": "no-store"})
+
+
 routes = [
     Route("/setup/restore", wizard_page, methods=["GET"]),
     Route("/setup/restore", wizard_submit, methods=["POST"], max_body_size=MAX_UPLOAD),
     Route("/console/backups/restore", console_submit, methods=["POST"]),
+    Route("/console/backups/upload", console_upload, methods=["POST"], max_body_size=MAX_UPLOAD),
+    Route("/console/backups/confirm", console_confirm, methods=["POST"]),
+    Route("/console/backups/progress", console_progress, methods=["GET"]),
+    Route("/setup/restore/progress", wizard_progress, methods=["GET"]),
 ]
