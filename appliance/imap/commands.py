@@ -414,11 +414,12 @@ class Sort(Command):
     criteria: tuple[tuple[str, bool], ...]
     charset: str
     key: SearchKey
+    returns: tuple[str, ...] | None = None  # RFC 5267 ESORT RETURN (...): an ESEARCH answer
 
 
 @dataclass(frozen=True)
 class Thread(Command):
-    """THREAD / UID THREAD algorithm charset search (RFC 5256 4); REFERENCES is offered."""
+    """THREAD / UID THREAD algorithm charset search (RFC 5256 4); REFERENCES and ORDEREDSUBJECT."""
 
     uid: bool
     algorithm: str

@@ -304,6 +304,25 @@ def first_mailbox(text: str) -> str:
     return ""
 
 
+def first_display(text: str) -> tuple[str, bool]:
+    """RFC 5957 DISPLAYFROM/DISPLAYTO: of the first address, its display name, else its address
+    (mailbox@host); a group gives its name as ENVELOPE's group start does. Raw header text (the
+    caller decodes encoded words) and whether it is a display name."""
+    found = _grouped_addresses(text) if ":" in text else _plain_addresses(text)
+    if not found or not isinstance(found[0], list):
+        return "", False
+    display, _, mailbox, host = found[0]
+    if host is None and mailbox is not None:  # RFC 3501 7.4.2 group start: [NIL NIL name NIL]
+        return _text(mailbox), False
+    if display is not None and _text(display).strip():
+        return _text(display), True
+    return (f"{_text(mailbox)}@{_text(host)}" if host not in (None, MISSING_DOMAIN) else _text(mailbox)), False
+
+
+def _text(value: Value) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value or "")
+
+
 def parse_addresses(text: str) -> list[tuple[str, str]]:
     """(display name, address) pairs of one header value. email.utils.getaddresses is fast and keeps
     display names as written (encoded words and all), but recurses once per nested comment: a

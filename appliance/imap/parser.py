@@ -105,7 +105,9 @@ SEARCH_DATE_KEYS: dict[str, tuple[bool, str]] = {
     "SENTBEFORE": (True, "BEFORE"), "SENTON": (True, "ON"), "SENTSINCE": (True, "SINCE"),
 }
 UID_COMMANDS = frozenset({"COPY", "MOVE", "FETCH", "SEARCH", "STORE", "EXPUNGE", "SORT", "THREAD"})
-SORT_KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO"})  # RFC 5256 3
+# RFC 5256 3, and RFC 5957 SORT=DISPLAY
+SORT_KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO", "DISPLAYFROM", "DISPLAYTO"})
+THREAD_ALGORITHMS = frozenset({"REFERENCES", "ORDEREDSUBJECT"})  # RFC 5256 3
 _DATE_TIME = re.compile(
     rb'^"([ \d]\d)-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)"'
 )
@@ -770,16 +772,7 @@ def _copy(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
 
 def _search(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
     r.sp()
-    returns = None
-    if r.peek_keyword() == "RETURN":  # RFC 4731 3.1 / RFC 4466 2.6: before CHARSET
-        r.keyword()
-        r.sp()
-        r.expect(b"(")
-        returns = () if r.accept(b")") else _rest_of_list(r, r.keyword)
-        for option in returns:
-            if option not in SEARCH_RETURN_OPTIONS:
-                raise ParseError(f"unknown SEARCH return option {option}")
-        r.sp()
+    returns = _search_returns(r)
     charset = None
     if r.peek_keyword() == "CHARSET":
         r.keyword()
@@ -790,9 +783,27 @@ def _search(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
     return Search(tag, name, uid, charset, key, returns)
 
 
-def _sort(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
-    """SORT (criteria) charset search-key... (RFC 5256 3; the charset is required)."""
+def _search_returns(r: Reader) -> tuple[str, ...] | None:
+    """RFC 4731 3.1 / RFC 4466 2.6 `RETURN (options) ` before the rest of a SEARCH, or of a SORT
+    (RFC 5267 ESORT); None when absent, () for RETURN ()."""
+    if r.peek_keyword() != "RETURN":
+        return None
+    r.keyword()
     r.sp()
+    r.expect(b"(")
+    returns = () if r.accept(b")") else _rest_of_list(r, r.keyword)
+    for option in returns:
+        if option not in SEARCH_RETURN_OPTIONS:
+            raise ParseError(f"unknown return option {option}")
+    r.sp()
+    return returns
+
+
+def _sort(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
+    """SORT [RETURN (options)] (criteria) charset search-key... (RFC 5256 3, the charset is
+    required; RFC 5267 ESORT return options)."""
+    r.sp()
+    returns = _search_returns(r)
     r.expect(b"(")
     criteria: list[tuple[str, bool]] = []
     reverse = False
@@ -816,14 +827,14 @@ def _sort(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
     charset = r.astring().upper()
     r.sp()
     key = _search_keys(r)
-    return Sort(tag, name, uid, tuple(criteria), charset, key)
+    return Sort(tag, name, uid, tuple(criteria), charset, key, returns)
 
 
 def _thread(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
     """THREAD algorithm charset search-key... (RFC 5256 4)."""
     r.sp()
     algorithm = r.keyword()
-    if algorithm != "REFERENCES":
+    if algorithm not in THREAD_ALGORITHMS:
         raise ParseError(f"unsupported threading algorithm {algorithm}")
     r.sp()
     charset = r.astring().upper()

@@ -66,7 +66,7 @@ from appliance.imap.responses import (
 from appliance.imap.search import SUPPORTED_CHARSETS, Candidate, Searcher, uses_modseq
 from appliance.imap.selected import SelectedFolder
 from appliance.imap.sort import HEADER_KEYS as SORT_HEADER_KEYS
-from appliance.imap.sort import SortItem, thread_references, thread_text
+from appliance.imap.sort import THREADERS, SortItem, thread_text
 from appliance.imap.sort import sort as sort_messages
 from appliance.imap.store_errors import MissingFolderCode, store_errors
 from appliance.store.mailstore import (
@@ -89,7 +89,8 @@ BASE_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE")
 AUTHENTICATED_CAPABILITIES = (
     "IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "UIDPLUS", "MOVE", "SPECIAL-USE",
     "NAMESPACE", "CHILDREN", "UNSELECT", "QUOTA", "CONDSTORE", "QRESYNC", "ESEARCH", "LIST-STATUS",
-    "STATUS=SIZE", "SORT", "MULTIAPPEND", "THREAD=REFERENCES", "BINARY", "COMPRESS=DEFLATE", "LIST-EXTENDED",
+    "STATUS=SIZE", "SORT", "SORT=DISPLAY", "ESORT", "MULTIAPPEND", "THREAD=REFERENCES", "THREAD=ORDEREDSUBJECT",
+    "BINARY", "COMPRESS=DEFLATE", "LIST-EXTENDED",
 )
 SERVER_ID = (("name", "Letterbox"), ("vendor", "Letterbox"))
 EXTERNAL_POLL = 60.0  # seconds between looks at the disk during IDLE
@@ -656,7 +657,12 @@ class ImapSession:
             ordered = await asyncio.to_thread(sort_messages, items, command.criteria)
         else:
             ordered = sort_messages(items, command.criteria)
-        await self.io.send(Data("SORT" + "".join(f" {i.uid if command.uid else i.seq}" for i in ordered)))
+        numbers = [i.uid if command.uid else i.seq for i in ordered]
+        if command.returns is not None:
+            # RFC 5267 ESORT: an ESEARCH answer whose MIN, MAX and ALL follow the sort order.
+            await self.io.send(_esearch(command, [], numbers, False))
+        else:
+            await self.io.send(Data("SORT" + "".join(f" {n}" for n in numbers)))
         await self.ok(command)
 
     async def cmd_compress(self, command: Compress) -> None:
@@ -669,11 +675,11 @@ class ImapSession:
         self.io.start_compression()
 
     async def cmd_thread(self, command: Thread) -> None:
-        """RFC 5256 4: the matching messages as threads (REFERENCES)."""
+        """RFC 5256 4: the matching messages as threads (REFERENCES or ORDEREDSUBJECT)."""
         found = await self._matching(command.key, command.charset)
         view = self.view
         items = [SortItem(c.seq, c.uid, c.size, c.internaldate, view.info(c.uid).path) for c in found]
-        roots = await asyncio.to_thread(thread_references, items)
+        roots = await asyncio.to_thread(THREADERS[command.algorithm], items)
         await self.io.send(Data("THREAD" + (" " + thread_text(roots, command.uid) if roots else "")))
         await self.ok(command)
 
@@ -842,7 +848,7 @@ def _may_expunge(command: Command) -> bool:
     return True
 
 
-def _esearch(command: Search, found: Sequence[Candidate], numbers: list[int], with_modseq: bool) -> Response:
+def _esearch(command: Search | Sort, found: Sequence[Candidate], numbers: list[int], with_modseq: bool) -> Response:
     """RFC 4731 3.1: * ESEARCH (TAG "t") [UID] MIN n MAX n COUNT n ALL set; RETURN () means ALL.
     MIN, MAX and ALL are left out when nothing matched; MODSEQ (RFC 7162 3.1.5) when the search
     used one: the highest of the messages returned, which for MIN and/or MAX alone means only

@@ -14,14 +14,14 @@ from email.parser import BytesHeaderParser
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from appliance.imap.fetch import first_mailbox
+from appliance.imap.fetch import first_display, first_mailbox
 from appliance.imap.limits import MAX_HEADER_OCTETS
 from appliance.imap.mime import RAW_POLICY
 from appliance.imap.search import decode_words
 from appliance.store.maildir import open_message
 
-SORT_KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO"})
-HEADER_KEYS = frozenset({"CC", "DATE", "FROM", "SUBJECT", "TO"})
+SORT_KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO", "DISPLAYFROM", "DISPLAYTO"})
+HEADER_KEYS = frozenset({"CC", "DATE", "FROM", "SUBJECT", "TO", "DISPLAYFROM", "DISPLAYTO"})
 _PARSER = BytesHeaderParser(policy=RAW_POLICY)
 
 
@@ -67,6 +67,14 @@ def _key(key: str, item: SortItem, headers: Message | None) -> int | str:
     if key == "SUBJECT":
         value = headers.get("Subject") if headers is not None else None
         return base_subject(decode_words(str(value))) if value is not None else ""
+    if key in ("DISPLAYFROM", "DISPLAYTO"):
+        # RFC 5957 2: the display name (decoded) or else the address of the first From/To address,
+        # compared with i;unicode-casemap (case-folded here).
+        value = headers.get(key[7:].capitalize()) if headers is not None else None
+        if value is None:
+            return ""
+        text, is_name = first_display(str(value))
+        return (decode_words(text) if is_name else text).casefold()
     # CC, FROM, TO: the mailbox (local part) of the first address, case-folded (RFC 5256 3).
     value = headers.get(key.capitalize() if key != "CC" else "Cc") if headers is not None else None
     return first_mailbox(str(value)).lower() if value is not None else ""
@@ -181,6 +189,29 @@ def thread_references(items: Sequence[SortItem]) -> list[_Node]:
         _sort_tree(root)
     roots.sort(key=lambda n: (n.date, _first_seq(n)))
     return roots
+
+
+def thread_orderedsubject(items: Sequence[SortItem]) -> list[_Node]:
+    """RFC 5256 3 ORDEREDSUBJECT: the messages sorted by base subject, then sent date; each run of
+    one base subject is a thread whose first message is the parent of all the others; threads in
+    the sent-date order of their first messages (ties by message number). Runs in a worker thread."""
+    nodes = []
+    for item in items:
+        headers = _headers(item.path)
+        subject = base_subject(decode_words(_field(headers, "Subject")))
+        nodes.append(_Node(item=item, date=_sent(headers, item.internaldate), subject=subject))
+    nodes.sort(key=lambda n: (n.subject, n.date, _first_seq(n)))
+    roots: list[_Node] = []
+    for node in nodes:
+        if roots and roots[-1].subject == node.subject:
+            _link(roots[-1], node)
+        else:
+            roots.append(node)
+    roots.sort(key=lambda n: (n.date, _first_seq(n)))
+    return roots
+
+
+THREADERS = {"REFERENCES": thread_references, "ORDEREDSUBJECT": thread_orderedsubject}
 
 
 def _field(headers: Message | None, name: str) -> str:

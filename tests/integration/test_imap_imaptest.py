@@ -1,7 +1,9 @@
 """What Dovecot's imaptest (bench/imaptest.py) found, each reproduced over a real TLS session, and the
 RFC 5258 LIST-EXTENDED and RFC 7162 details added with it: binary APPENDs holding NULs, ESEARCH
 MODSEQ with MIN/MAX, quoted-printable BINARY, SORT by a group's name, LIST selection and return
-options with CHILDINFO, HIGHESTMODSEQ on EXPUNGE, and sequence match data narrowing VANISHED."""
+options with CHILDINFO, HIGHESTMODSEQ on EXPUNGE, sequence match data narrowing VANISHED, and the
+extensions whose imaptest groups only ran on Dovecot before: ESORT, SORT=DISPLAY and
+THREAD=ORDEREDSUBJECT."""
 
 from __future__ import annotations
 
@@ -190,3 +192,30 @@ def test_sequence_match_data_narrows_vanished(box: BoxHandle, raw: RawImap, monk
     # covered by the records kept: the exact list.
     exact = raw.command(b"n", b"SELECT INBOX (QRESYNC (%s %d))" % (uidvalidity, old + 2))
     assert [line for line in exact if line.startswith(b"* VANISHED")] == [b"* VANISHED (EARLIER) 8:9\r\n"], exact
+
+
+def test_esort_sort_display_and_orderedsubject(box: BoxHandle, raw: RawImap) -> None:
+    """imaptest esort, sort-display-from/-to, thread-orderedsubject: RFC 5267 SORT RETURN gives an
+    ESEARCH in sort order; RFC 5957 sorts on the display name (decoded) or else the address, a group
+    on its name; RFC 5256 ORDEREDSUBJECT threads by base subject, the first message the parent."""
+    letters = [
+        ("foo bar <a@b.c>", "a", "Mon, 1 Jan 2024 10:00:00 +0000"),
+        ("b@c.d", "Re: b", "Mon, 1 Jan 2024 12:00:00 +0000"),
+        ("=?iso-8859-1?q?foo_aar?= <e@f.g>", "b", "Mon, 1 Jan 2024 11:00:00 +0000"),
+        ("team: x@y.z;", "[list] Fwd: a", "Mon, 1 Jan 2024 13:00:00 +0000"),
+        ("Zed <z@z.z>", "Re: B", "Mon, 1 Jan 2024 09:00:00 +0000"),
+    ]
+    for sender, subject, date in letters:
+        deliver(box, f"From: {sender}\r\nTo: {sender}\r\nSubject: {subject}\r\nDate: {date}\r\n\r\nx\r\n".encode())
+    raw.command(b"s", b"SELECT INBOX")
+    caps = raw.command(b"c", b"CAPABILITY")[0].split()
+    for cap in (b"ESORT", b"SORT=DISPLAY", b"THREAD=ORDEREDSUBJECT"):
+        assert cap in caps
+    # "b@c.d" < "foo aar" < "foo bar" < "team" < "zed"
+    assert raw.command(b"a", b"SORT (DISPLAYFROM) UTF-8 ALL")[0] == b"* SORT 2 3 1 4 5\r\n"
+    assert raw.command(b"b", b"SORT (REVERSE DISPLAYTO) UTF-8 ALL")[0] == b"* SORT 5 4 1 3 2\r\n"
+    assert raw.command(b"e", b"SORT RETURN (MIN MAX COUNT ALL) (DISPLAYFROM) UTF-8 ALL")[0] == (
+        b'* ESEARCH (TAG "e") MIN 2 MAX 5 COUNT 5 ALL 2:3,1,4:5\r\n')
+    assert raw.command(b"f", b"UID SORT RETURN () (ARRIVAL) UTF-8 ALL")[0] == b'* ESEARCH (TAG "f") UID ALL 1:5\r\n'
+    # Base subjects A (1, 4) and B (2, 3, 5); B's first by date is 5 (09:00), A's is 1 (10:00).
+    assert raw.command(b"t", b"THREAD ORDEREDSUBJECT UTF-8 ALL")[0] == b"* THREAD (5 (3)(2))(1 4)\r\n"

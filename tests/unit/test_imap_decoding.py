@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from appliance.imap.fetch import binary_content, decode_quoted_printable, first_mailbox
+from appliance.imap.fetch import binary_content, decode_quoted_printable, first_display, first_mailbox
 from appliance.imap.mime import base64_for_nul, scan
 
 # The body of imaptest's fetch-binary-mime-qp.mbox, line ends as in the file.
@@ -59,3 +59,15 @@ def test_only_parts_with_nul_are_reencoded() -> None:
     assert binary_content(io.BytesIO(stored), root, (2,)) == b"\x00\x01" + b"\xff" * 100
     assert all(len(line) <= 76 for line in stored.split(b"\r\n"))
     assert base64_for_nul(b"Subject: plain\r\n\r\ntext\r\n") == b"Subject: plain\r\n\r\ntext\r\n"
+
+
+def test_display_sort_key_is_the_name_else_the_address() -> None:
+    # RFC 5957 2 (imaptest sort-display-from/-to): the display name, else mailbox@host; a group's
+    # name for a group (as ENVELOPE's group start).
+    assert first_display("foo bar <a@b.c>") == ("foo bar", True)
+    assert first_display("b@c.d") == ("b@c.d", False)
+    assert first_display("d") == ("d", False)
+    assert first_display("=?iso-8859-1?q?foo_aar?= <e@f.g>") == ("=?iso-8859-1?q?foo_aar?=", True)
+    assert first_display("a: xx@xx.org, yy@yy.org;") == ("a", False)
+    assert first_display("empty:;") == ("empty", False)
+    assert first_display("") == ("", False)

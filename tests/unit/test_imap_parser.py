@@ -562,6 +562,22 @@ def test_sort_command() -> None:
     bad("a SORT (SUBJECT) ALL")  # the charset is required (RFC 5256 3)
     bad("a SORT (REVERSE REVERSE DATE) UTF-8 ALL")
     bad("a SORT (COLOR) UTF-8 ALL")
+    esort = parse("a SORT RETURN (MIN COUNT) (DISPLAYFROM) UTF-8 ALL")  # RFC 5267, RFC 5957
+    assert isinstance(esort, Sort)
+    assert esort.returns == ("MIN", "COUNT")
+    assert esort.criteria == (("DISPLAYFROM", False),)
+    bad("a SORT RETURN (SAVE) (DATE) UTF-8 ALL")
+
+
+def test_list_extended_options() -> None:
+    # RFC 5258 3: unknown options are BAD; RECURSIVEMATCH needs another selection option.
+    ok = parse('a LIST (SUBSCRIBED RECURSIVEMATCH REMOTE) "" * RETURN (CHILDREN SUBSCRIBED)')
+    assert isinstance(ok, ListCommand)
+    assert ok.select == ("SUBSCRIBED", "RECURSIVEMATCH", "REMOTE")
+    bad('a LIST (IMAPTEST) "" ""')
+    bad('a LIST (RECURSIVEMATCH) "" ""')
+    bad('a LIST (RECURSIVEMATCH REMOTE) "" ""')
+    bad('a LIST "" "" RETURN (IMAPTEST)')
 
 
 def test_thread_command() -> None:
@@ -570,4 +586,7 @@ def test_thread_command() -> None:
     assert thread.uid
     assert thread.algorithm == "REFERENCES"
     bad("a THREAD REFERENCES ALL")  # the charset is required
-    bad("a THREAD ORDEREDSUBJECT UTF-8 ALL")  # not offered
+    ordered = parse("a THREAD ORDEREDSUBJECT UTF-8 ALL")  # RFC 5256 3
+    assert isinstance(ordered, Thread)
+    assert ordered.algorithm == "ORDEREDSUBJECT"
+    bad("a THREAD REFS UTF-8 ALL")  # not offered
