@@ -7,8 +7,8 @@ test`: build it once outside the repository, against Debian's dovecot-dev (Dovec
     git clone -b release-2.3 https://github.com/dovecot/imaptest /work/tools/imaptest-src
     cd /work/tools/imaptest-src
     # bookworm's security update gave imap_parser_create() a 4th argument (struct imap_parser_params)
-    sed -i 's/imap_parser_create(\\(.*\\), (size_t)-1);/imap_parser_create(\\1, (size_t)-1, \
-&(const struct imap_parser_params){ 0 });/' src/commands.c src/test-parser.c src/imap-client.c
+    sed -i '/imap_parser_create(/s/(size_t)-1);/(size_t)-1, \\&(const struct imap_parser_params){ 0 });/' \\
+        src/commands.c src/test-parser.c src/imap-client.c
     ./autogen.sh
     ./configure --with-dovecot=/usr/lib/dovecot --prefix=/work/tools/imaptest \\
         LDFLAGS=-Wl,-rpath,/usr/lib/dovecot
@@ -22,7 +22,7 @@ Then run every test group (one imaptest run per group file, so each gets its own
 It prints one row per group (passed, FAILED with failed/total commands, or skipped because the server
 lacks a capability the group needs), the totals, and keeps imaptest's failure details in --logs.
 Without IMAPTEST it says so and exits 0 (`make bench` runs every script). Exit status 1 when a group
-that passes on Dovecot fails on Letterbox.
+that passes on Dovecot does not pass on Letterbox (fails, or is skipped for a missing extension).
 """
 
 from __future__ import annotations
