@@ -7,6 +7,7 @@ peak RSS. The MX's inbound checks (SPF, DKIM, DMARC) run as in production (or no
 real TTLs and an SOA on negative answers (so nothing leaves the machine, and a resolver cache behaves
 as it would with a real sender's zone); the outbound queue is held.
 Usage: python -m bench.smtp [--messages 2000] [--concurrency 10] [--size 2048] [--inbound-auth on|off]
+       [--delivery-log on|off|compare [--rounds 3]]
 """
 
 from __future__ import annotations
@@ -87,14 +88,8 @@ async def load(port: int, messages: int, concurrency: int, size: int) -> tuple[f
     return time.perf_counter() - started, latencies
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=10)
-    parser.add_argument("--size", type=int, default=2048, help="body bytes per message")
-    parser.add_argument("--inbound-auth", choices=("on", "off"), default="on", help="SPF/DKIM/DMARC checks")
-    args = parser.parse_args()
-
+def run_box(args: argparse.Namespace, delivery_log: str) -> tuple[float, list[float], int, int, int, int]:
+    """One box, one load: (elapsed, latencies, stored files, idle RSS KiB, peak RSS KiB, DNS queries)."""
     with tempfile.TemporaryDirectory(prefix="letterbox-bench-") as tmp:
         data = Path(tmp) / "data"
         cli(data, "domain", "add", DOMAIN)
@@ -102,7 +97,7 @@ def main() -> None:
         dns = ZoneServer(SENDER_ZONE, ttl=3600, negative_ttl=900)
         dns_port = dns.start()
         set_settings(data, {"dns_resolver": f"127.0.0.1:{dns_port}", "queue_hold": "1",
-                            "inbound_auth": args.inbound_auth})
+                            "inbound_auth": args.inbound_auth, "delivery_log": delivery_log})
         try:
             with serving(data, Path(tmp) / "serve.log", offset := free_offset(), hostname="bench.test") as proc:
                 rss_idle = peak_rss_kib(proc.pid)
@@ -112,7 +107,40 @@ def main() -> None:
             dns.stop()
         maildir = data / "mail" / DOMAIN / "rcpt"
         stored = sum(1 for sub in ("new", "cur") for _ in (maildir / sub).iterdir())
+    if stored != args.messages:
+        raise SystemExit(f"expected {args.messages} files in the Maildir, found {stored}")
+    return elapsed, latencies, stored, rss_idle, rss_peak, dns.queries
 
+
+def compare_log(args: argparse.Namespace) -> None:
+    """The delivery log's cost (issue 18: at most 5 %): rounds of off/on interleaved, medians."""
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(args.rounds):
+        for mode in ("off", "on"):
+            elapsed = run_box(args, mode)[0]
+            rates[mode].append(args.messages / elapsed)
+    off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+    print(f"smtp intake with the delivery log off and on: {args.messages} messages x {args.size} B over "
+          f"{args.concurrency} sessions, {args.rounds} interleaved rounds each, medians")
+    print(f"  log off  {off:8.1f} messages/s  (rounds: {', '.join(f'{r:.1f}' for r in rates['off'])})")
+    print(f"  log on   {on:8.1f} messages/s  (rounds: {', '.join(f'{r:.1f}' for r in rates['on'])})")
+    print(f"  cost     {100 * (off - on) / off:8.1f} %  (target: at most 5 %)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--size", type=int, default=2048, help="body bytes per message")
+    parser.add_argument("--inbound-auth", choices=("on", "off"), default="on", help="SPF/DKIM/DMARC checks")
+    parser.add_argument("--delivery-log", choices=("on", "off", "compare"), default="on",
+                        help="the delivery log; 'compare' runs both, interleaved, and prints its cost")
+    parser.add_argument("--rounds", type=int, default=3, help="with --delivery-log compare")
+    args = parser.parse_args()
+    if args.delivery_log == "compare":
+        compare_log(args)
+        return
+    elapsed, latencies, stored, rss_idle, rss_peak, queries = run_box(args, args.delivery_log)
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
     print(f"smtp intake: {args.messages} messages x {args.size} B over {args.concurrency} sessions, "
@@ -122,9 +150,7 @@ def main() -> None:
     print(f"  latency p99  {p99 * 1000:8.1f} ms")
     print(f"  server RSS   {rss_peak / 1024:8.1f} MiB peak  ({rss_idle / 1024:.1f} MiB after start)")
     print(f"  stored       {stored} files")
-    print(f"  DNS queries  {dns.queries}  (inbound checks {args.inbound_auth})")
-    if stored != args.messages:
-        raise SystemExit(f"expected {args.messages} files in the Maildir, found {stored}")
+    print(f"  DNS queries  {queries}  (inbound checks {args.inbound_auth}, delivery log {args.delivery_log})")
 
 
 if __name__ == "__main__":
