@@ -310,8 +310,24 @@ async def run_all(svc: Services, probes: Probes | None = None, *, now: float | N
     ]
     results = await asyncio.gather(*(_bounded(key, title, check) for key, title, check in checks))
     items = [Item(i.key, i.title, i.level, i.summary, i.fix, i.link, at) for i in results]
+    before = {item.key: item.level for item in await load(svc.db)}
     await save(svc.db, items)
+    await _alert(svc, items, before)
     return items
+
+
+async def _alert(svc: Services, items: list[Item], before: dict[str, Level]) -> None:
+    """The postmaster's alert mails (appliance/alerts.py); a failure to mail never fails the checks."""
+    from appliance.alerts import Alerts
+    from appliance.postmaster import mail_postmaster
+
+    async def mail(subject: str, text: str) -> bool:
+        return await mail_postmaster(svc, subject, text)
+
+    try:
+        await Alerts(svc.db, mail, lambda: svc.hostname).after_checks(items, before)
+    except Exception:
+        log.exception("status alerts could not be mailed")
 
 
 async def _bounded(key: str, title: str, check: Awaitable[Item]) -> Item:
