@@ -49,6 +49,10 @@ OK: ListState = "ok"
 REFUSED: ListState = "refused"
 FAILING: ListState = "failing"
 
+# RFC 5782 5: every IP list must list 127.0.0.2 and every domain list the name "test", for testing.
+TEST_IP = "127.0.0.2"
+TEST_DOMAIN = "test"
+
 _LOOPBACK_NET = ipaddress.ip_network("127.0.0.0/8")
 _SPAMHAUS_ERRORS = ipaddress.ip_network("127.255.255.0/24")
 _ERROR_CODES = frozenset({ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("127.0.1.255")})
@@ -246,3 +250,14 @@ class Blocklists:
         except ValueError:
             pass
         return await self._first_listing([(zone, domain_query_name(domain, zone)) for zone in zones])
+
+    async def probe(self, ip_zones: Sequence[str], domain_zones: Sequence[str]) -> list[Answer]:
+        """Ask each list for its RFC 5782 test entry: does it answer this box's resolver at all?
+        (The status checklist; the answers update each list's state like real lookups.)"""
+        names = [(zone, ip_query_name(TEST_IP, zone)) for zone in ip_zones]
+        names += [(zone, domain_query_name(TEST_DOMAIN, zone)) for zone in domain_zones]
+        resolver = self._current_resolver()
+        answers = list(await asyncio.gather(*(ask(resolver, zone, name, self.lookup_lifetime) for zone, name in names)))
+        for answer in answers:
+            await self.status.note(answer)
+        return answers

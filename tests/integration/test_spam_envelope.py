@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 
+from appliance import status_checks
 from appliance.admin import Admin
 from appliance.spam.decisions import DBL, DEFER, DNSBL, EARLY_TALKER, GREYLIST, REJECT
+from appliance.status_checks import Probes
 from tests.conftest import LETTERBOX, BoxHandle, require_program
 from tests.support.dns_server import ZoneServer
 from tests.support.polling import wait_until
@@ -118,6 +120,28 @@ def test_refused_query_answers_are_not_listings_and_the_status_says_why(mx: BoxH
     # A resolver that rewrites NXDOMAIN into an address of its own is no listing either.
     zone.set(f"10.0.0.127.{IP_LIST}", "A", ["198.51.100.7"])
     assert rcpt_from(mx, "127.0.0.10")[0] == 250
+
+
+def test_the_status_checklist_says_when_a_list_refuses_this_resolver(mx: BoxHandle, zone: ZoneServer) -> None:
+    configure(mx, dnsbl=True, domain_blocklist=True)
+    zone.set(f"2.0.0.127.{IP_LIST}", "A", ["127.0.0.2"])  # RFC 5782 5: the test entries
+    zone.set(f"test.{DOMAIN_LIST}", "A", ["127.0.1.2"])
+    probes = Probes(port25_target=lambda: "127.0.0.1:9", clock_synchronised=lambda: True)
+
+    def blocklists() -> status_checks.Item:
+        return next(i for i in mx.run(status_checks.run_all(mx.services, probes)) if i.key == "blocklists")
+
+    item = blocklists()
+    assert item.level == "ok"
+    assert IP_LIST in item.summary
+    zone.set(f"2.0.0.127.{IP_LIST}", "A", ["127.255.255.254"])  # what Spamhaus says to a public resolver
+    item = blocklists()
+    assert item.level == "warn"
+    assert f"{IP_LIST} can't be used with this resolver" in item.summary
+    assert "public resolver" in item.summary
+    assert "dns_resolver" in item.fix
+    configure(mx)  # both lists off
+    assert blocklists().level == "ok"
 
 
 def test_a_dns_timeout_never_refuses_mail(mx: BoxHandle, zone: ZoneServer) -> None:
