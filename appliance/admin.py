@@ -34,7 +34,7 @@ from appliance.queue.relay_check import RelayCheck, check_relay
 from appliance.queue.smarthost import Smarthost, SmarthostError
 from appliance.settings import Settings
 from appliance.spam import outbound
-from appliance.spam.dnsbl import ListReport, list_reports
+from appliance.spam.dnsbl import Blocklists, ListReport, ListStatus, list_reports
 from appliance.spam.greylist import Greylist, GreylistEntry
 from appliance.tls import CertificateInfo, TlsManager
 
@@ -356,6 +356,15 @@ class Admin:
         spam = (await self.settings.fresh()).spam
         return await list_reports(self.db, spam.dnsbl_lists if spam.dnsbl else (),
                                   spam.domain_lists if spam.domain_blocklist else ())
+
+    async def check_dnsbl(self) -> list[ListReport]:
+        """Ask each configured list for its RFC 5782 test entry now (does it answer this box's
+        resolver?), then report as dnsbl_status does."""
+        spam = (await self.settings.fresh()).spam
+        blocklists = Blocklists(ListStatus(self.db), lambda: self.settings.now.dns_resolver)
+        await blocklists.probe(spam.dnsbl_lists if spam.dnsbl else (),
+                               spam.domain_lists if spam.domain_blocklist else ())
+        return await self.dnsbl_status()
 
     async def outbound_suspensions(self) -> list[outbound.Suspension]:
         return await outbound.suspensions(self.db)

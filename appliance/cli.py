@@ -396,7 +396,7 @@ def cmd_spam_greylist(args: argparse.Namespace) -> None:
 
 
 def cmd_spam_lists(args: argparse.Namespace) -> None:
-    for report in run_admin(args, lambda admin: admin.dnsbl_status()):
+    for report in run_admin(args, lambda admin: admin.check_dnsbl() if args.check else admin.dnsbl_status()):
         detail = f": {report.detail}" if report.detail else ""
         print(f"{report.zone}\t{report.kind}\t{report.state}{detail}\t(last seen {_when(report.checked_at)})")
 
@@ -607,8 +607,9 @@ def add_spam_envelope_commands(spam_actions: Any) -> None:
     gclear.add_argument("--recipient")
     gclear.add_argument("--all", action="store_true", help="every triplet (needed when no other option is given)")
     grey.set_defaults(func=cmd_spam_greylist)
-    spam_actions.add_parser("lists", help="the DNS blocklists and whether each answers this box's resolver"
-                            ).set_defaults(func=cmd_spam_lists)
+    lists = spam_actions.add_parser("lists", help="the DNS blocklists and whether each answers this box's resolver")
+    lists.add_argument("--check", action="store_true", help="ask each list for its test entry now")
+    lists.set_defaults(func=cmd_spam_lists)
     susp = spam_actions.add_parser("suspended", help="mailboxes whose sending is suspended")
     ssub = susp.add_subparsers(dest="suspended_action")
     ssub.add_parser("list")

@@ -255,32 +255,6 @@ async def check_queue(svc: Services, now: float) -> Item:
     return Item("queue", "Outbound queue", "ok", summary)
 
 
-async def check_blocklists(svc: Services) -> Item:
-    """The spam layers' DNS lists (spam/dnsbl.py) answer this box's resolver: Spamhaus refuses queries
-    that come through big public resolvers, and then nothing is checked (nothing is refused either)."""
-    from appliance.spam.dnsbl import FAILING, REFUSED
-
-    title = "Spam blocklists"
-    spam = (await svc.settings.fresh()).spam
-    ip_lists = spam.dnsbl_lists if spam.dnsbl else ()
-    domain_lists = spam.domain_lists if spam.domain_blocklist else ()
-    if not ip_lists and not domain_lists:
-        return Item("blocklists", title, "ok", "The DNS blocklists are switched off.")
-    answers = await svc.blocklists.probe(ip_lists, domain_lists)
-    refused = [a for a in answers if a.state == REFUSED]
-    if refused:
-        return Item("blocklists", title, "warn",
-                    "; ".join(f"{a.zone} can't be used with this resolver: {a.detail}" for a in refused) + ".",
-                    "Mail is not refused because of this, only not checked against these lists. Spamhaus refuses"
-                    " queries through public resolvers (8.8.8.8, 1.1.1.1, 9.9.9.9): give the box a resolver of"
-                    " its own, such as a local unbound, in the dns_resolver setting.")
-    failing = [a for a in answers if a.state == FAILING]
-    if failing:
-        return Item("blocklists", title, "unknown", ", ".join(a.zone for a in failing) + " did not answer.",
-                    "Check again later; meanwhile mail is accepted without these lists.")
-    return Item("blocklists", title, "ok", ", ".join(a.zone for a in answers) + " answer this box's resolver.")
-
-
 async def check_clock(probes: Probes) -> Item:
     synced = await asyncio.to_thread(probes.clock_synchronised)
     if synced is None:
@@ -333,7 +307,6 @@ async def run_all(svc: Services, probes: Probes | None = None, *, now: float | N
         ("disk", "Disk", check_disk(svc)),
         ("queue", "Outbound queue", check_queue(svc, at)),
         ("clock", "Time", check_clock(probes)),
-        ("blocklists", "Spam blocklists", check_blocklists(svc)),
     ]
     results = await asyncio.gather(*(_bounded(key, title, check) for key, title, check in checks))
     items = [Item(i.key, i.title, i.level, i.summary, i.fix, i.link, at) for i in results]

@@ -17,10 +17,8 @@ from typing import Any
 
 import pytest
 
-from appliance import status_checks
 from appliance.admin import Admin
 from appliance.spam.decisions import DBL, DEFER, DNSBL, EARLY_TALKER, GREYLIST, REJECT
-from appliance.status_checks import Probes
 from tests.conftest import LETTERBOX, BoxHandle, require_program
 from tests.support.dns_server import ZoneServer
 from tests.support.polling import wait_until
@@ -122,26 +120,23 @@ def test_refused_query_answers_are_not_listings_and_the_status_says_why(mx: BoxH
     assert rcpt_from(mx, "127.0.0.10")[0] == 250
 
 
-def test_the_status_checklist_says_when_a_list_refuses_this_resolver(mx: BoxHandle, zone: ZoneServer) -> None:
+def test_lists_check_asks_the_test_entries_and_says_when_a_list_refuses_this_resolver(
+        mx: BoxHandle, zone: ZoneServer) -> None:
     configure(mx, dnsbl=True, domain_blocklist=True)
     zone.set(f"2.0.0.127.{IP_LIST}", "A", ["127.0.0.2"])  # RFC 5782 5: the test entries
     zone.set(f"test.{DOMAIN_LIST}", "A", ["127.0.1.2"])
-    probes = Probes(port25_target=lambda: "127.0.0.1:9", clock_synchronised=lambda: True)
 
-    def blocklists() -> status_checks.Item:
-        return next(i for i in mx.run(status_checks.run_all(mx.services, probes)) if i.key == "blocklists")
+    def cli() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([LETTERBOX, "--data", str(mx.data.root), "spam", "lists", "--check"],
+                              capture_output=True, text=True, timeout=60, check=True)
 
-    item = blocklists()
-    assert item.level == "ok"
-    assert IP_LIST in item.summary
+    lines = cli().stdout.splitlines()
+    assert [line.split("\t")[:3] for line in lines] == [[IP_LIST, "ip", "ok"], [DOMAIN_LIST, "domain", "ok"]]
     zone.set(f"2.0.0.127.{IP_LIST}", "A", ["127.255.255.254"])  # what Spamhaus says to a public resolver
-    item = blocklists()
-    assert item.level == "warn"
-    assert f"{IP_LIST} can't be used with this resolver" in item.summary
-    assert "public resolver" in item.summary
-    assert "dns_resolver" in item.fix
-    configure(mx)  # both lists off
-    assert blocklists().level == "ok"
+    first = cli().stdout.splitlines()[0]
+    assert first.startswith(f"{IP_LIST}\tip\trefused: the list refuses queries through a public resolver")
+    states = {r.zone: r.state for r in mx.run(admin(mx).dnsbl_status())}
+    assert states == {IP_LIST: "refused", DOMAIN_LIST: "ok"}
 
 
 def test_a_dns_timeout_never_refuses_mail(mx: BoxHandle, zone: ZoneServer) -> None:
