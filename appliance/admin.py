@@ -23,7 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance import backup, bundle, certificates, dkim_keys, dns_check, dns_records, sizes, update
+from appliance import (
+    backup,
+    backup_restic,
+    bundle,
+    certificates,
+    dkim_keys,
+    dns_check,
+    dns_records,
+    sizes,
+    update,
+)
 from appliance.account_errors import NotFound
 from appliance.accounts import Accounts, AliasInfo, MailboxInfo, stored_domain
 from appliance.config import DataLayout
@@ -299,6 +309,18 @@ class Admin:
                               progress: backup.Progress | None = None) -> backup.MailboxRestored:
         return await backup.restore_mailbox(self.db, self.events, self.data, path, secret, address, folder,
                                             progress=progress)
+
+    async def set_restic(self, repo: str, password: str) -> bool:
+        return await backup_restic.configure(self.db, self.events, repo, password)
+
+    async def send_to_restic(self, file: Path) -> str:
+        return await backup_restic.send_file(self.db, self.events, file)
+
+    async def restic_snapshots(self) -> list[backup_restic.Snapshot]:
+        return await backup_restic.list_snapshots(self.db)
+
+    async def fetch_from_restic(self, snapshot: str, into: Path) -> Path:
+        return await backup_restic.fetch_file(self.db, self.events, snapshot, into)
 
     async def set_backup_schedule(self, *, enabled: bool, hour: int, target: str) -> None:
         await backup.set_schedule(self.db, self.events, enabled=enabled, hour=hour, target=target)

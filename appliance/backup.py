@@ -1356,8 +1356,18 @@ class Scheduler:
         done = asyncio.get_running_loop().create_future()
 
         async def work(progress: Progress) -> str:
+            from appliance import backup_restic
+
             made = await create(self.db, self.events, self.layout, to=target, progress=progress, keep=schedule.keep)
-            return f"Backup made: {made.path}"
+            if await backup_restic.read_target(self.db) is None:
+                return f"Backup made: {made.path}"
+            # The off-box copy: a failure here is the run's failure (the local backup stays made).
+            progress.stage = "sending to restic"
+            try:
+                snapshot = await backup_restic.send_file(self.db, self.events, made.path)
+            except BackupError as exc:
+                raise BackupError(f"backup made ({made.path.name}) but not sent to restic: {exc}") from exc
+            return f"Backup made: {made.path}; sent to the restic repository (snapshot {snapshot})"
 
         job = self.jobs.start("backup", work)
         if job is None or job.task is None:

@@ -327,6 +327,24 @@ def _manifest_line(manifest: dict[str, Any]) -> str:
             f" {len(manifest.get('mailboxes', []))} mailboxes, {manifest.get('messages')} messages")
 
 
+async def _restic(admin: Any, args: argparse.Namespace) -> None:
+    """`letterbox backup restic ...`: the password comes from a file or stdin, never from argv."""
+    if args.restic_action == "set":
+        password = _read_secret_file(args.password_file, "password").splitlines()[0]
+        made = await admin.set_restic(args.repo, password)
+        print(f"restic repository {'made and ' if made else ''}set: the daily backup is sent to it")
+    elif args.restic_action == "off":
+        await admin.set_restic("", "")
+        print("restic copies off")
+    elif args.restic_action == "send":
+        print(f"sent as snapshot {await admin.send_to_restic(Path(args.file))}")
+    elif args.restic_action == "list":
+        for snap in await admin.restic_snapshots():
+            print(f"{snap.id}\t{snap.time}\t{' '.join(snap.paths)}")
+    else:
+        print(await admin.fetch_from_restic(args.snapshot, Path(args.to)))
+
+
 def cmd_backup(args: argparse.Namespace) -> None:
     from appliance import backup
 
@@ -358,6 +376,8 @@ def cmd_backup(args: argparse.Namespace) -> None:
                     f.write(kit.text)
                 print(f"new backup key {kit.recipient}; emergency kit written to {args.kit_to}:"
                       " keep it away from the box, it is not shown again")
+            elif args.action == "restic":
+                await _restic(admin, args)
             elif args.action == "create":
                 key = _read_secret_file(args.key_file, "key")
                 passphrase = _read_secret_file(args.passphrase_file, "passphrase").splitlines()
@@ -547,6 +567,17 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "restore":
             p.add_argument("--mailbox", help="put back only this mailbox, into the running box")
             p.add_argument("--folder", help="with --mailbox: only this folder")
+    brestic = bksub.add_parser("restic", help="off-box copies of the backups in a restic repository")
+    rsub = brestic.add_subparsers(dest="restic_action", required=True)
+    rset = rsub.add_parser("set", help="the repository (made if new) and its password; the daily backup is sent to it")
+    rset.add_argument("--repo", required=True, help="a restic repository: a path, sftp:..., s3:..., rest:...")
+    rset.add_argument("--password-file", required=True, help="the repository's password ('-': stdin)")
+    rsub.add_parser("off", help="forget the repository (its snapshots stay in it)")
+    rsub.add_parser("send", help="send a backup file to the repository now").add_argument("file")
+    rsub.add_parser("list", help="the Letterbox snapshots in the repository")
+    rfetch = rsub.add_parser("fetch", help="get a snapshot's backup file back (then `backup restore` it)")
+    rfetch.add_argument("snapshot")
+    rfetch.add_argument("--to", required=True, help="the folder to write the backup file into")
     bk.set_defaults(func=cmd_backup)
 
     dns = sub.add_parser("dns", help="the DNS records a domain needs, and a live check of them")
