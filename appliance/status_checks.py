@@ -231,13 +231,32 @@ async def check_backups(svc: Services, now: float) -> Item:
 async def check_disk(svc: Services) -> Item:
     usage = await asyncio.to_thread(shutil.disk_usage, svc.config.data.root)
     used = round(100 * (usage.total - usage.free) / usage.total) if usage.total else 0
-    summary = f"{used}% used, {usage.free // 2**20:,} MiB free."
+    growth = await _record_disk(svc.db, usage.total - usage.free, usage.total)
+    summary = f"{used}% used, {usage.free // 2**20:,} MiB free" + (
+        f", growing {growth // 2**20:,} MiB a week." if growth is not None and growth > 0 else ".")
     if used >= DISK_FAIL_PERCENT:
         return Item("disk", "Disk", "fail", summary, "Delete old mail or backups, or move to a bigger disk.",
                     "/console/backups")
     if used >= DISK_WARN_PERCENT:
         return Item("disk", "Disk", "warn", summary, "Plan for more space.")
     return Item("disk", "Disk", "ok", summary)
+
+
+async def _record_disk(db: Database, used: int, total: int) -> int | None:
+    """Keep today's use (one row a day); the growth over the last week when a sample that old exists."""
+    today = dt.datetime.now(dt.UTC).date()
+    await db.execute("INSERT INTO disk_samples (day, used, total) VALUES (?, ?, ?) ON CONFLICT(day) DO UPDATE"
+                     " SET used = excluded.used, total = excluded.total", (today.isoformat(), used, total))
+    row = await db.fetchone("SELECT used FROM disk_samples WHERE day <= ? ORDER BY day DESC LIMIT 1",
+                            ((today - dt.timedelta(days=7)).isoformat(),))
+    return used - int(row["used"]) if row else None
+
+
+async def disk_history(db: Database, days: int = 30) -> list[tuple[dt.date, float]]:
+    """(day, GiB used) for the chart."""
+    since = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=days - 1)).isoformat()
+    rows = await db.fetchall("SELECT day, used FROM disk_samples WHERE day >= ? ORDER BY day", (since,))
+    return [(dt.date.fromisoformat(str(r["day"])), round(int(r["used"]) / 2**30, 2)) for r in rows]
 
 
 async def check_queue(svc: Services, now: float) -> Item:

@@ -12,6 +12,7 @@ from starlette.routing import Route
 from appliance import backup, status_checks
 from appliance.config import STANDARD_PORTS
 from appliance.dns_check import load_results, summary
+from web import charts
 from web.console_data import disk_usage, listeners, queue_summary
 from web.pages import (
     admin,
@@ -52,6 +53,9 @@ async def status(request: Request) -> Response:
         "setup_done": await setup_done(svc.settings),
         "backup_schedule": await backup.read_schedule(svc.db),
         "checks": await status_checks.load(svc.db),
+        "mail_chart": charts.bars("Messages per day, last 30 days", await svc.delivery_log.per_day(30),
+                                  ("in", "out", "junk", "rejected")),
+        "disk_chart": charts.line("Disk used (GiB)", await status_checks.disk_history(svc.db), " GiB"),
     })
 
 
