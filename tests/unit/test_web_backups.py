@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance import backup
+from tests.conftest import require_program
 from tests.support.polling import wait_until
 from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, WebClient, web_client
 
@@ -224,3 +225,32 @@ def test_download_progress_is_kept_for_the_page(web: WebClient) -> None:
     assert status["download"] == {"name": made.path.name, "percent": 100, "done": made.size, "total": made.size,
                                   "stage": "done"}
     assert 'id="download-progress"' in web.get("/console/backups").text
+
+
+def test_restic_repository_set_in_the_console_and_the_newest_backup_sent(web: WebClient, tmp_path: Path) -> None:
+    require_program("restic")
+    from appliance import backup_restic
+
+    repo = tmp_path / "restic-repo"
+    password = "a restic password for the console"
+    saved = web.post("/console/backups/restic", {"repo": str(repo), "password": password},
+                     token_from="/console/backups")
+    assert saved.status_code == 303
+    page = web.get("/console/backups").text
+    assert "restic repository made and set" in page
+    assert f"Sending to <code>{repo}</code>" in page
+    assert password not in page
+    # Saved again without the password: the one set is kept.
+    web.post("/console/backups/restic", {"repo": str(repo), "password": ""}, token_from="/console/backups")
+    assert web.run(backup_restic.read_target, web.services.db) == backup_restic.Target(str(repo), password)
+    web.run(backup.make_key, web.services.db, web.services.events, "x")
+    made = web.run(backup.create, web.services.db, web.services.events, web.services.config.data)
+    sent = web.post("/console/backups/restic-send", {}, token_from="/console/backups")
+    assert sent.status_code == 303
+    wait_for(web, "sent to the restic repository")
+    [snap] = web.run(backup_restic.list_snapshots, web.services.db)
+    assert snap.paths[0].endswith(made.path.name)
+    assert password not in repr(web.run(web.services.db.fetchall, "SELECT * FROM events"))
+    off = web.post("/console/backups/restic", {"repo": str(repo), "off": "yes"}, token_from="/console/backups")
+    assert off.status_code == 303
+    assert web.run(backup_restic.read_target, web.services.db) is None

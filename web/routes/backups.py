@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from appliance import backup
+from appliance import backup, backup_restic
 from web.pages import admin, flash, read_form, redirect, render, require, services
 
 MAX_SECRET = 4096  # a kit is about 300 characters; a passphrase fits easily
@@ -34,6 +34,7 @@ async def page(request: Request) -> Response:
         "recipient": await svc.db.get_setting(backup.RECIPIENT_SETTING) or "",
         "job": job, "files": files, "keep": await _keep(request), "download": svc.backups.download,
         "schedule": await backup.read_schedule(svc.db),
+        "restic": await backup_restic.read_target(svc.db),
     })
 
 
@@ -91,6 +92,48 @@ async def schedule(request: Request) -> Response:
         flash(request, f"Not saved: {exc}.")
         return redirect("/console/backups")
     flash(request, "Schedule saved.")
+    return redirect("/console/backups")
+
+
+async def restic(request: Request) -> Response:
+    """The restic repository for off-box copies: set (made when new), or forgotten. The password
+    field is never filled in by the page; left empty, the one already set is kept."""
+    await require(request, "admin")
+    values = await read_form(request)
+    svc = services(request)
+    repo = values.get("repo", "").strip()[:MAX_SECRET]
+    password = values.get("password", "")[:MAX_SECRET]
+    if repo and not password:
+        current = await backup_restic.read_target(svc.db)
+        password = current.password if current is not None and current.repo == repo else ""
+    try:
+        made = await admin(request).set_restic("" if values.get("off") == "yes" else repo, password)
+    except backup.BackupError as exc:
+        flash(request, f"Not saved: {exc}.")
+        return redirect("/console/backups")
+    flash(request, "restic copies off." if values.get("off") == "yes" or not repo else
+          ("restic repository made and set." if made else "restic repository set."))
+    return redirect("/console/backups")
+
+
+async def restic_send(request: Request) -> Response:
+    """Send the newest backup under backups/ to the restic repository now (in the background)."""
+    await require(request, "admin")
+    await read_form(request)
+    svc = services(request)
+    files = await asyncio.to_thread(backup.list_backups, svc.config.data.backups)
+    if not files:
+        flash(request, "Nothing to send: make a backup first.")
+        return redirect("/console/backups")
+    box = admin(request)
+
+    async def work(progress: backup.Progress) -> str:
+        progress.stage = "sending to restic"
+        snapshot = await box.send_to_restic(files[0].path)
+        return f"{files[0].path.name} sent to the restic repository (snapshot {snapshot})."
+
+    if svc.backups.start("backup", work) is None:
+        flash(request, "A backup or restore is already running: wait for it to finish.")
     return redirect("/console/backups")
 
 
@@ -166,6 +209,8 @@ routes = [
     Route("/console/backups/key", make_key, methods=["POST"]),
     Route("/console/backups/create", create, methods=["POST"]),
     Route("/console/backups/schedule", schedule, methods=["POST"]),
+    Route("/console/backups/restic", restic, methods=["POST"]),
+    Route("/console/backups/restic-send", restic_send, methods=["POST"]),
     Route("/console/backups/restore-mailbox", restore_mailbox, methods=["POST"]),
     Route("/console/backups/download/{name}", download, methods=["GET"]),
 ]
