@@ -114,7 +114,7 @@ for format in "${formats[@]}"; do
     case $format in
         raw) ;;
         qcow2) qemu-img convert -O qcow2 "$OUT/$name.img" "$OUT/$name.qcow2" ;;
-        vmdk) qemu-img convert -O vmdk -o subformat=streamOptimized "$OUT/$name.img" "$OUT/$name.vmdk" ;;
+        vmdk) qemu-img convert -O vmdk "$OUT/$name.img" "$OUT/$name.vmdk" ;;  # monolithicSparse: VMware Workstation, VirtualBox
         xz) xz -T0 -6 -k -f "$OUT/$name.img" ;;
         *) echo "unknown format $format" >&2; exit 2 ;;
     esac
