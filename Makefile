@@ -63,8 +63,7 @@ image-pi: $(STAMP)
 # Build the amd64 image and boot it under qemu (TCG) from the host: wizard, mail in and out, reboot.
 image-test: $(STAMP) image-deps
 	PYTHON=$(BIN)/python bash image/build.sh amd64 $(IMAGE_OUT)/test
-	LETTERBOX_IMAGE=$(IMAGE_OUT)/test/letterbox-amd64.img $(BIN)/pytest -p no:cacheprovider -p no:randomly \
-		-o addopts="--strict-markers -ra" tests/image -v -s
+	LETTERBOX_IMAGE=$(IMAGE_OUT)/test/letterbox-amd64.img $(BIN)/pytest -p no:cacheprovider tests/image -v -s
 
 # The update bundle of this checkout, for letterbox-update and the console's Updates page (and the image):
 # dist/letterbox-bundle-VERSION-MACHINE.tar, the Letterbox wheel and every dependency's (appliance/bundle.py).
