@@ -404,6 +404,7 @@ class Admin:
 
     async def update_state(self) -> UpdateState:
         """The running version, the last update's outcome and whether an upload waits for letterbox-update."""
+        await self.record_update_outcome()
         folder = self.data.root / update.UPDATES
         last = await asyncio.to_thread(update.read_status, self.data.root)
         waiting = await asyncio.to_thread((folder / update.INCOMING).exists)
@@ -423,6 +424,17 @@ class Admin:
         await self.events.record("update", f"Letterbox {info.version} uploaded (running {running}); letterbox-update"
                                            " installs it and restarts the box")
         return info
+
+
+    async def record_update_outcome(self) -> None:
+        """The outcome letterbox-update left in DATA/updates/status.json becomes an event, once: at start,
+        and whenever the state is read (letterbox-update runs `letterbox update status` when it is done;
+        as root, with the box stopped part of the time, it does not write the database itself)."""
+        last = await asyncio.to_thread(update.read_status, self.data.root)
+        if not last or last.get("state") not in ("done", "failed") or last.get("recorded"):
+            return
+        await self.events.record("update", str(last.get("message", ""))[:500])
+        await asyncio.to_thread(update.mark_recorded, self.data.root, last)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from appliance import backup, setup_code, systemd_notify, web_server
 from appliance.accounts import Accounts
+from appliance.admin import Admin
 from appliance.auth import Auth
 from appliance.certificates import start_renewer
 from appliance.config import STANDARD_PORTS, ServeConfig
@@ -315,6 +316,7 @@ async def _serve_until_stopped(box: Box, config: ServeConfig, stop: asyncio.Even
             announce(f"  {lst.service:<12} {lst.host}:{lst.port}")
         await announce_setup_code(box.services, announce)
         await box.services.events.record("start", f"Letterbox started as {box.services.hostname}")
+        await Admin.of(box.services).record_update_outcome()
         announce("ready")
         systemd_notify.notify(f"READY=1\nSTATUS=serving as {box.services.hostname}")
         jobs = box.services.backups

@@ -137,6 +137,15 @@ def read_status(data_root: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def mark_recorded(data_root: Path, status: dict[str, Any]) -> None:
+    """The running box has put the outcome into its events (Admin.record_update_outcome)."""
+    path = data_root / UPDATES / STATUS
+    tmp = path.with_name(f".{STATUS}.{secrets.token_hex(4)}")
+    tmp.write_text(json.dumps({**status, "recorded": True}), encoding="utf-8")
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
 def switch_link(prefix: Path, target: Path) -> None:
     """Point PREFIX/venv at `target` in one step: a new symlink renamed over the old one."""
     tmp = prefix / f".venv-{secrets.token_hex(4)}"
@@ -185,6 +194,13 @@ class Updater:
         st = self.o.data.stat()
         if os.geteuid() == 0:
             os.chown(path, st.st_uid, st.st_gid)
+
+    def _tell_the_box(self) -> None:
+        """`letterbox update status` of the version now in force: the outcome becomes one of the box's
+        events (Admin.record_update_outcome). An older version without that command: nothing to do."""
+        letterbox = self.o.prefix / "venv" / "bin" / "letterbox"
+        with contextlib.suppress(UpdateError):
+            self._run(self._as_user([str(letterbox), "--data", str(self.o.data), "update", "status"]), "event", timeout=60)
 
     def _write_status(self, **values: Any) -> None:
         self.updates.mkdir(exist_ok=True, mode=0o700)
@@ -334,6 +350,7 @@ class Updater:
         if problem is None:
             self._write_status(state="done", version=version, previous=running,
                                message=f"updated from {running} to {version}")
+            self._tell_the_box()
             self.prune(keep={target, current})
             self.o.say(f"Letterbox {version} is running (the previous version stays in {current})")
             return version
@@ -347,6 +364,7 @@ class Updater:
         if back is not None:
             message += f", which did not come up either: {back}"
         self._write_status(state="failed", version=version, previous=running, message=message)
+        self._tell_the_box()
         raise UpdateError(message)
 
     def prune(self, keep: set[Path]) -> None:

@@ -72,6 +72,13 @@ class Installed:
                               input=stdin, capture_output=True, text=True, timeout=60, check=True)
         return done.stdout
 
+    def events(self) -> list[str]:
+        conn = sqlite3.connect(f"file:{self.data / 'letterbox.db'}?mode=ro", uri=True)
+        try:
+            return [str(row[0]) for row in conn.execute("SELECT text FROM events WHERE kind = 'update'")]
+        finally:
+            conn.close()
+
     def schema(self) -> int:
         conn = sqlite3.connect(f"file:{self.data / 'letterbox.db'}?mode=ro", uri=True)
         try:
@@ -166,6 +173,8 @@ def test_an_update_that_cannot_start_is_rolled_back_with_the_data(installed: Ins
     assert status["previous"] == "1.0.0"
     assert "rolled back to 1.0.0" in str(status["message"])
     assert "cannot start (update test)" in (box.state / "serve.log").read_text()
+    # The old version, started again, put the outcome into the box's events.
+    assert any("rolled back to 1.0.0" in text for text in box.events())
 
 
 def test_an_update_migrates_the_older_data_and_keeps_the_mail(installed: Installed) -> None:
@@ -201,6 +210,7 @@ def test_an_update_migrates_the_older_data_and_keeps_the_mail(installed: Install
     assert status["state"] == "done"
     assert status["version"] == "1.0.1"
     assert status["previous"] == "1.0.0"
+    assert "updated from 1.0.0 to 1.0.1" in box.events()
     again = box.update("1.0.1")
     assert again.returncode == 1
     assert "already running" in again.stderr

@@ -109,6 +109,10 @@ def test_the_last_outcome_is_shown(web: WebClient) -> None:
     page = web.get("/console/updates").text
     assert 'id="update-last"' in page
     assert "rolled back to 0.1.0" in page
+    # The outcome became one event of the box, once however often it is read.
+    web.get("/console/updates")
+    events = [text for _, kind, text in web.run(web.services.events.recent, 50) if kind == "update"]
+    assert events == ["99.0.0 did not come up (the service is failed); rolled back to 0.1.0"]
 
 
 def test_cli_update_upload_and_status(tmp_path: Path, bundles: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

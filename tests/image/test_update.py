@@ -1,0 +1,100 @@
+"""Updates on the appliance image, under real systemd (issue 15, "a test of the update path"): the box's
+data, made by the image's release (the older schema), upgraded by a newer release that adds a migration,
+and a release that cannot start rolled back, with letterbox.service (Type=notify, hardened) restarted by
+systemd each time and the mail read through the forwarded IMAPS port throughout.
+
+The newer releases are this checkout under higher versions, with the dependency wheels the image's
+release has (tests/support/releases.py), packed as bundles (appliance/bundle.py). The failed one goes
+through `letterbox-update BUNDLE` as root; the good one through `letterbox update upload` as the box's
+user, which is the console's path: letterbox-update.path sees DATA/updates/incoming.tar and starts
+letterbox-update.service.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import smtplib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.bundle import write_bundle
+from appliance.db import load_migrations
+from tests.image.test_appliance import ALICE, ALICE_PASSWORD, CLI, DATA, DOMAIN, _subjects, wait_for
+from tests.image.vm import Vm, VmError, built_image
+from tests.support.releases import build_wheel, dependency_wheels
+
+pytestmark = pytest.mark.timeout(3600)
+
+NEXT = len(load_migrations()) + 1
+PROBE = {f"{NEXT:04d}_update_probe.sql": "CREATE TABLE update_probe (note TEXT NOT NULL);\n"
+                                        "INSERT INTO update_probe VALUES ('made by the update');\n"}
+BROKEN_START = ("            await store.recover()\n",
+                "            await store.recover()\n"
+                "            raise RuntimeError('this release cannot start (update test)')\n")
+SCHEMA = f"python3 -c \"import sqlite3; print(sqlite3.connect('file:{DATA}/letterbox.db?mode=ro', uri=True)" \
+         ".execute('SELECT MAX(version) FROM schema_migrations').fetchone()[0])\""  # noqa: S608  a fixed query
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]:
+    with Vm(built_image(), tmp_path_factory.mktemp("vm-update"), name="update") as vm:
+        vm.start()
+        vm.wait_for_wizard()
+        yield vm
+
+
+def _bundle(folder: Path, version: str, *, broken: bool = False) -> bytes:
+    wheels = folder / version
+    shutil.copytree(dependency_wheels(), wheels, ignore=shutil.ignore_patterns(".complete"))
+    build_wheel(wheels, version, migrations=PROBE,
+                patches={"appliance/app.py": BROKEN_START} if broken else None)
+    return write_bundle(wheels, folder).read_bytes()
+
+
+def _status(vm: Vm) -> dict[str, object]:
+    result = vm.run(f"cat {DATA}/updates/status.json", check=False)
+    value = json.loads(result.stdout) if result.exit_code == 0 else {}
+    assert isinstance(value, dict)
+    return value
+
+
+def test_failed_update_rolls_back_then_good_update_migrates(box: Vm, tmp_path: Path) -> None:
+    running = box.run("letterbox --version").stdout.split()[-1]
+    box.run(f"{CLI} domain add {DOMAIN}")
+    box.run(f"{CLI} user add {ALICE} --password-stdin", stdin=f"{ALICE_PASSWORD}\n".encode())
+    with smtplib.SMTP("127.0.0.1", box.port(25), timeout=60) as smtp:
+        smtp.sendmail("tester@example.invalid", [ALICE], b"Subject: before the updates\r\n\r\nhello\r\n")
+    wait_for(lambda: "before the updates" in _subjects(box), 120, "the message over IMAPS", box)
+    schema = int(box.run(SCHEMA).stdout)
+
+    # A release that migrates the database and then cannot start: letterbox-update puts everything back.
+    box.write_file("/root/broken.tar", _bundle(tmp_path, f"{running}.2", broken=True))
+    failed = box.run("letterbox-update /root/broken.tar", check=False, timeout=1500)
+    assert failed.exit_code == 1, failed.stdout + failed.stderr
+    assert f"rolled back to {running}" in failed.stderr
+    assert box.run("readlink /opt/letterbox/venv").stdout.strip() == f"venv-{running}"
+    assert box.run("systemctl is-active letterbox").stdout.strip() == "active"
+    assert int(box.run(SCHEMA).stdout) == schema
+    assert _subjects(box) == ["before the updates"]
+    assert _status(box)["state"] == "failed"
+
+    # The console's way: the box's user hands the bundle over, letterbox-update.path starts the update.
+    box.write_file("/root/good.tar", _bundle(tmp_path, f"{running}.1"))
+    box.run("install -o letterbox -m 0600 /root/good.tar /var/lib/letterbox/good.tar")
+    box.run(f"{CLI} update upload /var/lib/letterbox/good.tar")
+    deadline = time.monotonic() + 1500
+    while _status(box).get("state") != "done" or _status(box).get("version") != f"{running}.1":
+        if _status(box).get("state") == "failed" and _status(box).get("version") == f"{running}.1":
+            raise VmError(box.failure_report(f"the update failed: {_status(box)}"))
+        if time.monotonic() > deadline:
+            raise VmError(box.failure_report(f"no outcome of the update: {_status(box)}"))
+        time.sleep(3)
+    assert box.run("letterbox --version").stdout.strip() == f"letterbox {running}.1"
+    assert box.run("systemctl is-active letterbox").stdout.strip() == "active"
+    assert int(box.run(SCHEMA).stdout) == schema + 1  # the older data was migrated at start
+    assert _subjects(box) == ["before the updates"]
+    assert box.run(f"test -d /opt/letterbox/venv-{running}", check=False).exit_code == 0  # kept for a rollback
