@@ -73,6 +73,7 @@ STATUS = "status.json"
 DB_FILES = ("letterbox.db", "letterbox.db-wal")
 KEEP_VENVS = 2  # the one in force and the one before it
 HEALTH_POLL = 0.5
+BACKUP_TIMEOUT = 6 * 3600.0  # a backup streams every message: a large box on a Pi takes a while
 
 
 class UpdateError(Exception):
@@ -88,7 +89,7 @@ class Options:
     user: str = "letterbox"  # runs the new code and the backup; '' = as whoever runs this (tests)
     python: str = "/usr/bin/python3"
     health_url: str = "http://127.0.0.1:80/"
-    timeout: float = 300.0
+    timeout: float = 900.0  # as letterbox.service's TimeoutStartSec: a VM under TCG starts slowly
     allow_downgrade: bool = False
     say: Callable[[str], None] = field(default=print)
 
@@ -245,7 +246,7 @@ class Updater:
         """A backup with the running version, when the box has a backup key."""
         try:
             out = self._run(self._as_user([str(current / "bin" / "letterbox"), "--data", str(self.o.data),
-                                           "backup", "create"]), "backup")
+                                           "backup", "create"]), "backup", timeout=BACKUP_TIMEOUT)
         except UpdateError as exc:
             if "no backup key" in str(exc):
                 self.o.say("no backup key on this box (console -> Backups): no backup made; the database is"
@@ -456,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--user", default="letterbox", help="the box's user ('' = the caller, for tests)")
     parser.add_argument("--python", default="/usr/bin/python3", help="the Python the new venv is made from")
     parser.add_argument("--health-url", default="http://127.0.0.1:80/")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds the new version has to answer")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds the new version has to answer")
     parser.add_argument("--allow-downgrade", action="store_true")
     args = parser.parse_args(argv)
     if not args.bundle and not args.incoming:
