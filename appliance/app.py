@@ -32,6 +32,7 @@ from appliance.services import Services
 from appliance.settings import Settings
 from appliance.smtp import server as smtp_server
 from appliance.smtp.probes import RecipientProbeGuard
+from appliance.spam.content_service import start_spam_content
 from appliance.srs import SECRET_FILE, SenderRewriter, load_secret
 from appliance.status_checks import start_status_checks
 from appliance.store.mailstore import MailStore
@@ -85,6 +86,7 @@ LISTENERS: dict[str, ServeListener] = {
 BACKGROUND: list[Callable[[Services], Awaitable[BackgroundService]]] = [
     start_queue,
     start_inbound_auth,  # installs the MX's SPF/DKIM/DMARC check
+    start_spam_content,  # the MX's content filter (rspamd) and the learner from moves into/out of Junk
     start_purger,  # removed mailboxes' mail, kept 30 days under deleted/
     start_renewer,
     backup.start_scheduler,  # the daily backup, once switched on

@@ -558,8 +558,12 @@ class InboundAuthenticator:
             return InboundVerdict(reject=CHECKS_FAILED_REPLY)
         if results.dmarc_reject and settings.dmarc_reject:
             return InboundVerdict(reject=DMARC_REJECT_REPLY.format(domain=results.dmarc.from_domain))
+        dkim_words = [d.result for d in results.dkim]
         return InboundVerdict(headers=results.header(authserv_id), message=cleaned,
-                              sender_authenticated=results.sender_authenticated(facts.sender))
+                              sender_authenticated=results.sender_authenticated(facts.sender),
+                              spf=results.spf_mailfrom.result,
+                              dkim="pass" if "pass" in dkim_words else (dkim_words or ["none"])[0],
+                              dmarc=results.dmarc.result, dmarc_policy=results.dmarc.disposition)
 
     async def stop(self) -> None:
         """Background-service shape (app.py): nothing runs between messages."""

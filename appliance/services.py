@@ -30,8 +30,10 @@ if TYPE_CHECKING:
     from appliance.queue.service import OutboundQueue
     from appliance.queue.spool import Spool
     from appliance.settings import Settings
+    from appliance.smtp.content import ContentFilter
     from appliance.smtp.inbound import InboundCheck
     from appliance.smtp.probes import RecipientProbeGuard
+    from appliance.spam.content_service import SpamContent
     from appliance.srs import SenderRewriter
     from appliance.store.mailstore import MailStore
     from appliance.tls import TlsManager
@@ -68,6 +70,8 @@ class Services:
     queue: OutboundQueue | None = None
     inbound_check: InboundCheck | None = None  # the MX's SPF/DKIM/DMARC check (appliance/inbound_auth.py)
     renewer: Renewer | None = None
+    content_filter: ContentFilter | None = None  # the MX's spam check at DATA (appliance/spam/content_filter.py)
+    spam_content: SpamContent | None = None  # that filter, the learner, Junk for the console and the CLI
     # Backups and restores running in the background, watched by the console's Backups page.
     backups: BackupJobs = field(default_factory=BackupJobs)
     listener_status: ListenerStatus | None = None  # set by the Box once its listeners are bound

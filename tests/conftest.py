@@ -69,9 +69,10 @@ def install_test_certificate(ca: trustme.CA, layout: DataLayout) -> None:
 
 # Settings every test box starts with: outbound mail stays queued (the queue would otherwise ask the
 # system's DNS and connect to real MX hosts) and the MX adds no SPF/DKIM/DMARC results (which also
-# need DNS). Tests of those parts turn them on with their own loopback DNS server (issue 7).
+# need DNS), and no content filter (rspamd: issue 16). Tests of those parts turn them on with their own
+# loopback DNS server (issue 7) or rspamd (tests/support/rspamd.py).
 # status_checks off: its background run would probe the internet (a remote MX, public DNS)
-TEST_SETTINGS = {"queue_hold": "1", "inbound_auth": "off", "status_checks": "off"}
+TEST_SETTINGS = {"queue_hold": "1", "inbound_auth": "off", "status_checks": "off", "spam_content": "off"}
 
 
 def preset_settings(layout: DataLayout, settings: dict[str, str] = TEST_SETTINGS) -> None:

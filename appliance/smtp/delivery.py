@@ -22,7 +22,8 @@ from appliance.queue.spool import Spool, new_queue_id
 from appliance.smtp import headers
 from appliance.smtp.headers import ReceivedFacts
 from appliance.smtp.policy import MAILBOX_FULL, TEMPORARY_FAILURE, RecipientRoute, Reply, queued
-from appliance.store.mailstore import MailStore, QuotaExceeded
+from appliance.store.mailstore import MailStore, NoSuchFolder, QuotaExceeded
+from appliance.store.model import INBOX, JUNK
 
 log = logging.getLogger("letterbox.smtp.delivery")
 
@@ -37,6 +38,7 @@ class InboundMessage:
     # The MX's SPF/DMARC verdict on `sender` (None: not checked, e.g. submission). False: a failure
     # of this message is never reported to the sender (it is likely forged: backscatter).
     sender_verified: bool | None = None
+    junk: bool = False  # the content filter's verdict: local copies go to each recipient's Junk folder
 
     @property
     def queue_id(self) -> str:
@@ -134,15 +136,20 @@ class Deliverer:
 
     async def _store_copy(self, message: InboundMessage, mailbox: str, data: bytes) -> Reply | None:
         """None when the copy is durably in the mailbox, else the reply that describes the failure."""
+        folder = JUNK if message.junk else INBOX
         try:
-            result = (await self._store.deliver([mailbox], data)).get(mailbox)
+            result = (await self._store.deliver([mailbox], data, folder=folder)).get(mailbox)
+            if isinstance(result, NoSuchFolder) and folder == JUNK:
+                # The owner deleted their Junk folder: the inbox, marked, rather than no copy at all.
+                folder = INBOX
+                result = (await self._store.deliver([mailbox], data)).get(mailbox)
         except Exception:
             log.exception("%s: delivery to %s failed", message.queue_id, mailbox)
             return TEMPORARY_FAILURE
         if isinstance(result, int):
-            log.info("%s: delivered from=<%s> to=%s uid=%d size=%d",
-                     message.queue_id, message.sender, mailbox, result, len(data))
-            self._record(message, mailbox, "delivered", "INBOX", len(data))
+            log.info("%s: delivered from=<%s> to=%s%s uid=%d size=%d", message.queue_id, message.sender,
+                     mailbox, f" ({folder})" if folder != INBOX else "", result, len(data))
+            self._record(message, mailbox, "delivered", folder, len(data))
             return None
         if isinstance(result, QuotaExceeded):
             log.info("%s: %s is over quota", message.queue_id, mailbox)

@@ -23,9 +23,10 @@ from appliance.auth import Principal, Refused
 from appliance.delivery_log import Delivery, message_id_of
 from appliance.queue.spool import new_queue_id
 from appliance.smtp import headers
+from appliance.smtp.content import ContentFacts
 from appliance.smtp.delivery import Deliverer, InboundMessage
 from appliance.smtp.headers import ReceivedFacts, TlsFacts
-from appliance.smtp.inbound import InboundFacts
+from appliance.smtp.inbound import InboundFacts, InboundVerdict
 from appliance.smtp.limits import SmtpLimits
 from appliance.smtp.policy import (
     HEADER_TOO_LARGE,
@@ -402,8 +403,10 @@ class SmtpHandler:
         helo = session.host_name or "unknown"
 
         check = self.services.inbound_check
+        queue_id = new_queue_id()
         # Mail from the internet: may its sender be told about failures? (None: not judged here.)
         sender_verified: bool | None = None
+        verdict = InboundVerdict()
         if check is not None and self.service == MX_SERVICE:
             facts = InboundFacts(peer_ip(session), helo, sender, tuple(r.rcpt for r in env.routes), tls is not None)
             verdict = await check(facts, data)
@@ -411,6 +414,19 @@ class SmtpHandler:
                 return self._refuse_data(session, env, verdict.reject, "dmarc", data)
             data = verdict.headers + (data if verdict.message is None else verdict.message)
             sender_verified = verdict.sender_authenticated
+        content = self.services.content_filter
+        junk = False
+        if content is not None and self.service == MX_SERVICE:
+            content_facts = ContentFacts(
+                peer_ip(session), helo, sender, tuple(r.rcpt for r in env.routes),
+                tuple(dict.fromkeys(mb for r in env.routes for mb in r.mailboxes)), queue_id,
+                spf=verdict.spf, dkim=verdict.dkim, dmarc=verdict.dmarc, dmarc_policy=verdict.dmarc_policy,
+            )
+            content_verdict = await content(content_facts, data)
+            if content_verdict.reject:
+                return self._for_all(env, content_verdict.reject)
+            data = content_verdict.headers + (data if content_verdict.message is None else content_verdict.message)
+            junk = content_verdict.junk
 
         received = ReceivedFacts(
             helo=helo,
@@ -420,12 +436,12 @@ class SmtpHandler:
                 lmtp=self.lmtp, extended=session.extended_smtp, tls=tls is not None,
                 authenticated=principal is not None, utf8=env.smtp_utf8,
             ),
-            queue_id=new_queue_id(),
+            queue_id=queue_id,
             tls=tls,
             auth_user=principal.name if principal else None,
         )
         message = InboundMessage(sender, tuple(env.routes), data, received, received.auth_user,
-                                 sender_verified=sender_verified)
+                                 sender_verified=sender_verified, junk=junk)
         # Shielded: a client hanging up mid-delivery must not cancel a half-done write; the work
         # finishes and the client, having seen no reply, retries (a duplicate beats a loss).
         report = await asyncio.shield(self.deliverer.deliver(message, per_recipient=self.lmtp))

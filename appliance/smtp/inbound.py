@@ -30,6 +30,12 @@ class InboundVerdict:
     # a failure of this message be reported to it (no backscatter to forged senders). None: the
     # checks are switched off, nothing was judged (reports go out as they would without checks).
     sender_authenticated: bool | None = False
+    # The results in one word each, for the content filter (appliance/smtp/content.py); '' when
+    # not checked. dkim: 'pass' when any signature passed, else the first result.
+    spf: str = ""
+    dkim: str = ""
+    dmarc: str = ""
+    dmarc_policy: str = ""  # what a DMARC failure asked for (none, quarantine, reject)
 
 
 class InboundCheck(Protocol):

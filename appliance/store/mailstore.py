@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +35,7 @@ from appliance.store.mailboxes import OpenMailbox, OpenMailboxes, address_key, l
 from appliance.store.maildir import Keywords, WriteJob, open_message
 from appliance.store.model import (
     SPECIAL_FOLDERS,
+    Filed,
     FolderExists,
     FolderInfo,
     FolderSnapshot,
@@ -46,7 +47,7 @@ from appliance.store.model import (
 )
 
 __all__ = [
-    "SPECIAL_FOLDERS", "FolderExists", "FolderInfo", "FolderSnapshot", "MailStore", "MessageInfo",
+    "SPECIAL_FOLDERS", "Filed", "FolderExists", "FolderInfo", "FolderSnapshot", "MailStore", "MessageInfo",
     "NoSuchFolder", "QuotaExceeded", "StoreError", "Watcher", "open_message",
 ]
 
@@ -61,6 +62,8 @@ class MailStore:
         self._boxes = OpenMailboxes(root, db, directory)
         self._folders = FolderAdmin(self._boxes, db)
         self.changes = self._boxes.changes
+        # Told after each committed COPY, MOVE and APPEND (the spam learner); never delivery.
+        self._filed_listeners: list[Callable[[Filed], None]] = []
 
     # --- start ------------------------------------------------------------------------------------
 
@@ -101,6 +104,7 @@ class MailStore:
         outcome = await self._add(mb, f, data, flags, internaldate)
         if isinstance(outcome, StoreError):
             raise outcome
+        self._filed(Filed(mb.key, None, f.name, (outcome,)))
         return f.uidvalidity, outcome
 
     async def snapshot(self, mailbox: str, folder: str, *, claim_recent: bool = False) -> FolderSnapshot:
@@ -226,6 +230,7 @@ class MailStore:
             pairs = await self._boxes.transfer(mb, src, target, uids, move=False)
         if pairs:
             self._boxes.wake(mb, target.name)
+            self._filed(Filed(mb.key, src.name, target.name, tuple(new for _, new in pairs)))
         return pairs
 
     async def move(self, mailbox: str, folder: str, uids: Sequence[int], dest: str) -> list[tuple[int, int]]:
@@ -240,6 +245,7 @@ class MailStore:
             pairs = await self._boxes.transfer(mb, src, target, uids, move=True)
         if pairs:
             self._boxes.wake(mb, src.name, target.name)
+            self._filed(Filed(mb.key, src.name, target.name, tuple(new for _, new in pairs), moved=True))
         return pairs
 
     # --- folders (folders.py) ---------------------------------------------------------------------
@@ -268,6 +274,20 @@ class MailStore:
         """(bytes used, quota bytes; 0 = none)."""
         mb = await self._boxes.get(mailbox)
         return await self._boxes.used(mb), mb.quota
+
+    def on_filed(self, listener: Callable[[Filed], None]) -> Callable[[], None]:
+        """Call `listener` after every committed COPY, MOVE or APPEND (not deliveries); it must not
+        block (queue the work); returns the unsubscribe."""
+        self._filed_listeners.append(listener)
+        return lambda: self._filed_listeners.remove(listener) if listener in self._filed_listeners else None
+
+    def _filed(self, event: Filed) -> None:
+        for listener in list(self._filed_listeners):
+            try:
+                listener(event)
+            except Exception:
+                # A listener's bug never fails the user's command: the messages are already there.
+                log.exception("store: a filed listener failed")
 
     def watch(self, mailbox: str, folder: str) -> Watcher:
         return self.changes.watch(address_key(mailbox), maildir.canonical_name(folder))

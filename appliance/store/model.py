@@ -7,10 +7,23 @@ from pathlib import Path
 from typing import Protocol
 
 INBOX = "INBOX"
+JUNK = "Junk"  # the special-use \Junk folder (RFC 6154): the content filter files spam here
 SEPARATOR = "/"  # the IMAP hierarchy separator; '.' on disk (Maildir++)
 
-SPECIAL_FOLDERS = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk",
+SPECIAL_FOLDERS = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", JUNK: "\\Junk",
                    "Archive": "\\Archive"}
+
+
+@dataclass(frozen=True)
+class Filed:
+    """Messages a user put into a folder: copied or moved from another folder, or appended (source
+    None). What the spam learner watches: into Junk is spam, out of it is ham (issue 16)."""
+
+    mailbox: str  # the mailbox's canonical address
+    source: str | None  # the folder they came from; None for APPEND
+    target: str
+    uids: tuple[int, ...]  # their UIDs in `target`
+    moved: bool = False
 
 
 class StoreError(Exception):

@@ -1,0 +1,141 @@
+"""rspamd as the MX's content filter (issue 16), against a real rspamd + Redis started for this module
+(tests/support/rspamd.py): GTUBE is refused at DATA, a message scored between the two thresholds lands
+in Junk with X-Spam-* fields, a clean one in the inbox; a sender's own X-Spam fields are dropped;
+moves into and out of Junk by an IMAP client reach rspamd's controller as lessons; with rspamd
+unreachable mail is accepted and the status says content filtering is off."""
+
+from __future__ import annotations
+
+import imaplib
+import smtplib
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import BoxHandle, require_program
+from tests.support.polling import wait_until
+from tests.support.rspamd import RspamdPeer, running_rspamd
+from tests.support.smtp_wire import hold_outbound, maildir_messages, parse
+
+PASSWORD = "correct horse battery staple 9"
+ALICE = "alice@ourdomain.test"
+# The GTUBE string rspamd knows (rspamd's libmime: the SpamAssassin test pattern).
+GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+CLEAN = (b"From: Carol <carol@external.test>\r\nTo: alice@ourdomain.test\r\nSubject: lunch\r\n"
+         b"Message-ID: <lunch-1@external.test>\r\nDate: Sat, 28 Nov 2026 10:00:00 +0000\r\n\r\n"
+         b"Shall we have lunch on Tuesday at the usual place?\r\n")
+# Without a Message-ID rspamd adds MISSING_MID (2.5): between the test's thresholds of 2 and 15.
+NO_MESSAGE_ID = CLEAN.replace(b"Message-ID: <lunch-1@external.test>\r\n", b"")
+JUNK_SCORE, REJECT_SCORE = 2.0, 15.0
+
+
+@pytest.fixture(scope="module")
+def rspamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RspamdPeer]:
+    require_program("rspamd")
+    require_program("redis-server")
+    with running_rspamd(tmp_path_factory.mktemp("rspamd")) as peer:
+        yield peer
+
+
+def use_rspamd(box: BoxHandle, peer: RspamdPeer, *, junk: float = JUNK_SCORE, reject: float = REJECT_SCORE) -> None:
+    box.run(box.services.settings.save(
+        spam_content=True, rspamd_url=peer.scanner, rspamd_controller_url=peer.controller,
+        spam_junk_score=junk, spam_reject_score=reject,
+    ))
+
+
+@pytest.fixture
+def mx(box: BoxHandle, rspamd: RspamdPeer) -> BoxHandle:
+    hold_outbound(box)
+    box.add_user(ALICE, PASSWORD)
+    use_rspamd(box, rspamd)
+    return box
+
+
+def send_mx(box: BoxHandle, data: bytes, sender: str = "carol@external.test") -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", box.port("smtp"), timeout=60) as client:
+        client.ehlo("client.external.test")
+        client.mail(sender)
+        code, text = client.rcpt(ALICE)
+        assert code == 250, text
+        return client.data(data)
+
+
+def folder(box: BoxHandle, name: str = "") -> list[bytes]:
+    return maildir_messages(box.data.mail, ALICE, name)
+
+
+def test_gtube_is_refused_at_data(mx: BoxHandle) -> None:
+    code, text = send_mx(mx, CLEAN.replace(b"Shall we", GTUBE + b"\r\nShall we"))
+    assert code == 554, text
+    assert b"5.7.1" in text
+    assert b"spam" in text
+    assert folder(mx) == []
+    assert folder(mx, ".Junk") == []
+
+
+def test_a_message_between_the_thresholds_lands_in_junk_with_the_headers(mx: BoxHandle) -> None:
+    code, _ = send_mx(mx, NO_MESSAGE_ID)
+    assert code == 250
+    assert folder(mx) == []
+    [raw] = folder(mx, ".Junk")
+    msg = parse(raw)
+    assert msg["X-Spam-Flag"] == "YES"
+    score = float(msg["X-Spam-Score"])
+    assert JUNK_SCORE <= score < REJECT_SCORE
+    assert msg["X-Spam-Status"].startswith(f"Yes, score={score:.2f}")
+    assert "MISSING_MID(2.50)" in " ".join(msg["X-Spam-Symbols"].split())
+    assert raw.endswith(NO_MESSAGE_ID)
+
+
+def test_a_clean_message_lands_in_the_inbox_and_forged_spam_fields_go(mx: BoxHandle) -> None:
+    forged = b"X-Spam-Flag: NO\r\nX-Spam-Status: No, forged\r\n\tcontinued\r\n" + CLEAN
+    code, _ = send_mx(mx, forged)
+    assert code == 250
+    [raw] = folder(mx)
+    msg = parse(raw)
+    assert msg.get_all("X-Spam-Flag") == ["NO"]
+    [status] = msg.get_all("X-Spam-Status") or []
+    assert status.startswith("No, score=")
+    assert b"forged" not in raw
+    assert folder(mx, ".Junk") == []
+
+
+def lessons(box: BoxHandle) -> int:
+    spam_content = box.services.spam_content
+    assert spam_content is not None
+    counts = spam_content.learned
+    return counts.spam + counts.ham + counts.skipped + counts.failed
+
+
+def test_moves_by_an_imap_client_teach_rspamd(mx: BoxHandle) -> None:
+    for n in range(2):
+        # Different texts: rspamd learns a text once (it keeps a digest of what it learned).
+        text = CLEAN.replace(b"lunch-1", f"lunch-{n + 2}".encode()).replace(b"Tuesday", [b"Monday", b"Friday"][n])
+        assert send_mx(mx, text)[0] == 250
+    with imaplib.IMAP4_SSL("127.0.0.1", mx.port("imaps"), ssl_context=mx.client_context) as imap:
+        imap.login(ALICE, PASSWORD)
+        imap.select("INBOX")
+        assert imap.uid("MOVE", "1:*", "Junk")[0] == "OK"
+        wait_until(lambda: lessons(mx) >= 2, what="two spam lessons")
+        imap.select("Junk")
+        assert imap.uid("COPY", "1", "Archive")[0] == "OK"  # out of Junk (a copy): ham
+        assert imap.uid("MOVE", "2", "Trash")[0] == "OK"  # thrown away: no lesson
+    wait_until(lambda: lessons(mx) >= 3, what="the ham lesson")
+    spam_content = mx.services.spam_content
+    assert spam_content is not None
+    counts = spam_content.learned
+    assert (counts.spam, counts.ham, counts.skipped, counts.failed) == (2, 1, 0, 0), counts
+
+
+def test_rspamd_unreachable_accepts_into_the_inbox_and_says_filtering_is_off(mx: BoxHandle) -> None:
+    mx.run(mx.services.settings.save(rspamd_url="http://127.0.0.1:9"))  # the discard port: nothing listens
+    code, _ = send_mx(mx, CLEAN.replace(b"Shall we", GTUBE + b"\r\nShall we"))
+    assert code == 250
+    [raw] = folder(mx)
+    assert parse(raw)["X-Spam-Status"].startswith("unchecked")
+    spam_content = mx.services.spam_content
+    assert spam_content is not None
+    status = mx.run(spam_content.status())
+    assert not status.filtering
+    assert status.headline.startswith("content filtering is off")

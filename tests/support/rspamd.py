@@ -1,0 +1,178 @@
+"""A private rspamd + Redis on loopback for the content-filter tests and bench/spam.py.
+
+Debian's rspamd reads /etc/rspamd/rspamd.conf; `LOCAL_CONFDIR`, `DBDIR`, `RUNDIR` and `LOGDIR` are
+pointed at a temporary directory whose local.d/ and override.d/ hold the test's settings: one normal
+worker and one controller on their own loopback ports, the proxy switched off, its own Redis, every
+module that would reach the internet (DNS lists, URL lists, remote maps, fuzzy hashes) switched off,
+and DNS sent to a loopback server that answers NXDOMAIN at once (a nameserver that does not answer
+costs seconds per message). The box's own SPF/DKIM/DMARC checks are authoritative, so rspamd's are
+off too, as on the image. A tiny public-suffix list keeps start-up to a few seconds (compiling the
+full one takes a minute on a busy machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support.dns_server import ZoneServer
+from tests.support.receivers import free_port
+
+# Modules that look things up on the internet, or act on their own (greylisting, rate limits).
+OFF_MODULES = (
+    "spf", "dkim", "dmarc", "arc", "dkim_signing", "rbl", "whitelist", "phishing", "multimap",
+    "fuzzy_check", "greylist", "neural", "reputation", "ratelimit", "asn", "replies", "url_redirector",
+    "history_redis", "hfilter", "mx_check", "rspamd_update", "emails", "dcc", "external_services",
+)
+TLDS = "com\norg\nnet\ntest\nexample\ninvalid\nlocalhost\n"
+
+
+@dataclass
+class RspamdPeer:
+    root: Path
+    min_learns: int = 20
+    scanner_port: int = 0
+    controller_port: int = 0
+    redis_port: int = 0
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    dns: ZoneServer | None = None
+
+    @property
+    def scanner(self) -> str:
+        return f"http://127.0.0.1:{self.scanner_port}"
+
+    @property
+    def controller(self) -> str:
+        return f"http://127.0.0.1:{self.controller_port}"
+
+    def write_config(self) -> None:
+        local, override = self.root / "local.d", self.root / "override.d"
+        for path in (local, override, self.root / "db", self.root / "run", self.root / "log"):
+            path.mkdir(parents=True, exist_ok=True)
+        (self.root / "tld.dat").write_text(TLDS)
+        assert self.dns is not None
+        files = {
+            local / "worker-normal.inc": f'bind_socket = "127.0.0.1:{self.scanner_port}";\ncount = 1;\n',
+            local / "worker-controller.inc": f'bind_socket = "127.0.0.1:{self.controller_port}";\ncount = 1;\n',
+            override / "worker-proxy.inc": "count = -1;\n",
+            local / "options.inc": (
+                f'dns {{ nameserver = ["127.0.0.1:{self.dns.port}"]; timeout = 1s; retransmits = 1; }}\n'
+                f'url_tld = "{self.root / "tld.dat"}";\n'
+                # The tests' mail comes from 127.0.0.1: judged as if from the internet.
+                'local_addrs = [];\n'
+            ),
+            local / "logging.inc": f'type = "file";\nfilename = "{self.root / "log" / "rspamd.log"}";\nlevel = "info";\n',
+            local / "redis.conf": f'servers = "127.0.0.1:{self.redis_port}";\ntimeout = 1s;\n',
+            local / "classifier-bayes.conf": (
+                f'backend = "redis";\nmin_learns = {self.min_learns};\nautolearn = false;\n'
+                "users_enabled = false;\n"
+            ),
+        }
+        for module in OFF_MODULES:
+            files[local / f"{module}.conf"] = "enabled = false;\n"
+        for path, text in files.items():
+            path.write_text(text)
+
+    def start(self) -> None:
+        if not self.scanner_port:
+            self.scanner_port, self.controller_port, self.redis_port = free_port(), free_port(), free_port()
+        if self.dns is None:
+            self.dns = ZoneServer()
+            self.dns.start()
+        self.write_config()
+        self.start_redis()
+        log = open(self.root / "log" / "rspamd.out", "ab")  # noqa: SIM115  the process's output; closed at once (it keeps its copy)
+        with log:
+            self.procs["rspamd"] = subprocess.Popen(
+                ["rspamd", "-f", "-i", "-c", "/etc/rspamd/rspamd.conf",
+                 f"--var=LOCAL_CONFDIR={self.root}", f"--var=DBDIR={self.root / 'db'}",
+                 f"--var=RUNDIR={self.root / 'run'}", f"--var=LOGDIR={self.root / 'log'}"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready()
+
+    def start_redis(self) -> None:
+        log = open(self.root / "log" / "redis.out", "ab")  # noqa: SIM115  closed at once (the process keeps its copy)
+        with log:
+            self.procs["redis"] = subprocess.Popen(
+                ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(self.root / "db"), "--maxmemory", "64mb",
+                 "--maxmemory-policy", "volatile-ttl"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, seconds: float = 60.0) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.scanner}/ping", timeout=2) as reply:  # noqa: S310  our loopback rspamd
+                    if reply.read().strip() == b"pong":
+                        return
+            except OSError:
+                pass
+            rspamd = self.procs["rspamd"]
+            if rspamd.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("rspamd did not start: " + self.log_tail())
+            time.sleep(0.1)
+
+    def log_tail(self, lines: int = 30) -> str:
+        texts = []
+        for name in ("rspamd.out", "rspamd.log", "redis.out"):
+            path = self.root / "log" / name
+            if path.exists():
+                texts.append("\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(texts)
+
+    def signal(self, name: str, sig: int) -> None:
+        """Send `sig` to one peer's whole process group (rspamd's main process and its workers)."""
+        proc = self.procs[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+    def kill(self, name: str) -> None:
+        self.signal(name, signal.SIGKILL)
+        self.procs[name].wait(timeout=10)
+
+    def pids(self) -> list[int]:
+        """Every process of both peers (for RSS): the group leaders and rspamd's workers."""
+        found = []
+        for proc in self.procs.values():
+            if proc.poll() is not None:
+                continue
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    with contextlib.suppress(OSError):
+                        if os.getpgid(int(entry.name)) == proc.pid:
+                            found.append(int(entry.name))
+        return found
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            proc = self.procs.pop(name)
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=10)
+        if self.dns is not None:
+            self.dns.stop()
+            self.dns = None
+
+
+@contextlib.contextmanager
+def running_rspamd(root: Path, *, min_learns: int = 20) -> Iterator[RspamdPeer]:
+    peer = RspamdPeer(root, min_learns=min_learns)
+    try:
+        peer.start()
+        yield peer
+    finally:
+        peer.stop()
