@@ -38,6 +38,7 @@ TLDS = "com\norg\nnet\ntest\nexample\ninvalid\nlocalhost\n"
 class RspamdPeer:
     root: Path
     min_learns: int = 20
+    redis_timeout: float = 1.0  # how long rspamd waits for Redis before it scores without Bayes
     scanner_port: int = 0
     controller_port: int = 0
     redis_port: int = 0
@@ -69,7 +70,7 @@ class RspamdPeer:
                 'local_addrs = [];\n'
             ),
             local / "logging.inc": f'type = "file";\nfilename = "{self.root / "log" / "rspamd.log"}";\nlevel = "info";\n',
-            local / "redis.conf": f'servers = "127.0.0.1:{self.redis_port}";\ntimeout = 1s;\n',
+            local / "redis.conf": f'servers = "127.0.0.1:{self.redis_port}";\ntimeout = {self.redis_timeout}s;\n',
             local / "classifier-bayes.conf": (
                 f'backend = "redis";\nmin_learns = {self.min_learns};\nautolearn = false;\n'
                 "users_enabled = false;\n"
@@ -134,6 +135,20 @@ class RspamdPeer:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
 
+    def established(self, port: int = 0) -> int:
+        """Open TCP connections to `port` (default the scanner's: a check under way; Redis's port:
+        rspamd asking it)."""
+        port = port or self.scanner_port
+        count = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError):
+                for line in Path(table).read_text().splitlines()[1:]:
+                    fields = line.split()
+                    # remote address:port, state 01 = ESTABLISHED
+                    if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                        count += 1
+        return count
+
     def kill(self, name: str) -> None:
         self.signal(name, signal.SIGKILL)
         self.procs[name].wait(timeout=10)
@@ -169,8 +184,8 @@ class RspamdPeer:
 
 
 @contextlib.contextmanager
-def running_rspamd(root: Path, *, min_learns: int = 20) -> Iterator[RspamdPeer]:
-    peer = RspamdPeer(root, min_learns=min_learns)
+def running_rspamd(root: Path, *, min_learns: int = 20, redis_timeout: float = 1.0) -> Iterator[RspamdPeer]:
+    peer = RspamdPeer(root, min_learns=min_learns, redis_timeout=redis_timeout)
     try:
         peer.start()
         yield peer
