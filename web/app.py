@@ -43,6 +43,7 @@ from web.routes import (
     restore,
     sending,
     setup,
+    spam,
     updates,
     wellknown,
 )
@@ -135,7 +136,7 @@ def routes() -> list[BaseRoute]:
     return [
         *login.routes, *restore.routes, *setup.routes, *console.routes, *domains.routes, *mailboxes.routes, *sending.routes,
         *account.routes, *autoconfig.routes, *wellknown.routes, *certificate.routes, *backups.routes,
-        *updates.routes, *delivery_log.routes,
+        *updates.routes, *delivery_log.routes, *spam.routes,
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
 

@@ -15,6 +15,7 @@ import asyncio
 import email.parser
 import email.policy
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,13 @@ from appliance.spam.content_filter import (
     client_for,
 )
 from appliance.spam.learning import LearnCounts, Learner
-from appliance.spam.rspamd import RspamdUnavailable
+from appliance.spam.rspamd import Endpoint, RspamdUnavailable
 from appliance.store.mailstore import MailStore
 from appliance.store.model import INBOX, JUNK
 
 if TYPE_CHECKING:
     from appliance.services import Services
+    from appliance.settings import Settings
 
 log = logging.getLogger("letterbox.spam")
 
@@ -199,3 +201,38 @@ async def start_spam_content(services: Services) -> SpamContent:
     services.spam_content = spam
     services.content_filter = spam.filter
     return spam
+
+
+# --- the settings (console form, CLI) ----------------------------------------------------------------
+
+class ContentSettingsError(ValueError):
+    """A content-filter setting that cannot be used; `field` names the form field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def validate_content_settings(*, scanner: str, controller: str, junk: float, reject: float) -> None:
+    """ContentSettingsError for a value the filter could not work with."""
+    for name, url in (("scanner", scanner), ("controller", controller)):
+        try:
+            Endpoint.parse(url, 11333)
+        except ValueError as exc:
+            raise ContentSettingsError(name, str(exc)) from None
+    for name, score in (("junk", junk), ("reject", reject)):
+        if not math.isfinite(score) or not 0 < score <= 1000:
+            raise ContentSettingsError(name, "a score is a number above 0 and at most 1000")
+    if junk >= reject:
+        raise ContentSettingsError("junk", "the junk score must be below the reject score")
+
+
+async def save_content_settings(settings: Settings, events: EventLog, *, enabled: bool, scanner: str,
+                                controller: str, junk: float, reject: float, by: str) -> None:
+    """Change the content filter's settings: in force for the next message (read live)."""
+    validate_content_settings(scanner=scanner, controller=controller, junk=junk, reject=reject)
+    await settings.save(spam_content=enabled, rspamd_url=scanner.strip(), rspamd_controller_url=controller.strip(),
+                        spam_junk_score=junk, spam_reject_score=reject)
+    state = "on" if enabled else "off"
+    await events.record("spam", f"content filter {state} (rspamd {scanner.strip()}), junk at {junk:g}, "
+                                f"reject at {reject:g}, by {by}")

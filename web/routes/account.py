@@ -32,11 +32,14 @@ async def account_page(request: Request, errors: dict[str, str] | None = None) -
     svc = services(request)
     info = await svc.accounts.get_user(principal.name)
     used = quota = 0
-    with contextlib.suppress(StoreError):  # the page is still useful without the figure
+    junk: int | None = None
+    with contextlib.suppress(StoreError):  # the page is still useful without the figures
         used, quota = await svc.store.usage(principal.name)
+        if svc.spam_content is not None:
+            junk = await svc.spam_content.junk_count(principal.name)
     return await render(request, "account.html", {
         "title": "Your mailbox", "mailbox": info, "settings": client_settings_for(svc), "used": used,
-        "quota": quota, "errors": errors or {}, "self_signed": svc.tls.info().self_signed,
+        "quota": quota, "errors": errors or {}, "self_signed": svc.tls.info().self_signed, "junk": junk,
     }, status_code=400 if errors else 200)
 
 

@@ -45,7 +45,9 @@ async def status(request: Request) -> Response:
     for domain in await svc.accounts.list_domains():
         last = await load_results(svc.db, domain)
         dns.append((domain, last[0] if last else None, summary(last[1]) if last else None))
+    spam = svc.spam_content
     return await render(request, "console/status.html", {
+        "spam": await spam.status() if spam is not None else None,
         "title": "Status", "section": "status", "listeners": rows, "cert": cert, "days_left": days_left,
         "disk": disk, "queue": queue, "dns": dns,
         "mailbox_count": len(await svc.accounts.list_users()), "alias_count": len(await svc.accounts.list_aliases()),

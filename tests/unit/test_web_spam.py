@@ -1,0 +1,85 @@
+"""The console's Spam page and a mailbox owner's Junk page (issue 16): who may see what, the content
+filter's settings with their checks and CSRF, the status when rspamd cannot be reached, Junk counts,
+and releasing a message from Junk into the inbox."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.spam.content_service import SpamContent, content_settings_of
+from appliance.store.model import JUNK
+from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, ALICE_PASSWORD, WebClient, web_client
+
+NOWHERE = "http://127.0.0.1:9"  # the discard port: nothing listens there
+SPAM = b"From: Prize Desk <win@lottery.example>\r\nSubject: You won\r\nX-Spam-Score: 9.10\r\n\r\nClaim it.\r\n"
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[WebClient]:
+    with web_client(tmp_path / "data") as client:
+        client.set_up()
+        client.add_user()
+        svc = client.services
+        svc.spam_content = SpamContent(svc.store, svc.events, content_settings_of(svc))
+        client.run(svc.settings.save, rspamd_url=NOWHERE, rspamd_controller_url=NOWHERE)
+        yield client
+
+
+def test_admin_sees_the_spam_page_and_that_filtering_is_off(web: WebClient) -> None:
+    web.run(web.services.store.deliver, [ALICE], SPAM, folder=JUNK)
+    web.login(ADMIN, ADMIN_PASSWORD)
+    page = web.get("/console/spam")
+    assert page.status_code == 200
+    assert "content filtering is off" in page.text
+    assert f"<td>{ALICE}</td><td>1</td>" in page.text
+    status = web.get("/console")
+    assert "content filtering is off" in status.text
+
+
+def test_content_settings_are_checked_and_saved_with_an_event(web: WebClient) -> None:
+    web.login(ADMIN, ADMIN_PASSWORD)
+    form = {"enabled": "on", "scanner": NOWHERE, "controller": NOWHERE, "junk": "15", "reject": "10"}
+    refused = web.post("/console/spam/content", form, token_from="/console/spam")
+    assert refused.status_code == 400
+    assert "the junk score must be below the reject score" in refused.text
+    assert web.post("/console/spam/content", {**form, "scanner": "ftp://x"}, token_from="/console/spam").status_code == 400
+    saved = web.post("/console/spam/content", {**form, "junk": "5.5", "reject": "12"}, token_from="/console/spam")
+    assert saved.status_code == 303
+    now = web.run(web.services.settings.fresh)
+    assert (now.spam_junk_score, now.spam_reject_score, now.spam_content) == (5.5, 12.0, True)
+    off = web.post("/console/spam/content", {**form, "enabled": "", "junk": "5.5", "reject": "12"},
+                   token_from="/console/spam")
+    assert off.status_code == 303
+    assert not web.run(web.services.settings.fresh).spam_content
+    assert any(kind == "spam" and "content filter off" in text for _, kind, text in web.run(web.services.events.recent))
+
+
+def test_a_form_without_the_csrf_token_is_refused(web: WebClient) -> None:
+    web.login(ADMIN, ADMIN_PASSWORD)
+    response = web.post("/console/spam/content", {"junk": "1", "reject": "2"}, csrf="forged")
+    assert response.status_code == 403
+
+
+def test_owners_see_their_junk_and_release_a_message_but_not_the_admin_page(web: WebClient) -> None:
+    web.run(web.services.store.deliver, [ALICE], SPAM, folder=JUNK)
+    web.login(ALICE, ALICE_PASSWORD)
+    assert web.get("/console/spam").status_code == 403
+    assert "1 message in Junk" in web.get("/account").text
+    page = web.get("/account/junk")
+    assert page.status_code == 200
+    assert "You won" in page.text
+    assert "lottery.example" in page.text
+    released = web.post("/account/junk/release", {"uid": "1"}, token_from="/account/junk")
+    assert released.status_code == 303
+    store = web.services.store
+    assert len(web.run(store.snapshot, ALICE, "INBOX").messages) == 1
+    assert web.run(store.snapshot, ALICE, JUNK).messages == ()
+    again = web.post("/account/junk/release", {"uid": "1"}, token_from="/account/junk")
+    assert again.status_code == 303
+    assert "no longer in Junk" in web.get("/account/junk").text
+    assert web.post("/account/junk/release", {"uid": "x"}, token_from="/account/junk").status_code == 400
+    events = web.run(web.services.events.recent)
+    assert any(f"released from Junk by {ALICE}" in text for _, _, text in events)

@@ -1,0 +1,107 @@
+"""/console/spam: the spam defence at a glance and its settings (administrators); /account/junk: a
+mailbox owner's Junk folder, where a message can be released into the inbox (and is learned as ham).
+
+Thin: every action is one use-case of appliance/spam/content_service.py, the same ones `letterbox
+spam ...` calls."""
+
+from __future__ import annotations
+
+import contextlib
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from appliance.spam.content_service import ContentSettingsError, SpamContent, save_content_settings
+from appliance.store.model import StoreError
+from web.pages import flash, read_form, redirect, render, require, services
+
+MAILBOXES_COUNTED = 500  # Junk counts on the console page (a family box has a handful)
+
+
+def _spam(request: Request) -> SpamContent:
+    spam = services(request).spam_content
+    if spam is None:
+        raise HTTPException(503, "The spam filter is not running.")
+    return spam
+
+
+async def _junk_counts(request: Request, spam: SpamContent) -> list[tuple[str, int | None]]:
+    counts: list[tuple[str, int | None]] = []
+    for user in (await services(request).accounts.list_users())[:MAILBOXES_COUNTED]:
+        count: int | None = None
+        with contextlib.suppress(StoreError):
+            count = await spam.junk_count(user.address)
+        counts.append((user.address, count))
+    return counts
+
+
+async def page(request: Request, errors: dict[str, str] | None = None,
+               values: dict[str, str] | None = None) -> Response:
+    await require(request, "admin")
+    spam = _spam(request)
+    settings = await spam.settings()
+    shown = values or {
+        "enabled": "on" if settings.enabled else "", "scanner": settings.scanner,
+        "controller": settings.controller, "junk": f"{settings.junk_score:g}", "reject": f"{settings.reject_score:g}",
+    }
+    return await render(request, "console/spam.html", {
+        "title": "Spam", "section": "spam", "status": await spam.status(), "learned": spam.learned,
+        "junk_counts": await _junk_counts(request, spam), "values": shown, "errors": errors or {},
+    }, status_code=400 if errors else 200)
+
+
+def _score(text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        return float("nan")  # refused by the validation, with its words
+
+
+async def save_content(request: Request) -> Response:
+    principal = await require(request, "admin")
+    values = await read_form(request)
+    svc = services(request)
+    try:
+        await save_content_settings(
+            svc.settings, svc.events, enabled=values.get("enabled") == "on",
+            scanner=values.get("scanner", ""), controller=values.get("controller", ""),
+            junk=_score(values.get("junk", "")), reject=_score(values.get("reject", "")), by=principal.name,
+        )
+    except ContentSettingsError as exc:
+        return await page(request, {exc.field: str(exc)}, values)
+    flash(request, "The content filter settings were saved; they apply to the next message.")
+    return redirect("/console/spam")
+
+
+async def junk_page(request: Request) -> Response:
+    principal = await require(request, "user")
+    spam = _spam(request)
+    messages = []
+    with contextlib.suppress(StoreError):
+        messages = await spam.junk(principal.name)
+    return await render(request, "account_junk.html", {"title": "Junk", "messages": messages})
+
+
+async def release(request: Request) -> Response:
+    principal = await require(request, "user")
+    values = await read_form(request)
+    uid = values.get("uid", "")
+    if not uid.isdigit() or not 0 < int(uid) < 2**32:
+        raise HTTPException(400, "No message was chosen.")
+    try:
+        released = await _spam(request).release(principal.name, int(uid), by=principal.name)
+    except StoreError as exc:
+        raise HTTPException(409, f"The message could not be moved: {exc}") from None
+    flash(request, "The message was moved to your inbox; the filter learns from it." if released
+          else "That message is no longer in Junk.")
+    return redirect("/account/junk")
+
+
+routes = [
+    Route("/console/spam", page, methods=["GET"]),
+    Route("/console/spam/content", save_content, methods=["POST"]),
+    Route("/account/junk", junk_page, methods=["GET"]),
+    Route("/account/junk/release", release, methods=["POST"]),
+]
