@@ -236,6 +236,65 @@ def cmd_dns(args: argparse.Namespace) -> None:
         raise CliError(f"{problems} record{'s are' if problems != 1 else ' is'} not right yet (see above)")
 
 
+# --- spam ----------------------------------------------------------------------------------------
+
+def _message_files(paths: Sequence[str]) -> list[Path]:
+    """Each PATH: a message file, or a Maildir folder (its cur/ and new/), for `spam learn`."""
+    files: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            for sub in ("cur", "new"):
+                if (path / sub).is_dir():
+                    files.extend(sorted(p for p in (path / sub).iterdir() if p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CliError(f"{name}: no such file or Maildir folder")
+    return files
+
+
+def cmd_spam(args: argparse.Namespace) -> None:
+    from appliance.spam import content_service
+    from appliance.spam.rspamd import RspamdUnavailable
+
+    async def settings() -> Any:
+        db = await open_db(args)
+        try:
+            return content_service.content_settings(await read_settings(db))
+        finally:
+            await db.close()
+
+    content = asyncio.run(settings())
+    if args.action == "status":
+        status = asyncio.run(content_service.content_status(content))
+        print(status.headline)
+        print(f"rspamd: {status.scanner}; junk at {content.junk_score:g}, reject at {content.reject_score:g}")
+        if status.scanned is not None:
+            print(f"checked: {status.scanned}, learned: {status.learned}" + (f" ({status.bayes})" if status.bayes else ""))
+        if content.enabled and not status.available:
+            raise CliError("content filtering is off: mail is accepted unchecked until rspamd answers")
+        return
+    files = _message_files(args.paths)
+    counts: dict[str, int] = {}
+
+    async def learn_all() -> None:
+        for path in files:
+            try:
+                outcome = await content_service.learn_message(
+                    content, path.read_bytes(), spam=args.kind == "spam", mailbox=args.mailbox or "")
+            except (RspamdUnavailable, ValueError) as exc:
+                raise CliError(f"{path}: {exc}") from None
+            word = outcome.split(":", 1)[0]
+            counts[word] = counts.get(word, 0) + 1
+            if args.verbose_learn:
+                print(f"{path}: {outcome}")
+
+    asyncio.run(learn_all())
+    print(f"{len(files)} message{'s' if len(files) != 1 else ''} as {args.kind}: "
+          + (", ".join(f"{n} {word}" for word, n in sorted(counts.items())) or "nothing to learn"))
+
+
 # --- cert ----------------------------------------------------------------------------------------
 
 def cmd_cert(args: argparse.Namespace) -> None:  # noqa: C901  dispatch of the five cert subcommands; each branch only parses and renders
@@ -596,6 +655,16 @@ def build_parser() -> argparse.ArgumentParser:
     upsub.add_parser("upload", help="hand a bundle to letterbox-update, as the console's Updates page does"
                      ).add_argument("bundle", help="letterbox-bundle-VERSION-MACHINE.tar (make bundle)")
     upd.set_defaults(func=cmd_update)
+
+    spam = sub.add_parser("spam", help="spam defence: the content filter (rspamd) and what it learns")
+    spsub = spam.add_subparsers(dest="action", required=True)
+    spsub.add_parser("status", help="is rspamd answering (exit status 1 when filtering is off), its counts")
+    slearn = spsub.add_parser("learn", help="teach rspamd messages as spam or ham (files or Maildir folders)")
+    slearn.add_argument("kind", choices=("spam", "ham"))
+    slearn.add_argument("paths", nargs="+", metavar="PATH", help="a message file or a Maildir folder")
+    slearn.add_argument("--mailbox", metavar="ADDR", help="whose statistics (when rspamd keeps them per user)")
+    slearn.add_argument("--each", dest="verbose_learn", action="store_true", help="one line per message")
+    spam.set_defaults(func=cmd_spam)
 
     cert = sub.add_parser("cert", help="the box's TLS certificate (Let's Encrypt or any ACME CA, or your own)")
     csub = cert.add_subparsers(dest="action", required=True)

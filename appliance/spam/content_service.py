@@ -36,7 +36,7 @@ from appliance.store.model import INBOX, JUNK
 
 if TYPE_CHECKING:
     from appliance.services import Services
-    from appliance.settings import Settings
+    from appliance.settings import Settings, SettingValues
 
 log = logging.getLogger("letterbox.spam")
 
@@ -183,14 +183,17 @@ class SpamContent:
         await self.learner.stop()
 
 
+def content_settings(values: SettingValues) -> ContentSettings:
+    return ContentSettings(
+        enabled=values.spam_content, scanner=values.rspamd_url, controller=values.rspamd_controller_url,
+        junk_score=values.spam_junk_score, reject_score=values.spam_reject_score,
+    )
+
+
 def content_settings_of(services: Services) -> SettingsReader:
     """The filter's settings, read live from the box's settings at each use."""
     async def read() -> ContentSettings:
-        values = await services.settings.fresh()
-        return ContentSettings(
-            enabled=values.spam_content, scanner=values.rspamd_url, controller=values.rspamd_controller_url,
-            junk_score=values.spam_junk_score, reject_score=values.spam_reject_score,
-        )
+        return content_settings(await services.settings.fresh())
     return read
 
 

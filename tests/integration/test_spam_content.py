@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import imaplib
 import smtplib
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import BoxHandle, require_program
+from tests.conftest import LETTERBOX, BoxHandle, require_program
 from tests.support.polling import wait_until
 from tests.support.rspamd import RspamdPeer, running_rspamd
 from tests.support.smtp_wire import hold_outbound, maildir_messages, parse
@@ -139,3 +141,30 @@ def test_rspamd_unreachable_accepts_into_the_inbox_and_says_filtering_is_off(mx:
     status = mx.run(spam_content.status())
     assert not status.filtering
     assert status.headline.startswith("content filtering is off")
+
+
+def letterbox(box: BoxHandle, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([LETTERBOX, "--data", str(box.data.root), *args], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_the_cli_says_whether_filtering_is_on_and_teaches_rspamd(mx: BoxHandle, tmp_path: Path) -> None:
+    status = letterbox(mx, "spam", "status")
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith("content filtering is on (rspamd)")
+    folder = tmp_path / "Maildir" / ".Ham"
+    (folder / "cur").mkdir(parents=True)
+    for n, day in enumerate(("Wednesday", "Thursday", "Saturday")):  # texts no other test teaches
+        text = CLEAN.replace(b"lunch-1", f"cli-{n}".encode()).replace(b"Tuesday", day.encode())
+        (folder / "cur" / f"{n}.eml").write_bytes(text)
+    learned = letterbox(mx, "spam", "learn", "ham", str(folder), "--each")
+    assert learned.returncode == 0, learned.stderr
+    assert learned.stdout.splitlines()[-1] == "3 messages as ham: 3 learned", learned.stdout
+    mx.run(mx.services.settings.save(rspamd_url="http://127.0.0.1:9"))
+    off = letterbox(mx, "spam", "status")
+    assert off.returncode == 1
+    assert off.stdout.startswith("content filtering is off")
+    assert "content filtering is off" in off.stderr
+    missing = letterbox(mx, "spam", "learn", "spam", str(tmp_path / "nothing"))
+    assert missing.returncode == 1
+    assert "no such file or Maildir folder" in missing.stderr
