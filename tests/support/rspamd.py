@@ -39,6 +39,12 @@ class RspamdPeer:
     root: Path
     min_learns: int = 20
     redis_timeout: float = 1.0  # how long rspamd waits for Redis before it scores without Bayes
+    # bench/spam.py: start from the image's local.d (what a Pi runs), then this peer's loopback
+    # ports, DNS and logging on top; with the full public-suffix list, as the image compiles it.
+    base_local: Path | None = None
+    full_tld: bool = False
+    redis_maxmemory: str = "64mb"
+    ready_seconds: float = 60.0  # compiling the full public-suffix list takes minutes on a busy machine
     scanner_port: int = 0
     controller_port: int = 0
     redis_port: int = 0
@@ -58,14 +64,17 @@ class RspamdPeer:
         for path in (local, override, self.root / "db", self.root / "run", self.root / "log"):
             path.mkdir(parents=True, exist_ok=True)
         (self.root / "tld.dat").write_text(TLDS)
+        if self.base_local is not None:
+            for path in self.base_local.iterdir():
+                (local / path.name).write_text(path.read_text())
         assert self.dns is not None
+        tld = "" if self.full_tld else f'url_tld = "{self.root / "tld.dat"}";\n'
         files = {
             local / "worker-normal.inc": f'bind_socket = "127.0.0.1:{self.scanner_port}";\ncount = 1;\n',
             local / "worker-controller.inc": f'bind_socket = "127.0.0.1:{self.controller_port}";\ncount = 1;\n',
-            override / "worker-proxy.inc": "count = -1;\n",
             local / "options.inc": (
                 f'dns {{ nameserver = ["127.0.0.1:{self.dns.port}"]; timeout = 1s; retransmits = 1; }}\n'
-                f'url_tld = "{self.root / "tld.dat"}";\n'
+                f"{tld}"
                 # The tests' mail comes from 127.0.0.1: judged as if from the internet.
                 'local_addrs = [];\n'
             ),
@@ -76,6 +85,8 @@ class RspamdPeer:
                 "users_enabled = false;\n"
             ),
         }
+        if self.base_local is None:
+            files[override / "worker-proxy.inc"] = "count = -1;\n"
         for module in OFF_MODULES:
             files[local / f"{module}.conf"] = "enabled = false;\n"
         for path, text in files.items():
@@ -103,12 +114,12 @@ class RspamdPeer:
         with log:
             self.procs["redis"] = subprocess.Popen(
                 ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(self.root / "db"), "--maxmemory", "64mb",
+                 "--appendonly", "no", "--dir", str(self.root / "db"), "--maxmemory", self.redis_maxmemory,
                  "--maxmemory-policy", "volatile-ttl"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait_ready(self, seconds: float = 60.0) -> None:
-        deadline = time.monotonic() + seconds
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_seconds
         while True:
             try:
                 with urllib.request.urlopen(f"{self.scanner}/ping", timeout=2) as reply:  # noqa: S310  our loopback rspamd
