@@ -73,6 +73,7 @@ class RspamdPeer:
             local / "worker-normal.inc": f'bind_socket = "127.0.0.1:{self.scanner_port}";\ncount = 1;\n',
             local / "worker-controller.inc": f'bind_socket = "127.0.0.1:{self.controller_port}";\ncount = 1;\n',
             local / "options.inc": (
+                ((self.base_local / "options.inc").read_text() if self.base_local else "") +
                 f'dns {{ nameserver = ["127.0.0.1:{self.dns.port}"]; timeout = 1s; retransmits = 1; }}\n'
                 f"{tld}"
                 # The tests' mail comes from 127.0.0.1: judged as if from the internet.
