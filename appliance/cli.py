@@ -254,27 +254,30 @@ def _message_files(paths: Sequence[str]) -> list[Path]:
     return files
 
 
-def cmd_spam(args: argparse.Namespace) -> None:
+def _content_settings(args: argparse.Namespace) -> Any:
+    from appliance.spam import content_service
+
+    return content_service.content_settings(run_admin(args, lambda admin: admin.settings.fresh()))
+
+
+def cmd_spam_status(args: argparse.Namespace) -> None:
+    from appliance.spam import content_service
+
+    content = _content_settings(args)
+    status = asyncio.run(content_service.content_status(content))
+    print(status.headline)
+    print(f"rspamd: {status.scanner}; junk at {content.junk_score:g}, reject at {content.reject_score:g}")
+    if status.scanned is not None:
+        print(f"checked: {status.scanned}, learned: {status.learned}" + (f" ({status.bayes})" if status.bayes else ""))
+    if content.enabled and not status.available:
+        raise CliError("content filtering is off: mail is accepted unchecked until rspamd answers")
+
+
+def cmd_spam_learn(args: argparse.Namespace) -> None:
     from appliance.spam import content_service
     from appliance.spam.rspamd import RspamdUnavailable
 
-    async def settings() -> Any:
-        db = await open_db(args)
-        try:
-            return content_service.content_settings(await read_settings(db))
-        finally:
-            await db.close()
-
-    content = asyncio.run(settings())
-    if args.action == "status":
-        status = asyncio.run(content_service.content_status(content))
-        print(status.headline)
-        print(f"rspamd: {status.scanner}; junk at {content.junk_score:g}, reject at {content.reject_score:g}")
-        if status.scanned is not None:
-            print(f"checked: {status.scanned}, learned: {status.learned}" + (f" ({status.bayes})" if status.bayes else ""))
-        if content.enabled and not status.available:
-            raise CliError("content filtering is off: mail is accepted unchecked until rspamd answers")
-        return
+    content = _content_settings(args)
     files = _message_files(args.paths)
     counts: dict[str, int] = {}
 
@@ -656,16 +659,6 @@ def build_parser() -> argparse.ArgumentParser:
                      ).add_argument("bundle", help="letterbox-bundle-VERSION-MACHINE.tar (make bundle)")
     upd.set_defaults(func=cmd_update)
 
-    spam = sub.add_parser("spam", help="spam defence: the content filter (rspamd) and what it learns")
-    spsub = spam.add_subparsers(dest="action", required=True)
-    spsub.add_parser("status", help="is rspamd answering (exit status 1 when filtering is off), its counts")
-    slearn = spsub.add_parser("learn", help="teach rspamd messages as spam or ham (files or Maildir folders)")
-    slearn.add_argument("kind", choices=("spam", "ham"))
-    slearn.add_argument("paths", nargs="+", metavar="PATH", help="a message file or a Maildir folder")
-    slearn.add_argument("--mailbox", metavar="ADDR", help="whose statistics (when rspamd keeps them per user)")
-    slearn.add_argument("--each", dest="verbose_learn", action="store_true", help="one line per message")
-    spam.set_defaults(func=cmd_spam)
-
     cert = sub.add_parser("cert", help="the box's TLS certificate (Let's Encrypt or any ACME CA, or your own)")
     csub = cert.add_subparsers(dest="action", required=True)
     csub.add_parser("status", help="what is served, from where, the next renewal and the last error")
@@ -691,6 +684,15 @@ def build_parser() -> argparse.ArgumentParser:
     # Each `spam` subcommand is its own parser with its own func (set_defaults): the connection-time
     # layers' commands (greylist, lists, suspended) and the content filter's (status, learn) side by side.
     add_spam_envelope_commands(spam_actions)
+    spam_actions.add_parser(
+        "status", help="is the content filter (rspamd) answering (exit status 1 when filtering is off), its counts",
+    ).set_defaults(func=cmd_spam_status)
+    slearn = spam_actions.add_parser("learn", help="teach rspamd messages as spam or ham (files or Maildir folders)")
+    slearn.add_argument("kind", choices=("spam", "ham"))
+    slearn.add_argument("paths", nargs="+", metavar="PATH", help="a message file or a Maildir folder")
+    slearn.add_argument("--mailbox", metavar="ADDR", help="whose statistics (when rspamd keeps them per user)")
+    slearn.add_argument("--each", dest="verbose_learn", action="store_true", help="one line per message")
+    slearn.set_defaults(func=cmd_spam_learn)
     return parser
 
 

@@ -93,8 +93,9 @@ class SpamSettings:
     - `skip_networks`: clients never checked by these layers (loopback by default: local programs
       and the box itself; tests set it to () to exercise the layers from 127.0.0.x).
 
-    Content, at DATA (appliance/spam/ content side): `content_filter` asks rspamd at `rspamd_url`;
-    a score at or above `reject_score` is refused (5xx), at or above `junk_score` goes to Junk.
+    Content, at DATA (appliance/spam/content_filter.py): `content_filter` asks rspamd at `rspamd_url`;
+    a score at or above `reject_score` is refused (5xx), at or above `junk_score` goes to Junk. Moves
+    into and out of Junk teach rspamd at `rspamd_controller_url` (appliance/spam/learning.py).
 
     Outbound (submission): a user may send `outbound_messages_per_hour` messages and
     `outbound_recipients_per_hour` recipients an hour (0: no limit); `outbound_reject_burst` remote
@@ -115,6 +116,7 @@ class SpamSettings:
     skip_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     content_filter: bool = True
     rspamd_url: str = "http://127.0.0.1:11333"
+    rspamd_controller_url: str = "http://127.0.0.1:11334"  # where rspamd learns (moves into/out of Junk)
     junk_score: float = 6.0
     reject_score: float = 15.0
     outbound_messages_per_hour: int = 100
@@ -129,8 +131,9 @@ class SpamSettings:
                     raise ValueError(f"{item!r} is not a DNS list name (like zen.spamhaus.org)")
         for network in self.skip_networks:
             ipaddress.ip_network(network, strict=False)  # ValueError for anything else
-        if not self.rspamd_url.startswith(("http://", "https://")):
-            raise ValueError(f"the rspamd URL {self.rspamd_url!r} is not an http(s) URL")
+        for url in (self.rspamd_url, self.rspamd_controller_url):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"the rspamd URL {url!r} is not an http(s) URL")
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and (

@@ -93,8 +93,8 @@ def main() -> None:
             data = root / "data"
             cli(data, "domain", "add", "bench.test")
             cli(data, "user", "add", USER, "--password-stdin", stdin="a long bench password\n")
-            set_settings(data, {"queue_hold": "1", "inbound_auth": "off", "spam_content": "off",
-                                "rspamd_url": peer.scanner, "rspamd_controller_url": peer.controller,
+            set_settings(data, {"queue_hold": "1", "inbound_auth": "off", "spam_content_filter": "off",
+                                "spam_rspamd_url": peer.scanner, "spam_rspamd_controller_url": peer.controller,
                                 "spam_junk_score": "6", "spam_reject_score": "15"})
             offset = free_offset()
             port = STANDARD_PORTS["smtp"] + offset
@@ -104,9 +104,9 @@ def main() -> None:
             with serving(data, root / "serve.log", offset):
                 timed_run(port, 10, 0)  # warm-up
                 for r in range(rounds):
-                    set_settings(data, {"spam_content": "off"})  # read live by the running box
+                    set_settings(data, {"spam_content_filter": "off"})  # read live by the running box
                     off += timed_run(port, args.messages // rounds, 1000 * (2 * r + 1))
-                    set_settings(data, {"spam_content": "on"})
+                    set_settings(data, {"spam_content_filter": "on"})
                     on += timed_run(port, args.messages // rounds, 1000 * (2 * r + 2))
             (off50, off99), (on50, on99) = percentiles(off), percentiles(on)
             print(f"DATA without the filter: p50 {off50:.1f} ms, p99 {off99:.1f} ms ({len(off)} messages)")

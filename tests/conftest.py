@@ -72,7 +72,7 @@ def install_test_certificate(ca: trustme.CA, layout: DataLayout) -> None:
 # need DNS), and no content filter (rspamd: issue 16). Tests of those parts turn them on with their own
 # loopback DNS server (issue 7) or rspamd (tests/support/rspamd.py).
 # status_checks off: its background run would probe the internet (a remote MX, public DNS)
-TEST_SETTINGS = {"queue_hold": "1", "inbound_auth": "off", "status_checks": "off", "spam_content": "off"}
+TEST_SETTINGS = {"queue_hold": "1", "inbound_auth": "off", "status_checks": "off", "spam_content_filter": "off"}
 
 
 def preset_settings(layout: DataLayout, settings: dict[str, str] = TEST_SETTINGS) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from appliance.smtp.content import ContentFacts, ContentVerdict
+from appliance.spam.decisions import ACCEPT, JUNK, REJECT, RSPAMD, Decision, DecisionLog, Verdict
 from appliance.spam.rspamd import Endpoint, Envelope, RspamdClient, RspamdUnavailable, ScanResult
 
 log = logging.getLogger("letterbox.spam.content")
@@ -62,16 +63,6 @@ class ContentSettings:
     controller: str = DEFAULT_CONTROLLER
     junk_score: float = DEFAULT_JUNK_SCORE
     reject_score: float = DEFAULT_REJECT_SCORE
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One message's outcome, for the log, the decisions list and the counts."""
-
-    verdict: str  # 'inbox' | 'junk' | 'reject' | 'unchecked' | 'off'
-    score: float | None
-    symbols: str  # the summary written into X-Spam-Symbols
-    reason: str = ""  # why unchecked
 
 
 @dataclass
@@ -149,14 +140,11 @@ def client_for(settings: ContentSettings) -> RspamdClient:
     return RspamdClient(Endpoint.parse(settings.scanner, 11333), Endpoint.parse(settings.controller, 11334))
 
 
-Recorder = Callable[[ContentFacts, Decision], Awaitable[None]]
-
-
 class RspamdContentFilter:
     def __init__(self, settings: Callable[[], Awaitable[ContentSettings]], *,
-                 record: Recorder | None = None) -> None:
+                 decisions: DecisionLog | None = None) -> None:
         self._settings = settings
-        self._record = record
+        self._decisions = decisions  # the console's recent decisions (appliance/spam/decisions.py)
         self.state = FilterState()
 
     async def __call__(self, facts: ContentFacts, data: bytes) -> ContentVerdict:
@@ -164,19 +152,19 @@ class RspamdContentFilter:
         settings = await self._settings()
         if not settings.enabled:
             return ContentVerdict(message=cleaned)
-        decision, verdict = await self._scan(facts, cleaned, settings)
-        log.info("%s: spam check %s score=%s from=<%s> ip=%s %s", facts.queue_id, decision.verdict,
-                 "-" if decision.score is None else f"{decision.score:.2f}", facts.sender, facts.peer_ip,
-                 decision.symbols or decision.reason)
-        if self._record is not None:
-            try:
-                await self._record(facts, decision)
-            except Exception:
-                log.exception("could not record the spam decision")  # the message goes on regardless
-        return verdict
+        verdict, score, reason, outcome = await self._scan(facts, cleaned, settings)
+        log.info("%s: spam check %s score=%s from=<%s> ip=%s %s", facts.queue_id, verdict,
+                 "-" if score is None else f"{score:.2f}", facts.sender, facts.peer_ip, reason)
+        if self._decisions is not None:
+            self._decisions.record(Decision(
+                layer=RSPAMD, verdict=verdict, reason=reason, client_ip=facts.peer_ip, helo=facts.helo,
+                sender=facts.sender, recipients=facts.recipients, score=score, queue_id=facts.queue_id,
+            ))
+        return outcome
 
     async def _scan(self, facts: ContentFacts, data: bytes,
-                    settings: ContentSettings) -> tuple[Decision, ContentVerdict]:
+                    settings: ContentSettings) -> tuple[Verdict, float | None, str, ContentVerdict]:
+        """(verdict, score, reason, what the MX does)."""
         envelope = Envelope(
             ip=facts.peer_ip, helo=facts.helo, sender=facts.sender, recipients=facts.recipients,
             user=facts.user, queue_id=facts.queue_id, symbols=auth_symbols(facts),
@@ -186,13 +174,12 @@ class RspamdContentFilter:
         except (RspamdUnavailable, ValueError) as exc:
             # Never a 5xx for a check that did not run, and never a lost message: into the inbox.
             self.state.note(False, str(exc))
-            return (Decision("unchecked", None, "", str(exc)),
-                    ContentVerdict(headers=UNCHECKED_HEADER, message=data))
+            return ACCEPT, None, f"unchecked: {exc}", ContentVerdict(headers=UNCHECKED_HEADER, message=data)
         self.state.note(True)
         summary = symbols_summary(result)
         if result.score >= settings.reject_score or (result.skipped and result.action == "reject"):
-            return (Decision("reject", result.score, summary),
-                    ContentVerdict(reject=SPAM_REPLY.format(score=result.score)))
+            return REJECT, result.score, summary or result.message, ContentVerdict(
+                reject=SPAM_REPLY.format(score=result.score))
         junk = result.score >= settings.junk_score
-        return (Decision("junk" if junk else "inbox", result.score, summary),
-                ContentVerdict(headers=spam_headers(result, settings, junk=junk), junk=junk, message=data))
+        return (JUNK if junk else ACCEPT), result.score, summary, ContentVerdict(
+            headers=spam_headers(result, settings, junk=junk), junk=junk, message=data)

@@ -12,6 +12,7 @@ by `start_spam_content` (a background service of app.py) into `Services.spam_con
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.parser
 import email.policy
 import logging
@@ -25,10 +26,10 @@ from appliance.events import EventLog
 from appliance.spam.content_filter import (
     ContentSettings,
     FilterState,
-    Recorder,
     RspamdContentFilter,
     client_for,
 )
+from appliance.spam.decisions import DecisionLog
 from appliance.spam.learning import LearnCounts, Learner
 from appliance.spam.rspamd import Endpoint, RspamdUnavailable
 from appliance.store.mailstore import MailStore
@@ -143,11 +144,11 @@ class SpamContent:
     """The running box's content filter, learner and mailbox-owner functions."""
 
     def __init__(self, store: MailStore, events: EventLog, settings: SettingsReader, *,
-                 record: Recorder | None = None) -> None:
+                 decisions: DecisionLog | None = None) -> None:
         self.store = store
         self.events = events
         self.settings = settings
-        self.filter = RspamdContentFilter(settings, record=record)
+        self.filter = RspamdContentFilter(settings, decisions=decisions)
         self.learner = Learner(store, settings)
 
     @property
@@ -184,10 +185,9 @@ class SpamContent:
 
 
 def content_settings(values: SettingValues) -> ContentSettings:
-    return ContentSettings(
-        enabled=values.spam_content, scanner=values.rspamd_url, controller=values.rspamd_controller_url,
-        junk_score=values.spam_junk_score, reject_score=values.spam_reject_score,
-    )
+    spam = values.spam
+    return ContentSettings(enabled=spam.content_filter, scanner=spam.rspamd_url, controller=spam.rspamd_controller_url,
+                           junk_score=spam.junk_score, reject_score=spam.reject_score)
 
 
 def content_settings_of(services: Services) -> SettingsReader:
@@ -199,7 +199,8 @@ def content_settings_of(services: Services) -> SettingsReader:
 
 async def start_spam_content(services: Services) -> SpamContent:
     """The composition root's hook: the MX's content filter and the learner."""
-    spam = SpamContent(services.store, services.events, content_settings_of(services))
+    spam = SpamContent(services.store, services.events, content_settings_of(services),
+                       decisions=services.spam_decisions)
     spam.start()
     services.spam_content = spam
     services.content_filter = spam.filter
@@ -234,8 +235,10 @@ async def save_content_settings(settings: Settings, events: EventLog, *, enabled
                                 controller: str, junk: float, reject: float, by: str) -> None:
     """Change the content filter's settings: in force for the next message (read live)."""
     validate_content_settings(scanner=scanner, controller=controller, junk=junk, reject=reject)
-    await settings.save(spam_content=enabled, rspamd_url=scanner.strip(), rspamd_controller_url=controller.strip(),
-                        spam_junk_score=junk, spam_reject_score=reject)
+    now = await settings.fresh()
+    await settings.save(spam=dataclasses.replace(
+        now.spam, content_filter=enabled, rspamd_url=scanner.strip(), rspamd_controller_url=controller.strip(),
+        junk_score=junk, reject_score=reject))
     state = "on" if enabled else "off"
     await events.record("spam", f"content filter {state} (rspamd {scanner.strip()}), junk at {junk:g}, "
                                 f"reject at {reject:g}, by {by}")

@@ -31,8 +31,8 @@ def spam_box(tmp_path: Path, ca: trustme.CA) -> Iterator[tuple[ServedBox, Rspamd
         box = ServedBox(tmp_path, ca)
         add_admin_and_domain(box)
         # A message without a Message-ID gets rspamd's MISSING_MID (2.5): Junk at 2.
-        preset_settings(box.data, {"spam_content": "on", "rspamd_url": peer.scanner,
-                                   "rspamd_controller_url": peer.controller, "spam_junk_score": "2",
+        preset_settings(box.data, {"spam_content_filter": "on", "spam_rspamd_url": peer.scanner,
+                                   "spam_rspamd_controller_url": peer.controller, "spam_junk_score": "2",
                                    "spam_reject_score": "15"})
         box.start()
         try:

@@ -15,6 +15,7 @@ from tests.conftest import BoxHandle, require_program
 from tests.support.polling import wait_until
 from tests.support.rspamd import RspamdPeer, running_rspamd
 from tests.support.smtp_wire import hold_outbound, maildir_messages, parse
+from tests.support.spam_settings import use_rspamd
 
 PASSWORD = "correct horse battery staple 9"
 ALICE = "alice@ourdomain.test"
@@ -58,10 +59,7 @@ def test_moving_mail_in_and_out_of_junk_trains_bayes(box: BoxHandle, rspamd: Rsp
     hold_outbound(box)
     box.add_user(ALICE, PASSWORD)
     # Thresholds the trained classifier decides: BAYES_SPAM (up to 5.1) reaches 4, BAYES_HAM (-3) never.
-    box.run(box.services.settings.save(
-        spam_content=True, rspamd_url=rspamd.scanner, rspamd_controller_url=rspamd.controller,
-        spam_junk_score=4.0, spam_reject_score=15.0,
-    ))
+    use_rspamd(box, rspamd.scanner, rspamd.controller, junk_score=4.0, reject_score=15.0)
     spam_content = box.services.spam_content
     assert spam_content is not None
     rng = random.Random(16)

@@ -18,6 +18,7 @@ from tests.conftest import LETTERBOX, BoxHandle, require_program
 from tests.support.polling import wait_until
 from tests.support.rspamd import RspamdPeer, running_rspamd
 from tests.support.smtp_wire import hold_outbound, maildir_messages, parse
+from tests.support.spam_settings import set_spam, use_rspamd
 
 PASSWORD = "correct horse battery staple 9"
 ALICE = "alice@ourdomain.test"
@@ -39,18 +40,11 @@ def rspamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RspamdPeer]:
         yield peer
 
 
-def use_rspamd(box: BoxHandle, peer: RspamdPeer, *, junk: float = JUNK_SCORE, reject: float = REJECT_SCORE) -> None:
-    box.run(box.services.settings.save(
-        spam_content=True, rspamd_url=peer.scanner, rspamd_controller_url=peer.controller,
-        spam_junk_score=junk, spam_reject_score=reject,
-    ))
-
-
 @pytest.fixture
 def mx(box: BoxHandle, rspamd: RspamdPeer) -> BoxHandle:
     hold_outbound(box)
     box.add_user(ALICE, PASSWORD)
-    use_rspamd(box, rspamd)
+    use_rspamd(box, rspamd.scanner, rspamd.controller, junk_score=JUNK_SCORE, reject_score=REJECT_SCORE)
     return box
 
 
@@ -131,7 +125,7 @@ def test_moves_by_an_imap_client_teach_rspamd(mx: BoxHandle) -> None:
 
 
 def test_rspamd_unreachable_accepts_into_the_inbox_and_says_filtering_is_off(mx: BoxHandle) -> None:
-    mx.run(mx.services.settings.save(rspamd_url="http://127.0.0.1:9"))  # the discard port: nothing listens
+    set_spam(mx, rspamd_url="http://127.0.0.1:9")  # the discard port: nothing listens
     code, _ = send_mx(mx, CLEAN.replace(b"Shall we", GTUBE + b"\r\nShall we"))
     assert code == 250
     [raw] = folder(mx)
@@ -160,7 +154,7 @@ def test_the_cli_says_whether_filtering_is_on_and_teaches_rspamd(mx: BoxHandle, 
     learned = letterbox(mx, "spam", "learn", "ham", str(folder), "--each")
     assert learned.returncode == 0, learned.stderr
     assert learned.stdout.splitlines()[-1] == "3 messages as ham: 3 learned", learned.stdout
-    mx.run(mx.services.settings.save(rspamd_url="http://127.0.0.1:9"))
+    set_spam(mx, rspamd_url="http://127.0.0.1:9")
     off = letterbox(mx, "spam", "status")
     assert off.returncode == 1
     assert off.stdout.startswith("content filtering is off")

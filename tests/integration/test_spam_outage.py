@@ -16,6 +16,7 @@ from tests.conftest import BoxHandle, require_program
 from tests.support.polling import wait_until
 from tests.support.rspamd import RspamdPeer, running_rspamd
 from tests.support.smtp_wire import hold_outbound, maildir_messages, parse
+from tests.support.spam_settings import use_rspamd
 
 PASSWORD = "correct horse battery staple 9"
 ALICE = "alice@ourdomain.test"
@@ -37,10 +38,7 @@ def rspamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RspamdPeer]:
 def mx(box: BoxHandle, rspamd: RspamdPeer) -> BoxHandle:
     hold_outbound(box)
     box.add_user(ALICE, PASSWORD)
-    box.run(box.services.settings.save(
-        spam_content=True, rspamd_url=rspamd.scanner, rspamd_controller_url=rspamd.controller,
-        spam_junk_score=6.0, spam_reject_score=15.0,
-    ))
+    use_rspamd(box, rspamd.scanner, rspamd.controller, junk_score=6.0, reject_score=15.0)
     return box
 
 

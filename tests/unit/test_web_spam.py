@@ -4,6 +4,7 @@ and releasing a message from Junk into the inbox."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +25,8 @@ def web(tmp_path: Path) -> Iterator[WebClient]:
         client.add_user()
         svc = client.services
         svc.spam_content = SpamContent(svc.store, svc.events, content_settings_of(svc))
-        client.run(svc.settings.save, rspamd_url=NOWHERE, rspamd_controller_url=NOWHERE)
+        spam = dataclasses.replace(client.run(svc.settings.fresh).spam, rspamd_url=NOWHERE, rspamd_controller_url=NOWHERE)
+        client.run(svc.settings.save, spam=spam)
         yield client
 
 
@@ -49,11 +51,11 @@ def test_content_settings_are_checked_and_saved_with_an_event(web: WebClient) ->
     saved = web.post("/console/spam/content", {**form, "junk": "5.5", "reject": "12"}, token_from="/console/spam")
     assert saved.status_code == 303
     now = web.run(web.services.settings.fresh)
-    assert (now.spam_junk_score, now.spam_reject_score, now.spam_content) == (5.5, 12.0, True)
+    assert (now.spam.junk_score, now.spam.reject_score, now.spam.content_filter) == (5.5, 12.0, True)
     off = web.post("/console/spam/content", {**form, "enabled": "", "junk": "5.5", "reject": "12"},
                    token_from="/console/spam")
     assert off.status_code == 303
-    assert not web.run(web.services.settings.fresh).spam_content
+    assert not web.run(web.services.settings.fresh).spam.content_filter
     assert any(kind == "spam" and "content filter off" in text for _, kind, text in web.run(web.services.events.recent))
 
 
