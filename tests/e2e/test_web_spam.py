@@ -76,6 +76,8 @@ def test_spam_page_and_releasing_from_junk(spam_box: tuple[ServedBox, RspamdPeer
             admin.click(".sidebar >> text=Spam")
             expect(admin.locator("#content-filter")).to_contain_text("content filtering is on (rspamd)")
             expect(admin.locator("#junk-counts")).to_contain_text(f"{JONH}1")
+            expect(admin.locator("#decisions")).to_contain_text("rspamdreject15.00")  # GTUBE
+            expect(admin.locator("#decisions")).to_contain_text("MISSING_MID(2.50)")
             admin.screenshot(path=str(shots / "console-spam.png"), full_page=True)
 
             user = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860}).new_page()

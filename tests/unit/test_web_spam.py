@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance.spam.content_service import SpamContent, content_settings_of
+from appliance.spam.decisions import RSPAMD, Decision
 from appliance.store.model import JUNK
 from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, ALICE_PASSWORD, WebClient, web_client
 
@@ -32,11 +33,17 @@ def web(tmp_path: Path) -> Iterator[WebClient]:
 
 def test_admin_sees_the_spam_page_and_that_filtering_is_off(web: WebClient) -> None:
     web.run(web.services.store.deliver, [ALICE], SPAM, folder=JUNK)
+    web.services.spam_decisions.record(Decision(
+        layer=RSPAMD, verdict="junk", reason="MISSING_MID(2.50)", client_ip="192.0.2.7", sender="a@b.example",
+        recipients=(ALICE,), score=7.25))
     web.login(ADMIN, ADMIN_PASSWORD)
     page = web.get("/console/spam")
     assert page.status_code == 200
     assert "content filtering is off" in page.text
     assert f"<td>{ALICE}</td><td>1</td>" in page.text
+    assert "<td>7.25</td><td><code>192.0.2.7</code></td>" in page.text
+    assert f"a@b.example → {ALICE}" in page.text
+    assert "1 rspamd junk" in page.text
     status = web.get("/console")
     assert "content filtering is off" in status.text
 

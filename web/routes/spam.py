@@ -7,6 +7,7 @@ spam ...` calls."""
 from __future__ import annotations
 
 import contextlib
+import time
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -18,6 +19,8 @@ from appliance.store.model import StoreError
 from web.pages import flash, read_form, redirect, render, require, services
 
 MAILBOXES_COUNTED = 500  # Junk counts on the console page (a family box has a handful)
+DECISIONS_SHOWN = 50
+DAY = 86400
 
 
 def _spam(request: Request) -> SpamContent:
@@ -46,8 +49,12 @@ async def page(request: Request, errors: dict[str, str] | None = None,
         "enabled": "on" if settings.enabled else "", "scanner": settings.scanner,
         "controller": settings.controller, "junk": f"{settings.junk_score:g}", "reject": f"{settings.reject_score:g}",
     }
+    decisions = services(request).spam_decisions
+    counts = await decisions.counts(since=time.time() - DAY)
     return await render(request, "console/spam.html", {
         "title": "Spam", "section": "spam", "status": await spam.status(), "learned": spam.learned,
+        "decisions": await decisions.recent(DECISIONS_SHOWN),
+        "day_counts": sorted(counts.items(), key=lambda item: (-item[1], item[0])),
         "junk_counts": await _junk_counts(request, spam), "values": shown, "errors": errors or {},
     }, status_code=400 if errors else 200)
 
