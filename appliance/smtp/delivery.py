@@ -149,7 +149,7 @@ class Deliverer:
         if isinstance(result, int):
             log.info("%s: delivered from=<%s> to=%s%s uid=%d size=%d", message.queue_id, message.sender,
                      mailbox, f" ({folder})" if folder != INBOX else "", result, len(data))
-            self._record(message, mailbox, "delivered", folder, len(data))
+            self._record(message, mailbox, "junk" if folder == JUNK else "delivered", folder, len(data))
             return None
         if isinstance(result, QuotaExceeded):
             log.info("%s: %s is over quota", message.queue_id, mailbox)

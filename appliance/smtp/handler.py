@@ -23,7 +23,7 @@ from appliance.auth import Principal, Refused
 from appliance.delivery_log import Delivery, message_id_of
 from appliance.queue.spool import new_queue_id
 from appliance.smtp import headers
-from appliance.smtp.content import ContentFacts
+from appliance.smtp.content import ContentFacts, ContentVerdict
 from appliance.smtp.delivery import Deliverer, InboundMessage
 from appliance.smtp.headers import ReceivedFacts, TlsFacts
 from appliance.smtp.inbound import InboundFacts, InboundVerdict
@@ -414,19 +414,14 @@ class SmtpHandler:
                 return self._refuse_data(session, env, verdict.reject, "dmarc", data)
             data = verdict.headers + (data if verdict.message is None else verdict.message)
             sender_verified = verdict.sender_authenticated
-        content = self.services.content_filter
-        junk = False
-        if content is not None and self.service == MX_SERVICE:
-            content_facts = ContentFacts(
-                peer_ip(session), helo, sender, tuple(r.rcpt for r in env.routes),
-                tuple(dict.fromkeys(mb for r in env.routes for mb in r.mailboxes)), queue_id,
-                spf=verdict.spf, dkim=verdict.dkim, dmarc=verdict.dmarc, dmarc_policy=verdict.dmarc_policy,
-            )
-            content_verdict = await content(content_facts, data)
-            if content_verdict.reject:
-                return self._for_all(env, content_verdict.reject)
-            data = content_verdict.headers + (data if content_verdict.message is None else content_verdict.message)
-            junk = content_verdict.junk
+        content = await self._content_check(ContentFacts(
+            peer_ip(session), helo, sender, tuple(r.rcpt for r in env.routes),
+            tuple(dict.fromkeys(mb for r in env.routes for mb in r.mailboxes)), queue_id,
+            spf=verdict.spf, dkim=verdict.dkim, dmarc=verdict.dmarc, dmarc_policy=verdict.dmarc_policy,
+        ), data)
+        if content.reject:
+            return self._refuse_data(session, env, content.reject, "rspamd", data)
+        data = content.headers + (data if content.message is None else content.message)
 
         received = ReceivedFacts(
             helo=helo,
@@ -441,7 +436,7 @@ class SmtpHandler:
             auth_user=principal.name if principal else None,
         )
         message = InboundMessage(sender, tuple(env.routes), data, received, received.auth_user,
-                                 sender_verified=sender_verified, junk=junk)
+                                 sender_verified=sender_verified, junk=content.junk)
         # Shielded: a client hanging up mid-delivery must not cancel a half-done write; the work
         # finishes and the client, having seen no reply, retries (a duplicate beats a loss).
         report = await asyncio.shield(self.deliverer.deliver(message, per_recipient=self.lmtp))
@@ -452,6 +447,14 @@ class SmtpHandler:
         if self.lmtp:
             return "\r\n".join(str(reply) for reply in report.replies)
         return str(report.summary)
+
+    async def _content_check(self, facts: ContentFacts, data: bytes) -> ContentVerdict:
+        """The content filter (issue 16), before any copy is written: on the MX only (mail from the
+        internet; submission and LMTP are trusted senders)."""
+        content = self.services.content_filter
+        if content is None or self.service != MX_SERVICE:
+            return ContentVerdict()
+        return await content(facts, data)
 
     def _log_refused(self, session: LetterboxSession, env: LetterboxEnvelope, reply: Reply | str, check: str,
                      recipients: tuple[str, ...], data: bytes | None = None) -> None:
