@@ -365,9 +365,20 @@ class Append(Command):
     folder: str
     flags: tuple[str, ...]
     date: int | None  # unix seconds
-    message: bytes = field(repr=False, compare=False)  # may be the bytearray it was read into
+    message: AppendContent = field(repr=False, compare=False)  # bytes may be the bytearray it was read into
     # RFC 3502 MULTIAPPEND: the messages after the first, each with its flags and date.
-    more: tuple[tuple[tuple[str, ...], int | None, bytes], ...] = field(default=(), repr=False, compare=False)
+    more: tuple[tuple[tuple[str, ...], int | None, AppendContent], ...] = field(default=(), repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class CatenateUrl:
+    """RFC 4469 CATENATE URL part: an IMAP URL (RFC 5092) naming a message or a part of one."""
+
+    url: str
+
+
+# The message of an APPEND: its octets, or RFC 4469 CATENATE parts (TEXT octets and URLs) to join.
+AppendContent = bytes | tuple[bytes | CatenateUrl, ...]
 
 
 @dataclass(frozen=True)

@@ -740,7 +740,7 @@ def binary_value(f: BinaryIO, root: Part, item: BinarySection) -> Value:
 
 def binary_content(f: BinaryIO, root: Part, path: tuple[int, ...]) -> bytes:
     if not path:
-        return _wire(f, whole_message(root))  # BINARY[]: the message as it is
+        return span_bytes(f, whole_message(root))  # BINARY[]: the message as it is
     found = locate(root, path)
     if found is None:
         raise NoSuchPart
@@ -749,7 +749,7 @@ def binary_content(f: BinaryIO, root: Part, path: tuple[int, ...]) -> bytes:
         raise NoSuchPart  # RFC 3516 4.2: only a single part has content to decode
     cte = str(node.headers.get("Content-Transfer-Encoding") or "7bit").strip().lower()
     if cte in ("7bit", "8bit", "binary"):
-        return _wire(f, node.body)
+        return span_bytes(f, node.body)
     f.seek(node.body.start)
     raw = f.read(node.body.end - node.body.start)
     if cte == "base64":
@@ -788,7 +788,8 @@ def _unbase64(raw: bytes) -> bytes:
         return b""
 
 
-def _wire(f: BinaryIO, span: Span) -> bytes:
+def span_bytes(f: BinaryIO, span: Span) -> bytes:
+    """A region of an open message file as IMAP sends it (CRLF line ends); the file stays open."""
     return b"".join(FileSlice(_Unclosable(f), span, None).chunks())
 
 

@@ -20,9 +20,11 @@ from appliance.imap.commands import (
     STAR,
     AndKey,
     Append,
+    AppendContent,
     Authenticate,
     BinarySection,
     BodySection,
+    CatenateUrl,
     Command,
     Compress,
     CopyMove,
@@ -589,7 +591,7 @@ def _append(r: Reader, tag: str, name: str) -> Command:
     return Append(tag, name, folder, flags, date, message, tuple(more))
 
 
-def _append_message(r: Reader) -> tuple[tuple[str, ...], int | None, bytes]:
+def _append_message(r: Reader) -> tuple[tuple[str, ...], int | None, AppendContent]:
     flags: tuple[str, ...] = ()
     date: int | None = None
     if r.peek() == ord("("):
@@ -600,13 +602,37 @@ def _append_message(r: Reader) -> tuple[tuple[str, ...], int | None, bytes]:
         r.quoted()
         date = parse_date_time(r.text[start:r.pos])
         r.sp()
-    if not r.at_literal():
+    message: AppendContent
+    if r.peek_keyword() == "CATENATE":
+        message = _catenate(r)
+    elif not r.at_literal():
         raise ParseError("APPEND needs the message as a literal")
-    message = r.take_literal()
+    else:
+        message = r.take_literal()
     for flag in flags:
         if flag == "\\Recent":
             raise ParseError("\\Recent cannot be set")
     return flags, date, message
+
+
+def _catenate(r: Reader) -> tuple[bytes | CatenateUrl, ...]:
+    """RFC 4469 5: CATENATE (TEXT literal / URL astring ...), at least one part."""
+    r.keyword()
+    r.sp()
+    r.expect(b"(")
+    parts: list[bytes | CatenateUrl] = []
+    while True:
+        kind = r.keyword()
+        r.sp()
+        if kind == "TEXT":
+            parts.append(r.take_literal())
+        elif kind == "URL":
+            parts.append(CatenateUrl(r.astring()))
+        else:
+            raise ParseError(f"unknown CATENATE part {kind[:20]}")
+        if r.accept(b")"):
+            return tuple(parts)
+        r.sp()
 
 
 def _fetch(r: Reader, tag: str, name: str, uid: bool = False) -> Command:

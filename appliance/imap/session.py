@@ -19,11 +19,14 @@ from typing import TYPE_CHECKING, BinaryIO, Generic, Literal, Protocol, TypeVar
 
 from appliance.auth import Refused
 from appliance.imap import names
+from appliance.imap.catenate import extract, parse_url
 from appliance.imap.commands import (
     Append,
+    AppendContent,
     Authenticate,
     BinarySection,
     BodySection,
+    CatenateUrl,
     Command,
     Compress,
     CopyMove,
@@ -51,7 +54,7 @@ from appliance.imap.commands import (
 )
 from appliance.imap.errors import ImapBad, ImapError, ImapNo
 from appliance.imap.fetch_render import FetchRenderer
-from appliance.imap.limits import MAX_LIST_PATTERNS
+from appliance.imap.limits import MAX_APPEND_OCTETS, MAX_LIST_PATTERNS
 from appliance.imap.mime import base64_for_nul
 from appliance.imap.responses import (
     Bye,
@@ -90,7 +93,7 @@ AUTHENTICATED_CAPABILITIES = (
     "IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "UIDPLUS", "MOVE", "SPECIAL-USE",
     "NAMESPACE", "CHILDREN", "UNSELECT", "QUOTA", "CONDSTORE", "QRESYNC", "ESEARCH", "LIST-STATUS",
     "STATUS=SIZE", "SORT", "SORT=DISPLAY", "ESORT", "MULTIAPPEND", "THREAD=REFERENCES", "THREAD=ORDEREDSUBJECT",
-    "BINARY", "COMPRESS=DEFLATE", "LIST-EXTENDED",
+    "BINARY", "COMPRESS=DEFLATE", "LIST-EXTENDED", "CATENATE",
 )
 SERVER_ID = (("name", "Letterbox"), ("vendor", "Letterbox"))
 EXTERNAL_POLL = 60.0  # seconds between looks at the disk during IDLE
@@ -489,7 +492,12 @@ class ImapSession:
 
     async def cmd_append(self, command: Append) -> None:
         name = names.canonical(command.folder)
-        messages = [(command.flags, command.date, command.message), *command.more]
+        contents = [(command.flags, command.date, command.message), *command.more]
+        if any(isinstance(content, tuple) for _, _, content in contents):
+            # RFC 4469 5: a missing target folder is TRYCREATE (store_errors) before any URL is looked at.
+            await self.store.uidvalidity(self.mailbox, name)
+        # CATENATE parts are joined first: every URL is checked before anything is appended.
+        messages = [(flags, date, await self._message_of(content)) for flags, date, content in contents]
         if not all(message for _, _, message in messages):
             raise ImapNo("Empty message", "CANNOT")
         if any(b"\0" in message for _, _, message in messages):
@@ -510,6 +518,41 @@ class ImapSession:
                     await self.store.expunge(self.mailbox, name, uids)
             raise  # answered by store_errors: TRYCREATE for a folder that does not exist (RFC 3501 6.3.11)
         await self.ok(command, code=f"APPENDUID {uidvalidity} {compact(uids)}")  # RFC 4315 3
+
+    async def _message_of(self, content: AppendContent) -> bytes:
+        """An APPEND's message: its literal, or its RFC 4469 CATENATE parts joined (a URL that does
+        not name one of this user's messages, or a part of one, is NO [BADURL url])."""
+        if not isinstance(content, tuple):
+            return content
+        out = bytearray()
+        for part in content:
+            if isinstance(part, CatenateUrl):
+                data = await self._url_content(part.url)
+                if data is None:
+                    raise ImapNo("Bad URL", "BADURL " + part.url[:200])
+                part = data
+            out += part
+            if len(out) > MAX_APPEND_OCTETS:
+                raise ImapNo("Message too large", "TOOBIG")  # RFC 4469 5: TOOBIG
+        return bytes(out)
+
+    async def _url_content(self, text: str) -> bytes | None:
+        url = parse_url(text)
+        if url is None:
+            return None
+        try:
+            snapshot = await self.store.snapshot(self.mailbox, names.canonical(url.folder))
+        except StoreError:
+            return None
+        if url.uidvalidity is not None and url.uidvalidity != snapshot.uidvalidity:
+            return None
+        found = next((m for m in snapshot.messages if m.uid == url.uid), None)
+        if found is None:
+            return None
+        try:
+            return await asyncio.to_thread(extract, found.path, url, MAX_APPEND_OCTETS)
+        except OSError:
+            return None  # expunged meanwhile
 
     async def cmd_enable(self, command: Enable) -> None:
         # RFC 5161 3.1: ENABLED lists what this command turned on; unknown names are ignored.

@@ -219,3 +219,40 @@ def test_esort_sort_display_and_orderedsubject(box: BoxHandle, raw: RawImap) -> 
     assert raw.command(b"f", b"UID SORT RETURN () (ARRIVAL) UTF-8 ALL")[0] == b'* ESEARCH (TAG "f") UID ALL 1:5\r\n'
     # Base subjects A (1, 4) and B (2, 3, 5); B's first by date is 5 (09:00), A's is 1 (10:00).
     assert raw.command(b"t", b"THREAD ORDEREDSUBJECT UTF-8 ALL")[0] == b"* THREAD (5 (3)(2))(1 4)\r\n"
+
+
+def test_catenate(box: BoxHandle, raw: RawImap) -> None:
+    """imaptest catenate, catenate-multiappend (RFC 4469): TEXT and URL parts joined into one message;
+    a URL to another UIDVALIDITY, a missing message or section is NO [BADURL] and nothing is
+    appended; a missing folder is TRYCREATE first; each message of a MULTIAPPEND may be catenated."""
+    uid = deliver(box, b"From: foo@example.com\r\nSubject: s\r\n\r\nHello world body\r\n")
+    uidvalidity = _uidvalidity(raw.command(b"s", b"SELECT INBOX"))
+    assert b" CATENATE" in raw.command(b"c", b"CAPABILITY")[0]
+    raw.command(b"m", b"CREATE Out")
+    text = b"\r\nbody1\r\n"
+    reply = raw.command(b"a", b'APPEND Out (\\Seen) CATENATE (URL "/INBOX;UIDVALIDITY=%s/;UID=%d/;SECTION=HEADER" '
+                              b"TEXT {%d+}\r\n%s)" % (uidvalidity, uid, len(text), text))
+    assert reply[-1].startswith(b"a OK [APPENDUID"), reply
+    head = b"X-New: 1\r\n"
+    reply = raw.command(b"b", b'APPEND Out CATENATE (TEXT {%d+}\r\n%s URL "/INBOX/;UID=%d/;SECTION=TEXT/;PARTIAL=0.5") '
+                              b'CATENATE (URL "/INBOX/;UID=%d")' % (len(head), head, uid, uid))
+    assert reply[-1].startswith(b"b OK [APPENDUID"), reply
+    for url in (b"/INBOX;UIDVALIDITY=12345/;UID=%d" % uid, b"/INBOX/;UID=999", b"/INBOX/;UID=%d/;SECTION=4" % uid,
+                b"/Nowhere/;UID=1", b"not a url"):
+        refused = raw.command(b"n", b'APPEND Out CATENATE (TEXT {3+}\r\nx\r\n URL "%s")' % url)
+        assert refused[-1].startswith(b'n NO [BADURL ' + url + b"]"), refused
+    missing = raw.command(b"t", b'APPEND Gone CATENATE (URL "/INBOX/;UID=999")')
+    assert missing[-1].startswith(b"t NO [TRYCREATE]"), missing
+    raw.command(b"o", b"SELECT Out")
+    bodies = raw.command(b"f", b"FETCH 1:* (BODY.PEEK[])")
+    assert bodies[:-1] == [
+        b"* 1 FETCH (BODY[] {46}\r\nFrom: foo@example.com\r\nSubject: s\r\n\r\n\r\nbody1\r\n)\r\n",
+        b"* 2 FETCH (BODY[] {15}\r\nX-New: 1\r\nHello)\r\n",
+        b"* 3 FETCH (BODY[] {55}\r\nFrom: foo@example.com\r\nSubject: s\r\n\r\nHello world body\r\n)\r\n",
+    ], bodies
+
+
+def _uidvalidity(selected: list[bytes]) -> bytes:
+    found = re.search(rb"UIDVALIDITY (\d+)", b"".join(selected))
+    assert found
+    return found.group(1)

@@ -16,6 +16,7 @@ from appliance.imap.commands import (
     Append,
     Authenticate,
     BodySection,
+    CatenateUrl,
     Command,
     CopyMove,
     DateKey,
@@ -567,6 +568,18 @@ def test_sort_command() -> None:
     assert esort.returns == ("MIN", "COUNT")
     assert esort.criteria == (("DISPLAYFROM", False),)
     bad("a SORT RETURN (SAVE) (DATE) UTF-8 ALL")
+
+
+def test_append_catenate() -> None:
+    # RFC 4469 5: TEXT literals and URLs, in order; MULTIAPPEND may mix plain and catenated messages.
+    append = parse_command([b'a APPEND Out (\\Seen) CATENATE (URL "/INBOX/;UID=1" TEXT ', LiteralPart(b"body"), b") ",
+                            LiteralPart(b"x"), b""])
+    assert isinstance(append, Append)
+    assert append.message == (CatenateUrl("/INBOX/;UID=1"), b"body")
+    assert append.flags == ("\\Seen",)
+    assert append.more[0][2] == b"x"
+    bad('a APPEND Out CATENATE ()')
+    bad('a APPEND Out CATENATE (FILE "x")')
 
 
 def test_list_extended_options() -> None:

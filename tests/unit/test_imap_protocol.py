@@ -83,6 +83,7 @@ def test_append_with_flags_and_date_fed_in_chunks() -> None:
         assert isinstance(append, Append)
         assert append.flags == ("\\Seen",)
         assert append.date == 760686745  # 1994-02-08 05:52:25 UTC
+        assert not isinstance(append.message, tuple)  # a literal, not CATENATE parts
         assert bytes(append.message) == msg
 
 
