@@ -11,8 +11,9 @@ submission has no screen, and the MX's RCPT hook asks only for clients without a
    something (an early talker: RFC 5321 4.3.1 says the client waits for the 220) is refused with
    554 and disconnected. Real MTAs always wait; bulk spam tools often do not.
 3. At each RCPT for a local recipient (`check_recipient`): a listed client gets 554 naming the list,
-   then a sender domain on a domain list 554 naming that list, then greylisting (greylist.py) a 451
-   for a new triplet. A DNS failure never refuses (dnsbl.py says why).
+   then a sender domain on a domain list 554 naming that list (postmaster@ and abuse@ are exempt
+   from both), then greylisting (greylist.py) a 451 for a new triplet. A DNS failure never refuses
+   (dnsbl.py says why).
 
 Every refusal, deferral and greylist pass is recorded in the decision log (decisions.py). Settings
 are read live at each step, so switching a layer off in the console applies to the next command.
@@ -45,6 +46,7 @@ log = logging.getLogger("letterbox.spam")
 
 FCRDNS_LIFETIME = 4.0  # seconds for the PTR and the forward lookups together
 MAX_PTR_NAMES = 5  # PTR names followed (a client may publish many)
+BLOCKLIST_EXEMPT = frozenset({"postmaster", "abuse"})  # local parts the DNS lists never refuse
 EARLY_TALKER_REPLY = "554 5.5.1 Protocol error: you sent before the greeting (RFC 5321 4.3.1)"
 
 
@@ -127,13 +129,16 @@ class ConnectionScreen:
         spam = await self._screen.spam()
         envelope = d.Decision(layer="", verdict=d.ACCEPT, client_ip=self.ip, helo=helo, sender=sender,
                               recipients=(recipient,))
-        if spam.dnsbl and self._listing is not None:
+        # RFC 5321 4.5.1 (postmaster must be reachable) and RFC 2142 (abuse): a listed sender can still
+        # write to say it was wrongly listed. Greylisting applies to them as to anyone.
+        listable = recipient.rpartition("@")[0].lower() not in BLOCKLIST_EXEMPT
+        if spam.dnsbl and self._listing is not None and listable:
             listing = await self._client_listing()
             if listing is not None:
                 self._screen.record(replace(envelope, layer=d.DNSBL, verdict=d.REJECT, reason=listing.reply_text))
                 return client_reply(listing, self.ip)
         domain = sender.rpartition("@")[2] if "@" in sender else ""
-        if spam.domain_blocklist and spam.domain_lists and domain:
+        if spam.domain_blocklist and spam.domain_lists and domain and listable:
             listing = await self._screen.blocklists.domain_listing(domain, spam.domain_lists)
             if listing is not None:
                 self._screen.record(replace(envelope, layer=d.DBL, verdict=d.REJECT, reason=listing.reply_text))

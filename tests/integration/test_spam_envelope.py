@@ -88,6 +88,10 @@ def test_a_listed_client_is_refused_with_554_naming_the_list(mx: BoxHandle, zone
     assert f"blocked using {IP_LIST}" in text
     assert "[127.0.0.7]" in text
     assert rcpt_from(mx, "127.0.0.8", data=True)[0] == 250  # not listed: NXDOMAIN
+    with smtplib.SMTP("127.0.0.1", mx.port("smtp"), timeout=30, source_address=("127.0.0.7", 0)) as client:
+        client.ehlo("mta.sender.test")
+        client.mail("bob@sender.test")
+        assert client.rcpt("postmaster@example.test")[0] == 250  # RFC 5321 4.5.1: still reachable
     assert decisions(mx, DNSBL) == [(REJECT, "127.0.0.7", f"listed on {IP_LIST} (127.0.0.2)")]
     [report] = [r for r in mx.run(admin(mx).dnsbl_status()) if r.zone == IP_LIST]
     assert report.state == "ok"
