@@ -19,7 +19,7 @@ import secrets
 import shutil
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,8 @@ from appliance.spam import outbound
 from appliance.spam.dnsbl import Blocklists, ListReport, ListStatus, list_reports
 from appliance.spam.greylist import Greylist, GreylistEntry
 from appliance.tls import CertificateInfo, TlsManager
+
+SPAM_LAYERS = ("dnsbl", "domain_blocklist", "early_talker", "greylist")  # the switches of save_spam_layers
 
 if TYPE_CHECKING:
     from argon2 import PasswordHasher
@@ -355,6 +357,18 @@ class Admin:
         return await certificates.self_signed(self._certificates())
 
     # --- spam and abuse (issue 16) ------------------------------------------------------------------
+
+    async def save_spam_layers(self, *, by: str, **layers: object) -> None:
+        """Switch the connection-time layers and the outbound limits (SpamSettings fields: dnsbl,
+        dnsbl_lists, domain_blocklist, domain_lists, early_talker, greylist, greylist_delay,
+        outbound_messages_per_hour, outbound_recipients_per_hour); ValueError, with its reason, for a
+        value SpamSettings refuses. In force for the next connection (read live)."""
+        now = (await self.settings.fresh()).spam
+        spam = replace(now, **layers)  # type: ignore[arg-type]  # checked by SpamSettings.__post_init__
+        await self.settings.save(spam=spam)
+        switched = ", ".join(f"{name} {'on' if value else 'off'}" for name in SPAM_LAYERS
+                             if (value := getattr(spam, name)) != getattr(now, name))
+        await self.events.record("spam", f"spam layers changed by {by}" + (f": {switched}" if switched else ""))
 
     async def greylist_entries(self, limit: int = 1000, *, passed: bool | None = None) -> list[GreylistEntry]:
         """The live greylist triplets, most recent first (`passed`: only those a retry got through, or

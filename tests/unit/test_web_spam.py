@@ -12,6 +12,7 @@ import pytest
 
 from appliance.spam.content_service import SpamContent, content_settings_of
 from appliance.spam.decisions import RSPAMD, Decision
+from appliance.spam.greylist import Greylist
 from appliance.store.model import JUNK
 from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, ALICE_PASSWORD, WebClient, web_client
 
@@ -92,3 +93,35 @@ def test_owners_see_their_junk_and_release_a_message_but_not_the_admin_page(web:
     assert web.post("/account/junk/release", {"uid": "x"}, token_from="/account/junk").status_code == 400
     events = web.run(web.services.events.recent)
     assert any(f"released from Junk by {ALICE}" in text for _, _, text in events)
+
+
+def test_admin_switches_the_layers_and_clears_the_greylist(web: WebClient) -> None:
+    web.run(Greylist(web.services.db).check, "192.0.2.0/24", "a@b.example", ALICE, delay=300, remember_days=35)
+
+    async def suspend() -> None:
+        await web.services.db.execute("INSERT INTO outbound_suspended (mailbox, since, reason) VALUES (?, 0, ?)",
+                                      (ALICE, "20 refused recipients"))
+    web.run(suspend)
+    web.login(ADMIN, ADMIN_PASSWORD)
+    page = web.get("/console/spam")
+    assert "<code>192.0.2.0/24</code>" in page.text
+    assert "zen.spamhaus.org" in page.text
+    assert "20 refused recipients" in page.text
+    form = {"dnsbl": "on", "dnsbl_lists": "zen.spamhaus.org, bl.example.org", "domain_blocklist": "",
+            "domain_lists": "dbl.spamhaus.org", "early_talker": "on", "greylist": "", "greylist_delay": "120",
+            "outbound_messages_per_hour": "50", "outbound_recipients_per_hour": "200"}
+    bad = web.post("/console/spam/layers", {**form, "dnsbl_lists": "not a list!"}, token_from="/console/spam")
+    assert bad.status_code == 400
+    assert "is not a DNS list name" in bad.text
+    assert web.post("/console/spam/layers", form, token_from="/console/spam").status_code == 303
+    spam = web.run(web.services.settings.fresh).spam
+    assert (spam.dnsbl, spam.domain_blocklist, spam.greylist, spam.greylist_delay) == (True, False, False, 120)
+    assert spam.dnsbl_lists == ("zen.spamhaus.org", "bl.example.org")
+    assert spam.outbound_messages_per_hour == 50
+    events = [text for _, kind, text in web.run(web.services.events.recent) if kind == "spam"]
+    assert any("domain_blocklist off, greylist off" in text for text in events), events
+    assert web.post("/console/spam/greylist/clear", {}, token_from="/console/spam").status_code == 303
+    assert "Nobody is greylisted" in web.get("/console/spam").text
+    lifted = web.post("/console/spam/suspended/lift", {"address": ALICE}, token_from="/console/spam")
+    assert lifted.status_code == 303
+    assert "No mailbox is suspended" in web.get("/console/spam").text
