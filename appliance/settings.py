@@ -46,6 +46,7 @@ log = logging.getLogger("letterbox.settings")
 HOSTNAME = "hostname"
 DELIVERY_LOG = "delivery_log"  # on/off
 DELIVERY_LOG_DAYS = "delivery_log_days"
+PORT25_PROBE = "port25_probe"  # host:port the status check connects to
 STATUS_CHECKS = "status_checks"  # on/off: the status checklist's background runs
 TIME_ZONE = "time_zone"  # IANA name; empty: the system's (appliance/time_zone.py)
 PUBLIC_IPV4 = "public_ipv4"
@@ -203,7 +204,7 @@ RELAY_KEYS = (RELAY_HOST, RELAY_PORT, RELAY_TLS, RELAY_USER, RELAY_PASSWORD, REL
 KNOWN_KEYS = (
     HOSTNAME, PUBLIC_IPV4, PUBLIC_IPV6, QUEUE_HOLD, MX_PORT, RETRY_INTERVALS, RETRY_MAX_AGE,
     RETRY_DELAY_NOTICE, DNS_RESOLVER, INBOUND_AUTH, DMARC_REJECT, *RELAY_KEYS, RELAY_TESTED,
-    SETUP_STEP, SETUP_DONE, SETUP_DOMAIN, SETUP_DOMAIN_ADDED, TIME_ZONE, STATUS_CHECKS, DELIVERY_LOG, DELIVERY_LOG_DAYS, *SPAM_KEYS,
+    SETUP_STEP, SETUP_DONE, SETUP_DOMAIN, SETUP_DOMAIN_ADDED, TIME_ZONE, STATUS_CHECKS, PORT25_PROBE, DELIVERY_LOG, DELIVERY_LOG_DAYS, *SPAM_KEYS,
 )
 
 _SELECT_KNOWN = f"SELECT key, value FROM settings WHERE key IN ({','.join('?' * len(KNOWN_KEYS))})"  # noqa: S608  placeholders only
@@ -239,6 +240,8 @@ class SettingValues:
     spam: SpamSettings  # the spam and abuse layers (issue 16)
     time_zone: str = ""  # IANA name for times shown to people; "": the system's
     status_checks: bool = True  # the status checklist runs in the background every few hours
+    # The remote MX the outbound port-25 check connects to (a big provider's, as Mail-in-a-Box does).
+    port25_probe: str = "aspmx.l.google.com:25"
     delivery_log: bool = True  # every message in and out recorded (appliance/delivery_log.py)
     delivery_log_days: int = 30  # how long its rows are kept
 
@@ -263,6 +266,7 @@ class Changes(TypedDict, total=False):
     spam: SpamSettings  # written whole: replace(now.spam, field=...)
     time_zone: str
     status_checks: bool
+    port25_probe: str
     delivery_log: bool
     delivery_log_days: int
 
@@ -353,6 +357,7 @@ def decode(raw: Mapping[str, str], *, default_hostname: str, hostname_override: 
         spam=_spam(raw),
         time_zone=raw.get(TIME_ZONE, "").strip(),
         status_checks=_flag(raw, STATUS_CHECKS, True),
+        port25_probe=raw.get(PORT25_PROBE, "").strip() or "aspmx.l.google.com:25",
         delivery_log=_flag(raw, DELIVERY_LOG, True),
         delivery_log_days=max(1, min(_int(raw, DELIVERY_LOG_DAYS) or 30, 3650)),
     )
@@ -397,6 +402,7 @@ _ENCODINGS: dict[str, tuple[str, Callable[[object], str]]] = {
     "setup_domain_added": (SETUP_DOMAIN_ADDED, _bit_of),
     "time_zone": (TIME_ZONE, _text),
     "status_checks": (STATUS_CHECKS, _on_off),
+    "port25_probe": (PORT25_PROBE, _text),
     "delivery_log": (DELIVERY_LOG, _on_off),
     "delivery_log_days": (DELIVERY_LOG_DAYS, _text),
 }

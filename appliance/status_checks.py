@@ -50,7 +50,6 @@ DISK_FAIL_PERCENT = 90
 DISK_WARN_PERCENT = 80
 BACKUP_MAX_AGE = 3 * 86400
 DEFERRED_WARN_AGE = 86400
-DEFAULT_PORT25_TARGET = "aspmx.l.google.com:25"  # a big provider's MX, always there, as Mail-in-a-Box checks
 PORT25_TIMEOUT = 8.0
 
 
@@ -69,7 +68,7 @@ class Item:
 class Probes:
     """What the network-facing checks connect to: replaced in tests by loopback servers and fakes."""
 
-    port25_target: Callable[[], str] = lambda: DEFAULT_PORT25_TARGET
+    port25_target: Callable[[], str] | None = None  # None: the `port25_probe` setting
     clock_synchronised: Callable[[], bool | None] = lambda: kernel_clock_synchronised()
 
 
@@ -128,8 +127,8 @@ async def check_reverse_dns(svc: Services) -> Item:
         for address in addresses:
             names = await _names(resolver, dns.reversename.from_address(address).to_text(), "PTR")
             if host not in names:
-                found = ", ".join(names) or "none"
-                problems.append(f"{address} is named {found}, not {host}")
+                problems.append(f"{address} is named {', '.join(names)}, not {host}" if names
+                                else f"{address} has no reverse DNS name (PTR)")
                 continue
             forward = await _names(resolver, host, "AAAA" if ipaddress.ip_address(address).version == 6 else "A")
             if str(ipaddress.ip_address(address)) not in {str(ipaddress.ip_address(f)) for f in forward}:
@@ -178,7 +177,7 @@ async def check_port25(svc: Services, probes: Probes) -> Item:
     if svc.settings.now.relay is not None:
         return Item("port25", "Outbound port 25", "ok",
                     f"Not needed: mail leaves through the relay {svc.settings.now.relay.host}.")
-    target = probes.port25_target()
+    target = probes.port25_target() if probes.port25_target else svc.settings.now.port25_probe
     host, _, port = target.rpartition(":")
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), PORT25_TIMEOUT)

@@ -72,7 +72,9 @@ def install_test_certificate(ca: trustme.CA, layout: DataLayout) -> None:
 # need DNS), and no content filter (rspamd: issue 16). Tests of those parts turn them on with their own
 # loopback DNS server (issue 7) or rspamd (tests/support/rspamd.py).
 # status_checks off: its background run would probe the internet (a remote MX, public DNS)
-TEST_SETTINGS = {"queue_hold": "1", "inbound_auth": "off", "status_checks": "off", "spam_content_filter": "off"}
+# and port25_probe on loopback's discard port, in case a test runs the checklist without its own target.
+TEST_SETTINGS = {"queue_hold": "1", "inbound_auth": "off", "status_checks": "off", "spam_content_filter": "off",
+                 "port25_probe": "127.0.0.1:9"}
 
 
 def preset_settings(layout: DataLayout, settings: dict[str, str] = TEST_SETTINGS) -> None:

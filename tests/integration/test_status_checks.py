@@ -72,7 +72,7 @@ def test_reverse_dns_right_wrong_and_unreachable(checked: BoxHandle, zone: ZoneS
     assert "named dsl-192-0-2-25.provider.example, not mail.example.test" in item.summary
     assert "reverse DNS name (PTR)" in item.fix
     zone.remove(ptr, "PTR")
-    assert "named none" in run(checked)["ptr"].summary
+    assert run(checked)["ptr"].summary == f"{IPV4} has no reverse DNS name (PTR)"
     # DNS that does not answer: unknown, never a false "fail".
     checked.run(checked.services.settings.save(dns_resolver=f"127.0.0.1:{closed_port()}"))
     assert run(checked)["ptr"].level == "unknown"
@@ -86,6 +86,9 @@ def test_outbound_port_25_open_blocked_and_relay(checked: BoxHandle) -> None:
     assert item.level == "fail"
     assert "relay (smarthost)" in item.fix
     assert item.link == "/console/sending"
+    with listening() as port:  # the target is a setting when no probe overrides it
+        checked.run(checked.services.settings.save(port25_probe=f"127.0.0.1:{port}"))
+        assert run(checked, Probes(clock_synchronised=lambda: True))["port25"].level == "ok"
     checked.run(checked.services.settings.save(relay=Smarthost(host="relay.example.test", port=587, tls="starttls")))
     assert run(checked)["port25"].level == "ok"
 
