@@ -68,12 +68,13 @@ class RspamdPeer:
             for path in self.base_local.iterdir():
                 (local / path.name).write_text(path.read_text())
         assert self.dns is not None
+        base_options = self.base_local / "options.inc" if self.base_local is not None else None
         tld = "" if self.full_tld else f'url_tld = "{self.root / "tld.dat"}";\n'
         files = {
             local / "worker-normal.inc": f'bind_socket = "127.0.0.1:{self.scanner_port}";\ncount = 1;\n',
             local / "worker-controller.inc": f'bind_socket = "127.0.0.1:{self.controller_port}";\ncount = 1;\n',
             local / "options.inc": (
-                ((self.base_local / "options.inc").read_text() if self.base_local else "") +
+                (base_options.read_text() if base_options is not None and base_options.exists() else "") +
                 f'dns {{ nameserver = ["127.0.0.1:{self.dns.port}"]; timeout = 1s; retransmits = 1; }}\n'
                 f"{tld}"
                 # The tests' mail comes from 127.0.0.1: judged as if from the internet.
