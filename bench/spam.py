@@ -86,8 +86,8 @@ def main() -> None:
         peer = RspamdPeer(root / "rspamd", base_local=IMAGE_LOCAL_D, full_tld=not args.small_tld,
                           redis_maxmemory="48mb", ready_seconds=900)
         started = time.monotonic()
-        peer.start()
         try:
+            peer.start()  # inside the try: a start that times out still stops what it started
             print(f"rspamd + redis ready in {time.monotonic() - started:.1f} s "
                   f"({len(peer.pids())} processes: {'full' if not args.small_tld else 'small'} public-suffix list)")
             rss, pss = memory_kib(peer.pids())
