@@ -31,11 +31,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
 DOC_SHOTS = REPO / "docs" / "screenshots"
 # The README's other images, made by tests/e2e/test_web_certificate.py, tests/e2e/test_backup_web.py and
-# tests/e2e/test_console_running.py.
+# tests/e2e/test_console_running.py and tests/e2e/test_web_updates.py.
 MADE_ELSEWHERE = {"console-certificate", "setup-4-certificate-choices", "setup-4-certificate-progress",
                   "setup-4-certificate-issued", "console-backups", "setup-1-restore-choice", "setup-restore",
                   "console-backups-upload", "console-backup-confirm", "console-spam", "account-junk",
-                  "console-status-problems", "console-status-green", "console-delivery-log"}
+                  "console-status-problems", "console-status-green", "console-delivery-log",
+                  "console-updates"}
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 HOST, DOMAIN, PUBLIC_IP = "mail.example.test", "example.test", "192.0.32.7"
