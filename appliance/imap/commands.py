@@ -415,6 +415,14 @@ class Search(Command):
     charset: str | None
     key: SearchKey
     returns: tuple[str, ...] | None = None  # RFC 4731 RETURN (...): an ESEARCH answer; () means ALL
+    partial: tuple[int, int] | None = None  # RFC 5267 4.4 RETURN (PARTIAL low:high)
+
+
+@dataclass(frozen=True)
+class CancelUpdate(Command):
+    """RFC 5267 4.3 CANCELUPDATE: stop the updates of the searches with these tags."""
+
+    tags: tuple[str, ...]
 
 
 @dataclass(frozen=True)

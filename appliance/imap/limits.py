@@ -55,6 +55,9 @@ MAX_LIST_PATTERNS = 100
 STRUCTURE_CACHE_ENTRIES = 512
 # Messages larger than this are searched as raw bytes instead of decoded MIME text.
 MAX_DECODED_SEARCH_OCTETS = 8 * 1024 * 1024
+# RFC 5267 4.2 searches kept up to date per session: each is re-run after every change to the
+# folder, so a client cannot make every change cost it unbounded searches (more get NOUPDATE).
+MAX_SEARCH_CONTEXTS = 16
 
 
 @dataclass(frozen=True)

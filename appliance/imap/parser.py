@@ -24,6 +24,7 @@ from appliance.imap.commands import (
     Authenticate,
     BinarySection,
     BodySection,
+    CancelUpdate,
     CatenateUrl,
     Command,
     Compress,
@@ -92,6 +93,7 @@ MAX_NUMBER = 2**32 - 1  # RFC 3501 9: number is a 32-bit unsigned integer
 MAX_SEARCH_DEPTH = 50  # nested parentheses/NOT/OR in one SEARCH
 STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE"})
 SEARCH_RETURN_OPTIONS = frozenset({"MIN", "MAX", "COUNT", "ALL"})  # RFC 4731 3.1
+CONTEXT_RETURN_OPTIONS = frozenset({"UPDATE", "PARTIAL"})  # RFC 5267 4.1 and 4.4, SEARCH only
 MAX_MODSEQ = 2**63 - 1  # RFC 7162 7: mod-sequence-value is a 63-bit number
 SEARCH_FLAG_KEYS: dict[str, tuple[str, bool]] = {
     "ANSWERED": ("\\Answered", True), "UNANSWERED": ("\\Answered", False),
@@ -798,7 +800,7 @@ def _copy(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
 
 def _search(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
     r.sp()
-    returns = _search_returns(r)
+    returns, partial = _search_returns(r, context=True)
     charset = None
     if r.peek_keyword() == "CHARSET":
         r.keyword()
@@ -806,30 +808,57 @@ def _search(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
         charset = r.astring().upper()
         r.sp()
     key = _search_keys(r)
-    return Search(tag, name, uid, charset, key, returns)
+    return Search(tag, name, uid, charset, key, returns, partial)
 
 
-def _search_returns(r: Reader) -> tuple[str, ...] | None:
+def _search_returns(r: Reader, context: bool = False) -> tuple[tuple[str, ...] | None, tuple[int, int] | None]:
     """RFC 4731 3.1 / RFC 4466 2.6 `RETURN (options) ` before the rest of a SEARCH, or of a SORT
-    (RFC 5267 ESORT); None when absent, () for RETURN ()."""
+    (RFC 5267 ESORT): the options (None when absent, () for RETURN ()) and, for a SEARCH, the
+    RFC 5267 4.4 PARTIAL range (low, high), given in either order."""
     if r.peek_keyword() != "RETURN":
-        return None
+        return None, None
     r.keyword()
     r.sp()
     r.expect(b"(")
-    returns = () if r.accept(b")") else _rest_of_list(r, r.keyword)
-    for option in returns:
-        if option not in SEARCH_RETURN_OPTIONS:
-            raise ParseError(f"unknown return option {option}")
+    returns: list[str] = []
+    partial = None
+    allowed = SEARCH_RETURN_OPTIONS | CONTEXT_RETURN_OPTIONS if context else SEARCH_RETURN_OPTIONS
+    while not r.accept(b")"):
+        if returns:
+            r.sp()
+        option = r.keyword()
+        if option not in allowed or option in returns:
+            raise ParseError(f"unknown or repeated return option {option}")
+        if option == "PARTIAL":
+            # RFC 5267 4.4: partial-range = number ":" number; "*" is not allowed.
+            r.sp()
+            first = r.number(nonzero=True)
+            r.expect(b":")
+            second = r.number(nonzero=True)
+            partial = (min(first, second), max(first, second))
+        returns.append(option)
+    if "UPDATE" in returns and "PARTIAL" in returns:
+        raise ParseError("UPDATE cannot be combined with PARTIAL")  # RFC 5267 4.4
     r.sp()
-    return returns
+    return tuple(returns), partial
+
+
+def _cancelupdate(r: Reader, tag: str, name: str) -> Command:
+    """RFC 5267 4.3: CANCELUPDATE SP tag-string *(SP tag-string)."""
+    tags = []
+    while r.accept(b" "):
+        tags.append(r.string())
+    if not tags:
+        raise ParseError("CANCELUPDATE needs a tag")
+    r.end()
+    return CancelUpdate(tag, name, tuple(tags))
 
 
 def _sort(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
     """SORT [RETURN (options)] (criteria) charset search-key... (RFC 5256 3, the charset is
     required; RFC 5267 ESORT return options)."""
     r.sp()
-    returns = _search_returns(r)
+    returns, _ = _search_returns(r)
     r.expect(b"(")
     criteria: list[tuple[str, bool]] = []
     reverse = False
@@ -1045,6 +1074,7 @@ _PARSERS: dict[str, Callable[..., Command]] = {
     "MOVE": _copy,
     "SEARCH": _search,
     "SORT": _sort,
+    "CANCELUPDATE": _cancelupdate,
     "THREAD": _thread,
     "COMPRESS": _compress,
     "EXPUNGE": _expunge,

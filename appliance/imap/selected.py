@@ -13,9 +13,10 @@ message beyond the store's MessageInfo), and renders a flag list once per distin
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 
-from appliance.imap.commands import RECENT, SYSTEM_FLAGS, SequenceSet, compact
+from appliance.imap.commands import RECENT, SYSTEM_FLAGS, SearchKey, SequenceSet, compact
 from appliance.imap.responses import Atom, Data, FetchResponse, Response, UntaggedStatus, flag_list
 from appliance.store.mailstore import FolderSnapshot, MessageInfo
 
@@ -29,6 +30,25 @@ def flag_text(flags: frozenset[str], recent: bool) -> str:
     if recent:
         ordered.append(RECENT)
     return "(" + " ".join(ordered) + ")"
+
+
+@dataclass
+class SearchContext:
+    """RFC 5267 4.2 SEARCH RETURN (UPDATE): a search whose result the client keeps, told of the
+    messages that enter it (ADDTO) or leave it (REMOVEFROM) while the folder changes."""
+
+    tag: str
+    uid: bool  # UID SEARCH: the updates name UIDs, else message numbers
+    key: SearchKey
+    charset: str | None
+    result: set[int] = field(default_factory=set)  # the UIDs the client has as the result
+    version: int = 0  # SelectedFolder.version the result was computed at
+
+    def update(self, kind: str, numbers: Iterable[int]) -> Data:
+        """`* ESEARCH (TAG "t") [UID] ADDTO|REMOVEFROM (0 set)`: position 0, as the result of an
+        unsorted SEARCH has no order to place a message at (RFC 5267 4.3)."""
+        uid = " UID" if self.uid else ""
+        return Data(f'ESEARCH (TAG "{self.tag}"){uid} {kind} (0 {compact(sorted(numbers))})')
 
 
 class SelectedFolder:
@@ -48,6 +68,8 @@ class SelectedFolder:
         # is, expunges are told as VANISHED with UIDs (3.2.10) and every FETCH carries the UID.
         self.condstore = False
         self.qresync = False
+        self.contexts: dict[str, SearchContext] = {}  # RFC 5267 searches kept up to date, by tag
+        self.version = 0  # bumped on every change a kept search may have to be re-run for
 
     # --- numbers -----------------------------------------------------------------------------------
 
@@ -129,6 +151,7 @@ class SelectedFolder:
         """This session changed these messages (STORE, implicit \\Seen): take the new state without
         announcing it again later. Returns the announcement of any new keyword (send it first)."""
         taken = [info for info in infos if info.uid in self.infos]
+        self.version += 1
         for info in taken:
             self.infos[info.uid] = info
         return self._learn_keywords(taken)
@@ -172,6 +195,8 @@ class SelectedFolder:
             out.append(Data(f"{len(self.recent)} RECENT"))
         self.uidnext = max(self.uidnext, snapshot.uidnext)
         self.highestmodseq = max(self.highestmodseq, snapshot.highestmodseq)
+        if out:
+            self.version += 1
         return [*self._learn_keywords([*changed, *added]), *out]
 
     def flags_fetch(self, uid: int, with_uid: bool = True) -> FetchResponse:
@@ -189,6 +214,14 @@ class SelectedFolder:
         doomed = set(uids)
         out: list[Response] = []
         removed = 0
+        self.version += 1
+        # RFC 5267 4.3: an expunged message leaves every kept result; told before the EXPUNGE,
+        # while its number still means it.
+        for context in self.contexts.values():
+            leaving = context.result & doomed
+            if leaving:
+                context.result -= leaving
+                out.append(context.update("REMOVEFROM", leaving if context.uid else map(self.seq_of, leaving)))
         if self.qresync:
             out.append(Data("VANISHED " + compact(sorted(doomed))))  # RFC 7162 3.2.10
         else:

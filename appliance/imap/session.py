@@ -26,6 +26,7 @@ from appliance.imap.commands import (
     Authenticate,
     BinarySection,
     BodySection,
+    CancelUpdate,
     CatenateUrl,
     Command,
     Compress,
@@ -54,7 +55,7 @@ from appliance.imap.commands import (
 )
 from appliance.imap.errors import ImapBad, ImapError, ImapNo
 from appliance.imap.fetch_render import FetchRenderer
-from appliance.imap.limits import MAX_APPEND_OCTETS, MAX_LIST_PATTERNS
+from appliance.imap.limits import MAX_APPEND_OCTETS, MAX_LIST_PATTERNS, MAX_SEARCH_CONTEXTS
 from appliance.imap.mime import base64_for_nul
 from appliance.imap.responses import (
     Bye,
@@ -67,7 +68,7 @@ from appliance.imap.responses import (
     encode_astring,
 )
 from appliance.imap.search import SUPPORTED_CHARSETS, Candidate, Searcher, uses_modseq
-from appliance.imap.selected import SelectedFolder
+from appliance.imap.selected import SearchContext, SelectedFolder
 from appliance.imap.sort import HEADER_KEYS as SORT_HEADER_KEYS
 from appliance.imap.sort import THREADERS, SortItem, thread_text
 from appliance.imap.sort import sort as sort_messages
@@ -94,6 +95,7 @@ AUTHENTICATED_CAPABILITIES = (
     "NAMESPACE", "CHILDREN", "UNSELECT", "QUOTA", "CONDSTORE", "QRESYNC", "ESEARCH", "LIST-STATUS",
     "STATUS=SIZE", "SORT", "SORT=DISPLAY", "ESORT", "MULTIAPPEND", "THREAD=REFERENCES", "THREAD=ORDEREDSUBJECT",
     "BINARY", "COMPRESS=DEFLATE", "LIST-EXTENDED", "CATENATE",
+    "CONTEXT=SEARCH",
 )
 SERVER_ID = (("name", "Letterbox"), ("vendor", "Letterbox"))
 EXTERNAL_POLL = 60.0  # seconds between looks at the disk during IDLE
@@ -734,12 +736,31 @@ class ImapSession:
             await self._condstore_on()
         if command.returns is not None:
             await self.io.send(_esearch(command, found, numbers, modseq))
+            if "UPDATE" in command.returns:
+                # RFC 5267 4.2: keep the result and tell its changes until CANCELUPDATE or the
+                # folder is left; a new search with the same tag replaces the old one.
+                view = self.view
+                if command.tag not in view.contexts and len(view.contexts) >= MAX_SEARCH_CONTEXTS:
+                    await self.ok(command, code=f'NOUPDATE "{command.tag}"')
+                    return
+                view.contexts[command.tag] = SearchContext(
+                    command.tag, command.uid, command.key, command.charset, {c.uid for c in found}, view.version)
             await self.ok(command)
             return
         text = "SEARCH" + "".join(f" {n}" for n in numbers)
         if modseq and found:
             text += f" (MODSEQ {max(c.modseq for c in found)})"  # RFC 7162 3.1.5
         await self.io.send(Data(text))
+        await self.ok(command)
+
+    async def cmd_cancelupdate(self, command: CancelUpdate) -> None:
+        """RFC 5267 4.3: stop the updates of these searches; a tag with none is an error."""
+        contexts = self.view.contexts
+        unknown = [t for t in command.tags if t not in contexts]
+        if unknown:
+            raise ImapBad("No search with UPDATE has that tag")
+        for t in command.tags:
+            del contexts[t]
         await self.ok(command)
 
     async def cmd_fetch(self, command: Fetch) -> None:
@@ -866,20 +887,35 @@ class ImapSession:
         if view is None or self.watcher is None:
             return
         changed = self._dirty or await self.watcher.wait(0)
-        if not changed:
-            return
-        self._dirty = False
-        try:
-            snapshot = await self.store.snapshot(self.mailbox, view.name, claim_recent=not view.readonly)
-        except NoSuchFolder:
-            # RFC 3501 leaves this open; the folder is gone, so the session leaves it.
-            self._unselect()
-            self.state = "authenticated"
-            await self.io.send(UntaggedStatus("OK", "Selected mailbox was deleted", "CLOSED"))
-            return
-        await self.io.send(*view.apply(snapshot, allow_expunge))
-        if any(view.is_gone(u) for u in view.uids):
-            self._dirty = True  # expunges still owed at the next command that may carry them
+        if changed:
+            self._dirty = False
+            try:
+                snapshot = await self.store.snapshot(self.mailbox, view.name, claim_recent=not view.readonly)
+            except NoSuchFolder:
+                # RFC 3501 leaves this open; the folder is gone, so the session leaves it.
+                self._unselect()
+                self.state = "authenticated"
+                await self.io.send(UntaggedStatus("OK", "Selected mailbox was deleted", "CLOSED"))
+                return
+            await self.io.send(*view.apply(snapshot, allow_expunge))
+            if any(view.is_gone(u) for u in view.uids):
+                self._dirty = True  # expunges still owed at the next command that may carry them
+        await self._update_searches(view)
+
+    async def _update_searches(self, view: SelectedFolder) -> None:
+        """RFC 5267 4.3: the kept searches are re-run after a change to the folder, and the client
+        told which messages entered (ADDTO) or left (REMOVEFROM) each result. Expunged messages
+        were already taken out as they were announced (SelectedFolder._remove)."""
+        for context in list(view.contexts.values()):
+            if context.version == view.version:
+                continue
+            context.version = view.version
+            now = {c.uid for c in await self._matching(context.key, context.charset)}
+            left, entered = context.result - now, now - context.result
+            context.result = now
+            for kind, uids in (("REMOVEFROM", left), ("ADDTO", entered)):
+                if uids:
+                    await self.io.send(context.update(kind, uids if context.uid else map(view.seq_of, uids)))
 
 
 # --- module helpers -------------------------------------------------------------------------------
@@ -901,10 +937,16 @@ def _esearch(command: Search | Sort, found: Sequence[Candidate], numbers: list[i
     if with_modseq and found:
         returned = found if "ALL" in options or "COUNT" in options else [
             c for c, wanted in ((found[0], "MIN" in options), (found[-1], "MAX" in options)) if wanted]
-        modseq = max(c.modseq for c in returned)
+        modseq = max((c.modseq for c in returned), default=0)
     parts = [f'ESEARCH (TAG "{command.tag}")']
     if command.uid:
         parts.append("UID")
+    if isinstance(command, Search) and command.partial is not None:
+        # RFC 5267 4.4: the asked range of positions in the result (1-based), and the
+        # messages there; NIL when none are.
+        low, high = command.partial
+        part = numbers[low - 1:high]
+        parts.append(f"PARTIAL ({low}:{high} {compact(part) if part else 'NIL'})")
     if numbers:
         if "MIN" in options:
             parts.append(f"MIN {numbers[0]}")
@@ -1129,6 +1171,7 @@ DISPATCH: dict[State, dict[str, Dispatch]] = {
         "EXPUNGE": Route(Expunge, ImapSession.cmd_expunge),
         "SEARCH": Route(Search, ImapSession.cmd_search),
         "SORT": Route(Sort, ImapSession.cmd_sort),
+        "CANCELUPDATE": Route(CancelUpdate, ImapSession.cmd_cancelupdate),
         "THREAD": Route(Thread, ImapSession.cmd_thread),
         "FETCH": Route(Fetch, ImapSession.cmd_fetch),
         "STORE": Route(Store, ImapSession.cmd_store),
