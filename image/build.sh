@@ -59,12 +59,18 @@ DEPS=$CACHE/wheels-$ARCH-$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)
 pip_quiet() {  # pip, without the notes this machine's pip.conf makes about absent local indexes
     "$PYTHON" -m pip "$@" --quiet --disable-pip-version-check 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 }
+# From a copy of the checkout's files (tracked, and new ones git does not ignore): setuptools' build/
+# directory in the checkout itself breaks after an interrupted build, and stays out of the clone.
+SRC=$WORK/src
+mkdir -p "$SRC"
+git -C "$REPO" ls-files -z --cached --others --exclude-standard \
+    | tar -C "$REPO" --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -C "$SRC" -xf -
 step "wheel of $REPO"
-pip_quiet wheel --no-deps --wheel-dir "$WHEELS" "$REPO"
+pip_quiet wheel --no-deps --wheel-dir "$WHEELS" "$SRC"
 if [[ ! -d $DEPS ]]; then
     step "dependency wheels ($ARCH) not cached: $DEPS"
     rm -rf "$DEPS.partial"
-    pip_quiet wheel --wheel-dir "$DEPS.partial" "$REPO"
+    pip_quiet wheel --wheel-dir "$DEPS.partial" "$SRC"
     rm -f "$DEPS.partial"/letterbox-*.whl
     if [[ $ARCH != amd64 ]]; then
         # Pure-Python wheels serve every architecture; the compiled ones are fetched again for aarch64.
