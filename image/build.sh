@@ -92,8 +92,10 @@ VENV=$PREFIX/venv-$version
 step "Letterbox $version into $VENV"
 mkdir -p "$ROOT/tmp/wheels"
 cp "$WHEELS"/*.whl "$ROOT/tmp/wheels/"
-chroot "$ROOT" python3 -m venv "$VENV"
-chroot "$ROOT" "$VENV/bin/pip" install --quiet --no-index --no-cache-dir --disable-pip-version-check \
+# A clean environment: the host's PIP_* settings mean nothing inside.
+chroot_clean() { env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 chroot "$ROOT" "$@"; }
+chroot_clean python3 -m venv "$VENV"
+chroot_clean "$VENV/bin/pip" install --quiet --no-index --no-cache-dir --disable-pip-version-check \
     --find-links /tmp/wheels letterbox
 rm -rf "$ROOT/tmp/wheels"
 ln -sfn "venv-$version" "$ROOT$PREFIX/venv"
