@@ -112,14 +112,20 @@ async def _names(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) -
     return [r.to_text().rstrip(".").lower() for r in answer]
 
 
+def _public_addresses(svc: Services, key: str, title: str) -> list[str] | Item:
+    """The public addresses the checks of the box's own addresses ask about; an "unknown" item without."""
+    values = svc.settings.now
+    addresses = [a for a in (values.public_ipv4, values.public_ipv6) if a]
+    return addresses or Item(key, title, "unknown", "The box's public address is not set.",
+                             "Enter it on a domain's DNS page.", "/console/domains")
+
+
 async def check_reverse_dns(svc: Services) -> Item:
     """PTR of each public address names the host name, and that name resolves back to the address
     (forward-confirmed reverse DNS, which many receivers require)."""
-    values = svc.settings.now
-    addresses = [a for a in (values.public_ipv4, values.public_ipv6) if a]
-    if not addresses:
-        return Item("ptr", "Reverse DNS", "unknown", "The box's public address is not set.",
-                    "Enter it on a domain's DNS page.", "/console/domains")
+    addresses = _public_addresses(svc, "ptr", "Reverse DNS")
+    if isinstance(addresses, Item):
+        return addresses
     resolver = _resolver(svc)
     host = svc.hostname.lower()
     problems: list[str] = []
@@ -146,10 +152,9 @@ async def check_reverse_dns(svc: Services) -> Item:
 async def check_blocklists(svc: Services) -> Item:
     """The box's own public addresses on the DNS blocklists it uses itself (receivers use the same)."""
     values = svc.settings.now
-    addresses = [a for a in (values.public_ipv4, values.public_ipv6) if a]
-    if not addresses:
-        return Item("blocklists", "Blocklists", "unknown", "The box's public address is not set.",
-                     "Enter it on a domain's DNS page.", "/console/domains")
+    addresses = _public_addresses(svc, "blocklists", "Blocklists")
+    if isinstance(addresses, Item):
+        return addresses
     resolver = _resolver(svc)
     listed: list[str] = []
     unusable: list[str] = []

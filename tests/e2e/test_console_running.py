@@ -10,9 +10,7 @@ import datetime as dt
 import random
 import shutil
 import smtplib
-import socket
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from appliance.status_checks import Probes
 from tests.conftest import BoxHandle, require_program
 from tests.e2e.test_web_wizard import CHROMIUM_ARGS, screenshot_dir
 from tests.integration.test_live_settings import admin_console
+from tests.integration.test_status_checks import listening
 from tests.support.dns_server import ZoneServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -52,14 +51,6 @@ def seed_month(db_path: Path) -> None:
         db.executemany("INSERT INTO disk_samples (day, used, total) VALUES (?, ?, ?)", samples)
 
 
-@contextlib.contextmanager
-def remote_mx() -> Iterator[int]:
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(16)
-        yield server.getsockname()[1]
-
-
 def test_status_log_charts_and_events(box: BoxHandle, tmp_path: Path) -> None:
     chromium = require_program("chromium")
     from playwright.sync_api import Page, expect, sync_playwright
@@ -82,7 +73,7 @@ def test_status_log_charts_and_events(box: BoxHandle, tmp_path: Path) -> None:
                                 f"From: carol@elsewhere.example\r\nTo: {ALICE}\r\n"
                                 "Message-ID: <hello-1@elsewhere.example>\r\nSubject: hello\r\n\r\nHi.\r\n")
     assert list(refused) == [f"nobody@{DOMAIN}"]
-    with ZoneServer(ttl=0) as zone, remote_mx() as mx_port:
+    with ZoneServer(ttl=0) as zone, listening() as mx_port:
         box.run(box.services.settings.save(dns_resolver=zone.address, public_ipv4=IPV4))
         box.services.status_probes = Probes(port25_target=lambda: "127.0.0.1:9", clock_synchronised=lambda: True)
         https = f"https://localhost:{box.port('https')}"
