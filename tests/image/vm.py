@@ -175,11 +175,23 @@ class Vm:
         self.stop()
 
     def reboot(self) -> None:
-        """A reboot from inside the guest (what an admin or an update does); qemu keeps running."""
-        self.run("systemctl reboot", check=False, timeout=30)
-        # Wait until the guest has really gone down, so a later wait does not see the old boot.
-        self._wait(lambda: not self._https_answers(timeout=2.0), 600, "the guest to go down for the reboot")
+        """A reboot from inside the guest (what an admin or an update does); qemu keeps running. Done
+        when the guest agent answers from a new boot (its boot_id changed): a web console that is
+        merely slow to answer is not taken for a reboot."""
+        before = self.boot_id()
+        with contextlib.suppress(VmError, OSError):  # the agent may go down before it reports back
+            self.run("systemctl reboot", check=False, timeout=30)
         self.started_at = time.monotonic()
+
+        def rebooted() -> bool:
+            try:
+                return self.boot_id(timeout=30) not in ("", before)
+            except (OSError, VmError, ValueError):
+                return False
+        self._wait(rebooted, BOOT_TIMEOUT, "the guest to come back from the reboot")
+
+    def boot_id(self, timeout: float = COMMAND_TIMEOUT) -> str:
+        return self.run("cat /proc/sys/kernel/random/boot_id", timeout=timeout).stdout.strip()
 
     # --- waiting -----------------------------------------------------------------------------------
     def console_log(self) -> str:
