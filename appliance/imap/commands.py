@@ -419,6 +419,24 @@ class Search(Command):
 
 
 @dataclass(frozen=True)
+class NotifyFilter:
+    """RFC 5465 6 one event group: which mailboxes (SELECTED, SELECTED-DELAYED, INBOXES, PERSONAL,
+    SUBSCRIBED, SUBTREE or MAILBOXES with their names) and the events wanted there (() for NONE)."""
+
+    kind: str
+    folders: tuple[str, ...]
+    events: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Notify(Command):
+    """RFC 5465 3: NOTIFY NONE (no filters) or NOTIFY SET [STATUS] filters."""
+
+    status: bool
+    filters: tuple[NotifyFilter, ...]
+
+
+@dataclass(frozen=True)
 class CancelUpdate(Command):
     """RFC 5267 4.3 CANCELUPDATE: stop the updates of the searches with these tags."""
 

@@ -43,6 +43,8 @@ from appliance.imap.commands import (
     Login,
     ModSeqKey,
     NewKey,
+    Notify,
+    NotifyFilter,
     NotKey,
     OrKey,
     Qresync,
@@ -843,6 +845,58 @@ def _search_returns(r: Reader, context: bool = False) -> tuple[tuple[str, ...] |
     return tuple(returns), partial
 
 
+NOTIFY_FILTERS = frozenset({"SELECTED", "SELECTED-DELAYED", "INBOXES", "PERSONAL", "SUBSCRIBED", "SUBTREE",
+                            "MAILBOXES"})  # RFC 5465 6 filter-mailboxes
+MAX_NOTIFY_FOLDERS = 1000
+
+
+def _notify(r: Reader, tag: str, name: str) -> Command:
+    """RFC 5465 6: NOTIFY NONE, or NOTIFY SET [(STATUS)|STATUS] SP event-group *(SP event-group),
+    event-group = "(" filter-mailboxes SP ("(" event *(SP event) ")" / "NONE") ")"."""
+    r.sp()
+    word = r.keyword()
+    if word == "NONE":
+        r.end()
+        return Notify(tag, name, False, ())
+    if word != "SET":
+        raise ParseError("expected SET or NONE")
+    r.sp()
+    status = False
+    if r.peek_keyword() == "STATUS":
+        r.keyword()
+        r.sp()
+        status = True
+    groups: list[NotifyFilter] = []
+    while True:
+        groups.append(_notify_group(r))
+        if not r.accept(b" "):
+            break
+    r.end()
+    if sum(len(g.folders) for g in groups) > MAX_NOTIFY_FOLDERS:
+        raise ParseError("too many mailboxes")
+    return Notify(tag, name, status, tuple(groups))
+
+
+def _notify_group(r: Reader) -> NotifyFilter:
+    r.expect(b"(")
+    kind = r.keyword()
+    if kind not in NOTIFY_FILTERS:
+        raise ParseError(f"unknown mailbox filter {kind}")
+    folders: tuple[str, ...] = ()
+    if kind in ("SUBTREE", "MAILBOXES"):
+        r.sp()
+        folders = _rest_of_list(r, r.folder) if r.accept(b"(") else (r.folder(),)
+    r.sp()
+    if r.peek_keyword() == "NONE":
+        r.keyword()
+        events: tuple[str, ...] = ()
+    else:
+        r.expect(b"(")
+        events = _rest_of_list(r, r.atom)
+    r.expect(b")")
+    return NotifyFilter(kind, folders, events)
+
+
 def _cancelupdate(r: Reader, tag: str, name: str) -> Command:
     """RFC 5267 4.3: CANCELUPDATE SP tag-string *(SP tag-string)."""
     tags = []
@@ -1075,6 +1129,7 @@ _PARSERS: dict[str, Callable[..., Command]] = {
     "SEARCH": _search,
     "SORT": _sort,
     "CANCELUPDATE": _cancelupdate,
+    "NOTIFY": _notify,
     "THREAD": _thread,
     "COMPRESS": _compress,
     "EXPUNGE": _expunge,

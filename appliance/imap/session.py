@@ -39,6 +39,8 @@ from appliance.imap.commands import (
     Id,
     ListCommand,
     Login,
+    Notify,
+    NotifyFilter,
     Qresync,
     QuotaCommand,
     Rename,
@@ -57,6 +59,7 @@ from appliance.imap.errors import ImapBad, ImapError, ImapNo
 from appliance.imap.fetch_render import FetchRenderer
 from appliance.imap.limits import MAX_APPEND_OCTETS, MAX_LIST_PATTERNS, MAX_SEARCH_CONTEXTS
 from appliance.imap.mime import base64_for_nul
+from appliance.imap.notify import NOTIFY_EVENTS, NotifyState, Watched, status_items, unknown_events
 from appliance.imap.responses import (
     Bye,
     Continuation,
@@ -95,7 +98,7 @@ AUTHENTICATED_CAPABILITIES = (
     "NAMESPACE", "CHILDREN", "UNSELECT", "QUOTA", "CONDSTORE", "QRESYNC", "ESEARCH", "LIST-STATUS",
     "STATUS=SIZE", "SORT", "SORT=DISPLAY", "ESORT", "MULTIAPPEND", "THREAD=REFERENCES", "THREAD=ORDEREDSUBJECT",
     "BINARY", "COMPRESS=DEFLATE", "LIST-EXTENDED", "CATENATE",
-    "CONTEXT=SEARCH",
+    "CONTEXT=SEARCH", "NOTIFY",
 )
 SERVER_ID = (("name", "Letterbox"), ("vendor", "Letterbox"))
 EXTERNAL_POLL = 60.0  # seconds between looks at the disk during IDLE
@@ -147,6 +150,8 @@ class ImapSession:
         # RFC 7162 3.1/3.2: on once the client used or enabled CONDSTORE / enabled QRESYNC; never off.
         self.condstore = False
         self.qresync = False
+        self.notify = NotifyState()  # RFC 5465: other mailboxes whose changes are told as STATUS
+        self._notify_fired: set[str] = set()  # their watchers that fired during IDLE
 
     # --- greeting and capabilities -----------------------------------------------------------------
 
@@ -199,10 +204,13 @@ class ImapSession:
         """The tagged OK, after any updates the client is owed (RFC 3501 7: untagged first)."""
         if self.state == "selected":
             await self.sync(allow_expunge=_may_expunge(command))
+        if self.notify.mailboxes:
+            await self._notify_changes()
         await self.io.send(Tagged(command.tag, "OK", text or f"{command.name} completed", code))
 
     async def close(self) -> None:
         self._unselect()
+        self.notify.close()
 
     # --- any state (RFC 3501 6.1) ------------------------------------------------------------------
 
@@ -596,24 +604,7 @@ class ImapSession:
         done = self.io.wait_line(self.config.idle_timeout)
         try:
             while True:
-                if self.selected is not None:
-                    await self.sync(allow_expunge=True)
-                waiter: asyncio.Task[bool] | None = None
-                if self.watcher is not None:
-                    # Woken by any change through the store; every EXTERNAL_POLL seconds the disk
-                    # is looked at as well, for changes other programs make to the Maildir.
-                    waiter = asyncio.ensure_future(self.watcher.wait(EXTERNAL_POLL))
-                pending: set[asyncio.Future[object]] = {done}  # type: ignore[arg-type]
-                if waiter is not None:
-                    pending.add(waiter)  # type: ignore[arg-type]
-                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                if waiter is not None and not waiter.done():
-                    waiter.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await waiter
-                elif waiter is not None:
-                    waiter.result()
-                    self._dirty = True  # changed, or time to look at the disk
+                await self._idle_once(done)
                 if done.done():
                     break
         finally:
@@ -627,6 +618,38 @@ class ImapSession:
         if line.strip().upper() != b"DONE":
             raise ImapBad("Expected DONE")
         await self.ok(command, "IDLE terminated")
+
+    async def _idle_once(self, done: asyncio.Task[bytes | None]) -> None:
+        """One round of IDLE: tell what changed, then wait for a change, the client's line or the
+        next look at the disk."""
+        if self.selected is not None:
+            await self.sync(allow_expunge=True)
+        notified: asyncio.Task[None] | None = None
+        if self.notify.mailboxes:
+            await self._notify_changes()
+            notified = asyncio.ensure_future(self._notify_wait(EXTERNAL_POLL))
+        waiter: asyncio.Task[bool] | None = None
+        if self.watcher is not None:
+            # Woken by any change through the store; every EXTERNAL_POLL seconds the disk
+            # is looked at as well, for changes other programs make to the Maildir.
+            waiter = asyncio.ensure_future(self.watcher.wait(EXTERNAL_POLL))
+        pending: set[asyncio.Future[object]] = {done}  # type: ignore[arg-type]
+        if waiter is not None:
+            pending.add(waiter)  # type: ignore[arg-type]
+        if notified is not None:
+            pending.add(notified)  # type: ignore[arg-type]
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if notified is not None and not notified.done():
+            notified.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await notified
+        if waiter is not None and not waiter.done():
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+        elif waiter is not None:
+            waiter.result()
+            self._dirty = True  # changed, or time to look at the disk
 
     # --- selected (RFC 3501 6.4) -------------------------------------------------------------------
 
@@ -752,6 +775,76 @@ class ImapSession:
             text += f" (MODSEQ {max(c.modseq for c in found)})"  # RFC 7162 3.1.5
         await self.io.send(Data(text))
         await self.ok(command)
+
+    async def cmd_notify(self, command: Notify) -> None:
+        """RFC 5465 3: follow these mailboxes from now on (NOTIFY NONE: none); with STATUS, their
+        state at once (5.1). Only message events are done: others get NO [BADEVENT]."""
+        if unknown_events(command.filters):
+            raise ImapNo("Only message events can be notified", "BADEVENT (" + " ".join(NOTIFY_EVENTS) + ")")
+        wanted = await self._notify_targets(command.filters)
+        self.notify.close()
+        selected = self.selected.name if self.selected is not None else None
+        for name, items in wanted.items():
+            watched = Watched(items, self.store.watch(self.mailbox, name))
+            self.notify.mailboxes[name] = watched
+            try:
+                response = await self._status_response(name, items)
+            except NoSuchFolder:
+                continue
+            watched.told = _text(response)
+            if command.status and name != selected:
+                await self.io.send(response)
+        await self.ok(command)
+
+    async def _notify_targets(self, filters: Sequence[NotifyFilter]) -> dict[str, tuple[str, ...]]:
+        """The existing mailboxes the filters name (RFC 5465 6), with the STATUS items of their
+        events. SELECTED and SELECTED-DELAYED add nothing: the selected mailbox tells its changes
+        as usual."""
+        folders = await self.store.folders(self.mailbox)
+        events: dict[str, tuple[str, ...]] = {}
+        for f in filters:
+            named = {names.canonical(n.rstrip(names.SEPARATOR)) for n in f.folders}
+            for info in folders:
+                name = info.name
+                chosen = (
+                    f.kind == "PERSONAL" or (f.kind == "INBOXES" and name == "INBOX")
+                    or (f.kind == "SUBSCRIBED" and info.subscribed) or (f.kind == "MAILBOXES" and name in named)
+                    or (f.kind == "SUBTREE" and any(name == n or name.startswith(n + names.SEPARATOR) for n in named))
+                )
+                if chosen:
+                    events[name] = events.get(name, ()) + f.events
+        wanted = {name: status_items(e) for name, e in events.items()}
+        return {name: items for name, items in wanted.items() if items}
+
+    async def _notify_changes(self) -> None:
+        """RFC 5465 5.2-5.4: an unsolicited STATUS for each followed mailbox (not the selected
+        one) whose state changed since it was last told."""
+        selected = self.selected.name if self.selected is not None else None
+        fired, self._notify_fired = self._notify_fired, set()
+        for name, watched in self.notify.mailboxes.items():
+            changed = await watched.watcher.wait(0)
+            if not (changed or name in fired) or name == selected:
+                continue
+            try:
+                response = await self._status_response(name, watched.items)
+            except NoSuchFolder:
+                continue
+            text = _text(response)
+            if text != watched.told:
+                watched.told = text
+                await self.io.send(response)
+
+    async def _notify_wait(self, seconds: float) -> None:
+        """Until a followed mailbox changes (noted in _notify_fired) or `seconds` pass: for IDLE."""
+        waits = {asyncio.ensure_future(w.watcher.wait(seconds)): name for name, w in self.notify.mailboxes.items()}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task, name in waits.items():
+                if task.done() and not task.cancelled() and task.result():
+                    self._notify_fired.add(name)
+                elif not task.done():
+                    task.cancel()
 
     async def cmd_cancelupdate(self, command: CancelUpdate) -> None:
         """RFC 5267 4.3: stop the updates of these searches; a tag with none is an error."""
@@ -1152,6 +1245,7 @@ _AUTHENTICATED: dict[str, Dispatch] = {
     "GETQUOTAROOT": Route(FolderCommand, ImapSession.cmd_getquotaroot),
     "SETQUOTA": Route(QuotaCommand, ImapSession.cmd_setquota),
     "IDLE": Route(Command, ImapSession.cmd_idle),
+    "NOTIFY": Route(Notify, ImapSession.cmd_notify),
     "COMPRESS": Route(Compress, ImapSession.cmd_compress),
 }
 # RFC 3501 3: the commands each state accepts.
@@ -1180,3 +1274,7 @@ DISPATCH: dict[State, dict[str, Dispatch]] = {
     },
     "logout": {},
 }
+
+
+def _text(response: Response) -> str:
+    return b"".join(p for p in response.render() if isinstance(p, bytes)).decode("utf-8", "replace")

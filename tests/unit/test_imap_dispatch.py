@@ -26,7 +26,7 @@ SAMPLES: dict[str, list[Segment]] = {name: [line] for name, line in {
     "GETQUOTAROOT": b"t GETQUOTAROOT INBOX", "SETQUOTA": b't SETQUOTA "" (STORAGE 1)', "IDLE": b"t IDLE",
     "COMPRESS": b"t COMPRESS DEFLATE", "CHECK": b"t CHECK", "CLOSE": b"t CLOSE", "UNSELECT": b"t UNSELECT",
     "EXPUNGE": b"t EXPUNGE", "SEARCH": b"t SEARCH ALL", "SORT": b"t SORT (DATE) UTF-8 ALL",
-    "CANCELUPDATE": b"t CANCELUPDATE \"a\"",
+    "CANCELUPDATE": b"t CANCELUPDATE \"a\"", "NOTIFY": b"t NOTIFY NONE",
     "THREAD": b"t THREAD REFERENCES UTF-8 ALL", "FETCH": b"t FETCH 1 FLAGS", "STORE": b"t STORE 1 +FLAGS (x)",
     "COPY": b"t COPY 1 a", "MOVE": b"t MOVE 1 a",
 }.items()}
