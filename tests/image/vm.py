@@ -169,6 +169,8 @@ class Vm:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         self.process = None
 
     def shutdown(self) -> None:
