@@ -73,6 +73,7 @@ STATUS = "status.json"
 DB_FILES = ("letterbox.db", "letterbox.db-wal")
 KEEP_VENVS = 2  # the one in force and the one before it
 HEALTH_POLL = 0.5
+INSTALL_TIMEOUT = 3600.0  # pip unpacks and byte-compiles ~40 wheels: minutes under TCG (more than 5 seen)
 BACKUP_TIMEOUT = 6 * 3600.0  # a backup streams every message: a large box on a Pi takes a while
 
 
@@ -231,7 +232,7 @@ class Updater:
         letterbox = next(n for n in info.wheels if n.startswith("letterbox-"))
         extra = ["pip"] if any(n.startswith("pip-") for n in info.wheels) or not info.machine else []
         try:
-            self._run([*pip, str(wheels / letterbox), *extra], "cannot install the bundle")
+            self._run([*pip, str(wheels / letterbox), *extra], "cannot install the bundle", timeout=INSTALL_TIMEOUT)
             out = self._run(self._as_user([str(target / "bin" / "letterbox"), "--version"]),
                             "the new version does not run", timeout=120)
         except UpdateError:
