@@ -287,6 +287,10 @@ def test_full_restore_keeps_the_old_data_aside(made: tuple[DataLayout, Path, Pat
     assert {k for k in after if not k.startswith("db:")} == {k for k in before if not k.startswith("db:")}
 
 
+# Up to eight restores started and killed, each between CLI runs and whole-tree snapshots: 22 s alone, 120 s
+# (the default limit) at load 17 beside three other workers: a slower restore is killed mid-way in every round,
+# so the loop runs all its rounds instead of ending at the first finished restore.
+@pytest.mark.timeout(300)
 def test_kill_during_restore_leaves_old_or_new(tmp_path: Path) -> None:
     """kill -9 at several moments after the restore began unpacking: the data directory is the old
     one or the restored one, complete, never a mix."""
