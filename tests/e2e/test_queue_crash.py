@@ -27,7 +27,8 @@ from tests.support.polling import retry, wait_until
 from tests.support.receivers import free_port
 from tests.support.smtp_wire import maildir_messages
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# A crash loop of serve restarts: about 60 s on a quiet machine, over 120 s at load 8 and more.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
 PASSWORD = "correct horse battery staple 9"
 SENDERS = ("alice@ourdomain.test", "bob@ourdomain.test")
