@@ -134,6 +134,19 @@ class _Network(client.ClientNetwork):
             exc.retry_after = parse_retry_after(response.headers.get("Retry-After"))
             raise
 
+    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
+        """Each POST retries a refused nonce itself (RFC 8555 6.5: the answer carries a fresh one): the
+        library retries once only, and poll_and_finalize makes a POST per poll, so retrying the whole
+        call failed under pebble's 30 % refusals when a slow validation took many polls."""
+        for attempt in range(NONCE_RETRIES):
+            try:
+                return self._post_once(*args, **kwargs)
+            except messages.Error as exc:
+                if exc.code != "badNonce" or attempt == NONCE_RETRIES - 1:
+                    raise
+                log.info("ACME: bad nonce, trying again")
+        raise AssertionError("unreachable")
+
 
 def load_or_make_account_key(acme_dir: Path) -> ec.EllipticCurvePrivateKey:
     """EC P-256, made once, kept 0600 in tls/acme/."""
