@@ -105,6 +105,16 @@ class AttackBox:
         return STANDARD_PORTS[service] + self.offset
 
     def start(self) -> None:
+        """Start serve; when a port of its block was taken meanwhile (these offsets reach into the
+        kernel's ephemeral range, so a client socket can hold one between a kill and the restart), the
+        box starts again on the next free block: clients ask port() each time."""
+        for _ in range(3):
+            if self._start_once():
+                return
+            self.offset = free_offset(self.offset + 1009)
+        raise SystemExit(f"letterbox serve did not start:\n{self.log.read_text(errors='replace')[-3000:]}")
+
+    def _start_once(self) -> bool:
         if not self.offset:
             self.offset = free_offset(31000 + (os.getpid() * 7) % 20000)
         with self.log.open("ab") as out:
@@ -116,9 +126,15 @@ class AttackBox:
             )
         deadline = time.monotonic() + READY_TIMEOUT
         while b"\nready\n" not in self.log.read_bytes()[self._log_mark:]:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+            if self.proc.poll() is not None:
+                if b"ddress already in use" in self.log.read_bytes()[self._log_mark:]:
+                    self.proc = None
+                    return False
+                raise SystemExit(f"letterbox serve did not start:\n{self.log.read_text(errors='replace')[-3000:]}")
+            if time.monotonic() > deadline:
                 raise SystemExit(f"letterbox serve did not start:\n{self.log.read_text(errors='replace')[-3000:]}")
             time.sleep(0.05)
+        return True
 
     def kill9(self) -> None:
         if self.proc is not None:
