@@ -7,6 +7,7 @@ after the copy is fsynced and indexed, Spool.enqueue only after file and rows ar
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -43,6 +44,11 @@ class InboundMessage:
     @property
     def queue_id(self) -> str:
         return self.received.queue_id
+
+    @functools.cached_property
+    def message_id(self) -> str | None:
+        """For the delivery log: read once per message, not once per recipient's row."""
+        return message_id_of(self.data)
 
 
 @dataclass(frozen=True)
@@ -168,7 +174,7 @@ class Deliverer:
         self._log.record(Delivery(
             direction="out" if out else "in", result=result, sender=message.sender, recipient=recipient,
             size=size, detail=detail, check=check, client=message.received.peer_ip,
-            queue_id=queue_id or message.queue_id, message_id=message_id_of(message.data),
+            queue_id=queue_id or message.queue_id, message_id=message.message_id,
             owner=(message.auth_user or "") if out else (recipient if result in ("delivered", "junk") else "")))
 
     async def _outbound_groups(self, message: InboundMessage) -> list[tuple[str, list[str]]]:
