@@ -443,7 +443,7 @@ class SmtpHandler:
         if report.summary.positive and session.on_accepted is not None:
             session.on_accepted()
         if report.summary.positive and self.submission and principal is not None:
-            self.services.outbound_guard.note_sent(principal.name, len(env.routes))
+            await self.services.outbound_guard.note_sent(principal.name, len(env.routes))
         if self.lmtp:
             return "\r\n".join(str(reply) for reply in report.replies)
         return str(report.summary)

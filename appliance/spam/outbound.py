@@ -5,8 +5,8 @@ On submission (587/465), per logged-in user, over a sliding hour:
 - at most `outbound_recipients_per_hour` recipients: the next RCPT gets 451 4.7.1.
 Only accepted messages count (a refused one costs nothing). The first refusal in each hour leaves an
 event ("spam" topic) for the administrator and a decision in the log. 0 switches a limit off. The
-counts live in memory: a restart starts them over (the limits are about bursts, and the box
-restarts rarely).
+counts are rows of `outbound_usage` (migration 0015), summed over the last hour of wall-clock time:
+restarting the box does not start them over, so a stolen password plus restarts cannot lift a limit.
 
 Suspension: when the other side's servers refuse (5xx) `outbound_reject_burst` recipients of one user's
 mail within an hour (the queue reports each permanent failure here), the user's sending is suspended:
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -59,19 +58,13 @@ class Suspension:
     reason: str
 
 
-class _Window:
-    """Counts in a sliding hour."""
+@dataclass(frozen=True)
+class Usage:
+    """One user's outbound use in the last hour."""
 
-    def __init__(self) -> None:
-        self.items: deque[tuple[float, int]] = deque()
-
-    def total(self, now: float) -> int:
-        while self.items and self.items[0][0] <= now - HOUR:
-            self.items.popleft()
-        return sum(n for _, n in self.items)
-
-    def add(self, now: float, n: int) -> None:
-        self.items.append((now, n))
+    messages: int = 0
+    recipients: int = 0
+    refused: int = 0
 
 
 class OutboundGuard:
@@ -79,17 +72,13 @@ class OutboundGuard:
 
     def __init__(self, db: Database, settings: Settings, events: EventLog, decisions: d.DecisionLog, *,
                  notify_postmaster: Callable[[str, str], Awaitable[object]],
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self._db = db
         self._settings = settings
         self._events = events
         self._decisions = decisions
         self._notify = notify_postmaster
-        self._clock = clock
-        self._wall_clock = wall_clock
-        self._messages: dict[str, _Window] = {}
-        self._recipients: dict[str, _Window] = {}
-        self._refused: dict[str, _Window] = {}
+        self._clock = clock  # wall clock: the rows' times must mean the same after a restart
         self._warned: dict[tuple[str, str], float] = {}  # (user, kind) -> when its event was recorded
 
     # --- at MAIL and RCPT ------------------------------------------------------------------------------
@@ -101,8 +90,7 @@ class OutboundGuard:
             self._record(user, client_ip, d.OUTBOUND_SUSPENDED, f"suspended since {suspension.since}: {suspension.reason}")
             return SUSPENDED_REPLY
         limit = (await self._settings.fresh()).spam.outbound_messages_per_hour
-        now = self._clock()
-        if limit and self._window(self._messages, user).total(now) >= limit:
+        if limit and (await self.usage(user)).messages >= limit:
             await self._over_limit(user, client_ip, "messages", limit)
             return messages_reply(limit)
         return None
@@ -110,17 +98,34 @@ class OutboundGuard:
     async def check_recipient(self, user: str, in_this_message: int, client_ip: str = "") -> str | None:
         """RCPT TO by a logged-in user, with `in_this_message` recipients already accepted in it."""
         limit = (await self._settings.fresh()).spam.outbound_recipients_per_hour
-        now = self._clock()
-        if limit and self._window(self._recipients, user).total(now) + in_this_message >= limit:
+        if limit and (await self.usage(user)).recipients + in_this_message >= limit:
             await self._over_limit(user, client_ip, "recipients", limit)
             return recipients_reply(limit)
         return None
 
-    def note_sent(self, user: str, recipients: int) -> None:
-        """A message of `user` with this many recipients was accepted."""
+    async def note_sent(self, user: str, recipients: int) -> None:
+        """A message of `user` with this many recipients was accepted (called after its 250 is decided:
+        a failure to count is logged, never turned into an error for a message already taken)."""
+        try:
+            await self._add(user, messages=1, recipients=recipients)
+        except Exception:
+            log.exception("could not count a message sent by %s against its hourly limits", user)
+
+    async def usage(self, user: str) -> Usage:
+        """What `user` sent (and had refused) in the last hour."""
+        row = await self._db.fetchone(
+            "SELECT COALESCE(SUM(messages), 0) AS m, COALESCE(SUM(recipients), 0) AS r, COALESCE(SUM(refused), 0) AS f"
+            " FROM outbound_usage WHERE mailbox = ? AND at > ?", (user, self._clock() - HOUR))
+        return Usage(int(row["m"]), int(row["r"]), int(row["f"])) if row else Usage()
+
+    async def _add(self, user: str, *, messages: int = 0, recipients: int = 0, refused: int = 0) -> None:
+        """One row of use; this user's rows older than an hour go in the same transaction (the table
+        stays at most an hour of rows per user)."""
         now = self._clock()
-        self._window(self._messages, user).add(now, 1)
-        self._window(self._recipients, user).add(now, recipients)
+        async with self._db.transaction() as tx:
+            await tx.execute("DELETE FROM outbound_usage WHERE mailbox = ? AND at <= ?", (user, now - HOUR))
+            await tx.execute("INSERT INTO outbound_usage (mailbox, at, messages, recipients, refused)"
+                             " VALUES (?, ?, ?, ?, ?)", (user, now, messages, recipients, refused))
 
     async def _over_limit(self, user: str, client_ip: str, kind: str, limit: int) -> None:
         self._record(user, client_ip, d.OUTBOUND_LIMIT, f"over {limit} {kind} an hour")
@@ -137,16 +142,16 @@ class OutboundGuard:
         """The queue: `count` recipients of `user`'s mail were refused for good by their servers.
         Returns whether this suspended the user."""
         burst = (await self._settings.fresh()).spam.outbound_reject_burst
-        window = self._window(self._refused, user)
-        now = self._clock()
-        window.add(now, count)
-        refused = window.total(now)
+        await self._add(user, refused=count)
+        refused = (await self.usage(user)).refused
         if not burst or refused < burst or await self.suspension(user) is not None:
             return False
         reason = f"{refused} recipients refused by their servers within an hour (last: {detail[:200]})"
-        await self._db.execute("INSERT OR IGNORE INTO outbound_suspended (mailbox, since, reason) VALUES (?, ?, ?)",
-                               (user, int(self._wall_clock()), reason))
-        window.items.clear()
+        async with self._db.transaction() as tx:
+            await tx.execute("INSERT OR IGNORE INTO outbound_suspended (mailbox, since, reason) VALUES (?, ?, ?)",
+                             (user, int(self._clock()), reason))
+            # The refusals that led here are spent: after a lift, a new burst is needed to suspend again.
+            await tx.execute("UPDATE outbound_usage SET refused = 0 WHERE mailbox = ? AND refused > 0", (user,))
         self._record(user, "", d.OUTBOUND_SUSPENDED, reason)
         await self._events.record(EVENT_TOPIC, f"sending from {user} suspended: {reason}")
         text = (f"Sending from {user} has been suspended.\n\n{reason}.\n\nThis usually means the password of "
@@ -162,12 +167,6 @@ class OutboundGuard:
     async def suspension(self, user: str) -> Suspension | None:
         row = await self._db.fetchone("SELECT mailbox, since, reason FROM outbound_suspended WHERE mailbox = ?", (user,))
         return Suspension(str(row["mailbox"]), int(row["since"]), str(row["reason"])) if row else None
-
-    def _window(self, table: dict[str, _Window], user: str) -> _Window:
-        window = table.get(user)
-        if window is None:
-            window = table[user] = _Window()
-        return window
 
     def _record(self, user: str, client_ip: str, layer: str, reason: str) -> None:
         self._decisions.record(d.Decision(layer=layer, verdict=d.DEFER, reason=reason, client_ip=client_ip,
