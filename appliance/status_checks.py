@@ -35,6 +35,7 @@ from appliance.db import Database
 from appliance.dns_check import load_results
 from appliance.queue.resolver import make_async_resolver
 from appliance.spam import dnsbl
+from appliance.spam.content_service import ContentStatus, content_settings, content_status
 
 if TYPE_CHECKING:
     from appliance.services import Services
@@ -55,7 +56,7 @@ PORT25_TIMEOUT = 8.0
 
 @dataclass(frozen=True)
 class Item:
-    key: str  # stable id: "dns", "ptr", "port25", "certificate", "backups", "disk", "queue", "clock", ...
+    key: str  # stable id: "dns", "ptr", "port25", "certificate", "backups", "disk", "queue", "content_filter", ...
     title: str
     level: Level
     summary: str  # what was found
@@ -278,6 +279,26 @@ async def check_queue(svc: Services, now: float) -> Item:
     return Item("queue", "Outbound queue", "ok", summary)
 
 
+async def check_content_filter(svc: Services) -> Item:
+    """Is rspamd answering (a ping now, as the console's spam page asks)? Off or silent, mail is
+    delivered unfiltered (the MX never refuses or loses a message for a check that did not run)."""
+    spam = svc.spam_content
+    status: ContentStatus = (await spam.status() if spam is not None
+                             else await content_status(content_settings(await svc.settings.fresh())))
+    if not status.enabled:
+        return Item("content_filter", "Content filter", "warn",
+                    "Content filtering is switched off: only the checks at the door (blocklists, greylisting) "
+                    "stop spam; the rest reaches the inboxes.",
+                    "Turn the content filter on in the spam settings.", "/console/spam")
+    if not status.available:
+        return Item("content_filter", "Content filter", "fail",
+                    f"Content filtering is not working: {status.problem}. Mail is delivered unchecked.",
+                    "Start rspamd (sudo systemctl restart rspamd) or correct its address in the spam settings.",
+                    "/console/spam")
+    scanned = f", {status.scanned:,} messages scanned" if status.scanned is not None else ""
+    return Item("content_filter", "Content filter", "ok", f"rspamd at {status.scanner} answers{scanned}.")
+
+
 async def check_clock(probes: Probes) -> Item:
     synced = await asyncio.to_thread(probes.clock_synchronised)
     if synced is None:
@@ -329,6 +350,7 @@ async def run_all(svc: Services, probes: Probes | None = None, *, now: float | N
         ("backups", "Backups", check_backups(svc, at)),
         ("disk", "Disk", check_disk(svc)),
         ("queue", "Outbound queue", check_queue(svc, at)),
+        ("content_filter", "Content filter", check_content_filter(svc)),
         ("clock", "Time", check_clock(probes)),
     ]
     results = await asyncio.gather(*(_bounded(key, title, check) for key, title, check in checks))

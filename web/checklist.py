@@ -1,6 +1,7 @@
 """What is still missing after the wizard: DNS records not found at the last check, a self-signed
-certificate, a relay never tested (or direct delivery, whose port 25 the box cannot check). The
-wizard's last page lists these, each with the page that fixes it, instead of a plain "ready"."""
+certificate, a relay never tested (or direct delivery, whose port 25 the box cannot check), a
+content filter (rspamd) switched on that does not answer. The wizard's last page lists these, each
+with the page that fixes it, instead of a plain "ready"."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from urllib.parse import quote
 
 from appliance.admin import Admin
 from appliance.dns_check import load_results
+from appliance.status_checks import check_content_filter
 from web.sending_form import stored_relay
 
 if TYPE_CHECKING:
@@ -65,4 +67,8 @@ async def still_to_do(svc: Services) -> list[Todo]:
     elif not await box.relay_tested(relay):
         todos.append(Todo("sending", f"The relay {relay.host} was saved without a working test: until it works, "
                           "mail to other domains waits in the queue.", "/console/sending", "Test the relay"))
+    # The checklist's own check; a filter the admin switched off is the checklist's amber, not a to-do.
+    spam = await check_content_filter(svc)
+    if spam.level == "fail":
+        todos.append(Todo("content-filter", f"{spam.summary} {spam.fix}", spam.link, "Spam settings"))
     return todos

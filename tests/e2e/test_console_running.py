@@ -1,7 +1,8 @@
 """End to end in headless Chromium (issue 18): the running box as its admin sees it: the status
 checklist with problems and all green, the charts over 30 days of mail, and the delivery log.
 Screenshots as in test_web_wizard.py (UPDATE_SCREENSHOTS=1 writes docs/screenshots/).
-Network checks go to loopback only: a DNS zone, a listening "remote MX"; the clock's state is given."""
+Network checks go to loopback only: a DNS zone, a listening "remote MX", a private rspamd (the content
+filter); the clock's state is given."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from appliance.status_checks import Probes
 from tests.conftest import BoxHandle, require_program
 from tests.e2e.test_web_wizard import CHROMIUM_ARGS, screenshot_dir
 from tests.integration.test_live_settings import admin_console
-from tests.integration.test_status_checks import listening
+from tests.integration.test_status_checks import closed_port, listening
 from tests.support.dns_server import ZoneServer
+from tests.support.rspamd import running_rspamd
+from tests.support.spam_settings import use_rspamd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -73,7 +76,11 @@ def test_status_log_charts_and_events(box: BoxHandle, tmp_path: Path) -> None:
                                 f"From: carol@elsewhere.example\r\nTo: {ALICE}\r\n"
                                 "Message-ID: <hello-1@elsewhere.example>\r\nSubject: hello\r\n\r\nHi.\r\n")
     assert list(refused) == [f"nobody@{DOMAIN}"]
-    with ZoneServer(ttl=0) as zone, listening() as mx_port:
+    require_program("rspamd")
+    require_program("redis-server")
+    dead = f"http://127.0.0.1:{closed_port()}"  # the content filter is on, and nothing answers there yet
+    use_rspamd(box, dead, dead)
+    with ZoneServer(ttl=0) as zone, listening() as mx_port, running_rspamd(tmp_path / "rspamd") as rspamd:
         box.run(box.services.settings.save(dns_resolver=zone.address, public_ipv4=IPV4))
         box.services.status_probes = Probes(port25_target=lambda: "127.0.0.1:9", clock_synchronised=lambda: True)
         https = f"https://localhost:{box.port('https')}"
@@ -88,6 +95,7 @@ def test_status_log_charts_and_events(box: BoxHandle, tmp_path: Path) -> None:
             page.click("#check-status")
             expect(page.locator("#check-port25 .badge")).to_have_text("problem")
             expect(page.locator("#check-ptr .badge")).to_have_text("problem")
+            expect(page.locator("#check-content_filter .badge")).to_have_text("problem")
             expect(page.locator("#charts svg.chart")).to_have_count(2)
             shot(page, "console-status-problems")
 
@@ -98,8 +106,9 @@ def test_status_log_charts_and_events(box: BoxHandle, tmp_path: Path) -> None:
             box.run(box.services.db.set_setting("backup_last", f'{{"at": {int(dt.datetime.now(dt.UTC).timestamp())}, "ok": true, "text": "ok"}}'))
             box.services.status_probes = Probes(port25_target=lambda: f"127.0.0.1:{mx_port}",
                                                 clock_synchronised=lambda: True)
+            use_rspamd(box, rspamd.scanner, rspamd.controller)
             page.click("#check-status")
-            expect(page.locator("#checklist .badge.found")).to_have_count(9)
+            expect(page.locator("#checklist .badge.found")).to_have_count(10)
             shot(page, "console-status-green")
 
             page.goto(f"{https}/console/log")
