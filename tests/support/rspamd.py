@@ -1,9 +1,10 @@
 """A private rspamd + Redis on loopback for the content-filter tests and bench/spam.py.
 
 Debian's rspamd reads /etc/rspamd/rspamd.conf; `LOCAL_CONFDIR`, `DBDIR`, `RUNDIR` and `LOGDIR` are
-pointed at a temporary directory whose local.d/ and override.d/ hold the test's settings: one normal
-worker and one controller on their own loopback ports, the proxy switched off, its own Redis, every
-module that would reach the internet (DNS lists, URL lists, remote maps, fuzzy hashes) switched off,
+pointed at a temporary directory whose local.d/ holds the image's (image/overlay/etc/rspamd/local.d:
+one controller that scans on the "scanner" port and learns on the "controller" port, the box-wide and
+the per-mailbox Bayes classifiers) with the test's settings on top: its own loopback ports, its own
+Redis, the classifiers' min_learns, every module that would reach the internet (DNS lists, URL lists, remote maps, fuzzy hashes) switched off,
 and DNS sent to a loopback server that answers NXDOMAIN at once (a nameserver that does not answer
 costs seconds per message). The box's own SPF/DKIM/DMARC checks are authoritative, so rspamd's are
 off too, as on the image. A tiny public-suffix list keeps start-up to a few seconds (compiling the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -24,6 +26,8 @@ from pathlib import Path
 
 from tests.support.dns_server import ZoneServer
 from tests.support.receivers import free_port
+
+IMAGE_LOCAL_D = Path(__file__).resolve().parents[2] / "image" / "overlay" / "etc" / "rspamd" / "local.d"
 
 # Modules that look things up on the internet, or act on their own (greylisting, rate limits).
 OFF_MODULES = (
@@ -37,12 +41,10 @@ TLDS = "com\norg\nnet\ntest\nexample\ninvalid\nlocalhost\n"
 @dataclass
 class RspamdPeer:
     root: Path
-    min_learns: int = 20
+    min_learns: int | None = 20  # both classifiers' (None: the image's own)
     redis_timeout: float = 1.0  # how long rspamd waits for Redis before it scores without Bayes
-    # bench/spam.py: start from the image's local.d (what a Pi runs), then this peer's loopback
-    # ports, DNS and logging on top; with the full public-suffix list, as the image compiles it.
-    base_local: Path | None = None
-    full_tld: bool = False
+    base_local: Path = IMAGE_LOCAL_D
+    full_tld: bool = False  # bench/spam.py: the full public-suffix list, as a box compiles it
     redis_maxmemory: str = "64mb"
     ready_seconds: float = 60.0  # compiling the full public-suffix list takes minutes on a busy machine
     scanner_port: int = 0
@@ -60,21 +62,27 @@ class RspamdPeer:
         return f"http://127.0.0.1:{self.controller_port}"
 
     def write_config(self) -> None:
+        """The image's local.d (what a box runs: one controller that scans and learns, the box-wide and
+        the per-mailbox Bayes) with this peer's loopback ports, Redis, DNS, logging and min_learns."""
         local, override = self.root / "local.d", self.root / "override.d"
         for path in (local, override, self.root / "db", self.root / "run", self.root / "log"):
             path.mkdir(parents=True, exist_ok=True)
         (self.root / "tld.dat").write_text(TLDS)
-        if self.base_local is not None:
-            for path in self.base_local.iterdir():
-                (local / path.name).write_text(path.read_text())
+        ports = {"127.0.0.1:11333": f"127.0.0.1:{self.scanner_port}",
+                 "127.0.0.1:11334": f"127.0.0.1:{self.controller_port}"}
+        for path in self.base_local.iterdir():
+            text = path.read_text()
+            for image_port, port in ports.items():
+                text = text.replace(image_port, port)
+            if self.min_learns is not None:
+                text = re.sub(r"^(\s*min_learns\s*=\s*)\d+", rf"\g<1>{self.min_learns}", text, flags=re.MULTILINE)
+            (local / path.name).write_text(text)
         assert self.dns is not None
-        base_options = self.base_local / "options.inc" if self.base_local is not None else None
+        base_options = self.base_local / "options.inc"
         tld = "" if self.full_tld else f'url_tld = "{self.root / "tld.dat"}";\n'
         files = {
-            local / "worker-normal.inc": f'bind_socket = "127.0.0.1:{self.scanner_port}";\ncount = 1;\n',
-            local / "worker-controller.inc": f'bind_socket = "127.0.0.1:{self.controller_port}";\ncount = 1;\n',
             local / "options.inc": (
-                (base_options.read_text() if base_options is not None and base_options.exists() else "") +
+                (base_options.read_text() if base_options.exists() else "") +
                 f'dns {{ nameserver = ["127.0.0.1:{self.dns.port}"]; timeout = 1s; retransmits = 1; }}\n'
                 f"{tld}"
                 # The tests' mail comes from 127.0.0.1: judged as if from the internet.
@@ -82,13 +90,7 @@ class RspamdPeer:
             ),
             local / "logging.inc": f'type = "file";\nfilename = "{self.root / "log" / "rspamd.log"}";\nlevel = "info";\n',
             local / "redis.conf": f'servers = "127.0.0.1:{self.redis_port}";\ntimeout = {self.redis_timeout}s;\n',
-            local / "classifier-bayes.conf": (
-                f'backend = "redis";\nmin_learns = {self.min_learns};\nautolearn = false;\n'
-                "users_enabled = false;\n"
-            ),
         }
-        if self.base_local is None:
-            files[override / "worker-proxy.inc"] = "count = -1;\n"
         for module in OFF_MODULES:
             files[local / f"{module}.conf"] = "enabled = false;\n"
         for path, text in files.items():
