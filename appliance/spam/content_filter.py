@@ -9,6 +9,9 @@ itself, without a second round of DNS lookups); then
 - at or above the junk score: the copies go to each recipient's Junk folder;
 - below: the inbox.
 
+rspamd runs two Bayes classifiers (image/overlay/etc/rspamd/local.d/statistic.conf): the box-wide one
+and one per mailbox, chosen by the Deliver-To this check sends (`statistics_owner`).
+
 Every copy gets `X-Spam-*` fields (score, status, the symbols that weighed most), and fields of those
 names that arrived with the message are removed first, so no sender can mark its own mail clean.
 
@@ -97,6 +100,14 @@ def auth_symbols(facts: ContentFacts) -> dict[str, float]:
     return symbols
 
 
+def statistics_owner(facts: ContentFacts) -> str:
+    """The mailbox whose own Bayes statistics judge this message (rspamd's Deliver-To): the one local
+    mailbox it goes to, or '' for mail to several, which the box-wide classifier alone judges (one
+    check per message; one person's lessons must not decide where another's copy goes). Learning
+    names the mailbox that moved the message (learning.py), so the two meet."""
+    return facts.mailboxes[0] if len(facts.mailboxes) == 1 else ""
+
+
 def remove_spam_fields(data: bytes) -> bytes:
     """Drop X-Spam-* fields from the header section (a sender's own 'X-Spam-Flag: NO'); every other
     byte is kept as it came."""
@@ -168,6 +179,7 @@ class RspamdContentFilter:
         envelope = Envelope(
             ip=facts.peer_ip, helo=facts.helo, sender=facts.sender, recipients=facts.recipients,
             user=facts.user, queue_id=facts.queue_id, symbols=auth_symbols(facts),
+            deliver_to=statistics_owner(facts),
         )
         try:
             result = await client_for(settings).check(data, envelope)

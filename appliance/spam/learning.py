@@ -6,10 +6,11 @@ was good mail). The store tells the learner after it committed the change (MailS
 learner only queues, and one background task reads each file and posts it to rspamd's controller,
 so the user's command never waits for rspamd and a failure never reaches it.
 
-Statistics are per box: one Bayes classifier learns from every mailbox, which reaches rspamd's
-`min_learns` far sooner on a family box than each person's own would, and lets one check per message
-serve every recipient. The mailbox still goes along as `Deliver-To`, so a box configured with
-rspamd's per-user statistics (`users_enabled`) learns per user without a change here.
+Each lesson teaches two Bayes classifiers at once (image/overlay/etc/rspamd/local.d): the box-wide
+one, which learns from every mailbox and so reaches rspamd's `min_learns` far sooner on a family box,
+and the mailbox's own (rspamd's per-user statistics), chosen by the `Deliver-To` sent with the lesson:
+the mailbox that moved the message. At DATA, mail to one mailbox is judged by both (its owner's
+verdict outweighs the family's), mail to several by the box-wide one (content_filter.statistics_owner).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ CHECK_TIMEOUT = 15.0  # seconds for one /checkv2, whole: rspamd's own DNS lookup
 LEARN_TIMEOUT = 30.0  # learning is off the client's path; a busy Redis may be slow
 PING_TIMEOUT = 2.0
 MAX_REPLY = 4 * 1024 * 1024  # rspamd's JSON reply is a few KiB; anything near this is not rspamd
+BOX_CLASSIFIER = "bayes"  # the box-wide Bayes classifier's name in rspamd's statistic.conf
 MAX_SYMBOLS = 200  # symbols kept from one reply (rspamd has a few hundred rules in all)
 
 
@@ -205,7 +206,9 @@ class RspamdClient:
         """Teach the Bayes classifier; returns rspamd's word on it ('learned', or why it was skipped:
         already learned, too few tokens). RspamdUnavailable when it could not be taught now."""
         path = "/learnspam" if spam else "/learnham"
-        headers = [("Deliver-To", _header_safe(deliver_to))] if deliver_to else []
+        # Without a mailbox only the box-wide classifier learns: the per-mailbox one would file the
+        # lesson under its "no mailbox" name, which judges mail to several mailboxes (statistic.conf).
+        headers = [("Deliver-To", _header_safe(deliver_to))] if deliver_to else [("Classifier", BOX_CLASSIFIER)]
         status, body = await _call(self.controller, path, data, headers, LEARN_TIMEOUT)
         if status == 200:
             return "learned"

@@ -22,16 +22,16 @@ ALICE = "alice@ourdomain.test"
 LESSONS = 200  # of each kind
 
 
-def _words(text: str) -> tuple[str, ...]:
+def words(text: str) -> tuple[str, ...]:
     return tuple(text.split())
 
 
-SPAM_WORDS = _words(
+SPAM_WORDS = words(
     "winner prize lottery casino bonus jackpot claim urgent offer exclusive cheap pills discount crypto "
     "bitcoin investment guaranteed profit million dollars wire transfer beneficiary unclaimed inheritance "
     "viagra pharmacy limited act now click here free gift card selected congratulations rich fast loan"
 )
-HAM_WORDS = _words(
+HAM_WORDS = words(
     "meeting agenda tomorrow school pickup dinner grandma birthday weekend garden photos holiday train "
     "tickets homework football practice recipe soup bakery library book club minutes project report "
     "draft review thanks cheers see you soon kitchen paint plumber invoice dentist appointment"

@@ -14,6 +14,7 @@ from appliance.spam.content_filter import (
     auth_symbols,
     remove_spam_fields,
     spam_headers,
+    statistics_owner,
 )
 from appliance.spam.content_service import ContentSettingsError, validate_content_settings
 from appliance.spam.learning import lesson
@@ -114,3 +115,12 @@ def test_content_settings_are_checked() -> None:
         with pytest.raises(ContentSettingsError) as caught:
             validate_content_settings(**values)  # type: ignore[arg-type]
         assert caught.value.field == field
+
+
+def test_only_mail_to_one_mailbox_is_judged_by_its_owners_own_bayes() -> None:
+    def facts(*mailboxes: str) -> ContentFacts:
+        return ContentFacts("192.0.2.1", "mx.test", "a@x.test", ("family@y.test",), mailboxes, "Q")
+
+    assert statistics_owner(facts("b@y.test")) == "b@y.test"
+    assert statistics_owner(facts("b@y.test", "c@y.test")) == ""  # an alias for two: box-wide only
+    assert statistics_owner(facts()) == ""
