@@ -89,6 +89,10 @@ class ServeConfig:
             return self.port_overrides[service]
         return STANDARD_PORTS[service] + self.port_offset
 
+    def published_ports(self) -> dict[str, int]:
+        """Ports the SRV records name: what the internet reaches (standard + offset), not test-bound ones."""
+        return {service: self.port(service) or STANDARD_PORTS[service] for service in ("submission", "imaps", "pop3s")}
+
     def listen_address(self, service: str) -> str:
         # LMTP hands mail in without authentication: loopback only, whatever --listen says.
         return "127.0.0.1" if service == "lmtp" else self.listen

@@ -71,6 +71,9 @@ class Probes:
 
     port25_target: Callable[[], str] | None = None  # None: the `port25_probe` setting
     clock_synchronised: Callable[[], bool | None] = lambda: kernel_clock_synchronised()
+    # "Now" for the checks (a certificate's days left, a backup's or a deferred message's age) and for
+    # the alerts' once-a-day rule: tests move it forward instead of waiting days.
+    clock: Callable[[], float] = time.time
 
 
 # --- the checks -------------------------------------------------------------------------------------
@@ -198,9 +201,9 @@ async def check_port25(svc: Services, probes: Probes) -> Item:
     return Item("port25", "Outbound port 25", "ok", f"Connected to {target}: mail can leave directly.")
 
 
-async def check_certificate(svc: Services) -> Item:
+async def check_certificate(svc: Services, now: float) -> Item:
     info = await asyncio.to_thread(svc.tls.info)
-    days = (info.not_after - dt.datetime.now(dt.UTC)).days
+    days = (info.not_after - dt.datetime.fromtimestamp(now, dt.UTC)).days
     if days < 0:
         return Item("certificate", "Certificate", "fail", f"Expired {-days} days ago.",
                     "Renew it now.", "/console/certificate")
@@ -340,13 +343,13 @@ def kernel_clock_synchronised() -> bool | None:
 async def run_all(svc: Services, probes: Probes | None = None, *, now: float | None = None) -> list[Item]:
     """Every check, each bounded by CHECK_TIMEOUT, concurrently; kept in the db with this time."""
     probes = probes or svc.status_probes
-    at = time.time() if now is None else now
+    at = probes.clock() if now is None else now
     checks: list[tuple[str, str, Awaitable[Item]]] = [
         ("dns", "DNS records", check_dns(svc)),
         ("ptr", "Reverse DNS", check_reverse_dns(svc)),
         ("blocklists", "Blocklists", check_blocklists(svc)),
         ("port25", "Outbound port 25", check_port25(svc, probes)),
-        ("certificate", "Certificate", check_certificate(svc)),
+        ("certificate", "Certificate", check_certificate(svc, at)),
         ("backups", "Backups", check_backups(svc, at)),
         ("disk", "Disk", check_disk(svc)),
         ("queue", "Outbound queue", check_queue(svc, at)),
@@ -357,11 +360,23 @@ async def run_all(svc: Services, probes: Probes | None = None, *, now: float | N
     items = [Item(i.key, i.title, i.level, i.summary, i.fix, i.link, at) for i in results]
     before = {item.key: item.level for item in await load(svc.db)}
     await save(svc.db, items)
-    await _alert(svc, items, before)
+    await _alert(svc, items, before, probes.clock)
     return items
 
 
-async def _alert(svc: Services, items: list[Item], before: dict[str, Level]) -> None:
+async def refresh_dns(svc: Services) -> None:
+    """Look every domain's records up again (the background run does, so that a record that was right
+    and went wrong shows, and is mailed about, without anyone pressing Check on the domain's page).
+    Kept like the console's check, without an event each time (the checklist keeps its own time)."""
+    from appliance import dns_check
+
+    for domain in await svc.accounts.list_domains():
+        results = await dns_check.check_domain(svc.db, svc.config.data.dkim, domain, svc.hostname,
+                                               svc.config.published_ports())
+        await dns_check.save_results(svc.db, domain, results, svc.status_probes.clock())
+
+
+async def _alert(svc: Services, items: list[Item], before: dict[str, Level], clock: Callable[[], float]) -> None:
     """The postmaster's alert mails (appliance/alerts.py); a failure to mail never fails the checks."""
     from appliance.alerts import Alerts
     from appliance.postmaster import mail_postmaster
@@ -370,7 +385,7 @@ async def _alert(svc: Services, items: list[Item], before: dict[str, Level]) -> 
         return await mail_postmaster(svc, subject, text)
 
     try:
-        await Alerts(svc.db, mail, lambda: svc.hostname).after_checks(items, before)
+        await Alerts(svc.db, mail, lambda: svc.hostname, clock).after_checks(items, before)
     except Exception:
         log.exception("status alerts could not be mailed")
 
@@ -423,12 +438,21 @@ class StatusSchedule:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="status-checks")
 
+    async def run_once(self) -> list[Item]:
+        """One background run: the domains' DNS records looked up again, then every check (and the
+        alert mails they call for)."""
+        try:
+            await asyncio.wait_for(refresh_dns(self._svc), CHECK_TIMEOUT)
+        except Exception:  # DNS that does not answer: the checklist shows the last results
+            log.exception("the DNS records could not be checked again")
+        return await run_all(self._svc)
+
     async def _run(self) -> None:
         await asyncio.sleep(self._first_delay)
         while True:
             if self._svc.settings.now.status_checks:
                 try:
-                    await run_all(self._svc)
+                    await self.run_once()
                 except Exception:  # the next run tries again
                     log.exception("status checks failed")
             await asyncio.sleep(self._every)

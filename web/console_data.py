@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance.config import STANDARD_PORTS
 from appliance.queue.spool import QueuedMessage, QueuedRecipient
 from web.clients import ClientSettings, client_settings
 
@@ -25,10 +24,7 @@ def client_settings_for(services: Services) -> ClientSettings:
 
 def dns_ports(services: Services) -> dict[str, int]:
     """Ports the SRV records name: what the internet reaches (standard + offset), not test-bound ones."""
-    return {
-        service: services.config.port(service) or STANDARD_PORTS[service]
-        for service in ("submission", "imaps", "pop3s")
-    }
+    return services.config.published_ports()
 
 
 @dataclass(frozen=True)
