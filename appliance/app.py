@@ -23,6 +23,7 @@ from appliance.data_lock import DataDirInUse, DataDirLock
 from appliance.db import Database
 from appliance.events import EventLog
 from appliance.imap import server as imap_server
+from appliance.imap.fetch_cache import describe_bytes
 from appliance.inbound_auth import start_inbound_auth
 from appliance.pop3 import server as pop3_server
 from appliance.pop3.session import MaildropLocks
@@ -148,7 +149,7 @@ class Box:
         try:
             settings = await Settings.load(db, default_hostname=system_hostname(), hostname_override=config.hostname)
             accounts = Accounts(db, data=config.data)
-            store = MailStore(config.data.mail, db, accounts)
+            store = MailStore(config.data.mail, db, accounts, describe=describe_bytes)
             events = EventLog(db)
             services = Services(
                 config=config,
@@ -222,6 +223,7 @@ class Box:
         # The Maildir's dovecot-uidlist files written before the process goes (issue 17).
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.services.store.flush_uidlists(), timeout=10)
+        self.services.store.message_cache.close()
         await self.services.db.close()
 
     async def _stop_services(self) -> None:

@@ -1,5 +1,7 @@
-"""FETCH responses for messages of the selected folder: index items straight to text, file items read
-in batches on worker threads, with a per-session cache of the messages' MIME structures.
+"""FETCH responses for messages of the selected folder: index items straight to text, message-list
+items (ENVELOPE, BODYSTRUCTURE, the usual HEADER.FIELDS) from the message cache (fetch_cache.py),
+other file items read in batches on worker threads, with a small per-session cache of the MIME
+structures of the messages being read.
 
 The session decides what a FETCH means (which messages, \\Seen set by a body fetch, CONDSTORE
 modifiers, EXPUNGEISSUED) and hands this the messages and items; what one item's value is lives in
@@ -15,14 +17,19 @@ from collections.abc import Sequence
 from typing import BinaryIO, Protocol
 
 from appliance.imap import fetch as fetching
+from appliance.imap import fetch_cache
 from appliance.imap.commands import FetchAttribute, FetchItem
-from appliance.imap.limits import STRUCTURE_CACHE_ENTRIES
+from appliance.imap.limits import STRUCTURE_CACHE_OCTETS
 from appliance.imap.mime import Part, scan, scan_header
-from appliance.imap.responses import FetchResponse, Preformatted, Response
+from appliance.imap.responses import FetchResponse, Preformatted, Response, Value
 from appliance.imap.selected import SelectedFolder, flag_text
 from appliance.store.mailstore import MessageInfo, open_message
+from appliance.store.message_cache import FolderCache
 
 FETCH_BATCH = 64  # messages whose files one worker-thread call reads
+CACHED_FETCH_BATCH = 500  # messages answered from the message cache per worker-thread call
+LEARN_BATCH = 2000  # rows computed from files kept per transaction
+PART_WEIGHT = 256  # octets counted per MIME part of a cached structure, beyond its header block
 INDEX_FETCH_BATCH = 5000  # messages per rendered block of an index-only FETCH
 
 # (folder name, UIDVALIDITY, UID): a UID names one message for as long as its UIDVALIDITY holds.
@@ -36,26 +43,32 @@ class Send(Protocol):
 
 class FetchRenderer:
     """One per session: renders FETCH answers and keeps the structures of recently fetched messages
-    (a client reading a message asks for its BODYSTRUCTURE, then for its parts one by one)."""
+    (a client reading a message asks for its BODYSTRUCTURE, then for its parts one by one), up to
+    STRUCTURE_CACHE_OCTETS."""
 
     def __init__(self) -> None:
-        self._structures: OrderedDict[StructureKey, Part] = OrderedDict()
+        self._structures: OrderedDict[StructureKey, tuple[Part, int]] = OrderedDict()
+        self._structure_octets = 0
 
     def forget(self) -> None:
         """The session left its folder: the cached structures are of no more use."""
         self._structures.clear()
+        self._structure_octets = 0
 
     async def send_fetch(
         self, view: SelectedFolder, uids: Sequence[int], items: Sequence[FetchItem], flags_changed: set[int],
-        condstore: bool, send: Send,
+        condstore: bool, send: Send, cache: FolderCache | None = None,
     ) -> bool:
         """Send the FETCH responses for `uids` (in the selected folder `view`), `flags_changed` adding
         FLAGS (and MODSEQ under CONDSTORE) where the fetch itself changed them (RFC 3501 6.4.5);
-        returns whether a message's file had gone meanwhile (no response sent for it)."""
+        returns whether a message's file had gone meanwhile (no response sent for it). `cache`:
+        the folder's message cache, which answers the items of message lists."""
         if not any(fetching.needs_file(i) for i in items):
             for start in range(0, len(uids), INDEX_FETCH_BATCH):
                 await send(index_only(view, uids[start:start + INDEX_FETCH_BATCH], items, flags_changed))
             return False
+        if cache is not None and fetch_cache.wants_header_only(items):
+            return await self._send_cached(view, uids, items, flags_changed, condstore, send, cache)
         missing = False
         for start in range(0, len(uids), FETCH_BATCH):
             jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid)) for uid in uids[start:start + FETCH_BATCH]]
@@ -64,6 +77,25 @@ class FetchRenderer:
             )
             missing = missing or None in results
             await send(*[r for r in results if r is not None])
+        return missing
+
+    async def _send_cached(
+        self, view: SelectedFolder, uids: Sequence[int], items: Sequence[FetchItem], flags_changed: set[int],
+        condstore: bool, send: Send, cache: FolderCache,
+    ) -> bool:
+        missing = False
+        learned: fetch_cache.Learned = []
+        for start in range(0, len(uids), CACHED_FETCH_BATCH):
+            jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid))
+                    for uid in uids[start:start + CACHED_FETCH_BATCH]]
+            results, new = await asyncio.to_thread(_render_cached, cache, jobs, items, flags_changed, condstore)
+            missing = missing or None in results
+            await send(*[r for r in results if r is not None])
+            learned += new
+            if len(learned) >= LEARN_BATCH:
+                await cache.learn(learned)
+                learned = []
+        await cache.learn(learned)
         return missing
 
     def _render_files(
@@ -83,26 +115,63 @@ class FetchRenderer:
             with f:
                 root = self._structure((*folder, info.uid), f, full)
                 values = fetching.item_values(items, message, f, root, _reopener(f))
-            if message.uid in flags_changed and not any(name == "FLAGS" for name, _ in values):
-                values.append(("FLAGS", fetching.index_value("FLAGS", message)))
-                if condstore and not any(name == "MODSEQ" for name, _ in values):
-                    values.append(("MODSEQ", fetching.index_value("MODSEQ", message)))
-            out.append(FetchResponse(seq, tuple(values)))
+            out.append(_response(seq, values, message, flags_changed, condstore))
         return out
 
     def _structure(self, key: StructureKey, f: BinaryIO, full: bool) -> Part:
-        part = self._structures.get(key)
-        if part is not None:
+        found = self._structures.get(key)
+        if found is not None:
             self._structures.move_to_end(key)
-            return part
+            return found[0]
         f.seek(0)
         if not full:
             return scan_header(f)  # cheap enough not to cache
         part = scan(f)
-        self._structures[key] = part
-        if len(self._structures) > STRUCTURE_CACHE_ENTRIES:
-            self._structures.popitem(last=False)
+        weight = _weight(part)
+        if weight <= STRUCTURE_CACHE_OCTETS // 4:
+            self._structures[key] = (part, weight)
+            self._structure_octets += weight
+            while self._structure_octets > STRUCTURE_CACHE_OCTETS:
+                _, (_, dropped) = self._structures.popitem(last=False)
+                self._structure_octets -= dropped
         return part
+
+
+def _weight(root: Part) -> int:
+    """What a scanned structure costs in memory, roughly: its header blocks and a fixed part each."""
+    total, stack = 0, [root]
+    while stack:
+        part = stack.pop()
+        total += part.header.end - part.header.start + PART_WEIGHT
+        stack.extend(part.children)
+    return total
+
+
+def _render_cached(
+    cache: FolderCache, jobs: list[_Job], items: Sequence[FetchItem], flags_changed: set[int], condstore: bool,
+) -> tuple[list[FetchResponse | None], fetch_cache.Learned]:
+    """Worker thread: FETCH answers from the message cache (a stat per file, no read), the rows
+    missing or stale computed from the files. None: the message's file is gone."""
+    rows, learned = fetch_cache.current_rows(cache, [(info.uid, info.path) for _, info, _ in jobs])
+    out: list[FetchResponse | None] = []
+    for seq, info, message in jobs:
+        row = rows.get(info.uid)
+        if row is None:
+            out.append(None)
+            continue
+        out.append(_response(seq, fetch_cache.item_values(items, message, row), message, flags_changed, condstore))
+    return out, learned
+
+
+def _response(seq: int, values: list[tuple[str, Value]], message: fetching.MessageFacts, flags_changed: set[int],
+              condstore: bool) -> FetchResponse:
+    """The FETCH response, with FLAGS (and MODSEQ under CONDSTORE) added when the fetch itself
+    changed the flags (RFC 3501 6.4.5 \\Seen) and the client did not ask for them."""
+    if message.uid in flags_changed and not any(name == "FLAGS" for name, _ in values):
+        values.append(("FLAGS", fetching.index_value("FLAGS", message)))
+        if condstore and not any(name == "MODSEQ" for name, _ in values):
+            values.append(("MODSEQ", fetching.index_value("MODSEQ", message)))
+    return FetchResponse(seq, tuple(values))
 
 
 def facts(view: SelectedFolder, uid: int) -> fetching.MessageFacts:

@@ -51,8 +51,10 @@ MAX_MIME_PARTS = 2000
 MAX_HEADER_OCTETS = 256 * 1024
 # Patterns in one LIST (RFC 5258 allows a list): each is matched against every folder.
 MAX_LIST_PATTERNS = 100
-# Parsed message structures kept per session (FETCH of the same messages again is common).
-STRUCTURE_CACHE_ENTRIES = 512
+# Parsed message structures kept per session, in octets of their header blocks (plus a fixed cost
+# per part): a client reading a message fetches its parts one by one. Message lists are served
+# from the message cache (imap/fetch_cache.py) and never come here.
+STRUCTURE_CACHE_OCTETS = 1024 * 1024
 # Messages larger than this are searched as raw bytes instead of decoded MIME text.
 MAX_DECODED_SEARCH_OCTETS = 8 * 1024 * 1024
 # RFC 5267 4.2 searches kept up to date per session: each is re-run after every change to the

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Generic, Literal, Protocol, TypeVar
 
 from appliance.auth import Refused
-from appliance.imap import names
+from appliance.imap import fetch_cache, names
 from appliance.imap.catenate import extract, parse_url
 from appliance.imap.commands import (
     Append,
@@ -878,7 +878,11 @@ class ImapSession:
         items = command.items
         if self.condstore and FetchAttribute("FLAGS") in items and FetchAttribute("MODSEQ") not in items:
             items = (*items, FetchAttribute("MODSEQ"))  # RFC 7162 3.1: FLAGS come with their MODSEQ
-        missing = await self.fetcher.send_fetch(view, uids, items, flags_changed, self.condstore, self.io.send)
+        cache = None
+        if fetch_cache.wants_header_only(items):  # a message list: answered from the message cache
+            cache = await self.store.folder_cache(self.mailbox, view.name, view.uidvalidity)
+        missing = await self.fetcher.send_fetch(view, uids, items, flags_changed, self.condstore, self.io.send,
+                                                cache)
         if missing and not command.uid:
             await self.sync(allow_expunge=False)
             await self.io.send(Tagged(command.tag, "NO", "Some messages were expunged", "EXPUNGEISSUED"))

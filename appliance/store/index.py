@@ -36,6 +36,8 @@ import aiosqlite
 from appliance.db import Database
 from appliance.store import maildir
 from appliance.store.maildir import Keywords, UidList
+from appliance.store.message_cache import INSERT_SQL as CACHE_INSERT_SQL
+from appliance.store.message_cache import CachedMessage
 from appliance.store.model import MessageInfo
 
 # A directory changed this recently may change again within the same mtime tick without its mtime
@@ -258,6 +260,7 @@ class Change:
         self.located: list[tuple[Entry, str, str]] = []  # entry, sub, file name (no db change)
         self.removed: list[Entry] = []
         self.measured: list[tuple[Entry, int]] = []  # entry, wire size (no modseq: no IMAP change)
+        self.cached: list[tuple[Entry, CachedMessage]] = []  # message_cache rows of added entries
         self.expunges_known_since = folder.expunges_known_since  # raised when old records are pruned
 
     def add(self, base: str, sub: str, filename: str, flags: str, keywords: tuple[str, ...], size: int,
@@ -310,6 +313,8 @@ class Change:
                 [(f.id, e.uid, e.base, e.flags, " ".join(e.keywords), e.size, e.wire, e.internaldate, e.modseq)
                  for e in self.added],
             )
+            if self.cached:  # in the same transaction: no second commit (and fsync) per delivery
+                await tx.executemany(CACHE_INSERT_SQL, [c.row(f.id, e.uid) for e, c in self.cached])
         if self.updated:
             await tx.executemany(
                 "UPDATE messages SET flags = ?, keywords = ?, modseq = ? WHERE folder_id = ? AND uid = ?",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ from appliance.store.folders import FolderAdmin
 from appliance.store.index import Change, FolderIndex
 from appliance.store.mailboxes import OpenMailbox, OpenMailboxes, address_key, locked
 from appliance.store.maildir import Keywords, WriteJob, open_message
+from appliance.store.message_cache import CachedMessage, FileStamp, FolderCache, MessageCache, stamp_of
 from appliance.store.model import (
     SPECIAL_FOLDERS,
     Filed,
@@ -54,11 +56,18 @@ __all__ = [
 
 log = logging.getLogger("letterbox.store")
 
+# What the IMAP layer keeps in the message cache for a message in memory (fetch_cache.describe_bytes);
+# given by the composition root, as the store does not import the protocols.
+Describe = Callable[[bytes, FileStamp], CachedMessage]
+
 
 class MailStore:
-    def __init__(self, root: Path, db: Database, directory: MailboxDirectory) -> None:
+    def __init__(self, root: Path, db: Database, directory: MailboxDirectory, *,
+                 describe: Describe | None = None) -> None:
         self.root = root
         self._db = db
+        self._describe = describe
+        self.message_cache = MessageCache(db)
         self._boxes = OpenMailboxes(root, db, directory)
         self._folders = FolderAdmin(self._boxes, db)
         self.changes = self._boxes.changes
@@ -308,6 +317,13 @@ class MailStore:
         """Drop what is cached about the mailbox at `address` (it was removed); see OpenMailboxes."""
         self._boxes.forget_mailbox(address)
 
+    async def folder_cache(self, mailbox: str, folder: str, uidvalidity: int) -> FolderCache | None:
+        """The message cache of a folder, or None when the folder is no longer the one of that
+        UIDVALIDITY (removed and made again)."""
+        mb = await self._boxes.get(mailbox)
+        f = await self._boxes.folder(mb, folder)
+        return FolderCache(self.message_cache, f.id) if f.uidvalidity == uidvalidity else None
+
     async def flush_uidlists(self) -> None:
         """Wait for the dovecot-uidlist writes under way (at stop, and in tests)."""
         await self._boxes.flush_uidlists()
@@ -340,7 +356,7 @@ class MailStore:
         sub, filename = ("cur", maildir.cur_filename(base, letters)) if letters else ("new", base)
         job = WriteJob(f.path, base, sub, filename, internaldate)
         try:
-            [error] = await asyncio.to_thread(maildir.write_messages, [job], data)
+            error, cached = await asyncio.to_thread(self._write, job, data)
             if error is not None:
                 log.error("store: writing to %s failed: %s", mb.key, error)
                 return StoreError(f"cannot write the message: {error.strerror or error}")
@@ -350,6 +366,8 @@ class MailStore:
                     return NoSuchFolder(f"folder {f.name} was deleted")
                 change = Change(f)
                 entry = change.add(job.base, job.sub, job.filename, system, names, size, date, wire=wire)
+                if cached is not None:
+                    change.cached.append((entry, cached))
                 try:
                     await index.commit(self._db, [change])
                 except Exception:
@@ -365,6 +383,19 @@ class MailStore:
             f.pending.discard(base)
         self._boxes.wake(mb, f.name)
         return entry.uid
+
+    def _write(self, job: WriteJob, data: bytes) -> tuple[OSError | None, CachedMessage | None]:
+        """Worker thread: the durable write, then the message's cache row while its bytes are in
+        memory (so no FETCH ever reads this file for a message list)."""
+        [error] = maildir.write_messages([job], data)
+        if error is not None or self._describe is None:
+            return error, None
+        try:
+            return None, self._describe(data, stamp_of(os.stat(_job_path(job))))
+        except Exception:
+            # The message is safe on disk; without a row its first FETCH reads the file instead.
+            log.exception("store: describing a delivered message for the cache failed")
+            return None, None
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -1,0 +1,141 @@
+"""What the per-message cache (appliance/store/message_cache.py) holds for IMAP, and FETCH, SEARCH
+and SORT answered from it (issue 19).
+
+A row holds ENVELOPE, BODYSTRUCTURE and BODY as they are sent, and the header fields mail clients
+ask for to fill a message list (Thunderbird, iOS Mail, K-9: `CACHED_FIELDS`) as BODY[HEADER.FIELDS
+(...)] renders them: any HEADER.FIELDS request within that set, and any SEARCH or SORT key on
+those fields, is answered from the row without opening the file, byte for byte what the file
+would give (HEADER.FIELDS of the kept fields is the same text as of the whole header block).
+
+A row is used only while the file is the one it was computed from: every use stats the file (no
+open, no read) and compares size, modification time and inode. A missing or stale row is computed
+from the file, used, and given back to be kept (`Learned`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Sequence
+from email.message import Message
+from pathlib import Path
+from typing import BinaryIO
+
+from appliance.imap import fetch as fetching
+from appliance.imap.commands import BinarySection, BodySection, FetchItem
+from appliance.imap.limits import MAX_HEADER_OCTETS
+from appliance.imap.mime import parse_header, scan
+from appliance.imap.responses import LiteralBytes, Raw, Value, render_value
+from appliance.store.maildir import open_message
+from appliance.store.message_cache import CachedMessage, FileStamp, FolderCache, stamp_of
+
+# RFC 3501 6.4.5 HEADER.FIELDS names as clients send them, lower-cased. What Thunderbird, iOS Mail,
+# K-9, Evolution and mutt ask for their lists, plus what ENVELOPE, SORT and THREAD read.
+CACHED_FIELDS = frozenset({
+    "from", "to", "cc", "bcc", "subject", "date", "message-id", "priority", "x-priority", "importance",
+    "references", "newsgroups", "in-reply-to", "content-type", "reply-to", "sender", "x-mailer",
+    "list-id", "list-post", "list-unsubscribe", "list-unsubscribe-post", "list-help", "list-subscribe",
+    "list-owner", "list-archive", "disposition-notification-to", "return-receipt-to", "x-spam-flag",
+    "x-spam-status", "x-spam-score", "mime-version", "content-transfer-encoding", "delivered-to",
+    "return-path", "x-original-to", "received", "x-mozilla-draft-info", "x-uniform-type-identifier",
+    "x-universally-unique-identifier", "x-apple-mail-remote-attachments", "followup-to",
+    "mail-followup-to", "mail-reply-to", "x-label", "keywords", "autocrypt", "x-mailing-list",
+})
+_CACHED_ORDER = tuple(sorted(CACHED_FIELDS))
+_ROW_ITEMS = frozenset({"ENVELOPE", "BODYSTRUCTURE", "BODY"})
+
+Learned = list[tuple[int, CachedMessage]]  # (UID, row) computed from the files, to be kept
+
+
+def describe(f: BinaryIO, stamp: FileStamp) -> CachedMessage:
+    """The cache row of the message in `f` (read from position 0), computed as FETCH would."""
+    root = scan(f)
+    f.seek(root.header.start)
+    block = f.read(min(root.header.end - root.header.start, MAX_HEADER_OCTETS))
+    return CachedMessage(
+        stamp,
+        render_value(fetching.envelope(root.headers)),
+        render_value(fetching.body_structure(root, extensible=True)),
+        render_value(fetching.body_structure(root, extensible=False)),
+        fetching.header_fields(block, _CACHED_ORDER, exclude=False),
+    )
+
+
+def describe_bytes(data: bytes, stamp: FileStamp) -> CachedMessage:
+    """describe() of a message in memory: at delivery and APPEND (MailStore's `describe`)."""
+    return describe(io.BytesIO(data), stamp)
+
+
+def serves(item: FetchItem) -> bool:
+    """Whether the row (with the index) answers this FETCH item."""
+    if isinstance(item, BinarySection):
+        return False
+    if isinstance(item, BodySection):
+        section = item.section
+        return (not section.part and section.text == "HEADER.FIELDS"
+                and all(name.lower() in CACHED_FIELDS for name in section.fields))
+    return item.name in fetching.INDEX_ITEMS or item.name in _ROW_ITEMS
+
+
+def wants_header_only(items: Iterable[FetchItem]) -> bool:
+    return all(serves(i) for i in items)
+
+
+def item_values(items: Sequence[FetchItem], facts: fetching.MessageFacts, row: CachedMessage) -> list[tuple[str, Value]]:
+    """fetch.item_values for items that `serves`, from the row."""
+    out: list[tuple[str, Value]] = []
+    for item in items:
+        if isinstance(item, BodySection):
+            data = fetching.header_fields(row.fields, item.section.fields, exclude=False)
+            if item.partial is not None:
+                origin, count = item.partial
+                data = data[origin:origin + count]
+            out.append((item.response_name(), LiteralBytes(data)))
+            continue
+        assert not isinstance(item, BinarySection), "not served from the cache"
+        name = item.name
+        if name == "ENVELOPE":
+            out.append((name, Raw(row.envelope)))
+        elif name == "BODYSTRUCTURE":
+            out.append((name, Raw(row.bodystructure)))
+        elif name == "BODY":
+            out.append((name, Raw(row.body)))
+        else:
+            out.append((name, fetching.index_value(name, facts)))
+    return out
+
+
+def current_rows(cache: FolderCache | None, files: Sequence[tuple[int, Path]]) -> tuple[dict[int, CachedMessage], Learned]:
+    """The rows of these (UID, file) pairs, each checked against its file and computed again from the
+    file when missing or stale. A file that is gone has no row. Blocking: worker thread. Returns
+    the rows and those newly computed (for `FolderCache.learn`)."""
+    known = cache.read([uid for uid, _ in files]) if cache is not None else {}
+    rows: dict[int, CachedMessage] = {}
+    learned: Learned = []
+    for uid, path in files:
+        row = known.get(uid)
+        try:
+            if row is None or row.stamp != stamp_of(os.stat(path)):
+                fresh = _from_file(path, row)
+                if fresh is not row:
+                    learned.append((uid, fresh))
+                row = fresh
+        except FileNotFoundError:
+            continue  # expunged meanwhile
+        rows[uid] = row
+    return rows, learned
+
+
+def _from_file(path: Path, row: CachedMessage | None) -> CachedMessage:
+    """The row of the file at `path` (found again by its unique name when a flag change renamed it,
+    as open_message does): `row` itself when it is still that file's, else described afresh."""
+    with open_message(path) as f:
+        stamp = stamp_of(os.fstat(f.fileno()))
+        if row is not None and row.stamp == stamp:
+            return row
+        return describe(f, stamp)
+
+
+def cached_headers(row: CachedMessage) -> Message:
+    """The cached header fields of a message, parsed (for SEARCH and SORT keys on those fields)."""
+    return parse_header(row.fields)

@@ -1,0 +1,144 @@
+"""The per-message cache of what IMAP clients fetch for their message lists (issue 19), kept in the
+`message_cache` table next to the message rows (migration 0015). Dovecot's dovecot.index.cache is
+the model: a second session, or the box after a restart, answers FETCH ENVELOPE / BODYSTRUCTURE /
+BODY.PEEK[HEADER.FIELDS (...)], header SEARCH and SORT without reading the message files.
+
+The store does not know what the values mean (the IMAP layer renders them, appliance/imap/
+fetch_cache.py); it keeps them per message and ties each row to the file it was computed from
+(size, modification time, inode): a file changed behind the box's back no longer matches and is
+described again. Rows are written with the message row at delivery and APPEND (one transaction,
+index.Change.cache), and after a FETCH that had to read files another program wrote.
+
+Why letterbox.db and not a file per folder: the row goes with its message row through a foreign
+key (an expunge or a folder removal needs no second bookkeeping), delivery writes both in the one
+transaction it already commits, and the WAL lets the reader connection here work from the worker
+threads while the event loop's connection writes. Rows are a few hundred octets; SQLite's page
+cache (2 MB per connection) is the only memory they take, however large the folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.db import Database
+
+log = logging.getLogger("letterbox.store")
+
+# Bumped when what the IMAP layer puts in a row changes (a rendering fix): rows of another version
+# are described again at their next use.
+CACHE_VERSION = 1
+READ_BATCH = 500  # UIDs per SELECT (SQLite allows 32,766 parameters)
+
+FileStamp = tuple[int, int, int]  # (size, mtime in ns, inode) of a message file
+
+
+def stamp_of(st: os.stat_result) -> FileStamp:
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedMessage:
+    """What the cache holds for one message file (rendered IMAP values, opaque to the store)."""
+
+    stamp: FileStamp
+    envelope: bytes
+    bodystructure: bytes
+    body: bytes
+    fields: bytes  # the cached header fields, as BODY[HEADER.FIELDS (...)] renders them
+
+    def row(self, folder_id: int, uid: int) -> tuple[int | bytes, ...]:
+        return (folder_id, uid, CACHE_VERSION, *self.stamp, self.envelope, self.bodystructure, self.body,
+                self.fields)
+
+
+INSERT_SQL = (
+    "INSERT OR REPLACE INTO message_cache (folder_id, uid, version, file_size, file_mtime_ns, file_inode,"
+    " envelope, bodystructure, body, fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# A row learned at FETCH time may meet a message expunged meanwhile: only rows whose message is
+# still there are written (the foreign key would refuse the others and the whole batch with them).
+_LEARN_SQL = (
+    "INSERT OR REPLACE INTO message_cache (folder_id, uid, version, file_size, file_mtime_ns, file_inode,"
+    " envelope, bodystructure, body, fields) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+    " WHERE EXISTS (SELECT 1 FROM messages WHERE folder_id = ?1 AND uid = ?2)"
+)
+_SELECT_SQL = (
+    "SELECT uid, file_size, file_mtime_ns, file_inode, envelope, bodystructure, body, fields FROM message_cache"
+    " WHERE folder_id = ? AND version = ? AND uid IN ({})"
+)
+
+
+class MessageCache:
+    """Reads from worker threads on a connection of its own (WAL: readers never wait for the
+    writer); writes through the box's Database, on the event loop."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._path: Path = db.path
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._broken = False
+
+    def read(self, folder_id: int, uids: Sequence[int]) -> dict[int, CachedMessage]:
+        """The rows of these messages that there are (any version mismatch left out). Blocking: call
+        it from a worker thread. A database that cannot be read gives no rows (the files are read)."""
+        out: dict[int, CachedMessage] = {}
+        if self._broken or not uids:
+            return out
+        with self._lock:
+            try:
+                conn = self._connection()
+                for start in range(0, len(uids), READ_BATCH):
+                    chunk = list(uids[start:start + READ_BATCH])
+                    sql = _SELECT_SQL.format(",".join("?" * len(chunk)))
+                    for uid, size, mtime, inode, env, bs, body, fields in conn.execute(
+                            sql, (folder_id, CACHE_VERSION, *chunk)):
+                        out[uid] = CachedMessage((size, mtime, inode), env, bs, body, fields)
+            except sqlite3.Error as exc:
+                # Not fatal: every answer can be computed from the files. Said once, then left alone.
+                log.warning("store: the message cache cannot be read (%s); message files are read instead", exc)
+                self._broken = True
+                self._close()
+        return out
+
+    async def learn(self, folder_id: int, rows: Sequence[tuple[int, CachedMessage]]) -> None:
+        """Keep rows computed from the files (a FETCH that found none, or a stale one)."""
+        if rows:
+            await self._db.executemany(_LEARN_SQL, [c.row(folder_id, uid) for uid, c in rows])
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA query_only=1")
+            conn.execute("PRAGMA busy_timeout=5000")
+            self._conn = conn
+        return self._conn
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+@dataclass(frozen=True)
+class FolderCache:
+    """The cache of one folder (by its row id, never reused), as the IMAP layer uses it."""
+
+    cache: MessageCache
+    folder_id: int
+
+    def read(self, uids: Sequence[int]) -> dict[int, CachedMessage]:
+        return self.cache.read(self.folder_id, uids)
+
+    async def learn(self, rows: Sequence[tuple[int, CachedMessage]]) -> None:
+        await self.cache.learn(self.folder_id, rows)

@@ -1,0 +1,179 @@
+"""The per-message cache (issue 19): message lists are answered without reading message files, in a
+second session and after a restart; a file changed behind the box's back is described again; the
+answers are the ones the files give."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from tests.conftest import BoxHandle
+from tests.support.imap_wire import RawImap
+
+USER = "carol@example.test"
+PASSWORD = "correct horse battery staple"
+# FLAGS left out: \Recent differs from one session to the next.
+LIST_FETCH = (b"UID FETCH 1:* (UID RFC822.SIZE ENVELOPE BODYSTRUCTURE"
+              b" BODY.PEEK[HEADER.FIELDS (FROM TO CC SUBJECT DATE MESSAGE-ID)])")
+
+_opened: list[str] | None = None  # files opened while a test records them
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if _opened is not None and event == "open" and isinstance(args[0], str | bytes | os.PathLike):
+        _opened.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)  # hooks cannot be removed; this one does nothing unless a test records
+
+
+@pytest.fixture
+def opened_files() -> Iterator[list[str]]:
+    """The paths of the files the process opens during the test (the box runs in it)."""
+    global _opened
+    _opened = []
+    try:
+        yield _opened
+    finally:
+        _opened = None
+
+
+def message(n: int, subject: str | None = None) -> bytes:
+    return (
+        f"From: Sender {n} <s{n}@example.org>\r\nTo: {USER}\r\nSubject: {subject or f'cached {n}'}\r\n"
+        f"Date: Mon, 1 Jan 2024 10:00:0{n % 10} +0000\r\nMessage-ID: <c{n}@example.org>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=bb\r\n\r\n"
+        "--bb\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nhello\r\n"
+        "--bb\r\nContent-Type: text/html\r\n\r\n<p>hello</p>\r\n--bb--\r\n"
+    ).encode()
+
+
+def deliver(box: BoxHandle, data: bytes) -> int:
+    result = box.run(box.services.store.deliver([USER], data))[USER]
+    assert isinstance(result, int)
+    return result
+
+
+def session(box: BoxHandle) -> RawImap:
+    raw = RawImap(box.port("imaps"), box.client_context)
+    raw.login(USER, PASSWORD)
+    raw.command(b"s", b"SELECT INBOX")
+    return raw
+
+
+def fetch(box: BoxHandle, command: bytes = LIST_FETCH) -> bytes:
+    raw = session(box)
+    try:
+        return b"".join(raw.command(b"f", command))
+    finally:
+        raw.close()
+
+
+def cache_rows(box: BoxHandle) -> int:
+    with sqlite3.connect(box.data.db) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM message_cache").fetchone()[0])
+
+
+def maildir(box: BoxHandle) -> Path:
+    return box.data.mail / "example.test" / "carol"
+
+
+def message_files(opened: list[str], box: BoxHandle) -> list[str]:
+    """The message files among `opened` (not the index's own files: keywords, dovecot-uidlist)."""
+    dirs = tuple(str(maildir(box) / sub) + os.sep for sub in ("cur", "new"))
+    return [p for p in opened if p.startswith(dirs)]
+
+
+def test_delivery_fills_the_cache_and_a_restart_reads_no_file(
+        tmp_path: Path, ca: trustme.CA, opened_files: list[str]) -> None:
+    root = tmp_path / "data"
+    box = BoxHandle(root, ca)
+    try:
+        box.add_user(USER, PASSWORD)
+        for n in range(3):
+            deliver(box, message(n))
+        assert cache_rows(box) == 3  # written with the message rows
+        first = fetch(box)
+        assert b'"cached 2"' in first
+    finally:
+        box.close()
+    box = BoxHandle(root, ca)
+    try:
+        opened_files.clear()
+        again = fetch(box)
+        assert message_files(opened_files, box) == []  # no message file opened
+        assert again == first  # the same answers as before the restart
+    finally:
+        box.close()
+
+
+def test_answers_match_the_files(box: BoxHandle) -> None:
+    """The cached answer of a delivered message is the one computed from its file."""
+    box.add_user(USER, PASSWORD)
+    deliver(box, message(1))
+    cached = fetch(box)
+    with sqlite3.connect(box.data.db) as conn:
+        conn.execute("DELETE FROM message_cache")
+    computed = fetch(box)  # from the file this time (and the row learned again)
+    assert computed == cached
+    assert cache_rows(box) == 1
+
+
+def test_foreign_file_is_learned_at_first_fetch(box: BoxHandle, opened_files: list[str]) -> None:
+    box.add_user(USER, PASSWORD)
+    deliver(box, message(0))  # makes the Maildir
+    cur = maildir(box) / "cur"
+    (cur / "1700000000.M1P1.other:2,S").write_bytes(message(7, "written by another program"))
+    assert b'"written by another program"' in fetch(box)
+    assert cache_rows(box) == 2
+    opened_files.clear()
+    assert b'"written by another program"' in fetch(box)
+    assert message_files(opened_files, box) == []
+
+
+def test_file_changed_behind_the_box_is_described_again(box: BoxHandle) -> None:
+    box.add_user(USER, PASSWORD)
+    deliver(box, message(1, "before the edit"))
+    assert b'"before the edit"' in fetch(box)
+    [path] = [p for sub in ("new", "cur") for p in (maildir(box) / sub).iterdir()]
+    path.write_bytes(message(1, "after an edit in place"))  # same name, same inode
+    answer = fetch(box)
+    assert b'"after an edit in place"' in answer
+    assert b"before the edit" not in answer
+    assert b"Subject: after an edit in place\r\n" in fetch(box, b"FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+
+
+def test_expunge_removes_the_row(box: BoxHandle) -> None:
+    box.add_user(USER, PASSWORD)
+    deliver(box, message(1))
+    deliver(box, message(2))
+    raw = session(box)
+    try:
+        raw.command(b"a", b"STORE 1 +FLAGS.SILENT (\\Deleted)")
+        raw.command(b"b", b"EXPUNGE")
+    finally:
+        raw.close()
+    assert cache_rows(box) == 1
+
+
+def test_flag_change_keeps_the_row(box: BoxHandle, opened_files: list[str]) -> None:
+    """A flag change renames the file (same inode and times): the row stays good."""
+    box.add_user(USER, PASSWORD)
+    deliver(box, message(1))
+    raw = session(box)
+    try:
+        raw.command(b"a", b"STORE 1 +FLAGS (\\Flagged \\Seen)")
+        opened_files.clear()
+        answer = b"".join(raw.command(b"b", b"FETCH 1 (FLAGS ENVELOPE)"))
+    finally:
+        raw.close()
+    assert b"\\Flagged" in answer
+    assert b'"cached 1"' in answer
+    assert message_files(opened_files, box) == []
