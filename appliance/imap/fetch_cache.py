@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Iterable, Sequence
 from email.message import Message
 from pathlib import Path
@@ -81,12 +82,16 @@ def wants_header_only(items: Iterable[FetchItem]) -> bool:
     return all(serves(i) for i in items)
 
 
-def item_values(items: Sequence[FetchItem], facts: fetching.MessageFacts, row: CachedMessage) -> list[tuple[str, Value]]:
-    """fetch.item_values for items that `serves`, from the row."""
+def item_values(items: Sequence[FetchItem], facts: fetching.MessageFacts, row: CachedMessage
+                ) -> list[tuple[str, Value]] | None:
+    """fetch.item_values for items that `serves`, from the row; None when the file must answer."""
     out: list[tuple[str, Value]] = []
     for item in items:
         if isinstance(item, BodySection):
-            data = fetching.header_fields(row.fields, item.section.fields, exclude=False)
+            fields = usable_fields(row)
+            if fields is None:
+                return None
+            data = kept_fields(fields, item.section.fields)
             if item.partial is not None:
                 origin, count = item.partial
                 data = data[origin:origin + count]
@@ -103,6 +108,28 @@ def item_values(items: Sequence[FetchItem], facts: fetching.MessageFacts, row: C
         else:
             out.append((name, fetching.index_value(name, facts)))
     return out
+
+
+_KEPT_FIELD = re.compile(rb"[^ \t\r\n][^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
+
+
+def usable_fields(row: CachedMessage) -> bytes | None:
+    """The row's header fields, or None when they hold a bare CR: header_fields takes a CR for a
+    line end, so its output is then not the same text again and the file must answer."""
+    fields = row.fields
+    return fields if fields.count(b"\r") == fields.count(b"\r\n") else None
+
+
+def kept_fields(block: bytes, fields: Sequence[str]) -> bytes:
+    """fetch.header_fields(header, fields, exclude=False) from a row's usable `block` (fields within
+    CACHED_FIELDS): that block is header_fields' own output for the header (CRLF line ends, only
+    the cached fields and their continuation lines, then the blank line when the header had one),
+    so a field is a line and the continuation lines after it."""
+    wanted = {name.lower().encode("ascii") for name in fields}
+    ended = block == b"\r\n" or block.endswith(b"\r\n\r\n")
+    kept = [field for field in _KEPT_FIELD.findall(block[:-2] if ended else block)
+            if field.split(b":", 1)[0].strip().lower() in wanted]
+    return b"".join(kept) + (b"\r\n" if ended else b"")
 
 
 def current_rows(cache: FolderCache | None, files: Sequence[tuple[int, Path]]) -> tuple[dict[int, CachedMessage], Learned]:

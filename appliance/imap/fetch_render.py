@@ -156,11 +156,25 @@ def _render_cached(
     out: list[FetchResponse | None] = []
     for seq, info, message in jobs:
         row = rows.get(info.uid)
-        if row is None:
+        values = fetch_cache.item_values(items, message, row) if row is not None else None
+        if values is None and row is not None:
+            values = _from_file(info, message, items)  # a header the row cannot answer for
+        if values is None:
             out.append(None)
             continue
-        out.append(_response(seq, fetch_cache.item_values(items, message, row), message, flags_changed, condstore))
+        out.append(_response(seq, values, message, flags_changed, condstore))
     return out, learned
+
+
+def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequence[FetchItem]
+               ) -> list[tuple[str, Value]] | None:
+    """fetch.item_values from the file (None: it is gone), for what the cache does not answer."""
+    try:
+        f = open_message(info.path)
+    except FileNotFoundError:
+        return None
+    with f:
+        return fetching.item_values(items, message, f, scan(f), _reopener(f))
 
 
 def _response(seq: int, values: list[tuple[str, Value]], message: fetching.MessageFacts, flags_changed: set[int],

@@ -41,7 +41,7 @@ def _same(block: bytes) -> None:
     assert got.get_param("boundary") == expected.get_param("boundary")
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(header_blocks())
 def test_same_fields_as_the_stdlib_parser(block: bytes) -> None:
     _same(block)
