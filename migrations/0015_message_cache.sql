@@ -20,6 +20,7 @@ CREATE TABLE message_cache (
     bodystructure  BLOB NOT NULL,
     body           BLOB NOT NULL,
     fields         BLOB NOT NULL,
+    fields_exact   INTEGER NOT NULL,  -- 1: parsing `fields` gives the header's values of those fields
     PRIMARY KEY (folder_id, uid),
     FOREIGN KEY (folder_id, uid) REFERENCES messages(folder_id, uid) ON DELETE CASCADE
 ) WITHOUT ROWID;

@@ -25,7 +25,7 @@ from typing import BinaryIO
 from appliance.imap import fetch as fetching
 from appliance.imap.commands import BinarySection, BodySection, FetchItem
 from appliance.imap.limits import MAX_HEADER_OCTETS
-from appliance.imap.mime import parse_header, scan
+from appliance.imap.mime import parse_header, parses_whole, scan
 from appliance.imap.responses import LiteralBytes, Raw, Value, render_value
 from appliance.store.maildir import open_message
 from appliance.store.message_cache import CachedMessage, FileStamp, FolderCache, stamp_of
@@ -52,13 +52,16 @@ def describe(f: BinaryIO, stamp: FileStamp) -> CachedMessage:
     """The cache row of the message in `f` (read from position 0), computed as FETCH would."""
     root = scan(f)
     f.seek(root.header.start)
-    block = f.read(min(root.header.end - root.header.start, MAX_HEADER_OCTETS))
+    size = root.header.end - root.header.start
+    block = f.read(min(size, MAX_HEADER_OCTETS))
+    exact = size <= MAX_HEADER_OCTETS and block.count(b"\n") == block.count(b"\r\n") and parses_whole(block)
     return CachedMessage(
         stamp,
         render_value(fetching.envelope(root.headers)),
         render_value(fetching.body_structure(root, extensible=True)),
         render_value(fetching.body_structure(root, extensible=False)),
         fetching.header_fields(block, _CACHED_ORDER, exclude=False),
+        exact,
     )
 
 
@@ -163,6 +166,28 @@ def _from_file(path: Path, row: CachedMessage | None) -> CachedMessage:
         return describe(f, stamp)
 
 
-def cached_headers(row: CachedMessage) -> Message:
-    """The cached header fields of a message, parsed (for SEARCH and SORT keys on those fields)."""
+def exact_headers(row: CachedMessage | None) -> Message | None:
+    """The cached header fields of a message, parsed, when they are what parsing the whole header
+    gives for those fields (SEARCH and SORT keys on them); None: read the file."""
+    if row is None or not row.exact or usable_fields(row) is None:
+        return None
     return parse_header(row.fields)
+
+
+def known_rows(cache: FolderCache | None, files: Sequence[tuple[int, Path]]) -> dict[int, CachedMessage]:
+    """The rows of these (UID, file) pairs that match their files (a stat each), none computed:
+    for SEARCH and SORT, which read the header of a message without a row. Worker thread."""
+    if cache is None:
+        return {}
+    known = cache.read([uid for uid, _ in files])
+    out: dict[int, CachedMessage] = {}
+    for uid, path in files:
+        row = known.get(uid)
+        if row is None:
+            continue
+        try:
+            if row.stamp == stamp_of(os.stat(path)):
+                out[uid] = row
+        except FileNotFoundError:
+            continue
+    return out

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.message import Message
-from email.parser import BytesHeaderParser
 from email.utils import parsedate_to_datetime
 from typing import BinaryIO
 
@@ -38,13 +37,13 @@ from appliance.imap.commands import (
     in_ranges,
 )
 from appliance.imap.fetch import parse_addresses, split_address_elements, strip_comments, top_level_chars
+from appliance.imap.fetch_cache import CACHED_FIELDS
 from appliance.imap.limits import MAX_DECODED_SEARCH_OCTETS, MAX_HEADER_OCTETS
-from appliance.imap.mime import RAW_POLICY, Part, scan, unfold
+from appliance.imap.mime import Part, parse_header, scan, unfold
 
 SUPPORTED_CHARSETS = ("US-ASCII", "UTF-8")
 ADDRESS_FIELDS = frozenset({"FROM", "TO", "CC", "BCC", "SENDER", "REPLY-TO"})
 RAW_SEARCH_CHUNK = 1024 * 1024
-_HEADER_PARSER = BytesHeaderParser(policy=RAW_POLICY)
 
 
 @dataclass(frozen=True)
@@ -60,12 +59,14 @@ class Candidate:
 
 
 class _Content:
-    """The text of one message, read once on first need."""
+    """The text of one message, read once on first need. `cached`: the message's header fields kept
+    in the message cache (fetch_cache.exact_headers), which answer keys on those fields."""
 
-    def __init__(self, opener: Callable[[], BinaryIO], size: int) -> None:
+    def __init__(self, opener: Callable[[], BinaryIO], size: int, cached: Message | None = None) -> None:
         self._opener = opener
         self._size = size
         self._headers: Message | None = None
+        self._cached = cached
         self._body: str | None = None
         self._header_text: str | None = None
 
@@ -77,18 +78,24 @@ class _Content:
                     if line in (b"\r\n", b"\n") or len(block) > MAX_HEADER_OCTETS:
                         break
                     block += line
-            self._headers = _HEADER_PARSER.parsebytes(bytes(block))
+            self._headers = parse_header(bytes(block))
         return self._headers
 
+    def field(self, name: str) -> Message:
+        """Headers holding every `name` field of the message: the cached ones when they do."""
+        if self._cached is not None and name.lower() in CACHED_FIELDS:
+            return self._cached
+        return self.headers()
+
     def header_values(self, name: str) -> list[str]:
-        return [decode_words(v) for v in self.headers().get_all(name) or []]
+        return [decode_words(v) for v in self.field(name).get_all(name) or []]
 
     def address_values(self, name: str) -> list[str]:
         """The addresses of an address field as "Display Name <local@domain>" (and group names):
         RFC 3501 6.4.4 FROM/TO/CC/BCC search the address, so comments and folding inside the
         address do not hide it, as in Dovecot. A value that yields no address is searched as text."""
         out: list[str] = []
-        for value in self.headers().get_all(name) or []:
+        for value in self.field(name).get_all(name) or []:
             found = address_texts(value)
             out += found if found else [decode_words(value)]
         return out
@@ -221,7 +228,7 @@ def _decode_body(headers: Message, data: bytes) -> str:
 
 
 def sent_date(content: _Content) -> dt.date | None:
-    value = content.headers().get("Date")
+    value = content.field("Date").get("Date")
     if not value:
         return None
     try:
@@ -255,8 +262,8 @@ class Searcher:
     def needs_content(self) -> bool:
         return _needs_content(self.key)
 
-    def matches(self, c: Candidate, opener: Callable[[], BinaryIO]) -> bool:
-        return self._predicate(c, _Content(opener, c.size))
+    def matches(self, c: Candidate, opener: Callable[[], BinaryIO], cached: Message | None = None) -> bool:
+        return self._predicate(c, _Content(opener, c.size, cached))
 
     def _compile(self, key: SearchKey) -> Predicate:  # noqa: C901  one branch per SEARCH key class of RFC 3501 6.4.4
         if isinstance(key, SearchAll):

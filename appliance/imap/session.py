@@ -84,6 +84,7 @@ from appliance.store.mailstore import (
     Watcher,
     open_message,
 )
+from appliance.store.message_cache import FolderCache
 
 if TYPE_CHECKING:
     from appliance.services import Services
@@ -109,6 +110,7 @@ LEAVES_FOLDER = frozenset({"SELECT", "EXAMINE", "UNSELECT", "CLOSE", "LOGOUT"})
 DELETED = "\\Deleted"
 LIST_ON_LOOP = 2000  # names times patterns a LIST matches on the event loop; more go to a thread
 SEARCH_ON_LOOP = 1000  # messages an index-only SEARCH checks on the event loop; more go to a thread
+SEARCH_CACHE_BATCH = 500  # messages whose message-cache rows one read brings, for header keys
 
 
 class SessionIO(Protocol):
@@ -707,7 +709,8 @@ class ImapSession:
             candidates.append(Candidate(seq, uid, flags, info.size, info.internaldate, info.modseq))
         if searcher.needs_content():
             infos = {uid: view.info(uid) for uid in view.uids}
-            found = await asyncio.to_thread(_search_files, searcher, candidates, infos)
+            cache = await self.store.folder_cache(self.mailbox, view.name, view.uidvalidity)
+            found = await asyncio.to_thread(_search_files, searcher, candidates, infos, cache)
         elif len(candidates) > SEARCH_ON_LOOP:
             # A key of thousands of terms over a large folder is seconds of CPU: off the event loop,
             # so other sessions are served meanwhile.
@@ -722,7 +725,8 @@ class ImapSession:
         view = self.view
         items = [SortItem(c.seq, c.uid, c.size, c.internaldate, view.info(c.uid).path) for c in found]
         if any(k in SORT_HEADER_KEYS for k, _ in command.criteria):
-            ordered = await asyncio.to_thread(sort_messages, items, command.criteria)
+            cache = await self.store.folder_cache(self.mailbox, view.name, view.uidvalidity)
+            ordered = await asyncio.to_thread(sort_messages, items, command.criteria, cache)
         else:
             ordered = sort_messages(items, command.criteria)
         numbers = [i.uid if command.uid else i.seq for i in ordered]
@@ -747,7 +751,8 @@ class ImapSession:
         found = await self._matching(command.key, command.charset)
         view = self.view
         items = [SortItem(c.seq, c.uid, c.size, c.internaldate, view.info(c.uid).path) for c in found]
-        roots = await asyncio.to_thread(THREADERS[command.algorithm], items)
+        cache = await self.store.folder_cache(self.mailbox, view.name, view.uidvalidity)
+        roots = await asyncio.to_thread(THREADERS[command.algorithm], items, cache)
         await self.io.send(Data("THREAD" + (" " + thread_text(roots, command.uid) if roots else "")))
         await self.ok(command)
 
@@ -1104,15 +1109,22 @@ def _search_index(searcher: Searcher, candidates: list[Candidate]) -> list[Candi
     return [c for c in candidates if searcher.matches(c, _no_content)]
 
 
-def _search_files(searcher: Searcher, candidates: list[Candidate], infos: dict[int, MessageInfo]) -> list[Candidate]:
+def _search_files(searcher: Searcher, candidates: list[Candidate], infos: dict[int, MessageInfo],
+                  cache: FolderCache | None = None) -> list[Candidate]:
+    """Worker thread: the candidates that match, header keys on the fields of the message cache
+    answered from it (fetch_cache.exact_headers), everything else from the files."""
     found = []
-    for c in candidates:
-        path = infos[c.uid].path
-        try:
-            if searcher.matches(c, lambda p=path: open_message(p)):  # type: ignore[misc]
-                found.append(c)
-        except FileNotFoundError:
-            continue  # expunged meanwhile
+    for start in range(0, len(candidates), SEARCH_CACHE_BATCH):
+        batch = candidates[start:start + SEARCH_CACHE_BATCH]
+        rows = fetch_cache.known_rows(cache, [(c.uid, infos[c.uid].path) for c in batch])
+        for c in batch:
+            path = infos[c.uid].path
+            try:
+                if searcher.matches(c, lambda p=path: open_message(p),  # type: ignore[misc]
+                                    fetch_cache.exact_headers(rows.get(c.uid))):
+                    found.append(c)
+            except FileNotFoundError:
+                continue  # expunged meanwhile
     return found
 
 

@@ -1,7 +1,8 @@
 """SORT (RFC 5256 3): message order by sort criteria, with the base subject of RFC 5256 2.1.
 
-Keys come from the index (ARRIVAL, SIZE) and from the header block of each file (CC, DATE, FROM,
-SUBJECT, TO); the files are read in a worker thread, once per message, header block only.
+Keys come from the index (ARRIVAL, SIZE) and from the header fields of each message (CC, DATE,
+FROM, SUBJECT, TO): those kept in the message cache (fetch_cache.py), else the header block of the
+file, read in a worker thread, once per message.
 """
 
 from __future__ import annotations
@@ -10,19 +11,20 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import Message
-from email.parser import BytesHeaderParser
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from appliance.imap.fetch import first_display, first_mailbox
+from appliance.imap.fetch_cache import exact_headers, known_rows
 from appliance.imap.limits import MAX_HEADER_OCTETS
-from appliance.imap.mime import RAW_POLICY
+from appliance.imap.mime import parse_header
 from appliance.imap.search import decode_words
 from appliance.store.maildir import open_message
+from appliance.store.message_cache import FolderCache
 
 SORT_KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO", "DISPLAYFROM", "DISPLAYTO"})
 HEADER_KEYS = frozenset({"CC", "DATE", "FROM", "SUBJECT", "TO", "DISPLAYFROM", "DISPLAYTO"})
-_PARSER = BytesHeaderParser(policy=RAW_POLICY)
+CACHE_BATCH = 500  # messages whose message-cache rows one read brings
 
 
 @dataclass(frozen=True)
@@ -34,14 +36,28 @@ class SortItem:
     path: Path
 
 
-def sort(items: Sequence[SortItem], criteria: Sequence[tuple[str, bool]]) -> list[SortItem]:
+def sort(items: Sequence[SortItem], criteria: Sequence[tuple[str, bool]], cache: FolderCache | None = None
+         ) -> list[SortItem]:
     """`criteria`: (key, reversed) pairs. Runs in a worker thread when headers are needed. Ties
     keep message-number order (RFC 5256 3: the final tie-breaker is the sequence number)."""
-    headers = {i.uid: _headers(i.path) for i in items} if any(k in HEADER_KEYS for k, _ in criteria) else {}
+    headers = _all_headers(items, cache) if any(k in HEADER_KEYS for k, _ in criteria) else {}
     ordered = sorted(items, key=lambda i: i.seq)
     for key, reverse in reversed(criteria):  # stable sorts, last criterion first
         ordered.sort(key=lambda i, k=key: _key(k, i, headers.get(i.uid)), reverse=reverse)  # type: ignore[misc]
     return ordered
+
+
+def _all_headers(items: Sequence[SortItem], cache: FolderCache | None) -> dict[int, Message | None]:
+    """The header fields of each message (by UID): the cached ones (every field SORT and THREAD
+    read is in fetch_cache.CACHED_FIELDS), else the file's."""
+    out: dict[int, Message | None] = {}
+    for start in range(0, len(items), CACHE_BATCH):
+        batch = items[start:start + CACHE_BATCH]
+        rows = known_rows(cache, [(i.uid, i.path) for i in batch])
+        for i in batch:
+            cached = exact_headers(rows.get(i.uid))
+            out[i.uid] = cached if cached is not None else _headers(i.path)
+    return out
 
 
 def _headers(path: Path) -> Message | None:
@@ -54,7 +70,7 @@ def _headers(path: Path) -> Message | None:
                 block += line
     except OSError:
         return None  # expunged meanwhile: sorted as if it had no header fields
-    return _PARSER.parsebytes(bytes(block))
+    return parse_header(bytes(block))
 
 
 def _key(key: str, item: SortItem, headers: Message | None) -> int | str:
@@ -153,12 +169,13 @@ class _Node:
         return False
 
 
-def thread_references(items: Sequence[SortItem]) -> list[_Node]:
+def thread_references(items: Sequence[SortItem], cache: FolderCache | None = None) -> list[_Node]:
     """RFC 5256 3 REFERENCES: threads by Message-ID/References/In-Reply-To, dummies pruned, roots
     grouped by base subject, siblings and threads in sent-date order. Runs in a worker thread."""
     table: dict[str, _Node] = {}
+    all_headers = _all_headers(items, cache)
     for item in sorted(items, key=lambda i: i.seq):
-        headers = _headers(item.path)
+        headers = all_headers[item.uid]
         ids = _MSGID.findall(_field(headers, "Message-ID"))
         own = ids[0] if ids else ""
         if not own or (own in table and table[own].item is not None):
@@ -191,13 +208,14 @@ def thread_references(items: Sequence[SortItem]) -> list[_Node]:
     return roots
 
 
-def thread_orderedsubject(items: Sequence[SortItem]) -> list[_Node]:
+def thread_orderedsubject(items: Sequence[SortItem], cache: FolderCache | None = None) -> list[_Node]:
     """RFC 5256 3 ORDEREDSUBJECT: the messages sorted by base subject, then sent date; each run of
     one base subject is a thread whose first message is the parent of all the others; threads in
     the sent-date order of their first messages (ties by message number). Runs in a worker thread."""
     nodes = []
+    all_headers = _all_headers(items, cache)
     for item in items:
-        headers = _headers(item.path)
+        headers = all_headers[item.uid]
         subject = base_subject(decode_words(_field(headers, "Subject")))
         nodes.append(_Node(item=item, date=_sent(headers, item.internaldate), subject=subject))
     nodes.sort(key=lambda n: (n.subject, n.date, _first_seq(n)))

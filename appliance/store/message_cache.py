@@ -51,25 +51,29 @@ class CachedMessage:
     bodystructure: bytes
     body: bytes
     fields: bytes  # the cached header fields, as BODY[HEADER.FIELDS (...)] renders them
+    # Parsing `fields` gives the same values as parsing the whole header (SEARCH and SORT may use
+    # them): the header has CRLF line ends, no line that stops the parser, and is not truncated.
+    exact: bool = False
 
     def row(self, folder_id: int, uid: int) -> tuple[int | bytes, ...]:
         return (folder_id, uid, CACHE_VERSION, *self.stamp, self.envelope, self.bodystructure, self.body,
-                self.fields)
+                self.fields, int(self.exact))
 
 
 INSERT_SQL = (
     "INSERT OR REPLACE INTO message_cache (folder_id, uid, version, file_size, file_mtime_ns, file_inode,"
-    " envelope, bodystructure, body, fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " envelope, bodystructure, body, fields, fields_exact) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # A row learned at FETCH time may meet a message expunged meanwhile: only rows whose message is
 # still there are written (the foreign key would refuse the others and the whole batch with them).
 _LEARN_SQL = (
     "INSERT OR REPLACE INTO message_cache (folder_id, uid, version, file_size, file_mtime_ns, file_inode,"
-    " envelope, bodystructure, body, fields) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+    " envelope, bodystructure, body, fields, fields_exact) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
     " WHERE EXISTS (SELECT 1 FROM messages WHERE folder_id = ?1 AND uid = ?2)"
 )
 _SELECT_SQL = (
-    "SELECT uid, file_size, file_mtime_ns, file_inode, envelope, bodystructure, body, fields FROM message_cache"
+    "SELECT uid, file_size, file_mtime_ns, file_inode, envelope, bodystructure, body, fields, fields_exact"
+    " FROM message_cache"
     " WHERE folder_id = ? AND version = ? AND uid IN ({})"
 )
 
@@ -97,9 +101,9 @@ class MessageCache:
                 for start in range(0, len(uids), READ_BATCH):
                     chunk = list(uids[start:start + READ_BATCH])
                     sql = _SELECT_SQL.format(",".join("?" * len(chunk)))
-                    for uid, size, mtime, inode, env, bs, body, fields in conn.execute(
+                    for uid, size, mtime, inode, env, bs, body, fields, exact in conn.execute(
                             sql, (folder_id, CACHE_VERSION, *chunk)):
-                        out[uid] = CachedMessage((size, mtime, inode), env, bs, body, fields)
+                        out[uid] = CachedMessage((size, mtime, inode), env, bs, body, fields, bool(exact))
             except sqlite3.Error as exc:
                 # Not fatal: every answer can be computed from the files. Said once, then left alone.
                 log.warning("store: the message cache cannot be read (%s); message files are read instead", exc)

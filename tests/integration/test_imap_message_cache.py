@@ -177,3 +177,36 @@ def test_flag_change_keeps_the_row(box: BoxHandle, opened_files: list[str]) -> N
     assert b"\\Flagged" in answer
     assert b'"cached 1"' in answer
     assert message_files(opened_files, box) == []
+
+
+def test_header_search_and_sort_read_no_file(box: BoxHandle, opened_files: list[str]) -> None:
+    box.add_user(USER, PASSWORD)
+    for n, subject in enumerate(["banana split", "apple pie", "cherry tart"]):
+        deliver(box, message(n, subject))
+    raw = session(box)
+    try:
+        opened_files.clear()
+        assert raw.command(b"a", b'SEARCH SUBJECT "apple"')[0] == b"* SEARCH 2\r\n"
+        assert raw.command(b"b", b"SEARCH FROM s2@example.org")[0] == b"* SEARCH 3\r\n"
+        assert raw.command(b"c", b"SORT (SUBJECT) UTF-8 ALL")[0] == b"* SORT 2 1 3\r\n"
+        assert raw.command(b"d", b"SEARCH SENTSINCE 1-Jan-2024")[0] == b"* SEARCH 1 2 3\r\n"
+        assert raw.command(b"e", b"SEARCH HEADER MIME-Version 1.0")[0] == b"* SEARCH 1 2 3\r\n"
+        assert message_files(opened_files, box) == []
+        # A field the cache does not keep is read from the files.
+        assert raw.command(b"f", b"SEARCH HEADER X-Uncommon x")[0] == b"* SEARCH\r\n"
+        assert len(message_files(opened_files, box)) == 3
+    finally:
+        raw.close()
+
+
+def test_header_search_sees_a_file_changed_behind_the_box(box: BoxHandle) -> None:
+    box.add_user(USER, PASSWORD)
+    deliver(box, message(1, "old subject"))
+    [path] = [p for sub in ("new", "cur") for p in (maildir(box) / sub).iterdir()]
+    path.write_bytes(message(1, "new subject, longer"))
+    raw = session(box)
+    try:
+        assert raw.command(b"a", b'SEARCH SUBJECT "new subject"')[0] == b"* SEARCH 1\r\n"
+        assert raw.command(b"b", b'SEARCH SUBJECT "old subject"')[0] == b"* SEARCH\r\n"
+    finally:
+        raw.close()
