@@ -1,5 +1,5 @@
 """The per-message cache of what IMAP clients fetch for their message lists (issue 19), kept in the
-`message_cache` table next to the message rows (migration 0015). Dovecot's dovecot.index.cache is
+`message_cache` table next to the message rows (migration 0016). Dovecot's dovecot.index.cache is
 the model: a second session, or the box after a restart, answers FETCH ENVELOPE / BODYSTRUCTURE /
 BODY.PEEK[HEADER.FIELDS (...)], header SEARCH and SORT without reading the message files.
 

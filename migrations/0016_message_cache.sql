@@ -1,4 +1,4 @@
--- Letterbox schema, version 15: a per-message cache of what IMAP clients fetch for message lists
+-- Letterbox schema, version 16: a per-message cache of what IMAP clients fetch for message lists
 -- (issue 19), after Dovecot's dovecot.index.cache: ENVELOPE, BODYSTRUCTURE and BODY as rendered, and
 -- the header fields clients ask for (HEADER.FIELDS, header SEARCH and SORT keys), so a FETCH of
 -- those needs no message file read. Written with the message row at delivery and APPEND, and on
