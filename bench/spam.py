@@ -4,8 +4,14 @@ image/overlay/etc/redis/redis.conf).
 
 A private rspamd + Redis on loopback (tests/support/rspamd.py) starts from the image's local.d, with its
 own ports and a loopback DNS server that answers NXDOMAIN (no lookups leave the machine; the modules
-that fetch lists from the internet are off). A real `letterbox serve` receives N messages over one SMTP
-connection, first with the content filter off, then on; each DATA is timed from the client's side.
+that fetch lists from the internet are off). Memory is read per process (/proc/PID/smaps_rollup) twice:
+after the first start and after a restart. rspamd compiles the public-suffix list into a Hyperscan
+database (on amd64) and caches it in its DBDIR; the image compiles it in a process of its own before
+rspamd starts (letterbox-warm-tld.lua, run here too unless --no-warm), since rspamd's main process would
+keep the compiler's memory. A real `letterbox serve` then receives N messages over one SMTP connection, the content
+filter off and on in turns; each DATA is timed from the client's side. Last, rspamd's /checkv2 alone,
+with and without a Deliver-To (the per-mailbox Bayes, statistic.conf), in turns: what one more check
+per recipient would cost.
 
 Usage: python -m bench.spam [--messages 200] [--small-tld]
 """
@@ -13,6 +19,7 @@ Usage: python -m bench.spam [--messages 200] [--small-tld]
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import smtplib
 import statistics
@@ -22,11 +29,10 @@ import urllib.request
 from pathlib import Path
 
 from appliance.config import STANDARD_PORTS
+from appliance.spam.rspamd import Endpoint, Envelope, RspamdClient
 from bench.benchbox import cli, free_offset, serving, set_settings
-from tests.support.rspamd import RspamdPeer
+from tests.support.rspamd import IMAGE_LOCAL_D, RspamdPeer
 
-REPO = Path(__file__).resolve().parent.parent
-IMAGE_LOCAL_D = REPO / "image" / "overlay" / "etc" / "rspamd" / "local.d"
 USER = "bench@bench.test"
 BODY = ("Hello Alice,\r\n\r\nthe plumber comes on Thursday morning; please leave the key with the "
         "neighbours. The invoice for the kitchen paint is attached to my previous message.\r\n\r\n"
@@ -39,20 +45,35 @@ def message(n: int) -> bytes:
             + BODY).encode()
 
 
-def memory_kib(pids: list[int]) -> tuple[int, int]:
-    """(RSS, PSS) summed over the processes: RSS counts pages rspamd's workers share with their parent
-    once per process; PSS splits them, so its sum is what the processes take together."""
-    rss = pss = 0
+def memory_kib(pids: list[int]) -> dict[str, tuple[int, int]]:
+    """{process title: (RSS, PSS)} in KiB. RSS counts the pages rspamd's processes share (forked from one
+    main process, and the mapped Hyperscan databases) once per process; PSS splits them, so its sum is
+    what the processes take together."""
+    found: dict[str, tuple[int, int]] = {}
     for pid in pids:
         try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            rss = pss = 0
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Rss:"):
-                    rss += int(line.split()[1])
+                    rss = int(line.split()[1])
                 elif line.startswith("Pss:"):
-                    pss += int(line.split()[1])
+                    pss = int(line.split()[1])
         except OSError:
             continue
-    return rss, pss
+        name = title.split("(")[0].split(";")[0].strip().removeprefix("rspamd: ") or str(pid)
+        if name.startswith("redis-server"):
+            name = "redis"
+        found[f"{name} [{pid}]"] = (rss, pss)
+    return found
+
+
+def report_memory(when: str, peer: RspamdPeer) -> None:
+    usage = memory_kib(peer.pids())
+    rss, pss = sum(r for r, _ in usage.values()), sum(p for _, p in usage.values())
+    print(f"memory {when}: RSS {rss / 1024:.0f} MB summed, PSS {pss / 1024:.0f} MB summed (target <= 150 MB)")
+    for name, (r, p) in sorted(usage.items()):
+        print(f"    {name:<28} RSS {r / 1024:6.1f} MB  PSS {p / 1024:6.1f} MB")
 
 
 def timed_run(port: int, count: int, first: int) -> list[float]:
@@ -75,23 +96,50 @@ def percentiles(latencies: list[float]) -> tuple[float, float]:
     return statistics.median(ordered) * 1000, ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
 
 
+def check_latencies(peer: RspamdPeer, count: int) -> tuple[list[float], list[float]]:
+    """/checkv2 of one message, without and with Deliver-To, in turns: (box-wide only, with per-mailbox)."""
+    client = RspamdClient(Endpoint.parse(peer.scanner, 11333), Endpoint.parse(peer.controller, 11334))
+
+    async def run() -> tuple[list[float], list[float]]:
+        plain: list[float] = []
+        per_user: list[float] = []
+        for n in range(count):
+            for deliver_to, into in (("", plain), (USER, per_user)):
+                envelope = Envelope(ip="192.0.2.7", helo="client.elsewhere.example", sender="bob@elsewhere.example",
+                                    recipients=(USER,), deliver_to=deliver_to)
+                started = time.perf_counter()
+                await client.check(message(50_000 + n), envelope)
+                into.append(time.perf_counter() - started)
+        return plain, per_user
+
+    return asyncio.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--small-tld", action="store_true",
                         help="a tiny public-suffix list (quick start; the image compiles the full one)")
+    parser.add_argument("--no-warm", action="store_true",
+                        help="let rspamd compile the public-suffix list itself at its first start (without "
+                             "the image's ExecStartPre, letterbox-warm-tld.lua)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-spam-") as tmp:
         root = Path(tmp)
         peer = RspamdPeer(root / "rspamd", base_local=IMAGE_LOCAL_D, full_tld=not args.small_tld,
-                          redis_maxmemory="48mb", ready_seconds=900)
-        started = time.monotonic()
+                          redis_maxmemory="48mb", ready_seconds=900, min_learns=None, warm_tld=not args.no_warm)
         try:
-            peer.start()  # inside the try: a start that times out still stops what it started
-            print(f"rspamd + redis ready in {time.monotonic() - started:.1f} s "
-                  f"({len(peer.pids())} processes: {'full' if not args.small_tld else 'small'} public-suffix list)")
-            rss, pss = memory_kib(peer.pids())
-            print(f"memory after start: RSS {rss / 1024:.0f} MB summed, PSS {pss / 1024:.0f} MB (target <= 150 MB)")
+            first = "after the first start" + (" (rspamd compiled the list)" if args.no_warm else
+                                               " (the list compiled before it, as the image's rspamd.service does)")
+            for when in (first, "after a restart (the compiled list read back from the cache)"):
+                started = time.monotonic()
+                peer.start()  # inside the try: a start that times out still stops what it started
+                print(f"rspamd + redis ready in {time.monotonic() - started:.1f} s "
+                      f"({'full' if not args.small_tld else 'small'} public-suffix list)")
+                time.sleep(5)  # the hs_helper compiles the regexp cache just after start
+                report_memory(when, peer)
+                if when == first:
+                    peer.stop()
             data = root / "data"
             cli(data, "domain", "add", "bench.test")
             cli(data, "user", "add", USER, "--password-stdin", stdin="a long bench password\n")
@@ -117,8 +165,13 @@ def main() -> None:
             print(f"DATA without the filter: p50 {off50:.1f} ms, p99 {off99:.1f} ms ({len(off)} messages)")
             print(f"DATA with rspamd:        p50 {on50:.1f} ms, p99 {on99:.1f} ms ({len(on)} messages)")
             print(f"added by the content filter: p50 {on50 - off50:.1f} ms, p99 {on99 - off99:.1f} ms")
-            rss, pss = memory_kib(peer.pids())
-            print(f"memory after {len(on)} checks: RSS {rss / 1024:.0f} MB summed, PSS {pss / 1024:.0f} MB")
+            plain, per_user = check_latencies(peer, args.messages // 2)
+            (p50, p99), (u50, u99) = percentiles(plain), percentiles(per_user)
+            ratios = sorted(u / p for u, p in zip(per_user, plain, strict=True))
+            print(f"/checkv2 box-wide Bayes only:   p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(plain)} checks)")
+            print(f"/checkv2 with Deliver-To:       p50 {u50:.1f} ms, p99 {u99:.1f} ms (paired ratio median "
+                  f"{statistics.median(ratios):.2f})")
+            report_memory(f"after {len(on) + 2 * len(plain)} checks", peer)
         finally:
             peer.stop()
 
