@@ -1,7 +1,8 @@
 """A log table written in batches: the hot path records rows in memory, one transaction writes them.
 
 Used where a record is kept of what happened (spam decisions, the delivery log) and a commit per
-record would cost the SMTP path an fsync of its own. `record` is synchronous and never touches the
+record would cost the SMTP path an fsync of its own; the batch's own commit is not fsynced either
+(Database.transaction(durable=False)): the next durable commit of the box carries it to the disk. `record` is synchronous and never touches the
 database; rows are written `flush_delay` seconds after the first of them (at once when `batch` are
 waiting). A crash loses at most those few seconds of log, never mail: nothing depends on these rows.
 At most `max_pending` rows wait (a flood cannot grow memory); beyond that the oldest are dropped and
@@ -97,7 +98,8 @@ class BatchedLog(Generic[T]):
             batch = list(self._pending)
             self._pending.clear()
             try:
-                async with self._db.transaction() as tx:
+                # Not fsynced on its own: the next delivery's commit carries these rows to the disk.
+                async with self._db.transaction(durable=False) as tx:
                     await tx.executemany(self._insert, [tuple(self._to_row(entry)) for entry in batch])
                     now = self._clock()
                     if now - self._last_prune >= PRUNE_EVERY:

@@ -27,6 +27,9 @@ FOREIGN_KEYS_OFF = "-- letterbox: foreign-keys-off"
 DB_FILE_MODE = 0o600
 
 
+DURABLE_SYNC = "FULL"  # every commit fsyncs the WAL, unless a transaction says it need not
+
+
 class DatabaseError(Exception):
     """A database problem with a message fit for one line on a terminal."""
 
@@ -82,7 +85,7 @@ class Database:
         finally:
             os.umask(old_umask)
         secure_db_files(path)
-        await conn.execute("PRAGMA synchronous=FULL")  # acknowledged mail must survive power loss
+        await conn.execute(f"PRAGMA synchronous={DURABLE_SYNC}")  # acknowledged mail must survive power loss
         await conn.execute("PRAGMA foreign_keys=ON")
         await conn.execute("PRAGMA busy_timeout=5000")
         db = cls(conn, path)
@@ -140,17 +143,29 @@ class Database:
         return known
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception. Writers queue on one lock."""
+    async def transaction(self, *, durable: bool = True) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception. Writers queue on one lock.
+
+        `durable=False` is for rows nothing depends on (the delivery log, the spam decisions): the
+        commit is not fsynced (synchronous=NORMAL for this one commit). In WAL mode the next durable
+        commit's fsync of the WAL carries these frames too, and a crash before it loses only them:
+        recovery stops at the first frame that did not reach the disk, after every durable one
+        (https://sqlite.org/pragma.html#pragma_synchronous, https://sqlite.org/wal.html)."""
         async with self._write_lock:
-            await self._conn.execute("BEGIN IMMEDIATE")
+            if not durable:
+                await self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._conn
-            except BaseException:
-                await self._conn.execute("ROLLBACK")
-                raise
-            else:
-                await self._conn.execute("COMMIT")
+                await self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    await self._conn.execute("ROLLBACK")
+                    raise
+                else:
+                    await self._conn.execute("COMMIT")
+            finally:
+                if not durable:
+                    await self._conn.execute(f"PRAGMA synchronous={DURABLE_SYNC}")
 
     async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> int:
         """One write statement in its own transaction; returns lastrowid."""

@@ -4,6 +4,7 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import aiosqlite
 import pytest
 
 from appliance.db import Database, DatabaseError, _split_sql, load_migrations
@@ -85,3 +86,71 @@ def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
 def test_split_sql_keeps_semicolons_inside_strings() -> None:
     script = "-- comment\nCREATE TABLE t (x TEXT DEFAULT ';');\nINSERT INTO t VALUES ('a;b');\n"
     assert _split_sql(script) == ["CREATE TABLE t (x TEXT DEFAULT ';');", "INSERT INTO t VALUES ('a;b');"]
+
+
+FSYNC_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from appliance.db import Database
+
+async def main() -> None:
+    db = await Database.open(Path(sys.argv[1]))
+    await db.execute("CREATE TABLE log (n INTEGER)")
+    print("start", flush=True)
+    for n in range(int(sys.argv[2])):
+        async with db.transaction(durable=sys.argv[3] == "durable") as tx:
+            await tx.execute("INSERT INTO log VALUES (?)", (n,))
+    print("end", flush=True)
+    await db.close()
+
+asyncio.run(main())
+"""
+
+
+def fsyncs(tmp_path: Path, mode: str, commits: int) -> int:
+    """fsync/fdatasync calls of `commits` transactions in a fresh process, counted by strace between
+    the script's two marks (opening and migrating the db has its own)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import require_program
+
+    strace = require_program("strace")
+    trace = tmp_path / f"{mode}.trace"
+    subprocess.run([strace, "-f", "-qq", "-e", "trace=fsync,fdatasync,write", "-o", str(trace), sys.executable, "-c",
+                    FSYNC_SCRIPT, str(tmp_path / f"{mode}.db"), str(commits), mode], check=True, capture_output=True)
+    lines = trace.read_text().splitlines()
+    marks = [i for i, line in enumerate(lines) if 'write(1, "start' in line or 'write(1, "end' in line]
+    assert len(marks) == 2, lines[-20:]
+    return sum(1 for line in lines[marks[0]:marks[1]] if "fsync(" in line or "fdatasync(" in line)
+
+
+def test_a_transaction_that_need_not_be_durable_costs_no_fsync(tmp_path: Path) -> None:
+    """The batched logs' commits (durable=False) leave the disk to the next durable commit."""
+    assert fsyncs(tmp_path, "durable", 20) >= 20  # synchronous=FULL: the WAL at every commit
+    assert fsyncs(tmp_path, "batched", 20) == 0
+
+
+def test_durability_is_back_after_a_transaction_that_did_not_need_it(tmp_path: Path) -> None:
+    async def level(tx: aiosqlite.Connection) -> int:
+        async with tx.execute("PRAGMA synchronous") as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def scenario() -> list[int]:
+        db = await Database.open(tmp_path / "x.db")
+        levels = []
+        try:
+            async with db.transaction(durable=False) as tx:
+                levels.append(await level(tx))
+            with pytest.raises(RuntimeError):
+                async with db.transaction(durable=False):
+                    raise RuntimeError("rolled back")
+            async with db.transaction() as tx:
+                levels.append(await level(tx))
+        finally:
+            await db.close()
+        return levels
+
+    assert asyncio.run(scenario()) == [1, 2]  # NORMAL inside, FULL again after (even after a rollback)

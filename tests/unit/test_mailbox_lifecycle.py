@@ -139,8 +139,8 @@ def test_removal_that_does_not_commit_puts_the_mail_back(tmp_path: Path) -> None
         real = db.transaction
 
         @contextlib.asynccontextmanager
-        async def commit_fails() -> AsyncIterator[Any]:
-            async with real() as tx:
+        async def commit_fails(*, durable: bool = True) -> AsyncIterator[Any]:
+            async with real(durable=durable) as tx:
                 yield tx
                 raise sqlite3.OperationalError("disk I/O error")  # as a failed COMMIT: rolled back
 

@@ -108,10 +108,10 @@ def test_a_burst_is_written_in_few_commits_and_close_writes_the_rest(tmp_path: P
         commits = 0
         real = db.transaction
 
-        def counting():  # type: ignore[no-untyped-def]
+        def counting(*, durable: bool = True):  # type: ignore[no-untyped-def]
             nonlocal commits
             commits += 1
-            return real()
+            return real(durable=durable)
 
         db.transaction = counting  # type: ignore[method-assign]
         try:
