@@ -376,6 +376,16 @@ async def refresh_dns(svc: Services) -> None:
         await dns_check.save_results(svc.db, domain, results, svc.status_probes.clock())
 
 
+async def check_everything(svc: Services) -> list[Item]:
+    """A whole run, in the background or from the console's Check now: the domains' DNS records looked
+    up again, then every check (and the alert mails they call for)."""
+    try:
+        await asyncio.wait_for(refresh_dns(svc), CHECK_TIMEOUT)
+    except Exception:  # DNS that does not answer: the checklist shows the last results
+        log.exception("the DNS records could not be checked again")
+    return await run_all(svc)
+
+
 async def _alert(svc: Services, items: list[Item], before: dict[str, Level], clock: Callable[[], float]) -> None:
     """The postmaster's alert mails (appliance/alerts.py); a failure to mail never fails the checks."""
     from appliance.alerts import Alerts
@@ -439,13 +449,7 @@ class StatusSchedule:
         self._task = asyncio.create_task(self._run(), name="status-checks")
 
     async def run_once(self) -> list[Item]:
-        """One background run: the domains' DNS records looked up again, then every check (and the
-        alert mails they call for)."""
-        try:
-            await asyncio.wait_for(refresh_dns(self._svc), CHECK_TIMEOUT)
-        except Exception:  # DNS that does not answer: the checklist shows the last results
-            log.exception("the DNS records could not be checked again")
-        return await run_all(self._svc)
+        return await check_everything(self._svc)
 
     async def _run(self) -> None:
         await asyncio.sleep(self._first_delay)

@@ -65,7 +65,7 @@ async def status_check(request: Request) -> Response:
     """Check now: every item of the checklist again (the background runs it every few hours)."""
     await require(request, "admin")
     await read_form(request)
-    items = await status_checks.run_all(services(request))
+    items = await status_checks.check_everything(services(request))
     problems = sum(item.level in ("fail", "warn") for item in items)
     flash(request, "Everything checked is fine." if not problems else
           f"Checked: {problems} item{'' if problems == 1 else 's'} to look at.")
