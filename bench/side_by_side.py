@@ -1,0 +1,681 @@
+"""Letterbox side by side with the component standard on this machine (issue 19): Dovecot 2.3 for IMAP,
+POP3 and LMTP, Postfix 3.7 for SMTP intake (-> Dovecot LMTP, and -> virtual(8)) and submission (SASL
+through Dovecot, the same argon2id cost as Letterbox's), the same client and the same messages.
+
+Every round starts each server afresh on a fresh hard-linked copy of the same Maildir (bench/corpus.py),
+so "cold" means the same for both: Letterbox sees foreign files, Dovecot builds its index. Runs are
+interleaved (Letterbox, peer, Letterbox, peer...), each figure is the median of the rounds, and the
+ratio is Letterbox's relative performance: above 1 Letterbox is faster (or smaller), below 1 slower.
+A command that passes --timeout is stopped there and shown as "> N s" (then that session is closed).
+The machine's load (uptime) is printed with the table: other work moves absolute figures, the
+interleaving keeps the ratios honest.
+
+Usage: python -m bench.side_by_side [--sizes 1000,10000,100000] [--rounds 3] [--timeout 120]
+       [--smtp-messages 2000] [--submissions 20] [--deliveries 2000] [--appends 200] [--pop3-mib 50]
+       [--stress-secs 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import smtplib
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trustme
+
+from appliance.admin import open_admin
+from appliance.config import STANDARD_PORTS
+from appliance.passwords import hash_password
+from bench import corpus
+from bench.benchbox import free_offset, serving, set_settings
+from bench.imap import Client
+from bench.peers import BenchDovecot, BenchPostfix, tree_memory
+from bench.pop3 import Client as Pop3Client
+from tests.support.dns_server import ZoneServer
+
+DOMAIN = "bench.test"
+READER, RCPT, SUBMITTER, POPPER, STRESS = (f"{u}@{DOMAIN}" for u in ("reader", "rcpt", "sub", "pop", "stress"))
+PASSWORD = "bench password 1234567"
+SENDER_DOMAIN = "elsewhere.test"
+SENDER_ZONE = {  # what a sender's zone publishes (RFC 7208 SPF, RFC 7489 DMARC), as in bench/smtp.py
+    (SENDER_DOMAIN, "TXT"): ['"v=spf1 ip4:127.0.0.1 -all"'],
+    (f"_dmarc.{SENDER_DOMAIN}", "TXT"): ['"v=DMARC1; p=none"'],
+    ("bench.client", "TXT"): ['"v=spf1 ip4:127.0.0.1 -all"'],
+}
+THUNDERBIRD = ("UID FETCH 1:* (UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS (From To Cc Bcc Subject Date "
+               "Message-ID Priority X-Priority References Newsgroups In-Reply-To Content-Type Reply-To)])")
+IMAPTEST = Path(os.environ.get("IMAPTEST", "/work/tools/imaptest/bin/imaptest"))
+LINEAR_SLACK = 1.25  # per-message cost may grow this much from the smallest to the largest size (noise)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results: one Row per line of the table, each server's figure per round.
+
+
+@dataclass
+class Row:
+    work: str
+    unit: str
+    lower_is_better: bool
+    peer: str = "Dovecot"
+    size: int | None = None
+    letterbox: list[float | None] = field(default_factory=list)
+    other: list[float | None] = field(default_factory=list)
+    note: str = ""
+    found: dict[str, set[int]] = field(default_factory=dict)  # a SEARCH's answer size per server
+
+    def median(self, values: list[float | None]) -> float | None:
+        """The median of the rounds; a round that timed out counts as the worst figure there is (+inf for a
+        time, 0 for a rate). None when there is no round at all."""
+        if not values:
+            return None
+        worst = float("inf") if self.lower_is_better else 0.0
+        return statistics.median(worst if v is None else v for v in values)
+
+    def ratio(self) -> float | None:
+        lb, peer = self.median(self.letterbox), self.median(self.other)
+        if lb is None or peer is None or not (0 < lb < float("inf")) or not (0 < peer < float("inf")):
+            return None
+        return peer / lb if self.lower_is_better else lb / peer
+
+
+class Results:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.rows: dict[tuple[str, int | None, str], Row] = {}
+        self.args = args
+        self.timeout: float = args.timeout
+
+    def row(self, work: str, unit: str, *, lower_is_better: bool, peer: str = "Dovecot",
+            size: int | None = None) -> Row:
+        key = (work, size, peer)
+        if key not in self.rows:
+            self.rows[key] = Row(work, unit, lower_is_better, peer, size)
+        return self.rows[key]
+
+    def add(self, work: str, unit: str, server: str, value: float | None, *, lower_is_better: bool,
+            peer: str = "Dovecot", size: int | None = None) -> None:
+        row = self.row(work, unit, lower_is_better=lower_is_better, peer=peer, size=size)
+        (row.letterbox if server == "letterbox" else row.other).append(value)
+
+    def cell(self, row: Row, values: list[float | None]) -> str:
+        value = row.median(values)
+        if value is None:
+            return "n/a"
+        if value == float("inf"):
+            return f"> {self.timeout:g} s"
+        rounds = ", ".join("—" if v is None else _num(v) for v in values)
+        return f"{_num(value)} {row.unit}" + (f" ({rounds})" if len(values) > 1 else "")
+
+    def scaling(self, row: Row, values_by_size: dict[int, list[float | None]]) -> str:
+        """Per-message cost at the largest size over that at the smallest: <= LINEAR_SLACK is linear or
+        better (a time per message that does not grow, or a rate that does not fall)."""
+        figures = {s: row.median(v) for s, v in values_by_size.items()}
+        usable = sorted(s for s, f in figures.items() if f is not None and 0 < f < float("inf"))
+        if len(usable) < 2 or row.unit == "MiB":  # memory: absolute targets, not per message
+            return ""
+        small, large = usable[0], usable[-1]
+        a, b = figures[small] or 0.0, figures[large] or 0.0
+        factor = (b / large) / (a / small) if row.lower_is_better else a / b
+        verdict = "linear or better" if factor <= LINEAR_SLACK else "WORSE than linear"
+        return f"{verdict} (x{factor:.2f} per message, {small:,}→{large:,})"
+
+    @staticmethod
+    def found_note(row: Row) -> str:
+        """How many messages a SEARCH found: the same on both servers, or both counts when they differ."""
+        if not row.found:
+            return ""
+        counts = {server: ", ".join(map(str, sorted(found))) for server, found in row.found.items()}
+        if len(set(counts.values())) == 1:
+            return f" (finds {next(iter(counts.values()))})"
+        return " (finds: " + "; ".join(f"{server} {count}" for server, count in counts.items()) + ")"
+
+    def print_table(self, out: Callable[[str], None]) -> None:
+        out("| work | N | Letterbox | peer | peer figure | ratio (>1: Letterbox better) | Letterbox scaling | "
+            "peer scaling |")
+        out("|---|---|---|---|---|---|---|---|")
+        by_work: dict[tuple[str, str], dict[int, Row]] = {}
+        for row in self.rows.values():
+            if row.size is not None:
+                by_work.setdefault((row.work, row.peer), {})[row.size] = row
+        for row in self.rows.values():
+            ratio = row.ratio()
+            ratio_text = f"{ratio:.2f}×" if ratio is not None else "n/a"
+            lb_scale = peer_scale = ""
+            sized = by_work.get((row.work, row.peer), {})
+            if row.size is not None and row.size == max(sized):
+                lb_scale = self.scaling(row, {s: r.letterbox for s, r in sized.items()})
+                peer_scale = self.scaling(row, {s: r.other for s, r in sized.items()})
+            size = f"{row.size:,}" if row.size is not None else ""
+            work = row.work + (f" ({row.note})" if row.note else "") + self.found_note(row)
+            out(f"| {work} | {size} | {self.cell(row, row.letterbox)} | {row.peer} | {self.cell(row, row.other)} "
+                f"| {ratio_text} | {lb_scale} | {peer_scale} |")
+
+
+def _num(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The servers: each started afresh per round on fresh copies of the same files.
+
+
+@dataclass(frozen=True)
+class Box:
+    pid: int
+    offset: int
+    data: Path
+
+    def port(self, service: str) -> int:
+        return STANDARD_PORTS[service] + self.offset
+
+    def maildir(self, user: str) -> Path:
+        return self.data / "mail" / DOMAIN / user.split("@")[0]
+
+
+@dataclass
+class Setup:
+    work: Path
+    cert: Path
+    key: Path
+    cert_chain: bytes
+    key_pem: bytes
+    template: Path  # a Letterbox data dir with the domain and users, copied per round
+    args: argparse.Namespace
+
+    @classmethod
+    def make(cls, work: Path, args: argparse.Namespace) -> Setup:
+        issued = trustme.CA().issue_cert("localhost", "127.0.0.1")
+        cert, key = work / "cert.pem", work / "key.pem"
+        chain = b"".join(blob.bytes() for blob in issued.cert_chain_pems)
+        cert.write_bytes(chain)
+        key.write_bytes(issued.private_key_pem.bytes())
+        template = work / "letterbox-template"
+        asyncio.run(make_template(template))
+        return cls(work, cert, key, chain, issued.private_key_pem.bytes(), template, args)
+
+    @contextlib.contextmanager
+    def letterbox(self, folders: dict[str, Path], settings: dict[str, str] | None = None) -> Iterator[Box]:
+        """A fresh box whose users' INBOXes are hard-linked copies of `folders`."""
+        run = Path(tempfile.mkdtemp(prefix="lb-", dir=self.work))
+        data = run / "data"
+        shutil.copytree(self.template, data)
+        for user, folder in folders.items():
+            corpus.link_copy(folder, data / "mail" / DOMAIN / user.split("@")[0])
+        set_settings(data, {"queue_hold": "1", **(settings or {})})
+        try:
+            with self._serving(data, run / "serve.log") as box:
+                yield box
+        finally:
+            shutil.rmtree(run, ignore_errors=True)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _serving(data: Path, log: Path) -> Iterator[Box]:
+        """`letterbox serve` at a random free port block, another one if a port was taken meanwhile (other
+        benchmarks and tests on this machine pick blocks too)."""
+        for attempt in range(5):
+            offset = free_offset(20000 + random.randrange(20) * 1009)
+            started = False
+            try:
+                with serving(data, log, offset, hostname=DOMAIN) as proc:
+                    started = True
+                    yield Box(proc.pid, offset, data)
+                    return
+            except SystemExit as exc:
+                if started or "address already in use" not in str(exc) or attempt == 4:
+                    raise
+
+    @contextlib.contextmanager
+    def dovecot(self, folders: dict[str, Path]) -> Iterator[BenchDovecot]:
+        # Dovecot's SASL for Postfix's submission checks the same argon2id hash Letterbox stores.
+        secrets = dict.fromkeys((READER, POPPER, STRESS, "in@lmtp.test"), "{PLAIN}" + PASSWORD)
+        secrets[SUBMITTER] = "{ARGON2ID}" + hash_password(PASSWORD)
+        server = BenchDovecot(secrets, (self.cert, self.key))
+        try:
+            for user, folder in folders.items():
+                corpus.link_copy(folder, server.maildir(user))
+            server.start()
+            yield server
+        finally:
+            server.cleanup()
+
+
+async def make_template(data: Path) -> None:
+    """The domain and users, through the same application functions the CLI calls (one process: each CLI
+    run costs seconds of interpreter start on a loaded machine)."""
+    async with open_admin(data) as admin:
+        await admin.add_domain(DOMAIN)
+        for user in (READER, RCPT, SUBMITTER, POPPER, STRESS):
+            await admin.create_mailbox(user, PASSWORD)
+
+
+def client_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # both servers' certificates are throwaway ones, on loopback
+    return context
+
+
+def memory(results: Results, work: str, server: str, pid: int, size: int | None) -> None:
+    rss, pss, _ = tree_memory(pid)
+    results.add(f"{work}: RSS, all processes", "MiB", server, rss / 1024, lower_is_better=True, size=size)
+    results.add(f"{work}: PSS, all processes", "MiB", server, pss / 1024, lower_is_better=True, size=size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# IMAP rows, the same client code for both servers.
+
+
+class Session(Client):
+    """bench.imap's client with a deadline per command; after a timeout the session is unusable."""
+
+    timeout: float = 120.0
+    broken: bool = False
+
+    async def timed(self, text: str) -> tuple[float | None, int]:
+        if self.broken:
+            return None, 0
+        started = time.perf_counter()
+        try:
+            count, _ = await asyncio.wait_for(self.command(text), self.timeout)
+        except TimeoutError:
+            self.broken = True
+            return None, 0
+        return time.perf_counter() - started, count
+
+    async def append(self, mailbox: str, data: bytes) -> None:
+        """APPEND with a synchronizing literal (RFC 3501 section 7.5: wait for the continuation)."""
+        self.tag += 1
+        tag = f"a{self.tag}".encode()
+        self.writer.write(tag + f" APPEND {mailbox} {{{len(data)}}}\r\n".encode())
+        line = await self.reader.readline()
+        if not line.startswith(b"+"):
+            raise RuntimeError(f"APPEND: {line!r}")
+        self.writer.write(data + b"\r\n")
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise ConnectionError("closed")
+            if line.startswith(tag + b" "):
+                if not line.startswith(tag + b" OK"):
+                    raise RuntimeError(f"APPEND: {line!r}")
+                return
+
+    async def search(self, criteria: str) -> tuple[float | None, int]:
+        """A SEARCH's time and the number of messages it found."""
+        if self.broken:
+            return None, 0
+        self.tag += 1
+        tag = f"s{self.tag}".encode()
+        started = time.perf_counter()
+        self.writer.write(tag + b" " + criteria.encode() + b"\r\n")
+        found = 0
+        try:
+            async with asyncio.timeout(self.timeout):
+                while not (line := await self.reader.readline()).startswith(tag + b" "):
+                    if not line:
+                        raise ConnectionError("closed")
+                    if line.startswith(b"* SEARCH"):
+                        found += len(line.split()) - 2
+        except TimeoutError:
+            self.broken = True
+            return None, 0
+        if not line.startswith(tag + b" OK"):
+            raise RuntimeError(f"{criteria}: {line!r}")
+        return time.perf_counter() - started, found
+
+
+async def open_session(port: int, user: str, deadline: float) -> Session:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(), limit=1 << 24)
+    session = Session(reader, writer)
+    session.timeout = deadline
+    await reader.readline()
+    await session.command(f'LOGIN "{user}" "{PASSWORD}"')
+    return session
+
+
+async def close_session(session: Session) -> None:
+    if not session.broken:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await session.command("LOGOUT")
+    await session.close()
+
+
+def ms(value: float | None) -> float | None:
+    return None if value is None else value * 1000
+
+
+async def imap_rows(results: Results, server: str, imaps: int, lmtp: int, size: int) -> None:
+    """All IMAP rows of one round on one server, in an order where each "cold" is really cold."""
+    args_timeout = results.timeout
+
+    def add(work: str, seconds: float | None, count: int = -1, found: int = -1) -> None:
+        if count >= 0 and seconds is not None and count != size:
+            raise RuntimeError(f"{server}: {work} answered {count} messages, not {size}")
+        results.add(work, "ms", server, ms(seconds), lower_is_better=True, size=size)
+        if found >= 0 and seconds is not None:
+            row = results.row(work, "ms", lower_is_better=True, size=size)
+            row.found.setdefault("Letterbox" if server == "letterbox" else "Dovecot", set()).add(found)
+
+    first = await open_session(imaps, READER, args_timeout)
+    add("IMAP SELECT, cold (first open)", (await first.timed("SELECT INBOX"))[0])
+    add("Thunderbird's first header fetch, cold", *(await first.timed(THUNDERBIRD)))
+    again = sorted([(await first.timed("SELECT INBOX"))[0] or float("inf") for _ in range(5)])
+    add("IMAP SELECT, same session (median of 5)", again[2] if again[2] != float("inf") else None)
+    add("UID FETCH 1:* (FLAGS)", *(await first.timed("UID FETCH 1:* (FLAGS)")))
+    await close_session(first)
+
+    second = await open_session(imaps, READER, args_timeout)
+    await second.timed("SELECT INBOX")
+    add("FETCH 1:* (ENVELOPE BODYSTRUCTURE), second session",
+        *(await second.timed("FETCH 1:* (ENVELOPE BODYSTRUCTURE)")))
+    seconds, found = await second.search(f"SEARCH SUBJECT {corpus.SUBJECT_WORD}")
+    add("SEARCH SUBJECT", seconds, found=found)
+    await close_session(second)
+
+    elapsed = await lmtp_load(lmtp, READER, size, results.args.deliveries)
+    results.add(f"LMTP delivery of {results.args.deliveries} into the folder, 10 sessions", "msg/s", server, results.args.deliveries / elapsed, lower_is_better=False, size=size)
+
+    appender = await open_session(imaps, READER, args_timeout)
+    started = time.perf_counter()
+    for n in range(results.args.appends):
+        await appender.append("INBOX", corpus.message(size + results.args.deliveries + n, READER))
+    results.add(f"IMAP APPEND into the folder, one session ({results.args.appends} messages)", "msg/s", server,
+                results.args.appends / (time.perf_counter() - started), lower_is_better=False, size=size)
+    await close_session(appender)
+
+    # Last: a timed-out search may go on inside the server until it is stopped.
+    last = await open_session(imaps, READER, args_timeout)
+    await last.timed("SELECT INBOX")
+    seconds, found = await last.search(f"SEARCH BODY {corpus.BODY_WORD}")
+    add("SEARCH BODY", seconds, found=found)
+    await close_session(last)
+
+
+async def lmtp_load(port: int, user: str, start: int, count: int, sessions: int = 10) -> float:
+    """`count` messages over `sessions` LMTP connections (RFC 2033), each acknowledged after delivery."""
+    todo = iter(range(start, start + count))
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def reply(expect: str) -> None:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    raise ConnectionError("LMTP closed")
+                if line[3:4] != b"-":
+                    if not line.startswith(expect.encode()):
+                        raise RuntimeError(f"LMTP: {line!r}")
+                    return
+
+        await reply("220")
+        writer.write(b"LHLO bench.client\r\n")
+        await reply("250")
+        for n in todo:
+            data = corpus.message(n, user).replace(b"\r\n.", b"\r\n..")
+            writer.write(f"MAIL FROM:<sender@{SENDER_DOMAIN}>\r\nRCPT TO:<{user}>\r\nDATA\r\n".encode())
+            await reply("250")
+            await reply("250")
+            await reply("354")
+            writer.write(data + b".\r\n")
+            await reply("250")
+        writer.write(b"QUIT\r\n")
+        await reply("221")
+        writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(sessions)))
+    return time.perf_counter() - started
+
+
+def imap_round(setup: Setup, results: Results, folder: Path, size: int) -> None:
+    order = ("letterbox", "dovecot")
+    for server in order:
+        if server == "letterbox":
+            with setup.letterbox({READER: folder}) as box:
+                asyncio.run(imap_rows(results, server, box.port("imaps"), box.port("lmtp"), size))
+                memory(results, "after the IMAP runs, sessions closed", server, box.pid, size)
+        else:
+            with setup.dovecot({READER: folder}) as dovecot:
+                asyncio.run(imap_rows(results, server, dovecot.tls_port, dovecot.lmtp_port, size))
+                memory(results, "after the IMAP runs, sessions closed", server, dovecot.master(), size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SMTP, submission, POP3, imaptest stress: not about folder size, one set of rounds.
+
+
+def maildir_count(maildir: Path) -> int:
+    total = 0
+    for sub in ("new", "cur"):
+        with contextlib.suppress(FileNotFoundError), os.scandir(maildir / sub) as entries:
+            total += sum(1 for _ in entries)
+    return total
+
+
+def smtp_source(port: int, rcpt: str, maildir: Path, messages: int, deadline: float) -> float | None:
+    """Postfix's smtp-source: `messages` of 1 KiB over 10 sessions; msg/s until all are in the Maildir."""
+    before = maildir_count(maildir)
+    started = time.perf_counter()
+    result = subprocess.run(["smtp-source", "-s", "10", "-m", str(messages), "-l", "1024", "-M", "bench.client",
+                             "-f", f"sender@{SENDER_DOMAIN}", "-t", rcpt, f"127.0.0.1:{port}"],
+                            capture_output=True, text=True, timeout=deadline, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"smtp-source: {result.stdout} {result.stderr}")
+    while maildir_count(maildir) < before + messages:
+        if time.perf_counter() - started > deadline:
+            return None
+        time.sleep(0.01)
+    return messages / (time.perf_counter() - started)
+
+
+def submissions(port: int, count: int, rcpt: str) -> float:
+    """A new connection, STARTTLS and AUTH PLAIN per message, as a phone sending now and then: msg/s."""
+    context = client_context()
+    started = time.perf_counter()
+    for n in range(count):
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+            client.starttls(context=context)
+            client.login(SUBMITTER, PASSWORD)
+            message = (f"From: <{SUBMITTER}>\r\nTo: <{rcpt}>\r\nSubject: submitted {n}\r\n"
+                       f"Message-ID: <sub{n}.{time.time_ns()}@{DOMAIN}>\r\n\r\nHello.\r\n")
+            refused = client.sendmail(SUBMITTER, [rcpt], message)
+            if refused:
+                raise RuntimeError(f"submission refused: {refused}")
+    return count / (time.perf_counter() - started)
+
+
+def pop3_retr(port: int, octets: int) -> float:
+    """RETR of the maildrop's one big message over POP3S: MB/s of the message's size."""
+    client = Pop3Client(port, client_context())
+    client.command(f"USER {POPPER}")
+    client.command(f"PASS {PASSWORD}")
+    started = time.perf_counter()
+    client.multiline("RETR 1")
+    elapsed = time.perf_counter() - started
+    client.quit()
+    return octets / 1e6 / elapsed
+
+
+def imaptest_stress(imaps: int, mbox: Path, secs: int) -> tuple[float, float] | None:
+    """imaptest's stress mode, 5 clients, logout=0: (logins/s, fetches/s) from its totals."""
+    if not IMAPTEST.exists():
+        return None
+    result = subprocess.run([str(IMAPTEST), "host=127.0.0.1", f"port={imaps}", "ssl=any-cert", f"user={STRESS}",
+                             f"pass={PASSWORD}", f"mbox={mbox}", "clients=5", "logout=0", f"secs={secs}"],
+                            capture_output=True, text=True, errors="replace", timeout=secs + 120, check=False)
+    totals = parse_imaptest_totals(result.stdout)
+    if not totals:
+        raise RuntimeError(f"imaptest gave no totals: {result.stdout[-2000:]} {result.stderr[-2000:]}")
+    return totals.get("Logi", 0) / secs, (totals.get("Fetc", 0) + totals.get("Fet2", 0)) / secs
+
+
+def parse_imaptest_totals(output: str) -> dict[str, int]:
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == "Totals:" and i + 1 < len(lines):
+            names = lines[i + 1].split()
+            for candidate in lines[i + 2:]:
+                values = candidate.split()
+                if len(values) == len(names) and all(v.isdigit() for v in values):
+                    return dict(zip(names, map(int, values), strict=True))
+    return {}
+
+
+@dataclass
+class Fixed:
+    """The files every SMTP round starts from: the big POP3 message and imaptest's mbox."""
+
+    pop_folder: Path
+    pop_octets: int
+    stress_folder: Path
+    mbox: Path
+
+
+def make_fixed(work: Path, pop_mib: int) -> Fixed:
+    pop_folder = work / "corpus-pop"
+    octets = corpus.write_big_message(pop_folder, pop_mib, POPPER)
+    stress_folder = work / "corpus-stress"
+    corpus.make_maildir(stress_folder)
+    mbox = work / "stress.mbox"
+    corpus.write_mbox(mbox, 200, STRESS)
+    mbox.chmod(0o644)
+    return Fixed(pop_folder, octets, stress_folder, mbox)
+
+
+def smtp_round(setup: Setup, results: Results, fixed: Fixed, zone_address: str) -> None:
+    """One round of the rows that do not depend on a folder's size, Letterbox and its peer alternating."""
+    folders = {POPPER: fixed.pop_folder, STRESS: fixed.stress_folder}
+    virtual_rcpt = "rcpt@virtual.test"
+    with setup.dovecot(folders) as dovecot:
+        memory(results, "idle after start", "dovecot", dovecot.master(), None)
+        postfix = BenchPostfix(dovecot.lmtp_port, dovecot.auth_socket, [virtual_rcpt], setup.cert_chain, setup.key_pem)
+        try:
+            postfix.start()
+            with setup.letterbox(folders, {"dns_resolver": zone_address, "inbound_auth": "on"}) as box:
+                memory(results, "idle after start", "letterbox", box.pid, None)
+                for peer, target, maildir in (
+                    ("Postfix → Dovecot LMTP", "in@lmtp.test", dovecot.maildir("in@lmtp.test")),
+                    ("Postfix → virtual(8)", virtual_rcpt, postfix.maildir(virtual_rcpt)),
+                ):
+                    smtp_pair(results, "checks on", peer, box, (postfix.port, target, maildir))
+                sub = "submission, new connection + STARTTLS + AUTH per message"
+                peer = "Postfix + Dovecot SASL"
+                count = setup.args.submissions
+                results.add(sub, "msg/s", "letterbox", submissions(box.port("submission"), count, RCPT),
+                            lower_is_better=False, peer=peer)
+                results.add(sub, "msg/s", "peer", submissions(postfix.submission_port, count, virtual_rcpt),
+                            lower_is_better=False, peer=peer)
+                pop = f"POP3 RETR, one {setup.args.pop3_mib} MiB message, over TLS"
+                results.add(pop, "MB/s", "letterbox", pop3_retr(box.port("pop3s"), fixed.pop_octets),
+                            lower_is_better=False)
+                results.add(pop, "MB/s", "dovecot", pop3_retr(dovecot.pop3s_port, fixed.pop_octets),
+                            lower_is_better=False)
+                stress_rows(results, "letterbox", box.port("imaps"), fixed.mbox)
+                stress_rows(results, "dovecot", dovecot.tls_port, fixed.mbox)
+            with setup.letterbox({}, {"inbound_auth": "off"}) as box:
+                smtp_pair(results, "Letterbox's checks off", "Postfix → virtual(8)", box,
+                          (postfix.port, virtual_rcpt, postfix.maildir(virtual_rcpt)))
+        finally:
+            postfix.stop()
+
+
+def smtp_pair(results: Results, how: str, peer: str, box: Box, target: tuple[int, str, Path]) -> None:
+    """smtp-source into Letterbox's MX, then into Postfix (port, recipient, the Maildir it ends in)."""
+    count = results.args.smtp_messages
+    work = f"SMTP in, smtp-source {count} × 1 KiB, 10 sessions, until all are in the Maildir, {how}"
+    deadline = results.timeout * 5
+    results.add(work, "msg/s", "letterbox", smtp_source(box.port("smtp"), RCPT, box.maildir(RCPT), count, deadline),
+                lower_is_better=False, peer=peer)
+    results.add(work, "msg/s", "peer", smtp_source(*target, count, deadline), lower_is_better=False, peer=peer)
+
+
+def stress_rows(results: Results, server: str, imaps: int, mbox: Path) -> None:
+    secs = results.args.stress_secs
+    figures = imaptest_stress(imaps, mbox, secs)
+    for i, what in enumerate(("logins/s", "fetches/s")):
+        row = results.row(f"imaptest stress, 5 clients, logout=0, {secs} s: {what}", "/s", lower_is_better=False)
+        if figures is None:
+            row.note = f"not built: no {IMAPTEST}"
+            continue
+        (row.letterbox if server == "letterbox" else row.other).append(figures[i])
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def run(args: argparse.Namespace, out: Callable[[str], None]) -> Results:
+    results = Results(args)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="letterbox-side-by-side-") as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)  # Dovecot's and Postfix's processes read the corpus and mbox as other users
+        setup = Setup.make(work, args)
+        fixed = make_fixed(work, args.pop3_mib)
+        zone = ZoneServer(SENDER_ZONE, ttl=3600, negative_ttl=900)
+        zone_port = zone.start()
+        try:
+            for n in range(args.rounds):
+                out(f"# SMTP/POP3/stress round {n + 1}/{args.rounds}   {uptime()}")
+                smtp_round(setup, results, fixed, f"127.0.0.1:{zone_port}")
+        finally:
+            zone.stop()
+        for size in args.sizes:
+            folder = work / f"corpus-{size}"
+            corpus.write_folder(folder, size, READER)
+            for n in range(args.rounds):
+                out(f"# IMAP {size:,} messages, round {n + 1}/{args.rounds}   {uptime()}")
+                imap_round(setup, results, folder, size)
+            shutil.rmtree(folder)
+    out(f"# done in {time.monotonic() - started:.0f} s   {uptime()}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1000,10000,100000",
+                        type=lambda text: [int(s) for s in text.split(",") if s])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per IMAP command")
+    parser.add_argument("--smtp-messages", type=int, default=2000)
+    parser.add_argument("--submissions", type=int, default=20)
+    parser.add_argument("--deliveries", type=int, default=2000)
+    parser.add_argument("--appends", type=int, default=200)
+    parser.add_argument("--pop3-mib", type=int, default=50)
+    parser.add_argument("--stress-secs", type=int, default=10)
+    args = parser.parse_args(argv)
+
+    def out(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    results = run(args, out)
+    print(f"Letterbox vs Postfix + Dovecot, medians of {args.rounds} interleaved rounds (each round's figures in "
+          f"brackets); {uptime()}")
+    results.print_table(print)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
