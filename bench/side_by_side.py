@@ -87,9 +87,11 @@ class Row:
 
     def ratio(self) -> float | None:
         lb, peer = self.median(self.letterbox), self.median(self.other)
-        if lb is None or peer is None or not (0 < lb < float("inf")) or not (0 < peer < float("inf")):
+        if lb is None or peer is None or not (0 < peer < float("inf")) or lb == float("inf"):
             return None
-        return peer / lb if self.lower_is_better else lb / peer
+        if self.lower_is_better:
+            return peer / lb if lb else None
+        return lb / peer
 
 
 class Results:
