@@ -23,6 +23,7 @@ import contextlib
 import os
 import random
 import shutil
+import signal
 import smtplib
 import ssl
 import statistics
@@ -233,7 +234,7 @@ class Setup:
         """`letterbox serve` at a random free port block, another one if a port was taken meanwhile (other
         benchmarks and tests on this machine pick blocks too)."""
         for attempt in range(5):
-            offset = free_offset(20000 + random.randrange(20) * 1009)
+            offset = free_offset(31000 + random.randrange(20) * 1009)  # 11000..30999: the tests (conftest)
             started = False
             try:
                 with serving(data, log, offset, hostname=DOMAIN) as proc:
@@ -247,7 +248,7 @@ class Setup:
     @contextlib.contextmanager
     def dovecot(self, folders: dict[str, Path]) -> Iterator[BenchDovecot]:
         # Dovecot's SASL for Postfix's submission checks the same argon2id hash Letterbox stores.
-        secrets = dict.fromkeys((READER, POPPER, STRESS, "in@lmtp.test"), "{PLAIN}" + PASSWORD)
+        secrets = dict.fromkeys((READER, POPPER, STRESS, "in@lmtp.test"), PASSWORD)
         secrets[SUBMITTER] = "{ARGON2ID}" + hash_password(PASSWORD)
         server = BenchDovecot(secrets, (self.cert, self.key))
         try:
@@ -665,6 +666,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None]) -> Results:
             for n in range(args.rounds):
                 out(f"# SMTP/POP3/stress round {n + 1}/{args.rounds}   {uptime()}")
                 smtp_round(setup, results, fixed, f"127.0.0.1:{zone_port}")
+                results.print_table(out)  # so far: an interrupted run still shows what it measured
         finally:
             zone.stop()
         for size in args.sizes:
@@ -673,6 +675,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None]) -> Results:
             for n in range(args.rounds):
                 out(f"# IMAP {size:,} messages, round {n + 1}/{args.rounds}   {uptime()}")
                 imap_round(setup, results, folder, size)
+                results.print_table(out)
             shutil.rmtree(folder)
     out(f"# done in {time.monotonic() - started:.0f} s   {uptime()}")
     return results
@@ -691,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pop3-mib", type=int, default=50)
     parser.add_argument("--stress-secs", type=int, default=10)
     args = parser.parse_args(argv)
+
+    # SIGTERM (a killed `make bench`) unwinds like an error, so the private servers are stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     def out(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

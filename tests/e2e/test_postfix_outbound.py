@@ -9,15 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
-import shutil
-import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator
-from functools import partial
-from pathlib import Path
 
 import dkim
 import dns.resolver
@@ -27,133 +21,43 @@ import trustme
 from appliance.db import Database
 from tests.conftest import ServedBox, require_program
 from tests.support.dns_server import ZoneServer
-from tests.support.polling import process_gone, wait_until
+from tests.support.polling import wait_until
+from tests.support.postfix import PostfixInstance
 from tests.support.receivers import free_port
 
 pytestmark = pytest.mark.e2e
 
 POSTFIX_HOST = "127.0.0.2"
-NOBODY = 65534  # Postfix's virtual delivery refuses root (PEERS.md)
 PASSWORD = "correct horse battery staple 9"
 ALICE, BOB = "alice@ourdomain.test", "bob@example.net"
 
-MASTER_CF = """\
-{address}:{port} inet n - n - - smtpd
-pickup    unix  n - n 60 1 pickup
-cleanup   unix  n - n - 0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-rewrite   unix  - - n - - trivial-rewrite
-bounce    unix  - - n - 0 bounce
-defer     unix  - - n - 0 bounce
-trace     unix  - - n - 0 bounce
-verify    unix  - - n - 1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n - - proxymap
-smtp      unix  - - n - - smtp
-relay     unix  - - n - - smtp
-showq     unix  n - n - - showq
-error     unix  - - n - - error
-retry     unix  - - n - - error
-discard   unix  - - n - - discard
-local     unix  - n n - - local
-virtual   unix  - n n - - virtual
-lmtp      unix  - - n - - lmtp
-anvil     unix  - - n - 1 anvil
-scache    unix  - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
-tlsmgr    unix  - - n 1000? 1 tlsmgr
-"""
-
 MAIN_CF = """\
-compatibility_level = 3.7
-queue_directory = {root}/queue
-data_directory = {root}/data
-mail_owner = postfix
-setgid_group = postdrop
 myhostname = mx.example.net
-mydestination =
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_peername_lookup = no
-smtp_dns_support_level = disabled
-alias_maps =
-alias_database =
 virtual_mailbox_domains = example.net
-virtual_mailbox_base = {root}/mail
 virtual_mailbox_maps = texthash:{root}/etc/vmailbox
-virtual_uid_maps = static:{uid}
-virtual_gid_maps = static:{uid}
-virtual_mailbox_limit = 0
 message_size_limit = 10240000
 smtpd_tls_security_level = may
 smtpd_tls_cert_file = {root}/etc/cert.pem
 smtpd_tls_key_file = {root}/etc/key.pem
 smtpd_tls_received_header = yes
-maillog_file = {root}/postfix.log
-maillog_file_prefixes = {root}
-biff = no
 """
 
 
-class PrivatePostfix:
+class PrivatePostfix(PostfixInstance):
     """A Postfix of our own: `postfix -c DIR start/stop`, mail for bob@example.net in a Maildir."""
 
     def __init__(self, port: int, ca: trustme.CA) -> None:
-        # Postfix's processes run as postfix/nobody: pytest's tmp dir (0700 root) is out of their reach.
-        self.root = Path(tempfile.mkdtemp(prefix="letterbox-postfix-"))
-        self.root.chmod(0o755)
-        self.port = port
-        etc = self.root / "etc"
-        for sub in ("etc", "queue", "data", "mail"):
-            (self.root / sub).mkdir()
-        (etc / "main.cf").write_text(MAIN_CF.format(root=self.root, uid=NOBODY))
-        (etc / "master.cf").write_text(MASTER_CF.format(address=POSTFIX_HOST, port=port))
-        (etc / "vmailbox").write_text(f"{BOB} example.net/bob/\n")
         cert = ca.issue_cert("mx.example.net")
-        (etc / "cert.pem").write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-        (etc / "key.pem").write_bytes(cert.private_key_pem.bytes())
-        (etc / "key.pem").chmod(0o600)
-        os.chown(self.root / "data", *_ids("postfix"))
-        os.chown(self.root / "mail", NOBODY, NOBODY)
-        self.log = self.root / "postfix.log"
-
-    def _control(self, action: str) -> subprocess.CompletedProcess[str]:
-        # postfix prints its errors only to a terminal (PEERS.md): give it one with script(1).
-        return subprocess.run(["script", "-qec", f"postfix -c {self.root / 'etc'} {action}", "/dev/null"],
-                              capture_output=True, text=True, timeout=60)
-
-    def start(self) -> None:
-        result = self._control("start")
-        if result.returncode != 0:
-            raise RuntimeError(f"postfix did not start: {result.stdout} {result.stderr}")
-
-    def master_pid(self) -> int | None:
-        try:
-            return int((self.root / "queue" / "pid" / "master.pid").read_text().split()[0])
-        except (FileNotFoundError, ValueError, IndexError):
-            return None
-
-    def stop(self) -> None:
-        pid = self.master_pid()
-        self._control("stop")
-        if pid is not None:
-            try:
-                wait_until(partial(process_gone, pid), seconds=10, interval=0.1, what="the postfix master gone")
-            except AssertionError:
-                os.kill(pid, signal.SIGKILL)  # our own instance's master, by its pid
-        shutil.rmtree(self.root, ignore_errors=True)
+        super().__init__(MAIN_CF, f"{POSTFIX_HOST}:{port} inet n - n - - smtpd\n", {
+            "vmailbox": f"{BOB} example.net/bob/\n".encode(),
+            "cert.pem": b"".join(blob.bytes() for blob in cert.cert_chain_pems),
+            "key.pem": cert.private_key_pem.bytes(),
+        })
+        self.port = port
 
     def mailbox(self) -> list[bytes]:
         folder = self.root / "mail" / "example.net" / "bob" / "new"
         return [p.read_bytes() for p in sorted(folder.iterdir())] if folder.is_dir() else []
-
-
-def _ids(user: str) -> tuple[int, int]:
-    import pwd
-
-    entry = pwd.getpwnam(user)
-    return entry.pw_uid, entry.pw_gid
 
 
 @pytest.fixture

@@ -67,7 +67,7 @@ class PrivateDovecot:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         passwd = self.root / "passwd"
         passwd.write_text("".join(
-            f"{user}:{{PLAIN}}{password}:{self.uid}:{self.gid}::{self.mail / user}\n"
+            f"{user}:{self.secret(password)}:{self.uid}:{self.gid}::{self.mail / user}\n"
             for user, password in self.users.items()
         ))
         self.conf.write_text(f"""
@@ -76,7 +76,7 @@ state_dir = {self.root / "state"}
 log_path = {self.root / "dovecot.log"}
 instance_name = letterbox-test-{self.port}
 listen = 127.0.0.1
-protocols = imap
+protocols = {" ".join(self.protocols)}
 {self._ssl_settings()}
 disable_plaintext_auth = no
 mail_location = maildir:{self.mail}/%u/Maildir
@@ -106,7 +106,18 @@ service stats {{
     mode = 0666
   }}
 }}
-""")
+{self.extra_config()}""")
+
+    protocols: tuple[str, ...] = ("imap",)
+
+    @staticmethod
+    def secret(password: str) -> str:
+        """The passwd-file field for a user's password: a scheme and the password or its hash."""
+        return "{PLAIN}" + password
+
+    def extra_config(self) -> str:
+        """More of dovecot.conf, for a subclass that serves more than IMAP."""
+        return ""
 
     def _ssl_settings(self) -> str:
         if self.tls is None:
