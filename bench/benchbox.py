@@ -58,7 +58,7 @@ def peak_rss_kib(pid: int) -> int:
 
 @contextlib.contextmanager
 def serving(data: Path, log: Path, offset: int, *, hostname: str = "localhost",
-            wrapper: Sequence[str] = ()) -> Iterator[subprocess.Popen[bytes]]:
+            wrapper: Sequence[str] = (), ready_timeout: float = READY_TIMEOUT) -> Iterator[subprocess.Popen[bytes]]:
     """`letterbox serve` on 127.0.0.1 with the given port offset, from "ready" until SIGTERM."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -67,7 +67,7 @@ def serving(data: Path, log: Path, offset: int, *, hostname: str = "localhost",
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     try:
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + ready_timeout
         while b"\nready\n" not in log.read_bytes():
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"letterbox serve did not start:\n{log.read_text()}")
