@@ -18,14 +18,13 @@ import io
 import os
 import re
 from collections.abc import Iterable, Sequence
-from email.message import Message
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from appliance.imap import fetch as fetching
 from appliance.imap.commands import BinarySection, BodySection, FetchItem
 from appliance.imap.limits import MAX_HEADER_OCTETS
-from appliance.imap.mime import parse_header, parses_whole, scan
+from appliance.imap.mime import parses_whole, scan
 from appliance.imap.responses import LiteralBytes, Raw, Value, render_value
 from appliance.store.maildir import open_message
 from appliance.store.message_cache import CachedMessage, FileStamp, FolderCache, stamp_of
@@ -166,12 +165,41 @@ def _from_file(path: Path, row: CachedMessage | None) -> CachedMessage:
         return describe(f, stamp)
 
 
-def exact_headers(row: CachedMessage | None) -> Message | None:
-    """The cached header fields of a message, parsed, when they are what parsing the whole header
-    gives for those fields (SEARCH and SORT keys on them); None: read the file."""
+class HeaderLookup(Protocol):
+    """What SEARCH and SORT ask of a header: email.message.Message, or the cached fields."""
+
+    def get(self, name: str, failobj: None = None) -> str | None: ...
+    def get_all(self, name: str, failobj: None = None) -> list[str] | None: ...
+
+
+_FIELD_TEXT = re.compile(r"[^ \t\r\n][^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
+
+
+class CachedFields:
+    """The cached header fields of a message by name, with the values Message.get / get_all give
+    for the whole header (exact rows only: see `exact_headers`)."""
+
+    def __init__(self, fields: bytes) -> None:
+        self._values: dict[str, list[str]] = {}
+        for field in _FIELD_TEXT.findall(fields.decode("ascii", "surrogateescape")):
+            name, _, value = field.partition(":")
+            # compat32's header_source_parse: blanks after the colon dropped, the last line end too.
+            self._values.setdefault(name.lower(), []).append(value.lstrip(" \t").rstrip("\r\n"))
+
+    def get(self, name: str, failobj: None = None) -> str | None:
+        values = self._values.get(name.lower())
+        return values[0] if values else failobj
+
+    def get_all(self, name: str, failobj: None = None) -> list[str] | None:
+        return self._values.get(name.lower(), failobj)
+
+
+def exact_headers(row: CachedMessage | None) -> CachedFields | None:
+    """The cached header fields of a message when they are what parsing the whole header gives for
+    those fields (SEARCH and SORT keys on them); None: read the file."""
     if row is None or not row.exact or usable_fields(row) is None:
         return None
-    return parse_header(row.fields)
+    return CachedFields(row.fields)
 
 
 def known_rows(cache: FolderCache | None, files: Sequence[tuple[int, Path]]) -> dict[int, CachedMessage]:
@@ -179,7 +207,7 @@ def known_rows(cache: FolderCache | None, files: Sequence[tuple[int, Path]]) -> 
     for SEARCH and SORT, which read the header of a message without a row. Worker thread."""
     if cache is None:
         return {}
-    known = cache.read([uid for uid, _ in files])
+    known = cache.read([uid for uid, _ in files], fields_only=True)
     out: dict[int, CachedMessage] = {}
     for uid, path in files:
         row = known.get(uid)

@@ -37,7 +37,7 @@ from appliance.imap.commands import (
     in_ranges,
 )
 from appliance.imap.fetch import parse_addresses, split_address_elements, strip_comments, top_level_chars
-from appliance.imap.fetch_cache import CACHED_FIELDS
+from appliance.imap.fetch_cache import CACHED_FIELDS, HeaderLookup
 from appliance.imap.limits import MAX_DECODED_SEARCH_OCTETS, MAX_HEADER_OCTETS
 from appliance.imap.mime import Part, parse_header, scan, unfold
 
@@ -62,7 +62,7 @@ class _Content:
     """The text of one message, read once on first need. `cached`: the message's header fields kept
     in the message cache (fetch_cache.exact_headers), which answer keys on those fields."""
 
-    def __init__(self, opener: Callable[[], BinaryIO], size: int, cached: Message | None = None) -> None:
+    def __init__(self, opener: Callable[[], BinaryIO], size: int, cached: HeaderLookup | None = None) -> None:
         self._opener = opener
         self._size = size
         self._headers: Message | None = None
@@ -81,7 +81,7 @@ class _Content:
             self._headers = parse_header(bytes(block))
         return self._headers
 
-    def field(self, name: str) -> Message:
+    def field(self, name: str) -> HeaderLookup:
         """Headers holding every `name` field of the message: the cached ones when they do."""
         if self._cached is not None and name.lower() in CACHED_FIELDS:
             return self._cached
@@ -173,6 +173,8 @@ def decode_words(value: str) -> str:
     """A header value with folding removed and RFC 2047 encoded words decoded; raw 8-bit text read
     as UTF-8 (what it is in practice)."""
     text = unfold(value)
+    if text.isascii() and "=?" not in text:
+        return text  # no encoded word: what make_header(decode_header(text)) gives, ten times faster
     try:
         decoded = str(make_header(decode_header(text)))
     except Exception:  # noqa: BLE001  malformed encoded words: search the text as written
@@ -262,7 +264,7 @@ class Searcher:
     def needs_content(self) -> bool:
         return _needs_content(self.key)
 
-    def matches(self, c: Candidate, opener: Callable[[], BinaryIO], cached: Message | None = None) -> bool:
+    def matches(self, c: Candidate, opener: Callable[[], BinaryIO], cached: HeaderLookup | None = None) -> bool:
         return self._predicate(c, _Content(opener, c.size, cached))
 
     def _compile(self, key: SearchKey) -> Predicate:  # noqa: C901  one branch per SEARCH key class of RFC 3501 6.4.4

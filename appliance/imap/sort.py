@@ -15,7 +15,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from appliance.imap.fetch import first_display, first_mailbox
-from appliance.imap.fetch_cache import exact_headers, known_rows
+from appliance.imap.fetch_cache import HeaderLookup, exact_headers, known_rows
 from appliance.imap.limits import MAX_HEADER_OCTETS
 from appliance.imap.mime import parse_header
 from appliance.imap.search import decode_words
@@ -47,10 +47,10 @@ def sort(items: Sequence[SortItem], criteria: Sequence[tuple[str, bool]], cache:
     return ordered
 
 
-def _all_headers(items: Sequence[SortItem], cache: FolderCache | None) -> dict[int, Message | None]:
+def _all_headers(items: Sequence[SortItem], cache: FolderCache | None) -> dict[int, HeaderLookup | None]:
     """The header fields of each message (by UID): the cached ones (every field SORT and THREAD
     read is in fetch_cache.CACHED_FIELDS), else the file's."""
-    out: dict[int, Message | None] = {}
+    out: dict[int, HeaderLookup | None] = {}
     for start in range(0, len(items), CACHE_BATCH):
         batch = items[start:start + CACHE_BATCH]
         rows = known_rows(cache, [(i.uid, i.path) for i in batch])
@@ -73,7 +73,7 @@ def _headers(path: Path) -> Message | None:
     return parse_header(bytes(block))
 
 
-def _key(key: str, item: SortItem, headers: Message | None) -> int | str:
+def _key(key: str, item: SortItem, headers: HeaderLookup | None) -> int | str:
     if key == "ARRIVAL":
         return item.internaldate
     if key == "SIZE":
@@ -96,7 +96,7 @@ def _key(key: str, item: SortItem, headers: Message | None) -> int | str:
     return first_mailbox(str(value)).lower() if value is not None else ""
 
 
-def _sent(headers: Message | None, fallback: int) -> int:
+def _sent(headers: HeaderLookup | None, fallback: int) -> int:
     """RFC 5256 3 DATE: the Date header in UTC; the internal date when it is missing or invalid."""
     value = headers.get("Date") if headers is not None else None
     if value is None:
@@ -232,7 +232,7 @@ def thread_orderedsubject(items: Sequence[SortItem], cache: FolderCache | None =
 THREADERS = {"REFERENCES": thread_references, "ORDEREDSUBJECT": thread_orderedsubject}
 
 
-def _field(headers: Message | None, name: str) -> str:
+def _field(headers: HeaderLookup | None, name: str) -> str:
     value = headers.get(name) if headers is not None else None
     return str(value) if value is not None else ""
 

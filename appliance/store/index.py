@@ -36,6 +36,7 @@ import aiosqlite
 from appliance.db import Database
 from appliance.store import maildir
 from appliance.store.maildir import Keywords, UidList
+from appliance.store.message_cache import CARRY_SQL as CACHE_CARRY_SQL
 from appliance.store.message_cache import INSERT_SQL as CACHE_INSERT_SQL
 from appliance.store.message_cache import CachedMessage
 from appliance.store.model import MessageInfo
@@ -261,6 +262,7 @@ class Change:
         self.removed: list[Entry] = []
         self.measured: list[tuple[Entry, int]] = []  # entry, wire size (no modseq: no IMAP change)
         self.cached: list[tuple[Entry, CachedMessage]] = []  # message_cache rows of added entries
+        self.carried: list[tuple[Entry, int, int]] = []  # added entry, source folder id and UID (COPY, MOVE)
         self.expunges_known_since = folder.expunges_known_since  # raised when old records are pruned
 
     def add(self, base: str, sub: str, filename: str, flags: str, keywords: tuple[str, ...], size: int,
@@ -315,6 +317,8 @@ class Change:
             )
             if self.cached:  # in the same transaction: no second commit (and fsync) per delivery
                 await tx.executemany(CACHE_INSERT_SQL, [c.row(f.id, e.uid) for e, c in self.cached])
+            if self.carried:  # the same file (a hard link or a rename): its row still holds
+                await tx.executemany(CACHE_CARRY_SQL, [(f.id, e.uid, src, uid) for e, src, uid in self.carried])
         if self.updated:
             await tx.executemany(
                 "UPDATE messages SET flags = ?, keywords = ?, modseq = ? WHERE folder_id = ? AND uid = ?",

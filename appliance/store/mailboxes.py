@@ -308,10 +308,13 @@ class OpenMailboxes:
                 continue
             new = in_change.add(job.base, "cur", job.filename, e.flags, e.keywords, e.size, e.internaldate,
                                 wire=e.wire)
+            in_change.carried.append((new, src.id, e.uid))
             pairs.append((e.uid, new.uid))
             if move:
                 out_change.remove(e)
-        await index.commit(self._db, [out_change, in_change])  # RFC 3501 2.3.2: copies are \Recent
+        # RFC 3501 2.3.2: copies are \Recent. The target is written first: its message-cache rows are
+        # copied from the source's before a move's removal takes those with it.
+        await index.commit(self._db, [in_change, out_change])
         target.unclaimed.update(new for _, new in pairs)
         target.invalidate()
         return pairs

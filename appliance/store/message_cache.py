@@ -64,6 +64,14 @@ INSERT_SQL = (
     "INSERT OR REPLACE INTO message_cache (folder_id, uid, version, file_size, file_mtime_ns, file_inode,"
     " envelope, bodystructure, body, fields, fields_exact) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# COPY and MOVE: the new message's row is the source's (the file is a hard link or the same file
+# renamed; a real copy has another inode, and its row is described again at first use).
+CARRY_SQL = (
+    "INSERT OR REPLACE INTO message_cache (folder_id, uid, version, file_size, file_mtime_ns, file_inode,"
+    " envelope, bodystructure, body, fields, fields_exact) SELECT ?, ?, version, file_size, file_mtime_ns,"
+    " file_inode, envelope, bodystructure, body, fields, fields_exact FROM message_cache"
+    " WHERE folder_id = ? AND uid = ?"
+)
 # A row learned at FETCH time may meet a message expunged meanwhile: only rows whose message is
 # still there are written (the foreign key would refuse the others and the whole batch with them).
 _LEARN_SQL = (
@@ -74,6 +82,12 @@ _LEARN_SQL = (
 _SELECT_SQL = (
     "SELECT uid, file_size, file_mtime_ns, file_inode, envelope, bodystructure, body, fields, fields_exact"
     " FROM message_cache"
+    " WHERE folder_id = ? AND version = ? AND uid IN ({})"
+)
+
+
+_SELECT_FIELDS_SQL = (
+    "SELECT uid, file_size, file_mtime_ns, file_inode, x'', x'', x'', fields, fields_exact FROM message_cache"
     " WHERE folder_id = ? AND version = ? AND uid IN ({})"
 )
 
@@ -89,9 +103,10 @@ class MessageCache:
         self._conn: sqlite3.Connection | None = None
         self._broken = False
 
-    def read(self, folder_id: int, uids: Sequence[int]) -> dict[int, CachedMessage]:
+    def read(self, folder_id: int, uids: Sequence[int], *, fields_only: bool = False) -> dict[int, CachedMessage]:
         """The rows of these messages that there are (any version mismatch left out). Blocking: call
-        it from a worker thread. A database that cannot be read gives no rows (the files are read)."""
+        it from a worker thread. A database that cannot be read gives no rows (the files are read).
+        `fields_only`: ENVELOPE, BODYSTRUCTURE and BODY left empty (SEARCH and SORT)."""
         out: dict[int, CachedMessage] = {}
         if self._broken or not uids:
             return out
@@ -100,7 +115,7 @@ class MessageCache:
                 conn = self._connection()
                 for start in range(0, len(uids), READ_BATCH):
                     chunk = list(uids[start:start + READ_BATCH])
-                    sql = _SELECT_SQL.format(",".join("?" * len(chunk)))
+                    sql = (_SELECT_FIELDS_SQL if fields_only else _SELECT_SQL).format(",".join("?" * len(chunk)))
                     for uid, size, mtime, inode, env, bs, body, fields, exact in conn.execute(
                             sql, (folder_id, CACHE_VERSION, *chunk)):
                         out[uid] = CachedMessage((size, mtime, inode), env, bs, body, fields, bool(exact))
@@ -141,8 +156,8 @@ class FolderCache:
     cache: MessageCache
     folder_id: int
 
-    def read(self, uids: Sequence[int]) -> dict[int, CachedMessage]:
-        return self.cache.read(self.folder_id, uids)
+    def read(self, uids: Sequence[int], *, fields_only: bool = False) -> dict[int, CachedMessage]:
+        return self.cache.read(self.folder_id, uids, fields_only=fields_only)
 
     async def learn(self, rows: Sequence[tuple[int, CachedMessage]]) -> None:
         await self.cache.learn(self.folder_id, rows)

@@ -210,3 +210,22 @@ def test_header_search_sees_a_file_changed_behind_the_box(box: BoxHandle) -> Non
         assert raw.command(b"b", b'SEARCH SUBJECT "old subject"')[0] == b"* SEARCH\r\n"
     finally:
         raw.close()
+
+
+def test_copy_and_move_carry_the_rows(box: BoxHandle, opened_files: list[str]) -> None:
+    box.add_user(USER, PASSWORD)
+    deliver(box, message(1, "to be copied"))
+    deliver(box, message(2, "to be moved"))
+    raw = session(box)
+    try:
+        raw.command(b"a", b"COPY 1 Archive")
+        raw.command(b"b", b"MOVE 2 Archive")
+        raw.command(b"c", b"SELECT Archive")
+        opened_files.clear()
+        answer = b"".join(raw.command(b"d", b"FETCH 1:* (ENVELOPE BODYSTRUCTURE)"))
+    finally:
+        raw.close()
+    assert b'"to be copied"' in answer
+    assert b'"to be moved"' in answer
+    assert [p for p in opened_files if os.sep + "cur" + os.sep in p or os.sep + "new" + os.sep in p] == []
+    assert cache_rows(box) == 3  # the original, its copy, the moved message

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from appliance.imap import fetch, fetch_cache
 from appliance.imap.commands import BodySection, FetchAttribute, FetchItem, Section
-from appliance.imap.mime import scan
+from appliance.imap.mime import parse_header, scan
 from appliance.imap.responses import FetchResponse
 
 CORPUS = Path(__file__).parent.parent / "corpus" / "mime"
@@ -66,6 +66,12 @@ def test_kept_fields_match_header_fields(lines: list[tuple[bytes, bytes]], body:
         return
     items: list[FetchItem] = [BodySection(Section((), "HEADER.FIELDS", tuple(wanted)), peek=True)]
     assert _from_cache(data, items) == _from_file(data, items)
+    cached = fetch_cache.exact_headers(row)
+    if cached is not None:  # SEARCH and SORT read these values instead of the file's
+        whole = parse_header(data[:scan(io.BytesIO(data)).header.end])
+        for name in wanted:
+            assert cached.get_all(name) == whole.get_all(name)
+            assert cached.get(name) == whole.get(name)
 
 
 def test_what_the_cache_does_not_serve() -> None:
