@@ -42,10 +42,9 @@ def test_hourly_limits_hold_across_a_restart(tmp_path: Path, ca: trustme.CA, sto
         with login(served) as client:
             code, text = client.mail(ALICE)
             assert (code, b"2 messages in the last hour" in text) == (451, True)
-        served.stop()
-        # With the message limit lifted, the recipients counted before the restart still hold.
+        # With the message limit lifted (the box reads its settings live), the recipients counted
+        # before the restart still hold.
         preset_settings(served.data, {"spam_outbound_messages_per_hour": "0"})
-        served.start()
         with login(served) as client:
             assert client.mail(ALICE)[0] == 250
             code, text = client.rcpt(ALICE)
