@@ -453,8 +453,10 @@ class WriteJob:
     mtime: int | None  # INTERNALDATE; Dovecot reads it from the file's mtime
 
 
-def write_message(job: WriteJob, data: bytes) -> None:
-    """tmp/ -> fsync -> rename into new/ or cur/ -> fsync the directory. Durable when it returns."""
+def write_message(job: WriteJob, data: bytes, *, sync_dir: bool = True) -> None:
+    """tmp/ -> fsync -> rename into new/ or cur/ -> fsync the directory. Durable when it returns;
+    without `sync_dir` the rename is not, until the caller fsyncs the directory (a group commit
+    does it once for every file renamed there meanwhile: store/arrivals.py)."""
     tmp = job.maildir / "tmp" / job.base
     try:
         _write_file(tmp, data)
@@ -465,15 +467,16 @@ def write_message(job: WriteJob, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(job.maildir / job.sub)
+    if sync_dir:
+        fsync_dir(job.maildir / job.sub)
 
 
-def write_messages(jobs: Iterable[WriteJob], data: bytes) -> list[OSError | None]:
+def write_messages(jobs: Iterable[WriteJob], data: bytes, *, sync_dir: bool = True) -> list[OSError | None]:
     """Each copy on its own: one failing (disk full, folder gone) does not stop the others."""
     results: list[OSError | None] = []
     for job in jobs:
         try:
-            write_message(job, data)
+            write_message(job, data, sync_dir=sync_dir)
             results.append(None)
         except OSError as exc:
             results.append(exc)

@@ -29,6 +29,7 @@ from typing import Literal
 
 from appliance.db import Database
 from appliance.store import index, maildir
+from appliance.store.arrivals import Arrival, GroupCommit
 from appliance.store.changes import Watcher
 from appliance.store.folders import FolderAdmin
 from appliance.store.index import Change, FolderIndex
@@ -70,6 +71,7 @@ class MailStore:
         self.message_cache = MessageCache(db)
         self._boxes = OpenMailboxes(root, db, directory)
         self._folders = FolderAdmin(self._boxes, db)
+        self._arrivals = GroupCommit(db)  # deliveries and APPENDs: one transaction per burst
         self.changes = self._boxes.changes
         # Told after each committed COPY, MOVE and APPEND (the spam learner); never delivery.
         self._filed_listeners: list[Callable[[Filed], None]] = []
@@ -355,39 +357,28 @@ class MailStore:
         f.pending.add(base)  # from here on no scan may adopt this file
         sub, filename = ("cur", maildir.cur_filename(base, letters)) if letters else ("new", base)
         job = WriteJob(f.path, base, sub, filename, internaldate)
+        handed = False
         try:
+            # The directory fsync and the row are the group commit's (arrivals.py), shared with the
+            # deliveries to this folder that arrive meanwhile.
             error, cached = await asyncio.to_thread(self._write, job, data)
             if error is not None:
                 log.error("store: writing to %s failed: %s", mb.key, error)
                 return StoreError(f"cannot write the message: {error.strerror or error}")
-            async with locked(f):
-                if f.deleted:
-                    await asyncio.to_thread(maildir.unlink_files, [_job_path(job)])
-                    return NoSuchFolder(f"folder {f.name} was deleted")
-                change = Change(f)
-                entry = change.add(job.base, job.sub, job.filename, system, names, size, date, wire=wire)
-                if cached is not None:
-                    change.cached.append((entry, cached))
-                try:
-                    await index.commit(self._db, [change])
-                except Exception:
-                    log.exception("store: indexing a delivery failed; its file is removed")
-                    await asyncio.to_thread(maildir.unlink_files, [_job_path(job)])
-                    return StoreError("cannot index the message")
-                if entry.sub == "cur":
-                    f.unclaimed.add(entry.uid)
-                    f.invalidate()
-                f.pending.discard(base)
+            handed = True  # the group commit unmarks the name once the row is in memory
+            outcome = await self._arrivals.index(f, Arrival(job, system, names, size, date, wire, cached))
         finally:
             mb.reserved -= size
-            f.pending.discard(base)
-        self._boxes.wake(mb, f.name)
-        return entry.uid
+            if not handed:
+                f.pending.discard(base)
+        if isinstance(outcome, int):
+            self._boxes.wake(mb, f.name)
+        return outcome
 
     def _write(self, job: WriteJob, data: bytes) -> tuple[OSError | None, CachedMessage | None]:
         """Worker thread: the durable write, then the message's cache row while its bytes are in
         memory (so no FETCH ever reads this file for a message list)."""
-        [error] = maildir.write_messages([job], data)
+        [error] = maildir.write_messages([job], data, sync_dir=False)
         if error is not None or self._describe is None:
             return error, None
         try:
@@ -409,6 +400,7 @@ def _spelled(keywords: Iterable[str], mapped: Keywords) -> tuple[str, ...]:
         if name:
             names.add(name)
     return tuple(sorted(names))
+
 
 def _job_path(job: WriteJob) -> Path:
     return job.maildir / job.sub / job.filename
