@@ -56,18 +56,23 @@ class GroupCommit:
         self._db = db
         self._waiting: dict[FolderIndex, list[Arrival]] = {}
         self._flushes: dict[FolderIndex, asyncio.Task[None]] = {}
-        self.flushes = 0  # transactions written, for tests and the benchmark
+        self.flushes = 0  # transactions written (for tests)
         self.indexed = 0  # arrivals indexed by them
+        self.in_flight = 0  # arrivals handed in and not yet answered
 
     async def index(self, f: FolderIndex, arrival: Arrival) -> int | StoreError:
         """The arrival's UID once it is durable, or why not (its file is then removed). The caller
         marked `arrival.job.base` pending in `f`; the flush unmarks it when the row is in memory.
         Shielded: a cancelled caller leaves the flush to finish (the file is indexed all the same)."""
         self._waiting.setdefault(f, []).append(arrival)
+        self.in_flight += 1
+        arrival.outcome.add_done_callback(self._answered)
         if f not in self._flushes:
-            task = asyncio.get_running_loop().create_task(self._flush(f))
-            self._flushes[f] = task
+            self._flushes[f] = asyncio.get_running_loop().create_task(self._flush(f))
         return await asyncio.shield(arrival.outcome)
+
+    def _answered(self, _: object) -> None:
+        self.in_flight -= 1
 
     async def _flush(self, f: FolderIndex) -> None:
         try:
@@ -99,6 +104,7 @@ class GroupCommit:
             await index.commit(self._db, [change])
             self.flushes += 1
             self.indexed += len(batch)
+            log.debug("store: %d deliveries to %s indexed in one transaction", len(batch), f.path)
             for arrival, entry in zip(batch, entries, strict=True):
                 if entry.sub == "cur":
                     f.unclaimed.add(entry.uid)  # RFC 3501 2.3.2: recent until a session claims it

@@ -1,5 +1,7 @@
 """SIGKILL while mail flows in: every message that got its 250 is in the Maildir exactly once and
-complete after a restart, and nothing half-written is visible."""
+complete after a restart, and nothing half-written is visible. Once with a few sessions, once with a
+burst of many, whose deliveries share group commits (store/arrivals.py: one directory fsync and one
+transaction for the messages that arrive together)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ ALICE = "alice@ourdomain.test"
 TOTAL = 500
 SESSIONS = 4
 KILL_AFTER = 120  # acknowledged messages before the kill
+BURST_SESSIONS = 16  # concurrent deliveries: the kill lands while groups are being committed
 MARK = re.compile(rb"X-Crash-Test: (\d+)\r\n")
 
 
@@ -79,10 +82,18 @@ class Sender:
 
 
 def test_sigkill_loses_and_duplicates_nothing_acknowledged(served_box: ServedBox) -> None:
+    crash_while_sending(served_box, SESSIONS)
+
+
+def test_sigkill_during_a_burst_of_group_commits(served_box: ServedBox) -> None:
+    crash_while_sending(served_box, BURST_SESSIONS)
+
+
+def crash_while_sending(served_box: ServedBox, sessions: int) -> None:
     hold_outbound_sql(served_box.data.db)
     served_box.add_user(ALICE, PASSWORD)
     sender = Sender(served_box)
-    threads = [threading.Thread(target=sender.run, args=(list(range(i, TOTAL, SESSIONS)),)) for i in range(SESSIONS)]
+    threads = [threading.Thread(target=sender.run, args=(list(range(i, TOTAL, sessions)),)) for i in range(sessions)]
     for t in threads:
         t.start()
     wait_until(lambda: len(sender.acked) >= KILL_AFTER or not any(t.is_alive() for t in threads),

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -136,6 +136,63 @@ def test_concurrent_deliveries_do_not_overrun_the_quota(tmp_path: Path) -> None:
         assert await store.usage(FULL) == (1000, 1000)
         await store.expunge(FULL, "INBOX", [1, 2])
         assert (await store.deliver([FULL], b"x" * 400))[FULL] == 6  # expunging frees the space
+
+    run(tmp_path, body)
+
+
+async def held_burst(store: MailStore, count: int, data: bytes = MSG) -> list[int | StoreError]:
+    """`count` concurrent deliveries to ALICE's INBOX while its folder lock is held (an IMAP command
+    under way), released once every file is written and handed to the group commit."""
+    mb = await store._boxes.get(ALICE)
+    inbox = await store._boxes.folder(mb, "INBOX")
+    before = len(files(inbox.path, "new"))
+    async with inbox.lock:
+        tasks = [asyncio.create_task(store.deliver([ALICE], data)) for _ in range(count)]
+        deadline = time.monotonic() + 30
+        while store._arrivals.in_flight < count:
+            assert time.monotonic() < deadline, "the deliveries never reached the group commit"
+            await asyncio.sleep(0.005)
+        assert len(files(inbox.path, "new")) == before + count  # renamed into place, not yet indexed...
+        assert len(inbox.pending) == count  # ...and kept from any scan meanwhile
+    return [r[ALICE] for r in await asyncio.gather(*tasks)]
+
+
+def test_deliveries_that_arrive_together_share_one_transaction(tmp_path: Path) -> None:
+    async def body(store: MailStore) -> None:
+        await store.deliver([ALICE], MSG)  # the mailbox made and loaded
+        flushes, transactions = store._arrivals.flushes, 0
+        begin = store._db.transaction
+
+        def counted() -> Any:
+            nonlocal transactions
+            transactions += 1
+            return begin()
+
+        store._db.transaction = counted  # type: ignore[method-assign]
+        uids = await held_burst(store, 20)
+        assert sorted(uids) == list(range(2, 22))  # type: ignore[type-var]
+        # The first flush may have taken only the first arrival before it waited for the lock.
+        assert store._arrivals.flushes - flushes <= 2
+        assert transactions <= 2
+        snap = await store.snapshot(ALICE, "INBOX")
+        assert [m.uid for m in snap.messages] == list(range(1, 22))
+        assert all(m.path.read_bytes() == MSG for m in snap.messages)
+        assert (await store._boxes.folder(await store._boxes.get(ALICE), "INBOX")).pending == set()
+
+    run(tmp_path, body)
+    assert files(home(tmp_path), "tmp") == []
+
+
+def test_a_group_that_cannot_be_indexed_leaves_no_file_and_no_uid(tmp_path: Path) -> None:
+    async def body(store: MailStore) -> None:
+        await store.deliver([ALICE], MSG)
+        await store._db.execute("CREATE TRIGGER refuse BEFORE INSERT ON messages BEGIN SELECT RAISE(ABORT, 'full'); END")
+        outcomes = await held_burst(store, 5)
+        assert all(isinstance(o, StoreError) for o in outcomes)
+        assert len(files(home(tmp_path), "new")) == 1  # the burst's files are gone again
+        await store._db.execute("DROP TRIGGER refuse")
+        assert await store.deliver([ALICE], MSG) == {ALICE: 2}  # no UID was spent on the failure
+        assert [m.uid for m in (await store.snapshot(ALICE, "INBOX")).messages] == [1, 2]
 
     run(tmp_path, body)
 
