@@ -163,10 +163,10 @@ def test_deliveries_that_arrive_together_share_one_transaction(tmp_path: Path) -
         flushes, transactions = store._arrivals.flushes, 0
         begin = store._db.transaction
 
-        def counted() -> Any:
+        def counted(**kwargs: Any) -> Any:
             nonlocal transactions
             transactions += 1
-            return begin()
+            return begin(**kwargs)
 
         store._db.transaction = counted  # type: ignore[method-assign]
         uids = await held_burst(store, 20)
