@@ -30,6 +30,18 @@ TEST_HOSTNAME = "localhost"  # mbsync/fetchmail match the cert name and ignore I
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files marked slow run first. `make test` hands whole files to its workers in collection order
+    (`--dist loadfile`): a minutes-long file that starts last is the whole suite's tail, one that starts
+    first runs beside the many short ones; the longest (`slow(seconds=N)`, a rough quiet-machine figure)
+    go first of all. The sort is stable, so the order inside a file is kept."""
+    def expected_seconds(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("slow")
+        return 0.0 if marker is None else float(marker.kwargs.get("seconds", 30))
+
+    items.sort(key=expected_seconds, reverse=True)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dns_cache() -> Iterator[None]:
     """The box's DNS cache is per process and keyed by server address: a loopback DNS server's port may

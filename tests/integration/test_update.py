@@ -32,7 +32,7 @@ from tests.support import service_manager
 from tests.support.releases import ROOT, build_wheel, dependency_wheels
 from tests.support.tls_probe import unverified_context
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow(seconds=240), pytest.mark.timeout(600)]
 
 UPDATE_SCRIPT = ROOT / "image" / "overlay" / "usr" / "local" / "sbin" / "letterbox-update"
 ADDRESS = "alice@example.test"
