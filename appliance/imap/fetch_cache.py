@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from appliance.imap import fetch as fetching
-from appliance.imap.commands import BinarySection, BodySection, FetchItem
+from appliance.imap.commands import BinarySection, BodySection, FetchAttribute, FetchItem
 from appliance.imap.limits import MAX_HEADER_OCTETS
 from appliance.imap.mime import parses_whole, scan
 from appliance.imap.responses import LiteralBytes, Raw, Value, render_value
@@ -134,25 +134,40 @@ def kept_fields(block: bytes, fields: Sequence[str]) -> bytes:
     return b"".join(kept) + (b"\r\n" if ended else b"")
 
 
-def current_rows(cache: FolderCache | None, files: Sequence[tuple[int, Path]]) -> tuple[dict[int, CachedMessage], Learned]:
-    """The rows of these (UID, file) pairs, each checked against its file and computed again from the
-    file when missing or stale. A file that is gone has no row. Blocking: worker thread. Returns
-    the rows and those newly computed (for `FolderCache.learn`)."""
+def current_rows(cache: FolderCache | None, files: Sequence[tuple[int, Path]], *, compute: bool = True
+                 ) -> tuple[dict[int, CachedMessage], Learned, list[tuple[int, Path]]]:
+    """The rows of these (UID, file) pairs, each checked against its file (a stat). With `compute`,
+    a missing or stale row is computed from the file; without, the pair is returned as unknown. A
+    file that is gone has no row. Blocking: worker thread. Returns the rows, those newly computed
+    (for `FolderCache.learn`) and the unknown pairs."""
     known = cache.read([uid for uid, _ in files]) if cache is not None else {}
     rows: dict[int, CachedMessage] = {}
     learned: Learned = []
+    unknown: list[tuple[int, Path]] = []
     for uid, path in files:
         row = known.get(uid)
         try:
             if row is None or row.stamp != stamp_of(os.stat(path)):
+                if not compute:
+                    unknown.append((uid, path))
+                    continue
                 fresh = _from_file(path, row)
                 if fresh is not row:
                     learned.append((uid, fresh))
                 row = fresh
         except FileNotFoundError:
+            if not compute:
+                unknown.append((uid, path))  # maybe renamed by a flag change: the caller looks
             continue  # expunged meanwhile
         rows[uid] = row
-    return rows, learned
+    return rows, learned, unknown
+
+
+def needs_row(items: Iterable[FetchItem]) -> bool:
+    """Whether the items need the whole MIME walk (BODYSTRUCTURE, BODY): computing a row then costs
+    little more than answering from the file. Other items are answered from a header scan when
+    there is no row (Thunderbird's list of a Maildir copied in), and the rows computed later."""
+    return any(isinstance(i, FetchAttribute) and i.name in ("BODYSTRUCTURE", "BODY") for i in items)
 
 
 def _from_file(path: Path, row: CachedMessage | None) -> CachedMessage:

@@ -11,9 +11,11 @@ fetch.py (pure). Nothing here writes to the store or to a socket: responses go t
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from appliance.imap import fetch as fetching
@@ -26,9 +28,12 @@ from appliance.imap.selected import SelectedFolder, flag_text
 from appliance.store.mailstore import MessageInfo, open_message
 from appliance.store.message_cache import FolderCache
 
+log = logging.getLogger("letterbox.imap")
+
 FETCH_BATCH = 64  # messages whose files one worker-thread call reads
 CACHED_FETCH_BATCH = 500  # messages answered from the message cache per worker-thread call
 LEARN_BATCH = 2000  # rows computed from files kept per transaction
+LEARN_CHUNK = 200  # messages a background fill describes per worker-thread call
 PART_WEIGHT = 256  # octets counted per MIME part of a cached structure, beyond its header block
 INDEX_FETCH_BATCH = 5000  # messages per rendered block of an index-only FETCH
 
@@ -49,11 +54,16 @@ class FetchRenderer:
     def __init__(self) -> None:
         self._structures: OrderedDict[StructureKey, tuple[Part, int]] = OrderedDict()
         self._structure_octets = 0
+        self._learning: asyncio.Task[None] | None = None
 
     def forget(self) -> None:
-        """The session left its folder: the cached structures are of no more use."""
+        """The session left its folder (or ended): the cached structures are of no more use, and a
+        background fill of its message cache stops (the next FETCH there starts it again)."""
         self._structures.clear()
         self._structure_octets = 0
+        if self._learning is not None:
+            self._learning.cancel()
+            self._learning = None
 
     async def send_fetch(
         self, view: SelectedFolder, uids: Sequence[int], items: Sequence[FetchItem], flags_changed: set[int],
@@ -85,17 +95,25 @@ class FetchRenderer:
     ) -> bool:
         missing = False
         learned: fetch_cache.Learned = []
+        unknown: list[tuple[int, Path]] = []
+        compute = fetch_cache.needs_row(items)
         for start in range(0, len(uids), CACHED_FETCH_BATCH):
             jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid))
                     for uid in uids[start:start + CACHED_FETCH_BATCH]]
-            results, new = await asyncio.to_thread(_render_cached, cache, jobs, items, flags_changed, condstore)
+            results, new, later = await asyncio.to_thread(
+                _render_cached, cache, jobs, items, flags_changed, condstore, compute)
             missing = missing or None in results
             await send(*[r for r in results if r is not None])
             learned += new
+            unknown += later
             if len(learned) >= LEARN_BATCH:
                 await cache.learn(learned)
                 learned = []
         await cache.learn(learned)
+        if unknown and (self._learning is None or self._learning.done()):
+            # Rows for the messages answered from a header scan, computed after the answer went
+            # out, in chunks on worker threads (one at a time per session).
+            self._learning = asyncio.create_task(_learn_later(cache, unknown))
         return missing
 
     def _render_files(
@@ -149,21 +167,33 @@ def _weight(root: Part) -> int:
 
 def _render_cached(
     cache: FolderCache, jobs: list[_Job], items: Sequence[FetchItem], flags_changed: set[int], condstore: bool,
-) -> tuple[list[FetchResponse | None], fetch_cache.Learned]:
-    """Worker thread: FETCH answers from the message cache (a stat per file, no read), the rows
-    missing or stale computed from the files. None: the message's file is gone."""
-    rows, learned = fetch_cache.current_rows(cache, [(info.uid, info.path) for _, info, _ in jobs])
+    compute: bool,
+) -> tuple[list[FetchResponse | None], fetch_cache.Learned, list[tuple[int, Path]]]:
+    """Worker thread: FETCH answers from the message cache (a stat per file, no read). A missing or
+    stale row is computed from the file (`compute`), or the message is answered from its file and
+    returned as unknown. None: the message's file is gone."""
+    rows, learned, unknown = fetch_cache.current_rows(
+        cache, [(info.uid, info.path) for _, info, _ in jobs], compute=compute)
     out: list[FetchResponse | None] = []
     for seq, info, message in jobs:
         row = rows.get(info.uid)
         values = fetch_cache.item_values(items, message, row) if row is not None else None
-        if values is None and row is not None:
-            values = _from_file(info, message, items)  # a header the row cannot answer for
+        if values is None and (row is not None or not compute):
+            values = _from_file(info, message, items)  # no row yet, or a header the row cannot answer for
         if values is None:
             out.append(None)
             continue
         out.append(_response(seq, values, message, flags_changed, condstore))
-    return out, learned
+    return out, learned, unknown
+
+
+async def _learn_later(cache: FolderCache, files: list[tuple[int, Path]]) -> None:
+    try:
+        for start in range(0, len(files), LEARN_CHUNK):
+            _, learned, _ = await asyncio.to_thread(fetch_cache.current_rows, cache, files[start:start + LEARN_CHUNK])
+            await cache.learn(learned)
+    except Exception:
+        log.debug("message cache: computing rows in the background stopped", exc_info=True)
 
 
 def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequence[FetchItem]
@@ -174,7 +204,8 @@ def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequenc
     except FileNotFoundError:
         return None
     with f:
-        return fetching.item_values(items, message, f, scan(f), _reopener(f))
+        full = any(fetching.needs_structure(i) for i in items)
+        return fetching.item_values(items, message, f, scan(f) if full else scan_header(f), _reopener(f))
 
 
 def _response(seq: int, values: list[tuple[str, Value]], message: fetching.MessageFacts, flags_changed: set[int],

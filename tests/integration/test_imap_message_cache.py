@@ -16,6 +16,7 @@ import trustme
 
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
+from tests.support.polling import wait_until
 
 USER = "carol@example.test"
 PASSWORD = "correct horse battery staple"
@@ -229,3 +230,20 @@ def test_copy_and_move_carry_the_rows(box: BoxHandle, opened_files: list[str]) -
     assert b'"to be moved"' in answer
     assert [p for p in opened_files if os.sep + "cur" + os.sep in p or os.sep + "new" + os.sep in p] == []
     assert cache_rows(box) == 3  # the original, its copy, the moved message
+
+
+def test_header_list_of_a_foreign_file_is_answered_then_learned(box: BoxHandle) -> None:
+    """Thunderbird's list FETCH (no BODYSTRUCTURE) of files nobody described is answered from a
+    header scan at once; their rows are computed afterwards, in the background."""
+    box.add_user(USER, PASSWORD)
+    deliver(box, message(0))
+    cur = maildir(box) / "cur"
+    for n in range(1, 4):
+        (cur / f"170000000{n}.M{n}P1.other:2,S").write_bytes(message(n, f"foreign {n}"))
+    raw = session(box)
+    try:
+        answer = b"".join(raw.command(b"a", b"FETCH 1:* (BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)])"))
+        assert b"Subject: foreign 3\r\n" in answer
+        wait_until(lambda: cache_rows(box) == 4, what="rows of the foreign files")
+    finally:
+        raw.close()
