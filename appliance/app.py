@@ -24,6 +24,7 @@ from appliance.db import Database
 from appliance.events import EventLog
 from appliance.imap import server as imap_server
 from appliance.imap.fetch_cache import describe_bytes
+from appliance.imap.fts import start_text_index
 from appliance.inbound_auth import start_inbound_auth
 from appliance.pop3 import server as pop3_server
 from appliance.pop3.session import MaildropLocks
@@ -92,6 +93,7 @@ BACKGROUND: list[Callable[[Services], Awaitable[BackgroundService]]] = [
     start_renewer,
     backup.start_scheduler,  # the daily backup, once switched on
     start_status_checks,  # the status checklist, every few hours
+    start_text_index,  # SEARCH BODY/TEXT's full-text index, filled after delivery
 ]
 
 
@@ -216,6 +218,8 @@ class Box:
 
     async def stop(self) -> None:
         await self._stop_services()
+        with contextlib.suppress(Exception):
+            await self.services.cpu.stop()  # the worker process, once no session can ask it
         with contextlib.suppress(Exception):
             await self.services.spam_decisions.close()  # the last few decisions, before the db closes
         with contextlib.suppress(Exception):

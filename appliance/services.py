@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from appliance.backup import BackupJobs
 from appliance.certificates import CertContext
+from appliance.cpu_pool import CpuPool
 from appliance.delivery_log import DeliveryLog
 from appliance.spam.decisions import DecisionLog
 from appliance.spam.dnsbl import Blocklists, ListStatus
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from appliance.config import ServeConfig
     from appliance.db import Database
     from appliance.events import EventLog
+    from appliance.imap.fts import TextIndex
     from appliance.pop3.session import MaildropLocks
     from appliance.queue.service import OutboundQueue
     from appliance.queue.spool import Spool
@@ -72,6 +74,9 @@ class Services:
     renewer: Renewer | None = None
     content_filter: ContentFilter | None = None  # the MX's spam check at DATA (appliance/spam/content_filter.py)
     spam_content: SpamContent | None = None  # that filter, the learner, Junk for the console and the CLI
+    # CPU-heavy work (SEARCH BODY scans, full-text indexing) in a worker process (appliance/cpu_pool.py).
+    cpu: CpuPool = field(default_factory=CpuPool)
+    text_index: TextIndex | None = None  # SEARCH BODY/TEXT's full-text index (appliance/imap/fts.py)
     # Backups and restores running in the background, watched by the console's Backups page.
     backups: BackupJobs = field(default_factory=BackupJobs)
     listener_status: ListenerStatus | None = None  # set by the Box once its listeners are bound

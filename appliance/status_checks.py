@@ -242,6 +242,8 @@ async def check_disk(svc: Services) -> Item:
     growth = await _record_disk(svc.db, usage.total - usage.free, usage.total)
     summary = f"{used}% used, {usage.free // 2**20:,} MiB free" + (
         f", growing {growth // 2**20:,} MiB a week." if growth is not None and growth > 0 else ".")
+    if svc.text_index is not None:
+        summary += f" Search index: {await svc.text_index.size_bytes() / 2**20:,.1f} MiB."
     if used >= DISK_FAIL_PERCENT:
         return Item("disk", "Disk", "fail", summary, "Delete old mail or backups, or move to a bigger disk.",
                     "/console/backups")

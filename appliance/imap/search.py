@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import binascii
 import datetime as dt
+import functools
+import io
 import quopri
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import BinaryIO
 
 from appliance.imap.commands import (
@@ -40,6 +43,7 @@ from appliance.imap.fetch import parse_addresses, split_address_elements, strip_
 from appliance.imap.fetch_cache import CACHED_FIELDS, HeaderLookup
 from appliance.imap.limits import MAX_DECODED_SEARCH_OCTETS, MAX_HEADER_OCTETS
 from appliance.imap.mime import Part, parse_header, scan, unfold
+from appliance.store.maildir import open_message
 
 SUPPORTED_CHARSETS = ("US-ASCII", "UTF-8")
 ADDRESS_FIELDS = frozenset({"FROM", "TO", "CC", "BCC", "SENDER", "REPLY-TO"})
@@ -67,7 +71,8 @@ class _Content:
         self._size = size
         self._headers: Message | None = None
         self._cached = cached
-        self._body: str | None = None
+        self._parts: list[str] | None = None
+        self._part_source: Iterator[str] | None = None
         self._header_text: str | None = None
 
     def headers(self) -> Message:
@@ -106,12 +111,34 @@ class _Content:
         return self._header_text
 
     def body_contains(self, needle: str) -> bool:
+        if not needle:
+            return True  # "" is in every text: nothing to read
         if self._size > MAX_DECODED_SEARCH_OCTETS:
             return self._raw_contains(needle, body_only=True)
-        if self._body is None:
-            with self._opener() as f:
-                self._body = decoded_text(f).casefold()
-        return needle in self._body
+        if "\n" in needle:
+            # Parts are joined with a line end: a needle with one may span two of them.
+            return needle in "\n".join(self._decoded_parts())
+        return any(needle in text for text in self._decoded_parts())
+
+    def _decoded_parts(self) -> Iterator[str]:
+        """The casefolded text of each text part, decoded once on first need and kept for the next
+        key of the same search: a match in the first part never decodes the others."""
+        if self._parts is None:
+            self._parts = []
+            self._part_source = _decoded_leaves(self._opener)
+        yield from self._parts
+        while self._part_source is not None:
+            text = next(self._part_source, None)
+            if text is None:
+                self._part_source = None
+                return
+            self._parts.append(text)
+            yield text
+
+    def body_text(self) -> str:
+        """The whole decoded body text, casefolded (what BODY searches): the full-text index's
+        body column holds exactly this, so the index and the scan give the same answers."""
+        return "\n".join(self._decoded_parts())
 
     def _raw_contains(self, needle: str, body_only: bool) -> bool:
         target = needle.encode("utf-8")
@@ -133,6 +160,13 @@ class _Content:
                 if target in data:
                     return True
                 tail = data[-overlap:] if overlap else b""
+
+
+def searched_texts(data: bytes) -> tuple[str, str]:
+    """(header text, body text) of a message, casefolded: the strings TEXT and BODY search in it
+    (what the full-text index stores for it)."""
+    content = _Content(lambda: io.BytesIO(data), len(data))
+    return content.header_text(), content.body_text()
 
 
 def address_texts(value: str) -> list[str]:
@@ -183,13 +217,17 @@ def decode_words(value: str) -> str:
 
 
 def decoded_text(f: BinaryIO) -> str:
-    """The text parts of the message in `f`, transfer encoding and charset undone, joined.
+    """The text parts of the message in `f`, transfer encoding and charset undone, joined."""
+    return "\n".join(_decoded_parts(f))
+
+
+def _decoded_parts(f: BinaryIO) -> Iterator[str]:
+    """The text of each text part of the message in `f`, decoded, one at a time.
 
     The structure comes from mime.scan, which bounds nesting depth and part count (the stdlib parser
     recurses once per level: a message nested a thousand levels deep raised RecursionError). Parts
     past the bound are opaque leaves and are searched as the text they are, as Dovecot does."""
     root = scan(f)
-    texts: list[str] = []
     for part in _leaves(root):
         # Text parts, and opaque bodies that may hold text: an encapsulated message we did not walk,
         # a multipart without parts.
@@ -198,8 +236,14 @@ def decoded_text(f: BinaryIO) -> str:
             continue
         f.seek(part.body.start)
         data = f.read(part.body.end - part.body.start)
-        texts.append(_decode_body(part.headers, data))
-    return "\n".join(texts)
+        yield _decode_body(part.headers, data)
+
+
+def _decoded_leaves(opener: Callable[[], BinaryIO]) -> Iterator[str]:
+    """_decoded_parts casefolded, the file open only while they are read."""
+    with opener() as f:
+        for text in _decoded_parts(f):
+            yield text.casefold()
 
 
 def _leaves(root: Part) -> Iterator[Part]:
@@ -249,20 +293,68 @@ def _compare(day: dt.date, relation: str, target: dt.date) -> bool:
 
 
 Predicate = Callable[[Candidate, "_Content"], bool]
+Term = tuple[str, str]  # (BODY or TEXT, casefolded needle): one lookup in the full-text index
+
+
+@dataclass(frozen=True)
+class TextHits:
+    """What the full-text index (appliance/imap/fts.py) answered for the BODY and TEXT keys of a
+    search: the messages it holds, and for each term the ones among them that contain it. A message
+    outside `indexed` (not yet indexed, or too large to be) is read and scanned instead."""
+
+    indexed: frozenset[int]  # UIDs
+    found: dict[Term, frozenset[int]]
+
+    def narrowed(self, uids: set[int]) -> TextHits:
+        """The same answer for only these UIDs (a chunk sent to the worker process)."""
+        return TextHits(self.indexed & uids, {t: hits & uids for t, hits in self.found.items()})
 
 
 class Searcher:
     """Evaluates one SEARCH key over the candidates of a folder. The key is compiled once into nested
     closures, so a 100,000-message folder costs one call chain per message, not a tree walk."""
 
-    def __init__(self, key: SearchKey, largest_seq: int, largest_uid: int) -> None:
+    def __init__(self, key: SearchKey, largest_seq: int, largest_uid: int, hits: TextHits | None = None) -> None:
         self.key = key
         self.largest_seq = largest_seq
         self.largest_uid = largest_uid
+        self.hits = hits
+        self._terms: set[Term] = set()
+        self._header_fields: set[str] = set()
+        _any_leaf(key, self._note_fields)
         self._predicate = self._compile(key)
 
     def needs_content(self) -> bool:
         return _needs_content(self.key)
+
+    def _note_fields(self, leaf: SearchKey) -> bool:
+        """Collect the header fields a criterion reads (for needs_file); never stops the walk."""
+        if isinstance(leaf, HeaderKey):
+            self._header_fields.add(leaf.field.lower())
+        elif isinstance(leaf, DateKey) and leaf.sent:
+            self._header_fields.add("date")
+        return False
+
+    def reads_headers(self) -> bool:
+        return bool(self._header_fields)
+
+    def terms(self) -> set[Term]:
+        """The BODY and TEXT keys' needles, casefolded: what the full-text index can answer."""
+        return self._terms
+
+    def needs_file(self, c: Candidate, cached: bool = False) -> bool:
+        """Whether deciding this message may read its file: a header or SENT* key (unless `cached`:
+        the message cache holds every field they name, fetch_cache.exact_headers), or a BODY/TEXT
+        key the index did not answer for it (an empty needle is in every message: no file)."""
+        if self._header_fields and not (cached and self._header_fields <= CACHED_FIELDS):
+            return True
+        needles = [t for t in self._terms if t[1]]
+        if not needles:
+            return False
+        hits = self.hits
+        if hits is None or any(t not in hits.found for t in needles):
+            return True
+        return c.uid not in hits.indexed
 
     def matches(self, c: Candidate, opener: Callable[[], BinaryIO], cached: HeaderLookup | None = None) -> bool:
         return self._predicate(c, _Content(opener, c.size, cached))
@@ -319,7 +411,15 @@ class Searcher:
         if isinstance(key, TextKey):
             needle, everywhere = key.value.casefold(), key.where == "TEXT"
 
+            term = (key.where, needle)
+            self._terms.add(term)
+
             def text(c: Candidate, content: _Content) -> bool:
+                if not needle:
+                    return True  # "" is in every text
+                hits = self.hits
+                if hits is not None and c.uid in hits.indexed and term in hits.found:
+                    return c.uid in hits.found[term]
                 if everywhere and needle in content.header_text():
                     return True
                 return content.body_contains(needle)
@@ -348,7 +448,11 @@ def _needs_content(key: SearchKey) -> bool:
 
 
 def _reads_content(leaf: SearchKey) -> bool:
-    if isinstance(leaf, HeaderKey | TextKey):
+    return isinstance(leaf, TextKey) or _reads_headers(leaf)
+
+
+def _reads_headers(leaf: SearchKey) -> bool:
+    if isinstance(leaf, HeaderKey):
         return True
     if isinstance(leaf, DateKey):
         return leaf.sent
@@ -364,3 +468,21 @@ def _any_leaf(key: SearchKey, test: Callable[[SearchKey], bool]) -> bool:
     if isinstance(key, AndKey):
         return any(_any_leaf(k, test) for k in key.keys)
     return test(key)
+
+
+def search_files(key: SearchKey, largest_seq: int, largest_uid: int, hits: TextHits | None,
+                 items: Sequence[tuple[Candidate, str, HeaderLookup | None]]) -> list[int]:
+    """The sequence numbers of the messages among `items` (each with its file and its cached header
+    fields, if any) that match `key`.
+
+    Runs in the CPU pool's worker process (appliance/cpu_pool.py), one bounded chunk of a folder at a
+    time, so a long search holds neither the event loop nor the server's GIL."""
+    searcher = Searcher(key, largest_seq, largest_uid, hits)
+    found = []
+    for c, path, cached in items:
+        try:
+            if searcher.matches(c, functools.partial(open_message, Path(path)), cached):
+                found.append(c.seq)
+        except FileNotFoundError:
+            continue  # expunged meanwhile
+    return found

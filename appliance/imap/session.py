@@ -56,6 +56,7 @@ from appliance.imap.commands import (
     in_ranges,
 )
 from appliance.imap.errors import ImapBad, ImapError, ImapNo
+from appliance.imap.fetch_cache import CachedFields
 from appliance.imap.fetch_render import FetchRenderer
 from appliance.imap.limits import MAX_APPEND_OCTETS, MAX_LIST_PATTERNS, MAX_SEARCH_CONTEXTS
 from appliance.imap.mime import base64_for_nul
@@ -70,7 +71,7 @@ from appliance.imap.responses import (
     Value,
     encode_astring,
 )
-from appliance.imap.search import SUPPORTED_CHARSETS, Candidate, Searcher, uses_modseq
+from appliance.imap.search import SUPPORTED_CHARSETS, Candidate, Searcher, search_files, uses_modseq
 from appliance.imap.selected import SearchContext, SelectedFolder
 from appliance.imap.sort import HEADER_KEYS as SORT_HEADER_KEYS
 from appliance.imap.sort import THREADERS, SortItem, thread_text
@@ -78,13 +79,10 @@ from appliance.imap.sort import sort as sort_messages
 from appliance.imap.store_errors import MissingFolderCode, store_errors
 from appliance.store.mailstore import (
     FolderInfo,
-    MessageInfo,
     NoSuchFolder,
     StoreError,
     Watcher,
-    open_message,
 )
-from appliance.store.message_cache import FolderCache
 
 if TYPE_CHECKING:
     from appliance.services import Services
@@ -111,6 +109,9 @@ DELETED = "\\Deleted"
 LIST_ON_LOOP = 2000  # names times patterns a LIST matches on the event loop; more go to a thread
 SEARCH_ON_LOOP = 1000  # messages an index-only SEARCH checks on the event loop; more go to a thread
 SEARCH_CACHE_BATCH = 500  # messages whose message-cache rows one read brings, for header keys
+SCAN_CHUNK_MESSAGES = 500  # messages per task of the worker process that scans files
+SCAN_CHUNK_OCTETS = 8 * 1024 * 1024
+SCAN_LIGHT_MESSAGES = 50  # a scan of at most this many files runs in a thread when no worker is up
 
 
 class SessionIO(Protocol):
@@ -153,6 +154,7 @@ class ImapSession:
         self.condstore = False
         self.qresync = False
         self.notify = NotifyState()  # RFC 5465: other mailboxes whose changes are told as STATUS
+        self.scanned = 0  # messages SEARCH read from their files (not answered by the full-text index)
         self._notify_fired: set[str] = set()  # their watchers that fired during IDLE
 
     # --- greeting and capabilities -----------------------------------------------------------------
@@ -708,15 +710,52 @@ class ImapSession:
             flags = info.flags | RECENT_FLAG if uid in recent else info.flags
             candidates.append(Candidate(seq, uid, flags, info.size, info.internaldate, info.modseq))
         if searcher.needs_content():
-            infos = {uid: view.info(uid) for uid in view.uids}
-            cache = await self.store.folder_cache(self.mailbox, view.name, view.uidvalidity)
-            found = await asyncio.to_thread(_search_files, searcher, candidates, infos, cache)
-        elif len(candidates) > SEARCH_ON_LOOP:
+            return await self._search_content(searcher, candidates)
+        if len(candidates) > SEARCH_ON_LOOP:
             # A key of thousands of terms over a large folder is seconds of CPU: off the event loop,
             # so other sessions are served meanwhile.
-            found = await asyncio.to_thread(_search_index, searcher, candidates)
-        else:
-            found = _search_index(searcher, candidates)
+            return await asyncio.to_thread(_search_index, searcher, candidates)
+        return _search_index(searcher, candidates)
+
+    async def _search_content(self, searcher: Searcher, candidates: list[Candidate]) -> list[Candidate]:
+        """A search that reads message text: the full-text index answers BODY and TEXT for the
+        messages it holds (fts.py); the rest is read and scanned in the CPU pool's worker process, a
+        bounded chunk at a time (never in this process: a scan holding the GIL stalled every other
+        session and SMTP, issue 19)."""
+        view = self.view
+        index = self.services.text_index
+        if index is not None and searcher.terms():
+            folder_id, uidvalidity = await self.store.folder_key(self.mailbox, view.name)
+            if uidvalidity == view.uidvalidity:
+                searcher.hits = await index.lookup(folder_id, uidvalidity, searcher.terms())
+        # Header and SENT* keys: the message cache's fields where they are exact (fetch_cache).
+        cache = await self.store.folder_cache(self.mailbox, view.name, view.uidvalidity) if searcher.reads_headers() else None
+        found: list[Candidate] = []
+        scan: list[tuple[Candidate, CachedFields | None]] = []
+        for start in range(0, len(candidates), SEARCH_CACHE_BATCH):
+            batch = candidates[start:start + SEARCH_CACHE_BATCH]
+            rows = {}
+            if cache is not None:
+                rows = await asyncio.to_thread(fetch_cache.known_rows, cache, [(c.uid, view.info(c.uid).path) for c in batch])
+            for c in batch:
+                cached = fetch_cache.exact_headers(rows.get(c.uid))
+                if searcher.needs_file(c, cached is not None):
+                    scan.append((c, cached))
+                elif searcher.matches(c, _no_content, cached):
+                    found.append(c)
+            await asyncio.sleep(0)  # a 100k folder answered from the indexes: others go meanwhile
+        self.scanned += len(scan)
+        if scan:
+            by_seq = {c.seq: c for c, _ in scan}
+            # A few files are read here in a thread (milliseconds); more in the worker process.
+            cpu = self.services.cpu
+            run = cpu.run_light if len(scan) <= SCAN_LIGHT_MESSAGES else cpu.run
+            for chunk in _scan_chunks(scan):
+                items = [(c, str(view.info(c.uid).path), cached) for c, cached in chunk]
+                hits = searcher.hits.narrowed({c.uid for c, _ in chunk}) if searcher.hits is not None else None
+                seqs = await run(search_files, searcher.key, searcher.largest_seq, searcher.largest_uid, hits, items)
+                found += [by_seq[n] for n in seqs]
+            found.sort(key=lambda c: c.seq)
         return found
 
     async def cmd_sort(self, command: Sort) -> None:
@@ -1109,23 +1148,22 @@ def _search_index(searcher: Searcher, candidates: list[Candidate]) -> list[Candi
     return [c for c in candidates if searcher.matches(c, _no_content)]
 
 
-def _search_files(searcher: Searcher, candidates: list[Candidate], infos: dict[int, MessageInfo],
-                  cache: FolderCache | None = None) -> list[Candidate]:
-    """Worker thread: the candidates that match, header keys on the fields of the message cache
-    answered from it (fetch_cache.exact_headers), everything else from the files."""
-    found = []
-    for start in range(0, len(candidates), SEARCH_CACHE_BATCH):
-        batch = candidates[start:start + SEARCH_CACHE_BATCH]
-        rows = fetch_cache.known_rows(cache, [(c.uid, infos[c.uid].path) for c in batch])
-        for c in batch:
-            path = infos[c.uid].path
-            try:
-                if searcher.matches(c, lambda p=path: open_message(p),  # type: ignore[misc]
-                                    fetch_cache.exact_headers(rows.get(c.uid))):
-                    found.append(c)
-            except FileNotFoundError:
-                continue  # expunged meanwhile
-    return found
+_Scan = tuple[Candidate, "CachedFields | None"]
+
+
+def _scan_chunks(candidates: list[_Scan]) -> Iterator[list[_Scan]]:
+    """Bounded pieces of a scan: each is one task of the worker process, so a 100k-message search
+    queues behind no one for long and its partial results stay small."""
+    chunk: list[_Scan] = []
+    octets = 0
+    for item in candidates:
+        chunk.append(item)
+        octets += item[0].size
+        if len(chunk) >= SCAN_CHUNK_MESSAGES or octets >= SCAN_CHUNK_OCTETS:
+            yield chunk
+            chunk, octets = [], 0
+    if chunk:
+        yield chunk
 
 
 def _list_order(name: str) -> tuple[int, str]:

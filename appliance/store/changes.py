@@ -15,6 +15,9 @@ class ChangeBus:
 
     def __init__(self) -> None:
         self._watchers: dict[tuple[str, str], set[Watcher]] = {}
+        # Called after every change to any folder (the full-text indexer looks for new mail); each
+        # must return at once.
+        self.any_change: list[Callable[[], None]] = []
 
     def watch(self, owner: str, folder: str) -> Watcher:
         key = (owner, folder)
@@ -30,6 +33,8 @@ class ChangeBus:
         return watcher
 
     def changed(self, owner: str, *folders: str) -> None:
+        for listener in self.any_change:
+            listener()
         for folder in folders:
             for watcher in self._watchers.get((owner, folder), ()):
                 watcher.notify()

@@ -309,6 +309,12 @@ class MailStore:
         mb = await self._boxes.get(mailbox)
         return (await self._boxes.folder(mb, folder)).uidvalidity
 
+    async def folder_key(self, mailbox: str, folder: str) -> tuple[int, int]:
+        """(folder id, UIDVALIDITY): what the full-text index (imap/fts.py) keys a folder's rows by."""
+        mb = await self._boxes.get(mailbox)
+        f = await self._boxes.folder(mb, folder)
+        return f.id, f.uidvalidity
+
     async def mailbox_generation(self, address: str) -> int | None:
         """Which mailbox `address` names now: its row id, never reused (None: no such mailbox). A
         session keeps the one it logged in to and ends when it changes, so a session opened before

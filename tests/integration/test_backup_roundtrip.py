@@ -155,12 +155,24 @@ def test_round_trip_to_a_fresh_box(tmp_path: Path, ca: trustme.CA) -> None:
             # queued just before the backup may reach the db only after the snapshot. None is invented.
             assert set(rows_after[table]) <= set(rows)
             continue
+        if table.startswith("message_text"):
+            # The full-text index is written in the background after delivery, so it may move on
+            # between the backup's snapshot and this reference; what the backup holds is consistent
+            # in itself (rows and each folder's mark in one transaction), checked below.
+            continue
         if table in ("events", "sqlite_sequence"):
             # 'backup made' is recorded after the snapshot; the restore is recorded as an event
             kept = {r for r in rows if table == "events" and not str(r[3]).startswith("backup made")}
             assert kept <= set(rows_after[table])
             continue
         assert rows_after[table] == rows, table
+    conn = sqlite3.connect(fresh / "letterbox.db")
+    try:
+        orphans = conn.execute("SELECT COUNT(*) FROM message_text WHERE NOT EXISTS (SELECT 1 FROM messages m"
+                               " WHERE (m.folder_id << 32) | m.uid = message_text.rowid)").fetchone()[0]
+    finally:
+        conn.close()
+    assert orphans == 0  # no text of a message the restored box does not have
     # UID bookkeeping: every folder keeps UIDVALIDITY and moves UIDNEXT up by the margin.
     assert [r[:4] + r[5:] for r in rows_after["folders"]] == [r[:4] + r[5:] for r in rows_before["folders"]]
     assert [r[4] for r in rows_after["folders"]] == [r[4] + backup.UID_MARGIN for r in rows_before["folders"]]  # type: ignore[operator]  # column 4 is UIDNEXT, an int

@@ -1,0 +1,152 @@
+"""SEARCH BODY/TEXT with the full-text index (appliance/imap/fts.py): the same answers as the scan of
+the files, rows that leave with their messages, foreign files indexed, and the index's size told."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from appliance.imap.fts import TextIndex
+from appliance.imap.search import searched_texts
+from appliance.status_checks import check_disk
+from tests.conftest import BoxHandle
+from tests.support.imap_wire import RawImap
+
+USER = "alice@example.test"
+PASSWORD = "correct horse battery staple"
+CORPUS = Path(__file__).parent.parent / "corpus" / "mime"
+_WORD = re.compile(r"[^\W_]{4,12}")
+
+EXTRA = [
+    b"From: =?utf-8?q?J=C3=B6rg?= <j@example.org>\r\nSubject: Stra\xc3\x9fe\r\nContent-Type: text/plain;"
+    b" charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nGr=C3=BC=C3=9Fe aus der Stra=C3=9Fe,"
+    b" \"quoted\" words and 100% of it\r\n",
+    b"From: b@example.org\r\nSubject: base64\r\nContent-Type: text/plain; charset=iso-8859-1\r\n"
+    b"Content-Transfer-Encoding: base64\r\n\r\nSuwgZXN0IGTpauAgbOA=\r\n",
+    b"From: c@example.org\r\nSubject: nothing special\r\n\r\nplain words only\r\n",
+]
+
+
+def index(box: BoxHandle) -> TextIndex:
+    text_index = box.services.text_index
+    assert text_index is not None
+    return text_index
+
+
+def search(raw: RawImap, tag: str, where: str, needle: str) -> list[int]:
+    data = needle.encode()
+    raw.send(f"{tag} UID SEARCH CHARSET UTF-8 {where} {{{len(data)}+}}\r\n".encode() + data + b"\r\n")
+    lines = raw.until_tagged(tag.encode())
+    assert lines[-1].startswith(f"{tag} OK".encode()), lines
+    found = [ln for ln in lines if ln.startswith(b"* SEARCH")]
+    return [int(n) for n in found[0].split()[2:]] if found else []
+
+
+def needles(messages: list[bytes]) -> list[str]:
+    """Words of each message's searched text, some in other cases, plus the awkward ones."""
+    out = {"", "zz", "nosuchwordanywhere", 'd "quoted', "100%", "STRASSE", "jörg", "grüße", "déjà", "ß"}
+    for i, data in enumerate(messages):
+        header, body = searched_texts(data)
+        words = _WORD.findall(body) or _WORD.findall(header)
+        if words:
+            out.add(words[-1])
+            out.add(words[0].upper()[1:] if i % 2 else words[0])  # some in capitals, some cut
+    return sorted(out)
+
+
+@pytest.fixture
+def corpus_box(box: BoxHandle) -> list[bytes]:
+    box.add_user(USER, PASSWORD)
+    box.run(index(box).stop())  # the test decides when the index catches up
+    messages = [p.read_bytes() for p in sorted(CORPUS.glob("*.eml"))] + EXTRA
+    for data in messages:
+        assert isinstance(box.run(box.services.store.deliver([USER], data))[USER], int)
+    return messages
+
+
+def test_index_gives_the_answers_of_the_scan(box: BoxHandle, corpus_box: list[bytes]) -> None:
+    raw = RawImap(box.port("imaps"), box.client_context, timeout=60)
+    try:
+        raw.login(USER, PASSWORD)
+        raw.command(b"s", b"SELECT INBOX")
+        terms = [(where, n) for n in needles(corpus_box) for where in ("BODY", "TEXT")]
+        scanned = {t: search(raw, f"a{i}", *t) for i, t in enumerate(terms)}
+        assert any(scanned.values())
+        assert box.run(index(box).catch_up()) == len(corpus_box)
+        tasks = box.services.cpu.tasks
+        indexed = {t: search(raw, f"b{i}", *t) for i, t in enumerate(terms)}
+        assert indexed == scanned
+        # Only needles too short for trigrams were read from the files (the empty one needs nothing).
+        short = {n for _, n in terms if 0 < len(n.casefold()) < 3}
+        assert box.services.cpu.tasks - tasks == 2 * len(short)
+        # A BODY key with a header key: the header is read from the file, the body from the index.
+        assert search(raw, "c", "FROM b@example.org BODY", "déjà") == [len(corpus_box) - 1]
+    finally:
+        raw.close()
+
+
+def rows(box: BoxHandle) -> int:
+    row = box.run(box.services.db.fetchone("SELECT COUNT(*) FROM message_text"))
+    assert row is not None
+    return int(row[0])
+
+
+def test_rows_leave_with_their_messages(box: BoxHandle, corpus_box: list[bytes]) -> None:
+    store = box.services.store
+    box.run(store.create_folder(USER, "Kept"))
+    box.run(store.copy(USER, "INBOX", [1, 2, 3], "Kept"))
+    box.run(index(box).catch_up())
+    assert rows(box) == len(corpus_box) + 3
+    box.run(store.store_flags(USER, "INBOX", [1, 2], frozenset({"\\Deleted"}), "add"))
+    assert box.run(store.expunge(USER, "INBOX", [1, 2])) == [1, 2]
+    assert rows(box) == len(corpus_box) + 1
+    box.run(store.move(USER, "INBOX", [3], "Kept"))
+    box.run(index(box).catch_up())
+    assert rows(box) == len(corpus_box) + 1  # moved: one row out, one in
+    box.run(store.delete_folder(USER, "Kept"))
+    assert rows(box) == len(corpus_box) - 3
+    box.run(box.services.accounts.remove_user(USER))
+    assert rows(box) == 0
+
+
+def test_foreign_files_are_indexed(box: BoxHandle) -> None:
+    box.add_user(USER, PASSWORD)
+    box.run(index(box).stop())
+    cur = box.services.config.data.mail / "example.test" / "alice" / "cur"
+    cur.mkdir(parents=True, exist_ok=True)
+    (cur / "1700000000.M1P1.elsewhere:2,S").write_bytes(
+        b"From: x@example.org\r\nSubject: copied in\r\n\r\nwritten by another server\r\n")
+    raw = RawImap(box.port("imaps"), box.client_context, timeout=60)
+    try:
+        raw.login(USER, PASSWORD)
+        raw.command(b"s", b"SELECT INBOX")  # the file is found and given its UID
+        assert box.run(index(box).catch_up()) == 1
+        tasks = box.services.cpu.tasks
+        assert search(raw, "a", "BODY", "ANOTHER SERVER") == [1]
+        assert search(raw, "b", "TEXT", "copied in") == [1]
+        assert search(raw, "c", "BODY", "copied in") == []
+        assert box.services.cpu.tasks == tasks  # all three from the index
+    finally:
+        raw.close()
+
+
+def test_background_indexing_after_delivery(box: BoxHandle) -> None:
+    box.add_user(USER, PASSWORD)
+    for n in range(3):
+        box.run(box.services.store.deliver([USER], f"Subject: {n}\r\n\r\nbody number {n}\r\n".encode()))
+    box.run(_wait_indexed(index(box), 3))
+    assert box.run(index(box).size_bytes()) > 0
+    # Its size is told on the status page's disk item.
+    assert re.search(r"Search index: \d+\.\d MiB\.", box.run(check_disk(box.services)).summary)
+
+
+async def _wait_indexed(text_index: TextIndex, count: int) -> None:
+    import asyncio
+
+    for _ in range(600):
+        if text_index.indexed >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"only {text_index.indexed} of {count} indexed in 30 s")
