@@ -184,6 +184,8 @@ def test_header_search_and_sort_read_no_file(box: BoxHandle, opened_files: list[
     box.add_user(USER, PASSWORD)
     for n, subject in enumerate(["banana split", "apple pie", "cherry tart"]):
         deliver(box, message(n, subject))
+    assert box.services.text_index is not None
+    box.run(box.services.text_index.catch_up())  # the full-text indexer reads new files in the background
     raw = session(box)
     try:
         opened_files.clear()
