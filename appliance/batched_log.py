@@ -1,8 +1,11 @@
 """A log table written in batches: the hot path records rows in memory, one transaction writes them.
 
 Used where a record is kept of what happened (spam decisions, the delivery log) and a commit per
-record would cost the SMTP path an fsync of its own; the batch's own commit is not fsynced either
-(Database.transaction(durable=False)): the next durable commit of the box carries it to the disk. `record` is synchronous and never touches the
+record would cost the SMTP path an fsync of its own. The rows ride in the next transaction the box
+commits anyway (Database.add_rider: a delivery's index write, one executemany more before its COMMIT),
+so a busy box writes them with no lock, transaction or commit of their own; a quiet one writes them
+`flush_delay` seconds later in a transaction of their own, not fsynced either
+(Database.transaction(durable=False)): the next durable commit carries it to the disk. `record` is synchronous and never touches the
 database; rows are written `flush_delay` seconds after the first of them (at once when `batch` are
 waiting). A crash loses at most those few seconds of log, never mail: nothing depends on these rows.
 At most `max_pending` rows wait (a flood cannot grow memory); beyond that the oldest are dropped and
@@ -18,6 +21,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
+
+import aiosqlite
 
 from appliance.db import Database
 
@@ -58,6 +63,7 @@ class BatchedLog(Generic[T]):
         self._flushing: asyncio.Task[int] | None = None
         self._last_prune = 0.0
         self._closed = False
+        db.add_rider(self._ride)
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -91,16 +97,30 @@ class BatchedLog(Generic[T]):
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.ensure_future(self.flush())
 
+    async def _ride(self, conn: aiosqlite.Connection) -> None:
+        """Write what waits inside a transaction someone else is committing (Database.add_rider)."""
+        if not self._pending:
+            return
+        batch = list(self._pending)
+        self._pending.clear()
+        try:
+            await conn.executemany(self._insert, [tuple(self._to_row(entry)) for entry in batch])
+        except Exception:  # a failed statement is rolled back alone: the host transaction commits
+            log.exception("could not write %d rows of %s", len(batch), self._table)
+
     async def flush(self) -> int:
         """Write every waiting row in one transaction (and prune when due); returns how many."""
         written = 0
-        while self._pending:
-            batch = list(self._pending)
-            self._pending.clear()
+        while self._pending or self._clock() - self._last_prune >= PRUNE_EVERY:
+            batch: list[T] = []
             try:
                 # Not fsynced on its own: the next delivery's commit carries these rows to the disk.
                 async with self._db.transaction(durable=False) as tx:
-                    await tx.executemany(self._insert, [tuple(self._to_row(entry)) for entry in batch])
+                    # Taken with the lock held: rows a delivery's transaction took meanwhile came first.
+                    batch = list(self._pending)
+                    self._pending.clear()
+                    if batch:
+                        await tx.executemany(self._insert, [tuple(self._to_row(entry)) for entry in batch])
                     now = self._clock()
                     if now - self._last_prune >= PRUNE_EVERY:
                         self._last_prune = now
@@ -131,9 +151,11 @@ class BatchedLog(Generic[T]):
             self._timer.cancel()
             self._timer = None
         await self.settle()
+        self._db.remove_rider(self._ride)
 
     async def settle(self) -> None:
         """Every row recorded so far is in the database when this returns."""
         if self._flushing is not None and not self._flushing.done():
             await asyncio.shield(self._flushing)
         await self.flush()
+        await self._db.writes_done()  # rows that rode in a delivery's transaction are committed with it

@@ -8,7 +8,7 @@ import os
 import re
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,9 @@ class Database:
         # Bumped by every settings write through this connection: SQLite's data_version only sees
         # other connections' commits, and appliance/settings.py checks both before using its cache.
         self.settings_generation = 0
+        # Writes that ride along in whatever transaction commits next (the batched logs): they cost
+        # no lock, transaction or commit of their own (appliance/batched_log.py).
+        self._riders: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = []
 
     @classmethod
     async def open(cls, path: Path, *, migrate: bool = True, migrations: Path | None = None) -> Database:
@@ -162,10 +165,27 @@ class Database:
                     await self._conn.execute("ROLLBACK")
                     raise
                 else:
+                    for rider in list(self._riders):
+                        await rider(self._conn)
                     await self._conn.execute("COMMIT")
             finally:
                 if not durable:
                     await self._conn.execute(f"PRAGMA synchronous={DURABLE_SYNC}")
+
+    def add_rider(self, rider: Callable[[aiosqlite.Connection], Awaitable[None]]) -> None:
+        """`rider(conn)` runs in every transaction that commits, just before its COMMIT (with the write
+        lock held). It must never raise: a failure of its own is its to log (a statement that fails
+        is rolled back alone; the transaction it rides in commits)."""
+        self._riders.append(rider)
+
+    async def writes_done(self) -> None:
+        """Returns once the transaction under way (if any) has committed or rolled back."""
+        async with self._write_lock:
+            return
+
+    def remove_rider(self, rider: Callable[[aiosqlite.Connection], Awaitable[None]]) -> None:
+        if rider in self._riders:
+            self._riders.remove(rider)
 
     async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> int:
         """One write statement in its own transaction; returns lastrowid."""

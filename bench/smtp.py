@@ -105,7 +105,7 @@ def serving_somewhere(data: Path, log: Path) -> Iterator[tuple[subprocess.Popen[
                 yield proc, offset
                 return
         except SystemExit as exc:
-            if "address already in use" not in str(exc):
+            if "address already in use" not in str(exc).lower():
                 raise
             start = offset + 1009
     raise SystemExit(f"no free port block after {START_TRIES} tries")
