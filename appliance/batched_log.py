@@ -97,6 +97,9 @@ class BatchedLog(Generic[T]):
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.ensure_future(self.flush())
 
+    def _values(self, batch: list[T]) -> list[tuple[object, ...]]:
+        return [tuple(self._to_row(entry)) for entry in batch]
+
     async def _ride(self, conn: aiosqlite.Connection) -> None:
         """Write what waits inside a transaction someone else is committing (Database.add_rider)."""
         if not self._pending:
@@ -104,7 +107,7 @@ class BatchedLog(Generic[T]):
         batch = list(self._pending)
         self._pending.clear()
         try:
-            await conn.executemany(self._insert, [tuple(self._to_row(entry)) for entry in batch])
+            await conn.executemany(self._insert, self._values(batch))
         except Exception:  # a failed statement is rolled back alone: the host transaction commits
             log.exception("could not write %d rows of %s", len(batch), self._table)
 
@@ -120,7 +123,7 @@ class BatchedLog(Generic[T]):
                     batch = list(self._pending)
                     self._pending.clear()
                     if batch:
-                        await tx.executemany(self._insert, [tuple(self._to_row(entry)) for entry in batch])
+                        await tx.executemany(self._insert, self._values(batch))
                     now = self._clock()
                     if now - self._last_prune >= PRUNE_EVERY:
                         self._last_prune = now
