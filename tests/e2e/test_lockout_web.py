@@ -16,7 +16,7 @@ from tests.e2e.test_web_wizard import CHROMIUM_ARGS, screenshot_dir
 from tests.integration.test_live_settings import ADMIN, ADMIN_PASSWORD, admin_console
 from tests.integration.test_lockout import ALICE, LOCKOUT, PASSWORD, WRONG, imap_login
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow(seconds=30), pytest.mark.timeout(300)]
 
 
 def test_imap_lockout_seen_by_the_owner_and_lifted_by_the_admin(box: BoxHandle, tmp_path: Path) -> None:

@@ -32,6 +32,8 @@ from tests.support.outbound import mx
 from tests.support.polling import wait_until
 from tests.support.receivers import Receiver, Script, free_port
 
+pytestmark = [pytest.mark.slow(seconds=40)]  # seven boxes, each with a few IMAP reads
+
 POSTMASTER, PASSWORD = "alice@example.test", "alice's long password 9"
 DOMAIN, IPV4 = "example.test", "192.0.2.25"
 HOUR = 3600.0
