@@ -35,6 +35,21 @@ ROOT=$WORK/root
 cleanup() { rm -rf "$WORK"; }
 trap cleanup EXIT
 
+# --- 0. nothing changed since the last build into OUT: that image serves again ------------------------
+# The inputs are every file of the checkout that goes into the wheel or the image (tracked, and new
+# ones git does not ignore), the base system's key and the formats; a test run after an unchanged
+# checkout (make image-test twice) then skips the two minutes of a build. The VM tests never change
+# the image (they boot copy-on-write overlays of it).
+name=letterbox-$ARCH
+inputs=$( { echo "$FORMATS $(base_key "$ARCH")"
+            git -C "$REPO" ls-files -z --cached --others --exclude-standard \
+                | (cd "$REPO" && xargs -0 sha256sum 2>/dev/null || true); } | sha256sum | cut -c1-32)
+if [[ -s $OUT/$name.img && $(cat "$OUT/$name.inputs" 2>/dev/null) == "$inputs" ]]; then
+    echo "image of these inputs already built: $OUT/$name.img (inputs $inputs)"
+    exit 0
+fi
+rm -f "$OUT/$name.inputs"
+
 # --- 1. the base system ------------------------------------------------------------------------------
 key=$(base_key "$ARCH")
 BASE=$CACHE/base-$ARCH-$key.tar
@@ -110,7 +125,6 @@ configure_system "$ARCH" "$ROOT"
 check_nothing_unique "$ROOT"
 
 # --- 4. the disk -----------------------------------------------------------------------------------
-name=letterbox-$ARCH
 step "disk image ($ARCH)"
 if [[ $ARCH == amd64 ]]; then
     make_disk_amd64 "$ROOT" "$WORK" "$OUT/$name.img"
@@ -132,3 +146,4 @@ for f in "$OUT/$name".*; do
     printf '  %-40s %5d MB\n' "$(basename "$f")" $(( $(stat -c %s "$f") / 1000000 ))
 done
 echo "build time: $((SECONDS - started)) s"
+echo "$inputs" >"$OUT/$name.inputs"

@@ -35,19 +35,25 @@ components() { [[ $1 == arm64 ]] && echo "main non-free-firmware" || echo "main"
 base_key() {
     local arch=$1
     { echo "v1 $SUITE $MIRROR $SECURITY_MIRROR $(components "$arch")"; package_list "$arch"; dpkg_excludes "$arch"
-      sed -n '/^make_base()/,/^}/p' "$IMAGE_DIR/lib/base.sh"; cat "$IMAGE_DIR/lib/compress-modules" "$IMAGE_DIR/lib/initramfs"/*; } | sha256sum | cut -c1-16
+      sed -n '/^make_base()/,/^}/p' "$IMAGE_DIR/lib/base.sh"; cat "$IMAGE_DIR/lib/compress-modules" "$IMAGE_DIR/lib/initramfs"/* "$IMAGE_DIR"/lib/initramfs-*; } | sha256sum | cut -c1-16
 }
 
 # make_base ARCH TARBALL: mmdebstrap into a tarball (no Docker, no loop devices).
 make_base() {
-    local arch=$1 out=$2 comps opts=()
+    local arch=$1 out=$2 comps opts=() finish=()
+    [[ $arch == amd64 ]] || finish=("--customize-hook=$IMAGE_DIR/lib/initramfs-finish")
     comps=$(components "$arch")
-    [[ $arch == amd64 ]] && opts+=("--essential-hook=$IMAGE_DIR/lib/initramfs-setup")
+    if [[ $arch == amd64 ]]; then
+        opts+=("--essential-hook=$IMAGE_DIR/lib/initramfs-setup")
+    else
+        opts+=("--essential-hook=$IMAGE_DIR/lib/initramfs-defer")
+    fi
     while read -r line; do opts+=("--dpkgopt=$line"); done < <(dpkg_excludes "$arch")
     mmdebstrap --quiet --variant=minbase --arch="$arch" --format=tar \
         --aptopt='APT::Install-Recommends "false"' "${opts[@]}" \
         --include="$(package_list "$arch")" \
         --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
+        "${finish[@]}" \
         --customize-hook="$IMAGE_DIR/lib/compress-modules" \
         "$SUITE" "$out" \
         "deb $MIRROR $SUITE $comps" "deb $MIRROR $SUITE-updates $comps" "deb $SECURITY_MIRROR $SUITE-security $comps"

@@ -1,0 +1,54 @@
+"""Where an appliance image's boot goes: `python -m tests.image.boot_profile IMAGE [--uefi]`.
+
+Boots IMAGE under qemu (TCG, as tests/image/ do), waits for the wizard and prints what the guest says of
+its boot through the guest agent: systemd-analyze (kernel, initrd, user space), the critical chain of
+letterbox.service, the slowest units, and letterbox's own start from its journal lines. The numbers
+the issue's target (boot to wizard) is made of.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.image.vm import Vm
+
+REPORTS = {
+    "systemd-analyze": "systemd-analyze time",
+    "critical chain": "systemd-analyze critical-chain letterbox.service --no-pager",
+    "blame": "systemd-analyze blame --no-pager | head -25",
+    "letterbox journal": "journalctl -b -o short-monotonic --no-pager -u letterbox.service | head -40",
+    "exposure": "systemd-analyze security letterbox.service --no-pager | tail -1",
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("image", type=Path)
+    parser.add_argument("--uefi", action="store_true")
+    parser.add_argument("--reboot", action="store_true", help="also time a reboot")
+    parser.add_argument("--run", action="append", default=[], help="another guest command to print")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="letterbox-boot-") as tmp, \
+            Vm(args.image, Path(tmp), uefi=args.uefi, name="profile") as vm:
+        vm.start()
+        wizard = vm.wait_for_wizard()
+        print(f"boot to wizard ({'UEFI' if args.uefi else 'BIOS'}, first boot): {wizard:.0f} s", flush=True)
+        time.sleep(2)
+        for title, command in {**REPORTS, **{c: c for c in args.run}}.items():
+            result = vm.run(command, check=False)
+            print(f"--- {title}: {command}\n{result.stdout}{result.stderr}", flush=True)
+        if args.reboot:
+            vm.reboot()
+            print(f"boot to wizard (reboot): {vm.wait_for_wizard():.0f} s", flush=True)
+            for title in ("systemd-analyze", "critical chain", "blame"):
+                result = vm.run(REPORTS[title], check=False)
+                print(f"--- {title} (reboot)\n{result.stdout}{result.stderr}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
