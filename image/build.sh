@@ -36,13 +36,13 @@ cleanup() { rm -rf "$WORK"; }
 trap cleanup EXIT
 
 # --- 0. nothing changed since the last build into OUT: that image serves again ------------------------
-# The inputs are every file of the checkout that goes into the wheel or the image (tracked, and new
-# ones git does not ignore), the base system's key and the formats; a test run after an unchanged
-# checkout (make image-test twice) then skips the two minutes of a build. The VM tests never change
+# The inputs are the checkout's files (tracked, and new ones git does not ignore) but for the tests,
+# benchmarks and docs, which go into neither the wheel nor the image; the base system's key and the
+# formats. A test run after an unchanged checkout (make image-test twice) skips minutes of a build. The VM tests never change
 # the image (they boot copy-on-write overlays of it).
 name=letterbox-$ARCH
 inputs=$( { echo "$FORMATS $(base_key "$ARCH")"
-            git -C "$REPO" ls-files -z --cached --others --exclude-standard \
+            git -C "$REPO" ls-files -z --cached --others --exclude-standard -- . ':!tests' ':!bench' ':!docs' ':!.ci' \
                 | (cd "$REPO" && xargs -0 sha256sum 2>/dev/null || true); } | sha256sum | cut -c1-32)
 if [[ -s $OUT/$name.img && $(cat "$OUT/$name.inputs" 2>/dev/null) == "$inputs" ]]; then
     echo "image of these inputs already built: $OUT/$name.img (inputs $inputs)"

@@ -11,7 +11,9 @@ KERNEL_ARGS_AMD64="ro quiet systemd.show_status=0 console=tty0 console=ttyS0,115
 make_rootfs() {
     local root=$1 file=$2 label=$3 uuid=$4 used size
     used=$(du -s --block-size=$MIB "$root" | cut -f1)
-    size=$((used * 105 / 100 + 64))  # ext4's own metadata (journal, inode tables), and some room
+    # ext4's own metadata (journal, inode tables), and room for the first start (database, journal,
+    # certificate: a few MB) until letterbox-growroot fills the disk; 64 MB put the raw image over 600 MB.
+    size=$((used * 105 / 100 + 40))
     until mkfs.ext4 -q -F -L "$label" -U "$uuid" -m 1 -d "$root" "$file" "${size}M" 2>"$file.log"; do
         grep -q 'Could not allocate\|No space left' "$file.log" || { cat "$file.log" >&2; return 1; }
         size=$((size * 5 / 4))

@@ -1,8 +1,52 @@
 """The VM tests boot the built appliance image: minutes each, so `make test` never collects them; only
-`make image-test` does (it builds the image and sets LETTERBOX_IMAGE)."""
+`make image-test` does (it builds the image and sets LETTERBOX_IMAGE).
+
+Both machines of the run boot once, side by side, at the start (session fixture `boxes`): "bios" (SeaBIOS)
+goes through the admin's story and the reboot (test_appliance.py); "uefi" (OVMF), booted from the same
+image file, shows that every box makes its own identity, then takes the updates (test_update.py). Two
+boots overlap instead of three in a row: most of a boot under TCG is waiting on one busy vCPU.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.image.vm import Vm, built_image, wait_for_wizards
 
 collect_ignore_glob = [] if os.environ.get("LETTERBOX_IMAGE") else ["test_*.py"]
+
+FIGURES: dict[str, str] = {}
+
+# What the guest says of its own boot (tests/image/boot_profile.py has more): where the seconds went.
+GUEST_FIGURES = {
+    "systemd-analyze": "systemd-analyze time | head -1",
+    "letterbox.service start": "systemctl show letterbox.service -p ExecMainStartTimestampMonotonic "
+                               "-p ActiveEnterTimestampMonotonic --value | tr '\\n' ' '",
+    "import appliance.app (warm, guest)": "cd /tmp && /opt/letterbox/venv/bin/python -X importtime "
+                                          "-c 'import appliance.app' 2>&1 | tail -1",
+    "exposure (systemd-analyze security)": "systemd-analyze security letterbox.service --no-pager | tail -1",
+}
+
+
+@pytest.fixture(scope="session")
+def boxes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Vm]]:
+    image = built_image()
+    FIGURES["image size"] = f"{image.stat().st_size / 1e6:.0f} MB raw"
+    workdir = tmp_path_factory.mktemp("vm")
+    with Vm(image, workdir, name="bios") as bios, Vm(image, workdir, uefi=True, name="uefi") as uefi:
+        bios.start()
+        uefi.start()
+        for vm, seconds in wait_for_wizards([bios, uefi]).items():
+            FIGURES[f"boot to wizard ({vm.dir.name.upper()}, first boot, two VMs side by side)"] = f"{seconds:.0f} s"
+        for title, command in GUEST_FIGURES.items():
+            FIGURES[f"{title} (bios)"] = bios.run(command, check=False).stdout.strip()
+        yield {"bios": bios, "uefi": uefi}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _print_figures() -> Iterator[None]:
+    yield
+    print("\n".join(["", "== appliance image figures =="] + [f"  {k}: {v}" for k, v in FIGURES.items()]))

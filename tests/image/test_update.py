@@ -16,7 +16,6 @@ import json
 import shutil
 import smtplib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ import pytest
 from appliance.bundle import write_bundle
 from appliance.db import load_migrations
 from tests.image.test_appliance import ALICE, ALICE_PASSWORD, CLI, DATA, DOMAIN, _subjects, wait_for
-from tests.image.vm import Vm, VmError, built_image
+from tests.image.vm import Vm, VmError
 from tests.support.releases import build_wheel, dependency_wheels
 
 pytestmark = pytest.mark.timeout(3600)
@@ -44,11 +43,9 @@ SCHEMA = f"python3 -c \"import sqlite3; print(sqlite3.connect('file:{DATA}/lette
 
 
 @pytest.fixture(scope="module")
-def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]:
-    with Vm(built_image(), tmp_path_factory.mktemp("vm-update"), name="update") as vm:
-        vm.start()
-        vm.wait_for_wizard()
-        yield vm
+def box(boxes: dict[str, Vm]) -> Vm:
+    """The UEFI machine of the run (conftest.py): booted, identity compared, otherwise untouched."""
+    return boxes["uefi"]
 
 
 def _bundle(folder: Path, version: str, *, broken: bool = False) -> bytes:

@@ -219,7 +219,7 @@ class Vm:
             time.sleep(1.0)
         raise VmError(self.failure_report(f"timed out after {timeout:.0f} s waiting for {what}"))
 
-    def _https_answers(self, timeout: float = 5.0) -> bool:
+    def https_answers(self, timeout: float = 5.0) -> bool:
         try:
             status, _, _ = self.https_get("/setup", timeout=timeout)
         except (OSError, http.client.HTTPException):
@@ -228,7 +228,7 @@ class Vm:
 
     def wait_for_wizard(self, timeout: float = BOOT_TIMEOUT) -> float:
         """Seconds from qemu's start (or the reboot) until the web console answers over HTTPS."""
-        return self._wait(self._https_answers, timeout, "the web console (https) to answer")
+        return self._wait(self.https_answers, timeout, "the web console (https) to answer")
 
     # --- HTTP(S) through the forwards ----------------------------------------------------------------
     def http_get(self, path: str, *, timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
@@ -354,6 +354,26 @@ class _Channel:
     def call(self, command: str, arguments: dict[str, Any]) -> Any:
         self.sock.sendall(json.dumps({"execute": command, "arguments": arguments}).encode())
         return self._reply()
+
+
+def wait_for_wizards(vms: list[Vm], timeout: float = BOOT_TIMEOUT) -> dict[Vm, float]:
+    """VMs booting side by side: each one's seconds from its qemu start until its web console answered
+    (polled together, so that a fast one is not timed by a slow one)."""
+    answered: dict[Vm, float] = {}
+    deadline = time.monotonic() + timeout
+    while len(answered) < len(vms):
+        for vm in vms:
+            if vm in answered:
+                continue
+            if vm.process is not None and vm.process.poll() is not None:
+                raise VmError(vm.failure_report("qemu stopped while waiting for the web console"))
+            if vm.https_answers():
+                answered[vm] = time.monotonic() - vm.started_at
+        if time.monotonic() > deadline:
+            late = next(vm for vm in vms if vm not in answered)
+            raise VmError(late.failure_report(f"timed out after {timeout:.0f} s waiting for the web console"))
+        time.sleep(1.0)
+    return answered
 
 
 def _request(conn: http.client.HTTPConnection, path: str) -> tuple[int, dict[str, str], bytes]:
