@@ -158,9 +158,13 @@ class TextIndex:
         for term in terms:
             if not answerable(term[1]) or not indexed:
                 continue
-            rows = await self._db.fetchall(
-                "SELECT rowid FROM message_text WHERE message_text MATCH ? AND rowid BETWEEN ? AND ?",
-                (match_expression(term), low, high))
+            try:
+                rows = await self._db.fetchall(
+                    "SELECT rowid FROM message_text WHERE message_text MATCH ? AND rowid BETWEEN ? AND ?",
+                    (match_expression(term), low, high))
+            except sqlite3.Error:
+                log.warning("text index: a query failed; the term is scanned", exc_info=True)
+                continue
             found[term] = frozenset(r[0] & UID_MASK for r in rows)
         return TextHits(indexed, found)
 
@@ -236,6 +240,8 @@ def index_messages(db_path: str, folder_id: int, uidvalidity: int, items: list[t
         except OSError:
             continue  # gone meanwhile (expunged): nothing to index
         header, body = searched_texts(data)
+        if "\0" in header or "\0" in body:
+            continue  # SQLite's tokenizers may stop at a NUL where the scan goes on: scanned
         try:
             header.encode("utf-8")
             body.encode("utf-8")
