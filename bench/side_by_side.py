@@ -12,7 +12,7 @@ interleaving keeps the ratios honest.
 
 Usage: python -m bench.side_by_side [--sizes 1000,10000,100000] [--rounds 3] [--timeout 120]
        [--smtp-messages 2000] [--submissions 20] [--deliveries 2000] [--appends 200] [--pop3-mib 50]
-       [--stress-secs 10]
+       [--stress-secs 10] [--imap-only]
 """
 
 from __future__ import annotations
@@ -664,7 +664,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None]) -> Results:
         zone = ZoneServer(SENDER_ZONE, ttl=3600, negative_ttl=900)
         zone_port = zone.start()
         try:
-            for n in range(args.rounds):
+            for n in range(0 if args.imap_only else args.rounds):
                 out(f"# SMTP/POP3/stress round {n + 1}/{args.rounds}   {uptime()}")
                 smtp_round(setup, results, fixed, f"127.0.0.1:{zone_port}")
                 results.print_table(out)  # so far: an interrupted run still shows what it measured
@@ -694,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--appends", type=int, default=200)
     parser.add_argument("--pop3-mib", type=int, default=50)
     parser.add_argument("--stress-secs", type=int, default=10)
+    parser.add_argument("--imap-only", action="store_true", help="only the rows that depend on the folder size")
     args = parser.parse_args(argv)
 
     # SIGTERM (a killed `make bench`) unwinds like an error, so the private servers are stopped.
