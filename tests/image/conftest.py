@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.image.vm import Vm, built_image, wait_for_wizards
+from tests.image.vm import Vm, VmError, built_image, wait_for_wizards
 
 collect_ignore_glob = [] if os.environ.get("LETTERBOX_IMAGE") else ["test_*.py"]
 
@@ -22,11 +22,10 @@ FIGURES: dict[str, str] = {}
 
 # What the guest says of its own boot (tests/image/boot_profile.py has more): where the seconds went.
 GUEST_FIGURES = {
-    "systemd-analyze": "systemd-analyze time | head -1",
+    "systemd-analyze": "systemd-analyze time 2>&1 | head -1",
+    # Microseconds since the kernel started: the process started, then it said READY=1 (every port bound).
     "letterbox.service start": "systemctl show letterbox.service -p ExecMainStartTimestampMonotonic "
                                "-p ActiveEnterTimestampMonotonic --value | tr '\\n' ' '",
-    "import appliance.app (warm, guest)": "cd /tmp && /opt/letterbox/venv/bin/python -X importtime "
-                                          "-c 'import appliance.app' 2>&1 | tail -1",
     "exposure (systemd-analyze security)": "systemd-analyze security letterbox.service --no-pager | tail -1",
 }
 
@@ -42,7 +41,12 @@ def boxes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Vm]]:
         for vm, seconds in wait_for_wizards([bios, uefi]).items():
             FIGURES[f"boot to wizard ({vm.dir.name.upper()}, first boot, two VMs side by side)"] = f"{seconds:.0f} s"
         for title, command in GUEST_FIGURES.items():
-            FIGURES[f"{title} (bios)"] = bios.run(command, check=False).stdout.strip()
+            # Figures, not checks: a guest too busy to answer one in time does not fail the run (a first
+            # try that measured `python -X importtime` in the guest took over 300 s at load 22).
+            try:
+                FIGURES[f"{title} (bios)"] = bios.run(command, check=False, timeout=120).stdout.strip()
+            except VmError as exc:
+                FIGURES[f"{title} (bios)"] = f"not measured: {str(exc).splitlines()[0]}"
         yield {"bios": bios, "uefi": uefi}
 
 
