@@ -142,6 +142,7 @@ class LetterboxSMTP(SMTP):
         self._smtp_methods = _CommandTable(self._smtp_methods, self._smtp_unknown)
         self._greeted = False
         self._raw_replies = False
+        self._ehlo_lines: list[str] | None = None  # the EHLO reply being gathered for one write
         self._errors = 0
         self._client_ip: str | None = None
         self._slot: Slot | None = None
@@ -329,10 +330,18 @@ class LetterboxSMTP(SMTP):
     async def smtp_EHLO(self, hostname: str) -> None:
         self.command_size_limits["MAIL"] = MAX_COMMAND_OCTETS  # aiosmtpd adds the SIZE/SMTPUTF8 room
         self._raw_replies = True  # RFC 2034: no status codes in the EHLO reply
+        # aiosmtpd pushes each line of the reply on its own: a write (a send(2) and a segment) per
+        # line, half of a connection's writes (issue 19). Gathered here and written at once; a
+        # command that fails half-way sends only the error reply handle_exception gives.
+        self._ehlo_lines = []
         try:
             await super().smtp_EHLO(hostname)
+            lines = self._ehlo_lines
         finally:
             self._raw_replies = False
+            self._ehlo_lines = None
+        if lines:
+            await super().push("\r\n".join(lines))
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
@@ -424,6 +433,9 @@ class LetterboxSMTP(SMTP):
             await super().push(refusal or status)
             if refusal is not None and self.transport is not None:
                 self.transport.close()
+            return
+        if self._ehlo_lines is not None:
+            self._ehlo_lines.append(status)
             return
         if self._raw_replies:
             await super().push(status)
