@@ -57,13 +57,9 @@ class FetchRenderer:
         self._learning: asyncio.Task[None] | None = None
 
     def forget(self) -> None:
-        """The session left its folder (or ended): the cached structures are of no more use, and a
-        background fill of its message cache stops (the next FETCH there starts it again)."""
+        """The session left its folder: the cached structures are of no more use."""
         self._structures.clear()
         self._structure_octets = 0
-        if self._learning is not None:
-            self._learning.cancel()
-            self._learning = None
 
     async def send_fetch(
         self, view: SelectedFolder, uids: Sequence[int], items: Sequence[FetchItem], flags_changed: set[int],
@@ -112,8 +108,9 @@ class FetchRenderer:
         await cache.learn(learned)
         if unknown and (self._learning is None or self._learning.done()):
             # Rows for the messages answered from a header scan, computed after the answer went
-            # out, in chunks on worker threads (one at a time per session).
-            self._learning = asyncio.create_task(_learn_later(cache, unknown))
+            # out, in chunks on worker threads (one fill at a time per session; it goes on after
+            # the session ends, so a phone's short visit fills the cache too).
+            self._learning = cache.fill(_learn_later(cache, unknown))
         return missing
 
     def _render_files(

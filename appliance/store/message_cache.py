@@ -18,13 +18,15 @@ cache (2 MB per connection) is the only memory they take, however large the fold
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from appliance.db import Database
 
@@ -102,6 +104,7 @@ class MessageCache:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._broken = False
+        self._fills: set[asyncio.Task[None]] = set()  # rows being computed in the background
 
     def read(self, folder_id: int, uids: Sequence[int], *, fields_only: bool = False) -> dict[int, CachedMessage]:
         """The rows of these messages that there are (any version mismatch left out). Blocking: call
@@ -131,7 +134,17 @@ class MessageCache:
         if rows:
             await self._db.executemany(_LEARN_SQL, [c.row(folder_id, uid) for uid, c in rows])
 
+    def fill(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `work` (rows computed in the background) as a task of its own: it outlives the
+        session that asked for it, and stops when the box does (close)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+        return task
+
     def close(self) -> None:
+        for task in list(self._fills):
+            task.cancel()
         with self._lock:
             self._close()
 
@@ -161,3 +174,6 @@ class FolderCache:
 
     async def learn(self, rows: Sequence[tuple[int, CachedMessage]]) -> None:
         await self.cache.learn(self.folder_id, rows)
+
+    def fill(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        return self.cache.fill(work)

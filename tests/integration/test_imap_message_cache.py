@@ -246,6 +246,7 @@ def test_header_list_of_a_foreign_file_is_answered_then_learned(box: BoxHandle) 
     try:
         answer = b"".join(raw.command(b"a", b"FETCH 1:* (BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)])"))
         assert b"Subject: foreign 3\r\n" in answer
-        wait_until(lambda: cache_rows(box) == 4, what="rows of the foreign files")
+        raw.command(b"b", b"LOGOUT")
     finally:
         raw.close()
+    wait_until(lambda: cache_rows(box) == 4, what="rows of the foreign files")
