@@ -57,12 +57,16 @@ class SelectedFolder:
         self.readonly = readonly
         self.uidvalidity = snapshot.uidvalidity
         self.uidnext = snapshot.uidnext
-        self.uids: list[int] = [m.uid for m in snapshot.messages]
-        self.infos: dict[int, MessageInfo] = {m.uid: m for m in snapshot.messages}
+        # Shared with the snapshot (and every session that selected the same state) until this view
+        # changes: SELECT of an unchanged folder builds no per-message object (issue 19). Read them
+        # freely; change them only after _own().
+        self.uids: Sequence[int] = snapshot.uids
+        self.infos: dict[int, MessageInfo] = snapshot.by_uid
+        self._snapshot: FolderSnapshot | None = snapshot  # None once the view has its own copies
         self.gone: set[int] = set()  # expunged elsewhere, not yet announced to this client
         self.recent: set[int] = set(snapshot.recent)
         self._seq: dict[int, int] | None = None
-        self.keywords: set[str] = _keywords(snapshot.messages)
+        self.keywords: set[str] = set(snapshot.keywords)
         self.highestmodseq = snapshot.highestmodseq
         # RFC 7162: once CONDSTORE is enabled every FETCH of flags carries MODSEQ (3.1); once QRESYNC
         # is, expunges are told as VANISHED with UIDs (3.2.10) and every FETCH carries the UID.
@@ -70,6 +74,16 @@ class SelectedFolder:
         self.qresync = False
         self.contexts: dict[str, SearchContext] = {}  # RFC 5267 searches kept up to date, by tag
         self.version = 0  # bumped on every change a kept search may have to be re-run for
+
+    def _own(self) -> list[int]:
+        """This view's own UID list and info map, copied from the shared snapshot's at the first
+        change; returns the list (to append to)."""
+        if self._snapshot is not None:
+            self._snapshot = None
+            self.uids = list(self.uids)
+            self.infos = dict(self.infos)
+        assert isinstance(self.uids, list)
+        return self.uids
 
     # --- numbers -----------------------------------------------------------------------------------
 
@@ -137,6 +151,8 @@ class SelectedFolder:
         return [self.flags_response(), self.permanent_flags()]
 
     def first_unseen(self) -> int | None:
+        if self._snapshot is not None:
+            return self._snapshot.first_unseen  # worked out once per folder state
         for i, uid in enumerate(self.uids, start=1):
             if "\\Seen" not in self.infos[uid].flags:
                 return i
@@ -152,6 +168,8 @@ class SelectedFolder:
         announcing it again later. Returns the announcement of any new keyword (send it first)."""
         taken = [info for info in infos if info.uid in self.infos]
         self.version += 1
+        if taken:
+            self._own()
         for info in taken:
             self.infos[info.uid] = info
         return self._learn_keywords(taken)
@@ -164,7 +182,10 @@ class SelectedFolder:
         """Bring the view up to `snapshot`; the untagged responses that tell the client."""
         out: list[Response] = []
         changed: list[MessageInfo] = []
-        current = {m.uid: m for m in snapshot.messages}
+        if snapshot is self._snapshot:
+            return []  # the very state this view shows: nothing to tell
+        current = snapshot.by_uid
+        self._own()
         self.gone.update(u for u in self.uids if u not in current)
         if allow_expunge and self.gone:
             out += self._remove(sorted(self.gone))
@@ -186,8 +207,9 @@ class SelectedFolder:
         recent_before = len(self.recent)
         self.recent |= set(snapshot.recent)
         if added:
+            uids = self._own()
             for m in added:
-                self.uids.append(m.uid)
+                uids.append(m.uid)
                 self.infos[m.uid] = m
             self._seq = None
             out.append(Data(f"{self.exists} EXISTS"))
@@ -212,6 +234,7 @@ class SelectedFolder:
         if not uids:
             return []
         doomed = set(uids)
+        self._own()
         out: list[Response] = []
         removed = 0
         self.version += 1

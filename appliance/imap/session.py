@@ -495,9 +495,9 @@ class ImapSession:
             "RECENT": len(snapshot.recent),
             "UIDNEXT": snapshot.uidnext,
             "UIDVALIDITY": snapshot.uidvalidity,
-            "UNSEEN": sum(1 for m in snapshot.messages if SEEN not in m.flags),
+            "UNSEEN": snapshot.unseen,
             "HIGHESTMODSEQ": snapshot.highestmodseq,  # RFC 7162 3.1.2.2
-            "SIZE": sum(m.size for m in snapshot.messages),  # RFC 8438: octets as RFC822.SIZE counts them
+            "SIZE": snapshot.size,  # RFC 8438: octets as RFC822.SIZE counts them
         }
         if self.selected is not None and self.selected.name == snapshot.name:
             values["RECENT"] = len(self.selected.recent)
@@ -560,7 +560,7 @@ class ImapSession:
             return None
         if url.uidvalidity is not None and url.uidvalidity != snapshot.uidvalidity:
             return None
-        found = next((m for m in snapshot.messages if m.uid == url.uid), None)
+        found = snapshot.by_uid.get(url.uid)
         if found is None:
             return None
         try:
@@ -1039,7 +1039,7 @@ class ImapSession:
                 await self.io.send(UntaggedStatus("OK", "Selected mailbox was deleted", "CLOSED"))
                 return
             await self.io.send(*view.apply(snapshot, allow_expunge))
-            if any(view.is_gone(u) for u in view.uids):
+            if view.gone:  # a subset of view.uids until announced
                 self._dirty = True  # expunges still owed at the next command that may carry them
         await self._update_searches(view)
 

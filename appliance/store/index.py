@@ -39,7 +39,7 @@ from appliance.store.maildir import Keywords, UidList
 from appliance.store.message_cache import CARRY_SQL as CACHE_CARRY_SQL
 from appliance.store.message_cache import INSERT_SQL as CACHE_INSERT_SQL
 from appliance.store.message_cache import CachedMessage
-from appliance.store.model import MessageInfo
+from appliance.store.model import FolderSnapshot, MessageInfo
 
 # A directory changed this recently may change again within the same mtime tick without its mtime
 # moving: such a folder is listed again at the next look (Dovecot does the same, for 1 s).
@@ -128,6 +128,8 @@ class FolderIndex:
         self.uidlist_queued = False  # a write is scheduled that has not read the state yet
         self._messages: tuple[MessageInfo, ...] | None = None
         self._recent: frozenset[int] | None = None
+        self._snapshot: FolderSnapshot | None = None  # handed out again while nothing changes
+        self.snapshots_built = 0  # how many times a snapshot was made (tests: SELECT reuses them)
 
     @property
     def path(self) -> Path:
@@ -158,6 +160,19 @@ class FolderIndex:
             self._messages = tuple(self.info(e) for e in self.by_uid.values())
         return self._messages
 
+    def snapshot(self, recent: frozenset[int]) -> FolderSnapshot:
+        """The folder now, with `recent` as its \\Recent set: the same object as last time when the
+        folder did not change (every change goes through invalidate()), so what readers derive from
+        it (FolderSnapshot's cached UID map, keywords, counts) is shared and not rebuilt."""
+        snap = self._snapshot
+        if (snap is None or snap.messages is not self.messages() or snap.recent != recent or snap.name != self.name or snap.uidnext != self.uidnext
+                or snap.highestmodseq != self.highestmodseq or snap.uidvalidity != self.uidvalidity):
+            snap = FolderSnapshot(self.name, self.uidvalidity, self.uidnext, self.messages(), recent,
+                                  self.highestmodseq)
+            self._snapshot = snap
+            self.snapshots_built += 1
+        return snap
+
     def recent(self) -> frozenset[int]:
         """Recent and unclaimed: files still in new/, and copies/appends that went to cur/."""
         if self._recent is None:
@@ -170,6 +185,7 @@ class FolderIndex:
     def invalidate(self, *, paths: bool = False) -> None:
         self._messages = None
         self._recent = None
+        self._snapshot = None
         if paths:
             for e in self.by_uid.values():
                 e.info = None

@@ -126,7 +126,7 @@ class MailStore:
         async with f.lock:
             changed = await self._boxes.sync(mb, f)
             recent = await self._boxes.claim(f) if claim_recent else f.recent()
-            snap = FolderSnapshot(f.name, f.uidvalidity, f.uidnext, f.messages(), recent, f.highestmodseq)
+            snap = f.snapshot(recent)
         if changed:
             self._boxes.wake(mb, f.name)  # another program changed the folder: tell the sessions
         return snap

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -11,8 +13,9 @@ from typing import TypeVar
 import pytest
 
 from appliance.db import Database
+from appliance.imap.selected import SelectedFolder
 from appliance.store import index, maildir
-from appliance.store.index import Change, FolderIndex
+from appliance.store.index import Change, Entry, FolderIndex
 
 T = TypeVar("T")
 LONG_AGO = 1_500_000_000  # dir mtimes set here are outside the dirty window
@@ -357,3 +360,34 @@ def test_an_unreadable_file_is_indexed_and_measured_later(tmp_path: Path, monkey
         assert f.messages()[0].size == len(LF_ONLY) + 4
 
     run(tmp_path, body)
+
+
+def test_memory_per_message_is_bounded() -> None:
+    """Issue 19: a folder's memory is a bounded number of bytes per message (the index and one
+    snapshot, measured with tracemalloc over 10k messages), and SELECT adds nothing per message:
+    the sessions' views share the snapshot's UID list and map."""
+    count = 10_000
+
+    def entry(uid: int) -> Entry:
+        base = f"{1_700_000_000 + uid}.M{uid}P1.bench"
+        flags = "S" if uid % 3 == 0 else ""
+        return Entry(uid, base, flags, (), 2000, 1_700_000_000, 1, "cur", f"{base},S=2000,W=2000:2,{flags}", 2000)
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        folder = FolderIndex(1, "INBOX", Path("/m/INBOX"), 1, count + 1, 1, True, [entry(u) for u in range(1, count + 1)], None)
+        indexed = tracemalloc.get_traced_memory()[0]
+        snapshot = folder.snapshot(frozenset())
+        views = [SelectedFolder(folder.snapshot(frozenset()), readonly=False) for _ in range(10)]
+        viewed = tracemalloc.get_traced_memory()[0]
+        assert views[0].first_unseen() == 1
+        assert snapshot.uids[-1] == count
+    finally:
+        tracemalloc.stop()
+    per_message = (indexed - start) / count, (viewed - indexed) / count
+    assert per_message[0] < 500, per_message  # 365 here: Entry, its two names, the UID and name maps
+    # One snapshot (a MessageInfo and path per message, the UID tuple and map: 311 here); ten views
+    # add none (each copied the list and map before: about 50 more per message and view).
+    assert per_message[1] < 450, per_message

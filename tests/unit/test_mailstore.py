@@ -21,6 +21,7 @@ import pytest
 
 from appliance.accounts import Accounts
 from appliance.db import Database
+from appliance.imap.selected import SelectedFolder
 from appliance.store import maildir
 from appliance.store.mailstore import (
     SPECIAL_FOLDERS,
@@ -370,6 +371,48 @@ def test_flag_changes_bump_modseq(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def test_select_of_an_unchanged_folder_rebuilds_nothing(tmp_path: Path) -> None:
+    """Issue 19: while the folder does not change, every SELECT gets the same snapshot and the views
+    share its UID list and map (no per-message object built per SELECT); a change makes one new
+    snapshot, and a view copies only when it has something to take in."""
+    box = home(tmp_path)
+
+    async def body(store: MailStore) -> None:
+        for _ in range(3):
+            await store.deliver([ALICE], MSG)
+        await store.store_flags(ALICE, "INBOX", [2], frozenset({"\\Seen", "$Label"}), "add")
+        first = await store.snapshot(ALICE, "INBOX", claim_recent=True)  # claims 1-3: a change
+        age(box)
+        inbox = await store._boxes.folder(await store._boxes.get(ALICE), "INBOX")
+        built = inbox.snapshots_built
+        again = await store.snapshot(ALICE, "INBOX", claim_recent=True)
+        peek = await store.snapshot(ALICE, "INBOX")
+        assert again is peek
+        assert inbox.snapshots_built == built + 1  # the claim changed \Recent: one new snapshot
+        assert await store.snapshot(ALICE, "INBOX", claim_recent=True) is again
+        assert inbox.snapshots_built == built + 1
+        one, two = SelectedFolder(again, readonly=False), SelectedFolder(again, readonly=True)
+        assert one.uids is two.uids is again.uids
+        assert one.infos is two.infos is again.by_uid
+        assert (one.first_unseen(), one.keywords, again.unseen, again.size) == (1, {"$Label"}, 2, 3 * len(MSG))
+        assert first.recent == {1, 2, 3}
+        assert again.recent == frozenset()
+        assert one.apply(again, allow_expunge=True) == []
+
+        await store.store_flags(ALICE, "INBOX", [1], frozenset({"\\Seen"}), "add")
+        changed = await store.snapshot(ALICE, "INBOX")
+        assert changed is not again
+        assert inbox.snapshots_built == built + 2
+        assert [r.to_bytes() for r in one.apply(changed, allow_expunge=True)] == [
+            b"* 1 FETCH (UID 1 FLAGS (\\Seen))\r\n"]
+        assert one.infos is not again.by_uid
+        assert one.first_unseen() == 3
+        assert "\\Seen" not in two.info(1).flags
+        assert two.infos is again.by_uid
+
+    run(tmp_path, body)
+
+
 def test_too_many_keywords_are_refused(tmp_path: Path) -> None:
     async def body(store: MailStore) -> None:
         await store.deliver([ALICE], MSG)
@@ -700,6 +743,7 @@ CRASH_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from appliance.accounts import Accounts
     from appliance.db import Database
+from appliance.imap.selected import SelectedFolder
     from appliance.store.mailstore import MailStore
 
     async def main():
