@@ -12,6 +12,7 @@ message beyond the store's MessageInfo), and renders a flag list once per distin
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -203,7 +204,7 @@ class SelectedFolder:
                 self.infos[uid] = new
         # New messages (UIDs only grow, RFC 3501 2.3.1.1).
         largest = self.largest_uid
-        added = [m for m in snapshot.messages if m.uid > largest]
+        added = snapshot.messages[bisect_right(snapshot.uids, largest):]
         recent_before = len(self.recent)
         self.recent |= set(snapshot.recent)
         if added:
