@@ -743,7 +743,6 @@ CRASH_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from appliance.accounts import Accounts
     from appliance.db import Database
-from appliance.imap.selected import SelectedFolder
     from appliance.store.mailstore import MailStore
 
     async def main():
