@@ -213,7 +213,21 @@ async def check_certificate(svc: Services, now: float) -> Item:
     if days <= CERT_WARN_DAYS:
         return Item("certificate", "Certificate", "fail", f"{days} days left, and renewal has not replaced it.",
                     "Renew it now and read the last renewal error.", "/console/certificate")
+    failing = await _renewal_failing(svc)
+    if failing:  # still valid, but a renewal was due and failed: say so before the 14 days come
+        return Item("certificate", "Certificate", "fail", f"{days} days left, and renewing it failed: {failing[:200]}",
+                    "Fix what the error names (DNS, port 80 reachable from the internet), then Renew now.",
+                    "/console/certificate")
     return Item("certificate", "Certificate", "ok", f"Trusted, {days} days left.")
+
+
+async def _renewal_failing(svc: Services) -> str:
+    """The last renewal error while a retry is pending (certificates.py keeps both until a renewal works)."""
+    from appliance import certificates
+
+    if await svc.db.get_setting(certificates.SOURCE) != "acme" or not await svc.db.get_setting(certificates.NEXT_ATTEMPT):
+        return ""
+    return await svc.db.get_setting(certificates.LAST_ERROR) or ""
 
 
 async def check_backups(svc: Services, now: float) -> Item:

@@ -117,6 +117,15 @@ def test_dns_records_certificate_backups_disk_queue_clock(checked: BoxHandle, mo
     assert run(checked)["dns"].level == "ok"
 
     assert items["certificate"].level == "ok"  # the test CA's certificate: not self-signed, a year left
+    # A renewal that was due and failed shows at once, not only when 14 days are left.
+    for key, value in (("cert_source", "acme"), ("cert_next_attempt", "1"),
+                       ("cert_last_error", "the CA could not reach http://mail.example.test/.well-known/")):
+        checked.run(checked.services.db.set_setting(key, value))
+    renewal = run(checked)["certificate"]
+    assert renewal.level == "fail"
+    assert "renewing it failed: the CA could not reach" in renewal.summary
+    checked.run(checked.services.db.set_setting("cert_next_attempt", ""))  # renewed: certificates.py clears it
+    assert run(checked)["certificate"].level == "ok"
     assert items["backups"].level == "warn"
     assert "turn on daily backups" in items["backups"].fix
     checked.run(checked.services.db.set_setting("backup_last", '{"at": 1, "ok": false, "text": "disk full"}'))
