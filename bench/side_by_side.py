@@ -475,16 +475,30 @@ async def lmtp_load(port: int, user: str, start: int, count: int, sessions: int 
 
 
 def imap_round(setup: Setup, results: Results, folder: Path, size: int) -> None:
-    order = ("letterbox", "dovecot")
-    for server in order:
-        if server == "letterbox":
-            with setup.letterbox({READER: folder}) as box:
-                asyncio.run(ImapRound(results, server, box.port("imaps"), size).run(box.port("lmtp")))
-                memory(results, "after the IMAP runs, sessions closed", server, box.pid, size)
-        else:
-            with setup.dovecot({READER: folder}) as dovecot:
-                asyncio.run(ImapRound(results, server, dovecot.tls_port, size).run(dovecot.lmtp_port))
-                memory(results, "after the IMAP runs, sessions closed", server, dovecot.master(), size)
+    """Letterbox, then Dovecot. A server that fails a command (a NO, a dropped connection) loses the rest of
+    its rows for this round, said on stderr with its log's errors, and the benchmark goes on."""
+    for server in ("letterbox", "dovecot"):
+        try:
+            if server == "letterbox":
+                with setup.letterbox({READER: folder}) as box:
+                    try:
+                        asyncio.run(ImapRound(results, server, box.port("imaps"), size).run(box.port("lmtp")))
+                    except (RuntimeError, ConnectionError, OSError):
+                        log = (box.data.parent / "serve.log").read_text(errors="replace").splitlines()
+                        print("\n".join(line for line in log if " ERROR " in line or "Error" in line)[-4000:],
+                              file=sys.stderr)
+                        raise
+                    memory(results, "after the IMAP runs, sessions closed", server, box.pid, size)
+            else:
+                with setup.dovecot({READER: folder}) as dovecot:
+                    try:
+                        asyncio.run(ImapRound(results, server, dovecot.tls_port, size).run(dovecot.lmtp_port))
+                    except (RuntimeError, ConnectionError, OSError):
+                        print(dovecot.log()[-4000:], file=sys.stderr)
+                        raise
+                    memory(results, "after the IMAP runs, sessions closed", server, dovecot.master(), size)
+        except (RuntimeError, ConnectionError, OSError) as exc:
+            print(f"# {server} failed this round at {size:,} messages: {exc}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
