@@ -225,7 +225,7 @@ class FolderIndex:
                         changes.moved.append((e, sub, filename))
                     else:
                         changes.vanished.append(e)
-        changes.found.sort(key=lambda f: f.base)  # delivery order: unique names start with the time
+        changes.found.sort(key=lambda f: maildir.delivery_order(f.base))
         if self.unmeasured:
             self._measure(listing, changes)
         return changes

@@ -214,7 +214,7 @@ class OpenMailboxes:
             change.measure(entry, wire)
         uidlist, f.uidlist = f.uidlist, None
         adopted = uidlist.uids if uidlist is not None and not f.by_uid else {}
-        newcomers = sorted(found.found, key=lambda x: (adopted.get(x.base, 2**32), x.base))
+        newcomers = sorted(found.found, key=lambda x: (adopted.get(x.base, 2**32), maildir.delivery_order(x.base)))
         for new in newcomers:
             flags, names = maildir.decode_letters(maildir.split_filename(new.filename)[1], f.keywords)
             change.add(new.base, new.sub, new.filename, flags, names, new.size, new.mtime, adopted.get(new.base),

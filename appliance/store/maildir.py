@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import shutil
 import socket
 import string
@@ -101,6 +102,19 @@ def folder_name(dirname: str) -> str | None:
     if any(not level for level in levels) or (len(levels) == 1 and levels[0].upper() == INBOX):
         return None
     return SEPARATOR.join(levels)
+
+
+_TIMED_NAME = re.compile(r"(\d+)\.M(\d+)")
+
+
+def delivery_order(base: str) -> tuple[int, int, str]:
+    """Sort key for unique names in delivery order. The microseconds after `M` have no leading zeros (Dovecot
+    writes them so too), so within one second plain name order is not time order (M99999 > M100000)."""
+    timed = _TIMED_NAME.match(base)
+    if timed:
+        return int(timed.group(1)), int(timed.group(2)), base
+    digits = re.match(r"\d+", base)
+    return (int(digits.group()) if digits else 0), 0, base
 
 
 def unique_name(size: int) -> str:

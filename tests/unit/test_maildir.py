@@ -276,3 +276,12 @@ def test_dovecots_w_size_in_the_name_is_used_without_reading() -> None:
     assert maildir.wire_size(Path("/nonexistent/cur/1.M1P1.host,S=10,W=12:2,S")) == 12
     with pytest.raises(FileNotFoundError):
         maildir.wire_size(Path("/nonexistent/cur/1.M1P1.host,S=10:2,S"))
+
+
+def test_delivery_order_reads_the_unpadded_microseconds() -> None:
+    # Within one second, M99999 came before M100000 although it sorts after it as text.
+    names = ["1700000000.M100000P7Q2.host,S=5", "1700000000.M99999P7Q1.host,S=5",
+             "1699999999.M999999P7Q9.host", "courier.name", "1700000001.other"]
+    assert sorted(names, key=maildir.delivery_order) == [
+        "courier.name", "1699999999.M999999P7Q9.host", "1700000000.M99999P7Q1.host,S=5",
+        "1700000000.M100000P7Q2.host,S=5", "1700000001.other"]
