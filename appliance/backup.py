@@ -542,9 +542,9 @@ def _plain_members(source: IO[bytes], secret: Secret) -> Iterator[backup_stream.
     """The tar stream inside an age file, read by a worker thread ahead of the caller. Damage and
     wrong keys surface as BackupError (at the header, or where the stream breaks)."""
     key = _payload_key(source, secret)
-    blocks = backup_stream.plain_blocks(source, key)
+    reader, blocks = backup_stream.plain_tar(source, key)
     try:
-        yield backup_stream.TarReader(blocks)
+        yield reader
     except age_stream.AgeError as exc:
         raise _age_error(exc) from exc
     except (backup_stream.TarFormatError, zstandard.ZstdError, EOFError, ValueError, UnicodeError) as exc:
@@ -608,7 +608,7 @@ class _Unpacking:
                 raise BackupError("refused: the manifest is too large")
             data = b"".join(tar.data(size))
             self.manifest = _check_manifest(data, self.known_schema)
-            self.sums[name] = hashlib.sha256(data).hexdigest()
+            self.sums[name] = tar.digest().hex()
             return
         if name == CHECKSUMS_NAME:
             if size > 512 * 1024 * 1024:
@@ -618,16 +618,18 @@ class _Unpacking:
         if name in self.sums:
             raise BackupError(f"refused: {name[:80]!r} appears twice")
         keep = self.only is None or self.only(name)
-        self.sums[name] = self._write(tar.data(size), os.path.join(self.staging, name) if keep else None)
+        self._write(tar.data(size), os.path.join(self.staging, name) if keep else None)
+        # The SHA-256 of the data just read: computed by the process that parsed the tar stream
+        # (backup_stream.FrameReader), over the very bytes written here.
+        self.sums[name] = tar.digest().hex()
         self.progress.done += size
         self.files += 1
 
-    def _write(self, pieces: Iterator[memoryview], path: str | None) -> str:
-        sha = hashlib.sha256()
+    def _write(self, pieces: Iterator[memoryview], path: str | None) -> None:
         if path is None:
-            for piece in pieces:
-                sha.update(piece)
-            return sha.hexdigest()
+            for _ in pieces:  # read (and hashed) all the same
+                pass
+            return
         parent = os.path.dirname(path)
         if parent not in self.made:
             os.makedirs(parent, mode=0o700, exist_ok=True)
@@ -635,13 +637,11 @@ class _Unpacking:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             for piece in pieces:
-                sha.update(piece)
                 view = piece
                 while view:
                     view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-        return sha.hexdigest()
 
 
 def unpack(source: IO[bytes], secret: Secret, staging: Path, *, known_schema: int | None = None,

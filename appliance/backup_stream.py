@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import io
+import itertools
 import os
+import struct
 import subprocess
 import sys
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import IO, cast
 
 import zstandard
@@ -127,13 +130,15 @@ def _parse_pax(data: bytes) -> dict[str, bytes]:
 class TarReader:
     """Members of a tar stream given as an iterator of byte blocks. `members()` yields (name, type,
     size); the caller then takes exactly `size` bytes with `data(size)` (or leaves them: they are
-    skipped). Names are decoded as UTF-8 with surrogateescape, as tarfile does on Linux."""
+    skipped), after which `digest()` is their SHA-256. Names are decoded as UTF-8 with
+    surrogateescape, as tarfile does on Linux."""
 
     def __init__(self, blocks: Iterator[bytes]) -> None:
         self.blocks = blocks
         self.buf = b""
         self.at = 0
         self.left = 0  # data of the current member not yet taken
+        self.sha = b""  # the SHA-256 of the last member's data taken
 
     def _fill(self) -> bool:
         for block in self.blocks:
@@ -169,7 +174,14 @@ class TarReader:
 
     def data(self, size: int) -> Iterator[memoryview]:
         self.left = 0
-        yield from self.pieces(size)
+        sha = hashlib.sha256()
+        for piece in self.pieces(size):
+            sha.update(piece)
+            yield piece
+        self.sha = sha.digest()
+
+    def digest(self) -> bytes:
+        return self.sha
 
     def _skip(self, n: int) -> None:
         for _ in self.pieces(n):
@@ -232,6 +244,42 @@ class TarReader:
             pass
 
 
+# Between the `frame` child and the reader of a restore, each member is a header (type, length of
+# the name, size), the name, and for a file its data followed by the SHA-256 of that data: the tar
+# stream already parsed and hashed, so the process that writes the files does only that.
+FRAME = struct.Struct("<cIQ")
+FRAME_END = bytes(FRAME.size)
+DIGEST_SIZE = 32
+
+
+class FrameReader(TarReader):
+    """The members of a restore as the `frame` child sends them (same interface as TarReader)."""
+
+    def _exact(self, n: int) -> bytes:
+        data = self.read(n)
+        if len(data) != n:
+            raise TarFormatError("the tar stream ends early (truncated)")
+        return data
+
+    def members(self) -> Iterator[tuple[str, bytes, int]]:
+        while (head := self._exact(FRAME.size)) != FRAME_END:
+            kind, name_size, size = FRAME.unpack(head)
+            if name_size > MAX_PAX:
+                raise TarFormatError("a member's name is too long")
+            name = self._exact(name_size).decode("utf-8", "surrogateescape")
+            self.left = size if kind == REGTYPE else -1  # -1: nothing follows the name
+            yield name, kind, size
+            if self.left >= 0:  # the caller left the data: skip it and its digest
+                self._skip(self.left)
+                self.sha = self._exact(DIGEST_SIZE)
+            self.left = -1
+
+    def data(self, size: int) -> Iterator[memoryview]:
+        self.left = -1
+        yield from self.pieces(size)
+        self.sha = self._exact(DIGEST_SIZE)
+
+
 # --- the codec process ---------------------------------------------------------------------------
 #
 # zstd and age run in a child process (this module run with -m), fed or drained through a pipe, the
@@ -244,10 +292,11 @@ class TarReader:
 DAMAGED_EXIT = 3
 
 
-def _child(mode: str, stdin: int | IO[bytes], stdout: int | IO[bytes], key_fd: int) -> subprocess.Popen[bytes]:
+def _child(mode: str, stdin: int | IO[bytes], stdout: int | IO[bytes], key_fd: int = -1) -> subprocess.Popen[bytes]:
     return subprocess.Popen(  # noqa: S603  our own interpreter running this module
         [sys.executable, "-m", "appliance.backup_stream", mode, str(key_fd)],
-        stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, pass_fds=(key_fd,), close_fds=True)
+        stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, pass_fds=(key_fd,) if key_fd >= 0 else (),
+        close_fds=True)
 
 
 def _key_pipe(key: bytes) -> int:
@@ -271,6 +320,20 @@ def _finish(proc: subprocess.Popen[bytes], what: str) -> None:
         raise age_stream.AgeError(err or "damaged", damaged=True)
     if code != 0:
         raise OSError(f"the {what} process failed ({err.splitlines()[-1] if err else f'exit {code}'})")
+
+
+def _finish_all(*procs: tuple[subprocess.Popen[bytes], str]) -> None:
+    """Wait for the processes of a pipeline; damage found by any of them is what is reported (the
+    others then only stopped because their neighbour did)."""
+    errors: list[Exception] = []
+    for proc, what in procs:
+        try:
+            _finish(proc, what)
+        except (age_stream.AgeError, OSError) as exc:
+            errors.append(exc)
+    errors.sort(key=lambda exc: not isinstance(exc, age_stream.AgeError))
+    if errors:
+        raise errors[0]
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -325,38 +388,53 @@ class Sink:
         _kill(self.proc)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
 
 
-def plain_blocks(source: IO[bytes], key: bytes) -> Generator[bytes, None, None]:
-    """The decrypted, decompressed content of an age file whose header was read (`key` from
-    age_stream.read_header), in blocks: from a child process when `source` is a file, else here."""
+def plain_tar(source: IO[bytes], key: bytes) -> tuple[TarReader, Generator[bytes, None, None]]:
+    """A reader of the tar stream inside an age file whose header was read (`key` from
+    age_stream.read_header), and the generator of blocks under it (close it when done). From a file,
+    the work is split over three processes as `age -d | zstd -d | tar -x` splits it: a child
+    decrypts and decompresses, a second one parses the tar stream and hashes each file (FrameReader),
+    and this one checks each member and writes it. Else all of it here."""
     try:
         fd = source.fileno()
     except (OSError, AttributeError, io.UnsupportedOperation):
-        yield from _plain_here(source, key)
-        return
-    os.lseek(fd, source.tell(), os.SEEK_SET)  # the child reads on from the end of the header
+        here = _plain_here(source, key)
+        return TarReader(here), here
+    framed = _framed_blocks(fd, source.tell(), key)
+    return FrameReader(framed), framed
+
+
+def _framed_blocks(fd: int, offset: int, key: bytes) -> Generator[bytes, None, None]:
+    os.lseek(fd, offset, os.SEEK_SET)  # the child reads on from the end of the header
     key_fd = _key_pipe(key)
     try:
-        proc = _child("decompress", fd, subprocess.PIPE, key_fd)
+        codec = _child("decompress", fd, subprocess.PIPE, key_fd)
     finally:
         os.close(key_fd)
-    assert proc.stdout is not None
-    out = proc.stdout.fileno()
-    _big_pipe(out)
+    framer: subprocess.Popen[bytes] | None = None
     try:
+        assert codec.stdout is not None
+        _big_pipe(codec.stdout.fileno())
+        framer = _child("frame", codec.stdout, subprocess.PIPE)
+        codec.stdout.close()  # the framer's now: it alone reads it, and sees its end
+        assert framer.stdout is not None
+        out = framer.stdout.fileno()
+        _big_pipe(out)
         while block := os.read(out, BLOCK):
             yield block
-        _finish(proc, "decompression")
+        _finish_all((codec, "decompression"), (framer, "unpacking"))
     finally:
-        _kill(proc)
+        if framer is not None:
+            _kill(framer)
+        _kill(codec)
 
 
-def _plain_here(source: IO[bytes], key: bytes) -> Iterator[bytes]:
+def _plain_here(source: IO[bytes], key: bytes) -> Generator[bytes, None, None]:
     dec = age_stream.Decryptor(source, key)
     stream = cast(IO[bytes], dec)  # a RawIOBase: read() is what zstandard calls
     with zstandard.ZstdDecompressor().stream_reader(stream, read_size=BLOCK, read_across_frames=True) as z:
@@ -380,20 +458,57 @@ def _compress(key: bytes) -> None:
 def _decompress(key: bytes) -> None:
     stdout = sys.stdout.fileno()
     for block in _plain_here(sys.stdin.buffer, key):
+        view = memoryview(block)
         for at in range(0, len(block), PIECE):
-            _write_all(stdout, block[at:at + PIECE])
+            _write_all(stdout, view[at:at + PIECE])
+
+
+def _input_blocks() -> Iterator[bytes]:
+    while block := os.read(0, BLOCK):
+        yield block
+
+
+def _digest_of(tar: TarReader) -> Iterator[bytes]:
+    yield tar.digest()  # a generator, so that it is read only once the data before it was
+
+
+def _frame(_key: bytes) -> None:
+    """Tar on stdin, its members framed (FrameReader) on stdout, each file's SHA-256 after its data."""
+    stdout = sys.stdout.fileno()
+    pending: list[bytes | memoryview] = []
+    size = 0
+    tar = TarReader(_input_blocks())
+    for name, kind, length in tar.members():
+        raw = name.encode("utf-8", "surrogateescape")
+        regular = kind == REGTYPE
+        pieces: Iterable[bytes | memoryview] = [FRAME.pack(kind, len(raw), length if regular else 0) + raw]
+        if regular:
+            pieces = itertools.chain(pieces, tar.data(length), _digest_of(tar))
+        for piece in pieces:  # handed on a quarter of a pipe at a time, as Sink does
+            pending.append(piece)
+            size += len(piece)
+            if size >= PIECE:
+                _write_all(stdout, b"".join(pending))
+                pending, size = [], 0
+    tar.drain()
+    pending.append(FRAME_END)
+    _write_all(stdout, b"".join(pending))
 
 
 def main(argv: list[str]) -> int:
-    """The child: `compress KEY_FD` (tar on stdin, age file body on stdout) or `decompress KEY_FD`."""
+    """The child: `compress KEY_FD` (tar on stdin, age file body on stdout), `decompress KEY_FD`, or
+    `frame -1` (tar on stdin, framed members on stdout)."""
     mode, key_fd = argv[0], int(argv[1])
-    key = os.read(key_fd, 64)
-    os.close(key_fd)
+    key = b""
+    if key_fd >= 0:
+        key = os.read(key_fd, 64)
+        os.close(key_fd)
+    work = {"compress": _compress, "decompress": _decompress, "frame": _frame}[mode]
     try:
-        (_compress if mode == "compress" else _decompress)(key)
+        work(key)
     except BrokenPipeError:
         return 1  # the parent stopped reading: it knows why
-    except (age_stream.AgeError, zstandard.ZstdError) as exc:
+    except (age_stream.AgeError, zstandard.ZstdError, TarFormatError) as exc:
         print(f"damaged: {exc}", file=sys.stderr)
         return DAMAGED_EXIT
     return 0
