@@ -31,15 +31,10 @@ import zstandard
 
 from appliance import age_stream
 
-BLOCK = 1024 * 1024  # what is read from a file, or out of the decompressor, at once
-# The pipes between the processes keep Linux's default size, and are read a pipe at a time and
-# written a quarter of one at a time, as `age -d | zstd -d | tar -x` does: measured here under load
-# (a 2-core machine running ~20 other tasks), the scheduler served those small, frequent turns at
-# once (0.1 ms of wait per time slice) and kept processes that ran long on 1 MiB pipes waiting about
-# 10 ms for each (schedstat): a restore took 33 s with 64 KiB pipes and 85 s with 1 MiB ones.
-PIPE_SIZE = 64 * 1024
-# A quarter of a pipe at once, so that the slower side of a pipe always finds work waiting.
-PIECE = PIPE_SIZE // 4
+BLOCK = 1024 * 1024  # a pipe's size, and the most read from it at once
+# What is written into a pipe at once: a quarter of it, so that the slower side of a pipe always
+# finds work waiting and never sleeps (on a loaded machine each wake-up waits for a time slice).
+PIECE = BLOCK // 4
 BLOCKSIZE = 512
 ZERO_BLOCK = bytes(BLOCKSIZE)
 MAX_PAX = 1024 * 1024
@@ -311,9 +306,9 @@ def _key_pipe(key: bytes) -> int:
     return r
 
 
-def _size_pipe(fd: int) -> None:
-    with contextlib.suppress(OSError):  # the default, whatever the system's default is
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+def _big_pipe(fd: int) -> None:
+    with contextlib.suppress(OSError):  # 1 MiB instead of 64 KiB: fewer, larger reads and writes
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, BLOCK)
 
 
 def _finish(proc: subprocess.Popen[bytes], what: str) -> None:
@@ -364,7 +359,7 @@ class Sink:
             os.close(key_fd)
         assert self.proc.stdin is not None
         self.pipe = self.proc.stdin.fileno()
-        _size_pipe(self.pipe)
+        _big_pipe(self.pipe)
         self.pieces: list[bytes | memoryview] = []
         self.size = 0
 
@@ -424,13 +419,13 @@ def _framed_blocks(fd: int, offset: int, key: bytes) -> Generator[bytes, None, N
     framer: subprocess.Popen[bytes] | None = None
     try:
         assert codec.stdout is not None
-        _size_pipe(codec.stdout.fileno())
+        _big_pipe(codec.stdout.fileno())
         framer = _child("frame", codec.stdout, subprocess.PIPE)
         codec.stdout.close()  # the framer's now: it alone reads it, and sees its end
         assert framer.stdout is not None
         out = framer.stdout.fileno()
-        _size_pipe(out)
-        while block := os.read(out, PIPE_SIZE):
+        _big_pipe(out)
+        while block := os.read(out, BLOCK):
             yield block
         _finish_all((codec, "decompression"), (framer, "unpacking"))
     finally:
@@ -453,7 +448,7 @@ def _compress(key: bytes) -> None:
     stdout = sys.stdout.fileno()
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
     enc = age_stream.Encryptor(key)
-    while data := os.read(0, PIPE_SIZE):  # whatever is there: waiting for a full block would stall the writer
+    while data := os.read(0, BLOCK):  # whatever is there: waiting for a full block would stall the writer
         out = compressor.compress(data)
         if out:
             _write_all(stdout, enc.update(out))
@@ -469,7 +464,7 @@ def _decompress(key: bytes) -> None:
 
 
 def _input_blocks() -> Iterator[bytes]:
-    while block := os.read(0, PIPE_SIZE):
+    while block := os.read(0, BLOCK):
         yield block
 
 
