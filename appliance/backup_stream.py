@@ -250,6 +250,7 @@ class TarReader:
 FRAME = struct.Struct("<cIQ")
 FRAME_END = bytes(FRAME.size)
 DIGEST_SIZE = 32
+FRAME_MIN = 32 * 1024 * 1024  # the size of a backup file from which a restore uses the frame child
 
 
 class FrameReader(TarReader):
@@ -405,33 +406,41 @@ def plain_tar(source: IO[bytes], key: bytes) -> tuple[TarReader, Generator[bytes
     except (OSError, AttributeError, io.UnsupportedOperation):
         here = _plain_here(source, key)
         return TarReader(here), here
-    framed = _framed_blocks(fd, source.tell(), key)
+    if os.fstat(fd).st_size - source.tell() < FRAME_MIN:
+        # A small backup: the third process costs more to start (its interpreter and imports, a
+        # few tenths of a second of CPU) than it saves; the tar stream is parsed and hashed here.
+        plain = _blocks_from(fd, source.tell(), key, frame=False)
+        return TarReader(plain), plain
+    framed = _blocks_from(fd, source.tell(), key, frame=True)
     return FrameReader(framed), framed
 
 
-def _framed_blocks(fd: int, offset: int, key: bytes) -> Generator[bytes, None, None]:
+def _blocks_from(fd: int, offset: int, key: bytes, *, frame: bool) -> Generator[bytes, None, None]:
+    """The output of the decompress child (the tar stream), or with `frame` of the frame child fed by it."""
     os.lseek(fd, offset, os.SEEK_SET)  # the child reads on from the end of the header
     key_fd = _key_pipe(key)
     try:
         codec = _child("decompress", fd, subprocess.PIPE, key_fd)
     finally:
         os.close(key_fd)
-    framer: subprocess.Popen[bytes] | None = None
+    procs = [(codec, "decompression")]
     try:
         assert codec.stdout is not None
         _big_pipe(codec.stdout.fileno())
-        framer = _child("frame", codec.stdout, subprocess.PIPE)
-        codec.stdout.close()  # the framer's now: it alone reads it, and sees its end
-        assert framer.stdout is not None
-        out = framer.stdout.fileno()
+        last = codec
+        if frame:
+            last = _child("frame", codec.stdout, subprocess.PIPE)
+            procs.append((last, "unpacking"))
+            codec.stdout.close()  # the framer's now: it alone reads it, and sees its end
+        assert last.stdout is not None
+        out = last.stdout.fileno()
         _big_pipe(out)
         while block := os.read(out, BLOCK):
             yield block
-        _finish_all((codec, "decompression"), (framer, "unpacking"))
+        _finish_all(*procs)
     finally:
-        if framer is not None:
-            _kill(framer)
-        _kill(codec)
+        for proc, _what in reversed(procs):
+            _kill(proc)
 
 
 def _plain_here(source: IO[bytes], key: bytes) -> Generator[bytes, None, None]:
