@@ -4,8 +4,11 @@ writes opens with them, at every chunk boundary; damage and cut files are refuse
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import tarfile
+from pathlib import Path
 
 import pyrage
 import pytest
@@ -103,3 +106,59 @@ def test_a_damaged_tar_header_is_refused() -> None:
     data[10] ^= 1
     with pytest.raises(backup_stream.TarFormatError):
         list(backup_stream.TarReader(iter([bytes(data)])).members())
+
+
+def _archive(path: Path, entries: list[tuple[str, bytes, bytes]], recipient: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        sink = backup_stream.Sink(fd, recipient=recipient)
+        for name, data, kind in entries:
+            sink.write(backup_stream.header(name, len(data), mtime=1, kind=kind) + data
+                       + backup_stream.padding(len(data)))
+        sink.write(backup_stream.END)
+        sink.close()
+    finally:
+        os.close(fd)
+
+
+def _read_back(path: Path, identity: str) -> list[tuple[str, bytes, bytes, bytes]]:
+    with path.open("rb") as source:
+        key = age_stream.read_header(source, identity=identity)
+        reader, blocks = backup_stream.plain_tar(source, key)
+        try:
+            got = []
+            for name, kind, size in reader.members():
+                data = b"".join(reader.data(size)) if kind == backup_stream.REGTYPE and name != "skipped" else b""
+                got.append((name, data, kind, reader.digest() if kind == backup_stream.REGTYPE else b""))
+            reader.drain()
+            return got
+        finally:
+            blocks.close()
+
+
+@pytest.mark.parametrize("frame_min", [0, backup_stream.FRAME_MIN])
+def test_restore_pipeline_from_a_file_with_and_without_the_frame_child(
+        frame_min: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup file read back through the child processes: with the frame child (large backups; here
+    forced with FRAME_MIN 0) each file's data and SHA-256 come from it, a member left unread is
+    skipped; without it, the same. A damaged payload is refused either way."""
+    monkeypatch.setattr(backup_stream, "FRAME_MIN", frame_min)
+    identity, recipient = _identity()
+    big = os.urandom(3 * backup_stream.BLOCK + 7)  # spans several pipe blocks
+    entries = [("mail", b"", backup_stream.DIRTYPE), ("mail/a", b"abc", backup_stream.REGTYPE),
+               ("skipped", b"s" * 5000, backup_stream.REGTYPE), ("mail/empty", b"", backup_stream.REGTYPE),
+               ("mail/" + "long-name-" * 20 + "Entwürfe", big, backup_stream.REGTYPE)]
+    path = tmp_path / "b.tar.zst.age"
+    _archive(path, entries, recipient)
+    got = _read_back(path, identity)
+    assert [(n.rstrip("/"), k) for n, _d, k, _s in got] == [(n, k) for n, _d, k in entries]
+    for (name, data, kind), (_n, read, _k, digest) in zip(entries, got, strict=True):
+        if kind == backup_stream.REGTYPE and name != "skipped":  # a member's digest is of the data taken
+            assert digest == hashlib.sha256(data).digest(), name
+            assert read == data, name
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    path.write_bytes(bytes(damaged))
+    with pytest.raises((age_stream.AgeError, backup_stream.TarFormatError)) as refused:
+        _read_back(path, identity)
+    assert not isinstance(refused.value, age_stream.AgeError) or refused.value.damaged
