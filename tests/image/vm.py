@@ -219,7 +219,10 @@ class Vm:
             time.sleep(1.0)
         raise VmError(self.failure_report(f"timed out after {timeout:.0f} s waiting for {what}"))
 
-    def https_answers(self, timeout: float = 5.0) -> bool:
+    def https_answers(self, timeout: float = 30.0) -> bool:
+        # 30 s, not 5: at load 22 the host saw the wizard 119 s after letterbox's READY=1 (the guest's
+        # clock starts after firmware and GRUB, so not all of it is this): a first TLS handshake in a
+        # starved guest may take longer than 5 s, and must not count as "not up yet".
         try:
             status, _, _ = self.https_get("/setup", timeout=timeout)
         except (OSError, http.client.HTTPException):
