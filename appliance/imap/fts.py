@@ -252,22 +252,46 @@ def index_messages(db_path: str, folder_id: int, uidvalidity: int, items: list[t
         return _write_rows(conn, rows, folder_id, uidvalidity, upto_uid)
 
 
+# The box's own writes (deliveries, flag changes) wait for this process's write lock for at most their
+# busy timeout (db.py: 5 s): so the rows go in small transactions, each holding the lock briefly, and the
+# folder's mark moves with the last one. A crash in between leaves rows without the mark: the next run
+# skips them (NOT EXISTS below) and moves the mark then.
+WRITE_BATCH_ROWS = 32
+WRITE_BATCH_OCTETS = 1 << 20
+
+
+def _write_batches(rows: list[tuple[int, str, str, int, int]]) -> Iterator[list[tuple[int, str, str, int, int]]]:
+    batch: list[tuple[int, str, str, int, int]] = []
+    octets = 0
+    for row in rows:
+        batch.append(row)
+        octets += len(row[1]) + len(row[2])
+        if len(batch) >= WRITE_BATCH_ROWS or octets >= WRITE_BATCH_OCTETS:
+            yield batch
+            batch, octets = [], 0
+    yield batch  # the last, maybe empty: it carries the mark
+
+
 def _write_rows(conn: sqlite3.Connection, rows: list[tuple[int, str, str, int, int]], folder_id: int,
                 uidvalidity: int, upto_uid: int) -> int:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        # Only messages that still exist get a row (an expunge between the listing and now already
-        # ran its trigger), and only once.
-        written = conn.executemany(
-            "INSERT INTO message_text (rowid, header, body) SELECT ?1, ?2, ?3"
-            " WHERE EXISTS (SELECT 1 FROM messages WHERE folder_id = ?4 AND uid = ?5)"
-            " AND NOT EXISTS (SELECT 1 FROM message_text WHERE rowid = ?1)", rows).rowcount
-        conn.execute(_MARK, (folder_id, uidvalidity, upto_uid, folder_id, uidvalidity))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return max(written, 0)
+    written = 0
+    batches = list(_write_batches(rows))
+    for n, batch in enumerate(batches):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Only messages that still exist get a row (an expunge between the listing and now already
+            # ran its trigger), and only once.
+            written += max(conn.executemany(
+                "INSERT INTO message_text (rowid, header, body) SELECT ?1, ?2, ?3"
+                " WHERE EXISTS (SELECT 1 FROM messages WHERE folder_id = ?4 AND uid = ?5)"
+                " AND NOT EXISTS (SELECT 1 FROM message_text WHERE rowid = ?1)", batch).rowcount, 0)
+            if n == len(batches) - 1:
+                conn.execute(_MARK, (folder_id, uidvalidity, upto_uid, folder_id, uidvalidity))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return written
 
 
 class _Running:
