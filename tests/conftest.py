@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -195,22 +197,33 @@ PORT_BLOCK = 1000  # every standard port (24..995) fits in one block: boxes in t
 PORT_BLOCKS = range(11, 31)  # 31000 and up: bench/benchbox.py (the attack test)
 
 
-def _my_port_blocks() -> list[int]:
-    """The blocks this test process may use: under pytest-xdist each worker gets its own share, so two
-    workers never race for the same ports (a box killed and restarted keeps its block)."""
-    blocks = list(PORT_BLOCKS)
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or "1")
-    if worker.startswith("gw") and count > 1:
-        blocks = blocks[int(worker[2:]) % count::count]
-    return blocks
+_PORT_LOCKS = Path(tempfile.gettempdir()) / "letterbox-test-ports"
+_held_blocks: dict[int, int] = {}  # block -> the open lock file's descriptor, held while this process lives
+
+
+def _claim(block: int) -> bool:
+    """Claim a port block for this process with an advisory lock the kernel drops when the process dies:
+    pytest runs in several worktrees or xdist workers at once never race for the same ports (checking that
+    the ports are free is not enough: two processes can both see them free and both start a box)."""
+    if block in _held_blocks:
+        return True
+    _PORT_LOCKS.mkdir(exist_ok=True)
+    fd = os.open(_PORT_LOCKS / f"{block}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _held_blocks[block] = fd
+    return True
 
 
 def pick_port_offset() -> int:
-    # The first block of this process whose ports are all free (a box still running holds its own).
-    for block in _my_port_blocks():
+    # A block this process holds (or can claim) whose ports are all free: a box still running holds its own,
+    # and a box killed and restarted finds its block again.
+    for block in sorted(PORT_BLOCKS, key=lambda b: b not in _held_blocks):
         offset = block * PORT_BLOCK
-        if _ports_free(offset):
+        if _claim(block) and _ports_free(offset):
             return offset
     raise RuntimeError("no free port range for letterbox serve")
 
