@@ -65,6 +65,7 @@ from appliance.config import DataLayout
 from appliance.db import DB_FILE_MODE, load_migrations
 from appliance.store import maildir
 from appliance.store.model import INBOX
+from appliance.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from appliance.db import Database
@@ -1333,10 +1334,7 @@ class Scheduler:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="letterbox-backup-schedule")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:

@@ -36,6 +36,7 @@ from appliance.events import EventLog
 from appliance.postmaster import mail_postmaster
 from appliance.queue.resolver import make_async_resolver
 from appliance.settings import read_settings
+from appliance.tasks import cancel_and_wait
 from appliance.tls import (
     CertificateInfo,
     CertificateProblem,
@@ -395,10 +396,7 @@ class Renewer:
         self._task = asyncio.create_task(self._run(), name="letterbox-cert-renewer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     def wake(self) -> None:
         self._wake.set()

@@ -36,6 +36,7 @@ from appliance.dns_check import load_results
 from appliance.queue.resolver import make_async_resolver
 from appliance.spam import dnsbl
 from appliance.spam.content_service import ContentStatus, content_settings, content_status
+from appliance.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from appliance.services import Services
@@ -478,7 +479,4 @@ class StatusSchedule:
             await asyncio.sleep(self._every)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)

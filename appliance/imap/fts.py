@@ -33,6 +33,7 @@ from appliance.imap.limits import MAX_DECODED_SEARCH_OCTETS
 from appliance.imap.search import Term, TextHits, searched_texts
 from appliance.store.maildir import open_message
 from appliance.store.model import MessageInfo
+from appliance.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from appliance.cpu_pool import CpuPool
@@ -90,11 +91,8 @@ class TextIndex:
         self._task = asyncio.create_task(self.run(), name="text-index")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def nudge(self) -> None:
         """New mail: look now rather than at the next poll."""

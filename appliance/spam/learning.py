@@ -16,7 +16,6 @@ verdict outweighs the family's), mail to several by the box-wide one (content_fi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from appliance.spam.content_filter import ContentSettings, client_for
 from appliance.spam.rspamd import RspamdUnavailable
 from appliance.store.mailstore import MailStore
 from appliance.store.model import JUNK, Filed
+from appliance.tasks import cancel_and_wait
 
 log = logging.getLogger("letterbox.spam.learn")
 
@@ -80,10 +80,7 @@ class Learner:
     async def stop(self) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     def filed(self, event: Filed) -> None:
         spam = lesson(event)

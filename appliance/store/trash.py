@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from appliance.tasks import cancel_and_wait
+
 if TYPE_CHECKING:
     from appliance.services import Services
 
@@ -147,11 +149,8 @@ class Purger:
             await self.run_once()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 async def start_purger(services: Services) -> Purger:
