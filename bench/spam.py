@@ -2,18 +2,19 @@
 rspamd + Redis as the image configures them (image/overlay/etc/rspamd/local.d, Redis capped as in
 image/overlay/etc/redis/redis.conf).
 
-A private rspamd + Redis on loopback (tests/support/rspamd.py) starts from the image's local.d, with its
-own ports and a loopback DNS server that answers NXDOMAIN (no lookups leave the machine; the modules
-that fetch lists from the internet are off). Memory is read per process (/proc/PID/smaps_rollup) twice:
-after the first start and after a restart. rspamd compiles the public-suffix list into a Hyperscan
-database (on amd64) and caches it in its DBDIR; the image compiles it in a process of its own before
-rspamd starts (letterbox-warm-tld.lua, run here too unless --no-warm), since rspamd's main process would
-keep the compiler's memory. A real `letterbox serve` then receives N messages over one SMTP connection, the content
-filter off and on in turns; each DATA is timed from the client's side. Last, rspamd's /checkv2 alone,
-with and without a Deliver-To (the per-mailbox Bayes, statistic.conf), in turns: what one more check
-per recipient would cost.
+A private rspamd + Redis on loopback (tests/support/rspamd.py) starts from the image's local.d and its
+public-suffix list (letterbox-tld.dat), every module as on a box, with its own ports and a loopback DNS
+server that answers NXDOMAIN (no lookup leaves the machine: the modules that ask the internet fail at
+once). As on a box, the list is compiled into rspamd's Hyperscan cache before rspamd starts
+(letterbox-warm-tld.lua, unless --no-warm: rspamd's main process would keep the compiler's memory), and
+rspamd's hs_helper is ended once it has compiled (letterbox-hs-helper-exit.sh, unless --keep-hs-helper).
+Memory is read per process (/proc/PID/smaps_rollup: RSS, PSS and what they are made of) after the first
+start, after a restart, and after the checks. A real `letterbox serve` receives N messages over one SMTP
+connection, the content filter off and on in turns; each DATA is timed from the client's side: the
+added latency is the difference of the percentiles. Last, rspamd's /checkv2 alone, with and without a
+Deliver-To (the per-mailbox Bayes, statistic.conf), in turns: what one more check per recipient costs.
 
-Usage: python -m bench.spam [--messages 200] [--small-tld]
+Usage: python -m bench.spam [--messages 200] [--tld image|full|small] [--no-warm] [--keep-hs-helper]
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ from pathlib import Path
 from appliance.config import STANDARD_PORTS
 from appliance.spam.rspamd import Endpoint, Envelope, RspamdClient
 from bench.benchbox import cli, free_offset, serving, set_settings
-from tests.support.rspamd import IMAGE_LOCAL_D, RspamdPeer
+from tests.support.rspamd import IMAGE_LOCAL_D, IMAGE_TLD, TLD_FILE, RspamdPeer
 
 USER = "bench@bench.test"
+# Links, with and without a scheme, as most mail has: rspamd looks every host up in its public-suffix
+# list, which maps more of that list's Hyperscan database into the worker.
 BODY = ("Hello Alice,\r\n\r\nthe plumber comes on Thursday morning; please leave the key with the "
-        "neighbours. The invoice for the kitchen paint is attached to my previous message.\r\n\r\n"
-        "Cheers,\r\nBob\r\n")
+        "neighbours. The invoice for the kitchen paint is at https://www.paints.example.co.uk/invoice?id=7 "
+        "and the colours on shop.example.com.au or www.tiles.example.de.\r\n\r\nCheers,\r\nBob\r\n")
 
 
 def message(n: int) -> bytes:
@@ -45,35 +48,40 @@ def message(n: int) -> bytes:
             + BODY).encode()
 
 
-def memory_kib(pids: list[int]) -> dict[str, tuple[int, int]]:
-    """{process title: (RSS, PSS)} in KiB. RSS counts the pages rspamd's processes share (forked from one
-    main process, and the mapped Hyperscan databases) once per process; PSS splits them, so its sum is
-    what the processes take together."""
-    found: dict[str, tuple[int, int]] = {}
+FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty", "Anonymous")
+
+
+def memory_kib(pids: list[int]) -> dict[str, dict[str, int]]:
+    """{process title: {smaps_rollup field: KiB}}. RSS counts the pages rspamd's processes share (forked
+    from one main process, and the mapped Hyperscan databases) once per process; PSS splits them, so its
+    sum is what the processes take together."""
+    found: dict[str, dict[str, int]] = {}
     for pid in pids:
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            rss = pss = 0
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss = int(line.split()[1])
+            fields = {}
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+                name, _, value = line.partition(":")
+                if name in FIELDS:
+                    fields[name] = int(value.split()[0])
         except OSError:
             continue
         name = title.split("(")[0].split(";")[0].strip().removeprefix("rspamd: ") or str(pid)
         if name.startswith("redis-server"):
             name = "redis"
-        found[f"{name} [{pid}]"] = (rss, pss)
+        found[f"{name} [{pid}]"] = fields
     return found
 
 
-def report_memory(when: str, peer: RspamdPeer) -> None:
+def report_memory(when: str, peer: RspamdPeer) -> tuple[float, float]:
+    """Print the memory of rspamd + Redis per process; (summed RSS, summed PSS) in MB."""
     usage = memory_kib(peer.pids())
-    rss, pss = sum(r for r, _ in usage.values()), sum(p for _, p in usage.values())
-    print(f"memory {when}: RSS {rss / 1024:.0f} MB summed, PSS {pss / 1024:.0f} MB summed (target <= 150 MB)")
-    for name, (r, p) in sorted(usage.items()):
-        print(f"    {name:<28} RSS {r / 1024:6.1f} MB  PSS {p / 1024:6.1f} MB")
+    rss, pss = (sum(u.get(f, 0) for u in usage.values()) / 1024 for f in ("Rss", "Pss"))
+    print(f"memory {when}: RSS {rss:.0f} MB summed, PSS {pss:.0f} MB summed (target: RSS <= 150 MB)")
+    print(f"    {'process':<28} " + " ".join(f"{f:>13}" for f in FIELDS) + "   (MB)")
+    for name, fields in sorted(usage.items()):
+        print(f"    {name:<28} " + " ".join(f"{fields.get(f, 0) / 1024:13.1f}" for f in FIELDS))
+    return rss, pss
 
 
 def timed_run(port: int, count: int, first: int) -> list[float]:
@@ -115,31 +123,45 @@ def check_latencies(peer: RspamdPeer, count: int) -> tuple[list[float], list[flo
     return asyncio.run(run())
 
 
+TLD_LISTS = {"image": IMAGE_TLD, "full": TLD_FILE}
+
+
+def start_measured(peer: RspamdPeer, when: str) -> None:
+    started = time.monotonic()
+    peer.start()  # the caller's try stops what a start that times out started
+    print(f"rspamd + redis ready in {time.monotonic() - started:.1f} s")
+    if peer.end_hs_helper and not peer.wait_hs_helper_gone(300):
+        print("    hs_helper still running after 300 s")
+    time.sleep(5)  # what a worker loads just after start (the hs_helper's notice, maps)
+    report_memory(when, peer)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=200)
-    parser.add_argument("--small-tld", action="store_true",
-                        help="a tiny public-suffix list (quick start; the image compiles the full one)")
+    parser.add_argument("--tld", choices=("image", "full", "small"), default="image",
+                        help="the public-suffix list: the image's (letterbox-tld.dat), Debian's full one, or a "
+                             "tiny one (quick start)")
     parser.add_argument("--no-warm", action="store_true",
                         help="let rspamd compile the public-suffix list itself at its first start (without "
                              "the image's ExecStartPre, letterbox-warm-tld.lua)")
+    parser.add_argument("--keep-hs-helper", action="store_true",
+                        help="leave rspamd's hs_helper running (without the image's ExecStartPost, "
+                             "letterbox-hs-helper-exit.sh)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-spam-") as tmp:
         root = Path(tmp)
-        peer = RspamdPeer(root / "rspamd", base_local=IMAGE_LOCAL_D, full_tld=not args.small_tld,
-                          redis_maxmemory="48mb", ready_seconds=900, min_learns=None, warm_tld=not args.no_warm)
+        peer = RspamdPeer(root / "rspamd", base_local=IMAGE_LOCAL_D, tld_file=TLD_LISTS.get(args.tld),
+                          redis_maxmemory="48mb", ready_seconds=900, min_learns=None, warm_tld=not args.no_warm,
+                          end_hs_helper=not args.keep_hs_helper, image_modules=True)
+        print(f"public-suffix list: {args.tld} ({peer.tld}); hs_helper "
+              f"{'kept' if args.keep_hs_helper else 'ended once it compiled, as on a box'}")
         try:
             first = "after the first start" + (" (rspamd compiled the list)" if args.no_warm else
                                                " (the list compiled before it, as the image's rspamd.service does)")
-            for when in (first, "after a restart (the compiled list read back from the cache)"):
-                started = time.monotonic()
-                peer.start()  # inside the try: a start that times out still stops what it started
-                print(f"rspamd + redis ready in {time.monotonic() - started:.1f} s "
-                      f"({'full' if not args.small_tld else 'small'} public-suffix list)")
-                time.sleep(5)  # the hs_helper compiles the regexp cache just after start
-                report_memory(when, peer)
-                if when == first:
-                    peer.stop()
+            start_measured(peer, first)
+            peer.stop()
+            start_measured(peer, "after a restart (the compiled list read back from the cache)")
             data = root / "data"
             cli(data, "domain", "add", "bench.test")
             cli(data, "user", "add", USER, "--password-stdin", stdin="a long bench password\n")

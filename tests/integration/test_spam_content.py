@@ -36,7 +36,8 @@ JUNK_SCORE, REJECT_SCORE = 2.0, 15.0
 def rspamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RspamdPeer]:
     require_program("rspamd")
     require_program("redis-server")
-    with running_rspamd(tmp_path_factory.mktemp("rspamd")) as peer:
+    # As on a box: rspamd's hs_helper ends once it has compiled (the image's ExecStartPost).
+    with running_rspamd(tmp_path_factory.mktemp("rspamd"), end_hs_helper=True) as peer:
         yield peer
 
 
@@ -82,6 +83,24 @@ def test_a_message_between_the_thresholds_lands_in_junk_with_the_headers(mx: Box
     assert msg["X-Spam-Status"].startswith(f"Yes, score={score:.2f}")
     assert "MISSING_MID(2.50)" in " ".join(msg["X-Spam-Symbols"].split())
     assert raw.endswith(NO_MESSAGE_ID)
+
+
+def test_rspamd_scores_on_after_its_hs_helper_ended(mx: BoxHandle, rspamd: RspamdPeer) -> None:
+    """The image ends rspamd's hs_helper once it has compiled rspamd's regular expressions
+    (letterbox-hs-helper-exit.sh, 40 MB of RSS): rspamd's main process starts no other, and its
+    controller goes on scoring with what hs_helper compiled."""
+    assert rspamd.wait_hs_helper_gone(120), rspamd.titles()
+    code, text = send_mx(mx, CLEAN.replace(b"Shall we", GTUBE + b"\r\nShall we"))
+    assert code == 554, text
+    code, _ = send_mx(mx, NO_MESSAGE_ID)
+    assert code == 250
+    [raw] = folder(mx, ".Junk")
+    assert "MISSING_MID(2.50)" in " ".join(parse(raw)["X-Spam-Symbols"].split())
+    titles = rspamd.titles()
+    assert not any(t.startswith("rspamd: hs_helper") for t in titles), titles
+    assert any(t.startswith("rspamd: controller") for t in titles), titles
+    log = (rspamd.root / "log" / "rspamd.log").read_text(errors="replace")
+    assert "do not respawn process hs_helper" in log
 
 
 def test_a_clean_message_lands_in_the_inbox_and_forged_spam_fields_go(mx: BoxHandle) -> None:

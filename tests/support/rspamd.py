@@ -30,6 +30,7 @@ from tests.support.receivers import free_port
 IMAGE_RSPAMD = Path(__file__).resolve().parents[2] / "image" / "overlay" / "etc" / "rspamd"
 IMAGE_LOCAL_D = IMAGE_RSPAMD / "local.d"
 WARM_TLD = IMAGE_RSPAMD / "letterbox-warm-tld.lua"
+HS_HELPER_EXIT = IMAGE_RSPAMD / "letterbox-hs-helper-exit.sh"
 TLD_FILE = Path("/usr/share/rspamd/effective_tld_names.dat")  # Debian's rspamd: the full public-suffix list
 
 # Modules that look things up on the internet, or act on their own (greylisting, rate limits).
@@ -47,16 +48,25 @@ class RspamdPeer:
     min_learns: int | None = 20  # both classifiers' (None: the image's own)
     redis_timeout: float = 1.0  # how long rspamd waits for Redis before it scores without Bayes
     base_local: Path = IMAGE_LOCAL_D
-    full_tld: bool = False  # bench/spam.py: the full public-suffix list, as a box compiles it
+    # None: a tiny public-suffix list (quick start); bench/spam.py: the image's (IMAGE_TLD) or Debian's
+    # full one (TLD_FILE), compiled by rspamd as on a box.
+    tld_file: Path | None = None
     # bench/spam.py: compile the list into rspamd's cache before it starts, as the image's
     # rspamd.service does (ExecStartPre: image/overlay/etc/rspamd/letterbox-warm-tld.lua).
     warm_tld: bool = False
+    # bench/spam.py: end rspamd's hs_helper once it has compiled, as the image's rspamd.service does
+    # (ExecStartPost: image/overlay/etc/rspamd/letterbox-hs-helper-exit.sh).
+    end_hs_helper: bool = False
+    # bench/spam.py: every module as the image has it (the loopback DNS answers NXDOMAIN, so the lists
+    # and lookups of the internet fail at once); the tests switch off those that would ask the internet.
+    image_modules: bool = False
     redis_maxmemory: str = "64mb"
     ready_seconds: float = 60.0  # compiling the full public-suffix list takes minutes on a busy machine
     scanner_port: int = 0
     controller_port: int = 0
     redis_port: int = 0
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    helper: subprocess.Popen[bytes] | None = None  # letterbox-hs-helper-exit.sh, while it waits
     dns: ZoneServer | None = None
 
     @property
@@ -85,19 +95,20 @@ class RspamdPeer:
             (local / path.name).write_text(text)
         assert self.dns is not None
         base_options = self.base_local / "options.inc"
-        tld = "" if self.full_tld else f'url_tld = "{self.root / "tld.dat"}";\n'
+        # The image's options.inc names its list by its path on a box: this peer's list instead.
+        options = re.sub(r'^url_tld\s*=.*$', f'url_tld = "{self.tld}";', base_options.read_text(),
+                         flags=re.MULTILINE) if base_options.exists() else f'url_tld = "{self.tld}";\n'
         files = {
             local / "options.inc": (
-                (base_options.read_text() if base_options.exists() else "") +
+                options +
                 f'dns {{ nameserver = ["127.0.0.1:{self.dns.port}"]; timeout = 1s; retransmits = 1; }}\n'
-                f"{tld}"
                 # The tests' mail comes from 127.0.0.1: judged as if from the internet.
                 'local_addrs = [];\n'
             ),
             local / "logging.inc": f'type = "file";\nfilename = "{self.root / "log" / "rspamd.log"}";\nlevel = "info";\n',
             local / "redis.conf": f'servers = "127.0.0.1:{self.redis_port}";\ntimeout = {self.redis_timeout}s;\n',
         }
-        for module in OFF_MODULES:
+        for module in () if self.image_modules else OFF_MODULES:
             files[local / f"{module}.conf"] = "enabled = false;\n"
         for path, text in files.items():
             path.write_text(text)
@@ -119,11 +130,18 @@ class RspamdPeer:
                  f"--var=LOCAL_CONFDIR={self.root}", f"--var=DBDIR={self.root / 'db'}",
                  f"--var=RUNDIR={self.root / 'run'}", f"--var=LOGDIR={self.root / 'log'}"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if self.end_hs_helper:
+            # rspamd -f stays in the foreground: its pid is the main process's, as $MAINPID on a box.
+            self.helper = subprocess.Popen(["sh", str(HS_HELPER_EXIT), str(self.procs["rspamd"].pid), "600"],
+                                           stdin=subprocess.DEVNULL, start_new_session=True)
         self.wait_ready()
 
+    @property
+    def tld(self) -> Path:
+        return self.tld_file or self.root / "tld.dat"
+
     def compile_tld(self) -> None:
-        tld = TLD_FILE if self.full_tld else self.root / "tld.dat"
-        subprocess.run(["rspamadm", "lua", "-b", "-s", str(WARM_TLD), "-a", str(tld), "-a", f"{self.root / 'db'}/"],
+        subprocess.run(["rspamadm", "lua", "-b", "-s", str(WARM_TLD), "-a", str(self.tld), "-a", f"{self.root / 'db'}/"],
                        stdin=subprocess.DEVNULL, capture_output=True, check=True, timeout=self.ready_seconds)
 
     def start_redis(self) -> None:
@@ -194,7 +212,29 @@ class RspamdPeer:
                             found.append(int(entry.name))
         return found
 
+    def titles(self) -> list[str]:
+        """The process titles of rspamd's processes ("rspamd: controller process ...")."""
+        found = []
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        return found
+
+    def wait_hs_helper_gone(self, seconds: float) -> bool:
+        """Whether rspamd's hs_helper ended (letterbox-hs-helper-exit.sh) within `seconds`, and stayed away."""
+        deadline = time.monotonic() + seconds
+        while any(t.startswith("rspamd: hs_helper") for t in self.titles()):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
     def stop(self) -> None:
+        if self.helper is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.helper.pid, signal.SIGTERM)
+            self.helper.wait(timeout=10)
+            self.helper = None
         for name in list(self.procs):
             proc = self.procs.pop(name)
             if proc.poll() is None:
@@ -212,10 +252,58 @@ class RspamdPeer:
 
 
 @contextlib.contextmanager
-def running_rspamd(root: Path, *, min_learns: int = 20, redis_timeout: float = 1.0) -> Iterator[RspamdPeer]:
-    peer = RspamdPeer(root, min_learns=min_learns, redis_timeout=redis_timeout)
+def running_rspamd(root: Path, *, min_learns: int = 20, redis_timeout: float = 1.0,
+                   end_hs_helper: bool = False) -> Iterator[RspamdPeer]:
+    peer = RspamdPeer(root, min_learns=min_learns, redis_timeout=redis_timeout, end_hs_helper=end_hs_helper)
     try:
         peer.start()
         yield peer
     finally:
         peer.stop()
+
+
+# The public-suffix list the image gives rspamd (image/overlay/etc/rspamd/letterbox-tld.dat, made from
+# Debian's by compact_suffixes below). Every top-level domain, so that rspamd still finds every URL
+# written without a scheme ("shop.example.xyz"); of the multi-label suffixes only those under the
+# generic second levels (co.uk, com.au, gov.br, ...), so that a registered domain there is still told
+# apart from its neighbours (rspamd's URL rules and the "#u:" URL tokens of its Bayes use it).
+IMAGE_TLD = IMAGE_RSPAMD / "letterbox-tld.dat"
+GENERIC_SECOND_LEVELS = frozenset((
+    "ac", "biz", "co", "com", "edu", "go", "gob", "gouv", "gov", "info", "int", "ltd", "mil", "ne", "net",
+    "nom", "or", "org", "plc", "sch", "web",
+))
+
+
+def icann_suffixes(text: str) -> list[str]:
+    """The rules of the ICANN section of a public-suffix list, in its order."""
+    rules, icann = [], False
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("// ===BEGIN ICANN"):
+            icann = True
+        elif line.startswith("// ===END ICANN"):
+            break
+        elif icann and line and not line.startswith("//"):
+            rules.append(line)
+    return rules
+
+
+def compact_suffixes(text: str) -> list[str]:
+    """The image's list from a full one: top-level domains, and generic second levels under them."""
+    return [rule for rule in icann_suffixes(text)
+            if "." not in rule or (rule.count(".") == 1 and rule.split(".")[0] in GENERIC_SECOND_LEVELS)]
+
+
+def write_image_tld(source: Path = TLD_FILE, target: Path = IMAGE_TLD) -> None:
+    """Regenerate the image's list: python -c 'from tests.support.rspamd import write_image_tld as w; w()'."""
+    rules = compact_suffixes(source.read_text(encoding="utf-8"))
+    header = (
+        "// Letterbox (issue 16): rspamd's public-suffix list on a box (options.inc: url_tld), made from\n"
+        f"// Debian's {source} by tests/support/rspamd.py (compact_suffixes).\n"
+        "// Every ICANN top-level domain (rspamd finds URLs written without a scheme by their TLD) and the\n"
+        "// generic second levels (co.uk, com.au, ...). Not the other multi-label suffixes (kawasaki.jp, the\n"
+        "// private section: blogspot.com, github.io, ...): under those rspamd takes the suffix itself as the\n"
+        "// registered domain. The full list costs about 60 MB more of rspamd's memory on amd64, where\n"
+        "// rspamd compiles it into a 43 MB Hyperscan database mapped by every process (bench/spam.py).\n"
+    )
+    target.write_text(header + "\n".join(rules) + "\n", encoding="utf-8")

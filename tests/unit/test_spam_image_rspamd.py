@@ -1,0 +1,80 @@
+"""The rspamd + Redis configuration the image ships (issue 16): its public-suffix list, the scripts its
+rspamd.service drop-in runs, and that drop-in as systemd reads it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from tests.conftest import require_program
+from tests.support.rspamd import (
+    HS_HELPER_EXIT,
+    IMAGE_LOCAL_D,
+    IMAGE_RSPAMD,
+    IMAGE_TLD,
+    TLD_FILE,
+    WARM_TLD,
+    compact_suffixes,
+    icann_suffixes,
+)
+
+DROP_IN = IMAGE_RSPAMD.parent / "systemd" / "system" / "rspamd.service.d" / "letterbox.conf"
+
+
+def rules(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("//")]
+
+
+def test_the_image_list_has_every_top_level_domain_of_rspamds_own() -> None:
+    """rspamd finds a URL written without a scheme by its TLD: the compact list must not lose one. A
+    new rspamd list fails this: regenerate with tests.support.rspamd.write_image_tld."""
+    require_program("rspamd")
+    full = icann_suffixes(TLD_FILE.read_text(encoding="utf-8"))
+    ours = rules(IMAGE_TLD)
+    assert ours == compact_suffixes(TLD_FILE.read_text(encoding="utf-8"))
+    assert {rule for rule in full if "." not in rule} <= set(ours)
+    assert {"co.uk", "com.au", "com", "de"} <= set(ours)
+    assert "blogspot.com" not in ours  # the private section is left out (see the file's header)
+    assert len(ours) < len(full) / 2
+
+
+def test_rspamd_and_the_warm_up_script_read_the_same_list() -> None:
+    """letterbox-warm-tld.lua compiles what rspamd will look for in its cache: another file would be
+    another cache entry, and rspamd's main process would compile its own and keep the compiler's heap."""
+    [url_tld] = re.findall(r'^url_tld\s*=\s*"([^"]+)";', (IMAGE_LOCAL_D / "options.inc").read_text(), re.MULTILINE)
+    assert url_tld == f"/etc/rspamd/{IMAGE_TLD.name}"
+    assert f'args[1] or "{url_tld}"' in WARM_TLD.read_text()
+
+
+def test_the_drop_in_runs_the_image_scripts() -> None:
+    text = DROP_IN.read_text()
+    for script in (WARM_TLD, HS_HELPER_EXIT):
+        assert f"/etc/rspamd/{script.name}" in text
+        assert script.exists()
+    assert os.access(HS_HELPER_EXIT, os.X_OK)
+    require_program("sh")
+    subprocess.run(["sh", "-n", str(HS_HELPER_EXIT)], check=True)
+
+
+def test_systemd_reads_the_drop_in(tmp_path: Path) -> None:
+    """systemd-analyze verify over Debian's rspamd.service with the image's drop-in next to it."""
+    require_program("systemd-analyze")
+    require_program("rspamd")
+    unit = Path("/lib/systemd/system/rspamd.service")  # Debian's rspamd package
+    shutil.copy(unit, tmp_path / unit.name)
+    (tmp_path / "rspamd.service.d").mkdir()
+    shutil.copy(DROP_IN, tmp_path / "rspamd.service.d" / DROP_IN.name)
+    (tmp_path / "rspamd.service.d" / "zz-broken.conf").write_text("[Service]\nExecStartPost=not/absolute\n")
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"}
+    # The deliberately broken drop-in proves systemd-analyze reads this directory's drop-ins at all.
+    broken = subprocess.run(["systemd-analyze", "verify", "rspamd.service"], env=env, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert "zz-broken.conf" in broken.stderr
+    (tmp_path / "rspamd.service.d" / "zz-broken.conf").unlink()
+    verified = subprocess.run(["systemd-analyze", "verify", "rspamd.service"], env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+    assert verified.returncode == 0, verified.stderr
+    assert "letterbox.conf" not in verified.stderr
