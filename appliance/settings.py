@@ -12,6 +12,10 @@ and write through `settings.save(hold=True, ...)`; nobody keeps a copy. Values a
   before serving the cached snapshot costs one cheap statement, and the snapshot is re-read only
   when something changed. Writes through this process's own connection (`Database.set_setting`,
   used by tests and older code) bump `Database.settings_generation`, checked the same way.
+  Since migration 0018 the check is the `settings` change counter instead, which a trigger raises
+  with every change of the table by any connection and which is read without a round trip to
+  aiosqlite's thread (`Database.counters`; issue 19: two round trips per SMTP message otherwise);
+  data_version stays the fallback when the counter cannot be read.
 
 Services that must react to a change (the queue waking up for a new relay) `subscribe` once; the
 callback runs after any reload that changed a value, whoever made the change.
@@ -434,7 +438,8 @@ class Settings:
         self._default_hostname = default_hostname
         self._hostname_override = hostname_override  # --hostname: this run only, until a rename
         self._now: SettingValues | None = None
-        self._seen: tuple[int, int] | None = None  # (data_version, settings_generation) of _now
+        # (how the change mark was read, its value, settings_generation) of _now
+        self._seen: tuple[str, int, int] | None = None
         self._subscribers: list[Subscriber] = []
         self._lock = asyncio.Lock()
 
@@ -454,11 +459,11 @@ class Settings:
 
     async def fresh(self) -> SettingValues:
         """The settings as committed right now, by this process or any other."""
-        mark = (await self._data_version(), self._db.settings_generation)
+        mark = (*await self._change_mark(), self._db.settings_generation)
         if self._now is not None and mark == self._seen:
             return self._now
         async with self._lock:
-            mark = (await self._data_version(), self._db.settings_generation)
+            mark = (*await self._change_mark(), self._db.settings_generation)
             if self._now is None or mark != self._seen:
                 await self._reload(mark)
         return self.now
@@ -489,11 +494,16 @@ class Settings:
         self._db.settings_generation += 1
         return await self.fresh()
 
-    async def _data_version(self) -> int:
+    async def _change_mark(self) -> tuple[str, int]:
+        """What moves when any connection changes the settings: migration 0018's counter (no round
+        trip), else SQLite's data_version (moves with every commit of another connection)."""
+        counter = self._db.counters.read("settings")
+        if counter is not None:
+            return "counter", counter
         row = await self._db.fetchone("PRAGMA data_version")
-        return int(row[0]) if row else 0
+        return "data_version", int(row[0]) if row else 0
 
-    async def _reload(self, mark: tuple[int, int]) -> None:
+    async def _reload(self, mark: tuple[str, int, int]) -> None:
         rows = await self._db.fetchall(_SELECT_KNOWN, KNOWN_KEYS)
         raw = {str(r["key"]): str(r["value"]) for r in rows}
         before, after = self._now, decode(

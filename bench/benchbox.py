@@ -34,9 +34,18 @@ def free_offset(start: int = 31000) -> int:
     raise SystemExit("no free port range")
 
 
-def cli(data: Path, *args: str, stdin: str | None = None) -> str:
+def code_env(code: Path | None) -> dict[str, str]:
+    """The environment of a `letterbox` child: with `code`, a checkout of the project whose
+    `appliance` runs instead of this one (put first on PYTHONPATH)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(code), env.get("PYTHONPATH"))))
+    return env
+
+
+def cli(data: Path, *args: str, stdin: str | None = None, code: Path | None = None) -> str:
     return subprocess.run([LETTERBOX, "--data", str(data), *args], input=stdin, text=True, check=True,
-                          capture_output=True).stdout
+                          capture_output=True, env=code_env(code)).stdout
 
 
 def set_settings(data: Path, settings: dict[str, str]) -> None:
@@ -58,13 +67,16 @@ def peak_rss_kib(pid: int) -> int:
 
 @contextlib.contextmanager
 def serving(data: Path, log: Path, offset: int, *, hostname: str = "localhost",
-            wrapper: Sequence[str] = (), ready_timeout: float = READY_TIMEOUT) -> Iterator[subprocess.Popen[bytes]]:
-    """`letterbox serve` on 127.0.0.1 with the given port offset, from "ready" until SIGTERM."""
+            wrapper: Sequence[str] = (), ready_timeout: float = READY_TIMEOUT,
+            code: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """`letterbox serve` on 127.0.0.1 with the given port offset, from "ready" until SIGTERM; `code`: a
+    checkout of the project whose `appliance` runs instead of this one (code_env)."""
+    env = code_env(code)
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [*wrapper, LETTERBOX, "--data", str(data), "serve", "--listen", "127.0.0.1",
              "--port-offset", str(offset), "--hostname", hostname],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=out, stderr=subprocess.STDOUT, env=env,
         )
     try:
         deadline = time.monotonic() + ready_timeout
@@ -80,3 +92,22 @@ def serving(data: Path, log: Path, offset: int, *, hostname: str = "localhost",
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and of its live descendants (the box's CPU worker is a
+    child process): what a benchmark charges to the server, less moved by other load than wall time."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            # Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(child) for child in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it ended meanwhile
+    return total

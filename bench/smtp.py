@@ -1,13 +1,19 @@
 """SMTP intake benchmark: N messages over C concurrent sessions into the MX port of a real
 `letterbox serve`, each delivered (fsynced and indexed) into one Maildir before its 250.
 
-Prints messages/s, p50/p99 latency per message (MAIL FROM sent -> 250 after DATA) and the server's
-peak RSS. The MX's inbound checks (SPF, DKIM, DMARC) run as in production (or not, with
+Prints messages/s, p50/p99 latency per message (MAIL FROM sent -> 250 after DATA), the server's CPU
+seconds per message (user + system of the box and its CPU worker during the load) and its peak RSS.
+The client is this script's (a Python asyncio client) or, with --client smtp-source, Postfix's
+smtp-source as bench.side_by_side runs it (1 KiB messages; throughput until all are in the Maildir). The MX's inbound checks (SPF, DKIM, DMARC) run as in production (or not, with
 --inbound-auth off), against a DNS server on loopback serving the sender's SPF and DMARC records with
 real TTLs and an SOA on negative answers (so nothing leaves the machine, and a resolver cache behaves
 as it would with a real sender's zone); the outbound queue is held.
 Usage: python -m bench.smtp [--messages 2000] [--concurrency 10] [--size 2048] [--inbound-auth on|off]
-       [--delivery-log on|off|compare [--rounds 12]]
+       [--client python|smtp-source] [--delivery-log on|off|compare [--rounds 12]]
+       [--against DIR [--rounds 12]]
+--against DIR compares this tree's box with another checkout of the code (e.g. `git worktree add
+/tmp/base main` or `git archive main | tar -x -C /tmp/base`): rounds alternate the two, each pair's
+ratio cancels the machine's load of its moment, and the medians of the pairs' ratios are printed.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.benchbox import cli, free_offset, peak_rss_kib, serving, set_settings
+from bench.benchbox import cli, cpu_seconds, free_offset, peak_rss_kib, serving, set_settings
 from tests.support.dns_server import ZoneServer  # the repo's loopback DNS server
 
 MX_PORT = 25
@@ -94,14 +101,15 @@ async def load(port: int, messages: int, concurrency: int, size: int) -> tuple[f
 
 
 @contextlib.contextmanager
-def serving_somewhere(data: Path, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def serving_somewhere(data: Path, log: Path, code: Path | None = None
+                      ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """The box on a free port block; another block when someone else's process took a port of this one
     between the look and the bind (other benchmarks and tests run on this machine at the same time)."""
     start = 31000
     for _ in range(START_TRIES):
         offset = free_offset(start)
         try:
-            with serving(data, log, offset, hostname="bench.test") as proc:
+            with serving(data, log, offset, hostname="bench.test", code=code) as proc:
                 yield proc, offset
                 return
         except SystemExit as exc:
@@ -111,28 +119,69 @@ def serving_somewhere(data: Path, log: Path) -> Iterator[tuple[subprocess.Popen[
     raise SystemExit(f"no free port block after {START_TRIES} tries")
 
 
-def run_box(args: argparse.Namespace, delivery_log: str) -> tuple[float, list[float], int, int, int, int]:
-    """One box, one load: (elapsed, latencies, stored files, idle RSS KiB, peak RSS KiB, DNS queries)."""
+def stored_count(maildir: Path) -> int:
+    total = 0
+    for sub in ("new", "cur"):
+        with contextlib.suppress(FileNotFoundError), os.scandir(maildir / sub) as entries:
+            total += sum(1 for _ in entries)
+    return total
+
+
+def smtp_source(port: int, messages: int, concurrency: int, maildir: Path) -> tuple[float, list[float]]:
+    """Postfix's smtp-source as bench.side_by_side runs it (1 KiB messages): seconds until every
+    message is in the Maildir (its 250s come after that here anyway); it reports no latencies."""
+    started = time.perf_counter()
+    subprocess.run(["smtp-source", "-s", str(concurrency), "-m", str(messages), "-l", "1024",
+                    "-M", "bench.client", "-f", f"sender@{SENDER_DOMAIN}", "-t", RCPT, f"127.0.0.1:{port}"],
+                   capture_output=True, check=True, timeout=600)
+    deadline = started + 600
+    while stored_count(maildir) < messages and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    return time.perf_counter() - started, []
+
+
+@dataclass(frozen=True)
+class Round:
+    elapsed: float
+    latencies: list[float]
+    stored: int
+    rss_idle_kib: int
+    rss_peak_kib: int
+    dns_queries: int
+    cpu: float  # the server's CPU seconds during the load
+
+    def rate(self) -> float:
+        return self.stored / self.elapsed
+
+
+def run_box(args: argparse.Namespace, delivery_log: str, code: Path | None = None) -> Round:
+    """One box (this tree's code, or the checkout at `code`), one load."""
     with tempfile.TemporaryDirectory(prefix="letterbox-bench-") as tmp:
         data = Path(tmp) / "data"
-        cli(data, "domain", "add", DOMAIN)
-        cli(data, "user", "add", RCPT, "--password-stdin", stdin="bench password 1234567\n")
+        cli(data, "domain", "add", DOMAIN, code=code)
+        cli(data, "user", "add", RCPT, "--password-stdin", stdin="bench password 1234567\n", code=code)
         dns = ZoneServer(SENDER_ZONE, ttl=3600, negative_ttl=900)
         dns_port = dns.start()
         set_settings(data, {"dns_resolver": f"127.0.0.1:{dns_port}", "queue_hold": "1",
                             "inbound_auth": args.inbound_auth, "delivery_log": delivery_log})
+        maildir = data / "mail" / DOMAIN / "rcpt"
         try:
-            with serving_somewhere(data, Path(tmp) / "serve.log") as (proc, offset):
+            with serving_somewhere(data, Path(tmp) / "serve.log", code) as (proc, offset):
                 rss_idle = peak_rss_kib(proc.pid)
-                elapsed, latencies = asyncio.run(load(MX_PORT + offset, args.messages, args.concurrency, args.size))
+                cpu_before = cpu_seconds(proc.pid)
+                if args.client == "smtp-source":
+                    elapsed, latencies = smtp_source(MX_PORT + offset, args.messages, args.concurrency, maildir)
+                else:
+                    elapsed, latencies = asyncio.run(load(MX_PORT + offset, args.messages, args.concurrency,
+                                                          args.size))
+                cpu = cpu_seconds(proc.pid) - cpu_before
                 rss_peak = peak_rss_kib(proc.pid)
         finally:
             dns.stop()
-        maildir = data / "mail" / DOMAIN / "rcpt"
-        stored = sum(1 for sub in ("new", "cur") for _ in (maildir / sub).iterdir())
+        stored = stored_count(maildir)
     if stored != args.messages:
         raise SystemExit(f"expected {args.messages} files in the Maildir, found {stored}")
-    return elapsed, latencies, stored, rss_idle, rss_peak, dns.queries
+    return Round(elapsed, latencies, stored, rss_idle, rss_peak, dns.queries, cpu)
 
 
 def paired_cost(off: list[float], on: list[float]) -> tuple[float, list[float]]:
@@ -157,8 +206,7 @@ def compare_log(args: argparse.Namespace) -> None:
     for n in range(args.rounds):
         loads.append(load_average())
         for mode in ("off", "on") if n % 2 == 0 else ("on", "off"):
-            elapsed = run_box(args, mode)[0]
-            rates[mode].append(args.messages / elapsed)
+            rates[mode].append(run_box(args, mode).rate())
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
     cost, costs = paired_cost(rates["off"], rates["on"])
     print(f"smtp intake with the delivery log off and on: {args.messages} messages x {args.size} B over "
@@ -171,15 +219,48 @@ def compare_log(args: argparse.Namespace) -> None:
     print(f"  pairs    {', '.join(f'{c:+.1f}' for c in costs)} %")
 
 
+def compare_code(args: argparse.Namespace) -> None:
+    """This tree's box against the checkout at --against: rounds alternate the two (the order within
+    a pair alternating too), and each pair's ratios of msg/s and of server CPU per message cancel
+    the load of their moment; their medians are what to quote."""
+    base: Path = args.against
+    runs: dict[str, list[Round]] = {"this": [], "base": []}
+    loads: list[str] = []
+    for n in range(args.rounds):
+        loads.append(load_average())
+        for which in ("base", "this") if n % 2 == 0 else ("this", "base"):
+            runs[which].append(run_box(args, args.delivery_log, base if which == "base" else None))
+        this, old = runs["this"][-1], runs["base"][-1]
+        print(f"  pair {n + 1}: base {old.rate():6.1f} msg/s {1000 * old.cpu / old.stored:5.2f} ms CPU/msg, "
+              f"this {this.rate():6.1f} msg/s {1000 * this.cpu / this.stored:5.2f} ms CPU/msg   ({loads[-1]})",
+              flush=True)
+    speed = [t.rate() / b.rate() for t, b in zip(runs["this"], runs["base"], strict=True)]
+    cpu = [(t.cpu / t.stored) / (b.cpu / b.stored) for t, b in zip(runs["this"], runs["base"], strict=True)]
+    print(f"smtp intake, this tree vs {base}: {args.messages} messages over {args.concurrency} sessions "
+          f"({args.client} client, inbound checks {args.inbound_auth}, delivery log {args.delivery_log}), "
+          f"{args.rounds} pairs; {loads[0]} at the start, {load_average()} at the end")
+    for which in ("base", "this"):
+        rounds = runs[which]
+        print(f"  {which:5} {statistics.median(r.rate() for r in rounds):7.1f} msg/s median, "
+              f"{statistics.median(1000 * r.cpu / r.stored for r in rounds):6.2f} ms server CPU per message median, "
+              f"peak RSS {statistics.median(r.rss_peak_kib for r in rounds) / 1024:.1f} MiB")
+    print(f"  msg/s ratio this/base, median of pairs {statistics.median(speed):.2f}  "
+          f"({', '.join(f'{r:.2f}' for r in speed)})")
+    print(f"  CPU per message this/base, median of pairs {statistics.median(cpu):.2f}  "
+          f"({', '.join(f'{r:.2f}' for r in cpu)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=None, help="default 2000 (300 a round with compare)")
     parser.add_argument("--concurrency", type=int, default=10)
-    parser.add_argument("--size", type=int, default=2048, help="body bytes per message")
+    parser.add_argument("--size", type=int, default=2048, help="body bytes per message (python client)")
+    parser.add_argument("--client", choices=("python", "smtp-source"), default="python")
     parser.add_argument("--inbound-auth", choices=("on", "off"), default="on", help="SPF/DKIM/DMARC checks")
     parser.add_argument("--delivery-log", choices=("on", "off", "compare"), default="on",
                         help="the delivery log; 'compare' runs both, interleaved, and prints its cost")
-    parser.add_argument("--rounds", type=int, default=12, help="pairs, with --delivery-log compare")
+    parser.add_argument("--against", type=Path, default=None, help="another checkout to compare with")
+    parser.add_argument("--rounds", type=int, default=12, help="pairs, with --delivery-log compare or --against")
     args = parser.parse_args()
     if args.messages is None:
         # With compare, short rounds and many of them: the pairs' median stands up to the machine's
@@ -188,17 +269,22 @@ def main() -> None:
     if args.delivery_log == "compare":
         compare_log(args)
         return
-    elapsed, latencies, stored, rss_idle, rss_peak, queries = run_box(args, args.delivery_log)
-    latencies.sort()
-    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-    print(f"smtp intake: {args.messages} messages x {args.size} B over {args.concurrency} sessions, "
-          f"delivered to one Maildir with fsync")
-    print(f"  throughput   {args.messages / elapsed:8.1f} messages/s  ({elapsed:.2f} s)")
-    print(f"  latency p50  {statistics.median(latencies) * 1000:8.1f} ms")
-    print(f"  latency p99  {p99 * 1000:8.1f} ms")
-    print(f"  server RSS   {rss_peak / 1024:8.1f} MiB peak  ({rss_idle / 1024:.1f} MiB after start)")
-    print(f"  stored       {stored} files")
-    print(f"  DNS queries  {queries}  (inbound checks {args.inbound_auth}, delivery log {args.delivery_log})")
+    if args.against is not None:
+        compare_code(args)
+        return
+    result = run_box(args, args.delivery_log)
+    print(f"smtp intake: {args.messages} messages over {args.concurrency} sessions ({args.client} client), "
+          f"delivered to one Maildir with fsync; {load_average()}")
+    print(f"  throughput   {result.rate():8.1f} messages/s  ({result.elapsed:.2f} s)")
+    if result.latencies:
+        latencies = sorted(result.latencies)
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        print(f"  latency p50  {statistics.median(latencies) * 1000:8.1f} ms")
+        print(f"  latency p99  {p99 * 1000:8.1f} ms")
+    print(f"  server CPU   {1000 * result.cpu / result.stored:8.2f} ms per message  ({result.cpu:.2f} s)")
+    print(f"  server RSS   {result.rss_peak_kib / 1024:8.1f} MiB peak  ({result.rss_idle_kib / 1024:.1f} MiB after start)")
+    print(f"  stored       {result.stored} files")
+    print(f"  DNS queries  {result.dns_queries}  (inbound checks {args.inbound_auth}, delivery log {args.delivery_log})")
 
 
 if __name__ == "__main__":

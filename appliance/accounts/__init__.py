@@ -57,6 +57,7 @@ from appliance.accounts.checks import (
 from appliance.accounts.credentials import CredentialStore
 from appliance.accounts.domains import Domains
 from appliance.accounts.files import AccountFiles
+from appliance.accounts.lookup_cache import LookupCache
 from appliance.accounts.mailboxes import Mailboxes
 from appliance.accounts.records import AliasInfo, Credentials, MailboxInfo, Resolution
 from appliance.accounts.resolution import MAX_ALIAS_DEPTH, MAX_EXPANSION, Resolver
@@ -86,6 +87,8 @@ class Accounts:
         self.resolver = Resolver(db, self.domains)
         self.credentials = CredentialStore(db)
         self.admins = WebAdmins(db, self.credentials, self.hasher)
+        # The look-ups every message makes, kept while the accounts are unchanged (lookup_cache.py).
+        self.lookups = LookupCache(db.counters)
 
     # --- domains ---------------------------------------------------------------------------------------
 
@@ -99,7 +102,7 @@ class Accounts:
         return await self.domains.list_domains()
 
     async def is_local_domain(self, name: str) -> bool:
-        return await self.domains.is_local_domain(name)
+        return await self.lookups.get("domain", name, lambda: self.domains.is_local_domain(name))
 
     # --- mailboxes -------------------------------------------------------------------------------------
 
@@ -129,7 +132,8 @@ class Accounts:
 
     async def mailbox_record(self, domain: str, local: str) -> MailboxRecord | None:
         """store.model.MailboxDirectory: the mail store's one view of the accounts."""
-        return await self.mailboxes.mailbox_record(domain, local)
+        return await self.lookups.get("mailbox", f"{local}@{domain}",
+                                      lambda: self.mailboxes.mailbox_record(domain, local))
 
     # --- aliases ---------------------------------------------------------------------------------------
 
@@ -151,10 +155,11 @@ class Accounts:
     # --- resolution ------------------------------------------------------------------------------------
 
     async def resolve(self, address: str) -> Resolution:
-        return await self.resolver.resolve(address)
+        return await self.lookups.get("resolve", address, lambda: self.resolver.resolve(address))
 
     async def may_send_as(self, mailbox: str, address: str) -> bool:
-        return await self.resolver.may_send_as(mailbox, address)
+        return await self.lookups.get("send-as", f"{mailbox}\0{address}",
+                                      lambda: self.resolver.may_send_as(mailbox, address))
 
     # --- credentials (for auth.py) ---------------------------------------------------------------------
 

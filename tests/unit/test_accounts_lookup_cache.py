@@ -1,0 +1,138 @@
+"""The account look-ups kept between messages (issue 19): answered from memory while nothing changed,
+and a change made by any connection (the CLI in another process, the console in this one) is seen by
+the very next look-up; the settings read the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.accounts import Accounts, Resolution
+from appliance.accounts.lookup_cache import LookupCache
+from appliance.db import ChangeCounters, Database
+from appliance.passwords import make_hasher
+from appliance.settings import Settings
+
+FAST = make_hasher(time_cost=1, memory_cost_kib=8, parallelism=1)
+PASSWORD = "a long enough password"
+
+
+def no_round_trips(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any query through the box's connection fails the test from here on."""
+    async def refused(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"a database round trip: {args[:1]}")
+
+    for name in ("fetchone", "fetchall", "execute"):
+        monkeypatch.setattr(db, name, refused)
+
+
+def test_lookups_come_from_memory_until_another_process_changes_the_accounts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        box = await Database.open(tmp_path / "letterbox.db")
+        cli = await Database.open(tmp_path / "letterbox.db")  # `letterbox alias add` while serve runs
+        try:
+            accounts, other = Accounts(box, hasher=FAST), Accounts(cli, hasher=FAST)
+            await other.add_domain("example.org")
+            await other.add_user("alice@example.org", PASSWORD)
+            assert await accounts.resolve("team@example.org") == Resolution((), ())
+            assert await accounts.is_local_domain("example.org")
+            record = await accounts.mailbox_record("example.org", "alice")
+            assert record is not None
+
+            with monkeypatch.context() as patched:
+                no_round_trips(box, patched)  # unchanged: every answer from memory
+                assert await accounts.resolve("team@example.org") == Resolution((), ())
+                assert await accounts.is_local_domain("example.org")
+                assert await accounts.mailbox_record("example.org", "alice") == record
+            assert accounts.lookups.hits == 3
+
+            await other.add_alias("team@example.org", ["alice@example.org", "bob@elsewhere.test"])
+            assert await accounts.resolve("team@example.org") == Resolution(
+                ("alice@example.org",), ("bob@elsewhere.test",))
+            await other.update_user("alice@example.org", quota_bytes=1000)
+            changed = await accounts.mailbox_record("example.org", "alice")
+            assert changed is not None
+            assert changed.quota_bytes == 1000
+            await other.remove_user("alice@example.org")
+            assert await accounts.mailbox_record("example.org", "alice") is None
+            await other.remove_alias("team@example.org")
+            await other.remove_domain("example.org")
+            assert not await accounts.is_local_domain("example.org")
+        finally:
+            await cli.close()
+            await box.close()
+
+    asyncio.run(main())
+
+
+def test_a_change_through_the_box_itself_is_seen_at_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        db = await Database.open(tmp_path / "letterbox.db")
+        try:
+            accounts = Accounts(db, hasher=FAST)
+            await accounts.add_domain("example.org")
+            assert await accounts.resolve("alice@example.org") == Resolution((), ())
+            await accounts.add_user("alice@example.org", PASSWORD)
+            assert await accounts.resolve("alice@example.org") == Resolution(("alice@example.org",), ())
+            assert not await accounts.may_send_as("alice@example.org", "sales@example.org")
+            await accounts.add_alias("sales@example.org", ["alice@example.org"])
+            assert await accounts.may_send_as("alice@example.org", "sales@example.org")
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+
+
+def test_the_settings_are_read_without_a_round_trip_while_unchanged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        db = await Database.open(tmp_path / "letterbox.db")
+        try:
+            settings = await Settings.load(db, default_hostname="box.example.org")
+            with monkeypatch.context() as patched:
+                no_round_trips(db, patched)
+                assert not (await settings.fresh()).hold
+            with sqlite3.connect(tmp_path / "letterbox.db") as other:  # another process's write
+                other.execute("INSERT INTO settings (key, value) VALUES ('queue_hold', '1')")
+            assert (await settings.fresh()).hold
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+
+
+def test_the_cache_is_bounded_and_steps_aside_without_its_counter(tmp_path: Path) -> None:
+    async def main() -> None:
+        db = await Database.open(tmp_path / "letterbox.db")
+        try:
+            cache = LookupCache(db.counters, max_bytes=2000)
+            loads = 0
+
+            async def load() -> str:
+                nonlocal loads
+                loads += 1
+                return "answer"
+
+            for n in range(50):
+                await cache.get("resolve", f"user{n}@example.org", load)
+            assert cache._bytes <= 2000
+            assert len(cache._entries) < 50
+        finally:
+            await db.close()
+        # A database without migration 0018's table: every look-up asks the database.
+        sqlite3.connect(tmp_path / "old.db").close()
+        counters = ChangeCounters(tmp_path / "old.db")
+        assert counters.read("accounts") is None
+        cache = LookupCache(counters)
+        before = loads
+        await cache.get("domain", "example.org", load)
+        await cache.get("domain", "example.org", load)
+        assert loads == before + 2
+        counters.close()
+
+    asyncio.run(main())
