@@ -517,22 +517,6 @@ class _CacheOnlyResolver(dns.resolver.Resolver):
         return answer
 
 
-def evaluate_from_cache(
-    resolver: dns.resolver.Resolver,
-    data: bytes,
-    *,
-    peer_ip: str,
-    helo: str,
-    mail_from: str,
-    rng: random.Random | None = None,
-) -> AuthResults | None:
-    """`evaluate` on the calling thread with the DNS answers the cache holds, or None when it needed
-    one it does not hold (then nothing of this attempt counts: the caller evaluates on a thread)."""
-    cached = _CacheOnlyResolver.of(resolver)
-    results = evaluate(cached, data, peer_ip=peer_ip, helo=helo, mail_from=mail_from, rng=rng)
-    return None if cached.missed else results
-
-
 async def check_message(
     data: bytes,
     *,
@@ -550,9 +534,11 @@ async def check_message(
     event-loop wakeup per message that cost most on a loaded box (issue 19). Anything else (a
     lookup to make, a large body to hash for DKIM) runs on a thread as before."""
     if len(data) <= INLINE_MAX_OCTETS:
-        results = evaluate_from_cache(resolver, data, peer_ip=peer_ip, helo=helo, mail_from=mail_from, rng=rng)
-        if results is not None:
+        cached = _CacheOnlyResolver.of(resolver)
+        results = evaluate(cached, data, peer_ip=peer_ip, helo=helo, mail_from=mail_from, rng=rng)
+        if not cached.missed:
             return results
+        # A lookup was missing: nothing of this attempt counts (its verdict had a temperror in it).
     return await asyncio.to_thread(
         evaluate, resolver, data, peer_ip=peer_ip, helo=helo, mail_from=mail_from, rng=rng
     )

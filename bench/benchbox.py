@@ -58,6 +58,15 @@ def set_settings(data: Path, settings: dict[str, str]) -> None:
         conn.close()
 
 
+def maildir_count(maildir: Path) -> int:
+    """Messages in a Maildir's new/ and cur/ (0 before it exists)."""
+    total = 0
+    for sub in ("new", "cur"):
+        with contextlib.suppress(FileNotFoundError), os.scandir(maildir / sub) as entries:
+            total += sum(1 for _ in entries)
+    return total
+
+
 def peak_rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):

@@ -41,7 +41,7 @@ from appliance.admin import open_admin
 from appliance.config import STANDARD_PORTS
 from appliance.passwords import hash_password
 from bench import corpus
-from bench.benchbox import free_offset, serving, set_settings
+from bench.benchbox import free_offset, maildir_count, serving, set_settings
 from bench.imap import Client
 from bench.peers import BenchDovecot, BenchPostfix, tree_memory
 from bench.pop3 import Client as Pop3Client
@@ -503,14 +503,6 @@ def imap_round(setup: Setup, results: Results, folder: Path, size: int) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # SMTP, submission, POP3, imaptest stress: not about folder size, one set of rounds.
-
-
-def maildir_count(maildir: Path) -> int:
-    total = 0
-    for sub in ("new", "cur"):
-        with contextlib.suppress(FileNotFoundError), os.scandir(maildir / sub) as entries:
-            total += sum(1 for _ in entries)
-    return total
 
 
 def smtp_source(port: int, rcpt: str, maildir: Path, messages: int, deadline: float) -> float | None:

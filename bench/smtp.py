@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.benchbox import cli, cpu_seconds, free_offset, peak_rss_kib, serving, set_settings
+from bench.benchbox import cli, cpu_seconds, free_offset, maildir_count, peak_rss_kib, serving, set_settings
 from tests.support.dns_server import ZoneServer  # the repo's loopback DNS server
 
 MX_PORT = 25
@@ -119,14 +119,6 @@ def serving_somewhere(data: Path, log: Path, code: Path | None = None
     raise SystemExit(f"no free port block after {START_TRIES} tries")
 
 
-def stored_count(maildir: Path) -> int:
-    total = 0
-    for sub in ("new", "cur"):
-        with contextlib.suppress(FileNotFoundError), os.scandir(maildir / sub) as entries:
-            total += sum(1 for _ in entries)
-    return total
-
-
 def smtp_source(port: int, messages: int, concurrency: int, maildir: Path) -> tuple[float, list[float]]:
     """Postfix's smtp-source as bench.side_by_side runs it (1 KiB messages): seconds until every
     message is in the Maildir (its 250s come after that here anyway); it reports no latencies."""
@@ -135,7 +127,7 @@ def smtp_source(port: int, messages: int, concurrency: int, maildir: Path) -> tu
                     "-M", "bench.client", "-f", f"sender@{SENDER_DOMAIN}", "-t", RCPT, f"127.0.0.1:{port}"],
                    capture_output=True, check=True, timeout=600)
     deadline = started + 600
-    while stored_count(maildir) < messages and time.perf_counter() < deadline:
+    while maildir_count(maildir) < messages and time.perf_counter() < deadline:
         time.sleep(0.01)
     return time.perf_counter() - started, []
 
@@ -178,7 +170,7 @@ def run_box(args: argparse.Namespace, delivery_log: str, code: Path | None = Non
                 rss_peak = peak_rss_kib(proc.pid)
         finally:
             dns.stop()
-        stored = stored_count(maildir)
+        stored = maildir_count(maildir)
     if stored != args.messages:
         raise SystemExit(f"expected {args.messages} files in the Maildir, found {stored}")
     return Round(elapsed, latencies, stored, rss_idle, rss_peak, dns.queries, cpu)

@@ -10,6 +10,7 @@ import asyncio
 import random
 import smtplib
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -41,14 +42,23 @@ def txt(value: str) -> str:
     return " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
 
 
-@pytest.fixture
-def zone() -> Iterator[ZoneServer]:
-    server = ZoneServer(ttl=0)
+def serving_zone(ttl: int, negative_ttl: int | None = None) -> Iterator[ZoneServer]:
+    server = ZoneServer(ttl=ttl, negative_ttl=negative_ttl)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def zone() -> Iterator[ZoneServer]:
+    yield from serving_zone(ttl=0)  # nothing cached: every check asks the server
+
+
+@pytest.fixture
+def cached_zone() -> Iterator[ZoneServer]:
+    yield from serving_zone(ttl=3600, negative_ttl=900)  # answers the box's DNS cache keeps
 
 
 @pytest.fixture(scope="module")
@@ -356,3 +366,73 @@ def test_a_check_that_crashes_defers_instead_of_delivering_unchecked(
     code, _ = send(mx, message())
     assert code == 550
     assert maildir_messages(mx.data.mail, ALICE) == []
+
+
+# --- from the DNS cache, on the event loop (issue 19) -------------------------------------------------
+# A message whose every answer is cached is checked without a thread and with the same results as the
+# full evaluation; one that needs a lookup the cache lacks is never judged on a half answer.
+
+def threads_used(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the functions check_message hands to a thread."""
+    used: list[str] = []
+    real = asyncio.to_thread
+
+    async def counting(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        used.append(func.__name__)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    return used
+
+
+def test_a_sender_seen_before_is_checked_from_the_cache_without_a_thread(
+        cached_zone: ZoneServer, key: dkim_keys.DkimKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    cached_zone.set("sender.test", "TXT", ['"v=spf1 ip4:127.0.0.1 -all"'])
+    cached_zone.set("mta.sender.test", "TXT", ['"v=spf1 ip4:127.0.0.1 -all"'])
+    cached_zone.set("_dmarc.sender.test", "TXT", ['"v=DMARC1; p=reject"'])
+    publish(cached_zone, key)
+    signed = dkim_sign.sign(message(), key)
+    used = threads_used(monkeypatch)
+
+    first = check(cached_zone, signed)
+    assert used == ["evaluate"]  # nothing cached yet: the lookups run on a thread
+    asked = cached_zone.queries
+    assert asked > 0
+    second = check(cached_zone, signed)
+    assert used == ["evaluate"]  # the second message: no thread, no query
+    assert cached_zone.queries == asked
+    assert second == first
+    assert (first.spf_mailfrom.result, first.spf_helo.result, first.dmarc.result) == ("pass", "pass", "pass")
+    assert [d.result for d in first.dkim] == ["pass"]
+    # A tampered body fails the same way from the cache as it would on a thread.
+    tampered = signed.replace(b"Hello.", b"Hellp.")
+    from_cache = check(cached_zone, tampered)
+    assert used == ["evaluate"]
+    assert from_cache.dkim[0].result == "fail"
+    assert from_cache == inbound_auth.evaluate(make_resolver(cached_zone.address), tampered, peer_ip=CLIENT_IP,
+                                               helo="mta.sender.test", mail_from="bounce@sender.test",
+                                               rng=random.Random(0))
+
+
+def test_a_lookup_the_cache_lacks_sends_the_whole_check_to_a_thread(
+        cached_zone: ZoneServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    cached_zone.set("sender.test", "TXT", ['"v=spf1 ip4:127.0.0.1 -all"'])
+    cached_zone.set("_dmarc.sender.test", "TXT", ['"v=DMARC1; p=reject"'])
+    check(cached_zone, message())  # SPF and DMARC of sender.test now cached (and the HELO's NXDOMAIN)
+    used = threads_used(monkeypatch)
+    # Another author domain: its DMARC record is not cached. A half answer (a temperror from the
+    # missing lookup) must not be the verdict: the real lookup finds p=reject and a failure.
+    cached_zone.set("_dmarc.other.test", "TXT", ['"v=DMARC1; p=reject"'])
+    results = check(cached_zone, message(author="x@other.test"))
+    assert used == ["evaluate"]
+    assert (results.dmarc.result, results.dmarc.disposition) == ("fail", "reject")
+
+
+def test_a_large_message_is_hashed_on_a_thread_even_when_cached(
+        cached_zone: ZoneServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    cached_zone.set("sender.test", "TXT", ['"v=spf1 ip4:127.0.0.1 -all"'])
+    check(cached_zone, message())
+    used = threads_used(monkeypatch)
+    big = message(body=(b"x" * 76 + b"\r\n") * (inbound_auth.INLINE_MAX_OCTETS // 78 + 1))
+    assert check(cached_zone, big).spf_mailfrom.result == "pass"
+    assert used == ["evaluate"]
