@@ -163,6 +163,19 @@ def current_rows(cache: FolderCache | None, files: Sequence[tuple[int, Path]], *
     return rows, learned, unknown
 
 
+def describe_files(files: Sequence[tuple[int, str]]) -> Learned:
+    """The rows of these (UID, file path) pairs, computed from the files (one that is gone is left
+    out). Picklable: the CPU pool's worker process runs it for background fills."""
+    learned: Learned = []
+    for uid, path in files:
+        try:
+            with open_message(Path(path)) as f:
+                learned.append((uid, describe(f, stamp_of(os.fstat(f.fileno())))))
+        except FileNotFoundError:
+            continue  # expunged meanwhile
+    return learned
+
+
 def needs_row(items: Iterable[FetchItem]) -> bool:
     """Whether the items need the whole MIME walk (BODYSTRUCTURE, BODY): computing a row then costs
     little more than answering from the file. Other items are answered from a header scan when

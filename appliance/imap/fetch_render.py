@@ -16,7 +16,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from appliance.imap import fetch as fetching
 from appliance.imap import fetch_cache
@@ -28,12 +28,16 @@ from appliance.imap.selected import SelectedFolder, flag_text
 from appliance.store.mailstore import MessageInfo, open_message
 from appliance.store.message_cache import FolderCache
 
+if TYPE_CHECKING:
+    from appliance.cpu_pool import CpuPool
+
 log = logging.getLogger("letterbox.imap")
 
 FETCH_BATCH = 64  # messages whose files one worker-thread call reads
 CACHED_FETCH_BATCH = 500  # messages answered from the message cache per worker-thread call
 LEARN_BATCH = 2000  # rows computed from files kept per transaction
-LEARN_CHUNK = 200  # messages a background fill describes per worker-thread call
+LEARN_CHUNK = 200  # messages a background fill describes per call of the CPU pool's worker
+LEARN_LIGHT = 20  # a fill this small may run in a thread while no worker process is up (cpu_pool.run_light)
 PART_WEIGHT = 256  # octets counted per MIME part of a cached structure, beyond its header block
 INDEX_FETCH_BATCH = 5000  # messages per rendered block of an index-only FETCH
 
@@ -51,7 +55,8 @@ class FetchRenderer:
     (a client reading a message asks for its BODYSTRUCTURE, then for its parts one by one), up to
     STRUCTURE_CACHE_OCTETS."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpu: CpuPool | None = None) -> None:
+        self._cpu = cpu
         self._structures: OrderedDict[StructureKey, tuple[Part, int]] = OrderedDict()
         self._structure_octets = 0
         self._learning: asyncio.Task[None] | None = None
@@ -110,7 +115,7 @@ class FetchRenderer:
             # Rows for the messages answered from a header scan, computed after the answer went
             # out, in chunks on worker threads (one fill at a time per session; it goes on after
             # the session ends, so a phone's short visit fills the cache too).
-            self._learning = cache.fill(_learn_later(cache, unknown))
+            self._learning = cache.fill(_learn_later(cache, unknown, self._cpu))
         return missing
 
     def _render_files(
@@ -184,10 +189,25 @@ def _render_cached(
     return out, learned, unknown
 
 
-async def _learn_later(cache: FolderCache, files: list[tuple[int, Path]]) -> None:
+async def _learn_later(cache: FolderCache, files: list[tuple[int, Path]], cpu: CpuPool | None) -> None:
+    """Rows for messages answered from a header scan, described in the CPU pool's worker process.
+    Not in a thread here: a thread describing files holds this process's GIL, and every file a
+    FETCH on the event loop's side opens meanwhile gave the GIL up and waited up to the switch
+    interval (5 ms) to get it back: the next FETCH of the folder took 5 ms a message (55 s for
+    10k; issue 19). Rows that a FETCH kept meanwhile are not described twice."""
     try:
         for start in range(0, len(files), LEARN_CHUNK):
-            _, learned, _ = await asyncio.to_thread(fetch_cache.current_rows, cache, files[start:start + LEARN_CHUNK])
+            chunk = files[start:start + LEARN_CHUNK]
+            known = await asyncio.to_thread(cache.read, [uid for uid, _ in chunk], fields_only=True)
+            todo = [(uid, str(path)) for uid, path in chunk if uid not in known]
+            if not todo:
+                continue
+            if cpu is None:
+                learned = await asyncio.to_thread(fetch_cache.describe_files, todo)
+            elif len(files) <= LEARN_LIGHT:
+                learned = await cpu.run_light(fetch_cache.describe_files, todo)
+            else:
+                learned = await cpu.run(fetch_cache.describe_files, todo)
             await cache.learn(learned)
     except Exception:
         log.debug("message cache: computing rows in the background stopped", exc_info=True)

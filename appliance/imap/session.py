@@ -149,7 +149,7 @@ class ImapSession:
         self.selected: SelectedFolder | None = None
         self.watcher: Watcher | None = None
         self._dirty = False  # look at the store before the next response (watcher fired, client polled)
-        self.fetcher = FetchRenderer()  # FETCH responses and the structure cache of the selected folder
+        self.fetcher = FetchRenderer(services.cpu)  # FETCH responses and the structure cache of the selected folder
         # RFC 7162 3.1/3.2: on once the client used or enabled CONDSTORE / enabled QRESYNC; never off.
         self.condstore = False
         self.qresync = False
