@@ -196,7 +196,9 @@ async def _learn_later(cache: FolderCache, files: list[tuple[int, Path]], cpu: C
     interval (5 ms) to get it back: the next FETCH of the folder took 5 ms a message (55 s for
     10k; issue 19). Rows that a FETCH kept meanwhile are not described twice."""
     try:
-        for start in range(0, len(files), LEARN_CHUNK):
+        # From the end: a FETCH of the folder that comes meanwhile computes rows from the start, so
+        # the two meet in the middle instead of describing the same messages twice.
+        for start in reversed(range(0, len(files), LEARN_CHUNK)):
             chunk = files[start:start + LEARN_CHUNK]
             known = await asyncio.to_thread(cache.read, [uid for uid, _ in chunk], fields_only=True)
             todo = [(uid, str(path)) for uid, path in chunk if uid not in known]
