@@ -124,6 +124,22 @@ def check_latencies(peer: RspamdPeer, count: int) -> tuple[list[float], list[flo
 
 
 TLD_LISTS = {"image": IMAGE_TLD, "full": TLD_FILE}
+# Hosts under suffixes of every kind: what the public-suffix list changes is the registered domain rspamd
+# gives each (its URL rules and the "#u:" tokens of its Bayes use it), not which URLs it finds.
+LINKS = ("shop.example.xyz", "www.paints.example.co.uk", "foo.bar.kawasaki.jp", "evil.blogspot.com",
+         "a.b.github.io", "cheap.pharmacy.ru")
+
+
+def report_urls(peer: RspamdPeer) -> None:
+    body = (f"From: Bob <bob@elsewhere.example>\r\nTo: {USER}\r\nSubject: links\r\n"
+            "Message-ID: <links@elsewhere.example>\r\nDate: Sat, 28 Nov 2026 10:00:00 +0000\r\n\r\nSee "
+            + " and ".join(LINKS) + " today.\r\n").encode()
+    request = urllib.request.Request(f"{peer.scanner}/checkv2", data=body,  # noqa: S310  our loopback rspamd
+                                     headers={"IP": "192.0.2.7", "URL-Format": "extended"})
+    with urllib.request.urlopen(request, timeout=60) as reply:  # noqa: S310  our loopback rspamd
+        urls = {u["host"]: u.get("tld", "") for u in json.loads(reply.read()).get("urls", [])}
+    print(f"URLs found without a scheme: {len(urls)} of {len(LINKS)}; registered domains: "
+          + ", ".join(f"{host} -> {urls.get(host, 'NOT FOUND')}" for host in LINKS))
 
 
 def start_measured(peer: RspamdPeer, when: str) -> None:
@@ -162,6 +178,7 @@ def main() -> None:
             start_measured(peer, first)
             peer.stop()
             start_measured(peer, "after a restart (the compiled list read back from the cache)")
+            report_urls(peer)
             data = root / "data"
             cli(data, "domain", "add", "bench.test")
             cli(data, "user", "add", USER, "--password-stdin", stdin="a long bench password\n")
