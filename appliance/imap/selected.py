@@ -200,7 +200,7 @@ class SelectedFolder:
                 self.infos[uid] = new
                 changed.append(new)
                 out.append(self.flags_fetch(uid, with_uid))
-            elif new.path != old.path:
+            elif not new.same_file(old):
                 self.infos[uid] = new
         # New messages (UIDs only grow, RFC 3501 2.3.1.1).
         largest = self.largest_uid

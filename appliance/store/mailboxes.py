@@ -214,7 +214,9 @@ class OpenMailboxes:
             change.measure(entry, wire)
         uidlist, f.uidlist = f.uidlist, None
         adopted = uidlist.uids if uidlist is not None and not f.by_uid else {}
-        newcomers = sorted(found.found, key=lambda x: (adopted.get(x.base, 2**32), maildir.delivery_order(x.base)))
+        # found.found is in delivery order already; Dovecot's UIDs, when adopted, come first.
+        newcomers = (sorted(found.found, key=lambda x: (adopted.get(x.base, 2**32), maildir.delivery_order(x.base)))
+                     if adopted else found.found)
         for new in newcomers:
             flags, names = maildir.decode_letters(maildir.split_filename(new.filename)[1], f.keywords)
             change.add(new.base, new.sub, new.filename, flags, names, new.size, new.mtime, adopted.get(new.base),

@@ -212,9 +212,17 @@ def imap_flags(letters: str, keywords: tuple[str, ...]) -> frozenset[str]:
 
 def decode_letters(letters: str, keywords: Keywords) -> tuple[str, tuple[str, ...]]:
     """Info letters -> (upper-case flag letters, keyword names). Unmapped keyword letters are left out."""
+    if letters.isupper() or not letters:
+        return _upper_letters(letters), ()  # the usual name: no keyword letters
     upper = sorted_letters(c for c in letters if c.isupper())
     names = tuple(sorted(n for c in letters if c.islower() and (n := keywords.name_of(c))))
     return upper, names
+
+
+@lru_cache(maxsize=256)
+def _upper_letters(letters: str) -> str:
+    """The upper-case letters of a name's info, sorted (one shared string per distinct set)."""
+    return sorted_letters(c for c in letters if c.isupper())
 
 
 def encode_letters(upper: str, keyword_names: Iterable[str], keywords: Keywords, keep: str = "") -> str:
@@ -545,7 +553,7 @@ def count_wire_size(read: Callable[[int], bytes], chunk: int = WIRE_CHUNK) -> in
     return size + bare
 
 
-def measure_file(path: Path) -> tuple[os.stat_result, int]:
+def measure_file(path: str | Path) -> tuple[os.stat_result, int]:
     """A message file's stat and its counted wire size, from one open. Raises OSError."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:

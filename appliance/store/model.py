@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 INBOX = "INBOX"
 JUNK = "Junk"  # the special-use \Junk folder (RFC 6154): the content filter files spam here
@@ -40,14 +40,27 @@ class NoSuchFolder(StoreError): ...
 class FolderExists(StoreError): ...
 
 
-@dataclass(frozen=True, slots=True)  # one per message held in memory: no __dict__
-class MessageInfo:
+class MessageInfo(NamedTuple):
+    """One message of a folder snapshot. A named tuple: one is made per message for every changed
+    folder state, and a tuple is made in 1 us where a frozen dataclass took 6-13 us (issue 19)."""
+
     uid: int
     flags: frozenset[str]  # IMAP names: \Seen \Answered \Flagged \Deleted \Draft, plus keywords
     size: int  # octets on the wire: every line end CRLF (RFC822.SIZE, POP3 LIST), whatever the file has
     internaldate: int  # unix seconds
     modseq: int
-    path: Path  # the file as it is now (its name changes with flags; re-read after a flag change)
+    # The file as it is now (its name changes with flags; re-read after a flag change), kept as its
+    # directory (one object shared by the folder's messages) and its name (the index's own string):
+    # a Path per message cost 216 bytes and 60 % of a 100k snapshot's time (issue 19).
+    directory: Path
+    filename: str
+
+    @property
+    def path(self) -> Path:
+        return self.directory / self.filename
+
+    def same_file(self, other: MessageInfo) -> bool:
+        return self.filename == other.filename and self.directory == other.directory
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from appliance.store.mailstore import FolderSnapshot, MessageInfo
 
 
 def info(uid: int, *flags: str) -> MessageInfo:
-    return MessageInfo(uid, frozenset(flags), 100 + uid, 1_700_000_000, 1, Path(f"/m/cur/{uid}:2,"))
+    return MessageInfo(uid, frozenset(flags), 100 + uid, 1_700_000_000, 1, Path("/m/cur"), f"{uid}:2,")
 
 
 def snap(*messages: MessageInfo, recent: frozenset[int] = frozenset(), uidnext: int = 0) -> FolderSnapshot:

@@ -13,7 +13,7 @@ from appliance.store.model import MessageInfo
 
 def info(uid: int, size: int, name: str | None = None) -> MessageInfo:
     path = Path("/m/cur") / (name or f"1700000000.M{uid}P1Q1.host,S={size}:2,")
-    return MessageInfo(uid, frozenset(), size, 1_700_000_000, 1, path)
+    return MessageInfo(uid, frozenset(), size, 1_700_000_000, 1, path.parent, path.name)
 
 
 def drop() -> Maildrop:
