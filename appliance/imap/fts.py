@@ -47,6 +47,7 @@ POLL_SECONDS = 5.0
 SETTLE_SECONDS = 0.5
 CHUNK_MESSAGES = 64  # messages per worker task and per transaction: the write lock is held briefly
 CHUNK_OCTETS = 1024 * 1024
+PAGE_MESSAGES = 2000  # messages asked of the store at a time
 LIGHT_MESSAGES = 8  # new messages indexed in a thread of the server rather than the worker process
 FTS_TABLES = ("message_text_data", "message_text_idx", "message_text_content", "message_text_docsize",
               "message_text_config")
@@ -127,21 +128,30 @@ class TextIndex:
 
     async def _folder(self, row: sqlite3.Row) -> int:
         folder_id = row["id"]
-        snap = await self._store.snapshot(f"{row['local_part']}@{row['domain']}", row["name"])
-        mark = row["indexed_uid"] if row["w_validity"] == snap.uidvalidity else 0
+        mailbox = f"{row['local_part']}@{row['domain']}"
+        mark = row["indexed_uid"] if row["w_validity"] == row["uidvalidity"] else 0
         if mark == 0:
             # A folder seen first, or renumbered (new UIDVALIDITY): no row of it may stay.
             low, high = folder_range(folder_id)
             await self._db.execute("DELETE FROM message_text WHERE rowid BETWEEN ? AND ?", (low, high))
         done = 0
-        todo = [m for m in snap.messages if m.uid > mark]
-        # A few new messages (the usual case: mail just delivered) are indexed here in a thread; a
-        # backlog (a Maildir copied in, the first start after an upgrade) goes to the worker process.
-        run = self._cpu.run_light if len(todo) <= LIGHT_MESSAGES else self._cpu.run
-        for chunk in _chunks(todo):
-            items = [(m.uid, str(m.path)) for m in chunk if m.size <= MAX_DECODED_SEARCH_OCTETS]
-            done += await run(index_messages, str(self._db_path), folder_id, snap.uidvalidity, items, chunk[-1].uid)
-        await self._db.execute(_MARK, (folder_id, snap.uidvalidity, snap.uidnext - 1, folder_id, snap.uidvalidity))
+        while True:
+            # A page of the messages above the mark at a time: a backlog of 100k messages is never
+            # held in memory whole, and a folder nobody has open is not loaded for them
+            # (MailStore.messages_after).
+            uidvalidity, uidnext, todo = await self._store.messages_after(mailbox, row["name"], mark, PAGE_MESSAGES)
+            if uidvalidity != row["uidvalidity"]:
+                return done  # renumbered meanwhile: the next round sees its new row
+            # A few new messages (the usual case: mail just delivered) are indexed here in a thread; a
+            # backlog (a Maildir copied in, the first start after an upgrade) goes to the worker process.
+            run = self._cpu.run_light if len(todo) <= LIGHT_MESSAGES else self._cpu.run
+            for chunk in _chunks(todo):
+                items = [(m.uid, str(m.path)) for m in chunk if m.size <= MAX_DECODED_SEARCH_OCTETS]
+                done += await run(index_messages, str(self._db_path), folder_id, uidvalidity, items, chunk[-1].uid)
+            if len(todo) < PAGE_MESSAGES:
+                break
+            mark = todo[-1].uid
+        await self._db.execute(_MARK, (folder_id, uidvalidity, uidnext - 1, folder_id, uidvalidity))
         return done
 
     async def lookup(self, folder_id: int, uidvalidity: int, terms: set[Term]) -> TextHits:

@@ -18,6 +18,11 @@ class ChangeBus:
         # Called after every change to any folder (the full-text indexer looks for new mail); each
         # must return at once.
         self.any_change: list[Callable[[], None]] = []
+        # Called when the last watcher of a folder goes (the store may unload its index then).
+        self.on_unwatched: list[Callable[[], None]] = []
+
+    def watched(self, owner: str, folder: str) -> bool:
+        return (owner, folder) in self._watchers
 
     def watch(self, owner: str, folder: str) -> Watcher:
         key = (owner, folder)
@@ -27,6 +32,8 @@ class ChangeBus:
             watchers.discard(watcher)
             if not watchers and self._watchers.get(key) is watchers:
                 del self._watchers[key]
+                for listener in self.on_unwatched:
+                    listener()
 
         watcher = Watcher(unregister)
         watchers.add(watcher)

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import idna
 
@@ -33,6 +37,12 @@ from appliance.store.model import (
 )
 
 log = logging.getLogger("letterbox.store")
+
+# Folder indexes nobody has selected are kept in memory up to this many octets together (about
+# 9,000 messages, index.ENTRY_MEMORY each); beyond it the least recently used are unloaded and read
+# from the db again at their next use (0.6 s per 100,000 messages).
+UNWATCHED_INDEX_MEMORY = 8 << 20
+TRIM_DELAY = 2.0  # seconds a folder stays loaded after its last use at least
 
 
 @dataclass(eq=False)
@@ -61,7 +71,10 @@ class OpenMailboxes:
         self._mailboxes: dict[int, OpenMailbox] = {}
         self._current: dict[str, int] = {}
         self.changes = ChangeBus()
+        self.changes.on_unwatched.append(self._trim_later)
         self._uidlist_writes: set[asyncio.Task[None]] = set()
+        self._trim: asyncio.TimerHandle | None = None
+        self.unloads = 0  # indexes unloaded (tests, bench)
 
     async def get(self, address: str) -> OpenMailbox:
         local, _, domain = address_key(address).rpartition("@")
@@ -142,9 +155,9 @@ class OpenMailboxes:
                 await index.insert_folder(tx, mb.id, name, uidlist)
             row = await index.folder_row(self._db, mb.id, name)
             assert row is not None
-            entries: list[index.Entry] = []
+            entries: list[index.Entry] | None = []
         else:
-            entries = await index.load_entries(self._db, row[0])
+            entries = None  # loaded at the first sync: a delivery needs only the folder's row
         f = FolderIndex(row[0], name, path, row[1], row[2], row[3], bool(row[4]), entries, uidlist, row[5])
         mb.folders[name] = f
         return f
@@ -172,7 +185,7 @@ class OpenMailboxes:
             for name in [INBOX, *await asyncio.to_thread(maildir.discover_folders, mb.root)]:
                 try:
                     f = await self.folder(mb, name)
-                    if f.stamp is None:
+                    if not f.listed:
                         async with f.lock:
                             await self.sync(mb, f)
                 except StoreError:
@@ -184,6 +197,10 @@ class OpenMailboxes:
         """Bring the index up to the disk (folder lock held); True when the db changed."""
         if f.deleted:
             raise NoSuchFolder(f"no folder named {f.name}")
+        f.last_used = time.monotonic()
+        if not f.loaded:
+            f.load(await index.load_entries(self._db, f.id))
+        self._trim_later()
         try:
             found = await asyncio.to_thread(f.scan)
         except (FileNotFoundError, NotADirectoryError):
@@ -222,7 +239,7 @@ class OpenMailboxes:
             change.add(new.base, new.sub, new.filename, flags, names, new.size, new.mtime, adopted.get(new.base),
                        wire=new.wire)
         await index.commit(self._db, [change])
-        f.stamp, f.dirty = found.stamp, found.dirty
+        f.stamp, f.dirty, f.listed = found.stamp, found.dirty, True
         if f.uidlist_stale:
             self._uidlist_later(f)
         if newcomers or found.vanished:
@@ -321,6 +338,41 @@ class OpenMailboxes:
         target.invalidate()
         return pairs
 
+    # --- memory ---------------------------------------------------------------------------------
+
+    def _trim_later(self) -> None:
+        """Look at the indexes' memory in TRIM_DELAY seconds (once, however many ask meanwhile)."""
+        if self._trim is None:
+            with contextlib.suppress(RuntimeError):  # no loop: nothing is kept for long either
+                self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self.trim)
+
+    def trim(self) -> None:
+        """Unload the least recently used folder indexes that nobody has selected (no watcher) until
+        those left take at most UNWATCHED_INDEX_MEMORY: memory then depends on what the sessions have
+        open, not on the folder sizes (issue 19). Folders in use right now, or used within the last
+        TRIM_DELAY seconds, are looked at again later."""
+        self._trim = None
+        now = time.monotonic()
+        idle = [f for mb in self._mailboxes.values() for f in mb.folders.values()
+                if f.loaded and not self.changes.watched(mb.key, f.name)]
+        total = sum(f.memory for f in idle)
+        again = unloaded = False
+        for f in sorted(idle, key=lambda f: f.last_used):
+            if total <= UNWATCHED_INDEX_MEMORY:
+                break
+            if f.busy or now - f.last_used < TRIM_DELAY:
+                again = True
+                continue
+            total -= f.memory
+            log.info("store: %d messages of %s unloaded from memory (nobody has the folder open)", len(f.by_uid), f.path)
+            f.unload()
+            unloaded = True
+            self.unloads += 1
+        if unloaded:
+            release_memory()
+        if again:
+            self._trim_later()
+
     def _uidlist_later(self, f: FolderIndex) -> None:
         """Write the folder's dovecot-uidlist soon, in its own task: changes made meanwhile (a burst
         of deliveries) go into one write."""
@@ -343,25 +395,37 @@ class OpenMailboxes:
                 f.uidlist_stale = f.uidlist_whole = True  # written whole after the next change
                 log.warning("store: cannot write %s/dovecot-uidlist: %s", f.path, exc)
 
-    @staticmethod
-    async def _uidlist_write_or_append(f: FolderIndex) -> None:
+    async def _uidlist_write_or_append(self, f: FolderIndex) -> None:
         """Only new messages since the last write (the common case: deliveries): their lines are
-        appended. Anything else rewrites the file (0.1 s for 100,000 messages). The state is read
-        without an await in between, so each write holds one consistent state."""
-        last_uid = next(reversed(f.by_uid), 0)
-        # A reader of the appended file takes UIDNEXT as the last UID + 1: append only while that is true.
-        if not f.uidlist_whole and f.uidlist_written is not None and f.uidnext == last_uid + 1:
-            fresh = list(itertools.takewhile(lambda e: e.uid > f.uidlist_last_uid, reversed(f.by_uid.values())))
-            names = [(e.uid, e.base) for e in reversed(fresh)]
-            stamp = await asyncio.to_thread(maildir.append_uidlist, f.path, names, f.uidlist_written)
-            if stamp is not None:
-                f.uidlist_written, f.uidlist_last_uid = stamp, last_uid
-                return
-            last_uid = next(reversed(f.by_uid), 0)  # changed by someone else: written whole, from now
+        appended. Anything else rewrites the file (0.1 s for 100,000 messages). Each write holds one
+        consistent state (_uidlist_state)."""
+        if not f.uidlist_whole and f.uidlist_written is not None:
+            uidnext, fresh = await self._uidlist_state(f, f.uidlist_last_uid)
+            last_uid = fresh[-1][0] if fresh else f.uidlist_last_uid
+            # A reader of the appended file takes UIDNEXT as the last UID + 1: append only while that is true.
+            if uidnext == last_uid + 1:
+                stamp = await asyncio.to_thread(maildir.append_uidlist, f.path, fresh, f.uidlist_written)
+                if stamp is not None:
+                    f.uidlist_written, f.uidlist_last_uid = stamp, last_uid
+                    return
+            # else changed by someone else: written whole, from now
         f.uidlist_whole = False
-        names = [(e.uid, e.base) for e in f.by_uid.values()]
-        f.uidlist_written = await asyncio.to_thread(maildir.write_uidlist, f.path, f.uidvalidity, f.uidnext, names)
-        f.uidlist_last_uid = last_uid
+        uidnext, names = await self._uidlist_state(f, 0)
+        f.uidlist_written = await asyncio.to_thread(maildir.write_uidlist, f.path, f.uidvalidity, uidnext, names)
+        f.uidlist_last_uid = names[-1][0] if names else 0
+
+    async def _uidlist_state(self, f: FolderIndex, above: int) -> tuple[int, list[tuple[int, str]]]:
+        """(UIDNEXT, the (UID, unique name) of each message above `above`), read without a change in
+        between: from memory, or from the db (under the folder lock) when the index is unloaded, so
+        mail to a folder nobody has open keeps its dovecot-uidlist current without loading it."""
+        if not f.loaded:
+            async with f.lock:
+                if not f.loaded:
+                    rows = await self._db.fetchall(
+                        "SELECT uid, basename FROM messages WHERE folder_id = ? AND uid > ? ORDER BY uid", (f.id, above))
+                    return f.uidnext, [(r[0], r[1]) for r in rows]
+        fresh = itertools.takewhile(lambda e: e.uid > above, reversed(f.by_uid.values()))
+        return f.uidnext, [(e.uid, e.base) for e in reversed(list(fresh))]
 
     async def flush_uidlists(self) -> None:
         """Wait for the dovecot-uidlist writes under way (at stop, and in tests)."""
@@ -377,6 +441,19 @@ class OpenMailboxes:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+def release_memory() -> None:
+    """Give freed heap back to the system (glibc keeps it otherwise: RSS would stay at its peak)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False  # not glibc: nothing to do
+    if _malloc_trim:
+        _malloc_trim(0)
+
+_malloc_trim: Any = None
 
 def address_key(address: str) -> str:
     """local@domain as the db keeps it: lower case, the domain in A-label form; split at the last '@'."""

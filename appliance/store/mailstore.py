@@ -20,6 +20,7 @@ folder's UIDs are kept by an index (index.py). Rules this module keeps:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import time
@@ -130,6 +131,31 @@ class MailStore:
         if changed:
             self._boxes.wake(mb, f.name)  # another program changed the folder: tell the sessions
         return snap
+
+    async def messages_after(self, mailbox: str, folder: str, uid: int, limit: int) -> tuple[int, int, list[MessageInfo]]:
+        """(UIDVALIDITY, UIDNEXT, the first `limit` messages above `uid`) for the full-text indexer.
+        A folder whose index is unloaded (nobody has it open) is not loaded for this: its new rows
+        are read from the db and found with one listing, so mail to a big folder nobody reads costs
+        no index load."""
+        mb = await self._boxes.get(mailbox)
+        f = await self._boxes.folder(mb, folder)
+        async with f.lock:
+            if f.loaded:
+                used = f.last_used
+                await self._boxes.sync(mb, f)
+                f.last_used = used  # the indexer's look keeps no folder in memory
+                uids = list(f.by_uid)
+                start = bisect.bisect_right(uids, uid)
+                return f.uidvalidity, f.uidnext, [f.info(f.by_uid[u]) for u in uids[start:start + limit]]
+            rows = await index.load_entries(self._db, f.id, above=uid, limit=limit)
+            listing = await asyncio.to_thread(maildir.list_messages, f.path) if rows else {}
+            found = []
+            for e in rows:
+                where = listing.get(e.base)
+                if where is not None:  # else gone meanwhile: the next sync drops its row
+                    e.sub, e.filename = where
+                    found.append(f.info(e))
+            return f.uidvalidity, f.uidnext, found
 
     async def expunged_since(self, mailbox: str, folder: str, modseq: int) -> tuple[list[int], bool]:
         """RFC 7162 3.2.5.2: the UIDs expunged from the folder with a mod-sequence above `modseq`,
