@@ -31,25 +31,37 @@ package_list() {
 
 components() { [[ $1 == arm64 ]] && echo "main non-free-firmware" || echo "main"; }
 
+# The mmdebstrap hooks of each architecture's base. amd64: the initramfs settings before the kernel
+# makes its initrd. arm64 installs under qemu-user emulation: lib/emulation-defer puts off what costs
+# minutes there (initrds, Python byte-compilation, SSH host keys, dpkg's fsyncs) and lib/emulation-finish
+# does it once at the end, natively where it can (lib/compile-python).
+essential_hook() { [[ $1 == amd64 ]] && echo "$IMAGE_DIR/lib/initramfs-setup" || echo "$IMAGE_DIR/lib/emulation-defer"; }
+finish_hook() { [[ $1 == amd64 ]] || echo "$IMAGE_DIR/lib/emulation-finish"; }
+hook_files() {  # every file the hooks of ARCH run, for the cache key
+    echo "$IMAGE_DIR/lib/compress-modules"
+    if [[ $1 == amd64 ]]; then
+        ls "$IMAGE_DIR/lib/initramfs-setup" "$IMAGE_DIR/lib/initramfs"/*
+    else
+        ls "$IMAGE_DIR/lib/emulation-defer" "$IMAGE_DIR/lib/emulation-finish" "$IMAGE_DIR/lib/compile-python"
+    fi
+}
+
 # The cache key: everything that changes the base tarball.
 base_key() {
     local arch=$1
     { echo "v1 $SUITE $MIRROR $SECURITY_MIRROR $(components "$arch")"; package_list "$arch"; dpkg_excludes "$arch"
-      sed -n '/^make_base()/,/^}/p' "$IMAGE_DIR/lib/base.sh"; cat "$IMAGE_DIR/lib/compress-modules" "$IMAGE_DIR/lib/initramfs"/* "$IMAGE_DIR"/lib/initramfs-*; } | sha256sum | cut -c1-16
+      sed -n '/^make_base()/,/^}/p' "$IMAGE_DIR/lib/base.sh"; hook_files "$arch" | xargs cat; } | sha256sum | cut -c1-16
 }
 
 # make_base ARCH TARBALL: mmdebstrap into a tarball (no Docker, no loop devices).
 make_base() {
     local arch=$1 out=$2 comps opts=() finish=()
-    [[ $arch == amd64 ]] || finish=("--customize-hook=$IMAGE_DIR/lib/initramfs-finish")
+    [[ $arch == amd64 ]] || finish=("--customize-hook=$(finish_hook "$arch")")
     comps=$(components "$arch")
-    if [[ $arch == amd64 ]]; then
-        opts+=("--essential-hook=$IMAGE_DIR/lib/initramfs-setup")
-    else
-        opts+=("--essential-hook=$IMAGE_DIR/lib/initramfs-defer")
-    fi
+    opts+=("--essential-hook=$(essential_hook "$arch")")
     while read -r line; do opts+=("--dpkgopt=$line"); done < <(dpkg_excludes "$arch")
-    mmdebstrap --quiet --variant=minbase --arch="$arch" --format=tar \
+    # LETTERBOX_IMAGE_VERBOSE=1: every apt and dpkg line (which maintainer script failed, and when).
+    mmdebstrap "$([[ -n ${LETTERBOX_IMAGE_VERBOSE:-} ]] && echo --verbose || echo --quiet)" --variant=minbase --arch="$arch" --format=tar \
         --aptopt='APT::Install-Recommends "false"' "${opts[@]}" \
         --include="$(package_list "$arch")" \
         --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
