@@ -42,7 +42,8 @@ hook_files() {  # every file the hooks of ARCH run, for the cache key
     if [[ $1 == amd64 ]]; then
         ls "$IMAGE_DIR/lib/initramfs-setup" "$IMAGE_DIR/lib/initramfs"/*
     else
-        ls "$IMAGE_DIR/lib/emulation-defer" "$IMAGE_DIR/lib/emulation-finish" "$IMAGE_DIR/lib/compile-python"
+        ls "$IMAGE_DIR/lib/emulation-defer" "$IMAGE_DIR/lib/emulation-finish" "$IMAGE_DIR/lib/compile-python" \
+           "$IMAGE_DIR/lib/initramfs/letterbox.conf" "$IMAGE_DIR/lib/initramfs-arm64"/*
     fi
 }
 
