@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
-
-import aiosqlite
 
 from appliance.db import Database
 
@@ -100,16 +99,22 @@ class BatchedLog(Generic[T]):
     def _values(self, batch: list[T]) -> list[tuple[object, ...]]:
         return [tuple(self._to_row(entry)) for entry in batch]
 
-    async def _ride(self, conn: aiosqlite.Connection) -> None:
-        """Write what waits inside a transaction someone else is committing (Database.add_rider)."""
+    def _ride(self) -> Callable[[sqlite3.Connection], None] | None:
+        """Write what waits inside a transaction someone else is committing (Database.add_rider): the
+        rows are taken here, on the event loop; the returned write runs on the database's thread."""
         if not self._pending:
-            return
+            return None
         batch = list(self._pending)
         self._pending.clear()
-        try:
-            await conn.executemany(self._insert, self._values(batch))
-        except Exception:  # a failed statement is rolled back alone: the host transaction commits
-            log.exception("could not write %d rows of %s", len(batch), self._table)
+        values = self._values(batch)
+
+        def write(conn: sqlite3.Connection) -> None:
+            try:
+                conn.executemany(self._insert, values)
+            except Exception:  # a failed statement is rolled back alone: the host transaction commits
+                log.exception("could not write %d rows of %s", len(values), self._table)
+
+        return write
 
     async def flush(self) -> int:
         """Write every waiting row in one transaction (and prune when due); returns how many."""

@@ -9,10 +9,11 @@ import re
 import sqlite3
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -29,6 +30,12 @@ DB_FILE_MODE = 0o600
 
 
 DURABLE_SYNC = "FULL"  # every commit fsyncs the WAL, unless a transaction says it need not
+
+
+T = TypeVar("T")
+# A writer riding in other transactions (Database.add_rider): called on the event loop when one is
+# about to commit, it returns what to run on the database's thread before the COMMIT, or None.
+Rider = Callable[[], "Callable[[sqlite3.Connection], None] | None"]
 
 
 class DatabaseError(Exception):
@@ -72,7 +79,7 @@ class Database:
         self.settings_generation = 0
         # Writes that ride along in whatever transaction commits next (the batched logs): they cost
         # no lock, transaction or commit of their own (appliance/batched_log.py).
-        self._riders: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = []
+        self._riders: list[Rider] = []
         self.counters = ChangeCounters(path)
 
     @classmethod
@@ -168,17 +175,35 @@ class Database:
                     await self._conn.execute("ROLLBACK")
                     raise
                 else:
-                    for rider in list(self._riders):
-                        await rider(self._conn)
-                    await self._conn.execute("COMMIT")
+                    await self._on_db_thread(partial(_ride_and_commit, self._rider_work()))
             finally:
                 if not durable:
                     await self._conn.execute(f"PRAGMA synchronous={DURABLE_SYNC}")
 
-    def add_rider(self, rider: Callable[[aiosqlite.Connection], Awaitable[None]]) -> None:
-        """`rider(conn)` runs in every transaction that commits, just before its COMMIT (with the write
-        lock held). It must never raise: a failure of its own is its to log (a statement that fails
-        is rolled back alone; the transaction it rides in commits)."""
+    async def write(self, work: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """A whole transaction in one trip to the database's thread: BEGIN IMMEDIATE, `work(conn)`
+        (plain sqlite3 calls, no await in between), the riders, COMMIT; rolled back on any
+        exception. For the hot writers (a group commit of deliveries): each trip is a thread handoff
+        and an event-loop wakeup, and `transaction()` makes one per statement (issue 19: seven per
+        group commit). `durable` as for transaction()."""
+        async with self._write_lock:
+            return await self._on_db_thread(partial(_whole_transaction, work, self._rider_work(), durable))
+
+    async def _on_db_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        # aiosqlite's queue to its thread with the sqlite3 connection it owns (aiosqlite >= 0.20 keeps
+        # both; its public calls are one statement per trip).
+        return await self._conn._execute(work, self._conn._conn)  # type: ignore[no-untyped-call,no-any-return]  # aiosqlite leaves it unannotated
+
+    def _rider_work(self) -> list[Callable[[sqlite3.Connection], None]]:
+        """What each rider hands over for the transaction about to commit (taken on the event loop)."""
+        return [work for rider in list(self._riders) if (work := rider()) is not None]
+
+    def add_rider(self, rider: Rider) -> None:
+        """`rider()` is called on the event loop in every transaction about to commit (with the write
+        lock held); the function it returns, if any, runs on the database's thread just before the
+        COMMIT. It must never raise: a failure of its own is its to log (a statement that fails is
+        rolled back alone; the transaction it rides in commits). What it took is lost if the host
+        transaction fails: riders carry rows nothing depends on (the batched logs)."""
         self._riders.append(rider)
 
     async def writes_done(self) -> None:
@@ -186,7 +211,7 @@ class Database:
         async with self._write_lock:
             return
 
-    def remove_rider(self, rider: Callable[[aiosqlite.Connection], Awaitable[None]]) -> None:
+    def remove_rider(self, rider: Rider) -> None:
         if rider in self._riders:
             self._riders.remove(rider)
 
@@ -221,6 +246,32 @@ class Database:
             (key, value),
         )
         self.settings_generation += 1
+
+
+def _ride_and_commit(riders: list[Callable[[sqlite3.Connection], None]], conn: sqlite3.Connection) -> None:
+    for work in riders:
+        work(conn)
+    conn.execute("COMMIT")
+
+
+def _whole_transaction(work: Callable[[sqlite3.Connection], T], riders: list[Callable[[sqlite3.Connection], None]],
+                       durable: bool, conn: sqlite3.Connection) -> T:
+    """Database.write on the database's thread."""
+    if not durable:
+        conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(conn)
+            _ride_and_commit(riders, conn)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+    finally:
+        if not durable:
+            conn.execute(f"PRAGMA synchronous={DURABLE_SYNC}")
 
 
 class ChangeCounters:

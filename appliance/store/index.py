@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -351,48 +352,48 @@ class Change:
         """Whether there is anything to write or apply at all."""
         return self.writes or bool(self.located or self.measured)
 
-    async def write(self, tx: aiosqlite.Connection) -> None:
+    def write(self, tx: sqlite3.Connection) -> None:
+        """The rows, on the database's thread inside the transaction of `commit` (one trip for all)."""
         f = self.folder
         if self.measured:
-            await tx.executemany("UPDATE messages SET wire_size = ? WHERE folder_id = ? AND uid = ?",
-                                 [(wire, f.id, e.uid) for e, wire in self.measured])
+            tx.executemany("UPDATE messages SET wire_size = ? WHERE folder_id = ? AND uid = ?",
+                           [(wire, f.id, e.uid) for e, wire in self.measured])
         if not self.writes:
             return
         if self.added:
-            await tx.executemany(
+            tx.executemany(
                 "INSERT INTO messages (folder_id, uid, basename, flags, keywords, size, wire_size, internaldate,"
                 " modseq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(f.id, e.uid, e.base, e.flags, " ".join(e.keywords), e.size, e.wire, e.internaldate, e.modseq)
                  for e in self.added],
             )
             if self.cached:  # in the same transaction: no second commit (and fsync) per delivery
-                await tx.executemany(CACHE_INSERT_SQL, [c.row(f.id, e.uid) for e, c in self.cached])
+                tx.executemany(CACHE_INSERT_SQL, [c.row(f.id, e.uid) for e, c in self.cached])
             if self.carried:  # the same file (a hard link or a rename): its row still holds
-                await tx.executemany(CACHE_CARRY_SQL, [(f.id, e.uid, src, uid) for e, src, uid in self.carried])
+                tx.executemany(CACHE_CARRY_SQL, [(f.id, e.uid, src, uid) for e, src, uid in self.carried])
         if self.updated:
-            await tx.executemany(
+            tx.executemany(
                 "UPDATE messages SET flags = ?, keywords = ?, modseq = ? WHERE folder_id = ? AND uid = ?",
                 [(flags, " ".join(kw), self.modseq, f.id, e.uid) for e, flags, kw in self.updated],
             )
         if self.removed:
-            await tx.executemany("DELETE FROM messages WHERE folder_id = ? AND uid = ?",
-                                 [(f.id, e.uid) for e in self.removed])
+            tx.executemany("DELETE FROM messages WHERE folder_id = ? AND uid = ?",
+                           [(f.id, e.uid) for e in self.removed])
             # RFC 7162 3.2.5.2: kept for VANISHED (EARLIER), with the mod-sequence of the expunge.
-            await tx.executemany("INSERT OR REPLACE INTO expunged (folder_id, uid, modseq) VALUES (?, ?, ?)",
-                                 [(f.id, e.uid, self.modseq) for e in self.removed])
-            await self._prune_expunged(tx)
-        await tx.execute("UPDATE folders SET uidnext = ?, highestmodseq = ?, expunges_known_since = ? WHERE id = ?",
-                         (self.uidnext, self.modseq, self.expunges_known_since, f.id))
+            tx.executemany("INSERT OR REPLACE INTO expunged (folder_id, uid, modseq) VALUES (?, ?, ?)",
+                           [(f.id, e.uid, self.modseq) for e in self.removed])
+            self._prune_expunged(tx)
+        tx.execute("UPDATE folders SET uidnext = ?, highestmodseq = ?, expunges_known_since = ? WHERE id = ?",
+                   (self.uidnext, self.modseq, self.expunges_known_since, f.id))
 
-    async def _prune_expunged(self, tx: aiosqlite.Connection) -> None:
+    def _prune_expunged(self, tx: sqlite3.Connection) -> None:
         """Keep the newest EXPUNGES_KEPT expunge records of the folder (whole mod-sequences: the
         records above `expunges_known_since` must be every expunge there was)."""
-        async with tx.execute("SELECT modseq FROM expunged WHERE folder_id = ? ORDER BY modseq DESC LIMIT 1 OFFSET ?",
-                              (self.folder.id, EXPUNGES_KEPT)) as cur:
-            row = await cur.fetchone()
+        row = tx.execute("SELECT modseq FROM expunged WHERE folder_id = ? ORDER BY modseq DESC LIMIT 1 OFFSET ?",
+                         (self.folder.id, EXPUNGES_KEPT)).fetchone()
         if row is None:
             return
-        await tx.execute("DELETE FROM expunged WHERE folder_id = ? AND modseq <= ?", (self.folder.id, row[0]))
+        tx.execute("DELETE FROM expunged WHERE folder_id = ? AND modseq <= ?", (self.folder.id, row[0]))
         self.expunges_known_since = max(self.expunges_known_since, row[0])
 
     def apply(self) -> None:
@@ -434,9 +435,11 @@ async def commit(db: Database, changes: Sequence[Change]) -> None:
     """Write several folders' changes in one transaction; memory follows only after the commit."""
     changes = [c for c in changes if c.pending]
     if any(c.writes or c.measured for c in changes):
-        async with db.transaction() as tx:
+        def write_all(tx: sqlite3.Connection) -> None:
             for change in changes:
-                await change.write(tx)
+                change.write(tx)
+
+        await db.write(write_all)  # one trip to the database's thread for the whole transaction
     for change in changes:
         change.apply()
 

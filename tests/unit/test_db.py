@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import aiosqlite
@@ -90,6 +91,7 @@ def test_split_sql_keeps_semicolons_inside_strings() -> None:
 
 FSYNC_SCRIPT = """
 import asyncio, sys
+from collections.abc import Callable
 from pathlib import Path
 from appliance.db import Database
 
@@ -154,3 +156,57 @@ def test_durability_is_back_after_a_transaction_that_did_not_need_it(tmp_path: P
         return levels
 
     assert asyncio.run(scenario()) == [1, 2]  # NORMAL inside, FULL again after (even after a rollback)
+
+
+def test_a_whole_transaction_in_one_trip_with_its_riders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Database.write: BEGIN, the work, the riders' rows and COMMIT in one handoff to aiosqlite's
+    thread (issue 19); on an exception nothing of it is written and durability is back."""
+    async def scenario() -> None:
+        db = await Database.open(tmp_path / "x.db")
+        trips = 0
+        real = aiosqlite.Connection._execute
+
+        async def counting(self: aiosqlite.Connection, fn: object, *args: object, **kwargs: object) -> object:
+            nonlocal trips
+            trips += 1
+            return await real(self, fn, *args, **kwargs)  # type: ignore[no-untyped-call]
+
+        waiting = [("ridden", "1")]
+
+        def rider() -> Callable[[sqlite3.Connection], None] | None:
+            if not waiting:
+                return None
+            rows = list(waiting)
+            waiting.clear()
+
+            def ride(conn: sqlite3.Connection) -> None:
+                conn.executemany("INSERT INTO settings (key, value) VALUES (?, ?)", rows)
+
+            return ride
+
+        db.add_rider(rider)
+        try:
+            monkeypatch.setattr(aiosqlite.Connection, "_execute", counting)
+            written = await db.write(lambda conn: conn.execute(
+                "INSERT INTO settings (key, value) VALUES ('k', 'v')").lastrowid)
+            assert trips == 1
+            assert written
+            monkeypatch.undo()
+            assert await db.get_setting("k") == "v"
+            assert await db.get_setting("ridden") == "1"
+
+            def fails(conn: sqlite3.Connection) -> None:
+                conn.execute("INSERT INTO settings (key, value) VALUES ('k2', 'v')")
+                raise RuntimeError("boom")
+
+            with pytest.raises(RuntimeError):
+                await db.write(fails, durable=False)
+            assert await db.get_setting("k2") is None
+            level = await db.fetchone("PRAGMA synchronous")
+            assert level is not None
+            assert level[0] == 2  # FULL again
+            await db.execute("INSERT INTO settings (key, value) VALUES ('after', 'ok')")  # no transaction left open
+        finally:
+            await db.close()
+
+    asyncio.run(scenario())
