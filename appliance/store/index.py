@@ -55,6 +55,7 @@ EXPUNGES_KEPT = 10_000
 # slots and the strings and numbers they hold): about 750 + 150 octets measured with tracemalloc on a
 # 100k folder loaded from the db (tests/unit/test_index.py bounds the parts that do not vary).
 ENTRY_MEMORY = 900
+RELEASE_ROWS = 1000
 
 
 @dataclass(slots=True, eq=False)
@@ -488,14 +489,17 @@ async def _note_uidvalidity(tx: aiosqlite.Connection, value: int) -> None:
     )
 
 
-async def load_entries(db: Database, folder_id: int, *, above: int = 0, limit: int = -1) -> list[Entry]:
-    """The folder's message rows (the first `limit` with a UID above `above`; -1: all), files not
-    yet located."""
+async def load_entries(db: Database, folder_id: int, *, above: int = 0) -> list[Entry]:
+    """The folder's message rows (those with a UID above `above`), files not yet located."""
     rows = await db.fetchall(
         "SELECT uid, basename, flags, keywords, size, internaldate, modseq, wire_size FROM messages"
-        " WHERE folder_id = ? AND uid > ? ORDER BY uid LIMIT ?",
-        (folder_id, above, limit),
+        " WHERE folder_id = ? AND uid > ? ORDER BY uid",
+        (folder_id, above),
     )
+    if len(rows) > RELEASE_ROWS:
+        # aiosqlite's thread keeps its last result until its next call: 100k rows held 45 MB after
+        # the index that was made of them had been unloaded. A trivial query lets them go.
+        await db.fetchall("SELECT 1")
     return [Entry(r[0], r[1], r[2], tuple(r[3].split()), r[4], r[5], r[6], wire=r[7]) for r in rows]
 
 
