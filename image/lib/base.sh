@@ -15,6 +15,9 @@ dpkg_excludes() {
         'path-exclude=/usr/share/locale/*' 'path-include=/usr/share/locale/locale.alias' \
         'path-exclude=/usr/share/lintian/*' 'path-exclude=/usr/share/bash-completion/*'
     if [[ $arch == amd64 ]]; then
+        # udev's hardware database (22 MB) names vendors and models of USB/PCI devices for desktops.
+        # (rspamd's web UI stays: its postinst copies JavaScript into it, and fails without it.)
+        echo 'path-exclude=/usr/lib/udev/hwdb.d/*'
         local dir
         for dir in sound drivers/gpu drivers/media drivers/net/wireless net/wireless net/mac80211 \
                    drivers/bluetooth net/bluetooth drivers/infiniband drivers/isdn drivers/staging \

@@ -63,10 +63,12 @@ UNIT
         >"$root/etc/apt/apt.conf.d/20auto-upgrades"
     mkdir -p "$root/var/log/journal"  # persistent journal, capped in journald.conf.d
 
-    # mmdebstrap's merged-/usr setup leaves usrmerge, and with it all of Perl (about 50 MB): /usr is
-    # merged already and nothing else needs them.
-    DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get -y -q purge usrmerge perl libfile-find-rule-perl \
-        libnumber-compare-perl libtext-glob-perl >/dev/null
+    # mmdebstrap's merged-/usr setup leaves usrmerge and the Perl modules it alone uses: /usr is merged
+    # already. Perl itself stays where rspamd (its helper scripts) depends on it: purging it would
+    # take rspamd along.
+    local purge=(usrmerge libfile-find-rule-perl libnumber-compare-perl libtext-glob-perl)
+    chroot "$root" dpkg-query -W -f '${Status}' rspamd 2>/dev/null | grep -q 'ok installed' || purge+=(perl)
+    DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get -y -q purge "${purge[@]}" >/dev/null
     DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get -y -q autoremove --purge >/dev/null
 
     # Per-machine state out: first boot makes it (systemd: an empty machine-id means first boot).
