@@ -2,6 +2,7 @@
 # shellcheck shell=bash
 
 MIB=1048576
+ESP_MIB=16
 # quiet: every kernel and systemd status line on the serial console is slow to emulate (and a VM's
 # serial port is rarely read); the journal keeps them all, and the login screen still shows the address.
 KERNEL_ARGS_AMD64="ro quiet systemd.show_status=0 console=tty0 console=ttyS0,115200n8"
@@ -68,18 +69,20 @@ make_disk_amd64() {
 
     make_rootfs "$root" "$work/root.ext4" letterbox-root "$uuid"
     rm -f "$work/esp.img"
-    mkfs.vfat -C -F 32 -n LBXEFI "$work/esp.img" $((64 * 1024)) >/dev/null
+    # 16 MiB of FAT16 hold GRUB's 1 MB BOOTX64.EFI: UEFI firmware (EDK2 in OVMF, Proxmox, VirtualBox,
+    # VMware's) reads FAT12/16/32 alike, and 48 MB more of a 600 MB image are left for the system.
+    mkfs.vfat -C -F 16 -n LBXEFI "$work/esp.img" $((ESP_MIB * 1024)) >/dev/null
     mmd -i "$work/esp.img" ::/EFI ::/EFI/BOOT
     mcopy -i "$work/esp.img" "$work/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
 
     local root_sectors=$(( $(stat -c %s "$work/root.ext4") / 512 ))
-    local root_start=$(( (2 + 64 + 1) * 2048 ))  # 1 MiB gap, 1 MiB BIOS boot, 64 MiB ESP
+    local root_start=$(( (2 + ESP_MIB + 1) * 2048 ))  # 1 MiB gap, 1 MiB BIOS boot, the ESP, 1 MiB gap
     rm -f "$out"
     truncate -s $(( (root_start + root_sectors + 2048) * 512 )) "$out"
     sfdisk --quiet "$out" <<TABLE
 label: gpt
 start=2048, size=2048, type=21686148-6449-6E6F-744E-656564454649, name="bios"
-start=4096, size=$((64 * 2048)), type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name="esp"
+start=4096, size=$((ESP_MIB * 2048)), type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name="esp"
 start=$root_start, size=$root_sectors, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name="root"
 TABLE
     dd if="$work/esp.img" of="$out" bs=$MIB seek=2 conv=notrunc,sparse status=none
