@@ -9,6 +9,7 @@ the issue's target (boot to wizard) is made of.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -36,14 +37,16 @@ def main() -> int:
             Vm(args.image, Path(tmp), uefi=args.uefi, name="profile") as vm:
         vm.start()
         wizard = vm.wait_for_wizard()
-        print(f"boot to wizard ({'UEFI' if args.uefi else 'BIOS'}, first boot): {wizard:.0f} s", flush=True)
+        print(f"boot to wizard ({'UEFI' if args.uefi else 'BIOS'}, first boot): {wizard:.0f} s, "
+              f"qemu CPU {vm.wizard_cpu:.0f} s, host load {os.getloadavg()[0]:.1f}", flush=True)
         time.sleep(2)
         for title, command in {**REPORTS, **{c: c for c in args.run}}.items():
             result = vm.run(command, check=False)
             print(f"--- {title}: {command}\n{result.stdout}{result.stderr}", flush=True)
         if args.reboot:
             vm.reboot()
-            print(f"boot to wizard (reboot): {vm.wait_for_wizard():.0f} s", flush=True)
+            seconds = vm.wait_for_wizard()
+            print(f"boot to wizard (reboot): {seconds:.0f} s, qemu CPU {vm.wizard_cpu:.0f} s", flush=True)
             for title in ("systemd-analyze", "critical chain", "blame"):
                 result = vm.run(REPORTS[title], check=False)
                 print(f"--- {title} (reboot)\n{result.stdout}{result.stderr}", flush=True)

@@ -27,6 +27,9 @@ GUEST_FIGURES = {
     "letterbox.service start": "systemctl show letterbox.service -p ExecMainStartTimestampMonotonic "
                                "-p ActiveEnterTimestampMonotonic --value | tr '\\n' ' '",
     "exposure (systemd-analyze security)": "systemd-analyze security letterbox.service --no-pager | tail -1",
+    # The content filter's memory on the box (issue 16 sizes it for a 1 GB Pi), once it runs.
+    "rspamd + redis RSS (MB)": "ps -o rss=,comm= -C rspamd,redis-server | awk '{kb += $1; print $2, int($1/1024)} "
+                               "END {print \"total\", int(kb/1024)}' | tr '\\n' ' '",
 }
 
 
@@ -39,7 +42,8 @@ def boxes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Vm]]:
         bios.start()
         uefi.start()
         for vm, seconds in wait_for_wizards([bios, uefi]).items():
-            FIGURES[f"boot to wizard ({vm.dir.name.upper()}, first boot, two VMs side by side)"] = f"{seconds:.0f} s"
+            FIGURES[f"boot to wizard ({vm.dir.name.upper()}, first boot, two VMs side by side)"] = (
+                f"{seconds:.0f} s, qemu CPU {vm.wizard_cpu:.0f} s, host load {os.getloadavg()[0]:.1f}")
         for title, command in GUEST_FIGURES.items():
             # Figures, not checks: a guest too busy to answer one in time does not fail the run (a first
             # try that measured `python -X importtime` in the guest took over 300 s at load 22).

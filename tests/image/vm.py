@@ -104,6 +104,8 @@ class Vm:
         self.ports = {guest: free_port() for guest in GUEST_PORTS}
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
+        self.cpu_at_start = 0.0  # qemu's CPU seconds when this boot began (a reboot keeps the process)
+        self.wizard_cpu = 0.0  # qemu's CPU seconds from this boot's start until the wizard answered
         self.dir.mkdir(parents=True, exist_ok=True)
         self.disk = self.dir / "disk.qcow2"
         self.console = self.dir / "console.log"
@@ -156,6 +158,19 @@ class Vm:
         self.process = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.started_at = time.monotonic()
+        self.cpu_at_start = 0.0
+
+    def cpu_seconds(self) -> float:
+        """CPU time qemu has used so far, all its threads (both vCPUs, I/O): the work a boot takes
+        whatever the host's load. On an idle two-core host the boot's wall time is at least half of it
+        (two vCPU threads), and about all of it while one vCPU does the work (most of a boot)."""
+        if self.process is None:
+            return 0.0
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, proc(5)
 
     def stop(self) -> None:
         """Power off cleanly if the guest still answers, else end qemu."""
@@ -184,6 +199,7 @@ class Vm:
         with contextlib.suppress(VmError, OSError):  # the agent may go down before it reports back
             self.run("systemctl reboot", check=False, timeout=30)
         self.started_at = time.monotonic()
+        self.cpu_at_start = self.cpu_seconds()
 
         def rebooted() -> bool:
             try:
@@ -230,8 +246,11 @@ class Vm:
         return status in (200, 302, 303, 307)
 
     def wait_for_wizard(self, timeout: float = BOOT_TIMEOUT) -> float:
-        """Seconds from qemu's start (or the reboot) until the web console answers over HTTPS."""
-        return self._wait(self.https_answers, timeout, "the web console (https) to answer")
+        """Seconds from qemu's start (or the reboot) until the web console answers over HTTPS (and
+        qemu's CPU seconds meanwhile in `wizard_cpu`)."""
+        seconds = self._wait(self.https_answers, timeout, "the web console (https) to answer")
+        self.wizard_cpu = self.cpu_seconds() - self.cpu_at_start
+        return seconds
 
     # --- HTTP(S) through the forwards ----------------------------------------------------------------
     def http_get(self, path: str, *, timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
@@ -372,6 +391,7 @@ def wait_for_wizards(vms: list[Vm], timeout: float = BOOT_TIMEOUT) -> dict[Vm, f
                 raise VmError(vm.failure_report("qemu stopped while waiting for the web console"))
             if vm.https_answers():
                 answered[vm] = time.monotonic() - vm.started_at
+                vm.wizard_cpu = vm.cpu_seconds() - vm.cpu_at_start
         if time.monotonic() > deadline:
             late = next(vm for vm in vms if vm not in answered)
             raise VmError(late.failure_report(f"timed out after {timeout:.0f} s waiting for the web console"))
