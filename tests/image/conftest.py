@@ -27,9 +27,6 @@ GUEST_FIGURES = {
     "letterbox.service start": "systemctl show letterbox.service -p ExecMainStartTimestampMonotonic "
                                "-p ActiveEnterTimestampMonotonic --value | tr '\\n' ' '",
     "exposure (systemd-analyze security)": "systemd-analyze security letterbox.service --no-pager | tail -1",
-    # The content filter's memory on the box (issue 16 sizes it for a 1 GB Pi), once it runs.
-    "rspamd + redis RSS (MB)": "ps -o rss=,comm= -C rspamd,redis-server | awk '{kb += $1; print $2, int($1/1024)} "
-                               "END {print \"total\", int(kb/1024)}' | tr '\\n' ' '",
 }
 
 
