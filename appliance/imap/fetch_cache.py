@@ -14,6 +14,7 @@ from the file, used, and given back to be kept (`Learned`).
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -200,26 +201,40 @@ class HeaderLookup(Protocol):
     def get_all(self, name: str, failobj: None = None) -> list[str] | None: ...
 
 
-_FIELD_TEXT = re.compile(r"[^ \t\r\n][^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
+@functools.lru_cache(maxsize=128)
+def _field_pattern(name: str) -> re.Pattern[bytes]:
+    """Every field called `name` (ASCII, any case) of a row's fields, each its first line and the
+    continuation lines after it: a line starting with a blank continues a field, never starts one."""
+    return re.compile(rb"^" + re.escape(name.encode("ascii")) + rb":([^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)",
+                      re.MULTILINE | re.IGNORECASE)
 
 
 class CachedFields:
     """The cached header fields of a message by name, with the values Message.get / get_all give
-    for the whole header (exact rows only: see `exact_headers`)."""
+    for the whole header (exact rows only: see `exact_headers`). A field is looked up when asked
+    for, not all parsed up front: a header SEARCH over a folder asks each message for one or two
+    of its dozen fields (parsing them all was a quarter of a SEARCH SUBJECT, issue 19)."""
 
     def __init__(self, fields: bytes) -> None:
+        self._fields = fields
         self._values: dict[str, list[str]] = {}
-        for field in _FIELD_TEXT.findall(fields.decode("ascii", "surrogateescape")):
-            name, _, value = field.partition(":")
-            # compat32's header_source_parse: blanks after the colon dropped, the last line end too.
-            self._values.setdefault(name.lower(), []).append(value.lstrip(" \t").rstrip("\r\n"))
 
     def get(self, name: str, failobj: None = None) -> str | None:
-        values = self._values.get(name.lower())
+        values = self._lookup(name)
         return values[0] if values else failobj
 
     def get_all(self, name: str, failobj: None = None) -> list[str] | None:
-        return self._values.get(name.lower(), failobj)
+        return self._lookup(name) or failobj
+
+    def _lookup(self, name: str) -> list[str]:
+        key = name.lower()
+        found = self._values.get(key)
+        if found is None:
+            # compat32's header_source_parse: blanks after the colon dropped, the last line end too.
+            found = [value.decode("ascii", "surrogateescape").lstrip(" \t").rstrip("\r\n")
+                     for value in _field_pattern(key).findall(self._fields)] if key.isascii() else []
+            self._values[key] = found
+        return found
 
 
 def exact_headers(row: CachedMessage | None) -> CachedFields | None:
@@ -230,7 +245,7 @@ def exact_headers(row: CachedMessage | None) -> CachedFields | None:
     return CachedFields(row.fields)
 
 
-def known_rows(cache: FolderCache | None, files: Sequence[tuple[int, Path]]) -> dict[int, CachedMessage]:
+def known_rows(cache: FolderCache | None, files: Sequence[tuple[int, str | Path]]) -> dict[int, CachedMessage]:
     """The rows of these (UID, file) pairs that match their files (a stat each), none computed:
     for SEARCH and SORT, which read the header of a message without a row. Worker thread."""
     if cache is None:

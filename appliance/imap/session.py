@@ -13,6 +13,7 @@ import base64
 import binascii
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Generic, Literal, Protocol, TypeVar
@@ -736,7 +737,9 @@ class ImapSession:
             batch = candidates[start:start + SEARCH_CACHE_BATCH]
             rows = {}
             if cache is not None:
-                rows = await asyncio.to_thread(fetch_cache.known_rows, cache, [(c.uid, view.info(c.uid).path) for c in batch])
+                # Paths as strings: a Path per message was a tenth of a header SEARCH's time.
+                files = [(c.uid, os.path.join(info.directory, info.filename)) for c in batch for info in (view.info(c.uid),)]
+                rows = await asyncio.to_thread(fetch_cache.known_rows, cache, files)
             for c in batch:
                 cached = fetch_cache.exact_headers(rows.get(c.uid))
                 if searcher.needs_file(c, cached is not None):
