@@ -47,7 +47,7 @@ POLL_SECONDS = 5.0
 SETTLE_SECONDS = 0.5
 CHUNK_MESSAGES = 64  # messages per worker task and per transaction: the write lock is held briefly
 CHUNK_OCTETS = 1024 * 1024
-PAGE_MESSAGES = 2000  # messages asked of the store at a time
+PAGE_MESSAGES = 5000  # messages asked of the store at a time (a listing each when the folder is unloaded)
 LIGHT_MESSAGES = 8  # new messages indexed in a thread of the server rather than the worker process
 FTS_TABLES = ("message_text_data", "message_text_idx", "message_text_content", "message_text_docsize",
               "message_text_config")

@@ -489,12 +489,13 @@ async def _note_uidvalidity(tx: aiosqlite.Connection, value: int) -> None:
     )
 
 
-async def load_entries(db: Database, folder_id: int, *, above: int = 0) -> list[Entry]:
-    """The folder's message rows (those with a UID above `above`), files not yet located."""
+async def load_entries(db: Database, folder_id: int, *, above: int = 0, limit: int = -1) -> list[Entry]:
+    """The folder's message rows (the first `limit` with a UID above `above`; -1: all), files not
+    yet located."""
     rows = await db.fetchall(
         "SELECT uid, basename, flags, keywords, size, internaldate, modseq, wire_size FROM messages"
-        " WHERE folder_id = ? AND uid > ? ORDER BY uid",
-        (folder_id, above),
+        " WHERE folder_id = ? AND uid > ? ORDER BY uid LIMIT ?",
+        (folder_id, above, limit),
     )
     if len(rows) > RELEASE_ROWS:
         # aiosqlite's thread keeps its last result until its next call: 100k rows held 45 MB after

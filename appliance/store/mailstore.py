@@ -136,8 +136,8 @@ class MailStore:
         """(UIDVALIDITY, UIDNEXT, the first `limit` messages above `uid`) for the full-text indexer.
         A folder whose index is unloaded (nobody has it open) is not loaded for this: its new rows
         are read from the db and found with one listing, so mail to a big folder nobody reads costs
-        no index load. That listing is of the whole folder, so then every message above `uid`
-        comes at once (a backlog is not listed again for each page)."""
+        no index load (a backlog costs one listing per page: 20 for 100k messages, 3 s of CPU against
+        the minutes its text extraction takes, and a page's worth of memory)."""
         mb = await self._boxes.get(mailbox)
         f = await self._boxes.folder(mb, folder)
         async with f.lock:
@@ -148,7 +148,7 @@ class MailStore:
                 uids = list(f.by_uid)
                 start = bisect.bisect_right(uids, uid)
                 return f.uidvalidity, f.uidnext, [f.info(f.by_uid[u]) for u in uids[start:start + limit]]
-            rows = await index.load_entries(self._db, f.id, above=uid)
+            rows = await index.load_entries(self._db, f.id, above=uid, limit=limit)
             listing = await asyncio.to_thread(maildir.list_messages, f.path) if rows else {}
             found = []
             for e in rows:
