@@ -9,6 +9,7 @@ import io
 import os
 import tarfile
 from pathlib import Path
+from typing import IO
 
 import pyrage
 import pytest
@@ -121,8 +122,9 @@ def _archive(path: Path, entries: list[tuple[str, bytes, bytes]], recipient: str
         os.close(fd)
 
 
-def _read_back(path: Path, identity: str) -> list[tuple[str, bytes, bytes, bytes]]:
-    with path.open("rb") as source:
+def _read_back(path: Path, identity: str, *, in_memory: bool) -> list[tuple[str, bytes, bytes, bytes]]:
+    with path.open("rb") as file:
+        source: IO[bytes] = io.BytesIO(file.read()) if in_memory else file
         key = age_stream.read_header(source, identity=identity)
         reader, blocks = backup_stream.plain_tar(source, key)
         try:
@@ -136,13 +138,11 @@ def _read_back(path: Path, identity: str) -> list[tuple[str, bytes, bytes, bytes
             blocks.close()
 
 
-@pytest.mark.parametrize("frame_min", [0, backup_stream.FRAME_MIN])
-def test_restore_pipeline_from_a_file_with_and_without_the_frame_child(
-        frame_min: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A backup file read back through the child processes: with the frame child (large backups; here
-    forced with FRAME_MIN 0) each file's data and SHA-256 come from it, a member left unread is
-    skipped; without it, the same. A damaged payload is refused either way."""
-    monkeypatch.setattr(backup_stream, "FRAME_MIN", frame_min)
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_restore_pipeline_from_a_file_and_from_memory(in_memory: bool, tmp_path: Path) -> None:
+    """A backup read back from a file (through the `unpack` child, which sends the members framed)
+    and from a stream without a file descriptor (all in this process): each file's data and its
+    SHA-256, taken as it is read, a member left unread skipped. A damaged payload is refused either way."""
     identity, recipient = _identity()
     big = os.urandom(3 * backup_stream.BLOCK + 7)  # spans several pipe blocks
     entries = [("mail", b"", backup_stream.DIRTYPE), ("mail/a", b"abc", backup_stream.REGTYPE),
@@ -150,7 +150,7 @@ def test_restore_pipeline_from_a_file_with_and_without_the_frame_child(
                ("mail/" + "long-name-" * 20 + "Entwürfe", big, backup_stream.REGTYPE)]
     path = tmp_path / "b.tar.zst.age"
     _archive(path, entries, recipient)
-    got = _read_back(path, identity)
+    got = _read_back(path, identity, in_memory=in_memory)
     assert [(n.rstrip("/"), k) for n, _d, k, _s in got] == [(n, k) for n, _d, k in entries]
     for (name, data, kind), (_n, read, _k, digest) in zip(entries, got, strict=True):
         if kind == backup_stream.REGTYPE and name != "skipped":  # a member's digest is of the data taken
@@ -160,5 +160,5 @@ def test_restore_pipeline_from_a_file_with_and_without_the_frame_child(
     damaged[len(damaged) // 2] ^= 1
     path.write_bytes(bytes(damaged))
     with pytest.raises((age_stream.AgeError, backup_stream.TarFormatError)) as refused:
-        _read_back(path, identity)
+        _read_back(path, identity, in_memory=in_memory)
     assert not isinstance(refused.value, age_stream.AgeError) or refused.value.damaged
