@@ -281,6 +281,9 @@ def client_context() -> ssl.SSLContext:
 
 
 def memory(results: Results, work: str, server: str, pid: int, size: int | None) -> None:
+    # Both servers get the same few seconds to let go of what closed sessions held (Letterbox unloads an
+    # unused folder index 2 s after its last use).
+    time.sleep(results.args.settle)
     rss, pss, _ = tree_memory(pid)
     results.add(f"{work}: RSS, all processes", "MiB", server, rss / 1024, lower_is_better=True, size=size)
     results.add(f"{work}: PSS, all processes", "MiB", server, pss / 1024, lower_is_better=True, size=size)
@@ -708,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1000,10000,100000",
                         type=lambda text: [int(s) for s in text.split(",") if s])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds before each memory reading")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per IMAP command")
     parser.add_argument("--smtp-messages", type=int, default=2000)
     parser.add_argument("--submissions", type=int, default=20)

@@ -14,7 +14,7 @@ from tests.conftest import require_program
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TINY = ["--sizes", "30", "--rounds", "1", "--smtp-messages", "20", "--submissions", "2", "--deliveries", "10",
-        "--appends", "3", "--pop3-mib", "1", "--stress-secs", "3", "--timeout", "120"]
+        "--appends", "3", "--pop3-mib", "1", "--stress-secs", "3", "--timeout", "120", "--settle", "0"]
 
 
 @pytest.mark.timeout(600)  # minutes on a loaded machine (each interpreter and server start costs seconds)
