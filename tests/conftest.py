@@ -32,16 +32,46 @@ TEST_HOSTNAME = "localhost"  # mbsync/fetchmail match the cert name and ignore I
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+# Summed seconds of the longest files (setup + call + teardown, from `pytest --durations=0` of a full
+# `-n 4 --dist loadfile` run on a loaded machine, scaled by that run's 2746 s against 755 s quiet): they
+# need no `slow` marker to be handed out first. Refresh when a file's cost changes a lot.
+MEASURED_FILE_SECONDS = {
+    "tests/e2e/test_smtp_swaks.py": 195, "tests/integration/test_backup_cli.py": 175,
+    "tests/integration/test_cli.py": 165, "tests/integration/test_update.py": 130,
+    "tests/integration/test_install_sh.py": 85, "tests/e2e/test_bench_side_by_side.py": 85,
+    "tests/unit/test_web_security.py": 75, "tests/e2e/test_attack.py": 65, "tests/e2e/test_imap_dovecot.py": 60,
+    "tests/e2e/test_smtp_crash.py": 60, "tests/e2e/test_web_wizard.py": 60,
+    "tests/e2e/test_spam_outbound_restart.py": 55, "tests/e2e/test_pop3_downloaders.py": 55,
+    "tests/integration/test_outbound_cli.py": 50, "tests/integration/test_dns_cli.py": 50,
+    "tests/integration/test_backup_restic.py": 45, "tests/integration/test_spam_envelope.py": 40,
+    "tests/e2e/test_backup_web.py": 40, "tests/integration/test_data_lock.py": 40,
+    "tests/integration/test_acme_pebble.py": 40, "tests/e2e/test_console_running.py": 35,
+    "tests/e2e/test_maildir_roundtrip.py": 35, "tests/integration/test_cert_cli.py": 35,
+    "tests/integration/test_spam_content.py": 30, "tests/e2e/test_web_spam.py": 30,
+    "tests/e2e/test_imap_clients.py": 30,
+}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Files marked slow run first. `make test` hands whole files to its workers in collection order
     (`--dist loadfile`): a minutes-long file that starts last is the whole suite's tail, one that starts
-    first runs beside the many short ones; the longest (`slow(seconds=N)`, a rough quiet-machine figure)
-    go first of all. The sort is stable, so the order inside a file is kept."""
+    first runs beside the many short ones; the longest (`slow(seconds=N)`, a rough quiet-machine figure,
+    or MEASURED_FILE_SECONDS) go first of all. The sort is stable, so the order inside a file is kept."""
     def expected_seconds(item: pytest.Item) -> float:
         marker = item.get_closest_marker("slow")
-        return 0.0 if marker is None else float(marker.kwargs.get("seconds", 30))
+        marked = 0.0 if marker is None else float(marker.kwargs.get("seconds", 30))
+        return max(marked, MEASURED_FILE_SECONDS.get(item.nodeid.split("::", 1)[0], 0.0))
 
     items.sort(key=expected_seconds, reverse=True)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest-xdist 3 reorders `--dist loadfile` work by the number of tests in each file, most first, which
+    undoes the order above: the 240 s update test (two tests) started last and was the whole suite's tail.
+    Keep the collection order (what `--no-loadscope-reorder` says on the command line)."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 @pytest.fixture(autouse=True)
@@ -284,10 +314,19 @@ class ServedBox:
         return result
 
     def add_user(self, address: str, password: str) -> None:
-        domain = address.rsplit("@", 1)[1]
-        if domain not in self.cli("domain", "list").stdout.split():
-            self.cli("domain", "add", domain)
-        self.cli("user", "add", address, "--password-stdin", input=password + "\n")
+        """The mailbox (and its domain) made by the application functions `letterbox domain add` and
+        `letterbox user add` call, in this process: three CLI interpreters cost 4-5 s of CPU per user (the
+        CLI itself is tested in tests/integration/test_cli.py). The running box reads the database."""
+        from appliance.admin import open_admin
+
+        async def add() -> None:
+            async with open_admin(self.data.root) as admin:
+                domain = address.rsplit("@", 1)[1]
+                if not await admin.accounts.is_local_domain(domain):
+                    await admin.add_domain(domain)
+                await admin.create_mailbox(address, password)
+
+        asyncio.run(add())
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
         if self.proc is None:
