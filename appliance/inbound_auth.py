@@ -22,7 +22,8 @@ import ipaddress
 import logging
 import random
 import re
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -450,6 +451,17 @@ def _dmarc_for(
 
 # --- the whole check --------------------------------------------------------------------------------
 
+def _spf_or_temperror(resolver: dns.resolver.Resolver, peer_ip: str, mail_from: str, helo: str
+                      ) -> tuple[SpfResult, SpfResult]:
+    try:
+        return check_spf(resolver, peer_ip, mail_from, helo)
+    except Exception as exc:  # noqa: BLE001  a check that cannot run is temperror for its part only (issue 11)
+        log.warning("SPF check could not run: %s", type(exc).__name__)
+        sender_domain = mail_from.rpartition("@")[2].lower()
+        return (SpfResult("temperror", mail_from, sender_domain, "SPF check could not run"),
+                SpfResult("temperror", helo.strip()[:100], "", "SPF check could not run"))
+
+
 def evaluate(
     resolver: dns.resolver.Resolver,
     data: bytes,
@@ -458,19 +470,15 @@ def evaluate(
     helo: str,
     mail_from: str,
     rng: random.Random | None = None,
+    spf: tuple[SpfResult, SpfResult] | None = None,
 ) -> AuthResults:
-    """Every check, blocking (DNS and RSA); `check_message` runs it off the event loop.
+    """Every check, blocking (DNS and RSA); `check_message` runs it off the event loop (or on it,
+    from the DNS cache). `spf`: the SPF results already known for these facts (_SpfMemo).
 
     A check that cannot run fails closed for its own part only (issue 11 item 1): SPF and DKIM become
     errors, which never count as an aligned pass, and DMARC is still evaluated on what remains; a
     DMARC evaluation that cannot run marks the result `could_not_run` and the MX defers the message."""
-    try:
-        spf_mailfrom, spf_helo = check_spf(resolver, peer_ip, mail_from, helo)
-    except Exception as exc:  # noqa: BLE001  a check that cannot run is temperror for its part only (issue 11)
-        log.warning("SPF check could not run: %s", type(exc).__name__)
-        sender_domain = mail_from.rpartition("@")[2].lower()
-        spf_mailfrom = SpfResult("temperror", mail_from, sender_domain, "SPF check could not run")
-        spf_helo = SpfResult("temperror", helo.strip()[:100], "", "SPF check could not run")
+    spf_mailfrom, spf_helo = spf or _spf_or_temperror(resolver, peer_ip, mail_from, helo)
     try:
         dkim_results = check_dkim(resolver, data)
     except Exception as exc:  # noqa: BLE001  as for SPF above
@@ -492,16 +500,43 @@ class _NotCached(dns.exception.Timeout):
     resolver notes it and the evaluation is done again, properly, on a thread."""
 
 
+class _RecordingCache:
+    """The DNS cache as dnspython's resolver sees it (get/put/flush), noting what each question found:
+    the answers an SPF result was computed from (_SpfMemo)."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+        self.seen: list[tuple[Hashable, Any]] = []
+
+    def get(self, key: Hashable) -> Any:
+        value = self.cache.get(key)
+        self.seen.append((key, value))
+        return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        self.cache.put(key, value)
+
+    def flush(self, key: Hashable | None = None) -> None:
+        self.cache.flush(key)
+
+    def __bool__(self) -> bool:
+        return True
+
+
 class _CacheOnlyResolver(dns.resolver.Resolver):
     """The box's resolver answering from its cache alone (appliance/queue/dns_cache.py), so the checks
     of a message from a sender seen within the TTLs run on the event loop without a thread handoff."""
 
     missed = False
+    recording: _RecordingCache | None = None
 
     @classmethod
     def of(cls, resolver: dns.resolver.Resolver) -> _CacheOnlyResolver:
         twin = cls(configure=False)
         twin.__dict__.update(resolver.__dict__)  # the same servers, options and cache
+        if resolver.cache is not None:
+            twin.recording = _RecordingCache(resolver.cache)
+            twin.cache = twin.recording  # the cache interface (get, put, flush), duck-typed as dnspython uses it
         return twin
 
     def resolve(self, qname: dns.name.Name | str, rdtype: dns.rdatatype.RdataType | str = dns.rdatatype.A,
@@ -515,6 +550,63 @@ class _CacheOnlyResolver(dns.resolver.Resolver):
             self.missed = True
             raise _NotCached(f"{qname} not in the cache")  # type: ignore[no-untyped-call]  # dnspython leaves DNSException.__init__ unannotated
         return answer
+
+
+MAX_SPF_RESULTS = 512  # (client, sender, HELO) results kept, each with its few lookups: well under 1 MB
+
+
+class _SpfMemo:
+    """SPF results by (DNS cache, client address, sender, HELO), each with the cache's answers it was
+    computed from, reused while the cache still holds every one of them (the very same answer
+    objects: nothing expired, nothing replaced). An SPF result depends on those inputs and those
+    answers alone (RFC 7208 4), so a reused one is what pyspf would compute again; its evaluation
+    was most of the inbound checks' CPU per message (issue 19). Used on the event loop only."""
+
+    def __init__(self, max_entries: int = MAX_SPF_RESULTS) -> None:
+        self._max = max_entries
+        self._entries: OrderedDict[tuple[Any, str, str, str],
+                                   tuple[tuple[SpfResult, SpfResult], tuple[tuple[Hashable, Any], ...]]] = OrderedDict()
+        self.hits = 0
+
+    def get(self, cache: Any, ip: str, sender: str, helo: str) -> tuple[SpfResult, SpfResult] | None:
+        key = (cache, ip, sender, helo)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        results, lookups = entry
+        if any(cache.get(question) is not answer for question, answer in lookups):
+            del self._entries[key]  # an answer expired or changed: evaluate again
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return results
+
+    def put(self, cache: Any, ip: str, sender: str, helo: str, results: tuple[SpfResult, SpfResult],
+            lookups: tuple[tuple[Hashable, Any], ...]) -> None:
+        self._entries[(cache, ip, sender, helo)] = (results, lookups)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+
+_SPF_MEMO = _SpfMemo()
+
+
+def _evaluate_from_cache(resolver: dns.resolver.Resolver, data: bytes, *, peer_ip: str, helo: str, mail_from: str,
+                         rng: random.Random | None) -> AuthResults | None:
+    """`evaluate` on this thread with the answers the DNS cache holds (and SPF's result remembered
+    for these facts), or None when it needed an answer the cache lacks."""
+    cached = _CacheOnlyResolver.of(resolver)
+    spf = None if cached.recording is None else _SPF_MEMO.get(resolver.cache, peer_ip, mail_from, helo)
+    remember = spf is None and cached.recording is not None
+    if spf is None:
+        spf = _spf_or_temperror(cached, peer_ip, mail_from, helo)
+    lookups = tuple(cached.recording.seen) if cached.recording is not None else ()
+    results = evaluate(cached, data, peer_ip=peer_ip, helo=helo, mail_from=mail_from, rng=rng, spf=spf)
+    if cached.missed:
+        return None  # nothing of this attempt counts (its verdict had a temperror in it)
+    if remember:
+        _SPF_MEMO.put(resolver.cache, peer_ip, mail_from, helo, spf, lookups)
+    return results
 
 
 async def check_message(
@@ -534,11 +626,9 @@ async def check_message(
     event-loop wakeup per message that cost most on a loaded box (issue 19). Anything else (a
     lookup to make, a large body to hash for DKIM) runs on a thread as before."""
     if len(data) <= INLINE_MAX_OCTETS:
-        cached = _CacheOnlyResolver.of(resolver)
-        results = evaluate(cached, data, peer_ip=peer_ip, helo=helo, mail_from=mail_from, rng=rng)
-        if not cached.missed:
+        results = _evaluate_from_cache(resolver, data, peer_ip=peer_ip, helo=helo, mail_from=mail_from, rng=rng)
+        if results is not None:
             return results
-        # A lookup was missing: nothing of this attempt counts (its verdict had a temperror in it).
     return await asyncio.to_thread(
         evaluate, resolver, data, peer_ip=peer_ip, helo=helo, mail_from=mail_from, rng=rng
     )

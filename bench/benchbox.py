@@ -104,17 +104,18 @@ def serving(data: Path, log: Path, offset: int, *, hostname: str = "localhost",
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and of its live descendants (the box's CPU worker is a
-    child process): what a benchmark charges to the server, less moved by other load than wall time."""
+    """User + system CPU seconds of a process and of its descendants, live ones (the box's CPU worker,
+    Postfix's smtpd processes) and the ones already reaped by a process of the tree: what a benchmark
+    charges to a server, less moved by other load than wall time."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
     pending = [pid]
     while pending:
         current = pending.pop()
         try:
-            # Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+            # Fields after the command name (which may hold spaces): utime, stime, cutime, cstime.
             fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
+            total += sum(int(value) for value in fields[11:15]) / ticks
             for task in Path(f"/proc/{current}/task").iterdir():
                 pending.extend(int(child) for child in (task / "children").read_text().split())
         except (FileNotFoundError, ProcessLookupError):

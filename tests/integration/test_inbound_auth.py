@@ -436,3 +436,41 @@ def test_a_large_message_is_hashed_on_a_thread_even_when_cached(
     big = message(body=(b"x" * 76 + b"\r\n") * (inbound_auth.INLINE_MAX_OCTETS // 78 + 1))
     assert check(cached_zone, big).spf_mailfrom.result == "pass"
     assert used == ["evaluate"]
+
+
+def test_an_spf_result_is_reused_while_its_dns_answers_are_cached(
+        cached_zone: ZoneServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyspf runs once per (client, sender, HELO) while the answers it read are in the cache; an answer
+    that expired (flushed here) makes it run again with the zone as it is now."""
+    cached_zone.set("sender.test", "TXT", ['"v=spf1 ip4:127.0.0.1 -all"'])
+    evaluations = 0
+    real = inbound_auth.check_spf
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal evaluations
+        evaluations += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inbound_auth, "check_spf", counting)
+    resolver = make_resolver(cached_zone.address)
+
+    def spf_result() -> str:
+        results = asyncio.run(check_message(message(), peer_ip=CLIENT_IP, helo="mta.sender.test",
+                                            mail_from="bounce@sender.test", resolver=resolver))
+        return results.spf_mailfrom.result
+
+    assert spf_result() == "pass"  # on a thread: nothing cached yet
+    assert spf_result() == "pass"  # from the cache, and remembered
+    counted = evaluations
+    assert spf_result() == "pass"
+    assert spf_result() == "pass"
+    assert evaluations == counted  # reused: no evaluation at all
+    # Another client address is another result.
+    other = asyncio.run(check_message(message(), peer_ip="127.0.0.2", helo="mta.sender.test",
+                                      mail_from="bounce@sender.test", resolver=resolver))
+    assert other.spf_mailfrom.result == "fail"
+    # The sender's record changes and the cached answer expires: evaluated again, with the new record.
+    cached_zone.set("sender.test", "TXT", ['"v=spf1 -all"'])
+    assert resolver.cache is not None
+    resolver.cache.flush()
+    assert spf_result() == "fail"
