@@ -14,12 +14,10 @@ back valid are skipped, the answers stay up until the order is final (the CA che
 from __future__ import annotations
 
 import datetime as dt
-import email.utils
 import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +29,25 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from josepy.jwa import ES256
 from josepy.jwk import JWK, JWKEC
 
+from appliance.acme_terms import (
+    HTTP_01,
+    TLS_ALPN_01,
+    AcmeProblem,
+    AcmeSettings,
+    ChallengeSink,
+    Issued,
+    parse_retry_after,
+)
 from appliance.tls import write_private
 
 log = logging.getLogger(__name__)
 
-LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
-LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 ACCOUNT_KEY_FILE = "account-key.pem"
 ACCOUNTS_FILE = "accounts.json"  # directory URL -> account URL
 USER_AGENT = "letterbox-acme"
 NETWORK_TIMEOUT = 30
 ORDER_DEADLINE = dt.timedelta(seconds=120)
 NONCE_RETRIES = 10  # pebble rejects 30 % of nonces in the tests; 5 tries left a flake of ~10 % per test run
-HTTP_01 = "http-01"
-TLS_ALPN_01 = "tls-alpn-01"
 
 
 class TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
@@ -63,63 +66,6 @@ class TLSALPN01(challenges.KeyAuthorizationChallenge):
 
     def validation(self, account_key: JWK, **kwargs: Any) -> str:
         return self.key_authorization(account_key)
-
-
-class AcmeProblem(Exception):
-    """An order that did not end in a certificate, with what went wrong in plain words."""
-
-    def __init__(self, message: str, *, retry_after: dt.datetime | None = None, kind: str = "error") -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
-        self.kind = kind
-
-
-@dataclass
-class ChallengeSink:
-    """Where the answers go while an order runs (set from the worker thread, read by the listeners)."""
-
-    set_http01: Callable[[str, str], None]
-    clear_http01: Callable[[str], None]
-    set_tls_alpn01: Callable[[str, str], None]  # (name, key authorization)
-    clear_tls_alpn01: Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class AcmeSettings:
-    directory: str = LETS_ENCRYPT
-    email: str | None = None
-    eab_kid: str | None = None
-    eab_hmac_key: str | None = None
-    ca_file: str | None = None  # a CA bundle for the directory's HTTPS (tests: pebble's own CA)
-    challenge: str = HTTP_01  # the type answered when the CA offers it; the other one otherwise
-
-
-@dataclass(frozen=True)
-class Issued:
-    fullchain_pem: bytes
-    key_pem: bytes
-    names: tuple[str, ...]
-
-
-@dataclass
-class Progress:
-    report: Callable[[str, str], None] = field(default=lambda phase, text: None)
-
-
-def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> dt.datetime | None:
-    """RFC 9110 10.2.3: seconds, or an HTTP date."""
-    if not value:
-        return None
-    now = now or dt.datetime.now(dt.UTC)
-    value = value.strip()
-    if value.isdigit():
-        return now + dt.timedelta(seconds=min(int(value), 30 * 86400))
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 class _Network(client.ClientNetwork):

@@ -28,8 +28,8 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
-from appliance import acme_client
-from appliance.acme_client import AcmeProblem, AcmeSettings, ChallengeSink
+from appliance import acme_terms
+from appliance.acme_terms import AcmeProblem, AcmeSettings, ChallengeSink, Issued
 from appliance.db import Database
 from appliance.dns_records import public_addresses
 from appliance.events import EventLog
@@ -146,7 +146,7 @@ async def status(ctx: CertContext) -> CertStatus:
     return CertStatus(
         info=info, source=source, trusted=not info.self_signed, order=await order_state(ctx.db),
         last_error=await ctx.db.get_setting(LAST_ERROR) or None, next_renewal=next_renewal,
-        directory=await ctx.db.get_setting(DIRECTORY) or acme_client.LETS_ENCRYPT,
+        directory=await ctx.db.get_setting(DIRECTORY) or acme_terms.LETS_ENCRYPT,
     )
 
 
@@ -194,14 +194,29 @@ async def check_names(ctx: CertContext, domains: list[str]) -> NamesCheck:
 
 # --- ordering ----------------------------------------------------------------------------------------------
 
+def _order_certificate(settings: AcmeSettings, acme_dir: Path, names: list[str], sink: ChallengeSink,
+                       progress: Callable[[str, str], None]) -> Issued:
+    """acme_client.order_certificate, the ACME library loaded on first use (in the worker thread, so the
+    event loop does not wait for its imports): a box that just runs never loads it (acme_terms)."""
+    from appliance import acme_client
+
+    return acme_client.order_certificate(settings, acme_dir, names, sink, progress)
+
+
+def _ari_window(settings: AcmeSettings, acme_dir: Path, cert_pem: bytes) -> dt.datetime | None:
+    from appliance import acme_client
+
+    return acme_client.ari_window(settings, acme_dir, cert_pem)
+
+
 async def acme_settings(db: Database) -> AcmeSettings:
     return AcmeSettings(
-        directory=await db.get_setting(DIRECTORY) or acme_client.LETS_ENCRYPT,
+        directory=await db.get_setting(DIRECTORY) or acme_terms.LETS_ENCRYPT,
         email=await db.get_setting(EMAIL) or None,
         eab_kid=await db.get_setting(EAB_KID) or None,
         eab_hmac_key=await db.get_setting(EAB_HMAC) or None,
         ca_file=await db.get_setting(CA_FILE) or None,
-        challenge=await db.get_setting(CHALLENGE) or acme_client.HTTP_01,
+        challenge=await db.get_setting(CHALLENGE) or acme_terms.HTTP_01,
     )
 
 
@@ -232,8 +247,8 @@ def _sink(ctx: CertContext, loop: asyncio.AbstractEventLoop) -> ChallengeSink:
 
 async def _order(ctx: CertContext, settings: AcmeSettings, names: list[str], *, reason: str) -> CertificateInfo:
     loop = asyncio.get_running_loop()
-    if settings.challenge == acme_client.TLS_ALPN_01 and not ctx.answers_tls_alpn:
-        settings = dataclasses.replace(settings, challenge=acme_client.HTTP_01)
+    if settings.challenge == acme_terms.TLS_ALPN_01 and not ctx.answers_tls_alpn:
+        settings = dataclasses.replace(settings, challenge=acme_terms.HTTP_01)
 
     def progress(phase: str, text: str) -> None:
         asyncio.run_coroutine_threadsafe(_set_state(ctx, phase, text), loop).result(30)
@@ -243,7 +258,7 @@ async def _order(ctx: CertContext, settings: AcmeSettings, names: list[str], *, 
     await ctx.db.execute("DELETE FROM acme_challenges WHERE created_at < ?", (int(time.time()) - STALE_ANSWERS,))
     try:
         issued = await asyncio.to_thread(
-            acme_client.order_certificate, settings, ctx.acme_dir, names, _sink(ctx, loop), progress)
+            _order_certificate, settings, ctx.acme_dir, names, _sink(ctx, loop), progress)
         info = await asyncio.to_thread(ctx.tls.install, issued.fullchain_pem, issued.key_pem,
                                        hostname=ctx.hostname(), now=ctx.clock())
     except (AcmeProblem, CertificateProblem) as exc:
@@ -444,7 +459,7 @@ class Renewer:
             return dt.datetime.fromtimestamp(int(retry_at), dt.UTC)
         settings = await acme_settings(db)
         cert_pem = self.ctx.tls.cert_path.read_bytes()
-        due = await asyncio.to_thread(acme_client.ari_window, settings, self.ctx.acme_dir, cert_pem) \
+        due = await asyncio.to_thread(_ari_window, settings, self.ctx.acme_dir, cert_pem) \
             or lifetime_due(info)
         if now < due:
             return min(now + CHECK_EVERY, due)

@@ -301,7 +301,7 @@ def cmd_spam_learn(args: argparse.Namespace) -> None:
 # --- cert ----------------------------------------------------------------------------------------
 
 def cmd_cert(args: argparse.Namespace) -> None:  # noqa: C901  dispatch of the five cert subcommands; each branch only parses and renders
-    from appliance import acme_client, certificates
+    from appliance import acme_terms, certificates
     from appliance.tls import CertificateProblem
 
     def read(path: str | None, what: str) -> bytes:
@@ -316,7 +316,7 @@ def cmd_cert(args: argparse.Namespace) -> None:  # noqa: C901  dispatch of the f
         try:
             lines: list[str] = []
             if args.action == "request":
-                directory = acme_client.LETS_ENCRYPT_STAGING if args.staging else args.directory
+                directory = acme_terms.LETS_ENCRYPT_STAGING if args.staging else args.directory
                 if args.ca_file:
                     await admin.db.set_setting(certificates.CA_FILE, args.ca_file)
                 info, names = await admin.request_certificate(
@@ -350,7 +350,7 @@ def cmd_cert(args: argparse.Namespace) -> None:  # noqa: C901  dispatch of the f
                 if st.last_error:
                     lines.append(f"last error:   {st.last_error}")
             return lines
-        except (acme_client.AcmeProblem, CertificateProblem) as exc:
+        except (acme_terms.AcmeProblem, CertificateProblem) as exc:
             raise CliError(str(exc)) from None
 
     for line in run_admin(args, act):

@@ -6,13 +6,13 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from appliance import acme_client, certificates
+from appliance import acme_terms, certificates
 from appliance.tls import CertificateProblem
 from web.pages import admin, flash, read_form, redirect, services
 
 CA_CHOICES = {
-    "letsencrypt": acme_client.LETS_ENCRYPT,
-    "staging": acme_client.LETS_ENCRYPT_STAGING,
+    "letsencrypt": acme_terms.LETS_ENCRYPT,
+    "staging": acme_terms.LETS_ENCRYPT_STAGING,
 }
 MAX_PEM_FIELD = 60 * 1024
 
@@ -28,7 +28,7 @@ async def page_context(request: Request) -> dict[str, object]:
         "status": status, "cert": status.info, "running": running, "ca": ca, "directory": directory,
         "email": await svc.db.get_setting(certificates.EMAIL) or "",
         "eab_kid": await svc.db.get_setting(certificates.EAB_KID) or "",
-        "challenge": await svc.db.get_setting(certificates.CHALLENGE) or acme_client.HTTP_01,
+        "challenge": await svc.db.get_setting(certificates.CHALLENGE) or acme_terms.HTTP_01,
         "port80": svc.config.port("http"), "port443": svc.config.port("https"),
     }
 
@@ -40,7 +40,7 @@ def _directory(values: dict[str, str]) -> str | None:
         if not url.startswith("https://") or len(url) > 500:
             raise ValueError("Enter the directory URL of your CA (it starts with https://).")
         return url
-    return CA_CHOICES.get(choice, acme_client.LETS_ENCRYPT)
+    return CA_CHOICES.get(choice, acme_terms.LETS_ENCRYPT)
 
 
 async def order(request: Request, back: str) -> Response:
@@ -50,9 +50,9 @@ async def order(request: Request, back: str) -> Response:
     except ValueError as exc:
         flash(request, str(exc))
         return redirect(back)
-    challenge = values.get("challenge", acme_client.HTTP_01)
-    if challenge not in (acme_client.HTTP_01, acme_client.TLS_ALPN_01):
-        challenge = acme_client.HTTP_01
+    challenge = values.get("challenge", acme_terms.HTTP_01)
+    if challenge not in (acme_terms.HTTP_01, acme_terms.TLS_ALPN_01):
+        challenge = acme_terms.HTTP_01
     options: dict[str, str | None] = {
         "directory": directory, "email": values.get("email", "").strip()[:254], "challenge": challenge,
     }
@@ -71,7 +71,7 @@ async def check(request: Request, back: str) -> Response:
     await read_form(request)
     try:
         names = await certificates.check_names(svc.certificates, list(await svc.accounts.list_domains()))
-    except acme_client.AcmeProblem as exc:
+    except acme_terms.AcmeProblem as exc:
         flash(request, f"Not ready: {exc.message}")
         return redirect(back)
     text = f"Ready: {', '.join(names.names)} lead{'s' if len(names.names) == 1 else ''} to this box."

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance import certificates
-from appliance.acme_client import AcmeProblem
+from appliance.acme_terms import AcmeProblem
 from appliance.tls import CertificateInfo
 from tests.conftest import BoxHandle, require_program
 from tests.support.imap_wire import RawImap

@@ -13,7 +13,8 @@ import pytest
 from acme import messages
 
 from appliance import certificates
-from appliance.acme_client import explain, parse_retry_after
+from appliance.acme_client import explain
+from appliance.acme_terms import parse_retry_after
 from appliance.postmaster import mail_postmaster
 from tests.conftest import BoxHandle
 from tests.integration.test_acme_pebble import DOMAIN, configure
