@@ -251,9 +251,16 @@ async def check_backups(svc: Services, now: float) -> Item:
     return Item("backups", "Backups", "ok", "Last backup " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at)))
 
 
+def used_percent(used: int, available: int) -> int:
+    """How full the disk is as `df` says it: of the space the box can use (what is used plus what is
+    still available to a user other than root), not of the whole file system, whose blocks reserved for
+    root the box, running as its own user, can never fill."""
+    return -(-100 * used // (used + available)) if used + available else 0  # rounded up, as df does
+
+
 async def check_disk(svc: Services) -> Item:
     usage = await asyncio.to_thread(shutil.disk_usage, svc.config.data.root)
-    used = round(100 * (usage.total - usage.free) / usage.total) if usage.total else 0
+    used = used_percent(usage.used, usage.free)
     growth = await _record_disk(svc.db, usage.total - usage.free, usage.total)
     summary = f"{used}% used, {usage.free // 2**20:,} MiB free" + (
         f", growing {growth // 2**20:,} MiB a week." if growth is not None and growth > 0 else ".")
