@@ -21,6 +21,7 @@ import pytest
 import trustme
 
 from appliance.config import STANDARD_PORTS, DataLayout, ServeConfig
+from appliance.passwords import make_hasher
 from appliance.queue import dns_cache
 from tests.support.polling import wait_until
 
@@ -142,6 +143,11 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
     return ctx
 
 
+# argon2id at the box's cost (19 MiB, t=2) is ~200 ms of a core per password set and per first login; the
+# in-process boxes hash at the cheapest cost instead. `letterbox serve` subprocesses keep the real one.
+TEST_HASHER = make_hasher(time_cost=1, memory_cost_kib=8, parallelism=1)
+
+
 class BoxHandle:
     """The whole box on its own event loop thread; blocking clients run in the test thread."""
 
@@ -165,11 +171,24 @@ class BoxHandle:
             hostname="mail.example.test",
         )
         try:
-            self.box = self.run(Box.start(config))
+            self.box = self.run(self._start_with_test_hasher(Box.start(config)))
         except BaseException:
             self._stop_loop()
             raise
         self.services = self.box.services
+
+    @staticmethod
+    async def _start_with_test_hasher(start: Coroutine[Any, Any, T]) -> T:
+        """The box's Accounts (and so its Auth) take passwords.DEFAULT_HASHER when built: during the start it
+        is TEST_HASHER. Hashing and verifying run the same code; tests about the cost build their own."""
+        from appliance import passwords
+
+        real = passwords.DEFAULT_HASHER
+        passwords.DEFAULT_HASHER = TEST_HASHER
+        try:
+            return await start
+        finally:
+            passwords.DEFAULT_HASHER = real
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
