@@ -319,7 +319,13 @@ class ServedBox:
         try:
             wait_until(ready, seconds=timeout, interval=0.05, what="letterbox serve ready")
         except AssertionError:
+            self.kill()
             raise RuntimeError(f"letterbox serve not ready: {self.log_path.read_text(errors='replace')}") from None
+        except BaseException:
+            # pytest-timeout's failure (or ^C) inside the wait: no fixture teardown will stop this process,
+            # and in a loaded full run such orphans kept serving (and taking CPU) until the run ended.
+            self.kill()
+            raise
 
     def port(self, service: str) -> int:
         return STANDARD_PORTS[service] + self.offset
