@@ -10,6 +10,13 @@ configure_system() {
     ln -sf /usr/share/zoneinfo/Etc/UTC "$root/etc/localtime"
     echo Etc/UTC >"$root/etc/timezone"
     ln -sf ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
+    if [[ $arch == arm64 ]]; then
+        # The root file system by its label, as /etc/fstab has it: raspi-firmware writes root=/dev/mmcblk0p2
+        # into cmdline.txt, but the SD card's number differs between Pi models and kernels, and a USB disk is
+        # neither. ROOTPART keeps it so when a kernel upgrade writes cmdline.txt again.
+        sed -i 's|^#ROOTPART=.*|ROOTPART="LABEL=RASPIROOT"|' "$root/etc/default/raspi-firmware"
+        sed -i 's|root=[^ ]*|root=LABEL=RASPIROOT|' "$root/boot/firmware/cmdline.txt"
+    fi
 
     # The service user; the data directory is made empty: the box makes its secrets and certificate
     # at its first start.
