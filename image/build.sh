@@ -91,11 +91,12 @@ if [[ ! -d $DEPS ]]; then
         # Pure-Python wheels serve every architecture; the compiled ones are fetched again for aarch64.
         for whl in "$DEPS.partial"/*.whl; do
             [[ $whl == *-none-any.whl ]] && continue
-            name=$(basename "$whl" | cut -d- -f1-2 | sed 's/-/==/')
+            # (not $name: that is the image's name, and the image came out as zstandard==0.25.0.img)
+            requirement=$(basename "$whl" | cut -d- -f1-2 | sed 's/-/==/')
             rm "$whl"
             pip_quiet download --no-deps --only-binary=:all: --python-version 3.11 --implementation cp \
                 --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 \
-                --platform manylinux2014_aarch64 --dest "$DEPS.partial" "$name"
+                --platform manylinux2014_aarch64 --dest "$DEPS.partial" "$requirement"
         done
     fi
     mv "$DEPS.partial" "$DEPS"
