@@ -95,7 +95,10 @@ TABLE
 make_disk_arm64() {
     local root=$1 work=$2 out=$3 uuid
     uuid=$(cat /proc/sys/kernel/random/uuid)
-    printf 'LABEL=RASPIROOT\t/\text4\terrors=remount-ro,noatime\t0\t1\nLABEL=RASPIFIRM\t/boot/firmware\tvfat\tdefaults,noatime\t0\t2\n' \
+    # /boot/firmware is only needed when a kernel or firmware upgrade writes there: mounted on first use,
+    # and never a reason to stop the boot (qemu -M virt: udev had not named it within the 90 s default
+    # and the box stopped in emergency mode, which on a headless Pi is a brick).
+    printf 'LABEL=RASPIROOT\t/\text4\terrors=remount-ro,noatime\t0\t1\nLABEL=RASPIFIRM\t/boot/firmware\tvfat\tdefaults,noatime,nofail,x-systemd.automount\t0\t2\n' \
         >"$root/etc/fstab"
     local boot_mib=384
     rm -f "$work/boot.img"
