@@ -84,6 +84,7 @@ from appliance.store.mailstore import (
     StoreError,
     Watcher,
 )
+from appliance.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from appliance.services import Services
@@ -645,13 +646,9 @@ class ImapSession:
             pending.add(notified)  # type: ignore[arg-type]
         await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         if notified is not None and not notified.done():
-            notified.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await notified
+            await cancel_and_wait(notified)
         if waiter is not None and not waiter.done():
-            waiter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await waiter
+            await cancel_and_wait(waiter)
         elif waiter is not None:
             waiter.result()
             self._dirty = True  # changed, or time to look at the disk
