@@ -55,7 +55,7 @@ class FetchRenderer:
     (a client reading a message asks for its BODYSTRUCTURE, then for its parts one by one), up to
     STRUCTURE_CACHE_OCTETS."""
 
-    def __init__(self, cpu: CpuPool | None = None) -> None:
+    def __init__(self, cpu: CpuPool) -> None:
         self._cpu = cpu
         self._structures: OrderedDict[StructureKey, tuple[Part, int]] = OrderedDict()
         self._structure_octets = 0
@@ -113,7 +113,7 @@ class FetchRenderer:
         await cache.learn(learned)
         if unknown and (self._learning is None or self._learning.done()):
             # Rows for the messages answered from a header scan, computed after the answer went
-            # out, in chunks on worker threads (one fill at a time per session; it goes on after
+            # out, in chunks in the CPU pool's worker (one fill at a time per session; it goes on after
             # the session ends, so a phone's short visit fills the cache too).
             self._learning = cache.fill(_learn_later(cache, unknown, self._cpu))
         return missing
@@ -189,7 +189,7 @@ def _render_cached(
     return out, learned, unknown
 
 
-async def _learn_later(cache: FolderCache, files: list[tuple[int, Path]], cpu: CpuPool | None) -> None:
+async def _learn_later(cache: FolderCache, files: list[tuple[int, Path]], cpu: CpuPool) -> None:
     """Rows for messages answered from a header scan, described in the CPU pool's worker process.
     Not in a thread here: a thread describing files holds this process's GIL, and every file a
     FETCH on the event loop's side opens meanwhile gave the GIL up and waited up to the switch
@@ -204,9 +204,7 @@ async def _learn_later(cache: FolderCache, files: list[tuple[int, Path]], cpu: C
             todo = [(uid, str(path)) for uid, path in chunk if uid not in known]
             if not todo:
                 continue
-            if cpu is None:
-                learned = await asyncio.to_thread(fetch_cache.describe_files, todo)
-            elif len(files) <= LEARN_LIGHT:
+            if len(files) <= LEARN_LIGHT:
                 learned = await cpu.run_light(fetch_cache.describe_files, todo)
             else:
                 learned = await cpu.run(fetch_cache.describe_files, todo)
