@@ -19,6 +19,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -36,9 +37,20 @@ MAX_TASKS = 2000  # tasks per worker process before a fresh one replaces it
 WORKER_NICE = 10  # below the server: SMTP intake and NOOPs are served first
 
 
-def _lower_priority(nice: int) -> None:
+def _init_worker(nice: int) -> None:
     with contextlib.suppress(OSError):
         os.nice(nice)
+    # A server killed with SIGKILL (OOM killer, kill -9) never shuts its pool down, and the worker
+    # holds its own task queue's write end, so it would wait for work for ever, keeping its memory
+    # and the resource tracker alive. Its parent's sentinel turns readable when the parent dies.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _exit_with(parent: multiprocessing.process.BaseProcess) -> None:
+    parent.join()
+    os._exit(1)
 
 
 class CpuPool:
@@ -93,7 +105,7 @@ class CpuPool:
         if self._executor is None:
             self._executor = ProcessPoolExecutor(
                 self._workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_lower_priority, initargs=(self._nice,), max_tasks_per_child=MAX_TASKS,
+                initializer=_init_worker, initargs=(self._nice,), max_tasks_per_child=MAX_TASKS,
             )
         return self._executor
 
