@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 CHECK_TIMEOUT = 15.0  # seconds for one /checkv2, whole: rspamd's own DNS lookups can take a few
 LEARN_TIMEOUT = 30.0  # learning is off the client's path; a busy Redis may be slow
-PING_TIMEOUT = 2.0
+PING_TIMEOUT = 5.0  # the status page's question; a Pi busy with a burst (or rspamd loading its maps) answers in seconds, not at once
 MAX_REPLY = 4 * 1024 * 1024  # rspamd's JSON reply is a few KiB; anything near this is not rspamd
 BOX_CLASSIFIER = "bayes"  # the box-wide Bayes classifier's name in rspamd's statistic.conf
 MAX_SYMBOLS = 200  # symbols kept from one reply (rspamd has a few hundred rules in all)
