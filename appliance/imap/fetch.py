@@ -19,7 +19,7 @@ from email.utils import getaddresses, unquote
 from functools import lru_cache
 from typing import BinaryIO, Protocol
 
-from appliance.imap.commands import BinarySection, BodySection, FetchItem, Section
+from appliance.imap.commands import BinarySection, BodySection, FetchAttribute, FetchItem, Section
 from appliance.imap.limits import MAX_HEADER_OCTETS
 from appliance.imap.mime import Part, Span, unfold
 from appliance.imap.responses import Atom, Literal8Bytes, LiteralBytes, Raw, Streamed, Value, render_value
@@ -36,6 +36,8 @@ MISSING_DOMAIN = "MISSING_DOMAIN"
 
 def to_crlf(chunk: bytes, prev_cr: bool) -> bytes:
     """Bare LF written as CRLF; `prev_cr` says the previous chunk ended in CR (a CRLF cut in two)."""
+    if chunk.count(b"\n") == chunk.count(b"\r\n") and not (prev_cr and chunk.startswith(b"\n")):
+        return chunk  # CRLF already (nearly always): two counts in C instead of a regex pass
     out = _BARE_LF.sub(b"\r\n", chunk)
     if prev_cr and chunk.startswith(b"\n"):
         out = out[1:]
@@ -200,7 +202,7 @@ def whole_message(root: Part) -> Span:
 def header_fields(header: bytes, fields: tuple[str, ...], exclude: bool) -> bytes:
     """RFC 3501 6.4.5 HEADER.FIELDS (.NOT): the named fields of a header block, in their order, with
     their continuation lines, then the blank line. Line ends are CRLF."""
-    wanted = {f.lower() for f in fields}
+    wanted = _wanted_names(fields)
     out = bytearray()
     keep = False
     ended = False  # the block ends with its blank line (a message may have no body and no blank line)
@@ -214,13 +216,21 @@ def header_fields(header: bytes, fields: tuple[str, ...], exclude: bool) -> byte
             if keep:
                 out += line
             continue
-        name = line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
-        keep = (name in wanted) != exclude and b":" in line
+        colon = line.find(b":")
+        # A name with an octet above 127 matches no requested name (all ASCII, _wanted_names).
+        keep = colon >= 0 and (line[:colon].strip().lower() in wanted) != exclude
         if keep:
             out += line
     if ended:
         out += b"\r\n"
     return to_crlf(bytes(out), False)
+
+
+@lru_cache(maxsize=64)
+def _wanted_names(fields: tuple[str, ...]) -> frozenset[bytes]:
+    """The requested field names, lower-cased as str.lower() does (which may turn a non-ASCII
+    name into an ASCII one), as octets; a name that stays non-ASCII can match no field."""
+    return frozenset(name.encode("ascii") for name in (f.lower() for f in fields) if name.isascii())
 
 
 def body_section(f: BinaryIO, root: Part, item: BodySection, reopen: Reopen | None) -> Value:
@@ -479,13 +489,20 @@ def _grouped_addresses(text: str) -> list[Value]:
 # --- BODY and BODYSTRUCTURE (RFC 3501 7.4.2) -------------------------------------------------------
 
 def body_structure(part: Part, extensible: bool) -> Value:
+    extended, basic = body_structures(part)
+    return extended if extensible else basic
+
+
+def body_structures(part: Part) -> tuple[Value, Value]:
+    """BODYSTRUCTURE and BODY of a part in one walk (the message cache keeps both; they share the
+    type, the parameters and every part's fields)."""
     if part.is_multipart:
-        children = Raw(b"".join(render_value(body_structure(c, extensible)) for c in part.children))
-        value: list[Value] = [children, _spelled_type(part)[1]]
-        if extensible:
-            value += [_params(part.headers) or None, _disposition(part.headers), _language(part.headers),
-                      _nstring(part.headers, "Content-Location")]
-        return value
+        pairs = [body_structures(c) for c in part.children]
+        subtype = _spelled_type(part)[1]
+        extended: list[Value] = [Raw(b"".join(render_value(e) for e, _ in pairs)), subtype,
+                                 _params(part.headers) or None, _disposition(part.headers), _language(part.headers),
+                                 _nstring(part.headers, "Content-Location")]
+        return extended, [Raw(b"".join(render_value(b) for _, b in pairs)), subtype]
     headers = part.headers
     params = _params(headers)
     if part.maintype == "text" and not any(isinstance(n, bytes) and n.lower() == b"charset" for n in params[::2]):
@@ -498,19 +515,26 @@ def body_structure(part: Part, extensible: bool) -> Value:
         raw(unfold(encoding).strip()) if encoding else "7bit",
         part.body.wire_size,
     ]
+    basic = fields
     if part.is_message:
         inner = part.children[0]
-        fields += [envelope(inner.headers), body_structure(inner, extensible), part.lines]
+        inner_extended, inner_basic = body_structures(inner)
+        message_envelope = Raw(render_value(envelope(inner.headers)))
+        basic = [*fields, message_envelope, inner_basic, part.lines]
+        fields += [message_envelope, inner_extended, part.lines]
     elif part.maintype == "message" and part.subtype in ("rfc822", "global"):
         # RFC 3501 9 body-type-msg always has an envelope and a body; an encapsulated message we
         # could not walk (base64-encoded, too deep) gets empty ones, as Dovecot does.
-        fields += [[None] * 10, _EMPTY_EXTENSIBLE if extensible else _EMPTY_BASIC, part.lines]
+        basic = [*fields, [None] * 10, _EMPTY_BASIC, part.lines]
+        fields += [[None] * 10, _EMPTY_EXTENSIBLE, part.lines]
     elif part.maintype == "text":
         fields.append(part.lines)
-    if extensible:
-        fields += [_nstring(headers, "Content-MD5"), _disposition(headers), _language(headers),
-                   _nstring(headers, "Content-Location")]
-    return fields
+        basic = fields[:]
+    else:
+        basic = fields[:]
+    fields += [_nstring(headers, "Content-MD5"), _disposition(headers), _language(headers),
+               _nstring(headers, "Content-Location")]
+    return fields, basic
 
 
 _EMPTY_BASIC: list[Value] = ["text", "plain", [b"charset", b"us-ascii"], None, None, "7bit", 0, 0]
@@ -658,6 +682,12 @@ def needs_structure(item: FetchItem) -> bool:
     if isinstance(item, BodySection):
         return bool(item.section.part) or not item.section.text.startswith("HEADER")
     return item.name in ("BODY", "BODYSTRUCTURE", "RFC822", "RFC822.TEXT")
+
+
+def needs_fields(items: Sequence[FetchItem]) -> bool:
+    """Whether the items need the parsed header fields, not only the header block's place (which
+    is all that BODY[HEADER], BODY[HEADER.FIELDS (...)] and RFC822.HEADER read)."""
+    return any(needs_structure(i) or (isinstance(i, FetchAttribute) and i.name == "ENVELOPE") for i in items)
 
 
 def index_value(name: str, facts: MessageFacts) -> Value:

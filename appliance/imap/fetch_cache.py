@@ -55,11 +55,12 @@ def describe(f: BinaryIO, stamp: FileStamp) -> CachedMessage:
     size = root.header.end - root.header.start
     block = f.read(min(size, MAX_HEADER_OCTETS))
     exact = size <= MAX_HEADER_OCTETS and block.count(b"\n") == block.count(b"\r\n") and parses_whole(block)
+    extended, basic = fetching.body_structures(root)
     return CachedMessage(
         stamp,
         render_value(fetching.envelope(root.headers)),
-        render_value(fetching.body_structure(root, extensible=True)),
-        render_value(fetching.body_structure(root, extensible=False)),
+        render_value(extended),
+        render_value(basic),
         fetching.header_fields(block, _CACHED_ORDER, exclude=False),
         exact,
     )

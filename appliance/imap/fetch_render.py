@@ -125,6 +125,7 @@ class FetchRenderer:
         """Runs in a worker thread: read and render what FETCH wants of each message (None: its file
         is gone)."""
         full = any(fetching.needs_structure(i) for i in items)
+        fields = fetching.needs_fields(items)
         out: list[FetchResponse | None] = []
         for seq, info, message in jobs:
             try:
@@ -133,19 +134,19 @@ class FetchRenderer:
                 out.append(None)
                 continue
             with f:
-                root = self._structure((*folder, info.uid), f, full)
+                root = self._structure((*folder, info.uid), f, full, fields)
                 values = fetching.item_values(items, message, f, root, _reopener(f))
             out.append(_response(seq, values, message, flags_changed, condstore))
         return out
 
-    def _structure(self, key: StructureKey, f: BinaryIO, full: bool) -> Part:
+    def _structure(self, key: StructureKey, f: BinaryIO, full: bool, fields: bool) -> Part:
         found = self._structures.get(key)
         if found is not None:
             self._structures.move_to_end(key)
             return found[0]
         f.seek(0)
         if not full:
-            return scan_header(f)  # cheap enough not to cache
+            return scan_header(f, fields=fields)  # cheap enough not to cache
         part = scan(f)
         weight = _weight(part)
         if weight <= STRUCTURE_CACHE_OCTETS // 4:
@@ -222,7 +223,8 @@ def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequenc
         return None
     with f:
         full = any(fetching.needs_structure(i) for i in items)
-        return fetching.item_values(items, message, f, scan(f) if full else scan_header(f), _reopener(f))
+        root = scan(f) if full else scan_header(f, fields=fetching.needs_fields(items))
+        return fetching.item_values(items, message, f, root, _reopener(f))
 
 
 def _response(seq: int, values: list[tuple[str, Value]], message: fetching.MessageFacts, flags_changed: set[int],
