@@ -37,6 +37,7 @@ FETCH_BATCH = 64  # messages whose files one worker-thread call reads
 CACHED_FETCH_BATCH = 500  # messages answered from the message cache per worker-thread call
 LEARN_BATCH = 2000  # rows computed from files kept per transaction
 LEARN_CHUNK = 200  # messages a background fill describes per call of the CPU pool's worker
+SHARED_FETCH = 2 * CACHED_FETCH_BATCH  # a FETCH computing this many rows or more shares them with the CPU pool
 LEARN_LIGHT = 20  # a fill this small may run in a thread while no worker process is up (cpu_pool.run_light)
 PART_WEIGHT = 256  # octets counted per MIME part of a cached structure, beyond its header block
 INDEX_FETCH_BATCH = 5000  # messages per rendered block of an index-only FETCH
@@ -98,6 +99,15 @@ class FetchRenderer:
         learned: fetch_cache.Learned = []
         unknown: list[tuple[int, Path]] = []
         compute = fetch_cache.needs_row(items)
+        learn_every = LEARN_BATCH
+        if compute and len(uids) >= SHARED_FETCH and not self._filling():
+            # Both cores: the CPU pool's worker describes the messages from the end of the list
+            # while this goes from the start, each skipping the rows the other has kept, so they
+            # meet wherever the slower one is (a first FETCH ENVELOPE BODYSTRUCTURE of a folder
+            # copied in was all in this process, issue 19). Rows kept after each batch, so the
+            # two do not describe the same messages twice for long.
+            self._learning = cache.fill(_learn_later(cache, [(uid, view.info(uid).path) for uid in uids], self._cpu))
+            learn_every = 1
         for start in range(0, len(uids), CACHED_FETCH_BATCH):
             jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid))
                     for uid in uids[start:start + CACHED_FETCH_BATCH]]
@@ -107,16 +117,19 @@ class FetchRenderer:
             await send(*[r for r in results if r is not None])
             learned += new
             unknown += later
-            if len(learned) >= LEARN_BATCH:
+            if len(learned) >= learn_every:
                 await cache.learn(learned)
                 learned = []
         await cache.learn(learned)
-        if unknown and (self._learning is None or self._learning.done()):
+        if unknown and not self._filling():
             # Rows for the messages answered from a header scan, computed after the answer went
             # out, in chunks in the CPU pool's worker (one fill at a time per session; it goes on after
             # the session ends, so a phone's short visit fills the cache too).
             self._learning = cache.fill(_learn_later(cache, unknown, self._cpu))
         return missing
+
+    def _filling(self) -> bool:
+        return self._learning is not None and not self._learning.done()
 
     def _render_files(
         self, folder: tuple[str, int], jobs: list[_Job], items: Sequence[FetchItem], flags_changed: set[int],

@@ -57,6 +57,10 @@ def parses_whole(block: bytes) -> bool:
     """Whether parse_header reads every line of `block` up to its blank line as part of a field:
     no line that ends the fields early, no "From " line, no field without a name."""
     text = block.decode("ascii", "surrogateescape")
+    # Without its last line when that is the blank one (it ends the fields).
+    fields = text[:-2] if text.endswith("\n\r\n") else text[:-1] if text.endswith("\n\n") else text
+    if _plain_fields(fields) is not None:
+        return True  # fields only, then the blank line or the end (nearly always)
     for line in _LINES.findall(text):
         if line in ("\r\n", "\n"):
             return True
@@ -75,10 +79,9 @@ def parse_header(block: bytes) -> Message:
     are, the last line end removed (compat32's header_source_parse). Octets above 127 are kept as
     surrogate escapes, as the stdlib parser keeps them."""
     text = block.decode("ascii", "surrogateescape")
-    found = _FIELD.findall(text)
-    # The fields found follow each other without a gap when their lengths add up to the block's.
-    if sum(len(name) + len(blanks) + len(value) for name, blanks, value in found) + len(found) == len(text):
-        return Headers([(name, value.rstrip("\r\n")) for name, _, value in found])
+    found = _plain_fields(text)
+    if found is not None:
+        return Headers(found)
     fields: list[tuple[str, str]] = []
     name = ""
     value: list[str] = []
@@ -130,6 +133,16 @@ class Headers(Message):
         raise TypeError("parsed header fields are read-only")
 
     __setitem__ = __delitem__ = set_raw = add_header = replace_header = _read_only
+
+
+def _plain_fields(text: str) -> list[tuple[str, str]] | None:
+    """(name, value) of each field when `text` is fields only (a field line and its continuation
+    lines, one after the other), as parse_header's rules give them; None for anything else."""
+    found = _FIELD.findall(text)
+    # The fields found follow each other without a gap when their lengths add up to the text's.
+    if sum(len(name) + len(blanks) + len(value) for name, blanks, value in found) + len(found) != len(text):
+        return None
+    return [(name, value.rstrip("\r\n")) for name, _, value in found]
 
 
 @dataclass(frozen=True)
