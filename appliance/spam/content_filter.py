@@ -30,7 +30,14 @@ from dataclasses import dataclass
 
 from appliance.smtp.content import ContentFacts, ContentVerdict
 from appliance.spam.decisions import ACCEPT, JUNK, REJECT, RSPAMD, Decision, DecisionLog, Verdict
-from appliance.spam.rspamd import Endpoint, Envelope, RspamdClient, RspamdUnavailable, ScanResult
+from appliance.spam.rspamd import (
+    Endpoint,
+    Envelope,
+    RspamdClient,
+    RspamdUnavailable,
+    RspamdUnreachable,
+    ScanResult,
+)
 
 log = logging.getLogger("letterbox.spam.content")
 
@@ -40,6 +47,10 @@ DEFAULT_JUNK_SCORE = 6.0  # rspamd's own "add header" threshold
 DEFAULT_REJECT_SCORE = 15.0  # rspamd's own "reject" threshold
 SPAM_REPLY = "554 5.7.1 Message refused: it looks like spam (score {score:.1f})"  # RFC 3463 5.7.1
 MAX_SYMBOLS_SHOWN = 8
+# After a connection to rspamd failed, messages go unchecked without asking for this long: with
+# rspamd down (as under `make run`) a try per message cost a thread handoff and a refused
+# connection each (issue 19); a returning rspamd is asked again this soon.
+RETRY_SECONDS = 2.0
 
 # The box's verdicts as rspamd's own symbol names (rspamd's scores.d/policies_group.conf).
 SPF_SYMBOLS = {
@@ -75,6 +86,20 @@ class FilterState:
     available: bool | None = None  # None: not asked yet
     problem: str = ""
     since: float = 0.0
+    # After a connection to rspamd failed: (its address, when). Messages go unchecked without
+    # asking for a moment afterwards (RspamdContentFilter.retry_seconds).
+    unreachable: tuple[str, float] | None = None
+
+    def waiting(self, scanner: str, seconds: float) -> bool:
+        """Whether a message for `scanner` goes unchecked without asking: its connection failed less
+        than `seconds` ago (a changed address is asked at once)."""
+        if self.unreachable is None:
+            return False
+        address, when = self.unreachable
+        if address == scanner and time.monotonic() - when < seconds:
+            return True
+        self.unreachable = None
+        return False
 
     def note(self, available: bool, problem: str = "") -> None:
         if available != self.available:
@@ -84,6 +109,8 @@ class FilterState:
             else:
                 log.warning("content filter is off: %s", problem)
         self.available, self.problem = available, problem
+        if available:
+            self.unreachable = None
 
 
 def auth_symbols(facts: ContentFacts) -> dict[str, float]:
@@ -157,6 +184,7 @@ class RspamdContentFilter:
         self._settings = settings
         self._decisions = decisions  # the console's recent decisions (appliance/spam/decisions.py)
         self.state = FilterState()
+        self.retry_seconds = RETRY_SECONDS
 
     async def __call__(self, facts: ContentFacts, data: bytes) -> ContentVerdict:
         cleaned = remove_spam_fields(data)
@@ -176,6 +204,9 @@ class RspamdContentFilter:
     async def _scan(self, facts: ContentFacts, data: bytes,
                     settings: ContentSettings) -> tuple[Verdict, float | None, str, ContentVerdict]:
         """(verdict, score, reason, what the MX does)."""
+        if self.state.waiting(settings.scanner, self.retry_seconds):
+            return ACCEPT, None, f"unchecked: {self.state.problem}", ContentVerdict(
+                headers=UNCHECKED_HEADER, message=data)
         envelope = Envelope(
             ip=facts.peer_ip, helo=facts.helo, sender=facts.sender, recipients=facts.recipients,
             user=facts.user, queue_id=facts.queue_id, symbols=auth_symbols(facts),
@@ -186,6 +217,8 @@ class RspamdContentFilter:
         except (RspamdUnavailable, ValueError) as exc:
             # Never a 5xx for a check that did not run, and never a lost message: into the inbox.
             self.state.note(False, str(exc))
+            if isinstance(exc, RspamdUnreachable):
+                self.state.unreachable = (settings.scanner, time.monotonic())
             return ACCEPT, None, f"unchecked: {exc}", ContentVerdict(headers=UNCHECKED_HEADER, message=data)
         self.state.note(True)
         summary = symbols_summary(result)

@@ -31,6 +31,11 @@ class RspamdUnavailable(Exception):
     """rspamd could not be asked or did not answer usefully; the message says why, in plain words."""
 
 
+class RspamdUnreachable(RspamdUnavailable):
+    """Not even a connection: nothing listens at rspamd's address (refused, unreachable). The
+    content filter waits a moment before asking again (content_filter.RETRY_SECONDS)."""
+
+
 @dataclass(frozen=True)
 class Symbol:
     name: str
@@ -152,6 +157,10 @@ def _request(endpoint: Endpoint, path: str, body: bytes | None, headers: list[tu
     gives its reason phrase as the body: rspamd says there why it skipped a learn."""
     conn = http.client.HTTPConnection(endpoint.host, endpoint.port, timeout=timeout)
     try:
+        try:
+            conn.connect()
+        except OSError as exc:
+            raise RspamdUnreachable(f"rspamd at {endpoint} cannot be reached: {_plain(exc)}") from None
         conn.putrequest("POST" if body is not None else "GET", path, skip_accept_encoding=True)
         for name, value in headers:
             conn.putheader(name, value)

@@ -14,11 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from appliance.spam.content_filter import RETRY_SECONDS
 from tests.conftest import LETTERBOX, BoxHandle, require_program
 from tests.support.polling import wait_until
+from tests.support.receivers import free_port
 from tests.support.rspamd import RspamdPeer, running_rspamd
 from tests.support.smtp_wire import hold_outbound, maildir_messages, parse
 from tests.support.spam_settings import set_spam, use_rspamd
+from tests.support.tcp_forward import Forwarder
 
 PASSWORD = "correct horse battery staple 9"
 ALICE = "alice@ourdomain.test"
@@ -181,3 +184,35 @@ def test_the_cli_says_whether_filtering_is_on_and_teaches_rspamd(mx: BoxHandle, 
     missing = letterbox(mx, "spam", "learn", "spam", str(tmp_path / "nothing"))
     assert missing.returncode == 1
     assert "no such file or Maildir folder" in missing.stderr
+
+
+def test_rspamd_down_is_not_asked_per_message_and_is_asked_again_when_back(mx: BoxHandle,
+                                                                           rspamd: RspamdPeer) -> None:
+    """After a refused connection the MX does not knock again for each message (a thread handoff
+    and a connection each, issue 19) but for a moment marks mail unchecked without asking; then it
+    asks again by itself, and a returning rspamd scores mail and the filter is on once more."""
+    spam_content = mx.services.spam_content
+    assert spam_content is not None
+    content_filter = spam_content.filter
+    port = free_port(("127.0.0.1",))
+    set_spam(mx, rspamd_url=f"http://127.0.0.1:{port}")  # nothing listens there yet
+    content_filter.retry_seconds = 600.0  # the moment, long enough for any load on this machine
+    numbered = [CLEAN.replace(b"lunch-1", f"back-{n}".encode()) for n in range(3)]
+    assert send_mx(mx, numbered[0])[0] == 250
+    scanner_port = int(rspamd.scanner.rpartition(":")[2])
+    with Forwarder(port, scanner_port) as returned:  # rspamd answers at that address again
+        assert send_mx(mx, numbered[1])[0] == 250
+        assert returned.connections == 0  # not asked within the moment
+        assert content_filter.state.available is False
+        content_filter.retry_seconds = RETRY_SECONDS  # as shipped: asked again a moment later
+        wait_until(lambda: send_mx(mx, numbered[2])[0] == 250 and scored(mx, b"back-2"),
+                   what="a message scored by the returning rspamd", interval=0.5)
+        assert returned.connections >= 1
+        assert content_filter.state.available is True
+    assert not scored(mx, b"back-0")
+    assert not scored(mx, b"back-1")
+
+
+def scored(box: BoxHandle, marker: bytes) -> bool:
+    """Whether a copy carrying `marker` was scored by rspamd (not marked unchecked)."""
+    return any(not parse(raw)["X-Spam-Status"].startswith("unchecked") for raw in folder(box) if marker in raw)
