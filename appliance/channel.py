@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import ipaddress
 import logging
 import ssl
@@ -206,6 +207,7 @@ IPV4_NETWORK_PREFIX = 24
 IPV6_NETWORK_PREFIX = 64
 
 
+@functools.lru_cache(maxsize=4096)  # a few hundred KB at most; asked at every connection and RCPT
 def network_of(address: str) -> str:
     """The /24 or /64 an address belongs to (an IPv4-mapped IPv6 address counts as its IPv4 one)."""
     try:

@@ -763,6 +763,10 @@ def _run(argv: Sequence[str] | None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # What the format above never shows, not looked up for every record (the logging HOWTO's
+    # "Optimization"): the caller's frame, thread, process; `serve` logs a few lines per message.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     try:
         args.func(args)
     except (CliError, AccountError, DatabaseError) as exc:

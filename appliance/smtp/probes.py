@@ -13,13 +13,13 @@ bounded memory (the oldest keys are dropped first).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.channel import network_of
 from appliance.smtp.policy import Reply
 
 # Refused recipients a session may make before each further one is delayed (Postfix's soft limit is 10;
@@ -47,16 +47,6 @@ class ProbeLimits:
     per_network: int = MAX_UNKNOWN_PER_NETWORK
     block_seconds: float = BLOCK_SECONDS
     max_keys: int = MAX_TRACKED_KEYS
-
-
-def network_of(ip: str) -> str:
-    """The /24 (IPv4) or /64 (IPv6) an address belongs to; the text itself when it is not an address."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    prefix = 24 if address.version == 4 else 64
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
 class RecipientProbeGuard:

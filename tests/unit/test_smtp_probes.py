@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from appliance.smtp.probes import ProbeLimits, RecipientProbeGuard, network_of
+from appliance.channel import network_of
+from appliance.smtp.probes import ProbeLimits, RecipientProbeGuard
 
 
 class Clock:
