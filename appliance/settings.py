@@ -31,6 +31,7 @@ state; each is owned by its module.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import math
@@ -147,11 +148,18 @@ class SpamSettings:
 
     def skips(self, client_ip: str) -> bool:
         """Is this client exempt from the connection and envelope checks (skip_networks)?"""
-        try:
-            address = ipaddress.ip_address(client_ip)
-        except ValueError:
-            return False
-        return any(address in ipaddress.ip_network(n, strict=False) for n in self.skip_networks)
+        return _in_networks(client_ip, self.skip_networks)
+
+
+# Asked at every MX connection: parsing the addresses was 3 % of the MX's CPU (issue 19). At most
+# 1024 answers (an address and the setting's tuple, shared) are kept.
+@functools.lru_cache(maxsize=1024)
+def _in_networks(client_ip: str, networks: tuple[str, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(n, strict=False) for n in networks)
 
 
 SPAM_KEYS = tuple(SPAM_PREFIX + f.name for f in fields(SpamSettings))
