@@ -15,7 +15,7 @@ What Letterbox's MX does in the SMTP rows (SMTP_CHECKS, printed with the table):
 
 Usage: python -m bench.side_by_side [--sizes 1000,10000,100000] [--rounds 3] [--timeout 120]
        [--smtp-messages 2000] [--submissions 20] [--deliveries 2000] [--appends 200] [--pop3-mib 50]
-       [--stress-secs 10] [--imap-only]
+       [--stress-secs 10] [--imap-only] [--smtp-only]
 """
 
 from __future__ import annotations
@@ -618,25 +618,32 @@ def smtp_round(setup: Setup, results: Results, fixed: Fixed, zone_address: str) 
                     ("Postfix → virtual(8)", virtual_rcpt, postfix.maildir(virtual_rcpt)),
                 ):
                     smtp_pair(results, "checks on", peer, box, (postfix.port, target, maildir), peer_pids)
-                sub = "submission, new connection + STARTTLS + AUTH per message"
-                peer = "Postfix + Dovecot SASL"
-                count = setup.args.submissions
-                results.add(sub, "msg/s", "letterbox", submissions(box.port("submission"), count, RCPT),
-                            lower_is_better=False, peer=peer)
-                results.add(sub, "msg/s", "peer", submissions(postfix.submission_port, count, virtual_rcpt),
-                            lower_is_better=False, peer=peer)
-                pop = f"POP3 RETR, one {setup.args.pop3_mib} MiB message, over TLS"
-                results.add(pop, "MB/s", "letterbox", pop3_retr(box.port("pop3s"), fixed.pop_octets),
-                            lower_is_better=False)
-                results.add(pop, "MB/s", "dovecot", pop3_retr(dovecot.pop3s_port, fixed.pop_octets),
-                            lower_is_better=False)
-                stress_rows(results, "letterbox", box.port("imaps"), fixed.mbox)
-                stress_rows(results, "dovecot", dovecot.tls_port, fixed.mbox)
+                if not setup.args.smtp_only:
+                    other_rows(setup, results, fixed, box, dovecot, postfix, virtual_rcpt)
             with setup.letterbox({}, {"inbound_auth": "off"}) as box:
                 smtp_pair(results, "Letterbox's checks off", "Postfix → virtual(8)", box,
                           (postfix.port, virtual_rcpt, postfix.maildir(virtual_rcpt)), peer_pids)
         finally:
             postfix.stop()
+
+
+def other_rows(setup: Setup, results: Results, fixed: Fixed, box: Box, dovecot: BenchDovecot, postfix: BenchPostfix,
+               virtual_rcpt: str) -> None:
+    """Submission, POP3 RETR and imaptest stress, on the servers of an SMTP round."""
+    sub = "submission, new connection + STARTTLS + AUTH per message"
+    peer = "Postfix + Dovecot SASL"
+    count = setup.args.submissions
+    results.add(sub, "msg/s", "letterbox", submissions(box.port("submission"), count, RCPT),
+                lower_is_better=False, peer=peer)
+    results.add(sub, "msg/s", "peer", submissions(postfix.submission_port, count, virtual_rcpt),
+                lower_is_better=False, peer=peer)
+    pop = f"POP3 RETR, one {setup.args.pop3_mib} MiB message, over TLS"
+    results.add(pop, "MB/s", "letterbox", pop3_retr(box.port("pop3s"), fixed.pop_octets),
+                lower_is_better=False)
+    results.add(pop, "MB/s", "dovecot", pop3_retr(dovecot.pop3s_port, fixed.pop_octets),
+                lower_is_better=False)
+    stress_rows(results, "letterbox", box.port("imaps"), fixed.mbox)
+    stress_rows(results, "dovecot", dovecot.tls_port, fixed.mbox)
 
 
 def smtp_pair(results: Results, how: str, peer: str, box: Box, target: tuple[int, str, Path],
@@ -734,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pop3-mib", type=int, default=50)
     parser.add_argument("--stress-secs", type=int, default=10)
     parser.add_argument("--imap-only", action="store_true", help="only the rows that depend on the folder size")
+    parser.add_argument("--smtp-only", action="store_true",
+                        help="of the rows that do not depend on a folder's size, only SMTP intake")
     args = parser.parse_args(argv)
 
     # SIGTERM (a killed `make bench`) unwinds like an error, so the private servers are stopped.
