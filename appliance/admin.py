@@ -23,38 +23,32 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance import (
-    backup,
-    backup_restic,
-    bundle,
-    certificates,
-    dkim_keys,
-    dns_check,
-    dns_records,
-    sizes,
-    update,
-)
+from appliance import dkim_keys, sizes
 from appliance.account_errors import NotFound
 from appliance.accounts import Accounts, AliasInfo, MailboxInfo, stored_domain
 from appliance.config import DataLayout
 from appliance.db import Database
 from appliance.events import EventLog
-from appliance.queue import state as queue_state
-from appliance.queue.relay_check import RelayCheck, check_relay
+from appliance.host_name import system_hostname
 from appliance.queue.smarthost import Smarthost, SmarthostError
 from appliance.settings import Settings
 from appliance.spam import outbound
-from appliance.spam.dnsbl import Blocklists, ListReport, ListStatus, list_reports
 from appliance.spam.greylist import Greylist, GreylistEntry
-from appliance.tls import CertificateInfo, TlsManager
 
 SPAM_LAYERS = ("dnsbl", "domain_blocklist", "early_talker", "greylist")  # the switches of save_spam_layers
 
+# The use-cases below import their modules inside themselves (issue 15): every CLI command opens an
+# Admin, and `letterbox user list` should not load the certificates (cryptography x509, the ACME
+# client), the backups (age, zstandard), dnspython or the update machinery that other use-cases need.
 if TYPE_CHECKING:
     from argon2 import PasswordHasher
 
+    from appliance import backup, backup_restic, bundle, certificates, dns_check, dns_records
+    from appliance.queue.relay_check import RelayCheck
     from appliance.services import Services
+    from appliance.spam.dnsbl import ListReport
     from appliance.store.mailstore import MailStore
+    from appliance.tls import CertificateInfo
 
 
 
@@ -120,16 +114,22 @@ class Admin:
         return key
 
     async def dns_records(self, name: str, ports: Mapping[str, int] | None = None) -> list[dns_records.DnsRecord]:
+        from appliance import dns_records
+
         domain = await self.local_domain(name)
         return await dns_records.domain_records(self.db, self.data.dkim, domain, self.hostname(), ports)
 
     async def dns_zone_file(self, name: str, ports: Mapping[str, int] | None = None) -> str:
         """The same records as a zone-file snippet for the registrar's import or a BIND zone."""
+        from appliance import dns_records
+
         domain = await self.local_domain(name)
         return dns_records.zone_file(domain, await self.dns_records(domain, ports))
 
     async def check_dns(self, name: str, ports: Mapping[str, int] | None = None) -> list[dns_check.CheckResult]:
         """Look every record of the domain up now; the results are kept for the console."""
+        from appliance import dns_check
+
         domain = await self.local_domain(name)
         results = await dns_check.check_domain(self.db, self.data.dkim, domain, self.hostname(), ports)
         await dns_check.save_results(self.db, domain, results)
@@ -275,6 +275,8 @@ class Admin:
     async def test_relay(self, relay: Smarthost) -> RelayCheck:
         """Try the relay (never stored here); a failure is an event, a success is stored by the caller
         through set_relay(tested=True)."""
+        from appliance.queue.relay_check import check_relay
+
         check = await check_relay(relay, helo_name=self.hostname(), resolver=(await self.settings.fresh()).dns_resolver)
         if not check.ok:
             await self.events.record("sending", f"relay test of {relay.describe()} failed: {check.detail}")
@@ -282,6 +284,8 @@ class Admin:
 
     async def flush_queue(self, message_ids: Sequence[str] = ()) -> int:
         """Every deferred recipient (or those of `message_ids`) due now; returns how many."""
+        from appliance.queue import state as queue_state
+
         count = await queue_state.flush(self.db, message_ids)
         self.wake_queue()
         what = f"message{'s' if len(message_ids) > 1 else ''} {', '.join(message_ids)}" if message_ids else "queue"
@@ -290,6 +294,8 @@ class Admin:
 
     async def delete_queued(self, message_ids: Sequence[str]) -> list[str]:
         """Remove messages from the queue without a report to their sender; returns those removed."""
+        from appliance.queue import state as queue_state
+
         deleted = await queue_state.delete(self.db, self.data.spool, list(message_ids))
         for message_id in deleted:
             await self.events.record("sending", f"message {message_id} deleted from the queue (no report sent)")
@@ -299,37 +305,56 @@ class Admin:
 
     async def make_backup_key(self) -> backup.Kit:
         """A new backup key; the returned emergency kit is its only copy of the secret half."""
+        from appliance import backup
+
         return await backup.make_key(self.db, self.events, self.hostname())
 
     async def create_backup(self, *, to: Path | None = None, key_text: str = "", passphrase: str = "",
                             progress: backup.Progress | None = None, keep: int | None = None) -> backup.Created:
+        from appliance import backup
+
         return await backup.create(self.db, self.events, self.data, to=to, key_text=key_text,
                                    passphrase=passphrase, progress=progress, keep=keep)
 
     async def restore_mailbox(self, path: Path, secret: backup.Secret, address: str,
                               folder: str | None = None, *,
                               progress: backup.Progress | None = None) -> backup.MailboxRestored:
+        from appliance import backup
+
         return await backup.restore_mailbox(self.db, self.events, self.data, path, secret, address, folder,
                                             progress=progress)
 
     async def set_restic(self, repo: str, password: str) -> bool:
+        from appliance import backup_restic
+
         return await backup_restic.configure(self.db, self.events, repo, password)
 
     async def send_to_restic(self, file: Path) -> str:
+        from appliance import backup_restic
+
         return await backup_restic.send_file(self.db, self.events, file)
 
     async def restic_snapshots(self) -> list[backup_restic.Snapshot]:
+        from appliance import backup_restic
+
         return await backup_restic.list_snapshots(self.db)
 
     async def fetch_from_restic(self, snapshot: str, into: Path) -> Path:
+        from appliance import backup_restic
+
         return await backup_restic.fetch_file(self.db, self.events, snapshot, into)
 
     async def set_backup_schedule(self, *, enabled: bool, hour: int, target: str) -> None:
+        from appliance import backup
+
         await backup.set_schedule(self.db, self.events, enabled=enabled, hour=hour, target=target)
 
     # --- certificates (the work and its event are appliance/certificates.py's) -------------------------
 
     def _certificates(self) -> certificates.CertContext:
+        from appliance import certificates
+        from appliance.tls import TlsManager
+
         if self.certificate_context is None:
             self.certificate_context = certificates.CertContext(
                 db=self.db, tls=TlsManager(self.data.tls, self.hostname()), events=self.events,
@@ -337,23 +362,35 @@ class Admin:
         return self.certificate_context
 
     async def certificate_status(self) -> certificates.CertStatus:
+        from appliance import certificates
+
         return await certificates.status(self._certificates())
 
     async def request_certificate(self, **options: str | None) -> tuple[CertificateInfo, certificates.NamesCheck]:
         """Order a certificate for the box's name and domains now, and wait for it (the CLI)."""
+        from appliance import certificates
+
         return await certificates.request(self._certificates(), await self.accounts.list_domains(), **options)
 
     async def start_certificate_request(self, **options: str | None) -> bool:
         """The same order, followed in the background (the console's page shows its progress)."""
+        from appliance import certificates
+
         return await certificates.start_request(self._certificates(), await self.accounts.list_domains(), **options)
 
     async def renew_certificate(self, *, force: bool = False) -> CertificateInfo | None:
+        from appliance import certificates
+
         return await certificates.renew(self._certificates(), await self.accounts.list_domains(), force=force)
 
     async def import_certificate(self, cert_pem: bytes, key_pem: bytes, chain_pem: bytes = b"") -> CertificateInfo:
+        from appliance import certificates
+
         return await certificates.import_pem(self._certificates(), cert_pem, key_pem, chain_pem)
 
     async def self_signed_certificate(self) -> CertificateInfo:
+        from appliance import certificates
+
         return await certificates.self_signed(self._certificates())
 
     # --- spam and abuse (issue 16) ------------------------------------------------------------------
@@ -389,6 +426,8 @@ class Admin:
     async def dnsbl_status(self) -> list[ListReport]:
         """Each configured DNS list and what it last answered: ok, refused (the list will not answer
         this resolver: Spamhaus through a public one), failing (timeouts), or unknown (never asked)."""
+        from appliance.spam.dnsbl import list_reports
+
         spam = (await self.settings.fresh()).spam
         return await list_reports(self.db, spam.dnsbl_lists if spam.dnsbl else (),
                                   spam.domain_lists if spam.domain_blocklist else ())
@@ -396,6 +435,8 @@ class Admin:
     async def check_dnsbl(self) -> list[ListReport]:
         """Ask each configured list for its RFC 5782 test entry now (does it answer this box's
         resolver?), then report as dnsbl_status does."""
+        from appliance.spam.dnsbl import Blocklists, ListStatus
+
         spam = (await self.settings.fresh()).spam
         blocklists = Blocklists(ListStatus(self.db), lambda: self.settings.now.dns_resolver)
         await blocklists.probe(spam.dnsbl_lists if spam.dnsbl else (),
@@ -418,6 +459,8 @@ class Admin:
 
     async def update_state(self) -> UpdateState:
         """The running version, the last update's outcome and whether an upload waits for letterbox-update."""
+        from appliance import update
+
         await self.record_update_outcome()
         folder = self.data.root / update.UPDATES
         last = await asyncio.to_thread(update.read_status, self.data.root)
@@ -428,6 +471,8 @@ class Admin:
         """Check a bundle and hand it to letterbox-update: it becomes DATA/updates/incoming.tar, which
         letterbox-update.path (root) watches. `upload` is moved when it is in DATA/updates already (the
         console's upload), else copied. BundleError when it is not a bundle this box can install."""
+        from appliance import bundle, update
+
         info = await asyncio.to_thread(bundle.inspect, upload)
         running = update.running_version()
         if not update.is_newer(info.version, running):
@@ -444,6 +489,8 @@ class Admin:
         """The outcome letterbox-update left in DATA/updates/status.json becomes an event, once: at start,
         and whenever the state is read (letterbox-update runs `letterbox update status` when it is done;
         as root, with the box stopped part of the time, it does not write the database itself)."""
+        from appliance import update
+
         last = await asyncio.to_thread(update.read_status, self.data.root)
         if not last or last.get("state") not in ("done", "failed") or last.get("recorded"):
             return
@@ -459,6 +506,8 @@ class UpdateState:
 
 
 def _hand_over(upload: Path, folder: Path) -> None:
+    from appliance import update
+
     folder.mkdir(mode=0o700, exist_ok=True)
     dest = folder / update.INCOMING
     if upload.parent.resolve() == folder.resolve():
@@ -478,8 +527,6 @@ async def open_admin(root: Path, hostname: Callable[[], str] | None = None, *,
     layout.create()
     db = await Database.open(layout.db)
     try:
-        from appliance.app import system_hostname
-
         settings = await Settings.load(db, default_hostname=system_hostname())
         name = hostname or (lambda: settings.now.hostname)
         yield Admin(db=db, settings=settings, accounts=Accounts(db, data=layout, hasher=hasher), data=layout, events=EventLog(db), hostname=name)

@@ -22,6 +22,7 @@ from appliance.config import STANDARD_PORTS, ServeConfig
 from appliance.data_lock import DataDirInUse, DataDirLock
 from appliance.db import Database
 from appliance.events import EventLog
+from appliance.host_name import system_hostname
 from appliance.imap import server as imap_server
 from appliance.imap.fetch_cache import describe_bytes
 from appliance.imap.fts import start_text_index
@@ -107,28 +108,6 @@ class Listener:
     host: str
     port: int
     server: BoundServer
-
-
-FALLBACK_HOSTNAME = "letterbox.local"
-_LOOPBACK_NAMES = ("localhost", "ip6-localhost", "ip6-loopback")
-
-
-def localhost_like(name: str) -> bool:
-    """'localhost', 'localhost.localdomain', 'ip6-localhost'...: names of the loopback, never of the box."""
-    first = name.strip().rstrip(".").lower().split(".")[0]
-    return not first or first.startswith(_LOOPBACK_NAMES)
-
-
-def system_hostname() -> str:
-    """The box's name until the wizard sets one: the system's full name when it has one; else its short
-    name as the LAN's mDNS knows it (name.local); never 'localhost.local' (the first start on a
-    system whose getfqdn() says 'localhost' used to pick that)."""
-    for name in (socket.getfqdn(), socket.gethostname()):
-        name = name.strip().rstrip(".").lower()
-        if "." in name and not localhost_like(name):
-            return name
-    short = socket.gethostname().strip().lower().split(".")[0]
-    return f"{short}.local" if short and not localhost_like(short) else FALLBACK_HOSTNAME
 
 
 class Box:

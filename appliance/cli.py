@@ -1,25 +1,29 @@
-"""The `letterbox` command: argparse and printing only; every action is a service call."""
+"""The `letterbox` command: argparse and printing only; every action is a service call.
+
+Each command imports what it uses inside its own function (issue 15): building the parser and
+`letterbox --help`/`--version` import a few stdlib modules, `letterbox user list` the accounts and the
+database but not the certificates, backups or the mail services (`serve` imports those). Module-level
+imports here are only the light ones; tests/unit/test_import_cost.py holds the line.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import datetime as dt
-import getpass
 import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from appliance import sizes
-from appliance.accounts import AccountError
-from appliance.admin import Admin, open_admin
+from appliance.account_errors import AccountError
 from appliance.config import DataLayout, ServeConfig, default_data_dir
-from appliance.data_lock import data_dir_in_use
-from appliance.db import Database, DatabaseError
-from appliance.store import trash
+from appliance.db_errors import DatabaseError
+
+if TYPE_CHECKING:
+    from appliance.admin import Admin
+    from appliance.db import Database
 
 T = TypeVar("T")
 
@@ -42,6 +46,8 @@ def parse_size(text: str) -> int:
 
 
 def read_password(args: argparse.Namespace) -> str:
+    import getpass
+
     if args.password_stdin:
         line = sys.stdin.readline()
         return line.rstrip("\r\n")
@@ -53,7 +59,33 @@ def read_password(args: argparse.Namespace) -> str:
     return first
 
 
+# The commands that make a box in an empty or missing data directory: `serve`, the first steps of a box
+# set up from the CLI (`domain add`, as in the README's example, and `admin add`, the wizard's first
+# step), and a whole-box restore (disaster recovery onto a new machine, and its `verify` beforehand).
+CREATES_BOX = {("serve", None), ("domain", "add"), ("admin", "add"), ("backup", "verify"), ("backup", "restore")}
+
+
+def creates_box(args: argparse.Namespace) -> bool:
+    if getattr(args, "mailbox", None) and args.command == "backup":
+        return False  # `backup restore --mailbox` puts one mailbox back into an existing box
+    return (args.command, getattr(args, "action", None)) in CREATES_BOX
+
+
+def require_box(args: argparse.Namespace) -> None:
+    """Refuse a command that needs a box when --data names none, before anything is created there: a
+    mistyped `--data /srv/letterbx cert status` used to leave a whole new data directory behind."""
+    if creates_box(args):
+        return
+    layout = DataLayout(Path(args.data))
+    if not layout.db.is_file():
+        where = "does not exist" if not layout.root.exists() else "holds no Letterbox box (no letterbox.db)"
+        raise CliError(f"the data directory {layout.root} {where}: check --data (or LETTERBOX_DATA); a new box"
+                       " is made by `letterbox serve`, `letterbox domain add` or `letterbox admin add`")
+
+
 async def open_db(args: argparse.Namespace) -> Database:
+    from appliance.db import Database
+
     layout = DataLayout(Path(args.data))
     layout.create()
     return await Database.open(layout.db)
@@ -61,6 +93,10 @@ async def open_db(args: argparse.Namespace) -> Database:
 
 def run_admin(args: argparse.Namespace, action: Callable[[Admin], Awaitable[T]]) -> T:
     """One use-case of appliance/admin.py on the data directory, as the console would run it."""
+    import asyncio
+
+    from appliance.admin import open_admin
+
     hostname: str | None = getattr(args, "hostname", None)
 
     async def act() -> T:
@@ -73,6 +109,8 @@ def run_admin(args: argparse.Namespace, action: Callable[[Admin], Awaitable[T]])
 # --- serve -----------------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    import asyncio
+
     from appliance.app import StartupError, serve_forever
 
     config = ServeConfig(
@@ -108,6 +146,8 @@ def cmd_user(args: argparse.Namespace) -> None:
     elif args.action == "passwd":
         print(f"password changed for {run_admin(args, lambda admin: admin.set_mailbox_password(args.address, password))}")
     elif args.action == "remove":
+        from appliance.store import trash
+
         moved = run_admin(args, lambda admin: admin.remove_mailbox(args.address))
         kept = f" (its mail is kept {trash.RETENTION_DAYS} days in {moved})" if moved else ""
         print(f"removed mailbox {args.address}{kept}")
@@ -152,6 +192,8 @@ def cmd_admin(args: argparse.Namespace) -> None:
 # --- queue -----------------------------------------------------------------------------------------
 
 def cmd_queue(args: argparse.Namespace) -> None:
+    import asyncio
+
     from appliance.queue.spool import Spool, format_queue
 
     async def act() -> None:
@@ -261,6 +303,8 @@ def _content_settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_spam_status(args: argparse.Namespace) -> None:
+    import asyncio
+
     from appliance.spam import content_service
 
     content = _content_settings(args)
@@ -274,6 +318,8 @@ def cmd_spam_status(args: argparse.Namespace) -> None:
 
 
 def cmd_spam_learn(args: argparse.Namespace) -> None:
+    import asyncio
+
     from appliance.spam import content_service
     from appliance.spam.rspamd import RspamdUnavailable
 
@@ -408,7 +454,11 @@ async def _restic(admin: Any, args: argparse.Namespace) -> None:
 
 
 def cmd_backup(args: argparse.Namespace) -> None:
+    import asyncio
+
     from appliance import backup
+    from appliance.admin import open_admin
+    from appliance.data_lock import data_dir_in_use
 
     layout = DataLayout(Path(args.data))
 
@@ -460,6 +510,8 @@ def cmd_backup(args: argparse.Namespace) -> None:
 # --- spam: the connection-time layers ----------------------------------------------------------------
 
 def _when(stamp: int | None) -> str:
+    import datetime as dt
+
     return "-" if stamp is None else dt.datetime.fromtimestamp(stamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -494,9 +546,22 @@ def cmd_spam_suspended(args: argparse.Namespace) -> None:
 # --- parser ----------------------------------------------------------------------------------------
 
 def letterbox_version() -> str:
-    from appliance.update import running_version
+    from appliance.version import running_version
 
     return running_version()
+
+
+class VersionAction(argparse.Action):
+    """`--version`, with the version read only when asked: importlib.metadata is not free, and no other
+    command needs it (argparse's own action wants the text when the parser is built)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> NoReturn:
+        print(f"letterbox {letterbox_version()}")
+        parser.exit()
 
 
 # --- update ----------------------------------------------------------------------------------------
@@ -525,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=str(default_data_dir()),
                         help="data directory (default: $LETTERBOX_DATA or ./data)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
-    parser.add_argument("--version", action="version", version=f"letterbox {letterbox_version()}")
+    parser.add_argument("--version", action=VersionAction, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run every service of the box")
@@ -768,6 +833,7 @@ def _run(argv: Sequence[str] | None) -> int:
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     try:
+        require_box(args)
         args.func(args)
     except (CliError, AccountError, DatabaseError) as exc:
         print(f"letterbox: {exc}", file=sys.stderr)

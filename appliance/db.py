@@ -17,6 +17,9 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+# DatabaseError lives in a module of its own (the CLI catches it without importing this one): re-exported.
+from appliance.db_errors import DatabaseError as DatabaseError
+
 log = logging.getLogger(__name__)
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -36,10 +39,6 @@ T = TypeVar("T")
 # A writer riding in other transactions (Database.add_rider): called on the event loop when one is
 # about to commit, it returns what to run on the database's thread before the COMMIT, or None.
 Rider = Callable[[], "Callable[[sqlite3.Connection], None] | None"]
-
-
-class DatabaseError(Exception):
-    """A database problem with a message fit for one line on a terminal."""
 
 
 def migrations_dir() -> Path:

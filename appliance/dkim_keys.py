@@ -17,9 +17,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-
 from appliance.db import Database
 
 KEY_BITS = 2048
@@ -46,6 +43,10 @@ class DkimKey:
         return f"{self.selector}._domainkey.{self.domain}"
 
     def public_key_base64(self) -> str:
+        # cryptography is imported where a key is made or read (issue 15): the accounts code imports
+        # this module for selector_setting, and a CLI command listing users never touches a key.
+        from cryptography.hazmat.primitives import serialization
+
         key = serialization.load_pem_private_key(self.private_pem, password=None)
         der = key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -108,6 +109,9 @@ def generate_key(dkim_dir: Path, domain: str, selector: str, bits: int = KEY_BIT
     path = key_path(dkim_dir, domain, selector)
     if path.exists():
         raise DkimKeyError(f"a DKIM key for {domain} with selector {selector} already exists")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()

@@ -41,7 +41,6 @@ from dataclasses import dataclass, fields
 from typing import TypedDict, Unpack
 
 from appliance.db import Database
-from appliance.queue.resolver import parse_nameserver
 from appliance.queue.retry import RetryOverrides, parse_overrides
 from appliance.queue.smarthost import DEFAULT_PORTS, Smarthost, SmarthostError
 
@@ -307,6 +306,9 @@ def _resolver(raw: Mapping[str, str]) -> str | None:
     value = raw.get(DNS_RESOLVER, "").strip()
     if not value:
         return None
+    # Imported here: the resolver module loads dnspython, which a CLI command reading settings never uses.
+    from appliance.queue.resolver import parse_nameserver
+
     try:
         parse_nameserver(value)
     except ValueError:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import functools
 import http.client
 import json
 import os
@@ -58,12 +57,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from appliance.bundle import BundleError, BundleInfo, inspect
+from appliance.version import running_version as running_version  # moved there; re-exported
 
 DEFAULT_PREFIX = Path("/opt/letterbox")
 DEFAULT_DATA = Path("/var/lib/letterbox/data")
@@ -93,16 +92,6 @@ class Options:
     timeout: float = 900.0  # as letterbox.service's TimeoutStartSec: a VM under TCG starts slowly
     allow_downgrade: bool = False
     say: Callable[[str], None] = field(default=print)
-
-
-@functools.cache
-def running_version() -> str:
-    """The installed distribution's version (pyproject.toml), or 'unknown' when run from a bare tree.
-    Read once: a process keeps running the version it started with, whatever is installed meanwhile."""
-    try:
-        return metadata.version("letterbox")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def version_key(version: str) -> tuple[int, ...] | None:

@@ -15,7 +15,7 @@ from starlette.responses import RedirectResponse, Response
 
 from appliance.account_errors import AccountError
 from appliance.admin import Admin
-from appliance.update import running_version
+from appliance.version import running_version
 from appliance.web_sessions import Kind, WebSessions
 from web.forms import check_password, secret
 from web.security import CSRF_FIELD, csrf_ok, csrf_token

@@ -8,9 +8,10 @@ in clear because the relay needs it in clear (SASL PLAIN/LOGIN), and it is never
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from appliance.queue.client import RelayLogin
+if TYPE_CHECKING:
+    from appliance.queue.client import RelayLogin
 
 RelayTls = Literal["starttls", "implicit"]
 RELAY_TLS_MODES: tuple[RelayTls, ...] = ("starttls", "implicit")
@@ -42,6 +43,10 @@ class Smarthost:
 
     @property
     def login(self) -> RelayLogin | None:
+        # Imported here: the settings (every CLI command, every page) hold a Smarthost, and only the
+        # queue's delivery asks for its login, so the SMTP client (smtplib, ssl, dnspython) loads then.
+        from appliance.queue.client import RelayLogin
+
         return RelayLogin(self.user, self.password) if self.user else None
 
     def describe(self) -> str:

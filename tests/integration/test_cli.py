@@ -237,3 +237,34 @@ def test_version_is_printed() -> None:
     run = subprocess.run([LETTERBOX, "--version"], capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 0
     assert re.fullmatch(r"letterbox \d+\.\d+\.\d+\S*\n", run.stdout)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("cert", "status"), ("user", "list"), ("domain", "list"), ("queue", "list"), ("backup", "list"),
+     ("spam", "status"), ("relay", "show"), ("update", "status")],
+)
+def test_a_command_on_a_mistyped_data_directory_creates_nothing(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """A command that needs a box refuses a --data that names none, with one line and status 1, and
+    leaves no directory behind (it used to make a whole new box at the typo)."""
+    typo = tmp_path / "letterbx"
+    result = run(typo, *args)
+    assert_one_line_error(result, "does not exist")
+    assert result.returncode == 1
+    assert not typo.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run(empty, *args)
+    assert_one_line_error(result, "no letterbox.db")
+    assert list(empty.iterdir()) == []
+
+
+def test_the_first_commands_of_a_box_still_make_it(tmp_path: Path) -> None:
+    """`domain add` (the README's scripted setup) and `admin add` (the wizard's first step) make the box
+    in a new directory, as `serve` does; a whole-box restore is tested in test_backup_cli.py."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run(first, "domain", "add", "example.org").returncode == 0
+    assert (first / "letterbox.db").is_file()
+    made = run(second, "admin", "add", "root", "--password-stdin", stdin="a long enough password\n")
+    assert made.returncode == 0, made.stderr
+    assert run(second, "admin", "list").stdout.split() == ["root"]

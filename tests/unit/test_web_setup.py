@@ -13,9 +13,9 @@ import pytest
 import trustme
 
 from appliance import time_zone
-from appliance.app import system_hostname
 from appliance.auth import ThrottlePolicy
 from appliance.dns_check import CheckResult, save_results
+from appliance.host_name import system_hostname
 from appliance.queue.smarthost import Smarthost
 from tests.support.dns_server import ZoneServer
 from tests.support.web import (

@@ -117,6 +117,7 @@ def test_the_last_outcome_is_shown(web: WebClient) -> None:
 
 def test_cli_update_upload_and_status(tmp_path: Path, bundles: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data"
+    assert cli.main(["--data", str(data), "domain", "add", "example.org"]) == 0  # the box to upload to
     assert cli.main(["--data", str(data), "update", "upload", str(bundles["99.0.0"])]) == 0
     assert "Letterbox 99.0.0 handed to letterbox-update" in capsys.readouterr().out
     assert (data / "updates" / "incoming.tar").read_bytes() == bundles["99.0.0"].read_bytes()
