@@ -29,24 +29,9 @@ from appliance import time_zone
 from appliance.plain_errors import plain
 from appliance.web_sessions import WebSessions
 from web.display import idn
+from web.lazy_routes import LazyRoutes
 from web.pages import LoginRequired, render, services
-from web.routes import (
-    account,
-    autoconfig,
-    backups,
-    certificate,
-    console,
-    delivery_log,
-    domains,
-    login,
-    mailboxes,
-    restore,
-    sending,
-    setup,
-    spam,
-    updates,
-    wellknown,
-)
+from web.routes import login, setup, wellknown
 from web.security import SecurityHeadersMiddleware
 from web.session import LOGIN_MAX_SECONDS, SessionMiddleware, load_or_create_secret
 
@@ -132,13 +117,38 @@ async def _login_required(request: Request, exc: Exception) -> Response:
     return RedirectResponse(f"/login?next={quote(exc.next_path, safe='/@')}", status_code=303)
 
 
+def lazy(name: str, *paths: str) -> LazyRoutes:
+    return LazyRoutes(f"web.routes.{name}", paths)
+
+
 def routes() -> list[BaseRoute]:
+    """In precedence order. The login page, the wizard and the ACME challenge answers are imported with
+    the app; every other page's module on its first request (web/lazy_routes.py): a box that has just
+    started serves the wizard, or nothing, and its start should not pay for backups, updates, charts."""
     return [
-        *login.routes, *restore.routes, *setup.routes, *console.routes, *domains.routes, *mailboxes.routes, *sending.routes,
-        *account.routes, *autoconfig.routes, *wellknown.routes, *certificate.routes, *backups.routes,
-        *updates.routes, *delivery_log.routes, *spam.routes,
+        *login.routes,
+        lazy("restore", "/console/backups/*", "/setup/restore*"),
+        *setup.routes,
+        lazy("console", "/console", "/console/events*", "/console/password", "/console/status/*"),
+        lazy("domains", "/console/domains*"),
+        lazy("mailboxes", "/console/mailboxes*", "/console/aliases*"),
+        lazy("sending", "/console/sending*"),
+        lazy("account", "/account", "/account/mobileconfig", "/account/password"),
+        lazy("autoconfig", "/.well-known/autoconfig/*", "/autodiscover/*", "/Autodiscover/*", "/mail/config-v1.1.xml"),
+        *wellknown.routes,
+        lazy("certificate", "/console/certificate*"),
+        lazy("backups", "/console/backups*"),
+        lazy("updates", "/console/updates*"),
+        lazy("delivery_log", "/console/log", "/account/log"),
+        lazy("spam", "/console/spam*", "/account/junk*"),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
+
+
+def every_route() -> list[BaseRoute]:
+    """routes() with each lazy module's own routes in its place (so every module is imported): for the
+    tests that walk every page, such as the CSRF and login checks of tests/unit/test_web_security.py."""
+    return [inner for route in routes() for inner in (route.routes if isinstance(route, LazyRoutes) else [route])]
 
 
 def create_app(services: Services) -> Starlette:

@@ -7,15 +7,17 @@ STARTTLS ports listed after; never a plain-text login.
 
 from __future__ import annotations
 
-import plistlib
 import re
-import uuid
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.config import STANDARD_PORTS
+
+# The XML and plist writers are imported by the functions that answer a mail program's request: the
+# wizard's last step imports this module for client_settings alone, at the box's start (issue 15).
+if TYPE_CHECKING:
+    import xml.etree.ElementTree as ET
 
 AUTODISCOVER_RESPONSE_NS = "http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006"
 AUTODISCOVER_OUTLOOK_NS = "http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a"
@@ -60,6 +62,8 @@ def client_settings(
 # --- Thunderbird --------------------------------------------------------------------------------------
 
 def _sub(parent: ET.Element, tag: str, text: str | int | None = None, **attrs: str) -> ET.Element:
+    import xml.etree.ElementTree as ET
+
     element = ET.SubElement(parent, tag, attrs)
     if text is not None:
         element.text = str(text)
@@ -77,6 +81,8 @@ def _server(parent: ET.Element, tag: str, kind: str, settings: ClientSettings, s
 
 def thunderbird_config(domain: str, settings: ClientSettings) -> bytes:
     """Mozilla autoconfig 'clientConfig' version 1.1 for `domain`."""
+    import xml.etree.ElementTree as ET
+
     root = ET.Element("clientConfig", version="1.1")
     provider = _sub(root, "emailProvider", id=domain)
     _sub(provider, "domain", domain)
@@ -107,6 +113,8 @@ def autodiscover_address(body: bytes) -> str | None:
 
 
 def autodiscover_response(address: str, display_name: str, settings: ClientSettings) -> bytes:
+    import xml.etree.ElementTree as ET
+
     root = ET.Element("Autodiscover", xmlns=AUTODISCOVER_RESPONSE_NS)
     response = _sub(root, "Response", xmlns=AUTODISCOVER_OUTLOOK_NS)
     user = _sub(response, "User")
@@ -133,6 +141,9 @@ def autodiscover_response(address: str, display_name: str, settings: ClientSetti
 
 def mobileconfig(address: str, display_name: str, settings: ClientSettings) -> bytes:
     """An (unsigned) configuration profile with one IMAP account; iOS and macOS ask for the password."""
+    import plistlib
+    import uuid
+
     reverse_host = ".".join(reversed(settings.hostname.split(".")))
     ident = f"{reverse_host}.letterbox.{address}"
     account: dict[str, Any] = {

@@ -25,7 +25,7 @@ OPEN_POSTS = {"/autodiscover/autodiscover.xml", "/Autodiscover/Autodiscover.xml"
 def all_routes() -> list[tuple[str, str]]:
     """(method, concrete path) of every route of the app."""
     found = []
-    for route in web_app.routes():
+    for route in web_app.every_route():
         if isinstance(route, Route):
             path = route.path
             for name, value in PARAMS.items():
