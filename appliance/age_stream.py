@@ -305,15 +305,18 @@ class Decryptor(io.RawIOBase):
         return n
 
     def blocks(self) -> Iterator[bytes]:
-        """The plaintext in large pieces (up to 1 MiB): what a pipeline stage wants."""
+        """The plaintext in large pieces (a chunk, 64 KiB, each): what a pipeline stage wants."""
         if self.at < len(self.plain):
             yield self.plain[self.at:]
-        while not self.done:
-            self._more()
-            yield self.plain
         self.plain, self.at = b"", 0
+        while not self.done:
+            yield from self._chunks()
 
     def _more(self) -> None:
+        self.plain, self.at = b"".join(self._chunks()), 0
+
+    def _chunks(self) -> list[bytes]:
+        """The next chunks decrypted, each its own bytes (joining them would copy it all once more)."""
         parts = [self.sealed]
         have = len(self.sealed)
         while not self.eof and have <= SEALED * READ_CHUNKS:
@@ -322,7 +325,7 @@ class Decryptor(io.RawIOBase):
                 self.eof = True
             parts.append(data)
             have += len(data)
-        sealed = b"".join(parts)
+        sealed = b"".join(parts) if len(parts) > 2 or self.sealed else parts[-1]
         if not sealed:
             raise AgeError("the file ends early (truncated)", damaged=True)
         # Every whole chunk but the final one of the file (which may be whole too) is not the last:
@@ -342,8 +345,8 @@ class Decryptor(io.RawIOBase):
             raise AgeError("the file is damaged or truncated (a chunk does not authenticate)",
                            damaged=True) from None
         self.done = self.eof
-        self.sealed = b"" if self.done else sealed[count * SEALED:]
-        self.plain, self.at = b"".join(out), 0
+        self.sealed = b"" if self.done else bytes(view[count * SEALED:])
+        return out
 
 
 # --- streams for simple callers ------------------------------------------------------------------------

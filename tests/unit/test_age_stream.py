@@ -125,8 +125,9 @@ def _archive(path: Path, entries: list[tuple[str, bytes, bytes]], recipient: str
 def _read_back(path: Path, identity: str, *, in_memory: bool) -> list[tuple[str, bytes, bytes, bytes]]:
     with path.open("rb") as file:
         source: IO[bytes] = io.BytesIO(file.read()) if in_memory else file
+        child = backup_stream.unpack_child(source)
         key = age_stream.read_header(source, identity=identity)
-        reader, blocks = backup_stream.plain_tar(source, key)
+        reader, blocks = backup_stream.plain_tar(source, key, child)
         try:
             got = []
             for name, kind, size in reader.members():
