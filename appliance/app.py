@@ -304,6 +304,10 @@ async def _serve_until_stopped(box: Box, config: ServeConfig, stop: asyncio.Even
         await announce_setup_code(box.services, announce)
         await box.services.events.record("start", f"Letterbox started as {box.services.hostname}")
         await Admin.of(box.services).record_update_outcome()
+        # "ready" and READY=1 mean: every listener accepts connections and every background service has
+        # started. Not everything is imported by then (issue 15): the console's pages other than the
+        # login and the wizard load on their first request (web/lazy_routes.py), the ACME client when a
+        # certificate is ordered, the bundle reader when an update is installed.
         announce("ready")
         systemd_notify.notify(f"READY=1\nSTATUS=serving as {box.services.hostname}")
         jobs = box.services.backups

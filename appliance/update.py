@@ -58,11 +58,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from appliance.bundle import BundleError, BundleInfo, inspect
 from appliance.version import running_version as running_version  # moved there; re-exported
+
+# The bundle reader (tarfile) is imported where a bundle is installed: the box imports this module at
+# every start for read_status (the last update's outcome), and never installs anything itself.
+if TYPE_CHECKING:
+    from appliance.bundle import BundleInfo
 
 DEFAULT_PREFIX = Path("/opt/letterbox")
 DEFAULT_DATA = Path("/var/lib/letterbox/data")
@@ -305,6 +309,8 @@ class Updater:
         if current is None:
             raise UpdateError(f"no Letterbox installed under {self.o.prefix} (run install.sh first)")
         running = venv_version(current)
+        from appliance.bundle import BundleError, inspect
+
         with tempfile.TemporaryDirectory(prefix=".update-", dir=self.o.prefix) as work:
             wheels = Path(work)
             try:

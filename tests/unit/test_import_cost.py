@@ -33,6 +33,28 @@ WEB_NEVER = ("web.routes.backups", "web.routes.restore", "web.routes.updates", "
              "web.routes.mailboxes", "web.routes.sending", "web.routes.account", "web.routes.autoconfig",
              "web.charts", "appliance.update", "appliance.bundle", "appliance.backup_restic", "xml", "plistlib")
 
+# Never loaded by a box that has started and serves (every listener, the background services, the web
+# console's app), until something asks for them.
+SERVE_NEVER = ("appliance.acme_client", "appliance.bundle", "tarfile", "appliance.backup_restic", "web.charts",
+               "web.routes.backups", "web.routes.restore", "web.routes.updates", "web.routes.console", "xml", "plistlib")
+
+# A real box in a fresh interpreter: the data directory is made, every listener bound on 127.0.0.1 port 0.
+START_A_BOX = """
+import asyncio, pathlib, sys, tempfile
+from appliance.app import Box
+from appliance.config import STANDARD_PORTS, DataLayout, ServeConfig
+
+async def start_and_stop() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = ServeConfig(data=DataLayout(pathlib.Path(tmp) / "data"), listen="127.0.0.1",
+                             port_overrides=dict.fromkeys(STANDARD_PORTS, 0), hostname="mail.example.test")
+        box = await Box.start(config)
+        await box.stop()
+
+asyncio.run(start_and_stop())
+"""
+
+
 def loaded(statement: str) -> list[str]:
     code = f"import json, sys\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
@@ -65,3 +87,9 @@ def test_the_admin_layer_loads_only_what_every_use_case_needs() -> None:
 def test_starting_the_box_leaves_the_heavy_parts_for_later() -> None:
     assert offenders(loaded("import appliance.app"), APP_NEVER) == []
     assert offenders(loaded("import web.app"), WEB_NEVER) == []
+
+
+def test_a_started_box_has_not_loaded_what_nobody_asked_for() -> None:
+    names = loaded(START_A_BOX)
+    assert offenders(names, SERVE_NEVER) == []
+    assert len(names) < 780  # 714 measured (744 before issue 15's work)
