@@ -61,14 +61,19 @@ def read_password(args: argparse.Namespace) -> str:
 
 # The commands that make a box in an empty or missing data directory: `serve`, the first steps of a box
 # set up from the CLI (`domain add`, as in the README's example, and `admin add`, the wizard's first
-# step), and a whole-box restore (disaster recovery onto a new machine, and its `verify` beforehand).
-CREATES_BOX = {("serve", None), ("domain", "add"), ("admin", "add"), ("backup", "verify"), ("backup", "restore")}
+# step), and disaster recovery onto a new machine: a whole-box restore, its `verify` beforehand, and
+# `backup restic set`, which names the repository to fetch the backup from.
+CREATES_BOX = {("serve", None), ("domain", "add"), ("admin", "add"), ("backup", "verify"), ("backup", "restore"),
+               ("backup", "restic", "set")}
 
 
 def creates_box(args: argparse.Namespace) -> bool:
     if getattr(args, "mailbox", None) and args.command == "backup":
         return False  # `backup restore --mailbox` puts one mailbox back into an existing box
-    return (args.command, getattr(args, "action", None)) in CREATES_BOX
+    command = (args.command, getattr(args, "action", None))
+    if command == ("backup", "restic"):
+        return (*command, args.restic_action) in CREATES_BOX
+    return command in CREATES_BOX
 
 
 def require_box(args: argparse.Namespace) -> None:
