@@ -25,7 +25,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import authres
 import authres.dmarc
@@ -402,8 +402,18 @@ def check_dmarc(
     domains = from_domains(data)
     if not domains:
         return DmarcResult("permerror", "", reason="no From: domain")
+    recording = resolver.recording if isinstance(resolver, _CacheOnlyResolver) else None
+    key = (domains, spf_result, dkim_results)
+    if recording is not None and (known := _DMARC_MEMO.get(recording.cache, key)) is not None:
+        return known
+    seen = len(recording.seen) if recording is not None else 0
     results = [_dmarc_for(resolver, domain, spf_result, dkim_results, rng) for domain in domains]
-    return min(results, key=_leniency)
+    result = min(results, key=_leniency)
+    # Only answers found in the cache count, and only results that no pct= sampling (RFC 7489
+    # 6.6.4) may have decided: a failure is evaluated every time.
+    if recording is not None and not getattr(resolver, "missed", True) and result.result != "fail":
+        _DMARC_MEMO.put(recording.cache, key, result, tuple(recording.seen[seen:]))
+    return result
 
 
 def _leniency(result: DmarcResult) -> int:
@@ -481,7 +491,7 @@ def evaluate(
     spf: tuple[SpfResult, SpfResult] | None = None,
 ) -> AuthResults:
     """Every check, blocking (DNS and RSA); `check_message` runs it off the event loop (or on it,
-    from the DNS cache). `spf`: the SPF results already known for these facts (_SpfMemo).
+    from the DNS cache). `spf`: the SPF results already known for these facts (_LookupMemo).
 
     A check that cannot run fails closed for its own part only (issue 11 item 1): SPF and DKIM become
     errors, which never count as an aligned pass, and DMARC is still evaluated on what remains; a
@@ -510,7 +520,7 @@ class _NotCached(dns.exception.Timeout):
 
 class _RecordingCache:
     """The DNS cache as dnspython's resolver sees it (get/put/flush), noting what each question found:
-    the answers an SPF result was computed from (_SpfMemo)."""
+    the answers an SPF result was computed from (_LookupMemo)."""
 
     def __init__(self, cache: Any) -> None:
         self.cache = cache
@@ -560,43 +570,45 @@ class _CacheOnlyResolver(dns.resolver.Resolver):
         return answer
 
 
-MAX_SPF_RESULTS = 512  # (client, sender, HELO) results kept, each with its few lookups: well under 1 MB
+MAX_MEMO_RESULTS = 512  # results kept per memo, each with its few lookups: well under 1 MB
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
-class _SpfMemo:
-    """SPF results by (DNS cache, client address, sender, HELO), each with the cache's answers it was
-    computed from, reused while the cache still holds every one of them (the very same answer
-    objects: nothing expired, nothing replaced). An SPF result depends on those inputs and those
-    answers alone (RFC 7208 4), so a reused one is what pyspf would compute again; its evaluation
-    was most of the inbound checks' CPU per message (issue 19). Used on the event loop only."""
+class _LookupMemo(Generic[K, V]):
+    """Results by (DNS cache, their other inputs), each with the cache's answers it was computed
+    from, reused while the cache still holds every one of them (the very same answer objects:
+    nothing expired, nothing replaced). SPF (RFC 7208 4) and DMARC (RFC 7489 6.6) results depend
+    on those inputs and those answers alone, so a reused one is what would be computed again; the
+    evaluations were most of the inbound checks' CPU per message (issue 19). Event loop only."""
 
-    def __init__(self, max_entries: int = MAX_SPF_RESULTS) -> None:
+    def __init__(self, max_entries: int = MAX_MEMO_RESULTS) -> None:
         self._max = max_entries
-        self._entries: OrderedDict[tuple[Any, str, str, str],
-                                   tuple[tuple[SpfResult, SpfResult], tuple[tuple[Hashable, Any], ...]]] = OrderedDict()
+        self._entries: OrderedDict[tuple[Any, K], tuple[V, tuple[tuple[Hashable, Any], ...]]] = OrderedDict()
         self.hits = 0
 
-    def get(self, cache: Any, ip: str, sender: str, helo: str) -> tuple[SpfResult, SpfResult] | None:
-        key = (cache, ip, sender, helo)
-        entry = self._entries.get(key)
+    def get(self, cache: Any, key: K) -> V | None:
+        entry = self._entries.get((cache, key))
         if entry is None:
             return None
-        results, lookups = entry
+        result, lookups = entry
         if any(cache.get(question) is not answer for question, answer in lookups):
-            del self._entries[key]  # an answer expired or changed: evaluate again
+            del self._entries[(cache, key)]  # an answer expired or changed: evaluate again
             return None
-        self._entries.move_to_end(key)
+        self._entries.move_to_end((cache, key))
         self.hits += 1
-        return results
+        return result
 
-    def put(self, cache: Any, ip: str, sender: str, helo: str, results: tuple[SpfResult, SpfResult],
-            lookups: tuple[tuple[Hashable, Any], ...]) -> None:
-        self._entries[(cache, ip, sender, helo)] = (results, lookups)
+    def put(self, cache: Any, key: K, result: V, lookups: tuple[tuple[Hashable, Any], ...]) -> None:
+        self._entries[(cache, key)] = (result, lookups)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
 
-_SPF_MEMO = _SpfMemo()
+# SPF by (client address, MAIL FROM, HELO); DMARC by (author domains, SPF result, DKIM results).
+_SPF_MEMO: _LookupMemo[tuple[str, str, str], tuple[SpfResult, SpfResult]] = _LookupMemo()
+_DMARC_MEMO: _LookupMemo[tuple[tuple[str, ...], SpfResult, tuple[DkimResult, ...]], DmarcResult] = _LookupMemo()
 
 
 def _evaluate_from_cache(resolver: dns.resolver.Resolver, data: bytes, *, peer_ip: str, helo: str, mail_from: str,
@@ -604,7 +616,7 @@ def _evaluate_from_cache(resolver: dns.resolver.Resolver, data: bytes, *, peer_i
     """`evaluate` on this thread with the answers the DNS cache holds (and SPF's result remembered
     for these facts), or None when it needed an answer the cache lacks."""
     cached = _CacheOnlyResolver.of(resolver)
-    spf = None if cached.recording is None else _SPF_MEMO.get(resolver.cache, peer_ip, mail_from, helo)
+    spf = None if cached.recording is None else _SPF_MEMO.get(resolver.cache, (peer_ip, mail_from, helo))
     remember = spf is None and cached.recording is not None
     if spf is None:
         spf = _spf_or_temperror(cached, peer_ip, mail_from, helo)
@@ -613,7 +625,7 @@ def _evaluate_from_cache(resolver: dns.resolver.Resolver, data: bytes, *, peer_i
     if cached.missed:
         return None  # nothing of this attempt counts (its verdict had a temperror in it)
     if remember:
-        _SPF_MEMO.put(resolver.cache, peer_ip, mail_from, helo, spf, lookups)
+        _SPF_MEMO.put(resolver.cache, (peer_ip, mail_from, helo), spf, lookups)
     return results
 
 

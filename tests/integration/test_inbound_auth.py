@@ -474,3 +474,44 @@ def test_an_spf_result_is_reused_while_its_dns_answers_are_cached(
     assert resolver.cache is not None
     resolver.cache.flush()
     assert spf_result() == "fail"
+
+
+def test_a_dmarc_result_is_reused_while_its_dns_answers_are_cached_but_never_a_failure(
+        cached_zone: ZoneServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DMARC is evaluated once per (author domains, SPF result, DKIM results) while the answers it
+    read are in the cache; a changed record is read once its cached answer goes. A failure is
+    evaluated every time: pct= sampling (RFC 7489 6.6.4) may decide it differently."""
+    cached_zone.set("sender.test", "TXT", ['"v=spf1 ip4:127.0.0.1 -all"'])
+    cached_zone.set("_dmarc.sender.test", "TXT", ['"v=DMARC1; p=reject"'])
+    evaluations = 0
+    real = inbound_auth._dmarc_for
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal evaluations
+        evaluations += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inbound_auth, "_dmarc_for", counting)
+    resolver = make_resolver(cached_zone.address)
+
+    def dmarc(ip: str = CLIENT_IP) -> tuple[str, str]:
+        results = asyncio.run(check_message(message(), peer_ip=ip, helo="mta.sender.test",
+                                            mail_from="bounce@sender.test", resolver=resolver))
+        return results.dmarc.result, results.dmarc.policy
+
+    assert dmarc() == ("pass", "reject")  # on a thread: nothing cached yet
+    assert dmarc() == ("pass", "reject")  # from the cache, and remembered
+    counted = evaluations
+    assert dmarc() == ("pass", "reject")
+    assert evaluations == counted  # reused
+    # SPF fails for another client: another result, a failure, evaluated each time.
+    assert dmarc("127.0.0.2") == ("fail", "reject")
+    assert dmarc("127.0.0.2") == ("fail", "reject")
+    assert dmarc("127.0.0.2") == ("fail", "reject")
+    assert evaluations >= counted + 3
+    # The policy changes and the cached answer expires: evaluated again, with the new record.
+    cached_zone.set("_dmarc.sender.test", "TXT", ['"v=DMARC1; p=quarantine"'])
+    assert resolver.cache is not None
+    resolver.cache.flush()
+    assert dmarc() == ("pass", "quarantine")  # on a thread (the flush emptied the cache)
+    assert dmarc() == ("pass", "quarantine")  # from the cache
