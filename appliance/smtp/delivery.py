@@ -95,14 +95,11 @@ class Deliverer:
         for route in message.routes:
             for mailbox in route.mailboxes:
                 first_route.setdefault(mailbox, route)
-        outcomes = dict(zip(
-            first_route,
-            await asyncio.gather(*(
-                self._store_copy(message, mailbox, local_copy(message, route, mailbox))
-                for mailbox, route in first_route.items()
-            )),
-            strict=True,
-        ))
+        copies = [self._store_copy(message, mailbox, local_copy(message, route, mailbox))
+                  for mailbox, route in first_route.items()]
+        # One mailbox (most mail): awaited here, without the task gather would make for it.
+        written = [await copies[0]] if len(copies) == 1 else await asyncio.gather(*copies)
+        outcomes = dict(zip(first_route, written, strict=True))
         spooled: set[str] = set()
         for index, (sender, recipients) in enumerate(await self._outbound_groups(message)):
             queue_id = message.queue_id if index == 0 else new_queue_id()
