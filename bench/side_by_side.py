@@ -688,7 +688,8 @@ def stress_rows(results: Results, server: str, imaps: int, mbox: Path) -> None:
 SMTP_CHECKS = (
     "Letterbox's MX in the 'checks on' SMTP rows: SPF (MAIL FROM and HELO), DKIM and DMARC on every message, "
     "DNS from a loopback zone through the box's TTL cache; the content filter on as shipped (rspamd is not "
-    "running here, so every message is tried and marked unchecked, as under `make run`); DNSBL, greylisting "
+    "running here, as under `make run`: every message is marked unchecked, and rspamd is asked again 2 s after "
+    "each refused connection); DNSBL, greylisting "
     "and the greeting delay skip loopback clients (their shipped skip_networks); the delivery log on. "
     "'checks off' switches SPF/DKIM/DMARC off only. The peers check nothing."
 )
