@@ -288,7 +288,8 @@ SMALL = BLOCK  # the largest file sent inside a batch
 MAX_INDEX = PIECE + MAX_PAX + FRAME.size  # what the child sends at most (it flushes above PIECE)
 MAX_BODY = PIECE + SMALL
 OFFSET = struct.Struct("<Q")  # where the age body starts, sent to the unpack child before its key
-AHEAD = 32  # decrypted chunks (64 KiB) waiting for the decompression in the unpack child
+AHEAD = 4  # groups of decrypted chunks waiting for the decompression in the unpack child
+AHEAD_GROUP = 16  # chunks of 64 KiB in a group
 HASH_QUEUE = 8  # batches waiting for the hashing thread (a few MiB)
 MAX_PARTS = 256  # data pieces in one batch: writev takes at most IOV_MAX (1024) of them
 
@@ -630,15 +631,22 @@ def _plain_here(source: IO[bytes], key: bytes, *, ahead: bool = False) -> Genera
 
 
 def _ahead(blocks: Iterator[bytes]) -> Iterator[bytes]:
-    """`blocks` produced by a thread, at most AHEAD of them ahead of the caller. In the unpack child
-    the decryption runs beside the decompression (both release the interpreter lock): measured,
-    the child was the longest-running task of a restore, and decryption a fifth of it."""
-    waiting: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=AHEAD)
+    """`blocks` produced by a thread, at most AHEAD groups of AHEAD_GROUP of them ahead of the caller.
+    In the unpack child the decryption runs beside the decompression (both release the interpreter
+    lock): measured, the child was the longest-running task of a restore, and decryption a fifth
+    of it. Handed over by groups (1 MiB) so that the two threads seldom wake each other."""
+    waiting: queue.Queue[list[bytes] | BaseException | None] = queue.Queue(maxsize=AHEAD)
 
     def run() -> None:
         try:
+            group: list[bytes] = []
             for block in blocks:
-                waiting.put(block)
+                group.append(block)
+                if len(group) == AHEAD_GROUP:
+                    waiting.put(group)
+                    group = []
+            if group:
+                waiting.put(group)
         except BaseException as exc:  # noqa: BLE001  handed to the reader, which raises it
             waiting.put(exc)
             return
@@ -648,7 +656,7 @@ def _ahead(blocks: Iterator[bytes]) -> Iterator[bytes]:
     while (item := waiting.get()) is not None:
         if isinstance(item, BaseException):
             raise item
-        yield item
+        yield from item
 
 
 def _compress(key: bytes) -> None:
