@@ -65,6 +65,15 @@ class ConnectionHandler:
         self.starttls_available = not implicit_tls
         self.conn = ImapConnection(limits)
         self.session = ImapSession(services, self, SessionConfig(services.hostname, limits.idle_timeout))
+        # Output not yet handed to the channel: written when the session next waits (call_soon) or
+        # when WRITE_BATCH is reached, so a command's untagged answers, its tagged reply and those
+        # of commands pipelined behind it go out in one write. Each write to the TLS transport was
+        # a TLS record and a send(2) that gave the GIL up and waited to get it back while the
+        # database and worker threads ran: a quarter of the event loop's time under imaptest's
+        # stress mode (issue 19).
+        self._out: list[bytes] = []
+        self._out_octets = 0
+        self._flush_soon: asyncio.Handle | None = None
 
     # --- SessionIO ---------------------------------------------------------------------------------
 
@@ -100,7 +109,28 @@ class ConnectionHandler:
         if self._deflate is not None:
             # A sync flush per write: the client can decode every response as soon as it arrives.
             data = self._deflate.compress(data) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
-        self.channel.write(data)
+        self._out.append(data)
+        self._out_octets += len(data)
+        if self._out_octets >= WRITE_BATCH:
+            self.flush()
+        elif self._flush_soon is None:
+            self._flush_soon = asyncio.get_running_loop().call_soon(self._flush_later)
+
+    def flush(self) -> None:
+        """Hand the output kept so far to the channel (ConnectionClosed when it is gone)."""
+        if self._flush_soon is not None:
+            self._flush_soon.cancel()
+            self._flush_soon = None
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            self._out_octets = 0
+            self.channel.write(data)
+
+    def _flush_later(self) -> None:
+        self._flush_soon = None
+        with contextlib.suppress(ConnectionClosed):  # the client went: the session sees it at its next read
+            self.flush()
 
     @property
     def compressed(self) -> bool:
@@ -166,6 +196,7 @@ class ConnectionHandler:
         self.conn.discard_buffer()
 
     async def start_tls(self) -> None:
+        self.flush()  # the OK to STARTTLS goes out in plain text, before the handshake
         try:
             await self.channel.start_tls(self.services.tls.context, self.limits.tls_handshake_timeout)
         except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
@@ -294,6 +325,8 @@ class ConnectionHandler:
         finally:
             with contextlib.suppress(Exception):
                 await self.session.close()
+            with contextlib.suppress(ConnectionClosed):
+                self.flush()  # the last answers and a BYE, before the close
             self.channel.close()
 
 
