@@ -226,6 +226,11 @@ def _connection(db_path: str) -> Iterator[sqlite3.Connection]:
     if conn is None:
         conn = sqlite3.connect(db_path, timeout=10.0, isolation_level=None)
         conn.execute("PRAGMA busy_timeout=10000")
+        # No fsync per commit (WAL: a power cut may lose the last commits, never the database's
+        # integrity): the index is derived from the files, and a lost tail is written again (the
+        # folder's mark moves with the last batch). Every FTS commit of an APPEND or a delivery
+        # paid an fsync while holding the write lock the box's own commits wait for (issue 19).
+        conn.execute("PRAGMA synchronous=NORMAL")
         if in_worker:
             _connections[db_path] = conn
     try:
