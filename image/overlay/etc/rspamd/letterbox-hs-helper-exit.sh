@@ -14,8 +14,8 @@
 # status 0, which rspamd's main process takes for a normal end and does not respawn
 # (src/libserver/worker_util.c rspamd_check_termination_clause). One killed before it set its signal
 # handlers is respawned 2 s later: this waits 5 s to see none come back, and ends a new one the same way.
-# A restart starts hs_helper again (and this with it); a reload (SIGHUP) starts it again without this,
-# so it stays until the next restart. Without Hyperscan there is no hs_helper, and this ends after 30 s.
+# A restart starts hs_helper again (and this with it); so does a reload (SIGHUP), and rspamd.service's
+# ExecReload starts this again as well. Without Hyperscan there is no hs_helper, and this ends after 30 s.
 #
 # Usage: letterbox-hs-helper-exit.sh MAINPID [SECONDS]   (give up after SECONDS, default 900)
 set -u
