@@ -214,7 +214,7 @@ def test_content_filter_answers(box: Vm) -> None:
     for unit in ("rspamd", "redis-server"):
         assert box.run(f"systemctl is-enabled {unit}", check=False).stdout.strip() == "enabled", unit
     FIGURES["Content filter item at the first check"] = _content_filter_item(box)
-    wait_for(lambda: box.run(f"{CLI} spam status", check=False).exit_code == 0, 900, "rspamd to answer", box)
+    wait_for(lambda: box.run(f"{CLI} spam status", check=False).exit_code == 0, 1800, "rspamd to answer", box)
     status = box.run(f"{CLI} spam status").stdout
     assert "content filtering is on (rspamd)" in status, status
     wait_for(lambda: _content_filter_item(box) == "ok", 300, "the Content filter item to be green", box)
