@@ -226,8 +226,11 @@ class Updater:
         extra = ["pip"] if any(n.startswith("pip-") for n in info.wheels) or not info.machine else []
         try:
             self._run([*pip, str(wheels / letterbox), *extra], "cannot install the bundle", timeout=INSTALL_TIMEOUT)
+            # The time a start has (900 s by default), not 2 minutes: `letterbox --version` imports the
+            # command line's modules, and in a VM under TCG on a busy host the box's first start spent
+            # almost 5 minutes importing (image test, load 14).
             out = self._run(self._as_user([str(target / "bin" / "letterbox"), "--version"]),
-                            "the new version does not run", timeout=120)
+                            "the new version does not run")
         except UpdateError:
             shutil.rmtree(target, ignore_errors=True)
             raise
