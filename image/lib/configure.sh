@@ -9,7 +9,12 @@ configure_system() {
         >"$root/etc/hosts"
     ln -sf /usr/share/zoneinfo/Etc/UTC "$root/etc/localtime"
     echo Etc/UTC >"$root/etc/timezone"
-    ln -sf ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
+    # A plain file naming systemd-resolved's stub, not the usual link to /run/systemd/resolve/: resolved
+    # starts after the console (below), and until then the link pointed nowhere; letterbox read no
+    # resolv.conf at its start and asked 127.0.0.1, where nothing answers. Lookups made before resolved
+    # is up fail and are retried as in any DNS outage.
+    rm -f "$root/etc/resolv.conf"
+    printf 'nameserver 127.0.0.53\noptions edns0 trust-ad\n' >"$root/etc/resolv.conf"
     if [[ $arch == arm64 ]]; then
         # The root file system by its label, as /etc/fstab has it: raspi-firmware writes root=/dev/mmcblk0p2
         # into cmdline.txt, but the SD card's number differs between Pi models and kernels, and a USB disk is
@@ -47,7 +52,7 @@ UNIT
         avahi-daemon.service >/dev/null 2>&1
     # systemd-resolved and systemd-timesyncd come with Before=sysinit.target (and resolved with
     # Before=network.target): everything of the boot, letterbox.service included, waited for their first
-    # start (resolved alone used 25 s of CPU of an emulated first boot). The box needs neither before the
+    # start (resolved had used 25 s of CPU when the wizard answered, emulated, load 7). The box needs neither before the
     # console: copies in /etc (which take precedence over /usr/lib, and which a drop-in could not do:
     # drop-ins add dependencies, they cannot remove one) that start in multi-user.target, after the
     # console (the After= is in their overlay drop-ins). networkd hands resolved its DNS servers through

@@ -41,7 +41,7 @@ from typing import Any
 
 GUEST_PORTS = (22, 25, 80, 110, 143, 443, 465, 587, 993, 995)
 BOOT_TIMEOUT = float(os.environ.get("LETTERBOX_VM_BOOT_TIMEOUT", "1500"))  # TCG on a busy shared machine
-COMMAND_TIMEOUT = 300.0
+COMMAND_TIMEOUT = 900.0  # a letterbox CLI command imported for minutes in a guest at host load 15
 OVERLAY_SIZE = "4G"  # bigger than the image: first boot grows the root file system into it
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
