@@ -537,8 +537,8 @@ def plain_tar(source: IO[bytes], key: bytes, child: UnpackChild | None = None) -
     age_stream.read_header), and what to close when done (it stops the work under the reader). From
     a file, the work is split over two processes, balanced by their CPU time: `child` (from
     unpack_child(), started before the header was read) decrypts, decompresses and parses the tar
-    stream (sent in batches, FrameReader), and this one checks each member, hashes it and writes
-    it. Else all of it here.
+    stream (sent in batches, FrameReader), and this one checks each member and writes it while a
+    thread of its own hashes it (FrameReader.data_later). Else all of it here.
 
     Why two and not three like `age -d | zstd -d | tar -x`: measured on 20k messages / 505 MB on 2
     cores, a third process (a child that parsed and hashed between the codec child and this one)

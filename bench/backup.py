@@ -9,14 +9,15 @@ Usage: python -m bench.backup [--messages 20000] [--size 25000] [--runs 3] [--bo
 Disk: every restore is kept until the end of the run (see one_round), so 3 x runs x the box's size
 (4.5 GB for the default 3 rounds) on top of the box.
 
-Measured 2026-11-29 02:39 (2 cores, load 18.5 rising to 22.1 from other work; this run's session
-given autogroup nice -20 so that it saw something closer to a quiet machine; 3 rounds, medians of
-paired ratios): create 0.92x of tar|zstd|age, restore 1.00x (rounds 1.00, 1.03, 0.80; CPU 4.44 vs
-4.39 s), and 0.81x of the tools followed by `sync -f`. The same code at 03:00 without the nice
-(load 10.3 rising to 14.5): create 0.34x, restore 0.16x (CPU 5.66 vs 3.31 s). The ratios move with
-the load far more than the CPU times do: under load, processes that run long turns wait ~10-18 ms
-per turn while the tools' short ones wait ~0.1 ms (/proc/PID/schedstat); only a quiet machine
-measures the target.
+Measured 2026-11-29 05:29 (2 cores, load 15.0 rising to 17.3 from other work; this run's session
+given autogroup nice -10; 3 rounds, medians of paired ratios): create 0.80x of tar|zstd|age (CPU
+4.85 vs 5.09 s), restore 0.67x (rounds 0.67, 0.64, 0.82; 112 vs 157 MB/s; CPU 4.64 vs 3.62 s, ours
+counting its 0.3 s of imports), 1.02x of the tools followed by `sync -f`; peak RSS 19 MB above idle
+plus 58 MB in the unpacking child. The restore before the batching, hashing thread and decrypting
+thread of 2026-11-29 05:00-05:30, in alternation with it at load 13.6-14.7 under the same nice: the
+new one 1.08-1.26x as fast (median 1.17x), the same 4.8 s of CPU. An earlier run (02:39, load
+18.5-22.1, nice -20) showed how far the ratios move with the load: only a quiet machine measures
+the target.
 """
 
 from __future__ import annotations
