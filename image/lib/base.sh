@@ -25,7 +25,45 @@ dpkg_excludes() {
                    drivers/hwmon drivers/w1 drivers/nfc net/nfc drivers/thunderbolt drivers/fpga; do
             printf 'path-exclude=/lib/modules/*/kernel/%s/*\n' "$dir"
         done
+    else
+        arm64_excludes
     fi
+}
+
+# The Raspberry Pi image's share of dpkg_excludes (about 110 MB of the root file system and 17 MB of the
+# firmware partition; the image's limit is 600 MB with rspamd and its Perl and ICU in it).
+arm64_excludes() {
+    # udev's hardware database, as on amd64.
+    echo 'path-exclude=/usr/lib/udev/hwdb.d/*'
+    # Device trees: the kernel ships them for every arm64 board (27 MB); raspi-firmware copies
+    # broadcom/bcm*.dtb to /boot/firmware, and qemu -M virt makes its own.
+    echo 'path-exclude=/usr/lib/linux-image-*/*'
+    echo 'path-include=/usr/lib/linux-image-*/broadcom/*'
+    # The VideoCore firmware's camera (x), debug (db) and cut-down (cd) variants, 17 MB and as much again
+    # on the FAT partition (raspi-firmware copies /usr/lib/raspi-firmware/*): config.txt asks for none
+    # of them (no start_x, gpu_mem), so the Pi boots start.elf (Pi 3) or start4.elf (Pi 4).
+    printf 'path-exclude=/usr/lib/raspi-firmware/%s\n' 'start_*' 'start4[cdx]*' 'fixup_*' 'fixup4[cdx]*'
+    # glibc's iconv converters (20 MB): only glib's g_convert would load them here (rspamd converts
+    # charsets with ICU, Python with its own codecs); the Unicode and Western ones stay.
+    echo 'path-exclude=/usr/lib/*-linux-gnu/gconv/*.so'
+    printf 'path-include=/usr/lib/*-linux-gnu/gconv/%s\n' 'UTF-*.so' 'UNICODE.so' 'ISO8859-*.so' 'CP125*.so'
+    # Perl is there for rspamd's rspamd_stats script: not its C headers (8 MB), its East Asian encodings
+    # (9 MB) and the Unicode collation tables (5 MB).
+    echo 'path-exclude=/usr/lib/*-linux-gnu/perl/5.*/CORE/*.h'
+    printf 'path-exclude=/usr/lib/*-linux-gnu/perl/5.*/auto/Encode/%s/*\n' JP KR CN TW
+    echo 'path-exclude=/usr/share/perl/5.*/Unicode/Collate/*'
+    # Kernel modules for what a Pi never has or a mail box never uses, as on amd64 but for the
+    # graphics and sound cores: vc4 (the HDMI console that shows the address) needs drm, the sound
+    # core and CEC (in drivers/media, whose cameras and TV tuners go).
+    local dir
+    for dir in drivers/media sound/pci sound/usb sound/isa drivers/net/wireless net/wireless net/mac80211 \
+               drivers/bluetooth net/bluetooth drivers/infiniband drivers/isdn drivers/staging \
+               drivers/iio drivers/input/touchscreen drivers/net/can net/can drivers/mtd \
+               drivers/w1 drivers/nfc net/nfc drivers/thunderbolt drivers/fpga \
+               drivers/gpu/drm/amd drivers/gpu/drm/nouveau drivers/gpu/drm/radeon drivers/gpu/drm/msm; do
+        printf 'path-exclude=/lib/modules/*/kernel/%s/*\n' "$dir"
+    done
+    printf 'path-include=/lib/modules/*/kernel/drivers/media/%s\n' 'cec/*' 'rc/rc-core.ko*'
 }
 
 package_list() {

@@ -100,7 +100,15 @@ make_disk_arm64() {
     # and the box stopped in emergency mode, which on a headless Pi is a brick).
     printf 'LABEL=RASPIROOT\t/\text4\terrors=remount-ro,noatime\t0\t1\nLABEL=RASPIFIRM\t/boot/firmware\tvfat\tdefaults,noatime,nofail,x-systemd.automount\t0\t2\n' \
         >"$root/etc/fstab"
-    local boot_mib=384
+    # The FAT partition holds what raspi-firmware put there (firmware, the newest kernel and initrd,
+    # device trees: about 50 MB) and room for one kernel update: its hook copies the new kernel and
+    # initrd in before it deletes the old ones, so the largest kernel + initrd fits a second time, with
+    # a quarter more for a kernel that grew and 8 MiB for FAT's own tables.
+    local used kernel_mib boot_mib
+    used=$(du -s --block-size=$MIB "$root/boot/firmware" | cut -f1)
+    kernel_mib=$(( ( $(find "$root/boot/firmware" -maxdepth 1 \( -name 'vmlinuz-*' -o -name 'initrd.img-*' \) -printf '%s+' ; echo 0) ) / MIB + 1 ))
+    boot_mib=$(( (used + kernel_mib * 5 / 4 + 8 + 3) / 4 * 4 ))
+    echo "firmware partition: ${boot_mib} MiB (${used} MiB used, ${kernel_mib} MiB kernel + initrd)"
     rm -f "$work/boot.img"
     mkfs.vfat -C -F 32 -n RASPIFIRM "$work/boot.img" $((boot_mib * 1024)) >/dev/null
     mcopy -s -i "$work/boot.img" "$root"/boot/firmware/* ::/
