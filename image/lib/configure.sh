@@ -99,12 +99,50 @@ UNIT
     DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get -y -q purge "${purge[@]}" >/dev/null
     DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get -y -q autoremove --purge >/dev/null
 
+    [[ $arch == arm64 ]] && trim_arm64 "$root"
+
     # Per-machine state out: first boot makes it (systemd: an empty machine-id means first boot).
     : >"$root/etc/machine-id"
     rm -f "$root/var/lib/dbus/machine-id" "$root/var/lib/systemd/random-seed" \
         "$root/var/lib/systemd/credential.secret" "$root"/etc/ssh/ssh_host_*
     rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/debconf/*-old \
         "$root"/var/log/*.log "$root/var/log/apt"/* "$root"/tmp/* "$root"/root/.cache
+}
+
+# The Raspberry Pi image's second cut, after lib/base.sh's dpkg excludes (to fit rspamd, ICU and Perl in
+# 600 MB): rules in dpkg's path-exclude/path-include form, written to the image's dpkg config so that
+# upgrades stay as lean, and applied to the tree now. (Here rather than in the base's list: the base
+# is cached, and these cost nothing to change.)
+trim_arm64() {
+    local root=$1 rules
+    rules=$(printf '%s\n' \
+        '# Letterbox (image/lib/configure.sh): what the Raspberry Pi image leaves out' \
+        'path-exclude=/lib/modules/*/kernel/drivers/net/ethernet/*' \
+        'path-include=/lib/modules/*/kernel/drivers/net/ethernet/broadcom/*' \
+        'path-exclude=/lib/modules/*/kernel/fs/ocfs2/*' 'path-exclude=/lib/modules/*/kernel/fs/gfs2/*' \
+        'path-exclude=/lib/modules/*/kernel/fs/nilfs2/*' 'path-exclude=/lib/modules/*/kernel/fs/jfs/*' \
+        'path-exclude=/lib/modules/*/kernel/fs/reiserfs/*' 'path-exclude=/lib/modules/*/kernel/fs/orangefs/*' \
+        'path-exclude=/lib/modules/*/kernel/fs/ceph/*' 'path-exclude=/lib/modules/*/kernel/fs/coda/*' \
+        'path-exclude=/lib/modules/*/kernel/fs/dlm/*' 'path-exclude=/lib/modules/*/kernel/fs/ubifs/*' \
+        'path-exclude=/lib/modules/*/kernel/fs/jffs2/*' 'path-exclude=/lib/modules/*/kernel/fs/afs/*' \
+        'path-exclude=/usr/share/zoneinfo/right/*')
+    # (The Pi's own Ethernet is broadcom's genet (Pi 4); Pi 3's and USB adapters are in drivers/net/usb.)
+    printf '%s\n' "$rules" >"$root/etc/dpkg/dpkg.cfg.d/letterbox-trim"
+    local line pattern excludes=() includes=()
+    while read -r line; do
+        pattern=${line#path-*=}
+        pattern=$root${pattern/#\/lib\//\/usr\/lib\/}  # merged /usr: /lib is a link to usr/lib
+        case $line in
+            path-exclude=*) excludes+=(-path "$pattern" -o) ;;
+            path-include=*) includes+=(! -path "$pattern") ;;
+        esac
+    done <<<"$rules"
+    find "$root/usr" \( "${excludes[@]}" -false \) "${includes[@]}" \( -type f -o -type l \) -delete
+    find "$root/usr/lib/modules" "$root/usr/share/zoneinfo" -mindepth 1 -type d -empty -delete
+    local dir
+    for dir in "$root"/usr/lib/modules/*; do
+        chroot "$root" depmod -a "$(basename "$dir")"
+    done
 }
 
 # Fail the build if anything that must differ between two boxes is in the image.
