@@ -125,8 +125,15 @@ trim_arm64() {
         'path-exclude=/lib/modules/*/kernel/fs/ceph/*' 'path-exclude=/lib/modules/*/kernel/fs/coda/*' \
         'path-exclude=/lib/modules/*/kernel/fs/dlm/*' 'path-exclude=/lib/modules/*/kernel/fs/ubifs/*' \
         'path-exclude=/lib/modules/*/kernel/fs/jffs2/*' 'path-exclude=/lib/modules/*/kernel/fs/afs/*' \
-        'path-exclude=/usr/share/zoneinfo/right/*')
-    # (The Pi's own Ethernet is broadcom's genet (Pi 4); Pi 3's and USB adapters are in drivers/net/usb.)
+        'path-exclude=/lib/modules/*/kernel/drivers/scsi/*/*' 'path-exclude=/lib/modules/*/kernel/drivers/target/*' \
+        'path-exclude=/lib/modules/*/kernel/sound/firewire/*' \
+        'path-exclude=/usr/share/zoneinfo/right/*' 'path-exclude=/usr/share/zsh/*' \
+        'path-exclude=/usr/lib/python3.*/pydoc_data/*' 'path-exclude=/usr/lib/python3.*/lib2to3/*' \
+        'path-exclude=/usr/share/perl/5.*/pod/*' \
+        'path-exclude=/lib/udev/hwdb.d/*')
+    # (The Pi's own Ethernet is broadcom's genet (Pi 4); Pi 3's and USB adapters are in drivers/net/usb.
+    # drivers/scsi keeps its top level, the SCSI disk layer of USB disks; its subdirectories are PCIe
+    # RAID and Fibre Channel cards. pydoc_data is help()'s topics, lib2to3 the 2to3 tool.)
     printf '%s\n' "$rules" >"$root/etc/dpkg/dpkg.cfg.d/letterbox-trim"
     local line pattern excludes=() includes=()
     while read -r line; do
@@ -138,11 +145,20 @@ trim_arm64() {
         esac
     done <<<"$rules"
     find "$root/usr" \( "${excludes[@]}" -false \) "${includes[@]}" \( -type f -o -type l \) -delete
-    find "$root/usr/lib/modules" "$root/usr/share/zoneinfo" -mindepth 1 -type d -empty -delete
+    find "$root/usr/lib/modules" "$root/usr/share/zoneinfo" "$root/usr/lib"/python3.*/{pydoc_data,lib2to3} \
+        -mindepth 1 -type d -empty -delete
+    # udev's hardware database (22 MB: vendor and model names for desktops' USB and PCI devices); its
+    # compiled form goes with its sources. (bookworm's udev installs under /lib, so lib/base.sh's
+    # /usr/lib/udev/hwdb.d exclude, the amd64 image's too, matches nothing.)
+    rm -f "$root/usr/lib/udev/hwdb.bin"
     local dir
     for dir in "$root"/usr/lib/modules/*; do
         chroot "$root" depmod -a "$(basename "$dir")"
     done
+    # pip's byte-code (8 MB): pip runs only for an update (letterbox-update, as root), whose Python
+    # compiles what it imports again; and its Windows launchers.
+    find "$root/opt/letterbox" -path '*/site-packages/pip/*' -name __pycache__ -prune -exec rm -rf {} +
+    find "$root/opt/letterbox" -path '*/site-packages/pip/*' -name '*.exe' -delete
     # The venv's compiled extensions without their symbol tables and debug information: zstandard's
     # aarch64 wheel ships 10.6 MB with debug_info (0.8 MB stripped), cryptography's 13.7 MB (10.4).
     # Only what the dynamic linker needs stays (--strip-unneeded); the host's strip for aarch64.
