@@ -307,7 +307,7 @@ class Vm:
                     break
                 if time.monotonic() > deadline:
                     raise VmError(self.failure_report(f"`{command}` did not finish in {timeout:.0f} s"))
-                time.sleep(0.3)
+                time.sleep(1.0)  # each poll is a call the guest answers (and did log, see the image's qemu-guest-agent drop-in)
         result = Result(status.get("exitcode", -1), _b64(status.get("out-data")), _b64(status.get("err-data")))
         if check and result.exit_code != 0:
             raise VmError(f"`{command}` in the guest exited {result.exit_code}:\n{result.stdout}\n{result.stderr}")
