@@ -202,6 +202,9 @@ class HeaderLookup(Protocol):
     def get_all(self, name: str, failobj: None = None) -> list[str] | None: ...
 
 
+_FOLD = re.compile(rb"\r?\n(?=[ \t])")  # mime.unfold's line breaks, over a row's fields
+
+
 @functools.lru_cache(maxsize=128)
 def _field_pattern(name: str) -> re.Pattern[bytes]:
     """Every field called `name` (ASCII, any case) of a row's fields, each its first line and the
@@ -219,6 +222,20 @@ class CachedFields:
     def __init__(self, fields: bytes) -> None:
         self._fields = fields
         self._values: dict[str, list[str]] = {}
+        self._plain: bytes | None = None  # the fields unfolded and lower-cased, when plain (may_contain)
+
+    def may_contain(self, needle: str) -> bool:
+        """False when no field's value, as SEARCH decodes it (search.decode_words, casefolded), can
+        hold `needle` (casefolded): the fields are plain ASCII without encoded words, so decoding
+        only unfolds them, and the needle is not in the whole unfolded block, case aside. One test
+        in C per message instead of a field look-up and a decoding of each value: a SEARCH
+        SUBJECT answered from the cache mostly finds nothing (issue 19)."""
+        if not needle.isascii():
+            return True  # (a non-ASCII needle cannot be in ASCII text; the look-up says so)
+        if self._plain is None:
+            fields = self._fields
+            self._plain = _FOLD.sub(b"", fields).lower() if fields.isascii() and b"=?" not in fields else b""
+        return not self._plain or needle.encode("ascii") in self._plain
 
     def get(self, name: str, failobj: None = None) -> str | None:
         values = self._lookup(name)

@@ -40,7 +40,7 @@ from appliance.imap.commands import (
     in_ranges,
 )
 from appliance.imap.fetch import parse_addresses, split_address_elements, strip_comments, top_level_chars
-from appliance.imap.fetch_cache import CACHED_FIELDS, HeaderLookup
+from appliance.imap.fetch_cache import CACHED_FIELDS, CachedFields, HeaderLookup
 from appliance.imap.limits import MAX_DECODED_SEARCH_OCTETS, MAX_HEADER_OCTETS
 from appliance.imap.mime import Part, parse_header, scan, unfold
 from appliance.store.maildir import open_message
@@ -91,6 +91,14 @@ class _Content:
         if self._cached is not None and name.lower() in CACHED_FIELDS:
             return self._cached
         return self.headers()
+
+    def may_contain(self, name: str, needle: str) -> bool:
+        """False when the cached fields answer for `name` and none can hold `needle`
+        (CachedFields.may_contain); True: look at the values."""
+        cached = self._cached
+        if isinstance(cached, CachedFields) and name.lower() in CACHED_FIELDS:
+            return cached.may_contain(needle)
+        return True
 
     def header_values(self, name: str) -> list[str]:
         return [decode_words(v) for v in self.field(name).get_all(name) or []]
@@ -407,7 +415,8 @@ class Searcher:
                     return any(needle in v.casefold() for v in content.address_values(field_name))
 
                 return address
-            return lambda c, content: any(needle in v.casefold() for v in content.header_values(field_name))
+            return lambda c, content: (content.may_contain(field_name, needle)
+                                       and any(needle in v.casefold() for v in content.header_values(field_name)))
         if isinstance(key, TextKey):
             needle, everywhere = key.value.casefold(), key.where == "TEXT"
 
