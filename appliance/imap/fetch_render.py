@@ -37,7 +37,7 @@ FETCH_BATCH = 64  # messages whose files one worker-thread call reads
 CACHED_FETCH_BATCH = 500  # messages answered from the message cache per worker-thread call
 LEARN_BATCH = 2000  # rows computed from files kept per transaction
 LEARN_CHUNK = 200  # messages a background fill describes per call of the CPU pool's worker
-SHARED_FETCH = 2 * CACHED_FETCH_BATCH  # a FETCH computing this many rows or more shares them with the CPU pool
+SHARED_FETCH = 2 * CACHED_FETCH_BATCH  # messages left after a batch that computed most rows: shared with the CPU pool
 LEARN_LIGHT = 20  # a fill this small may run in a thread while no worker process is up (cpu_pool.run_light)
 PART_WEIGHT = 256  # octets counted per MIME part of a cached structure, beyond its header block
 INDEX_FETCH_BATCH = 5000  # messages per rendered block of an index-only FETCH
@@ -100,14 +100,6 @@ class FetchRenderer:
         unknown: list[tuple[int, Path]] = []
         compute = fetch_cache.needs_row(items)
         learn_every = LEARN_BATCH
-        if compute and len(uids) >= SHARED_FETCH and not self._filling():
-            # Both cores: the CPU pool's worker describes the messages from the end of the list
-            # while this goes from the start, each skipping the rows the other has kept, so they
-            # meet wherever the slower one is (a first FETCH ENVELOPE BODYSTRUCTURE of a folder
-            # copied in was all in this process, issue 19). Rows kept after each batch, so the
-            # two do not describe the same messages twice for long.
-            self._learning = cache.fill(_learn_later(cache, [(uid, view.info(uid).path) for uid in uids], self._cpu))
-            learn_every = 1
         for start in range(0, len(uids), CACHED_FETCH_BATCH):
             jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid))
                     for uid in uids[start:start + CACHED_FETCH_BATCH]]
@@ -115,6 +107,15 @@ class FetchRenderer:
                 _render_cached, cache, jobs, items, flags_changed, condstore, compute)
             missing = missing or None in results
             await send(*[r for r in results if r is not None])
+            rest = uids[start + CACHED_FETCH_BATCH:]
+            if 2 * len(new) >= len(jobs) and len(rest) >= SHARED_FETCH and not self._filling():
+                # Most rows of this batch were missing (a folder copied in): both cores. The CPU
+                # pool's worker describes the rest from its end while this goes on from here, each
+                # skipping the rows the other has kept, so they meet wherever the slower one is
+                # (a first FETCH ENVELOPE BODYSTRUCTURE was all in this process, issue 19). Rows kept
+                # after each batch, so the two do not describe the same messages twice for long.
+                self._learning = cache.fill(_learn_later(cache, [(uid, view.info(uid).path) for uid in rest], self._cpu))
+                learn_every = 1
             learned += new
             unknown += later
             if len(learned) >= learn_every:
