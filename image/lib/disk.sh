@@ -7,14 +7,14 @@ ESP_MIB=16
 # serial port is rarely read); the journal keeps them all, and the login screen still shows the address.
 KERNEL_ARGS_AMD64="ro quiet systemd.show_status=0 console=tty0 console=ttyS0,115200n8"
 
-# make_rootfs ROOT FILE LABEL UUID: an ext4 of the tree, as small as it goes plus room for the first
-# boot (it grows to fill the disk right after).
+# make_rootfs ROOT FILE LABEL UUID [ROOM_MIB]: an ext4 of the tree, as small as it goes plus room for
+# the first boot (it grows to fill the disk right after).
 make_rootfs() {
-    local root=$1 file=$2 label=$3 uuid=$4 used size
+    local root=$1 file=$2 label=$3 uuid=$4 room=${5:-40} used size
     used=$(du -s --block-size=$MIB "$root" | cut -f1)
     # ext4's own metadata (journal, inode tables), and room for the first start (database, journal,
     # certificate: a few MB) until letterbox-growroot fills the disk; 64 MB put the raw image over 600 MB.
-    size=$((used * 105 / 100 + 40))
+    size=$((used * 105 / 100 + room))
     until mkfs.ext4 -q -F -L "$label" -U "$uuid" -m 1 -d "$root" "$file" "${size}M" 2>"$file.log"; do
         grep -q 'Could not allocate\|No space left' "$file.log" || { cat "$file.log" >&2; return 1; }
         size=$((size * 5 / 4))
@@ -101,19 +101,22 @@ make_disk_arm64() {
     printf 'LABEL=RASPIROOT\t/\text4\terrors=remount-ro,noatime\t0\t1\nLABEL=RASPIFIRM\t/boot/firmware\tvfat\tdefaults,noatime,nofail,x-systemd.automount\t0\t2\n' \
         >"$root/etc/fstab"
     # The FAT partition holds what raspi-firmware put there (firmware, the newest kernel and initrd,
-    # device trees: about 50 MB) and room for one kernel update: its hook copies the new kernel and
-    # initrd in before it deletes the old ones, so the largest kernel + initrd fits a second time, with
-    # a quarter more for a kernel that grew and 8 MiB for FAT's own tables.
+    # device trees: 44 MiB) and room for one kernel update: its hook copies the new kernel and initrd
+    # in before it deletes the old ones, so the kernel + initrd (38 MiB) fit a second time, with a
+    # tenth more for a kernel that grew and 4 MiB for FAT's own tables (about 1.5 MiB at this size).
     local used kernel_mib boot_mib
     used=$(du -s --block-size=$MIB "$root/boot/firmware" | cut -f1)
     kernel_mib=$(( ( $(find "$root/boot/firmware" -maxdepth 1 \( -name 'vmlinuz-*' -o -name 'initrd.img-*' \) -printf '%s+' ; echo 0) ) / MIB + 1 ))
-    boot_mib=$(( (used + kernel_mib * 5 / 4 + 8 + 3) / 4 * 4 ))
+    boot_mib=$(( (used + kernel_mib * 11 / 10 + 4 + 3) / 4 * 4 ))
     echo "firmware partition: ${boot_mib} MiB (${used} MiB used, ${kernel_mib} MiB kernel + initrd)"
     rm -f "$work/boot.img"
     mkfs.vfat -C -F 32 -n RASPIFIRM "$work/boot.img" $((boot_mib * 1024)) >/dev/null
     mcopy -s -i "$work/boot.img" "$root"/boot/firmware/* ::/
     rm -rf "${root:?}"/boot/firmware/*
-    make_rootfs "$root" "$work/root.ext4" RASPIROOT "$uuid"
+    # 16 MiB of room, not 40: below 512 MiB mkfs.ext4 takes 1 KiB blocks, in which the tree needs about
+    # 25 MiB less than du counts in the host's 4 KiB ones; with 40 the root had 86 MiB free, the
+    # image was 619 MB.
+    make_rootfs "$root" "$work/root.ext4" RASPIROOT "$uuid" 16
     local root_sectors=$(( $(stat -c %s "$work/root.ext4") / 512 ))
     local root_start=$(( (4 + boot_mib) * 2048 ))
     rm -f "$out"
