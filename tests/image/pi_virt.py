@@ -58,7 +58,7 @@ def content_filter(vm: Vm) -> tuple[str, str] | None:
 
 
 def main(image: Path) -> int:
-    print(f"{image.name}: {partition_sizes(image)}")
+    print(f"{image.name}: {partition_sizes(image)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="letterbox-pi-virt-") as tmp:
         kernel, initrd = extract_boot_files(image, Path(tmp))
         boot = DirectBoot(kernel, initrd, "root=LABEL=RASPIROOT ro console=ttyAMA0")
@@ -70,15 +70,18 @@ def main(image: Path) -> int:
             except AssertionError as exc:
                 print(exc, file=sys.stderr)
                 return 1
-            status, _, _ = vm.https_get("/setup/1")
-            print(f"arm64 image under qemu-system-aarch64 -M virt (TCG): wizard answered {status} "
-                  f"{seconds:.0f} s after qemu started ({kernel.name})")
+            print(f"arm64 image under qemu-system-aarch64 -M virt (TCG): wizard answered "
+                  f"{seconds:.0f} s after qemu started ({kernel.name})", flush=True)
+            # Right after the wizard the guest is busiest (growroot, SSH host keys, Redis and rspamd
+            # starting): a page may take longer than the 30 s a readiness probe waits.
+            status, _, _ = vm.https_get("/setup/1", timeout=300)
+            print(f"wizard step 1: HTTP {status}", flush=True)
             checked = content_filter(vm)
             if checked is None:
                 print(vm.failure_report(f"rspamd did not answer within {RSPAMD_TIMEOUT:.0f} s"), file=sys.stderr)
                 return 1
             spam_status, rss = checked
-            print(f"content filter {time.monotonic() - started:.0f} s after qemu started: {spam_status}")
+            print(f"content filter {time.monotonic() - started:.0f} s after qemu started: {spam_status}", flush=True)
             print(f"RSS (MB) of rspamd + redis-server once rspamd answers: {rss}")
             print(f"total {time.monotonic() - started:.0f} s")
     return 0
