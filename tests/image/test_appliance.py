@@ -223,7 +223,8 @@ def test_content_filter_answers(box: Vm) -> None:
     # a reload (SIGHUP: a new configuration) must not bring it back for good.
     box.run("systemctl reload rspamd")
     wait_for(lambda: box.run(f"{CLI} spam status", check=False).exit_code == 0, 600, "rspamd after a reload", box)
-    wait_for(lambda: box.run("pgrep -f 'rspamd: hs_helper'", check=False).exit_code != 0, 600,
+    # Anchored: the guest agent's `sh -c` running pgrep has the pattern in its own command line.
+    wait_for(lambda: box.run("pgrep -f '^rspamd: hs_helper'", check=False).exit_code != 0, 600,
              "hs_helper to be ended after the reload", box)
     FIGURES["rspamd + redis RSS after a reload (MB)"] = _rss(box)
 
