@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import http.client
 import json
@@ -74,6 +75,7 @@ UPDATES = "updates"
 INCOMING = "incoming.tar"
 STATUS = "status.json"
 DB_FILES = ("letterbox.db", "letterbox.db-wal")
+NO_SPACE_HINT = ": the disk is full; free some space (or wait for a first boot to finish growing the disk) and try again"
 KEEP_VENVS = 2  # the one in force and the one before it
 HEALTH_POLL = 0.5
 INSTALL_TIMEOUT = 3600.0  # pip unpacks and byte-compiles ~40 wheels: minutes under TCG (more than 5 seen)
@@ -320,6 +322,9 @@ class Updater:
                 info = inspect(bundle, into=wheels)
             except BundleError as exc:
                 raise UpdateError(str(exc)) from None
+            except OSError as exc:  # the disk full (a first boot still growing the root, a full SD card)
+                raise UpdateError(f"cannot unpack the bundle into {self.o.prefix}: {exc.strerror}"
+                                  f"{NO_SPACE_HINT if exc.errno == errno.ENOSPC else ''}; nothing was changed") from None
             if info.machine and info.machine != os.uname().machine:
                 raise UpdateError(f"this bundle is for {info.machine}; this box is {os.uname().machine}")
             if info.version == running:
@@ -481,6 +486,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
     except UpdateError as exc:
         print(f"letterbox-update: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # one line, never a traceback: e.g. the disk full while the upload is taken in
+        hint = NO_SPACE_HINT if exc.errno == errno.ENOSPC else ""
+        print(f"letterbox-update: {exc.strerror} ({exc.filename or opts.prefix}){hint}", file=sys.stderr)
         return 1
     return 0
 

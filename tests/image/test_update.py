@@ -73,6 +73,11 @@ def _status(vm: Vm) -> dict[str, object]:
 
 def test_failed_update_rolls_back_then_good_update_migrates(box: Vm, tmp_path: Path) -> None:
     running = box.run("letterbox --version").stdout.split()[-1]
+    # The first boot grows the root file system once the console is up (letterbox-growroot, lowest
+    # priority); until then the image's root has room for the first mail, not for a second venv: run
+    # alone right after boot, this test's update stopped on "No space left on device".
+    wait_for(lambda: box.run("systemctl show -p ExecMainExitTimestampMonotonic --value letterbox-growroot")
+             .stdout.strip() not in ("", "0"), 1800, "the root file system to be grown", box)
     box.run(f"{CLI} domain add {DOMAIN}")
     box.run(f"{CLI} user add {ALICE} --password-stdin", stdin=f"{ALICE_PASSWORD}\n".encode())
     # The host reaches port 25 from qemu's gateway (10.0.2.2): treated as a trusted network, so that
