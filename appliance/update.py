@@ -323,8 +323,8 @@ class Updater:
             except BundleError as exc:
                 raise UpdateError(str(exc)) from None
             except OSError as exc:  # the disk full (a first boot still growing the root, a full SD card)
-                raise UpdateError(f"cannot unpack the bundle into {self.o.prefix}: {exc.strerror}"
-                                  f"{NO_SPACE_HINT if exc.errno == errno.ENOSPC else ''}; nothing was changed") from None
+                raise UpdateError(f"cannot unpack the bundle into {self.o.prefix}: {exc.strerror}{_no_space_hint(exc)}; nothing was changed"
+                                  ) from None
             if info.machine and info.machine != os.uname().machine:
                 raise UpdateError(f"this bundle is for {info.machine}; this box is {os.uname().machine}")
             if info.version == running:
@@ -450,6 +450,11 @@ def take_incoming(opts: Options, into: Path) -> Path | None:
     return dest
 
 
+def _no_space_hint(exc: OSError) -> str:
+    """What to do, when the error is a full disk; '' for any other."""
+    return NO_SPACE_HINT if exc.errno == errno.ENOSPC else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="letterbox-update", description="Install a newer Letterbox, keeping the data.")
     parser.add_argument("bundle", nargs="?", help="letterbox-bundle-VERSION-MACHINE.tar (or a letterbox wheel)")
@@ -488,8 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"letterbox-update: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # one line, never a traceback: e.g. the disk full while the upload is taken in
-        hint = NO_SPACE_HINT if exc.errno == errno.ENOSPC else ""
-        print(f"letterbox-update: {exc.strerror} ({exc.filename or opts.prefix}){hint}", file=sys.stderr)
+        print(f"letterbox-update: {exc.strerror} ({exc.filename or opts.prefix}){_no_space_hint(exc)}", file=sys.stderr)
         return 1
     return 0
 
