@@ -150,7 +150,12 @@ class ImapSession:
         self._generation: int | None = None  # the mailbox logged in to (MailStore.mailbox_generation)
         self.selected: SelectedFolder | None = None
         self.watcher: Watcher | None = None
-        self._dirty = False  # look at the store before the next response (watcher fired, client polled)
+        # Look at the store before the next response: `_dirty` when the client polled (NOOP, CHECK,
+        # IDLE's periodic look), which reads the disk too for other programs' changes; `_owed` for
+        # expunges not yet announced; a fired watcher means a change made through this process's
+        # store, which the index holds already (no listing of the Maildir per command).
+        self._dirty = False
+        self._owed = False
         self.fetcher = FetchRenderer(services.cpu)  # FETCH responses and the structure cache of the selected folder
         # RFC 7162 3.1/3.2: on once the client used or enabled CONDSTORE / enabled QRESYNC; never off.
         self.condstore = False
@@ -326,7 +331,7 @@ class ImapSession:
         self.watcher = self.store.watch(self.mailbox, view.name)
         self.selected = view
         self.state = "selected"
-        self._dirty = False
+        self._dirty = self._owed = False
         out: list[Response] = [
             view.flags_response(),
             Data(f"{view.exists} EXISTS"),
@@ -1027,11 +1032,13 @@ class ImapSession:
         view = self.selected
         if view is None or self.watcher is None:
             return
-        changed = self._dirty or await self.watcher.wait(0)
+        disk = self._dirty
+        changed = disk or self._owed or await self.watcher.wait(0)
         if changed:
-            self._dirty = False
+            self._dirty = self._owed = False
             try:
-                snapshot = await self.store.snapshot(self.mailbox, view.name, claim_recent=not view.readonly)
+                snapshot = await self.store.snapshot(self.mailbox, view.name, claim_recent=not view.readonly,
+                                                     disk=disk)
             except NoSuchFolder:
                 # RFC 3501 leaves this open; the folder is gone, so the session leaves it.
                 self._unselect()
@@ -1040,7 +1047,7 @@ class ImapSession:
                 return
             await self.io.send(*view.apply(snapshot, allow_expunge))
             if view.gone:  # a subset of view.uids until announced
-                self._dirty = True  # expunges still owed at the next command that may carry them
+                self._owed = True  # expunges still owed at the next command that may carry them
         await self._update_searches(view)
 
     async def _update_searches(self, view: SelectedFolder) -> None:

@@ -193,14 +193,18 @@ class OpenMailboxes:
             mb.counted = True
         return _bytes(mb)
 
-    async def sync(self, mb: OpenMailbox, f: FolderIndex) -> bool:  # noqa: C901  one reconciliation of Maildir and index; its cases are the states files can be in
-        """Bring the index up to the disk (folder lock held); True when the db changed."""
+    async def sync(self, mb: OpenMailbox, f: FolderIndex, *, disk: bool = True) -> bool:  # noqa: C901  one reconciliation of Maildir and index; its cases are the states files can be in
+        """Bring the index up to the disk (folder lock held); True when the db changed. Without
+        `disk`, a folder listed before is taken as the index has it: every change made through
+        this process is in the index already, and only other programs' changes need the disk."""
         if f.deleted:
             raise NoSuchFolder(f"no folder named {f.name}")
         f.last_used = time.monotonic()
         if not f.loaded:
             f.load(await index.load_entries(self._db, f.id))
         self._trim_later()
+        if not disk and f.stamp is not None:  # listed since it was loaded: its files are located
+            return False
         try:
             found = await asyncio.to_thread(f.scan)
         except (FileNotFoundError, NotADirectoryError):

@@ -119,13 +119,16 @@ class MailStore:
         self._filed(Filed(mb.key, None, f.name, (outcome,)))
         return f.uidvalidity, outcome
 
-    async def snapshot(self, mailbox: str, folder: str, *, claim_recent: bool = False) -> FolderSnapshot:
+    async def snapshot(self, mailbox: str, folder: str, *, claim_recent: bool = False,
+                       disk: bool = True) -> FolderSnapshot:
         """The folder as it is now, synced with the disk. With `claim_recent`, the new messages become
-        \\Recent for this caller alone (RFC 3501 2.3.2): files move from new/ to cur/."""
+        \\Recent for this caller alone (RFC 3501 2.3.2): files move from new/ to cur/. Without
+        `disk`, as the index has it (OpenMailboxes.sync): what a session woken by a change made
+        through the store asks for, with no listing of the Maildir and no trip to a worker thread."""
         mb = await self._boxes.get(mailbox)
         f = await self._boxes.folder(mb, folder)
         async with f.lock:
-            changed = await self._boxes.sync(mb, f)
+            changed = await self._boxes.sync(mb, f, disk=disk)
             recent = await self._boxes.claim(f) if claim_recent else f.recent()
             snap = f.snapshot(recent)
         if changed:

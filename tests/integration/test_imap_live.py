@@ -7,6 +7,7 @@ import pytest
 from imapclient import IMAPClient
 
 from appliance.imap import session as imap_session
+from appliance.store import index
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
 from tests.support.polling import wait_until
@@ -145,3 +146,51 @@ def test_fetch_of_a_message_expunged_elsewhere(imap_box: BoxHandle) -> None:
     finally:
         first.close()
         second.close()
+
+
+def test_other_sessions_changes_come_without_a_look_at_the_disk_other_programs_at_noop(
+        imap_box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change made through the store (another session, a delivery) is in the index already: the
+    session it wakes answers from the index, with no listing of the Maildir per command (issue 19:
+    the imaptest stress mode's sessions listed it at almost every command). A change another program
+    makes to the Maildir is seen at NOOP (RFC 3501 6.1.2), where the disk is looked at."""
+    for n in range(3):
+        deliver(imap_box, n)
+    first, second = session(imap_box), session(imap_box)
+    scans = 0
+    real_scan = index.FolderIndex.scan
+
+    def counted(self: index.FolderIndex) -> index.DiskChanges | None:
+        nonlocal scans
+        scans += 1
+        return real_scan(self)
+
+    monkeypatch.setattr(index.FolderIndex, "scan", counted)
+    try:
+        second.command(b"a", b"STORE 2 +FLAGS (\\Flagged)")
+        deliver(imap_box, 3)
+        scans = 0
+        reply = first.command(b"b", b"FETCH 1 (UID)")
+        assert b"* 2 FETCH (UID 2 FLAGS (\\Flagged \\Recent))\r\n" in reply
+        assert b"* 4 EXISTS\r\n" in reply
+        assert scans == 0
+        # Another program (a Maildir MUA, rsync) marks message 3 seen by renaming its file.
+        cur = imap_box.data.mail / "example.test" / "alice" / "cur"
+        [path] = [p for p in cur.iterdir() if p.name.startswith(_base_of(imap_box, 3))]
+        path.rename(path.with_name(path.name.partition(":")[0] + ":2,S"))
+        reply = first.command(b"d", b"NOOP")
+        assert b"* 3 FETCH (UID 3 FLAGS (\\Seen \\Recent))\r\n" in reply
+        assert scans > 0
+    finally:
+        first.close()
+        second.close()
+
+
+def _base_of(box: BoxHandle, uid: int) -> str:
+    """The unique part of a message's file name (what other programs keep when they rename it)."""
+    async def find() -> str:
+        path = await box.services.store.message_path(USER, "INBOX", uid)
+        assert path is not None
+        return path.name.partition(":")[0]
+
+    return box.run(find())
