@@ -277,7 +277,12 @@ class OpenMailboxes:
 
     async def map_keywords(self, f: FolderIndex, keywords: Iterable[str]) -> Keywords:
         """Letters for these keywords in the folder's dovecot-keywords (folder lock held). The file is
-        read afresh, so letters another program assigned are never reused."""
+        read afresh before a letter is assigned, so letters another program assigned are never
+        reused; keywords that all have letters already need no look at it (Dovecot and we only ever
+        add letters to the file, and a scan reads it again when another program rewrote it).
+        A STORE or APPEND with keywords read the file in a worker thread each time (issue 19)."""
+        if f.keywords.with_keywords(keywords) == f.keywords:
+            return f.keywords
         current = await asyncio.to_thread(maildir.read_keywords, f.path)
         wanted = current.with_keywords(keywords)
         if wanted != current:

@@ -357,6 +357,38 @@ def test_flags_round_trip_through_file_names(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def test_known_keywords_need_no_read_of_the_keyword_file_new_ones_do(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A STORE of keywords that already have letters does not read dovecot-keywords (issue 19: two
+    worker-thread reads per STORE); a new keyword reads it first, so a letter another program gave
+    meanwhile is never handed out twice."""
+    box = home(tmp_path)
+    reads = 0
+    real_read = maildir.read_keywords
+
+    def counted(folder: Path) -> maildir.Keywords:
+        nonlocal reads
+        reads += 1
+        return real_read(folder)
+
+    async def body(store: MailStore) -> None:
+        await store.deliver([ALICE], MSG)
+        await store.snapshot(ALICE, "INBOX", claim_recent=True)
+        await store.store_flags(ALICE, "INBOX", [1], frozenset({"Work"}), "add")
+        await store.snapshot(ALICE, "INBOX")  # the scan reads the file we just wrote, once
+        monkeypatch.setattr(maildir, "read_keywords", counted)
+        [info] = await store.store_flags(ALICE, "INBOX", [1], frozenset({"work", "\\Seen"}), "set")
+        assert info.flags == {"Work", "\\Seen"}
+        assert reads == 0
+        (box / "dovecot-keywords").write_text("0 Work\n1 Theirs\n")  # another program's letter b
+        [info] = await store.store_flags(ALICE, "INBOX", [1], frozenset({"Mine"}), "add")
+        assert reads == 2  # the scan before the change (the file's mtime moved), then the new letter's
+        assert (box / "dovecot-keywords").read_text() == "0 Work\n1 Theirs\n2 Mine\n"
+        assert info.path.name.endswith(":2,Sac")
+
+    run(tmp_path, body)
+
+
 def test_flag_changes_bump_modseq(tmp_path: Path) -> None:
     async def body(store: MailStore) -> None:
         await store.deliver([ALICE], MSG)
