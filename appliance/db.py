@@ -175,6 +175,7 @@ class Database:
                     raise
                 else:
                     await self._on_db_thread(partial(_ride_and_commit, self._rider_work()))
+                    self.counters.forget_tick()  # the counters may have moved (ChangeCounters.read_this_tick)
             finally:
                 if not durable:
                     await self._conn.execute(f"PRAGMA synchronous={DURABLE_SYNC}")
@@ -186,7 +187,10 @@ class Database:
         and an event-loop wakeup, and `transaction()` makes one per statement (issue 19: seven per
         group commit). `durable` as for transaction()."""
         async with self._write_lock:
-            return await self._on_db_thread(partial(_whole_transaction, work, self._rider_work(), durable))
+            try:
+                return await self._on_db_thread(partial(_whole_transaction, work, self._rider_work(), durable))
+            finally:
+                self.counters.forget_tick()  # the counters may have moved (ChangeCounters.read_this_tick)
 
     async def _on_db_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
         # aiosqlite's queue to its thread with the sqlite3 connection it owns (aiosqlite >= 0.20 keeps
@@ -291,6 +295,38 @@ class ChangeCounters:
         self._path = path
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()  # the loop thread in the box; a test may call from another
+        # read_this_tick's answers, for the one event loop iteration they were read in.
+        self._tick: dict[str, int] = {}
+        self._tick_loop: asyncio.AbstractEventLoop | None = None
+
+    def read_this_tick(self, name: str) -> int | None:
+        """read(), asked at most once per iteration of the running event loop: an IMAP command read
+        the accounts counter three times (the session's check that its mailbox still exists, then
+        each store call's look-up of the mailbox), each a statement that gives up the GIL and waits
+        to get it back behind the worker threads (issue 19). A coroutine whose commit (on
+        aiosqlite's thread, through any connection of this process) was awaited is resumed in an
+        iteration that began after the commit, so what is kept in that iteration was read after it;
+        this connection's commits (transaction(), write()) drop what was kept all the same. A change
+        another process commits is seen from the next iteration on, as by a read a moment earlier."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self.read(name)
+        if loop is self._tick_loop:
+            found = self._tick.get(name)
+            if found is not None:
+                return found
+        value = self.read(name)
+        if value is not None:
+            if loop is not self._tick_loop or not self._tick:
+                self._tick.clear()
+                self._tick_loop = loop
+                loop.call_soon(self.forget_tick)
+            self._tick[name] = value
+        return value
+
+    def forget_tick(self) -> None:
+        self._tick.clear()
 
     def read(self, name: str) -> int | None:
         with self._lock:

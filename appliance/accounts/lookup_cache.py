@@ -42,7 +42,7 @@ class LookupCache:
     async def get(self, kind: str, key: str, load: Callable[[], Awaitable[T]]) -> T:
         """The answer of `load()` for (kind, key), from memory while the accounts are unchanged.
         `load` must return an immutable value (it is shared by every caller)."""
-        counter = self._counters.read(ACCOUNTS_COUNTER)
+        counter = self._counters.read_this_tick(ACCOUNTS_COUNTER)
         if counter is None:
             return await load()
         if counter != self._counter:

@@ -136,3 +136,48 @@ def test_the_cache_is_bounded_and_steps_aside_without_its_counter(tmp_path: Path
         counters.close()
 
     asyncio.run(main())
+
+
+def test_the_accounts_counter_is_read_once_per_loop_iteration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An IMAP command looked the accounts counter up three times (issue 19): within one iteration of
+    the event loop it is read once; another connection's commit is seen from the next iteration on,
+    and a commit through the box's own connection at once."""
+    async def main() -> None:
+        db = await Database.open(tmp_path / "letterbox.db")
+        try:
+            reads = 0
+            real_read = db.counters.read
+
+            def counted(name: str) -> int | None:
+                nonlocal reads
+                reads += 1
+                return real_read(name)
+
+            monkeypatch.setattr(db.counters, "read", counted)
+            first = db.counters.read_this_tick("accounts")
+            assert first is not None
+            assert db.counters.read_this_tick("accounts") == first
+            assert reads == 1
+            with sqlite3.connect(tmp_path / "letterbox.db") as other:  # another process's commit
+                other.execute("UPDATE change_counters SET n = n + 1 WHERE name = 'accounts'")
+            await asyncio.sleep(0)
+            assert db.counters.read_this_tick("accounts") == first + 1
+            assert reads == 2
+            # A reader in every iteration keeps an answer for the iteration each commit returns in.
+            done = False
+
+            async def reader() -> None:
+                while not done:
+                    db.counters.read_this_tick("accounts")
+                    await asyncio.sleep(0)
+
+            polling = asyncio.ensure_future(reader())
+            for n in range(2, 12):
+                await db.execute("UPDATE change_counters SET n = n + 1 WHERE name = 'accounts'")
+                assert db.counters.read_this_tick("accounts") == first + n
+            done = True
+            await polling
+        finally:
+            await db.close()
+
+    asyncio.run(main())
