@@ -22,8 +22,10 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -132,6 +134,25 @@ def smtp_source(port: int, messages: int, concurrency: int, maildir: Path) -> tu
     return time.perf_counter() - started, []
 
 
+@contextlib.contextmanager
+def profiling(pid: int, output: Path | None, options: str) -> Iterator[None]:
+    """py-spy recording the box (`--format raw`, collapsed stacks) while the load runs, when asked
+    for; `options` are more of py-spy's (e.g. "--idle", "--gil", "--threads")."""
+    if output is None:
+        yield
+        return
+    spy = Path(sys.executable).parent / "py-spy"
+    proc = subprocess.Popen([str(spy), "record", "--format", "raw", "--nonblocking", "--rate", "200",
+                             "--output", str(output), "--pid", str(pid), *options.split()],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)  # py-spy attaches before the first message
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+
+
 @dataclass(frozen=True)
 class Round:
     elapsed: float
@@ -161,11 +182,13 @@ def run_box(args: argparse.Namespace, delivery_log: str, code: Path | None = Non
             with serving_somewhere(data, Path(tmp) / "serve.log", code) as (proc, offset):
                 rss_idle = peak_rss_kib(proc.pid)
                 cpu_before = cpu_seconds(proc.pid)
-                if args.client == "smtp-source":
-                    elapsed, latencies = smtp_source(MX_PORT + offset, args.messages, args.concurrency, maildir)
-                else:
-                    elapsed, latencies = asyncio.run(load(MX_PORT + offset, args.messages, args.concurrency,
-                                                          args.size))
+                with profiling(proc.pid, args.profile, args.profile_options):
+                    if args.client == "smtp-source":
+                        elapsed, latencies = smtp_source(MX_PORT + offset, args.messages, args.concurrency,
+                                                         maildir)
+                    else:
+                        elapsed, latencies = asyncio.run(load(MX_PORT + offset, args.messages,
+                                                              args.concurrency, args.size))
                 cpu = cpu_seconds(proc.pid) - cpu_before
                 rss_peak = peak_rss_kib(proc.pid)
         finally:
@@ -253,6 +276,9 @@ def main() -> None:
                         help="the delivery log; 'compare' runs both, interleaved, and prints its cost")
     parser.add_argument("--against", type=Path, default=None, help="another checkout to compare with")
     parser.add_argument("--rounds", type=int, default=12, help="pairs, with --delivery-log compare or --against")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="py-spy's collapsed stacks of the box during the load into this file")
+    parser.add_argument("--profile-options", default="", help="more py-spy options, e.g. '--idle --gil'")
     args = parser.parse_args()
     if args.messages is None:
         # With compare, short rounds and many of them: the pairs' median stands up to the machine's
