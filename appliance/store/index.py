@@ -27,7 +27,7 @@ import asyncio
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -432,11 +432,15 @@ class Change:
             f.invalidate()
 
 
-async def commit(db: Database, changes: Sequence[Change]) -> None:
-    """Write several folders' changes in one transaction; memory follows only after the commit."""
+async def commit(db: Database, changes: Sequence[Change], *, first: Callable[[], None] | None = None) -> None:
+    """Write several folders' changes in one transaction; memory follows only after the commit.
+    `first` runs on the database's thread before the rows are written (the group commit's directory
+    fsyncs, store/arrivals.py: one thread trip for both); what it raises rolls everything back."""
     changes = [c for c in changes if c.pending]
     if any(c.writes or c.measured for c in changes):
         def write_all(tx: sqlite3.Connection) -> None:
+            if first is not None:
+                first()
             for change in changes:
                 change.write(tx)
 

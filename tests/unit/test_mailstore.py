@@ -198,6 +198,28 @@ def test_a_group_that_cannot_be_indexed_leaves_no_file_and_no_uid(tmp_path: Path
     run(tmp_path, body)
 
 
+def test_a_group_whose_directory_cannot_be_synced_is_not_indexed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The directory fsync runs inside the group's transaction (store/arrivals.py): when it fails,
+    no row is written, the files go and every delivery hears why. The failure is injected (a real
+    fsync error needs a failing disk)."""
+    real_fsync_dir = maildir.fsync_dir
+
+    def failing(path: Path) -> None:
+        raise OSError(5, "Input/output error", str(path))
+
+    async def body(store: MailStore) -> None:
+        await store.deliver([ALICE], MSG)
+        monkeypatch.setattr(maildir, "fsync_dir", failing)
+        outcomes = await held_burst(store, 3)
+        assert [str(o) for o in outcomes] == ["cannot write the message: Input/output error"] * 3
+        assert len(files(home(tmp_path), "new")) == 1
+        monkeypatch.setattr(maildir, "fsync_dir", real_fsync_dir)
+        assert await store.deliver([ALICE], MSG) == {ALICE: 2}  # no UID was spent on the failure
+        assert [m.uid for m in (await store.snapshot(ALICE, "INBOX")).messages] == [1, 2]
+
+    run(tmp_path, body)
+
+
 def test_usage_counts_every_folder_after_a_restart(tmp_path: Path) -> None:
     async def first(store: MailStore) -> None:
         await store.deliver([FULL], b"x" * 300)
