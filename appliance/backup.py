@@ -59,9 +59,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-import pyrage
-import zstandard
-
 from appliance import __version__, age_stream, backup_stream
 from appliance.config import DataLayout
 from appliance.db import DB_FILE_MODE, load_migrations
@@ -126,6 +123,8 @@ class Kit:
 
 
 def new_kit(hostname: str) -> Kit:
+    import pyrage  # here, not at the top: the box imports this module at every start (issue 19)
+
     identity = pyrage.x25519.Identity.generate()
     recipient = str(identity.to_public())
     made = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -142,6 +141,8 @@ def new_kit(hostname: str) -> Kit:
 
 def recipient_of(text: str) -> str:
     """A recipient 'age1...' given directly, or the public half of a kit's identity."""
+    import pyrage  # as in new_kit
+
     for line in text.splitlines():
         line = line.strip()
         if line.startswith("age1"):
@@ -552,6 +553,8 @@ def _plain_members(source: IO[bytes], secret: Secret) -> Iterator[backup_stream.
             child.close()
         raise
     reader, blocks = backup_stream.plain_tar(source, key, child)
+    import zstandard  # not at the top: the box imports this module at every start (issue 19: idle memory)
+
     try:
         yield reader
     except age_stream.AgeError as exc:

@@ -30,8 +30,6 @@ from collections.abc import Generator, Iterator
 from typing import IO, Protocol, cast
 from zlib import adler32
 
-import zstandard
-
 from appliance import age_stream
 
 BLOCK = 1024 * 1024  # a pipe's size, and the most read from it at once
@@ -623,6 +621,8 @@ def _plain_here(source: IO[bytes], key: bytes, *, ahead: bool = False) -> Genera
     if ahead:
         decrypted = _ahead(decrypted)
     stream = cast(IO[bytes], _Blocks(decrypted))
+    import zstandard  # not at the top: the box imports this module at every start (issue 19: idle memory)
+
     with zstandard.ZstdDecompressor().stream_reader(stream, read_size=BLOCK, read_across_frames=True) as z:
         while block := z.read(BLOCK):
             yield block
@@ -660,6 +660,8 @@ def _ahead(blocks: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def _compress(key: bytes) -> None:
+    import zstandard  # as in _plain_here
+
     stdout = sys.stdout.fileno()
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
     enc = age_stream.Encryptor(key)
@@ -727,6 +729,8 @@ def main(argv: list[str]) -> int:
         os.lseek(0, OFFSET.unpack_from(key)[0], os.SEEK_SET)
         key = key[OFFSET.size:]
     work = {"compress": _compress, "unpack": _unpack}[mode]
+    import zstandard  # as in _plain_here
+
     gc.disable()  # a short-lived process that makes no cycles worth collecting (measured: 3% of its CPU)
     try:
         work(key)
