@@ -9,7 +9,8 @@ once). As on a box, the list is compiled into rspamd's Hyperscan cache before rs
 (letterbox-warm-tld.lua, unless --no-warm: rspamd's main process would keep the compiler's memory), and
 rspamd's hs_helper is ended once it has compiled (letterbox-hs-helper-exit.sh, unless --keep-hs-helper).
 Memory is read per process (/proc/PID/smaps_rollup: RSS, PSS and what they are made of) after the first
-start, after a restart, and after the checks. A real `letterbox serve` receives N messages over one SMTP
+start (empty caches), after a reload (SIGHUP, as `systemctl reload rspamd`), after a restart, and after
+the checks. A real `letterbox serve` receives N messages over one SMTP
 connection, the content filter off and on in turns; each DATA is timed from the client's side: the
 added latency is the difference of the percentiles. Last, rspamd's /checkv2 alone, with and without a
 Deliver-To (the per-mailbox Bayes, statistic.conf), in turns: what one more check per recipient costs.
@@ -142,14 +143,19 @@ def report_urls(peer: RspamdPeer) -> None:
           + ", ".join(f"{host} -> {urls.get(host, 'NOT FOUND')}" for host in LINKS))
 
 
-def start_measured(peer: RspamdPeer, when: str) -> None:
+def start_measured(peer: RspamdPeer, when: str, *, reload: bool = False) -> tuple[float, float]:
+    """Start rspamd + Redis (or reload rspamd: SIGHUP, as `systemctl reload rspamd`), let it settle as
+    on a box, and print its memory: (summed RSS, summed PSS) in MB."""
     started = time.monotonic()
-    peer.start()  # the caller's try stops what a start that times out started
+    if reload:
+        peer.reload()
+    else:
+        peer.start()  # the caller's try stops what a start that times out started
     print(f"rspamd + redis ready in {time.monotonic() - started:.1f} s")
     if peer.end_hs_helper and not peer.wait_hs_helper_gone(300):
         print("    hs_helper still running after 300 s")
     time.sleep(5)  # what a worker loads just after start (the hs_helper's notice, maps)
-    report_memory(when, peer)
+    return report_memory(when, peer)
 
 
 def main() -> None:
@@ -172,12 +178,15 @@ def main() -> None:
                           end_hs_helper=not args.keep_hs_helper, image_modules=True)
         print(f"public-suffix list: {args.tld} ({peer.tld}); hs_helper "
               f"{'kept' if args.keep_hs_helper else 'ended once it compiled, as on a box'}")
+        figures: dict[str, tuple[float, float]] = {}
         try:
             first = "after the first start" + (" (rspamd compiled the list)" if args.no_warm else
                                                " (the list compiled before it, as the image's rspamd.service does)")
-            start_measured(peer, first)
+            figures["first start"] = start_measured(peer, first + ", empty caches")
+            figures["reload"] = start_measured(peer, "after a reload (SIGHUP: the configuration read again, "
+                                               "new workers)", reload=True)
             peer.stop()
-            start_measured(peer, "after a restart (the compiled list read back from the cache)")
+            figures["restart"] = start_measured(peer, "after a restart (the compiled list read back from the cache)")
             report_urls(peer)
             data = root / "data"
             cli(data, "domain", "add", "bench.test")
@@ -210,7 +219,9 @@ def main() -> None:
             print(f"/checkv2 box-wide Bayes only:   p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(plain)} checks)")
             print(f"/checkv2 with Deliver-To:       p50 {u50:.1f} ms, p99 {u99:.1f} ms (paired ratio median "
                   f"{statistics.median(ratios):.2f})")
-            report_memory(f"after {len(on) + 2 * len(plain)} checks", peer)
+            figures[f"{len(on) + 2 * len(plain)} checks"] = report_memory(f"after {len(on) + 2 * len(plain)} checks", peer)
+            print("memory summary (MB, rspamd + redis summed over their processes; target RSS <= 150): "
+                  + "; ".join(f"{when}: RSS {rss:.0f}, PSS {pss:.0f}" for when, (rss, pss) in figures.items()))
         finally:
             peer.stop()
 

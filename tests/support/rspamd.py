@@ -31,6 +31,10 @@ IMAGE_RSPAMD = Path(__file__).resolve().parents[2] / "image" / "overlay" / "etc"
 IMAGE_LOCAL_D = IMAGE_RSPAMD / "local.d"
 WARM_TLD = IMAGE_RSPAMD / "letterbox-warm-tld.lua"
 HS_HELPER_EXIT = IMAGE_RSPAMD / "letterbox-hs-helper-exit.sh"
+# The image's top-level settings (rspamd.conf includes $LOCAL_CONFDIR/rspamd.conf.local): the language
+# detector reads only the languages linked in letterbox-languages/.
+IMAGE_CONF_LOCAL = IMAGE_RSPAMD / "rspamd.conf.local"
+IMAGE_LANGUAGES = IMAGE_RSPAMD / "letterbox-languages"
 TLD_FILE = Path("/usr/share/rspamd/effective_tld_names.dat")  # Debian's rspamd: the full public-suffix list
 
 # Modules that look things up on the internet, or act on their own (greylisting, rate limits).
@@ -93,6 +97,7 @@ class RspamdPeer:
             if self.min_learns is not None:
                 text = re.sub(r"^(\s*min_learns\s*=\s*)\d+", rf"\g<1>{self.min_learns}", text, flags=re.MULTILINE)
             (local / path.name).write_text(text)
+        write_conf_local(self.root)
         assert self.dns is not None
         base_options = self.base_local / "options.inc"
         # The image's options.inc names its list by its path on a box: this peer's list instead.
@@ -131,9 +136,30 @@ class RspamdPeer:
                  f"--var=RUNDIR={self.root / 'run'}", f"--var=LOGDIR={self.root / 'log'}"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         if self.end_hs_helper:
-            # rspamd -f stays in the foreground: its pid is the main process's, as $MAINPID on a box.
-            self.helper = subprocess.Popen(["sh", str(HS_HELPER_EXIT), str(self.procs["rspamd"].pid), "600"],
-                                           stdin=subprocess.DEVNULL, start_new_session=True)
+            self.watch_hs_helper()
+        self.wait_ready()
+
+    def watch_hs_helper(self) -> None:
+        """letterbox-hs-helper-exit.sh, as rspamd.service's ExecStartPost and ExecReload run it."""
+        self.stop_helper()
+        # rspamd -f stays in the foreground: its pid is the main process's, as $MAINPID on a box.
+        self.helper = subprocess.Popen(["sh", str(HS_HELPER_EXIT), str(self.procs["rspamd"].pid), "600"],
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def reload(self) -> None:
+        """`systemctl reload rspamd` on a box: SIGHUP to the main process, which reads its configuration
+        again and replaces its workers (and starts a new hs_helper); returns once the old workers have
+        gone and the new ones answer."""
+        main = self.procs["rspamd"].pid
+        old = set(self.pids()) - {main} - {p.pid for n, p in self.procs.items() if n != "rspamd"}
+        os.kill(main, signal.SIGHUP)
+        if self.end_hs_helper:
+            self.watch_hs_helper()
+        deadline = time.monotonic() + self.ready_seconds
+        while old & set(self.pids()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("rspamd's old workers did not end after a reload: " + self.log_tail())
+            time.sleep(0.2)
         self.wait_ready()
 
     @property
@@ -228,12 +254,15 @@ class RspamdPeer:
                 self.helper.wait(timeout=seconds)
         return not any(t.startswith("rspamd: hs_helper") for t in self.titles())
 
-    def stop(self) -> None:
+    def stop_helper(self) -> None:
         if self.helper is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.helper.pid, signal.SIGTERM)
             self.helper.wait(timeout=10)
             self.helper = None
+
+    def stop(self) -> None:
+        self.stop_helper()
         for name in list(self.procs):
             proc = self.procs.pop(name)
             if proc.poll() is None:
@@ -248,6 +277,13 @@ class RspamdPeer:
         if self.dns is not None:
             self.dns.stop()
             self.dns = None
+
+
+def write_conf_local(confdir: Path) -> None:
+    """The image's rspamd.conf.local into `confdir` (rspamd's LOCAL_CONFDIR), its paths on a box turned
+    into this checkout's (the language links point at Debian's files, the same on this machine)."""
+    text = IMAGE_CONF_LOCAL.read_text().replace(f'"/etc/rspamd/{IMAGE_LANGUAGES.name}"', f'"{IMAGE_LANGUAGES}"')
+    (confdir / "rspamd.conf.local").write_text(text)
 
 
 @contextlib.contextmanager
