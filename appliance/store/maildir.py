@@ -619,14 +619,22 @@ def rename_files(moves: Iterable[tuple[Path, Path]], *, durable: bool = True) ->
     return done
 
 
-def unlink_files(paths: Iterable[Path]) -> None:
+def unlink_files(paths: Iterable[Path]) -> list[bool]:
+    """Remove each file; False where it was not there (renamed or removed by another program). The
+    directories touched are fsynced once each."""
     touched: set[Path] = set()
+    found: list[bool] = []
     for path in paths:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(path)
-            touched.add(path.parent)
+        except FileNotFoundError:
+            found.append(False)
+            continue
+        found.append(True)
+        touched.add(path.parent)
     for directory in touched:
         fsync_dir(directory)
+    return found
 
 
 def copy_messages(copies: Iterable[tuple[Path, WriteJob]]) -> None:

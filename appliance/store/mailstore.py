@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -199,67 +200,77 @@ class MailStore:
         f = await self._boxes.folder(mb, folder)
         system, keywords = maildir.split_flags(flags)
         async with f.lock:
-            await self._boxes.sync(mb, f)
+            # As the index has it: changes through this process are in it, and a file another
+            # program renamed or removed since the last listing is found by a listing when its
+            # rename fails (a listing per STORE cost a worker-thread trip; issue 19).
+            await self._boxes.sync(mb, f, disk=False)
             if keywords and mode != "remove":
                 await self._boxes.map_keywords(f, keywords)
             wanted = _spelled(keywords, f.keywords)
-            folded = {k.lower() for k in keywords}
-            entries = f.entries(uids)
-            plan: list[tuple[index.Entry, str, str, tuple[str, ...]]] = []
-            modified: list[int] = []
-            for e in entries:
-                if unchanged_since is not None and e.modseq > unchanged_since:
-                    modified.append(e.uid)
-                    continue
-                if mode == "set":
-                    upper = maildir.sorted_letters([c for c in e.flags if c not in maildir.FLAG_OF_LETTER] + [*system])
-                    names = wanted
-                elif mode == "add":
-                    upper = maildir.sorted_letters(e.flags + system)
-                    names = tuple(sorted(set(e.keywords) | set(wanted)))
-                else:
-                    upper = maildir.sorted_letters(c for c in e.flags if c not in system)
-                    names = tuple(k for k in e.keywords if k.lower() not in folded)
-                if (upper, names) == (e.flags, e.keywords):
-                    continue
-                old_letters = maildir.split_filename(e.filename)[1]
-                letters = maildir.encode_letters(upper, names, f.keywords, maildir.kept_letters(old_letters, f.keywords))
-                plan.append((e, maildir.cur_filename(e.base, letters), upper, names))
-            if plan:
-                moves = [(f.path / e.sub / e.filename, f.path / "cur" / filename) for e, filename, _, _ in plan]
-                done = await asyncio.to_thread(maildir.rename_files, moves)
-                change = Change(f)
-                for (e, filename, upper, names), ok in zip(plan, done, strict=True):
-                    if not ok:
-                        f.dirty = True  # renamed or removed by someone else: the next scan tells
-                        continue
-                    if e.sub == "new":
-                        f.unclaimed.add(e.uid)  # still recent for whoever claims it
-                    change.locate(e, "cur", filename)
-                    change.update(e, upper, names)
-                await index.commit(self._db, [change])
-            left = set(modified)
+            changes = _FlagChange(system, wanted, {k.lower() for k in keywords}, mode, unchanged_since)
+            missed = await self._change_flags(f, f.entries(uids), changes)
+            if missed:
+                await self._boxes.sync(mb, f)  # where they are now, or gone
+                if await self._change_flags(f, f.entries([e.uid for e in missed]), changes):
+                    f.dirty = True  # renamed again meanwhile: the next scan tells
+            left = set(changes.modified)
             result = [f.info(e) for e in f.entries(uids) if e.uid not in left]
-        if plan:
+        if changes.changed:
             self._boxes.wake(mb, f.name)
-        return result, modified
+        return result, changes.modified
+
+    async def _change_flags(self, f: index.FolderIndex, entries: list[index.Entry],
+                            changes: _FlagChange) -> list[index.Entry]:
+        """Rename the files of `entries` to their new flags and index that (folder lock held);
+        returns the entries whose file was not where the index said."""
+        plan = changes.plan(f, entries)
+        if not plan:
+            return []
+        moves = [(f.path / e.sub / e.filename, f.path / "cur" / filename) for e, filename, _, _ in plan]
+        done = await asyncio.to_thread(maildir.rename_files, moves)
+        change = Change(f)
+        missed = []
+        for (e, filename, upper, names), ok in zip(plan, done, strict=True):
+            if not ok:
+                missed.append(e)
+                continue
+            if e.sub == "new":
+                f.unclaimed.add(e.uid)  # still recent for whoever claims it
+            change.locate(e, "cur", filename)
+            change.update(e, upper, names)
+            changes.changed = True
+        await index.commit(self._db, [change])
+        return missed
 
     async def expunge(self, mailbox: str, folder: str, uids: Sequence[int]) -> list[int]:
         """Remove messages for good; returns the UIDs removed (RFC 3501 6.4.3)."""
         mb = await self._boxes.get(mailbox)
         f = await self._boxes.folder(mb, folder)
         async with f.lock:
-            await self._boxes.sync(mb, f)
+            await self._boxes.sync(mb, f, disk=False)  # as STORE: a listing only for a file not found
             doomed = f.entries(uids)
-            if doomed:
-                await asyncio.to_thread(maildir.unlink_files, [f.path / e.sub / e.filename for e in doomed])
-                change = Change(f)
-                for e in doomed:
-                    change.remove(e)
-                await index.commit(self._db, [change])
-        if doomed:
+            missed = await self._remove(f, doomed)
+            if missed:
+                await self._boxes.sync(mb, f)  # renamed by another program (found again) or gone
+                if await self._remove(f, f.entries([e.uid for e in missed])):
+                    f.dirty = True  # renamed again meanwhile: still there, the next scan tells
+            removed = [e.uid for e in doomed if e.uid not in f.by_uid]
+        if removed:
             self._boxes.wake(mb, f.name)
-        return [e.uid for e in doomed]
+        return removed
+
+    async def _remove(self, f: index.FolderIndex, entries: list[index.Entry]) -> list[index.Entry]:
+        """Unlink the files of `entries` and drop their rows (folder lock held); returns the entries
+        whose file was not where the index said (their rows stay)."""
+        if not entries:
+            return []
+        found = await asyncio.to_thread(maildir.unlink_files, [f.path / e.sub / e.filename for e in entries])
+        change = Change(f)
+        for e, ok in zip(entries, found, strict=True):
+            if ok:
+                change.remove(e)
+        await index.commit(self._db, [change])
+        return [e for e, ok in zip(entries, found, strict=True) if not ok]
 
     async def copy(self, mailbox: str, folder: str, uids: Sequence[int], dest: str) -> list[tuple[int, int]]:
         """(source UID, new UID) pairs (RFC 4315 COPYUID); all or nothing (RFC 3501 6.4.7)."""
@@ -440,3 +451,39 @@ def _spelled(keywords: Iterable[str], mapped: Keywords) -> tuple[str, ...]:
 
 def _job_path(job: WriteJob) -> Path:
     return job.maildir / job.sub / job.filename
+
+
+@dataclass
+class _FlagChange:
+    """What one STORE does to each message's flags (RFC 3501 6.4.6, RFC 7162 3.1.3 UNCHANGEDSINCE)."""
+
+    system: str  # flag letters
+    keywords: tuple[str, ...]  # as spelled in the folder's keyword map
+    folded: set[str]  # the keywords, lower case
+    mode: Literal["set", "add", "remove"]
+    unchanged_since: int | None
+    modified: list[int] = field(default_factory=list)  # UIDs left alone (mod-sequence above unchanged_since)
+    changed: bool = False
+
+    def plan(self, f: index.FolderIndex, entries: list[index.Entry]) -> list[tuple[index.Entry, str, str, tuple[str, ...]]]:
+        """(entry, new file name, flag letters, keywords) of each message whose flags change."""
+        plan = []
+        for e in entries:
+            if self.unchanged_since is not None and e.modseq > self.unchanged_since:
+                self.modified.append(e.uid)
+                continue
+            if self.mode == "set":
+                upper = maildir.sorted_letters([c for c in e.flags if c not in maildir.FLAG_OF_LETTER] + [*self.system])
+                names = self.keywords
+            elif self.mode == "add":
+                upper = maildir.sorted_letters(e.flags + self.system)
+                names = tuple(sorted(set(e.keywords) | set(self.keywords)))
+            else:
+                upper = maildir.sorted_letters(c for c in e.flags if c not in self.system)
+                names = tuple(k for k in e.keywords if k.lower() not in self.folded)
+            if (upper, names) == (e.flags, e.keywords):
+                continue
+            old_letters = maildir.split_filename(e.filename)[1]
+            letters = maildir.encode_letters(upper, names, f.keywords, maildir.kept_letters(old_letters, f.keywords))
+            plan.append((e, maildir.cur_filename(e.base, letters), upper, names))
+        return plan

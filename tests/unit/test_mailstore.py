@@ -23,6 +23,7 @@ from appliance.accounts import Accounts
 from appliance.db import Database
 from appliance.imap.selected import SelectedFolder
 from appliance.store import maildir
+from appliance.store.index import FolderIndex
 from appliance.store.mailstore import (
     SPECIAL_FOLDERS,
     FolderExists,
@@ -404,9 +405,49 @@ def test_known_keywords_need_no_read_of_the_keyword_file_new_ones_do(
         assert reads == 0
         (box / "dovecot-keywords").write_text("0 Work\n1 Theirs\n")  # another program's letter b
         [info] = await store.store_flags(ALICE, "INBOX", [1], frozenset({"Mine"}), "add")
-        assert reads == 2  # the scan before the change (the file's mtime moved), then the new letter's
+        assert reads == 1  # before the new letter is given
         assert (box / "dovecot-keywords").read_text() == "0 Work\n1 Theirs\n2 Mine\n"
         assert info.path.name.endswith(":2,Sac")
+
+    run(tmp_path, body)
+
+
+def test_store_and_expunge_find_a_file_another_program_renamed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """STORE and EXPUNGE work from the index without listing the Maildir first (issue 19); a file
+    another program renamed since (a Maildir MUA setting a flag) is found by a listing when it is
+    not where the index said: the flag change lands on it, the expunge removes it (never left
+    behind to come back as a new message)."""
+    box = home(tmp_path)
+    scans = 0
+    real_scan = FolderIndex.scan
+
+    def counted(self: FolderIndex) -> Any:
+        nonlocal scans
+        scans += 1
+        return real_scan(self)
+
+    def rename_behind(info: Any, letters: str) -> None:
+        os.rename(info.path, info.path.with_name(info.path.name.partition(":")[0] + ":2," + letters))
+
+    async def body(store: MailStore) -> None:
+        for _ in range(2):
+            await store.deliver([ALICE], MSG)
+        one, _ = (await store.snapshot(ALICE, "INBOX", claim_recent=True)).messages
+        monkeypatch.setattr(FolderIndex, "scan", counted)
+        [info] = await store.store_flags(ALICE, "INBOX", [2], frozenset({"\\Answered"}), "add")
+        assert scans == 0
+        assert info.flags == {"\\Answered"}
+        rename_behind(one, "S")
+        [info] = await store.store_flags(ALICE, "INBOX", [1], frozenset({"\\Flagged"}), "add")
+        assert info.flags == {"\\Seen", "\\Flagged"}
+        assert files(box, "cur") == sorted([info.path.name, (await store.snapshot(ALICE, "INBOX")).messages[1].path.name])
+        assert info.path.name.endswith(":2,FS")
+        rename_behind(info, "FST")
+        assert await store.expunge(ALICE, "INBOX", [1]) == [1]
+        assert [m.uid for m in (await store.snapshot(ALICE, "INBOX")).messages] == [2]
+        assert len(files(box, "cur")) == 1
+        assert files(box, "new") == []
 
     run(tmp_path, body)
 
