@@ -59,6 +59,9 @@ class GroupCommit:
         self.flushes = 0  # transactions written (for tests)
         self.indexed = 0  # arrivals indexed by them
         self.in_flight = 0  # arrivals handed in and not yet answered
+        # When the last arrival was handed in (the loop's clock; 0: none yet): background writers
+        # of the same database wait for a pause in the deliveries (imap/fts.py).
+        self.last_arrival = 0.0
 
     async def index(self, f: FolderIndex, arrival: Arrival) -> int | StoreError:
         """The arrival's UID once it is durable, or why not (its file is then removed). The caller
@@ -66,6 +69,7 @@ class GroupCommit:
         Shielded: a cancelled caller leaves the flush to finish (the file is indexed all the same)."""
         self._waiting.setdefault(f, []).append(arrival)
         self.in_flight += 1
+        self.last_arrival = asyncio.get_running_loop().time()
         arrival.outcome.add_done_callback(self._answered)
         if f not in self._flushes:
             self._flushes[f] = asyncio.get_running_loop().create_task(self._flush(f))

@@ -109,6 +109,12 @@ class MailStore:
             results[address] = done[mb.id]
         return results
 
+    @property
+    def last_arrival(self) -> float:
+        """When the last delivery or APPEND was handed to the group commit (the event loop's clock;
+        0 before the first): for background work that should wait for a pause in the mail."""
+        return self._arrivals.last_arrival
+
     async def append(self, mailbox: str, folder: str, data: bytes, flags: frozenset[str],
                      internaldate: int | None) -> tuple[int, int]:
         """(uidvalidity, uid) of the new message (RFC 3501 6.3.11, RFC 4315 APPENDUID)."""

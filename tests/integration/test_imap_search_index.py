@@ -3,11 +3,13 @@ the files, rows that leave with their messages, foreign files indexed, and the i
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
 import pytest
 
+from appliance.imap import fts
 from appliance.imap.fts import TextIndex
 from appliance.imap.search import searched_texts
 from appliance.status_checks import check_disk
@@ -142,9 +144,40 @@ def test_background_indexing_after_delivery(box: BoxHandle) -> None:
     assert re.search(r"Search index: \d+\.\d MiB\.", box.run(check_disk(box.services)).summary)
 
 
-async def _wait_indexed(text_index: TextIndex, count: int) -> None:
-    import asyncio
+def test_indexing_waits_for_a_pause_in_the_mail(box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's FTS transactions would hold the write lock every group commit of deliveries
+    waits for: a round waits until no mail came for SETTLE_SECONDS, or MAX_DEFER_SECONDS at most."""
+    box.add_user(USER, PASSWORD)
+    text_index = index(box)
+    box.run(text_index.stop())
+    monkeypatch.setattr(fts, "MAX_DEFER_SECONDS", 1.5)
+    store = box.services.store
 
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        assert isinstance((await store.deliver([USER], b"Subject: x\r\n\r\nbody\r\n"))[USER], int)
+        arrived = store.last_arrival
+        assert 0 < arrived <= loop.time()
+        await text_index._pause_in_the_mail()
+        assert loop.time() >= arrived + fts.SETTLE_SECONDS
+
+        async def mail_that_never_stops() -> None:
+            while True:
+                store._arrivals.last_arrival = loop.time()
+                await asyncio.sleep(0.05)
+
+        feeder = asyncio.create_task(mail_that_never_stops())
+        started = loop.time()
+        try:
+            await asyncio.wait_for(text_index._pause_in_the_mail(), 60)
+        finally:
+            feeder.cancel()
+        assert loop.time() >= started + fts.MAX_DEFER_SECONDS
+
+    box.run(body())
+
+
+async def _wait_indexed(text_index: TextIndex, count: int) -> None:
     for _ in range(600):
         if text_index.indexed >= count:
             return
