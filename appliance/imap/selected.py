@@ -187,15 +187,19 @@ class SelectedFolder:
             return []  # the very state this view shows: nothing to tell
         current = snapshot.by_uid
         self._own()
-        self.gone.update(u for u in self.uids if u not in current)
+        # The snapshot's UIDs up to the view's largest are a subset of the view's (UIDs only grow and
+        # an expunged one never comes back): as many means the same, and no message is gone.
+        if bisect_right(snapshot.uids, self.largest_uid) != len(self.uids):
+            self.gone.update(u for u in self.uids if u not in current)
         if allow_expunge and self.gone:
             out += self._remove(sorted(self.gone))
         # Flag changes made elsewhere.
+        infos = self.infos
         for uid in self.uids:
             new = current.get(uid)
-            if new is None:
-                continue
-            old = self.infos[uid]
+            old = infos[uid]
+            if new is old or new is None:
+                continue  # the index hands out the same MessageInfo while a message is unchanged
             if new.flags != old.flags or (self.condstore and new.modseq != old.modseq):
                 self.infos[uid] = new
                 changed.append(new)

@@ -60,7 +60,9 @@ class MessageInfo(NamedTuple):
         return self.directory / self.filename
 
     def same_file(self, other: MessageInfo) -> bool:
-        return self.filename == other.filename and self.directory == other.directory
+        # The folder's directories are shared objects: `is` first, a Path comparison is slow.
+        return self.filename == other.filename and (self.directory is other.directory
+                                                    or self.directory == other.directory)
 
 
 @dataclass(frozen=True)
