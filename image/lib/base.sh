@@ -16,6 +16,8 @@ dpkg_excludes() {
         'path-exclude=/usr/share/lintian/*' 'path-exclude=/usr/share/bash-completion/*'
     if [[ $arch == amd64 ]]; then
         # udev's hardware database (22 MB) names vendors and models of USB/PCI devices for desktops.
+        # This path matches nothing (bookworm's udev installs under /lib/udev): lib/configure.sh's trim
+        # has the one that does. (Left as is: this list is the cached base's key.)
         # (rspamd's web UI stays: its postinst copies JavaScript into it, and fails without it.)
         echo 'path-exclude=/usr/lib/udev/hwdb.d/*'
         local dir
@@ -34,7 +36,7 @@ dpkg_excludes() {
 # firmware partition; the image's limit is 600 MB with rspamd and its Perl and ICU in it).
 arm64_excludes() {
     # udev's hardware database, as on amd64. This path matches nothing (bookworm's udev installs under
-    # /lib/udev): lib/configure.sh's trim_arm64 has the one that does. (Left as is: this list is the
+    # /lib/udev): lib/configure.sh's trim has the one that does. (Left as is: this list is the
     # cached base's key, whose rebuild takes 45 minutes.)
     echo 'path-exclude=/usr/lib/udev/hwdb.d/*'
     # Device trees: the kernel ships them for every arm64 board (27 MB); raspi-firmware copies

@@ -99,7 +99,7 @@ UNIT
     DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get -y -q purge "${purge[@]}" >/dev/null
     DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get -y -q autoremove --purge >/dev/null
 
-    [[ $arch == arm64 ]] && trim_arm64 "$root"
+    trim "$arch" "$root"
 
     # Per-machine state out: first boot makes it (systemd: an empty machine-id means first boot).
     : >"$root/etc/machine-id"
@@ -109,14 +109,56 @@ UNIT
         "$root"/var/log/*.log "$root/var/log/apt"/* "$root"/tmp/* "$root"/root/.cache
 }
 
-# The Raspberry Pi image's second cut, after lib/base.sh's dpkg excludes (to fit rspamd, ICU and Perl in
-# 600 MB): rules in dpkg's path-exclude/path-include form, written to the image's dpkg config so that
-# upgrades stay as lean, and applied to the tree now. (Here rather than in the base's list: the base
-# is cached, and these cost nothing to change.)
-trim_arm64() {
-    local root=$1 rules
-    rules=$(printf '%s\n' \
-        '# Letterbox (image/lib/configure.sh): what the Raspberry Pi image leaves out' \
+# The image's second cut, after lib/base.sh's dpkg excludes (here rather than in the base's list: the
+# base is cached, and these cost nothing to change): rules in dpkg's path-exclude/path-include form,
+# written to the image's dpkg config so that upgrades stay as lean, and applied to the tree now; the
+# venv's compiled extensions stripped. Both images: udev's hardware database (22 MB: vendor and model
+# names for desktops' USB and PCI devices; bookworm's udev installs under /lib, so lib/base.sh's
+# /usr/lib/udev/hwdb.d exclude matches nothing). The Raspberry Pi image cuts more (trim_arm64), to fit
+# rspamd, ICU and Perl in 600 MB.
+trim() {
+    local arch=$1 root=$2 rules
+    rules=$(printf '%s\n' '# Letterbox (image/lib/configure.sh): what the image leaves out' 'path-exclude=/lib/udev/hwdb.d/*'
+            if [[ $arch == arm64 ]]; then arm64_trim_rules; fi)
+    printf '%s\n' "$rules" >"$root/etc/dpkg/dpkg.cfg.d/letterbox-trim"
+    local line pattern excludes=() includes=()
+    while read -r line; do
+        pattern=${line#path-*=}
+        pattern=$root${pattern/#\/lib\//\/usr\/lib\/}  # merged /usr: /lib is a link to usr/lib
+        case $line in
+            path-exclude=*) excludes+=(-path "$pattern" -o) ;;
+            path-include=*) includes+=(! -path "$pattern") ;;
+        esac
+    done <<<"$rules"
+    find "$root/usr" \( "${excludes[@]}" -false \) "${includes[@]}" \( -type f -o -type l \) -delete
+    # udev's compiled database goes with its sources: with neither, udev looks nothing up, and
+    # systemd-hwdb-update has nothing to compile at first boot.
+    rm -f "$root/usr/lib/udev/hwdb.bin"
+    [[ $arch == arm64 ]] && trim_arm64 "$root"
+    strip_venv "$arch" "$root"
+}
+
+# The venv's compiled extensions without their symbol tables and debug information: zstandard's
+# aarch64 wheel ships 10.6 MB with debug_info (0.8 MB stripped), cryptography's 13.7 MB (10.4); on
+# amd64 about 10 MB of the venv's .so files go the same way. Only what the dynamic linker needs stays
+# (--strip-unneeded); the host's strip (binutils) for amd64, its aarch64 one for the Pi.
+strip_venv() {
+    local arch=$1 root=$2 strip
+    if [[ $arch == arm64 ]]; then
+        strip=$(command -v aarch64-linux-gnu-strip || command -v llvm-strip || true)
+    else
+        strip=$(command -v strip || command -v llvm-strip || true)
+    fi
+    if [[ -n $strip ]]; then
+        find "$root/opt/letterbox" -name '*.so' -type f -exec "$strip" --strip-unneeded {} +
+    else
+        echo "WARNING: no strip for $arch (binutils): the venv is not stripped" >&2
+    fi
+}
+
+# The Raspberry Pi image's own rules (trim above writes and applies them with the common ones).
+arm64_trim_rules() {
+    printf '%s\n' \
         'path-exclude=/lib/modules/*/kernel/drivers/net/ethernet/*' \
         'path-include=/lib/modules/*/kernel/drivers/net/ethernet/broadcom/*' \
         'path-exclude=/lib/modules/*/kernel/fs/ocfs2/*' 'path-exclude=/lib/modules/*/kernel/fs/gfs2/*' \
@@ -129,28 +171,18 @@ trim_arm64() {
         'path-exclude=/lib/modules/*/kernel/sound/firewire/*' \
         'path-exclude=/usr/share/zoneinfo/right/*' 'path-exclude=/usr/share/zsh/*' \
         'path-exclude=/usr/lib/python3.*/pydoc_data/*' 'path-exclude=/usr/lib/python3.*/lib2to3/*' \
-        'path-exclude=/usr/share/perl/5.*/pod/*' \
-        'path-exclude=/lib/udev/hwdb.d/*')
+        'path-exclude=/usr/share/perl/5.*/pod/*'
     # (The Pi's own Ethernet is broadcom's genet (Pi 4); Pi 3's and USB adapters are in drivers/net/usb.
     # drivers/scsi keeps its top level, the SCSI disk layer of USB disks; its subdirectories are PCIe
     # RAID and Fibre Channel cards. pydoc_data is help()'s topics, lib2to3 the 2to3 tool.)
-    printf '%s\n' "$rules" >"$root/etc/dpkg/dpkg.cfg.d/letterbox-trim"
-    local line pattern excludes=() includes=()
-    while read -r line; do
-        pattern=${line#path-*=}
-        pattern=$root${pattern/#\/lib\//\/usr\/lib\/}  # merged /usr: /lib is a link to usr/lib
-        case $line in
-            path-exclude=*) excludes+=(-path "$pattern" -o) ;;
-            path-include=*) includes+=(! -path "$pattern") ;;
-        esac
-    done <<<"$rules"
-    find "$root/usr" \( "${excludes[@]}" -false \) "${includes[@]}" \( -type f -o -type l \) -delete
+}
+
+# What only the Pi image does after the rules are applied: tidy the emptied directories, index the
+# kernel modules left, drop pip's byte-code.
+trim_arm64() {
+    local root=$1
     find "$root/usr/lib/modules" "$root/usr/share/zoneinfo" "$root/usr/lib"/python3.*/{pydoc_data,lib2to3} \
         -mindepth 1 -type d -empty -delete
-    # udev's hardware database (22 MB: vendor and model names for desktops' USB and PCI devices); its
-    # compiled form goes with its sources. (bookworm's udev installs under /lib, so lib/base.sh's
-    # /usr/lib/udev/hwdb.d exclude, the amd64 image's too, matches nothing.)
-    rm -f "$root/usr/lib/udev/hwdb.bin"
     local dir
     for dir in "$root"/usr/lib/modules/*; do
         chroot "$root" depmod -a "$(basename "$dir")"
@@ -159,16 +191,6 @@ trim_arm64() {
     # compiles what it imports again; and its Windows launchers.
     find "$root/opt/letterbox" -path '*/site-packages/pip/*' -name __pycache__ -prune -exec rm -rf {} +
     find "$root/opt/letterbox" -path '*/site-packages/pip/*' -name '*.exe' -delete
-    # The venv's compiled extensions without their symbol tables and debug information: zstandard's
-    # aarch64 wheel ships 10.6 MB with debug_info (0.8 MB stripped), cryptography's 13.7 MB (10.4).
-    # Only what the dynamic linker needs stays (--strip-unneeded); the host's strip for aarch64.
-    local strip
-    strip=$(command -v aarch64-linux-gnu-strip || command -v llvm-strip || true)
-    if [[ -n $strip ]]; then
-        find "$root/opt/letterbox" -name '*.so' -type f -exec "$strip" --strip-unneeded {} +
-    else
-        echo "WARNING: no aarch64-linux-gnu-strip (binutils-aarch64-linux-gnu): the venv is not stripped" >&2
-    fi
 }
 
 # Fail the build if anything that must differ between two boxes is in the image.
