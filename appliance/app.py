@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import resource
 import signal
@@ -11,7 +12,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from appliance import backup, setup_code, systemd_notify, web_server
 from appliance.accounts import Accounts
@@ -23,23 +24,15 @@ from appliance.data_lock import DataDirInUse, DataDirLock
 from appliance.db import Database
 from appliance.events import EventLog
 from appliance.host_name import system_hostname
-from appliance.imap import server as imap_server
 from appliance.imap.fetch_cache import describe_bytes
-from appliance.imap.fts import start_text_index
-from appliance.inbound_auth import start_inbound_auth
-from appliance.pop3 import server as pop3_server
 from appliance.pop3.session import MaildropLocks
-from appliance.queue.service import start_queue
 from appliance.queue.spool import Spool
 from appliance.services import Services
 from appliance.settings import Settings
-from appliance.smtp import server as smtp_server
 from appliance.smtp.probes import RecipientProbeGuard
-from appliance.spam.content_service import start_spam_content
 from appliance.srs import SECRET_FILE, SenderRewriter, load_secret
 from appliance.status_checks import start_status_checks
 from appliance.store.mailstore import MailStore
-from appliance.store.trash import start_purger
 from appliance.tls import TlsManager
 
 log = logging.getLogger("letterbox")
@@ -69,32 +62,49 @@ class BackgroundService(Protocol):
     async def stop(self) -> None: ...
 
 
+class Deferred:
+    """A listener's serve() or a background service's start(), imported on its first call: `serve`
+    answers with the web console (the wizard) before it imports the mail services (issue 15: under
+    emulation their imports cost seconds of a first boot that the console need not wait for)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module = module
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
+
+
 # Which function serves which port: serve(services, service, host, port, *, start_serving) -> Server;
 # with start_serving=False the socket is bound and accepts nothing until `await server.start_serving()`.
 LISTENERS: dict[str, ServeListener] = {
-    "smtp": smtp_server.serve,
-    "submission": smtp_server.serve,
-    "submissions": smtp_server.serve,
-    "lmtp": smtp_server.serve,
-    "imap": imap_server.serve,
-    "imaps": imap_server.serve,
-    "pop3": pop3_server.serve,
-    "pop3s": pop3_server.serve,
+    "smtp": Deferred("appliance.smtp.server", "serve"),
+    "submission": Deferred("appliance.smtp.server", "serve"),
+    "submissions": Deferred("appliance.smtp.server", "serve"),
+    "lmtp": Deferred("appliance.smtp.server", "serve"),
+    "imap": Deferred("appliance.imap.server", "serve"),
+    "imaps": Deferred("appliance.imap.server", "serve"),
+    "pop3": Deferred("appliance.pop3.server", "serve"),
+    "pop3s": Deferred("appliance.pop3.server", "serve"),
     "http": web_server.serve,
     "https": web_server.serve,
 }
 
-# Background services, started once the listeners are bound and before they serve; each puts itself
-# into its typed field on Services (queue, inbound_check, renewer) and has stop().
+# The web console's listeners: bound and serving first (Box.serve_console), the mail listeners after.
+CONSOLE = ("http", "https")
+
+# Background services, started once the listeners are bound and before the mail listeners serve; each
+# puts itself into its typed field on Services (queue, inbound_check, renewer) and has stop().
 BACKGROUND: list[Callable[[Services], Awaitable[BackgroundService]]] = [
-    start_queue,
-    start_inbound_auth,  # installs the MX's SPF/DKIM/DMARC check
-    start_spam_content,  # the MX's content filter (rspamd) and the learner from moves into/out of Junk
-    start_purger,  # removed mailboxes' mail, kept 30 days under deleted/
+    Deferred("appliance.queue.service", "start_queue"),
+    Deferred("appliance.inbound_auth", "start_inbound_auth"),  # installs the MX's SPF/DKIM/DMARC check
+    # the MX's content filter (rspamd) and the learner from moves into/out of Junk
+    Deferred("appliance.spam.content_service", "start_spam_content"),
+    Deferred("appliance.store.trash", "start_purger"),  # removed mailboxes' mail, kept 30 days under deleted/
     start_renewer,
     backup.start_scheduler,  # the daily backup, once switched on
     start_status_checks,  # the status checklist, every few hours
-    start_text_index,  # SEARCH BODY/TEXT's full-text index, filled after delivery
+    Deferred("appliance.imap.fts", "start_text_index"),  # SEARCH BODY/TEXT's full-text index, filled after delivery
 ]
 
 
@@ -111,22 +121,43 @@ class Listener:
 
 
 class Box:
+    """The running box. It starts in two steps, so that the web console answers first (issue 15):
+
+    1. `open` + `bind_console`: the db and the services; the console's listeners bound, and every other
+       port reserved (bound, not listening), so a busy port fails the start before anyone is served
+       (issue 11 item 13). `serve_console` then accepts connections on the console alone.
+    2. `start_mail`: the mail listeners imported and bound on their reserved ports, the background
+       services started (the MX's checks are installed before its first connection), then, with
+       serve=True, the mail listeners accept connections too.
+
+    `Box.start` does both steps and, unless serve=False, serves everything at the end (tests)."""
+
     def __init__(self, services: Services) -> None:
         self.services = services
         self.listeners: dict[str, Listener] = {}
+        self._reserved: dict[str, socket.socket] = {}
         self._background: list[BackgroundService] = []
 
     @classmethod
     async def start(cls, config: ServeConfig, *, serve: bool = True) -> Box:
         """Open the db, build the services, bind every listener, start the background services, and
-        (unless serve=False) start accepting connections.
+        (unless serve=False) start accepting connections."""
+        box = await cls.open(config)
+        try:
+            await box.bind_console()
+            await box.start_mail(serve=False)
+            if serve:
+                await box.start_serving()
+        except BaseException:
+            await box.close()
+            raise
+        return box
 
-        Every socket is bound before any accepts a client (issue 11 item 13): a listener that
-        cannot bind fails the start before anyone was served, and the MX's checks are installed
-        before its first connection."""
+    @classmethod
+    async def open(cls, config: ServeConfig) -> Box:
+        """The db (migrated) and the services; nothing bound yet."""
         config.data.create()
         db = await Database.open(config.data.db)
-        box: Box | None = None
         try:
             settings = await Settings.load(db, default_hostname=system_hostname(), hostname_override=config.hostname)
             accounts = Accounts(db, data=config.data)
@@ -146,45 +177,75 @@ class Box:
                 maildrop_locks=MaildropLocks(),
                 recipient_guard=RecipientProbeGuard(),
             )
-            await store.recover()
-            box = cls(services)
-            services.listener_status = box.listener_status
-            await box._bind_listeners()
-            await box._start_background()
-            if serve:
-                await box.start_serving()
         except BaseException:
-            if box is not None:
-                with contextlib.suppress(Exception):
-                    await box._stop_services()
             await db.close()
             raise
+        box = cls(services)
+        services.listener_status = box.listener_status
         return box
 
-    async def _bind_listeners(self) -> None:
+    def _services_to_listen(self) -> list[str]:
+        return [service for service in STANDARD_PORTS if service not in self.services.config.disabled]
+
+    async def bind_console(self) -> None:
+        """Reserve every mail port, then bind the console's listeners (none accepts yet)."""
         config = self.services.config
-        for service in STANDARD_PORTS:
-            if service in config.disabled:
-                continue
+        for service in self._services_to_listen():
             host, port = config.listen_address(service), config.port(service)
-            try:
-                server = await LISTENERS[service](self.services, service, host, port, start_serving=False)
-            except OSError as exc:
-                # Nothing has been served yet: close what was bound and refuse to start.
-                raise StartupError(f"cannot listen for {service} on {host}:{port}: {exc.strerror}") from exc
-            bound = server.sockets[0].getsockname()[1] if server.sockets else port
-            self.listeners[service] = Listener(service, host, bound, server)
-            log.debug("bound: %s on %s:%d", service, host, bound)
+            if service in CONSOLE:
+                await self._bind(service)
+            elif port != 0:  # port 0 (tests): any free port will do, there is nothing to reserve
+                try:
+                    self._reserved[service] = web_server.bind_socket(host, port)
+                except OSError as exc:
+                    raise _cannot_listen(service, host, port, exc) from exc
+
+    async def serve_console(self) -> None:
+        """The console accepts connections: the wizard answers while the mail services start."""
+        for service in CONSOLE:
+            if service in self.listeners:
+                await self._start_serving(self.listeners[service])
+
+    async def start_mail(self, *, serve: bool = True) -> None:
+        """Recover the store, import and bind the mail listeners, start the background services, and
+        (serve=True) accept connections on every listener."""
+        await self.services.store.recover()
+        for service in self._services_to_listen():
+            if service not in CONSOLE:
+                await self._bind(service)
+        for start in BACKGROUND:
+            self._background.append(await start(self.services))
+        if serve:
+            await self.start_serving()
+
+    async def _bind(self, service: str) -> None:
+        config = self.services.config
+        host, port = config.listen_address(service), config.port(service)
+        try:
+            # Bound beside its reservation (both SO_REUSEADDR, neither listening: Linux allows it), which
+            # is let go only then: the port is never free for someone else in between.
+            server = await LISTENERS[service](self.services, service, host, port, start_serving=False)
+        except OSError as exc:
+            # Nothing but the console has been served: close what was bound and refuse to start.
+            raise _cannot_listen(service, host, port, exc) from exc
+        finally:
+            reserved = self._reserved.pop(service, None)
+            if reserved is not None:
+                reserved.close()
+        bound = server.sockets[0].getsockname()[1] if server.sockets else port
+        self.listeners[service] = Listener(service, host, bound, server)
+        log.debug("bound: %s on %s:%d", service, host, bound)
 
     async def start_serving(self) -> None:
         """Every listener is bound: now accept connections, on all of them."""
         for lst in self.listeners.values():
+            await self._start_serving(lst)
+
+    @staticmethod
+    async def _start_serving(lst: Listener) -> None:
+        if not lst.server.is_serving():
             await lst.server.start_serving()
             log.info("listening: %s on %s:%d", lst.service, lst.host, lst.port)
-
-    async def _start_background(self) -> None:
-        for start in BACKGROUND:
-            self._background.append(await start(self.services))
 
     def listener_status(self) -> dict[str, tuple[str, int, bool]]:
         """For the status page: service -> (host, port, serving)."""
@@ -194,6 +255,12 @@ class Box:
 
     def port(self, service: str) -> int:
         return self.listeners[service].port
+
+    async def close(self) -> None:
+        """After a start that failed half-way: what was started stops, the db closes."""
+        with contextlib.suppress(Exception):
+            await self._stop_services()
+        await self.services.db.close()
 
     async def stop(self) -> None:
         await self._stop_services()
@@ -214,6 +281,9 @@ class Box:
             with contextlib.suppress(Exception):
                 await obj.stop()
         self._background.clear()
+        for sock in self._reserved.values():
+            sock.close()
+        self._reserved.clear()
         for lst in self.listeners.values():
             lst.server.close()
         for lst in self.listeners.values():
@@ -221,6 +291,10 @@ class Box:
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await asyncio.wait_for(lst.server.wait_closed(), timeout=1.0)
         self.listeners.clear()
+
+
+def _cannot_listen(service: str, host: str, port: int, exc: OSError) -> StartupError:
+    return StartupError(f"cannot listen for {service} on {host}:{port}: {exc.strerror}")
 
 
 def raise_open_files_limit() -> None:
@@ -251,8 +325,8 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
 
     The signal handlers are installed before anything is opened (issue 10 item 16): a SIGTERM that
     arrives while the box is starting lets the start finish, then stops cleanly (exit code 0)
-    without serving anyone. Before this point nothing is open, and the signal's default action
-    ends the process."""
+    without serving mail (nor the console, if it came before the console answered). Before this
+    point nothing is open, and the signal's default action ends the process."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -269,7 +343,7 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
             except DataDirInUse as exc:
                 raise StartupError(str(exc)) from None
             try:
-                box = await Box.start(config, serve=False)
+                box = await _start(config, stop, announce)
             except Exception:
                 if aside is None:
                     raise
@@ -290,6 +364,23 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
             loop.remove_signal_handler(sig)
 
 
+async def _start(config: ServeConfig, stop: asyncio.Event, announce: Callable[[str], None]) -> Box:
+    """Console first (issue 15): the web console answers (the wizard, with its setup code announced)
+    while the mail services are imported and started; they accept connections once all of them are
+    bound and started (_serve_until_stopped), and only then is the box "ready" (READY=1)."""
+    box = await Box.open(config)
+    try:
+        await box.bind_console()
+        if not stop.is_set():
+            await box.serve_console()
+            await announce_setup_code(box.services, announce)
+        await box.start_mail(serve=False)
+    except BaseException:
+        await box.close()
+        raise
+    return box
+
+
 async def _serve_until_stopped(box: Box, config: ServeConfig, stop: asyncio.Event,
                                announce: Callable[[str], None]) -> backup.Staged | None:
     """Serve until a signal (None) or until the web asks for a staged restore (returned), then stop."""
@@ -301,11 +392,10 @@ async def _serve_until_stopped(box: Box, config: ServeConfig, stop: asyncio.Even
         announce(f"Letterbox {box.services.hostname}: data in {config.data.root.resolve()}")
         for lst in box.listeners.values():
             announce(f"  {lst.service:<12} {lst.host}:{lst.port}")
-        await announce_setup_code(box.services, announce)
         await box.services.events.record("start", f"Letterbox started as {box.services.hostname}")
         await Admin.of(box.services).record_update_outcome()
         # "ready" and READY=1 mean: every listener accepts connections and every background service has
-        # started. Not everything is imported by then (issue 15): the console's pages other than the
+        # started (the console answered earlier: _start). Not everything is imported by then (issue 15): the console's pages other than the
         # login and the wizard load on their first request (web/lazy_routes.py), the ACME client when a
         # certificate is ordered, the bundle reader when an update is installed.
         announce("ready")

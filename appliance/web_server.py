@@ -145,8 +145,9 @@ def console_app(services: Services) -> ASGIApp:
     return services.web_app
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """Bound, not yet listening: until start_serving() a connection is refused, not left waiting."""
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bound, not yet listening: until start_serving() a connection is refused, not left waiting. Also
+    how the box holds a mail port while the console starts first (appliance/app.py, Box.bind_console)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -186,7 +187,7 @@ async def serve(
         h11_max_incomplete_event_size=MAX_REQUESTS_HEADER_BYTES,
         ssl_context_factory=(lambda _config, _default: tls) if tls is not None else None,
     )
-    listener = WebListener(_EmbeddedServer(config), _bind(host, port), service)
+    listener = WebListener(_EmbeddedServer(config), bind_socket(host, port), service)
     if start_serving:
         await listener.start_serving()
     return listener

@@ -25,16 +25,13 @@ from appliance.bundle import write_bundle
 from appliance.db import load_migrations
 from tests.image.test_appliance import ALICE, ALICE_PASSWORD, CLI, DATA, DOMAIN, _subjects, wait_for
 from tests.image.vm import Vm, VmError
-from tests.support.releases import build_wheel, dependency_wheels
+from tests.support.releases import BROKEN_START, build_wheel, dependency_wheels
 
 pytestmark = pytest.mark.timeout(3600)
 
 NEXT = len(load_migrations()) + 1
 PROBE = {f"{NEXT:04d}_update_probe.sql": "CREATE TABLE update_probe (note TEXT NOT NULL);\n"
                                         "INSERT INTO update_probe VALUES ('made by the update');\n"}
-BROKEN_START = ("            await store.recover()\n",
-                "            await store.recover()\n"
-                "            raise RuntimeError('this release cannot start (update test)')\n")
 SKIP_QEMU_NETWORK = (
     "runuser -u letterbox -- python3 -c \"import sqlite3; c = sqlite3.connect('" + DATA + "/letterbox.db');"  # noqa: S608  fixed text, no input
     " c.execute('INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value',"
@@ -60,7 +57,7 @@ def _bundle(folder: Path, version: str, *, broken: bool = False) -> bytes:
     wheels = folder / version
     shutil.copytree(dependency_wheels(), wheels, ignore=shutil.ignore_patterns(".complete"))
     build_wheel(wheels, version, migrations=PROBE,
-                patches={"appliance/app.py": BROKEN_START} if broken else None)
+                patches=BROKEN_START if broken else None)
     return write_bundle(wheels, folder).read_bytes()
 
 

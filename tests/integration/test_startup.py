@@ -1,11 +1,13 @@
-"""Start-up order (issue 11 item 13, issue 10 item 16): every socket is bound before any serves, so a
-failed start serves nobody; the signal handlers are in place before anything opens, so a SIGTERM at
-any moment of the start ends `letterbox serve` cleanly."""
+"""Start-up order (issue 11 item 13, issue 10 item 16): every socket is bound (or its port reserved)
+before any serves, so a failed start serves nobody; the signal handlers are in place before anything
+opens, so a SIGTERM at any moment of the start ends `letterbox serve` cleanly; `serve` answers with the
+web console while the mail services are still starting (issue 15, console first)."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import signal
 import socket
 import subprocess
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trustme
 
@@ -21,6 +24,7 @@ from appliance.config import STANDARD_PORTS, DataLayout, ServeConfig
 from tests.conftest import (
     LETTERBOX,
     TEST_HOSTNAME,
+    client_context,
     install_test_certificate,
     pick_port_offset,
     preset_settings,
@@ -173,3 +177,66 @@ def test_port_free_after_a_failed_start(tmp_path: Path, ca: trustme.CA) -> None:
     with socket.socket() as again:  # the listeners bound before it were closed
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", STANDARD_PORTS["smtp"] + offset))
+
+
+def _box_config(tmp_path: Path, ca: trustme.CA, **ports: Any) -> ServeConfig:
+    layout = DataLayout(tmp_path / "data")
+    layout.create()
+    install_test_certificate(ca, layout)
+    preset_settings(layout)
+    return ServeConfig(data=layout, listen="127.0.0.1", hostname=TEST_HOSTNAME, **ports)
+
+
+async def _until(condition: Any, what: str) -> None:
+    """Deadline polling: a loaded machine makes the start slow, never wrong."""
+    deadline = asyncio.get_running_loop().time() + 60
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_the_console_answers_while_the_mail_services_are_still_starting(
+    tmp_path: Path, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `serve` in this process, its first background service held by the test: the mail services' start
+    # stops there. Meanwhile the wizard answers over HTTPS, the SMTP port is held (a second box could not
+    # take it) but refuses connections, and the box is not "ready". Released, it finishes and greets.
+    config = _box_config(tmp_path, ca, port_offset=pick_port_offset())
+    lines: list[str] = []
+
+    class Held:
+        async def stop(self) -> None:
+            pass
+
+    async def scenario() -> None:
+        held, release = asyncio.Event(), asyncio.Event()
+
+        async def hold(_services: Any) -> Held:
+            held.set()
+            await release.wait()
+            return Held()
+
+        monkeypatch.setattr(app, "BACKGROUND", [hold, *app.BACKGROUND])
+        serving = asyncio.create_task(app.serve_forever(config, announce=lines.append))
+        await _until(held.is_set, "the mail services' start")
+        async with httpx.AsyncClient(verify=client_context(ca), timeout=60) as client:
+            wizard = await client.get(f"https://{TEST_HOSTNAME}:{config.port('https')}/setup/1")
+        assert wizard.status_code == 200
+        assert any(line.startswith("First-run setup code: ") for line in lines)
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", config.port("smtp"))
+        with socket.socket() as rival, pytest.raises(OSError) as taken:
+            rival.bind(("127.0.0.1", config.port("smtp")))
+        assert taken.value.errno == errno.EADDRINUSE
+        assert "ready" not in lines
+        release.set()
+        await _until(lambda: "ready" in lines, "ready")
+        reader, writer = await asyncio.open_connection("127.0.0.1", config.port("smtp"))
+        try:
+            assert (await asyncio.wait_for(reader.readline(), 30)).startswith(b"220 ")
+        finally:
+            writer.close()
+        os.kill(os.getpid(), signal.SIGTERM)  # serve_forever's own handler: a clean stop
+        await asyncio.wait_for(serving, 30)
+
+    asyncio.run(scenario())

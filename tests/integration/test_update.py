@@ -29,7 +29,7 @@ from appliance.bundle import write_bundle
 from appliance.db import load_migrations
 from tests.conftest import pick_port_offset
 from tests.support import service_manager
-from tests.support.releases import ROOT, build_wheel, dependency_wheels
+from tests.support.releases import BROKEN_START, ROOT, build_wheel, dependency_wheels
 from tests.support.tls_probe import unverified_context
 
 pytestmark = [pytest.mark.slow(seconds=240), pytest.mark.timeout(600)]
@@ -40,11 +40,7 @@ PASSWORD = "a long update passphrase"
 NEXT = len(load_migrations()) + 1
 PROBE_MIGRATION = {f"{NEXT:04d}_update_probe.sql": "CREATE TABLE update_probe (note TEXT NOT NULL);\n"
                                                   "INSERT INTO update_probe VALUES ('made by the update');\n"}
-# Starts far enough to migrate the database (Database.open), then fails: Box.start closes what it opened
-# and `letterbox serve` exits 1, as a release with a bug in its start would.
-BROKEN_START = ("appliance/app.py", "            await store.recover()\n",
-                "            await store.recover()\n"
-                "            raise RuntimeError('this release cannot start (update test)')\n")
+
 
 
 @dataclass
@@ -107,7 +103,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     deps = dependency_wheels()
     bundles = {}
     for version, extra, patches in (("1.0.0", {}, {}), ("1.0.1", PROBE_MIGRATION, {}),
-                                    ("1.0.2", PROBE_MIGRATION, {BROKEN_START[0]: BROKEN_START[1:]})):
+                                    ("1.0.2", PROBE_MIGRATION, BROKEN_START)):
         wheels = root / f"wheels-{version}"
         shutil.copytree(deps, wheels, ignore=shutil.ignore_patterns(".complete"))
         build_wheel(wheels, version, migrations=extra, patches=patches)
