@@ -603,13 +603,28 @@ class _Unpacking:
     seen: set[str] = field(default_factory=set)  # the files written, hashed by the reader (late_digests)
     dir_path: str = ""  # the directory of the last file written, open as dir_fd
     dir_fd: int = -1
+    dir_raw: str = ""  # that directory as the archive spelled it ("" when it is the staging root)
+    dir_name: str = ""  # and as checked (_safe_name), with a '/' after it
 
     def close_dir(self) -> None:
         if self.dir_fd >= 0:
             os.close(self.dir_fd)
-            self.dir_fd, self.dir_path = -1, ""
+            self.dir_fd, self.dir_path, self.dir_raw = -1, "", ""
 
     def member(self, tar: backup_stream.TarReader, raw_name: str, kind: bytes, size: int) -> None:
+        # The usual member (tens of thousands of them) in few steps: a file in the directory of the
+        # file before it. That directory's path passed _safe_name when it was opened, the manifest
+        # came before it (nothing is written until then), so only the last part of the name is left
+        # to check here; anything else takes the full way below.
+        if kind == backup_stream.REGTYPE and self.dir_raw and self.listed is None:
+            parent, _, base = raw_name.rpartition("/")
+            if parent == self.dir_raw and base not in _NOT_A_NAME:
+                self._file(tar, self.dir_name + base, base, size)
+                return
+        self._checked(tar, raw_name, kind, size)
+
+    def _checked(self, tar: backup_stream.TarReader, raw_name: str, kind: bytes, size: int) -> None:
+        """Any member, every check made."""
         if self.listed is not None:
             raise BackupError("refused: entries after the checksum list")
         name = _safe_name(raw_name)
@@ -635,40 +650,55 @@ class _Unpacking:
                 raise BackupError("refused: the checksum list is too large")
             self.listed = _parse_sums(b"".join(tar.data(size)).decode("utf-8", "replace"))
             return
+        parent, _, base = name.rpartition("/")
+        if self.only is None or self.only(name):
+            self._open_dir(parent, raw_name[: -len(base) - 1] if parent and raw_name.endswith(base) else "")
+        self._file(tar, name, base, size)
+
+    def _file(self, tar: backup_stream.TarReader, name: str, base: str, size: int) -> None:
+        """A regular file into the directory open as dir_fd, `name` checked."""
         if name in self.seen or name in self.sums:
             raise BackupError(f"refused: {name[:80]!r} appears twice")
         self.seen.add(name)
-        keep = self.only is None or self.only(name)
-        # The SHA-256 of the very bytes written here, computed beside the writing (data_later) and
-        # compared with the checksum list at the end (unpack).
-        self._write(tar.data_later(name, size), os.path.join(self.staging, name) if keep else None)
+        # The SHA-256 of the very bytes written here, computed beside the writing (data_later: by the
+        # unpack child when there is one, see backup_stream.FrameReader) and compared with the
+        # checksum list at the end (unpack).
+        pieces = tar.data_later(name, size)
+        if self.only is None or self.only(name):
+            # Relative to the directory's descriptor (the archive keeps a folder's files together):
+            # the kernel does not walk the whole path again for each of thousands of files.
+            fd = os.open(base, _CREATE, 0o600, dir_fd=self.dir_fd)
+            try:
+                for piece in pieces:
+                    view = piece
+                    while view:
+                        view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+        else:
+            for _ in pieces:  # read (and hashed) all the same
+                pass
         self.progress.done += size
         self.files += 1
 
-    def _write(self, pieces: Iterator[memoryview], path: str | None) -> None:
-        if path is None:
-            for _ in pieces:  # read (and hashed) all the same
-                pass
-            return
-        parent, base = path.rsplit("/", 1)
-        if parent != self.dir_path:
-            if parent not in self.made:
-                os.makedirs(parent, mode=0o700, exist_ok=True)
-                self.made.add(parent)
+    def _open_dir(self, parent: str, raw: str) -> None:
+        """The directory `parent` (checked, relative to the staging root) made and open as dir_fd;
+        `raw` is how the archive spelled it, which the next members' names are compared with."""
+        path = os.path.join(self.staging, parent) if parent else self.staging
+        if path != self.dir_path:
+            if path not in self.made:
+                os.makedirs(path, mode=0o700, exist_ok=True)
+                self.made.add(path)
             self.close_dir()
-            self.dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            self.dir_path = parent
-        # Relative to the directory's descriptor (the archive keeps a folder's files together): the
-        # kernel does not walk the whole path again for each of thousands of files.
-        fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=self.dir_fd)
-        try:
-            for piece in pieces:
-                view = piece
-                while view:
-                    view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+            self.dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self.dir_path = path
+        # Never the staging root: its files (the manifest, the checksum list) take the full way.
+        self.dir_raw = raw if parent else ""
+        self.dir_name = parent + "/"
+
+
+_NOT_A_NAME = frozenset(("", ".", ".."))
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def unpack(source: IO[bytes], secret: Secret, staging: Path, *, known_schema: int | None = None,

@@ -272,41 +272,53 @@ class TarReader:
 
 
 # Between the child that unpacks a restore and the reader of that restore, the members travel in
-# batches: a BATCH head (the sizes of an index and of a body, and whether one member's data follows
-# the body), the index (for each member a FRAME: type, length of the name, size; then the name) and
-# the body (the data of the index's files, one after another, without tar's padding). A file larger
-# than SMALL is the last of its batch and its data follows the body, streamed in pieces, so memory
-# stays bounded whatever the sizes. A batch with an empty index ends the stream. Why batches:
-# measured on 20k messages / 505 MB, the reader's per-member Python (a generator and a read per
-# header, name and piece) cost about as much CPU as its hashing; a batch is one read into one buffer,
-# and each file's data is one slice of it, hashed and written in one call each.
+# batches: a BATCH head (the sizes of an index and of a body, whether one member's data follows the
+# body, and how many SHA-256 digests come first), the digests, the index (for each member a FRAME:
+# type, length of the name, size; then the name) and the body (the data of the index's files, one
+# after another, without tar's padding). A file larger than SMALL is the last of its batch and its
+# data follows the body, streamed in pieces, so memory stays bounded whatever the sizes. A batch
+# with an empty index and no digests ends the stream (one with digests only carries the last ones).
+# Why batches: measured on 20k messages / 505 MB, the reader's per-member Python (a generator and a
+# read per header, name and piece) cost about as much CPU as its hashing; a batch is one read into
+# one buffer, and each file's data is one slice of it, written in one call.
+#
+# The digests: the child computes the SHA-256 of every regular file's data (in a thread of its own,
+# _ChildHasher) and sends them in file order, a few batches behind the data. They are the digests of
+# exactly the bytes the child sends, which the reader writes unchanged, so checking them against the
+# checksum list proves what was written as well as hashing it in the reader would; and the reader,
+# whose single thread opens and writes every file (the longest task of a restore, like tar's in
+# `age -d | zstd -d | tar -x`), is left with nothing else to do. Measured: hashing in the reader took
+# about a fifth of its process's CPU, and its thread competed with the writing for the interpreter lock.
 FRAME = struct.Struct("<cIQ")
-BATCH = struct.Struct("<IIB")
+BATCH = struct.Struct("<IIBI")
+DIGEST = 32  # octets of a SHA-256
 SMALL = BLOCK  # the largest file sent inside a batch
 MAX_INDEX = PIECE + MAX_PAX + FRAME.size  # what the child sends at most (it flushes above PIECE)
 MAX_BODY = PIECE + SMALL
+MAX_DIGESTS = 16384  # digests in one batch at most (512 KiB)
 OFFSET = struct.Struct("<Q")  # where the age body starts, sent to the unpack child before its key
 AHEAD = 4  # groups of decrypted chunks waiting for the decompression in the unpack child
 AHEAD_GROUP = 16  # chunks of 64 KiB in a group
-HASH_QUEUE = 8  # batches waiting for the hashing thread (a few MiB)
+HASH_QUEUE = 8  # batches waiting for the hashing thread of the unpack child (a few MiB)
 MAX_PARTS = 256  # data pieces in one batch: writev takes at most IOV_MAX (1024) of them
 
 
 class FrameReader(TarReader):
     """The members of a restore as the `unpack` child sends them (same interface as TarReader), read
-    from the pipe `fd` one batch at a time. data_later() hands each file's SHA-256 to a thread (the
-    hashing runs beside the writing of the files, on the other core whenever the child leaves it
-    free: hashlib releases the interpreter lock), so each batch has a buffer of its own that lives
-    until it is hashed. close() stops that thread and the child."""
+    from the pipe `fd` one batch at a time into one buffer, reused from batch to batch: a member's data
+    is a view of it, valid until the next member. data_later() only notes the name: the child sends
+    the digests (late_digests). close() stops the child."""
 
     def __init__(self, child: UnpackChild) -> None:
         super().__init__(iter(()))
         self.child = child
         self.fd = child.out
         self.head = memoryview(bytearray(BATCH.size))
+        self.buffer = memoryview(bytearray(MAX_DIGESTS * DIGEST + MAX_INDEX + MAX_BODY))
         self.current = self.head[:0]
         self.streamed = 0  # bytes of a large member still in the pipe
-        self.hasher: _Hasher | None = None
+        self.order: list[str | None] = []  # each regular file in turn: its name if data_later() took it
+        self.digests = bytearray()  # the child's digests so far, in the same order
 
     def _fill_exact(self, view: memoryview) -> None:
         while view:
@@ -317,19 +329,22 @@ class FrameReader(TarReader):
             view = view[n:]
 
     def members(self) -> Iterator[tuple[str, bytes, int]]:
+        order = self.order
         while True:
-            if self.hasher is not None:
-                self.hasher.flush()
             self._fill_exact(self.head)
-            index_size, body_size, streamed = BATCH.unpack(self.head)
-            if index_size == 0:
-                return
-            if index_size > MAX_INDEX or body_size > MAX_BODY:
+            index_size, body_size, streamed, count = BATCH.unpack(self.head)
+            if index_size > MAX_INDEX or body_size > MAX_BODY or count > MAX_DIGESTS:
                 raise TarFormatError("a batch of members is too large")
-            batch = memoryview(bytearray(index_size + body_size))
+            digests = count * DIGEST
+            batch = self.buffer[:digests + index_size + body_size]
             self._fill_exact(batch)
-            index = bytes(batch[:index_size])
-            at, data = 0, index_size
+            self.digests += batch[:digests]
+            if index_size == 0:
+                if count == 0:
+                    return
+                continue
+            index = bytes(batch[digests:digests + index_size])
+            at, data = 0, digests + index_size
             while at < index_size:
                 kind, name_size, size = FRAME.unpack_from(index, at)
                 at += FRAME.size
@@ -340,6 +355,8 @@ class FrameReader(TarReader):
                 else:
                     self.current = batch[data:data + size]
                     data += size
+                if kind == REGTYPE:
+                    order.append(None)
                 yield name, kind, size
                 self._skip_streamed()
 
@@ -368,18 +385,15 @@ class FrameReader(TarReader):
         return iter((self.current,))
 
     def data_later(self, name: str, size: int) -> Iterator[memoryview]:
-        if self.streamed:
-            return super().data_later(name, size)
-        if self.hasher is None:
-            self.hasher = _Hasher()
-        self.hasher.pending.append((name, self.current))
-        return iter((self.current,))
+        self.order[-1] = name
+        return self.raw(size)
 
     def late_digests(self) -> dict[str, bytes]:
-        if self.hasher is not None:
-            self.late.update(self.hasher.finish())
-            self.hasher = None
-        return self.late
+        """After drain(): the child's digest of every file taken with data_later()."""
+        digests, order = bytes(self.digests), self.order
+        if len(digests) != DIGEST * len(order):
+            raise TarFormatError("the unpacking process sent a wrong number of checksums")
+        return {name: digests[i * DIGEST:(i + 1) * DIGEST] for i, name in enumerate(order) if name is not None}
 
     def pieces(self, n: int) -> Iterator[memoryview]:
         return self._streamed_pieces()
@@ -391,39 +405,48 @@ class FrameReader(TarReader):
         self.child.finish()
 
     def close(self) -> None:
-        if self.hasher is not None:
-            self.hasher.finish()
-            self.hasher = None
         self.child.close()
 
 
-class _Hasher:
-    """SHA-256 of (name, data) pairs in a thread, a batch at a time (at most HASH_QUEUE batches
-    wait, so memory stays bounded)."""
+class _ChildHasher:
+    """The SHA-256 of each file the unpack child sends, in a thread (hashlib releases the
+    interpreter lock, so it runs beside the decompression), in file order. A job is a batch's list of
+    files: each the view of its data, or its digest already computed (bytes: a file that was not one
+    view). At most HASH_QUEUE jobs wait, so memory stays bounded."""
 
     def __init__(self) -> None:
-        self.pending: list[tuple[str, memoryview]] = []
-        self.jobs: queue.Queue[list[tuple[str, memoryview]] | None] = queue.Queue(maxsize=HASH_QUEUE)
-        self.digests: dict[str, bytes] = {}
-        self.thread = threading.Thread(target=self._run, name="restore-hash", daemon=True)
+        self.jobs: queue.Queue[list[memoryview | bytes] | None] = queue.Queue(maxsize=HASH_QUEUE)
+        self.done: list[bytes] = []
+        self.failed: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="unpack-hash", daemon=True)
         self.thread.start()
 
-    def flush(self) -> None:
-        if self.pending:
-            self.jobs.put(self.pending)
-            self.pending = []
-
     def _run(self) -> None:
-        digests, sha256 = self.digests, hashlib.sha256
-        while (job := self.jobs.get()) is not None:
-            for name, view in job:
-                digests[name] = sha256(view).digest()
+        done, sha256 = self.done, hashlib.sha256
+        try:
+            while (job := self.jobs.get()) is not None:
+                for item in job:
+                    # list.append is atomic under the interpreter lock: take() runs in another thread.
+                    done.append(item if isinstance(item, bytes) else sha256(item).digest())
+        except BaseException as exc:  # noqa: BLE001  raised by take() in the main thread
+            self.failed = exc
 
-    def finish(self) -> dict[str, bytes]:
-        self.flush()
+    def submit(self, job: list[memoryview | bytes]) -> None:
+        if job:
+            self.jobs.put(job)
+
+    def take(self, most: int = MAX_DIGESTS) -> bytes:
+        """The digests ready now (at most `most`), in order."""
+        if self.failed is not None:
+            raise self.failed
+        n = min(len(self.done), most)
+        taken = b"".join(self.done[:n])
+        del self.done[:n]
+        return taken
+
+    def finish(self) -> None:
         self.jobs.put(None)
         self.thread.join()
-        return self.digests
 
 
 # --- the codec process ---------------------------------------------------------------------------
@@ -673,16 +696,21 @@ def _compress(key: bytes) -> None:
 
 
 def _unpack(key: bytes) -> None:
-    """The age file's body on stdin, the members of the tar stream inside in batches on stdout
-    (FrameReader)."""
+    """The age file's body on stdin, the members of the tar stream inside in batches on stdout, with
+    the SHA-256 of every regular file (FrameReader)."""
     out = sys.stdout.fileno()
     tar = TarReader(_plain_here(sys.stdin.buffer, key, ahead=True))
+    hasher = _ChildHasher()
     index: list[bytes] = []
     body: list[bytes | memoryview] = []
+    files: list[memoryview | bytes] = []  # this batch's files, for the hasher
     index_size = body_size = 0
 
     def flush(streamed: int) -> None:
-        _writev_all(out, [BATCH.pack(index_size, body_size, streamed), b"".join(index), *body])
+        hasher.submit(files)
+        digests = hasher.take()
+        _writev_all(out, [BATCH.pack(index_size, body_size, streamed, len(digests) // DIGEST), digests,
+                          b"".join(index), *body])
 
     for name, kind, length in tar.members():
         raw = name.encode("utf-8", "surrogateescape")
@@ -690,23 +718,41 @@ def _unpack(key: bytes) -> None:
         entry = FRAME.pack(kind, len(raw), size) + raw
         index.append(entry)
         index_size += len(entry)
-        if size > SMALL:  # the last of its batch, its data streamed after it
+        if size > SMALL:  # the last of its batch, its data streamed (and hashed here) after it
             flush(1)
+            sha = hashlib.sha256()
             for piece in tar.raw(size):
+                sha.update(piece)
                 _write_all(out, piece)
+            hasher.submit([sha.digest()])
         else:
-            if size:
-                body.extend(tar.raw(size))
+            if kind == REGTYPE:
+                pieces = list(tar.raw(size))
+                body += pieces
                 body_size += size
+                if len(pieces) == 1:
+                    files.append(pieces[0])
+                else:  # across two blocks of the decompressor (a few per MiB): hashed here
+                    files.append(_digest(pieces))
             # Handed on a quarter of a pipe at a time, as Sink does.
             if body_size < PIECE and index_size < PIECE and len(body) < MAX_PARTS:
                 continue
             flush(0)
-        index, body, index_size, body_size = [], [], 0, 0
+        index, body, files, index_size, body_size = [], [], [], 0, 0
     tar.drain()
     if index:
         flush(0)
-    _write_all(out, BATCH.pack(0, 0, 0))
+    hasher.finish()
+    while digests := hasher.take():
+        _write_all(out, BATCH.pack(0, 0, 0, len(digests) // DIGEST) + digests)
+    _write_all(out, BATCH.pack(0, 0, 0, 0))
+
+
+def _digest(pieces: list[memoryview]) -> bytes:
+    sha = hashlib.sha256()
+    for piece in pieces:
+        sha.update(piece)
+    return sha.digest()
 
 
 def _writev_all(fd: int, parts: list[bytes | memoryview]) -> None:
