@@ -282,25 +282,25 @@ class TarReader:
 # read per header, name and piece) cost about as much CPU as its hashing; a batch is one read into
 # one buffer, and each file's data is one slice of it, written in one call.
 #
-# The digests: the child computes the SHA-256 of every regular file's data (in a thread of its own,
-# _ChildHasher) and sends them in file order, a few batches behind the data. They are the digests of
-# exactly the bytes the child sends, which the reader writes unchanged, so checking them against the
-# checksum list proves what was written as well as hashing it in the reader would; and the reader,
-# whose single thread opens and writes every file (the longest task of a restore, like tar's in
-# `age -d | zstd -d | tar -x`), is left with nothing else to do. Measured: hashing in the reader took
-# about a fifth of its process's CPU, and its thread competed with the writing for the interpreter lock.
+# The digests: the child computes the SHA-256 of every regular file's data and sends them in file
+# order with the batch that carries the file (a streamed file's with the next one). They are the
+# digests of exactly the bytes the child sends, which the reader writes unchanged, so checking them
+# against the checksum list proves what was written as well as hashing it in the reader would; and
+# the reader, whose single thread opens and writes every file (the longest task of a restore, like
+# tar's in `age -d | zstd -d | tar -x`), is left with nothing else to do. Measured: hashing in the
+# reader took about a fifth of its process's CPU, and its thread competed with the writing for the
+# interpreter lock.
 FRAME = struct.Struct("<cIQ")
 BATCH = struct.Struct("<IIBI")
 DIGEST = 32  # octets of a SHA-256
 SMALL = BLOCK  # the largest file sent inside a batch
 MAX_INDEX = PIECE + MAX_PAX + FRAME.size  # what the child sends at most (it flushes above PIECE)
 MAX_BODY = PIECE + SMALL
-MAX_DIGESTS = 16384  # digests in one batch at most (512 KiB)
 OFFSET = struct.Struct("<Q")  # where the age body starts, sent to the unpack child before its key
-AHEAD = 4  # groups of decrypted chunks waiting for the decompression in the unpack child
-AHEAD_GROUP = 16  # chunks of 64 KiB in a group
-HASH_QUEUE = 8  # batches waiting for the hashing thread of the unpack child (a few MiB)
+AHEAD = 4  # groups of blocks waiting for the next thread of the unpack child
+AHEAD_GROUP = 16  # decrypted chunks of 64 KiB in a group (the decompressed blocks go one by one)
 MAX_PARTS = 256  # data pieces in one batch: writev takes at most IOV_MAX (1024) of them
+MAX_DIGESTS = MAX_PARTS + 1  # a batch's files (a piece or more each) and a streamed one before them
 
 
 class FrameReader(TarReader):
@@ -406,47 +406,6 @@ class FrameReader(TarReader):
 
     def close(self) -> None:
         self.child.close()
-
-
-class _ChildHasher:
-    """The SHA-256 of each file the unpack child sends, in a thread (hashlib releases the
-    interpreter lock, so it runs beside the decompression), in file order. A job is a batch's list of
-    files: each the view of its data, or its digest already computed (bytes: a file that was not one
-    view). At most HASH_QUEUE jobs wait, so memory stays bounded."""
-
-    def __init__(self) -> None:
-        self.jobs: queue.Queue[list[memoryview | bytes] | None] = queue.Queue(maxsize=HASH_QUEUE)
-        self.done: list[bytes] = []
-        self.failed: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="unpack-hash", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        done, sha256 = self.done, hashlib.sha256
-        try:
-            while (job := self.jobs.get()) is not None:
-                for item in job:
-                    # list.append is atomic under the interpreter lock: take() runs in another thread.
-                    done.append(item if isinstance(item, bytes) else sha256(item).digest())
-        except BaseException as exc:  # noqa: BLE001  raised by take() in the main thread
-            self.failed = exc
-
-    def submit(self, job: list[memoryview | bytes]) -> None:
-        if job:
-            self.jobs.put(job)
-
-    def take(self, most: int = MAX_DIGESTS) -> bytes:
-        """The digests ready now (at most `most`), in order."""
-        if self.failed is not None:
-            raise self.failed
-        n = min(len(self.done), most)
-        taken = b"".join(self.done[:n])
-        del self.done[:n]
-        return taken
-
-    def finish(self) -> None:
-        self.jobs.put(None)
-        self.thread.join()
 
 
 # --- the codec process ---------------------------------------------------------------------------
@@ -653,11 +612,12 @@ def _plain_here(source: IO[bytes], key: bytes, *, ahead: bool = False) -> Genera
         pass
 
 
-def _ahead(blocks: Iterator[bytes]) -> Iterator[bytes]:
-    """`blocks` produced by a thread, at most AHEAD groups of AHEAD_GROUP of them ahead of the caller.
-    In the unpack child the decryption runs beside the decompression (both release the interpreter
-    lock): measured, the child was the longest-running task of a restore, and decryption a fifth
-    of it. Handed over by groups (1 MiB) so that the two threads seldom wake each other."""
+def _ahead(blocks: Iterator[bytes], group_size: int = AHEAD_GROUP) -> Iterator[bytes]:
+    """`blocks` produced by a thread, at most AHEAD groups of `group_size` of them ahead of the caller.
+    In the unpack child the decryption runs beside the decompression, and the decompression beside
+    the parsing and hashing (all release the interpreter lock while they work): measured, the child
+    was the longest-running task of a restore, and decryption a fifth of it. Handed over by groups
+    of about 1 MiB so that the threads seldom wake each other."""
     waiting: queue.Queue[list[bytes] | BaseException | None] = queue.Queue(maxsize=AHEAD)
 
     def run() -> None:
@@ -665,7 +625,7 @@ def _ahead(blocks: Iterator[bytes]) -> Iterator[bytes]:
             group: list[bytes] = []
             for block in blocks:
                 group.append(block)
-                if len(group) == AHEAD_GROUP:
+                if len(group) == group_size:
                     waiting.put(group)
                     group = []
             if group:
@@ -675,7 +635,7 @@ def _ahead(blocks: Iterator[bytes]) -> Iterator[bytes]:
             return
         waiting.put(None)
 
-    threading.Thread(target=run, name="decrypt", daemon=True).start()
+    threading.Thread(target=run, name="ahead", daemon=True).start()
     while (item := waiting.get()) is not None:
         if isinstance(item, BaseException):
             raise item
@@ -697,20 +657,26 @@ def _compress(key: bytes) -> None:
 
 def _unpack(key: bytes) -> None:
     """The age file's body on stdin, the members of the tar stream inside in batches on stdout, with
-    the SHA-256 of every regular file (FrameReader)."""
+    the SHA-256 of every regular file (FrameReader).
+
+    Three threads: decryption (_plain_here), decompression (_ahead here) and this one, which parses
+    the tar stream, hashes each file and sends the batches. The hashing is here rather than in a
+    thread of its own because each hashlib call releases the interpreter lock and takes it back:
+    a thread hashing file after file waited for this one at every file (measured: an eighth of this
+    thread's time went to handing the lock back and forth), while the other two threads need the
+    lock only once per block (64 KiB, 1 MiB), which this thread gives up at every file it hashes."""
     out = sys.stdout.fileno()
-    tar = TarReader(_plain_here(sys.stdin.buffer, key, ahead=True))
-    hasher = _ChildHasher()
+    tar = TarReader(_ahead(_plain_here(sys.stdin.buffer, key, ahead=True), 1))
+    sha256 = hashlib.sha256
     index: list[bytes] = []
     body: list[bytes | memoryview] = []
-    files: list[memoryview | bytes] = []  # this batch's files, for the hasher
+    digests: list[bytes] = []  # of the files sent, not sent yet
     index_size = body_size = 0
 
     def flush(streamed: int) -> None:
-        hasher.submit(files)
-        digests = hasher.take()
-        _writev_all(out, [BATCH.pack(index_size, body_size, streamed, len(digests) // DIGEST), digests,
+        _writev_all(out, [BATCH.pack(index_size, body_size, streamed, len(digests)), *digests,
                           b"".join(index), *body])
+        digests.clear()
 
     for name, kind, length in tar.members():
         raw = name.encode("utf-8", "surrogateescape")
@@ -718,33 +684,28 @@ def _unpack(key: bytes) -> None:
         entry = FRAME.pack(kind, len(raw), size) + raw
         index.append(entry)
         index_size += len(entry)
-        if size > SMALL:  # the last of its batch, its data streamed (and hashed here) after it
+        if size > SMALL:  # the last of its batch, its data streamed (and hashed) after it
             flush(1)
-            sha = hashlib.sha256()
+            sha = sha256()
             for piece in tar.raw(size):
                 sha.update(piece)
                 _write_all(out, piece)
-            hasher.submit([sha.digest()])
+            digests.append(sha.digest())  # sent with the next batch
         else:
             if kind == REGTYPE:
                 pieces = list(tar.raw(size))
                 body += pieces
                 body_size += size
-                if len(pieces) == 1:
-                    files.append(pieces[0])
-                else:  # across two blocks of the decompressor (a few per MiB): hashed here
-                    files.append(_digest(pieces))
+                # The digest of exactly the bytes sent.
+                digests.append(sha256(pieces[0]).digest() if len(pieces) == 1 else _digest(pieces))
             # Handed on a quarter of a pipe at a time, as Sink does.
             if body_size < PIECE and index_size < PIECE and len(body) < MAX_PARTS:
                 continue
             flush(0)
-        index, body, files, index_size, body_size = [], [], [], 0, 0
+        index, body, index_size, body_size = [], [], 0, 0
     tar.drain()
-    if index:
+    if index or digests:
         flush(0)
-    hasher.finish()
-    while digests := hasher.take():
-        _write_all(out, BATCH.pack(0, 0, 0, len(digests) // DIGEST) + digests)
     _write_all(out, BATCH.pack(0, 0, 0, 0))
 
 
