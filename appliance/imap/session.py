@@ -14,6 +14,7 @@ import binascii
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Generic, Literal, Protocol, TypeVar
@@ -152,10 +153,12 @@ class ImapSession:
         self.watcher: Watcher | None = None
         # Look at the store before the next response: `_dirty` when the client polled (NOOP, CHECK,
         # IDLE's periodic look), which reads the disk too for other programs' changes; `_owed` for
-        # expunges not yet announced; a fired watcher means a change made through this process's
-        # store, which the index holds already (no listing of the Maildir per command).
+        # expunges not yet announced and for changes IDLE was woken by; a fired watcher means a
+        # change made through this process's store, which the index holds already (no listing of
+        # the Maildir per command).
         self._dirty = False
         self._owed = False
+        self._disk_seen = 0.0  # time.monotonic() of the last sync that read the disk
         self.fetcher = FetchRenderer(services.cpu)  # FETCH responses and the structure cache of the selected folder
         # RFC 7162 3.1/3.2: on once the client used or enabled CONDSTORE / enabled QRESYNC; never off.
         self.condstore = False
@@ -332,6 +335,7 @@ class ImapSession:
         self.selected = view
         self.state = "selected"
         self._dirty = self._owed = False
+        self._disk_seen = time.monotonic()  # the snapshot above read the disk
         out: list[Response] = [
             view.flags_response(),
             Data(f"{view.exists} EXISTS"),
@@ -655,8 +659,10 @@ class ImapSession:
         if waiter is not None and not waiter.done():
             await cancel_and_wait(waiter)
         elif waiter is not None:
-            waiter.result()
-            self._dirty = True  # changed, or time to look at the disk
+            if waiter.result() and time.monotonic() - self._disk_seen < EXTERNAL_POLL:
+                self._owed = True  # a change through the store: in the index already
+            else:
+                self._dirty = True  # time to look at the disk too (other programs' changes)
 
     # --- selected (RFC 3501 6.4) -------------------------------------------------------------------
 
@@ -1036,6 +1042,8 @@ class ImapSession:
         changed = disk or self._owed or await self.watcher.wait(0)
         if changed:
             self._dirty = self._owed = False
+            if disk:
+                self._disk_seen = time.monotonic()
             try:
                 snapshot = await self.store.snapshot(self.mailbox, view.name, claim_recent=not view.readonly,
                                                      disk=disk)

@@ -194,3 +194,50 @@ def _base_of(box: BoxHandle, uid: int) -> str:
         return path.name.partition(":")[0]
 
     return box.run(find())
+
+
+def test_idle_woken_by_a_store_change_reads_no_disk_and_its_poll_sees_other_programs(
+        imap_box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """IDLE woken by another session's change answers from the index (no listing of the Maildir
+    per change); the disk is looked at when EXTERNAL_POLL has passed since the last look, so a file
+    another program renamed is still told during IDLE."""
+    deliver(imap_box, 1)
+    deliver(imap_box, 2)
+    scans = 0
+    real_scan = index.FolderIndex.scan
+
+    def counted(self: index.FolderIndex) -> index.DiskChanges | None:
+        nonlocal scans
+        scans += 1
+        return real_scan(self)
+
+    monkeypatch.setattr(index.FolderIndex, "scan", counted)
+    monkeypatch.setattr(imap_session, "EXTERNAL_POLL", 3600.0)
+    other = session(imap_box)
+    try:
+        with IMAPClient("127.0.0.1", port=imap_box.port("imaps"), ssl_context=imap_box.client_context,
+                        timeout=30) as client:
+            client.login(USER, PASSWORD)
+            client.select_folder("INBOX")
+            client.idle()
+            scans = 0
+            other.command(b"a", b"STORE 1 +FLAGS (\\Seen)")
+            responses = client.idle_check(timeout=30)
+            assert any(r[1] == b"FETCH" for r in responses), responses
+            client.idle_done()
+            assert scans == 0
+            monkeypatch.setattr(imap_session, "EXTERNAL_POLL", 0.2)
+            client.idle()
+            cur = imap_box.data.mail / "example.test" / "alice" / "cur"
+            [path] = [p for p in cur.iterdir() if p.name.startswith(_base_of(imap_box, 2))]
+            path.rename(path.with_name(path.name.partition(":")[0] + ":2,F"))
+            told: list[tuple[int, bytes, object]] = []
+
+            def flagged() -> bool:
+                told.extend(client.idle_check(timeout=1))
+                return any(r[:2] == (2, b"FETCH") for r in told)
+
+            wait_until(flagged, seconds=30, what="the other program's flag told to the IDLE session")
+            client.idle_done()
+    finally:
+        other.close()
