@@ -28,7 +28,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 INTRO = b"age-encryption.org/v1\n"
 SCRYPT_LABEL = b"age-encryption.org/v1/scrypt"
@@ -121,7 +120,9 @@ def _wrap_key(passphrase: str, salt: bytes, log_n: int) -> bytes:
 
 def _public(key: X25519PrivateKey | X25519PublicKey) -> bytes:
     pub = key.public_key() if isinstance(key, X25519PrivateKey) else key
-    return pub.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    # public_bytes_raw, not public_bytes(Encoding.Raw, ...): the serialization module costs the
+    # restore's unpack child (which imports this module) 17 ms of its start, before any work.
+    return pub.public_bytes_raw()
 
 
 def _x25519_stanza(recipient: bytes, file_key: bytes) -> bytes:
