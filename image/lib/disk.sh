@@ -35,6 +35,9 @@ grub_config() {
 serial --unit=0 --speed=115200
 terminal_input console serial
 terminal_output console serial
+# No menu unless asked for (Esc during the second GRUB waits shows it, with the previous kernel): drawing
+# it and counting down on the serial console and the screen took seconds of an emulated boot.
+set timeout_style=hidden
 set timeout=1
 set default=0
 menuentry "Letterbox" {
