@@ -22,9 +22,8 @@ from web.security import CSRF_FIELD, csrf_ok, csrf_token
 from web.session import LOGIN_MAX_SECONDS
 
 if TYPE_CHECKING:
-    from starlette.templating import Jinja2Templates
-
     from appliance.services import Services
+    from web.app import Templates
 
 Role = Literal["admin", "user"]
 MAX_FORM_FIELDS = 50
@@ -204,7 +203,7 @@ async def removed(request: Request, removal: Awaitable[object], *, what: str, ve
 async def render(
     request: Request, template: str, context: Mapping[str, Any] | None = None, status_code: int = 200
 ) -> Response:
-    templates: Jinja2Templates = request.app.state.templates
+    templates: Templates = request.app.state.templates
     flashes = request.session.pop("flash", [])
     full = {
         "principal": await current(request),
@@ -216,4 +215,4 @@ async def render(
         "values": {},
         **(context or {}),
     }
-    return templates.TemplateResponse(request, template, full, status_code=status_code)
+    return templates.get().TemplateResponse(request, template, full, status_code=status_code)

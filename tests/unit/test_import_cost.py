@@ -33,16 +33,19 @@ CONSOLE_NEVER = ("aiosmtpd", "appliance.smtp.server", "appliance.imap.server", "
                  "authres", "publicsuffixlist")
 
 # Never loaded by the web console's app: the pages other than the login, the wizard and the ACME answers
-# are imported on their first request (web/lazy_routes.py), and with them backups, updates, charts.
+# are imported on their first request (web/lazy_routes.py), and with them backups, updates, charts; jinja2
+# when the first page is rendered (web.app.Templates).
 WEB_NEVER = ("web.routes.backups", "web.routes.restore", "web.routes.updates", "web.routes.certificate",
              "web.routes.spam", "web.routes.delivery_log", "web.routes.console", "web.routes.domains",
              "web.routes.mailboxes", "web.routes.sending", "web.routes.account", "web.routes.autoconfig",
-             "web.charts", "appliance.update", "appliance.bundle", "appliance.backup_restic", "xml", "plistlib")
+             "web.charts", "appliance.update", "appliance.bundle", "appliance.backup_restic", "xml", "plistlib",
+             "jinja2", "starlette.templating")
 
 # Never loaded by a box that has started and serves (every listener, the background services, the web
 # console's app), until something asks for them.
 SERVE_NEVER = ("appliance.acme_client", "appliance.bundle", "tarfile", "appliance.backup_restic", "web.charts",
-               "web.routes.backups", "web.routes.restore", "web.routes.updates", "web.routes.console", "xml", "plistlib")
+               "web.routes.backups", "web.routes.restore", "web.routes.updates", "web.routes.console", "xml", "plistlib",
+               "jinja2")
 
 # A real box in a fresh interpreter: the data directory is made, every listener bound on 127.0.0.1 port 0.
 START_A_BOX = """
