@@ -1,20 +1,30 @@
 """The VM tests boot the built appliance image: minutes each, so `make test` never collects them; only
 `make image-test` does (it builds the image and sets LETTERBOX_IMAGE).
 
-Both machines of the run boot once, side by side, at the start (session fixture `boxes`): "bios" (SeaBIOS)
-goes through the admin's story and the reboot (test_appliance.py); "uefi" (OVMF), booted from the same
-image file, shows that every box makes its own identity, then takes the updates (test_update.py). Two
-boots overlap instead of three in a row: most of a boot under TCG is waiting on one busy vCPU.
+Two machines boot from the same image file, side by side: `make image-test` runs pytest-xdist with two
+workers and `--dist loadfile`, so each module has its own worker and its own machine, and the two
+modules run at the same time (most of a TCG boot or update is one busy vCPU: two machines use the
+host's two cores). "bios" (SeaBIOS, session fixture `bios`) goes through the admin's story and the
+reboot (test_appliance.py); "uefi" (OVMF, `uefi`) takes the updates (test_update.py). Each machine
+publishes its identity (machine-id, SSH host keys, certificate, SRS secret) once its console answers;
+test_appliance.py compares the two (`other_identity`). In one process (no -n) the same tests run one
+module after the other, and the comparison boots the other machine itself.
+
+The figures (boot times, image size, the guest's own) are written beside the image by each worker and
+printed at the end of the run by the controller.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.image.vm import Vm, VmError, built_image, wait_for_wizards
+from tests.image.vm import BOOT_TIMEOUT, Vm, VmError, built_image
 
 collect_ignore_glob = [] if os.environ.get("LETTERBOX_IMAGE") else ["test_*.py"]
 
@@ -29,39 +39,102 @@ GUEST_FIGURES = {
     "exposure (systemd-analyze security)": "systemd-analyze security letterbox.service --no-pager | tail -1",
 }
 
+DATA = "/var/lib/letterbox/data"
 
-@pytest.fixture(scope="session")
-def boxes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Vm]]:
+
+def run_dir() -> Path:
+    """Beside the image: where the workers leave their machines' identities and figures for each other
+    and for the controller (all of them see LETTERBOX_IMAGE)."""
+    folder = built_image().parent / "run"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def identity(vm: Vm) -> dict[str, str]:
+    """What must differ between two boxes made from one image (every secret is made at first boot)."""
+    return {
+        "firmware": "UEFI" if vm.run("test -d /sys/firmware/efi", check=False).exit_code == 0 else "BIOS",
+        "machine-id": vm.run("cat /etc/machine-id").stdout.strip(),
+        "ssh host keys": vm.run("cat /etc/ssh/ssh_host_*_key.pub | sort").stdout,
+        "certificate": vm.certificate(443).hex(),
+        "srs secret": vm.run(f"sha256sum {DATA}/srs.secret").stdout,
+    }
+
+
+def _booted(tmp_path_factory: pytest.TempPathFactory, name: str, *, uefi: bool) -> Iterator[Vm]:
     image = built_image()
     FIGURES["image size"] = f"{image.stat().st_size / 1e6:.0f} MB raw"
-    workdir = tmp_path_factory.mktemp("vm")
-    with Vm(image, workdir, name="bios") as bios, Vm(image, workdir, uefi=True, name="uefi") as uefi:
-        bios.start()
-        uefi.start()
-        for vm, seconds in wait_for_wizards([bios, uefi]).items():
-            FIGURES[f"boot to wizard ({vm.dir.name.upper()}, first boot, two VMs side by side)"] = (
-                f"{seconds:.0f} s, qemu CPU {vm.wizard_cpu:.0f} s, host load {os.getloadavg()[0]:.1f}")
+    with Vm(image, tmp_path_factory.mktemp("vm"), uefi=uefi, name=name) as vm:
+        vm.start()
+        seconds = vm.wait_for_wizard()
+        FIGURES[f"boot to wizard ({name.upper()}, first boot)"] = (
+            f"{seconds:.0f} s, qemu CPU {vm.wizard_cpu:.0f} s, host load {os.getloadavg()[0]:.1f}")
+        (run_dir() / f"identity-{name}.json").write_text(json.dumps(identity(vm)))
         for title, command in GUEST_FIGURES.items():
             # Figures, not checks: a guest too busy to answer one in time does not fail the run (a first
             # try that measured `python -X importtime` in the guest took over 300 s at load 22).
             try:
-                FIGURES[f"{title} (bios)"] = bios.run(command, check=False, timeout=120).stdout.strip()
+                FIGURES[f"{title} ({name})"] = vm.run(command, check=False, timeout=120).stdout.strip()
             except VmError as exc:
-                FIGURES[f"{title} (bios)"] = f"not measured: {str(exc).splitlines()[0]}"
-        yield {"bios": bios, "uefi": uefi}
-        # Where each first boot's time went, kept beside the disks for a look afterwards (the BIOS
-        # machine has rebooted since: its journal is of the second boot; the UEFI one's is its first).
-        for vm in (bios, uefi):
-            try:
-                report = vm.run("systemd-analyze blame --no-pager | head -40;"
-                                " journalctl -b -o short-monotonic --no-pager | head -2000", check=False, timeout=300)
-            except VmError:
-                continue
-            (vm.dir / "boot-journal.txt").write_text(report.stdout + report.stderr)
-            FIGURES[f"boot journal ({vm.dir.name})"] = str(vm.dir / "boot-journal.txt")
+                FIGURES[f"{title} ({name})"] = f"not measured: {str(exc).splitlines()[0]}"
+        yield vm
+        # Where the boot's time went, kept beside the disk for a look afterwards (the BIOS machine has
+        # rebooted since: its journal is of the second boot).
+        try:
+            report = vm.run("systemd-analyze blame --no-pager | head -40;"
+                            " journalctl -b -o short-monotonic --no-pager | head -2000", check=False, timeout=300)
+        except VmError:
+            return
+        (vm.dir / "boot-journal.txt").write_text(report.stdout + report.stderr)
+        FIGURES[f"boot journal ({name})"] = str(vm.dir / "boot-journal.txt")
+
+
+@pytest.fixture(scope="session")
+def bios(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]:
+    yield from _booted(tmp_path_factory, "bios", uefi=False)
+
+
+@pytest.fixture(scope="session")
+def uefi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]:
+    yield from _booted(tmp_path_factory, "uefi", uefi=True)
+
+
+@pytest.fixture
+def other_identity(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The UEFI machine's identity: published by its own worker (pytest-xdist, `make image-test`), or,
+    when the run is one process, of that machine booted here."""
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) < 2:
+        vm: Vm = request.getfixturevalue("uefi")
+        return identity(vm)
+    published = run_dir() / "identity-uefi.json"
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while not published.exists():
+        if time.monotonic() > deadline:
+            raise VmError(f"the UEFI machine published no identity in {BOOT_TIMEOUT:.0f} s ({published})")
+        time.sleep(2)
+    value: dict[str, str] = json.loads(published.read_text())
+    return value
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _print_figures() -> Iterator[None]:
+def _figures() -> Iterator[None]:
     yield
-    print("\n".join(["", "== appliance image figures =="] + [f"  {k}: {v}" for k, v in FIGURES.items()]))
+    name = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    (run_dir() / f"figures-{name}.json").write_text(json.dumps(FIGURES))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.environ.get("LETTERBOX_IMAGE") and not os.environ.get("PYTEST_XDIST_WORKER"):
+        for stale in run_dir().glob("*.json"):  # of an earlier run: the controller starts afresh
+            stale.unlink()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not os.environ.get("LETTERBOX_IMAGE") or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    figures: dict[str, str] = {}
+    for path in sorted(run_dir().glob("figures-*.json")):
+        figures.update(json.loads(path.read_text()))
+    terminalreporter.write_line("== appliance image figures ==")
+    for key, value in figures.items():
+        terminalreporter.write_line(f"  {key}: {value}")

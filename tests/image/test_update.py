@@ -23,7 +23,8 @@ import pytest
 
 from appliance.bundle import write_bundle
 from appliance.db import load_migrations
-from tests.image.test_appliance import ALICE, ALICE_PASSWORD, CLI, DATA, DOMAIN, _subjects, wait_for
+from tests.image.conftest import DATA
+from tests.image.test_appliance import ALICE, ALICE_PASSWORD, CLI, DOMAIN, _subjects, wait_for
 from tests.image.vm import Vm, VmError
 from tests.support.releases import BROKEN_START, build_wheel, dependency_wheels
 
@@ -48,9 +49,9 @@ MESSAGE = (f"From: tester@example.invalid\r\nTo: {ALICE}\r\nSubject: before the 
 
 
 @pytest.fixture(scope="module")
-def box(boxes: dict[str, Vm]) -> Vm:
-    """The UEFI machine of the run (conftest.py): booted, identity compared, otherwise untouched."""
-    return boxes["uefi"]
+def box(uefi: Vm) -> Vm:
+    """The UEFI machine of the run (conftest.py): updated while the BIOS one goes through test_appliance.py."""
+    return uefi
 
 
 def _bundle(folder: Path, version: str, *, broken: bool = False) -> bytes:
