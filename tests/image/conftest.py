@@ -51,7 +51,13 @@ def run_dir() -> Path:
 
 
 def identity(vm: Vm) -> dict[str, str]:
-    """What must differ between two boxes made from one image (every secret is made at first boot)."""
+    """What must differ between two boxes made from one image (every secret is made at first boot). The
+    SSH host keys are made after the console answers (letterbox-firstboot, at a low priority): waited for."""
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while vm.run("test -s /etc/ssh/ssh_host_ed25519_key.pub", check=False).exit_code != 0:
+        if time.monotonic() > deadline:
+            raise VmError(vm.failure_report("no SSH host keys made at first boot"))
+        time.sleep(2)
     return {
         "firmware": "UEFI" if vm.run("test -d /sys/firmware/efi", check=False).exit_code == 0 else "BIOS",
         "machine-id": vm.run("cat /etc/machine-id").stdout.strip(),
