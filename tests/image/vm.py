@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import http.client
 import json
 import os
@@ -68,6 +69,13 @@ class Result:
     exit_code: int
     stdout: str
     stderr: str
+
+
+def _end_with_parent() -> None:
+    """In the child before exec: the kernel ends qemu when the process that started it goes, however it
+    went (a pytest-xdist worker killed by an interrupted run left its machines running). prctl(2)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, 15, 0, 0, 0)  # SIGTERM
 
 
 def built_image() -> Path:
@@ -156,7 +164,8 @@ class Vm:
                             str(self.disk), OVERLAY_SIZE], check=True)
         self.console.touch()
         self.process = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        preexec_fn=_end_with_parent)
         self.started_at = time.monotonic()
         self.cpu_at_start = 0.0
 
