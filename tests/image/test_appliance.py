@@ -128,6 +128,7 @@ def test_wizard_mail_and_reboot(box: Vm) -> None:
     seconds = box.wait_for_wizard()
     FIGURES["boot to wizard (BIOS, reboot)"] = (f"{seconds:.0f} s, qemu CPU {box.wizard_cpu:.0f} s, "
                                                f"host load {os.getloadavg()[0]:.1f}")
+    FIGURES["boot to letterbox.service active (BIOS, reboot)"] = f"{box.wait_until_ready():.0f} s"
     assert "before the reboot" in _subjects(box)
     with httpx.Client(base_url=f"https://127.0.0.1:{box.port(443)}", verify=unverified_tls(), timeout=60) as client:
         # The admin exists: the wizard's first step no longer asks for a code, it wants a login.

@@ -9,6 +9,7 @@ conftest.py there). Usage:
     with Vm(image, tmp_path) as vm:         # copy-on-write overlay in tmp_path (4 GiB): the image is not changed
         vm.start()                          # qemu-system-x86_64, user networking, host forwards (BIOS; uefi=True: OVMF)
         seconds = vm.wait_for_wizard()      # until https answers the wizard; seconds since qemu started
+        vm.wait_until_ready()               # until letterbox.service is active: the mail ports listen too
         vm.port(443)                        # the 127.0.0.1 port forwarded to the guest's 443 (also 25, 80, 993...)
         out = vm.run("letterbox --version") # a root shell command in the guest (qemu guest agent); raises on exit != 0
         vm.run("false", check=False).exit_code
@@ -260,6 +261,16 @@ class Vm:
         seconds = self._wait(self.https_answers, timeout, "the web console (https) to answer")
         self.wizard_cpu = self.cpu_seconds() - self.cpu_at_start
         return seconds
+
+    def wait_until_ready(self, timeout: float = BOOT_TIMEOUT) -> float:
+        """Seconds from qemu's start (or the reboot) until letterbox.service is active: READY=1, every
+        port listens. The console answers before (`serve` starts it first), the mail ports only then."""
+        def ready() -> bool:
+            try:
+                return self.run("systemctl is-active letterbox.service", check=False, timeout=60).stdout.strip() == "active"
+            except VmError:
+                return False
+        return self._wait(ready, timeout, "letterbox.service to be active (READY=1)")
 
     # --- HTTP(S) through the forwards ----------------------------------------------------------------
     def http_get(self, path: str, *, timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
