@@ -24,8 +24,9 @@ import bisect
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -214,18 +215,26 @@ class MailStore:
                 await self._boxes.map_keywords(f, keywords)
             wanted = _spelled(keywords, f.keywords)
             changes = _FlagChange(system, wanted, {k.lower() for k in keywords}, mode, unchanged_since)
-            missed = await self._change_flags(f, f.entries(uids), changes)
-            if missed:
-                await self._boxes.sync(mb, f)  # where they are now, or gone
-                if await self._change_flags(f, f.entries([e.uid for e in missed]), changes):
-                    f.dirty = True  # renamed again meanwhile: the next scan tells
+            await self._where_the_index_says(mb, f, f.entries(uids), partial(self._change_flags, f, changes=changes))
             left = set(changes.modified)
             result = [f.info(e) for e in f.entries(uids) if e.uid not in left]
         if changes.changed:
             self._boxes.wake(mb, f.name)
         return result, changes.modified
 
-    async def _change_flags(self, f: index.FolderIndex, entries: list[index.Entry],
+    async def _where_the_index_says(self, mb: OpenMailbox, f: index.FolderIndex, entries: list[index.Entry],
+                                    act: Callable[[list[index.Entry]], Awaitable[list[index.Entry]]]) -> None:
+        """`act` on the files where the index locates them (folder lock held); those it did not find
+        there (`act` returns them) were renamed or removed by another program since the last
+        listing: the folder is listed and `act` tried once more on where they are now (a file gone
+        has left the index). One still missing was renamed again meanwhile: the next scan tells."""
+        missed = await act(entries)
+        if missed:
+            await self._boxes.sync(mb, f)
+            if await act(f.entries([e.uid for e in missed])):
+                f.dirty = True
+
+    async def _change_flags(self, f: index.FolderIndex, entries: list[index.Entry], *,
                             changes: _FlagChange) -> list[index.Entry]:
         """Rename the files of `entries` to their new flags and index that (folder lock held);
         returns the entries whose file was not where the index said."""
@@ -255,11 +264,7 @@ class MailStore:
         async with f.lock:
             await self._boxes.sync(mb, f, disk=False)  # as STORE: a listing only for a file not found
             doomed = f.entries(uids)
-            missed = await self._remove(f, doomed)
-            if missed:
-                await self._boxes.sync(mb, f)  # renamed by another program (found again) or gone
-                if await self._remove(f, f.entries([e.uid for e in missed])):
-                    f.dirty = True  # renamed again meanwhile: still there, the next scan tells
+            await self._where_the_index_says(mb, f, doomed, partial(self._remove, f))
             removed = [e.uid for e in doomed if e.uid not in f.by_uid]
         if removed:
             self._boxes.wake(mb, f.name)
