@@ -3,6 +3,8 @@ at once while it IDLEs (RFC 2177)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from imapclient import IMAPClient
 
@@ -157,43 +159,51 @@ def test_other_sessions_changes_come_without_a_look_at_the_disk_other_programs_a
     for n in range(3):
         deliver(imap_box, n)
     first, second = session(imap_box), session(imap_box)
-    scans = 0
-    real_scan = index.FolderIndex.scan
-
-    def counted(self: index.FolderIndex) -> index.DiskChanges | None:
-        nonlocal scans
-        scans += 1
-        return real_scan(self)
-
-    monkeypatch.setattr(index.FolderIndex, "scan", counted)
+    scans = _Scans(monkeypatch)
     try:
         second.command(b"a", b"STORE 2 +FLAGS (\\Flagged)")
         deliver(imap_box, 3)
-        scans = 0
+        scans.count = 0
         reply = first.command(b"b", b"FETCH 1 (UID)")
         assert b"* 2 FETCH (UID 2 FLAGS (\\Flagged \\Recent))\r\n" in reply
         assert b"* 4 EXISTS\r\n" in reply
-        assert scans == 0
+        assert scans.count == 0
         # Another program (a Maildir MUA, rsync) marks message 3 seen by renaming its file.
-        cur = imap_box.data.mail / "example.test" / "alice" / "cur"
-        [path] = [p for p in cur.iterdir() if p.name.startswith(_base_of(imap_box, 3))]
-        path.rename(path.with_name(path.name.partition(":")[0] + ":2,S"))
+        _flag_behind_the_box(imap_box, 3, "S")
         reply = first.command(b"d", b"NOOP")
         assert b"* 3 FETCH (UID 3 FLAGS (\\Seen \\Recent))\r\n" in reply
-        assert scans > 0
+        assert scans.count > 0
     finally:
         first.close()
         second.close()
 
 
-def _base_of(box: BoxHandle, uid: int) -> str:
-    """The unique part of a message's file name (what other programs keep when they rename it)."""
-    async def find() -> str:
+class _Scans:
+    """Counts the listings of Maildir folders (FolderIndex.scan) while the test runs."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real_scan = index.FolderIndex.scan
+
+        def counted(folder: index.FolderIndex) -> index.DiskChanges | None:
+            self.count += 1
+            return real_scan(folder)
+
+        monkeypatch.setattr(index.FolderIndex, "scan", counted)
+
+
+def _flag_behind_the_box(box: BoxHandle, uid: int, letters: str) -> None:
+    """Another program (a Maildir MUA, rsync) sets INBOX message `uid`'s flags by renaming its file in
+    cur/, keeping the unique part of its name."""
+    async def find() -> Path:
         path = await box.services.store.message_path(USER, "INBOX", uid)
         assert path is not None
-        return path.name.partition(":")[0]
+        return path
 
-    return box.run(find())
+    base = box.run(find()).name.partition(":")[0]
+    cur = box.data.mail / "example.test" / "alice" / "cur"
+    [path] = [p for p in cur.iterdir() if p.name.startswith(base)]
+    path.rename(path.with_name(f"{base}:2,{letters}"))
 
 
 def test_idle_woken_by_a_store_change_reads_no_disk_and_its_poll_sees_other_programs(
@@ -203,15 +213,7 @@ def test_idle_woken_by_a_store_change_reads_no_disk_and_its_poll_sees_other_prog
     another program renamed is still told during IDLE."""
     deliver(imap_box, 1)
     deliver(imap_box, 2)
-    scans = 0
-    real_scan = index.FolderIndex.scan
-
-    def counted(self: index.FolderIndex) -> index.DiskChanges | None:
-        nonlocal scans
-        scans += 1
-        return real_scan(self)
-
-    monkeypatch.setattr(index.FolderIndex, "scan", counted)
+    scans = _Scans(monkeypatch)
     monkeypatch.setattr(imap_session, "EXTERNAL_POLL", 3600.0)
     other = session(imap_box)
     try:
@@ -220,17 +222,15 @@ def test_idle_woken_by_a_store_change_reads_no_disk_and_its_poll_sees_other_prog
             client.login(USER, PASSWORD)
             client.select_folder("INBOX")
             client.idle()
-            scans = 0
+            scans.count = 0
             other.command(b"a", b"STORE 1 +FLAGS (\\Seen)")
             responses = client.idle_check(timeout=30)
             assert any(r[1] == b"FETCH" for r in responses), responses
             client.idle_done()
-            assert scans == 0
+            assert scans.count == 0
             monkeypatch.setattr(imap_session, "EXTERNAL_POLL", 0.2)
             client.idle()
-            cur = imap_box.data.mail / "example.test" / "alice" / "cur"
-            [path] = [p for p in cur.iterdir() if p.name.startswith(_base_of(imap_box, 2))]
-            path.rename(path.with_name(path.name.partition(":")[0] + ":2,F"))
+            _flag_behind_the_box(imap_box, 2, "F")
             told: list[tuple[int, bytes, object]] = []
 
             def flagged() -> bool:
