@@ -303,7 +303,11 @@ class OutboundSession:
                     if tls_policy == "required":
                         raise _HopFailed("4.7.5", f"STARTTLS refused: {reply_from(exc.smtp_code, exc.smtp_error)}") from exc
                     raise _StarttlsBroken(str(reply_from(exc.smtp_code, exc.smtp_error))) from exc
-                except (ssl.SSLError, ssl.CertificateError) as exc:
+                # ConnectionError: the peer reset the connection during the handshake (after its 220:
+                # smtplib turns a failed read of a reply into SMTPServerDisconnected, not this). It
+                # depends on timing whether a peer that closes at once is seen as a TLS EOF or,
+                # when our ClientHello reached it first, as a reset: both are a broken STARTTLS.
+                except (ssl.SSLError, ssl.CertificateError, ConnectionError) as exc:
                     if tls_policy == "required":
                         raise _HopFailed("4.7.5", f"TLS handshake failed: {exc}") from exc
                     raise _StarttlsBroken(str(exc)) from exc
