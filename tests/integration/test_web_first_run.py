@@ -4,8 +4,11 @@ simultaneous first steps exactly one makes an administrator (issue 11 item 4).""
 from __future__ import annotations
 
 import re
+import socket
 import stat
 import threading
+import urllib.parse
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -101,3 +104,74 @@ def test_serve_prints_the_code_until_an_admin_exists(box: BoxHandle) -> None:
     box.run(announce_setup_code(box.services, lines.append))
     assert len(lines) == 2
     assert not code_path(box.data.root).exists()
+
+
+def _post_late(box: BoxHandle, client: httpx.Client, path: str, content_type: str, body: bytes,
+               meanwhile: Callable[[], None]) -> tuple[int, str]:
+    """POST with the headers first and the body only after `meanwhile` ran: the routes decide "is there an
+    administrator?" when the headers arrive and read the form later. (status, location)."""
+    cookies = "; ".join(f"{name}={value}" for name, value in client.cookies.items())
+    raw = socket.create_connection(("127.0.0.1", box.port("https")), timeout=60)
+    with box.client_context.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(f"POST {path} HTTP/1.1\r\nHost: localhost\r\nCookie: {cookies}\r\n"
+                    f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                    "Connection: close\r\n\r\n".encode())
+        meanwhile()
+        tls.sendall(body)
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    fields = dict(line.lower().split(": ", 1) for line in head[1:])
+    return int(head[0].split()[1]), fields.get("location", "")
+
+
+def test_a_first_step_overtaken_by_the_first_admin_changes_nothing(box: BoxHandle) -> None:
+    """A request to step 1 whose form arrives after someone else became the administrator is theirs no
+    more: it must be sent to log in, not be taken as the (logged-in) administrator editing step 1."""
+    late, csrf = _prepared_client(box)
+    host = "late.example.net"
+    body = urllib.parse.urlencode({"csrf": csrf, "name": "late", "password": ADMIN_PASSWORD,
+                                   "password2": ADMIN_PASSWORD, "hostname": host, "code": "AAAA-BBBB-CCCC"}).encode()
+
+    def someone_else_finishes_step_1() -> None:
+        first, first_csrf = _prepared_client(box)
+        try:
+            won = _step1(first, first_csrf, "owner", setup_code(box.data.root))
+        finally:
+            first.close()
+        assert (won.status_code, won.headers["location"]) == (303, "/setup/2")
+
+    try:
+        answer = _post_late(box, late, "/setup/1", "application/x-www-form-urlencoded", body,
+                            someone_else_finishes_step_1)
+    finally:
+        late.close()
+    assert answer[0] == 303
+    assert answer[1].startswith("/login")
+    assert box.services.hostname != host
+    assert box.run(box.services.accounts.list_admins()) == ["owner"]
+
+
+def test_a_wizard_restore_overtaken_by_an_administrator_is_refused(box: BoxHandle) -> None:
+    """The first screen's restore is for an unclaimed box only: an administrator made while the upload
+    arrives (here by the CLI's way, which leaves the setup code file in place) ends it, code or not."""
+    client = httpx.Client(base_url=f"https://localhost:{box.port('https')}", verify=box.client_context, timeout=60)
+    try:
+        page = client.get("/setup/restore")
+        m = _CSRF.search(page.text)
+        assert m
+        fields = {"csrf": m.group(1), "code": setup_code(box.data.root), "secret": "a passphrase"}
+        boundary = "letterbox-test-boundary"
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                 for k, v in fields.items()]
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="backup"; filename="b.tar.zst.age"\r\n'
+                     "Content-Type: application/octet-stream\r\n\r\n".encode() + b"age" * 1000 + b"\r\n")
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        answer = _post_late(box, client, "/setup/restore", f"multipart/form-data; boundary={boundary}", body,
+                            lambda: box.run(box.services.accounts.add_admin("owner", ADMIN_PASSWORD)))
+    finally:
+        client.close()
+    assert answer == (303, "/login")
+    assert box.services.backups.current is None
+    assert not [p for p in box.data.root.parent.iterdir() if ".upload-" in p.name]

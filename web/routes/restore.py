@@ -125,6 +125,10 @@ async def wizard_submit(request: Request) -> Response:
         return redirect("/login")
     values, path = await _read_upload(request)
     try:
+        if await svc.accounts.has_admin():
+            # Made while the upload arrived (a first step in another tab, `letterbox admin add`): the
+            # box is claimed now, and only its administrator may replace it, from the console.
+            return redirect("/login")
         if not await setup_code.verify(svc.auth.throttle, svc.config.data.root, values.get("code", ""), peer(request)):
             flash(request, "Not restored: that is not this box's setup code (see the box's screen or its setup-code file).")
             return redirect("/setup/restore")

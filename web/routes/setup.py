@@ -111,7 +111,13 @@ async def admin_submit(request: Request) -> Response:
     svc = services(request)
     values = await read_form(request)
     admin_exists = await svc.accounts.has_admin()
-    if not admin_exists:
+    if admin_exists:
+        # _guard let this request in while the box had no administrator; one made since (a
+        # simultaneous first step, finished while this form was still arriving) makes step 1 theirs
+        # alone, as for any later visit: without this, a visitor with no code and no login would
+        # change the host name and walk on into the wizard.
+        await require(request, "admin")
+    else:
         # The code first, on its own: without it nothing else of the form is looked at.
         code = values.get("code", "")
         if not await setup_code.verify(svc.auth.throttle, svc.config.data.root, code, peer(request)):
