@@ -9,6 +9,11 @@ stopped after a minute without work (its memory goes back); it runs at a lower C
 server, so intake and interactive commands come first; it is replaced after MAX_TASKS tasks, so a
 leak in a parser cannot grow it for ever. Callers submit bounded chunks (a few hundred messages),
 never a whole folder at once: the queue stays fair between sessions and each result is small.
+Work a client waits for goes first: background work (the full-text index, cache rows computed
+after an answer went out) is handed to the worker only when no waited-for task is queued, one
+task per worker at a time, so a FETCH never waits behind a backlog of indexing chunks (issue 19:
+the full-text index of a folder copied in took the worker while Thunderbird's first FETCH of it
+waited for rows).
 The "spawn" start method: forking a process that runs threads (aiosqlite's) is unsafe.
 """
 
@@ -21,6 +26,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -62,6 +68,9 @@ class CpuPool:
         self._running = 0
         self._last_used = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._in_flight = 0  # tasks handed to the executor (at most one per worker)
+        # Tasks waiting for a worker: those a client waits for, then background ones.
+        self._waiting: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (deque(), deque())
         self.tasks = 0  # tasks run since start (tests and the bench read it)
 
     @property
@@ -72,6 +81,14 @@ class CpuPool:
         """fn(*args) in a worker process. `fn` and its arguments must be picklable (module-level
         functions, plain data). A worker that died (killed for memory) is replaced and the task
         tried once more."""
+        return await self._run(False, fn, *args, **kwargs)
+
+    async def run_background(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Like run, for work nobody waits for: it runs when no task of `run` is waiting."""
+        return await self._run(True, fn, *args, **kwargs)
+
+    async def _run(self, background: bool, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        await self._take_turn(background)
         self._running += 1
         try:
             for attempt in (1, 2):
@@ -85,6 +102,7 @@ class CpuPool:
                         raise
             raise AssertionError("unreachable")
         finally:
+            self._pass_turn()
             self._running -= 1
             self.tasks += 1
             self._last_used = time.monotonic()
@@ -100,6 +118,32 @@ class CpuPool:
             finally:
                 self.tasks += 1
         return await self.run(fn, *args, **kwargs)
+
+    async def _take_turn(self, background: bool) -> None:
+        """Wait until a worker is free for this task and no task before it in the order waits."""
+        if self._in_flight < self._workers and not any(self._waiting):
+            self._in_flight += 1
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self._waiting[background]
+        queue.append(turn)
+        try:
+            await turn  # _pass_turn handed its worker over: _in_flight counts this task already
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._pass_turn()  # handed over just as the caller gave up: to the next one
+            else:
+                queue.remove(turn)
+            raise
+
+    def _pass_turn(self) -> None:
+        for queue in self._waiting:
+            while queue:
+                turn = queue.popleft()
+                if not turn.done():
+                    turn.set_result(None)
+                    return
+        self._in_flight -= 1
 
     def _start(self) -> ProcessPoolExecutor:
         if self._executor is None:

@@ -11,13 +11,12 @@ import binascii
 import datetime as dt
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from email.header import Header
 from email.message import Message
 from email.policy import default as default_policy
 from email.utils import getaddresses, unquote
 from functools import lru_cache
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 from appliance.imap.commands import BinarySection, BodySection, FetchAttribute, FetchItem, Section
 from appliance.imap.limits import MAX_HEADER_OCTETS
@@ -657,9 +656,9 @@ def _language(headers: Message) -> Value:
 
 # --- one message's FETCH items ---------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class MessageFacts:
-    """What the index knows of a message (no file needed for these FETCH items)."""
+class MessageFacts(NamedTuple):
+    """What the index knows of a message (no file needed for these FETCH items). A named tuple:
+    one is made per message of every FETCH that reads files or the message cache."""
 
     uid: int
     flags: tuple[str, ...]  # in the order they are sent, \Recent included when it applies

@@ -46,6 +46,7 @@ _CACHED_ORDER = tuple(sorted(CACHED_FIELDS))
 _ROW_ITEMS = frozenset({"ENVELOPE", "BODYSTRUCTURE", "BODY"})
 
 Learned = list[tuple[int, CachedMessage]]  # (UID, row) computed from the files, to be kept
+ROW_NOW_OCTETS = 128 * 1024  # a message up to this size gets its row with any answer (row_now)
 
 
 def describe(f: BinaryIO, stamp: FileStamp) -> CachedMessage:
@@ -136,24 +137,24 @@ def kept_fields(block: bytes, fields: Sequence[str]) -> bytes:
     return b"".join(kept) + (b"\r\n" if ended else b"")
 
 
-def current_rows(cache: FolderCache | None, files: Sequence[tuple[int, Path]], *, compute: bool = True
-                 ) -> tuple[dict[int, CachedMessage], Learned, list[tuple[int, Path]]]:
-    """The rows of these (UID, file) pairs, each checked against its file (a stat). With `compute`,
-    a missing or stale row is computed from the file; without, the pair is returned as unknown. A
-    file that is gone has no row. Blocking: worker thread. Returns the rows, those newly computed
-    (for `FolderCache.learn`) and the unknown pairs."""
-    known = cache.read([uid for uid, _ in files]) if cache is not None else {}
+def current_rows(cache: FolderCache | None, files: Sequence[tuple[int, str, bool]]
+                 ) -> tuple[dict[int, CachedMessage], Learned, list[tuple[int, str]]]:
+    """The rows of these (UID, file, compute) triples, each checked against its file (a stat). With
+    `compute`, a missing or stale row is computed from the file; without, the pair is returned as
+    unknown. A file that is gone has no row. Blocking: worker thread. Returns the rows, those newly
+    computed (for `FolderCache.learn`) and the unknown pairs."""
+    known = cache.read([uid for uid, _, _ in files]) if cache is not None else {}
     rows: dict[int, CachedMessage] = {}
     learned: Learned = []
-    unknown: list[tuple[int, Path]] = []
-    for uid, path in files:
+    unknown: list[tuple[int, str]] = []
+    for uid, path, compute in files:
         row = known.get(uid)
         try:
             if row is None or row.stamp != stamp_of(os.stat(path)):
                 if not compute:
                     unknown.append((uid, path))
                     continue
-                fresh = _from_file(path, row)
+                fresh = _from_file(Path(path), row)
                 if fresh is not row:
                     learned.append((uid, fresh))
                 row = fresh
@@ -180,9 +181,19 @@ def describe_files(files: Sequence[tuple[int, str]]) -> Learned:
 
 def needs_row(items: Iterable[FetchItem]) -> bool:
     """Whether the items need the whole MIME walk (BODYSTRUCTURE, BODY): computing a row then costs
-    little more than answering from the file. Other items are answered from a header scan when
-    there is no row (Thunderbird's list of a Maildir copied in), and the rows computed later."""
+    little more than answering from the file."""
     return any(isinstance(i, FetchAttribute) and i.name in ("BODYSTRUCTURE", "BODY") for i in items)
+
+
+def row_now(items: Iterable[FetchItem], size: int) -> bool:
+    """Whether a message without a row gets one computed to answer these items, rather than being
+    answered from a header scan (its row computed later, in the background). A small message's
+    whole MIME walk reads little more than its header block does, and a row now means the next
+    session's ENVELOPE and BODYSTRUCTURE are there already: Thunderbird's first list of a folder
+    copied in, then another client's FETCH ENVELOPE BODYSTRUCTURE, found a tenth of the rows
+    (the rest were in the background worker's queue) and computed them again in the server
+    (issue 19). A large one's header block is all a message list needs of it."""
+    return size <= ROW_NOW_OCTETS or needs_row(items)
 
 
 def _from_file(path: Path, row: CachedMessage | None) -> CachedMessage:

@@ -97,16 +97,16 @@ class FetchRenderer:
     ) -> bool:
         missing = False
         learned: fetch_cache.Learned = []
-        unknown: list[tuple[int, Path]] = []
-        compute = fetch_cache.needs_row(items)
+        unknown: list[tuple[int, str]] = []
         learn_every = LEARN_BATCH
         for start in range(0, len(uids), CACHED_FETCH_BATCH):
             jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid))
                     for uid in uids[start:start + CACHED_FETCH_BATCH]]
-            results, new, later = await asyncio.to_thread(
-                _render_cached, cache, jobs, items, flags_changed, condstore, compute)
-            missing = missing or None in results
-            await send(*[r for r in results if r is not None])
+            rendered, new, later = await asyncio.to_thread(
+                _render_cached, cache, jobs, items, flags_changed, condstore)
+            missing = missing or None in rendered
+            # Rendered in the thread: the event loop only writes the batch.
+            await send(Preformatted(b"".join(r for r in rendered if r is not None)))
             rest = uids[start + CACHED_FETCH_BATCH:]
             if 2 * len(new) >= len(jobs) and len(rest) >= SHARED_FETCH and not self._filling():
                 # Most rows of this batch were missing (a folder copied in): both cores. The CPU
@@ -114,7 +114,8 @@ class FetchRenderer:
                 # skipping the rows the other has kept, so they meet wherever the slower one is
                 # (a first FETCH ENVELOPE BODYSTRUCTURE was all in this process, issue 19). Rows kept
                 # after each batch, so the two do not describe the same messages twice for long.
-                self._learning = cache.fill(_learn_later(cache, [(uid, view.info(uid).path) for uid in rest], self._cpu))
+                self._learning = cache.fill(
+                    _learn_later(cache, [(uid, view.info(uid).path) for uid in rest], self._cpu, background=False))
                 learn_every = 1
             learned += new
             unknown += later
@@ -126,7 +127,7 @@ class FetchRenderer:
             # Rows for the messages answered from a header scan, computed after the answer went
             # out, in chunks in the CPU pool's worker (one fill at a time per session; it goes on after
             # the session ends, so a phone's short visit fills the cache too).
-            self._learning = cache.fill(_learn_later(cache, unknown, self._cpu))
+            self._learning = cache.fill(_learn_later(cache, unknown, self._cpu, background=True))
         return missing
 
     def _filling(self) -> bool:
@@ -184,32 +185,34 @@ def _weight(root: Part) -> int:
 
 def _render_cached(
     cache: FolderCache, jobs: list[_Job], items: Sequence[FetchItem], flags_changed: set[int], condstore: bool,
-    compute: bool,
-) -> tuple[list[FetchResponse | None], fetch_cache.Learned, list[tuple[int, Path]]]:
+) -> tuple[list[bytes | None], fetch_cache.Learned, list[tuple[int, str]]]:
     """Worker thread: FETCH answers from the message cache (a stat per file, no read). A missing or
-    stale row is computed from the file (`compute`), or the message is answered from its file and
-    returned as unknown. None: the message's file is gone."""
+    stale row is computed from the file (fetch_cache.row_now), or the message is answered from its
+    file and returned as unknown. None: the message's file is gone."""
     rows, learned, unknown = fetch_cache.current_rows(
-        cache, [(info.uid, info.path) for _, info, _ in jobs], compute=compute)
-    out: list[FetchResponse | None] = []
+        cache, [(info.uid, os.path.join(info.directory, info.filename), fetch_cache.row_now(items, info.size))
+                for _, info, _ in jobs])
+    out: list[bytes | None] = []
     for seq, info, message in jobs:
         row = rows.get(info.uid)
         values = fetch_cache.item_values(items, message, row) if row is not None else None
-        if values is None and (row is not None or not compute):
+        if values is None and (row is not None or not fetch_cache.row_now(items, info.size)):
             values = _from_file(info, message, items)  # no row yet, or a header the row cannot answer for
         if values is None:
             out.append(None)
             continue
-        out.append(_response(seq, values, message, flags_changed, condstore))
+        # (No streamed literal among these items: the whole response is bytes.)
+        out.append(_response(seq, values, message, flags_changed, condstore).to_bytes())
     return out, learned, unknown
 
 
-async def _learn_later(cache: FolderCache, files: list[tuple[int, Path]], cpu: CpuPool) -> None:
+async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path]], cpu: CpuPool, *, background: bool) -> None:
     """Rows for messages answered from a header scan, described in the CPU pool's worker process.
     Not in a thread here: a thread describing files holds this process's GIL, and every file a
     FETCH on the event loop's side opens meanwhile gave the GIL up and waited up to the switch
     interval (5 ms) to get it back: the next FETCH of the folder took 5 ms a message (55 s for
-    10k; issue 19). Rows that a FETCH kept meanwhile are not described twice."""
+    10k; issue 19). Rows that a FETCH kept meanwhile are not described twice. `background`: nobody
+    waits for these rows (the answer went out), so waited-for work in the pool goes first."""
     try:
         # From the end: a FETCH of the folder that comes meanwhile computes rows from the start, so
         # the two meet in the middle instead of describing the same messages twice.
@@ -222,7 +225,8 @@ async def _learn_later(cache: FolderCache, files: list[tuple[int, Path]], cpu: C
             if len(files) <= LEARN_LIGHT:
                 learned = await cpu.run_light(fetch_cache.describe_files, todo)
             else:
-                learned = await cpu.run(fetch_cache.describe_files, todo)
+                run = cpu.run_background if background else cpu.run
+                learned = await run(fetch_cache.describe_files, todo)
             await cache.learn(learned)
     except Exception:
         log.debug("message cache: computing rows in the background stopped", exc_info=True)

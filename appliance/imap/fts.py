@@ -163,7 +163,8 @@ class TextIndex:
                 return done  # renumbered meanwhile: the next round sees its new row
             # A few new messages (the usual case: mail just delivered) are indexed here in a thread; a
             # backlog (a Maildir copied in, the first start after an upgrade) goes to the worker process.
-            run = self._cpu.run_light if len(todo) <= LIGHT_MESSAGES else self._cpu.run
+            # Background work: a client's FETCH or SEARCH waiting for the worker goes first.
+            run = self._cpu.run_light if len(todo) <= LIGHT_MESSAGES else self._cpu.run_background
             for chunk in _chunks(todo):
                 items = [(m.uid, str(m.path)) for m in chunk if m.size <= MAX_DECODED_SEARCH_OCTETS]
                 done += await run(index_messages, str(self._db_path), folder_id, uidvalidity, items, chunk[-1].uid)
