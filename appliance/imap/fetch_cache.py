@@ -20,12 +20,12 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from appliance.imap import fetch as fetching
 from appliance.imap.commands import BinarySection, BodySection, FetchAttribute, FetchItem
 from appliance.imap.limits import MAX_HEADER_OCTETS
-from appliance.imap.mime import parses_whole, scan
+from appliance.imap.mime import Headers, decode_words, parses_whole, scan
 from appliance.imap.responses import LiteralBytes, Raw, Value, render_value
 from appliance.store.maildir import open_message
 from appliance.store.message_cache import CachedMessage, FileStamp, FolderCache, stamp_of
@@ -55,16 +55,20 @@ def describe(f: BinaryIO, stamp: FileStamp) -> CachedMessage:
     f.seek(root.header.start)
     size = root.header.end - root.header.start
     block = f.read(min(size, MAX_HEADER_OCTETS))
-    exact = size <= MAX_HEADER_OCTETS and block.count(b"\n") == block.count(b"\r\n") and parses_whole(block)
+    headers = root.headers
+    # (The scan parsed this very block: whether it was all fields is known already, nearly always.)
+    exact = (size <= MAX_HEADER_OCTETS and block.count(b"\n") == block.count(b"\r\n")
+             and ((isinstance(headers, Headers) and headers.whole) or parses_whole(block)))
     extended, basic = fetching.body_structures(root)
-    return CachedMessage(
-        stamp,
-        render_value(fetching.envelope(root.headers)),
-        render_value(extended),
-        render_value(basic),
-        fetching.header_fields(block, _CACHED_ORDER, exclude=False),
-        exact,
-    )
+    fields = fetching.header_fields(block, _CACHED_ORDER, exclude=False)
+    row = CachedMessage(stamp, render_value(fetching.envelope(headers)), render_value(extended),
+                        render_value(basic), fields, exact)
+    if not exact or usable_fields(row) is None:
+        return row
+    # What SEARCH SUBJECT compares (search.Searcher): each value decoded and casefolded. The
+    # header's own values: an exact row's fields give the same (exact_headers).
+    subject = "\0".join(decode_words(value).casefold() for value in headers.get_all("Subject") or [])
+    return row._replace(subject=subject)
 
 
 def describe_bytes(data: bytes, stamp: FileStamp) -> CachedMessage:
@@ -274,20 +278,36 @@ def exact_headers(row: CachedMessage | None) -> CachedFields | None:
     return CachedFields(row.fields)
 
 
+def known_subjects(cache: FolderCache, files: Sequence[tuple[int, str]]) -> dict[int, str]:
+    """The SEARCH SUBJECT text (CachedMessage.subject) of these (UID, file) pairs whose rows have
+    one and match their files (a stat each): a header SEARCH on the subject alone reads nothing
+    else, not even the cached fields. Worker thread."""
+    current = _current(cache.subjects([uid for uid, _ in files]), files)
+    return {uid: subject for uid, (_, subject) in current.items()}
+
+
 def known_rows(cache: FolderCache | None, files: Sequence[tuple[int, str | Path]]) -> dict[int, CachedMessage]:
     """The rows of these (UID, file) pairs that match their files (a stat each), none computed:
     for SEARCH and SORT, which read the header of a message without a row. Worker thread."""
     if cache is None:
         return {}
-    known = cache.read([uid for uid, _ in files], fields_only=True)
-    out: dict[int, CachedMessage] = {}
+    return _current(cache.read([uid for uid, _ in files], fields_only=True), files)
+
+
+_Stamped = TypeVar("_Stamped", bound=tuple[Any, ...])  # the stamp first
+
+
+def _current(known: dict[int, _Stamped], files: Sequence[tuple[int, str | Path]]) -> dict[int, _Stamped]:
+    """Of `known` (by UID, each with the stamp of the file it was computed from first), those whose
+    file is still that file (a stat each; a file that is gone has none)."""
+    out: dict[int, _Stamped] = {}
     for uid, path in files:
-        row = known.get(uid)
-        if row is None:
+        found = known.get(uid)
+        if found is None:
             continue
         try:
-            if row.stamp == stamp_of(os.stat(path)):
-                out[uid] = row
+            if found[0] == stamp_of(os.stat(path)):
+                out[uid] = found
         except FileNotFoundError:
             continue
     return out

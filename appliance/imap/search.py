@@ -17,7 +17,6 @@ import quopri
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -42,7 +41,7 @@ from appliance.imap.commands import (
 from appliance.imap.fetch import parse_addresses, split_address_elements, strip_comments, top_level_chars
 from appliance.imap.fetch_cache import CACHED_FIELDS, CachedFields, HeaderLookup
 from appliance.imap.limits import MAX_DECODED_SEARCH_OCTETS, MAX_HEADER_OCTETS
-from appliance.imap.mime import Part, parse_header, scan, unfold
+from appliance.imap.mime import Part, decode_words, parse_header, scan, unfold
 from appliance.store.maildir import open_message
 
 SUPPORTED_CHARSETS = ("US-ASCII", "UTF-8")
@@ -60,6 +59,24 @@ class Candidate:
     size: int
     internaldate: int
     modseq: int = 0
+
+
+class CachedSubject:
+    """A message's SEARCH SUBJECT text from the message cache (fetch_cache.known_subjects): its
+    Subject values decoded and casefolded, joined by NUL. It answers SUBJECT keys whose needle is
+    not empty and holds no NUL (Searcher.subject_only) and nothing else: the raw values are not
+    kept, so any other use of the header reads the file."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def get(self, name: str, failobj: None = None) -> str | None:
+        raise TypeError("a cached subject holds no raw field values")
+
+    def get_all(self, name: str, failobj: None = None) -> list[str] | None:
+        raise TypeError("a cached subject holds no raw field values")
 
 
 class _Content:
@@ -88,9 +105,16 @@ class _Content:
 
     def field(self, name: str) -> HeaderLookup:
         """Headers holding every `name` field of the message: the cached ones when they do."""
-        if self._cached is not None and name.lower() in CACHED_FIELDS:
-            return self._cached
+        cached = self._cached
+        if cached is not None and not isinstance(cached, CachedSubject) and name.lower() in CACHED_FIELDS:
+            return cached
         return self.headers()
+
+    def subject_contains(self, needle: str) -> bool | None:
+        """Whether a Subject value holds `needle` (casefolded, not empty, no NUL), from the cached
+        subject text; None when there is none (look at the values)."""
+        cached = self._cached
+        return needle in cached.text if isinstance(cached, CachedSubject) else None
 
     def may_contain(self, name: str, needle: str) -> bool:
         """False when the cached fields answer for `name` and none can hold `needle`
@@ -211,19 +235,6 @@ def _group_colon(element: str) -> int:
     return -1
 
 
-def decode_words(value: str) -> str:
-    """A header value with folding removed and RFC 2047 encoded words decoded; raw 8-bit text read
-    as UTF-8 (what it is in practice)."""
-    text = unfold(value)
-    if text.isascii() and "=?" not in text:
-        return text  # no encoded word: what make_header(decode_header(text)) gives, ten times faster
-    try:
-        decoded = str(make_header(decode_header(text)))
-    except Exception:  # noqa: BLE001  malformed encoded words: search the text as written
-        decoded = text
-    return decoded.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
 def decoded_text(f: BinaryIO) -> str:
     """The text parts of the message in `f`, transfer encoding and charset undone, joined."""
     return "\n".join(_decoded_parts(f))
@@ -329,6 +340,7 @@ class Searcher:
         self.hits = hits
         self._terms: set[Term] = set()
         self._header_fields: set[str] = set()
+        self._subject_needles: set[str] = set()
         _any_leaf(key, self._note_fields)
         self._predicate = self._compile(key)
 
@@ -345,6 +357,11 @@ class Searcher:
 
     def reads_headers(self) -> bool:
         return bool(self._header_fields)
+
+    def subject_only(self) -> bool:
+        """Whether every header key is SUBJECT with a needle a cached subject answers (not empty, no
+        NUL): the message cache's subject text (CachedSubject) is then all the headers needed."""
+        return self._header_fields == {"subject"} and all(n and "\0" not in n for n in self._subject_needles)
 
     def terms(self) -> set[Term]:
         """The BODY and TEXT keys' needles, casefolded: what the full-text index can answer."""
@@ -415,6 +432,17 @@ class Searcher:
                     return any(needle in v.casefold() for v in content.address_values(field_name))
 
                 return address
+            if field_name.lower() == "subject":
+                self._subject_needles.add(needle)
+
+                def subject(c: Candidate, content: _Content) -> bool:
+                    found = content.subject_contains(needle) if needle and "\0" not in needle else None
+                    if found is not None:
+                        return found
+                    return (content.may_contain(field_name, needle)
+                            and any(needle in v.casefold() for v in content.header_values(field_name)))
+
+                return subject
             return lambda c, content: (content.may_contain(field_name, needle)
                                        and any(needle in v.casefold() for v in content.header_values(field_name)))
         if isinstance(key, TextKey):

@@ -17,8 +17,7 @@ from pathlib import Path
 from appliance.imap.fetch import first_display, first_mailbox
 from appliance.imap.fetch_cache import HeaderLookup, exact_headers, known_rows
 from appliance.imap.limits import MAX_HEADER_OCTETS
-from appliance.imap.mime import parse_header
-from appliance.imap.search import decode_words
+from appliance.imap.mime import decode_words, parse_header
 from appliance.store.maildir import open_message
 from appliance.store.message_cache import FolderCache
 

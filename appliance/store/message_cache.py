@@ -57,29 +57,33 @@ class CachedMessage(NamedTuple):
     # Parsing `fields` gives the same values as parsing the whole header (SEARCH and SORT may use
     # them): the header has CRLF line ends, no line that stops the parser, and is not truncated.
     exact: bool = False
+    # What SEARCH SUBJECT looks in (migration 0019: the Subject values decoded and casefolded, joined
+    # by NUL); None when `fields` are not exact. Not read back with the row: SEARCH reads it alone.
+    subject: str | None = None
 
-    def row(self, folder_id: int, uid: int) -> tuple[int | bytes, ...]:
+    def row(self, folder_id: int, uid: int) -> tuple[int | bytes | str | None, ...]:
         return (folder_id, uid, CACHE_VERSION, *self.stamp, self.envelope, self.bodystructure, self.body,
-                self.fields, int(self.exact))
+                self.fields, int(self.exact), self.subject)
 
 
 INSERT_SQL = (
     "INSERT OR REPLACE INTO message_cache (folder_id, uid, version, file_size, file_mtime_ns, file_inode,"
-    " envelope, bodystructure, body, fields, fields_exact) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " envelope, bodystructure, body, fields, fields_exact, search_subject)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # COPY and MOVE: the new message's row is the source's (the file is a hard link or the same file
 # renamed; a real copy has another inode, and its row is described again at first use).
 CARRY_SQL = (
     "INSERT OR REPLACE INTO message_cache (folder_id, uid, version, file_size, file_mtime_ns, file_inode,"
-    " envelope, bodystructure, body, fields, fields_exact) SELECT ?, ?, version, file_size, file_mtime_ns,"
-    " file_inode, envelope, bodystructure, body, fields, fields_exact FROM message_cache"
+    " envelope, bodystructure, body, fields, fields_exact, search_subject) SELECT ?, ?, version, file_size,"
+    " file_mtime_ns, file_inode, envelope, bodystructure, body, fields, fields_exact, search_subject FROM message_cache"
     " WHERE folder_id = ? AND uid = ?"
 )
 # A row learned at FETCH time may meet a message expunged meanwhile: only rows whose message is
 # still there are written (the foreign key would refuse the others and the whole batch with them).
 _LEARN_SQL = (
     "INSERT OR REPLACE INTO message_cache (folder_id, uid, version, file_size, file_mtime_ns, file_inode,"
-    " envelope, bodystructure, body, fields, fields_exact) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+    " envelope, bodystructure, body, fields, fields_exact, search_subject) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
     " WHERE EXISTS (SELECT 1 FROM messages WHERE folder_id = ?1 AND uid = ?2)"
 )
 _ALL_COLUMNS = "uid, file_size, file_mtime_ns, file_inode, envelope, bodystructure, body, fields, fields_exact"
@@ -88,6 +92,8 @@ _SELECT_SQL = "SELECT {} FROM message_cache WHERE folder_id = ? AND version = ? 
 # A chunk of UIDs with few gaps (FETCH 1:*) is read as one range of the primary key, which SQLite
 # walks in order, instead of a look-up per UID; the rows of UIDs not asked for are dropped.
 _RANGE_SQL = "SELECT {} FROM message_cache WHERE folder_id = ? AND version = ? AND uid BETWEEN ? AND ?"
+_SUBJECT_COLUMNS = "uid, file_size, file_mtime_ns, file_inode, search_subject"
+_HAS_SUBJECT = " AND search_subject IS NOT NULL"
 
 
 class MessageCache:
@@ -106,31 +112,44 @@ class MessageCache:
         """The rows of these messages that there are (any version mismatch left out). Blocking: call
         it from a worker thread. A database that cannot be read gives no rows (the files are read).
         `fields_only`: ENVELOPE, BODYSTRUCTURE and BODY left empty (SEARCH and SORT)."""
-        out: dict[int, CachedMessage] = {}
+        columns = _FIELD_COLUMNS if fields_only else _ALL_COLUMNS
+        return {uid: CachedMessage((size, mtime, inode), env, bs, body, fields, bool(exact))
+                for uid, size, mtime, inode, env, bs, body, fields, exact in self._select(folder_id, uids, columns)}
+
+    def subjects(self, folder_id: int, uids: Sequence[int]) -> dict[int, tuple[FileStamp, str]]:
+        """The SEARCH SUBJECT text of these messages' rows (CachedMessage.subject), with the stamp of
+        the file each was computed from, where a row has one. Blocking: worker thread."""
+        return {uid: ((size, mtime, inode), subject)
+                for uid, size, mtime, inode, subject in self._select(folder_id, uids, _SUBJECT_COLUMNS, _HAS_SUBJECT)}
+
+    def _select(self, folder_id: int, uids: Sequence[int], columns: str, where: str = "") -> list[tuple[Any, ...]]:
+        """`columns` (the UID first) of the rows of these messages of the current version, read in
+        chunks. A database that cannot be read gives none (the files are read instead)."""
+        out: list[tuple[Any, ...]] = []
         if self._broken or not uids:
             return out
         with self._lock:
             try:
                 conn = self._connection()
-                columns = _FIELD_COLUMNS if fields_only else _ALL_COLUMNS
                 for start in range(0, len(uids), READ_BATCH):
                     chunk = list(uids[start:start + READ_BATCH])
                     low, high = min(chunk), max(chunk)
-                    wanted: set[int] | None = None
                     if high - low < 2 * len(chunk):
-                        wanted = set(chunk) if high - low + 1 > len(chunk) else None
-                        rows = conn.execute(_RANGE_SQL.format(columns), (folder_id, CACHE_VERSION, low, high))
+                        rows = conn.execute(_RANGE_SQL.format(columns) + where, (folder_id, CACHE_VERSION, low, high))
+                        if high - low + 1 > len(chunk):
+                            wanted = set(chunk)
+                            out += (row for row in rows if row[0] in wanted)
+                            continue
                     else:
-                        sql = _SELECT_SQL.format(columns, ",".join("?" * len(chunk)))
+                        sql = _SELECT_SQL.format(columns, ",".join("?" * len(chunk))) + where
                         rows = conn.execute(sql, (folder_id, CACHE_VERSION, *chunk))
-                    for uid, size, mtime, inode, env, bs, body, fields, exact in rows:
-                        if wanted is None or uid in wanted:
-                            out[uid] = CachedMessage((size, mtime, inode), env, bs, body, fields, bool(exact))
+                    out += rows
             except sqlite3.Error as exc:
                 # Not fatal: every answer can be computed from the files. Said once, then left alone.
                 log.warning("store: the message cache cannot be read (%s); message files are read instead", exc)
                 self._broken = True
                 self._close()
+                return []
         return out
 
     async def learn(self, folder_id: int, rows: Sequence[tuple[int, CachedMessage]]) -> None:
@@ -175,6 +194,9 @@ class FolderCache:
 
     def read(self, uids: Sequence[int], *, fields_only: bool = False) -> dict[int, CachedMessage]:
         return self.cache.read(self.folder_id, uids, fields_only=fields_only)
+
+    def subjects(self, uids: Sequence[int]) -> dict[int, tuple[FileStamp, str]]:
+        return self.cache.subjects(self.folder_id, uids)
 
     async def learn(self, rows: Sequence[tuple[int, CachedMessage]]) -> None:
         await self.cache.learn(self.folder_id, rows)

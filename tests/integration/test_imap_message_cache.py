@@ -211,6 +211,31 @@ def test_header_search_and_sort_read_no_file(box: BoxHandle, opened_files: list[
         raw.close()
 
 
+def test_subject_search_from_the_subject_column(box: BoxHandle, opened_files: list[str]) -> None:
+    """SEARCH SUBJECT reads each row's decoded, casefolded subject (migration 0019): encoded words
+    and case are matched as the header's values are; a row written before that column (NULL)
+    answers from its cached fields; neither opens a message file."""
+    box.add_user(USER, PASSWORD)
+    deliver(box, message(1, "=?utf-8?q?Gr=C3=BC=C3=9Fe?= aus Berlin"))
+    deliver(box, message(2, "GRÜSSE, plain"))
+    deliver(box, message(3, "nothing here"))
+    with sqlite3.connect(box.data.db) as conn:
+        assert conn.execute("SELECT search_subject FROM message_cache ORDER BY uid").fetchall() == [
+            ("grüsse aus berlin",), ("grüsse, plain",), ("nothing here",)]
+        conn.execute("UPDATE message_cache SET search_subject = NULL WHERE uid = 2")  # as an older row
+    raw = session(box)
+    try:
+        settle(box)
+        opened_files.clear()
+        assert raw.command(b"a", "SEARCH CHARSET UTF-8 SUBJECT Grüsse".encode())[0] == b"* SEARCH 1 2\r\n"
+        assert raw.command(b"b", b"SEARCH SUBJECT BERLIN")[0] == b"* SEARCH 1\r\n"
+        assert raw.command(b"c", b"SEARCH NOT SUBJECT here")[0] == b"* SEARCH 1 2\r\n"
+        assert raw.command(b"d", b'SEARCH OR SUBJECT plain SUBJECT nothing')[0] == b"* SEARCH 2 3\r\n"
+        assert message_files(opened_files, box) == []
+    finally:
+        raw.close()
+
+
 def test_header_search_sees_a_file_changed_behind_the_box(box: BoxHandle) -> None:
     box.add_user(USER, PASSWORD)
     deliver(box, message(1, "old subject"))

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.imap import fetch, fetch_cache
-from appliance.imap.commands import BodySection, FetchAttribute, FetchItem, Section
-from appliance.imap.mime import parse_header, scan
+from appliance.imap.commands import BodySection, FetchAttribute, FetchItem, HeaderKey, Section
+from appliance.imap.mime import decode_words, parse_header, scan
 from appliance.imap.responses import FetchResponse
-from appliance.imap.search import decode_words
+from appliance.imap.search import CachedSubject, Candidate, Searcher
 
 CORPUS = Path(__file__).parent.parent / "corpus" / "mime"
 FACTS = fetch.MessageFacts(7, ("\\Seen",), 1234, 1_700_000_000, 3)
@@ -101,3 +102,39 @@ def test_what_the_cache_does_not_serve() -> None:
     assert not fetch_cache.serves(BodySection(Section((1,), "HEADER.FIELDS", ("SUBJECT",))))
     assert not fetch_cache.serves(BodySection(Section((), "HEADER")))
     assert not fetch_cache.serves(FetchAttribute("RFC822.HEADER"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_SEARCH_LINES, max_size=6),
+       st.sampled_from(["invoice", "in voice", "invoice 42", "voice", "strasse", "grüße", "spaced   out", " ",
+                        "42\0gr"]))
+def test_cached_subject_answers_as_the_header_does(lines: list[bytes], needle: str) -> None:
+    """SEARCH SUBJECT from the row's subject text (migration 0019) finds what decoding every Subject
+    value of the whole header finds; a needle with a NUL is not answered from it."""
+    data = b"".join(line + b"\r\n" for line in lines) + b"\r\nbody\r\n"
+    row = fetch_cache.describe_bytes(data, (0, 0, 0))
+    if row.subject is None:
+        assert fetch_cache.exact_headers(row) is None  # the fields are not exact: the file answers
+        return
+    whole = parse_header(data[:scan(io.BytesIO(data)).header.end])
+    needle = needle.casefold()
+    expected = any(needle in decode_words(v).casefold() for v in whole.get_all("Subject") or [])
+    searcher = Searcher(HeaderKey("SUBJECT", needle), 1, 1)
+    assert searcher.subject_only() == ("\0" not in needle)
+    if searcher.subject_only():
+        candidate = Candidate(1, 1, frozenset(), len(data), 0)
+        assert searcher.matches(candidate, _no_file, CachedSubject(row.subject)) == expected
+
+
+def _no_file() -> BinaryIO:
+    raise AssertionError("the cached subject answers without the file")
+
+
+@pytest.mark.parametrize("path", sorted(CORPUS.iterdir()), ids=lambda p: p.name)
+def test_cached_subject_of_the_corpus(path: Path) -> None:
+    data = path.read_bytes()
+    row = fetch_cache.describe_bytes(data, (len(data), 0, 0))
+    cached = fetch_cache.exact_headers(row)
+    assert (row.subject is None) == (cached is None)
+    if cached is not None:
+        assert row.subject == "\0".join(decode_words(v).casefold() for v in cached.get_all("Subject") or [])

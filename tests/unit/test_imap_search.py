@@ -9,8 +9,9 @@ from typing import BinaryIO
 import pytest
 
 from appliance.imap.commands import Search
+from appliance.imap.mime import decode_words
 from appliance.imap.parser import parse_command
-from appliance.imap.search import Candidate, Searcher, decode_words
+from appliance.imap.search import Candidate, Searcher
 
 MESSAGES = {
     1: b"From: =?utf-8?q?J=C3=B6rg?= <joerg@example.de>\r\nTo: bob@example.test\r\nSubject: Invoice March\r\n"
