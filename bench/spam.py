@@ -6,16 +6,21 @@ A private rspamd + Redis on loopback (tests/support/rspamd.py) starts from the i
 public-suffix list (letterbox-tld.dat), every module as on a box, with its own ports and a loopback DNS
 server that answers NXDOMAIN (no lookup leaves the machine: the modules that ask the internet fail at
 once). As on a box, the list is compiled into rspamd's Hyperscan cache before rspamd starts
-(letterbox-warm-tld.lua, unless --no-warm: rspamd's main process would keep the compiler's memory), and
-rspamd's hs_helper is ended once it has compiled (letterbox-hs-helper-exit.sh, unless --keep-hs-helper).
-Memory is read per process (/proc/PID/smaps_rollup: RSS, PSS and what they are made of) after the first
-start (empty caches), after a reload (SIGHUP, as `systemctl reload rspamd`), after a restart, and after
-the checks. A real `letterbox serve` receives N messages over one SMTP
+(letterbox-warm-tld.lua, unless --no-warm: rspamd's main process would keep the compiler's memory),
+rspamd's regular expressions run on PCRE2 (unless --hyperscan) and its hs_helper is ended as soon as it
+can end cleanly (letterbox-hs-helper-exit.sh, unless --keep-hs-helper or --hyperscan).
+Memory is sampled every 0.1 s from the moment each of these begins until it has settled, and the
+window's maximum printed with a timeline (RSS summed over rspamd's and Redis's processes, "h" where
+hs_helper lived): the first start (empty caches), `systemctl reload rspamd` as a box does it (rspamd
+stopped and started again), rspamd's own reload (SIGHUP), a restart of both; then it is read per process
+(/proc/PID/smaps_rollup: RSS, PSS and what they are made of), and again after the checks.
+A real `letterbox serve` receives N messages over one SMTP
 connection, the content filter off and on in turns; each DATA is timed from the client's side: the
 added latency is the difference of the percentiles. Last, rspamd's /checkv2 alone, with and without a
 Deliver-To (the per-mailbox Bayes, statistic.conf), in turns: what one more check per recipient costs.
 
 Usage: python -m bench.spam [--messages 200] [--tld image|full|small] [--no-warm] [--keep-hs-helper]
+                            [--hyperscan]
 """
 
 from __future__ import annotations
@@ -26,8 +31,11 @@ import json
 import smtplib
 import statistics
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.config import STANDARD_PORTS
@@ -143,19 +151,80 @@ def report_urls(peer: RspamdPeer) -> None:
           + ", ".join(f"{host} -> {urls.get(host, 'NOT FOUND')}" for host in LINKS))
 
 
-def start_measured(peer: RspamdPeer, when: str, *, reload: bool = False) -> tuple[float, float]:
-    """Start rspamd + Redis (or reload rspamd: SIGHUP, as `systemctl reload rspamd`), let it settle as
-    on a box, and print its memory: (summed RSS, summed PSS) in MB."""
-    started = time.monotonic()
-    if reload:
-        peer.reload()
-    else:
-        peer.start()  # the caller's try stops what a start that times out started
-    print(f"rspamd + redis ready in {time.monotonic() - started:.1f} s")
-    if peer.end_hs_helper and not peer.wait_hs_helper_gone(300):
-        print("    hs_helper still running after 300 s")
-    time.sleep(5)  # what a worker loads just after start (the hs_helper's notice, maps)
-    return report_memory(when, peer)
+@dataclass
+class Sample:
+    seconds: float  # since the start, reload or restart began
+    rss: float  # MB, summed over rspamd's and Redis's processes
+    pss: float
+    hs_helper: bool  # rspamd's hs_helper was alive
+    processes: int  # rspamd's and Redis's (a forked hs_helper bears the main process's title at first)
+
+
+class WindowSampler(threading.Thread):
+    """Samples rspamd + Redis's memory every `interval` seconds while it starts, reloads or restarts
+    and settles: a single figure taken afterwards misses what hs_helper and a reload's second set of
+    workers add while they live."""
+
+    def __init__(self, peer: RspamdPeer, interval: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.peer, self.interval = peer, interval
+        self.samples: list[Sample] = []
+        self.started = time.monotonic()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            usage = memory_kib(self.peer.pids())
+            if usage:
+                rss, pss = (sum(u.get(f, 0) for u in usage.values()) / 1024 for f in ("Rss", "Pss"))
+                self.samples.append(Sample(time.monotonic() - self.started, rss, pss,
+                                           hs_helper=any(name.startswith("hs_helper") for name in usage),
+                                           processes=len(usage)))
+            self.done.wait(self.interval)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=10)
+
+    def report(self, when: str) -> float:
+        """Print the window's maximum and a timeline; the maximum summed RSS in MB."""
+        if not self.samples:
+            print(f"window {when}: no sample")
+            return 0.0
+        top = max(self.samples, key=lambda s: s.rss)
+        helper = [s.seconds for s in self.samples if s.hs_helper]
+        lived = f"hs_helper seen from +{helper[0]:.1f} s to +{helper[-1]:.1f} s" if helper else "no hs_helper seen"
+        print(f"window {when}: max RSS {top.rss:.0f} MB summed at +{top.seconds:.1f} s (PSS {top.pss:.0f}, "
+              f"hs_helper {'alive' if top.hs_helper else 'not alive'}, {top.processes} processes), last {self.samples[-1].rss:.0f} MB; "
+              f"{lived}; {len(self.samples)} samples every {self.interval} s (target: RSS <= 150 MB at every one)")
+        # One point a second (the second's maximum), "h" where hs_helper was alive.
+        seconds: dict[int, Sample] = {}
+        for sample in self.samples:
+            second = int(sample.seconds)
+            if second not in seconds or sample.rss > seconds[second].rss:
+                seconds[second] = sample
+        print("    timeline (s: MB): " + " ".join(
+            f"{second}:{sample.rss:.0f}{'h' if sample.hs_helper else ''}" for second, sample in sorted(seconds.items())))
+        return top.rss
+
+
+def start_measured(peer: RspamdPeer, when: str, start: Callable[[], None]) -> tuple[float, float, float]:
+    """Start rspamd + Redis, or restart or reload rspamd (`start`), let it settle as on a box, sampling
+    its memory all along, and print it: (maximum summed RSS over the window, summed RSS and PSS once
+    settled) in MB."""
+    sampler = WindowSampler(peer)
+    sampler.start()
+    try:
+        start()  # the caller's try stops what a start that times out started
+        print(f"rspamd + redis ready in {time.monotonic() - sampler.started:.1f} s")
+        if peer.end_hs_helper and not peer.wait_hs_helper_gone(300):
+            print("    hs_helper still running after 300 s")
+        time.sleep(5)  # what a worker loads just after start (the hs_helper's notice, maps)
+    finally:
+        sampler.stop()
+    top = sampler.report(when)
+    rss, pss = report_memory(when, peer)
+    return top, rss, pss
 
 
 def main() -> None:
@@ -170,23 +239,36 @@ def main() -> None:
     parser.add_argument("--keep-hs-helper", action="store_true",
                         help="leave rspamd's hs_helper running (without the image's ExecStartPost, "
                              "letterbox-hs-helper-exit.sh)")
+    parser.add_argument("--hyperscan", action="store_true",
+                        help="rspamd's regular expressions on Hyperscan, compiled by hs_helper, which is kept "
+                             "(the image before: without disable_hyperscan and hs_helper's cache_dir)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-spam-") as tmp:
         root = Path(tmp)
         peer = RspamdPeer(root / "rspamd", base_local=IMAGE_LOCAL_D, tld_file=TLD_LISTS.get(args.tld),
                           redis_maxmemory="48mb", ready_seconds=900, min_learns=None, warm_tld=not args.no_warm,
-                          end_hs_helper=not args.keep_hs_helper, image_modules=True)
-        print(f"public-suffix list: {args.tld} ({peer.tld}); hs_helper "
-              f"{'kept' if args.keep_hs_helper else 'ended once it compiled, as on a box'}")
+                          end_hs_helper=not (args.keep_hs_helper or args.hyperscan), image_modules=True,
+                          hyperscan=args.hyperscan)
+        print(f"public-suffix list: {args.tld} ({peer.tld}); regular expressions on "
+              f"{'Hyperscan' if args.hyperscan else 'PCRE2, as on a box'}; hs_helper "
+              f"{'ended as soon as it can end, as on a box' if peer.end_hs_helper else 'kept'}")
         figures: dict[str, tuple[float, float]] = {}
+        window: dict[str, float] = {}
         try:
             first = "after the first start" + (" (rspamd compiled the list)" if args.no_warm else
                                                " (the list compiled before it, as the image's rspamd.service does)")
-            figures["first start"] = start_measured(peer, first + ", empty caches")
-            figures["reload"] = start_measured(peer, "after a reload (SIGHUP: the configuration read again, "
-                                               "new workers)", reload=True)
-            peer.stop()
-            figures["restart"] = start_measured(peer, "after a restart (the compiled list read back from the cache)")
+            phases = (
+                ("first start", first + ", empty caches", peer.start),
+                ("reload", "after `systemctl reload rspamd` on a box (rspamd.service's ExecReload: rspamd ends "
+                 "and starts again, Redis goes on)", peer.restart_rspamd),
+                ("SIGHUP reload", "after rspamd's own reload (SIGHUP: new workers and a new hs_helper before "
+                 "the old workers end; the box's reload does not use it)", peer.reload),
+                ("restart", "after a restart of both (the compiled list read back from the cache)", peer.start))
+            for name, when, start in phases:
+                if name == "restart":
+                    peer.stop()
+                window[name], rss, pss = start_measured(peer, when, start)
+                figures[name] = (rss, pss)
             report_urls(peer)
             data = root / "data"
             cli(data, "domain", "add", "bench.test")
@@ -222,6 +304,8 @@ def main() -> None:
             figures[f"{len(on) + 2 * len(plain)} checks"] = report_memory(f"after {len(on) + 2 * len(plain)} checks", peer)
             print("memory summary (MB, rspamd + redis summed over their processes; target RSS <= 150): "
                   + "; ".join(f"{when}: RSS {rss:.0f}, PSS {pss:.0f}" for when, (rss, pss) in figures.items()))
+            print("memory window maxima (MB, RSS summed, sampled every 0.1 s from the start until settled): "
+                  + "; ".join(f"{when}: {rss:.0f}" for when, rss in window.items()))
         finally:
             peer.stop()
 

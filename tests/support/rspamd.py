@@ -61,6 +61,9 @@ class RspamdPeer:
     # bench/spam.py: end rspamd's hs_helper once it has compiled, as the image's rspamd.service does
     # (ExecStartPost: image/overlay/etc/rspamd/letterbox-hs-helper-exit.sh).
     end_hs_helper: bool = False
+    # bench/spam.py --hyperscan: rspamd's regular expressions on Hyperscan, compiled by its hs_helper
+    # (the image runs them on PCRE2: rspamd.conf.local, options.inc).
+    hyperscan: bool = False
     # bench/spam.py: every module as the image has it (the loopback DNS answers NXDOMAIN, so the lists
     # and lookups of the internet fail at once); the tests switch off those that would ask the internet.
     image_modules: bool = False
@@ -97,12 +100,14 @@ class RspamdPeer:
             if self.min_learns is not None:
                 text = re.sub(r"^(\s*min_learns\s*=\s*)\d+", rf"\g<1>{self.min_learns}", text, flags=re.MULTILINE)
             (local / path.name).write_text(text)
-        write_conf_local(self.root)
+        write_conf_local(self.root, hyperscan=self.hyperscan)
         assert self.dns is not None
         base_options = self.base_local / "options.inc"
         # The image's options.inc names its list by its path on a box: this peer's list instead.
         options = re.sub(r'^url_tld\s*=.*$', f'url_tld = "{self.tld}";', base_options.read_text(),
                          flags=re.MULTILINE) if base_options.exists() else f'url_tld = "{self.tld}";\n'
+        if self.hyperscan:
+            options = re.sub(r"^disable_hyperscan\s*=.*$", "", options, flags=re.MULTILINE)
         files = {
             local / "options.inc": (
                 options +
@@ -126,6 +131,10 @@ class RspamdPeer:
             self.dns.start()
         self.write_config()
         self.start_redis()
+        self.start_rspamd()
+
+    def start_rspamd(self) -> None:
+        """rspamd alone, as rspamd.service starts it (ExecStartPre, ExecStart, ExecStartPost)."""
         if self.warm_tld:
             self.compile_tld()
         log = open(self.root / "log" / "rspamd.out", "ab")  # noqa: SIM115  the process's output; closed at once (it keeps its copy)
@@ -139,17 +148,24 @@ class RspamdPeer:
             self.watch_hs_helper()
         self.wait_ready()
 
+    def restart_rspamd(self) -> None:
+        """`systemctl reload rspamd` on a box: rspamd.service's ExecReload ends rspamd, and Restart=always
+        starts it again (Redis goes on)."""
+        self.stop_helper()
+        self.end("rspamd")
+        self.start_rspamd()
+
     def watch_hs_helper(self) -> None:
-        """letterbox-hs-helper-exit.sh, as rspamd.service's ExecStartPost and ExecReload run it."""
+        """letterbox-hs-helper-exit.sh, as rspamd.service's ExecStartPost runs it."""
         self.stop_helper()
         # rspamd -f stays in the foreground: its pid is the main process's, as $MAINPID on a box.
         self.helper = subprocess.Popen(["sh", str(HS_HELPER_EXIT), str(self.procs["rspamd"].pid), "600"],
                                        stdin=subprocess.DEVNULL, start_new_session=True)
 
     def reload(self) -> None:
-        """`systemctl reload rspamd` on a box: SIGHUP to the main process, which reads its configuration
-        again and replaces its workers (and starts a new hs_helper); returns once the old workers have
-        gone and the new ones answer."""
+        """rspamd's own reload: SIGHUP to the main process, which reads its configuration again and
+        replaces its workers (and starts a new hs_helper); returns once the old workers have gone and the
+        new ones answer. A box's `systemctl reload rspamd` restarts rspamd instead (restart_rspamd)."""
         main = self.procs["rspamd"].pid
         old = set(self.pids()) - {main} - {p.pid for n, p in self.procs.items() if n != "rspamd"}
         os.kill(main, signal.SIGHUP)
@@ -228,7 +244,8 @@ class RspamdPeer:
     def pids(self) -> list[int]:
         """Every process of both peers (for RSS): the group leaders and rspamd's workers."""
         found = []
-        for proc in self.procs.values():
+        # A copy: bench/spam.py samples from another thread while start() adds processes.
+        for proc in list(self.procs.values()):
             if proc.poll() is not None:
                 continue
             for entry in Path("/proc").iterdir():
@@ -261,28 +278,35 @@ class RspamdPeer:
             self.helper.wait(timeout=10)
             self.helper = None
 
+    def end(self, name: str) -> None:
+        """SIGTERM to one peer's process group; SIGKILL after 10 s."""
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
     def stop(self) -> None:
         self.stop_helper()
         for name in list(self.procs):
-            proc = self.procs.pop(name)
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=10)
+            self.end(name)
         if self.dns is not None:
             self.dns.stop()
             self.dns = None
 
 
-def write_conf_local(confdir: Path) -> None:
+def write_conf_local(confdir: Path, *, hyperscan: bool = False) -> None:
     """The image's rspamd.conf.local into `confdir` (rspamd's LOCAL_CONFDIR), its paths on a box turned
-    into this checkout's (the language links point at Debian's files, the same on this machine)."""
+    into this checkout's (the language links point at Debian's files, the same on this machine).
+    hyperscan: without its hs_helper section, so that hs_helper compiles into rspamd's DBDIR."""
     text = IMAGE_CONF_LOCAL.read_text().replace(f'"/etc/rspamd/{IMAGE_LANGUAGES.name}"', f'"{IMAGE_LANGUAGES}"')
+    if hyperscan:
+        text = re.sub(r'^worker "hs_helper" \{.*?^\}\n', "", text, flags=re.MULTILINE | re.DOTALL)
     (confdir / "rspamd.conf.local").write_text(text)
 
 
