@@ -109,3 +109,20 @@ def test_rspamd_loads_only_the_linked_languages(tmp_path: Path) -> None:
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False)
     loaded = re.findall(r"loaded (\d+) languages", checked.stdout + checked.stderr)
     assert loaded == ["10"], (checked.stdout + checked.stderr)[-3000:]
+
+
+def test_rspamd_runs_without_hyperscan_and_a_reload_restarts_it() -> None:
+    """The box runs rspamd's regular expressions on PCRE2, gives the hs_helper rspamd forks anyway a
+    cache directory that cannot exist (it compiles nothing), removes the databases an earlier image
+    compiled before rspamd starts, and turns `systemctl reload rspamd` into a restart: ExecReload ends
+    rspamd and Debian's unit's Restart=always starts it again (rspamd's own SIGHUP reload runs a second
+    controller beside the first for a moment). tests/integration/test_spam_content.py runs it."""
+    require_program("rspamd")
+    assert re.search(r"^disable_hyperscan = true;$", (IMAGE_LOCAL_D / "options.inc").read_text(), re.MULTILINE)
+    [section] = re.findall(r'^worker "hs_helper" \{(.*?)^\}', IMAGE_CONF_LOCAL.read_text(), re.MULTILINE | re.DOTALL)
+    assert 'cache_dir = "/dev/null/' in section
+    unit = Path("/lib/systemd/system/rspamd.service").read_text()  # Debian's rspamd package
+    assert re.search(r"^Restart=always$", unit, re.MULTILINE)
+    drop_in = DROP_IN.read_text()
+    assert re.findall(r"^ExecReload=.*$", drop_in, re.MULTILINE) == ["ExecReload=", "ExecReload=/bin/kill -TERM $MAINPID"]
+    assert "-name *.hs -o -name *.hs.unser" in drop_in
