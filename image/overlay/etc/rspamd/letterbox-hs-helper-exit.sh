@@ -22,16 +22,23 @@ set -u
 main=${1:?usage: $0 MAINPID [SECONDS]}
 patience=${2:-900}
 
-children() {
-    cat "/proc/$main/task/$main/children" 2>/dev/null
+# Shell builtins only (read, case, arithmetic; results in variables, as a $(...) would fork too):
+# hs_helper lives until this sees it, and on a loaded machine every process started here delays that.
+read_children() {  # into $kids
+    kids=""
+    read -r kids 2>/dev/null <"/proc/$main/task/$main/children"
 }
 
-title() {
-    tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null
+read_title() {  # into $title: the title up to its first NUL, "rspamd: hs_helper process"
+    title=""
+    IFS= read -r title 2>/dev/null <"/proc/$1/cmdline"
 }
 
 handles_term() {  # SIGTERM (15) is bit 14 of the caught-signals mask: 0x4000 in its last four digits
-    mask=$(sed -n 's/^SigCgt:[[:space:]]*//p' "/proc/$1/status" 2>/dev/null)
+    mask=""
+    while IFS=: read -r key value; do
+        [ "$key" = SigCgt ] && mask=${value##*[[:space:]]} && break
+    done 2>/dev/null <"/proc/$1/status"
     [ -n "$mask" ] && [ $(( 0x${mask#"${mask%????}"} & 0x4000 )) -ne 0 ]
 }
 
@@ -51,8 +58,10 @@ while [ "$ticks" -lt $((patience * 10)) ]; do
     [ -d "/proc/$main" ] || exit 0
     helper=""
     workers=""
-    for pid in $(children); do
-        case "$(title "$pid")" in
+    read_children
+    for pid in $kids; do
+        read_title "$pid"
+        case "$title" in
             "rspamd: hs_helper"*) helper=$pid ;;
             *) workers=$pid ;;
         esac
