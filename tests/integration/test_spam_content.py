@@ -106,6 +106,11 @@ def test_rspamd_scores_on_pcre_and_its_hs_helper_ends_at_once(mx: BoxHandle, rsp
         titles = rspamd.titles()
         assert not any(t.startswith("rspamd: hs_helper") for t in titles), (round, titles)
         assert any(t.startswith("rspamd: controller") for t in titles), (round, titles)
+        # Started as rspamd.service's ExecStart does: transparent huge pages off in every rspamd process.
+        for pid in rspamd.pids():
+            status = Path(f"/proc/{pid}/status").read_text()
+            if "rspamd" in Path(f"/proc/{pid}/comm").read_text():
+                assert re.search(r"^THP_enabled:\s+0$", status, re.MULTILINE), (round, pid, status)
     for raw in folder(mx, ".Junk"):
         assert "MISSING_MID(2.50)" in " ".join(parse(raw)["X-Spam-Symbols"].split())
     assert len(folder(mx, ".Junk")) == 2

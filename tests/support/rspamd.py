@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -35,7 +36,8 @@ HS_HELPER_EXIT = IMAGE_RSPAMD / "letterbox-hs-helper-exit.sh"
 # detector reads only the languages linked in letterbox-languages/.
 IMAGE_CONF_LOCAL = IMAGE_RSPAMD / "rspamd.conf.local"
 IMAGE_LANGUAGES = IMAGE_RSPAMD / "letterbox-languages"
-TLD_FILE = Path("/usr/share/rspamd/effective_tld_names.dat")  # Debian's rspamd: the full public-suffix list
+TLD_FILE = Path("/usr/share/rspamd/effective_tld_names.dat")
+DROP_IN = IMAGE_RSPAMD.parent / "systemd" / "system" / "rspamd.service.d" / "letterbox.conf"  # Debian's rspamd: the full public-suffix list
 
 # Modules that look things up on the internet, or act on their own (greylisting, rate limits).
 OFF_MODULES = (
@@ -140,7 +142,7 @@ class RspamdPeer:
         log = open(self.root / "log" / "rspamd.out", "ab")  # noqa: SIM115  the process's output; closed at once (it keeps its copy)
         with log:
             self.procs["rspamd"] = subprocess.Popen(
-                ["rspamd", "-f", "-i", "-c", "/etc/rspamd/rspamd.conf",
+                [*no_thp_wrapper(), "rspamd", "-f", "-i", "-c", "/etc/rspamd/rspamd.conf",
                  f"--var=LOCAL_CONFDIR={self.root}", f"--var=DBDIR={self.root / 'db'}",
                  f"--var=RUNDIR={self.root / 'run'}", f"--var=LOGDIR={self.root / 'log'}"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -298,6 +300,14 @@ class RspamdPeer:
         if self.dns is not None:
             self.dns.stop()
             self.dns = None
+
+
+def no_thp_wrapper() -> list[str]:
+    """What the image's rspamd.service drop-in starts rspamd through (its ExecStart up to the rspamd
+    command): python3 switching off transparent huge pages, then exec'ing what follows."""
+    [line] = re.findall(r"^ExecStart=(/usr/bin/python3 .+)$", DROP_IN.read_text(), re.MULTILINE)
+    words = shlex.split(line)
+    return words[:words.index("/usr/bin/rspamd")]
 
 
 def write_conf_local(confdir: Path, *, hyperscan: bool = False) -> None:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from tests.conftest import require_program
 from tests.support.rspamd import (
+    DROP_IN,
     HS_HELPER_EXIT,
     IMAGE_CONF_LOCAL,
     IMAGE_LANGUAGES,
     IMAGE_LOCAL_D,
-    IMAGE_RSPAMD,
     IMAGE_TLD,
     TLD_FILE,
     WARM_TLD,
@@ -23,8 +23,6 @@ from tests.support.rspamd import (
     icann_suffixes,
     write_conf_local,
 )
-
-DROP_IN = IMAGE_RSPAMD.parent / "systemd" / "system" / "rspamd.service.d" / "letterbox.conf"
 
 
 def rules(path: Path) -> list[str]:
