@@ -70,7 +70,10 @@ tar --numeric-owner --xattrs --xattrs-include='*' -C "$ROOT" -xpf "$BASE"
 # --- 2. Letterbox and its dependencies -------------------------------------------------------------
 # Letterbox's own wheel is built each time; its dependencies' wheels are cached by pyproject.toml.
 WHEELS=$WORK/wheels
-DEPS=$CACHE/wheels-$ARCH-$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)
+# pip's wheel is among them, as in a bundle (make bundle): the image's venv is what a bundle of this
+# checkout installs, so the first update finds the same dependencies and pip, and installs only Letterbox
+# (appliance/update.py, Updater._install_beside).
+DEPS=$CACHE/wheels-$ARCH-$( (cat "$REPO/pyproject.toml"; echo pip) | sha256sum | cut -c1-16)
 pip_quiet() {  # pip, without the notes this machine's pip.conf makes about absent local indexes
     "$PYTHON" -m pip "$@" --quiet --disable-pip-version-check 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 }
@@ -85,7 +88,7 @@ pip_quiet wheel --no-deps --wheel-dir "$WHEELS" "$SRC"
 if [[ ! -d $DEPS ]]; then
     step "dependency wheels ($ARCH) not cached: $DEPS"
     rm -rf "$DEPS.partial"
-    pip_quiet wheel --wheel-dir "$DEPS.partial" "$SRC"
+    pip_quiet wheel --wheel-dir "$DEPS.partial" "$SRC" pip
     rm -f "$DEPS.partial"/letterbox-*.whl
     if [[ $ARCH != amd64 ]]; then
         # Pure-Python wheels serve every architecture; the compiled ones are fetched again for aarch64.
@@ -111,8 +114,9 @@ cp "$WHEELS"/*.whl "$ROOT/tmp/wheels/"
 # A clean environment: the host's PIP_* settings mean nothing inside.
 chroot_clean() { env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 chroot "$ROOT" "$@"; }
 chroot_clean python3 -m venv "$VENV"
+pip_wheel=$(cd "$WHEELS" && ls pip-*.whl)
 chroot_clean "$VENV/bin/pip" install --quiet --no-index --no-cache-dir --disable-pip-version-check \
-    --find-links /tmp/wheels letterbox
+    --find-links /tmp/wheels letterbox "/tmp/wheels/$pip_wheel"
 rm -rf "$ROOT/tmp/wheels"
 # What the box never runs (about 25 MB of a 600 MB budget): setuptools (venv's default; nothing imports
 # it, letterbox-update installs with pip, which stays), the dependencies' own test suites, and

@@ -29,7 +29,7 @@ from appliance.bundle import write_bundle
 from appliance.db import load_migrations
 from tests.conftest import pick_port_offset
 from tests.support import service_manager
-from tests.support.releases import BROKEN_START, ROOT, build_wheel, dependency_wheels
+from tests.support.releases import BROKEN_START, ROOT, build_wheel, dependency_wheels, extra_wheel
 from tests.support.tls_probe import unverified_context
 
 pytestmark = [pytest.mark.slow(seconds=240), pytest.mark.timeout(600)]
@@ -107,6 +107,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
         wheels = root / f"wheels-{version}"
         shutil.copytree(deps, wheels, ignore=shutil.ignore_patterns(".complete"))
         build_wheel(wheels, version, migrations=extra, patches=patches)
+        if version == "1.0.2":  # a dependency set unlike 1.0.0's: every wheel installed, not the quick path
+            extra_wheel(wheels, "letterbox_probe_dependency", "1.0")
         bundles[version] = write_bundle(wheels, root / "bundles")
     prefix = root / "opt"
     prefix.mkdir()
@@ -154,6 +156,7 @@ def test_an_update_that_cannot_start_is_rolled_back_with_the_data(installed: Ins
     done = box.update("1.0.2")
     assert done.returncode == 1, done.stdout + done.stderr
     assert "1.0.2 did not come up" in done.stderr
+    assert "only Letterbox installed" not in done.stdout  # its dependencies differ: installed from its wheels
     assert "rolled back to 1.0.0" in done.stderr
     assert "no backup key on this box" in done.stdout  # the database copy stood in for the backup
     assert os.readlink(box.prefix / "venv") == "venv-1.0.0"
@@ -181,6 +184,17 @@ def test_an_update_migrates_the_older_data_and_keeps_the_mail(installed: Install
     done = box.update("1.0.1")
     assert done.returncode == 0, done.stdout + done.stderr
     assert os.readlink(box.prefix / "venv") == "venv-1.0.1"
+    # 1.0.0's dependencies are 1.0.1's: its venv was copied and only Letterbox installed over the copy,
+    # which runs its own Python and its own files (1.0.0's stay as they were, for a rollback).
+    assert "only Letterbox installed" in done.stdout
+    old, new = (box.prefix / f"venv-{v}" for v in ("1.0.0", "1.0.1"))
+    assert (new / "bin" / "letterbox").read_text().startswith(f"#!{new}/bin/python")
+    assert (old / "bin" / "letterbox").read_text().startswith(f"#!{old}/bin/python")
+    site = Path("lib", f"python{sys.version_info.major}.{sys.version_info.minor}", "site-packages")
+    assert (new / site / "starlette" / "__init__.py").read_bytes() == (old / site / "starlette" / "__init__.py").read_bytes()
+    assert not (new / site / "starlette" / "__init__.py").samefile(old / site / "starlette" / "__init__.py")
+    assert sorted(p.name for p in (new / site).glob("letterbox-*.dist-info")) == ["letterbox-1.0.1.dist-info"]
+    assert sorted(p.name for p in (old / site).glob("letterbox-*.dist-info")) == ["letterbox-1.0.0.dist-info"]
     assert box.letterbox("user", "list").startswith(ADDRESS)
     version = subprocess.run([str(box.prefix / "venv" / "bin" / "letterbox"), "--version"], capture_output=True,
                              text=True, check=True).stdout

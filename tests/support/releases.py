@@ -65,13 +65,26 @@ def build_wheel(out_dir: Path, version: str, *, migrations: dict[str, str] | Non
     metadata = ["Metadata-Version: 2.1", "Name: letterbox", f"Version: {version}", "Requires-Python: >=3.11"]
     metadata += [f"Requires-Dist: {r}" for r in requirements()]
     files[f"{info}/METADATA"] = ("\n".join(metadata) + "\n").encode()
-    files[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: letterbox-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
     files[f"{info}/entry_points.txt"] = b"[console_scripts]\nletterbox = appliance.cli:main\n"
+    return _write_wheel(out_dir, info, files)
+
+
+def extra_wheel(out_dir: Path, name: str, version: str) -> Path:
+    """A wheel of one empty module: a dependency set that differs from an installed one (update tests)."""
+    info = f"{name}-{version}.dist-info"
+    files = {f"{name}.py": b"", f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()}
+    return _write_wheel(out_dir, info, files)
+
+
+def _write_wheel(out_dir: Path, info: str, files: dict[str, bytes]) -> Path:
+    """NAME-VERSION-py3-none-any.whl of `files`, with the dist-info folder `info`'s WHEEL and RECORD added."""
+    files = {**files, f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: letterbox-tests\nRoot-Is-Purelib: true\n"
+                                      b"Tag: py3-none-any\n"}
     record = [f"{name},{_record_hash(data)},{len(data)}" for name, data in files.items()]
     record.append(f"{info}/RECORD,,")
     files[f"{info}/RECORD"] = ("\n".join(record) + "\n").encode()
     out_dir.mkdir(parents=True, exist_ok=True)
-    wheel = out_dir / f"letterbox-{version}-py3-none-any.whl"
+    wheel = out_dir / f"{info.removesuffix('.dist-info')}-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as z:
         for name, data in files.items():
             z.writestr(name, data)
