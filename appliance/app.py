@@ -12,7 +12,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance import backup, setup_code, systemd_notify, web_server
 from appliance.accounts import Accounts
@@ -24,8 +24,7 @@ from appliance.data_lock import DataDirInUse, DataDirLock
 from appliance.db import Database
 from appliance.events import EventLog
 from appliance.host_name import system_hostname
-from appliance.imap.fetch_cache import describe_bytes
-from appliance.pop3.session import MaildropLocks
+from appliance.pop3.locks import MaildropLocks
 from appliance.queue.spool import Spool
 from appliance.services import Services
 from appliance.settings import Settings
@@ -34,6 +33,9 @@ from appliance.srs import SECRET_FILE, SenderRewriter, load_secret
 from appliance.status_checks import start_status_checks
 from appliance.store.mailstore import MailStore
 from appliance.tls import TlsManager
+
+if TYPE_CHECKING:
+    from appliance.store.message_cache import CachedMessage, FileStamp
 
 log = logging.getLogger("letterbox")
 
@@ -106,6 +108,14 @@ BACKGROUND: list[Callable[[Services], Awaitable[BackgroundService]]] = [
     start_status_checks,  # the status checklist, every few hours
     Deferred("appliance.imap.fts", "start_text_index"),  # SEARCH BODY/TEXT's full-text index, filled after delivery
 ]
+
+
+def describe_bytes(data: bytes, stamp: FileStamp) -> CachedMessage:
+    """The store's describer of a message (imap/fetch_cache.py), imported at its first call: the IMAP
+    layer it belongs to is imported with the mail listeners, after the console answers (issue 15)."""
+    from appliance.imap.fetch_cache import describe_bytes as describe
+
+    return describe(data, stamp)
 
 
 class StartupError(Exception):

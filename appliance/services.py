@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from appliance.db import Database
     from appliance.events import EventLog
     from appliance.imap.fts import TextIndex
-    from appliance.pop3.session import MaildropLocks
+    from appliance.pop3.locks import MaildropLocks
     from appliance.queue.service import OutboundQueue
     from appliance.queue.spool import Spool
     from appliance.settings import Settings

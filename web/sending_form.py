@@ -5,15 +5,20 @@ relay itself is stored and tested by appliance/admin.py, as `letterbox relay` do
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
 from appliance.admin import Admin
-from appliance.queue.relay_check import RelayCheck
 from appliance.queue.smarthost import Smarthost
 from web import forms
 from web.pages import admin, flash
 from web.wizard import Form
+
+# A type only: the relay test (an SMTP client, the MX lookup) is imported by Admin.test_relay when a relay
+# is tested, not with the wizard's pages.
+if TYPE_CHECKING:
+    from appliance.queue.relay_check import RelayCheck
 
 
 @dataclass(frozen=True)

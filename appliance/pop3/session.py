@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from appliance.auth import Refused
 from appliance.pop3.limits import DEFAULT_LIMITS, Pop3Limits
+from appliance.pop3.locks import MaildropLocks as MaildropLocks  # moved there; re-exported
 from appliance.pop3.maildrop import Maildrop, parse_number
 from appliance.pop3.protocol import Command, Pop3Connection, State
 from appliance.pop3.replies import (
@@ -64,26 +65,6 @@ class SessionIO(Protocol):
     async def read_sasl_line(self) -> bytes | None: ...
     def prepare_tls(self) -> None: ...
     async def start_tls(self) -> None: ...
-
-
-class MaildropLocks:
-    """RFC 1939 8: the server locks the maildrop for one session. In memory: one process owns the
-    store, and a lock that dies with the process cannot be left stale."""
-
-    def __init__(self) -> None:
-        self._held: set[str] = set()
-
-    def acquire(self, mailbox: str) -> bool:
-        if mailbox in self._held:
-            return False
-        self._held.add(mailbox)
-        return True
-
-    def release(self, mailbox: str) -> None:
-        self._held.discard(mailbox)
-
-    def __contains__(self, mailbox: str) -> bool:
-        return mailbox in self._held
 
 
 

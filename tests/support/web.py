@@ -20,7 +20,7 @@ from appliance.config import DataLayout, ServeConfig
 from appliance.db import Database
 from appliance.events import EventLog
 from appliance.passwords import make_hasher
-from appliance.pop3.session import MaildropLocks
+from appliance.pop3.locks import MaildropLocks
 from appliance.queue.client import Outcome
 from appliance.queue.retry import RetryPolicy
 from appliance.queue.spool import QueuedMessage, Spool

@@ -13,6 +13,7 @@ import contextlib
 import socket
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -22,7 +23,6 @@ from appliance import setup_code, time_zone
 from appliance.account_errors import AccountError, AlreadyExists, WeakPassword
 from appliance.dns_check import load_results
 from appliance.dns_records import detect_public_addresses
-from appliance.queue.relay_check import RelayCheck
 from appliance.tls import TlsManager, make_self_signed
 from web import certificate_forms as certificate
 from web import forms, wizard
@@ -32,6 +32,9 @@ from web.pages import admin, log_in, peer, read_form, redirect, render, require,
 from web.sending_form import apply, form_context, stored_relay
 from web.state import reach, setup_done, setup_step
 from web.wizard import Form, Next
+
+if TYPE_CHECKING:  # a type only: the relay test's SMTP client loads when a relay is tested
+    from appliance.queue.relay_check import RelayCheck
 
 
 async def _guard(request: Request, step: int) -> Response | None:
