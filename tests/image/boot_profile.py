@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +31,37 @@ REPORTS = {
 }
 
 
+class ConsoleTimes:
+    """Each new line of the serial console with the seconds since qemu started, as the host saw it
+    arrive: GRUB's own lines ("loading the kernel"...) time the firmware and the boot loader, which
+    the guest's clock (it starts with the kernel) cannot."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self.lines: list[tuple[float, str]] = []
+        self._seen = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> ConsoleTimes:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _follow(self) -> None:
+        partial = ""
+        while not self._stop.wait(0.05):
+            text = self.vm.console_log()
+            partial += text[self._seen:]
+            self._seen = len(text)
+            *done, partial = partial.split("\n")
+            now = time.monotonic() - self.vm.started_at
+            self.lines += [(now, line.strip()) for line in done if line.strip()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("image", type=Path)
@@ -40,13 +72,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="letterbox-boot-") as tmp, \
             Vm(args.image, Path(tmp), uefi=args.uefi, name="profile") as vm:
         vm.start()
-        wizard = vm.wait_for_wizard()
+        with ConsoleTimes(vm) as console:
+            wizard = vm.wait_for_wizard()
         # The guest's clock starts with its kernel: what the host waited beyond it is firmware and GRUB
         # (before) and the first answer of the console (after READY=1, in the journal).
         uptime = float(vm.run("cut -d' ' -f1 /proc/uptime").stdout)
         print(f"boot to wizard ({'UEFI' if args.uefi else 'BIOS'}, first boot): {wizard:.0f} s, "
               f"qemu CPU {vm.wizard_cpu:.0f} s, host load {os.getloadavg()[0]:.1f}; "
               f"guest uptime then {uptime:.0f} s", flush=True)
+        print(f"--- serial console, seconds since qemu started (kernel started at about {wizard - uptime:.1f} s)")
+        for seconds, line in console.lines[:40]:
+            print(f"{seconds:7.1f} {line[:150]}")
         time.sleep(2)
         for title, command in {**REPORTS, **{c: c for c in args.run}}.items():
             result = vm.run(command, check=False)
