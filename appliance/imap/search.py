@@ -358,6 +358,14 @@ class Searcher:
     def reads_headers(self) -> bool:
         return bool(self._header_fields)
 
+    def lone_subject(self) -> str | None:
+        """The needle (casefolded) when the whole key is one SUBJECT key a cached subject answers:
+        `needle in CachedSubject.text` is then the answer (a SEARCH SUBJECT over a 10k folder)."""
+        key = self.key
+        if (isinstance(key, HeaderKey) and key.field.lower() == "subject" and self.subject_only()):
+            return key.value.casefold()
+        return None
+
     def subject_only(self) -> bool:
         """Whether every header key is SUBJECT with a needle a cached subject answers (not empty, no
         NUL): the message cache's subject text (CachedSubject) is then all the headers needed."""

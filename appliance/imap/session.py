@@ -750,6 +750,7 @@ class ImapSession:
         found: list[Candidate] = []
         scan: list[_Scan] = []
         subject_only = searcher.subject_only()
+        needle = searcher.lone_subject()
         for start in range(0, len(candidates), SEARCH_CACHE_BATCH):
             batch = candidates[start:start + SEARCH_CACHE_BATCH]
             known: dict[int, HeaderLookup] = {}
@@ -759,6 +760,10 @@ class ImapSession:
                 known = await asyncio.to_thread(_cached_headers, cache, files, subject_only)
             for c in batch:
                 cached = known.get(c.uid)
+                if needle is not None and isinstance(cached, CachedSubject):
+                    if needle in cached.text:  # what Searcher.matches decides, without its calls
+                        found.append(c)
+                    continue
                 if searcher.needs_file(c, cached is not None):
                     scan.append((c, cached))
                 elif searcher.matches(c, _no_content, cached):
