@@ -20,6 +20,7 @@ import fcntl
 import gc
 import hashlib
 import io
+import mmap
 import os
 import queue
 import struct
@@ -140,7 +141,6 @@ class TarReader:
         self.at = 0
         self.left = 0  # data of the current member not yet taken
         self.sha = b""  # the SHA-256 of the last member's data taken
-        self.late: dict[str, bytes] = {}
 
     def _fill(self) -> bool:
         for block in self.blocks:
@@ -192,15 +192,6 @@ class TarReader:
 
     def digest(self) -> bytes:
         return self.sha
-
-    def data_later(self, name: str, size: int) -> Iterator[memoryview]:
-        """The data like data(), its SHA-256 given later by late_digests() under `name`."""
-        yield from self.data(size)
-        self.late[name] = self.sha
-
-    def late_digests(self) -> dict[str, bytes]:
-        """The SHA-256 of every member read with data_later() (call after the last member)."""
-        return self.late
 
     def _skip(self, n: int) -> None:
         if self.at + n <= len(self.buf):
@@ -272,53 +263,51 @@ class TarReader:
 
 
 # Between the child that unpacks a restore and the reader of that restore, the members travel in
-# batches: a BATCH head (the sizes of an index and of a body, whether one member's data follows the
-# body, and how many SHA-256 digests come first), the digests, the index (for each member a FRAME:
-# type, length of the name, size; then the name) and the body (the data of the index's files, one
-# after another, without tar's padding). A file larger than SMALL is the last of its batch and its
-# data follows the body, streamed in pieces, so memory stays bounded whatever the sizes. A batch
-# with an empty index and no digests ends the stream (one with digests only carries the last ones).
+# batches: a BATCH head (the size of an index, the size of a body and the shared-memory slot that
+# holds it, whether one member's data follows in the pipe), then the index (for each member a FRAME:
+# type, length of the name, size; then the name). The body, the data of the index's files one after
+# another without tar's padding, is not in the pipe: the child copies it into one of SLOTS slots of
+# shared memory (a memfd both processes map), the reader writes the files straight from there and
+# hands the slot's number back on a second pipe when the batch is done. A file larger than SMALL is
+# the last of its batch and its data follows the index in the pipe, streamed in pieces, so memory
+# stays bounded whatever the sizes. A batch with an empty index ends the stream.
 # Why batches: measured on 20k messages / 505 MB, the reader's per-member Python (a generator and a
-# read per header, name and piece) cost about as much CPU as its hashing; a batch is one read into
-# one buffer, and each file's data is one slice of it, written in one call.
+# read per header, name and piece) cost about as much CPU as its hashing; a batch is one read, and
+# each file's data is one slice of a slot, written in one call. Why shared memory: through the pipe
+# every byte was copied twice more, with the kernel's pipe handling on both sides.
 #
-# The digests: the child computes the SHA-256 of every regular file's data and sends them in file
-# order with the batch that carries the file (a streamed file's with the next one). They are the
-# digests of exactly the bytes the child sends, which the reader writes unchanged, so checking them
-# against the checksum list proves what was written as well as hashing it in the reader would; and
-# the reader, whose single thread opens and writes every file (the longest task of a restore, like
-# tar's in `age -d | zstd -d | tar -x`), is left with nothing else to do. Measured: hashing in the
-# reader took about a fifth of its process's CPU, and its thread competed with the writing for the
-# interpreter lock.
+# Who hashes: the reader, each file's SHA-256 from the very bytes it writes (data()), in the
+# same thread, between the open and the write. Measured on 2 cores: with the child hashing too, the
+# child (decryption, decompression, tar parsing and hashing) had 2.1 s of CPU on the critical path
+# against the writer's 1.2 s; hashing in the writer balances them (1.6 and 1.7 s), and a restore
+# takes about the larger of the two.
 FRAME = struct.Struct("<cIQ")
-BATCH = struct.Struct("<IIBI")
-DIGEST = 32  # octets of a SHA-256
+BATCH = struct.Struct("<IIBB")  # index size, body size, whether a streamed member follows, the body's slot
 SMALL = BLOCK  # the largest file sent inside a batch
 MAX_INDEX = PIECE + MAX_PAX + FRAME.size  # what the child sends at most (it flushes above PIECE)
-MAX_BODY = PIECE + SMALL
+MAX_BODY = PIECE + SMALL  # a slot
+SLOTS = 4
+NO_SLOT = 255  # a batch without a body
 OFFSET = struct.Struct("<Q")  # where the age body starts, sent to the unpack child before its key
 AHEAD = 4  # groups of blocks waiting for the next thread of the unpack child
 AHEAD_GROUP = 16  # decrypted chunks of 64 KiB in a group (the decompressed blocks go one by one)
-MAX_PARTS = 256  # data pieces in one batch: writev takes at most IOV_MAX (1024) of them
-MAX_DIGESTS = MAX_PARTS + 1  # a batch's files (a piece or more each) and a streamed one before them
+MAX_FILES = 256  # files in one batch
 
 
 class FrameReader(TarReader):
     """The members of a restore as the `unpack` child sends them (same interface as TarReader), read
-    from the pipe `fd` one batch at a time into one buffer, reused from batch to batch: a member's data
-    is a view of it, valid until the next member. data_later() only notes the name: the child sends
-    the digests (late_digests). close() stops the child."""
+    from the pipe `fd` one batch at a time, their data in a shared-memory slot: a member's data is a
+    view of it, valid until the next member. close() stops the child."""
 
     def __init__(self, child: UnpackChild) -> None:
         super().__init__(iter(()))
         self.child = child
         self.fd = child.out
         self.head = memoryview(bytearray(BATCH.size))
-        self.buffer = memoryview(bytearray(MAX_DIGESTS * DIGEST + MAX_INDEX + MAX_BODY))
+        self.index = memoryview(bytearray(MAX_INDEX))
+        self.slots = child.slots
         self.current = self.head[:0]
         self.streamed = 0  # bytes of a large member still in the pipe
-        self.order: list[str | None] = []  # each regular file in turn: its name if data_later() took it
-        self.digests = bytearray()  # the child's digests so far, in the same order
 
     def _fill_exact(self, view: memoryview) -> None:
         while view:
@@ -328,39 +317,42 @@ class FrameReader(TarReader):
                 raise TarFormatError("the tar stream ends early (truncated)")
             view = view[n:]
 
-    def members(self) -> Iterator[tuple[str, bytes, int]]:
-        order = self.order
+    def batches(self) -> Iterator[tuple[bytes, memoryview, int]]:
+        """Each batch: its index, its body (a view of its slot) and whether the data of its last
+        member is streamed after it (FrameReader.streamed is then set to its size when the index has
+        been read through: see members())."""
         while True:
             self._fill_exact(self.head)
-            index_size, body_size, streamed, count = BATCH.unpack(self.head)
-            if index_size > MAX_INDEX or body_size > MAX_BODY or count > MAX_DIGESTS:
+            index_size, body_size, streamed, slot = BATCH.unpack(self.head)
+            if index_size > MAX_INDEX or body_size > MAX_BODY or (slot >= SLOTS and (slot != NO_SLOT or body_size)):
                 raise TarFormatError("a batch of members is too large")
-            digests = count * DIGEST
-            batch = self.buffer[:digests + index_size + body_size]
-            self._fill_exact(batch)
-            self.digests += batch[:digests]
             if index_size == 0:
-                if count == 0:
-                    return
-                continue
-            index = bytes(batch[digests:digests + index_size])
-            at, data = 0, digests + index_size
+                return
+            index = self.index[:index_size]
+            self._fill_exact(index)
+            start = slot * MAX_BODY
+            yield bytes(index), self.slots[start:start + body_size], streamed
+            if slot != NO_SLOT:
+                self.child.free(slot)  # every member of the batch is done with: the child may reuse it
+
+    def members(self) -> Iterator[tuple[str, bytes, int]]:
+        for index, body, streamed in self.batches():
+            index_size = len(index)
+            at = data = 0
             while at < index_size:
                 kind, name_size, size = FRAME.unpack_from(index, at)
                 at += FRAME.size
                 name = index[at:at + name_size].decode("utf-8", "surrogateescape")
                 at += name_size
                 if at >= index_size and streamed:
-                    self.streamed, self.current = size, batch[:0]
+                    self.streamed, self.current = size, body[:0]
                 else:
-                    self.current = batch[data:data + size]
+                    self.current = body[data:data + size]
                     data += size
-                if kind == REGTYPE:
-                    order.append(None)
                 yield name, kind, size
-                self._skip_streamed()
+                self.skip_streamed()
 
-    def _skip_streamed(self) -> None:
+    def skip_streamed(self) -> None:
         while self.streamed:
             for _ in self._streamed_pieces():
                 pass
@@ -383,17 +375,6 @@ class FrameReader(TarReader):
             return super().data(size)  # pieces() below: the streamed data, hashed as it comes
         self.sha = hashlib.sha256(self.current).digest()
         return iter((self.current,))
-
-    def data_later(self, name: str, size: int) -> Iterator[memoryview]:
-        self.order[-1] = name
-        return self.raw(size)
-
-    def late_digests(self) -> dict[str, bytes]:
-        """After drain(): the child's digest of every file taken with data_later()."""
-        digests, order = bytes(self.digests), self.order
-        if len(digests) != DIGEST * len(order):
-            raise TarFormatError("the unpacking process sent a wrong number of checksums")
-        return {name: digests[i * DIGEST:(i + 1) * DIGEST] for i, name in enumerate(order) if name is not None}
 
     def pieces(self, n: int) -> Iterator[memoryview]:
         return self._streamed_pieces()
@@ -420,11 +401,12 @@ class FrameReader(TarReader):
 DAMAGED_EXIT = 3
 
 
-def _child(mode: str, stdin: int | IO[bytes], stdout: int | IO[bytes], key_fd: int = -1) -> subprocess.Popen[bytes]:
+def _child(mode: str, stdin: int | IO[bytes], stdout: int | IO[bytes], key_fd: int = -1,
+           more_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    fds = ((key_fd,) if key_fd >= 0 else ()) + more_fds
     return subprocess.Popen(  # noqa: S603  our own interpreter running this module
-        [sys.executable, "-m", "appliance.backup_stream", mode, str(key_fd)],
-        stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, pass_fds=(key_fd,) if key_fd >= 0 else (),
-        close_fds=True)
+        [sys.executable, "-m", "appliance.backup_stream", mode, str(key_fd), *map(str, more_fds)],
+        stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, pass_fds=fds, close_fds=True)
 
 
 def _key_pipe(key: bytes) -> int:
@@ -517,8 +499,8 @@ def plain_tar(source: IO[bytes], key: bytes, child: UnpackChild | None = None) -
     age_stream.read_header), and what to close when done (it stops the work under the reader). From
     a file, the work is split over two processes, balanced by their CPU time: `child` (from
     unpack_child(), started before the header was read) decrypts, decompresses and parses the tar
-    stream (sent in batches, FrameReader), and this one checks each member and writes it while a
-    thread of its own hashes it (FrameReader.data_later). Else all of it here.
+    stream (sent in batches, FrameReader), and this one checks each member, hashes it and writes it.
+    Else all of it here.
 
     Why two and not three like `age -d | zstd -d | tar -x`: measured on 20k messages / 505 MB on 2
     cores, a third process (a child that parsed and hashed between the codec child and this one)
@@ -549,16 +531,28 @@ class UnpackChild:
 
     def __init__(self, fd: int) -> None:
         key_fd, self.key_w = os.pipe()
+        freed, self.free_w = os.pipe()
+        shared = os.memfd_create("letterbox-restore", os.MFD_CLOEXEC)
         try:
-            self.proc = _child("unpack", fd, subprocess.PIPE, key_fd)
+            os.ftruncate(shared, SLOTS * MAX_BODY)
+            self.map = mmap.mmap(shared, SLOTS * MAX_BODY)
+            self.proc = _child("unpack", fd, subprocess.PIPE, key_fd, (shared, freed))
         except BaseException:
             os.close(self.key_w)
+            os.close(self.free_w)
             raise
         finally:
-            os.close(key_fd)
+            for own in (key_fd, freed, shared):
+                os.close(own)
+        self.slots = memoryview(self.map)
         assert self.proc.stdout is not None
         self.out = self.proc.stdout.fileno()
         _big_pipe(self.out)
+
+    def free(self, slot: int) -> None:
+        """The child may fill `slot` again."""
+        with contextlib.suppress(BrokenPipeError):  # the child has stopped: reading its output says why
+            os.write(self.free_w, bytes((slot,)))
 
     def start(self, offset: int, key: bytes) -> None:
         """The child reads on from `offset` (the file is shared with this process: nothing here reads
@@ -579,7 +573,13 @@ class UnpackChild:
 
     def close(self) -> None:
         self._close_key()
+        if self.free_w >= 0:
+            os.close(self.free_w)
+            self.free_w = -1
         _kill(self.proc)
+        self.slots.release()
+        with contextlib.suppress(BufferError):  # a view still held by a caller: the map goes with it
+            self.map.close()
 
 
 class _Blocks:
@@ -655,28 +655,22 @@ def _compress(key: bytes) -> None:
     _write_all(stdout, enc.update(compressor.flush()) + enc.finish())
 
 
-def _unpack(key: bytes) -> None:
-    """The age file's body on stdin, the members of the tar stream inside in batches on stdout, with
-    the SHA-256 of every regular file (FrameReader).
+def _unpack(key: bytes, shared: int, freed: int) -> None:
+    """The age file's body on stdin, the members of the tar stream inside in batches on stdout, their
+    file data in the slots of the shared memory `shared`, which come back on `freed` (FrameReader).
 
     Three threads: decryption (_plain_here), decompression (_ahead here) and this one, which parses
-    the tar stream, hashes each file and sends the batches. The hashing is here rather than in a
-    thread of its own because each hashlib call releases the interpreter lock and takes it back:
-    a thread hashing file after file waited for this one at every file (measured: an eighth of this
-    thread's time went to handing the lock back and forth), while the other two threads need the
-    lock only once per block (64 KiB, 1 MiB), which this thread gives up at every file it hashes."""
+    the tar stream and sends the batches. Each releases the interpreter lock while it works."""
     out = sys.stdout.fileno()
+    slots = memoryview(mmap.mmap(shared, SLOTS * MAX_BODY))
+    free = list(range(SLOTS))
     tar = TarReader(_ahead(_plain_here(sys.stdin.buffer, key, ahead=True), 1))
-    sha256 = hashlib.sha256
     index: list[bytes] = []
-    body: list[bytes | memoryview] = []
-    digests: list[bytes] = []  # of the files sent, not sent yet
-    index_size = body_size = 0
+    index_size = body_size = files = 0
+    slot, at = NO_SLOT, 0  # the slot the batch's file data goes into, and where the next file goes
 
     def flush(streamed: int) -> None:
-        _writev_all(out, [BATCH.pack(index_size, body_size, streamed, len(digests)), *digests,
-                          b"".join(index), *body])
-        digests.clear()
+        _write_all(out, BATCH.pack(index_size, body_size, streamed, slot) + b"".join(index))
 
     for name, kind, length in tar.members():
         raw = name.encode("utf-8", "surrogateescape")
@@ -684,48 +678,45 @@ def _unpack(key: bytes) -> None:
         entry = FRAME.pack(kind, len(raw), size) + raw
         index.append(entry)
         index_size += len(entry)
-        if size > SMALL:  # the last of its batch, its data streamed (and hashed) after it
+        if size > SMALL:  # the last of its batch, its data streamed after it
             flush(1)
-            sha = sha256()
             for piece in tar.raw(size):
-                sha.update(piece)
                 _write_all(out, piece)
-            digests.append(sha.digest())  # sent with the next batch
         else:
             if kind == REGTYPE:
-                pieces = list(tar.raw(size))
-                body += pieces
+                if slot == NO_SLOT:
+                    slot = free.pop() if free else _freed_slot(freed)
+                    at = slot * MAX_BODY
+                for piece in tar.raw(size):
+                    end = at + len(piece)
+                    slots[at:end] = piece
+                    at = end
                 body_size += size
-                # The digest of exactly the bytes sent.
-                digests.append(sha256(pieces[0]).digest() if len(pieces) == 1 else _digest(pieces))
+                files += 1
             # Handed on a quarter of a pipe at a time, as Sink does.
-            if body_size < PIECE and index_size < PIECE and len(body) < MAX_PARTS:
+            if body_size < PIECE and index_size < PIECE and files < MAX_FILES:
                 continue
             flush(0)
-        index, body, index_size, body_size = [], [], 0, 0
+        index, index_size, body_size, files, slot = [], 0, 0, 0, NO_SLOT
     tar.drain()
-    if index or digests:
+    if index:
         flush(0)
-    _write_all(out, BATCH.pack(0, 0, 0, 0))
+    _write_all(out, BATCH.pack(0, 0, 0, NO_SLOT))
 
 
-def _digest(pieces: list[memoryview]) -> bytes:
-    sha = hashlib.sha256()
-    for piece in pieces:
-        sha.update(piece)
-    return sha.digest()
-
-
-def _writev_all(fd: int, parts: list[bytes | memoryview]) -> None:
-    done = os.writev(fd, parts)
-    if done < sum(len(p) for p in parts):  # a blocking pipe takes it all, unless a signal came
-        _write_all(fd, b"".join(parts)[done:])
+def _freed_slot(freed: int) -> int:
+    """Wait for the reader to hand a slot back (it does after writing the batch that was in it)."""
+    got = os.read(freed, 1)
+    if not got:
+        raise BrokenPipeError  # the reader has gone
+    return got[0]
 
 
 def main(argv: list[str]) -> int:
-    """The child: `compress KEY_FD` (tar on stdin, age file body on stdout) or `unpack KEY_FD` (age
-    file body on stdin, the members of the tar stream inside framed on stdout)."""
-    mode, key_fd = argv[0], int(argv[1])
+    """The child: `compress KEY_FD` (tar on stdin, age file body on stdout) or `unpack KEY_FD SHARED
+    FREED` (age file body on stdin, the members of the tar stream inside framed on stdout, their data
+    in the slots of the memfd SHARED, which come back on the pipe FREED)."""
+    mode, key_fd, more = argv[0], int(argv[1]), [int(fd) for fd in argv[2:]]
     key = b""
     if key_fd >= 0:
         key = os.read(key_fd, 64)
@@ -735,12 +726,14 @@ def main(argv: list[str]) -> int:
             return 1  # the parent gave up (a wrong key, say): it knows why
         os.lseek(0, OFFSET.unpack_from(key)[0], os.SEEK_SET)
         key = key[OFFSET.size:]
-    work = {"compress": _compress, "unpack": _unpack}[mode]
     import zstandard  # as in _plain_here
 
     gc.disable()  # a short-lived process that makes no cycles worth collecting (measured: 3% of its CPU)
     try:
-        work(key)
+        if mode == "unpack":
+            _unpack(key, more[0], more[1])
+        else:
+            _compress(key)
     except BrokenPipeError:
         return 1  # the parent stopped reading: it knows why
     except (age_stream.AgeError, zstandard.ZstdError, TarFormatError) as exc:

@@ -122,9 +122,8 @@ def _archive(path: Path, entries: list[tuple[str, bytes, bytes]], recipient: str
         os.close(fd)
 
 
-def _read_back(path: Path, identity: str, *, in_memory: bool, later: bool = False) -> list[tuple[str, bytes, bytes, bytes]]:
-    """Each member's data and SHA-256: taken with data() and digest(), or with `later` with
-    data_later() and late_digests() (which, from a file, are the unpack child's digests)."""
+def _read_back(path: Path, identity: str, *, in_memory: bool) -> list[tuple[str, bytes, bytes, bytes]]:
+    """Each member's data and SHA-256, taken with data() and digest()."""
     with path.open("rb") as file:
         source: IO[bytes] = io.BytesIO(file.read()) if in_memory else file
         child = backup_stream.unpack_child(source)
@@ -135,27 +134,21 @@ def _read_back(path: Path, identity: str, *, in_memory: bool, later: bool = Fals
             for name, kind, size in reader.members():
                 if kind != backup_stream.REGTYPE or name == "skipped":
                     got.append((name, b"", kind, b""))
-                elif later:
-                    got.append((name, b"".join(reader.data_later(name, size)), kind, b""))
                 else:
                     got.append((name, b"".join(reader.data(size)), kind, reader.digest()))
             reader.drain()
-            if later:
-                digests = reader.late_digests()
-                assert set(digests) == {n for n, _d, k, _s in got if k == backup_stream.REGTYPE and n != "skipped"}
-                got = [(n, d, k, digests.get(n, b"")) for n, d, k, _s in got]
             return got
         finally:
             blocks.close()
 
 
-@pytest.mark.parametrize(("in_memory", "later"), [(False, False), (True, False), (False, True), (True, True)])
-def test_restore_pipeline_from_a_file_and_from_memory(in_memory: bool, later: bool, tmp_path: Path) -> None:
-    """A backup read back from a file (through the `unpack` child, which sends the members framed,
-    and the SHA-256 of each file's data it sent) and from a stream without a file descriptor (all in
-    this process): each file's data and its SHA-256, a member left unread skipped. Many small files
-    make digests travel behind their batches, and the ones after a large (streamed) file keep their
-    order. A damaged payload is refused either way."""
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_restore_pipeline_from_a_file_and_from_memory(in_memory: bool, tmp_path: Path) -> None:
+    """A backup read back from a file (through the `unpack` child, which sends the members in
+    batches, their data in shared memory) and from a stream without a file descriptor (all in this
+    process): each file's data and its SHA-256, a member left unread skipped. Many small files make
+    many batches, and the ones after a large (streamed) file keep their order. A damaged payload is
+    refused either way."""
     identity, recipient = _identity()
     big = os.urandom(3 * backup_stream.BLOCK + 7)  # spans several pipe blocks
     small = [(f"mail/cur/{n}", os.urandom(n * 37 % 3000), backup_stream.REGTYPE) for n in range(400)]
@@ -164,7 +157,7 @@ def test_restore_pipeline_from_a_file_and_from_memory(in_memory: bool, later: bo
                *small[:200], ("mail/" + "long-name-" * 20 + "Entwürfe", big, backup_stream.REGTYPE), *small[200:]]
     path = tmp_path / "b.tar.zst.age"
     _archive(path, entries, recipient)
-    got = _read_back(path, identity, in_memory=in_memory, later=later)
+    got = _read_back(path, identity, in_memory=in_memory)
     assert [(n.rstrip("/"), k) for n, _d, k, _s in got] == [(n, k) for n, _d, k in entries]
     for (name, data, kind), (_n, read, _k, digest) in zip(entries, got, strict=True):
         if kind == backup_stream.REGTYPE and name != "skipped":  # a member's digest is of the data taken
@@ -174,5 +167,5 @@ def test_restore_pipeline_from_a_file_and_from_memory(in_memory: bool, later: bo
     damaged[len(damaged) // 2] ^= 1
     path.write_bytes(bytes(damaged))
     with pytest.raises((age_stream.AgeError, backup_stream.TarFormatError)) as refused:
-        _read_back(path, identity, in_memory=in_memory, later=later)
+        _read_back(path, identity, in_memory=in_memory)
     assert not isinstance(refused.value, age_stream.AgeError) or refused.value.damaged
