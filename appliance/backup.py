@@ -601,8 +601,9 @@ class _Unpacking:
     listed: dict[str, str] | None = None
     files: int = 0
     made: set[str] = field(default_factory=set)
-    # The SHA-256 of every file's data (its name as the archive's octets, checked): computed from the
-    # very bytes written, as they are written, and compared with the checksum list at the end.
+    # The SHA-256 of every file's data (its name as the archive's octets, checked), of the very bytes
+    # written (TarReader.data: hashed as they are read here, or by the unpack child from the shared
+    # memory they are written from), compared with the checksum list at the end.
     digests: dict[bytes, bytes] = field(default_factory=dict)
     dir_path: str = ""  # the directory of the last file written, open as dir_fd
     dir_fd: int = -1
@@ -634,13 +635,13 @@ class _Unpacking:
         is the most a restore does: measured on 20k messages, the generators and calls of the way
         through member() were a third of the restoring process's CPU. Any other member takes
         member()."""
-        sha256, frame, frame_size = hashlib.sha256, backup_stream.FRAME.unpack_from, backup_stream.FRAME.size
+        frame, frame_size = backup_stream.FRAME.unpack_from, backup_stream.FRAME.size
         regular, digests, progress = backup_stream.REGTYPE, self.digests, self.progress
         for index, body, streamed in reader.batches():
             at = data = done = 0
             end = len(index)
             while at < end:
-                kind, name_size, size = frame(index, at)
+                kind, name_size, size, sha = frame(index, at)
                 at += frame_size
                 raw = index[at:at + name_size]
                 at += name_size
@@ -657,12 +658,12 @@ class _Unpacking:
                         name = self.dir_name_b + base
                         if name in digests:
                             raise BackupError(f"refused: {name.decode('utf-8', 'replace')[:80]!r} appears twice")
-                        digests[name] = sha256(piece).digest()
+                        digests[name] = sha  # the child's, of the very bytes of the slot written here
                         _write_file(base, self.dir_fd, piece)
                         done += size
                         self.files += 1
                         continue
-                reader.current = piece
+                reader.current, reader.current_sha = piece, sha
                 self.member(reader, raw.decode("utf-8", "surrogateescape"), kind, size)
             progress.done += done
             self.kick()
@@ -709,8 +710,8 @@ class _Unpacking:
         key = name.encode("utf-8", "surrogateescape")
         if key in self.digests or name in self.sums:
             raise BackupError(f"refused: {name[:80]!r} appears twice")
-        # The SHA-256 of the very bytes written here, computed as they are written (TarReader.data)
-        # and compared with the checksum list at the end (unpack).
+        # The SHA-256 of the very bytes written here (TarReader.data), compared with the checksum
+        # list at the end (unpack).
         pieces = tar.data(size)
         if self.only is None or self.only(name):
             # Relative to the directory's descriptor (the archive keeps a folder's files together):

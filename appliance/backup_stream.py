@@ -276,12 +276,13 @@ class TarReader:
 # each file's data is one slice of a slot, written in one call. Why shared memory: through the pipe
 # every byte was copied twice more, with the kernel's pipe handling on both sides.
 #
-# Who hashes: the reader, each file's SHA-256 from the very bytes it writes (data()), in the
-# same thread, between the open and the write. Measured on 2 cores: with the child hashing too, the
-# child (decryption, decompression, tar parsing and hashing) had 2.1 s of CPU on the critical path
-# against the writer's 1.2 s; hashing in the writer balances them (1.6 and 1.7 s), and a restore
-# takes about the larger of the two.
-FRAME = struct.Struct("<cIQ")
+# Who hashes: the child, each file's SHA-256 from its copy in the slot, the very bytes the reader
+# writes (the slot is not touched again until the reader hands it back), sent in the file's FRAME; a
+# streamed file's the reader computes as its pieces come. Measured on 2 cores: the writer (open,
+# write, close for each of 20k files) is the longest task of a restore, like tar's in `age -d |
+# zstd -d | tar -x`, and with the hashing it had 2.0 s of CPU against tar's 1.0 s; the child's
+# parsing thread waited for free slots most of the time.
+FRAME = struct.Struct("<cIQ32s")  # type, length of the name, size, SHA-256 of the data (in a slot)
 BATCH = struct.Struct("<IIBB")  # index size, body size, whether a streamed member follows, the body's slot
 SMALL = BLOCK  # the largest file sent inside a batch
 MAX_INDEX = PIECE + MAX_PAX + FRAME.size  # what the child sends at most (it flushes above PIECE)
@@ -307,6 +308,7 @@ class FrameReader(TarReader):
         self.index = memoryview(bytearray(MAX_INDEX))
         self.slots = child.slots
         self.current = self.head[:0]
+        self.current_sha = b""  # the child's SHA-256 of current
         self.streamed = 0  # bytes of a large member still in the pipe
 
     def _fill_exact(self, view: memoryview) -> None:
@@ -340,7 +342,7 @@ class FrameReader(TarReader):
             index_size = len(index)
             at = data = 0
             while at < index_size:
-                kind, name_size, size = FRAME.unpack_from(index, at)
+                kind, name_size, size, self.current_sha = FRAME.unpack_from(index, at)
                 at += FRAME.size
                 name = index[at:at + name_size].decode("utf-8", "surrogateescape")
                 at += name_size
@@ -373,7 +375,7 @@ class FrameReader(TarReader):
     def data(self, size: int) -> Iterator[memoryview]:
         if self.streamed:
             return super().data(size)  # pieces() below: the streamed data, hashed as it comes
-        self.sha = hashlib.sha256(self.current).digest()
+        self.sha = self.current_sha
         return iter((self.current,))
 
     def pieces(self, n: int) -> Iterator[memoryview]:
@@ -660,7 +662,8 @@ def _unpack(key: bytes, shared: int, freed: int) -> None:
     file data in the slots of the shared memory `shared`, which come back on `freed` (FrameReader).
 
     Three threads: decryption (_plain_here), decompression (_ahead here) and this one, which parses
-    the tar stream and sends the batches. Each releases the interpreter lock while it works."""
+    the tar stream, copies and hashes each file and sends the batches. Each releases the interpreter
+    lock while it works."""
     out = sys.stdout.fileno()
     slots = memoryview(mmap.mmap(shared, SLOTS * MAX_BODY))
     free = list(range(SLOTS))
@@ -672,27 +675,32 @@ def _unpack(key: bytes, shared: int, freed: int) -> None:
     def flush(streamed: int) -> None:
         _write_all(out, BATCH.pack(index_size, body_size, streamed, slot) + b"".join(index))
 
+    sha256 = hashlib.sha256
     for name, kind, length in tar.members():
         raw = name.encode("utf-8", "surrogateescape")
         size = length if kind == REGTYPE else 0  # nothing follows a directory's name
-        entry = FRAME.pack(kind, len(raw), size) + raw
-        index.append(entry)
-        index_size += len(entry)
-        if size > SMALL:  # the last of its batch, its data streamed after it
+        if size > SMALL:  # the last of its batch, its data streamed after it (the reader hashes it)
+            index.append(FRAME.pack(kind, len(raw), size, b"") + raw)
+            index_size += FRAME.size + len(raw)
             flush(1)
             for piece in tar.raw(size):
                 _write_all(out, piece)
         else:
+            digest = b""
             if kind == REGTYPE:
                 if slot == NO_SLOT:
                     slot = free.pop() if free else _freed_slot(freed)
                     at = slot * MAX_BODY
+                start = at
                 for piece in tar.raw(size):
                     end = at + len(piece)
                     slots[at:end] = piece
                     at = end
+                digest = sha256(slots[start:at]).digest()  # of the copy the reader writes
                 body_size += size
                 files += 1
+            index.append(FRAME.pack(kind, len(raw), size, digest) + raw)
+            index_size += FRAME.size + len(raw)
             # Handed on a quarter of a pipe at a time, as Sink does.
             if body_size < PIECE and index_size < PIECE and files < MAX_FILES:
                 continue
