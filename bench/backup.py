@@ -9,15 +9,16 @@ Usage: python -m bench.backup [--messages 20000] [--size 25000] [--runs 3] [--bo
 Disk: every restore is kept until the end of the run (see one_round), so 3 x runs x the box's size
 (4.5 GB for the default 3 rounds) on top of the box.
 
-Measured 2026-11-29 05:29 (2 cores, load 15.0 rising to 17.3 from other work; this run's session
-given autogroup nice -10; 3 rounds, medians of paired ratios): create 0.80x of tar|zstd|age (CPU
-4.85 vs 5.09 s), restore 0.67x (rounds 0.67, 0.64, 0.82; 112 vs 157 MB/s; CPU 4.64 vs 3.62 s, ours
-counting its 0.3 s of imports), 1.02x of the tools followed by `sync -f`; peak RSS 19 MB above idle
-plus 58 MB in the unpacking child. The restore before the batching, hashing thread and decrypting
-thread of 2026-11-29 05:00-05:30, in alternation with it at load 13.6-14.7 under the same nice: the
-new one 1.08-1.26x as fast (median 1.17x), the same 4.8 s of CPU. An earlier run (02:39, load
-18.5-22.1, nice -20) showed how far the ratios move with the load: only a quiet machine measures
-the target.
+Measured 2026-11-29 11:30 (2 cores, load 7.7-9.1 from other work; this run's session given
+autogroup nice -10; 3 rounds, medians of paired ratios), after the restore's file data moved from
+the pipe to shared memory: create 0.97x of tar|zstd|age (CPU 4.57 vs 4.65 s), restore 0.56x (rounds
+0.54, 0.56, 0.79; 172 vs 259 MB/s; CPU 4.09 vs 3.04 s, ours counting its 0.27 s of imports), 1.17x
+of the tools followed by `sync -f`; peak RSS 17 MB above idle plus 45 MB in the unpacking child. The
+same restore against the one before that change, in alternation at load 10-12 under the same nice
+(per-thread CPU from schedstat): 2.62-2.89 s against 3.03-3.06 s of wall, 3.3-3.6 s against 3.75 s
+of CPU, the writer 1.0-1.2 s against 1.4-1.5 s. At these loads every thread of either side waits
+about as long for a CPU as it runs, so the ratios move a lot from round to round: only a quiet
+machine measures the target.
 """
 
 from __future__ import annotations
