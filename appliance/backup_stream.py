@@ -579,8 +579,8 @@ class UnpackChild:
             os.close(self.free_w)
             self.free_w = -1
         _kill(self.proc)
-        self.slots.release()
         with contextlib.suppress(BufferError):  # a view still held by a caller: the map goes with it
+            self.slots.release()
             self.map.close()
 
 
