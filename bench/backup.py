@@ -14,11 +14,12 @@ autogroup nice -10; 3 rounds, medians of paired ratios), after the restore's fil
 the pipe to shared memory: create 0.97x of tar|zstd|age (CPU 4.57 vs 4.65 s), restore 0.56x (rounds
 0.54, 0.56, 0.79; 172 vs 259 MB/s; CPU 4.09 vs 3.04 s, ours counting its 0.27 s of imports), 1.17x
 of the tools followed by `sync -f`; peak RSS 17 MB above idle plus 45 MB in the unpacking child. The
-same restore against the one before that change, in alternation at load 10-12 under the same nice
-(per-thread CPU from schedstat): 2.62-2.89 s against 3.03-3.06 s of wall, 3.3-3.6 s against 3.75 s
-of CPU, the writer 1.0-1.2 s against 1.4-1.5 s. At these loads every thread of either side waits
-about as long for a CPU as it runs, so the ratios move a lot from round to round: only a quiet
-machine measures the target.
+same restore against the one before that change, in alternation at load 10-12 under the same nice:
+in two pairs with per-thread CPU from schedstat, 2.62-2.89 s against 3.03-3.06 s of wall, 3.3-3.6 s
+against 3.75 s of CPU, the writer 1.0-1.2 s against 1.4-1.5 s; in 5 rounds with the tools (11:44,
+load 11-13), no difference in wall (median paired ratio to the tools 0.64 against 0.66) for 5% less
+CPU (3.91 against 4.13 s). At these loads every thread of either side waits about as long for a CPU
+as it runs, so the ratios move a lot from round to round: only a quiet machine measures the target.
 """
 
 from __future__ import annotations
