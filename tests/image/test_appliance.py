@@ -197,7 +197,7 @@ def test_content_filter_answers(box: Vm) -> None:
     the console (their first start compiles the public-suffix list, minutes under TCG): until then the
     item is a "problem" (rspamd silent, mail delivered unchecked), never a refused message. Their memory
     is sampled all along (every 0.5 s, in the guest): the maximum after the boot, a reload and a restart
-    are figures (the issue's target: 150 MB of RSS summed)."""
+    stays within the issue's 150 MB of RSS summed, with a margin."""
     _start_rss_sampler(box)
     try:
         _content_filter_and_its_memory(box)
@@ -219,7 +219,8 @@ def _content_filter_and_its_memory(box: Vm) -> None:
     # expressions run on PCRE2) and ExecStartPost's watcher ends it as soon as it can end.
     _wait_hs_helper_gone(box, "the boot")
     FIGURES["rspamd + redis RSS after the boot, hs_helper ended (MB)"] = _rss(box)
-    FIGURES["rspamd + redis RSS max, from the test's start after the boot until settled"] = _rss_max(box, since)
+    top = FIGURES["rspamd + redis RSS max, from the test's start after the boot until settled"] = _rss_max(box, since)
+    tops = [top]
     # The language detector reads the ten languages linked in /etc/rspamd/letterbox-languages (the
     # overlay's links to Debian's files survived the build): rspamd.conf.local, most of the memory cut.
     languages = box.run("grep -o 'loaded [0-9]* languages' /var/log/rspamd/rspamd.log | tail -n 1").stdout
@@ -235,7 +236,12 @@ def _content_filter_and_its_memory(box: Vm) -> None:
         wait_for(lambda: box.run(f"{CLI} spam status", check=False).exit_code == 0, 600, f"rspamd after {what}", box)
         _wait_hs_helper_gone(box, what)
         FIGURES[f"rspamd + redis RSS after {what} (MB)"] = _rss(box)
-        FIGURES[f"rspamd + redis RSS max, from {what} until settled"] = _rss_max(box, since)
+        top = FIGURES[f"rspamd + redis RSS max, from {what} until settled"] = _rss_max(box, since)
+        tops.append(top)
+    # The issue's target is 150 MB; 135 keeps a margin (measured at load 10-12: 112, 107 and 106 MB,
+    # each with hs_helper alive for a moment, since rspamd runs without transparent huge pages).
+    for top in tops:
+        assert int(top.split()[0]) <= 135, FIGURES
 
 
 def _wait_hs_helper_gone(vm: Vm, what: str) -> None:
