@@ -46,7 +46,6 @@ _CACHED_ORDER = tuple(sorted(CACHED_FIELDS))
 _ROW_ITEMS = frozenset({"ENVELOPE", "BODYSTRUCTURE", "BODY"})
 
 Learned = list[tuple[int, CachedMessage]]  # (UID, row) computed from the files, to be kept
-ROW_NOW_OCTETS = 128 * 1024  # a message up to this size gets its row with any answer (row_now)
 
 
 def describe(f: BinaryIO, stamp: FileStamp) -> CachedMessage:
@@ -187,17 +186,6 @@ def needs_row(items: Iterable[FetchItem]) -> bool:
     """Whether the items need the whole MIME walk (BODYSTRUCTURE, BODY): computing a row then costs
     little more than answering from the file."""
     return any(isinstance(i, FetchAttribute) and i.name in ("BODYSTRUCTURE", "BODY") for i in items)
-
-
-def row_now(items: Iterable[FetchItem], size: int) -> bool:
-    """Whether a message without a row gets one computed to answer these items, rather than being
-    answered from a header scan (its row computed later, in the background). A small message's
-    whole MIME walk reads little more than its header block does, and a row now means the next
-    session's ENVELOPE and BODYSTRUCTURE are there already: Thunderbird's first list of a folder
-    copied in, then another client's FETCH ENVELOPE BODYSTRUCTURE, found a tenth of the rows
-    (the rest were in the background worker's queue) and computed them again in the server
-    (issue 19). A large one's header block is all a message list needs of it."""
-    return size <= ROW_NOW_OCTETS or needs_row(items)
 
 
 def _from_file(path: Path, row: CachedMessage | None) -> CachedMessage:

@@ -187,16 +187,20 @@ def _render_cached(
     cache: FolderCache, jobs: list[_Job], items: Sequence[FetchItem], flags_changed: set[int], condstore: bool,
 ) -> tuple[list[bytes | None], fetch_cache.Learned, list[tuple[int, str]]]:
     """Worker thread: FETCH answers from the message cache (a stat per file, no read). A missing or
-    stale row is computed from the file (fetch_cache.row_now), or the message is answered from its
-    file and returned as unknown. None: the message's file is gone."""
+    stale row is computed from the file when the items need the whole MIME walk anyway
+    (fetch_cache.needs_row), or else the message is answered from a header scan of its file and
+    returned as unknown, its row computed later in the background. (Computing whole rows for a
+    header list too, so that a later ENVELOPE BODYSTRUCTURE finds them, made Thunderbird's first
+    list of a 10k folder cost 3-5 times the CPU: a first sync is what a user waits for; issue 19.)
+    None: the message's file is gone."""
+    compute = fetch_cache.needs_row(items)
     rows, learned, unknown = fetch_cache.current_rows(
-        cache, [(info.uid, os.path.join(info.directory, info.filename), fetch_cache.row_now(items, info.size))
-                for _, info, _ in jobs])
+        cache, [(info.uid, os.path.join(info.directory, info.filename), compute) for _, info, _ in jobs])
     out: list[bytes | None] = []
     for seq, info, message in jobs:
         row = rows.get(info.uid)
         values = fetch_cache.item_values(items, message, row) if row is not None else None
-        if values is None and (row is not None or not fetch_cache.row_now(items, info.size)):
+        if values is None and (row is not None or not compute):
             values = _from_file(info, message, items)  # no row yet, or a header the row cannot answer for
         if values is None:
             out.append(None)
