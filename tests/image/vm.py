@@ -86,11 +86,16 @@ def built_image() -> Path:
     return Path(path)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def free_ports(count: int) -> list[int]:
+    """`count` different free loopback ports. All are held until each is picked: one socket bound and
+    closed at a time may be given the same port again, and a fresh-clone `make image-test` got one
+    port for two forwards (qemu: "Could not set up host forwarding rule"; the UEFI machine never
+    started)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def unverified_tls() -> ssl.SSLContext:
@@ -110,7 +115,7 @@ class Vm:
         self.dir = workdir / name
         self.uefi = uefi
         self.memory_mb = memory_mb
-        self.ports = {guest: free_port() for guest in GUEST_PORTS}
+        self.ports = dict(zip(GUEST_PORTS, free_ports(len(GUEST_PORTS)), strict=True))
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.cpu_at_start = 0.0  # qemu's CPU seconds when this boot began (a reboot keeps the process)
