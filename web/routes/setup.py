@@ -28,7 +28,7 @@ from web import certificate_forms as certificate
 from web import forms, wizard
 from web.checklist import still_to_do
 from web.console_data import client_settings_for, dns_ports
-from web.pages import admin, log_in, peer, read_form, redirect, render, require, services
+from web.pages import admin, current, log_in, peer, read_form, redirect, render, require, services
 from web.sending_form import apply, form_context, stored_relay
 from web.state import reach, setup_done, setup_step
 from web.wizard import Form, Next
@@ -118,8 +118,11 @@ async def admin_submit(request: Request) -> Response:
         # _guard let this request in while the box had no administrator; one made since (a
         # simultaneous first step, finished while this form was still arriving) makes step 1 theirs
         # alone, as for any later visit: without this, a visitor with no code and no login would
-        # change the host name and walk on into the wizard.
-        await require(request, "admin")
+        # change the host name and walk on into the wizard. Sent to log in, as the other requests
+        # that lost the race are.
+        principal = await current(request)
+        if principal is None or principal.role != "admin":
+            return redirect("/login")
     else:
         # The code first, on its own: without it nothing else of the form is looked at.
         code = values.get("code", "")
