@@ -140,17 +140,17 @@ def kept_fields(block: bytes, fields: Sequence[str]) -> bytes:
     return b"".join(kept) + (b"\r\n" if ended else b"")
 
 
-def current_rows(cache: FolderCache | None, files: Sequence[tuple[int, str, bool]]
+def current_rows(cache: FolderCache | None, files: Sequence[tuple[int, str]], *, compute: bool
                  ) -> tuple[dict[int, CachedMessage], Learned, list[tuple[int, str]]]:
-    """The rows of these (UID, file, compute) triples, each checked against its file (a stat). With
-    `compute`, a missing or stale row is computed from the file; without, the pair is returned as
-    unknown. A file that is gone has no row. Blocking: worker thread. Returns the rows, those newly
-    computed (for `FolderCache.learn`) and the unknown pairs."""
-    known = cache.read([uid for uid, _, _ in files]) if cache is not None else {}
+    """The rows of these (UID, file) pairs, each checked against its file (a stat). With `compute`,
+    a missing or stale row is computed from the file; without, the pair is returned as unknown. A
+    file that is gone has no row. Blocking: worker thread. Returns the rows, those newly computed
+    (for `FolderCache.learn`) and the unknown pairs."""
+    known = cache.read([uid for uid, _ in files]) if cache is not None else {}
     rows: dict[int, CachedMessage] = {}
     learned: Learned = []
     unknown: list[tuple[int, str]] = []
-    for uid, path, compute in files:
+    for uid, path in files:
         row = known.get(uid)
         try:
             if row is None or row.stamp != stamp_of(os.stat(path)):

@@ -195,7 +195,7 @@ def _render_cached(
     None: the message's file is gone."""
     compute = fetch_cache.needs_row(items)
     rows, learned, unknown = fetch_cache.current_rows(
-        cache, [(info.uid, os.path.join(info.directory, info.filename), compute) for _, info, _ in jobs])
+        cache, [(info.uid, os.path.join(info.directory, info.filename)) for _, info, _ in jobs], compute=compute)
     out: list[bytes | None] = []
     for seq, info, message in jobs:
         row = rows.get(info.uid)
