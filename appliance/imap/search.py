@@ -79,6 +79,12 @@ class CachedSubject:
         raise TypeError("a cached subject holds no raw field values")
 
 
+def _subject_text_answers(needle: str) -> bool:
+    """Whether a cached subject text (CachedSubject: values joined by NUL) answers a SUBJECT key with
+    this casefolded needle: not empty, and no NUL that could match across two values."""
+    return bool(needle) and "\0" not in needle
+
+
 class _Content:
     """The text of one message, read once on first need. `cached`: the message's header fields kept
     in the message cache (fetch_cache.exact_headers), which answer keys on those fields."""
@@ -369,7 +375,7 @@ class Searcher:
     def subject_only(self) -> bool:
         """Whether every header key is SUBJECT with a needle a cached subject answers (not empty, no
         NUL): the message cache's subject text (CachedSubject) is then all the headers needed."""
-        return self._header_fields == {"subject"} and all(n and "\0" not in n for n in self._subject_needles)
+        return self._header_fields == {"subject"} and all(map(_subject_text_answers, self._subject_needles))
 
     def terms(self) -> set[Term]:
         """The BODY and TEXT keys' needles, casefolded: what the full-text index can answer."""
@@ -443,8 +449,10 @@ class Searcher:
             if field_name.lower() == "subject":
                 self._subject_needles.add(needle)
 
+                answers = _subject_text_answers(needle)
+
                 def subject(c: Candidate, content: _Content) -> bool:
-                    found = content.subject_contains(needle) if needle and "\0" not in needle else None
+                    found = content.subject_contains(needle) if answers else None
                     if found is not None:
                         return found
                     return (content.may_contain(field_name, needle)
