@@ -4,12 +4,14 @@ CLI to prepare its data directory, settings written straight into its database, 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,17 +22,63 @@ LETTERBOX = str(Path(sys.executable).parent / "letterbox")
 READY_TIMEOUT = 60.0
 
 
+PORT_BLOCK = 1000  # ports are claimed in blocks of this many (every standard port, 24..995, fits in one)
+PORT_LOCKS = Path(tempfile.gettempdir()) / "letterbox-test-ports"
+_held_blocks: dict[int, int] = {}  # block -> the open lock file's descriptor, held while this process lives
+
+
+def _lock(block: int) -> bool:
+    if block in _held_blocks:
+        return True
+    PORT_LOCKS.mkdir(exist_ok=True)
+    fd = os.open(PORT_LOCKS / f"{block}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _held_blocks[block] = fd
+    return True
+
+
+def claim_offset(offset: int) -> bool:
+    """Claim the port blocks a box at this offset uses for this process, with advisory locks the kernel
+    drops when the process dies: boxes started by tests in several xdist workers or worktrees, and by the
+    benches they run, never race for the same ports (checking that the ports are free is not enough:
+    two processes can both see them free and both start a box). True when this process holds them all."""
+    blocks = sorted({(offset + port) // PORT_BLOCK for port in STANDARD_PORTS.values()})
+    new: list[int] = []
+    for block in blocks:
+        if block not in _held_blocks:
+            if not _lock(block):
+                for taken in new:
+                    os.close(_held_blocks.pop(taken))
+                return False
+            new.append(block)
+    return True
+
+
+def holds_offset(offset: int) -> bool:
+    return all((offset + port) // PORT_BLOCK in _held_blocks for port in STANDARD_PORTS.values())
+
+
+def ports_free(offset: int) -> bool:
+    """Whether every standard port at this offset can be bound on 127.0.0.1 now."""
+    for port in STANDARD_PORTS.values():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port + offset))
+            except OSError:
+                return False
+    return True
+
+
 def free_offset(start: int = 31000) -> int:
-    """A port offset at which every standard port is free on 127.0.0.1."""
+    """A port offset at which every standard port is free on 127.0.0.1, claimed for this process."""
     for offset in range(start, 60000, 1009):
-        try:
-            for port in STANDARD_PORTS.values():
-                with socket.socket() as s:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    s.bind(("127.0.0.1", port + offset))
-        except OSError:
-            continue
-        return offset
+        if claim_offset(offset) and ports_free(offset):
+            return offset
     raise SystemExit("no free port range")
 
 

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -24,6 +21,7 @@ from hypothesis import settings as hypothesis_settings
 from appliance.config import STANDARD_PORTS, DataLayout, ServeConfig
 from appliance.passwords import make_hasher
 from appliance.queue import dns_cache
+from bench import benchbox
 from tests.support.polling import wait_until
 
 # Property tests check answers, not speed (speed lives in bench/): hypothesis' default 200 ms deadline per
@@ -235,50 +233,19 @@ def box(tmp_path: Path, ca: trustme.CA) -> Iterator[BoxHandle]:
 
 # --- the real process ------------------------------------------------------------------------------
 
-def _ports_free(offset: int) -> bool:
-    for port in STANDARD_PORTS.values():
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port + offset))
-            except OSError:
-                return False
-    return True
-
-
-PORT_BLOCK = 1000  # every standard port (24..995) fits in one block: boxes in two blocks never share a port
+PORT_BLOCK = benchbox.PORT_BLOCK
 # Offsets 11000..30000: above `make run`'s 10000 and below the kernel's ephemeral range (32768 and up), so a
 # box restarted on its ports never finds one taken by some client's outgoing connection meanwhile.
 PORT_BLOCKS = range(11, 31)  # 31000 and up: bench/benchbox.py (the attack test)
 
 
-_PORT_LOCKS = Path(tempfile.gettempdir()) / "letterbox-test-ports"
-_held_blocks: dict[int, int] = {}  # block -> the open lock file's descriptor, held while this process lives
-
-
-def _claim(block: int) -> bool:
-    """Claim a port block for this process with an advisory lock the kernel drops when the process dies:
-    pytest runs in several worktrees or xdist workers at once never race for the same ports (checking that
-    the ports are free is not enough: two processes can both see them free and both start a box)."""
-    if block in _held_blocks:
-        return True
-    _PORT_LOCKS.mkdir(exist_ok=True)
-    fd = os.open(_PORT_LOCKS / f"{block}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return False
-    _held_blocks[block] = fd
-    return True
-
-
 def pick_port_offset() -> int:
     # A block this process holds (or can claim) whose ports are all free: a box still running holds its own,
-    # and a box killed and restarted finds its block again.
-    for block in sorted(PORT_BLOCKS, key=lambda b: b not in _held_blocks):
+    # and a box killed and restarted finds its block again. The claims are bench/benchbox.py's, which the
+    # benches run by tests take too.
+    for block in sorted(PORT_BLOCKS, key=lambda b: not benchbox.holds_offset(b * PORT_BLOCK)):
         offset = block * PORT_BLOCK
-        if _claim(block) and _ports_free(offset):
+        if benchbox.claim_offset(offset) and benchbox.ports_free(offset):
             return offset
     raise RuntimeError("no free port range for letterbox serve")
 
