@@ -10,7 +10,8 @@ walking thread (open, read, hash) and the compress+encrypt+write thread use both
 `tar | zstd | age` does with three processes.
 
 The format is unchanged: a POSIX (pax) tar stream, one zstd frame, age v1: `age -d | zstd -d |
-tar -x` unpacks it. Memory is bounded by the queues between the threads (a few MiB each).
+tar -x` unpacks it. Memory is bounded by the queues and shared-memory rings between the threads and
+processes (a few MiB each).
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ import hashlib
 import io
 import mmap
 import os
-import queue
 import struct
 import subprocess
 import sys
-import threading
 from collections.abc import Generator, Iterator
 from typing import IO, Protocol, cast
 from zlib import adler32
@@ -135,9 +134,9 @@ class TarReader:
     skipped), after which `digest()` is their SHA-256. Names are decoded as UTF-8 with
     surrogateescape, as tarfile does on Linux."""
 
-    def __init__(self, blocks: Iterator[bytes]) -> None:
+    def __init__(self, blocks: Iterator[bytes] | Iterator[memoryview]) -> None:
         self.blocks = blocks
-        self.buf = b""
+        self.buf: bytes | memoryview = b""
         self.at = 0
         self.left = 0  # data of the current member not yet taken
         self.sha = b""  # the SHA-256 of the last member's data taken
@@ -150,16 +149,17 @@ class TarReader:
         return False
 
     def read(self, n: int) -> bytes:
-        """Exactly n bytes (fewer only at the end of the stream)."""
+        """Exactly n bytes (fewer only at the end of the stream), copied: a block may be a view of
+        shared memory that is handed back when the next one is taken (_decoded_ring)."""
         if self.at + n <= len(self.buf):
             self.at += n
-            return self.buf[self.at - n: self.at]
-        parts = [self.buf[self.at:]]
+            return bytes(self.buf[self.at - n: self.at])
+        parts = [bytes(self.buf[self.at:])]
         got = len(parts[0])
         self.at = len(self.buf)
         while got < n and self._fill():
             take = min(n - got, len(self.buf))
-            parts.append(self.buf[:take])
+            parts.append(bytes(self.buf[:take]))
             self.at = take
             got += take
         return b"".join(parts)
@@ -290,8 +290,10 @@ MAX_BODY = PIECE + SMALL  # a slot
 SLOTS = 4
 NO_SLOT = 255  # a batch without a body
 OFFSET = struct.Struct("<Q")  # where the age body starts, sent to the unpack child before its key
-AHEAD = 4  # groups of blocks waiting for the next thread of the unpack child
-AHEAD_GROUP = 16  # decrypted chunks of 64 KiB in a group (the decompressed blocks go one by one)
+RING_BLOCK = BLOCK  # the plaintext tar stream between the two unpacking processes, in blocks
+RING_BLOCKS = 8  # of a ring of shared memory (_decoded_ring)
+FILLED = struct.Struct("<BI")  # a ring block's number and how many bytes of it are filled
+RING_END = 255  # the FILLED message after the last block
 MAX_FILES = 256  # files in one batch
 
 
@@ -394,7 +396,8 @@ class FrameReader(TarReader):
 # --- the codec process ---------------------------------------------------------------------------
 #
 # zstd and age run in a child process (this module run with -m), fed or drained through a pipe, the
-# way `tar | zstd | age` splits the work; for a restore the child parses the tar stream too. Threads were tried first: each message file costs the
+# way `tar | zstd | age` splits the work; for a restore the child parses the tar stream too, and a
+# process forked from it decrypts and decompresses (_decoded_ring). Threads were tried first: each message file costs the
 # walking thread several releases of the interpreter lock (open, read, hash, write), and on a
 # loaded 2-core machine every release let the codec thread in and then waited for the OS to hand
 # the lock back, so a restore ran at a fifth of its CPU time. Two processes share no lock. The
@@ -499,15 +502,14 @@ class _Closing(Protocol):
 def plain_tar(source: IO[bytes], key: bytes, child: UnpackChild | None = None) -> tuple[TarReader, _Closing]:
     """A reader of the tar stream inside an age file whose header was read (`key` from
     age_stream.read_header), and what to close when done (it stops the work under the reader). From
-    a file, the work is split over two processes, balanced by their CPU time: `child` (from
-    unpack_child(), started before the header was read) decrypts, decompresses and parses the tar
-    stream (sent in batches, FrameReader), and this one checks each member, hashes it and writes it.
-    Else all of it here.
+    a file, the work is split over three processes, like `age -d | zstd -d | tar -x`: `child` (from
+    unpack_child(), started before the header was read) parses the tar stream, copies and hashes each
+    file and sends them in batches (FrameReader), while a process forked from it decrypts and
+    decompresses (_decoded_ring); this one checks each member and writes it. Else all of it here.
 
-    Why two and not three like `age -d | zstd -d | tar -x`: measured on 20k messages / 505 MB on 2
-    cores, a third process (a child that parsed and hashed between the codec child and this one)
-    cost about 1 s more CPU than it saved (one more copy of every byte through a pipe, one more
-    interpreter), and restored more slowly, loaded or not."""
+    The third process is a fork sharing memory with the child, not a new interpreter behind a pipe:
+    measured on 20k messages / 505 MB on 2 cores, that one cost about 1 s more CPU than it saved (one
+    more copy of every byte through a pipe, one more interpreter)."""
     if child is None:
         here = _plain_here(source, key)
         return TarReader(here), here
@@ -600,10 +602,8 @@ class _Blocks:
         return self.buf[self.at - n: self.at]
 
 
-def _plain_here(source: IO[bytes], key: bytes, *, ahead: bool = False) -> Generator[bytes, None, None]:
+def _plain_here(source: IO[bytes], key: bytes) -> Generator[bytes, None, None]:
     decrypted = age_stream.Decryptor(source, key).blocks()
-    if ahead:
-        decrypted = _ahead(decrypted)
     stream = cast(IO[bytes], _Blocks(decrypted))
     import zstandard  # not at the top: the box imports this module at every start (issue 19: idle memory)
 
@@ -612,36 +612,6 @@ def _plain_here(source: IO[bytes], key: bytes, *, ahead: bool = False) -> Genera
             yield block
     for _ in decrypted:  # past the last frame: age authenticates the rest too
         pass
-
-
-def _ahead(blocks: Iterator[bytes], group_size: int = AHEAD_GROUP) -> Iterator[bytes]:
-    """`blocks` produced by a thread, at most AHEAD groups of `group_size` of them ahead of the caller.
-    In the unpack child the decryption runs beside the decompression, and the decompression beside
-    the parsing and hashing (all release the interpreter lock while they work): measured, the child
-    was the longest-running task of a restore, and decryption a fifth of it. Handed over by groups
-    of about 1 MiB so that the threads seldom wake each other."""
-    waiting: queue.Queue[list[bytes] | BaseException | None] = queue.Queue(maxsize=AHEAD)
-
-    def run() -> None:
-        try:
-            group: list[bytes] = []
-            for block in blocks:
-                group.append(block)
-                if len(group) == group_size:
-                    waiting.put(group)
-                    group = []
-            if group:
-                waiting.put(group)
-        except BaseException as exc:  # noqa: BLE001  handed to the reader, which raises it
-            waiting.put(exc)
-            return
-        waiting.put(None)
-
-    threading.Thread(target=run, name="ahead", daemon=True).start()
-    while (item := waiting.get()) is not None:
-        if isinstance(item, BaseException):
-            raise item
-        yield from item
 
 
 def _compress(key: bytes) -> None:
@@ -661,13 +631,12 @@ def _unpack(key: bytes, shared: int, freed: int) -> None:
     """The age file's body on stdin, the members of the tar stream inside in batches on stdout, their
     file data in the slots of the shared memory `shared`, which come back on `freed` (FrameReader).
 
-    Three threads: decryption (_plain_here), decompression (_ahead here) and this one, which parses
-    the tar stream, copies and hashes each file and sends the batches. Each releases the interpreter
-    lock while it works."""
+    This process parses the tar stream, copies and hashes each file and sends the batches; a process
+    forked from it decrypts and decompresses (_decoded_ring)."""
     out = sys.stdout.fileno()
     slots = memoryview(mmap.mmap(shared, SLOTS * MAX_BODY))
     free = list(range(SLOTS))
-    tar = TarReader(_ahead(_plain_here(sys.stdin.buffer, key, ahead=True), 1))
+    tar = TarReader(_decoded_ring(key, freed))
     index: list[bytes] = []
     index_size = body_size = files = 0
     slot, at = NO_SLOT, 0  # the slot the batch's file data goes into, and where the next file goes
@@ -710,6 +679,95 @@ def _unpack(key: bytes, shared: int, freed: int) -> None:
     if index:
         flush(0)
     _write_all(out, BATCH.pack(0, 0, 0, NO_SLOT))
+
+
+def _decoded_ring(key: bytes, freed_slots: int) -> Iterator[memoryview]:
+    """The plaintext tar stream inside the age file's body on stdin, as views of the blocks of a ring
+    of shared memory (a memfd) that a process forked from this one fills: decryption and
+    decompression run there, beside this process's parsing and hashing, as `age -d | zstd -d` runs
+    beside `tar -x`. A block goes back to the decoder when the next one is taken, so a view is valid
+    until then (TarReader copies what it keeps).
+
+    Why a process and not threads (as before): measured on 20k messages / 505 MB on 2 cores, the
+    decryption, decompression and parsing threads of this process handed the interpreter lock to each
+    other hundreds of times a second, and on a busy machine each hand-over waited for a time slice;
+    the process and the restoring one both waited about half of the time. Why forked and shared
+    memory, not a new interpreter and a pipe (measured slower): a fork takes a millisecond and shares
+    the imported modules, and the plaintext is not copied through the kernel twice."""
+    ring_fd = os.memfd_create("letterbox-plain", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(ring_fd, RING_BLOCKS * RING_BLOCK)
+        ring = mmap.mmap(ring_fd, RING_BLOCKS * RING_BLOCK)
+    finally:
+        os.close(ring_fd)
+    filled_r, filled_w = os.pipe()
+    freed_r, freed_w = os.pipe()
+    pid = os.fork()  # no thread runs in this process: nothing is forked in the middle of its work
+    if pid == 0:  # the decoder; it never returns into the caller's code
+        code = 1
+        try:
+            for fd in (filled_r, freed_w, freed_slots):
+                os.close(fd)
+            # Its own stdout: the restoring process sees the end of the batches when the parser ends.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            code = _decode_into(key, memoryview(ring), filled_w, freed_r)
+        finally:
+            os._exit(code)
+    os.close(filled_w)
+    os.close(freed_r)
+    view = memoryview(ring)
+    head = bytearray(FILLED.size)
+    held = block = -1
+    try:
+        while os.readv(filled_r, [head]) == FILLED.size:  # messages under PIPE_BUF arrive whole
+            block, size = FILLED.unpack(head)
+            if held >= 0:
+                with contextlib.suppress(BrokenPipeError):  # the decoder has finished (or failed: see below)
+                    os.write(freed_w, bytes((held,)))
+                held = -1
+            if block == RING_END or block >= RING_BLOCKS or size > RING_BLOCK:
+                break
+            held = block
+            yield view[block * RING_BLOCK: block * RING_BLOCK + size]
+    finally:
+        os.close(filled_r)
+        os.close(freed_w)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code == DAMAGED_EXIT:
+        raise age_stream.AgeError("the file is damaged or truncated", damaged=True)
+    if code != 0 or block != RING_END:
+        raise OSError(f"the decoding process failed (exit {code})")
+
+
+def _decode_into(key: bytes, ring: memoryview, filled: int, freed: int) -> int:
+    """The forked decoder of _decoded_ring: decrypt and decompress stdin into the free blocks of
+    `ring`, say each one filled on `filled`, get them back on `freed`. Returns the exit status."""
+    import zstandard  # as in _plain_here
+
+    free = list(range(RING_BLOCKS))
+    decrypted = age_stream.Decryptor(sys.stdin.buffer, key).blocks()
+    source = cast(IO[bytes], _Blocks(decrypted))
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(source, read_size=BLOCK, read_across_frames=True) as z:
+            size = RING_BLOCK
+            while size == RING_BLOCK:
+                block = free.pop() if free else _freed_slot(freed)
+                into = ring[block * RING_BLOCK:(block + 1) * RING_BLOCK]
+                size = 0
+                while size < RING_BLOCK and (got := z.readinto(into[size:])):
+                    size += got
+                if size:
+                    os.write(filled, FILLED.pack(block, size))
+        for _ in decrypted:  # past the last frame: age authenticates the rest too
+            pass
+        os.write(filled, FILLED.pack(RING_END, 0))
+    except BrokenPipeError:
+        return 1  # the parser has stopped: it knows why
+    except (age_stream.AgeError, zstandard.ZstdError) as exc:
+        print(f"damaged: {exc}", file=sys.stderr)
+        return DAMAGED_EXIT
+    return 0
 
 
 def _freed_slot(freed: int) -> int:
