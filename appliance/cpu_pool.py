@@ -24,10 +24,11 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import ParamSpec, TypeVar
@@ -41,6 +42,34 @@ WORKERS = 1
 IDLE_SECONDS = 60.0  # a worker idle this long is stopped
 MAX_TASKS = 2000  # tasks per worker process before a fresh one replaces it
 WORKER_NICE = 10  # below the server: SMTP intake and NOOPs are served first
+
+
+_connections: dict[str, sqlite3.Connection] = {}  # the worker process's own, kept between tasks
+
+
+@contextlib.contextmanager
+def worker_db(db_path: str) -> Iterator[sqlite3.Connection]:
+    """A connection to the box's database for a task that writes what it derived from the message
+    files itself (the full-text index, message cache rows), so the server's process only waits for
+    a count: kept between tasks in the worker process; a new one, closed after, in a thread of the
+    server (cpu_pool.run_light)."""
+    in_worker = multiprocessing.parent_process() is not None
+    conn = _connections.get(db_path) if in_worker else None
+    if conn is None:
+        conn = sqlite3.connect(db_path, timeout=10.0, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=10000")
+        # No fsync per commit (WAL: a power cut may lose the last commits, never the database's
+        # integrity): what these tasks write is derived from the files, and a lost tail is written
+        # again. Every FTS commit of an APPEND or a delivery paid an fsync while holding the write
+        # lock the box's own commits wait for (issue 19).
+        conn.execute("PRAGMA synchronous=NORMAL")
+        if in_worker:
+            _connections[db_path] = conn
+    try:
+        yield conn
+    finally:
+        if not in_worker:
+            conn.close()  # a thread of the server: nothing left open behind it
 
 
 def _init_worker(nice: int) -> None:

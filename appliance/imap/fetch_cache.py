@@ -22,11 +22,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
 
+from appliance.cpu_pool import worker_db
 from appliance.imap import fetch as fetching
 from appliance.imap.commands import BinarySection, BodySection, FetchAttribute, FetchItem
 from appliance.imap.limits import MAX_HEADER_OCTETS
 from appliance.imap.mime import Headers, decode_words, parses_whole, scan
 from appliance.imap.responses import LiteralBytes, Raw, Value, render_value
+from appliance.store import message_cache
 from appliance.store.maildir import open_message
 from appliance.store.message_cache import CachedMessage, FileStamp, FolderCache, stamp_of
 
@@ -169,17 +171,31 @@ def current_rows(cache: FolderCache | None, files: Sequence[tuple[int, str]], *,
     return rows, learned, unknown
 
 
-def describe_files(files: Sequence[tuple[int, str]]) -> Learned:
-    """The rows of these (UID, file path) pairs, computed from the files (one that is gone is left
-    out). Picklable: the CPU pool's worker process runs it for background fills."""
-    learned: Learned = []
-    for uid, path in files:
-        try:
-            with open_message(Path(path)) as f:
-                learned.append((uid, describe(f, stamp_of(os.fstat(f.fileno())))))
-        except FileNotFoundError:
-            continue  # expunged meanwhile
-    return learned
+def fill_rows(db_path: str, folder_id: int, files: Sequence[tuple[int, str]]) -> int:
+    """Rows for these (UID, file path) pairs of one folder (in UID order) that have none, or one of
+    another file: described from the files and written by this process itself, in short
+    transactions (cpu_pool.worker_db, message_cache.keep); returns how many were written. Run by the CPU pool's worker
+    for fills: the server's process only waits for the count. Sending the rows back for the event
+    loop's connection to write cost the server a pickle load and an insert per row while the
+    client's FETCH ran on the same GIL (issue 19). Rows already current (a FETCH, or another fill,
+    kept them meanwhile) are not described again."""
+    if not files:
+        return 0
+    with worker_db(db_path) as conn:
+        known = message_cache.current_stamps(conn, folder_id, files[0][0], files[-1][0])
+        learned: Learned = []
+        for uid, path in files:
+            stamp = known.get(uid)
+            try:
+                if stamp is not None and stamp == stamp_of(os.stat(path)):
+                    continue
+                with open_message(Path(path)) as f:  # (found again by its unique name if renamed)
+                    fresh = stamp_of(os.fstat(f.fileno()))
+                    if fresh != stamp:
+                        learned.append((uid, describe(f, fresh)))
+            except FileNotFoundError:
+                continue  # expunged meanwhile
+        return message_cache.keep(conn, folder_id, learned)
 
 
 def needs_row(items: Iterable[FetchItem]) -> bool:

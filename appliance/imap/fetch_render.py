@@ -215,29 +215,27 @@ async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path
     Not in a thread here: a thread describing files holds this process's GIL, and every file a
     FETCH on the event loop's side opens meanwhile gave the GIL up and waited up to the switch
     interval (5 ms) to get it back: the next FETCH of the folder took 5 ms a message (55 s for
-    10k; issue 19). Rows that a FETCH kept meanwhile are not described twice. `background`: nobody
-    waits for these rows (the answer went out), so waited-for work in the pool goes first."""
+    10k; issue 19). The worker writes the rows itself (fetch_cache.fill_rows) and skips those kept
+    meanwhile. `background`: nobody waits for these rows (the answer went out), so waited-for work
+    in the pool goes first."""
     run = cpu.run_background if background else cpu.run
     if len(files) <= LEARN_LIGHT:
         run = cpu.run_light
-    described: asyncio.Task[fetch_cache.Learned] | None = None  # the chunk in the worker now
+    described: asyncio.Task[int] | None = None  # the chunk in the worker now
     try:
         # From the end: a FETCH of the folder that comes meanwhile computes rows from the start, so
         # the two meet in the middle instead of describing the same messages twice. The next chunk
-        # is queued while the last one's rows are kept: the worker goes from one chunk to the next
-        # without a gap in which background work (the full-text index) takes it (issue 19).
+        # is queued while the last one runs: the worker goes from one chunk to the next without a
+        # gap in which background work (the full-text index) takes it (issue 19).
         for start in reversed(range(0, len(files), LEARN_CHUNK)):
-            chunk = files[start:start + LEARN_CHUNK]
-            known = await asyncio.to_thread(cache.read, [uid for uid, _ in chunk], fields_only=True)
-            todo = [(uid, str(path)) for uid, path in chunk if uid not in known]
-            if not todo:
-                continue
-            previous, described = described, asyncio.ensure_future(run(fetch_cache.describe_files, todo))
+            chunk = [(uid, str(path)) for uid, path in files[start:start + LEARN_CHUNK]]
+            previous, described = described, asyncio.ensure_future(
+                run(fetch_cache.fill_rows, str(cache.path), cache.folder_id, chunk))
             if previous is not None:
-                await cache.learn(await previous)
+                await previous
         if described is not None:
             last, described = described, None
-            await cache.learn(await last)
+            await last
     except Exception:
         log.debug("message cache: computing rows in the background stopped", exc_info=True)
     finally:

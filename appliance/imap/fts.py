@@ -23,12 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from appliance.cpu_pool import worker_db
 from appliance.imap.limits import MAX_DECODED_SEARCH_OCTETS
 from appliance.imap.search import Term, TextHits, searched_texts
 from appliance.store.maildir import open_message
@@ -236,29 +236,6 @@ def _chunks(messages: Sequence[MessageInfo]) -> Iterator[Sequence[MessageInfo]]:
 
 # --- in the worker process (appliance/cpu_pool.py) -----------------------------------------------
 
-_connections: dict[str, sqlite3.Connection] = {}  # the worker process's own, kept between tasks
-
-
-@contextlib.contextmanager
-def _connection(db_path: str) -> Iterator[sqlite3.Connection]:
-    in_worker = multiprocessing.parent_process() is not None
-    conn = _connections.get(db_path) if in_worker else None
-    if conn is None:
-        conn = sqlite3.connect(db_path, timeout=10.0, isolation_level=None)
-        conn.execute("PRAGMA busy_timeout=10000")
-        # No fsync per commit (WAL: a power cut may lose the last commits, never the database's
-        # integrity): the index is derived from the files, and a lost tail is written again (the
-        # folder's mark moves with the last batch). Every FTS commit of an APPEND or a delivery
-        # paid an fsync while holding the write lock the box's own commits wait for (issue 19).
-        conn.execute("PRAGMA synchronous=NORMAL")
-        if in_worker:
-            _connections[db_path] = conn
-    try:
-        yield conn
-    finally:
-        if not in_worker:
-            conn.close()  # a thread of the server: nothing left open behind it
-
 
 def index_messages(db_path: str, folder_id: int, uidvalidity: int, items: list[tuple[int, str]],
                    upto_uid: int) -> int:
@@ -281,7 +258,7 @@ def index_messages(db_path: str, folder_id: int, uidvalidity: int, items: list[t
         except UnicodeEncodeError:
             continue  # lone surrogates SQLite would change: this one is scanned
         rows.append((rowid(folder_id, uid), header, body, folder_id, uid))
-    with _connection(db_path) as conn:
+    with worker_db(db_path) as conn:
         return _write_rows(conn, rows, folder_id, uidvalidity, upto_uid)
 
 

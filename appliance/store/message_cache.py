@@ -36,6 +36,7 @@ log = logging.getLogger("letterbox.store")
 # are described again at their next use.
 CACHE_VERSION = 1
 READ_BATCH = 500  # UIDs per SELECT (SQLite allows 32,766 parameters)
+KEEP_BATCH = 64  # rows per transaction of a filler (keep)
 
 FileStamp = tuple[int, int, int]  # (size, mtime in ns, inode) of a message file
 
@@ -96,6 +97,36 @@ _SUBJECT_COLUMNS = "uid, file_size, file_mtime_ns, file_inode, search_subject"
 _HAS_SUBJECT = " AND search_subject IS NOT NULL"
 
 
+_STAMPS_SQL = ("SELECT uid, file_size, file_mtime_ns, file_inode FROM message_cache"
+               " WHERE folder_id = ? AND version = ? AND uid BETWEEN ? AND ?")
+
+
+def current_stamps(conn: sqlite3.Connection, folder_id: int, low: int, high: int) -> dict[int, FileStamp]:
+    """The stamps of the rows of the current version for the UIDs from `low` to `high`: what a
+    filler (appliance/imap/fetch_cache.fill_rows) compares with the files before describing them.
+    Blocking, on the caller's own connection (worker_db)."""
+    rows = conn.execute(_STAMPS_SQL, (folder_id, CACHE_VERSION, low, high))
+    return {uid: (size, mtime, inode) for uid, size, mtime, inode in rows}
+
+
+def keep(conn: sqlite3.Connection, folder_id: int, rows: Sequence[tuple[int, CachedMessage]]) -> int:
+    """Write rows computed from the files on the caller's own connection (worker_db), KEEP_BATCH
+    to a transaction so the write lock the box's deliveries wait for is held briefly (as the
+    full-text indexer does), rows of messages expunged meanwhile left out; returns how many were
+    kept."""
+    kept = 0
+    for start in range(0, len(rows), KEEP_BATCH):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            done = conn.executemany(_LEARN_SQL, [c.row(folder_id, uid) for uid, c in rows[start:start + KEEP_BATCH]])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        kept += max(done.rowcount, 0)
+    return kept
+
+
 class MessageCache:
     """Reads from worker threads on a connection of its own (WAL: readers never wait for the
     writer); writes through the box's Database, on the event loop."""
@@ -107,6 +138,11 @@ class MessageCache:
         self._conn: sqlite3.Connection | None = None
         self._broken = False
         self._fills: set[asyncio.Task[None]] = set()  # rows being computed in the background
+
+    @property
+    def path(self) -> Path:
+        """The database file, for fillers that write rows from the CPU pool's worker process."""
+        return self._path
 
     def read(self, folder_id: int, uids: Sequence[int], *, fields_only: bool = False) -> dict[int, CachedMessage]:
         """The rows of these messages that there are (any version mismatch left out). Blocking: call
@@ -191,6 +227,10 @@ class FolderCache:
 
     cache: MessageCache
     folder_id: int
+
+    @property
+    def path(self) -> Path:
+        return self.cache.path
 
     def read(self, uids: Sequence[int], *, fields_only: bool = False) -> dict[int, CachedMessage]:
         return self.cache.read(self.folder_id, uids, fields_only=fields_only)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 
+from appliance.store.message_cache import CachedMessage
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
 from tests.support.polling import wait_until
@@ -289,3 +290,37 @@ def test_header_list_of_foreign_files_is_answered_then_learned(box: BoxHandle) -
     wait_until(lambda: cache_rows(box) == 5, what="the rows of the foreign files")
     answer = fetch(box, b"FETCH 5 (BODYSTRUCTURE)")
     assert b'("text" "plain" ("charset" "utf-8") NIL NIL "7bit" ' in answer
+
+
+def test_rows_of_a_header_list_are_described_and_written_by_the_worker(
+        box: BoxHandle, opened_files: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a header list of files nobody described (more than a thread of this process would take:
+    LEARN_LIGHT), the rows are computed and written by the CPU pool's worker process: this process
+    opens none of the files for them and writes none of the rows, and the ENVELOPE BODYSTRUCTURE
+    list after reads no file either."""
+    cache = box.services.store.message_cache
+    learned: list[int] = []
+    learn = cache.learn
+
+    async def counted(folder_id: int, rows: Sequence[tuple[int, CachedMessage]]) -> None:
+        learned.append(len(rows))
+        await learn(folder_id, rows)
+
+    monkeypatch.setattr(cache, "learn", counted)
+    box.add_user(USER, PASSWORD)
+    deliver(box, message(0))
+    cur = maildir(box) / "cur"
+    for n in range(1, 31):
+        (cur / f"17000000{n:02d}.M{n}P1.other:2,S").write_bytes(message(n, f"copied in {n}"))
+    raw = session(box)
+    try:
+        answer = b"".join(raw.command(b"a", b"FETCH 1:* (BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)])"))
+        assert b"Subject: copied in 30\r\n" in answer
+        opened_files.clear()
+        wait_until(lambda: cache_rows(box) == 31, what="the rows of the listed files")
+        answer = b"".join(raw.command(b"f", b"FETCH 1:* (ENVELOPE BODYSTRUCTURE)"))
+    finally:
+        raw.close()
+    assert b'"copied in 30"' in answer
+    assert message_files(opened_files, box) == []
+    assert sum(learned) == 0  # no row went through this process's connection
