@@ -246,7 +246,7 @@ class Setup:
                     yield Box(proc.pid, offset, data)
                     return
             except SystemExit as exc:
-                if started or "address already in use" not in str(exc) or attempt == 4:
+                if started or "address already in use" not in str(exc).lower() or attempt == 4:
                     raise
 
     @contextlib.contextmanager
