@@ -177,6 +177,39 @@ def test_indexing_waits_for_a_pause_in_the_mail(box: BoxHandle, monkeypatch: pyt
     box.run(body())
 
 
+def test_a_backlog_gives_way_to_the_mail_between_chunks(box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backlog is indexed in chunks, and each chunk waits for a pause in the mail as the round did
+    (issue 19: a folder copied in kept the write lock in turns with every delivery of a burst), so
+    under mail that never stops a chunk goes every MAX_DEFER_SECONDS, and the backlog still ends."""
+    box.add_user(USER, PASSWORD)
+    text_index = index(box)
+    box.run(text_index.stop())
+    monkeypatch.setattr(fts, "MAX_DEFER_SECONDS", 0.3)
+    monkeypatch.setattr(fts, "CHUNK_MESSAGES", 2)
+    store = box.services.store
+    for n in range(6):  # three chunks
+        box.run(store.deliver([USER], f"Subject: {n}\r\n\r\nbody number {n}\r\n".encode()))
+
+    async def body() -> float:
+        loop = asyncio.get_running_loop()
+
+        async def mail_that_never_stops() -> None:
+            while True:
+                store._arrivals.last_arrival = loop.time()
+                await asyncio.sleep(0.02)
+
+        feeder = asyncio.create_task(mail_that_never_stops())
+        started = loop.time()
+        try:
+            assert await asyncio.wait_for(text_index.catch_up(), 60) == 6
+        finally:
+            feeder.cancel()
+        return loop.time() - started
+
+    assert box.run(body()) >= 3 * fts.MAX_DEFER_SECONDS
+    assert rows(box) == 6
+
+
 async def _wait_indexed(text_index: TextIndex, count: int) -> None:
     for _ in range(600):
         if text_index.indexed >= count:
