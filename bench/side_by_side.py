@@ -9,7 +9,9 @@ ratio is Letterbox's relative performance: above 1 Letterbox is faster (or small
 A command that passes --timeout is stopped there and shown as "> N s" (then that session is closed).
 The machine's load (uptime) is printed with the table: other work moves absolute figures, the
 interleaving keeps the ratios honest. `--sizes ''` runs only the rows that do not depend on a folder's
-size (SMTP, submission, POP3, imaptest stress).
+size (SMTP, submission, POP3, imaptest stress). Before SEARCH BODY each server is given until its
+processes are idle (--timeout at most; the wait is printed): the row is about a folder the server had
+time to index, and Letterbox's full-text indexing gives way to the deliveries and APPENDs before it.
 
 What Letterbox's MX does in the SMTP rows (SMTP_CHECKS, printed with the table): the peers check nothing.
 
@@ -376,8 +378,8 @@ class ImapRound:
     """The IMAP rows of one round on one server. A command that times out leaves its session unusable:
     the next row opens a new session (and SELECTs, untimed) rather than reporting a timeout it never had."""
 
-    def __init__(self, results: Results, server: str, imaps: int, size: int) -> None:
-        self.results, self.server, self.imaps, self.size = results, server, imaps, size
+    def __init__(self, results: Results, server: str, imaps: int, size: int, pid: int | None = None) -> None:
+        self.results, self.server, self.imaps, self.size, self.pid = results, server, imaps, size, pid
         self.current: Session | None = None
 
     async def session(self, *, select: bool = True) -> Session:
@@ -438,9 +440,34 @@ class ImapRound:
                          size=self.size)
         await self.end_session()
 
-        # Last: a timed-out search may go on inside the server until it is stopped.
+        # Last: a timed-out search may go on inside the server until it is stopped. The row is about a
+        # folder the server has had time to index: Letterbox's full-text index of the folder copied in
+        # and of the new mail gives way to deliveries and APPENDs (imap/fts.py), so both servers first
+        # get until their processes are idle (Dovecot, without an FTS plugin, is idle at once).
+        if self.pid is not None:
+            waited = await settle_cpu(self.pid, self.results.timeout)
+            print(f"# {self.server} idle after {waited:.1f} s before SEARCH BODY ({self.size:,} messages)",
+                  file=sys.stderr, flush=True)
         await self.search("SEARCH BODY", f"SEARCH BODY {corpus.BODY_WORD}")
         await self.end_session()
+
+
+IDLE_CPU = 0.05  # CPU seconds per IDLE_INTERVAL, all of a server's processes, below which it is idle
+IDLE_INTERVAL = 1.0
+
+
+async def settle_cpu(pid: int, limit: float) -> float:
+    """Wait until the server's process tree used less than IDLE_CPU in each of two IDLE_INTERVALs in a
+    row, `limit` seconds at most; returns the seconds waited."""
+    started = time.perf_counter()
+    quiet = 0
+    before = cpu_seconds(pid)
+    while quiet < 2 and time.perf_counter() - started < limit:
+        await asyncio.sleep(IDLE_INTERVAL)
+        now = cpu_seconds(pid)
+        quiet = quiet + 1 if now - before < IDLE_CPU else 0
+        before = now
+    return time.perf_counter() - started
 
 
 async def lmtp_load(port: int, user: str, start: int, count: int, sessions: int = 10) -> float:
@@ -488,7 +515,7 @@ def imap_round(setup: Setup, results: Results, folder: Path, size: int) -> None:
             if server == "letterbox":
                 with setup.letterbox({READER: folder}) as box:
                     try:
-                        asyncio.run(ImapRound(results, server, box.port("imaps"), size).run(box.port("lmtp")))
+                        asyncio.run(ImapRound(results, server, box.port("imaps"), size, box.pid).run(box.port("lmtp")))
                     except (RuntimeError, ConnectionError, OSError):
                         log = (box.data.parent / "serve.log").read_text(errors="replace").splitlines()
                         print("\n".join(line for line in log if " ERROR " in line or "Error" in line)[-4000:],
@@ -498,7 +525,8 @@ def imap_round(setup: Setup, results: Results, folder: Path, size: int) -> None:
             else:
                 with setup.dovecot({READER: folder}) as dovecot:
                     try:
-                        asyncio.run(ImapRound(results, server, dovecot.tls_port, size).run(dovecot.lmtp_port))
+                        asyncio.run(ImapRound(results, server, dovecot.tls_port, size, dovecot.master()).run(
+                            dovecot.lmtp_port))
                     except (RuntimeError, ConnectionError, OSError):
                         print(dovecot.log()[-4000:], file=sys.stderr)
                         raise
