@@ -602,20 +602,18 @@ class _Unpacking:
     files: int = 0
     made: set[str] = field(default_factory=set)
     # The SHA-256 of every file's data (its name as the archive's octets, checked), of the very bytes
-    # written (TarReader.data: hashed as they are read here, or by the unpack child from the shared
-    # memory they are written from), compared with the checksum list at the end.
+    # written (hashed here from the view they are written from), compared with the checksum list at
+    # the end.
     digests: dict[bytes, bytes] = field(default_factory=dict)
     dir_path: str = ""  # the directory of the last file written, open as dir_fd
     dir_fd: int = -1
     dir_raw: str = ""  # that directory as the archive spelled it ("" when it is the staging root)
     dir_name: str = ""  # and as checked (_safe_name), with a '/' after it
-    dir_raw_b: bytes = b""  # the same two as octets, for the batches (frames())
-    dir_name_b: bytes = b""
 
     def close_dir(self) -> None:
         if self.dir_fd >= 0:
             os.close(self.dir_fd)
-            self.dir_fd, self.dir_path, self.dir_raw, self.dir_raw_b = -1, "", "", b""
+            self.dir_fd, self.dir_path, self.dir_raw = -1, "", ""
 
     def member(self, tar: backup_stream.TarReader, raw_name: str, kind: bytes, size: int) -> None:
         # The usual member (tens of thousands of them) in few steps: a file in the directory of the
@@ -628,45 +626,6 @@ class _Unpacking:
                 self._file(tar, self.dir_name + base, base, size)
                 return
         self._checked(tar, raw_name, kind, size)
-
-    def frames(self, reader: backup_stream.FrameReader) -> None:
-        """All members as the unpack child sends them, batch by batch. The usual member, a file in
-        the directory of the file before it (as in member()), is written here in a few steps, which
-        is the most a restore does: measured on 20k messages, the generators and calls of the way
-        through member() were a third of the restoring process's CPU. Any other member takes
-        member()."""
-        frame, frame_size = backup_stream.FRAME.unpack_from, backup_stream.FRAME.size
-        regular, digests, progress = backup_stream.REGTYPE, self.digests, self.progress
-        for index, body, streamed in reader.batches():
-            at = data = done = 0
-            end = len(index)
-            while at < end:
-                kind, name_size, size, sha = frame(index, at)
-                at += frame_size
-                raw = index[at:at + name_size]
-                at += name_size
-                if at >= end and streamed:  # its data follows in the pipe
-                    reader.streamed, reader.current = size, body[:0]
-                    self.member(reader, raw.decode("utf-8", "surrogateescape"), kind, size)
-                    reader.skip_streamed()
-                    break
-                piece = body[data:data + size]
-                data += size
-                if kind == regular and self.dir_raw_b and self.listed is None and self.only is None:
-                    parent, _, base = raw.rpartition(b"/")
-                    if parent == self.dir_raw_b and base not in _NOT_A_NAME_B:
-                        name = self.dir_name_b + base
-                        if name in digests:
-                            raise BackupError(f"refused: {name.decode('utf-8', 'replace')[:80]!r} appears twice")
-                        digests[name] = sha  # the child's, of the very bytes of the slot written here
-                        _write_file(base, self.dir_fd, piece)
-                        done += size
-                        self.files += 1
-                        continue
-                reader.current, reader.current_sha = piece, sha
-                self.member(reader, raw.decode("utf-8", "surrogateescape"), kind, size)
-            progress.done += done
-            self.kick()
 
     def kick(self) -> None:
         """The early writeback started when WRITEBACK_STEP more bytes were written."""
@@ -710,22 +669,29 @@ class _Unpacking:
         key = name.encode("utf-8", "surrogateescape")
         if key in self.digests or name in self.sums:
             raise BackupError(f"refused: {name[:80]!r} appears twice")
-        # The SHA-256 of the very bytes written here (TarReader.data), compared with the checksum
-        # list at the end (unpack).
-        pieces = tar.data(size)
-        if self.only is None or self.only(name):
-            # Relative to the directory's descriptor (the archive keeps a folder's files together):
-            # the kernel does not walk the whole path again for each of thousands of files.
-            fd = os.open(base, _CREATE, 0o600, dir_fd=self.dir_fd)
-            try:
-                for piece in pieces:
-                    _write_all(fd, piece)
-            finally:
-                os.close(fd)
+        # The SHA-256 of the very bytes written here, compared with the checksum list at the end
+        # (unpack). Files are written relative to the directory's descriptor (the archive keeps a
+        # folder's files together): the kernel does not walk the whole path again for each of
+        # thousands of files.
+        write = self.only is None or self.only(name)
+        view = tar.whole(size)
+        if view is not None:  # the usual file: its data lies in one block of the stream, one call
+            self.digests[key] = hashlib.sha256(view).digest()
+            if write:
+                _write_file(base, self.dir_fd, view)
         else:
-            for _ in pieces:  # read (and hashed) all the same
-                pass
-        self.digests[key] = tar.digest()
+            pieces = tar.data(size)
+            if write:
+                fd = os.open(base, _CREATE, 0o600, dir_fd=self.dir_fd)
+                try:
+                    for piece in pieces:
+                        _write_all(fd, piece)
+                finally:
+                    os.close(fd)
+            else:
+                for _ in pieces:  # read (and hashed) all the same
+                    pass
+            self.digests[key] = tar.digest()
         self.progress.done += size
         self.files += 1
         self.kick()
@@ -744,11 +710,9 @@ class _Unpacking:
         # Never the staging root: its files (the manifest, the checksum list) take the full way.
         self.dir_raw = raw if parent else ""
         self.dir_name = parent + "/"
-        self.dir_raw_b = self.dir_raw.encode("utf-8", "surrogateescape")
-        self.dir_name_b = self.dir_name.encode("utf-8", "surrogateescape")
 
 
-def _write_file(name: bytes, dir_fd: int, data: memoryview) -> None:
+def _write_file(name: str, dir_fd: int, data: memoryview) -> None:
     """A new file `name` in the directory open as `dir_fd`, holding `data`."""
     fd = os.open(name, _CREATE, 0o600, dir_fd=dir_fd)
     try:
@@ -763,7 +727,6 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 
 _NOT_A_NAME = frozenset(("", ".", ".."))
-_NOT_A_NAME_B = frozenset((b"", b".", b".."))
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -780,11 +743,8 @@ def unpack(source: IO[bytes], secret: Secret, staging: Path, *, known_schema: in
     state = _Unpacking(str(staging), known, only, progress, _EarlyWriteback(staging) if writeback else None)
     try:
         with _plain_members(source, secret) as tar, _no_cycle_collection():
-            if isinstance(tar, backup_stream.FrameReader):
-                state.frames(tar)
-            else:
-                for name, kind, size in tar.members():
-                    state.member(tar, name, kind, size)
+            for name, kind, size in tar.members():
+                state.member(tar, name, kind, size)
             # Read to the end so age authenticates the last chunk (a truncation shows there).
             tar.drain()
     except BackupError:

@@ -150,7 +150,7 @@ class TarReader:
 
     def read(self, n: int) -> bytes:
         """Exactly n bytes (fewer only at the end of the stream), copied: a block may be a view of
-        shared memory that is handed back when the next one is taken (_decoded_ring)."""
+        shared memory that is handed back when the next one is taken (UnpackChild.blocks)."""
         if self.at + n <= len(self.buf):
             self.at += n
             return bytes(self.buf[self.at - n: self.at])
@@ -181,6 +181,15 @@ class TarReader:
             self.at += size
             return iter((memoryview(self.buf)[self.at - size:self.at],))
         return self.pieces(size)
+
+    def whole(self, size: int) -> memoryview | None:
+        """The member's data as one view, like raw(), when it lies in the current block (the usual
+        case: one call to hash it, one to write it); else None, and data() or raw() take it."""
+        if self.at + size > len(self.buf):
+            return None
+        self.left = 0
+        self.at += size
+        return memoryview(self.buf)[self.at - size: self.at]
 
     def data(self, size: int) -> Iterator[memoryview]:
         self.left = 0
@@ -262,142 +271,25 @@ class TarReader:
             pass
 
 
-# Between the child that unpacks a restore and the reader of that restore, the members travel in
-# batches: a BATCH head (the size of an index, the size of a body and the shared-memory slot that
-# holds it, whether one member's data follows in the pipe), then the index (for each member a FRAME:
-# type, length of the name, size; then the name). The body, the data of the index's files one after
-# another without tar's padding, is not in the pipe: the child copies it into one of SLOTS slots of
-# shared memory (a memfd both processes map), the reader writes the files straight from there and
-# hands the slot's number back on a second pipe when the batch is done. A file larger than SMALL is
-# the last of its batch and its data follows the index in the pipe, streamed in pieces, so memory
-# stays bounded whatever the sizes. A batch with an empty index ends the stream.
-# Why batches: measured on 20k messages / 505 MB, the reader's per-member Python (a generator and a
-# read per header, name and piece) cost about as much CPU as its hashing; a batch is one read, and
-# each file's data is one slice of a slot, written in one call. Why shared memory: through the pipe
-# every byte was copied twice more, with the kernel's pipe handling on both sides.
-#
-# Who hashes: the child, each file's SHA-256 from its copy in the slot, the very bytes the reader
-# writes (the slot is not touched again until the reader hands it back), sent in the file's FRAME; a
-# streamed file's the reader computes as its pieces come. Measured on 2 cores: the writer (open,
-# write, close for each of 20k files) is the longest task of a restore, like tar's in `age -d |
-# zstd -d | tar -x`, and with the hashing it had 2.0 s of CPU against tar's 1.0 s; the child's
-# parsing thread waited for free slots most of the time.
-FRAME = struct.Struct("<cIQ32s")  # type, length of the name, size, SHA-256 of the data (in a slot)
-BATCH = struct.Struct("<IIBB")  # index size, body size, whether a streamed member follows, the body's slot
-SMALL = BLOCK  # the largest file sent inside a batch
-MAX_INDEX = PIECE + MAX_PAX + FRAME.size  # what the child sends at most (it flushes above PIECE)
-MAX_BODY = PIECE + SMALL  # a slot
-SLOTS = 4
-NO_SLOT = 255  # a batch without a body
+# Between the child that decodes a restore and the restoring process, the plaintext tar stream
+# travels through RING_BLOCKS blocks of shared memory (a memfd both processes map): the child
+# decrypts and decompresses into a free block and sends its number and length on its stdout (FILLED);
+# the restoring process parses the tar stream straight from the block, hashes and writes each file
+# from it, and hands the block back on a second pipe when it takes the next one. Nothing of the
+# data goes through a pipe, and each file is written with one call from the block it lies in.
 OFFSET = struct.Struct("<Q")  # where the age body starts, sent to the unpack child before its key
-RING_BLOCK = BLOCK  # the plaintext tar stream between the two unpacking processes, in blocks
-RING_BLOCKS = 8  # of a ring of shared memory (_decoded_ring)
+RING_BLOCK = BLOCK  # the plaintext tar stream between the two processes of a restore, in blocks
+RING_BLOCKS = 8  # of a ring of shared memory
 FILLED = struct.Struct("<BI")  # a ring block's number and how many bytes of it are filled
 RING_END = 255  # the FILLED message after the last block
 MAX_FILES = 256  # files in one batch
 
 
-class FrameReader(TarReader):
-    """The members of a restore as the `unpack` child sends them (same interface as TarReader), read
-    from the pipe `fd` one batch at a time, their data in a shared-memory slot: a member's data is a
-    view of it, valid until the next member. close() stops the child."""
-
-    def __init__(self, child: UnpackChild) -> None:
-        super().__init__(iter(()))
-        self.child = child
-        self.fd = child.out
-        self.head = memoryview(bytearray(BATCH.size))
-        self.index = memoryview(bytearray(MAX_INDEX))
-        self.slots = child.slots
-        self.current = self.head[:0]
-        self.current_sha = b""  # the child's SHA-256 of current
-        self.streamed = 0  # bytes of a large member still in the pipe
-
-    def _fill_exact(self, view: memoryview) -> None:
-        while view:
-            n = os.readv(self.fd, [view])
-            if n == 0:
-                self.child.finish()  # raises what the child reported when it failed
-                raise TarFormatError("the tar stream ends early (truncated)")
-            view = view[n:]
-
-    def batches(self) -> Iterator[tuple[bytes, memoryview, int]]:
-        """Each batch: its index, its body (a view of its slot) and whether the data of its last
-        member is streamed after it (FrameReader.streamed is then set to its size when the index has
-        been read through: see members())."""
-        while True:
-            self._fill_exact(self.head)
-            index_size, body_size, streamed, slot = BATCH.unpack(self.head)
-            if index_size > MAX_INDEX or body_size > MAX_BODY or (slot >= SLOTS and (slot != NO_SLOT or body_size)):
-                raise TarFormatError("a batch of members is too large")
-            if index_size == 0:
-                return
-            index = self.index[:index_size]
-            self._fill_exact(index)
-            start = slot * MAX_BODY
-            yield bytes(index), self.slots[start:start + body_size], streamed
-            if slot != NO_SLOT:
-                self.child.free(slot)  # every member of the batch is done with: the child may reuse it
-
-    def members(self) -> Iterator[tuple[str, bytes, int]]:
-        for index, body, streamed in self.batches():
-            index_size = len(index)
-            at = data = 0
-            while at < index_size:
-                kind, name_size, size, self.current_sha = FRAME.unpack_from(index, at)
-                at += FRAME.size
-                name = index[at:at + name_size].decode("utf-8", "surrogateescape")
-                at += name_size
-                if at >= index_size and streamed:
-                    self.streamed, self.current = size, body[:0]
-                else:
-                    self.current = body[data:data + size]
-                    data += size
-                yield name, kind, size
-                self.skip_streamed()
-
-    def skip_streamed(self) -> None:
-        while self.streamed:
-            for _ in self._streamed_pieces():
-                pass
-
-    def _streamed_pieces(self) -> Iterator[memoryview]:
-        while self.streamed:
-            # A new buffer for each piece: a caller may keep the pieces (b"".join takes them all first).
-            view = memoryview(bytearray(min(self.streamed, BLOCK)))
-            self._fill_exact(view)
-            self.streamed -= len(view)
-            yield view
-
-    def raw(self, size: int) -> Iterator[memoryview]:
-        if self.streamed:
-            return self._streamed_pieces()
-        return iter((self.current,))
-
-    def data(self, size: int) -> Iterator[memoryview]:
-        if self.streamed:
-            return super().data(size)  # pieces() below: the streamed data, hashed as it comes
-        self.sha = self.current_sha
-        return iter((self.current,))
-
-    def pieces(self, n: int) -> Iterator[memoryview]:
-        return self._streamed_pieces()
-
-    def drain(self) -> None:
-        """After members(): read to the end and check how the child ended (a damaged end shows there)."""
-        while os.read(self.fd, BLOCK):
-            pass
-        self.child.finish()
-
-    def close(self) -> None:
-        self.child.close()
-
-
 # --- the codec process ---------------------------------------------------------------------------
 #
 # zstd and age run in a child process (this module run with -m), fed or drained through a pipe, the
-# way `tar | zstd | age` splits the work; for a restore the child parses the tar stream too, and a
-# process forked from it decrypts and decompresses (_decoded_ring). Threads were tried first: each message file costs the
+# way `tar | zstd | age` splits the work (for a restore, through shared memory: UnpackChild). Threads
+# were tried first: each message file costs the
 # walking thread several releases of the interpreter lock (open, read, hash, write), and on a
 # loaded 2-core machine every release let the codec thread in and then waited for the OS to hand
 # the lock back, so a restore ran at a fifth of its CPU time. Two processes share no lock. The
@@ -502,20 +394,23 @@ class _Closing(Protocol):
 def plain_tar(source: IO[bytes], key: bytes, child: UnpackChild | None = None) -> tuple[TarReader, _Closing]:
     """A reader of the tar stream inside an age file whose header was read (`key` from
     age_stream.read_header), and what to close when done (it stops the work under the reader). From
-    a file, the work is split over three processes, like `age -d | zstd -d | tar -x`: `child` (from
-    unpack_child(), started before the header was read) parses the tar stream, copies and hashes each
-    file and sends them in batches (FrameReader), while a process forked from it decrypts and
-    decompresses (_decoded_ring); this one checks each member and writes it. Else all of it here.
+    a file, the work is split over two processes: `child` (from unpack_child(), started before the
+    header was read) decrypts and decompresses into shared memory, and this one parses the tar stream
+    from there, hashes each file and writes it. Else all of it here.
 
-    The third process is a fork sharing memory with the child, not a new interpreter behind a pipe:
-    measured on 20k messages / 505 MB on 2 cores, that one cost about 1 s more CPU than it saved (one
-    more copy of every byte through a pipe, one more interpreter)."""
+    Why this split: measured on 20k messages / 505 MB on 2 cores (load 9-12), against a child that
+    also parsed the tar stream and hashed each file, copied them into slots of shared memory and sent
+    their names in batches (in turn with two threads, or with a third process forked for the codecs):
+    0.2-0.3 s less CPU (3.5-3.8 s against 3.6-4.0 s; no copy, no batches, one interpreter less
+    parsing) and a median of 1.13x the speed in alternation. The codecs (1.2-1.4 s) and this process
+    (2.2 s, the hashing included) then overlap like `age -d | zstd -d` and `tar -x`, and no process
+    hands an interpreter lock between threads, which on a busy machine waits for a time slice at each
+    hand-over."""
     if child is None:
         here = _plain_here(source, key)
         return TarReader(here), here
     child.start(source.tell(), key)
-    reader = FrameReader(child)
-    return reader, reader
+    return TarReader(child.blocks()), child
 
 
 def unpack_child(source: IO[bytes]) -> UnpackChild | None:
@@ -530,16 +425,16 @@ def unpack_child(source: IO[bytes]) -> UnpackChild | None:
 
 
 class UnpackChild:
-    """The `unpack` child reading the age file's body from `fd`; its members come out of `out`. It
-    waits for start(): where the body starts in the file, and its key."""
+    """The `unpack` child reading the age file's body from `fd`; the plaintext tar stream comes out
+    of blocks(). It waits for start(): where the body starts in the file, and its key."""
 
     def __init__(self, fd: int) -> None:
         key_fd, self.key_w = os.pipe()
         freed, self.free_w = os.pipe()
         shared = os.memfd_create("letterbox-restore", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(shared, SLOTS * MAX_BODY)
-            self.map = mmap.mmap(shared, SLOTS * MAX_BODY)
+            os.ftruncate(shared, RING_BLOCKS * RING_BLOCK)
+            self.map = mmap.mmap(shared, RING_BLOCKS * RING_BLOCK)
             self.proc = _child("unpack", fd, subprocess.PIPE, key_fd, (shared, freed))
         except BaseException:
             os.close(self.key_w)
@@ -548,15 +443,34 @@ class UnpackChild:
         finally:
             for own in (key_fd, freed, shared):
                 os.close(own)
-        self.slots = memoryview(self.map)
+        self.ring = memoryview(self.map)
         assert self.proc.stdout is not None
         self.out = self.proc.stdout.fileno()
-        _big_pipe(self.out)
 
-    def free(self, slot: int) -> None:
-        """The child may fill `slot` again."""
-        with contextlib.suppress(BrokenPipeError):  # the child has stopped: reading its output says why
-            os.write(self.free_w, bytes((slot,)))
+    def blocks(self) -> Iterator[memoryview]:
+        """The plaintext tar stream, a view of one block of the ring at a time. A block goes back to
+        the child when the next one is taken: a view is valid until then (TarReader copies what it
+        keeps). Raises AgeError when the child found the file damaged, TarFormatError when it ends
+        early."""
+        head = bytearray(FILLED.size)
+        held = block = -1
+        while os.readv(self.out, [head]) == FILLED.size:  # messages under PIPE_BUF arrive whole
+            block, size = FILLED.unpack(head)
+            if held >= 0:
+                self.free(held)
+                held = -1
+            if block == RING_END or block >= RING_BLOCKS or size > RING_BLOCK:
+                break
+            held = block
+            yield self.ring[block * RING_BLOCK: block * RING_BLOCK + size]
+        self.finish()  # raises what the child reported when it failed
+        if block != RING_END:
+            raise TarFormatError("the tar stream ends early (truncated)")
+
+    def free(self, block: int) -> None:
+        """The child may fill `block` again."""
+        with contextlib.suppress(BrokenPipeError):  # the child has stopped: its status says why
+            os.write(self.free_w, bytes((block,)))
 
     def start(self, offset: int, key: bytes) -> None:
         """The child reads on from `offset` (the file is shared with this process: nothing here reads
@@ -582,7 +496,7 @@ class UnpackChild:
             self.free_w = -1
         _kill(self.proc)
         with contextlib.suppress(BufferError):  # a view still held by a caller: the map goes with it
-            self.slots.release()
+            self.ring.release()
             self.map.close()
 
 
@@ -627,151 +541,31 @@ def _compress(key: bytes) -> None:
     _write_all(stdout, enc.update(compressor.flush()) + enc.finish())
 
 
-def _unpack(key: bytes, shared: int, freed: int) -> None:
-    """The age file's body on stdin, the members of the tar stream inside in batches on stdout, their
-    file data in the slots of the shared memory `shared`, which come back on `freed` (FrameReader).
-
-    This process parses the tar stream, copies and hashes each file and sends the batches; a process
-    forked from it decrypts and decompresses (_decoded_ring)."""
-    out = sys.stdout.fileno()
-    slots = memoryview(mmap.mmap(shared, SLOTS * MAX_BODY))
-    free = list(range(SLOTS))
-    tar = TarReader(_decoded_ring(key, freed))
-    index: list[bytes] = []
-    index_size = body_size = files = 0
-    slot, at = NO_SLOT, 0  # the slot the batch's file data goes into, and where the next file goes
-
-    def flush(streamed: int) -> None:
-        _write_all(out, BATCH.pack(index_size, body_size, streamed, slot) + b"".join(index))
-
-    sha256 = hashlib.sha256
-    for name, kind, length in tar.members():
-        raw = name.encode("utf-8", "surrogateescape")
-        size = length if kind == REGTYPE else 0  # nothing follows a directory's name
-        if size > SMALL:  # the last of its batch, its data streamed after it (the reader hashes it)
-            index.append(FRAME.pack(kind, len(raw), size, b"") + raw)
-            index_size += FRAME.size + len(raw)
-            flush(1)
-            for piece in tar.raw(size):
-                _write_all(out, piece)
-        else:
-            digest = b""
-            if kind == REGTYPE:
-                if slot == NO_SLOT:
-                    slot = free.pop() if free else _freed_slot(freed)
-                    at = slot * MAX_BODY
-                start = at
-                for piece in tar.raw(size):
-                    end = at + len(piece)
-                    slots[at:end] = piece
-                    at = end
-                digest = sha256(slots[start:at]).digest()  # of the copy the reader writes
-                body_size += size
-                files += 1
-            index.append(FRAME.pack(kind, len(raw), size, digest) + raw)
-            index_size += FRAME.size + len(raw)
-            # Handed on a quarter of a pipe at a time, as Sink does.
-            if body_size < PIECE and index_size < PIECE and files < MAX_FILES:
-                continue
-            flush(0)
-        index, index_size, body_size, files, slot = [], 0, 0, 0, NO_SLOT
-    tar.drain()
-    if index:
-        flush(0)
-    _write_all(out, BATCH.pack(0, 0, 0, NO_SLOT))
-
-
-def _decoded_ring(key: bytes, freed_slots: int) -> Iterator[memoryview]:
-    """The plaintext tar stream inside the age file's body on stdin, as views of the blocks of a ring
-    of shared memory (a memfd) that a process forked from this one fills: decryption and
-    decompression run there, beside this process's parsing and hashing, as `age -d | zstd -d` runs
-    beside `tar -x`. A block goes back to the decoder when the next one is taken, so a view is valid
-    until then (TarReader copies what it keeps).
-
-    Why a process and not threads (as before): measured on 20k messages / 505 MB on 2 cores, the
-    decryption, decompression and parsing threads of this process handed the interpreter lock to each
-    other hundreds of times a second, and on a busy machine each hand-over waited for a time slice;
-    the process and the restoring one both waited about half of the time. Why forked and shared
-    memory, not a new interpreter and a pipe (measured slower): a fork takes a millisecond and shares
-    the imported modules, and the plaintext is not copied through the kernel twice."""
-    ring_fd = os.memfd_create("letterbox-plain", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(ring_fd, RING_BLOCKS * RING_BLOCK)
-        ring = mmap.mmap(ring_fd, RING_BLOCKS * RING_BLOCK)
-    finally:
-        os.close(ring_fd)
-    filled_r, filled_w = os.pipe()
-    freed_r, freed_w = os.pipe()
-    pid = os.fork()  # no thread runs in this process: nothing is forked in the middle of its work
-    if pid == 0:  # the decoder; it never returns into the caller's code
-        code = 1
-        try:
-            for fd in (filled_r, freed_w, freed_slots):
-                os.close(fd)
-            # Its own stdout: the restoring process sees the end of the batches when the parser ends.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            code = _decode_into(key, memoryview(ring), filled_w, freed_r)
-        finally:
-            os._exit(code)
-    os.close(filled_w)
-    os.close(freed_r)
-    view = memoryview(ring)
-    head = bytearray(FILLED.size)
-    held = block = -1
-    try:
-        while os.readv(filled_r, [head]) == FILLED.size:  # messages under PIPE_BUF arrive whole
-            block, size = FILLED.unpack(head)
-            if held >= 0:
-                with contextlib.suppress(BrokenPipeError):  # the decoder has finished (or failed: see below)
-                    os.write(freed_w, bytes((held,)))
-                held = -1
-            if block == RING_END or block >= RING_BLOCKS or size > RING_BLOCK:
-                break
-            held = block
-            yield view[block * RING_BLOCK: block * RING_BLOCK + size]
-    finally:
-        os.close(filled_r)
-        os.close(freed_w)
-        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    if code == DAMAGED_EXIT:
-        raise age_stream.AgeError("the file is damaged or truncated", damaged=True)
-    if code != 0 or block != RING_END:
-        raise OSError(f"the decoding process failed (exit {code})")
-
-
-def _decode_into(key: bytes, ring: memoryview, filled: int, freed: int) -> int:
-    """The forked decoder of _decoded_ring: decrypt and decompress stdin into the free blocks of
-    `ring`, say each one filled on `filled`, get them back on `freed`. Returns the exit status."""
+def _unpack(key: bytes, ring: memoryview, filled: int, freed: int) -> None:
+    """The `unpack` child's work: decrypt and decompress the age file's body on stdin into the free
+    blocks of `ring`, say each one filled on `filled`, get them back on `freed` (UnpackChild)."""
     import zstandard  # as in _plain_here
 
     free = list(range(RING_BLOCKS))
     decrypted = age_stream.Decryptor(sys.stdin.buffer, key).blocks()
     source = cast(IO[bytes], _Blocks(decrypted))
-    try:
-        with zstandard.ZstdDecompressor().stream_reader(source, read_size=BLOCK, read_across_frames=True) as z:
-            size = RING_BLOCK
-            while size == RING_BLOCK:
-                block = free.pop() if free else _freed_slot(freed)
-                into = ring[block * RING_BLOCK:(block + 1) * RING_BLOCK]
-                size = 0
-                while size < RING_BLOCK and (got := z.readinto(into[size:])):
-                    size += got
-                if size:
-                    os.write(filled, FILLED.pack(block, size))
-        for _ in decrypted:  # past the last frame: age authenticates the rest too
-            pass
-        os.write(filled, FILLED.pack(RING_END, 0))
-    except BrokenPipeError:
-        return 1  # the parser has stopped: it knows why
-    except (age_stream.AgeError, zstandard.ZstdError) as exc:
-        print(f"damaged: {exc}", file=sys.stderr)
-        return DAMAGED_EXIT
-    return 0
+    with zstandard.ZstdDecompressor().stream_reader(source, read_size=BLOCK, read_across_frames=True) as z:
+        size = RING_BLOCK
+        while size == RING_BLOCK:
+            block = free.pop() if free else _freed_block(freed)
+            into = ring[block * RING_BLOCK:(block + 1) * RING_BLOCK]
+            size = 0
+            while size < RING_BLOCK and (got := z.readinto(into[size:])):
+                size += got
+            if size:
+                os.write(filled, FILLED.pack(block, size))
+    for _ in decrypted:  # past the last frame: age authenticates the rest too
+        pass
+    os.write(filled, FILLED.pack(RING_END, 0))
 
 
-def _freed_slot(freed: int) -> int:
-    """Wait for the reader to hand a slot back (it does after writing the batch that was in it)."""
+def _freed_block(freed: int) -> int:
+    """Wait for the reader to hand a block back (it does when it takes the next one)."""
     got = os.read(freed, 1)
     if not got:
         raise BrokenPipeError  # the reader has gone
@@ -780,8 +574,8 @@ def _freed_slot(freed: int) -> int:
 
 def main(argv: list[str]) -> int:
     """The child: `compress KEY_FD` (tar on stdin, age file body on stdout) or `unpack KEY_FD SHARED
-    FREED` (age file body on stdin, the members of the tar stream inside framed on stdout, their data
-    in the slots of the memfd SHARED, which come back on the pipe FREED)."""
+    FREED` (age file body on stdin, the tar stream inside in the blocks of the memfd SHARED, each
+    announced on stdout, which come back on the pipe FREED: UnpackChild)."""
     mode, key_fd, more = argv[0], int(argv[1]), [int(fd) for fd in argv[2:]]
     key = b""
     if key_fd >= 0:
@@ -797,12 +591,12 @@ def main(argv: list[str]) -> int:
     gc.disable()  # a short-lived process that makes no cycles worth collecting (measured: 3% of its CPU)
     try:
         if mode == "unpack":
-            _unpack(key, more[0], more[1])
+            _unpack(key, memoryview(mmap.mmap(more[0], RING_BLOCKS * RING_BLOCK)), sys.stdout.fileno(), more[1])
         else:
             _compress(key)
     except BrokenPipeError:
         return 1  # the parent stopped reading: it knows why
-    except (age_stream.AgeError, zstandard.ZstdError, TarFormatError) as exc:
+    except (age_stream.AgeError, zstandard.ZstdError) as exc:
         print(f"damaged: {exc}", file=sys.stderr)
         return DAMAGED_EXIT
     return 0
