@@ -279,7 +279,7 @@ class TarReader:
 # data goes through a pipe, and each file is written with one call from the block it lies in.
 OFFSET = struct.Struct("<Q")  # where the age body starts, sent to the unpack child before its key
 RING_BLOCK = BLOCK  # the plaintext tar stream between the two processes of a restore, in blocks
-RING_BLOCKS = 8  # of a ring of shared memory
+RING_BLOCKS = 4  # of a ring of shared memory (each block is counted in the RSS of both processes)
 FILLED = struct.Struct("<BI")  # a ring block's number and how many bytes of it are filled
 RING_END = 255  # the FILLED message after the last block
 MAX_FILES = 256  # files in one batch
