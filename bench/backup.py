@@ -12,17 +12,17 @@ Usage: python -m bench.backup [--messages 20000] [--size 25000] [--runs 3] [--bo
 Disk: every restore is kept until the end of the run (see one_round), so 3 x runs x the box's size
 (4.5 GB for the default 3 rounds) on top of the box.
 
-Measured 2026-11-29 11:30 (2 cores, load 7.7-9.1 from other work; this run's session given
-autogroup nice -10; 3 rounds, medians of paired ratios), after the restore's file data moved from
-the pipe to shared memory: create 0.97x of tar|zstd|age (CPU 4.57 vs 4.65 s), restore 0.56x (rounds
-0.54, 0.56, 0.79; 172 vs 259 MB/s; CPU 4.09 vs 3.04 s, ours counting its 0.27 s of imports), 1.17x
-of the tools followed by `sync -f`; peak RSS 17 MB above idle plus 45 MB in the unpacking child. The
-same restore against the one before that change, in alternation at load 10-12 under the same nice:
-in two pairs with per-thread CPU from schedstat, 2.62-2.89 s against 3.03-3.06 s of wall, 3.3-3.6 s
-against 3.75 s of CPU, the writer 1.0-1.2 s against 1.4-1.5 s; in 5 rounds with the tools (11:44,
-load 11-13), no difference in wall (median paired ratio to the tools 0.64 against 0.66) for 5% less
-CPU (3.91 against 4.13 s). At these loads every thread of either side waits about as long for a CPU
-as it runs, so the ratios move a lot from round to round: only a quiet machine measures the target.
+Measured 2026-11-29 14:14-14:30 (2 cores, load 13-17 from other work; 3 rounds each, medians of
+paired ratios), after the restore became two processes sharing a ring of memory (the child decrypts
+and decompresses; the restoring process parses, hashes and writes from the ring): restore 0.57x
+(rounds 1.14, 0.40, 0.57; tools restoring their own file), then with both sides restoring the same
+file 1.69x (rounds 0.44, 1.69, 1.89) and, under autogroup nice -10, 0.67x (rounds 0.95, 0.67,
+0.48); create 0.78-0.92x. At that load the kernel's file creation cost 2-3 times more CPU in some
+runs than in others, on either side (the tools took 3.2 to 9.0 s of CPU for the same restore), so
+those ratios say nothing about the target: only a quiet machine measures it. Against the design
+before (the child also parsed and hashed, in three threads), in alternation at the same load: 0.2-0.5
+s less CPU (3.7-4.2 against 4.0-4.5 s), the same wall time within the noise; peak PSS of the box and
+its child 25 MB above idle (the RSS figures this prints count the shared ring in both processes).
 """
 
 from __future__ import annotations
