@@ -134,13 +134,12 @@ def split_filename(filename: str) -> tuple[str, str]:
 
 def name_wire_size(base: str) -> int | None:
     """Dovecot's ',W=<size>' in a unique name (the size with CRLF line ends), or None."""
-    if ",W=" not in base:
+    # The host is before the first ',' (its own commas are \054): the first ',W=' starts the field.
+    at = base.find(",W=")
+    if at < 0:
         return None
-    for part in base.split(",")[1:]:  # the host is before the first ',' (its own commas are \054)
-        digits = part[2:]
-        if part.startswith("W=") and digits.isascii() and digits.isdigit():
-            return int(digits)
-    return None
+    digits = base[at + 3:].partition(",")[0]
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 def cur_filename(base: str, letters: str) -> str:
