@@ -676,7 +676,8 @@ class _Unpacking:
         write = self.only is None or self.only(name)
         view = tar.whole(size)
         if view is not None:  # the usual file: its data lies in one block of the stream, one call
-            self.digests[key] = hashlib.sha256(view).digest()
+            self.digests[key] = b""  # taken now (a second file of that name is refused above)
+            tar.hash_later(view, key, self.digests)
             if write:
                 _write_file(base, self.dir_fd, view)
         else:
