@@ -198,6 +198,8 @@ def _refusals(tmp_path: Path, file: Path, kit: Path) -> list[tuple[str, Path, li
         ("symlink", [_entry("mail/link", kind=tarfile.SYMTYPE, link="/etc")], {}),
         ("hardlink", [_entry("mail/hard", kind=tarfile.LNKTYPE, link="letterbox.db")], {}),
         ("device", [_entry("mail/dev", kind=tarfile.CHRTYPE)], {}),
+        # The second copy in the folder of the first: the quick way through _Unpacking.member.
+        ("twice", [_entry("letterbox.db", db), _entry("mail/x", b"a"), _entry("mail/x", b"b")], {}),
     ):
         p = tmp_path / f"{label}.tar.zst.age"
         _craft(p, entries, recipient, **extra)
@@ -215,6 +217,7 @@ def _refusals(tmp_path: Path, file: Path, kit: Path) -> list[tuple[str, Path, li
         ("symlink", crafted["symlink"], key, "link or device"),
         ("hard link", crafted["hardlink"], key, "link or device"),
         ("device", crafted["device"], key, "link or device"),
+        ("twice", crafted["twice"], key, "appears twice"),
     ]
 
 
