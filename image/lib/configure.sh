@@ -107,6 +107,22 @@ UNIT
         "$root/var/lib/systemd/credential.secret" "$root"/etc/ssh/ssh_host_*
     rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/debconf/*-old \
         "$root"/var/log/*.log "$root/var/log/apt"/* "$root"/tmp/* "$root"/root/.cache
+    usr_updated_now "$root"
+}
+
+# systemd runs its "after an update of /usr" jobs at a boot that finds /usr newer than /etc/.updated and
+# /var/.updated (ConditionNeedsUpdate): systemd-sysusers, ldconfig, the journal's message catalog,
+# systemd-update-done. An image has no stamps, so every first boot ran them before sysinit.target, in
+# front of the console (system users about 4 s of an emulated first boot): done here once instead, and
+# stamped with /usr's time in whole seconds (systemd then compares seconds only). The last step of the
+# tree: anything changed under /usr later makes them run again at first boot, which is only slower.
+usr_updated_now() {
+    local root=$1
+    chroot "$root" systemd-sysusers >/dev/null
+    chroot "$root" ldconfig
+    chroot "$root" journalctl --update-catalog
+    touch -d "@$(stat -c %Y "$root/usr")" "$root/usr"
+    touch -r "$root/usr" "$root/etc/.updated" "$root/var/.updated"
 }
 
 # The image's second cut, after lib/base.sh's dpkg excludes (here rather than in the base's list: the
