@@ -6,8 +6,8 @@ workers and `--dist loadfile`, so each module has its own worker and its own mac
 modules run at the same time (most of a TCG boot or update is one busy vCPU: two machines use the
 host's two cores). "bios" (SeaBIOS, session fixture `bios`) goes through the admin's story and the
 reboot (test_appliance.py); "uefi" (OVMF, `uefi`) takes the updates (test_update.py). Each machine
-publishes its identity (machine-id, SSH host keys, certificate, SRS secret) once its console answers;
-test_appliance.py compares the two (`other_identity`). In one process (no -n) the same tests run one
+publishes its identity (machine-id, SSH host keys, certificate, SRS secret) once its own tests are done;
+test_appliance.py's last test compares the two (`other_identity`). In one process (no -n) the same tests run one
 module after the other, and the comparison boots the other machine itself.
 
 The figures (boot times, image size, the guest's own) are written beside the image by each worker and
@@ -77,6 +77,10 @@ def _booted(tmp_path_factory: pytest.TempPathFactory, name: str, *, uefi: bool) 
             f"{seconds:.0f} s, qemu CPU {vm.wizard_cpu:.0f} s, host load {os.getloadavg()[0]:.1f}")
         # The console answers first; the tests that follow want the mail ports too.
         FIGURES[f"boot to letterbox.service active ({name.upper()}, first boot)"] = f"{vm.wait_until_ready():.0f} s"
+        yield vm
+        # After the machine's tests, not before: the SSH host keys are made at the lowest priority once
+        # the console answers (minutes after it on a busy first boot), and the figures cost the guest's
+        # CPU; the tests should not wait for either. The other worker's comparison waits for this file.
         (run_dir() / f"identity-{name}.json").write_text(json.dumps(identity(vm)))
         for title, command in GUEST_FIGURES.items():
             # Figures, not checks: a guest too busy to answer one in time does not fail the run (a first
@@ -85,7 +89,6 @@ def _booted(tmp_path_factory: pytest.TempPathFactory, name: str, *, uefi: bool) 
                 FIGURES[f"{title} ({name})"] = vm.run(command, check=False, timeout=120).stdout.strip()
             except VmError as exc:
                 FIGURES[f"{title} ({name})"] = f"not measured: {str(exc).splitlines()[0]}"
-        yield vm
         # Where the boot's time went, kept beside the disk for a look afterwards (the BIOS machine has
         # rebooted since: its journal is of the second boot).
         try:
