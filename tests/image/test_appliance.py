@@ -31,6 +31,10 @@ DOMAIN = "example.test"
 ALICE, ALICE_PASSWORD = f"alice@{DOMAIN}", "alice's long password"
 CLI = f"runuser -u letterbox -- letterbox --data {DATA}"
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+# Seconds a client of the box waits for one answer: a guest starved by a loaded host is slow, not
+# broken (at load 17-21, with a quarter of a core per machine, the wizard's step 1 was never completed
+# and the test failed; 60 s had been enough at load 9-12).
+CLIENT_TIMEOUT = 300
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +81,7 @@ def test_http_redirects_to_https(box: Vm) -> None:
 
 
 def _wizard_step1(vm: Vm, code: str) -> httpx.Response:
-    with httpx.Client(base_url=f"https://127.0.0.1:{vm.port(443)}", verify=unverified_tls(), timeout=60) as client:
+    with httpx.Client(base_url=f"https://127.0.0.1:{vm.port(443)}", verify=unverified_tls(), timeout=CLIENT_TIMEOUT) as client:
         page = client.get("/setup/1")
         assert page.status_code == 200, page.text[:500]
         match = _CSRF.search(page.text)
@@ -99,7 +103,7 @@ def _send(vm: Vm, subject: str) -> None:
     msg.set_content("Sent from the host to the forwarded port 25.\n")
     for _attempt in range(3):
         try:
-            with smtplib.SMTP("127.0.0.1", vm.port(25), timeout=120) as smtp:
+            with smtplib.SMTP("127.0.0.1", vm.port(25), timeout=CLIENT_TIMEOUT) as smtp:
                 smtp.send_message(msg)
         except smtplib.SMTPRecipientsRefused as refused:
             code, text = refused.recipients[ALICE]
@@ -113,7 +117,7 @@ def _send(vm: Vm, subject: str) -> None:
 
 
 def _subjects(vm: Vm) -> list[str]:
-    with imaplib.IMAP4_SSL("127.0.0.1", vm.port(993), ssl_context=unverified_tls(), timeout=60) as imap:
+    with imaplib.IMAP4_SSL("127.0.0.1", vm.port(993), ssl_context=unverified_tls(), timeout=CLIENT_TIMEOUT) as imap:
         imap.login(ALICE, ALICE_PASSWORD)
         imap.select("INBOX", readonly=True)
         _, data = imap.search(None, "ALL")
@@ -146,7 +150,7 @@ def test_wizard_mail_and_reboot(box: Vm) -> None:
                                                f"host load {os.getloadavg()[0]:.1f}")
     FIGURES["boot to letterbox.service active (BIOS, reboot)"] = f"{box.wait_until_ready():.0f} s"
     assert "before the reboot" in _subjects(box)
-    with httpx.Client(base_url=f"https://127.0.0.1:{box.port(443)}", verify=unverified_tls(), timeout=60) as client:
+    with httpx.Client(base_url=f"https://127.0.0.1:{box.port(443)}", verify=unverified_tls(), timeout=CLIENT_TIMEOUT) as client:
         # The admin exists: the wizard's first step no longer asks for a code, it wants a login.
         page = client.get("/setup/1")
         assert page.status_code in (302, 303), page.status_code
@@ -175,17 +179,6 @@ def test_system_services(box: Vm) -> None:
         wait_for(lambda name=name: box.run(checks[name], check=False).exit_code == 0, 600, name, box)
     failed = [name for name, command in checks.items() if box.run(command, check=False).exit_code != 0]
     assert not failed, failed
-
-
-def test_two_boxes_from_one_image_differ(box: Vm, other_identity: dict[str, str]) -> None:
-    """The same image file written twice (two SD cards, two VM imports): every secret is made at first
-    boot. The first box booted with BIOS, the second one with UEFI (OVMF): both firmwares work."""
-    first, second = identity(box), other_identity
-    assert (first["firmware"], second["firmware"]) == ("BIOS", "UEFI")
-    same = [name for name in first if first[name] == second[name]]
-    assert not same, f"identical on two boxes: {same}"
-    assert all(first.values()), first
-    assert all(second.values()), second
 
 
 def _content_filter_item(vm: Vm) -> str:
@@ -331,3 +324,16 @@ def _rss(vm: Vm) -> str:
                   "awk -v c=\"$title\" '/^Rss:/ {r = $2} /^Pss:/ {p = $2} END {print c, r, p}' "
                   "/proc/$pid/smaps_rollup; done | awk '{r += $2; p += $3; printf \"%s %d (PSS %d), \", $1, "
                   "$2 / 1024, $3 / 1024} END {printf \"total RSS %d, PSS %d\", r / 1024, p / 1024}'").stdout
+
+
+# Last in the module: it waits for the other worker's machine, which publishes its identity once its
+# own tests are done (conftest.py).
+def test_two_boxes_from_one_image_differ(box: Vm, other_identity: dict[str, str]) -> None:
+    """The same image file written twice (two SD cards, two VM imports): every secret is made at first
+    boot. The first box booted with BIOS, the second one with UEFI (OVMF): both firmwares work."""
+    first, second = identity(box), other_identity
+    assert (first["firmware"], second["firmware"]) == ("BIOS", "UEFI")
+    same = [name for name in first if first[name] == second[name]]
+    assert not same, f"identical on two boxes: {same}"
+    assert all(first.values()), first
+    assert all(second.values()), second
