@@ -12,17 +12,18 @@ Usage: python -m bench.backup [--messages 20000] [--size 25000] [--runs 3] [--bo
 Disk: every restore is kept until the end of the run (see one_round), so 3 x runs x the box's size
 (4.5 GB for the default 3 rounds) on top of the box.
 
-Measured 2026-11-29 14:14-14:30 (2 cores, load 13-17 from other work; 3 rounds each, medians of
+Measured 2026-11-29 14:14-14:52 (2 cores, load 10-20 from other work; 3 rounds a run, medians of
 paired ratios), after the restore became two processes sharing a ring of memory (the child decrypts
-and decompresses; the restoring process parses, hashes and writes from the ring): restore 0.57x
-(rounds 1.14, 0.40, 0.57; tools restoring their own file), then with both sides restoring the same
-file 1.69x (rounds 0.44, 1.69, 1.89) and, under autogroup nice -10, 0.67x (rounds 0.95, 0.67,
-0.48); create 0.78-0.92x. At that load the kernel's file creation cost 2-3 times more CPU in some
-runs than in others, on either side (the tools took 3.2 to 9.0 s of CPU for the same restore), so
-those ratios say nothing about the target: only a quiet machine measures it. Against the design
-before (the child also parsed and hashed, in three threads), in alternation at the same load: 0.2-0.5
-s less CPU (3.7-4.2 against 4.0-4.5 s), the same wall time within the noise; peak PSS of the box and
-its child 25 MB above idle (the RSS figures this prints count the shared ring in both processes).
+and decompresses; the restoring process parses and writes from the ring, and from 14:42 a thread of
+it hashes): restore medians 0.57 (the tools restoring their own file), 1.69, 0.67 (autogroup nice
+-10), 1.02 and 0.44, single rounds from 0.36 to 1.89; create 0.78-0.96. At that load the kernel's
+file creation cost 2-4 times more CPU in some runs than in others, on either side and with or without
+the early writeback (the same restore took 3.8 to 10.4 s of CPU, the tools' 3.2 to 9.0 s), so these
+ratios say nothing about the target: only a quiet machine measures it. In alternation against the
+design before (the child also parsed and hashed, in three threads): 0.2-0.5 s less CPU, the same wall
+time within the noise; the hashing thread then took the restoring thread from 2.01-2.16 s of CPU to
+1.54-1.72 s (0.16 s more in all). Peak PSS of the box and its child: 25 MB above idle (the RSS
+figures this prints count the shared ring in both processes).
 """
 
 from __future__ import annotations
