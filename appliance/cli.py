@@ -843,6 +843,18 @@ def _run(argv: Sequence[str] | None) -> int:
     except (CliError, AccountError, DatabaseError) as exc:
         print(f"letterbox: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        # SQLite's own words ("database is locked" after the 5 s busy wait, "disk I/O error", "attempt to
+        # write a readonly database") in one line, not a traceback: on a starved machine the running box
+        # can hold the write lock for longer than that, and trying again is all a user can do then.
+        # sqlite3 is looked up, not imported: `import appliance.cli` stays without it (test_import_cost).
+        sqlite3 = sys.modules.get("sqlite3")
+        if sqlite3 is None or not isinstance(exc, sqlite3.OperationalError):
+            raise
+        busy = "locked" in str(exc) or "busy" in str(exc)
+        hint = ": the running box is busy writing to it; try again in a moment" if busy else ""
+        print(f"letterbox: the database {DataLayout(Path(args.data)).db}: {exc}{hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0
