@@ -5,8 +5,10 @@ issue 19). With it, each BODY/TEXT term is one FTS5 query over the folder's rowi
 the messages not yet indexed are scanned.
 
 Exactness: the index stores, per message, the very strings the scan searches (search.searched_texts:
-decoded header lines and decoded text parts, casefolded), and a trigram phrase query finds the rows
-where the needle's characters occur consecutively: substring matching, as RFC 3501 6.4.4 asks. A
+decoded header lines and decoded text parts, casefolded), and `column GLOB '*needle*'` finds the rows
+where the needle's characters occur consecutively: FTS5 narrows to the rows holding every trigram of
+the needle (detail=none: which rows, not where in them, migrations/0020) and SQLite checks the pattern
+against each one's stored text: substring matching, as RFC 3501 6.4.4 asks. A
 needle shorter than three characters has no trigram, so it is scanned. A message too large to be
 decoded in memory, or whose text SQLite cannot hold as it is, gets no row and is scanned too.
 
@@ -67,12 +69,22 @@ def folder_range(folder_id: int) -> tuple[int, int]:
     return folder_id << UID_BITS, (folder_id << UID_BITS) | UID_MASK
 
 
-def match_expression(term: Term) -> str:
-    """The FTS5 query for one term: the needle as one phrase (a string in double quotes, with any
-    double quote doubled), in the body column for BODY, in either column for TEXT."""
-    where, needle = term
-    columns = "body" if where == "BODY" else "{header body}"
-    return f'{columns} : "' + needle.replace('"', '""') + '"'
+_GLOB_SPECIAL = str.maketrans({"*": "[*]", "?": "[?]", "[": "[[]"})
+
+
+def glob_pattern(needle: str) -> str:
+    """The GLOB pattern matching any text that holds `needle`: its wildcard characters each in a
+    bracket expression of its own (SQLite's GLOB has no escape character)."""
+    return "*" + needle.translate(_GLOB_SPECIAL) + "*"
+
+
+# Per term: BODY looks in the body column, TEXT in either. One GLOB per statement: FTS5 answers a
+# single column's GLOB from the trigram index, while an OR of two is a scan of every row.
+_LOOKUPS = {
+    "BODY": "SELECT rowid FROM message_text WHERE body GLOB ?1 AND rowid BETWEEN ?2 AND ?3",
+    "TEXT": "SELECT rowid FROM message_text WHERE header GLOB ?1 AND rowid BETWEEN ?2 AND ?3"
+            " UNION SELECT rowid FROM message_text WHERE body GLOB ?1 AND rowid BETWEEN ?2 AND ?3",
+}
 
 
 def answerable(needle: str) -> bool:
@@ -194,9 +206,7 @@ class TextIndex:
             if not answerable(term[1]) or not indexed:
                 continue
             try:
-                rows = await self._db.fetchall(
-                    "SELECT rowid FROM message_text WHERE message_text MATCH ? AND rowid BETWEEN ? AND ?",
-                    (match_expression(term), low, high))
+                rows = await self._db.fetchall(_LOOKUPS[term[0]], (glob_pattern(term[1]), low, high))
             except sqlite3.Error:
                 log.warning("text index: a query failed; the term is scanned", exc_info=True)
                 continue

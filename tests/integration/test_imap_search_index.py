@@ -26,6 +26,8 @@ CORPUS = Path(__file__).parent.parent / "corpus" / "mime"
 _WORD = re.compile(r"[^\W_]{4,12}")
 
 EXTRA = [
+    # GLOB's wildcards as text: the index looks needles up as GLOB patterns (fts.glob_pattern).
+    b"From: g@example.org\r\nSubject: [glob] *stars*\r\n\r\nwhat? a*b [brackets] and a?c\r\n",
     b"From: =?utf-8?q?J=C3=B6rg?= <j@example.org>\r\nSubject: Stra\xc3\x9fe\r\nContent-Type: text/plain;"
     b" charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nGr=C3=BC=C3=9Fe aus der Stra=C3=9Fe,"
     b" \"quoted\" words and 100% of it\r\n",
@@ -52,7 +54,8 @@ def search(raw: RawImap, tag: str, where: str, needle: str) -> list[int]:
 
 def needles(messages: list[bytes]) -> list[str]:
     """Words of each message's searched text, some in other cases, plus the awkward ones."""
-    out = {"", "zz", "nosuchwordanywhere", 'd "quoted', "100%", "STRASSE", "jörg", "grüße", "déjà", "ß"}
+    out = {"", "zz", "nosuchwordanywhere", 'd "quoted', "100%", "STRASSE", "jörg", "grüße", "déjà", "ß",
+           "[glob]", "*stars*", "what?", "a*b", "[brackets]", "a?c", "axb", "a[*]b", "s*s", "[b"}
     for i, data in enumerate(messages):
         header, body = searched_texts(data)
         words = _WORD.findall(body) or _WORD.findall(header)
