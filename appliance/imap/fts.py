@@ -306,12 +306,9 @@ def _write_rows(conn: sqlite3.Connection, rows: list[tuple[int, str, str, int, i
     for n, batch in enumerate(batches):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            # Only messages that still exist get a row (an expunge between the listing and now already
-            # ran its trigger), and only once.
-            written += max(conn.executemany(
-                "INSERT INTO message_text (rowid, header, body) SELECT ?1, ?2, ?3"
-                " WHERE EXISTS (SELECT 1 FROM messages WHERE folder_id = ?4 AND uid = ?5)"
-                " AND NOT EXISTS (SELECT 1 FROM message_text WHERE rowid = ?1)", batch).rowcount, 0)
+            fresh = _still_missing(conn, batch, folder_id)
+            conn.executemany("INSERT INTO message_text (rowid, header, body) VALUES (?, ?, ?)", fresh)
+            written += len(fresh)
             if n == len(batches) - 1:
                 conn.execute(_MARK, (folder_id, uidvalidity, upto_uid, folder_id, uidvalidity))
             conn.execute("COMMIT")
@@ -319,6 +316,23 @@ def _write_rows(conn: sqlite3.Connection, rows: list[tuple[int, str, str, int, i
             conn.execute("ROLLBACK")
             raise
     return written
+
+
+def _still_missing(conn: sqlite3.Connection, batch: list[tuple[int, str, str, int, int]],
+                   folder_id: int) -> list[tuple[int, str, str]]:
+    """The rows of `batch` to insert, inside the write transaction: only for messages that still
+    exist (an expunge between the listing and now already ran its trigger), and only once. Looked
+    up first rather than in the INSERT: SQLite runs an INSERT INTO a virtual table ... SELECT
+    through a temporary table, and with the checks in its WHERE the inserts took twice the CPU (a
+    10k folder's rows: about 700 against 330 us each)."""
+    if not batch:
+        return []
+    low, high = min(r[4] for r in batch), max(r[4] for r in batch)
+    alive = {r[0] for r in conn.execute(
+        "SELECT uid FROM messages WHERE folder_id = ? AND uid BETWEEN ? AND ?", (folder_id, low, high))}
+    done = {r[0] for r in conn.execute(
+        "SELECT rowid FROM message_text WHERE rowid BETWEEN ? AND ?", (rowid(folder_id, low), rowid(folder_id, high)))}
+    return [(r[0], r[1], r[2]) for r in batch if r[4] in alive and r[0] not in done]
 
 
 class _Running:
