@@ -238,11 +238,15 @@ class OpenMailboxes:
         # found.found is in delivery order already; Dovecot's UIDs, when adopted, come first.
         newcomers = (sorted(found.found, key=lambda x: (adopted.get(x.base, 2**32), maildir.delivery_order(x.base)))
                      if adopted else found.found)
-        for new in newcomers:
-            flags, names = maildir.decode_letters(maildir.split_filename(new.filename)[1], f.keywords)
-            change.add(new.base, new.sub, new.filename, flags, names, new.size, new.mtime, adopted.get(new.base),
-                       wire=new.wire)
-        await index.commit(self._db, [change])
+        with index.gc_paused(len(newcomers)):
+            for new in newcomers:
+                flags, names = maildir.decode_letters(maildir.split_filename(new.filename)[1], f.keywords)
+                change.add(new.base, new.sub, new.filename, flags, names, new.size, new.mtime, adopted.get(new.base),
+                           wire=new.wire)
+        # Not fsynced when only files were found, unless they took Dovecot's UIDs: those are read from
+        # dovecot-uidlist only when the folder's row is made, so a listing after a crash could not
+        # find them again (Change.found_only).
+        await index.commit(self._db, [change], durable=not change.found_only or bool(adopted))
         f.stamp, f.dirty, f.listed = found.stamp, found.dirty, True
         if f.uidlist_stale:
             self._uidlist_later(f)
@@ -433,8 +437,11 @@ class OpenMailboxes:
                     rows = await self._db.fetchall(
                         "SELECT uid, basename FROM messages WHERE folder_id = ? AND uid > ? ORDER BY uid", (f.id, above))
                     return f.uidnext, [(r[0], r[1]) for r in rows]
-        fresh = itertools.takewhile(lambda e: e.uid > above, reversed(f.by_uid.values()))
-        return f.uidnext, [(e.uid, e.base) for e in reversed(list(fresh))]
+        with index.gc_paused(len(f.by_uid) if above == 0 else 0):
+            if above == 0:  # the whole file (a folder indexed first): no test per message
+                return f.uidnext, [(e.uid, e.base) for e in f.by_uid.values()]
+            fresh = itertools.takewhile(lambda e: e.uid > above, reversed(f.by_uid.values()))
+            return f.uidnext, [(e.uid, e.base) for e in reversed(list(fresh))]
 
     async def flush_uidlists(self) -> None:
         """Wait for the dovecot-uidlist writes under way (at stop, and in tests)."""
