@@ -159,7 +159,7 @@ def current_rows(cache: FolderCache | None, files: Sequence[tuple[int, str]], *,
                 if not compute:
                     unknown.append((uid, path))
                     continue
-                fresh = _from_file(Path(path), row)
+                fresh = _from_file(path, row)
                 if fresh is not row:
                     learned.append((uid, fresh))
                 row = fresh
@@ -189,7 +189,7 @@ def fill_rows(db_path: str, folder_id: int, files: Sequence[tuple[int, str]]) ->
             try:
                 if stamp is not None and stamp == stamp_of(os.stat(path)):
                     continue
-                with open_message(Path(path)) as f:  # (found again by its unique name if renamed)
+                with open_message(path) as f:  # (found again by its unique name if renamed)
                     fresh = stamp_of(os.fstat(f.fileno()))
                     if fresh != stamp:
                         learned.append((uid, describe(f, fresh)))
@@ -204,7 +204,7 @@ def needs_row(items: Iterable[FetchItem]) -> bool:
     return any(isinstance(i, FetchAttribute) and i.name in ("BODYSTRUCTURE", "BODY") for i in items)
 
 
-def _from_file(path: Path, row: CachedMessage | None) -> CachedMessage:
+def _from_file(path: Path | str, row: CachedMessage | None) -> CachedMessage:
     """The row of the file at `path` (found again by its unique name when a flag change renamed it,
     as open_message does): `row` itself when it is still that file's, else described afresh."""
     with open_message(path) as f:

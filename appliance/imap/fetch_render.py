@@ -115,7 +115,7 @@ class FetchRenderer:
                 # (a first FETCH ENVELOPE BODYSTRUCTURE was all in this process, issue 19). Rows kept
                 # after each batch, so the two do not describe the same messages twice for long.
                 self._learning = cache.fill(
-                    _learn_later(cache, [(uid, view.info(uid).path) for uid in rest], self._cpu, background=False))
+                    _learn_later(cache, [(uid, view.info(uid).file) for uid in rest], self._cpu, background=False))
                 learn_every = 1
             learned += new
             unknown += later
@@ -144,7 +144,7 @@ class FetchRenderer:
         out: list[FetchResponse | None] = []
         for seq, info, message in jobs:
             try:
-                f = open_message(info.path)
+                f = open_message(info.file)
             except FileNotFoundError:
                 out.append(None)
                 continue
@@ -195,13 +195,16 @@ def _render_cached(
     None: the message's file is gone."""
     compute = fetch_cache.needs_row(items)
     rows, learned, unknown = fetch_cache.current_rows(
-        cache, [(info.uid, os.path.join(info.directory, info.filename)) for _, info, _ in jobs], compute=compute)
+        cache, [(info.uid, info.file) for _, info, _ in jobs], compute=compute)
     out: list[bytes | None] = []
+    full = any(fetching.needs_structure(i) for i in items)
+    fields = fetching.needs_fields(items)
     for seq, info, message in jobs:
         row = rows.get(info.uid)
         values = fetch_cache.item_values(items, message, row) if row is not None else None
         if values is None and (row is not None or not compute):
-            values = _from_file(info, message, items)  # no row yet, or a header the row cannot answer for
+            # No row yet, or a header the row cannot answer for.
+            values = _from_file(info, message, items, full, fields)
         if values is None:
             out.append(None)
             continue
@@ -243,16 +246,17 @@ async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path
             described.cancel()
 
 
-def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequence[FetchItem]
+def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequence[FetchItem], full: bool, fields: bool,
                ) -> list[tuple[str, Value]] | None:
-    """fetch.item_values from the file (None: it is gone), for what the cache does not answer."""
+    """fetch.item_values from the file (None: it is gone), for what the cache does not answer.
+    `full`: some item needs the whole MIME walk (fetching.needs_structure); `fields`: the header's
+    fields must be parsed (fetching.needs_fields); the caller works both out once for its batch."""
     try:
-        f = open_message(info.path)
+        f = open_message(info.file)
     except FileNotFoundError:
         return None
     with f:
-        full = any(fetching.needs_structure(i) for i in items)
-        root = scan(f) if full else scan_header(f, fields=fetching.needs_fields(items))
+        root = scan(f) if full else scan_header(f, fields=fields)
         return fetching.item_values(items, message, f, root, _reopener(f))
 
 

@@ -13,7 +13,6 @@ import base64
 import binascii
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -756,7 +755,7 @@ class ImapSession:
             known: dict[int, HeaderLookup] = {}
             if cache is not None:
                 # Paths as strings: a Path per message was a tenth of a header SEARCH's time.
-                files = [(c.uid, os.path.join(info.directory, info.filename)) for c in batch for info in (view.info(c.uid),)]
+                files = [(c.uid, view.info(c.uid).file) for c in batch]
                 known = await asyncio.to_thread(_cached_headers, cache, files, subject_only)
             for c in batch:
                 cached = known.get(c.uid)
@@ -776,7 +775,7 @@ class ImapSession:
             cpu = self.services.cpu
             run = cpu.run_light if len(scan) <= SCAN_LIGHT_MESSAGES else cpu.run
             for chunk in _scan_chunks(scan):
-                items = [(c, str(view.info(c.uid).path), cached) for c, cached in chunk]
+                items = [(c, view.info(c.uid).file, cached) for c, cached in chunk]
                 hits = searcher.hits.narrowed({c.uid for c, _ in chunk}) if searcher.hits is not None else None
                 seqs = await run(search_files, searcher.key, searcher.largest_seq, searcher.largest_uid, hits, items)
                 found += [by_seq[n] for n in seqs]

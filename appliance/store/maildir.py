@@ -584,12 +584,14 @@ def list_messages(folder: Path) -> dict[str, tuple[str, str]]:
     return found
 
 
-def open_message(path: Path) -> BinaryIO:
+def open_message(path: Path | str) -> BinaryIO:
     """Open a message file; when a flag change renamed it since `path` was read, find it by its
-    unique name in cur/ or new/."""
+    unique name in cur/ or new/. A string is opened as it is: a Path made per message, and its
+    open(), were a fifth of answering Thunderbird's header list from the files (issue 19)."""
     try:
-        return path.open("rb")
+        return open(path, "rb")
     except FileNotFoundError:
+        path = Path(path)
         base = split_filename(path.name)[0]
         for sub in ("cur", "new"):
             with contextlib.suppress(FileNotFoundError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -58,6 +59,12 @@ class MessageInfo(NamedTuple):
     @property
     def path(self) -> Path:
         return self.directory / self.filename
+
+    @property
+    def file(self) -> str:
+        """The path as a string: what the code that opens or stats many files wants (a Path joined
+        and formatted per message was most of building a FETCH's background fill, issue 19)."""
+        return os.path.join(self.directory, self.filename)
 
     def same_file(self, other: MessageInfo) -> bool:
         # The folder's directories are shared objects: `is` first, a Path comparison is slow.
