@@ -17,7 +17,7 @@ What Letterbox's MX does in the SMTP rows (SMTP_CHECKS, printed with the table):
 
 Usage: python -m bench.side_by_side [--sizes 1000,10000,100000] [--rounds 3] [--timeout 120]
        [--smtp-messages 2000] [--submissions 20] [--deliveries 2000] [--appends 200] [--pop3-mib 50]
-       [--stress-secs 10] [--imap-only] [--smtp-only]
+       [--stress-secs 10] [--imap-only] [--smtp-only] [--rows thunderbird,fetch,subject,...]
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ SENDER_ZONE = {  # what a sender's zone publishes (RFC 7208 SPF, RFC 7489 DMARC)
 THUNDERBIRD = ("UID FETCH 1:* (UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS (From To Cc Bcc Subject Date "
                "Message-ID Priority X-Priority References Newsgroups In-Reply-To Content-Type Reply-To)])")
 IMAPTEST = Path(os.environ.get("IMAPTEST", "/work/tools/imaptest/bin/imaptest"))
+IMAP_ROWS = ("thunderbird", "same-select", "flags", "fetch", "subject", "lmtp", "append", "body")  # --rows
 LINEAR_SLACK = 1.25  # per-message cost may grow this much from the smallest to the largest size (noise)
 
 
@@ -412,34 +413,50 @@ class ImapRound:
         seconds, found = await (await self.session()).search(command)
         self.add(work, seconds, found=found)
 
+    def wanted(self, row: str) -> bool:
+        """Whether --rows asks for this IMAP row (all when it is not given)."""
+        rows = self.results.args.rows
+        return rows is None or row in rows
+
     async def run(self, lmtp: int) -> None:
-        """In an order where each "cold" is really the first time the server sees the files."""
+        """In an order where each "cold" is really the first time the server sees the files. The cold
+        SELECT always runs (the rows after it are about a folder the server has opened); --rows
+        leaves out the others that are not asked for."""
         first = await self.session(select=False)
         self.add("IMAP SELECT, cold (first open)", (await first.timed("SELECT INBOX"))[0])
-        await self.fetch("Thunderbird's first header fetch, cold", THUNDERBIRD)
-        again = sorted([(await (await self.session()).timed("SELECT INBOX"))[0] or float("inf") for _ in range(5)])
-        self.add("IMAP SELECT, same session (median of 5)", again[2] if again[2] != float("inf") else None)
-        await self.fetch("UID FETCH 1:* (FLAGS)", "UID FETCH 1:* (FLAGS)")
+        if self.wanted("thunderbird"):
+            await self.fetch("Thunderbird's first header fetch, cold", THUNDERBIRD)
+        if self.wanted("same-select"):
+            again = sorted([(await (await self.session()).timed("SELECT INBOX"))[0] or float("inf") for _ in range(5)])
+            self.add("IMAP SELECT, same session (median of 5)", again[2] if again[2] != float("inf") else None)
+        if self.wanted("flags"):
+            await self.fetch("UID FETCH 1:* (FLAGS)", "UID FETCH 1:* (FLAGS)")
         await self.end_session()
 
-        await self.fetch("FETCH 1:* (ENVELOPE BODYSTRUCTURE), second session", "FETCH 1:* (ENVELOPE BODYSTRUCTURE)")
-        await self.search("SEARCH SUBJECT", f"SEARCH SUBJECT {corpus.SUBJECT_WORD}")
+        if self.wanted("fetch"):
+            await self.fetch("FETCH 1:* (ENVELOPE BODYSTRUCTURE), second session", "FETCH 1:* (ENVELOPE BODYSTRUCTURE)")
+        if self.wanted("subject"):
+            await self.search("SEARCH SUBJECT", f"SEARCH SUBJECT {corpus.SUBJECT_WORD}")
         await self.end_session()
 
         args = self.results.args
-        elapsed = await lmtp_load(lmtp, READER, self.size, args.deliveries)
-        self.results.add(f"LMTP delivery of {args.deliveries} into the folder, 10 sessions", "msg/s", self.server,
-                         args.deliveries / elapsed, lower_is_better=False, size=self.size)
+        if self.wanted("lmtp"):
+            elapsed = await lmtp_load(lmtp, READER, self.size, args.deliveries)
+            self.results.add(f"LMTP delivery of {args.deliveries} into the folder, 10 sessions", "msg/s", self.server,
+                             args.deliveries / elapsed, lower_is_better=False, size=self.size)
 
-        appender = await self.session(select=False)
-        started = time.perf_counter()
-        for n in range(args.appends):
-            await appender.append("INBOX", corpus.message(self.size + args.deliveries + n, READER))
-        self.results.add(f"IMAP APPEND into the folder, one session ({args.appends} messages)", "msg/s",
-                         self.server, args.appends / (time.perf_counter() - started), lower_is_better=False,
-                         size=self.size)
-        await self.end_session()
+        if self.wanted("append"):
+            appender = await self.session(select=False)
+            started = time.perf_counter()
+            for n in range(args.appends):
+                await appender.append("INBOX", corpus.message(self.size + args.deliveries + n, READER))
+            self.results.add(f"IMAP APPEND into the folder, one session ({args.appends} messages)", "msg/s",
+                             self.server, args.appends / (time.perf_counter() - started), lower_is_better=False,
+                             size=self.size)
+            await self.end_session()
 
+        if not self.wanted("body"):
+            return
         # Last: a timed-out search may go on inside the server until it is stopped. The row is about a
         # folder the server has had time to index: Letterbox's full-text index of the folder copied in
         # and of the new mail gives way to deliveries and APPENDs (imap/fts.py), so both servers first
@@ -770,6 +787,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pop3-mib", type=int, default=50)
     parser.add_argument("--stress-secs", type=int, default=10)
     parser.add_argument("--imap-only", action="store_true", help="only the rows that depend on the folder size")
+    parser.add_argument("--rows", default=None, type=lambda text: frozenset(text.split(",")),
+                        help="IMAP rows besides the cold SELECT (all by default): " + ",".join(IMAP_ROWS))
     parser.add_argument("--smtp-only", action="store_true",
                         help="of the rows that do not depend on a folder's size, only SMTP intake")
     args = parser.parse_args(argv)
