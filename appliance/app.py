@@ -192,6 +192,8 @@ class Box:
         except BaseException:
             await db.close()
             raise
+        # Background work of the CPU worker (index and cache rows) waits for a pause in the mail.
+        services.cpu.last_mail = lambda: store.last_arrival
         box = cls(services)
         services.listener_status = box.listener_status
         return box

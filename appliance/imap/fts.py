@@ -46,10 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 5.0
-SETTLE_SECONDS = 0.5
-# While mail keeps arriving a round waits for a pause of SETTLE_SECONDS, this long at the most: the
-# worker's transactions hold the write lock that each group commit of deliveries waits for.
-MAX_DEFER_SECONDS = 30.0
+SETTLE_SECONDS = 0.5  # a burst of deliveries is indexed together
 CHUNK_MESSAGES = 64  # messages per worker task and per transaction: the write lock is held briefly
 CHUNK_OCTETS = 1024 * 1024
 PAGE_MESSAGES = 5000  # messages asked of the store at a time (a listing each when the folder is unloaded)
@@ -123,23 +120,8 @@ class TextIndex:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
             await asyncio.sleep(SETTLE_SECONDS)  # a burst of deliveries is indexed together
-            await self._pause_in_the_mail()
+            await self._cpu.pause()  # and after it (cpu_pool: the worker's rows hold the write lock)
             self._wake.clear()
-
-    async def _pause_in_the_mail(self) -> None:
-        """Wait until no delivery or APPEND came for SETTLE_SECONDS (MAX_DEFER_SECONDS at the most).
-        Each FTS transaction of the worker holds the database's write lock, which every group
-        commit of deliveries then waits for (issue 19, smtp-source bursts: 4-5 ms of a batch's
-        10-16 ms, and a fifth of the box's CPU during the burst); after the burst the same rows
-        are written in fewer, larger rounds. SEARCH scans what is not indexed yet meanwhile."""
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + MAX_DEFER_SECONDS
-        while True:
-            # A deadline that moves with the mail, so a sleep rather than an Event.
-            wait = min(self._store.last_arrival + SETTLE_SECONDS, give_up) - loop.time()
-            if wait <= 0:
-                return
-            await asyncio.sleep(wait)
 
     async def catch_up(self) -> int:
         """Index every message not yet looked at; returns how many were indexed."""
@@ -178,13 +160,10 @@ class TextIndex:
             # Background work: a client's FETCH or SEARCH waiting for the worker goes first.
             run = self._cpu.run_light if len(todo) <= LIGHT_MESSAGES else self._cpu.run_background
             for chunk in _chunks(todo):
-                # Mail goes first between chunks too, not only before the round: a backlog (a folder
-                # copied in: minutes of chunks) otherwise held the write lock in turns with every
-                # group commit of a burst, from a worker at a lower CPU priority (issue 19: LMTP into
-                # a 10k folder 0.63x of Dovecot, APPENDs 0.54x and bimodal, with the backlog running;
-                # APPENDs 1.4x with it idle). Under mail that never pauses a chunk still goes every
-                # MAX_DEFER_SECONDS; SEARCH scans what is not indexed yet meanwhile.
-                await self._pause_in_the_mail()
+                # Each chunk of a backlog waits for a pause in the mail (CpuPool.run_background), not
+                # only the round: a folder copied in (minutes of chunks) otherwise held the write lock
+                # in turns with every group commit of a burst, from a worker at a lower CPU priority
+                # (issue 19). SEARCH scans what is not indexed yet meanwhile.
                 items = [(m.uid, str(m.path)) for m in chunk if m.size <= MAX_DECODED_SEARCH_OCTETS]
                 done += await run(index_messages, str(self._db_path), folder_id, uidvalidity, items, chunk[-1].uid)
             if len(todo) < PAGE_MESSAGES:

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import pytest
 
+from appliance import cpu_pool
 from appliance.imap import fts
 from appliance.imap.fts import TextIndex
 from appliance.imap.search import searched_texts
@@ -152,38 +153,39 @@ def test_background_indexing_after_delivery(box: BoxHandle) -> None:
 
 
 def test_indexing_waits_for_a_pause_in_the_mail(box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The worker's FTS transactions would hold the write lock every group commit of deliveries
-    waits for: a round waits until no mail came for SETTLE_SECONDS, or MAX_DEFER_SECONDS at most."""
+    """The worker's transactions (index rows, message cache rows) would hold the write lock every
+    group commit of deliveries waits for: background work waits until no mail came for
+    PAUSE_SECONDS, or MAX_DEFER_SECONDS at most (CpuPool.pause, fed by the store's arrivals)."""
     box.add_user(USER, PASSWORD)
-    text_index = index(box)
-    box.run(text_index.stop())
-    monkeypatch.setattr(fts, "MAX_DEFER_SECONDS", 1.5)
-    store = box.services.store
+    box.run(index(box).stop())
+    monkeypatch.setattr(cpu_pool, "MAX_DEFER_SECONDS", 1.5)
+    store, cpu = box.services.store, box.services.cpu
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
         assert isinstance((await store.deliver([USER], b"Subject: x\r\n\r\nbody\r\n"))[USER], int)
         arrived = store.last_arrival
         assert 0 < arrived <= loop.time()
-        await text_index._pause_in_the_mail()
-        assert loop.time() >= arrived + fts.SETTLE_SECONDS
+        await cpu.pause()
+        assert loop.time() >= arrived + cpu_pool.PAUSE_SECONDS
 
         started = loop.time()
-        await under_mail_that_never_stops(store, text_index._pause_in_the_mail())
-        assert loop.time() >= started + fts.MAX_DEFER_SECONDS
+        await under_mail_that_never_stops(store, cpu.pause())
+        assert loop.time() >= started + cpu_pool.MAX_DEFER_SECONDS
 
     box.run(body())
 
 
 def test_a_backlog_gives_way_to_the_mail_between_chunks(box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A backlog is indexed in chunks, and each chunk waits for a pause in the mail as the round did
+    """A backlog is indexed in chunks of background work, and each waits for a pause in the mail
     (issue 19: a folder copied in kept the write lock in turns with every delivery of a burst), so
     under mail that never stops a chunk goes every MAX_DEFER_SECONDS, and the backlog still ends."""
     box.add_user(USER, PASSWORD)
     text_index = index(box)
     box.run(text_index.stop())
-    monkeypatch.setattr(fts, "MAX_DEFER_SECONDS", 0.3)
+    monkeypatch.setattr(cpu_pool, "MAX_DEFER_SECONDS", 0.3)
     monkeypatch.setattr(fts, "CHUNK_MESSAGES", 2)
+    monkeypatch.setattr(fts, "LIGHT_MESSAGES", 0)  # a backlog: the worker process's background path
     store = box.services.store
     for n in range(6):  # three chunks
         box.run(store.deliver([USER], f"Subject: {n}\r\n\r\nbody number {n}\r\n".encode()))
@@ -194,7 +196,7 @@ def test_a_backlog_gives_way_to_the_mail_between_chunks(box: BoxHandle, monkeypa
         assert await under_mail_that_never_stops(store, text_index.catch_up()) == 6
         return loop.time() - started
 
-    assert box.run(body()) >= 3 * fts.MAX_DEFER_SECONDS
+    assert box.run(body()) >= 3 * cpu_pool.MAX_DEFER_SECONDS
     assert rows(box) == 6
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from appliance import cpu_pool
 from appliance.cpu_pool import CpuPool
 
 
@@ -57,3 +58,23 @@ def test_a_cancelled_waiter_passes_its_turn_on() -> None:
             await pool.stop()
 
     assert asyncio.run(main()) == "later"
+
+
+def test_background_work_waits_for_a_pause_in_the_mail_and_waited_for_work_does_not() -> None:
+    """Both background writers (the full-text index, the message cache's fills) go through
+    run_background, which waits for PAUSE_SECONDS without mail; run does not wait."""
+    async def main() -> float:
+        pool = CpuPool(workers=1)
+        loop = asyncio.get_running_loop()
+        pool.last_mail = loop.time  # mail that never stops: background work waits MAX_DEFER_SECONDS
+        try:
+            # Waited-for work goes at once (it would wait 30 s otherwise); in a thread: no process.
+            assert await asyncio.wait_for(pool.run_light(_name, "waited for"), 10) == "waited for"
+            arrived = loop.time()
+            pool.last_mail = lambda: arrived  # one delivery, then none
+            assert await pool.run_background(_name, "background") == "background"
+            return loop.time() - arrived
+        finally:
+            await pool.stop()
+
+    assert asyncio.run(main()) >= cpu_pool.PAUSE_SECONDS
