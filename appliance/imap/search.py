@@ -153,10 +153,20 @@ class _Content:
             return True  # "" is in every text: nothing to read
         if self._size > MAX_DECODED_SEARCH_OCTETS:
             return self._raw_contains(needle, body_only=True)
+        if self._parts is None and _surely_not_in_body(self._whole(), needle):
+            return False
         if "\n" in needle:
             # Parts are joined with a line end: a needle with one may span two of them.
             return needle in "\n".join(self._decoded_parts())
         return any(needle in text for text in self._decoded_parts())
+
+    def _whole(self) -> bytes:
+        """The message's octets (it is small enough to be decoded in memory), read once: the file
+        is not opened again for its headers or parts."""
+        with self._opener() as f:
+            data = f.read()
+        self._opener = lambda: io.BytesIO(data)
+        return data
 
     def _decoded_parts(self) -> Iterator[str]:
         """The casefolded text of each text part, decoded once on first need and kept for the next
@@ -262,6 +272,32 @@ def _decoded_parts(f: BinaryIO) -> Iterator[str]:
         f.seek(part.body.start)
         data = f.read(part.body.end - part.body.start)
         yield _decode_body(part.headers, data)
+
+
+# Charsets that decode each ASCII octet to the same character (_decode_body): the text of an ASCII
+# message in one of them is its octets as they are.
+_ASCII_CHARSETS = re.compile(rb"(?:us-ascii|ascii|utf-8|utf8|iso-8859-\d{1,2}|iso8859-\d{1,2}|latin-?1|windows-125\d"
+                             rb"|cp125\d)")
+_CHARSET_PARAM = re.compile(rb'charset\s*(\*)?\s*=\s*"?([^\s";]*)')
+
+
+def _surely_not_in_body(data: bytes, needle: str) -> bool:
+    """True when the decoded body text of this message cannot hold `needle` (casefolded, without a
+    line end), decided on its octets without parsing it: the scan of a folder not yet indexed is
+    then one `in` per message for most mail. It decides only when the octets are the text: all
+    ASCII, no base64 or quoted-printable part, every charset one that leaves ASCII as it is. Then
+    each decoded part is a stretch of the octets, and casefolding ASCII is lowercasing it, so a
+    needle absent from the lowercased octets is in no part (and a needle beyond ASCII in none).
+    Otherwise False: the parts are decoded and looked at."""
+    if "\n" in needle or not data.isascii():
+        return False  # parts are joined with a line end; octets beyond ASCII are decoded by charset
+    lowered = data.lower()
+    if b"base64" in lowered or b"quoted-printable" in lowered:
+        return False
+    for star, charset in _CHARSET_PARAM.findall(lowered):
+        if star or not _ASCII_CHARSETS.fullmatch(charset):
+            return False  # RFC 2231 parameters, or a charset that maps ASCII octets elsewhere (UTF-7, UTF-16)
+    return not needle.isascii() or needle.encode("ascii") not in lowered
 
 
 def _decoded_leaves(opener: Callable[[], BinaryIO]) -> Iterator[str]:

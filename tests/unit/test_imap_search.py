@@ -11,7 +11,7 @@ import pytest
 from appliance.imap.commands import Search
 from appliance.imap.mime import decode_words
 from appliance.imap.parser import parse_command
-from appliance.imap.search import Candidate, Searcher
+from appliance.imap.search import Candidate, Searcher, _surely_not_in_body, searched_texts
 
 MESSAGES = {
     1: b"From: =?utf-8?q?J=C3=B6rg?= <joerg@example.de>\r\nTo: bob@example.test\r\nSubject: Invoice March\r\n"
@@ -197,3 +197,34 @@ def test_base_subject_rfc5256() -> None:
     assert base_subject("[only]") == "[ONLY]"  # a blob is kept when nothing would remain
     assert base_subject("Re[2]: abc") == "ABC"
     assert base_subject("  a   b  ") == "A B"
+
+
+ASCII_TRAPS = [
+    # Octets that are ASCII but whose text is not: each must be decoded, never decided on the octets.
+    b"Content-Type: text/plain; charset=utf-7\r\n\r\nGro+AN8-e\r\n",
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nGro=C3=9Fe\r\n",
+    b"Content-Type: text/plain; charset*=utf-7''\r\n\r\nGro+AN8-e\r\n",
+    b"Content-Type: text/plain\r\nContent-Transfer-Encoding: BASE64\r\n\r\nR3Jvw59l\r\n",
+    b"Content-Type: text/plain; charset = \"UTF-16\"\r\n\r\nab\r\n",
+    # And plain ones it may decide on: absent needles, found needles, one beyond ASCII.
+    b"Content-Type: multipart/alternative; boundary=x\r\n\r\n--x\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+    b"Plain Words\r\n--x\r\nContent-Type: text/html; charset=\"iso-8859-1\"\r\n\r\n<p>more</p>\r\n--x--\r\n",
+    b"Subject: header only\r\n\r\nbody words\r\n",
+]
+
+
+def test_the_octet_prefilter_never_hides_a_match() -> None:
+    """search._surely_not_in_body decides on a message's octets only where they are its text: on the
+    MIME corpus and the traps above, whatever it rules out is not in the decoded body text."""
+    corpus = [p.read_bytes() for p in sorted((Path(__file__).parent.parent / "corpus" / "mime").glob("*.eml"))]
+    decided = 0
+    for data in corpus + ASCII_TRAPS:
+        body = searched_texts(data)[1]
+        needles = {"große", "grosse", "ß", "plain words", "more", "header", "words", "nowhere", "ab", "a"}
+        needles |= {body[i:i + 6] for i in range(0, len(body), 97)}
+        for needle in needles:
+            if _surely_not_in_body(data, needle):
+                decided += 1
+                assert needle not in body, (data[:80], needle)
+    assert decided > 0
+    assert not any(_surely_not_in_body(data, "große") or _surely_not_in_body(data, "ß") for data in ASCII_TRAPS[:5])
