@@ -238,13 +238,39 @@ def body_section(f: BinaryIO, root: Part, item: BodySection, reopen: Reopen | No
     if span is None:
         return LiteralBytes(b"")  # a part that does not exist is empty (as Dovecot answers)
     if section.text.startswith("HEADER.FIELDS"):
-        block = _read_header_block(f, span)
-        data = header_fields(block, section.fields, section.text.endswith(".NOT"))
-        if item.partial is not None:
-            origin, count = item.partial
-            data = data[origin:origin + count]
-        return LiteralBytes(data)
+        return _fields_value(_read_header_block(f, span), item)
     return section_literal(f, span, item.partial, reopen)
+
+
+def _fields_value(block: bytes, item: BodySection) -> LiteralBytes:
+    """BODY[...HEADER.FIELDS (.NOT) ...]<partial> from the header block it names."""
+    section = item.section
+    data = header_fields(block, section.fields, section.text.endswith(".NOT"))
+    if item.partial is not None:
+        origin, count = item.partial
+        data = data[origin:origin + count]
+    return LiteralBytes(data)
+
+
+def header_list_only(items: Sequence[FetchItem]) -> bool:
+    """Whether every item is an index item or BODY[HEADER.FIELDS (.NOT) ...] of the message itself
+    (not of a part): what a client's message list asks for, answered by header_list_values from
+    the top header block alone (mime.top_header_block)."""
+    return all((isinstance(i, BodySection) and not i.section.part and i.section.text.startswith("HEADER.FIELDS"))
+               or (isinstance(i, FetchAttribute) and i.name in INDEX_ITEMS) for i in items)
+
+
+def header_list_values(items: Sequence[FetchItem], facts: MessageFacts, block: bytes) -> list[tuple[str, Value]]:
+    """item_values for items that are header_list_only, from the message's header block (with its
+    blank line) instead of the file and its scan: the same values."""
+    out: list[tuple[str, Value]] = []
+    for item in items:
+        if isinstance(item, BodySection):
+            out.append((item.response_name(), _fields_value(block, item)))
+        else:
+            assert isinstance(item, FetchAttribute), "not a header list item"
+            out.append((item.name, index_value(item.name, facts)))
+    return out
 
 
 def _read_header_block(f: BinaryIO, span: Span) -> bytes:

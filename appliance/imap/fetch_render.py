@@ -16,13 +16,13 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol
 
 from appliance.imap import fetch as fetching
 from appliance.imap import fetch_cache
 from appliance.imap.commands import FetchAttribute, FetchItem
 from appliance.imap.limits import STRUCTURE_CACHE_OCTETS
-from appliance.imap.mime import Part, scan, scan_header
+from appliance.imap.mime import Part, scan, scan_header, top_header_block
 from appliance.imap.responses import FetchResponse, Preformatted, Response, Value
 from appliance.imap.selected import SelectedFolder, flag_text
 from appliance.store.mailstore import MessageInfo, open_message
@@ -197,14 +197,13 @@ def _render_cached(
     rows, learned, unknown = fetch_cache.current_rows(
         cache, [(info.uid, info.file) for _, info, _ in jobs], compute=compute)
     out: list[bytes | None] = []
-    full = any(fetching.needs_structure(i) for i in items)
-    fields = fetching.needs_fields(items)
+    needs = _needs(items)
     for seq, info, message in jobs:
         row = rows.get(info.uid)
         values = fetch_cache.item_values(items, message, row) if row is not None else None
         if values is None and (row is not None or not compute):
             # No row yet, or a header the row cannot answer for.
-            values = _from_file(info, message, items, full, fields)
+            values = _from_file(info, message, items, needs)
         if values is None:
             out.append(None)
             continue
@@ -246,17 +245,33 @@ async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path
             described.cancel()
 
 
-def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequence[FetchItem], full: bool, fields: bool,
+class _Needs(NamedTuple):
+    """What FETCH items need of a file, worked out once for a batch (not per message)."""
+
+    full: bool  # the whole MIME walk (fetching.needs_structure)
+    fields: bool  # the top header's fields parsed (fetching.needs_fields)
+    header_list: bool  # nothing but the top header block (fetching.header_list_only)
+
+
+def _needs(items: Sequence[FetchItem]) -> _Needs:
+    return _Needs(any(fetching.needs_structure(i) for i in items), fetching.needs_fields(items),
+                  fetching.header_list_only(items))
+
+
+def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequence[FetchItem], needs: _Needs,
                ) -> list[tuple[str, Value]] | None:
-    """fetch.item_values from the file (None: it is gone), for what the cache does not answer.
-    `full`: some item needs the whole MIME walk (fetching.needs_structure); `fields`: the header's
-    fields must be parsed (fetching.needs_fields); the caller works both out once for its batch."""
+    """fetch.item_values from the file (None: it is gone), for what the cache does not answer."""
     try:
         f = open_message(info.file)
     except FileNotFoundError:
         return None
     with f:
-        root = scan(f) if full else scan_header(f, fields=fields)
+        if needs.header_list:
+            block = top_header_block(f)
+            if block is not None:
+                return fetching.header_list_values(items, message, block)
+            f.seek(0)  # a long header: scanned as any other
+        root = scan(f) if needs.full else scan_header(f, fields=needs.fields)
         return fetching.item_values(items, message, f, root, _reopener(f))
 
 

@@ -494,6 +494,24 @@ def scan(f: BinaryIO) -> Part:
     return part
 
 
+def top_header_block(f: BinaryIO) -> bytes | None:
+    """The message's own header block with the blank line that ends it (the octets of scan_header's
+    `root.header`, which BODY[HEADER.FIELDS ...] reads again), in one read from the start of `f`;
+    None when one probe does not hold it (a header longer than HEADER_PROBE): scan the file then.
+    The same cases as _Reader.header_block at the top level: a message list (Thunderbird's first
+    fetch) asks for nothing else, and locating the block with a reader, then reading it again, was
+    a third of answering it (issue 19)."""
+    probe = f.read(HEADER_PROBE)
+    if probe[:1] == b"\n":
+        return probe[:1]  # no fields: the blank line comes first
+    if probe[:2] == b"\r\n":
+        return probe[:2]
+    found = _BLANK_LINE.search(probe)
+    if found is not None:
+        return probe[:found.end()]
+    return probe if len(probe) < HEADER_PROBE else None  # (shorter: no blank line, all header)
+
+
 def scan_header(f: BinaryIO, *, fields: bool = True) -> Part:
     """Only the top-level header block (enough for ENVELOPE and BODY[HEADER.FIELDS ...], what most
     clients fetch for a message list): the body is not walked, `complete` is False. Without

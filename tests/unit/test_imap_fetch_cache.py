@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import BinaryIO
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from appliance.imap import fetch, fetch_cache
 from appliance.imap.commands import BodySection, FetchAttribute, FetchItem, HeaderKey, Section
-from appliance.imap.mime import decode_words, parse_header, scan
+from appliance.imap.mime import HEADER_PROBE, decode_words, parse_header, scan, top_header_block
 from appliance.imap.responses import FetchResponse
 from appliance.imap.search import CachedSubject, Candidate, Searcher
 
@@ -138,3 +139,51 @@ def test_cached_subject_of_the_corpus(path: Path) -> None:
     assert (row.subject is None) == (cached is None)
     if cached is not None:
         assert row.subject == "\0".join(decode_words(v).casefold() for v in cached.get_all("Subject") or [])
+
+
+def _header_list(data: bytes, items: list[FetchItem]) -> bytes | None:
+    """What fetch_render answers a message list with: the top header block alone, read once."""
+    assert fetch.header_list_only(items)
+    block = top_header_block(io.BytesIO(data))
+    if block is None:
+        return None
+    return FetchResponse(1, tuple(fetch.header_list_values(items, FACTS, block))).to_bytes()
+
+
+def _list_items(fields: tuple[str, ...]) -> list[FetchItem]:
+    return [FetchAttribute("UID"), FetchAttribute("RFC822.SIZE"), FetchAttribute("FLAGS"),
+            BodySection(Section((), "HEADER.FIELDS", fields), peek=True),
+            BodySection(Section((), "HEADER.FIELDS.NOT", fields[:3])),
+            BodySection(Section((), "HEADER.FIELDS", fields[:2]), peek=True, partial=(3, 20))]
+
+
+def _check_header_list(data: bytes, items: list[FetchItem]) -> None:
+    fast = _header_list(data, items)
+    if fast is None:  # only a header longer than one probe is left to the scan
+        assert len(data) >= HEADER_PROBE
+        assert re.search(rb"^\r?\n|\n\r?\n", data[:HEADER_PROBE]) is None
+        return
+    assert fast == _from_file(data, items)
+
+
+@pytest.mark.parametrize("path", sorted(CORPUS.iterdir()), ids=lambda p: p.name)
+def test_header_list_answers_are_the_files_answers(path: Path) -> None:
+    _check_header_list(path.read_bytes(), _list_items(LIST_FIELDS))
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\r\n", b"\n", b"\r\nbody\r\n", b"\nbody\n", b"Subject: no body", b"Subject: x\r\n", b"Subject: x\n\nb\n",
+    b"Subject: x\r\n\r\n", b"From: a\r\n folded\r\nSubject: y\r\n\r\n--b\r\n\r\n", b"Subject: a\rb\r\n\r\nx",
+    b"Subject: x\r\nTo: y\r\n\n\r\nbody", b"X: " + b"y" * (HEADER_PROBE - 10) + b"\r\n\r\nbody",
+    b"X: " + b"y" * (HEADER_PROBE - 3) + b"\r\n\r\nbody",  # the blank line just past the probe
+    b"X: " + b"y" * HEADER_PROBE,
+])
+def test_header_list_edges(data: bytes) -> None:
+    _check_header_list(data, _list_items(("SUBJECT", "FROM", "X", "TO")))
+
+
+def test_header_list_only() -> None:
+    assert fetch.header_list_only(_list_items(LIST_FIELDS))
+    assert not fetch.header_list_only([*_list_items(LIST_FIELDS), FetchAttribute("ENVELOPE")])
+    assert not fetch.header_list_only([BodySection(Section((1,), "HEADER.FIELDS", ("SUBJECT",)))])
+    assert not fetch.header_list_only([BodySection(Section((), "HEADER"))])
