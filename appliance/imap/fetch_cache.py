@@ -290,6 +290,27 @@ def known_subjects(cache: FolderCache, files: Sequence[tuple[int, str]]) -> dict
     return {uid: subject for uid, (_, subject) in current.items()}
 
 
+def subject_hits(cache: FolderCache, files: Sequence[tuple[int, str]], needle: str) -> tuple[set[int], set[int]]:
+    """SEARCH SUBJECT `needle` (casefolded, Searcher.lone_subject) over these (UID, file) pairs from
+    the rows' subject texts: (the UIDs whose text holds it, the UIDs the rows cannot answer: no
+    text, another file's, or a file not where the index has it, perhaps renamed). known_subjects
+    with the test done here: no object per message goes back to the event loop. Worker thread."""
+    known = cache.subjects([uid for uid, _ in files])
+    hits: set[int] = set()
+    unknown: set[int] = set()
+    for uid, path in files:
+        found = known.get(uid)
+        try:
+            if found is not None and found[0] == stamp_of(os.stat(path)):
+                if needle in found[1]:
+                    hits.add(uid)
+                continue
+        except FileNotFoundError:
+            pass
+        unknown.add(uid)
+    return hits, unknown
+
+
 def known_rows(cache: FolderCache | None, files: Sequence[tuple[int, str | Path]]) -> dict[int, CachedMessage]:
     """The rows of these (UID, file) pairs that match their files (a stat each), none computed:
     for SEARCH and SORT, which read the header of a message without a row. Worker thread."""
