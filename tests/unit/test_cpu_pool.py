@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from appliance import cpu_pool
 from appliance.cpu_pool import CpuPool
+from tests.support.polling import async_wait_until
 
 
 def _hold(seconds: float) -> float:
@@ -78,3 +80,37 @@ def test_background_work_waits_for_a_pause_in_the_mail_and_waited_for_work_does_
             await pool.stop()
 
     assert asyncio.run(main()) >= cpu_pool.PAUSE_SECONDS
+
+
+def _pid() -> int:
+    return os.getpid()
+
+
+def _children() -> set[int]:
+    found = set()
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
+            found |= {int(pid) for pid in f.read().split()}
+    return found
+
+
+def test_an_idle_worker_and_the_resource_tracker_exit_and_come_back_on_demand() -> None:
+    """Memory (issue 19): after IDLE_SECONDS without work the worker process stops, and so does the
+    resource tracker it brought (13 MiB RSS); the next task starts both again."""
+    async def main() -> None:
+        pool = CpuPool(workers=1, idle_seconds=0.2)
+        before = _children()
+        try:
+            worker = await pool.run(_pid)
+            started = _children() - before
+            assert worker in started
+            assert len(started) == 2
+            await async_wait_until(lambda: not (_children() - before) and not pool.started, what="both gone")
+            again = await pool.run(_pid)
+            assert again != worker
+            assert again in _children()
+        finally:
+            await pool.stop()
+        assert not _children() - before
+
+    asyncio.run(main())
