@@ -394,3 +394,44 @@ def test_memory_per_message_is_bounded() -> None:
     # 151 here; 311 when each held a Path); ten views add none (each copied the list and map before:
     # about 50 more per message and view).
     assert per_message[1] < 250, per_message
+
+
+def test_gc_paused_restores_the_collector() -> None:
+    """index.gc_paused: off for a bulk step (nested and concurrent pauses counted), on again after it
+    even when the step raises; a small step and a collector someone else turned off are left alone."""
+    assert gc.isenabled()
+    with index.gc_paused(index.BULK - 1):
+        assert gc.isenabled()
+    with index.gc_paused(index.BULK):
+        assert not gc.isenabled()
+        with index.gc_paused(index.BULK * 10):
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer pause still holds
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), index.gc_paused(index.BULK):
+        raise RuntimeError("a step that fails")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with index.gc_paused(index.BULK):
+            pass
+        assert not gc.isenabled()  # not ours to turn on
+    finally:
+        gc.enable()
+
+
+def test_a_listing_leaves_the_collector_on(tmp_path: Path) -> None:
+    path = tmp_path / "INBOX"
+    maildir.make_maildir(path, folder=False)
+    for n in range(index.BULK + 5):
+        drop(path, f"{1_600_000_000 + n}.M{n}P1.host,S=17:2,S")
+
+    async def body(db: Database) -> None:
+        f = await open_folder(db, path)
+        change = await sync(db, f)
+        assert len(change.added) == index.BULK + 5
+        assert change.found_only
+        assert len(f.snapshot(frozenset()).messages) == index.BULK + 5
+
+    run(tmp_path, body)
+    assert gc.isenabled()
