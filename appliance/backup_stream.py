@@ -16,6 +16,7 @@ processes (a few MiB each).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import gc
@@ -23,11 +24,10 @@ import hashlib
 import io
 import mmap
 import os
-import queue
+import select
 import struct
 import subprocess
 import sys
-import threading
 from collections.abc import Generator, Iterator
 from typing import IO, Protocol, cast
 from zlib import adler32
@@ -281,15 +281,20 @@ class TarReader:
 # Between the child that decodes a restore and the restoring process, the plaintext tar stream
 # travels through RING_BLOCKS blocks of shared memory (a memfd both processes map): the child
 # decrypts and decompresses into a free block and sends its number and length on its stdout (FILLED);
-# the restoring process parses the tar stream straight from the block, hashes and writes each file
-# from it, and hands the block back on a second pipe when it takes the next one. Nothing of the
-# data goes through a pipe, and each file is written with one call from the block it lies in.
+# the restoring process parses the tar stream straight from the block, writes each file from it, and
+# hands the block back on a second pipe when it takes the next one (FREED), with where the block's
+# files lie in it (RANGE): the child computes their SHA-256 before it fills the block again and sends
+# them back (DIGESTS). Nothing of the data goes through a pipe, and each file is written with one call
+# from the block it lies in.
 OFFSET = struct.Struct("<Q")  # where the age body starts, sent to the unpack child before its key
 RING_BLOCK = BLOCK  # the plaintext tar stream between the two processes of a restore, in blocks
 RING_BLOCKS = 4  # of a ring of shared memory (each block is counted in the RSS of both processes)
-FILLED = struct.Struct("<BI")  # a ring block's number and how many bytes of it are filled
+FILLED = struct.Struct("<BI")  # the child's messages: a ring block's number and how many bytes of it are filled
 RING_END = 255  # the FILLED message after the last block
-MAX_FILES = 256  # files in one batch
+DIGESTS = 254  # a FILLED message whose number is a count of SHA-256 digests (32 bytes each) that follow
+FREED = struct.Struct("<BI")  # the restoring process's messages: a block handed back, a count of RANGEs after it
+RANGE = struct.Struct("<II")  # a file's data in a block handed back: offset and size
+SHA256_SIZE = 32
 
 
 # --- the codec process ---------------------------------------------------------------------------
@@ -403,7 +408,7 @@ def plain_tar(source: IO[bytes], key: bytes, child: UnpackChild | None = None) -
     age_stream.read_header), and what to close when done (it stops the work under the reader). From
     a file, the work is split over two processes: `child` (from unpack_child(), started before the
     header was read) decrypts and decompresses into shared memory, and this one parses the tar stream
-    from there, hashes each file and writes it. Else all of it here.
+    from there and writes each file (the files' SHA-256: RingReader). Else all of it here.
 
     Why this split: measured on 20k messages / 505 MB on 2 cores (load 9-12), against a child that
     also parsed the tar stream and hashed each file, copied them into slots of shared memory and sent
@@ -423,66 +428,103 @@ def plain_tar(source: IO[bytes], key: bytes, child: UnpackChild | None = None) -
 
 class RingReader(TarReader):
     """The tar stream in the blocks of the unpack child's ring: a view of one block at a time (a
-    view is valid until its block goes back to the child: TarReader copies what it keeps). The
-    files' SHA-256 (hash_later) are computed by a thread, a block's files at a time once this one
-    has moved on to the next block, and the block then goes back to the child. Why a thread:
-    measured on 20k messages / 505 MB, this process's parsing, hashing and writing was the longest
-    task of a restore (2.2-2.4 s of CPU, a third of it hashing; the child 1.4-1.6 s); hashlib
-    releases the interpreter lock while it hashes (above 2 KiB) and this thread releases it at each
-    file's open, write and close, so the hashing runs on the other core: in two pairs at load 14-17,
-    this thread's CPU 1.65-2.0 s against 2.25-2.4 s, the total the same (3.7-4.3 s). By blocks, not
-    by files: one wake-up of the hashing thread per MiB, not per file. close() waits for the hashes
-    and stops the child."""
+    view is valid until its block goes back to the child: TarReader copies what it keeps). The SHA-256
+    of the files whose data lies in one block (hash_later) are computed by the child when the block
+    comes back to it, and arrive with its next messages; the stream's end waits for the last ones.
+
+    Why the child hashes: measured on 20k messages / 505 MB (2 cores), this process's parsing and
+    writing is the longest task of a restore while the child (decrypt and decompress, 1.1-1.3 s of
+    CPU) waits for free blocks half of its time. A thread of this process hashed before; it cost no
+    less CPU, and every file then handed this process's interpreter lock back and forth between the
+    two threads (each open, write and close releases it), which on a busy machine waits for a time
+    slice at each hand-over. The child has no other thread: its hashing costs the hashing only."""
 
     def __init__(self, child: UnpackChild) -> None:
         super().__init__(self._blocks())
         self.child = child
-        self.pending: list[tuple[memoryview, bytes, dict[bytes, bytes]]] = []  # to hash, in the current block
-        # The files of a block to hash (view, key, into) and the block to hand back then (-1: none),
-        # or None to stop.
-        self.jobs: queue.SimpleQueue[tuple[list[tuple[memoryview, bytes, dict[bytes, bytes]]], int] | None] = (
-            queue.SimpleQueue())
-        self.hasher: threading.Thread | None = threading.Thread(target=self._hash, name="restore-hash", daemon=True)
-        self.hasher.start()
+        self.ranges = bytearray()  # RANGEs of the files to hash in the current block
+        self.keys: list[tuple[bytes, dict[bytes, bytes]]] = []  # and where their digests go
+        # The keys of the blocks handed back whose digests have not come yet, oldest first.
+        self.waiting: collections.deque[list[tuple[bytes, dict[bytes, bytes]]]] = collections.deque()
 
     def _blocks(self) -> Iterator[memoryview]:
         """Raises AgeError when the child found the file damaged, TarFormatError when it ends early."""
-        head = bytearray(FILLED.size)
-        held = block = -1
-        out, ring = self.child.out, self.child.ring
-        while os.readv(out, [head]) == FILLED.size:  # messages under PIPE_BUF arrive whole
-            block, size = FILLED.unpack(head)
+        held = -1
+        ring, out = self.child.ring, self.child.out
+        ready = select.poll()
+        ready.register(out, select.POLLIN)
+        while True:
+            if self.keys and not ready.poll(0):
+                # The child is behind (its next message has not come): rather than wait idle, this
+                # process hashes the files of the block it holds, and the child has less to do.
+                self._hash_here(ring[held * RING_BLOCK:(held + 1) * RING_BLOCK])
+            block, size = self._message()
+            if block == DIGESTS:
+                self._digests(size)
+                continue
             if held >= 0:
-                self.jobs.put((self.pending, held))  # handed back after the hashes of its files
-                self.pending, held = [], -1
-            if block == RING_END or block >= RING_BLOCKS or size > RING_BLOCK:
+                self._hand_back(held)
+                held = -1
+            if block in (RING_END, -1):  # the end, or the child stopped (finish() says why)
                 break
+            if block >= RING_BLOCKS or size > RING_BLOCK:
+                raise TarFormatError("the unpacking process lost its way")
             held = block
             yield ring[block * RING_BLOCK: block * RING_BLOCK + size]
+        while block == RING_END and self.waiting:  # the digests of the last blocks handed back
+            got, count = self._message()
+            if got != DIGESTS:
+                break
+            self._digests(count)
         self.child.finish()  # raises what the child reported when it failed
-        if block != RING_END:
+        if block != RING_END or self.waiting:
             raise TarFormatError("the tar stream ends early (truncated)")
 
-    def hash_later(self, view: memoryview, key: bytes, into: dict[bytes, bytes]) -> None:
-        self.pending.append((view, key, into))
+    def _message(self) -> tuple[int, int]:
+        head = _read_exact(self.child.out, FILLED.size)
+        if len(head) < FILLED.size:
+            return -1, 0  # the child stopped: finish() says why
+        block, size = FILLED.unpack(head)
+        return block, size
 
-    def _hash(self) -> None:
-        sha256, free = hashlib.sha256, self.child.free
-        while (job := self.jobs.get()) is not None:
-            files, block = job
-            for view, key, into in files:
-                into[key] = sha256(view).digest()
-            if block >= 0:
-                free(block)
+    def _hand_back(self, block: int) -> None:
+        if self.keys:  # the child sends digests only for a block with files to hash
+            self.waiting.append(self.keys)
+        self.child.free(block, self.ranges)
+        self.keys, self.ranges = [], bytearray()
+
+    def _hash_here(self, block: memoryview) -> None:
+        sha256 = hashlib.sha256
+        for (key, into), (offset, size) in zip(self.keys, RANGE.iter_unpack(self.ranges), strict=True):
+            into[key] = sha256(block[offset: offset + size]).digest()
+        self.keys, self.ranges = [], bytearray()
+
+    def _digests(self, count: int) -> None:
+        keys = self.waiting.popleft() if self.waiting else []
+        data = _read_exact(self.child.out, count * SHA256_SIZE)
+        if count != len(keys) or len(data) != count * SHA256_SIZE:
+            raise TarFormatError("the unpacking process lost its way")
+        for i, (key, into) in enumerate(keys):
+            into[key] = data[i * SHA256_SIZE: (i + 1) * SHA256_SIZE]
+
+    def hash_later(self, view: memoryview, key: bytes, into: dict[bytes, bytes]) -> None:
+        """`view` is the one whole() has just returned: it ends where the reader is."""
+        self.ranges += RANGE.pack(self.at - len(view), len(view))
+        self.keys.append((key, into))
 
     def close(self) -> None:
-        if self.hasher is not None:
-            self.jobs.put((self.pending, -1))
-            self.pending = []
-            self.jobs.put(None)
-            self.hasher.join()
-            self.hasher = None
         self.child.close()
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    """n bytes from a pipe (fewer only at its end): a message written at once may be read in parts."""
+    data = os.read(fd, n) if n else b""
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    while n > (got := sum(map(len, parts))) and (more := os.read(fd, n - got)):
+        parts.append(more)
+    return b"".join(parts)
 
 
 def unpack_child(source: IO[bytes]) -> UnpackChild | None:
@@ -519,11 +561,15 @@ class UnpackChild:
         self.ring = memoryview(self.map)
         assert self.proc.stdout is not None
         self.out = self.proc.stdout.fileno()
+        # A block of small files has many RANGEs and digests: room for all four blocks' (a few
+        # hundred KiB at worst), so neither process ever waits for the other to read.
+        _big_pipe(self.free_w)
+        _big_pipe(self.out)
 
-    def free(self, block: int) -> None:
-        """The child may fill `block` again."""
+    def free(self, block: int, ranges: bytes | bytearray = b"") -> None:
+        """The child may fill `block` again once it has hashed the files at `ranges` (RANGEs) in it."""
         with contextlib.suppress(BrokenPipeError):  # the child has stopped: its status says why
-            os.write(self.free_w, bytes((block,)))
+            _write_all(self.free_w, FREED.pack(block, len(ranges) // RANGE.size) + ranges)
 
     def start(self, offset: int, key: bytes) -> None:
         """The child reads on from `offset` (the file is shared with this process: nothing here reads
@@ -596,33 +642,56 @@ def _compress(key: bytes) -> None:
 
 def _unpack(key: bytes, ring: memoryview, filled: int, freed: int) -> None:
     """The `unpack` child's work: decrypt and decompress the age file's body on stdin into the free
-    blocks of `ring`, say each one filled on `filled`, get them back on `freed` (UnpackChild)."""
+    blocks of `ring`, say each one filled on `filled`, get them back on `freed` with the files to hash
+    in them, and send their digests on `filled` (RingReader)."""
     import zstandard  # as in _plain_here
 
     free = list(range(RING_BLOCKS))
+    out = 0  # blocks filled and not handed back yet
     decrypted = age_stream.Decryptor(sys.stdin.buffer, key).blocks()
     source = cast(IO[bytes], _Blocks(decrypted))
     with zstandard.ZstdDecompressor().stream_reader(source, read_size=BLOCK, read_across_frames=True) as z:
         size = RING_BLOCK
         while size == RING_BLOCK:
-            block = free.pop() if free else _freed_block(freed)
+            if free:
+                block = free.pop()
+            else:
+                block = _hash_freed(ring, freed, filled)
+                out -= 1
             into = ring[block * RING_BLOCK:(block + 1) * RING_BLOCK]
             size = 0
             while size < RING_BLOCK and (got := z.readinto(into[size:])):
                 size += got
             if size:
                 os.write(filled, FILLED.pack(block, size))
+                out += 1
     for _ in decrypted:  # past the last frame: age authenticates the rest too
         pass
     os.write(filled, FILLED.pack(RING_END, 0))
+    for _ in range(out):  # the digests of the files in the last blocks
+        _hash_freed(ring, freed, filled)
 
 
-def _freed_block(freed: int) -> int:
-    """Wait for the reader to hand a block back (it does when it takes the next one)."""
-    got = os.read(freed, 1)
-    if not got:
+def _hash_freed(ring: memoryview, freed: int, filled: int) -> int:
+    """Wait for the reader to hand a block back (it does when it takes the next one), send the
+    SHA-256 of the files it says lie in it, and return the block's number."""
+    head = _read_exact(freed, FREED.size)
+    if len(head) < FREED.size:
         raise BrokenPipeError  # the reader has gone
-    return got[0]
+    block, count = (int(v) for v in FREED.unpack(head))
+    ranges = _read_exact(freed, count * RANGE.size)
+    if block >= RING_BLOCKS or len(ranges) < count * RANGE.size:
+        raise BrokenPipeError  # the reader has gone, or lost its way: it knows why
+    if count:
+        at = block * RING_BLOCK
+        sha256 = hashlib.sha256
+        digests = [FILLED.pack(DIGESTS, count)]
+        for offset, size in RANGE.iter_unpack(ranges):
+            if offset + size > RING_BLOCK:
+                raise BrokenPipeError
+            digests.append(sha256(ring[at + offset: at + offset + size]).digest())
+        _write_all(filled, b"".join(digests))
+    return block
 
 
 def main(argv: list[str]) -> int:
