@@ -249,32 +249,57 @@ class Updater:
 
     def _install_beside(self, info: BundleInfo, wheels: Path, current: Path, target: Path) -> Path:
         """The same dependencies as the venv in force: the new venv is a copy of it (the dependencies
-        installed and byte-compiled as they are), paths made its own, and only Letterbox's wheel (and
-        pip's, when its version differs) installed over the copy, without dependencies (`--no-deps`).
+        installed and byte-compiled as they are), paths made its own, and only Letterbox's wheel installed
+        over the copy (appliance/wheel_install.py; pip with `--no-deps` when pip's own wheel changes too).
         The result is what a whole install of the bundle makes, without unpacking and compiling some 40
         wheels again (minutes under emulation or on a Pi). The venv in force is only read: it stays
         as it was for a rollback."""
         self.o.say(f"installing Letterbox {info.version} into {target} (the dependencies of {current.name} are"
                    " the bundle's: copied, only Letterbox installed)")
-        # cp, not shutil.copytree: some 4,000 files, each copied with its times and mode; Python's loop took
-        # minutes of an emulated VM's CPU where cp takes seconds.
-        self._run(["cp", "-a", "--", str(current), str(target)], "cannot copy the venv in force", timeout=INSTALL_TIMEOUT)
-        own_paths(target, current)
+        self._copy_venv(current, target)
         letterbox = next(n for n in info.wheels if n.startswith("letterbox-"))
         names = [letterbox]
         pip_wheel = next((n for n in info.wheels if n.startswith("pip-")), None)
         if pip_wheel is not None and (installed_distributions(target) or {}).get("pip") != wheel_distributions([pip_wheel])["pip"]:
             names.append(pip_wheel)
+        if names == [letterbox]:
+            # Letterbox's wheel alone: unpacked here (appliance/wheel_install.py) rather than by pip,
+            # whose own start took most of an update's minute of emulated CPU for one pure-Python wheel.
+            from appliance import wheel_install
+
+            try:
+                wheel_install.install(wheels / letterbox, target)
+            except (wheel_install.WheelError, OSError, ValueError) as exc:
+                self.o.say(f"installing {letterbox} without pip did not work ({exc}); pip installs it")
+                shutil.rmtree(target)  # half unpacked: pip starts from a fresh copy
+                self._copy_venv(current, target)
+            else:
+                self._check_new_venv(target, info.version)
+                return target
         pip = [sys.executable, "-m", "pip", "--python", str(target / "bin" / "python"), "install", "--quiet",
                "--disable-pip-version-check", "--no-warn-script-location", "--only-binary=:all:", "--no-index",
                "--no-deps", *(str(wheels / name) for name in names)]
         self._pip_install(target, pip, info.version)
         return target
 
+    def _copy_venv(self, current: Path, target: Path) -> None:
+        # cp, not shutil.copytree: some 4,000 files, each copied with its times and mode; Python's loop took
+        # minutes of an emulated VM's CPU where cp takes seconds.
+        self._run(["cp", "-a", "--", str(current), str(target)], "cannot copy the venv in force", timeout=INSTALL_TIMEOUT)
+        own_paths(target, current)
+
     def _pip_install(self, target: Path, argv: list[str], version: str) -> None:
         """Run pip into `target` and check that the new version runs; the venv is removed if not."""
         try:
             self._run(argv, "cannot install the bundle", timeout=INSTALL_TIMEOUT)
+        except UpdateError:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        self._check_new_venv(target, version)
+
+    def _check_new_venv(self, target: Path, version: str) -> None:
+        """The new venv's `letterbox --version` says `version`; the venv is removed if not."""
+        try:
             # The time a start has (900 s by default), not 2 minutes: `letterbox --version` imports the
             # command line's modules, and in a VM under TCG on a busy host the box's first start spent
             # almost 5 minutes importing (image test, load 14).

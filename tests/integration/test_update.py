@@ -187,6 +187,7 @@ def test_an_update_migrates_the_older_data_and_keeps_the_mail(installed: Install
     # 1.0.0's dependencies are 1.0.1's: its venv was copied and only Letterbox installed over the copy,
     # which runs its own Python and its own files (1.0.0's stay as they were, for a rollback).
     assert "only Letterbox installed" in done.stdout
+    assert "without pip did not work" not in done.stdout  # unpacked by appliance/wheel_install.py
     old, new = (box.prefix / f"venv-{v}" for v in ("1.0.0", "1.0.1"))
     assert (new / "bin" / "letterbox").read_text().startswith(f"#!{new}/bin/python")
     assert (old / "bin" / "letterbox").read_text().startswith(f"#!{old}/bin/python")
@@ -194,6 +195,7 @@ def test_an_update_migrates_the_older_data_and_keeps_the_mail(installed: Install
     assert (new / site / "starlette" / "__init__.py").read_bytes() == (old / site / "starlette" / "__init__.py").read_bytes()
     assert not (new / site / "starlette" / "__init__.py").samefile(old / site / "starlette" / "__init__.py")
     assert sorted(p.name for p in (new / site).glob("letterbox-*.dist-info")) == ["letterbox-1.0.1.dist-info"]
+    assert (new / site / "letterbox-1.0.1.dist-info" / "INSTALLER").read_text() == "letterbox-update\n"
     assert sorted(p.name for p in (old / site).glob("letterbox-*.dist-info")) == ["letterbox-1.0.0.dist-info"]
     assert box.letterbox("user", "list").startswith(ADDRESS)
     version = subprocess.run([str(box.prefix / "venv" / "bin" / "letterbox"), "--version"], capture_output=True,
