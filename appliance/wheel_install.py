@@ -109,12 +109,12 @@ def install(wheel: Path, venv: Path, *, installer: str = "letterbox-update") -> 
     written += _console_scripts(entry_points, venv)
     written += _compile(written, site)
     info = site / dist_info
-    (info / "INSTALLER").write_text(f"{installer}\n")
+    _write_new(info / "INSTALLER", f"{installer}\n".encode())
     written.append(info / "INSTALLER")
     rows = [[os.path.relpath(p, site), _record_hash(p.read_bytes()), str(p.stat().st_size)] for p in written]
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows([*rows, [os.path.relpath(info / "RECORD", site), "", ""]])
-    (info / "RECORD").write_text(out.getvalue())
+    _write_new(info / "RECORD", out.getvalue().encode())
     return version
 
 
@@ -134,11 +134,18 @@ def _unpack(archive: zipfile.ZipFile, name: str, venv: Path, data_dir: str) -> P
     data = archive.read(name)
     if script and data.startswith(b"#!python"):
         data = b"#!" + os.fsencode(venv / "bin" / "python") + data[len(b"#!python"):]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
+    _write_new(target, data)
     if script:
         target.chmod(0o755)
     return target
+
+
+def _write_new(target: Path, data: bytes) -> None:
+    """A new file at `target`, never a write into the file there: the venv may be a copy made of hard
+    links to the venv in force (appliance/update.py), which must keep every byte for a rollback."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    target.write_bytes(data)
 
 
 def _console_scripts(entry_points: str, venv: Path) -> list[Path]:
@@ -150,8 +157,8 @@ def _console_scripts(entry_points: str, venv: Path) -> list[Path]:
     for script, spec in (parser["console_scripts"].items() if parser.has_section("console_scripts") else []):
         module, _, attr = spec.strip().partition(":")
         target = venv / "bin" / script
-        target.write_text(SCRIPT.format(python=venv / "bin" / "python", module=module,
-                                        attr=attr.split(".")[0], call=attr))
+        _write_new(target, SCRIPT.format(python=venv / "bin" / "python", module=module,
+                                         attr=attr.split(".")[0], call=attr).encode())
         target.chmod(0o755)
         written.append(target)
     return written
