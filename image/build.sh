@@ -134,6 +134,10 @@ cp -a --no-preserve=ownership "$IMAGE_DIR/overlay/." "$ROOT/"
 # shellcheck source=lib/configure.sh
 source "$IMAGE_DIR/lib/configure.sh"
 configure_system "$ARCH" "$ROOT"
+if [[ $ARCH == amd64 ]]; then
+    step "rspamd's public-suffix list for CPUs without AVX2"
+    warm_rspamd_tld "$ROOT" "$CACHE"
+fi
 check_nothing_unique "$ROOT"
 
 # --- 4. the disk -----------------------------------------------------------------------------------

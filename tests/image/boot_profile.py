@@ -62,12 +62,43 @@ class ConsoleTimes:
             self.lines += [(now, line.strip()) for line in done if line.strip()]
 
 
+# CPU seconds each unit (cgroup v2 cpu.stat usage_usec: all its processes, alive or gone) has used since
+# the boot, one "UNIT SECONDS" line each: what a box that should be idle spends its CPU on.
+_UNIT_CPU = ("cd /sys/fs/cgroup && for f in system.slice/*/cpu.stat init.scope/cpu.stat; do "
+             "echo \"${f%/cpu.stat} $(awk '/^usage_usec/ {print $2 / 1e6}' $f)\"; done")
+
+
+def unit_cpu(vm: Vm) -> dict[str, float]:
+    lines = vm.run(_UNIT_CPU, check=False, timeout=120).stdout.splitlines()
+    return {unit.removeprefix("system.slice/"): float(seconds)
+            for unit, seconds in (line.split() for line in lines if len(line.split()) == 2)}
+
+
+def watch_cpu(vm: Vm, seconds: float, every: float = 20.0) -> None:
+    """The guest CPU of each unit over `seconds` after the wizard answered, printed every `every`
+    seconds for the units that used any since the last sample; with qemu's own CPU."""
+    print(f"--- CPU by unit (guest cgroup usage, s) every {every:.0f} s for {seconds:.0f} s after the wizard")
+    end = time.monotonic() + seconds
+    last = unit_cpu(vm)
+    print("at wizard: " + ", ".join(f"{u} {s:.1f}" for u, s in sorted(last.items(), key=lambda i: -i[1]) if s >= 0.5))
+    while time.monotonic() < end:
+        time.sleep(every)
+        now = unit_cpu(vm)
+        used = {u: s - last.get(u, 0.0) for u, s in now.items()}
+        busy = ", ".join(f"{u} +{s:.1f}" for u, s in sorted(used.items(), key=lambda i: -i[1]) if s >= 0.2)
+        print(f"{time.monotonic() - vm.started_at:6.0f} s, qemu CPU {vm.cpu_seconds():6.0f} s, "
+              f"load {os.getloadavg()[0]:.1f}: {busy or 'idle'}", flush=True)
+        last = now
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("image", type=Path)
     parser.add_argument("--uefi", action="store_true")
     parser.add_argument("--reboot", action="store_true", help="also time a reboot")
     parser.add_argument("--run", action="append", default=[], help="another guest command to print")
+    parser.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
+                        help="after the wizard, the CPU each unit uses, sampled for SECONDS")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="letterbox-boot-") as tmp, \
             Vm(args.image, Path(tmp), uefi=args.uefi, name="profile") as vm:
@@ -83,6 +114,8 @@ def main() -> int:
         print(f"--- serial console, seconds since qemu started (kernel started at about {wizard - uptime:.1f} s)")
         for seconds, line in console.lines[:40]:
             print(f"{seconds:7.1f} {line[:150]}")
+        if args.watch:
+            watch_cpu(vm, args.watch)
         time.sleep(2)
         for title, command in {**REPORTS, **{c: c for c in args.run}}.items():
             result = vm.run(command, check=False)
