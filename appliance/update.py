@@ -78,6 +78,8 @@ INCOMING = "incoming.tar"
 STATUS = "status.json"
 DB_FILES = ("letterbox.db", "letterbox.db-wal")
 NO_SPACE_HINT = ": the disk is full; free some space (or wait for a first boot to finish growing the disk) and try again"
+# appliance/backup.py RECIPIENT_SETTING, not imported: that module imports the backup's whole machinery.
+BACKUP_KEY_SETTING = "backup_recipient"
 KEEP_VENVS = 2  # the one in force and the one before it
 HEALTH_POLL = 0.5
 INSTALL_TIMEOUT = 3600.0  # pip unpacks and byte-compiles ~40 wheels: minutes under TCG (more than 5 seen)
@@ -331,6 +333,10 @@ class Updater:
 
     def backup(self, current: Path) -> str:
         """A backup with the running version, when the box has a backup key."""
+        if not has_backup_key(self.o.data / "letterbox.db"):
+            self.o.say("no backup key on this box (console -> Backups): no backup made; the database is"
+                       " copied aside before the update instead")
+            return ""
         try:
             out = self._run(self._as_user([str(current / "bin" / "letterbox"), "--data", str(self.o.data),
                                            "backup", "create"]), "backup", timeout=BACKUP_TIMEOUT)
@@ -515,11 +521,12 @@ def own_paths(venv: Path, copied_from: Path) -> None:
             os.replace(fresh, path)
 
 
-def schema_version(db: Path) -> int:
-    """The schema version of a database file, read from a copy (with its WAL) so that nothing is
-    created next to the real one (root must not leave a -shm the box's user cannot open)."""
+def _read_copy(db: Path, query: str) -> tuple[Any, ...] | None:
+    """One row of `query` on a copy of a database file (with its WAL), so that nothing is created
+    next to the real one (root must not leave a -shm the box's user cannot open); None when the file,
+    the table or the row is not there."""
     if not db.exists():
-        return 0
+        return None
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "db"
         shutil.copy2(db, copy)
@@ -528,12 +535,25 @@ def schema_version(db: Path) -> int:
             shutil.copy2(wal, Path(tmp) / "db-wal")
         conn = sqlite3.connect(copy)
         try:
-            row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()
+            row: tuple[Any, ...] | None = conn.execute(query).fetchone()
         except sqlite3.Error:
-            return 0
+            return None
         finally:
             conn.close()
-    return int(row[0])
+    return row
+
+
+def schema_version(db: Path) -> int:
+    """The schema version of a database file."""
+    row = _read_copy(db, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+    return int(row[0]) if row else 0
+
+
+def has_backup_key(db: Path) -> bool:
+    """Whether the box has a backup key (the public half, a setting): without one `letterbox backup
+    create` can only say so, after importing Letterbox (28 s of a VM's CPU under TCG)."""
+    row = _read_copy(db, f"SELECT value FROM settings WHERE key = '{BACKUP_KEY_SETTING}'")  # noqa: S608  a constant
+    return bool(row and row[0])
 
 
 def http_answers(url: str, timeout: float = 5.0) -> str | None:
