@@ -72,11 +72,13 @@ image-pi: $(STAMP)
 	$(BIN)/python -m tests.image.pi_virt $(IMAGE_OUT)/letterbox-arm64.img
 
 # Build the amd64 image and boot it under qemu (TCG) from the host: wizard, mail in and out, reboot,
-# updates. Two machines at once, one per module and worker (tests/image/conftest.py).
+# updates. Two machines at once, one per module and worker (tests/image/conftest.py). Their disks are under
+# the checkout's image/out/test/pytest: pytest's shared /tmp/pytest-of-USER keeps only its three newest
+# runs, and other pytest runs on the machine would delete a running VM's folder.
 image-test: $(STAMP) image-deps
 	PYTHON=$(BIN)/python bash image/build.sh amd64 $(IMAGE_OUT)/test
 	LETTERBOX_IMAGE=$(IMAGE_OUT)/test/letterbox-amd64.img $(BIN)/pytest -p no:cacheprovider -n 2 --dist loadfile \
-		--durations=0 -v tests/image
+		--basetemp=$(IMAGE_OUT)/test/pytest --durations=0 -v tests/image
 
 # The update bundle of this checkout, for letterbox-update and the console's Updates page (and the image):
 # dist/letterbox-bundle-VERSION-MACHINE.tar, the Letterbox wheel and every dependency's (appliance/bundle.py).
