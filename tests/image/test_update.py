@@ -137,11 +137,13 @@ def test_failed_update_rolls_back_then_good_update_migrates(box: Vm, tmp_path: P
     box.run(f"{CLI} update upload /var/lib/letterbox/good.tar")
     steps.done("good bundle made, copied in and uploaded")
     deadline = time.monotonic() + 1500
-    while _status(box).get("state") != "done" or _status(box).get("version") != f"{running}.1":
-        if _status(box).get("state") == "failed" and _status(box).get("version") == f"{running}.1":
-            raise VmError(box.failure_report(f"the update failed: {_status(box)}"))
+    # One read of the status a round: read three times, the file changed in between (the failed
+    # update's "failed", then this one's "running 0.1.0.1") and a running update was taken for a failed one.
+    while (status := _status(box)).get("state") != "done" or status.get("version") != f"{running}.1":
+        if status.get("state") == "failed" and status.get("version") == f"{running}.1":
+            raise VmError(box.failure_report(f"the update failed: {status}"))
         if time.monotonic() > deadline:
-            raise VmError(box.failure_report(f"no outcome of the update: {_status(box)}"))
+            raise VmError(box.failure_report(f"no outcome of the update: {status}"))
         time.sleep(3)
     assert box.run("letterbox --version").stdout.strip() == f"letterbox {running}.1"
     assert box.run("systemctl is-active letterbox").stdout.strip() == "active"
