@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 5.0
 SETTLE_SECONDS = 0.5  # a burst of deliveries is indexed together
+RETRY_SECONDS = 60.0
+MAX_RETRY_SECONDS = 3600.0
 CHUNK_MESSAGES = 64  # messages per worker task and per transaction: the write lock is held briefly
 CHUNK_OCTETS = 1024 * 1024
 PAGE_MESSAGES = 5000  # messages asked of the store at a time (a listing each when the folder is unloaded)
@@ -97,7 +99,11 @@ class TextIndex:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        self._failed: set[int] = set()  # folders that could not be read, left until the next start
+        # Folders a round failed on: folder id -> (when to try again, the wait after that). A failure
+        # may pass (the database locked past the worker's busy timeout by a long commit under load),
+        # so the folder is tried again, after RETRY_SECONDS doubling up to MAX_RETRY_SECONDS; the
+        # rows and the mark written before the failure stay, so a retry goes on from there.
+        self._failed: dict[int, tuple[float, float]] = {}
         self.indexed = 0  # messages indexed since start
 
     def start(self) -> None:
@@ -127,15 +133,20 @@ class TextIndex:
         """Index every message not yet looked at; returns how many were indexed."""
         async with self._lock:
             done = 0
+            loop = asyncio.get_running_loop()
             for row in await self._db.fetchall(_BEHIND):
-                if row["id"] in self._failed:
+                retry_at, wait = self._failed.get(row["id"], (0.0, RETRY_SECONDS / 2))
+                if loop.time() < retry_at:
                     continue
                 try:
                     done += await self._folder(row)
                 except Exception:
-                    self._failed.add(row["id"])
-                    log.warning("text index: folder %s of %s@%s left to the scan", row["name"], row["local_part"],
-                                row["domain"], exc_info=True)
+                    wait = min(wait * 2, MAX_RETRY_SECONDS)
+                    self._failed[row["id"]] = (loop.time() + wait, wait)
+                    log.warning("text index: folder %s of %s@%s left to the scan; trying again in %.0f s", row["name"],
+                                row["local_part"], row["domain"], wait, exc_info=True)
+                else:
+                    self._failed.pop(row["id"], None)
             self.indexed += done
             return done
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
@@ -222,3 +223,32 @@ async def _wait_indexed(text_index: TextIndex, count: int) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"only {text_index.indexed} of {count} indexed in 30 s")
+
+
+def test_a_folder_that_failed_is_tried_again_later(box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round that fails on a folder (the database locked past the worker's busy timeout) leaves it
+    to the scan only for a while: a later round after RETRY_SECONDS indexes it."""
+    box.add_user(USER, PASSWORD)
+    text_index = index(box)
+    box.run(text_index.stop())
+    for n in range(3):
+        box.run(box.services.store.deliver([USER], f"Subject: {n}\r\n\r\nbody number {n}\r\n".encode()))
+    real = fts.index_messages
+    calls: list[int] = []
+
+    def fails_once(*args: object, **kwargs: object) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fts, "index_messages", fails_once)
+    assert box.run(text_index.catch_up()) == 0
+    assert box.run(text_index.catch_up()) == 0  # not yet: the folder waits RETRY_SECONDS
+    assert len(calls) == 1
+    (folder, (_, wait)), = text_index._failed.items()
+    assert wait == fts.RETRY_SECONDS
+    text_index._failed[folder] = (0.0, wait)  # its time has come
+    assert box.run(text_index.catch_up()) == 3
+    assert not text_index._failed
+    assert rows(box) == 3
