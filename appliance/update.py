@@ -252,7 +252,7 @@ class Updater:
     def _install_beside(self, info: BundleInfo, wheels: Path, current: Path, target: Path) -> Path:
         """The same dependencies as the venv in force: the new venv is a copy of it (the dependencies
         installed and byte-compiled as they are), paths made its own, and only Letterbox's wheel installed
-        over the copy (appliance/wheel_install.py; pip with `--no-deps` when pip's own wheel changes too).
+        over the copy (appliance/wheel_install.py with PyPA's installer; pip with `--no-deps` when pip's own wheel changes too).
         The result is what a whole install of the bundle makes, without unpacking and compiling some 40
         wheels again (minutes under emulation or on a Pi). The venv in force is only read: it stays
         as it was for a rollback."""
@@ -288,7 +288,8 @@ class Updater:
     def _copy_venv(self, current: Path, target: Path, *, links: bool) -> None:
         """The venv in force copied to `target`, its paths made the copy's. links=True: hard links
         (`cp -al`), for appliance/wheel_install.py, which never writes into a file it did not make
-        (each file it writes is unlinked first, byte-code is written by rename, as own_paths does): the
+        (the old version's files are removed first, and `installer` refuses to write over a file that
+        exists; byte-code is written by rename, as own_paths does): the
         venv in force keeps every byte for a rollback. A copy of the 56 MB and 3,445 files took 121 s in
         the image's VM under TCG (load 7), links take seconds. Where links cannot be made (another file
         system), and for pip, a plain copy."""

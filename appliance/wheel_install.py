@@ -2,41 +2,29 @@
 
 An update whose dependencies are those of the venv in force copies that venv and installs only
 Letterbox's own wheel over the copy. pip did that job in about 1.5 s of CPU on a PC, 60-100 s of a VM
-under emulation (most of it importing pip, its resolver and its UI) and minutes on a Pi; what it did
-for a pure-Python wheel with `--no-deps --no-index` is a short list (PEP 427 / the binary
-distribution format spec): remove the files of the installed version (its RECORD), unpack the wheel
-(its `NAME.data/` directories into their schemes), write the console scripts of entry_points.txt,
-byte-compile the new modules, and write INSTALLER and RECORD so that pip still knows the result.
+under emulation (most of it importing pip, its resolver and its UI) and minutes on a Pi. The install
+itself is PyPA's `installer` (the reference implementation of the binary distribution format: the
+schemes, console scripts, byte-code, RECORD and INSTALLER; a few small modules to import). What it
+leaves to its caller is done here: the installed version's files are removed first, as `pip
+uninstall` does from its RECORD, so every file of the new version is a new file (the copy is made of
+hard links to the venv in force, which must keep every byte for a rollback; `installer` refuses to
+write over a file that exists).
 
-Anything this does not handle (a `headers` scheme, a path outside the venv, a wheel for another
-Python) raises WheelError, and the caller falls back to pip.
+Anything this does not handle (a path outside the venv, a damaged wheel, a file left in the way) raises
+WheelError, and the caller falls back to pip.
 """
 
 from __future__ import annotations
 
-import base64
-import configparser
 import csv
-import hashlib
 import importlib.util
 import io
 import os
-import py_compile
 import re
 import shutil
 import sys
-import zipfile
-from pathlib import Path, PurePosixPath
-
-SCRIPT = """#!{python}
-# -*- coding: utf-8 -*-
-import re
-import sys
-from {module} import {attr}
-if __name__ == "__main__":
-    sys.argv[0] = re.sub(r"(-script\\.pyw|\\.exe)?$", "", sys.argv[0])
-    sys.exit({call}())
-"""
+import sysconfig
+from pathlib import Path
 
 
 class WheelError(Exception):
@@ -49,18 +37,6 @@ def site_packages(venv: Path) -> Path:
 
 def _normalized(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _inside(base: Path, relative: str) -> Path:
-    """base/relative, refusing an absolute path or one that climbs out of base (a crafted wheel)."""
-    pure = PurePosixPath(relative)
-    if pure.is_absolute() or ".." in pure.parts or not pure.parts:
-        raise WheelError(f"a path outside the venv in the wheel: {relative!r}")
-    return base.joinpath(*pure.parts)
-
-
-def _record_hash(data: bytes) -> str:
-    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
 def uninstall(venv: Path, project: str) -> None:
@@ -91,89 +67,33 @@ def uninstall(venv: Path, project: str) -> None:
                     candidate.rmdir()
 
 
-def install(wheel: Path, venv: Path, *, installer: str = "letterbox-update") -> str:
-    """Install `wheel` (pure Python) into `venv` over the same project's installed version, without its
+def install(wheel: Path, venv: Path, *, installed_by: str = "letterbox-update") -> str:
+    """Install `wheel` into `venv` over the same project's installed version, without its
     dependencies; returns the version installed. The venv's Python must be the one running this."""
+    try:  # a venv made before Letterbox depended on it has none: pip then
+        from installer import install as install_wheel
+        from installer.destinations import SchemeDictionaryDestination
+        from installer.exceptions import InstallerError
+        from installer.sources import WheelFile
+    except ImportError as exc:
+        raise WheelError(f"no installer module ({exc})") from None
+
     site = site_packages(venv)
     if not site.is_dir():
         raise WheelError(f"{venv} has no site-packages for Python {sys.version_info.major}.{sys.version_info.minor}")
-    with zipfile.ZipFile(wheel) as archive:
-        names = archive.namelist()
-        dist_info = next((n.split("/")[0] for n in names if re.fullmatch(r"[^/]+\.dist-info/WHEEL", n)), None)
-        if dist_info is None:
-            raise WheelError(f"{wheel.name} has no dist-info/WHEEL")
-        project, _, version = dist_info.removesuffix(".dist-info").rpartition("-")
-        uninstall(venv, project)
-        written = [_unpack(archive, name, venv, f"{project}-{version}.data/") for name in names if not name.endswith("/")]
-        entry_points = archive.read(f"{dist_info}/entry_points.txt").decode() if f"{dist_info}/entry_points.txt" in names else ""
-    written += _console_scripts(entry_points, venv)
-    written += _compile(written, site)
-    info = site / dist_info
-    _write_new(info / "INSTALLER", f"{installer}\n".encode())
-    written.append(info / "INSTALLER")
-    rows = [[os.path.relpath(p, site), _record_hash(p.read_bytes()), str(p.stat().st_size)] for p in written]
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows([*rows, [os.path.relpath(info / "RECORD", site), "", ""]])
-    _write_new(info / "RECORD", out.getvalue().encode())
+    # The running interpreter's install scheme with the venv as its base: what pip uses for a venv.
+    scheme = sysconfig.get_paths(scheme="venv" if "venv" in sysconfig.get_scheme_names() else "posix_prefix",
+                                 vars={"base": str(venv), "platbase": str(venv), "installed_base": str(venv),
+                                       "installed_platbase": str(venv)})
+    destination = SchemeDictionaryDestination(
+        # No "headers": a wheel with C headers is left to pip (KeyError below).
+        {key: scheme[key] for key in ("purelib", "platlib", "scripts", "data")},
+        interpreter=str(venv / "bin" / "python"), script_kind="posix", bytecode_optimization_levels=(0,))
+    try:
+        with WheelFile.open(wheel) as source:
+            project, _, version = source.dist_info_dir.removesuffix(".dist-info").rpartition("-")
+            uninstall(venv, project)
+            install_wheel(source, destination, {"INSTALLER": f"{installed_by}\n".encode()})
+    except (InstallerError, FileExistsError, ValueError, KeyError) as exc:
+        raise WheelError(f"{wheel.name}: {exc}") from None
     return version
-
-
-def _unpack(archive: zipfile.ZipFile, name: str, venv: Path, data_dir: str) -> Path:
-    """One member of the wheel where it belongs: NAME.data/SCHEME/... into that scheme's folder, the
-    rest into site-packages."""
-    site = site_packages(venv)
-    script = name.startswith(data_dir + "scripts/")
-    if name.startswith(data_dir):
-        scheme, _, rest = name[len(data_dir):].partition("/")
-        base = {"purelib": site, "platlib": site, "data": venv, "scripts": venv / "bin"}.get(scheme)
-        if base is None:
-            raise WheelError(f"the {scheme!r} scheme is not handled here")
-        target = _inside(base, rest)
-    else:
-        target = _inside(site, name)
-    data = archive.read(name)
-    if script and data.startswith(b"#!python"):
-        data = b"#!" + os.fsencode(venv / "bin" / "python") + data[len(b"#!python"):]
-    _write_new(target, data)
-    if script:
-        target.chmod(0o755)
-    return target
-
-
-def _write_new(target: Path, data: bytes) -> None:
-    """A new file at `target`, never a write into the file there: the venv may be a copy made of hard
-    links to the venv in force (appliance/update.py), which must keep every byte for a rollback."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.unlink(missing_ok=True)
-    target.write_bytes(data)
-
-
-def _console_scripts(entry_points: str, venv: Path) -> list[Path]:
-    """bin/NAME for each [console_scripts] entry, as pip writes them."""
-    parser = configparser.ConfigParser(delimiters=("=",))
-    parser.optionxform = str  # type: ignore[assignment,method-assign]  # script names keep their case
-    parser.read_string(entry_points)
-    written = []
-    for script, spec in (parser["console_scripts"].items() if parser.has_section("console_scripts") else []):
-        module, _, attr = spec.strip().partition(":")
-        target = venv / "bin" / script
-        _write_new(target, SCRIPT.format(python=venv / "bin" / "python", module=module,
-                                         attr=attr.split(".")[0], call=attr).encode())
-        target.chmod(0o755)
-        written.append(target)
-    return written
-
-
-def _compile(written: list[Path], site: Path) -> list[Path]:
-    """The byte-code of the new modules, as pip makes it: the box imports it and never writes any
-    (PYTHONDONTWRITEBYTECODE in letterbox.service)."""
-    compiled = []
-    for path in written:
-        if path.suffix == ".py" and path.is_relative_to(site):
-            try:
-                cfile = py_compile.compile(str(path), doraise=True)
-            except py_compile.PyCompileError as exc:
-                raise WheelError(f"{path.name} does not compile: {exc.msg}") from None
-            if cfile is not None:
-                compiled.append(Path(cfile))
-    return compiled

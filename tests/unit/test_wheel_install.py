@@ -63,3 +63,28 @@ def test_refuses_what_it_does_not_handle(env: Path, tmp_path: Path, member: str)
     with pytest.raises(wheel_install.WheelError):
         wheel_install.install(_wheel(tmp_path, "1.0", {"demo/__init__.py": "", member: "x"}), env)
     assert not (tmp_path / "evil.py").exists()
+
+
+def test_a_copy_of_hard_links_leaves_the_original_untouched(env: Path, tmp_path: Path) -> None:
+    """letterbox-update installs over a `cp -al` copy of the venv in force: the original keeps every
+    byte (a rollback runs it), however the new version's files are written."""
+    old = {"demo/__init__.py": "", "demo/cli.py": "def main() -> int:\n    print('old')\n    return 0\n"}
+    wheel_install.install(_wheel(tmp_path, "1.0", old), env)
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-al", str(env), str(copy)], check=True)
+    new = {"demo/__init__.py": "", "demo/cli.py": "def main() -> int:\n    print('new')\n    return 0\n"}
+    wheel_install.install(_wheel(tmp_path, "2.0", new), copy)
+    assert subprocess.run([str(env / "bin" / "demo")], capture_output=True, text=True, check=True).stdout == "old\n"
+    assert (wheel_install.site_packages(env) / "demo_pkg-1.0.dist-info").is_dir()
+    assert "new" in (wheel_install.site_packages(copy) / "demo" / "cli.py").read_text()
+
+
+def test_a_file_in_the_way_is_left_to_pip(env: Path, tmp_path: Path) -> None:
+    """A file the installed version's RECORD does not name stands where the new version writes: the
+    quick install refuses (pip then installs on a plain copy) instead of writing into it."""
+    stray = wheel_install.site_packages(env) / "demo" / "cli.py"
+    stray.parent.mkdir(parents=True)
+    stray.write_text("# someone else's\n")
+    with pytest.raises(wheel_install.WheelError):
+        wheel_install.install(_wheel(tmp_path, "1.0", {"demo/__init__.py": "", "demo/cli.py": "X = 1\n"}), env)
+    assert stray.read_text() == "# someone else's\n"
