@@ -32,7 +32,7 @@ from appliance.settings import Settings
 from appliance.smtp.probes import RecipientProbeGuard
 from appliance.srs import SECRET_FILE, SenderRewriter, load_secret
 from appliance.status_checks import start_status_checks
-from appliance.store.mailboxes import release_memory
+from appliance.store.mailboxes import fix_mmap_threshold, release_memory
 from appliance.store.mailstore import MailStore
 from appliance.tls import TlsManager
 
@@ -346,6 +346,7 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     data_lock = DataDirLock(config.data.root)
+    fix_mmap_threshold()  # before the heap grows (issue 19: RSS after the 100k run)
     try:
         raise_open_files_limit()
         aside: Path | None = None

@@ -471,6 +471,25 @@ def release_memory() -> None:
 
 _malloc_trim: Any = None
 
+M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+MMAP_THRESHOLD = 128 * 1024
+
+
+def fix_mmap_threshold() -> None:
+    """Blocks of 128 KiB and more straight from mmap, returned to the system when freed, for the
+    server's whole life. glibc starts there too, but raises the threshold to the size of each large
+    block freed (up to 32 MiB): after a 100k folder's big FETCH and SEARCH lists, their successors
+    came from the heap and stayed behind as holes malloc_trim could not give back. Letterbox-only
+    rounds of the 100k IMAP rows (one round each, load 5-9): main process RSS 5 s after them
+    168-187 MiB with the sliding threshold (3 rounds), 129.4 and 129.0 MiB with it fixed (2 rounds;
+    peak 227-246 -> 207-208 MiB). What stays is mostly pymalloc's: 73 arenas of 1 MiB holding 25 MB
+    of objects, as many as idle, and 48 MB of empty pools in arenas not wholly free."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass  # not glibc: its own policy stands
+
 def address_key(address: str) -> str:
     """local@domain as the db keeps it: lower case, the domain in A-label form; split at the last '@'."""
     local, at, domain = address.rpartition("@")
