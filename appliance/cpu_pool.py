@@ -257,9 +257,7 @@ class CpuPool:
             self._idle_timer = None
         executor, self._executor = self._executor, None
         if executor is not None:
-            # The workers finish the task at hand and exit; joined off the loop.
-            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
-            _live.discard(executor)
+            await self._retire(executor)  # the workers finish the task at hand and exit
         for retire in list(self._retiring):
             await retire
         _stop_resource_tracker()

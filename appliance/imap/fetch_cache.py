@@ -295,20 +295,9 @@ def subject_hits(cache: FolderCache, files: Sequence[tuple[int, str]], needle: s
     the rows' subject texts: (the UIDs whose text holds it, the UIDs the rows cannot answer: no
     text, another file's, or a file not where the index has it, perhaps renamed). known_subjects
     with the test done here: no object per message goes back to the event loop. Worker thread."""
-    known = cache.subjects([uid for uid, _ in files])
-    hits: set[int] = set()
-    unknown: set[int] = set()
-    for uid, path in files:
-        found = known.get(uid)
-        try:
-            if found is not None and found[0] == stamp_of(os.stat(path)):
-                if needle in found[1]:
-                    hits.add(uid)
-                continue
-        except FileNotFoundError:
-            pass
-        unknown.add(uid)
-    return hits, unknown
+    current = _current(cache.subjects([uid for uid, _ in files]), files)
+    hits = {uid for uid, (_, subject) in current.items() if needle in subject}
+    return hits, {uid for uid, _ in files if uid not in current}
 
 
 def known_rows(cache: FolderCache | None, files: Sequence[tuple[int, str | Path]]) -> dict[int, CachedMessage]:

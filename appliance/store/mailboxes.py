@@ -462,10 +462,7 @@ def release_memory() -> None:
     """Give freed heap back to the system (glibc keeps it otherwise: RSS would stay at its peak)."""
     global _malloc_trim
     if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False  # not glibc: nothing to do
+        _malloc_trim = _glibc("malloc_trim") or False
     if _malloc_trim:
         _malloc_trim(0)
 
@@ -484,11 +481,18 @@ def fix_mmap_threshold() -> None:
     168-187 MiB with the sliding threshold (3 rounds), 129.4 and 129.0 MiB with it fixed (2 rounds;
     peak 227-246 -> 207-208 MiB). What stays is mostly pymalloc's: 73 arenas of 1 MiB holding 25 MB
     of objects, as many as idle, and 48 MB of empty pools in arenas not wholly free."""
+    mallopt = _glibc("mallopt")
+    if mallopt is not None:  # not glibc: its own policy stands
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def _glibc(name: str) -> Any:
+    """glibc's function `name`, or None where the C library is another one."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
-        pass  # not glibc: its own policy stands
+        return None
+
 
 def address_key(address: str) -> str:
     """local@domain as the db keeps it: lower case, the domain in A-label form; split at the last '@'."""
