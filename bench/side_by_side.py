@@ -773,6 +773,15 @@ def run(args: argparse.Namespace, out: Callable[[str], None]) -> Results:
     return results
 
 
+def _rows(text: str) -> frozenset[str]:
+    """--rows: names from IMAP_ROWS; a name mistyped would otherwise leave its row out unsaid."""
+    rows = frozenset(text.split(","))
+    if rows - set(IMAP_ROWS):
+        raise argparse.ArgumentTypeError(f"unknown rows {','.join(sorted(rows - set(IMAP_ROWS)))}"
+                                         f" (known: {','.join(IMAP_ROWS)})")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,10000,100000",
@@ -787,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pop3-mib", type=int, default=50)
     parser.add_argument("--stress-secs", type=int, default=10)
     parser.add_argument("--imap-only", action="store_true", help="only the rows that depend on the folder size")
-    parser.add_argument("--rows", default=None, type=lambda text: frozenset(text.split(",")),
+    parser.add_argument("--rows", default=None, type=_rows,
                         help="IMAP rows besides the cold SELECT (all by default): " + ",".join(IMAP_ROWS))
     parser.add_argument("--smtp-only", action="store_true",
                         help="of the rows that do not depend on a folder's size, only SMTP intake")
