@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from appliance.imap.commands import (
     FETCH_MACROS,
     NO_ARGUMENT_COMMANDS,
+    RECENT,
     SIMPLE_FETCH_ATTRIBUTES,
     STAR,
+    SYSTEM_FLAGS,
     AndKey,
     Append,
     AppendContent,
@@ -91,6 +93,7 @@ ASTRING_INPUT_CHARS = ASTRING_CHARS | frozenset(range(0x80, 0x100))
 LIST_CHARS = ATOM_CHARS | frozenset(b"%*]")
 SEQUENCE_CHARS = frozenset(b"0123456789:,*")
 MONTHS = {name.upper(): i for i, name in enumerate(calendar.month_abbr) if name}
+_KNOWN_FLAGS = frozenset((*SYSTEM_FLAGS, RECENT))
 MAX_NUMBER = 2**32 - 1  # RFC 3501 9: number is a 32-bit unsigned integer
 MAX_SEARCH_DEPTH = 50  # nested parentheses/NOT/OR in one SEARCH
 STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE"})
@@ -287,9 +290,15 @@ class Reader:
             ranges.append((values[0], values[-1]))
         return SequenceSet(tuple(ranges))
 
-    def flag(self) -> str:
+    def flag(self, *, extension: bool = False) -> str:
+        """A flag (RFC 3501 9). A backslash flag that is no system flag (a flag-extension) is refused
+        unless `extension`: it could never be stored, and a client told BAD learns it at once rather
+        than finding it silently gone (Dovecot refuses it too)."""
         if self.accept(b"\\"):
-            return canonical_flag("\\" + self.atom())
+            flag = canonical_flag("\\" + self.atom())
+            if not extension and flag not in _KNOWN_FLAGS:
+                raise ParseError(f"invalid system flag {flag[:40]}")
+            return flag
         return self.atom()
 
     def flag_list(self) -> tuple[str, ...]:
@@ -596,16 +605,7 @@ def _append(r: Reader, tag: str, name: str) -> Command:
 
 
 def _append_message(r: Reader) -> tuple[tuple[str, ...], int | None, AppendContent]:
-    flags: tuple[str, ...] = ()
-    date: int | None = None
-    if r.peek() == ord("("):
-        flags = r.flag_list()
-        r.sp()
-    if r.peek() == 0x22:
-        start = r.pos
-        r.quoted()
-        date = parse_date_time(r.text[start:r.pos])
-        r.sp()
+    flags, date = _append_head(r)
     message: AppendContent
     if r.peek_keyword() == "CATENATE":
         message = _catenate(r)
@@ -613,10 +613,48 @@ def _append_message(r: Reader) -> tuple[tuple[str, ...], int | None, AppendConte
         raise ParseError("APPEND needs the message as a literal")
     else:
         message = r.take_literal()
-    for flag in flags:
-        if flag == "\\Recent":
-            raise ParseError("\\Recent cannot be set")
     return flags, date, message
+
+
+def _append_head(r: Reader) -> tuple[tuple[str, ...], int | None]:
+    """An APPEND message's optional flag list and date-time, each followed by SP."""
+    flags: tuple[str, ...] = ()
+    date: int | None = None
+    if r.peek() == ord("("):
+        flags = r.flag_list()
+        if "\\Recent" in flags:
+            raise ParseError("\\Recent cannot be set")
+        r.sp()
+    if r.peek() == 0x22:
+        start = r.pos
+        r.quoted()
+        date = parse_date_time(r.text[start:r.pos])
+        r.sp()
+    return flags, date
+
+
+def append_head_error(head: bytes) -> str | None:
+    """What is wrong with the flags or the date-time on an APPEND's first line `head` (up to the
+    literal it announces), or None. Judged before the client sends its message: RFC 3501 7.5 lets the
+    server answer instead of "+", and the client then drops the literal. What the first line cannot
+    tell (a folder name sent as a literal) is left to the parse of the whole command."""
+    r = Reader([head, LiteralPart(b""), b""])
+    try:
+        r.chars(TAG_CHARS, "a tag")
+        r.sp()
+        r.keyword()
+        r.sp()
+        if r.at_literal():
+            return None
+        r.folder()
+        r.sp()
+    except ParseError:
+        return None
+    try:
+        _append_head(r)
+    except ParseError as exc:
+        return str(exc)
+    return None
 
 
 def _catenate(r: Reader) -> tuple[bytes | CatenateUrl, ...]:
@@ -995,7 +1033,7 @@ def _search_key_named(r: Reader, word: str, depth: int) -> SearchKey:  # noqa: C
         return FlagKey(flag, present)
     r.sp()
     if word in ("KEYWORD", "UNKEYWORD"):
-        return FlagKey(r.flag(), word == "KEYWORD")
+        return FlagKey(r.flag(extension=True), word == "KEYWORD")
     if word in SEARCH_HEADER_KEYS:
         return HeaderKey(word, r.astring())
     if word == "HEADER":

@@ -21,7 +21,15 @@ from typing import cast
 
 from appliance.imap.commands import Command
 from appliance.imap.limits import DEFAULT_LIMITS, ImapLimits
-from appliance.imap.parser import LiteralPart, ParseError, Segment, TaggedParseError, parse_command, parse_tag
+from appliance.imap.parser import (
+    LiteralPart,
+    ParseError,
+    Segment,
+    TaggedParseError,
+    append_head_error,
+    parse_command,
+    parse_tag,
+)
 from appliance.imap.responses import Bye, Continuation, Response, Tagged, UntaggedStatus
 
 
@@ -197,12 +205,13 @@ class ImapConnection:
             if non_sync:
                 # RFC 7888 4: the data is already on its way and cannot be told apart from commands.
                 return self._fatal("Literal too large")
-            tag = parse_tag(first)
-            self._segments = []
-            self._command_octets = 0
-            self.command_literal_octets = 0
             # RFC 7888 4 / RFC 4469: refuse before the client sends it; it then drops the command.
-            return self._bad(tag, "Literal too large", status="NO", code="TOOBIG")
+            return self._drop_command(first, "Literal too large", status="NO", code="TOOBIG")
+        if is_append and not non_sync and len(self._segments) == 1:
+            # A date-time or flag the APPEND would be refused for: say so before the message is sent.
+            error = append_head_error(line[: marker.start()])
+            if error is not None:
+                return self._drop_command(first, error)
         if not is_append:
             self._command_octets += size
         self.command_literal_octets += size
@@ -211,6 +220,13 @@ class ImapConnection:
         if non_sync:
             return None
         return ContinuationRequest(Continuation(LITERAL_CONTINUATION))
+
+    def _drop_command(self, first: bytes, text: str, status: str = "BAD", code: str | None = None) -> Event:
+        """Refuse the command being received before its literal is sent (no "+" goes out)."""
+        self._segments = []
+        self._command_octets = 0
+        self.command_literal_octets = 0
+        return self._bad(parse_tag(first), text, status=status, code=code)
 
     def _parse(self, segments: list[Segment]) -> Event:
         try:

@@ -110,6 +110,25 @@ def test_store_flags_and_keywords(imap_box: BoxHandle, client: IMAPClient) -> No
     assert b"$Important" in client.select_folder("INBOX")[b"FLAGS"]
 
 
+def test_impossible_dates_and_unknown_system_flags_are_refused_and_nothing_is_stored(imap_box: BoxHandle) -> None:
+    with imaplib.IMAP4_SSL("127.0.0.1", imap_box.port("imaps"), ssl_context=imap_box.client_context,
+                           timeout=30) as client:
+        client.login(USER, PASSWORD)
+        # imaplib waits for "+" before it sends the message: the BAD comes first, so it never does.
+        with pytest.raises(imaplib.IMAP4.error, match="bad date-time"):
+            client.append("INBOX", None, '"31-Feb-2024 00:00:00 +0000"', message(1))
+        with pytest.raises(imaplib.IMAP4.error, match=r"invalid system flag \\\\Bogus"):
+            client.append("INBOX", r"(\Seen \Bogus)", None, message(2))
+        typ, data = client.select("INBOX")
+        assert (typ, data) == ("OK", [b"0"])
+        assert client.append("INBOX", None, None, message(3))[0] == "OK"
+        client.select("INBOX")
+        with pytest.raises(imaplib.IMAP4.error, match="invalid system flag"):
+            client.store("1", "+FLAGS", r"(\Bogus)")
+        assert client.fetch("1", "(FLAGS)") == ("OK", [b"1 (FLAGS ())"])
+        assert client.store("1", "+FLAGS", r"(\Seen $Later)")[0] == "OK"
+
+
 def test_silent_store_and_sequence_numbers(imap_box: BoxHandle) -> None:
     for n in range(3):
         deliver(imap_box, message(n))

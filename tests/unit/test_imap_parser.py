@@ -152,6 +152,19 @@ def test_append_forms() -> None:
         parse_command([b"a APPEND x (\\Recent) ", lit, b""])
     with pytest.raises(ParseError):
         parse_command([b'a APPEND x "31-Feb-2024 00:00:00 +0000" ', lit, b""])
+    with pytest.raises(ParseError, match="invalid system flag"):
+        parse_command([b"a APPEND x (\\Seen \\Bogus) ", lit, b""])
+
+
+def test_only_system_flags_may_start_with_a_backslash() -> None:
+    with pytest.raises(ParseError, match=r"invalid system flag \\Bogus"):
+        parse("a STORE 1 +FLAGS (\\Bogus)")
+    with pytest.raises(ParseError, match="invalid system flag"):
+        parse("a STORE 1 FLAGS \\Seen \\Nope")
+    got = parse("a STORE 1 +FLAGS (\\seen \\DRAFT $Work)")
+    assert isinstance(got, Store)
+    assert got.flags == ("\\Seen", "\\Draft", "$Work")
+    assert isinstance(parse("a SEARCH KEYWORD \\Whatever"), Search)  # a search for it only finds nothing
 
 
 def test_date_time() -> None:

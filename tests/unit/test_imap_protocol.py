@@ -214,3 +214,33 @@ def test_same_events_whatever_the_chunking(step: int) -> None:
     data = (b"a LOGIN {3}\r\nabc def\r\nb APPEND INBOX (\\Seen) {5+}\r\nhello\r\nc SELECT inbox\r\n"
             b"d FETCH 1 BODY[]\r\n")
     assert feed(ImapConnection(), data, step) == feed(ImapConnection(), data, len(data))
+
+
+def test_append_with_an_impossible_date_is_refused_before_its_literal() -> None:
+    conn = ImapConnection()
+    events = feed(conn, b'a1 APPEND INBOX (\\Seen) "31-Feb-2024 00:00:00 +0000" {5}\r\n')
+    assert len(events) == 1
+    assert isinstance(events[0], Reject)
+    assert events[0].reply.to_bytes() == b"a1 BAD bad date-time\r\n"
+    assert feed(conn, b"a2 NOOP\r\n") == [Command("a2", "NOOP")]
+
+
+def test_append_with_an_unknown_system_flag_is_refused_before_its_literal() -> None:
+    events = feed(ImapConnection(), b"a1 APPEND INBOX (\\Seen \\Bogus) {5}\r\n")
+    assert len(events) == 1
+    assert isinstance(events[0], Reject)
+    assert events[0].reply.to_bytes() == b"a1 BAD invalid system flag \\Bogus\r\n"
+
+
+def test_append_heads_that_are_fine_or_cannot_be_judged_yet_get_their_continuation() -> None:
+    for line in (b'a1 APPEND INBOX (\\Seen $Work) " 1-Jan-2024 01:00:00 +0100" {5}\r\n',
+                 b"a1 APPEND {5}\r\n",  # the folder name is the literal
+                 b"a1 APPEND INBOX CATENATE (TEXT {5}\r\n"):
+        events = feed(ImapConnection(), line)
+        assert [type(e) for e in events] == [ContinuationRequest], line
+
+
+def test_append_with_a_bad_date_in_a_non_synchronising_literal_reads_it_then_refuses() -> None:
+    # LITERAL+: the message is already on its way, so it is read and the whole command refused.
+    events = feed(ImapConnection(), b'a1 APPEND INBOX "31-Feb-2024 00:00:00 +0000" {5+}\r\nhello\r\na2 NOOP\r\n')
+    assert [type(e) for e in events] == [Reject, Command]
