@@ -522,38 +522,51 @@ def own_paths(venv: Path, copied_from: Path) -> None:
             os.replace(fresh, path)
 
 
-def _read_copy(db: Path, query: str) -> tuple[Any, ...] | None:
-    """One row of `query` on a copy of a database file (with its WAL), so that nothing is created
-    next to the real one (root must not leave a -shm the box's user cannot open); None when the file,
-    the table or the row is not there."""
+def _read_row(db: Path, query: str) -> tuple[Any, ...] | None:
+    """One row of `query` on a database file, read so that nothing is created next to it (root must not
+    leave a -shm or -wal the box's user cannot open); None when the file, the table or the row is not
+    there. Without a -wal no connection has the file open (SQLite removes it at the last close), so
+    it is read as immutable; with the -wal and -shm of the running box it is opened read-only, which
+    uses them and creates nothing. Only a -wal left without its -shm (a crash) is read from a copy,
+    as it always was before: at 100k messages the full-text index makes that copy some 300 MB."""
     if not db.exists():
         return None
+    wal, shm = db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+    if not wal.exists():
+        return _query(f"{db.resolve().as_uri()}?immutable=1", query)
+    if shm.exists():
+        return _query(f"{db.resolve().as_uri()}?mode=ro", query)
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "db"
         shutil.copy2(db, copy)
-        wal = db.with_name(db.name + "-wal")
-        if wal.exists():
-            shutil.copy2(wal, Path(tmp) / "db-wal")
-        conn = sqlite3.connect(copy)
-        try:
-            row: tuple[Any, ...] | None = conn.execute(query).fetchone()
-        except sqlite3.Error:
-            return None
-        finally:
-            conn.close()
+        shutil.copy2(wal, Path(tmp) / "db-wal")
+        return _query(str(copy), query)
+
+
+def _query(uri: str, query: str) -> tuple[Any, ...] | None:
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        row: tuple[Any, ...] | None = conn.execute(query).fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
     return row
 
 
 def schema_version(db: Path) -> int:
     """The schema version of a database file."""
-    row = _read_copy(db, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+    row = _read_row(db, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
     return int(row[0]) if row else 0
 
 
 def has_backup_key(db: Path) -> bool:
     """Whether the box has a backup key (the public half, a setting): without one `letterbox backup
     create` can only say so, after importing Letterbox (28 s of a VM's CPU under TCG)."""
-    row = _read_copy(db, f"SELECT value FROM settings WHERE key = '{BACKUP_KEY_SETTING}'")  # noqa: S608  a constant
+    row = _read_row(db, f"SELECT value FROM settings WHERE key = '{BACKUP_KEY_SETTING}'")  # noqa: S608  a constant
     return bool(row and row[0])
 
 
