@@ -26,17 +26,23 @@ def test_has_backup_key(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["letterbox.db"]  # read from a copy: no -shm left
 
 
+def wal_database(db: Path, version: int) -> sqlite3.Connection:
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE schema_migrations (version INTEGER)")
+    conn.execute("INSERT INTO schema_migrations VALUES (?)", (version,))
+    conn.commit()
+    return conn
+
+
 def files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
 def test_reading_creates_nothing_beside_the_database_whatever_its_state(tmp_path: Path) -> None:
     db = tmp_path / "letterbox.db"
-    conn = sqlite3.connect(db)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("CREATE TABLE schema_migrations (version INTEGER)")
+    conn = wal_database(db, 20)
     conn.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    conn.execute("INSERT INTO schema_migrations VALUES (20)")
     conn.commit()
     # The box running: its -wal and -shm are there, and the newest rows only in the -wal.
     conn.execute("INSERT INTO settings VALUES (?, ?)", (backup.RECIPIENT_SETTING, "age1example"))
@@ -56,11 +62,7 @@ def test_reading_creates_nothing_beside_the_database_whatever_its_state(tmp_path
 
 def test_a_wal_left_without_its_shm_is_read_from_a_copy(tmp_path: Path) -> None:
     db = tmp_path / "letterbox.db"
-    conn = sqlite3.connect(db)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("CREATE TABLE schema_migrations (version INTEGER)")
-    conn.execute("INSERT INTO schema_migrations VALUES (7)")
-    conn.commit()
+    conn = wal_database(db, 7)
     saved = {name: (tmp_path / name).read_bytes() for name in ("letterbox.db", "letterbox.db-wal")}
     conn.close()
     for name, data in saved.items():  # what a crash leaves: the -wal holds the last commit, no -shm
