@@ -20,7 +20,7 @@ from typing import BinaryIO, NamedTuple, Protocol
 
 from appliance.imap.commands import BinarySection, BodySection, FetchAttribute, FetchItem, Section
 from appliance.imap.limits import MAX_HEADER_OCTETS
-from appliance.imap.mime import Part, Span, unfold
+from appliance.imap.mime import Headers, Part, Span, unfold
 from appliance.imap.responses import Atom, Literal8Bytes, LiteralBytes, Raw, Streamed, Value, render_value
 
 CHUNK = 256 * 1024  # octets read from the file per write
@@ -528,6 +528,41 @@ def body_structures(part: Part) -> tuple[Value, Value]:
                                  _params(part.headers) or None, _disposition(part.headers), _language(part.headers),
                                  _nstring(part.headers, "Content-Location")]
         return extended, [Raw(b"".join(render_value(b) for _, b in pairs)), subtype]
+    if part.maintype != "message" or part.subtype not in ("rfc822", "global"):
+        # A leaf's answer is its size and lines between text that only its type and these fields
+        # decide, and that repeats from message to message (text/plain; charset=utf-8): it is
+        # rendered once (issue 19: the leaves' fields and their rendering were a fifth of describing
+        # a message for the message cache).
+        values = [part.headers.get(name) for name in _LEAF_FIELDS]
+        text = _leaf_text if sum(len(v) for v in values if v) <= LEAF_TEXT_KEY else _leaf_text.__wrapped__
+        head, tail = text(part.maintype, part.subtype, *values)
+        counts = b"%d %d" % (part.body.wire_size, part.lines) if part.maintype == "text" else b"%d" % part.body.wire_size
+        return Raw(head + counts + tail), Raw(head + counts + b")")
+    return _part_structures(part)
+
+
+# What a leaf's BODYSTRUCTURE says besides its size and lines (_part_structures); fields longer
+# than LEAF_TEXT_KEY together are not kept in _leaf_text's memory.
+_LEAF_FIELDS = ("Content-Type", "Content-Transfer-Encoding", "Content-ID", "Content-Description", "Content-MD5",
+                "Content-Disposition", "Content-Language", "Content-Location")
+LEAF_TEXT_KEY = 1024
+_NOWHERE = Span(0, 0, 0, 0)
+
+
+@lru_cache(maxsize=1024)
+def _leaf_text(maintype: str, subtype: str, *values: str | None) -> tuple[bytes, bytes]:
+    """The BODYSTRUCTURE of a leaf of this type whose _LEAF_FIELDS have these (first) values, as
+    _part_structures renders it, around its size (and lines): the text before them, and after."""
+    fields = [(name, value) for name, value in zip(_LEAF_FIELDS, values, strict=True) if value is not None]
+    extended = _part_structures(Part(_NOWHERE, _NOWHERE, Headers(fields), maintype, subtype, 0))[0]
+    assert isinstance(extended, list)
+    # type, subtype, parameters, id, description, encoding; size (lines); MD5, disposition, language, location
+    return (b"(" + b" ".join(render_value(v) for v in extended[:6]) + b" ",
+            b" " + b" ".join(render_value(v) for v in extended[-4:]) + b")")
+
+
+def _part_structures(part: Part) -> tuple[Value, Value]:
+    """body_structures of a part that is not a multipart."""
     headers = part.headers
     params = _params(headers)
     if part.maintype == "text" and not any(isinstance(n, bytes) and n.lower() == b"charset" for n in params[::2]):

@@ -367,8 +367,8 @@ class _Scan:
         room = depth < MAX_MIME_DEPTH and self.parts < MAX_MIME_PARTS
         if stopped:
             pass
-        elif maintype == "multipart" and room and _boundary(headers):
-            delimiter = b"--" + _boundary(headers)
+        elif maintype == "multipart" and room and (boundary := _boundary(headers)):
+            delimiter = b"--" + boundary
             child_default = "message/rfc822" if subtype == "digest" else "text/plain"
             stopped, closed_at = self.multipart(delimiter, boundaries, depth, child_default, children)
             if closed_at is not None:
@@ -395,16 +395,7 @@ class _Scan:
                     body_start, body_wire = end, wire_end
         header_span = Span(h_start, header_end[0], h_wire, header_end[1])
         body = Span(body_start, end, body_wire, wire_end)
-        if maintype == "multipart" and not children:
-            if not room:
-                # Past the nesting or part bound: one opaque text leaf (its text is still searched).
-                maintype, subtype = "text", "plain"
-            else:
-                # RFC 2046 5.1.1 needs a boundary and at least one part, and BODYSTRUCTURE cannot
-                # describe an empty multipart. Dovecot keeps the multipart with one empty text/plain
-                # part (BODY[1] and BODY[1.MIME] empty); clients already know that answer.
-                children.append(_empty_part(body))
-        return Part(header_span, body, headers, maintype, subtype, lines, children), stopped
+        return _made_part(header_span, body, headers, (maintype, subtype), lines, children, room), stopped
 
     def multipart(self, delimiter: bytes, outer: list[bytes], depth: int, child_default: str,
                   children: list[Part]) -> tuple[bool, _Mark | None]:
@@ -454,6 +445,162 @@ class _Scan:
             if self.delimiter(item, boundaries) is not None:
                 r.push_back()
                 return True
+
+
+def _made_part(header: Span, body: Span, headers: Message, media: tuple[str, str], lines: int,
+               children: list[Part], room: bool) -> Part:
+    """The Part a scan found, a multipart without parts made one (both scans)."""
+    maintype, subtype = media
+    if maintype == "multipart" and not children:
+        if not room:
+            # Past the nesting or part bound: one opaque text leaf (its text is still searched).
+            maintype, subtype = "text", "plain"
+        else:
+            # RFC 2046 5.1.1 needs a boundary and at least one part, and BODYSTRUCTURE cannot
+            # describe an empty multipart. Dovecot keeps the multipart with one empty text/plain
+            # part (BODY[1] and BODY[1.MIME] empty); clients already know that answer.
+            children.append(_empty_part(body))
+    return Part(header, body, headers, maintype, subtype, lines, children)
+
+
+class _Doubtful(Exception):
+    """A message _MemoryScan leaves to the line reader (_Scan)."""
+
+
+class _MemoryScan:
+    """_Scan's walk over a message in memory whose lines all end in CRLF, where it comes down to a
+    few searches in C per part: file and wire offsets are the same, line ends are counted once per
+    part, delimiter lines are found by bytes.find. Only the cases where _Scan reads a header block
+    in one probe (_Reader.header_block) are taken; anything else (a header longer than a probe, one
+    holding a line that may be a delimiter, a candidate delimiter line longer than a read) raises
+    _Doubtful and the message is scanned by _Scan, so the Part tree is always _Scan's own (issue 19:
+    the line reader was half of describing a message for the message cache)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+        self.parts = 0
+
+    def part(self, boundaries: list[bytes], depth: int, default_type: str) -> tuple[Part, bool]:
+        """_Scan.part: one entity up to the next enclosing delimiter (self.pos left at its line) or the end."""
+        data = self.data
+        self.parts += 1
+        h_start = self.pos
+        header = self.header_block(bool(boundaries))
+        headers = parse_header(header)
+        headers.set_default_type(default_type)
+        maintype, subtype = _content_type(headers)
+        body_start = floor = self.pos
+        children: list[Part] = []
+        room = depth < MAX_MIME_DEPTH and self.parts < MAX_MIME_PARTS
+        if maintype == "multipart" and room and (boundary := _boundary(headers)):
+            child_default = "message/rfc822" if subtype == "digest" else "text/plain"
+            stopped, closed_at = self.multipart(b"--" + boundary, boundaries, depth, child_default, children)
+            if closed_at is not None:
+                floor = closed_at  # (see _Scan.part)
+        elif maintype == "message" and subtype in ("rfc822", "global") and room and not _encoded(headers):
+            child, stopped = self.part(boundaries, depth + 1, "text/plain")
+            children.append(child)
+        else:
+            stopped = self.leaf(boundaries)
+        end, header_end = self.pos, body_start
+        if stopped:
+            # The CRLF before the delimiter line is the delimiter's (RFC 2046 5.1.1); as in _Scan.part.
+            end -= 2
+            if end < floor:
+                if floor > body_start:
+                    end = floor
+                else:
+                    header_end = end = body_start = max(end, h_start)
+        lines = data.count(b"\n", body_start, end)
+        return _made_part(Span(h_start, header_end, h_start, header_end), Span(body_start, end, body_start, end),
+                          headers, (maintype, subtype), lines, children, room), stopped
+
+    def header_block(self, delimiters: bool) -> bytes:
+        """_Reader.header_block from memory: the block without its blank line, self.pos after it."""
+        data, pos = self.data, self.pos
+        if data.startswith(b"\r\n", pos):
+            self.pos = pos + 2
+            return b""
+        found = data.find(b"\n\r\n", pos, pos + HEADER_PROBE)  # (no bare LF: no "\n\n")
+        if found >= 0:
+            blank, self.pos = found + 1, found + 3
+        elif len(data) - pos < HEADER_PROBE:
+            blank = self.pos = len(data)
+        else:
+            raise _Doubtful
+        header = data[pos:blank]
+        if delimiters and (header.startswith(b"--") or b"\n--" in header):
+            raise _Doubtful
+        return header
+
+    def multipart(self, delimiter: bytes, outer: list[bytes], depth: int, child_default: str,
+                  children: list[Part]) -> tuple[bool, int | None]:
+        """_Scan.multipart; the close delimiter's end is a file offset."""
+        stack = [*outer, delimiter]
+        mine = len(outer)
+        found = self.next_delimiter(stack)
+        if found is None:
+            return False, None
+        index, closed, line_end = found
+        if index < mine:
+            return True, None
+        self.pos = line_end
+        while not closed and self.parts < MAX_MIME_PARTS:
+            child, stopped = self.part(stack, depth + 1, child_default)
+            children.append(child)
+            if not stopped:
+                return False, None
+            hit = self.delimiter_at(self.pos, stack)
+            assert hit is not None
+            index, closed, line_end = hit
+            if index < mine:
+                return True, None
+            self.pos = line_end
+        closed_at = self.pos if closed else None
+        return self.leaf(outer), closed_at
+
+    def leaf(self, boundaries: list[bytes]) -> bool:
+        """Up to the next enclosing delimiter line (self.pos at it) or the end."""
+        return self.next_delimiter(boundaries) is not None
+
+    def next_delimiter(self, boundaries: list[bytes]) -> tuple[int, bool, int] | None:
+        """The first delimiter line of `boundaries` from self.pos (which is left at it, or at the
+        end): (index into `boundaries`, is the close delimiter, where its line ends)."""
+        data = self.data
+        at = self.pos
+        if boundaries:
+            if at and data[at - 1] != 10:  # not at a line start: the next one
+                at = data.find(b"\n", at) + 1 or len(data)
+            while at < len(data):
+                hit = self.delimiter_at(at, boundaries)
+                if hit is not None:
+                    self.pos = at
+                    return hit
+                at = data.find(b"\n--", at) + 1 or len(data)
+        self.pos = len(data)
+        return None
+
+    def delimiter_at(self, at: int, boundaries: list[bytes]) -> tuple[int, bool, int] | None:
+        """_Scan.delimiter of the line starting at `at`, with where that line ends."""
+        data = self.data
+        if not data.startswith(b"--", at):
+            return None
+        end = data.find(b"\n", at) + 1 or len(data)
+        if end - at > READ_LIMIT:
+            raise _Doubtful  # _Reader would read it in pieces
+        hit = _Scan.delimiter((data[at:end], True), boundaries)
+        return None if hit is None else (*hit, end)
+
+
+def scan_bytes(data: bytes) -> Part:
+    """scan() of a message in memory: the same Part tree, mostly by _MemoryScan."""
+    if data.count(b"\n") == data.count(b"\r\n"):
+        try:
+            return _MemoryScan(data).part([], 0, "text/plain")[0]
+        except _Doubtful:
+            pass
+    return scan(io.BytesIO(data))
 
 
 def _empty_part(parent_body: Span) -> Part:
