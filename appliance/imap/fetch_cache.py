@@ -7,9 +7,10 @@ ask for to fill a message list (Thunderbird, iOS Mail, K-9: `CACHED_FIELDS`) as 
 those fields, is answered from the row without opening the file, byte for byte what the file
 would give (HEADER.FIELDS of the kept fields is the same text as of the whole header block).
 
-A row is used only while the file is the one it was computed from: every use stats the file (no
-open, no read) and compares size, modification time and inode. A missing or stale row is computed
-from the file, used, and given back to be kept (`Learned`).
+A row is used only while the file is the one it was computed from: size, modification time and
+inode, compared by a stat (no open, no read), or vouched for by the box's inotify watch of the
+folder since such a stat (appliance/store/file_watch.py has the rule). A missing or stale row is
+computed from the file, used, and given back to be kept (`Learned`).
 """
 
 from __future__ import annotations
@@ -155,30 +156,28 @@ def kept_fields(block: bytes, fields: Sequence[str]) -> bytes:
 
 def current_rows(cache: FolderCache | None, files: Sequence[tuple[int, str]], *, compute: bool
                  ) -> tuple[dict[int, CachedMessage], Learned, list[tuple[int, str]]]:
-    """The rows of these (UID, file) pairs, each checked against its file (a stat). With `compute`,
-    a missing or stale row is computed from the file; without, the pair is returned as unknown. A
-    file that is gone has no row. Blocking: worker thread. Returns the rows, those newly computed
-    (for `FolderCache.learn`) and the unknown pairs."""
-    known = cache.read([uid for uid, _ in files]) if cache is not None else {}
+    """The rows of these (UID, file) pairs, each checked against its file (`_current`). With
+    `compute`, a missing or stale row is computed from the file; without, the pair is returned as
+    unknown. A file that is gone has no row. Blocking: worker thread. Returns the rows, those newly
+    computed (for `FolderCache.learn`) and the unknown pairs."""
     rows: dict[int, CachedMessage] = {}
+    stale: list[tuple[int, str, CachedMessage | None]] = [(uid, path, None) for uid, path in files]
+    if cache is not None:
+        rows, stale = _current(cache, cache.read([uid for uid, _ in files]), files)
     learned: Learned = []
     unknown: list[tuple[int, str]] = []
-    for uid, path in files:
-        row = known.get(uid)
+    for uid, path, row in stale:
+        if not compute:
+            # (A file that is gone may have been renamed by a flag change: the caller looks.)
+            unknown.append((uid, path))
+            continue
         try:
-            if row is None or row.stamp != stamp_of(os.stat(path)):
-                if not compute:
-                    unknown.append((uid, path))
-                    continue
-                fresh = _from_file(path, row)
-                if fresh is not row:
-                    learned.append((uid, fresh))
-                row = fresh
+            fresh = _from_file(path, row)
         except FileNotFoundError:
-            if not compute:
-                unknown.append((uid, path))  # maybe renamed by a flag change: the caller looks
             continue  # expunged meanwhile
-        rows[uid] = row
+        if fresh is not row:
+            learned.append((uid, fresh))
+        rows[uid] = fresh
     return rows, learned, unknown
 
 
@@ -295,9 +294,9 @@ def exact_headers(row: CachedMessage | None) -> CachedFields | None:
 
 def known_subjects(cache: FolderCache, files: Sequence[tuple[int, str]]) -> dict[int, str]:
     """The SEARCH SUBJECT text (CachedMessage.subject) of these (UID, file) pairs whose rows have
-    one and match their files (a stat each): a header SEARCH on the subject alone reads nothing
+    one and match their files (`_current`): a header SEARCH on the subject alone reads nothing
     else, not even the cached fields. Worker thread."""
-    current = _current(cache.subjects([uid for uid, _ in files]), files)
+    current, _ = _current(cache, cache.subjects([uid for uid, _ in files]), files)
     return {uid: subject for uid, (_, subject) in current.items()}
 
 
@@ -306,33 +305,41 @@ def subject_hits(cache: FolderCache, files: Sequence[tuple[int, str]], needle: s
     the rows' subject texts: (the UIDs whose text holds it, the UIDs the rows cannot answer: no
     text, another file's, or a file not where the index has it, perhaps renamed). known_subjects
     with the test done here: no object per message goes back to the event loop. Worker thread."""
-    current = _current(cache.subjects([uid for uid, _ in files]), files)
+    current, _ = _current(cache, cache.subjects([uid for uid, _ in files]), files)
     hits = {uid for uid, (_, subject) in current.items() if needle in subject}
     return hits, {uid for uid, _ in files if uid not in current}
 
 
 def known_rows(cache: FolderCache | None, files: Sequence[tuple[int, str | Path]]) -> dict[int, CachedMessage]:
-    """The rows of these (UID, file) pairs that match their files (a stat each), none computed:
+    """The rows of these (UID, file) pairs that match their files (`_current`), none computed:
     for SEARCH and SORT, which read the header of a message without a row. Worker thread."""
     if cache is None:
         return {}
-    return _current(cache.read([uid for uid, _ in files], fields_only=True), files)
+    pairs = [(uid, os.fspath(path)) for uid, path in files]
+    return _current(cache, cache.read([uid for uid, _ in pairs], fields_only=True), pairs)[0]
 
 
 _Stamped = TypeVar("_Stamped", bound=tuple[Any, ...])  # the stamp first
 
 
-def _current(known: dict[int, _Stamped], files: Sequence[tuple[int, str | Path]]) -> dict[int, _Stamped]:
+def _current(cache: FolderCache, known: dict[int, _Stamped], files: Sequence[tuple[int, str]]
+             ) -> tuple[dict[int, _Stamped], list[tuple[int, str, _Stamped | None]]]:
     """Of `known` (by UID, each with the stamp of the file it was computed from first), those whose
-    file is still that file (a stat each; a file that is gone has none)."""
-    out: dict[int, _Stamped] = {}
-    for uid, path in files:
-        found = known.get(uid)
-        if found is None:
-            continue
-        try:
-            if found[0] == stamp_of(os.stat(path)):
-                out[uid] = found
-        except FileNotFoundError:
-            continue
-    return out
+    file is still that file, and the other pairs with their rows or None (no row, a stale one, or
+    a file that is gone). A row the box's watch of the folder vouches for needs nothing; the others
+    a stat each (file_watch.py: when a row is used without one)."""
+    with cache.check() as check:
+        out, rest = check.split(files, known)
+        stale: list[tuple[int, str, _Stamped | None]] = []
+        for uid, path, found in rest:
+            if found is not None:
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    st = None
+                if st is not None and found[0] == stamp_of(st):
+                    out[uid] = found
+                    check.matched(uid, path, found[0], st.st_nlink)
+                    continue
+            stale.append((uid, path, found))
+    return out, stale

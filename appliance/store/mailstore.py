@@ -292,6 +292,8 @@ class MailStore:
         async with locked(src, target):
             pairs = await self._boxes.transfer(mb, src, target, uids, move=False)
         if pairs:
+            # The sources are hard-linked now: their rows are checked by a stat again (file_watch.py).
+            self.message_cache.watch.forget(src.id, [old for old, _ in pairs])
             self._boxes.wake(mb, target.name)
             self._filed(Filed(mb.key, src.name, target.name, tuple(new for _, new in pairs)))
         return pairs

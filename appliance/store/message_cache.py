@@ -6,7 +6,7 @@ BODY.PEEK[HEADER.FIELDS (...)], header SEARCH and SORT without reading the messa
 The store does not know what the values mean (the IMAP layer renders them, appliance/imap/
 fetch_cache.py); it keeps them per message and ties each row to the file it was computed from
 (size, modification time, inode): a file changed behind the box's back no longer matches and is
-described again. Rows are written with the message row at delivery and APPEND (one transaction,
+described again (checked by a stat, or vouched for by an inotify watch since one: file_watch.py). Rows are written with the message row at delivery and APPEND (one transaction,
 index.Change.cache), and after a FETCH that had to read files another program wrote.
 
 Why letterbox.db and not a file per folder: the row goes with its message row through a foreign
@@ -24,11 +24,13 @@ import os
 import sqlite3
 import threading
 from collections.abc import Coroutine, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from appliance.db import Database
+from appliance.store.file_watch import FileWatch, FolderCheck
 
 log = logging.getLogger("letterbox.store")
 
@@ -138,6 +140,7 @@ class MessageCache:
         self._conn: sqlite3.Connection | None = None
         self._broken = False
         self._fills: set[asyncio.Task[None]] = set()  # rows being computed in the background
+        self.watch = FileWatch()  # which rows need no stat of their files (file_watch.py)
 
     @property
     def path(self) -> Path:
@@ -204,6 +207,7 @@ class MessageCache:
     def close(self) -> None:
         for task in list(self._fills):
             task.cancel()
+        self.watch.close()
         with self._lock:
             self._close()
 
@@ -240,6 +244,10 @@ class FolderCache:
 
     async def learn(self, rows: Sequence[tuple[int, CachedMessage]]) -> None:
         await self.cache.learn(self.folder_id, rows)
+
+    def check(self) -> AbstractContextManager[FolderCheck]:
+        """A check of rows against their files (file_watch.FileWatch.check). Blocking: worker thread."""
+        return self.cache.watch.check(self.folder_id)
 
     def fill(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         return self.cache.fill(work)

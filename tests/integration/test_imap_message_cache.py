@@ -324,3 +324,46 @@ def test_rows_of_a_header_list_are_described_and_written_by_the_worker(
     assert b'"copied in 30"' in answer
     assert message_files(opened_files, box) == []
     assert sum(learned) == 0  # no row went through this process's connection
+
+
+@pytest.mark.parametrize("how", ["in place", "by rename", "in place, through a COPY's link"])
+def test_a_file_changed_after_its_row_was_trusted(box: BoxHandle, how: str) -> None:
+    """Rows are used without a stat once one matched them while the box watched the folder
+    (appliance/store/file_watch.py); a file changed after that, in place (same name, same inode)
+    or replaced by a rename (a new inode), is still answered from its new content by FETCH and
+    SEARCH SUBJECT, in the session that trusted the rows and in a new one. A COPY's hard link is
+    the same file under another folder's name: a write through it is seen in INBOX too."""
+    box.add_user(USER, PASSWORD)
+    deliver(box, message(1, "first version"))
+    deliver(box, message(2, "the other one"))
+    raw = session(box)
+    try:
+        if how == "in place, through a COPY's link":
+            raw.command(b"c", b"UID COPY 1 Archive")
+        for tag in (b"a", b"b"):  # the first check stats the files, the second trusts the rows
+            assert raw.command(tag, b'SEARCH SUBJECT "first version"')[0] == b"* SEARCH 1\r\n"
+            assert b'"first version"' in b"".join(raw.command(tag, LIST_FETCH))
+        [path] = [p for sub in ("new", "cur") for p in (maildir(box) / sub).iterdir() if b"c1@" in p.read_bytes()]
+        changed = message(1, "second version")
+        if how == "in place":
+            with open(path, "r+b") as f:  # the same size, the same inode
+                f.write(changed.replace(b"second", b"SECOND"))
+        elif how == "by rename":
+            tmp = maildir(box) / "tmp" / "replacement"
+            tmp.write_bytes(changed.replace(b"second", b"SECOND"))
+            os.utime(tmp, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))  # all but the inode alike
+            os.replace(tmp, path)
+        else:
+            [copy] = (box.data.mail / "example.test" / "carol" / ".Archive" / "cur").iterdir()
+            copy.write_bytes(changed.replace(b"second", b"SECOND"))
+        assert raw.command(b"d", b'SEARCH SUBJECT "second version"')[0] == b"* SEARCH 1\r\n"
+        assert raw.command(b"e", b'SEARCH SUBJECT "first version"')[0] == b"* SEARCH\r\n"
+        answer = b"".join(raw.command(b"f", LIST_FETCH))
+        assert b'"SECOND version"' in answer
+        assert b"first version" not in answer
+        assert b'"the other one"' in answer
+    finally:
+        raw.close()
+    answer = fetch(box)
+    assert b'"SECOND version"' in answer
+    assert b"first version" not in answer

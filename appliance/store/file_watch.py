@@ -1,0 +1,352 @@
+"""When a message cache row may be used without a stat of its file (issue 19).
+
+A cache row is tied to the file it was computed from (size, modification time, inode:
+message_cache.FileStamp). Checking that with a stat per file per command was half of a SEARCH
+SUBJECT over 10k messages answered from the cache, and a share of every cached FETCH. Dovecot
+trusts its index and cache and looks again only when a folder's directories change; that misses
+a file rewritten in place (same name, same inode), which the box must catch (a test edits a file
+in a Maildir and FETCH answers the new content).
+
+The rule here: a row is used without a stat when, while the box watched the file's directory with
+inotify (cur/ and new/ of the folder), a stat of that very path once matched that very row, and no
+event has named the path since. Any write, truncation, attribute change (times, links), creation,
+rename or removal in the directory names the file; a directory removed or moved, an event queue
+that overflowed, or a directory that is not the inode that was watched (two stats per check) makes
+every row of the folder checked by a stat again. Everything else is checked as before: rows of
+paths an event named, rows never matched since the watch began (the first command after a start),
+files with more than one link (a write through a name in another directory is an event there
+only: the box's COPY makes such links, and forgets the marks of the files it links), and every
+row where inotify is missing or its limits are reached. Not seen (as by Dovecot, which does not
+look at a file it has indexed at all): a file changed through a shared writable mmap (no event),
+a file given another link by another program and then changed through that link, or a change on
+a network file system by another machine.
+
+Events are read (without waiting) at the start of each check, so every change whose system call
+returned before the check began is known to it. Checks of one folder take turns (its lock): a
+check that matched a file before an event about it was read by another check does not mark the
+file good after that event.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import functools
+import logging
+import os
+import struct
+import threading
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+log = logging.getLogger("letterbox.store")
+
+# <sys/inotify.h>
+IN_MODIFY = 0x2
+IN_ATTRIB = 0x4
+IN_MOVED_FROM = 0x40
+IN_MOVED_TO = 0x80
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+IN_MOVE_SELF = 0x800
+IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
+IN_ONLYDIR = 0x1000000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+_WATCHED = IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
+_DIR_GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
+
+MAX_FOLDERS = 32  # folders watched at once (two watches each), the least recently checked go first
+MAX_DIRTY = 4096  # paths named by events and not yet matched again, per folder, before it is all re-checked
+MAX_TRACKED_UID = 1 << 20  # UIDs above are always checked by a stat (the marks are 8 octets per UID up to the largest)
+
+_Row = TypeVar("_Row", bound=tuple[Any, ...])  # a row with the stamp of its file first
+FilePath = str  # message file paths as the index gives them (one spelling per file: marks are by the string)
+
+
+@functools.cache
+def _libc() -> Any:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class _Folder:
+    """What is known of one folder's files (by the folder's row id, never reused)."""
+
+    __slots__ = ("dirs", "dirty", "epoch", "lock", "marks")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # one check at a time (see the module's docstring)
+        self.dirs: dict[str, tuple[int, int, int]] = {}  # watched directory -> (wd, st_dev, st_ino)
+        self.marks = array("q")  # by UID: hash((path, stamp)) of the last stat that matched its row; 0 none
+        self.dirty: dict[str, int] = {}  # path -> the drain that last saw an event name it
+        self.epoch = 0  # raised whenever the marks are dropped: a check begun before commits none
+
+
+class FileWatch:
+    """The inotify watches of the folders whose rows the box checks (one instance, opened at first
+    use, for the whole box). Thread-safe: checks run in worker threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._broken = False  # inotify is not to be had here: every row is checked by a stat
+        self._folders: OrderedDict[int, _Folder] = OrderedDict()
+        self._wds: dict[int, tuple[int, str]] = {}  # wd -> (folder id, directory)
+        self._drains = 0
+
+    @contextmanager
+    def check(self, folder_id: int) -> Iterator[FolderCheck]:
+        """One check of rows against files of a folder: `split` them, stat the rest, report the
+        matches (`matched`); they are marked when the block ends without an error."""
+        with self._lock:
+            folder = None
+            if self._open() is not None:
+                folder = self._folders.get(folder_id)
+                if folder is None:
+                    folder = self._folders[folder_id] = _Folder()
+                    while len(self._folders) > MAX_FOLDERS:
+                        self._forget(*self._folders.popitem(last=False))
+                self._folders.move_to_end(folder_id)
+        if folder is None:
+            yield FolderCheck(self, folder_id, None, 0, 0)
+            return
+        with folder.lock:
+            with self._lock:
+                self._drain()
+            self._same_dirs(folder_id, folder)
+            with self._lock:
+                check = FolderCheck(self, folder_id, folder, self._drains, folder.epoch)
+            yield check
+            check.commit()
+
+    def forget(self, folder_id: int, uids: Iterable[int]) -> None:
+        """These messages' rows are to be checked by a stat again: their files were given another
+        name (the box's COPY makes hard links; the link count changes with no event here). Call
+        it after the links are made: a check whose stat came before them marks nothing then."""
+        with self._lock:
+            folder = self._folders.get(folder_id)
+            if folder is None:
+                return
+            marks = folder.marks
+            for uid in uids:
+                if uid < len(marks):
+                    marks[uid] = 0
+            folder.epoch += 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    # --- for FolderCheck ----------------------------------------------------------------------------
+
+    def watch(self, folder_id: int, folder: _Folder, dirs: Iterable[str]) -> None:
+        """Watch these directories of the folder (before its files are stat'ed: a change after the
+        stat is then an event)."""
+        with self._lock:
+            if self._fd is None or self._folders.get(folder_id) is not folder:
+                return
+            for directory in dirs:
+                if directory in folder.dirs:
+                    continue
+                try:
+                    wd = _libc().inotify_add_watch(self._fd, os.fsencode(directory), _WATCHED | IN_ONLYDIR)
+                    if wd < 0:
+                        raise OSError(ctypes.get_errno(), "inotify_add_watch")
+                    st = os.stat(directory)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                        log.info("store: no more inotify watches (%s): message files are checked by a stat", exc)
+                    continue  # (a directory that is not there: nothing in it to trust)
+                owner = self._wds.get(wd)
+                if owner is not None and owner != (folder_id, directory):
+                    # The same directory under another name (a folder renamed): watched for this one now.
+                    other = self._folders.get(owner[0])
+                    if other is not None:
+                        other.dirs.pop(owner[1], None)
+                        _reset(other)
+                self._wds[wd] = (folder_id, directory)
+                folder.dirs[directory] = (wd, st.st_dev, st.st_ino)
+
+    def commit(self, folder_id: int, folder: _Folder, drain: int, epoch: int,
+               matched: Sequence[tuple[int, FilePath, tuple[int, int, int]]]) -> None:
+        """Mark these (UID, path, stamp) as matched by a stat made after the drain `drain`."""
+        with self._lock:
+            if self._folders.get(folder_id) is not folder:
+                return
+            self._drain()  # (events of the check's own time: they keep their paths dirty)
+            if folder.epoch != epoch:
+                return
+            marks, dirty, dirs = folder.marks, folder.dirty, folder.dirs
+            for uid, path, stamp in matched:
+                if uid > MAX_TRACKED_UID or path.rpartition("/")[0] not in dirs:
+                    continue
+                seen = dirty.get(path)
+                if seen is not None:
+                    if seen > drain:
+                        continue  # named by an event after this check's stat may have been made
+                    del dirty[path]
+                if uid >= len(marks):
+                    grown = min(max(uid + 1, len(marks) * 3 // 2), MAX_TRACKED_UID + 1)
+                    marks.frombytes(bytes(marks.itemsize * (grown - len(marks))))
+                marks[uid] = hash((path, stamp)) or 1
+
+    # --- internals -------------------------------------------------------------------------------------
+
+    def _open(self) -> int | None:
+        if self._fd is None and not self._broken:
+            try:
+                fd = _libc().inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+            except (OSError, AttributeError):
+                fd = -1
+            if fd < 0:
+                log.info("store: inotify is not available: message files are checked by a stat")
+                self._broken = True
+                return None
+            self._fd = fd
+        return self._fd
+
+    def _drain(self) -> None:
+        """Read the events there are (never waiting); under self._lock."""
+        fd = self._fd
+        if fd is None:
+            return
+        self._drains += 1
+        drain = self._drains
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                log.warning("store: the inotify events cannot be read: message files are checked by a stat",
+                            exc_info=True)
+                self._close()
+                return
+            at = 0
+            while at + _EVENT.size <= len(data):
+                wd, mask, _, length = _EVENT.unpack_from(data, at)
+                self._event(wd, mask, data[at + _EVENT.size:at + _EVENT.size + length].rstrip(b"\0"), drain)
+                at += _EVENT.size + length
+
+    def _event(self, wd: int, mask: int, name: bytes, drain: int) -> None:
+        if mask & IN_Q_OVERFLOW:
+            for each in self._folders.values():
+                _reset(each)
+            return
+        owner = self._wds.get(wd)
+        if owner is None:
+            return
+        folder = self._folders.get(owner[0])
+        if mask & _DIR_GONE:
+            del self._wds[wd]
+            if folder is not None:
+                folder.dirs.pop(owner[1], None)
+                _reset(folder)
+            if not mask & IN_IGNORED and self._fd is not None:
+                _libc().inotify_rm_watch(self._fd, wd)
+        elif folder is not None and name:
+            folder.dirty[owner[1] + "/" + os.fsdecode(name)] = drain
+            if len(folder.dirty) > MAX_DIRTY:
+                _reset(folder)
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._broken = True
+        for folder in self._folders.values():
+            _reset(folder)
+        self._folders.clear()
+        self._wds.clear()
+
+    def _same_dirs(self, folder_id: int, folder: _Folder) -> None:
+        """Drop the watched directories that are no longer at their paths (a folder's directory
+        replaced by another without an event on it: its parent renamed), and the folder's marks
+        with them. Outside self._lock: two stats."""
+        gone = []
+        for directory, (wd, dev, ino) in list(folder.dirs.items()):
+            try:
+                st = os.stat(directory)
+                if (st.st_dev, st.st_ino) == (dev, ino):
+                    continue
+            except OSError:
+                pass
+            gone.append((directory, wd))
+        if not gone:
+            return
+        with self._lock:
+            for directory, wd in gone:
+                if folder.dirs.pop(directory, None) is not None and self._wds.get(wd) == (folder_id, directory):
+                    del self._wds[wd]
+                    if self._fd is not None:
+                        _libc().inotify_rm_watch(self._fd, wd)
+            _reset(folder)
+
+    def _forget(self, folder_id: int, folder: _Folder) -> None:
+        for directory, (wd, _, _) in folder.dirs.items():
+            if self._wds.get(wd) == (folder_id, directory):
+                del self._wds[wd]
+                if self._fd is not None:
+                    _libc().inotify_rm_watch(self._fd, wd)
+        folder.dirs.clear()
+        _reset(folder)
+
+
+def _reset(folder: _Folder) -> None:
+    """Every row of the folder is checked by a stat again (under FileWatch._lock)."""
+    folder.marks = array("q")
+    folder.dirty.clear()
+    folder.epoch += 1
+
+
+class FolderCheck:
+    """One check of cached rows against their files (FileWatch.check)."""
+
+    def __init__(self, watch: FileWatch, folder_id: int, folder: _Folder | None, drain: int, epoch: int) -> None:
+        self._watch = watch
+        self._folder_id = folder_id
+        self._folder = folder
+        self._drain = drain
+        self._epoch = epoch
+        self._matched: list[tuple[int, FilePath, tuple[int, int, int]]] = []
+
+    def split(self, files: Sequence[tuple[int, FilePath]], known: dict[int, _Row]
+              ) -> tuple[dict[int, _Row], list[tuple[int, FilePath, _Row | None]]]:
+        """The rows of `files` (UID, path) that need no stat, and the rest (UID, path, row or None)
+        to be stat'ed (then `matched`): their directories are watched from now on."""
+        folder = self._folder
+        if folder is None:
+            return {}, [(uid, path, known.get(uid)) for uid, path in files]
+        trusted: dict[int, _Row] = {}
+        rest: list[tuple[int, FilePath, _Row | None]] = []
+        marks, dirty = folder.marks, folder.dirty
+        tracked = len(marks)
+        for uid, path in files:
+            found = known.get(uid)
+            if (found is not None and uid < tracked and marks[uid] == (hash((path, found[0])) or 1)
+                    and path not in dirty):
+                trusted[uid] = found
+            else:
+                rest.append((uid, path, found))
+        if rest:
+            self._watch.watch(self._folder_id, folder, {path.rpartition("/")[0] for _, path, _ in rest})
+        return trusted, rest
+
+    def matched(self, uid: int, path: FilePath, stamp: tuple[int, int, int], links: int) -> None:
+        """A stat made after `split` found the file at `path` to be the one the row was computed
+        from, with `links` names. A file with other names is left to a stat each time: a write
+        through a name in another directory (another folder's copy) is no event here."""
+        if self._folder is not None and links == 1:
+            self._matched.append((uid, path, stamp))
+
+    def commit(self) -> None:
+        if self._folder is not None and self._matched:
+            self._watch.commit(self._folder_id, self._folder, self._drain, self._epoch, self._matched)
+        self._matched = []

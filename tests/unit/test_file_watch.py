@@ -1,0 +1,163 @@
+"""When the message cache uses a row without a stat of its file (appliance/store/file_watch.py):
+only after a stat matched it while the folder's directories were watched, and never after an event
+named the file, its directory went, or the directory at the path is another one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.store.file_watch import FileWatch
+from appliance.store.message_cache import FileStamp, stamp_of
+
+FOLDER = 7
+
+
+@pytest.fixture
+def watch() -> Iterator[FileWatch]:
+    w = FileWatch()
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def folder(root: Path, count: int = 3) -> list[tuple[int, str]]:
+    for sub in ("cur", "new", "tmp"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    files = []
+    for uid in range(1, count + 1):
+        path = root / "cur" / f"170000000{uid}.M{uid}P1.host:2,S"
+        path.write_bytes(b"Subject: %d\r\n\r\nbody\r\n" % uid)
+        files.append((uid, str(path)))
+    return files
+
+
+def rows(files: list[tuple[int, str]]) -> dict[int, tuple[FileStamp, str]]:
+    return {uid: (stamp_of(os.stat(path)), f"row {uid}") for uid, path in files}
+
+
+def check(watch: FileWatch, files: list[tuple[int, str]], known: dict[int, tuple[FileStamp, str]]) -> set[int]:
+    """One check as fetch_cache._current makes it: the UIDs trusted without a stat."""
+    with watch.check(FOLDER) as c:
+        trusted, rest = c.split(files, known)
+        for uid, path, found in rest:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if found is not None and found[0] == stamp_of(st):
+                c.matched(uid, path, found[0], st.st_nlink)
+    return set(trusted)
+
+
+def test_rows_are_trusted_after_a_matching_stat_while_watched(tmp_path: Path, watch: FileWatch) -> None:
+    files = folder(tmp_path)
+    known = rows(files)
+    assert check(watch, files, known) == set()  # the first check stats every file
+    assert check(watch, files, known) == {1, 2, 3}
+    assert check(watch, files, known) == {1, 2, 3}
+    # A row of another stamp (written meanwhile) is not the one that matched.
+    changed = {**known, 2: ((0, 0, 0), "another row")}
+    assert check(watch, files, changed) == {1, 3}
+    # Another path for the UID (a flag change renamed the file) is checked once.
+    renamed = [(uid, path + "F" if uid == 3 else path) for uid, path in files]
+    os.rename(files[2][1], renamed[2][1])
+    assert check(watch, renamed, known) == {1, 2}
+    assert check(watch, renamed, known) == {1, 2, 3}
+
+
+def test_a_file_rewritten_in_place_is_checked_again(tmp_path: Path, watch: FileWatch) -> None:
+    files = folder(tmp_path)
+    known = rows(files)
+    check(watch, files, known)
+    with open(files[0][1], "r+b") as f:  # same name, same inode, same size
+        f.write(b"Subject: 9")
+    assert check(watch, files, known) == {2, 3}
+    # Its new stamp no longer matches the row: it stays checked until a row of the new file comes.
+    assert check(watch, files, known) == {2, 3}
+    assert check(watch, files, rows(files)) == {2, 3}
+    assert check(watch, files, rows(files)) == {1, 2, 3}
+
+
+@pytest.mark.parametrize("how", ["rename", "touch", "remove"])
+def test_other_changes_name_the_file(tmp_path: Path, watch: FileWatch, how: str) -> None:
+    files = folder(tmp_path)
+    known = rows(files)
+    check(watch, files, known)
+    path = Path(files[1][1])
+    if how == "rename":  # replaced by another file (a new inode under the same name)
+        (tmp_path / "tmp" / "x").write_bytes(b"Subject: other\r\n\r\n")
+        os.rename(tmp_path / "tmp" / "x", path)
+    elif how == "touch":
+        os.utime(path, ns=(1, 1))
+    else:
+        path.unlink()
+    assert check(watch, files, known) == {1, 3}
+
+
+def test_a_directory_replaced_behind_the_box_drops_every_mark(tmp_path: Path, watch: FileWatch) -> None:
+    root = tmp_path / ".Work"
+    files = folder(root)
+    known = rows(files)
+    check(watch, files, known)
+    assert check(watch, files, known) == {1, 2, 3}
+    # The folder moved away and another made at its place with files of the same names and stamps
+    # but for the inode: no event names them (the watched directory is the old one).
+    os.rename(root, tmp_path / ".Old")
+    again = folder(root)
+    assert again == files
+    assert check(watch, files, known) == set()
+    # A new delivery's directory entry is seen in the new directory, watched from then on.
+    assert check(watch, files, rows(files)) == set()
+    assert check(watch, files, rows(files)) == {1, 2, 3}
+    (root / "cur" / "1700000001.M1P1.host:2,S").write_bytes(b"Subject: changed\r\n\r\n")
+    assert check(watch, files, rows(files)) == {2, 3}
+
+
+def test_a_moved_directory_drops_every_mark(tmp_path: Path, watch: FileWatch) -> None:
+    """cur/ moved away and another made holding the same files (the same stamps): the box watched
+    the old directory, so the files are stat'ed again before they are trusted."""
+    files = folder(tmp_path)
+    known = rows(files)
+    check(watch, files, known)
+    cur = tmp_path / "cur"
+    os.rename(cur, tmp_path / "old")
+    cur.mkdir()
+    for _, path in files:
+        os.rename(tmp_path / "old" / Path(path).name, path)
+    assert check(watch, files, known) == set()
+    assert check(watch, files, known) == {1, 2, 3}
+    Path(files[0][1]).write_bytes(b"Subject: rewritten\r\n\r\n")
+    assert check(watch, files, known) == {2, 3}
+
+
+def test_a_file_with_other_links_is_always_stated(tmp_path: Path, watch: FileWatch) -> None:
+    """A write through another name of the file (another folder's copy) is no event here."""
+    files = folder(tmp_path)
+    os.link(files[0][1], tmp_path / "tmp" / "elsewhere")
+    known = rows(files)
+    check(watch, files, known)
+    assert check(watch, files, known) == {2, 3}
+    assert check(watch, files, known) == {2, 3}
+
+
+def test_forgotten_rows_are_stated_again(tmp_path: Path, watch: FileWatch) -> None:
+    """What the box's COPY does to the rows of the files it links (FileWatch.forget)."""
+    files = folder(tmp_path)
+    known = rows(files)
+    check(watch, files, known)
+    assert check(watch, files, known) == {1, 2, 3}
+    watch.forget(FOLDER, [2, 3, 99])
+    assert check(watch, files, known) == {1}
+
+
+def test_without_inotify_every_row_is_checked(tmp_path: Path, watch: FileWatch) -> None:
+    files = folder(tmp_path)
+    known = rows(files)
+    watch.close()
+    for _ in range(3):
+        assert check(watch, files, known) == set()
