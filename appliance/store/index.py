@@ -13,6 +13,12 @@ Sizes: an entry keeps the size on disk (quota) and the size on the wire, every l
 no SELECT reads a file. Rows indexed before the wire size was kept have none: such entries are
 measured at the folder's next listing and the value written back.
 
+Dates: a file found whose name carries both sizes (',S=' and ',W=', as Dovecot names them) is
+indexed without a stat, as Dovecot does: its INTERNALDATE (the mtime) is UNKNOWN_DATE in its row
+until the folder's dating task reads it in the background (OpenMailboxes._date_later), and
+MessageInfo.internaldate reads the file's date itself meanwhile. A stat per file was a quarter of
+the first SELECT of a Maildir copied in (issue 19).
+
 Rebuild: UIDs are never reused. When the message rows are lost but the folder row is kept, the
 files get new UIDs from UIDNEXT on and UIDVALIDITY stays (no UID names two messages). When the
 folder row is lost too, the folder gets a new UIDVALIDITY (time-based, never issued before), or
@@ -43,7 +49,7 @@ from appliance.store.maildir import Keywords, UidList
 from appliance.store.message_cache import CARRY_SQL as CACHE_CARRY_SQL
 from appliance.store.message_cache import INSERT_SQL as CACHE_INSERT_SQL
 from appliance.store.message_cache import CachedMessage
-from appliance.store.model import FolderSnapshot, MessageInfo
+from appliance.store.model import UNKNOWN_DATE, FolderSnapshot, MessageInfo
 
 # A directory changed this recently may change again within the same mtime tick without its mtime
 # moving: such a folder is listed again at the next look (Dovecot does the same, for 1 s).
@@ -117,7 +123,7 @@ class Found(NamedTuple):
     sub: str
     filename: str
     size: int
-    mtime: int
+    mtime: int  # UNKNOWN_DATE: not stat'ed (its name gave both sizes)
     wire: int | None  # None when the file could not be read: measured at a later listing
 
 
@@ -151,6 +157,8 @@ class FolderIndex:
         self.by_base: dict[str, Entry] = {}
         self.bytes = 0  # on disk, for the quota (kept while unloaded)
         self.unmeasured: set[int] = set()  # UIDs without a wire size
+        self.undated: set[int] = set()  # UIDs whose INTERNALDATE is UNKNOWN_DATE
+        self.dating = False  # a task is reading those dates (mailboxes.OpenMailboxes._date_later)
         # The messages are in memory (by_uid...). An index nobody has selected is unloaded when the
         # box's unwatched indexes take more than their budget (mailboxes.py): its header stays (UIDs
         # go on from uidnext, deliveries are written and counted) and the next sync loads it again.
@@ -188,13 +196,14 @@ class FolderIndex:
             self.by_base = {e.base: e for e in entries}
         self.bytes = sum(e.size for e in entries)
         self.unmeasured = {e.uid for e in entries if e.wire is None}
+        self.undated = {e.uid for e in entries if e.internaldate == UNKNOWN_DATE}
         self.stamp, self.dirty, self.loaded = None, True, True
         self.invalidate()
 
     def unload(self) -> None:
         """Drop the messages from memory (caller: nobody has the folder selected, its lock is free,
         nothing is being delivered or written for it). What stays is what a delivery needs."""
-        self.by_uid, self.by_base, self.unmeasured = {}, {}, set()
+        self.by_uid, self.by_base, self.unmeasured, self.undated = {}, {}, set(), set()
         self.stamp, self.dirty, self.loaded = None, True, False
         self.invalidate()
 
@@ -207,7 +216,7 @@ class FolderIndex:
     def busy(self) -> bool:
         """Whether an operation is under way that may use the messages in memory."""
         return (self.lock.locked() or bool(self.pending) or self.uidlist_stale or self.uidlist_queued
-                or self.uidlist_lock.locked())
+                or self.uidlist_lock.locked() or self.dating)
 
     @property
     def path(self) -> Path:
@@ -324,6 +333,22 @@ class FolderIndex:
                 continue  # renamed meanwhile or unreadable: tried again at the next listing
             changes.measured.append((entry, wire))
 
+    def read_dates(self, uids: Iterable[int]) -> list[tuple[Entry, int]]:
+        """Runs in a worker thread, lock held: the INTERNALDATE (mtime) of these undated messages
+        whose files are where the index has them; the others are left for a later look."""
+        dated = []
+        for uid in uids:
+            entry = self.by_uid.get(uid)
+            if entry is None or not entry.sub or entry.internaldate != UNKNOWN_DATE:
+                continue
+            try:
+                st = os.stat(os.path.join(self._dirs[entry.sub], entry.filename))
+            except OSError:
+                self.dirty = True  # renamed or removed by another program: the next listing finds out
+                continue
+            dated.append((entry, int(st.st_mtime)))
+        return dated
+
 
 class _DirFds:
     """new/ and cur/ open as directories for one listing: a file found there is stat'ed by its name
@@ -354,6 +379,12 @@ def _found(folder: Path, base: str, sub: str, filename: str, dir_fd: int) -> Fou
     is gone already (renamed or removed meanwhile: the next listing sees where it went). `dir_fd`:
     its directory (`sub`), open."""
     wire = maildir.name_wire_size(base)
+    size = maildir.name_size(base) if wire is not None else None
+    if size is not None:
+        # Both sizes in its name: no stat now (Dovecot stats none either). Its INTERNALDATE is read
+        # when asked or by the folder's dating in the background; a file renamed or removed
+        # meanwhile is found so by the next listing.
+        return Found(base, sub, filename, size, UNKNOWN_DATE, wire)
     try:
         if wire is None:
             path = os.path.join(folder, sub, filename)  # a string: pathlib costs more than the stat itself
@@ -383,6 +414,7 @@ class Change:
         self.located: list[tuple[Entry, str, str]] = []  # entry, sub, file name (no db change)
         self.removed: list[Entry] = []
         self.measured: list[tuple[Entry, int]] = []  # entry, wire size (no modseq: no IMAP change)
+        self.dated: list[tuple[Entry, int]] = []  # entry, INTERNALDATE read (no modseq: it never changes)
         self.cached: list[tuple[Entry, CachedMessage]] = []  # message_cache rows of added entries
         self.carried: list[tuple[Entry, int, int]] = []  # added entry, source folder id and UID (COPY, MOVE)
         self.expunges_known_since = folder.expunges_known_since  # raised when old records are pruned
@@ -399,6 +431,21 @@ class Change:
         entry = Entry(uid, base, flags, keywords, size, internaldate, self.modseq, sub, filename, wire)
         self.added.append(entry)
         return entry
+
+    def add_found(self, found: Sequence[Found], keywords: Keywords) -> None:
+        """Files a listing found (in delivery order), with the next UIDs: add() for each, without
+        its per-call work (a cold SELECT of a Maildir copied in makes one per file, issue 19)."""
+        uid = max(self.uidnext, self.last_uid + 1)
+        modseq, added, decode = self.modseq, self.added, maildir.decode_letters
+        for new in found:
+            info = new.filename.partition(":")[2]  # split_filename, inlined: hot
+            letters = info[2:] if info.startswith("2,") else ""
+            flags, names = decode(letters, keywords)
+            added.append(Entry(uid, new.base, flags, names, new.size, new.mtime, modseq, new.sub, new.filename, new.wire))
+            uid += 1
+        if found:
+            self.last_uid = uid - 1
+            self.uidnext = max(self.uidnext, uid)
 
     def measure(self, entry: Entry, wire: int) -> None:
         self.measured.append((entry, wire))
@@ -430,7 +477,7 @@ class Change:
     @property
     def pending(self) -> bool:
         """Whether there is anything to write or apply at all."""
-        return self.writes or bool(self.located or self.measured)
+        return self.writes or bool(self.located or self.measured or self.dated)
 
     def write(self, tx: sqlite3.Connection) -> None:
         """The rows, on the database's thread inside the transaction of `commit` (one trip for all)."""
@@ -438,6 +485,9 @@ class Change:
         if self.measured:
             tx.executemany("UPDATE messages SET wire_size = ? WHERE folder_id = ? AND uid = ?",
                            [(wire, f.id, e.uid) for e, wire in self.measured])
+        if self.dated:
+            tx.executemany("UPDATE messages SET internaldate = ? WHERE folder_id = ? AND uid = ?",
+                           [(date, f.id, e.uid) for e, date in self.dated])
         if not self.writes:
             return
         if self.added:
@@ -481,21 +531,32 @@ class Change:
         with gc_paused(len(self.added)):
             self._apply()
 
+    def _apply_read(self) -> None:
+        """What was read from the files (wire sizes, dates): no IMAP change."""
+        f = self.folder
+        for entry, wire in self.measured:
+            entry.wire, entry.info = wire, None
+            f.unmeasured.discard(entry.uid)
+        # Their MessageInfo (and the snapshot) stay: it reads the same date from the file. The
+        # dating task renews them once at its end, not each session's view once per chunk.
+        for entry, date in self.dated:
+            entry.internaldate = date
+            f.undated.discard(entry.uid)
+
     def _apply(self) -> None:
         f = self.folder
         for entry, sub, filename in self.located:
             entry.sub, entry.filename, entry.info = sub, filename, None
         for entry, flags, keywords in self.updated:
             entry.flags, entry.keywords, entry.modseq, entry.info = flags, keywords, self.modseq, None
-        for entry, wire in self.measured:
-            entry.wire, entry.info = wire, None
-            f.unmeasured.discard(entry.uid)
+        self._apply_read()
         for entry in self.removed:
             if f.by_uid.pop(entry.uid, None) is not None:
                 del f.by_base[entry.base]
                 f.bytes -= entry.size
                 f.unclaimed.discard(entry.uid)
                 f.unmeasured.discard(entry.uid)
+                f.undated.discard(entry.uid)
         f.bytes += sum(entry.size for entry in self.added)
         # A delivery to an unloaded folder: its row is read with the others at the next load.
         for entry in self.added if f.loaded else ():
@@ -503,6 +564,8 @@ class Change:
             f.by_base[entry.base] = entry
             if entry.wire is None:
                 f.unmeasured.add(entry.uid)
+            if entry.internaldate == UNKNOWN_DATE:
+                f.undated.add(entry.uid)
         if self.writes:
             f.uidnext = self.uidnext
             f.highestmodseq = self.modseq
@@ -511,7 +574,7 @@ class Change:
             f.uidlist_stale = True
         if self.removed:
             f.uidlist_whole = True  # lines must go: only a rewrite removes them
-        if self.pending:
+        if self.writes or self.located or self.measured:
             f.invalidate()
 
 
@@ -522,7 +585,7 @@ async def commit(db: Database, changes: Sequence[Change], *, first: Callable[[],
     fsyncs, store/arrivals.py: one thread trip for both); what it raises rolls everything back.
     `durable=False`: the commit is not fsynced (Database.write), for what a listing found only."""
     changes = [c for c in changes if c.pending]
-    if any(c.writes or c.measured for c in changes):
+    if any(c.writes or c.measured or c.dated for c in changes):
         def write_all(tx: sqlite3.Connection) -> None:
             if first is not None:
                 first()

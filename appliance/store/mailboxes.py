@@ -43,6 +43,11 @@ log = logging.getLogger("letterbox.store")
 # from the db again at their next use (0.6 s per 100,000 messages).
 UNWATCHED_INDEX_MEMORY = 8 << 20
 TRIM_DELAY = 2.0  # seconds a folder stays loaded after its last use at least
+# Files a folder's dating task stats per hold of the folder lock (about 10 ms of work; a command on
+# the folder waits at most that long), and its pause first, so that a client's first commands after
+# a cold SELECT go before it.
+DATE_CHUNK = 2000
+DATE_DELAY = 1.0
 
 
 @dataclass(eq=False)
@@ -73,6 +78,7 @@ class OpenMailboxes:
         self.changes = ChangeBus()
         self.changes.on_unwatched.append(self._trim_later)
         self._uidlist_writes: set[asyncio.Task[None]] = set()
+        self._dating: set[asyncio.Task[None]] = set()  # _date_later's tasks
         self._trim: asyncio.TimerHandle | None = None
         self.unloads = 0  # indexes unloaded (tests, bench)
 
@@ -239,10 +245,13 @@ class OpenMailboxes:
         newcomers = (sorted(found.found, key=lambda x: (adopted.get(x.base, 2**32), maildir.delivery_order(x.base)))
                      if adopted else found.found)
         with index.gc_paused(len(newcomers)):
-            for new in newcomers:
-                flags, names = maildir.decode_letters(maildir.split_filename(new.filename)[1], f.keywords)
-                change.add(new.base, new.sub, new.filename, flags, names, new.size, new.mtime, adopted.get(new.base),
-                           wire=new.wire)
+            if adopted:
+                for new in newcomers:
+                    flags, names = maildir.decode_letters(maildir.split_filename(new.filename)[1], f.keywords)
+                    change.add(new.base, new.sub, new.filename, flags, names, new.size, new.mtime,
+                               adopted.get(new.base), wire=new.wire)
+            else:
+                change.add_found(newcomers, f.keywords)
         # Not fsynced when only files were found, unless they took Dovecot's UIDs: those are read from
         # dovecot-uidlist only when the folder's row is made, so a listing after a crash could not
         # find them again (Change.found_only).
@@ -250,6 +259,8 @@ class OpenMailboxes:
         f.stamp, f.dirty, f.listed = found.stamp, found.dirty, True
         if f.uidlist_stale:
             self._uidlist_later(f)
+        if f.undated:
+            self._date_later(f)
         if newcomers or found.vanished:
             log.info("store: %s %s: %d files indexed, %d gone", mb.key, f.name, len(newcomers), len(found.vanished))
         if found.measured:
@@ -443,8 +454,45 @@ class OpenMailboxes:
             fresh = itertools.takewhile(lambda e: e.uid > above, reversed(f.by_uid.values()))
             return f.uidnext, [(e.uid, e.base) for e in reversed(list(fresh))]
 
+    def _date_later(self, f: FolderIndex) -> None:
+        """Read the INTERNALDATE (mtime) of the messages indexed without a stat, in the background,
+        and keep it in the index: the first SELECT of a Maildir copied in stats no file, and
+        SEARCH, SORT or FETCH INTERNALDATE need not stat them later (MessageInfo.internaldate
+        reads the file's date itself until then)."""
+        if f.dating:
+            return
+        f.dating = True
+        task = asyncio.get_running_loop().create_task(self._date_files(f))
+        self._dating.add(task)
+        task.add_done_callback(self._dating.discard)
+
+    async def _date_files(self, f: FolderIndex) -> None:
+        try:
+            await asyncio.sleep(DATE_DELAY)
+            todo = sorted(f.undated)
+            for at in range(0, len(todo), DATE_CHUNK):
+                async with f.lock:
+                    if f.deleted or not f.loaded:
+                        return  # unloaded: dated after its next load
+                    change = Change(f)
+                    change.dated = await asyncio.to_thread(f.read_dates, todo[at:at + DATE_CHUNK])
+                    # Not fsynced: dates a crash loses are read again after the next load.
+                    await index.commit(self._db, [change], durable=False)
+                    if at + DATE_CHUNK >= len(todo):
+                        f.invalidate(paths=True)  # one new snapshot, with the dates in it
+            if not f.undated:
+                f.undated = set()  # an emptied set keeps its table: 4 MB after a 100k folder
+        except Exception:
+            log.warning("store: cannot keep the dates of %s's messages; read when asked", f.path, exc_info=True)
+        finally:
+            f.dating = False
+
     async def flush_uidlists(self) -> None:
-        """Wait for the dovecot-uidlist writes under way (at stop, and in tests)."""
+        """Wait for the dovecot-uidlist writes under way (at stop, and in tests). The dating
+        tasks are stopped: what they did not keep is read again after the next load."""
+        for task in self._dating:
+            task.cancel()
+        await asyncio.gather(*list(self._dating), return_exceptions=True)
         while self._uidlist_writes:
             await asyncio.gather(*list(self._uidlist_writes), return_exceptions=True)
 

@@ -134,8 +134,17 @@ def split_filename(filename: str) -> tuple[str, str]:
 
 def name_wire_size(base: str) -> int | None:
     """Dovecot's ',W=<size>' in a unique name (the size with CRLF line ends), or None."""
+    return _name_field(base, ",W=")
+
+
+def name_size(base: str) -> int | None:
+    """',S=<size>' in a unique name (the size on disk), or None."""
+    return _name_field(base, ",S=")
+
+
+def _name_field(base: str, key: str) -> int | None:
     # The host is before the first ',' (its own commas are \054): the first ',W=' starts the field.
-    at = base.find(",W=")
+    at = base.find(key)
     if at < 0:
         return None
     digits = base[at + 3:].partition(",")[0]

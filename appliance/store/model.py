@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -41,20 +42,35 @@ class NoSuchFolder(StoreError): ...
 class FolderExists(StoreError): ...
 
 
-class MessageInfo(NamedTuple):
-    """One message of a folder snapshot. A named tuple: one is made per message for every changed
-    folder state, and a tuple is made in 1 us where a frozen dataclass took 6-13 us (issue 19)."""
+# INTERNALDATE of a message whose file was indexed without a stat (a foreign file whose name has
+# ',S=' and ',W='): its file's mtime, read when asked (MessageInfo.internaldate) and soon after its
+# first listing, in the background, for the index (mailboxes.OpenMailboxes._date_later).
+UNKNOWN_DATE = -1
 
+
+class _MessageFields(NamedTuple):
     uid: int
     flags: frozenset[str]  # IMAP names: \Seen \Answered \Flagged \Deleted \Draft, plus keywords
     size: int  # octets on the wire: every line end CRLF (RFC822.SIZE, POP3 LIST), whatever the file has
-    internaldate: int  # unix seconds
+    date: int  # INTERNALDATE as the index has it: unix seconds, or UNKNOWN_DATE (use `internaldate`)
     modseq: int
     # The file as it is now (its name changes with flags; re-read after a flag change), kept as its
     # directory (one object shared by the folder's messages) and its name (the index's own string):
     # a Path per message cost 216 bytes and 60 % of a 100k snapshot's time (issue 19).
     directory: Path
     filename: str
+
+
+class MessageInfo(_MessageFields):
+    """One message of a folder snapshot. A named tuple: one is made per message for every changed
+    folder state, and a tuple is made in 1 us where a frozen dataclass took 6-13 us (issue 19)."""
+
+    __slots__ = ()
+
+    @property
+    def internaldate(self) -> int:
+        """Unix seconds (RFC 3501 INTERNALDATE: the file's mtime, as Dovecot keeps it)."""
+        return self.date if self.date != UNKNOWN_DATE else file_date(self.directory, self.filename)
 
     @property
     def path(self) -> Path:
@@ -70,6 +86,21 @@ class MessageInfo(NamedTuple):
         # The folder's directories are shared objects: `is` first, a Path comparison is slow.
         return self.filename == other.filename and (self.directory is other.directory
                                                     or self.directory == other.directory)
+
+
+def file_date(directory: Path, filename: str) -> int:
+    """A message file's mtime; when another program renamed it (a flag change), found by its unique
+    name in cur/ or new/; when it is gone, the delivery time its name starts with (or 0)."""
+    with contextlib.suppress(OSError):
+        return int(os.stat(os.path.join(directory, filename)).st_mtime)
+    base = filename.partition(":")[0]
+    for sub in ("cur", "new"):
+        with contextlib.suppress(OSError):
+            for name in os.listdir(directory.parent / sub):
+                if name.partition(":")[0] == base:
+                    return int(os.stat(directory.parent / sub / name).st_mtime)
+    seconds = base.partition(".")[0]
+    return int(seconds) if seconds.isascii() and seconds.isdigit() else 0
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -32,6 +33,8 @@ from appliance.store.mailstore import (
     QuotaExceeded,
     StoreError,
 )
+from appliance.store.model import UNKNOWN_DATE
+from tests.support.polling import async_wait_until
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -328,6 +331,50 @@ def test_a_foreign_maildir_is_picked_up(tmp_path: Path) -> None:
         assert await watcher.wait(0)  # sessions watching the folder hear of it
 
     run(tmp_path, body)
+
+
+def test_a_file_named_with_both_sizes_is_indexed_without_a_stat_and_dated_later(tmp_path: Path) -> None:
+    """Dovecot's names carry ',S=' and ',W=': the first listing stats no such file (issue 19), its
+    INTERNALDATE (the mtime) is read when asked, then kept in the index by the background dating,
+    and is right after a restart whether the dating had finished or not."""
+    box = home(tmp_path)
+    maildir.make_maildir(box, folder=False)
+    data = b"Subject: one\n\nbody\n"  # bare LFs: the wire size (W=) differs from the size on disk
+    named = [f"1600000001.M1P1.other,S={len(data)},W={len(data) + 3}:2,S",
+             f"1600000002.M2P1.other,S={len(data)},W={len(data) + 3}:2,"]
+    for name, date in zip(named, (1500000000, 1500000100), strict=True):
+        (box / "cur" / name).write_bytes(data)
+        os.utime(box / "cur" / name, (date, date))
+    (box / "cur" / "1600000003.M3P1.other:2,").write_bytes(data)  # no sizes: stat'ed and counted
+    os.utime(box / "cur" / "1600000003.M3P1.other:2,", (1500000200, 1500000200))
+    dates = [1500000000, 1500000100, 1500000200]
+
+    def kept() -> list[int]:
+        with sqlite3.connect(tmp_path / "letterbox.db") as db:
+            return [r[0] for r in db.execute("SELECT internaldate FROM messages ORDER BY uid")]
+
+    async def first_sight(store: MailStore) -> None:
+        snap = await store.snapshot(ALICE, "INBOX")
+        assert [m.date for m in snap.messages] == [UNKNOWN_DATE, UNKNOWN_DATE, 1500000200]
+        assert [m.internaldate for m in snap.messages] == dates
+        assert [m.size for m in snap.messages] == [len(data) + 3] * 3
+        # Renamed by another program (a flag change) before anyone looked again: still its date.
+        os.rename(box / "cur" / named[1], box / "cur" / (named[1] + "F"))
+        assert snap.messages[1].internaldate == 1500000100
+
+    run(tmp_path, first_sight)  # stopped at once: the dating did not get to keep anything
+    assert kept() == [UNKNOWN_DATE, UNKNOWN_DATE, 1500000200]
+
+    async def after_restart(store: MailStore) -> None:
+        snap = await store.snapshot(ALICE, "INBOX")
+        assert [m.internaldate for m in snap.messages] == dates
+
+        await async_wait_until(lambda: UNKNOWN_DATE not in kept(), what="the dates kept in the index")
+        later = await store.snapshot(ALICE, "INBOX", disk=False)  # after the dating's lock: in memory too
+        assert [m.date for m in later.messages] == dates
+
+    run(tmp_path, after_restart)
+    assert kept() == dates
 
 
 def test_dovecot_uids_are_adopted_on_first_sight(tmp_path: Path) -> None:
