@@ -43,11 +43,14 @@ log = logging.getLogger("letterbox.store")
 # from the db again at their next use (0.6 s per 100,000 messages).
 UNWATCHED_INDEX_MEMORY = 8 << 20
 TRIM_DELAY = 2.0  # seconds a folder stays loaded after its last use at least
-# Files a folder's dating task stats per hold of the folder lock (about 10 ms of work; a command on
-# the folder waits at most that long), and its pause first, so that a client's first commands after
-# a cold SELECT go before it.
-DATE_CHUNK = 2000
-DATE_DELAY = 1.0
+# Background work a folder's first listing leaves (its dates, its dovecot-uidlist) waits this long
+# first, so that a client's first commands after a cold SELECT go before it: at 100k messages it
+# shared the GIL with the UID FETCH FLAGS that follows (issue 19). Stop and flush_uidlists cut it short.
+AFTER_LISTING_DELAY = 5.0
+# Files the dating task stats per hold of the folder lock (a few ms: a command on the folder waits
+# at most that long), and its pause between two, so that it takes a small share of the CPU.
+DATE_CHUNK = 1000
+DATE_PAUSE = 0.02
 
 
 @dataclass(eq=False)
@@ -79,6 +82,7 @@ class OpenMailboxes:
         self.changes.on_unwatched.append(self._trim_later)
         self._uidlist_writes: set[asyncio.Task[None]] = set()
         self._dating: set[asyncio.Task[None]] = set()  # _date_later's tasks
+        self._flushing = asyncio.Event()  # set while flush_uidlists runs: no task waits then
         self._trim: asyncio.TimerHandle | None = None
         self.unloads = 0  # indexes unloaded (tests, bench)
 
@@ -258,7 +262,7 @@ class OpenMailboxes:
         await index.commit(self._db, [change], durable=not change.found_only or bool(adopted))
         f.stamp, f.dirty, f.listed = found.stamp, found.dirty, True
         if f.uidlist_stale:
-            self._uidlist_later(f)
+            self._uidlist_later(f, wait=len(newcomers) >= index.BULK)
         if f.undated:
             self._date_later(f)
         if newcomers or found.vanished:
@@ -397,17 +401,19 @@ class OpenMailboxes:
         if again:
             self._trim_later()
 
-    def _uidlist_later(self, f: FolderIndex) -> None:
+    def _uidlist_later(self, f: FolderIndex, *, wait: bool = False) -> None:
         """Write the folder's dovecot-uidlist soon, in its own task: changes made meanwhile (a burst
-        of deliveries) go into one write."""
+        of deliveries) go into one write. `wait`: after AFTER_LISTING_DELAY (many files found)."""
         if f.uidlist_queued:
             return  # the write scheduled has not read the state yet: it takes this change too
         f.uidlist_queued = True
-        task = asyncio.get_running_loop().create_task(self._write_uidlist(f))
+        task = asyncio.get_running_loop().create_task(self._write_uidlist(f, wait))
         self._uidlist_writes.add(task)
         task.add_done_callback(self._uidlist_writes.discard)
 
-    async def _write_uidlist(self, f: FolderIndex) -> None:
+    async def _write_uidlist(self, f: FolderIndex, wait: bool) -> None:
+        if wait:
+            await self._after_listing()
         async with f.uidlist_lock:
             f.uidlist_queued = False
             if f.deleted or not f.uidlist_stale:
@@ -466,11 +472,18 @@ class OpenMailboxes:
         self._dating.add(task)
         task.add_done_callback(self._dating.discard)
 
+    async def _after_listing(self) -> None:
+        """AFTER_LISTING_DELAY, or less when flush_uidlists is called meanwhile."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._flushing.wait(), AFTER_LISTING_DELAY)
+
     async def _date_files(self, f: FolderIndex) -> None:
         try:
-            await asyncio.sleep(DATE_DELAY)
+            await self._after_listing()
             todo = sorted(f.undated)
             for at in range(0, len(todo), DATE_CHUNK):
+                if at:
+                    await asyncio.sleep(DATE_PAUSE)
                 async with f.lock:
                     if f.deleted or not f.loaded:
                         return  # unloaded: dated after its next load
@@ -493,8 +506,12 @@ class OpenMailboxes:
         for task in self._dating:
             task.cancel()
         await asyncio.gather(*list(self._dating), return_exceptions=True)
-        while self._uidlist_writes:
-            await asyncio.gather(*list(self._uidlist_writes), return_exceptions=True)
+        self._flushing.set()
+        try:
+            while self._uidlist_writes:
+                await asyncio.gather(*list(self._uidlist_writes), return_exceptions=True)
+        finally:
+            self._flushing.clear()
 
     def wake(self, mb: OpenMailbox, *names: str) -> None:
         for name in names:
