@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from email.header import decode_header, make_header
 from email.message import Message
 from email.policy import Compat32
+from email.utils import unquote
 from typing import Any, BinaryIO, NoReturn
 
 from appliance.imap.limits import MAX_HEADER_OCTETS, MAX_MIME_DEPTH, MAX_MIME_PARTS
@@ -142,7 +143,7 @@ def _plain_fields(text: str) -> list[tuple[str, str]] | None:
     lines, one after the other), as parse_header's rules give them; None for anything else."""
     found = _FIELD.findall(text)
     # The fields found follow each other without a gap when their lengths add up to the text's.
-    if sum(len(name) + len(blanks) + len(value) for name, blanks, value in found) + len(found) != len(text):
+    if len("".join(map("".join, found))) + len(found) != len(text):
         return None
     return [(name, value.rstrip("\r\n")) for name, _, value in found]
 
@@ -609,7 +610,9 @@ def _empty_part(parent_body: Span) -> Part:
 
 
 def _boundary(headers: Message) -> bytes:
-    value = headers.get_param("boundary")
+    value: str | tuple[str | None, str | None, str] | None = _plain_boundary(headers.get("Content-Type"))
+    if value is None:
+        value = headers.get_param("boundary")
     if isinstance(value, tuple):  # RFC 2231 encoded boundary: unusual, but the value is plain
         value = value[2]
     if not isinstance(value, str):
@@ -620,6 +623,22 @@ def _boundary(headers: Message) -> bytes:
     if not value:
         return b""
     return value.encode("ascii", "surrogateescape")[:200]  # RFC 2046: at most 70 characters
+
+
+def _plain_boundary(content_type: str | None) -> str | None:
+    """get_param("boundary") of the usual Content-Type, "type; boundary=value" (one parameter, no
+    quote, "=" or backslash elsewhere), without its general parse: compat32's _parseparam and
+    decode_params then come down to email.utils.unquote of the stripped value (decode_params'
+    quote and get_param's unquote undo each other without a backslash). None: ask get_param."""
+    if content_type is None or "\\" in content_type:
+        return None
+    kind, semicolon, param = content_type.partition(";")
+    if not semicolon or ";" in param or '"' in kind or "=" in kind:
+        return None
+    name, equals, text = param.partition("=")
+    if not equals or name.strip().lower().strip() != "boundary":
+        return None
+    return unquote(text.strip())
 
 
 def _encoded(headers: Message) -> bool:

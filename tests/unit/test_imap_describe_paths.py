@@ -131,3 +131,19 @@ def test_large_file_streamed(tmp_path: Path) -> None:
     with path.open("rb") as f:
         streamed = fetch_cache.describe(f, (len(data), 0, 0))
     assert streamed == fetch_cache.describe_bytes(data, (len(data), 0, 0))
+
+
+_PARAMETER_TEXT = st.lists(st.sampled_from([" ", "\t", '"', "=", "x", "a b", "\\", "<", ">", "'", "*", ";", "\r\n ",
+                                            '"x"', "=_b1", "<x>", '""', "\x0b", "\x85", "\xe9", "\xa0"]), max_size=5)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(["multipart/mixed", "multipart/alternative ", "multipart/x=y", '"multipart/mixed"']),
+       st.sampled_from([";", "; ", ";\r\n\t", ""]), st.sampled_from(["boundary", "BOUNDARY", " Boundary", "boundary*", "b"]),
+       _PARAMETER_TEXT, _PARAMETER_TEXT)
+def test_plain_boundary(kind: str, semicolon: str, name: str, before: list[str], after: list[str]) -> None:
+    """mime._plain_boundary gives what compat32's get_param gives, or leaves it to it."""
+    value = kind + semicolon + name + "".join(before) + "=" + "".join(after)
+    headers = mime.parse_header(b"Content-Type: " + value.encode("utf-8") + b"\r\n")
+    plain = mime._plain_boundary(headers.get("Content-Type"))
+    assert plain is None or plain == headers.get_param("boundary")
