@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol
 
@@ -35,6 +35,10 @@ log = logging.getLogger("letterbox.imap")
 
 FETCH_BATCH = 64  # messages whose files one worker-thread call reads
 CACHED_FETCH_BATCH = 500  # messages answered from the message cache per worker-thread call
+# The first call's: after it, whether most rows are missing (the CPU pool's worker then shares the
+# rest) is known; a first call of CACHED_FETCH_BATCH left the worker idle (and not yet started,
+# 0.3-0.5 s of CPU) while this process described 500 messages (issue 19).
+FIRST_CACHED_BATCH = 100
 LEARN_BATCH = 2000  # rows computed from files kept per transaction
 LEARN_CHUNK = 200  # messages a background fill describes per call of the CPU pool's worker
 SHARED_FETCH = LEARN_CHUNK  # messages left after a batch that computed most rows: shared with the CPU pool (one of its chunks at least)
@@ -99,15 +103,14 @@ class FetchRenderer:
         learned: fetch_cache.Learned = []
         unknown: list[tuple[int, str]] = []
         learn_every = LEARN_BATCH
-        for start in range(0, len(uids), CACHED_FETCH_BATCH):
-            jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid))
-                    for uid in uids[start:start + CACHED_FETCH_BATCH]]
+        for start, stop in _batches(len(uids)):
+            jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid)) for uid in uids[start:stop]]
             rendered, new, later = await asyncio.to_thread(
                 _render_cached, cache, jobs, items, flags_changed, condstore)
             missing = missing or None in rendered
             # Rendered in the thread: the event loop only writes the batch.
             await send(Preformatted(b"".join(r for r in rendered if r is not None)))
-            rest = uids[start + CACHED_FETCH_BATCH:]
+            rest = uids[stop:]
             if 2 * len(new) >= len(jobs) and len(rest) >= SHARED_FETCH and not self._filling():
                 # Most rows of this batch were missing (a folder copied in): both cores. The CPU
                 # pool's worker describes the rest from its end while this goes on from here, each
@@ -171,6 +174,14 @@ class FetchRenderer:
                 _, (_, dropped) = self._structures.popitem(last=False)
                 self._structure_octets -= dropped
         return part
+
+
+def _batches(count: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of a cached FETCH's worker-thread calls over `count` messages."""
+    start, stop = 0, min(count, FIRST_CACHED_BATCH)
+    while start < count:
+        yield start, stop
+        start, stop = stop, min(count, stop + CACHED_FETCH_BATCH)
 
 
 def _weight(root: Part) -> int:
