@@ -53,9 +53,8 @@ WHOLE_READ = 1024 * 1024  # a message file up to this size is described from mem
 
 def describe(f: BinaryIO, stamp: FileStamp) -> CachedMessage:
     """The cache row of the message in `f` (read from position 0), computed as FETCH would. A message
-    up to WHOLE_READ octets is read at once and described in memory (describe_bytes): reading it
-    in blocks cost each message a buffer of mime.SKIP_BLOCK octets, and in the server, where
-    blocks that large come from mmap (mailboxes.fix_mmap_threshold), a third more CPU (issue 19)."""
+    up to WHOLE_READ octets is read at once and described in memory (describe_bytes), where its
+    scan is a few searches per part (mime.scan_bytes) instead of a line reader (issue 19)."""
     if stamp[0] <= WHOLE_READ:
         return describe_bytes(f.read(), stamp)
     root = scan(f)
