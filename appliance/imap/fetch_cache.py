@@ -165,6 +165,7 @@ def current_rows(cache: FolderCache | None, files: Sequence[tuple[int, str]], *,
         rows, stale = _current(cache, cache.read([uid for uid, _ in files]), files)
     learned: Learned = []
     unknown: list[tuple[int, str]] = []
+    computed: list[tuple[int, str, FileStamp]] = []
     for uid, path, row in stale:
         if not compute:
             # (A file that is gone may have been renamed by a flag change: the caller looks.)
@@ -177,7 +178,23 @@ def current_rows(cache: FolderCache | None, files: Sequence[tuple[int, str]], *,
         if fresh is not row:
             learned.append((uid, fresh))
         rows[uid] = fresh
+        computed.append((uid, path, fresh.stamp))
+    if cache is not None and computed:
+        vouch(cache, computed)
     return rows, learned, unknown
+
+
+def vouch(cache: FolderCache, rows: Sequence[tuple[int, str, FileStamp]]) -> None:
+    """Check rows just computed or written, (UID, path, stamp of the file they were computed from),
+    against their files now (a stat each), so that the next command uses them without one (the
+    SEARCH after the FETCH that filled the cache). Worker thread."""
+    _current(cache, {uid: (stamp,) for uid, _, stamp in rows}, [(uid, path) for uid, path, _ in rows])
+
+
+def vouch_kept(cache: FolderCache, files: Sequence[tuple[int, str]]) -> None:
+    """`vouch` for the rows the CPU pool's worker wrote for these (UID, path) pairs (fill_rows),
+    their stamps read back. Worker thread."""
+    _current(cache, cache.stamps([uid for uid, _ in files]), files)
 
 
 def fill_rows(db_path: str, folder_id: int, files: Sequence[tuple[int, str]]) -> int:

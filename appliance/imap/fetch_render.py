@@ -235,20 +235,25 @@ async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path
     if len(files) <= LEARN_LIGHT:
         run = cpu.run_light
     described: asyncio.Task[int] | None = None  # the chunk in the worker now
+    chunk: list[tuple[int, str]] = []
     try:
         # From the end: a FETCH of the folder that comes meanwhile computes rows from the start, so
         # the two meet in the middle instead of describing the same messages twice. The next chunk
         # is queued while the last one runs: the worker goes from one chunk to the next without a
         # gap in which background work (the full-text index) takes it (issue 19).
         for start in reversed(range(0, len(files), LEARN_CHUNK)):
-            chunk = [(uid, str(path)) for uid, path in files[start:start + LEARN_CHUNK]]
+            done, chunk = chunk, [(uid, str(path)) for uid, path in files[start:start + LEARN_CHUNK]]
             previous, described = described, asyncio.ensure_future(
                 run(fetch_cache.fill_rows, str(cache.path), cache.folder_id, chunk))
             if previous is not None:
                 await previous
+                # The rows written checked against their files here, so the next command of the
+                # folder (the SEARCH after the FETCH) uses them without a stat (file_watch.py).
+                await asyncio.to_thread(fetch_cache.vouch_kept, cache, done)
         if described is not None:
             last, described = described, None
             await last
+            await asyncio.to_thread(fetch_cache.vouch_kept, cache, chunk)
     except Exception:
         log.debug("message cache: computing rows in the background stopped", exc_info=True)
     finally:

@@ -96,6 +96,7 @@ _SELECT_SQL = "SELECT {} FROM message_cache WHERE folder_id = ? AND version = ? 
 # walks in order, instead of a look-up per UID; the rows of UIDs not asked for are dropped.
 _RANGE_SQL = "SELECT {} FROM message_cache WHERE folder_id = ? AND version = ? AND uid BETWEEN ? AND ?"
 _SUBJECT_COLUMNS = "uid, file_size, file_mtime_ns, file_inode, search_subject"
+_STAMP_COLUMNS = "uid, file_size, file_mtime_ns, file_inode"
 _HAS_SUBJECT = " AND search_subject IS NOT NULL"
 
 
@@ -160,6 +161,10 @@ class MessageCache:
         the file each was computed from, where a row has one. Blocking: worker thread."""
         return {uid: ((size, mtime, inode), subject)
                 for uid, size, mtime, inode, subject in self._select(folder_id, uids, _SUBJECT_COLUMNS, _HAS_SUBJECT)}
+
+    def stamps(self, folder_id: int, uids: Sequence[int]) -> dict[int, tuple[FileStamp]]:
+        """The stamps of these messages' rows (each in a 1-tuple, as rows carry theirs first). Blocking."""
+        return {uid: ((size, mtime, inode),) for uid, size, mtime, inode in self._select(folder_id, uids, _STAMP_COLUMNS)}
 
     def _select(self, folder_id: int, uids: Sequence[int], columns: str, where: str = "") -> list[tuple[Any, ...]]:
         """`columns` (the UID first) of the rows of these messages of the current version, read in
@@ -244,6 +249,9 @@ class FolderCache:
 
     async def learn(self, rows: Sequence[tuple[int, CachedMessage]]) -> None:
         await self.cache.learn(self.folder_id, rows)
+
+    def stamps(self, uids: Sequence[int]) -> dict[int, tuple[FileStamp]]:
+        return self.cache.stamps(self.folder_id, uids)
 
     def check(self) -> AbstractContextManager[FolderCheck]:
         """A check of rows against their files (file_watch.FileWatch.check). Blocking: worker thread."""

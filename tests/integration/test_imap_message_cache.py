@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trustme
 
-from appliance.store.message_cache import CachedMessage
+from appliance.store.message_cache import CachedMessage, stamp_of
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
 from tests.support.polling import wait_until
@@ -292,6 +292,16 @@ def test_header_list_of_foreign_files_is_answered_then_learned(box: BoxHandle) -
     assert b'("text" "plain" ("charset" "utf-8") NIL NIL "7bit" ' in answer
 
 
+def copied_in(box: BoxHandle) -> Path:
+    """A delivered message, then 30 files another program put in cur/ (which is returned)."""
+    box.add_user(USER, PASSWORD)
+    deliver(box, message(0))
+    cur = maildir(box) / "cur"
+    for n in range(1, 31):
+        (cur / f"17000000{n:02d}.M{n}P1.other:2,S").write_bytes(message(n, f"copied in {n}"))
+    return cur
+
+
 def test_rows_of_a_header_list_are_described_and_written_by_the_worker(
         box: BoxHandle, opened_files: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """After a header list of files nobody described (more than a thread of this process would take:
@@ -307,11 +317,7 @@ def test_rows_of_a_header_list_are_described_and_written_by_the_worker(
         await learn(folder_id, rows)
 
     monkeypatch.setattr(cache, "learn", counted)
-    box.add_user(USER, PASSWORD)
-    deliver(box, message(0))
-    cur = maildir(box) / "cur"
-    for n in range(1, 31):
-        (cur / f"17000000{n:02d}.M{n}P1.other:2,S").write_bytes(message(n, f"copied in {n}"))
+    copied_in(box)
     raw = session(box)
     try:
         answer = b"".join(raw.command(b"a", b"FETCH 1:* (BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)])"))
@@ -367,3 +373,35 @@ def test_a_file_changed_after_its_row_was_trusted(box: BoxHandle, how: str) -> N
     answer = fetch(box)
     assert b'"SECOND version"' in answer
     assert b"first version" not in answer
+
+
+@pytest.mark.parametrize("filled_by", ["FETCH", "the worker"])
+def test_rows_just_computed_need_no_stat_at_the_next_command(
+        box: BoxHandle, monkeypatch: pytest.MonkeyPatch, filled_by: str) -> None:
+    """Rows a FETCH computed, or the CPU pool's worker wrote after a header list, are checked against
+    their files once written (fetch_cache.vouch): the SEARCH SUBJECT after them stats no file, and
+    still sees a file changed since."""
+    stats: list[int] = []
+    counted = stamp_of
+
+    def counting(st: os.stat_result) -> tuple[int, int, int]:
+        stats.append(1)
+        return counted(st)
+
+    cur = copied_in(box)
+    raw = session(box)
+    try:
+        if filled_by == "FETCH":
+            raw.command(b"a", b"FETCH 1:* (ENVELOPE BODYSTRUCTURE)")
+        else:
+            raw.command(b"a", b"FETCH 1:* (BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)])")
+            cache = box.services.store.message_cache
+            wait_until(lambda: cache_rows(box) == 31 and not cache._fills, what="the rows of the listed files")
+        monkeypatch.setattr("appliance.imap.fetch_cache.stamp_of", counting)
+        assert raw.command(b"b", b'SEARCH SUBJECT "copied in 3"')[0] == b"* SEARCH 4 31\r\n"
+        # (the delivered message's row, written at delivery, is stat'ed once)
+        assert len(stats) <= 1
+        (cur / "1700000030.M30P1.other:2,S").write_bytes(message(30, "changed"))
+        assert raw.command(b"c", b'SEARCH SUBJECT "copied in 3"')[0] == b"* SEARCH 4\r\n"
+    finally:
+        raw.close()
