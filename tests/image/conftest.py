@@ -4,8 +4,9 @@
 Two machines boot from the same image file, side by side: `make image-test` runs pytest-xdist with two
 workers and `--dist loadfile`, so each module has its own worker and its own machine, and the two
 modules run at the same time (most of a TCG boot or update is one busy vCPU: two machines use the
-host's two cores). "bios" (SeaBIOS, session fixture `bios`) goes through the admin's story and the
-reboot (test_appliance.py); "uefi" (OVMF, `uefi`) takes the updates (test_update.py). Each machine
+host's two cores). "bios" (SeaBIOS, session fixture `bios`) goes through the admin's story, the content
+filter and the reboot (test_appliance.py); "uefi" (OVMF, `uefi`) takes the updates, then the check of the
+system services (test_update.py), the shorter story of the two. Each machine
 publishes its identity (machine-id, SSH host keys, certificate, SRS secret) once its own tests are done;
 test_appliance.py's last test compares the two (`other_identity`). In one process (no -n) the same tests run one
 module after the other, and the comparison boots the other machine itself.

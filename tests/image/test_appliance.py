@@ -145,28 +145,6 @@ def test_wizard_and_mail(box: Vm) -> None:
     wait_for(lambda: "before the reboot" in _subjects(box), 120, "the message in the IMAP INBOX", box)
 
 
-def test_system_services(box: Vm) -> None:
-    checks = {
-        "ssh is off": "! systemctl is-enabled --quiet ssh.service && ! systemctl is-active --quiet ssh.service",
-        "letterbox runs as its own user": "test \"$(ps -o user= -C letterbox | sort -u)\" = letterbox",
-        "timesyncd": "systemctl is-enabled --quiet systemd-timesyncd.service",
-        "unattended upgrades": "apt-config dump | grep -q 'APT::Periodic::Unattended-Upgrade \"1\"'",
-        "avahi announces letterbox.local": "systemctl is-active --quiet avahi-daemon.service"
-                                           " && avahi-resolve -n letterbox.local 2>/dev/null | grep -q . "
-                                           "|| journalctl -u avahi-daemon | grep -q 'letterbox.local'",
-        "journal capped": "systemd-analyze cat-config systemd/journald.conf | grep -q '^SystemMaxUse='",
-        "root file system grew": "test $(df -Pm / | awk 'NR==2 {print $2}') -gt 3000",
-        "swap file": "swapon --show=NAME --noheadings | grep -qx /var/swapfile",
-    }
-    # The root file system grows, and the swap file is made, after the box serves (first boot puts the
-    # wizard first): they may still be under way.
-    later = ("root file system grew", "swap file")
-    for name in later:
-        wait_for(lambda name=name: box.run(checks[name], check=False).exit_code == 0, 600, name, box)
-    failed = [name for name, command in checks.items() if box.run(command, check=False).exit_code != 0]
-    assert not failed, failed
-
-
 def _content_filter_item(vm: Vm) -> str:
     """The console's status checklist, checked now ("Check now" as the admin), and its "Content filter"
     item's class: "ok" is the green badge (web/templates/console/status.html)."""
