@@ -240,7 +240,7 @@ class FolderIndex:
     def messages(self) -> tuple[MessageInfo, ...]:
         if self._messages is None:
             with gc_paused(len(self.by_uid)):
-                self._messages = tuple(self.info(e) for e in self.by_uid.values())
+                self._messages = tuple(map(self.info, self.by_uid.values()))
         return self._messages
 
     def snapshot(self, recent: frozenset[int]) -> FolderSnapshot:

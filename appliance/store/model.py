@@ -6,6 +6,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from functools import cached_property
+from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -120,20 +121,21 @@ class FolderSnapshot:
     highestmodseq: int = 1
 
     # Shared by every reader: never mutate them (SelectedFolder copies before it changes its view).
+    # Made by map(), zip() and set() over the tuple fields where that is quicker, loops in C: a generator or comprehension
+    # per message was a sixth of a cold SELECT at 100k (py-spy, issue 19).
     @cached_property
     def uids(self) -> tuple[int, ...]:
-        return tuple(m.uid for m in self.messages)
+        return tuple(map(_UID, self.messages))
 
     @cached_property
     def by_uid(self) -> dict[int, MessageInfo]:
-        return {m.uid: m for m in self.messages}
+        return dict(zip(self.uids, self.messages, strict=True))
 
     @cached_property
     def keywords(self) -> frozenset[str]:
         """The keywords in use (flags not starting with a backslash); flag sets are shared
-        frozensets (maildir.imap_flags), so each distinct one is looked at once."""
-        return frozenset(f for flags in {id(m.flags): m.flags for m in self.messages}.values()
-                         for f in flags if not f.startswith("\\"))
+        frozensets (maildir.imap_flags) that keep their hash, so each distinct one is looked at once."""
+        return frozenset(f for flags in set(map(_FLAGS, self.messages)) for f in flags if not f.startswith("\\"))
 
     @cached_property
     def first_unseen(self) -> int | None:
@@ -147,7 +149,10 @@ class FolderSnapshot:
     @cached_property
     def size(self) -> int:
         """Octets as RFC822.SIZE counts them, summed (RFC 8438 STATUS SIZE)."""
-        return sum(m.size for m in self.messages)
+        return sum(map(_SIZE, self.messages))
+
+
+_UID, _FLAGS, _SIZE = itemgetter(0), itemgetter(1), itemgetter(2)  # MessageInfo's fields
 
 
 @dataclass(frozen=True)
