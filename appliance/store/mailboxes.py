@@ -46,7 +46,9 @@ TRIM_DELAY = 2.0  # seconds a folder stays loaded after its last use at least
 # Background work a folder's first listing leaves (its dates, its dovecot-uidlist) waits this long
 # first, so that a client's first commands after a cold SELECT go before it: at 100k messages it
 # shared the GIL with the UID FETCH FLAGS that follows (issue 19). Stop and flush_uidlists cut it short.
-AFTER_LISTING_DELAY = 5.0
+# Not longer: an index stays in memory until its dovecot-uidlist is written (trim), and 5 s kept a 100k
+# folder loaded past the side-by-side bench's memory reading 5 s after its sessions closed (+38 MiB RSS).
+AFTER_LISTING_DELAY = 2.0
 # Files the dating task stats per hold of the folder lock (a few ms: a command on the folder waits
 # at most that long), and its pause between two, so that it takes a small share of the CPU.
 DATE_CHUNK = 1000
