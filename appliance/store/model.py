@@ -80,8 +80,9 @@ class MessageInfo(_MessageFields):
     @property
     def file(self) -> str:
         """The path as a string: what the code that opens or stats many files wants (a Path joined
-        and formatted per message was most of building a FETCH's background fill, issue 19)."""
-        return os.path.join(self.directory, self.filename)
+        and formatted per message was most of building a FETCH's background fill, issue 19). Joined
+        by hand: os.path.join was a sixth of the event loop's share of a SEARCH SUBJECT at 10k."""
+        return str(self.directory) + "/" + self.filename
 
     def same_file(self, other: MessageInfo) -> bool:
         # The folder's directories are shared objects: `is` first, a Path comparison is slow.

@@ -405,3 +405,25 @@ def test_rows_just_computed_need_no_stat_at_the_next_command(
         assert raw.command(b"c", b'SEARCH SUBJECT "copied in 3"')[0] == b"* SEARCH 4\r\n"
     finally:
         raw.close()
+
+
+def test_subject_search_of_a_message_with_two_subject_fields(box: BoxHandle, opened_files: list[str]) -> None:
+    """The subject column joins a header's Subject values with NUL; SQLite's test finds a word of
+    either, and none across the two."""
+    box.add_user(USER, PASSWORD)
+    deliver(box, message(1, "Grüße zuerst\r\nSubject: und dann"))
+    deliver(box, message(2, "nothing here"))
+    with sqlite3.connect(box.data.db) as conn:
+        assert conn.execute("SELECT search_subject FROM message_cache WHERE uid = 1").fetchone() == (
+            "grüsse zuerst\0und dann",)
+    raw = session(box)
+    try:
+        settle(box)
+        opened_files.clear()
+        assert raw.command(b"a", b"SEARCH SUBJECT dann")[0] == b"* SEARCH 1\r\n"
+        assert raw.command(b"b", "SEARCH CHARSET UTF-8 SUBJECT GRÜSSE".encode())[0] == b"* SEARCH 1\r\n"
+        assert raw.command(b"c", b'SEARCH SUBJECT "zuerst und"')[0] == b"* SEARCH\r\n"
+        assert raw.command(b"d", b"SEARCH SUBJECT here")[0] == b"* SEARCH 2\r\n"
+        assert message_files(opened_files, box) == []
+    finally:
+        raw.close()
