@@ -2,9 +2,11 @@
 multipart/alternative, attachments, replies with References), about 1 to 6 KiB each, generated
 deterministically from the message number so every run and every server sees the same bytes.
 
-A folder is written once as Maildir files in cur/ (Dovecot-style names with S= and flags), then hard-linked
-into each server's Maildir for every round: Maildir files are never changed in place (RFC-less but
-universal Maildir convention: flags are renames), so the copies cannot leak state between rounds.
+A folder is written once as Maildir files in cur/ (Dovecot-style names with S= and flags), then copied
+into each server's Maildir for every round, so the copies cannot leak state between rounds. Copied, not
+hard-linked: a file with more than one link is what a real Maildir's files are not (delivered, appended
+or moved in, each has one), and Letterbox checks such a file by a stat at every use of its cached row
+(appliance/store/file_watch.py: a write through another link is not seen by its watch of the folder).
 """
 
 from __future__ import annotations
@@ -149,9 +151,9 @@ def write_mbox(path: Path, count: int, user: str) -> None:
             out.write(body + b"\n")
 
 
-def link_copy(source: Path, dest: Path) -> None:
-    """A hard-linked copy of a Maildir (cp -al: seconds for 100k files, and no extra disk)."""
+def maildir_copy(source: Path, dest: Path) -> None:
+    """A copy of a Maildir, times kept (cp -a: 1-6 KiB files, some 400 MB at 100k)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
         os.rmdir(dest)  # only an empty placeholder may be replaced
-    subprocess.run(["cp", "-al", str(source), str(dest)], check=True)
+    subprocess.run(["cp", "-a", str(source), str(dest)], check=True)

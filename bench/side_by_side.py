@@ -2,7 +2,7 @@
 POP3 and LMTP, Postfix 3.7 for SMTP intake (-> Dovecot LMTP, and -> virtual(8)) and submission (SASL
 through Dovecot, the same argon2id cost as Letterbox's), the same client and the same messages.
 
-Every round starts each server afresh on a fresh hard-linked copy of the same Maildir (bench/corpus.py),
+Every round starts each server afresh on a fresh copy of the same Maildir (bench/corpus.py),
 so "cold" means the same for both: Letterbox sees foreign files, Dovecot builds its index. Runs are
 interleaved (Letterbox, peer, Letterbox, peer...), each figure is the median of the rounds, and the
 ratio is Letterbox's relative performance: above 1 Letterbox is faster (or smaller), below 1 slower.
@@ -221,12 +221,12 @@ class Setup:
 
     @contextlib.contextmanager
     def letterbox(self, folders: dict[str, Path], settings: dict[str, str] | None = None) -> Iterator[Box]:
-        """A fresh box whose users' INBOXes are hard-linked copies of `folders`."""
+        """A fresh box whose users' INBOXes are copies of `folders`."""
         run = Path(tempfile.mkdtemp(prefix="lb-", dir=self.work))
         data = run / "data"
         shutil.copytree(self.template, data)
         for user, folder in folders.items():
-            corpus.link_copy(folder, data / "mail" / DOMAIN / user.split("@")[0])
+            corpus.maildir_copy(folder, data / "mail" / DOMAIN / user.split("@")[0])
         set_settings(data, {"queue_hold": "1", **(settings or {})})
         try:
             with self._serving(data, run / "serve.log") as box:
@@ -260,7 +260,7 @@ class Setup:
         server = BenchDovecot(secrets, (self.cert, self.key))
         try:
             for user, folder in folders.items():
-                corpus.link_copy(folder, server.maildir(user))
+                corpus.maildir_copy(folder, server.maildir(user))
             server.start()
             yield server
         finally:
