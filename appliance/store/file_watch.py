@@ -65,7 +65,11 @@ _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (t
 
 MAX_FOLDERS = 32  # folders watched at once (two watches each), the least recently checked go first
 MAX_DIRTY = 4096  # paths named by events and not yet matched again, per folder, before it is all re-checked
-MAX_TRACKED_UID = 1 << 20  # UIDs above are always checked by a stat (the marks are 8 octets per UID up to the largest)
+# The marks are 8 octets per UID from the folder's lowest marked UID to its highest: a folder whose UIDs
+# span more (a million messages, or UIDs far apart) has those above checked by a stat. A Maildir taken
+# from a long-lived server often has high UIDs (UIDNEXT in the hundreds of thousands for a few thousand
+# messages): counting from 0 would have cost 8 octets for every UID ever given.
+MAX_TRACKED_SPAN = 1 << 20
 
 _Row = TypeVar("_Row", bound=tuple[Any, ...])  # a row with the stamp of its file first
 FilePath = str  # message file paths as the index gives them (one spelling per file: marks are by the string)
@@ -79,12 +83,13 @@ def _libc() -> Any:
 class _Folder:
     """What is known of one folder's files (by the folder's row id, never reused)."""
 
-    __slots__ = ("dirs", "dirty", "epoch", "lock", "marks")
+    __slots__ = ("base", "dirs", "dirty", "epoch", "lock", "marks")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # one check at a time (see the module's docstring)
         self.dirs: dict[str, tuple[int, int, int]] = {}  # watched directory -> (wd, st_dev, st_ino)
-        self.marks = array("q")  # by UID: hash((path, stamp)) of the last stat that matched its row; 0 none
+        self.marks = array("q")  # by UID - base: hash((path, stamp)) of the last stat that matched its row; 0 none
+        self.base = 0  # the UID of marks[0]
         self.dirty: dict[str, int] = {}  # path -> the drain that last saw an event name it
         self.epoch = 0  # raised whenever the marks are dropped: a check begun before commits none
 
@@ -134,10 +139,10 @@ class FileWatch:
             folder = self._folders.get(folder_id)
             if folder is None:
                 return
-            marks = folder.marks
+            marks, base = folder.marks, folder.base
             for uid in uids:
-                if uid < len(marks):
-                    marks[uid] = 0
+                if 0 <= uid - base < len(marks):
+                    marks[uid - base] = 0
             folder.epoch += 1
 
     def close(self) -> None:
@@ -183,19 +188,21 @@ class FileWatch:
             self._drain()  # (events of the check's own time: they keep their paths dirty)
             if folder.epoch != epoch:
                 return
-            marks, dirty, dirs = folder.marks, folder.dirty, folder.dirs
+            _cover(folder, min(uid for uid, _, _ in matched))
+            marks, dirty, dirs, base = folder.marks, folder.dirty, folder.dirs, folder.base
             for uid, path, stamp in matched:
-                if uid > MAX_TRACKED_UID or path.rpartition("/")[0] not in dirs:
+                index = uid - base
+                if index < 0 or index >= MAX_TRACKED_SPAN or path.rpartition("/")[0] not in dirs:
                     continue
                 seen = dirty.get(path)
                 if seen is not None:
                     if seen > drain:
                         continue  # named by an event after this check's stat may have been made
                     del dirty[path]
-                if uid >= len(marks):
-                    grown = min(max(uid + 1, len(marks) * 3 // 2), MAX_TRACKED_UID + 1)
+                if index >= len(marks):
+                    grown = min(max(index + 1, len(marks) * 3 // 2), MAX_TRACKED_SPAN)
                     marks.frombytes(bytes(marks.itemsize * (grown - len(marks))))
-                marks[uid] = hash((path, stamp)) or 1
+                marks[index] = hash((path, stamp)) or 1
 
     # --- internals -------------------------------------------------------------------------------------
 
@@ -302,8 +309,20 @@ class FileWatch:
 def _reset(folder: _Folder) -> None:
     """Every row of the folder is checked by a stat again (under FileWatch._lock)."""
     folder.marks = array("q")
+    folder.base = 0
     folder.dirty.clear()
     folder.epoch += 1
+
+
+def _cover(folder: _Folder, low: int) -> None:
+    """Let the folder's marks start at UID `low` if they start above it and the span allows (under
+    FileWatch._lock): a first check of the newest messages, then of older ones, keeps both."""
+    marks = folder.marks
+    if not marks:
+        folder.base = low
+    elif low < folder.base and folder.base - low + len(marks) <= MAX_TRACKED_SPAN:
+        folder.marks = array("q", bytes(marks.itemsize * (folder.base - low))) + marks
+        folder.base = low
 
 
 class FolderCheck:
@@ -326,11 +345,11 @@ class FolderCheck:
             return {}, [(uid, path, known.get(uid)) for uid, path in files]
         trusted: dict[int, _Row] = {}
         rest: list[tuple[int, FilePath, _Row | None]] = []
-        marks, dirty = folder.marks, folder.dirty
+        marks, dirty, base = folder.marks, folder.dirty, folder.base
         tracked = len(marks)
         for uid, path in files:
             found = known.get(uid)
-            if (found is not None and uid < tracked and marks[uid] == (hash((path, found[0])) or 1)
+            if (found is not None and 0 <= uid - base < tracked and marks[uid - base] == (hash((path, found[0])) or 1)
                     and path not in dirty):
                 trusted[uid] = found
             else:

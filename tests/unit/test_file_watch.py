@@ -161,3 +161,16 @@ def test_without_inotify_every_row_is_checked(tmp_path: Path, watch: FileWatch) 
     watch.close()
     for _ in range(3):
         assert check(watch, files, known) == set()
+
+
+def test_high_uids_cost_marks_only_for_their_span(tmp_path: Path, watch: FileWatch) -> None:
+    # A Maildir from a long-lived server: a few messages with UIDs near a million (UIDNEXT grew for years).
+    files = [(900_000 + uid, path) for uid, path in folder(tmp_path, 6)]
+    known = rows(files)
+    newest, older = files[3:], files[:3]
+    assert check(watch, newest, known) == set()
+    assert check(watch, newest, known) == {uid for uid, _ in newest}
+    assert check(watch, older, known) == set()  # the marks now start lower, the newest keep theirs
+    assert check(watch, files, known) == {uid for uid, _ in files}
+    marks = watch._folders[FOLDER].marks  # the memory this is about
+    assert len(marks) <= 16
