@@ -69,6 +69,18 @@ def identity(vm: Vm) -> dict[str, str]:
 
 
 def _booted(tmp_path_factory: pytest.TempPathFactory, name: str, *, uefi: bool) -> Iterator[Vm]:
+    """The machine, and its identity published once its tests are done; if it fails before that (qemu
+    did not start, no wizard, no identity), the reason is published instead, so the other worker's
+    comparison stops waiting for it (`other_identity`)."""
+    try:
+        yield from _boot_and_publish(tmp_path_factory, name, uefi=uefi)
+    except BaseException as exc:
+        if not (run_dir() / f"identity-{name}.json").exists():
+            (run_dir() / f"identity-{name}.failed").write_text(f"{type(exc).__name__}: {exc}"[:4000])
+        raise
+
+
+def _boot_and_publish(tmp_path_factory: pytest.TempPathFactory, name: str, *, uefi: bool) -> Iterator[Vm]:
     image = built_image()
     FIGURES["image size"] = f"{image.stat().st_size / 1e6:.0f} MB raw"
     with Vm(image, tmp_path_factory.mktemp("vm"), uefi=uefi, name=name) as vm:
@@ -119,8 +131,11 @@ def other_identity(request: pytest.FixtureRequest) -> dict[str, str]:
         vm: Vm = request.getfixturevalue("uefi")
         return identity(vm)
     published = run_dir() / "identity-uefi.json"
+    failed = published.with_suffix(".failed")
     deadline = time.monotonic() + BOOT_TIMEOUT
     while not published.exists():
+        if failed.exists():
+            raise VmError(f"the UEFI machine failed before it published its identity: {failed.read_text()}")
         if time.monotonic() > deadline:
             raise VmError(f"the UEFI machine published no identity in {BOOT_TIMEOUT:.0f} s ({published})")
         time.sleep(2)
@@ -137,7 +152,7 @@ def _figures() -> Iterator[None]:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     if os.environ.get("LETTERBOX_IMAGE") and not os.environ.get("PYTEST_XDIST_WORKER"):
-        for stale in run_dir().glob("*.json"):  # of an earlier run: the controller starts afresh
+        for stale in [*run_dir().glob("*.json"), *run_dir().glob("*.failed")]:  # of an earlier run: the controller starts afresh
             stale.unlink()
 
 
