@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.support.dovecot import PrivateDovecot, free_port
+from tests.support.dovecot import PrivateDovecot
+from tests.support.ports import free_ports
 from tests.support.postfix import PostfixInstance
 
 
@@ -25,8 +26,7 @@ class BenchDovecot(PrivateDovecot):
 
     def __init__(self, users: dict[str, str], tls: tuple[Path, Path]) -> None:
         super().__init__(users, tls)
-        self.pop3s_port = free_port()
-        self.lmtp_port = free_port()
+        self.pop3s_port, self.lmtp_port = free_ports(2)
 
     @staticmethod
     def secret(password: str) -> str:
@@ -99,7 +99,7 @@ class BenchPostfix(PostfixInstance):
     addresses in `virtual` goes to virtual(8) Maildirs under root/mail/virtual.test/LOCAL/."""
 
     def __init__(self, lmtp_port: int, auth_socket: Path, virtual: list[str], cert: bytes, key: bytes) -> None:
-        self.port, self.submission_port = free_port(), free_port()
+        self.port, self.submission_port = free_ports(2)
         listeners = LISTENERS.format(port=self.port, submission=self.submission_port, auth_socket=auth_socket)
         super().__init__(MAIN_CF, listeners.replace("{", "{{").replace("}", "}}"), {
             "transport": f"lmtp.test lmtp:inet:127.0.0.1:{lmtp_port}\n".encode(),

@@ -45,6 +45,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tests.support.ports import free_ports
+
 GUEST_PORTS = (22, 25, 80, 110, 143, 443, 465, 587, 993, 995)
 BOOT_TIMEOUT = float(os.environ.get("LETTERBOX_VM_BOOT_TIMEOUT", "1500"))  # TCG on a busy shared machine
 COMMAND_TIMEOUT = 900.0  # a letterbox CLI command imported for minutes in a guest at host load 15
@@ -97,18 +99,6 @@ def built_image() -> Path:
     if not path or not Path(path).is_file():
         raise VmError(f"LETTERBOX_IMAGE={path!r} is not a built image: run `make image-test`")
     return Path(path)
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` different free loopback ports. All are held until each is picked: one socket bound and
-    closed at a time may be given the same port again, and a fresh-clone `make image-test` got one
-    port for two forwards (qemu: "Could not set up host forwarding rule"; the UEFI machine never
-    started)."""
-    with contextlib.ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def unverified_tls() -> ssl.SSLContext:

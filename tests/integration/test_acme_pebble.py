@@ -18,7 +18,8 @@ from appliance.acme_terms import AcmeProblem
 from appliance.tls import CertificateInfo
 from tests.conftest import BoxHandle, require_program
 from tests.support.imap_wire import RawImap
-from tests.support.pebble import EAB_HMAC, EAB_KID, Pebble, free_port, running_pebble
+from tests.support.pebble import EAB_HMAC, EAB_KID, Pebble, running_pebble
+from tests.support.ports import free_port
 from tests.support.tls_probe import TLS_SERVICES, served_certificate
 
 HOST = "mail.example.test"

@@ -138,7 +138,7 @@ def test_cli_order_failure_is_one_plain_line(tmp_path: Path, data: Path) -> None
 
 
 def test_cli_challenge_failure_in_plain_words_old_certificate_kept(box: BoxHandle, tmp_path: Path) -> None:
-    from tests.support.pebble import free_port
+    from tests.support.ports import free_port
 
     closed = free_port()  # port 80 "closed on the router": the CA's connection is refused
     with running_pebble(tmp_path / "pebble", closed, closed) as pebble:

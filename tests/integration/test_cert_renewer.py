@@ -18,7 +18,8 @@ from appliance.acme_terms import parse_retry_after
 from appliance.postmaster import mail_postmaster
 from tests.conftest import BoxHandle
 from tests.integration.test_acme_pebble import DOMAIN, configure
-from tests.support.pebble import Pebble, free_port, running_pebble
+from tests.support.pebble import Pebble, running_pebble
+from tests.support.ports import free_port
 from tests.support.smtp_wire import maildir_messages, parse
 
 pytestmark = pytest.mark.e2e

@@ -24,6 +24,7 @@ from tests.support.flood import (
     login,
     raise_open_files_limit,
 )
+from tests.support.listeners import stop_server
 from tests.support.polling import retry, wait_until
 
 USER = "alice@example.test"
@@ -38,9 +39,6 @@ def limiter(box: BoxHandle, service: str) -> Any:
     return getattr(box.box.listeners[service].server, "limiter", None)
 
 
-async def stop(server: asyncio.Server) -> None:  # on the box's loop, never from the test thread
-    server.close()
-    await asyncio.wait_for(server.wait_closed(), 10)
 
 
 @pytest.fixture
@@ -81,7 +79,7 @@ def test_normal_clients_that_log_out_leak_no_slot(attacked_box: BoxHandle) -> No
             login("pop3s", pop3s.sockets[0].getsockname()[1], "127.0.0.7", box.client_context, USER, PASSWORD)
     finally:
         for server in (imaps, pop3s):
-            box.run(stop(server))
+            box.run(stop_server(server))
 
 
 def test_two_thousand_idle_connections_do_not_lock_out_a_normal_client(attacked_box: BoxHandle) -> None:
@@ -149,7 +147,7 @@ def test_under_stress_idle_preauth_connections_are_cut_and_logged_in_sessions_ke
     finally:
         for sock in held:
             sock.close()
-        box.run(stop(server))
+        box.run(stop_server(server))
 
 
 @pytest.mark.parametrize("service", ["imaps", "pop3s", "submissions"])
@@ -188,7 +186,7 @@ def test_silent_sockets_on_an_implicit_tls_port_are_counted_from_accept(
         wait_until(lambda: counts.count("127.0.0.40") == 0, seconds=10, what="their slots are released")
         login(service, port, "127.0.0.40", box.client_context, USER, PASSWORD)
     finally:
-        box.run(stop(server))
+        box.run(stop_server(server))
 
 
 def limiter_of(server: asyncio.Server) -> Any:
@@ -221,5 +219,5 @@ def test_a_full_preauth_pool_makes_room_for_a_newcomer_by_dropping_the_oldest(at
     finally:
         for sock in held:
             sock.close()
-        box.run(stop(imap))
-        box.run(stop(mx))
+        box.run(stop_server(imap))
+        box.run(stop_server(mx))

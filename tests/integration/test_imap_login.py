@@ -13,6 +13,7 @@ from appliance.imap.limits import ImapLimits
 from appliance.imap.server import start_server
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
+from tests.support.listeners import stop_server
 from tests.support.polling import wait_until
 
 USER = "alice@example.test"
@@ -173,16 +174,13 @@ def test_idle_client_is_logged_out(imap_box: BoxHandle) -> None:
     async def start() -> asyncio.Server:
         return await start_server(imap_box.services, "imaps", "127.0.0.1", 0, limits)
 
-    async def stop(server: asyncio.Server) -> None:
-        server.close()
-        await asyncio.wait_for(server.wait_closed(), 5)
 
     server = imap_box.run(start())
     port = int(server.sockets[0].getsockname()[1])
     try:
         _autologout(imap_box, port)
     finally:
-        imap_box.run(stop(server))
+        imap_box.run(stop_server(server, 5))
 
 
 def _autologout(imap_box: BoxHandle, port: int) -> None:
@@ -233,9 +231,6 @@ def test_connections_per_client_are_limited(imap_box: BoxHandle) -> None:
     async def start() -> asyncio.Server:
         return await start_server(imap_box.services, "imap", "127.0.0.1", 0, limits)
 
-    async def stop(server: asyncio.Server) -> None:
-        server.close()
-        await asyncio.wait_for(server.wait_closed(), 5)
 
     server = imap_box.run(start())
     port = int(server.sockets[0].getsockname()[1])
@@ -258,4 +253,4 @@ def test_connections_per_client_are_limited(imap_box: BoxHandle) -> None:
     finally:
         for c in clients:
             c.close()
-        imap_box.run(stop(server))
+        imap_box.run(stop_server(server, 5))

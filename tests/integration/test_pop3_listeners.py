@@ -14,6 +14,7 @@ import pytest
 from appliance.pop3.limits import Pop3Limits
 from appliance.pop3.server import start_server
 from tests.conftest import BoxHandle
+from tests.support.listeners import stop_server
 from tests.support.raw_wire import RawLineClient
 
 USER = "alice@example.test"
@@ -240,8 +241,7 @@ def test_idle_timeout_closes_silently_and_deletes_nothing(pop_box: BoxHandle) ->
         finally:
             raw.close()
     finally:
-        server.close()
-        pop_box.run(server.wait_closed())
+        pop_box.run(stop_server(server))
     assert len(pop_box.run(pop_box.services.store.snapshot(USER, "INBOX")).messages) == 1
     client = poplib.POP3_SSL("127.0.0.1", pop_box.port("pop3s"), context=pop_box.client_context, timeout=15)
     client.user(USER)

@@ -22,6 +22,7 @@ from appliance.smtp.limits import SmtpLimits
 from appliance.smtp.server import start_server as start_smtp
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
+from tests.support.listeners import stop_server
 
 USER = "alice@example.test"
 PASSWORD = "correct horse battery staple"
@@ -50,12 +51,9 @@ def listener(slow_box: BoxHandle) -> Iterator[Callable[..., int]]:
 
     yield start
 
-    async def stop(server: asyncio.Server) -> None:  # on the box's loop, never from the test thread
-        server.close()
-        await asyncio.wait_for(server.wait_closed(), 10)
 
     for server in servers:
-        slow_box.run(stop(server))
+        slow_box.run(stop_server(server))
 
 
 def trickle(sock: socket.socket | ssl.SSLSocket, pieces: Iterator[bytes]) -> tuple[float, bytes]:

@@ -6,7 +6,6 @@ another type. Runs on its own thread so blocking and async code under test can b
 
 from __future__ import annotations
 
-import socket
 import socketserver
 import struct
 import threading
@@ -153,8 +152,3 @@ class ZoneServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

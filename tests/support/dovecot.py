@@ -18,14 +18,9 @@ from pathlib import Path
 
 from tests.conftest import require_program
 from tests.support.polling import process_gone, wait_until
+from tests.support.ports import free_ports
 
 START_TIMEOUT = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -49,9 +44,9 @@ class PrivateDovecot:
         # as other users that must reach the passwd file and the Maildir.
         self.root = Path(tempfile.mkdtemp(prefix="letterbox-dovecot-"))
         self.root.chmod(0o755)
-        self.port = free_port()
+        self.port, tls_port = free_ports(2)
         self.tls = tls
-        self.tls_port = free_port() if tls else 0
+        self.tls_port = tls_port if tls else 0
         self.users = users
         nobody = pwd.getpwnam("nobody")
         self.uid, self.gid = nobody.pw_uid, nobody.pw_gid

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import ssl
 import subprocess
 import urllib.request
@@ -22,15 +21,10 @@ import trustme
 
 from tests.conftest import require_program
 from tests.support.polling import retry
+from tests.support.ports import free_ports
 
 EAB_KID = "kid-1"
 EAB_HMAC = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"  # base64url
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -54,8 +48,7 @@ class Pebble:
         ca.cert_pem.write_to_path(str(self.root / "listener-ca.pem"))
         self.listener_ca = self.root / "listener-ca.pem"
         if not getattr(self, "port", 0):  # a restart keeps its ports (and so its directory URL)
-            self.port, self.management_port = free_port(), free_port()
-            self.dns_port, self.dns_management_port = free_port(), free_port()
+            self.port, self.management_port, self.dns_port, self.dns_management_port = free_ports(4)
         config: dict[str, Any] = {
             "listenAddress": f"127.0.0.1:{self.port}",
             "managementListenAddress": f"127.0.0.1:{self.management_port}",
@@ -92,7 +85,11 @@ class Pebble:
         try:
             retry(ready, retry_on=(OSError,), seconds=20, interval=0.1)
         except OSError:
+            self.stop()
             raise RuntimeError("pebble did not start: " + (self.root / "pebble.log").read_text()) from None
+        except BaseException:
+            self.stop()  # its processes and logs are not left to the tests that follow in this worker
+            raise
         (self.root / "pebble-root.pem").write_bytes(self._get(f"https://127.0.0.1:{self.management_port}/roots/0"))
         self.issuer_root = self.root / "pebble-root.pem"
 

@@ -14,7 +14,8 @@ from appliance.db import Database
 from appliance.dns_check import CheckResult, check_domain, check_records, load_results, save_results, summary
 from appliance.dns_records import DnsRecord, records_for
 from appliance.queue.resolver import make_async_resolver
-from tests.support.dns_server import ZoneServer, free_port
+from tests.support.dns_server import ZoneServer
+from tests.support.ports import free_port
 
 DOMAIN, HOST = "example.test", "mail.example.test"
 IPV4, IPV6 = "198.51.100.7", "2001:db8::7"
