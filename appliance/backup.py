@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import functools
 import gc
 import hashlib
@@ -62,6 +61,7 @@ from typing import IO, TYPE_CHECKING, Any
 from appliance import __version__, age_stream, backup_stream
 from appliance.config import DataLayout
 from appliance.db import DB_FILE_MODE, load_migrations
+from appliance.libc import libc as c_library
 from appliance.store import maildir
 from appliance.store.model import INBOX
 from appliance.tasks import cancel_and_wait
@@ -928,16 +928,9 @@ def _previous_uidnext(db: Path | None) -> dict[tuple[str, str, str], tuple[int, 
     return {(d, lp, n): (int(v), int(u)) for d, lp, n, v, u in rows}
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    """The C library, looked up once: find_library runs `ldconfig -p` in a new process at each call
-    (measured: eight of them in one restore, one per early sync)."""
-    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
 def _exchange(a: Path, b: Path) -> None:
     """Swap two directories in one step (renameat2 RENAME_EXCHANGE, Linux >= 3.15)."""
-    libc = _libc()
+    libc = c_library()
     if libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(a))
@@ -1055,7 +1048,7 @@ def _carry_backups(old: Path, new: Path) -> None:
 def _syncfs(root: Path) -> bool:
     """syncfs(2) of the file system that holds `root`; False when the C library has no syncfs or it
     failed."""
-    libc = _libc()
+    libc = c_library()
     if not hasattr(libc, "syncfs"):
         return False
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)

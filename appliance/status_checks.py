@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import datetime as dt
 import ipaddress
 import logging
@@ -33,6 +32,7 @@ import dns.reversename
 
 from appliance.db import Database
 from appliance.dns_check import load_results
+from appliance.libc import libc
 from appliance.queue.resolver import make_async_resolver
 from appliance.spam import dnsbl
 from appliance.spam.content_service import ContentStatus, content_settings, content_status
@@ -349,12 +349,8 @@ TIME_ERROR = 5  # adjtimex's return: the clock is not synchronised (STA_UNSYNC)
 
 def kernel_clock_synchronised() -> bool | None:
     """What `timedatectl`'s "System clock synchronized" reads: adjtimex(2) with no change asked."""
-    path = ctypes.util.find_library("c")
-    if path is None:
-        return None
     try:
-        libc = ctypes.CDLL(path, use_errno=True)
-        state = libc.adjtimex(ctypes.byref(_Timex()))
+        state = libc().adjtimex(ctypes.byref(_Timex()))
     except (OSError, AttributeError):
         return None
     if state < 0:

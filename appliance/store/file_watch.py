@@ -30,9 +30,7 @@ file good after that event.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
-import functools
 import logging
 import os
 import struct
@@ -42,6 +40,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
+
+from appliance.libc import libc
 
 log = logging.getLogger("letterbox.store")
 
@@ -73,11 +73,6 @@ MAX_TRACKED_SPAN = 1 << 20
 
 _Row = TypeVar("_Row", bound=tuple[Any, ...])  # a row with the stamp of its file first
 FilePath = str  # message file paths as the index gives them (one spelling per file: marks are by the string)
-
-
-@functools.cache
-def _libc() -> Any:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 class _Folder:
@@ -161,7 +156,7 @@ class FileWatch:
                 if directory in folder.dirs:
                     continue
                 try:
-                    wd = _libc().inotify_add_watch(self._fd, os.fsencode(directory), _WATCHED | IN_ONLYDIR)
+                    wd = libc().inotify_add_watch(self._fd, os.fsencode(directory), _WATCHED | IN_ONLYDIR)
                     if wd < 0:
                         raise OSError(ctypes.get_errno(), "inotify_add_watch")
                     st = os.stat(directory)
@@ -209,7 +204,7 @@ class FileWatch:
     def _open(self) -> int | None:
         if self._fd is None and not self._broken:
             try:
-                fd = _libc().inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+                fd = libc().inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
             except (OSError, AttributeError):
                 fd = -1
             if fd < 0:
@@ -257,7 +252,7 @@ class FileWatch:
                 folder.dirs.pop(owner[1], None)
                 _reset(folder)
             if not mask & IN_IGNORED and self._fd is not None:
-                _libc().inotify_rm_watch(self._fd, wd)
+                libc().inotify_rm_watch(self._fd, wd)
         elif folder is not None and name:
             folder.dirty[owner[1] + "/" + os.fsdecode(name)] = drain
             if len(folder.dirty) > MAX_DIRTY:
@@ -293,7 +288,7 @@ class FileWatch:
                 if folder.dirs.pop(directory, None) is not None and self._wds.get(wd) == (folder_id, directory):
                     del self._wds[wd]
                     if self._fd is not None:
-                        _libc().inotify_rm_watch(self._fd, wd)
+                        libc().inotify_rm_watch(self._fd, wd)
             _reset(folder)
 
     def _forget(self, folder_id: int, folder: _Folder) -> None:
@@ -301,7 +296,7 @@ class FileWatch:
             if self._wds.get(wd) == (folder_id, directory):
                 del self._wds[wd]
                 if self._fd is not None:
-                    _libc().inotify_rm_watch(self._fd, wd)
+                    libc().inotify_rm_watch(self._fd, wd)
         folder.dirs.clear()
         _reset(folder)
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import itertools
 import logging
 import time
@@ -22,6 +20,7 @@ from typing import Any
 import idna
 
 from appliance.db import Database
+from appliance.libc import libc
 from appliance.store import index, maildir, subscriptions
 from appliance.store.changes import ChangeBus
 from appliance.store.index import Change, FolderIndex
@@ -556,7 +555,7 @@ def fix_mmap_threshold() -> None:
 def _glibc(name: str) -> Any:
     """glibc's function `name`, or None where the C library is another one."""
     try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+        return getattr(libc(), name)
     except (OSError, AttributeError):
         return None
 
