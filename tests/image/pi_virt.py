@@ -117,7 +117,7 @@ def quick_update(vm: Vm, tmp: Path) -> bool:
     shutil.copytree(image_dependency_wheels(), wheels)
     build_wheel(wheels, version)
     vm.write_file("/root/update.tar", write_bundle(wheels, tmp, machine="aarch64").read_bytes())
-    # The first boot's letterbox-growroot (after the console, lowest priority) makes the room for a
+    # The first boot's letterbox-growroot (beside the console's start, before rspamd) makes the room for a
     # second venv: the image's root has little free before it (tests/image/test_update.py).
     deadline = time.monotonic() + UPDATE_TIMEOUT
     while vm.run("systemctl show -p ExecMainExitTimestampMonotonic --value letterbox-growroot").stdout.strip() in ("", "0"):

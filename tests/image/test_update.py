@@ -111,11 +111,10 @@ def test_failed_update_rolls_back_then_good_update_migrates(box: Vm, tmp_path: P
     wait_for(lambda: "before the updates" in _subjects(box), 120, "the message over IMAPS", box)
     schema = int(box.run(SCHEMA).stdout)
     steps.done("domain, user, a message in and read")
-    # The first boot grows the root file system once the console is up (letterbox-growroot, lowest
-    # priority); until then the image's root has room for the first mail, not for a bundle and a second
-    # venv: run alone right after boot, this test's update stopped on "No space left on device". Waited
-    # for only here, after the mail steps, which need no room: the growth goes on meanwhile (waited for
-    # first, it took 132 s of the fresh clone's run at main 354bfe3 before anything else began).
+    # The first boot grows the root file system beside the console's start (letterbox-growroot, before
+    # rspamd and Redis); until then the image's root has room for the first mail, not for a bundle and a
+    # second venv: run alone right after boot, this test's update stopped on "No space left on device".
+    # Waited for here, after the mail steps, by when it is long done.
     wait_for(lambda: box.run("systemctl show -p ExecMainExitTimestampMonotonic --value letterbox-growroot")
              .stdout.strip() not in ("", "0"), 1800, "the root file system to be grown", box)
     steps.done("root file system grown")
