@@ -58,6 +58,7 @@ from appliance.account_errors import InvalidAddress
 from appliance.accounts import Accounts, Credentials
 from appliance.address import parse_address
 from appliance.db import Database
+from appliance.disk_full import is_disk_full
 from appliance.events import EventLog
 from appliance.login_cache import LoginCache
 
@@ -710,8 +711,11 @@ class Auth:
                     "  ORDER BY last_success DESC LIMIT ?))",
                     (key, now - self.throttle.policy.trust_seconds, key, MAX_TRUSTED_PER_ACCOUNT),
                 )
-        except Exception:  # the login itself succeeded; the address is remembered at the next one
-            log.exception("auth: could not remember the client address of %s", printable(key))
+        except Exception as exc:  # the login itself succeeded; the address is remembered at the next one
+            if is_disk_full(exc):  # a known state (the status page says so), not a bug: one line
+                log.warning("auth: could not remember the client address of %s: the disk is full", printable(key))
+            else:
+                log.exception("auth: could not remember the client address of %s", printable(key))
 
     async def _credentials(self, kind: Literal["mailbox", "admin"], account: str) -> Credentials | None:
         if kind == "mailbox":

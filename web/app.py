@@ -24,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import time_zone
+from appliance.disk_full import is_disk_full
 from appliance.plain_errors import plain
 from appliance.web_sessions import WebSessions
 from web.display import idn
@@ -127,6 +128,21 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     }, status_code=exc.status_code)
 
 
+DISK_FULL_MESSAGE = ("The box's disk is full, so this could not be saved. Delete old mail or backups, or move "
+                     "the box to a bigger disk, then try again.")
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    """A page that failed: a full disk is said in plain words (507 Insufficient Storage), anything else
+    is Starlette's bare 500. Starlette raises the error on after either answer, so it is logged."""
+    if not is_disk_full(exc):
+        return PlainTextResponse("Internal Server Error", status_code=500)
+    if "session" not in request.scope:
+        return PlainTextResponse(DISK_FULL_MESSAGE, status_code=507)
+    return await render(request, "error.html", {"title": "The disk is full", "status": 507,
+                                                "message": DISK_FULL_MESSAGE}, status_code=507)
+
+
 async def _login_required(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, LoginRequired)
     return RedirectResponse(f"/login?next={quote(exc.next_path, safe='/@')}", status_code=303)
@@ -176,7 +192,7 @@ def create_app(services: Services) -> Starlette:
             Middleware(SessionMiddleware, secret=secret),
             Middleware(SetupGate, services=services),
         ],
-        exception_handlers={HTTPException: _http_error, LoginRequired: _login_required},
+        exception_handlers={HTTPException: _http_error, LoginRequired: _login_required, Exception: _server_error},
     )
     app.state.services = services
     app.state.secret = secret

@@ -543,11 +543,14 @@ class ImapSession:
             for flags, date, message in messages:
                 uidvalidity, uid = await self.store.append(self.mailbox, name, message, frozenset(flags), date)
                 uids.append(uid)
-        except StoreError:
+        except Exception:
             if uids:
-                # RFC 3502 6: all or nothing: the messages appended before the failure go again.
-                with contextlib.suppress(StoreError):
+                # RFC 3502 6: all or nothing: the messages appended before the failure (a store error, a
+                # full disk) go again.
+                try:
                     await self.store.expunge(self.mailbox, name, uids)
+                except Exception:  # the answer stays the first failure's
+                    log.exception("APPEND: the messages appended before the failure could not be taken back")
             raise  # answered by store_errors: TRYCREATE for a folder that does not exist (RFC 3501 6.3.11)
         await self.ok(command, code=f"APPENDUID {uidvalidity} {compact(uids)}")  # RFC 4315 3
 

@@ -9,11 +9,13 @@ vanished), and let it go on afterwards.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
 
-from appliance.imap.errors import ImapNo
+from appliance.disk_full import DISK_FULL_TEXT, is_disk_full
+from appliance.imap.errors import ImapError, ImapNo
 from appliance.imap.fetch import NoSuchPart, UnknownCte
 from appliance.store.model import FolderExists, NoSuchFolder, QuotaExceeded, StoreError
 
@@ -21,22 +23,40 @@ from appliance.store.model import FolderExists, NoSuchFolder, QuotaExceeded, Sto
 # NO [TRYCREATE], so the client may create it and try again; everywhere else RFC 5530 NONEXISTENT.
 MissingFolderCode = Literal["NONEXISTENT", "TRYCREATE"]
 
+log = logging.getLogger("letterbox.imap")
+
 
 @contextmanager
 def store_errors(command_name: str, missing_folder: MissingFolderCode = "NONEXISTENT") -> Iterator[None]:
     """Run a command's store calls; a store error leaves as the ImapNo that answers it."""
     try:
         yield
-    except NoSuchFolder:
-        raise ImapNo("Mailbox does not exist", missing_folder) from None
-    except FolderExists:
-        raise ImapNo("Mailbox already exists", "ALREADYEXISTS") from None
-    except QuotaExceeded:
-        raise ImapNo("Quota exceeded", "OVERQUOTA") from None
-    except StoreError as exc:
+    except ImapError:
+        raise  # the command's own answer
+    except Exception as exc:
+        answer = _answer(exc, command_name, missing_folder)
+        if answer is None:
+            raise  # a bug: the server logs it and says BYE
+        raise answer from None
+
+
+def _answer(exc: Exception, command_name: str, missing_folder: MissingFolderCode) -> ImapNo | None:
+    if is_disk_full(exc):
+        # Dovecot's answer, whether the file or the database found no room (the store's "cannot write
+        # the message" included); what failed left nothing half-written, so the session goes on.
+        log.warning("IMAP %s refused: the disk is full (%s)", command_name, exc)
+        return ImapNo(DISK_FULL_TEXT, "OVERQUOTA")
+    if isinstance(exc, NoSuchFolder):
+        return ImapNo("Mailbox does not exist", missing_folder)
+    if isinstance(exc, FolderExists):
+        return ImapNo("Mailbox already exists", "ALREADYEXISTS")
+    if isinstance(exc, QuotaExceeded):
+        return ImapNo("Quota exceeded", "OVERQUOTA")
+    if isinstance(exc, StoreError):
         # The store's messages are written to be shown to a user (StoreError).
-        raise ImapNo(str(exc) or f"{command_name} failed", "CANNOT") from None
-    except UnknownCte:
-        raise ImapNo("Unknown Content-Transfer-Encoding", "UNKNOWN-CTE") from None  # RFC 3516 4.3
-    except NoSuchPart:
-        raise ImapNo("No such part", "CANNOT") from None
+        return ImapNo(str(exc) or f"{command_name} failed", "CANNOT")
+    if isinstance(exc, UnknownCte):
+        return ImapNo("Unknown Content-Transfer-Encoding", "UNKNOWN-CTE")  # RFC 3516 4.3
+    if isinstance(exc, NoSuchPart):
+        return ImapNo("No such part", "CANNOT")
+    return None

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from appliance.auth import Refused
+from appliance.disk_full import is_disk_full
 from appliance.pop3.limits import DEFAULT_LIMITS, Pop3Limits
 from appliance.pop3.locks import MaildropLocks as MaildropLocks  # moved there; re-exported
 from appliance.pop3.maildrop import Maildrop, parse_number
@@ -234,8 +235,10 @@ class Pop3Session:
         try:
             self._generation = await self.store.mailbox_generation(mailbox)
             snapshot = await self.store.snapshot(mailbox, INBOX)
-        except StoreError as exc:
+        except Exception as exc:
             self.locks.release(mailbox)
+            if not _store_failed(exc):
+                raise
             log.warning("pop3 %s: cannot open the maildrop of %s: %s", self.io.peer, mailbox, exc)
             raise Pop3Err("Cannot open the maildrop; try again later", SYS_TEMP) from None
         except BaseException:
@@ -325,13 +328,17 @@ class Pop3Session:
                 # Retrieved and kept: \Seen for IMAP clients, as Dovecot does. Not worth failing QUIT for.
                 try:
                     await self.store.store_flags(mailbox, INBOX, seen, frozenset({SEEN}), "add")
-                except StoreError as exc:
+                except Exception as exc:
+                    if not _store_failed(exc):
+                        raise
                     log.warning("pop3 %s: could not mark %s's messages seen: %s", self.io.peer, mailbox, exc)
             removed: list[int] = []
             if doomed:
                 try:
                     removed = await self.store.expunge(mailbox, INBOX, doomed)
-                except StoreError as exc:
+                except Exception as exc:
+                    if not _store_failed(exc):
+                        raise
                     log.error("pop3 %s: deleting %s's messages failed: %s", self.io.peer, mailbox, exc)
                     reply = Err("Some deleted messages not removed", SYS_TEMP)  # RFC 1939 6
                 else:
@@ -347,3 +354,9 @@ class Pop3Session:
     def _signing_off(drop: Maildrop) -> Ok:
         left = len(drop.messages) - len(drop.deleted)
         return Ok(f"{IMPLEMENTATION} POP3 server signing off ({left} messages left)")
+
+
+def _store_failed(exc: BaseException) -> bool:
+    """A failure the client is told of with -ERR [SYS/TEMP] (the store's own errors, a full disk);
+    anything else is a bug, which the server logs and answers by closing."""
+    return isinstance(exc, StoreError) or is_disk_full(exc)

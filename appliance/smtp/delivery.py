@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -17,12 +17,20 @@ from appliance import srs
 from appliance.accounts import Accounts
 from appliance.address import split_plus
 from appliance.delivery_log import Delivery, DeliveryLog, Result, message_id_of
+from appliance.disk_full import is_disk_full
 from appliance.queue import dsn
 from appliance.queue.report_delivery import deliver_report_to_sender
 from appliance.queue.spool import Spool, new_queue_id
 from appliance.smtp import headers
 from appliance.smtp.headers import ReceivedFacts
-from appliance.smtp.policy import MAILBOX_FULL, TEMPORARY_FAILURE, RecipientRoute, Reply, queued
+from appliance.smtp.policy import (
+    INSUFFICIENT_STORAGE,
+    MAILBOX_FULL,
+    TEMPORARY_FAILURE,
+    RecipientRoute,
+    Reply,
+    queued,
+)
 from appliance.store.mailstore import MailStore, NoSuchFolder, QuotaExceeded
 from appliance.store.model import INBOX, JUNK
 
@@ -75,6 +83,15 @@ def local_copy(message: InboundMessage, route: RecipientRoute, mailbox: str) -> 
     )
 
 
+def _one_reply(failed: Iterable[Reply]) -> Reply:
+    """What answers a recipient (or a whole message) none of whose copies went in: a full mailbox or a
+    full disk when that was every copy's failure, else the local error."""
+    kinds = set(failed)
+    if kinds <= {MAILBOX_FULL}:
+        return MAILBOX_FULL
+    return INSUFFICIENT_STORAGE if kinds == {INSUFFICIENT_STORAGE} else TEMPORARY_FAILURE
+
+
 class Deliverer:
     def __init__(
         self, accounts: Accounts, store: MailStore, spool: Spool, hostname: str | Callable[[], str],
@@ -88,7 +105,7 @@ class Deliverer:
         self._hostname = hostname if callable(hostname) else (lambda: hostname)
         self._srs = rewriter  # None: forwards keep the original sender
 
-    async def deliver(self, message: InboundMessage, *, per_recipient: bool) -> DeliveryReport:  # noqa: C901  the per-recipient outcome rules of SMTP vs LMTP (RFC 2033 4.2) kept together
+    async def deliver(self, message: InboundMessage, *, per_recipient: bool) -> DeliveryReport:
         """Write everything; `per_recipient` (LMTP) means failed recipients are answered one by one,
         otherwise a partial failure is accepted and bounced (SMTP has one reply per message)."""
         first_route: dict[str, RecipientRoute] = {}
@@ -112,12 +129,7 @@ class Deliverer:
             failed = {mb: reply for mb in route.mailboxes if (reply := outcomes[mb]) is not None}
             failed.update(dict.fromkeys((r for r in route.outbound if r not in spooled), TEMPORARY_FAILURE))
             parts = len(route.mailboxes) + len(route.outbound)
-            if len(failed) < parts:
-                replies.append(queued(message.queue_id))
-            elif all(reply == MAILBOX_FULL for reply in failed.values()):
-                replies.append(MAILBOX_FULL)
-            else:
-                replies.append(TEMPORARY_FAILURE)
+            replies.append(queued(message.queue_id) if len(failed) < parts else _one_reply(failed.values()))
             failures.append(failed)
 
         accepted = any(reply.positive for reply in replies)
@@ -129,26 +141,24 @@ class Deliverer:
                 bounce.update(failed)
         if bounce:
             await self._bounce(message, bounce)
-        if accepted:
-            summary = queued(message.queue_id)
-        elif all(reply == MAILBOX_FULL for reply in replies):
-            summary = MAILBOX_FULL
-        else:
-            summary = TEMPORARY_FAILURE
+        summary = queued(message.queue_id) if accepted else _one_reply(replies)
         return DeliveryReport(tuple(replies), summary)
 
     async def _store_copy(self, message: InboundMessage, mailbox: str, data: bytes) -> Reply | None:
         """None when the copy is durably in the mailbox, else the reply that describes the failure."""
         folder = JUNK if message.junk else INBOX
+        result: int | Exception | None
         try:
             result = (await self._store.deliver([mailbox], data, folder=folder)).get(mailbox)
             if isinstance(result, NoSuchFolder) and folder == JUNK:
                 # The owner deleted their Junk folder: the inbox, marked, rather than no copy at all.
                 folder = INBOX
                 result = (await self._store.deliver([mailbox], data)).get(mailbox)
-        except Exception:
-            log.exception("%s: delivery to %s failed", message.queue_id, mailbox)
-            return TEMPORARY_FAILURE
+        except Exception as exc:
+            if not is_disk_full(exc):
+                log.exception("%s: delivery to %s failed", message.queue_id, mailbox)
+                return TEMPORARY_FAILURE
+            result = exc  # answered below, as the store's own "cannot write" is
         if isinstance(result, int):
             log.info("%s: delivered from=<%s> to=%s%s uid=%d size=%d", message.queue_id, message.sender,
                      mailbox, f" ({folder})" if folder != INBOX else "", result, len(data))
@@ -158,6 +168,9 @@ class Deliverer:
             log.info("%s: %s is over quota", message.queue_id, mailbox)
             self._record(message, mailbox, "rejected", "the mailbox is full", len(data), check="quota")
             return MAILBOX_FULL
+        if is_disk_full(result):
+            log.warning("%s: delivery to %s failed: the disk is full (%s)", message.queue_id, mailbox, result)
+            return INSUFFICIENT_STORAGE
         log.error("%s: delivery to %s failed: %r", message.queue_id, mailbox, result)
         return TEMPORARY_FAILURE
 

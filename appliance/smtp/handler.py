@@ -21,6 +21,7 @@ from appliance.account_errors import InvalidAddress
 from appliance.address import Address, parse_address
 from appliance.auth import Principal, Refused
 from appliance.delivery_log import Delivery, message_id_of
+from appliance.disk_full import is_disk_full
 from appliance.queue.spool import new_queue_id
 from appliance.smtp import headers
 from appliance.smtp.content import ContentFacts, ContentVerdict
@@ -30,6 +31,7 @@ from appliance.smtp.inbound import InboundFacts, InboundVerdict
 from appliance.smtp.limits import SmtpLimits
 from appliance.smtp.policy import (
     HEADER_TOO_LARGE,
+    INSUFFICIENT_STORAGE,
     LMTP_SERVICE,
     MX_SERVICE,
     SUBMISSION_SERVICES,
@@ -372,7 +374,10 @@ class SmtpHandler:
         env = _envelope(envelope)
         try:
             return await self._data(server, _session(session), env)
-        except Exception:
+        except Exception as exc:
+            if is_disk_full(exc):
+                log.warning("%s: DATA refused: the disk is full (%s)", peer_ip(session), exc)
+                return self._for_all(env, INSUFFICIENT_STORAGE)
             log.exception("%s: DATA failed", peer_ip(session))
             return self._for_all(env, TEMPORARY_FAILURE)
 
@@ -488,6 +493,9 @@ class SmtpHandler:
         if isinstance(error, TLSSetupException):
             # The client's doing (a failed handshake after STARTTLS): aiosmtpd closes the connection.
             log.info("STARTTLS handshake failed: %s", error.__cause__ or error)
+        elif is_disk_full(error):
+            log.warning("SMTP command refused: the disk is full (%s)", error)
+            return str(INSUFFICIENT_STORAGE)
         else:
             log.error("SMTP session error", exc_info=error)
         return str(TEMPORARY_FAILURE)

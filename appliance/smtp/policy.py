@@ -73,6 +73,7 @@ BAD_RECIPIENT_SYNTAX = Reply(553, "5.1.3", "Bad recipient address syntax")
 NEED_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address needs MAIL FROM ... SMTPUTF8")  # RFC 6531 3.5
 LITERAL_REFUSED = Reply(550, "5.1.2", "Address literals are not accepted as destinations")
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Local error in processing, try again later")
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")  # appliance/disk_full.py
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (mail loop?)")  # RFC 5321 6.3
 HEADER_TOO_LARGE = Reply(552, "5.3.4", "Message header section too large")
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, AnyStr
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from appliance.channel import LISTEN_BACKLOG, ConnectionLimiter, ListenerLimits, Slot
+from appliance.disk_full import is_disk_full
 from appliance.smtp import class_members
 from appliance.smtp.delivery import Deliverer
 from appliance.smtp.handler import LetterboxEnvelope, LetterboxSession, SmtpHandler
@@ -403,7 +404,7 @@ class LetterboxSMTP(SMTP):
         """Anything else a command raised: the handler's hook answers (451, TLS failures...); the
         traceback is logged only for the first of them on a connection, one line afterwards."""
         self._exceptions += 1
-        if isinstance(error, TLSSetupException) or self._exceptions <= 1:
+        if isinstance(error, TLSSetupException) or self._exceptions <= 1 or is_disk_full(error):
             status = await super().handle_exception(error)
         else:
             self._note_malformed(f"{type(error).__name__} in a command")

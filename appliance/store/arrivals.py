@@ -109,7 +109,9 @@ class GroupCommit:
                     await asyncio.to_thread(synced)
             except _SyncFailed as failed:
                 log.error("store: syncing %s failed: %s", f.path, failed.error)
-                await _discard(f, batch, StoreError(f"cannot write the message: {failed.error.strerror or failed.error}"))
+                error = StoreError(f"cannot write the message: {failed.error.strerror or failed.error}")
+                error.__cause__ = failed.error  # a full disk is told apart by what caused it
+                await _discard(f, batch, error)
                 return
             self.flushes += 1
             self.indexed += len(batch)

@@ -424,7 +424,9 @@ class MailStore:
             error, cached = await asyncio.to_thread(self._write, job, data)
             if error is not None:
                 log.error("store: writing to %s failed: %s", mb.key, error)
-                return StoreError(f"cannot write the message: {error.strerror or error}")
+                failed = StoreError(f"cannot write the message: {error.strerror or error}")
+                failed.__cause__ = error  # a full disk is told apart by what caused it (appliance/disk_full.py)
+                return failed
             handed = True  # the group commit unmarks the name once the row is in memory
             outcome = await self._arrivals.index(f, Arrival(job, system, names, size, date, wire, cached))
         finally:
