@@ -117,17 +117,17 @@ class Deliverer:
         # One mailbox (most mail): awaited here, without the task gather would make for it.
         written = [await copies[0]] if len(copies) == 1 else await asyncio.gather(*copies)
         outcomes = dict(zip(first_route, written, strict=True))
-        spooled: set[str] = set()
+        unspooled: dict[str, Reply] = {}
         for index, (sender, recipients) in enumerate(await self._outbound_groups(message)):
             queue_id = message.queue_id if index == 0 else new_queue_id()
-            if await self._spool_copy(message, sender, recipients, queue_id):
-                spooled.update(recipients)
+            if (reply := await self._spool_copy(message, sender, recipients, queue_id)) is not None:
+                unspooled.update(dict.fromkeys(recipients, reply))
 
         replies: list[Reply] = []
         failures: list[dict[str, Reply]] = []
         for route in message.routes:
             failed = {mb: reply for mb in route.mailboxes if (reply := outcomes[mb]) is not None}
-            failed.update(dict.fromkeys((r for r in route.outbound if r not in spooled), TEMPORARY_FAILURE))
+            failed.update((r, unspooled[r]) for r in route.outbound if r in unspooled)
             parts = len(route.mailboxes) + len(route.outbound)
             replies.append(queued(message.queue_id) if len(failed) < parts else _one_reply(failed.values()))
             failures.append(failed)
@@ -213,7 +213,8 @@ class Deliverer:
         return self._srs.forward(sender, alias.rpartition("@")[2])
 
     async def _spool_copy(self, message: InboundMessage, sender: str, recipients: Sequence[str],
-                          queue_id: str) -> bool:
+                          queue_id: str) -> Reply | None:
+        """None when the copy is durably in the outbound queue, else the reply that describes the failure."""
         for_rcpt = recipients[0] if len(recipients) == 1 else None
         received = message.received if queue_id == message.queue_id else replace(message.received, queue_id=queue_id)
         data = headers.received_header(received, for_rcpt=for_rcpt) + message.data
@@ -222,12 +223,16 @@ class Deliverer:
                 sender, recipients, data, auth_user=message.auth_user, queue_id=queue_id,
                 sender_verified=message.sender_verified,
             )
-        except Exception:
+        except Exception as exc:
+            if is_disk_full(exc):
+                log.warning("%s: could not spool for %d recipients: the disk is full (%s)", message.queue_id,
+                            len(recipients), exc)
+                return INSUFFICIENT_STORAGE
             log.exception("%s: could not spool for %d recipients", message.queue_id, len(recipients))
-            return False
+            return TEMPORARY_FAILURE
         for rcpt in recipients:
             self._record(message, rcpt, "queued", "waiting in the outbound queue", len(data), queue_id=queue_id)
-        return True
+        return None
 
     async def _bounce(self, message: InboundMessage, failed: dict[str, Reply]) -> None:
         """Tell the sender about copies that could not be written (never to the null sender)."""

@@ -103,6 +103,25 @@ def test_smtp_says_insufficient_storage_and_goes_on(full_box: tuple[BoxHandle, F
     assert len(_maildir_files(box)) == len(files) + 1
 
 
+def test_submission_to_the_internet_says_insufficient_storage(full_box: tuple[BoxHandle, FullDisk]) -> None:
+    """The outbound queue's spool is on the same disk: a user's message for another domain is refused
+    the same way, so the mail program keeps it and tries again."""
+    box, disk = full_box
+    with smtplib.SMTP("127.0.0.1", box.port("submission"), timeout=30) as smtp:
+        smtp.starttls(context=box.client_context)
+        smtp.login(ALICE, PASSWORD)
+        disk.fill()
+        try:
+            assert smtp.mail(ALICE)[0] == 250
+            code, text = smtp.rcpt("bob@example.org")
+            if code == 250:
+                code, text = smtp.data(f"From: {ALICE}\r\nSubject: out\r\n\r\nHello.\r\n".encode())
+            assert (code, text[:5]) == (452, b"4.3.1"), (code, text)
+            assert smtp.noop()[0] == 250
+        finally:
+            disk.free()
+
+
 def test_imap_says_overquota_and_goes_on(full_box: tuple[BoxHandle, FullDisk]) -> None:
     box, disk = full_box
     imap = _imap(box)
