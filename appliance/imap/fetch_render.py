@@ -103,6 +103,7 @@ class FetchRenderer:
         learned: fetch_cache.Learned = []
         unknown: list[tuple[int, str]] = []
         learn_every = LEARN_BATCH
+        writing: asyncio.Future[None] | None = None  # the rows of the batch before, being kept
         for start, stop in _batches(len(uids)):
             jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid)) for uid in uids[start:stop]]
             rendered, new, later = await asyncio.to_thread(
@@ -123,8 +124,14 @@ class FetchRenderer:
             learned += new
             unknown += later
             if len(learned) >= learn_every:
-                await cache.learn(learned)
+                # Written while the next batch is rendered, one write at a time: the database's
+                # thread spends most of an insert in SQLite, without the GIL the rendering needs.
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(cache.learn(learned))
                 learned = []
+        if writing is not None:
+            await writing
         await cache.learn(learned)
         if unknown and not self._filling():
             # Rows for the messages answered from a header scan, computed after the answer went
