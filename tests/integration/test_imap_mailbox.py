@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import imaplib
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
 from appliance.imap import fetch as fetching
+from appliance.store import model
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
 
@@ -405,6 +407,34 @@ def fetch_whole(raw: RawImap, uid: int) -> tuple[int, bytes]:
     content = line[literal.end():literal.end() + int(literal[1])]
     assert line[literal.end() + len(content):][:1] in (b")", b" ")  # the literal ended where it said
     return int(size[1]), content
+
+
+def test_a_list_fetch_of_files_copied_in_reads_no_date_and_internaldate_is_the_mtime(
+    imap_box: BoxHandle, client: IMAPClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file copied in with both sizes in its name is indexed without a stat and dated in the
+    background: a FETCH that does not send INTERNALDATE (a mail program's first list) reads no
+    file's date meanwhile (it was a stat per message on the event loop, issue 19); one that does
+    sends the file's mtime."""
+    client.select_folder("INBOX")  # the Maildir exists
+    data = message(7)
+    path = imap_box.data.mail / "example.test" / "alice" / "cur" / f"1700000000.M7P1.other,S={len(data)},W={len(data)}:2,S"
+    path.write_bytes(data)
+    os.utime(path, (1_600_000_000, 1_600_000_000))
+    read: list[str] = []
+    file_date = model.file_date
+
+    def reading(directory: Path, name: str) -> int:
+        read.append(name)
+        return file_date(directory, name)
+
+    monkeypatch.setattr(model, "file_date", reading)
+    client.noop()  # lists the folder: the file is found (UID 1)
+    listed = client.fetch([1], ["UID", "RFC822.SIZE", "FLAGS", "BODY.PEEK[HEADER.FIELDS (From Subject)]", "ENVELOPE"])
+    assert [item[b"RFC822.SIZE"] for item in listed.values()] == [len(data)]
+    assert read == []
+    [dated] = client.fetch([1], ["INTERNALDATE"]).values()
+    assert dated[b"INTERNALDATE"].timestamp() == 1_600_000_000
 
 
 def test_rfc822_size_and_body_of_bare_lf_files_without_w_size(imap_box: BoxHandle, client: IMAPClient) -> None:
