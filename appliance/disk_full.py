@@ -2,15 +2,26 @@
 session goes on: SMTP and LMTP `452 4.3.1 Insufficient system storage` (RFC 3463 X.3.1, Postfix's
 words), IMAP `NO [OVERQUOTA] Not enough disk space` (Dovecot's), POP3 `-ERR [SYS/TEMP]`. Before, a
 full data disk was a generic "451 local error" in SMTP and an IMAP session closed with BYE "Internal
-server error" (seen with the data directory on a full file system)."""
+server error" (seen with the data directory on a full file system).
+
+New mail stops before the disk is full, as Postfix's does (it wants 1.5 times its message size limit
+free): an SMTP/LMTP sender or an IMAP APPEND is refused while less than RESERVE_OCTETS (plus what the
+message says it will take) is free. What is left is for reading and deleting mail: opening a folder,
+setting flags and EXPUNGE write to the database too, and a user must be able to delete mail to make
+room."""
 
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
+from pathlib import Path
+
+from appliance.smtp.limits import MAX_MESSAGE_OCTETS
 
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 DISK_FULL_TEXT = "Not enough disk space"
+RESERVE_OCTETS = MAX_MESSAGE_OCTETS * 3 // 2  # Postfix: 1.5 x message_size_limit
 
 
 def is_disk_full(exc: BaseException | None) -> bool:
@@ -25,3 +36,14 @@ def is_disk_full(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def room_for(directory: Path, octets: int = 0, reserve: int = RESERVE_OCTETS) -> bool:
+    """Whether the file system of `directory` keeps `reserve` free once `octets` more are written (the
+    space an unprivileged process may use: root's reserved blocks are not the box's). An error reading
+    it says yes: the write itself will tell."""
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return True
+    return stat.f_bavail * stat.f_frsize >= reserve + max(octets, 0)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Generic, Literal, Protocol, TypeVar
 
 from appliance.auth import Refused
+from appliance.disk_full import DISK_FULL_TEXT, room_for
 from appliance.imap import fetch_cache, names
 from appliance.imap.catenate import extract, parse_url
 from appliance.imap.commands import (
@@ -532,6 +533,10 @@ class ImapSession:
         messages = [(flags, date, await self._message_of(content)) for flags, date, content in contents]
         if not all(message for _, _, message in messages):
             raise ImapNo("Empty message", "CANNOT")
+        if not room_for(self.store.root, sum(len(message) for _, _, message in messages)):
+            # What is left of the disk is for reading and deleting mail (appliance/disk_full.py).
+            log.warning("IMAP APPEND refused: the disk is nearly full")
+            raise ImapNo(DISK_FULL_TEXT, "OVERQUOTA")
         if any(b"\0" in message for _, _, message in messages):
             # RFC 3516 4.4: binary content (literal8) holding NULs is kept as base64, which any
             # literal can carry; BINARY[] still gives the octets back.

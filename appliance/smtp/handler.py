@@ -21,7 +21,7 @@ from appliance.account_errors import InvalidAddress
 from appliance.address import Address, parse_address
 from appliance.auth import Principal, Refused
 from appliance.delivery_log import Delivery, message_id_of
-from appliance.disk_full import is_disk_full
+from appliance.disk_full import is_disk_full, room_for
 from appliance.queue.spool import new_queue_id
 from appliance.smtp import headers
 from appliance.smtp.content import ContentFacts, ContentVerdict
@@ -235,6 +235,10 @@ class SmtpHandler:
             sender = parse_sender(address, smtputf8=env.smtp_utf8)
         except SmtpReject as reject:
             return str(reject.reply)
+        if not room_for(self.services.config.data.root, declared_size(mail_options)):
+            # Before the disk is full (appliance/disk_full.py): the sender keeps the message and retries.
+            log.warning("%s: MAIL FROM:<%s> refused: the disk is nearly full", peer_ip(session), address[:100])
+            return str(INSUFFICIENT_STORAGE)
         owns = bool(
             principal and sender and await self.services.accounts.may_send_as(principal.name, str(sender))
         )

@@ -1,6 +1,9 @@
-"""A box whose data disk is full (a small SD card, a backup left beside the mail): each protocol says so in
-its own words and the session goes on; nothing half-written is left; once there is room again, mail
-flows with no restart. The data directory is on a small tmpfs (root, as `make test` and CI run)."""
+"""A box whose data disk fills up (a small SD card, a backup left beside the mail). New mail stops first,
+while some room is left: SMTP and LMTP senders get 452 4.3.1 and retry, IMAP APPEND gets NO [OVERQUOTA],
+and reading and deleting mail still work (they write to the database too), so a user can make room. A
+disk filled to the last block (by something else, or during a transaction) is said in each protocol's
+words and the session goes on; nothing half-written is left; once there is room again, mail flows with
+no restart. The data directory is on a tmpfs (root, as `make test` and CI run)."""
 
 from __future__ import annotations
 
@@ -17,36 +20,43 @@ import httpx
 import pytest
 import trustme
 
+from appliance.disk_full import RESERVE_OCTETS
 from tests.conftest import BoxHandle
 from tests.support.web import ADMIN_PASSWORD, HOSTNAME, setup_code
 
 PASSWORD = "disk-full-Secret-1"
 ALICE = "alice@example.test"
+DISK_OCTETS = RESERVE_OCTETS + 64 * 2**20  # room for the box and its first mail above the reserve
+NEARLY_FULL = 16 * 2**20  # free: under the reserve, plenty for the database's writes
 
 
 class FullDisk:
-    """The data directory's file system, filled up to its last block by one file, and freed again."""
+    """The data directory's file system, filled by one file (to the last block, or leaving some room)
+    and freed again."""
 
     def __init__(self, mount: Path) -> None:
         self.mount = mount
         self.filler = mount / "filler"
 
-    def fill(self) -> None:
+    def free_octets(self) -> int:
+        stat = os.statvfs(self.mount)
+        return stat.f_bavail * stat.f_frsize
+
+    def fill(self, leave: int = 0) -> None:
         with self.filler.open("ab") as f:
-            block = b"\0" * 65536
             try:
-                while True:
-                    f.write(block)
+                while (left := self.free_octets() - leave) > 0:
+                    f.write(b"\0" * min(left, 1 << 20))
                     f.flush()
-            except OSError:
-                pass
-            # The last partial block too: byte by byte until nothing fits.
-            try:
-                while True:
+                # The last partial page too: byte by byte until nothing fits.
+                while not leave:
                     os.write(f.fileno(), b"\0")
             except OSError:
                 pass
-        assert os.statvfs(self.mount).f_bavail == 0
+        if not leave:
+            assert self.free_octets() == 0
+        else:
+            assert leave - (1 << 20) <= self.free_octets() <= leave, self.free_octets()
 
     def free(self) -> None:
         self.filler.unlink()
@@ -56,7 +66,8 @@ class FullDisk:
 def full_box(tmp_path: Path, ca: trustme.CA) -> Iterator[tuple[BoxHandle, FullDisk]]:
     mount = tmp_path / "disk"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0755", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_OCTETS},mode=0755", "tmpfs", str(mount)],
+                   check=True)
     try:
         box = BoxHandle(mount / "data", ca)
         try:
@@ -85,55 +96,90 @@ def _maildir_files(box: BoxHandle) -> list[str]:
                   if p.is_file() and p.parent.name in ("new", "cur", "tmp"))
 
 
-def test_smtp_says_insufficient_storage_and_goes_on(full_box: tuple[BoxHandle, FullDisk]) -> None:
+def test_smtp_refuses_new_mail_while_the_disk_is_nearly_full(full_box: tuple[BoxHandle, FullDisk]) -> None:
     box, disk = full_box
     files = _maildir_files(box)
-    disk.fill()
+    disk.fill(leave=NEARLY_FULL)
     with smtplib.SMTP("127.0.0.1", box.port("smtp"), timeout=30) as smtp:
         smtp.ehlo("sender.example.org")
-        assert smtp.mail("someone@example.org")[0] == 250
-        code, text = smtp.rcpt(ALICE)
-        if code == 250:  # nothing written before the message: then DATA says it
-            code, text = smtp.data(b"Subject: while full\r\n\r\nHello.\r\n")
+        code, text = smtp.mail("someone@example.org")
         assert (code, text[:5]) == (452, b"4.3.1"), (code, text)
         assert smtp.noop()[0] == 250  # the session goes on
-    assert _maildir_files(box) == files  # nothing half-written in tmp/, nothing new
-    disk.free()
-    _send(box, "after the disk was freed")  # no restart needed
+        disk.free()
+        assert smtp.mail("someone@example.org")[0] == 250  # room again: no restart needed
+        assert smtp.rcpt(ALICE)[0] == 250
+        assert smtp.data(b"Subject: after the disk was freed\r\n\r\nHello.\r\n")[0] == 250
     assert len(_maildir_files(box)) == len(files) + 1
 
 
-def test_submission_to_the_internet_says_insufficient_storage(full_box: tuple[BoxHandle, FullDisk]) -> None:
+def test_smtp_disk_filled_during_the_transaction(full_box: tuple[BoxHandle, FullDisk]) -> None:
+    """Room at MAIL FROM, none left by DATA (another writer filled it): the message is refused, and
+    nothing of it is left in tmp/ or new/."""
+    box, disk = full_box
+    files = _maildir_files(box)
+    with smtplib.SMTP("127.0.0.1", box.port("smtp"), timeout=30) as smtp:
+        smtp.ehlo("sender.example.org")
+        assert smtp.mail("someone@example.org")[0] == 250
+        assert smtp.rcpt(ALICE)[0] == 250
+        disk.fill()
+        try:
+            code, text = smtp.data(b"Subject: while full\r\n\r\n" + b"x" * 998 + b"\r\n" * 100)
+            assert (code, text[:5]) == (452, b"4.3.1"), (code, text)
+            assert smtp.noop()[0] == 250
+        finally:
+            disk.free()
+    assert _maildir_files(box) == files
+
+
+def test_submission_disk_filled_during_the_transaction(full_box: tuple[BoxHandle, FullDisk]) -> None:
     """The outbound queue's spool is on the same disk: a user's message for another domain is refused
     the same way, so the mail program keeps it and tries again."""
     box, disk = full_box
     with smtplib.SMTP("127.0.0.1", box.port("submission"), timeout=30) as smtp:
         smtp.starttls(context=box.client_context)
         smtp.login(ALICE, PASSWORD)
+        assert smtp.mail(ALICE)[0] == 250
+        assert smtp.rcpt("bob@example.org")[0] == 250
         disk.fill()
         try:
-            assert smtp.mail(ALICE)[0] == 250
-            code, text = smtp.rcpt("bob@example.org")
-            if code == 250:
-                code, text = smtp.data(f"From: {ALICE}\r\nSubject: out\r\n\r\nHello.\r\n".encode())
+            code, text = smtp.data(f"From: {ALICE}\r\nSubject: out\r\n\r\nHello.\r\n".encode())
             assert (code, text[:5]) == (452, b"4.3.1"), (code, text)
             assert smtp.noop()[0] == 250
         finally:
             disk.free()
 
 
-def test_imap_says_overquota_and_goes_on(full_box: tuple[BoxHandle, FullDisk]) -> None:
+def test_imap_nearly_full_refuses_append_and_still_reads_and_deletes(full_box: tuple[BoxHandle, FullDisk]) -> None:
     box, disk = full_box
     imap = _imap(box)
-    files = _maildir_files(box)
+    disk.fill(leave=NEARLY_FULL)
+    try:
+        status, data = imap.append("INBOX", None, None, b"Subject: appended\r\n\r\nHello.\r\n")
+        assert (status, data) == ("NO", [b"[OVERQUOTA] Not enough disk space"])
+        assert imap.select("INBOX") == ("OK", [b"1"])
+        assert imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[0] == "OK"
+        assert imap.store("1", "+FLAGS", "(\\Deleted)")[0] == "OK"  # a user can make room
+        assert imap.expunge()[0] == "OK"
+        assert imap.select("INBOX") == ("OK", [b"0"])
+    finally:
+        disk.free()
+    imap.logout()
+
+
+def test_imap_full_disk_says_overquota_and_goes_on(full_box: tuple[BoxHandle, FullDisk]) -> None:
+    box, disk = full_box
+    imap = _imap(box)
+    assert imap.select("INBOX") == ("OK", [b"1"])
     disk.fill()
     try:
         status, data = imap.append("INBOX", None, None, b"Subject: appended\r\n\r\n" + b"x" * 100_000 + b"\r\n")
         assert (status, data) == ("NO", [b"[OVERQUOTA] Not enough disk space"])
+        status, data = imap.store("1", "+FLAGS", "(\\Flagged)")  # the database finds no room
+        assert (status, data) == ("NO", [b"[OVERQUOTA] Not enough disk space"])
         assert imap.noop()[0] in ("OK", "NO")  # not BYE: the session goes on
-        assert _maildir_files(box) == files
     finally:
         disk.free()
+    assert imap.store("1", "+FLAGS", "(\\Flagged)")[0] == "OK"
     status, data = imap.append("INBOX", None, None, b"Subject: appended\r\n\r\nNow there is room.\r\n")
     assert status == "OK", data
     assert imap.select("INBOX") == ("OK", [b"2"])
