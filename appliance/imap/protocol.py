@@ -16,9 +16,11 @@ ends the connection (RFC 7888 4), as does a line without end.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
+from appliance.disk_full import DISK_FULL_TEXT
 from appliance.imap.commands import Command
 from appliance.imap.limits import DEFAULT_LIMITS, ImapLimits
 from appliance.imap.parser import (
@@ -82,8 +84,11 @@ SMALL_LITERAL = 64 * 1024
 
 
 class ImapConnection:
-    def __init__(self, limits: ImapLimits = DEFAULT_LIMITS) -> None:
+    def __init__(self, limits: ImapLimits = DEFAULT_LIMITS, room: Callable[[int], bool] | None = None) -> None:
         self.limits = limits
+        # Whether an APPEND of so many octets may come in (the server's: the data disk's room, after a
+        # login); an APPEND that may not is refused before its synchronising literal is sent.
+        self._room = room
         self._buffer = bytearray()
         self._scan_from = 0  # where the search for the next LF resumes
         self._segments: list[Segment] = []
@@ -212,6 +217,10 @@ class ImapConnection:
             error = append_head_error(line[: marker.start()])
             if error is not None:
                 return self._drop_command(first, error)
+        room = self._room
+        if is_append and not non_sync and room is not None and not room(self.command_literal_octets + size):
+            # The disk is (nearly) full: the session would refuse it after receiving it (Dovecot's words).
+            return self._drop_command(first, DISK_FULL_TEXT, status="NO", code="OVERQUOTA")
         if not is_append:
             self._command_octets += size
         self.command_literal_octets += size

@@ -18,6 +18,7 @@ import zlib
 from typing import TYPE_CHECKING
 
 from appliance.channel import Channel, ConnectionClosed, DeadlineExpired, Slot, start_listener
+from appliance.disk_full import room_for
 from appliance.imap.commands import Command
 from appliance.imap.limits import DEFAULT_LIMITS, ImapLimits
 from appliance.imap.protocol import (
@@ -63,7 +64,7 @@ class ConnectionHandler:
         self._deflate: zlib._Compress | None = None
         self._inflate: zlib._Decompress | None = None
         self.starttls_available = not implicit_tls
-        self.conn = ImapConnection(limits)
+        self.conn = ImapConnection(limits, room=self._room_for_append)
         self.session = ImapSession(services, self, SessionConfig(services.hostname, limits.idle_timeout))
         # Output not yet handed to the channel: written when the session next waits (call_soon) or
         # when WRITE_BATCH is reached, so a command's untagged answers, its tagged reply and those
@@ -272,6 +273,10 @@ class ConnectionHandler:
         if self.session.state == "not_authenticated":
             return self.limits.preauth_timeout
         return self.limits.authenticated_timeout  # RFC 3501 5.4: at least 30 minutes
+
+    def _room_for_append(self, octets: int) -> bool:
+        """Only a logged-in client is told the disk is full; before the login the session answers."""
+        return self.session.state not in LOGGED_IN_STATES or room_for(self.services.store.root, octets)
 
     async def run(self) -> None:
         # RFC 3501 5.4 lets a server end an idle unauthenticated session; ours bounds the whole

@@ -22,6 +22,7 @@ import trustme
 
 from appliance.disk_full import RESERVE_OCTETS
 from tests.conftest import BoxHandle
+from tests.support.imap_wire import RawImap
 from tests.support.web import ADMIN_PASSWORD, HOSTNAME, setup_code
 
 PASSWORD = "disk-full-Secret-1"
@@ -152,10 +153,17 @@ def test_submission_disk_filled_during_the_transaction(full_box: tuple[BoxHandle
 def test_imap_nearly_full_refuses_append_and_still_reads_and_deletes(full_box: tuple[BoxHandle, FullDisk]) -> None:
     box, disk = full_box
     imap = _imap(box)
+    raw = RawImap(box.port("imaps"), box.client_context)
+    raw.login(ALICE, PASSWORD)
     disk.fill(leave=NEARLY_FULL)
     try:
         status, data = imap.append("INBOX", None, None, b"Subject: appended\r\n\r\nHello.\r\n")
         assert (status, data) == ("NO", [b"[OVERQUOTA] Not enough disk space"])
+        # Refused before the message is sent: no "+" for its literal, and the session goes on.
+        raw.send(b"a1 APPEND INBOX {30000000}\r\n")
+        assert raw.line() == b"a1 NO [OVERQUOTA] Not enough disk space\r\n"
+        assert raw.command(b"a2", b"NOOP")[-1].startswith(b"a2 OK")
+        raw.close()
         assert imap.select("INBOX") == ("OK", [b"1"])
         assert imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[0] == "OK"
         assert imap.store("1", "+FLAGS", "(\\Deleted)")[0] == "OK"  # a user can make room

@@ -244,3 +244,21 @@ def test_append_with_a_bad_date_in_a_non_synchronising_literal_reads_it_then_ref
     # LITERAL+: the message is already on its way, so it is read and the whole command refused.
     events = feed(ImapConnection(), b'a1 APPEND INBOX "31-Feb-2024 00:00:00 +0000" {5+}\r\nhello\r\na2 NOOP\r\n')
     assert [type(e) for e in events] == [Reject, Command]
+
+
+def test_append_without_room_on_the_disk_is_refused_before_its_literal() -> None:
+    asked: list[int] = []
+
+    def room(octets: int) -> bool:
+        asked.append(octets)
+        return octets < 1000
+
+    conn = ImapConnection(room=room)
+    events = feed(conn, b"a1 APPEND INBOX (\\Seen) {5000}\r\n")
+    assert [type(e) for e in events] == [Reject]
+    assert events[0].reply.to_bytes() == b"a1 NO [OVERQUOTA] Not enough disk space\r\n"
+    assert [type(e) for e in feed(conn, b"a2 APPEND INBOX {5}\r\nhello\r\n")] == [ContinuationRequest, Append]
+    assert asked == [5000, 5]
+    # LITERAL+: the message is already on its way; the session refuses it once received.
+    assert [type(e) for e in feed(ImapConnection(room=room), b"a3 APPEND INBOX {5000+}\r\n" + b"x" * 5000 + b"\r\n")] \
+        == [Append]
