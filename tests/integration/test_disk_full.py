@@ -21,6 +21,7 @@ import pytest
 import trustme
 
 from appliance.disk_full import RESERVE_OCTETS
+from appliance.status_checks import check_disk
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
 from tests.support.web import ADMIN_PASSWORD, HOSTNAME, setup_code
@@ -111,6 +112,18 @@ def test_smtp_refuses_new_mail_while_the_disk_is_nearly_full(full_box: tuple[Box
         assert smtp.rcpt(ALICE)[0] == 250
         assert smtp.data(b"Subject: after the disk was freed\r\n\r\nHello.\r\n")[0] == 250
     assert len(_maildir_files(box)) == len(files) + 1
+
+
+def test_status_page_says_new_mail_is_refused(full_box: tuple[BoxHandle, FullDisk]) -> None:
+    box, disk = full_box
+    disk.fill(leave=NEARLY_FULL)
+    try:
+        item = box.run(check_disk(box.services))
+    finally:
+        disk.free()
+    assert item.level == "fail"
+    assert "New mail is refused" in item.summary, item.summary
+    assert box.run(check_disk(box.services)).level == "ok"
 
 
 def test_smtp_disk_filled_during_the_transaction(full_box: tuple[BoxHandle, FullDisk]) -> None:
