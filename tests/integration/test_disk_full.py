@@ -189,12 +189,22 @@ def test_imap_nearly_full_refuses_append_and_still_reads_and_deletes(full_box: t
 
 def test_imap_full_disk_says_overquota_and_goes_on(full_box: tuple[BoxHandle, FullDisk]) -> None:
     box, disk = full_box
+    # A file copied in by another program: the box has no cached facts of it yet.
+    inbox_new = next(p for p in box.data.root.rglob("new") if p.parent.name != "queue")
+    (inbox_new / "1700000000.copied.host").write_bytes(b"Subject: copied in\r\n\r\nHello.\r\n")
     imap = _imap(box)
-    assert imap.select("INBOX") == ("OK", [b"1"])
+    assert imap.select("INBOX") == ("OK", [b"2"])
     disk.fill()
     try:
         status, data = imap.append("INBOX", None, None, b"Subject: appended\r\n\r\n" + b"x" * 100_000 + b"\r\n")
         assert (status, data) == ("NO", [b"[OVERQUOTA] Not enough disk space"])
+        # Reading still works: what the message cache would keep of it is computed again next time.
+        status, data = imap.fetch("1:2", "(ENVELOPE BODYSTRUCTURE BODY.PEEK[])")
+        assert status == "OK", data
+        bodies = [part[1] for part in data if isinstance(part, tuple)]
+        assert len(bodies) == 2, data
+        assert b"before the disk was full" in bodies[0]
+        assert b"copied in" in bodies[1]
         status, data = imap.store("1", "+FLAGS", "(\\Flagged)")  # the database finds no room
         assert (status, data) == ("NO", [b"[OVERQUOTA] Not enough disk space"])
         assert imap.noop()[0] in ("OK", "NO")  # not BYE: the session goes on
@@ -203,7 +213,7 @@ def test_imap_full_disk_says_overquota_and_goes_on(full_box: tuple[BoxHandle, Fu
     assert imap.store("1", "+FLAGS", "(\\Flagged)")[0] == "OK"
     status, data = imap.append("INBOX", None, None, b"Subject: appended\r\n\r\nNow there is room.\r\n")
     assert status == "OK", data
-    assert imap.select("INBOX") == ("OK", [b"2"])
+    assert imap.select("INBOX") == ("OK", [b"3"])
     imap.logout()
 
 
