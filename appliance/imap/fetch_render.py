@@ -106,6 +106,7 @@ class FetchRenderer:
         unknown: list[tuple[int, str]] = []
         learn_every = LEARN_BATCH
         writing: asyncio.Future[None] | None = None  # the rows of the batch before, being kept
+        shared: asyncio.Task[None] | None = None  # the CPU pool's worker describing from the end
         dated = _dated(items)
         for start, stop in _batches(len(uids)):
             jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid, dated)) for uid in uids[start:stop]]
@@ -121,7 +122,7 @@ class FetchRenderer:
                 # skipping the rows the other has kept, so they meet wherever the slower one is
                 # (a first FETCH ENVELOPE BODYSTRUCTURE was all in this process, issue 19). Rows kept
                 # after each batch, so the two do not describe the same messages twice for long.
-                self._learning = cache.fill(
+                self._learning = shared = cache.fill(
                     _learn_later(cache, [(uid, view.info(uid).file) for uid in rest], self._cpu, background=False))
                 learn_every = 1
             learned += new
@@ -136,6 +137,11 @@ class FetchRenderer:
         if writing is not None:
             await writing
         await cache.learn(learned)
+        if shared is not None:
+            # Every message of the FETCH has its row now, described here or by the worker: the
+            # worker's fill would go on through the rows this process kept, a trip to the worker and
+            # a check of 200 rows each, during the client's next command (issue 19).
+            shared.cancel()
         if unknown and not self._filling():
             # Rows for the messages answered from a header scan, computed after the answer went
             # out, in chunks in the CPU pool's worker (one fill at a time per session; it goes on after
@@ -255,15 +261,16 @@ async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path
             done, chunk = chunk, [(uid, str(path)) for uid, path in files[start:start + LEARN_CHUNK]]
             previous, described = described, asyncio.ensure_future(
                 run(fetch_cache.fill_rows, str(cache.path), cache.folder_id, chunk))
-            if previous is not None:
-                await previous
-                # The rows written checked against their files here, so the next command of the
-                # folder (the SEARCH after the FETCH) uses them without a stat (file_watch.py).
+            # The rows written checked against their files here, so the next command of the folder
+            # (the SEARCH after the FETCH) uses them without a stat (file_watch.py); a chunk whose
+            # rows were all kept already (by a FETCH, or another fill) wrote none, and its rows were
+            # checked by whoever kept them.
+            if previous is not None and await previous:
                 await asyncio.to_thread(fetch_cache.vouch_kept, cache, done)
         if described is not None:
             last, described = described, None
-            await last
-            await asyncio.to_thread(fetch_cache.vouch_kept, cache, chunk)
+            if await last:
+                await asyncio.to_thread(fetch_cache.vouch_kept, cache, chunk)
     except Exception:
         log.debug("message cache: computing rows in the background stopped", exc_info=True)
     finally:
