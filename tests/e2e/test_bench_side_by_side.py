@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from bench import side_by_side
+from bench import side_by_side, wall
 from tests.conftest import require_program
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -41,3 +41,16 @@ def test_side_by_side_table_at_a_tiny_size(capsys: pytest.CaptureFixture[str]) -
     # 30 messages: numbers 0, 10, 20 have the subject word; number 7 the body word. Both servers agree.
     assert any(row.startswith("| SEARCH SUBJECT (finds 3)") for row in rows), table
     assert any(row.startswith("| SEARCH BODY (finds 1)") for row in rows), table
+
+
+@pytest.mark.timeout(300)
+def test_wall_accounting_at_a_tiny_size(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/wall.py (where each far IMAP row's time goes) runs its rows and prints a figure for each."""
+    assert wall.main(["--size", "30"]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| row")]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "cold SELECT", "Thunderbird's first header fetch", "FETCH 1:* (ENVELOPE BODYSTRUCTURE), second session",
+        "SEARCH SUBJECT"], table
+    for row in rows:
+        assert int(row.split("|")[2].strip().replace(",", "")) >= 0, row
