@@ -64,11 +64,14 @@ image-deps:
 image: $(STAMP) image-deps
 	PYTHON=$(BIN)/python bash image/build.sh amd64 $(IMAGE_OUT) --formats raw,qcow2,vmdk,xz
 
-# Raspberry Pi 4/5 (arm64, built under qemu-user): slow, a release job. Then its kernel and root file
-# system are booted under qemu-system-aarch64 -M virt to the wizard (the Pi firmware cannot be emulated).
+# Raspberry Pi 4/5 (arm64, built under qemu-user): slow, a release job. Then what the Pi firmware would
+# read is checked in the image file (tests/image/test_pi_image.py: device trees, config.txt, the initrd's
+# SD drivers, apt's kernel pin), and its kernel and root file system are booted under qemu-system-aarch64
+# -M virt to the wizard (the Pi firmware cannot be emulated).
 image-pi: $(STAMP)
 	@bash image/install-build-deps --arm64
 	PYTHON=$(BIN)/python bash image/build.sh arm64 $(IMAGE_OUT) --formats raw,xz
+	LETTERBOX_PI_IMAGE=$(IMAGE_OUT)/letterbox-arm64.img $(BIN)/pytest -p no:cacheprovider -v tests/image/test_pi_image.py
 	$(BIN)/python -m tests.image.pi_virt $(IMAGE_OUT)/letterbox-arm64.img
 
 # Build the amd64 image and boot it under qemu (TCG) from the host: wizard, mail in and out, reboot,

@@ -4,6 +4,9 @@
 MIRROR="${LETTERBOX_MIRROR:-http://deb.debian.org/debian}"
 SECURITY_MIRROR="${LETTERBOX_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
 SUITE=bookworm
+# The Raspberry Pi image's kernel comes from here (and only the kernel: lib/kernel-arm64/letterbox-kernel.pref):
+# bookworm's 6.1 has no Raspberry Pi 5 support (image/README.md, "Which Pi").
+KERNEL_SUITE_ARM64=trixie-backports
 
 # Files no appliance needs: documentation, manuals, translations, and (amd64) kernel modules for
 # hardware a VM never has. Kept in the image's dpkg config too, so upgrades stay as lean.
@@ -39,10 +42,15 @@ arm64_excludes() {
     # /lib/udev): lib/configure.sh's trim has the one that does. (Left as is: this list is the
     # cached base's key, whose rebuild takes 45 minutes.)
     echo 'path-exclude=/usr/lib/udev/hwdb.d/*'
-    # Device trees: the kernel ships them for every arm64 board (27 MB); raspi-firmware copies
-    # broadcom/bcm*.dtb to /boot/firmware, and qemu -M virt makes its own.
-    echo 'path-exclude=/usr/lib/linux-image-*/*'
-    echo 'path-include=/usr/lib/linux-image-*/broadcom/*'
+    # Device trees: the kernel ships them for every arm64 board (trixie's kernels under
+    # /usr/lib/modules/VER/dtb, with /usr/lib/linux-image-VER a link to it); raspi-firmware copies
+    # /usr/lib/linux-image-VER/broadcom/bcm*.dtb (the Pi 3, 4 and 5 ones) to /boot/firmware, and qemu
+    # -M virt makes its own.
+    echo 'path-exclude=/usr/lib/modules/*/dtb/*'
+    echo 'path-include=/usr/lib/modules/*/dtb/broadcom/*'
+    # linux-base's kernel hooks, which bookworm's run-parts cannot run beside /etc/kernel's: copies of
+    # them are in /etc/kernel (lib/kernel-arm64/setup).
+    echo 'path-exclude=/usr/share/kernel/*'
     # The VideoCore firmware's camera (x), debug (db) and cut-down (cd) variants, 17 MB and as much again
     # on the FAT partition (raspi-firmware copies /usr/lib/raspi-firmware/*): config.txt asks for none
     # of them (no start_x, gpu_mem), so the Pi boots start.elf (Pi 3) or start4.elf (Pi 4).
@@ -65,9 +73,10 @@ arm64_excludes() {
                drivers/iio drivers/input/touchscreen drivers/net/can net/can drivers/mtd \
                drivers/w1 drivers/nfc net/nfc drivers/thunderbolt drivers/fpga \
                drivers/gpu/drm/amd drivers/gpu/drm/nouveau drivers/gpu/drm/radeon drivers/gpu/drm/msm; do
-        printf 'path-exclude=/lib/modules/*/kernel/%s/*\n' "$dir"
+        printf 'path-exclude=/usr/lib/modules/*/kernel/%s/*\n' "$dir"
     done
-    printf 'path-include=/lib/modules/*/kernel/drivers/media/%s\n' 'cec/*' 'rc/rc-core.ko*'
+    printf 'path-include=/usr/lib/modules/*/kernel/drivers/media/%s\n' 'cec/*' 'rc/rc-core.ko*'
+    # (/usr/lib/modules: trixie's kernel packages ship their modules there, bookworm's under /lib.)
 }
 
 package_list() {
@@ -88,21 +97,25 @@ hook_files() {  # every file the hooks of ARCH run, for the cache key
         ls "$IMAGE_DIR/lib/initramfs-setup" "$IMAGE_DIR/lib/initramfs"/*
     else
         ls "$IMAGE_DIR/lib/emulation-defer" "$IMAGE_DIR/lib/emulation-finish" "$IMAGE_DIR/lib/compile-python" \
-           "$IMAGE_DIR/lib/initramfs/letterbox.conf" "$IMAGE_DIR/lib/initramfs-arm64"/*
+           "$IMAGE_DIR/lib/initramfs/letterbox.conf" "$IMAGE_DIR/lib/initramfs-arm64"/* "$IMAGE_DIR/lib/kernel-arm64"/*
     fi
 }
 
 # The cache key: everything that changes the base tarball.
 base_key() {
     local arch=$1
-    { echo "v1 $SUITE $MIRROR $SECURITY_MIRROR $(components "$arch")"; package_list "$arch"; dpkg_excludes "$arch"
+    { echo "v1 $SUITE $MIRROR $SECURITY_MIRROR $(components "$arch") $([[ $arch == arm64 ]] && echo "$KERNEL_SUITE_ARM64")"; package_list "$arch"; dpkg_excludes "$arch"
       sed -n '/^make_base()/,/^}/p' "$IMAGE_DIR/lib/base.sh"; hook_files "$arch" | xargs cat; } | sha256sum | cut -c1-16
 }
 
 # make_base ARCH TARBALL: mmdebstrap into a tarball (no Docker, no loop devices).
 make_base() {
-    local arch=$1 out=$2 comps opts=() finish=()
+    local arch=$1 out=$2 comps opts=() finish=() kernel_source=()
     [[ $arch == amd64 ]] || finish=("--customize-hook=$(finish_hook "$arch")")
+    if [[ $arch == arm64 ]]; then  # the kernel from trixie-backports, pinned before anything is installed
+        opts+=("--setup-hook=$IMAGE_DIR/lib/kernel-arm64/setup")
+        kernel_source=("deb $MIRROR $KERNEL_SUITE_ARM64 main")
+    fi
     comps=$(components "$arch")
     opts+=("--essential-hook=$(essential_hook "$arch")")
     while read -r line; do opts+=("--dpkgopt=$line"); done < <(dpkg_excludes "$arch")
@@ -114,5 +127,6 @@ make_base() {
         "${finish[@]}" \
         --customize-hook="$IMAGE_DIR/lib/compress-modules" \
         "$SUITE" "$out" \
-        "deb $MIRROR $SUITE $comps" "deb $MIRROR $SUITE-updates $comps" "deb $SECURITY_MIRROR $SUITE-security $comps"
+        "deb $MIRROR $SUITE $comps" "deb $MIRROR $SUITE-updates $comps" "deb $SECURITY_MIRROR $SUITE-security $comps" \
+        "${kernel_source[@]}"
 }

@@ -21,6 +21,8 @@ configure_system() {
         # neither. ROOTPART keeps it so when a kernel upgrade writes cmdline.txt again.
         sed -i 's|^#ROOTPART=.*|ROOTPART="LABEL=RASPIROOT"|' "$root/etc/default/raspi-firmware"
         sed -i 's|root=[^ ]*|root=LABEL=RASPIROOT|' "$root/boot/firmware/cmdline.txt"
+        pi5_boot_files "$root"
+        kernel_updates_arm64 "$root"
     fi
 
     # The service user; the data directory is made empty: the box makes its secrets and certificate
@@ -110,6 +112,38 @@ UNIT
     usr_updated_now "$root"
 }
 
+# The Raspberry Pi 5's share of the firmware partition (raspi-firmware's hooks already copy the kernel's
+# bcm2712 device trees there with the Pi 4's, and its config.txt's kernel= and initramfs lines serve
+# both: the Pi 5's boot loader, in its EEPROM, reads config.txt, the kernel, the initrd and the tree by
+# name from the FAT's root as the Pi 4's start4.elf does): the D0 stepping's tree under the name its
+# firmware asks for, now and after every kernel or initrd update (lib/pi-firmware/letterbox-pi5-dtb).
+pi5_boot_files() {
+    local root=$1 dir
+    for dir in kernel/postinst.d initramfs/post-update.d; do
+        install -D -m 0755 "$IMAGE_DIR/lib/pi-firmware/letterbox-pi5-dtb" "$root/etc/$dir/z51-letterbox-pi5-dtb"
+    done
+    [[ -f $root/boot/firmware/bcm2712-d-rpi-5-b.dtb ]] || { echo "no Raspberry Pi 5 device tree in /boot/firmware" >&2; return 1; }
+    cp "$root/boot/firmware/bcm2712-d-rpi-5-b.dtb" "$root/boot/firmware/bcm2712d0-rpi-5-b.dtb"
+}
+
+# The kernel (from trixie-backports, pinned by lib/kernel-arm64/letterbox-kernel.pref) gets its updates as
+# the rest of the system gets Debian's security updates: unattended-upgrades' allowed origins include
+# trixie-backports. Only the kernel's packages can come from there: the pin puts every other package of
+# it at -1, and unattended-upgrades takes a version only if its pin priority is not below the installed
+# one's (find_better_version), and installs no candidate apt would not.
+kernel_updates_arm64() {
+    local root=$1
+    cat >"$root/etc/apt/apt.conf.d/51letterbox-kernel-updates" <<'CONF'
+// Letterbox (image/lib/configure.sh): the kernel's updates from trixie-backports, installed
+// unattended like the security archive's (/etc/apt/preferences.d/letterbox-kernel.pref lets only the
+// kernel's packages come from there).
+Unattended-Upgrade::Origins-Pattern {
+        "origin=Debian Backports,codename=trixie-backports,label=Debian Backports";
+};
+CONF
+    grep -q "trixie-backports" "$root/etc/apt/sources.list" || { echo "no trixie-backports in the image's apt sources" >&2; return 1; }
+}
+
 # systemd runs its "after an update of /usr" jobs at a boot that finds /usr newer than /etc/.updated and
 # /var/.updated (ConditionNeedsUpdate): systemd-sysusers, ldconfig, the journal's message catalog,
 # systemd-update-done. An image has no stamps, so every first boot ran them before sysinit.target, in
@@ -175,22 +209,35 @@ strip_venv() {
 # The Raspberry Pi image's own rules (trim above writes and applies them with the common ones).
 arm64_trim_rules() {
     printf '%s\n' \
-        'path-exclude=/lib/modules/*/kernel/drivers/net/ethernet/*' \
-        'path-include=/lib/modules/*/kernel/drivers/net/ethernet/broadcom/*' \
-        'path-exclude=/lib/modules/*/kernel/fs/ocfs2/*' 'path-exclude=/lib/modules/*/kernel/fs/gfs2/*' \
-        'path-exclude=/lib/modules/*/kernel/fs/nilfs2/*' 'path-exclude=/lib/modules/*/kernel/fs/jfs/*' \
-        'path-exclude=/lib/modules/*/kernel/fs/reiserfs/*' 'path-exclude=/lib/modules/*/kernel/fs/orangefs/*' \
-        'path-exclude=/lib/modules/*/kernel/fs/ceph/*' 'path-exclude=/lib/modules/*/kernel/fs/coda/*' \
-        'path-exclude=/lib/modules/*/kernel/fs/dlm/*' 'path-exclude=/lib/modules/*/kernel/fs/ubifs/*' \
-        'path-exclude=/lib/modules/*/kernel/fs/jffs2/*' 'path-exclude=/lib/modules/*/kernel/fs/afs/*' \
-        'path-exclude=/lib/modules/*/kernel/drivers/scsi/*/*' 'path-exclude=/lib/modules/*/kernel/drivers/target/*' \
-        'path-exclude=/lib/modules/*/kernel/sound/firewire/*' \
+        'path-exclude=/usr/lib/modules/*/kernel/drivers/net/ethernet/*' \
+        'path-include=/usr/lib/modules/*/kernel/drivers/net/ethernet/broadcom/*' \
+        'path-include=/usr/lib/modules/*/kernel/drivers/net/ethernet/cadence/*' \
+        'path-exclude=/usr/lib/modules/*/kernel/fs/ocfs2/*' 'path-exclude=/usr/lib/modules/*/kernel/fs/gfs2/*' \
+        'path-exclude=/usr/lib/modules/*/kernel/fs/nilfs2/*' 'path-exclude=/usr/lib/modules/*/kernel/fs/jfs/*' \
+        'path-exclude=/usr/lib/modules/*/kernel/fs/reiserfs/*' 'path-exclude=/usr/lib/modules/*/kernel/fs/orangefs/*' \
+        'path-exclude=/usr/lib/modules/*/kernel/fs/ceph/*' 'path-exclude=/usr/lib/modules/*/kernel/fs/coda/*' \
+        'path-exclude=/usr/lib/modules/*/kernel/fs/dlm/*' 'path-exclude=/usr/lib/modules/*/kernel/fs/ubifs/*' \
+        'path-exclude=/usr/lib/modules/*/kernel/fs/jffs2/*' 'path-exclude=/usr/lib/modules/*/kernel/fs/afs/*' \
+        'path-exclude=/usr/lib/modules/*/kernel/drivers/scsi/*/*' 'path-exclude=/usr/lib/modules/*/kernel/drivers/target/*' \
+        'path-exclude=/usr/lib/modules/*/kernel/sound/firewire/*' \
+        'path-exclude=/usr/lib/modules/*/kernel/drivers/gpu/drm/*/*' \
+        'path-include=/usr/lib/modules/*/kernel/drivers/gpu/drm/vc4/*' \
+        'path-include=/usr/lib/modules/*/kernel/drivers/gpu/drm/display/*' \
+        'path-include=/usr/lib/modules/*/kernel/drivers/gpu/drm/clients/*' \
+        'path-exclude=/usr/lib/modules/*/kernel/sound/soc/*/*' 'path-include=/usr/lib/modules/*/kernel/sound/soc/bcm/*' \
+        'path-include=/usr/lib/modules/*/kernel/sound/soc/codecs/snd-soc-hdmi-codec.ko*' \
+        'path-exclude=/usr/lib/modules/*/kernel/drivers/clk/*/*' 'path-exclude=/usr/lib/modules/*/kernel/drivers/usb/gadget/*' \
         'path-exclude=/usr/share/zoneinfo/right/*' 'path-exclude=/usr/share/zsh/*' \
         'path-exclude=/usr/lib/python3.*/pydoc_data/*' 'path-exclude=/usr/lib/python3.*/lib2to3/*' \
         'path-exclude=/usr/share/perl/5.*/pod/*'
-    # (The Pi's own Ethernet is broadcom's genet (Pi 4); Pi 3's and USB adapters are in drivers/net/usb.
+    # (The Pi's own Ethernet is broadcom's genet (Pi 4) or the RP1's Cadence GEM, macb (Pi 5); Pi 3's and
+    # USB adapters are in drivers/net/usb.
     # drivers/scsi keeps its top level, the SCSI disk layer of USB disks; its subdirectories are PCIe
-    # RAID and Fibre Channel cards. pydoc_data is help()'s topics, lib2to3 the 2to3 tool.)
+    # RAID and Fibre Channel cards. Trixie's kernel has more boards' drivers than bookworm's, 9 MB of
+    # them here: drm's subdirectories are other SoCs' and PC graphics but vc4 (the Pi's HDMI console)
+    # and the helpers it loads (display, clients), sound/soc's other SoCs' audio but the Pi's I2S and
+    # the HDMI codec vc4 asks for, drivers/clk's subdirectories other SoCs' clocks (the RP1's is at the
+    # top, the Pi's built in), USB gadgets the box never is. pydoc_data is help()'s topics, lib2to3 the 2to3 tool.)
 }
 
 # What only the Pi image does after the rules are applied: tidy the emptied directories, index the

@@ -27,6 +27,32 @@ make_rootfs() {
     rm -f "$file.log"
 }
 
+# make_rootfs_fitted ROOT FILE LABEL UUID ROOM_MIB: the Raspberry Pi's root, made from the tree, shrunk
+# to what it holds (resize2fs -M) and given ROOM for the first boot (letterbox-growroot fills the card
+# right after). make_rootfs's estimate from du (the host's 4 KiB blocks) left 66 MB free in a 487 MiB
+# root. An inode per 16 KiB, Debian's usual ratio: below 512 MiB mkfs.ext4 takes its "small" type, an
+# inode per 4 KiB, 31 MB of inode tables for 16,500 files, and resize2fs keeps the ratio, so a card
+# grown to 32 GB would have had 2 GB of them. 1 KiB blocks, as "small" had: the tree's 16,500 files
+# take 25 MB less than in 4 KiB ones (and mail is many small files).
+make_rootfs_fitted() {
+    local root=$1 file=$2 label=$3 uuid=$4 room=$5 used
+    used=$(du -s --block-size=$MIB "$root" | cut -f1)
+    rm -f "$file"
+    mkfs.ext4 -q -F -L "$label" -U "$uuid" -m 1 -b 1024 -i 16384 -J size=16 -d "$root" "$file" "$((used * 3 / 2 + 64))M"
+    e2fsck -f -p "$file" >/dev/null || (($? == 1))  # 1: it corrected something (resize2fs wants it checked)
+    resize2fs -M "$file" >/dev/null 2>&1
+    # resize2fs -M keeps a margin of its own (120 MB of 590 at 1 KiB blocks): then down (-f, below that
+    # estimate) to what is used plus ROOM, and checked.
+    local count free blocks
+    read -r count free < <(dumpe2fs -h "$file" 2>/dev/null | awk -F: '/^Block count/ {n = $2} /^Free blocks/ {f = $2}
+                                                                 END {print n + 0, f + 0}')
+    blocks=$((count - free + room * 1024))
+    ((blocks <= count)) || truncate -s $((blocks * 1024)) "$file"
+    resize2fs -f "$file" "${blocks}K" >/dev/null 2>&1
+    e2fsck -f -n "$file" >/dev/null 2>&1
+    [[ $(stat -c %s "$file") == $((blocks * 1024)) ]] || truncate -s $((blocks * 1024)) "$file"
+}
+
 grub_early_config() {
     printf 'search --no-floppy --fs-uuid --set=root %s\nset prefix=($root)/boot/grub\n' "$1"
 }
@@ -125,10 +151,7 @@ make_disk_arm64() {
     mkfs.vfat -C -F 32 -n RASPIFIRM "$work/boot.img" $((boot_mib * 1024)) >/dev/null
     mcopy -s -i "$work/boot.img" "$root"/boot/firmware/* ::/
     rm -rf "${root:?}"/boot/firmware/*
-    # 16 MiB of room, not 40: below 512 MiB mkfs.ext4 takes 1 KiB blocks, in which the tree needs about
-    # 25 MiB less than du counts in the host's 4 KiB ones; with 40 the root had 86 MiB free, the
-    # image was 619 MB.
-    make_rootfs "$root" "$work/root.ext4" RASPIROOT "$uuid" 16
+    make_rootfs_fitted "$root" "$work/root.ext4" RASPIROOT "$uuid" 16
     local root_sectors=$(( $(stat -c %s "$work/root.ext4") / 512 ))
     local root_start=$(( (4 + boot_mib) * 2048 ))
     rm -f "$out"
