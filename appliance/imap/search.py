@@ -57,7 +57,7 @@ class Candidate(NamedTuple):
     uid: int
     flags: frozenset[str]  # \Recent included when this session has it as recent
     size: int
-    internaldate: int
+    internaldate: int  # UNKNOWN_DATE (never read) when the key compares no date (Searcher.reads_dates)
     modseq: int = 0
 
 
@@ -399,6 +399,11 @@ class Searcher:
 
     def reads_headers(self) -> bool:
         return bool(self._header_fields)
+
+    def reads_dates(self) -> bool:
+        """Whether a criterion compares the internal date (BEFORE, ON, SINCE, and SENT* for a message
+        without a usable Date field): otherwise Candidate.internaldate is never read."""
+        return _any_leaf(self.key, lambda leaf: isinstance(leaf, DateKey))
 
     def lone_subject(self) -> str | None:
         """The needle (casefolded) when the whole key is one SUBJECT key a cached subject answers:

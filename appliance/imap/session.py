@@ -728,11 +728,17 @@ class ImapSession:
         view = self.view
         searcher = Searcher(key, view.exists, view.largest_uid)
         recent, infos = view.recent, view.infos
+        # The date as the index has it unless a key compares dates: a file copied in is dated in the
+        # background after the folder's first listing, and reading an undated one's is a stat, here
+        # on the event loop (half of a SEARCH SUBJECT's samples at 10k right after the first FETCH,
+        # issue 19). SORT and THREAD read the dates of what matched (_dated).
+        dated = searcher.reads_dates()
         candidates = []
         for seq, uid in enumerate(view.uids, start=1):
             info = infos[uid]
             flags = info.flags | RECENT_FLAG if uid in recent else info.flags
-            candidates.append(Candidate(seq, uid, flags, info.size, info.internaldate, info.modseq))
+            candidates.append(Candidate(seq, uid, flags, info.size, info.internaldate if dated else info.date,
+                                        info.modseq))
         if searcher.needs_content():
             return await self._search_content(searcher, candidates)
         if len(candidates) > SEARCH_ON_LOOP:
@@ -805,11 +811,17 @@ class ImapSession:
             return batch, {}
         return batch, await asyncio.to_thread(_cached_headers, cache, files, subject_only)
 
+    def _sort_items(self, found: list[Candidate]) -> list[SortItem]:
+        """What SORT and THREAD order the matching messages by, their internal dates read from the
+        index (or their files) here: a Candidate has it only when the key compared dates."""
+        infos = self.view.infos
+        return [SortItem(c.seq, c.uid, c.size, (info := infos[c.uid]).internaldate, info.path) for c in found]
+
     async def cmd_sort(self, command: Sort) -> None:
         """RFC 5256 3: the matching messages in the order of the criteria."""
         found = await self._matching(command.key, command.charset)
+        items = self._sort_items(found)
         view = self.view
-        items = [SortItem(c.seq, c.uid, c.size, c.internaldate, view.info(c.uid).path) for c in found]
         if any(k in SORT_HEADER_KEYS for k, _ in command.criteria):
             cache = await self.store.folder_cache(self.mailbox, view.name, view.uidvalidity)
             ordered = await asyncio.to_thread(sort_messages, items, command.criteria, cache)
@@ -835,8 +847,8 @@ class ImapSession:
     async def cmd_thread(self, command: Thread) -> None:
         """RFC 5256 4: the matching messages as threads (REFERENCES or ORDEREDSUBJECT)."""
         found = await self._matching(command.key, command.charset)
+        items = self._sort_items(found)
         view = self.view
-        items = [SortItem(c.seq, c.uid, c.size, c.internaldate, view.info(c.uid).path) for c in found]
         cache = await self.store.folder_cache(self.mailbox, view.name, view.uidvalidity)
         roots = await asyncio.to_thread(THREADERS[command.algorithm], items, cache)
         await self.io.send(Data("THREAD" + (" " + thread_text(roots, command.uid) if roots else "")))

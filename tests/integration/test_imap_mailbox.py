@@ -409,6 +409,19 @@ def fetch_whole(raw: RawImap, uid: int) -> tuple[int, bytes]:
     return int(size[1]), content
 
 
+def dates_read(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the message files whose date (mtime) the box reads from now on."""
+    read: list[str] = []
+    file_date = model.file_date
+
+    def reading(directory: Path, name: str) -> int:
+        read.append(name)
+        return file_date(directory, name)
+
+    monkeypatch.setattr(model, "file_date", reading)
+    return read
+
+
 def test_a_list_fetch_of_files_copied_in_reads_no_date_and_internaldate_is_the_mtime(
     imap_box: BoxHandle, client: IMAPClient, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -421,20 +434,36 @@ def test_a_list_fetch_of_files_copied_in_reads_no_date_and_internaldate_is_the_m
     path = imap_box.data.mail / "example.test" / "alice" / "cur" / f"1700000000.M7P1.other,S={len(data)},W={len(data)}:2,S"
     path.write_bytes(data)
     os.utime(path, (1_600_000_000, 1_600_000_000))
-    read: list[str] = []
-    file_date = model.file_date
-
-    def reading(directory: Path, name: str) -> int:
-        read.append(name)
-        return file_date(directory, name)
-
-    monkeypatch.setattr(model, "file_date", reading)
+    read = dates_read(monkeypatch)
     client.noop()  # lists the folder: the file is found (UID 1)
     listed = client.fetch([1], ["UID", "RFC822.SIZE", "FLAGS", "BODY.PEEK[HEADER.FIELDS (From Subject)]", "ENVELOPE"])
     assert [item[b"RFC822.SIZE"] for item in listed.values()] == [len(data)]
     assert read == []
     [dated] = client.fetch([1], ["INTERNALDATE"]).values()
     assert dated[b"INTERNALDATE"].timestamp() == 1_600_000_000
+
+
+def test_a_search_of_files_copied_in_reads_dates_only_for_date_keys(
+    imap_box: BoxHandle, client: IMAPClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SEARCH of files indexed without a stat (both sizes in their names), before they are dated in
+    the background: a key comparing no date reads no file's date (it was a stat per message on the
+    event loop, issue 19); SINCE and BEFORE compare the files' mtimes, and SORT ARRIVAL orders by them."""
+    client.select_folder("INBOX")  # the Maildir exists
+    cur = imap_box.data.mail / "example.test" / "alice" / "cur"
+    for n, mtime in ((1, 1_600_000_000), (2, 1_500_000_000)):
+        data = message(n, subject=f"copied {n}")
+        path = cur / f"170000000{n}.M{n}P1.other,S={len(data)},W={len(data)}:2,S"
+        path.write_bytes(data)
+        os.utime(path, (mtime, mtime))
+    read = dates_read(monkeypatch)
+    client.noop()  # lists the folder: the files are found (UIDs 1 and 2)
+    assert client.search(["SUBJECT", "copied"]) == [1, 2]
+    assert client.search(["UNSEEN"]) == []
+    assert read == []
+    assert client.search(["SINCE", dt.date(2019, 1, 1)]) == [1]
+    assert client.search(["BEFORE", dt.date(2019, 1, 1)]) == [2]
+    assert client.sort(["ARRIVAL"]) == [2, 1]
 
 
 def test_rfc822_size_and_body_of_bare_lf_files_without_w_size(imap_box: BoxHandle, client: IMAPClient) -> None:
