@@ -122,6 +122,8 @@ pi5_boot_files() {
     for dir in kernel/postinst.d initramfs/post-update.d; do
         install -D -m 0755 "$IMAGE_DIR/lib/pi-firmware/letterbox-pi5-dtb" "$root/etc/$dir/z51-letterbox-pi5-dtb"
     done
+    # And room on the FAT for the next kernel however many updates come between two reboots.
+    install -m 0755 "$IMAGE_DIR/lib/pi-firmware/letterbox-firmware-room" "$root/etc/kernel/postinst.d/z49-letterbox-firmware-room"
     [[ -f $root/boot/firmware/bcm2712-d-rpi-5-b.dtb ]] || { echo "no Raspberry Pi 5 device tree in /boot/firmware" >&2; return 1; }
     cp "$root/boot/firmware/bcm2712-d-rpi-5-b.dtb" "$root/boot/firmware/bcm2712d0-rpi-5-b.dtb"
 }

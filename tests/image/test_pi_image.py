@@ -243,3 +243,22 @@ def test_only_the_kernel_comes_from_trixie_backports() -> None:
     strays = sorted(package for package in backported if not KERNEL_PACKAGES.fullmatch(package))
     assert not strays, f"from trixie-backports but not the kernel: {strays}"
     assert "linux-image-arm64" in backported
+
+
+def test_kernel_updates_have_their_hooks() -> None:
+    """What a kernel update runs besides the packages' own hooks (image/lib/kernel-arm64, pi-firmware):
+    /boot/vmlinuz-VER for raspi-firmware, room on the FAT first, the D0 tree's name after."""
+    path = image()
+    hooks = {
+        "/etc/kernel/postinst.d": {
+            "00-legacy-boot",
+            "z49-letterbox-firmware-room",
+            "z50-raspi-firmware",
+            "z51-letterbox-pi5-dtb",
+        },
+        "/etc/kernel/prerm.d": {"zz-legacy-boot"},
+        "/etc/initramfs/post-update.d": {"z50-raspi-firmware", "z51-letterbox-pi5-dtb"},
+    }
+    for folder, names in hooks.items():
+        missing = names - root_names(path, folder)
+        assert not missing, f"not in {folder}: {sorted(missing)}"
