@@ -199,10 +199,10 @@ def test_imap_full_disk_says_overquota_and_goes_on(full_box: tuple[BoxHandle, Fu
         status, data = imap.append("INBOX", None, None, b"Subject: appended\r\n\r\n" + b"x" * 100_000 + b"\r\n")
         assert (status, data) == ("NO", [b"[OVERQUOTA] Not enough disk space"])
         # Reading still works: what the message cache would keep of it is computed again next time.
-        status, data = imap.fetch("1:2", "(ENVELOPE BODYSTRUCTURE BODY.PEEK[])")
-        assert status == "OK", data
-        bodies = [part[1] for part in data if isinstance(part, tuple)]
-        assert len(bodies) == 2, data
+        fetched, parts = imap.fetch("1:2", "(ENVELOPE BODYSTRUCTURE BODY.PEEK[])")
+        assert fetched == "OK", parts
+        bodies = [part[1] for part in parts if isinstance(part, tuple)]
+        assert len(bodies) == 2, parts
         assert b"before the disk was full" in bodies[0]
         assert b"copied in" in bodies[1]
         status, data = imap.store("1", "+FLAGS", "(\\Flagged)")  # the database finds no room
