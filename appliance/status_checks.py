@@ -267,12 +267,11 @@ async def check_disk(svc: Services) -> Item:
         f", growing {growth // 2**20:,} MiB a week." if growth is not None and growth > 0 else ".")
     if svc.text_index is not None:
         summary += f" Search index: {await svc.text_index.size_bytes() / 2**20:,.1f} MiB."
-    if not room_for(svc.config.data.root):
+    refusing = not room_for(svc.config.data.root)
+    if refusing:
         summary += (f" New mail is refused (senders retry later) until more than {RESERVE_OCTETS // 2**20} MiB"
                     " is free.")
-        return Item("disk", "Disk", "fail", summary, "Delete old mail or backups, or move to a bigger disk.",
-                    "/console/backups")
-    if used >= DISK_FAIL_PERCENT:
+    if refusing or used >= DISK_FAIL_PERCENT:
         return Item("disk", "Disk", "fail", summary, "Delete old mail or backups, or move to a bigger disk.",
                     "/console/backups")
     if used >= DISK_WARN_PERCENT:

@@ -83,6 +83,16 @@ def local_copy(message: InboundMessage, route: RecipientRoute, mailbox: str) -> 
     )
 
 
+def failure_reply(error: BaseException, what: str) -> Reply:
+    """The reply to a local failure, logged: a full disk (appliance/disk_full.py) is 452 4.3.1 and one
+    warning line, anything else 451 4.3.0 and its traceback."""
+    if is_disk_full(error):
+        log.warning("%s: the disk is full (%s)", what, error)
+        return INSUFFICIENT_STORAGE
+    log.error("%s", what, exc_info=error)
+    return TEMPORARY_FAILURE
+
+
 def _one_reply(failed: Iterable[Reply]) -> Reply:
     """What answers a recipient (or a whole message) none of whose copies went in: a full mailbox or a
     full disk when that was every copy's failure, else the local error."""
@@ -147,18 +157,14 @@ class Deliverer:
     async def _store_copy(self, message: InboundMessage, mailbox: str, data: bytes) -> Reply | None:
         """None when the copy is durably in the mailbox, else the reply that describes the failure."""
         folder = JUNK if message.junk else INBOX
-        result: int | Exception | None
         try:
             result = (await self._store.deliver([mailbox], data, folder=folder)).get(mailbox)
             if isinstance(result, NoSuchFolder) and folder == JUNK:
                 # The owner deleted their Junk folder: the inbox, marked, rather than no copy at all.
                 folder = INBOX
                 result = (await self._store.deliver([mailbox], data)).get(mailbox)
-        except Exception as exc:
-            if not is_disk_full(exc):
-                log.exception("%s: delivery to %s failed", message.queue_id, mailbox)
-                return TEMPORARY_FAILURE
-            result = exc  # answered below, as the store's own "cannot write" is
+        except Exception as exc:  # noqa: BLE001  failure_reply logs it, with its traceback unless the disk is full
+            return failure_reply(exc, f"{message.queue_id}: delivery to {mailbox} failed")
         if isinstance(result, int):
             log.info("%s: delivered from=<%s> to=%s%s uid=%d size=%d", message.queue_id, message.sender,
                      mailbox, f" ({folder})" if folder != INBOX else "", result, len(data))
@@ -168,9 +174,8 @@ class Deliverer:
             log.info("%s: %s is over quota", message.queue_id, mailbox)
             self._record(message, mailbox, "rejected", "the mailbox is full", len(data), check="quota")
             return MAILBOX_FULL
-        if is_disk_full(result):
-            log.warning("%s: delivery to %s failed: the disk is full (%s)", message.queue_id, mailbox, result)
-            return INSUFFICIENT_STORAGE
+        if isinstance(result, Exception):  # the store's own "cannot write the message", its cause kept
+            return failure_reply(result, f"{message.queue_id}: delivery to {mailbox} failed")
         log.error("%s: delivery to %s failed: %r", message.queue_id, mailbox, result)
         return TEMPORARY_FAILURE
 
@@ -223,13 +228,8 @@ class Deliverer:
                 sender, recipients, data, auth_user=message.auth_user, queue_id=queue_id,
                 sender_verified=message.sender_verified,
             )
-        except Exception as exc:
-            if is_disk_full(exc):
-                log.warning("%s: could not spool for %d recipients: the disk is full (%s)", message.queue_id,
-                            len(recipients), exc)
-                return INSUFFICIENT_STORAGE
-            log.exception("%s: could not spool for %d recipients", message.queue_id, len(recipients))
-            return TEMPORARY_FAILURE
+        except Exception as exc:  # noqa: BLE001  failure_reply logs it, with its traceback unless the disk is full
+            return failure_reply(exc, f"{message.queue_id}: could not spool for {len(recipients)} recipients")
         for rcpt in recipients:
             self._record(message, rcpt, "queued", "waiting in the outbound queue", len(data), queue_id=queue_id)
         return None

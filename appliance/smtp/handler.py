@@ -21,11 +21,11 @@ from appliance.account_errors import InvalidAddress
 from appliance.address import Address, parse_address
 from appliance.auth import Principal, Refused
 from appliance.delivery_log import Delivery, message_id_of
-from appliance.disk_full import is_disk_full, room_for
+from appliance.disk_full import room_for
 from appliance.queue.spool import new_queue_id
 from appliance.smtp import headers
 from appliance.smtp.content import ContentFacts, ContentVerdict
-from appliance.smtp.delivery import Deliverer, InboundMessage
+from appliance.smtp.delivery import Deliverer, InboundMessage, failure_reply
 from appliance.smtp.headers import ReceivedFacts, TlsFacts
 from appliance.smtp.inbound import InboundFacts, InboundVerdict
 from appliance.smtp.limits import SmtpLimits
@@ -378,12 +378,8 @@ class SmtpHandler:
         env = _envelope(envelope)
         try:
             return await self._data(server, _session(session), env)
-        except Exception as exc:
-            if is_disk_full(exc):
-                log.warning("%s: DATA refused: the disk is full (%s)", peer_ip(session), exc)
-                return self._for_all(env, INSUFFICIENT_STORAGE)
-            log.exception("%s: DATA failed", peer_ip(session))
-            return self._for_all(env, TEMPORARY_FAILURE)
+        except Exception as exc:  # noqa: BLE001  failure_reply logs it, with its traceback unless the disk is full
+            return self._for_all(env, failure_reply(exc, f"{peer_ip(session)}: DATA failed"))
 
     def _for_all(self, env: LetterboxEnvelope, reply: Reply | str) -> str:
         """LMTP (RFC 2033 4.2) answers DATA once per accepted recipient, SMTP once."""
@@ -497,12 +493,8 @@ class SmtpHandler:
         if isinstance(error, TLSSetupException):
             # The client's doing (a failed handshake after STARTTLS): aiosmtpd closes the connection.
             log.info("STARTTLS handshake failed: %s", error.__cause__ or error)
-        elif is_disk_full(error):
-            log.warning("SMTP command refused: the disk is full (%s)", error)
-            return str(INSUFFICIENT_STORAGE)
-        else:
-            log.error("SMTP session error", exc_info=error)
-        return str(TEMPORARY_FAILURE)
+            return str(TEMPORARY_FAILURE)
+        return str(failure_reply(error, "SMTP session error"))
 
 
 def _b64(text: str) -> bytes | None:
