@@ -270,12 +270,13 @@ def _retry_after_text(when: dt.datetime | None) -> str:
     return f" Try again in about {max(1, wait // 60)} min ({when:%H:%M} UTC)."
 
 
-def _challenge_problem(name: str, error: messages.Error) -> str:
+def _challenge_problem(name: str, error: messages.Error, kind: str = "http-01") -> str:
     detail = (error.detail or "").strip()
     low = detail.lower()
     code = error.code or ""
     if "connection refused" in low:
-        where = "port 443" if "tls" in low or ":443" in low else "port 80"
+        # From the challenge's type, not the detail: a random port or token in it may read ":443" or "tls".
+        where = "port 443" if kind.startswith("tls") else "port 80"
         return (f"The certificate authority could not connect to {name} on {where} (connection refused): "
                 f"open {where} on your router and forward it to this box. ({detail})")
     if code == "dns" or "no valid a records" in low or "nxdomain" in low or "no such host" in low:
@@ -300,7 +301,7 @@ def explain(exc: BaseException, directory: str) -> AcmeProblem:  # noqa: C901  o
             name = authz.body.identifier.value
             for challb in authz.body.challenges:
                 if challb.error is not None:
-                    lines.append(_challenge_problem(name, challb.error))
+                    lines.append(_challenge_problem(name, challb.error, challb.chall.typ))
                     break
             else:
                 lines.append(f"Validation of {name} failed.")

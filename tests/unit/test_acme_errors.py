@@ -9,7 +9,7 @@ import pytest
 import requests
 from acme import challenges, errors, messages
 
-from appliance.acme_client import explain
+from appliance.acme_client import TLSALPN01, explain
 
 DIRECTORY = "https://ca.example/dir"
 
@@ -20,9 +20,9 @@ def acme_error(code: str, detail: str) -> messages.Error:
     return error
 
 
-def failed(name: str, typ: str, detail: str) -> errors.ValidationError:
+def failed(name: str, typ: str, detail: str, chall: challenges.Challenge | None = None) -> errors.ValidationError:
     challenge = messages.ChallengeBody(
-        chall=challenges.HTTP01(token=b"t" * 16), status=messages.STATUS_INVALID,
+        chall=chall or challenges.HTTP01(token=b"t" * 16), status=messages.STATUS_INVALID,
         error=acme_error(typ, detail))
     authz = messages.AuthorizationResource(uri="https://ca.example/authz/1", body=messages.Authorization(
         identifier=messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=name),
@@ -32,6 +32,10 @@ def failed(name: str, typ: str, detail: str) -> errors.ValidationError:
 
 @pytest.mark.parametrize(("typ", "detail", "expected"), [
     ("connection", "127.0.0.1: Connecting to 127.0.0.1:80: connection refused",
+     "could not connect to mail.example.org on port 80 (connection refused): open port 80 on your router"),
+    # A CI run's pebble: a random port starting with 443 and a token holding "tls" are still port 80.
+    ("connection", 'Fetching http://mail.example.org:44335/.well-known/acme-challenge/aTlsZ: dial tcp '
+                   '127.0.0.1:44335: connect: connection refused',
      "could not connect to mail.example.org on port 80 (connection refused): open port 80 on your router"),
     ("dns", "DNS problem: NXDOMAIN looking up A for mail.example.org",
      "could not find mail.example.org in the DNS"),
@@ -44,6 +48,12 @@ def test_failed_challenge_in_plain_words(typ: str, detail: str, expected: str) -
     problem = explain(failed("mail.example.org", typ, detail), DIRECTORY)
     assert problem.kind == "validation"
     assert expected in problem.message
+
+
+def test_refused_tls_alpn_challenge_names_port_443() -> None:
+    error = failed("mail.example.org", "connection", "127.0.0.1:5001: connect: connection refused",
+                   TLSALPN01(token=b"t" * 16))
+    assert "on port 443 (connection refused): open port 443" in explain(error, DIRECTORY).message
 
 
 def test_ca_errors_in_plain_words() -> None:
