@@ -20,14 +20,12 @@ import io
 import os
 from collections.abc import Iterator
 from hashlib import sha256
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+# `cryptography` is imported by the functions that use it: `serve` imports this module with the backup
+# scheduler, and cryptography's Rust library alone is 9-10 MB of a box's RSS (issue 19: idle memory).
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 INTRO = b"age-encryption.org/v1\n"
 SCRYPT_LABEL = b"age-encryption.org/v1/scrypt"
@@ -111,14 +109,21 @@ def _unb64(text: bytes) -> bytes:
 
 
 def _hkdf(key: bytes, salt: bytes, info: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(key)
 
 
 def _wrap_key(passphrase: str, salt: bytes, log_n: int) -> bytes:
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
     return Scrypt(salt=SCRYPT_LABEL + salt, length=32, n=2**log_n, r=8, p=1).derive(passphrase.encode("utf-8"))
 
 
 def _public(key: X25519PrivateKey | X25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
     pub = key.public_key() if isinstance(key, X25519PrivateKey) else key
     # public_bytes_raw, not public_bytes(Encoding.Raw, ...): the serialization module costs the
     # restore's unpack child (which imports this module) 17 ms of its start, before any work.
@@ -126,6 +131,9 @@ def _public(key: X25519PrivateKey | X25519PublicKey) -> bytes:
 
 
 def _x25519_stanza(recipient: bytes, file_key: bytes) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
     ephemeral = X25519PrivateKey.generate()
     share = _public(ephemeral)
     shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient))
@@ -135,6 +143,8 @@ def _x25519_stanza(recipient: bytes, file_key: bytes) -> bytes:
 
 
 def _scrypt_stanza(passphrase: str, file_key: bytes, log_n: int) -> bytes:
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
     salt = os.urandom(16)
     body = ChaCha20Poly1305(_wrap_key(passphrase, salt, log_n)).encrypt(b"\x00" * 12, file_key, None)
     return b"-> scrypt " + _b64(salt) + b" " + str(log_n).encode() + b"\n" + _b64(body) + b"\n"
@@ -192,6 +202,10 @@ def _read_stanzas(source: IO[bytes]) -> tuple[list[tuple[list[bytes], bytes]], b
 def read_header(source: IO[bytes], *, identity: str = "", passphrase: str = "") -> bytes:
     """Read the header and nonce, unwrap the file key with the identity or the passphrase, check the
     header's MAC; returns the payload key."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
     stanzas, mac, covered = _read_stanzas(source)
     scrypt = [s for s in stanzas if s[0][:1] == [b"scrypt"]]
     file_key: bytes | None = None
@@ -226,6 +240,9 @@ def read_header(source: IO[bytes], *, identity: str = "", passphrase: str = "") 
 
 
 def _unwrap_scrypt(scrypt: list[tuple[list[bytes], bytes]], stanzas: list[Any], passphrase: str) -> bytes:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
     if len(stanzas) != 1:  # the spec: an scrypt stanza is the only one
         raise AgeError("not an age file, or its header is damaged")
     args, body = scrypt[0]
@@ -253,6 +270,8 @@ class Encryptor:
     only an empty file ends with an empty chunk)."""
 
     def __init__(self, key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
         self.aead = ChaCha20Poly1305(key)
         self.pending = bytearray()
         self.counter = 0
@@ -283,6 +302,8 @@ class Decryptor(io.RawIOBase):
     (plaintext before it has already been handed out: callers stage what they read)."""
 
     def __init__(self, source: IO[bytes], key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
         self.source = source
         self.aead = ChaCha20Poly1305(key)
         self.counter = 0
@@ -318,6 +339,8 @@ class Decryptor(io.RawIOBase):
 
     def _chunks(self) -> list[bytes]:
         """The next chunks decrypted, each its own bytes (joining them would copy it all once more)."""
+        from cryptography.exceptions import InvalidTag
+
         parts = [self.sealed]
         have = len(self.sealed)
         while not self.eof and have <= SEALED * READ_CHUNKS:

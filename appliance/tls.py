@@ -20,10 +20,13 @@ Open sessions keep the SSL object they were made with: a renewal drops nothing.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import ipaddress
 import itertools
+import json
 import logging
 import os
 import ssl
@@ -32,20 +35,24 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING, Any
 
 from appliance.client_hello import NotClientHello, parse_client_hello
+
+# cryptography is imported by the functions that make or read a certificate, not with this module: a
+# box's start reads its certificate's details from INFO_FILE, and cryptography's Rust library alone is
+# 9-10 MB of the box's RSS (issue 19: idle memory). It comes in when a certificate is made, checked or
+# ordered, or when the saved details do not match cert.pem.
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 log = logging.getLogger(__name__)
 
 SELF_SIGNED_DAYS = 825
 CERT_FILE = "cert.pem"  # leaf first, then any chain
 KEY_FILE = "key.pem"
+INFO_FILE = "cert-info.json"  # CertificateInfo of cert.pem, with the SHA-256 of the cert.pem it describes
 ACME_TLS_ALPN = "acme-tls/1"  # RFC 8737 6.2
 MAX_PEM_BYTES = 256 * 1024  # an upload bigger than this is not a certificate chain
 
@@ -71,6 +78,9 @@ class CertificateInfo:
 
 
 def _new_key_pem() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
@@ -79,6 +89,10 @@ def _new_key_pem() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
 
 def self_signed_pem(hostname: str) -> tuple[bytes, bytes]:
     """(certificate PEM, key PEM) for a self-signed EC P-256 certificate naming the box."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
     key, key_pem = _new_key_pem()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = dt.datetime.now(dt.UTC)
@@ -131,6 +145,10 @@ def tls_alpn_challenge_pem(name: str, key_authorization: str) -> tuple[bytes, by
     """RFC 8737 3: a self-signed certificate for `name` carrying the critical acmeIdentifier extension
     (id-pe-acmeIdentifier 1.3.6.1.5.5.7.1.31) whose value is the DER OCTET STRING of the SHA-256 of
     the key authorization. (`acme` 5.x no longer ships this helper.)"""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
     key, key_pem = _new_key_pem()
     digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
     der = b"\x04\x20" + digest  # OCTET STRING, 32 bytes
@@ -154,6 +172,8 @@ def tls_alpn_challenge_pem(name: str, key_authorization: str) -> tuple[bytes, by
 # --- checking a certificate before it goes live --------------------------------------------------------
 
 def _load_pem_chain(pem: bytes, what: str) -> list[x509.Certificate]:
+    from cryptography import x509
+
     if len(pem) > MAX_PEM_BYTES:
         raise CertificateProblem(f"The {what} is too large to be a certificate file.")
     if b"-----BEGIN CERTIFICATE-----" not in pem:
@@ -178,6 +198,9 @@ def name_covered(hostname: str, names: tuple[str, ...]) -> bool:
 
 
 def describe(cert: x509.Certificate) -> CertificateInfo:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = tuple(str(n) for n in san.get_values_for_type(x509.DNSName))
@@ -232,6 +255,8 @@ def check_certificate(
     """Everything a new certificate must pass before it replaces a working one: readable, key matches,
     chain verifies link by link, valid now, covers the host name. Returns (full chain PEM, context,
     info); raises CertificateProblem with the reason in plain words."""
+    from cryptography.hazmat.primitives import serialization
+
     now = now or dt.datetime.now(dt.UTC)
     certs = _load_pem_chain(cert_pem, "certificate")
     if chain_pem.strip():
@@ -320,7 +345,7 @@ class TlsManager:
             log.error("the saved certificate cannot be used (%s): making a self-signed one", exc)
             make_self_signed(hostname, self.cert_path, self.key_path)
             self.current = context_for(self.cert_path.read_bytes(), self.key_path.read_bytes(), self.dir)
-        self._info = describe(x509.load_pem_x509_certificate(self.cert_path.read_bytes()))
+        self._info = self._describe_saved(self.cert_path.read_bytes())
         self.context = self._outer_context()
 
     def _outer_context(self) -> SwitchingContext:
@@ -367,7 +392,7 @@ class TlsManager:
         ctx = context_for(cert_pem, key_pem, self.dir)
         with self._lock:
             self.current = ctx
-            self._info = describe(x509.load_pem_x509_certificate(cert_pem))
+            self._info = self._describe_saved(cert_pem)
         log.info("certificate reloaded: %s", self._info.subject)
 
     def install(self, cert_pem: bytes, key_pem: bytes, chain_pem: bytes = b"", *,
@@ -385,6 +410,7 @@ class TlsManager:
             write_private(self.cert_path, full, mode=0o644)
             self.current = ctx
             self._info = info
+            self._save_info(full, info)
         log.info("certificate installed: %s, serial %x, until %s", info.subject, info.serial, info.not_after)
         return info
 
@@ -398,3 +424,30 @@ class TlsManager:
 
     def info(self) -> CertificateInfo:
         return self._info
+
+    def _describe_saved(self, cert_pem: bytes) -> CertificateInfo:
+        """cert.pem's details from INFO_FILE when it was written for these very bytes; otherwise read
+        with cryptography (an edited or new cert.pem, a box from before INFO_FILE) and saved there."""
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            saved = json.loads((self.dir / INFO_FILE).read_bytes())
+            if saved["sha256"] == hashlib.sha256(cert_pem).hexdigest():
+                return CertificateInfo(
+                    subject=saved["subject"], issuer=saved["issuer"],
+                    not_before=dt.datetime.fromisoformat(saved["not_before"]),
+                    not_after=dt.datetime.fromisoformat(saved["not_after"]),
+                    names=tuple(saved["names"]), self_signed=bool(saved["self_signed"]),
+                    serial=int(saved["serial"]), fingerprint=saved["fingerprint"])
+        from cryptography import x509
+
+        info = describe(x509.load_pem_x509_certificate(cert_pem))
+        self._save_info(cert_pem, info)
+        return info
+
+    def _save_info(self, cert_pem: bytes, info: CertificateInfo) -> None:
+        record = dataclasses.asdict(info) | {
+            "sha256": hashlib.sha256(cert_pem).hexdigest(),
+            "not_before": info.not_before.isoformat(), "not_after": info.not_after.isoformat()}
+        try:
+            write_private(self.dir / INFO_FILE, json.dumps(record).encode(), mode=0o644)
+        except OSError as exc:  # only a later start's cost: it reads cert.pem with cryptography again
+            log.warning("cannot save the certificate's details in %s: %s", self.dir / INFO_FILE, exc)

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import dkim
 import dkim.crypto
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from appliance import dkim_keys
 from appliance.dkim_keys import DkimKey
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     from appliance.accounts import Accounts
     from appliance.db import Database
 
@@ -138,22 +138,30 @@ class SigningKeys:
 # RSA step in pure Python: ~12 ms per signature on a fast core with the GIL held, far more on a
 # Raspberry Pi, stalling every session of the box meanwhile. The same step through OpenSSL
 # (cryptography) takes ~1 ms. RSASSA-PKCS1-v1_5 is deterministic, so the signature is byte for byte
-# what dkimpy would have produced (tests/unit/test_queue_dkim.py checks exactly that).
+# what dkimpy would have produced (tests/unit/test_queue_dkim.py checks exactly that). cryptography is
+# imported at the first signature, not with the queue at start: its Rust library is 9-10 MB of RSS that
+# a box which sends nothing need not carry (issue 19: idle memory).
 
-_PREHASHED: dict[str, type[hashes.HashAlgorithm]] = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
+_PREHASHED = ("sha256", "sha1")
 _pure_python_sign = dkim.crypto.RSASSA_PKCS1_v1_5_sign
 
 
 @functools.lru_cache(maxsize=32)
 def _openssl_key(n: int, e: int, d: int, p: int, q: int, dmp1: int, dmq1: int, iqmp: int) -> rsa.RSAPrivateKey:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     return rsa.RSAPrivateNumbers(p, q, d, dmp1, dmq1, iqmp, rsa.RSAPublicNumbers(e, n)).private_key()
 
 
 def openssl_rsassa_pkcs1_v1_5_sign(hash: Any, private_key: dict[str, int]) -> bytes:
     """dkimpy's `RSASSA_PKCS1_v1_5_sign(hash, private_key)`, computed by OpenSSL."""
-    algorithm = _PREHASHED.get(str(hash.name).lower())
-    if algorithm is None:
+    name = str(hash.name).lower()
+    if name not in _PREHASHED:
         return bytes(_pure_python_sign(hash, private_key))
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, utils
+
+    algorithm = hashes.SHA256 if name == "sha256" else hashes.SHA1
     key = _openssl_key(
         private_key["modulus"], private_key["publicExponent"], private_key["privateExponent"],
         private_key["prime1"], private_key["prime2"], private_key["exponent1"], private_key["exponent2"],

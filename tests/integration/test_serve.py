@@ -74,3 +74,28 @@ def test_tls_context_reloads_a_new_certificate(tmp_path: Path, ca: trustme.CA) -
     with pytest.raises(CertificateProblem, match="does not belong"):
         manager.install(bad.cert_chain_pems[0].bytes(), issued.private_key_pem.bytes())
     assert "mail.example.test" in manager.info().names
+
+
+def test_a_start_reads_the_certificates_details_saved_for_that_very_file(tmp_path: Path, ca: trustme.CA) -> None:
+    """The details a start serves come from tls/cert-info.json only while it describes the bytes of
+    cert.pem: a certificate installed, or replaced by hand, is read again and saved anew."""
+    from appliance.tls import CERT_FILE, INFO_FILE, KEY_FILE, TlsManager
+
+    tls = tmp_path / "tls"
+    first = TlsManager(tls, "mail.example.test").info()
+    assert (tls / INFO_FILE).is_file()
+    assert TlsManager(tls, "mail.example.test").info() == first
+    issued = ca.issue_cert("mail.example.test")
+    TlsManager(tls, "mail.example.test").install(
+        b"".join(b.bytes() for b in issued.cert_chain_pems), issued.private_key_pem.bytes())
+    installed = TlsManager(tls, "mail.example.test").info()
+    assert not installed.self_signed
+    assert installed.serial != first.serial
+    # cert.pem and key.pem replaced behind the box's back, and cert-info.json damaged: read again.
+    other = ca.issue_cert("other.example.test")
+    (tls / CERT_FILE).write_bytes(other.cert_chain_pems[0].bytes())
+    (tls / KEY_FILE).write_bytes(other.private_key_pem.bytes())
+    assert TlsManager(tls, "mail.example.test").info().names == ("other.example.test",)
+    (tls / INFO_FILE).write_text("{not json")
+    assert TlsManager(tls, "mail.example.test").info().names == ("other.example.test",)
+    assert TlsManager(tls, "mail.example.test").info() == TlsManager(tls, "mail.example.test").info()
