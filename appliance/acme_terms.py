@@ -9,6 +9,7 @@ import datetime as dt
 import email.utils
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
@@ -71,3 +72,12 @@ def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> dt.d
     except (TypeError, ValueError):
         return None
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def ari_window(settings: AcmeSettings, acme_dir: Path, cert_pem: bytes) -> dt.datetime | None:
+    """Blocking: the ARI renewal time (RFC 9773), or None (appliance/acme_client.py, imported here). A
+    module-level function of this light module, so the renewer can hand it to the CPU pool's worker
+    process without importing the ACME client itself (appliance/certificates.py, Renewer)."""
+    from appliance import acme_client
+
+    return acme_client.ari_window(settings, acme_dir, cert_pem)

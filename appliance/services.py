@@ -87,7 +87,7 @@ class Services:
     def __post_init__(self) -> None:
         self.certificates = CertContext(
             db=self.db, tls=self.tls, events=self.events, hostname=lambda: self.hostname,
-            acme_dir=self.config.data.tls / "acme", http01={},
+            acme_dir=self.config.data.tls / "acme", http01={}, cpu=self.cpu,
         )
         self.spam_decisions = DecisionLog(self.db, keep_days=lambda: self.settings.now.spam.decisions_keep_days)
         self.greylist = Greylist(self.db)
