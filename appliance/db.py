@@ -192,6 +192,30 @@ class Database:
             finally:
                 self.counters.forget_tick()  # the counters may have moved (ChangeCounters.read_this_tick)
 
+    async def write_queued(self, work: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> asyncio.Future[T]:
+        """write() without waiting for the transaction: once this returns it is queued on the
+        database's thread ahead of every write and read asked for later, which run after it (the
+        write lock is held until it ends), and the future gives its result or exception. For work
+        whose result nobody needs at once (a first listing's rows, store/index.py commit_queued)."""
+        await self._write_lock.acquire()
+        try:
+            # aiosqlite's Connection._execute without its await: putting it on the queue is what orders it.
+            future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+            conn = self._conn._conn
+            if not self._conn._running or conn is None:  # as aiosqlite's own calls check
+                raise ValueError("Connection closed")
+            self._conn._tx.put_nowait((future, partial(_whole_transaction, work, self._rider_work(), durable, conn)))
+        except BaseException:
+            self._write_lock.release()
+            raise
+
+        def finished(_: asyncio.Future[T]) -> None:
+            self._write_lock.release()
+            self.counters.forget_tick()  # the counters may have moved (ChangeCounters.read_this_tick)
+
+        future.add_done_callback(finished)
+        return future
+
     async def _on_db_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
         # aiosqlite's queue to its thread with the sqlite3 connection it owns (aiosqlite >= 0.20 keeps
         # both; its public calls are one statement per trip).

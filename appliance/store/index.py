@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -115,6 +116,9 @@ class Entry:
     info: MessageInfo | None = None  # built on demand, dropped on any change
 
 
+_UID, _BASE, _SIZE = attrgetter("uid"), attrgetter("base"), attrgetter("size")
+
+
 class Found(NamedTuple):
     """A message file the index does not know yet (a named tuple: 100k of them are made when a
     Maildir is copied in, and a frozen dataclass's init cost more than the file's stat)."""
@@ -173,6 +177,7 @@ class FolderIndex:
         self.stamp: tuple[int, int] | None = None  # dir mtimes at the last listing
         self.dirty = True
         self.pending: set[str] = set()  # unique names being delivered: not yet ours to index
+        self.unwritten: set[int] = set()  # UIDs whose rows a failed commit_queued did not write
         self.unclaimed: set[int] = set()  # recent messages in cur/ no session has claimed yet
         self.deleted = False
         self.uidlist = uidlist  # Dovecot's UIDs, adopted at the first scan
@@ -218,7 +223,7 @@ class FolderIndex:
     @property
     def busy(self) -> bool:
         """Whether an operation is under way that may use the messages in memory."""
-        return (self.lock.locked() or bool(self.pending) or self.uidlist_stale or self.uidlist_queued
+        return (self.lock.locked() or bool(self.pending) or bool(self.unwritten) or self.uidlist_stale or self.uidlist_queued
                 or self.uidlist_lock.locked())
 
     @property
@@ -295,17 +300,8 @@ class FolderIndex:
         keywords = maildir.read_keywords(self.path) if kw_mtime != self.keywords_mtime else None
         listing = maildir.list_messages(self.path)
         changes = DiskChanges(stamp, started - max(stamp) < DIRTY_WINDOW_NS, keywords, kw_mtime)
+        self._compare(listing, changes)
         by_base = self.by_base
-        with _DirFds(self._dirs) as fds:
-            for base, (sub, filename) in listing.items():
-                entry = by_base.get(base)
-                if entry is None:
-                    if base not in self.pending:
-                        found = _found(self.path, base, sub, filename, fds[sub])
-                        if found is not None:
-                            changes.found.append(found)
-                elif entry.filename != filename or entry.sub != sub:
-                    changes.moved.append((entry, sub, filename))
         if len(listing) - len(changes.found) != len(by_base):
             gone = [e for base, e in by_base.items() if base not in listing]
             if gone:
@@ -318,10 +314,38 @@ class FolderIndex:
                         changes.moved.append((e, sub, filename))
                     else:
                         changes.vanished.append(e)
-        changes.found.sort(key=lambda f: maildir.delivery_order(f.base))
         if self.unmeasured:
             self._measure(listing, changes)
         return changes
+
+    def _compare(self, listing: dict[str, tuple[str, str]], changes: DiskChanges) -> None:
+        """The files of `listing` the index does not know (changes.found, in delivery order) and
+        those it has elsewhere (changes.moved)."""
+        by_base, pending, sized, scale = self.by_base, self.pending, maildir.sized_name, maildir.ORDER_SCALE
+        found = changes.found
+        # Each found file's delivery order as one number (maildir.sized_name), 0 for names it does
+        # not read: a list of distinct ints sorts several times quicker than maildir.delivery_order's tuples.
+        order: list[int] = []
+        with _DirFds(self._dirs) as fds:
+            for base, (sub, filename) in listing.items():
+                entry = by_base.get(base)
+                if entry is None:
+                    if base in pending:
+                        continue
+                    named = sized(filename)
+                    if named is not None:  # _found's first case, and delivery_order, in one match
+                        found.append(Found(base, sub, filename, int(named[3]), UNKNOWN_DATE, int(named[4])))
+                        order.append(int(named[1]) * scale + int(named[2]))
+                    elif (new := _found(self.path, base, sub, filename, fds[sub])) is not None:
+                        found.append(new)
+                        order.append(0)
+                elif entry.filename != filename or entry.sub != sub:
+                    changes.moved.append((entry, sub, filename))
+        in_order = dict(zip(order, found, strict=True))
+        if len(in_order) == len(found) and 0 not in in_order:
+            changes.found = [in_order[k] for k in sorted(in_order)]
+        else:  # a name sized_name does not read, or two of the same microsecond
+            found.sort(key=lambda f: maildir.delivery_order(f.base))
 
     def _measure(self, listing: dict[str, tuple[str, str]], changes: DiskChanges) -> None:
         """Wire sizes for entries indexed without one (by an earlier version): read once, kept."""
@@ -439,12 +463,22 @@ class Change:
         """Files a listing found (in delivery order), with the next UIDs: add() for each, without
         its per-call work (a cold SELECT of a Maildir copied in makes one per file, issue 19)."""
         uid = max(self.uidnext, self.last_uid + 1)
-        modseq, added, decode = self.modseq, self.added, maildir.decode_letters
+        modseq, added, decode, imap_flags = self.modseq, self.added, maildir.decode_letters, maildir.imap_flags
+        dirs = self.folder._dirs
+        # A folder's names carry few distinct infos (':2,S', ':2,FS'...): each is decoded once.
+        decoded: dict[str, tuple[str, tuple[str, ...], frozenset[str]]] = {}
         for new in found:
             info = new.filename.partition(":")[2]  # split_filename, inlined: hot
-            letters = info[2:] if info.startswith("2,") else ""
-            flags, names = decode(letters, keywords)
-            added.append(Entry(uid, new.base, flags, names, new.size, new.mtime, modseq, new.sub, new.filename, new.wire))
+            flagged = decoded.get(info)
+            if flagged is None:
+                flags, names = decode(info[2:] if info.startswith("2,") else "", keywords)
+                flagged = decoded[info] = (flags, names, imap_flags(flags, names))
+            wire = new.wire
+            # Its MessageInfo (FolderIndex.info) made here, where its fields are at hand: the snapshot
+            # that follows a listing takes it as it is.
+            added.append(Entry(uid, new.base, flagged[0], flagged[1], new.size, new.mtime, modseq, new.sub, new.filename,
+                               wire, MessageInfo(uid, flagged[2], new.size if wire is None else wire, new.mtime, modseq,
+                                                 dirs[new.sub], new.filename)))
             uid += 1
         if found:
             self.last_uid = uid - 1
@@ -494,14 +528,7 @@ class Change:
         if not self.writes:
             return
         if self.added:
-            tx.executemany(
-                "INSERT INTO messages (folder_id, uid, basename, flags, keywords, size, wire_size, internaldate,"
-                " modseq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                # A generator: 100k rows of nine fields were 13 MB at once in a cold SELECT, memory
-                # pymalloc keeps afterwards.
-                ((f.id, e.uid, e.base, e.flags, " ".join(e.keywords), e.size, e.wire, e.internaldate, e.modseq)
-                 for e in self.added),
-            )
+            insert_rows(tx, f.id, self.added)
             if self.cached:  # in the same transaction: no second commit (and fsync) per delivery
                 tx.executemany(CACHE_INSERT_SQL, [c.row(f.id, e.uid) for e, c in self.cached])
             if self.carried:  # the same file (a hard link or a rename): its row still holds
@@ -520,6 +547,11 @@ class Change:
             self._prune_expunged(tx)
         tx.execute("UPDATE folders SET uidnext = ?, highestmodseq = ?, expunges_known_since = ? WHERE id = ?",
                    (self.uidnext, self.modseq, self.expunges_known_since, f.id))
+
+    def rows_lost(self) -> None:
+        """After a failed commit_queued: its new entries are in memory but not in the db. The
+        folder's next sync writes them (FolderIndex.unwritten) before anything else it does."""
+        self.folder.unwritten.update(e.uid for e in self.added)
 
     def _prune_expunged(self, tx: sqlite3.Connection) -> None:
         """Keep the newest EXPUNGES_KEPT expunge records of the folder (whole mod-sequences: the
@@ -562,15 +594,14 @@ class Change:
                 f.unclaimed.discard(entry.uid)
                 f.unmeasured.discard(entry.uid)
                 f.undated.discard(entry.uid)
-        f.bytes += sum(entry.size for entry in self.added)
+        added = self.added
+        f.bytes += sum(map(_SIZE, added))
         # A delivery to an unloaded folder: its row is read with the others at the next load.
-        for entry in self.added if f.loaded else ():
-            f.by_uid[entry.uid] = entry
-            f.by_base[entry.base] = entry
-            if entry.wire is None:
-                f.unmeasured.add(entry.uid)
-            if entry.internaldate == UNKNOWN_DATE:
-                f.undated.add(entry.uid)
+        if added and f.loaded:  # in bulk: a first listing adds every message of the folder
+            f.by_uid.update(zip(map(_UID, added), added, strict=True))
+            f.by_base.update(zip(map(_BASE, added), added, strict=True))
+            f.unmeasured.update([e.uid for e in added if e.wire is None])
+            f.undated.update([e.uid for e in added if e.internaldate == UNKNOWN_DATE])
         if self.writes:
             f.uidnext = self.uidnext
             f.highestmodseq = self.modseq
@@ -600,6 +631,49 @@ async def commit(db: Database, changes: Sequence[Change], *, first: Callable[[],
         await db.write(write_all, durable=durable)  # one trip to the database's thread for the whole transaction
     for change in changes:
         change.apply()
+
+
+def insert_rows(tx: sqlite3.Connection, folder_id: int, entries: Iterable[Entry], *, verb: str = "INSERT") -> None:
+    tx.executemany(
+        f"{verb} INTO messages (folder_id, uid, basename, flags, keywords, size, wire_size, internaldate,"
+        " modseq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        # A generator: 100k rows of nine fields were 13 MB at once in a cold SELECT, memory
+        # pymalloc keeps afterwards.
+        ((folder_id, e.uid, e.base, e.flags, " ".join(e.keywords), e.size, e.wire, e.internaldate, e.modseq)
+         for e in entries),
+    )
+
+
+async def commit_queued(db: Database, change: Change) -> asyncio.Future[None]:
+    """commit() of what a listing found only (Change.found_only), not fsynced, without waiting for
+    it: the transaction is queued on the database's thread ahead of every later write and read
+    (Database.write_queued), and memory follows at once, so the first SELECT of a Maildir copied in
+    answers while SQLite inserts its rows (at 10k messages the INSERT was a third of that SELECT,
+    issue 19). Nothing that reads or writes the db can come between, so this is the same as
+    commit(durable=False) but for a failure of the write itself: then the rows are written at the
+    folder's next sync (Change.rows_lost), or found again with the same UIDs after a restart, as
+    after a crash before a commit that was not fsynced."""
+    assert change.found_only
+
+    def write(tx: sqlite3.Connection) -> None:
+        change.write(tx)
+
+    done = await db.write_queued(write, durable=False)
+    change.apply()
+    return done
+
+
+async def write_unwritten(db: Database, f: FolderIndex) -> None:
+    """The rows of entries whose commit_queued failed (those still in the folder, as they are now)."""
+    entries = [e for uid in sorted(f.unwritten) if (e := f.by_uid.get(uid)) is not None] if f.loaded else []
+
+    def write(tx: sqlite3.Connection) -> None:
+        insert_rows(tx, f.id, entries, verb="INSERT OR IGNORE")
+        tx.execute("UPDATE folders SET uidnext = MAX(uidnext, ?), highestmodseq = MAX(highestmodseq, ?) WHERE id = ?",
+                   (f.uidnext, f.highestmodseq, f.id))
+
+    await db.write(write)
+    f.unwritten.clear()
 
 
 # --- folder rows ---------------------------------------------------------------------------------

@@ -213,6 +213,8 @@ class OpenMailboxes:
         f.last_used = time.monotonic()
         if not f.loaded:
             f.load(await index.load_entries(self._db, f.id))
+        if f.unwritten:
+            await index.write_unwritten(self._db, f)
         self._trim_later()
         if not disk and f.stamp is not None:  # listed since it was loaded: its files are located
             return False
@@ -259,8 +261,13 @@ class OpenMailboxes:
                 change.add_found(newcomers, f.keywords)
         # Not fsynced when only files were found, unless they took Dovecot's UIDs: those are read from
         # dovecot-uidlist only when the folder's row is made, so a listing after a crash could not
-        # find them again (Change.found_only).
-        await index.commit(self._db, [change], durable=not change.found_only or bool(adopted))
+        # find them again (Change.found_only). Many such files (a Maildir copied in): answered
+        # without waiting for their rows (commit_queued).
+        if change.found_only and not adopted and len(newcomers) >= index.BULK:
+            written = await index.commit_queued(self._db, change)
+            written.add_done_callback(lambda done: self._queued_commit_done(f, change, done))
+        else:
+            await index.commit(self._db, [change], durable=not change.found_only or bool(adopted))
         f.stamp, f.dirty, f.listed = found.stamp, found.dirty, True
         if f.uidlist_stale:
             self._uidlist_later(f, wait=len(newcomers) >= index.BULK)
@@ -271,6 +278,13 @@ class OpenMailboxes:
         if found.measured:
             log.info("store: %s %s: wire sizes of %d messages indexed before", mb.key, f.name, len(found.measured))
         return change.writes
+
+    @staticmethod
+    def _queued_commit_done(f: FolderIndex, change: Change, done: asyncio.Future[None]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            change.rows_lost()
+            log.warning("store: cannot index %d files of %s now (%s); written at its next use",
+                        len(change.added), f.path, "cancelled" if done.cancelled() else done.exception())
 
     async def claim(self, f: FolderIndex) -> frozenset[int]:
         """Make the recent messages this caller's: new/ files move to cur/ (folder lock held)."""

@@ -117,6 +117,17 @@ def delivery_order(base: str) -> tuple[int, int, str]:
     return (int(digits.group()) if digits else 0), 0, base
 
 
+# A name as Dovecot writes it with both sizes: <seconds>.M<microseconds><rest of the id>,S=<size>,W=<wire size>
+# [,other fields][:info]. Its match gives what delivery_order, name_size and name_wire_size read from it
+# (the same values: the id before ',S=' has no comma, so both fields are the first of their kind), in
+# one call instead of three: the first listing of a Maildir copied in reads every name (issue 19).
+# Any other name goes the general way.
+# The microseconds are at most 9 digits here (10**9 * seconds + microseconds orders as delivery_order does).
+sized_name = re.compile(r"([0-9]+)\.M([0-9]{1,9})(?![0-9])[^,:]*,S=([0-9]+),W=([0-9]+)(?:,[^:]*)?(?::.*)?",
+                        re.DOTALL).fullmatch
+ORDER_SCALE = 10**9
+
+
 def unique_name(size: int) -> str:
     """Maildir unique name: time.M<usec>P<pid>Q<counter>.<host>,S=<size> (Dovecot's form)."""
     usecs = time.time_ns() // 1000

@@ -120,6 +120,28 @@ def test_files_get_uids_in_name_order_and_keep_them(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+@pytest.mark.parametrize("extra", [[], ["1700000000.M5P1.host"], ["1700000000.M100000P9Q1.host,S=1,W=1"]],
+                         ids=["sized names", "with a name without sizes", "two of the same microsecond"])
+def test_found_files_are_in_delivery_order(tmp_path: Path, extra: list[str]) -> None:
+    # A listing reads Dovecot's names (sizes in them) as one number each (maildir.sized_name); any
+    # other name, or two of one microsecond, sort the general way: the same order in every case.
+    folder = tmp_path / "m"
+    maildir.make_maildir(folder, folder=False)
+    names = ["1700000000.M100000P7Q2.host,S=1,W=1:2,S", "1700000000.M99999P7Q1.host,S=1,W=1",
+             "1699999999.M999999P7Q9.host,S=1,W=1", "1700000001.M0P1.host,S=1,W=1:2,F", *extra]
+    for name in names:
+        drop(folder, name)
+
+    async def body(db: Database) -> None:
+        f = await open_folder(db, folder)
+        change = await sync(db, f)
+        bases = [name.partition(":")[0] for name in names]
+        assert [e.base for e in change.added] == sorted(bases, key=maildir.delivery_order)
+        assert [e.uid for e in change.added] == list(range(1, len(names) + 1))
+
+    run(tmp_path, body)
+
+
 def test_changes_made_by_another_program_are_seen(tmp_path: Path) -> None:
     folder = tmp_path / "m"
     maildir.make_maildir(folder, folder=False)

@@ -285,3 +285,29 @@ def test_delivery_order_reads_the_unpadded_microseconds() -> None:
     assert sorted(names, key=maildir.delivery_order) == [
         "courier.name", "1699999999.M999999P7Q9.host", "1700000000.M99999P7Q1.host,S=5",
         "1700000000.M100000P7Q2.host,S=5", "1700000001.other"]
+
+
+_NAME_PARTS = st.text(alphabet="0123456789.MPQSW=,:2abc\u0663", max_size=12)
+
+
+@given(st.lists(_NAME_PARTS, min_size=1, max_size=6).map("".join))
+def test_sized_name_reads_what_the_general_functions_read(filename: str) -> None:
+    # The first listing's one match (index.py) must give the same sizes and delivery order as the
+    # three general functions, or not match at all (then those are used).
+    for name in (filename, "1700000000.M12P3.host,S=" + filename, "1700000000.M12P3Q4.h,S=10,W=12" + filename):
+        named = maildir.sized_name(name)
+        if named is None:
+            continue
+        base = name.partition(":")[0]
+        assert (int(named[1]), int(named[2]), base) == maildir.delivery_order(base)
+        assert int(named[3]) == maildir.name_size(base)
+        assert int(named[4]) == maildir.name_wire_size(base)
+
+
+def test_sized_name_matches_dovecot_names() -> None:
+    for name in ("1700000000.M12P3Q4.host,S=10,W=12", "1700000000.M12P3Q4.host,S=10,W=12:2,FS",
+                 "1700000000.M12P3Q4.host,S=10,W=12,X=1:2,", "1700000000.M12P3.ho\\054st,S=10,W=12"):
+        assert maildir.sized_name(name) is not None, name
+    for name in ("1700000000.M12P3Q4.host,S=10", "1700000000.M12P3Q4.host,W=12,S=10", "courier,S=1,W=2",
+                 "1700000000.M12P3Q4.host,S=1x,W=12"):
+        assert maildir.sized_name(name) is None, name

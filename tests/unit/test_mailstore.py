@@ -23,7 +23,7 @@ import pytest
 from appliance.accounts import Accounts
 from appliance.db import Database
 from appliance.imap.selected import SelectedFolder
-from appliance.store import maildir
+from appliance.store import index, maildir
 from appliance.store.index import FolderIndex
 from appliance.store.mailstore import (
     SPECIAL_FOLDERS,
@@ -997,6 +997,64 @@ def test_an_unchanged_10k_folder_is_not_listed_again(tmp_path: Path, monkeypatch
         return unchanged, len(listings) - listed - unchanged
 
     assert run(tmp_path, body) == (0, 1)
+
+
+def copied_in(tmp_path: Path, count: int) -> list[str]:
+    """A Maildir copied in: `count` files named as Dovecot names them (both sizes), every other \\Seen."""
+    box = home(tmp_path)
+    maildir.make_maildir(box, folder=False)
+    names = [f"1600000000.M{n}P1Q1.other,S=3,W=3:2,{'S' if n % 2 else ''}" for n in range(count)]
+    for name in names:
+        (box / "cur" / name).write_bytes(b"x\r\n")
+    return names
+
+
+def test_a_first_listing_answers_before_its_rows_are_written_and_nothing_comes_between(tmp_path: Path) -> None:
+    """The first SELECT of many files copied in answers without waiting for their rows
+    (index.commit_queued); every read and write asked for after it runs after them, and a restart
+    gives the same UIDs."""
+    names = copied_in(tmp_path, index.BULK + 10)
+
+    async def first(store: MailStore) -> list[tuple[int, str]]:
+        snap = await store.snapshot(ALICE, "INBOX", claim_recent=True)
+        rows = await store._db.fetchall("SELECT uid, basename, flags FROM messages ORDER BY uid")
+        assert [(r[0], r[1], r[2]) for r in rows] == [
+            (m.uid, m.filename.partition(":")[0], "S" if "\\Seen" in m.flags else "") for m in snap.messages]
+        assert (await store.deliver([ALICE], MSG))[ALICE] == len(names) + 1  # after them, durable
+        return [(m.uid, m.filename) for m in snap.messages]
+
+    async def second(store: MailStore) -> list[tuple[int, str]]:
+        snap = await store.snapshot(ALICE, "INBOX")
+        return [(m.uid, m.filename) for m in snap.messages[:-1]]
+
+    before = run(tmp_path, first)
+    assert [uid for uid, _ in before] == list(range(1, len(names) + 1))
+    assert sorted(name for _, name in before) == sorted(names)
+    assert run(tmp_path, second) == before
+
+
+def test_rows_a_queued_commit_could_not_write_are_written_at_the_next_use(tmp_path: Path) -> None:
+    names = copied_in(tmp_path, index.BULK)
+
+    async def body(store: MailStore) -> None:
+        # A real failure of SQLite's (what a full disk would raise), on the store's own connection.
+        await store._db.execute("CREATE TEMP TRIGGER refuse BEFORE INSERT ON messages"
+                                " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+        snap = await store.snapshot(ALICE, "INBOX")
+        assert len(snap.messages) == len(names)
+        await store._db.writes_done()
+        assert await store._db.fetchall("SELECT uid FROM messages") == []
+        with pytest.raises(sqlite3.IntegrityError):  # the next use tries again: still refused
+            await store.snapshot(ALICE, "INBOX")
+        await store._db.execute("DROP TRIGGER refuse")
+        await store.store_flags(ALICE, "INBOX", [1], frozenset({"\\Flagged"}), "add")
+        again = await store.snapshot(ALICE, "INBOX")
+        assert [m.uid for m in again.messages] == [m.uid for m in snap.messages]
+        rows = await store._db.fetchall("SELECT uid, flags FROM messages ORDER BY uid")
+        assert [r[0] for r in rows] == [m.uid for m in snap.messages]
+        assert rows[0][1] == "F"  # as the entry is now
+
+    run(tmp_path, body)
 
 
 def test_subscriptions_of_a_dovecot_maildir_are_taken_over(tmp_path: Path) -> None:
