@@ -43,19 +43,41 @@ class DkimKey:
         return f"{self.selector}._domainkey.{self.domain}"
 
     def public_key_base64(self) -> str:
-        # cryptography is imported where a key is made or read (issue 15): the accounts code imports
-        # this module for selector_setting, and a CLI command listing users never touches a key.
-        from cryptography.hazmat.primitives import serialization
+        """The SubjectPublicKeyInfo (DER, base64) of the key's public half, as DKIM publishes it. Read
+        with dkimpy's own key parser and encoded here, not with cryptography: the status checks show
+        this record every few hours, and cryptography's Rust library is 9-10 MB of the box's RSS
+        (issue 19: idle memory). DER has one encoding per value: the same bytes as cryptography's."""
+        from dkim.crypto import UnparsableKeyError, parse_pem_private_key
 
-        key = serialization.load_pem_private_key(self.private_pem, password=None)
-        der = key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        try:
+            key = parse_pem_private_key(self.private_pem)
+        except (UnparsableKeyError, ValueError) as exc:  # ValueError: damaged base64
+            raise DkimKeyError(f"the DKIM key of {self.domain} ({self.selector}) cannot be read") from exc
+        rsa_public_key = _der(0x30, _der_integer(key["modulus"]) + _der_integer(key["publicExponent"]))
+        algorithm = _der(0x30, RSA_ENCRYPTION_OID + b"\x05\x00")  # rsaEncryption, NULL parameters
+        der = _der(0x30, algorithm + _der(0x03, b"\x00" + rsa_public_key))  # BIT STRING, no unused bits
         return base64.b64encode(der).decode("ascii")
 
     def txt_record(self) -> str:
         """The TXT value to publish at `record_name` (RFC 6376 3.6.1)."""
         return f"v=DKIM1; k=rsa; p={self.public_key_base64()}"
+
+
+RSA_ENCRYPTION_OID = b"\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01"  # 1.2.840.113549.1.1.1 (RFC 8017 A.1)
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    """One DER element (X.690 8.1.3: the short length form below 128, else the long form)."""
+    size = len(body)
+    if size < 0x80:
+        return bytes((tag, size)) + body
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(length))) + length + body
+
+
+def _der_integer(value: int) -> bytes:
+    """A non-negative INTEGER: big-endian, with a leading zero byte when the top bit is set."""
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
 
 
 def selector_setting(domain: str) -> str:

@@ -123,3 +123,14 @@ def test_a_box_started_again_leaves_cryptography_for_later(tmp_path: Path) -> No
     env = {"DATA": str(tmp_path / "data")}
     assert "cryptography" in loaded(START_A_BOX, env)  # the first start makes the certificate
     assert offenders(loaded(START_A_BOX, env), RESTART_NEVER) == []
+
+
+def test_the_dkim_record_is_written_without_cryptography(tmp_path: Path) -> None:
+    """The status checks show every domain's DKIM record every few hours."""
+    from appliance.dkim_keys import generate_key
+
+    key = generate_key(tmp_path, "example.org", "s1")
+    names = loaded("import os\nfrom appliance.dkim_keys import DkimKey\n"
+                   "assert DkimKey('example.org', 's1', os.environb[b'PEM']).txt_record().startswith('v=DKIM1')",
+                   {"PEM": key.private_pem.decode()})
+    assert offenders(names, RESTART_NEVER) == []
