@@ -305,6 +305,29 @@ def envelope(headers: Message) -> Value:
     ]
 
 
+def envelope_text(headers: Message) -> bytes:
+    """render_value(envelope(headers)), each value rendered as it is found instead of making the
+    list first (every message cache row renders one, issue 19)."""
+    from_ = addresses(headers, "From")
+    sender = addresses(headers, "Sender") or from_
+    reply_to = addresses(headers, "Reply-To") or from_
+    return b"(" + b" ".join([
+        _nstring_text(headers, "Date"), _nstring_text(headers, "Subject"), _addresses_text(from_),
+        _addresses_text(sender), _addresses_text(reply_to), _addresses_text(addresses(headers, "To")),
+        _addresses_text(addresses(headers, "Cc")), _addresses_text(addresses(headers, "Bcc")),
+        _nstring_text(headers, "In-Reply-To"), _nstring_text(headers, "Message-ID"),
+    ]) + b")"
+
+
+def _nstring_text(headers: Message, name: str) -> bytes:
+    value = headers.get(name)
+    return b"NIL" if value is None else render_value(raw(unfold(value).strip()))
+
+
+def _addresses_text(value: Value) -> bytes:
+    return value.data if isinstance(value, Raw) else b"NIL"  # (addresses gives a Raw or None)
+
+
 def addresses(headers: Message, name: str) -> Value:
     """An address list as ENVELOPE wants it: ((name adl mailbox host)(...)) or NIL when empty
     (RFC 3501 9: the addresses follow each other without spaces)."""
@@ -533,7 +556,9 @@ def body_structures(part: Part) -> tuple[Value, Value]:
         # decide, and that repeats from message to message (text/plain; charset=utf-8): it is
         # rendered once (issue 19: the leaves' fields and their rendering were a fifth of describing
         # a message for the message cache).
-        values = [part.headers.get(name) for name in _LEAF_FIELDS]
+        headers = part.headers
+        values = headers.first_values(_LEAF_FIELDS) if isinstance(headers, Headers) else [
+            headers.get(name) for name in _LEAF_FIELDS]
         text = _leaf_text if sum(len(v) for v in values if v) <= LEAF_TEXT_KEY else _leaf_text.__wrapped__
         head, tail = text(part.maintype, part.subtype, *values)
         counts = b"%d %d" % (part.body.wire_size, part.lines) if part.maintype == "text" else b"%d" % part.body.wire_size
@@ -543,8 +568,8 @@ def body_structures(part: Part) -> tuple[Value, Value]:
 
 # What a leaf's BODYSTRUCTURE says besides its size and lines (_part_structures); fields longer
 # than LEAF_TEXT_KEY together are not kept in _leaf_text's memory.
-_LEAF_FIELDS = ("Content-Type", "Content-Transfer-Encoding", "Content-ID", "Content-Description", "Content-MD5",
-                "Content-Disposition", "Content-Language", "Content-Location")
+_LEAF_FIELDS = ("content-type", "content-transfer-encoding", "content-id", "content-description", "content-md5",
+                "content-disposition", "content-language", "content-location")
 LEAF_TEXT_KEY = 1024
 _NOWHERE = Span(0, 0, 0, 0)
 
@@ -579,7 +604,7 @@ def _part_structures(part: Part) -> tuple[Value, Value]:
     if part.is_message:
         inner = part.children[0]
         inner_extended, inner_basic = body_structures(inner)
-        message_envelope = Raw(render_value(envelope(inner.headers)))
+        message_envelope = Raw(envelope_text(inner.headers))
         basic = [*fields, message_envelope, inner_basic, part.lines]
         fields += [message_envelope, inner_extended, part.lines]
     elif part.maintype == "message" and part.subtype in ("rfc822", "global"):

@@ -19,6 +19,7 @@ import functools
 import os
 import re
 from collections.abc import Iterable, Sequence
+from email.message import Message
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
 
@@ -29,6 +30,7 @@ from appliance.imap.limits import MAX_HEADER_OCTETS
 from appliance.imap.mime import Headers, Part, decode_words, parses_whole, scan, scan_bytes
 from appliance.imap.responses import LiteralBytes, Raw, Value, render_value
 from appliance.store import message_cache
+from appliance.store.file_watch import FolderCheck
 from appliance.store.maildir import open_message
 from appliance.store.message_cache import CachedMessage, FileStamp, FolderCache, stamp_of
 
@@ -77,15 +79,30 @@ def _row(root: Part, block: bytes, stamp: FileStamp) -> CachedMessage:
     exact = (size <= MAX_HEADER_OCTETS and block.count(b"\n") == block.count(b"\r\n")
              and ((isinstance(headers, Headers) and headers.whole) or parses_whole(block)))
     extended, basic = fetching.body_structures(root)
-    fields = fetching.header_fields(block, _CACHED_ORDER, exclude=False)
-    row = CachedMessage(stamp, render_value(fetching.envelope(headers)), render_value(extended),
-                        render_value(basic), fields, exact)
-    if not exact or usable_fields(row) is None:
-        return row
-    # What SEARCH SUBJECT compares (search.Searcher): each value decoded and casefolded. The
-    # header's own values: an exact row's fields give the same (exact_headers).
-    subject = "\0".join(decode_words(value).casefold() for value in headers.get_all("Subject") or [])
-    return row._replace(subject=subject)
+    fields = _kept_source(headers, block) if exact else None
+    if fields is None:
+        fields = fetching.header_fields(block, _CACHED_ORDER, exclude=False)
+    subject = None
+    if exact and fields.count(b"\r") == fields.count(b"\r\n"):  # (usable_fields)
+        # What SEARCH SUBJECT compares (search.Searcher): each value decoded and casefolded. The
+        # header's own values: an exact row's fields give the same (exact_headers).
+        subject = "\0".join([decode_words(value).casefold() for value in headers.get_all("Subject") or []])
+    return CachedMessage(stamp, fetching.envelope_text(headers), render_value(extended), render_value(basic),
+                         fields, exact, subject)
+
+
+def _kept_source(headers: Message, block: bytes) -> bytes | None:
+    """header_fields(block, _CACHED_ORDER, exclude=False) from the fields the scan found, when
+    `block` is exactly those fields then the blank line, every line ending in CRLF (no bare CR
+    either, which header_fields would take for a line end): the kept fields as they are in the
+    block, then the blank line. A loop over the fields found instead of splitting the block into
+    lines again (issue 19). None: ask header_fields."""
+    source = headers.source if isinstance(headers, Headers) else None
+    if (source is None or (not block.endswith(b"\r\n\r\n") and block != b"\r\n")
+            or block.count(b"\r") != block.count(b"\r\n")):
+        return None
+    return "".join([name + ":" + blanks + rest for name, blanks, rest in source
+                    if name.lower() in CACHED_FIELDS]).encode("ascii", "surrogateescape") + b"\r\n"
 
 
 def serves(item: FetchItem) -> bool:
@@ -155,45 +172,58 @@ def kept_fields(block: bytes, fields: Sequence[str]) -> bytes:
 
 def current_rows(cache: FolderCache | None, files: Sequence[tuple[int, str]], *, compute: bool
                  ) -> tuple[dict[int, CachedMessage], Learned, list[tuple[int, str]]]:
-    """The rows of these (UID, file) pairs, each checked against its file (`_current`). With
+    """The rows of these (UID, file) pairs, each checked against its file (`_current`'s rule). With
     `compute`, a missing or stale row is computed from the file; without, the pair is returned as
     unknown. A file that is gone has no row. Blocking: worker thread. Returns the rows, those newly
-    computed (for `FolderCache.learn`) and the unknown pairs."""
+    computed (for `FolderCache.learn`) and the unknown pairs.
+
+    A row computed here counts as checked against its file by the fstat of the file it was read
+    from (opened at its path, in the check: its directory was watched before), so the next command
+    uses it without a stat (the SEARCH after the FETCH that filled the cache): a stat of each file
+    again after describing it was 4-6 % of a first FETCH ENVELOPE BODYSTRUCTURE (issue 19)."""
+    if cache is None:
+        return _computed(files) if compute else ({}, [], list(files))
     rows: dict[int, CachedMessage] = {}
-    stale: list[tuple[int, str, CachedMessage | None]] = [(uid, path, None) for uid, path in files]
-    if cache is not None:
-        rows, stale = _current(cache, cache.read([uid for uid, _ in files]), files)
     learned: Learned = []
     unknown: list[tuple[int, str]] = []
-    computed: list[tuple[int, str, FileStamp]] = []
-    for uid, path, row in stale:
-        if not compute:
-            # (A file that is gone may have been renamed by a flag change: the caller looks.)
-            unknown.append((uid, path))
-            continue
-        try:
-            fresh = _from_file(path, row)
-        except FileNotFoundError:
-            continue  # expunged meanwhile
-        if fresh is not row:
-            learned.append((uid, fresh))
-        rows[uid] = fresh
-        computed.append((uid, path, fresh.stamp))
-    if cache is not None and computed:
-        vouch(cache, computed)
+    known = cache.read([uid for uid, _ in files])
+    with cache.check() as check:
+        rows, rest = check.split(files, known)
+        for uid, path, found in rest:
+            if found is not None and _matches_file(check, uid, path, found.stamp):
+                rows[uid] = found
+                continue
+            if not compute:
+                # (A file that is gone may have been renamed by a flag change: the caller looks.)
+                unknown.append((uid, path))
+                continue
+            try:
+                fresh, st = _from_file(path, found)
+            except FileNotFoundError:
+                continue  # expunged meanwhile
+            if fresh is not found:
+                learned.append((uid, fresh))
+            rows[uid] = fresh
+            if st is not None:
+                check.matched(uid, path, fresh.stamp, st.st_nlink)
     return rows, learned, unknown
 
 
-def vouch(cache: FolderCache, rows: Sequence[tuple[int, str, FileStamp]]) -> None:
-    """Check rows just computed or written, (UID, path, stamp of the file they were computed from),
-    against their files now (a stat each), so that the next command uses them without one (the
-    SEARCH after the FETCH that filled the cache). Worker thread."""
-    _current(cache, {uid: (stamp,) for uid, _, stamp in rows}, [(uid, path) for uid, path, _ in rows])
+def _computed(files: Sequence[tuple[int, str]]) -> tuple[dict[int, CachedMessage], Learned, list[tuple[int, str]]]:
+    """current_rows without a cache: every row computed from its file."""
+    rows: dict[int, CachedMessage] = {}
+    for uid, path in files:
+        try:
+            rows[uid] = _from_file(path, None)[0]
+        except FileNotFoundError:
+            continue  # expunged meanwhile
+    return rows, list(rows.items()), []
 
 
 def vouch_kept(cache: FolderCache, files: Sequence[tuple[int, str]]) -> None:
-    """`vouch` for the rows the CPU pool's worker wrote for these (UID, path) pairs (fill_rows),
-    their stamps read back. Worker thread."""
+    """Check the rows the CPU pool's worker wrote for these (UID, path) pairs (fill_rows), their
+    stamps read back, against their files now (a stat each), so that the next command uses them
+    without one. Worker thread."""
     _current(cache, cache.stamps([uid for uid, _ in files]), files)
 
 
@@ -230,14 +260,15 @@ def needs_row(items: Iterable[FetchItem]) -> bool:
     return any(isinstance(i, FetchAttribute) and i.name in ("BODYSTRUCTURE", "BODY") for i in items)
 
 
-def _from_file(path: Path | str, row: CachedMessage | None) -> CachedMessage:
+def _from_file(path: str, row: CachedMessage | None) -> tuple[CachedMessage, os.stat_result | None]:
     """The row of the file at `path` (found again by its unique name when a flag change renamed it,
-    as open_message does): `row` itself when it is still that file's, else described afresh."""
+    as open_message does): `row` itself when it is still that file's, else described afresh; with
+    the fstat of the file read when it was the one at `path` itself (None: a renamed file)."""
     with open_message(path) as f:
-        stamp = stamp_of(os.fstat(f.fileno()))
-        if row is not None and row.stamp == stamp:
-            return row
-        return describe(f, stamp)
+        st = os.fstat(f.fileno())
+        stamp = stamp_of(st)
+        row = row if row is not None and row.stamp == stamp else describe(f, stamp)
+        return row, st if f.name == path else None
 
 
 class HeaderLookup(Protocol):
@@ -348,14 +379,20 @@ def _current(cache: FolderCache, known: dict[int, _Stamped], files: Sequence[tup
         out, rest = check.split(files, known)
         stale: list[tuple[int, str, _Stamped | None]] = []
         for uid, path, found in rest:
-            if found is not None:
-                try:
-                    st = os.stat(path)
-                except FileNotFoundError:
-                    st = None
-                if st is not None and found[0] == stamp_of(st):
-                    out[uid] = found
-                    check.matched(uid, path, found[0], st.st_nlink)
-                    continue
+            if found is not None and _matches_file(check, uid, path, found[0]):
+                out[uid] = found
+                continue
             stale.append((uid, path, found))
     return out, stale
+
+
+def _matches_file(check: FolderCheck, uid: int, path: str, stamp: FileStamp) -> bool:
+    """Whether the file at `path` is still the one of `stamp` (a stat), told to `check` if so."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    if stamp != stamp_of(st):
+        return False
+    check.matched(uid, path, stamp, st.st_nlink)
+    return True

@@ -87,7 +87,7 @@ def parse_header(block: bytes) -> Message:
     text = block.decode("ascii", "surrogateescape")
     found = _plain_fields(text)
     if found is not None:
-        return Headers(found, whole=True)
+        return Headers([(name, value.rstrip("\r\n")) for name, _, value in found], whole=True, source=found)
     fields: list[tuple[str, str]] = []
     name = ""
     value: list[str] = []
@@ -119,22 +119,47 @@ class Headers(Message):
     times per message: a tenth of building a message cache row, issue 19). Read-only: the index
     would not follow a change, so the methods that add or change a field refuse."""
 
-    def __init__(self, fields: list[tuple[str, str]], *, whole: bool = False) -> None:
+    def __init__(self, fields: list[tuple[str, str]], *, whole: bool = False,
+                 source: list[tuple[str, str, str]] | None = None) -> None:
         super().__init__(policy=RAW_POLICY)
         self.whole = whole  # every line of the block was part of a field (what parses_whole says)
+        # With `whole`: each field as it is in the block, (name, the blanks after its colon, the rest
+        # with its continuation lines and line ends), so the block is these joined by colons.
+        self.source = source
         self._headers = fields  # stored as the stdlib parser stores them (set_raw)
-        index: dict[str, list[str]] = {}
-        for name, value in fields:
-            index.setdefault(name.lower(), []).append(value)
-        self._index = index
+        # The first value of each name, for get(): one comprehension, the fields taken backwards so
+        # the first one wins (a loop making a list per name was a tenth of scanning a message).
+        self._first = {name.lower(): value for name, value in reversed(fields)}
+        self._all: dict[str, list[str]] | None = None  # every value by name, made for get_all when a name repeats
 
     def get(self, name: str, failobj: Any = None) -> Any:
-        values = self._index.get(name.lower())
-        return values[0] if values else failobj
+        return self._first.get(name.lower(), failobj)
+
+    def first_values(self, names: tuple[str, ...]) -> list[str | None]:
+        """get() of each of these lower-case names, in one call."""
+        get = self._first.get
+        return [get(name) for name in names]
 
     def get_all(self, name: str, failobj: Any = None) -> Any:
-        values = self._index.get(name.lower())
-        return list(values) if values else failobj
+        key = name.lower()
+        if key not in self._first:
+            return failobj
+        if len(self._first) == len(self._headers):
+            return [self._first[key]]  # no name repeats
+        if self._all is None:
+            index: dict[str, list[str]] = {}
+            for field, value in self._headers:
+                index.setdefault(field.lower(), []).append(value)
+            self._all = index
+        return list(self._all[key])
+
+    def get_content_type(self) -> str:
+        """Message.get_content_type from the index (it is asked for every part)."""
+        value = self._first.get("content-type")
+        if value is None:
+            return self.get_default_type()
+        ctype = value.partition(";")[0].strip().lower()
+        return ctype if ctype.count("/") == 1 else "text/plain"
 
     def _read_only(self, *args: object, **kwargs: object) -> NoReturn:
         raise TypeError("parsed header fields are read-only")
@@ -142,14 +167,15 @@ class Headers(Message):
     __setitem__ = __delitem__ = set_raw = add_header = replace_header = _read_only
 
 
-def _plain_fields(text: str) -> list[tuple[str, str]] | None:
-    """(name, value) of each field when `text` is fields only (a field line and its continuation
-    lines, one after the other), as parse_header's rules give them; None for anything else."""
+def _plain_fields(text: str) -> list[tuple[str, str, str]] | None:
+    """(name, blanks after the colon, the rest with its line ends) of each field when `text` is
+    fields only (a field line and its continuation lines, one after the other); the value
+    parse_header's rules give is the rest without its last line end. None for anything else."""
     found = _FIELD.findall(text)
     # The fields found follow each other without a gap when their lengths add up to the text's.
     if len("".join(map("".join, found))) + len(found) != len(text):
         return None
-    return [(name, value.rstrip("\r\n")) for name, _, value in found]
+    return found
 
 
 @dataclass(frozen=True)

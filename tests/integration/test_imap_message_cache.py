@@ -379,7 +379,7 @@ def test_a_file_changed_after_its_row_was_trusted(box: BoxHandle, how: str) -> N
 def test_rows_just_computed_need_no_stat_at_the_next_command(
         box: BoxHandle, monkeypatch: pytest.MonkeyPatch, filled_by: str) -> None:
     """Rows a FETCH computed, or the CPU pool's worker wrote after a header list, are checked against
-    their files once written (fetch_cache.vouch): the SEARCH SUBJECT after them stats no file, and
+    their files once written (fetch_cache.current_rows): the SEARCH SUBJECT after them stats no file, and
     still sees a file changed since."""
     stats: list[int] = []
     counted = stamp_of

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from appliance.imap import fetch, fetch_cache
 from appliance.imap.commands import BodySection, FetchAttribute, FetchItem, HeaderKey, Section
 from appliance.imap.mime import HEADER_PROBE, decode_words, parse_header, scan, top_header_block
-from appliance.imap.responses import FetchResponse
+from appliance.imap.responses import FetchResponse, render_value
 from appliance.imap.search import CachedSubject, Candidate, Searcher
 
 CORPUS = Path(__file__).parent.parent / "corpus" / "mime"
@@ -75,6 +75,29 @@ def test_kept_fields_match_header_fields(lines: list[tuple[bytes, bytes]], body:
         for name in wanted:
             assert cached.get_all(name) == whole.get_all(name)
             assert cached.get(name) == whole.get(name)
+
+
+_ROW_LINES = st.sampled_from([
+    b"Subject: hi", b"From: a@b", b"X-Other: x", b" folded", b"\tfolded ", b"Subject :spaced", b"cc:lower",
+    b"no colon", b"Subject: a\rb", b"\xff: v", b"To: \xc3\xa9t\xc3\xa9", b"Date:", b"Date:  \t ", b"From x",
+    b":novalue", b"References: <a@b>", b"LIST-ID: <l.x>", b"Received: by x;", b'From: "A \\"q\\"" <a@b>, c@d',
+    b"To: group: x@y, z@w;", b"Sender: s@t", b"Reply-To: =?utf-8?q?x?= <r@s>", b"Message-ID: <m@x>",
+    b"In-Reply-To:  <i@x> ", b"Cc: \xff@x",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_ROW_LINES, st.sampled_from([b"\r\n", b"\r\n", b"\n", b"\r"])), max_size=10),
+       st.sampled_from([b"\r\nbody\r\n", b"\r\n", b""]))
+def test_row_fields_are_header_fields_of_the_block(lines: list[tuple[bytes, bytes]], end: bytes) -> None:
+    """A row's fields, taken from the fields the scan found where the block is all fields with CRLF
+    line ends, are what header_fields gives for the block (and so what the file answers)."""
+    data = b"".join(a + b for a, b in lines) + end
+    root = scan(io.BytesIO(data))
+    block = data[root.header.start:root.header.end]
+    row = fetch_cache.describe_bytes(data, (0, 0, 0))
+    assert row.fields == fetch.header_fields(block, fetch_cache._CACHED_ORDER, exclude=False)
+    assert row.envelope == render_value(fetch.envelope(root.headers))
 
 
 _SEARCH_LINES = st.sampled_from([

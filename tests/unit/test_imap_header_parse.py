@@ -21,7 +21,8 @@ _PIECES = st.sampled_from([
     b"Subject: hello", b"From: A <a@b.example>", b"From a@b Mon Jan 1", b"To:", b"X-Long:   spaced\t",
     b" continued", b"\tcontinued", b":no name", b"Bad Name: x", b"no colon at all", b"Content-Type: text/plain;",
     b' boundary="x y"', b"Date: Mon, 1 Jan 2024 10:00:00 +0000", b"\xc3\xa9t\xc3\xa9: v", b"Subject: \xff\xfe",
-    b"", b"\x00", b"Received: from x\r", b"Cc: c@d", b"x:", b"From  a",
+    b"", b"\x00", b"Received: from x\r", b"Cc: c@d", b"x:", b"From  a", b"Content-Type: Multipart/Mixed ; b=1",
+    b"content-type: text", b"CONTENT-TYPE: a/b/c", b"Content-Type:  image/png",
 ])
 _ENDS = st.sampled_from([b"\r\n", b"\n", b"\r", b""])
 
@@ -39,6 +40,12 @@ def _same(block: bytes) -> None:
     assert got.items() == expected.items()
     assert got.get_content_type() == expected.get_content_type()
     assert got.get_param("boundary") == expected.get_param("boundary")
+    for name in ("Subject", "from", "TO", "content-type", "x", "Received", "cc", "Bad Name", "missing"):
+        assert got.get(name) == expected.get(name)
+        assert got.get_all(name) == expected.get_all(name)
+    got.set_default_type("message/rfc822")
+    expected.set_default_type("message/rfc822")
+    assert got.get_content_type() == expected.get_content_type()
 
 
 @settings(max_examples=200, deadline=None)
