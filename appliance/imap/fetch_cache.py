@@ -352,8 +352,8 @@ def subject_hits(cache: FolderCache, files: Sequence[tuple[int, str]], needle: s
     the rows' subject texts: (the UIDs whose text holds it, the UIDs the rows cannot answer: no
     text, another file's, or a file not where the index has it, perhaps renamed). known_subjects
     with the test done here: no object per message goes back to the event loop. Worker thread."""
-    current, _ = _current(cache, cache.subjects([uid for uid, _ in files]), files)
-    hits = {uid for uid, (_, subject) in current.items() if needle in subject}
+    current, _ = _current(cache, cache.subject_hits([uid for uid, _ in files], needle), files)
+    hits = {uid for uid, (_, hit) in current.items() if hit}
     return hits, {uid for uid, _ in files if uid not in current}
 
 

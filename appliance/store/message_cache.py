@@ -97,6 +97,9 @@ _SELECT_SQL = "SELECT {} FROM message_cache WHERE folder_id = ? AND version = ? 
 # walks in order, instead of a look-up per UID; the rows of UIDs not asked for are dropped.
 _RANGE_SQL = "SELECT {} FROM message_cache WHERE folder_id = ? AND version = ? AND uid BETWEEN ? AND ?"
 _SUBJECT_COLUMNS = "uid, file_size, file_mtime_ns, file_inode, search_subject"
+# Whether the subject text holds the needle, decided by SQLite (instr: an exact substring of the
+# text, as Python's `in`; the needle holds no NUL, so none of the NULs joining the values is in a match).
+_SUBJECT_HIT_COLUMNS = "uid, file_size, file_mtime_ns, file_inode, instr(search_subject, ?) > 0"
 _STAMP_COLUMNS = "uid, file_size, file_mtime_ns, file_inode"
 _HAS_SUBJECT = " AND search_subject IS NOT NULL"
 
@@ -168,13 +171,22 @@ class MessageCache:
         return {uid: ((size, mtime, inode), subject)
                 for uid, size, mtime, inode, subject in self._select(folder_id, uids, _SUBJECT_COLUMNS, _HAS_SUBJECT)}
 
+    def subject_hits(self, folder_id: int, uids: Sequence[int], needle: str) -> dict[int, tuple[FileStamp, bool]]:
+        """Whether the SEARCH SUBJECT text of these messages' rows holds `needle` (no NUL in it), with
+        the stamp of the file each was computed from, where a row has a text: `subjects` with the
+        test made in SQLite, so no text is made into a Python string (issue 19). Blocking: worker thread."""
+        return {uid: ((size, mtime, inode), bool(hit)) for uid, size, mtime, inode, hit
+                in self._select(folder_id, uids, _SUBJECT_HIT_COLUMNS, _HAS_SUBJECT, (needle,))}
+
     def stamps(self, folder_id: int, uids: Sequence[int]) -> dict[int, tuple[FileStamp]]:
         """The stamps of these messages' rows (each in a 1-tuple, as rows carry theirs first). Blocking."""
         return {uid: ((size, mtime, inode),) for uid, size, mtime, inode in self._select(folder_id, uids, _STAMP_COLUMNS)}
 
-    def _select(self, folder_id: int, uids: Sequence[int], columns: str, where: str = "") -> list[tuple[Any, ...]]:
-        """`columns` (the UID first) of the rows of these messages of the current version, read in
-        chunks. A database that cannot be read gives none (the files are read instead)."""
+    def _select(self, folder_id: int, uids: Sequence[int], columns: str, where: str = "",
+                column_args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """`columns` (the UID first; `column_args` for their parameters) of the rows of these messages
+        of the current version, read in chunks. A database that cannot be read gives none (the files
+        are read instead)."""
         out: list[tuple[Any, ...]] = []
         if self._broken or not uids:
             return out
@@ -185,14 +197,15 @@ class MessageCache:
                     chunk = list(uids[start:start + READ_BATCH])
                     low, high = min(chunk), max(chunk)
                     if high - low < 2 * len(chunk):
-                        rows = conn.execute(_RANGE_SQL.format(columns) + where, (folder_id, CACHE_VERSION, low, high))
+                        rows = conn.execute(_RANGE_SQL.format(columns) + where,
+                                            (*column_args, folder_id, CACHE_VERSION, low, high))
                         if high - low + 1 > len(chunk):
                             wanted = set(chunk)
                             out += (row for row in rows if row[0] in wanted)
                             continue
                     else:
                         sql = _SELECT_SQL.format(columns, ",".join("?" * len(chunk))) + where
-                        rows = conn.execute(sql, (folder_id, CACHE_VERSION, *chunk))
+                        rows = conn.execute(sql, (*column_args, folder_id, CACHE_VERSION, *chunk))
                     out += rows
             except sqlite3.Error as exc:
                 # Not fatal: every answer can be computed from the files. Said once, then left alone.
@@ -256,6 +269,9 @@ class FolderCache:
 
     def subjects(self, uids: Sequence[int]) -> dict[int, tuple[FileStamp, str]]:
         return self.cache.subjects(self.folder_id, uids)
+
+    def subject_hits(self, uids: Sequence[int], needle: str) -> dict[int, tuple[FileStamp, bool]]:
+        return self.cache.subject_hits(self.folder_id, uids, needle)
 
     async def learn(self, rows: Sequence[tuple[int, CachedMessage]]) -> None:
         await self.cache.learn(self.folder_id, rows)
