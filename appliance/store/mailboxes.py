@@ -62,7 +62,9 @@ class OpenMailbox:
     quota: int  # bytes; 0 = none
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     folders: dict[str, FolderIndex] = field(default_factory=dict)
-    ready: bool = False  # Maildir root and INBOX made, special folders on first access
+    inbox_ready: bool = False  # Maildir root and INBOX made
+    ready: bool = False  # and the special folders and subscriptions, on first access
+    settling: asyncio.Task[None] | None = None  # _settle_later's task
     counted: bool = False  # every folder on disk indexed once, so usage is known
     reserved: int = 0  # bytes of deliveries in flight, counted against the quota
     # Orders the writes of the subscriptions file (the last one written holds the last list read).
@@ -87,7 +89,7 @@ class OpenMailboxes:
         self._trim: asyncio.TimerHandle | None = None
         self.unloads = 0  # indexes unloaded (tests, bench)
 
-    async def get(self, address: str) -> OpenMailbox:
+    async def get(self, address: str, *, inbox: bool = False) -> OpenMailbox:
         local, _, domain = address_key(address).rpartition("@")
         if not local or not domain or any(p in (".", "..") or "/" in p or "\0" in p for p in (local, domain)):
             raise StoreError(f"not a mailbox address: {address[:100]!r}")
@@ -103,10 +105,15 @@ class OpenMailboxes:
             self._mailboxes[mb.id] = mb
             self._current[key] = mb.id
         mb.quota = record.quota_bytes  # the administrator may have changed it
-        if not mb.ready:
+        if not mb.inbox_ready:
             async with mb.lock:
-                if not mb.ready:
+                if not mb.inbox_ready:
                     await self._setup(mb)
+        if not mb.ready:
+            if inbox:
+                self._settle_later(mb)
+            else:
+                await self._settle(mb)
         return mb
 
     async def generation(self, address: str) -> int | None:
@@ -132,15 +139,31 @@ class OpenMailboxes:
         self.changes.mailbox_gone(key)  # sessions look again and find the mailbox gone
 
     async def _setup(self, mb: OpenMailbox) -> None:
-        """First access in this process: the Maildir root exists; on the mailbox's first access ever
-        (no folder rows yet) the special folders are made, as Dovecot's autocreate does."""
+        """First access in this process: the Maildir root and INBOX exist (mailbox lock held)."""
         await asyncio.to_thread(maildir.make_maildir, mb.root, folder=False)
-        # Missing special folders are made again at every first access, as Dovecot's autocreate
-        # does: a Maildir copied in from elsewhere gets its Sent, Drafts, Trash and Junk (issue 17).
-        await asyncio.to_thread(_make_specials, mb.root)
         await self.folder_locked(mb, INBOX)
-        await subscriptions.fill(self._db, mb)
-        mb.ready = True
+        mb.inbox_ready = True
+
+    async def _settle(self, mb: OpenMailbox) -> None:
+        """The rest of a first access: missing special folders are made again at every first access,
+        as Dovecot's autocreate does (a Maildir copied in from elsewhere gets its Sent, Drafts, Trash
+        and Junk, issue 17), and INBOX and the folders there are subscribed on the mailbox's first
+        access ever."""
+        async with mb.lock:
+            if not mb.ready:
+                await asyncio.to_thread(_make_specials, mb.root)
+                await subscriptions.fill(self._db, mb)
+                mb.ready = True
+
+    def _settle_later(self, mb: OpenMailbox) -> None:
+        """_settle in a task of its own: a SELECT of INBOX, the first access of most sessions, does
+        not wait for it. Making five folders took 25 directory fsyncs, 76-112 ms of a cold SELECT at
+        load 18 (issue 19); they are still made and fsynced before anything else uses the mailbox
+        (every other use waits for them in get())."""
+        if mb.settling is not None and not mb.settling.done():
+            return
+        mb.settling = asyncio.get_running_loop().create_task(self._settle(mb))
+        mb.settling.add_done_callback(_settled)
 
     async def folder(self, mb: OpenMailbox, name: str) -> FolderIndex:
         name = existing_name(name)
@@ -516,8 +539,11 @@ class OpenMailboxes:
             f.dating = False
 
     async def flush_uidlists(self) -> None:
-        """Wait for the dovecot-uidlist writes under way (at stop, and in tests). The dating
-        tasks are stopped: what they did not keep is read again after the next load."""
+        """Wait for the dovecot-uidlist writes under way (at stop, and in tests), and a first
+        access's special folders. The dating tasks are stopped: what they did not keep is read again
+        after the next load."""
+        settling = [mb.settling for mb in self._mailboxes.values() if mb.settling is not None]
+        await asyncio.gather(*settling, return_exceptions=True)
         for task in self._dating:
             task.cancel()
         await asyncio.gather(*list(self._dating), return_exceptions=True)
@@ -537,6 +563,12 @@ class OpenMailboxes:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+def _settled(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        # The next access that needs the special folders tries again, and fails for itself.
+        log.warning("store: cannot make the special folders yet: %s", exc)
+
 
 def release_memory() -> None:
     """Give freed heap back to the system (glibc keeps it otherwise: RSS would stay at its peak)."""

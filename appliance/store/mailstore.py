@@ -40,6 +40,7 @@ from appliance.store.mailboxes import OpenMailbox, OpenMailboxes, address_key, l
 from appliance.store.maildir import Keywords, WriteJob, open_message
 from appliance.store.message_cache import CachedMessage, FileStamp, FolderCache, MessageCache, stamp_of
 from appliance.store.model import (
+    INBOX,
     SPECIAL_FOLDERS,
     Filed,
     FolderExists,
@@ -133,7 +134,8 @@ class MailStore:
         \\Recent for this caller alone (RFC 3501 2.3.2): files move from new/ to cur/. Without
         `disk`, as the index has it (OpenMailboxes.sync): what a session woken by a change made
         through the store asks for, with no listing of the Maildir and no trip to a worker thread."""
-        mb = await self._boxes.get(mailbox)
+        # INBOX, the first folder most sessions open, needs nothing else of the mailbox.
+        mb = await self._boxes.get(mailbox, inbox=maildir.canonical_name(folder) == INBOX)
         f = await self._boxes.folder(mb, folder)
         async with f.lock:
             changed = await self._boxes.sync(mb, f, disk=disk)

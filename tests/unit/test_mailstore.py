@@ -1089,6 +1089,25 @@ def test_missing_special_folders_are_made_again(tmp_path: Path) -> None:
     assert {"Sent", "Drafts", "Trash", "Junk"} <= run(tmp_path, second)
 
 
+def test_a_first_select_of_inbox_leaves_the_special_folders_to_a_task_others_wait_for(tmp_path: Path) -> None:
+    """SELECT of INBOX, a session's usual first access, does not wait for the special folders and
+    the subscriptions (25 directory fsyncs, issue 19); every other use of the mailbox does."""
+    copied_in(tmp_path, 3)
+
+    async def body(store: MailStore) -> tuple[set[str], list[str]]:
+        mb = await store._boxes.get(ALICE, inbox=True)
+        assert mb.inbox_ready
+        assert mb.settling is not None
+        assert len((await store.snapshot(ALICE, "INBOX")).messages) == 3
+        return {f.name for f in await store.folders(ALICE)}, await store.subscriptions(ALICE)
+
+    names, subscribed = run(tmp_path, body)
+    assert {"INBOX", "Sent", "Drafts", "Trash", "Junk", "Archive"} <= names
+    assert {"INBOX", "Sent", "Drafts", "Trash", "Junk"} <= set(subscribed)
+    for name in (".Sent", ".Trash"):
+        assert (home(tmp_path) / name / "cur").is_dir()
+
+
 # --- records kept for other programs and for QRESYNC ------------------------------------------------
 
 def test_uidlist_grows_by_appending_and_is_rewritten_after_an_expunge(tmp_path: Path) -> None:
