@@ -23,7 +23,7 @@ from appliance.imap import fetch_cache
 from appliance.imap.commands import FetchAttribute, FetchItem
 from appliance.imap.limits import STRUCTURE_CACHE_OCTETS
 from appliance.imap.mime import Part, scan, scan_header, top_header_block
-from appliance.imap.responses import FetchResponse, Preformatted, Response, Value
+from appliance.imap.responses import FetchResponse, Preformatted, Response, Value, fetch_line
 from appliance.imap.selected import SelectedFolder, flag_text
 from appliance.store.mailstore import MessageInfo, open_message
 from appliance.store.message_cache import FolderCache
@@ -235,7 +235,7 @@ def _render_cached(
             out.append(None)
             continue
         # (No streamed literal among these items: the whole response is bytes.)
-        out.append(_response(seq, values, message, flags_changed, condstore).to_bytes())
+        out.append(fetch_line(seq, _with_flags(values, message, flags_changed, condstore)))
     return out, learned, unknown
 
 
@@ -313,13 +313,18 @@ def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequenc
 
 def _response(seq: int, values: list[tuple[str, Value]], message: fetching.MessageFacts, flags_changed: set[int],
               condstore: bool) -> FetchResponse:
-    """The FETCH response, with FLAGS (and MODSEQ under CONDSTORE) added when the fetch itself
-    changed the flags (RFC 3501 6.4.5 \\Seen) and the client did not ask for them."""
+    return FetchResponse(seq, tuple(_with_flags(values, message, flags_changed, condstore)))
+
+
+def _with_flags(values: list[tuple[str, Value]], message: fetching.MessageFacts, flags_changed: set[int],
+                condstore: bool) -> list[tuple[str, Value]]:
+    """A FETCH response's values, with FLAGS (and MODSEQ under CONDSTORE) added when the fetch
+    itself changed the flags (RFC 3501 6.4.5 \\Seen) and the client did not ask for them."""
     if message.uid in flags_changed and not any(name == "FLAGS" for name, _ in values):
         values.append(("FLAGS", fetching.index_value("FLAGS", message)))
         if condstore and not any(name == "MODSEQ" for name, _ in values):
             values.append(("MODSEQ", fetching.index_value("MODSEQ", message)))
-    return FetchResponse(seq, tuple(values))
+    return values
 
 
 def facts(view: SelectedFolder, uid: int, dated: bool = True) -> fetching.MessageFacts:

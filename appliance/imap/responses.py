@@ -273,5 +273,13 @@ class FetchResponse(Response):
         return coalesce(out)
 
 
+def fetch_line(seq: int, items: Sequence[tuple[str, Value]]) -> bytes:
+    """FetchResponse(seq, items).to_bytes(), each value rendered by render_value: no response
+    object and no list of pieces (a FETCH from the message cache renders one per message: 7 us
+    a message that way, 3 this one; issue 19)."""
+    return b"* %d FETCH (" % seq + b" ".join([name.encode("ascii") + b" " + render_value(value)
+                                              for name, value in items]) + b")\r\n"
+
+
 def flag_list(flags: Sequence[str]) -> Atom:
     return Atom("(" + " ".join(flags) + ")")

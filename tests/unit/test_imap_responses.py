@@ -13,6 +13,8 @@ from appliance.imap.responses import (
     Raw,
     Tagged,
     UntaggedStatus,
+    Value,
+    fetch_line,
     render_value,
 )
 
@@ -55,3 +57,13 @@ def test_data_and_fetch() -> None:
     fetch = FetchResponse(7, (("UID", 9), ("FLAGS", Atom("(\\Seen)")), ("BODY[]", LiteralBytes(b"hi"))))
     assert fetch.to_bytes() == b"* 7 FETCH (UID 9 FLAGS (\\Seen) BODY[] {2}\r\nhi)\r\n"
     assert Preformatted(b"* 1 FETCH (UID 1)\r\n").to_bytes() == b"* 1 FETCH (UID 1)\r\n"
+
+
+def test_fetch_line_is_the_fetch_response() -> None:
+    items: tuple[tuple[str, Value], ...] = (
+        ("UID", 9), ("FLAGS", Atom("(\\Seen)")), ("ENVELOPE", Raw(b'("d" NIL)')), ("X", None), ("Y", b'q"uote'),
+        ("Z", "t\u00e9xt"), ("L", [1, [b"a", None], Raw(b"(x)")]), ("BODY[HEADER.FIELDS (FROM)]", LiteralBytes(b"From: a\r\n\r\n")),
+        ("BIG", b"x" * 5000), ("CRLF", b"a\r\nb"),
+    )
+    for count in range(len(items) + 1):
+        assert fetch_line(3, items[:count]) == FetchResponse(3, items[:count]).to_bytes()
