@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from appliance.bundle import write_bundle
-from tests.image.test_appliance import _https, _wizard_step1
+from tests.image.test_appliance import _wizard_step1, https_client
 from tests.image.vm import DirectBoot, Vm
 from tests.support.releases import ROOT, build_wheel
 
@@ -158,7 +158,7 @@ def main(image: Path) -> int:
             status, _, _ = vm.https_get("/setup/1", timeout=300)
             print(f"wizard step 1: HTTP {status}", flush=True)
             code = vm.run(f"cat {DATA}/setup-code").stdout.strip()
-            with _https(vm) as client:
+            with https_client(vm) as client:
                 response = _wizard_step1(client, code)
             location = response.headers.get("location", "")
             print(f"wizard step 1 completed {time.monotonic() - started:.0f} s after qemu started: "

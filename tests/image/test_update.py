@@ -5,9 +5,8 @@ systemd each time and the mail read through the forwarded IMAPS port throughout.
 
 The newer releases are this checkout under higher versions, with the dependency wheels the image's
 release has (tests/support/releases.py), packed as bundles (appliance/bundle.py). The failed one goes
-through `letterbox-update BUNDLE` as root; the good one through `letterbox update upload` as the box's
-user, which is the console's path: letterbox-update.path sees DATA/updates/incoming.tar and starts
-letterbox-update.service.
+through `letterbox-update BUNDLE` as root; the good one is uploaded on the console's Updates page, and
+letterbox-update.path sees DATA/updates/incoming.tar and starts letterbox-update.service.
 """
 
 from __future__ import annotations
@@ -26,12 +25,13 @@ from appliance.db import load_migrations
 from tests.image.conftest import DATA, FIGURES
 from tests.image.test_appliance import (
     ALICE,
-    ALICE_PASSWORD,
-    CLI,
     CLIENT_TIMEOUT,
-    DOMAIN,
     _subjects,
+    _token,
+    https_client,
+    log_in,
     set_setting,
+    set_up_on_the_console,
     wait_for,
 )
 from tests.image.vm import Vm, VmError
@@ -93,8 +93,7 @@ def test_failed_update_rolls_back_then_good_update_migrates(box: Vm, tmp_path: P
     # took the CPU from the updates (rspamd's first start compiles the public-suffix list, minutes of
     # emulated CPU). Stopped, mail is accepted and marked unchecked, as whenever rspamd is down.
     box.run("systemctl stop rspamd.service redis-server.service")
-    box.run(f"{CLI} domain add {DOMAIN}")
-    box.run(f"{CLI} user add {ALICE} --password-stdin", stdin=f"{ALICE_PASSWORD}\n".encode())
+    set_up_on_the_console(box)
     # The host reaches port 25 from qemu's gateway (10.0.2.2): treated as a trusted network, so that
     # greylisting and the DNS lists (no internet in the VM) leave the test's message alone.
     set_setting(box, "spam_skip_networks", "127.0.0.0/8, ::1/128, 10.0.2.0/24")
@@ -132,11 +131,17 @@ def test_failed_update_rolls_back_then_good_update_migrates(box: Vm, tmp_path: P
     assert _status(box)["state"] == "failed"
     steps.done("failed update and rollback")
 
-    # The console's way: the box's user hands the bundle over, letterbox-update.path starts the update.
-    box.write_file("/root/good.tar", _bundle(tmp_path, f"{running}.1"))
-    box.run("install -o letterbox -m 0600 /root/good.tar /var/lib/letterbox/good.tar")
-    box.run(f"{CLI} update upload /var/lib/letterbox/good.tar")
-    steps.done("good bundle made, copied in and uploaded")
+    # The console's way: the admin uploads the bundle on the Updates page; the box hands it over and
+    # letterbox-update.path starts the update.
+    good = _bundle(tmp_path, f"{running}.1")
+    with https_client(box) as client:
+        log_in(client)
+        page = client.get("/console/updates")
+        uploaded = client.post("/console/updates", data={"csrf": _token(page)},
+                               files={"bundle": (f"letterbox-bundle-{running}.1.tar", good, "application/x-tar")})
+        assert uploaded.status_code == 303, uploaded.text[:800]
+        assert "is being installed" in client.get("/console/updates").text
+    steps.done("good bundle made and uploaded on the console")
     deadline = time.monotonic() + 1500
     # One read of the status a round: read three times, the file changed in between (the failed
     # update's "failed", then this one's "running 0.1.0.1") and a running update was taken for a failed one.
@@ -146,7 +151,12 @@ def test_failed_update_rolls_back_then_good_update_migrates(box: Vm, tmp_path: P
         if time.monotonic() > deadline:
             raise VmError(box.failure_report(f"no outcome of the update: {status}"))
         time.sleep(3)
-    assert box.run("letterbox --version").stdout.strip() == f"letterbox {running}.1"
+    # The version the box runs, as the console shows it (`letterbox --version`, read at the start, costs
+    # an import of Letterbox under TCG; the page is of the running process).
+    with https_client(box) as client:
+        log_in(client)
+        assert f'<strong id="running-version">Letterbox {running}.1</strong>' in client.get("/console/updates").text
+    assert box.run("readlink /opt/letterbox/venv").stdout.strip() == f"venv-{running}.1"
     assert box.run("systemctl is-active letterbox").stdout.strip() == "active"
     assert int(box.run(SCHEMA).stdout) == schema + 1  # the older data was migrated at start
     assert _subjects(box) == ["before the updates"]
