@@ -150,7 +150,7 @@ def test_failed_update_rolls_back_then_good_update_migrates(box: Vm, tmp_path: P
             raise VmError(box.failure_report(f"the update failed: {status}"))
         if time.monotonic() > deadline:
             raise VmError(box.failure_report(f"no outcome of the update: {status}"))
-        time.sleep(3)
+        time.sleep(1)
     # The version the box runs, as the console shows it (`letterbox --version`, read at the start, costs
     # an import of Letterbox under TCG; the page is of the running process).
     with https_client(box) as client:
