@@ -806,7 +806,7 @@ class ImapSession:
             batch = candidates[start:start + SEARCH_CACHE_BATCH]
             known: dict[int, HeaderLookup] = {}
             if cache is not None:
-                batch, known = await self._cached_batch(cache, batch, needle, subject_only, found)
+                known = await self._known_headers(cache, batch, subject_only)
             for c in batch:
                 cached = known.get(c.uid)
                 if needle is not None and isinstance(cached, CachedSubject):
@@ -829,25 +829,19 @@ class ImapSession:
                 hits = searcher.hits.narrowed({c.uid for c, _ in chunk}) if searcher.hits is not None else None
                 seqs = await run(search_files, searcher.key, searcher.largest_seq, searcher.largest_uid, hits, items)
                 found += [by_seq[n] for n in seqs]
-        found.sort(key=lambda c: c.seq)  # (in order but for the scanned and the ones a row's subject answered)
+        found.sort(key=lambda c: c.seq)  # (in order but for the scanned)
         return found
 
-    async def _cached_batch(self, cache: FolderCache, batch: list[Candidate], needle: str | None, subject_only: bool,
-                            found: list[Candidate]) -> tuple[list[Candidate], dict[int, HeaderLookup]]:
-        """What the message cache knows of a batch's headers for a SEARCH: with a lone SUBJECT
-        `needle`, the messages whose rows' subject texts answer it are decided in the thread (the
-        matches added to `found`) and left out; returns the rest with their cached headers."""
+    async def _known_headers(self, cache: FolderCache, batch: list[Candidate], subject_only: bool) -> dict[int, HeaderLookup]:
+        """What the message cache knows of a batch's headers for a SEARCH. (A lone SUBJECT was
+        decided from the rows' subject texts before, in _lone_subject: what reaches here of it are
+        the messages those rows could not answer.)"""
         view = self.view
         # Paths as strings: a Path per message was a tenth of a header SEARCH's time.
         files = [(c.uid, view.info(c.uid).file) for c in batch]
-        if needle is not None:
-            matched, unknown = await asyncio.to_thread(fetch_cache.subject_hits, cache, files, needle)
-            found += [c for c in batch if c.uid in matched]
-            batch = [c for c in batch if c.uid in unknown]
-            files = [(uid, path) for uid, path in files if uid in unknown]
         if not files:
-            return batch, {}
-        return batch, await asyncio.to_thread(_cached_headers, cache, files, subject_only)
+            return {}
+        return await asyncio.to_thread(_cached_headers, cache, files, subject_only)
 
     def _sort_items(self, found: list[Candidate]) -> list[SortItem]:
         """What SORT and THREAD order the matching messages by, their internal dates read from the

@@ -654,11 +654,7 @@ async def commit_queued(db: Database, change: Change) -> asyncio.Future[None]:
     folder's next sync (Change.rows_lost), or found again with the same UIDs after a restart, as
     after a crash before a commit that was not fsynced."""
     assert change.found_only
-
-    def write(tx: sqlite3.Connection) -> None:
-        change.write(tx)
-
-    done = await db.write_queued(write, durable=False)
+    done = await db.write_queued(change.write, durable=False)
     change.apply()
     return done
 
