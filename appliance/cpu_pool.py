@@ -10,11 +10,12 @@ memory goes back); it runs at a lower CPU priority than the
 server, so intake and interactive commands come first; it is replaced after MAX_TASKS tasks, so a
 leak in a parser cannot grow it for ever. Callers submit bounded chunks (a few hundred messages),
 never a whole folder at once: the queue stays fair between sessions and each result is small.
-Work a client waits for goes first: background work (the full-text index, cache rows computed
-after an answer went out) is handed to the worker only when no waited-for task is queued, one
-task per worker at a time, so a FETCH never waits behind a backlog of indexing chunks (issue 19:
-the full-text index of a folder copied in took the worker while Thunderbird's first FETCH of it
-waited for rows).
+Work a client waits for goes first: background work (cache rows computed after an answer went
+out, or for files first seen at a SELECT) is handed to the worker only when no waited-for task is
+queued, and bulk work (the full-text index) only when no background task is either, one task per
+worker at a time, so a FETCH never waits behind a backlog of indexing chunks (issue 19: the
+full-text index of a folder copied in took the worker while Thunderbird's first FETCH of it waited
+for rows, and the rows a second session's FETCH then needed were not made meanwhile).
 The "spawn" start method: forking a process that runs threads (aiosqlite's) is unsafe.
 """
 
@@ -51,6 +52,7 @@ WORKER_NICE = 10  # below the server: SMTP intake and NOOPs are served first
 # mail keeps arriving (CpuPool.pause).
 PAUSE_SECONDS = 0.5
 MAX_DEFER_SECONDS = 30.0
+WAITED, BACKGROUND, BULK = 0, 1, 2  # the order in which waiting tasks get a worker (CpuPool._waiting)
 
 
 _connections: dict[str, sqlite3.Connection] = {}  # the worker process's own, kept between tasks
@@ -111,8 +113,8 @@ class CpuPool:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._retiring: set[asyncio.Task[None]] = set()  # idle executors being shut down
         self._in_flight = 0  # tasks handed to the executor (at most one per worker)
-        # Tasks waiting for a worker: those a client waits for, then background ones.
-        self._waiting: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (deque(), deque())
+        # Tasks waiting for a worker, by level: those a client waits for, then background ones, then bulk.
+        self._waiting: tuple[deque[asyncio.Future[None]], ...] = (deque(), deque(), deque())
         self.tasks = 0  # tasks run since start (tests and the bench read it)
         # When the last delivery or APPEND came (the event loop's clock; MailStore.last_arrival, set
         # by the composition root): background work waits for a pause after it.
@@ -126,13 +128,19 @@ class CpuPool:
         """fn(*args) in a worker process. `fn` and its arguments must be picklable (module-level
         functions, plain data). A worker that died (killed for memory) is replaced and the task
         tried once more."""
-        return await self._run(False, fn, *args, **kwargs)
+        return await self._run(WAITED, fn, *args, **kwargs)
 
     async def run_background(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Like run, for work nobody waits for: it runs after a pause in the mail (pause), when no
         task of `run` is waiting."""
         await self.pause()
-        return await self._run(True, fn, *args, **kwargs)
+        return await self._run(BACKGROUND, fn, *args, **kwargs)
+
+    async def run_bulk(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Like run_background, for work a client is less likely to want soon (the full-text index
+        of a folder copied in): it runs when no task of `run` or `run_background` is waiting."""
+        await self.pause()
+        return await self._run(BULK, fn, *args, **kwargs)
 
     async def pause(self) -> None:
         """Wait until no delivery or APPEND came for PAUSE_SECONDS (MAX_DEFER_SECONDS at the most).
@@ -151,8 +159,8 @@ class CpuPool:
                 return
             await asyncio.sleep(wait)
 
-    async def _run(self, background: bool, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        await self._take_turn(background)
+    async def _run(self, level: int, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        await self._take_turn(level)
         self._running += 1
         try:
             for attempt in (1, 2):
@@ -183,13 +191,13 @@ class CpuPool:
                 self.tasks += 1
         return await self.run(fn, *args, **kwargs)
 
-    async def _take_turn(self, background: bool) -> None:
+    async def _take_turn(self, level: int) -> None:
         """Wait until a worker is free for this task and no task before it in the order waits."""
         if self._in_flight < self._workers and not any(self._waiting):
             self._in_flight += 1
             return
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue = self._waiting[background]
+        queue = self._waiting[level]
         queue.append(turn)
         try:
             await turn  # _pass_turn handed its worker over: _in_flight counts this task already

@@ -227,14 +227,16 @@ def vouch_kept(cache: FolderCache, files: Sequence[tuple[int, str]]) -> None:
     _current(cache, cache.stamps([uid for uid, _ in files]), files)
 
 
-def fill_rows(db_path: str, folder_id: int, files: Sequence[tuple[int, str]]) -> int:
+def fill_rows(db_path: str, folder_id: int, files: Sequence[tuple[int, str]], missing_only: bool = False) -> int:
     """Rows for these (UID, file path) pairs of one folder (in UID order) that have none, or one of
     another file: described from the files and written by this process itself, in short
     transactions (cpu_pool.worker_db, message_cache.keep); returns how many were written. Run by the CPU pool's worker
     for fills: the server's process only waits for the count. Sending the rows back for the event
     loop's connection to write cost the server a pickle load and an insert per row while the
     client's FETCH ran on the same GIL (issue 19). Rows already current (a FETCH, or another fill,
-    kept them meanwhile) are not described again."""
+    kept them meanwhile) are not described again. `missing_only`: a message with a row of the
+    current version is left as it is, unstat'ed (a prefill of files first seen, prefill_later: who
+    uses a row checks it)."""
     if not files:
         return 0
     with worker_db(db_path) as conn:
@@ -242,6 +244,8 @@ def fill_rows(db_path: str, folder_id: int, files: Sequence[tuple[int, str]]) ->
         learned: Learned = []
         for uid, path in files:
             stamp = known.get(uid)
+            if stamp is not None and missing_only:
+                continue
             try:
                 if stamp is not None and stamp == stamp_of(os.stat(path)):
                     continue

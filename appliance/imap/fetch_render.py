@@ -43,6 +43,7 @@ LEARN_BATCH = 2000  # rows computed from files kept per transaction
 LEARN_CHUNK = 200  # messages a background fill describes per call of the CPU pool's worker
 SHARED_FETCH = LEARN_CHUNK  # messages left after a batch that computed most rows: shared with the CPU pool (one of its chunks at least)
 LEARN_LIGHT = 20  # a fill this small may run in a thread while no worker process is up (cpu_pool.run_light)
+PREFILL_MIN = LEARN_LIGHT  # rows missing in a selected folder worth a prefill (delivered mail has its rows)
 PART_WEIGHT = 256  # octets counted per MIME part of a cached structure, beyond its header block
 INDEX_FETCH_BATCH = 5000  # messages per rendered block of an index-only FETCH
 
@@ -149,6 +150,16 @@ class FetchRenderer:
             self._learning = cache.fill(_learn_later(cache, unknown, self._cpu, background=True))
         return missing
 
+    def prefill(self, view: SelectedFolder, cache: FolderCache) -> None:
+        """After a SELECT: rows for the folder's messages that have none (files another program put
+        there, first seen by this listing) made now in the CPU pool's worker, in the background,
+        from the first message on, so a client's FETCH ENVELOPE BODYSTRUCTURE a moment later finds
+        most of them made (the issue's "on first sight of a foreign file"). A second session's
+        first FETCH of a 10k folder copied in described nearly every message then, 2.2-2.6 s; the
+        worker was indexing the folder's text meanwhile (issue 19). Once per folder and size."""
+        if cache.cache.prefill_due(cache.folder_id, view.uidvalidity, view.exists):
+            cache.fill(_prefill(cache, view.uids, view.infos, self._cpu))
+
     def _filling(self) -> bool:
         return self._learning is not None and not self._learning.done()
 
@@ -239,28 +250,35 @@ def _render_cached(
     return out, learned, unknown
 
 
-async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path]], cpu: CpuPool, *, background: bool) -> None:
+async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path]], cpu: CpuPool, *, background: bool,
+                       prefill: bool = False) -> None:
     """Rows for messages answered from a header scan, described in the CPU pool's worker process.
     Not in a thread here: a thread describing files holds this process's GIL, and every file a
     FETCH on the event loop's side opens meanwhile gave the GIL up and waited up to the switch
     interval (5 ms) to get it back: the next FETCH of the folder took 5 ms a message (55 s for
     10k; issue 19). The worker writes the rows itself (fetch_cache.fill_rows) and skips those kept
     meanwhile. `background`: nobody waits for these rows (the answer went out), so waited-for work
-    in the pool goes first."""
+    in the pool goes first. `prefill`: rows for files first seen at a SELECT (prefill), made from
+    the start of the folder, only where there is none (fill_rows' missing_only), checked here
+    all at once at its end (most by then by the FETCH that used them), not chunk by chunk beside
+    the header list or FETCH that comes meanwhile."""
     run = cpu.run_background if background else cpu.run
     if len(files) <= LEARN_LIGHT:
         run = cpu.run_light
     described: asyncio.Task[int] | None = None  # the chunk in the worker now
     chunk: list[tuple[int, str]] = []
+    unchecked: list[tuple[int, str]] = []  # a prefill's rows written
     try:
         # From the end: a FETCH of the folder that comes meanwhile computes rows from the start, so
-        # the two meet in the middle instead of describing the same messages twice. The next chunk
+        # the two meet in the middle instead of describing the same messages twice (a prefill from
+        # the start: it comes before any FETCH, and a FETCH's share from the end). The next chunk
         # is queued while the last one runs: the worker goes from one chunk to the next without a
         # gap in which background work (the full-text index) takes it (issue 19).
-        for start in reversed(range(0, len(files), LEARN_CHUNK)):
+        starts = range(0, len(files), LEARN_CHUNK)
+        for start in (starts if prefill else reversed(starts)):
             done, chunk = chunk, [(uid, str(path)) for uid, path in files[start:start + LEARN_CHUNK]]
             previous, described = described, asyncio.ensure_future(
-                run(fetch_cache.fill_rows, str(cache.path), cache.folder_id, chunk))
+                run(fetch_cache.fill_rows, str(cache.path), cache.folder_id, chunk, prefill))
             # The rows written checked against their files here, so the next command of the folder
             # (the SEARCH after the FETCH) uses them without a stat (file_watch.py); a chunk whose
             # rows were all kept already (by a FETCH, or another fill) wrote none, and its rows were
@@ -269,16 +287,37 @@ async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path
             # stats in another thread of this process each waited for the GIL the describing
             # held (24,000 context switches of the server in a 10k FETCH, issue 19).
             if previous is not None and await previous and background:
-                await asyncio.to_thread(fetch_cache.vouch_kept, cache, done)
+                await _vouch(cache, done, unchecked if prefill else None)
         if described is not None:
             last, described = described, None
             if await last and background:
-                await asyncio.to_thread(fetch_cache.vouch_kept, cache, chunk)
+                await _vouch(cache, chunk, unchecked if prefill else None)
+        if unchecked:
+            await asyncio.to_thread(fetch_cache.vouch_kept, cache, unchecked)
     except Exception:
         log.debug("message cache: computing rows in the background stopped", exc_info=True)
     finally:
         if described is not None:
             described.cancel()
+
+
+async def _vouch(cache: FolderCache, written: list[tuple[int, str]], later: list[tuple[int, str]] | None) -> None:
+    """Check a chunk's rows just written against their files now, or add them to `later`."""
+    if later is not None:
+        later += written
+    else:
+        await asyncio.to_thread(fetch_cache.vouch_kept, cache, written)
+
+
+async def _prefill(cache: FolderCache, uids: Sequence[int], infos: dict[int, MessageInfo], cpu: CpuPool) -> None:
+    """FetchRenderer.prefill's task: `uids` and `infos` are the snapshot's own (a view that changes
+    makes copies), so they hold still meanwhile."""
+    # Through the database's thread: after the insert of the messages of a first listing, queued
+    # before (a row of a message not inserted yet would not be kept).
+    if len(uids) - await cache.count() < PREFILL_MIN:
+        return
+    files = [(uid, infos[uid].file) for uid in uids]
+    await _learn_later(cache, files, cpu, background=True, prefill=True)
 
 
 class _Needs(NamedTuple):

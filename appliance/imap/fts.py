@@ -169,9 +169,11 @@ class TextIndex:
             # A few new messages (the usual case: mail just delivered) are indexed here in a thread; a
             # backlog (a Maildir copied in, the first start after an upgrade) goes to the worker process.
             # Background work: a client's FETCH or SEARCH waiting for the worker goes first.
-            run = self._cpu.run_light if len(todo) <= LIGHT_MESSAGES else self._cpu.run_background
+            # (run_bulk: after the message cache's rows of files first seen at a SELECT, which the
+            # client's next FETCH wants; fetch_render.prefill.)
+            run = self._cpu.run_light if len(todo) <= LIGHT_MESSAGES else self._cpu.run_bulk
             for chunk in _chunks(todo):
-                # Each chunk of a backlog waits for a pause in the mail (CpuPool.run_background), not
+                # Each chunk of a backlog waits for a pause in the mail (CpuPool.run_bulk), not
                 # only the round: a folder copied in (minutes of chunks) otherwise held the write lock
                 # in turns with every group commit of a burst, from a worker at a lower CPU priority
                 # (issue 19). SEARCH scans what is not indexed yet meanwhile.

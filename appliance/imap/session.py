@@ -365,6 +365,9 @@ class ImapSession:
         await self.io.send(*out)
         await self.io.send(Tagged(command.tag, "OK", f"{command.name} completed",
                                   "READ-ONLY" if readonly else "READ-WRITE"))
+        cache = await self.store.folder_cache(self.mailbox, view.name, view.uidvalidity)
+        if cache is not None:
+            self.fetcher.prefill(view, cache)
 
     cmd_examine = cmd_select
 

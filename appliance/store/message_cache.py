@@ -40,6 +40,7 @@ log = logging.getLogger("letterbox.store")
 CACHE_VERSION = 1
 READ_BATCH = 500  # UIDs per SELECT (SQLite allows 32,766 parameters)
 KEEP_BATCH = 64  # rows per transaction of a filler (keep)
+PREFILL_GROWTH = 20  # messages a folder may gain before its rows are counted again at a SELECT
 
 FileStamp = tuple[int, int, int]  # (size, mtime in ns, inode) of a message file
 
@@ -104,6 +105,7 @@ _STAMP_COLUMNS = "uid, file_size, file_mtime_ns, file_inode"
 _HAS_SUBJECT = " AND search_subject IS NOT NULL"
 
 
+_COUNT_SQL = "SELECT count(*) FROM message_cache WHERE folder_id = ? AND version = ?"
 _STAMPS_SQL = ("SELECT uid, file_size, file_mtime_ns, file_inode FROM message_cache"
                " WHERE folder_id = ? AND version = ? AND uid BETWEEN ? AND ?")
 
@@ -151,6 +153,8 @@ class MessageCache:
         self._broken = False
         self._fills: set[asyncio.Task[None]] = set()  # rows being computed in the background
         self.watch = FileWatch()  # which rows need no stat of their files (file_watch.py)
+        # Folder id -> (UIDVALIDITY, messages) when its rows were last counted for a prefill.
+        self._prefilled: dict[int, tuple[int, int]] = {}
 
     @property
     def path(self) -> Path:
@@ -224,6 +228,22 @@ class MessageCache:
         if rows:
             await self._db.write(partial(_insert_rows, folder_id, rows), durable=False)
 
+    def prefill_due(self, folder_id: int, uidvalidity: int, messages: int) -> bool:
+        """Whether a folder of this many messages, just selected, is worth counting its rows for a
+        prefill (imap/fetch_render.py): the first time in this box's life, or once it has grown by
+        more than a few messages since (mail the box delivered has its rows: files copied in)."""
+        last = self._prefilled.get(folder_id)
+        if last is not None and last[0] == uidvalidity and messages <= last[1] + PREFILL_GROWTH:
+            return False
+        self._prefilled[folder_id] = (uidvalidity, messages)
+        return True
+
+    async def count(self, folder_id: int) -> int:
+        """How many rows of the current version a folder has, through the database's thread (after
+        the writes queued before)."""
+        row = await self._db.fetchone(_COUNT_SQL, (folder_id, CACHE_VERSION))
+        return int(row[0]) if row is not None else 0
+
     def fill(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run `work` (rows computed in the background) as a task of its own: it outlives the
         session that asked for it, and stops when the box does (close)."""
@@ -282,6 +302,9 @@ class FolderCache:
     def check(self) -> AbstractContextManager[FolderCheck]:
         """A check of rows against their files (file_watch.FileWatch.check). Blocking: worker thread."""
         return self.cache.watch.check(self.folder_id)
+
+    async def count(self) -> int:
+        return await self.cache.count(self.folder_id)
 
     def fill(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         return self.cache.fill(work)

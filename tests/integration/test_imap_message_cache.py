@@ -332,6 +332,25 @@ def test_rows_of_a_header_list_are_described_and_written_by_the_worker(
     assert sum(learned) == 0  # no row went through this process's connection
 
 
+def test_files_first_seen_at_a_select_are_described_before_any_fetch(box: BoxHandle, opened_files: list[str]) -> None:
+    """A SELECT of a folder whose files nobody described (more than PREFILL_MIN) has their rows made
+    in the background by the CPU pool's worker, before any FETCH asks: the FETCH ENVELOPE
+    BODYSTRUCTURE after reads no file, and a SELECT of the folder again counts its rows no more."""
+    copied_in(box)
+    cache = box.services.store.message_cache
+    raw = session(box)
+    try:
+        wait_until(lambda: cache_rows(box) == 31 and not cache._fills, what="the rows of the files copied in")
+        opened_files.clear()
+        answer = b"".join(raw.command(b"f", b"FETCH 1:* (ENVELOPE BODYSTRUCTURE)"))
+        raw.command(b"s", b"SELECT INBOX")
+        assert not cache._fills  # (prefill_due: nothing new since)
+    finally:
+        raw.close()
+    assert b'"copied in 30"' in answer
+    assert message_files(opened_files, box) == []
+
+
 @pytest.mark.parametrize("how", ["in place", "by rename", "in place, through a COPY's link"])
 def test_a_file_changed_after_its_row_was_trusted(box: BoxHandle, how: str) -> None:
     """Rows are used without a stat once one matched them while the box watched the folder

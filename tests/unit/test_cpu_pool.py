@@ -44,6 +44,34 @@ def test_waited_for_work_overtakes_queued_background_work() -> None:
     assert asyncio.run(main()) == ["waited for", "background 0", "background 1", "background 2"]
 
 
+def test_background_work_overtakes_queued_bulk_work() -> None:
+    """Cache rows for files first seen at a SELECT (run_background) go before the full-text index's
+    chunks queued earlier (run_bulk), and waited-for work before both."""
+    async def main() -> list[str]:
+        pool = CpuPool(workers=1)
+        done: list[str] = []
+
+        async def task(name: str, level: str) -> None:
+            run = {"bulk": pool.run_bulk, "background": pool.run_background, "waited": pool.run}[level]
+            done.append(await run(_name, name))
+
+        try:
+            await pool.run(_name, "start")
+            busy = asyncio.create_task(pool.run(_hold, 0.3))
+            await asyncio.sleep(0)
+            queued = [asyncio.create_task(task(f"bulk {n}", "bulk")) for n in range(2)]
+            await asyncio.sleep(0)
+            queued.append(asyncio.create_task(task("background", "background")))
+            await asyncio.sleep(0)
+            queued.append(asyncio.create_task(task("waited for", "waited")))
+            await asyncio.gather(busy, *queued)
+        finally:
+            await pool.stop()
+        return done
+
+    assert asyncio.run(main()) == ["waited for", "background", "bulk 0", "bulk 1"]
+
+
 def test_a_cancelled_waiter_passes_its_turn_on() -> None:
     async def main() -> str:
         pool = CpuPool(workers=1)
