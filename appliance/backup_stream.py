@@ -22,6 +22,7 @@ import fcntl
 import gc
 import hashlib
 import io
+import json
 import mmap
 import os
 import select
@@ -308,6 +309,7 @@ SHA256_SIZE = 32
 # payload key goes to the child through a pipe, never its arguments or environment.
 
 DAMAGED_EXIT = 3
+MAX_SECRET = 16 * 1024  # what goes through the key pipe before the child reads it: within a pipe's buffer
 
 
 def _child(mode: str, stdin: int | IO[bytes], stdout: int | IO[bytes], key_fd: int = -1,
@@ -319,8 +321,10 @@ def _child(mode: str, stdin: int | IO[bytes], stdout: int | IO[bytes], key_fd: i
 
 
 def _key_pipe(key: bytes) -> int:
+    if len(key) > MAX_SECRET:
+        raise ValueError("a backup passphrase this long is refused")
     r, w = os.pipe()
-    os.write(w, key)  # 32 bytes: far below a pipe's buffer
+    os.write(w, key)  # a key or a passphrase: far below a pipe's buffer
     os.close(w)
     return r
 
@@ -355,9 +359,9 @@ class Sink:
     child process. The writer keeps small pieces in a list and hands them over a block at a time."""
 
     def __init__(self, fd: int, *, recipient: str = "", passphrase: str = "") -> None:
-        head, key = age_stream.new_header(recipients=(recipient,) if recipient else (), passphrase=passphrase)
-        _write_all(fd, head)
-        key_fd = _key_pipe(key)
+        # The child makes the age header too: X25519 and scrypt need cryptography, whose 9-10 MB the
+        # server would keep for good after its first (nightly) backup (issue 19: idle memory).
+        key_fd = _key_pipe(json.dumps({"recipient": recipient, "passphrase": passphrase}).encode())
         try:
             self.proc = _child("compress", subprocess.PIPE, fd, key_fd)
         finally:
@@ -627,10 +631,16 @@ def _plain_here(source: IO[bytes], key: bytes) -> Generator[bytes, None, None]:
         pass
 
 
-def _compress(key: bytes) -> None:
+def _compress(secret: bytes) -> None:
+    """The `compress` child's work: the age header for the recipient or passphrase in `secret`
+    (JSON), then the tar stream on stdin compressed and encrypted."""
     import zstandard  # as in _plain_here
 
     stdout = sys.stdout.fileno()
+    wanted = json.loads(secret)
+    head, key = age_stream.new_header(recipients=(wanted["recipient"],) if wanted["recipient"] else (),
+                                      passphrase=wanted["passphrase"])
+    _write_all(stdout, head)
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
     enc = age_stream.Encryptor(key)
     while data := os.read(0, BLOCK):  # whatever is there: waiting for a full block would stall the writer
@@ -701,7 +711,8 @@ def main(argv: list[str]) -> int:
     mode, key_fd, more = argv[0], int(argv[1]), [int(fd) for fd in argv[2:]]
     key = b""
     if key_fd >= 0:
-        key = os.read(key_fd, 64)
+        while piece := os.read(key_fd, 4096):  # a key, or a passphrase (compress): one write, until EOF
+            key += piece
         os.close(key_fd)
     if mode == "unpack":  # started before the header was read: where the body starts comes with the key
         if len(key) < OFFSET.size:

@@ -41,7 +41,7 @@ from appliance.tls import (
     CertificateInfo,
     CertificateProblem,
     TlsManager,
-    self_signed_pem,
+    new_self_signed,
     tls_alpn_challenge_pem,
 )
 
@@ -352,7 +352,7 @@ async def import_pem(ctx: CertContext, cert_pem: bytes, key_pem: bytes, chain_pe
 async def self_signed(ctx: CertContext) -> CertificateInfo:
     async with ctx.lock:
         hostname = ctx.hostname()
-        cert_pem, key_pem = await asyncio.to_thread(self_signed_pem, hostname)
+        cert_pem, key_pem, _ = await asyncio.to_thread(new_self_signed, hostname)
         info = await asyncio.to_thread(ctx.tls.install, cert_pem, key_pem)
         ctx.tls.hostname = hostname
         await ctx.db.set_setting(SOURCE, "self-signed")

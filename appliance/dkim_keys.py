@@ -53,7 +53,7 @@ class DkimKey:
             key = parse_pem_private_key(self.private_pem)
         except (UnparsableKeyError, ValueError) as exc:  # ValueError: damaged base64
             raise DkimKeyError(f"the DKIM key of {self.domain} ({self.selector}) cannot be read") from exc
-        rsa_public_key = _der(0x30, _der_integer(key["modulus"]) + _der_integer(key["publicExponent"]))
+        rsa_public_key = der_sequence(key["modulus"], key["publicExponent"])
         algorithm = _der(0x30, RSA_ENCRYPTION_OID + b"\x05\x00")  # rsaEncryption, NULL parameters
         der = _der(0x30, algorithm + _der(0x03, b"\x00" + rsa_public_key))  # BIT STRING, no unused bits
         return base64.b64encode(der).decode("ascii")
@@ -73,6 +73,11 @@ def _der(tag: int, body: bytes) -> bytes:
         return bytes((tag, size)) + body
     length = size.to_bytes((size.bit_length() + 7) // 8, "big")
     return bytes((tag, 0x80 | len(length))) + length + body
+
+
+def der_sequence(*values: int) -> bytes:
+    """A DER SEQUENCE of non-negative INTEGERs (an RSA key's PKCS#1 form)."""
+    return _der(0x30, b"".join(_der_integer(value) for value in values))
 
 
 def _der_integer(value: int) -> bytes:
@@ -142,6 +147,20 @@ def generate_key(dkim_dir: Path, domain: str, selector: str, bits: int = KEY_BIT
     return DkimKey(domain.lower(), selector, pem)
 
 
+def generate_key_in_child(dkim_dir: Path, domain: str, selector: str) -> DkimKey:
+    """generate_key in a child process (appliance/child.py): RSA generation needs cryptography, whose
+    9-10 MB the server would keep for good after a domain's first key (issue 19: idle memory). Blocking."""
+    from appliance import child
+
+    pem = child.call("appliance.dkim_keys:_generated_pem", str(dkim_dir), domain, selector, expect=(DkimKeyError,))
+    return DkimKey(domain.lower(), selector, pem.encode())
+
+
+def _generated_pem(dkim_dir: str, domain: str, selector: str) -> str:
+    """In the child: generate_key_in_child's answer."""
+    return generate_key(Path(dkim_dir), domain, selector).private_pem.decode()
+
+
 def load_key(dkim_dir: Path, domain: str, selector: str) -> DkimKey | None:
     path = key_path(dkim_dir, domain, selector)
     try:
@@ -177,6 +196,6 @@ async def rotate_key(db: Database, dkim_dir: Path, domain: str) -> DkimKey:
     domain = domain.lower()
     existing = await asyncio.to_thread(selectors_on_disk, dkim_dir, domain)
     selector = new_selector(existing)
-    key = await asyncio.to_thread(generate_key, dkim_dir, domain, selector)
+    key = await asyncio.to_thread(generate_key_in_child, dkim_dir, domain, selector)
     await db.set_setting(selector_setting(domain), selector)
     return key

@@ -39,10 +39,11 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.client_hello import NotClientHello, parse_client_hello
 
-# cryptography is imported by the functions that make or read a certificate, not with this module: a
-# box's start reads its certificate's details from INFO_FILE, and cryptography's Rust library alone is
-# 9-10 MB of the box's RSS (issue 19: idle memory). It comes in when a certificate is made, checked or
-# ordered, or when the saved details do not match cert.pem.
+# cryptography is imported by the functions that make or read a certificate, not with this module, and
+# the server calls them in a child process (appliance/child.py: new_self_signed, check_in_child,
+# _describe_saved): cryptography's Rust library alone is 9-10 MB of the box's RSS, kept for good once
+# imported (issue 19: idle memory). A start reads its certificate's details from INFO_FILE. Only an ACME
+# order (its client) and a TLS-ALPN-01 challenge certificate still load it in the server.
 if TYPE_CHECKING:
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -115,10 +116,32 @@ def self_signed_pem(hostname: str) -> tuple[bytes, bytes]:
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def make_self_signed(hostname: str, cert_path: Path, key_path: Path) -> None:
+def new_self_signed(hostname: str) -> tuple[bytes, bytes, CertificateInfo]:
+    """self_signed_pem and its details, made in a child process (appliance/child.py): the server does
+    not keep cryptography. Blocking."""
+    from appliance import child
+
+    made = child.call("appliance.tls:_self_signed_record", hostname)
+    return made["cert"].encode(), made["key"].encode(), _info_from_record(made["info"])
+
+
+def _self_signed_record(hostname: str) -> dict[str, Any]:
+    """In the child: new_self_signed's answer."""
+    from cryptography import x509
+
     cert_pem, key_pem = self_signed_pem(hostname)
+    info = describe(x509.load_pem_x509_certificate(cert_pem))
+    return {"cert": cert_pem.decode(), "key": key_pem.decode(), "info": _info_record(info)}
+
+
+def make_self_signed(hostname: str, cert_path: Path, key_path: Path) -> CertificateInfo:
+    """A new self-signed pair in cert_path and key_path, its details in INFO_FILE beside them, so
+    nothing reads the certificate with cryptography in the server afterwards. Blocking."""
+    cert_pem, key_pem, info = new_self_signed(hostname)
     write_private(key_path, key_pem)
     write_private(cert_path, cert_pem, mode=0o644)
+    save_info(cert_path.parent, cert_pem, info)
+    return info
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -254,7 +277,40 @@ def check_certificate(
 ) -> tuple[bytes, ssl.SSLContext, CertificateInfo]:
     """Everything a new certificate must pass before it replaces a working one: readable, key matches,
     chain verifies link by link, valid now, covers the host name. Returns (full chain PEM, context,
-    info); raises CertificateProblem with the reason in plain words."""
+    info); raises CertificateProblem with the reason in plain words. In this process: the server
+    checks through check_in_child."""
+    full, info = inspect_certificate(cert_pem, key_pem, chain_pem, hostname=hostname, now=now)
+    return full, context_for(full, key_pem, workdir), info
+
+
+def check_in_child(
+    cert_pem: bytes, key_pem: bytes, chain_pem: bytes = b"", *, hostname: str | None,
+    now: dt.datetime | None = None, workdir: Path | None = None,
+) -> tuple[bytes, ssl.SSLContext, CertificateInfo]:
+    """check_certificate with its cryptography part (inspect_certificate) in a child process
+    (appliance/child.py), the key and the context checked here with the ssl module. Blocking."""
+    from appliance import child
+
+    checked = child.call("appliance.tls:_inspected_record", cert_pem.decode("ascii", "replace"),
+                         key_pem.decode("ascii", "replace"), chain_pem.decode("ascii", "replace"), hostname,
+                         now.isoformat() if now else None, expect=(CertificateProblem,))
+    full = checked["full"].encode()
+    return full, context_for(full, key_pem, workdir), _info_from_record(checked["info"])
+
+
+def _inspected_record(cert_pem: str, key_pem: str, chain_pem: str, hostname: str | None,
+                      now: str | None) -> dict[str, Any]:
+    """In the child: check_in_child's answer."""
+    full, info = inspect_certificate(cert_pem.encode(), key_pem.encode(), chain_pem.encode(), hostname=hostname,
+                                     now=dt.datetime.fromisoformat(now) if now else None)
+    return {"full": full.decode(), "info": _info_record(info)}
+
+
+def inspect_certificate(
+    cert_pem: bytes, key_pem: bytes, chain_pem: bytes = b"", *, hostname: str | None,
+    now: dt.datetime | None = None,
+) -> tuple[bytes, CertificateInfo]:
+    """check_certificate's part that reads the certificates (cryptography): (full chain PEM, info)."""
     from cryptography.hazmat.primitives import serialization
 
     now = now or dt.datetime.now(dt.UTC)
@@ -284,9 +340,7 @@ def check_certificate(
     if hostname and not name_covered(hostname, info.names):
         shown = ", ".join(info.names) or "no names"
         raise CertificateProblem(f"The certificate does not cover the host name {hostname} (it names {shown}).")
-    full = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-    ctx = context_for(full, key_pem, workdir)
-    return full, ctx, info
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs), info
 
 
 # --- the per-handshake switch --------------------------------------------------------------------------
@@ -400,8 +454,7 @@ class TlsManager:
         """Check, save and serve a new certificate (ACME, an upload, a new self-signed one). Nothing is
         written and nothing changes for the listeners unless every check passes. Blocking: call from a
         thread on the loop's behalf."""
-        full, ctx, info = check_certificate(cert_pem, key_pem, chain_pem, hostname=hostname, now=now,
-                                            workdir=self.dir)
+        full, ctx, info = check_in_child(cert_pem, key_pem, chain_pem, hostname=hostname, now=now, workdir=self.dir)
         with self._lock:
             self.dir.mkdir(parents=True, exist_ok=True)
             # Key first then certificate; a crash between the two leaves a mismatched pair, which the
@@ -410,7 +463,7 @@ class TlsManager:
             write_private(self.cert_path, full, mode=0o644)
             self.current = ctx
             self._info = info
-            self._save_info(full, info)
+            save_info(self.dir, full, info)
         log.info("certificate installed: %s, serial %x, until %s", info.subject, info.serial, info.not_after)
         return info
 
@@ -431,23 +484,40 @@ class TlsManager:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             saved = json.loads((self.dir / INFO_FILE).read_bytes())
             if saved["sha256"] == hashlib.sha256(cert_pem).hexdigest():
-                return CertificateInfo(
-                    subject=saved["subject"], issuer=saved["issuer"],
-                    not_before=dt.datetime.fromisoformat(saved["not_before"]),
-                    not_after=dt.datetime.fromisoformat(saved["not_after"]),
-                    names=tuple(saved["names"]), self_signed=bool(saved["self_signed"]),
-                    serial=int(saved["serial"]), fingerprint=saved["fingerprint"])
-        from cryptography import x509
+                return _info_from_record(saved)
+        from appliance import child
 
-        info = describe(x509.load_pem_x509_certificate(cert_pem))
-        self._save_info(cert_pem, info)
+        info = _info_from_record(child.call("appliance.tls:_described_record", cert_pem.decode("ascii", "replace")))
+        save_info(self.dir, cert_pem, info)
         return info
 
-    def _save_info(self, cert_pem: bytes, info: CertificateInfo) -> None:
-        record = dataclasses.asdict(info) | {
-            "sha256": hashlib.sha256(cert_pem).hexdigest(),
-            "not_before": info.not_before.isoformat(), "not_after": info.not_after.isoformat()}
-        try:
-            write_private(self.dir / INFO_FILE, json.dumps(record).encode(), mode=0o644)
-        except OSError as exc:  # only a later start's cost: it reads cert.pem with cryptography again
-            log.warning("cannot save the certificate's details in %s: %s", self.dir / INFO_FILE, exc)
+
+def _described_record(cert_pem: str) -> dict[str, Any]:
+    """In the child: the details of a certificate edited by hand (TlsManager._describe_saved)."""
+    from cryptography import x509
+
+    return _info_record(describe(x509.load_pem_x509_certificate(cert_pem.encode())))
+
+
+def _info_record(info: CertificateInfo) -> dict[str, Any]:
+    """CertificateInfo as JSON values (INFO_FILE, a child's answer)."""
+    return dataclasses.asdict(info) | {"not_before": info.not_before.isoformat(),
+                                       "not_after": info.not_after.isoformat()}
+
+
+def _info_from_record(record: dict[str, Any]) -> CertificateInfo:
+    return CertificateInfo(
+        subject=record["subject"], issuer=record["issuer"],
+        not_before=dt.datetime.fromisoformat(record["not_before"]),
+        not_after=dt.datetime.fromisoformat(record["not_after"]),
+        names=tuple(record["names"]), self_signed=bool(record["self_signed"]),
+        serial=int(record["serial"]), fingerprint=record["fingerprint"])
+
+
+def save_info(tls_dir: Path, cert_pem: bytes, info: CertificateInfo) -> None:
+    """INFO_FILE for these cert.pem bytes: later starts read the details from it, not with cryptography."""
+    record = _info_record(info) | {"sha256": hashlib.sha256(cert_pem).hexdigest()}
+    try:
+        write_private(tls_dir / INFO_FILE, json.dumps(record).encode(), mode=0o644)
+    except OSError as exc:  # only a later start's cost: it reads cert.pem in a child again
+        log.warning("cannot save the certificate's details in %s: %s", tls_dir / INFO_FILE, exc)

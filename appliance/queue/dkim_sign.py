@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import dkim
 import dkim.crypto
 
-from appliance import dkim_keys
+from appliance import dkim_keys, libcrypto
 from appliance.dkim_keys import DkimKey
 
 if TYPE_CHECKING:
@@ -136,14 +136,23 @@ class SigningKeys:
 # --- RSA through OpenSSL ---------------------------------------------------------------------------
 # dkimpy builds the DKIM-Signature itself (canonicalization, header selection, folding) but does the
 # RSA step in pure Python: ~12 ms per signature on a fast core with the GIL held, far more on a
-# Raspberry Pi, stalling every session of the box meanwhile. The same step through OpenSSL
-# (cryptography) takes ~1 ms. RSASSA-PKCS1-v1_5 is deterministic, so the signature is byte for byte
-# what dkimpy would have produced (tests/unit/test_queue_dkim.py checks exactly that). cryptography is
-# imported at the first signature, not with the queue at start: its Rust library is 9-10 MB of RSS that
-# a box which sends nothing need not carry (issue 19: idle memory).
+# Raspberry Pi, stalling every session of the box meanwhile. The same step through OpenSSL takes ~1 ms.
+# RSASSA-PKCS1-v1_5 is deterministic, so the signature is byte for byte what dkimpy would have produced
+# (tests/unit/test_queue_dkim.py checks exactly that). OpenSSL is the libcrypto the ssl module already
+# loaded (appliance/libcrypto.py), not cryptography's: its Rust library is 9-10 MB of RSS that the server
+# would keep for good after its first signature (issue 19: idle memory). cryptography only where that
+# libcrypto is not OpenSSL 3.
 
 _PREHASHED = ("sha256", "sha1")
 _pure_python_sign = dkim.crypto.RSASSA_PKCS1_v1_5_sign
+_RSA_FIELDS = ("modulus", "publicExponent", "privateExponent", "prime1", "prime2", "exponent1", "exponent2",
+               "coefficient")
+
+
+@functools.lru_cache(maxsize=32)
+def _pkcs1_der(*numbers: int) -> bytes:
+    """RFC 8017 A.1.2 RSAPrivateKey (version 0, two primes) of dkimpy's parsed key."""
+    return dkim_keys.der_sequence(0, *numbers)
 
 
 @functools.lru_cache(maxsize=32)
@@ -158,16 +167,14 @@ def openssl_rsassa_pkcs1_v1_5_sign(hash: Any, private_key: dict[str, int]) -> by
     name = str(hash.name).lower()
     if name not in _PREHASHED:
         return bytes(_pure_python_sign(hash, private_key))
+    numbers = tuple(private_key[field] for field in _RSA_FIELDS)
+    if libcrypto.available():
+        return libcrypto.rsa_sign_prehashed(_pkcs1_der(*numbers), hash.digest(), name)
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import padding, utils
 
     algorithm = hashes.SHA256 if name == "sha256" else hashes.SHA1
-    key = _openssl_key(
-        private_key["modulus"], private_key["publicExponent"], private_key["privateExponent"],
-        private_key["prime1"], private_key["prime2"], private_key["exponent1"], private_key["exponent2"],
-        private_key["coefficient"],
-    )
-    return key.sign(hash.digest(), padding.PKCS1v15(), utils.Prehashed(algorithm()))
+    return _openssl_key(*numbers).sign(hash.digest(), padding.PKCS1v15(), utils.Prehashed(algorithm()))
 
 
 # dkimpy calls the primitive through its module global (dkim/__init__.py imports it by name).

@@ -115,3 +115,17 @@ def test_openssl_signing_is_byte_identical_to_dkimpys_own(key: dkim_keys.DkimKey
         ours = openssl_rsassa_pkcs1_v1_5_sign(digest, parsed)
         assert ours == bytes(dkim.crypto.RSASSA_PKCS1_v1_5_sign(digest, parsed))
     assert dkim.RSASSA_PKCS1_v1_5_sign is openssl_rsassa_pkcs1_v1_5_sign
+
+
+def test_signing_uses_the_libcrypto_already_loaded_and_refuses_a_bad_key(key: dkim_keys.DkimKey) -> None:
+    """The RSA step goes through the system's OpenSSL 3 that ssl/hashlib mapped, not cryptography
+    (tests/unit/test_import_cost.py checks that a signature leaves cryptography unloaded)."""
+    import hashlib
+
+    from appliance import libcrypto
+
+    assert libcrypto.available()
+    with pytest.raises(libcrypto.LibcryptoError):
+        libcrypto.rsa_sign_prehashed(b"\x30\x03\x02\x01\x00", hashlib.sha256(b"x").digest(), "sha256")
+    signed = sign(b"From: <a@ours.test>\r\nSubject: hi\r\n\r\nbody\r\n", key)
+    assert signed.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;")

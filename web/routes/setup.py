@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -23,7 +21,7 @@ from appliance import setup_code, time_zone
 from appliance.account_errors import AccountError, AlreadyExists, WeakPassword
 from appliance.dns_check import load_results
 from appliance.dns_records import detect_public_addresses
-from appliance.tls import TlsManager, make_self_signed
+from appliance.tls import TlsManager, new_self_signed
 from web import certificate_forms as certificate
 from web import forms, wizard
 from web.checklist import still_to_do
@@ -244,10 +242,8 @@ def needs_new_self_signed(tls: TlsManager, hostname: str) -> bool:
 
 def replace_self_signed(tls: TlsManager, hostname: str) -> None:
     """Blocking: run through asyncio.to_thread."""
-    with tempfile.TemporaryDirectory(dir=tls.dir) as tmp:
-        cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
-        make_self_signed(hostname, cert, key)
-        tls.install(cert.read_bytes(), key.read_bytes())
+    cert_pem, key_pem, _ = new_self_signed(hostname)
+    tls.install(cert_pem, key_pem)
     tls.hostname = hostname
 
 
