@@ -249,10 +249,9 @@ def fill_rows(db_path: str, folder_id: int, files: Sequence[tuple[int, str]], mi
             try:
                 if stamp is not None and stamp == stamp_of(os.stat(path)):
                     continue
-                with open_message(path) as f:  # (found again by its unique name if renamed)
-                    fresh = stamp_of(os.fstat(f.fileno()))
-                    if fresh != stamp:
-                        learned.append((uid, describe(f, fresh)))
+                fresh = _described(path, stamp)[0]  # (found again by its unique name if renamed)
+                if fresh is not None:
+                    learned.append((uid, fresh))
             except FileNotFoundError:
                 continue  # expunged meanwhile
         return message_cache.keep(conn, folder_id, learned)
@@ -268,11 +267,50 @@ def _from_file(path: str, row: CachedMessage | None) -> tuple[CachedMessage, os.
     """The row of the file at `path` (found again by its unique name when a flag change renamed it,
     as open_message does): `row` itself when it is still that file's, else described afresh; with
     the fstat of the file read when it was the one at `path` itself (None: a renamed file)."""
-    with open_message(path) as f:
-        st = os.fstat(f.fileno())
+    fresh, st, here = _described(path, row.stamp if row is not None else None)
+    if fresh is None:
+        assert row is not None  # (the stamp matched the row's)
+        fresh = row
+    return fresh, st if here else None
+
+
+def _described(path: str, known: FileStamp | None) -> tuple[CachedMessage | None, os.stat_result, bool]:
+    """The row of the file at `path` (found again by its unique name when a flag change renamed it,
+    as open_message does), or None when the file's stamp is `known`; with the file's fstat, and
+    whether it was at `path` itself. A file up to WHOLE_READ is read with one read() on its
+    descriptor: Python's open() and read() made 11 system calls a message (an ioctl, three fstats,
+    two lseeks, two reads), each of which gives up the GIL that the FETCH's thread then waits to get
+    back while the event loop or the database's thread holds it (issue 19). FileNotFoundError: gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        with open_message(path) as f:  # renamed by a flag change since the index was read
+            st = os.fstat(f.fileno())
+            stamp = stamp_of(st)
+            return (None if stamp == known else describe(f, stamp)), st, f.name == path
+    try:
+        st = os.fstat(fd)
         stamp = stamp_of(st)
-        row = row if row is not None and row.stamp == stamp else describe(f, stamp)
-        return row, st if f.name == path else None
+        if stamp == known:
+            return None, st, True
+        if st.st_size <= WHOLE_READ:
+            return describe_bytes(_read_to_end(fd, st.st_size), stamp), st, True
+        with open(fd, "rb", closefd=False) as f:
+            return describe(f, stamp), st, True
+    finally:
+        os.close(fd)
+
+
+def _read_to_end(fd: int, size: int) -> bytes:
+    """The file's content from its start, `size` octets by its fstat: one read() but when it grew
+    since (a short read of a regular file is its end)."""
+    data = os.read(fd, size + 1)
+    if len(data) <= size:
+        return data
+    parts = [data]
+    while chunk := os.read(fd, 1 << 16):
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 class HeaderLookup(Protocol):

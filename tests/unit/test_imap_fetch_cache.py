@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path
 from typing import BinaryIO
@@ -16,6 +17,7 @@ from appliance.imap.commands import BodySection, FetchAttribute, FetchItem, Head
 from appliance.imap.mime import HEADER_PROBE, decode_words, parse_header, scan, top_header_block
 from appliance.imap.responses import FetchResponse, render_value
 from appliance.imap.search import CachedSubject, Candidate, Searcher
+from appliance.store.message_cache import stamp_of
 
 CORPUS = Path(__file__).parent.parent / "corpus" / "mime"
 FACTS = fetch.MessageFacts(7, ("\\Seen",), 1234, 1_700_000_000, 3)
@@ -210,3 +212,27 @@ def test_header_list_only() -> None:
     assert not fetch.header_list_only([*_list_items(LIST_FIELDS), FetchAttribute("ENVELOPE")])
     assert not fetch.header_list_only([BodySection(Section((1,), "HEADER.FIELDS", ("SUBJECT",)))])
     assert not fetch.header_list_only([BodySection(Section((), "HEADER"))])
+
+
+def test_a_file_is_described_from_its_descriptor_as_from_a_file_object(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                       ) -> None:
+    """fetch_cache._described (os.open, one read) gives describe()'s row for small and large files (the
+    large ones scanned from a file object on the same descriptor), None for the stamp it is told of,
+    and a file that grew since its fstat is read to its end."""
+    monkeypatch.setattr(fetch_cache, "WHOLE_READ", 4096)
+    for n, path in enumerate(sorted(CORPUS.glob("*.eml"))[:20]):
+        data = path.read_bytes() * (1 if n % 2 else 40)  # (beyond WHOLE_READ: the scan of the file)
+        copy = tmp_path / f"m{n}"
+        copy.write_bytes(data)
+        stamp = stamp_of(copy.stat())
+        row, st, here = fetch_cache._described(str(copy), None)
+        with open(copy, "rb") as f:
+            assert (row, stamp_of(st), here) == (fetch_cache.describe(f, stamp), stamp, True)
+        assert fetch_cache._described(str(copy), stamp)[0] is None
+    grown = tmp_path / "grown"
+    grown.write_bytes(b"x" * 200_000)
+    fd = os.open(grown, os.O_RDONLY)
+    try:
+        assert fetch_cache._read_to_end(fd, 10) == b"x" * 200_000
+    finally:
+        os.close(fd)
