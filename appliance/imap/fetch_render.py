@@ -11,6 +11,7 @@ fetch.py (pure). Nothing here writes to the store or to a socket: responses go t
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 from collections import OrderedDict
@@ -313,10 +314,12 @@ async def _prefill(cache: FolderCache, uids: Sequence[int], infos: dict[int, Mes
     """FetchRenderer.prefill's task: `uids` and `infos` are the snapshot's own (a view that changes
     makes copies), so they hold still meanwhile."""
     # Through the database's thread: after the insert of the messages of a first listing, queued
-    # before (a row of a message not inserted yet would not be kept).
-    if len(uids) - await cache.count() < PREFILL_MIN:
+    # before (a row of a message not inserted yet would not be kept). The messages above the
+    # highest UID with a row: files first found by a listing get UIDs above all those described.
+    start = bisect.bisect_right(uids, await cache.highest())
+    if len(uids) - start < PREFILL_MIN:
         return
-    files = [(uid, infos[uid].file) for uid in uids]
+    files = [(uid, infos[uid].file) for uid in uids[start:]]
     await _learn_later(cache, files, cpu, background=True, prefill=True)
 
 
