@@ -17,7 +17,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol, overload
 
 from appliance.imap import fetch as fetching
 from appliance.imap import fetch_cache
@@ -319,8 +319,29 @@ async def _prefill(cache: FolderCache, uids: Sequence[int], infos: dict[int, Mes
     start = bisect.bisect_right(uids, await cache.highest())
     if len(uids) - start < PREFILL_MIN:
         return
-    files = [(uid, infos[uid].file) for uid in uids[start:]]
-    await _learn_later(cache, files, cpu, background=True, prefill=True)
+    await _learn_later(cache, _Files(uids[start:], infos), cpu, background=True, prefill=True)
+
+
+class _Files(Sequence[tuple[int, str]]):
+    """(UID, file path) of these messages, each path made when a chunk asks for it: a prefill of
+    100k files copied in would otherwise hold 100k path strings (about 15 MB) while it lasts."""
+
+    def __init__(self, uids: Sequence[int], infos: dict[int, MessageInfo]) -> None:
+        self._uids, self._infos = uids, infos
+
+    def __len__(self) -> int:
+        return len(self._uids)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[int, str]: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[tuple[int, str]]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[int, str] | Sequence[tuple[int, str]]:
+        if isinstance(index, slice):
+            return [(uid, self._infos[uid].file) for uid in self._uids[index]]
+        uid = self._uids[index]
+        return uid, self._infos[uid].file
 
 
 class _Needs(NamedTuple):
