@@ -38,7 +38,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
+from itertools import repeat
+from operator import add, attrgetter, itemgetter, mul
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -117,6 +118,7 @@ class Entry:
 
 
 _UID, _BASE, _SIZE = attrgetter("uid"), attrgetter("base"), attrgetter("size")
+_FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)
 
 
 class Found(NamedTuple):
@@ -131,6 +133,18 @@ class Found(NamedTuple):
     wire: int | None  # None when the file could not be read: measured at a later listing
 
 
+class FoundColumns(NamedTuple):
+    """Files found, as columns in delivery order (Found's fields): what Change.add_found makes its
+    entries of, each column in one C loop (map, zip)."""
+
+    bases: Sequence[str]
+    subs: Sequence[str]
+    filenames: Sequence[str]
+    sizes: Sequence[int]
+    mtimes: Sequence[int]
+    wires: Sequence[int | None]
+
+
 @dataclass
 class DiskChanges:
     stamp: tuple[int, int]
@@ -138,6 +152,7 @@ class DiskChanges:
     keywords: Keywords | None  # the folder's keyword map, when its file changed
     keywords_mtime: int
     found: list[Found] = field(default_factory=list)
+    bulk: FoundColumns | None = None  # instead of `found`: a first listing's files (_found_sized)
     moved: list[tuple[Entry, str, str]] = field(default_factory=list)  # entry, sub, file name
     vanished: list[Entry] = field(default_factory=list)
     measured: list[tuple[Entry, int]] = field(default_factory=list)  # entries that had no wire size
@@ -298,8 +313,12 @@ class FolderIndex:
     def _changes(self, stamp: tuple[int, int], started: int, kw_mtime: int) -> DiskChanges:
         """scan() once the directories have changed: the listing compared with the index."""
         keywords = maildir.read_keywords(self.path) if kw_mtime != self.keywords_mtime else None
-        listing = maildir.list_messages(self.path)
         changes = DiskChanges(stamp, started - max(stamp) < DIRTY_WINDOW_NS, keywords, kw_mtime)
+        if not self.by_base and not self.pending and self.uidlist is None:  # a Maildir copied in, no Dovecot UIDs
+            changes.bulk = _found_sized(self._dirs)
+            if changes.bulk is not None:
+                return changes
+        listing = maildir.list_messages(self.path)
         self._compare(listing, changes)
         by_base = self.by_base
         if len(listing) - len(changes.found) != len(by_base):
@@ -428,6 +447,37 @@ def _found(folder: Path, base: str, sub: str, filename: str, dir_fd: int) -> Fou
     return Found(base, sub, filename, st.st_size, int(st.st_mtime), wire)
 
 
+def _found_sized(dirs: dict[str, Path]) -> FoundColumns | None:
+    """What _compare finds in a folder whose index has no message (its first listing), when every
+    name is as Dovecot writes it with both sizes: the same files in the same order, as columns made
+    in C (maildir.sized_names' one regex over the joined names, map, zip, a sort of ints) instead of
+    a loop of Python per file, which was most of the first SELECT of a Maildir copied in (issue 19).
+    None when a name is of another form, is in both new/ and cur/ (moved while listed), or two share
+    a microsecond: the general way then (list_messages, _compare), which gives the same."""
+    subs: list[str] = []
+    fields: list[tuple[str, str, str, str, str, str]] = []
+    names: list[str] = []
+    for sub in ("new", "cur"):  # new/ first, as list_messages
+        listed = os.listdir(dirs[sub])
+        sized = maildir.sized_names(listed)
+        if sized is None:
+            return None
+        subs += repeat(sub, len(listed))
+        fields += sized
+        names += listed
+    if not fields:
+        return FoundColumns((), (), (), (), (), ())
+    bases, seconds, micros, sizes, wires, _ = zip(*fields, strict=True)
+    order = list(map(add, map(mul, map(int, seconds), repeat(maildir.ORDER_SCALE)), map(int, micros)))
+    if len(set(order)) != len(order) or len(set(bases)) != len(bases):
+        return None
+    if len(order) == 1:
+        return FoundColumns(bases, subs, names, (int(sizes[0]),), (UNKNOWN_DATE,), (int(wires[0]),))
+    pick = itemgetter(*sorted(range(len(order)), key=order.__getitem__))
+    return FoundColumns(pick(bases), pick(subs), pick(names), tuple(map(int, pick(sizes))),
+                        tuple(repeat(UNKNOWN_DATE, len(order))), tuple(map(int, pick(wires))))
+
+
 class Change:
     """One batch of changes to a folder's index: written in one transaction, then applied to memory."""
 
@@ -461,28 +511,35 @@ class Change:
 
     def add_found(self, found: Sequence[Found], keywords: Keywords) -> None:
         """Files a listing found (in delivery order), with the next UIDs: add() for each, without
-        its per-call work (a cold SELECT of a Maildir copied in makes one per file, issue 19)."""
-        uid = max(self.uidnext, self.last_uid + 1)
-        modseq, added, decode, imap_flags = self.modseq, self.added, maildir.decode_letters, maildir.imap_flags
-        dirs = self.folder._dirs
-        # A folder's names carry few distinct infos (':2,S', ':2,FS'...): each is decoded once.
-        decoded: dict[str, tuple[str, tuple[str, ...], frozenset[str]]] = {}
-        for new in found:
-            info = new.filename.partition(":")[2]  # split_filename, inlined: hot
-            flagged = decoded.get(info)
-            if flagged is None:
-                flags, names = decode(info[2:] if info.startswith("2,") else "", keywords)
-                flagged = decoded[info] = (flags, names, imap_flags(flags, names))
-            wire = new.wire
-            # Its MessageInfo (FolderIndex.info) made here, where its fields are at hand: the snapshot
-            # that follows a listing takes it as it is.
-            added.append(Entry(uid, new.base, flagged[0], flagged[1], new.size, new.mtime, modseq, new.sub, new.filename,
-                               wire, MessageInfo(uid, flagged[2], new.size if wire is None else wire, new.mtime, modseq,
-                                                 dirs[new.sub], new.filename)))
-            uid += 1
+        its per-call work (a cold SELECT of a Maildir copied in makes one per file, issue 19): the
+        entries are made column by column, in C loops (map, zip), each with its MessageInfo
+        (FolderIndex.info), which the snapshot that follows a listing takes as it is."""
         if found:
-            self.last_uid = uid - 1
-            self.uidnext = max(self.uidnext, uid)
+            self.add_columns(FoundColumns(*zip(*found, strict=True)), keywords)
+
+    def add_columns(self, found: FoundColumns, keywords: Keywords) -> None:
+        """add_found of files given as columns."""
+        bases, subs, filenames, sizes, mtimes, wires = found
+        if not bases:
+            return
+        first = max(self.uidnext, self.last_uid + 1)
+        uids = range(first, first + len(bases))
+        infos = list(map(_THIRD, map(str.partition, filenames, repeat(":"))))  # split_filename's info
+        # A folder's names carry few distinct infos (':2,S', ':2,FS'...): each is decoded once, and
+        # its letters, keywords and IMAP flags are objects the entries share.
+        decoded: dict[str, tuple[str, tuple[str, ...], frozenset[str]]] = {}
+        for info in set(infos):
+            flags, names = maildir.decode_letters(info[2:] if info.startswith("2,") else "", keywords)
+            decoded[info] = (flags, names, maildir.imap_flags(flags, names))
+        flagged = list(map(decoded.__getitem__, infos))
+        on_wire = wires if None not in wires else [size if wire is None else wire for size, wire in zip(sizes, wires, strict=True)]
+        messages = map(tuple.__new__, repeat(MessageInfo), zip(uids, map(_THIRD, flagged), on_wire, mtimes,
+                                                                repeat(self.modseq), map(self.folder._dirs.__getitem__, subs),
+                                                                filenames))
+        self.added += map(Entry, uids, bases, map(_FIRST, flagged), map(_SECOND, flagged), sizes, mtimes,
+                          repeat(self.modseq), subs, filenames, wires, messages)
+        self.last_uid = uids[-1]
+        self.uidnext = max(self.uidnext, uids[-1] + 1)
 
     def measure(self, entry: Entry, wire: int) -> None:
         self.measured.append((entry, wire))
@@ -638,7 +695,8 @@ def insert_rows(tx: sqlite3.Connection, folder_id: int, entries: Iterable[Entry]
         f"{verb} INTO messages (folder_id, uid, basename, flags, keywords, size, wire_size, internaldate,"
         " modseq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         # A generator: 100k rows of nine fields were 13 MB at once in a cold SELECT, memory
-        # pymalloc keeps afterwards.
+        # pymalloc keeps afterwards. (A zip of attrgetter maps took 10 % more instructions: the
+        # generator's attribute loads are specialised for the slots.)
         ((folder_id, e.uid, e.base, e.flags, " ".join(e.keywords), e.size, e.wire, e.internaldate, e.modseq)
          for e in entries),
     )

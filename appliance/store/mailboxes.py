@@ -274,30 +274,33 @@ class OpenMailboxes:
         # found.found is in delivery order already; Dovecot's UIDs, when adopted, come first.
         newcomers = (sorted(found.found, key=lambda x: (adopted.get(x.base, 2**32), maildir.delivery_order(x.base)))
                      if adopted else found.found)
-        with index.gc_paused(len(newcomers)):
-            if adopted:
+        with index.gc_paused(len(newcomers) or len(found.bulk.bases if found.bulk else ())):
+            if found.bulk is not None:  # a first listing, as columns (no Dovecot UIDs: scan checked)
+                change.add_columns(found.bulk, f.keywords)
+            elif adopted:
                 for new in newcomers:
                     flags, names = maildir.decode_letters(maildir.split_filename(new.filename)[1], f.keywords)
                     change.add(new.base, new.sub, new.filename, flags, names, new.size, new.mtime,
                                adopted.get(new.base), wire=new.wire)
             else:
                 change.add_found(newcomers, f.keywords)
+        indexed = len(change.added)
         # Not fsynced when only files were found, unless they took Dovecot's UIDs: those are read from
         # dovecot-uidlist only when the folder's row is made, so a listing after a crash could not
         # find them again (Change.found_only). Many such files (a Maildir copied in): answered
         # without waiting for their rows (commit_queued).
-        if change.found_only and not adopted and len(newcomers) >= index.BULK:
+        if change.found_only and not adopted and indexed >= index.BULK:
             written = await index.commit_queued(self._db, change)
             written.add_done_callback(lambda done: self._queued_commit_done(f, change, done))
         else:
             await index.commit(self._db, [change], durable=not change.found_only or bool(adopted))
         f.stamp, f.dirty, f.listed = found.stamp, found.dirty, True
         if f.uidlist_stale:
-            self._uidlist_later(f, wait=len(newcomers) >= index.BULK)
+            self._uidlist_later(f, wait=indexed >= index.BULK)
         if f.undated:
             self._date_later(f)
-        if newcomers or found.vanished:
-            log.info("store: %s %s: %d files indexed, %d gone", mb.key, f.name, len(newcomers), len(found.vanished))
+        if indexed or found.vanished:
+            log.info("store: %s %s: %d files indexed, %d gone", mb.key, f.name, indexed, len(found.vanished))
         if found.measured:
             log.info("store: %s %s: wire sizes of %d messages indexed before", mb.key, f.name, len(found.measured))
         return change.writes

@@ -126,6 +126,24 @@ def delivery_order(base: str) -> tuple[int, int, str]:
 sized_name = re.compile(r"([0-9]+)\.M([0-9]{1,9})(?![0-9])[^,:]*,S=([0-9]+),W=([0-9]+)(?:,[^:]*)?(?::.*)?",
                         re.DOTALL).fullmatch
 ORDER_SCALE = 10**9
+# sized_name for many names at once: over a directory's names joined by newlines, one findall gives
+# the fields of every name in C, where a match per name made most of a first listing's loop (issue 19).
+# Each match is one whole line (no class in it takes a newline), so equal counts mean every name matched.
+_SIZED_LINES = re.compile(r"^(([0-9]+)\.M([0-9]{1,9})(?![0-9])[^,:\n]*,S=([0-9]+),W=([0-9]+)(?:,[^:\n]*)?)(?::([^\n]*))?$",
+                          re.MULTILINE)
+
+
+def sized_names(names: list[str]) -> list[tuple[str, str, str, str, str, str]] | None:
+    """(unique name, seconds, microseconds, size, wire size, info) of each of `names` as sized_name
+    reads them (info: what follows the first ':'), in their order; None when any is not of that form (a dot file, another
+    program's name, a newline in it)."""
+    if not names:
+        return []
+    joined = "\n".join(names)
+    if joined.count("\n") != len(names) - 1:
+        return None
+    matched: list[tuple[str, str, str, str, str, str]] = _SIZED_LINES.findall(joined)
+    return matched if len(matched) == len(names) else None
 
 
 def unique_name(size: int) -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from appliance.db import Database
 from appliance.imap.selected import SelectedFolder
@@ -71,6 +73,8 @@ async def sync(db: Database, f: FolderIndex) -> Change:
         change.remove(entry)
     for entry, wire in found.measured:
         change.measure(entry, wire)
+    if found.bulk is not None:  # a first listing of Dovecot's names, as columns
+        change.add_columns(found.bulk, f.keywords)
     for new in found.found:
         flags, names = maildir.decode_letters(maildir.split_filename(new.filename)[1], f.keywords)
         change.add(new.base, new.sub, new.filename, flags, names, new.size, new.mtime, wire=new.wire)
@@ -140,6 +144,33 @@ def test_found_files_are_in_delivery_order(tmp_path: Path, extra: list[str]) -> 
         assert [e.uid for e in change.added] == list(range(1, len(names) + 1))
 
     run(tmp_path, body)
+
+
+_NAME = st.sampled_from(["1700000000.M5P1.h,S=3,W=3", "1700000000.M50P1.h,S=3,W=4", "1699999999.M999999P2.h,S=3,W=3",
+                          "1700000001.M0P1Q2.h,S=10,W=12,X=1", "1700000000.M5P2.h,S=3,W=3", ".hidden", "courier.name",
+                          "1700000002.M7P1.h,S=3", "1700000003.M1234567890P1.h,S=3,W=3"])
+_INFO = st.sampled_from(["", ":2,", ":2,S", ":2,FS", ":2,aS", ":1,x", ":2,S:odd"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(_NAME, _INFO, st.sampled_from(["new", "cur"])), max_size=8))
+def test_a_first_listing_in_columns_finds_what_the_general_listing_finds(tmp_path_factory: pytest.TempPathFactory,
+                                                                       files: list[tuple[str, str, str]]) -> None:
+    # index._found_sized (the first listing of a Maildir copied in, in C loops) must give the same
+    # files, fields and order as list_messages + _compare, or decline (None) and leave it to them.
+    folder = tmp_path_factory.mktemp("m")
+    maildir.make_maildir(folder, folder=False)
+    for name, info, sub in files:
+        drop(folder, name + info, sub)
+    f = FolderIndex(1, "INBOX", folder, 1, 1, 1, False, [], None)
+    columns = index._found_sized(f._dirs)
+    general = index.DiskChanges((0, 0), False, None, 0)
+    f._compare(maildir.list_messages(folder), general)
+    if columns is not None:
+        assert list(zip(*columns, strict=True)) == [tuple(found) for found in general.found]
+    elif files and all(maildir.sized_name(name) for name, _, _ in files):  # declined: for a reason only
+        names = [name for name, _, _ in files]
+        assert len(set(names)) < len(names) or any(".M5P" in name for name in names)
 
 
 def test_changes_made_by_another_program_are_seen(tmp_path: Path) -> None:
