@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol, overload
 
@@ -109,8 +110,12 @@ class FetchRenderer:
         learn_every = LEARN_BATCH
         writing: asyncio.Future[None] | None = None  # the rows of the batch before, being kept
         shared: asyncio.Task[None] | None = None  # the CPU pool's worker describing from the end
+        # How many messages of uids this process has answered, or is answering (the worker's share
+        # stops there).
+        reached = [0]
         dated = _dated(items)
         for start, stop in _batches(len(uids)):
+            reached[0] = stop
             jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid, dated)) for uid in uids[start:stop]]
             rendered, new, later = await asyncio.to_thread(
                 _render_cached, cache, jobs, items, flags_changed, condstore)
@@ -120,13 +125,17 @@ class FetchRenderer:
             rest = uids[stop:]
             if 2 * len(new) >= len(jobs) and len(rest) >= SHARED_FETCH and not self._filling():
                 # Most rows of this batch were missing (a folder copied in): both cores. The CPU
-                # pool's worker describes the rest from its end while this goes on from here, each
-                # skipping the rows the other has kept, so they meet wherever the slower one is
-                # (a first FETCH ENVELOPE BODYSTRUCTURE was all in this process, issue 19). Rows kept
-                # after each batch, so the two do not describe the same messages twice for long.
-                self._learning = shared = cache.fill(
-                    _learn_later(cache, [(uid, view.info(uid).file) for uid in rest], self._cpu, background=False))
-                learn_every = 1
+                # pool's worker describes the rest from its end while this goes on from here, the
+                # worker skipping the rows already kept and stopping where this process has got to,
+                # so they meet wherever the slower one is (a first FETCH ENVELOPE BODYSTRUCTURE was
+                # all in this process, issue 19). This process's rows are kept once it is done: an
+                # insert of a batch's rows beside the describing waited for the GIL between rows,
+                # holding SQLite's write lock, and the worker's own writes waited 0.2-0.7 s for it
+                # (its busy handler's sleeps) in 200 rows of 60 ms: it made a few hundred rows.
+                self._learning = shared = cache.fill(_learn_later(
+                    cache, _Files(rest, view.infos), self._cpu, background=False,
+                    reached=functools.partial(_past, reached, stop)))
+                learn_every = len(uids) + 1
             learned += new
             unknown += later
             if len(learned) >= learn_every:
@@ -204,6 +213,11 @@ class FetchRenderer:
         return part
 
 
+def _past(reached: list[int], base: int) -> int:
+    """How far past `base` a FETCH's batches have got (_send_cached's `reached`)."""
+    return reached[0] - base
+
+
 def _batches(count: int) -> Iterator[tuple[int, int]]:
     """(start, stop) of a cached FETCH's worker-thread calls over `count` messages."""
     start, stop = 0, min(count, FIRST_CACHED_BATCH)
@@ -252,7 +266,7 @@ def _render_cached(
 
 
 async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path]], cpu: CpuPool, *, background: bool,
-                       prefill: bool = False) -> None:
+                       prefill: bool = False, reached: Callable[[], int] | None = None) -> None:
     """Rows for messages answered from a header scan, described in the CPU pool's worker process.
     Not in a thread here: a thread describing files holds this process's GIL, and every file a
     FETCH on the event loop's side opens meanwhile gave the GIL up and waited up to the switch
@@ -262,7 +276,8 @@ async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path
     in the pool goes first. `prefill`: rows for files first seen at a SELECT (prefill), made from
     the start of the folder, only where there is none (fill_rows' missing_only), checked here
     all at once at its end (most by then by the FETCH that used them), not chunk by chunk beside
-    the header list or FETCH that comes meanwhile."""
+    the header list or FETCH that comes meanwhile. `reached`: how many of `files`, from the first,
+    the FETCH sharing them has answered or is answering (the chunks from there down are its)."""
     run = cpu.run_background if background else cpu.run
     if len(files) <= LEARN_LIGHT:
         run = cpu.run_light
@@ -277,6 +292,8 @@ async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path
         # gap in which background work (the full-text index) takes it (issue 19).
         starts = range(0, len(files), LEARN_CHUNK)
         for start in (starts if prefill else reversed(starts)):
+            if reached is not None and start < reached():
+                break
             done, chunk = chunk, [(uid, str(path)) for uid, path in files[start:start + LEARN_CHUNK]]
             previous, described = described, asyncio.ensure_future(
                 run(fetch_cache.fill_rows, str(cache.path), cache.folder_id, chunk, prefill))
