@@ -117,7 +117,7 @@ class Entry:
     info: MessageInfo | None = None  # built on demand, dropped on any change
 
 
-_UID, _BASE, _SIZE = attrgetter("uid"), attrgetter("base"), attrgetter("size")
+_UID, _BASE, _SIZE, _INFO = attrgetter("uid"), attrgetter("base"), attrgetter("size"), attrgetter("info")
 _FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)
 
 
@@ -263,7 +263,10 @@ class FolderIndex:
     def messages(self) -> tuple[MessageInfo, ...]:
         if self._messages is None:
             with gc_paused(len(self.by_uid)):
-                self._messages = tuple(map(self.info, self.by_uid.values()))
+                # After a listing every entry has its MessageInfo (Change.add_columns made them): read
+                # them in one C loop; a method call per entry was 2 ms at 10k, 20 at 100k (issue 19).
+                known = tuple(map(_INFO, self.by_uid.values()))
+                self._messages = known if None not in known else tuple(map(self.info, self.by_uid.values()))
         return self._messages
 
     def snapshot(self, recent: frozenset[int]) -> FolderSnapshot:
