@@ -18,6 +18,7 @@ from email.utils import getaddresses, unquote
 from functools import lru_cache
 from typing import BinaryIO, NamedTuple, Protocol
 
+from appliance import caches
 from appliance.imap.commands import BinarySection, BodySection, FetchAttribute, FetchItem, Section
 from appliance.imap.limits import MAX_HEADER_OCTETS
 from appliance.imap.mime import Headers, Part, Span, unfold
@@ -340,6 +341,7 @@ def addresses(headers: Message, name: str) -> Value:
     return Raw(b"(" + rendered + b")")
 
 
+@caches.emptied_with_folders
 @lru_cache(maxsize=8192)
 def _address_list(text: str) -> bytes:
     """The rendered addresses of one header value. Cached: a mailbox has the same From and To
@@ -574,6 +576,7 @@ LEAF_TEXT_KEY = 1024
 _NOWHERE = Span(0, 0, 0, 0)
 
 
+@caches.emptied_with_folders
 @lru_cache(maxsize=1024)
 def _leaf_text(maintype: str, subtype: str, *values: str | None) -> tuple[bytes, bytes]:
     """The BODYSTRUCTURE of a leaf of this type whose _LEAF_FIELDS have these (first) values, as

@@ -19,6 +19,7 @@ from typing import Any
 
 import idna
 
+from appliance import caches
 from appliance.db import Database
 from appliance.libc import libc
 from appliance.store import index, maildir, subscriptions
@@ -438,6 +439,7 @@ class OpenMailboxes:
             unloaded = True
             self.unloads += 1
         if unloaded:
+            caches.empty()
             release_memory()
         if again:
             self._trim_later()

@@ -153,3 +153,24 @@ def test_the_trim_keeps_small_indexes_and_busy_ones(tmp_path: Path) -> None:
         assert inbox.memory == 3 * index.ENTRY_MEMORY
 
     run(tmp_path, body)
+
+
+def test_unloading_a_folder_empties_the_per_message_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big FETCH's cached address lists would keep pymalloc arenas after the work is over (issue 19:
+    appliance/caches.py)."""
+    from appliance.imap import fetch
+
+    async def body(store: MailStore) -> None:
+        await fill(store, 3)
+        await store.snapshot(ALICE, "INBOX")
+        fetch._address_list("Alice <alice@ex.test>")
+        assert fetch._address_list.cache_info().currsize >= 1
+        for _ in range(100):  # the folder may be busy a moment with the work after the deliveries
+            if unload_all(store, monkeypatch):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the folder was never unloaded")
+        assert fetch._address_list.cache_info().currsize == 0
+
+    run(tmp_path, body)
