@@ -107,6 +107,7 @@ CENSUS = """
 def _census():
   import gc, sys, collections
   seen, spread, count = set(), collections.defaultdict(set), collections.Counter()
+  by_region = collections.defaultdict(collections.Counter)
   todo = gc.get_objects()
   while todo:
       o = todo.pop()
@@ -117,6 +118,7 @@ def _census():
           name = type(o).__name__
           spread[name].add(id(o) >> 20)
           count[name] += 1
+          by_region[id(o) >> 20][name] += 1
       todo.extend(r for r in gc.get_referents(o) if id(r) not in seen)
   buckets = set().union(*spread.values())
   print(f"census: {len(seen)} objects, small ones in {len(buckets)} MiB regions", file=sys.stderr)
@@ -124,6 +126,15 @@ def _census():
       print(f"census: {name} {count[name]} objects in {len(regions)} MiB regions", file=sys.stderr)
   for name, n in count.most_common(12):
       print(f"census: most: {name} {n}", file=sys.stderr)
+  # Regions (1 MiB of addresses, about an arena) holding few live objects: what keeps them.
+  sparse = [r for r in by_region.values() if sum(r.values()) < 300]
+  pinning = sum(sparse, collections.Counter())
+  print(f"census: {len(sparse)} of {len(by_region)} regions hold under 300 small objects each, "
+        f"{sum(pinning.values())} in all: " + ", ".join(f"{k} {v}" for k, v in pinning.most_common(15)),
+        file=sys.stderr)
+  if sparse:
+      sample = min(sparse, key=lambda r: sum(r.values()))
+      print("census: the sparsest: " + ", ".join(f"{k} {v}" for k, v in sample.most_common(8)), file=sys.stderr)
   import asyncio
   for loop in [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop)]:
       for task in asyncio.all_tasks(loop):
