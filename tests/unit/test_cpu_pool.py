@@ -117,8 +117,11 @@ def _pid() -> int:
 def _children() -> set[int]:
     found = set()
     for task in os.listdir(f"/proc/{os.getpid()}/task"):
-        with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
-            found |= {int(pid) for pid in f.read().split()}
+        try:
+            with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
+                found |= {int(pid) for pid in f.read().split()}
+        except FileNotFoundError:  # a thread that ended since the listing (an executor's, asyncio's)
+            continue
     return found
 
 
