@@ -110,6 +110,7 @@ def test_the_whole_wizard(web: WebClient) -> None:
     response = web.post("/setup/4", {}, token_from="/setup/4")
     assert response.headers["location"] == "/setup/5"
     assert "box.example.test" in web.services.tls.info().names
+    assert web.setting("cert_source") == "self-signed"
     # 5: sending mail: direct delivery is the default; a relay needs its password
     page = web.get("/setup/5").text
     assert 'id="mode-direct" checked' in page

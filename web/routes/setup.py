@@ -21,7 +21,7 @@ from appliance import setup_code, time_zone
 from appliance.account_errors import AccountError, AlreadyExists, WeakPassword
 from appliance.dns_check import load_results
 from appliance.dns_records import detect_public_addresses
-from appliance.tls import TlsManager, new_self_signed
+from appliance.tls import TlsManager
 from web import certificate_forms as certificate
 from web import forms, wizard
 from web.checklist import still_to_do
@@ -240,13 +240,6 @@ def needs_new_self_signed(tls: TlsManager, hostname: str) -> bool:
     return info.self_signed and hostname not in info.names
 
 
-def replace_self_signed(tls: TlsManager, hostname: str) -> None:
-    """Blocking: run through asyncio.to_thread."""
-    cert_pem, key_pem, _ = new_self_signed(hostname)
-    tls.install(cert_pem, key_pem)
-    tls.hostname = hostname
-
-
 async def tls_page(request: Request, form: Form | None) -> Response:
     svc = services(request)
     return await _page(request, 4, "setup/tls.html", {
@@ -273,8 +266,8 @@ async def tls_submit(request: Request) -> Response:
     result = wizard.tls_step(await read_form(request))
     assert isinstance(result, Next)
     if needs_new_self_signed(svc.tls, svc.hostname):
-        await asyncio.to_thread(replace_self_signed, svc.tls, svc.hostname)
-        await svc.events.record("tls", f"new self-signed certificate for {svc.hostname}")
+        # The console's and the CLI's own action: the same lock, source setting and event.
+        await admin(request).self_signed_certificate()
     await reach(svc.settings, result.step)
     return redirect(f"/setup/{result.step}")
 
