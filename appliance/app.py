@@ -194,6 +194,8 @@ class Box:
             raise
         # Background work of the CPU worker (index and cache rows) waits for a pause in the mail.
         services.cpu.last_mail = lambda: store.last_arrival
+        # A big folder's work is over when nobody has it open: the worker's memory goes back too.
+        store.on_unload.append(services.cpu.retire_idle)
         box = cls(services)
         services.listener_status = box.listener_status
         return box

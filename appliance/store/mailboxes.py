@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,8 @@ class OpenMailboxes:
         self._flushing = asyncio.Event()  # set while flush_uidlists runs: no task waits then
         self._trim: asyncio.TimerHandle | None = None
         self.unloads = 0  # indexes unloaded (tests, bench)
+        # Told after trim unloaded indexes and gave the memory back: a big folder's work is over.
+        self.on_unload: list[Callable[[], None]] = []
 
     async def get(self, address: str, *, inbox: bool = False) -> OpenMailbox:
         local, _, domain = address_key(address).rpartition("@")
@@ -441,6 +443,8 @@ class OpenMailboxes:
         if unloaded:
             caches.empty()
             release_memory()
+            for told in self.on_unload:
+                told()
         if again:
             self._trim_later()
 

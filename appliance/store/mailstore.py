@@ -77,6 +77,7 @@ class MailStore:
         self._folders = FolderAdmin(self._boxes, db)
         self._arrivals = GroupCommit(db)  # deliveries and APPENDs: one transaction per burst
         self.changes = self._boxes.changes
+        self.on_unload = self._boxes.on_unload  # called after unused indexes were unloaded (trim)
         # Told after each committed COPY, MOVE and APPEND (the spam learner); never delivery.
         self._filed_listeners: list[Callable[[Filed], None]] = []
 

@@ -145,3 +145,25 @@ def test_an_idle_worker_and_the_resource_tracker_exit_and_come_back_on_demand() 
         assert not _children() - before
 
     asyncio.run(main())
+
+
+def test_retire_idle_stops_a_worker_idle_long_enough_and_leaves_a_busy_one() -> None:
+    """Memory (issue 19): when the store unloads a big folder nobody has open, the worker and the
+    resource tracker go at once if the worker has been idle a moment, not IDLE_SECONDS later."""
+    async def main() -> None:
+        pool = CpuPool(workers=1, idle_seconds=600)
+        before = _children()
+        try:
+            await pool.run(_pid)
+            pool.retire_idle(idle_seconds=60)  # used just now: it stays
+            assert pool.started
+            await asyncio.sleep(0.2)
+            pool.retire_idle(idle_seconds=0.1)
+            assert not pool.started
+            await async_wait_until(lambda: not (_children() - before), what="both gone")
+            assert await pool.run(_pid) in _children()  # and the next task starts another
+        finally:
+            await pool.stop()
+        assert not _children() - before
+
+    asyncio.run(main())

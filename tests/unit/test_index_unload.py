@@ -165,6 +165,8 @@ def test_unloading_a_folder_empties_the_per_message_caches(tmp_path: Path, monke
         await store.snapshot(ALICE, "INBOX")
         fetch._address_list("Alice <alice@ex.test>")
         assert fetch._address_list.cache_info().currsize >= 1
+        told: list[int] = []
+        store.on_unload.append(lambda: told.append(fetch._address_list.cache_info().currsize))
         for _ in range(100):  # the folder may be busy a moment with the work after the deliveries
             if unload_all(store, monkeypatch):
                 break
@@ -172,5 +174,6 @@ def test_unloading_a_folder_empties_the_per_message_caches(tmp_path: Path, monke
         else:
             raise AssertionError("the folder was never unloaded")
         assert fetch._address_list.cache_info().currsize == 0
+        assert told == [0]  # those told (the CPU pool's worker) come after the caches are emptied
 
     run(tmp_path, body)
