@@ -148,9 +148,6 @@ def item_values(items: Sequence[FetchItem], facts: fetching.MessageFacts, row: C
     return out
 
 
-_KEPT_FIELD = re.compile(rb"[^ \t\r\n][^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
-
-
 def usable_fields(row: CachedMessage) -> bytes | None:
     """The row's header fields, or None when they hold a bare CR: header_fields takes a CR for a
     line end, so its output is then not the same text again and the file must answer."""
@@ -162,12 +159,8 @@ def kept_fields(block: bytes, fields: Sequence[str]) -> bytes:
     """fetch.header_fields(header, fields, exclude=False) from a row's usable `block` (fields within
     CACHED_FIELDS): that block is header_fields' own output for the header (CRLF line ends, only
     the cached fields and their continuation lines, then the blank line when the header had one),
-    so a field is a line and the continuation lines after it."""
-    wanted = {name.lower().encode("ascii") for name in fields}
-    ended = block == b"\r\n" or block.endswith(b"\r\n\r\n")
-    kept = [field for field in _KEPT_FIELD.findall(block[:-2] if ended else block)
-            if field.split(b":", 1)[0].strip().lower() in wanted]
-    return b"".join(kept) + (b"\r\n" if ended else b"")
+    so header_fields of it gives the same fields again (its regex for CRLF blocks, issue 19)."""
+    return fetching.header_fields(block, tuple(fields), exclude=False)
 
 
 def current_rows(cache: FolderCache | None, files: Sequence[tuple[int, str]], *, compute: bool

@@ -24,7 +24,7 @@ from appliance.imap import fetch as fetching
 from appliance.imap import fetch_cache
 from appliance.imap.commands import FetchAttribute, FetchItem
 from appliance.imap.limits import STRUCTURE_CACHE_OCTETS
-from appliance.imap.mime import Part, scan, scan_header, top_header_block
+from appliance.imap.mime import HEADER_PROBE, Part, header_block_of, scan, scan_header, top_header_block
 from appliance.imap.responses import FetchResponse, Preformatted, Response, Value, fetch_line
 from appliance.imap.selected import SelectedFolder, flag_text
 from appliance.store.mailstore import MessageInfo, open_message
@@ -163,8 +163,9 @@ class FetchRenderer:
     def prefill(self, view: SelectedFolder, cache: FolderCache) -> None:
         """After a SELECT: rows for the folder's messages that have none (files another program put
         there, first seen by this listing) made now in the CPU pool's worker, in the background,
-        from the first message on, so a client's FETCH ENVELOPE BODYSTRUCTURE a moment later finds
-        most of them made (the issue's "on first sight of a foreign file"). A second session's
+        from the last message down, so a client's FETCH ENVELOPE BODYSTRUCTURE a moment later finds
+        most of them made, and the header list a client asks for first (from the first message
+        on) answers the rest from them when it gets there (the issue's "on first sight of a foreign file"). A second session's
         first FETCH of a 10k folder copied in described nearly every message then, 2.2-2.6 s; the
         worker was indexing the folder's text meanwhile (issue 19). Once per folder and size."""
         if cache.cache.prefill_due(cache.folder_id, view.uidvalidity, view.exists):
@@ -273,8 +274,8 @@ async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path
     interval (5 ms) to get it back: the next FETCH of the folder took 5 ms a message (55 s for
     10k; issue 19). The worker writes the rows itself (fetch_cache.fill_rows) and skips those kept
     meanwhile. `background`: nobody waits for these rows (the answer went out), so waited-for work
-    in the pool goes first. `prefill`: rows for files first seen at a SELECT (prefill), made from
-    the start of the folder, only where there is none (fill_rows' missing_only), checked here
+    in the pool goes first. `prefill`: rows for files first seen at a SELECT (prefill), made
+    only where there is none (fill_rows' missing_only), checked here
     all at once at its end (most by then by the FETCH that used them), not chunk by chunk beside
     the header list or FETCH that comes meanwhile. `reached`: how many of `files`, from the first,
     the FETCH sharing them has answered or is answering (the chunks from there down are its)."""
@@ -285,13 +286,16 @@ async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path
     chunk: list[tuple[int, str]] = []
     unchecked: list[tuple[int, str]] = []  # a prefill's rows written
     try:
-        # From the end: a FETCH of the folder that comes meanwhile computes rows from the start, so
-        # the two meet in the middle instead of describing the same messages twice (a prefill from
-        # the start: it comes before any FETCH, and a FETCH's share from the end). The next chunk
+        # From the end: a FETCH of the folder that comes meanwhile answers from the start, so the
+        # two meet in the middle instead of doing the same messages twice. A prefill too: a
+        # prefill from the start was overtaken at once by Thunderbird's first header list, which
+        # then read every file's header while the worker described the same files beside it
+        # (5.5 s of the worker's CPU in that 100k list, none of it of use to the list); from the
+        # end, the list answers the messages the worker got to from their rows (issue 19). The next chunk
         # is queued while the last one runs: the worker goes from one chunk to the next without a
         # gap in which background work (the full-text index) takes it (issue 19).
         starts = range(0, len(files), LEARN_CHUNK)
-        for start in (starts if prefill else reversed(starts)):
+        for start in reversed(starts):
             if reached is not None and start < reached():
                 break
             done, chunk = chunk, [(uid, str(path)) for uid, path in files[start:start + LEARN_CHUNK]]
@@ -377,8 +381,16 @@ def _needs(items: Sequence[FetchItem]) -> _Needs:
 def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequence[FetchItem], needs: _Needs,
                ) -> list[tuple[str, Value]] | None:
     """fetch.item_values from the file (None: it is gone), for what the cache does not answer."""
+    path = info.file
+    if needs.header_list:
+        try:
+            block = header_block_of(_head(path))
+        except FileNotFoundError:
+            block = None  # renamed by a flag change since the index was read: found below
+        if block is not None:
+            return fetching.header_list_values(items, message, block)
     try:
-        f = open_message(info.file)
+        f = open_message(path)
     except FileNotFoundError:
         return None
     with f:
@@ -389,6 +401,19 @@ def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequenc
             f.seek(0)  # a long header: scanned as any other
         root = scan(f) if needs.full else scan_header(f, fields=needs.fields)
         return fetching.item_values(items, message, f, root, _reopener(f))
+
+
+def _head(path: str) -> bytes:
+    """The first HEADER_PROBE octets of the file at `path` (all of it when shorter): os.open, one
+    read, close. Python's open(), read() and close() made 7-8 system calls a message, each giving
+    up the GIL that this thread then waited to get back from the event loop and the database's
+    thread: half of answering Thunderbird's first header list of a 100k folder from the files was
+    in them (py-spy, issue 19). FileNotFoundError: not at `path` (gone, or renamed)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, HEADER_PROBE)
+    finally:
+        os.close(fd)
 
 
 def _response(seq: int, values: list[tuple[str, Value]], message: fetching.MessageFacts, flags_changed: set[int],

@@ -697,7 +697,11 @@ def top_header_block(f: BinaryIO) -> bytes | None:
     The same cases as _Reader.header_block at the top level: a message list (Thunderbird's first
     fetch) asks for nothing else, and locating the block with a reader, then reading it again, was
     a third of answering it (issue 19)."""
-    probe = f.read(HEADER_PROBE)
+    return header_block_of(f.read(HEADER_PROBE))
+
+
+def header_block_of(probe: bytes) -> bytes | None:
+    """top_header_block of a message whose first HEADER_PROBE octets (all of it when shorter) are `probe`."""
     if probe[:1] == b"\n":
         return probe[:1]  # no fields: the blank line comes first
     if probe[:2] == b"\r\n":

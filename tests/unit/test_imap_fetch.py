@@ -13,7 +13,10 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from appliance.imap import fetch as fetching
 from appliance.imap.commands import BodySection, Fetch, FetchItem, Section
 from appliance.imap.fetch import (
     FileSlice,
@@ -241,3 +244,24 @@ def test_envelope_of_deeply_nested_comments() -> None:
     data = b"From: a@b.example " + b"(" * 5000 + b"x" + b")" * 5000 + b"\r\nTo: <c (note) @ d.example>\r\n\r\n"
     env = render_value(envelope(scan(io.BytesIO(data)).headers))
     assert b'((NIL NIL "a" "b.example"))' in env
+
+
+_FIELD_LINES = st.sampled_from([
+    b"Subject: hi", b"From: a@b", b" folded", b"\tfolded", b"X-Other: x", b"Subject : spaced", b"cc:lower",
+    b"no colon", b"\xff: v", b":novalue", b"  Subject: indented", b"SUBJECT:", b"From x: y", b"",
+    b"\x0bSubject: vt", b"\x0c \x0bSubject: ff", b"Subject\x0c: z", b"X:Y: w", b"x-other : q",
+])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(_FIELD_LINES, st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r"])), max_size=10),
+       st.sampled_from([b"\r\n", b"\r\nbody\r\n", b""]),
+       st.lists(st.sampled_from(["SUBJECT", "FROM", "CC", "X-OTHER", "NO COLON", "", "SUBJECT ", "X:Y", "X.OTHER"]),
+                min_size=1, max_size=3),
+       st.booleans())
+def test_header_fields_of_a_crlf_block_match_the_line_loop(
+        lines: list[tuple[bytes, bytes]], end: bytes, wanted: list[str], exclude: bool) -> None:
+    """header_fields' regex for blocks with CRLF line ends only gives what its line loop gives."""
+    header = b"".join(a + b for a, b in lines) + end
+    names = fetching._wanted_names(tuple(wanted))
+    assert header_fields(header, tuple(wanted), exclude) == fetching._line_header_fields(header, names, exclude)
