@@ -250,6 +250,13 @@ def fill_rows(db_path: str, folder_id: int, files: Sequence[tuple[int, str]], mi
         return message_cache.keep(conn, folder_id, learned)
 
 
+def keep_rows(db_path: str, folder_id: int, rows: Learned) -> int:
+    """Write rows the server described (a FETCH sharing its describing with the CPU pool's worker),
+    in the worker, as fill_rows writes its own (message_cache.keep); returns how many were kept."""
+    with worker_db(db_path) as conn:
+        return message_cache.keep(conn, folder_id, rows)
+
+
 def needs_row(items: Iterable[FetchItem]) -> bool:
     """Whether the items need the whole MIME walk (BODYSTRUCTURE, BODY): computing a row then costs
     little more than answering from the file."""

@@ -107,9 +107,9 @@ class FetchRenderer:
         missing = False
         learned: fetch_cache.Learned = []
         unknown: list[tuple[int, str]] = []
-        learn_every = LEARN_BATCH
         writing: asyncio.Future[None] | None = None  # the rows of the batch before, being kept
         shared: asyncio.Task[None] | None = None  # the CPU pool's worker describing from the end
+        keeping: list[asyncio.Task[None]] = []  # this process's rows, written by the worker (shared)
         # How many messages of uids this process has answered, or is answering (the worker's share
         # stops there).
         reached = [0]
@@ -122,37 +122,48 @@ class FetchRenderer:
             missing = missing or None in rendered
             # Rendered in the thread: the event loop only writes the batch.
             await send(Preformatted(b"".join(r for r in rendered if r is not None)))
+            unknown += later
             rest = uids[stop:]
             if 2 * len(new) >= len(jobs) and len(rest) >= SHARED_FETCH and not self._filling():
                 # Most rows of this batch were missing (a folder copied in): both cores. The CPU
                 # pool's worker describes the rest from its end while this goes on from here, the
                 # worker skipping the rows already kept and stopping where this process has got to,
                 # so they meet wherever the slower one is (a first FETCH ENVELOPE BODYSTRUCTURE was
-                # all in this process, issue 19). This process's rows are kept once it is done: an
-                # insert of a batch's rows beside the describing waited for the GIL between rows,
-                # holding SQLite's write lock, and the worker's own writes waited 0.2-0.7 s for it
-                # (its busy handler's sleeps) in 200 rows of 60 ms: it made a few hundred rows.
+                # all in this process, issue 19).
                 self._learning = shared = cache.fill(_learn_later(
                     cache, _Files(rest, view.infos), self._cpu, background=False,
                     reached=functools.partial(_past, reached, stop)))
-                learn_every = len(uids) + 1
+            if shared is not None:
+                # This process's rows are written by the worker too, batch by batch between its
+                # chunks: one writer, and no insert here. Kept here at the FETCH's end (as since
+                # c39874e), they took 0.77 s of a 3.3 s FETCH of 10k (8,600 rows, 50-60 us of CPU
+                # a row in one transaction: more than the 2 MB page cache, so SQLite spilled) after
+                # the last response; beside the describing, the insert waited for the GIL between
+                # rows while holding SQLite's write lock, which the worker's writes then waited for
+                # (0.2-0.7 s each). A row pickled costs 7 us here (issue 19).
+                if learned or new:
+                    keeping.append(cache.fill(_keep(cache, learned + new, self._cpu)))
+                learned = []
+                continue
             learned += new
-            unknown += later
-            if len(learned) >= learn_every:
+            if len(learned) >= LEARN_BATCH:
                 # Written while the next batch is rendered, one write at a time: the database's
                 # thread spends most of an insert in SQLite, without the GIL the rendering needs.
                 if writing is not None:
                     await writing
                 writing = asyncio.ensure_future(cache.learn(learned))
                 learned = []
+        if shared is not None:
+            # Every message of the FETCH has its row now, described here or by the worker (or
+            # being written by it): the worker's fill would go on through the rows this process
+            # described, a trip to the worker and a check of 200 rows each, during the client's
+            # next command, and its chunks would come before this process's last rows (issue 19).
+            shared.cancel()
         if writing is not None:
             await writing
         await cache.learn(learned)
-        if shared is not None:
-            # Every message of the FETCH has its row now, described here or by the worker: the
-            # worker's fill would go on through the rows this process kept, a trip to the worker and
-            # a check of 200 rows each, during the client's next command (issue 19).
-            shared.cancel()
+        for task in keeping:
+            await task  # (the rows are there for the client's next command)
         if unknown and not self._filling():
             # Rows for the messages answered from a header scan, computed after the answer went
             # out, in chunks in the CPU pool's worker (one fill at a time per session; it goes on after
@@ -212,6 +223,15 @@ class FetchRenderer:
                 _, (_, dropped) = self._structures.popitem(last=False)
                 self._structure_octets -= dropped
         return part
+
+
+async def _keep(cache: FolderCache, rows: fetch_cache.Learned, cpu: CpuPool) -> None:
+    """Rows this process described, written by the CPU pool's worker (fetch_cache.keep_rows). Rows
+    are derived from the files: one not kept is described again at its next use."""
+    try:
+        await cpu.run(fetch_cache.keep_rows, str(cache.path), cache.folder_id, rows)
+    except Exception:
+        log.debug("message cache: keeping rows in the worker failed", exc_info=True)
 
 
 def _past(reached: list[int], base: int) -> int:

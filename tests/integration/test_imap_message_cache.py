@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import trustme
 
+from appliance.imap import fetch_render
 from appliance.store.message_cache import CachedMessage, stamp_of
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
@@ -330,6 +331,43 @@ def test_rows_of_a_header_list_are_described_and_written_by_the_worker(
     assert b'"copied in 30"' in answer
     assert message_files(opened_files, box) == []
     assert sum(learned) == 0  # no row went through this process's connection
+
+
+def test_a_first_fetch_shared_with_the_worker_has_every_row_written_when_it_ends(
+        box: BoxHandle, opened_files: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first FETCH ENVELOPE BODYSTRUCTURE of files nobody described shares the describing with the
+    CPU pool's worker, which writes this process's rows too (none goes through the event loop's
+    connection): when the FETCH's tagged OK comes, every message has its row, and the FETCH after
+    reads no file."""
+    cache = box.services.store.message_cache
+    monkeypatch.setattr(cache, "prefill_due", lambda *args: False)  # the FETCH finds no row made
+    learned: list[int] = []
+    learn = cache.learn
+
+    async def counted(folder_id: int, rows: Sequence[tuple[int, CachedMessage]]) -> None:
+        learned.append(len(rows))
+        await learn(folder_id, rows)
+
+    monkeypatch.setattr(cache, "learn", counted)
+    box.add_user(USER, PASSWORD)
+    deliver(box, message(0))
+    count = fetch_render.FIRST_CACHED_BATCH + 2 * fetch_render.CACHED_FETCH_BATCH
+    cur = maildir(box) / "cur"
+    for n in range(1, count + 1):
+        (cur / f"1700{n:06d}.M{n}P1.other:2,S").write_bytes(message(n, f"copied in {n}"))
+    raw = session(box)
+    try:
+        answer = raw.command(b"f", b"FETCH 1:* (ENVELOPE BODYSTRUCTURE)")
+        assert cache_rows(box) == count + 1
+        opened_files.clear()
+        again = raw.command(b"g", b"FETCH 1:* (ENVELOPE BODYSTRUCTURE)")
+    finally:
+        raw.close()
+    assert len(answer) == count + 2
+    assert f'"copied in {count}"'.encode() in b"".join(answer)
+    assert again[:-1] == answer[:-1]
+    assert message_files(opened_files, box) == []
+    assert sum(learned) == 0
 
 
 def test_files_first_seen_at_a_select_are_described_before_any_fetch(box: BoxHandle, opened_files: list[str]) -> None:
