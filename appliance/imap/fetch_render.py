@@ -122,7 +122,15 @@ class FetchRenderer:
             missing = missing or None in rendered
             # Rendered in the thread: the event loop only writes the batch.
             await send(Preformatted(b"".join(r for r in rendered if r is not None)))
-            unknown += later
+            if cache.prefilling():
+                # The messages answered from a header scan get their rows in the background after
+                # the answer, unless the SELECT's prefill is making the folder's missing rows
+                # anyway: at 100k, Thunderbird's first list held 100k (UID, path) pairs (about
+                # 15 MB) for a second fill over the prefill's files (a stat and a look-up each,
+                # its chunks taking turns with the prefill's; issue 19).
+                unknown = []
+            else:
+                unknown += later
             rest = uids[stop:]
             if 2 * len(new) >= len(jobs) and len(rest) >= SHARED_FETCH and not self._filling():
                 # Most rows of this batch were missing (a folder copied in): both cores. The CPU
@@ -360,7 +368,8 @@ async def _prefill(cache: FolderCache, uids: Sequence[int], infos: dict[int, Mes
     start = bisect.bisect_right(uids, await cache.highest())
     if len(uids) - start < PREFILL_MIN:
         return
-    await _learn_later(cache, _Files(uids[start:], infos), cpu, background=True, prefill=True)
+    with cache.prefilling_now():
+        await _learn_later(cache, _Files(uids[start:], infos), cpu, background=True, prefill=True)
 
 
 class _Files(Sequence[tuple[int, str]]):

@@ -19,11 +19,12 @@ cache (2 MB per connection) is the only memory they take, however large the fold
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
@@ -152,6 +153,7 @@ class MessageCache:
         self._conn: sqlite3.Connection | None = None
         self._broken = False
         self._fills: set[asyncio.Task[None]] = set()  # rows being computed in the background
+        self._prefilling: dict[int, int] = {}  # folder id -> prefills making its missing rows now
         self.watch = FileWatch()  # which rows need no stat of their files (file_watch.py)
         # Folder id -> (UIDVALIDITY, messages) when its rows were last counted for a prefill.
         self._prefilled: dict[int, tuple[int, int]] = {}
@@ -255,6 +257,21 @@ class MessageCache:
         task.add_done_callback(self._fills.discard)
         return task
 
+    @contextlib.contextmanager
+    def prefilling_now(self, folder_id: int) -> Iterator[None]:
+        """Said by a SELECT's prefill (imap/fetch_render.py) while it makes a folder's missing rows."""
+        self._prefilling[folder_id] = self._prefilling.get(folder_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._prefilling[folder_id] -= 1
+            if not self._prefilling[folder_id]:
+                del self._prefilling[folder_id]
+
+    def prefilling(self, folder_id: int) -> bool:
+        """Whether a SELECT's prefill is making this folder's missing rows now."""
+        return folder_id in self._prefilling
+
     def close(self) -> None:
         for task in list(self._fills):
             task.cancel()
@@ -311,3 +328,9 @@ class FolderCache:
 
     def fill(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         return self.cache.fill(work)
+
+    def prefilling_now(self) -> AbstractContextManager[None]:
+        return self.cache.prefilling_now(self.folder_id)
+
+    def prefilling(self) -> bool:
+        return self.cache.prefilling(self.folder_id)

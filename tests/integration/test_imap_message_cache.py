@@ -370,6 +370,23 @@ def test_a_first_fetch_shared_with_the_worker_has_every_row_written_when_it_ends
     assert sum(learned) == 0
 
 
+def test_a_header_list_during_a_prefill_leaves_the_rows_to_it(box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a SELECT's prefill makes a folder's missing rows, a header list of the folder answered
+    from the files starts no fill of its own for them (nor keeps their paths for one)."""
+    cache = box.services.store.message_cache
+    monkeypatch.setattr(cache, "prefill_due", lambda *args: False)
+    monkeypatch.setattr(cache, "prefilling", lambda folder_id: True)
+    copied_in(box)
+    raw = session(box)
+    try:
+        answer = b"".join(raw.command(b"a", b"FETCH 1:* (BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)])"))
+    finally:
+        raw.close()
+    assert b"Subject: copied in 30\r\n" in answer
+    assert not cache._fills
+    assert cache_rows(box) == 1
+
+
 def test_files_first_seen_at_a_select_are_described_before_any_fetch(box: BoxHandle, opened_files: list[str]) -> None:
     """A SELECT of a folder whose files nobody described (more than PREFILL_MIN) has their rows made
     in the background by the CPU pool's worker, before any FETCH asks: the FETCH ENVELOPE
