@@ -46,6 +46,7 @@ LEARN_CHUNK = 200  # messages a background fill describes per call of the CPU po
 SHARED_FETCH = LEARN_CHUNK  # messages left after a batch that computed most rows: shared with the CPU pool (one of its chunks at least)
 LEARN_LIGHT = 20  # a fill this small may run in a thread while no worker process is up (cpu_pool.run_light)
 PREFILL_MIN = LEARN_LIGHT  # rows missing in a selected folder worth a prefill (delivered mail has its rows)
+KEEP_AHEAD = 2  # batches of rows a shared FETCH may have queued for the worker to write (_keep)
 PART_WEIGHT = 256  # octets counted per MIME part of a cached structure, beyond its header block
 INDEX_FETCH_BATCH = 5000  # messages per rendered block of an index-only FETCH
 
@@ -149,9 +150,8 @@ class FetchRenderer:
                 # the last response; beside the describing, the insert waited for the GIL between
                 # rows while holding SQLite's write lock, which the worker's writes then waited for
                 # (0.2-0.7 s each). A row pickled costs 7 us here (issue 19).
-                if learned or new:
-                    keeping.append(cache.fill(_keep(cache, learned + new, self._cpu)))
-                learned = []
+                learned += new
+                learned = _hand_over(cache, learned, keeping, self._cpu)
                 continue
             learned += new
             if len(learned) >= LEARN_BATCH:
@@ -231,6 +231,20 @@ class FetchRenderer:
                 _, (_, dropped) = self._structures.popitem(last=False)
                 self._structure_octets -= dropped
         return part
+
+
+def _hand_over(cache: FolderCache, rows: fetch_cache.Learned, keeping: list[asyncio.Task[None]], cpu: CpuPool
+               ) -> fetch_cache.Learned:
+    """Give the rows a shared FETCH described to the worker to write (_keep, added to `keeping`),
+    unless KEEP_AHEAD batches of them are still queued there: the worker is behind (starved: it
+    runs at nice 10), and rows queued for it made the FETCH wait after its last response. Returns
+    the rows left to this process (one write through the database's thread at the FETCH's end)."""
+    keeping[:] = [task for task in keeping if not task.done()]
+    if len(keeping) >= KEEP_AHEAD:
+        return rows
+    if rows:
+        keeping.append(cache.fill(_keep(cache, rows, cpu)))
+    return []
 
 
 async def _keep(cache: FolderCache, rows: fetch_cache.Learned, cpu: CpuPool) -> None:

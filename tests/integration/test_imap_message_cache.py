@@ -341,6 +341,7 @@ def test_a_first_fetch_shared_with_the_worker_has_every_row_written_when_it_ends
     reads no file."""
     cache = box.services.store.message_cache
     monkeypatch.setattr(cache, "prefill_due", lambda *args: False)  # the FETCH finds no row made
+    monkeypatch.setattr(fetch_render, "KEEP_AHEAD", 100)  # (a worker behind leaves rows to this process)
     learned: list[int] = []
     learn = cache.learn
 

@@ -44,3 +44,46 @@ def test_the_worker_share_stops_where_the_fetch_has_got_to() -> None:
                                           reached=lambda: progress[0]))
     # From the end, one chunk queued ahead of the one in the worker; none starting below the FETCH.
     assert pool.chunks == [1801, 1601, 1401, 1201]
+
+
+class _Filling:
+    path = Path("/nonexistent/letterbox.db")
+
+    def fill(self, work: Any) -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(work)
+
+
+class _Slow:
+    """A worker that writes nothing until `release` is set: it is behind."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.written: list[int] = []
+
+    async def run(self, fn: Callable[..., int], db: str, folder_id: int, rows: list[tuple[int, Any]]) -> int:
+        await self.release.wait()
+        self.written += [uid for uid, _ in rows]
+        return len(rows)
+
+
+def test_rows_stay_with_the_fetch_while_the_worker_is_behind() -> None:
+    """A shared FETCH hands its rows to the worker to write, batch by batch, but keeps them for its
+    own write at its end once KEEP_AHEAD batches wait in the worker."""
+
+    async def run() -> tuple[list[list[int]], list[int]]:
+        pool = _Slow()
+        cache = FolderCache(cast(MessageCache, _Filling()), 1)
+        keeping: list[asyncio.Task[None]] = []
+        left = []
+        for batch in range(4):
+            rows = [(batch * 10 + n, None) for n in range(3)]
+            left.append([uid for uid, _ in fetch_render._hand_over(cache, cast(Any, rows), keeping, cast(CpuPool, pool))])
+            await asyncio.sleep(0)
+        pool.release.set()
+        await asyncio.gather(*keeping)
+        return left, pool.written
+
+    left, written = asyncio.run(run())
+    assert fetch_render.KEEP_AHEAD == 2
+    assert left == [[], [], [20, 21, 22], [30, 31, 32]]
+    assert written == [0, 1, 2, 10, 11, 12]
