@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -94,6 +95,14 @@ def anon_kinds(pid: int) -> dict[str, float]:
     return kinds
 
 
+def hwm(pid: int) -> float:
+    """The process's peak RSS (VmHWM), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / MIB
+    return 0.0
+
+
 def threads(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/task").iterdir()))
 
@@ -104,9 +113,41 @@ def cpu(pid: int) -> float:
 
 
 CENSUS = """
+def _pinning_detail(objects, regions):
+  # What the objects in sparse regions are: a sample of each type's values, and who refers to them.
+  import gc, sys, collections
+  samples = collections.defaultdict(collections.Counter)
+  budget = [400]
+  for o in objects:
+      if (id(o) >> 20) not in regions or sys.getsizeof(o) > 512:
+          continue
+      name = type(o).__name__
+      try:
+          if name == "ReferenceType":
+              r = o()
+              what = "-> " + (type(r).__name__ if r is not None else "dead") + " " + (getattr(r, "__qualname__", "") if r is not None else "")
+          elif name == "code":
+              what = f"{o.co_filename.rsplit('/', 2)[-1]}:{o.co_qualname}"
+          elif name in ("str", "bytes"):
+              what = repr(o[:50])
+          elif name in ("TimerHandle", "Handle"):
+              what = repr(o)[:120]
+          elif budget[0] > 0:
+              budget[0] -= 1
+              refs = [type(r).__name__ for r in gc.get_referrers(o)[:4] if r is not objects]
+              what = "held by " + ",".join(refs)[:80] + " " + repr(o)[:60]
+          else:
+              what = repr(o)[:60]
+      except Exception as exc:
+          what = f"? {exc!r}"[:60]
+      samples[name][what] += 1
+  for name, c in sorted(samples.items(), key=lambda kv: -sum(kv[1].values()))[:14]:
+      print(f"census: pin {name} {sum(c.values())}: " + " | ".join(f"{k} x{v}" for k, v in c.most_common(10)), file=sys.stderr)
+
 def _census():
   import gc, sys, collections
   seen, spread, count = set(), collections.defaultdict(set), collections.Counter()
+  seen_objects = []
   by_region = collections.defaultdict(collections.Counter)
   todo = gc.get_objects()
   while todo:
@@ -114,6 +155,7 @@ def _census():
       if id(o) in seen:
           continue
       seen.add(id(o))
+      seen_objects.append(o)
       if sys.getsizeof(o) <= 512:  # pymalloc's blocks; larger ones come from malloc
           name = type(o).__name__
           spread[name].add(id(o) >> 20)
@@ -132,6 +174,8 @@ def _census():
   print(f"census: {len(sparse)} of {len(by_region)} regions hold under 300 small objects each, "
         f"{sum(pinning.values())} in all: " + ", ".join(f"{k} {v}" for k, v in pinning.most_common(15)),
         file=sys.stderr)
+  sparse_keys = {k for k, r in by_region.items() if sum(r.values()) < 300}
+  _pinning_detail(seen_objects, sparse_keys)
   if sparse:
       sample = min(sparse, key=lambda r: sum(r.values()))
       print("census: the sparsest: " + ", ".join(f"{k} {v}" for k, v in sample.most_common(8)), file=sys.stderr)
@@ -203,24 +247,60 @@ def malloc_stats(pid: int, log: Path) -> None:
 
 def snapshot(pid: int, label: str) -> None:
     print(f"## {label}   {uptime()}")
-    print("| process | pid | RSS MiB | PSS MiB | anon MiB | file MiB | threads | CPU s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| process | pid | RSS MiB | PSS MiB | anon MiB | file MiB | peak RSS MiB | threads | CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     total_rss = total_pss = 0.0
     for member in tree(pid):
         try:
             fields = rollup(member)
             name = process_name(member)
             count = threads(member)
+            peak = hwm(member)
             seconds = cpu(member)
         except OSError:
             continue
         rss, pss, anon = fields.get("Rss", 0) / MIB, fields.get("Pss", 0) / MIB, fields.get("Anonymous", 0) / MIB
         total_rss += rss
         total_pss += pss
-        print(f"| {name} | {member} | {rss:.1f} | {pss:.1f} | {anon:.1f} | {rss - anon:.1f} | {count} | {seconds:.1f} |")
-    print(f"| all | | {total_rss:.1f} | {total_pss:.1f} | | | | |")
+        print(f"| {name} | {member} | {rss:.1f} | {pss:.1f} | {anon:.1f} | {rss - anon:.1f} | {peak:.1f} | {count} | {seconds:.1f} |")
+    print(f"| all | | {total_rss:.1f} | {total_pss:.1f} | | | | | |")
     with_kinds = anon_kinds(pid)
     print("server's anonymous memory: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in with_kinds.items()), flush=True)
+
+
+def tree_rss(pid: int) -> float:
+    """RSS of the server and its children (MiB), 0 for those that ended meanwhile."""
+    total = 0.0
+    for member in tree(pid):
+        try:
+            total += rollup(member).get("Rss", 0) / MIB
+        except OSError:
+            continue
+    return total
+
+
+class PeakRound(ImapRound):
+    """side_by_side's IMAP round, printing after each row the highest RSS of all the box's processes
+    during it (sampled every 0.2 s) and the RSS at its end: which row makes the peak that pymalloc's
+    arenas keep."""
+
+    def __init__(self, results: Results, server: str, imaps: int, size: int, pid: int) -> None:
+        super().__init__(results, server, imaps, size, pid)
+        self.highest = 0.0
+        self.done = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        assert self.pid is not None
+        while not self.done.wait(0.2):
+            self.highest = max(self.highest, tree_rss(self.pid))
+
+    def add(self, work: str, seconds: float | None, count: int = -1, found: int = -1) -> None:
+        super().add(work, seconds, count, found)
+        assert self.pid is not None
+        now = tree_rss(self.pid)
+        print(f"# row {work}: peak {max(self.highest, now):.1f} MiB, at its end {now:.1f} MiB (all processes)", flush=True)
+        self.highest = now
 
 
 def main() -> None:
@@ -235,8 +315,13 @@ def main() -> None:
     parser.add_argument("--malloc-stats", action="store_true", help="pymalloc's statistics of the server at the end (gdb)")
     parser.add_argument("--probe", action="store_true",
                         help="at the end, which objects are spread over pymalloc's arenas, then clear the lru caches (gdb)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="in the server's environment only (PYTHONMALLOC=malloc, MALLOC_ARENA_MAX=1...)")
     args = parser.parse_args()
     args.settle = 0.0
+    # The server is started after this (bench.benchbox.code_env copies os.environ); this interpreter,
+    # the client, already runs with its own allocator.
+    os.environ.update(item.split("=", 1) for item in args.env)
     results = Results(args)
     with tempfile.TemporaryDirectory(prefix="letterbox-memory-") as tmp:
         work = Path(tmp)
@@ -248,7 +333,9 @@ def main() -> None:
         with setup.letterbox({READER: folder}) as box:
             snapshot(box.pid, "ready")
             started = time.monotonic()
-            asyncio.run(ImapRound(results, "letterbox", box.port("imaps"), args.size, box.pid).run(box.port("lmtp")))
+            rows = PeakRound(results, "letterbox", box.port("imaps"), args.size, box.pid)
+            asyncio.run(rows.run(box.port("lmtp")))
+            rows.done.set()
             closed = time.monotonic()
             print(f"# rows done in {closed - started:.0f} s", flush=True)
             snapshot(box.pid, "sessions closed")
