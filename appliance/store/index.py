@@ -38,8 +38,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
-from operator import add, attrgetter, itemgetter, mul
+from itertools import compress, repeat
+from operator import add, attrgetter, eq, is_, itemgetter, mul
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -99,7 +99,22 @@ def gc_paused(count: int) -> Iterator[None]:
             with _gc_lock:
                 _gc_pauses -= 1
                 if _gc_pauses == 0:
+                    if gc.get_count()[0] >= BULK:  # the step made many objects (not a small folder's listing)
+                        promote_to_oldest()
                     gc.enable()
+
+
+def promote_to_oldest() -> None:
+    """Every object the collector tracks into its oldest generation, without a collection. After a
+    bulk step (gc_paused) the young generation holds the step's objects: a folder's entries, which
+    live as long as its index, and temporaries, which reference counting frees. The next two young
+    collections would each walk every one of them: 8 % of the instructions of a first listing and
+    snapshot at 10k, more at 100k, where the walk misses the caches at every object (issue 19).
+    Cyclic garbage that was young meanwhile waits for the next full collection (an unload's is one:
+    caches.empty); hence only after a step that made BULK objects or more, not after every listing. freeze() then unfreeze() is that move: freeze puts every generation into the
+    permanent one, unfreeze puts that into the oldest (CPython 3.11, Modules/gcmodule.c)."""
+    gc.freeze()
+    gc.unfreeze()
 
 
 @dataclass(slots=True, eq=False)
@@ -117,7 +132,7 @@ class Entry:
     info: MessageInfo | None = None  # built on demand, dropped on any change
 
 
-_UID, _BASE, _SIZE, _INFO = attrgetter("uid"), attrgetter("base"), attrgetter("size"), attrgetter("info")
+_UID, _BASE, _SIZE, _INFO, _SUB = attrgetter("uid"), attrgetter("base"), attrgetter("size"), attrgetter("info"), attrgetter("sub")
 _FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)
 
 
@@ -143,6 +158,9 @@ class FoundColumns(NamedTuple):
     sizes: Sequence[int]
     mtimes: Sequence[int]
     wires: Sequence[int | None]
+    # What follows each file name's first ':' (its Maildir info), each distinct value one shared
+    # string; None: Change.add_columns reads it from the file names.
+    infos: Sequence[str] | None = None
 
 
 @dataclass
@@ -206,6 +224,7 @@ class FolderIndex:
         self.uidlist_lock = asyncio.Lock()  # orders the writes: the last one holds the latest state
         self.uidlist_queued = False  # a write is scheduled that has not read the state yet
         self._messages: tuple[MessageInfo, ...] | None = None
+        self._known: tuple[tuple[MessageInfo, ...], tuple[int, ...], frozenset[str]] | None = None  # known()
         self._recent: frozenset[int] | None = None
         self._snapshot: FolderSnapshot | None = None  # handed out again while nothing changes
         self.snapshots_built = 0  # how many times a snapshot was made (tests: SELECT reuses them)
@@ -278,6 +297,8 @@ class FolderIndex:
                 or snap.highestmodseq != self.highestmodseq or snap.uidvalidity != self.uidvalidity):
             snap = FolderSnapshot(self.name, self.uidvalidity, self.uidnext, self.messages(), recent,
                                   self.highestmodseq)
+            if self._known is not None and self._known[0] is snap.messages:
+                snap.knowing(*self._known[1:])
             self._snapshot = snap
             self.snapshots_built += 1
         return snap
@@ -285,13 +306,22 @@ class FolderIndex:
     def recent(self) -> frozenset[int]:
         """Recent and unclaimed: files still in new/, and copies/appends that went to cur/."""
         if self._recent is None:
-            self._recent = frozenset(self.unclaimed | {e.uid for e in self.by_uid.values() if e.sub == "new"})
+            in_new = compress(self.by_uid, map(eq, map(_SUB, self.by_uid.values()), repeat("new")))  # a loop in C
+            self._recent = frozenset(self.unclaimed.union(in_new))
         return self._recent
 
     def entries(self, uids: Iterable[int]) -> list[Entry]:
         return [e for uid in sorted(set(uids)) if (e := self.by_uid.get(uid)) is not None]
 
+    def known(self, messages: tuple[MessageInfo, ...], uids: tuple[int, ...], keywords: frozenset[str]) -> None:
+        """The folder's messages as a first listing made them (Change.apply, from its columns), with
+        their UIDs and the keywords in use: the snapshot takes them as they are, where working them
+        out from the entries was three more passes over every message (issue 19)."""
+        self._messages = messages
+        self._known = (messages, uids, keywords)
+
     def invalidate(self, *, paths: bool = False) -> None:
+        self._known = None
         self._messages = None
         self._recent = None
         self._snapshot = None
@@ -469,16 +499,38 @@ def _found_sized(dirs: dict[str, Path]) -> FoundColumns | None:
         fields += sized
         names += listed
     if not fields:
-        return FoundColumns((), (), (), (), (), ())
-    bases, seconds, micros, sizes, wires, _ = zip(*fields, strict=True)
+        return FoundColumns((), (), (), (), (), (), ())
+    bases, seconds, micros, sizes, wires, infos = zip(*fields, strict=True)
     order = list(map(add, map(mul, map(int, seconds), repeat(maildir.ORDER_SCALE)), map(int, micros)))
     if len(set(order)) != len(order) or len(set(bases)) != len(bases):
         return None
+    # Everything read from the strings the regex made is read before the columns are put in delivery
+    # order, while they are in the order they were made in (memory order): at 100k messages, a pass
+    # over them in delivery order missed the CPU's caches at every name (each pass took 15x its time
+    # at 10k). The infos become a few shared strings (one per distinct value), so the passes over
+    # them after the permutation touch a few objects only.
+    numbers = tuple(map(int, sizes)), tuple(map(int, wires))
+    shared: dict[str, str] = {}
+    infos = tuple(map(shared.setdefault, infos, infos))
     if len(order) == 1:
-        return FoundColumns(bases, subs, names, (int(sizes[0]),), (UNKNOWN_DATE,), (int(wires[0]),))
+        return FoundColumns(bases, tuple(subs), tuple(names), numbers[0], (UNKNOWN_DATE,), numbers[1], infos)
     pick = itemgetter(*sorted(range(len(order)), key=order.__getitem__))
-    return FoundColumns(pick(bases), pick(subs), pick(names), tuple(map(int, pick(sizes))),
-                        tuple(repeat(UNKNOWN_DATE, len(order))), tuple(map(int, pick(wires))))
+    return FoundColumns(pick(bases), pick(subs), pick(names), pick(numbers[0]), tuple(repeat(UNKNOWN_DATE, len(order))),
+                        pick(numbers[1]), pick(infos))
+
+
+class _Columns(NamedTuple):
+    """Change.added as columns (add_columns), with the keywords in use among them: what apply() puts
+    in the folder's dicts and sets, and the snapshot's messages, without a pass over the entries (at
+    100k messages each such pass missed the CPU's caches at every entry)."""
+
+    uids: tuple[int, ...]
+    bases: Sequence[str]
+    sizes: Sequence[int]
+    wires: Sequence[int | None]
+    mtimes: Sequence[int]
+    messages: tuple[MessageInfo, ...]
+    keywords: frozenset[str]
 
 
 class Change:
@@ -498,6 +550,7 @@ class Change:
         self.cached: list[tuple[Entry, CachedMessage]] = []  # message_cache rows of added entries
         self.carried: list[tuple[Entry, int, int]] = []  # added entry, source folder id and UID (COPY, MOVE)
         self.expunges_known_since = folder.expunges_known_since  # raised when old records are pruned
+        self.columns: _Columns | None = None  # `added` as add_columns made it, when nothing else was added
 
     def add(self, base: str, sub: str, filename: str, flags: str, keywords: tuple[str, ...], size: int,
             internaldate: int, uid: int | None = None, *, wire: int | None = None) -> Entry:
@@ -510,6 +563,7 @@ class Change:
         self.uidnext = max(self.uidnext, uid + 1)
         entry = Entry(uid, base, flags, keywords, size, internaldate, self.modseq, sub, filename, wire)
         self.added.append(entry)
+        self.columns = None  # `added` is no longer add_columns' files alone
         return entry
 
     def add_found(self, found: Sequence[Found], keywords: Keywords) -> None:
@@ -522,12 +576,14 @@ class Change:
 
     def add_columns(self, found: FoundColumns, keywords: Keywords) -> None:
         """add_found of files given as columns."""
-        bases, subs, filenames, sizes, mtimes, wires = found
+        bases, subs, filenames, sizes, mtimes, wires, infos = found
         if not bases:
             return
         first = max(self.uidnext, self.last_uid + 1)
-        uids = range(first, first + len(bases))
-        infos = list(map(_THIRD, map(str.partition, filenames, repeat(":"))))  # split_filename's info
+        # One int object per UID, shared by the entry, its MessageInfo and the folder's dicts and sets.
+        uids = tuple(range(first, first + len(bases)))
+        if infos is None:
+            infos = list(map(_THIRD, map(str.partition, filenames, repeat(":"))))  # split_filename's info
         # A folder's names carry few distinct infos (':2,S', ':2,FS'...): each is decoded once, and
         # its letters, keywords and IMAP flags are objects the entries share.
         decoded: dict[str, tuple[str, tuple[str, ...], frozenset[str]]] = {}
@@ -536,9 +592,12 @@ class Change:
             decoded[info] = (flags, names, maildir.imap_flags(flags, names))
         flagged = list(map(decoded.__getitem__, infos))
         on_wire = wires if None not in wires else [size if wire is None else wire for size, wire in zip(sizes, wires, strict=True)]
-        messages = map(tuple.__new__, repeat(MessageInfo), zip(uids, map(_THIRD, flagged), on_wire, mtimes,
-                                                                repeat(self.modseq), map(self.folder._dirs.__getitem__, subs),
-                                                                filenames))
+        messages = tuple(map(tuple.__new__, repeat(MessageInfo), zip(uids, map(_THIRD, flagged), on_wire, mtimes,
+                                                                      repeat(self.modseq), map(self.folder._dirs.__getitem__, subs),
+                                                                      filenames)))
+        # The batch is these files alone: apply() takes the folder's dicts and sets from the columns.
+        in_use = frozenset(k for _, _, flags in decoded.values() for k in flags if not k.startswith("\\"))
+        self.columns = _Columns(uids, bases, sizes, wires, mtimes, messages, in_use) if not self.added else None
         self.added += map(Entry, uids, bases, map(_FIRST, flagged), map(_SECOND, flagged), sizes, mtimes,
                           repeat(self.modseq), subs, filenames, wires, messages)
         self.last_uid = uids[-1]
@@ -654,14 +713,8 @@ class Change:
                 f.unclaimed.discard(entry.uid)
                 f.unmeasured.discard(entry.uid)
                 f.undated.discard(entry.uid)
-        added = self.added
-        f.bytes += sum(map(_SIZE, added))
-        # A delivery to an unloaded folder: its row is read with the others at the next load.
-        if added and f.loaded:  # in bulk: a first listing adds every message of the folder
-            f.by_uid.update(zip(map(_UID, added), added, strict=True))
-            f.by_base.update(zip(map(_BASE, added), added, strict=True))
-            f.unmeasured.update([e.uid for e in added if e.wire is None])
-            f.undated.update([e.uid for e in added if e.internaldate == UNKNOWN_DATE])
+        whole = self.columns is not None and f.loaded and not f.by_uid  # the folder is these messages alone
+        self._add_entries()
         if self.writes:
             f.uidnext = self.uidnext
             f.highestmodseq = self.modseq
@@ -672,6 +725,27 @@ class Change:
             f.uidlist_whole = True  # lines must go: only a rewrite removes them
         if self.writes or self.located or self.measured:
             f.invalidate()
+        if whole:
+            assert self.columns is not None
+            f.known(self.columns.messages, self.columns.uids, self.columns.keywords)
+
+    def _add_entries(self) -> None:
+        f, added, columns = self.folder, self.added, self.columns
+        # A delivery to an unloaded folder: its row is read with the others at the next load.
+        if columns is not None:  # a first listing adds every message of the folder: from its columns
+            f.bytes += sum(columns.sizes)
+            if f.loaded:
+                f.by_uid.update(zip(columns.uids, added, strict=True))
+                f.by_base.update(zip(columns.bases, added, strict=True))
+                f.unmeasured.update(compress(columns.uids, map(is_, columns.wires, repeat(None))))
+                f.undated.update(compress(columns.uids, map(eq, columns.mtimes, repeat(UNKNOWN_DATE))))
+            return
+        f.bytes += sum(map(_SIZE, added))
+        if added and f.loaded:
+            f.by_uid.update(zip(map(_UID, added), added, strict=True))
+            f.by_base.update(zip(map(_BASE, added), added, strict=True))
+            f.unmeasured.update([e.uid for e in added if e.wire is None])
+            f.undated.update([e.uid for e in added if e.internaldate == UNKNOWN_DATE])
 
 
 async def commit(db: Database, changes: Sequence[Change], *, first: Callable[[], None] | None = None,

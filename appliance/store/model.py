@@ -124,6 +124,11 @@ class FolderSnapshot:
     # Shared by every reader: never mutate them (SelectedFolder copies before it changes its view).
     # Made by map(), zip() and set() over the tuple fields where that is quicker, loops in C: a generator or comprehension
     # per message was a sixth of a cold SELECT at 100k (py-spy, issue 19).
+    def knowing(self, uids: tuple[int, ...], keywords: frozenset[str]) -> None:
+        """Take `uids` and `keywords` as worked out already by whoever made the messages (the index,
+        from a first listing's columns): each the value its property below would compute."""
+        self.__dict__.update(uids=uids, keywords=keywords)  # where cached_property keeps them
+
     @cached_property
     def uids(self) -> tuple[int, ...]:
         return tuple(map(_UID, self.messages))
