@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import resource_tracker
+from multiprocessing import popen_spawn_posix, resource_tracker, synchronize
 from typing import ParamSpec, TypeVar
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,12 @@ PAUSE_SECONDS = 0.5
 MAX_DEFER_SECONDS = 30.0
 WAITED, BACKGROUND, BULK = 0, 1, 2  # the order in which waiting tasks get a worker (CpuPool._waiting)
 
+
+# Imported with this module, not when the first worker is spawned (its Popen, its queues' locks):
+# their code, strings and types are made once at start, among the objects an idle box keeps, not in
+# the middle of a big folder's work, where a few of them were alone in pymalloc arenas that would
+# otherwise go back to the system when the work is over (issue 19; about 20 KB of RSS at start).
+_SPAWN_MODULES = (popen_spawn_posix, synchronize)
 
 _connections: dict[str, sqlite3.Connection] = {}  # the worker process's own, kept between tasks
 # Every pool's executors not yet shut down, in this process (one pool in a box; tests run several):
