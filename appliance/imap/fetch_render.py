@@ -182,9 +182,8 @@ class FetchRenderer:
     def prefill(self, view: SelectedFolder, cache: FolderCache) -> None:
         """After a SELECT: rows for the folder's messages that have none (files another program put
         there, first seen by this listing) made now in the CPU pool's worker, in the background,
-        from the last message down, so a client's FETCH ENVELOPE BODYSTRUCTURE a moment later finds
-        most of them made, and the header list a client asks for first (from the first message
-        on) answers the rest from them when it gets there (the issue's "on first sight of a foreign file"). A second session's
+        from the first message on, so a client's FETCH ENVELOPE BODYSTRUCTURE a moment later finds
+        most of them made (the issue's "on first sight of a foreign file"). A second session's
         first FETCH of a 10k folder copied in described nearly every message then, 2.2-2.6 s; the
         worker was indexing the folder's text meanwhile (issue 19). Once per folder and size."""
         if cache.cache.prefill_due(cache.folder_id, view.uidvalidity, view.exists):
@@ -316,8 +315,8 @@ async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path
     interval (5 ms) to get it back: the next FETCH of the folder took 5 ms a message (55 s for
     10k; issue 19). The worker writes the rows itself (fetch_cache.fill_rows) and skips those kept
     meanwhile. `background`: nobody waits for these rows (the answer went out), so waited-for work
-    in the pool goes first. `prefill`: rows for files first seen at a SELECT (prefill), made
-    only where there is none (fill_rows' missing_only), checked here
+    in the pool goes first. `prefill`: rows for files first seen at a SELECT (prefill), made from
+    the start of the folder, only where there is none (fill_rows' missing_only), checked here
     all at once at its end (most by then by the FETCH that used them), not chunk by chunk beside
     the header list or FETCH that comes meanwhile. `reached`: how many of `files`, from the first,
     the FETCH sharing them has answered or is answering (the chunks from there down are its)."""
@@ -328,16 +327,18 @@ async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path
     chunk: list[tuple[int, str]] = []
     unchecked: list[tuple[int, str]] = []  # a prefill's rows written
     try:
-        # From the end: a FETCH of the folder that comes meanwhile answers from the start, so the
-        # two meet in the middle instead of doing the same messages twice. A prefill too: a
-        # prefill from the start was overtaken at once by Thunderbird's first header list, which
-        # then read every file's header while the worker described the same files beside it
-        # (5.5 s of the worker's CPU in that 100k list, none of it of use to the list); from the
-        # end, the list answers the messages the worker got to from their rows (issue 19). The next chunk
+        # From the end: a FETCH of the folder that comes meanwhile computes rows from the start, so
+        # the two meet in the middle instead of describing the same messages twice. A prefill from
+        # the start: it comes before any FETCH, whose share with the worker goes from the end, so
+        # the FETCH reads the prefill's rows in this process (nice 0) and the worker describes
+        # from the end at once. (A prefill from the end was tried: the worker's share, starved at
+        # nice 10 on a busy machine, first went over the prefill's rows, a stat each, while this
+        # process described from the start, and a header list answers from a row about as fast
+        # as from the file's header; issue 19.) The next chunk
         # is queued while the last one runs: the worker goes from one chunk to the next without a
         # gap in which background work (the full-text index) takes it (issue 19).
         starts = range(0, len(files), LEARN_CHUNK)
-        for start in reversed(starts):
+        for start in (starts if prefill else reversed(starts)):
             if reached is not None and start < reached():
                 break
             done, chunk = chunk, [(uid, str(path)) for uid, path in files[start:start + LEARN_CHUNK]]
