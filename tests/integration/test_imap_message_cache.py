@@ -15,7 +15,7 @@ import pytest
 import trustme
 
 from appliance.imap import fetch_render
-from appliance.store.message_cache import CachedMessage, stamp_of
+from appliance.store.message_cache import CachedMessage, MessageCache, stamp_of
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
 from tests.support.polling import wait_until
@@ -303,13 +303,10 @@ def copied_in(box: BoxHandle) -> Path:
     return cur
 
 
-def test_rows_of_a_header_list_are_described_and_written_by_the_worker(
-        box: BoxHandle, opened_files: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """After a header list of files nobody described (more than a thread of this process would take:
-    LEARN_LIGHT), the rows are computed and written by the CPU pool's worker process: this process
-    opens none of the files for them and writes none of the rows, and the ENVELOPE BODYSTRUCTURE
-    list after reads no file either."""
-    cache = box.services.store.message_cache
+
+def rows_learned_here(cache: MessageCache, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the row batches written through this process's connection (MessageCache.learn)
+    from now on: rows the CPU pool's worker writes never show here."""
     learned: list[int] = []
     learn = cache.learn
 
@@ -318,6 +315,16 @@ def test_rows_of_a_header_list_are_described_and_written_by_the_worker(
         await learn(folder_id, rows)
 
     monkeypatch.setattr(cache, "learn", counted)
+    return learned
+
+def test_rows_of_a_header_list_are_described_and_written_by_the_worker(
+        box: BoxHandle, opened_files: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a header list of files nobody described (more than a thread of this process would take:
+    LEARN_LIGHT), the rows are computed and written by the CPU pool's worker process: this process
+    opens none of the files for them and writes none of the rows, and the ENVELOPE BODYSTRUCTURE
+    list after reads no file either."""
+    cache = box.services.store.message_cache
+    learned = rows_learned_here(cache, monkeypatch)
     copied_in(box)
     raw = session(box)
     try:
@@ -342,14 +349,7 @@ def test_a_first_fetch_shared_with_the_worker_has_every_row_written_when_it_ends
     cache = box.services.store.message_cache
     monkeypatch.setattr(cache, "prefill_due", lambda *args: False)  # the FETCH finds no row made
     monkeypatch.setattr(fetch_render, "KEEP_AHEAD", 100)  # (a worker behind leaves rows to this process)
-    learned: list[int] = []
-    learn = cache.learn
-
-    async def counted(folder_id: int, rows: Sequence[tuple[int, CachedMessage]]) -> None:
-        learned.append(len(rows))
-        await learn(folder_id, rows)
-
-    monkeypatch.setattr(cache, "learn", counted)
+    learned = rows_learned_here(cache, monkeypatch)
     box.add_user(USER, PASSWORD)
     deliver(box, message(0))
     count = fetch_render.FIRST_CACHED_BATCH + 2 * fetch_render.CACHED_FETCH_BATCH
