@@ -426,9 +426,11 @@ def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequenc
                ) -> list[tuple[str, Value]] | None:
     """fetch.item_values from the file (None: it is gone), for what the cache does not answer."""
     path = info.file
+    probed = False  # the file's first HEADER_PROBE octets were read at `path` already
     if needs.header_list:
         try:
             block = header_block_of(_head(path))
+            probed = True
         except FileNotFoundError:
             block = None  # renamed by a flag change since the index was read: found below
         if block is not None:
@@ -438,7 +440,7 @@ def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequenc
     except FileNotFoundError:
         return None
     with f:
-        if needs.header_list:
+        if needs.header_list and not probed:  # (a long header was probed already: scanned below)
             block = top_header_block(f)
             if block is not None:
                 return fetching.header_list_values(items, message, block)
