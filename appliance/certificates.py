@@ -41,7 +41,6 @@ from appliance.tls import (
     CertificateInfo,
     CertificateProblem,
     TlsManager,
-    new_self_signed,
     tls_alpn_challenge_pem,
 )
 
@@ -352,8 +351,7 @@ async def import_pem(ctx: CertContext, cert_pem: bytes, key_pem: bytes, chain_pe
 async def self_signed(ctx: CertContext) -> CertificateInfo:
     async with ctx.lock:
         hostname = ctx.hostname()
-        cert_pem, key_pem, _ = await asyncio.to_thread(new_self_signed, hostname)
-        info = await asyncio.to_thread(ctx.tls.install, cert_pem, key_pem)
+        info = await asyncio.to_thread(ctx.tls.install_self_signed, hostname)
         ctx.tls.hostname = hostname
         await ctx.db.set_setting(SOURCE, "self-signed")
         await _set_state(ctx, "idle", "")

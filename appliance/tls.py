@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from appliance.client_hello import NotClientHello, parse_client_hello
 
 # cryptography is imported by the functions that make or read a certificate, not with this module, and
-# the server calls them in a child process (appliance/child.py: new_self_signed, check_in_child,
+# the server calls them in a child process (appliance/child.py: new_self_signed, install_self_signed, check_in_child,
 # _describe_saved): cryptography's Rust library alone is 9-10 MB of the box's RSS, kept for good once
 # imported (issue 19: idle memory). A start reads its certificate's details from INFO_FILE. Only an ACME
 # order (its client) and a TLS-ALPN-01 challenge certificate still load it in the server.
@@ -125,11 +125,15 @@ def new_self_signed(hostname: str) -> tuple[bytes, bytes, CertificateInfo]:
     return made["cert"].encode(), made["key"].encode(), _info_from_record(made["info"])
 
 
-def _self_signed_record(hostname: str) -> dict[str, Any]:
-    """In the child: new_self_signed's answer."""
+def _self_signed_record(hostname: str, checked: bool = False) -> dict[str, Any]:
+    """In the child: new_self_signed's answer; `checked`: TlsManager.install_self_signed's, the pair put
+    through install's checks (inspect_certificate) too."""
     from cryptography import x509
 
     cert_pem, key_pem = self_signed_pem(hostname)
+    if checked:
+        full, info = inspect_certificate(cert_pem, key_pem, hostname=hostname)
+        return {"full": full.decode(), "key": key_pem.decode(), "info": _info_record(info)}
     info = describe(x509.load_pem_x509_certificate(cert_pem))
     return {"cert": cert_pem.decode(), "key": key_pem.decode(), "info": _info_record(info)}
 
@@ -451,10 +455,23 @@ class TlsManager:
 
     def install(self, cert_pem: bytes, key_pem: bytes, chain_pem: bytes = b"", *,
                 hostname: str | None = None, now: dt.datetime | None = None) -> CertificateInfo:
-        """Check, save and serve a new certificate (ACME, an upload, a new self-signed one). Nothing is
-        written and nothing changes for the listeners unless every check passes. Blocking: call from a
-        thread on the loop's behalf."""
+        """Check, save and serve a new certificate (ACME, an upload). Nothing is written and nothing
+        changes for the listeners unless every check passes. Blocking: call from a thread on the loop's
+        behalf."""
         full, ctx, info = check_in_child(cert_pem, key_pem, chain_pem, hostname=hostname, now=now, workdir=self.dir)
+        return self._serve(full, key_pem, ctx, info)
+
+    def install_self_signed(self, hostname: str) -> CertificateInfo:
+        """A new self-signed certificate for hostname, made and checked as install checks in one child
+        process (two children cost the console's button about 0.3 s more), then saved and served.
+        Blocking."""
+        from appliance import child
+
+        made = child.call("appliance.tls:_self_signed_record", hostname, True)
+        full, key_pem = made["full"].encode(), made["key"].encode()
+        return self._serve(full, key_pem, context_for(full, key_pem, self.dir), _info_from_record(made["info"]))
+
+    def _serve(self, full: bytes, key_pem: bytes, ctx: ssl.SSLContext, info: CertificateInfo) -> CertificateInfo:
         with self._lock:
             self.dir.mkdir(parents=True, exist_ok=True)
             # Key first then certificate; a crash between the two leaves a mismatched pair, which the

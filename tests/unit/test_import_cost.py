@@ -159,7 +159,16 @@ def test_keys_and_certificates_are_made_and_checked_in_a_child(tmp_path: Path) -
         "except CertificateProblem as exc:\n"
         "    assert 'does not cover the host name third.example.org' in str(exc), exc\n"
         "else:\n"
-        "    raise AssertionError('installed a certificate for another name')",
+        "    raise AssertionError('installed a certificate for another name')\n"
+        # The console's and CLI's 'new self-signed certificate': made and checked in one child.
+        "import appliance.child as child\n"
+        "calls = []\n"
+        "real = child.call\n"
+        "child.call = lambda *a, **k: calls.append(a[0]) or real(*a, **k)\n"
+        "info = tls.install_self_signed('fourth.example.org')\n"
+        "assert calls == ['appliance.tls:_self_signed_record'], calls\n"
+        "assert info.self_signed and info.names[0] == 'fourth.example.org' and tls.info() == info\n"
+        "assert b'BEGIN CERTIFICATE' in (root / 'tls' / 'cert.pem').read_bytes()",
         {"ROOT": str(tmp_path)})
     assert offenders(names, RESTART_NEVER) == []
 
