@@ -220,8 +220,10 @@ class Setup:
         return cls(work, cert, key, chain, issued.private_key_pem.bytes(), template, args)
 
     @contextlib.contextmanager
-    def letterbox(self, folders: dict[str, Path], settings: dict[str, str] | None = None) -> Iterator[Box]:
-        """A fresh box whose users' INBOXes are copies of `folders`."""
+    def letterbox(self, folders: dict[str, Path], settings: dict[str, str] | None = None, *,
+                  code: Path | None = None) -> Iterator[Box]:
+        """A fresh box whose users' INBOXes are copies of `folders`; `code`: a checkout whose `appliance`
+        runs instead of this one (benchbox.code_env)."""
         run = Path(tempfile.mkdtemp(prefix="lb-", dir=self.work))
         data = run / "data"
         shutil.copytree(self.template, data)
@@ -229,14 +231,14 @@ class Setup:
             corpus.maildir_copy(folder, data / "mail" / DOMAIN / user.split("@")[0])
         set_settings(data, {"queue_hold": "1", **(settings or {})})
         try:
-            with self._serving(data, run / "serve.log") as box:
+            with self._serving(data, run / "serve.log", code) as box:
                 yield box
         finally:
             shutil.rmtree(run, ignore_errors=True)
 
     @staticmethod
     @contextlib.contextmanager
-    def _serving(data: Path, log: Path) -> Iterator[Box]:
+    def _serving(data: Path, log: Path, code: Path | None = None) -> Iterator[Box]:
         """`letterbox serve` at a random free port block, another one if a port was taken meanwhile (other
         benchmarks and tests on this machine pick blocks too)."""
         for attempt in range(5):
@@ -244,7 +246,7 @@ class Setup:
             started = False
             try:
                 # Minutes, not benchbox's 60 s: a 100k folder's box started on a machine at load 20+.
-                with serving(data, log, offset, hostname=DOMAIN, ready_timeout=600) as proc:
+                with serving(data, log, offset, hostname=DOMAIN, ready_timeout=600, code=code) as proc:
                     started = True
                     yield Box(proc.pid, offset, data)
                     return

@@ -1,0 +1,149 @@
+"""imaptest's stress mode against Letterbox alone, A/B between checkouts (issue 19): the same run as
+bench/side_by_side.py's stress row (5 clients, logout=0, over TLS, the stress user's INBOX empty at start,
+imaptest appending from the same mbox), one fresh box per run, the checkouts interleaved (A, B, A, B ...).
+
+Per run: fetches/s and logins/s as the side-by-side row computes them, imaptest's per-command totals,
+the server's CPU seconds (process and children, /proc), the load (`uptime`) before the run. With
+--strace, the server's fsync/fdatasync/rename/unlink calls are counted (strace -c -f, attached for the
+run: it slows the box, so those runs' rates are not comparable); with --spy DIR, py-spy records the
+server (--idle, raw collapsed stacks) into DIR/LABEL-ROUND.txt.
+
+Usage: python -m bench.stress [--code DIR ...] [--rounds 2] [--secs 10] [--strace] [--spy DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench import corpus
+from bench.benchbox import cpu_seconds
+from bench.side_by_side import IMAPTEST, PASSWORD, STRESS, Box, Setup, parse_imaptest_totals, uptime
+
+SPY = Path(sys.executable).parent / "py-spy"
+
+
+@contextlib.contextmanager
+def attached(argv: list[str]) -> Iterator[None]:
+    """A tracer attached to the box for the block; ended by SIGINT (both write their summary then)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # attached before the clients come
+    try:
+        yield
+    finally:
+        proc.send_signal(2)
+        _, err = proc.communicate(timeout=60)
+        if argv[0] == "strace":
+            print(err.decode(errors="replace"))
+
+
+def one_run(setup: Setup, stress_folder: Path, mbox: Path, code: Path | None, secs: int, label: str, rnd: int,
+            args: argparse.Namespace) -> dict[str, float]:
+    with setup.letterbox({STRESS: stress_folder}, code=code) as box:
+        tracers: list[contextlib.AbstractContextManager[None]] = []
+        if args.strace:
+            tracers.append(attached(["strace", "-c", "-f", "-p", str(box.pid), "-e",
+                                     "trace=fsync,fdatasync,rename,renameat,unlink,unlinkat,sendto,write"]))
+        if args.spy:
+            out = Path(args.spy) / f"{label}-{rnd}.txt"
+            tracers.append(attached([str(SPY), "record", *(["--idle"] if args.idle else ["--subprocesses"]), "-r", "200", "-f", "raw", "-o", str(out),
+                                     "-p", str(box.pid), "--threads", "--nonblocking"]))
+        with contextlib.ExitStack() as stack:
+            for tracer in tracers:
+                stack.enter_context(tracer)
+            return _imaptest(box, mbox, secs)
+
+
+def _imaptest(box: Box, mbox: Path, secs: int) -> dict[str, float]:
+    load = uptime().rpartition("load average:")[2].strip()
+    before, loop_before, threads_before = cpu_seconds(box.pid), _thread_cpu(box.pid), _threads(box.pid)
+    result = subprocess.run([str(IMAPTEST), "host=127.0.0.1", f"port={box.port('imaps')}", "ssl=any-cert",
+                             f"user={STRESS}", f"pass={PASSWORD}", f"mbox={mbox}", "clients=5", "logout=0",
+                             f"secs={secs}"], capture_output=True, text=True, errors="replace",
+                            timeout=secs + 120, check=False)
+    cpu, loop_cpu = cpu_seconds(box.pid) - before, _thread_cpu(box.pid) - loop_before
+    threads = {k: v - threads_before.get(k, 0.0) for k, v in _threads(box.pid).items()}
+    print("  threads: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(threads.items(), key=lambda kv: -kv[1]) if v >= 0.01))
+    totals = parse_imaptest_totals(result.stdout)
+    if not totals:
+        raise SystemExit(f"imaptest gave no totals: {result.stdout[-2000:]} {result.stderr[-2000:]}")
+    errors = sum(1 for line in result.stdout.splitlines() if "Error:" in line)
+    figures: dict[str, float] = {f"cmd {k}": float(v) for k, v in totals.items()}
+    figures.update({"fetches/s": (totals.get("Fetc", 0) + totals.get("Fet2", 0)) / secs,
+                    "logins/s": totals.get("Logi", 0) / secs, "server cpu s": cpu, "loop cpu s": loop_cpu,
+                    "errors": errors})
+    print(f"  load {load}", flush=True)
+    return figures
+
+
+def _threads(pid: int) -> dict[str, float]:
+    """CPU seconds per thread (name/tid) of the process, and of each child process by its command."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            stat = (task / "stat").read_text()
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            fields = stat.rpartition(")")[2].split()
+            out[f"{name}/{task.name}"] = (int(fields[11]) + int(fields[12])) / tick
+            for child in (task / "children").read_text().split():
+                cstat = Path(f"/proc/{child}/stat").read_text()
+                cfields = cstat.rpartition(")")[2].split()
+                cname = "child " + Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[-2][:40].decode(errors="replace")
+                out[cname] = out.get(cname, 0.0) + sum(int(v) for v in cfields[11:15]) / tick
+    return out
+
+
+def _thread_cpu(pid: int) -> float:
+    """CPU seconds of the process's main thread: the event loop."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--code", action="append", type=Path, default=[],
+                        help="a checkout whose appliance runs (repeat for A/B); default: this one")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--secs", type=int, default=10)
+    parser.add_argument("--strace", action="store_true")
+    parser.add_argument("--spy", default=None)
+    parser.add_argument("--idle", action="store_true", help="py-spy --idle (wall samples), else CPU samples")
+    args = parser.parse_args()
+    codes: list[Path | None] = list(args.code) or [None]
+    runs: dict[str, list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="letterbox-stress-") as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)
+        setup = Setup.make(work, argparse.Namespace())
+        stress_folder = work / "corpus-stress"
+        corpus.make_maildir(stress_folder)
+        mbox = work / "stress.mbox"
+        corpus.write_mbox(mbox, 200, STRESS)
+        for rnd in range(args.rounds):
+            for code in codes:
+                label = str(code) if code else "this"
+                figures = one_run(setup, stress_folder, mbox, code, args.secs, label.replace("/", "_"), rnd, args)
+                runs.setdefault(label, []).append(figures)
+                print(f"{label} round {rnd}: fetches/s {figures['fetches/s']:.1f}, logins/s {figures['logins/s']:.1f},"
+                      f" server CPU {figures['server cpu s']:.2f} s (loop {figures['loop cpu s']:.2f}), errors {figures['errors']:.0f}; "
+                      + " ".join(f"{k[4:]}={v:.0f}" for k, v in figures.items() if k.startswith("cmd ")), flush=True)
+    for label, figures_list in runs.items():
+        rates = [f["fetches/s"] for f in figures_list]
+        cpus = [f["server cpu s"] / max(1.0, f.get("cmd Fetc", 0) + f.get("cmd Fet2", 0)) * 1000 for f in figures_list]
+        per_command = [f["server cpu s"] / max(1.0, sum(v for k, v in f.items() if k.startswith("cmd "))) * 1000
+                       for f in figures_list]
+        print(f"{label}: fetches/s median {statistics.median(rates):.1f} ({', '.join(f'{r:.0f}' for r in rates)});"
+              f" server CPU ms per fetch {statistics.median(cpus):.2f}, per command {statistics.median(per_command):.2f}")
+
+
+if __name__ == "__main__":
+    main()
