@@ -333,7 +333,7 @@ class OpenMailboxes:
                 change.locate(e, "cur", target)
             else:
                 f.dirty = True
-        await index.commit(self._db, [change])
+        await index.commit(self._db, [change], durable=False)  # as the renames: a listing finds the files again
         f.unclaimed.clear()
         f.invalidate()
         return recent

@@ -658,9 +658,9 @@ def rename_files(moves: Iterable[tuple[Path, Path]], *, durable: bool = True) ->
     return done
 
 
-def unlink_files(paths: Iterable[Path]) -> list[bool]:
-    """Remove each file; False where it was not there (renamed or removed by another program). The
-    directories touched are fsynced once each."""
+def unlink_files(paths: Iterable[Path], *, durable: bool = True) -> list[bool]:
+    """Remove each file; False where it was not there (renamed or removed by another program). With
+    `durable`, the directories touched are fsynced once each."""
     touched: set[Path] = set()
     found: list[bool] = []
     for path in paths:
@@ -671,8 +671,9 @@ def unlink_files(paths: Iterable[Path]) -> list[bool]:
             continue
         found.append(True)
         touched.add(path.parent)
-    for directory in touched:
-        fsync_dir(directory)
+    if durable:
+        for directory in touched:
+            fsync_dir(directory)
     return found
 
 

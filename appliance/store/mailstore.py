@@ -8,6 +8,11 @@ folder's UIDs are kept by an index (index.py). Rules this module keeps:
   fsynced, and only then indexed in one transaction; `deliver` returns after all of it.
 - Files first, then the db, then memory, then the watchers (DESIGN.md "Storage rules"): a crash
   between steps leaves files the next scan indexes, never an index entry without its file.
+- Saved mail is durable before its OK; flag changes and expunges are not (Dovecot's
+  mail_fsync=optimized): their renames and unlinks are not followed by a directory fsync and their
+  commits not by a WAL fsync. A crash keeps the box consistent: SQLite's WAL recovers to its last
+  whole transaction, and the next listing takes the files as they are (a flag change lost on one
+  side is read from the file's name; an expunge whose unlink was lost comes back as a new UID).
 - Blocking file work runs in a worker thread, one `asyncio.to_thread` per operation.
 - Locks: a folder's lock covers its scan and every change to its index; a delivery writes its file
   without it (the unique name is marked pending so no scan adopts the file) and takes it only to
@@ -245,7 +250,9 @@ class MailStore:
         if not plan:
             return []
         moves = [(f.path / e.sub / e.filename, f.path / "cur" / filename) for e, filename, _, _ in plan]
-        done = await asyncio.to_thread(maildir.rename_files, moves)
+        # Neither the renames nor the commit are fsynced (the module's docstring): both fsyncs were
+        # under the folder lock, which every other session of the folder waits for (issue 19).
+        done = await asyncio.to_thread(partial(maildir.rename_files, moves, durable=False))
         change = Change(f)
         missed = []
         for (e, filename, upper, names), ok in zip(plan, done, strict=True):
@@ -257,7 +264,7 @@ class MailStore:
             change.locate(e, "cur", filename)
             change.update(e, upper, names)
             changes.changed = True
-        await index.commit(self._db, [change])
+        await index.commit(self._db, [change], durable=False)
         return missed
 
     async def expunge(self, mailbox: str, folder: str, uids: Sequence[int]) -> list[int]:
@@ -278,12 +285,14 @@ class MailStore:
         whose file was not where the index said (their rows stay)."""
         if not entries:
             return []
-        found = await asyncio.to_thread(maildir.unlink_files, [f.path / e.sub / e.filename for e in entries])
+        # Not fsynced, as a flag change (the module's docstring).
+        found = await asyncio.to_thread(partial(maildir.unlink_files, [f.path / e.sub / e.filename for e in entries],
+                                                durable=False))
         change = Change(f)
         for e, ok in zip(entries, found, strict=True):
             if ok:
                 change.remove(e)
-        await index.commit(self._db, [change])
+        await index.commit(self._db, [change], durable=False)
         return [e for e, ok in zip(entries, found, strict=True) if not ok]
 
     async def copy(self, mailbox: str, folder: str, uids: Sequence[int], dest: str) -> list[tuple[int, int]]:
