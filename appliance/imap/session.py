@@ -1022,8 +1022,11 @@ class ImapSession:
         missing = await self.fetcher.send_fetch(view, uids, items, flags_changed, self.condstore, self.io.send,
                                                 cache)
         if missing and not command.uid:
+            # As Dovecot answers: the messages still here were answered and the expunged ones left
+            # out (RFC 2180 4.1.3), the tagged reply OK with RFC 5530's code (4.1.4's OK). A NO made
+            # clients such as imaptest count another session's EXPUNGE as a failed FETCH.
             await self.sync(allow_expunge=False)
-            await self.io.send(Tagged(command.tag, "NO", "Some messages were expunged", "EXPUNGEISSUED"))
+            await self.io.send(Tagged(command.tag, "OK", "Some messages were already expunged", "EXPUNGEISSUED"))
             return
         await self.ok(command)
 
