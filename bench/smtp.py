@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -121,6 +122,36 @@ def serving_somewhere(data: Path, log: Path, code: Path | None = None
     raise SystemExit(f"no free port block after {START_TRIES} tries")
 
 
+def thread_cpu(pid: int) -> dict[str, tuple[float, float]]:
+    """User and system CPU seconds of each live thread of the box, by thread (the event loop's is
+    "loop"; the others by their name, numbered ones such as asyncio_3 summed as asyncio_*)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found: dict[str, tuple[float, float]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:
+            continue
+        name = "loop" if task.name == str(pid) else stat[stat.index("(") + 1:stat.rindex(")")]
+        key = f"{name}:{task.name}"
+        fields = stat.rpartition(")")[2].split()
+        found[key] = (int(fields[11]) / ticks, int(fields[12]) / ticks)
+    return found
+
+
+def thread_cpu_used(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+                    ) -> dict[str, tuple[float, float]]:
+    """CPU seconds per kind of thread between two thread_cpu readings (a thread that ended between
+    them is not counted: the box's threads live as long as it does under this load)."""
+    used: dict[str, tuple[float, float]] = {}
+    for key, (user, system) in after.items():
+        user0, system0 = before.get(key, (0.0, 0.0))
+        name = re.sub(r"_\d+$", "_*", key.partition(":")[0])
+        total = used.get(name, (0.0, 0.0))
+        used[name] = (total[0] + user - user0, total[1] + system - system0)
+    return used
+
+
 def smtp_source(port: int, messages: int, concurrency: int, maildir: Path) -> tuple[float, list[float]]:
     """Postfix's smtp-source as bench.side_by_side runs it (1 KiB messages): seconds until every
     message is in the Maildir (its 250s come after that here anyway); it reports no latencies."""
@@ -162,9 +193,14 @@ class Round:
     rss_peak_kib: int
     dns_queries: int
     cpu: float  # the server's CPU seconds during the load
+    threads: dict[str, tuple[float, float]]  # the box's CPU seconds (user, system) by thread during the load
 
     def rate(self) -> float:
         return self.stored / self.elapsed
+
+    def loop_cpu(self) -> float:
+        """CPU seconds of the event loop's thread (what caps the MX's throughput, issue 19)."""
+        return sum(self.threads.get("loop", (0.0, 0.0)))
 
 
 def run_box(args: argparse.Namespace, delivery_log: str, code: Path | None = None) -> Round:
@@ -181,7 +217,7 @@ def run_box(args: argparse.Namespace, delivery_log: str, code: Path | None = Non
         try:
             with serving_somewhere(data, Path(tmp) / "serve.log", code) as (proc, offset):
                 rss_idle = peak_rss_kib(proc.pid)
-                cpu_before = cpu_seconds(proc.pid)
+                cpu_before, threads_before = cpu_seconds(proc.pid), thread_cpu(proc.pid)
                 with profiling(proc.pid, args.profile, args.profile_options):
                     if args.client == "smtp-source":
                         elapsed, latencies = smtp_source(MX_PORT + offset, args.messages, args.concurrency,
@@ -190,13 +226,14 @@ def run_box(args: argparse.Namespace, delivery_log: str, code: Path | None = Non
                         elapsed, latencies = asyncio.run(load(MX_PORT + offset, args.messages,
                                                               args.concurrency, args.size))
                 cpu = cpu_seconds(proc.pid) - cpu_before
+                threads = thread_cpu_used(threads_before, thread_cpu(proc.pid))
                 rss_peak = peak_rss_kib(proc.pid)
         finally:
             dns.stop()
         stored = maildir_count(maildir)
     if stored != args.messages:
         raise SystemExit(f"expected {args.messages} files in the Maildir, found {stored}")
-    return Round(elapsed, latencies, stored, rss_idle, rss_peak, dns.queries, cpu)
+    return Round(elapsed, latencies, stored, rss_idle, rss_peak, dns.queries, cpu, threads)
 
 
 def paired_cost(off: list[float], on: list[float]) -> tuple[float, list[float]]:
@@ -246,11 +283,14 @@ def compare_code(args: argparse.Namespace) -> None:
         for which in ("base", "this") if n % 2 == 0 else ("this", "base"):
             runs[which].append(run_box(args, args.delivery_log, base if which == "base" else None))
         this, old = runs["this"][-1], runs["base"][-1]
-        print(f"  pair {n + 1}: base {old.rate():6.1f} msg/s {1000 * old.cpu / old.stored:5.2f} ms CPU/msg, "
-              f"this {this.rate():6.1f} msg/s {1000 * this.cpu / this.stored:5.2f} ms CPU/msg   ({loads[-1]})",
-              flush=True)
+        print(f"  pair {n + 1}: base {old.rate():6.1f} msg/s {1000 * old.cpu / old.stored:5.2f} ms CPU/msg "
+              f"({1000 * old.loop_cpu() / old.stored:4.2f} on the loop), "
+              f"this {this.rate():6.1f} msg/s {1000 * this.cpu / this.stored:5.2f} ms CPU/msg "
+              f"({1000 * this.loop_cpu() / this.stored:4.2f} on the loop)   ({loads[-1]})", flush=True)
     speed = [t.rate() / b.rate() for t, b in zip(runs["this"], runs["base"], strict=True)]
     cpu = [(t.cpu / t.stored) / (b.cpu / b.stored) for t, b in zip(runs["this"], runs["base"], strict=True)]
+    loop = [(t.loop_cpu() / t.stored) / (b.loop_cpu() / b.stored)
+            for t, b in zip(runs["this"], runs["base"], strict=True)]
     print(f"smtp intake, this tree vs {base}: {args.messages} messages over {args.concurrency} sessions "
           f"({args.client} client, inbound checks {args.inbound_auth}, delivery log {args.delivery_log}), "
           f"{args.rounds} pairs; {loads[0]} at the start, {load_average()} at the end")
@@ -263,6 +303,8 @@ def compare_code(args: argparse.Namespace) -> None:
           f"({', '.join(f'{r:.2f}' for r in speed)})")
     print(f"  CPU per message this/base, median of pairs {statistics.median(cpu):.2f}  "
           f"({', '.join(f'{r:.2f}' for r in cpu)})")
+    print(f"  loop thread's CPU per message this/base, median of pairs {statistics.median(loop):.2f}  "
+          f"({', '.join(f'{r:.2f}' for r in loop)})")
 
 
 def main() -> None:
@@ -300,6 +342,10 @@ def main() -> None:
         print(f"  latency p50  {statistics.median(latencies) * 1000:8.1f} ms")
         print(f"  latency p99  {p99 * 1000:8.1f} ms")
     print(f"  server CPU   {1000 * result.cpu / result.stored:8.2f} ms per message  ({result.cpu:.2f} s)")
+    for name, (user, system) in sorted(result.threads.items(), key=lambda item: -sum(item[1])):
+        print(f"    {name:22} {1000 * (user + system) / result.stored:6.2f} ms per message "
+              f"(user {1000 * user / result.stored:.2f}, system {1000 * system / result.stored:.2f}), "
+              f"{100 * (user + system) / result.elapsed:4.0f} % of a core")
     print(f"  server RSS   {result.rss_peak_kib / 1024:8.1f} MiB peak  ({result.rss_idle_kib / 1024:.1f} MiB after start)")
     print(f"  stored       {result.stored} files")
     print(f"  DNS queries  {result.dns_queries}  (inbound checks {args.inbound_auth}, delivery log {args.delivery_log})")
