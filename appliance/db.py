@@ -336,33 +336,38 @@ class ChangeCounters:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return self.read(name)
-        if loop is self._tick_loop:
-            found = self._tick.get(name)
-            if found is not None:
-                return found
-        value = self.read(name)
-        if value is not None:
-            if loop is not self._tick_loop or not self._tick:
-                self._tick.clear()
-                self._tick_loop = loop
-                loop.call_soon(self.forget_tick)
-            self._tick[name] = value
-        return value
+        if loop is self._tick_loop and self._tick:
+            return self._tick.get(name)
+        # Every counter in one statement: the accounts and the settings counters are asked for in
+        # the same iteration (an SMTP DATA: the checks' settings, the content filter's, the mailbox).
+        found = self.read_all()
+        if found:
+            self._tick = found
+            self._tick_loop = loop
+            loop.call_soon(self.forget_tick)
+        return found.get(name)
 
     def forget_tick(self) -> None:
         self._tick.clear()
 
     def read(self, name: str) -> int | None:
+        return self._select("SELECT name, n FROM change_counters WHERE name = ?", (name,)).get(name)
+
+    def read_all(self) -> dict[str, int]:
+        """Every counter by name; empty when the read fails."""
+        return self._select("SELECT name, n FROM change_counters", ())
+
+    def _select(self, sql: str, parameters: tuple[str, ...]) -> dict[str, int]:
         with self._lock:
             try:
                 if self._conn is None:
                     self._conn = sqlite3.connect(str(self._path), timeout=self.BUSY_TIMEOUT, isolation_level=None,
                                                  check_same_thread=False)
                     self._conn.execute("PRAGMA query_only=ON")
-                row = self._conn.execute("SELECT n FROM change_counters WHERE name = ?", (name,)).fetchone()
+                rows = self._conn.execute(sql, parameters).fetchall()
             except sqlite3.Error:
-                return None
-        return int(row[0]) if row else None
+                return {}
+        return {str(name): int(n) for name, n in rows}
 
     def close(self) -> None:
         with self._lock:

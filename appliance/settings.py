@@ -507,7 +507,9 @@ class Settings:
     async def _change_mark(self) -> tuple[str, int]:
         """What moves when any connection changes the settings: migration 0018's counter (no round
         trip), else SQLite's data_version (moves with every commit of another connection)."""
-        counter = self._db.counters.read("settings")
+        # Once per iteration of the event loop (ChangeCounters.read_this_tick): an MX message asks
+        # twice in one (its checks' settings, the content filter's).
+        counter = self._db.counters.read_this_tick("settings")
         if counter is not None:
             return "counter", counter
         row = await self._db.fetchone("PRAGMA data_version")
