@@ -77,12 +77,16 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SIMPLE_PATH = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*)>")
 _REPLY = re.compile(r"(?P<code>[245]\d\d)(?P<sep>[ -])(?P<text>.*)", re.DOTALL)
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+# A reply that carries its status code already (most of ours): one match of its start.
+_HAS_ENHANCED = re.compile(r"[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 
 
 def with_enhanced_code(line: str) -> str:
     """RFC 2034 3: every 2xx/4xx/5xx reply (but the greeting and HELO/EHLO) carries a status code."""
     if line in REWORDED:
         return REWORDED[line]
+    if _HAS_ENHANCED.match(line):
+        return line
     if line.startswith("502 Could not VRFY "):  # aiosmtpd's answer to an unparsable address
         return "501 5.5.2 Syntax error in the address"  # RFC 5321 4.2.2/4.3.2: 501 for bad arguments
     m = _REPLY.fullmatch(line)
@@ -103,18 +107,27 @@ class ConnectionTracker:
 
 
 class _CommandTable(dict[str, Any]):
-    """aiosmtpd looks commands up with .get(); unknown ones go to our handler (not its own budget of
-    5 that ends in 502) so one error budget governs the session."""
+    """aiosmtpd's table of the connection's commands (it looks them up with .get() and lists them
+    with .items() for HELP), each bound when asked for (class_members.commands: the class's are
+    found once); unknown ones go to our handler (not its own budget of 5 that ends in 502) so one
+    error budget governs the session."""
 
-    def __init__(self, methods: dict[str, Any], unknown: Callable[[str], Coroutine[Any, Any, None]]) -> None:
-        super().__init__(methods)
+    def __init__(self, owner: LetterboxSMTP, unknown: Callable[[str], Coroutine[Any, Any, None]]) -> None:
+        super().__init__()
+        self._owner = owner
+        self._functions = class_members.commands(type(owner))
         self._unknown = unknown
 
     def get(self, key: str, default: Any = None) -> Any:
-        return super().get(key) or self._unknown
+        function = self._functions.get(key)
+        return self._unknown if function is None else function.__get__(self._owner)
+
+    def items(self) -> Any:
+        return [(name, function.__get__(self._owner)) for name, function in self._functions.items()]
 
 
 class LetterboxSMTP(SMTP):
+    lazy_commands = True  # see _CommandTable
     line_length_limit = MAX_LINE_OCTETS
     command_size_limit = MAX_COMMAND_OCTETS
 
@@ -140,7 +153,7 @@ class LetterboxSMTP(SMTP):
         if implicit_tls:
             # Port 465 is TLS from the first byte (RFC 8314 3.3); aiosmtpd only knows STARTTLS.
             self._auth_require_tls = False
-        self._smtp_methods = _CommandTable(self._smtp_methods, self._smtp_unknown)
+        self._smtp_methods = _CommandTable(self, self._smtp_unknown)
         self._greeted = False
         self._raw_replies = False
         self._ehlo_lines: list[str] | None = None  # the EHLO reply being gathered for one write
@@ -152,6 +165,8 @@ class LetterboxSMTP(SMTP):
         self._malformed = 0
         self._exceptions = 0
         self._count_next_reply = False
+        self._deadline = 0.0  # when the connection times out (_reset_timeout)
+        self._timer_armed = False  # _timeout_handle is set and has not fired
         # Port 25 only: the spam layers judge clients from the internet, never logged-in users.
         self._screen_clients = handler.service == MX_SERVICE
 
@@ -293,6 +308,29 @@ class LetterboxSMTP(SMTP):
             transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
         if transport is not None:
             super()._timeout_cb()  # type: ignore[no-untyped-call]  # aiosmtpd leaves it unannotated
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd cancels its timer and schedules a new one at every command and, here, at every
+        chunk of DATA (a TimerHandle, a heap push and a cancelled entry left in the loop's heap
+        each time: 3 % of the MX's event loop under smtp-source, issue 19). One timer per
+        connection instead: a later deadline is only noted, and the timer, when it fires early,
+        waits on until it; an earlier one replaces the timer."""
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is not None and self._timer_armed and not handle.cancelled() and handle.when() <= deadline:
+            return
+        if handle is not None:
+            handle.cancel()
+        self._timeout_handle = self.loop.call_at(deadline, self._deadline_reached)
+        self._timer_armed = True
+
+    def _deadline_reached(self) -> None:
+        if self.loop.time() < self._deadline:  # the deadline moved on since the timer was set
+            self._timeout_handle = self.loop.call_at(self._deadline, self._deadline_reached)
+            return
+        self._timer_armed = False
+        self._timeout_cb()
 
     def data_received(self, data: bytes) -> None:
         if self._data_deadline is not None and self.transport is not None:
@@ -441,7 +479,10 @@ class LetterboxSMTP(SMTP):
         if self._raw_replies:
             await super().push(status)
             return
-        text = "\r\n".join(with_enhanced_code(line) for line in status.split("\r\n"))
+        if "\r\n" in status:
+            text = "\r\n".join(with_enhanced_code(line) for line in status.split("\r\n"))
+        else:
+            text = with_enhanced_code(status)
         await super().push(text)
         if text.startswith("5") or self._count_next_reply:
             self._count_next_reply = False
