@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -824,6 +825,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_STDOUT_CLOSED
 
 
+class _StampFormatter(logging.Formatter):
+    """logging's default time stamp (`2026-11-30 09:38:30,123`), its date and time formatted once
+    per second rather than for every record: `serve` logs a few lines per message (issue 19)."""
+
+    _second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached = self._second
+        if cached[0] != second:  # a tuple, replaced whole: threads that log see one or the other
+            cached = self._second = (second, time.strftime(self.default_time_format, self.converter(record.created)))
+        return f"{cached[1]},{int(record.msecs):03d}"  # logging's default_msec_format
+
+
 def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -833,6 +850,8 @@ def _run(argv: Sequence[str] | None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_StampFormatter(handler.formatter._fmt if handler.formatter else None))
     # What the format above never shows, not looked up for every record (the logging HOWTO's
     # "Optimization"): the caller's frame, thread, process; `serve` logs a few lines per message.
     logging._srcfile = None
