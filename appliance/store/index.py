@@ -223,6 +223,7 @@ class FolderIndex:
         self.uidlist_whole = True
         self.uidlist_lock = asyncio.Lock()  # orders the writes: the last one holds the latest state
         self.uidlist_queued = False  # a write is scheduled that has not read the state yet
+        self.uidlist_at = float("-inf")  # when the last write read the state (the event loop's clock)
         self._messages: tuple[MessageInfo, ...] | None = None
         self._known: tuple[tuple[MessageInfo, ...], tuple[int, ...], frozenset[str]] | None = None  # known()
         self._recent: frozenset[int] | None = None

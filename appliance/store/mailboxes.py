@@ -54,6 +54,10 @@ AFTER_LISTING_DELAY = 2.0
 # EXPUNGEs a second (a worker thread's and the loop's time, issue 19). Not fsynced anyway: the index
 # is the reference, and writes it again after a crash.
 UIDLIST_REWRITE_DELAY = 1.0
+# New messages' lines are appended at most this often (seconds) while mail keeps arriving: a burst's
+# group commits share a write (issue 19: one per commit was 3 % of the MX's loop and a trip to a
+# worker thread); a delivery after a quiet spell is written at once.
+UIDLIST_PACE = 0.25
 # Files the dating task stats per hold of the folder lock (a few ms: a command on the folder waits
 # at most that long), and its pause between two, so that it takes a small share of the CPU.
 DATE_CHUNK = 1000
@@ -455,7 +459,8 @@ class OpenMailboxes:
 
     def _uidlist_later(self, f: FolderIndex, *, wait: bool = False) -> None:
         """Write the folder's dovecot-uidlist soon, in its own task: changes made meanwhile (a burst
-        of deliveries) go into one write. `wait`: after AFTER_LISTING_DELAY (many files found)."""
+        of deliveries) go into one write, and in a burst at most one per UIDLIST_PACE. `wait`: after
+        AFTER_LISTING_DELAY (many files found)."""
         if f.uidlist_queued:
             return  # the write scheduled has not read the state yet: it takes this change too
         f.uidlist_queued = True
@@ -466,8 +471,11 @@ class OpenMailboxes:
     async def _write_uidlist(self, f: FolderIndex, wait: bool) -> None:
         if wait or (f.uidlist_whole and f.uidlist_written is not None):  # a first write goes at once
             await self._pause_unless_flushed(AFTER_LISTING_DELAY if wait else UIDLIST_REWRITE_DELAY)
+        elif (pace := f.uidlist_at + UIDLIST_PACE - asyncio.get_running_loop().time()) > 0:
+            await self._pause_unless_flushed(pace)
         async with f.uidlist_lock:
             f.uidlist_queued = False
+            f.uidlist_at = asyncio.get_running_loop().time()
             if f.deleted or not f.uidlist_stale:
                 return
             f.uidlist_stale = False

@@ -23,7 +23,7 @@ import pytest
 from appliance.accounts import Accounts
 from appliance.db import Database
 from appliance.imap.selected import SelectedFolder
-from appliance.store import index, maildir
+from appliance.store import index, mailboxes, maildir
 from appliance.store.index import FolderIndex
 from appliance.store.mailstore import (
     SPECIAL_FOLDERS,
@@ -1109,6 +1109,38 @@ def test_a_first_select_of_inbox_leaves_the_special_folders_to_a_task_others_wai
 
 
 # --- records kept for other programs and for QRESYNC ------------------------------------------------
+
+def test_a_burst_of_deliveries_shares_its_uidlist_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first delivery after a quiet spell is in dovecot-uidlist at once; the rest of a burst is
+    written at most once per UIDLIST_PACE (not once per group commit), and all of it by the stop."""
+    monkeypatch.setattr(mailboxes, "UIDLIST_PACE", 60.0)  # the whole test is one burst
+    folder = home(tmp_path)
+    writes: list[str] = []
+    for name in ("append_uidlist", "write_uidlist"):
+        def counted(*args: Any, _name: str = name, _real: Any = getattr(maildir, name)) -> Any:
+            if Path(args[0]) == folder:  # the INBOX's (the special folders are made meanwhile)
+                writes.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(maildir, name, counted)
+
+    def listed() -> int:
+        found = maildir.read_uidlist(folder)
+        return 0 if found is None else len(found.uids)
+
+    async def body(store: MailStore) -> None:
+        await store.deliver([ALICE], MSG)
+        await async_wait_until(lambda: listed() == 1, seconds=20)  # at once, not after 60 s
+        for n in range(20):
+            await store.deliver([ALICE], MSG + str(n).encode())
+        assert len(writes) == 1, writes
+        assert listed() == 1
+        await store.flush_uidlists()
+        assert len(writes) == 2
+        assert listed() == 21
+
+    run(tmp_path, body)
+
 
 def test_uidlist_grows_by_appending_and_is_rewritten_after_an_expunge(tmp_path: Path) -> None:
     """New messages only: their lines are appended to dovecot-uidlist (same file, earlier bytes
