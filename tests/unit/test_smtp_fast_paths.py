@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from types import SimpleNamespace
+from typing import Any
 
+import aiosmtpd.smtp
 import pytest
 from aiosmtpd.smtp import SMTP
 from hypothesis import example, given, settings
@@ -88,3 +91,21 @@ def test_per_class_lookups_build_the_tables_aiosmtpd_builds(protocol: type[Lette
         assert smtp._smtp_methods.get("NOSUCH") == smtp._smtp_unknown
 
     asyncio.run(build())
+
+
+def test_command_lines_are_logged_only_when_their_level_is_on() -> None:
+    """aiosmtpd logs each command line at DEBUG and INFO; the box's `mail.log` is at WARNING, where
+    the arguments are not even copied, and at DEBUG the line is logged as aiosmtpd does (masked)."""
+    class_members.install()
+    logger = logging.getLogger("mail.log")
+    level = logger.level
+    seen: list[tuple[Any, ...]] = []
+    try:
+        logger.setLevel(logging.WARNING)
+        aiosmtpd.smtp.sanitized_log(lambda *args: seen.append(args), "%r", b"AUTH PLAIN c2VjcmV0\r\n")
+        assert seen == []
+        logger.setLevel(logging.DEBUG)
+        aiosmtpd.smtp.sanitized_log(lambda *args: seen.append(args), "%r", b"AUTH PLAIN c2VjcmV0\r\n")
+        assert seen == [("%r", b"AUTH PLAIN ********\r\n")]
+    finally:
+        logger.setLevel(level)
