@@ -24,8 +24,10 @@ from email.header import decode_header, make_header
 from email.message import Message
 from email.policy import Compat32
 from email.utils import unquote
-from typing import Any, BinaryIO, NoReturn
+from functools import lru_cache
+from typing import Any, BinaryIO, NamedTuple, NoReturn
 
+from appliance import caches
 from appliance.imap.limits import MAX_HEADER_OCTETS, MAX_MIME_DEPTH, MAX_MIME_PARTS
 
 READ_LIMIT = 64 * 1024  # longest piece of a line read at once
@@ -178,9 +180,10 @@ def _plain_fields(text: str) -> list[tuple[str, str, str]] | None:
     return found
 
 
-@dataclass(frozen=True)
-class Span:
-    """A region of the message: [start, end) in file octets, and its length in wire octets."""
+class Span(NamedTuple):
+    """A region of the message: [start, end) in file octets, and its length in wire octets. A named
+    tuple: a scan makes two per part, and a frozen dataclass's __init__ (object.__setattr__ per
+    field) cost twice as much (issue 19: 3-4 % of describing a message)."""
 
     start: int
     end: int
@@ -389,9 +392,7 @@ class _Scan:
             if len(header) + len(line) <= MAX_HEADER_OCTETS:
                 header += line
         header_end = (r.pos, r.wire)
-        headers = parse_header(bytes(header) if block is None else block)
-        headers.set_default_type(default_type)
-        maintype, subtype = _content_type(headers)
+        headers, (maintype, subtype) = part_header(bytes(header) if block is None else block, default_type, depth)
         body_start, body_wire, lines_before = r.pos, r.wire, r.lines
         floor: _Mark = (r.pos, r.wire, r.lines)  # a body never ends before this
         children: list[Part] = []
@@ -518,9 +519,7 @@ class _MemoryScan:
         self.parts += 1
         h_start = self.pos
         header = self.header_block(bool(boundaries))
-        headers = parse_header(header)
-        headers.set_default_type(default_type)
-        maintype, subtype = _content_type(headers)
+        headers, (maintype, subtype) = part_header(header, default_type, depth)
         body_start = floor = self.pos
         children: list[Part] = []
         room = depth < MAX_MIME_DEPTH and self.parts < MAX_MIME_PARTS
@@ -676,6 +675,32 @@ def _encoded(headers: Message) -> bool:
     # (seen in the wild) cannot be walked as a message and is served as an opaque body.
     cte = (headers.get("Content-Transfer-Encoding") or "").strip().lower()
     return cte in ("base64", "quoted-printable")
+
+
+def part_header(block: bytes, default_type: str, depth: int) -> tuple[Message, tuple[str, str]]:
+    """The parsed header block of a part (its default type set) and the media type the scan goes
+    by. A body part's short block comes from _shared_header: the same few blocks
+    ("Content-Type: text/plain; charset=utf-8") head the parts of message after message, and
+    parsing each again was a tenth of describing one (issue 19). A message's own header (depth 0,
+    or an encapsulated one's, unique to it) is parsed as it is."""
+    if depth and len(block) <= SHARED_HEADER_OCTETS:
+        return _shared_header(block, default_type)
+    headers = parse_header(block)
+    headers.set_default_type(default_type)
+    return headers, _content_type(headers)
+
+
+SHARED_HEADER_OCTETS = 256  # longer body part headers are parsed each time (few repeat)
+
+
+@caches.emptied_with_folders
+@lru_cache(maxsize=512)
+def _shared_header(block: bytes, default_type: str) -> tuple[Message, tuple[str, str]]:
+    """part_header of a short body part header, kept: a Headers is read-only, so one parse serves
+    every part with the same block."""
+    headers = parse_header(block)
+    headers.set_default_type(default_type)
+    return headers, _content_type(headers)
 
 
 def _content_type(headers: Message) -> tuple[str, str]:
