@@ -22,7 +22,16 @@ from appliance import caches
 from appliance.imap.commands import BinarySection, BodySection, FetchAttribute, FetchItem, Section
 from appliance.imap.limits import MAX_HEADER_OCTETS
 from appliance.imap.mime import Headers, Part, Span, unfold
-from appliance.imap.responses import Atom, Literal8Bytes, LiteralBytes, Raw, Streamed, Value, render_value
+from appliance.imap.responses import (
+    MAX_QUOTED_OCTETS,
+    Atom,
+    Literal8Bytes,
+    LiteralBytes,
+    Raw,
+    Streamed,
+    Value,
+    render_value,
+)
 
 CHUNK = 256 * 1024  # octets read from the file per write
 INLINE_LITERAL = 256 * 1024  # section contents up to this size are read into memory at once
@@ -363,7 +372,14 @@ def envelope_text(headers: Message) -> bytes:
 
 def _nstring_text(headers: Message, name: str) -> bytes:
     value = headers.get(name)
-    return b"NIL" if value is None else render_value(raw(unfold(value).strip()))
+    if value is None:
+        return b"NIL"
+    text = unfold(value).strip()
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text and len(text) <= MAX_QUOTED_OCTETS:
+        # render_value's quoted string, without its regex and escaping passes: printable ASCII has
+        # no octet a quoted string cannot carry (Date, Subject, Message-ID of nearly every message).
+        return b'"' + text.encode("ascii") + b'"'
+    return render_value(raw(text))
 
 
 def _addresses_text(value: Value) -> bytes:
