@@ -124,8 +124,10 @@ def test_files_get_uids_in_name_order_and_keep_them(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
-@pytest.mark.parametrize("extra", [[], ["1700000000.M5P1.host"], ["1700000000.M100000P9Q1.host,S=1,W=1"]],
-                         ids=["sized names", "with a name without sizes", "two of the same microsecond"])
+@pytest.mark.parametrize("extra", [[], ["1700000000.M5P1.host"], ["1700000000.M100000P9Q1.host,S=1,W=1"],
+                                   ["999999999.M1P1.host,S=1,W=1"], ["1700000002.M1P1.host,S=1,W=1"]],
+                         ids=["sized names", "with a name without sizes", "two of the same microsecond",
+                              "a second of fewer digits", "seconds in the names' order"])
 def test_found_files_are_in_delivery_order(tmp_path: Path, extra: list[str]) -> None:
     # A listing reads Dovecot's names (sizes in them) as one number each (maildir.sized_name); any
     # other name, or two of one microsecond, sort the general way: the same order in every case.
@@ -148,7 +150,8 @@ def test_found_files_are_in_delivery_order(tmp_path: Path, extra: list[str]) -> 
 
 _NAME = st.sampled_from(["1700000000.M5P1.h,S=3,W=3", "1700000000.M50P1.h,S=3,W=4", "1699999999.M999999P2.h,S=3,W=3",
                           "1700000001.M0P1Q2.h,S=10,W=12,X=1", "1700000000.M5P2.h,S=3,W=3", ".hidden", "courier.name",
-                          "1700000002.M7P1.h,S=3", "1700000003.M1234567890P1.h,S=3,W=3"])
+                          "1700000002.M7P1.h,S=3", "1700000003.M1234567890P1.h,S=3,W=3", "999999999.M9P1.h,S=3,W=3",
+                          "1700000004.M9P1.h,S=5,W=6", "1700000005.M10P1.h,S=5,W=6"])
 _INFO = st.sampled_from(["", ":2,", ":2,S", ":2,FS", ":2,aS", ":1,x", ":2,S:odd"])
 
 
