@@ -321,6 +321,12 @@ class FolderIndex:
         self._messages = messages
         self._known = (messages, uids, keywords)
 
+    def claimed(self) -> None:
+        """The recent messages became a session's, none of them moved: only the recent set changes
+        (the message list, and what snapshots derived from it, stay)."""
+        self.unclaimed.clear()
+        self._recent = None
+
     def invalidate(self, *, paths: bool = False) -> None:
         self._known = None
         self._messages = None

@@ -330,6 +330,11 @@ class OpenMailboxes:
         if not recent:
             return recent
         fresh = [e for e in f.entries(recent) if e.sub == "new"]
+        if not fresh:
+            # APPENDs and COPYs went to cur/ already: nothing to rename, no thread trip (each one
+            # woke a worker thread and gave the GIL up, issue 19), no commit, the message list kept.
+            f.claimed()
+            return recent
         targets = [maildir.cur_filename(e.base, maildir.split_filename(e.filename)[1]) for e in fresh]
         # Not fsynced: after a crash the file is back in new/ and simply recent again.
         done = await asyncio.to_thread(
