@@ -841,28 +841,6 @@ class _StampFormatter(logging.Formatter):
         return f"{cached[1]},{int(record.msecs):03d}"  # logging's default_msec_format
 
 
-def _log_from_a_thread() -> None:
-    """`serve`'s records are formatted and written by a thread of their own (logging's
-    QueueHandler/QueueListener, as its cookbook advises for code that must not block): the event
-    loop only hands each record over, where it formatted it and wrote it to stderr, a system call
-    that gives up the GIL (issue 19: an MX message logs three lines). Whatever is queued is written
-    when the process exits normally (atexit)."""
-    import atexit
-    import logging.handlers
-    import queue
-
-    class HandOver(logging.handlers.QueueHandler):
-        def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-            return record  # formatted by the listener's handlers, on its thread (same process: no pickling)
-
-    root = logging.getLogger()
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, *root.handlers, respect_handler_level=True)
-    root.handlers = [HandOver(records)]
-    listener.start()
-    atexit.register(listener.stop)
-
-
 def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -874,8 +852,6 @@ def _run(argv: Sequence[str] | None) -> int:
     )
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_StampFormatter(handler.formatter._fmt if handler.formatter else None))
-    if args.func is cmd_serve:
-        _log_from_a_thread()
     # What the format above never shows, not looked up for every record (the logging HOWTO's
     # "Optimization"): the caller's frame, thread, process; `serve` logs a few lines per message.
     logging._srcfile = None
