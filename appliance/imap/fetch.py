@@ -359,13 +359,13 @@ def envelope(headers: Message) -> Value:
 def envelope_text(headers: Message) -> bytes:
     """render_value(envelope(headers)), each value rendered as it is found instead of making the
     list first (every message cache row renders one, issue 19)."""
-    from_ = addresses(headers, "From")
-    sender = addresses(headers, "Sender") or from_
-    reply_to = addresses(headers, "Reply-To") or from_
+    from_ = _addresses_text(headers, "From")
+    sender = _addresses_text(headers, "Sender")
+    reply_to = _addresses_text(headers, "Reply-To")
     return b"(" + b" ".join([
-        _nstring_text(headers, "Date"), _nstring_text(headers, "Subject"), _addresses_text(from_),
-        _addresses_text(sender), _addresses_text(reply_to), _addresses_text(addresses(headers, "To")),
-        _addresses_text(addresses(headers, "Cc")), _addresses_text(addresses(headers, "Bcc")),
+        _nstring_text(headers, "Date"), _nstring_text(headers, "Subject"), from_,
+        from_ if sender == b"NIL" else sender, from_ if reply_to == b"NIL" else reply_to,
+        _addresses_text(headers, "To"), _addresses_text(headers, "Cc"), _addresses_text(headers, "Bcc"),
         _nstring_text(headers, "In-Reply-To"), _nstring_text(headers, "Message-ID"),
     ]) + b")"
 
@@ -382,20 +382,24 @@ def _nstring_text(headers: Message, name: str) -> bytes:
     return render_value(raw(text))
 
 
-def _addresses_text(value: Value) -> bytes:
-    return value.data if isinstance(value, Raw) else b"NIL"  # (addresses gives a Raw or None)
+def _addresses_text(headers: Message, name: str) -> bytes:
+    """render_value(addresses(headers, name)), without the Raw between (a field that is absent, the
+    usual Sender, Reply-To, Cc and Bcc, is one look-up)."""
+    values = headers.get_all(name)
+    if not values:
+        return b"NIL"
+    if len(values) == 1:
+        rendered = _address_list(unfold(values[0]))
+    else:
+        rendered = b"".join([_address_list(unfold(value)) for value in values])
+    return b"(" + rendered + b")" if rendered else b"NIL"
 
 
 def addresses(headers: Message, name: str) -> Value:
     """An address list as ENVELOPE wants it: ((name adl mailbox host)(...)) or NIL when empty
     (RFC 3501 9: the addresses follow each other without spaces)."""
-    values = headers.get_all(name)
-    if not values:
-        return None
-    rendered = b"".join(_address_list(unfold(value)) for value in values)
-    if not rendered:
-        return None
-    return Raw(b"(" + rendered + b")")
+    text = _addresses_text(headers, name)
+    return None if text == b"NIL" else Raw(text)
 
 
 @caches.emptied_with_folders
