@@ -33,7 +33,6 @@ DB_FILE_MODE = 0o600
 
 
 DURABLE_SYNC = "FULL"  # every commit fsyncs the WAL, unless a transaction says it need not
-PAGE_SIZE = 8192  # octets, for a new database (Database.open)
 
 
 T = TypeVar("T")
@@ -92,11 +91,6 @@ class Database:
         try:
             conn = await aiosqlite.connect(str(path), isolation_level=None)
             conn.row_factory = sqlite3.Row
-            # A new database's page size (no effect on an existing one): 8 KiB, so a message cache
-            # row (about 1.1 KiB with the header fields clients list) fits in its b-tree page. With
-            # 4 KiB pages a row past 1,004 octets spilled its tail to an overflow page of its own,
-            # and writing 10k rows cost 30-40 us each instead of 13 (issue 19).
-            await conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
             await conn.execute("PRAGMA journal_mode=WAL")
             await conn.execute("SELECT COUNT(*) FROM sqlite_master")  # opens the -wal and -shm
         finally:
