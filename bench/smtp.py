@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -33,7 +32,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.benchbox import cli, cpu_seconds, free_offset, maildir_count, peak_rss_kib, serving, set_settings
+from bench.benchbox import (
+    cli,
+    cpu_seconds,
+    free_offset,
+    maildir_count,
+    peak_rss_kib,
+    serving,
+    set_settings,
+    thread_cpu,
+    thread_cpu_used,
+)
 from tests.support.dns_server import ZoneServer  # the repo's loopback DNS server
 
 MX_PORT = 25
@@ -120,36 +129,6 @@ def serving_somewhere(data: Path, log: Path, code: Path | None = None
                 raise
             start = offset + 1009
     raise SystemExit(f"no free port block after {START_TRIES} tries")
-
-
-def thread_cpu(pid: int) -> dict[str, tuple[float, float]]:
-    """User and system CPU seconds of each live thread of the box, by thread (the event loop's is
-    "loop"; the others by their name, numbered ones such as asyncio_3 summed as asyncio_*)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    found: dict[str, tuple[float, float]] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-        except FileNotFoundError:
-            continue
-        name = "loop" if task.name == str(pid) else stat[stat.index("(") + 1:stat.rindex(")")]
-        key = f"{name}:{task.name}"
-        fields = stat.rpartition(")")[2].split()
-        found[key] = (int(fields[11]) / ticks, int(fields[12]) / ticks)
-    return found
-
-
-def thread_cpu_used(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
-                    ) -> dict[str, tuple[float, float]]:
-    """CPU seconds per kind of thread between two thread_cpu readings (a thread that ended between
-    them is not counted: the box's threads live as long as it does under this load)."""
-    used: dict[str, tuple[float, float]] = {}
-    for key, (user, system) in after.items():
-        user0, system0 = before.get(key, (0.0, 0.0))
-        name = re.sub(r"_\d+$", "_*", key.partition(":")[0])
-        total = used.get(name, (0.0, 0.0))
-        used[name] = (total[0] + user - user0, total[1] + system - system0)
-    return used
 
 
 def smtp_source(port: int, messages: int, concurrency: int, maildir: Path) -> tuple[float, list[float]]:

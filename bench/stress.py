@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench import corpus
-from bench.benchbox import cpu_seconds
+from bench.benchbox import cpu_seconds, thread_cpu, thread_cpu_used
 from bench.side_by_side import IMAPTEST, PASSWORD, STRESS, Box, Setup, parse_imaptest_totals, uptime
 
 SPY = Path(sys.executable).parent / "py-spy"
@@ -64,13 +63,16 @@ def one_run(setup: Setup, stress_folder: Path, mbox: Path, code: Path | None, se
 
 def _imaptest(box: Box, mbox: Path, secs: int) -> dict[str, float]:
     load = uptime().rpartition("load average:")[2].strip()
-    before, loop_before, threads_before = cpu_seconds(box.pid), _thread_cpu(box.pid), _threads(box.pid)
+    before, threads_before = cpu_seconds(box.pid), thread_cpu(box.pid)
     result = subprocess.run([str(IMAPTEST), "host=127.0.0.1", f"port={box.port('imaps')}", "ssl=any-cert",
                              f"user={STRESS}", f"pass={PASSWORD}", f"mbox={mbox}", "clients=5", "logout=0",
                              f"secs={secs}"], capture_output=True, text=True, errors="replace",
                             timeout=secs + 120, check=False)
-    cpu, loop_cpu = cpu_seconds(box.pid) - before, _thread_cpu(box.pid) - loop_before
-    threads = {k: v - threads_before.get(k, 0.0) for k, v in _threads(box.pid).items()}
+    cpu = cpu_seconds(box.pid) - before
+    threads = {name: user + system for name, (user, system) in
+               thread_cpu_used(threads_before, thread_cpu(box.pid)).items()}
+    loop_cpu = threads.get("loop", 0.0)
+    threads["child processes, ended threads"] = cpu - sum(threads.values())  # cpu_seconds counts them
     print("  threads: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(threads.items(), key=lambda kv: -kv[1]) if v >= 0.01))
     totals = parse_imaptest_totals(result.stdout)
     if not totals:
@@ -82,30 +84,6 @@ def _imaptest(box: Box, mbox: Path, secs: int) -> dict[str, float]:
                     "errors": errors})
     print(f"  load {load}", flush=True)
     return figures
-
-
-def _threads(pid: int) -> dict[str, float]:
-    """CPU seconds per thread (name/tid) of the process, and of each child process by its command."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            stat = (task / "stat").read_text()
-            name = stat[stat.index("(") + 1:stat.rindex(")")]
-            fields = stat.rpartition(")")[2].split()
-            out[f"{name}/{task.name}"] = (int(fields[11]) + int(fields[12])) / tick
-            for child in (task / "children").read_text().split():
-                cstat = Path(f"/proc/{child}/stat").read_text()
-                cfields = cstat.rpartition(")")[2].split()
-                cname = "child " + Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[-2][:40].decode(errors="replace")
-                out[cname] = out.get(cname, 0.0) + sum(int(v) for v in cfields[11:15]) / tick
-    return out
-
-
-def _thread_cpu(pid: int) -> float:
-    """CPU seconds of the process's main thread: the event loop."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
