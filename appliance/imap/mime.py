@@ -685,22 +685,20 @@ def part_header(block: bytes, default_type: str, depth: int) -> tuple[Message, t
     or an encapsulated one's, unique to it) is parsed as it is."""
     if depth and len(block) <= SHARED_HEADER_OCTETS:
         return _shared_header(block, default_type)
-    headers = parse_header(block)
-    headers.set_default_type(default_type)
-    return headers, _content_type(headers)
+    return _parsed_header(block, default_type)
 
 
 SHARED_HEADER_OCTETS = 256  # longer body part headers are parsed each time (few repeat)
 
 
-@caches.emptied_with_folders
-@lru_cache(maxsize=512)
-def _shared_header(block: bytes, default_type: str) -> tuple[Message, tuple[str, str]]:
-    """part_header of a short body part header, kept: a Headers is read-only, so one parse serves
-    every part with the same block."""
+def _parsed_header(block: bytes, default_type: str) -> tuple[Message, tuple[str, str]]:
     headers = parse_header(block)
     headers.set_default_type(default_type)
     return headers, _content_type(headers)
+
+
+# A short body part header's, kept: a Headers is read-only, so one parse serves every part with the same block.
+_shared_header = caches.emptied_with_folders(lru_cache(maxsize=512)(_parsed_header))
 
 
 def _content_type(headers: Message) -> tuple[str, str]:
