@@ -125,17 +125,20 @@ def new_self_signed(hostname: str) -> tuple[bytes, bytes, CertificateInfo]:
     return made["cert"].encode(), made["key"].encode(), _info_from_record(made["info"])
 
 
-def _self_signed_record(hostname: str, checked: bool = False) -> dict[str, Any]:
-    """In the child: new_self_signed's answer; `checked`: TlsManager.install_self_signed's, the pair put
-    through install's checks (inspect_certificate) too."""
+def _self_signed_record(hostname: str) -> dict[str, Any]:
+    """In the child: new_self_signed's answer."""
     from cryptography import x509
 
     cert_pem, key_pem = self_signed_pem(hostname)
-    if checked:
-        full, info = inspect_certificate(cert_pem, key_pem, hostname=hostname)
-        return {"full": full.decode(), "key": key_pem.decode(), "info": _info_record(info)}
     info = describe(x509.load_pem_x509_certificate(cert_pem))
     return {"cert": cert_pem.decode(), "key": key_pem.decode(), "info": _info_record(info)}
+
+
+def _checked_self_signed_record(hostname: str) -> dict[str, Any]:
+    """In the child: TlsManager.install_self_signed's pair, put through install's checks."""
+    cert_pem, key_pem = self_signed_pem(hostname)
+    full, info = inspect_certificate(cert_pem, key_pem, hostname=hostname)
+    return {"full": full.decode(), "key": key_pem.decode(), "info": _info_record(info)}
 
 
 def make_self_signed(hostname: str, cert_path: Path, key_path: Path) -> CertificateInfo:
@@ -467,7 +470,7 @@ class TlsManager:
         Blocking."""
         from appliance import child
 
-        made = child.call("appliance.tls:_self_signed_record", hostname, True)
+        made = child.call("appliance.tls:_checked_self_signed_record", hostname)
         full, key_pem = made["full"].encode(), made["key"].encode()
         return self._serve(full, key_pem, context_for(full, key_pem, self.dir), _info_from_record(made["info"]))
 

@@ -166,7 +166,7 @@ def test_keys_and_certificates_are_made_and_checked_in_a_child(tmp_path: Path) -
         "real = child.call\n"
         "child.call = lambda *a, **k: calls.append(a[0]) or real(*a, **k)\n"
         "info = tls.install_self_signed('fourth.example.org')\n"
-        "assert calls == ['appliance.tls:_self_signed_record'], calls\n"
+        "assert calls == ['appliance.tls:_checked_self_signed_record'], calls\n"
         "assert info.self_signed and info.names[0] == 'fourth.example.org' and tls.info() == info\n"
         "assert b'BEGIN CERTIFICATE' in (root / 'tls' / 'cert.pem').read_bytes()",
         {"ROOT": str(tmp_path)})
