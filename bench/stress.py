@@ -53,7 +53,7 @@ def one_run(setup: Setup, stress_folder: Path, mbox: Path, code: Path | None, se
                                      "trace=fsync,fdatasync,rename,renameat,unlink,unlinkat,sendto,write"]))
         if args.spy:
             out = Path(args.spy) / f"{label}-{rnd}.txt"
-            tracers.append(attached([str(SPY), "record", *(["--idle"] if args.idle else ["--subprocesses"]), "-r", "200", "-f", "raw", "-o", str(out),
+            tracers.append(attached([str(SPY), "record", *(["--idle"] if args.idle else ["--gil"] if args.gil else ["--subprocesses"]), "-r", "200", "-f", "raw", "-o", str(out),
                                      "-p", str(box.pid), "--threads", "--nonblocking"]))
         with contextlib.ExitStack() as stack:
             for tracer in tracers:
@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--strace", action="store_true")
     parser.add_argument("--spy", default=None)
     parser.add_argument("--idle", action="store_true", help="py-spy --idle (wall samples), else CPU samples")
+    parser.add_argument("--gil", action="store_true", help="py-spy --gil (samples of the thread holding the GIL)")
     args = parser.parse_args()
     codes: list[Path | None] = list(args.code) or [None]
     runs: dict[str, list[dict[str, float]]] = {}
