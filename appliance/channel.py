@@ -132,6 +132,11 @@ class Channel(asyncio.Protocol):
             raise ConnectionClosed("connection closed")
         self.transport.write(data)
 
+    @property
+    def drained(self) -> bool:
+        """Whether drain() would return at once: the transport takes more and the peer is there."""
+        return self._writable.is_set() and not self.lost
+
     async def drain(self) -> None:
         await self._writable.wait()
         if self.lost:

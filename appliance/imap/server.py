@@ -164,6 +164,10 @@ class ConnectionHandler:
             raise ConnectionClosed(f"literal of {source.length} octets produced {sent}")
 
     async def _drain(self) -> None:
+        if self.channel.drained:
+            # The usual case: no wait_for, whose task for drain() and timer cost two more event loop
+            # iterations per response (each a select(2) and a look at the change counters, issue 19).
+            return
         try:
             await asyncio.wait_for(self.channel.drain(), self.limits.write_timeout)
         except TimeoutError:
@@ -232,7 +236,10 @@ class ConnectionHandler:
         try:
             if seconds <= 0:
                 raise TimeoutError
-            data = await asyncio.wait_for(self.channel.read(), seconds)
+            # asyncio.timeout, not wait_for: no task per read, whose start and end were two more
+            # event loop iterations per command (issue 19).
+            async with asyncio.timeout(seconds):
+                data = await self.channel.read()
         except DeadlineExpired as exc:
             # The pre-auth deadline (appliance/channel.py Slot) passed: say why, then close.
             log.info("imap %s: %s, disconnected", self.peer, exc)
