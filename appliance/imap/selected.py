@@ -16,6 +16,8 @@ from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import compress
+from operator import is_not
 
 from appliance.imap.commands import RECENT, SYSTEM_FLAGS, SearchKey, SequenceSet, compact
 from appliance.imap.responses import Atom, Data, FetchResponse, Response, UntaggedStatus, flag_list
@@ -194,12 +196,16 @@ class SelectedFolder:
         if allow_expunge and self.gone:
             out += self._remove(sorted(self.gone))
         # Flag changes made elsewhere.
-        infos = self.infos
-        for uid in self.uids:
-            new = current.get(uid)
-            old = infos[uid]
-            if new is old or new is None:
-                continue  # the index hands out the same MessageInfo while a message is unchanged
+        infos, uids = self.infos, self.uids
+        # The index hands out the same MessageInfo while a message is unchanged: the few that are not
+        # the same object are found in C loops (a loop of Python over every message, for each
+        # session at each state of a folder that changes at every command, issue 19).
+        news = list(map(current.get, uids))
+        olds = list(map(infos.__getitem__, uids))
+        for i in compress(range(len(news)), map(is_not, news, olds)):
+            new, old, uid = news[i], olds[i], uids[i]
+            if new is None:
+                continue  # expunged (gone)
             if new.flags != old.flags or (self.condstore and new.modseq != old.modseq):
                 self.infos[uid] = new
                 changed.append(new)

@@ -286,7 +286,13 @@ class FolderIndex:
                 # After a listing every entry has its MessageInfo (Change.add_columns made them): read
                 # them in one C loop; a method call per entry was 2 ms at 10k, 20 at 100k (issue 19).
                 known = tuple(map(_INFO, self.by_uid.values()))
-                self._messages = known if None not in known else tuple(map(self.info, self.by_uid.values()))
+                if None in known:
+                    # Only the entries a change touched lost their MessageInfo: made again alone, where
+                    # a method call for every message was most of a new state's cost in a folder that
+                    # changes at every command (imaptest's stress mode, issue 19).
+                    entries = self.by_uid.values()
+                    known = tuple(m if m is not None else self.info(e) for m, e in zip(known, entries, strict=True))
+                self._messages = known
         return self._messages
 
     def snapshot(self, recent: frozenset[int]) -> FolderSnapshot:
