@@ -15,10 +15,11 @@ computed from the file, used, and given back to be kept (`Learned`).
 
 from __future__ import annotations
 
+import bisect
 import functools
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from email.message import Message
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
@@ -30,9 +31,9 @@ from appliance.imap.limits import MAX_HEADER_OCTETS
 from appliance.imap.mime import Headers, Part, decode_words, parses_whole, scan, scan_bytes
 from appliance.imap.responses import LiteralBytes, Raw, Value, render_value
 from appliance.store import message_cache
-from appliance.store.file_watch import FolderCheck
+from appliance.store.file_watch import FolderCheck, Located
 from appliance.store.maildir import open_message
-from appliance.store.message_cache import CachedMessage, FileStamp, FolderCache, stamp_of
+from appliance.store.message_cache import CachedMessage, CacheUnreadable, FileStamp, FolderCache, stamp_of
 
 # RFC 3501 6.4.5 HEADER.FIELDS names as clients send them, lower-cased. What Thunderbird, iOS Mail,
 # K-9, Evolution and mutt ask for their lists, plus what ENVELOPE, SORT and THREAD read.
@@ -393,14 +394,47 @@ def known_subjects(cache: FolderCache, files: Sequence[tuple[int, str]]) -> dict
     return {uid: subject for uid, (_, subject) in current.items()}
 
 
-def subject_hits(cache: FolderCache, files: Sequence[tuple[int, str]], needle: str) -> tuple[set[int], set[int]]:
-    """SEARCH SUBJECT `needle` (casefolded, Searcher.lone_subject) over these (UID, file) pairs from
-    the rows' subject texts: (the UIDs whose text holds it, the UIDs the rows cannot answer: no
-    text, another file's, or a file not where the index has it, perhaps renamed). known_subjects
-    with the test done here: no object per message goes back to the event loop. Worker thread."""
-    current, _ = _current(cache, cache.subject_hits([uid for uid, _ in files], needle), files)
-    hits = {uid for uid, (_, hit) in current.items() if hit}
-    return hits, {uid for uid, _ in files if uid not in current}
+def subject_search(cache: FolderCache, uids: Sequence[int], files: Mapping[int, Located], needle: str
+                   ) -> tuple[list[int], list[int]]:
+    """SEARCH SUBJECT `needle` (casefolded, Searcher.lone_subject) over these messages (`uids`
+    ascending, `files` where each one's file is: the view's MessageInfos) from the rows' subject
+    texts: (the UIDs whose text holds it, the UIDs the rows cannot answer: no row or no text,
+    another file's, or a file not where the index has it, perhaps renamed), both ascending. One
+    statement over the folder's span and one check of its rows as they come (FolderCheck.sift,
+    `_current`'s rule): nothing per message is made for the rows that need no stat and do not
+    match, and only UIDs go back to the event loop. Worker thread."""
+    if not uids:
+        return [], []
+    hits: list[int] = []
+    stale: list[int] = []
+    absent: list[int] = []
+    covered = uids[0] - 1  # the rows up to this UID are all accounted for
+    try:
+        with cache.check() as check:
+            for batch in cache.subject_scan(uids[0], uids[-1], needle):
+                wanted, trusted, rest = check.sift(batch, files)
+                hits += wanted
+                for uid, path, stamp, hit in rest:
+                    if _matches_file(check, uid, path, stamp):
+                        if hit:
+                            hits.append(uid)
+                    else:
+                        stale.append(uid)
+                # The messages without a row (or text) here: between the batches, and within a
+                # batch when it holds fewer of them than the messages in its span (rows of UIDs
+                # not among `uids` are left out by sift).
+                first, last = batch[0][0], batch[-1][0]
+                absent += uids[bisect.bisect_right(uids, covered):bisect.bisect_left(uids, first)]
+                low, high = bisect.bisect_left(uids, first), bisect.bisect_right(uids, last)
+                if high - low != trusted + len(rest):
+                    there = {row[0] for row in batch}
+                    absent += [uid for uid in uids[low:high] if uid not in there]
+                covered = last
+    except CacheUnreadable:
+        return [], list(uids)
+    absent += uids[bisect.bisect_right(uids, covered):]
+    hits.sort()
+    return hits, sorted(stale + absent) if stale else absent
 
 
 def known_rows(cache: FolderCache | None, files: Sequence[tuple[int, str | Path]]) -> dict[int, CachedMessage]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import bisect
 import contextlib
 import logging
 import time
@@ -120,7 +121,6 @@ DELETED = "\\Deleted"
 LIST_ON_LOOP = 2000  # names times patterns a LIST matches on the event loop; more go to a thread
 SEARCH_ON_LOOP = 1000  # messages an index-only SEARCH checks on the event loop; more go to a thread
 SEARCH_CACHE_BATCH = 500  # messages whose message-cache rows one read brings, for header keys
-SUBJECT_SEARCH_BATCH = 5000  # messages a SEARCH SUBJECT decides per trip to a thread (_lone_subject)
 SCAN_CHUNK_MESSAGES = 500  # messages per task of the worker process that scans files
 SCAN_CHUNK_OCTETS = 8 * 1024 * 1024
 SCAN_LIGHT_MESSAGES = 50  # a scan of at most this many files runs in a thread when no worker is up
@@ -736,7 +736,7 @@ class ImapSession:
             cache = await self.store.folder_cache(self.mailbox, view.name, view.uidvalidity)
             if cache is not None:
                 return await self._lone_subject(searcher, needle, cache)
-        candidates = self._candidates(searcher, view.uids)
+        candidates = self._candidates(searcher, enumerate(view.uids, start=1))
         if searcher.needs_content():
             return await self._search_content(searcher, candidates)
         if len(candidates) > SEARCH_ON_LOOP:
@@ -745,9 +745,8 @@ class ImapSession:
             return await asyncio.to_thread(_search_index, searcher, candidates)
         return _search_index(searcher, candidates)
 
-    def _candidates(self, searcher: Searcher, uids: Iterable[int], only: set[int] | None = None) -> list[Candidate]:
-        """A Candidate for each message of the selected folder whose UID is in `uids` (in order), or
-        for those of them in `only`."""
+    def _candidates(self, searcher: Searcher, numbered: Iterable[tuple[int, int]]) -> list[Candidate]:
+        """A Candidate for each of these (message number, UID) of the selected folder."""
         view = self.view
         recent, infos = view.recent, view.infos
         # The date as the index has it unless a key compares dates: a file copied in is dated in the
@@ -756,9 +755,7 @@ class ImapSession:
         # issue 19). SORT and THREAD read the dates of what matched (_dated).
         dated = searcher.reads_dates()
         candidates = []
-        for seq, uid in enumerate(uids, start=1):
-            if only is not None and uid not in only:
-                continue
+        for seq, uid in numbered:
             info = infos[uid]
             flags = info.flags | RECENT_FLAG if uid in recent else info.flags
             candidates.append(Candidate(seq, uid, flags, info.size, info.internaldate if dated else info.date,
@@ -767,26 +764,29 @@ class ImapSession:
 
     async def _lone_subject(self, searcher: Searcher, needle: str, cache: FolderCache) -> list[Candidate]:
         """A SEARCH whose key is one SUBJECT (Searcher.lone_subject): decided from the message cache's
-        subject texts, in SQLite, in a thread a chunk at a time; only the messages that matched, and
-        those the cache cannot answer (which go the usual way), are made Candidates. A Candidate
-        per message, and each row's text made a Python string, were half of a SEARCH SUBJECT at
-        10k (issue 19)."""
+        subject texts, in SQLite, in one trip to a thread (fetch_cache.subject_search); only the
+        messages that matched, and those the cache cannot answer (which go the usual way), are made
+        Candidates. A Candidate per message, each row's text made a Python string, and then a trip
+        per 5,000 messages with a path and a row object each, were most of a SEARCH SUBJECT (issue 19)."""
         view = self.view
-        uids, infos = view.uids, view.infos
-        matched: set[int] = set()
-        unknown: set[int] = set()
-        for start in range(0, len(uids), SUBJECT_SEARCH_BATCH):
-            # Paths as strings: a Path per message was a tenth of a header SEARCH's time.
-            files = [(uid, infos[uid].file) for uid in uids[start:start + SUBJECT_SEARCH_BATCH]]
-            hits, rest = await asyncio.to_thread(fetch_cache.subject_hits, cache, files, needle)
-            matched |= hits
-            unknown |= rest
-        chosen = self._candidates(searcher, uids, matched | unknown)
-        found = [c for c in chosen if c.uid in matched]
+        # (The view's UID list and infos change only in this session's own commands, not meanwhile.)
+        hits, unknown = await asyncio.to_thread(fetch_cache.subject_search, cache, view.uids, view.infos, needle)
+        found = self._candidates_of(searcher, hits)
         if unknown:
-            found += await self._search_content(searcher, [c for c in chosen if c.uid in unknown])
+            found += await self._search_content(searcher, self._candidates_of(searcher, unknown))
             found.sort(key=lambda c: c.seq)
         return found
+
+    def _candidates_of(self, searcher: Searcher, uids: Iterable[int]) -> list[Candidate]:
+        """_candidates for some of the selected folder's messages (UIDs ascending), each one's message
+        number found by bisection: not a pass over the whole folder for a few matches."""
+        every = self.view.uids
+        numbered = []
+        for uid in uids:
+            seq = bisect.bisect_left(every, uid)
+            if seq < len(every) and every[seq] == uid:
+                numbered.append((seq + 1, uid))
+        return self._candidates(searcher, numbered)
 
     async def _search_content(self, searcher: Searcher, candidates: list[Candidate]) -> list[Candidate]:
         """A search that reads message text: the full-text index answers BODY and TEXT for the

@@ -502,3 +502,29 @@ def test_subject_search_of_a_message_with_two_subject_fields(box: BoxHandle, ope
         assert message_files(opened_files, box) == []
     finally:
         raw.close()
+
+
+@pytest.mark.parametrize("batch", [3, 4096])
+def test_subject_search_over_batches_with_messages_the_rows_cannot_answer(
+        box: BoxHandle, monkeypatch: pytest.MonkeyPatch, batch: int) -> None:
+    """SEARCH SUBJECT reads the folder's rows in one statement, a batch at a time
+    (message_cache.SCAN_BATCH): messages without a row (first, last, between batches and within one),
+    with a row but no subject text, or whose file changed, are answered from their files, each once,
+    and the answer is the one the files give."""
+    monkeypatch.setattr("appliance.store.message_cache.SCAN_BATCH", batch)
+    box.add_user(USER, PASSWORD)
+    for n in range(1, 15):
+        deliver(box, message(n, f"{'apple' if n % 3 else 'pear'} {n}"))
+    with sqlite3.connect(box.data.db) as conn:
+        conn.execute("DELETE FROM message_cache WHERE uid IN (1, 5, 6, 8, 14)")
+        conn.execute("UPDATE message_cache SET search_subject = NULL WHERE uid IN (2, 9)")
+    [path] = [p for sub in ("new", "cur") for p in (maildir(box) / sub).iterdir() if b"<c11@" in p.read_bytes()]
+    path.write_bytes(message(11, "pear, now"))
+    raw = session(box)
+    try:
+        for tag in (b"a", b"b"):  # the rows stat'ed, then trusted
+            assert raw.command(tag, b"SEARCH SUBJECT apple")[0] == b"* SEARCH 1 2 4 5 7 8 10 13 14\r\n"
+            assert raw.command(tag, b"SEARCH SUBJECT PEAR")[0] == b"* SEARCH 3 6 9 11 12\r\n"
+            assert raw.command(tag, b"UID SEARCH SUBJECT 1")[0] == b"* SEARCH 1 10 12 13 14\r\n"
+    finally:
+        raw.close()

@@ -5,8 +5,9 @@ named the file, its directory went, or the directory at the path is another one.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -54,7 +55,34 @@ def check(watch: FileWatch, files: list[tuple[int, str]], known: dict[int, tuple
     return set(trusted)
 
 
-def test_rows_are_trusted_after_a_matching_stat_while_watched(tmp_path: Path, watch: FileWatch) -> None:
+class _Info(NamedTuple):
+    directory: Path
+    filename: str
+
+
+def sifted(watch: FileWatch, files: list[tuple[int, str]], known: dict[int, tuple[FileStamp, str]]) -> set[int]:
+    """`check` made with FolderCheck.sift (SEARCH SUBJECT's whole-folder check): the rows as SQLite
+    gives them, value true for the odd UIDs, plus a row of a message not among the files."""
+    where = {uid: _Info(Path(os.path.dirname(path)), os.path.basename(path)) for uid, path in files}
+    table = [(uid, *stamp, uid % 2) for uid, (stamp, _) in sorted(known.items())] + [(99, 1, 2, 3, 1)]
+    with watch.check(FOLDER) as c:
+        wanted, trusted, rest = c.sift(table, where)
+        for uid, path, stamp, _ in rest:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if stamp == stamp_of(st):
+                c.matched(uid, path, stamp, st.st_nlink)
+    assert set(wanted) == {uid for uid in wanted if uid % 2}
+    assert len(rest) + trusted == len(files)
+    return {uid for uid in where if uid not in {r[0] for r in rest}}
+
+
+@pytest.mark.parametrize("checked", [check, sifted])
+def test_rows_are_trusted_after_a_matching_stat_while_watched(
+        tmp_path: Path, watch: FileWatch, checked: Callable[..., set[int]]) -> None:
+    check = checked
     files = folder(tmp_path)
     known = rows(files)
     assert check(watch, files, known) == set()  # the first check stats every file
