@@ -62,7 +62,8 @@ def test_rows_survive_the_rebuild_and_take_a_page_each_no_more(tmp_path: Path) -
         cache = message_cache.MessageCache(cast(Database, _Path(path)))
         assert cache.read(1, list(range(1, ROWS + 1))) == {uid: _row(uid)._replace(subject=None)
                                                            for uid in range(1, ROWS + 1)}
-        assert cache.subject_hits(1, [5, 6], "subject 5") == {5: ((1005, 7, 5), True), 6: ((1006, 7, 6), False)}
+        assert [row for batch in cache.subject_scan(1, 5, 6, "subject 5") for row in batch] == [
+            (5, 1005, 7, 5, 1), (6, 1006, 7, 6, 0)]
         cache.close()
         conn.execute("DELETE FROM messages WHERE folder_id = 1 AND uid <= 100")  # an expunge: rows go too
         assert conn.execute("SELECT min(uid), count(*) FROM message_cache").fetchone() == (101, ROWS - 100)
