@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import time
+from asyncio import selector_events
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -609,6 +610,10 @@ _malloc_trim: Any = None
 
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
 MMAP_THRESHOLD = 128 * 1024
+# Octets asyncio reads from a socket at once. Each read allocates a buffer of this size and shrinks it
+# to what came: asyncio's 256 KiB, above the threshold, made every read an mmap, mremap and munmap
+# (a TLB shootdown in a threaded process; six reads per MX message, issue 19).
+SOCKET_READ_SIZE = 64 * 1024
 
 
 def fix_mmap_threshold() -> None:
@@ -623,6 +628,8 @@ def fix_mmap_threshold() -> None:
     mallopt = _glibc("mallopt")
     if mallopt is not None:  # not glibc: its own policy stands
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    # Plain sockets' transports (TLS ones read into a buffer of their own, made once per connection).
+    selector_events._SelectorSocketTransport.max_size = SOCKET_READ_SIZE  # type: ignore[attr-defined]
 
 
 def _glibc(name: str) -> Any:
