@@ -655,6 +655,13 @@ class Change:
     def remove(self, entry: Entry) -> None:
         self.removed.append(entry)
 
+    def leave_out(self, entries: Iterable[Entry]) -> None:
+        """Drop what the batch would do to these entries (their files were not where the index said)."""
+        out = set(entries)
+        self.updated = [u for u in self.updated if u[0] not in out]
+        self.located = [x for x in self.located if x[0] not in out]
+        self.removed = [e for e in self.removed if e not in out]
+
     @property
     def writes(self) -> bool:
         """Whether the folder's messages change (a new mod-sequence; sessions are told)."""
@@ -804,6 +811,26 @@ async def commit(db: Database, changes: Sequence[Change], *, first: Callable[[],
         await db.write(write_all, durable=durable)  # one trip to the database's thread for the whole transaction
     for change in changes:
         change.apply()
+
+
+async def commit_with_files(db: Database, change: Change, files: Callable[[], list[bool]], entries: Sequence[Entry], *,
+                            durable: bool) -> list[Entry]:
+    """commit() of a change whose files `files()` renames or unlinks on the database's thread, just
+    before the rows in the same trip (files first, then the db): one thread handoff per STORE or
+    EXPUNGE instead of a worker thread's and then the database's (each woke a thread and the event
+    loop and gave the GIL up, issue 19). `files()` says, for each of `entries` in order, whether its
+    file was found; the changes of those it did not find are left out, and they are returned."""
+    assert change.writes  # else commit() makes no trip, and `files` would not run
+    missed: list[Entry] = []
+
+    def first() -> None:
+        done = files()
+        missed.extend(e for e, ok in zip(entries, done, strict=True) if not ok)
+        if missed:
+            change.leave_out(missed)
+
+    await commit(db, [change], first=first, durable=durable)
+    return missed
 
 
 def insert_rows(tx: sqlite3.Connection, folder_id: int, entries: Iterable[Entry], *, verb: str = "INSERT") -> None:

@@ -250,21 +250,19 @@ class MailStore:
         if not plan:
             return []
         moves = [(f.path / e.sub / e.filename, f.path / "cur" / filename) for e, filename, _, _ in plan]
-        # Neither the renames nor the commit are fsynced (the module's docstring): both fsyncs were
-        # under the folder lock, which every other session of the folder waits for (issue 19).
-        done = await asyncio.to_thread(partial(maildir.rename_files, moves, durable=False))
         change = Change(f)
-        missed = []
-        for (e, filename, upper, names), ok in zip(plan, done, strict=True):
-            if not ok:
-                missed.append(e)
-                continue
-            if e.sub == "new":
-                f.unclaimed.add(e.uid)  # still recent for whoever claims it
+        fresh = [e.uid for e, _, _, _ in plan if e.sub == "new"]
+        for e, filename, upper, names in plan:
             change.locate(e, "cur", filename)
             change.update(e, upper, names)
+        # Neither the renames nor the commit are fsynced (the module's docstring): both fsyncs were
+        # under the folder lock, which every other session of the folder waits for (issue 19).
+        missed = await index.commit_with_files(self._db, change, partial(maildir.rename_files, moves, durable=False),
+                                               [e for e, _, _, _ in plan], durable=False)
+        if len(missed) < len(plan):
             changes.changed = True
-        await index.commit(self._db, [change], durable=False)
+        left = {e.uid for e in missed}
+        f.unclaimed.update(uid for uid in fresh if uid not in left)  # still recent for whoever claims it
         return missed
 
     async def expunge(self, mailbox: str, folder: str, uids: Sequence[int]) -> list[int]:
@@ -285,15 +283,13 @@ class MailStore:
         whose file was not where the index said (their rows stay)."""
         if not entries:
             return []
-        # Not fsynced, as a flag change (the module's docstring).
-        found = await asyncio.to_thread(partial(maildir.unlink_files, [f.path / e.sub / e.filename for e in entries],
-                                                durable=False))
         change = Change(f)
-        for e, ok in zip(entries, found, strict=True):
-            if ok:
-                change.remove(e)
-        await index.commit(self._db, [change], durable=False)
-        return [e for e, ok in zip(entries, found, strict=True) if not ok]
+        for e in entries:
+            change.remove(e)
+        # Not fsynced, as a flag change (the module's docstring).
+        return await index.commit_with_files(
+            self._db, change, partial(maildir.unlink_files, [f.path / e.sub / e.filename for e in entries], durable=False),
+            entries, durable=False)
 
     async def copy(self, mailbox: str, folder: str, uids: Sequence[int], dest: str) -> list[tuple[int, int]]:
         """(source UID, new UID) pairs (RFC 4315 COPYUID); all or nothing (RFC 3501 6.4.7)."""
