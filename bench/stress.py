@@ -4,7 +4,7 @@ imaptest appending from the same mbox), one fresh box per run, the checkouts int
 
 Per run: fetches/s and logins/s as the side-by-side row computes them, imaptest's per-command totals,
 the server's CPU seconds (process and children, /proc), the load (`uptime`) before the run. With
---strace, the server's fsync/fdatasync/rename/unlink calls are counted (strace -c -f, attached for the
+--strace, the server's fsync/fdatasync/rename/unlink, socket and mmap/munmap/mremap calls are counted (strace -c -f, attached for the
 run: it slows the box, so those runs' rates are not comparable); with --spy DIR, py-spy records the
 server (--idle, raw collapsed stacks) into DIR/LABEL-ROUND.txt.
 
@@ -50,7 +50,7 @@ def one_run(setup: Setup, stress_folder: Path, mbox: Path, code: Path | None, se
         tracers: list[contextlib.AbstractContextManager[None]] = []
         if args.strace:
             tracers.append(attached(["strace", "-c", "-f", "-p", str(box.pid), "-e",
-                                     "trace=fsync,fdatasync,rename,renameat,unlink,unlinkat,sendto,write"]))
+                                     "trace=fsync,fdatasync,rename,renameat,unlink,unlinkat,sendto,write,mmap,munmap,mremap,recvfrom,read"]))
         if args.spy:
             out = Path(args.spy) / f"{label}-{rnd}.txt"
             tracers.append(attached([str(SPY), "record", *(["--idle"] if args.idle else ["--gil"] if args.gil else ["--subprocesses"]), "-r", "200", "-f", "raw", "-o", str(out),

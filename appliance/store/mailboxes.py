@@ -625,6 +625,14 @@ def fix_mmap_threshold() -> None:
     168-187 MiB with the sliding threshold (3 rounds), 129.4 and 129.0 MiB with it fixed (2 rounds;
     peak 227-246 -> 207-208 MiB). What stays is mostly pymalloc's: 73 arenas of 1 MiB holding 25 MB
     of objects, as many as idle, and 48 MB of empty pools in arenas not wholly free."""
+    from asyncio import sslproto  # imported here: the one module that tunes asyncio
+
+    # asyncio's TLS transports read with SSLObject.read(max_size), which allocates that size at every
+    # call, and again for the call that finds nothing more: at asyncio's 256 KiB each was an mmap, an
+    # mremap and a munmap (a TLB shootdown in a threaded process), ~2 of each per IMAP command under
+    # imaptest's stress mode (strace -c, issue 19). A TLS record is at most 16 KiB.
+    sslproto.SSLProtocol.max_size = 64 * 1024
+
     mallopt = _glibc("mallopt")
     if mallopt is not None:  # not glibc: its own policy stands
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
