@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import logging
 import time
-from asyncio import selector_events
+from asyncio import selector_events, sslproto
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -612,7 +612,7 @@ M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
 MMAP_THRESHOLD = 128 * 1024
 # Octets asyncio reads from a socket at once. Each read allocates a buffer of this size and shrinks it
 # to what came: asyncio's 256 KiB, above the threshold, made every read an mmap, mremap and munmap
-# (a TLB shootdown in a threaded process; six reads per MX message, issue 19).
+# (a TLB shootdown in a threaded process; six reads per MX message, strace -c, issue 19).
 SOCKET_READ_SIZE = 64 * 1024
 
 
@@ -625,19 +625,14 @@ def fix_mmap_threshold() -> None:
     168-187 MiB with the sliding threshold (3 rounds), 129.4 and 129.0 MiB with it fixed (2 rounds;
     peak 227-246 -> 207-208 MiB). What stays is mostly pymalloc's: 73 arenas of 1 MiB holding 25 MB
     of objects, as many as idle, and 48 MB of empty pools in arenas not wholly free."""
-    from asyncio import sslproto  # imported here: the one module that tunes asyncio
-
-    # asyncio's TLS transports read with SSLObject.read(max_size), which allocates that size at every
-    # call, and again for the call that finds nothing more: at asyncio's 256 KiB each was an mmap, an
-    # mremap and a munmap (a TLB shootdown in a threaded process), ~2 of each per IMAP command under
-    # imaptest's stress mode (strace -c, issue 19). A TLS record is at most 16 KiB.
-    sslproto.SSLProtocol.max_size = 64 * 1024
-
     mallopt = _glibc("mallopt")
     if mallopt is not None:  # not glibc: its own policy stands
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    # Plain sockets' transports (TLS ones read into a buffer of their own, made once per connection).
+    # Plain transports read into a fresh buffer of max_size; TLS ones call SSLObject.read(max_size),
+    # which allocates that size at every call, and again for the call that finds nothing more (~2 per
+    # IMAP command under imaptest's stress mode). A TLS record is at most 16 KiB.
     selector_events._SelectorSocketTransport.max_size = SOCKET_READ_SIZE  # type: ignore[attr-defined]
+    sslproto.SSLProtocol.max_size = SOCKET_READ_SIZE
 
 
 def _glibc(name: str) -> Any:
