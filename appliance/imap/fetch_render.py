@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("letterbox.imap")
 
 FETCH_BATCH = 64  # messages whose files one worker-thread call reads
+INLINE_FILE_OCTETS = 64 * 1024  # a FETCH of one message no bigger reads its file on the event loop
 CACHED_FETCH_BATCH = 500  # messages answered from the message cache per worker-thread call
 # The first call's: after it, whether most rows are missing (the CPU pool's worker then shares the
 # rest) is known; a first call of CACHED_FETCH_BATCH left the worker idle (and not yet started,
@@ -94,9 +95,15 @@ class FetchRenderer:
         for start in range(0, len(uids), FETCH_BATCH):
             jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid, dated))
                     for uid in uids[start:start + FETCH_BATCH]]
-            results = await asyncio.to_thread(
-                self._render_files, (view.name, view.uidvalidity), jobs, items, flags_changed, condstore,
-            )
+            if len(jobs) == 1 and jobs[0][1].size <= INLINE_FILE_OCTETS:
+                # The message a client shows: a few system calls and a small parse, done here. A trip
+                # to a worker thread (a wakeup of it and of the event loop, the GIL handed over twice)
+                # cost more than the work, once per such FETCH (imaptest's stress mode, issue 19).
+                results = self._render_files((view.name, view.uidvalidity), jobs, items, flags_changed, condstore)
+            else:
+                results = await asyncio.to_thread(
+                    self._render_files, (view.name, view.uidvalidity), jobs, items, flags_changed, condstore,
+                )
             missing = missing or None in results
             await send(*[r for r in results if r is not None])
         return missing
@@ -196,8 +203,8 @@ class FetchRenderer:
         self, folder: tuple[str, int], jobs: list[_Job], items: Sequence[FetchItem], flags_changed: set[int],
         condstore: bool,
     ) -> list[FetchResponse | None]:
-        """Runs in a worker thread: read and render what FETCH wants of each message (None: its file
-        is gone)."""
+        """Runs in a worker thread (on the event loop for one small message): read and render what
+        FETCH wants of each message (None: its file is gone)."""
         full = any(fetching.needs_structure(i) for i in items)
         fields = fetching.needs_fields(items)
         out: list[FetchResponse | None] = []

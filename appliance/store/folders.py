@@ -34,7 +34,9 @@ class FolderAdmin:
     async def folders(self, mailbox: str) -> list[FolderInfo]:
         """INBOX first, then every folder on disk by name."""
         mb = await self._boxes.get(mailbox)
-        names = [INBOX, *await asyncio.to_thread(maildir.discover_folders, mb.root)]
+        # One directory of a few entries per folder, read without a stat (d_type): on the event loop,
+        # not in a worker thread (a LIST was two thread trips, issue 19).
+        names = [INBOX, *maildir.discover_folders(mb.root)]
         wanted = set(await subscribed_names(self._db, mb.id))
         parents = {SEPARATOR.join(levels[:i]) for levels in (n.split(SEPARATOR) for n in names)
                    for i in range(1, len(levels))}
