@@ -63,6 +63,15 @@ WAITED, BACKGROUND, BULK = 0, 1, 2  # the order in which waiting tasks get a wor
 _SPAWN_MODULES = (popen_spawn_posix, synchronize)
 
 _connections: dict[str, sqlite3.Connection] = {}  # the worker process's own, kept between tasks
+# A checkpoint of the WAL made by the worker process's commits waits for two fsyncs (the WAL, then the
+# database file). Made by SQLite in whichever commit finds more than 1,000 frames in the WAL, it was
+# on the path of the worker's row writes: once readers kept the WAL from starting over, every commit
+# past that size made one (issue 19: 10k message cache rows, 64 to a commit, spent 0.5-1.5 s of the
+# worker's wall time in commits waiting more than 20 ms, 8-15 ms a commit on average, against 0.1-0.2
+# ms of CPU). The worker's connection makes none; a thread of the worker process makes them on a
+# connection of its own, at most every CHECKPOINT_SECONDS after a task that wrote, while the worker
+# goes on (SQLite gives up the GIL in a checkpoint, and a passive one waits for no reader or writer).
+CHECKPOINT_SECONDS = 1.0
 # Every pool's executors not yet shut down, in this process (one pool in a box; tests run several):
 # the resource tracker they share is stopped only when none is left (_stop_resource_tracker).
 _live: set[ProcessPoolExecutor] = set()
@@ -77,20 +86,64 @@ def worker_db(db_path: str) -> Iterator[sqlite3.Connection]:
     in_worker = multiprocessing.parent_process() is not None
     conn = _connections.get(db_path) if in_worker else None
     if conn is None:
-        conn = sqlite3.connect(db_path, timeout=10.0, isolation_level=None)
-        conn.execute("PRAGMA busy_timeout=10000")
+        conn = _connect(db_path)
         # No fsync per commit (WAL: a power cut may lose the last commits, never the database's
         # integrity): what these tasks write is derived from the files, and a lost tail is written
         # again. Every FTS commit of an APPEND or a delivery paid an fsync while holding the write
         # lock the box's own commits wait for (issue 19).
         conn.execute("PRAGMA synchronous=NORMAL")
         if in_worker:
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # _Checkpoints makes them
             _connections[db_path] = conn
+    changes = conn.total_changes
     try:
         yield conn
     finally:
-        if not in_worker:
+        if in_worker:
+            if conn.total_changes != changes:
+                _checkpoints(db_path).due()
+        else:
             conn.close()  # a thread of the server: nothing left open behind it
+
+
+def _connect(db_path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(db_path, timeout=10.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+class _Checkpoints:
+    """The worker process's checkpoints of one database, on a thread and a connection of their own
+    (CHECKPOINT_SECONDS)."""
+
+    def __init__(self, db_path: str) -> None:
+        self._db_path = db_path
+        self._due = threading.Event()
+        threading.Thread(target=self._run, name="checkpoints", daemon=True).start()
+
+    def due(self) -> None:
+        self._due.set()
+
+    def _run(self) -> None:
+        conn = _connect(self._db_path)
+        while True:
+            self._due.wait()
+            self._due.clear()
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error:
+                log.debug("cpu pool: a checkpoint failed", exc_info=True)
+            time.sleep(CHECKPOINT_SECONDS)
+
+
+_checkpointers: dict[str, _Checkpoints] = {}
+
+
+def _checkpoints(db_path: str) -> _Checkpoints:
+    found = _checkpointers.get(db_path)
+    if found is None:
+        found = _checkpointers[db_path] = _Checkpoints(db_path)
+    return found
 
 
 def _init_worker(nice: int) -> None:

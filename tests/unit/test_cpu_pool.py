@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
+from pathlib import Path
 
 from appliance import cpu_pool
 from appliance.cpu_pool import CpuPool
@@ -167,3 +169,38 @@ def test_retire_idle_stops_a_worker_idle_long_enough_and_leaves_a_busy_one() -> 
         assert not _children() - before
 
     asyncio.run(main())
+
+
+def _write_pages(db_path: str, rows: int) -> int:
+    """Rows of 3,000 octets written in the worker through worker_db, one a commit; returns the
+    database file's size right after (before any checkpoint copied them into it)."""
+    with cpu_pool.worker_db(db_path) as conn:
+        for n in range(rows):
+            conn.execute("INSERT INTO t (v) VALUES (?)", (bytes([n % 256]) * 3000,))
+    return os.stat(db_path).st_size
+
+
+def test_the_workers_commits_make_no_checkpoint_its_thread_does(tmp_path: Path) -> None:
+    """Issue 19: a checkpoint waits for two fsyncs, and SQLite makes one in every commit that finds
+    more than 1,000 frames in the WAL; the worker's row writes waited for them. Its commits make
+    none; a thread of the worker process makes them after the task."""
+    db = tmp_path / "x.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE t (v BLOB)")
+    empty = db.stat().st_size
+
+    async def main() -> None:
+        pool = CpuPool(workers=1)
+        try:
+            # 1,500 commits of a page or more each: past 1,000 frames a commit would checkpoint.
+            assert await pool.run(_write_pages, str(db), 1500) == empty
+            await async_wait_until(lambda: db.stat().st_size > 1500 * 3000, what="the rows checkpointed")
+        finally:
+            await pool.stop()
+
+    try:
+        asyncio.run(main())
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (1500,)
+    finally:
+        conn.close()
