@@ -16,6 +16,8 @@ memory; nesting depth and part count are bounded (limits.py) and anything beyond
 from __future__ import annotations
 
 import base64
+import binascii
+import email.header
 import io
 import re
 from collections.abc import Iterator
@@ -772,13 +774,124 @@ def decode_words(value: str) -> str:
     """A header value with folding removed and RFC 2047 encoded words decoded; raw 8-bit text read
     as UTF-8 (what it is in practice)."""
     text = unfold(value)
-    if text.isascii() and "=?" not in text:
-        return text  # no encoded word: what make_header(decode_header(text)) gives, ten times faster
+    if text.isascii():
+        if "=?" not in text:
+            return text  # no encoded word: what make_header(decode_header(text)) gives, ten times faster
+        fast = _utf8_words(text)
+        if fast is not None:
+            return fast
     try:
         decoded = str(make_header(decode_header(text)))
     except Exception:  # noqa: BLE001  malformed encoded words: search the text as written
         decoded = text
     return decoded.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+# email.header's own pattern (not in typeshed), so the words found are the ones decode_header finds.
+_ENCODED_WORD: re.Pattern[str] = email.header.ecre  # type: ignore[attr-defined]
+_HEX = frozenset("0123456789abcdefABCDEF")
+_LINE_BREAKS = re.compile(r"[\x0b\x0c\x1c-\x1e]")  # what str.splitlines breaks ASCII at, beyond CR and LF
+
+
+def _utf8_words(text: str) -> str | None:
+    """str(make_header(decode_header(text))) for one line of ASCII whose encoded words are all UTF-8,
+    the stdlib's steps without its Header and Charset objects (about 7 us against 20-25 for a
+    subject with one encoded word: a seventh of the bench corpus's subjects, 8 % of describing a
+    message for the message cache, issue 19). None: anything else (another charset, a base64 or
+    UTF-8 error), left to the stdlib."""
+    if _LINE_BREAKS.search(text):
+        return None
+    parts = _ENCODED_WORD.split(text)
+    if len(parts) == 1:
+        return text  # no encoded word after all: decode_header gives the text as it is
+    words = _utf8_encoded_words(parts)
+    chunks = _chunks(words) if words is not None else None
+    return _joined(chunks) if chunks is not None else None
+
+
+def _utf8_encoded_words(parts: list[str]) -> list[tuple[str, str | None]] | None:
+    """decode_header's (text, encoding) words of ecre.split's `parts`, the first unencoded text
+    stripped in front, whitespace between two encoded words dropped; None: a word not in UTF-8."""
+    words: list[tuple[str, str | None]] = []
+    for n in range(0, len(parts), 4):
+        unencoded = parts[n].lstrip() if n == 0 else parts[n]
+        if unencoded:
+            words.append((unencoded, None))
+        if n + 3 < len(parts):
+            if parts[n + 1].lower() != "utf-8":
+                return None
+            words.append((parts[n + 3], parts[n + 2].lower()))
+    return [w for n, w in enumerate(words)
+            if not (0 < n < len(words) - 1 and w[0].isspace() and words[n - 1][1] and words[n + 1][1])]
+
+
+def _chunks(words: list[tuple[str, str | None]]) -> list[tuple[str, bool]] | None:
+    """decode_header's runs: encoded words decoded and joined into one UTF-8 chunk, unencoded ones
+    into one joined by spaces; each as text, with whether it was encoded. None: a base64 or UTF-8
+    error (the stdlib raises)."""
+    chunks: list[tuple[bytes, bool]] = []
+    for word, encoding in words:
+        if encoding is None:
+            octets = word.encode("ascii")
+        elif encoding == "q":
+            octets = _q_decoded(word)
+        else:
+            try:
+                octets = binascii.a2b_base64((word + "==="[:(4 - len(word) % 4) % 4]).encode("ascii"))
+            except binascii.Error:
+                return None
+        encoded = encoding is not None
+        if chunks and chunks[-1][1] == encoded:
+            chunks[-1] = (chunks[-1][0] + (octets if encoded else b" " + octets), encoded)
+        else:
+            chunks.append((octets, encoded))
+    try:
+        return [(octets.decode("utf-8" if encoded else "ascii"), encoded) for octets, encoded in chunks]
+    except UnicodeDecodeError:
+        return None
+
+
+def _joined(chunks: list[tuple[str, bool]]) -> str:
+    """Header.__str__: a space where an encoded chunk meets an unencoded one without a blank (or a
+    parenthesis, a backslash) on its side."""
+    out: list[str] = []
+    last_encoded = False
+    last_space: bool | str = False
+    for string, encoded in chunks:
+        if out:
+            if last_encoded:
+                if not encoded and not (string and _nonctext(string[0])):
+                    out.append(" ")
+            elif encoded and not last_space:
+                out.append(" ")
+        last_space = string and _nonctext(string[-1])
+        last_encoded = encoded
+        out.append(string)
+    return "".join(out)
+
+
+def _nonctext(char: str) -> bool:
+    return char.isspace() or char in "()\\"
+
+
+_NOT_AN_ESCAPE = re.compile(r"=(?![0-9A-Fa-f]{2})")
+
+
+def _q_decoded(word: str) -> bytes:
+    """email.quoprimime.header_decode's octets: _ a space, each =XX (hex) its octet, anything else
+    as it is. In C when every = starts an =XX (binascii's header mode also reads a lone = as a soft
+    line break)."""
+    if not _NOT_AN_ESCAPE.search(word):
+        return binascii.a2b_qp(word.encode("ascii"), header=True)
+    pieces = word.replace("_", " ").split("=")
+    out = [pieces[0].encode("ascii")]
+    for piece in pieces[1:]:
+        if len(piece) >= 2 and piece[0] in _HEX and piece[1] in _HEX:
+            out.append(bytes((int(piece[:2], 16),)))
+            out.append(piece[2:].encode("ascii"))
+        else:
+            out.append(b"=" + piece.encode("ascii"))
+    return b"".join(out)
 
 
 def _leaves(part: Part) -> Iterator[Part]:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+from email.header import decode_header, make_header
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from appliance.imap.commands import Search
-from appliance.imap.mime import decode_words
+from appliance.imap.mime import decode_words, unfold
 from appliance.imap.parser import parse_command
 from appliance.imap.search import Candidate, Searcher, _surely_not_in_body, searched_texts
 
@@ -228,3 +231,35 @@ def test_the_octet_prefilter_never_hides_a_match() -> None:
                 assert needle not in body, (data[:80], needle)
     assert decided > 0
     assert not any(_surely_not_in_body(data, "große") or _surely_not_in_body(data, "ß") for data in ASCII_TRAPS[:5])
+
+
+def _stdlib_words(text: str) -> str:
+    """What decode_words gave before its UTF-8 shortcut: the stdlib's decode_header and make_header."""
+    try:
+        decoded = str(make_header(decode_header(unfold(text))))
+    except Exception:  # noqa: BLE001  (decode_words' own rule: the text as written)
+        decoded = unfold(text)
+    return decoded.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+_WORD_PIECES = st.sampled_from([
+    "=?utf-8?q?Gr=C3=BC=C3=9Fe_3?=", "=?UTF-8?Q?a_b?=", "=?utf-8?b?w7xiZXI=?=", "=?utf-8?b?w7xiZXI?=",
+    "=?utf-8?q??=", "=?utf-8?q?_?=", "=?utf-8?q?=3D41=5F?=", "=?utf-8?q?=C3?=", "=?utf-8?b?!!?=", "=?utf-8?b?a?=",
+    "=?iso-8859-1?q?=E9?=", "=?us-ascii?q?x?=", "=?utf-8*en?q?x?=", "=?utf-8?q?=e2=82=ac?=", "=?", "?=",
+    "=?utf-8?q?a b ?=", "=?utf-8?q?\t?=", "=?utf-8?q?a=20?=", "=?utf-8?q?=0D=0A?=", "=?utf-8?q?=00?=", "=?utf-8?q?a=?=",
+    " ", "  ", "\t", "(", ")", "\\", "Re:", "word", "a", "_", "=", "=4", "\r\n ", "\x0b", "\x1c",
+])
+
+
+@given(st.lists(_WORD_PIECES, max_size=8))
+def test_decode_words_utf8_shortcut_gives_what_the_stdlib_gives(pieces: list[str]) -> None:
+    """Issue 19: the UTF-8 words decoded without email.header's objects, character for character
+    what make_header(decode_header()) gives: spaces between words, runs of words, errors."""
+    text = "".join(pieces)
+    assert decode_words(text) == _stdlib_words(text)
+
+
+def test_decode_words_utf8_shortcut_examples() -> None:
+    for text in ("Re: =?utf-8?q?J=C3=B6rg?=  =?utf-8?b?w7xiZXI=?= (x)", " =?utf-8?q?a?=b", "=?utf-8?q?a?= =?utf-8?q?b?=",
+                 "x =?utf-8?q?a?=\t=?utf-8?q?b?= y", "=?utf-8?q?a?=(b)", "\\=?utf-8?q?a?=\\"):
+        assert decode_words(text) == _stdlib_words(text)
