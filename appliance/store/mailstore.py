@@ -13,7 +13,8 @@ folder's UIDs are kept by an index (index.py). Rules this module keeps:
   commits not by a WAL fsync. A crash keeps the box consistent: SQLite's WAL recovers to its last
   whole transaction, and the next listing takes the files as they are (a flag change lost on one
   side is read from the file's name; an expunge whose unlink was lost comes back as a new UID).
-- Blocking file work runs in a worker thread, one `asyncio.to_thread` per operation.
+- Blocking file work runs in a worker thread, one `asyncio.to_thread` per operation; STORE's renames
+  and EXPUNGE's unlinks run on the database's thread just before their rows (index.commit_with_files).
 - Locks: a folder's lock covers its scan and every change to its index; a delivery writes its file
   without it (the unique name is marked pending so no scan adopts the file) and takes it only to
   commit. Several folder locks are taken in folder-id order; the mailbox lock (folder create,
