@@ -7,7 +7,7 @@ every pending message of that domain through it, each message as one transaction
 recipients there. Outcomes are recorded per recipient; permanent failures and expiry produce a
 failure DSN to the sender, a long delay a warning DSN; nothing is ever sent to the null sender.
 
-Blocking work (smtplib, DKIM signing, reading the spool file) runs on daemon threads (threads.py), so
+Blocking work (smtplib, DKIM signing, reading the spool file) runs on daemon threads (appliance/threads.py), so
 a remote server that stops answering can hold up neither the event loop nor the process's exit. What
 the settings say is read by config.py, the signing key chosen by dkim_sign.py, the reports to
 senders made by reports.py: this module is the scheduling and the workers.
@@ -42,7 +42,7 @@ from appliance.queue.reports import SenderReports
 from appliance.queue.retry import RetryPolicy
 from appliance.queue.spool import Spool
 from appliance.queue.state import Job, QueueState, spool_file
-from appliance.queue.threads import DaemonThreads
+from appliance.threads import DaemonThreads
 
 if TYPE_CHECKING:
     from appliance.services import Services

@@ -14,7 +14,8 @@ folder's UIDs are kept by an index (index.py). Rules this module keeps:
   whole transaction, and the next listing takes the files as they are (a flag change lost on one
   side is read from the file's name; an expunge whose unlink was lost comes back as a new UID).
 - Blocking file work runs in a worker thread, one `asyncio.to_thread` per operation; STORE's renames
-  and EXPUNGE's unlinks run on the database's thread just before their rows (index.commit_with_files).
+  and EXPUNGE's unlinks run on the database's thread just before their rows (index.commit_with_files);
+  new mail's durable writes on the store's own writer threads (appliance/threads.py: a lighter hand-off).
 - Locks: a folder's lock covers its scan and every change to its index; a delivery writes its file
   without it (the unique name is marked pending so no scan adopts the file) and takes it only to
   commit. Several folder locks are taken in folder-id order; the mailbox lock (folder create,
@@ -58,6 +59,7 @@ from appliance.store.model import (
     QuotaExceeded,
     StoreError,
 )
+from appliance.threads import DaemonThreads
 
 __all__ = [
     "SPECIAL_FOLDERS", "Filed", "FolderExists", "FolderInfo", "FolderSnapshot", "MailStore", "MessageInfo",
@@ -70,6 +72,9 @@ log = logging.getLogger("letterbox.store")
 # What the IMAP layer keeps in the message cache for a message in memory (fetch_cache.describe_bytes);
 # given by the composition root, as the store does not import the protocols.
 Describe = Callable[[bytes, FileStamp], CachedMessage]
+# Durable writes of new mail at once: as many as asyncio's default executor ran them on (2 cores: 6);
+# concurrent fsyncs of different files join one journal commit.
+WRITER_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 
 class MailStore:
@@ -82,6 +87,7 @@ class MailStore:
         self._boxes = OpenMailboxes(root, db, directory)
         self._folders = FolderAdmin(self._boxes, db)
         self._arrivals = GroupCommit(db)  # deliveries and APPENDs: one transaction per burst
+        self._writers = DaemonThreads(WRITER_THREADS, "letterbox-store")
         self.changes = self._boxes.changes
         self.on_unload = self._boxes.on_unload  # called after unused indexes were unloaded (trim)
         # Told after each committed COPY, MOVE and APPEND (the spam learner); never delivery.
@@ -430,7 +436,7 @@ class MailStore:
         try:
             # The directory fsync and the row are the group commit's (arrivals.py), shared with the
             # deliveries to this folder that arrive meanwhile.
-            error, cached = await asyncio.to_thread(self._write, job, data)
+            error, cached = await self._writers.run(self._write, job, data)
             if error is not None:
                 log.error("store: writing to %s failed: %s", mb.key, error)
                 failed = StoreError(f"cannot write the message: {error.strerror or error}")
