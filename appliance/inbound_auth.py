@@ -284,12 +284,13 @@ def unsigned_as_dkimpy_reads_it(data: bytes) -> bool:
     head = data if end < 0 else data[:end + 2]
     if head.count(b"\n") != head.count(b"\r\n"):
         return False  # a bare LF: dkimpy splits there too, but this one does not
-    for index, line in enumerate(head.split(b"\r\n")):
+    fields = False
+    for line in head.split(b"\r\n"):
         if not line:
             return True
         if line[0] in (0x09, 0x20):
-            if index == 0:
-                return False  # dkimpy fails on a continuation with no field before it
+            if not fields:
+                return False  # dkimpy fails on a continuation with no field before it (an mbox From line is none)
             continue
         field = _DKIMPY_FIELD.match(line)
         if field is None:
@@ -297,6 +298,8 @@ def unsigned_as_dkimpy_reads_it(data: bytes) -> bool:
                 return False  # dkimpy's MessageFormatError (a permerror), below
         elif field.group(1).lower() == b"dkim-signature":
             return False
+        else:
+            fields = True
     return True
 
 
