@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -43,7 +44,9 @@ class InboundMessage:
     data: bytes  # CRLF-normalised, without our trace headers
     received: ReceivedFacts
     auth_user: str | None = None
-    arrival: datetime = field(default_factory=lambda: datetime.now().astimezone())
+    # When it came (epoch seconds): its zoned date (arrival) is made only for a report, not for each
+    # message (datetime.now().astimezone() was 0.7 % of the MX's event loop, issue 19).
+    arrived: float = field(default_factory=time.time)
     # The MX's SPF/DMARC verdict on `sender` (None: not checked, e.g. submission). False: a failure
     # of this message is never reported to the sender (it is likely forged: backscatter).
     sender_verified: bool | None = None
@@ -52,6 +55,10 @@ class InboundMessage:
     @property
     def queue_id(self) -> str:
         return self.received.queue_id
+
+    @property
+    def arrival(self) -> datetime:
+        return datetime.fromtimestamp(self.arrived).astimezone()
 
     @functools.cached_property
     def message_id(self) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import email.utils
 import re
 from datetime import datetime, timedelta, timezone
 
@@ -21,6 +22,7 @@ from appliance.smtp.headers import (
     normalise_line_ends,
     received_header,
     return_path,
+    rfc5322_date,
     with_keyword,
 )
 
@@ -149,3 +151,13 @@ def test_header_section_too_large() -> None:
     assert not header_section_too_large(b"A: b\r\n\r\n" + b"x" * 1000, limit=100)
     assert header_section_too_large(b"A: " + b"b" * 200 + b"\r\n\r\nbody", limit=100)
     assert not header_section_too_large(b"A: b\r\n", limit=100)  # all header, but short
+
+
+def test_now_as_a_date_is_the_text_the_standard_library_gives_for_this_second() -> None:
+    """rfc5322_date() without a time is made once per second (issue 19): the same text as formatting
+    the moment itself (the text shows no fractions of a second)."""
+    for _ in range(3):
+        before = email.utils.format_datetime(datetime.now().astimezone())
+        made = rfc5322_date()
+        after = email.utils.format_datetime(datetime.now().astimezone())
+        assert made in (before, after)
