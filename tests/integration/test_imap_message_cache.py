@@ -528,3 +528,20 @@ def test_subject_search_over_batches_with_messages_the_rows_cannot_answer(
             assert raw.command(tag, b"UID SEARCH SUBJECT 1")[0] == b"* SEARCH 1 10 12 13 14\r\n"
     finally:
         raw.close()
+
+
+def test_subject_search_when_the_cache_cannot_be_read(box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message cache whose database cannot be read answers nothing (it is then left alone): every
+    message of a SEARCH SUBJECT is answered from its file, and FETCH after it too."""
+    box.add_user(USER, PASSWORD)
+    for n, subject in enumerate(["banana split", "apple pie", "apple tart"], start=1):
+        deliver(box, message(n, subject))
+    monkeypatch.setattr("appliance.store.message_cache._SUBJECT_SCAN_SQL", "SELECT no_such_column FROM message_cache")
+    raw = session(box)
+    try:
+        assert raw.command(b"a", b"SEARCH SUBJECT apple")[0] == b"* SEARCH 2 3\r\n"
+        assert raw.command(b"b", b"SEARCH SUBJECT banana")[0] == b"* SEARCH 1\r\n"
+        assert b'"apple tart"' in b"".join(raw.command(b"c", b"FETCH 3 (ENVELOPE)"))
+    finally:
+        raw.close()
+    assert box.services.store.message_cache._broken
