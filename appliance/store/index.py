@@ -67,6 +67,9 @@ EXPUNGES_KEPT = 10_000
 # 100k folder loaded from the db (tests/unit/test_index.py bounds the parts that do not vary).
 ENTRY_MEMORY = 900
 RELEASE_ROWS = 1000
+# new/ and cur/ together at most this big (their directories' st_size, ~68 octets a name on ext4): the
+# folder is listed on the event loop (FolderIndex.small_on_disk), about 950 names at most.
+INLINE_LISTING_OCTETS = 64 * 1024
 # Messages a bulk step (indexing files found, loading an index, building a snapshot) must have before
 # the cyclic garbage collector is paused for it (gc_paused).
 BULK = 1000
@@ -344,9 +347,18 @@ class FolderIndex:
 
     # --- disk ------------------------------------------------------------------------------------
 
-    def scan(self) -> DiskChanges | None:
-        """Runs in a worker thread, lock held: what changed on disk, or None when nothing can have.
-        Raises FileNotFoundError when the folder's directories are gone."""
+    def small_on_disk(self) -> bool:
+        """Whether new/ and cur/ are small enough together (INLINE_LISTING_OCTETS, their directories'
+        sizes) for scan() to run on the event loop. A directory never shrinks on ext4: a folder that
+        once held many files stays with the worker thread. Raises FileNotFoundError as scan() does."""
+        return sum(os.stat(d).st_size for d in self._dirs.values()) <= INLINE_LISTING_OCTETS
+
+    def scan(self, *, inline: bool = False) -> DiskChanges | None:
+        """Runs in a worker thread (on the event loop for a small folder), lock held: what changed on
+        disk, or None when nothing can have.
+        Raises FileNotFoundError when the folder's directories are gone. `inline`: on the event loop,
+        where no file may be read or stat'ed one by one: raises NeedsThread when a file found has no
+        sizes in its name or an entry has no wire size (scan() in a worker thread then)."""
         started = time.time_ns()
         stamp = maildir.dir_stamp(self.path)
         kw_mtime = maildir.keywords_mtime(self.path)
@@ -354,9 +366,9 @@ class FolderIndex:
             return None
         # Listing a folder makes a tuple or two per file: no collections meanwhile (gc_paused).
         with gc_paused(max(BULK, len(self.by_base))):
-            return self._changes(stamp, started, kw_mtime)
+            return self._changes(stamp, started, kw_mtime, inline)
 
-    def _changes(self, stamp: tuple[int, int], started: int, kw_mtime: int) -> DiskChanges:
+    def _changes(self, stamp: tuple[int, int], started: int, kw_mtime: int, inline: bool = False) -> DiskChanges:
         """scan() once the directories have changed: the listing compared with the index."""
         keywords = maildir.read_keywords(self.path) if kw_mtime != self.keywords_mtime else None
         changes = DiskChanges(stamp, started - max(stamp) < DIRTY_WINDOW_NS, keywords, kw_mtime)
@@ -364,8 +376,10 @@ class FolderIndex:
             changes.bulk = _found_sized(self._dirs)
             if changes.bulk is not None:
                 return changes
+        if inline and self.unmeasured:
+            raise NeedsThread
         listing = maildir.list_messages(self.path)
-        self._compare(listing, changes)
+        self._compare(listing, changes, inline)
         by_base = self.by_base
         if len(listing) - len(changes.found) != len(by_base):
             gone = [e for base, e in by_base.items() if base not in listing]
@@ -383,7 +397,7 @@ class FolderIndex:
             self._measure(listing, changes)
         return changes
 
-    def _compare(self, listing: dict[str, tuple[str, str]], changes: DiskChanges) -> None:
+    def _compare(self, listing: dict[str, tuple[str, str]], changes: DiskChanges, inline: bool = False) -> None:
         """The files of `listing` the index does not know (changes.found, in delivery order) and
         those it has elsewhere (changes.moved)."""
         by_base, pending, sized, scale = self.by_base, self.pending, maildir.sized_name, maildir.ORDER_SCALE
@@ -401,6 +415,8 @@ class FolderIndex:
                     if named is not None:  # _found's first case, and delivery_order, in one match
                         found.append(Found(base, sub, filename, int(named[3]), UNKNOWN_DATE, int(named[4])))
                         order.append(int(named[1]) * scale + int(named[2]))
+                    elif inline:
+                        raise NeedsThread
                     elif (new := _found(self.path, base, sub, filename, fds[sub])) is not None:
                         found.append(new)
                         order.append(0)
@@ -440,6 +456,10 @@ class FolderIndex:
                 continue
             dated.append((entry, int(st.st_mtime)))
         return dated
+
+
+class NeedsThread(Exception):
+    """scan(inline=True) met a file it would have to read or stat: scan in a worker thread instead."""
 
 
 class _DirFds:

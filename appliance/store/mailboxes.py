@@ -255,7 +255,10 @@ class OpenMailboxes:
         if not disk and f.stamp is not None:  # listed since it was loaded: its files are located
             return False
         try:
-            found = await asyncio.to_thread(f.scan)
+            # A small folder is looked at here: a few stats, and when it changed a listing of under a
+            # thousand names (about a millisecond). STATUS, NOOP and SELECT of a folder that changes at
+            # every command listed it in a worker thread each time (imaptest's stress mode, issue 19).
+            found = await self._scan(f)
         except (FileNotFoundError, NotADirectoryError):
             self.forget(mb, f.name)
             raise NoSuchFolder(f"no folder named {f.name}") from None
@@ -317,6 +320,13 @@ class OpenMailboxes:
         if found.measured:
             log.info("store: %s %s: wire sizes of %d messages indexed before", mb.key, f.name, len(found.measured))
         return change.writes
+
+    @staticmethod
+    async def _scan(f: FolderIndex) -> index.DiskChanges | None:
+        if f.small_on_disk():
+            with contextlib.suppress(index.NeedsThread):
+                return f.scan(inline=True)
+        return await asyncio.to_thread(f.scan)
 
     @staticmethod
     def _queued_commit_done(f: FolderIndex, change: Change, done: asyncio.Future[None]) -> None:

@@ -185,9 +185,9 @@ class _Scans:
         self.count = 0
         real_scan = index.FolderIndex.scan
 
-        def counted(folder: index.FolderIndex) -> index.DiskChanges | None:
+        def counted(folder: index.FolderIndex, *, inline: bool = False) -> index.DiskChanges | None:
             self.count += 1
-            return real_scan(folder)
+            return real_scan(folder, inline=inline)
 
         monkeypatch.setattr(index.FolderIndex, "scan", counted)
 

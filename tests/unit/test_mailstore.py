@@ -469,10 +469,10 @@ def test_store_and_expunge_find_a_file_another_program_renamed(
     scans = 0
     real_scan = FolderIndex.scan
 
-    def counted(self: FolderIndex) -> Any:
+    def counted(self: FolderIndex, **kwargs: Any) -> Any:
         nonlocal scans
         scans += 1
-        return real_scan(self)
+        return real_scan(self, **kwargs)
 
     def rename_behind(info: Any, letters: str) -> None:
         os.rename(info.path, info.path.with_name(info.path.name.partition(":")[0] + ":2," + letters))
