@@ -599,3 +599,28 @@ def test_a_change_with_columns_and_single_files_adds_them_all(tmp_path: Path) ->
         assert [m.uid for m in f.snapshot(f.recent()).messages] == [1, 2, 3, 4]
 
     run(tmp_path, body)
+
+
+def test_a_small_folder_is_scanned_inline_unless_a_file_must_be_read(tmp_path: Path) -> None:
+    """scan(inline=True), what the store runs on the event loop for a small folder (issue 19), finds
+    what scan() finds from the names alone; a file whose name lacks its sizes would have to be read
+    (or an entry's wire size measured): NeedsThread, and the worker thread's scan() does it."""
+    async def body(db: Database) -> None:
+        path = tmp_path / "mail"
+        maildir.make_maildir(path, folder=False)
+        f = await open_folder(db, path)
+        assert f.small_on_disk()
+        drop(path, "1700000000.M1P1Q1.host,S=17,W=18:2,S")
+        found = f.scan(inline=True)
+        assert found is not None
+        assert found.bulk is not None  # a first listing, as columns
+        assert list(found.bulk.bases) == ["1700000000.M1P1Q1.host,S=17,W=18"]
+        drop(path, "1700000001.M1P1Q2.host:2,")  # no sizes in its name: read to measure it
+        f.dirty = True
+        with pytest.raises(index.NeedsThread):
+            f.scan(inline=True)
+        found = await asyncio.to_thread(f.scan)
+        assert found is not None
+        assert len(found.found) == 2
+
+    run(tmp_path, body)
