@@ -109,6 +109,9 @@ def worker_db(db_path: str) -> Iterator[sqlite3.Connection]:
 def _connect(db_path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(db_path, timeout=10.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=10000")
+    from appliance.db import WAL_SIZE_LIMIT  # here: the tasks that open a database import it anyway
+
+    conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")  # whichever connection starts the WAL over
     return conn
 
 

@@ -210,3 +210,24 @@ def test_a_whole_transaction_in_one_trip_with_its_riders(tmp_path: Path, monkeyp
             await db.close()
 
     asyncio.run(scenario())
+
+
+def test_a_wal_that_starts_over_is_cut_back_to_its_limit(tmp_path: Path) -> None:
+    """After a big transaction (the first FETCH of a folder copied in writes tens of MB of cache rows)
+    the WAL file does not stay at its high-water mark once it starts over (issue 19)."""
+    from appliance.db import WAL_SIZE_LIMIT
+
+    async def scenario() -> None:
+        db = await Database.open(tmp_path / "x.db")
+        try:
+            await db.execute("CREATE TABLE scratch (b BLOB)")
+            await db.executemany("INSERT INTO scratch VALUES (?)", [(bytes(64 * 1024),)] * (WAL_SIZE_LIMIT // 65536 + 64))
+            wal = tmp_path / "x.db-wal"
+            assert wal.stat().st_size > WAL_SIZE_LIMIT
+            await db.fetchall("PRAGMA wal_checkpoint(PASSIVE)")  # as the box's own checkpoints: no truncation
+            await db.execute("CREATE TABLE next (x)")  # a small write: the WAL starts over
+            assert wal.stat().st_size <= WAL_SIZE_LIMIT
+        finally:
+            await db.close()
+
+    asyncio.run(scenario())
