@@ -75,7 +75,9 @@ class DaemonThreads:
                 result, error = None, exc
             with contextlib.suppress(RuntimeError):  # the loop may be gone when we stop
                 loop.call_soon_threadsafe(_settle, future, result, error)
-            del job, future, result, error  # nothing of the call kept while the thread waits
+            # Nothing of the call kept while the thread waits: the function and its arguments too
+            # (a store write's closure holds its batch's entries, which outlived their folder's unload).
+            del job, loop, future, fn, args, result, error
 
     def shutdown(self) -> None:
         """Idle threads end; busy ones end after their job (the sockets are cut separately)."""

@@ -69,3 +69,29 @@ def test_calls_handed_in_together_run_at_once_up_to_the_limit() -> None:
     most, threads = asyncio.run(run())
     assert most == 3
     assert threads == 3
+
+
+def test_an_idle_thread_keeps_nothing_of_its_last_call() -> None:
+    """Not the function, its arguments or the loop: a store write's closure holds the message's octets
+    and, through the store, every loaded folder's entries (a test that counted live entries failed
+    when another test's store stayed alive behind an idle writer thread)."""
+    import gc
+    import weakref
+
+    class Payload:
+        def work(self, data: bytes) -> int:
+            return len(data)
+
+    async def run() -> weakref.ref[Payload]:
+        pool = DaemonThreads(1, "test-worker")
+        payload = Payload()
+        assert await pool.run(payload.work, b"x" * 1000) == 1000
+        return weakref.ref(payload)
+
+    ref = asyncio.run(run())
+    for _ in range(100):  # the thread drops its references just after it hands the result over
+        gc.collect()
+        if ref() is None:
+            break
+        threading.Event().wait(0.01)
+    assert ref() is None
