@@ -459,12 +459,15 @@ def test_known_keywords_need_no_read_of_the_keyword_file_new_ones_do(
     run(tmp_path, body)
 
 
+@pytest.mark.parametrize("in_transaction", [256, 0])
 def test_store_and_expunge_find_a_file_another_program_renamed(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_transaction: int) -> None:
     """STORE and EXPUNGE work from the index without listing the Maildir first (issue 19); a file
     another program renamed since (a Maildir MUA setting a flag) is found by a listing when it is
     not where the index said: the flag change lands on it, the expunge removes it (never left
-    behind to come back as a new message)."""
+    behind to come back as a new message). Both ways of changing the files: on the database's thread
+    in the transaction (a few), and in a worker thread before it (more than FILES_IN_TRANSACTION)."""
+    monkeypatch.setattr(index, "FILES_IN_TRANSACTION", in_transaction)
     box = home(tmp_path)
     scans = 0
     real_scan = FolderIndex.scan
