@@ -48,6 +48,10 @@ CACHED_FIELDS = frozenset({
     "mail-followup-to", "mail-reply-to", "x-label", "keywords", "autocrypt", "x-mailing-list",
 })
 _CACHED_ORDER = tuple(sorted(CACHED_FIELDS))
+# The usual spellings of the cached names ("Message-ID", "X-Mailer"): a header whose fields all have
+# one of them is kept whole, with no name lower-cased (_kept_source).
+_CACHED_SPELLINGS = frozenset(CACHED_FIELDS | {name.title() for name in CACHED_FIELDS} | {
+    "Message-ID", "MIME-Version", "List-ID", "X-Original-To", "Return-path", "Reply-to", "In-reply-to"})
 _ROW_ITEMS = frozenset({"ENVELOPE", "BODYSTRUCTURE", "BODY"})
 
 Learned = list[tuple[int, CachedMessage]]  # (UID, row) computed from the files, to be kept
@@ -106,6 +110,8 @@ def _kept_source(headers: Message, block: bytes) -> bytes | None:
     source = headers.source if isinstance(headers, Headers) else None
     if source is None or (not block.endswith(b"\r\n\r\n") and block != b"\r\n"):
         return None
+    if _CACHED_SPELLINGS.issuperset([name for name, _, _ in source]):
+        return block  # every field kept: the block itself (the fields found tile it)
     return "".join([name + ":" + blanks + rest for name, blanks, rest in source
                     if name.lower() in CACHED_FIELDS]).encode("ascii", "surrogateescape") + b"\r\n"
 

@@ -41,11 +41,11 @@ def _exact_structures(part: Part) -> tuple[Value, Value]:
     """body_structures with every leaf's fields read and rendered (no remembered text)."""
     if part.is_multipart:
         pairs = [_exact_structures(c) for c in part.children]
-        extended, basic = fetch.body_structures(part)
-        assert isinstance(extended, list)
-        assert isinstance(basic, list)
-        return ([Raw(b"".join(render_value(e) for e, _ in pairs)), *extended[1:]],
-                [Raw(b"".join(render_value(b) for _, b in pairs)), *basic[1:]])
+        headers = part.headers
+        subtype = fetch._spelled_type(part)[1]
+        return ([Raw(b"".join(render_value(e) for e, _ in pairs)), subtype, fetch._params(headers) or None,
+                 fetch._disposition(headers), fetch._language(headers), fetch._nstring(headers, "Content-Location")],
+                [Raw(b"".join(render_value(b) for _, b in pairs)), subtype])
     return fetch._part_structures(part)
 
 
@@ -147,3 +147,38 @@ def test_plain_boundary(kind: str, semicolon: str, name: str, before: list[str],
     headers = mime.parse_header(b"Content-Type: " + value.encode("utf-8") + b"\r\n")
     plain = mime._plain_boundary(headers.get("Content-Type"))
     assert plain is None or plain == headers.get_param("boundary")
+
+
+# What a parameter list is made of: names, separators, values quoted or not, blanks, comments, escapes.
+_PARAM_PIECES = st.sampled_from(["text/plain", "multipart/mixed", ";", "; ", " ;", "=", " = ", '"', "\\", "(",
+                                 ")", " ", "\t", "\x0b", "\x1c", "\r\n ", "\n\t", "charset", "name", "Boundary",
+                                 "format", "a*", "x*0*", "utf-8", "=_b0001", "scan 1.pdf", "'", "\udcff", "é", ""])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_PARAM_PIECES, max_size=14))
+def test_simple_params_match_the_character_loop(pieces: list[str]) -> None:
+    value = "".join(pieces)
+    assert fetch.parse_params(value) == fetch._scanned_params(mime.unfold(value))
+
+
+@pytest.mark.parametrize("value", [
+    'text/plain; charset=utf-8', 'text/plain; charset="utf-8"; format=flowed', 'application/pdf; name="scan1.pdf"',
+    'multipart/alternative; boundary="=_b000001"', 'a/b ; x = y ;z="q;r" ', 'a/b; x=y\x0b', 'a/b; x=', 'a/b; x=""',
+    'a/b;; x=y', 'a/b; x=y;', 'a/b; x=a=b', 'a/b; x="a\\"b"', 'a/b; x=(c)y', 'a/b; x*=utf-8\'\'%41'])
+def test_simple_params_cases(value: str) -> None:
+    assert fetch.parse_params(value) == fetch._scanned_params(mime.unfold(value))
+
+
+_BLANKS = st.sampled_from(["", " ", "\t", "  ", "\x0b", "\r\n ", "\r\n\t"])
+_NAME = st.sampled_from(["charset", "name", "boundary", "Format", "x.y", "a*", "a b", "", "n;", "é"])
+_VALUE = st.sampled_from(["utf-8", '"utf-8"', '"a b"', '""', "a b", '"a;b"', "=_b1", '"=_b1"', '"a\\"b"', "a(b)",
+                          '"x', "a\x1cb", "a\x1c", "\udcff", '"\udcff"', "", "(c) d"])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.sampled_from(["text/plain", "multipart/mixed", " a/b ", "a/b=c", '"a/b"', ""]),
+       st.lists(st.tuples(_BLANKS, _NAME, _BLANKS, _BLANKS, _VALUE, _BLANKS), min_size=1, max_size=4))
+def test_parameter_lists_match_the_character_loop(kind: str, params: list[tuple[str, ...]]) -> None:
+    value = kind + "".join(f";{b1}{name}{b2}={b3}{v}{b4}" for b1, name, b2, b3, v, b4 in params)
+    assert fetch.parse_params(value) == fetch._scanned_params(mime.unfold(value))
