@@ -70,10 +70,11 @@ RELEASE_ROWS = 1000
 # new/ and cur/ together at most this big (their directories' st_size, ~68 octets a name on ext4): the
 # folder is listed on the event loop (FolderIndex.small_on_disk), about 950 names at most.
 INLINE_LISTING_OCTETS = 64 * 1024
-# Files a STORE or EXPUNGE may rename or unlink on the database's thread, inside its transaction
-# (commit_with_files). More are changed in a worker thread first: with `UID STORE 1:* +FLAGS` over 20k
-# messages in a loop, 20k renames a transaction held every other writer back, and SMTP intake on the
-# same box fell from 78 to 0.9 msg/s (0.76x of idle with the renames outside, bench.fairness's setup).
+# Messages a STORE or EXPUNGE changes per hold of the folder lock: their files renamed or unlinked on
+# the database's thread inside the slice's transaction (commit_with_files), then the lock is let go
+# for whoever waits (mailstore.py). With `UID STORE 1:* +FLAGS` over 20k messages in one hold, another
+# session's NOOP of the folder waited 1.3 s (11 ms idle); 20k renames in one transaction held every
+# other writer back, and SMTP intake on the box fell from 78 to 0.9 msg/s (issue 19).
 FILES_IN_TRANSACTION = 256
 # Messages a bulk step (indexing files found, loading an index, building a snapshot) must have before
 # the cyclic garbage collector is paused for it (gc_paused).
@@ -215,8 +216,11 @@ class FolderIndex:
         self.last_used = 0.0  # time.monotonic() of the last sync (the least recently used go first)
         self.keywords = Keywords()
         self.keywords_mtime = -1
-        self.stamp: tuple[int, int] | None = None  # dir mtimes at the last listing
+        self.stamp: tuple[int, int] | None = None  # dir mtimes at the last listing (or our own last change)
         self.dirty = True
+        # Wall-clock ns from which a look lists the folder again though its stamp did not move (0:
+        # none): set when the stamp was carried over our own renames (changed_by_us).
+        self.recheck_ns = 0
         self.pending: set[str] = set()  # unique names being delivered: not yet ours to index
         self.unwritten: set[int] = set()  # UIDs whose rows a failed commit_queued did not write
         self.unclaimed: set[int] = set()  # recent messages in cur/ no session has claimed yet
@@ -278,6 +282,12 @@ class FolderIndex:
         self._path = path
         # Made once: joining two levels per message costs more than the rest of a snapshot.
         self._dirs = {sub: path / sub for sub in ("new", "cur")}
+        self._prefixes = {sub: f"{path}/{sub}/" for sub in ("new", "cur")}
+
+    def file(self, sub: str, filename: str) -> str:
+        """The path of a message file in new/ or cur/, as a string: a Path made per file was most of
+        a 20k STORE's time on the event loop, longer than its renames (issue 19)."""
+        return self._prefixes[sub] + filename
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -352,6 +362,19 @@ class FolderIndex:
 
     # --- disk ------------------------------------------------------------------------------------
 
+    def changed_by_us(self, before: tuple[int, int], after: tuple[int, int]) -> None:
+        """Our own renames or unlinks (lock held, their rows committed) moved the directories' stamp
+        from `before` to `after`. When `before` is the stamp of the last listing, nobody else changed
+        the folder since, and the index holds what a listing would find: the stamp moves with ours,
+        so the next look lists nothing. Without this, another session's NOOP listed all of a 20k
+        folder after each slice of a big STORE (issue 19). A change another program made within the
+        same mtime tick as ours does not move the stamp: the folder is listed again at the first
+        look DIRTY_WINDOW_NS after our last change (Dovecot does the same for its own flag changes
+        and expunges: maildir-sync.c, "dirty_cur_time")."""
+        if before == self.stamp and not self.dirty and after != before:
+            self.stamp = after
+            self.recheck_ns = max(after) + DIRTY_WINDOW_NS
+
     def small_on_disk(self) -> bool:
         """Whether new/ and cur/ are small enough together (INLINE_LISTING_OCTETS, their directories'
         sizes) for scan() to run on the event loop. A directory never shrinks on ext4: a folder that
@@ -367,7 +390,8 @@ class FolderIndex:
         started = time.time_ns()
         stamp = maildir.dir_stamp(self.path)
         kw_mtime = maildir.keywords_mtime(self.path)
-        if stamp == self.stamp and not self.dirty and kw_mtime == self.keywords_mtime:
+        if (stamp == self.stamp and not self.dirty and kw_mtime == self.keywords_mtime
+                and not (self.recheck_ns and started >= self.recheck_ns)):
             return None
         # Listing a folder makes a tuple or two per file: no collections meanwhile (gc_paused).
         with gc_paused(max(BULK, len(self.by_base))):
@@ -844,22 +868,25 @@ async def commit_with_files(db: Database, change: Change, files: Callable[[], li
     before the rows in the same trip (files first, then the db): one thread handoff per STORE or
     EXPUNGE instead of a worker thread's and then the database's (each woke a thread and the event
     loop and gave the GIL up, issue 19). `files()` says, for each of `entries` in order, whether its
-    file was found; the changes of those it did not find are left out, and they are returned.
-    Beyond FILES_IN_TRANSACTION files, they are changed in a worker thread before the transaction,
-    which then holds the database's thread only for the rows."""
+    file was found; the changes of those it did not find are left out, and they are returned. The
+    database's thread is every writer's: give it at most FILES_IN_TRANSACTION files at a time."""
     assert change.writes  # else commit() makes no trip, and `files` would not run
     missed: list[Entry] = []
 
+    f = change.folder
+    stamps: list[tuple[int, int]] = []
+
     def first() -> None:
+        stamps.append(maildir.dir_stamp(f.path))
         done = files()
+        stamps.append(maildir.dir_stamp(f.path))
         missed.extend(e for e, ok in zip(entries, done, strict=True) if not ok)
         if missed:
             change.leave_out(missed)
 
-    inside = len(entries) <= FILES_IN_TRANSACTION
-    if not inside:
-        await asyncio.to_thread(first)
-    await commit(db, [change], first=first if inside else None, durable=durable)
+    await commit(db, [change], first=first, durable=durable)
+    if not missed:  # (a file not found: another program changed the folder, a listing is due)
+        f.changed_by_us(*stamps)
     return missed
 
 

@@ -310,7 +310,7 @@ class OpenMailboxes:
             written.add_done_callback(lambda done: self._queued_commit_done(f, change, done))
         else:
             await index.commit(self._db, [change], durable=not change.found_only or bool(adopted))
-        f.stamp, f.dirty, f.listed = found.stamp, found.dirty, True
+        f.stamp, f.dirty, f.listed, f.recheck_ns = found.stamp, found.dirty, True, 0
         if f.uidlist_stale:
             self._uidlist_later(f, wait=indexed >= index.BULK)
         if f.undated:

@@ -18,7 +18,8 @@ folder's UIDs are kept by an index (index.py). Rules this module keeps:
   new mail's durable writes on the store's own writer threads (appliance/threads.py: a lighter hand-off).
 - Locks: a folder's lock covers its scan and every change to its index; a delivery writes its file
   without it (the unique name is marked pending so no scan adopts the file) and takes it only to
-  commit. Several folder locks are taken in folder-id order; the mailbox lock (folder create,
+  commit. A STORE or EXPUNGE holds it one slice of index.FILES_IN_TRANSACTION messages at a time
+  (_slices), so the folder's other sessions and deliveries wait for a slice, not the whole command. Several folder locks are taken in folder-id order; the mailbox lock (folder create,
   delete, rename, first load) is taken before any folder lock, never after.
 - One process owns the store: other programs may read and write the Maildir (Dovecot, a copy from
   another server) and their changes are picked up at the next scan, but the db is this process's.
@@ -31,7 +32,7 @@ import bisect
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -221,20 +222,25 @@ class MailStore:
         mb = await self._boxes.get(mailbox)
         f = await self._boxes.folder(mb, folder)
         system, keywords = maildir.split_flags(flags)
-        async with f.lock:
-            # As the index has it: changes through this process are in it, and a file another
-            # program renamed or removed since the last listing is found by a listing when its
-            # rename fails (a listing per STORE cost a worker-thread trip; issue 19).
-            await self._boxes.sync(mb, f, disk=False)
-            if keywords and mode != "remove":
-                await self._boxes.map_keywords(f, keywords)
-            wanted = _spelled(keywords, f.keywords)
-            changes = _FlagChange(system, wanted, {k.lower() for k in keywords}, mode, unchanged_since)
-            await self._where_the_index_says(mb, f, f.entries(uids), partial(self._change_flags, f, changes=changes))
-            left = set(changes.modified)
-            result = [f.info(e) for e in f.entries(uids) if e.uid not in left]
-        if changes.changed:
-            self._boxes.wake(mb, f.name)
+        changes = _FlagChange(system, (), {k.lower() for k in keywords}, mode, unchanged_since)
+        result: list[MessageInfo] = []
+        try:
+            for part, last in _slices(uids):
+                async with f.lock:
+                    # As the index has it: changes through this process are in it, and a file another
+                    # program renamed or removed since the last listing is found by a listing when its
+                    # rename fails (a listing per STORE cost a worker-thread trip; issue 19).
+                    await self._boxes.sync(mb, f, disk=False)
+                    if keywords and mode != "remove":
+                        await self._boxes.map_keywords(f, keywords)
+                    changes.keywords = _spelled(keywords, f.keywords)
+                    await self._where_the_index_says(mb, f, f.entries(part), partial(self._change_flags, f, changes=changes))
+                    if last:
+                        left = set(changes.modified)
+                        result = [f.info(e) for e in f.entries(uids) if e.uid not in left]
+        finally:
+            if changes.changed:  # a slice or more is committed, whatever stopped the others
+                self._boxes.wake(mb, f.name)
         return result, changes.modified
 
     async def _where_the_index_says(self, mb: OpenMailbox, f: index.FolderIndex, entries: list[index.Entry],
@@ -256,7 +262,7 @@ class MailStore:
         plan = changes.plan(f, entries)
         if not plan:
             return []
-        moves = [(f.path / e.sub / e.filename, f.path / "cur" / filename) for e, filename, _, _ in plan]
+        moves = [(f.file(e.sub, e.filename), f.file("cur", filename)) for e, filename, _, _ in plan]
         change = Change(f)
         fresh = [e.uid for e, _, _, _ in plan if e.sub == "new"]
         for e, filename, upper, names in plan:
@@ -276,13 +282,17 @@ class MailStore:
         """Remove messages for good; returns the UIDs removed (RFC 3501 6.4.3)."""
         mb = await self._boxes.get(mailbox)
         f = await self._boxes.folder(mb, folder)
-        async with f.lock:
-            await self._boxes.sync(mb, f, disk=False)  # as STORE: a listing only for a file not found
-            doomed = f.entries(uids)
-            await self._where_the_index_says(mb, f, doomed, partial(self._remove, f))
-            removed = [e.uid for e in doomed if e.uid not in f.by_uid]
-        if removed:
-            self._boxes.wake(mb, f.name)
+        removed: list[int] = []
+        try:
+            for part, _ in _slices(uids):
+                async with f.lock:
+                    await self._boxes.sync(mb, f, disk=False)  # as STORE: a listing only for a file not found
+                    doomed = f.entries(part)
+                    await self._where_the_index_says(mb, f, doomed, partial(self._remove, f))
+                    removed += [e.uid for e in doomed if e.uid not in f.by_uid]
+        finally:
+            if removed:
+                self._boxes.wake(mb, f.name)
         return removed
 
     async def _remove(self, f: index.FolderIndex, entries: list[index.Entry]) -> list[index.Entry]:
@@ -295,7 +305,7 @@ class MailStore:
             change.remove(e)
         # Not fsynced, as a flag change (the module's docstring).
         return await index.commit_with_files(
-            self._db, change, partial(maildir.unlink_files, [f.path / e.sub / e.filename for e in entries], durable=False),
+            self._db, change, partial(maildir.unlink_files, [f.file(e.sub, e.filename) for e in entries], durable=False),
             entries, durable=False)
 
     async def copy(self, mailbox: str, folder: str, uids: Sequence[int], dest: str) -> list[tuple[int, int]]:
@@ -477,6 +487,20 @@ def _spelled(keywords: Iterable[str], mapped: Keywords) -> tuple[str, ...]:
         if name:
             names.add(name)
     return tuple(sorted(names))
+
+
+def _slices(uids: Sequence[int]) -> Iterator[tuple[list[int], bool]]:
+    """The UIDs of a STORE or EXPUNGE in ascending slices of index.FILES_IN_TRANSACTION, each with
+    whether it is the last (one empty slice for none). Each slice is done under one hold of the
+    folder lock, which is let go between slices: another session's NOOP or SELECT, and a delivery's
+    commit, wait for one slice, not for the whole command (issue 19). They may see the command half
+    done, as RFC 3501 allows (another session's flags and expunges may change at any time; each is
+    told at its next command); this session's own answer comes after the last slice."""
+    ordered = sorted(set(uids))
+    step = index.FILES_IN_TRANSACTION
+    starts = range(0, len(ordered), step) if ordered else range(1)
+    for start in starts:
+        yield ordered[start:start + step], start + step >= len(ordered)
 
 
 def _job_path(job: WriteJob) -> Path:
