@@ -332,10 +332,11 @@ def _read_header_block(f: BinaryIO, span: Span) -> bytes:
 # --- ENVELOPE (RFC 3501 7.4.2) ---------------------------------------------------------------------
 
 def _nstring(headers: Message, name: str) -> Value:
-    value = headers.get(name)
-    if value is None:
-        return None
-    return raw(unfold(value).strip())
+    return _nstring_of(headers.get(name))
+
+
+def _nstring_of(value: str | None) -> Value:
+    return None if value is None else raw(unfold(value).strip())
 
 
 def envelope(headers: Message) -> Value:
@@ -607,30 +608,51 @@ def body_structure(part: Part, extensible: bool) -> Value:
 def body_structures(part: Part) -> tuple[Raw, Raw]:
     """BODYSTRUCTURE and BODY of a part in one walk (the message cache keeps both; they share the
     type, the parameters and every part's fields), each rendered (Raw)."""
+    extended, basic = structure_texts(part)
+    return Raw(extended), Raw(basic)
+
+
+def structure_texts(part: Part) -> tuple[bytes, bytes]:
+    """body_structures' texts (what the message cache keeps)."""
     if part.is_multipart:
-        # Rendered as each child's answer is found: the children's Raw texts joined, then the
+        # Rendered as each child's answer is found: the children's texts joined, then the
         # multipart's own fields, with no list of values rendered again (issue 19).
-        pairs = [body_structures(c) for c in part.children]
+        pairs = [structure_texts(c) for c in part.children]
         headers = part.headers
         subtype = render_value(_spelled_type(part)[1])
         extension = b" ".join([render_value(_params(headers) or None), render_value(_disposition(headers)),
                                render_value(_language(headers)), _nstring_text(headers, "Content-Location")])
-        return (Raw(b"(" + b"".join([e.data for e, _ in pairs]) + b" " + subtype + b" " + extension + b")"),
-                Raw(b"(" + b"".join([b.data for _, b in pairs]) + b" " + subtype + b")"))
+        return (b"(" + b"".join([e for e, _ in pairs]) + b" " + subtype + b" " + extension + b")",
+                b"(" + b"".join([b for _, b in pairs]) + b" " + subtype + b")")
     if part.maintype != "message" or part.subtype not in ("rfc822", "global"):
         # A leaf's answer is its size and lines between text that only its type and these fields
         # decide, and that repeats from message to message (text/plain; charset=utf-8): it is
         # rendered once (issue 19: the leaves' fields and their rendering were a fifth of describing
         # a message for the message cache).
-        headers = part.headers
-        values = headers.first_values(_LEAF_FIELDS) if isinstance(headers, Headers) else [
-            headers.get(name) for name in _LEAF_FIELDS]
-        text = _leaf_text if sum(len(v) for v in values if v) <= LEAF_TEXT_KEY else _leaf_text.__wrapped__
-        head, tail = text(part.maintype, part.subtype, *values)
+        head, tail = _leaf_head_tail(part)
         counts = b"%d %d" % (part.body.wire_size, part.lines) if part.maintype == "text" else b"%d" % part.body.wire_size
-        return Raw(head + counts + tail), Raw(head + counts + b")")
+        return head + counts + tail, head + counts + b")"
     extended, basic = _part_structures(part)
-    return Raw(render_value(extended)), Raw(render_value(basic))
+    return render_value(extended), render_value(basic)
+
+
+def _leaf_head_tail(part: Part) -> tuple[bytes, bytes]:
+    """_leaf_text of a leaf. A body part's parsed header is shared by every part with the same
+    block (mime.part_header), so its text is kept on it: the next such part looks up no field."""
+    headers = part.headers
+    media = part.maintype, part.subtype
+    if isinstance(headers, Headers):
+        kept = headers.leaf_text
+        if kept is not None and kept[0] == media:
+            return kept[1]
+        values = headers.first_values(_LEAF_FIELDS)
+    else:
+        values = [headers.get(name) for name in _LEAF_FIELDS]
+    text = _leaf_text if sum(len(v) for v in values if v) <= LEAF_TEXT_KEY else _leaf_text.__wrapped__
+    found = text(part.maintype, part.subtype, *values)
+    if isinstance(headers, Headers):
+        headers.leaf_text = media, found
+    return found
 
 
 # What a leaf's BODYSTRUCTURE says besides its size and lines (_part_structures); fields longer
@@ -638,7 +660,6 @@ def body_structures(part: Part) -> tuple[Raw, Raw]:
 _LEAF_FIELDS = ("content-type", "content-transfer-encoding", "content-id", "content-description", "content-md5",
                 "content-disposition", "content-language", "content-location")
 LEAF_TEXT_KEY = 1024
-_NOWHERE = Span(0, 0, 0, 0)
 
 
 @caches.emptied_with_folders
@@ -646,28 +667,32 @@ _NOWHERE = Span(0, 0, 0, 0)
 def _leaf_text(maintype: str, subtype: str, *values: str | None) -> tuple[bytes, bytes]:
     """The BODYSTRUCTURE of a leaf of this type whose _LEAF_FIELDS have these (first) values, as
     _part_structures renders it, around its size (and lines): the text before them, and after."""
-    fields = [(name, value) for name, value in zip(_LEAF_FIELDS, values, strict=True) if value is not None]
-    extended = _part_structures(Part(_NOWHERE, _NOWHERE, Headers(fields), maintype, subtype, 0))[0]
-    assert isinstance(extended, list)
-    # type, subtype, parameters, id, description, encoding; size (lines); MD5, disposition, language, location
-    return (b"(" + b" ".join(render_value(v) for v in extended[:6]) + b" ",
-            b" " + b" ".join(render_value(v) for v in extended[-4:]) + b")")
+    before, after = _leaf_fields(maintype, subtype, *values)
+    return (b"(" + b" ".join([render_value(v) for v in before]) + b" ",
+            b" " + b" ".join([render_value(v) for v in after]) + b")")
+
+
+def _leaf_fields(maintype: str, subtype: str, content_type: str | None, encoding: str | None, content_id: str | None,
+                 description: str | None, md5: str | None, disposition: str | None, language: str | None,
+                 location: str | None) -> tuple[list[Value], list[Value]]:
+    """A part's BODYSTRUCTURE fields before its size (type, subtype, parameters, id, description,
+    encoding) and at its end (MD5, disposition, language, location), from its _LEAF_FIELDS' first
+    values: no parsed header or Part needed (a leaf text _leaf_text does not know yet, such as an
+    attachment's with its name, cost more than the rest of its message's BODYSTRUCTURE, issue 19)."""
+    params = _params_of(content_type)
+    if maintype == "text" and not any(isinstance(n, bytes) and n.lower() == b"charset" for n in params[::2]):
+        params += [b"charset", b"us-ascii"]  # RFC 2045 5.2 default; Dovecot appends it after the others
+    spelled_type, spelled_subtype = _spelled_of(content_type, maintype, subtype)
+    return ([spelled_type, spelled_subtype, params or None, _nstring_of(content_id), _nstring_of(description),
+             raw(unfold(encoding).strip()) if encoding else "7bit"],
+            [_nstring_of(md5), _disposition_of(disposition), _language_of(language), _nstring_of(location)])
 
 
 def _part_structures(part: Part) -> tuple[Value, Value]:
     """body_structures of a part that is not a multipart."""
     headers = part.headers
-    params = _params(headers)
-    if part.maintype == "text" and not any(isinstance(n, bytes) and n.lower() == b"charset" for n in params[::2]):
-        params += [b"charset", b"us-ascii"]  # RFC 2045 5.2 default; Dovecot appends it after the others
-    encoding = headers.get("Content-Transfer-Encoding")
-    maintype, subtype = _spelled_type(part)
-    fields: list[Value] = [
-        maintype, subtype, params or None,
-        _nstring(headers, "Content-ID"), _nstring(headers, "Content-Description"),
-        raw(unfold(encoding).strip()) if encoding else "7bit",
-        part.body.wire_size,
-    ]
+    before, after = _leaf_fields(part.maintype, part.subtype, *[headers.get(name) for name in _LEAF_FIELDS])
+    fields: list[Value] = [*before, part.body.wire_size]
     basic = fields
     if part.is_message:
         inner = part.children[0]
@@ -685,8 +710,7 @@ def _part_structures(part: Part) -> tuple[Value, Value]:
         basic = fields[:]
     else:
         basic = fields[:]
-    fields += [_nstring(headers, "Content-MD5"), _disposition(headers), _language(headers),
-               _nstring(headers, "Content-Location")]
+    fields += after
     return fields, basic
 
 
@@ -699,13 +723,17 @@ def _spelled_type(part: Part) -> tuple[Value, Value]:
     sends them (RFC 2045 5.1: they are case-insensitive, so either is right; clients compare
     without case). A defaulted or replaced type (no header, an invalid one, an opaque part past the
     nesting bound) is sent as the scan decided it."""
-    value = part.headers.get("Content-Type")
+    return _spelled_of(part.headers.get("Content-Type"), part.maintype, part.subtype)
+
+
+def _spelled_of(value: str | None, scanned_type: str, scanned_subtype: str) -> tuple[Value, Value]:
+    """_spelled_type of a part whose Content-Type is `value` and whose type the scan decided."""
     if value is not None:
         maintype, slash, subtype = unfold(value).split(";", 1)[0].partition("/")
         maintype, subtype = maintype.strip(), subtype.strip()
-        if slash and maintype.lower() == part.maintype and subtype.lower() == part.subtype:
+        if slash and maintype.lower() == scanned_type and subtype.lower() == scanned_subtype:
             return raw(maintype), raw(subtype)
-    return part.maintype, part.subtype
+    return scanned_type, scanned_subtype
 
 
 # The usual parameter list, where parse_params' loop comes down to these matches (no comment, so no
@@ -773,7 +801,11 @@ def _params(headers: Message, header: str = "Content-Type") -> list[Value]:
     sent. RFC 2231 parameters (name*=charset'lang'text, possibly continued as name*0*, name*1...)
     come after the plain ones, continuations joined into one name* value that keeps the charset and
     language (Dovecot's form): plain segments are %-encoded to fit the extended value."""
-    value = headers.get(header)
+    return _params_of(headers.get(header))
+
+
+def _params_of(value: str | None) -> list[Value]:
+    """_params of a field whose value is `value`."""
     if value is None:
         return []
     plain: list[Value] = []
@@ -805,18 +837,24 @@ def _params(headers: Message, header: str = "Content-Type") -> list[Value]:
 
 
 def _disposition(headers: Message) -> Value:
-    value = headers.get("Content-Disposition")
+    return _disposition_of(headers.get("Content-Disposition"))
+
+
+def _disposition_of(value: str | None) -> Value:
     if value is None:
         return None
     kind = unfold(value).split(";", 1)[0].strip()
     if not kind:
         return None
-    params = _params(headers, header="Content-Disposition")
+    params = _params_of(value)
     return [raw(kind), params or None]
 
 
 def _language(headers: Message) -> Value:
-    value = headers.get("Content-Language")
+    return _language_of(headers.get("Content-Language"))
+
+
+def _language_of(value: str | None) -> Value:
     if value is None:
         return None
     tags = [t.strip() for t in unfold(value).split(",") if t.strip()]

@@ -29,7 +29,7 @@ from appliance.imap import fetch as fetching
 from appliance.imap.commands import BinarySection, BodySection, FetchAttribute, FetchItem
 from appliance.imap.limits import MAX_HEADER_OCTETS
 from appliance.imap.mime import Headers, Part, decode_words, parses_whole, scan, scan_bytes
-from appliance.imap.responses import LiteralBytes, Raw, Value, render_value
+from appliance.imap.responses import LiteralBytes, Raw, Value
 from appliance.store import message_cache
 from appliance.store.file_watch import FolderCheck, Located
 from appliance.store.maildir import open_message
@@ -84,7 +84,7 @@ def _row(root: Part, block: bytes, stamp: FileStamp) -> CachedMessage:
     # (The scan parsed this very block: whether it was all fields is known already, nearly always.)
     exact = (size <= MAX_HEADER_OCTETS and block.count(b"\n") == crlf
              and ((isinstance(headers, Headers) and headers.whole) or parses_whole(block)))
-    extended, basic = fetching.body_structures(root)
+    extended, basic = fetching.structure_texts(root)
     # Every CR of the block in a CRLF too: the kept fields are then the block's own lines, with no
     # bare CR (usable_fields) to count again in them (issue 19: the counts were 4 % of a row).
     fields = _kept_source(headers, block) if exact and block.count(b"\r") == crlf else None
@@ -97,8 +97,7 @@ def _row(root: Part, block: bytes, stamp: FileStamp) -> CachedMessage:
         # What SEARCH SUBJECT compares (search.Searcher): each value decoded and casefolded. The
         # header's own values: an exact row's fields give the same (exact_headers).
         subject = "\0".join([decode_words(value).casefold() for value in headers.get_all("Subject") or []])
-    return CachedMessage(stamp, fetching.envelope_text(headers), render_value(extended), render_value(basic),
-                         fields, exact, subject)
+    return CachedMessage(stamp, fetching.envelope_text(headers), extended, basic, fields, exact, subject)
 
 
 def _kept_source(headers: Message, block: bytes) -> bytes | None:

@@ -136,6 +136,8 @@ class Headers(Message):
         # the first one wins (a loop making a list per name was a tenth of scanning a message).
         self._first = {name.lower(): value for name, value in reversed(fields)}
         self._all: dict[str, list[str]] | None = None  # every value by name, made for get_all when a name repeats
+        # A leaf's BODYSTRUCTURE text around its size and lines for this media type (fetch._leaf_head_tail).
+        self.leaf_text: tuple[tuple[str, str], tuple[bytes, bytes]] | None = None
 
     def get(self, name: str, failobj: Any = None) -> Any:
         return self._first.get(name.lower(), failobj)
@@ -287,7 +289,7 @@ class _Reader:
             else:
                 blank = -1
         header = probe[:blank]
-        if blank < 0 or (delimiters and (header.startswith(b"--") or b"\n--" in header)):
+        if blank < 0 or (delimiters and (header.startswith(b"--") or header.find(b"\n--") >= 0)):
             self._f.seek(self.pos)
             return None
         self._consume(probe[:end])
@@ -564,7 +566,8 @@ class _MemoryScan:
         else:
             raise _Doubtful
         header = data[pos:blank]
-        if delimiters and (header.startswith(b"--") or b"\n--" in header):
+        # (find, not `in`: bytes' `in` first tries its operand as an integer and clears the error.)
+        if delimiters and (header.startswith(b"--") or header.find(b"\n--") >= 0):
             raise _Doubtful
         return header
 

@@ -138,12 +138,14 @@ def render_value(value: Value) -> bytes:
     of (lists, strings, NIL, numbers, pre-rendered runs) are rendered straight to bytes, each list
     one join: building a list of pieces with a type test per piece was a quarter of describing a
     message for the message cache (issue 19)."""
+    if type(value) is bytes:  # the usual value (header text as on disk): one type test, not a union's
+        return _string(value)
+    if value is None:
+        return b"NIL"
     if isinstance(value, list | tuple):
         return b"(" + b" ".join([render_value(item) for item in value]) + b")"
     if isinstance(value, bytes):
         return _string(value)
-    if value is None:
-        return b"NIL"
     if isinstance(value, Atom):
         return value.encode("utf-8")
     if isinstance(value, str):
