@@ -194,6 +194,7 @@ class Box:
             raise
         # Background work of the CPU worker (index and cache rows) waits for a pause in the mail.
         services.cpu.last_mail = lambda: store.last_arrival
+        services.cpu.last_answer = store.message_cache.last_answer
         # A big folder's work is over when nobody has it open: the worker's memory goes back too.
         store.on_unload.append(services.cpu.retire_idle)
         box = cls(services)

@@ -19,6 +19,7 @@ import bisect
 import functools
 import os
 import re
+import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from email.message import Message
 from pathlib import Path
@@ -243,21 +244,29 @@ def fill_rows(db_path: str, folder_id: int, files: Sequence[tuple[int, str]], mi
     if not files:
         return 0
     with worker_db(db_path) as conn:
-        known = message_cache.current_stamps(conn, folder_id, files[0][0], files[-1][0])
-        learned: Learned = []
-        for uid, path in files:
-            stamp = known.get(uid)
-            if stamp is not None and missing_only:
+        return fill_rows_on(conn, folder_id, files, missing_only)
+
+
+def fill_rows_on(conn: sqlite3.Connection, folder_id: int, files: Sequence[tuple[int, str]], missing_only: bool) -> int:
+    """fill_rows on a connection the caller holds (a prefill in the server's process, chunk after
+    chunk: a connection opened per chunk of 16 was a quarter of its CPU)."""
+    if not files:
+        return 0
+    known = message_cache.current_stamps(conn, folder_id, files[0][0], files[-1][0])
+    learned: Learned = []
+    for uid, path in files:
+        stamp = known.get(uid)
+        if stamp is not None and missing_only:
+            continue
+        try:
+            if stamp is not None and stamp == stamp_of(os.stat(path)):
                 continue
-            try:
-                if stamp is not None and stamp == stamp_of(os.stat(path)):
-                    continue
-                fresh = _described(path, stamp)[0]  # (found again by its unique name if renamed)
-                if fresh is not None:
-                    learned.append((uid, fresh))
-            except FileNotFoundError:
-                continue  # expunged meanwhile
-        return message_cache.keep(conn, folder_id, learned)
+            fresh = _described(path, stamp)[0]  # (found again by its unique name if renamed)
+            if fresh is not None:
+                learned.append((uid, fresh))
+        except FileNotFoundError:
+            continue  # expunged meanwhile
+    return message_cache.keep(conn, folder_id, learned)
 
 
 def keep_rows(db_path: str, folder_id: int, rows: Learned) -> int:

@@ -15,11 +15,13 @@ import bisect
 import functools
 import logging
 import os
+import sqlite3
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol, overload
 
+from appliance.cpu_pool import open_db
 from appliance.imap import fetch as fetching
 from appliance.imap import fetch_cache
 from appliance.imap.commands import FetchAttribute, FetchItem
@@ -48,6 +50,20 @@ SHARED_FETCH = LEARN_CHUNK  # messages left after a batch that computed most row
 LEARN_LIGHT = 20  # a fill this small may run in a thread while no worker process is up (cpu_pool.run_light)
 PREFILL_MIN = LEARN_LIGHT  # rows missing in a selected folder worth a prefill (delivered mail has its rows)
 KEEP_AHEAD = 2  # batches of rows a shared FETCH may have queued for the worker to write (_keep)
+# A FETCH starts the CPU pool's worker to share its describing only for at least this many messages
+# left: its start (0.3-0.45 s of CPU, 0.4-1.2 s of wall here) outlasted a FETCH of 1k, which then
+# waited for the worker to write the rows it had described itself (issue 19).
+SHARE_START = 4000
+# A prefill of at most this many files, while no worker process is up, is made in this process
+# (_prefill_here) rather than by a worker started for it: at 1k the worker's start (above) took
+# longer than the time from a SELECT to the next session's FETCH, which then described every
+# message itself while the worker described the same ones (issue 19).
+PREFILL_HERE = 2000
+HERE_CHUNK = 16  # messages a prefill made in this process describes per thread call: 2-3 ms of the GIL
+# It waits for this long a pause in the FETCHes and SELECTs (MessageCache.quiet): a thread describing
+# files beside a burst of commands (Thunderbird's five SELECTs after its list) made each wait for the
+# GIL, a SELECT of 1k 1-2 ms -> 3-5 ms.
+HERE_PAUSE = 0.005
 PART_WEIGHT = 256  # octets counted per MIME part of a cached structure, beyond its header block
 INDEX_FETCH_BATCH = 5000  # messages per rendered block of an index-only FETCH
 
@@ -70,11 +86,13 @@ class FetchRenderer:
         self._structures: OrderedDict[StructureKey, tuple[Part, int]] = OrderedDict()
         self._structure_octets = 0
         self._learning: asyncio.Task[None] | None = None
+        self._selected: FolderCache | None = None  # the selected folder's cache, told of every FETCH
 
     def forget(self) -> None:
         """The session left its folder: the cached structures are of no more use."""
         self._structures.clear()
         self._structure_octets = 0
+        self._selected = None
 
     async def send_fetch(
         self, view: SelectedFolder, uids: Sequence[int], items: Sequence[FetchItem], flags_changed: set[int],
@@ -84,6 +102,16 @@ class FetchRenderer:
         FLAGS (and MODSEQ under CONDSTORE) where the fetch itself changed them (RFC 3501 6.4.5);
         returns whether a message's file had gone meanwhile (no response sent for it). `cache`:
         the folder's message cache, which answers the items of message lists."""
+        told = cache if cache is not None else self._selected
+        if told is None:
+            return await self._send_fetch(view, uids, items, flags_changed, condstore, send, cache)
+        with told.answering_now():
+            return await self._send_fetch(view, uids, items, flags_changed, condstore, send, cache)
+
+    async def _send_fetch(
+        self, view: SelectedFolder, uids: Sequence[int], items: Sequence[FetchItem], flags_changed: set[int],
+        condstore: bool, send: Send, cache: FolderCache | None,
+    ) -> bool:
         if not any(fetching.needs_file(i) for i in items):
             for start in range(0, len(uids), INDEX_FETCH_BATCH):
                 await send(index_only(view, uids[start:start + INDEX_FETCH_BATCH], items, flags_changed))
@@ -140,7 +168,8 @@ class FetchRenderer:
             else:
                 unknown += later
             rest = uids[stop:]
-            if 2 * len(new) >= len(jobs) and len(rest) >= SHARED_FETCH and not self._filling():
+            if (2 * len(new) >= len(jobs) and len(rest) >= SHARED_FETCH and not self._filling()
+                    and (self._cpu.started or len(rest) >= SHARE_START)):
                 # Most rows of this batch were missing (a folder copied in): both cores. The CPU
                 # pool's worker describes the rest from its end while this goes on from here, the
                 # worker skipping the rows already kept and stopping where this process has got to,
@@ -193,6 +222,8 @@ class FetchRenderer:
         most of them made (the issue's "on first sight of a foreign file"). A second session's
         first FETCH of a 10k folder copied in described nearly every message then, 2.2-2.6 s; the
         worker was indexing the folder's text meanwhile (issue 19). Once per folder and size."""
+        self._selected = cache
+        cache.touched()
         if cache.cache.prefill_due(cache.folder_id, view.uidvalidity, view.exists):
             cache.fill(_prefill(cache, view.uids, view.infos, self._cpu))
 
@@ -246,7 +277,8 @@ def _hand_over(cache: FolderCache, rows: fetch_cache.Learned, keeping: list[asyn
     runs at nice 10), and rows queued for it made the FETCH wait after its last response. Returns
     the rows left to this process (one write through the database's thread at the FETCH's end)."""
     keeping[:] = [task for task in keeping if not task.done()]
-    if len(keeping) >= KEEP_AHEAD:
+    if len(keeping) >= KEEP_AHEAD or not cpu.ready:
+        # (A worker still starting would make the FETCH wait for its start after its last answer.)
         return rows
     if rows:
         keeping.append(cache.fill(_keep(cache, rows, cpu)))
@@ -390,8 +422,49 @@ async def _prefill(cache: FolderCache, uids: Sequence[int], infos: dict[int, Mes
     start = bisect.bisect_right(uids, await cache.highest())
     if len(uids) - start < PREFILL_MIN:
         return
+    files = _Files(uids[start:], infos)
     with cache.prefilling_now():
-        await _learn_later(cache, _Files(uids[start:], infos), cpu, background=True, prefill=True)
+        if len(files) <= PREFILL_HERE and not cpu.started:
+            await _prefill_here(cache, uids[start:], files)
+        else:
+            await _learn_later(cache, files, cpu, background=True, prefill=True)
+
+
+async def _prefill_here(cache: FolderCache, uids: Sequence[int], files: Sequence[tuple[int, str]]) -> None:
+    """A small prefill made in this process, in a thread, HERE_CHUNK messages at a time, each chunk
+    only after a pause in the FETCHes and SELECTs (MessageCache.quiet): a client's commands come
+    first, and the prefill goes on between them (at 1k: between Thunderbird's first list and the
+    next session's FETCH, which then reads the rows). Rows a FETCH made meanwhile are skipped, from
+    the highest UID with a row on."""
+    conn = await asyncio.to_thread(_prefill_db, str(cache.path))
+    start = 0
+    try:
+        while start < len(files):
+            await cache.quiet(HERE_PAUSE)
+            if await asyncio.to_thread(_fill_here, cache, conn, files[start:start + HERE_CHUNK]):
+                start += HERE_CHUNK
+            else:
+                start = max(start + HERE_CHUNK, bisect.bisect_right(uids, await cache.highest()))
+    except Exception:
+        log.debug("message cache: a prefill in this process stopped", exc_info=True)
+    # (Cancelled as the box stops, a chunk may still run in its thread: the connection is closed
+    # when it is dropped.)
+    await asyncio.to_thread(conn.close)
+
+
+def _prefill_db(path: str) -> sqlite3.Connection:
+    conn = open_db(path)
+    conn.execute("PRAGMA wal_autocheckpoint=0")  # (the box's own connection makes them, at its commits)
+    return conn
+
+
+def _fill_here(cache: FolderCache, conn: sqlite3.Connection, chunk: Sequence[tuple[int, str]]) -> int:
+    """Worker thread: a chunk's rows (fill_rows_on), then checked against their files (vouch_kept)
+    so that the FETCH that reads them needs no stat; returns how many were written."""
+    written = fetch_cache.fill_rows_on(conn, cache.folder_id, chunk, True)
+    if written:
+        fetch_cache.vouch_kept(cache, chunk)
+    return written
 
 
 class _Files(Sequence[tuple[int, str]]):

@@ -172,6 +172,10 @@ class MessageCache:
         self._broken = False
         self._fills: set[asyncio.Task[None]] = set()  # rows being computed in the background
         self._prefilling: dict[int, int] = {}  # folder id -> prefills making its missing rows now
+        self._answering = 0  # FETCHes answering from rows now (answering_now)
+        self._answered = 0.0  # the event loop's clock when the last of them ended
+        self._quiet = asyncio.Event()
+        self._quiet.set()
         self.watch = FileWatch()  # which rows need no stat of their files (file_watch.py)
         # Folder id -> (UIDVALIDITY, messages) when its rows were last counted for a prefill.
         self._prefilled: dict[int, tuple[int, int]] = {}
@@ -310,6 +314,43 @@ class MessageCache:
         """Whether a SELECT's prefill is making this folder's missing rows now."""
         return folder_id in self._prefilling
 
+    @contextlib.contextmanager
+    def answering_now(self) -> Iterator[None]:
+        """Said by a FETCH (imap/fetch_render.py) while it lasts: a prefill made in this process
+        waits for a pause in them (quiet), as bulk work in the CPU pool's worker does
+        (last_answer)."""
+        self._answering += 1
+        self._quiet.clear()
+        try:
+            yield
+        finally:
+            self._answering -= 1
+            self.touched()
+            if not self._answering:
+                self._quiet.set()
+
+    def touched(self) -> None:
+        """A client's command just used a folder (a SELECT): as the end of a FETCH for quiet."""
+        self._answered = asyncio.get_running_loop().time()
+
+    async def quiet(self, pause: float) -> None:
+        """Wait until no FETCH is answering (answering_now) and none ended, nor a SELECT came
+        (touched), for `pause` seconds."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._quiet.wait()
+            wait = self._answered + pause - loop.time()
+            if wait <= 0 and self._quiet.is_set():
+                return
+            await asyncio.sleep(max(wait, 0))
+
+    def last_answer(self) -> float:
+        """The event loop's clock when the last FETCH ended (or a SELECT came); now while one is
+        answering, or while a SELECT's prefill makes a folder's rows (cpu_pool.CpuPool.last_answer)."""
+        if self._answering or self._prefilling:
+            return asyncio.get_running_loop().time()
+        return self._answered
+
     def close(self) -> None:
         for task in list(self._fills):
             task.cancel()
@@ -372,3 +413,12 @@ class FolderCache:
 
     def prefilling(self) -> bool:
         return self.cache.prefilling(self.folder_id)
+
+    def answering_now(self) -> AbstractContextManager[None]:
+        return self.cache.answering_now()
+
+    def touched(self) -> None:
+        self.cache.touched()
+
+    async def quiet(self, pause: float) -> None:
+        await self.cache.quiet(pause)

@@ -324,6 +324,7 @@ def test_rows_of_a_header_list_are_described_and_written_by_the_worker(
     opens none of the files for them and writes none of the rows, and the ENVELOPE BODYSTRUCTURE
     list after reads no file either."""
     cache = box.services.store.message_cache
+    monkeypatch.setattr(cache, "prefill_due", lambda *args: False)  # (a prefill of 30 is made in this process)
     learned = rows_learned_here(cache, monkeypatch)
     copied_in(box)
     raw = session(box)
@@ -349,6 +350,9 @@ def test_a_first_fetch_shared_with_the_worker_has_every_row_written_when_it_ends
     cache = box.services.store.message_cache
     monkeypatch.setattr(cache, "prefill_due", lambda *args: False)  # the FETCH finds no row made
     monkeypatch.setattr(fetch_render, "KEEP_AHEAD", 100)  # (a worker behind leaves rows to this process)
+    # A worker that has started: one still starting, or not worth starting for a FETCH this small
+    # (SHARE_START), leaves the rows to this process.
+    assert box.run(box.services.cpu.run(os.getpid)) != os.getpid()
     learned = rows_learned_here(cache, monkeypatch)
     box.add_user(USER, PASSWORD)
     deliver(box, message(0))
@@ -390,13 +394,15 @@ def test_a_header_list_during_a_prefill_leaves_the_rows_to_it(box: BoxHandle, mo
 
 def test_files_first_seen_at_a_select_are_described_before_any_fetch(box: BoxHandle, opened_files: list[str]) -> None:
     """A SELECT of a folder whose files nobody described (more than PREFILL_MIN) has their rows made
-    in the background by the CPU pool's worker, before any FETCH asks: the FETCH ENVELOPE
-    BODYSTRUCTURE after reads no file, and a SELECT of the folder again counts its rows no more."""
+    in the background, before any FETCH asks: the FETCH ENVELOPE BODYSTRUCTURE after reads no file,
+    and a SELECT of the folder again counts its rows no more. So few files (PREFILL_HERE) are
+    described in this process: no worker process is started for them."""
     copied_in(box)
     cache = box.services.store.message_cache
     raw = session(box)
     try:
         wait_until(lambda: cache_rows(box) == 31 and not cache._fills, what="the rows of the files copied in")
+        assert len(set(message_files(opened_files, box))) == 30  # read here, by the prefill
         opened_files.clear()
         answer = b"".join(raw.command(b"f", b"FETCH 1:* (ENVELOPE BODYSTRUCTURE)"))
         raw.command(b"s", b"SELECT INBOX")

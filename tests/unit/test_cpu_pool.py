@@ -112,6 +112,26 @@ def test_background_work_waits_for_a_pause_in_the_mail_and_waited_for_work_does_
     assert asyncio.run(main()) >= cpu_pool.PAUSE_SECONDS
 
 
+def test_bulk_work_waits_for_a_pause_in_the_clients_fetches_and_background_work_does_not() -> None:
+    """The full-text index of a folder copied in (run_bulk: pause with `clients`) waits for
+    PAUSE_SECONDS after the last FETCH a client had answered (last_answer), not only after the last
+    mail: it started the worker process in the middle of the next session's FETCH. The message
+    cache's fills (run_background) are what that FETCH wants, and do not wait for it."""
+    async def main() -> tuple[float, float]:
+        pool = CpuPool(workers=1)
+        loop = asyncio.get_running_loop()
+        answered = loop.time()
+        pool.last_answer = lambda: answered
+        await pool.pause()
+        background = loop.time() - answered
+        answered = loop.time()
+        await pool.pause(clients=True)
+        return background, loop.time() - answered
+
+    background, bulk = asyncio.run(main())
+    assert background < cpu_pool.PAUSE_SECONDS <= bulk
+
+
 def _pid() -> int:
     return os.getpid()
 

@@ -56,6 +56,8 @@ class _Filling:
 class _Slow:
     """A worker that writes nothing until `release` is set: it is behind."""
 
+    ready = True  # (started: a task came back from it)
+
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.written: list[int] = []
@@ -87,3 +89,41 @@ def test_rows_stay_with_the_fetch_while_the_worker_is_behind() -> None:
     assert fetch_render.KEEP_AHEAD == 2
     assert left == [[], [], [20, 21, 22], [30, 31, 32]]
     assert written == [0, 1, 2, 10, 11, 12]
+
+
+def test_rows_stay_with_the_fetch_while_the_worker_is_starting() -> None:
+    """Rows are not handed to a worker that has not started yet (no task came back from it): the
+    FETCH would wait for its start (0.4-1.2 s) after its last response."""
+
+    async def run() -> list[int]:
+        pool = _Slow()
+        pool.ready = False
+        cache = FolderCache(cast(MessageCache, _Filling()), 1)
+        keeping: list[asyncio.Task[None]] = []
+        rows = [(n, None) for n in range(3)]
+        left = [uid for uid, _ in fetch_render._hand_over(cache, cast(Any, rows), keeping, cast(CpuPool, pool))]
+        assert not keeping
+        return left
+
+    assert asyncio.run(run()) == [0, 1, 2]
+
+
+def test_a_prefill_in_this_process_waits_for_a_pause_in_the_fetches() -> None:
+    """MessageCache.quiet (what a small prefill made in this process waits for before each chunk):
+    no FETCH answering, and none ended (nor a SELECT came) for the pause asked."""
+
+    async def run() -> tuple[bool, float]:
+        loop = asyncio.get_running_loop()
+        cache = MessageCache(cast(Any, _Cache()))
+        task = loop.create_task(cache.quiet(0.05))
+        with cache.answering_now():
+            await asyncio.sleep(0.1)
+            waited = not task.done()
+        ended = loop.time()
+        cache.touched()  # a SELECT: the pause starts again
+        await task
+        return waited, loop.time() - ended
+
+    waited, after = asyncio.run(run())
+    assert waited
+    assert after >= 0.05
