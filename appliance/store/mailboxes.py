@@ -379,11 +379,12 @@ class OpenMailboxes:
         return wanted
 
     async def transfer(self, mb: OpenMailbox, src: FolderIndex, target: FolderIndex, uids: Sequence[int], *,
-                        move: bool) -> list[tuple[int, int]]:
-        """Copy (hard links) or move (renames) messages into another folder; both locks held."""
-        await self.sync(mb, src)
+                        move: bool, disk: bool = True) -> list[tuple[int, int]]:
+        """Copy (hard links) or move (renames) messages into another folder; both locks held.
+        Without `disk`, the folders as their indexes have them (sync): a MOVE's later slices."""
+        await self.sync(mb, src, disk=disk)
         if target is not src:
-            await self.sync(mb, target)
+            await self.sync(mb, target, disk=disk)
         entries = src.entries(uids)
         if not entries:
             return []
@@ -399,23 +400,13 @@ class OpenMailboxes:
             base = maildir.unique_name(e.size)
             filename = maildir.cur_filename(base, maildir.encode_letters(e.flags, e.keywords, mapped))
             jobs.append(WriteJob(target.path, base, "cur", filename, None))
-        sources = [src.path / e.sub / e.filename for e in entries]
+        stamps: list[tuple[int, int]] = []
         if move:
-            done = await asyncio.to_thread(
-                maildir.rename_files, [(s, j.maildir / j.sub / j.filename) for s, j in zip(sources, jobs, strict=True)]
-            )
+            # Strings, not a Path per file (FolderIndex.file); the stamps for changed_by_us.
+            moves = [(src.file(e.sub, e.filename), target.file("cur", j.filename)) for e, j in zip(entries, jobs, strict=True)]
+            done = await asyncio.to_thread(_renamed, src.path, target.path, moves, stamps)
         else:
-            mb.reserved += size
-            try:
-                await asyncio.to_thread(maildir.copy_messages, list(zip(sources, jobs, strict=True)))
-            except FileNotFoundError:
-                src.dirty = True
-                raise StoreError("a message was expunged meanwhile; nothing copied") from None
-            except OSError as exc:
-                raise StoreError(f"cannot copy: {exc.strerror or exc}") from None
-            finally:
-                mb.reserved -= size
-            done = [True] * len(jobs)
+            done = await self._copy_files(mb, src, entries, jobs, size)
         out_change, in_change = Change(src), Change(target)
         pairs = []
         for e, job, ok in zip(entries, jobs, done, strict=True):
@@ -433,7 +424,27 @@ class OpenMailboxes:
         await index.commit(self._db, [in_change, out_change])
         target.unclaimed.update(new for _, new in pairs)
         target.invalidate()
+        if stamps and all(done):
+            src.changed_by_us(stamps[0], stamps[2])
+            target.changed_by_us(stamps[1], stamps[3])
         return pairs
+
+    @staticmethod
+    async def _copy_files(mb: OpenMailbox, src: FolderIndex, entries: list[index.Entry], jobs: list[WriteJob],
+                          size: int) -> list[bool]:
+        """A COPY's files (all or none, fsynced); `size` octets reserved against the quota meanwhile."""
+        sources = [src.path / e.sub / e.filename for e in entries]
+        mb.reserved += size
+        try:
+            await asyncio.to_thread(maildir.copy_messages, list(zip(sources, jobs, strict=True)))
+        except FileNotFoundError:
+            src.dirty = True
+            raise StoreError("a message was expunged meanwhile; nothing copied") from None
+        except OSError as exc:
+            raise StoreError(f"cannot copy: {exc.strerror or exc}") from None
+        finally:
+            mb.reserved -= size
+        return [True] * len(jobs)
 
     # --- memory ---------------------------------------------------------------------------------
 
@@ -601,6 +612,15 @@ class OpenMailboxes:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+def _renamed(src: Path, target: Path, moves: list[tuple[str, str]], stamps: list[tuple[int, int]]) -> list[bool]:
+    """Worker thread: a MOVE's renames (durable), with both folders' directory stamps just before
+    and just after them put in `stamps` (source, target, source, target)."""
+    stamps += maildir.dir_stamp(src), maildir.dir_stamp(target)
+    done = maildir.rename_files(moves)
+    stamps += maildir.dir_stamp(src), maildir.dir_stamp(target)
+    return done
+
 
 def _settled(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:

@@ -328,13 +328,20 @@ class MailStore:
         mb = await self._boxes.get(mailbox)
         src, target = await self._boxes.folder(mb, folder), await self._boxes.folder(mb, dest)
         if src is target:
-            pairs = await self.copy(mailbox, folder, uids, dest)
-            await self.expunge(mailbox, folder, [old for old, _ in pairs])
-            return pairs
-        async with locked(src, target):
-            pairs = await self._boxes.transfer(mb, src, target, uids, move=True)
+            copied = await self.copy(mailbox, folder, uids, dest)
+            await self.expunge(mailbox, folder, [old for old, _ in copied])
+            return copied
+        pairs: list[tuple[int, int]] = []
+        try:
+            # In slices, as STORE and EXPUNGE (_slices): RFC 6851 3.3 lets a MOVE stop part way, each
+            # message moved or not; every slice's files are renamed before its rows are committed.
+            for part, _ in _slices(uids):
+                async with locked(src, target):
+                    pairs += await self._boxes.transfer(mb, src, target, part, move=True, disk=not pairs)
+        finally:
+            if pairs:
+                self._boxes.wake(mb, src.name, target.name)
         if pairs:
-            self._boxes.wake(mb, src.name, target.name)
             self._filed(Filed(mb.key, src.name, target.name, tuple(new for _, new in pairs), moved=True))
         return pairs
 

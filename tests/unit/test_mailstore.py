@@ -620,7 +620,10 @@ def test_expunge_removes_files_and_uids(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
-def test_copy_and_move(tmp_path: Path) -> None:
+@pytest.mark.parametrize("slice_size", [256, 1])
+def test_copy_and_move(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slice_size: int) -> None:
+    """(A MOVE is done in slices, as STORE and EXPUNGE: one slice, and one per message.)"""
+    monkeypatch.setattr(index, "FILES_IN_TRANSACTION", slice_size)
     box = home(tmp_path)
 
     async def body(store: MailStore) -> None:
