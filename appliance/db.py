@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import mmap
 import os
 import re
 import sqlite3
@@ -316,49 +315,27 @@ class ChangeCounters:
     The read runs on the caller's thread, on a connection of its own that never writes: in WAL mode
     a reader neither waits for nor blocks the writer (https://sqlite.org/wal.html), and the busy
     timeout is short; None (unknown: the caller reads the database) when the read fails for any
-    reason, e.g. a database not yet migrated to 0018.
-
-    Most uses need no statement at all: the first copy of the WAL-index header, at the start of the
-    -shm file every connection to the database maps (https://sqlite.org/walformat.html, "The
-    WAL-Index Header"), is rewritten by every commit of any connection of any process (its frame
-    count, salts and checksum move). The counters read after a copy of it are still current while
-    it has not changed, and comparing 48 mapped octets takes no system call and keeps the GIL: a
-    statement gave it up and waited to get it back behind the worker threads, ~1.2 times per IMAP
-    command under imaptest's stress mode (issue 19)."""
+    reason, e.g. a database not yet migrated to 0018."""
 
     BUSY_TIMEOUT = 0.05  # seconds; a reader only waits in WAL recovery, and then None is the answer
-    WAL_INDEX_HEADER = 48  # octets: the header's first copy (walformat.html, "The WAL-Index Header")
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()  # the loop thread in the box; a test may call from another
-        # The -shm file's start, mapped once this process's reader holds it open (SQLite truncates it
-        # only when no connection has it); None where it cannot be (no WAL: then the rule below).
-        self._shm: mmap.mmap | None = None
-        # (the WAL-index header, the counters read after it): one value, replaced whole.
-        self._known: tuple[bytes, dict[str, int]] | None = None
-        # read_this_tick's answers, for the one event loop iteration they were read in (without
-        # the header only).
+        # read_this_tick's answers, for the one event loop iteration they were read in.
         self._tick: dict[str, int] = {}
         self._tick_loop: asyncio.AbstractEventLoop | None = None
 
     def read_this_tick(self, name: str) -> int | None:
-        """The counter, from memory while no commit was made anywhere since it was read (the
-        WAL-index header is unchanged), else read().
-
-        Without the header: read(), asked at most once per iteration of the running event loop: an
-        IMAP command read the accounts counter three times (the session's check that its mailbox
-        still exists, then each store call's look-up of the mailbox), each a statement that gives up
-        the GIL and waits to get it back behind the worker threads (issue 19). A coroutine whose
-        commit (on aiosqlite's thread, through any connection of this process) was awaited is
-        resumed in an iteration that began after the commit, so what is kept in that iteration was
-        read after it; this connection's commits (transaction(), write()) drop what was kept all the
-        same. A change another process commits is seen from the next iteration on, as by a read a
-        moment earlier."""
-        known = self._current()
-        if known is not None:
-            return known.get(name)
+        """read(), asked at most once per iteration of the running event loop: an IMAP command read
+        the accounts counter three times (the session's check that its mailbox still exists, then
+        each store call's look-up of the mailbox), each a statement that gives up the GIL and waits
+        to get it back behind the worker threads (issue 19). A coroutine whose commit (on
+        aiosqlite's thread, through any connection of this process) was awaited is resumed in an
+        iteration that began after the commit, so what is kept in that iteration was read after it;
+        this connection's commits (transaction(), write()) drop what was kept all the same. A change
+        another process commits is seen from the next iteration on, as by a read a moment earlier."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -368,22 +345,11 @@ class ChangeCounters:
         # Every counter in one statement: the accounts and the settings counters are asked for in
         # the same iteration (an SMTP DATA: the checks' settings, the content filter's, the mailbox).
         found = self.read_all()
-        if found and self._shm is None:
+        if found:
             self._tick = found
             self._tick_loop = loop
             loop.call_soon(self.forget_tick)
         return found.get(name)
-
-    def _current(self) -> dict[str, int] | None:
-        """The counters last read, if no commit was made since (None: unknown)."""
-        known, shm = self._known, self._shm
-        if known is None or shm is None:
-            return None
-        try:
-            header = shm[:self.WAL_INDEX_HEADER]
-        except ValueError:  # closed meanwhile
-            return None
-        return known[1] if header == known[0] else None
 
     def forget_tick(self) -> None:
         self._tick.clear()
@@ -402,35 +368,13 @@ class ChangeCounters:
                     self._conn = sqlite3.connect(str(self._path), timeout=self.BUSY_TIMEOUT, isolation_level=None,
                                                  check_same_thread=False)
                     self._conn.execute("PRAGMA query_only=ON")
-                    self._conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()  # opens the -shm
-                    self._map_shm()
-                # The header before the statement: a commit between the two leaves newer counters
-                # filed under an older header, which the next look sees moved.
-                header = self._shm[:self.WAL_INDEX_HEADER] if self._shm is not None else None
                 rows = self._conn.execute(sql, parameters).fetchall()
             except sqlite3.Error:
                 return {}
-            found = {str(name): int(n) for name, n in rows}
-            if header is not None and not parameters:
-                self._known = (header, found)
-        return found
-
-    def _map_shm(self) -> None:
-        """Maps the start of the -shm file once this process's reader has made a statement (its
-        connection keeps the file open and whole from then on: SQLite truncates or removes it only
-        when no connection has it); left unmapped where there is none (not a WAL database)."""
-        try:
-            with open(self._path.with_name(self._path.name + "-shm"), "rb") as file:
-                self._shm = mmap.mmap(file.fileno(), self.WAL_INDEX_HEADER, prot=mmap.PROT_READ)
-        except (OSError, ValueError):  # ValueError: shorter than the header
-            self._shm = None
+        return {str(name): int(n) for name, n in rows}
 
     def close(self) -> None:
         with self._lock:
-            self._known = None
-            if self._shm is not None:  # before the connection: its open -shm keeps the file whole
-                self._shm.close()
-                self._shm = None
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
