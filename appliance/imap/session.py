@@ -469,11 +469,12 @@ class ImapSession:
             # RFC 5258 allows several patterns; thousands of them, each matched against every folder
             # on the event loop, would stall every other session.
             raise ImapBad("Too many patterns")
-        folders = await self.store.folders(self.mailbox)
-        by_name = {f.name: f for f in folders}
         only_subscribed = lsub or "SUBSCRIBED" in command.select
         only_special = "SPECIAL-USE" in command.select
         show_subscribed = "SUBSCRIBED" in command.select or "SUBSCRIBED" in command.returns
+        # FolderInfo.subscribed is only looked at to show \Subscribed (_list_attributes).
+        folders = await self.store.folders(self.mailbox, subscriptions=show_subscribed)
+        by_name = {f.name: f for f in folders}
         # RFC 3501 6.3.9: LSUB lists every subscribed name, also one whose folder is gone.
         subscribed = set(await self.store.subscriptions(self.mailbox)) if only_subscribed else set()
         pool = sorted(subscribed) if only_subscribed else list(by_name)

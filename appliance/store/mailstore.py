@@ -347,8 +347,8 @@ class MailStore:
 
     # --- folders (folders.py) ---------------------------------------------------------------------
 
-    async def folders(self, mailbox: str) -> list[FolderInfo]:
-        return await self._folders.folders(mailbox)
+    async def folders(self, mailbox: str, *, subscriptions: bool = True) -> list[FolderInfo]:
+        return await self._folders.folders(mailbox, subscriptions=subscriptions)
 
     async def subscriptions(self, mailbox: str) -> list[str]:
         return await self._folders.subscriptions(mailbox)

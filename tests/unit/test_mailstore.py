@@ -778,7 +778,7 @@ def test_renaming_inbox_moves_its_messages(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
-def test_subscriptions(tmp_path: Path) -> None:
+def test_subscriptions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(store: MailStore) -> None:
         await store.subscribe(ALICE, "Junk", False)
         subscribed = {f.name: f.subscribed for f in await store.folders(ALICE)}
@@ -787,6 +787,11 @@ def test_subscriptions(tmp_path: Path) -> None:
         await store.subscribe(ALICE, "Gone", False)  # clients unsubscribe after DELETE
         with pytest.raises(NoSuchFolder):
             await store.subscribe(ALICE, "Gone", True)
+        # A plain LIST shows no \Subscribed: its folders come without a trip to the database.
+        with monkeypatch.context() as patched:
+            patched.setattr(store._db, "fetchall", None)  # any query fails the test
+            names = [f.name for f in await store.folders(ALICE, subscriptions=False)]
+        assert names == list(subscribed)
 
     run(tmp_path, body)
 
