@@ -66,15 +66,17 @@ class ConnectionHandler:
         self.starttls_available = not implicit_tls
         self.conn = ImapConnection(limits, room=self._room_for_append)
         self.session = ImapSession(services, self, SessionConfig(services.hostname, limits.idle_timeout))
-        # Output not yet handed to the channel: written when the session next waits (call_soon) or
-        # when WRITE_BATCH is reached, so a command's untagged answers, its tagged reply and those
-        # of commands pipelined behind it go out in one write. Each write to the TLS transport was
-        # a TLS record and a send(2) that gave the GIL up and waited to get it back while the
-        # database and worker threads ran: a quarter of the event loop's time under imaptest's
-        # stress mode (issue 19).
+        # Output not yet handed to the channel: written when the connection next reads from the
+        # client (_read) or when WRITE_BATCH is reached, so a command's untagged answers, its tagged
+        # reply and those of commands pipelined behind it go out in one write. Each write to the TLS
+        # transport was a TLS record and a send(2) that gave the GIL up and waited to get it back
+        # while the database and worker threads ran: a quarter of the event loop's time under
+        # imaptest's stress mode (issue 19). Output made while a read is already waiting (IDLE's
+        # updates) goes out from the next loop iteration (call_soon).
         self._out: list[bytes] = []
         self._out_octets = 0
         self._flush_soon: asyncio.Handle | None = None
+        self._reading = False
 
     # --- SessionIO ---------------------------------------------------------------------------------
 
@@ -114,7 +116,9 @@ class ConnectionHandler:
         self._out_octets += len(data)
         if self._out_octets >= WRITE_BATCH:
             self.flush()
-        elif self._flush_soon is None:
+        elif self._reading and self._flush_soon is None:
+            # Not when a command's answer is made: a call_soon per answer was one more loop
+            # iteration per command (a select(2) that gave the GIL up, issue 19); _read flushes.
             self._flush_soon = asyncio.get_running_loop().call_soon(self._flush_later)
 
     def flush(self) -> None:
@@ -233,6 +237,8 @@ class ConnectionHandler:
             seconds = min(seconds, deadline - loop.time())
         if self._inflate_more():
             return True
+        self._flush_later()  # what was answered goes out before the client is waited for
+        self._reading = True
         try:
             if seconds <= 0:
                 raise TimeoutError
@@ -253,6 +259,8 @@ class ConnectionHandler:
             if bye:
                 await self._say_bye("Autologout: idle for too long")
             return False
+        finally:
+            self._reading = False
         if not data:
             return False
         if self._command_started is None:
