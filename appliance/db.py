@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import mmap
 import os
 import re
 import sqlite3
@@ -315,27 +317,49 @@ class ChangeCounters:
     The read runs on the caller's thread, on a connection of its own that never writes: in WAL mode
     a reader neither waits for nor blocks the writer (https://sqlite.org/wal.html), and the busy
     timeout is short; None (unknown: the caller reads the database) when the read fails for any
-    reason, e.g. a database not yet migrated to 0018."""
+    reason, e.g. a database not yet migrated to 0018.
+
+    Most uses need no statement at all: the first copy of the WAL-index header, at the start of the
+    -shm file every connection to the database maps (https://sqlite.org/walformat.html, "The
+    WAL-Index Header"), is rewritten by every commit of any connection of any process (its frame
+    count, salts and checksum move). The counters read after a copy of it are still current while
+    it has not changed, and comparing 48 mapped octets takes no system call and keeps the GIL: a
+    statement gave it up and waited to get it back behind the worker threads, ~1.2 times per IMAP
+    command under imaptest's stress mode (issue 19)."""
 
     BUSY_TIMEOUT = 0.05  # seconds; a reader only waits in WAL recovery, and then None is the answer
+    WAL_INDEX_HEADER = 48  # octets: the header's first copy (walformat.html, "The WAL-Index Header")
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()  # the loop thread in the box; a test may call from another
-        # read_this_tick's answers, for the one event loop iteration they were read in.
+        # The -shm file's start, mapped once this process's reader holds it open (SQLite truncates it
+        # only when no connection has it); None where it cannot be (no WAL: then the rule below).
+        self._shm: _Mapped | None = None
+        # (the WAL-index header, the counters read after it): one value, replaced whole.
+        self._known: tuple[bytes, dict[str, int]] | None = None
+        # read_this_tick's answers, for the one event loop iteration they were read in (without
+        # the header only).
         self._tick: dict[str, int] = {}
         self._tick_loop: asyncio.AbstractEventLoop | None = None
 
     def read_this_tick(self, name: str) -> int | None:
-        """read(), asked at most once per iteration of the running event loop: an IMAP command read
-        the accounts counter three times (the session's check that its mailbox still exists, then
-        each store call's look-up of the mailbox), each a statement that gives up the GIL and waits
-        to get it back behind the worker threads (issue 19). A coroutine whose commit (on
-        aiosqlite's thread, through any connection of this process) was awaited is resumed in an
-        iteration that began after the commit, so what is kept in that iteration was read after it;
-        this connection's commits (transaction(), write()) drop what was kept all the same. A change
-        another process commits is seen from the next iteration on, as by a read a moment earlier."""
+        """The counter, from memory while no commit was made anywhere since it was read (the
+        WAL-index header is unchanged), else read().
+
+        Without the header: read(), asked at most once per iteration of the running event loop: an
+        IMAP command read the accounts counter three times (the session's check that its mailbox
+        still exists, then each store call's look-up of the mailbox), each a statement that gives up
+        the GIL and waits to get it back behind the worker threads (issue 19). A coroutine whose
+        commit (on aiosqlite's thread, through any connection of this process) was awaited is
+        resumed in an iteration that began after the commit, so what is kept in that iteration was
+        read after it; this connection's commits (transaction(), write()) drop what was kept all the
+        same. A change another process commits is seen from the next iteration on, as by a read a
+        moment earlier."""
+        known = self._current()
+        if known is not None:
+            return known.get(name)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -345,11 +369,18 @@ class ChangeCounters:
         # Every counter in one statement: the accounts and the settings counters are asked for in
         # the same iteration (an SMTP DATA: the checks' settings, the content filter's, the mailbox).
         found = self.read_all()
-        if found:
+        if found and self._shm is None:
             self._tick = found
             self._tick_loop = loop
             loop.call_soon(self.forget_tick)
         return found.get(name)
+
+    def _current(self) -> dict[str, int] | None:
+        """The counters last read, if no commit was made since (None: unknown)."""
+        known, shm = self._known, self._shm
+        if known is None or shm is None:
+            return None
+        return known[1] if shm.raw == known[0] else None
 
     def forget_tick(self) -> None:
         self._tick.clear()
@@ -368,16 +399,78 @@ class ChangeCounters:
                     self._conn = sqlite3.connect(str(self._path), timeout=self.BUSY_TIMEOUT, isolation_level=None,
                                                  check_same_thread=False)
                     self._conn.execute("PRAGMA query_only=ON")
+                    self._conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()  # opens the -shm
+                    self._map_shm()
+                # The header before the statement: a commit between the two leaves newer counters
+                # filed under an older header, which the next look sees moved.
+                header = self._shm.raw if self._shm is not None else None
                 rows = self._conn.execute(sql, parameters).fetchall()
             except sqlite3.Error:
                 return {}
-        return {str(name): int(n) for name, n in rows}
+            found = {str(name): int(n) for name, n in rows}
+            if header is not None and not parameters:
+                self._known = (header, found)
+        return found
+
+    def _map_shm(self) -> None:
+        """Maps the start of the -shm file once this process's reader has made a statement, through
+        the descriptor SQLite holds open for it (found in /proc/self/fd; left unmapped where there
+        is none: not a WAL database, not Linux).
+
+        Never through a descriptor of our own: closing any descriptor of a file drops every POSIX
+        lock the process holds on it, SQLite's own included, and without its shared lock on the -shm
+        another process opening the database takes the file for its first user and truncates it
+        (tests/e2e/test_smtp_crash.py caught it). mmap(2) takes no lock and closes nothing; Python's
+        mmap would (it closes a duplicate of the descriptor), hence libc's. The reader's connection
+        keeps the file open and whole while it is mapped (close() unmaps first)."""
+        self._shm = _map_start_of(self._path.with_name(self._path.name + "-shm"), self.WAL_INDEX_HEADER)
 
     def close(self) -> None:
         with self._lock:
+            self._known = None
+            if self._shm is not None:  # before the connection: its open -shm keeps the file whole
+                _unmap(self._shm)
+                self._shm = None
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+_Mapped = ctypes.Array[ctypes.c_char]  # octets of a mapping, read with .raw (a copy, the GIL held)
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mmap.restype = ctypes.c_void_p
+_LIBC.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_LIBC.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _map_start_of(path: Path, octets: int) -> _Mapped | None:
+    """The first `octets` of `path` mapped read-only and shared, through a descriptor this process
+    already has open for it (none is opened or closed here: ChangeCounters._map_shm says why); None
+    when there is none or the file is shorter."""
+    try:
+        wanted = os.stat(path)
+        descriptors = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for name in descriptors:
+        try:
+            found = os.fstat(int(name))
+        except (OSError, ValueError):
+            continue
+        if (found.st_dev, found.st_ino) != (wanted.st_dev, wanted.st_ino):
+            continue
+        if found.st_size < octets:
+            return None
+        address = _LIBC.mmap(None, octets, mmap.PROT_READ, mmap.MAP_SHARED, int(name), 0)
+        if address is None or address == _MAP_FAILED:
+            return None
+        return (ctypes.c_char * octets).from_address(address)
+    return None
+
+
+def _unmap(mapped: _Mapped) -> None:
+    _LIBC.munmap(ctypes.addressof(mapped), ctypes.sizeof(mapped))
 
 
 def secure_db_files(path: Path) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,23 @@ from appliance.settings import Settings
 
 FAST = make_hasher(time_cost=1, memory_cost_kib=8, parallelism=1)
 PASSWORD = "a long enough password"
+
+
+async def counting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Database, list[None], int]:
+    """A database, a list that gets one item per statement reading the change counters from here on,
+    and the accounts counter read by the first of them."""
+    db = await Database.open(tmp_path / "letterbox.db")
+    reads: list[None] = []
+    real_read_all = db.counters.read_all
+
+    def counted() -> dict[str, int]:
+        reads.append(None)
+        return real_read_all()
+
+    monkeypatch.setattr(db.counters, "read_all", counted)
+    first = db.counters.read_this_tick("accounts")
+    assert first is not None
+    return db, reads, first
 
 
 def no_round_trips(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,33 +160,25 @@ def test_the_cache_is_bounded_and_steps_aside_without_its_counter(tmp_path: Path
     asyncio.run(main())
 
 
-def test_the_accounts_counter_is_read_once_per_loop_iteration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An IMAP command looked the accounts counter up three times (issue 19): within one iteration of
-    the event loop it is read once; another connection's commit is seen from the next iteration on,
-    and a commit through the box's own connection at once."""
+def test_without_the_wal_index_the_accounts_counter_is_read_once_per_loop_iteration(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An IMAP command looked the accounts counter up three times (issue 19): where the -shm file
+    cannot be mapped, within one iteration of the event loop it is read once; another connection's
+    commit is seen from the next iteration on, and a commit through the box's own connection at once."""
+    monkeypatch.setattr(ChangeCounters, "_map_shm", lambda self: None)
+
     async def main() -> None:
-        db = await Database.open(tmp_path / "letterbox.db")
+        db, reads, first = await counting(tmp_path, monkeypatch)
         try:
-            reads = 0
-            real_read_all = db.counters.read_all
-
-            def counted() -> dict[str, int]:
-                nonlocal reads
-                reads += 1
-                return real_read_all()
-
-            monkeypatch.setattr(db.counters, "read_all", counted)
-            first = db.counters.read_this_tick("accounts")
-            assert first is not None
             assert db.counters.read_this_tick("accounts") == first
             # Every counter came with the first read: the settings' in the same iteration is free.
             assert db.counters.read_this_tick("settings") is not None
-            assert reads == 1
+            assert len(reads) == 1
             with sqlite3.connect(tmp_path / "letterbox.db") as other:  # another process's commit
                 other.execute("UPDATE change_counters SET n = n + 1 WHERE name = 'accounts'")
             await asyncio.sleep(0)
             assert db.counters.read_this_tick("accounts") == first + 1
-            assert reads == 2
+            assert len(reads) == 2
             # A reader in every iteration keeps an answer for the iteration each commit returns in.
             done = False
 
@@ -182,6 +193,69 @@ def test_the_accounts_counter_is_read_once_per_loop_iteration(tmp_path: Path, mo
                 assert db.counters.read_this_tick("accounts") == first + n
             done = True
             await polling
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+
+
+def test_the_counters_are_not_read_again_until_a_commit_moves_the_wal_index_header(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While no connection of any process committed, the counters come from memory in every loop
+    iteration (the -shm file's header is unchanged: no statement, the GIL kept, issue 19); a commit
+    anywhere (this process's, another process's, one that touches no counter) is seen by the very next
+    look, within the same iteration."""
+    async def main() -> None:
+        db, reads, first = await counting(tmp_path, monkeypatch)
+        try:
+            for _ in range(20):
+                await asyncio.sleep(0)
+                assert db.counters.read_this_tick("accounts") == first
+            assert len(reads) == 1
+            with sqlite3.connect(tmp_path / "letterbox.db") as other:  # another process's commit
+                other.execute("UPDATE change_counters SET n = n + 1 WHERE name = 'accounts'")
+            assert db.counters.read_this_tick("accounts") == first + 1  # no iteration in between
+            assert len(reads) == 2
+            with sqlite3.connect(tmp_path / "letterbox.db") as other:  # a commit that moves no counter
+                other.execute("CREATE TABLE scratch (a)")
+            settings = db.counters.read_this_tick("settings")
+            assert len(reads) == 3
+            await db.execute("UPDATE change_counters SET n = n + 1 WHERE name = 'settings'")
+            assert db.counters.read_this_tick("settings") == (settings or 0) + 1
+            assert len(reads) == 4
+            # A checkpoint moves no data: the header may stay, and what was read stays true.
+            await db.fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+            assert db.counters.read_this_tick("accounts") == first + 1
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+
+
+# The byte of the -shm file whose shared lock says "in use" (SQLite's os_unix.c: UNIX_SHM_DMS, after
+# the 120-octet header and the 8 lock slots); a process that gets it exclusively resets the file.
+SHM_IN_USE_BYTE = 128
+
+
+def test_mapping_the_wal_index_keeps_the_processs_lock_on_it(tmp_path: Path) -> None:
+    """The counters map the -shm through SQLite's own descriptor: opening and closing one of ours
+    dropped SQLite's POSIX locks on the file, so another process could take it for its first user
+    and truncate it under every connection of the box (tests/e2e/test_smtp_crash.py hung)."""
+    async def main() -> None:
+        db = await Database.open(tmp_path / "letterbox.db")
+        try:
+            db.counters.read_this_tick("accounts")
+            assert db.counters._shm is not None  # mapped
+            script = ("import fcntl, sys\n"
+                      "with open(sys.argv[1], 'r+b') as f:\n"
+                      "    try:\n"
+                      f"        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, {SHM_IN_USE_BYTE})\n"
+                      "    except OSError:\n"
+                      "        sys.exit(0)\n"
+                      "sys.exit(1)\n")
+            other = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-c", script, str(tmp_path / "letterbox.db-shm")], check=False)
+            assert other.returncode == 0, "another process could take the -shm for its first user"
         finally:
             await db.close()
 
