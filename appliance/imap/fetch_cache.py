@@ -29,7 +29,7 @@ from appliance.cpu_pool import worker_db
 from appliance.imap import fetch as fetching
 from appliance.imap.commands import BinarySection, BodySection, FetchAttribute, FetchItem
 from appliance.imap.limits import MAX_HEADER_OCTETS
-from appliance.imap.mime import Headers, Part, decode_words, parses_whole, scan, scan_bytes
+from appliance.imap.mime import Headers, Part, crlf_lines, decode_words, parses_whole, scan, scan_bytes
 from appliance.imap.responses import LiteralBytes, Raw, Value
 from appliance.store import message_cache
 from appliance.store.file_watch import FolderCheck, Located
@@ -73,17 +73,21 @@ def describe(f: BinaryIO, stamp: FileStamp) -> CachedMessage:
 def describe_bytes(data: bytes, stamp: FileStamp) -> CachedMessage:
     """describe() of a message in memory: at delivery and APPEND (MailStore's `describe`), and
     for a small file."""
-    root = scan_bytes(data)
-    return _row(root, data[root.header.start:min(root.header.end, root.header.start + MAX_HEADER_OCTETS)], stamp)
+    crlf = crlf_lines(data)
+    root = scan_bytes(data, crlf)
+    return _row(root, data[root.header.start:min(root.header.end, root.header.start + MAX_HEADER_OCTETS)], stamp,
+                crlf)
 
 
-def _row(root: Part, block: bytes, stamp: FileStamp) -> CachedMessage:
-    """The row of a scanned message whose top header block (at most MAX_HEADER_OCTETS of it) is `block`."""
+def _row(root: Part, block: bytes, stamp: FileStamp, crlf_only: bool = False) -> CachedMessage:
+    """The row of a scanned message whose top header block (at most MAX_HEADER_OCTETS of it) is
+    `block`; `crlf_only`: every line end of the message is a CRLF (its octets were counted)."""
     size = root.header.end - root.header.start
     headers = root.headers
-    crlf = block.count(b"\r\n")
+    # (Counting one octet is quicker than two: 2.3 against 3.3 us over a 2.9 KB message.)
+    crlf = block.count(b"\n") if crlf_only else block.count(b"\r\n")
     # (The scan parsed this very block: whether it was all fields is known already, nearly always.)
-    exact = (size <= MAX_HEADER_OCTETS and block.count(b"\n") == crlf
+    exact = (size <= MAX_HEADER_OCTETS and (crlf_only or block.count(b"\n") == crlf)
              and ((isinstance(headers, Headers) and headers.whole) or parses_whole(block)))
     extended, basic = fetching.structure_texts(root)
     # Every CR of the block in a CRLF too: the kept fields are then the block's own lines, with no

@@ -637,9 +637,15 @@ class _MemoryScan:
         return None
 
 
-def scan_bytes(data: bytes) -> Part:
-    """scan() of a message in memory: the same Part tree, mostly by _MemoryScan."""
-    if data.count(b"\n") == data.count(b"\r\n"):
+def crlf_lines(data: bytes) -> bool:
+    """Whether every line end of `data` is a CRLF (no bare LF)."""
+    return data.count(b"\n") == data.count(b"\r\n")
+
+
+def scan_bytes(data: bytes, crlf: bool | None = None) -> Part:
+    """scan() of a message in memory: the same Part tree, mostly by _MemoryScan. `crlf`:
+    crlf_lines(data), when the caller knows it."""
+    if crlf_lines(data) if crlf is None else crlf:
         try:
             return _MemoryScan(data).part([], 0, "text/plain")[0]
         except _Doubtful:
