@@ -178,9 +178,11 @@ class FetchRenderer:
                 self._learning = shared = cache.fill(_learn_later(
                     cache, _Files(rest, view.infos), self._cpu, background=False,
                     reached=functools.partial(_past, reached, stop)))
-            if shared is not None:
+            if shared is not None and self._cpu.ready:
                 # This process's rows are written by the worker too, batch by batch between its
-                # chunks: one writer, and no insert here. Kept here at the FETCH's end (as since
+                # chunks: one writer, and no insert here (until the worker has started, below:
+                # its start took 0.4-2.6 s at load 1-4, and the rows this process had described
+                # meanwhile, 9,600 of 10k, then went to it at once, 0.37 s after the last response). Kept here at the FETCH's end (as since
                 # c39874e), they took 0.77 s of a 3.3 s FETCH of 10k (8,600 rows, 50-60 us of CPU
                 # a row in one transaction: more than the 2 MB page cache, so SQLite spilled) after
                 # the last response; beside the describing, the insert waited for the GIL between

@@ -132,6 +132,28 @@ def test_bulk_work_waits_for_a_pause_in_the_clients_fetches_and_background_work_
     assert background < cpu_pool.PAUSE_SECONDS <= bulk
 
 
+def _nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, 0)  # Linux: the calling thread's
+
+
+def test_background_work_runs_below_the_server_and_waited_for_work_at_its_priority() -> None:
+    """Work a client waits for (a FETCH's share, its rows, a SEARCH scan) at the server's nice
+    value: at WORKER_NICE the server's own threads and the machine's other work took the cores from
+    it (issue 19); background and bulk work (rows after an answer went out, the full-text index)
+    WORKER_NICE below."""
+    async def main() -> tuple[int, int, int, int]:
+        pool = CpuPool(workers=1)
+        try:
+            return (await pool.run(_nice), await pool.run_background(_nice), await pool.run_bulk(_nice),
+                    await pool.run(_nice))
+        finally:
+            await pool.stop()
+
+    server = _nice()
+    low = min(19, server + cpu_pool.WORKER_NICE)
+    assert asyncio.run(main()) == (server, low, low, server)
+
+
 def _pid() -> int:
     return os.getpid()
 
