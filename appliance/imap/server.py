@@ -66,9 +66,9 @@ class ConnectionHandler:
         self.starttls_available = not implicit_tls
         self.conn = ImapConnection(limits, room=self._room_for_append)
         self.session = ImapSession(services, self, SessionConfig(services.hostname, limits.idle_timeout))
-        # Output not yet handed to the channel: written when the connection next reads from the
-        # client (_read) or when WRITE_BATCH is reached, so a command's untagged answers, its tagged
-        # reply and those of commands pipelined behind it go out in one write. Each write to the TLS
+        # Output not yet handed to the channel: written when a command has been answered, when the
+        # connection next reads from the client (_read) or when WRITE_BATCH is reached, so a
+        # command's untagged answers and its tagged reply go out in one write. Each write to the TLS
         # transport was a TLS record and a send(2) that gave the GIL up and waited to get it back
         # while the database and worker threads ran: a quarter of the event loop's time under
         # imaptest's stress mode (issue 19). Output made while a read is already waiting (IDLE's
@@ -306,6 +306,9 @@ class ConnectionHandler:
             elif isinstance(event, Command):
                 self._input_done()
                 status = await self.session.handle(event)
+                # Answered: out now, not after a command pipelined behind it, which may wait long (a
+                # thread, a lock) while the client waits for this answer.
+                self._flush_later()
                 if self.session.state in LOGGED_IN_STATES and not self.slot.authenticated:
                     self.slot.promote()  # out of the pre-auth pool, its deadline and its stress
                     if not self.slot.evicted:
