@@ -29,7 +29,7 @@ from appliance.cpu_pool import worker_db
 from appliance.imap import fetch as fetching
 from appliance.imap.commands import BinarySection, BodySection, FetchAttribute, FetchItem
 from appliance.imap.limits import MAX_HEADER_OCTETS
-from appliance.imap.mime import Headers, Part, crlf_lines, decode_words, parses_whole, scan, scan_bytes
+from appliance.imap.mime import Headers, Part, crlf_line_ends, decode_words, parses_whole, scan, scan_bytes
 from appliance.imap.responses import LiteralBytes, Raw, Value
 from appliance.store import message_cache
 from appliance.store.file_watch import FolderCheck, Located
@@ -73,10 +73,10 @@ def describe(f: BinaryIO, stamp: FileStamp) -> CachedMessage:
 def describe_bytes(data: bytes, stamp: FileStamp) -> CachedMessage:
     """describe() of a message in memory: at delivery and APPEND (MailStore's `describe`), and
     for a small file."""
-    crlf = crlf_lines(data)
-    root = scan_bytes(data, crlf)
+    line_ends = crlf_line_ends(data)
+    root = scan_bytes(data, line_ends, counted=True)
     return _row(root, data[root.header.start:min(root.header.end, root.header.start + MAX_HEADER_OCTETS)], stamp,
-                crlf)
+                line_ends is not None)
 
 
 def _row(root: Part, block: bytes, stamp: FileStamp, crlf_only: bool = False) -> CachedMessage:

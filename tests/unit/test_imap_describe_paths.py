@@ -88,7 +88,7 @@ def test_mangled_samples() -> None:
         data = _mangled(rng.choice(SAMPLES).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), rng)
         _check(data)
         try:
-            mime._MemoryScan(data).part([], 0, "text/plain")
+            mime._MemoryScan(data, data.count(b"\n")).part([], 0, "text/plain")
             memory += data.count(b"\n") == data.count(b"\r\n")
         except mime._Doubtful:
             pass
@@ -115,7 +115,7 @@ def test_long_header_and_line_go_to_the_line_reader() -> None:
     long_line = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\n--" + b"b" * mime.READ_LIMIT + b"\r\n--b--\r\n"
     for data in (long_header, long_line):
         with pytest.raises(mime._Doubtful):
-            mime._MemoryScan(data).part([], 0, "text/plain")
+            mime._MemoryScan(data, data.count(b"\n")).part([], 0, "text/plain")
         _check(data)
 
 
