@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import functools
 import logging
 import os
@@ -64,6 +65,7 @@ HERE_CHUNK = 16  # messages a prefill made in this process describes per thread 
 # files beside a burst of commands (Thunderbird's five SELECTs after its list) made each wait for the
 # GIL, a SELECT of 1k 1-2 ms -> 3-5 ms.
 HERE_PAUSE = 0.005
+HERE_WAIT = 1.0  # at the most: under clients that never pause, a chunk a second
 PART_WEIGHT = 256  # octets counted per MIME part of a cached structure, beyond its header block
 INDEX_FETCH_BATCH = 5000  # messages per rendered block of an index-only FETCH
 
@@ -434,15 +436,16 @@ async def _prefill(cache: FolderCache, uids: Sequence[int], infos: dict[int, Mes
 
 async def _prefill_here(cache: FolderCache, uids: Sequence[int], files: Sequence[tuple[int, str]]) -> None:
     """A small prefill made in this process, in a thread, HERE_CHUNK messages at a time, each chunk
-    only after a pause in the FETCHes and SELECTs (MessageCache.quiet): a client's commands come
-    first, and the prefill goes on between them (at 1k: between Thunderbird's first list and the
+    only after a pause in the FETCHes and SELECTs (MessageCache.quiet; HERE_WAIT at the most): a
+    client's commands come first, and the prefill goes on between them (at 1k: between Thunderbird's first list and the
     next session's FETCH, which then reads the rows). Rows a FETCH made meanwhile are skipped, from
     the highest UID with a row on."""
     conn = await asyncio.to_thread(_prefill_db, str(cache.path))
     start = 0
     try:
         while start < len(files):
-            await cache.quiet(HERE_PAUSE)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cache.quiet(HERE_PAUSE), HERE_WAIT)
             if await asyncio.to_thread(_fill_here, cache, conn, files[start:start + HERE_CHUNK]):
                 start += HERE_CHUNK
             else:

@@ -346,8 +346,9 @@ class MessageCache:
 
     def last_answer(self) -> float:
         """The event loop's clock when the last FETCH ended (or a SELECT came); now while one is
-        answering, or while a SELECT's prefill makes a folder's rows (cpu_pool.CpuPool.last_answer)."""
-        if self._answering or self._prefilling:
+        answering (cpu_pool.CpuPool.last_answer). (Not while a prefill waits for a pause itself:
+        under clients that never pause, the text index would then go one chunk per 30 s.)"""
+        if self._answering:
             return asyncio.get_running_loop().time()
         return self._answered
 
