@@ -437,19 +437,22 @@ async def _prefill(cache: FolderCache, uids: Sequence[int], infos: dict[int, Mes
 async def _prefill_here(cache: FolderCache, uids: Sequence[int], files: Sequence[tuple[int, str]]) -> None:
     """A small prefill made in this process, in a thread, HERE_CHUNK messages at a time, each chunk
     only after a pause in the FETCHes and SELECTs (MessageCache.quiet; HERE_WAIT at the most): a
-    client's commands come first, and the prefill goes on between them (at 1k: between Thunderbird's first list and the
-    next session's FETCH, which then reads the rows). Rows a FETCH made meanwhile are skipped, from
-    the highest UID with a row on."""
+    client's commands come first, and the prefill goes on between them (at 1k: between
+    Thunderbird's first list and the next session's FETCH, which then reads the rows). Rows a
+    FETCH made meanwhile are skipped, from the highest UID with a row on."""
     conn = await asyncio.to_thread(_prefill_db, str(cache.path))
     start = 0
     try:
         while start < len(files):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(cache.quiet(HERE_PAUSE), HERE_WAIT)
-            if await asyncio.to_thread(_fill_here, cache, conn, files[start:start + HERE_CHUNK]):
-                start += HERE_CHUNK
-            else:
-                start = max(start + HERE_CHUNK, bisect.bisect_right(uids, await cache.highest()))
+            start += HERE_CHUNK
+            if not await asyncio.to_thread(_fill_here, cache, conn, files[start - HERE_CHUNK:start]):
+                # A FETCH made them: on past its rows, unless the highest is a message delivered
+                # since the SELECT (above all of `uids`), with files below it left without rows.
+                highest = await cache.highest()
+                if highest <= uids[-1]:
+                    start = max(start, bisect.bisect_right(uids, highest))
     except Exception:
         log.debug("message cache: a prefill in this process stopped", exc_info=True)
     # (Cancelled as the box stops, a chunk may still run in its thread: the connection is closed

@@ -5,6 +5,7 @@ FETCH keeps its own rows only at its end, so the worker would otherwise describe
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -127,3 +128,41 @@ def test_a_prefill_in_this_process_waits_for_a_pause_in_the_fetches() -> None:
     waited, after = asyncio.run(run())
     assert waited
     assert after >= 0.05
+
+
+class _Prefilled:
+    """A folder's cache whose rows a FETCH has made up to `highest` (every chunk finds its rows)."""
+
+    path = Path("/nonexistent/letterbox.db")
+    folder_id = 1
+
+    def __init__(self, highest: int) -> None:
+        self._highest = highest
+
+    async def quiet(self, pause: float) -> None:
+        return None
+
+    async def highest(self) -> int:
+        return self._highest
+
+
+def test_a_prefill_in_this_process_skips_what_a_fetch_made_but_not_past_new_mail(monkeypatch: Any) -> None:
+    """A chunk that finds its rows made (by the FETCH that came) sends the prefill on past the highest
+    UID with a row; not when that row is of a message delivered since the SELECT (above every UID
+    the prefill has), whose files below it may have none."""
+    chunks: list[int] = []
+
+    def fill(cache: Any, conn: Any, chunk: list[tuple[int, str]]) -> int:
+        chunks.append(chunk[0][0])
+        return 0
+
+    monkeypatch.setattr(fetch_render, "_fill_here", fill)
+    monkeypatch.setattr(fetch_render, "_prefill_db", lambda path: sqlite3.connect(":memory:"))
+    uids = list(range(1, 101))
+    files = [(uid, f"/nonexistent/{uid}") for uid in uids]
+    size = fetch_render.HERE_CHUNK
+    asyncio.run(fetch_render._prefill_here(cast(FolderCache, _Prefilled(60)), uids, files))
+    assert chunks == [1, *range(61, 101, size)]
+    chunks.clear()
+    asyncio.run(fetch_render._prefill_here(cast(FolderCache, _Prefilled(500)), uids, files))
+    assert chunks == list(range(1, 101, size))
