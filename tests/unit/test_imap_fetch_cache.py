@@ -236,3 +236,41 @@ def test_a_file_is_described_from_its_descriptor_as_from_a_file_object(tmp_path:
         assert fetch_cache._read_to_end(fd, 10) == b"x" * 200_000
     finally:
         os.close(fd)
+
+
+def test_files_described_in_batches_are_described_as_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                    ) -> None:
+    """fetch_cache.described_files (files read READ_AHEAD at a time, then described) gives each file's
+    _described in order, for small, large and renamed files and known stamps, and leaves out a file
+    that is gone; it holds no more than READ_AHEAD_OCTETS (and one file) read but not described."""
+    monkeypatch.setattr(fetch_cache, "WHOLE_READ", 4096)
+    monkeypatch.setattr(fetch_cache, "READ_AHEAD", 4)
+    monkeypatch.setattr(fetch_cache, "READ_AHEAD_OCTETS", 8192)
+    cur = tmp_path / "cur"
+    cur.mkdir()
+    (tmp_path / "new").mkdir()
+    wanted: list[tuple[int, str, tuple[int, int, int] | None]] = []
+    for n, path in enumerate(sorted(CORPUS.glob("*.eml"))[:30]):
+        data = path.read_bytes() * (1 if n % 3 else 40)  # (beyond WHOLE_READ: the scan of the file)
+        copy = cur / f"{n}.M{n}P1.test:2,"
+        copy.write_bytes(data)
+        wanted.append((n, str(copy), stamp_of(copy.stat()) if n % 7 == 6 else None))
+    expected = {n: fetch_cache._described(path, known) for n, path, known in wanted}
+    os.rename(wanted[5][1], wanted[5][1] + "S")  # renamed by a flag change: found again, not at its path
+    os.unlink(wanted[9][1])  # expunged: left out
+    read_ahead: list[int] = []
+    loaded = fetch_cache._loaded
+
+    def counted(path: str, known: tuple[int, int, int] | None) -> object:
+        found = loaded(path, known)
+        read_ahead.append(len(found[0]) if isinstance(found[0], bytes) else 0)
+        return found
+
+    monkeypatch.setattr(fetch_cache, "_loaded", counted)
+    got = []
+    for n, row, fstat, here in fetch_cache.described_files(wanted):
+        got.append(n)
+        assert (row, stamp_of(fstat), here) == (expected[n][0], stamp_of(expected[n][1]), n != 5)
+        assert len(read_ahead) - len(got) <= 4
+        assert sum(read_ahead[len(got):]) <= 8192 + 4096
+    assert got == [n for n, _, _ in wanted if n != 9]
