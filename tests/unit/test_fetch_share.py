@@ -157,7 +157,7 @@ def test_a_prefill_in_this_process_skips_what_a_fetch_made_but_not_past_new_mail
         return 0
 
     monkeypatch.setattr(fetch_render, "_fill_here", fill)
-    monkeypatch.setattr(fetch_render, "_prefill_db", lambda path: sqlite3.connect(":memory:"))
+    monkeypatch.setattr(fetch_render, "_prefill_db", lambda path: sqlite3.connect(":memory:", check_same_thread=False))
     uids = list(range(1, 101))
     files = [(uid, f"/nonexistent/{uid}") for uid in uids]
     size = fetch_render.HERE_CHUNK
