@@ -33,7 +33,7 @@ from appliance.imap.mime import Headers, Part, crlf_line_ends, decode_words, par
 from appliance.imap.responses import LiteralBytes, Raw, Value
 from appliance.store import message_cache
 from appliance.store.file_watch import FolderCheck, Located
-from appliance.store.maildir import open_message
+from appliance.store.maildir import open_message, read_to_end
 from appliance.store.message_cache import CachedMessage, CacheUnreadable, FileStamp, FolderCache, stamp_of
 
 # RFC 3501 6.4.5 HEADER.FIELDS names as clients send them, lower-cased. What Thunderbird, iOS Mail,
@@ -352,23 +352,11 @@ def _loaded(path: str, known: FileStamp | None) -> tuple[bytes | CachedMessage |
         if stamp == known:
             return None, st, True
         if st.st_size <= WHOLE_READ:
-            return _read_to_end(fd, st.st_size), st, True
+            return read_to_end(fd, st.st_size), st, True
         with open(fd, "rb", closefd=False) as f:
             return describe(f, stamp), st, True
     finally:
         os.close(fd)
-
-
-def _read_to_end(fd: int, size: int) -> bytes:
-    """The file's content from its start, `size` octets by its fstat: one read() but when it grew
-    since (a short read of a regular file is its end)."""
-    data = os.read(fd, size + 1)
-    if len(data) <= size:
-        return data
-    parts = [data]
-    while chunk := os.read(fd, 1 << 16):
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 class HeaderLookup(Protocol):

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from appliance.cpu_pool import worker_db
 from appliance.imap.limits import MAX_DECODED_SEARCH_OCTETS
 from appliance.imap.search import Term, TextHits, searched_texts
-from appliance.store.maildir import open_message
+from appliance.store.maildir import read_message
 from appliance.store.model import MessageInfo
 from appliance.tasks import cancel_and_wait
 
@@ -254,8 +254,7 @@ def index_messages(db_path: str, folder_id: int, uidvalidity: int, items: list[t
     rows = []
     for uid, path in items:
         try:
-            with open_message(Path(path)) as f:
-                data = f.read(MAX_DECODED_SEARCH_OCTETS + 1)
+            data = read_message(path, MAX_DECODED_SEARCH_OCTETS + 1)
         except OSError:
             continue  # gone meanwhile (expunged): nothing to index
         header, body = searched_texts(data)

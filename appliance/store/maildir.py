@@ -639,6 +639,37 @@ def open_message(path: Path | str) -> BinaryIO:
         raise
 
 
+def read_message(path: str, limit: int) -> bytes:
+    """open_message(path).read(limit): with os.open, one fstat and one read() of the file's size (a
+    buffered file object's read(limit) of a big limit allocated the whole limit first: 8 MiB for
+    the full-text index's, 37-57 us a corpus message against 8 us this way; issue 19)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        with open_message(path) as f:  # renamed by a flag change since the index was read
+            return f.read(limit)
+    try:
+        return read_to_end(fd, os.fstat(fd).st_size, limit)
+    finally:
+        os.close(fd)
+
+
+def read_to_end(fd: int, size: int, limit: int | None = None) -> bytes:
+    """The file's content from its start, at most `limit` octets, `size` octets by its fstat: one
+    read() but when it grew since (a short read of a regular file is its end)."""
+    data = os.read(fd, size + 1 if limit is None else min(size + 1, limit))
+    if len(data) <= size or (limit is not None and len(data) >= limit):
+        return data
+    parts, got = [data], len(data)
+    while limit is None or got < limit:
+        chunk = os.read(fd, 1 << 16 if limit is None else min(1 << 16, limit - got))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
 def rename_files(moves: Iterable[tuple[str | Path, str | Path]], *, durable: bool = True) -> list[bool]:
     """Rename each (source, target); False where the source is gone (expunged or renamed by
     another program meanwhile). With `durable`, the directories touched are fsynced once each.

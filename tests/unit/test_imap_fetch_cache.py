@@ -17,6 +17,7 @@ from appliance.imap.commands import BodySection, FetchAttribute, FetchItem, Head
 from appliance.imap.mime import HEADER_PROBE, decode_words, parse_header, scan, top_header_block
 from appliance.imap.responses import FetchResponse, render_value
 from appliance.imap.search import CachedSubject, Candidate, Searcher
+from appliance.store.maildir import read_message, read_to_end
 from appliance.store.message_cache import stamp_of
 
 CORPUS = Path(__file__).parent.parent / "corpus" / "mime"
@@ -233,7 +234,7 @@ def test_a_file_is_described_from_its_descriptor_as_from_a_file_object(tmp_path:
     grown.write_bytes(b"x" * 200_000)
     fd = os.open(grown, os.O_RDONLY)
     try:
-        assert fetch_cache._read_to_end(fd, 10) == b"x" * 200_000
+        assert read_to_end(fd, 10) == b"x" * 200_000
     finally:
         os.close(fd)
 
@@ -274,3 +275,29 @@ def test_files_described_in_batches_are_described_as_one_at_a_time(tmp_path: Pat
         assert len(read_ahead) - len(got) <= 4
         assert sum(read_ahead[len(got):]) <= 8192 + 4096
     assert got == [n for n, _, _ in wanted if n != 9]
+
+
+def test_a_message_read_to_a_limit_is_what_a_file_object_reads(tmp_path: Path) -> None:
+    """maildir.read_message(path, limit) (os.open, one read) gives open_message(path).read(limit): a
+    file shorter or longer than the limit, one that grew since its fstat, one renamed by a flag change."""
+    cur = tmp_path / "cur"
+    cur.mkdir()
+    (tmp_path / "new").mkdir()
+    data = bytes(range(256)) * 40
+    path = cur / "1.M1P1.test:2,"
+    path.write_bytes(data)
+    for limit in (1, 100, len(data) - 1, len(data), len(data) + 1, 1 << 20):
+        assert read_message(str(path), limit) == data[:limit]
+    os.rename(path, str(path) + "S")
+    assert read_message(str(path), 100) == data[:100]
+    with pytest.raises(FileNotFoundError):
+        read_message(str(cur / "2.M2P1.test:2,"), 100)
+    grown = tmp_path / "grown"
+    grown.write_bytes(b"x" * 200_000)
+    fd = os.open(grown, os.O_RDONLY)
+    try:
+        for limit in (5, 11, 12, 70_000, 200_000, 300_000):
+            os.lseek(fd, 0, os.SEEK_SET)
+            assert read_to_end(fd, 10, limit) == b"x" * min(limit, 200_000)
+    finally:
+        os.close(fd)
