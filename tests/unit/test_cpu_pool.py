@@ -6,6 +6,7 @@ import asyncio
 import os
 import sqlite3
 import time
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 from appliance import cpu_pool
@@ -158,6 +159,11 @@ def _pid() -> int:
     return os.getpid()
 
 
+def _tracker_pid() -> int | None:
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    return getattr(tracker, "_pid", None)
+
+
 def _children() -> set[int]:
     found = set()
     for task in os.listdir(f"/proc/{os.getpid()}/task"):
@@ -171,15 +177,20 @@ def _children() -> set[int]:
 
 def test_an_idle_worker_and_the_resource_tracker_exit_and_come_back_on_demand() -> None:
     """Memory (issue 19): after IDLE_SECONDS without work the worker process stops, and so does the
-    resource tracker it brought (13 MiB RSS); the next task starts both again."""
+    resource tracker it brought (13 MiB RSS); the next task starts both again. (A tracker another
+    test of this pytest process left running, with an executor of its own still alive, is there
+    before and after: then only the worker comes and goes. The fresh-clone CI of 345904c failed on
+    that, depending on xdist's order.)"""
     async def main() -> None:
         pool = CpuPool(workers=1, idle_seconds=0.2)
+        cpu_pool._stop_resource_tracker()  # (stops nothing while another executor is alive)
         before = _children()
+        tracker_before = _tracker_pid() in before
         try:
             worker = await pool.run(_pid)
             started = _children() - before
             assert worker in started
-            assert len(started) == 2
+            assert len(started) == (1 if tracker_before else 2), (started, cpu_pool._live)
             await async_wait_until(lambda: not (_children() - before) and not pool.started, what="both gone")
             again = await pool.run(_pid)
             assert again != worker
