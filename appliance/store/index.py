@@ -217,9 +217,10 @@ class FolderIndex:
         self.keywords = Keywords()
         self.keywords_mtime = -1
         self.stamp: tuple[int, int] | None = None  # dir mtimes at the last listing (or our own last change)
-        self.dirty = True
+        self.dirty = True  # list at the next look, whatever the stamp (another program changed the folder)
         # Wall-clock ns from which a look lists the folder again though its stamp did not move (0:
-        # none): set when the stamp was carried over our own renames (changed_by_us).
+        # none): set when the stamp is that of a change made within DIRTY_WINDOW_NS of the look that
+        # took it, ours (changed_by_us) or a listing's (was_listed).
         self.recheck_ns = 0
         self.pending: set[str] = set()  # unique names being delivered: not yet ours to index
         self.unwritten: set[int] = set()  # UIDs whose rows a failed commit_queued did not write
@@ -373,7 +374,26 @@ class FolderIndex:
         and expunges: maildir-sync.c, "dirty_cur_time")."""
         if before == self.stamp and not self.dirty and after != before:
             self.stamp = after
-            self.recheck_ns = max(after) + DIRTY_WINDOW_NS
+            # The earliest recheck due stands: while our changes go on (deliveries, a STORE loop),
+            # another program's change hidden in one of their ticks is found within DIRTY_WINDOW_NS
+            # all the same, at the cost of one listing per window at the most.
+            self._recheck(max(after) + DIRTY_WINDOW_NS)
+
+    def was_listed(self, changes: DiskChanges) -> None:
+        """A listing (scan) read the folder at the directories' stamp `changes.stamp`. When they
+        had changed within DIRTY_WINDOW_NS before it, a change in the same mtime tick may have come
+        after it without moving the stamp: the folder is listed again at the first look once the
+        window is over, as Dovecot does (maildir-sync.c, DIR_DELAYED_REFRESH: a directory whose
+        last look was within MAILDIR_SYNC_SECS of its mtime is read again once that look is more
+        than MAILDIR_SYNC_SECS old), not at every look meanwhile: with mail arriving more often
+        than once per window, every NOOP listed the whole folder, and the next listing found the
+        folder changed just before it again, for as long as the mail went on (issue 19)."""
+        self.stamp, self.dirty, self.listed, self.recheck_ns = changes.stamp, False, True, 0
+        if changes.dirty:
+            self._recheck(max(changes.stamp) + DIRTY_WINDOW_NS)
+
+    def _recheck(self, at_ns: int) -> None:
+        self.recheck_ns = min(self.recheck_ns, at_ns) if self.recheck_ns else at_ns
 
     def small_on_disk(self) -> bool:
         """Whether new/ and cur/ are small enough together (INLINE_LISTING_OCTETS, their directories'

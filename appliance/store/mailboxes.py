@@ -15,8 +15,9 @@ import time
 from asyncio import selector_events, sslproto
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import idna
 
@@ -38,6 +39,7 @@ from appliance.store.model import (
 )
 
 log = logging.getLogger("letterbox.store")
+_T = TypeVar("_T")
 
 # Folder indexes nobody has selected are kept in memory up to this many octets together (about
 # 9,000 messages, index.ENTRY_MEMORY each); beyond it the least recently used are unloaded and read
@@ -310,7 +312,7 @@ class OpenMailboxes:
             written.add_done_callback(lambda done: self._queued_commit_done(f, change, done))
         else:
             await index.commit(self._db, [change], durable=not change.found_only or bool(adopted))
-        f.stamp, f.dirty, f.listed, f.recheck_ns = found.stamp, found.dirty, True, 0
+        f.was_listed(found)
         if f.uidlist_stale:
             self._uidlist_later(f, wait=indexed >= index.BULK)
         if f.undated:
@@ -348,10 +350,9 @@ class OpenMailboxes:
             return recent
         targets = [maildir.cur_filename(e.base, maildir.split_filename(e.filename)[1]) for e in fresh]
         # Not fsynced: after a crash the file is back in new/ and simply recent again.
-        done = await asyncio.to_thread(
-            maildir.rename_files, [(f.path / "new" / e.filename, f.path / "cur" / t) for e, t in zip(fresh, targets, strict=True)],
-            durable=False,
-        )
+        stamps: list[tuple[int, int]] = []
+        moves = [(f.file("new", e.filename), f.file("cur", t)) for e, t in zip(fresh, targets, strict=True)]
+        done = await asyncio.to_thread(_stamped, [f], stamps, partial(maildir.rename_files, moves, durable=False))
         change = Change(f)
         for e, target, ok in zip(fresh, targets, done, strict=True):
             if ok:
@@ -359,6 +360,8 @@ class OpenMailboxes:
             else:
                 f.dirty = True
         await index.commit(self._db, [change], durable=False)  # as the renames: a listing finds the files again
+        if all(done):  # the next look lists nothing (every session's NOOP after a delivery listed the folder)
+            _carry_stamps([f], stamps)
         f.unclaimed.clear()
         f.invalidate()
         return recent
@@ -400,13 +403,14 @@ class OpenMailboxes:
             base = maildir.unique_name(e.size)
             filename = maildir.cur_filename(base, maildir.encode_letters(e.flags, e.keywords, mapped))
             jobs.append(WriteJob(target.path, base, "cur", filename, None))
-        stamps: list[tuple[int, int]] = []
+        stamps: list[tuple[int, int]] = []  # for _carry_stamps
+        changed = [src, target] if move else [target]
         if move:
-            # Strings, not a Path per file (FolderIndex.file); the stamps for changed_by_us.
+            # Strings, not a Path per file (FolderIndex.file).
             moves = [(src.file(e.sub, e.filename), target.file("cur", j.filename)) for e, j in zip(entries, jobs, strict=True)]
-            done = await asyncio.to_thread(_renamed, src.path, target.path, moves, stamps)
+            done = await asyncio.to_thread(_stamped, changed, stamps, partial(maildir.rename_files, moves))
         else:
-            done = await self._copy_files(mb, src, entries, jobs, size)
+            done = await self._copy_files(mb, src, target, entries, jobs, size, stamps)
         out_change, in_change = Change(src), Change(target)
         pairs = []
         for e, job, ok in zip(entries, jobs, done, strict=True):
@@ -424,19 +428,19 @@ class OpenMailboxes:
         await index.commit(self._db, [in_change, out_change])
         target.unclaimed.update(new for _, new in pairs)
         target.invalidate()
-        if stamps and all(done):
-            src.changed_by_us(stamps[0], stamps[2])
-            target.changed_by_us(stamps[1], stamps[3])
+        if all(done):
+            _carry_stamps(changed, stamps)
         return pairs
 
     @staticmethod
-    async def _copy_files(mb: OpenMailbox, src: FolderIndex, entries: list[index.Entry], jobs: list[WriteJob],
-                          size: int) -> list[bool]:
-        """A COPY's files (all or none, fsynced); `size` octets reserved against the quota meanwhile."""
+    async def _copy_files(mb: OpenMailbox, src: FolderIndex, target: FolderIndex, entries: list[index.Entry],
+                          jobs: list[WriteJob], size: int, stamps: list[tuple[int, int]]) -> list[bool]:
+        """A COPY's files (all or none, fsynced); `size` octets reserved against the quota meanwhile;
+        the target's stamps around them put in `stamps` (_stamped)."""
         sources = [src.path / e.sub / e.filename for e in entries]
         mb.reserved += size
         try:
-            await asyncio.to_thread(maildir.copy_messages, list(zip(sources, jobs, strict=True)))
+            await asyncio.to_thread(_stamped, [target], stamps, partial(maildir.copy_messages, list(zip(sources, jobs, strict=True))))
         except FileNotFoundError:
             src.dirty = True
             raise StoreError("a message was expunged meanwhile; nothing copied") from None
@@ -613,13 +617,22 @@ class OpenMailboxes:
 
 # --- helpers ---------------------------------------------------------------------------------------
 
-def _renamed(src: Path, target: Path, moves: list[tuple[str, str]], stamps: list[tuple[int, int]]) -> list[bool]:
-    """Worker thread: a MOVE's renames (durable), with both folders' directory stamps just before
-    and just after them put in `stamps` (source, target, source, target)."""
-    stamps += maildir.dir_stamp(src), maildir.dir_stamp(target)
-    done = maildir.rename_files(moves)
-    stamps += maildir.dir_stamp(src), maildir.dir_stamp(target)
+def _stamped(folders: Sequence[FolderIndex], stamps: list[tuple[int, int]], work: Callable[[], _T]) -> _T:
+    """Worker thread: `work` (renames or links into these folders, lock held), with the folders'
+    directory stamps just before and just after it put in `stamps` (each folder's before, in
+    order, then each one's after), for _carry_stamps."""
+    stamps += (maildir.dir_stamp(f.path) for f in folders)
+    done = work()
+    stamps += (maildir.dir_stamp(f.path) for f in folders)
     return done
+
+
+def _carry_stamps(folders: Sequence[FolderIndex], stamps: list[tuple[int, int]]) -> None:
+    """The folders' stamps move with our own changes that _stamped took them around (each change
+    made and its rows committed): FolderIndex.changed_by_us."""
+    if len(stamps) == 2 * len(folders):
+        for f, before, after in zip(folders, stamps[:len(folders)], stamps[len(folders):], strict=True):
+            f.changed_by_us(before, after)
 
 
 def _settled(task: asyncio.Task[None]) -> None:

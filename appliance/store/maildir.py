@@ -492,7 +492,7 @@ def _entries(path: Path) -> list[os.DirEntry[str]]:
 
 # --- messages -----------------------------------------------------------------------------------
 
-def _write_file(path: Path, data: bytes) -> None:
+def _write_file(path: str | Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
@@ -511,35 +511,42 @@ class WriteJob:
     filename: str
     mtime: int | None  # INTERNALDATE; Dovecot reads it from the file's mtime
 
+    @property
+    def tmp(self) -> str:
+        """Where the file is written first."""
+        return os.path.join(self.maildir, "tmp", self.base)
+
+    @property
+    def target(self) -> str:
+        """Where it is renamed to (new/ or cur/)."""
+        return os.path.join(self.maildir, self.sub, self.filename)
+
+
+def write_tmp(job: WriteJob, data: bytes) -> None:
+    """The file written whole into tmp/ and fsynced, with its INTERNALDATE; nothing left in tmp/ when
+    it fails. Not visible to any reader until renamed (the group commit does it: store/arrivals.py)."""
+    try:
+        _write_file(job.tmp, data)
+        if job.mtime is not None:
+            os.utime(job.tmp, (job.mtime, job.mtime))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(job.tmp)
+        raise
+
 
 def write_message(job: WriteJob, data: bytes, *, sync_dir: bool = True) -> None:
     """tmp/ -> fsync -> rename into new/ or cur/ -> fsync the directory. Durable when it returns;
-    without `sync_dir` the rename is not, until the caller fsyncs the directory (a group commit
-    does it once for every file renamed there meanwhile: store/arrivals.py)."""
-    tmp = job.maildir / "tmp" / job.base
+    without `sync_dir` the rename is not, until the caller fsyncs the directory."""
+    write_tmp(job, data)
     try:
-        _write_file(tmp, data)
-        if job.mtime is not None:
-            os.utime(tmp, (job.mtime, job.mtime))
-        os.rename(tmp, job.maildir / job.sub / job.filename)
+        os.rename(job.tmp, job.target)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(job.tmp)
         raise
     if sync_dir:
         fsync_dir(job.maildir / job.sub)
-
-
-def write_messages(jobs: Iterable[WriteJob], data: bytes, *, sync_dir: bool = True) -> list[OSError | None]:
-    """Each copy on its own: one failing (disk full, folder gone) does not stop the others."""
-    results: list[OSError | None] = []
-    for job in jobs:
-        try:
-            write_message(job, data, sync_dir=sync_dir)
-            results.append(None)
-        except OSError as exc:
-            results.append(exc)
-    return results
 
 
 def copy_message(src: Path, job: WriteJob) -> None:

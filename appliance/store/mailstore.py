@@ -470,13 +470,17 @@ class MailStore:
         return outcome
 
     def _write(self, job: WriteJob, data: bytes) -> tuple[OSError | None, CachedMessage | None]:
-        """Worker thread: the durable write, then the message's cache row while its bytes are in
-        memory (so no FETCH ever reads this file for a message list)."""
-        [error] = maildir.write_messages([job], data, sync_dir=False)
-        if error is not None or self._describe is None:
-            return error, None
+        """Worker thread: the durable write into tmp/ (the group commit renames it into place), then
+        the message's cache row while its bytes are in memory (so no FETCH ever reads this file for
+        a message list; a rename keeps what the row is tied to: size, mtime, inode)."""
         try:
-            return None, self._describe(data, stamp_of(os.stat(_job_path(job))))
+            maildir.write_tmp(job, data)
+        except OSError as error:
+            return error, None
+        if self._describe is None:
+            return None, None
+        try:
+            return None, self._describe(data, stamp_of(os.stat(job.tmp)))
         except Exception:
             # The message is safe on disk; without a row its first FETCH reads the file instead.
             log.exception("store: describing a delivered message for the cache failed")
@@ -508,10 +512,6 @@ def _slices(uids: Sequence[int]) -> Iterator[tuple[list[int], bool]]:
     starts = range(0, len(ordered), step) if ordered else range(1)
     for start in starts:
         yield ordered[start:start + step], start + step >= len(ordered)
-
-
-def _job_path(job: WriteJob) -> Path:
-    return job.maildir / job.sub / job.filename
 
 
 @dataclass

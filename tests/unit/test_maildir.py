@@ -157,8 +157,8 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
     maildir.make_maildir(tmp_path, folder=False)
     job = WriteJob(tmp_path, "x", "new", "x", None)
     (tmp_path / "new").rmdir()  # the rename fails
-    [error] = maildir.write_messages([job], b"data")
-    assert isinstance(error, FileNotFoundError)
+    with pytest.raises(FileNotFoundError):
+        maildir.write_message(job, b"data")
     assert list((tmp_path / "tmp").iterdir()) == []
 
 

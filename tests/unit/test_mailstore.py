@@ -157,8 +157,9 @@ async def held_burst(store: MailStore, count: int, data: bytes = MSG) -> list[in
         while store._arrivals.in_flight < count:
             assert time.monotonic() < deadline, "the deliveries never reached the group commit"
             await asyncio.sleep(0.005)
-        assert len(files(inbox.path, "new")) == before + count  # renamed into place, not yet indexed...
-        assert len(inbox.pending) == count  # ...and kept from any scan meanwhile
+        # Written and fsynced in tmp/, renamed into place by the group commit under the lock...
+        assert (len(files(inbox.path, "tmp")), len(files(inbox.path, "new"))) == (count, before)
+        assert len(inbox.pending) == count  # ...and kept from any scan until indexed
     return [r[ALICE] for r in await asyncio.gather(*tasks)]
 
 
@@ -1266,5 +1267,65 @@ def test_the_folder_stamp_moves_with_its_own_store_and_expunge(tmp_path: Path, m
         assert listings == 3
         await store.snapshot(ALICE, "INBOX")
         assert listings == 3  # listed once: the recheck is spent
+
+    run(tmp_path, body)
+
+
+def test_the_folder_stamp_moves_with_its_own_deliveries_claims_and_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New mail put into a folder through the store (a delivery, a burst of them sharing a group
+    commit, an APPEND with flags into cur/, a COPY), and the claim that moves it from new/ to cur/
+    for a session, leave the next look at the disk with nothing to list: every NOOP of every
+    session on a 20k folder listed it after each delivery, 35-43 ms each (issue 19). Another
+    program's file is found all the same: at once when it moves the stamp, and a listing made
+    right after a change (whose mtime tick may hide another) is made again once the window is
+    over, not at every look meanwhile."""
+    box = home(tmp_path)
+    listings = 0
+    real_list = maildir.list_messages
+
+    def counted(folder: Path) -> dict[str, tuple[str, str]]:
+        nonlocal listings
+        if folder == box:
+            listings += 1
+        return real_list(folder)
+
+    async def body(store: MailStore) -> None:
+        await store.deliver([ALICE], MSG)
+        await store.append(ALICE, "Archive", MSG, frozenset(), None)
+        await store.snapshot(ALICE, "INBOX", claim_recent=True)
+        await store.snapshot(ALICE, "Archive", claim_recent=True)
+        age(box)
+        monkeypatch.setattr(maildir, "list_messages", counted)
+        await store.snapshot(ALICE, "INBOX")
+        assert listings == 1  # the stamp moved (age): listed, long unchanged: no recheck due
+        await store.deliver([ALICE], MSG)
+        assert sorted(await held_burst(store, 3)) == [3, 4, 5]  # type: ignore[type-var]
+        await store.append(ALICE, "INBOX", MSG, frozenset({"\\Seen"}), None)  # (into cur/)
+        assert [new for _, new in await store.copy(ALICE, "Archive", [1], "INBOX")] == [7]
+        snap = await store.snapshot(ALICE, "INBOX", claim_recent=True)  # (new/ to cur/)
+        assert (len(snap.messages), snap.recent) == (7, frozenset(range(2, 8)))
+        assert files(box, "new") == []
+        snap = await store.snapshot(ALICE, "INBOX", claim_recent=True)
+        assert (len(snap.messages), snap.recent) == (7, frozenset())
+        assert listings == 1
+
+        (box / "new" / f"1700000000.M1P1.other,S={len(MSG)},W={len(MSG)}").write_bytes(MSG)  # another program's delivery
+        snap = await store.snapshot(ALICE, "INBOX")
+        assert listings == 2
+        assert len(snap.messages) == 8
+        f = await store._boxes.folder(await store._boxes.get(ALICE), "INBOX")
+        assert f.recheck_ns > time.time_ns()  # listed right after new/ changed: its tick may hide another
+        await store.deliver([ALICE], MSG)
+        snap = await store.snapshot(ALICE, "INBOX")
+        assert listings == 2  # not listed again at every look meanwhile...
+        assert len(snap.messages) == 9
+        while time.time_ns() < f.recheck_ns:
+            await asyncio.sleep(0.05)
+        await store.snapshot(ALICE, "INBOX")
+        assert listings == 3  # ...but once the window is over
+        age(box)
+        await store.snapshot(ALICE, "INBOX")
+        await store.snapshot(ALICE, "INBOX")
+        assert listings == 4  # (the stamp moved): listed once, long unchanged: the recheck is spent
 
     run(tmp_path, body)
