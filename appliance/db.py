@@ -198,11 +198,14 @@ class Database:
             finally:
                 self.counters.forget_tick()  # the counters may have moved (ChangeCounters.read_this_tick)
 
-    async def write_queued(self, work: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> asyncio.Future[T]:
+    async def write_queued(self, work: Callable[[sqlite3.Connection], T], *, durable: bool = True,
+                           gate: tuple[threading.Event, float] | None = None) -> asyncio.Future[T]:
         """write() without waiting for the transaction: once this returns it is queued on the
         database's thread ahead of every write and read asked for later, which run after it (the
         write lock is held until it ends), and the future gives its result or exception. For work
-        whose result nobody needs at once (a first listing's rows, store/index.py commit_queued)."""
+        whose result nobody needs at once (a first listing's rows, store/index.py commit_queued).
+        `gate`: (event, seconds): the thread waits for the event (that many seconds at most) before
+        it begins the transaction."""
         await self._write_lock.acquire()
         try:
             # aiosqlite's Connection._execute without its await: putting it on the queue is what orders it.
@@ -210,7 +213,8 @@ class Database:
             conn = self._conn._conn
             if not self._conn._running or conn is None:  # as aiosqlite's own calls check
                 raise ValueError("Connection closed")
-            self._conn._tx.put_nowait((future, partial(_whole_transaction, work, self._rider_work(), durable, conn)))
+            job = partial(_whole_transaction, work, self._rider_work(), durable, conn)
+            self._conn._tx.put_nowait((future, job if gate is None else partial(_after, gate, job)))
         except BaseException:
             self._write_lock.release()
             raise
@@ -285,6 +289,11 @@ def _ride_and_commit(riders: list[Callable[[sqlite3.Connection], None]], conn: s
     for work in riders:
         work(conn)
     conn.execute("COMMIT")
+
+
+def _after(gate: tuple[threading.Event, float], job: Callable[[], T]) -> T:
+    gate[0].wait(gate[1])
+    return job()
 
 
 def _whole_transaction(work: Callable[[sqlite3.Connection], T], riders: list[Callable[[sqlite3.Connection], None]],

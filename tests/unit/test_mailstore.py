@@ -1045,6 +1045,29 @@ def test_a_first_listing_answers_before_its_rows_are_written_and_nothing_comes_b
     assert run(tmp_path, second) == before
 
 
+def test_a_first_listing_writes_its_rows_only_after_the_select_had_its_turn_of_the_loop(tmp_path: Path) -> None:
+    """The queued rows of a first listing wait for the event loop's next iteration, where the SELECT
+    has answered: SQLite's INSERT no longer shares the GIL with the snapshot and the answer (issue 19).
+    Seen from another connection: no row while the loop has not turned, all of them once it has."""
+    names = copied_in(tmp_path, index.BULK + 10)
+
+    def rows() -> int:
+        other = sqlite3.connect(tmp_path / "letterbox.db")
+        try:
+            return int(other.execute("SELECT count(*) FROM messages").fetchone()[0])
+        finally:
+            other.close()
+
+    async def body(store: MailStore) -> tuple[int, int]:
+        await store.snapshot(ALICE, "INBOX", claim_recent=True)
+        time.sleep(0.3)  # noqa: ASYNC251  the loop does not turn: an INSERT started at once would be done by now
+        before = rows()
+        await store._db.writes_done()
+        return before, rows()
+
+    assert run(tmp_path, body) == (0, len(names))
+
+
 def test_rows_a_queued_commit_could_not_write_are_written_at_the_next_use(tmp_path: Path) -> None:
     names = copied_in(tmp_path, index.BULK)
 
