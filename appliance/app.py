@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from appliance import backup, setup_code, systemd_notify, web_server
+from appliance import backup, setup_code, systemd_notify, waits, web_server
 from appliance.accounts import Accounts
 from appliance.admin import Admin
 from appliance.auth import Auth
@@ -344,6 +344,7 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
     arrives while the box is starting lets the start finish, then stops cleanly (exit code 0)
     without serving mail (nor the console, if it came before the console answered). Before this
     point nothing is open, and the signal's default action ends the process."""
+    waits.install()  # only with LETTERBOX_WAITS set (a bench's probe)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -37,6 +37,8 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import popen_spawn_posix, resource_tracker, synchronize
 from typing import Any, ParamSpec, TypeVar
 
+from appliance import waits
+
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
@@ -269,13 +271,15 @@ class CpuPool:
             await asyncio.sleep(wait)
 
     async def _run(self, level: int, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        await self._take_turn(level)
+        with waits.span("cpu pool: turn") if waits.ENABLED else contextlib.nullcontext():
+            await self._take_turn(level)
         self._running += 1
         try:
             for attempt in (1, 2):
                 executor = self._start()
                 try:
-                    result = await asyncio.wrap_future(executor.submit(_call, level == WAITED, fn, args, kwargs))
+                    with waits.span("cpu pool") if waits.ENABLED else contextlib.nullcontext():
+                        result = await asyncio.wrap_future(executor.submit(_call, level == WAITED, fn, args, kwargs))
                     self._ready = executor
                     return result
                 except BrokenProcessPool:

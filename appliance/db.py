@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 # DatabaseError lives in a module of its own (the CLI catches it without importing this one): re-exported.
+from appliance import waits
 from appliance.db_errors import DatabaseError as DatabaseError
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class Database:
     def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
-        self._write_lock = asyncio.Lock()
+        self._write_lock = waits.lock("db write")
         # Bumped by every settings write through this connection: SQLite's data_version only sees
         # other connections' commits, and appliance/settings.py checks both before using its cache.
         self.settings_generation = 0

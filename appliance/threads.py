@@ -15,7 +15,10 @@ import contextlib
 import queue
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
+
+from appliance import waits
 
 T = TypeVar("T")
 
@@ -45,6 +48,11 @@ class DaemonThreads:
         self._lock = threading.Lock()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if waits.ENABLED:
+            return await waits.trip(self._name, self._run, partial(fn, *args))
+        return await self._run(fn, *args)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._lock:

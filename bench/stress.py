@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from bench import corpus
 from bench.benchbox import cpu_seconds, thread_cpu, thread_cpu_used
@@ -46,6 +49,9 @@ def attached(argv: list[str]) -> Iterator[None]:
 
 def one_run(setup: Setup, stress_folder: Path, mbox: Path, code: Path | None, secs: int, label: str, rnd: int,
             args: argparse.Namespace) -> dict[str, float]:
+    waits_file = Path(args.waits) / f"{label}-{rnd}.json" if args.waits else None
+    if waits_file is not None:
+        os.environ["LETTERBOX_WAITS"] = str(waits_file)  # the box's probe (appliance/waits.py)
     with setup.letterbox({STRESS: stress_folder}, code=code) as box:
         tracers: list[contextlib.AbstractContextManager[None]] = []
         if args.strace:
@@ -58,7 +64,31 @@ def one_run(setup: Setup, stress_folder: Path, mbox: Path, code: Path | None, se
         with contextlib.ExitStack() as stack:
             for tracer in tracers:
                 stack.enter_context(tracer)
-            return _imaptest(box, mbox, secs)
+            figures = _imaptest(box, mbox, secs)
+            if waits_file is not None:
+                time.sleep(1.5)  # the probe's last summary (written every second)
+                os.environ.pop("LETTERBOX_WAITS", None)
+                print(waits_table(json.loads(waits_file.read_text())), flush=True)
+            return figures
+
+
+def _ms(ns: float) -> str:
+    return f"{ns / 1e6:.2f}"
+
+
+def waits_table(summary: dict[str, Any]) -> str:
+    """The probe's summary: per command kind, the mean wall time and its parts, in ms per command."""
+    lines = []
+    for kind, row in sorted(summary["commands"].items(), key=lambda kv: -kv[1]["wall"]):
+        count = row["count"]
+        parts = sorted(((k, v) for k, v in row.items() if k not in ("count", "wall")), key=lambda kv: -kv[1])
+        lines.append(f"  {kind:<12} n={count:<5} wall {_ms(row['wall'] / count)} ms: "
+                     + ", ".join(f"{k} {_ms(v / count)}" for k, v in parts if v / count >= 20_000))
+    glob = summary["global"]
+    lines.append("  global: " + ", ".join(f"{k} {v / 1e6:.0f} ms" if "count" not in k and "iterations" not in k
+                                          and "slices" not in k and "tid" not in k and "sleeps" not in k else f"{k} {v}"
+                                          for k, v in sorted(glob.items())))
+    return "\n".join(lines)
 
 
 def _imaptest(box: Box, mbox: Path, secs: int) -> dict[str, float]:
@@ -95,6 +125,8 @@ def main() -> None:
     parser.add_argument("--strace", action="store_true")
     parser.add_argument("--spy", default=None)
     parser.add_argument("--idle", action="store_true", help="py-spy --idle (wall samples), else CPU samples")
+    parser.add_argument("--waits", default=None,
+                        help="a directory: the box's wall-time probe (LETTERBOX_WAITS) per run, printed as a table")
     parser.add_argument("--gil", action="store_true", help="py-spy --gil (samples of the thread holding the GIL)")
     args = parser.parse_args()
     codes: list[Path | None] = list(args.code) or [None]

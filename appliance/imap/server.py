@@ -17,6 +17,7 @@ import ssl
 import zlib
 from typing import TYPE_CHECKING
 
+from appliance import waits
 from appliance.channel import Channel, ConnectionClosed, DeadlineExpired, Slot, start_listener
 from appliance.disk_full import room_for
 from appliance.imap.commands import Command
@@ -136,7 +137,11 @@ class ConnectionHandler:
             data = b"".join(self._out)
             self._out.clear()
             self._out_octets = 0
-            self.channel.write(data)
+            if waits.ENABLED:
+                with waits.loop_span("loop: channel.write"):
+                    self.channel.write(data)
+            else:
+                self.channel.write(data)
 
     def _flush_later(self) -> None:
         self._flush_soon = None
@@ -251,7 +256,12 @@ class ConnectionHandler:
             # asyncio.timeout, not wait_for: no task per read, whose start and end were two more
             # event loop iterations per command (issue 19).
             async with asyncio.timeout(seconds):
-                data = await self.channel.read()
+                if waits.ENABLED:
+                    with waits.span("client: between commands" if self._command_started is None
+                                    else "client: rest of a command", whole_box=True):
+                        data = await self.channel.read()
+                else:
+                    data = await self.channel.read()
         except DeadlineExpired as exc:
             # The pre-auth deadline (appliance/channel.py Slot) passed: say why, then close.
             log.info("imap %s: %s, disconnected", self.peer, exc)
@@ -311,10 +321,7 @@ class ConnectionHandler:
                     return
             elif isinstance(event, Command):
                 self._input_done()
-                status = await self.session.handle(event)
-                # Answered: out now, not after a command pipelined behind it, which may wait long (a
-                # thread, a lock) while the client waits for this answer.
-                self._flush_later()
+                status = await self._answer(event)
                 if self.session.state in LOGGED_IN_STATES and not self.slot.authenticated:
                     self.slot.promote()  # out of the pre-auth pool, its deadline and its stress
                     if not self.slot.evicted:
@@ -333,6 +340,16 @@ class ConnectionHandler:
             elif isinstance(event, RawLine):
                 self._input_done()
                 continue
+
+    async def _answer(self, command: Command) -> str:
+        probe = waits.begin(("UID " if getattr(command, "uid", False) else "") + command.name) if waits.ENABLED else None
+        status = await self.session.handle(command)
+        # Answered: out now, not after a command pipelined behind it, which may wait long (a thread, a
+        # lock) while the client waits for this answer.
+        self._flush_later()
+        if probe is not None:
+            waits.end(probe)
+        return status
 
     async def _say_bye(self, text: str) -> None:
         with contextlib.suppress(Exception):

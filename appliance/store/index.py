@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 
 import aiosqlite
 
+from appliance import waits
 from appliance.db import Database
 from appliance.store import maildir
 from appliance.store.maildir import Keywords, UidList
@@ -198,7 +199,7 @@ class FolderIndex:
         # Expunges with a mod-sequence above this are all in the `expunged` table (migration 0009).
         self.expunges_known_since = expunges_known_since
         self.subscribed = subscribed
-        self.lock = asyncio.Lock()
+        self.lock = waits.lock("folder")
         self.by_uid: dict[int, Entry] = {}  # in UID order: UIDs only grow
         self.by_base: dict[str, Entry] = {}
         self.bytes = 0  # on disk, for the quota (kept while unloaded)

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import idna
 
-from appliance import caches
+from appliance import caches, waits
 from appliance.db import Database
 from appliance.libc import libc
 from appliance.store import index, maildir, subscriptions
@@ -73,7 +73,7 @@ class OpenMailbox:
     key: str  # local@domain as stored
     root: Path
     quota: int  # bytes; 0 = none
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lock: asyncio.Lock = field(default_factory=lambda: waits.lock("mailbox"))
     folders: dict[str, FolderIndex] = field(default_factory=dict)
     inbox_ready: bool = False  # Maildir root and INBOX made
     ready: bool = False  # and the special folders and subscriptions, on first access
