@@ -73,6 +73,10 @@ def describe(f: BinaryIO, stamp: FileStamp) -> CachedMessage:
 def describe_bytes(data: bytes, stamp: FileStamp) -> CachedMessage:
     """describe() of a message in memory: at delivery and APPEND (MailStore's `describe`), and
     for a small file."""
+    if isinstance(data, bytearray):
+        # An APPEND's literal over 64 KiB arrives as the bytearray it was read into (protocol.py
+        # hands it on uncopied); its slices are looked up in dicts and sets, which need bytes.
+        data = bytes(data)
     line_ends = crlf_line_ends(data)
     root = scan_bytes(data, line_ends, counted=True)
     return _row(root, data[root.header.start:min(root.header.end, root.header.start + MAX_HEADER_OCTETS)], stamp,

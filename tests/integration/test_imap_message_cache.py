@@ -611,3 +611,27 @@ def test_a_small_fetch_never_waits_on_the_event_loop_for_a_lock_a_thread_holds(
     assert threads[1] != "letterbox-loop"
     assert answer.count(b"ENVELOPE") == 3
     assert answer.rstrip().endswith(b"f OK FETCH completed")
+
+
+@pytest.mark.parametrize("line_end", [b"\r\n", b"\n"])
+def test_an_append_bigger_than_a_small_literal_gets_its_row(box: BoxHandle, caplog: pytest.LogCaptureFixture,
+                                                            line_end: bytes) -> None:
+    """An APPEND's literal over 64 KiB reaches the store as the bytearray it was read into: its
+    row is made with the message all the same (its slices were dict keys: TypeError, an ERROR with
+    a traceback in the log, and no row, for a multipart message or one with bare LF line ends)."""
+    box.add_user(USER, PASSWORD)
+    attachment = b"QUJD" * 19 + line_end
+    data = message(1, "big attachment").replace(
+        b"--bb--\r\n", b"--bb\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + attachment * 1200 + b"--bb--\r\n").replace(b"\r\n", line_end)
+    assert len(data) > 64 * 1024
+    raw = RawImap(box.port("imaps"), box.client_context)
+    try:
+        raw.login(USER, PASSWORD)
+        raw.send(b"a APPEND INBOX {%d+}\r\n" % len(data) + data + b"\r\n")
+        assert raw.until_tagged(b"a")[-1].startswith(b"a OK [APPENDUID")
+    finally:
+        raw.close()
+    assert "describing a delivered message for the cache failed" not in caplog.text
+    assert cache_rows(box) == 1
+    assert b'"big attachment"' in fetch(box, b"FETCH 1 (ENVELOPE)")
