@@ -175,6 +175,7 @@ class ImapSession:
         self.notify = NotifyState()  # RFC 5465: other mailboxes whose changes are told as STATUS
         self.scanned = 0  # messages SEARCH read from their files (not answered by the full-text index)
         self._notify_fired: set[str] = set()  # their watchers that fired during IDLE
+        self._id_logged = False
 
     # --- greeting and capabilities -----------------------------------------------------------------
 
@@ -253,7 +254,10 @@ class ImapSession:
         await self.io.send(Bye("Logging out"), Tagged(command.tag, "OK", "LOGOUT completed"))
 
     async def cmd_id(self, command: Id) -> None:
-        if command.params:
+        if command.params and not self._id_logged:
+            # Once per session: ID is allowed before the login, and every line it logged was a line
+            # of the box's log an unauthenticated client could write again and again.
+            self._id_logged = True
             shown = " ".join(f"{k}={v}" for k, v in command.params[:8] if len(k) < 40)[:300]
             log.info("imap client id: peer=%s %s", self.io.peer, shown.encode("ascii", "replace").decode())
         values: list[Value] = []

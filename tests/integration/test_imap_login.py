@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import imaplib
+import logging
 
 import pytest
 from imapclient import IMAPClient
@@ -223,6 +224,20 @@ def test_id_and_namespace_and_enable(imap_box: BoxHandle) -> None:
         assert raw.command(b"d", b"ENABLE UTF8=ACCEPT")[0] == b"* ENABLED\r\n"  # not offered: ignored
     finally:
         raw.close()
+
+
+def test_id_is_logged_once_per_session(imap_box: BoxHandle, caplog: pytest.LogCaptureFixture) -> None:
+    """ID is answered every time, but only the first is logged: a client not logged in could
+    otherwise write a log line per command for as long as its pre-login time lasts."""
+    caplog.set_level(logging.INFO, logger="letterbox.imap")
+    raw = RawImap(imap_box.port("imaps"), imap_box.client_context)
+    try:
+        for n in range(50):
+            assert raw.command(b"i%d" % n, b'ID ("name" "flood")')[0].startswith(b'* ID ("name" "Letterbox"')
+        assert raw.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+    finally:
+        raw.close()
+    assert caplog.text.count("imap client id:") == 1
 
 
 def test_connections_per_client_are_limited(imap_box: BoxHandle) -> None:
