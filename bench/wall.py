@@ -9,12 +9,16 @@ header fetch, then in a second session FETCH 1:* (ENVELOPE BODYSTRUCTURE) and SE
 - client: this process's CPU (the bench client's parsing);
 - runnable: time the threads of each were ready to run but waited for a core (/proc schedstat): the
   machine's load, not the box;
-- wall - CPU: the wall time less the three CPU figures; negative when they ran in parallel.
+- wall - CPU: the wall time less the three CPU figures; negative when they ran in parallel;
+- then each row's CPU by thread (process, thread id, name; py-spy's --threads names the ids), so
+  the server's GIL-bound threads show apart from the worker's.
+
+--corpus DIR keeps the written folder between runs; --code DIR runs that checkout's appliance (A/B).
 
 With --spy DIR, py-spy records each row (`--threads`, raw collapsed stacks, the worker included) into
 DIR/ROW-ROUND.txt; the figures of a row recorded so are slowed by the sampling.
 
-Usage: python -m bench.wall [--size 10000] [--rounds 1] [--spy DIR]
+Usage: python -m bench.wall [--size 10000] [--rounds 1] [--spy DIR] [--corpus DIR] [--code DIR]
 """
 
 from __future__ import annotations
@@ -141,6 +145,21 @@ class Recorder:
     def __init__(self, pid: int, spy: Path | None, round_number: int) -> None:
         self.pid, self.spy, self.round = pid, spy, round_number
         self.lines: list[str] = []
+        self.by_thread: list[str] = []  # CPU ms of each thread in each row (Recorder.threads)
+
+    def threads(self) -> dict[str, float]:
+        """CPU seconds of each thread of the server and of its children, by process and thread name."""
+        found: dict[str, float] = {}
+        for pid in (self.pid, *children(self.pid)):
+            for task in _tasks(pid):
+                try:
+                    fields = (task / "stat").read_text().rpartition(")")[2].split()
+                    name = (task / "comm").read_text().strip()
+                except FileNotFoundError:
+                    continue
+                key = f"{'server' if pid == self.pid else f'child {pid}'} {task.name} {name}"
+                found[key] = found.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / TICK
+        return found
 
     async def row(self, name: str, command: Callable[[], Awaitable[object]]) -> None:
         recording = None
@@ -150,9 +169,13 @@ class Recorder:
                 str(SPY), "record", "--threads", "--subprocesses", "-r", "250", "-f", "raw", "-o", str(out),
                 "-p", str(self.pid), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await asyncio.sleep(1.0)  # py-spy attached
+        threads = self.threads()
         before = Moment.now(self.pid)
         await command()
         after = Moment.now(self.pid)
+        spent = {k: v - threads.get(k, 0.0) for k, v in self.threads().items()}
+        self.by_thread.append(f"{name}: " + ", ".join(
+            f"{k} {v * 1000:,.0f}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v >= 0.01))
         if recording is not None:
             recording.send_signal(signal.SIGINT)
             await asyncio.wait_for(recording.wait(), 60)
@@ -176,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--code", type=Path, default=None, help="a checkout whose appliance the box runs (A/B)")
+    parser.add_argument("--corpus", type=Path, default=None,
+                        help="a directory keeping the corpus folder between runs (written when missing)")
     parser.add_argument("--spy", type=Path, default=None, help="a directory for py-spy's records of each row")
     args = parser.parse_args(argv)
     if args.spy is not None:
@@ -184,16 +210,21 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         work.chmod(0o755)
         setup = Setup.make(work, args)
-        folder = work / "corpus"
-        corpus.write_folder(folder, args.size, READER)
+        folder = work / "corpus" if args.corpus is None else args.corpus / f"{args.size}"
+        written = None if args.corpus is None else args.corpus / f"{args.size}.written"
+        if written is None or not written.exists():
+            corpus.write_folder(folder, args.size, READER)
+            if written is not None:
+                written.touch()
         for n in range(args.rounds):
-            with setup.letterbox({READER: folder}) as box:
+            with setup.letterbox({READER: folder}, code=args.code) as box:
                 load = uptime()
                 recorder = Recorder(box.pid, args.spy, n + 1)
                 asyncio.run(rows(recorder, box.port("imaps")))
             print(f"Letterbox, {args.size:,} messages, round {n + 1}/{args.rounds}; before: {load}; after: {uptime()}")
             print(HEADER)
-            print("\n".join(recorder.lines), flush=True)
+            print("\n".join(recorder.lines))
+            print("CPU ms by thread:\n" + "\n".join(recorder.by_thread), flush=True)
     return 0
 
 
