@@ -394,9 +394,10 @@ async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path
     in the pool goes first. `prefill`: rows for files first seen at a SELECT (prefill), made from
     the start of the folder, only where there is none (fill_rows' missing_only), checked here
     all at once at its end (most by then by the FETCH that used them), not chunk by chunk beside
-    the header list or FETCH that comes meanwhile. `reached`: how many of `files`, from the first,
+    the header list or FETCH that comes meanwhile, at the server's priority (CpuPool.run_prefill:
+    the client's next FETCH reads them). `reached`: how many of `files`, from the first,
     the FETCH sharing them has answered or is answering (the chunks from there down are its)."""
-    run = cpu.run_background if background else cpu.run
+    run = (cpu.run_prefill if prefill else cpu.run_background) if background else cpu.run
     if len(files) <= LEARN_LIGHT:
         run = cpu.run_light
     described: asyncio.Task[int] | None = None  # the chunk in the worker now

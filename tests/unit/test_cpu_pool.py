@@ -48,14 +48,16 @@ def test_waited_for_work_overtakes_queued_background_work() -> None:
 
 
 def test_background_work_overtakes_queued_bulk_work() -> None:
-    """Cache rows for files first seen at a SELECT (run_background) go before the full-text index's
-    chunks queued earlier (run_bulk), and waited-for work before both."""
+    """Cache rows for files first seen at a SELECT (run_prefill) and after an answer went out
+    (run_background) go before the full-text index's chunks queued earlier (run_bulk), in their
+    order, and waited-for work before all."""
     async def main() -> list[str]:
         pool = CpuPool(workers=1)
         done: list[str] = []
 
         async def task(name: str, level: str) -> None:
-            run = {"bulk": pool.run_bulk, "background": pool.run_background, "waited": pool.run}[level]
+            run = {"bulk": pool.run_bulk, "background": pool.run_background, "prefill": pool.run_prefill,
+                   "waited": pool.run}[level]
             done.append(await run(_name, name))
 
         try:
@@ -63,6 +65,8 @@ def test_background_work_overtakes_queued_bulk_work() -> None:
             busy = asyncio.create_task(pool.run(_hold, 0.3))
             await asyncio.sleep(0)
             queued = [asyncio.create_task(task(f"bulk {n}", "bulk")) for n in range(2)]
+            await asyncio.sleep(0)
+            queued.append(asyncio.create_task(task("prefill", "prefill")))
             await asyncio.sleep(0)
             queued.append(asyncio.create_task(task("background", "background")))
             await asyncio.sleep(0)
@@ -72,7 +76,7 @@ def test_background_work_overtakes_queued_bulk_work() -> None:
             await pool.stop()
         return done
 
-    assert asyncio.run(main()) == ["waited for", "background", "bulk 0", "bulk 1"]
+    assert asyncio.run(main()) == ["waited for", "prefill", "background", "bulk 0", "bulk 1"]
 
 
 def test_a_cancelled_waiter_passes_its_turn_on() -> None:
@@ -141,18 +145,19 @@ def test_background_work_runs_below_the_server_and_waited_for_work_at_its_priori
     """Work a client waits for (a FETCH's share, its rows, a SEARCH scan) at the server's nice
     value: at WORKER_NICE the server's own threads and the machine's other work took the cores from
     it (issue 19); background and bulk work (rows after an answer went out, the full-text index)
-    WORKER_NICE below."""
-    async def main() -> tuple[int, int, int, int]:
+    WORKER_NICE below; a SELECT's prefill (run_prefill: the client's next FETCH reads its rows) at
+    the server's priority."""
+    async def main() -> tuple[int, ...]:
         pool = CpuPool(workers=1)
         try:
             return (await pool.run(_nice), await pool.run_background(_nice), await pool.run_bulk(_nice),
-                    await pool.run(_nice))
+                    await pool.run_prefill(_nice), await pool.run(_nice))
         finally:
             await pool.stop()
 
     server = _nice()
     low = min(19, server + cpu_pool.WORKER_NICE)
-    assert asyncio.run(main()) == (server, low, low, server)
+    assert asyncio.run(main()) == (server, low, low, server, server)
 
 
 def _pid() -> int:
