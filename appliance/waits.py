@@ -20,7 +20,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator
 from contextvars import ContextVar
 from functools import partial
 from pathlib import Path
@@ -84,7 +84,7 @@ def end(token: object) -> None:
         row[category] = row.get(category, 0) + ns
         if not category.endswith(".cpu"):  # a part of its trip's run, already counted
             waited += ns
-    row["on loop (rest)"] = row.get("on loop (rest)", 0) + wall - waited
+    row["ready, waiting for the loop (rest)"] = row.get("ready, waiting for the loop (rest)", 0) + wall - waited
 
 
 @contextlib.contextmanager
@@ -115,6 +115,58 @@ def loop_span(category: str) -> Iterator[None]:
         add_global(category + " (count)", 1)
 
 
+class Steps:
+    """Awaits `coro`, counting the wall and CPU time of its steps on the event loop (the command's own
+    work there; GIL waits inside a step count as its wall, not its CPU). The rest of the command's
+    time on the loop is then its wait in the ready queue behind other sessions' steps."""
+
+    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
+        self._coro = coro
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro = self._coro
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            start, cpu = time.perf_counter_ns(), time.thread_time_ns()
+            try:
+                yielded = coro.send(value) if error is None else coro.throw(error)
+            except StopIteration as done:
+                _step(start, cpu)
+                return done.value
+            except BaseException:
+                _step(start, cpu)
+                raise
+            _step(start, cpu)
+            where, suspended = _where(coro) if WHERE else "", time.perf_counter_ns()
+            try:
+                value, error = (yield yielded), None
+            except BaseException as exc:  # noqa: BLE001  handed to the coroutine, as a task would
+                value, error = None, exc
+            if WHERE:
+                add_global(f"suspended at {where} ({current_kind()})", time.perf_counter_ns() - suspended)
+
+
+WHERE = bool(os.environ.get("LETTERBOX_WAITS_WHERE"))  # also: where each suspension was, in the box's totals
+
+
+def _where(coro: Any) -> str:
+    """The innermost coroutine or generator frame of an await chain: where it is suspended."""
+    frames = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            frames.append(frame)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return " < ".join(f"{f.f_code.co_filename.rpartition('/')[2]}:{f.f_code.co_name}:{f.f_lineno}"
+                      for f in frames[-3:][::-1]) or "?"
+
+
+def _step(start: int, cpu: int) -> None:
+    add("loop: own steps", time.perf_counter_ns() - start)
+    add("loop: own steps.cpu", time.thread_time_ns() - cpu)
+
+
 class TimedLock(asyncio.Lock):
     """asyncio.Lock that counts its waits, by the kind of command waiting and the one holding it."""
 
@@ -124,16 +176,15 @@ class TimedLock(asyncio.Lock):
         self.holder = "-"
 
     async def acquire(self) -> Literal[True]:
-        if not self.locked():
-            await super().acquire()
-            self.holder = current_kind()
-            return True
-        holder = self.holder
+        # Timed whether or not it is locked now: a lock just released stays reserved for the waiter
+        # it woke until that one runs (asyncio's FIFO), and a newcomer queues behind.
+        holder = self.holder if self.locked() else "(handed over)"
         start = time.perf_counter_ns()
         await super().acquire()
         ns = time.perf_counter_ns() - start
-        add(f"lock {self.name}", ns)
-        add_global(f"lock {self.name} held by {holder}", ns)
+        if ns > 20_000:  # waited (a free lock is taken in a microsecond or two)
+            add(f"lock {self.name}", ns)
+            add_global(f"lock {self.name} held by {holder}", ns)
         self.holder = current_kind()
         return True
 

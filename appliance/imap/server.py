@@ -343,7 +343,7 @@ class ConnectionHandler:
 
     async def _answer(self, command: Command) -> str:
         probe = waits.begin(("UID " if getattr(command, "uid", False) else "") + command.name) if waits.ENABLED else None
-        status = await self.session.handle(command)
+        status = await (waits.Steps(self.session.handle(command)) if probe is not None else self.session.handle(command))
         # Answered: out now, not after a command pipelined behind it, which may wait long (a thread, a
         # lock) while the client waits for this answer.
         self._flush_later()
