@@ -24,6 +24,9 @@ from urllib.parse import quote
 
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from appliance.channel import network_of
 
 if TYPE_CHECKING:
     from appliance.services import Services
@@ -36,6 +39,15 @@ MAX_CONNECTIONS = 200  # beyond this uvicorn answers 503 rather than piling up w
 MAX_REQUESTS_HEADER_BYTES = 16 * 1024  # h11's bound on an incomplete request head
 STARTUP_TIMEOUT = 10.0
 BACKLOG = 100
+# Slowloris: uvicorn times nothing until a request's head is complete, so 200 connections that each
+# sent half a request line held every slot (503 for everyone, ACME's HTTP-01 check included) for as
+# long as they stayed open. A request's head must now arrive within REQUEST_HEAD_SECONDS of the
+# connection (or of the last response), REQUEST_HEAD_BUSY_SECONDS once half the slots are taken (as
+# the mail ports do before a login), and one client (an IPv4 address, an IPv6 /64) holds at most
+# MAX_CONNECTIONS_PER_CLIENT of them; a browser opens about 6.
+REQUEST_HEAD_SECONDS = 20.0
+REQUEST_HEAD_BUSY_SECONDS = 5.0
+MAX_CONNECTIONS_PER_CLIENT = 32
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -67,6 +79,51 @@ class _EmbeddedServer(uvicorn.Server):
             counter = (counter + 10) % 864000  # on_tick refreshes the Date header when counter % 10 == 0
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout=1.0)
+
+
+def _client_key(host: str) -> str:
+    return network_of(host) if ":" in host else host  # IPv6 by /64, as the mail ports count it
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with the deadline for a request's head and the per-client cap above."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        host = self.client[0] if self.client else ""
+        key = _client_key(host)
+        same = sum(1 for other in self.connections
+                   if isinstance(other, _GuardedH11) and other.client and _client_key(other.client[0]) == key)
+        if same > MAX_CONNECTIONS_PER_CLIENT:
+            transport.close()
+            return
+        busy = len(self.connections) >= MAX_CONNECTIONS // 2
+        self._arm(REQUEST_HEAD_BUSY_SECONDS if busy else REQUEST_HEAD_SECONDS)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm(REQUEST_HEAD_SECONDS)  # the next request on this connection gets its own time
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(seconds, self._head_late)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self.cycle is None or self.cycle.response_complete:  # no request being answered: none came whole
+            self.transport.close()
 
 
 class WebListener:
@@ -198,7 +255,7 @@ async def serve(
     config = uvicorn.Config(
         app if service == "https" else RedirectToHttps(app, services),
         lifespan="off",
-        http="h11",
+        http=_GuardedH11,
         ws="none",
         log_config=None,
         access_log=False,

@@ -86,3 +86,51 @@ def test_close_stops_serving(box: BoxHandle) -> None:
 def test_unknown_service_is_refused(box: BoxHandle) -> None:
     with pytest.raises(ValueError):
         box.run(web_server.serve(box.services, "imap", "127.0.0.1", 0))
+
+
+def _half_requests(port: int, count: int, source: str = "127.0.0.1") -> list[socket.socket]:
+    """Connections that each sent half a request line (a slowloris client's)."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+        sock.sendall(b"GET / HTTP/1.1\r\n")
+        socks.append(sock)
+    return socks
+
+
+def _closed(sock: socket.socket, wait: float) -> bool:
+    sock.settimeout(wait)
+    try:
+        return sock.recv(4096) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True  # reset
+
+
+def test_a_request_head_that_never_ends_is_cut_off(box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection must send a whole request head within REQUEST_HEAD_SECONDS: uvicorn itself times
+    nothing before that, and 200 such connections held every slot of the console (503 for all)."""
+    monkeypatch.setattr(web_server, "REQUEST_HEAD_SECONDS", 1.0)
+    [sock] = _half_requests(box.port("http"), 1)
+    try:
+        assert _closed(sock, 10)
+    finally:
+        sock.close()
+    response = httpx.get(f"http://localhost:{box.port('http')}/x")  # a whole request is answered
+    assert response.status_code == 301
+
+
+def test_one_client_holds_a_few_connections_and_others_are_served(
+        box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(web_server, "MAX_CONNECTIONS_PER_CLIENT", 5)
+    held = _half_requests(box.port("http"), 8)
+    try:
+        assert [_closed(sock, 2) for sock in held[5:]] == [True] * 3  # beyond the client's share
+        assert not any(_closed(sock, 0.1) for sock in held[:5])
+        with socket.create_connection(("127.0.0.1", box.port("http")), timeout=5, source_address=("127.0.0.2", 0)) as other:
+            other.sendall(b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            assert other.recv(4096).startswith(b"HTTP/1.1 301")
+    finally:
+        for sock in held:
+            sock.close()
