@@ -65,6 +65,11 @@ SHARE_START = 4000
 # longer than the time from a SELECT to the next session's FETCH, which then described every
 # message itself while the worker described the same ones (issue 19).
 PREFILL_HERE = 2000
+# A prefill of at least this many files runs in the worker at the server's priority (CpuPool.run_prefill):
+# at 100k, at WORKER_NICE beside a busy machine, it made 4,000-11,000 rows during Thunderbird's 9-14 s
+# header list, at the server's 26,600-31,400. A smaller one is over soon anyway (10k: no change in the
+# next FETCH's CPU, 3 pairs), and its first chunk's imports (0.2 s of CPU) came beside the header list.
+PREFILL_PROMPT = 20_000
 HERE_CHUNK = 16  # messages a prefill made in this process describes per thread call: 2-3 ms of the GIL
 # It waits for this long a pause in the FETCHes and SELECTs (MessageCache.quiet): a thread describing
 # files beside a burst of commands (Thunderbird's five SELECTs after its list) made each wait for the
@@ -394,10 +399,12 @@ async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path
     in the pool goes first. `prefill`: rows for files first seen at a SELECT (prefill), made from
     the start of the folder, only where there is none (fill_rows' missing_only), checked here
     all at once at its end (most by then by the FETCH that used them), not chunk by chunk beside
-    the header list or FETCH that comes meanwhile, at the server's priority (CpuPool.run_prefill:
-    the client's next FETCH reads them). `reached`: how many of `files`, from the first,
+    the header list or FETCH that comes meanwhile, a big one at the server's priority
+    (PREFILL_PROMPT: the client's next FETCH reads them). `reached`: how many of `files`, from the first,
     the FETCH sharing them has answered or is answering (the chunks from there down are its)."""
-    run = (cpu.run_prefill if prefill else cpu.run_background) if background else cpu.run
+    run = cpu.run_background if background else cpu.run
+    if prefill and len(files) >= PREFILL_PROMPT:
+        run = cpu.run_prefill
     if len(files) <= LEARN_LIGHT:
         run = cpu.run_light
     described: asyncio.Task[int] | None = None  # the chunk in the worker now

@@ -47,6 +47,42 @@ def test_the_worker_share_stops_where_the_fetch_has_got_to() -> None:
     assert pool.chunks == [1801, 1601, 1401, 1201]
 
 
+class _Levels:
+    """The pool's interface, recording which of its methods each chunk went to."""
+
+    def __init__(self) -> None:
+        self.used: list[str] = []
+
+    async def _record(self, name: str) -> int:
+        self.used.append(name)
+        return 0
+
+    async def run(self, fn: Callable[..., int], *args: Any) -> int:
+        return await self._record("run")
+
+    async def run_background(self, fn: Callable[..., int], *args: Any) -> int:
+        return await self._record("background")
+
+    async def run_prefill(self, fn: Callable[..., int], *args: Any) -> int:
+        return await self._record("prefill")
+
+    async def run_light(self, fn: Callable[..., int], *args: Any) -> int:
+        return await self._record("light")
+
+
+def test_a_big_prefill_runs_at_the_servers_priority_a_small_one_below() -> None:
+    """A SELECT's prefill of PREFILL_PROMPT files or more goes to CpuPool.run_prefill (the worker's
+    thread at the server's priority); a smaller one stays background work (WORKER_NICE)."""
+    cache = FolderCache(cast(MessageCache, _Cache()), 1)
+    used = {}
+    for count in (fetch_render.PREFILL_PROMPT - 1, fetch_render.PREFILL_PROMPT):
+        pool = _Levels()
+        files = [(uid, f"/nonexistent/{uid}") for uid in range(1, count + 1)]
+        asyncio.run(fetch_render._learn_later(cache, files, cast(CpuPool, pool), background=True, prefill=True))
+        used[count] = set(pool.used)
+    assert used == {fetch_render.PREFILL_PROMPT - 1: {"background"}, fetch_render.PREFILL_PROMPT: {"prefill"}}
+
+
 class _Filling:
     path = Path("/nonexistent/letterbox.db")
 
