@@ -84,11 +84,6 @@ class MessageInfo(_MessageFields):
         by hand: os.path.join was a sixth of the event loop's share of a SEARCH SUBJECT at 10k."""
         return str(self.directory) + "/" + self.filename
 
-    def same_file(self, other: MessageInfo) -> bool:
-        # The folder's directories are shared objects: `is` first, a Path comparison is slow.
-        return self.filename == other.filename and (self.directory is other.directory
-                                                    or self.directory == other.directory)
-
 
 def file_date(directory: Path, filename: str) -> int:
     """A message file's mtime; when another program renamed it (a flag change), found by its unique
