@@ -167,30 +167,56 @@ def _step(start: int, cpu: int) -> None:
     add("loop: own steps.cpu", time.thread_time_ns() - cpu)
 
 
-class TimedLock(asyncio.Lock):
-    """asyncio.Lock that counts its waits, by the kind of command waiting and the one holding it."""
+class TimedLock:
+    """A lock (asyncio.Lock's interface) that counts its waits, by the kind of command waiting and
+    the one holding it, and how long it was held, or free while a waiter it woke had not run yet."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__()
+    def __init__(self, name: str, inner: Any) -> None:
         self.name = name
+        self.inner = inner
         self.holder = "-"
+        self.acquired_at = 0
+        self.released_at = 0  # when released with waiters (0: none were waiting)
+
+    def locked(self) -> bool:
+        return bool(self.inner.locked())
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
 
     async def acquire(self) -> Literal[True]:
-        # Timed whether or not it is locked now: a lock just released stays reserved for the waiter
-        # it woke until that one runs (asyncio's FIFO), and a newcomer queues behind.
+        # Timed whether or not it is locked now: asyncio.Lock keeps a lock just released for the
+        # waiter it woke until that one runs, and a newcomer queues behind.
         holder = self.holder if self.locked() else "(handed over)"
         start = time.perf_counter_ns()
-        await super().acquire()
-        ns = time.perf_counter_ns() - start
+        await self.inner.acquire()
+        now = time.perf_counter_ns()
+        ns = now - start
         if ns > 20_000:  # waited (a free lock is taken in a microsecond or two)
             add(f"lock {self.name}", ns)
             add_global(f"lock {self.name} held by {holder}", ns)
+            if self.released_at:
+                add_global(f"lock {self.name}: free while waited for", now - self.released_at)
         self.holder = current_kind()
+        self.acquired_at = now
+        self.released_at = 0
         return True
 
+    def release(self) -> None:
+        now = time.perf_counter_ns()
+        add_global(f"lock {self.name}: held", now - self.acquired_at)
+        add_global(f"lock {self.name}: held (count)", 1)
+        self.released_at = now if self.inner._waiters else 0
+        self.inner.release()
 
-def lock(name: str) -> asyncio.Lock:
-    return TimedLock(name) if ENABLED else asyncio.Lock()
+
+def lock(name: str, inner: Any = None) -> Any:
+    """`inner` (an asyncio.Lock when None), timed when the probe is on."""
+    plain = inner if inner is not None else asyncio.Lock()
+    return TimedLock(name, plain) if ENABLED else plain
 
 
 def _timed_call(stamps: list[int], fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
