@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol, overload
 
-from appliance import waits
 from appliance.cpu_pool import open_db
 from appliance.imap import fetch as fetching
 from appliance.imap import fetch_cache
@@ -31,7 +30,6 @@ from appliance.imap.limits import STRUCTURE_CACHE_OCTETS
 from appliance.imap.mime import HEADER_PROBE, Part, header_block_of, scan, scan_header, top_header_block
 from appliance.imap.responses import FetchResponse, Preformatted, Response, Value, fetch_line
 from appliance.imap.selected import SelectedFolder, flag_text
-from appliance.store import no_wait
 from appliance.store.mailstore import MessageInfo, open_message
 from appliance.store.message_cache import FolderCache
 
@@ -47,9 +45,6 @@ CACHED_FETCH_BATCH = 500  # messages answered from the message cache per worker-
 # rest) is known; a first call of CACHED_FETCH_BATCH left the worker idle (and not yet started,
 # 0.3-0.5 s of CPU) while this process described 500 messages (issue 19).
 FIRST_CACHED_BATCH = 100
-# A FETCH of no more messages than this is answered from their rows on the event loop when it can
-# be (_render_here): about a millisecond of work, less than the thread trip (issue 19).
-INLINE_CACHED = 100
 LEARN_BATCH = 2000  # rows computed from files kept per transaction
 LEARN_CHUNK = 200  # messages a background fill describes per call of the CPU pool's worker
 SHARED_FETCH = LEARN_CHUNK  # messages left after a batch that computed most rows: shared with the CPU pool (one of its chunks at least)
@@ -165,10 +160,8 @@ class FetchRenderer:
         for start, stop in _batches(len(uids)):
             reached[0] = stop
             jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid, dated)) for uid in uids[start:stop]]
-            done = _render_here(cache, jobs, items, flags_changed, condstore) if len(uids) <= INLINE_CACHED else None
-            if done is None:
-                done = await asyncio.to_thread(_render_cached, cache, jobs, items, flags_changed, condstore)
-            rendered, new, later = done
+            rendered, new, later = await asyncio.to_thread(
+                _render_cached, cache, jobs, items, flags_changed, condstore)
             missing = missing or None in rendered
             # Rendered in the thread: the event loop only writes the batch.
             await send(Preformatted(b"".join(r for r in rendered if r is not None)))
@@ -333,23 +326,6 @@ def _weight(root: Part) -> int:
     return total
 
 
-def _render_here(
-    cache: FolderCache, jobs: list[_Job], items: Sequence[FetchItem], flags_changed: set[int], condstore: bool,
-) -> tuple[list[bytes | None], fetch_cache.Learned, list[tuple[int, str]]] | None:
-    """_render_cached on the event loop when every message has a current row and no lock is taken
-    (no_wait); None: it is for a worker thread."""
-    try:
-        with no_wait.on_loop():
-            done = _render_cached(cache, jobs, items, flags_changed, condstore)
-    except no_wait.NeedsThread:
-        if waits.ENABLED:
-            waits.add_global("fetch: cached, to a thread (count)", 1)
-        return None
-    if waits.ENABLED:
-        waits.add_global("fetch: cached, here (count)", 1)
-    return done
-
-
 def _render_cached(
     cache: FolderCache, jobs: list[_Job], items: Sequence[FetchItem], flags_changed: set[int], condstore: bool,
 ) -> tuple[list[bytes | None], fetch_cache.Learned, list[tuple[int, str]]]:
@@ -360,14 +336,9 @@ def _render_cached(
     header list too, so that a later ENVELOPE BODYSTRUCTURE finds them, made Thunderbird's first
     list of a 10k folder cost 3-5 times the CPU: a first sync is what a user waits for; issue 19.)
     None: the message's file is gone."""
-    here = no_wait.trying_here()
     compute = fetch_cache.needs_row(items)
     rows, learned, unknown = fetch_cache.current_rows(
-        cache, [(info.uid, info.file) for _, info, _ in jobs], compute=compute and not here)
-    if here and unknown and compute:
-        raise no_wait.NeedsThread("rows to compute")
-    # Here, files are read as a lone FETCH's would be (INLINE_FILE_OCTETS in all); more in a thread.
-    budget = INLINE_FILE_OCTETS
+        cache, [(info.uid, info.file) for _, info, _ in jobs], compute=compute)
     out: list[bytes | None] = []
     needs = _needs(items)
     for seq, info, message in jobs:
@@ -375,10 +346,6 @@ def _render_cached(
         values = fetch_cache.item_values(items, message, row) if row is not None else None
         if values is None and (row is not None or not compute):
             # No row yet, or a header the row cannot answer for.
-            if here:
-                budget -= info.size
-                if budget < 0:
-                    raise no_wait.NeedsThread("files to read")
             values = _from_file(info, message, items, needs)
         if values is None:
             out.append(None)
@@ -565,7 +532,7 @@ def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequenc
         if block is not None:
             return fetching.header_list_values(items, message, block)
     try:
-        f = _open(path)
+        f = open_message(path)
     except FileNotFoundError:
         return None
     with f:
@@ -576,17 +543,6 @@ def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequenc
             f.seek(0)  # a long header: scanned as any other
         root = scan(f) if needs.full else scan_header(f, fields=needs.fields)
         return fetching.item_values(items, message, f, root, _reopener(f))
-
-
-def _open(path: str) -> BinaryIO:
-    """open_message; on the event loop (no_wait) a file not at its path goes to a thread instead:
-    finding it lists the folder."""
-    if not no_wait.trying_here():
-        return open_message(path)
-    try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        raise no_wait.NeedsThread("a file to look for") from None
 
 
 def _head(path: str) -> bytes:

@@ -42,7 +42,6 @@ from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
 from appliance.libc import libc
-from appliance.store.no_wait import held
 
 log = logging.getLogger("letterbox.store")
 
@@ -116,7 +115,7 @@ class FileWatch:
     def check(self, folder_id: int) -> Iterator[FolderCheck]:
         """One check of rows against files of a folder: `split` them, stat the rest, report the
         matches (`matched`); they are marked when the block ends without an error."""
-        with held(self._lock):
+        with self._lock:
             folder = None
             if self._open() is not None:
                 folder = self._folders.get(folder_id)
@@ -128,11 +127,11 @@ class FileWatch:
         if folder is None:
             yield FolderCheck(self, folder_id, None, 0, 0)
             return
-        with held(folder.lock):
-            with held(self._lock):
+        with folder.lock:
+            with self._lock:
                 self._drain()
             self._same_dirs(folder_id, folder)
-            with held(self._lock):
+            with self._lock:
                 check = FolderCheck(self, folder_id, folder, self._drains, folder.epoch)
             yield check
             check.commit()
@@ -141,7 +140,7 @@ class FileWatch:
         """These messages' rows are to be checked by a stat again: their files were given another
         name (the box's COPY makes hard links; the link count changes with no event here). Call
         it after the links are made: a check whose stat came before them marks nothing then."""
-        with held(self._lock):
+        with self._lock:
             folder = self._folders.get(folder_id)
             if folder is None:
                 return
@@ -152,7 +151,7 @@ class FileWatch:
             folder.epoch += 1
 
     def close(self) -> None:
-        with held(self._lock):
+        with self._lock:
             self._close()
 
     # --- for FolderCheck ----------------------------------------------------------------------------
@@ -160,7 +159,7 @@ class FileWatch:
     def watch(self, folder_id: int, folder: _Folder, dirs: Iterable[str]) -> None:
         """Watch these directories of the folder (before its files are stat'ed: a change after the
         stat is then an event)."""
-        with held(self._lock):
+        with self._lock:
             if self._fd is None or self._folders.get(folder_id) is not folder:
                 return
             for directory in dirs:
@@ -188,7 +187,7 @@ class FileWatch:
     def commit(self, folder_id: int, folder: _Folder, drain: int, epoch: int,
                matched: Sequence[tuple[int, FilePath, tuple[int, int, int]]]) -> None:
         """Mark these (UID, path, stamp) as matched by a stat made after the drain `drain`."""
-        with held(self._lock):
+        with self._lock:
             if self._folders.get(folder_id) is not folder:
                 return
             self._drain()  # (events of the check's own time: they keep their paths dirty)
@@ -295,7 +294,7 @@ class FileWatch:
             gone.append((directory, wd))
         if not gone:
             return
-        with held(self._lock):
+        with self._lock:
             for directory, wd in gone:
                 if folder.dirs.pop(directory, None) is not None and self._wds.get(wd) == (folder_id, directory):
                     del self._wds[wd]

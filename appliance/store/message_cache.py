@@ -35,7 +35,6 @@ from typing import Any, NamedTuple
 
 from appliance.db import Database
 from appliance.store.file_watch import FileWatch, FolderCheck
-from appliance.store.no_wait import held
 
 log = logging.getLogger("letterbox.store")
 
@@ -235,7 +234,7 @@ class MessageCache:
         out: list[tuple[Any, ...]] = []
         if self._broken or not uids:
             return out
-        with held(self._lock):
+        with self._lock:
             try:
                 conn = self._connection()
                 for start in range(0, len(uids), READ_BATCH):

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -553,64 +551,6 @@ def test_subject_search_when_the_cache_cannot_be_read(box: BoxHandle, monkeypatc
     finally:
         raw.close()
     assert box.services.store.message_cache._broken
-
-
-def _recording_render(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the threads fetch_render._render_cached runs on, from now on."""
-    threads: list[str] = []
-    real = fetch_render._render_cached
-
-    def recording(*args: Any) -> Any:
-        threads.append(threading.current_thread().name)
-        return real(*args)
-
-    monkeypatch.setattr(fetch_render, "_render_cached", recording)
-    return threads
-
-
-def test_a_small_fetch_with_rows_is_answered_on_the_event_loop(box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A FETCH of a few messages with current rows makes no worker-thread trip (issue 19: the trip
-    cost more than the work); its answer is the one a worker thread gives."""
-    box.add_user(USER, PASSWORD)
-    for n in range(5):
-        deliver(box, message(n))
-    settle(box)
-    threads = _recording_render(monkeypatch)
-    here = fetch(box)
-    assert threads == ["letterbox-loop"]
-    monkeypatch.setattr(fetch_render, "INLINE_CACHED", 0)
-    assert fetch(box) == here
-    assert len(threads) == 2
-    assert threads[1] != "letterbox-loop"
-    assert here.count(b"ENVELOPE") == 5
-
-
-def test_a_small_fetch_never_waits_on_the_event_loop_for_a_lock_a_thread_holds(
-        box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While a worker thread holds the message cache's read lock (a big FETCH's or SEARCH's read),
-    a small FETCH goes to a thread and waits there: the other sessions are answered meanwhile."""
-    box.add_user(USER, PASSWORD)
-    for n in range(3):
-        deliver(box, message(n))
-    settle(box)
-    threads = _recording_render(monkeypatch)
-    cache = box.services.store.message_cache
-    fetching, other = session(box), session(box)
-    try:
-        with cache._lock:  # as a reader thread holds it
-            fetching.send(b"f " + LIST_FETCH + b"\r\n")
-            wait_until(lambda: len(threads) == 2)  # tried here, then handed to a thread
-            start = time.monotonic()
-            assert other.command(b"n", b"NOOP")[-1].startswith(b"n OK")
-            assert time.monotonic() - start < 2
-        answer = b"".join(fetching.until_tagged(b"f"))
-    finally:
-        fetching.close()
-        other.close()
-    assert threads[0] == "letterbox-loop"
-    assert threads[1] != "letterbox-loop"
-    assert answer.count(b"ENVELOPE") == 3
-    assert answer.rstrip().endswith(b"f OK FETCH completed")
 
 
 @pytest.mark.parametrize("line_end", [b"\r\n", b"\n"])
