@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from asyncio import selector_events, sslproto
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -65,6 +65,13 @@ UIDLIST_PACE = 0.25
 # at most that long), and its pause between two, so that it takes a small share of the CPU.
 DATE_CHUNK = 1000
 DATE_PAUSE = 0.02
+# A chunk also waits for a pause of DATE_QUIET in the FETCHes, cached SEARCHes and SELECTs (MessageCache.quiet), and
+# DATE_WAIT at the most (under clients that never pause, a chunk a second). It starts
+# AFTER_LISTING_DELAY after a cold SELECT: at 10k messages after Thunderbird's first header list,
+# at 100k in the middle of it, where 100 chunks of stats and UPDATEs took the GIL and the database's
+# thread from the answer (issue 19: that row cost more per message at 100k than at 10k).
+DATE_QUIET = 0.005
+DATE_WAIT = 1.0
 
 
 @dataclass(eq=False)
@@ -86,9 +93,11 @@ class OpenMailbox:
 
 
 class OpenMailboxes:
-    def __init__(self, root: Path, db: Database, directory: MailboxDirectory) -> None:
+    def __init__(self, root: Path, db: Database, directory: MailboxDirectory, *,
+                 quiet: Callable[[float], Awaitable[None]] | None = None) -> None:
         self.root = root
         self._db = db
+        self._quiet = quiet  # waits for a pause in the clients' FETCHes (MessageCache.quiet)
         self._directory = directory  # which mailbox an address names: asked, never read from its tables
         # Keyed by the mailboxes row id, which is never reused (migration 0007); `_current` says which
         # id an address has now, so an entry of a removed mailbox is dropped as soon as it is seen.
@@ -563,8 +572,10 @@ class OpenMailboxes:
         self._dating.add(task)
         task.add_done_callback(self._dating.discard)
 
-    async def _pause_unless_flushed(self, seconds: float = AFTER_LISTING_DELAY) -> None:
-        """`seconds`, or less when flush_uidlists is called meanwhile."""
+    async def _pause_unless_flushed(self, seconds: float | None = None) -> None:
+        """`seconds` (AFTER_LISTING_DELAY by default), or less when flush_uidlists is called meanwhile."""
+        if seconds is None:
+            seconds = AFTER_LISTING_DELAY
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._flushing.wait(), seconds)
 
@@ -575,6 +586,9 @@ class OpenMailboxes:
             for at in range(0, len(todo), DATE_CHUNK):
                 if at:
                     await asyncio.sleep(DATE_PAUSE)
+                if self._quiet is not None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._quiet(DATE_QUIET), DATE_WAIT)
                 async with f.lock:
                     if f.deleted or not f.loaded:
                         return  # unloaded: dated after its next load

@@ -85,7 +85,7 @@ class MailStore:
         self._db = db
         self._describe = describe
         self.message_cache = MessageCache(db)
-        self._boxes = OpenMailboxes(root, db, directory)
+        self._boxes = OpenMailboxes(root, db, directory, quiet=self.message_cache.quiet)
         self._folders = FolderAdmin(self._boxes, db)
         self._arrivals = GroupCommit(db)  # deliveries and APPENDs: one transaction per burst
         self._writers = DaemonThreads(WRITER_THREADS, "letterbox-store")

@@ -1068,6 +1068,27 @@ def test_a_first_listing_writes_its_rows_only_after_the_select_had_its_turn_of_t
     assert run(tmp_path, body) == (0, len(names))
 
 
+def test_the_dates_of_files_copied_in_are_read_in_the_pauses_of_the_fetches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The background dating of a folder copied in waits for a pause in the FETCHes (at most
+    DATE_WAIT a chunk): at 100k messages it ran in the middle of Thunderbird's first header list
+    (issue 19)."""
+    monkeypatch.setattr(mailboxes, "AFTER_LISTING_DELAY", 0.0)
+    monkeypatch.setattr(mailboxes, "DATE_WAIT", 60.0)
+    names = copied_in(tmp_path, index.BULK + 10)
+
+    async def body(store: MailStore) -> tuple[int, int]:
+        mb = await store._boxes.get(ALICE)
+        with store.message_cache.answering_now():  # a FETCH that goes on
+            await store.snapshot(ALICE, "INBOX", claim_recent=True)
+            f = await store._boxes.folder(mb, "INBOX")
+            await asyncio.sleep(0.5)
+            during = len(f.undated)
+        await async_wait_until(lambda: not f.undated, what="dated once the FETCH is over")
+        return during, sum(1 for e in f.by_uid.values() if e.internaldate != UNKNOWN_DATE)
+
+    assert run(tmp_path, body) == (len(names), len(names))
+
+
 def test_rows_a_queued_commit_could_not_write_are_written_at_the_next_use(tmp_path: Path) -> None:
     names = copied_in(tmp_path, index.BULK)
 
