@@ -775,7 +775,10 @@ class ImapSession:
         per 5,000 messages with a path and a row object each, were most of a SEARCH SUBJECT (issue 19)."""
         view = self.view
         # (The view's UID list and infos change only in this session's own commands, not meanwhile.)
-        hits, unknown = await asyncio.to_thread(fetch_cache.subject_search, cache, view.uids, view.infos, needle)
+        # Answering as a FETCH does: the background work that waits for a pause in the clients'
+        # reads (a prefill, the dating of a folder copied in) waits for this one too.
+        with cache.answering_now():
+            hits, unknown = await asyncio.to_thread(fetch_cache.subject_search, cache, view.uids, view.infos, needle)
         found = self._candidates_of(searcher, hits)
         if unknown:
             found += await self._search_content(searcher, self._candidates_of(searcher, unknown))
