@@ -84,8 +84,13 @@ SMALL_LITERAL = 64 * 1024
 
 
 class ImapConnection:
-    def __init__(self, limits: ImapLimits = DEFAULT_LIMITS, room: Callable[[int], bool] | None = None) -> None:
+    def __init__(self, limits: ImapLimits = DEFAULT_LIMITS, room: Callable[[int], bool] | None = None,
+                 append_allowed: Callable[[], bool] | None = None) -> None:
         self.limits = limits
+        # Whether an APPEND may come now (the server's: after a login). Before it, APPEND's literal
+        # gets the bounds of any other literal: its message limit let a client not logged in have
+        # 64 MiB per connection kept in memory, only to be told BAD at the end.
+        self._append_allowed = append_allowed
         # Whether an APPEND of so many octets may come in (the server's: the data disk's room, after a
         # login); an APPEND that may not is refused before its synchronising literal is sent.
         self._room = room
@@ -199,7 +204,7 @@ class ImapConnection:
             return self._parse(segments)
         size, non_sync = int(marker.group(1)), marker.group(2) == b"+"
         self._segments.append(line[: marker.start()])
-        is_append = _APPEND.match(first) is not None
+        is_append = _APPEND.match(first) is not None and (self._append_allowed is None or self._append_allowed())
         limit = self.limits.max_append_octets if is_append else self.limits.max_literal_octets
         too_many = len(self._segments) // 2 >= self.limits.max_literals_per_command
         # A MULTIAPPEND (RFC 3502) is held in memory whole: all its messages together within one limit.

@@ -65,7 +65,8 @@ class ConnectionHandler:
         self._deflate: zlib._Compress | None = None
         self._inflate: zlib._Decompress | None = None
         self.starttls_available = not implicit_tls
-        self.conn = ImapConnection(limits, room=self._room_for_append)
+        self.conn = ImapConnection(limits, room=self._room_for_append,
+                                   append_allowed=lambda: self.session.state in LOGGED_IN_STATES)
         self.session = ImapSession(services, self, SessionConfig(services.hostname, limits.idle_timeout))
         # Output not yet handed to the channel: written when a command has been answered, when the
         # connection next reads from the client (_read) or when WRITE_BATCH is reached, so a

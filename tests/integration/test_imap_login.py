@@ -240,6 +240,32 @@ def test_id_is_logged_once_per_session(imap_box: BoxHandle, caplog: pytest.LogCa
     assert caplog.text.count("imap client id:") == 1
 
 
+def test_append_before_login_gets_no_room_for_a_message(imap_box: BoxHandle) -> None:
+    """Before a login APPEND's literal is bounded as any other literal (64 KiB), not by the 64 MiB
+    of a message: a client not logged in was sent "+" for 50 MB and had it kept in memory."""
+    raw = RawImap(imap_box.port("imaps"), imap_box.client_context)
+    try:
+        assert raw.command(b"a", b"APPEND INBOX {100000}")[-1].startswith(b"a NO [TOOBIG]")
+        raw.send(b"b APPEND INBOX {10}\r\n")
+        assert raw.line() == b"+ Ready for literal data\r\n"  # small: read, then refused for the state
+        raw.send(b"0123456789\r\n")
+        assert raw.until_tagged(b"b")[-1].startswith(b"b BAD")
+        raw.send(b"c APPEND INBOX {1000000+}\r\n" + b"x" * 1000)
+        assert raw.line().startswith(b"* BYE Literal too large")
+    finally:
+        raw.close()
+    raw = RawImap(imap_box.port("imaps"), imap_box.client_context)
+    try:
+        raw.login(USER, PASSWORD)  # after the login a message is welcome
+        message = b"Subject: big\r\n\r\n" + b"y" * 78 * 1300 + b"\r\n"
+        raw.send(b"d APPEND INBOX {%d}\r\n" % len(message))
+        assert raw.line() == b"+ Ready for literal data\r\n"
+        raw.send(message + b"\r\n")
+        assert raw.until_tagged(b"d")[-1].startswith(b"d OK [APPENDUID")
+    finally:
+        raw.close()
+
+
 def test_connections_per_client_are_limited(imap_box: BoxHandle) -> None:
     limits = ImapLimits(max_connections_per_client=2)
 
