@@ -61,7 +61,7 @@ _HEADER_LINE = re.compile(r"From |[\041-\071\073-\176]*:|[\t ]")
 # a name or a continuation line of one. (name, value as compat32 keeps it before the last line end
 # is removed); a block that is not all of these is parsed line by line.
 # (name, blanks, value): the blanks are kept to tell whether the fields found cover the whole block.
-_FIELD = re.compile(r"([\041-\071\073-\176]+):([ \t]*)([^\r\n]*(?:\r\n|\r|\n|\Z)(?:[ \t][^\r\n]*(?:\r\n|\r|\n|\Z))*)")
+_FIELD = re.compile(r"([\041-\071\073-\176]{1,128}+):([ \t]*)([^\r\n]*(?:\r\n|\r|\n|\Z)(?:[ \t][^\r\n]*(?:\r\n|\r|\n|\Z))*)")
 
 
 def parses_whole(block: bytes) -> bool:
