@@ -470,8 +470,11 @@ def cmd_backup(args: argparse.Namespace) -> None:
 
     async def act() -> None:
         if args.action == "list":
-            for item in backup.list_backups(layout.backups):
+            items = backup.list_backups(layout.backups)
+            for item in items:
                 print(f"{item.path}\t{sizes.format_size(item.size) or '0'}")
+            if not items:  # on stderr: a script reading stdout still gets no lines
+                print(f"no backups in {layout.backups} yet: `letterbox backup create` makes one", file=sys.stderr)
             return
         if args.action == "verify":
             checked = await backup.verify(Path(args.file), _secret(args), layout)

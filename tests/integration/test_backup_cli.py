@@ -355,3 +355,15 @@ def test_one_mailbox_back_into_a_box(made: tuple[DataLayout, Path, Path]) -> Non
     # Again: nothing is doubled.
     again = run(layout.root, "backup", "restore", str(file), "--key-file", str(kit), "--mailbox", ALICE)
     assert "restored 0 messages" in again.stdout, again.stderr
+
+
+def test_backup_list_of_a_box_without_backups_says_so_on_stderr(tmp_path: Path) -> None:
+    """A new user's `backup list` on a box that has none printed nothing at all; stdout stays empty
+    for scripts, and a hint goes to stderr."""
+    data = tmp_path / "data"
+    assert run(data, "domain", "add", "one.test").returncode == 0
+    listed = run(data, "backup", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout == ""
+    assert "no backups in" in listed.stderr
+    assert "letterbox backup create" in listed.stderr
