@@ -24,6 +24,7 @@ from appliance.config import STANDARD_PORTS, ServeConfig
 from appliance.data_lock import DataDirInUse, DataDirLock
 from appliance.db import Database
 from appliance.events import EventLog
+from appliance.heap import fix_mmap_threshold, release_memory, start_heap_watch
 from appliance.host_name import system_hostname
 from appliance.pop3.locks import MaildropLocks
 from appliance.queue.spool import Spool
@@ -32,7 +33,6 @@ from appliance.settings import Settings
 from appliance.smtp.probes import RecipientProbeGuard
 from appliance.srs import SECRET_FILE, SenderRewriter, load_secret
 from appliance.status_checks import start_status_checks
-from appliance.store.mailboxes import fix_mmap_threshold, release_memory
 from appliance.store.mailstore import MailStore
 from appliance.tls import TlsManager
 
@@ -109,6 +109,7 @@ BACKGROUND: list[Callable[[Services], Awaitable[BackgroundService]]] = [
     backup.start_scheduler,  # the daily backup, once switched on
     start_status_checks,  # the status checklist, every few hours
     Deferred("appliance.imap.fts", "start_text_index"),  # SEARCH BODY/TEXT's full-text index, filled after delivery
+    start_heap_watch,  # gives back the heap a burst of connections freed (no folder's unload trims for it)
 ]
 
 

@@ -206,7 +206,7 @@ def _clear():
   started = time.process_time()
   found = gc.collect()
   took = time.process_time() - started
-  from appliance.store.mailboxes import release_memory
+  from appliance.heap import release_memory
   release_memory()
   print(f"probe: {cleared} cache entries cleared; gc.collect() found {found} in {took * 1000:.0f} ms CPU", file=sys.stderr)
 _clear()

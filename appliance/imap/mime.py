@@ -35,7 +35,7 @@ from appliance.imap.limits import MAX_HEADER_OCTETS, MAX_MIME_DEPTH, MAX_MIME_PA
 
 READ_LIMIT = 64 * 1024  # longest piece of a line read at once
 # Octets read at once while crossing a body: below the server's mmap threshold (128 KiB,
-# mailboxes.fix_mmap_threshold), or every read of a small message mapped and unmapped a buffer
+# heap.fix_mmap_threshold), or every read of a small message mapped and unmapped a buffer
 # of this size (1 MiB was: scanning 2,000 corpus files took 189-229 us a message instead of
 # 102-105, load 9; issue 19). A 50 MB attachment is 800 reads.
 SKIP_BLOCK = 64 * 1024

@@ -12,18 +12,17 @@ import contextlib
 import itertools
 import logging
 import time
-from asyncio import selector_events, sslproto
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import idna
 
 from appliance import caches, waits
 from appliance.db import Database
-from appliance.libc import libc
+from appliance.heap import release_memory
 from appliance.store import index, maildir, subscriptions
 from appliance.store.changes import ChangeBus
 from appliance.store.index import Change, FolderIndex
@@ -653,51 +652,6 @@ def _settled(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         # The next access that needs the special folders tries again, and fails for itself.
         log.warning("store: cannot make the special folders yet: %s", exc)
-
-
-def release_memory() -> None:
-    """Give freed heap back to the system (glibc keeps it otherwise: RSS would stay at its peak)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        _malloc_trim = _glibc("malloc_trim") or False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-_malloc_trim: Any = None
-
-M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
-MMAP_THRESHOLD = 128 * 1024
-# Octets asyncio reads from a socket at once. Each read allocates a buffer of this size and shrinks it
-# to what came: asyncio's 256 KiB, above the threshold, made every read an mmap, mremap and munmap
-# (a TLB shootdown in a threaded process; six reads per MX message, strace -c, issue 19).
-SOCKET_READ_SIZE = 64 * 1024
-
-
-def fix_mmap_threshold() -> None:
-    """Blocks of 128 KiB and more straight from mmap, returned to the system when freed, for the
-    server's whole life. glibc starts there too, but raises the threshold to the size of each large
-    block freed (up to 32 MiB): after a 100k folder's big FETCH and SEARCH lists, their successors
-    came from the heap and stayed behind as holes malloc_trim could not give back. Letterbox-only
-    rounds of the 100k IMAP rows (one round each, load 5-9): main process RSS 5 s after them
-    168-187 MiB with the sliding threshold (3 rounds), 129.4 and 129.0 MiB with it fixed (2 rounds;
-    peak 227-246 -> 207-208 MiB). What stays is mostly pymalloc's: 73 arenas of 1 MiB holding 25 MB
-    of objects, as many as idle, and 48 MB of empty pools in arenas not wholly free."""
-    mallopt = _glibc("mallopt")
-    if mallopt is not None:  # not glibc: its own policy stands
-        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    # Plain transports read into a fresh buffer of max_size; TLS ones call SSLObject.read(max_size),
-    # which allocates that size at every call, and again for the call that finds nothing more (~2 per
-    # IMAP command under imaptest's stress mode). A TLS record is at most 16 KiB.
-    selector_events._SelectorSocketTransport.max_size = SOCKET_READ_SIZE  # type: ignore[attr-defined]
-    sslproto.SSLProtocol.max_size = SOCKET_READ_SIZE
-
-
-def _glibc(name: str) -> Any:
-    """glibc's function `name`, or None where the C library is another one."""
-    try:
-        return getattr(libc(), name)
-    except (OSError, AttributeError):
-        return None
 
 
 def address_key(address: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from appliance.store.mailboxes import MMAP_THRESHOLD, SOCKET_READ_SIZE, fix_mmap_threshold
+from appliance.heap import MMAP_THRESHOLD, SOCKET_READ_SIZE, fix_mmap_threshold
 
 
 def test_a_plain_socket_reads_below_the_mmap_threshold_and_a_big_message_still_arrives_whole() -> None:
