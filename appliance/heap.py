@@ -62,6 +62,31 @@ def fix_mmap_threshold() -> None:
     sslproto.SSLProtocol.max_size = SOCKET_READ_SIZE
 
 
+def break_transport_cycles() -> None:
+    """A socket transport lets go of its own bound method when its connection is lost. asyncio keeps
+    it as `_read_ready_cb` (3.11): a cycle through the transport, so every closed connection's
+    transport, socket, protocol, session and TLS state stayed alive until a full collection, which the
+    box's own allocations seldom bring. After 20 IMAPS and 20 HTTPS connections closed, all 40
+    transports were still there; after the flood above, 31,200 objects and 175 MiB of heap."""
+    lost = selector_events._SelectorSocketTransport._call_connection_lost  # type: ignore[attr-defined]
+    if getattr(lost, "breaks_cycle", False):
+        return
+
+    def call_connection_lost(self: Any, exc: BaseException | None) -> None:
+        try:
+            lost(self, exc)
+        finally:
+            # The reader is removed by now (its pending handle cancelled): nothing reads again.
+            self._read_ready_cb = _no_read
+
+    call_connection_lost.breaks_cycle = True  # type: ignore[attr-defined]
+    selector_events._SelectorSocketTransport._call_connection_lost = call_connection_lost  # type: ignore[attr-defined]
+
+
+def _no_read() -> None:
+    pass
+
+
 def _glibc(name: str) -> Any:
     """glibc's function `name`, or None where the C library is another one."""
     try:
