@@ -15,7 +15,7 @@ def test_a_closed_socket_transport_is_freed_without_a_collection() -> None:
     break_transport_cycles()
     break_transport_cycles()  # twice changes nothing more
 
-    async def run() -> weakref.ref[asyncio.BaseTransport]:
+    async def run() -> weakref.ref[asyncio.Transport]:
         lost = asyncio.get_running_loop().create_future()
 
         class Quiet(asyncio.Protocol):
