@@ -1,7 +1,8 @@
 """The web console's listeners: uvicorn inside the box's one asyncio loop.
 
 - "https": the console (web/app.py) with the box's certificate (services.tls.context, so a renewed
-  certificate is used from the next handshake on).
+  certificate is used from the next handshake on); the handshake is run by the protocol (_GuardedH11),
+  not by asyncio's create_server, so that it is counted and bounded from the accept.
 - "http": redirects to HTTPS, except /.well-known/ (ACME challenges, Thunderbird's autoconfig) and
   /mail/config-v1.1.xml (Thunderbird asks autoconfig.<domain> over plain HTTP), which the same app
   answers directly.
@@ -25,6 +26,7 @@ from urllib.parse import quote
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.utils import get_remote_addr
 
 from appliance.channel import network_of
 
@@ -48,6 +50,15 @@ BACKLOG = 100
 REQUEST_HEAD_SECONDS = 20.0
 REQUEST_HEAD_BUSY_SECONDS = 5.0
 MAX_CONNECTIONS_PER_CLIENT = 32
+# asyncio's own handshake (create_server(ssl=...), as uvicorn calls it) ran before the protocol saw the
+# connection, for up to 60 s: 300 connections from one address that never sent a ClientHello were each
+# held a minute, uncounted and uncapped, and at the box's descriptor limit the mail ports' accept failed
+# too (EMFILE). The HTTPS listener now accepts plain TCP and runs the handshake itself, as the mail
+# ports' implicit TLS does: counted from the accept, capped per client, and bounded.
+TLS_HANDSHAKE_SECONDS = 10.0
+TLS_HANDSHAKE_BUSY_SECONDS = 5.0
+
+log = logging.getLogger("letterbox.web")
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -85,22 +96,84 @@ def _client_key(host: str) -> str:
     return network_of(host) if ":" in host else host  # IPv6 by /64, as the mail ports count it
 
 
+class _ConsoleConfig(uvicorn.Config):
+    """uvicorn's config with the context _GuardedH11 runs its handshakes with: uvicorn itself is given
+    none, so that asyncio's create_server does no handshake of its own before the protocol is told."""
+
+    tls: ssl.SSLContext | None = None
+
+
 class _GuardedH11(H11Protocol):
-    """uvicorn's h11 protocol with the deadline for a request's head and the per-client cap above."""
+    """uvicorn's h11 protocol with the TLS handshake, the deadline for a request's head and the
+    per-client cap above."""
 
     _head_timer: asyncio.TimerHandle | None = None
+    _handshake: asyncio.Task[None] | None = None
+    # What the TLS layer passes on with the handshake's last flight (a browser sends its request at once),
+    # which can come before start_tls has returned and h11 knows the connection.
+    _early: bytearray | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        host = self.client[0] if self.client else ""
-        key = _client_key(host)
+        tls = self.config.tls if isinstance(self.config, _ConsoleConfig) else None
+        if tls is None:
+            super().connection_made(transport)
+            if self._within_share():
+                self._arm(REQUEST_HEAD_BUSY_SECONDS if self._busy() else REQUEST_HEAD_SECONDS)
+            return
+        # Counted from the accept, by the same set uvicorn counts its connections in (its shutdown closes
+        # a handshake in progress too, through self.transport).
+        self.connections.add(self)
+        self.transport = transport
+        self.client = get_remote_addr(transport)
+        if not self._within_share():
+            return
+        transport.pause_reading()  # the ClientHello is for the TLS layer start_tls puts in between
+        self._early = bytearray()
+        seconds = TLS_HANDSHAKE_BUSY_SECONDS if self._busy() else TLS_HANDSHAKE_SECONDS
+        self._handshake = self.loop.create_task(self._secure(transport, tls, seconds))
+
+    async def _secure(self, raw: asyncio.Transport, context: ssl.SSLContext, seconds: float) -> None:
+        try:
+            secured = await self.loop.start_tls(raw, self, context, server_side=True,
+                                                ssl_handshake_timeout=seconds)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:  # late, refused or reset: asyncio closed the socket
+            log.debug("%s: TLS handshake failed: %s", self.client, exc)
+            secured = None
+        except BaseException:
+            self._not_secured(raw)
+            raise
+        if secured is None or raw.is_closing():  # a connection lost during the handshake returns a transport
+            self._not_secured(raw)
+            return
+        early, self._early = self._early, None
+        super().connection_made(secured)
+        self._arm(REQUEST_HEAD_BUSY_SECONDS if self._busy() else REQUEST_HEAD_SECONDS)
+        if early:
+            self.data_received(bytes(early))
+
+    def _not_secured(self, raw: asyncio.Transport) -> None:
+        # The TLS layer tells the protocol nothing of a connection lost before the handshake ended.
+        raw.close()
+        self.connections.discard(self)
+
+    def _within_share(self) -> bool:
+        """Whether this client holds no more than its share; if not, the connection is closed."""
+        key = _client_key(self.client[0] if self.client else "")
         same = sum(1 for other in self.connections
                    if isinstance(other, _GuardedH11) and other.client and _client_key(other.client[0]) == key)
         if same > MAX_CONNECTIONS_PER_CLIENT:
-            transport.close()
+            self.transport.close()
+            return False
+        return True
+
+    def _busy(self) -> bool:
+        return len(self.connections) >= MAX_CONNECTIONS // 2
+
+    def data_received(self, data: bytes) -> None:
+        if self._early is not None:
+            self._early += data
             return
-        busy = len(self.connections) >= MAX_CONNECTIONS // 2
-        self._arm(REQUEST_HEAD_BUSY_SECONDS if busy else REQUEST_HEAD_SECONDS)
+        super().data_received(data)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -252,7 +325,7 @@ async def serve(
     if uvicorn_log.level == logging.NOTSET:
         uvicorn_log.setLevel(logging.WARNING)
     tls: ssl.SSLContext | None = services.tls.context if service == "https" else None
-    config = uvicorn.Config(
+    config = _ConsoleConfig(
         app if service == "https" else RedirectToHttps(app, services),
         lifespan="off",
         http=_GuardedH11,
@@ -265,8 +338,8 @@ async def serve(
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         limit_concurrency=MAX_CONNECTIONS,
         h11_max_incomplete_event_size=MAX_REQUESTS_HEADER_BYTES,
-        ssl_context_factory=(lambda _config, _default: tls) if tls is not None else None,
     )
+    config.tls = tls
     listener = WebListener(_EmbeddedServer(config), bind_socket(host, port), service)
     if start_serving:
         await listener.start_serving()

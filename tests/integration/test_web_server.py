@@ -88,12 +88,12 @@ def test_unknown_service_is_refused(box: BoxHandle) -> None:
         box.run(web_server.serve(box.services, "imap", "127.0.0.1", 0))
 
 
-def _half_requests(port: int, count: int, source: str = "127.0.0.1") -> list[socket.socket]:
-    """Connections that each sent half a request line (a slowloris client's)."""
+def _half_requests(port: int, count: int, source: str = "127.0.0.1", sent: bytes = b"GET / HTTP/1.1\r\n") -> list[socket.socket]:
+    """Connections that each sent half a request line (a slowloris client's), or what `sent` says."""
     socks = []
     for _ in range(count):
         sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
-        sock.sendall(b"GET / HTTP/1.1\r\n")
+        sock.sendall(sent)
         socks.append(sock)
     return socks
 
@@ -134,3 +134,56 @@ def test_one_client_holds_a_few_connections_and_others_are_served(
     finally:
         for sock in held:
             sock.close()
+
+
+def test_a_tls_handshake_that_never_starts_is_cut_off(box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncio's own handshake held a connection that never sent a ClientHello for 60 s, before the
+    protocol (its deadline and its cap) was told of it: enough of them took every descriptor of the box."""
+    monkeypatch.setattr(web_server, "TLS_HANDSHAKE_SECONDS", 1.0)
+    [sock] = _half_requests(box.port("https"), 1, sent=b"")
+    try:
+        assert _closed(sock, 10)
+    finally:
+        sock.close()
+    response = httpx.get(f"https://localhost:{box.port('https')}/", verify=box.client_context)
+    assert response.status_code == 303
+
+
+def test_handshakes_in_progress_count_in_a_clients_share(box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(web_server, "MAX_CONNECTIONS_PER_CLIENT", 5)
+    held = _half_requests(box.port("https"), 8, sent=b"")
+    try:
+        assert [_closed(sock, 2) for sock in held[5:]] == [True] * 3  # beyond the client's share
+        assert not any(_closed(sock, 0.1) for sock in held[:5])
+        with socket.create_connection(("127.0.0.1", box.port("https")), timeout=5, source_address=("127.0.0.2", 0)) as raw, \
+                box.client_context.wrap_socket(raw, server_hostname="localhost") as other:
+            other.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            assert other.recv(4096).startswith(b"HTTP/1.1 303")
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_request_sent_with_the_handshakes_last_flight_is_answered(box: BoxHandle) -> None:
+    """A client may send its request in the same segment as its Finished: the TLS layer hands it on
+    before start_tls has returned to the protocol, which must keep it rather than drop or misread it."""
+    tls = box.client_context.wrap_bio(incoming := ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(),
+                                      server_hostname="localhost")
+    with socket.create_connection(("127.0.0.1", box.port("https")), timeout=5) as sock:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        tls.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        sock.sendall(outgoing.read())  # Finished and the request together
+        answer = b""
+        while not answer.startswith(b"HTTP/1.1 303"):
+            try:
+                answer += tls.read(4096)
+            except ssl.SSLWantReadError:
+                data = sock.recv(65536)
+                assert data, answer
+                incoming.write(data)
