@@ -160,6 +160,9 @@ def test_port_free_after_a_failed_start(tmp_path: Path, ca: trustme.CA) -> None:
     # A real busy port: serve exits with one line and non-zero, having served nobody.
     offset = pick_port_offset()
     with socket.socket() as busy:
+        # As the box binds: a TIME_WAIT left on the port by an earlier test's box must not fail this bind,
+        # and a listening socket keeps the box's bind failing all the same.
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         busy.bind(("127.0.0.1", STANDARD_PORTS["https"] + offset))
         busy.listen()
         layout = DataLayout(tmp_path / "data")
