@@ -157,11 +157,13 @@ class _GuardedH11(H11Protocol):
         self.connections.discard(self)
 
     def _within_share(self) -> bool:
-        """Whether this client holds no more than its share; if not, the connection is closed."""
+        """Whether this client holds no more than its share, and the listener no more than its slots; if
+        not, the connection is closed. Beyond MAX_CONNECTIONS uvicorn would answer only 503, and
+        connections from many addresses would each hold a descriptor of the box until their deadline."""
         key = _client_key(self.client[0] if self.client else "")
         same = sum(1 for other in self.connections
                    if isinstance(other, _GuardedH11) and other.client and _client_key(other.client[0]) == key)
-        if same > MAX_CONNECTIONS_PER_CLIENT:
+        if same > MAX_CONNECTIONS_PER_CLIENT or len(self.connections) > MAX_CONNECTIONS:
             self.transport.close()
             return False
         return True

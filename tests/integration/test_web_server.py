@@ -187,3 +187,16 @@ def test_a_request_sent_with_the_handshakes_last_flight_is_answered(box: BoxHand
                 data = sock.recv(65536)
                 assert data, answer
                 incoming.write(data)
+
+
+def test_a_listener_holds_no_more_connections_than_its_slots(box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Silent connections from many addresses, each within its share, are closed at accept beyond the
+    listener's slots, rather than each holding a descriptor of the box until its deadline."""
+    monkeypatch.setattr(web_server, "MAX_CONNECTIONS", 6)
+    held = [sock for n in range(4) for sock in _half_requests(box.port("https"), 2, f"127.0.0.{10 + n}", sent=b"")]
+    try:
+        assert [_closed(sock, 2) for sock in held[6:]] == [True] * 2
+        assert not any(_closed(sock, 0.1) for sock in held[:6])
+    finally:
+        for sock in held:
+            sock.close()
