@@ -115,7 +115,7 @@ class GroupCommit:
                     raise RuntimeError("the deliveries' transaction did not run")
             except _SyncFailed as failed:
                 log.error("store: placing deliveries into %s failed: %s", f.path, failed.error)
-                await _discard(f, batch, _write_error(failed.error))
+                await _discard(f, batch, write_error(failed.error))
                 return
             f.changed_by_us(*placing.stamps)  # the next look lists nothing for these files
             self.flushes += 1
@@ -140,7 +140,8 @@ async def _discard(f: FolderIndex, batch: list[Arrival], error: StoreError) -> N
         _settle(arrival, error)
 
 
-def _write_error(cause: OSError) -> StoreError:
+def write_error(cause: OSError) -> StoreError:
+    """A message that could not be written or placed: what its sender is told, its cause kept."""
     error = StoreError(f"cannot write the message: {cause.strerror or cause}")
     error.__cause__ = cause  # a full disk is told apart by what caused it (appliance/disk_full.py)
     return error

@@ -535,9 +535,9 @@ def write_tmp(job: WriteJob, data: bytes) -> None:
         raise
 
 
-def write_message(job: WriteJob, data: bytes, *, sync_dir: bool = True) -> None:
-    """tmp/ -> fsync -> rename into new/ or cur/ -> fsync the directory. Durable when it returns;
-    without `sync_dir` the rename is not, until the caller fsyncs the directory."""
+def write_message(job: WriteJob, data: bytes) -> None:
+    """tmp/ -> fsync -> rename into new/ or cur/ -> fsync the directory: durable when it returns.
+    (The box's deliveries use write_tmp and the group commit's renames, store/arrivals.py.)"""
     write_tmp(job, data)
     try:
         os.rename(job.tmp, job.target)
@@ -545,8 +545,7 @@ def write_message(job: WriteJob, data: bytes, *, sync_dir: bool = True) -> None:
         with contextlib.suppress(OSError):
             os.unlink(job.tmp)
         raise
-    if sync_dir:
-        fsync_dir(job.maildir / job.sub)
+    fsync_dir(job.maildir / job.sub)
 
 
 def copy_message(src: Path, job: WriteJob) -> None:

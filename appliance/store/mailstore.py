@@ -40,7 +40,7 @@ from typing import Literal
 
 from appliance.db import Database
 from appliance.store import index, maildir
-from appliance.store.arrivals import Arrival, GroupCommit
+from appliance.store.arrivals import Arrival, GroupCommit, write_error
 from appliance.store.changes import Watcher
 from appliance.store.folders import FolderAdmin
 from appliance.store.index import Change, FolderIndex
@@ -456,9 +456,7 @@ class MailStore:
             error, cached = await self._writers.run(self._write, job, data)
             if error is not None:
                 log.error("store: writing to %s failed: %s", mb.key, error)
-                failed = StoreError(f"cannot write the message: {error.strerror or error}")
-                failed.__cause__ = error  # a full disk is told apart by what caused it (appliance/disk_full.py)
-                return failed
+                return write_error(error)
             handed = True  # the group commit unmarks the name once the row is in memory
             outcome = await self._arrivals.index(f, Arrival(job, system, names, size, date, wire, cached))
         finally:
