@@ -1132,6 +1132,11 @@ def restore_mailbox_files(backup: Path, secret: Secret, layout: DataLayout, addr
     if not any(m.get("address") == address for m in unpacked.manifest.get("mailboxes", [])):
         shutil.rmtree(staging, ignore_errors=True)
         raise BackupError(f"the backup holds no mailbox {address}")
+    # A mistyped folder said "restored 0 messages" as if all went well (and made a removed mailbox again).
+    names = [name for name, _ in staged_folders(staging / "mail" / domain / local)]
+    if folder is not None and folder not in names:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise BackupError(f"the backup holds no folder {folder} in {address} (its folders: {', '.join(names)})")
     return unpacked.manifest, staging
 
 
@@ -1151,17 +1156,22 @@ def mailbox_row(staged_db: Path, address: str) -> tuple[str, str, int, int]:
     return str(row[0]), str(row[1]), int(row[2]), int(row[3])
 
 
+def staged_folders(staged_box: Path) -> list[tuple[str, Path]]:
+    """(IMAP name, directory) of each folder of a staged mailbox, INBOX first."""
+    if not staged_box.is_dir():
+        return []
+    found = sorted((name, p) for p in staged_box.iterdir()
+                   if p.is_dir() and (name := maildir.folder_name(p.name)) is not None)
+    return [(INBOX, staged_box), *found]
+
+
 def copy_mailbox(staged_box: Path, live_box: Path, folder: str | None) -> int:
     """Put the staged mailbox's messages into the live Maildir, beside what is there: files whose
     base name the live folder already has are skipped. The running store indexes the new files at
     its next look (new UIDs above the folder's UIDNEXT, so no client cache is contradicted)."""
     count = 0
-    folders = [staged_box, *sorted(
-        p for p in staged_box.iterdir() if p.is_dir() and maildir.folder_name(p.name) is not None
-    )] if staged_box.is_dir() else []
-    for src in folders:
-        name = INBOX if src == staged_box else maildir.folder_name(src.name)
-        if name is None or (folder is not None and name != folder):
+    for name, src in staged_folders(staged_box):
+        if folder is not None and name != folder:
             continue
         dst = live_box if src == staged_box else live_box / src.name
         maildir.make_maildir(dst, folder=src != staged_box)
@@ -1249,6 +1259,8 @@ async def restore_mailbox(db: Database, events: EventLog, layout: DataLayout, pa
     from appliance.accounts import Accounts
 
     address = address.strip().lower()
+    if folder is not None and folder.upper() == INBOX:
+        folder = INBOX  # any case names the inbox (RFC 3501 5.1)
     progress = progress or Progress()
     manifest, staging = await asyncio.to_thread(restore_mailbox_files, path, secret, layout, address, folder,
                                                 progress=progress)

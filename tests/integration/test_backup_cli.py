@@ -357,6 +357,27 @@ def test_one_mailbox_back_into_a_box(made: tuple[DataLayout, Path, Path]) -> Non
     assert "restored 0 messages" in again.stdout, again.stderr
 
 
+def test_one_folder_back_names_a_missing_folder_and_changes_nothing(made: tuple[DataLayout, Path, Path]) -> None:
+    """A mistyped --folder said "restored 0 messages" with exit 0, and a removed mailbox was made
+    again, empty; now it is refused with the backup's folders, and the box is unchanged."""
+    layout, file, kit = made
+    assert run(layout.root, "user", "remove", ALICE).returncode == 0
+    before = state(layout.root)
+    wrong = run(layout.root, "backup", "restore", str(file), "--key-file", str(kit), "--mailbox", ALICE,
+                "--folder", "keep")
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip() == ("letterbox: the backup holds no folder keep in alice@one.test"
+                                    " (its folders: INBOX, Archive, Drafts, Junk, Keep, Sent, Trash)")
+    assert state(layout.root) == before
+    right = run(layout.root, "backup", "restore", str(file), "--key-file", str(kit), "--mailbox", ALICE,
+                "--folder", "Keep")
+    assert right.returncode == 0, right.stderr
+    assert "restored 1 messages into alice@one.test (mailbox made again)" in right.stdout
+    inbox = run(layout.root, "backup", "restore", str(file), "--key-file", str(kit), "--mailbox", ALICE,
+                "--folder", "inbox")
+    assert "restored 6 messages" in inbox.stdout, inbox.stderr
+
+
 def test_backup_list_of_a_box_without_backups_says_so_on_stderr(tmp_path: Path) -> None:
     """A new user's `backup list` on a box that has none printed nothing at all; stdout stays empty
     for scripts, and a hint goes to stderr."""
