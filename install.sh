@@ -12,6 +12,7 @@
 #   /var/lib/letterbox/data/ (0700, the box's data; never touched when it exists)
 #   /etc/systemd/system/letterbox.service, letterbox-update.path|service, /usr/local/sbin/letterbox-update
 #   (copied from image/overlay/, the files the image has), enabled; started unless --root or --no-start.
+#   /usr/local/bin/letterbox, a link to the venv's command, as in the image.
 # Installing a newer version over an older one with this script works, but letterbox-update (backup,
 # health check, rollback) is the way to update a box that holds mail.
 set -eu
@@ -107,7 +108,9 @@ ln -sfn "venv-$version" "${root:-}/opt/letterbox/.venv-install"
 mv -T "${root:-}/opt/letterbox/.venv-install" "${root:-}/opt/letterbox/venv"
 
 # --- units and the update program ---------------------------------------------------------------------------
-install -d "${root:-}/etc/systemd/system" "${root:-}/usr/local/sbin"
+install -d "${root:-}/etc/systemd/system" "${root:-}/usr/local/sbin" "${root:-}/usr/local/bin"
+# `letterbox` on the PATH, as in the image (run it as the box's user: sudo -u letterbox letterbox ...)
+ln -sfn /opt/letterbox/venv/bin/letterbox "${root:-}/usr/local/bin/letterbox"
 for unit in letterbox.service letterbox-update.path letterbox-update.service; do
     install -m 0644 "$overlay/etc/systemd/system/$unit" "${root:-}/etc/systemd/system/$unit"
 done

@@ -77,9 +77,32 @@ def creates_box(args: argparse.Namespace) -> bool:
     return command in CREATES_BOX
 
 
+def require_owner(root: Path) -> None:
+    """Refuse root on a data directory that belongs to the box's own user (`letterbox` on the image
+    and after install.sh): `sudo letterbox --data /var/lib/letterbox/data domain add ...` left a DKIM
+    key (and a WAL, a mail folder...) only root could read, which the box then could not."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = root.stat().st_uid
+    except FileNotFoundError:
+        return
+    if owner == 0:
+        return
+    import pwd
+
+    try:
+        name = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        name = str(owner)
+    raise CliError(f"{root} belongs to the user {name}, and files root made there would be unreadable to the box:"
+                   f" run this as {name} (sudo -u {name} letterbox --data {root} ...)")
+
+
 def require_box(args: argparse.Namespace) -> None:
     """Refuse a command that needs a box when --data names none, before anything is created there: a
     mistyped `--data /srv/letterbx cert status` used to leave a whole new data directory behind."""
+    require_owner(Path(args.data))
     if creates_box(args):
         return
     layout = DataLayout(Path(args.data))

@@ -286,3 +286,31 @@ def test_a_locked_database_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert "try again" in result.stderr
     listed = run(data, "domain", "list")
     assert "second.example" not in listed.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root running the CLI on the box user's data")
+@pytest.mark.parametrize("args", [("domain", "add", "two.test"), ("user", "list"), ("serve",)])
+def test_root_on_the_box_users_data_is_refused_and_writes_nothing(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """`sudo letterbox --data /var/lib/letterbox/data domain add two.test` made the domain's DKIM key
+    as root, mode 0600, in the data of a box that runs as `letterbox`: the box could not read it. Root
+    is now told to run the command as the directory's owner, and nothing is written."""
+    data = tmp_path / "data"
+    assert run(data, "domain", "add", "one.test").returncode == 0
+    nobody = 65534
+    for path in (data, *data.rglob("*")):
+        os.chown(path, nobody, nobody)
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in data.rglob("*"))
+    result = run(data, *args)
+    assert_one_line_error(result, f"run this as {_user_name(nobody)} (sudo -u {_user_name(nobody)} letterbox --data")
+    assert result.returncode == 1
+    assert [p for p in (data, *data.rglob("*")) if p.stat().st_uid != nobody] == []
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in data.rglob("*")) == before
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

@@ -85,6 +85,8 @@ def test_install_sh_into_a_root_twice(tmp_path: Path, bundle: Path) -> None:
     assert (units / "multi-user.target.wants/letterbox.service").is_symlink()
     assert (units / "multi-user.target.wants/letterbox-update.path").is_symlink()
     assert os.access(root / ".usr-local/sbin/letterbox-update", os.X_OK)
+    # The README's `letterbox ...` commands: on the PATH, as in the image.
+    assert os.readlink(root / ".usr-local/bin/letterbox") == "/opt/letterbox/venv/bin/letterbox"
 
     (root / "var/lib/letterbox/data/letterbox.db").write_text("the box's data")
     second = _in_namespace(root, install)
