@@ -363,6 +363,7 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
                 data_lock.acquire()
             except DataDirInUse as exc:
                 raise StartupError(str(exc)) from None
+            await asyncio.to_thread(backup.clean_stale_uploads, config.data.root)
             try:
                 box = await _start(config, stop, announce)
             except Exception:

@@ -941,6 +941,21 @@ def staging_dir(data_root: Path) -> Path:
     return root.parent / f".{root.name}.restore-{secrets.token_hex(4)}"
 
 
+def upload_path(data_root: Path) -> Path:
+    """Where a backup uploaded in the console waits for its confirmation: beside the data directory,
+    on the file system its staging directory will be on."""
+    root = data_root.resolve()
+    return root.parent / f".{root.name}.upload-{secrets.token_hex(4)}"
+
+
+def clean_stale_uploads(data_root: Path) -> None:
+    """Uploads of an earlier run: their confirmations lived in its memory, so none can come now (each
+    is the size of a backup, and was left on the disk for good)."""
+    root = data_root.resolve()
+    for p in root.parent.glob(f".{root.name}.upload-*"):
+        p.unlink(missing_ok=True)
+
+
 def clean_stale_staging(data_root: Path) -> None:
     """Staging directories of restores that were killed before their switch-over."""
     root = data_root.resolve()
@@ -1380,6 +1395,8 @@ class BackupJobs:
         self.expire()
         token = secrets.token_urlsafe(18)
         self.pending[token] = pending
+        # Expired by time too, not only at the next upload or confirmation, which may never come.
+        asyncio.get_running_loop().call_later(PENDING_TTL + 1, self.expire)
         return token
 
     def take(self, token: str) -> PendingRestore | None:

@@ -99,3 +99,21 @@ def test_a_start_reads_the_certificates_details_saved_for_that_very_file(tmp_pat
     (tls / INFO_FILE).write_text("{not json")
     assert TlsManager(tls, "mail.example.test").info().names == ("other.example.test",)
     assert TlsManager(tls, "mail.example.test").info() == TlsManager(tls, "mail.example.test").info()
+
+
+def test_a_start_removes_the_uploads_an_earlier_run_left_unconfirmed(tmp_path: Path, ca: trustme.CA) -> None:
+    """A backup uploaded in the console waits beside the data directory for its confirmation, which
+    lives in the serving process: after a restart (an update, a reboot) nothing could confirm or expire
+    it, and a backup-sized file stayed on the disk for good. Another box's files are left alone."""
+    box = ServedBox(tmp_path / "box", ca)
+    parent = box.data.root.parent
+    left = parent / f".{box.data.root.name}.upload-0123abcd"
+    left.write_bytes(b"age-encryption.org/v1\n" + b"x" * 1000)
+    other = parent / ".other.upload-0123abcd"
+    other.write_bytes(b"not this box's")
+    box.start()
+    try:
+        assert not left.exists()
+        assert other.exists()
+    finally:
+        box.stop()

@@ -254,3 +254,20 @@ def test_restic_repository_set_in_the_console_and_the_newest_backup_sent(web: We
     off = web.post("/console/backups/restic", {"repo": str(repo), "off": "yes"}, token_from="/console/backups")
     assert off.status_code == 303
     assert web.run(backup_restic.read_target, web.services.db) is None
+
+
+def test_an_upload_nobody_confirms_is_removed_when_its_time_is_up(web: WebClient, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was removed only at the next upload or confirmation, which may never come: an administrator
+    who left the confirmation page left a backup-sized file beside the data directory."""
+    file, kit = _uploaded_backup(web, tmp_path)
+    root = web.services.config.data.root.resolve()
+    monkeypatch.setattr(backup, "PENDING_TTL", 0.2)
+    page = web.client.post("/console/backups/upload", data={"csrf": web.csrf("/console/backups"), "secret": kit},
+                           files={"backup": (file.name, file.read_bytes())})
+    assert "Replace the whole box" in page.text
+    [pending] = web.services.backups.pending.values()
+    assert pending.path.exists()
+    wait_until(lambda: not pending.path.exists(), seconds=10, what="the unconfirmed upload removed")
+    assert web.services.backups.pending == {}
+    assert not [p for p in root.parent.iterdir() if ".upload-" in p.name]

@@ -10,7 +10,6 @@ unclaimed box's data with their own."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -106,8 +105,7 @@ async def _read_upload(request: Request) -> tuple[dict[str, str], Path | None]:
     if upload is None or not upload.filename:
         await form.close()
         return values, None
-    root = services(request).config.data.root.resolve()
-    target = root.parent / f".{root.name}.upload-{secrets.token_hex(4)}"
+    target = backup.upload_path(services(request).config.data.root)
 
     def save(src: Any) -> None:
         src.seek(0)
