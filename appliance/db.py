@@ -203,12 +203,14 @@ class Database:
                            gate: tuple[threading.Event, float] | None = None) -> asyncio.Future[T]:
         """write() without waiting for the transaction: once this returns it is queued on the
         database's thread ahead of every write and read asked for later, which run after it (the
-        write lock is held until it ends), and the future gives its result or exception. For work
-        whose result nobody needs at once (a first listing's rows, store/index.py commit_queued).
+        thread takes its jobs in order, and each is a whole transaction), and the future gives its
+        result or exception. The write lock is held only to queue it, for the transaction() under
+        way, if any, to end first: a writer that comes next queues behind it without waiting for it
+        (a pipelined STORE's, store/index.py commit_pipelined). For work whose result is not needed
+        at once (a first listing's rows, commit_queued; flag changes and expunges, commit_pipelined).
         `gate`: (event, seconds): the thread waits for the event (that many seconds at most) before
         it begins the transaction."""
-        await self._write_lock.acquire()
-        try:
+        async with self._write_lock:
             # aiosqlite's Connection._execute without its await: putting it on the queue is what orders it.
             future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
             conn = self._conn._conn
@@ -216,12 +218,8 @@ class Database:
                 raise ValueError("Connection closed")
             job = partial(_whole_transaction, work, self._rider_work(), durable, conn)
             self._conn._tx.put_nowait((future, job if gate is None else partial(_after, gate, job)))
-        except BaseException:
-            self._write_lock.release()
-            raise
 
         def finished(_: asyncio.Future[T]) -> None:
-            self._write_lock.release()
             self.counters.forget_tick()  # the counters may have moved (ChangeCounters.read_this_tick)
 
         future.add_done_callback(finished)
@@ -245,9 +243,10 @@ class Database:
         self._riders.append(rider)
 
     async def writes_done(self) -> None:
-        """Returns once the transaction under way (if any) has committed or rolled back."""
+        """Returns once the transactions under way or queued (write_queued) have committed or
+        rolled back."""
         async with self._write_lock:
-            return
+            await self._on_db_thread(_nothing)  # the thread's queue is in order: behind every one queued
 
     def remove_rider(self, rider: Rider) -> None:
         if rider in self._riders:
@@ -290,6 +289,10 @@ def _ride_and_commit(riders: list[Callable[[sqlite3.Connection], None]], conn: s
     for work in riders:
         work(conn)
     conn.execute("COMMIT")
+
+
+def _nothing(_: sqlite3.Connection) -> None:
+    return None
 
 
 def _after(gate: tuple[threading.Event, float], job: Callable[[], T]) -> T:

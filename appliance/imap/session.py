@@ -215,11 +215,15 @@ class ImapSession:
                     raise ImapBad(f"{command.name} is not allowed now")
                 raise ImapBad(f"Unknown command {command.name}")
             if self.state == "selected" and command.name not in LEAVES_FOLDER:
-                await self.sync(allow_expunge=_may_expunge(command))
+                # A look at the folder that cannot be written (a full disk) is this command's NO.
+                with store_errors(command.name):
+                    await self.sync(allow_expunge=_may_expunge(command))
             await route.run(self, command)
         except ImapError as exc:
             if self.state == "selected":
-                await self.sync(allow_expunge=_may_expunge(command))
+                # The updates are owed at a later command when the look fails too: the answer is NO anyway.
+                with contextlib.suppress(ImapError), store_errors(command.name):
+                    await self.sync(allow_expunge=_may_expunge(command))
             await self.io.send(Tagged(command.tag, exc.status, exc.text, exc.code))
             return exc.status
         return "OK"

@@ -259,11 +259,14 @@ class OpenMailboxes:
         f.last_used = time.monotonic()
         if not f.loaded:
             f.load(await index.load_entries(self._db, f.id))
+        if f.reload_due:
+            await self.settle(mb, f)
         if f.unwritten:
             await index.write_unwritten(self._db, f)
         self._trim_later()
         if not disk and f.stamp is not None:  # listed since it was loaded: its files are located
             return False
+        await self.settle(mb, f)  # our own renames and unlinks still queued are made before the disk is read
         try:
             # A small folder is looked at here: a few stats, and when it changed a listing of under a
             # thousand names (about a millisecond). STATUS, NOOP and SELECT of a folder that changes at
@@ -331,6 +334,20 @@ class OpenMailboxes:
             log.info("store: %s %s: wire sizes of %d messages indexed before", mb.key, f.name, len(found.measured))
         return change.writes
 
+    async def settle(self, mb: OpenMailbox, f: FolderIndex) -> None:
+        """Wait for the folder's pipelined flag changes and expunges (index.commit_pipelined; folder
+        lock held); when one of them failed or missed a file, read the index again from the db,
+        which then holds every change that was made: the next listing (load() asks for one) takes
+        the files as they are."""
+        while f.in_flight:
+            await asyncio.wait(list(f.in_flight))
+        if f.reload_due:
+            f.reload_due = False
+            log.info("store: %s: a change could not be made as planned; its index is read again", f.path)
+            f.load(await index.load_entries(self._db, f.id))
+            # Sessions may have seen the change that was not made: each looks again at its next command.
+            self.changes.changed(mb.key, f.name)
+
     @staticmethod
     async def _scan(f: FolderIndex) -> index.DiskChanges | None:
         if f.small_on_disk():
@@ -393,9 +410,9 @@ class OpenMailboxes:
                         move: bool, disk: bool = True) -> list[tuple[int, int]]:
         """Copy (hard links) or move (renames) messages into another folder; both locks held.
         Without `disk`, the folders as their indexes have them (sync): a MOVE's later slices."""
-        await self.sync(mb, src, disk=disk)
-        if target is not src:
-            await self.sync(mb, target, disk=disk)
+        for f in dict.fromkeys((src, target)):
+            await self.settle(mb, f)  # the files are where memory says (a reload is listed by the sync)
+            await self.sync(mb, f, disk=disk)
         entries = src.entries(uids)
         if not entries:
             return []

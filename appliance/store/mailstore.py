@@ -14,12 +14,14 @@ folder's UIDs are kept by an index (index.py). Rules this module keeps:
   whole transaction, and the next listing takes the files as they are (a flag change lost on one
   side is read from the file's name; an expunge whose unlink was lost comes back as a new UID).
 - Blocking file work runs in a worker thread, one `asyncio.to_thread` per operation; STORE's renames
-  and EXPUNGE's unlinks run on the database's thread just before their rows (index.commit_with_files);
-  new mail's durable writes on the store's own writer threads (appliance/threads.py: a lighter hand-off).
+  and EXPUNGE's unlinks run on the database's thread just before their rows, queued with the folder
+  lock let go (index.commit_pipelined; the OK waits for them); new mail's durable writes on the
+  store's own writer threads (appliance/threads.py: a lighter hand-off).
 - Locks: a folder's lock covers its scan and every change to its index; a delivery writes its file
   without it (the unique name is marked pending so no scan adopts the file) and takes it only to
   commit. A STORE or EXPUNGE holds it one slice of index.FILES_IN_TRANSACTION messages at a time
-  (_slices), so the folder's other sessions and deliveries wait for a slice, not the whole command. Several folder locks are taken in folder-id order; the mailbox lock (folder create,
+  (_slices), and only to change memory and queue the slice's files and rows, so the folder's other
+  sessions and deliveries wait for neither the whole command nor a slice's trip to the database. Several folder locks are taken in folder-id order; the mailbox lock (folder create,
   delete, rename, first load) is taken before any folder lock, never after.
 - One process owns the store: other programs may read and write the Maildir (Dovecot, a copy from
   another server) and their changes are picked up at the next scan, but the db is this process's.
@@ -93,6 +95,7 @@ class MailStore:
         self.on_unload = self._boxes.on_unload  # called after unused indexes were unloaded (trim)
         # Told after each committed COPY, MOVE and APPEND (the spam learner); never delivery.
         self._filed_listeners: list[Callable[[Filed], None]] = []
+        self._retries: set[asyncio.Task[None]] = set()  # _written's, kept from the collector
 
     # --- start ------------------------------------------------------------------------------------
 
@@ -224,6 +227,7 @@ class MailStore:
         system, keywords = maildir.split_flags(flags)
         changes = _FlagChange(system, (), {k.lower() for k in keywords}, mode, unchanged_since)
         result: list[MessageInfo] = []
+        flags_now = partial(self._change_flags, f, changes=changes)
         try:
             for part, last in _slices(uids):
                 async with f.lock:
@@ -234,79 +238,105 @@ class MailStore:
                     if keywords and mode != "remove":
                         await self._boxes.map_keywords(f, keywords)
                     changes.keywords = _spelled(keywords, f.keywords)
-                    await self._where_the_index_says(mb, f, f.entries(part), partial(self._change_flags, f, changes=changes))
+                    written = await _queued(self._db, self._flag_change(f, f.entries(part), changes))
                     if last:
                         left = set(changes.modified)
+                        result = [f.info(e) for e in f.entries(uids) if e.uid not in left]
+                if await self._written(mb, f, written, flags_now) and last:
+                    async with f.lock:  # as the retry left them
                         result = [f.info(e) for e in f.entries(uids) if e.uid not in left]
         finally:
             if changes.changed:  # a slice or more is committed, whatever stopped the others
                 self._boxes.wake(mb, f.name)
         return result, changes.modified
 
-    async def _where_the_index_says(self, mb: OpenMailbox, f: index.FolderIndex, entries: list[index.Entry],
-                                    act: Callable[[list[index.Entry]], Awaitable[list[index.Entry]]]) -> None:
-        """`act` on the files where the index locates them (folder lock held); those it did not find
-        there (`act` returns them) were renamed or removed by another program since the last
-        listing: the folder is listed and `act` tried once more on where they are now (a file gone
-        has left the index). One still missing was renamed again meanwhile: the next scan tells."""
-        missed = await act(entries)
-        if missed:
-            await self._boxes.sync(mb, f)
+    async def _written(self, mb: OpenMailbox, f: index.FolderIndex, written: asyncio.Future[list[index.Entry]] | None,
+                       act: Callable[[list[index.Entry]], Awaitable[list[index.Entry]]]) -> bool:
+        """Wait for a flag change or expunge queued with the folder lock let go (index.commit_pipelined),
+        raising its error; whether some of its files were not where the index said: renamed or
+        removed by another program since the last listing. Then, in a task of its own that a
+        cancelled command does not stop (an expunge announced to the other sessions must not come
+        back), the index is read again and the folder listed (its sync), and `act` (done at once,
+        the lock held) tried once more on where they are now (a file gone has left the index). One
+        still missing was renamed again meanwhile: the next scan tells."""
+        if written is None:
+            return False
+        retry: list[asyncio.Task[None]] = []
+
+        def missed_some(done: asyncio.Future[list[index.Entry]]) -> None:
+            if not done.cancelled() and done.exception() is None and (missed := done.result()):
+                task = asyncio.get_running_loop().create_task(self._again(mb, f, missed, act))
+                self._retries.add(task)
+                task.add_done_callback(self._retried)
+                retry.append(task)
+
+        written.add_done_callback(missed_some)  # after the folder's own (commit_pipelined's settle)
+        await asyncio.shield(written)
+        if not retry:
+            return False
+        await asyncio.shield(retry[0])
+        return True
+
+    def _retried(self, task: asyncio.Task[None]) -> None:
+        self._retries.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Its command hears it, if still there; else the folder's next sync tries again.
+            log.info("store: a change that missed a file could not be made again: %s", exc)
+
+    async def _again(self, mb: OpenMailbox, f: index.FolderIndex, missed: list[index.Entry],
+                     act: Callable[[list[index.Entry]], Awaitable[list[index.Entry]]]) -> None:
+        async with f.lock:
+            await self._boxes.sync(mb, f)  # read again (reload_due) and listed
             if await act(f.entries([e.uid for e in missed])):
                 f.dirty = True
 
-    async def _change_flags(self, f: index.FolderIndex, entries: list[index.Entry], *,
-                            changes: _FlagChange) -> list[index.Entry]:
-        """Rename the files of `entries` to their new flags and index that (folder lock held);
-        returns the entries whose file was not where the index said."""
+    def _flag_change(self, f: index.FolderIndex, entries: list[index.Entry], changes: _FlagChange) -> _FileChange | None:
+        """The renames of the files of `entries` to their new flags, and the change of their index
+        entries (folder lock held); None when no flag changes."""
         plan = changes.plan(f, entries)
         if not plan:
-            return []
+            return None
         moves = [(f.file(e.sub, e.filename), f.file("cur", filename)) for e, filename, _, _ in plan]
         change = Change(f)
-        fresh = [e.uid for e, _, _, _ in plan if e.sub == "new"]
+        # Still recent for whoever claims them (a file another program took meanwhile is too: harmless).
+        f.unclaimed.update(e.uid for e, _, _, _ in plan if e.sub == "new")
         for e, filename, upper, names in plan:
             change.locate(e, "cur", filename)
             change.update(e, upper, names)
+        changes.changed = True
         # Neither the renames nor the commit are fsynced (the module's docstring): both fsyncs were
         # under the folder lock, which every other session of the folder waits for (issue 19).
-        missed = await index.commit_with_files(self._db, change, partial(maildir.rename_files, moves, durable=False),
-                                               [e for e, _, _, _ in plan], durable=False)
-        if len(missed) < len(plan):
-            changes.changed = True
-        left = {e.uid for e in missed}
-        f.unclaimed.update(uid for uid in fresh if uid not in left)  # still recent for whoever claims it
-        return missed
+        return _FileChange(change, partial(maildir.rename_files, moves, durable=False), [e for e, _, _, _ in plan])
+
+    async def _change_flags(self, f: index.FolderIndex, entries: list[index.Entry], *,
+                            changes: _FlagChange) -> list[index.Entry]:
+        """_flag_change committed at once (folder lock held); the entries whose file was not where
+        the index said."""
+        return await _now(self._db, self._flag_change(f, entries, changes))
 
     async def expunge(self, mailbox: str, folder: str, uids: Sequence[int]) -> list[int]:
         """Remove messages for good; returns the UIDs removed (RFC 3501 6.4.3)."""
         mb = await self._boxes.get(mailbox)
         f = await self._boxes.folder(mb, folder)
         removed: list[int] = []
+        remove_now = partial(self._remove, f)
         try:
             for part, _ in _slices(uids):
                 async with f.lock:
                     await self._boxes.sync(mb, f, disk=False)  # as STORE: a listing only for a file not found
                     doomed = f.entries(part)
-                    await self._where_the_index_says(mb, f, doomed, partial(self._remove, f))
-                    removed += [e.uid for e in doomed if e.uid not in f.by_uid]
+                    written = await _queued(self._db, _removal(f, doomed))
+                await self._written(mb, f, written, remove_now)
+                removed += [e.uid for e in doomed if e.uid not in f.by_uid]
         finally:
             if removed:
                 self._boxes.wake(mb, f.name)
         return removed
 
     async def _remove(self, f: index.FolderIndex, entries: list[index.Entry]) -> list[index.Entry]:
-        """Unlink the files of `entries` and drop their rows (folder lock held); returns the entries
-        whose file was not where the index said (their rows stay)."""
-        if not entries:
-            return []
-        change = Change(f)
-        for e in entries:
-            change.remove(e)
-        # Not fsynced, as a flag change (the module's docstring).
-        return await index.commit_with_files(
-            self._db, change, partial(maildir.unlink_files, [f.file(e.sub, e.filename) for e in entries], durable=False),
-            entries, durable=False)
+        """Unlink the files of `entries` and drop their rows at once (folder lock held); returns the
+        entries whose file was not where the index said (their rows stay)."""
+        return await _now(self._db, _removal(f, entries))
 
     async def copy(self, mailbox: str, folder: str, uids: Sequence[int], dest: str) -> list[tuple[int, int]]:
         """(source UID, new UID) pairs (RFC 4315 COPYUID); all or nothing (RFC 3501 6.4.7)."""
@@ -419,7 +449,9 @@ class MailStore:
         return FolderCache(self.message_cache, f.id) if f.uidvalidity == uidvalidity else None
 
     async def flush_uidlists(self) -> None:
-        """Wait for the dovecot-uidlist writes under way (at stop, and in tests)."""
+        """Wait for the dovecot-uidlist writes under way (at stop, and in tests), and the retries of
+        flag changes and expunges that missed a file (_written)."""
+        await asyncio.gather(*list(self._retries), return_exceptions=True)
         await self._boxes.flush_uidlists()
 
     # --- internals --------------------------------------------------------------------------------
@@ -486,6 +518,41 @@ class MailStore:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+@dataclass
+class _FileChange:
+    """A change of index entries with what it does to their files: both made on the database's thread."""
+
+    change: Change
+    files: Callable[[], list[bool]]  # for each of `entries`, whether its file was found
+    entries: list[index.Entry]
+
+
+def _removal(f: index.FolderIndex, entries: list[index.Entry]) -> _FileChange | None:
+    """The unlinks of the files of `entries` and the removal of their rows (not fsynced, as a flag
+    change: the module's docstring); None for no entries."""
+    if not entries:
+        return None
+    change = Change(f)
+    for e in entries:
+        change.remove(e)
+    return _FileChange(change, partial(maildir.unlink_files, [f.file(e.sub, e.filename) for e in entries], durable=False),
+                       entries)
+
+
+async def _now(db: Database, work: _FileChange | None) -> list[index.Entry]:
+    """`work` committed with the folder lock held for the trip; the entries whose file was missed."""
+    if work is None:
+        return []
+    return await index.commit_with_files(db, work.change, work.files, work.entries, durable=False)
+
+
+async def _queued(db: Database, work: _FileChange | None) -> asyncio.Future[list[index.Entry]] | None:
+    """`work` in memory now and queued on the database's thread (index.commit_pipelined)."""
+    if work is None:
+        return None
+    return await index.commit_pipelined(db, work.change, work.files, work.entries)
+
 
 def _spelled(keywords: Iterable[str], mapped: Keywords) -> tuple[str, ...]:
     """Keywords as the folder's map spells them (keywords match case-insensitively)."""

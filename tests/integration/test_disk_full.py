@@ -217,6 +217,47 @@ def test_imap_full_disk_says_overquota_and_goes_on(full_box: tuple[BoxHandle, Fu
     imap.logout()
 
 
+def test_a_store_and_an_expunge_the_full_disk_failed_are_seen_as_the_files_say(full_box: tuple[BoxHandle, FullDisk]) -> None:
+    """STORE and EXPUNGE change memory and queue their files and rows with the folder lock let go
+    (store/index.py commit_pipelined). Their transactions fail on the full disk: each is answered
+    NO, and the folder is read again from the db and the disk. The unlink and the rename were made
+    first (files, then the db), so once there is room every session sees the expunge and the flag
+    the files say, and the rows say the same."""
+    box, disk = full_box
+    _send(box, "second")
+    busy, other = _imap(box), _imap(box)
+    for imap in (busy, other):
+        assert imap.select("INBOX") == ("OK", [b"2"])
+    assert busy.store("2", "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK"
+    disk.fill()
+    try:
+        assert busy.expunge() == ("NO", [b"[OVERQUOTA] Not enough disk space"])
+    finally:
+        disk.free()
+    assert other.noop()[0] == "OK"
+    assert other.untagged_responses.get("EXPUNGE") == [b"2"]
+    assert busy.noop()[0] == "OK"
+    assert busy.untagged_responses.get("EXPUNGE") == [b"2"]
+    rows = box.run(box.services.store._db.fetchall("SELECT uid, flags FROM messages ORDER BY uid"))
+    assert [(r[0], r[1]) for r in rows] == [(1, "")]
+
+    disk.fill()
+    try:
+        assert busy.store("1", "+FLAGS", "(\\Flagged)") == ("NO", [b"[OVERQUOTA] Not enough disk space"])
+    finally:
+        disk.free()
+    status, data = other.fetch("1:*", "(UID FLAGS)")
+    # (imaplib puts the update the NOOP owed, the same, with the answer)
+    assert status == "OK"
+    assert set(data) == {b"1 (UID 1 FLAGS (\\Flagged))"}, data
+    rows = box.run(box.services.store._db.fetchall("SELECT uid, flags FROM messages ORDER BY uid"))
+    assert [(r[0], r[1]) for r in rows] == [(1, "F")]
+    assert [Path(f).name.endswith(":2,F") for f in _maildir_files(box)] == [True]
+    assert busy.select("INBOX") == ("OK", [b"1"])
+    for imap in (busy, other):
+        imap.logout()
+
+
 def test_pop3_says_sys_temp(full_box: tuple[BoxHandle, FullDisk]) -> None:
     box, disk = full_box
     disk.fill()
