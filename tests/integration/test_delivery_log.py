@@ -106,6 +106,8 @@ def test_owners_see_only_their_own_rows_and_admins_see_all(box: BoxHandle) -> No
         assert "for-carol" not in web.get("/console/log", params={"address": "bob@"}).text
         assert "Nothing found." in web.get("/console/log", params={"since": "2999-01-01"}).text
         assert "for-bob" in web.get("/console/log", params={"since": "2000-01-01", "until": "2999-01-01"}).text
+        # The calendar's ends, which a date field offers, are no bound (until 9999-12-31 answered 500).
+        assert "for-bob" in web.get("/console/log", params={"since": "0001-01-01", "until": "9999-12-31"}).text
     import httpx
 
     with httpx.Client(base_url=f"https://localhost:{box.port('https')}", verify=box.client_context) as web:
@@ -116,6 +118,7 @@ def test_owners_see_only_their_own_rows_and_admins_see_all(box: BoxHandle) -> No
         assert own.status_code == 200
         assert "for-bob@example.net" in own.text
         assert "for-carol" not in own.text
+        assert "for-bob" in web.get("/account/log", params={"until": "9999-12-31"}).text
         # Searching cannot widen it: the owner filter is always there.
         assert "for-carol" not in web.get("/account/log", params={"address": CAROL}).text
         assert web.get("/console/log").status_code == 403

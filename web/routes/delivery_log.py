@@ -17,14 +17,15 @@ MAX_QUERY = 320
 
 
 def _day_start(text: str, zone_name: str, *, next_day: bool = False) -> float | None:
-    """'2026-11-28' at midnight in the box's time zone (Unix seconds); None when empty or not a date."""
+    """'2026-11-28' at midnight in the box's time zone (Unix seconds); None when empty, not a date, or
+    at the calendar's ends (a date picker's 9999-12-31 has no next day: it answered 500)."""
     try:
         day = dt.date.fromisoformat(text.strip())
-    except ValueError:
+        if next_day:
+            day += dt.timedelta(days=1)
+        return dt.datetime.combine(day, dt.time(), time_zone.zone(zone_name)).timestamp()
+    except (ValueError, OverflowError):
         return None
-    if next_day:
-        day += dt.timedelta(days=1)
-    return dt.datetime.combine(day, dt.time(), time_zone.zone(zone_name)).timestamp()
 
 
 def _search(request: Request, owner: str | None) -> tuple[Search, dict[str, str]]:
