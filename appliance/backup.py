@@ -1485,9 +1485,9 @@ class Schedule:
 async def read_schedule(db: Database, now: float | None = None) -> Schedule:
     enabled = (await db.get_setting(SCHEDULE_SETTING) or "") == "daily"
     hour_text = await db.get_setting(HOUR_SETTING) or ""
-    hour = int(hour_text) if hour_text.isdigit() and int(hour_text) < 24 else DEFAULT_HOUR
+    hour = int(hour_text) if hour_text.isascii() and hour_text.isdigit() and int(hour_text) < 24 else DEFAULT_HOUR
     keep_text = await db.get_setting(KEEP_SETTING) or ""
-    keep = int(keep_text) if keep_text.isdigit() and int(keep_text) > 0 else DEFAULT_KEEP
+    keep = int(keep_text) if keep_text.isascii() and keep_text.isdigit() and int(keep_text) > 0 else DEFAULT_KEEP
     try:
         last = json.loads(await db.get_setting(LAST_SETTING) or "{}")
     except ValueError:

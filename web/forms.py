@@ -195,7 +195,7 @@ def relay_choice(values: Mapping[str, str], stored: Smarthost | None, ca_file: s
     port_text = text(values, "relay_port")
     port = DEFAULT_PORTS[tls]
     if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
             errors["relay_port"] = "a port number between 1 and 65535 (usually 587 or 465)"
         else:
             port = int(port_text)

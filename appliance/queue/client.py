@@ -361,7 +361,7 @@ class OutboundSession:
             # RFC 6152 3: without 8BITMIME only 7-bit data may be sent; converting would break DKIM.
             return Outcome("5.6.3", f"{self.hop.name} does not accept 8-bit data (no 8BITMIME)", str(self.hop))
         size = self._feature("size")
-        if size and size.strip().isdigit() and 0 < int(size) < len(message.data):
+        if size and size.strip().isascii() and size.strip().isdigit() and 0 < int(size) < len(message.data):
             # RFC 1870 6: the server told us its fixed limit.
             return Outcome("5.3.4", f"message is {len(message.data)} bytes; {self.hop.name} accepts at most "
                                     f"{int(size)}", str(self.hop))

@@ -268,6 +268,6 @@ def declared_size(mail_options: Sequence[str]) -> int:
     """SIZE=n from MAIL FROM (RFC 1870 6), 0 when absent."""
     for option in mail_options:
         name, _, value = option.partition("=")
-        if name.upper() == "SIZE" and value.isdigit():
+        if name.upper() == "SIZE" and value.isascii() and value.isdigit():
             return int(value)
     return 0

@@ -453,6 +453,9 @@ class LetterboxSMTP(SMTP):
 
     def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
         result = super()._getparams(params)
+        size = result.get("SIZE") if result is not None else None
+        if isinstance(size, str) and not size.isascii():
+            return None  # '²' passed aiosmtpd's isdigit() and failed its int(): 451 and a traceback
         if result is not None:
             # RFC 4954 5: MAIL FROM's AUTH= parameter must be accepted where AUTH is offered; the
             # identity it claims is not used (Received says who really authenticated).

@@ -73,8 +73,8 @@ class Scripted:
                         conn.recv(65536)
                         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                         break
-                    if reply:
-                        conn.sendall(reply.encode() + b"\r\n")
+                    if reply:  # a byte that is no UTF-8 is written as its surrogate escape ('\udcb2': 0xB2)
+                        conn.sendall(reply.encode("utf-8", "surrogateescape") + b"\r\n")
 
 
 EHLO_BASIC = "250-scripted\r\n250 8BITMIME"
@@ -114,6 +114,18 @@ def test_without_pipelining_commands_wait_for_their_replies(port: int) -> None:
         assert session.send(Outgoing("a@ours.test", ("x@far.test",), MESSAGE))["x@far.test"].delivered
         session.close()
     assert b"MAIL FROM:<a@ours.test>\r\n" in server.chunks
+
+
+def test_a_size_in_a_digit_that_is_not_ascii_is_ignored(port: int) -> None:
+    """Any MX on the internet chooses its EHLO: 'SIZE \\xb2' (latin-1's superscript two, which smtplib's
+    latin-1 reading makes '\u00b2') passed isdigit() and failed int(), a ValueError in the delivery."""
+    script = [("", "220 hi"), ("EHLO", "250-scripted\r\n250 SIZE \udcb2"), ("MAIL FROM:<a@ours.test>", "250 ok"),
+              ("RCPT TO:<x@far.test>", "250 ok"), ("DATA", "250 ok"), ("QUIT", "221 bye")]
+    with Scripted("127.0.0.2", port, [script]) as server:
+        session = open_session(port)
+        assert session.send(Outgoing("a@ours.test", ("x@far.test",), MESSAGE))["x@far.test"].delivered
+        session.close()
+    assert server.errors == []
 
 
 def test_a_refusing_greeting_sends_us_to_the_next_hop(port: int) -> None:

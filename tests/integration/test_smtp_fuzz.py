@@ -20,7 +20,7 @@ VERBS = ["HELO", "EHLO", "MAIL FROM:", "RCPT TO:", "VRFY", "EXPN", "DATA", "RSET
          "QUIT2", "BDAT", "MAIL", "RCPT", "MAIL FROM:<> ", "RCPT TO:<alice@example.test> "]
 NASTY = ['<a@', '"', '<"', '<', '<@', '@', '<a@[', '<a@[1.2', '<a@[IPv6:', '<a@b', '<"a', '<a"@b>', '\\', '<\\',
          '(', '<(a)@b>', ':', '<<>>', '<a b@c>', '<a@b> SIZE=', '<a@b> =', '<a@b> BODY=X', '<a@b> SMTPUTF8=1',
-         '<a@b> SIZE=99999999999999999999', '<@a,@b:c@d>', '<@a:', '<a@b.c>>', '"\\', '<"\\">', '=?x?q?',
+         '<a@b> SIZE=99999999999999999999', '<a@b> SIZE=²', '<@a,@b:c@d>', '<@a:', '<a@b.c>>', '"\\', '<"\\">', '=?x?q?',
          '<a@-b>', '<.a@b>', '<a..b@c>', '<\x7f@b>', 'é', '<é@b>', '<a@b> X=\x01', ' ', '\t', '<a@b>\t\t',
          'PLAIN', 'PLAIN =', 'LOGIN !!!', 'X' * 400, '<' + 'a' * 300 + '@b>', '""', '<""@b>', '<a@b> ' * 40]
 

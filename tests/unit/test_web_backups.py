@@ -103,6 +103,10 @@ def test_daily_schedule_runs_and_shows_on_the_status_page(web: WebClient, tmp_pa
     bad = web.post("/console/backups/schedule", {"enabled": "yes", "hour": "4", "target": "relative/dir"},
                    token_from="/console/backups")
     assert bad.status_code == 303
+    # A digit that is not ASCII passed isdigit() and failed int(): 500 (and the same for "keep").
+    superscript = web.post("/console/backups/schedule", {"enabled": "yes", "hour": "\u00b2", "target": str(usb)},
+                           token_from="/console/backups")
+    assert superscript.status_code == 303
     schedule = web.run(backup.read_schedule, web.services.db)
     assert schedule.enabled
     assert schedule.hour == 4
@@ -116,6 +120,8 @@ def test_daily_schedule_runs_and_shows_on_the_status_page(web: WebClient, tmp_pa
     assert "daily at 04:00" in status
     assert ">ok<" in status
     assert made.path.name in web.get("/console/backups").text
+    assert web.post("/console/backups/create", {"keep": "\u00b2"}, token_from="/console/backups").status_code == 303
+    wait_for(web, "Backup made")
 
 
 def test_next_run_is_the_next_hour_of_the_day() -> None:

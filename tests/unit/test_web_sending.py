@@ -109,6 +109,8 @@ def test_errors_are_shown_next_to_their_fields_and_nothing_is_saved(web: WebClie
     assert "not a valid domain" in error_of(response.text, "relay_host")
     assert "between 1 and 65535" in error_of(response.text, "relay_port")
     assert 'value="70000"' in response.text
+    superscript = web.post("/console/sending", relay_form(relay_port="\u00b2"), token_from="/console/sending")
+    assert "between 1 and 65535" in error_of(superscript.text, "relay_port")  # it answered 500
     assert "typed secret" not in response.text
     assert stored(web) is None
 

@@ -91,6 +91,7 @@ def test_owners_see_their_junk_and_release_a_message_but_not_the_admin_page(web:
     assert again.status_code == 303
     assert "no longer in Junk" in web.get("/account/junk").text
     assert web.post("/account/junk/release", {"uid": "x"}, token_from="/account/junk").status_code == 400
+    assert web.post("/account/junk/release", {"uid": "\u00b2"}, token_from="/account/junk").status_code == 400
     events = web.run(web.services.events.recent)
     assert any(f"released from Junk by {ALICE}" in text for _, _, text in events)
 

@@ -21,7 +21,7 @@ MAX_SECRET = 4096  # a kit is about 300 characters; a passphrase fits easily
 
 async def _keep(request: Request) -> int:
     text = await services(request).db.get_setting(backup.KEEP_SETTING) or ""
-    return int(text) if text.isdigit() and int(text) > 0 else backup.DEFAULT_KEEP
+    return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else backup.DEFAULT_KEEP
 
 
 async def page(request: Request) -> Response:
@@ -57,7 +57,8 @@ async def create(request: Request) -> Response:
     await require(request, "admin")
     values = await read_form(request)
     svc = services(request)
-    if values.get("keep", "").isdigit() and 0 < int(values["keep"]) <= 1000:
+    keep_text = values.get("keep", "")
+    if keep_text.isascii() and keep_text.isdigit() and 0 < int(keep_text) <= 1000:
         await svc.db.set_setting(backup.KEEP_SETTING, values["keep"])
     keep = await _keep(request)
     # A passphrase instead of the box's key, for this backup only (never stored).
@@ -86,7 +87,7 @@ async def schedule(request: Request) -> Response:
     hour = values.get("hour", "")
     try:
         await admin(request).set_backup_schedule(enabled=values.get("enabled") == "yes",
-                                                 hour=int(hour) if hour.isdigit() else -1,
+                                                 hour=int(hour) if hour.isascii() and hour.isdigit() else -1,
                                                  target=values.get("target", "").strip())
     except backup.BackupError as exc:
         flash(request, f"Not saved: {exc}.")

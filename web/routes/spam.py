@@ -159,7 +159,7 @@ async def release(request: Request) -> Response:
     principal = await require(request, "user")
     values = await read_form(request)
     uid = values.get("uid", "")
-    if not uid.isdigit() or not 0 < int(uid) < 2**32:
+    if not (uid.isascii() and uid.isdigit()) or not 0 < int(uid) < 2**32:
         raise HTTPException(400, "No message was chosen.")
     try:
         released = await _spam(request).release(principal.name, int(uid), by=principal.name)
