@@ -1,6 +1,7 @@
 """Where the wall time of the side-by-side bench's far IMAP rows goes (issue 19): for each row, Letterbox
 only, the same client, corpus and order as bench/side_by_side.py (cold SELECT, Thunderbird's first
-header fetch, then in a second session FETCH 1:* (ENVELOPE BODYSTRUCTURE) and SEARCH SUBJECT):
+header fetch, then in a second session FETCH 1:* (ENVELOPE BODYSTRUCTURE) and SEARCH SUBJECT; with
+--body then 2000 LMTP deliveries, 200 APPENDs, a wait until the box is idle and SEARCH BODY):
 
 - wall: the client's time for the command;
 - server: the `letterbox serve` process's CPU (user/system, from /proc) and its threads' context
@@ -37,7 +38,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import corpus
-from bench.side_by_side import READER, THUNDERBIRD, Session, Setup, close_session, open_session, uptime
+from bench.side_by_side import (
+    READER,
+    THUNDERBIRD,
+    Box,
+    Session,
+    Setup,
+    close_session,
+    lmtp_load,
+    open_session,
+    settle_cpu,
+    uptime,
+)
 
 TICK = os.sysconf("SC_CLK_TCK")
 SPY = Path(sys.executable).parent / "py-spy"
@@ -146,6 +158,7 @@ class Recorder:
         self.pid, self.spy, self.round = pid, spy, round_number
         self.lines: list[str] = []
         self.by_thread: list[str] = []  # CPU ms of each thread in each row (Recorder.threads)
+        self.spans: list[str] = []  # each row's start and end, epoch seconds (to match the server's log)
 
     def threads(self) -> dict[str, float]:
         """CPU seconds of each thread of the server and of its children, by process and thread name."""
@@ -171,8 +184,10 @@ class Recorder:
             await asyncio.sleep(1.0)  # py-spy attached
         threads = self.threads()
         before = Moment.now(self.pid)
+        began = time.time()
         await command()
         after = Moment.now(self.pid)
+        self.spans.append(f"{name}: {began:.3f} .. {time.time():.3f}")
         spent = {k: v - threads.get(k, 0.0) for k, v in self.threads().items()}
         self.by_thread.append(f"{name}: " + ", ".join(
             f"{k} {v * 1000:,.0f}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v >= 0.01))
@@ -182,7 +197,7 @@ class Recorder:
         self.lines.append(line(name, before, after))
 
 
-async def rows(recorder: Recorder, port: int) -> None:
+async def rows(recorder: Recorder, port: int, size: int, body: Box | None = None) -> None:
     first = await open_session(port, READER, 120)
     await recorder.row("cold SELECT", lambda: first.timed("SELECT INBOX"))
     await recorder.row("Thunderbird's first header fetch", lambda: first.timed(THUNDERBIRD))
@@ -193,6 +208,24 @@ async def rows(recorder: Recorder, port: int) -> None:
                        lambda: second.timed("FETCH 1:* (ENVELOPE BODYSTRUCTURE)"))
     await recorder.row("SEARCH SUBJECT", lambda: second.search(f"SEARCH SUBJECT {corpus.SUBJECT_WORD}"))
     await close_session(second)
+    if body is not None:
+        await body_row(recorder, body, size)
+
+
+async def body_row(recorder: Recorder, box: Box, size: int, deliveries: int = 2000, appends: int = 200) -> None:
+    """side_by_side's SEARCH BODY row and what comes before it there: LMTP deliveries and APPENDs
+    into the folder, then until the box is idle (its full-text index caught up)."""
+    await lmtp_load(box.port("lmtp"), READER, size, deliveries)
+    appender = await open_session(box.port("imaps"), READER, 120)
+    for n in range(appends):
+        await appender.append("INBOX", corpus.message(size + deliveries + n, READER))
+    await close_session(appender)
+    waited = await settle_cpu(box.pid, 600)
+    recorder.lines.append(f"(idle after {waited:.1f} s before SEARCH BODY)")
+    third = await open_session(box.port("imaps"), READER, 120)
+    await third.command("SELECT INBOX")
+    await recorder.row("SEARCH BODY", lambda: third.search(f"SEARCH BODY {corpus.BODY_WORD}"))
+    await close_session(third)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, default=None,
                         help="a directory keeping the corpus folder between runs (written when missing)")
     parser.add_argument("--spy", type=Path, default=None, help="a directory for py-spy's records of each row")
+    parser.add_argument("--body", action="store_true",
+                        help="then side_by_side's SEARCH BODY row (after its LMTP and APPEND rows and an idle wait)")
     args = parser.parse_args(argv)
     if args.spy is not None:
         args.spy.mkdir(parents=True, exist_ok=True)
@@ -220,11 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             with setup.letterbox({READER: folder}, code=args.code) as box:
                 load = uptime()
                 recorder = Recorder(box.pid, args.spy, n + 1)
-                asyncio.run(rows(recorder, box.port("imaps")))
+                asyncio.run(rows(recorder, box.port("imaps"), args.size, box if args.body else None))
             print(f"Letterbox, {args.size:,} messages, round {n + 1}/{args.rounds}; before: {load}; after: {uptime()}")
             print(HEADER)
             print("\n".join(recorder.lines))
-            print("CPU ms by thread:\n" + "\n".join(recorder.by_thread), flush=True)
+            print("CPU ms by thread:\n" + "\n".join(recorder.by_thread))
+            print("When (epoch seconds):\n" + "\n".join(recorder.spans), flush=True)
     return 0
 
 
