@@ -273,6 +273,12 @@ class Database:
         # (issue 19: a delivery made 25 of them).
         return list(await self._conn.execute_fetchall(sql, params))
 
+    async def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """work(connection) on the database's thread, for a read of several statements in one trip,
+        or of many rows wanted as plain tuples (a cursor's row_factory = None): no write, no
+        transaction left open."""
+        return await self._on_db_thread(work)
+
     async def get_setting(self, key: str, default: str | None = None) -> str | None:
         row = await self.fetchone("SELECT value FROM settings WHERE key = ?", (key,))
         return str(row["value"]) if row else default

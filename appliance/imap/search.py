@@ -47,6 +47,7 @@ from appliance.store.maildir import open_message
 SUPPORTED_CHARSETS = ("US-ASCII", "UTF-8")
 ADDRESS_FIELDS = frozenset({"FROM", "TO", "CC", "BCC", "SENDER", "REPLY-TO"})
 RAW_SEARCH_CHUNK = 1024 * 1024
+MIN_INDEXED_NEEDLE = 3  # the full-text index's trigrams: a shorter needle cannot be looked up
 
 
 class Candidate(NamedTuple):
@@ -77,6 +78,11 @@ class CachedSubject:
 
     def get_all(self, name: str, failobj: None = None) -> list[str] | None:
         raise TypeError("a cached subject holds no raw field values")
+
+
+def answerable(needle: str) -> bool:
+    """Whether the full-text index (fts.py) can look up this casefolded needle: one trigram at least."""
+    return len(needle) >= MIN_INDEXED_NEEDLE and "\0" not in needle
 
 
 def _subject_text_answers(needle: str) -> bool:
