@@ -419,6 +419,15 @@ class Searcher:
             return key.value.casefold()
         return None
 
+    def lone_term(self) -> Term | None:
+        """The term when the whole key is one BODY or TEXT key the full-text index can answer (a
+        needle it can look up, `answerable`): the index's rows then decide every message it holds,
+        and only the others need their file read."""
+        key = self.key
+        if isinstance(key, TextKey) and answerable(needle := key.value.casefold()):
+            return (key.where, needle)
+        return None
+
     def subject_only(self) -> bool:
         """Whether every header key is SUBJECT with a needle a cached subject answers (not empty, no
         NUL): the message cache's subject text (CachedSubject) is then all the headers needed."""
