@@ -291,7 +291,7 @@ class Box:
         # The Maildir's dovecot-uidlist files written before the process goes (issue 17).
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.services.store.flush_uidlists(), timeout=10)
-        self.services.store.message_cache.close()
+        self.services.store.close()
         await self.services.db.close()
 
     async def _stop_services(self) -> None:

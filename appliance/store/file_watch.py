@@ -71,6 +71,40 @@ MAX_DIRTY = 4096  # paths named by events and not yet matched again, per folder,
 # messages): counting from 0 would have cost 8 octets for every UID ever given.
 MAX_TRACKED_SPAN = 1 << 20
 
+
+
+def inotify_open() -> int | None:
+    """A non-blocking inotify instance, or None where inotify is not to be had."""
+    try:
+        fd = libc().inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+    except (OSError, AttributeError):
+        return None
+    return fd if fd >= 0 else None
+
+
+def inotify_watch(fd: int, directory: str | os.PathLike[str], mask: int) -> int:
+    """The watch descriptor of `directory` (only a directory) on the instance `fd`; raises OSError."""
+    wd: int = libc().inotify_add_watch(fd, os.fsencode(directory), mask | IN_ONLYDIR)
+    if wd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_add_watch")
+    return wd
+
+
+def inotify_events(fd: int) -> Iterator[tuple[int, int, bytes]]:
+    """(watch descriptor, mask, name) of each event queued on `fd`, never waiting for more. Raises
+    OSError when the events cannot be read."""
+    while True:
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return
+        at = 0
+        while at + _EVENT.size <= len(data):
+            wd, mask, _, length = _EVENT.unpack_from(data, at)
+            yield wd, mask, data[at + _EVENT.size:at + _EVENT.size + length].rstrip(b"\0")
+            at += _EVENT.size + length
+
+
 _Row = TypeVar("_Row", bound=tuple[Any, ...])  # a row with the stamp of its file first
 _Value = TypeVar("_Value")
 FilePath = str  # message file paths as the index gives them (one spelling per file: marks are by the string)
@@ -166,9 +200,7 @@ class FileWatch:
                 if directory in folder.dirs:
                     continue
                 try:
-                    wd = libc().inotify_add_watch(self._fd, os.fsencode(directory), _WATCHED | IN_ONLYDIR)
-                    if wd < 0:
-                        raise OSError(ctypes.get_errno(), "inotify_add_watch")
+                    wd = inotify_watch(self._fd, directory, _WATCHED)
                     st = os.stat(directory)
                 except OSError as exc:
                     if exc.errno in (errno.ENOSPC, errno.ENOMEM):
@@ -214,15 +246,10 @@ class FileWatch:
 
     def _open(self) -> int | None:
         if self._fd is None and not self._broken:
-            try:
-                fd = libc().inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-            except (OSError, AttributeError):
-                fd = -1
-            if fd < 0:
+            self._fd = inotify_open()
+            if self._fd is None:
                 log.info("store: inotify is not available: message files are checked by a stat")
                 self._broken = True
-                return None
-            self._fd = fd
         return self._fd
 
     def _drain(self) -> None:
@@ -232,21 +259,12 @@ class FileWatch:
             return
         self._drains += 1
         drain = self._drains
-        while True:
-            try:
-                data = os.read(fd, 1 << 16)
-            except BlockingIOError:
-                return
-            except OSError:
-                log.warning("store: the inotify events cannot be read: message files are checked by a stat",
-                            exc_info=True)
-                self._close()
-                return
-            at = 0
-            while at + _EVENT.size <= len(data):
-                wd, mask, _, length = _EVENT.unpack_from(data, at)
-                self._event(wd, mask, data[at + _EVENT.size:at + _EVENT.size + length].rstrip(b"\0"), drain)
-                at += _EVENT.size + length
+        try:
+            for wd, mask, name in inotify_events(fd):
+                self._event(wd, mask, name, drain)
+        except OSError:
+            log.warning("store: the inotify events cannot be read: message files are checked by a stat", exc_info=True)
+            self._close()
 
     def _event(self, wd: int, mask: int, name: bytes, drain: int) -> None:
         if mask & IN_Q_OVERFLOW:

@@ -48,6 +48,7 @@ import aiosqlite
 from appliance import waits
 from appliance.db import Database
 from appliance.store import maildir
+from appliance.store.dir_watch import DirWatch
 from appliance.store.maildir import Keywords, UidList
 from appliance.store.message_cache import CARRY_SQL as CACHE_CARRY_SQL
 from appliance.store.message_cache import INSERT_SQL as CACHE_INSERT_SQL
@@ -192,6 +193,9 @@ class FolderIndex:
                  expunges_known_since: int = 0) -> None:
         self.id = folder_id
         self.name = name
+        # Answers a due recheck from inotify's events instead of a listing (dir_watch.py); set by
+        # whoever opens the index (OpenMailboxes), None: rechecks list the folder.
+        self.dir_watch: DirWatch | None = None
         self.path = path  # sets the sub-directory paths too
         self.uidvalidity = uidvalidity
         self.uidnext = uidnext
@@ -275,6 +279,8 @@ class FolderIndex:
         self.by_uid, self.by_base, self.unmeasured, self.undated, self.in_new = {}, {}, set(), set(), set()
         self.uninformed = set()
         self.stamp, self.dirty, self.loaded = None, True, False
+        if self.dir_watch is not None:
+            self.dir_watch.forget(self.id)
         self.invalidate()
 
     @property
@@ -294,6 +300,8 @@ class FolderIndex:
 
     @path.setter
     def path(self, path: Path) -> None:
+        if self.dir_watch is not None:
+            self.dir_watch.forget(self.id)  # (a folder renamed: watched again from its next listing)
         self._path = path
         # Made once: joining two levels per message costs more than the rest of a snapshot.
         self._dirs = {sub: path / sub for sub in ("new", "cur")}
@@ -414,6 +422,27 @@ class FolderIndex:
         if changes.dirty:
             self._recheck(max(changes.stamp) + DIRTY_WINDOW_NS)
 
+    def unchanged_by_others(self) -> bool:
+        """Whether the folder's files are where the index has them, as far as the names inotify
+        reported since its last listing show (dir_watch.py): every name a file was added by is
+        indexed there, and every name a file left is not (its message gone or elsewhere). False
+        when that is not known: list the folder. A cost per name changed, where a listing costs
+        per message in the folder (issue 19)."""
+        watch = self.dir_watch
+        seen = watch.changed(self.id, self._dirs) if watch is not None else None
+        if watch is None or seen is None:
+            return False
+        names, seq = seen
+        by_base = self.by_base
+        for (sub, name), there in names.items():
+            if name[0] == ".":  # not a message (Maildir readers skip dot files)
+                continue
+            entry = by_base.get(name.partition(":")[0])
+            if there != (entry is not None and entry.sub == sub and entry.filename == name):
+                return False
+        watch.consumed(self.id, seq)
+        return True
+
     def _recheck(self, at_ns: int) -> None:
         self.recheck_ns = min(self.recheck_ns, at_ns) if self.recheck_ns else at_ns
 
@@ -432,9 +461,12 @@ class FolderIndex:
         started = time.time_ns()
         stamp = maildir.dir_stamp(self.path)
         kw_mtime = maildir.keywords_mtime(self.path)
-        if (stamp == self.stamp and not self.dirty and kw_mtime == self.keywords_mtime
-                and not (self.recheck_ns and started >= self.recheck_ns)):
-            return None
+        if stamp == self.stamp and not self.dirty and kw_mtime == self.keywords_mtime:
+            if not (self.recheck_ns and started >= self.recheck_ns):
+                return None
+            if self.unchanged_by_others():  # the recheck, answered by the events since the listing
+                self.recheck_ns = 0
+                return None
         # Listing a folder makes a tuple or two per file: no collections meanwhile (gc_paused).
         with gc_paused(max(BULK, len(self.by_base))):
             return self._changes(stamp, started, kw_mtime, inline)
@@ -443,6 +475,8 @@ class FolderIndex:
         """scan() once the directories have changed: the listing compared with the index."""
         keywords = maildir.read_keywords(self.path) if kw_mtime != self.keywords_mtime else None
         changes = DiskChanges(stamp, started - max(stamp) < DIRTY_WINDOW_NS, keywords, kw_mtime)
+        if not inline and self.dir_watch is not None:  # a big folder: its rechecks are answered by events
+            self.dir_watch.listing(self.id, self._dirs)
         if not self.by_base and not self.pending and self.uidlist is None:  # a Maildir copied in, no Dovecot UIDs
             changes.bulk = _found_sized(self._dirs)
             if changes.bulk is not None:

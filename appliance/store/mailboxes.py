@@ -25,6 +25,7 @@ from appliance.db import Database
 from appliance.heap import release_memory
 from appliance.store import index, maildir, subscriptions
 from appliance.store.changes import ChangeBus
+from appliance.store.dir_watch import DirWatch
 from appliance.store.index import Change, FolderIndex
 from appliance.store.maildir import Keywords, WriteJob
 from appliance.store.model import (
@@ -104,6 +105,7 @@ class OpenMailboxes:
         self._current: dict[str, int] = {}
         self.changes = ChangeBus()
         self.changes.on_unwatched.append(self._trim_later)
+        self.dir_watch = DirWatch()  # big folders' rechecks answered by inotify (FolderIndex.unchanged_by_others)
         self._uidlist_writes: set[asyncio.Task[None]] = set()
         self._dating: set[asyncio.Task[None]] = set()  # _date_later's tasks
         self._flushing = asyncio.Event()  # set while flush_uidlists runs: no task waits then
@@ -216,6 +218,7 @@ class OpenMailboxes:
         else:
             entries = None  # loaded at the first sync: a delivery needs only the folder's row
         f = FolderIndex(row[0], name, path, row[1], row[2], row[3], bool(row[4]), entries, uidlist, row[5])
+        f.dir_watch = self.dir_watch
         mb.folders[name] = f
         return f
 

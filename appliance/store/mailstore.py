@@ -97,7 +97,12 @@ class MailStore:
         self._filed_listeners: list[Callable[[Filed], None]] = []
         self._retries: set[asyncio.Task[None]] = set()  # _written's, kept from the collector
 
-    # --- start ------------------------------------------------------------------------------------
+    # --- start and stop -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """At stop, after flush_uidlists: the message cache's connection and the inotify watches."""
+        self.message_cache.close()
+        self._boxes.dir_watch.close()
 
     async def recover(self) -> int:
         """Called once at start, before any delivery: remove tmp/ debris of deliveries a crash cut

@@ -60,6 +60,7 @@ async def opened(root: Path) -> AsyncIterator[MailStore]:
         await store.recover()
         yield store
         await store.flush_uidlists()  # as Box.stop does
+        store.close()
     finally:
         await db.close()
 
@@ -79,6 +80,23 @@ def home(tmp_path: Path, address: str = ALICE) -> Path:
 
 def files(folder: Path, sub: str) -> list[str]:
     return sorted(p.name for p in (folder / sub).iterdir())
+
+
+class Listings:
+    """How many times one folder was listed (maildir.list_messages) since `count()` was called."""
+
+    def __init__(self, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.folder, self.monkeypatch, self.listings = folder, monkeypatch, 0
+
+    def count(self) -> None:
+        real_list = maildir.list_messages
+
+        def counted(folder: Path) -> dict[str, tuple[str, str]]:
+            if folder == self.folder:
+                self.listings += 1
+            return real_list(folder)
+
+        self.monkeypatch.setattr(maildir, "list_messages", counted)
 
 
 def age(folder: Path) -> None:
@@ -1324,14 +1342,7 @@ def test_the_folder_stamp_moves_with_its_own_deliveries_claims_and_copies(tmp_pa
     right after a change (whose mtime tick may hide another) is made again once the window is
     over, not at every look meanwhile."""
     box = home(tmp_path)
-    listings = 0
-    real_list = maildir.list_messages
-
-    def counted(folder: Path) -> dict[str, tuple[str, str]]:
-        nonlocal listings
-        if folder == box:
-            listings += 1
-        return real_list(folder)
+    listed = Listings(box, monkeypatch)
 
     async def body(store: MailStore) -> None:
         await store.deliver([ALICE], MSG)
@@ -1339,9 +1350,9 @@ def test_the_folder_stamp_moves_with_its_own_deliveries_claims_and_copies(tmp_pa
         await store.snapshot(ALICE, "INBOX", claim_recent=True)
         await store.snapshot(ALICE, "Archive", claim_recent=True)
         age(box)
-        monkeypatch.setattr(maildir, "list_messages", counted)
+        listed.count()
         await store.snapshot(ALICE, "INBOX")
-        assert listings == 1  # the stamp moved (age): listed, long unchanged: no recheck due
+        assert listed.listings == 1  # the stamp moved (age): listed, long unchanged: no recheck due
         await store.deliver([ALICE], MSG)
         assert sorted(await held_burst(store, 3)) == [3, 4, 5]  # type: ignore[type-var]
         await store.append(ALICE, "INBOX", MSG, frozenset({"\\Seen"}), None)  # (into cur/)
@@ -1351,24 +1362,73 @@ def test_the_folder_stamp_moves_with_its_own_deliveries_claims_and_copies(tmp_pa
         assert files(box, "new") == []
         snap = await store.snapshot(ALICE, "INBOX", claim_recent=True)
         assert (len(snap.messages), snap.recent) == (7, frozenset())
-        assert listings == 1
+        assert listed.listings == 1
 
         (box / "new" / f"1700000000.M1P1.other,S={len(MSG)},W={len(MSG)}").write_bytes(MSG)  # another program's delivery
         snap = await store.snapshot(ALICE, "INBOX")
-        assert listings == 2
+        assert listed.listings == 2
         assert len(snap.messages) == 8
         f = await store._boxes.folder(await store._boxes.get(ALICE), "INBOX")
         assert f.recheck_ns > time.time_ns()  # listed right after new/ changed: its tick may hide another
         await store.deliver([ALICE], MSG)
         snap = await store.snapshot(ALICE, "INBOX")
-        assert listings == 2  # not listed again at every look meanwhile...
+        assert listed.listings == 2  # not listed again at every look meanwhile...
         assert len(snap.messages) == 9
         await asyncio.sleep(max(0, f.recheck_ns - time.time_ns()) / 1e9 + 0.01)
         await store.snapshot(ALICE, "INBOX")
-        assert listings == 3  # ...but once the window is over
+        assert listed.listings == 3  # ...but once the window is over
         age(box)
         await store.snapshot(ALICE, "INBOX")
         await store.snapshot(ALICE, "INBOX")
-        assert listings == 4  # (the stamp moved): listed once, long unchanged: the recheck is spent
+        assert listed.listings == 4  # (the stamp moved): listed once, long unchanged: the recheck is spent
+
+    run(tmp_path, body)
+
+
+def test_steady_mail_into_a_big_folder_is_rechecked_by_its_events_not_listed(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mail arriving steadily into a big folder that sessions have selected: the recheck due after
+    each of our changes (DIRTY_WINDOW_NS) is answered from the inotify events since the folder's
+    last listing (dir_watch.py), a cost per message changed, where a 100k folder was listed in full
+    about every 2 s for as long as the mail came (issue 19). Another program's change is found all
+    the same, even one hidden in the mtime tick of ours (the directory's mtime put back)."""
+    monkeypatch.setattr(index, "INLINE_LISTING_OCTETS", 0)  # listed in a worker thread, as a big folder is
+    monkeypatch.setattr(index, "DIRTY_WINDOW_NS", 0)  # a recheck is due at every look after our change
+    box = home(tmp_path)
+    listed = Listings(box, monkeypatch)
+
+    async def body(store: MailStore) -> None:
+        for _ in range(3):
+            await store.deliver([ALICE], MSG)
+        await store.snapshot(ALICE, "INBOX", claim_recent=True)
+        age(box)
+        listed.count()
+        await store.snapshot(ALICE, "INBOX")
+        assert listed.listings == 1  # the stamp moved (age): listed, and watched from then on
+        for n in range(4, 9):
+            await store.deliver([ALICE], MSG)
+            snap = await store.snapshot(ALICE, "INBOX", claim_recent=True)  # (new/ to cur/)
+            assert (len(snap.messages), snap.recent) == (n, frozenset({n}))
+            await store.store_flags(ALICE, "INBOX", [n], frozenset({"\\Seen"}), "add")
+            if n == 8:
+                assert await store.expunge(ALICE, "INBOX", [5]) == [5]
+            snap = await store.snapshot(ALICE, "INBOX")
+        assert listed.listings == 1
+        assert [m.uid for m in snap.messages] == [1, 2, 3, 4, 6, 7, 8]
+        f = await store._boxes.folder(await store._boxes.get(ALICE), "INBOX")
+        await store.store_flags(ALICE, "INBOX", [8], frozenset({"\\Flagged"}), "add")  # ours: a recheck is due
+        stamp = f.stamp
+        assert stamp is not None
+        assert f.recheck_ns
+        one = snap.messages[0].path
+        os.rename(one, one.with_name(one.name.partition(":")[0] + ":2,F"))  # another program's...
+        os.utime(box / "cur", ns=(stamp[1], stamp[1]))  # ...in the same tick as ours: the stamp did not move
+        snap = await store.snapshot(ALICE, "INBOX")
+        assert listed.listings == 2
+        assert snap.messages[0].flags == {"\\Flagged"}
+        (box / "new" / f"1700000000.M1P1.other,S={len(MSG)},W={len(MSG)}").write_bytes(MSG)
+        snap = await store.snapshot(ALICE, "INBOX")  # (the stamp moved)
+        assert listed.listings == 3
+        assert len(snap.messages) == 8
 
     run(tmp_path, body)
