@@ -65,7 +65,7 @@ def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> dt.d
         return None
     now = now or dt.datetime.now(dt.UTC)
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return now + dt.timedelta(seconds=min(int(value), 30 * 86400))
     try:
         when = email.utils.parsedate_to_datetime(value)

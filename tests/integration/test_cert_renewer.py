@@ -106,3 +106,4 @@ def test_next_attempt_honours_retry_after() -> None:
     assert certificates.next_attempt(now, problem, rng) == now + dt.timedelta(hours=2)
     assert parse_retry_after("Wed, 21 Oct 2026 07:28:00 GMT") == dt.datetime(2026, 10, 21, 7, 28, tzinfo=dt.UTC)
     assert parse_retry_after("soon") is None
+    assert parse_retry_after("\u00b2") is None  # the CA's header, read as latin-1: isdigit() but no number
