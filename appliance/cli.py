@@ -46,6 +46,22 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def parse_port_offset(text: str) -> int:
+    """--port-offset N, such that every port stays a port (70000 was a traceback from bind(), and -25
+    made port 25 port 0: a port the kernel picks)."""
+    from appliance.config import STANDARD_PORTS
+
+    low, high = 1 - min(STANDARD_PORTS.values()), 65535 - max(STANDARD_PORTS.values())
+    try:
+        offset = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not low <= offset <= high:
+        raise argparse.ArgumentTypeError(f"{offset} would take a port out of 1-65535: give {low} to {high}"
+                                         " (make run uses 10000)")
+    return offset
+
+
 def read_password(args: argparse.Namespace) -> str:
     import getpass
 
@@ -627,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run every service of the box")
     serve.add_argument("--listen", default="0.0.0.0", help="address to listen on (default: all)")  # noqa: S104  a mail server serves the network by design
-    serve.add_argument("--port-offset", type=int, default=0, help="add N to every standard port")
+    serve.add_argument("--port-offset", type=parse_port_offset, default=0, help="add N to every standard port")
     serve.add_argument("--hostname", default=None, help="the box's host name (default: setting, else system)")
     serve.set_defaults(func=cmd_serve)
 

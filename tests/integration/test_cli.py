@@ -181,6 +181,18 @@ def test_bad_quota_says_what_a_size_looks_like(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("offset", ["70000", "-25", "ten"])
+def test_a_port_offset_that_leaves_the_ports_is_refused_before_anything_starts(tmp_path: Path, offset: str) -> None:
+    """`serve --port-offset 70000` ended in a traceback from bind(), and -25 put SMTP on port 0, a port
+    the kernel picks at random."""
+    data = tmp_path / "data"
+    result = run(data, "serve", "--port-offset", offset)
+    assert result.returncode == 2
+    assert "argument --port-offset:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not data.exists()
+
+
 def test_alias_and_mailbox_never_share_an_address(tmp_path: Path) -> None:
     """Issue 10 item 10: an alias named like a mailbox would take all of its mail; refused both ways."""
     data = tmp_path / "data"
