@@ -193,6 +193,16 @@ def test_a_port_offset_that_leaves_the_ports_is_refused_before_anything_starts(t
     assert not data.exists()
 
 
+@pytest.mark.parametrize("name", ["a b", "x" * 300 + ".org", "mail..example.org"])
+def test_a_host_name_that_is_no_dns_name_is_refused_before_anything_starts(tmp_path: Path, name: str) -> None:
+    """`serve --hostname 'a b'` was taken, and every SMTP client was greeted '220 a b ESMTP'."""
+    data = tmp_path / "data"
+    result = run(data, "serve", "--listen", "127.0.0.1", "--port-offset", str(pick_port_offset()), "--hostname", name)
+    assert result.returncode == 2
+    assert "argument --hostname: not a valid domain name" in result.stderr
+    assert not data.exists()
+
+
 def test_alias_and_mailbox_never_share_an_address(tmp_path: Path) -> None:
     """Issue 10 item 10: an alias named like a mailbox would take all of its mail; refused both ways."""
     data = tmp_path / "data"
