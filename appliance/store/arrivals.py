@@ -3,16 +3,19 @@ fsync of its directory and one transaction for their index rows.
 
 Each delivery writes and fsyncs its own file into tmp/ in its own worker thread (concurrent fsyncs
 of different files join one journal commit of the file system, so they cost about one) and hands it
-here. One flush per folder at a time takes every arrival waiting and, under the folder lock, in one
-trip to the database's thread: renames them into new/ or cur/, fsyncs each directory they were
-renamed into once, then indexes them all in one Change (one SQLite transaction, one WAL fsync).
-Arrivals during a flush wait for the next one, so the batch grows with the load and a lone delivery
-is flushed at once (no timer, no added delay).
+here. One flush per folder at a time takes every arrival waiting and, in one trip to the database's
+thread: renames them into new/ or cur/, fsyncs each directory they were renamed into once, then
+indexes them all in one Change (one SQLite transaction, one WAL fsync). Arrivals during a flush wait
+for the next one, so the batch grows with the load and a lone delivery is flushed at once (no timer,
+no added delay). The folder lock is held only to take the batch's UIDs and queue its trip, in order
+with the folder's other changes (index.commit_arrivals); the messages go into memory, where sessions
+see them, once their commit is durable (imaptest's stress mode queued its sessions on the lock
+behind each APPEND's fsyncs, issue 19).
 
-The renames are made under the folder lock, with the directories' stamps taken just before and just
-after them, so the folder's stamp moves with its own deliveries (FolderIndex.changed_by_us): the
+The renames are queued under the folder lock, with the directories' stamps taken just before and
+just after them, so the folder's stamp moves with its own deliveries (FolderIndex.changed_by_us): the
 next NOOP of each session on the folder lists nothing. When the files were renamed in the writer
-threads, outside the lock, every delivery made the next look at the disk list the whole folder
+threads, each on its own, every delivery made the next look at the disk list the whole folder
 again (35-43 ms at 20k messages, 0.2-0.25 s of CPU at 100k, per delivery; issue 19).
 
 Nothing is acknowledged early: `index` returns a UID only after the file, its directory entry and
@@ -30,7 +33,6 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from appliance.db import Database
 from appliance.store import index, maildir
@@ -107,26 +109,19 @@ class GroupCommit:
             # The renames are made and durable before any row names them (DESIGN.md: files first,
             # then the db): on the database's thread inside the transaction, before its rows are
             # written and it commits, in the same trip (issue 19: a separate trip to a worker thread
-            # was 5-7 ms of each batch's latency under load).
-            placing = _Placing(f.path, batch)
-            try:
-                await index.commit(self._db, [change], first=placing)
-                if placing.stamps is None:  # no trip was made (cannot happen: the batch adds rows)
-                    raise RuntimeError("the deliveries' transaction did not run")
-            except _SyncFailed as failed:
-                log.error("store: placing deliveries into %s failed: %s", f.path, failed.error)
-                await _discard(f, batch, write_error(failed.error))
-                return
-            f.changed_by_us(*placing.stamps)  # the next look lists nothing for these files
-            self.flushes += 1
-            self.indexed += len(batch)
-            log.debug("store: %d deliveries to %s indexed in one transaction", len(batch), f.path)
-            for arrival, entry in zip(batch, entries, strict=True):
-                if entry.sub == "cur":
-                    f.unclaimed.add(entry.uid)  # RFC 3501 2.3.2: recent until a session claims it
-                f.pending.discard(arrival.job.base)
-            if any(entry.sub == "cur" for entry in entries):
-                f.invalidate()
+            # was 5-7 ms of each batch's latency under load). The lock is let go for the trip: the
+            # messages go into memory once their commit is durable (index.commit_arrivals).
+            placing = _Placing(f, batch, entries)
+            written = await index.commit_arrivals(self._db, change, placing, placing.placed)
+        try:
+            await written
+        except _SyncFailed as failed:
+            log.error("store: placing deliveries into %s failed: %s", f.path, failed.error)
+            await _discard(f, batch, write_error(failed.error))
+            return
+        self.flushes += 1
+        self.indexed += len(batch)
+        log.debug("store: %d deliveries to %s indexed in one transaction", len(batch), f.path)
         for arrival, entry in zip(batch, entries, strict=True):
             _settle(arrival, entry.uid)
 
@@ -159,24 +154,38 @@ class _SyncFailed(Exception):
 
 
 class _Placing:
-    """A batch's renames into new/ or cur/ and their directories' fsyncs, with the folder's stamps
-    just before and after them (`stamps`, for FolderIndex.changed_by_us); run once, on the
-    database's thread before the batch's rows (index.commit's `first`). An OSError comes out as
-    _SyncFailed, so a failing disk is told from a failing database; it fails the whole batch (the
-    files renamed already are removed with the others, none of them acknowledged)."""
+    """A batch's renames into new/ or cur/ and their directories' fsyncs, run once, on the database's
+    thread before the batch's rows (index.commit_arrivals' `first`); then, on the loop once the rows
+    are in memory (placed()), the folder's stamp moves with the renames (FolderIndex.changed_by_us)
+    and the names are no longer pending. An OSError comes out as _SyncFailed, so a failing disk is
+    told from a failing database; it fails the whole batch (the files renamed already are removed
+    with the others, none of them acknowledged)."""
 
-    def __init__(self, folder: Path, batch: list[Arrival]) -> None:
-        self._folder = folder
+    def __init__(self, f: FolderIndex, batch: list[Arrival], entries: list[index.Entry]) -> None:
+        self._folder = f
+        self._path = f.path
         self._batch = batch
+        self._entries = entries
         self.stamps: tuple[tuple[int, int], tuple[int, int]] | None = None
 
     def __call__(self) -> None:
         try:
-            before = maildir.dir_stamp(self._folder)
+            before = maildir.dir_stamp(self._path)
             for arrival in self._batch:
                 os.rename(arrival.job.tmp, arrival.job.target)
             for sub in {arrival.job.sub for arrival in self._batch}:
-                maildir.fsync_dir(self._folder / sub)
-            self.stamps = before, maildir.dir_stamp(self._folder)
+                maildir.fsync_dir(self._path / sub)
+            self.stamps = before, maildir.dir_stamp(self._path)
         except OSError as exc:
             raise _SyncFailed(exc) from exc
+
+    def placed(self) -> None:
+        f = self._folder
+        if self.stamps is not None:
+            f.changed_by_us(*self.stamps)  # the next look lists nothing for these files
+        for arrival, entry in zip(self._batch, self._entries, strict=True):
+            if entry.sub == "cur":
+                f.unclaimed.add(entry.uid)  # RFC 3501 2.3.2: recent until a session claims it
+            f.pending.discard(arrival.job.base)
+        if any(entry.sub == "cur" for entry in self._entries):
+            f.invalidate()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import sqlite3
 import threading
@@ -234,6 +235,14 @@ class FolderIndex:
         # that memory is read again from the db and the disk (OpenMailboxes.settle).
         self.in_flight: list[asyncio.Future[list[Entry]]] = []
         self.reload_due = False
+        # New messages whose commit is queued (commit_arrivals): on disk under names in `pending`,
+        # not in memory yet, so a listing meanwhile skips them and need not wait for them.
+        self.arriving: list[asyncio.Future[None]] = []
+        # The UIDNEXT and mod-sequence taken by new messages whose commit is queued (commit_arrivals):
+        # the next change numbers above them, though they are not in memory yet (UIDNEXT, HIGHESTMODSEQ
+        # and the messages sessions see are those of the commits that ended).
+        self.reserved_uidnext = 0
+        self.reserved_modseq = 0
         self.unclaimed: set[int] = set()  # recent messages in cur/ no session has claimed yet
         # The UIDs whose file is in new/ (Entry.sub), kept by every change of it (load, Change.apply):
         # recent() was a pass over every entry at each change (18 ms at 100k messages, issue 19).
@@ -292,7 +301,7 @@ class FolderIndex:
     def busy(self) -> bool:
         """Whether an operation is under way that may use the messages in memory."""
         return (self.lock.locked() or bool(self.pending) or bool(self.unwritten) or self.uidlist_stale or self.uidlist_queued
-                or self.uidlist_lock.locked() or bool(self.in_flight) or self.reload_due)
+                or self.uidlist_lock.locked() or bool(self.in_flight) or bool(self.arriving) or self.reload_due)
 
     @property
     def path(self) -> Path:
@@ -433,11 +442,14 @@ class FolderIndex:
         if watch is None or seen is None:
             return False
         names, seq = seen
-        by_base = self.by_base
+        by_base, pending = self.by_base, self.pending
         for (sub, name), there in names.items():
             if name[0] == ".":  # not a message (Maildir readers skip dot files)
                 continue
-            entry = by_base.get(name.partition(":")[0])
+            base = name.partition(":")[0]
+            if base in pending:  # ours, being delivered: in memory once its commit ends (commit_arrivals)
+                continue
+            entry = by_base.get(base)
             if there != (entry is not None and entry.sub == sub and entry.filename == name):
                 return False
         watch.consumed(self.id, seq)
@@ -471,6 +483,13 @@ class FolderIndex:
         with gc_paused(max(BULK, len(self.by_base))):
             return self._changes(stamp, started, kw_mtime, inline)
 
+    def unchanged_on_disk(self) -> bool:
+        """scan()'s first look alone (three stats, on the loop): True when nothing can have changed
+        since the last listing or our own last change that ended, and no recheck is due."""
+        return (maildir.dir_stamp(self.path) == self.stamp and not self.dirty
+                and maildir.keywords_mtime(self.path) == self.keywords_mtime
+                and not (self.recheck_ns and time.time_ns() >= self.recheck_ns))
+
     def _changes(self, stamp: tuple[int, int], started: int, kw_mtime: int, inline: bool = False) -> DiskChanges:
         """scan() once the directories have changed: the listing compared with the index."""
         keywords = maildir.read_keywords(self.path) if kw_mtime != self.keywords_mtime else None
@@ -487,7 +506,9 @@ class FolderIndex:
         self._compare(listing, changes, inline)
         by_base = self.by_base
         if len(listing) - len(changes.found) != len(by_base):
-            gone = [e for base, e in by_base.items() if base not in listing]
+            # A copy first (one step in C): new messages whose commit ended go into memory on the
+            # loop while a big folder is listed in a worker thread (commit_arrivals).
+            gone = [e for base, e in list(by_base.items()) if base not in listing]
             if gone:
                 # A file another program renamed while we listed may have been missed: look again
                 # before calling it expunged.
@@ -512,10 +533,13 @@ class FolderIndex:
         order: list[int] = []
         with _DirFds(self._dirs) as fds:
             for base, (sub, filename) in listing.items():
+                # `pending` first: a new message goes into memory (commit_arrivals, on the loop, maybe
+                # while this runs in a worker thread) before its name leaves `pending`, so a name not
+                # pending now is in by_base already, if it is ours.
+                if base in pending:
+                    continue
                 entry = by_base.get(base)
                 if entry is None:
-                    if base in pending:
-                        continue
                     named = sized(filename)
                     if named is not None:  # _found's first case, and delivery_order, in one match
                         found.append(Found(base, sub, filename, int(named[3]), UNKNOWN_DATE, int(named[4])))
@@ -702,9 +726,10 @@ class Change:
 
     def __init__(self, folder: FolderIndex) -> None:
         self.folder = folder
-        self.modseq = folder.highestmodseq + 1  # RFC 7162: one new mod-sequence for the batch
-        self.uidnext = folder.uidnext
-        self.last_uid = next(reversed(folder.by_uid), 0)
+        # RFC 7162: one new mod-sequence for the batch, above those of new messages still being committed.
+        self.modseq = max(folder.highestmodseq, folder.reserved_modseq) + 1
+        self.uidnext = max(folder.uidnext, folder.reserved_uidnext)
+        self.last_uid = max(next(reversed(folder.by_uid), 0), folder.reserved_uidnext - 1)
         self.added: list[Entry] = []
         self.updated: list[tuple[Entry, str, tuple[str, ...]]] = []  # entry, flags, keywords
         self.located: list[tuple[Entry, str, str]] = []  # entry, sub, file name (no db change)
@@ -897,9 +922,12 @@ class Change:
         whole = self.columns is not None and f.loaded and not f.by_uid  # the folder is these messages alone
         self._add_entries()
         if self.writes:
-            f.uidnext = self.uidnext
-            f.highestmodseq = self.modseq
-            f.expunges_known_since = self.expunges_known_since
+            # Each only grows: a change made while new messages' commit was queued numbers above them
+            # (Change.__init__), and may be in memory before them (commit_arrivals).
+            if self.added:
+                f.uidnext = max(f.uidnext, self.uidnext)
+            f.highestmodseq = max(f.highestmodseq, self.modseq)
+            f.expunges_known_since = max(f.expunges_known_since, self.expunges_known_since)
         if self.added or self.removed:
             f.uidlist_stale = True
         if self.removed:
@@ -1002,6 +1030,86 @@ async def commit_pipelined(db: Database, change: Change, files: Callable[[], lis
     f.in_flight.append(written)
     written.add_done_callback(settle)
     return written
+
+
+_fixups: set[asyncio.Task[None]] = set()  # commit_arrivals' renumbering writes, kept from the collector
+
+
+async def commit_arrivals(db: Database, change: Change, first: Callable[[], None],
+                          placed: Callable[[], None]) -> asyncio.Future[None]:
+    """commit(durable=True, first=first) of new messages (store/arrivals.py) without holding the
+    folder lock for the trip: their UIDs and mod-sequence are taken now (reserved_uidnext,
+    reserved_modseq: the folder's next changes number above them), the transaction is queued on the
+    database's thread (Database.write_queued: in order with the folder's other changes), and the
+    messages go into memory when it has committed, fsynced, in the order queued, so in UID order.
+    No session sees a UID before its row and file are durable: a crash cannot give it to another
+    message (RFC 3501 2.3.1.1). A change made meanwhile (a flag change) is in memory first: the new
+    messages then get a mod-sequence above it (memory at once, the rows after), so HIGHESTMODSEQ a
+    session saw is below that of every message it sees later. `placed` runs once they are in memory.
+    Failed, nothing is in memory, and the UIDs taken are given back unless a later batch took some
+    above them."""
+    f = change.folder
+    assert change.added
+    assert not change.updated
+    assert not change.removed
+    f.reserved_uidnext = max(f.reserved_uidnext, change.uidnext)
+    f.reserved_modseq = max(f.reserved_modseq, change.modseq)
+
+    def write_all(tx: sqlite3.Connection) -> None:
+        first()
+        change.write(tx)
+
+    def give_back() -> None:
+        if f.reserved_uidnext == change.uidnext:
+            f.reserved_uidnext = 0
+        if f.reserved_modseq == change.modseq:
+            f.reserved_modseq = 0
+
+    try:
+        written = await db.write_queued(write_all, durable=True)
+    except BaseException:
+        give_back()
+        raise
+
+    def settle(done: asyncio.Future[None]) -> None:
+        """On the loop once the transaction ended, before anyone awaiting it runs (the first callback)."""
+        f.arriving.remove(done)
+        if done.cancelled() or done.exception() is not None:
+            give_back()
+            return
+        if f.highestmodseq >= change.modseq:
+            _renumber(db, change, max(f.highestmodseq, f.reserved_modseq) + 1)
+        change.apply()
+        placed()
+
+    f.arriving.append(written)
+    written.add_done_callback(settle)
+    return written
+
+
+def _renumber(db: Database, change: Change, modseq: int) -> None:
+    """New messages committed with a mod-sequence that a change made meanwhile went past: theirs is
+    `modseq` in memory now, and in their rows by a write queued after (not fsynced: a crash loses
+    only the renumbering). MAX: a later change of theirs, queued first, keeps its own."""
+    change.modseq = modseq
+    for entry in change.added:
+        entry.modseq = modseq
+    f, uids = change.folder, [e.uid for e in change.added]
+
+    def write(tx: sqlite3.Connection) -> None:
+        tx.executemany("UPDATE messages SET modseq = MAX(modseq, ?) WHERE folder_id = ? AND uid = ?",
+                       [(modseq, f.id, uid) for uid in uids])
+        tx.execute("UPDATE folders SET highestmodseq = MAX(highestmodseq, ?) WHERE id = ?", (modseq, f.id))
+
+    async def queue() -> None:
+        try:
+            await (await db.write_queued(write, durable=False))
+        except (sqlite3.Error, ValueError) as exc:  # the db's own failure, or closed at stop
+            logging.getLogger("letterbox.store").warning("store: cannot renumber the mod-sequence of new messages: %s", exc)
+
+    task = asyncio.get_running_loop().create_task(queue())
+    _fixups.add(task)
+    task.add_done_callback(_fixups.discard)
 
 
 async def commit_with_files(db: Database, change: Change, files: Callable[[], list[bool]], entries: Sequence[Entry], *,

@@ -261,6 +261,7 @@ class OpenMailboxes:
             raise NoSuchFolder(f"no folder named {f.name}")
         f.last_used = time.monotonic()
         if not f.loaded:
+            await self.arrived(f)  # else their rows would be read and then added again
             f.load(await index.load_entries(self._db, f.id))
         if f.reload_due:
             await self.settle(mb, f)
@@ -269,6 +270,8 @@ class OpenMailboxes:
         self._trim_later()
         if not disk and f.stamp is not None:  # listed since it was loaded: its files are located
             return False
+        if f.in_flight and f.unchanged_on_disk():
+            return False  # (our queued renames and unlinks are in memory already)
         await self.settle(mb, f)  # our own renames and unlinks still queued are made before the disk is read
         try:
             # A small folder is looked at here: a few stats, and when it changed a listing of under a
@@ -280,6 +283,8 @@ class OpenMailboxes:
             raise NoSuchFolder(f"no folder named {f.name}") from None
         if found is None:
             return False
+        if found.found or (found.bulk is not None and found.bulk.bases):
+            await self.arrived(f)  # files of others get UIDs after those of new messages being committed
         change = Change(f)
         remap = found.keywords is not None and found.keywords != f.keywords
         if found.keywords is not None:
@@ -341,15 +346,24 @@ class OpenMailboxes:
         """Wait for the folder's pipelined flag changes and expunges (index.commit_pipelined; folder
         lock held); when one of them failed or missed a file, read the index again from the db,
         which then holds every change that was made: the next listing (load() asks for one) takes
-        the files as they are."""
+        the files as they are. New messages being committed are waited for only then (a listing
+        skips their names: index.commit_arrivals)."""
         while f.in_flight:
             await asyncio.wait(list(f.in_flight))
         if f.reload_due:
+            await self.arrived(f)  # their rows would be read and then added again
             f.reload_due = False
             log.info("store: %s: a change could not be made as planned; its index is read again", f.path)
             f.load(await index.load_entries(self._db, f.id))
             # Sessions may have seen the change that was not made: each looks again at its next command.
             self.changes.changed(mb.key, f.name)
+
+    @staticmethod
+    async def arrived(f: FolderIndex) -> None:
+        """Wait for the new messages whose commit is queued to be in memory (index.commit_arrivals;
+        folder lock held): a change that adds messages comes after them, UIDs only grow in by_uid."""
+        while f.arriving:
+            await asyncio.wait(list(f.arriving))
 
     @staticmethod
     async def _scan(f: FolderIndex) -> index.DiskChanges | None:
@@ -390,7 +404,7 @@ class OpenMailboxes:
         await index.commit(self._db, [change], durable=False)  # as the renames: a listing finds the files again
         if all(done):  # the next look lists nothing (every session's NOOP after a delivery listed the folder)
             _carry_stamps([f], stamps)
-        f.unclaimed.clear()
+        f.unclaimed.difference_update(recent)  # (not new messages that came into memory meanwhile)
         f.invalidate()
         return recent
 
@@ -416,6 +430,7 @@ class OpenMailboxes:
         for f in dict.fromkeys((src, target)):
             await self.settle(mb, f)  # the files are where memory says (a reload is listed by the sync)
             await self.sync(mb, f, disk=disk)
+        await self.arrived(target)  # the copies' UIDs come after theirs
         entries = src.entries(uids)
         if not entries:
             return []

@@ -19,7 +19,7 @@ folder's UIDs are kept by an index (index.py). Rules this module keeps:
   store's own writer threads (appliance/threads.py: a lighter hand-off).
 - Locks: a folder's lock covers its scan and every change to its index; a delivery writes its file
   without it (the unique name is marked pending so no scan adopts the file) and takes it only to
-  commit. A STORE or EXPUNGE holds it one slice of index.FILES_IN_TRANSACTION messages at a time
+  take its UID and queue its commit (arrivals.py). A STORE or EXPUNGE holds it one slice of index.FILES_IN_TRANSACTION messages at a time
   (_slices), and only to change memory and queue the slice's files and rows, so the folder's other
   sessions and deliveries wait for neither the whole command nor a slice's trip to the database. Several folder locks are taken in folder-id order; the mailbox lock (folder create,
   delete, rename, first load) is taken before any folder lock, never after.

@@ -243,6 +243,55 @@ def test_a_group_whose_directory_cannot_be_synced_is_not_indexed(tmp_path: Path,
     run(tmp_path, body)
 
 
+def test_a_delivery_lets_the_folder_lock_go_while_its_commit_is_made_durable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group commit takes its UIDs under the folder lock and lets it go for the trip to the
+    database's thread (index.commit_arrivals, issue 19): meanwhile the folder's other sessions look
+    at it and change flags, and see no trace of the new message (not its UID, nor UIDNEXT) until its
+    file, directory and row are durable. A flag change made meanwhile is in memory first, so the new
+    message's mod-sequence goes above it, in memory and in its row."""
+    real_fsync_dir = maildir.fsync_dir
+    entered, release = threading.Event(), threading.Event()
+
+    def held(path: Path) -> None:
+        if Path(path) == home(tmp_path) / "new":  # the delivery's (not a folder made meanwhile)
+            entered.set()
+            release.wait(10)
+        real_fsync_dir(path)
+
+    async def body(store: MailStore) -> None:
+        await store.deliver([ALICE], MSG)
+        before = await store.snapshot(ALICE, "INBOX", claim_recent=True)
+        monkeypatch.setattr(maildir, "fsync_dir", held)
+        delivery = asyncio.ensure_future(store.deliver([ALICE], MSG))
+        try:
+            assert await asyncio.to_thread(entered.wait, 10)
+            during = await asyncio.wait_for(store.snapshot(ALICE, "INBOX", claim_recent=True), 5)
+            assert ([m.uid for m in during.messages], during.uidnext) == ([1], 2)
+            flagged = asyncio.ensure_future(store.store_flags(ALICE, "INBOX", [1], frozenset({"\\Flagged"}), "add"))
+            await async_wait_until(lambda: store._boxes._mailboxes and any(
+                f.in_flight for mb in store._boxes._mailboxes.values() for f in mb.folders.values()), what="the STORE queued")
+            seen = await asyncio.wait_for(store.snapshot(ALICE, "INBOX"), 5)
+            assert [m.uid for m in seen.messages] == [1]
+            assert seen.messages[0].flags == {"\\Flagged"}
+            assert seen.highestmodseq == before.highestmodseq + 2  # above the delivery's, taken first
+        finally:
+            release.set()
+        assert await delivery == {ALICE: 2}
+        await flagged
+        after = await store.snapshot(ALICE, "INBOX")
+        assert ([m.uid for m in after.messages], after.uidnext) == ([1, 2], 3)
+        assert after.messages[1].modseq == after.highestmodseq > seen.highestmodseq
+        await asyncio.gather(*index._fixups)
+        await store._db.writes_done()
+        rows = await store._db.fetchall("SELECT uid, modseq FROM messages ORDER BY uid")
+        assert [(r[0], r[1]) for r in rows] == [(1, seen.highestmodseq), (2, after.highestmodseq)]
+        [folder] = await store._db.fetchall("SELECT uidnext, highestmodseq FROM folders WHERE name = 'INBOX'")
+        assert (folder[0], folder[1]) == (3, after.highestmodseq)
+
+    run(tmp_path, body)
+
+
 def test_usage_counts_every_folder_after_a_restart(tmp_path: Path) -> None:
     async def first(store: MailStore) -> None:
         await store.deliver([FULL], b"x" * 300)
