@@ -263,9 +263,17 @@ def cmd_queue(args: argparse.Namespace) -> None:
 
 
 def cmd_queue_flush(args: argparse.Namespace) -> None:
+    from appliance.queue import state as queue_state
     from appliance.queue.service import POLL_INTERVAL
 
-    count = run_admin(args, lambda admin: admin.flush_queue(args.ids))
+    async def act(admin: Admin) -> int:
+        # A mistyped id said "0 recipients due now", exit 0, as if there were simply nothing to do.
+        unknown = await queue_state.missing(admin.db, args.ids)
+        if unknown:
+            raise CliError(f"not in the queue: {', '.join(unknown)}; nothing was flushed")
+        return await admin.flush_queue(args.ids)
+
+    count = run_admin(args, act)
     print(f"{count} recipient{'s' if count != 1 else ''} due now; "
           f"a running Letterbox tries them within {POLL_INTERVAL:.0f} s")
 

@@ -294,6 +294,15 @@ async def flush(db: Database, message_ids: Iterable[str] = (), now: int | None =
         return int(cur.rowcount or 0)
 
 
+async def missing(db: Database, message_ids: Sequence[str]) -> list[str]:
+    """The ids of `message_ids` that are not in the queue."""
+    found = set()
+    for message_id in message_ids:
+        if await db.fetchone("SELECT 1 FROM queue_messages WHERE id = ?", (message_id,)):
+            found.add(message_id)
+    return [m for m in message_ids if m not in found]
+
+
 async def delete(db: Database, spool_dir: Path, message_ids: Sequence[str]) -> list[str]:
     """Remove messages from the queue without telling anyone (the admin's decision); returns the ids
     that existed. Rows go first: a crash in between leaves only a file, which start-up cleans."""

@@ -21,6 +21,9 @@ def test_flush_and_delete(box: BoxHandle) -> None:
     second = box.run(queue.spool.enqueue("a@ours.test", ["z@far.test"], b"Subject: 2\r\n\r\n2\r\n"))
     box.run(box.services.db.execute("UPDATE queue_recipients SET next_attempt = 4000000000"))
 
+    result = letterbox(box, "queue", "flush", second, "nosuchid")
+    assert result.returncode == 1
+    assert result.stderr == "letterbox: not in the queue: nosuchid; nothing was flushed\n"
     result = letterbox(box, "queue", "flush", second)
     assert result.returncode == 0
     assert result.stdout.startswith("1 recipient due now")
