@@ -321,7 +321,7 @@ class OpenMailboxes:
                                adopted.get(new.base), wire=new.wire)
             else:
                 change.add_found(newcomers, f.keywords)
-        indexed = len(change.added)
+        indexed = change.count
         # Not fsynced when only files were found, unless they took Dovecot's UIDs: those are read from
         # dovecot-uidlist only when the folder's row is made, so a listing after a crash could not
         # find them again (Change.found_only). Many such files (a Maildir copied in): answered
@@ -377,7 +377,7 @@ class OpenMailboxes:
         if done.cancelled() or done.exception() is not None:
             change.rows_lost()
             log.warning("store: cannot index %d files of %s now (%s); written at its next use",
-                        len(change.added), f.path, "cancelled" if done.cancelled() else done.exception())
+                        change.count, f.path, "cancelled" if done.cancelled() else done.exception())
 
     async def claim(self, f: FolderIndex) -> frozenset[int]:
         """Make the recent messages this caller's: new/ files move to cur/ (folder lock held)."""
