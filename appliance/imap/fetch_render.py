@@ -18,7 +18,7 @@ import logging
 import os
 import sqlite3
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol, overload
 
@@ -45,11 +45,7 @@ CACHED_FETCH_BATCH = 500  # messages answered from the message cache per worker-
 # rest) is known; a first call of CACHED_FETCH_BATCH left the worker idle (and not yet started,
 # 0.3-0.5 s of CPU) while this process described 500 messages (issue 19).
 FIRST_CACHED_BATCH = 100
-# Rows computed from the files a FETCH has before it hands them to the database's thread, which
-# writes them while the next batch renders: at 2,000, a first FETCH of 1k wrote all its rows after
-# its last response, 12 ms of the database thread's CPU (37 ms of wall at load 10) in a FETCH of
-# 92 ms of CPU (issue 19).
-LEARN_BATCH = FIRST_CACHED_BATCH
+LEARN_BATCH = 2000  # rows computed from files kept per transaction
 LEARN_CHUNK = 200  # messages a background fill describes per call of the CPU pool's worker
 SHARED_FETCH = LEARN_CHUNK  # messages left after a batch that computed most rows: shared with the CPU pool (one of its chunks at least)
 LEARN_LIGHT = 20  # a fill this small may run in a thread while no worker process is up (cpu_pool.run_light)
@@ -81,9 +77,6 @@ INDEX_FETCH_BATCH = 5000  # messages per rendered block of an index-only FETCH
 # (folder name, UIDVALIDITY, UID): a UID names one message for as long as its UIDVALIDITY holds.
 StructureKey = tuple[str, int, int]
 _Job = tuple[int, MessageInfo, fetching.MessageFacts]  # (message number, index entry, facts)
-# _render_cached's answer: each message's response (None: its file is gone), the rows computed, the
-# messages answered from a header scan.
-_Rendered = tuple[list[bytes | None], fetch_cache.Learned, list[tuple[int, str]]]
 
 
 class Send(Protocol):
@@ -164,46 +157,55 @@ class FetchRenderer:
         # stops there).
         reached = [0]
         dated = _dated(items)
-
-        def render(start: int, stop: int) -> asyncio.Future[_Rendered]:
+        for start, stop in _batches(len(uids)):
             reached[0] = stop
             jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid, dated)) for uid in uids[start:stop]]
-            return asyncio.ensure_future(asyncio.to_thread(_render_cached, cache, jobs, items, flags_changed, condstore))
-
-        async with contextlib.aclosing(_rendered_ahead(list(_batches(len(uids))), render)) as batches:
-            async for start, stop, (rendered, new, later) in batches:
-                missing = missing or None in rendered
-                # The messages answered from a header scan get their rows in the background after the
-                # answer, unless the SELECT's prefill is making the folder's missing rows anyway: at
-                # 100k, Thunderbird's first list held 100k (UID, path) pairs (about 15 MB) for a
-                # second fill over the prefill's files (a stat and a look-up each, its chunks taking
-                # turns with the prefill's; issue 19).
-                unknown = [] if cache.prefilling() else unknown + later
-                if 2 * len(new) >= stop - start:
-                    shared = self._share(view, uids[stop:], cache, functools.partial(_past, reached, stop)) or shared
+            rendered, new, later = await asyncio.to_thread(
+                _render_cached, cache, jobs, items, flags_changed, condstore)
+            missing = missing or None in rendered
+            # Rendered in the thread: the event loop only writes the batch.
+            await send(Preformatted(b"".join(r for r in rendered if r is not None)))
+            if cache.prefilling():
+                # The messages answered from a header scan get their rows in the background after
+                # the answer, unless the SELECT's prefill is making the folder's missing rows
+                # anyway: at 100k, Thunderbird's first list held 100k (UID, path) pairs (about
+                # 15 MB) for a second fill over the prefill's files (a stat and a look-up each,
+                # its chunks taking turns with the prefill's; issue 19).
+                unknown = []
+            else:
+                unknown += later
+            rest = uids[stop:]
+            if (2 * len(new) >= len(jobs) and len(rest) >= SHARED_FETCH and not self._filling()
+                    and (self._cpu.started or len(rest) >= SHARE_START)):
+                # Most rows of this batch were missing (a folder copied in): both cores. The CPU
+                # pool's worker describes the rest from its end while this goes on from here, the
+                # worker skipping the rows already kept and stopping where this process has got to,
+                # so they meet wherever the slower one is (a first FETCH ENVELOPE BODYSTRUCTURE was
+                # all in this process, issue 19).
+                self._learning = shared = cache.fill(_learn_later(
+                    cache, _Files(rest, view.infos), self._cpu, background=False,
+                    reached=functools.partial(_past, reached, stop)))
+            if shared is not None and self._cpu.ready:
+                # This process's rows are written by the worker too, batch by batch between its
+                # chunks: one writer, and no insert here (until the worker has started, below:
+                # its start took 0.4-2.6 s at load 1-4, and the rows this process had described
+                # meanwhile, 9,600 of 10k, then went to it at once, 0.37 s after the last response). Kept here at the FETCH's end (as since
+                # c39874e), they took 0.77 s of a 3.3 s FETCH of 10k (8,600 rows, 50-60 us of CPU
+                # a row in one transaction: more than the 2 MB page cache, so SQLite spilled) after
+                # the last response; beside the describing, the insert waited for the GIL between
+                # rows while holding SQLite's write lock, which the worker's writes then waited for
+                # (0.2-0.7 s each). A row pickled costs 7 us here (issue 19).
                 learned += new
-                if shared is not None and self._cpu.ready:
-                    # This process's rows are written by the worker too, batch by batch between its
-                    # chunks: one writer, and no insert here (until the worker has started, below:
-                    # its start took 0.4-2.6 s at load 1-4, and the rows this process had described
-                    # meanwhile, 9,600 of 10k, then went to it at once, 0.37 s after the last response). Kept here at the FETCH's end (as since
-                    # c39874e), they took 0.77 s of a 3.3 s FETCH of 10k (8,600 rows, 50-60 us of CPU
-                    # a row in one transaction: more than the 2 MB page cache, so SQLite spilled) after
-                    # the last response; beside the describing, the insert waited for the GIL between
-                    # rows while holding SQLite's write lock, which the worker's writes then waited for
-                    # (0.2-0.7 s each). A row pickled costs 7 us here (issue 19).
-                    learned = _hand_over(cache, learned, keeping, self._cpu)
-                elif len(learned) >= LEARN_BATCH:
-                    # Written while this batch is sent and the next one rendered, one write at a time:
-                    # the database's thread spends most of an insert in SQLite, without the GIL the
-                    # rendering needs.
-                    if writing is not None:
-                        await writing
-                    writing = asyncio.ensure_future(cache.learn(learned))
-                    learned = []
-                # Rendered in the thread: the event loop only writes the batch (the rows' write, started
-                # above, goes on meanwhile).
-                await send(Preformatted(b"".join(r for r in rendered if r is not None)))
+                learned = _hand_over(cache, learned, keeping, self._cpu)
+                continue
+            learned += new
+            if len(learned) >= LEARN_BATCH:
+                # Written while the next batch is rendered, one write at a time: the database's
+                # thread spends most of an insert in SQLite, without the GIL the rendering needs.
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(cache.learn(learned))
+                learned = []
         if shared is not None:
             # Every message of the FETCH has its row now, described here or by the worker (or
             # being written by it): the worker's fill would go on through the rows this process
@@ -221,19 +223,6 @@ class FetchRenderer:
             # the session ends, so a phone's short visit fills the cache too).
             self._learning = cache.fill(_learn_later(cache, unknown, self._cpu, background=True))
         return missing
-
-    def _share(self, view: SelectedFolder, rest: Sequence[int], cache: FolderCache, reached: Callable[[], int],
-               ) -> asyncio.Task[None] | None:
-        """After a batch whose rows were mostly missing (a folder copied in): both cores. The CPU
-        pool's worker describes the `rest` of the FETCH from its end while this goes on from here,
-        the worker skipping the rows already kept and stopping where this process has got to
-        (`reached`), so they meet wherever the slower one is (a first FETCH ENVELOPE BODYSTRUCTURE
-        was all in this process, issue 19). None: not worth it, or a fill of this session's runs."""
-        if len(rest) < SHARED_FETCH or self._filling() or not (self._cpu.started or len(rest) >= SHARE_START):
-            return None
-        self._learning = cache.fill(_learn_later(
-            cache, _Files(rest, view.infos), self._cpu, background=False, reached=reached))
-        return self._learning
 
     def prefill(self, view: SelectedFolder, cache: FolderCache) -> None:
         """After a SELECT: rows for the folder's messages that have none (files another program put
@@ -314,24 +303,6 @@ async def _keep(cache: FolderCache, rows: fetch_cache.Learned, cpu: CpuPool) -> 
         log.debug("message cache: keeping rows in the worker failed", exc_info=True)
 
 
-async def _rendered_ahead(batches: list[tuple[int, int]], render: Callable[[int, int], asyncio.Future[_Rendered]],
-                          ) -> AsyncGenerator[tuple[int, int, _Rendered], None]:
-    """Each batch (start, stop) with what `render` made of it, the next batch's rendering started
-    before this one is handed on: it renders in its thread while the caller writes this one, which
-    the client reads meanwhile, on the other core (one batch after the other, the thread waited for
-    each batch's write, and the socket for each batch's rendering; issue 19)."""
-    ahead = render(*batches[0]) if batches else None
-    try:
-        for number, (start, stop) in enumerate(batches):
-            assert ahead is not None
-            rendered = await ahead
-            ahead = render(*batches[number + 1]) if number + 1 < len(batches) else None
-            yield start, stop, rendered
-    finally:
-        if ahead is not None:
-            ahead.cancel()  # (the client went: the thread's answer is dropped)
-
-
 def _past(reached: list[int], base: int) -> int:
     """How far past `base` a FETCH's batches have got (_send_cached's `reached`)."""
     return reached[0] - base
@@ -357,7 +328,7 @@ def _weight(root: Part) -> int:
 
 def _render_cached(
     cache: FolderCache, jobs: list[_Job], items: Sequence[FetchItem], flags_changed: set[int], condstore: bool,
-) -> _Rendered:
+) -> tuple[list[bytes | None], fetch_cache.Learned, list[tuple[int, str]]]:
     """Worker thread: FETCH answers from the message cache (a stat per file, no read). A missing or
     stale row is computed from the file when the items need the whole MIME walk anyway
     (fetch_cache.needs_row), or else the message is answered from a header scan of its file and
