@@ -1,9 +1,9 @@
 """asyncio glue for the SMTP listeners: aiosmtpd's protocol with our limits, replies and TLS set-up.
 
-aiosmtpd (1.4.6) parses commands, DATA (only CRLF.CRLF ends it, so bare-LF smuggling sequences stay
-content), SIZE, STARTTLS and the AUTH exchange; the subclass below adds what the box promises on top:
-enhanced status codes on every reply (RFC 2034), an error budget that ends abusive sessions with 421,
-per-client connection limits, a 421 on timeout, a DATA transfer bounded in time, and per-session
+aiosmtpd (1.4.6) parses commands, SIZE, STARTTLS and the AUTH exchange; the subclass below adds what
+the box promises on top: DATA read by data_phase.py (only CRLF.CRLF ends it, so bare-LF smuggling
+sequences stay content; long lines taken, memory bounded), enhanced status codes on every reply (RFC
+2034), an error budget that ends abusive sessions with 421, per-client connection limits, a 421 on timeout, a DATA transfer bounded in time, and per-session
 command-size bookkeeping (aiosmtpd keeps that in one dict shared by every session).
 """
 
@@ -17,18 +17,20 @@ import ssl
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
+from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, syntax
 
 from appliance.channel import LISTEN_BACKLOG, ConnectionLimiter, ListenerLimits, Slot
 from appliance.disk_full import is_disk_full
 from appliance.smtp import class_members
+from appliance.smtp.data_phase import LINE_TOO_LONG, TOO_MUCH_DATA, read_message
 from appliance.smtp.delivery import Deliverer
 from appliance.smtp.handler import LetterboxEnvelope, LetterboxSession, SmtpHandler
 from appliance.smtp.limits import (
     DEFAULT_LIMITS,
     MAX_AUTH_COMMAND_OCTETS,
     MAX_COMMAND_OCTETS,
-    MAX_LINE_OCTETS,
+    MAX_TEXT_LINE_OCTETS,
+    READ_LIMIT_OCTETS,
     SmtpLimits,
 )
 from appliance.smtp.policy import (
@@ -59,17 +61,17 @@ DEFAULT_STATUS = {
 }
 # aiosmtpd's own texts we reword (the code stays).
 REWORDED = {
-    "552 Error: Too much mail data": "552 5.3.4 Message too big for this server",
+    TOO_MUCH_DATA: "552 5.3.4 Message too big for this server",
     "552 Error: message size exceeds fixed maximum message size":
         "552 5.3.4 Message size exceeds fixed maximum message size",
-    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
+    LINE_TOO_LONG: "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
     "500 Command line too long": "500 5.5.2 Command line too long",
     "500 Error: command 'AUTH' not recognized": "503 5.5.1 Error: send EHLO first",
     # RFC 5321 4.2.2/4.1.2: an address that does not parse is a syntax error in the arguments.
     "553 5.1.3 Error: malformed address": "501 5.5.2 Syntax error in the address",
 }
 # DATA-phase errors aiosmtpd answers once; LMTP owes one reply per recipient (RFC 2033 4.2).
-DATA_ERRORS = frozenset({"552 Error: Too much mail data", "500 Line too long (see RFC5321 4.5.3.1.6)"})
+DATA_ERRORS = frozenset({TOO_MUCH_DATA, LINE_TOO_LONG})
 UNKNOWN_COMMAND = "500 5.5.1 Error: command not recognized"
 
 # RFC 5321 4.1.2 Path with a Dot-string local part and a dot-atom domain (RFC 5322 3.2.3 atext).
@@ -128,7 +130,7 @@ class _CommandTable(dict[str, Any]):
 
 class LetterboxSMTP(SMTP):
     lazy_commands = True  # see _CommandTable
-    line_length_limit = MAX_LINE_OCTETS
+    line_length_limit = READ_LIMIT_OCTETS  # aiosmtpd's name for the stream reader's limit
     command_size_limit = MAX_COMMAND_OCTETS
 
     def __init__(
@@ -354,10 +356,37 @@ class LetterboxSMTP(SMTP):
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA with our reader of the message (data_phase.py: long lines, bounded memory)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
         self._data_deadline = self.loop.time() + self.limits.max_data_seconds
         self._reset_timeout(self.limits.data_chunk_timeout)
         try:
-            await super().smtp_DATA(arg)
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            try:
+                message = await read_message(
+                    self._reader, max_line=MAX_TEXT_LINE_OCTETS, max_octets=self.limits.max_message_octets
+                )
+            except asyncio.CancelledError:
+                log.info("%s: connection lost during DATA", self._client_ip)
+                self._writer.close()
+                raise
+            self._data_deadline = None
+            if isinstance(message, str):
+                self.envelope = self._create_envelope()  # aiosmtpd's _set_post_data_state
+                await self.push(message)
+                return
+            self.envelope.content = self.envelope.original_content = message
+            status = await self._call_handler_hook("DATA")
+            self.envelope = self._create_envelope()  # aiosmtpd's _set_post_data_state
+            await self.push("250 OK" if status is MISSING else status)
         finally:
             self._data_deadline = None
             if self.transport is not None:

@@ -107,6 +107,22 @@ def test_permanent_failure_sends_a_dsn_to_the_senders_inbox(outbound: Outbound) 
     assert "Subject: hello" in decoded(returned).decode()
 
 
+def test_a_long_line_goes_as_it_is_and_a_refusal_is_reported(outbound: Outbound) -> None:
+    # The box accepts lines over 998 octets and sends them unfolded (folding would break DKIM). This
+    # receiver (aiosmtpd's 1001-octet default) refuses them, as a strict server does: the sender is told.
+    mx(outbound.zone, "example.net", (10, "mx.example.net", MX1))
+    body = f"From: {ALICE}\r\nSubject: long\r\n\r\n".encode() + b"x" * 5000 + b"\r\n"
+    with outbound.receiver(MX1) as strict:
+        outbound.submit(["a@example.net"], body)
+        [report] = outbound.wait_inbox(1)
+        outbound.wait_empty()
+        assert strict.transactions == []
+    _, per_recipient = delivery_status(report)
+    assert per_recipient["Final-Recipient"] == "rfc822; a@example.net"
+    assert per_recipient["Action"] == "failed"
+    assert "Line too long" in " ".join(per_recipient["Diagnostic-Code"].split())
+
+
 def test_expiry_sends_a_dsn_with_the_last_error(outbound: Outbound) -> None:
     outbound.setting("queue_max_age", "2")
     mx(outbound.zone, "example.net", (10, "mx.example.net", MX1))

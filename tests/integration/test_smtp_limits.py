@@ -4,12 +4,14 @@ timeouts, sizes, line lengths, garbage. Servers with small limits run on the box
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+from appliance.smtp.limits import MAX_TEXT_LINE_OCTETS
 from appliance.smtp.server import start_server
 from tests.conftest import BoxHandle
 from tests.support.polling import wait_until
@@ -181,7 +183,7 @@ def test_ehlo_advertises_the_size_limit(limited: StartServer) -> None:
         assert "SIZE 12345" in text.splitlines()
 
 
-def test_long_lines(limited: StartServer) -> None:
+def test_long_lines(box: BoxHandle, limited: StartServer) -> None:
     port = limited()
     with greet(port) as wire:
         code, text = wire.cmd("NOOP " + "x" * 2000)
@@ -191,9 +193,57 @@ def test_long_lines(limited: StartServer) -> None:
         assert wire.cmd("MAIL FROM:<a@external.test>")[0] == 250
         assert wire.cmd(f"RCPT TO:<{FORWARD}>")[0] == 250
         assert wire.cmd("DATA")[0] == 354
-        code, text = wire.cmd(b"Subject: x\r\n\r\n" + b"z" * 1200 + b"\r\nshort\r\n.")
+        # Text lines over RFC 5321's 1000 octets are taken (as Postfix does), up to 1 MiB.
+        assert wire.cmd(b"Subject: x\r\n\r\n" + b"z" * 1200 + b"\r\nshort\r\n.")[0] == 250
+    assert spooled(box) == 1
+
+
+def test_a_line_over_1_mib_is_refused_after_the_dot(box: BoxHandle, limited: StartServer) -> None:
+    port = limited()
+    with greet(port) as wire:
+        assert wire.cmd("MAIL FROM:<a@external.test>")[0] == 250
+        assert wire.cmd(f"RCPT TO:<{FORWARD}>")[0] == 250
+        assert wire.cmd("DATA")[0] == 354
+        wire.send(b"Subject: x\r\n\r\n" + b"z" * MAX_TEXT_LINE_OCTETS + b"\r\nshort\r\n")
+        code, text = wire.cmd(b".")
         assert (code, text[:5]) == (500, "5.5.2")
-        assert wire.cmd("NOOP")[0] == 250
+        assert wire.cmd("NOOP")[0] == 250  # the session goes on
+        assert wire.cmd("MAIL FROM:<a@external.test>")[0] == 250
+        assert wire.cmd(f"RCPT TO:<{FORWARD}>")[0] == 250
+        assert wire.cmd("DATA")[0] == 354
+        assert wire.cmd(b"Subject: y\r\n\r\nok\r\n.")[0] == 250
+    assert spooled(box) == 1
+
+
+def rss_octets() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_sessions_sending_endless_lines_hold_bounded_memory(box: BoxHandle, limited: StartServer) -> None:
+    # The listener runs in this process. aiosmtpd kept every read of an over-long line until its CRLF:
+    # 12 sessions x 6 MB held 72 MB. Now each session holds at most its reader's buffer.
+    port = limited()
+    sessions = [greet(port) for _ in range(12)]
+    try:
+        for wire in sessions:
+            assert wire.cmd("MAIL FROM:<a@external.test>")[0] == 250
+            assert wire.cmd(f"RCPT TO:<{FORWARD}>")[0] == 250
+            assert wire.cmd("DATA")[0] == 354
+        before = rss_octets()
+        for _ in range(6):
+            for wire in sessions:
+                wire.send(b"z" * 1_000_000)
+        peak = rss_octets()
+        for wire in sessions:
+            code, _ = wire.cmd(b"\r\n.")
+            assert code == 500
+            peak = max(peak, rss_octets())
+        assert peak - before < 30_000_000
+    finally:
+        for wire in sessions:
+            wire.close()
+    assert spooled(box) == 0
 
 
 def test_garbage_never_gets_a_traceback(limited: StartServer) -> None:
