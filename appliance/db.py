@@ -181,7 +181,7 @@ class Database:
                     await self._conn.execute("ROLLBACK")
                     raise
                 else:
-                    await self._on_db_thread(partial(_ride_and_commit, self._rider_work()))
+                    await self._on_db_thread(partial(_ride_and_commit, self._rider_work(), self.counters.committed))
                     self.counters.forget_tick()  # the counters may have moved (ChangeCounters.read_this_tick)
             finally:
                 if not durable:
@@ -195,7 +195,8 @@ class Database:
         group commit). `durable` as for transaction()."""
         async with self._write_lock:
             try:
-                return await self._on_db_thread(partial(_whole_transaction, work, self._rider_work(), durable))
+                return await self._on_db_thread(
+                    partial(_whole_transaction, work, self._rider_work(), self.counters.committed, durable))
             finally:
                 self.counters.forget_tick()  # the counters may have moved (ChangeCounters.read_this_tick)
 
@@ -216,7 +217,7 @@ class Database:
             conn = self._conn._conn
             if not self._conn._running or conn is None:  # as aiosqlite's own calls check
                 raise ValueError("Connection closed")
-            job = partial(_whole_transaction, work, self._rider_work(), durable, conn)
+            job = partial(_whole_transaction, work, self._rider_work(), self.counters.committed, durable, conn)
             self._conn._tx.put_nowait((future, job if gate is None else partial(_after, gate, job)))
 
         def finished(_: asyncio.Future[T]) -> None:
@@ -291,10 +292,12 @@ class Database:
         self.settings_generation += 1
 
 
-def _ride_and_commit(riders: list[Callable[[sqlite3.Connection], None]], conn: sqlite3.Connection) -> None:
+def _ride_and_commit(riders: list[Callable[[sqlite3.Connection], None]],
+                     committed: Callable[[sqlite3.Connection], None], conn: sqlite3.Connection) -> None:
     for work in riders:
         work(conn)
     conn.execute("COMMIT")
+    committed(conn)
 
 
 def _nothing(_: sqlite3.Connection) -> None:
@@ -307,7 +310,7 @@ def _after(gate: tuple[threading.Event, float], job: Callable[[], T]) -> T:
 
 
 def _whole_transaction(work: Callable[[sqlite3.Connection], T], riders: list[Callable[[sqlite3.Connection], None]],
-                       durable: bool, conn: sqlite3.Connection) -> T:
+                       committed: Callable[[sqlite3.Connection], None], durable: bool, conn: sqlite3.Connection) -> T:
     """Database.write on the database's thread."""
     if not durable:
         conn.execute("PRAGMA synchronous=NORMAL")
@@ -315,7 +318,7 @@ def _whole_transaction(work: Callable[[sqlite3.Connection], T], riders: list[Cal
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = work(conn)
-            _ride_and_commit(riders, conn)
+            _ride_and_commit(riders, committed, conn)
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -393,6 +396,24 @@ class ChangeCounters:
             self._tick_loop = loop
             loop.call_soon(self.forget_tick)
         return found.get(name)
+
+    def committed(self, conn: sqlite3.Connection) -> None:
+        """On the database's thread, just after this process's COMMIT on `conn`: the counters as it
+        left them, kept under the WAL-index header read first (as _select does), so the event loop
+        finds them current instead of making a statement of its own. Under imaptest's stress mode
+        every STORE, EXPUNGE and APPEND commits, and the next command's look-up of its mailbox then
+        made that statement on the loop, giving the GIL up (issue 19)."""
+        with self._lock:  # (close() unmaps it)
+            if self._shm is None:  # not mapped yet (the reader's first statement maps it), or no WAL
+                return
+            header = self._shm.raw
+        try:
+            rows = conn.execute("SELECT name, n FROM change_counters").fetchall()
+        except sqlite3.Error:  # not migrated to 0018 yet: the loop reads as before
+            return
+        with self._lock:
+            if self._shm is not None:  # (not closed meanwhile)
+                self._known = (header, {str(name): int(n) for name, n in rows})
 
     def _current(self) -> dict[str, int] | None:
         """The counters last read, if no commit was made since (None: unknown)."""
