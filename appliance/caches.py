@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import heapq
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
+
+from appliance import collector
 
 
 class _Clearable(Protocol):
@@ -45,7 +46,7 @@ def empty() -> None:
         loop = asyncio.get_running_loop()
         _drop_cancelled_timers(loop)
         _fresh_default_executor(loop)
-    gc.collect()
+    collector.collect_all()
 
 
 def _drop_cancelled_timers(loop: asyncio.AbstractEventLoop) -> None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import gc
 import logging
 import os
 from asyncio import selector_events, sslproto
 from typing import Any
 
+from appliance import collector
 from appliance.libc import libc
 from appliance.tasks import cancel_and_wait
 
@@ -161,7 +161,7 @@ class HeapWatch:
         self._low_free = min(self._low_free, free)
         if rss - self._rss_after < self.growth and free - self._low_free < self.growth:
             return False
-        gc.collect()
+        collector.collect()
         release_memory()
         self.trims += 1
         self._rss_after, self._low_free = resident(), free_heap() or 0

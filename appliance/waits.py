@@ -7,7 +7,8 @@ into its queue wait, its run, of which its thread's CPU, and the wake-up of the 
 on the event loop), and the rest, on the loop (its own steps plus the steps of others that were
 ready before it, the GIL and the machine's run queue). Per connection, the time between a tagged
 reply and the client's next command. For the loop thread: its CPU, its run-queue delay (schedstat)
-and its time asleep in select(2).
+and its time asleep in select(2). The cyclic garbage collector's time by generation, and each full
+collection with its start (epoch seconds), length and the command it landed in.
 
 Counters only (time.perf_counter_ns): a few hundred nanoseconds per span. When off, nothing is
 wrapped and `lock()` is a plain asyncio.Lock."""
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import threading
@@ -264,6 +266,29 @@ def install() -> None:
         return await trip("db thread", lambda w: plain_execute(self, w), partial(fn, *args, **kwargs))
 
     aiosqlite.core.Connection._execute = execute  # type: ignore[method-assign]
+    gc.callbacks.append(_collection)
+
+
+_collection_start = [0]
+# The full collections: [epoch seconds at its start, ms, command kind, thread, objects freed, objects
+# frozen (not walked)], the last 200.
+_full: list[list[object]] = []
+
+
+def _collection(phase: str, info: dict[str, int]) -> None:
+    """gc.callbacks: each collection's wall time by generation; the full ones listed with their time,
+    to be matched to a bench's rows (their epoch seconds) and to the command they landed in."""
+    now = time.perf_counter_ns()
+    if phase == "start":
+        _collection_start[0] = now
+        return
+    ns, generation = now - _collection_start[0], info["generation"]
+    add_global(f"gc: generation {generation}", ns)
+    add_global(f"gc: generation {generation} (count)", 1)
+    if generation == 2:
+        _full.append([round(time.time() - ns / 1e9, 3), round(ns / 1e6, 1), current_kind(),
+                      threading.current_thread().name, info["collected"], gc.get_freeze_count()])
+        del _full[:-200]
 
 
 def _schedule_dump() -> None:
@@ -318,7 +343,7 @@ def _write() -> None:
     asleep = _global.get("loop: asleep in select", 0)
     loop = {"loop: wall": wall, "loop: cpu": cpu, "loop: run queue": run_queue,
             "loop: blocked elsewhere (GIL)": wall - cpu - run_queue - asleep, "loop: timeslices": slices}
-    summary = {"commands": _totals, "global": {**_global, **loop}}
+    summary = {"commands": _totals, "global": {**_global, **loop}, "full collections": _full}
     tmp = OUT + ".tmp"
     with open(tmp, "w") as f:
         json.dump(summary, f)

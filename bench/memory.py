@@ -315,6 +315,7 @@ def main() -> None:
     parser.add_argument("--malloc-stats", action="store_true", help="pymalloc's statistics of the server at the end (gdb)")
     parser.add_argument("--probe", action="store_true",
                         help="at the end, which objects are spread over pymalloc's arenas, then clear the lru caches (gdb)")
+    parser.add_argument("--code", type=Path, default=None, help="a checkout whose appliance the box runs (A/B)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="in the server's environment only (PYTHONMALLOC=malloc, MALLOC_ARENA_MAX=1...)")
     args = parser.parse_args()
@@ -330,7 +331,7 @@ def main() -> None:
             print(f"# writing {args.size:,} messages into {folder}", flush=True)
             corpus.write_folder(folder, args.size, READER)
         setup = Setup.make(work, args)
-        with setup.letterbox({READER: folder}) as box:
+        with setup.letterbox({READER: folder}, code=args.code) as box:
             snapshot(box.pid, "ready")
             started = time.monotonic()
             rows = PeakRound(results, "letterbox", box.port("imaps"), args.size, box.pid)

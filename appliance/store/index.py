@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 
 import aiosqlite
 
-from appliance import waits
+from appliance import collector, waits
 from appliance.db import Database
 from appliance.store import maildir
 from appliance.store.dir_watch import DirWatch
@@ -95,7 +95,9 @@ def gc_paused(count: int) -> Iterator[None]:
     and each full collection walks every object the box holds: at 100k messages the collections
     were a third of indexing a folder copied in and of building its snapshot, and grew faster than
     the folder (issue 19: cold SELECT at 100k took 80x the time of 10k). Use it only around code
-    without an await, so nothing else runs long without collections."""
+    without an await, so nothing else runs long without collections. After a step that made BULK
+    objects or more (not a small folder's listing), what is alive is frozen (collector.py): neither
+    the next young collections nor the collector's full ones walk the folder's entries again."""
     global _gc_pauses
     with _gc_lock:
         if count < BULK or (_gc_pauses == 0 and not gc.isenabled()):
@@ -112,21 +114,8 @@ def gc_paused(count: int) -> Iterator[None]:
                 _gc_pauses -= 1
                 if _gc_pauses == 0:
                     if gc.get_count()[0] >= BULK:  # the step made many objects (not a small folder's listing)
-                        promote_to_oldest()
+                        collector.keep_long_lived()
                     gc.enable()
-
-
-def promote_to_oldest() -> None:
-    """Every object the collector tracks into its oldest generation, without a collection. After a
-    bulk step (gc_paused) the young generation holds the step's objects: a folder's entries, which
-    live as long as its index, and temporaries, which reference counting frees. The next two young
-    collections would each walk every one of them: 8 % of the instructions of a first listing and
-    snapshot at 10k, more at 100k, where the walk misses the caches at every object (issue 19).
-    Cyclic garbage that was young meanwhile waits for the next full collection (an unload's is one:
-    caches.empty); hence only after a step that made BULK objects or more, not after every listing. freeze() then unfreeze() is that move: freeze puts every generation into the
-    permanent one, unfreeze puts that into the oldest (CPython 3.11, Modules/gcmodule.c)."""
-    gc.freeze()
-    gc.unfreeze()
 
 
 @dataclass(slots=True, eq=False)

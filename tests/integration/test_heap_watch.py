@@ -6,7 +6,6 @@ for a full collection, and the C memory of their TLS state in glibc's heap: RSS 
 from __future__ import annotations
 
 import asyncio
-import gc
 import socket
 import ssl
 from concurrent.futures import ThreadPoolExecutor
@@ -19,12 +18,13 @@ from appliance.heap import HeapWatch, free_heap, resident
 from tests.conftest import BoxHandle
 from tests.support.flood import connect_from, raise_open_files_limit
 from tests.support.polling import wait_until
+from tests.support.tracked import live_objects
 
 CONNECTIONS = 300
 
 
 def _server_tls_protocols() -> int:
-    return sum(1 for o in gc.get_objects() if isinstance(o, asyncio.sslproto.SSLProtocol))
+    return sum(1 for o in live_objects() if isinstance(o, asyncio.sslproto.SSLProtocol))
 
 
 def _greeted(port: int, context: ssl.SSLContext, source: str) -> ssl.SSLSocket:
@@ -42,7 +42,6 @@ def test_a_burst_of_tls_connections_closed_leaves_no_object_and_its_heap_goes_ba
     raise_open_files_limit()
     port = box.port("imaps")
     sources = [f"127.0.{1 + i // 200}.{2 + i % 200}" for i in range(CONNECTIONS)]
-    gc.collect()
     protocols_before = _server_tls_protocols()
     watch = HeapWatch(growth=8 * 1024 * 1024)
     with ThreadPoolExecutor(max_workers=16) as pool:

@@ -494,33 +494,6 @@ def test_a_listing_leaves_the_collector_on(tmp_path: Path) -> None:
     assert gc.isenabled()
 
 
-def test_a_bulk_step_leaves_its_objects_in_the_oldest_generation() -> None:
-    """index.promote_to_oldest at the end of a pause: what the step made is not walked by the next
-    two young collections (issue 19), and cyclic garbage among it is still freed by a full one."""
-
-    class Held:
-        other: object = None
-
-    with index.gc_paused(index.BULK):
-        made = [Held() for _ in range(index.BULK)]
-        cycle = Held()
-        cycle.other = cycle
-    oldest = {id(o) for o in gc.get_objects(generation=2)}
-    assert all(id(o) in oldest for o in made)
-    assert id(cycle) in oldest
-    assert gc.isenabled()
-    import weakref
-
-    gone = weakref.ref(cycle)
-    del cycle
-    gc.collect()
-    assert gone() is None
-    gc.collect()
-    with index.gc_paused(index.BULK):  # a step that made few objects (a small folder's listing): left young
-        few = Held()
-    assert id(few) not in {id(o) for o in gc.get_objects(generation=2)}
-
-
 def test_a_first_listing_hands_its_columns_to_the_snapshot(tmp_path: Path) -> None:
     """The snapshot after a first listing in columns takes its messages, UIDs and keywords from the
     listing (Change.add_columns, FolderIndex.known): the same values the snapshot would work out,

@@ -5,7 +5,6 @@ unchanged, at their next use. And a restart's first look at an unchanged folder 
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from appliance.store import index, mailboxes, maildir
 from appliance.store.index import Entry
 from appliance.store.mailstore import MailStore
+from tests.support.tracked import live_objects
 from tests.unit.test_mailstore import ALICE, opened
 
 T = TypeVar("T")
@@ -56,8 +56,7 @@ def unload_all(store: MailStore, monkeypatch: pytest.MonkeyPatch) -> int:
 
 
 def live_entries() -> int:
-    gc.collect()
-    return sum(1 for o in gc.get_objects() if type(o) is Entry)
+    return sum(1 for o in live_objects() if type(o) is Entry)
 
 
 def test_an_unwatched_index_is_unloaded_and_loads_again_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
