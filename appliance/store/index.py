@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import compress, islice, repeat
 from operator import add, attrgetter, eq, is_, itemgetter, lt, mul
 from pathlib import Path
@@ -1183,14 +1184,9 @@ def _renumber(db: Database, change: Change, modseq: int) -> None:
         entry.modseq = modseq
     f, uids = change.folder, [e.uid for e in change.added]
 
-    def write(tx: sqlite3.Connection) -> None:
-        tx.executemany("UPDATE messages SET modseq = MAX(modseq, ?) WHERE folder_id = ? AND uid = ?",
-                       [(modseq, f.id, uid) for uid in uids])
-        tx.execute("UPDATE folders SET highestmodseq = MAX(highestmodseq, ?) WHERE id = ?", (modseq, f.id))
-
     async def queue() -> None:
         try:
-            await (await db.write_queued(write, durable=False))
+            await (await db.write_queued(partial(_raise_modseqs, f.id, uids, modseq), durable=False))
         except (sqlite3.Error, ValueError) as exc:  # the db's own failure, or closed at stop
             logging.getLogger("letterbox.store").warning("store: cannot renumber the mod-sequence of new messages: %s", exc)
 
@@ -1276,6 +1272,33 @@ async def commit_queued(db: Database, change: Change) -> asyncio.Future[None]:
     loop.call_soon(change.folder.materialize)  # (after the answer too)
     loop.call_soon(opened.set)
     return done
+
+
+async def reload(db: Database, f: FolderIndex) -> None:
+    """The index read again from the db after a pipelined change failed or missed a file
+    (OpenMailboxes.settle). Memory had that change, and sessions may have been told it with its
+    mod-sequence, which the row lacks: a message whose row has a lower mod-sequence than memory
+    had gets a new one above the folder's highest, in memory and in its row (RFC 7162 3.1: a
+    message's mod-sequence only grows, and going back to the row's flags is a change too)."""
+    told = {uid: e.modseq for uid, e in f.by_uid.items()}
+    f.load(await load_entries(db, f.id))
+    behind = [e.uid for uid, e in f.by_uid.items() if e.modseq < told.get(uid, 0)]
+    if not behind:
+        return
+    modseq = max(f.highestmodseq, f.reserved_modseq) + 1  # (load leaves the highest memory had)
+    for uid in behind:
+        f.by_uid[uid].modseq = modseq
+    f.highestmodseq = modseq
+    f.invalidate()
+    await db.write(partial(_raise_modseqs, f.id, behind, modseq), durable=False)  # (as a flag change: not fsynced)
+
+
+def _raise_modseqs(folder_id: int, uids: list[int], modseq: int, tx: sqlite3.Connection) -> None:
+    """These messages' mod-sequence, and the folder's highest, to `modseq` at least (MAX: a later
+    change of theirs, written first, keeps its own)."""
+    tx.executemany("UPDATE messages SET modseq = MAX(modseq, ?) WHERE folder_id = ? AND uid = ?",
+                   [(modseq, folder_id, uid) for uid in uids])
+    tx.execute("UPDATE folders SET highestmodseq = MAX(highestmodseq, ?) WHERE id = ?", (modseq, folder_id))
 
 
 async def write_unwritten(db: Database, f: FolderIndex) -> None:

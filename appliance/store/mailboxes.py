@@ -345,8 +345,8 @@ class OpenMailboxes:
     async def settle(self, mb: OpenMailbox, f: FolderIndex) -> None:
         """Wait for the folder's pipelined flag changes and expunges (index.commit_pipelined; folder
         lock held); when one of them failed or missed a file, read the index again from the db,
-        which then holds every change that was made: the next listing (load() asks for one) takes
-        the files as they are. New messages being committed are waited for only then (a listing
+        which then holds every change that was made, no message's mod-sequence below what memory
+        had (index.reload): the next listing (load() asks for one) takes the files as they are. New messages being committed are waited for only then (a listing
         skips their names: index.commit_arrivals)."""
         while f.in_flight:
             await asyncio.wait(list(f.in_flight))
@@ -354,7 +354,7 @@ class OpenMailboxes:
             await self.arrived(f)  # their rows would be read and then added again
             f.reload_due = False
             log.info("store: %s: a change could not be made as planned; its index is read again", f.path)
-            f.load(await index.load_entries(self._db, f.id))
+            await index.reload(self._db, f)
             # Sessions may have seen the change that was not made: each looks again at its next command.
             self.changes.changed(mb.key, f.name)
 

@@ -8,11 +8,16 @@ test_disk_full.py's test_a_store_and_an_expunge_the_full_disk_failed_are_seen_as
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,3 +124,64 @@ def test_store_and_expunge_find_files_another_program_renamed_meanwhile(
     assert b"* 2 EXPUNGE\r\n" in other.command(b"n", b"NOOP")
     assert b"* 2 EXISTS\r\n" in opened().command(b"s", b"SELECT INBOX")
     assert set(_flags(other.command(b"u", b"UID FETCH 1:* (FLAGS)"))) == {1, 3}
+
+
+_MODSEQ = re.compile(rb"FETCH \(.*MODSEQ \((\d+)\)")
+
+
+def _modseqs(lines: list[bytes]) -> list[int]:
+    return [int(m.group(1)) for line in lines if (m := _MODSEQ.search(line))]
+
+
+def test_a_session_that_saw_a_pipelined_flag_change_never_sees_its_mod_sequence_go_down(
+        box: BoxHandle, opened: Callable[[], RawImap]) -> None:
+    """A STORE is in memory, and told to the other sessions, before its rename and row are written.
+    When the rename then misses the file (another program moved it, its flags kept), the index is
+    read again from the db, whose row has the message's older mod-sequence: a session that saw the
+    change must not be told that older one (RFC 7162 3.1: a message's mod-sequence only grows; its
+    flags went back, which is a change too). Here the other session's NOOP is the one that reads
+    the index again (it waited for the write, folder lock held), before the STORE's retry."""
+    busy, other = opened(), opened()
+    _append(busy)
+    for raw in (busy, other):
+        assert raw.command(b"e", b"ENABLE CONDSTORE")[-1].startswith(b"e OK")
+        assert raw.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+    [before] = _modseqs(other.command(b"f", b"UID FETCH 1 (FLAGS MODSEQ)"))
+    path = _file(box, 1)
+
+    gate = threading.Event()  # the database's thread waits for it: the STORE's write waits behind
+    db = box.services.store._db
+
+    def nothing(_: sqlite3.Connection) -> None:
+        return None
+
+    blocker = box.run(_queued_behind(db.write_queued(nothing, gate=(gate, 30))))
+    try:
+        busy.send(b"st UID STORE 1 +FLAGS.SILENT (\\Flagged)\r\n")
+        seen: list[int] = []
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:  # the change is in memory: the other session is told
+            seen = _modseqs(other.command(b"n", b"NOOP"))
+        assert seen, "the STORE was not told to the other session"
+        assert seen[-1] > before, seen
+        # Another program moves the file, its flags as they were (the row's).
+        os.rename(path, path.parent.parent / "new" / path.name.split(":")[0])
+        other.send(b"n2 NOOP\r\n")  # waits for the STORE's write, the folder lock held
+        time.sleep(0.5)
+    finally:
+        gate.set()
+    box.run(_ended(blocker))
+    after = other.until_tagged(b"n2")
+    assert all(m >= seen[-1] for m in _modseqs(after)), (seen, after)
+    assert busy.until_tagged(b"st")[-1].startswith(b"st OK")
+    final = other.command(b"f2", b"UID FETCH 1 (FLAGS MODSEQ)")
+    assert _flags(final)[1] == {"\\Flagged"}, final
+    assert all(m > seen[-1] for m in _modseqs(final)), (seen, final)
+
+
+async def _queued_behind(queued: Coroutine[Any, Any, asyncio.Future[None]]) -> asyncio.Future[None]:
+    return await queued
+
+
+async def _ended(future: asyncio.Future[None]) -> None:
+    await future
