@@ -1089,12 +1089,7 @@ async def commit_pipelined(db: Database, change: Change, files: Callable[[], lis
     stamps: list[tuple[int, int]] = []
 
     def write(tx: sqlite3.Connection) -> list[Entry]:
-        stamps.append(maildir.dir_stamp(f.path))
-        done = files()
-        stamps.append(maildir.dir_stamp(f.path))
-        missed = [e for e, ok in zip(entries, done, strict=True) if not ok]
-        if missed:
-            change.leave_out(missed)
+        missed = _files_first(change, files, entries, stamps)
         if change.writes:
             change.write(tx)
         return missed
@@ -1195,6 +1190,21 @@ def _renumber(db: Database, change: Change, modseq: int) -> None:
     task.add_done_callback(_fixups.discard)
 
 
+def _files_first(change: Change, files: Callable[[], list[bool]], entries: Sequence[Entry],
+                 stamps: list[tuple[int, int]]) -> list[Entry]:
+    """On the database's thread, before the change's rows: `files()` between two stamps of the
+    folder's directories (appended to `stamps`, for FolderIndex.changed_by_us); the entries whose
+    file it did not find, their changes left out. commit_with_files' and commit_pipelined's."""
+    path = change.folder.path
+    stamps.append(maildir.dir_stamp(path))
+    done = files()
+    stamps.append(maildir.dir_stamp(path))
+    missed = [e for e, ok in zip(entries, done, strict=True) if not ok]
+    if missed:
+        change.leave_out(missed)
+    return missed
+
+
 async def commit_with_files(db: Database, change: Change, files: Callable[[], list[bool]], entries: Sequence[Entry], *,
                             durable: bool) -> list[Entry]:
     """commit() of a change whose files `files()` renames or unlinks on the database's thread, just
@@ -1210,12 +1220,7 @@ async def commit_with_files(db: Database, change: Change, files: Callable[[], li
     stamps: list[tuple[int, int]] = []
 
     def first() -> None:
-        stamps.append(maildir.dir_stamp(f.path))
-        done = files()
-        stamps.append(maildir.dir_stamp(f.path))
-        missed.extend(e for e, ok in zip(entries, done, strict=True) if not ok)
-        if missed:
-            change.leave_out(missed)
+        missed.extend(_files_first(change, files, entries, stamps))
 
     await commit(db, [change], first=first, durable=durable)
     if not missed:  # (a file not found: another program changed the folder, a listing is due)
