@@ -120,11 +120,6 @@ class Shared:
             self.count += 1
 
 
-# Found at the end of the stop of 2026-11-30 and not yet understood: in about 1 run of 4 (1 of 12 on the code
-# before that stop's store changes) INBOX is empty after the restart, every UID in the `expunged` table with
-# mod-sequences spread over the run, though the changers expunged only some: messages no client asked to
-# expunge were removed during the run. Non-strict, so CI stays green while it is open; the assertions stand.
-@pytest.mark.xfail(strict=False, reason="open: messages nobody expunged are found expunged in some runs (issue 19 note)")
 def test_sigkill_during_appends_flag_changes_and_expunges_keeps_every_acknowledged_uid(served_box: ServedBox) -> None:
     served_box.add_user(ALICE, PASSWORD)
     shared = Shared()
@@ -163,6 +158,9 @@ def test_sigkill_during_appends_flag_changes_and_expunges_keeps_every_acknowledg
     for uid, who in shared.by_uid.items():
         if uid in shared.gone:
             assert uid not in now, f"UID {uid} came back after its acknowledged expunge"
+        elif uid in shared.claimed:
+            # Its UID EXPUNGE was sent and the kill came before the OK: made or not, both are right.
+            assert now.get(uid) in (None, who), f"UID {uid}: acknowledged for {who}, now {now.get(uid)}"
         else:
             assert now.get(uid) == who, f"UID {uid}: acknowledged for {who}, now {now.get(uid)}"
     for uid, who in now.items():
