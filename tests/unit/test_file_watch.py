@@ -5,7 +5,10 @@ named the file, its directory went, or the directory at the path is another one.
 from __future__ import annotations
 
 import os
+import shutil
+import textwrap
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,17 +16,15 @@ import pytest
 
 from appliance.store.file_watch import FileWatch
 from appliance.store.message_cache import FileStamp, stamp_of
+from tests.support.inotify import overflow, run_with_watch_limit
 
 FOLDER = 7
 
 
 @pytest.fixture
 def watch() -> Iterator[FileWatch]:
-    w = FileWatch()
-    try:
+    with closing(FileWatch()) as w:
         yield w
-    finally:
-        w.close()
 
 
 def folder(root: Path, count: int = 3) -> list[tuple[int, str]]:
@@ -41,9 +42,10 @@ def rows(files: list[tuple[int, str]]) -> dict[int, tuple[FileStamp, str]]:
     return {uid: (stamp_of(os.stat(path)), f"row {uid}") for uid, path in files}
 
 
-def check(watch: FileWatch, files: list[tuple[int, str]], known: dict[int, tuple[FileStamp, str]]) -> set[int]:
+def check(watch: FileWatch, files: list[tuple[int, str]], known: dict[int, tuple[FileStamp, str]],
+          folder_id: int = FOLDER) -> set[int]:
     """One check as fetch_cache._current makes it: the UIDs trusted without a stat."""
-    with watch.check(FOLDER) as c:
+    with watch.check(folder_id) as c:
         trusted, rest = c.split(files, known)
         for uid, path, found in rest:
             try:
@@ -202,3 +204,59 @@ def test_high_uids_cost_marks_only_for_their_span(tmp_path: Path, watch: FileWat
     assert check(watch, files, known) == {uid for uid, _ in files}
     marks = watch._folders[FOLDER].marks  # the memory this is about
     assert len(marks) <= 16
+
+
+def test_an_overflowed_queue_drops_every_folders_marks(tmp_path: Path, watch: FileWatch) -> None:
+    """Events lost to an overflow may have named any watched file: every folder is checked again."""
+    files, others = folder(tmp_path / "a"), folder(tmp_path / "b")
+    known, other_rows = rows(files), rows(others)
+    for _ in range(2):
+        check(watch, files, known)
+        check(watch, others, other_rows, FOLDER + 1)
+    assert check(watch, files, known) == {1, 2, 3}
+    overflow(tmp_path / "b" / "cur")  # (no file of either folder named)
+    assert check(watch, files, known) == set()
+    assert check(watch, files, known) == {1, 2, 3}
+    assert check(watch, others, other_rows, FOLDER + 1) == set()
+    assert check(watch, others, other_rows, FOLDER + 1) == {1, 2, 3}
+
+
+def test_a_directory_removed_and_made_again_is_watched_anew(tmp_path: Path, watch: FileWatch) -> None:
+    """cur/ removed with its files and made again with the same names, sizes and times (the inodes
+    may well be the old ones): nothing is trusted before a stat, and the new directory is watched."""
+    files = folder(tmp_path)
+    times = {path: os.stat(path).st_mtime_ns for _, path in files}
+    check(watch, files, rows(files))
+    assert check(watch, files, rows(files)) == {1, 2, 3}
+    shutil.rmtree(tmp_path / "cur")
+    assert folder(tmp_path) == files
+    for path, mtime in times.items():
+        os.utime(path, ns=(mtime, mtime))
+    known = rows(files)
+    assert check(watch, files, known) == set()
+    assert check(watch, files, known) == {1, 2, 3}
+    with open(files[0][1], "r+b") as f:  # in place: only the new directory's watch can tell
+        f.write(b"Subject: 9")
+    assert check(watch, files, known) == {2, 3}
+
+
+def test_without_inotify_watches_left_rows_are_checked_by_a_stat(tmp_path: Path) -> None:
+    """inotify's watch limit reached (one watch allowed: the first folder's cur/): the second
+    folder's rows are checked by a stat every time, the first's are trusted as before."""
+    folder(tmp_path / "a")
+    folder(tmp_path / "b")
+    out = run_with_watch_limit(1, textwrap.dedent(f"""
+        import logging, os
+        from pathlib import Path
+        from appliance.store.file_watch import FileWatch
+        from tests.unit.test_file_watch import check, rows
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        def listed(sub):
+            cur = Path({str(tmp_path)!r}) / sub / "cur"
+            return [(uid, str(cur / name)) for uid, name in enumerate(sorted(os.listdir(cur)), 1)]
+        watch = FileWatch()
+        a, b = listed("a"), listed("b")
+        for _ in range(3):
+            print(sorted(check(watch, a, rows(a), 1)), sorted(check(watch, b, rows(b), 2)))
+    """))
+    assert out.splitlines() == ["[] []", "[1, 2, 3] []", "[1, 2, 3] []"]
