@@ -29,80 +29,32 @@ file good after that event.
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import logging
 import os
-import struct
 import threading
 from array import array
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
-from appliance.libc import libc
+from appliance.store.inotify import (
+    IN_ATTRIB,
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_MODIFY,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    FolderWatches,
+    WatchedFolder,
+)
 
-log = logging.getLogger("letterbox.store")
-
-# <sys/inotify.h>
-IN_MODIFY = 0x2
-IN_ATTRIB = 0x4
-IN_MOVED_FROM = 0x40
-IN_MOVED_TO = 0x80
-IN_CREATE = 0x100
-IN_DELETE = 0x200
-IN_DELETE_SELF = 0x400
-IN_MOVE_SELF = 0x800
-IN_Q_OVERFLOW = 0x4000
-IN_IGNORED = 0x8000
-IN_ONLYDIR = 0x1000000
-IN_NONBLOCK = os.O_NONBLOCK
-IN_CLOEXEC = os.O_CLOEXEC
-_WATCHED = IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
-_DIR_GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED
-_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
-
-MAX_FOLDERS = 32  # folders watched at once (two watches each), the least recently checked go first
 MAX_DIRTY = 4096  # paths named by events and not yet matched again, per folder, before it is all re-checked
 # The marks are 8 octets per UID from the folder's lowest marked UID to its highest: a folder whose UIDs
 # span more (a million messages, or UIDs far apart) has those above checked by a stat. A Maildir taken
 # from a long-lived server often has high UIDs (UIDNEXT in the hundreds of thousands for a few thousand
 # messages): counting from 0 would have cost 8 octets for every UID ever given.
 MAX_TRACKED_SPAN = 1 << 20
-
-
-
-def inotify_open() -> int | None:
-    """A non-blocking inotify instance, or None where inotify is not to be had."""
-    try:
-        fd = libc().inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-    except (OSError, AttributeError):
-        return None
-    return fd if fd >= 0 else None
-
-
-def inotify_watch(fd: int, directory: str | os.PathLike[str], mask: int) -> int:
-    """The watch descriptor of `directory` (only a directory) on the instance `fd`; raises OSError."""
-    wd: int = libc().inotify_add_watch(fd, os.fsencode(directory), mask | IN_ONLYDIR)
-    if wd < 0:
-        raise OSError(ctypes.get_errno(), "inotify_add_watch")
-    return wd
-
-
-def inotify_events(fd: int) -> Iterator[tuple[int, int, bytes]]:
-    """(watch descriptor, mask, name) of each event queued on `fd`, never waiting for more. Raises
-    OSError when the events cannot be read."""
-    while True:
-        try:
-            data = os.read(fd, 1 << 16)
-        except BlockingIOError:
-            return
-        at = 0
-        while at + _EVENT.size <= len(data):
-            wd, mask, _, length = _EVENT.unpack_from(data, at)
-            yield wd, mask, data[at + _EVENT.size:at + _EVENT.size + length].rstrip(b"\0")
-            at += _EVENT.size + length
 
 
 _Row = TypeVar("_Row", bound=tuple[Any, ...])  # a row with the stamp of its file first
@@ -119,45 +71,33 @@ class Located(Protocol):
     def filename(self) -> str: ...
 
 
-class _Folder:
-    """What is known of one folder's files (by the folder's row id, never reused)."""
+class _Folder(WatchedFolder):
+    """What is known of one folder's files (its watched directories by path)."""
 
-    __slots__ = ("base", "dirs", "dirty", "epoch", "lock", "marks")
+    __slots__ = ("base", "dirty", "epoch", "lock", "marks")
 
     def __init__(self) -> None:
+        super().__init__()
         self.lock = threading.Lock()  # one check at a time (see the module's docstring)
-        self.dirs: dict[str, tuple[int, int, int]] = {}  # watched directory -> (wd, st_dev, st_ino)
         self.marks = array("q")  # by UID - base: _mark of the last stat that matched its row; 0 none
         self.base = 0  # the UID of marks[0]
         self.dirty: dict[str, int] = {}  # path -> the drain that last saw an event name it
         self.epoch = 0  # raised whenever the marks are dropped: a check begun before commits none
 
 
-class FileWatch:
+class FileWatch(FolderWatches[_Folder]):
     """The inotify watches of the folders whose rows the box checks (one instance, opened at first
     use, for the whole box). Thread-safe: checks run in worker threads."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._fd: int | None = None
-        self._broken = False  # inotify is not to be had here: every row is checked by a stat
-        self._folders: OrderedDict[int, _Folder] = OrderedDict()
-        self._wds: dict[int, tuple[int, str]] = {}  # wd -> (folder id, directory)
-        self._drains = 0
+    mask = IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
+    fallback = "message files are checked by a stat"
 
     @contextmanager
     def check(self, folder_id: int) -> Iterator[FolderCheck]:
         """One check of rows against files of a folder: `split` them, stat the rest, report the
         matches (`matched`); they are marked when the block ends without an error."""
         with self._lock:
-            folder = None
-            if self._open() is not None:
-                folder = self._folders.get(folder_id)
-                if folder is None:
-                    folder = self._folders[folder_id] = _Folder()
-                    while len(self._folders) > MAX_FOLDERS:
-                        self._forget(*self._folders.popitem(last=False))
-                self._folders.move_to_end(folder_id)
+            folder = self._use(folder_id)
         if folder is None:
             yield FolderCheck(self, folder_id, None, 0, 0)
             return
@@ -184,37 +124,18 @@ class FileWatch:
                     marks[uid - base] = 0
             folder.epoch += 1
 
-    def close(self) -> None:
-        with self._lock:
-            self._close()
-
     # --- for FolderCheck ----------------------------------------------------------------------------
 
     def watch(self, folder_id: int, folder: _Folder, dirs: Iterable[str]) -> None:
         """Watch these directories of the folder (before its files are stat'ed: a change after the
-        stat is then an event)."""
+        stat is then an event). A directory that cannot be (not there, no watch left) is not: its
+        rows stay checked by a stat."""
         with self._lock:
             if self._fd is None or self._folders.get(folder_id) is not folder:
                 return
             for directory in dirs:
-                if directory in folder.dirs:
-                    continue
-                try:
-                    wd = inotify_watch(self._fd, directory, _WATCHED)
-                    st = os.stat(directory)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOSPC, errno.ENOMEM):
-                        log.info("store: no more inotify watches (%s): message files are checked by a stat", exc)
-                    continue  # (a directory that is not there: nothing in it to trust)
-                owner = self._wds.get(wd)
-                if owner is not None and owner != (folder_id, directory):
-                    # The same directory under another name (a folder renamed): watched for this one now.
-                    other = self._folders.get(owner[0])
-                    if other is not None:
-                        other.dirs.pop(owner[1], None)
-                        _reset(other)
-                self._wds[wd] = (folder_id, directory)
-                folder.dirs[directory] = (wd, st.st_dev, st.st_ino)
+                if directory not in folder.dirs:
+                    self._watch(folder_id, folder, directory, directory)
 
     def commit(self, folder_id: int, folder: _Folder, drain: int, epoch: int,
                matched: Sequence[tuple[int, FilePath, tuple[int, int, int]]]) -> None:
@@ -244,90 +165,30 @@ class FileWatch:
 
     # --- internals -------------------------------------------------------------------------------------
 
-    def _open(self) -> int | None:
-        if self._fd is None and not self._broken:
-            self._fd = inotify_open()
-            if self._fd is None:
-                log.info("store: inotify is not available: message files are checked by a stat")
-                self._broken = True
-        return self._fd
+    def _new_folder(self) -> _Folder:
+        return _Folder()
 
-    def _drain(self) -> None:
-        """Read the events there are (never waiting); under self._lock."""
-        fd = self._fd
-        if fd is None:
-            return
-        self._drains += 1
-        drain = self._drains
-        try:
-            for wd, mask, name in inotify_events(fd):
-                self._event(wd, mask, name, drain)
-        except OSError:
-            log.warning("store: the inotify events cannot be read: message files are checked by a stat", exc_info=True)
-            self._close()
+    def _invalidated(self, folder: _Folder) -> None:
+        _reset(folder)
 
-    def _event(self, wd: int, mask: int, name: bytes, drain: int) -> None:
-        if mask & IN_Q_OVERFLOW:
-            for each in self._folders.values():
-                _reset(each)
-            return
-        owner = self._wds.get(wd)
-        if owner is None:
-            return
-        folder = self._folders.get(owner[0])
-        if mask & _DIR_GONE:
-            del self._wds[wd]
-            if folder is not None:
-                folder.dirs.pop(owner[1], None)
-                _reset(folder)
-            if not mask & IN_IGNORED and self._fd is not None:
-                libc().inotify_rm_watch(self._fd, wd)
-        elif folder is not None and name:
-            folder.dirty[owner[1] + "/" + os.fsdecode(name)] = drain
-            if len(folder.dirty) > MAX_DIRTY:
-                _reset(folder)
-
-    def _close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._broken = True
-        for folder in self._folders.values():
+    def _named(self, folder: _Folder, key: str, mask: int, name: bytes) -> None:
+        folder.dirty[key + "/" + os.fsdecode(name)] = self._drains
+        if len(folder.dirty) > MAX_DIRTY:
             _reset(folder)
-        self._folders.clear()
-        self._wds.clear()
 
     def _same_dirs(self, folder_id: int, folder: _Folder) -> None:
         """Drop the watched directories that are no longer at their paths (a folder's directory
         replaced by another without an event on it: its parent renamed), and the folder's marks
         with them. Outside self._lock: two stats."""
-        gone = []
-        for directory, (wd, dev, ino) in list(folder.dirs.items()):
-            try:
-                st = os.stat(directory)
-                if (st.st_dev, st.st_ino) == (dev, ino):
-                    continue
-            except OSError:
-                pass
-            gone.append((directory, wd))
+        watched = dict(folder.dirs)
+        gone = self.replaced(watched, {directory: directory for directory in watched})
         if not gone:
             return
         with self._lock:
-            for directory, wd in gone:
-                if folder.dirs.pop(directory, None) is not None and self._wds.get(wd) == (folder_id, directory):
-                    del self._wds[wd]
-                    if self._fd is not None:
-                        libc().inotify_rm_watch(self._fd, wd)
+            for directory in gone:
+                if folder.dirs.pop(directory, None) is not None:
+                    self._unwatch(folder_id, directory, watched[directory][0])
             _reset(folder)
-
-    def _forget(self, folder_id: int, folder: _Folder) -> None:
-        for directory, (wd, _, _) in folder.dirs.items():
-            if self._wds.get(wd) == (folder_id, directory):
-                del self._wds[wd]
-                if self._fd is not None:
-                    libc().inotify_rm_watch(self._fd, wd)
-        folder.dirs.clear()
-        _reset(folder)
 
 
 def _mark(directory: str, name: str, stamp: tuple[int, int, int]) -> int:
