@@ -169,6 +169,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from appliance.app import StartupError, serve_forever
 
+    # The appliance's unit has UMask=0077; `make run` has the shell's (often 022). Every file the box
+    # makes is its user's alone either way: an upload, a backup's snapshot, a temporary file.
+    os.umask(0o077)
     config = ServeConfig(
         data=DataLayout(Path(args.data)),
         listen=args.listen,

@@ -14,6 +14,7 @@ from cryptography import x509
 
 from appliance.config import DataLayout
 from tests.conftest import LETTERBOX, ServedBox, pick_port_offset
+from tests.support.umask import umask
 
 
 def test_serve_listens_and_stops_on_sigterm_within_5s(served_box: ServedBox) -> None:
@@ -28,6 +29,21 @@ def test_serve_listens_and_stops_on_sigterm_within_5s(served_box: ServedBox) -> 
     code = served_box.stop(signal.SIGTERM)
     assert time.monotonic() - started < 5
     assert code == 0
+
+
+def test_serve_makes_its_files_private_whatever_the_shells_umask(tmp_path: Path, ca: trustme.CA) -> None:
+    """`make run` starts the box with the shell's umask (often 022), the appliance's unit with 0077:
+    the box takes 0077 itself, so what it makes without a mode of its own (an upload, a snapshot, a
+    temporary file) is as private under either."""
+    box = ServedBox(tmp_path, ca)
+    with umask(0o022):
+        box.start()
+    try:
+        assert box.proc is not None
+        status = Path(f"/proc/{box.proc.pid}/status").read_text()
+        assert "\nUmask:\t0077\n" in status
+    finally:
+        box.stop()
 
 
 def test_first_start_makes_a_self_signed_certificate(tmp_path: Path) -> None:

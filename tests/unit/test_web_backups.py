@@ -13,6 +13,7 @@ import pytest
 from appliance import backup
 from tests.conftest import require_program
 from tests.support.polling import wait_until
+from tests.support.umask import umask
 from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, WebClient, web_client
 
 
@@ -182,6 +183,18 @@ def test_uploaded_backup_shows_its_manifest_then_puts_one_mailbox_back(web: WebC
     assert status["job"]["kind"] == "restore"
     assert not status["job"]["running"]
     assert status["job"]["percent"] == 100
+
+
+def test_an_uploaded_backup_is_the_box_users_alone_whatever_the_umask(web: WebClient, tmp_path: Path) -> None:
+    """It holds the password hashes and the DKIM keys (encrypted), and waits beside the data directory
+    for its confirmation: `make run` has the shell's umask, not the appliance unit's 0077."""
+    file, kit = _uploaded_backup(web, tmp_path)
+    with umask(0o022):
+        page = web.client.post("/console/backups/upload", data={"csrf": web.csrf("/console/backups"), "secret": kit},
+                               files={"backup": (file.name, file.read_bytes())})
+    assert page.status_code == 200, page.text
+    [pending] = web.services.backups.pending.values()
+    assert pending.path.stat().st_mode & 0o777 == 0o600
 
 
 def _token(page: str) -> str:

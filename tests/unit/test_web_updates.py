@@ -16,6 +16,7 @@ import pytest
 from appliance import bundle, cli
 from appliance.update import running_version
 from tests.support.releases import build_wheel
+from tests.support.umask import umask
 from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, ALICE_PASSWORD, WebClient, logged_in
 
 
@@ -57,12 +58,14 @@ def test_the_running_version_is_shown(web: WebClient) -> None:
 
 
 def test_a_newer_bundle_is_handed_to_letterbox_update(web: WebClient, bundles: dict[str, Path]) -> None:
-    page = upload(web, bundles["99.0.0"])
+    with umask(0o022):  # (`make run`'s, from the shell): the upload is the box user's alone all the same
+        page = upload(web, bundles["99.0.0"])
     assert "Letterbox 99.0.0 is being installed" in page
     assert 'id="update-job"' in page  # the page reloads itself until the outcome is there
     incoming = updates_dir(web) / "incoming.tar"
     assert incoming.read_bytes() == bundles["99.0.0"].read_bytes()
-    assert incoming.stat().st_mode & 0o077 == 0 or (updates_dir(web).stat().st_mode & 0o077) == 0
+    assert incoming.stat().st_mode & 0o777 == 0o600
+    assert updates_dir(web).stat().st_mode & 0o777 == 0o700
     assert [p.name for p in updates_dir(web).iterdir()] == ["incoming.tar"]  # no upload left behind
     events = web.run(web.services.events.recent, 10)
     assert any("Letterbox 99.0.0 uploaded" in str(e) for e in events)

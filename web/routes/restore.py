@@ -24,6 +24,7 @@ from starlette.routing import Route
 from appliance import backup, setup_code
 from web.pages import admin, flash, peer, read_form, redirect, render, require, services
 from web.security import CSRF_FIELD, csrf_ok
+from web.uploads import save_private
 
 MAX_UPLOAD = 256 * 1024**3  # a backup is one file of any size a disk holds; it is streamed to disk
 MAX_SECRET = 4096
@@ -106,13 +107,7 @@ async def _read_upload(request: Request) -> tuple[dict[str, str], Path | None]:
         await form.close()
         return values, None
     target = backup.upload_path(services(request).config.data.root)
-
-    def save(src: Any) -> None:
-        src.seek(0)
-        with open(target, "xb") as out:
-            shutil.copyfileobj(src, out, 1024 * 1024)
-
-    await asyncio.to_thread(save, upload.file)
+    await asyncio.to_thread(save_private, upload.file, target)
     await upload.close()
     return values, target
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import shutil
 from pathlib import Path
-from typing import Any
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -20,6 +18,7 @@ from starlette.routing import Route
 from appliance import bundle, update
 from web.pages import admin, flash, redirect, render, require, services
 from web.security import CSRF_FIELD, csrf_ok
+from web.uploads import save_private
 
 MAX_UPLOAD = bundle.MAX_BYTES + 1024 * 1024  # the bundle plus the form around it
 
@@ -49,13 +48,8 @@ async def _save_upload(request: Request, folder: Path) -> Path | None:
             return None
         target = folder / f".upload-{secrets.token_hex(4)}"
 
-        def save(src: Any) -> None:
-            folder.mkdir(mode=0o700, exist_ok=True)
-            src.seek(0)
-            with open(target, "xb") as out:
-                shutil.copyfileobj(src, out, 1024 * 1024)
-
-        await asyncio.to_thread(save, upload.file)
+        await asyncio.to_thread(folder.mkdir, mode=0o700, exist_ok=True)
+        await asyncio.to_thread(save_private, upload.file, target)
         return target
     finally:
         await form.close()
