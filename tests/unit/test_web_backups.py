@@ -94,6 +94,26 @@ def test_wizard_first_screen_offers_the_restore_and_asks_the_setup_code(tmp_path
         assert not [p for p in (tmp_path).iterdir() if ".upload-" in p.name]
 
 
+def test_the_wizards_restore_page_shows_only_the_current_error(tmp_path: Path) -> None:
+    """A restore that failed, then a new try with a wrong setup code: the page says the code is wrong,
+    not that and the earlier restore's error beside it."""
+    with web_client(tmp_path / "data") as client:
+        code = client.setup_code()
+        token = client.csrf("/setup/restore")
+        client.client.post("/setup/restore", data={"csrf": token, "code": code, "secret": "a passphrase"},
+                           files={"backup": ("b.tar.zst.age", b"not a backup")})
+        failed = wait_until(lambda: (job := client.services.backups.current) and not job.running and job.error,
+                            seconds=30, what="the restore failed")
+        page = client.get("/setup/restore").text
+        assert 'id="restore-error"' in page  # (the failure is shown until a newer try)
+        wrong = client.client.post("/setup/restore", data={"csrf": token, "code": "AAAA-BBBB-CCCC", "secret": "x"},
+                                   files={"backup": ("b.tar.zst.age", b"not a backup")}, follow_redirects=True)
+        assert "not this box&#39;s setup code" in wrong.text
+        assert 'id="restore-error"' not in wrong.text
+        assert str(failed) not in wrong.text
+        assert wrong.text.count('class="flash') == 1
+
+
 def test_daily_schedule_runs_and_shows_on_the_status_page(web: WebClient, tmp_path: Path) -> None:
     web.run(backup.make_key, web.services.db, web.services.events, "x")
     usb = tmp_path / "usb"
