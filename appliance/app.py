@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from appliance import backup, collector, setup_code, systemd_notify, waits, web_server
+from appliance import accept_errors, backup, collector, setup_code, systemd_notify, waits, web_server
 from appliance.accounts import Accounts
 from appliance.admin import Admin
 from appliance.auth import Auth
@@ -349,6 +349,7 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    put_back_handler = accept_errors.install(loop)  # out of descriptors: a line a minute per listener
     data_lock = DataDirLock(config.data.root)
     fix_mmap_threshold()  # before the heap grows (issue 19: RSS after the 100k run)
     break_transport_cycles()  # a closed connection's objects freed at once, not at a full collection
@@ -383,6 +384,7 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
         data_lock.release()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        put_back_handler()
 
 
 async def _start(config: ServeConfig, stop: asyncio.Event, announce: Callable[[str], None]) -> Box:
