@@ -57,6 +57,12 @@ MAX_CONNECTIONS_PER_CLIENT = 32
 # ports' implicit TLS does: counted from the accept, capped per client, and bounded.
 TLS_HANDSHAKE_SECONDS = 10.0
 TLS_HANDSHAKE_BUSY_SECONDS = 5.0
+# Slow bodies (Apache's mod_reqtimeout: body=20,MinRate=500): a request's body must keep coming once its
+# head is in, or one client sending a byte every few seconds holds its slot for days (a 256 KiB login form
+# at a byte per 2 s: 6 days), and 200 of them every slot. The head's REQUEST_HEAD_SECONDS are extended by a
+# second for every BODY_MIN_RATE octets of body received; time the box itself stops reading (flow control:
+# the console is slow to take an upload) does not count.
+BODY_MIN_RATE = 500
 
 log = logging.getLogger("letterbox.web")
 
@@ -109,6 +115,10 @@ class _GuardedH11(H11Protocol):
 
     _head_timer: asyncio.TimerHandle | None = None
     _handshake: asyncio.Task[None] | None = None
+    # The request whose body is arriving, from when (loop time) and how many octets of it came since.
+    _body_of: object = None
+    _body_since = 0.0
+    _body_octets = 0
     # What the TLS layer passes on with the handshake's last flight (a browser sends its request at once),
     # which can come before start_tls has returned and h11 knows the connection.
     _early: bytearray | None = None
@@ -175,7 +185,11 @@ class _GuardedH11(H11Protocol):
         if self._early is not None:
             self._early += data
             return
+        if self.cycle is not None and self.cycle is self._body_of:
+            self._body_octets += len(data)
         super().data_received(data)
+        if self.cycle is not None and self.cycle is not self._body_of:  # a new request's head is in
+            self._body_of, self._body_since, self._body_octets = self.cycle, self.loop.time(), 0
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -199,6 +213,17 @@ class _GuardedH11(H11Protocol):
         self._head_timer = None
         if self.cycle is None or self.cycle.response_complete:  # no request being answered: none came whole
             self.transport.close()
+        elif self.cycle.more_body:  # its body is still coming
+            now = self.loop.time()
+            if self.flow.read_paused:  # we are not reading: the client is not late
+                self._body_since, self._body_octets = now, 0
+                self._arm(REQUEST_HEAD_SECONDS)
+                return
+            left = self._body_since + REQUEST_HEAD_SECONDS + self._body_octets / BODY_MIN_RATE - now
+            if left > 0:
+                self._arm(left)
+            else:
+                self.transport.close()
 
 
 class WebListener:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import time
 
 import httpx
 import pytest
@@ -119,6 +120,44 @@ def test_a_request_head_that_never_ends_is_cut_off(box: BoxHandle, monkeypatch: 
         sock.close()
     response = httpx.get(f"http://localhost:{box.port('http')}/x")  # a whole request is answered
     assert response.status_code == 301
+
+
+def _posting(box: BoxHandle, length: int) -> ssl.SSLSocket:
+    """A TLS connection that sent a form POST's whole head, announcing `length` octets of body."""
+    raw = socket.create_connection(("127.0.0.1", box.port("https")), timeout=5)
+    sock = box.client_context.wrap_socket(raw, server_hostname="localhost")
+    sock.sendall(b"POST /setup/1 HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                 b"Content-Length: %d\r\n\r\n" % length)
+    return sock
+
+
+def test_a_request_body_that_trickles_is_cut_off_and_one_that_flows_is_answered(
+        box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a request's head was in, nothing timed its body: a client sending a byte every 2 s held its
+    slot as long as its Content-Length allowed (a 256 KiB form: 6 days), and 200 such every slot. The
+    body now gets the head's time plus a second per BODY_MIN_RATE octets (Apache's mod_reqtimeout)."""
+    monkeypatch.setattr(web_server, "REQUEST_HEAD_SECONDS", 1.0)
+    with _posting(box, 100_000) as slow:
+        slow.settimeout(0.25)
+        started = time.monotonic()
+        answer = b"open"
+        while time.monotonic() - started < 15:
+            try:
+                slow.sendall(b"a")
+                answer = slow.recv(4096)
+                break
+            except TimeoutError:
+                continue
+            except OSError:  # reset
+                answer = b""
+                break
+        assert answer == b"", answer  # closed without an answer
+        assert time.monotonic() - started < 5
+    with _posting(box, 12_000) as steady:  # 4,000 octets a second for 3 s, past the head's second
+        for _ in range(6):
+            steady.sendall(b"a" * 2_000)
+            time.sleep(0.5)
+        assert steady.recv(4096).startswith(b"HTTP/1.1 ")
 
 
 def test_one_client_holds_a_few_connections_and_others_are_served(
