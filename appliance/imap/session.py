@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Generic, Literal, Protocol, TypeVar
 
 from appliance.auth import Refused
-from appliance.disk_full import DISK_FULL_TEXT, room_for
+from appliance.disk_full import DISK_FULL_TEXT, is_disk_full, room_for
 from appliance.imap import fetch_cache, names
 from appliance.imap.catenate import extract, parse_url
 from appliance.imap.commands import (
@@ -118,6 +118,7 @@ SEEN = "\\Seen"
 RECENT_FLAG = frozenset({"\\Recent"})
 # Commands after which the selected folder is another or none: no point bringing the old one up to date.
 LEAVES_FOLDER = frozenset({"SELECT", "EXAMINE", "UNSELECT", "CLOSE", "LOGOUT"})
+POLLS = frozenset({"NOOP", "CHECK"})  # always OK (RFC 3501 6.1.2, 6.4.1): their look at the folder is their own
 DELETED = "\\Deleted"
 LIST_ON_LOOP = 2000  # names times patterns a LIST matches on the event loop; more go to a thread
 SEARCH_ON_LOOP = 1000  # messages an index-only SEARCH checks on the event loop; more go to a thread
@@ -177,6 +178,7 @@ class ImapSession:
         self.scanned = 0  # messages SEARCH read from their files (not answered by the full-text index)
         self._notify_fired: set[str] = set()  # their watchers that fired during IDLE
         self._id_logged = False
+        self._poll_failed = False  # a NOOP's or CHECK's look failed on a full disk, logged (_polled)
 
     # --- greeting and capabilities -----------------------------------------------------------------
 
@@ -215,7 +217,7 @@ class ImapSession:
                 if any(command.name in t for t in DISPATCH.values()):
                     raise ImapBad(f"{command.name} is not allowed now")
                 raise ImapBad(f"Unknown command {command.name}")
-            if self.state == "selected" and command.name not in LEAVES_FOLDER:
+            if self.state == "selected" and command.name not in LEAVES_FOLDER and command.name not in POLLS:
                 # A look at the folder that cannot be written (a full disk) is this command's NO.
                 with store_errors(command.name):
                     await self.sync(allow_expunge=_may_expunge(command))
@@ -248,10 +250,29 @@ class ImapSession:
         await self.ok(command)
 
     async def cmd_noop(self, command: Command) -> None:
-        # NOOP is how a client polls (RFC 3501 6.1.2): look at the disk too, for changes another
-        # program made to the Maildir (they do not wake the watcher).
+        await self._polled(command)
+
+    async def _polled(self, command: Command) -> None:
+        """NOOP's and CHECK's answer: how a client polls (RFC 3501 6.1.2, 6.4.1), looking at the disk
+        too, for changes another program made to the Maildir (they do not wake the watcher). Always
+        OK: a look that finds a change on the disk commits it as it reads the folder (another
+        program's rename, or the files of a STORE whose rows a full disk refused), and a full disk
+        refusing that write is not the poll's failure. The updates stay owed to the next command;
+        the session logs it once until a look succeeds again."""
         self._dirty = True
-        await self.ok(command)
+        try:
+            await self.ok(command)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            self._dirty = True  # (cleared by the look that failed)
+            if not self._poll_failed:
+                self._poll_failed = True
+                log.warning("IMAP %s: the changes found in the folder cannot be written (%s): told at a later"
+                            " command", command.name, exc)
+            await self.io.send(Tagged(command.tag, "OK", f"{command.name} completed"))
+            return
+        self._poll_failed = False
 
     async def cmd_logout(self, command: Command) -> None:
         self._unselect()
@@ -701,8 +722,7 @@ class ImapSession:
         return self.selected
 
     async def cmd_check(self, command: Command) -> None:
-        self._dirty = True  # as NOOP (RFC 3501 6.4.1)
-        await self.ok(command)
+        await self._polled(command)  # as NOOP (RFC 3501 6.4.1)
 
     async def cmd_close(self, command: Command) -> None:
         view = self.view
