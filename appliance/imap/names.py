@@ -7,6 +7,8 @@ does on disk), so this module only checks them and matches them against LIST pat
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Iterable
 
@@ -51,9 +53,26 @@ def invalid_reason(name: str) -> str | None:
         # would read back as a level separator (Dovecot refuses it too).
         return "Mailbox names cannot contain a dot"
     rest = _MUTF7_SHIFT.sub("", name)
-    if "&" in rest:
+    if "&" in rest or not all(_canonical_shift(m.group(1)) for m in _MUTF7_SHIFT.finditer(name)):
         return "Bad modified UTF-7 in mailbox name"
     return None
+
+
+def _canonical_shift(text: str) -> bool:
+    """Whether `text` (between "&" and "-") is modified BASE64 as RFC 3501 5.1.3 has it: UTF-16 in whole
+    characters, with zero padding bits, encoding nothing that spells itself in printable ASCII (nor a
+    control character, which a plain name cannot hold either). Any other spelling is a second name for
+    what a client shows: "&AEkATgBCAE8AWA-" is shown as INBOX, "a&AC8-b" as "a/b" in one level, "&AGE-"
+    beside "a"."""
+    if not text:
+        return True  # "&-" is "&"
+    try:
+        raw = base64.b64decode(text.replace(",", "/") + "=" * (-len(text) % 4), validate=True)
+        decoded = raw.decode("utf-16-be")  # strict: no lone surrogate, no odd octet
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    encoded = base64.b64encode(decoded.encode("utf-16-be")).rstrip(b"=").replace(b"/", b",").decode()
+    return encoded == text and not any(ord(c) <= 0x7E or 0x7F <= ord(c) <= 0x9F for c in decoded)
 
 
 class Wildcards:

@@ -228,6 +228,29 @@ def test_folders_create_list_rename_delete(imap_box: BoxHandle, client: IMAPClie
         client.select_folder("Nope")
 
 
+def test_a_name_in_modified_utf7_is_taken_only_in_its_one_spelling(imap_box: BoxHandle) -> None:
+    """RFC 3501 5.1.3: modified BASE64 never encodes what spells itself in printable ASCII, and its
+    padding bits are zero. Only the shift's syntax was checked, so a client could make a folder every
+    client shows as "INBOX", one shown as "a/b" that is no child of "a", or "a" twice."""
+    raw = RawImap(imap_box.port("imaps"), imap_box.client_context)
+    try:
+        raw.login(USER, PASSWORD)
+        refused = ["&AEkATgBCAE8AWA-", "a&AC8-b", "&AGE-", "&ZZZ-", "&2D0-", "&AOkAAA-", "Work/&AEkATgBCAE8AWA-"]
+        taken = ["&AOk-t&AOk-", "A&-B", "&Jjo-", "&2D3eAA-", "&ZeVnLIqe-"]
+        for n, name in enumerate(refused):
+            reply = raw.command(b"C%d" % n, b'CREATE "%s"' % name.encode())
+            assert reply[-1].startswith(b"C%d NO [CANNOT] Bad modified UTF-7" % n), (name, reply)
+            reply = raw.command(b"R%d" % n, b'RENAME Drafts "%s"' % name.encode())
+            assert reply[-1].startswith(b"R%d NO [CANNOT] Bad modified UTF-7" % n), (name, reply)
+        for n, name in enumerate(taken):
+            assert raw.command(b"T%d" % n, b'CREATE "%s"' % name.encode())[-1].startswith(b"T%d OK" % n), name
+        listed = b"".join(raw.command(b"L", b'LIST "" *'))
+        assert all(name.encode() in listed for name in taken)
+        assert not any(b'"/" ' + name.encode() + b"\r\n" in listed for name in refused)
+    finally:
+        raw.close()
+
+
 def test_special_use_and_subscriptions(imap_box: BoxHandle, client: IMAPClient) -> None:
     for name in ("Sent", "Drafts", "Trash", "Junk", "Archive"):
         if not client.folder_exists(name):
