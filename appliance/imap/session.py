@@ -118,7 +118,7 @@ SEEN = "\\Seen"
 RECENT_FLAG = frozenset({"\\Recent"})
 # Commands after which the selected folder is another or none: no point bringing the old one up to date.
 LEAVES_FOLDER = frozenset({"SELECT", "EXAMINE", "UNSELECT", "CLOSE", "LOGOUT"})
-POLLS = frozenset({"NOOP", "CHECK"})  # always OK (RFC 3501 6.1.2, 6.4.1): their look at the folder is their own
+POLLS = frozenset({"NOOP", "CHECK"})  # always OK (RFC 3501 6.1.2, 6.4.1): their look at the folder is their own (_look)
 DELETED = "\\Deleted"
 LIST_ON_LOOP = 2000  # names times patterns a LIST matches on the event loop; more go to a thread
 SEARCH_ON_LOOP = 1000  # messages an index-only SEARCH checks on the event loop; more go to a thread
@@ -178,7 +178,7 @@ class ImapSession:
         self.scanned = 0  # messages SEARCH read from their files (not answered by the full-text index)
         self._notify_fired: set[str] = set()  # their watchers that fired during IDLE
         self._id_logged = False
-        self._poll_failed = False  # a NOOP's or CHECK's look failed on a full disk, logged (_polled)
+        self._look_failed = False  # a poll's look failed on a full disk, and was logged (_look)
 
     # --- greeting and capabilities -----------------------------------------------------------------
 
@@ -231,9 +231,11 @@ class ImapSession:
             return exc.status
         return "OK"
 
-    async def ok(self, command: Command, text: str | None = None, code: str | None = None) -> None:
-        """The tagged OK, after any updates the client is owed (RFC 3501 7: untagged first)."""
-        if self.state == "selected":
+    async def ok(self, command: Command, text: str | None = None, code: str | None = None, *,
+                 look: bool = True) -> None:
+        """The tagged OK, after any updates the client is owed (RFC 3501 7: untagged first); `look`
+        False when the command looked at the folder itself (_look)."""
+        if self.state == "selected" and look:
             await self.sync(allow_expunge=_may_expunge(command))
         if self.notify.mailboxes:
             await self._notify_changes()
@@ -255,24 +257,29 @@ class ImapSession:
     async def _polled(self, command: Command) -> None:
         """NOOP's and CHECK's answer: how a client polls (RFC 3501 6.1.2, 6.4.1), looking at the disk
         too, for changes another program made to the Maildir (they do not wake the watcher). Always
-        OK: a look that finds a change on the disk commits it as it reads the folder (another
-        program's rename, or the files of a STORE whose rows a full disk refused), and a full disk
-        refusing that write is not the poll's failure. The updates stay owed to the next command;
-        the session logs it once until a look succeeds again."""
+        OK, whatever the look found (_look)."""
         self._dirty = True
+        await self._look(command.name)
+        await self.ok(command, look=False)
+
+    async def _look(self, name: str) -> None:
+        """A poll's look at the selected folder (NOOP, CHECK, IDLE), which tells what changed. A look
+        that finds a change on the disk commits it as it reads the folder (another program's rename,
+        or the files of a STORE whose rows a full disk refused); a full disk refusing that write is
+        not the poll's failure: the updates stay owed to a later look, and the session logs it once
+        until a look succeeds again."""
         try:
-            await self.ok(command)
+            await self.sync(allow_expunge=True)
         except Exception as exc:
             if not is_disk_full(exc):
                 raise
             self._dirty = True  # (cleared by the look that failed)
-            if not self._poll_failed:
-                self._poll_failed = True
+            if not self._look_failed:
+                self._look_failed = True
                 log.warning("IMAP %s: the changes found in the folder cannot be written (%s): told at a later"
-                            " command", command.name, exc)
-            await self.io.send(Tagged(command.tag, "OK", f"{command.name} completed"))
+                            " look", name, exc)
             return
-        self._poll_failed = False
+        self._look_failed = False
 
     async def cmd_logout(self, command: Command) -> None:
         self._unselect()
@@ -682,13 +689,14 @@ class ImapSession:
             return
         if line.strip().upper() != b"DONE":
             raise ImapBad("Expected DONE")
-        await self.ok(command, "IDLE terminated")
+        await self._look("IDLE")
+        await self.ok(command, "IDLE terminated", look=False)
 
     async def _idle_once(self, done: asyncio.Task[bytes | None]) -> None:
         """One round of IDLE: tell what changed, then wait for a change, the client's line or the
         next look at the disk."""
         if self.selected is not None:
-            await self.sync(allow_expunge=True)
+            await self._look("IDLE")
         notified: asyncio.Task[None] | None = None
         if self.notify.mailboxes:
             await self._notify_changes()

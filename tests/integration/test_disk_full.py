@@ -13,6 +13,7 @@ import poplib
 import re
 import smtplib
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -261,6 +262,35 @@ def test_a_store_and_an_expunge_the_full_disk_failed_are_seen_as_the_files_say(f
     assert busy.select("INBOX") == ("OK", [b"1"])
     for imap in (busy, other):
         imap.logout()
+
+
+def test_idle_goes_on_while_its_look_cannot_write(full_box: tuple[BoxHandle, FullDisk]) -> None:
+    """A session in IDLE is woken by another session's STORE that the full disk refused after the file
+    was renamed: its look finds the flag in the file name and cannot write it. IDLE goes on (no
+    tagged NO while the client idles, which would take its DONE for a command), and tells the flag
+    once there is room."""
+    box, disk = full_box
+    busy = _imap(box)
+    assert busy.select("INBOX") == ("OK", [b"1"])
+    idle = RawImap(box.port("imaps"), box.client_context)
+    try:
+        idle.login(ALICE, PASSWORD)
+        assert idle.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        idle.send(b"i IDLE\r\n")
+        assert idle.line() == b"+ idling\r\n"
+        disk.fill()
+        try:
+            assert busy.store("1", "+FLAGS", "(\\Flagged)") == ("NO", [b"[OVERQUOTA] Not enough disk space"])
+            time.sleep(1)  # (the idling session's look, woken by the change)
+        finally:
+            disk.free()
+        idle.send(b"DONE\r\n")
+        answer = idle.until_tagged(b"i")
+        assert answer[-1].startswith(b"i OK IDLE terminated"), answer
+        assert any(b"\\Flagged" in line for line in answer), answer
+    finally:
+        idle.close()
+    busy.logout()
 
 
 def test_pop3_says_sys_temp(full_box: tuple[BoxHandle, FullDisk]) -> None:
