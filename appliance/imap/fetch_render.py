@@ -31,7 +31,7 @@ from appliance.imap.mime import HEADER_PROBE, Part, header_block_of, scan, scan_
 from appliance.imap.responses import FetchResponse, Preformatted, Response, Value, fetch_line
 from appliance.imap.selected import SelectedFolder, flag_text
 from appliance.store.mailstore import MessageInfo, open_message
-from appliance.store.message_cache import FolderCache
+from appliance.store.message_cache import FolderCache, stamp_of
 
 if TYPE_CHECKING:
     from appliance.cpu_pool import CpuPool
@@ -73,6 +73,10 @@ HERE_PAUSE = 0.005
 HERE_WAIT = 1.0  # at the most: under clients that never pause, a chunk a second
 PART_WEIGHT = 256  # octets counted per MIME part of a cached structure, beyond its header block
 INDEX_FETCH_BATCH = 5000  # messages per rendered block of an index-only FETCH
+# A FETCH of at most this many messages whose rows are all in memory (MessageCache.recent: mail
+# just delivered or APPENDed) is answered on the event loop, a stat per file: the worker thread's
+# trip (two wake-ups, the GIL handed over twice) and its SQL cost more than that (issue 19).
+RECENT_FETCH = 64
 
 # (folder name, UIDVALIDITY, UID): a UID names one message for as long as its UIDVALIDITY holds.
 StructureKey = tuple[str, int, int]
@@ -124,6 +128,10 @@ class FetchRenderer:
                 await send(index_only(view, uids[start:start + INDEX_FETCH_BATCH], items, flags_changed))
             return False
         if cache is not None and fetch_cache.wants_header_only(items):
+            known = _render_recent(view, uids, items, flags_changed, condstore, cache)
+            if known is not None:
+                await send(Preformatted(known))
+                return False
             return await self._send_cached(view, uids, items, flags_changed, condstore, send, cache)
         missing = False
         dated = _dated(items)
@@ -353,6 +361,31 @@ def _render_cached(
         # (No streamed literal among these items: the whole response is bytes.)
         out.append(fetch_line(seq, _with_flags(values, message, flags_changed, condstore)))
     return out, learned, unknown
+
+
+def _render_recent(view: SelectedFolder, uids: Sequence[int], items: Sequence[FetchItem], flags_changed: set[int],
+                   condstore: bool, cache: FolderCache) -> bytes | None:
+    """On the event loop: the FETCH answers from rows kept in memory (RECENT_FETCH), each checked
+    against its file by a stat; None when a message has no such row, its file changed or is gone,
+    or the row cannot answer (the worker thread's way then, which handles each of those)."""
+    rows = cache.recent(uids) if len(uids) <= RECENT_FETCH else None
+    if rows is None:
+        return None
+    dated = _dated(items)
+    out: list[bytes] = []
+    for uid, row in zip(uids, rows, strict=True):
+        try:
+            st = os.stat(view.info(uid).file)
+        except OSError:
+            return None
+        if stamp_of(st) != row.stamp:
+            return None
+        message = facts(view, uid, dated)
+        values = fetch_cache.item_values(items, message, row)
+        if values is None:
+            return None
+        out.append(fetch_line(view.seq_of(uid), _with_flags(values, message, flags_changed, condstore)))
+    return b"".join(out)
 
 
 async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path]], cpu: CpuPool, *, background: bool,

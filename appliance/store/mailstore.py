@@ -501,6 +501,8 @@ class MailStore:
             if not handed:
                 f.pending.discard(base)
         if isinstance(outcome, int):
+            if cached is not None:
+                self.message_cache.remember(f.id, outcome, cached)  # (committed with the message)
             self._boxes.wake(mb, f.name)
         return outcome
 

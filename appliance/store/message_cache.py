@@ -15,7 +15,8 @@ transaction it already commits, and the WAL lets the reader connection here work
 threads while the event loop's connection writes. Rows are about 1.1 KB, in a table with rowids
 (migration 0022: a WITHOUT ROWID table's page holds at most 1,002 octets of a row, the rest went to
 an overflow page of its own, 4.3 KB of database a message against 1.5 KB now); SQLite's page cache
-(2 MB per connection) is the only memory they take, however large the folder.
+(2 MB per connection) and the newest RECENT_ROWS rows (remember) are the only memory they take,
+however large the folder.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ KEEP_BATCH = 64  # rows per transaction of a filler (keep)
 # transaction of 8,600 rows (a shared FETCH's end), 34-35 in transactions of 64 or 500 (issue 19).
 LEARN_WRITE = 500
 PREFILL_GROWTH = 20  # messages a folder may gain before its rows are looked at again at a SELECT
+# Rows of the newest messages (delivered or APPENDed: described in memory anyway) kept in memory too,
+# at about 1.1 KB each: a FETCH of a few of them is answered on the event loop, with no trip to a
+# worker thread and no SQL (MessageCache.recent; issue 19, imaptest's stress mode).
+RECENT_ROWS = 512
 
 FileStamp = tuple[int, int, int]  # (size, mtime in ns, inode) of a message file
 
@@ -179,6 +184,10 @@ class MessageCache:
         self.watch = FileWatch()  # which rows need no stat of their files (file_watch.py)
         # Folder id -> (UIDVALIDITY, messages) when its rows were last counted for a prefill.
         self._prefilled: dict[int, tuple[int, int]] = {}
+        # (folder id, UID) -> the row as it was written, the oldest first (remember). Used on the
+        # event loop only, so it needs no lock (the reader connection's is held by worker threads for
+        # whole statements).
+        self._recent: dict[tuple[int, int], CachedMessage] = {}
 
     @property
     def path(self) -> Path:
@@ -192,6 +201,21 @@ class MessageCache:
         columns = _FIELD_COLUMNS if fields_only else _ALL_COLUMNS
         return {uid: CachedMessage((size, mtime, inode), env, bs, body, fields, bool(exact))
                 for uid, size, mtime, inode, env, bs, body, fields, exact in self._select(folder_id, uids, columns)}
+
+    def remember(self, folder_id: int, uid: int, row: CachedMessage) -> None:
+        """A row just committed with its message (delivery, APPEND), kept in memory too, the oldest
+        of RECENT_ROWS let go. Event loop only."""
+        recent = self._recent
+        recent[(folder_id, uid)] = row
+        if len(recent) > RECENT_ROWS:
+            del recent[next(iter(recent))]
+
+    def recent(self, folder_id: int, uids: Sequence[int]) -> list[CachedMessage] | None:
+        """The rows remember() kept for all these messages, in their order, or None when one has
+        none. Like a row read back, each is still to be checked against its file. Event loop only."""
+        recent = self._recent
+        rows = [recent.get((folder_id, uid)) for uid in uids]
+        return None if None in rows else rows  # type: ignore[return-value]
 
     def subjects(self, folder_id: int, uids: Sequence[int]) -> dict[int, tuple[FileStamp, str]]:
         """The SEARCH SUBJECT text of these messages' rows (CachedMessage.subject), with the stamp of
@@ -386,6 +410,9 @@ class FolderCache:
 
     def read(self, uids: Sequence[int], *, fields_only: bool = False) -> dict[int, CachedMessage]:
         return self.cache.read(self.folder_id, uids, fields_only=fields_only)
+
+    def recent(self, uids: Sequence[int]) -> list[CachedMessage] | None:
+        return self.cache.recent(self.folder_id, uids)
 
     def subjects(self, uids: Sequence[int]) -> dict[int, tuple[FileStamp, str]]:
         return self.cache.subjects(self.folder_id, uids)

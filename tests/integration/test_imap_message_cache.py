@@ -131,6 +131,7 @@ def test_answers_match_the_files(box: BoxHandle) -> None:
     cached = fetch(box)
     with sqlite3.connect(box.data.db) as conn:
         conn.execute("DELETE FROM message_cache")
+    box.services.store.message_cache._recent.clear()  # the rows the box kept in memory too
     computed = fetch(box)  # from the file this time (and the row learned again)
     assert computed == cached
     assert cache_rows(box) == 1
@@ -575,3 +576,27 @@ def test_an_append_bigger_than_a_small_literal_gets_its_row(box: BoxHandle, capl
     assert "describing a delivered message for the cache failed" not in caplog.text
     assert cache_rows(box) == 1
     assert b'"big attachment"' in fetch(box, b"FETCH 1 (ENVELOPE)")
+
+
+def test_a_list_of_mail_just_delivered_is_answered_without_a_worker_thread(
+        box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows of the newest messages are kept in memory as they are written (MessageCache.recent):
+    a FETCH of a few of them is answered on the event loop, a stat per file, with no trip to a
+    worker thread and no SQL (issue 19); the same answers as the rows read back give."""
+    box.add_user(USER, PASSWORD)
+    for n in range(3):
+        deliver(box, message(n))
+    threaded: list[int] = []
+    real = fetch_render._render_cached
+
+    def counted(cache: Any, jobs: list[Any], *args: Any) -> Any:
+        threaded.append(len(jobs))
+        return real(cache, jobs, *args)
+
+    monkeypatch.setattr(fetch_render, "_render_cached", counted)
+    from_memory = fetch(box)
+    assert threaded == []
+    assert b'"cached 2"' in from_memory
+    box.services.store.message_cache._recent.clear()  # as after a restart: the rows from the database
+    assert fetch(box) == from_memory
+    assert threaded == [3]
