@@ -82,6 +82,9 @@ NO_SPACE_HINT = ": the disk is full; free some space (or wait for a first boot t
 BACKUP_KEY_SETTING = "backup_recipient"
 KEEP_VENVS = 2  # the one in force and the one before it
 HEALTH_POLL = 0.5
+# How long the box in force has to record the outcome itself (appliance/update_outcome.py looks every
+# 0.5 s) before `letterbox update status` does it for a version without that follower.
+RECORDED_WAIT = 20.0
 INSTALL_TIMEOUT = 3600.0  # pip unpacks and byte-compiles ~40 wheels: minutes under TCG (more than 5 seen)
 BACKUP_TIMEOUT = 6 * 3600.0  # a backup streams every message: a large box on a Pi takes a while
 
@@ -197,8 +200,15 @@ class Updater:
             os.chown(path, st.st_uid, st.st_gid)
 
     def _tell_the_box(self) -> None:
-        """`letterbox update status` of the version now in force: the outcome becomes one of the box's
-        events (Admin.record_update_outcome). An older version without that command: nothing to do."""
+        """The outcome becomes one of the box's events (Admin.record_update_outcome). The box in force does
+        it itself (appliance/update_outcome.py) and marks status.json recorded; a version without that
+        follower gets `letterbox update status`, whose imports cost 4-7 s of an emulated guest's CPU. An
+        older version without that command either: nothing to do."""
+        deadline = time.monotonic() + RECORDED_WAIT
+        while time.monotonic() < deadline:
+            if (read_status(self.o.data) or {}).get("recorded"):
+                return
+            time.sleep(HEALTH_POLL / 2)
         letterbox = self.o.prefix / "venv" / "bin" / "letterbox"
         with contextlib.suppress(UpdateError):
             self._run(self._as_user([str(letterbox), "--data", str(self.o.data), "update", "status"]), "event", timeout=60)
