@@ -46,10 +46,13 @@ BACKLOG = 100
 # long as they stayed open. A request's head must now arrive within REQUEST_HEAD_SECONDS of the
 # connection (or of the last response), REQUEST_HEAD_BUSY_SECONDS once half the slots are taken (as
 # the mail ports do before a login), and one client (an IPv4 address, an IPv6 /64) holds at most
-# MAX_CONNECTIONS_PER_CLIENT of them; a browser opens about 6.
+# MAX_CONNECTIONS_PER_CLIENT of them; a browser opens about 6. One network (a /24, by
+# channel.network_of as the mail ports count it; an IPv6 /64 is already one client) holds at most
+# MAX_CONNECTIONS_PER_NETWORK: seven addresses of one /24 held every slot before.
 REQUEST_HEAD_SECONDS = 20.0
 REQUEST_HEAD_BUSY_SECONDS = 5.0
 MAX_CONNECTIONS_PER_CLIENT = 32
+MAX_CONNECTIONS_PER_NETWORK = 64
 # asyncio's own handshake (create_server(ssl=...), as uvicorn calls it) ran before the protocol saw the
 # connection, for up to 60 s: 300 connections from one address that never sent a ClientHello were each
 # held a minute, uncounted and uncapped, and at the box's descriptor limit the mail ports' accept failed
@@ -111,7 +114,7 @@ class _ConsoleConfig(uvicorn.Config):
 
 class _GuardedH11(H11Protocol):
     """uvicorn's h11 protocol with the TLS handshake, the deadline for a request's head and the
-    per-client cap above."""
+    per-client and per-network caps above."""
 
     _head_timer: asyncio.TimerHandle | None = None
     _handshake: asyncio.Task[None] | None = None
@@ -122,6 +125,7 @@ class _GuardedH11(H11Protocol):
     # What the TLS layer passes on with the handshake's last flight (a browser sends its request at once),
     # which can come before start_tls has returned and h11 knows the connection.
     _early: bytearray | None = None
+    _peer: tuple[str, str] | None = None  # the client's key and network, for the caps
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         tls = self.config.tls if isinstance(self.config, _ConsoleConfig) else None
@@ -167,13 +171,21 @@ class _GuardedH11(H11Protocol):
         self.connections.discard(self)
 
     def _within_share(self) -> bool:
-        """Whether this client holds no more than its share, and the listener no more than its slots; if
-        not, the connection is closed. Beyond MAX_CONNECTIONS uvicorn would answer only 503, and
-        connections from many addresses would each hold a descriptor of the box until their deadline."""
-        key = _client_key(self.client[0] if self.client else "")
-        same = sum(1 for other in self.connections
-                   if isinstance(other, _GuardedH11) and other.client and _client_key(other.client[0]) == key)
-        if same > MAX_CONNECTIONS_PER_CLIENT or len(self.connections) > MAX_CONNECTIONS:
+        """Whether this client and its network hold no more than their shares, and the listener no more
+        than its slots; if not, the connection is closed. Beyond MAX_CONNECTIONS uvicorn would answer
+        only 503, and connections from many addresses would each hold a descriptor of the box until
+        their deadline."""
+        host = self.client[0] if self.client else ""
+        # Kept: every connection in the set was through here once, and a flood's accepts each compare
+        # against all of them (no address parsed again).
+        self._peer = key, network = _client_key(host), network_of(host)
+        same = same_network = 0
+        for other in self.connections:
+            if isinstance(other, _GuardedH11) and other._peer is not None:
+                same += other._peer[0] == key
+                same_network += other._peer[1] == network
+        if (same > MAX_CONNECTIONS_PER_CLIENT or same_network > MAX_CONNECTIONS_PER_NETWORK
+                or len(self.connections) > MAX_CONNECTIONS):
             self.transport.close()
             return False
         return True

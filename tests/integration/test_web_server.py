@@ -228,6 +228,31 @@ def test_a_request_sent_with_the_handshakes_last_flight_is_answered(box: BoxHand
                 incoming.write(data)
 
 
+@pytest.mark.parametrize("service", ["http", "https"])
+def test_one_network_holds_a_few_connections_and_other_networks_are_served(
+        box: BoxHandle, monkeypatch: pytest.MonkeyPatch, service: str) -> None:
+    """An attacker with a /24 (seven addresses of 32 connections each) held every slot of the console;
+    one network now holds MAX_CONNECTIONS_PER_NETWORK, counted as the mail ports count it."""
+    monkeypatch.setattr(web_server, "MAX_CONNECTIONS_PER_NETWORK", 6)
+    sent = b"GET / HTTP/1.1\r\n" if service == "http" else b""
+    held = [sock for n in range(4) for sock in _half_requests(box.port(service), 2, f"127.0.0.{20 + n}", sent=sent)]
+    try:
+        assert [_closed(sock, 2) for sock in held[6:]] == [True] * 2  # beyond the network's share
+        assert not any(_closed(sock, 0.1) for sock in held[:6])
+        with socket.create_connection(("127.0.0.1", box.port(service)), timeout=5,
+                                      source_address=("127.0.1.2", 0)) as raw:
+            if service == "http":
+                raw.sendall(b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                assert raw.recv(4096).startswith(b"HTTP/1.1 301")
+            else:
+                with box.client_context.wrap_socket(raw, server_hostname="localhost") as other:
+                    other.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    assert other.recv(4096).startswith(b"HTTP/1.1 303")
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_a_listener_holds_no_more_connections_than_its_slots(box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
     """Silent connections from many addresses, each within its share, are closed at accept beyond the
     listener's slots, rather than each holding a descriptor of the box until its deadline."""
