@@ -222,7 +222,10 @@ def thread_references(items: Sequence[SortItem], cache: FolderCache | None = Non
         prev: _Node | None = None
         for ref in refs:  # 1B: link the references in order, never making a loop
             ref_node = table.setdefault(ref, _Node())
-            if prev is not None and ref_node.parent is None and not prev.has_ancestor(ref_node):
+            # (A node without children is nobody's ancestor: a long References line of new ids costs
+            # no walk up the chain per id, which was quadratic.)
+            if prev is not None and ref_node.parent is None and ref_node is not prev and (
+                    not ref_node.children or not prev.has_ancestor(ref_node)):
                 _link(prev, ref_node)
             prev = ref_node
         if node.parent is not None:  # 1C: the message's parent is its last reference
@@ -231,7 +234,7 @@ def thread_references(items: Sequence[SortItem], cache: FolderCache | None = Non
         if prev is not None and prev is not node and not prev.has_ancestor(node):
             _link(prev, node)
     roots = [n for n in table.values() if n.parent is None]
-    roots = _prune(roots, top=True)
+    roots = _prune(roots)
     for root in roots:
         _sort_tree(root)
     roots = _group_by_subject(roots)
@@ -275,14 +278,21 @@ def _link(parent: _Node, child: _Node) -> None:
     parent.kids().append(child)
 
 
-def _prune(nodes: list[_Node], top: bool) -> list[_Node]:
+def _prune(roots: list[_Node]) -> list[_Node]:
     """RFC 5256 3 step 3: dummies without children go; a dummy's children take its place, except a
-    dummy at the top with several children, which stays to hold them together."""
-    out: list[_Node] = []
-    for node in nodes:
-        node.children = _prune(node.children or [], top=False)
+    dummy at the top with several children, which stays to hold them together. Children before their
+    parents, without recursion: a mailed References line of thousands of ids makes a chain that deep."""
+    for node in reversed(_preorder(roots)):
+        node.children = _pruned_level(node.children or [], top=False)
         for child in node.children:
             child.parent = node
+    return _pruned_level(roots, top=True)
+
+
+def _pruned_level(nodes: list[_Node], top: bool) -> list[_Node]:
+    """Step 3 for one list of siblings whose own children are pruned already."""
+    out: list[_Node] = []
+    for node in nodes:
         if node.item is None:
             if not node.children:
                 continue
@@ -295,14 +305,24 @@ def _prune(nodes: list[_Node], top: bool) -> list[_Node]:
     return out
 
 
-def _sort_tree(node: _Node) -> None:
+def _preorder(roots: Sequence[_Node]) -> list[_Node]:
+    """Every node of the trees, each before its children."""
+    order: list[_Node] = []
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        stack.extend(node.children or [])
+    return order
+
+
+def _sort_tree(root: _Node) -> None:
     """Siblings by sent date (ties by message number); a dummy dates from its first child."""
-    for child in node.children or []:
-        _sort_tree(child)
-    if node.children:
-        node.children.sort(key=lambda n: (n.date, _first_seq(n)))
-    if node.item is None and node.children:
-        node.date, node.subject = node.children[0].date, node.children[0].subject
+    for node in reversed(_preorder([root])):
+        if node.children:
+            node.children.sort(key=lambda n: (n.date, _first_seq(n)))
+        if node.item is None and node.children:
+            node.date, node.subject = node.children[0].date, node.children[0].subject
 
 
 def _first_seq(node: _Node) -> int:
@@ -348,18 +368,26 @@ def _group_by_subject(roots: list[_Node]) -> list[_Node]:
 
 
 def thread_text(roots: Sequence[_Node], uid: bool) -> str:
-    """RFC 5256 4: (1)(2 3 4)(5 (6)(7)): a chain of only children flat, several children nested."""
-    def body(node: _Node) -> str:
-        parts: list[str] = []
+    """RFC 5256 4: (1)(2 3 4)(5 (6)(7)): a chain of only children flat, several children nested.
+    Without recursion, as deep as the threads go."""
+    out: list[str] = []
+    stack: list[_Node | str] = [part for root in reversed(roots) for part in (")", root, "(")]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            out.append(node)
+            continue
+        numbers: list[str] = []
         while True:
             if node.item is not None:
-                parts.append(str(node.item.uid if uid else node.item.seq))
+                numbers.append(str(node.item.uid if uid else node.item.seq))
             kids = node.children or []
-            if len(kids) == 1:
-                node = kids[0]
-                continue
-            if kids:
-                parts.append("".join(f"({body(k)})" for k in kids))
-            return " ".join(parts)
-
-    return "".join(f"({body(root)})" for root in roots)
+            if len(kids) != 1:
+                break
+            node = kids[0]
+        out.append(" ".join(numbers))
+        if kids:
+            if numbers:
+                out.append(" ")
+            stack.extend(part for kid in reversed(kids) for part in (")", kid, "("))
+    return "".join(out)

@@ -212,3 +212,19 @@ def test_a_subject_of_thousands_of_trailers_blobs_or_wrappers_sorts_in_little_cp
         assert time.process_time() - started < 2.0, command
     # Each base subject is "X": a tie, so the order is the messages' own (RFC 5256 3).
     assert raw.command(b"T3", b"THREAD ORDEREDSUBJECT UTF-8 ALL")[0] == b"* THREAD (1 (2)(3))\r\n"
+
+
+def test_a_references_line_of_thousands_of_ids_threads_without_bye(imap_box: BoxHandle, raw: RawImap) -> None:
+    """One mailed message whose References named 5,000 ids made a chain of dummies that deep: THREAD
+    REFERENCES ended in a RecursionError (BYE, a traceback in the log) for the folder every time, and
+    linking the ids walked up the chain for each one (quadratic)."""
+    references = " ".join(f"<r{n}@example.org>" for n in range(5_000))
+    send_mx(imap_box, f"From: a@example.org\r\nTo: {USER}\r\nSubject: deep\r\nMessage-ID: <deep@example.org>\r\n"
+                      f"References: {references}\r\n\r\nbody\r\n".encode())
+    send_mx(imap_box, f"From: a@example.org\r\nTo: {USER}\r\nSubject: Re: deep\r\n"
+                      f"References: <r4999@example.org> <deep@example.org>\r\n\r\nbody\r\n".encode())
+    assert tagged(raw.command(b"S", b"SELECT INBOX")).startswith(b"S OK")
+    started = time.process_time()
+    reply = raw.command(b"T", b"THREAD REFERENCES UTF-8 ALL")
+    assert time.process_time() - started < 2.0
+    assert reply == [b"* THREAD (1 2)\r\n", b"T OK THREAD completed\r\n"]
