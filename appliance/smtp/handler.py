@@ -391,6 +391,7 @@ class SmtpHandler:
             data = await asyncio.to_thread(headers.normalise_line_ends, raw)
         else:
             data = headers.normalise_line_ends(raw)
+        data = headers.body_separated(data)
         if headers.count_received(data) >= self.limits.max_received_headers:
             return self._refuse_data(session, env, TOO_MANY_HOPS, "loop", data)
         if headers.header_section_too_large(data):

@@ -23,6 +23,8 @@ MAX_TRACE_ADDRESS = 300
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")  # RFC 5322 2.2 field-name ":"
+# header_section_end's lines in one C loop, for a message whose line ends are CRLF already.
+_FIELD_LINES = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)*")
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _UNSAFE_IN_COMMENT = re.compile(r"[^\x21-\x27\x2a-\x5b\x5d-\x7e]")  # ctext minus space, RFC 5322 3.2.2
 
@@ -54,8 +56,23 @@ def header_section_end(data: bytes) -> int:
     return end
 
 
+def body_separated(data: bytes, limit: int = MAX_HEADER_OCTETS) -> bytes:
+    """`data` with an empty line where its header section ends at a line that is neither a field nor
+    empty, as Postfix's cleanup inserts it (RFC 5322 2.1: the body, optional, follows an empty line). A
+    report sent with its text straight after the fields was one header section as long as the whole
+    text (refused past MAX_HEADER_OCTETS); and every later reader (the checks below, IMAP's FETCH, a
+    mail client) now splits the message at the same place. `data`'s line ends are CRLF (normalise_line_ends).
+    Only the first `limit` octets are looked at: fields past them are too large."""
+    found = _FIELD_LINES.match(data, 0, limit)
+    end = found.end() if found else 0
+    if data.startswith(b"\r\n", end) or data.find(b"\r\n", end, limit) < 0:
+        return data  # an empty line there already, all header, or the fields run past `limit`
+    return data[:end] + b"\r\n" + data[end:]
+
+
 def header_section_too_large(data: bytes, limit: int = MAX_HEADER_OCTETS) -> bool:
-    """True when no empty line ends the header section within `limit` octets (and there is more)."""
+    """True when no empty line ends the header section within `limit` octets (and there is more):
+    after body_separated, when its fields run past `limit`."""
     return len(data) > limit and data.find(b"\r\n\r\n", 0, limit + 4) < 0
 
 

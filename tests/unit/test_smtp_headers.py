@@ -15,6 +15,7 @@ from appliance.smtp.headers import (
     ReceivedFacts,
     TlsFacts,
     add_submission_headers,
+    body_separated,
     count_received,
     delivered_to,
     header_names,
@@ -50,6 +51,31 @@ def test_header_section_end() -> None:
     assert header_section_end(b"\r\nbody only") == 0
     assert header_section_end(b"A: 1\r\n") == len(b"A: 1\r\n")
     assert header_names(b"Subject: x\r\nMESSAGE-ID: <a@b>\r\n\r\nDate: not a header\r\n") == {"subject", "message-id"}
+
+
+def test_an_empty_line_is_put_where_the_fields_end_at_another_line() -> None:
+    # As Postfix's cleanup: a line that is neither a field nor empty ends the header section.
+    assert body_separated(b"A: 1\r\n folded\r\ntext\r\n") == b"A: 1\r\n folded\r\n\r\ntext\r\n"
+    assert body_separated(b"just text\r\n") == b"\r\njust text\r\n"
+    for unchanged in (b"A: 1\r\n\r\ntext\r\n", b"A: 1\r\nB: 2\r\n", b"A: 1", b"", b"A: 1\r\ntext"):
+        assert body_separated(unchanged) is unchanged
+    # Fields past the limit are left to the size check, even when a line that is not one follows.
+    assert body_separated(b"A: 1\r\nB: 2\r\ntext\r\n", limit=10) == b"A: 1\r\nB: 2\r\ntext\r\n"
+    # A line the limit cuts before its colon is not taken for the end of the fields.
+    assert body_separated(b"A: 1\r\nLong-Name: 2\r\n", limit=12) == b"A: 1\r\nLong-Name: 2\r\n"
+
+
+@given(st.lists(st.sampled_from([b"A: 1", b" folded", b"\tx", b"B :2", b"text", b"no-colon", b"", b"C:"]), max_size=8),
+       st.booleans())
+def test_the_empty_line_goes_where_header_section_end_says(lines: list[bytes], last_crlf: bool) -> None:
+    data = b"\r\n".join(lines) + (b"\r\n" if last_crlf and lines else b"")
+    end = header_section_end(data)
+    out = body_separated(data)
+    if out is data:
+        assert end == len(data) or data.startswith(b"\r\n", end) or data.find(b"\r\n", end) < 0
+    else:
+        assert out == data[:end] + b"\r\n" + data[end:]
+        assert header_section_end(out) == end
 
 
 def test_count_received_only_in_header_section() -> None:
