@@ -448,11 +448,17 @@ def _text(value: Value) -> str:
 def parse_addresses(text: str) -> list[tuple[str, str]]:
     """(display name, address) pairs of one header value. email.utils.getaddresses is fast and keeps
     display names as written (encoded words and all), but recurses once per nested comment: a
-    header of a thousand "(" would raise RecursionError, so such comments are removed first."""
+    header of a thousand "(" would raise RecursionError, so such comments are removed first. It
+    recurses once per group opened too: groups nested a thousand deep ("g:g:g:...", which RFC 5322
+    does not allow) name no address it can show."""
     try:
         return getaddresses([text])
     except RecursionError:
+        pass
+    try:
         return getaddresses([strip_comments(text)])
+    except RecursionError:
+        return []
 
 
 def strip_comments(text: str) -> str:

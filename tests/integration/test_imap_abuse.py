@@ -228,3 +228,19 @@ def test_a_references_line_of_thousands_of_ids_threads_without_bye(imap_box: Box
     reply = raw.command(b"T", b"THREAD REFERENCES UTF-8 ALL")
     assert time.process_time() - started < 2.0
     assert reply == [b"* THREAD (1 2)\r\n", b"T OK THREAD completed\r\n"]
+
+
+def test_a_mailed_header_of_groups_nested_a_thousand_deep_leaves_the_folder_readable(imap_box: BoxHandle,
+                                                                                      raw: RawImap) -> None:
+    """A To: of 20,000 nested groups ("g:g:g:...a@b.c;;;", no valid header has one) made the address
+    parser recurse past Python's limit: describing the message at delivery failed, and then every
+    FETCH ENVELOPE of the folder (a client's first sync), SEARCH TO and SORT (TO) got * BYE."""
+    send_mx(imap_box, f"From: a@example.org\r\nTo: {'g:' * 20_000}{USER}{';' * 20_000}\r\nSubject: groups\r\n\r\n"
+                      f"body\r\n".encode())
+    send_mx(imap_box, f"From: a@example.org\r\nTo: {USER}\r\nSubject: plain\r\n\r\nbody\r\n".encode())
+    assert tagged(raw.command(b"S", b"SELECT INBOX")).startswith(b"S OK")
+    for n, command in enumerate([b"FETCH 1:* ENVELOPE", b"SEARCH TO alice", b"SORT (TO) UTF-8 ALL",
+                                 b"SORT (DISPLAYTO) UTF-8 ALL"]):
+        reply = raw.command(b"C%d" % n, command)
+        assert tagged(reply).startswith(b"C%d OK" % n), (command, reply[-1])
+    assert raw.command(b"T", b"SEARCH TO alice")[0] == b"* SEARCH 2\r\n"
