@@ -205,7 +205,10 @@ def header_senders(fields: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
         if name not in ("from", "sender"):
             continue
         field = "From" if name == "from" else "Sender"
-        addresses = [addr for _, addr in email.utils.getaddresses([value]) if addr]
+        try:
+            addresses = [addr for _, addr in email.utils.getaddresses([value]) if addr]
+        except RecursionError:  # groups or comments nested a thousand deep: no address a reader is shown
+            addresses = []
         found.extend((field, addr) for addr in addresses or [""])
     return found
 

@@ -70,6 +70,9 @@ FORGED = [
     f"From: Alice\r\n <{BOB}>\r\n",  # folded
     "From: outsider@external.test\r\n",
     "From: Undisclosed:;\r\n",  # names nobody
+    # Nested past the parser's recursion: 451 and a traceback, so the client retried for ever (audit30).
+    f"From: {'g:' * 20_000}{ALICE}{';' * 20_000}\r\n",
+    f"From: {ALICE} {'(' * 40_000}{')' * 40_000}\r\n",
 ]
 
 
