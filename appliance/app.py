@@ -113,7 +113,7 @@ BACKGROUND: list[Callable[[Services], Awaitable[BackgroundService]]] = [
 ]
 
 
-def describe_bytes(data: bytes, stamp: FileStamp) -> CachedMessage:
+def describe_bytes(data: bytes | bytearray, stamp: FileStamp) -> CachedMessage:
     """The store's describer of a message (imap/fetch_cache.py), imported at its first call: the IMAP
     layer it belongs to is imported with the mail listeners, after the console answers (issue 15)."""
     from appliance.imap.fetch_cache import describe_bytes as describe

@@ -365,7 +365,7 @@ class Append(Command):
     folder: str
     flags: tuple[str, ...]
     date: int | None  # unix seconds
-    message: AppendContent = field(repr=False, compare=False)  # bytes may be the bytearray it was read into
+    message: AppendContent = field(repr=False, compare=False)
     # RFC 3502 MULTIAPPEND: the messages after the first, each with its flags and date.
     more: tuple[tuple[tuple[str, ...], int | None, AppendContent], ...] = field(default=(), repr=False, compare=False)
 
@@ -378,7 +378,8 @@ class CatenateUrl:
 
 
 # The message of an APPEND: its octets, or RFC 4469 CATENATE parts (TEXT octets and URLs) to join.
-AppendContent = bytes | tuple[bytes | CatenateUrl, ...]
+# A message (or CATENATE text) over 64 KiB is the bytearray its literal was read into (imap/protocol.py).
+AppendContent = bytes | bytearray | tuple[bytes | bytearray | CatenateUrl, ...]
 
 
 @dataclass(frozen=True)

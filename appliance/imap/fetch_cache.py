@@ -70,7 +70,7 @@ def describe(f: BinaryIO, stamp: FileStamp) -> CachedMessage:
     return _row(root, f.read(min(root.header.end - root.header.start, MAX_HEADER_OCTETS)), stamp)
 
 
-def describe_bytes(data: bytes, stamp: FileStamp) -> CachedMessage:
+def describe_bytes(data: bytes | bytearray, stamp: FileStamp) -> CachedMessage:
     """describe() of a message in memory: at delivery and APPEND (MailStore's `describe`), and
     for a small file."""
     if isinstance(data, bytearray):
@@ -288,14 +288,6 @@ def needs_row(items: Iterable[FetchItem]) -> bool:
     return any(isinstance(i, FetchAttribute) and i.name in ("BODYSTRUCTURE", "BODY") for i in items)
 
 
-def _described(path: str, known: FileStamp | None) -> tuple[CachedMessage | None, os.stat_result, bool]:
-    """The row of the file at `path` (found again by its unique name when a flag change renamed it,
-    as open_message does), or None when the file's stamp is `known`; with the file's fstat, and
-    whether it was at `path` itself. FileNotFoundError: gone."""
-    content, st, here = _loaded(path, known)
-    return _finished(content, st), st, here
-
-
 # How far describing many files reads ahead (described_files): files, and octets read but not
 # yet described.
 READ_AHEAD = 16
@@ -306,8 +298,9 @@ _Key = TypeVar("_Key")
 
 def described_files(files: Iterable[tuple[_Key, str, FileStamp | None]]
                     ) -> Iterator[tuple[_Key, CachedMessage | None, os.stat_result, bool]]:
-    """_described of each (key, path, known stamp), as (key, row or None, fstat, at `path`
-    itself), in order; a file that is gone is left out. The files are read READ_AHEAD at a time
+    """For each (key, path, known stamp): the row of the file at `path` (found again by its unique
+    name when a flag change renamed it, as open_message does), or None when the file's stamp is
+    `known`; as (key, row or None, fstat, at `path` itself), in order; a file that is gone is left out. The files are read READ_AHEAD at a time
     (at most READ_AHEAD_OCTETS of them, and one more), then described: a Python parse right after
     the open, fstat, read and close of its file cost about 10 us a message more than the same
     parse after a batch of reads (bench.describe --files, 2,000 corpus messages: 101-107 us a
@@ -336,7 +329,7 @@ def _finished(content: bytes | CachedMessage | None, st: os.stat_result) -> Cach
 
 
 def _loaded(path: str, known: FileStamp | None) -> tuple[bytes | CachedMessage | None, os.stat_result, bool]:
-    """_described up to the describing of a small file: the content of a file up to WHOLE_READ (for
+    """One file of described_files up to the describing of a small file: the content of a file up to WHOLE_READ (for
     describe_bytes), the row of a bigger or renamed one, or None when the file's stamp is `known`;
     with the file's fstat, and whether it was at `path` itself. A file up to WHOLE_READ is read with
     one read() on its descriptor: Python's open() and read() made 11 system calls a message (an

@@ -951,7 +951,7 @@ _CTE_FIELD = re.compile(rb"^Content-Transfer-Encoding[ \t]*:[^\n]*\n(?:[ \t][^\n
 _BASE64_LINE = 76  # RFC 2045 6.8: encoded lines of at most 76 characters
 
 
-def base64_for_nul(data: bytes) -> bytes:
+def base64_for_nul(data: bytes | bytearray) -> bytes | bytearray:
     """The message with every part whose content holds a NUL re-encoded as base64 (RFC 3516 4.4: an
     APPEND of binary content may be stored in another encoding). IMAP cannot send a NUL in a
     literal (RFC 3501 9), so BODY[] would otherwise have no faithful answer; BINARY[] still decodes

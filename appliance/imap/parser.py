@@ -78,7 +78,8 @@ class ParseError(Exception):
 class LiteralPart:
     """The payload of one literal ({n} or {n+}) in a framed command."""
 
-    data: bytes = field(compare=False)
+    # A big literal (an APPEND's message) is the bytearray it was read into: held in memory once.
+    data: bytes | bytearray = field(compare=False)
 
 
 Segment = bytes | LiteralPart
@@ -149,7 +150,7 @@ class Reader:
     def at_end(self) -> bool:
         return self.pos >= len(self.text) and self.index + 1 >= len(self.segments)
 
-    def take_literal(self) -> bytes:
+    def take_literal(self) -> bytes | bytearray:
         if not self.at_literal():
             raise ParseError("expected a literal")
         seg = self.segments[self.index + 1]
@@ -241,14 +242,14 @@ class Reader:
 
     def string_bytes(self) -> bytes:
         if self.at_literal():
-            return self.take_literal()
+            return bytes(self.take_literal())  # (the object itself: a literal this small is bytes)
         if self.peek() == 0x22:
             return self.quoted()
         raise ParseError("expected a string")
 
     def astring_bytes(self) -> bytes:
         if self.at_literal():
-            return self.take_literal()
+            return bytes(self.take_literal())  # (the object itself: a literal this small is bytes)
         if self.peek() == 0x22:
             return self.quoted()
         return self.chars(ASTRING_INPUT_CHARS, "a string")
@@ -657,12 +658,12 @@ def append_head_error(head: bytes) -> str | None:
     return None
 
 
-def _catenate(r: Reader) -> tuple[bytes | CatenateUrl, ...]:
+def _catenate(r: Reader) -> tuple[bytes | bytearray | CatenateUrl, ...]:
     """RFC 4469 5: CATENATE (TEXT literal / URL astring ...), at least one part."""
     r.keyword()
     r.sp()
     r.expect(b"(")
-    parts: list[bytes | CatenateUrl] = []
+    parts: list[bytes | bytearray | CatenateUrl] = []
     while True:
         kind = r.keyword()
         r.sp()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
 from appliance.disk_full import DISK_FULL_TEXT
 from appliance.imap.commands import Command
@@ -183,7 +182,7 @@ class ImapConnection:
             return False
         # Small literals become bytes; a big one (an APPEND message) is handed on as the buffer it
         # was read into, so a 50 MB message is held in memory once, not twice.
-        data = bytes(self._literal) if len(self._literal) <= SMALL_LITERAL else cast(bytes, self._literal)
+        data = bytes(self._literal) if len(self._literal) <= SMALL_LITERAL else self._literal
         self._segments.append(LiteralPart(data))
         self._literal = None
         return True

@@ -601,7 +601,7 @@ class ImapSession:
             raise  # answered by store_errors: TRYCREATE for a folder that does not exist (RFC 3501 6.3.11)
         await self.ok(command, code=f"APPENDUID {uidvalidity} {compact(uids)}")  # RFC 4315 3
 
-    async def _message_of(self, content: AppendContent) -> bytes:
+    async def _message_of(self, content: AppendContent) -> bytes | bytearray:
         """An APPEND's message: its literal, or its RFC 4469 CATENATE parts joined (a URL that does
         not name one of this user's messages, or a part of one, is NO [BADURL url])."""
         if not isinstance(content, tuple):

@@ -492,7 +492,7 @@ def _entries(path: Path) -> list[os.DirEntry[str]]:
 
 # --- messages -----------------------------------------------------------------------------------
 
-def _write_file(path: str | Path, data: bytes) -> None:
+def _write_file(path: str | Path, data: bytes | bytearray) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
@@ -522,7 +522,7 @@ class WriteJob:
         return os.path.join(self.maildir, self.sub, self.filename)
 
 
-def write_tmp(job: WriteJob, data: bytes) -> None:
+def write_tmp(job: WriteJob, data: bytes | bytearray) -> None:
     """The file written whole into tmp/ and fsynced, with its INTERNALDATE; nothing left in tmp/ when
     it fails. Not visible to any reader until renamed (the group commit does it: store/arrivals.py)."""
     try:
@@ -571,7 +571,7 @@ def copy_message(src: Path, job: WriteJob) -> None:
         raise
 
 
-def bare_lfs(data: bytes, prev_cr: bool = False) -> int:
+def bare_lfs(data: bytes | bytearray, prev_cr: bool = False) -> int:
     """How many LFs of `data` have no CR before them; `prev_cr`: the octet before `data` was a CR
     (a CRLF cut in two by a read)."""
     lfs = data.count(b"\n")

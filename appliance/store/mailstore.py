@@ -74,7 +74,7 @@ log = logging.getLogger("letterbox.store")
 
 # What the IMAP layer keeps in the message cache for a message in memory (fetch_cache.describe_bytes);
 # given by the composition root, as the store does not import the protocols.
-Describe = Callable[[bytes, FileStamp], CachedMessage]
+Describe = Callable[[bytes | bytearray, FileStamp], CachedMessage]
 # Durable writes of new mail at once: as many as asyncio's default executor ran them on (2 cores: 6);
 # concurrent fsyncs of different files join one journal commit.
 WRITER_THREADS = min(32, (os.cpu_count() or 1) + 4)
@@ -139,7 +139,7 @@ class MailStore:
         0 before the first): for background work that should wait for a pause in the mail."""
         return self._arrivals.last_arrival
 
-    async def append(self, mailbox: str, folder: str, data: bytes, flags: frozenset[str],
+    async def append(self, mailbox: str, folder: str, data: bytes | bytearray, flags: frozenset[str],
                      internaldate: int | None) -> tuple[int, int]:
         """(uidvalidity, uid) of the new message (RFC 3501 6.3.11, RFC 4315 APPENDUID)."""
         mb = await self._boxes.get(mailbox)
@@ -461,7 +461,7 @@ class MailStore:
 
     # --- internals --------------------------------------------------------------------------------
 
-    async def _add(self, mb: OpenMailbox, f: FolderIndex, data: bytes, flags: frozenset[str],
+    async def _add(self, mb: OpenMailbox, f: FolderIndex, data: bytes | bytearray, flags: frozenset[str],
                    internaldate: int | None) -> int | StoreError:
         """Write one copy into the folder (fsynced) and index it; its UID, or why not."""
         size = len(data)
@@ -506,7 +506,7 @@ class MailStore:
             self._boxes.wake(mb, f.name)
         return outcome
 
-    def _write(self, job: WriteJob, data: bytes) -> tuple[OSError | None, CachedMessage | None]:
+    def _write(self, job: WriteJob, data: bytes | bytearray) -> tuple[OSError | None, CachedMessage | None]:
         """Worker thread: the durable write into tmp/ (the group commit renames it into place), then
         the message's cache row while its bytes are in memory (so no FETCH ever reads this file for
         a message list; a rename keeps what the row is tied to: size, mtime, inode)."""

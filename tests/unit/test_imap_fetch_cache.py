@@ -18,7 +18,7 @@ from appliance.imap.mime import HEADER_PROBE, decode_words, parse_header, scan, 
 from appliance.imap.responses import FetchResponse, render_value
 from appliance.imap.search import CachedSubject, Candidate, Searcher
 from appliance.store.maildir import read_message, read_to_end
-from appliance.store.message_cache import stamp_of
+from appliance.store.message_cache import CachedMessage, stamp_of
 
 CORPUS = Path(__file__).parent.parent / "corpus" / "mime"
 FACTS = fetch.MessageFacts(7, ("\\Seen",), 1234, 1_700_000_000, 3)
@@ -215,9 +215,15 @@ def test_header_list_only() -> None:
     assert not fetch.header_list_only([BodySection(Section((), "HEADER"))])
 
 
+def _described(path: str, known: tuple[int, int, int] | None) -> tuple[CachedMessage | None, os.stat_result, bool]:
+    """One file through fetch_cache.described_files, as FETCH describes it."""
+    [(_, row, st, here)] = fetch_cache.described_files([(0, path, known)])
+    return row, st, here
+
+
 def test_a_file_is_described_from_its_descriptor_as_from_a_file_object(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                                        ) -> None:
-    """fetch_cache._described (os.open, one read) gives describe()'s row for small and large files (the
+    """fetch_cache.described_files (os.open, one read) gives describe()'s row for small and large files (the
     large ones scanned from a file object on the same descriptor), None for the stamp it is told of,
     and a file that grew since its fstat is read to its end."""
     monkeypatch.setattr(fetch_cache, "WHOLE_READ", 4096)
@@ -226,10 +232,10 @@ def test_a_file_is_described_from_its_descriptor_as_from_a_file_object(tmp_path:
         copy = tmp_path / f"m{n}"
         copy.write_bytes(data)
         stamp = stamp_of(copy.stat())
-        row, st, here = fetch_cache._described(str(copy), None)
+        row, st, here = _described(str(copy), None)
         with open(copy, "rb") as f:
             assert (row, stamp_of(st), here) == (fetch_cache.describe(f, stamp), stamp, True)
-        assert fetch_cache._described(str(copy), stamp)[0] is None
+        assert _described(str(copy), stamp)[0] is None
     grown = tmp_path / "grown"
     grown.write_bytes(b"x" * 200_000)
     fd = os.open(grown, os.O_RDONLY)
@@ -242,7 +248,7 @@ def test_a_file_is_described_from_its_descriptor_as_from_a_file_object(tmp_path:
 def test_files_described_in_batches_are_described_as_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                                     ) -> None:
     """fetch_cache.described_files (files read READ_AHEAD at a time, then described) gives each file's
-    _described in order, for small, large and renamed files and known stamps, and leaves out a file
+    row of one at a time in order, for small, large and renamed files and known stamps, and leaves out a file
     that is gone; it holds no more than READ_AHEAD_OCTETS (and one file) read but not described."""
     monkeypatch.setattr(fetch_cache, "WHOLE_READ", 4096)
     monkeypatch.setattr(fetch_cache, "READ_AHEAD", 4)
@@ -256,7 +262,7 @@ def test_files_described_in_batches_are_described_as_one_at_a_time(tmp_path: Pat
         copy = cur / f"{n}.M{n}P1.test:2,"
         copy.write_bytes(data)
         wanted.append((n, str(copy), stamp_of(copy.stat()) if n % 7 == 6 else None))
-    expected = {n: fetch_cache._described(path, known) for n, path, known in wanted}
+    expected = {n: _described(path, known) for n, path, known in wanted}
     os.rename(wanted[5][1], wanted[5][1] + "S")  # renamed by a flag change: found again, not at its path
     os.unlink(wanted[9][1])  # expunged: left out
     read_ahead: list[int] = []
