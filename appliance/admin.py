@@ -36,6 +36,10 @@ from appliance.spam import outbound
 from appliance.spam.greylist import Greylist, GreylistEntry
 
 SPAM_LAYERS = ("dnsbl", "domain_blocklist", "early_talker", "greylist")  # the switches of save_spam_layers
+# The data directories whose update outcome this process is recording now: the box's follower
+# (update_outcome.py) and a look at the console's Updates page may come at once, and each would
+# read status.json before the other marked it recorded.
+_RECORDING_OUTCOME: set[Path] = set()
 
 # The use-cases below import their modules inside themselves (issue 15): every CLI command opens an
 # Admin, and `letterbox user list` should not load the certificates (cryptography x509, the ACME
@@ -491,11 +495,18 @@ class Admin:
         as root, with the box stopped part of the time, it does not write the database itself)."""
         from appliance import update
 
-        last = await asyncio.to_thread(update.read_status, self.data.root)
-        if not last or last.get("state") not in ("done", "failed") or last.get("recorded"):
+        root = self.data.root
+        if root in _RECORDING_OUTCOME:
             return
-        await self.events.record("update", str(last.get("message", ""))[:500])
-        await asyncio.to_thread(update.mark_recorded, self.data.root, last)
+        _RECORDING_OUTCOME.add(root)
+        try:
+            last = await asyncio.to_thread(update.read_status, root)
+            if not last or last.get("state") not in ("done", "failed") or last.get("recorded"):
+                return
+            await self.events.record("update", str(last.get("message", ""))[:500])
+            await asyncio.to_thread(update.mark_recorded, root, last)
+        finally:
+            _RECORDING_OUTCOME.discard(root)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ an emulated guest's CPU), no wait for someone to open the console's Updates page
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import trustme
 
 from appliance import update
+from appliance.admin import Admin
 from tests.conftest import BoxHandle
 
 
@@ -54,6 +56,20 @@ def test_no_update_in_flight_nothing_is_followed(tmp_path: Path, ca: trustme.CA)
 
 
 async def _tasks() -> list[str]:
-    import asyncio
-
     return [task.get_name() for task in asyncio.all_tasks()]
+
+
+def test_the_follower_and_the_updates_page_at_once_record_it_once(tmp_path: Path, ca: trustme.CA) -> None:
+    """Each read status.json before the other marked it recorded: the outcome became two events."""
+    data = tmp_path / "data"
+    box = BoxHandle(data, ca)
+    try:
+        _write(data, state="done", version="99.0.0", previous="1.0.0", message="updated from 1.0.0 to 99.0.0")
+
+        async def both() -> None:
+            await asyncio.gather(*(Admin.of(box.services).record_update_outcome() for _ in range(2)))
+
+        box.run(both())
+        assert _update_events(box) == ["updated from 1.0.0 to 99.0.0"]
+    finally:
+        box.close()
