@@ -176,12 +176,14 @@ class DiskChanges:
     moved: list[tuple[Entry, str, str]] = field(default_factory=list)  # entry, sub, file name
     vanished: list[Entry] = field(default_factory=list)
     measured: list[tuple[Entry, int]] = field(default_factory=list)  # entries that had no wire size
+    unremoved: list[str] = field(default_factory=list)  # files of FolderIndex.unremoved found (paths)
+    cleared: list[str] = field(default_factory=list)  # FolderIndex.unremoved names whose file is gone
 
 
 class FolderIndex:
     def __init__(self, folder_id: int, name: str, path: Path, uidvalidity: int, uidnext: int,
                  highestmodseq: int, subscribed: bool, entries: Sequence[Entry] | None, uidlist: UidList | None,
-                 expunges_known_since: int = 0) -> None:
+                 expunges_known_since: int = 0, unremoved: Iterable[str] = ()) -> None:
         self.id = folder_id
         self.name = name
         # Answers a due recheck from inotify's events instead of a listing (dir_watch.py); set by
@@ -224,6 +226,10 @@ class FolderIndex:
         # took it, ours (changed_by_us) or a listing's (was_listed).
         self.recheck_ns = 0
         self.pending: set[str] = set()  # unique names being delivered: not yet ours to index
+        # Unique names of expunged messages (their rows gone, sessions told) whose file could not be
+        # removed (Change.leave_out): never indexed again, removed by the next listing that finds it
+        # (OpenMailboxes.sync); kept in the db's unremoved_files until then, across a restart.
+        self.unremoved: set[str] = set(unremoved)
         self.unwritten: set[int] = set()  # UIDs whose rows a failed commit_queued did not write
         # Flag changes and expunges in memory whose files and rows are queued on the database's
         # thread (commit_pipelined), in order; and whether one of them failed or missed a file, so
@@ -469,6 +475,17 @@ class FolderIndex:
         if changes.dirty:
             self._recheck(max(changes.stamp) + DIRTY_WINDOW_NS)
 
+    def files_done(self, unremoved: Sequence[Entry], stamps: list[tuple[int, int]]) -> None:
+        """A flag change's or expunge's files and rows are done (index._files_first): `stamps`, the
+        folder's before and after them, for changed_by_us; none when a file was found where another
+        program had moved it (the next look lists the folder). `unremoved`: expunged entries whose
+        file is still there (Change.unremoved): the next listing removes them (OpenMailboxes.sync)."""
+        self.unremoved.update(e.base for e in unremoved)
+        if stamps and not unremoved:
+            self.changed_by_us(*stamps)
+        else:
+            self.dirty = True
+
     def unchanged_by_others(self) -> bool:
         """Whether the folder's files are where the index has them, as far as the names inotify
         reported since its last listing show (dir_watch.py): every name a file was added by is
@@ -534,7 +551,7 @@ class FolderIndex:
         changes = DiskChanges(stamp, started - max(stamp) < DIRTY_WINDOW_NS, keywords, kw_mtime)
         if not inline and self.dir_watch is not None:  # a big folder: its rechecks are answered by events
             self.dir_watch.listing(self.id, self._dirs)
-        if not self.by_base and not self.pending and self.uidlist is None:  # a Maildir copied in, no Dovecot UIDs
+        if not self.by_base and not self.pending and not self.unremoved and self.uidlist is None:  # a Maildir copied in, no Dovecot UIDs
             changes.bulk = _found_sized(self._dirs)
             if changes.bulk is not None:
                 return changes
@@ -542,6 +559,8 @@ class FolderIndex:
             raise NeedsThread
         listing = maildir.list_messages(self.path)
         self._compare(listing, changes, inline)
+        if self.unremoved:
+            changes.cleared = [base for base in self.unremoved if base not in listing]
         by_base = self.by_base
         if len(listing) - len(changes.found) != len(by_base):
             # A copy first (one step in C): new messages whose commit ended go into memory on the
@@ -565,6 +584,7 @@ class FolderIndex:
         """The files of `listing` the index does not know (changes.found, in delivery order) and
         those it has elsewhere (changes.moved)."""
         by_base, pending, sized, scale = self.by_base, self.pending, maildir.sized_name, maildir.ORDER_SCALE
+        unremoved = self.unremoved
         found = changes.found
         # Each found file's delivery order as one number (maildir.sized_name), 0 for names it does
         # not read: a list of distinct ints sorts several times quicker than maildir.delivery_order's tuples.
@@ -578,6 +598,9 @@ class FolderIndex:
                     continue
                 entry = by_base.get(base)
                 if entry is None:
+                    if base in unremoved:  # expunged: removed now (OpenMailboxes.sync), never indexed again
+                        changes.unremoved.append(self.file(sub, filename))
+                        continue
                     named = sized(filename)
                     if named is not None:  # _found's first case, and delivery_order, in one match
                         found.append(Found(base, sub, filename, int(named[3]), UNKNOWN_DATE, int(named[4])))
@@ -781,6 +804,9 @@ class Change:
         self.dated: list[tuple[Entry, int]] = []  # entry, INTERNALDATE read (no modseq: it never changes)
         self.cached: list[tuple[Entry, CachedMessage]] = []  # message_cache rows of added entries
         self.carried: list[tuple[Entry, int, int]] = []  # added entry, source folder id and UID (COPY, MOVE)
+        # Removed entries whose file could not be removed (leave_out): their expunge stands.
+        self.unremoved: list[Entry] = []
+        self.cleared: list[str] = []  # FolderIndex.unremoved names whose file is gone now
         self.expunges_known_since = folder.expunges_known_since  # raised when old records are pruned
         self.columns: _Columns | None = None  # `added` as add_columns made it, when nothing else was added
         # `later`: the batch's new messages are the columns alone (add_columns), their entries not
@@ -883,12 +909,18 @@ class Change:
     def remove(self, entry: Entry) -> None:
         self.removed.append(entry)
 
-    def leave_out(self, entries: Iterable[Entry]) -> None:
-        """Drop what the batch would do to these entries (their files were not where the index said)."""
+    def leave_out(self, entries: Sequence[Entry]) -> list[Entry]:
+        """Drop what the batch would do to these entries (their files were not where the index said);
+        returns those whose change was dropped. An expunge stays (`unremoved`): sessions may have been
+        told of it (commit_pipelined), and its file was looked for where it is now already
+        (maildir.unlink_messages); one still there is removed by the folder's next listing
+        (FolderIndex.unremoved)."""
         out = set(entries)
         self.updated = [u for u in self.updated if u[0] not in out]
         self.located = [x for x in self.located if x[0] not in out]
-        self.removed = [e for e in self.removed if e not in out]
+        self.unremoved = [e for e in self.removed if e in out]
+        kept = set(self.unremoved)
+        return [e for e in entries if e not in kept]
 
     @property
     def writes(self) -> bool:
@@ -907,7 +939,7 @@ class Change:
     @property
     def pending(self) -> bool:
         """Whether there is anything to write or apply at all."""
-        return self.writes or bool(self.located or self.measured or self.dated)
+        return self.writes or bool(self.located or self.measured or self.dated or self.cleared)
 
     def write(self, tx: sqlite3.Connection) -> None:
         """The rows, on the database's thread inside the transaction of `commit` (one trip for all)."""
@@ -918,6 +950,9 @@ class Change:
         if self.dated:
             tx.executemany("UPDATE messages SET internaldate = ? WHERE folder_id = ? AND uid = ?",
                            [(date, f.id, e.uid) for e, date in self.dated])
+        if self.cleared:
+            tx.executemany("DELETE FROM unremoved_files WHERE folder_id = ? AND basename = ?",
+                           [(f.id, base) for base in self.cleared])
         if not self.writes:
             return
         columns = self.columns
@@ -943,6 +978,9 @@ class Change:
             tx.executemany("INSERT OR REPLACE INTO expunged (folder_id, uid, modseq) VALUES (?, ?, ?)",
                            [(f.id, e.uid, self.modseq) for e in self.removed])
             self._prune_expunged(tx)
+            if self.unremoved:  # (known once files() ran, before the rows in the same trip: _files_first)
+                tx.executemany("INSERT OR IGNORE INTO unremoved_files (folder_id, basename) VALUES (?, ?)",
+                               [(f.id, e.base) for e in self.unremoved])
         # MAX: a change made in memory before a pipelined expunge's pruning was written (commit_pipelined)
         # knows the older bound, and must not lower it.
         tx.execute("UPDATE folders SET uidnext = ?, highestmodseq = ?, expunges_known_since = MAX(expunges_known_since, ?)"
@@ -1055,7 +1093,7 @@ async def commit(db: Database, changes: Sequence[Change], *, first: Callable[[],
     fsyncs, store/arrivals.py: one thread trip for both); what it raises rolls everything back.
     `durable=False`: the commit is not fsynced (Database.write), for what a listing found only."""
     changes = [c for c in changes if c.pending]
-    if any(c.writes or c.measured or c.dated for c in changes):
+    if any(c.writes or c.measured or c.dated or c.cleared for c in changes):
         def write_all(tx: sqlite3.Connection) -> None:
             if first is not None:
                 first()
@@ -1067,7 +1105,7 @@ async def commit(db: Database, changes: Sequence[Change], *, first: Callable[[],
         change.apply()
 
 
-async def commit_pipelined(db: Database, change: Change, files: Callable[[], list[bool]],
+async def commit_pipelined(db: Database, change: Change, files: Callable[[], Sequence[bool | None]],
                            entries: Sequence[Entry]) -> asyncio.Future[list[Entry]]:
     """commit_with_files(durable=False) of a flag change or an expunge, without holding the folder
     lock for its trip: the change goes into memory at once, and its files and rows are queued on the
@@ -1108,7 +1146,7 @@ async def commit_pipelined(db: Database, change: Change, files: Callable[[], lis
             f.reload_due = True
             return
         f.expunges_known_since = max(f.expunges_known_since, change.expunges_known_since)
-        f.changed_by_us(*stamps)
+        f.files_done(change.unremoved, stamps)
 
     f.in_flight.append(written)
     written.add_done_callback(settle)
@@ -1190,7 +1228,7 @@ def _renumber(db: Database, change: Change, modseq: int) -> None:
     task.add_done_callback(_fixups.discard)
 
 
-def _files_first(change: Change, files: Callable[[], list[bool]], entries: Sequence[Entry],
+def _files_first(change: Change, files: Callable[[], Sequence[bool | None]], entries: Sequence[Entry],
                  stamps: list[tuple[int, int]]) -> list[Entry]:
     """On the database's thread, before the change's rows: `files()` between two stamps of the
     folder's directories (appended to `stamps`, for FolderIndex.changed_by_us); the entries whose
@@ -1199,13 +1237,13 @@ def _files_first(change: Change, files: Callable[[], list[bool]], entries: Seque
     stamps.append(maildir.dir_stamp(path))
     done = files()
     stamps.append(maildir.dir_stamp(path))
-    missed = [e for e, ok in zip(entries, done, strict=True) if not ok]
-    if missed:
-        change.leave_out(missed)
-    return missed
+    if None in done:  # a file found where another program had moved it: the folder must be listed
+        stamps.clear()
+    missed = [e for e, ok in zip(entries, done, strict=True) if ok is False]
+    return change.leave_out(missed) if missed else missed
 
 
-async def commit_with_files(db: Database, change: Change, files: Callable[[], list[bool]], entries: Sequence[Entry], *,
+async def commit_with_files(db: Database, change: Change, files: Callable[[], Sequence[bool | None]], entries: Sequence[Entry], *,
                             durable: bool) -> list[Entry]:
     """commit() of a change whose files `files()` renames or unlinks on the database's thread, just
     before the rows in the same trip (files first, then the db): one thread handoff per STORE or
@@ -1224,7 +1262,7 @@ async def commit_with_files(db: Database, change: Change, files: Callable[[], li
 
     await commit(db, [change], first=first, durable=durable)
     if not missed:  # (a file not found: another program changed the folder, a listing is due)
-        f.changed_by_us(*stamps)
+        f.files_done(change.unremoved, stamps)
     return missed
 
 
@@ -1323,7 +1361,8 @@ async def write_unwritten(db: Database, f: FolderIndex) -> None:
 
 async def folder_row(db: Database, mailbox_id: int, name: str) -> Any:
     return await db.fetchone(
-        "SELECT id, uidvalidity, uidnext, highestmodseq, subscribed, expunges_known_since FROM folders"
+        "SELECT id, uidvalidity, uidnext, highestmodseq, subscribed, expunges_known_since,"
+        " (SELECT group_concat(basename, '/') FROM unremoved_files WHERE folder_id = folders.id) FROM folders"
         " WHERE mailbox_id = ? AND name = ?",
         (mailbox_id, name),
     )

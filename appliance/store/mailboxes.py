@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -217,7 +218,8 @@ class OpenMailboxes:
             entries: list[index.Entry] | None = []
         else:
             entries = None  # loaded at the first sync: a delivery needs only the folder's row
-        f = FolderIndex(row[0], name, path, row[1], row[2], row[3], bool(row[4]), entries, uidlist, row[5])
+        f = FolderIndex(row[0], name, path, row[1], row[2], row[3], bool(row[4]), entries, uidlist, row[5],
+                        row[6].split("/") if row[6] else ())
         f.dir_watch = self.dir_watch
         mb.folders[name] = f
         return f
@@ -286,6 +288,8 @@ class OpenMailboxes:
         if found.found or (found.bulk is not None and found.bulk.bases):
             await self.arrived(f)  # files of others get UIDs after those of new messages being committed
         change = Change(f)
+        if found.unremoved or found.cleared:
+            await self._remove_unremoved(f, found, change)
         remap = found.keywords is not None and found.keywords != f.keywords
         if found.keywords is not None:
             f.keywords = found.keywords
@@ -357,6 +361,18 @@ class OpenMailboxes:
             await index.reload(self._db, f)
             # Sessions may have seen the change that was not made: each looks again at its next command.
             self.changes.changed(mb.key, f.name)
+
+    @staticmethod
+    async def _remove_unremoved(f: FolderIndex, found: index.DiskChanges, change: Change) -> None:
+        """The files of expunged messages that a listing found still there (FolderIndex.unremoved):
+        removed now, and their names forgotten once their files are gone (`change` writes it)."""
+        cleared = found.cleared
+        if found.unremoved:
+            gone = await asyncio.to_thread(maildir.unlink_messages, f.path, found.unremoved)
+            cleared += [os.path.basename(p).partition(":")[0] for p, ok in zip(found.unremoved, gone, strict=True) if ok]
+        if cleared:
+            f.unremoved.difference_update(cleared)
+            change.cleared = cleared
 
     @staticmethod
     async def arrived(f: FolderIndex) -> None:

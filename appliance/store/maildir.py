@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import re
 import shutil
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from appliance.store.model import INBOX, SEPARATOR, StoreError
+
+log = logging.getLogger("letterbox.store")
 
 SUBDIRS = ("cur", "new", "tmp")
 INFO = ":2,"  # Maildir info for version 2: flags follow
@@ -636,13 +639,22 @@ def open_message(path: Path | str) -> BinaryIO:
         return open(path, "rb")
     except FileNotFoundError:
         path = Path(path)
-        base = split_filename(path.name)[0]
-        for sub in ("cur", "new"):
-            with contextlib.suppress(FileNotFoundError):
-                for filename in os.listdir(path.parent.parent / sub):
-                    if split_filename(filename)[0] == base:
-                        return (path.parent.parent / sub / filename).open("rb")
-        raise
+        found = where_now(path.parent.parent, split_filename(path.name)[0])
+        if found is None:
+            raise
+        return open(found, "rb")
+
+
+def where_now(folder: str | Path, base: str) -> str | None:
+    """The path of the message file of unique name `base` in the folder's cur/ or new/, whatever its
+    flags are now (another program renamed it), or None when there is none."""
+    for sub in ("cur", "new"):
+        directory = os.path.join(folder, sub)
+        with contextlib.suppress(FileNotFoundError):
+            for filename in os.listdir(directory):
+                if filename.partition(":")[0] == base:
+                    return os.path.join(directory, filename)
+    return None
 
 
 def read_message(path: str, limit: int) -> bytes:
@@ -714,6 +726,71 @@ def unlink_files(paths: Iterable[str | Path], *, durable: bool = True) -> list[b
     for directory in touched:
         fsync_dir(directory)
     return found
+
+
+# How many times a flag change or an expunge looks for a file another program keeps renaming
+# (rename_flagged, unlink_messages).
+FIND_TRIES = 20
+
+
+def unlink_messages(folder: str | Path, paths: Sequence[str]) -> list[bool | None]:
+    """Remove the message files at `paths` (the folder's new/ or cur/), not fsynced: an expunge's.
+    A file not there was renamed by another program (its flags, new/ to cur/) or removed: it is
+    looked for by its unique name and removed where it is now, again while it keeps moving, FIND_TRIES
+    times at most. For each: True, removed where given; None, gone otherwise (the folder changed);
+    False, still there (it kept moving, or its unlink failed: EPERM, EIO), for the caller to remove
+    later: a message whose expunge other sessions were told of must not come back (mailstore.expunge)."""
+    return [_unlink_wherever(folder, path) for path in paths]
+
+
+def _unlink_wherever(folder: str | Path, path: str) -> bool | None:
+    now: str | None = path
+    for _ in range(FIND_TRIES):
+        try:
+            os.unlink(now)  # type: ignore[arg-type]
+            return True if now is path else None
+        except FileNotFoundError:
+            now = where_now(folder, os.path.basename(path).partition(":")[0])
+            if now is None:
+                return None
+        except OSError as exc:
+            log.warning("store: cannot remove %s (%s); tried again at the folder's next listing", now, exc.strerror or exc)
+            return False
+    return False
+
+
+def rename_flagged(folder: str | Path, moves: Sequence[tuple[str, str]]) -> list[bool]:
+    """A flag change's renames (source, target in cur/) within the folder, not fsynced. A source not
+    there was renamed by another program (a flag change of its own): it is looked for by its unique
+    name and renamed from where it is now, its letters the other program's with this change's made
+    on them (the letters the target adds to the source's, less those it drops), FIND_TRIES times at
+    most while it keeps moving; so the change is on the file even when that program moves it again
+    before the folder is listed. For each, whether it was renamed as planned: False when the file
+    was elsewhere (the change made there, the name has the other program's letters too) or nowhere
+    (removed): the caller reads the folder again (index.commit_pipelined)."""
+    return [_rename_wherever(folder, source, target) for source, target in moves]
+
+
+def _rename_wherever(folder: str | Path, source: str, target: str) -> bool:
+    try:
+        os.rename(source, target)
+        return True
+    except FileNotFoundError:
+        pass
+    base, was = split_filename(os.path.basename(source))
+    wanted = split_filename(os.path.basename(target))[1]
+    added, dropped = set(wanted) - set(was), set(was) - set(wanted)
+    for _ in range(FIND_TRIES):
+        now = where_now(folder, base)
+        if now is None:
+            return False
+        letters = sorted_letters((set(split_filename(os.path.basename(now))[1]) - dropped) | added)
+        try:
+            os.rename(now, os.path.join(os.path.dirname(target), cur_filename(base, letters)))
+            return False
+        except FileNotFoundError:
+            continue
+    return False
 
 
 def copy_messages(copies: Iterable[tuple[Path, WriteJob]]) -> None:

@@ -258,12 +258,13 @@ class MailStore:
     async def _written(self, mb: OpenMailbox, f: index.FolderIndex, written: asyncio.Future[list[index.Entry]] | None,
                        act: Callable[[list[index.Entry]], Awaitable[list[index.Entry]]]) -> bool:
         """Wait for a flag change or expunge queued with the folder lock let go (index.commit_pipelined),
-        raising its error; whether some of its files were not where the index said: renamed or
-        removed by another program since the last listing. Then, in a task of its own that a
-        cancelled command does not stop (an expunge announced to the other sessions must not come
-        back), the index is read again and the folder listed (its sync), and `act` (done at once,
-        the lock held) tried once more on where they are now (a file gone has left the index). One
-        still missing was renamed again meanwhile: the next scan tells."""
+        raising its error; whether some of a flag change's files were not where the index said:
+        renamed or removed by another program since the last listing (the change was made where the
+        file is now, maildir.rename_flagged; an expunge never misses: maildir.unlink_messages). Then,
+        in a task of its own that a cancelled command does not stop, the index is read again and the
+        folder listed (its sync), and `act` (done at once, the lock held) tried once more on where
+        they are now (a file gone has left the index): it finds the change made, unless the other
+        program changed the same flag meanwhile."""
         if written is None:
             return False
         retry: list[asyncio.Task[None]] = []
@@ -311,7 +312,7 @@ class MailStore:
         changes.changed = True
         # Neither the renames nor the commit are fsynced (the module's docstring): both fsyncs were
         # under the folder lock, which every other session of the folder waits for (issue 19).
-        return _FileChange(change, partial(maildir.rename_files, moves, durable=False), [e for e, _, _, _ in plan])
+        return _FileChange(change, partial(maildir.rename_flagged, f.path, moves), [e for e, _, _, _ in plan])
 
     async def _change_flags(self, f: index.FolderIndex, entries: list[index.Entry], *,
                             changes: _FlagChange) -> list[index.Entry]:
@@ -531,7 +532,7 @@ class _FileChange:
     """A change of index entries with what it does to their files: both made on the database's thread."""
 
     change: Change
-    files: Callable[[], list[bool]]  # for each of `entries`, whether its file was found
+    files: Callable[[], Sequence[bool | None]]  # for each of `entries`: maildir.rename_flagged's, unlink_messages'.
     entries: list[index.Entry]
 
 
@@ -543,7 +544,7 @@ def _removal(f: index.FolderIndex, entries: list[index.Entry]) -> _FileChange | 
     change = Change(f)
     for e in entries:
         change.remove(e)
-    return _FileChange(change, partial(maildir.unlink_files, [f.file(e.sub, e.filename) for e in entries], durable=False),
+    return _FileChange(change, partial(maildir.unlink_messages, f.path, [f.file(e.sub, e.filename) for e in entries]),
                        entries)
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
@@ -106,7 +108,7 @@ def test_store_and_expunge_find_files_another_program_renamed_meanwhile(
     reply = busy.command(b"f", b"UID STORE 1 +FLAGS (\\Flagged)")
     assert reply[-1].startswith(b"f OK"), reply
     assert _flags(reply) == {1: {"\\Seen", "\\Flagged"}}
-    assert READ_AGAIN in caplog.text  # the write missed the file: memory read again, then the flag set
+    assert READ_AGAIN in caplog.text  # the write found the file elsewhere: memory read again, then the folder listed
     assert _file(box, 1).name.endswith(":2,FS")
     assert _rows(box)[1] == "FS"
     noop = other.command(b"n", b"UID FETCH 1 (FLAGS)")
@@ -118,7 +120,7 @@ def test_store_and_expunge_find_files_another_program_renamed_meanwhile(
     reply = busy.command(b"x", b"EXPUNGE")
     assert reply[-1].startswith(b"x OK"), reply
     assert b"* 2 EXPUNGE\r\n" in reply
-    assert READ_AGAIN in caplog.text
+    assert READ_AGAIN not in caplog.text  # (the file was found by its unique name: maildir.unlink_messages)
     assert sorted(_rows(box)) == [1, 3]
     assert len(list((_inbox(box) / "cur").iterdir())) + len(list((_inbox(box) / "new").iterdir())) == 2
     assert b"* 2 EXPUNGE\r\n" in other.command(b"n", b"NOOP")
@@ -140,7 +142,9 @@ def test_a_session_that_saw_a_pipelined_flag_change_never_sees_its_mod_sequence_
     read again from the db, whose row has the message's older mod-sequence: a session that saw the
     change must not be told that older one (RFC 7162 3.1: a message's mod-sequence only grows; its
     flags went back, which is a change too). Here the other session's NOOP is the one that reads
-    the index again (it waited for the write, folder lock held), before the STORE's retry."""
+    the index again (it waited for the write, folder lock held), before the STORE's retry. (A file
+    another program renamed is found by its unique name: here it is nowhere for the write, moved out
+    of new/ and cur/ for a moment, and back for the reading again.)"""
     busy, other = opened(), opened()
     _append(busy)
     for raw in (busy, other):
@@ -164,13 +168,22 @@ def test_a_session_that_saw_a_pipelined_flag_change_never_sees_its_mod_sequence_
             seen = _modseqs(other.command(b"n", b"NOOP"))
         assert seen, "the STORE was not told to the other session"
         assert seen[-1] > before, seen
-        # Another program moves the file, its flags as they were (the row's).
-        os.rename(path, path.parent.parent / "new" / path.name.split(":")[0])
+        aside = path.parent.parent / "tmp" / path.name
+        os.rename(path, aside)
+        held = threading.Event()  # the NOOP's reading of the index waits for it, behind the write
+        second = box.run(_queued_behind(db.write_queued(nothing, gate=(held, 30))))
         other.send(b"n2 NOOP\r\n")  # waits for the STORE's write, the folder lock held
         time.sleep(0.5)
     finally:
         gate.set()
-    box.run(_ended(blocker))
+    try:
+        box.run(_ended(blocker))
+        time.sleep(0.5)  # the write missed the file
+        # Back, its flags as they were (the row's), for the reading again.
+        os.rename(aside, path.parent.parent / "new" / path.name.split(":")[0])
+    finally:
+        held.set()
+    box.run(_ended(second))
     after = other.until_tagged(b"n2")
     assert all(m >= seen[-1] for m in _modseqs(after)), (seen, after)
     assert busy.until_tagged(b"st")[-1].startswith(b"st OK")
@@ -185,3 +198,148 @@ async def _queued_behind(queued: Coroutine[Any, Any, asyncio.Future[None]]) -> a
 
 async def _ended(future: asyncio.Future[None]) -> None:
     await future
+
+
+def _immutable(path: Path, on: bool) -> None:
+    """chattr +i: not even root may remove or rename the file (EPERM), as a file of another owner or
+    a failing disk (EIO) refuses its unlink."""
+    done = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True, text=True, check=False)
+    if on and done.returncode:
+        pytest.skip(f"chattr +i is not supported here: {done.stderr.strip()}")
+
+
+def _logged_in(box: BoxHandle, sessions: list[RawImap]) -> RawImap:
+    raw = RawImap(box.port("imaps"), box.client_context, timeout=30)
+    sessions.append(raw)
+    raw.login(USER, PASSWORD)
+    return raw
+
+
+def _closed(box: BoxHandle, sessions: list[RawImap]) -> None:
+    for raw in sessions:
+        raw.close()
+    box.close()
+
+
+def test_an_expunge_told_to_other_sessions_stays_when_its_file_cannot_be_removed(tmp_path: Path, ca: trustme.CA) -> None:
+    """The expunge is in memory, and told to the other session, before its unlink; the unlink then
+    fails (EPERM: not "not found"). The expunge stands for everyone: its OK, its row gone, the other
+    session and a fresh SELECT never see the message again, nor after a restart; the file is
+    removed by the first listing after it can be (it was answered NO and the row read back: the
+    other session, told EXPUNGE, and a fresh SELECT saw the message again)."""
+    root = tmp_path / "data"
+    box = BoxHandle(root, ca)
+    sessions: list[RawImap] = []
+    path: Path | None = None
+    try:
+        box.add_user(USER, PASSWORD)
+        busy, other = _logged_in(box, sessions), _logged_in(box, sessions)
+        for _ in range(2):
+            _append(busy)
+        for raw in (busy, other):
+            assert raw.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        assert busy.command(b"d", b"UID STORE 1 +FLAGS.SILENT (\\Deleted)")[-1].startswith(b"d OK")
+        path = _file(box, 1)
+        _immutable(path, True)
+        gate = threading.Event()
+        blocker = box.run(_queued_behind(box.services.store._db.write_queued(_nothing, gate=(gate, 30))))
+        try:
+            busy.send(b"x UID EXPUNGE 1\r\n")
+            told: list[bytes] = []
+            deadline = time.monotonic() + 10
+            while b"* 1 EXPUNGE\r\n" not in told and time.monotonic() < deadline:
+                told = other.command(b"n", b"NOOP")
+            assert b"* 1 EXPUNGE\r\n" in told, told
+        finally:
+            gate.set()
+        box.run(_ended(blocker))
+        reply = busy.until_tagged(b"x")
+        assert reply[-1].startswith(b"x OK"), reply
+        assert path.exists()  # (EPERM)
+        assert sorted(_rows(box)) == [2]
+        assert b"EXPUNGE" not in b"".join(other.command(b"n2", b"NOOP"))
+        assert set(_flags(other.command(b"f", b"UID FETCH 1:* (FLAGS)"))) == {2}
+        assert b"* 1 EXISTS\r\n" in _logged_in(box, sessions).command(b"s", b"SELECT INBOX")
+    finally:
+        _closed(box, sessions)
+
+    box, sessions = BoxHandle(root, ca), []
+    try:
+        fresh = _logged_in(box, sessions)
+        assert b"* 1 EXISTS\r\n" in fresh.command(b"s", b"SELECT INBOX")
+        assert set(_flags(fresh.command(b"f", b"UID FETCH 1:* (FLAGS)"))) == {2}
+        _immutable(path, False)
+        _rename_behind(_file(box, 2), "S")  # another program's change: the folder is listed again
+        assert b"EXISTS" not in b"".join(fresh.command(b"n", b"NOOP"))
+        assert set(_flags(fresh.command(b"f2", b"UID FETCH 1:* (FLAGS)"))) == {2}
+        assert not path.exists()
+        assert box.run(box.services.store._db.fetchall("SELECT * FROM unremoved_files")) == []
+    finally:
+        if path is not None and path.exists():
+            _immutable(path, False)
+        _closed(box, sessions)
+
+
+def _nothing(_: sqlite3.Connection) -> None:
+    return None
+
+
+class _Renamer(threading.Thread):
+    """Another program changing one message's flags over and over, as a Maildir MUA does (the letters
+    of the name it finds, one toggled: S, F or R in turn), as fast as it can, until stopped."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(name="renamer", daemon=True)
+        self.folder, self.base = path.parent.parent, path.name.split(":")[0]
+        self.now = path
+        self.stop = threading.Event()
+        self.renames = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            letters = set(self.now.name.partition(":2,")[2]) ^ {"SFR"[self.renames % 3]}
+            target = self.folder / "cur" / f"{self.base}:2,{''.join(sorted(letters))}"
+            try:
+                os.rename(self.now, target)
+            except FileNotFoundError:  # the box renamed it: look for it again
+                found = [p for sub in ("cur", "new") for p in (self.folder / sub).iterdir() if p.name.startswith(self.base)]
+                if not found:
+                    return  # removed
+                self.now = found[0]
+                continue
+            self.now = target
+            self.renames += 1
+
+
+def test_a_store_and_an_expunge_find_a_file_another_program_keeps_renaming(
+        box: BoxHandle, opened: Callable[[], RawImap]) -> None:
+    """The STORE's rename and the EXPUNGE's unlink miss the file again and again. The flag change
+    lands on the file wherever it is (\\Deleted was lost when its one retry missed too, and the
+    EXPUNGE then left the message), and the expunge removes it (when its one retry missed, the
+    message came back at the next listing, though the other session had been told EXPUNGE)."""
+    busy, other = opened(), opened()
+    for _ in range(4):
+        _append(busy)
+    for raw in (busy, other):
+        assert raw.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+    for uid in (1, 2, 3):
+        renamer = _Renamer(_file(box, uid))
+        renamer.start()
+        try:
+            while renamer.renames < 50:
+                time.sleep(0.001)
+            stored = busy.command(b"d", b"UID STORE %d +FLAGS.SILENT (\\Deleted)" % uid)
+            reply = busy.command(b"x", b"UID EXPUNGE %d" % uid)
+        finally:
+            renamer.stop.set()
+            renamer.join()
+        assert stored[-1].startswith(b"d OK"), stored
+        assert reply[-1].startswith(b"x OK"), reply
+        assert b"* 1 EXPUNGE\r\n" in reply, (uid, reply)
+        assert b"* 1 EXPUNGE\r\n" in other.command(b"n", b"NOOP")
+    fresh = opened()
+    assert b"* 1 EXISTS\r\n" in fresh.command(b"s", b"SELECT INBOX")
+    assert set(_flags(fresh.command(b"f", b"UID FETCH 1:* (FLAGS)"))) == {4}
+    assert set(_flags(other.command(b"f", b"UID FETCH 1:* (FLAGS)"))) == {4}
+    assert sorted(_rows(box)) == [4]
+    assert len(list((_inbox(box) / "cur").iterdir())) + len(list((_inbox(box) / "new").iterdir())) == 1
