@@ -93,6 +93,11 @@ class OpenMailbox:
 
 
 
+# How many times a COPY or MOVE takes a source file another program renamed meanwhile from where a
+# listing finds it now (OpenMailboxes.transfer).
+TRANSFER_TRIES = 4
+
+
 class OpenMailboxes:
     def __init__(self, root: Path, db: Database, directory: MailboxDirectory, *,
                  quiet: Callable[[float], Awaitable[None]] | None = None) -> None:
@@ -440,16 +445,32 @@ class OpenMailboxes:
         return wanted
 
     async def transfer(self, mb: OpenMailbox, src: FolderIndex, target: FolderIndex, uids: Sequence[int], *,
-                        move: bool, disk: bool = True) -> list[tuple[int, int]]:
+                       move: bool, disk: bool = True) -> list[tuple[int, int]]:
         """Copy (hard links) or move (renames) messages into another folder; both locks held.
-        Without `disk`, the folders as their indexes have them (sync): a MOVE's later slices."""
+        Without `disk`, the folders as their indexes have them (sync): a MOVE's later slices. A
+        source file another program renamed meanwhile (a flag change of its own) is looked for by a
+        listing and taken from where it is now, TRANSFER_TRIES times at most: a MOVE answered OK
+        left such a message where it was, and a COPY said it was expunged."""
+        pairs: list[tuple[int, int]] = []
+        for attempt in range(TRANSFER_TRIES):
+            done, missed = await self._transfer(mb, src, target, uids, move=move, disk=disk or bool(attempt),
+                                                last=attempt == TRANSFER_TRIES - 1)
+            pairs += done
+            if not missed:
+                break
+            uids = missed  # (src is dirty: the next sync lists it)
+        return sorted(pairs)
+
+    async def _transfer(self, mb: OpenMailbox, src: FolderIndex, target: FolderIndex, uids: Sequence[int], *,
+                        move: bool, disk: bool, last: bool) -> tuple[list[tuple[int, int]], list[int]]:
+        """transfer() once: the pairs made, and the UIDs whose source file was not where the index said."""
         for f in dict.fromkeys((src, target)):
             await self.settle(mb, f)  # the files are where memory says (a reload is listed by the sync)
             await self.sync(mb, f, disk=disk)
         await self.arrived(target)  # the copies' UIDs come after theirs
         entries = src.entries(uids)
         if not entries:
-            return []
+            return [], []
         size = sum(e.size for e in entries)
         if not move and mb.quota:
             used = _bytes(mb)
@@ -469,7 +490,10 @@ class OpenMailboxes:
             moves = [(src.file(e.sub, e.filename), target.file("cur", j.filename)) for e, j in zip(entries, jobs, strict=True)]
             done = await asyncio.to_thread(_stamped, changed, stamps, partial(maildir.rename_files, moves))
         else:
-            done = await self._copy_files(mb, src, target, entries, jobs, size, stamps)
+            copied = await self._copy_files(mb, src, target, entries, jobs, size, stamps, last=last)
+            if copied is None:  # all or nothing: every one again
+                return [], [e.uid for e in entries]
+            done = copied
         out_change, in_change = Change(src), Change(target)
         pairs = []
         for e, job, ok in zip(entries, jobs, done, strict=True):
@@ -489,19 +513,22 @@ class OpenMailboxes:
         target.invalidate()
         if all(done):
             _carry_stamps(changed, stamps)
-        return pairs
+        return pairs, [e.uid for e, ok in zip(entries, done, strict=True) if not ok]
 
     @staticmethod
     async def _copy_files(mb: OpenMailbox, src: FolderIndex, target: FolderIndex, entries: list[index.Entry],
-                          jobs: list[WriteJob], size: int, stamps: list[tuple[int, int]]) -> list[bool]:
+                          jobs: list[WriteJob], size: int, stamps: list[tuple[int, int]], *, last: bool) -> list[bool] | None:
         """A COPY's files (all or none, fsynced); `size` octets reserved against the quota meanwhile;
-        the target's stamps around them put in `stamps` (_stamped)."""
+        the target's stamps around them put in `stamps` (_stamped). None: a source file was not
+        where the index said, nothing copied (unless `last`: the COPY's NO)."""
         sources = [src.path / e.sub / e.filename for e in entries]
         mb.reserved += size
         try:
             await asyncio.to_thread(_stamped, [target], stamps, partial(maildir.copy_messages, list(zip(sources, jobs, strict=True))))
         except FileNotFoundError:
             src.dirty = True
+            if not last:
+                return None
             raise StoreError("a message was expunged meanwhile; nothing copied") from None
         except OSError as exc:
             raise StoreError(f"cannot copy: {exc.strerror or exc}") from None

@@ -343,3 +343,41 @@ def test_a_store_and_an_expunge_find_a_file_another_program_keeps_renaming(
     assert set(_flags(other.command(b"f", b"UID FETCH 1:* (FLAGS)"))) == {4}
     assert sorted(_rows(box)) == [4]
     assert len(list((_inbox(box) / "cur").iterdir())) + len(list((_inbox(box) / "new").iterdir())) == 1
+
+
+@pytest.mark.parametrize("verb", [b"MOVE", b"COPY"])
+def test_a_move_or_copy_takes_a_file_another_program_renamed_meanwhile(box: BoxHandle, opened: Callable[[], RawImap],
+                                                                       verb: bytes) -> None:
+    """The MOVE's rename (the COPY's link) misses the source file: another program renamed it after
+    the command's look at the source (here while its look at the target commits what another
+    program changed there, behind the database's thread). It is taken from where it is now, with its
+    COPYUID and its flags as the other program left them (a MOVE left it in the folder, answered OK
+    without it; a COPY said NO, the message expunged meanwhile)."""
+    busy = opened()
+    _append(busy)
+    assert busy.command(b"c", b"CREATE Elsewhere")[-1].startswith(b"c OK")
+    busy.send(b"a APPEND Elsewhere () {%d}\r\n" % len(MESSAGE))
+    assert busy.line().startswith(b"+")
+    busy.send(MESSAGE + b"\r\n")
+    assert busy.until_tagged(b"a")[-1].startswith(b"a OK")
+    for name in (b"Elsewhere", b"INBOX"):
+        assert busy.command(b"s", b"SELECT " + name)[-1].startswith(b"s OK")
+    there = next((box.data.mail / "example.test" / "alice" / ".Elsewhere" / "cur").iterdir())
+    _rename_behind(there, "S")  # for the MOVE's look at the target to commit
+    [path] = [p for sub in ("cur", "new") for p in (_inbox(box) / sub).iterdir()]
+    gate = threading.Event()
+    blocker = box.run(_queued_behind(box.services.store._db.write_queued(_nothing, gate=(gate, 30))))
+    try:
+        busy.send(b"m UID " + verb + b" 1 Elsewhere\r\n")
+        time.sleep(0.5)  # INBOX looked at, the target's commit waiting behind the gate
+        _rename_behind(path, "F")
+    finally:
+        gate.set()
+    box.run(_ended(blocker))
+    reply = busy.until_tagged(b"m")
+    assert reply[-1].startswith(b"m OK"), reply
+    assert any(b"COPYUID" in line for line in reply), reply
+    assert (b"* 1 EXPUNGE\r\n" in reply) == (verb == b"MOVE")
+    assert b"* 2 EXISTS\r\n" in busy.command(b"e", b"EXAMINE Elsewhere")
+    assert _flags(busy.command(b"f", b"UID FETCH 2 (FLAGS)")) == {2: {"\\Flagged"}}
+    assert b"* %d EXISTS\r\n" % (verb == b"COPY") in busy.command(b"s", b"SELECT INBOX")
