@@ -89,6 +89,7 @@ class OutboundQueue:
         self._in_flight: set[tuple[str, str]] = set()
         self._in_flight_rows = 0
         self._active: collections.Counter[str] = collections.Counter()
+        self._sessions: collections.Counter[str] = collections.Counter()  # open SMTP sessions per domain
         self._workers: set[asyncio.Task[None]] = set()
         self._scheduler: asyncio.Task[None] | None = None
         self._abort = AbortSignal()
@@ -210,36 +211,30 @@ class OutboundQueue:
         jobs = self._pending.get(domain) or collections.deque()
         try:
             while jobs and not self._stopping:
-                session, config = await self._follow_settings(session, config)
+                session, config = await self._follow_settings(domain, session, config)
                 if config.hold or not jobs:  # the deque may have been emptied while we awaited
                     break
                 job = jobs.popleft()
                 handed_back = False
                 try:
                     if session is not None and (session.broken or session.messages >= MAX_MESSAGES_PER_SESSION):
-                        await self._threads.run(session.close)
+                        await self._close(domain, session)
                         session = None
                     if session is None:
                         try:
                             session = await self._open(domain, config)
+                            self._sessions[domain] += 1
                         except (RouteError, SessionFailed) as exc:
-                            if self._active[domain] > 1 and not getattr(exc, "permanent", False):
-                                # Others are already sending to this domain (servers often cap
-                                # sessions per client): leave the job to them, and no failure.
+                            if self._sessions[domain] > 0 and not getattr(exc, "permanent", False):
+                                # Another worker holds a session to this domain (servers often cap
+                                # sessions per client): leave the job to it, and no failure. Only a
+                                # session that is open counts: workers that were all still opening
+                                # handed their jobs to each other forever when the domain was down,
+                                # and nothing was ever recorded, retried later or expired.
                                 jobs.appendleft(job)
                                 handed_back = True
                                 break
-                            # The same failure holds for everything waiting for this domain now.
-                            failure = _failure(exc)
-                            await self._finish(job, dict.fromkeys((r.address for r in job.recipients), failure),
-                                               config, "")
-                            while jobs:
-                                other = jobs.popleft()
-                                try:
-                                    await self._finish(other, dict.fromkeys(
-                                        (r.address for r in other.recipients), failure), config, "")
-                                finally:
-                                    self._release(other)
+                            await self._fail_waiting(job, jobs, _failure(exc), config)
                             break
                     await self._deliver(job, session, config)
                 finally:
@@ -251,11 +246,28 @@ class OutboundQueue:
             self._leave_for_later(jobs, config.hold)
             if session is not None:
                 with contextlib.suppress(Exception):
-                    await self._threads.run(session.close)
+                    await self._close(domain, session)
             self._active[domain] -= 1
             if self._active[domain] <= 0:
                 del self._active[domain]
             self._wake.set()
+
+    async def _fail_waiting(self, job: Job, jobs: collections.deque[Job], failure: Outcome,
+                            config: DeliveryConfig) -> None:
+        """The same failure holds for `job` and for everything waiting for its domain now."""
+        await self._finish(job, dict.fromkeys((r.address for r in job.recipients), failure), config, "")
+        while jobs:
+            other = jobs.popleft()
+            try:
+                await self._finish(other, dict.fromkeys((r.address for r in other.recipients), failure), config, "")
+            finally:
+                self._release(other)
+
+    async def _close(self, domain: str, session: OutboundSession) -> None:
+        self._sessions[domain] -= 1
+        if self._sessions[domain] <= 0:
+            del self._sessions[domain]
+        await self._threads.run(session.close)
 
     def _leave_for_later(self, jobs: collections.deque[Job], hold: bool) -> None:
         """Stopping, or a hold came: what this worker had not taken waits; its rows are still queued."""
@@ -263,13 +275,13 @@ class OutboundQueue:
             self._release(jobs.popleft())
 
     async def _follow_settings(
-        self, session: OutboundSession | None, config: DeliveryConfig
+        self, domain: str, session: OutboundSession | None, config: DeliveryConfig
     ) -> tuple[OutboundSession | None, DeliveryConfig]:
         """Each message goes by the settings in force when it is taken (a relay switched off by the
         CLI a moment ago must not carry it): a session opened for another route, or under a hold, ends."""
         latest = await self._configs.current()
         if session is not None and (latest.hold or route(latest) != route(config)):
-            await self._threads.run(session.close)
+            await self._close(domain, session)
             session = None
         return session, latest
 

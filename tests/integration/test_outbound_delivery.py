@@ -3,6 +3,10 @@ DNS server on loopback serving a test zone (issue 7). Mail is submitted on 587 l
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+
 import dkim
 
 from appliance import dkim_keys
@@ -153,6 +157,38 @@ def test_a_long_delay_warns_the_sender_once_and_keeps_trying(outbound: Outbound)
     assert per_recipient["Action"] == "delayed"
     assert per_recipient["Will-Retry-Until"]
     assert transaction.rcpt_tos == ("a@example.net",)
+
+
+def test_a_domain_that_is_down_defers_every_waiting_message(outbound: Outbound) -> None:
+    # The MX answers each connection after a while with 421 (a server that is down, slowly). With several
+    # messages waiting, several workers were opening sessions to the domain at once, and each that failed
+    # while another was still opening handed its job back: they did so to each other for ever, and no
+    # attempt was ever recorded, retried later or expired (seen in a 20-minute soak, DNS timing out).
+    mx(outbound.zone, "example.net", (10, "mx.example.net", MX1))
+    outbound.setting("queue_retry_intervals", "600")
+    outbound.setting("queue_hold", "1")
+    for _ in range(8):
+        outbound.submit(["a@example.net"])
+    with socket.create_server((MX1, outbound.port)) as listener:
+        stop = threading.Event()
+
+        def answer_slowly() -> None:
+            listener.settimeout(0.1)
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    client, _ = listener.accept()
+                    threading.Timer(0.5, lambda c=client: (c.sendall(b"421 4.3.2 down\r\n"), c.close())).start()
+
+        thread = threading.Thread(target=answer_slowly, daemon=True)
+        thread.start()
+        try:
+            outbound.setting("queue_hold", "0")
+            outbound.wait_until(lambda: [r.attempts for m in outbound.messages() for r in m.recipients] == [1] * 8,
+                                timeout=15, what="one recorded attempt for each of the 8 messages")
+        finally:
+            stop.set()
+            thread.join()
+    assert all(r.state == "queued" and "421" in r.last_error for m in outbound.messages() for r in m.recipients)
 
 
 def test_null_mx_fails_at_once(outbound: Outbound) -> None:
