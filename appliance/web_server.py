@@ -202,6 +202,11 @@ class _GuardedH11(H11Protocol):
         super().data_received(data)
         if self.cycle is not None and self.cycle is not self._body_of:  # a new request's head is in
             self._body_of, self._body_since, self._body_octets = self.cycle, self.loop.time(), 0
+            names = {name for name, _ in self.cycle.scope["headers"]}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                # RFC 9112 6.1: the body is read as chunked, and the connection MUST close after the
+                # answer; h11 kept it, so what a proxy in front took for body came next as a request.
+                self.cycle.keep_alive = False
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

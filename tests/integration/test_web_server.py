@@ -160,6 +160,22 @@ def test_a_request_body_that_trickles_is_cut_off_and_one_that_flows_is_answered(
         assert steady.recv(4096).startswith(b"HTTP/1.1 ")
 
 
+def test_a_request_with_both_content_length_and_chunked_is_the_last_on_its_connection(box: BoxHandle) -> None:
+    """RFC 9112 6.1: such a request is read as chunked and the connection closed after the answer. It
+    stayed open, and the octets after the chunked body (inside the Content-Length a proxy in front
+    would have read) were answered as a second request: the smuggling pattern."""
+    with socket.create_connection(("127.0.0.1", box.port("https")), timeout=5) as raw, \
+            box.client_context.wrap_socket(raw, server_hostname="localhost") as sock:
+        sock.sendall(b"POST /setup/1 HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: 60\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                     b"GET /smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        answer = b""
+        while data := sock.recv(65536):
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 ")
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+
+
 def test_one_client_holds_a_few_connections_and_others_are_served(
         box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(web_server, "MAX_CONNECTIONS_PER_CLIENT", 5)
