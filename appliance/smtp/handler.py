@@ -403,7 +403,8 @@ class SmtpHandler:
             if refused is not None:
                 log.info("%s: %s refused: %s", peer_ip(session), principal.name, refused)
                 return self._refuse_data(session, env, refused, "sender", data)
-            data = headers.add_submission_headers(data, self.services.hostname)
+            # Before any copy is made: local ones and the queue's (which DKIM-signs what it sends).
+            data = headers.add_submission_headers(headers.without_bcc(data), self.services.hostname)
         sender = "" if env.sender is None else str(env.sender)
         tls = tls_facts(server)
         helo = session.host_name or "unknown"

@@ -1,7 +1,9 @@
-"""Trace and submission headers: Received, Return-Path, Delivered-To, Date, Message-ID. Pure functions.
+"""Trace and submission headers: Received, Return-Path, Delivered-To, Date, Message-ID; Bcc: removed at
+submission. Pure functions.
 
 Messages are handled as bytes and never re-serialised: headers are only ever added in front of the
-message or at the end of its header section, so a signed message stays byte-for-byte what was sent.
+message or at the end of its header section (and Bcc: lines cut out whole), so a signed message
+stays byte-for-byte what was sent.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ _FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")  # RFC 5322 2.2 fiel
 # header_section_end's lines in one C loop, for a message whose line ends are CRLF already.
 _FIELD_LINES = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)*")
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+_BCC = re.compile(rb"^(?:resent-)?bcc[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _UNSAFE_IN_COMMENT = re.compile(r"[^\x21-\x27\x2a-\x5b\x5d-\x7e]")  # ctext minus space, RFC 5322 3.2.2
 
 
@@ -141,6 +144,27 @@ def add_submission_headers(data: bytes, hostname: str, when: datetime | None = N
         head = data if not data or data.endswith(b"\r\n") else data + b"\r\n"
         return head + extra + b"\r\n"
     return data[:end] + extra + data[end:]
+
+
+def without_bcc(data: bytes) -> bytes:
+    """`data` without its Bcc: and Resent-Bcc: fields, continuation lines and all, as Postfix's cleanup
+    drops them from every message (message_drop_headers): every recipient gets the same copy, so a
+    Bcc: left in would tell each of them who else got a blind copy. Only these fields go; every other
+    byte stays where it was, so a signature the client made over other fields still holds."""
+    end = header_section_end(data)
+    if _BCC.search(data, 0, end) is None:
+        return data
+    kept: list[bytes] = []
+    dropping = False
+    for line in data[:end].splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = _BCC.match(line) is not None
+        if not dropping:
+            kept.append(line)
+    return b"".join(kept) + data[end:]
 
 
 def address_safe(text: str) -> str:

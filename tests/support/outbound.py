@@ -10,9 +10,11 @@ from email import message_from_bytes
 from email.message import Message
 from typing import cast
 
+import dns.resolver
 import pytest
 import trustme
 
+from appliance import dkim_keys
 from appliance.queue.service import OutboundQueue
 from appliance.queue.spool import QueuedMessage
 from tests.conftest import BoxHandle
@@ -65,6 +67,18 @@ class Outbound:
             _ = text
         return ""
 
+    def publish_dkim_key(self) -> dkim_keys.DkimKey:
+        """Our domain's DKIM key, made and published in the test zone."""
+        key = self.box.run(dkim_keys.ensure_key(self.box.services.db, self.box.data.dkim, OURS))
+        self.zone.set(key.record_name, "TXT", [txt(key.txt_record())])
+        return key
+
+    def dkim_dns(self, name: bytes, timeout: int = 5) -> bytes | None:
+        """dkimpy's TXT lookup (its dnsfunc), asking the test zone."""
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers, resolver.port = ["127.0.0.1"], self.zone.port
+        return b"".join(next(iter(resolver.resolve(name.decode(), "TXT"))).strings)
+
     def messages(self) -> list[QueuedMessage]:
         return self.box.run(self.queue.spool.messages())
 
@@ -111,6 +125,11 @@ def mx(zone: ZoneServer, domain: str, *hosts: tuple[int, str, str]) -> None:
     zone.set(domain, "MX", [f"{pref} {name}." for pref, name, _ in hosts])
     for _, name, address in hosts:
         zone.set(name, "A", [address])
+
+
+def txt(value: str) -> str:
+    """A TXT rdata in zone-file syntax: long values split into quoted strings of at most 255."""
+    return " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
 
 
 def parse(raw: bytes) -> Message:
