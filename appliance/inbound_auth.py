@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import email.policy
-import email.utils
 import functools
 import ipaddress
 import logging
@@ -39,6 +37,7 @@ import dns.resolver
 import spf
 from publicsuffixlist import PublicSuffixList
 
+from appliance.address import UnreadableAddresses, header_addresses
 from appliance.queue.resolver import make_resolver
 from appliance.smtp import headers
 from appliance.smtp.inbound import InboundFacts, InboundVerdict
@@ -59,6 +58,9 @@ MAX_HEADER_BYTES = headers.MAX_HEADER_OCTETS  # the MX refuses a longer header s
 # RFC 3463 4.7.0: the sender's policy could not be evaluated now; the sender retries later.
 CHECKS_FAILED_REPLY = "451 4.7.0 Message authentication checks could not be completed, try again later"
 DMARC_REJECT_REPLY = "550 5.7.1 Message rejected: it fails the DMARC policy of {domain}"
+# RFC 7489 6.6.1: a message whose author cannot be determined may be rejected; it never will be, so
+# a 4xx would only have the sender retry it for days.
+UNREADABLE_AUTHOR_REPLY = "550 5.7.1 Message rejected: its From: field cannot be read"
 
 _SAFE_ADDRESS = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+$")
 _COMMENT_UNSAFE = re.compile(r"[()\\\x00-\x1f\x7f]+")
@@ -91,6 +93,7 @@ class DmarcResult:
     disposition: str = ""  # what the policy asks for this message (after pct sampling)
     reason: str = ""
     could_not_run: bool = False  # the evaluation itself failed: the policy is unknown, so defer
+    unreadable_author: bool = False  # a From: the address parser cannot read: no author, ever: refuse
 
 
 @dataclass(frozen=True)
@@ -416,12 +419,13 @@ def from_domains(data: bytes) -> tuple[str, ...]:
     """Every RFC 5322.From domain, in order, without repeats. RFC 7489 6.6.1 leaves a message with
     several From: fields or several authors to the receiver: here each domain is checked and the
     strictest outcome applies, so a second From: (or one hidden behind a malformed line, which mail
-    clients still show) cannot take a spoof past a p=reject domain."""
+    clients still show) cannot take a spoof past a p=reject domain. Raises UnreadableAddresses for a
+    From: nested past the address parser's reach."""
     found: dict[str, None] = {}
     for name, value in headers.raw_fields(data, MAX_HEADER_BYTES):
         if name != "from":
             continue
-        for _, addr in email.utils.getaddresses([value]):
+        for addr in header_addresses(value):
             domain = addr.rpartition("@")[2].strip().lower().rstrip(".") if "@" in addr else ""
             if domain:
                 found.setdefault(domain)
@@ -436,7 +440,10 @@ def check_dmarc(
     rng: random.Random | None = None,
 ) -> DmarcResult:
     """RFC 7489 6.6 for each author domain; the strictest result stands for the message. Blocking."""
-    domains = from_domains(data)
+    try:
+        domains = from_domains(data)
+    except UnreadableAddresses:
+        return DmarcResult("permerror", "", reason="From: field cannot be read", unreadable_author=True)
     if not domains:
         return DmarcResult("permerror", "", reason="no From: domain")
     recording = resolver.recording if isinstance(resolver, _CacheOnlyResolver) else None
@@ -758,6 +765,8 @@ class InboundAuthenticator:
                  results.dmarc.result, results.dmarc.from_domain or "-")
         if results.dmarc.could_not_run:
             return InboundVerdict(reject=CHECKS_FAILED_REPLY)
+        if results.dmarc.unreadable_author:
+            return InboundVerdict(reject=UNREADABLE_AUTHOR_REPLY)
         if results.dmarc_reject and settings.dmarc_reject:
             return InboundVerdict(reject=DMARC_REJECT_REPLY.format(domain=results.dmarc.from_domain))
         dkim_words = [d.result for d in results.dkim]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import email.policy
-import email.utils
 import functools
 import logging
 import time
@@ -22,6 +21,7 @@ import dkim
 import dkim.crypto
 
 from appliance import dkim_keys, libcrypto
+from appliance.address import UnreadableAddresses, header_addresses
 from appliance.dkim_keys import DkimKey
 
 if TYPE_CHECKING:
@@ -41,12 +41,15 @@ CANONICALIZATION = (b"relaxed", b"relaxed")
 
 def author_addresses(data: bytes) -> list[str]:
     """The addresses of the one From: field (RFC 5322 3.6.2: several authors are allowed); empty
-    when there is no From: or more than one."""
+    when there is no From:, more than one, or one that cannot be read (the message goes unsigned)."""
     headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
     values = headers.get_all("From") or []
     if len(values) != 1:
         return []
-    return [addr.strip() for _, addr in email.utils.getaddresses([str(values[0])]) if addr]
+    try:
+        return [addr.strip() for addr in header_addresses(str(values[0]))]
+    except UnreadableAddresses:
+        return []
 
 
 def author_domain(data: bytes) -> str | None:

@@ -10,12 +10,11 @@ and age verify (`srs_route`: a bounce of a forward goes back to the original sen
 
 from __future__ import annotations
 
-import email.utils
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from appliance.account_errors import InvalidAddress
-from appliance.address import Address, parse_path
+from appliance.address import Address, UnreadableAddresses, header_addresses, parse_path
 
 # Which listener a session arrived on. "lmtp" is an MTA on loopback handing in mail for local users.
 MX_SERVICE = "smtp"
@@ -206,8 +205,8 @@ def header_senders(fields: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
             continue
         field = "From" if name == "from" else "Sender"
         try:
-            addresses = [addr for _, addr in email.utils.getaddresses([value]) if addr]
-        except RecursionError:  # groups or comments nested a thousand deep: no address a reader is shown
+            addresses = header_addresses(value)
+        except UnreadableAddresses:  # no address a reader is shown: refused as naming nobody
             addresses = []
         found.extend((field, addr) for addr in addresses or [""])
     return found

@@ -356,6 +356,24 @@ def test_the_mx_refuses_a_spoof_hidden_from_the_from_parser(mx: BoxHandle, zone:
     assert maildir_messages(mx.data.mail, ALICE) == []
 
 
+UNREADABLE_FROM = [
+    f"From: {'g:' * 20_000}ceo@sender.test{';' * 20_000}\r\n",  # groups nested past Python's recursion
+    f"From: ceo@sender.test {'(' * 40_000}{')' * 40_000}\r\n",  # and comments
+]
+
+
+@pytest.mark.parametrize("dmarc_reject", ["on", "off"])
+def test_the_mx_refuses_a_from_it_cannot_read_for_good(mx: BoxHandle, zone: ZoneServer, dmarc_reject: str) -> None:
+    """Such a From: made the DMARC check fail to run: 451, so the sender retried for days (audit30).
+    It names no author a reader is shown, now or on any retry: RFC 7489 6.6.1 lets it be refused."""
+    mx.run(mx.services.db.set_setting("dmarc_reject", dmarc_reject))
+    for head in UNREADABLE_FROM:
+        code, text = send(mx, f"{head}To: {ALICE}\r\nSubject: nested\r\n\r\nHello.\r\n".encode())
+        assert (code, text) == (550, b"5.7.1 Message rejected: its From: field cannot be read")
+    assert maildir_messages(mx.data.mail, ALICE) == []
+    assert send(mx, message())[0] == 250  # a From: it can read is judged as ever
+
+
 def test_a_check_that_crashes_defers_instead_of_delivering_unchecked(
     mx: BoxHandle, zone: ZoneServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
