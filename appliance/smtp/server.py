@@ -348,6 +348,14 @@ class LetterboxSMTP(SMTP):
         if self.envelope is not None and self.envelope.mail_from is not None:
             self._promote()  # a transaction began: the client is doing what port 25 is for
 
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            # aiosmtpd would say 220 and layer TLS on TLS, which asyncio cannot: the session then hung.
+            await self.push("554 5.5.1 Error: TLS already active")  # Postfix's words
+            return
+        await super().smtp_STARTTLS(arg)
+
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         await super().smtp_AUTH(arg)

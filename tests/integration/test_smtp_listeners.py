@@ -220,3 +220,17 @@ def test_commands_pipelined_with_starttls_are_discarded(mx: BoxHandle) -> None:
         wire.sock = mx.client_context.wrap_socket(wire.sock, server_hostname="localhost")
         assert wire.cmd("NOOP")[0] == 250  # the injected BOGUS would have drawn a 500 first
         assert wire.cmd("MAIL FROM:<a@external.test>")[0] == 503  # the session restarted: EHLO again
+
+
+def test_a_second_starttls_is_refused_and_the_session_goes_on(mx: BoxHandle) -> None:
+    """aiosmtpd answered 220 to STARTTLS inside TLS, then asyncio could not layer TLS on TLS: a traceback
+    in the log and a session that answered nothing more."""
+    with Wire(mx.port("submission")) as wire:
+        wire.reply()
+        wire.cmd("EHLO client.test")
+        assert wire.cmd("STARTTLS")[0] == 220
+        wire.sock = mx.client_context.wrap_socket(wire.sock, server_hostname="localhost")
+        assert "STARTTLS" not in wire.cmd("EHLO client.test")[1]
+        code, text = wire.cmd("STARTTLS")
+        assert (code, text) == (554, "5.5.1 Error: TLS already active")
+        assert wire.cmd("NOOP")[0] == 250
