@@ -1,0 +1,71 @@
+"""The console and the account pages on a phone-sized screen (360 px wide) in headless Chromium: nothing
+runs off the right edge. The top bar pushed "Log out" off the screen and every page scrolled sideways;
+wide tables (Domains, Mailboxes, Events, the DNS records) spilled out of their cards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BoxHandle, require_program
+from tests.e2e.test_web_wizard import CHROMIUM_ARGS
+from tests.integration.test_live_settings import ADMIN, ADMIN_PASSWORD, admin_console
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow(seconds=15), pytest.mark.timeout(300)]
+
+ALICE, ALICE_PASSWORD = "alice@example.test", "alice's long mail password"
+PHONE_WIDTH = 360
+CONSOLE_PAGES = ["/console", "/console/domains", "/console/domains/example.test", "/console/mailboxes",
+                 f"/console/mailboxes/{ALICE}", "/console/aliases", "/console/sending", "/console/events",
+                 "/console/log", "/console/backups", "/console/certificate", "/console/updates", "/console/password"]
+ACCOUNT_PAGES = ["/account", "/account/log"]
+# Elements that stick out past the screen's right edge (a mobile browser widens its layout to fit them), other than inside a box that scrolls sideways.
+OFF_SCREEN = """(width) => [...document.querySelectorAll('body *')].filter(e => {
+    if (e.getBoundingClientRect().right <= width + 0.5) return false;
+    for (let p = e.parentElement; p; p = p.parentElement)
+        if (['auto', 'scroll'].includes(getComputedStyle(p).overflowX) && p.getBoundingClientRect().right <= width + 0.5) return false;
+    return true;
+}).map(e => e.tagName.toLowerCase() + (e.className ? '.' + e.className : ''))"""
+
+
+def test_no_page_runs_off_a_phone_screen(box: BoxHandle, tmp_path: Path) -> None:
+    chromium = require_program("chromium")
+    from playwright.sync_api import Browser, Page, sync_playwright
+
+    shots = tmp_path / "screenshots"  # to look at; the README shows the desktop ones
+    shots.mkdir()
+    box.add_user(ALICE, ALICE_PASSWORD)
+    with admin_console(box):
+        pass  # the wizard's first step: the admin exists
+    for key, value in (("setup_step", "7"), ("setup_done", "1"), ("setup_domain", "example.test")):
+        box.run(box.services.db.set_setting(key, value))
+    https = f"https://localhost:{box.port('https')}"
+
+    def log_in(browser: Browser, name: str, password: str) -> Page:
+        page = browser.new_context(ignore_https_errors=True, viewport={"width": PHONE_WIDTH, "height": 740}, is_mobile=True).new_page()
+        page.set_default_timeout(30_000)
+        page.goto(f"{https}/login")
+        page.fill("#f-name", name)
+        page.fill("#f-password", password)
+        page.click("button[type=submit]")
+        page.wait_for_url(lambda url: "/login" not in url)
+        return page
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        problems: dict[str, object] = {}
+        for name, password, pages in ((ADMIN, ADMIN_PASSWORD, CONSOLE_PAGES), (ALICE, ALICE_PASSWORD, ACCOUNT_PAGES)):
+            page = log_in(browser, name, password)
+            for path in pages:
+                response = page.goto(https + path)
+                assert response is not None, path
+                assert response.status == 200, path
+                page.screenshot(path=str(shots / f"phone{path.replace('/', '-')}.png"), full_page=True)
+                width = page.evaluate("document.documentElement.scrollWidth")
+                logout = page.locator("header button", has_text="Log out").bounding_box()
+                off = page.evaluate(OFF_SCREEN, PHONE_WIDTH)
+                if width > PHONE_WIDTH or off or logout is None or logout["x"] + logout["width"] > PHONE_WIDTH:
+                    problems[path] = (width, logout, off[:5])
+        browser.close()
+    assert not problems, problems
