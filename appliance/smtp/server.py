@@ -350,9 +350,10 @@ class LetterboxSMTP(SMTP):
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
-        if self._tls_protocol is not None:
-            # aiosmtpd would say 220 and layer TLS on TLS, which asyncio cannot: the session then hung.
-            await self.push("554 5.5.1 Error: TLS already active")  # Postfix's words
+        if self.transport is not None and self.transport.get_extra_info("ssl_object") is not None:
+            # After STARTTLS aiosmtpd would say 220 and layer TLS on TLS, which asyncio cannot (the session
+            # then hung); on 465 it said 454, "try later". Postfix's words:
+            await self.push("554 5.5.1 Error: TLS already active")
             return
         await super().smtp_STARTTLS(arg)
 

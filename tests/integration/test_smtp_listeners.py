@@ -224,7 +224,7 @@ def test_commands_pipelined_with_starttls_are_discarded(mx: BoxHandle) -> None:
 
 def test_a_second_starttls_is_refused_and_the_session_goes_on(mx: BoxHandle) -> None:
     """aiosmtpd answered 220 to STARTTLS inside TLS, then asyncio could not layer TLS on TLS: a traceback
-    in the log and a session that answered nothing more."""
+    in the log and a session that answered nothing more. On 465 it answered 454, a temporary failure."""
     with Wire(mx.port("submission")) as wire:
         wire.reply()
         wire.cmd("EHLO client.test")
@@ -233,4 +233,9 @@ def test_a_second_starttls_is_refused_and_the_session_goes_on(mx: BoxHandle) -> 
         assert "STARTTLS" not in wire.cmd("EHLO client.test")[1]
         code, text = wire.cmd("STARTTLS")
         assert (code, text) == (554, "5.5.1 Error: TLS already active")
+        assert wire.cmd("NOOP")[0] == 250
+    with Wire(mx.port("submissions"), tls=mx.client_context) as wire:  # it said 454, "try later"
+        wire.reply()
+        wire.cmd("EHLO client.test")
+        assert wire.cmd("STARTTLS") == (554, "5.5.1 Error: TLS already active")
         assert wire.cmd("NOOP")[0] == 250
