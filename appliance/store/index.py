@@ -558,11 +558,13 @@ class FolderIndex:
         if inline and self.unmeasured:
             raise NeedsThread
         listing = maildir.list_messages(self.path)
-        self._compare(listing, changes, inline)
+        skipped = self._compare(listing, changes, inline)
         if self.unremoved:
             changes.cleared = [base for base in self.unremoved if base not in listing]
         by_base = self.by_base
-        if len(listing) - len(changes.found) != len(by_base):
+        # (Files skipped, ours being delivered or expunged ones, are not in by_base: were they
+        # counted, one of them on disk would hide a message another program removed.)
+        if len(listing) - len(changes.found) - skipped != len(by_base):
             # A copy first (one step in C): new messages whose commit ended go into memory on the
             # loop while a big folder is listed in a worker thread (commit_arrivals).
             gone = [e for base, e in list(by_base.items()) if base not in listing]
@@ -580,9 +582,10 @@ class FolderIndex:
             self._measure(listing, changes)
         return changes
 
-    def _compare(self, listing: dict[str, tuple[str, str]], changes: DiskChanges, inline: bool = False) -> None:
+    def _compare(self, listing: dict[str, tuple[str, str]], changes: DiskChanges, inline: bool = False) -> int:
         """The files of `listing` the index does not know (changes.found, in delivery order) and
-        those it has elsewhere (changes.moved)."""
+        those it has elsewhere (changes.moved); returns how many it skipped (pending, unremoved)."""
+        skipped = 0
         by_base, pending, sized, scale = self.by_base, self.pending, maildir.sized_name, maildir.ORDER_SCALE
         unremoved = self.unremoved
         found = changes.found
@@ -595,11 +598,13 @@ class FolderIndex:
                 # while this runs in a worker thread) before its name leaves `pending`, so a name not
                 # pending now is in by_base already, if it is ours.
                 if base in pending:
+                    skipped += 1
                     continue
                 entry = by_base.get(base)
                 if entry is None:
                     if base in unremoved:  # expunged: removed now (OpenMailboxes.sync), never indexed again
                         changes.unremoved.append(self.file(sub, filename))
+                        skipped += 1
                         continue
                     named = sized(filename)
                     if named is not None:  # _found's first case, and delivery_order, in one match
@@ -617,6 +622,7 @@ class FolderIndex:
             changes.found = [in_order[k] for k in sorted(in_order)]
         else:  # a name sized_name does not read, or two of the same microsecond
             found.sort(key=lambda f: maildir.delivery_order(f.base))
+        return skipped
 
     def _measure(self, listing: dict[str, tuple[str, str]], changes: DiskChanges) -> None:
         """Wire sizes for entries indexed without one (by an earlier version): read once, kept."""

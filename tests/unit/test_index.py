@@ -242,6 +242,26 @@ def test_pending_deliveries_are_not_adopted(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def test_a_file_removed_by_another_program_is_seen_beside_a_pending_delivery(tmp_path: Path) -> None:
+    """The listing's vanished check compared counts: a delivery's file on disk before its commit (which
+    the listing skips) made up for a file another program removed, and the removed one stayed indexed."""
+    folder = tmp_path / "m"
+    maildir.make_maildir(folder, folder=False)
+
+    async def body(db: Database) -> None:
+        f = await open_folder(db, folder)
+        drop(folder, "1.a.host:2,S")
+        assert [e.base for e in (await sync(db, f)).added] == ["1.a.host"]
+        (folder / "cur" / "1.a.host:2,S").unlink()
+        f.pending.add("9.z.host")
+        drop(folder, "9.z.host", sub="new")
+        change = await sync(db, f)
+        assert [e.base for e in change.removed] == ["1.a.host"]
+        assert not change.added
+
+    run(tmp_path, body)
+
+
 def test_adopted_uids_must_grow(tmp_path: Path) -> None:
     async def body(db: Database) -> None:
         f = await open_folder(db, tmp_path)
