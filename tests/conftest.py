@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import imaplib
 import os
 import shutil
 import signal
@@ -302,6 +303,12 @@ class ServedBox:
 
     def port(self, service: str) -> int:
         return STANDARD_PORTS[service] + self.offset
+
+    def imap(self, user: str, password: str, timeout: float = 20) -> imaplib.IMAP4_SSL:
+        """A session over IMAPS, logged in as `user`."""
+        client = imaplib.IMAP4_SSL("localhost", self.port("imaps"), ssl_context=self.client_context, timeout=timeout)
+        client.login(user, password)
+        return client
 
     def cli(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(

@@ -30,9 +30,7 @@ SUBJECT = re.compile(rb"Subject: append (\d+)-(\d+)")
 
 
 def connect(served: ServedBox) -> imaplib.IMAP4_SSL:
-    client = imaplib.IMAP4_SSL("localhost", served.port("imaps"), ssl_context=served.client_context, timeout=20)
-    client.login(ALICE, PASSWORD)
-    return client
+    return served.imap(ALICE, PASSWORD)
 
 
 class Session(threading.Thread):

@@ -38,9 +38,7 @@ def message(n: int) -> bytes:
 
 
 def connect(served: ServedBox) -> imaplib.IMAP4_SSL:
-    client = imaplib.IMAP4_SSL("localhost", served.port("imaps"), ssl_context=served.client_context, timeout=20)
-    client.login(ALICE, PASSWORD)
-    return client
+    return served.imap(ALICE, PASSWORD)
 
 
 class Changer:
