@@ -404,8 +404,7 @@ class SmtpHandler:
                 log.info("%s: %s refused: %s", peer_ip(session), principal.name, refused)
                 return self._refuse_data(session, env, refused, "sender", data)
             # Before any copy is made: local ones and the queue's (which DKIM-signs what it sends).
-            data = headers.add_submission_headers(headers.without_spaced_names(headers.without_bcc(data)),
-                                                  self.services.hostname)
+            data = headers.add_submission_headers(headers.mended_for_submission(data), self.services.hostname)
         sender = "" if env.sender is None else str(env.sender)
         tls = tls_facts(server)
         helo = session.host_name or "unknown"

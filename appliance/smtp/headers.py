@@ -147,17 +147,31 @@ def add_submission_headers(data: bytes, hostname: str, when: datetime | None = N
     return data[:end] + extra + data[end:]
 
 
-def without_bcc(data: bytes) -> bytes:
-    """`data` without its Bcc: and Resent-Bcc: fields, continuation lines and all, as Postfix's cleanup
-    drops them from every message (message_drop_headers): every recipient gets the same copy, so a
-    Bcc: left in would tell each of them who else got a blind copy. Only these fields go; every other
-    byte stays where it was, so a signature the client made over other fields still holds."""
+def mended_for_submission(data: bytes) -> bytes:
+    """What submission makes of a client's message before any copy of it: its Bcc: and Resent-Bcc:
+    fields dropped (_without_bcc), and white space before a field's colon taken out (`X-Foo : bar` ->
+    `X-Foo: bar`). That is RFC 5322's obsolete syntax, which a receiver must read but a sender must
+    not make; dkimpy refuses to sign a message holding it, so such a message left unsigned and failed
+    DMARC at its receiver. An MSA may mend what its client sends (RFC 6409 8). Nothing else moves: a
+    message with neither is returned as it came."""
     end = header_section_end(data)
-    if _BCC.search(data, 0, end) is None:
-        return data
+    head = data[:end]
+    mended = _without_bcc(head)
+    if _SPACED_NAME.search(mended) is not None:
+        mended = _SPACED_NAME.sub(rb"\1:", mended)
+    return data if mended is head else mended + data[end:]
+
+
+def _without_bcc(head: bytes) -> bytes:
+    """A header section without its Bcc: and Resent-Bcc: fields, continuation lines and all, as Postfix's
+    cleanup drops them from every message (message_drop_headers): every recipient gets the same copy,
+    so a Bcc: left in would tell each of them who else got a blind copy. Only these fields go; every
+    other byte stays where it was, so a signature the client made over other fields still holds."""
+    if _BCC.search(head) is None:
+        return head
     kept: list[bytes] = []
     dropping = False
-    for line in data[:end].splitlines(keepends=True):
+    for line in head.splitlines(keepends=True):
         if line[:1] in (b" ", b"\t"):
             if not dropping:
                 kept.append(line)
@@ -165,18 +179,7 @@ def without_bcc(data: bytes) -> bytes:
         dropping = _BCC.match(line) is not None
         if not dropping:
             kept.append(line)
-    return b"".join(kept) + data[end:]
-
-
-def without_spaced_names(data: bytes) -> bytes:
-    """`data` with white space before a field's colon taken out (`X-Foo : bar` -> `X-Foo: bar`). That is
-    RFC 5322's obsolete syntax, which a receiver must read but a sender must not make; dkimpy refuses to
-    sign a message holding it, so such a message left unsigned and failed DMARC at its receiver. An MSA
-    may mend what its client sends (RFC 6409 8); nothing else moves."""
-    end = header_section_end(data)
-    if _SPACED_NAME.search(data, 0, end) is None:
-        return data
-    return _SPACED_NAME.sub(rb"\1:", data[:end]) + data[end:]
+    return b"".join(kept)
 
 
 def address_safe(text: str) -> str:
