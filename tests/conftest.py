@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import imaplib
 import os
 import shutil
@@ -305,9 +306,15 @@ class ServedBox:
         return STANDARD_PORTS[service] + self.offset
 
     def imap(self, user: str, password: str, timeout: float = 20) -> imaplib.IMAP4_SSL:
-        """A session over IMAPS, logged in as `user`."""
+        """A session over IMAPS, logged in as `user`; its socket closed when the login fails (a box being
+        killed, a slow one past the timeout), not left to the collector's ResourceWarning in a later test."""
         client = imaplib.IMAP4_SSL("localhost", self.port("imaps"), ssl_context=self.client_context, timeout=timeout)
-        client.login(user, password)
+        try:
+            client.login(user, password)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                client.shutdown()
+            raise
         return client
 
     def cli(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
