@@ -200,6 +200,11 @@ class _GuardedH11(H11Protocol):
         if self.cycle is not None and self.cycle is self._body_of:
             self._body_octets += len(data)
         super().data_received(data)
+
+    def handle_events(self) -> None:
+        # Where uvicorn starts each request: from data_received, and from on_response_complete for a
+        # request pipelined behind the one answered (its octets came before, with no data_received).
+        super().handle_events()
         if self.cycle is not None and self.cycle is not self._body_of:  # a new request's head is in
             self._body_of, self._body_since, self._body_octets = self.cycle, self.loop.time(), 0
             names = {name for name, _ in self.cycle.scope["headers"]}

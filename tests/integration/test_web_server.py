@@ -4,6 +4,7 @@ HTTP redirecting to HTTPS except for what clients fetch over plain HTTP."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 import time
@@ -174,6 +175,21 @@ def test_a_request_with_both_content_length_and_chunked_is_the_last_on_its_conne
             answer += data
     assert answer.startswith(b"HTTP/1.1 ")
     assert answer.count(b"HTTP/1.1 ") == 1, answer
+
+
+def test_a_pipelined_request_with_both_content_length_and_chunked_is_the_last_too(box: BoxHandle) -> None:
+    """The same request pipelined behind another in one write: uvicorn reads it when the first answer
+    is complete, not when data arrives, and the connection stayed open for the smuggled request."""
+    with socket.create_connection(("127.0.0.1", box.port("https")), timeout=5) as raw, \
+            box.client_context.wrap_socket(raw, server_hostname="localhost") as sock:
+        sock.sendall(b"GET /setup/1 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                     b"POST /setup/1 HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: 60\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                     b"GET /smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        answer = b""
+        while data := sock.recv(65536):
+            answer += data
+    assert len(re.findall(rb"HTTP/1\.1 \d{3} ", answer)) == 2, re.findall(rb"HTTP/1\.1 \d{3} |/smuggled", answer)
 
 
 def test_one_client_holds_a_few_connections_and_others_are_served(
