@@ -162,6 +162,15 @@ def mended_for_submission(data: bytes) -> bytes:
     return data if mended is head else mended + data[end:]
 
 
+def without_bcc(data: bytes) -> bytes:
+    """A message received (MX, LMTP) without its Bcc: and Resent-Bcc: fields (_without_bcc), as Postfix's
+    cleanup treats all mail; returned as it came when it has neither."""
+    end = header_section_end(data)
+    head = data[:end]
+    kept = _without_bcc(head)
+    return data if kept is head else kept + data[end:]
+
+
 def _without_bcc(head: bytes) -> bytes:
     """A header section without its Bcc: and Resent-Bcc: fields, continuation lines and all, as Postfix's
     cleanup drops them from every message (message_drop_headers): every recipient gets the same copy,

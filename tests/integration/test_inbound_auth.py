@@ -12,6 +12,7 @@ import smtplib
 from collections.abc import Iterator
 from typing import Any
 
+import dkim
 import pytest
 
 from appliance import dkim_keys, inbound_auth
@@ -282,6 +283,25 @@ def test_the_mx_adds_a_passing_result(mx: BoxHandle, zone: ZoneServer, key: dkim
     assert "spf=pass" in results
     assert "dkim=pass" in results
     assert "dmarc=pass" in results
+
+
+def test_the_mx_drops_bcc_and_the_senders_signature_still_verifies(
+    mx: BoxHandle, zone: ZoneServer, key: dkim_keys.DkimKey
+) -> None:
+    """A sending MTA that left Bcc: in (Postfix's cleanup drops them from all mail, so must we): the
+    stored copy tells no recipient who else got it, and the signature, which never covers them, holds."""
+    publish(zone, key)
+    signed = dkim_sign.sign(message(), key)
+    end = signed.index(b"Subject:")
+    data = (signed[:end] + b"Bcc: hidden@elsewhere.test,\r\n other@elsewhere.test\r\n"
+            + signed[end:].replace(b"\r\n\r\n", b"\r\nResent-bcc: hidden@elsewhere.test\r\n\r\n", 1))
+    assert send(mx, data)[0] == 250
+    [raw] = maildir_messages(mx.data.mail, ALICE)
+    head = raw.partition(b"\r\n\r\n")[0]
+    assert b"elsewhere.test" not in head
+    assert raw.endswith(signed[signed.index(b"From:"):].partition(b"\r\n\r\n")[2])
+    assert "dkim=pass" in " ".join(parse(raw)["Authentication-Results"].split())
+    assert dkim.verify(raw, dnsfunc=lambda name, timeout=5: key.txt_record().encode())
 
 
 def test_a_signature_over_lines_past_1000_octets_verifies(
