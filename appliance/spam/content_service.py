@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import email.headerregistry
 import email.parser
 import email.policy
 import logging
@@ -43,6 +44,10 @@ log = logging.getLogger("letterbox.spam")
 
 JUNK_SHOWN = 100  # messages listed on a mailbox owner's Junk page, newest first
 HEAD_READ = 16 * 1024  # bytes read of each listed message for its From: and Subject:
+# Every field read as text (RFC 2047 words decoded), From: too: the structured address parser raised
+# on a spammer's From: of groups or comments nested thousands deep (the Junk page was a 500 while the
+# message stayed), and took seconds on one of thousands of addresses.
+_AS_TEXT = email.policy.default.clone(header_factory=email.headerregistry.HeaderRegistry(use_default_map=False))
 
 SettingsReader = Callable[[], Awaitable[ContentSettings]]
 
@@ -128,7 +133,7 @@ def _summary(path: Path) -> tuple[str, str, str]:
     except OSError:
         return "", "", ""
     end = head.find(b"\r\n\r\n")
-    parsed = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(
+    parsed = email.parser.BytesHeaderParser(policy=_AS_TEXT).parsebytes(
         head if end < 0 else head[: end + 4])
 
     def field(name: str) -> str:

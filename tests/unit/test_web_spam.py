@@ -96,6 +96,22 @@ def test_owners_see_their_junk_and_release_a_message_but_not_the_admin_page(web:
     assert any(f"released from Junk by {ALICE}" in text for _, _, text in events)
 
 
+def test_the_junk_page_lists_messages_whose_from_the_address_parser_cannot_read(web: WebClient) -> None:
+    """A spammer's From: of groups or comments nested thousands deep made the structured header
+    parser raise (AttributeError, RecursionError): the owner's Junk page was a 500 for as long as
+    the message stayed; a From: of thousands of addresses took it seconds per message. From: is
+    shown as the text it is."""
+    hostile = [b"g:" * 3000 + b";" * 3000, b"(" * 5000 + b")" * 5000, b"a, " * 5000]
+    for sender in hostile:
+        web.run(web.services.store.deliver, [ALICE], b"From: " + sender + b"\r\nSubject: Nested\r\n\r\nx\r\n", folder=JUNK)
+    web.run(web.services.store.deliver, [ALICE], SPAM, folder=JUNK)
+    web.login(ALICE, ALICE_PASSWORD)
+    page = web.get("/account/junk")
+    assert page.status_code == 200
+    assert page.text.count("Nested") == 3
+    assert "Prize Desk &lt;win@lottery.example&gt;" in page.text
+
+
 def test_admin_switches_the_layers_and_clears_the_greylist(web: WebClient) -> None:
     web.run(Greylist(web.services.db).check, "192.0.2.0/24", "a@b.example", ALICE, delay=300, remember_days=35)
 
