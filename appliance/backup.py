@@ -849,6 +849,17 @@ def read_manifest(source: IO[bytes], secret: Secret) -> dict[str, Any]:
 
 # --- fix-up and switch-over ----------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _damaged_db() -> Iterator[None]:
+    """A staged database SQLite cannot read, or without the tables a box has, is refused in words: its
+    checksums match (whoever made the archive listed them), so only opening it shows the damage."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise BackupError(f"the backup's database is damaged or not a Letterbox database ({exc}); nothing was changed"
+                          ) from exc
+
+
 def reconcile(root: Path, *, previous_db: Path | None = None) -> dict[str, int]:
     """Make the staged db agree with the staged files, and move each folder's UIDNEXT past any UID the
     lost box may have handed out since the snapshot. `root` is a staging directory: its caller syncs
@@ -1000,7 +1011,8 @@ def stage_full(backup: Path, secret: Secret, data_root: Path, *, progress: Progr
         for sub in ("mail", "spool", "tls", "dkim", "backups", "deleted"):
             (staging / sub).mkdir(exist_ok=True, mode=0o700)
         progress.stage = "checking"
-        fixes = reconcile(staging, previous_db=root / DB_NAME if root.exists() else None)
+        with _damaged_db():
+            fixes = reconcile(staging, previous_db=root / DB_NAME if root.exists() else None)
         for name in (MANIFEST_NAME, CHECKSUMS_NAME):
             (staging / name).unlink(missing_ok=True)
         if check is not None:
@@ -1158,14 +1170,11 @@ def restore_mailbox_files(backup: Path, secret: Secret, layout: DataLayout, addr
 def mailbox_row(staged_db: Path, address: str) -> tuple[str, str, int, int]:
     """(display name, password hash, quota, enabled) of a mailbox in a staged db."""
     local, _, domain = address.rpartition("@")
-    conn = sqlite3.connect(f"file:{staged_db}?mode=ro", uri=True)
-    try:
+    with _damaged_db(), contextlib.closing(sqlite3.connect(f"file:{staged_db}?mode=ro", uri=True)) as conn:
         row = conn.execute(
             "SELECT m.display_name, m.password_hash, m.quota_bytes, m.enabled FROM mailboxes m"
             " JOIN domains d ON d.id = m.domain_id WHERE d.name = ? AND m.local_part = ?", (domain, local)
         ).fetchone()
-    finally:
-        conn.close()
     if row is None:
         raise BackupError(f"the backup holds no mailbox {address}")
     return str(row[0]), str(row[1]), int(row[2]), int(row[3])

@@ -4,6 +4,7 @@ unchanged, kill -9 during a restore, and one mailbox put back into a box."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -149,9 +150,10 @@ def test_cli_create_list_verify_and_passphrase(made: tuple[DataLayout, Path, Pat
 
 
 def _craft(path: Path, entries: list[tuple[tarfile.TarInfo, bytes]], recipient: str, *,
-           schema: int | None = None, sums: dict[str, str] | None = None) -> None:
+           schema: int | None = None, sums: dict[str, str] | None = None, mailboxes: tuple[str, ...] = ()) -> None:
     """A backup-like file made by hand, for the refusal cases."""
-    manifest = json.dumps({"format": 1, "schema": schema or 7, "host": "x", "mailboxes": []}).encode()
+    manifest = json.dumps({"format": 1, "schema": schema or 7, "host": "x",
+                           "mailboxes": [{"address": a} for a in mailboxes]}).encode()
     computed = {backup.MANIFEST_NAME: hashlib.sha256(manifest).hexdigest()}
     with open(path, "wb") as sink, backup._encrypting(sink, recipient, "") as plain:  # noqa: SIM117  one stream layer per line: the pipeline reads top-down
         with zstandard.ZstdCompressor().stream_writer(plain, closefd=False) as z:
@@ -259,6 +261,36 @@ async def _restore_alice(layout: DataLayout, path: Path, secret: backup.Secret) 
         await backup.restore_mailbox(db, EventLog(db), layout, path, secret, ALICE)
     finally:
         await db.close()
+
+
+def test_a_backup_whose_database_is_damaged_is_refused_in_words(made: tuple[DataLayout, Path, Path],
+                                                                tmp_path: Path) -> None:
+    """An archive whose checksums match (whoever made it listed them) but whose letterbox.db is not a
+    Letterbox database: the restore printed sqlite3's traceback (the console said "failed:
+    DatabaseError"), and so did a mailbox restore; now one line, and the box is unchanged."""
+    layout, _file, kit = made
+    before, around = state(layout.root), siblings(layout.root)
+    recipient = backup.recipient_of(kit.read_text())
+    for label, db in (("not sqlite", b"not a database at all\n" * 200),
+                      ("no tables", _empty_sqlite(tmp_path / "empty.db"))):
+        crafted = tmp_path / f"{label}.tar.zst.age"
+        _craft(crafted, [_entry("letterbox.db", db)], recipient, mailboxes=(ALICE,))
+        for extra in ((), ("--mailbox", ALICE)):
+            result = run(layout.root, "backup", "restore", str(crafted), "--key-file", str(kit), *extra)
+            assert result.returncode == 1, (label, extra, result.stdout)
+            assert result.stderr.startswith("letterbox: the backup's database is damaged or not a Letterbox"
+                                            " database ("), (label, extra, result.stderr)
+            assert result.stderr.strip().endswith("nothing was changed"), (label, extra, result.stderr)
+            assert len(result.stderr.strip().splitlines()) == 1, (label, extra, result.stderr)
+            assert state(layout.root) == before, (label, extra)
+            assert siblings(layout.root) == around, (label, extra)
+
+
+def _empty_sqlite(path: Path) -> bytes:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE t (x)")
+        db.commit()
+    return path.read_bytes()
 
 
 def test_passphrase_backup_refuses_a_wrong_passphrase(tmp_path: Path) -> None:
