@@ -267,6 +267,10 @@ class Throttle:
         now = self._clock()
         return max(self._peers.locked_for(peer, now), self._pairs.locked_for((peer, account), now))
 
+    def pair_locked_for(self, peer: str, account: str) -> float:
+        """Seconds left of this (client, account) pair's own lockout; 0 when none."""
+        return self._pairs.locked_for((peer, account), self._clock())
+
     def delay(self, peer: str, account: str, *, trusted: bool = False) -> float:
         """How long to wait before checking this attempt's password. The owner's own address or device
         (`trusted`) is not slowed by failures that others caused on the account."""
@@ -549,6 +553,8 @@ class Auth:
         self._hash_slots = HashSlots(MAX_CONCURRENT_HASHES, HASH_SLOTS_KEPT_FOR_OWNERS)
         self._dummy_hash: str | None = None
         self.login_cache = login_cache or LoginCache(clock=clock)
+        # The stored hash each (client, account) lockout began under: a password set since lifts it.
+        self._locked_under: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     async def login(
         self, address: str, password: str, service: str, peer: str, *, device: Device | None = None
@@ -598,6 +604,7 @@ class Auth:
         key = f"{kind}:{account}"  # mailbox and admin names live in separate namespaces
         throttle = self.throttle
         async with throttle.serialised(client, key):
+            await self._lift_if_password_changed(kind, account, client, key)
             trusted = await self._trusted_client(key, client, service, device)
             delay = 0.0
             if not throttle.locked_for(client, key):
@@ -635,6 +642,7 @@ class Auth:
                         "client address" if started == "peer" else "client address for this account",
                         throttle.policy.lockout_seconds, service, printable(peer), printable(account),
                     )
+                    await self._remember_lockout_password(kind, account, client, key)
                 await self._note_failure(outcome, started, key, service, client)
             self._log(outcome, kind, account, service, peer, delay)
             if outcome == "ok" and creds is not None:
@@ -680,6 +688,42 @@ class Auth:
                 stored = await self._maybe_rehash(kind, creds, password)
                 self.login_cache.remember(f"{kind}:{creds.name}", password, stored)
             return outcome, creds
+
+    async def _remember_lockout_password(
+        self, kind: Literal["mailbox", "admin"], account: str, client: str, key: str,
+    ) -> None:
+        if not self.throttle.pair_locked_for(client, key):
+            return  # the address alone was locked out: no password change lifts that
+        creds = await self._credentials(kind, account)
+        if creds is None:
+            return
+        self._locked_under[(client, key)] = creds.password_hash
+        while len(self._locked_under) > self.throttle.policy.max_tracked:
+            self._locked_under.popitem(last=False)
+
+    async def _lift_if_password_changed(
+        self, kind: Literal["mailbox", "admin"], account: str, client: str, key: str,
+    ) -> None:
+        """A (client, account) lockout ends once the account has another password (set with `letterbox
+        admin passwd` or `user passwd`, or by an administrator in the console): its failures were guesses
+        at a password that is gone. Someone who forgot their password and tried until locked out was
+        otherwise still refused the new one for 15 minutes. A lockout of the whole address stays."""
+        began_under = self._locked_under.get((client, key))
+        if began_under is None:
+            return
+        if not self.throttle.pair_locked_for(client, key):
+            del self._locked_under[(client, key)]
+            return
+        creds = await self._credentials(kind, account)
+        if creds is not None and creds.password_hash == began_under:
+            return
+        del self._locked_under[(client, key)]
+        self.throttle.unlock(client, key)
+        log.info("auth: lockout of %s from %s lifted: its password was changed", printable(account), client)
+        if self._events is not None:
+            with contextlib.suppress(Exception):  # a report; the login must not depend on it
+                await self._events.record(
+                    "login", f"lifted the lockout of {_shown_account(key)} from {client}: its password was changed")
 
     async def _trusted_client(self, key: str, client: str, service: str, device: Device | None) -> str | None:
         """The owner's own client this attempt comes from, if any: a device whose cookie names this

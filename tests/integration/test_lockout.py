@@ -7,13 +7,14 @@ import imaplib
 import poplib
 import re
 import smtplib
+import subprocess
 
 import httpx
 import pytest
 
 from appliance.auth import Throttle, ThrottlePolicy
-from tests.conftest import BoxHandle
-from tests.integration.test_live_settings import admin_console
+from tests.conftest import LETTERBOX, BoxHandle
+from tests.integration.test_live_settings import ADMIN, admin_console
 
 ALICE, PASSWORD = "alice@example.test", "alice's long password 9"
 WRONG = "not alice's password at all"
@@ -95,3 +96,45 @@ def test_unlock_needs_the_form_token(locked: BoxHandle) -> None:
         response = web.post("/console/events/unlock", data={"peer": "127.0.0.1", "account": f"mailbox:{ALICE}"})
         assert response.status_code == 403
     assert "[UNAVAILABLE]" in imap_login(locked, PASSWORD)
+
+
+def set_password(box: BoxHandle, kind: str, name: str, password: str) -> None:
+    """What the README says to do about a forgotten password, from the box's command line."""
+    result = subprocess.run([LETTERBOX, "--data", str(box.data.root), kind, "passwd", name, "--password-stdin"],
+                            input=password + "\n", capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def web_login(box: BoxHandle, name: str, password: str) -> httpx.Response:
+    with httpx.Client(base_url=f"https://localhost:{box.port('https')}", verify=box.client_context) as web:
+        token = _CSRF.search(web.get("/login").text)
+        assert token
+        return web.post("/login", data={"csrf": token.group(1), "name": name, "password": password})
+
+
+def test_a_new_password_lifts_the_lockout_its_owner_earned_guessing(locked: BoxHandle) -> None:
+    """Someone who forgot their password tried until locked out; the administrator set a new one. The
+    new password was refused "try again in 15 minutes" all the same."""
+    new = "alice's new long password"
+    set_password(locked, "user", ALICE, new)
+    assert imap_login(locked, new) == "OK"
+    with admin_console(locked) as web:
+        assert f"lifted the lockout of {ALICE} from 127.0.0.1: its password was changed" in web.get("/console/events").text
+
+
+def test_another_accounts_new_password_leaves_the_lockout(locked: BoxHandle) -> None:
+    locked.add_user("bob@example.test", "bob's long password 9")
+    set_password(locked, "user", "bob@example.test", "bob's new long password")
+    assert "[UNAVAILABLE]" in imap_login(locked, PASSWORD)
+
+
+def test_an_administrator_locked_out_of_the_console_gets_in_with_the_password_set_by_the_cli(box: BoxHandle) -> None:
+    with admin_console(box):
+        pass  # the wizard's first step made the administrator
+    box.services.auth.throttle = Throttle(LOCKOUT)
+    for _ in range(3):
+        assert web_login(box, ADMIN, WRONG).status_code == 401
+    assert web_login(box, ADMIN, WRONG).status_code == 429
+    new = "the administrator's new password"
+    set_password(box, "admin", ADMIN, new)
+    assert web_login(box, ADMIN, new).status_code == 303
