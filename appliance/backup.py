@@ -457,14 +457,16 @@ class Created:
 
 def create_backup(layout: DataLayout, out: Path, *, recipient: str = "", passphrase: str = "",
                   progress: Progress | None = None) -> Created:
-    """Write a backup of `layout` to `out` (made as `out.partial`, renamed when complete). Blocking:
-    run it in a worker thread."""
+    """Write a backup of `layout` to `out` (made as `out.<random>.partial`, renamed when complete).
+    Blocking: run it in a worker thread."""
     if not recipient and not passphrase:
         raise BackupError("no backup key: make one first (`letterbox backup key`) or give a passphrase")
     progress = progress or Progress()
     out.parent.mkdir(parents=True, exist_ok=True)
     snap_path = out.parent / f".snapshot-{secrets.token_hex(6)}.db"
-    partial = out.with_name(out.name + ".partial")
+    # A name of its own: two backups begun in the same second (the daily one and `letterbox backup
+    # create`, two scripts) share `out`, and both wrote one `out.partial`, one reported made and damaged.
+    partial = out.with_name(f"{out.name}.{secrets.token_hex(4)}.partial")
     try:
         progress.stage = "snapshot"
         snap = take_snapshot(layout.db, snap_path)
