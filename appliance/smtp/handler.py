@@ -46,7 +46,7 @@ from appliance.smtp.policy import (
     header_sender_refused,
     header_senders,
     is_bare_postmaster,
-    is_postmaster,
+    is_role_address,
     parse_recipient,
     parse_sender,
     postmaster_domain,
@@ -328,7 +328,7 @@ class SmtpHandler:
         if local:
             resolution = await accounts.resolve(str(address))
             mailboxes, forwards = resolution.mailboxes, resolution.forwards
-            if not mailboxes and not forwards and is_postmaster(address) and not self.submission:
+            if not mailboxes and not forwards and is_role_address(address) and not self.submission:
                 mailboxes = await self._postmaster_mailboxes()
             size = declared_size(env.mail_options)
             for mailbox in mailboxes:
@@ -343,8 +343,8 @@ class SmtpHandler:
         )
 
     async def _postmaster_mailboxes(self) -> tuple[str, ...]:
-        """RFC 5321 4.5.1 on the MX and LMTP: postmaster@ every domain of ours reaches someone even
-        when no alias was made: the administrators (policy.postmaster_mailboxes says whom)."""
+        """RFC 5321 4.5.1 and RFC 2142 on the MX and LMTP: postmaster@ and abuse@ every domain of ours
+        reach someone even when no alias was made: the administrators (policy.postmaster_mailboxes says whom)."""
         accounts = self.services.accounts
         mailboxes = [MailboxFacts(m.address, m.enabled, m.created_at) for m in await accounts.list_users()]
         primary = postmaster_domain(self.services.hostname, await accounts.list_domains())

@@ -134,9 +134,15 @@ def postmaster_domain(hostname: str, domains: Sequence[str]) -> str | None:
     return domains[0] if domains else None
 
 
-def is_postmaster(address: Address) -> bool:
-    """RFC 5321 4.5.1: postmaster (any case) at every domain the box serves."""
-    return address.local.lower() == "postmaster" and not address.is_literal
+# RFC 5321 4.5.1 (postmaster) and RFC 2142 (abuse, for reports of spam sent from the box's users): every
+# domain the box serves has them, going to the administrators unless a mailbox or alias of that name
+# exists, as Mail-in-a-Box makes both for every domain.
+ROLE_ADDRESSES = frozenset({"postmaster", "abuse"})
+
+
+def is_role_address(address: Address) -> bool:
+    """postmaster@ or abuse@ (any case) at a domain the box serves: never refused for want of an alias."""
+    return address.local.lower() in ROLE_ADDRESSES and not address.is_literal
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """RFC 5321 4.5.1: `RCPT TO:<postmaster>` and postmaster@ every local domain are accepted on the MX
-and LMTP even when nobody made a postmaster alias, and reach the administrators (issue 10 item 14)."""
+and LMTP even when nobody made a postmaster alias, and reach the administrators (issue 10 item 14);
+RFC 2142's abuse@ every local domain too, as Mail-in-a-Box gives every domain both."""
 
 from __future__ import annotations
 
@@ -79,3 +80,26 @@ def test_an_alias_made_for_postmaster_still_wins(served: BoxHandle) -> None:
 def test_other_unknown_users_and_foreign_postmasters_are_still_refused(served: BoxHandle) -> None:
     replies = deliver(served, "smtp", ["nobody@ourdomain.test", "postmaster@external.test", "postmaster@[127.0.0.1]"])
     assert [code for code, _ in replies] == [550, 554, 554]
+
+
+@pytest.mark.parametrize("service", ["smtp", "lmtp"])
+def test_abuse_without_an_alias_reaches_the_postmasters_mailbox(served: BoxHandle, service: str) -> None:
+    forms = ["abuse@ourdomain.test", "Abuse@example.test", "ABUSE@second.test"]
+    assert [code for code, _ in deliver(served, service, forms)] == [250, 250, 250]
+    assert len(maildir_messages(served.data.mail, CAROL)) == 1  # one copy for the three
+    assert maildir_messages(served.data.mail, BOB) == []
+
+
+def test_an_alias_or_mailbox_named_abuse_still_wins(served: BoxHandle) -> None:
+    served.run(served.services.accounts.add_alias("abuse@ourdomain.test", [BOB]))
+    served.add_user("abuse@second.test", PASSWORD)
+    assert [code for code, _ in deliver(served, "smtp", ["abuse@ourdomain.test", "abuse@second.test"])] == [250, 250]
+    assert len(maildir_messages(served.data.mail, BOB)) == 1
+    assert len(maildir_messages(served.data.mail, "abuse@second.test")) == 1
+    assert maildir_messages(served.data.mail, CAROL) == []
+
+
+def test_a_bare_abuse_and_a_foreign_abuse_are_refused(served: BoxHandle) -> None:
+    # RFC 5321 4.5.1 names only Postmaster as a recipient without a domain.
+    replies = deliver(served, "smtp", ["abuse", "abuse@external.test", "abuse@[127.0.0.1]"])
+    assert [code for code, _ in replies] == [553, 554, 554]
