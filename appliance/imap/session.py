@@ -205,11 +205,7 @@ class ImapSession:
     async def handle(self, command: Command) -> str:
         """Run one command and answer it; returns the status of the answer (OK, NO or BAD).
         Raises only for bugs (the server logs them and says BYE)."""
-        if self.user is not None and await self.store.mailbox_generation(self.user) != self._generation:
-            # Removed since the login, maybe re-created for someone else: nothing more for this session.
-            self._unselect()
-            self.state = "logout"
-            await self.io.send(Bye("This mailbox no longer exists"))
+        if await self._mailbox_removed():
             return "NO"
         route = DISPATCH[self.state].get(command.name)
         try:
@@ -223,6 +219,9 @@ class ImapSession:
                     await self.sync(allow_expunge=_may_expunge(command))
             await route.run(self, command)
         except ImapError as exc:
+            # Removed while the command ran (an IDLE woken by the removal): BYE, as at the next command.
+            if await self._mailbox_removed():
+                return "NO"
             if self.state == "selected":
                 # The updates are owed at a later command when the look fails too: the answer is NO anyway.
                 with contextlib.suppress(ImapError), store_errors(command.name):
@@ -230,6 +229,16 @@ class ImapSession:
             await self.io.send(Tagged(command.tag, exc.status, exc.text, exc.code))
             return exc.status
         return "OK"
+
+    async def _mailbox_removed(self) -> bool:
+        """Removed since the login, maybe re-created for someone else: nothing more for this session
+        (a BYE, and True)."""
+        if self.user is None or await self.store.mailbox_generation(self.user) == self._generation:
+            return False
+        self._unselect()
+        self.state = "logout"
+        await self.io.send(Bye("This mailbox no longer exists"))
+        return True
 
     async def ok(self, command: Command, text: str | None = None, code: str | None = None, *,
                  look: bool = True) -> None:

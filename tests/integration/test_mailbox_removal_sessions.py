@@ -10,7 +10,9 @@ import poplib
 
 import pytest
 
+from appliance.admin import Admin
 from tests.conftest import BoxHandle
+from tests.support.imap_wire import RawImap
 
 JONH = "jonh@example.test"
 OLD_PASSWORD, NEW_PASSWORD = "the first jonh's password", "the second jonh's password"
@@ -62,3 +64,21 @@ def test_pop3_session_of_a_removed_mailbox_ends(box: BoxHandle) -> None:
     messages = box.run(box.services.store.snapshot(JONH, "INBOX")).messages
     assert len(messages) == 1
     assert b"new secret" in messages[0].path.read_bytes()
+
+
+def test_an_idling_session_of_a_removed_mailbox_gets_bye(box: BoxHandle) -> None:
+    """The console removes the mailbox of a phone in IDLE: the phone is told BYE at once and the
+    connection ends, as at any other command. Before, the IDLE was answered a tagged NO [CANNOT] no
+    such mailbox the client had not asked for (no DONE sent), and the session stayed logged in."""
+    box.add_user(JONH, OLD_PASSWORD)
+    client = RawImap(box.port("imaps"), box.client_context)
+    try:
+        client.login(JONH, OLD_PASSWORD)
+        client.command(b"S", b"SELECT INBOX")
+        client.send(b"I IDLE\r\n")
+        assert client.line() == b"+ idling\r\n"
+        box.run(Admin.of(box.services).remove_mailbox(JONH))
+        assert client.line() == b"* BYE This mailbox no longer exists\r\n"
+        assert client.closed()
+    finally:
+        client.close()
