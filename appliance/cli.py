@@ -77,8 +77,13 @@ def read_password(args: argparse.Namespace) -> str:
     import getpass
 
     if args.password_stdin:
-        line = sys.stdin.readline()
-        return line.rstrip("\r\n")
+        # As bytes: text mode decodes by the locale (surrogates for bytes that are not UTF-8 in the
+        # C.UTF-8 locale), and a latin-1 password ended in a UnicodeEncodeError traceback at hashing.
+        line = sys.stdin.buffer.readline()
+        try:
+            return line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise CliError("the password on standard input is not UTF-8 text") from None
     if not sys.stdin.isatty():
         raise CliError("no terminal to ask for a password: use --password-stdin")
     first = getpass.getpass("Password: ")

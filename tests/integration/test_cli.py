@@ -84,6 +84,25 @@ def test_bad_input_gives_one_clear_line(tmp_path: Path, args: tuple[str, ...], s
     assert_one_line_error(run(data, *args, stdin=stdin), needle)
 
 
+@pytest.mark.parametrize("args", [("user", "add", "bob@example.org"), ("user", "passwd", "alice@example.org"),
+                                  ("admin", "add", "boss")])
+def test_a_password_on_stdin_that_is_not_utf8_gives_one_clear_line(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """A latin-1 password (a script's file, an old terminal) ended in a UnicodeEncodeError traceback
+    at hashing, after the address was checked."""
+    data = tmp_path / "data"
+    assert run(data, "domain", "add", "example.org").returncode == 0
+    assert run(data, "user", "add", "alice@example.org", "--password-stdin", stdin="a long enough password\n").returncode == 0
+    before = run(data, "user", "list").stdout
+    result = subprocess.run([LETTERBOX, "--data", str(data), *args, "--password-stdin"],
+                            input=b"a long \xe9nough password\n", capture_output=True, timeout=60)
+    assert_one_line_error(subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(),
+                                                      result.stderr.decode()), "not UTF-8")
+    assert run(data, "user", "list").stdout == before
+    fine = subprocess.run([LETTERBOX, "--data", str(data), *args, "--password-stdin"],
+                          input="a long énough password\r\n".encode(), capture_output=True, timeout=60)
+    assert fine.returncode == 0, fine.stderr
+
+
 def test_duplicate_user_is_refused(tmp_path: Path) -> None:
     data = tmp_path / "data"
     run(data, "domain", "add", "example.org")
