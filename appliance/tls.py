@@ -328,6 +328,7 @@ def inspect_certificate(
         raise CertificateProblem("The private key is not a PEM private key (it should start with "
                                  "-----BEGIN PRIVATE KEY----- or -----BEGIN EC/RSA PRIVATE KEY-----).")
     leaf = certs[0]
+    _check_key_type(leaf)
     for child, issuer in itertools.pairwise(certs):
         try:
             child.verify_directly_issued_by(issuer)
@@ -348,6 +349,31 @@ def inspect_certificate(
         shown = ", ".join(info.names) or "no names"
         raise CertificateProblem(f"The certificate does not cover the host name {hostname} (it names {shown}).")
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs), info
+
+
+# The curves of the TLS signature algorithms mail programs and browsers offer (RFC 8446 4.2.3): a key
+# on another curve (secp256k1, Brainpool) is loaded by OpenSSL, and then no handshake can be made.
+TLS_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+
+
+def _check_key_type(leaf: x509.Certificate) -> None:
+    """The certificate's key is one the box's clients take: RSA (its size checked by OpenSSL's security
+    level when loaded) or ECDSA on a TLS curve. An Ed25519 or Ed448 certificate was installed and served,
+    and Thunderbird, Apple Mail, Outlook and every web browser refuse it (only OpenSSL-based clients take
+    it); a secp256k1 key left every TLS port, the console's included, without a handshake."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    key = leaf.public_key()
+    if isinstance(key, rsa.RSAPublicKey):
+        return
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name in TLS_CURVES:
+            return
+        raise CertificateProblem(f"The certificate's key is on the curve {key.curve.name}, which TLS clients do not "
+                                 "offer: use a key on P-256 or P-384, or RSA.")
+    kind = type(key).__name__.removeprefix("_").removesuffix("PublicKey")
+    raise CertificateProblem(f"The certificate's key is {kind}, which most mail programs (Thunderbird, Apple Mail, "
+                             "Outlook) and web browsers refuse: use an ECDSA (P-256 or P-384) or RSA certificate.")
 
 
 # --- the per-handshake switch --------------------------------------------------------------------------

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import NameOID
 
 from appliance.config import DataLayout
 from tests.conftest import LETTERBOX, BoxHandle, preset_settings
@@ -61,6 +65,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "wrong": wrong.cert_chain_pems[0].bytes(), "wrong_key": wrong.private_key_pem.bytes(),
         "garbage": b"this is not a certificate\n\x00\xff",
     }
+    for label, private in (("ed25519", ed25519.Ed25519PrivateKey.generate()),
+                           ("k1", ec.generate_private_key(ec.SECP256K1()))):
+        made[label], made[f"{label}_key"] = _self_signed(private)
     paths = {}
     for name, blob in made.items():
         paths[name] = out / f"{name}.pem"
@@ -68,7 +75,25 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
+def _self_signed(private: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey) -> tuple[bytes, bytes]:
+    """A certificate for HOST with a key of a kind trustme does not make."""
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+               .not_valid_after(now + dt.timedelta(days=30))
+               .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False))
+    cert = builder.sign(private, None if isinstance(private, ed25519.Ed25519PrivateKey) else hashes.SHA256())
+    key = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key
+
+
 @pytest.mark.parametrize(("cert", "key", "chain", "message"), [
+    # Installed and served before: Thunderbird, Apple Mail, Outlook and browsers refuse an Ed25519
+    # certificate, and no TLS client can handshake with a secp256k1 key (the console's HTTPS included).
+    ("ed25519", "ed25519_key", None, "the certificate's key is ed25519, which most mail programs"),
+    ("k1", "k1_key", None, "the certificate's key is on the curve secp256k1, which tls clients do not offer"),
     ("leaf", "other_key", "chain", "the private key does not belong to this certificate"),
     ("leaf", "key", "bad_chain", "the chain does not verify"),
     ("expired", "expired_key", "chain", "the certificate expired on"),
