@@ -767,9 +767,11 @@ def unlink_messages(folder: str | Path, paths: Sequence[str]) -> list[bool | Non
     """Remove the message files at `paths` (the folder's new/ or cur/), not fsynced: an expunge's.
     A file not there was renamed by another program (its flags, new/ to cur/) or removed: it is
     looked for by its unique name and removed where it is now, again while it keeps moving (_Wherever).
-    For each: True, removed where given; None, gone otherwise (the folder changed); False, still
-    there (it kept moving, or its unlink failed: EPERM, EIO), for the caller to remove later: a
-    message whose expunge other sessions were told of must not come back (mailstore.expunge)."""
+    For each: True, removed where given; None, removed where it was found (the folder changed);
+    False, maybe still there (it kept moving, its unlink failed: EPERM, EIO, or no listing showed
+    it: a listing of a directory another program renames in can miss a file, 3 in 100 expunges of a
+    file renamed as fast as can be in a folder of 3,000), for the caller to remove later: a message
+    whose expunge other sessions were told of must not come back (mailstore.expunge)."""
     wherever = _Wherever(folder)
     return [_unlink_wherever(wherever, path) for path in paths]
 
@@ -788,7 +790,7 @@ def _unlink_wherever(wherever: _Wherever, path: str) -> bool | None:
         except OSError as exc:
             log.warning("store: cannot remove %s (%s); tried again at the folder's next listing", now, exc.strerror or exc)
             return False
-    return None
+    return False  # in no listing: gone, or missed (the next listing forgets its name, or removes it)
 
 
 def rename_flagged(folder: str | Path, moves: Sequence[tuple[str, str]]) -> list[bool]:
