@@ -63,7 +63,7 @@ from appliance.config import DataLayout
 from appliance.db import DB_FILE_MODE, load_migrations
 from appliance.libc import libc as c_library
 from appliance.store import maildir
-from appliance.store.model import INBOX
+from appliance.store.model import INBOX, StoreError
 from appliance.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -876,6 +876,7 @@ def reconcile(root: Path, *, previous_db: Path | None = None) -> dict[str, int]:
         # fsyncs were most of this step's time, serial at the end of a restore.
         conn.execute("PRAGMA synchronous=OFF")
         conn.execute("BEGIN IMMEDIATE")
+        _check_path_names(conn)
         rows = conn.execute(
             "SELECT f.id, d.name, m.local_part, f.name, f.uidvalidity, f.uidnext FROM folders f"
             " JOIN mailboxes m ON m.id = f.mailbox_id JOIN domains d ON d.id = m.domain_id"
@@ -915,6 +916,27 @@ def reconcile(root: Path, *, previous_db: Path | None = None) -> dict[str, int]:
     os.chmod(db, DB_FILE_MODE)
     return {"dropped_rows": dropped, "dropped_queue": queue_dropped, "folders_bumped": bumped,
             "folders_renewed": renewed}
+
+
+def _check_path_names(conn: sqlite3.Connection) -> None:
+    """The names the box makes paths of (mail/<domain>/<local>/.<folder>) are each one plain name, checked
+    before the data is switched in: a database whose domain was '../../x' was restored (the store then
+    refused that mailbox in tracebacks at every start), one whose folder name cannot be a Maildir++
+    folder ended the restore in a StoreError traceback."""
+    for what, query in (("domain", "SELECT name FROM domains"), ("mailbox", "SELECT local_part FROM mailboxes")):
+        for (name,) in conn.execute(query):
+            if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
+                raise BackupError(f"refused: the backup's database names a {what} {str(name)[:80]!r}, which is not"
+                                  " a plain name; nothing was changed")
+    for domain, local, folder in conn.execute(
+        "SELECT d.name, m.local_part, f.name FROM folders f JOIN mailboxes m ON m.id = f.mailbox_id"
+        " JOIN domains d ON d.id = m.domain_id"
+    ):
+        try:
+            _folder_key(domain, local, folder)
+        except (StoreError, TypeError, AttributeError) as exc:  # a name that is no text at all, too
+            raise BackupError(f"refused: the backup's database has a folder the box cannot hold ({exc});"
+                              " nothing was changed") from exc
 
 
 def _listdir(path: Path) -> list[str]:

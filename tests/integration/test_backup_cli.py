@@ -323,6 +323,38 @@ def test_two_backups_of_the_same_second_each_write_a_file_of_their_own(made: tup
     assert not [p.name for p in layout.backups.iterdir() if p.name.endswith(".partial")]
 
 
+def test_a_backup_whose_database_names_paths_outside_is_refused(made: tuple[DataLayout, Path, Path],
+                                                               tmp_path: Path) -> None:
+    """The box makes paths of its domains, mailboxes and folders (mail/<domain>/<local>/.<folder>): a
+    database whose domain was '../../outside' was restored, exit 0 (the store, which checks the names
+    again, then refused that mailbox in tracebacks at every start); a folder with a '.' in a level ended
+    the restore in a StoreError traceback. Refused now, nothing changed."""
+    layout, _file, kit = made
+    before, around = state(layout.root), siblings(layout.root)
+    recipient = backup.recipient_of(kit.read_text())
+    for label, change, needle in (
+        ("domain", "UPDATE domains SET name = '../../outside' WHERE name = 'one.test'", "names a domain '../../outside'"),
+        ("mailbox", "UPDATE mailboxes SET local_part = '..' WHERE local_part = 'alice'", "names a mailbox '..'"),
+        ("folder", "UPDATE folders SET name = 'a.b' WHERE name = 'Keep'", "has a folder the box cannot hold"),
+    ):
+        db_file = tmp_path / f"{label}.db"
+        with contextlib.closing(sqlite3.connect(layout.db)) as live:
+            live.execute("VACUUM INTO ?", (str(db_file),))
+        with contextlib.closing(sqlite3.connect(db_file)) as db:
+            db.execute(change)
+            db.commit()
+        crafted = tmp_path / f"{label}.tar.zst.age"
+        _craft(crafted, [_entry("letterbox.db", db_file.read_bytes())], recipient)
+        result = run(layout.root, "backup", "restore", str(crafted), "--key-file", str(kit))
+        assert result.returncode == 1, (label, result.stdout)
+        assert result.stderr.startswith("letterbox: refused: the backup's database"), (label, result.stderr)
+        assert needle in result.stderr, (label, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, (label, result.stderr)
+        assert state(layout.root) == before, label
+        assert siblings(layout.root) == around, label
+    assert not (layout.root.parent.parent / "outside").exists()
+
+
 def _empty_sqlite(path: Path) -> bytes:
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute("CREATE TABLE t (x)")
