@@ -210,3 +210,12 @@ def test_certificate_warning_only_while_self_signed(web: WebClient) -> None:
     web.services.tls.install(b"".join(b.bytes() for b in leaf.cert_chain_pems), leaf.private_key_pem.bytes(),
                              hostname=HOSTNAME)
     assert 'id="cert-warning"' not in web.get("/account").text
+
+
+def test_login_page_says_what_to_do_about_a_forgotten_password(web: WebClient) -> None:
+    """"Wrong name or password." was the page's last word: nothing said who can set a new one, or how."""
+    web.logout()
+    page = web.get("/login").text
+    assert "Forgot your password?" in page
+    assert "an administrator of this box sets a new one" in page
+    assert "<code>letterbox admin passwd NAME</code>" in page
