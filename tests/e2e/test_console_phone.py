@@ -2,10 +2,13 @@
 runs off the right edge. The top bar pushed "Log out" off the screen and every page scrolled sideways;
 wide tables (Domains, Mailboxes, Events) spilled out of their cards, and the DNS records' values and
 their Copy buttons were off to the right. On the account page the mail program settings' Port and Security
-columns were off to the right too, to be scrolled to inside the table by the owner setting up that phone."""
+columns were off to the right too, to be scrolled to inside the table by the owner setting up that phone, as
+were Junk's Not spam button and the mail log's recipients and results (tables marked .stack)."""
 
 from __future__ import annotations
 
+import imaplib
+import smtplib
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,8 @@ CONSOLE_PAGES = ["/console", "/console/domains", "/console/domains/example.test"
                  f"/console/mailboxes/{ALICE}", "/console/aliases", "/console/sending", "/console/events",
                  "/console/log", "/console/spam", "/console/backups", "/console/certificate", "/console/updates", "/console/password"]
 ACCOUNT_PAGES = ["/account", "/account/log", "/account/junk"]
+# What a phone's owner reads or presses in a table: the mail program settings, Junk's rows, the mail log's rows.
+STACKED = "table.settings td, table#junk td, table#delivery-log td"
 # Elements that stick out past the screen's right edge (a mobile browser widens its layout to fit them), other than inside a box that scrolls sideways.
 OFF_SCREEN = """(width) => [...document.querySelectorAll('body *')].filter(e => {
     if (e.getBoundingClientRect().right <= width + 0.5) return false;
@@ -43,6 +48,14 @@ def test_no_page_runs_off_a_phone_screen(box: BoxHandle, tmp_path: Path) -> None
     for key, value in (("setup_step", "7"), ("setup_done", "1"), ("setup_domain", "example.test")):
         box.run(box.services.db.set_setting(key, value))
     https = f"https://localhost:{box.port('https')}"
+    # A row in the mail log and a message in Junk, so their tables have something to lay out.
+    with smtplib.SMTP_SSL("127.0.0.1", box.port("submissions"), context=box.client_context, timeout=30) as smtp:
+        smtp.login(ALICE, ALICE_PASSWORD)
+        smtp.sendmail(ALICE, [ALICE], f"From: {ALICE}\r\nTo: {ALICE}\r\nSubject: a note to self\r\n\r\nHi.\r\n")
+    with imaplib.IMAP4_SSL("127.0.0.1", box.port("imaps"), ssl_context=box.client_context, timeout=30) as imap:
+        imap.login(ALICE, ALICE_PASSWORD)
+        imap.append("Junk", None, None, b"From: seller@example.net\r\nSubject: cheap watches\r\n\r\nBuy.\r\n")
+    box.run(box.services.delivery_log.settle())
 
     def log_in(browser: Browser, name: str, password: str) -> Page:
         page = browser.new_context(ignore_https_errors=True, viewport={"width": PHONE_WIDTH, "height": 740}, is_mobile=True).new_page()
@@ -63,6 +76,8 @@ def test_no_page_runs_off_a_phone_screen(box: BoxHandle, tmp_path: Path) -> None
                 response = page.goto(https + path)
                 assert response is not None, path
                 assert response.status == 200, path
+                if path in ("/account/junk", "/account/log", "/console/log"):
+                    assert page.locator(f"{STACKED} >> text=example").count(), path  # rows to lay out
                 page.screenshot(path=str(shots / f"phone{path.replace('/', '-')}.png"), full_page=True)
                 width = page.evaluate("document.documentElement.scrollWidth")
                 logout = page.locator("header button", has_text="Log out").bounding_box()
@@ -70,8 +85,8 @@ def test_no_page_runs_off_a_phone_screen(box: BoxHandle, tmp_path: Path) -> None
                 # The DNS records' Copy buttons are what the page is for: on the screen, not scrolled to.
                 off += [f"copy button at {box['x']:.0f}" for box in page.locator("button.copy").evaluate_all(
                     "buttons => buttons.map(b => b.getBoundingClientRect().toJSON())") if box["right"] > PHONE_WIDTH]
-                # So are the mail program settings: server, port and security, each on the screen.
-                off += [f"setting {cell['text']!r} at {cell['x']:.0f}" for cell in page.locator("table.settings td").evaluate_all(
+                # So is each value of a stacked table (the mail program settings, Junk's Not spam, the mail log).
+                off += [f"cell {cell['text']!r} at {cell['x']:.0f}" for cell in page.locator(STACKED).evaluate_all(
                     "cells => cells.map(c => ({...c.getBoundingClientRect().toJSON(), text: c.innerText}))") if cell["right"] > PHONE_WIDTH]
                 if width > PHONE_WIDTH or off or logout is None or logout["x"] + logout["width"] > PHONE_WIDTH:
                     problems[path] = (width, logout, off[:5])
