@@ -53,9 +53,22 @@ def invalid_reason(name: str) -> str | None:
         # would read back as a level separator (Dovecot refuses it too).
         return "Mailbox names cannot contain a dot"
     rest = _MUTF7_SHIFT.sub("", name)
-    if "&" in rest or not all(_canonical_shift(m.group(1)) for m in _MUTF7_SHIFT.finditer(name)):
+    if "&" in rest or not _canonical_shifts(name):
         return "Bad modified UTF-7 in mailbox name"
     return None
+
+
+def _canonical_shifts(name: str) -> bool:
+    """Whether every shift of `name` is in its one spelling (_canonical_shift), and no shift follows
+    another at once: "&U,BTFw-&ZeVnLIqe-" is one run of characters spelt as two, beside the folder
+    "&U,BTF2XlZyyKng-" every client shows by the same name (Dovecot refuses it too). "&-" is "&"."""
+    last_end = -1
+    for shift in _MUTF7_SHIFT.finditer(name):
+        if shift.group(1):
+            if shift.start() == last_end or not _canonical_shift(shift.group(1)):
+                return False
+            last_end = shift.end()
+    return True
 
 
 def _canonical_shift(text: str) -> bool:

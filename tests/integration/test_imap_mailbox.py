@@ -231,12 +231,14 @@ def test_folders_create_list_rename_delete(imap_box: BoxHandle, client: IMAPClie
 def test_a_name_in_modified_utf7_is_taken_only_in_its_one_spelling(imap_box: BoxHandle) -> None:
     """RFC 3501 5.1.3: modified BASE64 never encodes what spells itself in printable ASCII, and its
     padding bits are zero. Only the shift's syntax was checked, so a client could make a folder every
-    client shows as "INBOX", one shown as "a/b" that is no child of "a", or "a" twice."""
+    client shows as "INBOX", one shown as "a/b" that is no child of "a", or "a" twice; and two shifts
+    in a row spelt a second name of what one shift spells."""
     raw = RawImap(imap_box.port("imaps"), imap_box.client_context)
     try:
         raw.login(USER, PASSWORD)
-        refused = ["&AEkATgBCAE8AWA-", "a&AC8-b", "&AGE-", "&ZZZ-", "&2D0-", "&AOkAAA-", "Work/&AEkATgBCAE8AWA-"]
-        taken = ["&AOk-t&AOk-", "A&-B", "&Jjo-", "&2D3eAA-", "&ZeVnLIqe-"]
+        refused = ["&AEkATgBCAE8AWA-", "a&AC8-b", "&AGE-", "&ZZZ-", "&2D0-", "&AOkAAA-", "Work/&AEkATgBCAE8AWA-",
+                   "&U,BTFw-&ZeVnLIqe-"]  # two shifts in a row: what "&U,BTF2XlZyyKng-" spells in one
+        taken = ["&AOk-t&AOk-", "A&-B", "&Jjo-", "&2D3eAA-", "&ZeVnLIqe-", "&U,BTF2XlZyyKng-", "&AOk-&-", "&-&AOk-"]
         for n, name in enumerate(refused):
             reply = raw.command(b"C%d" % n, b'CREATE "%s"' % name.encode())
             assert reply[-1].startswith(b"C%d NO [CANNOT] Bad modified UTF-7" % n), (name, reply)
