@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from appliance import __version__, age_stream, backup_stream
+from appliance import __version__, age_stream, backup_stream, disk_full
 from appliance.config import DataLayout
 from appliance.db import DB_FILE_MODE, load_migrations
 from appliance.libc import libc as c_library
@@ -611,6 +611,10 @@ class _Unpacking:
     dir_fd: int = -1
     dir_raw: str = ""  # that directory as the archive spelled it ("" when it is the staging root)
     dir_name: str = ""  # and as checked (_safe_name), with a '/' after it
+    # What the files written may still take of the staging file system: its free space but the reserve
+    # the box keeps for new mail (disk_full.RESERVE_OCTETS). A zstd frame of zeros unpacks 10 GB from
+    # a few hundred KiB, and the staging directory shares its file system with the running box.
+    room: int = 2**63
 
     def close_dir(self) -> None:
         if self.dir_fd >= 0:
@@ -676,6 +680,11 @@ class _Unpacking:
         # folder's files together): the kernel does not walk the whole path again for each of
         # thousands of files.
         write = self.only is None or self.only(name)
+        if write:
+            self.room -= size
+            if self.room < 0:
+                raise BackupError("refused: the backup unpacks to more than the free space beside the data directory"
+                                  f" (less {disk_full.RESERVE_OCTETS >> 20} MiB kept for new mail); nothing was changed")
         view = tar.whole(size)
         if view is not None:  # the usual file: its data lies in one block of the stream, one call
             self.digests[key] = b""  # taken now (a second file of that name is refused above)
@@ -744,6 +753,7 @@ def unpack(source: IO[bytes], secret: Secret, staging: Path, *, known_schema: in
     known = known_schema if known_schema is not None else len(load_migrations())
     staging.mkdir(mode=0o700)
     state = _Unpacking(str(staging), known, only, progress, _EarlyWriteback(staging) if writeback else None)
+    state.room = _free_space(staging) - disk_full.RESERVE_OCTETS
     try:
         with _plain_members(source, secret) as tar, _no_cycle_collection():
             for name, kind, size in tar.members():
@@ -768,6 +778,11 @@ def unpack(source: IO[bytes], secret: Secret, staging: Path, *, known_schema: in
         wrong = sorted(set(listed) ^ set(sums)) or [n for n in sums if listed.get(n) != sums[n]]
         raise BackupError(f"refused: the files do not match the manifest's checksums (e.g. {wrong[0][:80]!r})")
     return Unpacked(state.manifest, staging, state.files)
+
+
+def _free_space(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import pyrage
 import pytest
 import zstandard
 
-from appliance import age_stream, backup
+from appliance import age_stream, backup, backup_stream
 from appliance.accounts import Accounts
 from appliance.config import DataLayout
 from appliance.db import Database
@@ -353,6 +353,32 @@ def test_a_backup_whose_database_names_paths_outside_is_refused(made: tuple[Data
         assert state(layout.root) == before, label
         assert siblings(layout.root) == around, label
     assert not (layout.root.parent.parent / "outside").exists()
+
+
+def test_a_backup_that_unpacks_to_more_than_the_free_space_is_refused_before_writing(
+        made: tuple[DataLayout, Path, Path], tmp_path: Path) -> None:
+    """A zstd frame of zeros unpacks terabytes from a few KiB, into the file system the running box
+    shares: each file's size is counted against the free space (less the reserve kept for new mail)
+    before it is written. Here a message file says it holds 1 TiB (its first 4 MiB of zeros follow):
+    before, those were written and the restore failed only where the stream ended, or at ENOSPC."""
+    layout, _file, kit = made
+    before, around = state(layout.root), siblings(layout.root)
+    manifest = json.dumps({"format": 1, "schema": 7, "host": "x", "mailboxes": [{"address": ALICE}]}).encode()
+    crafted = tmp_path / "bomb.tar.zst.age"
+    with open(crafted, "wb") as sink, backup._encrypting(sink, backup.recipient_of(kit.read_text()), "") as plain:  # noqa: SIM117  one stream layer per line
+        with zstandard.ZstdCompressor().stream_writer(plain, closefd=False) as z:
+            z.write(backup_stream.header(backup.MANIFEST_NAME, len(manifest)) + manifest + backup_stream.padding(len(manifest)))
+            z.write(backup_stream.header("mail/one.test/alice/cur/1.bomb", 2**40))
+            for _ in range(4):
+                z.write(bytes(1024 * 1024))
+    assert crafted.stat().st_size < 64 * 1024
+    for extra in ((), ("--mailbox", ALICE)):
+        result = run(layout.root, "backup", "restore", str(crafted), "--key-file", str(kit), *extra)
+        assert result.returncode == 1, (extra, result.stdout)
+        assert result.stderr.startswith("letterbox: refused: the backup unpacks to more than the free space"), \
+            (extra, result.stderr)
+        assert state(layout.root) == before, extra
+        assert siblings(layout.root) == around, extra
 
 
 def _empty_sqlite(path: Path) -> bytes:
