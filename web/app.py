@@ -164,7 +164,7 @@ def routes() -> list[BaseRoute]:
         lazy("domains", "/console/domains*"),
         lazy("mailboxes", "/console/mailboxes*", "/console/aliases*"),
         lazy("sending", "/console/sending*"),
-        lazy("account", "/account", "/account/mobileconfig", "/account/password"),
+        lazy("account", "/account", "/account/mobileconfig", "/account/password", "/account/certificate.crt"),
         lazy("autoconfig", "/.well-known/autoconfig/*", "/autodiscover/*", "/Autodiscover/*", "/mail/config-v1.1.xml"),
         *wellknown.routes,
         lazy("certificate", "/console/certificate*"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 from starlette.requests import Request
@@ -25,6 +26,13 @@ from web.pages import (
 )
 
 MOBILECONFIG_TYPE = "application/x-apple-aspen-config"
+CERTIFICATE_TYPE = "application/x-x509-ca-cert"  # what Android and desktop systems offer to install
+PEM_END = b"-----END CERTIFICATE-----"
+
+
+def fingerprint_words(hex_digest: str) -> str:
+    """A SHA-256 fingerprint as mail programs show it (Thunderbird, Apple): AB:CD:... in capitals."""
+    return ":".join(hex_digest[i:i + 2] for i in range(0, len(hex_digest), 2)).upper()
 
 
 async def account_page(request: Request, errors: dict[str, str] | None = None) -> Response:
@@ -37,9 +45,11 @@ async def account_page(request: Request, errors: dict[str, str] | None = None) -
         used, quota = await svc.store.usage(principal.name)
         if svc.spam_content is not None:
             junk = await svc.spam_content.junk_count(principal.name)
+    cert = svc.tls.info()
     return await render(request, "account.html", {
         "title": "Your mailbox", "mailbox": info, "settings": client_settings_for(svc), "used": used,
-        "quota": quota, "errors": errors or {}, "self_signed": svc.tls.info().self_signed, "junk": junk,
+        "quota": quota, "errors": errors or {}, "self_signed": cert.self_signed, "junk": junk,
+        "fingerprint": fingerprint_words(cert.fingerprint),
     }, status_code=400 if errors else 200)
 
 
@@ -69,8 +79,21 @@ async def profile(request: Request) -> Response:
                     headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
+async def certificate(request: Request) -> Response:
+    """The certificate the box serves (its first, its own, without the chain), for a program that trusts a
+    self-signed certificate only from a file: mbsync's CertificateFile, Android's "install a certificate"."""
+    await require(request, "user")
+    svc = services(request)
+    pem = await asyncio.to_thread(svc.tls.cert_path.read_bytes)
+    leaf = pem[:pem.index(PEM_END) + len(PEM_END)] + b"\n"
+    filename = svc.tls.info().names[0] if svc.tls.info().names else "letterbox"
+    return Response(leaf, media_type=CERTIFICATE_TYPE,
+                    headers={"Content-Disposition": f'attachment; filename="{filename}.crt"'})
+
+
 routes = [
     Route("/account", account_page, methods=["GET"]),
     Route("/account/password", password_submit, methods=["POST"]),
     Route("/account/mobileconfig", profile, methods=["GET"]),
+    Route("/account/certificate.crt", certificate, methods=["GET"]),
 ]
