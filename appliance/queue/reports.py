@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from appliance import srs
 from appliance.queue import dsn
-from appliance.queue.report_delivery import deliver_report_to_sender
+from appliance.queue.report_delivery import ReportRefused, deliver_report_to_sender
 from appliance.queue.spool import Spool
 from appliance.queue.state import QueueState, Reportable, Settlement, spool_file
 
@@ -30,11 +30,13 @@ log = logging.getLogger("letterbox.queue")
 
 
 class SenderReports:
-    def __init__(self, services: Services, spool: Spool, state: QueueState, clock: Callable[[], float]) -> None:
+    def __init__(self, services: Services, spool: Spool, state: QueueState, clock: Callable[[], float],
+                 lifetime: Callable[[], Awaitable[float]]) -> None:
         self._services = services
         self._spool = spool
         self._state = state
         self._clock = clock
+        self._lifetime = lifetime  # seconds a report a local mailbox refuses is tried (the queue's max age)
         self._settle_lock = asyncio.Lock()  # one report per failure, however many jobs end at once
 
     async def settle(self, message_id: str) -> None:
@@ -125,11 +127,31 @@ class SenderReports:
                 await self._state.settled(part)
             elif removed:
                 await self._state.remove_file(message_id)
+        except ReportRefused as exc:
+            return await self._refused(part, target, exc, resumed)
         except Exception:
             log.exception("%s: could not send the failure report to <%s>", message_id, target)
             return False
         log.info("%s: failed report sent to <%s> for %s", message_id, target,
                  ", ".join(r.address for r in part.failed))
+        return True
+
+    async def _refused(self, part: Settlement, target: str, refused: ReportRefused, resumed: bool) -> bool:
+        """A mailbox of the sender would not take the report (full, most often): tried again at each
+        sweep until it has waited as long as the queue keeps a message, then dropped (True), as
+        Postfix defers a bounce to a full mailbox until bounce_queue_lifetime. Said once, without a
+        traceback: it was a traceback a minute, for ever, and the message never left the queue."""
+        started = min((f.report_started for f in part.failed if f.report_started), default=0)
+        waited = self._clock() - started if started else 0.0
+        if waited < await self._lifetime():
+            if not resumed:
+                log.warning("%s: the failure report to <%s> waits: %s; tried again every minute",
+                            part.message_id, target, refused)
+            return False
+        await self._state.settled(part)
+        await self._services.events.record(
+            "bounce", f"{part.message_id}: the failure report to <{target}> was dropped after"
+            f" {waited / 86400:.1f} days: {refused}")
         return True
 
     async def _holds_report(self, mailbox: str, report_id: str, since: int) -> bool:

@@ -78,7 +78,7 @@ class OutboundQueue:
         self.state = QueueState(services.db, self.spool.directory)
         self._configs = DeliveryConfigs(services.settings, policy or RetryPolicy())
         self._signing_keys = SigningKeys(services.accounts, services.db, services.config.data.dkim)
-        self.reports = SenderReports(services, self.spool, self.state, clock)
+        self.reports = SenderReports(services, self.spool, self.state, clock, self._report_lifetime)
         self._max_sessions = max_sessions
         self._per_domain = max_sessions_per_domain
         self._poll_interval = poll_interval
@@ -177,6 +177,10 @@ class OutboundQueue:
                 break
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, delay))
+
+    async def _report_lifetime(self) -> float:
+        """How long a failure report a local mailbox refuses is tried: the queue's max age, as set."""
+        return (await self._configs.current()).policy.max_age
 
     async def _dispatch(self) -> float:
         """One pass: start workers for due jobs; returns seconds until the next pass is needed."""

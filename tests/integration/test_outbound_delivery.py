@@ -4,11 +4,14 @@ DNS server on loopback serving a test zone (issue 7). Mail is submitted on 587 l
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
 
 import dkim
+import pytest
 
+from appliance.queue import service
 from appliance.queue.service import start_queue
 from tests.support.outbound import (  # noqa: F401  (fixtures)
     ALICE,
@@ -218,6 +221,50 @@ def test_each_failure_is_reported_exactly_once(outbound: Outbound) -> None:
     reported = wait_until(all_four, seconds=20, what="4 reported recipients")
     assert sorted(reported) == [f"rfc822; {r}" for r in ("a@gone1.test", "b@gone2.test", "c@gone3.test",
                                                            "d@gone3.test")]
+
+
+def test_a_report_to_a_full_local_mailbox_waits_quietly_then_is_dropped(
+    outbound: Outbound, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Alice's mailbox is full and her mail to a remote address fails: the report waits for room,
+    tried at each sweep and said once, until it has waited the queue's max age; then it is dropped
+    and the message leaves the queue. Before, each sweep (every minute) logged a traceback, for ever,
+    and the message stayed in the queue for ever."""
+    monkeypatch.setattr(service, "SWEEP_INTERVAL", 0.1)
+    box = outbound.box
+    box.run(box.services.store.deliver([ALICE], b"Subject: filler\r\n\r\n" + b"x" * 20_000))
+    box.run(box.services.accounts.update_user(ALICE, quota_bytes=10_000))
+    outbound.setting("queue_max_age", "3")
+    outbound.zone.set("nomail.test", "MX", ["0 ."])
+    caplog.set_level(logging.INFO, logger="letterbox")
+    outbound.submit(["a@nomail.test"])
+    outbound.wait_until(lambda: any(r.state == "failed" for m in outbound.messages() for r in m.recipients),
+                        what="the recipient to fail")
+    outbound.wait_empty(timeout=20)
+    assert len(outbound.inbox()) == 1  # the filler alone
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    waits = [r for r in caplog.records if "the failure report to <alice@ourdomain.test> waits" in r.getMessage()]
+    assert len(waits) == 1
+    assert waits[0].exc_info is None
+    events = [text for _, kind, text in box.run(box.services.events.recent()) if kind == "bounce"]
+    assert any("failure report to <alice@ourdomain.test> was dropped" in text for text in events)
+
+
+def test_a_report_to_a_full_local_mailbox_arrives_once_there_is_room(
+    outbound: Outbound, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(service, "SWEEP_INTERVAL", 0.1)
+    box = outbound.box
+    box.run(box.services.store.deliver([ALICE], b"Subject: filler\r\n\r\n" + b"x" * 20_000))
+    box.run(box.services.accounts.update_user(ALICE, quota_bytes=10_000))
+    outbound.zone.set("nomail.test", "MX", ["0 ."])
+    outbound.submit(["a@nomail.test"])
+    outbound.wait_until(lambda: any(r.state == "failed" for m in outbound.messages() for r in m.recipients),
+                        what="the recipient to fail")
+    box.run(box.services.accounts.update_user(ALICE, quota_bytes=0))
+    [_, report] = outbound.wait_inbox(2)
+    outbound.wait_empty()
+    assert delivery_status(report)[1]["Final-Recipient"] == "rfc822; a@nomail.test"
 
 
 def test_no_report_is_ever_sent_to_the_null_sender(outbound: Outbound) -> None:
