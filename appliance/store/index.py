@@ -559,7 +559,10 @@ class FolderIndex:
             raise NeedsThread
         listing = maildir.list_messages(self.path)
         skipped = self._compare(listing, changes, inline)
-        if self.unremoved:
+        if self.unremoved and not changes.dirty and maildir.dir_stamp(self.path) == stamp:
+            # Forgotten only after a listing that nothing changed the directories during (nor within
+            # an mtime tick before): one of a directory another program renames in can miss a file,
+            # which the next listing would index again, an expunged message back under a new UID.
             changes.cleared = [base for base in self.unremoved if base not in listing]
         by_base = self.by_base
         # (Files skipped, ours being delivered or expunged ones, are not in by_base: were they
