@@ -16,12 +16,15 @@ What it holds, in this order:
    last because the archive is written in one pass: a file's checksum is known only once it has
    been read. A restore refuses an archive without it (truncated) or that disagrees with it.
 
-Consistency while mail arrives and clients move messages: the db snapshot decides what is in the
-backup. A message file is taken only when the snapshot indexes it; one delivered after the snapshot
-is left out entirely (it was acknowledged after the backup began, so it is not owed to this backup).
-A file renamed while the walk runs (new/ -> cur/, a flag change) is looked for again under its base
-name. A message the snapshot indexes but whose file was expunged before the walk reached it is left
-out, and its index row is dropped at restore: after a restore the index and the files agree.
+Consistency while mail arrives and clients move messages: the db snapshot is the index of the backup,
+and the walk that follows takes every complete message file it finds (cur/ and new/; tmp/ never). A
+file renamed while the walk runs (new/ -> cur/, a flag change) is looked for again under its base
+name. A message the snapshot indexes but whose file was expunged or moved away before the walk reached
+it has its index row dropped at restore; a file the snapshot does not index (delivered, moved or
+copied there after it, a folder renamed meanwhile, which the walk lists again) is restored beside
+the index, and the store indexes it at its first look with a new UID. So every message acknowledged
+before the backup began is in it, wherever a client moved it meanwhile; one moved after the walk
+passed its old folder and before it reached the new one is in it twice.
 
 UIDs after a restore (RFC 3501 2.3.1.1: a UID is never reused under the same UIDVALIDITY): each folder
 keeps its UIDVALIDITY and every UID of the backup (clients keep their caches, POP3 UIDLs stay), and its
@@ -164,8 +167,6 @@ class Snapshot:
     hostname: str
     domains: list[str]
     mailboxes: dict[str, dict[str, int]]  # address -> folder name -> message count
-    # mail-relative maildir folder dir ("example.org/alice/.Sent") -> indexed base names
-    indexed: dict[str, set[str]]
     queue_ids: set[str]
     size: int
 
@@ -197,28 +198,24 @@ def read_snapshot(path: Path) -> Snapshot:
             "SELECT m.local_part, d.name FROM mailboxes m JOIN domains d ON d.id = m.domain_id ORDER BY 2, 1"
         ):
             mailboxes[f"{local}@{domain}"] = {}
-        indexed: dict[str, set[str]] = {}
         size = 0
-        for local, domain, folder, base, msize in conn.execute(
-            "SELECT m.local_part, d.name, f.name, g.basename, g.size FROM messages g"
+        for local, domain, folder, count, msize in conn.execute(
+            "SELECT m.local_part, d.name, f.name, COUNT(*), SUM(g.size) FROM messages g"
             " JOIN folders f ON f.id = g.folder_id JOIN mailboxes m ON m.id = f.mailbox_id"
-            " JOIN domains d ON d.id = m.domain_id"
+            " JOIN domains d ON d.id = m.domain_id GROUP BY f.id"
         ):
-            key = _folder_key(domain, local, folder)
-            indexed.setdefault(key, set()).add(base)
-            counts = mailboxes.setdefault(f"{local}@{domain}", {})
-            counts[folder] = counts.get(folder, 0) + 1
+            mailboxes.setdefault(f"{local}@{domain}", {})[folder] = int(count)
             size += int(msize)
         queue_ids = {r[0] for r in conn.execute("SELECT id FROM queue_messages")}
     finally:
         conn.close()
     return Snapshot(path, int(schema), str(host_row[0]) if host_row else socket.getfqdn(), domains,
-                    mailboxes, indexed, queue_ids, size)
+                    mailboxes, queue_ids, size)
 
 
 @functools.lru_cache(maxsize=4096)
 def _folder_key(domain: str, local: str, folder: str) -> str:
-    # Cached: read_snapshot asks once per indexed message, mostly for the same few folders.
+    # Cached: a restore's checks ask once per folder, for the same few mailboxes.
     rel = maildir.folder_path(Path(domain) / local, folder)
     return rel.as_posix()
 
@@ -369,16 +366,23 @@ def _walk_maildirs(w: _Writer, layout: DataLayout, snap: Snapshot) -> None:
         w.add_dir(f"mail/{domain.name}")
         for box in sorted(p for p in domain.iterdir() if p.is_dir() and not p.is_symlink()):
             rel_box = f"{domain.name}/{box.name}"
-            folders = [box, *sorted(
-                p for p in box.iterdir()
-                if p.is_dir() and not p.is_symlink() and maildir.folder_name(p.name) is not None
-            )]
-            for folder in folders:
-                rel = rel_box if folder == box else f"{rel_box}/{folder.name}"
-                _add_folder(w, folder, f"mail/{rel}", snap.indexed.get(rel, set()))
+            walked: set[Path] = set()
+            # Listed again after the walk: a folder renamed meanwhile is walked under its new name.
+            while folders := [f for f in _folder_dirs(box) if f not in walked]:
+                for folder in folders:
+                    walked.add(folder)
+                    rel = rel_box if folder == box else f"{rel_box}/{folder.name}"
+                    _add_folder(w, folder, f"mail/{rel}")
 
 
-def _add_folder(w: _Writer, folder: Path, name: str, indexed: set[str]) -> None:
+def _folder_dirs(box: Path) -> list[Path]:
+    return [box, *sorted(
+        p for p in box.iterdir()
+        if p.is_dir() and not p.is_symlink() and maildir.folder_name(p.name) is not None
+    )]
+
+
+def _add_folder(w: _Writer, folder: Path, name: str) -> None:
     w.add_dir(name)
     for sub in ("cur", "new", "tmp"):
         w.add_dir(f"{name}/{sub}")
@@ -386,19 +390,18 @@ def _add_folder(w: _Writer, folder: Path, name: str, indexed: set[str]) -> None:
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             if entry.is_file(follow_symlinks=False):
                 w.add_path(f"{name}/{entry.name}", Path(entry.path))
-    if not indexed:
-        return
     for sub in ("cur", "new"):
         where = os.path.join(folder, sub)
         try:
             listing = os.listdir(where)
         except FileNotFoundError:
             continue
+        # Every message file, the snapshot's or not: one moved to another folder after the snapshot
+        # has a new name there (and its old one is gone), so taking only the names the snapshot
+        # indexes left it out of the backup. A file the restored index lacks is indexed by the store at
+        # its first look, with a new UID.
         for filename in sorted(listing):
-            base = maildir.split_filename(filename)[0]
-            if base not in indexed:
-                continue  # delivered after the snapshot: not in this backup
-            _add_message(w, folder, name, sub, filename, base)
+            _add_message(w, folder, name, sub, filename, maildir.split_filename(filename)[0])
 
 
 def _add_message(w: _Writer, folder: Path, name: str, sub: str, filename: str, base: str) -> None:

@@ -15,7 +15,6 @@ import sqlite3
 import subprocess
 import tarfile
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from appliance.config import DataLayout
 from appliance.db import Database
 from appliance.store.mailstore import MailStore
 from tests.conftest import LETTERBOX, require_program
+from tests.support.backup_progress import AtFirstFile
 from tests.support.polling import wait_until
 
 PASSWORD = "correct horse battery staple 9"
@@ -287,26 +287,6 @@ def test_a_backup_whose_database_is_damaged_is_refused_in_words(made: tuple[Data
             assert siblings(layout.root) == around, (label, extra)
 
 
-class _SecondBackupMidway(backup.Progress):
-    """The progress of a backup that, once it has begun writing its file, lets a whole second backup
-    of the same second (the same file name) run: the daily backup and a `letterbox backup create`."""
-
-    def __init__(self, second: Callable[[], object]) -> None:
-        self.second: Callable[[], object] | None = second
-        super().__init__()
-
-    @property  # a hook on the writer's progress: the field made a property
-    def done(self) -> int:
-        return self._done
-
-    @done.setter
-    def done(self, value: int) -> None:
-        self._done = value
-        if value and self.second is not None:
-            second, self.second = self.second, None
-            second()
-
-
 def test_two_backups_of_the_same_second_each_write_a_file_of_their_own(made: tuple[DataLayout, Path, Path]) -> None:
     """Both wrote `NAME.partial`: the second truncated the first's file and renamed it into place, then
     the first went on writing into it. The second was reported made and was damaged."""
@@ -314,7 +294,7 @@ def test_two_backups_of_the_same_second_each_write_a_file_of_their_own(made: tup
     recipient = backup.recipient_of(kit.read_text())
     out = layout.backups / "letterbox-box.one.test-20261201T030327Z.tar.zst.age"
     seconds: list[backup.Created] = []
-    first = backup.create_backup(layout, out, recipient=recipient, progress=_SecondBackupMidway(
+    first = backup.create_backup(layout, out, recipient=recipient, progress=AtFirstFile(
         lambda: seconds.append(backup.create_backup(layout, out, recipient=recipient))))
     assert len(seconds) == 1
     assert first.path == seconds[0].path == out

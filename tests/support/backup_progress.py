@@ -1,0 +1,27 @@
+"""A backup's progress that runs a piece of the test once, in the middle of the backup."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from appliance import backup
+
+
+class AtFirstFile(backup.Progress):
+    """Runs `act` once, in the backup's own thread, when the first file has gone in: after the
+    database's snapshot and with the backup's file open, before the walk of the Maildirs."""
+
+    def __init__(self, act: Callable[[], object]) -> None:
+        self.act: Callable[[], object] | None = act
+        super().__init__()
+
+    @property  # the dataclass field made a property: the writer's `progress.done += n` is the hook
+    def done(self) -> int:
+        return self._done
+
+    @done.setter
+    def done(self, value: int) -> None:
+        self._done = value
+        if value and self.act is not None:
+            act, self.act = self.act, None
+            act()
