@@ -225,6 +225,9 @@ class FolderIndex:
         # none): set when the stamp is that of a change made within DIRTY_WINDOW_NS of the look that
         # took it, ours (changed_by_us) or a listing's (was_listed).
         self.recheck_ns = 0
+        # Wall-clock ns of the last time the directories were known to be as memory has them (a
+        # listing, a look at an unchanged stamp, our own change that moved it): seems_unchanged.
+        self.looked_ns = 0
         self.pending: set[str] = set()  # unique names being delivered: not yet ours to index
         # Unique names of expunged messages (their rows gone, sessions told) whose file could not be
         # removed (Change.leave_out): never indexed again, removed by the next listing that finds it
@@ -457,6 +460,7 @@ class FolderIndex:
         and expunges: maildir-sync.c, "dirty_cur_time")."""
         if before == self.stamp and not self.dirty and after != before:
             self.stamp = after
+            self.looked_ns = time.time_ns()
             # The earliest recheck due stands: while our changes go on (deliveries, a STORE loop),
             # another program's change hidden in one of their ticks is found within DIRTY_WINDOW_NS
             # all the same, at the cost of one listing per window at the most.
@@ -472,6 +476,7 @@ class FolderIndex:
         than once per window, every NOOP listed the whole folder, and the next listing found the
         folder changed just before it again, for as long as the mail went on (issue 19)."""
         self.stamp, self.dirty, self.listed, self.recheck_ns = changes.stamp, False, True, 0
+        self.looked_ns = time.time_ns()
         if changes.dirty:
             self._recheck(max(changes.stamp) + DIRTY_WINDOW_NS)
 
@@ -541,9 +546,27 @@ class FolderIndex:
     def unchanged_on_disk(self) -> bool:
         """scan()'s first look alone (three stats, on the loop): True when nothing can have changed
         since the last listing or our own last change that ended, and no recheck is due."""
-        return (maildir.dir_stamp(self.path) == self.stamp and not self.dirty
-                and maildir.keywords_mtime(self.path) == self.keywords_mtime
-                and not (self.recheck_ns and time.time_ns() >= self.recheck_ns))
+        now = time.time_ns()
+        unchanged = (maildir.dir_stamp(self.path) == self.stamp and not self.dirty
+                     and maildir.keywords_mtime(self.path) == self.keywords_mtime
+                     and not (self.recheck_ns and now >= self.recheck_ns))
+        if unchanged:
+            self.looked_ns = now
+        return unchanged
+
+    def seems_unchanged(self) -> bool:
+        """unchanged_on_disk(), or, while our own changes are queued (in_flight, arriving: their
+        renames and unlinks move the stamp before memory hears of it), the directories known to be
+        as memory has them within DIRTY_WINDOW_NS: the staleness a look already allows for changes
+        within one mtime tick (recheck_ns). Under imaptest's stress mode our queued changes were
+        nearly always moving the stamp, so a STATUS waited for the folder lock and then for them
+        (settle) to find what memory had (issue 19). Another program's change is seen once ours are
+        done, or DIRTY_WINDOW_NS after the last look, whichever comes first."""
+        if self.unchanged_on_disk():
+            return True
+        return (bool(self.in_flight or self.arriving) and not self.dirty
+                and time.time_ns() - self.looked_ns < DIRTY_WINDOW_NS
+                and maildir.keywords_mtime(self.path) == self.keywords_mtime)
 
     def _changes(self, stamp: tuple[int, int], started: int, kw_mtime: int, inline: bool = False) -> DiskChanges:
         """scan() once the directories have changed: the listing compared with the index."""

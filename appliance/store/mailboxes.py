@@ -351,6 +351,27 @@ class OpenMailboxes:
             log.info("store: %s %s: wire sizes of %d messages indexed before", mb.key, f.name, len(found.measured))
         return change.writes
 
+    def in_step(self, f: FolderIndex, *, disk: bool = True) -> bool:
+        """Whether sync() would find the index in step with no change, known now without the folder
+        lock: the folder listed since it was loaded, no failed change to read again, no rows to
+        write, and, with `disk`, its directories as memory has them (FolderIndex.seems_unchanged).
+        Memory changes only in whole steps on the event loop (a change is applied at once, before or
+        after its trip: index.commit, commit_pipelined, commit_arrivals), so what it holds now is
+        what a sync under the lock would answer from, and a session's own APPEND, STORE and EXPUNGE
+        are in it before their OK. A STATUS, and every command's look at its selected folder,
+        queued on the lock behind the folder's other sessions for nothing (imaptest's stress
+        mode, issue 19)."""
+        if f.deleted or not f.loaded or f.stamp is None or f.reload_due or f.unwritten:
+            return False
+        try:
+            if disk and not f.seems_unchanged():
+                return False
+        except OSError:  # (the folder gone from the disk: sync says so)
+            return False
+        f.last_used = time.monotonic()
+        self._trim_later()
+        return True
+
     async def settle(self, mb: OpenMailbox, f: FolderIndex) -> None:
         """Wait for the folder's pipelined flag changes and expunges (index.commit_pipelined; folder
         lock held); when one of them failed or missed a file, read the index again from the db,
@@ -400,15 +421,26 @@ class OpenMailboxes:
             log.warning("store: cannot index %d files of %s now (%s); written at its next use",
                         change.count, f.path, "cancelled" if done.cancelled() else done.exception())
 
+    @staticmethod
+    def claim_in_memory(f: FolderIndex) -> frozenset[int] | None:
+        """claim() when no file is in new/ (APPENDs and COPYs go to cur/): nothing to rename, no
+        thread trip (each one woke a worker thread and gave the GIL up, issue 19), no commit, the
+        message list kept; one step on the loop, so no folder lock. None: files must move."""
+        if f.in_new:
+            return None
+        recent = f.recent()
+        if recent:
+            f.claimed()
+        return recent
+
     async def claim(self, f: FolderIndex) -> frozenset[int]:
         """Make the recent messages this caller's: new/ files move to cur/ (folder lock held)."""
+        claimed = self.claim_in_memory(f)
+        if claimed is not None:
+            return claimed
         recent = f.recent()
-        if not recent:
-            return recent
         fresh = [e for e in f.entries(recent) if e.sub == "new"]
-        if not fresh:
-            # APPENDs and COPYs went to cur/ already: nothing to rename, no thread trip (each one
-            # woke a worker thread and gave the GIL up, issue 19), no commit, the message list kept.
+        if not fresh:  # (in_new named a message no longer there)
             f.claimed()
             return recent
         targets = [maildir.cur_filename(e.base, maildir.split_filename(e.filename)[1]) for e in fresh]

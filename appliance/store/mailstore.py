@@ -17,7 +17,9 @@ folder's UIDs are kept by an index (index.py). Rules this module keeps:
   and EXPUNGE's unlinks run on the database's thread just before their rows, queued with the folder
   lock let go (index.commit_pipelined; the OK waits for them); new mail's durable writes on the
   store's own writer threads (appliance/threads.py: a lighter hand-off).
-- Locks: a folder's lock covers its scan and every change to its index; a delivery writes its file
+- Locks: a folder's lock covers its scan and every change to its index, each applied to memory in
+  one step on the event loop, so a look at a folder in step with the disk (a STATUS, a session's
+  look at its selected folder) reads memory without the lock (OpenMailboxes.in_step); a delivery writes its file
   without it (the unique name is marked pending so no scan adopts the file) and takes it only to
   take its UID and queue its commit (arrivals.py). A STORE or EXPUNGE holds it one slice of index.FILES_IN_TRANSACTION messages at a time
   (_slices), and only to change memory and queue the slice's files and rows, so the folder's other
@@ -159,6 +161,10 @@ class MailStore:
         # INBOX, the first folder most sessions open, needs nothing else of the mailbox.
         mb = await self._boxes.get(mailbox, inbox=maildir.canonical_name(folder) == INBOX)
         f = await self._boxes.folder(mb, folder)
+        if self._boxes.in_step(f, disk=disk):  # as the lock's holder would find it, without queueing
+            recent = self._boxes.claim_in_memory(f) if claim_recent else f.recent()
+            if recent is not None:
+                return f.snapshot(recent)
         async with f.lock:
             changed = await self._boxes.sync(mb, f, disk=disk)
             recent = await self._boxes.claim(f) if claim_recent else f.recent()

@@ -4,7 +4,13 @@ and its transaction are queued on the database's thread, and the tagged reply wa
 that write finds a file elsewhere (another program renamed it) or fails (the database refuses), memory
 is read again from the db and the disk: every session then sees what the files and rows say, and an
 expunge is never taken back. Over real IMAP, with a second session watching (a failed transaction:
-test_disk_full.py's test_a_store_and_an_expunge_the_full_disk_failed_are_seen_as_the_files_say)."""
+test_disk_full.py's test_a_store_and_an_expunge_the_full_disk_failed_are_seen_as_the_files_say).
+
+STATUS, and each command's look at the selected folder, answer from the folder's memory without
+queueing on its lock when the folder is as memory has it (store/mailboxes.py OpenMailboxes.in_step;
+issue 19: imaptest's stress mode queued them behind the folder's other sessions): a STATUS answers
+while another command holds the lock, and with two sessions changing the folder together each one's
+STATUS counts its own APPENDs and EXPUNGEs (RFC 9051 6.3.11) and no UID goes backwards."""
 
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ USER = "alice@example.test"
 PASSWORD = "correct horse battery staple"
 MESSAGE = b"Subject: hello\r\n\r\nhello\r\n"
 READ_AGAIN = "its index is read again"
+_STATUS = re.compile(rb"\* STATUS INBOX \(MESSAGES (\d+) UIDNEXT (\d+) UNSEEN (\d+)\)")
 
 
 @pytest.fixture
@@ -51,11 +58,15 @@ def opened(box: BoxHandle) -> Iterator[Callable[[], RawImap]]:
             raw.close()
 
 
-def _append(raw: RawImap, flags: str = "") -> None:
+def _append(raw: RawImap, flags: str = "") -> int:
+    """The new message's UID (APPENDUID)."""
     raw.send(b"a APPEND INBOX (" + flags.encode() + b") {%d}\r\n" % len(MESSAGE))
     assert raw.line().startswith(b"+")
     raw.send(MESSAGE + b"\r\n")
-    assert raw.until_tagged(b"a")[-1].startswith(b"a OK")
+    reply = raw.until_tagged(b"a")[-1]
+    found = re.match(rb"a OK \[APPENDUID \d+ (\d+)\]", reply)
+    assert found, reply
+    return int(found.group(1))
 
 
 def _inbox(box: BoxHandle) -> Path:
@@ -381,3 +392,116 @@ def test_a_move_or_copy_takes_a_file_another_program_renamed_meanwhile(box: BoxH
     assert b"* 2 EXISTS\r\n" in busy.command(b"e", b"EXAMINE Elsewhere")
     assert _flags(busy.command(b"f", b"UID FETCH 2 (FLAGS)")) == {2: {"\\Flagged"}}
     assert b"* %d EXISTS\r\n" % (verb == b"COPY") in busy.command(b"s", b"SELECT INBOX")
+
+
+# --- STATUS and the sessions' looks without the folder lock (OpenMailboxes.in_step) -----------
+
+def _status(raw: RawImap) -> tuple[int, int, int]:
+    """(MESSAGES, UIDNEXT, UNSEEN) of INBOX."""
+    reply = raw.command(b"s", b"STATUS INBOX (MESSAGES UIDNEXT UNSEEN)")
+    assert reply[-1].startswith(b"s OK"), reply
+    [found] = [m for line in reply if (m := _STATUS.match(line))]
+    messages, uidnext, unseen = (int(x) for x in found.groups())
+    return messages, uidnext, unseen
+
+
+def _searched(raw: RawImap, criteria: bytes) -> list[int]:
+    reply = raw.command(b"h", b"UID SEARCH " + criteria)
+    assert reply[-1].startswith(b"h OK"), reply
+    [found] = [line for line in reply if line.startswith(b"* SEARCH")]
+    return [int(u) for u in found.split()[2:]]
+
+
+def test_a_status_answers_while_another_command_holds_the_folder_lock(box: BoxHandle,
+                                                                       opened: Callable[[], RawImap]) -> None:
+    writer, reader = opened(), opened()
+    assert writer.command(b"x", b"SELECT INBOX")[-1].startswith(b"x OK")
+    uids = [_append(writer), _append(writer, "\\Seen")]
+    assert _status(reader) == (2, uids[-1] + 1, 1)
+    held, release = threading.Event(), threading.Event()
+    store = box.services.store
+
+    async def hold() -> None:
+        f = await store._boxes.folder(await store._boxes.get(USER), "INBOX")
+        async with f.lock:  # as a command of another session under way
+            held.set()
+            await asyncio.to_thread(release.wait, 20)
+
+    holding = asyncio.run_coroutine_threadsafe(hold(), box.loop)
+    try:
+        assert held.wait(10)
+        started = time.monotonic()
+        assert _status(reader) == (2, uids[-1] + 1, 1)
+        reply = writer.command(b"n", b"NOOP")  # the session's own look at its folder too
+        assert reply[-1].startswith(b"n OK"), reply
+        assert time.monotonic() - started < 10  # (the lock is held for 20 s)
+    finally:
+        release.set()
+        holding.result(30)
+
+
+def test_status_counts_each_sessions_own_changes_while_another_changes_the_folder(
+        opened: Callable[[], RawImap]) -> None:
+    """One session APPENDs, flags and EXPUNGEs, checking STATUS after each of its commands; another
+    APPENDs, STOREs and STATUSes at the same time. Each STATUS has the session's own changes (its
+    last APPEND's UID below UIDNEXT, an EXPUNGE gone from MESSAGES), UIDNEXT never goes back, and
+    every UID the other session's FETCH saw is below the UIDNEXT of its next STATUS."""
+    mine, other = opened(), opened()
+    for raw in (mine, other):
+        assert raw.command(b"x", b"SELECT INBOX")[-1].startswith(b"x OK")
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def busy() -> None:
+        try:
+            last = 0
+            while not stop.is_set():
+                uid = _append(other, "\\Seen")
+                messages, uidnext, _ = _status(other)
+                assert uidnext > uid
+                assert uidnext >= last
+                assert messages >= 1
+                last = uidnext
+                reply = other.command(b"f", b"UID STORE %d +FLAGS (\\Flagged)" % uid)
+                assert reply[-1].startswith(b"f OK"), reply
+                reply = other.command(b"g", b"UID FETCH 1:* (FLAGS)")
+                assert reply[-1].startswith(b"g OK"), reply
+                seen = [int(u) for line in reply for u in re.findall(rb"UID (\d+)", line)]
+                messages, uidnext, _ = _status(other)
+                assert uidnext >= last
+                assert all(u < uidnext for u in seen)
+                last = uidnext
+        except BaseException as exc:  # noqa: BLE001  reported by the main thread
+            failures.append(exc)
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    try:
+        last = 0
+        mine_left: list[int] = []
+        for round_ in range(30):
+            uid = _append(mine)
+            mine_left.append(uid)
+            _messages, uidnext, unseen = _status(mine)
+            assert uidnext > uid
+            assert uidnext >= last
+            assert unseen >= len(mine_left)  # the other session's are \Seen: ours are all unseen
+            last = uidnext
+            if round_ % 3 == 2:
+                gone = mine_left.pop(0)
+                reply = mine.command(b"e", b"UID STORE %d +FLAGS.SILENT (\\Deleted)" % gone)
+                assert reply[-1].startswith(b"e OK"), reply
+                reply = mine.command(b"e", b"UID EXPUNGE %d" % gone)
+                assert reply[-1].startswith(b"e OK"), reply
+                _after, uidnext, unseen = _status(mine)
+                assert unseen >= len(mine_left)
+                assert uidnext >= last
+                assert _searched(mine, b"UID %d" % gone) == []  # gone for this session at once
+    finally:
+        stop.set()
+        worker.join(60)
+    assert not failures, failures
+    # Quiet now: both sessions count the same, and exactly the messages there are.
+    uids = _searched(mine, b"ALL")
+    assert _status(mine)[0] == _status(other)[0] == len(uids)
+    assert set(mine_left) <= set(uids)

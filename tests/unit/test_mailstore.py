@@ -1418,6 +1418,82 @@ def test_the_folder_stamp_moves_with_its_own_store_and_expunge(tmp_path: Path, m
     run(tmp_path, body)
 
 
+def test_a_look_at_a_folder_in_step_does_not_wait_for_its_lock(tmp_path: Path) -> None:
+    """A STATUS, and a session's look at its selected folder, answer from memory while another
+    command holds the folder lock, when the folder is as memory has it (OpenMailboxes.in_step): the
+    caller's own changes are in it before their OK. imaptest's stress mode queued its STATUSes on the
+    lock (issue 19). A change on the disk by another program is waited for: the lock, then a listing."""
+    box = home(tmp_path)
+
+    async def body(store: MailStore) -> None:
+        for _ in range(3):
+            await store.deliver([ALICE], MSG)
+        await store.snapshot(ALICE, "INBOX", claim_recent=True)
+        age(box)
+        await store.snapshot(ALICE, "INBOX")  # listed: in step with the disk
+        await store.store_flags(ALICE, "INBOX", [1], frozenset({"\\Seen"}), "add")
+        assert await store.expunge(ALICE, "INBOX", [2]) == [2]
+        await store.append(ALICE, "INBOX", MSG, frozenset({"\\Flagged"}), None)  # (into cur/: recent)
+        f = await store._boxes.folder(await store._boxes.get(ALICE), "INBOX")
+        async with f.lock:  # another session's command
+            for disk, claim in ((True, False), (False, False), (False, True), (False, True)):
+                snap = await asyncio.wait_for(store.snapshot(ALICE, "INBOX", disk=disk, claim_recent=claim), 5)
+                assert [m.uid for m in snap.messages] == [1, 3, 4]
+                assert (snap.uidnext, snap.unseen, snap.messages[0].flags) == (5, 2, frozenset({"\\Seen"}))
+            assert snap.recent == frozenset()  # claimed by the look before, once
+            (box / "new" / f"1700000000.M1P1.other,S={len(MSG)},W={len(MSG)}").write_bytes(MSG)  # another program's
+            looking = asyncio.ensure_future(store.snapshot(ALICE, "INBOX"))
+            await asyncio.sleep(0.1)
+            assert not looking.done()
+        snap = await asyncio.wait_for(looking, 5)
+        assert [m.uid for m in snap.messages] == [1, 3, 4, 5]
+
+    run(tmp_path, body)
+
+
+def test_a_look_answers_from_memory_while_our_own_queued_change_moves_the_stamp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A STORE's renames are made on the database's thread before the loop hears of them: meanwhile the
+    folder's stamp has moved by our own hand. A look with the disk (a STATUS) answers from memory,
+    which has the change, without the lock, within DIRTY_WINDOW_NS of the last look at the disk
+    (FolderIndex.seems_unchanged); after that it waits for the lock and for our change, and looks."""
+    home(tmp_path)
+    real_rename = maildir.rename_flagged
+    entered, release = threading.Event(), threading.Event()
+
+    def held(folder: str | Path, moves: Any) -> list[bool]:
+        done = real_rename(folder, moves)
+        entered.set()
+        release.wait(10)
+        return done
+
+    async def body(store: MailStore) -> None:
+        for _ in range(2):
+            await store.deliver([ALICE], MSG)
+        await store.snapshot(ALICE, "INBOX", claim_recent=True)
+        f = await store._boxes.folder(await store._boxes.get(ALICE), "INBOX")
+        monkeypatch.setattr(maildir, "rename_flagged", held)
+        flagged = asyncio.ensure_future(store.store_flags(ALICE, "INBOX", [2], frozenset({"\\Seen"}), "add"))
+        try:
+            assert await asyncio.to_thread(entered.wait, 10)
+            assert f.in_flight
+            assert not f.unchanged_on_disk()
+            async with f.lock:  # another session's command
+                snap = await asyncio.wait_for(store.snapshot(ALICE, "INBOX"), 5)
+                assert [m.flags for m in snap.messages] == [frozenset(), {"\\Seen"}]
+                monkeypatch.setattr(index, "DIRTY_WINDOW_NS", 0)  # the last look is too old now
+                looking = asyncio.ensure_future(store.snapshot(ALICE, "INBOX"))
+                await asyncio.sleep(0.1)
+                assert not looking.done()
+        finally:
+            release.set()
+        assert [m.flags for m in (await asyncio.wait_for(looking, 5)).messages] == [frozenset(), {"\\Seen"}]
+        await flagged
+        assert not f.in_flight
+
+    run(tmp_path, body)
+
+
 def test_the_folder_stamp_moves_with_its_own_deliveries_claims_and_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """New mail put into a folder through the store (a delivery, a burst of them sharing a group
     commit, an APPEND with flags into cur/, a COPY), and the claim that moves it from new/ to cur/
