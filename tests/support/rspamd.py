@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.dns_server import ZoneServer
-from tests.support.receivers import free_port
+from tests.support.polling import wait_until
+from tests.support.ports import free_ports
 
 IMAGE_RSPAMD = Path(__file__).resolve().parents[2] / "image" / "overlay" / "etc" / "rspamd"
 IMAGE_LOCAL_D = IMAGE_RSPAMD / "local.d"
@@ -46,6 +48,13 @@ OFF_MODULES = (
     "history_redis", "hfilter", "mx_check", "rspamd_update", "emails", "dcc", "external_services",
 )
 TLDS = "com\norg\nnet\ntest\nexample\ninvalid\nlocalhost\n"
+PORT_ATTEMPTS = 3  # fresh ports after another process took one between picking and binding it
+PORT_TAKEN = "Address already in use"  # what rspamd and Redis log when they cannot bind
+
+
+class PortTaken(RuntimeError):
+    """rspamd or Redis could not bind its port: another process holds it. rspamd goes on without the
+    listener (its /ping never answers), so this is told from its log at once, not at the deadline."""
 
 
 @dataclass
@@ -70,13 +79,19 @@ class RspamdPeer:
     # and lookups of the internet fail at once); the tests switch off those that would ask the internet.
     image_modules: bool = False
     redis_maxmemory: str = "64mb"
-    ready_seconds: float = 60.0  # compiling the full public-suffix list takes minutes on a busy machine
+    # Compiling the full public-suffix list takes minutes on a busy machine; the tests' tiny list starts
+    # in seconds, but a fresh-clone CI beside a browser test has taken longer. Polled: a quiet start
+    # returns at once.
+    ready_seconds: float = 180.0
     scanner_port: int = 0
     controller_port: int = 0
     redis_port: int = 0
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     helper: subprocess.Popen[bytes] | None = None  # letterbox-hs-helper-exit.sh, while it waits
     dns: ZoneServer | None = None
+    # Where each log stood when its process was last started: a refused bind is looked for after it
+    # (the logs are appended to across restarts and port attempts).
+    log_marks: dict[str, int] = field(default_factory=dict)
 
     @property
     def scanner(self) -> str:
@@ -126,19 +141,34 @@ class RspamdPeer:
             path.write_text(text)
 
     def start(self) -> None:
-        if not self.scanner_port:
-            self.scanner_port, self.controller_port, self.redis_port = free_port(), free_port(), free_port()
+        """Redis, then rspamd, each answering. Ports this peer picks are picked together (one at a time,
+        the same port came back twice: rspamd's scanner and Redis shared one, and rspamd never answered),
+        and picked again when another process took one before it was bound."""
+        picked = not self.scanner_port
         if self.dns is None:
             self.dns = ZoneServer()
             self.dns.start()
-        self.write_config()
-        self.start_redis()
-        self.start_rspamd()
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            if picked:
+                self.scanner_port, self.controller_port, self.redis_port = free_ports(3)
+            self.write_config()
+            try:
+                self.start_redis()
+                self.start_rspamd()  # not after Redis answers: both start at once, as before
+                self.wait_redis()
+                return
+            except PortTaken:
+                self.stop_helper()
+                for name in list(self.procs):
+                    self.end(name)
+                if not picked or attempt == PORT_ATTEMPTS:
+                    raise
 
     def start_rspamd(self) -> None:
         """rspamd alone, as rspamd.service starts it (ExecStartPre, ExecStart, ExecStartPost)."""
         if self.warm_tld:
             self.compile_tld()
+        self.mark_log("rspamd.log")
         log = open(self.root / "log" / "rspamd.out", "ab")  # noqa: SIM115  the process's output; closed at once (it keeps its copy)
         with log:
             self.procs["rspamd"] = subprocess.Popen(
@@ -189,6 +219,7 @@ class RspamdPeer:
                        stdin=subprocess.DEVNULL, capture_output=True, check=True, timeout=self.ready_seconds)
 
     def start_redis(self) -> None:
+        self.mark_log("redis.out")
         log = open(self.root / "log" / "redis.out", "ab")  # noqa: SIM115  closed at once (the process keeps its copy)
         with log:
             self.procs["redis"] = subprocess.Popen(
@@ -197,27 +228,58 @@ class RspamdPeer:
                  "--maxmemory-policy", "volatile-ttl"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
+    def wait_redis(self) -> None:
+        """Redis answering PING (it exits when its port is taken)."""
+        def answering() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.redis_port), timeout=2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+            if self.procs["redis"].poll() is not None:
+                raise (PortTaken if PORT_TAKEN in self.log_text("redis.out", since_start=True) else RuntimeError)(
+                    "Redis did not start: " + self.log_tail())
+            return False
+
+        wait_until(answering, seconds=self.ready_seconds, interval=0.05, what="Redis answering PING")
+
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_seconds
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.scanner}/ping", timeout=2) as reply:  # noqa: S310  our loopback rspamd
-                    if reply.read().strip() == b"pong":
-                        return
-            except OSError:
-                pass
-            rspamd = self.procs["rspamd"]
-            if rspamd.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("rspamd did not start: " + self.log_tail())
-            time.sleep(0.1)
+        """rspamd's own readiness: its scanner answers /ping. Bounded by ready_seconds; a bind refused or
+        an rspamd gone ends the wait at once, with the log lines that say why."""
+        def ready() -> bool:
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.scanner}/ping", timeout=5) as reply:  # noqa: S310  our loopback rspamd
+                if reply.read().strip() == b"pong":
+                    return True
+            if PORT_TAKEN in self.log_text("rspamd.log", since_start=True):
+                raise PortTaken("rspamd cannot listen: " + self.log_tail())
+            if self.procs["rspamd"].poll() is not None:
+                raise RuntimeError("rspamd ended as it started: " + self.log_tail())
+            return False
+
+        try:
+            wait_until(ready, seconds=self.ready_seconds, interval=0.1, what="rspamd answering /ping")
+        except AssertionError as exc:
+            raise RuntimeError(f"rspamd did not start ({exc}): " + self.log_tail()) from None
+
+    def mark_log(self, name: str) -> None:
+        path = self.root / "log" / name
+        self.log_marks[name] = path.stat().st_size if path.exists() else 0
+
+    def log_text(self, name: str, *, since_start: bool = False) -> str:
+        """A log's text; with since_start, only what its process wrote since it was last started."""
+        path = self.root / "log" / name
+        if not path.exists():
+            return ""
+        with path.open("rb") as f:
+            f.seek(self.log_marks.get(name, 0) if since_start else 0)
+            return f.read().decode(errors="replace")
 
     def log_tail(self, lines: int = 30) -> str:
+        """The last lines of each log, without the Hyperscan cache lines (rspamd logs dozens at each
+        start, on PCRE2 by design) that hid a refused bind in a CI run's message."""
         texts = []
         for name in ("rspamd.out", "rspamd.log", "redis.out"):
-            path = self.root / "log" / name
-            if path.exists():
-                texts.append("\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
-        return "\n".join(texts)
+            kept = [line for line in self.log_text(name).splitlines() if "hyperscan" not in line]
+            texts.append("\n".join(kept[-lines:]))
+        return "\n".join(text for text in texts if text)
 
     def signal(self, name: str, sig: int) -> None:
         """Send `sig` to one peer's whole process group (rspamd's main process and its workers)."""
