@@ -12,7 +12,7 @@ import asyncio
 import ipaddress
 import random
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import dns.asyncresolver
@@ -84,6 +84,38 @@ def usable_mx(records: Sequence[MxHost], own_hostnames: Iterable[str]) -> list[M
     return real
 
 
+_WILDCARDS = ("", "0.0.0.0", "::")  # noqa: S104  listen addresses meaning every local address
+
+
+def own_addresses(mx_listener: tuple[str, int] | None, port: int, public: Iterable[str]) -> Callable[[str], bool]:
+    """Which addresses, connected to on `port` (the queue's), reach this box's own MX: the address it
+    listens on (`mx_listener`, (host, port)), or for a wildcard listener a loopback or unspecified
+    address or one of the box's public addresses; none when the MX listens on another port. As
+    Postfix's own interface addresses, for "loops back to myself" (RFC 5321 5.1)."""
+    if mx_listener is None or mx_listener[1] != port:
+        return lambda address: False
+    host = mx_listener[0]
+    own = {_normal(host), *(_normal(a) for a in public if a)}
+
+    def is_own(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if str(ip) in own:
+            return True
+        return host in _WILDCARDS and (ip.is_loopback or ip.is_unspecified)
+
+    return is_own
+
+
+def _normal(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address.strip("[]")))
+    except ValueError:
+        return address
+
+
 def address_literal(domain: str) -> str | None:
     """'[192.0.2.1]' or '[IPv6:2001:db8::1]' (RFC 5321 4.1.3) -> the address, else None."""
     if not (domain.startswith("[") and domain.endswith("]")):
@@ -147,11 +179,14 @@ async def delivery_hops(
     domain: str,
     *,
     own_hostnames: Iterable[str] = (),
+    is_own: Callable[[str], bool] = lambda address: False,
     rng: random.Random | None = None,
 ) -> list[Hop]:
-    """The addresses to try for `domain`, best first. Raises RouteError when there are none."""
+    """The addresses to try for `domain`, best first. Raises RouteError when there are none. Hosts at
+    the preference of one whose address is ours (`is_own`), or worse, are dropped, as hosts named as
+    ours are (RFC 5321 5.1); when nothing is left, the mail loops back to myself (Postfix's words)."""
     literal = address_literal(domain)
-    if literal is not None:
+    if literal is not None:  # (never from the box's own users and aliases: they are refused)
         return [Hop(domain, literal)]
     name = dns_domain(domain)
     records = await _lookup_mx(resolver, name)
@@ -168,6 +203,12 @@ async def delivery_hops(
             raise RouteError("5.1.10", f"domain {domain} accepts no mail (null MX, RFC 7505)")
     hosts = hosts[:MAX_MX_HOSTS]
     found = await asyncio.gather(*(_addresses(resolver, h.name) for h in hosts))
+    ours = [h.preference for h, (addresses, _) in zip(hosts, found, strict=True) if any(map(is_own, addresses))]
+    if ours:
+        kept = [(h, f) for h, f in zip(hosts, found, strict=True) if h.preference < min(ours)]
+        if not kept:
+            raise RouteError("5.4.6", f"mail for {domain} loops back to myself")
+        hosts, found = [h for h, _ in kept], [f for _, f in kept]
     hops: list[Hop] = []
     temporary = False
     for host, (addresses, failed) in zip(hosts, found, strict=True):

@@ -37,7 +37,7 @@ from appliance.queue.client import (
 )
 from appliance.queue.config import DeliveryConfig, DeliveryConfigs, route
 from appliance.queue.dkim_sign import SigningKeys, load_and_sign
-from appliance.queue.mx import Hop, RouteError, delivery_hops, host_hops
+from appliance.queue.mx import Hop, RouteError, delivery_hops, host_hops, own_addresses
 from appliance.queue.reports import SenderReports
 from appliance.queue.retry import RetryPolicy
 from appliance.queue.spool import Spool
@@ -309,7 +309,12 @@ class OutboundQueue:
                 tls_policy="implicit" if relay.tls == "implicit" else "required",
                 tls_context=context, login=relay.login, abort=self._abort,
             ))
-        hops = await delivery_hops(config.resolver, domain, own_hostnames=[self.services.hostname], rng=self._rng)
+        values = self.services.settings.now
+        mx_listener = self.services.listeners().get("smtp")
+        is_own = own_addresses(mx_listener[:2] if mx_listener else None, config.port,
+                               (values.public_ipv4 or "", values.public_ipv6 or ""))
+        hops = await delivery_hops(config.resolver, domain, own_hostnames=[self.services.hostname], is_own=is_own,
+                                   rng=self._rng)
         return await self._threads.run(lambda: OutboundSession.open(
             hops, port=config.port, helo_name=self.services.hostname, tls_policy="opportunistic",
             tls_context=self._tls_context, abort=self._abort,

@@ -28,7 +28,7 @@ from tests.support.outbound import (  # noqa: F401  (fixtures)
     zone_fixture,
 )
 from tests.support.polling import wait_until
-from tests.support.receivers import Script
+from tests.support.receivers import Receiver, Script
 
 
 def test_one_transaction_per_domain_over_starttls_with_our_hostname(outbound: Outbound) -> None:
@@ -201,6 +201,37 @@ def test_null_mx_fails_at_once(outbound: Outbound) -> None:
     _, per_recipient = delivery_status(report)
     assert per_recipient["Status"] == "5.1.10"
     assert "null MX" in decoded(subparts(parse(report))[0]).decode()
+
+
+def test_an_mx_whose_address_is_ours_loops_back_to_myself(outbound: Outbound, caplog: pytest.LogCaptureFixture) -> None:
+    """A domain whose MX host has the box's own address (a typo, a parked domain pointing at
+    127.0.0.1): the report says "loops back to myself" (5.4.6) as Postfix does, and the box never
+    connects to itself. Before, the queue handed the message to its own MX, whose "Relay access
+    denied" (and a count against the box's address in the MX's harvest guard) made the report."""
+    outbound.setting("outbound_port", str(outbound.box.port("smtp")))  # the box's MX: 127.0.0.1, this port
+    mx(outbound.zone, "loop.test", (10, "mx.loop.test", "127.0.0.1"))
+    outbound.zone.set("implicit.test", "A", ["127.0.0.1"])  # no MX: the domain is its own host
+    caplog.set_level(logging.INFO, logger="letterbox")
+    outbound.submit(["a@loop.test", "b@implicit.test"])
+    [report] = outbound.wait_inbox(1)
+    outbound.wait_empty()
+    statuses = {str(block["Final-Recipient"]): str(block["Status"]) for block in delivery_status(report)[1:]}
+    assert statuses == {"rfc822; a@loop.test": "5.4.6", "rfc822; b@implicit.test": "5.4.6"}
+    text = decoded(subparts(parse(report))[0]).decode()
+    assert "mail for loop.test loops back to myself" in text
+    assert "mail for implicit.test loops back to myself" in text
+    assert not [r for r in caplog.records if "Relay access denied" in r.getMessage()]
+
+
+def test_a_better_mx_than_our_own_address_still_gets_the_mail(outbound: Outbound) -> None:
+    port = outbound.box.port("smtp")
+    outbound.setting("outbound_port", str(port))
+    mx(outbound.zone, "backup.test", (10, "mx.backup.test", MX1), (20, "us.backup.test", "127.0.0.1"))
+    with Receiver(MX1, port) as primary:
+        outbound.submit(["a@backup.test"])
+        [transaction] = primary.wait(1)
+        outbound.wait_empty()
+    assert transaction.rcpt_tos == ("a@backup.test",)
 
 
 def test_each_failure_is_reported_exactly_once(outbound: Outbound) -> None:
