@@ -77,13 +77,15 @@ def read_password(args: argparse.Namespace) -> str:
     import getpass
 
     if args.password_stdin:
-        # As bytes: text mode decodes by the locale (surrogates for bytes that are not UTF-8 in the
-        # C.UTF-8 locale), and a latin-1 password ended in a UnicodeEncodeError traceback at hashing.
-        line = sys.stdin.buffer.readline()
+        # Bytes the locale's codec cannot read come as surrogates (surrogateescape, as in C.UTF-8) or
+        # as a decoding error: a latin-1 password ended in a UnicodeEncodeError traceback at hashing.
         try:
-            return line.decode("utf-8").rstrip("\r\n")
+            line = sys.stdin.readline()
         except UnicodeDecodeError:
-            raise CliError("the password on standard input is not UTF-8 text") from None
+            line = "\udcff"
+        if any("\udc80" <= ch <= "\udcff" for ch in line):
+            raise CliError("the password on standard input is not UTF-8 text")
+        return line.rstrip("\r\n")
     if not sys.stdin.isatty():
         raise CliError("no terminal to ask for a password: use --password-stdin")
     first = getpass.getpass("Password: ")
