@@ -1,7 +1,11 @@
 """How names are shown to people: an international domain in Unicode, with the A-label (the `xn--`
-form stored and published in DNS) beside it, as RFC 5891 section 5 recommends for display."""
+form stored and published in DNS) beside it, as RFC 5891 section 5 recommends for display; and a
+download's file name in its Content-Disposition header."""
 
 from __future__ import annotations
+
+import re
+from urllib.parse import quote
 
 import idna
 
@@ -25,3 +29,17 @@ def idn(text: str) -> str:
     if shown == domain:
         return text
     return f"{local}{at}{shown} ({text})"
+
+
+_UNSAFE_IN_FILENAME = re.compile(r"[^A-Za-z0-9._+-]")
+
+
+def attachment(filename: str) -> str:
+    """A Content-Disposition value for a download named `filename` (RFC 6266): a plain ASCII name, and
+    the name itself in filename* (RFC 8187) when it has other characters. The names come from files
+    and certificates: a quote or a line break in one made the header malformed, a letter outside
+    Latin-1 a 500 (starlette encodes headers as Latin-1)."""
+    plain = _UNSAFE_IN_FILENAME.sub("_", filename) or "download"
+    if plain == filename:
+        return f'attachment; filename="{plain}"'
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(filename, safe='')}"

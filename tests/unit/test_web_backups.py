@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -70,6 +71,28 @@ def test_key_backup_download_and_one_mailbox_back(web: WebClient) -> None:
     assert back.status_code == 303
     wait_for(web, f"Restored 3 messages into {ALICE} (the mailbox was made again")
     assert len(web.run(web.services.store.snapshot, ALICE, "INBOX").messages) == 3
+
+
+@pytest.mark.parametrize(("name", "disposition"), [
+    ('letterbox-x"y.tar.zst.age', "attachment; filename=\"letterbox-x_y.tar.zst.age\"; filename*=UTF-8''letterbox-x%22y.tar.zst.age"),
+    ("letterbox-a\r\nX-Set: 1.tar.zst.age",
+     "attachment; filename=\"letterbox-a__X-Set__1.tar.zst.age\"; filename*=UTF-8''letterbox-a%0D%0AX-Set%3A%201.tar.zst.age"),
+    ("letterbox-\u00e9t\u00e9.tar.zst.age",
+     "attachment; filename=\"letterbox-_t_.tar.zst.age\"; filename*=UTF-8''letterbox-%C3%A9t%C3%A9.tar.zst.age"),
+    ("letterbox-box.one.test-20261201T030327Z.tar.zst.age",
+     'attachment; filename="letterbox-box.one.test-20261201T030327Z.tar.zst.age"'),
+])
+def test_a_download_names_its_file_in_a_well_formed_header(web: WebClient, name: str, disposition: str) -> None:
+    """A backup file is named by `letterbox backup create --to FILE` too: a quote in its name was sent
+    inside the quoted filename (a malformed header), a line break split the header, and a letter
+    outside Latin-1 could not be encoded at all."""
+    folder = web.services.config.data.backups
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(b"the backup's bytes")
+    download = web.get("/console/backups/download/" + quote(name, safe=""))
+    assert download.status_code == 200
+    assert download.headers["content-disposition"] == disposition
+    assert download.content == b"the backup's bytes"
 
 
 def test_backup_pages_are_for_admins_only(tmp_path: Path) -> None:

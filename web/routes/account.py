@@ -12,6 +12,7 @@ from starlette.routing import Route
 from appliance.store.model import StoreError
 from web.clients import mobileconfig
 from web.console_data import client_settings_for
+from web.display import attachment
 from web.pages import (
     admin,
     change_own_password,
@@ -76,7 +77,7 @@ async def profile(request: Request) -> Response:
     body = mobileconfig(principal.name, info.display_name if info else "", client_settings_for(svc))
     filename = principal.name.replace("@", "_at_") + ".mobileconfig"
     return Response(body, media_type=MOBILECONFIG_TYPE,
-                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+                    headers={"Content-Disposition": attachment(filename)})
 
 
 async def certificate(request: Request) -> Response:
@@ -88,7 +89,7 @@ async def certificate(request: Request) -> Response:
     leaf = pem[:pem.index(PEM_END) + len(PEM_END)] + b"\n"
     filename = svc.tls.info().names[0] if svc.tls.info().names else "letterbox"
     return Response(leaf, media_type=CERTIFICATE_TYPE,
-                    headers={"Content-Disposition": f'attachment; filename="{filename}.crt"'})
+                    headers={"Content-Disposition": attachment(f"{filename}.crt")})
 
 
 routes = [

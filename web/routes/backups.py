@@ -14,6 +14,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from appliance import backup, backup_restic
+from web.display import attachment
 from web.pages import admin, flash, read_form, redirect, render, require, services
 
 MAX_SECRET = 4096  # a kit is about 300 characters; a passphrase fits easily
@@ -172,7 +173,7 @@ async def download(request: Request) -> Response:
 
     return StreamingResponse(body(), media_type="application/octet-stream", headers={
         "Content-Length": str(size), "Cache-Control": "no-store",
-        "Content-Disposition": f'attachment; filename="{path.name}"',
+        "Content-Disposition": attachment(path.name),
     })
 
 

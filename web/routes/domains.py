@@ -12,6 +12,7 @@ from appliance.dns_check import load_results
 from appliance.store import trash
 from web import forms, wizard
 from web.console_data import dns_ports
+from web.display import attachment
 from web.pages import admin, flash, read_form, redirect, removed, render, require, services
 from web.urls import path_address, segment
 
@@ -75,7 +76,7 @@ async def domain_zone(request: Request) -> Response:
     domain = await _domain(request)
     text = await admin(request).dns_zone_file(domain, dns_ports(services(request)))
     return PlainTextResponse(text, headers={
-        "Content-Disposition": f'attachment; filename="{domain}.zone"', "Cache-Control": "no-store"})
+        "Content-Disposition": attachment(f"{domain}.zone"), "Cache-Control": "no-store"})
 
 
 async def domain_check(request: Request) -> Response:
