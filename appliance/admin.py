@@ -60,6 +60,16 @@ def _nothing() -> None:
     return None
 
 
+def _nobody(port: int) -> Callable[[str], bool]:
+    return lambda address: False
+
+
+def _reaches_this_box(services: Services, port: int) -> Callable[[str], bool]:
+    from appliance.queue.mx import reaches_this_box  # (dnspython: not for every CLI command)
+
+    return reaches_this_box(services, port)
+
+
 @dataclass
 class Admin:
     db: Database
@@ -78,6 +88,9 @@ class Admin:
     # The running box's certificate context (its live TLS, its port-80 answers); in a CLI process one
     # of its own is made on first use (answers through the db, read by the box that owns port 80).
     certificate_context: certificates.CertContext | None = None
+    # Which addresses on a port reach the running box's own listeners (queue.mx.reaches_this_box), so
+    # "Test the relay" refuses a relay that is the box itself; none in a CLI process.
+    reaches_this_box: Callable[[int], Callable[[str], bool]] = field(default=_nobody)
 
     @classmethod
     def of(cls, services: Services) -> Admin:
@@ -87,7 +100,8 @@ class Admin:
 
         return cls(db=services.db, settings=services.settings, accounts=services.accounts, data=services.config.data, events=services.events,
                    hostname=lambda: services.hostname, store=services.store, wake_queue=wake,
-                   certificate_context=services.certificates)
+                   certificate_context=services.certificates,
+                   reaches_this_box=lambda port: _reaches_this_box(services, port))
 
     # --- domains ----------------------------------------------------------------------------------------
 
@@ -281,7 +295,8 @@ class Admin:
         through set_relay(tested=True)."""
         from appliance.queue.relay_check import check_relay
 
-        check = await check_relay(relay, helo_name=self.hostname(), resolver=(await self.settings.fresh()).dns_resolver)
+        check = await check_relay(relay, helo_name=self.hostname(), resolver=(await self.settings.fresh()).dns_resolver,
+                                  is_own=self.reaches_this_box(relay.port))
         if not check.ok:
             await self.events.record("sending", f"relay test of {relay.describe()} failed: {check.detail}")
         return check

@@ -14,11 +14,15 @@ import random
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
 import idna
+
+if TYPE_CHECKING:
+    from appliance.services import Services
 
 MAX_MX_HOSTS = 10  # more than this is misconfiguration or abuse; Postfix caps at 5 sessions too
 MAX_HOPS = 20  # addresses tried for one domain in one attempt
@@ -87,26 +91,36 @@ def usable_mx(records: Sequence[MxHost], own_hostnames: Iterable[str]) -> list[M
 _WILDCARDS = ("", "0.0.0.0", "::")  # noqa: S104  listen addresses meaning every local address
 
 
-def own_addresses(mx_listener: tuple[str, int] | None, port: int, public: Iterable[str]) -> Callable[[str], bool]:
-    """Which addresses, connected to on `port` (the queue's), reach this box's own MX: the address it
-    listens on (`mx_listener`, (host, port)), or for a wildcard listener a loopback or unspecified
-    address or one of the box's public addresses; none when the MX listens on another port. As
-    Postfix's own interface addresses, for "loops back to myself" (RFC 5321 5.1)."""
-    if mx_listener is None or mx_listener[1] != port:
-        return lambda address: False
-    host = mx_listener[0]
-    own = {_normal(host), *(_normal(a) for a in public if a)}
+def own_addresses(listeners: Iterable[tuple[str, int]], port: int, public: Iterable[str]) -> Callable[[str], bool]:
+    """Which addresses, connected to on `port`, reach one of this box's own `listeners` ((host, port)
+    each): the address one listens on, or for a wildcard listener a loopback or unspecified address
+    or one of the box's public addresses. As Postfix's own interface addresses, for "loops back to
+    myself" (RFC 5321 5.1); a listener on another port is some other program's business."""
+    hosts = {host for host, bound in listeners if bound == port}
+    own = {_normal(a) for a in (*hosts, *public) if a}
+    wildcard = any(host in _WILDCARDS for host in hosts)
 
     def is_own(address: str) -> bool:
+        if not hosts:
+            return False
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return False
-        if str(ip) in own:
-            return True
-        return host in _WILDCARDS and (ip.is_loopback or ip.is_unspecified)
+        return str(ip) in own or (wildcard and (ip.is_loopback or ip.is_unspecified))
 
     return is_own
+
+
+def reaches_this_box(services: Services, port: int) -> Callable[[str], bool]:
+    """own_addresses for the running box: its listeners as bound, its public addresses as set."""
+    values = services.settings.now
+    return own_addresses([(host, bound) for host, bound, _ in services.listeners().values()], port,
+                         (values.public_ipv4 or "", values.public_ipv6 or ""))
+
+
+def relay_loop(host: str) -> str:
+    return f"the relay {host} is this box itself: mail for it loops back to myself"
 
 
 def _normal(address: str) -> str:

@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from appliance.queue.client import AbortSignal, OutboundSession, SessionFailed, verifying_context
-from appliance.queue.mx import RouteError, host_hops
+from appliance.queue.mx import RouteError, host_hops, relay_loop
 from appliance.queue.resolver import make_async_resolver
 from appliance.queue.smarthost import Smarthost
 
@@ -28,10 +29,12 @@ class RelayCheck:
 
 
 async def check_relay(
-    relay: Smarthost, *, helo_name: str, resolver: str | None = None, seconds: float = CHECK_TIMEOUT
+    relay: Smarthost, *, helo_name: str, resolver: str | None = None, seconds: float = CHECK_TIMEOUT,
+    is_own: Callable[[str], bool] = lambda address: False,
 ) -> RelayCheck:
     """Connect to `relay` as the queue would (`resolver`: the dns_resolver setting, None for the
-    system's), log in, and say QUIT, all within `seconds`. Never raises for a network or relay problem: the result says."""
+    system's), log in, and say QUIT, all within `seconds`; a relay at an address of this box's own
+    listener on its port (`is_own`) is refused, as the queue refuses it. Never raises for a network or relay problem: the result says."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     try:
@@ -41,6 +44,8 @@ async def check_relay(
         return RelayCheck(False, exc.text)
     except TimeoutError:
         return RelayCheck(False, f"no answer from DNS for the relay host {relay.host} within {seconds:g} s")
+    if any(is_own(hop.address) for hop in hops):
+        return RelayCheck(False, relay_loop(relay.host))
     try:
         context = await asyncio.to_thread(verifying_context, relay.ca_file)
     except (OSError, ssl.SSLError) as exc:

@@ -37,7 +37,7 @@ from appliance.queue.client import (
 )
 from appliance.queue.config import DeliveryConfig, DeliveryConfigs, route
 from appliance.queue.dkim_sign import SigningKeys, load_and_sign
-from appliance.queue.mx import Hop, RouteError, delivery_hops, host_hops, own_addresses
+from appliance.queue.mx import Hop, RouteError, delivery_hops, host_hops, reaches_this_box, relay_loop
 from appliance.queue.reports import SenderReports
 from appliance.queue.retry import RetryPolicy
 from appliance.queue.spool import Spool
@@ -300,6 +300,8 @@ class OutboundQueue:
             raise SessionFailed("4.3.5", config.smarthost_error)
         if relay is not None:
             hops: list[Hop] = await host_hops(config.resolver, relay.host, system=config.system_resolver)
+            if any(map(reaches_this_box(self.services, relay.port), (hop.address for hop in hops))):
+                raise SessionFailed("4.4.6", relay_loop(relay.host))
             context = self._relay_contexts.get(relay.ca_file)
             if context is None:
                 context = self._relay_contexts[relay.ca_file] = await asyncio.to_thread(
@@ -309,12 +311,8 @@ class OutboundQueue:
                 tls_policy="implicit" if relay.tls == "implicit" else "required",
                 tls_context=context, login=relay.login, abort=self._abort,
             ))
-        values = self.services.settings.now
-        mx_listener = self.services.listeners().get("smtp")
-        is_own = own_addresses(mx_listener[:2] if mx_listener else None, config.port,
-                               (values.public_ipv4 or "", values.public_ipv6 or ""))
-        hops = await delivery_hops(config.resolver, domain, own_hostnames=[self.services.hostname], is_own=is_own,
-                                   rng=self._rng)
+        hops = await delivery_hops(config.resolver, domain, own_hostnames=[self.services.hostname],
+                                   is_own=reaches_this_box(self.services, config.port), rng=self._rng)
         return await self._threads.run(lambda: OutboundSession.open(
             hops, port=config.port, helo_name=self.services.hostname, tls_policy="opportunistic",
             tls_context=self._tls_context, abort=self._abort,

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import trustme
 
+from appliance.admin import Admin
 from appliance.queue.smarthost import Smarthost
 from tests.conftest import LETTERBOX
-from tests.support.outbound import ALICE, MX1, Outbound, outbound_fixture, zone_fixture  # noqa: F401
+from tests.support.outbound import ALICE, MX1, PASSWORD, Outbound, outbound_fixture, zone_fixture  # noqa: F401
 from tests.support.receivers import Receiver
 
 RELAY_USER, RELAY_PASSWORD = "relay-user", "relay pass 5ecret!"
@@ -155,3 +156,23 @@ def test_the_relay_is_set_shown_and_cleared_from_the_command_line(outbound: Outb
     assert "relay host" in bad.stderr
     assert letterbox("off").stdout.startswith("no relay")
     assert outbound.box.run(outbound.box.services.settings.fresh()).relay is None
+
+
+def test_a_relay_that_is_this_box_itself_is_refused_not_gone_round(outbound: Outbound, tmp_path: Path) -> None:
+    """The relay set to the box's own submission port (its own name typed as "the provider"): the
+    relay test says so and the queue keeps the mail (4.4.6) until the setting is mended, as Postfix
+    says "loops back to myself" of such a relayhost. Before, the test passed and each message went
+    round through the box 49 times, using 49 of its sender's hourly sends, until 554 Too many hops."""
+    ca_file = tmp_path / "box-ca.pem"
+    outbound.ca.cert_pem.write_to_path(str(ca_file))
+    relay = Smarthost("127.0.0.1", outbound.box.port("submission"), "starttls", ALICE, PASSWORD, str(ca_file))
+    check = outbound.box.run(Admin.of(outbound.box.services).test_relay(relay))
+    assert (check.ok, check.detail) == (False, "the relay 127.0.0.1 is this box itself: mail for it loops back to myself")
+    outbound.box.run(outbound.box.services.settings.save(relay=relay))
+    outbound.wake()
+    outbound.submit(["someone@example.net"])
+    outbound.wait_until(lambda: any("loops back to myself" in r.last_error for m in outbound.messages()
+                                    for r in m.recipients), what="the loop to be found")
+    [queued] = outbound.messages()  # the submitted message alone: it never went round
+    assert queued.recipients[0].state == "queued"
+    assert queued.recipients[0].last_error.startswith("the relay 127.0.0.1 is this box itself")

@@ -43,14 +43,14 @@ def test_our_own_name_and_worse_hosts_are_dropped() -> None:
 
 
 def test_own_addresses_are_those_that_reach_our_own_mx() -> None:
-    everywhere = own_addresses(("0.0.0.0", 25), 25, ["203.0.113.5", "2001:db8::5", ""])  # a wildcard listener
+    everywhere = own_addresses([("0.0.0.0", 25)], 25, ["203.0.113.5", "2001:db8::5", ""])  # a wildcard listener
     assert [everywhere(a) for a in ("127.0.0.1", "127.1.2.3", "::1", "0.0.0.0", "203.0.113.5", "2001:db8:0::5")] == [True] * 6
     assert [everywhere(a) for a in ("192.0.2.1", "203.0.113.6", "not an address")] == [False] * 3
-    one = own_addresses(("192.0.2.7", 25), 25, [])
+    one = own_addresses([("192.0.2.7", 25), ("0.0.0.0", 587)], 25, [])
     assert one("192.0.2.7")
-    assert not one("127.0.0.1")  # another program may listen there
-    assert not own_addresses(("127.0.0.1", 10025), 25, [])("127.0.0.1")  # `make run`: its MX is not on 25
-    assert not own_addresses(None, 25, ["203.0.113.5"])("203.0.113.5")  # no MX listener
+    assert not one("127.0.0.1")  # another program may listen there on port 25
+    assert not own_addresses([("127.0.0.1", 10025)], 25, [])("127.0.0.1")  # `make run`: its MX is not on 25
+    assert not own_addresses([], 25, ["203.0.113.5"])("203.0.113.5")  # no listener
 
 
 @pytest.mark.parametrize(("domain", "expected"), [
