@@ -240,7 +240,7 @@ def test_wizard_console_and_first_mail(served: ServedBox, zone: ZoneServer, rela
         page.fill("#f-password", ALICE_PASSWORD)
         page.fill("#f-password2", ALICE_PASSWORD)
         page.click("#new-mailbox button[type=submit]")
-        expect(page.locator(".flash")).to_have_text(f"Mailbox {ALICE} created.")
+        expect(page.locator(".flash")).to_contain_text(f"Mailbox {ALICE} created. Tell its owner to log in at {https}/")
         shot(page, "console-mailboxes")
         page.click(f"table >> text={ALICE}")
         expect(page.locator("h1")).to_have_text(ALICE)

@@ -66,7 +66,10 @@ async def mailbox_create(request: Request) -> Response:
     if errors:
         shown = {k: forms.text(values, k) for k in ("local", "domain", "name", "quota")}
         return await mailboxes_page(request, shown, errors)
-    flash(request, f"Mailbox {info.address} created.")
+    # What the administrator hands on: the page where the owner finds everything to set up a phone.
+    flash(request, f"Mailbox {info.address} created. Tell its owner to log in at {request.base_url} with the"
+                   " address and this password: that page has the settings for their phone and mail program"
+                   " (and a profile for an iPhone), and changes the password to one of their own.")
     return redirect("/console/mailboxes")
 
 
