@@ -22,7 +22,7 @@ import logging
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import dns.asyncresolver
@@ -259,10 +259,15 @@ def used_percent(used: int, available: int) -> int:
     return -(-100 * used // (used + available)) if used + available else 0  # rounded up, as df does
 
 
-async def check_disk(svc: Services) -> Item:
+async def check_disk(svc: Services, *, record: bool = True) -> Item:
+    """`record`: keep today's sample for the chart (a run of the checklist), not when the status page only
+    shows the disk as it is now (`current`)."""
     usage = await asyncio.to_thread(shutil.disk_usage, svc.config.data.root)
     used = used_percent(usage.used, usage.free)
-    growth = await _record_disk(svc.db, usage.total - usage.free, usage.total)
+    if record:
+        growth = await _record_disk(svc.db, usage.total - usage.free, usage.total)
+    else:
+        growth = await _disk_growth(svc.db, usage.total - usage.free)
     summary = f"{used}% used, {usage.free // 2**20:,} MiB free" + (
         f", growing {growth // 2**20:,} MiB a week." if growth is not None and growth > 0 else ".")
     if svc.text_index is not None:
@@ -284,6 +289,12 @@ async def _record_disk(db: Database, used: int, total: int) -> int | None:
     today = dt.datetime.now(dt.UTC).date()
     await db.execute("INSERT INTO disk_samples (day, used, total) VALUES (?, ?, ?) ON CONFLICT(day) DO UPDATE"
                      " SET used = excluded.used, total = excluded.total", (today.isoformat(), used, total))
+    return await _disk_growth(db, used)
+
+
+async def _disk_growth(db: Database, used: int) -> int | None:
+    """Growth since the sample of a week ago, when one that old exists."""
+    today = dt.datetime.now(dt.UTC).date()
     row = await db.fetchone("SELECT used FROM disk_samples WHERE day <= ? ORDER BY day DESC LIMIT 1",
                             ((today - dt.timedelta(days=7)).isoformat(),))
     return used - int(row["used"]) if row else None
@@ -447,12 +458,28 @@ async def save(db: Database, items: list[Item]) -> None:
 _ORDER = {"fail": 0, "warn": 1, "unknown": 2, "ok": 3}
 
 
+def _problems_first(items: list[Item]) -> list[Item]:
+    return sorted(items, key=lambda i: (_ORDER.get(i.level, 9), i.key))
+
+
 async def load(db: Database) -> list[Item]:
     """The kept results, the problems first."""
     rows = await db.fetchall("SELECT key, title, level, summary, fix, link, checked_at FROM status_checks")
     items = [Item(str(r["key"]), str(r["title"]), r["level"], str(r["summary"]), str(r["fix"]), str(r["link"]),
                   float(r["checked_at"])) for r in rows]
-    return sorted(items, key=lambda i: (_ORDER.get(i.level, 9), i.key))
+    return _problems_first(items)
+
+
+async def current(svc: Services) -> list[Item]:
+    """What the status page shows: the kept results, but the disk as it is now (one statvfs). The runs are
+    hours apart, and a disk that filled since the last one (a big backup, a mail storm) showed green or
+    amber on the page while new mail was already refused."""
+    kept = await load(svc.db)
+    if not any(item.key == "disk" for item in kept):
+        return kept
+    disk = await _bounded("disk", "Disk", check_disk(svc, record=False))
+    return _problems_first([replace(disk, checked_at=item.checked_at) if item.key == "disk" else item
+                            for item in kept])
 
 
 async def start_status_checks(svc: Services) -> StatusSchedule:

@@ -54,7 +54,7 @@ async def status(request: Request) -> Response:
         "ipv4": (await svc.settings.fresh()).public_ipv4 or "", "ipv6": svc.settings.now.public_ipv6 or "",
         "setup_done": await setup_done(svc.settings),
         "backup_schedule": await backup.read_schedule(svc.db),
-        "checks": await status_checks.load(svc.db),
+        "checks": await status_checks.current(svc),
         "mail_chart": charts.bars("Messages per day, last 30 days", await svc.delivery_log.per_day(30),
                                   ("in", "out", "junk", "rejected")),
         "disk_chart": charts.line("Disk used (GiB)", await status_checks.disk_history(svc.db), " GiB"),
