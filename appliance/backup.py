@@ -466,7 +466,12 @@ def create_backup(layout: DataLayout, out: Path, *, recipient: str = "", passphr
         raise BackupError("no backup key: make one first (`letterbox backup key`) or give a passphrase")
     progress = progress or Progress()
     out.parent.mkdir(parents=True, exist_ok=True)
-    snap_path = out.parent / f".snapshot-{secrets.token_hex(6)}.db"
+    # The snapshot is the database in clear (password hashes, the restic and relay passwords): beside
+    # the database, never in `out`'s folder, which may be a USB disk kept away from the box; it was
+    # left there for good by a backup that was killed.
+    _remove_stale(layout.root, f"{SNAPSHOT_PREFIX}*")
+    _remove_stale(out.parent, f"letterbox-*{SUFFIX}.*partial")
+    snap_path = layout.root / f"{SNAPSHOT_PREFIX}{secrets.token_hex(6)}.db"
     # A name of its own: two backups begun in the same second (the daily one and `letterbox backup
     # create`, two scripts) share `out`, and both wrote one `out.partial`, one reported made and damaged.
     partial = out.with_name(f"{out.name}.{secrets.token_hex(4)}.partial")
@@ -509,6 +514,18 @@ def create_backup(layout: DataLayout, out: Path, *, recipient: str = "", passphr
         raise
     finally:
         snap_path.unlink(missing_ok=True)
+
+
+SNAPSHOT_PREFIX = ".backup-snapshot-"
+STALE_AFTER = 3600.0  # seconds unchanged: what a backup killed midway left (a running one writes on)
+
+
+def _remove_stale(folder: Path, pattern: str) -> None:
+    """What killed backups left in `folder`: a snapshot, its journal, a partial backup file."""
+    for p in folder.glob(pattern):
+        with contextlib.suppress(OSError):
+            if time.time() - p.lstat().st_mtime > STALE_AFTER:
+                p.unlink()
 
 
 def _add_spool(w: _Writer, layout: DataLayout, snap: Snapshot) -> None:

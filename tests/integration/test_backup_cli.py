@@ -361,6 +361,32 @@ def test_a_backup_that_unpacks_to_more_than_the_free_space_is_refused_before_wri
         assert siblings(layout.root) == around, extra
 
 
+def test_a_backup_to_another_folder_writes_only_the_encrypted_file_there(made: tuple[DataLayout, Path, Path],
+                                                                         tmp_path: Path) -> None:
+    """`backup create --to /media/usb`: the database's snapshot, in clear (password hashes, the restic
+    and relay passwords), was written into that folder while the backup ran, and left there for good
+    when the backup was killed. It is made beside the database now; what killed backups left (a
+    snapshot, a partial file, an hour old) goes at the next backup."""
+    layout, _file, kit = made
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    stale = [layout.root / ".backup-snapshot-0123456789ab.db", usb / "letterbox-x-20261130T030000Z.tar.zst.age.1234abcd.partial"]
+    fresh = usb / "letterbox-x-20261201T030000Z.tar.zst.age.5678ef01.partial"  # a backup running beside this one
+    for path in [*stale, fresh]:
+        path.write_bytes(b"left by a killed backup")
+    for path in stale:
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    seen: list[list[str]] = []
+    made_now = backup.create_backup(layout, usb / "letterbox-box.one.test-20261201T040000Z.tar.zst.age",
+                                    recipient=backup.recipient_of(kit.read_text()),
+                                    progress=AtFirstFile(lambda: seen.append(sorted(p.name for p in usb.iterdir()))))
+    [during] = seen
+    assert [n for n in during if n != fresh.name and not n.startswith(made_now.path.name + ".")] == []
+    assert sorted(p.name for p in usb.iterdir()) == sorted([made_now.path.name, fresh.name])
+    assert not stale[0].exists()
+    assert not list(layout.root.glob(".backup-snapshot-*"))
+
+
 def _empty_sqlite(path: Path) -> bytes:
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute("CREATE TABLE t (x)")
