@@ -166,6 +166,15 @@ class Accounts:
     async def mailbox_credentials(self, address: str) -> Credentials | None:
         return await self.credentials.mailbox_credentials(address)
 
+    async def may_log_in(self, address: str) -> bool:
+        """The mailbox exists and is enabled: what a session logged in to it must still find (kept
+        while the accounts are unchanged, so the check costs no database trip)."""
+        async def load() -> bool:
+            found = await self.credentials.mailbox_credentials(address)
+            return found is not None and found.enabled
+
+        return await self.lookups.get("may-log-in", address, load)
+
     async def admin_credentials(self, username: str) -> Credentials | None:
         return await self.credentials.admin_credentials(username)
 

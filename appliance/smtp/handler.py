@@ -99,6 +99,11 @@ class LetterboxSession(Session):
     def principal(self) -> Principal | None:
         return self.auth_data if self.authenticated and isinstance(self.auth_data, Principal) else None
 
+    def end_login(self) -> None:
+        """The login no longer counts: the session is as before AUTH (which may be tried again)."""
+        self.authenticated = False
+        self.auth_data = None
+
 
 class LetterboxEnvelope(Envelope):
     def __init__(self) -> None:
@@ -231,6 +236,13 @@ class SmtpHandler:
     ) -> str:
         env = _envelope(envelope)
         principal = _session(session).principal
+        if principal is not None and not await self.services.accounts.may_log_in(principal.name):
+            # Removed or disabled since the AUTH (a stolen password the administrator acted on): this
+            # session sends no more (530 below), as IMAP and POP3 sessions of a removed mailbox end.
+            log.info("%s: %s may no longer log in; the session's login no longer counts", peer_ip(session),
+                     principal.name)
+            _session(session).end_login()
+            principal = None
         try:
             sender = parse_sender(address, smtputf8=env.smtp_utf8)
         except SmtpReject as reject:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import imaplib
 import poplib
+import smtplib
 
 import pytest
 
@@ -82,3 +83,23 @@ def test_an_idling_session_of_a_removed_mailbox_gets_bye(box: BoxHandle) -> None
         assert client.closed()
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("change", ["remove", "disable"])
+def test_a_submission_session_of_a_removed_or_disabled_mailbox_sends_no_more(box: BoxHandle, change: str) -> None:
+    """A stolen password: the administrator removes or disables the mailbox while the thief's SMTP
+    session is open. Its next MAIL FROM is 530 and a new AUTH fails. Before, the session went on
+    sending as the address (queued, DKIM-signed by the domain) for as long as it stayed open."""
+    box.add_user(JONH, OLD_PASSWORD)
+    message = f"From: {JONH}\r\nSubject: hello\r\n\r\nhi\r\n".encode()
+    admin = Admin.of(box.services)
+    with smtplib.SMTP_SSL("127.0.0.1", box.port("submissions"), context=box.client_context, timeout=15) as client:
+        client.login(JONH, OLD_PASSWORD)
+        assert client.sendmail(JONH, ["someone@remote.example"], message) == {}
+        box.run(admin.remove_mailbox(JONH) if change == "remove" else admin.update_mailbox(JONH, enabled=False))
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            client.sendmail(JONH, ["someone@remote.example"], message)
+        assert (refused.value.smtp_code, refused.value.smtp_error) == (530, b"5.7.0 Authentication required")
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            client.login(JONH, OLD_PASSWORD)
+    assert len(box.run(box.services.spool.messages())) == 1
