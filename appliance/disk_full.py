@@ -47,3 +47,10 @@ def room_for(directory: Path, octets: int = 0, reserve: int = RESERVE_OCTETS) ->
     except OSError:
         return True
     return stat.f_bavail * stat.f_frsize >= reserve + max(octets, 0)
+
+
+def used_percent(used: int, available: int) -> int:
+    """How full the disk is as `df` says it: of the space the box can use (what is used plus what is
+    still available to a user other than root), not of the whole file system, whose blocks reserved for
+    root the box, running as its own user, can never fill."""
+    return -(-100 * used // (used + available)) if used + available else 0  # rounded up, as df does

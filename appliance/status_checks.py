@@ -31,7 +31,7 @@ import dns.resolver
 import dns.reversename
 
 from appliance.db import Database
-from appliance.disk_full import RESERVE_OCTETS, room_for
+from appliance.disk_full import RESERVE_OCTETS, room_for, used_percent
 from appliance.dns_check import load_results
 from appliance.libc import libc
 from appliance.queue.resolver import make_async_resolver
@@ -250,13 +250,6 @@ async def check_backups(svc: Services, now: float) -> Item:
                     "The last backup is more than 3 days old." if at else "No backup has succeeded yet.",
                     "Make one now and check the schedule.", "/console/backups")
     return Item("backups", "Backups", "ok", "Last backup " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at)))
-
-
-def used_percent(used: int, available: int) -> int:
-    """How full the disk is as `df` says it: of the space the box can use (what is used plus what is
-    still available to a user other than root), not of the whole file system, whose blocks reserved for
-    root the box, running as its own user, can never fill."""
-    return -(-100 * used // (used + available)) if used + available else 0  # rounded up, as df does
 
 
 async def check_disk(svc: Services, *, record: bool = True) -> Item:

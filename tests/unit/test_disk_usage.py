@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from appliance import status_checks
+from appliance.disk_full import used_percent
 
 
 def test_disk_percentage_is_the_one_df_shows(tmp_path: Path) -> None:
@@ -14,6 +14,6 @@ def test_disk_percentage_is_the_one_df_shows(tmp_path: Path) -> None:
     ext4 by default, far more on some) are neither used nor available to the box."""
     usage = shutil.disk_usage(tmp_path)
     shown = subprocess.run(["df", "--output=pcent", str(tmp_path)], capture_output=True, text=True, check=True)
-    assert abs(status_checks.used_percent(usage.used, usage.free) - int(shown.stdout.split()[-1].rstrip("%"))) <= 1
-    assert status_checks.used_percent(0, 0) == 0
-    assert status_checks.used_percent(1, 999) == 1
+    assert abs(used_percent(usage.used, usage.free) - int(shown.stdout.split()[-1].rstrip("%"))) <= 1
+    assert used_percent(0, 0) == 0
+    assert used_percent(1, 999) == 1

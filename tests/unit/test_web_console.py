@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import html
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from appliance.accounts import AliasInfo, MailboxInfo
+from appliance.disk_full import used_percent
 from tests.support.dns_server import ZoneServer
 from tests.support.web import (
     ADMIN,
@@ -66,6 +68,9 @@ def test_status_page(web: WebClient) -> None:
     assert "self-signed" in text
     assert " days" in text
     assert "Disk free" in text
+    # The same share as the checklist's Disk item ("35% used"): it said "(27%)", the free share of the total.
+    usage = shutil.disk_usage(web.services.config.data.root)
+    assert f"({used_percent(usage.used, usage.free)}% used)</dd>" in text
     assert '<a href="/console/sending">1 message</a>, 2.0 KiB' in text
     assert f'href="/console/domains/{DOMAIN}">{DOMAIN}</a></td><td>never' in text
     assert text.index("smtp") < text.index("imaps")  # the standard order, whatever the dict order
