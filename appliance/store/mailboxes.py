@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from appliance.store import index, maildir, subscriptions
 from appliance.store.changes import ChangeBus
 from appliance.store.dir_watch import DirWatch
 from appliance.store.index import Change, FolderIndex
-from appliance.store.maildir import Keywords, WriteJob
+from appliance.store.maildir import Keywords, UidList, WriteJob
 from appliance.store.model import (
     INBOX,
     SPECIAL_FOLDERS,
@@ -210,16 +211,15 @@ class OpenMailboxes:
         if f is not None:
             return f
         path = maildir.folder_path(mb.root, name)
-        if not await asyncio.to_thread(_open_dir, path, name != INBOX):
-            raise NoSuchFolder(f"no folder named {name}")
         row = await index.folder_row(self._db, mb.id, name)
-        uidlist = None
+        # One trip to a thread for the directories and, for a folder without a row, Dovecot's UIDs, and
+        # one to the database's for the new row: a trip per step made eleven before a first SELECT of a
+        # Maildir copied in could list it, each a thread's wake-up and the GIL handed over (issue 19).
+        exists, uidlist = await asyncio.to_thread(_open_dir, path, name != INBOX, uidlist=row is None)
+        if not exists:
+            raise NoSuchFolder(f"no folder named {name}")
         if row is None:
-            uidlist = await asyncio.to_thread(maildir.read_uidlist, path)
-            async with self._db.transaction() as tx:
-                await index.insert_folder(tx, mb.id, name, uidlist)
-            row = await index.folder_row(self._db, mb.id, name)
-            assert row is not None
+            row = await self._db.write(partial(index.insert_folder, mailbox_id=mb.id, name=name, uidlist=uidlist))
             entries: list[index.Entry] | None = []
         else:
             entries = None  # loaded at the first sync: a delivery needs only the folder's row
@@ -235,9 +235,7 @@ class OpenMailboxes:
         if must_create is not None and must_create not in made:
             raise FolderExists(f"{must_create} already exists")
         if made:
-            async with self._db.transaction() as tx:
-                for name in made:
-                    await index.insert_folder(tx, mb.id, name)
+            await self._db.write(partial(_insert_folders, mailbox_id=mb.id, names=made))
             for name in made:
                 self.forget(mb, name)  # a stale index of an earlier folder of that name
             log.info("store: %s created folder %s", mb.key, ", ".join(made))
@@ -794,13 +792,18 @@ async def locked(*folders: FolderIndex) -> AsyncIterator[None]:
             await stack.enter_async_context(f.lock)
         yield
 
-def _open_dir(path: Path, folder: bool) -> bool:
+def _open_dir(path: Path, folder: bool, *, uidlist: bool) -> tuple[bool, UidList | None]:
     """Does the folder exist? Missing cur/new/tmp of an existing one are made (a foreign copy);
-    INBOX always exists."""
+    INBOX always exists. With `uidlist`, its dovecot-uidlist is read too (when it exists)."""
     if folder and not path.is_dir():
-        return False
+        return False, None
     maildir.make_maildir(path, folder=folder)
-    return True
+    return True, maildir.read_uidlist(path) if uidlist else None
+
+
+def _insert_folders(tx: sqlite3.Connection, *, mailbox_id: int, names: Sequence[str]) -> None:
+    for name in names:
+        index.insert_folder(tx, mailbox_id, name)
 
 def _make_specials(root: Path) -> None:
     for name in SPECIAL_FOLDERS:

@@ -8,6 +8,7 @@ import os
 import threading
 import tracemalloc
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -41,9 +42,7 @@ def run(tmp_path: Path, body: Callable[[Database], Awaitable[T]]) -> T:
 async def open_folder(db: Database, path: Path, name: str = "INBOX") -> FolderIndex:
     row = await index.folder_row(db, 1, name)
     if row is None:
-        async with db.transaction() as tx:
-            await index.insert_folder(tx, 1, name)
-        row = await index.folder_row(db, 1, name)
+        row = await db.write(partial(index.insert_folder, mailbox_id=1, name=name))
     assert row is not None
     entries = await index.load_entries(db, row[0])
     return FolderIndex(row[0], name, path, row[1], row[2], row[3], bool(row[4]), entries, None)
@@ -88,8 +87,7 @@ def test_uidvalidity_is_never_issued_twice(tmp_path: Path) -> None:
     async def body(db: Database) -> list[int]:
         values = []
         for _ in range(50):  # far more than one per second
-            async with db.transaction() as tx:
-                values.append(await index.new_uidvalidity(tx))
+            values.append(await db.write(index.new_uidvalidity))
         return values
 
     values = run(tmp_path, body)
@@ -305,10 +303,10 @@ def test_a_failed_commit_leaves_memory_alone(tmp_path: Path) -> None:
 def test_a_new_row_for_a_stale_name_gets_a_new_uidvalidity(tmp_path: Path) -> None:
     async def body(db: Database) -> None:
         f = await open_folder(db, tmp_path, "Old")
-        async with db.transaction() as tx:
-            await index.insert_folder(tx, 1, "Old")
+        made = await db.write(partial(index.insert_folder, mailbox_id=1, name="Old"))
         row = await index.folder_row(db, 1, "Old")
         assert row is not None
+        assert tuple(row) == tuple(made)
         assert row[1] != f.uidvalidity
 
     run(tmp_path, body)
