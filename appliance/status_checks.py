@@ -20,6 +20,7 @@ import datetime as dt
 import ipaddress
 import logging
 import shutil
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -192,6 +193,13 @@ async def check_port25(svc: Services, probes: Probes) -> Item:
     host, _, port = target.rpartition(":")
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), PORT25_TIMEOUT)
+    except socket.gaierror as exc:
+        # Not a word about port 25: the name did not resolve (the box offline, or its DNS broken). It said
+        # "port 25 looks blocked" and sent the administrator to ask the provider about the wrong thing.
+        return Item("port25", "Outbound port 25", "unknown",
+                    f"Could not look up {host} ({exc.strerror or exc}): whether port 25 is open could not be told.",
+                    "Check the box's internet connection and its DNS: mail to other domains cannot leave while the "
+                    "box cannot look names up.")
     except (OSError, TimeoutError, ValueError) as exc:
         return Item("port25", "Outbound port 25", "fail",
                     f"Could not connect to {target} ({type(exc).__name__}): outbound port 25 looks blocked.",

@@ -104,6 +104,15 @@ def test_outbound_port_25_open_blocked_and_relay(checked: BoxHandle) -> None:
     assert run(checked)["port25"].level == "ok"
 
 
+def test_outbound_port_25_unknown_when_the_name_does_not_resolve(checked: BoxHandle) -> None:
+    """A box without working DNS was told "outbound port 25 looks blocked" and to ask its provider to open it."""
+    item = run(checked, Probes(port25_target=lambda: "mx.no-such-name.invalid:25", clock_synchronised=lambda: True))["port25"]
+    assert item.level == "unknown"
+    assert item.summary.startswith("Could not look up mx.no-such-name.invalid (")
+    assert "blocked" not in item.summary
+    assert "DNS" in item.fix
+
+
 def test_dns_records_certificate_backups_disk_queue_clock(checked: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
     items = run(checked)
     assert items["dns"].level == "warn"  # never checked
