@@ -365,6 +365,9 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
             except DataDirInUse as exc:
                 raise StartupError(str(exc)) from None
             await asyncio.to_thread(backup.clean_stale_uploads, config.data.root)
+            # A restore killed before its switch-over left a whole copy of the box (in clear) beside
+            # the data directory, until the next restore; the lock keeps a CLI restore's out of reach.
+            await asyncio.to_thread(backup.clean_stale_staging, config.data.root)
             try:
                 box = await _start(config, stop, announce)
             except Exception:

@@ -527,12 +527,33 @@ async def _restic(admin: Any, args: argparse.Namespace) -> None:
         print(await admin.fetch_from_restic(args.snapshot, Path(args.to)))
 
 
+async def _restore_whole(layout: DataLayout, args: argparse.Namespace) -> None:
+    from appliance import backup
+    from appliance.data_lock import DataDirInUse, DataDirLock
+
+    # Held while the restore runs: swapping the directory under a running box would leave it writing
+    # into the old one, and a box started meanwhile removes staging directories.
+    lock = DataDirLock(layout.root)
+    try:
+        lock.acquire()
+    except DataDirInUse:
+        raise CliError("letterbox serve is running on this data directory: stop it first, or restore"
+                       " from the console (Backups), which restarts the box on the restored data") from None
+    except FileNotFoundError:
+        pass  # a new machine: no box to keep out yet
+    try:
+        restored = await backup.restore(layout, Path(args.file), _secret(args))
+    finally:
+        lock.release()
+    kept = f"; the old data is kept in {restored.kept_aside}" if restored.kept_aside else ""
+    print(f"restored {_manifest_line(restored.manifest)}{kept}")
+
+
 def cmd_backup(args: argparse.Namespace) -> None:
     import asyncio
 
     from appliance import backup
     from appliance.admin import open_admin
-    from appliance.data_lock import data_dir_in_use
 
     layout = DataLayout(Path(args.data))
 
@@ -549,13 +570,7 @@ def cmd_backup(args: argparse.Namespace) -> None:
             print(f"{args.file}: every checksum matches ({checked.files} files); {_manifest_line(checked.manifest)}")
             return
         if args.action == "restore" and not args.mailbox:
-            if data_dir_in_use(layout.root):
-                # Swapping the directory under a running box would leave it writing into the old one.
-                raise CliError("letterbox serve is running on this data directory: stop it first, or restore"
-                               " from the console (Backups), which restarts the box on the restored data")
-            restored = await backup.restore(layout, Path(args.file), _secret(args))
-            kept = f"; the old data is kept in {restored.kept_aside}" if restored.kept_aside else ""
-            print(f"restored {_manifest_line(restored.manifest)}{kept}")
+            await _restore_whole(layout, args)
             return
         async with open_admin(layout.root) as admin:
             if args.action == "key":

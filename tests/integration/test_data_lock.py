@@ -42,3 +42,17 @@ def test_the_lock_is_gone_with_the_process(served_box: ServedBox, tmp_path: Path
         env=served_box.env(), capture_output=True, text=True, timeout=60, check=False,
     )
     assert "serve is running" not in run.stderr  # refused for its own reason, not the lock
+
+
+def test_a_restore_killed_before_its_switch_over_leaves_nothing_after_the_next_start(served_box: ServedBox) -> None:
+    """The staging directory of a restore killed midway (a whole copy of the box, in clear) stayed
+    beside the data directory until the next restore, which may never come; serve removes it at
+    start, under the data directory's lock (a CLI restore holds it while it runs)."""
+    served_box.stop()
+    root = served_box.data.root.resolve()
+    staging = root.parent / f".{root.name}.restore-0badc0de"
+    (staging / "mail").mkdir(parents=True)
+    (staging / "letterbox.db").write_bytes(b"a staged copy")
+    served_box.start()
+    assert not staging.exists()
+    assert (root / "letterbox.db").exists()
