@@ -127,10 +127,30 @@ def test_spf_without_spf_record_is_missing_and_shows_other_txt(zone: ZoneServer,
 
 
 @pytest.mark.parametrize("spf", ["v=spf1 a:mail.example.test ~all", "v=spf1 ip4:198.51.100.7 -all",
-                                 "v=spf1 +mx include:_spf.elsewhere.example ~all"])
+                                 "v=spf1 +mx include:_spf.elsewhere.example ~all",
+                                 # Receivers evaluate these to pass for the box's addresses; the words alone
+                                 # said "wrong" (and the daily alert mailed it).
+                                 "v=spf1 ip4:198.51.100.7/32 ip6:2001:db8::/32 -all",
+                                 "v=spf1 ip4:198.51.100.0/24 ip6:2001:db8::7 -all",
+                                 "v=spf1 include:_spf.example.test -all",
+                                 "v=spf1 redirect=_spf.example.test"])
 def test_spf_variants_that_allow_the_box(zone: ZoneServer, key: dkim_keys.DkimKey, spf: str) -> None:
+    zone.set(f"_spf.{DOMAIN}", "TXT", ['"v=spf1 a:mail.example.test -all"'])
     zone.set(DOMAIN, "TXT", [f'"{spf}"'])
     assert check(zone, key)["spf"].status == "found"
+
+
+@pytest.mark.parametrize("spf", ["v=spf1 ip4:198.51.100.0/24 -all",  # the IPv6 address is not in it
+                                 "v=spf1 include:_spf.example.test -all",  # nor in the include
+                                 "v=spf1 include:_loop.example.test -all"])  # an include loop: permerror
+def test_spf_that_receivers_fail_for_one_address_of_the_box_is_wrong(
+    zone: ZoneServer, key: dkim_keys.DkimKey, spf: str,
+) -> None:
+    zone.set(f"_spf.{DOMAIN}", "TXT", ['"v=spf1 ip4:198.51.100.7 -all"'])
+    zone.set(f"_loop.{DOMAIN}", "TXT", [f'"v=spf1 include:_loop.{DOMAIN} -all"'])
+    zone.set(DOMAIN, "TXT", [f'"{spf}"'])
+    result = check(zone, key)["spf"]
+    assert (result.status, result.note) == ("wrong", "the SPF record does not allow this box to send (add 'mx')")
 
 
 def test_autoconfig_as_address_records_of_the_box(zone: ZoneServer, key: dkim_keys.DkimKey) -> None:
