@@ -11,14 +11,12 @@ import binascii
 import datetime as dt
 import re
 from collections.abc import Callable, Iterator, Sequence
-from email.header import Header
 from email.message import Message
-from email.policy import default as default_policy
-from email.utils import getaddresses, unquote
+from email.utils import getaddresses
 from functools import lru_cache
 from typing import BinaryIO, NamedTuple, Protocol
 
-from appliance import caches
+from appliance import address_list, caches
 from appliance.imap.commands import BinarySection, BodySection, FetchAttribute, FetchItem, Section
 from appliance.imap.limits import MAX_HEADER_OCTETS
 from appliance.imap.mime import Headers, Part, Span, unfold
@@ -37,7 +35,6 @@ CHUNK = 256 * 1024  # octets read from the file per write
 INLINE_LITERAL = 256 * 1024  # section contents up to this size are read into memory at once
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _ATTRIBUTE_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&+^`|")
-_ROUTE = re.compile(r"<\s*(@[^:<>]+):\s*([^<>\s]+)\s*>")
 MONTH_NAMES = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 MISSING_MAILBOX = "MISSING_MAILBOX"  # Dovecot's placeholders, which clients already know
 MISSING_DOMAIN = "MISSING_DOMAIN"
@@ -407,38 +404,44 @@ def addresses(headers: Message, name: str) -> Value:
 @lru_cache(maxsize=8192)
 def _address_list(text: str) -> bytes:
     """The rendered addresses of one header value. Cached: a mailbox has the same From and To
-    values over and over, and parsing addresses is the costly part of an ENVELOPE."""
-    found = _grouped_addresses(text) if ":" in text else _plain_addresses(text)
-    return b"".join(render_value(a) for a in found)
+    values over and over."""
+    return b"".join([render_value(_envelope_address(entry)) for entry in address_list.parse(text)])
+
+
+def _envelope_address(entry: address_list.Entry) -> list[Value]:
+    """One address structure as ENVELOPE renders it (RFC 3501 7.4.2), with Dovecot's placeholders
+    for a missing mailbox or domain (the null address of bounces, "<joerg>")."""
+    name, route, mailbox, domain = entry
+    if domain is None:  # a group's start (its name as the mailbox) or end
+        return [None, None, None if mailbox is None else raw(mailbox), None]
+    return [raw(name) if name else None, None if route is None else raw(route),
+            raw(mailbox) if mailbox else MISSING_MAILBOX, raw(domain) if domain else MISSING_DOMAIN]
 
 
 def first_mailbox(text: str) -> str:
     """The mailbox of the first address of an address list as ENVELOPE shows it, which for a group
     is the group's name (RFC 3501 7.4.2 group start): what SORT's FROM, TO and CC keys compare
     (RFC 5256 3), as Dovecot does."""
-    found = _grouped_addresses(text) if ":" in text else _plain_addresses(text)
-    for address in found:
-        mailbox = address[2] if isinstance(address, list) else None
-        if isinstance(mailbox, bytes):
-            return mailbox.decode("utf-8", "surrogateescape")
-        if isinstance(mailbox, str) and mailbox != MISSING_MAILBOX:
-            return mailbox
-    return ""
+    found = address_list.parse(text, first=True)
+    if found and not found[0].mailbox:  # a null address ("<>") or a group without a name
+        found = address_list.parse(text)
+    return next((entry.mailbox for entry in found if entry.mailbox), "")
 
 
 def first_display(text: str) -> tuple[str, bool]:
     """RFC 5957 DISPLAYFROM/DISPLAYTO: of the first address, its display name, else its address
     (mailbox@host); a group gives its name as ENVELOPE's group start does. Raw header text (the
     caller decodes encoded words) and whether it is a display name."""
-    found = _grouped_addresses(text) if ":" in text else _plain_addresses(text)
-    if not found or not isinstance(found[0], list):
+    found = address_list.parse(text, first=True)
+    if not found:
         return "", False
-    display, _, mailbox, host = found[0]
-    if host is None and mailbox is not None:  # RFC 3501 7.4.2 group start: [NIL NIL name NIL]
-        return _text(mailbox), False
-    if display is not None and _text(display).strip():
-        return _text(display), True
-    return (f"{_text(mailbox)}@{_text(host)}" if host not in (None, MISSING_DOMAIN) else _text(mailbox)), False
+    name, _, mailbox, domain = found[0]
+    if domain is None:  # RFC 3501 7.4.2 group start: [NIL NIL name NIL]
+        return mailbox or "", False
+    if name and name.strip():
+        return name, True
+    mailbox = mailbox or MISSING_MAILBOX
+    return (f"{mailbox}@{domain}" if domain else mailbox), False
 
 
 def _text(value: Value) -> str:
@@ -531,84 +534,6 @@ def split_address_elements(text: str) -> list[str]:
             out.append(text[start:i])
             start = i + 1
     out.append(text[start:])
-    return out
-
-
-def _null_address(element: str) -> Value:
-    """`Name <>` (the null reverse-path of bounces, RFC 5321 4.5.5) or `<@>`: an address with no
-    mailbox and no domain. Dovecot keeps it with placeholders rather than dropping it, so a client
-    still shows "MAILER DAEMON"; None when the element is something else."""
-    text = strip_comments(element).strip() if "(" in element else element.strip()
-    if not text.endswith(">"):
-        return None
-    cut = text.rfind("<")
-    if cut < 0 or text[cut + 1:-1].strip() not in ("", "@"):
-        return None
-    display = text[:cut].strip()
-    if len(display) >= 2 and display.startswith('"') and display.endswith('"'):
-        display = unquote(display)
-    route = "INVALID_ROUTE" if "@" in text[cut:] else None  # Dovecot's placeholder for "<@>"
-    return [raw(display) if display else None, route, MISSING_MAILBOX, MISSING_DOMAIN]
-
-
-def _plain_addresses(text: str) -> list[Value]:
-    if "<" in text:
-        out: list[Value] = []
-        for element in split_address_elements(text):
-            null = _null_address(element)
-            out += [null] if null is not None else _parsed_addresses(element)
-        return out
-    return _parsed_addresses(text)
-
-
-def _parsed_addresses(text: str) -> list[Value]:
-    out: list[Value] = []
-    for display, address in parse_addresses(text):
-        if not address:
-            continue
-        out.append(_address(display, address))
-    return out
-
-
-def _address(display: str, address: str) -> Value:
-    local, at, domain = address.rpartition("@")
-    if not at:
-        local, domain = address, ""
-    return [raw(display) if display else None, None, raw(local) or MISSING_MAILBOX, raw(domain) or MISSING_DOMAIN]
-
-
-# email.headerregistry's parser grows faster than the text on some inputs (a source route of 40,000 domains,
-# 200 KB: 1.7 s, twice the length 3.5 times the time); the MX takes 256 KiB of header. Longer values than
-# this are split by the plain parser, without group and route markers.
-MAX_GROUPED_CHARS = 16 * 1024
-
-
-def _grouped_addresses(text: str) -> list[Value]:
-    """Group syntax and source routes (rare): the full RFC 5322 parser from email.headerregistry."""
-    if len(text) > MAX_GROUPED_CHARS:
-        return _plain_addresses(text)
-    try:
-        header = default_policy.header_factory("To", text)
-        groups = header.groups
-    except Exception:  # noqa: BLE001  a header the parser cannot take is not worth failing a FETCH for
-        return _plain_addresses(text)
-    routes = {spec.strip().lower(): route.replace(" ", "") for route, spec in _ROUTE.findall(text)}
-    out: list[Value] = []
-    for group in groups:
-        if group.display_name is not None:
-            out.append([None, None, raw(group.display_name), None])  # RFC 3501 7.4.2 group start
-        for address in group.addresses:
-            name = address.display_name
-            if name and not name.isascii():
-                name = Header(name, "utf-8").encode()
-            spec = f"{address.username}@{address.domain}" if address.domain else address.username
-            value = _address(name, spec)
-            route = routes.get(spec.lower())
-            if route and isinstance(value, list):
-                value[1] = raw(route)  # RFC 3501 7.4.2 at-domain-list (source route)
-            out.append(value)
-        if group.display_name is not None:
-            out.append([None, None, None, None])  # group end
     return out
 
 
