@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from appliance import __version__, age_stream, backup_stream, disk_full
+from appliance.account_errors import AccountError
 from appliance.config import DataLayout
 from appliance.db import DB_FILE_MODE, load_migrations
 from appliance.libc import libc as c_library
@@ -1340,8 +1341,12 @@ async def restore_mailbox(db: Database, events: EventLog, layout: DataLayout, pa
     """Put one mailbox (or one folder of it) back from a backup into the running box, beside its
     current mail; the mailbox is made again (same password) when it was deleted."""
     from appliance.accounts import Accounts
+    from appliance.address import parse_address
 
-    address = address.strip().lower()
+    try:  # as `user add` reads it: 'bob@bücher.example' names bob@xn--bcher-kva.example, a root dot goes
+        address = parse_address(address.strip()).canonical
+    except AccountError as exc:
+        raise BackupError(str(exc)) from exc
     if folder is not None and folder.upper() == INBOX:
         folder = INBOX  # any case names the inbox (RFC 3501 5.1)
     progress = progress or Progress()

@@ -490,6 +490,19 @@ def test_one_mailbox_back_into_a_box(made: tuple[DataLayout, Path, Path]) -> Non
     assert "restored 0 messages" in again.stdout, again.stderr
 
 
+def test_one_mailbox_back_is_named_as_user_add_names_it(made: tuple[DataLayout, Path, Path]) -> None:
+    """`--mailbox Alice@One.Test.` (case, a root dot; 'bob@bücher.example' for its xn-- form) said "the
+    backup holds no mailbox", though `user add` takes each of these for the address it stores."""
+    layout, file, kit = made
+    assert run(layout.root, "user", "remove", ALICE).returncode == 0
+    result = run(layout.root, "backup", "restore", str(file), "--key-file", str(kit), "--mailbox", "Alice@One.Test.")
+    assert result.returncode == 0, result.stderr
+    assert "restored 7 messages into alice@one.test (mailbox made again)" in result.stdout
+    wrong = run(layout.root, "backup", "restore", str(file), "--key-file", str(kit), "--mailbox", "not an address")
+    assert wrong.returncode == 1
+    assert wrong.stderr.startswith("letterbox: not a valid email address: 'not an address'"), wrong.stderr
+
+
 def test_one_folder_back_names_a_missing_folder_and_changes_nothing(made: tuple[DataLayout, Path, Path]) -> None:
     """A mistyped --folder said "restored 0 messages" with exit 0, and a removed mailbox was made
     again, empty; now it is refused with the backup's folders, and the box is unchanged."""
