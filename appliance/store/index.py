@@ -748,38 +748,39 @@ def _found_sized(dirs: dict[str, Path]) -> FoundColumns | None:
         # that order already: no sort of ints, no permutation of six columns (at 100k messages those
         # were a fifth of the listing, each pass missing the CPU's caches at every name).
         names = sorted(listed[sub])
-        sized = maildir.sized_names(names)
+        sized = maildir.sized_names_sorted(names)
         if sized is None:
             return None
         if not sized:
             return FoundColumns((), (), (), (), (), (), ())
-        bases, seconds, _, sizes, wires, infos = zip(*sized, strict=True)
+        bases, seconds, sizes, wires, infos = zip(*sized, strict=True)
         if len(set(map(len, seconds))) == 1 and all(map(lt, seconds, islice(seconds, 1, None))):
             shared: dict[str, str] = {}
             return FoundColumns(bases, tuple(repeat(sub, len(names))), names, tuple(map(int, sizes)),
                                 tuple(repeat(UNKNOWN_DATE, len(names))), tuple(map(int, wires)),
                                 tuple(map(shared.setdefault, infos, infos)))
-        return _in_delivery_order(list(repeat(sub, len(names))), sized, names)
+        return _in_delivery_order(list(repeat(sub, len(names))), names,
+                                  (bases, seconds, tuple(maildir.sized_micros(bases)), sizes, wires, infos))
     subs: list[str] = []
     fields: list[tuple[str, str, str, str, str, str]] = []
     names = []
     for sub in ("new", "cur"):
-        sized = maildir.sized_names(listed[sub])
-        if sized is None:
+        listing = maildir.sized_names(listed[sub])
+        if listing is None:
             return None
         subs += repeat(sub, len(listed[sub]))
-        fields += sized
+        fields += listing
         names += listed[sub]
-    return _in_delivery_order(subs, fields, names)
-
-
-def _in_delivery_order(subs: list[str], fields: Sequence[tuple[str, str, str, str, str, str]],
-                       names: list[str]) -> FoundColumns | None:
-    """_found_sized's columns of files listed in any order (`fields`: sized_names' of each name):
-    put in delivery order by a sort of ints and one permutation of every column."""
     if not fields:
         return FoundColumns((), (), (), (), (), (), ())
-    bases, seconds, micros, sizes, wires, infos = zip(*fields, strict=True)
+    return _in_delivery_order(subs, names, tuple(zip(*fields, strict=True)))
+
+
+def _in_delivery_order(subs: list[str], names: list[str], columns: Sequence[Sequence[str]]) -> FoundColumns | None:
+    """_found_sized's columns of files listed in any order (`columns`: unique names, seconds,
+    microseconds, sizes, wire sizes and infos of the names, as sized_names reads them), put in
+    delivery order by a sort of ints and one permutation of every column."""
+    bases, seconds, micros, sizes, wires, infos = columns
     order = list(map(add, map(mul, map(int, seconds), repeat(maildir.ORDER_SCALE)), map(int, micros)))
     if len(set(order)) != len(order):  # distinct orders: distinct names too (a name gives its order)
         return None
