@@ -107,15 +107,35 @@ class Options:
     say: Callable[[str], None] = field(default=print)
 
 
-def version_key(version: str) -> tuple[int, ...] | None:
-    """'0.10.2' -> (0, 10, 2); None when it is not plain numbers (then any order is allowed)."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)*)", version)
-    return tuple(int(p) for p in m.group(1).split(".")) if m else None
+# PEP 440's order for the versions a release may have: X.devN < X.aN < X.bN < X.rcN < X < X.postN.
+_VERSION = re.compile(r"(\d+(?:\.\d+)*)(?:[-_.]?(dev|a|alpha|b|beta|c|rc|pre|preview|post|rev|r)[-_.]?(\d*))?"
+                      r"(?:\+[a-z0-9.]*)?", re.IGNORECASE)
+_PHASE = {"dev": 0, "a": 1, "alpha": 1, "b": 2, "beta": 2, "c": 3, "rc": 3, "pre": 3, "preview": 3,
+          "post": 5, "rev": 5, "r": 5}
+_RELEASE = 4
+
+
+def version_key(version: str) -> tuple[tuple[int, ...], int, int] | None:
+    """'0.10.2' -> ((0, 10, 2), 4, 0), '1.0.0rc1' -> ((1,), 3, 1); None when it is no PEP 440 release
+    this knows (then any order is allowed). A release candidate of 1.0.0 was taken for newer than a
+    running 1.0.1: any version that was not plain numbers passed as newer."""
+    m = _VERSION.fullmatch(version)
+    if not m:
+        return None
+    release = tuple(int(p) for p in m.group(1).split("."))
+    while len(release) > 1 and release[-1] == 0:  # 1.0 == 1.0.0
+        release = release[:-1]
+    phase = _PHASE[m.group(2).lower()] if m.group(2) else _RELEASE
+    return release, phase, int(m.group(3) or 0)
 
 
 def is_newer(candidate: str, running: str) -> bool:
     a, b = version_key(candidate), version_key(running)
-    return candidate != running if a is None or b is None else a > b
+    if a is None or b is None:
+        return candidate != running
+    if a == b:  # the same release ('1.0' is '1.0.0'); built apart (another +local label), either may replace the other
+        return candidate.partition("+")[2] != running.partition("+")[2]
+    return a > b
 
 
 def venv_dir(prefix: Path, version: str) -> Path:
