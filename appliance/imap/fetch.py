@@ -12,7 +12,6 @@ import datetime as dt
 import re
 from collections.abc import Callable, Iterator, Sequence
 from email.message import Message
-from email.utils import getaddresses
 from functools import lru_cache
 from typing import BinaryIO, NamedTuple, Protocol
 
@@ -448,22 +447,6 @@ def _text(value: Value) -> str:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value or "")
 
 
-def parse_addresses(text: str) -> list[tuple[str, str]]:
-    """(display name, address) pairs of one header value. email.utils.getaddresses is fast and keeps
-    display names as written (encoded words and all), but recurses once per nested comment: a
-    header of a thousand "(" would raise RecursionError, so such comments are removed first. It
-    recurses once per group opened too: groups nested a thousand deep ("g:g:g:...", which RFC 5322
-    does not allow) name no address it can show."""
-    try:
-        return getaddresses([text])
-    except RecursionError:
-        pass
-    try:
-        return getaddresses([strip_comments(text)])
-    except RecursionError:
-        return []
-
-
 def strip_comments(text: str) -> str:
     """RFC 5322 3.2.2 comments removed (nested ones too, in one pass), quoted strings kept."""
     out: list[str] = []
@@ -493,48 +476,6 @@ def strip_comments(text: str) -> str:
             quoted = ch == '"'
             out.append(ch)
     return "".join(out)
-
-
-def top_level_chars(text: str) -> Iterator[tuple[int, str]]:
-    """(index, character) of each character outside RFC 5322 quoted strings and comments, the
-    quote marks, comments and backslash escapes themselves skipped: what address-list splitting
-    and group detection look at."""
-    depth = 0
-    quoted = escaped = False
-    for i, ch in enumerate(text):
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif quoted:
-            quoted = ch != '"'
-        elif ch == "(":
-            depth += 1
-        elif ch == ")" and depth:
-            depth -= 1
-        elif depth:
-            continue
-        elif ch == '"':
-            quoted = True
-        else:
-            yield i, ch
-
-
-def split_address_elements(text: str) -> list[str]:
-    """The comma-separated elements of an address list (commas in quotes, comments and <> kept)."""
-    out: list[str] = []
-    start = 0
-    angle = False
-    for i, ch in top_level_chars(text):
-        if ch == "<":
-            angle = True
-        elif ch == ">":
-            angle = False
-        elif ch == "," and not angle:
-            out.append(text[start:i])
-            start = i + 1
-    out.append(text[start:])
-    return out
 
 
 # --- BODY and BODYSTRUCTURE (RFC 3501 7.4.2) -------------------------------------------------------

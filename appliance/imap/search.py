@@ -22,6 +22,8 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+from appliance import address_list
+from appliance.address import is_dot_atom
 from appliance.imap.commands import (
     AndKey,
     DateKey,
@@ -38,7 +40,6 @@ from appliance.imap.commands import (
     TextKey,
     in_ranges,
 )
-from appliance.imap.fetch import parse_addresses, split_address_elements, strip_comments, top_level_chars
 from appliance.imap.fetch_cache import CACHED_FIELDS, CachedFields, HeaderLookup
 from appliance.imap.limits import MAX_DECODED_SEARCH_OCTETS, MAX_HEADER_OCTETS
 from appliance.imap.mime import Part, decode_words, parse_header, scan, unfold
@@ -224,37 +225,23 @@ def searched_texts(data: bytes) -> tuple[str, str]:
 
 
 def address_texts(value: str) -> list[str]:
-    """Each address of an address-list header as one searchable string."""
+    """Each address of an address-list header as one searchable string: "Display Name <local@domain>"
+    (comments inside <...> gone), and each group's name."""
     out: list[str] = []
-    for element in split_address_elements(unfold(value)):
-        colon = _group_colon(element)
-        if colon >= 0:  # RFC 5322 3.4 group: "name: a@b, c@d;" (the name is searchable too)
-            out.append(decode_words(element[:colon]).strip())
-            element = element[colon + 1:]
-        element = element.strip().rstrip(";").strip()
-        if not element:
+    for name, _, mailbox, domain in address_list.parse(unfold(value)):
+        if domain is None:  # RFC 5322 3.4 group: "name: a@b, c@d;" (the name is searchable too)
+            if mailbox is not None:
+                out.append(decode_words(mailbox).strip())
             continue
-        cut = element.rfind("<")
-        if cut >= 0:
-            # Comments inside <...> are not a display name (getaddresses would make them one).
-            element = element[:cut] + strip_comments(element[cut:])
-        for display, address in parse_addresses(element):
-            display = decode_words(display).strip()
-            if address:
-                out.append(f"{display} <{address}>" if display else address)
-            elif display:
-                out.append(display)
+        display = decode_words(name).strip() if name else ""
+        if mailbox and not is_dot_atom(mailbox):  # written as the sender quoted it (RFC 5322 3.4.1)
+            mailbox = '"' + mailbox.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        address = f"{mailbox}@{domain}" if domain else mailbox
+        if address:
+            out.append(f"{display} <{address}>" if display else address)
+        elif display:
+            out.append(display)
     return out
-
-
-def _group_colon(element: str) -> int:
-    """Where the ":" of a group name is (outside quotes, comments and <...>), or -1."""
-    for i, ch in top_level_chars(element):
-        if ch in "<@":
-            return -1
-        if ch == ":":
-            return i
-    return -1
 
 
 def decoded_text(f: BinaryIO) -> str:

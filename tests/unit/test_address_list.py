@@ -16,6 +16,7 @@ import pytest
 from appliance import address_list
 from appliance.imap.fetch import _address_list, envelope_text, first_display, first_mailbox
 from appliance.imap.mime import scan
+from appliance.imap.search import address_texts
 
 DOVECOT = [
     ('"Smith, John" <john.smith@example.com> (Work)',
@@ -183,6 +184,7 @@ def test_hostile_fields_cost_linear_time(name: str) -> None:
             _address_list.__wrapped__(text)
             first_mailbox(text)
             first_display(text)
+            address_texts(text)
             best = min(best, time.process_time() - start)
         costs.append(best)
     assert costs[0] < 0.1, costs
@@ -197,3 +199,12 @@ def test_sort_keys_are_the_first_envelope_address(value: str) -> None:
     assert first_mailbox(value) == next((e.mailbox for e in found if e.mailbox), "")
     if found and found[0].domain is None:
         assert first_display(value) == (found[0].mailbox, False)
+
+
+def test_search_texts_are_the_envelope_addresses() -> None:
+    """SEARCH FROM/TO/CC/BCC read the same addresses as ENVELOPE: a source route is no address (the
+    old splitter searched "@b"), a group's name is unquoted, a quoted local part keeps its quotes."""
+    assert address_texts("<@a,@b:c@d>") == ["c@d"]
+    assert address_texts('"Smith, John": "john doe"@example.com, "q\\"x"@b (note);') == [
+        "Smith, John", '"john doe"@example.com', 'note <"q\\"x"@b>']
+    assert address_texts("=?utf-8?q?J=C3=B6rg?= <j@example.org>, Name <>") == ["Jörg <j@example.org>", "Name"]
