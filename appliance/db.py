@@ -201,7 +201,8 @@ class Database:
                 self.counters.forget_tick()  # the counters may have moved (ChangeCounters.read_this_tick)
 
     async def write_queued(self, work: Callable[[sqlite3.Connection], T], *, durable: bool = True,
-                           gate: tuple[threading.Event, float] | None = None) -> asyncio.Future[T]:
+                           gate: tuple[threading.Event, float] | None = None,
+                           transaction: bool = True) -> asyncio.Future[T]:
         """write() without waiting for the transaction: once this returns it is queued on the
         database's thread ahead of every write and read asked for later, which run after it (the
         thread takes its jobs in order, and each is a whole transaction), and the future gives its
@@ -210,14 +211,16 @@ class Database:
         (a pipelined STORE's, store/index.py commit_pipelined). For work whose result is not needed
         at once (a first listing's rows, commit_queued; flag changes and expunges, commit_pipelined).
         `gate`: (event, seconds): the thread waits for the event (that many seconds at most) before
-        it begins the transaction."""
+        it begins the transaction. Without `transaction`, `work` runs alone, in order with the
+        writes (files only: a claim's renames, store/index.py commit_pipelined)."""
         async with self._write_lock:
             # aiosqlite's Connection._execute without its await: putting it on the queue is what orders it.
             future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
             conn = self._conn._conn
             if not self._conn._running or conn is None:  # as aiosqlite's own calls check
                 raise ValueError("Connection closed")
-            job = partial(_whole_transaction, work, self._rider_work(), self.counters.committed, durable, conn)
+            job = (partial(_whole_transaction, work, self._rider_work(), self.counters.committed, durable, conn)
+                   if transaction else partial(work, conn))
             self._conn._tx.put_nowait((future, job if gate is None else partial(_after, gate, job)))
 
         def finished(_: asyncio.Future[T]) -> None:

@@ -430,10 +430,13 @@ class FolderIndex:
         self._messages = messages
         self._known = (messages, uids, keywords)
 
-    def claimed(self) -> None:
-        """The recent messages became a session's, none of them moved: only the recent set changes
+    def claimed(self, uids: Iterable[int] | None = None) -> None:
+        """The recent messages (or those of `uids`) became a session's: only the recent set changes
         (the message list, and what snapshots derived from it, stay)."""
-        self.unclaimed.clear()
+        if uids is None:
+            self.unclaimed.clear()
+        else:
+            self.unclaimed.difference_update(uids)
         self._recent = None
 
     def invalidate(self, *, paths: bool = False) -> None:
@@ -1152,8 +1155,9 @@ async def commit_pipelined(db: Database, change: Change, files: Callable[[], Seq
     every write still queued for it (OpenMailboxes.settle); whatever reads the files by the names
     in memory (a listing, a COPY's links) waits for those writes first. Sessions may see the change
     before its transaction ends: it is not fsynced anyway (mailstore.py's docstring), so a crash
-    could lose it after its OK too."""
-    assert change.writes
+    could lose it after its OK too. A change that only moves files (a claim's new/ to cur/, whose
+    rows do not change) runs its renames in order with the writes, with no transaction."""
+    assert change.writes or change.located
     f = change.folder
     stamps: list[tuple[int, int]] = []
 
@@ -1165,7 +1169,7 @@ async def commit_pipelined(db: Database, change: Change, files: Callable[[], Seq
 
     change.apply()  # before it is queued: the database's thread then reads the change, never the loop
     try:
-        written = await db.write_queued(write, durable=False)
+        written = await db.write_queued(write, durable=False, transaction=change.writes)
     except BaseException:
         f.reload_due = True
         raise

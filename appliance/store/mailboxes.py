@@ -431,33 +431,40 @@ class OpenMailboxes:
             f.claimed()
         return recent
 
-    async def claim(self, f: FolderIndex) -> frozenset[int]:
-        """Make the recent messages this caller's: new/ files move to cur/ (folder lock held)."""
+    async def claim(self, f: FolderIndex) -> tuple[frozenset[int], asyncio.Future[list[index.Entry]] | None]:
+        """Make the recent messages this caller's (folder lock held): their new/ files move to cur/,
+        in memory at once, the renames queued on the database's thread in order with the folder's
+        flag changes and expunges (index.commit_pipelined), and the future of the renames, which
+        the caller awaits with the lock let go (None: none to make). The lock was held for a worker
+        thread's trip each time, with every session of the folder queued behind it: under imaptest's
+        stress mode each APPEND without flags made one at its next look (issue 19)."""
         claimed = self.claim_in_memory(f)
         if claimed is not None:
-            return claimed
+            return claimed, None
         recent = f.recent()
         fresh = [e for e in f.entries(recent) if e.sub == "new"]
         if not fresh:  # (in_new named a message no longer there)
             f.claimed()
-            return recent
-        targets = [maildir.cur_filename(e.base, maildir.split_filename(e.filename)[1]) for e in fresh]
-        # Not fsynced: after a crash the file is back in new/ and simply recent again.
-        stamps: list[tuple[int, int]] = []
-        moves = [(f.file("new", e.filename), f.file("cur", t)) for e, t in zip(fresh, targets, strict=True)]
-        done = await asyncio.to_thread(_stamped, [f], stamps, partial(maildir.rename_files, moves, durable=False))
+            return recent, None
         change = Change(f)
-        for e, target, ok in zip(fresh, targets, done, strict=True):
-            if ok:
-                change.locate(e, "cur", target)
-            else:
-                f.dirty = True
-        await index.commit(self._db, [change], durable=False)  # as the renames: a listing finds the files again
-        if all(done):  # the next look lists nothing (every session's NOOP after a delivery listed the folder)
-            _carry_stamps([f], stamps)
-        f.unclaimed.difference_update(recent)  # (not new messages that came into memory meanwhile)
-        f.invalidate()
-        return recent
+        moves = []
+        for e in fresh:
+            target = maildir.cur_filename(e.base, maildir.split_filename(e.filename)[1])
+            moves.append((f.file("new", e.filename), f.file("cur", target)))
+            change.locate(e, "cur", target)
+        # In memory before anything can come between (commit_pipelined applies the change before its
+        # first wait): another look that does not wait for the lock finds them claimed.
+        f.claimed(recent)  # (not new messages that came into memory meanwhile)
+        return recent, await index.commit_pipelined(self._db, change, partial(_claimed_files, moves), fresh)
+
+    @staticmethod
+    async def moved(moving: asyncio.Future[list[index.Entry]]) -> None:
+        """Wait for a claim's renames (claim); one that failed is the folder's next sync's to mend
+        (reload_due): the claim stands, its messages are no longer recent for anyone else."""
+        try:
+            await asyncio.shield(moving)
+        except Exception as exc:  # noqa: BLE001  told, and left to the folder's next sync
+            log.info("store: a claim's renames from new/ to cur/ failed: %s", exc)
 
     async def map_keywords(self, f: FolderIndex, keywords: Iterable[str]) -> Keywords:
         """Letters for these keywords in the folder's dovecot-keywords (folder lock held). The file is
@@ -737,6 +744,13 @@ class OpenMailboxes:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+def _claimed_files(moves: Sequence[tuple[str, str]]) -> list[bool | None]:
+    """A claim's renames from new/ to cur/, not fsynced (after a crash the file is back in new/ and
+    simply recent again). A file not there (another program took or moved it) is None: the folder
+    is listed at its next look (index._files_first), as a listing finds it wherever it is."""
+    return [ok or None for ok in maildir.rename_files(moves, durable=False)]
+
 
 def _stamped(folders: Sequence[FolderIndex], stamps: list[tuple[int, int]], work: Callable[[], _T]) -> _T:
     """Worker thread: `work` (renames or links into these folders, lock held), with the folders'

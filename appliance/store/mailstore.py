@@ -14,8 +14,9 @@ folder's UIDs are kept by an index (index.py). Rules this module keeps:
   whole transaction, and the next listing takes the files as they are (a flag change lost on one
   side is read from the file's name; an expunge whose unlink was lost comes back as a new UID).
 - Blocking file work runs in a worker thread, one `asyncio.to_thread` per operation; STORE's renames
-  and EXPUNGE's unlinks run on the database's thread just before their rows, queued with the folder
-  lock let go (index.commit_pipelined; the OK waits for them); new mail's durable writes on the
+  and EXPUNGE's unlinks run on the database's thread just before their rows, and a claim's moves
+  from new/ to cur/ in order with them, queued with the folder lock let go
+  (index.commit_pipelined; the OK waits for them); new mail's durable writes on the
   store's own writer threads (appliance/threads.py: a lighter hand-off).
 - Locks: a folder's lock covers its scan and every change to its index, each applied to memory in
   one step on the event loop, so a look at a folder in step with the disk (a STATUS, a session's
@@ -165,10 +166,13 @@ class MailStore:
             recent = self._boxes.claim_in_memory(f) if claim_recent else f.recent()
             if recent is not None:
                 return f.snapshot(recent)
+        moving = None
         async with f.lock:
             changed = await self._boxes.sync(mb, f, disk=disk)
-            recent = await self._boxes.claim(f) if claim_recent else f.recent()
+            recent, moving = await self._boxes.claim(f) if claim_recent else (f.recent(), None)
             snap = f.snapshot(recent)
+        if moving is not None:
+            await self._boxes.moved(moving)  # the files where the snapshot has them, for the caller's next reads
         if changed:
             self._boxes.wake(mb, f.name)  # another program changed the folder: tell the sessions
         return snap

@@ -668,6 +668,47 @@ def test_recent_is_claimed_by_one_session_only(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def test_a_claim_lets_the_folder_lock_go_while_its_files_move(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim's renames from new/ to cur/ are queued on the database's thread with the lock let go
+    (OpenMailboxes.claim): the folder's other sessions and deliveries do not queue behind a thread's
+    trip (issue 19). The messages are claimed at once, once: another look finds none recent, and the
+    claimer's snapshot comes back once the files are where it says."""
+    box = home(tmp_path)
+    real_rename = maildir.rename_files
+    entered, release = threading.Event(), threading.Event()
+
+    def held(moves: Any, *, durable: bool = True) -> list[bool]:
+        entered.set()
+        release.wait(10)
+        return real_rename(moves, durable=durable)
+
+    async def body(store: MailStore) -> None:
+        await store.deliver([ALICE], MSG)
+        await store.snapshot(ALICE, "INBOX", claim_recent=True)
+        await store.deliver([ALICE], MSG)
+        await store.deliver([ALICE], MSG)
+        f = await store._boxes.folder(await store._boxes.get(ALICE), "INBOX")
+        monkeypatch.setattr(maildir, "rename_files", held)
+        claiming = asyncio.ensure_future(store.snapshot(ALICE, "INBOX", claim_recent=True))
+        try:
+            assert await asyncio.to_thread(entered.wait, 10)
+            await asyncio.wait_for(f.lock.acquire(), 5)  # free while the files move
+            f.lock.release()
+            other = await asyncio.wait_for(store.snapshot(ALICE, "INBOX", claim_recent=True, disk=False), 5)
+            assert other.recent == frozenset()
+            assert not claiming.done()
+        finally:
+            release.set()
+        first = await asyncio.wait_for(claiming, 5)
+        assert first.recent == {2, 3}
+        assert files(box, "new") == []
+        assert all(m.path.exists() for m in first.messages)
+        assert not f.in_flight
+        assert not f.dirty  # its own renames: the next look lists nothing
+
+    run(tmp_path, body)
+
+
 # --- expunge, copy, move, append ------------------------------------------------------------------
 
 def test_expunge_removes_files_and_uids(tmp_path: Path) -> None:
