@@ -1458,6 +1458,7 @@ class BackupJobs:
     current: BackupJob | None = None
     pending: dict[str, PendingRestore] = field(default_factory=dict)
     download: Transfer | None = None
+    arriving: int = 0  # bytes of the console's uploads being received now (web/routes/restore.py)
     # A whole-box restore staged by the web: `letterbox serve` stops the services, switches the data
     # directory over and starts them again on the restored data (appliance/app.py).
     staged: Staged | None = None

@@ -4,17 +4,22 @@ simultaneous first steps exactly one makes an administrator (issue 11 item 4).""
 from __future__ import annotations
 
 import re
+import shutil
 import socket
+import ssl
 import stat
+import tempfile
 import threading
 import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 
 from appliance.setup_code import code_path
 from tests.conftest import BoxHandle
+from tests.support.polling import wait_until
 from tests.support.web import ADMIN_PASSWORD, HOSTNAME, setup_code
 
 RACERS = 12
@@ -174,3 +179,44 @@ def test_a_wizard_restore_overtaken_by_an_administrator_is_refused(box: BoxHandl
     assert answer == (303, "/login")
     assert box.services.backups.current is None
     assert not [p for p in box.data.root.parent.iterdir() if ".upload-" in p.name]
+
+
+def _upload_head(box: BoxHandle, length: int) -> ssl.SSLSocket:
+    """A wizard restore whose headers (and a first piece of its form) have arrived, its body still to come."""
+    raw = socket.create_connection(("127.0.0.1", box.port("https")), timeout=20)
+    tls = box.client_context.wrap_socket(raw, server_hostname="localhost")
+    boundary = "letterbox-test-boundary"
+    tls.sendall(f"POST /setup/restore HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n--{boundary}\r\n"
+                'Content-Disposition: form-data; name="backup"; filename="b.tar.zst.age"\r\n\r\n'.encode())
+    return tls
+
+
+def _one_answer(tls: ssl.SSLSocket) -> str:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += tls.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += tls.recv(65536)
+    return (head + b"\r\n\r\n" + body).decode("latin-1")
+
+
+def test_wizard_uploads_arriving_together_share_the_free_space(box: BoxHandle) -> None:
+    """Each upload was checked alone against the free space: on a fresh box, before the setup code (a
+    field of the same form) was read, anyone could send several at once, each up to half of it. The
+    uploads arriving count now; one gone gives its share back."""
+    free = min(shutil.disk_usage(p).free for p in (box.data.root.resolve().parent, Path(tempfile.gettempdir())))
+    length = free * 2 // 5  # one fits (it and its copy: 4/5 of the space), two do not
+    first = _upload_head(box, length)
+    try:
+        wait_until(lambda: box.services.backups.arriving == length, seconds=10, what="the first upload reserved")
+        second = _upload_head(box, length)
+        with second:
+            answer = _one_answer(second)
+        assert answer.startswith("HTTP/1.1 413"), answer[:200]
+        assert "beside the uploads arriving now" in answer
+    finally:
+        first.close()
+    wait_until(lambda: box.services.backups.arriving == 0, seconds=10, what="the first upload's share given back")

@@ -67,26 +67,44 @@ async def wizard_page(request: Request) -> Response:
     })
 
 
-def _room_for(request: Request) -> None:
-    """Refuse an upload larger than the free space it needs before reading any of it: starlette's
-    spool file (the temporary directory) and the copy beside the data directory, which the restore
-    then unpacks next to (so a backup that cannot fit is refused at once, not after an hour)."""
+def _free_space(request: Request) -> int:
+    """The free space of the upload's two places: starlette's spool file (the temporary directory) and
+    the copy beside the data directory, which the restore then unpacks next to."""
+    root = services(request).config.data.root.resolve()
+    places = {root.parent, Path(tempfile.gettempdir())}
+    return min(shutil.disk_usage(p).free for p in places if p.exists())
+
+
+async def _reserve_room(request: Request) -> int:
+    """Refuse an upload larger than the free space it needs before reading any of it (so a backup
+    that cannot fit is refused at once, not after an hour), counting the uploads still arriving:
+    each was checked alone, so on a fresh box anyone could send several at once, each up to half the
+    free space, before the setup code (a field of the same form) was read. Returns the bytes reserved."""
     try:
         length = int(request.headers.get("content-length", ""))
     except ValueError:
         raise HTTPException(411, "The upload must say its size (Content-Length).") from None
-    root = services(request).config.data.root.resolve()
-    places = {root.parent, Path(tempfile.gettempdir())}
-    free = min(shutil.disk_usage(p).free for p in places if p.exists())
-    if length > MAX_UPLOAD or length * 2 > free:
+    free = await asyncio.to_thread(_free_space, request)
+    jobs = services(request).backups
+    if length > MAX_UPLOAD or (length + jobs.arriving) * 2 > free:
         raise HTTPException(413, f"The backup is too large for the free space on this box ({free // 2**20} MiB"
-                                 " free; the upload and its unpacked copy both need room).")
+                                 " free; the upload and its unpacked copy both need room"
+                                 + (", beside the uploads arriving now)." if jobs.arriving else ")."))
+    jobs.arriving += length  # no await between the check and this: two uploads cannot both pass on one figure
+    return length
 
 
 async def _read_upload(request: Request) -> tuple[dict[str, str], Path | None]:
     """The form's text fields and the uploaded backup, streamed by starlette into a temporary file
     and moved beside the data directory (the staging directory's file system)."""
-    await asyncio.to_thread(_room_for, request)
+    reserved = await _reserve_room(request)
+    try:
+        return await _received_upload(request)
+    finally:
+        services(request).backups.arriving -= reserved
+
+
+async def _received_upload(request: Request) -> tuple[dict[str, str], Path | None]:
     try:
         form = await request.form(max_files=1, max_fields=10, max_part_size=64 * 1024)
     except HTTPException:
