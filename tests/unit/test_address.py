@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import email.utils
 import string
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +16,7 @@ from appliance.address import (
     Address,
     domain_to_unicode,
     has_source_route,
+    header_addresses,
     parse_address,
     parse_domain,
     parse_path,
@@ -232,3 +235,25 @@ def test_split_plus_recombines(local: str) -> None:
     base, tag = split_plus(local)
     assert (base if tag is None else f"{base}+{tag}") == local
     assert "+" not in base or tag is None
+
+
+HEADER_VALUES = [
+    "a@b.example", '"Smith, John" <john@example.com> (Work)', "Team: ann@example.com, <bo@example.com>;, solo@x",
+    "undisclosed-recipients:;", "<@relay.example:hidden@example.com>", "MAILER DAEMON <>", "a@b@c, d@e",
+    "g: a@b, (c) c@d;, e@f", "a: b: c@d;, e@f;", "g: a@b, c; d@e;", '"john doe"@example.com', "x (y (z)) <w@v>",
+    "g: " * 300 + "a@b" + ";" * 300, "g: " + "@" * 3000 + ";", "=?utf-8?q?n=C3=AF?= <a@b>, spoof@evil.example",
+]
+
+
+@pytest.mark.parametrize("value", HEADER_VALUES)
+def test_header_addresses_are_getaddresses(value: str) -> None:
+    # The MX's DMARC From: check and the submission policy decide on these: the same as the stdlib's.
+    assert header_addresses(value) == [addr for _, addr in email.utils.getaddresses([value]) if addr]
+
+
+def test_header_addresses_of_a_large_group_cost_linear_time() -> None:
+    # getaddresses copies a group's list for each address: "g: @@@...;" of 64 KiB took 4.3 s (and
+    # minutes at the MX's 256 KiB); read in linear time it takes about 0.2 s here under load.
+    start = time.process_time()
+    assert header_addresses("g: " + "@" * 65536 + ";") == []
+    assert time.process_time() - start < 1.5
