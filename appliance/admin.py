@@ -186,6 +186,8 @@ class Admin:
         changes = []
         if after.enabled != before.enabled:
             changes.append("enabled" if after.enabled else "disabled")
+            if not after.enabled and self.store is not None:
+                self.store.wake_sessions(after.address)  # they end (a CLI process's: at their next look)
         if after.quota_bytes != before.quota_bytes:
             changes.append(f"quota {sizes.format_size(after.quota_bytes) or 'unlimited'}")
         if after.display_name != before.display_name:

@@ -12,7 +12,8 @@ Rules every caller can rely on:
   one and is otherwise dropped with a warning, so a loop never hangs and mail goes where it can.
 - Only addresses in local domains resolve. resolve() of a remote address is empty: forwards only come
   from aliases, so nothing here can make the box an open relay.
-- A disabled mailbox still receives mail (as Postfix and Mail-in-a-Box do); it only cannot log in.
+- A disabled mailbox still receives mail (as Postfix and Mail-in-a-Box do); it cannot log in, and the
+  sessions it has open end.
 - An alias never has the address of a mailbox, nor a mailbox that of an alias (issue 10 item 10): such
   an alias would silently take all of that person's mail and let its targets send as them. Aliases made
   by an earlier version keep working by the rule above.

@@ -184,6 +184,7 @@ class Mailboxes:
         """The mailbox `local`@`domain` as stored (parts already canonical), or None: what the mail
         store needs of it (its row id, never reused, and its quota), and nothing more."""
         row = await self._db.fetchone(
-            "SELECT m.id, m.quota_bytes, m.local_part, d.name FROM mailboxes m JOIN domains d ON d.id = m.domain_id"
-            " WHERE d.name = ? AND m.local_part = ?", (domain, local))
-        return MailboxRecord(int(row[0]), int(row[1]), str(row[2]), str(row[3])) if row is not None else None
+            "SELECT m.id, m.quota_bytes, m.local_part, d.name, m.enabled FROM mailboxes m"
+            " JOIN domains d ON d.id = m.domain_id WHERE d.name = ? AND m.local_part = ?", (domain, local))
+        return (MailboxRecord(int(row[0]), int(row[1]), str(row[2]), str(row[3]), bool(row[4]))
+                if row is not None else None)

@@ -231,13 +231,15 @@ class ImapSession:
         return "OK"
 
     async def _mailbox_removed(self) -> bool:
-        """Removed since the login, maybe re-created for someone else: nothing more for this session
-        (a BYE, and True)."""
+        """Removed since the login, maybe re-created for someone else, or disabled: nothing more for
+        this session (a BYE, and True)."""
         if self.user is None or await self.store.mailbox_generation(self.user) == self._generation:
             return False
         self._unselect()
         self.state = "logout"
-        await self.io.send(Bye("This mailbox no longer exists"))
+        info = await self.services.accounts.get_user(self.user)
+        await self.io.send(Bye("This account is disabled" if info is not None and not info.enabled
+                               else "This mailbox no longer exists"))
         return True
 
     async def ok(self, command: Command, text: str | None = None, code: str | None = None, *,
@@ -688,6 +690,8 @@ class ImapSession:
                 await self._idle_once(done)
                 if done.done():
                     break
+                if await self._mailbox_removed():  # or disabled: woken by the console's change
+                    return
         finally:
             if not done.done():
                 done.cancel()

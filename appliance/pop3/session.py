@@ -114,11 +114,13 @@ class Pop3Session:
     async def handle(self, command: Command) -> None:
         handler = self._dispatch[self.conn.state][command.name]
         if self.mailbox is not None and await self.store.mailbox_generation(self.mailbox) != self._generation:
-            # Removed since the login, maybe re-created for someone else: no RETR or QUIT (which
-            # would delete by message number) may touch that mailbox (issue 10 item 1).
-            log.info("pop3 %s: %s was removed; session ended", self.io.peer, self.mailbox)
+            # Removed since the login, maybe re-created for someone else, or disabled: no RETR or QUIT
+            # (which would delete by message number) may touch that mailbox (issue 10 item 1).
+            info = await self.services.accounts.get_user(self.mailbox)
+            disabled = info is not None and not info.enabled
+            log.info("pop3 %s: %s was %s; session ended", self.io.peer, self.mailbox, "disabled" if disabled else "removed")
             self.conn.close()
-            await self.io.send(Err("This maildrop no longer exists", SYS_PERM))
+            await self.io.send(Err("This account is disabled" if disabled else "This maildrop no longer exists", SYS_PERM))
             return
         try:
             await handler(command)

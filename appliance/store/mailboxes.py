@@ -149,12 +149,13 @@ class OpenMailboxes:
         return mb
 
     async def generation(self, address: str) -> int | None:
-        """Which mailbox `address` names now: its row id, never reused (None: no such mailbox). A
-        session keeps the one it logged in to and ends when it changes, so a session opened before
-        the mailbox was removed never reads a later mailbox of the same address (issue 10 item 1)."""
+        """Which mailbox `address` names now: its row id, never reused (None: no such mailbox, or one
+        disabled). A session keeps the one it logged in to and ends when it changes, so a session
+        opened before the mailbox was removed never reads a later mailbox of the same address (issue
+        10 item 1), and one of a mailbox the administrator disabled ends too."""
         local, _, domain = address_key(address).rpartition("@")
         record = await self._directory.mailbox_record(domain, local)
-        return record.id if record is not None else None
+        return record.id if record is not None and record.enabled else None
 
     def forget_mailbox(self, address: str) -> None:
         """Drop what is cached about the mailbox at `address` (it was removed): its folders are marked

@@ -448,10 +448,12 @@ class MailStore:
         return f.id, f.uidvalidity
 
     async def mailbox_generation(self, address: str) -> int | None:
-        """Which mailbox `address` names now: its row id, never reused (None: no such mailbox). A
-        session keeps the one it logged in to and ends when it changes, so a session opened before
-        the mailbox was removed never reads a later mailbox of the same address (issue 10 item 1)."""
+        """Which mailbox `address` names now for its sessions: see OpenMailboxes.generation."""
         return await self._boxes.generation(address)
+
+    def wake_sessions(self, address: str) -> None:
+        """Every session of the mailbox at `address` looks again now (its IDLE too): it was disabled."""
+        self.changes.mailbox_gone(address_key(address))
 
     def forget_mailbox(self, address: str) -> None:
         """Drop what is cached about the mailbox at `address` (it was removed); see OpenMailboxes."""

@@ -172,6 +172,7 @@ class MailboxRecord:
     quota_bytes: int
     local: str
     domain: str
+    enabled: bool = True  # a disabled mailbox still gets mail; its sessions end (generation)
 
 
 class MailboxDirectory(Protocol):

@@ -103,3 +103,35 @@ def test_a_submission_session_of_a_removed_or_disabled_mailbox_sends_no_more(box
         with pytest.raises(smtplib.SMTPAuthenticationError):
             client.login(JONH, OLD_PASSWORD)
     assert len(box.run(box.services.spool.messages())) == 1
+
+
+def test_imap_and_pop3_sessions_of_a_disabled_mailbox_end(box: BoxHandle) -> None:
+    """The administrator disables a mailbox (a stolen password): its open IMAP session (a phone in
+    IDLE) and POP3 session end at once or at their next command, as its SMTP session's login stops
+    counting. Before, they went on reading and deleting mail for as long as they stayed open."""
+    box.add_user(JONH, OLD_PASSWORD)
+    box.run(box.services.store.deliver([JONH], b"Subject: old\r\n\r\nold letter\r\n"))
+    imap = RawImap(box.port("imaps"), box.client_context)
+    idling = RawImap(box.port("imaps"), box.client_context)
+    pop = poplib.POP3_SSL("127.0.0.1", box.port("pop3s"), context=box.client_context, timeout=15)
+    try:
+        imap.login(JONH, OLD_PASSWORD)
+        imap.command(b"S", b"SELECT INBOX")
+        idling.login(JONH, OLD_PASSWORD)
+        idling.command(b"S", b"SELECT INBOX")
+        idling.send(b"I IDLE\r\n")
+        assert idling.line() == b"+ idling\r\n"
+        pop.user(JONH)
+        pop.pass_(OLD_PASSWORD)
+        box.run(Admin.of(box.services).update_mailbox(JONH, enabled=False))
+        assert idling.line() == b"* BYE This account is disabled\r\n"
+        imap.send(b"F FETCH 1 (BODY.PEEK[])\r\n")
+        assert imap.line() == b"* BYE This account is disabled\r\n"
+        assert imap.closed()
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/PERM\] This account is disabled"):
+            pop.retr(1)
+    finally:
+        imap.close()
+        idling.close()
+        pop.close()
+    assert len(box.run(box.services.store.snapshot(JONH, "INBOX")).messages) == 1
