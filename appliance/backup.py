@@ -913,10 +913,7 @@ def reconcile(root: Path, *, previous_db: Path | None = None) -> dict[str, int]:
         conn.execute("PRAGMA synchronous=OFF")
         conn.execute("BEGIN IMMEDIATE")
         _check_path_names(conn)
-        rows = conn.execute(
-            "SELECT f.id, d.name, m.local_part, f.name, f.uidvalidity, f.uidnext FROM folders f"
-            " JOIN mailboxes m ON m.id = f.mailbox_id JOIN domains d ON d.id = m.domain_id"
-        ).fetchall()
+        rows = conn.execute(_FOLDERS).fetchall()
         previous = _previous_uidnext(previous_db)
         used_validity = {r[4] for r in rows} | {v for v, _ in previous.values()}
         for fid, domain, local, name, validity, uidnext in rows:
@@ -952,6 +949,28 @@ def reconcile(root: Path, *, previous_db: Path | None = None) -> dict[str, int]:
     os.chmod(db, DB_FILE_MODE)
     return {"dropped_rows": dropped, "dropped_queue": queue_dropped, "folders_bumped": bumped,
             "folders_renewed": renewed}
+
+
+_FOLDERS = ("SELECT f.id, d.name, m.local_part, f.name, f.uidvalidity, f.uidnext FROM folders f"
+            " JOIN mailboxes m ON m.id = f.mailbox_id JOIN domains d ON d.id = m.domain_id")
+
+
+def _require_db(staging: Path) -> Path:
+    db = staging / DB_NAME
+    if not db.is_file():
+        raise BackupError("refused: the backup holds no database")
+    return db
+
+
+def _check_staged_db(staging: Path) -> None:
+    """What a restore reads of the database before its switch-over (reconcile), read here without
+    changing it: `verify` said "every checksum matches" of a backup a restore then refused."""
+    db = _require_db(staging)
+    with _damaged_db(), contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        _check_path_names(conn)
+        conn.execute(_FOLDERS).fetchall()
+        conn.execute("SELECT basename FROM messages LIMIT 1").fetchall()
+        conn.execute("SELECT id FROM queue_messages").fetchall()
 
 
 def _check_path_names(conn: sqlite3.Connection) -> None:
@@ -1066,8 +1085,7 @@ def stage_full(backup: Path, secret: Secret, data_root: Path, *, progress: Progr
     try:
         with open(backup, "rb") as source:
             unpacked = unpack(source, secret, staging, progress=progress, writeback=True)
-        if not (staging / DB_NAME).is_file():
-            raise BackupError("refused: the backup holds no database")
+        _require_db(staging)
         for sub in ("mail", "spool", "tls", "dkim", "backups", "deleted"):
             (staging / sub).mkdir(exist_ok=True, mode=0o700)
         progress.stage = "checking"
@@ -1320,12 +1338,14 @@ async def create(db: Database, events: EventLog, layout: DataLayout, *, to: Path
 
 
 async def verify(path: Path, secret: Secret, layout: DataLayout) -> Unpacked:
-    """Read the whole backup, check every checksum, keep nothing."""
+    """Read the whole backup, check every checksum and the database as a restore would, keep nothing."""
     staging = staging_dir(layout.root)
 
     def run() -> Unpacked:
         with open(path, "rb") as source:
-            return unpack(source, secret, staging, only=lambda _n: False)
+            unpacked = unpack(source, secret, staging, only=lambda n: n == DB_NAME)
+        _check_staged_db(staging)
+        return unpacked
 
     try:
         return await asyncio.to_thread(run)

@@ -276,8 +276,10 @@ def test_a_backup_whose_database_is_damaged_is_refused_in_words(made: tuple[Data
                       ("no tables", _empty_sqlite(tmp_path / "empty.db"))):
         crafted = tmp_path / f"{label}.tar.zst.age"
         _craft(crafted, [_entry("letterbox.db", db)], recipient, mailboxes=(ALICE,))
-        for extra in ((), ("--mailbox", ALICE)):
-            result = run(layout.root, "backup", "restore", str(crafted), "--key-file", str(kit), *extra)
+        for extra in ((), ("--mailbox", ALICE), "verify"):
+            action = ("verify",) if extra == "verify" else ("restore",)
+            result = run(layout.root, "backup", *action, str(crafted), "--key-file", str(kit),
+                         *(() if extra == "verify" else extra))
             assert result.returncode == 1, (label, extra, result.stdout)
             assert result.stderr.startswith("letterbox: the backup's database is damaged or not a Letterbox"
                                             " database ("), (label, extra, result.stderr)
@@ -325,13 +327,14 @@ def test_a_backup_whose_database_names_paths_outside_is_refused(made: tuple[Data
             db.commit()
         crafted = tmp_path / f"{label}.tar.zst.age"
         _craft(crafted, [_entry("letterbox.db", db_file.read_bytes())], recipient)
-        result = run(layout.root, "backup", "restore", str(crafted), "--key-file", str(kit))
-        assert result.returncode == 1, (label, result.stdout)
-        assert result.stderr.startswith("letterbox: refused: the backup's database"), (label, result.stderr)
-        assert needle in result.stderr, (label, result.stderr)
-        assert len(result.stderr.strip().splitlines()) == 1, (label, result.stderr)
-        assert state(layout.root) == before, label
-        assert siblings(layout.root) == around, label
+        for action in ("restore", "verify"):
+            result = run(layout.root, "backup", action, str(crafted), "--key-file", str(kit))
+            assert result.returncode == 1, (label, action, result.stdout)
+            assert result.stderr.startswith("letterbox: refused: the backup's database"), (label, result.stderr)
+            assert needle in result.stderr, (label, result.stderr)
+            assert len(result.stderr.strip().splitlines()) == 1, (label, result.stderr)
+            assert state(layout.root) == before, label
+            assert siblings(layout.root) == around, label
     assert not (layout.root.parent.parent / "outside").exists()
 
 
