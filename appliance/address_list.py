@@ -168,8 +168,13 @@ class _Reader:
             self.in_group = False
 
     def colon(self) -> None:
-        """A group's name ends here, unless a group is open already or this is no name."""
-        if self.in_group or self.at or self.done:
+        """A group's name ends here, unless this is no name. A group in a group (RFC 5322 has none) is
+        read as Dovecot reads it: its name an address without a domain, the rest of it skipped."""
+        if self.done or self.at or (self.in_group and not self.words):
+            return
+        if self.in_group:
+            _mailbox(self.words, self.comments, self.out)
+            self.done = True
             return
         self.out.append(Entry(None, None, " ".join([unquote(w) for w in self.words]), None))
         self.words, self.comments, self.in_group = [], [], True
