@@ -14,6 +14,7 @@ policy choice) is the short RFC 7489 6.6 procedure, written out here.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
 import functools
 import ipaddress
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import authres
 import authres.dmarc
 import dkim
+import dkim.crypto
 import dkim.util
 import dns.exception
 import dns.name
@@ -56,6 +58,12 @@ MAX_DKIM_SIGNATURES = 5  # verify at most this many signatures per message (each
 # sender's own domain could make every message of theirs cost, holding the GIL. RFC 7208 3.4 asks
 # for records that fit in one 512-octet UDP answer; this is eight times that.
 MAX_SPF_RECORD_OCTETS = 4096
+# An RSA key a DKIM signature names is refused (permerror) past these: dkimpy verifies in Python,
+# pow(signature, e, n), which a sender's own key with a 16384-bit modulus and exponent made 23 s of
+# CPU holding the GIL (the whole box stopped) per signature. RFC 8301 3.2: keys of 1024 to 4096
+# bits; OpenSSL allows an exponent of 64 bits at most past 3072-bit moduli (e is 65537 in practice).
+MAX_DKIM_KEY_BITS = 4096
+MAX_DKIM_EXPONENT_BITS = 64
 # Checked on the event loop when every DNS answer is cached (check_message): up to this size the
 # DKIM body hash and parsing take well under a millisecond.
 INLINE_MAX_OCTETS = 64 * 1024
@@ -178,6 +186,63 @@ class _DnsTemporary(Exception):
     """A lookup failed for a reason that may pass (timeout, SERVFAIL): the result is temperror."""
 
 
+class _KeyRefused(Exception):
+    """A DKIM key too costly to verify with (MAX_DKIM_KEY_BITS, MAX_DKIM_EXPONENT_BITS): permerror."""
+
+
+def _check_key_cost(name: str, record: bytes) -> None:
+    """Raise _KeyRefused for an RSA key past the bounds; anything else is dkimpy's to judge."""
+    try:
+        tags = dkim.util.parse_tag_value(record)
+        if tags.get(b"k", b"rsa").strip().lower() != b"rsa" or not tags.get(b"p"):
+            return
+        der = base64.b64decode(re.sub(rb"\s+", b"", tags[b"p"]))
+        bits = _rsa_key_bits(der)
+        if bits is None:  # not the usual DER: dkimpy's own reading (70 us, where the walk takes 3)
+            key = dkim.crypto.parse_public_key(der)
+            bits = key["modulus"].bit_length(), key["publicExponent"].bit_length()
+    except Exception:  # noqa: BLE001  a record dkimpy will refuse itself, with its own words
+        return
+    if bits[0] > MAX_DKIM_KEY_BITS or bits[1] > MAX_DKIM_EXPONENT_BITS:
+        raise _KeyRefused(f"the key at {name} is over {MAX_DKIM_KEY_BITS} bits or its exponent over"
+                          f" {MAX_DKIM_EXPONENT_BITS} bits")
+
+
+def _der_item(data: bytes, at: int) -> tuple[int, int, int]:
+    """(tag, where its value starts, where it ends) of the DER item at `at`."""
+    tag, size = data[at], data[at + 1]
+    at += 2
+    if size & 0x80:
+        count = size & 0x7F
+        size = int.from_bytes(data[at:at + count], "big")
+        at += count
+    return tag, at, at + size
+
+
+def _rsa_key_bits(der: bytes) -> tuple[int, int] | None:
+    """(modulus bits, exponent bits) of a DER RSAPublicKey, bare or in a SubjectPublicKeyInfo (RFC
+    6376 3.6.1 allows both); None when it is not laid out so."""
+    try:
+        tag, start, _ = _der_item(der, 0)
+        if tag != 0x30:
+            return None
+        tag, value, end = _der_item(der, start)
+        if tag == 0x30:  # SubjectPublicKeyInfo: the algorithm, then a BIT STRING holding the key
+            tag, value, _ = _der_item(der, end)
+            if tag != 0x03:
+                return None
+            tag, start, _ = _der_item(der, value + 1)  # after the BIT STRING's unused-bits octet
+            if tag != 0x30:
+                return None
+            tag, value, end = _der_item(der, start)
+        next_tag, value2, end2 = _der_item(der, end)
+        if tag != 0x02 or next_tag != 0x02 or end2 > len(der):
+            return None
+        return int.from_bytes(der[value:end], "big").bit_length(), int.from_bytes(der[value2:end2], "big").bit_length()
+    except IndexError:
+        return None
+
+
 _SPF_RESOLVER: contextvars.ContextVar[dns.resolver.Resolver | None] = contextvars.ContextVar(
     "letterbox_spf_resolver", default=None
 )
@@ -227,7 +292,9 @@ def _txt_function(resolver: dns.resolver.Resolver, missing: set[str]) -> Callabl
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
             raise _DnsTemporary(str(exc)) from exc
         for rdata in answer:
-            return b"".join(rdata.strings)
+            record = b"".join(rdata.strings)
+            _check_key_cost(text.rstrip("."), record)
+            return record
         return None
 
     return get_txt
@@ -343,6 +410,9 @@ def check_dkim(resolver: dns.resolver.Resolver, data: bytes) -> tuple[DkimResult
             ok = verifier.verify(idx=index, dnsfunc=_txt_function(resolver, missing))
         except _DnsTemporary as exc:
             results.append(DkimResult("temperror", domain, selector, signature, f"key lookup failed: {exc}"))
+            continue
+        except _KeyRefused as exc:
+            results.append(DkimResult("permerror", domain, selector, signature, str(exc)))
             continue
         except dkim.ValidationError as exc:
             verdict = "fail" if "body hash" in str(exc) else "permerror"

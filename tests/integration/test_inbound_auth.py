@@ -7,12 +7,14 @@ header on delivered mail and a DMARC p=reject failure refused with 550.
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import smtplib
 from collections.abc import Iterator
 from typing import Any
 
 import dkim
+import dkim.crypto
 import pytest
 
 from appliance import dkim_keys, inbound_auth
@@ -149,6 +151,48 @@ def test_dkim_pass_and_fail(zone: ZoneServer, key: dkim_keys.DkimKey) -> None:
     assert "body hash" in bad.reason
     header_tampered = signed.replace(b"Subject: hi", b"Subject: HI there")
     assert check(zone, header_tampered).dkim[0].result == "fail"
+
+
+def der(tag: int, body: bytes) -> bytes:
+    size = len(body)
+    length = bytes([size]) if size < 0x80 else bytes([0x80 | ((size.bit_length() + 7) // 8)]) + size.to_bytes(
+        (size.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + length + body
+
+
+def rsa_public_key(modulus: int, exponent: int) -> bytes:
+    """A bare DER RSAPublicKey (RFC 8017 A.1.1), as a p= of a DKIM key record may hold it."""
+    def integer(value: int) -> bytes:
+        return der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+    return der(0x30, integer(modulus) + integer(exponent))
+
+
+@pytest.mark.parametrize(("modulus_bits", "exponent_bits"), [(8192, 17), (4096, 4096)])
+def test_a_dkim_key_too_costly_to_verify_with_is_a_permerror(
+    zone: ZoneServer, key: dkim_keys.DkimKey, modulus_bits: int, exponent_bits: int,
+) -> None:
+    """A sender's key with a huge modulus or exponent: dkimpy's pow(signature, e, n) took 0.3 s of
+    CPU for 4096 bits of both, 2.6 s for 8192 and 23 s for 16384 (a 5 KB record), holding the GIL,
+    so every message signed with it stopped the box. Now such a key is refused before any arithmetic
+    (the sizes here keep the test fast without the fix too)."""
+    rng = random.Random(modulus_bits)
+    modulus = rng.getrandbits(modulus_bits) | (1 << (modulus_bits - 1)) | 1
+    exponent = rng.getrandbits(exponent_bits) | (1 << (exponent_bits - 1)) | 1
+    p = base64.b64encode(rsa_public_key(modulus, exponent)).decode()
+    zone.set(key.record_name, "TXT", [txt(f"v=DKIM1; k=rsa; p={p}")])
+    [result] = check(zone, dkim_sign.sign(message(), key)).dkim
+    assert (result.result, result.reason) == (
+        "permerror", f"the key at {key.record_name} is over 4096 bits or its exponent over 64 bits")
+
+
+def test_a_dkim_key_within_the_bounds_is_still_used(zone: ZoneServer, key: dkim_keys.DkimKey) -> None:
+    publish(zone, key)  # 2048 bits, e = 65537 (SubjectPublicKeyInfo, as the box publishes its own)
+    assert [r.result for r in check(zone, dkim_sign.sign(message(), key)).dkim] == ["pass"]
+    record = key.txt_record()
+    bare = dkim.crypto.parse_public_key(base64.b64decode(record.partition("p=")[2]))
+    zone.set(key.record_name, "TXT", [txt("v=DKIM1; k=rsa; p=" + base64.b64encode(
+        rsa_public_key(bare["modulus"], bare["publicExponent"])).decode())])  # the bare RSAPublicKey form
+    assert [r.result for r in check(zone, dkim_sign.sign(message(), key)).dkim] == ["pass"]
 
 
 def test_dkim_without_a_published_key_or_signature(zone: ZoneServer, key: dkim_keys.DkimKey) -> None:
