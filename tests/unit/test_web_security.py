@@ -57,7 +57,7 @@ def web(tmp_path: Path) -> Iterator[WebClient]:
 def test_the_route_list_is_complete() -> None:
     assert len(POSTS) >= 15
     assert len(ADMIN_GETS) >= 10
-    assert len(USER_PATHS) == 6  # account, password, Apple profile, mail log, Junk, release from Junk
+    assert len(USER_PATHS) == 7  # account, password, Apple profile, certificate, mail log, Junk, release
     assert "/console/mailboxes/alice@example.test/delete" in POSTS
 
 
