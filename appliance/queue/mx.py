@@ -21,6 +21,8 @@ import dns.exception
 import dns.resolver
 import idna
 
+from appliance.queue.interfaces import interface_addresses
+
 if TYPE_CHECKING:
     from appliance.services import Services
 
@@ -93,12 +95,15 @@ _WILDCARDS = ("", "0.0.0.0", "::")  # noqa: S104  listen addresses meaning every
 
 def own_addresses(listeners: Iterable[tuple[str, int]], port: int, public: Iterable[str]) -> Callable[[str], bool]:
     """Which addresses, connected to on `port`, reach one of this box's own `listeners` ((host, port)
-    each): the address one listens on, or for a wildcard listener a loopback or unspecified address
-    or one of the box's public addresses. As Postfix's own interface addresses, for "loops back to
-    myself" (RFC 5321 5.1); a listener on another port is some other program's business."""
+    each): the address one listens on, or for a wildcard listener a loopback or unspecified address,
+    an address of one of the machine's interfaces (its LAN address) or one of the box's public
+    addresses. As Postfix's own interface addresses, for "loops back to myself" (RFC 5321 5.1); a
+    listener on another port is some other program's business."""
     hosts = {host for host, bound in listeners if bound == port}
     own = {_normal(a) for a in (*hosts, *public) if a}
     wildcard = any(host in _WILDCARDS for host in hosts)
+    if wildcard:
+        own |= interface_addresses()
 
     def is_own(address: str) -> bool:
         if not hosts:

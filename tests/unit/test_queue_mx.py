@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
+import socket
 
 import pytest
 
+from appliance.queue.interfaces import local_ipv4, local_ipv6
 from appliance.queue.mx import (
     MxHost,
     RouteError,
@@ -51,6 +54,42 @@ def test_own_addresses_are_those_that_reach_our_own_mx() -> None:
     assert not one("127.0.0.1")  # another program may listen there on port 25
     assert not own_addresses([("127.0.0.1", 10025)], 25, [])("127.0.0.1")  # `make run`: its MX is not on 25
     assert not own_addresses([], 25, ["203.0.113.5"])("203.0.113.5")  # no listener
+
+
+def test_a_wildcard_listener_owns_the_machine_s_interface_addresses() -> None:
+    """An MX naming the box's LAN address loops back to myself as 127.0.0.1 does (Postfix's
+    inet_interfaces = all); it was missed. The address is the one the kernel picks to go out."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("203.0.113.1", 9))  # a route lookup only: UDP sends nothing on connect
+        except OSError:
+            pytest.skip("no route off this machine")
+        lan = probe.getsockname()[0]
+    if ipaddress.ip_address(lan).is_loopback:
+        pytest.skip("no interface but loopback")
+    assert own_addresses([("0.0.0.0", 25)], 25, [])(lan)
+    assert not own_addresses([("127.0.0.1", 25)], 25, [])(lan)  # that listener is not reached there
+
+
+def test_interface_addresses_are_read_from_proc_net() -> None:
+    fib_trie = """Local:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 127.0.0.0/8 2 0 2
+           |-- 127.0.0.1
+              /32 host LOCAL
+        |-- 127.255.255.255
+           /32 link BROADCAST
+        +-- 192.0.2.0/30 2 0 2
+           |-- 192.0.2.0
+              /24 link UNICAST
+           |-- 192.0.2.2
+              /32 host LOCAL
+"""
+    assert local_ipv4(fib_trie) == {"127.0.0.1", "192.0.2.2"}
+    if_inet6 = ("fe8000000000000000fc00fffe000001 04 40 20 80     eth0\n"
+                "fd000000000000000000000000000002 04 40 00 82     eth0\n"
+                "00000000000000000000000000000001 01 80 10 80       lo\n")
+    assert local_ipv6(if_inet6) == {"fe80::fc:ff:fe00:1", "fd00::2", "::1"}
 
 
 @pytest.mark.parametrize(("domain", "expected"), [
