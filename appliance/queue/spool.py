@@ -21,7 +21,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,6 +89,18 @@ def _write_durably(directory: Path, name: str, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+async def already_failed(tx: aiosqlite.Connection, queue_id: str, failures: Mapping[str, tuple[str, str]],
+                         report_id: str, now: int) -> None:
+    """Inside enqueue's transaction: the recipients in `failures` ((status, diagnostic) each) failed
+    already, and a report with Message-ID `report_id` was begun now: the queue's sweep sends it (a
+    mailbox holding it is skipped) and keeps trying a mailbox that refuses it, as its own reports."""
+    await tx.executemany(
+        "UPDATE queue_recipients SET state = 'failed', status = ?, last_error = ?, last_attempt = ?,"
+        " updated_at = ?, report_id = ?, report_started = ? WHERE message_id = ? AND recipient = ?",
+        [(status, text, now, now, report_id, now, queue_id, rcpt) for rcpt, (status, text) in failures.items()],
+    )
 
 
 def recipient_domain(recipient: str) -> str:

@@ -7,6 +7,7 @@ after the copy is fsynced and indexed, Spool.enqueue only after file and rows ar
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import functools
 import logging
 import time
@@ -20,8 +21,8 @@ from appliance.address import split_plus
 from appliance.delivery_log import Delivery, DeliveryLog, Result, message_id_of
 from appliance.disk_full import is_disk_full
 from appliance.queue import dsn
-from appliance.queue.report_delivery import deliver_report_to_sender
-from appliance.queue.spool import Spool, new_queue_id
+from appliance.queue.report_delivery import ReportRefused, deliver_report_to_sender
+from appliance.queue.spool import Spool, already_failed, new_queue_id
 from appliance.smtp import headers
 from appliance.smtp.headers import ReceivedFacts
 from appliance.smtp.policy import (
@@ -250,23 +251,44 @@ class Deliverer:
             log.warning("%s: not delivered to %s; sender <%s> not authenticated (SPF/DMARC), no bounce",
                         message.queue_id, ", ".join(failed), message.sender)
             return
+        # Accepted mail that could not be written is a permanent failure from here on.
+        statuses = {rcpt: ("5.2.2", "552 5.2.2 Mailbox full") if reply == MAILBOX_FULL
+                    else ("5.3.0", "554 5.3.0 Local delivery failed") for rcpt, reply in failed.items()}
+        report_id = email.utils.make_msgid("dsn", domain=self._hostname())
         report = dsn.build_report(
             hostname=self._hostname(),
             sender=message.sender,
             queue_id=message.queue_id,
             action="failed",
-            recipients=[
-                # Accepted mail that could not be written is a permanent failure from here on.
-                dsn.DsnRecipient(rcpt, "5.2.2", "552 5.2.2 Mailbox full") if reply == MAILBOX_FULL
-                else dsn.DsnRecipient(rcpt, "5.3.0", "554 5.3.0 Local delivery failed")
-                for rcpt, reply in failed.items()
-            ],
+            recipients=[dsn.DsnRecipient(rcpt, status, text) for rcpt, (status, text) in statuses.items()],
             original=message.data,
             arrival=message.arrival,
+            message_id=report_id,
         )
         try:
             await deliver_report_to_sender(self._accounts, self._store, self._spool, message.sender, report)
+        except ReportRefused as refused:
+            await self._queue_bounce(message, statuses, report_id, refused)
+            return
         except Exception:
             log.exception("%s: could not send the bounce to <%s>", message.queue_id, message.sender)
             return
         log.info("%s: bounced to <%s> for %s", message.queue_id, message.sender, ", ".join(failed))
+
+    async def _queue_bounce(self, message: InboundMessage, statuses: dict[str, tuple[str, str]], report_id: str,
+                            refused: ReportRefused) -> None:
+        """A mailbox of the sender refused the bounce (full, most often): the message goes into the
+        queue with these recipients failed and the report begun, so the queue's sweep delivers it
+        when there is room, as its own reports (appliance/queue/reports.py). It was lost, with a
+        traceback."""
+        now, queue_id = int(time.time()), new_queue_id()
+        try:
+            await self._spool.enqueue(
+                message.sender, list(statuses), message.data, queue_id=queue_id,
+                sender_verified=message.sender_verified,
+                also=lambda tx: already_failed(tx, queue_id, statuses, report_id, now))
+        except Exception as exc:  # noqa: BLE001  failure_reply logs it, with its traceback unless the disk is full
+            failure_reply(exc, f"{message.queue_id}: could not queue the bounce to <{message.sender}>")
+            return
+        log.warning("%s: the bounce to <%s> for %s waits in the queue as %s: %s", message.queue_id,
+                    message.sender, ", ".join(statuses), queue_id, refused)

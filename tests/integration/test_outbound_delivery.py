@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import smtplib
 import socket
 import threading
 
@@ -15,9 +16,11 @@ from appliance.queue import service
 from appliance.queue.service import start_queue
 from tests.support.outbound import (  # noqa: F401  (fixtures)
     ALICE,
+    BODY,
     MX1,
     MX2,
     OURS,
+    PASSWORD,
     Outbound,
     decoded,
     delivery_status,
@@ -299,6 +302,40 @@ def test_a_report_to_a_full_local_mailbox_arrives_once_there_is_room(
     [_, report] = outbound.wait_inbox(2)
     outbound.wait_empty()
     assert delivery_status(report)[1]["Final-Recipient"] == "rfc822; a@nomail.test"
+
+
+def test_the_mx_s_bounce_to_a_full_local_sender_waits_for_room(
+    outbound: Outbound, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Alice's mailbox is full; her mail to bob and to full@ comes in over the MX, and full@'s copy
+    fails after the 250. The bounce her mailbox refuses waits in the queue, said in one line, and
+    arrives once there is room, once. Before, it was lost, with a traceback."""
+    monkeypatch.setattr(service, "SWEEP_INTERVAL", 0.1)
+    box = outbound.box
+    bob, full = f"bob@{OURS}", f"full@{OURS}"
+    box.add_user(bob, PASSWORD)
+    box.add_user(full, PASSWORD, quota_bytes=10_000)
+    box.run(box.services.store.deliver([ALICE], b"Subject: filler\r\n\r\n" + b"x" * 20_000))
+    box.run(box.services.accounts.update_user(ALICE, quota_bytes=10_000))
+    caplog.set_level(logging.INFO, logger="letterbox")
+    big = BODY + b"y" * 20_000 + b"\r\n"
+    with smtplib.SMTP("127.0.0.1", box.port("smtp"), timeout=30) as client:
+        client.ehlo("client.test")
+        client.mail(ALICE)  # no SIZE=: full@ takes it at RCPT, the copy fails after DATA
+        assert client.rcpt(bob)[0] == client.rcpt(full)[0] == 250
+        assert client.data(big)[0] == 250
+    assert len(outbound.inbox(bob)) == 1
+    outbound.wait_until(lambda: any(r.recipient == full and r.state == "failed" for m in outbound.messages()
+                                    for r in m.recipients), what="the bounce to wait in the queue")
+    assert not [r for r in caplog.records if r.exc_info]
+    assert len(outbound.inbox()) == 1  # the filler alone
+    box.run(box.services.accounts.update_user(ALICE, quota_bytes=0))
+    [_, report] = outbound.wait_inbox(2, timeout=60)  # a sweep comes with a scheduler pass
+    outbound.wait_empty(timeout=60)
+    [status] = delivery_status(report)[1:]
+    assert (str(status["Final-Recipient"]), str(status["Status"])) == (f"rfc822; {full}", "5.2.2")
+    assert len(outbound.inbox()) == 2
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 def test_no_report_is_ever_sent_to_the_null_sender(outbound: Outbound) -> None:
