@@ -33,7 +33,7 @@ from appliance.smtp.policy import (
     Reply,
     queued,
 )
-from appliance.store.mailstore import MailStore, NoSuchFolder, QuotaExceeded
+from appliance.store.mailstore import MailStore, NoSuchFolder, QuotaExceeded, StoreError
 from appliance.store.model import INBOX, JUNK
 
 log = logging.getLogger("letterbox.smtp.delivery")
@@ -93,10 +93,14 @@ def local_copy(message: InboundMessage, route: RecipientRoute, mailbox: str) -> 
 
 def failure_reply(error: BaseException, what: str) -> Reply:
     """The reply to a local failure, logged: a full disk (appliance/disk_full.py) is 452 4.3.1 and one
-    warning line, anything else 451 4.3.0 and its traceback."""
+    warning line, anything else 451 4.3.0: the store's own refusal (a mailbox removed mid-delivery:
+    its tree is gone) in one line, as the store logged its cause, and anything else with its traceback."""
     if is_disk_full(error):
         log.warning("%s: the disk is full (%s)", what, error)
         return INSUFFICIENT_STORAGE
+    if isinstance(error, StoreError):
+        log.error("%s: %s", what, error)
+        return TEMPORARY_FAILURE
     log.error("%s", what, exc_info=error)
     return TEMPORARY_FAILURE
 

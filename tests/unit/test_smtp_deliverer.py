@@ -4,16 +4,19 @@ on tmp_path: copies, the spool, per-recipient results, bounces for accepted-but-
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from appliance.accounts import Accounts
 from appliance.db import Database
 from appliance.queue.spool import Spool
 from appliance.smtp.delivery import Deliverer, InboundMessage, delivered_to_for
 from appliance.smtp.headers import ReceivedFacts
-from appliance.smtp.policy import MAILBOX_FULL, TEMPORARY_FAILURE, RecipientRoute
+from appliance.smtp.policy import MAILBOX_FULL, TEMPORARY_FAILURE, RecipientRoute, queued
 from appliance.store.mailstore import MailStore
 from tests.support.smtp_wire import maildir_messages, parse
 
@@ -135,5 +138,22 @@ def test_null_sender_never_gets_a_bounce(tmp_path: Path) -> None:
         report = await w.deliverer.deliver(message("", [local(ALICE), local(FULL)], BIG), per_recipient=False)
         assert report.summary.code == 250
         assert await w.spool.messages() == []
+
+    run(tmp_path, body)
+
+
+def test_a_mailbox_removed_mid_delivery_is_451_in_one_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The mailbox's tree goes (removed by the administrator) while the store has it open: its copy
+    is 451, retried by the sender, and the log says so in one line. It was a traceback too."""
+    async def body(w: World) -> None:
+        await w.deliverer.deliver(message("s@external.test", [local(BOB)]), per_recipient=True)
+        tree = tmp_path / "mail" / OURS / "bob"
+        tree.rename(tmp_path / "removed-bob")  # as accounts/files.py moves removed mail aside
+        caplog.set_level(logging.INFO, logger="letterbox")
+        report = await w.deliverer.deliver(message("s@external.test", [local(ALICE), local(BOB)]),
+                                           per_recipient=True)
+        assert report.replies == (queued("QID1"), TEMPORARY_FAILURE)
+        assert [r.getMessage() for r in caplog.records if "delivery to bob" in r.getMessage()]
+        assert not [r for r in caplog.records if r.exc_info]
 
     run(tmp_path, body)
