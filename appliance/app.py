@@ -227,6 +227,7 @@ class Box:
     async def start_mail(self, *, serve: bool = True) -> None:
         """Recover the store, import and bind the mail listeners, start the background services, and
         (serve=True) accept connections on every listener."""
+        await self.services.accounts.recover()  # before the store opens a mailbox whose removal was cut short
         await self.services.store.recover()
         for service in self._services_to_listen():
             if service not in CONSOLE:

@@ -81,7 +81,7 @@ class Accounts:
         self._db = db
         # One hasher for new hashes everywhere; auth.py rehashes old ones to these parameters.
         self.hasher = hasher or passwords.DEFAULT_HASHER
-        files = AccountFiles(data)
+        files = self._files = AccountFiles(data)
         self.domains = Domains(db, files)
         self.mailboxes = Mailboxes(db, self.domains, files, self.hasher)
         self.aliases = Aliases(db, self.domains)
@@ -90,6 +90,10 @@ class Accounts:
         self.admins = WebAdmins(db, self.credentials, self.hasher)
         # The look-ups every message makes, kept while the accounts are unchanged (lookup_cache.py).
         self.lookups = LookupCache(db.counters)
+
+    async def recover(self) -> None:
+        """At start: the files of a removal killed before its commit go back (files.py)."""
+        await self._files.recover(self._db)
 
     # --- domains ---------------------------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ class Domains:
                 await tx.execute("DELETE FROM domains WHERE id = ?", (row["id"],))
                 # The key in force goes with the domain; the same name added again gets a new one.
                 await tx.execute("DELETE FROM settings WHERE key = ?", (dkim_keys.selector_setting(domain),))
-                entry = await self._files.move_aside("domain", domain, files)
+                entry = await self._files.move_aside("domain", domain, files, row["id"])
         except BaseException:
             await self._files.put_back(entry, files)
             raise

@@ -144,15 +144,16 @@ class Mailboxes:
         entry: Path | None = None
         try:
             async with self._db.transaction() as tx:
-                cur = await tx.execute(
+                row = await one(
+                    tx,
                     "DELETE FROM mailboxes WHERE local_part = ?"
-                    " AND domain_id = (SELECT id FROM domains WHERE name = ?)",
+                    " AND domain_id = (SELECT id FROM domains WHERE name = ?) RETURNING id",
                     (addr.local, addr.domain),
                 )
-                if cur.rowcount == 0:
+                if row is None:
                     raise NotFound(f"no mailbox {addr.canonical}")
                 await end_account_sessions(tx, "mailbox", addr.canonical)
-                entry = await self._files.move_aside("mailbox", addr.canonical, files)
+                entry = await self._files.move_aside("mailbox", addr.canonical, files, row["id"])
         except BaseException:
             await self._files.put_back(entry, files)
             raise

@@ -8,7 +8,9 @@ with a key nobody meant to keep. Both are renamed, in one step each, into an ent
     deleted/<UTC time>-<kind>-<name>/       e.g. deleted/20261128T170102Z-mailbox-jonh@example.org/
 
 so an administrator who removed the wrong thing can still move it back by hand, and `purge()` removes
-entries older than RETENTION_DAYS (at start and once a day while serving). The time in the name, not
+entries older than RETENTION_DAYS (at start and once a day while serving). The move happens inside
+the removal's transaction; the entry records the row (PENDING) so a removal killed before its commit
+is found at the next start (unfinished()) and its files put back (appliance/accounts/files.py). The time in the name, not
 the directory's mtime (which rename keeps), says when it was removed. Every function here blocks:
 call it through asyncio.to_thread.
 """
@@ -24,6 +26,7 @@ import re
 import shutil
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,12 +41,14 @@ RETENTION_DAYS = 30
 _STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 _ENTRY = re.compile(r"^(\d{8}T\d{6}Z)-(mailbox|domain)-")
 _SAFE_NAME = re.compile(r"[a-z0-9@._+-]+")  # what a mailbox address or an A-label domain is made of
+PENDING = ".removal"  # in an entry: kind, row id and name of the removal, until it is known to have committed
 
 
 def move_aside(sources: Mapping[str, Path], deleted_root: Path, kind: str, name: str,
-               now: float | None = None) -> Path | None:
+               now: float | None = None, *, row_id: int | None = None) -> Path | None:
     """Move each existing source into `deleted/<stamp>-<kind>-<name>/<label>`; returns the entry, or
-    None when none of the sources exists (nothing was ever stored)."""
+    None when none of the sources exists (nothing was ever stored). With `row_id`, the row whose
+    removal this is is written in the entry first (PENDING), for unfinished() after a crash."""
     if kind not in ("mailbox", "domain") or not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
         raise ValueError(f"not a name to file under deleted/: {kind} {name[:100]!r}")
     present = {label: path for label, path in sources.items() if path.exists()}
@@ -60,6 +65,8 @@ def move_aside(sources: Mapping[str, Path], deleted_root: Path, kind: str, name:
         except FileExistsError:  # removed, re-created and removed again within one second
             entry = deleted_root / f"{stamp}-{kind}-{name}-{n}"
             n += 1
+    if row_id is not None:
+        _write_synced(entry / PENDING, f"{kind}\n{row_id}\n{name}\n".encode())
     for label, path in present.items():
         # A rename when both are on one file system (the usual case: one data directory), which is
         # atomic: the address never has half a Maildir.
@@ -70,15 +77,53 @@ def move_aside(sources: Mapping[str, Path], deleted_root: Path, kind: str, name:
     return entry
 
 
-def restore(entry: Path, sources: Mapping[str, Path]) -> None:
-    """Undo move_aside (used when the db change it went with did not commit)."""
+def restore(entry: Path, sources: Mapping[str, Path]) -> list[str]:
+    """Undo move_aside (used when the db change it went with did not commit); returns the labels
+    left in the entry because their place was taken meanwhile (the entry then stays)."""
+    left = []
     for label, path in sources.items():
         moved = entry / label
         if moved.exists() and not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(moved), str(path))
-    with contextlib.suppress(OSError):
-        entry.rmdir()
+            _fsync_dir(path.parent)
+        elif moved.exists():
+            left.append(label)
+    if not left:
+        (entry / PENDING).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            entry.rmdir()
+    return left
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An entry whose removal may not have committed: the row it was moved aside for."""
+
+    entry: Path
+    kind: str
+    row_id: int
+    name: str
+
+
+def unfinished(deleted_root: Path) -> list[Pending]:
+    """The entries move_aside wrote a PENDING record in: a removal killed between its move and its
+    commit left the row (and no files). The caller asks the database which rows are still there."""
+    if not deleted_root.is_dir():
+        return []
+    found = []
+    for entry in sorted(deleted_root.iterdir()):
+        try:
+            kind, row_id, name = (entry / PENDING).read_text().splitlines()
+            found.append(Pending(entry, kind, int(row_id), name))
+        except (OSError, ValueError):  # no record (an older entry, one made by hand) or a torn one
+            continue
+    return found
+
+
+def settled(pending: Pending) -> None:
+    """The row is gone: the removal committed, and the record is no longer needed."""
+    (pending.entry / PENDING).unlink(missing_ok=True)
 
 
 def entry_time(entry: Path) -> float | None:
@@ -108,6 +153,15 @@ def purge(deleted_root: Path, *, retention_days: float = RETENTION_DAYS, now: fl
             removed.append(entry)
             log.info("deleted/: purged %s", entry.name)
     return removed
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

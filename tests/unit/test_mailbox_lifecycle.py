@@ -178,6 +178,31 @@ def test_purge_removes_only_expired_entries(tmp_path: Path) -> None:
         trash.move_aside({"mail": source}, deleted, "mailbox", "../escape")
 
 
+def test_an_unfinished_removal_is_put_back_unless_its_place_was_taken(tmp_path: Path) -> None:
+    """The record move_aside leaves for a removal killed before its commit (files.py recovers it)."""
+    deleted = tmp_path / "deleted"
+    source = tmp_path / "mail" / "jonh"
+    source.mkdir(parents=True)
+    (source / "x").write_text("mail")
+    entry = trash.move_aside({"mail": source}, deleted, "mailbox", "jonh@example.org", row_id=7)
+    assert entry is not None
+    [pending] = trash.unfinished(deleted)
+    assert (pending.entry, pending.kind, pending.row_id, pending.name) == (entry, "mailbox", 7, "jonh@example.org")
+    assert trash.restore(entry, {"mail": source}) == []
+    assert (source / "x").read_text() == "mail"
+    assert list(deleted.iterdir()) == []
+
+    entry = trash.move_aside({"mail": source}, deleted, "mailbox", "jonh@example.org", row_id=7)
+    assert entry is not None
+    source.mkdir()  # a new Maildir in its place: the old one stays where it is, with its record
+    assert trash.restore(entry, {"mail": source}) == ["mail"]
+    assert (entry / "mail" / "x").read_text() == "mail"
+    [pending] = trash.unfinished(deleted)
+    trash.settled(pending)
+    assert trash.unfinished(deleted) == []
+    assert (entry / "mail" / "x").exists()
+
+
 def test_purger_runs_at_start(tmp_path: Path) -> None:
     deleted = tmp_path / "deleted"
     (deleted / "20000101T000000Z-mailbox-old@example.org").mkdir(parents=True)
