@@ -17,9 +17,9 @@ What it holds, in this order:
    been read. A restore refuses an archive without it (truncated) or that disagrees with it.
 
 Consistency while mail arrives and clients move messages: the db snapshot is the index of the backup,
-and the walk that follows takes every complete message file it finds (cur/ and new/; tmp/ never). A
-file renamed while the walk runs (new/ -> cur/, a flag change) is looked for again under its base
-name. A message the snapshot indexes but whose file was expunged or moved away before the walk reached
+and the walk that follows takes every complete message file it finds (new/, then cur/, then both
+listed again, each message once; tmp/ never). A file renamed while the walk runs (new/ -> cur/, a
+flag change) is looked for again under its base name. A message the snapshot indexes but whose file was expunged or moved away before the walk reached
 it has its index row dropped at restore; a file the snapshot does not index (delivered, moved or
 copied there after it, a folder renamed meanwhile, which the walk lists again) is restored beside
 the index, and the store indexes it at its first look with a new UID. So every message acknowledged
@@ -391,7 +391,12 @@ def _add_folder(w: _Writer, folder: Path, name: str) -> None:
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             if entry.is_file(follow_symlinks=False):
                 w.add_path(f"{name}/{entry.name}", Path(entry.path))
-    for sub in ("cur", "new"):
+    # new/ before cur/, then both again: a message moves from new/ to cur/ only (a client's first look
+    # claims it), so one moved between the two listings is in the second; listed cur/ first, it was in
+    # neither and missing from the backup though acknowledged before it. The second round takes what
+    # a rename hid from a listing under way (a directory read while it changes may skip the name).
+    taken: set[str] = set()  # each message once, under the name it had when read
+    for sub in ("new", "cur", "new", "cur"):
         where = os.path.join(folder, sub)
         try:
             listing = os.listdir(where)
@@ -402,25 +407,29 @@ def _add_folder(w: _Writer, folder: Path, name: str) -> None:
         # indexes left it out of the backup. A file the restored index lacks is indexed by the store at
         # its first look, with a new UID.
         for filename in sorted(listing):
-            _add_message(w, folder, name, sub, filename, maildir.split_filename(filename)[0])
+            base = maildir.split_filename(filename)[0]
+            if base not in taken and _add_message(w, folder, name, sub, filename, base):
+                taken.add(base)
 
 
-def _add_message(w: _Writer, folder: Path, name: str, sub: str, filename: str, base: str) -> None:
-    """A message file, looked for again under its base name when it was renamed under us."""
+def _add_message(w: _Writer, folder: Path, name: str, sub: str, filename: str, base: str) -> bool:
+    """A message file, looked for again under its base name when it was renamed under us; False
+    when it is gone."""
     for _ in range(VANISHED_RETRIES):
         try:
             fd = os.open(os.path.join(folder, sub, filename), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             found = _find_base(folder, base)
             if found is None:
-                return  # expunged: its index row is dropped at restore
+                return False  # expunged: its index row is dropped at restore
             sub, filename = found
             continue
         try:
             w.add_fd(f"{name}/{sub}/{filename}", fd)
         finally:
             os.close(fd)
-        return
+        return True
+    return False
 
 
 def _find_base(folder: Path, base: str) -> tuple[str, str] | None:

@@ -20,7 +20,7 @@ from appliance.db import Database
 from appliance.store import maildir
 from appliance.store.mailstore import MailStore
 from tests.conftest import BoxHandle
-from tests.support.backup_progress import AtFirstFile
+from tests.support.backup_progress import AtFileOfSize, AtFirstFile
 
 PASSWORD = "correct horse battery staple 9"
 ALICE = "alice@one.test"
@@ -162,3 +162,35 @@ def test_messages_moved_and_a_folder_renamed_during_a_backup_are_in_it(box: BoxH
     assert shown.get("Later") == ["pre0", "pre1"]
     assert shown.get("Kept") == ["pre4", "pre5"]
     assert "Keep" not in shown
+
+
+def test_a_message_a_client_first_sees_while_the_walk_is_in_its_folder_is_in_the_backup(
+        box: BoxHandle, tmp_path: Path) -> None:
+    """The walk listed cur/ and then new/: a message delivered before the backup (in new/) that a
+    client's first look moved to cur/ between the two listings was in neither, and missing from the
+    restored box, though acknowledged before the backup began. Each delivery stays in new/ until a
+    client's next SELECT, so a backup running while the owner opens their mail program lost it."""
+    box.add_user(ALICE, PASSWORD)
+    box.run(box.services.store.deliver([ALICE], message("seen") + b"padding line\r\n" * 3000))
+    with imaplib.IMAP4_SSL("127.0.0.1", box.port("imaps"), ssl_context=box.client_context) as imap:
+        imap.login(ALICE, PASSWORD)
+        imap.select("INBOX")  # claimed: its file moves to cur/
+    box.run(box.services.store.deliver([ALICE], message("unseen")))  # in new/ until the next look
+    inbox = box.data.mail / "one.test" / "alice"
+    [seen] = os.listdir(inbox / "cur")
+    assert len(os.listdir(inbox / "new")) == 1
+    kit = box.run(backup.make_key(box.services.db, box.services.events, "x"))
+    looked: list[bool] = []
+
+    def client_looks() -> None:  # in the backup's thread, once the walk took cur/'s message
+        with imaplib.IMAP4_SSL("127.0.0.1", box.port("imaps"), ssl_context=box.client_context) as imap:
+            imap.login(ALICE, PASSWORD)
+            imap.select("INBOX")
+        looked.append(not os.listdir(inbox / "new"))
+
+    progress = AtFileOfSize((inbox / "cur" / seen).stat().st_size, client_looks)
+    made = box.run(backup.create(box.services.db, box.services.events, box.data, progress=progress))
+    assert looked == [True]
+    fresh = tmp_path / "restored"
+    asyncio.run(backup.restore(DataLayout(fresh), made.path, backup.Secret.from_text(kit.text)))
+    assert _subjects_by_folder(fresh, ALICE).get("INBOX") == ["seen", "unseen"]

@@ -25,3 +25,23 @@ class AtFirstFile(backup.Progress):
         if value and self.act is not None:
             act, self.act = self.act, None
             act()
+
+
+class AtFileOfSize(AtFirstFile):
+    """Runs `act` once, in the backup's own thread, just after a file of exactly `size` octets has
+    gone in (the writer counts each file's octets in one step): a point inside the Maildir walk."""
+
+    def __init__(self, size: int, act: Callable[[], object]) -> None:
+        self.size = size
+        super().__init__(act)
+
+    @property
+    def done(self) -> int:
+        return self._done
+
+    @done.setter
+    def done(self, value: int) -> None:
+        step, self._done = value - getattr(self, "_done", 0), value
+        if step == self.size and self.act is not None:
+            act, self.act = self.act, None
+            act()
