@@ -112,6 +112,8 @@ def own_addresses(listeners: Iterable[tuple[str, int]], port: int, public: Itera
             ip = ipaddress.ip_address(address)
         except ValueError:
             return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # ::ffff:127.0.0.1: an IPv6 socket connects to the IPv4 address itself
         return str(ip) in own or (wildcard and (ip.is_loopback or ip.is_unspecified))
 
     return is_own

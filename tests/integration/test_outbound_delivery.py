@@ -398,3 +398,22 @@ def test_queued_mail_survives_a_restart_of_the_queue(outbound: Outbound) -> None
         box.run(outbound.queue.stop())
     assert transaction.rcpt_tos == ("a@example.net",)
     assert not (box.data.spool / f"{queued.id}.eml").exists()
+
+
+def test_an_mx_at_our_address_written_as_ipv6_loops_back_to_myself(outbound: Outbound,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """An AAAA record of ::ffff:127.0.0.1 (IPv4-mapped, RFC 4291 2.5.5.2) reaches the box's own MX
+    on 127.0.0.1 as surely as the A record does: the queue's IPv6 socket connects there. It was not
+    taken for the box's own address, so a sender's domain publishing it made the queue hand the
+    message to its own MX ('Relay access denied', counted against the box's own address)."""
+    outbound.setting("outbound_port", str(outbound.box.port("smtp")))
+    outbound.zone.set("mapped.test", "MX", ["10 mx.mapped.test."])
+    outbound.zone.set("mx.mapped.test", "AAAA", ["::ffff:127.0.0.1"])
+    caplog.set_level(logging.INFO, logger="letterbox")
+    outbound.submit(["a@mapped.test"])
+    [report] = outbound.wait_inbox(1)
+    outbound.wait_empty()
+    statuses = {str(block["Final-Recipient"]): str(block["Status"]) for block in delivery_status(report)[1:]}
+    assert statuses == {"rfc822; a@mapped.test": "5.4.6"}
+    assert "mail for mapped.test loops back to myself" in decoded(subparts(parse(report))[0]).decode()
+    assert not [r for r in caplog.records if "Relay access denied" in r.getMessage()]
