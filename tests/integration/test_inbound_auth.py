@@ -209,9 +209,9 @@ def test_a_signature_naming_thousands_of_absent_fields_is_verified_in_linear_tim
     head, _, body = message().partition(b"\r\n\r\n")
     signed = dkim_sign.sign(head + b"\r\n" + b"x: y\r\n" * 8000 + b"\r\n" + body, key)
     forged = signed.replace(b"h=", b"h=from:" + b":".join(b"n%d" % i for i in range(8000)) + b":", 1)
-    started = time.monotonic()
+    started = time.process_time()  # CPU: what linear time bounds; a loaded machine stretches wall time
     [result] = check(zone, forged).dkim
-    assert time.monotonic() - started < 3.0
+    assert time.process_time() - started < 3.0
     assert result.result == "fail"  # the forged h= no longer matches what was signed
 
 
@@ -247,9 +247,9 @@ def test_a_signature_of_128_kb_is_read_in_linear_time(zone: ZoneServer, key: dki
     while signed[end + 2:end + 3] in (b" ", b"\t"):  # the folded rest of b=
         end = signed.index(b"\r\n", end + 2)
     huge = base64.b64encode(random.Random(1).randbytes(128 * 1024))
-    started = time.monotonic()
+    started = time.process_time()
     [result] = check(zone, signed[:start] + huge + signed[end:]).dkim
-    assert time.monotonic() - started < 3.0
+    assert time.process_time() - started < 3.0
     assert result.result in ("fail", "permerror")
 
 
@@ -267,9 +267,9 @@ def test_a_field_folded_over_many_lines_is_read_in_linear_time() -> None:
     continuation line to the field's value with +=: 1 s of CPU holding the GIL for one field folded
     over 60000 lines (234 KB, under the MX's header limit), ~4 s for the 120000 here."""
     data = b"DKIM-Signature: v=1\r\nX-Folded: a\r\n" + b" x\r\n" * 120_000 + b"\r\nbody\r\n"
-    started = time.monotonic()
+    started = time.process_time()
     headers, body = dkim.rfc822_parse(data)
-    assert time.monotonic() - started < 1.0
+    assert time.process_time() - started < 1.0
     assert [name for name, _ in headers] == [b"DKIM-Signature", b"X-Folded"]
     assert headers[1][1] == b" a\r\n" + b" x\r\n" * 120_000
     assert body == b"body\r\n"
