@@ -9,6 +9,7 @@ import socket
 import time
 
 from tests.conftest import ServedBox
+from tests.support.polling import wait_until
 
 
 def test_a_listener_out_of_descriptors_says_so_once_and_accepts_again(served_box: ServedBox) -> None:
@@ -18,9 +19,16 @@ def test_a_listener_out_of_descriptors_says_so_once_and_accepts_again(served_box
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
     held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(12)]  # (the backlog keeps the rest)
     try:
-        time.sleep(3.5)  # asyncio tries the listener again every second
+        def said() -> list[str]:
+            return [line for line in served_box.log_path.read_text().splitlines()
+                    if f"cannot accept connections on 127.0.0.1:{port}" in line]
+
+        # A loaded machine may run the box's accept late: wait for the first line, then give asyncio's
+        # retries (every second) time to say it again, which they must not.
+        wait_until(said, seconds=30, what="the listener's line")
+        time.sleep(3.5)
         log = served_box.log_path.read_text()
-        lines = [line for line in log.splitlines() if f"cannot accept connections on 127.0.0.1:{port}" in line]
+        lines = said()
         assert len(lines) == 1, log
         assert "Too many open files (EMFILE, open files limit" in lines[0]
         assert "out of system resource" not in log
