@@ -1055,11 +1055,30 @@ def clean_stale_uploads(data_root: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+# Put in the old data directory just before a switch-over's exchange: a staging directory's name that
+# holds it holds the old box (a switch-over killed between its exchange and its rename aside).
+OLD_DATA_MARK = ".letterbox-replaced-by-restore"
+
+
 def clean_stale_staging(data_root: Path) -> None:
-    """Staging directories of restores that were killed before their switch-over."""
+    """Staging directories of restores that were killed before their switch-over; one killed within it,
+    after its exchange, left the old box under the staging name: that is put aside, as it would have been."""
     root = data_root.resolve()
     for p in root.parent.glob(f".{root.name}.restore-*"):
+        if (p / OLD_DATA_MARK).exists():
+            import logging
+
+            aside = _aside_name(root)
+            os.rename(p, aside)
+            (aside / OLD_DATA_MARK).unlink(missing_ok=True)
+            logging.getLogger("letterbox.backup").warning(
+                "backup: a restore was stopped during its switch-over; the data it replaced is kept in %s", aside)
+            continue
         shutil.rmtree(p, ignore_errors=True)
+
+
+def _aside_name(root: Path) -> Path:
+    return root.parent / f"{root.name}.before-restore-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
 
 
 @dataclass(frozen=True)
@@ -1117,9 +1136,15 @@ def switch_over(staged: Staged, data_root: Path) -> Path | None:
     root = data_root.resolve()
     aside: Path | None = None
     if root.exists():
+        # Marked first: killed after the exchange and before the rename, the old data is under the
+        # staging directory's name, which the next start removed as a staging directory (the box the
+        # restore replaced, kept to go back to, gone); marked, it is put aside there instead.
+        (root / OLD_DATA_MARK).touch()
+        maildir.fsync_dir(root)
         _exchange(staged.path, root)  # before it the old data, after it the new
-        aside = root.parent / f"{root.name}.before-restore-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        aside = _aside_name(root)
         os.rename(staged.path, aside)
+        (aside / OLD_DATA_MARK).unlink(missing_ok=True)
         _carry_backups(aside, root)
     else:
         os.rename(staged.path, root)
