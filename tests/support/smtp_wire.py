@@ -4,6 +4,7 @@ replies, limits) and a reader for what landed in a Maildir."""
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import ssl
 from email import message_from_bytes
@@ -72,11 +73,23 @@ class Wire:
 
 
 def maildir_messages(mail_root: Path, address: str, folder: str = "") -> list[bytes]:
-    """Every message file of a mailbox's INBOX (or `.Folder`), new/ and cur/, sorted by name."""
+    """Every message file of a mailbox's INBOX (or `.Folder`), new/ and cur/, in the order written."""
     local, domain = address.split("@")
     base = mail_root / domain / local / folder
     files = [p for sub in ("new", "cur") if (base / sub).is_dir() for p in (base / sub).iterdir()]
-    return [p.read_bytes() for p in sorted(files, key=lambda p: p.name)]
+    return [p.read_bytes() for p in sorted(files, key=lambda p: _written(p.name))]
+
+
+_UNIQUE = re.compile(r"(\d+)\.(?:[^.]*?M(\d+))?")
+
+
+def _written(name: str) -> tuple[int, int, str]:
+    """A Maildir name's time (seconds, then microseconds) for sorting: the microseconds are not
+    zero-padded (Dovecot's form), so by name a later M100000 came before M95000 of the same second."""
+    match = _UNIQUE.match(name)
+    if match is None:
+        return (0, 0, name)
+    return (int(match[1]), int(match[2] or 0), name)
 
 
 def parse(raw: bytes) -> Message:
