@@ -367,20 +367,35 @@ def _walk_maildirs(w: _Writer, layout: DataLayout, snap: Snapshot) -> None:
         w.add_dir(f"mail/{domain.name}")
         for box in sorted(p for p in domain.iterdir() if p.is_dir() and not p.is_symlink()):
             rel_box = f"{domain.name}/{box.name}"
-            walked: set[Path] = set()
-            # Listed again after the walk: a folder renamed meanwhile is walked under its new name.
-            while folders := [f for f in _folder_dirs(box) if f not in walked]:
-                for folder in folders:
-                    walked.add(folder)
+            # Listed again after the walk: a folder renamed before the walk reached it is walked under
+            # its new name. Known by its directory's inode, so one renamed after its walk is not walked
+            # again (a client renaming a folder as the walk went kept the backup going, a copy of the
+            # folder more each time); a few listings at most (folders deleted and made anew).
+            walked: set[int] = set()
+            for _ in range(FOLDER_LISTINGS):
+                folders = [(f, ino) for f, ino in _folder_dirs(box) if ino not in walked]
+                if not folders:
+                    break
+                for folder, ino in folders:
+                    walked.add(ino)
                     rel = rel_box if folder == box else f"{rel_box}/{folder.name}"
                     _add_folder(w, folder, f"mail/{rel}")
 
 
-def _folder_dirs(box: Path) -> list[Path]:
-    return [box, *sorted(
-        p for p in box.iterdir()
-        if p.is_dir() and not p.is_symlink() and maildir.folder_name(p.name) is not None
-    )]
+FOLDER_LISTINGS = 4  # listings of a mailbox's folders in one backup: the first and those after walks
+
+
+def _folder_dirs(box: Path) -> list[tuple[Path, int]]:
+    """The mailbox's folder directories (itself first), each with its inode."""
+    found = []
+    for p in [box, *sorted(box.iterdir())]:
+        if p != box and maildir.folder_name(p.name) is None:
+            continue
+        with contextlib.suppress(FileNotFoundError):  # (renamed or removed since the listing)
+            st = p.lstat()
+            if stat.S_ISDIR(st.st_mode):
+                found.append((p, st.st_ino))
+    return found
 
 
 def _add_folder(w: _Writer, folder: Path, name: str) -> None:

@@ -20,7 +20,7 @@ from appliance.db import Database
 from appliance.store import maildir
 from appliance.store.mailstore import MailStore
 from tests.conftest import BoxHandle
-from tests.support.backup_progress import AtFileOfSize, AtFirstFile
+from tests.support.backup_progress import AtFileOfSize, AtFirstFile, EachFileOfSize
 
 PASSWORD = "correct horse battery staple 9"
 ALICE = "alice@one.test"
@@ -194,3 +194,35 @@ def test_a_message_a_client_first_sees_while_the_walk_is_in_its_folder_is_in_the
     fresh = tmp_path / "restored"
     asyncio.run(backup.restore(DataLayout(fresh), made.path, backup.Secret.from_text(kit.text)))
     assert _subjects_by_folder(fresh, ALICE).get("INBOX") == ["seen", "unseen"]
+
+
+def test_a_folder_renamed_again_and_again_during_a_backup_is_in_it_once(box: BoxHandle, tmp_path: Path) -> None:
+    """The walk lists a mailbox's folders again after walking them and walked any name it had not
+    walked: a folder renamed after its walk was walked again under each new name, so a client renaming
+    it as the walk went kept the backup going for as long as it liked, a whole copy of the folder
+    more in the file each time (the backups' disk is the box's own)."""
+    box.add_user(ALICE, PASSWORD)
+    with imaplib.IMAP4_SSL("127.0.0.1", box.port("imaps"), ssl_context=box.client_context) as imap:
+        imap.login(ALICE, PASSWORD)
+        assert imap.create("Big0")[0] == "OK"
+        assert imap.append("Big0", "(\\Seen)", None, message("big") + b"padding line\r\n" * 3000)[0] == "OK"
+    [file] = os.listdir(box.data.mail / "one.test" / "alice" / ".Big0" / "cur")
+    size = (box.data.mail / "one.test" / "alice" / ".Big0" / "cur" / file).stat().st_size
+    kit = box.run(backup.make_key(box.services.db, box.services.events, "x"))
+    renames = [0]
+
+    def rename_again() -> None:  # in the backup's thread, each time the walk took the folder's message
+        if renames[0] >= 12:
+            return
+        with imaplib.IMAP4_SSL("127.0.0.1", box.port("imaps"), ssl_context=box.client_context) as imap:
+            imap.login(ALICE, PASSWORD)
+            assert imap.rename(f"Big{renames[0]}", f"Big{renames[0] + 1}")[0] == "OK"
+        renames[0] += 1
+
+    made = box.run(backup.create(box.services.db, box.services.events, box.data,
+                                 progress=EachFileOfSize(size, rename_again)))
+    assert renames[0] == 1  # renamed once, after the walk took it: never walked again
+    fresh = tmp_path / "restored"
+    asyncio.run(backup.restore(DataLayout(fresh), made.path, backup.Secret.from_text(kit.text)))
+    shown = _subjects_by_folder(fresh, ALICE)
+    assert [name for name, tags in shown.items() if "big" in tags] == ["Big0"]

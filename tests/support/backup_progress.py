@@ -27,13 +27,15 @@ class AtFirstFile(backup.Progress):
             act()
 
 
-class AtFileOfSize(AtFirstFile):
-    """Runs `act` once, in the backup's own thread, just after a file of exactly `size` octets has
-    gone in (the writer counts each file's octets in one step): a point inside the Maildir walk."""
+
+class EachFileOfSize(backup.Progress):
+    """Runs `act` in the backup's own thread just after each file of exactly `size` octets has gone in
+    (the writer counts each file's octets in one step): a point inside the Maildir walk."""
 
     def __init__(self, size: int, act: Callable[[], object]) -> None:
         self.size = size
-        super().__init__(act)
+        self.act = act
+        super().__init__()
 
     @property
     def done(self) -> int:
@@ -42,6 +44,19 @@ class AtFileOfSize(AtFirstFile):
     @done.setter
     def done(self, value: int) -> None:
         step, self._done = value - getattr(self, "_done", 0), value
-        if step == self.size and self.act is not None:
-            act, self.act = self.act, None
-            act()
+        if step == self.size:
+            self.act()
+
+
+class AtFileOfSize(EachFileOfSize):
+    """EachFileOfSize's `act` run once, at the first such file."""
+
+    def __init__(self, size: int, act: Callable[[], object]) -> None:
+        ran: list[bool] = []
+
+        def once() -> None:
+            if not ran:
+                ran.append(True)
+                act()
+
+        super().__init__(size, once)
