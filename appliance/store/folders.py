@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from appliance.db import Database
@@ -18,6 +18,7 @@ from appliance.store.model import (
     SPECIAL_FOLDERS,
     FolderExists,
     FolderInfo,
+    MailboxDirectory,
     NoSuchFolder,
     StoreError,
 )
@@ -138,6 +139,46 @@ class FolderAdmin:
         log.info("store: %s renamed folder %s to %s", mb.key, old, new)
         self._boxes.wake(mb, *moving)
 
+    async def repair(self, directory: MailboxDirectory) -> int:
+        """At start: a folder row whose directory is gone is what a DELETE or RENAME killed between its
+        directory step and its commit left (or another program's delete). A row-less directory whose
+        dovecot-uidlist names the row's UIDVALIDITY is that folder renamed: the row (its UIDs) and
+        its subscription follow the new name, as the RENAME would have done. Any other such row is
+        dropped: kept, the text indexer tried its folder every few minutes for ever, with a traceback.
+        A mailbox whose Maildir is not there at all is left alone. Returns how many rows changed."""
+        changed = 0
+        for domain, local, root in await asyncio.to_thread(_mailbox_roots, self._boxes.root):
+            record = await directory.mailbox_record(domain, local)
+            if record is None:
+                continue
+            rows = await self._db.fetchall("SELECT id, name, uidvalidity FROM folders WHERE mailbox_id = ?", (record.id,))
+            on_disk = set(await asyncio.to_thread(maildir.discover_folders, root))
+            stale = [r for r in rows if r["name"] != INBOX and r["name"] not in on_disk]
+            if not stale:
+                continue
+            rowless = on_disk - {r["name"] for r in rows}
+            validities = await asyncio.to_thread(_uidvalidities, root, rowless)
+            for row in stale:
+                old = str(row["name"])
+                new = next((n for n, v in validities.items() if v == row["uidvalidity"]), None)
+                async with self._db.transaction() as tx:
+                    if new is None:
+                        await tx.execute("DELETE FROM folders WHERE id = ?", (row["id"],))
+                    else:
+                        await tx.execute("UPDATE folders SET name = ? WHERE id = ?", (new, row["id"]))
+                        await tx.execute("UPDATE OR REPLACE subscriptions SET name = ? WHERE mailbox_id = ? AND name = ?",
+                                         (new, record.id, old))
+                if new is None:
+                    log.warning("store: %s@%s: folder %s is gone from the disk (a DELETE cut short, or another"
+                                " program); its index is dropped", local, domain, old)
+                else:
+                    del validities[new]
+                    log.warning("store: %s@%s: folder %s was renamed %s on the disk by a RENAME cut short; its"
+                                " index and subscription follow", local, domain, old, new)
+                changed += 1
+            await mirror(self._db, await self._boxes.get(f"{local}@{domain}"))
+        return changed
+
     async def subscribe(self, mailbox: str, name: str, subscribed: bool) -> None:
         """RFC 3501 6.3.6/6.3.7. Subscribing checks that the folder exists (the RFC allows it, and a
         typo then fails loudly); unsubscribing works for any name, a deleted folder's too."""
@@ -156,6 +197,22 @@ def _ancestors(name: str) -> list[str]:
     """'A/B/C' -> ['A', 'A/B'] (INBOX, which always exists, left out)."""
     levels = name.split(SEPARATOR)
     return [p for i in range(1, len(levels)) if (p := SEPARATOR.join(levels[:i])) != INBOX]
+
+def _mailbox_roots(mail: Path) -> list[tuple[str, str, Path]]:
+    """(domain, local part, Maildir root) of every mailbox directory under mail/."""
+    return [(d.name, m.name, m) for d in sorted(mail.iterdir()) if d.is_dir()
+            for m in sorted(d.iterdir()) if m.is_dir() and not m.name.startswith(".")] if mail.is_dir() else []
+
+
+def _uidvalidities(root: Path, names: Iterable[str]) -> dict[str, int]:
+    """The UIDVALIDITY each folder's dovecot-uidlist names (folders without one left out)."""
+    found = {}
+    for name in sorted(names):
+        uidlist = maildir.read_uidlist(maildir.folder_path(root, name))
+        if uidlist is not None:
+            found[name] = uidlist.uidvalidity
+    return found
+
 
 def _rename_dirs(root: Path, renames: Sequence[tuple[Path, Path]]) -> None:
     for source, target in renames:

@@ -90,6 +90,7 @@ class MailStore:
         self._db = db
         self._describe = describe
         self.message_cache = MessageCache(db)
+        self._directory = directory
         self._boxes = OpenMailboxes(root, db, directory, quiet=self.message_cache.quiet)
         self._folders = FolderAdmin(self._boxes, db)
         self._arrivals = GroupCommit(db)  # deliveries and APPENDs: one transaction per burst
@@ -109,11 +110,12 @@ class MailStore:
 
     async def recover(self) -> int:
         """Called once at start, before any delivery: remove tmp/ debris of deliveries a crash cut
-        short, and folders half deleted. Returns how many entries were removed."""
+        short, and folders half deleted; set right the rows of folder DELETEs and RENAMEs cut short
+        (FolderAdmin.repair). Returns how many entries were removed or set right."""
         removed = await asyncio.to_thread(maildir.clean_debris, self.root)
         if removed:
             log.info("store: removed %d leftover entries from tmp/ after an unclean stop", removed)
-        return removed
+        return removed + await self._folders.repair(self._directory)
 
     # --- messages ---------------------------------------------------------------------------------
 
