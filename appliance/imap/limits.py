@@ -14,6 +14,10 @@ MAX_LITERAL_OCTETS = 64 * 1024
 MAX_APPEND_OCTETS = 64 * 1024 * 1024
 # Everything one command may carry besides the APPEND message: lines plus small literals.
 MAX_COMMAND_OCTETS = 1024 * 1024
+# The same before a login, when a command is LOGIN, AUTHENTICATE, ID, STARTTLS or CAPABILITY (ID's
+# RFC 2971 maximum is ~32 KiB): 1 MiB let each of the 600 connections a listener keeps for clients
+# not logged in hold a megabyte of literals, 1.2 GB over 143 and 993 for anyone who can connect.
+MAX_PREAUTH_COMMAND_OCTETS = 64 * 1024
 # Literals in one command (guards against a flood of empty literals).
 MAX_LITERALS_PER_COMMAND = 1000
 # Malformed commands in a row before the server says BYE.
@@ -68,6 +72,7 @@ class ImapLimits:
     max_literal_octets: int = MAX_LITERAL_OCTETS
     max_append_octets: int = MAX_APPEND_OCTETS
     max_command_octets: int = MAX_COMMAND_OCTETS
+    max_preauth_command_octets: int = MAX_PREAUTH_COMMAND_OCTETS
     max_literals_per_command: int = MAX_LITERALS_PER_COMMAND
     max_bad_commands: int = MAX_BAD_COMMANDS
     authenticated_timeout: float = AUTHENTICATED_TIMEOUT

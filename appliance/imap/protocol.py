@@ -198,18 +198,18 @@ class ImapConnection:
             segments, self._segments = self._segments, []
             octets, self._command_octets = self._command_octets, 0
             self.command_literal_octets = 0
-            if octets > self.limits.max_command_octets:
+            if octets > self._max_command_octets():
                 return self._bad(parse_tag(first), "Command too long")
             return self._parse(segments)
         size, non_sync = int(marker.group(1)), marker.group(2) == b"+"
         self._segments.append(line[: marker.start()])
-        is_append = _APPEND.match(first) is not None and (self._append_allowed is None or self._append_allowed())
+        is_append = _APPEND.match(first) is not None and self._logged_in()
         limit = self.limits.max_append_octets if is_append else self.limits.max_literal_octets
         too_many = len(self._segments) // 2 >= self.limits.max_literals_per_command
         # A MULTIAPPEND (RFC 3502) is held in memory whole: all its messages together within one limit.
         append_total = is_append and self.command_literal_octets + size > limit
         if size > limit or too_many or append_total or (
-            not is_append and self._command_octets + size > self.limits.max_command_octets
+            not is_append and self._command_octets + size > self._max_command_octets()
         ):
             if non_sync:
                 # RFC 7888 4: the data is already on its way and cannot be told apart from commands.
@@ -233,6 +233,12 @@ class ImapConnection:
         if non_sync:
             return None
         return ContinuationRequest(Continuation(LITERAL_CONTINUATION))
+
+    def _logged_in(self) -> bool:
+        return self._append_allowed is None or self._append_allowed()
+
+    def _max_command_octets(self) -> int:
+        return self.limits.max_command_octets if self._logged_in() else self.limits.max_preauth_command_octets
 
     def _drop_command(self, first: bytes, text: str, status: str = "BAD", code: str | None = None) -> Event:
         """Refuse the command being received before its literal is sent (no "+" goes out)."""
