@@ -1,10 +1,15 @@
-"""The DATA phase: the message after 354, read line by line up to the lone dot (RFC 5321 4.5.2).
+"""The DATA phase: the message after 354, read up to the lone dot (RFC 5321 4.5.2).
 
 aiosmtpd's own reader refuses any line longer than its stream reader's limit, and while it drains one it
 keeps every fragment until the line ends (an endless line grew without bound). Here the reader's limit
-only sizes each read: a longer line is joined from its fragments up to MAX_TEXT_LINE_OCTETS, and a
-message that breaks a bound is drained to its dot keeping nothing, then refused (RFC 5321 4.2.5: the
-reply comes after the dot, and the session goes on).
+only sizes each read: a message is read in pieces of up to that size, each searched for the end (a
+CRLF, a dot, a CRLF) by the stream reader itself, and kept in one buffer; its lines are measured from
+where their CRLFs are, and the dots of transparency (RFC 5321 4.5.2) are taken out at the end by one
+replace. A message that breaks a bound is drained to its dot keeping nothing, then refused (RFC 5321
+4.2.5: the reply comes after the dot, and the session goes on).
+
+Read a line at a time, a message of 36 MiB of empty lines was 18 million reads and a bytes object
+each: 11 s of the event loop's CPU for 20 MB, and ~40 octets of memory per octet sent.
 """
 
 from __future__ import annotations
@@ -14,44 +19,81 @@ import asyncio
 # aiosmtpd's texts, so the rewording (server.REWORDED) and LMTP's per-recipient replies apply.
 LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 TOO_MUCH_DATA = "552 Error: Too much mail data"
-_END = b".\r\n"
+END = b"\r\n.\r\n"  # the CRLF ending the last line, the dot, its CRLF
+CRLF = b"\r\n"
+
+
+def _separator(tail: bytes) -> bytes:
+    """What to search the stream for, given the last octets read, so that an end begun in them is found.
+
+    Each search's separator is a suffix of END, so an END wholly in the reader's buffer is always
+    found; one begun in octets already read can only begin in their last two (a search that gives up
+    leaves len(separator) - 1 octets unread), and is found by searching for its rest."""
+    if tail.endswith(CRLF):
+        return END[2:]  # at a line's start: ".\r\n"
+    if tail.endswith(b"\r"):
+        return END[1:]  # "\n.\r\n"
+    return END
+
+
+def _longest_line(carried: int, prev: bytes, chunk: bytes, max_line: int) -> tuple[int, bool]:
+    """The octets of the line still open after `chunk` (with `carried` before it, and `prev` the last
+    octet read before it), and whether a line ended in it is longer than max_line."""
+    view = prev + chunk  # a CRLF may be split between two pieces
+    first = view.find(CRLF)
+    if first < 0:
+        carried += len(chunk)
+        return carried, carried > max_line
+    if carried + first + 2 - len(prev) > max_line:
+        return 0, True
+    last = view.rfind(CRLF)
+    if len(view) > max_line and first != last:  # a line between the two could be too long (small limits)
+        start = first + 2
+        while (end := view.find(CRLF, start)) >= 0:
+            if end + 2 - start > max_line:
+                return 0, True
+            start = end + 2
+    carried = len(view) - (last + 2)
+    return carried, carried > max_line
 
 
 async def read_message(reader: asyncio.StreamReader, *, max_line: int, max_octets: int) -> bytes | str:
     """The message, dot-unstuffed, or the refusal (LINE_TOO_LONG / TOO_MUCH_DATA) once it has all been
     read. max_line counts a line with its CRLF and any transparency dot; max_octets the whole DATA."""
-    lines: list[bytes] = []
-    fragments: list[bytes] = []  # the line being read, while it is longer than the reader's limit
-    line_octets = 0
+    kept = bytearray()
+    tail = CRLF  # the last octets read (at most 4); the message begins at a line's start
+    line_octets = 0  # of the line not yet ended
     total = 0
     refusal: str | None = None
     while True:
+        separator = _separator(tail)
         try:
-            chunk = await reader.readuntil(b"\r\n")
+            chunk = await reader.readuntil(separator)
+            found = True
         except asyncio.LimitOverrunError as overrun:
-            chunk = await reader.read(overrun.consumed)  # a fragment: the reader never splits a CRLF
-        if not line_octets and chunk == _END:
-            break
+            chunk = await reader.read(overrun.consumed)  # leaves an END begun in it findable (_separator)
+            found = False
+        seen = tail + chunk
+        if found and seen.endswith(END):
+            chunk = chunk[:-3]  # the CRLF before the dot ends the message's last line
         total += len(chunk)
-        line_octets += len(chunk)
         if refusal is None:
+            line_octets, too_long = _longest_line(line_octets, tail[-1:], chunk, max_line)
             if total > max_octets:
                 refusal = TOO_MUCH_DATA
-            elif line_octets > max_line:
+            elif too_long:
                 refusal = LINE_TOO_LONG
             if refusal is not None:
-                lines.clear()
-                fragments.clear()
-        if not chunk.endswith(b"\r\n"):
-            if refusal is None:
-                fragments.append(chunk)
-            continue
-        line_octets = 0
-        if refusal is not None:
-            continue
-        if fragments:
-            fragments.append(chunk)
-            chunk = b"".join(fragments)
-            fragments.clear()
-        lines.append(chunk[1:] if chunk[:1] == b"." else chunk)
-    return refusal if refusal is not None else b"".join(lines)
+                kept = bytearray()
+            else:
+                kept += chunk
+        if found and seen.endswith(END):
+            break
+        tail = seen[-4:]
+    if refusal is not None:
+        return refusal
+    if kept[:1] == b".":
+        del kept[:1]
+    unstuffed = kept.replace(b"\r\n.", CRLF)
+    del kept
+    return bytes(unstuffed)

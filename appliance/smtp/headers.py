@@ -37,9 +37,12 @@ def normalise_line_ends(data: bytes) -> bytes:
     """Every bare LF and bare CR becomes CRLF (as Postfix's smtpd_forbid_bare_newline=normalize).
     aiosmtpd only ends DATA at CRLF.CRLF, so `\\n.\\n` and `\\r.\\n` were content; normalising them keeps
     any later SMTP hop (which dot-stuffs CRLF lines) from seeing an end of data there."""
-    if b"\r" not in data and b"\n" not in data:
-        return data
-    return _LINE_END.sub(b"\r\n", data)
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") == crlf == data.count(b"\n"):
+        return data  # every line ends in CRLF already
+    # Three passes in C, not _LINE_END.sub: a regex substitution keeps every line's text as its own
+    # object until its join, 600 MB for 36 MiB of short lines, and 1.2 s of CPU for 20 MB.
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
 def header_section_end(data: bytes) -> int:

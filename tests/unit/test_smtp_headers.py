@@ -40,6 +40,21 @@ def test_bare_lf_and_cr_become_crlf() -> None:
     assert normalise_line_ends(b"\r\n\r\n") == b"\r\n\r\n"
 
 
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b".", b"\n\r"]), max_size=30))
+def test_line_ends_normalised_as_one_substitution_would(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    assert normalise_line_ends(data) == re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+
+
+def test_normalising_many_short_lines_costs_little() -> None:
+    # A regex substitution kept each line's text as an object until the join: 8 MB of "ab" lines cost
+    # ~3 s of CPU and ~430 MB (36 MiB: 14 s and 1.9 GB), whether their ends were CRLF or bare LF.
+    for data in (b"ab\r\n" * 2_000_000, b"ab\n" * 2_000_000):
+        started = time.process_time()
+        assert len(normalise_line_ends(data)) == 8_000_000
+        assert time.process_time() - started < 0.5
+
+
 @given(st.binary(max_size=300))
 def test_normalised_data_has_no_bare_cr_or_lf(data: bytes) -> None:
     out = normalise_line_ends(data)
