@@ -23,17 +23,21 @@ END = b"\r\n.\r\n"  # the CRLF ending the last line, the dot, its CRLF
 CRLF = b"\r\n"
 
 
-def _separator(tail: bytes) -> bytes:
+def _separator(tail: bytes, buffered: bytes | bytearray) -> bytes:
     """What to search the stream for, given the last octets read, so that an end begun in them is found.
 
     Each search's separator is a suffix of END, so an END wholly in the reader's buffer is always
     found; one begun in octets already read can only begin in their last two (a search that gives up
-    leaves len(separator) - 1 octets unread), and is found by searching for its rest."""
+    leaves len(separator) - 1 octets unread), and is found by searching for its rest, unless what is
+    buffered shows the stream does not begin with that rest: a search for ".\r\n" after each line
+    ending in a full stop would be a read per line of prose."""
     if tail.endswith(CRLF):
-        return END[2:]  # at a line's start: ".\r\n"
-    if tail.endswith(b"\r"):
-        return END[1:]  # "\n.\r\n"
-    return END
+        rest = END[2:]  # at a line's start: ".\r\n"
+    elif tail.endswith(b"\r"):
+        rest = END[1:]  # "\n.\r\n"
+    else:
+        return END
+    return rest if rest.startswith(bytes(buffered[: len(rest)])) else END
 
 
 def _longest_line(carried: int, prev: bytes, chunk: bytes, max_line: int) -> tuple[int, bool]:
@@ -66,7 +70,8 @@ async def read_message(reader: asyncio.StreamReader, *, max_line: int, max_octet
     total = 0
     refusal: str | None = None
     while True:
-        separator = _separator(tail)
+        # The stream reader's buffer, looked at, not taken (the server's greeting checks look at it too).
+        separator = _separator(tail, getattr(reader, "_buffer", b""))
         try:
             chunk = await reader.readuntil(separator)
             found = True
