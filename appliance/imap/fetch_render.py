@@ -18,7 +18,7 @@ import logging
 import os
 import sqlite3
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol, overload
 
@@ -77,6 +77,7 @@ INDEX_FETCH_BATCH = 5000  # messages per rendered block of an index-only FETCH
 # just delivered or APPENDed) is answered on the event loop, a stat per file: the worker thread's
 # trip (two wake-ups, the GIL handed over twice) and its SQL cost more than that (issue 19).
 RECENT_FETCH = 64
+MOVES_FOLLOWED = 4  # renames of one file queued at once that _stat_placed follows back (a claim, flag changes)
 
 # (folder name, UIDVALIDITY, UID): a UID names one message for as long as its UIDVALIDITY holds.
 StructureKey = tuple[str, int, int]
@@ -130,8 +131,9 @@ class FetchRenderer:
         if cache is not None and fetch_cache.wants_header_only(items):
             known = _render_recent(view, uids, items, flags_changed, condstore, cache)
             if known is not None:
-                await send(Preformatted(known))
-                return False
+                if known[0]:
+                    await send(Preformatted(known[0]))
+                return known[1]
             return await self._send_cached(view, uids, items, flags_changed, condstore, send, cache)
         missing = False
         dated = _dated(items)
@@ -364,28 +366,49 @@ def _render_cached(
 
 
 def _render_recent(view: SelectedFolder, uids: Sequence[int], items: Sequence[FetchItem], flags_changed: set[int],
-                   condstore: bool, cache: FolderCache) -> bytes | None:
+                   condstore: bool, cache: FolderCache) -> tuple[bytes, bool] | None:
     """On the event loop: the FETCH answers from rows kept in memory (RECENT_FETCH), each checked
-    against its file by a stat; None when a message has no such row, its file changed or is gone,
-    or the row cannot answer (the worker thread's way then, which handles each of those)."""
+    against its file by a stat, and whether a message expunged (not yet told to this session) had
+    its file gone already (no answer for it); None when a message has no such row, its file changed
+    or is gone otherwise, or the row cannot answer (the worker thread's way then, which handles each
+    of those)."""
     rows = cache.recent(uids) if len(uids) <= RECENT_FETCH else None
     if rows is None:
         return None
     dated = _dated(items)
     out: list[bytes] = []
+    missing = False
     for uid, row in zip(uids, rows, strict=True):
-        try:
-            st = os.stat(view.info(uid).file)
-        except OSError:
-            return None
-        if stamp_of(st) != row.stamp:
+        st = _stat_placed(view.info(uid), cache.moved_from)
+        if st is None and view.is_gone(uid):
+            missing = True  # as the worker thread's way finds it
+            continue
+        if st is None or stamp_of(st) != row.stamp:
             return None
         message = facts(view, uid, dated)
         values = fetch_cache.item_values(items, message, row)
         if values is None:
             return None
         out.append(fetch_line(view.seq_of(uid), _with_flags(values, message, flags_changed, condstore)))
-    return b"".join(out)
+    return b"".join(out), missing
+
+
+def _stat_placed(info: MessageInfo, moved_from: Mapping[str, str]) -> os.stat_result | None:
+    """The stat of a message's file (None: gone); while the box's own rename of it is queued on the
+    database's thread (index.commit_pipelined: a flag change, a claim of \\Recent), where it is until
+    then. (Renamed in between, it is looked for no further: the worker thread's way finds it.)"""
+    path, name = info.file, info.filename
+    for _ in range(MOVES_FOLLOWED):
+        try:
+            return os.stat(path)
+        except FileNotFoundError:
+            before = moved_from.get(name)
+            if before is None:
+                return None
+            path, name = before, before.rpartition("/")[2]
+        except OSError:
+            return None
+    return None
 
 
 async def _learn_later(cache: FolderCache, files: Sequence[tuple[int, str | Path]], cpu: CpuPool, *, background: bool,

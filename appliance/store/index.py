@@ -237,6 +237,11 @@ class FolderIndex:
         # that memory is read again from the db and the disk (OpenMailboxes.settle).
         self.in_flight: list[asyncio.Future[list[Entry]]] = []
         self.reload_due = False
+        # A file name memory has while the rename to it is queued there (a flag change, a claim of
+        # \Recent) -> the path the file has until then: what a FETCH that checks its cache row
+        # against the file with a stat on the event loop (fetch_render._render_recent) stats. A third
+        # of imaptest's header FETCHes missed the file and took the worker thread's way (issue 19).
+        self.moved_from: dict[str, str] = {}
         # New messages whose commit is queued (commit_arrivals): on disk under names in `pending`,
         # not in memory yet, so a listing meanwhile skips them and need not wait for them.
         self.arriving: list[asyncio.Future[None]] = []
@@ -1167,16 +1172,22 @@ async def commit_pipelined(db: Database, change: Change, files: Callable[[], Seq
             change.write(tx)
         return missed
 
+    moves = [(filename, f.file(e.sub, e.filename)) for e, sub, filename in change.located
+             if filename != e.filename or sub != e.sub]
     change.apply()  # before it is queued: the database's thread then reads the change, never the loop
     try:
         written = await db.write_queued(write, durable=False, transaction=change.writes)
     except BaseException:
         f.reload_due = True
         raise
+    f.moved_from.update(moves)
 
     def settle(done: asyncio.Future[list[Entry]]) -> None:
         """On the loop once the transaction ended, before anyone awaiting it runs (the first callback)."""
         f.in_flight.remove(done)
+        for name, before in moves:
+            if f.moved_from.get(name) == before:
+                del f.moved_from[name]
         if done.cancelled() or done.exception() is not None or done.result():
             f.reload_due = True
             return

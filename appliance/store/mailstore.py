@@ -466,7 +466,7 @@ class MailStore:
         UIDVALIDITY (removed and made again)."""
         mb = await self._boxes.get(mailbox)
         f = await self._boxes.folder(mb, folder)
-        return FolderCache(self.message_cache, f.id) if f.uidvalidity == uidvalidity else None
+        return FolderCache(self.message_cache, f.id, f.moved_from) if f.uidvalidity == uidvalidity else None
 
     async def flush_uidlists(self) -> None:
         """Wait for the dovecot-uidlist writes under way (at stop, and in tests), and the retries of

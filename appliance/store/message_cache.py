@@ -27,9 +27,9 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -403,6 +403,9 @@ class FolderCache:
 
     cache: MessageCache
     folder_id: int
+    # The folder's files whose rename is queued, at their names before (index.FolderIndex.moved_from:
+    # the store's own, kept current): the event loop's reads only.
+    moved_from: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:

@@ -17,6 +17,7 @@ import trustme
 from appliance.imap import fetch_render
 from appliance.store.message_cache import CachedMessage, MessageCache, stamp_of
 from tests.conftest import BoxHandle
+from tests.support.fetch_paths import threaded_renders
 from tests.support.imap_wire import RawImap
 from tests.support.polling import wait_until
 
@@ -586,14 +587,7 @@ def test_a_list_of_mail_just_delivered_is_answered_without_a_worker_thread(
     box.add_user(USER, PASSWORD)
     for n in range(3):
         deliver(box, message(n))
-    threaded: list[int] = []
-    real = fetch_render._render_cached
-
-    def counted(cache: Any, jobs: list[Any], *args: Any) -> Any:
-        threaded.append(len(jobs))
-        return real(cache, jobs, *args)
-
-    monkeypatch.setattr(fetch_render, "_render_cached", counted)
+    threaded = threaded_renders(monkeypatch)
     from_memory = fetch(box)
     assert threaded == []
     assert b'"cached 2"' in from_memory

@@ -30,6 +30,7 @@ import pytest
 import trustme
 
 from tests.conftest import BoxHandle
+from tests.support.fetch_paths import threaded_renders
 from tests.support.imap_wire import RawImap
 
 USER = "alice@example.test"
@@ -505,3 +506,38 @@ def test_status_counts_each_sessions_own_changes_while_another_changes_the_folde
     uids = _searched(mine, b"ALL")
     assert _status(mine)[0] == _status(other)[0] == len(uids)
     assert set(mine_left) <= set(uids)
+
+
+def test_a_header_fetch_of_a_message_whose_rename_is_queued_is_answered_on_the_event_loop(
+        box: BoxHandle, opened: Callable[[], RawImap], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another session's STORE is in memory, its rename still queued on the database's thread: a
+    FETCH of the message's cached header fields finds the file where it is until then (its name
+    before, index.FolderIndex.moved_from), and answers from the row kept in memory, with no trip to a
+    worker thread (issue 19: a third of imaptest's header FETCHes missed the file that way)."""
+    busy, other = opened(), opened()
+    _append(busy)
+    for raw in (busy, other):
+        assert raw.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+    threaded = threaded_renders(monkeypatch)
+    before = _file(box, 1)
+    gate = threading.Event()  # the database's thread waits for it: the STORE's rename waits behind
+    blocker = box.run(_queued_behind(box.services.store._db.write_queued(_nothing, gate=(gate, 30))))
+    try:
+        busy.send(b"st UID STORE 1 +FLAGS.SILENT (\\Flagged)\r\n")
+        told = b""
+        deadline = time.monotonic() + 10
+        while b"\\Flagged" not in told and time.monotonic() < deadline:  # in memory: the other session is told
+            told = b"".join(other.command(b"n", b"NOOP"))
+        assert b"\\Flagged" in told, "the STORE was not told to the other session"
+        assert before.exists()  # not renamed yet
+        reply = other.command(b"f", b"FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    finally:
+        gate.set()
+    box.run(_ended(blocker))
+    assert reply[-1] == b"f OK FETCH completed\r\n", reply
+    assert b"Subject: hello" in b"".join(reply)
+    assert threaded == []
+    assert busy.until_tagged(b"st")[-1].startswith(b"st OK")
+    assert _file(box, 1).name.endswith(":2,F")
+    assert box.services.store._boxes._mailboxes  # (loaded)
+    assert all(not f.moved_from for mb in box.services.store._boxes._mailboxes.values() for f in mb.folders.values())
