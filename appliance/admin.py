@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance import dkim_keys, sizes
-from appliance.account_errors import NotFound
+from appliance import boot_reset, dkim_keys, sizes
+from appliance.account_errors import AccountError, NotFound
 from appliance.accounts import Accounts, AliasInfo, MailboxInfo, stored_domain
 from appliance.config import DataLayout
 from appliance.db import Database
@@ -246,12 +246,43 @@ class Admin:
         await self.events.record("admins", f"administrator {name} created")
         return name
 
-    async def set_admin_password(self, name: str, password: str, *, by_owner: bool = False) -> str:
+    async def set_admin_password(self, name: str, password: str, *, by_owner: bool = False,
+                                 from_boot: bool = False) -> str:
+        """A new password: the admin's other web sessions end, and the lockouts their account earned are
+        lifted at its next login (auth.py). `from_boot`: read from the boot partition's reset file."""
         await self.accounts.set_admin_password(name, password)
         name = name.strip().lower()
-        await self.events.record("admins", f"admin {name} changed their password" if by_owner
-                                 else f"password of admin {name} set")
+        if from_boot:
+            said = f"administrator password of {name} reset from the boot partition ({boot_reset.FILE_NAME})"
+        else:
+            said = f"admin {name} changed their password" if by_owner else f"password of admin {name} set"
+        await self.events.record("admins", said)
         return name
+
+    async def reset_admin_password_from_boot(self, read: Callable[[], bytes]) -> str:
+        """The appliance's boot-time reset (boot_reset.py): the file's bytes from `read`, which may raise
+        OSError; the named administrator's, the only one's or the first one's password set. Anything
+        that stops it is an event too, and changes nothing."""
+        try:
+            try:
+                data = read()
+            except OSError as exc:
+                raise boot_reset.ResetFileProblem(f"the file could not be read ({exc.strerror or exc})") from None
+            request = boot_reset.read_reset_file(data)
+            name = request.name or await self.accounts.first_admin()
+            if request.name is not None:
+                admins = await self.accounts.list_admins()
+                if request.name.strip().lower() not in admins:
+                    # Not the line itself: it may be the password, put first by mistake.
+                    raise boot_reset.ResetFileProblem(
+                        "the first of the two lines names no administrator of this box (they are:"
+                        f" {', '.join(admins) or 'none yet'})")
+            if name is None:
+                raise NotFound("the box has no administrator yet: the setup wizard makes the first one")
+            return await self.set_admin_password(name, request.password, from_boot=True)
+        except (boot_reset.ResetFileProblem, AccountError) as exc:
+            await self.events.record("admins", f"administrator password not reset from the boot partition: {exc}")
+            raise
 
     async def remove_admin(self, name: str) -> str:
         await self.accounts.remove_admin(name)

@@ -248,11 +248,29 @@ def cmd_admin(args: argparse.Namespace) -> None:
     elif args.action == "passwd":
         print(f"password changed for administrator "
               f"{run_admin(args, lambda admin: admin.set_admin_password(args.name, password))}")
+    elif args.action == "reset-from-boot":
+        print(f"the password of administrator {reset_from_boot(args)} was reset")
     elif args.action == "remove":
         print(f"removed administrator {run_admin(args, lambda admin: admin.remove_admin(args.name))}")
     else:
         for name in run_admin(args, lambda admin: admin.list_admins()):
             print(name)
+
+
+def reset_from_boot(args: argparse.Namespace) -> str:
+    """The appliance's letterbox-reset.service: the boot partition's reset file on standard input (or
+    why root could not open it), for Admin.reset_admin_password_from_boot."""
+    from appliance.boot_reset import MAX_BYTES, ResetFileProblem
+
+    def read() -> bytes:
+        if args.unreadable:
+            raise OSError(args.unreadable)
+        return sys.stdin.buffer.read(MAX_BYTES + 1)
+
+    try:
+        return run_admin(args, lambda admin: admin.reset_admin_password_from_boot(read))
+    except ResetFileProblem as exc:
+        raise CliError(str(exc)) from None
 
 
 # --- queue -----------------------------------------------------------------------------------------
@@ -724,6 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
         admin_action.add_argument("name")
         admin_action.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     adsub.add_parser("remove", help="refused for the last one").add_argument("name")
+    reset = adsub.add_parser("reset-from-boot", help="the appliance image's boot-time reset: the reset file"
+                             " (the new password, or a name and the password on two lines) on standard input")
+    reset.add_argument("--unreadable", metavar="REASON", default="", help="the file could not be opened: say why")
     adsub.add_parser("list")
     admin.set_defaults(func=cmd_admin)
 

@@ -202,6 +202,9 @@ class Accounts:
     async def list_admins(self) -> list[str]:
         return await self.admins.list_admins()
 
+    async def first_admin(self) -> str | None:
+        return await self.admins.first_admin()
+
     async def set_admin_password(self, username: str, password: str) -> None:
         await self.admins.set_admin_password(username, password)
 

@@ -68,6 +68,11 @@ class WebAdmins:
         rows = await self._db.fetchall("SELECT username FROM admins ORDER BY username")
         return [str(r["username"]) for r in rows]
 
+    async def first_admin(self) -> str | None:
+        """The administrator made first (the wizard's), or None while there is none."""
+        row = await self._db.fetchone("SELECT username FROM admins ORDER BY created_at, id LIMIT 1")
+        return None if row is None else str(row["username"])
+
     async def set_admin_password(self, username: str, password: str) -> None:
         name = admin_name(username)
         problem = passwords.password_problem(password, address=name)

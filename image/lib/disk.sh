@@ -97,7 +97,11 @@ make_disk_amd64() {
         cp /usr/lib/grub/$platform/*.mod /usr/lib/grub/$platform/*.lst "$root/boot/grub/$platform/"
     done
     grub_config "$uuid" >"$root/boot/grub/grub.cfg"
-    printf 'UUID=%s\t/\text4\terrors=remount-ro,noatime\t0\t1\n' "$uuid" >"$root/etc/fstab"
+    # The EFI partition at /boot/efi, mounted on first use (root's alone): letterbox-reset looks there
+    # for the owner's letterbox-reset.txt at each boot. Never checked by fsck, never a reason to stop.
+    printf 'UUID=%s\t/\text4\terrors=remount-ro,noatime\t0\t1\nLABEL=LBXEFI\t/boot/efi\tvfat\tnoatime,umask=0077,nofail,x-systemd.automount\t0\t0\n' \
+        "$uuid" >"$root/etc/fstab"
+    mkdir -p "$root/boot/efi"
     grub_early_config "$uuid" >"$work/early.cfg"
     modules="part_gpt part_msdos ext2 search search_fs_uuid normal configfile linux echo test serial terminal"
     # shellcheck disable=SC2086

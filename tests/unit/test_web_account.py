@@ -219,3 +219,5 @@ def test_login_page_says_what_to_do_about_a_forgotten_password(web: WebClient) -
     assert "Forgot your password?" in page
     assert "an administrator of this box sets a new one" in page
     assert "<code>letterbox admin passwd NAME</code>" in page
+    # The appliance has no command line to type it in (tests/integration/test_boot_reset.py).
+    assert "put a plain text file named <code>letterbox-reset.txt</code>" in page

@@ -1,0 +1,95 @@
+"""A forgotten administrator password reset from the boot partition: the image's own script
+(image/overlay/usr/local/sbin/letterbox-reset) run on a running box, with a directory standing for the
+SD card's FAT and the checkout's `letterbox` for the image's (tests/image/test_appliance.py does it on the
+image at its reboot)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import httpx
+
+from appliance.auth import Throttle
+from tests.conftest import LETTERBOX, BoxHandle
+from tests.integration.test_live_settings import ADMIN, ADMIN_PASSWORD, admin_console
+from tests.integration.test_lockout import LOCKOUT, WRONG, web_login
+
+SCRIPT = Path(__file__).parents[2] / "image/overlay/usr/local/sbin/letterbox-reset"
+NEW = "the new password from the card é"
+
+
+def run_reset(box: BoxHandle, card: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LETTERBOX_RESET_DIRS": f"{card} {card.parent / 'no-such-partition'}",
+           "LETTERBOX_RESET_DATA": str(box.data.root), "LETTERBOX_RESET_CLI": LETTERBOX,
+           "LETTERBOX_RESET_AS": ""}  # the image runs it as the box's user; the test's box is this user's
+    result = subprocess.run(["sh", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr  # a failed reset never stops the boot
+    return result
+
+
+def events(web: httpx.Client) -> str:
+    return web.get("/console/events").text
+
+
+def card_with(tmp_path: Path, name: str, data: bytes) -> Path:
+    card = tmp_path / "card"
+    card.mkdir(exist_ok=True)
+    (card / name).write_bytes(data)
+    return card
+
+
+def test_notepads_file_sets_the_password_ends_sessions_and_lockouts_and_goes(box: BoxHandle, tmp_path: Path) -> None:
+    with admin_console(box) as web:
+        box.services.auth.throttle = Throttle(LOCKOUT)
+        for _ in range(3):
+            assert web_login(box, ADMIN, WRONG).status_code == 401
+        assert web_login(box, ADMIN, WRONG).status_code == 429  # locked out guessing
+        # Windows' Explorer hides the .txt it adds: the name typed was "letterbox-reset.txt".
+        card = card_with(tmp_path, "letterbox-reset.txt.txt", b"\xef\xbb\xbf" + NEW.encode() + b"\r\n")
+        run_reset(box, card)
+
+        assert sorted(p.name for p in card.iterdir()) == ["letterbox-reset-result.txt"]
+        said = (card / "letterbox-reset-result.txt").read_bytes()
+        assert b"Done: the password of administrator admin was reset." in said, said
+        assert NEW.encode() not in said
+        assert b"\r\n" in said  # Notepad shows its lines
+        assert web.get("/console/domains").status_code in (302, 303)  # the session before it ended
+    assert web_login(box, ADMIN, ADMIN_PASSWORD).status_code == 401
+    assert web_login(box, ADMIN, NEW).status_code == 303  # and the lockout with it
+    with httpx.Client(base_url=f"https://localhost:{box.port('https')}", verify=box.client_context) as web:
+        token = web.get("/login").text.split('name="csrf" value="')[1].split('"')[0]
+        web.post("/login", data={"csrf": token, "name": ADMIN, "password": NEW})
+        assert "administrator password of admin reset from the boot partition (letterbox-reset.txt)" in events(web)
+
+
+def test_an_empty_or_unreadable_file_changes_nothing_and_says_why(box: BoxHandle, tmp_path: Path) -> None:
+    with admin_console(box) as web:
+        card = card_with(tmp_path, "letterbox-reset.txt", b"\r\n")
+        run_reset(box, card)
+        assert not (card / "letterbox-reset.txt").exists()
+        said = (card / "letterbox-reset-result.txt").read_text()
+        assert "Not done, nothing was changed: the file is empty: write the new password in it" in said, said
+        assert ("administrator password not reset from the boot partition: the file is empty" in events(web))
+
+        # A file whose reading fails (a bad card): here a directory of that name, which opens but reads EISDIR.
+        (card / "letterbox-reset.txt").mkdir()
+        run_reset(box, card)
+        said = (card / "letterbox-reset-result.txt").read_text()
+        assert "Not done, nothing was changed: the file could not be read (Is a directory)" in said, said
+        assert "administrator password not reset from the boot partition: the file could not be read" in events(web)
+    assert web_login(box, ADMIN, ADMIN_PASSWORD).status_code == 303
+
+
+def test_a_name_that_is_no_administrator_is_not_repeated(box: BoxHandle, tmp_path: Path) -> None:
+    """The password put first and something else second: the result names the administrators, and never
+    the file's lines (it stays on the card, and in the events)."""
+    with admin_console(box) as web:
+        card = card_with(tmp_path, "letterbox-reset.txt", f"{NEW}\n{NEW} again\n".encode())
+        run_reset(box, card)
+        said = (card / "letterbox-reset-result.txt").read_text()
+        assert "the first of the two lines names no administrator of this box (they are: admin)" in said, said
+        assert NEW not in said
+        assert NEW not in events(web)
+    assert web_login(box, ADMIN, ADMIN_PASSWORD).status_code == 303
