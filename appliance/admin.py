@@ -247,22 +247,23 @@ class Admin:
         return name
 
     async def set_admin_password(self, name: str, password: str, *, by_owner: bool = False,
-                                 from_boot: bool = False) -> str:
+                                 reset_from: str = "") -> str:
         """A new password: the admin's other web sessions end, and the lockouts their account earned are
-        lifted at its next login (auth.py). `from_boot`: read from the boot partition's reset file."""
+        lifted at its next login (auth.py). `reset_from`: where a boot-time reset came from (boot_reset.py)."""
         await self.accounts.set_admin_password(name, password)
         name = name.strip().lower()
-        if from_boot:
-            said = f"administrator password of {name} reset from the boot partition ({boot_reset.FILE_NAME})"
+        if reset_from:
+            said = f"administrator password of {name} reset from {reset_from}"
         else:
             said = f"admin {name} changed their password" if by_owner else f"password of admin {name} set"
         await self.events.record("admins", said)
         return name
 
-    async def reset_admin_password_from_boot(self, read: Callable[[], bytes]) -> str:
+    async def reset_admin_password_from_boot(self, read: Callable[[], bytes], *,
+                                             where: str = boot_reset.FROM_FILE) -> str:
         """The appliance's boot-time reset (boot_reset.py): the file's bytes from `read`, which may raise
         OSError; the named administrator's, the only one's or the first one's password set. Anything
-        that stops it is an event too, and changes nothing."""
+        that stops it is an event too, and changes nothing. `where`: the file, or the boot menu's entry."""
         try:
             try:
                 data = read()
@@ -279,9 +280,9 @@ class Admin:
                         f" {', '.join(admins) or 'none yet'})")
             if name is None:
                 raise NotFound("the box has no administrator yet: the setup wizard makes the first one")
-            return await self.set_admin_password(name, request.password, from_boot=True)
+            return await self.set_admin_password(name, request.password, reset_from=where)
         except (boot_reset.ResetFileProblem, AccountError) as exc:
-            await self.events.record("admins", f"administrator password not reset from the boot partition: {exc}")
+            await self.events.record("admins", f"administrator password not reset from {where}: {exc}")
             raise
 
     async def remove_admin(self, name: str) -> str:

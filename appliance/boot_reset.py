@@ -13,6 +13,10 @@ import unicodedata
 from dataclasses import dataclass
 
 FILE_NAME = "letterbox-reset.txt"
+# Where a reset came from, as its event says: the file, or (a VM, amd64) the boot menu's entry "a new
+# administrator password on this screen", whose password letterbox-reset makes and shows on the console.
+FROM_FILE = f"the boot partition ({FILE_NAME})"
+FROM_MENU = "the boot menu (a new password shown on the console)"
 # A password (passwords.MAX_PASSWORD_LENGTH) and a name fit many times over; anything larger is not a
 # file written for this.
 MAX_BYTES = 4096

@@ -260,15 +260,16 @@ def cmd_admin(args: argparse.Namespace) -> None:
 def reset_from_boot(args: argparse.Namespace) -> str:
     """The appliance's letterbox-reset.service: the boot partition's reset file on standard input (or
     why root could not open it), for Admin.reset_admin_password_from_boot."""
-    from appliance.boot_reset import MAX_BYTES, ResetFileProblem
+    from appliance.boot_reset import FROM_FILE, FROM_MENU, MAX_BYTES, ResetFileProblem
 
     def read() -> bytes:
         if args.unreadable:
             raise OSError(args.unreadable)
         return sys.stdin.buffer.read(MAX_BYTES + 1)
 
+    where = FROM_MENU if args.from_menu else FROM_FILE
     try:
-        return run_admin(args, lambda admin: admin.reset_admin_password_from_boot(read))
+        return run_admin(args, lambda admin: admin.reset_admin_password_from_boot(read, where=where))
     except ResetFileProblem as exc:
         raise CliError(str(exc)) from None
 
@@ -745,6 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     reset = adsub.add_parser("reset-from-boot", help="the appliance image's boot-time reset: the reset file"
                              " (the new password, or a name and the password on two lines) on standard input")
     reset.add_argument("--unreadable", metavar="REASON", default="", help="the file could not be opened: say why")
+    reset.add_argument("--from-menu", action="store_true", help="the password was made for the boot menu's entry")
     adsub.add_parser("list")
     admin.set_defaults(func=cmd_admin)
 

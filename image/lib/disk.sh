@@ -83,6 +83,12 @@ menuentry "Letterbox (previous kernel)" {
     linux /vmlinuz.old root=UUID=$uuid $KERNEL_ARGS_AMD64
     initrd /initrd.img.old
 }
+# A forgotten administrator password on a VM, from its console (letterbox-reset): a new one is shown on
+# the login screen. Choosing it needs the console, where the kernel line can be edited anyway.
+menuentry "Letterbox: a new administrator password on this screen" {
+    linux /vmlinuz root=UUID=$uuid $KERNEL_ARGS_AMD64 letterbox.reset-password
+    initrd /initrd.img
+}
 CFG
 }
 

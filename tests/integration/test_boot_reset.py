@@ -6,6 +6,8 @@ image at its reboot)."""
 from __future__ import annotations
 
 import os
+import re
+import stat
 import subprocess
 from pathlib import Path
 
@@ -20,10 +22,14 @@ SCRIPT = Path(__file__).parents[2] / "image/overlay/usr/local/sbin/letterbox-res
 NEW = "the new password from the card é"
 
 
-def run_reset(box: BoxHandle, card: Path) -> subprocess.CompletedProcess[str]:
+def run_reset(box: BoxHandle, card: Path, cmdline: str = "BOOT_IMAGE=/vmlinuz ro quiet") -> subprocess.CompletedProcess[str]:
+    (card.parent / "cmdline").write_text(cmdline + "\n")
     env = {**os.environ, "LETTERBOX_RESET_DIRS": f"{card} {card.parent / 'no-such-partition'}",
            "LETTERBOX_RESET_DATA": str(box.data.root), "LETTERBOX_RESET_CLI": LETTERBOX,
-           "LETTERBOX_RESET_AS": ""}  # the image runs it as the box's user; the test's box is this user's
+           "LETTERBOX_RESET_AS": "",  # the image runs it as the box's user; the test's box is this user's
+           "LETTERBOX_RESET_CMDLINE": str(card.parent / "cmdline"),
+           "LETTERBOX_RESET_ISSUE": str(card.parent / "issue.d/40-letterbox-reset.issue"),
+           "LETTERBOX_RESET_RELOAD": "true"}  # not this machine's gettys
     result = subprocess.run(["sh", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr  # a failed reset never stops the boot
     return result
@@ -71,14 +77,14 @@ def test_an_empty_or_unreadable_file_changes_nothing_and_says_why(box: BoxHandle
         assert not (card / "letterbox-reset.txt").exists()
         said = (card / "letterbox-reset-result.txt").read_text()
         assert "Not done, nothing was changed: the file is empty: write the new password in it" in said, said
-        assert ("administrator password not reset from the boot partition: the file is empty" in events(web))
+        assert ("administrator password not reset from the boot partition (letterbox-reset.txt): the file is empty" in events(web))
 
         # A file whose reading fails (a bad card): here a directory of that name, which opens but reads EISDIR.
         (card / "letterbox-reset.txt").mkdir()
         run_reset(box, card)
         said = (card / "letterbox-reset-result.txt").read_text()
         assert "Not done, nothing was changed: the file could not be read (Is a directory)" in said, said
-        assert "administrator password not reset from the boot partition: the file could not be read" in events(web)
+        assert "administrator password not reset from the boot partition (letterbox-reset.txt): the file could not be read" in events(web)
     assert web_login(box, ADMIN, ADMIN_PASSWORD).status_code == 303
 
 
@@ -93,3 +99,25 @@ def test_a_name_that_is_no_administrator_is_not_repeated(box: BoxHandle, tmp_pat
         assert NEW not in said
         assert NEW not in events(web)
     assert web_login(box, ADMIN, ADMIN_PASSWORD).status_code == 303
+
+
+def test_the_boot_menus_entry_shows_a_new_password_on_the_console_until_the_next_boot(
+        box: BoxHandle, tmp_path: Path) -> None:
+    """A VM's owner, at the hypervisor's console, chose the boot menu's entry (image/lib/disk.sh)."""
+    with admin_console(box) as web:
+        card = tmp_path / "card"
+        card.mkdir()
+        result = run_reset(box, card, "BOOT_IMAGE=/vmlinuz root=UUID=x ro quiet letterbox.reset-password")
+        issue = tmp_path / "issue.d/40-letterbox-reset.issue"
+        shown = issue.read_text()
+        assert stat.S_IMODE(issue.stat().st_mode) == 0o600  # agetty reads it as root
+        match = re.search(r"Log in to the console as admin with\n +([a-z2-9]{4}(?:-[a-z2-9]{4}){3})\n", shown)
+        assert match, shown
+        assert match.group(1) not in result.stdout + result.stderr  # the journal never sees it
+        assert web.get("/console/domains").status_code in (302, 303)  # the session before it ended
+    assert web_login(box, ADMIN, match.group(1)).status_code == 303
+    assert web_login(box, ADMIN, ADMIN_PASSWORD).status_code == 401
+
+    run_reset(box, card)  # the next boot, a plain one
+    assert not issue.exists()
+    assert web_login(box, ADMIN, match.group(1)).status_code == 303
