@@ -16,7 +16,8 @@ UNLINKS = "unlink,unlinkat"
 LINKS = "link,linkat"
 
 
-def _traced(pid: int) -> bool:
+def traced(pid: int) -> bool:
+    """Whether every thread of `pid` has a tracer."""
     tasks = list(Path(f"/proc/{pid}/task").iterdir())
     for task in tasks:
         with contextlib.suppress(FileNotFoundError):
@@ -37,7 +38,7 @@ def held_after(pid: int, syscalls: str) -> Iterator[None]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        wait_until(lambda: _traced(pid), seconds=20, interval=0.02, what="strace attached to every thread")
+        wait_until(lambda: traced(pid), seconds=20, interval=0.02, what="strace attached to every thread")
         yield
     finally:
         tracer.kill()
