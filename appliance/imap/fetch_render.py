@@ -109,10 +109,10 @@ class FetchRenderer:
     async def send_fetch(
         self, view: SelectedFolder, uids: Sequence[int], items: Sequence[FetchItem], flags_changed: set[int],
         condstore: bool, send: Send, cache: FolderCache | None = None,
-    ) -> bool:
+    ) -> list[int]:
         """Send the FETCH responses for `uids` (in the selected folder `view`), `flags_changed` adding
         FLAGS (and MODSEQ under CONDSTORE) where the fetch itself changed them (RFC 3501 6.4.5);
-        returns whether a message's file had gone meanwhile (no response sent for it). `cache`:
+        returns the UIDs of the messages whose file was not at its path (no response sent). `cache`:
         the folder's message cache, which answers the items of message lists."""
         told = cache if cache is not None else self._selected
         if told is None:
@@ -123,11 +123,11 @@ class FetchRenderer:
     async def _send_fetch(
         self, view: SelectedFolder, uids: Sequence[int], items: Sequence[FetchItem], flags_changed: set[int],
         condstore: bool, send: Send, cache: FolderCache | None,
-    ) -> bool:
+    ) -> list[int]:
         if not any(fetching.needs_file(i) for i in items):
             for start in range(0, len(uids), INDEX_FETCH_BATCH):
                 await send(index_only(view, uids[start:start + INDEX_FETCH_BATCH], items, flags_changed))
-            return False
+            return []
         if cache is not None and fetch_cache.wants_header_only(items):
             known = _render_recent(view, uids, items, flags_changed, condstore, cache)
             if known is not None:
@@ -135,7 +135,7 @@ class FetchRenderer:
                     await send(Preformatted(known[0]))
                 return known[1]
             return await self._send_cached(view, uids, items, flags_changed, condstore, send, cache)
-        missing = False
+        missing: list[int] = []
         dated = _dated(items)
         for start in range(0, len(uids), FETCH_BATCH):
             jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid, dated))
@@ -149,15 +149,15 @@ class FetchRenderer:
                 results = await asyncio.to_thread(
                     self._render_files, (view.name, view.uidvalidity), jobs, items, flags_changed, condstore,
                 )
-            missing = missing or None in results
+            missing += _unanswered(jobs, results)
             await send(*[r for r in results if r is not None])
         return missing
 
     async def _send_cached(
         self, view: SelectedFolder, uids: Sequence[int], items: Sequence[FetchItem], flags_changed: set[int],
         condstore: bool, send: Send, cache: FolderCache,
-    ) -> bool:
-        missing = False
+    ) -> list[int]:
+        missing: list[int] = []
         learned: fetch_cache.Learned = []
         unknown: list[tuple[int, str]] = []
         writing: asyncio.Future[None] | None = None  # the rows of the batch before, being kept
@@ -172,7 +172,7 @@ class FetchRenderer:
             jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid, dated)) for uid in uids[start:stop]]
             rendered, new, later = await asyncio.to_thread(
                 _render_cached, cache, jobs, items, flags_changed, condstore)
-            missing = missing or None in rendered
+            missing += _unanswered(jobs, rendered)
             # Rendered in the thread: the event loop only writes the batch.
             await send(Preformatted(b"".join(r for r in rendered if r is not None)))
             if cache.prefilling():
@@ -365,11 +365,16 @@ def _render_cached(
     return out, learned, unknown
 
 
+def _unanswered(jobs: list[_Job], results: Sequence[object | None]) -> list[int]:
+    """The UIDs of the jobs rendered as None: their file was not at its path."""
+    return [info.uid for (_, info, _), result in zip(jobs, results, strict=True) if result is None]
+
+
 def _render_recent(view: SelectedFolder, uids: Sequence[int], items: Sequence[FetchItem], flags_changed: set[int],
-                   condstore: bool, cache: FolderCache) -> tuple[bytes, bool] | None:
+                   condstore: bool, cache: FolderCache) -> tuple[bytes, list[int]] | None:
     """On the event loop: the FETCH answers from rows kept in memory (RECENT_FETCH), each checked
-    against its file by a stat, and whether a message expunged (not yet told to this session) had
-    its file gone already (no answer for it); None when a message has no such row, its file changed
+    against its file by a stat, and the UIDs of messages expunged (not yet told to this session)
+    whose file was gone already (no answer for them); None when a message has no such row, its file changed
     or is gone otherwise, or the row cannot answer (the worker thread's way then, which handles each
     of those)."""
     rows = cache.recent(uids) if len(uids) <= RECENT_FETCH else None
@@ -377,11 +382,11 @@ def _render_recent(view: SelectedFolder, uids: Sequence[int], items: Sequence[Fe
         return None
     dated = _dated(items)
     out: list[bytes] = []
-    missing = False
+    missing: list[int] = []
     for uid, row in zip(uids, rows, strict=True):
         st = _stat_placed(view.info(uid), cache.moved_from)
         if st is None and view.is_gone(uid):
-            missing = True  # as the worker thread's way finds it
+            missing.append(uid)  # as the worker thread's way finds it
             continue
         if st is None or stamp_of(st) != row.stamp:
             return None

@@ -1102,6 +1102,17 @@ class ImapSession:
             cache = await self.store.folder_cache(self.mailbox, view.name, view.uidvalidity)
         missing = await self.fetcher.send_fetch(view, uids, items, flags_changed, self.condstore, self.io.send,
                                                 cache)
+        if missing:
+            # A file not at the path this view has: most often another session's flag change or move
+            # from new/ to cur/, in memory (and so in this view) before its rename is made, not an
+            # expunge. Answered once the folder's queued changes are made and the view is in step;
+            # a UID FETCH left such messages out, OK, though they were there all along.
+            await self.store.settled(self.mailbox, view.name)
+            self._owed = True  # (the view looks again, for a rename made since it looked)
+            await self.sync(allow_expunge=False)
+            again = [u for u in missing if not view.is_gone(u)]
+            missing = [u for u in missing if view.is_gone(u)] + (await self.fetcher.send_fetch(
+                view, again, items, flags_changed, self.condstore, self.io.send, cache) if again else [])
         if missing and not command.uid:
             # As Dovecot answers: the messages still here were answered and the expunged ones left
             # out (RFC 2180 4.1.3), the tagged reply OK with RFC 5530's code (4.1.4's OK). A NO made

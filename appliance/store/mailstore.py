@@ -216,6 +216,15 @@ class MailStore:
             uids = await index.expunged_since(self._db, f.id, modseq)
             return uids, modseq >= f.expunges_known_since
 
+    async def settled(self, mailbox: str, folder: str) -> None:
+        """Wait for the folder's changes queued on the database's thread (flag changes, expunges, a
+        claim's moves from new/ to cur/: index.commit_pipelined puts them in memory before their
+        renames): then every file is where memory says, unless another program moved it."""
+        mb = await self._boxes.get(mailbox)
+        f = await self._boxes.folder(mb, folder)
+        async with f.lock:
+            await self._boxes.settle(mb, f)
+
     async def message_path(self, mailbox: str, folder: str, uid: int) -> Path | None:
         """Where a message's file is now, or None when there is no such message."""
         mb = await self._boxes.get(mailbox)

@@ -541,3 +541,48 @@ def test_a_header_fetch_of_a_message_whose_rename_is_queued_is_answered_on_the_e
     assert _file(box, 1).name.endswith(":2,F")
     assert box.services.store._boxes._mailboxes  # (loaded)
     assert all(not f.moved_from for mb in box.services.store._boxes._mailboxes.values() for f in mb.folders.values())
+
+
+@pytest.mark.parametrize("change", ["flag", "claim"])
+def test_a_fetch_of_a_message_whose_rename_is_queued_answers_it(
+        box: BoxHandle, opened: Callable[[], RawImap], change: str) -> None:
+    """Another session's flag change, or its move of recent mail from new/ to cur/, is in memory (and
+    so in this session's view) before its rename is made on the database's thread. A FETCH meanwhile
+    finds no file at the new name and looks for it by its unique name, but a listing of a directory
+    renamed in can miss a file (store.maildir.where_now; a0d95ca's 7 in 100): a UID FETCH answered
+    OK without the message, a FETCH said it was expunged, though it was there all along (seen: 1 of
+    400 in one of 10 rounds of a UID FETCH 1:* beside a STORE 1:*). Here the file is out of new/ and
+    cur/ for the moment of the FETCH, as a listing that missed it sees it; the FETCH answers it once
+    the folder's queued renames are made."""
+    busy, other = opened(), opened()
+    if change == "flag":
+        _append(busy)
+        assert busy.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+    else:
+        box.run(box.services.store.deliver([USER], MESSAGE))  # in new/ until a session claims it
+    assert other.command(b"x", b"EXAMINE INBOX")[-1].startswith(b"x OK")  # (read-only: claims nothing)
+    path = _file(box, 1)
+    gate = threading.Event()  # the database's thread waits for it: the change's rename waits behind
+    blocker = box.run(_queued_behind(box.services.store._db.write_queued(_nothing, gate=(gate, 30))))
+    aside = path.parent.parent / "tmp" / path.name
+    try:
+        if change == "flag":
+            busy.send(b"st UID STORE 1 +FLAGS.SILENT (\\Flagged)\r\n")
+            deadline = time.monotonic() + 10
+            while not _flags(other.command(b"n", b"NOOP")) and time.monotonic() < deadline:
+                pass  # until the change, in memory, is told to this session
+        else:
+            busy.send(b"st SELECT INBOX\r\n")  # claims the message: its move to cur/ is queued
+            time.sleep(0.5)
+            other.command(b"n", b"NOOP")
+        os.rename(path, aside)
+        other.send(b"f UID FETCH 1 (BODY.PEEK[TEXT])\r\n")
+        time.sleep(0.5)
+        os.rename(aside, path)
+    finally:
+        gate.set()
+    box.run(_ended(blocker))
+    fetched = other.until_tagged(b"f")
+    assert fetched[-1].startswith(b"f OK"), fetched
+    assert any(b"BODY[TEXT]" in line and b"hello" in line for line in fetched), fetched
+    assert busy.until_tagged(b"st")[-1].startswith(b"st OK")
