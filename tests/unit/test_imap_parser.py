@@ -274,6 +274,32 @@ def test_uid_fetch_adds_uid() -> None:
     assert cmd.items == (FetchAttribute("UID"), FetchAttribute("FLAGS"))
 
 
+def test_a_fetch_list_sent_again_is_not_parsed_again() -> None:
+    """The items of a list parsed lately are taken as they are (parser._FETCH_TAILS), with what
+    depends on the command (UID FETCH's UID, CHANGEDSINCE's MODSEQ) as parsed the first time."""
+    tail = "(FLAGS BODY.PEEK[HEADER.FIELDS (Subject)])"
+    first, again = parse(f"a FETCH 1 {tail}"), parse(f"b FETCH 2:4 {tail}")
+    assert isinstance(first, Fetch)
+    assert isinstance(again, Fetch)
+    assert again.items is first.items
+    assert (again.tag, again.set.numbers(10)) == ("b", [2, 3, 4])
+    by_uid, by_uid_again = parse(f"c UID FETCH 1 {tail}"), parse(f"d UID FETCH 1 {tail}")
+    assert isinstance(by_uid, Fetch)
+    assert isinstance(by_uid_again, Fetch)
+    assert by_uid_again.items is by_uid.items
+    assert by_uid.items == (FetchAttribute("UID"), *first.items)
+    plain = parse(f"e FETCH 1 {tail}")
+    assert isinstance(plain, Fetch)
+    assert plain.items == first.items  # (no UID from the UID FETCH's)
+    since = parse(f"f UID FETCH 1 {tail} (CHANGEDSINCE 7)")
+    assert isinstance(since, Fetch)
+    assert since.changedsince == 7
+    assert since.items[-1] == FetchAttribute("MODSEQ")
+    quoted = parse_command([b'g FETCH 1 (BODY.PEEK[HEADER.FIELDS (', LiteralPart(b"Subject"), b')])'])
+    assert isinstance(quoted, Fetch)
+    assert quoted.items == (BodySection(Section((), "HEADER.FIELDS", ("SUBJECT",)), peek=True),)
+
+
 @pytest.mark.parametrize("line", [
     "a FETCH 1 BODY[0]", "a FETCH 1 BODY[MIME]", "a FETCH 1 BODY[1.BOGUS]", "a FETCH 1 BODY[HEADER.FIELDS]",
     "a FETCH 1 BODY[HEADER.FIELDS ()]", "a FETCH 1 BODY[]<1>", "a FETCH 1 BODY[]<1.0>", "a FETCH 1 BOGUS",
