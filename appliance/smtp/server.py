@@ -59,11 +59,10 @@ DEFAULT_STATUS = {
     530: "5.7.0", 535: "5.7.8", 538: "5.7.11", 550: "5.0.0", 552: "5.3.4", 553: "5.1.3",
     554: "5.0.0", 555: "5.5.4",
 }
+# aiosmtpd's refusals of a message over the size limit: at MAIL (its SIZE= declared) and after DATA.
+SIZE_REFUSALS = frozenset({TOO_MUCH_DATA, "552 Error: message size exceeds fixed maximum message size"})
 # aiosmtpd's own texts we reword (the code stays).
 REWORDED = {
-    TOO_MUCH_DATA: "552 5.3.4 Message too big for this server",
-    "552 Error: message size exceeds fixed maximum message size":
-        "552 5.3.4 Message size exceeds fixed maximum message size",
     LINE_TOO_LONG: "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
     "500 Command line too long": "500 5.5.2 Command line too long",
     "500 Error: command 'AUTH' not recognized": "503 5.5.1 Error: send EHLO first",
@@ -72,6 +71,7 @@ REWORDED = {
 }
 # DATA-phase errors aiosmtpd answers once; LMTP owes one reply per recipient (RFC 2033 4.2).
 DATA_ERRORS = frozenset({TOO_MUCH_DATA, LINE_TOO_LONG})
+MIB = 1024 * 1024
 UNKNOWN_COMMAND = "500 5.5.1 Error: command not recognized"
 
 # RFC 5321 4.1.2 Path with a Dot-string local part and a dot-atom domain (RFC 5322 3.2.3 atext).
@@ -81,6 +81,13 @@ _REPLY = re.compile(r"(?P<code>[245]\d\d)(?P<sep>[ -])(?P<text>.*)", re.DOTALL)
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 # A reply that carries its status code already (most of ours): one match of its start.
 _HAS_ENHANCED = re.compile(r"[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+
+
+def size_refusal(limit: int) -> str:
+    """A message over the size limit (RFC 1870 6.1), with the limit: "too big" alone left a user (msmtp, curl)
+    no way to know how far to shrink an attachment."""
+    size = f"{limit // MIB} MiB ({limit} octets)" if limit % MIB == 0 else f"{limit} octets"
+    return f"552 5.3.4 Message too big: this server takes messages of at most {size}"
 
 
 def with_enhanced_code(line: str) -> str:
@@ -521,13 +528,18 @@ class LetterboxSMTP(SMTP):
             await super().push(status)
             return
         if "\r\n" in status:
-            text = "\r\n".join(with_enhanced_code(line) for line in status.split("\r\n"))
+            text = "\r\n".join(self._reply_line(line) for line in status.split("\r\n"))
         else:
-            text = with_enhanced_code(status)
+            text = self._reply_line(status)
         await super().push(text)
         if text.startswith("5") or self._count_next_reply:
             self._count_next_reply = False
             await self._count_error()
+
+    def _reply_line(self, line: str) -> str:
+        if line in SIZE_REFUSALS:
+            return size_refusal(self.limits.max_message_octets)
+        return with_enhanced_code(line)
 
     async def _count_error(self) -> None:
         self._errors += 1

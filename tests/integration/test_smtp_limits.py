@@ -162,8 +162,10 @@ def test_a_dribbling_client_is_cut_off_after_the_data_deadline(limited: StartSer
 def test_oversize_message_552(box: BoxHandle, limited: StartServer) -> None:
     port = limited(max_message_octets=10_000)
     with greet(port) as wire:
+        # The limit is in the reply: msmtp and curl show only the server's words.
         code, text = wire.cmd("MAIL FROM:<a@external.test> SIZE=20000")
         assert (code, text[:5]) == (552, "5.3.4")
+        assert "at most 10000 octets" in text
         assert wire.cmd("MAIL FROM:<a@external.test> SIZE=5000")[0] == 250
         assert wire.cmd(f"RCPT TO:<{FORWARD}>")[0] == 250
         assert wire.cmd("DATA")[0] == 354
@@ -171,6 +173,7 @@ def test_oversize_message_552(box: BoxHandle, limited: StartServer) -> None:
         wire.send((b"y" * 70 + b"\r\n") * 200)
         code, text = wire.cmd(b".")
         assert (code, text[:5]) == (552, "5.3.4")
+        assert "at most 10000 octets" in text
         assert wire.cmd("NOOP")[0] == 250  # the session goes on
     assert spooled(box) == 0
 

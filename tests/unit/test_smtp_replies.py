@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.smtp.handler import render_ehlo
-from appliance.smtp.server import ConnectionTracker, with_enhanced_code
+from appliance.smtp.server import ConnectionTracker, size_refusal, with_enhanced_code
 
 
 @pytest.mark.parametrize(
@@ -17,7 +17,6 @@ from appliance.smtp.server import ConnectionTracker, with_enhanced_code
         ("503 Error: need RCPT command", "503 5.5.1 Error: need RCPT command"),
         ("501 Syntax: MAIL FROM: <address>", "501 5.5.4 Syntax: MAIL FROM: <address>"),
         ("530 Must issue a STARTTLS command first", "530 5.7.0 Must issue a STARTTLS command first"),
-        ("552 Error: Too much mail data", "552 5.3.4 Message too big for this server"),
         ("500 Line too long (see RFC5321 4.5.3.1.6)", "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"),
         ("553 5.1.3 Error: malformed address", "501 5.5.2 Syntax error in the address"),
         ("250 2.1.5 Recipient ok", "250 2.1.5 Recipient ok"),
@@ -29,6 +28,12 @@ from appliance.smtp.server import ConnectionTracker, with_enhanced_code
 )
 def test_enhanced_status_codes_added(line: str, expected: str) -> None:
     assert with_enhanced_code(line) == expected
+
+
+def test_size_refusal_says_the_limit() -> None:
+    assert size_refusal(36 * 1024 * 1024) == (
+        "552 5.3.4 Message too big: this server takes messages of at most 36 MiB (37748736 octets)")
+    assert size_refusal(10_000).endswith("at most 10000 octets")
 
 
 def test_ehlo_reply_rendering() -> None:
