@@ -4,7 +4,7 @@ aiosmtpd's own reader refuses any line longer than its stream reader's limit, an
 keeps every fragment until the line ends (an endless line grew without bound). Here the reader's limit
 only sizes each read: a message is read in pieces of up to that size, each searched for the end (a
 CRLF, a dot, a CRLF) by the stream reader itself, and kept in one buffer; its lines are measured from
-where their CRLFs are, and the dots of transparency (RFC 5321 4.5.2) are taken out at the end by one
+where their LFs are, and the dots of transparency (RFC 5321 4.5.2) are taken out at the end by one
 replace. A message that breaks a bound is drained to its dot keeping nothing, then refused (RFC 5321
 4.2.5: the reply comes after the dot, and the session goes on).
 
@@ -40,24 +40,25 @@ def _separator(tail: bytes, buffered: bytes | bytearray) -> bytes:
     return rest if rest.startswith(bytes(buffered[: len(rest)])) else END
 
 
-def _longest_line(carried: int, prev: bytes, chunk: bytes, max_line: int) -> tuple[int, bool]:
-    """The octets of the line still open after `chunk` (with `carried` before it, and `prev` the last
-    octet read before it), and whether a line ended in it is longer than max_line."""
-    view = prev + chunk  # a CRLF may be split between two pieces
-    first = view.find(CRLF)
+def _longest_line(carried: int, chunk: bytes, max_line: int) -> tuple[int, bool]:
+    """The octets of the line still open after `chunk` (with `carried` before it), and whether a line
+    ended in it is longer than max_line. Any LF ends a line, as it does once the message is stored (its
+    bare LFs become CRLFs, headers.normalise_line_ends, as Postfix's normalize): a file with Unix line
+    ends sent as it is (curl -T) was one "line too long" once over 1 MiB."""
+    first = chunk.find(b"\n")
     if first < 0:
         carried += len(chunk)
         return carried, carried > max_line
-    if carried + first + 2 - len(prev) > max_line:
+    if carried + first + 1 > max_line:
         return 0, True
-    last = view.rfind(CRLF)
-    if len(view) > max_line and first != last:  # a line between the two could be too long (small limits)
-        start = first + 2
-        while (end := view.find(CRLF, start)) >= 0:
-            if end + 2 - start > max_line:
+    last = chunk.rfind(b"\n")
+    if len(chunk) > max_line and first != last:  # a line between the two could be too long (small limits)
+        start = first + 1
+        while (end := chunk.find(b"\n", start)) >= 0:
+            if end + 1 - start > max_line:
                 return 0, True
-            start = end + 2
-    carried = len(view) - (last + 2)
+            start = end + 1
+    carried = len(chunk) - (last + 1)
     return carried, carried > max_line
 
 
@@ -83,7 +84,7 @@ async def read_message(reader: asyncio.StreamReader, *, max_line: int, max_octet
             chunk = chunk[:-3]  # the CRLF before the dot ends the message's last line
         total += len(chunk)
         if refusal is None:
-            line_octets, too_long = _longest_line(line_octets, tail[-1:], chunk, max_line)
+            line_octets, too_long = _longest_line(line_octets, chunk, max_line)
             if total > max_octets:
                 refusal = TOO_MUCH_DATA
             elif too_long:

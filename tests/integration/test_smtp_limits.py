@@ -218,6 +218,28 @@ def test_a_line_over_1_mib_is_refused_after_the_dot(box: BoxHandle, limited: Sta
     assert spooled(box) == 1
 
 
+def test_unix_line_ends_end_lines_for_the_line_limit(box: BoxHandle, limited: StartServer) -> None:
+    # curl -T sends a file as it is: a 20 MiB attachment saved with LF line ends was refused as one line
+    # over 1 MiB ("500 Line too long"), though its bare LFs become CRLFs as a small message's do.
+    port = limited()
+    body = (b"y" * 75 + b"\n") * (2 * MAX_TEXT_LINE_OCTETS // 76)
+    with greet(port) as wire:
+        assert wire.cmd("MAIL FROM:<a@external.test>")[0] == 250
+        assert wire.cmd(f"RCPT TO:<{FORWARD}>")[0] == 250
+        assert wire.cmd("DATA")[0] == 354
+        wire.send(b"Subject: unix\n\n" + body)
+        code, text = wire.cmd(b"\r\n.")
+        assert code == 250, text
+        # A line over 1 MiB is one whichever way it ends.
+        assert wire.cmd("MAIL FROM:<a@external.test>")[0] == 250
+        assert wire.cmd(f"RCPT TO:<{FORWARD}>")[0] == 250
+        assert wire.cmd("DATA")[0] == 354
+        wire.send(b"Subject: x\n\n" + b"y\n" * 10 + b"z" * MAX_TEXT_LINE_OCTETS + b"\nshort\n")
+        code, text = wire.cmd(b"\r\n.")
+        assert (code, text[:5]) == (500, "5.5.2")
+    assert spooled(box) == 1
+
+
 def rss_octets() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

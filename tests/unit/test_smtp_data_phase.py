@@ -81,6 +81,15 @@ def test_bounds_refuse_after_the_dot() -> None:
         assert read(b"y" + long_line + b".\r\n", max_line=100, limit=limit, cuts=[99, 100, 101])[0] == LINE_TOO_LONG
 
 
+def test_a_bare_lf_ends_a_line_for_the_bound() -> None:
+    # Its bare LFs become CRLFs when the message is stored: a file with Unix line ends (curl -T) is lines.
+    for limit in (8, 64 * 1024):
+        unix = b"y" * 9 + b"\n"
+        assert read(unix * 50 + b"\r\n.\r\n", max_line=10, limit=limit)[0] == unix * 50 + b"\r\n"
+        assert read(unix * 5 + b"y" + unix + b"\r\n.\r\n", max_line=10, limit=limit)[0] == LINE_TOO_LONG
+        assert read(unix + b"y" * 11 + b"\r\n.\r\n", max_line=10, limit=limit, cuts=[5, 10, 11])[0] == LINE_TOO_LONG
+
+
 def test_many_short_lines_cost_little() -> None:
     # 4 MB of empty lines: 2 million reads and bytes objects, ~2.2 s of CPU, when read a line at a time;
     # lines ending in a full stop must not each be a read either.
