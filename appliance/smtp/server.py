@@ -396,8 +396,8 @@ class LetterboxSMTP(SMTP):
                 raise
             self._data_deadline = None
             if isinstance(message, str):
+                await self.push(message)  # before the envelope goes: LMTP says it once per recipient
                 self.envelope = self._create_envelope()  # aiosmtpd's _set_post_data_state
-                await self.push(message)
                 return
             self.envelope.content = self.envelope.original_content = message
             status = await self._call_handler_hook("DATA")

@@ -178,6 +178,26 @@ def test_oversize_message_552(box: BoxHandle, limited: StartServer) -> None:
     assert spooled(box) == 0
 
 
+def test_lmtp_refuses_an_oversize_message_once_per_recipient(box: BoxHandle, limited: StartServer) -> None:
+    # RFC 2033 4.2: after the dot, one reply per accepted recipient. The session's envelope was
+    # emptied before the refusal was sent, so it went out once: the client waited for the others.
+    port = limited(service="lmtp", max_message_octets=10_000)
+    recipients = [f"u{n}@{OURS}" for n in (1, 2)]
+    for rcpt in recipients:
+        box.add_user(rcpt, "a password of some length")
+    with Wire(port, timeout=15) as wire:
+        assert wire.reply()[0] == 220
+        assert wire.cmd("LHLO client.test")[0] == 250
+        assert wire.cmd("MAIL FROM:<a@external.test>")[0] == 250
+        for rcpt in recipients:
+            assert wire.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
+        assert wire.cmd("DATA")[0] == 354
+        wire.send(b"Subject: big\r\n\r\n" + (b"y" * 70 + b"\r\n") * 200 + b".\r\n")
+        assert [wire.reply()[0] for _ in range(2)] == [552, 552]
+        assert wire.cmd("NOOP")[0] == 250  # in step: no reply owed
+    assert spooled(box) == 0
+
+
 def test_ehlo_advertises_the_size_limit(limited: StartServer) -> None:
     port = limited(max_message_octets=12_345)
     with Wire(port) as wire:
