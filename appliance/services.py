@@ -11,6 +11,7 @@ from appliance.backup import BackupJobs
 from appliance.certificates import CertContext
 from appliance.cpu_pool import CpuPool
 from appliance.delivery_log import DeliveryLog
+from appliance.message_memory import MessageMemory
 from appliance.spam.decisions import DecisionLog
 from appliance.spam.dnsbl import Blocklists, ListStatus
 from appliance.spam.greylist import Greylist
@@ -74,6 +75,8 @@ class Services:
     renewer: Renewer | None = None
     content_filter: ContentFilter | None = None  # the MX's spam check at DATA (appliance/spam/content_filter.py)
     spam_content: SpamContent | None = None  # that filter, the learner, Junk for the console and the CLI
+    # Incoming messages (SMTP DATA, IMAP APPEND) held in memory at once, all sessions together.
+    message_memory: MessageMemory = field(default_factory=MessageMemory)
     # CPU-heavy work (SEARCH BODY scans, full-text indexing) in a worker process (appliance/cpu_pool.py).
     cpu: CpuPool = field(default_factory=CpuPool)
     text_index: TextIndex | None = None  # SEARCH BODY/TEXT's full-text index (appliance/imap/fts.py)

@@ -32,6 +32,7 @@ from appliance.imap.parser import (
     parse_tag,
 )
 from appliance.imap.responses import Bye, Continuation, Response, Tagged, UntaggedStatus
+from appliance.message_memory import BUSY_TEXT
 
 
 class _NeedData:
@@ -84,7 +85,8 @@ SMALL_LITERAL = 64 * 1024
 
 class ImapConnection:
     def __init__(self, limits: ImapLimits = DEFAULT_LIMITS, room: Callable[[int], bool] | None = None,
-                 append_allowed: Callable[[], bool] | None = None) -> None:
+                 append_allowed: Callable[[], bool] | None = None,
+                 hold: Callable[[int], bool] | None = None) -> None:
         self.limits = limits
         # Whether an APPEND may come now (the server's: after a login). Before it, APPEND's literal
         # gets the bounds of any other literal: its message limit let a client not logged in have
@@ -93,6 +95,9 @@ class ImapConnection:
         # Whether an APPEND of so many octets may come in (the server's: the data disk's room, after a
         # login); an APPEND that may not is refused before its synchronising literal is sent.
         self._room = room
+        # Whether an APPEND's message of so many octets may be held in memory now (the server's: the
+        # box's budget for messages being received, appliance/message_memory.py), taken when it may.
+        self._hold = hold
         self._buffer = bytearray()
         self._scan_from = 0  # where the search for the next LF resumes
         self._segments: list[Segment] = []
@@ -225,6 +230,10 @@ class ImapConnection:
         if is_append and not non_sync and room is not None and not room(self.command_literal_octets + size):
             # The disk is (nearly) full: the session would refuse it after receiving it (Dovecot's words).
             return self._drop_command(first, DISK_FULL_TEXT, status="NO", code="OVERQUOTA")
+        if is_append and self._hold is not None and not self._hold(size):
+            if non_sync:
+                return self._fatal(BUSY_TEXT)  # RFC 7888 4: it is on its way; BYE is the way to refuse it
+            return self._drop_command(first, BUSY_TEXT, status="NO", code="UNAVAILABLE")  # RFC 5530 3
         if not is_append:
             self._command_octets += size
         self.command_literal_octets += size

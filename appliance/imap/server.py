@@ -65,8 +65,11 @@ class ConnectionHandler:
         self._deflate: zlib._Compress | None = None
         self._inflate: zlib._Decompress | None = None
         self.starttls_available = not implicit_tls
+        # The APPEND messages this connection holds in memory, given back once each command ends.
+        self._messages = services.message_memory.hold(channel.peer)
         self.conn = ImapConnection(limits, room=self._room_for_append,
-                                   append_allowed=lambda: self.session.state in LOGGED_IN_STATES)
+                                   append_allowed=lambda: self.session.state in LOGGED_IN_STATES,
+                                   hold=self._messages.take)
         self.session = ImapSession(services, self, SessionConfig(services.hostname, limits.idle_timeout))
         # Output not yet handed to the channel: written when a command has been answered, when the
         # connection next reads from the client (_read) or when WRITE_BATCH is reached, so a
@@ -334,7 +337,11 @@ class ConnectionHandler:
                     return
             elif isinstance(event, Command):
                 self._input_done()
-                status = await self._answer(event)
+                try:
+                    status = await self._answer(event)
+                finally:
+                    del event  # its literals: the memory given back below is free
+                    self._messages.release()
                 if self.session.state in LOGGED_IN_STATES and not self.slot.authenticated:
                     self.slot.promote()  # out of the pre-auth pool, its deadline and its stress
                     if not self.slot.evicted:
@@ -346,6 +353,7 @@ class ConnectionHandler:
                 await self.send(event.reply)
             elif isinstance(event, Reject):
                 self._input_done()
+                self._messages.release()
                 await self.send(event.reply)
             elif isinstance(event, Fatal):
                 await self.send(event.reply)
@@ -382,6 +390,7 @@ class ConnectionHandler:
             log.exception("imap %s: unexpected error", self.peer)
             await self._say_bye("Internal server error, closing connection")
         finally:
+            self._messages.release()
             with contextlib.suppress(Exception):
                 await self.session.close()
             with contextlib.suppress(ConnectionClosed):

@@ -15,10 +15,15 @@ each: 11 s of the event loop's CPU for 20 MB, and ~40 octets of memory per octet
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+
+from appliance.message_memory import BUSY_TEXT
 
 # aiosmtpd's texts, so the rewording (server.REWORDED) and LMTP's per-recipient replies apply.
 LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 TOO_MUCH_DATA = "552 Error: Too much mail data"
+# The box's memory for messages being received is taken (appliance/message_memory.py).
+BUSY = f"452 4.3.1 {BUSY_TEXT}"
 END = b"\r\n.\r\n"  # the CRLF ending the last line, the dot, its CRLF
 CRLF = b"\r\n"
 
@@ -62,9 +67,11 @@ def _longest_line(carried: int, chunk: bytes, max_line: int) -> tuple[int, bool]
     return carried, carried > max_line
 
 
-async def read_message(reader: asyncio.StreamReader, *, max_line: int, max_octets: int) -> bytes | str:
-    """The message, dot-unstuffed, or the refusal (LINE_TOO_LONG / TOO_MUCH_DATA) once it has all been
-    read. max_line counts a line with its CRLF and any transparency dot; max_octets the whole DATA."""
+async def read_message(reader: asyncio.StreamReader, *, max_line: int, max_octets: int,
+                       hold: Callable[[int], bool] | None = None) -> bytes | str:
+    """The message, dot-unstuffed, or the refusal (LINE_TOO_LONG / TOO_MUCH_DATA / BUSY) once it has all
+    been read. max_line counts a line with its CRLF and any transparency dot; max_octets the whole DATA;
+    hold(n) says whether n more octets may be kept (and takes them)."""
     kept = bytearray()
     tail = CRLF  # the last octets read (at most 4); the message begins at a line's start
     line_octets = 0  # of the line not yet ended
@@ -89,6 +96,8 @@ async def read_message(reader: asyncio.StreamReader, *, max_line: int, max_octet
                 refusal = TOO_MUCH_DATA
             elif too_long:
                 refusal = LINE_TOO_LONG
+            elif hold is not None and not hold(len(chunk)):
+                refusal = BUSY
             if refusal is not None:
                 kept = bytearray()
             else:

@@ -22,7 +22,7 @@ from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, syntax
 from appliance.channel import LISTEN_BACKLOG, ConnectionLimiter, ListenerLimits, Slot
 from appliance.disk_full import is_disk_full
 from appliance.smtp import class_members
-from appliance.smtp.data_phase import LINE_TOO_LONG, TOO_MUCH_DATA, read_message
+from appliance.smtp.data_phase import BUSY, LINE_TOO_LONG, TOO_MUCH_DATA, read_message
 from appliance.smtp.delivery import Deliverer
 from appliance.smtp.handler import LetterboxEnvelope, LetterboxSession, SmtpHandler
 from appliance.smtp.limits import (
@@ -70,7 +70,7 @@ REWORDED = {
     "553 5.1.3 Error: malformed address": "501 5.5.2 Syntax error in the address",
 }
 # DATA-phase errors aiosmtpd answers once; LMTP owes one reply per recipient (RFC 2033 4.2).
-DATA_ERRORS = frozenset({TOO_MUCH_DATA, LINE_TOO_LONG})
+DATA_ERRORS = frozenset({TOO_MUCH_DATA, LINE_TOO_LONG, BUSY})
 MIB = 1024 * 1024
 UNKNOWN_COMMAND = "500 5.5.1 Error: command not recognized"
 
@@ -384,11 +384,13 @@ class LetterboxSMTP(SMTP):
             return
         self._data_deadline = self.loop.time() + self.limits.max_data_seconds
         self._reset_timeout(self.limits.data_chunk_timeout)
+        held = self.event_handler.services.message_memory.hold(self._client_ip or "unknown")
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             try:
                 message = await read_message(
-                    self._reader, max_line=MAX_TEXT_LINE_OCTETS, max_octets=self.limits.max_message_octets
+                    self._reader, max_line=MAX_TEXT_LINE_OCTETS, max_octets=self.limits.max_message_octets,
+                    hold=held.take,
                 )
             except asyncio.CancelledError:
                 log.info("%s: connection lost during DATA", self._client_ip)
@@ -400,10 +402,13 @@ class LetterboxSMTP(SMTP):
                 self.envelope = self._create_envelope()  # aiosmtpd's _set_post_data_state
                 return
             self.envelope.content = self.envelope.original_content = message
+            del message
             status = await self._call_handler_hook("DATA")
             self.envelope = self._create_envelope()  # aiosmtpd's _set_post_data_state
+            held.release()  # the message is written (or refused) and let go
             await self.push("250 OK" if status is MISSING else status)
         finally:
+            held.release()
             self._data_deadline = None
             if self.transport is not None:
                 self._reset_timeout()

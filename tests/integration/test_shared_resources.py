@@ -11,8 +11,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from appliance.message_memory import MESSAGE_MEMORY_OCTETS, MessageMemory
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
+from tests.support.polling import wait_until
 from tests.support.smtp_wire import Wire
 
 USER = "alice@example.test"
@@ -78,19 +80,24 @@ def peak_rss_growth(action: Callable[[], object]) -> int:
     return peak[0] - start
 
 
+def mx_data(port: int, source: str | None = None) -> Wire:
+    """A session on port 25 at its DATA's 354, for USER."""
+    wire = Wire(port, source=source, timeout=30)
+    assert wire.reply()[0] == 220
+    assert wire.cmd("EHLO client.test")[0] == 250
+    assert wire.cmd("MAIL FROM:<sender@external.test>")[0] == 250
+    assert wire.cmd(f"RCPT TO:<{USER}>")[0] == 250
+    assert wire.cmd("DATA")[0] == 354
+    return wire
+
+
 def test_a_message_of_short_lines_costs_memory_in_proportion_to_its_size(box: BoxHandle) -> None:
     # 8 MB of two-letter lines: the DATA reader kept a bytes object per line, and the line-end
     # normalisation a regex match per line until its join: +482 MB of RSS at the peak (a 36 MiB
     # message: ~2 GB, from any sender on port 25). Now the message is held a few times over at most.
     box.add_user(USER, PASSWORD)
-    wire = Wire(box.port("smtp"))
+    wire = mx_data(box.port("smtp"))
     try:
-        assert wire.reply()[0] == 220
-        assert wire.cmd("EHLO client.test")[0] == 250
-        assert wire.cmd("MAIL FROM:<sender@external.test>")[0] == 250
-        assert wire.cmd(f"RCPT TO:<{USER}>")[0] == 250
-        assert wire.cmd("DATA")[0] == 354
-
         def send() -> None:
             wire.send(b"From: sender@external.test\r\nSubject: short lines\r\n\r\n")
             for _ in range(4):
@@ -101,3 +108,73 @@ def test_a_message_of_short_lines_costs_memory_in_proportion_to_its_size(box: Bo
         assert peak_rss_growth(send) < 120_000_000
     finally:
         wire.close()
+
+
+@pytest.fixture
+def small_budget(imap_box: BoxHandle) -> Iterator[MessageMemory]:
+    """The box's memory for messages being received, 5 MB: 2.5 MB per network."""
+    budget = imap_box.services.message_memory
+    budget.limit = 5_000_000
+    yield budget
+    budget.limit = MESSAGE_MEMORY_OCTETS
+
+
+def start_append(box: BoxHandle, source: str, octets: int) -> tuple[RawImap, bytes]:
+    client = RawImap(box.port("imaps"), box.client_context, timeout=30, source=source)
+    client.login(USER, PASSWORD)
+    client.send(b"A APPEND INBOX {%d}\r\n" % octets)
+    return client, client.line()
+
+
+def test_messages_being_received_share_one_bound(imap_box: BoxHandle, small_budget: MessageMemory) -> None:
+    # One user's ten APPENDs of 59 MB held 574 MB of the server's memory at once, and nothing bounded
+    # the sum of sessions' APPENDs and DATA: fifty from one address could exhaust the box's memory.
+    header = b"From: a@example.test\r\nSubject: big\r\n\r\n"
+    body = header + (b"x" * 78 + b"\r\n") * ((2_000_000 - len(header)) // 80)
+    first, go = start_append(imap_box, "127.0.1.2", len(body))
+    assert go.startswith(b"+")
+    first.send(body[:1_000_000])  # the client is slow: its 2 MB stay held
+    same_network, refused = start_append(imap_box, "127.0.1.3", len(body))
+    assert refused.startswith(b"A NO [UNAVAILABLE]"), refused  # its network's half is taken
+    second, go = start_append(imap_box, "127.0.2.2", len(body))
+    assert go.startswith(b"+")
+    second.send(body[:1_000_000])
+    # Another sender's message on port 25 finds the rest taken: a temporary refusal after its dot.
+    wire = mx_data(imap_box.port("smtp"), source="127.0.3.2")
+    try:
+        code, text = wire.cmd(body + b"\r\n.")
+        assert (code, text.split()[0]) == (452, "4.3.1"), text
+        # The appends end; their memory is given back, and the same message now comes in.
+        for client in (first, second):
+            client.send(body[1_000_000:] + b"\r\n")
+            assert client.until_tagged(b"A")[-1].startswith(b"A OK")
+        same_network.close()
+        # Given back as each command ends, just after its tagged OK went out.
+        wait_until(lambda: small_budget.held == 0, seconds=10, what="the appends' memory given back")
+        assert wire.cmd("MAIL FROM:<sender@external.test>")[0] == 250
+        assert wire.cmd(f"RCPT TO:<{USER}>")[0] == 250
+        assert wire.cmd("DATA")[0] == 354
+        assert wire.cmd(body + b"\r\n.")[0] == 250
+        assert small_budget.held == 0
+    finally:
+        wire.close()
+        for client in (first, second, same_network):
+            client.close()
+
+
+def test_lmtp_says_busy_once_per_recipient(imap_box: BoxHandle, small_budget: MessageMemory) -> None:
+    other = "bob@example.test"
+    imap_box.add_user(other, PASSWORD)
+    small_budget.limit = 1_000_000  # a network holds 500 kB at most
+    with Wire(imap_box.port("lmtp"), timeout=30) as wire:
+        wire.reply()
+        assert wire.cmd("LHLO mta.test")[0] == 250
+        assert wire.cmd("MAIL FROM:<sender@external.test>")[0] == 250
+        for rcpt in (USER, other):
+            assert wire.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
+        assert wire.cmd("DATA")[0] == 354
+        wire.send(b"Subject: big\r\n\r\n" + (b"y" * 98 + b"\r\n") * 6000 + b".\r\n")
+        replies = [wire.reply() for _ in (USER, other)]
+        assert [(code, text.split()[0]) for code, text in replies] == [(452, "4.3.1")] * 2
+        assert wire.cmd("NOOP")[0] == 250  # in step: one reply per recipient, no more
+    assert small_budget.held == 0

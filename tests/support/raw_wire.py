@@ -7,8 +7,11 @@ import ssl
 
 
 class RawLineClient:
-    def __init__(self, port: int, context: ssl.SSLContext | None = None, timeout: float = 15) -> None:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, context: ssl.SSLContext | None = None, timeout: float = 15,
+                 source: str | None = None) -> None:
+        """source: the loopback address to connect from (127.0.0.0/8), as another client would."""
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                        source_address=(source, 0) if source else None)
         self.sock: socket.socket = context.wrap_socket(sock, server_hostname="localhost") if context else sock
         self.buffer = b""
         self.greeting = self.line()

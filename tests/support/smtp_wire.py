@@ -17,8 +17,9 @@ class Wire:
     """One connection; `reply()` reads one complete (possibly multi-line) reply."""
 
     def __init__(self, port: int, *, host: str = "127.0.0.1", timeout: float = 10.0,
-                 tls: ssl.SSLContext | None = None) -> None:
-        raw = socket.create_connection((host, port), timeout=timeout)
+                 tls: ssl.SSLContext | None = None, source: str | None = None) -> None:
+        raw = socket.create_connection((host, port), timeout=timeout,
+                                       source_address=(source, 0) if source else None)
         self.sock: socket.socket = tls.wrap_socket(raw, server_hostname="localhost") if tls else raw
         self._buf = b""
 

@@ -263,3 +263,20 @@ def test_append_without_room_on_the_disk_is_refused_before_its_literal() -> None
     # LITERAL+: the message is already on its way; the session refuses it once received.
     assert [type(e) for e in feed(ImapConnection(room=room), b"a3 APPEND INBOX {5000+}\r\n" + b"x" * 5000 + b"\r\n")] \
         == [Append]
+
+
+def test_an_append_the_box_cannot_hold_now_is_refused_before_its_message() -> None:
+    asked: list[int] = []
+
+    def hold(octets: int) -> bool:
+        asked.append(octets)
+        return False
+
+    events = feed(ImapConnection(hold=hold), b"a1 APPEND INBOX {500}\r\n")
+    assert isinstance(events[0], Reject)
+    assert events[0].reply.to_bytes().startswith(b"a1 NO [UNAVAILABLE]")
+    events = feed(ImapConnection(hold=hold), b"a2 APPEND INBOX {500+}\r\n" + b"x" * 500 + b"\r\n")
+    assert isinstance(events[0], Fatal)  # RFC 7888 4: a non-synchronising literal is on its way already
+    assert asked == [500, 500]
+    events = feed(ImapConnection(hold=hold), b"a3 SEARCH TEXT {5}\r\n")
+    assert isinstance(events[0], ContinuationRequest)  # only APPEND's messages count

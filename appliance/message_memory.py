@@ -1,0 +1,68 @@
+"""The octets of incoming messages held in memory at once, across the box.
+
+SMTP DATA (the MX, submission, LMTP) and IMAP APPEND read a message into memory whole before it is
+written. Each session was bounded (36 MiB, 64 MiB) but not their sum: one logged-in user's ten
+APPENDs of 59 MB held 574 MB of the server's memory, and fifty from one address or any senders'
+DATA on port 25 at once would have run the box out of memory. Here every session takes its message's
+octets from one budget as they are announced or arrive, and gives them back when the command is
+answered; a message that does not fit is refused with a temporary error (SMTP 452 4.3.1, IMAP NO
+[UNAVAILABLE]) and the client tries again later, as it would for a full queue (Postfix's 452 4.3.1).
+One network (/24, /64) may hold at most half of it, so one party cannot take it all.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from appliance.channel import network_of
+
+# Room for seven of the largest SMTP messages or four of the largest APPENDs at once.
+MESSAGE_MEMORY_OCTETS = 256 * 1024 * 1024
+NETWORK_SHARE = 0.5
+BUSY_TEXT = "Too many messages being received at once, try again later"
+
+
+class MessageMemory:
+    """The box's one budget (Services.message_memory); sessions hold their part through a Hold."""
+
+    def __init__(self, limit: int = MESSAGE_MEMORY_OCTETS) -> None:
+        self.limit = limit
+        self.held = 0
+        self._by_network: collections.Counter[str] = collections.Counter()
+
+    def hold(self, peer: str) -> Hold:
+        return Hold(self, network_of(peer))
+
+    def _take(self, network: str, octets: int) -> bool:
+        if self.held + octets > self.limit or self._by_network[network] + octets > self.limit * NETWORK_SHARE:
+            return False
+        self.held += octets
+        self._by_network[network] += octets
+        return True
+
+    def _give_back(self, network: str, octets: int) -> None:
+        self.held -= octets
+        self._by_network[network] -= octets
+        if self._by_network[network] <= 0:
+            del self._by_network[network]
+
+
+class Hold:
+    """One session's share of the budget: take() as a message comes, release() once it is answered."""
+
+    def __init__(self, budget: MessageMemory, network: str) -> None:
+        self._budget = budget
+        self._network = network
+        self.octets = 0
+
+    def take(self, octets: int) -> bool:
+        """Whether `octets` more may be held (then they are); nothing is taken when not."""
+        if not self._budget._take(self._network, octets):
+            return False
+        self.octets += octets
+        return True
+
+    def release(self) -> None:
+        if self.octets:
+            self._budget._give_back(self._network, self.octets)
+            self.octets = 0
