@@ -77,6 +77,7 @@ class Ledger:
         self.renamed: dict[str, str] = {}  # erin's folder marker -> folder it must be in (acknowledged)
         self.folder_maybe: dict[str, set[str]] = {}  # -> folders it may be in (a step in flight)
         self.counts: Counter[str] = Counter()
+        self.removing: set[tuple[tuple[str, str], str]] = set()  # a POP3 QUIT's or an EXPUNGE's, in flight
 
     def new(self, prefix: str) -> str:
         with self.lock:
@@ -92,6 +93,26 @@ class Ledger:
             for other in ("exact", "maybe", "gone"):
                 getattr(self, other).get(where, set()).discard(marker)
             getattr(self, kind).setdefault(where, set()).add(marker)
+
+    def acked(self, where: tuple[str, str], marker: str) -> None:
+        """A delivery's 250 or an APPEND's OK: there exactly once from now on, unless another session
+        removed it meanwhile (or is removing it): a POP3 QUIT or an EXPUNGE can come before the 250 does."""
+        with self.lock:
+            if marker in self.maybe.get(where, set()) and (where, marker) not in self.removing:
+                self.maybe[where].discard(marker)
+                self.exact.setdefault(where, set()).add(marker)
+
+    def removing_now(self, where: tuple[str, str], markers: list[str], done: bool | None) -> None:
+        """A removal of `markers` sent (done None), acknowledged (True) or not known to be (False)."""
+        with self.lock:
+            for marker in markers:
+                if done is None:
+                    self.removing.add((where, marker))
+                    continue
+                self.removing.discard((where, marker))
+                for kind in ("exact", "maybe", "gone"):
+                    getattr(self, kind).get(where, set()).discard(marker)
+                getattr(self, "gone" if done else "maybe").setdefault(where, set()).add(marker)
 
     def count(self, what: str) -> None:
         with self.lock:
@@ -193,7 +214,7 @@ class Traffic:
                 client.sendmail("sender@outside.example", [address("alice"), address("team"), address("dave")],
                                 message(marker))
                 for user, folder in rcpts.items():
-                    led.move_to("exact", (user, folder), marker)
+                    led.acked((user, folder), marker)
                 led.count("mx")
 
     def submission(self) -> None:
@@ -206,7 +227,7 @@ class Traffic:
                 led.add("maybe", ("alice", "INBOX"), marker)
                 client.sendmail(address("erin"), [address("alice"), f"{marker}@remote.example"],
                                 message(marker, sender=address("erin")))
-                led.move_to("exact", ("alice", "INBOX"), marker)
+                led.acked(("alice", "INBOX"), marker)
                 with led.lock:
                     led.queued.add(marker)
                 led.count("submission")
@@ -292,10 +313,13 @@ class Traffic:
                     continue
                 uid, marker = picked
                 if self.rng.random() < 0.25:
-                    led.move_to("maybe", ("carol", "INBOX"), marker)
-                    ok = client.uid("STORE", str(uid), "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK"
-                    if ok and client.uid("EXPUNGE", str(uid))[0] == "OK":
-                        led.move_to("gone", ("carol", "INBOX"), marker)
+                    led.removing_now(("carol", "INBOX"), [marker], None)
+                    expunged = False
+                    try:
+                        if client.uid("STORE", str(uid), "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK":
+                            expunged = client.uid("EXPUNGE", str(uid))[0] == "OK"
+                    finally:  # a kill mid-way: the expunge made or not
+                        led.removing_now(("carol", "INBOX"), [marker], expunged)
                     led.count("expunge")
                 else:
                     flags = " ".join(f for f in ("\\Seen", "\\Flagged", "$Work") if self.rng.random() < 0.5)
@@ -359,11 +383,13 @@ class Traffic:
                 if found:
                     client.dele(number)
                     doomed.append(found.group(1).decode())
-            for marker in doomed:
-                led.move_to("maybe", ("dave", "INBOX"), marker)
-            client.quit()
-            for marker in doomed:
-                led.move_to("gone", ("dave", "INBOX"), marker)
+            led.removing_now(("dave", "INBOX"), doomed, None)
+            try:
+                client.quit()
+            except BaseException:
+                led.removing_now(("dave", "INBOX"), doomed, False)
+                raise
+            led.removing_now(("dave", "INBOX"), doomed, True)
             led.count("pop3")
         finally:
             with contextlib.suppress(*Errors):
