@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from appliance.account_sessions import AccountSessions
 from appliance.backup import BackupJobs
 from appliance.certificates import CertContext
 from appliance.cpu_pool import CpuPool
@@ -75,6 +76,7 @@ class Services:
     renewer: Renewer | None = None
     content_filter: ContentFilter | None = None  # the MX's spam check at DATA (appliance/spam/content_filter.py)
     spam_content: SpamContent | None = None  # that filter, the learner, Junk for the console and the CLI
+    account_sessions: AccountSessions = field(default_factory=AccountSessions)  # IMAP sessions per account
     # Incoming messages (SMTP DATA, IMAP APPEND) held in memory at once, all sessions together.
     message_memory: MessageMemory = field(default_factory=MessageMemory)
     # CPU-heavy work (SEARCH BODY scans, full-text indexing) in a worker process (appliance/cpu_pool.py).

@@ -159,6 +159,7 @@ class ImapSession:
         self.config = config
         self.state: State = "not_authenticated"
         self.user: str | None = None
+        self._counted: str | None = None  # the account whose session count this session is in
         self._generation: int | None = None  # the mailbox logged in to (MailStore.mailbox_generation)
         self.selected: SelectedFolder | None = None
         self.watcher: Watcher | None = None
@@ -253,6 +254,9 @@ class ImapSession:
         await self.io.send(Tagged(command.tag, "OK", text or f"{command.name} completed", code))
 
     async def close(self) -> None:
+        if self._counted is not None:
+            self.services.account_sessions.close(self._counted)
+            self._counted = None
         self._unselect()
         self.notify.close()
 
@@ -360,6 +364,9 @@ class ImapSession:
             raise ImapNo(principal.message(), "UNAVAILABLE")
         if principal is None or principal.kind != "mailbox":
             raise ImapNo("Authentication failed", "AUTHENTICATIONFAILED")
+        if not self.services.account_sessions.open(principal.name):
+            raise ImapNo("Too many sessions open for this account", "LIMIT")  # RFC 5530 3
+        self._counted = principal.name
         self.user = principal.name
         self._generation = await self.store.mailbox_generation(principal.name)
         self.state = "authenticated"

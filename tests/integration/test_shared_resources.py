@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from appliance.account_sessions import MAX_SESSIONS_PER_ACCOUNT
 from appliance.message_memory import MESSAGE_MEMORY_OCTETS, MessageMemory
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
@@ -178,3 +179,33 @@ def test_lmtp_says_busy_once_per_recipient(imap_box: BoxHandle, small_budget: Me
         assert [(code, text.split()[0]) for code, text in replies] == [(452, "4.3.1")] * 2
         assert wire.cmd("NOOP")[0] == 250  # in step: one reply per recipient, no more
     assert small_budget.held == 0
+
+
+def test_one_account_holds_a_bounded_number_of_sessions(imap_box: BoxHandle) -> None:
+    # One account's password, from a few networks, could hold all of a listener's 1000 sessions.
+    other = "bob@example.test"
+    imap_box.add_user(other, PASSWORD)
+    sessions = imap_box.services.account_sessions
+    sessions.limit = 3
+    clients = [RawImap(imap_box.port("imaps"), imap_box.client_context, source=f"127.0.{n}.2") for n in (1, 2)]
+    plain = RawImap(imap_box.port("imap"), source="127.0.3.2")  # 143 and 993 count together
+    refused = RawImap(imap_box.port("imaps"), imap_box.client_context, source="127.0.4.2")
+    clients += [plain, refused]
+    try:
+        for client in clients[:2]:
+            client.login(USER, PASSWORD)
+        assert plain.command(b"T", b"STARTTLS")[-1].startswith(b"T OK")
+        plain.sock = imap_box.client_context.wrap_socket(plain.sock, server_hostname="localhost")
+        plain.login(USER, PASSWORD)
+        assert refused.command(b"L", f'LOGIN "{USER}" "{PASSWORD}"'.encode())[-1].startswith(b"L NO [LIMIT]")
+        mate = RawImap(imap_box.port("imaps"), imap_box.client_context)
+        clients.append(mate)
+        mate.login(other, PASSWORD)  # another account is not held back
+        assert clients[0].command(b"Z", b"LOGOUT")[-1].startswith(b"Z OK")
+        wait_until(lambda: sessions.count(USER) == 2, seconds=10, what="the logged-out session uncounted")
+        refused.login(USER, PASSWORD)
+    finally:
+        sessions.limit = MAX_SESSIONS_PER_ACCOUNT
+        for client in clients:
+            client.close()
+    wait_until(lambda: sessions.count(USER) == 0, seconds=10, what="every session uncounted")
