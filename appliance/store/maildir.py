@@ -484,9 +484,15 @@ def remove_folder(path: Path) -> None:
     shutil.rmtree(trash)
 
 
+# What this code writes beside a Maildir's files and renames over them (write_uidlist, write_keywords,
+# subscriptions.py): a crash between the write and the rename leaves it for good.
+_OWN_TEMPORARY = re.compile(r"(dovecot-uidlist|subscriptions)\.\d+\.tmp|dovecot-keywords\.\d+\.M\d+P\d+Q\d+\..*")
+
+
 def clean_debris(root: Path) -> int:
     """At start, when no delivery is in flight: remove every file in tmp/ of every Maildir under
-    `root` (mail/<domain>/<local>/) and half-deleted folders. Returns how many entries went."""
+    `root` (mail/<domain>/<local>/), half-deleted folders, and the temporary files of this code's
+    replaced-whole files (_OWN_TEMPORARY) a crash left beside them. Returns how many entries went."""
     removed = 0
     for domain in _subdirs(root):
         for mailbox in _subdirs(domain):
@@ -496,8 +502,8 @@ def clean_debris(root: Path) -> int:
                 removed += 1
             maildirs = [mailbox] + [d for d in _subdirs(mailbox) if folder_name(d.name)]
             for maildir in maildirs:
-                tmp = maildir / "tmp"
-                for entry in _entries(tmp):
+                leftovers = [e for e in _entries(maildir) if _OWN_TEMPORARY.fullmatch(e.name)]
+                for entry in [*_entries(maildir / "tmp"), *leftovers]:
                     if entry.is_file(follow_symlinks=False):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(entry.path)

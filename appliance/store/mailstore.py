@@ -114,7 +114,7 @@ class MailStore:
         (FolderAdmin.repair). Returns how many entries were removed or set right."""
         removed = await asyncio.to_thread(maildir.clean_debris, self.root)
         if removed:
-            log.info("store: removed %d leftover entries from tmp/ after an unclean stop", removed)
+            log.info("store: removed %d leftovers of an unclean stop (files in tmp/, half-deleted folders, temporary files)", removed)
         return removed + await self._folders.repair(self._directory)
 
     # --- messages ---------------------------------------------------------------------------------

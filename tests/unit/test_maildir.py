@@ -189,7 +189,15 @@ def test_debris_is_cleaned_in_every_maildir(tmp_path: Path) -> None:
     (box / ".Sent" / "tmp" / "half2").write_bytes(b"partial")
     (box / "new" / "whole").write_bytes(b"kept")
     (box / ".DOVECOT-TRASHED" / "cur").mkdir(parents=True)
-    assert maildir.clean_debris(tmp_path) == 3
+    # Beside the files they replace: what a kill between the write and the rename leaves.
+    (box / "dovecot-uidlist.4242.tmp").write_text("3 V1 N1\n")
+    (box / "subscriptions.4242.tmp").write_text("V\t2\n\n")
+    (box / ".Sent" / f"{maildir.KEYWORDS_FILE}.{maildir.unique_name(9)}").write_text("0 $Label1\n")
+    (box / ".Sent" / maildir.KEYWORDS_FILE).write_text("0 $Label1\n")
+    (box / "dovecot-uidlist").write_text("3 V1 N1\n")
+    assert maildir.clean_debris(tmp_path) == 6
+    assert sorted(p.name for p in box.iterdir() if p.is_file()) == ["dovecot-uidlist"]
+    assert sorted(p.name for p in (box / ".Sent").iterdir() if p.is_file()) == sorted([maildir.FOLDER_MARKER, maildir.KEYWORDS_FILE])
     assert list((box / "tmp").iterdir()) == []
     assert list((box / ".Sent" / "tmp").iterdir()) == []
     assert (box / "new" / "whole").exists()
