@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_program
-from tests.support.ports import free_ports
-from tests.support.rspamd import PortTaken, RspamdPeer
+from tests.support.ports import PortTaken, free_ports
+from tests.support.rspamd import RspamdPeer
 
 
 def test_a_scanner_port_another_process_holds_is_said_at_once(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import trustme
 
 from tests.conftest import require_program
 from tests.support.polling import retry
-from tests.support.ports import free_ports
+from tests.support.ports import PORT_ATTEMPTS, PortTaken, free_ports, port_taken
 
 EAB_KID = "kid-1"
 EAB_HMAC = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"  # base64url
@@ -39,6 +39,21 @@ class Pebble:
     logs: list[Any] = field(default_factory=list)
 
     def start(self) -> None:
+        """Pebble and challtestsrv answering. Their ports are picked again when another process took one
+        before it was bound (a CI-like loaded run: 'bind: address already in use' for the management
+        port); a restart keeps its ports, and so its directory URL."""
+        picked = not getattr(self, "port", 0)
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            if picked:
+                self.port, self.management_port, self.dns_port, self.dns_management_port = free_ports(4)
+            try:
+                self._start_on_ports()
+                return
+            except PortTaken:
+                if not picked or attempt == PORT_ATTEMPTS:
+                    raise
+
+    def _start_on_ports(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         ca = trustme.CA()
         server = ca.issue_cert("127.0.0.1", "localhost")
@@ -47,8 +62,6 @@ class Pebble:
         server.private_key_pem.write_to_path(str(self.root / "key.pem"))
         ca.cert_pem.write_to_path(str(self.root / "listener-ca.pem"))
         self.listener_ca = self.root / "listener-ca.pem"
-        if not getattr(self, "port", 0):  # a restart keeps its ports (and so its directory URL)
-            self.port, self.management_port, self.dns_port, self.dns_management_port = free_ports(4)
         config: dict[str, Any] = {
             "listenAddress": f"127.0.0.1:{self.port}",
             "managementListenAddress": f"127.0.0.1:{self.management_port}",
@@ -78,7 +91,8 @@ class Pebble:
             stdout=log, stderr=subprocess.STDOUT, env=env))
         def ready() -> None:
             if any(p.poll() is not None for p in self.procs):
-                raise RuntimeError("pebble did not start: " + (self.root / "pebble.log").read_text())
+                said = (self.root / "pebble.log").read_text() + (self.root / "challtestsrv.log").read_text()
+                raise (PortTaken if port_taken(said) else RuntimeError)("pebble did not start: " + said)
             self._get(f"https://127.0.0.1:{self.port}/dir")
             self._post_dns("/set-default-ipv6", {"ip": ""})
 

@@ -19,3 +19,17 @@ def free_ports(count: int) -> list[int]:
 
 def free_port() -> int:
     return free_ports(1)[0]
+
+
+PORT_ATTEMPTS = 3  # fresh ports after another process took one between picking and binding it
+
+
+class PortTaken(RuntimeError):
+    """A peer could not bind a port picked for it: free_ports' ports are in the kernel's ephemeral range,
+    and any process's outgoing connection may take one before the peer binds it. Told from the peer's
+    log at once, so its start is tried again on fresh ports instead of failing at a deadline."""
+
+
+def port_taken(log: str) -> bool:
+    """Whether a peer's log says a bind failed (rspamd, Redis: 'Address ...'; Go's pebble: 'bind: address ...')."""
+    return "address already in use" in log.lower()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tests.support.dns_server import ZoneServer
 from tests.support.polling import wait_until
-from tests.support.ports import free_ports
+from tests.support.ports import PORT_ATTEMPTS, PortTaken, free_ports, port_taken
 
 IMAGE_RSPAMD = Path(__file__).resolve().parents[2] / "image" / "overlay" / "etc" / "rspamd"
 IMAGE_LOCAL_D = IMAGE_RSPAMD / "local.d"
@@ -48,13 +48,6 @@ OFF_MODULES = (
     "history_redis", "hfilter", "mx_check", "rspamd_update", "emails", "dcc", "external_services",
 )
 TLDS = "com\norg\nnet\ntest\nexample\ninvalid\nlocalhost\n"
-PORT_ATTEMPTS = 3  # fresh ports after another process took one between picking and binding it
-PORT_TAKEN = "Address already in use"  # what rspamd and Redis log when they cannot bind
-
-
-class PortTaken(RuntimeError):
-    """rspamd or Redis could not bind its port: another process holds it. rspamd goes on without the
-    listener (its /ping never answers), so this is told from its log at once, not at the deadline."""
 
 
 @dataclass
@@ -235,7 +228,7 @@ class RspamdPeer:
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
             if self.procs["redis"].poll() is not None:
-                raise (PortTaken if PORT_TAKEN in self.log_text("redis.out", since_start=True) else RuntimeError)(
+                raise (PortTaken if port_taken(self.log_text("redis.out", since_start=True)) else RuntimeError)(
                     "Redis did not start: " + self.log_tail())
             return False
 
@@ -248,7 +241,8 @@ class RspamdPeer:
             with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.scanner}/ping", timeout=5) as reply:  # noqa: S310  our loopback rspamd
                 if reply.read().strip() == b"pong":
                     return True
-            if PORT_TAKEN in self.log_text("rspamd.log", since_start=True):
+            # rspamd goes on without the listener (its /ping never answers): told from its log at once.
+            if port_taken(self.log_text("rspamd.log", since_start=True)):
                 raise PortTaken("rspamd cannot listen: " + self.log_tail())
             if self.procs["rspamd"].poll() is not None:
                 raise RuntimeError("rspamd ended as it started: " + self.log_tail())
