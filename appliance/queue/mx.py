@@ -114,7 +114,9 @@ def own_addresses(listeners: Iterable[tuple[str, int]], port: int, public: Itera
             return False
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped  # ::ffff:127.0.0.1: an IPv6 socket connects to the IPv4 address itself
-        return str(ip) in own or (wildcard and (ip.is_loopback or ip.is_unspecified))
+        if ip.is_unspecified:  # a connection to 0.0.0.0 (::) reaches this host's 127.0.0.1 (::1)
+            ip = ipaddress.ip_address("127.0.0.1" if ip.version == 4 else "::1")
+        return str(ip) in own or (wildcard and ip.is_loopback)
 
     return is_own
 

@@ -403,15 +403,18 @@ def test_queued_mail_survives_a_restart_of_the_queue(outbound: Outbound) -> None
     assert not (box.data.spool / f"{queued.id}.eml").exists()
 
 
-def test_an_mx_at_our_address_written_as_ipv6_loops_back_to_myself(outbound: Outbound,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    """An AAAA record of ::ffff:127.0.0.1 (IPv4-mapped, RFC 4291 2.5.5.2) reaches the box's own MX
-    on 127.0.0.1 as surely as the A record does: the queue's IPv6 socket connects there. It was not
-    taken for the box's own address, so a sender's domain publishing it made the queue hand the
-    message to its own MX ('Relay access denied', counted against the box's own address)."""
+
+@pytest.mark.parametrize(("kind", "address"), [("AAAA", "::ffff:127.0.0.1"), ("A", "0.0.0.0")])
+def test_an_mx_at_our_address_written_otherwise_loops_back_to_myself(
+        outbound: Outbound, caplog: pytest.LogCaptureFixture, kind: str, address: str) -> None:
+    """Addresses that reach the box's own MX on 127.0.0.1 as surely as 127.0.0.1 does: ::ffff:127.0.0.1
+    (IPv4-mapped, RFC 4291 2.5.5.2: the queue's IPv6 socket connects to the IPv4 address) and 0.0.0.0
+    (Linux takes a connection to it for the loopback; only a wildcard listener counted it as ours). A
+    sender's domain publishing either made the queue hand the message to its own MX ('Relay access
+    denied', counted against the box's own address in the harvest guard)."""
     outbound.setting("outbound_port", str(outbound.box.port("smtp")))
     outbound.zone.set("mapped.test", "MX", ["10 mx.mapped.test."])
-    outbound.zone.set("mx.mapped.test", "AAAA", ["::ffff:127.0.0.1"])
+    outbound.zone.set("mx.mapped.test", kind, [address])
     caplog.set_level(logging.INFO, logger="letterbox")
     outbound.submit(["a@mapped.test"])
     [report] = outbound.wait_inbox(1)
