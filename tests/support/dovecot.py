@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tests.conftest import require_program
 from tests.support.polling import process_gone, wait_until
-from tests.support.ports import free_ports
+from tests.support.ports import PORT_ATTEMPTS, PortTaken, free_ports, port_taken
 
 START_TIMEOUT = 15.0
 
@@ -53,6 +53,7 @@ class PrivateDovecot:
         self.mail = self.root / "mail"
         self.conf = self.root / "dovecot.conf"
         self._pid: int | None = None
+        self._started = False
 
     def maildir(self, user: str) -> Path:
         return self.mail / user / "Maildir"
@@ -126,6 +127,20 @@ service stats {{
             os.chown(path, self.uid, self.gid, follow_symlinks=False)
 
     def start(self) -> None:
+        """The first start takes fresh ports when another process took one between picking and binding
+        (free_ports' ports are in the ephemeral range); a restart keeps its ports."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                self._start_on_ports()
+                self._started = True
+                return
+            except PortTaken:
+                if self._started or attempt == PORT_ATTEMPTS:
+                    raise
+                self.port, tls_port = free_ports(2)
+                self.tls_port = tls_port if self.tls else 0
+
+    def _start_on_ports(self) -> None:
         self.write_config()
         self.give_mail_to_dovecot()
         # The master daemonizes; its output goes to a file (a pipe would be held open by the daemon).
@@ -133,8 +148,8 @@ service stats {{
             started = subprocess.run([self.binary, "-c", str(self.conf)], stdout=out, stderr=out,
                                      stdin=subprocess.DEVNULL, timeout=30, check=False)
         if started.returncode != 0:
-            output = (self.root / "start.log").read_text(errors="replace")
-            raise RuntimeError(f"dovecot exited {started.returncode}: {output} {self.log()}")
+            output = (self.root / "start.log").read_text(errors="replace") + " " + self.log()
+            raise (PortTaken if port_taken(output) else RuntimeError)(f"dovecot exited {started.returncode}: {output}")
         pidfile = self.root / "run" / "master.pid"
 
         def answering() -> int | None:
