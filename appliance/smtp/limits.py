@@ -32,6 +32,10 @@ MAX_DATA_SECONDS = 1800.0
 # Errors (5xx replies) a client may provoke before it is told 421 and disconnected (Postfix's
 # smtpd_hard_error_limit is 20 as well). Reset by every accepted message.
 MAX_ERRORS = 20
+# Commands that carry no mail (NOOP, RSET, VRFY, EXPN, HELP, HELO/EHLO) a session may send before each
+# further one counts as an error, as Postfix's smtpd_junk_command_limit; 1 while the listener is crowded
+# (Postfix's stress). Every accepted message starts the count over.
+MAX_JUNK_COMMANDS = 100
 # Concurrent connections per client address, per network (/24, /64), before the first transaction or
 # login, and in total per listener. The pre-auth pool is smaller than the total: sessions that send
 # mail or logged in always have room.
@@ -61,6 +65,7 @@ class SmtpLimits:
     data_chunk_timeout: float = DATA_CHUNK_TIMEOUT
     max_data_seconds: float = MAX_DATA_SECONDS
     max_errors: int = MAX_ERRORS
+    max_junk_commands: int = MAX_JUNK_COMMANDS
     max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT
     max_connections_per_network: int = MAX_CONNECTIONS_PER_NETWORK
     max_preauth_connections: int = MAX_PREAUTH_CONNECTIONS

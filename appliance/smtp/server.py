@@ -167,6 +167,7 @@ class LetterboxSMTP(SMTP):
         self._raw_replies = False
         self._ehlo_lines: list[str] | None = None  # the EHLO reply being gathered for one write
         self._errors = 0
+        self._junk_commands = 0
         self._client_ip: str | None = None
         self._slot: Slot | None = None
         self._refused = False
@@ -324,6 +325,10 @@ class LetterboxSMTP(SMTP):
         each time: 3 % of the MX's event loop under smtp-source, issue 19). One timer per
         connection instead: a later deadline is only noted, and the timer, when it fires early,
         waits on until it; an earlier one replaces the timer."""
+        if duration is None and self._crowded():
+            # Postfix's stress (smtpd_timeout 10 s): sessions that logged in or began a transaction hold
+            # slots the pre-auth deadline no longer bounds; a crowded listener wants each command soon.
+            duration = min(self._timeout_duration, self.limits.stressed_preauth_timeout)
         deadline = self.loop.time() + (duration or self._timeout_duration)
         self._deadline = deadline
         handle = self._timeout_handle
@@ -333,6 +338,42 @@ class LetterboxSMTP(SMTP):
             handle.cancel()
         self._timeout_handle = self.loop.call_at(deadline, self._deadline_reached)
         self._timer_armed = True
+
+    def _crowded(self) -> bool:
+        """The listener holds stress_fraction of its connections (or of its pre-auth pool)."""
+        limiter = self._tracker.limiter
+        return limiter.open >= limiter.stress_fraction * limiter.total or limiter.stressed
+
+    async def _junk(self) -> None:
+        """A command that carries no mail: past the junk budget each one is an error (Postfix's
+        smtpd_junk_command_limit), so NOOPs every few minutes cannot hold a slot for ever."""
+        self._junk_commands += 1
+        if self._junk_commands > (1 if self._crowded() else self.limits.max_junk_commands):
+            await self._count_error()
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        await self._junk()
+        await super().smtp_NOOP(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        await self._junk()
+        await super().smtp_RSET(arg)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        await self._junk()
+        await super().smtp_VRFY(arg)
+
+    async def smtp_EXPN(self, arg: str) -> None:  # not listed by HELP, as in aiosmtpd
+        await self._junk()
+        await super().smtp_EXPN(arg)
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        await self._junk()
+        await super().smtp_HELP(arg)
 
     def _deadline_reached(self) -> None:
         if self.loop.time() < self._deadline:  # the deadline moved on since the timer was set
@@ -417,6 +458,7 @@ class LetterboxSMTP(SMTP):
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
+        await self._junk()
         self.command_size_limits["MAIL"] = MAX_COMMAND_OCTETS  # aiosmtpd adds the SIZE/SMTPUTF8 room
         self._raw_replies = True  # RFC 2034: no status codes in the EHLO reply
         # aiosmtpd pushes each line of the reply on its own: a write (a send(2) and a segment) per
@@ -434,6 +476,7 @@ class LetterboxSMTP(SMTP):
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
+        await self._junk()
         self._raw_replies = True
         try:
             await super().smtp_HELO(hostname)
@@ -554,8 +597,9 @@ class LetterboxSMTP(SMTP):
             self.transport.close()
 
     def note_accepted(self) -> None:
-        """A message was accepted: the client is behaving, its error budget starts over."""
+        """A message was accepted: the client is behaving, its error and junk budgets start over."""
         self._errors = 0
+        self._junk_commands = 0
 
 
 class LetterboxLMTP(LetterboxSMTP):

@@ -198,6 +198,41 @@ def test_lmtp_refuses_an_oversize_message_once_per_recipient(box: BoxHandle, lim
     assert spooled(box) == 0
 
 
+def test_commands_that_carry_no_mail_are_errors_past_the_junk_budget(box: BoxHandle, limited: StartServer) -> None:
+    # A session that began a transaction left the pre-auth deadline behind, and a NOOP every few
+    # minutes held its slot for ever (500 such sessions: port 25 refused everyone).
+    port = limited(max_junk_commands=3, max_errors=2)
+    with greet(port) as wire:  # EHLO: 1
+        assert wire.cmd("MAIL FROM:<a@external.test>")[0] == 250
+        assert [wire.cmd("NOOP")[0] for _ in range(2)] == [250, 250]  # 2, 3
+        assert wire.cmd("RSET")[0] == 250  # 4: the first error, still answered
+        code, text = wire.cmd("NOOP")
+        assert (code, text.split()[0]) == (421, "4.7.0")  # the second error: goodbye
+        assert wire.closed()
+    with greet(port) as wire:  # an accepted message starts the count over
+        for _ in range(3):
+            assert wire.cmd("NOOP")[0] == 250
+            assert wire.cmd("MAIL FROM:<a@external.test>")[0] == 250
+            assert wire.cmd(f"RCPT TO:<{FORWARD}>")[0] == 250
+            assert wire.cmd("DATA")[0] == 354
+            assert wire.cmd(b"Subject: hi\r\n\r\nhello\r\n.")[0] == 250
+    assert spooled(box) == 3
+
+
+def test_a_crowded_listener_wants_each_command_soon(limited: StartServer) -> None:
+    # Postfix's stress: once half the listener's connections are taken, every session, in a transaction
+    # or logged in too, gets 10 s (here 1) per command, not 300.
+    port = limited(max_connections=4, stressed_preauth_timeout=1.0)
+    with greet(port) as holder:
+        assert holder.cmd("MAIL FROM:<a@external.test>")[0] == 250  # out of the pre-auth pool
+        with greet(port):  # two of four: crowded
+            assert holder.cmd("RCPT TO:<" + FORWARD + ">")[0] == 250
+            started = time.monotonic()
+            code, text = holder.reply()
+            assert (code, text.split()[0]) == (421, "4.4.2"), text
+            assert time.monotonic() - started < 5
+
+
 def test_ehlo_advertises_the_size_limit(limited: StartServer) -> None:
     port = limited(max_message_octets=12_345)
     with Wire(port) as wire:
