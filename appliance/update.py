@@ -69,6 +69,8 @@ from appliance.version import running_version as running_version  # moved there;
 # The bundle reader (tarfile) is imported where a bundle is installed: the box imports this module at
 # every start for read_status (the last update's outcome), and never installs anything itself.
 if TYPE_CHECKING:
+    from packaging.version import Version
+
     from appliance.bundle import BundleInfo
 
 DEFAULT_PREFIX = Path("/opt/letterbox")
@@ -107,34 +109,26 @@ class Options:
     say: Callable[[str], None] = field(default=print)
 
 
-# PEP 440's order for the versions a release may have: X.devN < X.aN < X.bN < X.rcN < X < X.postN.
-_VERSION = re.compile(r"(\d+(?:\.\d+)*)(?:[-_.]?(dev|a|alpha|b|beta|c|rc|pre|preview|post|rev|r)[-_.]?(\d*))?"
-                      r"(?:\+[a-z0-9.]*)?", re.IGNORECASE)
-_PHASE = {"dev": 0, "a": 1, "alpha": 1, "b": 2, "beta": 2, "c": 3, "rc": 3, "pre": 3, "preview": 3,
-          "post": 5, "rev": 5, "r": 5}
-_RELEASE = 4
+def version_key(version: str) -> Version | None:
+    """The version in PEP 440's order (packaging's: epochs, X.devN < X.aN < X.bN < X.rcN < X < X.postN,
+    pre-releases of dev releases...); None when it is no PEP 440 version (then any order is allowed).
+    A release candidate of 1.0.0 was taken for newer than a running 1.0.1 when only plain numbers were
+    compared, and a hand-made parser left '1.0rc1.dev2' and epochs unordered."""
+    from packaging.version import InvalidVersion, Version  # (imported when a bundle is looked at)
 
-
-def version_key(version: str) -> tuple[tuple[int, ...], int, int] | None:
-    """'0.10.2' -> ((0, 10, 2), 4, 0), '1.0.0rc1' -> ((1,), 3, 1); None when it is no PEP 440 release
-    this knows (then any order is allowed). A release candidate of 1.0.0 was taken for newer than a
-    running 1.0.1: any version that was not plain numbers passed as newer."""
-    m = _VERSION.fullmatch(version)
-    if not m:
+    try:
+        return Version(version)
+    except InvalidVersion:
         return None
-    release = tuple(int(p) for p in m.group(1).split("."))
-    while len(release) > 1 and release[-1] == 0:  # 1.0 == 1.0.0
-        release = release[:-1]
-    phase = _PHASE[m.group(2).lower()] if m.group(2) else _RELEASE
-    return release, phase, int(m.group(3) or 0)
 
 
 def is_newer(candidate: str, running: str) -> bool:
     a, b = version_key(candidate), version_key(running)
     if a is None or b is None:
         return candidate != running
-    if a == b:  # the same release ('1.0' is '1.0.0'); built apart (another +local label), either may replace the other
-        return candidate.partition("+")[2] != running.partition("+")[2]
+    if version_key(a.public) == version_key(b.public):
+        # the same release ('1.0' is '1.0.0'); built apart (another +local label), either may replace the other
+        return a.local != b.local
     return a > b
 
 

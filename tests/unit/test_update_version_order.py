@@ -28,3 +28,15 @@ from appliance.update import is_newer
 ])
 def test_newer_follows_pep440(candidate: str, running: str, newer: bool) -> None:
     assert is_newer(candidate, running) is newer
+
+
+@pytest.mark.parametrize(("candidate", "running", "newer"), [
+    ("1.0rc1.dev2", "1.0rc1", False),  # a dev release of the candidate comes before it
+    ("1.0rc1", "1.0rc1.dev2", True),
+    ("1.0rc1.dev2", "1.1", False),  # was unordered: any order allowed, a downgrade too
+    ("1!0.1", "2.0", True),  # an epoch outranks the release numbers
+    ("2.0", "1!0.1", False),
+    ("1.0.post1.dev1", "1.0", True),
+])
+def test_every_pep440_version_is_ordered(candidate: str, running: str, newer: bool) -> None:
+    assert is_newer(candidate, running) is newer
