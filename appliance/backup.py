@@ -1434,10 +1434,8 @@ async def restore_mailbox(db: Database, events: EventLog, layout: DataLayout, pa
             if domain not in await accounts.list_domains():
                 await accounts.add_domain(domain)
             # The account comes back as it was, password hash included: its owner logs in as before.
-            await accounts.add_user(address, secrets.token_urlsafe(24), display_name=display, quota_bytes=quota)
-            await db.execute(
-                "UPDATE mailboxes SET password_hash = ?, enabled = ? WHERE local_part = ?"
-                " AND domain_id = (SELECT id FROM domains WHERE name = ?)", (pw_hash, enabled, local, domain))
+            await accounts.add_user(address, "", display_name=display, quota_bytes=quota, password_hash=pw_hash,
+                                    enabled=bool(enabled))
             created = True
         count = await asyncio.to_thread(
             copy_mailbox, staging / "mail" / domain / local, layout.mail / domain / local, folder)

@@ -112,9 +112,11 @@ class Accounts:
     # --- mailboxes -------------------------------------------------------------------------------------
 
     async def add_user(
-        self, address: str, password: str, *, display_name: str = "", quota_bytes: int = 0
+        self, address: str, password: str, *, display_name: str = "", quota_bytes: int = 0,
+        password_hash: str | None = None, enabled: bool = True,
     ) -> MailboxInfo:
-        return await self.mailboxes.add_user(address, password, display_name=display_name, quota_bytes=quota_bytes)
+        return await self.mailboxes.add_user(address, password, display_name=display_name, quota_bytes=quota_bytes,
+                                             password_hash=password_hash, enabled=enabled)
 
     async def set_password(self, address: str, password: str) -> None:
         await self.mailboxes.set_password(address, password)

@@ -52,19 +52,23 @@ class Mailboxes:
         self.hasher = hasher
 
     async def add_user(
-        self, address: str, password: str, *, display_name: str = "", quota_bytes: int = 0
+        self, address: str, password: str, *, display_name: str = "", quota_bytes: int = 0,
+        password_hash: str | None = None, enabled: bool = True,
     ) -> MailboxInfo:
+        """`password_hash` instead of `password`: an account put back as a backup had it (its hash and
+        `enabled` in the same transaction as the row, so a kill never leaves it with another password)."""
         addr = mailbox_address(address)
         name = clean_display_name(display_name)
         quota = clean_quota(quota_bytes)
-        problem = passwords.password_problem(password, address=addr.canonical)
+        problem = passwords.password_problem(password, address=addr.canonical) if password_hash is None else None
         if problem:
             raise WeakPassword(problem)
         # Cheap refusals before the deliberately slow hash; checked again in the transaction.
         await self._domains.require_domain(addr.domain)
         if await self.get_user(addr.canonical):
             raise AlreadyExists(f"mailbox {addr.canonical} already exists")
-        password_hash = await asyncio.to_thread(passwords.hash_password, password, self.hasher)
+        if password_hash is None:
+            password_hash = await asyncio.to_thread(passwords.hash_password, password, self.hasher)
         created = now()
         async with self._db.transaction() as tx:
             row = await one(tx, "SELECT id FROM domains WHERE name = ?", (addr.domain,))
@@ -80,11 +84,11 @@ class Mailboxes:
                 )
             await tx.execute(
                 "INSERT INTO mailboxes (domain_id, local_part, display_name, password_hash, quota_bytes,"
-                " enabled, created_at) VALUES (?, ?, ?, ?, ?, 1, ?)",
-                (row["id"], addr.local, name, password_hash, quota, created),
+                " enabled, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (row["id"], addr.local, name, password_hash, quota, int(enabled), created),
             )
         log.info("mailbox added: %s", addr.canonical)
-        return MailboxInfo(addr.canonical, name, quota, True, created)
+        return MailboxInfo(addr.canonical, name, quota, enabled, created)
 
     async def set_password(self, address: str, password: str) -> None:
         addr = mailbox_address(address)

@@ -537,3 +537,30 @@ def test_backup_list_of_a_box_without_backups_says_so_on_stderr(tmp_path: Path) 
     assert listed.stdout == ""
     assert "no backups in" in listed.stderr
     assert "letterbox backup create" in listed.stderr
+
+
+def test_one_mailbox_back_killed_once_the_account_is_made_keeps_its_password(made: tuple[DataLayout, Path, Path]) -> None:
+    """The restore made the account again with a random password and set the backup's hash in a second
+    transaction: killed between the two (strace: SIGKILL at its second WAL sync, the account's), the
+    mailbox stayed with a password nobody knew, and a restore run again left it so (the mailbox was
+    there). Now the account comes back with its hash in one transaction."""
+    layout, file, kit = made
+    with sqlite3.connect(layout.db) as db:
+        (old_hash,) = db.execute("SELECT password_hash FROM mailboxes WHERE local_part = 'alice'").fetchone()
+    assert run(layout.root, "user", "remove", ALICE).returncode == 0
+    killed = subprocess.run(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "signal=none", "-P", str(layout.root / "letterbox.db-wal"),
+         "-e", "trace=fdatasync,fsync", "-e", "inject=fdatasync,fsync:signal=SIGKILL:when=2",
+         LETTERBOX, "--data", str(layout.root), "backup", "restore", str(file), "--key-file", str(kit), "--mailbox", ALICE],
+        capture_output=True, text=True, timeout=120)
+    assert killed.returncode in (-9, 137), (killed.returncode, killed.stdout, killed.stderr)
+    with sqlite3.connect(layout.db) as db:
+        row = db.execute("SELECT password_hash FROM mailboxes WHERE local_part = 'alice'").fetchone()
+    assert row is not None, "the kill came before the account was made"
+    assert row[0] == old_hash
+    # Run again, as its user would: the mail is all there (copied now, or before the kill).
+    result = run(layout.root, "backup", "restore", str(file), "--key-file", str(kit), "--mailbox", ALICE)
+    assert result.returncode == 0, result.stderr
+    alice = layout.mail / "one.test" / "alice"
+    assert len([p for sub in ("cur", "new") for p in (alice / sub).iterdir()]) == 6
+    assert len(list((alice / ".Keep" / "cur").iterdir())) == 1
