@@ -364,11 +364,14 @@ class ImapSession:
             raise ImapNo(principal.message(), "UNAVAILABLE")
         if principal is None or principal.kind != "mailbox":
             raise ImapNo("Authentication failed", "AUTHENTICATIONFAILED")
+        generation = await self.store.mailbox_generation(principal.name)
+        if generation is None:  # disabled or removed while its password was checked
+            raise ImapNo("Authentication failed", "AUTHENTICATIONFAILED")
         if not self.services.account_sessions.open(principal.name):
             raise ImapNo("Too many sessions open for this account", "LIMIT")  # RFC 5530 3
         self._counted = principal.name
         self.user = principal.name
-        self._generation = await self.store.mailbox_generation(principal.name)
+        self._generation = generation
         self.state = "authenticated"
         await self.io.send(Tagged(command.tag, "OK", "Logged in", self.capability_code()))
 

@@ -236,6 +236,8 @@ class Pop3Session:
             raise Pop3Err("Maildrop is locked by another POP3 session", IN_USE)  # RFC 2449 8.1.1
         try:
             self._generation = await self.store.mailbox_generation(mailbox)
+            if self._generation is None:  # disabled or removed while its password was checked
+                raise Pop3Err("Authentication failed", AUTH)
             snapshot = await self.store.snapshot(mailbox, INBOX)
         except Exception as exc:
             self.locks.release(mailbox)

@@ -135,3 +135,36 @@ def test_imap_and_pop3_sessions_of_a_disabled_mailbox_end(box: BoxHandle) -> Non
         idling.close()
         pop.close()
     assert len(box.run(box.services.store.snapshot(JONH, "INBOX")).messages) == 1
+
+
+def test_a_mailbox_disabled_while_its_password_is_checked_is_not_logged_in(
+    box: BoxHandle, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The administrator disables a mailbox while a login's password check (argon2, on a thread) runs:
+    the login is refused. Before, the session kept "no mailbox" as the one it logged in to, which is
+    what every later check found too, so it never ended and read the disabled mailbox's mail."""
+    box.add_user(JONH, OLD_PASSWORD)
+    auth = box.services.auth
+    checked = auth.login
+
+    async def disabled_meanwhile(*args: object, **kwargs: object) -> object:
+        principal = await checked(*args, **kwargs)  # type: ignore[arg-type]
+        await Admin.of(box.services).update_mailbox(JONH, enabled=True)  # (no change yet: warm caches)
+        await Admin.of(box.services).update_mailbox(JONH, enabled=False)
+        return principal
+
+    monkeypatch.setattr(auth, "login", disabled_meanwhile)
+    imap = RawImap(box.port("imaps"), box.client_context)
+    try:
+        imap.send(f'L LOGIN "{JONH}" "{OLD_PASSWORD}"\r\n'.encode())
+        assert imap.line().startswith(b"L NO [AUTHENTICATIONFAILED]")
+    finally:
+        imap.close()
+    box.run(Admin.of(box.services).update_mailbox(JONH, enabled=True))
+    pop = poplib.POP3_SSL("127.0.0.1", box.port("pop3s"), context=box.client_context, timeout=15)
+    try:
+        pop.user(JONH)
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\] Authentication failed"):
+            pop.pass_(OLD_PASSWORD)
+    finally:
+        pop.close()
