@@ -336,6 +336,7 @@ class ConnectionLimiter:
         self._by_network: collections.Counter[str] = collections.Counter()
         # Insertion order is connect order: the first entry is the oldest connection not logged in.
         self._preauth: dict[Slot, None] = {}
+        self._preauth_by_network: collections.Counter[str] = collections.Counter()
         self._open = 0
         self._refused_unlogged = 0
         self._refusal_logged_at: float | None = None
@@ -361,7 +362,7 @@ class ConnectionLimiter:
         network = network_of(address)
         if self._by_address[address] >= self.per_client or self._by_network[network] >= self.per_network:
             return None
-        if len(self._preauth) >= self.max_preauth and not self._evict_oldest():
+        if len(self._preauth) >= self.max_preauth and not self._evict_for(network):
             return None
         if self._open >= self.total:
             return None
@@ -370,6 +371,7 @@ class ConnectionLimiter:
         self._by_network[network] += 1
         self._open += 1
         self._preauth[slot] = None
+        self._preauth_by_network[network] += 1
         if self.stressed:
             for waiting in self._preauth:
                 waiting._stress()
@@ -385,33 +387,51 @@ class ConnectionLimiter:
         self._refusal_logged_at = now
         return count
 
-    def _evict_oldest(self) -> bool:
-        """The pre-auth pool is full: hang up on its oldest connection, if it has had EVICT_MIN_AGE
-        seconds to log in, so that a newcomer is never refused by idle sockets alone (Dovecot's login
-        processes do the same when their connection queue is full). An attacker who keeps the pool
-        full then only pushes out his own older sockets; a real client logs in within the time."""
-        oldest = next(iter(self._preauth), None)
-        if oldest is None or oldest.on_evict is None or self._clock() - oldest.connected_at < EVICT_MIN_AGE:
+    def _evict_for(self, network: str) -> bool:
+        """The pre-auth pool is full: hang up on one of its connections to make room for a newcomer
+        from `network`, so that a newcomer is never refused by idle sockets alone (Dovecot's login
+        processes do the same when their connection queue is full).
+
+        While some network holds at least two more of the pool than the newcomer's, its oldest goes,
+        however young: a flood reconnecting faster than EVICT_MIN_AGE from a few networks kept every
+        socket of a full pool younger than that, and every other client was refused for as long as it
+        went on. Otherwise the pool's oldest goes, if it has had EVICT_MIN_AGE seconds to log in: an
+        attacker who keeps the pool full then only pushes out his own older sockets."""
+        heaviest, held = max(self._preauth_by_network.items(), key=lambda item: item[1], default=("", 0))
+        if held >= self._preauth_by_network[network] + 2:
+            victim = next((slot for slot in self._preauth if slot.network == heaviest and slot.on_evict), None)
+        else:
+            victim = next(iter(self._preauth), None)
+            if victim is not None and self._clock() - victim.connected_at < EVICT_MIN_AGE:
+                victim = None
+        if victim is None or victim.on_evict is None:
             return False
-        self._preauth.pop(oldest, None)  # out of the pool now; its counts go when its session ends
-        oldest.evicted = True
-        oldest._stop_timer()
-        oldest.on_evict()
+        self._leave_pool(victim)  # its other counts go when its session ends
+        victim.evicted = True
+        victim._stop_timer()
+        victim.on_evict()
         return True
+
+    def _leave_pool(self, slot: Slot) -> None:
+        if slot in self._preauth:
+            del self._preauth[slot]
+            self._preauth_by_network[slot.network] -= 1
+            if self._preauth_by_network[slot.network] <= 0:
+                del self._preauth_by_network[slot.network]
 
     def _promote(self, slot: Slot) -> None:
         if slot.released or slot.authenticated or slot.evicted:
             return
         slot.authenticated = True
         slot._stop_timer()
-        self._preauth.pop(slot, None)
+        self._leave_pool(slot)
 
     def _release(self, slot: Slot) -> None:
         if slot.released:
             return
         slot.released = True
         slot._stop_timer()
-        self._preauth.pop(slot, None)
+        self._leave_pool(slot)
         self._open -= 1
         for counter, key in ((self._by_address, slot.address), (self._by_network, slot.network)):
             counter[key] -= 1

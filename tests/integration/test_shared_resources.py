@@ -5,6 +5,7 @@ are shrunk through each listener's limits where a real-size attack would be heav
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,9 +13,12 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from appliance.account_sessions import MAX_SESSIONS_PER_ACCOUNT
+from appliance.imap.limits import ImapLimits
+from appliance.imap.server import start_server as start_imap
 from appliance.message_memory import MESSAGE_MEMORY_OCTETS, MessageMemory
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
+from tests.support.listeners import stop_server
 from tests.support.polling import wait_until
 from tests.support.smtp_wire import Wire
 
@@ -209,3 +213,25 @@ def test_one_account_holds_a_bounded_number_of_sessions(imap_box: BoxHandle) -> 
         for client in clients:
             client.close()
     wait_until(lambda: sessions.count(USER) == 0, seconds=10, what="every session uncounted")
+
+
+def test_a_flood_from_a_few_networks_cannot_keep_a_newcomer_out(imap_box: BoxHandle) -> None:
+    # A full pre-auth pool dropped its oldest connection for a newcomer only once that one had had 2 s
+    # to log in: a flood reconnecting faster from a few networks refused everyone else (3750 silent
+    # sockets from 50 addresses: a real client's IMAPS connection was reset).
+    limits = ImapLimits(max_preauth_connections=6, max_connections=20)
+    server = imap_box.run(start_imap(imap_box.services, "imaps", "127.0.0.1", 0, limits))
+    port = int(server.sockets[0].getsockname()[1])
+    flood = [socket.create_connection(("127.0.0.1", port), source_address=(f"127.0.9.{2 + n}", 0))
+             for n in range(6)]
+    try:
+        wait_until(lambda: server.limiter.preauth == 6, seconds=10, what="the pool full")  # type: ignore[attr-defined]
+        client = RawImap(port, imap_box.client_context, source="127.0.10.2")
+        try:
+            client.login(USER, PASSWORD)
+        finally:
+            client.close()
+    finally:
+        for sock in flood:
+            sock.close()
+        imap_box.run(stop_server(server))

@@ -185,17 +185,17 @@ def test_a_full_preauth_pool_drops_its_oldest_connection_for_a_newcomer() -> Non
     lim = limiter(clock, per_client=100, per_network=100, preauth=3, total=10)
     dropped: list[str] = []
     slots = []
-    for i in range(3):
-        slot = lim.acquire(f"192.0.2.{i}")
+    for i in range(3):  # one per network: none holds more of the pool than the newcomer's
+        slot = lim.acquire(f"192.0.{i}.1")
         assert slot is not None
-        slot.on_evict = lambda i=i: dropped.append(f"192.0.2.{i}")
+        slot.on_evict = lambda i=i: dropped.append(f"192.0.{i}.1")
         slots.append(slot)
         clock.now += 0.5
     assert lim.acquire("198.51.100.1") is None  # the oldest has had only 1.5 s to log in
     clock.now += 1.0
     newcomer = lim.acquire("198.51.100.1")
     assert newcomer is not None
-    assert dropped == ["192.0.2.0"]
+    assert dropped == ["192.0.0.1"]
     assert slots[0].evicted
     assert lim.preauth == 3
     assert lim.open == 4
@@ -203,7 +203,29 @@ def test_a_full_preauth_pool_drops_its_oldest_connection_for_a_newcomer() -> Non
     assert lim.preauth == 3
     slots[0].release()
     assert lim.open == 3
-    assert lim.count("192.0.2.0") == 0
+    assert lim.count("192.0.0.1") == 0
+
+
+def test_a_network_holding_most_of_a_full_pool_gives_way_at_once() -> None:
+    # A flood reconnecting faster than EVICT_MIN_AGE kept every socket of a full pool too young to be
+    # dropped: everyone else was refused for as long as it went on.
+    clock = Clock()
+    lim = limiter(clock, per_client=100, per_network=100, preauth=4, total=10)
+    dropped: list[str] = []
+    for address in ("192.0.2.1", "192.0.2.2", "192.0.2.3", "198.51.100.1"):
+        slot = lim.acquire(address)
+        assert slot is not None
+        slot.on_evict = lambda address=address: dropped.append(address)
+    assert lim.acquire("203.0.113.1") is not None  # 192.0.2.0/24 holds three, the newcomer's none
+    assert dropped == ["192.0.2.1"]
+    assert lim.acquire("203.0.113.2") is None  # two against its network's one: the age rule
+    assert lim.acquire("203.0.114.1") is not None  # two against none: the heavier network's oldest
+    assert dropped == ["192.0.2.1", "192.0.2.2"]
+    assert lim.acquire("192.0.2.9") is None  # one each now: the age rule
+    assert lim.network_count("192.0.2.1") == 3  # evicted sockets count until their sessions end
+    clock.now += 2.0
+    assert lim.acquire("192.0.2.9") is not None
+    assert dropped == ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
 
 
 def test_logged_in_sessions_are_never_evicted() -> None:
