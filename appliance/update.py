@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from appliance.store.maildir import fsync_dir
 from appliance.version import running_version as running_version  # moved there; re-exported
 
 # The bundle reader (tarfile) is imported where a bundle is installed: the box imports this module at
@@ -130,6 +131,11 @@ def is_newer(candidate: str, running: str) -> bool:
         # the same release ('1.0' is '1.0.0'); built apart (another +local label), either may replace the other
         return a.local != b.local
     return a > b
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
 
 
 def venv_dir(prefix: Path, version: str) -> Path:
@@ -390,19 +396,42 @@ class Updater:
         return snap
 
     def restore_db(self, snap: Path, failed_version: str) -> None:
+        """The copy in `snap` becomes the database again; the migrated one is kept aside. Every step
+        leaves a whole database in place: the migrated one, or it without its WAL, or the copy without
+        its WAL, or the copy. The migrated files were moved aside first, so a kill between that and
+        the copy's arrival left no database, and the box started as a new one, at the setup wizard
+        (anyone on the network its first administrator). A WAL never meets another database's file."""
         kept = self.updates / f"failed-{failed_version}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
         kept.mkdir(parents=True, mode=0o700)
         self._give(kept)
-        for name in (*DB_FILES, "letterbox.db-shm"):
-            live = self.o.data / name
-            if live.exists():
-                os.replace(live, kept / name)
-        for name in DB_FILES:
+        data = self.o.data
+        db, wal = (data / name for name in DB_FILES)
+        copies: dict[str, Path] = {}
+        for name in DB_FILES:  # the copy beside the live files first, whole and on disk
             if (snap / name).exists():
-                tmp = self.o.data / f".{name}.{secrets.token_hex(4)}"
+                tmp = data / f".{name}.{secrets.token_hex(4)}"
                 shutil.copy2(snap / name, tmp)
                 self._give(tmp)
-                os.replace(tmp, self.o.data / name)
+                _fsync_file(tmp)
+                copies[name] = tmp
+        for name in (*DB_FILES, "letterbox.db-shm"):  # the migrated files kept, still in place
+            live = data / name
+            if live.exists():
+                try:
+                    os.link(live, kept / name)
+                except OSError:
+                    shutil.copy2(live, kept / name)
+        fsync_dir(kept)
+        for stale in (data / "letterbox.db-shm", wal):  # the migrated WAL must not meet the copy
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        fsync_dir(data)
+        if DB_FILES[0] in copies:
+            os.replace(copies[DB_FILES[0]], db)
+            fsync_dir(data)
+        if DB_FILES[1] in copies:
+            os.replace(copies[DB_FILES[1]], wal)
+            fsync_dir(data)
         self.o.say(f"database put back as it was before the update (the migrated one is kept in {kept})")
 
     def start_and_wait(self) -> str | None:
