@@ -23,7 +23,13 @@ from appliance.config import STANDARD_PORTS, ServeConfig
 from appliance.data_lock import DataDirInUse, DataDirLock
 from appliance.db import Database
 from appliance.events import EventLog
-from appliance.heap import break_transport_cycles, fix_mmap_threshold, release_memory, start_heap_watch
+from appliance.heap import (
+    break_transport_cycles,
+    fix_mmap_threshold,
+    release_memory,
+    share_tls_read_buffer,
+    start_heap_watch,
+)
 from appliance.host_name import system_hostname
 from appliance.pop3.locks import MaildropLocks
 from appliance.queue.spool import Spool
@@ -355,6 +361,7 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
     data_lock = DataDirLock(config.data.root)
     fix_mmap_threshold()  # before the heap grows (issue 19: RSS after the 100k run)
     break_transport_cycles()  # a closed connection's objects freed at once, not at a full collection
+    share_tls_read_buffer()  # an idle TLS connection holds no 64 KiB read buffer of its own
     try:
         raise_open_files_limit()
         aside: Path | None = None

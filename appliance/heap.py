@@ -15,6 +15,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import threading
 from asyncio import selector_events, sslproto
 from typing import Any
 
@@ -85,6 +86,38 @@ def break_transport_cycles() -> None:
 
 def _no_read() -> None:
     pass
+
+
+_tls_reads = threading.local()  # each thread's event loop has its own
+
+
+def share_tls_read_buffer() -> None:
+    """Every TLS connection of a thread reads the socket into one buffer, not one of its own.
+
+    asyncio's SSLProtocol keeps a SOCKET_READ_SIZE buffer per connection for the socket's raw bytes,
+    64 KiB of the heap for each idle TLS connection: an attacker's silent sockets on 993, 995 and 465
+    held it in every slot of the pre-auth pools (1600 slots, 100 MB). The transport fills the buffer
+    (recv_into) and the protocol copies it into the connection's MemoryBIO in the same call, nothing
+    running in between, so one buffer per thread serves every connection."""
+    init = sslproto.SSLProtocol.__init__
+    if getattr(init, "shares_buffer", False):
+        return
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self._ssl_buffer = b""  # never read: get_buffer hands out the thread's buffer
+        self._ssl_buffer_view = memoryview(self._ssl_buffer)
+
+    def get_buffer(self: Any, n: int) -> memoryview:
+        view = getattr(_tls_reads, "view", None)
+        if view is None or len(view) < self.max_size:
+            view = _tls_reads.view = memoryview(bytearray(self.max_size))
+        self._ssl_buffer_view = view  # buffer_updated copies from here, in this same call
+        return view
+
+    __init__.shares_buffer = True  # type: ignore[attr-defined]
+    sslproto.SSLProtocol.__init__ = __init__  # type: ignore[method-assign]
+    sslproto.SSLProtocol.get_buffer = get_buffer  # type: ignore[method-assign]
 
 
 def _glibc(name: str) -> Any:
