@@ -150,6 +150,35 @@ def test_fetch_of_a_message_expunged_elsewhere(imap_box: BoxHandle) -> None:
         second.close()
 
 
+def test_a_fetch_of_a_message_known_expunged_does_not_wait_for_the_folder(
+        imap_box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message this session's view knows expunged (not yet told) is gone for good: its FETCH is
+    answered OK [EXPUNGEISSUED] without waiting for the folder's queued changes (store.settled),
+    which a file not at its path otherwise waits for (issue 19)."""
+    for n in range(3):
+        deliver(imap_box, n)
+    first, second = session(imap_box), session(imap_box)
+    store = imap_box.services.store
+    real = store.settled
+    waited: list[str] = []
+
+    async def counted(mailbox: str, folder: str) -> None:
+        waited.append(folder)
+        await real(mailbox, folder)
+
+    monkeypatch.setattr(store, "settled", counted)
+    try:
+        second.command(b"a", b"STORE 2 +FLAGS.SILENT (\\Deleted)")
+        second.command(b"b", b"EXPUNGE")
+        for tag, items in ((b"c", b"BODY.PEEK[]"), (b"d", b"BODY.PEEK[HEADER.FIELDS (SUBJECT)]")):
+            reply = first.command(tag, b"FETCH 2 (" + items + b")")
+            assert reply[-1].startswith(tag + b" OK [EXPUNGEISSUED]"), reply
+        assert waited == []
+    finally:
+        first.close()
+        second.close()
+
+
 def test_other_sessions_changes_come_without_a_look_at_the_disk_other_programs_at_noop(
         imap_box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
     """A change made through the store (another session, a delivery) is in the index already: the
