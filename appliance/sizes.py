@@ -1,4 +1,5 @@
-"""Sizes typed by people (a mailbox quota): the one parser the CLI and the web console share.
+"""Sizes typed by people (a mailbox quota): the one parser the CLI and the web console share; and a
+limit as the protocols' refusals say it.
 
 One rule: a number, whole or with a decimal point, then an optional unit K, M, G or T, each 1024 times
 the one before (as Dovecot's quota settings count), optionally written KiB/KB/K and in any case; no
@@ -43,3 +44,12 @@ def format_size(size: int) -> str:
         if scaled >= 1 and scaled == scaled.quantize(Decimal("0.01")):
             return f"{scaled.normalize():f}{unit}"
     return str(size)
+
+
+def limit_text(size: int) -> str:
+    """A size limit as a refusal says it, so a user knows how far to shrink an attachment:
+    37748736 -> '36 MiB (37748736 octets)'; '10000 octets' when it is no whole-ish K, M, G or T."""
+    spelled = format_size(size)
+    if not spelled[-1:].isalpha():
+        return f"{size} octets"
+    return f"{spelled[:-1]} {spelled[-1]}iB ({size} octets)"

@@ -33,6 +33,15 @@ from appliance.imap.parser import (
 )
 from appliance.imap.responses import Bye, Continuation, Response, Tagged, UntaggedStatus
 from appliance.message_memory import BUSY_TEXT
+from appliance.sizes import limit_text
+
+
+def _too_large_text(message: bool, limit: int) -> str:
+    """The refusal of a literal over its limit; an APPEND's says the limit, since a mail program shows
+    it when it saves a draft or a sent copy ("Literal too large" did not say how big a message may be)."""
+    if not message:
+        return "Literal too large"
+    return f"Message too big: this server takes messages of at most {limit_text(limit)}"
 
 
 class _NeedData:
@@ -216,11 +225,12 @@ class ImapConnection:
         if size > limit or too_many or append_total or (
             not is_append and self._command_octets + size > self._max_command_octets()
         ):
+            text = _too_large_text(is_append and not too_many, limit)
             if non_sync:
                 # RFC 7888 4: the data is already on its way and cannot be told apart from commands.
-                return self._fatal("Literal too large")
+                return self._fatal(text)
             # RFC 7888 4 / RFC 4469: refuse before the client sends it; it then drops the command.
-            return self._drop_command(first, "Literal too large", status="NO", code="TOOBIG")
+            return self._drop_command(first, text, status="NO", code="TOOBIG")
         if is_append and not non_sync and len(self._segments) == 1:
             # A date-time or flag the APPEND would be refused for: say so before the message is sent.
             error = append_head_error(line[: marker.start()])

@@ -88,6 +88,7 @@ from appliance.imap.sort import HEADER_KEYS as SORT_HEADER_KEYS
 from appliance.imap.sort import THREADERS, SortItem, thread_text
 from appliance.imap.sort import sort as sort_messages
 from appliance.imap.store_errors import MissingFolderCode, store_errors
+from appliance.sizes import limit_text
 from appliance.store.mailstore import (
     FolderInfo,
     NoSuchFolder,
@@ -636,7 +637,8 @@ class ImapSession:
                 part = data
             out += part
             if len(out) > MAX_APPEND_OCTETS:
-                raise ImapNo("Message too large", "TOOBIG")  # RFC 4469 5: TOOBIG
+                raise ImapNo(  # RFC 4469 5: TOOBIG
+                    f"Message too big: this server takes messages of at most {limit_text(MAX_APPEND_OCTETS)}", "TOOBIG")
         return bytes(out)
 
     async def _url_content(self, text: str) -> bytes | None:

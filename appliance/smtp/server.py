@@ -21,6 +21,7 @@ from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, syntax
 
 from appliance.channel import LISTEN_BACKLOG, ConnectionLimiter, ListenerLimits, Slot
 from appliance.disk_full import is_disk_full
+from appliance.sizes import limit_text
 from appliance.smtp import class_members
 from appliance.smtp.data_phase import BUSY, LINE_TOO_LONG, TOO_MUCH_DATA, read_message
 from appliance.smtp.delivery import Deliverer
@@ -71,7 +72,6 @@ REWORDED = {
 }
 # DATA-phase errors aiosmtpd answers once; LMTP owes one reply per recipient (RFC 2033 4.2).
 DATA_ERRORS = frozenset({TOO_MUCH_DATA, LINE_TOO_LONG, BUSY})
-MIB = 1024 * 1024
 UNKNOWN_COMMAND = "500 5.5.1 Error: command not recognized"
 
 # RFC 5321 4.1.2 Path with a Dot-string local part and a dot-atom domain (RFC 5322 3.2.3 atext).
@@ -86,8 +86,7 @@ _HAS_ENHANCED = re.compile(r"[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 def size_refusal(limit: int) -> str:
     """A message over the size limit (RFC 1870 6.1), with the limit: "too big" alone left a user (msmtp, curl)
     no way to know how far to shrink an attachment."""
-    size = f"{limit // MIB} MiB ({limit} octets)" if limit % MIB == 0 else f"{limit} octets"
-    return f"552 5.3.4 Message too big: this server takes messages of at most {size}"
+    return f"552 5.3.4 Message too big: this server takes messages of at most {limit_text(limit)}"
 
 
 def with_enhanced_code(line: str) -> str:

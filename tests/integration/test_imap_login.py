@@ -240,6 +240,19 @@ def test_id_is_logged_once_per_session(imap_box: BoxHandle, caplog: pytest.LogCa
     assert caplog.text.count("imap client id:") == 1
 
 
+def test_a_message_over_the_append_limit_is_refused_with_the_limit(imap_box: BoxHandle) -> None:
+    """A mail program saving a draft or a sent copy shows the server's words: "Literal too large" did
+    not say how big a message may be."""
+    raw = RawImap(imap_box.port("imaps"), imap_box.client_context)
+    try:
+        raw.login(USER, PASSWORD)
+        reply = raw.command(b"a", b"APPEND Sent {70000000}")[-1]
+        assert reply == b"a NO [TOOBIG] Message too big: this server takes messages of at most 64 MiB (67108864 octets)\r\n"
+        assert raw.command(b"b", b"NOOP")[-1].startswith(b"b OK")
+    finally:
+        raw.close()
+
+
 def test_append_before_login_gets_no_room_for_a_message(imap_box: BoxHandle) -> None:
     """Before a login APPEND's literal is bounded as any other literal (64 KiB), not by the 64 MiB
     of a message: a client not logged in was sent "+" for 50 MB and had it kept in memory."""

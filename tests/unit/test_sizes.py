@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.sizes import MAX_BYTES, format_size, parse_size
+from appliance.sizes import MAX_BYTES, format_size, limit_text, parse_size
 from web.forms import parse_quota
 
 
@@ -42,3 +42,9 @@ def test_format_reads_back(size: int) -> None:
 def test_any_text_is_a_size_or_a_value_error(text: str) -> None:
     with contextlib.suppress(ValueError):
         assert 0 <= parse_size(text) <= MAX_BYTES
+
+
+def test_limit_text_says_the_limit_both_ways() -> None:
+    assert limit_text(36 * 1024 * 1024) == "36 MiB (37748736 octets)"
+    assert limit_text(64 * 1024 * 1024) == "64 MiB (67108864 octets)"
+    assert limit_text(10_000) == "10000 octets"

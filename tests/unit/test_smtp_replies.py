@@ -34,6 +34,7 @@ def test_size_refusal_says_the_limit() -> None:
     assert size_refusal(36 * 1024 * 1024) == (
         "552 5.3.4 Message too big: this server takes messages of at most 36 MiB (37748736 octets)")
     assert size_refusal(10_000).endswith("at most 10000 octets")
+    assert size_refusal(1536 * 1024).endswith("at most 1.5 MiB (1572864 octets)")
 
 
 def test_ehlo_reply_rendering() -> None:
