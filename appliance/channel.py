@@ -210,6 +210,8 @@ class Handler(Protocol):
 # allocation to a single site, RFC 6177) has as many addresses as it likes.
 IPV4_NETWORK_PREFIX = 24
 IPV6_NETWORK_PREFIX = 64
+# Who holds a full pre-auth pool is judged by site: an IPv6 site gets a /48 (RFC 6177), 65536 /64s.
+IPV6_SITE_PREFIX = 48
 
 
 @functools.lru_cache(maxsize=4096)  # a few hundred KB at most; asked at every connection and RCPT
@@ -223,6 +225,14 @@ def network_of(address: str) -> str:
         ip = ip.ipv4_mapped
     prefix = IPV4_NETWORK_PREFIX if ip.version == 4 else IPV6_NETWORK_PREFIX
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+@functools.lru_cache(maxsize=4096)
+def site_of(network: str) -> str:
+    """The site a network_of() belongs to: an IPv4 /24 is its own, an IPv6 /64 counts as its /48."""
+    if ":" not in network or "/" not in network:
+        return network
+    return str(ipaddress.ip_network(network).supernet(new_prefix=IPV6_SITE_PREFIX))
 
 
 class Slot:
@@ -336,7 +346,7 @@ class ConnectionLimiter:
         self._by_network: collections.Counter[str] = collections.Counter()
         # Insertion order is connect order: the first entry is the oldest connection not logged in.
         self._preauth: dict[Slot, None] = {}
-        self._preauth_by_network: collections.Counter[str] = collections.Counter()
+        self._preauth_by_site: collections.Counter[str] = collections.Counter()
         self._open = 0
         self._refused_unlogged = 0
         self._refusal_logged_at: float | None = None
@@ -362,7 +372,7 @@ class ConnectionLimiter:
         network = network_of(address)
         if self._by_address[address] >= self.per_client or self._by_network[network] >= self.per_network:
             return None
-        if len(self._preauth) >= self.max_preauth and not self._evict_for(network):
+        if len(self._preauth) >= self.max_preauth and not self._evict_for(site_of(network)):
             return None
         if self._open >= self.total:
             return None
@@ -371,7 +381,7 @@ class ConnectionLimiter:
         self._by_network[network] += 1
         self._open += 1
         self._preauth[slot] = None
-        self._preauth_by_network[network] += 1
+        self._preauth_by_site[site_of(network)] += 1
         if self.stressed:
             for waiting in self._preauth:
                 waiting._stress()
@@ -387,19 +397,20 @@ class ConnectionLimiter:
         self._refusal_logged_at = now
         return count
 
-    def _evict_for(self, network: str) -> bool:
+    def _evict_for(self, site: str) -> bool:
         """The pre-auth pool is full: hang up on one of its connections to make room for a newcomer
-        from `network`, so that a newcomer is never refused by idle sockets alone (Dovecot's login
+        from `site` (site_of), so that a newcomer is never refused by idle sockets alone (Dovecot's login
         processes do the same when their connection queue is full).
 
-        While some network holds at least two more of the pool than the newcomer's, its oldest goes,
+        While some site holds at least two more of the pool than the newcomer's, its oldest goes,
         however young: a flood reconnecting faster than EVICT_MIN_AGE from a few networks kept every
         socket of a full pool younger than that, and every other client was refused for as long as it
         went on. Otherwise the pool's oldest goes, if it has had EVICT_MIN_AGE seconds to log in: an
         attacker who keeps the pool full then only pushes out his own older sockets."""
-        heaviest, held = max(self._preauth_by_network.items(), key=lambda item: item[1], default=("", 0))
-        if held >= self._preauth_by_network[network] + 2:
-            victim = next((slot for slot in self._preauth if slot.network == heaviest and slot.on_evict), None)
+        heaviest, held = max(self._preauth_by_site.items(), key=lambda item: item[1], default=("", 0))
+        if held >= self._preauth_by_site[site] + 2:
+            victim = next((slot for slot in self._preauth if site_of(slot.network) == heaviest and slot.on_evict),
+                          None)
         else:
             victim = next(iter(self._preauth), None)
             if victim is not None and self._clock() - victim.connected_at < EVICT_MIN_AGE:
@@ -415,9 +426,10 @@ class ConnectionLimiter:
     def _leave_pool(self, slot: Slot) -> None:
         if slot in self._preauth:
             del self._preauth[slot]
-            self._preauth_by_network[slot.network] -= 1
-            if self._preauth_by_network[slot.network] <= 0:
-                del self._preauth_by_network[slot.network]
+            site = site_of(slot.network)
+            self._preauth_by_site[site] -= 1
+            if self._preauth_by_site[site] <= 0:
+                del self._preauth_by_site[site]
 
     def _promote(self, slot: Slot) -> None:
         if slot.released or slot.authenticated or slot.evicted:

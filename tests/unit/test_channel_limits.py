@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from appliance.channel import ConnectionLimiter, Slot, network_of
+from appliance.channel import ConnectionLimiter, Slot, network_of, site_of
 
 
 class Clock:
@@ -242,3 +242,19 @@ def test_logged_in_sessions_are_never_evicted() -> None:
     assert lim.acquire("192.0.2.3") is not None  # room: one logged in left the pool, no eviction
     assert lim.acquire("192.0.2.4") is not None  # the pool is full again: the pre-auth `second` goes
     assert dropped == [second]
+
+
+def test_a_full_pool_is_judged_by_site_an_ipv6_slash_48() -> None:
+    # One /48 holds 65536 /64s: one socket from each of them is still one site's flood.
+    clock = Clock()
+    lim = limiter(clock, per_client=100, per_network=100, preauth=3, total=10)
+    dropped: list[str] = []
+    for n in range(3):
+        address = f"2001:db8:1:{n}::1"  # three /64s of 2001:db8:1::/48
+        slot = lim.acquire(address)
+        assert slot is not None
+        slot.on_evict = lambda address=address: dropped.append(address)
+    assert lim.acquire("2001:db8:2::1") is not None  # another site: the flooding /48's oldest goes
+    assert dropped == ["2001:db8:1:0::1"]
+    assert site_of(network_of("192.0.2.7")) == "192.0.2.0/24"
+    assert site_of(network_of("2001:db8:1:ff::9")) == "2001:db8:1::/48"
