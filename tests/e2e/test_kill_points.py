@@ -38,8 +38,16 @@ def home(served: ServedBox, folder: str = "INBOX") -> Path:
 
 
 def files(served: ServedBox, folder: str) -> list[bytes]:
-    path = home(served, folder)
-    return [p.read_bytes() for sub in ("new", "cur") if (path / sub).is_dir() for p in (path / sub).iterdir()]
+    """The folder's message files. The waits below watch the box at work: a file (or directory) it
+    unlinks or renames between the listing and the read is not there (a loaded run read a file POP3's
+    QUIT had just unlinked: FileNotFoundError)."""
+    found: list[bytes] = []
+    for sub in ("new", "cur"):
+        with contextlib.suppress(FileNotFoundError):
+            for p in list((home(served, folder) / sub).iterdir()):
+                with contextlib.suppress(FileNotFoundError):
+                    found.append(p.read_bytes())
+    return found
 
 
 def subjects_on_disk(served: ServedBox, folder: str) -> list[str]:
