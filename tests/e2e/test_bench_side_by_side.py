@@ -37,6 +37,10 @@ def test_side_by_side_table_at_a_tiny_size(capsys: pytest.CaptureFixture[str]) -
         assert cells[2] != "n/a", row
         assert cells[4] != "n/a", row
         assert not cells[2].startswith(">"), row
+        if "server CPU per" in cells[0] and "0.00 ms" in (cells[2], cells[4]):
+            # 20 messages can cost a server less than one clock tick (10 ms) of CPU: no ratio to give.
+            assert cells[5] == "n/a", row
+            continue
         assert cells[5].endswith("×"), row  # a ratio for every row
     # 30 messages: numbers 0, 10, 20 have the subject word; number 7 the body word. Both servers agree.
     assert any(row.startswith("| SEARCH SUBJECT (finds 3)") for row in rows), table
