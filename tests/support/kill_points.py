@@ -28,15 +28,16 @@ def traced(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def held_after(pid: int, syscalls: str, path: Path | None = None) -> Iterator[None]:
+def held_after(pid: int, syscalls: str, path: Path | None = None, *, before: bool = False) -> Iterator[None]:
     """Inside: every thread of `pid` stops for 20 s after its first call of `syscalls` (a set as
-    strace's -e trace= takes it; with `path`, only calls on that file), with the call done. The
+    strace's -e trace= takes it; with `path`, only calls on that file), with the call done (`before`:
+    not yet made, so a write held there never reaches the file, not even the page cache). The
     caller SIGKILLs the process meanwhile; it is gone (and can be waited for) once the block ends
     and strace lets go of it."""
     tracer = subprocess.Popen(
         ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "signal=none", *(["-P", str(path)] if path else []),
          "-e", f"trace={syscalls}",
-         "-e", f"inject={syscalls}:delay_exit=20000000:when=1", "-p", str(pid)],
+         "-e", f"inject={syscalls}:{'delay_enter' if before else 'delay_exit'}=20000000:when=1", "-p", str(pid)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

@@ -100,6 +100,8 @@ class _Handler:
             data=envelope.original_content or b"", mail_options=tuple(envelope.mail_options),
             tls=session.ssl is not None or _on_tls(server), login=login,
         ))
+        if self.receiver.reply_when is not None:
+            await asyncio.to_thread(self.receiver.reply_when.wait)
         return reply
 
 
@@ -139,8 +141,10 @@ class Receiver:
         smtputf8: bool = True,
         size_limit: int = 33554432,
         script: Script | None = None,
+        reply_when: threading.Event | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.reply_when = reply_when  # set: the 250 to DATA waits until it is (the message recorded first)
         self.tls_context = tls_context
         self.require_starttls = require_starttls
         self.credentials = credentials
