@@ -181,21 +181,27 @@ def test_a_wizard_restore_overtaken_by_an_administrator_is_refused(box: BoxHandl
     assert not [p for p in box.data.root.parent.iterdir() if ".upload-" in p.name]
 
 
-def _upload_head(box: BoxHandle, length: int) -> ssl.SSLSocket:
-    """A wizard restore whose headers (and a first piece of its form) have arrived, its body still to come."""
+def _upload_head(box: BoxHandle, length: int, *, chunked: bool = False) -> ssl.SSLSocket:
+    """A wizard restore whose headers (and a first piece of its form) have arrived, its body still to come;
+    `chunked`: its body in chunks, which RFC 9112 6.3 reads in place of the Content-Length it also has."""
     raw = socket.create_connection(("127.0.0.1", box.port("https")), timeout=20)
     tls = box.client_context.wrap_socket(raw, server_hostname="localhost")
     boundary = "letterbox-test-boundary"
+    first = (f"--{boundary}\r\n"
+             'Content-Disposition: form-data; name="backup"; filename="b.tar.zst.age"\r\n\r\n').encode()
     tls.sendall(f"POST /setup/restore HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n"
-                f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n--{boundary}\r\n"
-                'Content-Disposition: form-data; name="backup"; filename="b.tar.zst.age"\r\n\r\n'.encode())
+                f"{'Transfer-Encoding: chunked' + chr(13) + chr(10) if chunked else ''}"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode()
+                + (b"%x\r\n%s\r\n" % (len(first), first) if chunked else first))
     return tls
 
 
 def _one_answer(tls: ssl.SSLSocket) -> str:
     data = b""
     while b"\r\n\r\n" not in data:
-        data += tls.recv(65536)
+        more = tls.recv(65536)
+        assert more, f"the box closed the connection without an answer: {data[:200]!r}"
+        data += more
     head, _, body = data.partition(b"\r\n\r\n")
     length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))  # type: ignore[union-attr]
     while len(body) < length:
@@ -220,3 +226,16 @@ def test_wizard_uploads_arriving_together_share_the_free_space(box: BoxHandle) -
     finally:
         first.close()
     wait_until(lambda: box.services.backups.arriving == 0, seconds=10, what="the first upload's share given back")
+
+
+def test_a_wizard_upload_in_chunks_is_refused_before_its_body(box: BoxHandle) -> None:
+    """The room an upload needs was judged by its Content-Length; with Transfer-Encoding: chunked beside
+    it the body is read as chunks (RFC 9112 6.3), of any length: a stranger reserved 100 octets and sent
+    200 MiB, all of it written beside the data directory before the setup code was looked at. Such an
+    upload is refused (411) before any of its body is read."""
+    with _upload_head(box, 100, chunked=True) as tls:
+        answer = _one_answer(tls)
+    assert answer.startswith("HTTP/1.1 411"), answer[:200]
+    assert "Content-Length" in answer
+    assert box.services.backups.arriving == 0
+    assert not [p for p in box.data.root.parent.iterdir() if ".upload-" in p.name]

@@ -79,7 +79,11 @@ async def _reserve_room(request: Request) -> int:
     """Refuse an upload larger than the free space it needs before reading any of it (so a backup
     that cannot fit is refused at once, not after an hour), counting the uploads still arriving:
     each was checked alone, so on a fresh box anyone could send several at once, each up to half the
-    free space, before the setup code (a field of the same form) was read. Returns the bytes reserved."""
+    free space, before the setup code (a field of the same form) was read. Returns the bytes reserved.
+    A body in chunks is refused: its length is the chunks' (RFC 9112 6.3), whatever Content-Length says,
+    so a reservation of 100 octets let a stranger write 200 MiB. Browsers send Content-Length alone."""
+    if "transfer-encoding" in request.headers:
+        raise HTTPException(411, "The upload must say its size (Content-Length), not come in chunks.")
     try:
         length = int(request.headers.get("content-length", ""))
     except ValueError:
