@@ -125,3 +125,22 @@ def test_the_boot_menus_entry_shows_a_new_password_on_the_console_until_the_next
     run_reset(box, card)  # the next boot, a plain one
     assert not issue.exists()
     assert web_login(box, ADMIN, match.group(1)).status_code == 303
+
+
+def test_a_second_reset_file_beside_the_first_goes_with_it(box: BoxHandle, tmp_path: Path) -> None:
+    """Two tries on one card (Notepad's hidden .txt.txt, then the name typed again; or TextEdit's .rtf
+    and a plain copy): the first found is applied, and no other file with a password stays on the card
+    to be applied at the next boot."""
+    with admin_console(box):
+        other = "an older password from the card"
+        card = card_with(tmp_path, "letterbox-reset.txt", NEW.encode() + b"\r\n")
+        (card / "letterbox-reset.txt.txt").write_bytes(other.encode() + b"\r\n")
+        (card / "letterbox-reset.rtf").write_bytes(b"{\\rtf1\\ansi " + other.encode() + b"}")
+        run_reset(box, card)
+        assert sorted(p.name for p in card.iterdir()) == ["letterbox-reset-result.txt"]
+        said = (card / "letterbox-reset-result.txt").read_text()
+        assert "Done: the password of administrator admin was reset." in said, said
+        assert "letterbox-reset.txt.txt, letterbox-reset.rtf: deleted unread" in said, said
+        run_reset(box, card)  # the next boot
+        assert web_login(box, ADMIN, NEW).status_code == 303
+        assert web_login(box, ADMIN, other).status_code == 401
