@@ -167,6 +167,7 @@ class LetterboxSMTP(SMTP):
         self._ehlo_lines: list[str] | None = None  # the EHLO reply being gathered for one write
         self._errors = 0
         self._junk_commands = 0
+        self._in_rcpt = False  # a RCPT is being answered: a 4xx for it is junk (_junk)
         self._client_ip: str | None = None
         self._slot: Slot | None = None
         self._refused = False
@@ -344,8 +345,9 @@ class LetterboxSMTP(SMTP):
         return limiter.open >= limiter.stress_fraction * limiter.total or limiter.stressed
 
     async def _junk(self) -> None:
-        """A command that carries no mail: past the junk budget each one is an error (Postfix's
-        smtpd_junk_command_limit), so NOOPs every few minutes cannot hold a slot for ever."""
+        """A command that carries no mail (or a RCPT refused with a 4xx): past the junk budget each one
+        is an error (Postfix's smtpd_junk_command_limit; its excess recipients count as errors too), so
+        NOOPs or RCPTs every few minutes cannot hold a slot for ever."""
         self._junk_commands += 1
         if self._junk_commands > (1 if self._crowded() else self.limits.max_junk_commands):
             await self._count_error()
@@ -394,6 +396,14 @@ class LetterboxSMTP(SMTP):
         await super().smtp_MAIL(arg)
         if self.envelope is not None and self.envelope.mail_from is not None:
             self._promote()  # a transaction began: the client is doing what port 25 is for
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self._in_rcpt = True
+        try:
+            await super().smtp_RCPT(arg)
+        finally:
+            self._in_rcpt = False
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -578,6 +588,13 @@ class LetterboxSMTP(SMTP):
             text = "\r\n".join(self._reply_line(line) for line in status.split("\r\n"))
         else:
             text = self._reply_line(status)
+        if self._in_rcpt and text.startswith("4"):
+            # A recipient refused for now (past the message's limit, greylisted, a guard's delay) carries
+            # no mail, as a NOOP: a RCPT every few minutes held a slot for ever, past every budget.
+            self._in_rcpt = False
+            await self._junk()
+            if self.transport is None or self.transport.is_closing():
+                return  # the junk budget's 421 was the answer
         await super().push(text)
         if text.startswith("5") or self._count_next_reply:
             self._count_next_reply = False

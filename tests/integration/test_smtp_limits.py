@@ -219,6 +219,25 @@ def test_commands_that_carry_no_mail_are_errors_past_the_junk_budget(box: BoxHan
     assert spooled(box) == 3
 
 
+def test_recipients_refused_for_now_count_as_junk(box: BoxHandle, limited: StartServer) -> None:
+    # A RCPT every few minutes held a slot for ever once its replies were 4xx: past the message's
+    # recipient limit (452 4.5.3) or greylisted (450), it was neither junk nor an error, so the junk
+    # budget that ends a NOOP loop never came (Postfix counts excess recipients as errors too).
+    port = limited(max_junk_commands=3, max_errors=2, max_recipients=2)
+    with greet(port) as wire:  # EHLO: 1
+        assert wire.cmd("MAIL FROM:<a@external.test>")[0] == 250
+        assert [wire.cmd(f"RCPT TO:<{FORWARD}>")[0] for _ in range(2)] == [250, 250]
+        assert [wire.cmd(f"RCPT TO:<{FORWARD}>")[0] for _ in range(3)] == [452, 452, 452]  # 2, 3, 4: an error
+        assert wire.cmd("DATA")[0] == 354  # the message still goes, to the recipients taken
+        assert wire.cmd(b"Subject: hi\r\n\r\nhello\r\n.")[0] == 250  # and starts the budgets over
+        assert wire.cmd("MAIL FROM:<a@external.test>")[0] == 250
+        assert [wire.cmd(f"RCPT TO:<{FORWARD}>")[0] for _ in range(2)] == [250, 250]
+        assert [wire.cmd(f"RCPT TO:<{FORWARD}>")[0] for _ in range(4)] == [452, 452, 452, 452]  # 1-4: an error
+        code, text = wire.cmd(f"RCPT TO:<{FORWARD}>")
+        assert (code, text.split()[0]) == (421, "4.7.0"), text  # the second error: goodbye
+        assert wire.closed()
+
+
 def test_a_crowded_listener_wants_each_command_soon(limited: StartServer) -> None:
     # Postfix's stress: once half the listener's connections are taken, every session, in a transaction
     # or logged in too, gets 10 s (here 1) per command, not 300.
