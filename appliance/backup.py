@@ -1530,6 +1530,13 @@ class BackupJobs:
     # directory over and starts them again on the restored data (appliance/app.py).
     staged: Staged | None = None
     restart: asyncio.Event = field(default_factory=asyncio.Event)
+    # The job the first-run wizard's restore started: the only one the wizard's pages (open to anyone
+    # while the box has no administrator) show. A console job's progress and result are not theirs.
+    wizard: BackupJob | None = None
+
+    def wizard_job(self) -> BackupJob | None:
+        """The current job when the wizard started it, else None."""
+        return self.current if self.current is not None and self.current is self.wizard else None
 
     def hold(self, pending: PendingRestore) -> str:
         """Keep an uploaded backup until it is confirmed; returns the token the page confirms with."""

@@ -137,6 +137,21 @@ def test_the_wizards_restore_page_shows_only_the_current_error(tmp_path: Path) -
         assert wrong.text.count('class="flash') == 1
 
 
+def test_the_wizards_restore_pages_never_show_a_console_job(web: WebClient) -> None:
+    """The wizard's restore page and its progress answer anyone, for a restore that claims the box; once
+    the administrator had made a backup (or put a mailbox back), they showed that job to anyone: the
+    backup's file name, a mailbox's address and message count, errors."""
+    web.add_user()
+    web.post("/console/backups/key", token_from="/console/backups")
+    web.post("/console/backups/create", token_from="/console/backups")
+    wait_for(web, "Backup made")
+    assert web.get("/console/backups/progress").json()["job"]["result"].startswith("Backup made")
+    web.client.cookies.clear()  # a stranger
+    assert web.get("/setup/restore/progress").status_code == 404
+    page = web.get("/setup/restore")
+    assert (page.status_code, page.headers["location"]) == (303, "/login")
+
+
 def test_daily_schedule_runs_and_shows_on_the_status_page(web: WebClient, tmp_path: Path) -> None:
     web.run(backup.make_key, web.services.db, web.services.events, "x")
     usb = tmp_path / "usb"

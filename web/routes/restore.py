@@ -35,8 +35,10 @@ def _secret(text: str) -> backup.Secret:
     return backup.Secret.from_text(text) if "AGE-SECRET-KEY-" in text else backup.Secret(passphrase=text.strip())
 
 
-def start_restore(request: Request, path: Path, secret: backup.Secret, *, remove_after: bool) -> bool:
-    """Stage the backup in the background, then ask `serve` to switch over; False when a job runs."""
+def start_restore(request: Request, path: Path, secret: backup.Secret, *, remove_after: bool,
+                  wizard: bool = False) -> bool:
+    """Stage the backup in the background, then ask `serve` to switch over; False when a job runs.
+    `wizard`: the first-run wizard's, whose pages may show it."""
     svc = services(request)
     root = svc.config.data.root
 
@@ -52,17 +54,21 @@ def start_restore(request: Request, path: Path, secret: backup.Secret, *, remove
         return (f"Verified {staged.files} files from {staged.manifest.get('host')} ({staged.manifest.get('created')}):"
                 " the box is restarting on the restored data. Log in with the restored accounts.")
 
-    return svc.backups.start("restore", work) is not None
+    job = svc.backups.start("restore", work)
+    if job is not None and wizard:
+        svc.backups.wizard = job
+    return job is not None
 
 
 async def wizard_page(request: Request) -> Response:
     svc = services(request)
-    if await svc.accounts.has_admin() and svc.backups.current is None:
+    job = svc.backups.wizard_job()  # never a console job: this page answers anyone
+    if await svc.accounts.has_admin() and job is None:
         return redirect("/login")
     if not await svc.accounts.has_admin():
         await asyncio.to_thread(setup_code.ensure_code, svc.config.data.root)
     return await render(request, "setup/restore.html", {
-        "title": "Restore from a backup", "job": svc.backups.current, "steps": (), "step": 0, "furthest": 0,
+        "title": "Restore from a backup", "job": job, "steps": (), "step": 0, "furthest": 0,
         "code_file": setup_code.code_path(svc.config.data.root),
     })
 
@@ -150,7 +156,7 @@ async def wizard_submit(request: Request) -> Response:
         if path is None or not values.get("secret", "").strip():
             flash(request, "Not restored: choose the backup file and give its emergency kit or passphrase.")
             return redirect("/setup/restore")
-        if not start_restore(request, path, _secret(values["secret"]), remove_after=True):
+        if not start_restore(request, path, _secret(values["secret"]), remove_after=True, wizard=True):
             flash(request, "A restore is already running.")
         else:
             path = None  # the job removes it
@@ -254,11 +260,16 @@ async def console_progress(request: Request) -> Response:
 
 
 async def wizard_progress(request: Request) -> Response:
-    """The wizard's restore, polled by its page (an unclaimed box, or the restore that claimed it)."""
+    """The wizard's restore, polled by its page (an unclaimed box, or the restore that claimed it). It
+    answers anyone: a job the console started (a backup, a mailbox put back) is not shown, nor the
+    download in flight; they were, to anyone, once the box had run one."""
     svc = services(request)
-    if await svc.accounts.has_admin() and svc.backups.current is None:
+    job = svc.backups.wizard_job()
+    if await svc.accounts.has_admin() and job is None:
         raise HTTPException(404)
     status = svc.backups.status()
+    if job is None:
+        status["job"] = None
     status["download"] = None
     return JSONResponse(status, headers={"Cache-Control": "no-store"})
 
