@@ -18,13 +18,15 @@ What it holds, in this order:
 
 Consistency while mail arrives and clients move messages: the db snapshot is the index of the backup,
 and the walk that follows takes every complete message file it finds (new/, then cur/, then both
-listed again, each message once; tmp/ never). A file renamed while the walk runs (new/ -> cur/, a
+listed again, each message once; tmp/ never), then lists every folder of the mailbox again, while
+that finds more. A file renamed while the walk runs (new/ -> cur/, a
 flag change) is looked for again under its base name. A message the snapshot indexes but whose file was expunged or moved away before the walk reached
 it has its index row dropped at restore; a file the snapshot does not index (delivered, moved or
 copied there after it, a folder renamed meanwhile, which the walk lists again) is restored beside
 the index, and the store indexes it at its first look with a new UID. So every message acknowledged
-before the backup began is in it, wherever a client moved it meanwhile; one moved after the walk
-passed its old folder and before it reached the new one is in it twice.
+before the backup began is in it, wherever a client moved it meanwhile (once; a message moved on
+and on as the listings go could slip between them); one moved after the walk passed its old folder
+is in it twice.
 
 UIDs after a restore (RFC 3501 2.3.1.1: a UID is never reused under the same UIDVALIDITY): each folder
 keeps its UIDVALIDITY and every UID of the backup (clients keep their caches, POP3 UIDLs stay), and its
@@ -367,22 +369,31 @@ def _walk_maildirs(w: _Writer, layout: DataLayout, snap: Snapshot) -> None:
         w.add_dir(f"mail/{domain.name}")
         for box in sorted(p for p in domain.iterdir() if p.is_dir() and not p.is_symlink()):
             rel_box = f"{domain.name}/{box.name}"
-            # Listed again after the walk: a folder renamed before the walk reached it is walked under
-            # its new name. Known by its directory's inode, so one renamed after its walk is not walked
+            # Every folder is listed again after the walk, and again while that finds more: a message a
+            # client moves from a folder the walk has not reached into one it has passed is in the
+            # next listing of the one it went to (it was in neither), and a folder renamed before the
+            # walk reached it is walked under its new name. Folders are known by their directory's
+            # inode and messages by their base names, so a folder renamed after its walk is not taken
             # again (a client renaming a folder as the walk went kept the backup going, a copy of the
-            # folder more each time); a few listings at most (folders deleted and made anew).
-            walked: set[int] = set()
+            # folder more each time); FOLDER_LISTINGS listings at most.
+            taken: dict[int, tuple[str, set[str]]] = {}  # inode -> (name in the archive, bases taken)
             for _ in range(FOLDER_LISTINGS):
-                folders = [(f, ino) for f, ino in _folder_dirs(box) if ino not in walked]
-                if not folders:
+                added = 0
+                for folder, ino in _folder_dirs(box):
+                    if ino not in taken:
+                        name = f"mail/{rel_box}" if folder == box else f"mail/{rel_box}/{folder.name}"
+                        if not _add_folder(w, folder, name):
+                            added += 1  # renamed since the listing: taken under its new name next time
+                            continue
+                        taken[ino] = (name, set())
+                        added += _add_messages(w, folder, name, taken[ino][1], ("new", "cur", "new", "cur"))
+                    else:
+                        added += _add_messages(w, folder, taken[ino][0], taken[ino][1], ("new", "cur"))
+                if not added:
                     break
-                for folder, ino in folders:
-                    walked.add(ino)
-                    rel = rel_box if folder == box else f"{rel_box}/{folder.name}"
-                    _add_folder(w, folder, f"mail/{rel}")
 
 
-FOLDER_LISTINGS = 4  # listings of a mailbox's folders in one backup: the first and those after walks
+FOLDER_LISTINGS = 4  # listings of a mailbox's folders in one backup: the walk and those after it
 
 
 def _folder_dirs(box: Path) -> list[tuple[Path, int]]:
@@ -398,20 +409,31 @@ def _folder_dirs(box: Path) -> list[tuple[Path, int]]:
     return found
 
 
-def _add_folder(w: _Writer, folder: Path, name: str) -> None:
+def _add_folder(w: _Writer, folder: Path, name: str) -> bool:
+    """The folder's directories and its own files (dovecot-uidlist, dovecot-keywords...); False when
+    the folder is no longer there (renamed or deleted)."""
     w.add_dir(name)
     for sub in ("cur", "new", "tmp"):
         w.add_dir(f"{name}/{sub}")
-    with contextlib.suppress(FileNotFoundError):
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            if entry.is_file(follow_symlinks=False):
-                w.add_path(f"{name}/{entry.name}", Path(entry.path))
-    # new/ before cur/, then both again: a message moves from new/ to cur/ only (a client's first look
-    # claims it), so one moved between the two listings is in the second; listed cur/ first, it was in
-    # neither and missing from the backup though acknowledged before it. The second round takes what
-    # a rename hid from a listing under way (a directory read while it changes may skip the name).
-    taken: set[str] = set()  # each message once, under the name it had when read
-    for sub in ("new", "cur", "new", "cur"):
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except FileNotFoundError:
+        return False
+    for entry in entries:
+        if entry.is_file(follow_symlinks=False):
+            w.add_path(f"{name}/{entry.name}", Path(entry.path))
+    return True
+
+
+def _add_messages(w: _Writer, folder: Path, name: str, taken: set[str], subs: tuple[str, ...]) -> int:
+    """The folder's message files whose base name is not in `taken` yet (then it is); how many.
+
+    new/ before cur/, then both again: a message moves from new/ to cur/ only (a client's first look
+    claims it), so one moved between the two listings is in the second; listed cur/ first, it was in
+    neither and missing from the backup though acknowledged before it. The second round takes what
+    a rename hid from a listing under way (a directory read while it changes may skip the name)."""
+    added = 0
+    for sub in subs:
         where = os.path.join(folder, sub)
         try:
             listing = os.listdir(where)
@@ -425,6 +447,8 @@ def _add_folder(w: _Writer, folder: Path, name: str) -> None:
             base = maildir.split_filename(filename)[0]
             if base not in taken and _add_message(w, folder, name, sub, filename, base):
                 taken.add(base)
+                added += 1
+    return added
 
 
 def _add_message(w: _Writer, folder: Path, name: str, sub: str, filename: str, base: str) -> bool:

@@ -226,3 +226,32 @@ def test_a_folder_renamed_again_and_again_during_a_backup_is_in_it_once(box: Box
     asyncio.run(backup.restore(DataLayout(fresh), made.path, backup.Secret.from_text(kit.text)))
     shown = _subjects_by_folder(fresh, ALICE)
     assert [name for name, tags in shown.items() if "big" in tags] == ["Big0"]
+
+
+def test_a_message_moved_into_a_folder_the_walk_has_passed_is_in_the_backup(box: BoxHandle, tmp_path: Path) -> None:
+    """The walk takes a mailbox's folders one after the other: a message a client moved from a folder
+    the walk had not reached yet (Work) into one it had passed (Archive) was in neither, though
+    acknowledged before the backup began (filing mail while the nightly backup runs)."""
+    box.add_user(ALICE, PASSWORD)
+    with imaplib.IMAP4_SSL("127.0.0.1", box.port("imaps"), ssl_context=box.client_context) as imap:
+        imap.login(ALICE, PASSWORD)
+        for name in ("Middle", "Work"):  # Archive is there from the first login
+            assert imap.create(name)[0] == "OK"
+        assert imap.append("Work", "(\\Seen)", None, message("filed"))[0] == "OK"
+        assert imap.append("Middle", "(\\Seen)", None, message("marker") + b"padding line\r\n" * 3000)[0] == "OK"
+    [marker] = os.listdir(box.data.mail / "one.test" / "alice" / ".Middle" / "cur")
+    size = (box.data.mail / "one.test" / "alice" / ".Middle" / "cur" / marker).stat().st_size
+    kit = box.run(backup.make_key(box.services.db, box.services.events, "x"))
+
+    def client_files() -> None:  # in the backup's thread, once the walk is past Archive, before Work
+        with imaplib.IMAP4_SSL("127.0.0.1", box.port("imaps"), ssl_context=box.client_context) as imap:
+            imap.login(ALICE, PASSWORD)
+            imap.select("Work")
+            assert imap.uid("MOVE", "1:*", "Archive")[0] == "OK"
+
+    made = box.run(backup.create(box.services.db, box.services.events, box.data,
+                                 progress=AtFileOfSize(size, client_files)))
+    fresh = tmp_path / "restored"
+    asyncio.run(backup.restore(DataLayout(fresh), made.path, backup.Secret.from_text(kit.text)))
+    shown = _subjects_by_folder(fresh, ALICE)
+    assert "filed" in shown.get("Archive", []) + shown.get("Work", []), shown
