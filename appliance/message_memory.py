@@ -7,14 +7,16 @@ DATA on port 25 at once would have run the box out of memory. Here every session
 octets from one budget as they are announced or arrive, and gives them back when the command is
 answered; a message that does not fit is refused with a temporary error (SMTP 452 4.3.1, IMAP NO
 [UNAVAILABLE]) and the client tries again later, as it would for a full queue (Postfix's 452 4.3.1).
-One network (/24, /64) may hold at most half of it, so one party cannot take it all.
+One network may hold at most half of it, so one party cannot take it all: an IPv4 /24, an IPv6 site
+(/48, RFC 6177, as the connection limits judge a full pre-auth pool: counted per /64, the two /64s of
+any home's /56 took the whole budget).
 """
 
 from __future__ import annotations
 
 import collections
 
-from appliance.channel import network_of
+from appliance.channel import network_of, site_of
 
 # Room for seven of the largest SMTP messages or four of the largest APPENDs at once.
 MESSAGE_MEMORY_OCTETS = 256 * 1024 * 1024
@@ -31,7 +33,7 @@ class MessageMemory:
         self._by_network: collections.Counter[str] = collections.Counter()
 
     def hold(self, peer: str) -> Hold:
-        return Hold(self, network_of(peer))
+        return Hold(self, site_of(network_of(peer)))
 
     def _take(self, network: str, octets: int) -> bool:
         if self.held + octets > self.limit or self._by_network[network] + octets > self.limit * NETWORK_SHARE:
