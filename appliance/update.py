@@ -170,6 +170,29 @@ def mark_recorded(data_root: Path, status: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def copy_plain(src: Path, dst: Path) -> None:
+    """shutil.copy2 for root in the box user's directories: `src` only when it is a plain file, never a
+    link to one (the box's user made DATA/letterbox.db, or the database copy in DATA/updates, a link to
+    /etc/shadow, and root copied that where the box's user reads it), and `dst` made new, never through a
+    link. UpdateError otherwise."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UpdateError(f"{src} is a link, not a file of the box's: not copied") from None
+        raise
+    with os.fdopen(fd, "rb") as source:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UpdateError(f"{src} is not a plain file: not copied")
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(out, "wb") as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
+            copy.flush()
+            os.fchmod(out, stat.S_IMODE(st.st_mode))
+            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def switch_link(prefix: Path, target: Path) -> None:
     """Point PREFIX/venv at `target` in one step: a new symlink renamed over the old one."""
     tmp = prefix / f".venv-{secrets.token_hex(4)}"
@@ -214,10 +237,21 @@ class Updater:
             return subprocess.CompletedProcess(argv, 1, "", str(exc))
 
     def _give(self, path: Path) -> None:
-        """Files this program (root) writes into the data directory belong to the box's user."""
+        """Files this program (root) writes into the data directory belong to the box's user. Never through
+        a link: the box's user owns these directories and made DATA/updates a link to /etc, which root
+        then gave it (a garbage incoming.tar was enough to have the failure written there)."""
         st = self.o.data.stat()
         if os.geteuid() == 0:
-            os.chown(path, st.st_uid, st.st_gid)
+            os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+
+    def _updates_dir(self) -> Path:
+        """DATA/updates as a directory of the box's user: a link the box's user put in its place is
+        removed rather than followed."""
+        if self.updates.is_symlink():
+            self.updates.unlink()
+        self.updates.mkdir(exist_ok=True, mode=0o700)
+        self._give(self.updates)
+        return self.updates
 
     def _tell_the_box(self) -> None:
         """The outcome becomes one of the box's events (Admin.record_update_outcome). The box in force does
@@ -234,9 +268,7 @@ class Updater:
             self._run(self._as_user([str(letterbox), "--data", str(self.o.data), "update", "status"]), "event", timeout=60)
 
     def _write_status(self, **values: Any) -> None:
-        self.updates.mkdir(exist_ok=True, mode=0o700)
-        self._give(self.updates)
-        path = self.updates / STATUS
+        path = self._updates_dir() / STATUS
         tmp = path.with_name(f".{STATUS}.{secrets.token_hex(4)}")
         tmp.write_text(json.dumps({"at": int(time.time()), **values}), encoding="utf-8")
         tmp.chmod(0o600)
@@ -383,15 +415,16 @@ class Updater:
 
     def snapshot_db(self, version: str) -> Path:
         """The database (service stopped, so the files are consistent) copied to before-<version>/."""
-        snap = self.updates / f"before-{version}"
+        snap = self._updates_dir() / f"before-{version}"
+        if snap.is_symlink():
+            snap.unlink()
         shutil.rmtree(snap, ignore_errors=True)
-        snap.mkdir(parents=True, mode=0o700)
-        self._give(self.updates)
+        snap.mkdir(mode=0o700)
         self._give(snap)
         for name in DB_FILES:
             src = self.o.data / name
-            if src.exists():
-                shutil.copy2(src, snap / name)
+            if src.exists() or src.is_symlink():
+                copy_plain(src, snap / name)
                 self._give(snap / name)
         return snap
 
@@ -401,16 +434,16 @@ class Updater:
         its WAL, or the copy. The migrated files were moved aside first, so a kill between that and
         the copy's arrival left no database, and the box started as a new one, at the setup wizard
         (anyone on the network its first administrator). A WAL never meets another database's file."""
-        kept = self.updates / f"failed-{failed_version}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-        kept.mkdir(parents=True, mode=0o700)
+        kept = self._updates_dir() / f"failed-{failed_version}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        kept.mkdir(mode=0o700)
         self._give(kept)
         data = self.o.data
         db, wal = (data / name for name in DB_FILES)
         copies: dict[str, Path] = {}
         for name in DB_FILES:  # the copy beside the live files first, whole and on disk
-            if (snap / name).exists():
+            if (snap / name).exists() or (snap / name).is_symlink():
                 tmp = data / f".{name}.{secrets.token_hex(4)}"
-                shutil.copy2(snap / name, tmp)
+                copy_plain(snap / name, tmp)
                 self._give(tmp)
                 _fsync_file(tmp)
                 copies[name] = tmp
@@ -420,7 +453,7 @@ class Updater:
                 try:
                     os.link(live, kept / name)
                 except OSError:
-                    shutil.copy2(live, kept / name)
+                    copy_plain(live, kept / name)
         fsync_dir(kept)
         for stale in (data / "letterbox.db-shm", wal):  # the migrated WAL must not meet the copy
             with contextlib.suppress(FileNotFoundError):
