@@ -28,8 +28,9 @@ INVALID_ROUTE = "INVALID_ROUTE"  # Dovecot's route placeholder for "<@>"
 
 
 class Entry(NamedTuple):
-    """One ENVELOPE address structure: a mailbox (local "" when missing, domain "" when missing),
-    a group start (mailbox is the group's name, domain None) or a group end (all None)."""
+    """One ENVELOPE address structure: a mailbox (local None when missing, "" when written empty as
+    `""@b`; domain "" when missing), a group start (mailbox is the group's name, domain None) or a
+    group end (all None)."""
 
     name: str | None
     route: str | None
@@ -109,7 +110,7 @@ def parse(text: str, first: bool = False) -> list[Entry]:
                 reader.at = reader.at or lead == "@"
             continue
         if lead == "(":
-            if reader.at:  # Dovecot names an addr-spec by its last comment after the "@"
+            if reader.words:  # Dovecot names an addr-spec by its last comment after its first word
                 reader.comments.append(_comment_text(piece))
         elif lead == "<":
             reader.angle([t for t in _until_close(stream) if t[0] != "("])
@@ -199,15 +200,16 @@ def _angle(words: list[str], inner: list[str]) -> Entry:
     route: str | None = None
     cut = next((i for i, t in enumerate(inner) if t[0] == ":"), -1)
     if cut >= 0:
-        route = "".join(inner[:cut])
+        # Empty entries of the route dropped, as Dovecot does: "<@a,,@b,:c@d>" is routed "@a,@b".
+        route = ",".join([hop for hop in "".join(inner[:cut]).split(",") if hop])
         inner = inner[cut + 1:]
     if not inner or inner == ["@"]:  # "<>", the null reverse-path (RFC 5321 4.5.5), or "<@>"
-        return Entry(name, INVALID_ROUTE if inner else route or None, "", "")
+        return Entry(name, INVALID_ROUTE if inner else route or None, None, "")
     local, domain = _addr_spec(inner)
     return Entry(name, route or None, local, domain)
 
 
-def _addr_spec(words: list[str]) -> tuple[str, str]:
+def _addr_spec(words: list[str]) -> tuple[str | None, str]:
     """(local part, domain) of addr-spec tokens; a second "@" ends the domain, as in Dovecot."""
     if "@" not in words:
         return _local(words), ""
@@ -218,9 +220,12 @@ def _addr_spec(words: list[str]) -> tuple[str, str]:
     return _local(words[:cut]), "".join(domain)
 
 
-def _local(words: list[str]) -> str:
+def _local(words: list[str]) -> str | None:
     """A local part's words joined: quoted strings unquoted (as Dovecot shows them), dots joined
-    without spaces; two atoms keep a space between them as getaddresses did."""
+    without spaces; two atoms keep a space between them as getaddresses did. None when there is
+    none ("@b"), "" for an empty quoted string ('""@b', which Dovecot shows as "")."""
+    if not words:
+        return None
     out: list[str] = []
     for word in words:
         if word[:1] == '"':

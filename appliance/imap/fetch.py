@@ -416,7 +416,7 @@ def _envelope_address(entry: address_list.Entry) -> bytes:
         return _GROUP_END if mailbox is None else b"(NIL NIL " + render_value(raw(mailbox)) + b" NIL)"
     return b"".join([b"(", render_value(raw(name)) if name else b"NIL", b" ",
                      b"NIL" if route is None else render_value(raw(route)), b" ",
-                     render_value(raw(mailbox)) if mailbox else _MISSING_MAILBOX, b" ",
+                     _MISSING_MAILBOX if mailbox is None else render_value(raw(mailbox)), b" ",
                      render_value(raw(domain)) if domain else _MISSING_DOMAIN, b")"])
 
 

@@ -236,7 +236,7 @@ def address_texts(value: str) -> list[str]:
         display = decode_words(name).strip() if name else ""
         if mailbox and not is_dot_atom(mailbox):  # written as the sender quoted it (RFC 5322 3.4.1)
             mailbox = '"' + mailbox.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        address = f"{mailbox}@{domain}" if domain else mailbox
+        address = f"{mailbox or ''}@{domain}" if domain else mailbox or ""
         if address:
             out.append(f"{display} <{address}>" if display else address)
         elif display:

@@ -41,7 +41,7 @@ log = logging.getLogger("letterbox.store")
 
 # Bumped when what the IMAP layer puts in a row changes (a rendering fix): rows of another version
 # are described again at their next use.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: ENVELOPE of '""@b', of a comment inside an addr-spec, of empty route entries
 READ_BATCH = 500  # UIDs per SELECT (SQLite allows 32,766 parameters)
 KEEP_BATCH = 64  # rows per transaction of a filler (keep)
 # Rows per transaction of learn: a transaction of more than SQLite's page cache (2 MB: about 1,800
