@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.db import Database
+from appliance.durable import replace_file
 
 KEY_BITS = 2048
 KEY_SUFFIX = ".key"
@@ -116,19 +116,7 @@ def new_selector(existing: set[str], now: float | None = None) -> str:
 
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_file(path, data)
 
 
 def generate_key(dkim_dir: Path, domain: str, selector: str, bits: int = KEY_BITS) -> DkimKey:

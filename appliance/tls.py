@@ -28,7 +28,6 @@ import ipaddress
 import itertools
 import json
 import logging
-import os
 import ssl
 import tempfile
 import threading
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.client_hello import NotClientHello, parse_client_hello
+from appliance.durable import replace_file
 
 # cryptography is imported by the functions that make or read a certificate, not with this module, and
 # the server calls them in a child process (appliance/child.py: new_self_signed, install_self_signed, check_in_child,
@@ -153,19 +153,7 @@ def make_self_signed(hostname: str, cert_path: Path, key_path: Path) -> Certific
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Atomic and durable: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    replace_file(path, data, tmp=path.with_suffix(path.suffix + ".tmp"), mode=mode)
 
 
 _write_private = write_private  # the old name, for callers not yet moved

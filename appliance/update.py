@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from appliance.store.maildir import fsync_dir
+from appliance.durable import fsync_dir, fsync_file
 from appliance.version import running_version as running_version  # moved there; re-exported
 
 # The bundle reader (tarfile) is imported where a bundle is installed: the box imports this module at
@@ -133,11 +133,6 @@ def is_newer(candidate: str, running: str) -> bool:
     return a > b
 
 
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
 def venv_dir(prefix: Path, version: str) -> Path:
     return prefix / f"venv-{version}"
 
@@ -198,11 +193,7 @@ def switch_link(prefix: Path, target: Path) -> None:
     tmp = prefix / f".venv-{secrets.token_hex(4)}"
     os.symlink(target.name, tmp)
     os.replace(tmp, prefix / "venv")
-    fd = os.open(prefix, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(prefix)
 
 
 class Updater:
@@ -445,7 +436,7 @@ class Updater:
                 tmp = data / f".{name}.{secrets.token_hex(4)}"
                 copy_plain(snap / name, tmp)
                 self._give(tmp)
-                _fsync_file(tmp)
+                fsync_file(tmp)
                 copies[name] = tmp
         for name in (*DB_FILES, "letterbox.db-shm"):  # the migrated files kept, still in place
             live = data / name

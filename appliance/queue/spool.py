@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.db import Database
+from appliance.durable import fsync_dir, write_file
 
 if TYPE_CHECKING:
     import aiosqlite
@@ -68,27 +69,16 @@ def _write_durably(directory: Path, name: str, data: bytes) -> None:
     """tmp -> fsync -> rename -> fsync dir: after this returns the file survives a power cut."""
     final = directory / name
     tmp = directory / f"{TMP_PREFIX}{name}{TMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
+        write_file(tmp, data)
     except BaseException:
-        os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
-    os.close(fd)
     try:
-        os.link(tmp, final)  # unlike rename, never replaces an existing message
+        os.link(tmp, final)  # unlike rename (durable.replace_file), never replaces an existing message
     finally:
         tmp.unlink()
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(directory)
 
 
 async def already_failed(tx: aiosqlite.Connection, queue_id: str, failures: Mapping[str, tuple[str, str]],

@@ -33,6 +33,8 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import BinaryIO
 
+from appliance.durable import fsync_dir as fsync_dir  # (maildir.fsync_dir: the name its callers use)
+from appliance.durable import replace_file, write_file
 from appliance.store.model import INBOX, SEPARATOR, StoreError
 
 log = logging.getLogger("letterbox.store")
@@ -324,9 +326,9 @@ def read_keywords(folder: Path) -> Keywords:
 
 def write_keywords(folder: Path, keywords: Keywords) -> None:
     text = "".join(f"{i} {name}\n" for i, name in enumerate(keywords.names) if name)
-    tmp = folder / f"{KEYWORDS_FILE}.{unique_name(len(text))}"
-    _write_file(tmp, text.encode("utf-8"))
-    os.replace(tmp, folder / KEYWORDS_FILE)  # atomic: a reader sees the old map or the new one
+    # Atomic (a reader sees the old map or the new one) and durable: the letters of a STORE answered
+    # OK name the same keywords after a power cut.
+    replace_file(folder / KEYWORDS_FILE, text.encode("utf-8"), tmp=folder / f"{KEYWORDS_FILE}.{unique_name(len(text))}")
 
 
 def keywords_mtime(folder: Path) -> int:
@@ -436,14 +438,6 @@ def _uidlist_guid(folder: Path) -> str | None:
 
 # --- directories --------------------------------------------------------------------------------
 
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def make_maildir(path: Path, *, folder: bool) -> bool:
     """Create the Maildir (and parents) where parts are missing; True when anything was made."""
     made = False
@@ -525,17 +519,6 @@ def _entries(path: Path) -> list[os.DirEntry[str]]:
 
 # --- messages -----------------------------------------------------------------------------------
 
-def _write_file(path: str | Path, data: bytes | bytearray) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass(frozen=True)
 class WriteJob:
     maildir: Path
@@ -559,7 +542,7 @@ def write_tmp(job: WriteJob, data: bytes | bytearray) -> None:
     """The file written whole into tmp/ and fsynced, with its INTERNALDATE; nothing left in tmp/ when
     it fails. Not visible to any reader until renamed (the group commit does it: store/arrivals.py)."""
     try:
-        _write_file(job.tmp, data)
+        write_file(job.tmp, data)
         if job.mtime is not None:
             os.utime(job.tmp, (job.mtime, job.mtime))
     except BaseException:
@@ -594,7 +577,7 @@ def copy_message(src: Path, job: WriteJob) -> None:
     data = src.read_bytes()
     tmp = job.maildir / "tmp" / job.base
     try:
-        _write_file(tmp, data)
+        write_file(tmp, data)
         st = os.stat(src)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
         os.rename(tmp, target)

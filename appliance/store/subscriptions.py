@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.db import Database
+from appliance.durable import replace_file
 from appliance.store import maildir
 from appliance.store.model import INBOX, SEPARATOR
 
@@ -71,10 +72,5 @@ def _dovecot_subscriptions(root: Path) -> list[str] | None:
 def _write_dovecot_subscriptions(root: Path, names: Sequence[str]) -> None:
     """Dovecot's version 2 subscriptions file, replaced atomically (a reader sees old or new)."""
     text = "V\t2\n\n" + "".join(name.replace(SEPARATOR, "\t") + "\n" for name in names)
-    tmp = root / f"subscriptions.{os.getpid()}.tmp"  # no leading dot: never read as a folder
-    with tmp.open("wb") as f:
-        f.write(text.encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / "subscriptions")
-    maildir.fsync_dir(root)
+    # The temporary file has no leading dot: it is never read as a folder.
+    replace_file(root / "subscriptions", text.encode("utf-8"), tmp=root / f"subscriptions.{os.getpid()}.tmp")

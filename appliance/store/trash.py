@@ -21,7 +21,6 @@ import asyncio
 import calendar
 import contextlib
 import logging
-import os
 import re
 import shutil
 import time
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from appliance.durable import fsync_dir, write_file
 from appliance.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -66,14 +66,14 @@ def move_aside(sources: Mapping[str, Path], deleted_root: Path, kind: str, name:
             entry = deleted_root / f"{stamp}-{kind}-{name}-{n}"
             n += 1
     if row_id is not None:
-        _write_synced(entry / PENDING, f"{kind}\n{row_id}\n{name}\n".encode())
+        write_file(entry / PENDING, f"{kind}\n{row_id}\n{name}\n".encode(), exclusive=False)
     for label, path in present.items():
         # A rename when both are on one file system (the usual case: one data directory), which is
         # atomic: the address never has half a Maildir.
         shutil.move(str(path), str(entry / label))
-        _fsync_dir(path.parent)
-    _fsync_dir(entry)
-    _fsync_dir(deleted_root)
+        fsync_dir(path.parent, quiet=True)
+    fsync_dir(entry, quiet=True)
+    fsync_dir(deleted_root, quiet=True)
     return entry
 
 
@@ -86,7 +86,7 @@ def restore(entry: Path, sources: Mapping[str, Path]) -> list[str]:
         if moved.exists() and not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(moved), str(path))
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent, quiet=True)
         elif moved.exists():
             left.append(label)
     if not left:
@@ -153,26 +153,6 @@ def purge(deleted_root: Path, *, retention_days: float = RETENTION_DAYS, now: fl
             removed.append(entry)
             log.info("deleted/: purged %s", entry.name)
     return removed
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 PURGE_INTERVAL = 86400.0  # once a day while serving, besides once at start

@@ -7,9 +7,11 @@ appliance/queue/spool.py). A kill is not a power cut: the crash tests cannot see
 
 from __future__ import annotations
 
+import contextlib
 import re
 import smtplib
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,13 +66,12 @@ def first(found: list[Call], name: str, pattern: str, after: int = -1) -> int:
     raise AssertionError(f"no {name} matching {pattern} after position {after}")
 
 
-def test_the_250_comes_after_every_fsync_a_power_cut_needs(served_box: ServedBox, tmp_path: Path) -> None:
-    hold_outbound_sql(served_box.data.db)  # the forwarded copy stays in the spool
-    served_box.add_user(ALICE, PASSWORD)
-    served_box.cli("alias", "add", "fwd@ourdomain.test", "someone@elsewhere.example")
-    assert served_box.proc is not None
-    pid = served_box.proc.pid
-    trace = tmp_path / "trace"
+@contextlib.contextmanager
+def tracing(box: ServedBox, trace: Path) -> Iterator[None]:
+    """The box's writes, renames, links, syncs and sends recorded into `trace` (with -y's paths) while
+    the block runs."""
+    assert box.proc is not None
+    pid = box.proc.pid
     tracer = subprocess.Popen(
         ["strace", "-f", "-qq", "-y", "-s", "64", "-o", str(trace), "-p", str(pid),
          "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,link,linkat,sendto,write"],
@@ -78,12 +79,20 @@ def test_the_250_comes_after_every_fsync_a_power_cut_needs(served_box: ServedBox
     )
     try:
         wait_until(lambda: traced(pid), seconds=20, interval=0.02, what="strace attached")
-        with smtplib.SMTP("127.0.0.1", served_box.port("smtp"), timeout=30) as client:
-            client.sendmail("sender@outside.example", [ALICE, "fwd@ourdomain.test"],
-                            b"From: <sender@outside.example>\r\nSubject: power\r\n\r\nbody\r\n")
+        yield
     finally:
         tracer.terminate()
         tracer.wait(30)
+
+
+def test_the_250_comes_after_every_fsync_a_power_cut_needs(served_box: ServedBox, tmp_path: Path) -> None:
+    hold_outbound_sql(served_box.data.db)  # the forwarded copy stays in the spool
+    served_box.add_user(ALICE, PASSWORD)
+    served_box.cli("alias", "add", "fwd@ourdomain.test", "someone@elsewhere.example")
+    trace = tmp_path / "trace"
+    with tracing(served_box, trace), smtplib.SMTP("127.0.0.1", served_box.port("smtp"), timeout=30) as client:
+        client.sendmail("sender@outside.example", [ALICE, "fwd@ourdomain.test"],
+                        b"From: <sender@outside.example>\r\nSubject: power\r\n\r\nbody\r\n")
 
     found = calls(trace)
     reply = first(found, "sendto", r'"250 2\.0\.0')
@@ -108,3 +117,30 @@ def test_the_250_comes_after_every_fsync_a_power_cut_needs(served_box: ServedBox
     directory = first(found, "fsync", rf"{spool}>", after=linked.done)
     committed = first(found, "fdatasync", wal, after=directory)
     assert committed < reply, "the 250 came before the spool's copy was durable"
+
+
+def test_a_new_keyword_is_durable_before_the_store_is_answered(served_box: ServedBox, tmp_path: Path) -> None:
+    """A keyword's letter is assigned in the folder's dovecot-keywords, written beside it and renamed over
+    it: the folder's directory must be fsynced after the rename and before the answer, or a power cut
+    brings the old map back, under which the message's letter names no keyword (it was renamed into
+    place without that fsync, left alone by the last session)."""
+    served_box.add_user(ALICE, PASSWORD)
+    trace = tmp_path / "trace"
+    imap = served_box.imap(ALICE, PASSWORD)
+    try:
+        assert imap.append("INBOX", None, None, b"Subject: keywords\r\n\r\nbody\r\n")[0] == "OK"
+        imap.select("INBOX")
+        with tracing(served_box, trace):
+            typ, data = imap.store("1", "+FLAGS", "($Power)")
+        assert typ == "OK", data
+        assert b"$Power" in data[0], data
+    finally:
+        imap.logout()
+
+    found = calls(trace)
+    inbox = re.escape(str(served_box.data.mail / "ourdomain.test" / "alice"))
+    renamed = next(c for c in found if c.name.startswith("rename") and re.search(rf'{inbox}/dovecot-keywords"', c.args))
+    directory = first(found, "fsync", rf"{inbox}>", after=renamed.done)
+    # The FETCH and the tagged OK: the next TLS record sent (application data, 23 = \27) after the rename.
+    answer = first(found, "sendto", r'socket:\[\d+\]>, "\\27\\3\\3', after=renamed.done)
+    assert directory < answer, "the STORE was answered before the new keyword map was durable"
