@@ -46,6 +46,7 @@ async def deliver_report_to_sender(
     *,
     before_local: Callable[[], Awaitable[object]] | None = None,
     already_in: Callable[[str], Awaitable[bool]] | None = None,
+    copied: Callable[[str], object] | None = None,
     with_spooling: Callable[[aiosqlite.Connection], Awaitable[None]] | None = None,
 ) -> bool:
     """Write `report` into each local mailbox of `sender` and spool it for the remote ones. Returns
@@ -54,7 +55,8 @@ async def deliver_report_to_sender(
 
     The hooks are how the queue makes a report exactly-once across crashes: `before_local` records
     that the report was begun (before any copy is written), `already_in(mailbox)` skips a mailbox
-    holding it from before a restart, `with_spooling` runs in the spool's own transaction."""
+    holding it from before a restart (or an earlier try), `copied(mailbox)` is told of each copy
+    written, `with_spooling` runs in the spool's own transaction."""
     mailboxes, remote = await report_destinations(accounts, sender)
     if mailboxes and before_local is not None:
         await before_local()
@@ -65,6 +67,8 @@ async def deliver_report_to_sender(
         result = (await store.deliver([mailbox], copy)).get(mailbox)
         if not isinstance(result, int):
             raise ReportRefused(f"the store refused the report for {mailbox}: {result!r}")
+        if copied is not None:
+            copied(mailbox)
     if remote:
         await spool.enqueue("", remote, report, also=with_spooling)
     return bool(remote)

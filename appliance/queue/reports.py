@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from appliance import srs
 from appliance.queue import dsn
 from appliance.queue.report_delivery import ReportRefused, deliver_report_to_sender
+from appliance.queue.retry import RetryPolicy
 from appliance.queue.spool import Spool
 from appliance.queue.state import QueueState, Reportable, Settlement, spool_file
 
@@ -31,21 +32,36 @@ log = logging.getLogger("letterbox.queue")
 
 class SenderReports:
     def __init__(self, services: Services, spool: Spool, state: QueueState, clock: Callable[[], float],
-                 lifetime: Callable[[], Awaitable[float]]) -> None:
+                 policy: Callable[[], Awaitable[RetryPolicy]]) -> None:
         self._services = services
         self._spool = spool
         self._state = state
         self._clock = clock
-        self._lifetime = lifetime  # seconds a report a local mailbox refuses is tried (the queue's max age)
+        # The queue's retry schedule as set: a report a local mailbox refuses is tried again on it, for
+        # as long as the queue keeps a message (its max age).
+        self._policy = policy
         self._settle_lock = asyncio.Lock()  # one report per failure, however many jobs end at once
+        # Failure reports a local mailbox refused, by the message they are about: (tries, when the
+        # next is due). The sweep (every minute) passes them by until then.
+        self._deferred: dict[str, tuple[int, float]] = {}
+        # Which local mailboxes hold a copy of a report (by its Message-ID), known without reading
+        # them: every copy this process wrote, and each mailbox looked into once after a restart.
+        # Each try of a refused report read every message of the mailbox's INBOX that had arrived
+        # since the report was begun, every minute, for days.
+        self._copies: dict[str, dict[str, bool]] = {}
+        self._begun_here: set[str] = set()  # reports begun by this process: a mailbox not in _copies has none
 
     async def settle(self, message_id: str) -> None:
         async with self._settle_lock:
             await self._settle_locked(message_id)
 
     async def _settle_locked(self, message_id: str) -> None:
+        deferred = self._deferred.get(message_id)
+        if deferred is not None and self._clock() < deferred[1]:
+            return  # a report a mailbox refused, not due yet
         settlement = await self._state.settlement(message_id)
         if settlement is None:
+            self._deferred.pop(message_id, None)
             return
         if settlement.failed:
             target = await self._report_address(settlement.sender)
@@ -105,16 +121,18 @@ class SenderReports:
         try:
             removed = False
 
+            copies = self._copies.setdefault(report_id, {})
+
             async def begun() -> None:
                 if not resumed:
                     await self._state.report_started(part, report_id, int(self._clock()))
+                    self._begun_here.add(report_id)
 
             async def already_in(mailbox: str) -> bool:
-                started = min((f.report_started for f in part.failed), default=0)
-                if resumed and await self._holds_report(mailbox, report_id, started):
-                    log.info("%s: report %s already in %s (before a restart)", message_id, report_id, mailbox)
-                    return True
-                return False
+                return await self._already_in(part, report_id, mailbox, resumed=resumed)
+
+            def copied(mailbox: str) -> None:
+                copies[mailbox] = True
 
             async def mark(tx: aiosqlite.Connection) -> None:
                 nonlocal removed
@@ -122,37 +140,67 @@ class SenderReports:
 
             spooled = await deliver_report_to_sender(self._services.accounts, self._services.store, self._spool, target,
                                                      report, before_local=begun, already_in=already_in,
-                                                     with_spooling=mark)
+                                                     copied=copied, with_spooling=mark)
             if not spooled:
                 await self._state.settled(part)
             elif removed:
                 await self._state.remove_file(message_id)
         except ReportRefused as exc:
-            return await self._refused(part, target, exc, resumed)
+            return await self._refused(part, target, exc, resumed, report_id)
         except Exception:
             log.exception("%s: could not send the failure report to <%s>", message_id, target)
             return False
+        self._forget(message_id, report_id)
         log.info("%s: failed report sent to <%s> for %s", message_id, target,
                  ", ".join(r.address for r in part.failed))
         return True
 
-    async def _refused(self, part: Settlement, target: str, refused: ReportRefused, resumed: bool) -> bool:
-        """A mailbox of the sender would not take the report (full, most often): tried again at each
-        sweep until it has waited as long as the queue keeps a message, then dropped (True), as
-        Postfix defers a bounce to a full mailbox until bounce_queue_lifetime. Said once, without a
-        traceback: it was a traceback a minute, for ever, and the message never left the queue."""
-        started = min((f.report_started for f in part.failed if f.report_started), default=0)
-        waited = self._clock() - started if started else 0.0
-        if waited < await self._lifetime():
+    async def _refused(self, part: Settlement, target: str, refused: ReportRefused, resumed: bool,
+                       report_id: str) -> bool:
+        """A mailbox of the sender would not take the report (full, most often): tried again on the
+        queue's retry schedule until it has waited as long as the queue keeps a message, then dropped
+        (True), as Postfix defers a bounce to a full mailbox until bounce_queue_lifetime. Said once,
+        without a traceback: it was a traceback a minute, for ever, and the message never left the
+        queue."""
+        now = self._clock()
+        started = min((f.report_started for f in part.failed if f.report_started), default=0) or now
+        policy = await self._policy()
+        if now - started < policy.max_age:
             if not resumed:
-                log.warning("%s: the failure report to <%s> waits: %s; tried again every minute",
+                log.warning("%s: the failure report to <%s> waits: %s; tried again as the queue retries mail",
                             part.message_id, target, refused)
+            tries = self._deferred.get(part.message_id, (0, 0.0))[0] + 1
+            self._deferred[part.message_id] = (tries, policy.next_attempt(started, tries, now))
             return False
+        waited = now - started
+        self._forget(part.message_id, report_id)
         await self._state.settled(part)
         await self._services.events.record(
             "bounce", f"{part.message_id}: the failure report to <{target}> was dropped after"
             f" {waited / 86400:.1f} days: {refused}")
         return True
+
+    async def _already_in(self, part: Settlement, report_id: str, mailbox: str, *, resumed: bool) -> bool:
+        """Whether the mailbox holds the report: known when this process wrote or looked for it, else
+        (a report begun before a restart) looked for once."""
+        copies = self._copies.setdefault(report_id, {})
+        if mailbox not in copies:
+            if not resumed or report_id in self._begun_here:
+                return False  # every copy of a report begun here is in `copies`
+            started = min((f.report_started for f in part.failed), default=0)
+            copies[mailbox] = await self._holds_report(mailbox, report_id, started)
+            if copies[mailbox]:
+                log.info("%s: report %s already in %s (before a restart)", part.message_id, report_id, mailbox)
+        return copies[mailbox]
+
+    def retry_now(self) -> None:
+        """Reports a mailbox refused are due at the next sweep (the queue was flushed)."""
+        self._deferred = {message_id: (tries, 0.0) for message_id, (tries, _) in self._deferred.items()}
+
+    def _forget(self, message_id: str, report_id: str) -> None:
+        self._deferred.pop(message_id, None)
+        self._copies.pop(report_id, None)
+        self._begun_here.discard(report_id)
 
     async def _holds_report(self, mailbox: str, report_id: str, since: int) -> bool:
         """Is the report with this Message-ID in the mailbox already? Only messages that arrived since

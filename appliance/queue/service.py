@@ -56,7 +56,7 @@ MAX_SESSIONS_PER_DOMAIN = 4  # per destination domain: polite to the receiver, l
 MAX_MESSAGES_PER_SESSION = 100  # then a fresh session (Postfix: smtp_connection_reuse_count_limit)
 DISPATCH_BATCH = 500  # due recipient rows fetched per scheduler pass (beyond those in flight)
 POLL_INTERVAL = 5.0  # seconds; the scheduler also looks at the db this often (CLI flush/delete)
-SWEEP_INTERVAL = 60.0  # seconds between retries of reports that could not be handed over
+SWEEP_INTERVAL = 60.0  # seconds between looks for reports due to be tried again (reports.py)
 STOP_TIMEOUT = 2.0  # seconds stop() waits for workers to record what they finished (app: 5 s in all)
 
 
@@ -78,7 +78,7 @@ class OutboundQueue:
         self.state = QueueState(services.db, self.spool.directory)
         self._configs = DeliveryConfigs(services.settings, policy or RetryPolicy())
         self._signing_keys = SigningKeys(services.accounts, services.db, services.config.data.dkim)
-        self.reports = SenderReports(services, self.spool, self.state, clock, self._report_lifetime)
+        self.reports = SenderReports(services, self.spool, self.state, clock, self._retry_policy)
         self._max_sessions = max_sessions
         self._per_domain = max_sessions_per_domain
         self._poll_interval = poll_interval
@@ -145,6 +145,7 @@ class OutboundQueue:
         from appliance.queue.state import flush
 
         count = await flush(self.services.db, now=int(self._clock()))
+        self.reports.retry_now()
         self.wake()
         return count
 
@@ -178,9 +179,10 @@ class OutboundQueue:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, delay))
 
-    async def _report_lifetime(self) -> float:
-        """How long a failure report a local mailbox refuses is tried: the queue's max age, as set."""
-        return (await self._configs.current()).policy.max_age
+    async def _retry_policy(self) -> RetryPolicy:
+        """The queue's retry schedule and max age, as set: a failure report a local mailbox refuses is
+        tried on it too."""
+        return (await self._configs.current()).policy
 
     async def _dispatch(self) -> float:
         """One pass: start workers for due jobs; returns seconds until the next pass is needed."""

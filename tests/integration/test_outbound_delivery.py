@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import smtplib
 import socket
 import threading
+from pathlib import Path
 
 import dkim
 import pytest
 
 from appliance.queue import service
 from appliance.queue.service import start_queue
+from appliance.store.inotify import inotify_events, inotify_open, inotify_watch
 from tests.support.outbound import (  # noqa: F401  (fixtures)
     ALICE,
     BODY,
@@ -310,6 +313,66 @@ def test_a_report_to_a_full_local_mailbox_arrives_once_there_is_room(
     [_, report] = outbound.wait_inbox(2)
     outbound.wait_empty()
     assert delivery_status(report)[1]["Final-Recipient"] == "rfc822; a@nomail.test"
+
+
+class Opens:
+    """Files opened in directories, as inotify tells (IN_OPEN): what the box reads, seen from outside."""
+
+    IN_OPEN = 0x20
+
+    def __init__(self, *directories: Path) -> None:
+        fd = inotify_open()
+        assert fd is not None
+        self.fd = fd
+        self.names = {inotify_watch(fd, directory, self.IN_OPEN): directory for directory in directories}
+        self.seen: list[Path] = []
+
+    def files(self) -> list[Path]:
+        self.seen += [self.names[wd] / name.decode() for wd, _, name in inotify_events(self.fd) if name]
+        return self.seen
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def test_a_report_a_local_mailbox_refuses_is_tried_again_without_reading_its_mail(
+    outbound: Outbound, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Alice's mailbox has room for small mail but not for the report on her failed message (it
+    returns the message's big header). Each try of the report reads the failed message's head from
+    the spool; it must not read Alice's mail. Before, every try (each sweep: every minute, for the
+    queue's 5 days) read every message that had arrived in her INBOX since the report was begun, to
+    see whether the report was among them; now the box knows which copies it wrote, and a report is
+    tried on the queue's retry schedule."""
+    monkeypatch.setattr(service, "SWEEP_INTERVAL", 0.1)
+    box = outbound.box
+    box.run(box.services.store.deliver([ALICE], b"Subject: filler\r\n\r\nfiller\r\n"))
+    used, _ = box.run(box.services.store.usage(ALICE))
+    box.run(box.services.accounts.update_user(ALICE, quota_bytes=used + 10_000))
+    outbound.zone.set("nomail.test", "MX", ["0 ."])
+    caplog.set_level(logging.INFO, logger="letterbox")
+    padded = b"X-Pad: " + b" ".join([b"p" * 70] * 400).replace(b" ", b"\r\n ") + b"\r\n" + BODY  # a 29 KB header
+    outbound.submit(["a@nomail.test"], padded)
+    outbound.wait_until(lambda: any("failure report to <alice@ourdomain.test> waits" in r.getMessage()
+                                    for r in caplog.records), timeout=60, what="the report to be refused")
+    for n in range(5):  # small mail still fits; it arrives after the report was begun
+        [uid] = box.run(box.services.store.deliver([ALICE], f"Subject: small {n}\r\n\r\nhi\r\n".encode())).values()
+        assert isinstance(uid, int)
+    assert box.services.text_index is not None
+    box.run(box.services.text_index.catch_up())  # the full-text index reads new mail once: done first
+    inbox = box.data.mail / OURS / "alice"
+    opens = Opens(inbox / "new", inbox / "cur", box.data.spool)
+    try:
+        outbound.wait_until(lambda: len([p for p in opens.files() if p.suffix == ".eml"]) >= 3, timeout=30,
+                            what="three tries of the report (each reads the failed message's head)")
+        assert [p for p in opens.files() if p.parent != box.data.spool] == []
+    finally:
+        opens.close()
+    box.run(box.services.accounts.update_user(ALICE, quota_bytes=0))
+    outbound.wait_empty(timeout=30)
+    reports = [m for m in outbound.inbox() if b"Content-Type: multipart/report" in m]
+    assert len(reports) == 1
+    assert delivery_status(reports[0])[1]["Final-Recipient"] == "rfc822; a@nomail.test"
 
 
 def test_the_mx_s_bounce_to_a_full_local_sender_waits_for_room(
