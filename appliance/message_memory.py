@@ -35,6 +35,12 @@ class MessageMemory:
     def hold(self, peer: str) -> Hold:
         return Hold(self, site_of(network_of(peer)))
 
+    def others(self, hold: Hold | None = None) -> int:
+        """Octets of messages being received that are not `hold`'s: each will be written to the data
+        disk, so a check of its room counts them (disk_full.room_for), or concurrent messages would
+        each find the room and together leave less than the reserve."""
+        return self.held - (hold.octets if hold is not None else 0)
+
     def _take(self, network: str, octets: int) -> bool:
         if self.held + octets > self.limit or self._by_network[network] + octets > self.limit * NETWORK_SHARE:
             return False

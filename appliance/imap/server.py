@@ -323,7 +323,12 @@ class ConnectionHandler:
 
     def _room_for_append(self, octets: int) -> bool:
         """Only a logged-in client is told the disk is full; before the login the session answers."""
-        return self.session.state not in LOGGED_IN_STATES or room_for(self.services.store.root, octets)
+        return self.session.state not in LOGGED_IN_STATES or self.room_for_append(octets)
+
+    def room_for_append(self, octets: int) -> bool:
+        """Whether the data disk keeps its reserve once `octets` more (this command's messages) and
+        every other message being received (other APPENDs, SMTP DATA) are written."""
+        return room_for(self.services.store.root, octets + self.services.message_memory.others(self._messages))
 
     async def run(self) -> None:
         # RFC 3501 5.4 lets a server end an idle unauthenticated session; ours bounds the whole

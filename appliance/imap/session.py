@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Generic, Literal, Protocol, TypeVar
 
 from appliance.auth import Refused
-from appliance.disk_full import DISK_FULL_TEXT, is_disk_full, room_for
+from appliance.disk_full import DISK_FULL_TEXT, is_disk_full
 from appliance.imap import fetch_cache, names
 from appliance.imap.catenate import extract, parse_url
 from appliance.imap.commands import (
@@ -144,6 +144,7 @@ class SessionIO(Protocol):
     def start_compression(self) -> None: ...
     @property
     def compressed(self) -> bool: ...
+    def room_for_append(self, octets: int) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -597,7 +598,7 @@ class ImapSession:
         messages = [(flags, date, await self._message_of(content)) for flags, date, content in contents]
         if not all(message for _, _, message in messages):
             raise ImapNo("Empty message", "CANNOT")
-        if not room_for(self.store.root, sum(len(message) for _, _, message in messages)):
+        if not self.io.room_for_append(sum(len(message) for _, _, message in messages)):
             # What is left of the disk is for reading and deleting mail (appliance/disk_full.py).
             log.warning("IMAP APPEND refused: the disk is nearly full")
             raise ImapNo(DISK_FULL_TEXT, "OVERQUOTA")

@@ -247,7 +247,8 @@ class SmtpHandler:
             sender = parse_sender(address, smtputf8=env.smtp_utf8)
         except SmtpReject as reject:
             return str(reject.reply)
-        if not room_for(self.services.config.data.root, declared_size(mail_options)):
+        if not room_for(self.services.config.data.root,
+                        declared_size(mail_options) + self.services.message_memory.others()):
             # Before the disk is full (appliance/disk_full.py): the sender keeps the message and retries.
             log.warning("%s: MAIL FROM:<%s> refused: the disk is nearly full", peer_ip(session), address[:100])
             return str(INSUFFICIENT_STORAGE)

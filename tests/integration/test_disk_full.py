@@ -206,6 +206,40 @@ def test_imap_nearly_full_refuses_append_and_still_reads_and_deletes(full_box: t
     imap.logout()
 
 
+def test_concurrent_appends_together_keep_the_reserve(full_box: tuple[BoxHandle, FullDisk]) -> None:
+    """Four mail programs each announce a 15 MiB APPEND at once, with room for two above the reserve:
+    two are told to send (the messages being received count against the room), the others NO
+    [OVERQUOTA] before sending, and an SMTP sender meanwhile 452 4.3.1. Before, each saw the disk's room with nothing of the others written
+    yet, all four were taken, and the disk went 20 MiB below the reserve kept for reading and deleting."""
+    box, disk = full_box
+    size = 15 * 2**20
+    clients = [RawImap(box.port("imaps"), box.client_context) for _ in range(4)]
+    try:
+        for client in clients:
+            client.login(ALICE, PASSWORD)
+        disk.fill(leave=RESERVE_OCTETS + 2 * size + 2**20 + 2**19)  # two and a half MiB spare
+        answers = []
+        for n, client in enumerate(clients):
+            client.send(b"a%d APPEND INBOX {%d}\r\n" % (n, size))
+            answers.append(client.line())
+        assert answers[:2] == [b"+ Ready for literal data\r\n"] * 2, answers
+        assert answers[2:] == [b"a2 NO [OVERQUOTA] Not enough disk space\r\n",
+                               b"a3 NO [OVERQUOTA] Not enough disk space\r\n"], answers
+        # A sender over SMTP meanwhile: the two messages on their way leave no room for its 5 MiB.
+        with smtplib.SMTP("127.0.0.1", box.port("smtp"), timeout=30) as smtp:
+            smtp.ehlo("sender.example.org")
+            code, text = smtp.mail("someone@example.org", [f"SIZE={5 * 2**20}"])
+            assert (code, text[:5]) == (452, b"4.3.1"), (code, text)
+        for n, client in enumerate(clients[:2]):
+            client.send(b"x" * (size - 2) + b"\r\n" + b"\r\n")
+            assert client.until_tagged(b"a%d" % n)[-1].startswith(b"a%d OK" % n)
+        assert disk.free_octets() >= RESERVE_OCTETS
+    finally:
+        for client in clients:
+            client.close()
+        disk.free()
+
+
 def test_imap_full_disk_says_overquota_and_goes_on(full_box: tuple[BoxHandle, FullDisk]) -> None:
     box, disk = full_box
     # A file copied in by another program: the box has no cached facts of it yet.
