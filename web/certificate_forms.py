@@ -48,7 +48,7 @@ async def order(request: Request, back: str) -> Response:
     try:
         directory = _directory(values)
     except ValueError as exc:
-        flash(request, str(exc))
+        flash(request, str(exc), problem=True)
         return redirect(back)
     challenge = values.get("challenge", acme_terms.HTTP_01)
     if challenge not in (acme_terms.HTTP_01, acme_terms.TLS_ALPN_01):
@@ -60,7 +60,7 @@ async def order(request: Request, back: str) -> Response:
         options["eab_kid"] = values["eab_kid"].strip()[:200]
         options["eab_hmac_key"] = values.get("eab_hmac_key", "").strip()[:200]
     if not await admin(request).start_certificate_request(**options):
-        flash(request, "An order is already running: wait for it to finish.")
+        flash(request, "An order is already running: wait for it to finish.", problem=True)
     return redirect(back)
 
 
@@ -72,7 +72,7 @@ async def check(request: Request, back: str) -> Response:
     try:
         names = await certificates.check_names(svc.certificates, list(await svc.accounts.list_domains()))
     except acme_terms.AcmeProblem as exc:
-        flash(request, f"Not ready: {exc.message}")
+        flash(request, f"Not ready: {exc.message}", problem=True)
         return redirect(back)
     text = f"Ready: {', '.join(names.names)} lead{'s' if len(names.names) == 1 else ''} to this box."
     if names.left_out:
@@ -85,18 +85,18 @@ async def upload(request: Request, back: str) -> Response:
     values = await read_form(request)
     cert, key, chain = (values.get(name, "").strip() for name in ("cert", "key", "chain"))
     if not cert or not key:
-        flash(request, "Not installed: paste both the certificate and its private key.")
+        flash(request, "Not installed: paste both the certificate and its private key.", problem=True)
         return redirect(back)
     if max(len(cert), len(key), len(chain)) > MAX_PEM_FIELD:
-        flash(request, "Not installed: that is too large to be a certificate.")
+        flash(request, "Not installed: that is too large to be a certificate.", problem=True)
         return redirect(back)
     try:
         info = await admin(request).import_certificate(cert.encode(), key.encode(), chain.encode())
     except CertificateProblem as exc:
-        flash(request, f"Not installed: {exc}")
+        flash(request, f"Not installed: {exc}", problem=True)
         return redirect(back)
     except UnicodeEncodeError:
-        flash(request, "Not installed: the text is not a PEM certificate.")
+        flash(request, "Not installed: the text is not a PEM certificate.", problem=True)
         return redirect(back)
     flash(request, f"Installed: the certificate for {', '.join(info.names)} is served from now on.")
     return redirect(back)

@@ -179,9 +179,29 @@ async def change_own_password(
     return errors
 
 
-def flash(request: Request, message: str) -> None:
+@dataclass(frozen=True)
+class Flash:
+    """A message for the next page: what was done (green), or, with `problem`, why it was not (red,
+    read out at once by screen readers)."""
+
+    text: str
+    problem: bool = False
+
+
+def flash(request: Request, message: str, *, problem: bool = False) -> None:
     messages = list(request.session.get("flash", []))[-MAX_FLASHES + 1:]
-    request.session["flash"] = [*messages, message]
+    request.session["flash"] = [*messages, [message, "problem"] if problem else message]
+
+
+def _flashes(stored: object) -> list[Flash]:
+    """The session's messages: a text, or [text, "problem"]."""
+    found = []
+    for item in stored if isinstance(stored, list) else []:
+        if isinstance(item, str):
+            found.append(Flash(item))
+        elif isinstance(item, list) and item and isinstance(item[0], str):
+            found.append(Flash(item[0], problem="problem" in item[1:]))
+    return found
 
 
 def redirect(path: str) -> RedirectResponse:
@@ -194,7 +214,7 @@ async def removed(request: Request, removal: Awaitable[object], *, what: str, ve
     try:
         await removal
     except AccountError as exc:
-        flash(request, f"Not {verb}: {exc}")
+        flash(request, f"Not {verb}: {exc}", problem=True)
         return redirect(back)
     flash(request, f"{what[:1].upper()}{what[1:]} {verb}.")
     return redirect(back)
@@ -210,7 +230,7 @@ async def render(
         "csrf_token": csrf_token(request.session),
         "hostname": services(request).hostname,
         "letterbox_version": running_version(),
-        "flashes": flashes if isinstance(flashes, list) else [],
+        "flashes": _flashes(flashes),
         "errors": {},
         "values": {},
         **(context or {}),

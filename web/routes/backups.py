@@ -45,7 +45,7 @@ async def make_key(request: Request) -> Response:
     values = await read_form(request)
     svc = services(request)
     if await svc.db.get_setting(backup.RECIPIENT_SETTING) and values.get("confirm") != "replace":
-        flash(request, "The box has a backup key already: tick the box to replace it.")
+        flash(request, "The box has a backup key already: tick the box to replace it.", problem=True)
         return redirect("/console/backups")
     kit = await admin(request).make_backup_key()
     return Response(kit.text, media_type="text/plain; charset=utf-8", headers={
@@ -65,10 +65,10 @@ async def create(request: Request) -> Response:
     # A passphrase instead of the box's key, for this backup only (never stored).
     passphrase = values.get("passphrase", "")[:MAX_SECRET]
     if passphrase and len(passphrase) < 12:
-        flash(request, "Not started: a passphrase needs at least 12 characters.")
+        flash(request, "Not started: a passphrase needs at least 12 characters.", problem=True)
         return redirect("/console/backups")
     if not passphrase and not await svc.db.get_setting(backup.RECIPIENT_SETTING):
-        flash(request, "Not started: make the backup key first, or give a passphrase.")
+        flash(request, "Not started: make the backup key first, or give a passphrase.", problem=True)
         return redirect("/console/backups")
 
     box = admin(request)
@@ -78,7 +78,7 @@ async def create(request: Request) -> Response:
         return f"Backup made: {made.path.name} ({made.manifest['messages']} messages)."
 
     if svc.backups.start("backup", work) is None:
-        flash(request, "A backup or restore is already running: wait for it to finish.")
+        flash(request, "A backup or restore is already running: wait for it to finish.", problem=True)
     return redirect("/console/backups")
 
 
@@ -91,7 +91,7 @@ async def schedule(request: Request) -> Response:
                                                  hour=int(hour) if hour.isascii() and hour.isdigit() else -1,
                                                  target=values.get("target", "").strip())
     except backup.BackupError as exc:
-        flash(request, f"Not saved: {exc}.")
+        flash(request, f"Not saved: {exc}.", problem=True)
         return redirect("/console/backups")
     flash(request, "Schedule saved.")
     return redirect("/console/backups")
@@ -111,7 +111,7 @@ async def restic(request: Request) -> Response:
     try:
         made = await admin(request).set_restic("" if values.get("off") == "yes" else repo, password)
     except backup.BackupError as exc:
-        flash(request, f"Not saved: {exc}.")
+        flash(request, f"Not saved: {exc}.", problem=True)
         return redirect("/console/backups")
     flash(request, "restic copies off." if values.get("off") == "yes" or not repo else
           ("restic repository made and set." if made else "restic repository set."))
@@ -125,7 +125,7 @@ async def restic_send(request: Request) -> Response:
     svc = services(request)
     files = await asyncio.to_thread(backup.list_backups, svc.config.data.backups)
     if not files:
-        flash(request, "Nothing to send: make a backup first.")
+        flash(request, "Nothing to send: make a backup first.", problem=True)
         return redirect("/console/backups")
     box = admin(request)
 
@@ -135,7 +135,7 @@ async def restic_send(request: Request) -> Response:
         return f"{files[0].path.name} sent to the restic repository (snapshot {snapshot})."
 
     if svc.backups.start("backup", work) is None:
-        flash(request, "A backup or restore is already running: wait for it to finish.")
+        flash(request, "A backup or restore is already running: wait for it to finish.", problem=True)
     return redirect("/console/backups")
 
 
@@ -184,13 +184,13 @@ async def restore_mailbox(request: Request) -> Response:
     try:
         path = await asyncio.to_thread(_named, request, values.get("file", ""))
     except HTTPException:
-        flash(request, "Not restored: pick a backup from the list.")
+        flash(request, "Not restored: pick a backup from the list.", problem=True)
         return redirect("/console/backups")
     text = values.get("secret", "")[:MAX_SECRET]
     address = values.get("address", "").strip().lower()
     folder = values.get("folder", "").strip() or None
     if not text.strip() or "@" not in address:
-        flash(request, "Not restored: give the mailbox's address and the emergency kit or passphrase.")
+        flash(request, "Not restored: give the mailbox's address and the emergency kit or passphrase.", problem=True)
         return redirect("/console/backups")
     secret = backup.Secret.from_text(text) if "AGE-SECRET-KEY-" in text else backup.Secret(passphrase=text.strip())
 
@@ -202,7 +202,7 @@ async def restore_mailbox(request: Request) -> Response:
         return f"Restored {done.messages} messages into {done.address}{again}."
 
     if svc.backups.start("restore", work) is None:
-        flash(request, "A backup or restore is already running: wait for it to finish.")
+        flash(request, "A backup or restore is already running: wait for it to finish.", problem=True)
     return redirect("/console/backups")
 
 

@@ -151,13 +151,13 @@ async def wizard_submit(request: Request) -> Response:
             # box is claimed now, and only its administrator may replace it, from the console.
             return redirect("/login")
         if not await setup_code.verify(svc.auth.throttle, svc.config.data.root, values.get("code", ""), peer(request)):
-            flash(request, "Not restored: that is not this box's setup code (see the box's screen or its setup-code file).")
+            flash(request, "Not restored: that is not this box's setup code (see the box's screen or its setup-code file).", problem=True)
             return redirect("/setup/restore")
         if path is None or not values.get("secret", "").strip():
-            flash(request, "Not restored: choose the backup file and give its emergency kit or passphrase.")
+            flash(request, "Not restored: choose the backup file and give its emergency kit or passphrase.", problem=True)
             return redirect("/setup/restore")
         if not start_restore(request, path, _secret(values["secret"]), remove_after=True, wizard=True):
-            flash(request, "A restore is already running.")
+            flash(request, "A restore is already running.", problem=True)
         else:
             path = None  # the job removes it
         return redirect("/setup/restore")
@@ -174,10 +174,10 @@ async def console_submit(request: Request) -> Response:
     files = {b.path.name: b.path for b in await asyncio.to_thread(backup.list_backups, svc.config.data.backups)}
     path = files.get(values.get("file", ""))
     if path is None or not values.get("secret", "").strip() or values.get("confirm") != "yes":
-        flash(request, "Not restored: pick a backup, give its kit or passphrase and tick the confirmation.")
+        flash(request, "Not restored: pick a backup, give its kit or passphrase and tick the confirmation.", problem=True)
         return redirect("/console/backups")
     if not start_restore(request, path, _secret(values["secret"]), remove_after=False):
-        flash(request, "A backup or restore is already running: wait for it to finish.")
+        flash(request, "A backup or restore is already running: wait for it to finish.", problem=True)
     return redirect("/console/backups")
 
 
@@ -190,10 +190,10 @@ async def console_upload(request: Request) -> Response:
     try:
         address = values.get("address", "").strip().lower()
         if path is None or not values.get("secret", "").strip():
-            flash(request, "Not restored: choose the backup file and give its emergency kit or passphrase.")
+            flash(request, "Not restored: choose the backup file and give its emergency kit or passphrase.", problem=True)
             return redirect("/console/backups")
         if values.get("what") == "mailbox" and "@" not in address:
-            flash(request, "Not restored: give the address of the mailbox to put back.")
+            flash(request, "Not restored: give the address of the mailbox to put back.", problem=True)
             return redirect("/console/backups")
         secret = _secret(values["secret"])
         upload = path
@@ -205,7 +205,7 @@ async def console_upload(request: Request) -> Response:
         try:
             found = await asyncio.to_thread(manifest)
         except backup.BackupError as exc:
-            flash(request, f"Not restored: {exc}")
+            flash(request, f"Not restored: {exc}", problem=True)
             return redirect("/console/backups")
         whole = values.get("what") != "mailbox"
         pending = backup.PendingRestore(upload, secret, found, "" if whole else address,
@@ -227,7 +227,7 @@ async def console_confirm(request: Request) -> Response:
     svc = services(request)
     pending = svc.backups.take(values.get("token", ""))
     if pending is None:
-        flash(request, "Nothing to restore: the upload expired or was cancelled. Upload it again.")
+        flash(request, "Nothing to restore: the upload expired or was cancelled. Upload it again.", problem=True)
         return redirect("/console/backups")
     if values.get("confirm") != "yes":
         await asyncio.to_thread(pending.path.unlink, True)
@@ -250,7 +250,7 @@ async def console_confirm(request: Request) -> Response:
         started = svc.backups.start("restore", work) is not None
     if not started:
         await asyncio.to_thread(pending.path.unlink, True)
-        flash(request, "A backup or restore is already running: wait for it to finish, then upload again.")
+        flash(request, "A backup or restore is already running: wait for it to finish, then upload again.", problem=True)
     return redirect("/console/backups")
 
 

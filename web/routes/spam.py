@@ -140,7 +140,7 @@ async def lift_suspension(request: Request) -> Response:
     try:
         mailbox = await admin(request).lift_suspension(values.get("address", ""))
     except NotFound as exc:
-        flash(request, str(exc))
+        flash(request, str(exc), problem=True)
         return redirect("/console/spam")
     flash(request, f"{mailbox} may send again.")
     return redirect("/console/spam")

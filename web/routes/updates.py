@@ -60,12 +60,12 @@ async def upload(request: Request) -> Response:
     folder = services(request).config.data.root / update.UPDATES
     path = await _save_upload(request, folder)
     if path is None:
-        flash(request, "Not installed: choose the bundle file (letterbox-bundle-VERSION-MACHINE.tar).")
+        flash(request, "Not installed: choose the bundle file (letterbox-bundle-VERSION-MACHINE.tar).", problem=True)
         return redirect("/console/updates")
     try:
         info = await admin(request).stage_update(path)
     except bundle.BundleError as exc:
-        flash(request, f"Not installed: {exc}.")
+        flash(request, f"Not installed: {exc}.", problem=True)
         return redirect("/console/updates")
     finally:
         await asyncio.to_thread(path.unlink, True)  # moved away when it was accepted
