@@ -55,7 +55,16 @@ class AccountFiles:
             files = (self.mailbox_files(mailbox_address(pending.name)) if pending.kind == "mailbox"
                      else self.domain_files(pending.name))
             left = await asyncio.to_thread(trash.restore, pending.entry, files)
-            if left:
+            if left == ["mail"] and pending.kind == "mailbox":
+                # The box ran on meanwhile (the removal was another process's: `letterbox user remove`
+                # killed while the box served) and made the mailbox anew at a login or a delivery: the
+                # old mail joins it, or it stayed in deleted/ unseen, to be purged with the entry.
+                moved = await asyncio.to_thread(trash.merge_maildir, pending.entry / "mail", files["mail"])
+                await asyncio.to_thread(trash.settled, pending)
+                log.warning("deleted/: put back %s's mail (%d entries) beside the mail it received since its removal"
+                            " was cut short before it committed; what is left is in %s", pending.name, moved,
+                            pending.entry.name)
+            elif left:
                 log.warning("deleted/: %s was not removed (its removal was cut short), but its %s could not be put"
                             " back: a new one is in its place; the old is in %s", pending.name, ", ".join(left),
                             pending.entry)

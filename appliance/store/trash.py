@@ -21,6 +21,7 @@ import asyncio
 import calendar
 import contextlib
 import logging
+import os
 import re
 import shutil
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.durable import fsync_dir, write_file
+from appliance.store import maildir
 from appliance.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -94,6 +96,31 @@ def restore(entry: Path, sources: Mapping[str, Path]) -> list[str]:
         with contextlib.suppress(OSError):
             entry.rmdir()
     return left
+
+
+def merge_maildir(old: Path, into: Path) -> int:
+    """Move the messages of the Maildir++ `old` into `into`, made meanwhile: a folder `into` lacks
+    goes whole (its dovecot-uidlist, and so its UIDs, with it), the messages of one it has go into
+    its cur/ and new/ (the store indexes them at its next look). Returns how many entries moved."""
+    moved = 0
+    folders = [old, *sorted(p for p in old.iterdir() if p.is_dir() and maildir.folder_name(p.name))]
+    for folder in folders:
+        target = into if folder == old else into / folder.name
+        if folder != old and not target.exists():
+            os.rename(folder, target)
+            moved += 1
+            continue
+        for sub in ("cur", "new"):
+            with contextlib.suppress(FileNotFoundError):
+                names = os.listdir(folder / sub)
+                (target / sub).mkdir(parents=True, exist_ok=True)
+                for name in names:
+                    if not (target / sub / name).exists():  # unique names: never another message's
+                        os.rename(folder / sub / name, target / sub / name)
+                        moved += 1
+                fsync_dir(target / sub, quiet=True)
+    fsync_dir(into, quiet=True)
+    return moved
 
 
 @dataclass(frozen=True)

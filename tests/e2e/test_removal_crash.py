@@ -87,3 +87,37 @@ def test_domain_removal_killed_before_its_commit_keeps_the_domains_dkim_key(serv
     assert "spare.test" in served_box.cli("domain", "list").stdout
     assert sorted(p.name for p in keys.iterdir()) == before
 
+
+
+def test_a_removal_killed_while_the_box_runs_on_keeps_the_mail_it_had(served_box: ServedBox) -> None:
+    """`letterbox user remove` killed while the box served: the box made the mailbox anew at the next
+    login (its SELECT said NONEXISTENT until an APPEND made it), and at the next start the old mail
+    could not go back to its place, taken: it stayed in deleted/, unseen, purged with the entry 30
+    days later. It joins the new mail now."""
+    served_box.add_user(ALICE, PASSWORD)
+    client = served_box.imap(ALICE, PASSWORD)
+    for n in range(3):
+        assert client.append("INBOX", "(\\Seen)", None, f"Subject: kept {n}\r\n\r\nbody {n}\r\n".encode())[0] == "OK"
+    client.create("Work")
+    assert client.append("Work", "()", None, b"Subject: work\r\n\r\nbody\r\n")[0] == "OK"
+    client.logout()
+
+    killed_at_deleted(served_box, "user", "remove", ALICE)  # the box runs on
+    client = served_box.imap(ALICE, PASSWORD)
+    assert client.select("INBOX") == ("NO", [b"[NONEXISTENT] Mailbox does not exist"])  # its mail is gone
+    assert client.append("INBOX", "()", None, b"Subject: since\r\n\r\nbody\r\n")[0] == "OK"  # made anew
+    client.logout()
+    served_box.stop()
+    served_box.start()
+
+    client = served_box.imap(ALICE, PASSWORD)
+    assert client.select("INBOX")[0] == "OK"
+    typ, data = client.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert typ == "OK"
+    subjects = sorted(bytes(item[1]).strip() for item in data if isinstance(item, tuple))
+    assert subjects == [b"Subject: kept 0", b"Subject: kept 1", b"Subject: kept 2", b"Subject: since"]
+    assert client.select("Work") == ("OK", [b"1"])
+    client.logout()
+    log = served_box.log_path.read_text()
+    assert len(re.findall(r"put back alice@ourdomain\.test's mail \(\d+ entries\) beside", log)) == 1, log
+    assert not list(served_box.data.deleted.glob("*/.removal"))
