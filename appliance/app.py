@@ -115,6 +115,8 @@ BACKGROUND: list[Callable[[Services], Awaitable[BackgroundService]]] = [
     start_status_checks,  # the status checklist, every few hours
     Deferred("appliance.imap.fts", "start_text_index"),  # SEARCH BODY/TEXT's full-text index, filled after delivery
     start_heap_watch,  # gives back the heap a burst of connections freed (no folder's unload trims for it)
+    # the sessions of a mailbox the CLI disabled or removed end (the console's change ends them itself)
+    Deferred("appliance.session_watch", "start_session_watch"),
     Deferred("appliance.update_outcome", "start_update_follower"),  # an update in flight: its outcome as an event
 ]
 

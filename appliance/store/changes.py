@@ -24,6 +24,10 @@ class ChangeBus:
     def watched(self, owner: str, folder: str) -> bool:
         return (owner, folder) in self._watchers
 
+    def owners(self) -> set[str]:
+        """The mailboxes someone watches a folder of."""
+        return {owner for owner, _ in self._watchers}
+
     def watch(self, owner: str, folder: str) -> Watcher:
         key = (owner, folder)
         watchers = self._watchers.setdefault(key, set())

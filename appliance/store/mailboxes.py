@@ -157,6 +157,15 @@ class OpenMailboxes:
         record = await self._directory.mailbox_record(domain, local)
         return record.id if record is not None and record.enabled else None
 
+    async def wake_gone(self) -> None:
+        """Every watched mailbox that is disabled, removed or replaced by another of its address now
+        has its sessions look again (and end): the change was made by another process (the CLI), which
+        cannot wake them as the console's does (Admin.update_mailbox, Admin.remove_mailbox)."""
+        for owner in self.changes.owners():
+            generation = await self.generation(owner)
+            if generation is None or self._current.get(owner) != generation:
+                self.changes.mailbox_gone(owner)
+
     def forget_mailbox(self, address: str) -> None:
         """Drop what is cached about the mailbox at `address` (it was removed): its folders are marked
         deleted, so an operation still holding one fails instead of writing for the next owner of

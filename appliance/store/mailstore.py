@@ -466,6 +466,11 @@ class MailStore:
         """Every session of the mailbox at `address` looks again now (its IDLE too): it was disabled."""
         self.changes.mailbox_gone(address_key(address))
 
+    async def wake_gone_sessions(self) -> None:
+        """The sessions of every mailbox disabled or removed since they logged in look again now (and
+        end): see OpenMailboxes.wake_gone."""
+        await self._boxes.wake_gone()
+
     def forget_mailbox(self, address: str) -> None:
         """Drop what is cached about the mailbox at `address` (it was removed); see OpenMailboxes."""
         self._boxes.forget_mailbox(address)

@@ -8,11 +8,12 @@ import contextlib
 import imaplib
 import poplib
 import smtplib
+import subprocess
 
 import pytest
 
 from appliance.admin import Admin
-from tests.conftest import BoxHandle
+from tests.conftest import LETTERBOX, BoxHandle
 from tests.support.imap_wire import RawImap
 
 JONH = "jonh@example.test"
@@ -80,6 +81,30 @@ def test_an_idling_session_of_a_removed_mailbox_gets_bye(box: BoxHandle) -> None
         assert client.line() == b"+ idling\r\n"
         box.run(Admin.of(box.services).remove_mailbox(JONH))
         assert client.line() == b"* BYE This mailbox no longer exists\r\n"
+        assert client.closed()
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(("change", "bye"), [("disable", b"This account is disabled"),
+                                             ("remove", b"This mailbox no longer exists")])
+def test_an_idling_session_ends_when_the_cli_disables_or_removes_its_mailbox(
+    box: BoxHandle, change: str, bye: bytes,
+) -> None:
+    """The `letterbox` CLI, another process, disables or removes the mailbox of a phone in IDLE: the
+    phone is told BYE within a few seconds, as when the console does it. Before, the box noticed at
+    IDLE's next look at the disk, a minute later (left alone last session), and the phone received
+    the disabled mailbox's new mail until then."""
+    box.add_user(JONH, OLD_PASSWORD)
+    client = RawImap(box.port("imaps"), box.client_context, timeout=10)
+    try:
+        client.login(JONH, OLD_PASSWORD)
+        client.command(b"S", b"SELECT INBOX")
+        client.send(b"I IDLE\r\n")
+        assert client.line() == b"+ idling\r\n"
+        subprocess.run([LETTERBOX, "--data", str(box.data.root), "user", change, JONH], check=True,
+                       capture_output=True, timeout=60)
+        assert client.line() == b"* BYE " + bye + b"\r\n"
         assert client.closed()
     finally:
         client.close()
