@@ -34,7 +34,8 @@ def killed_at_deleted(served: ServedBox, *args: str) -> None:
     assert any(deleted.iterdir()), "the kill came before the files were moved aside"
 
 
-def test_mailbox_removal_killed_before_its_commit_keeps_the_mailbox_and_its_mail(served_box: ServedBox) -> None:
+def alice_with_mail(served_box: ServedBox) -> None:
+    """Alice, with three messages in INBOX and one in Work."""
     served_box.add_user(ALICE, PASSWORD)
     client = served_box.imap(ALICE, PASSWORD)
     for n in range(3):
@@ -42,6 +43,10 @@ def test_mailbox_removal_killed_before_its_commit_keeps_the_mailbox_and_its_mail
     client.create("Work")
     assert client.append("Work", "()", None, b"Subject: work\r\n\r\nbody\r\n")[0] == "OK"
     client.logout()
+
+
+def test_mailbox_removal_killed_before_its_commit_keeps_the_mailbox_and_its_mail(served_box: ServedBox) -> None:
+    alice_with_mail(served_box)
     served_box.stop()
 
     killed_at_deleted(served_box, "user", "remove", ALICE)
@@ -94,13 +99,7 @@ def test_a_removal_killed_while_the_box_runs_on_keeps_the_mail_it_had(served_box
     login (its SELECT said NONEXISTENT until an APPEND made it), and at the next start the old mail
     could not go back to its place, taken: it stayed in deleted/, unseen, purged with the entry 30
     days later. It joins the new mail now."""
-    served_box.add_user(ALICE, PASSWORD)
-    client = served_box.imap(ALICE, PASSWORD)
-    for n in range(3):
-        assert client.append("INBOX", "(\\Seen)", None, f"Subject: kept {n}\r\n\r\nbody {n}\r\n".encode())[0] == "OK"
-    client.create("Work")
-    assert client.append("Work", "()", None, b"Subject: work\r\n\r\nbody\r\n")[0] == "OK"
-    client.logout()
+    alice_with_mail(served_box)
 
     killed_at_deleted(served_box, "user", "remove", ALICE)  # the box runs on
     client = served_box.imap(ALICE, PASSWORD)
