@@ -35,6 +35,21 @@ async def _refuse_hidden_mailbox(tx: aiosqlite.Connection, domain_id: int, local
         )
 
 
+async def _refuse_only_itself(tx: aiosqlite.Connection, domain_id: int, local: str, label: str,
+                              targets: Sequence[str]) -> None:
+    """An alias whose one target is its own address, with no mailbox of that name, delivers nowhere:
+    resolve() drops the loop and every message to it was refused 'No such user here', while the
+    console listed the alias as made."""
+    if not local:
+        return
+    canonical = {t.lower() if t.startswith("@") else parse_address(t).canonical for t in targets}
+    if canonical != {label}:
+        return
+    if await one(tx, "SELECT 1 FROM mailboxes WHERE domain_id = ? AND local_part = ?", (domain_id, local)) is None:
+        raise InvalidAddress(f"{label} would deliver only to itself, so its mail would go nowhere: "
+                             "give the address (or addresses) it should deliver to")
+
+
 class Aliases:
     def __init__(self, db: Database, domains: Domains) -> None:
         self._db = db
@@ -53,6 +68,7 @@ class Aliases:
             if await one(tx, "SELECT 1 FROM aliases WHERE domain_id = ? AND local_part = ?", (row["id"], local)):
                 raise AlreadyExists(f"alias {label} already exists")
             await _refuse_hidden_mailbox(tx, row["id"], local, label, clean)
+            await _refuse_only_itself(tx, row["id"], local, label, clean)
             cur = await tx.execute(
                 "INSERT INTO aliases (domain_id, local_part, created_at) VALUES (?, ?, ?)",
                 (row["id"], local, now()),
@@ -79,6 +95,7 @@ class Aliases:
             domain_id = await one(tx, "SELECT id FROM domains WHERE name = ?", (domain,))
             assert domain_id is not None
             await _refuse_hidden_mailbox(tx, domain_id["id"], local, label, clean)
+            await _refuse_only_itself(tx, domain_id["id"], local, label, clean)
             await tx.execute("DELETE FROM alias_targets WHERE alias_id = ?", (row["id"],))
             await tx.executemany(
                 "INSERT INTO alias_targets (alias_id, target) VALUES (?, ?)", [(row["id"], t) for t in clean]

@@ -236,6 +236,20 @@ def test_alias_and_mailbox_never_share_an_address(tmp_path: Path) -> None:
     assert_one_line_error(again, "already an alias")
 
 
+def test_an_alias_that_delivers_only_to_itself_is_refused(tmp_path: Path) -> None:
+    """loop@ -> loop@ with no mailbox there was made and then refused every message ('No such user
+    here'); found by newuser36's walkthrough in the console. With another target, or a mailbox of that
+    name (a copy kept), it is an alias like any other."""
+    data = tmp_path / "data"
+    run(data, "domain", "add", "example.org")
+    assert_one_line_error(run(data, "alias", "add", "loop@example.org", "Loop@example.org"), "only to itself")
+    assert run(data, "alias", "list").stdout == ""
+    made = run(data, "alias", "add", "loop@example.org", "loop@example.org", "bob@elsewhere.test")
+    assert made.returncode == 0, made.stderr
+    assert run(data, "user", "add", "kept@example.org", "--password-stdin", stdin="a long enough password\n").returncode == 0
+    assert run(data, "alias", "add", "kept@example.org", "kept@example.org").returncode == 0
+
+
 def test_removed_mailbox_mail_is_moved_aside_and_the_address_starts_empty(tmp_path: Path) -> None:
     """Issue 10 item 1, from the CLI: the Maildir leaves mail/ for deleted/, so the same address created
     again sees nothing of it."""
