@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 
 from appliance.auth import Throttle
 from tests.conftest import LETTERBOX, BoxHandle
@@ -144,3 +145,25 @@ def test_a_second_reset_file_beside_the_first_goes_with_it(box: BoxHandle, tmp_p
         run_reset(box, card)  # the next boot
         assert web_login(box, ADMIN, NEW).status_code == 303
         assert web_login(box, ADMIN, other).status_code == 401
+
+
+def test_a_file_the_card_keeps_is_not_applied(box: BoxHandle, tmp_path: Path) -> None:
+    """A reset file that cannot be deleted (a FAT the kernel made read-only after an error; here an
+    immutable file) was applied at every boot, over any password set since, and stayed on the card."""
+    if subprocess.run(["chattr", "--help"], capture_output=True, check=False).returncode not in (0, 1):
+        pytest.skip("no chattr")
+    with admin_console(box) as web:
+        card = card_with(tmp_path, "letterbox-reset.txt", NEW.encode() + b"\n")
+        if subprocess.run(["chattr", "+i", str(card / "letterbox-reset.txt")], capture_output=True,
+                          check=False).returncode != 0:
+            pytest.skip("this file system keeps no immutable flag")
+        try:
+            result = run_reset(box, card)
+        finally:
+            subprocess.run(["chattr", "-i", str(card / "letterbox-reset.txt")], check=True)
+        said = (card / "letterbox-reset-result.txt").read_text()
+        assert "Not done, nothing was changed: letterbox-reset.txt could not be deleted from the boot partition" in said, said
+        assert "could not be deleted" in result.stderr
+        assert "reset from the boot partition" not in events(web)
+    assert web_login(box, ADMIN, ADMIN_PASSWORD).status_code == 303
+    assert web_login(box, ADMIN, NEW).status_code == 401
