@@ -5,10 +5,14 @@ imaptest appending from the same mbox), one fresh box per run, the checkouts int
 Per run: fetches/s and logins/s as the side-by-side row computes them, imaptest's per-command totals,
 the server's CPU seconds (process and children, /proc), the load (`uptime`) before the run. With
 --strace, the server's fsync/fdatasync/rename/unlink, socket and mmap/munmap/mremap calls are counted (strace -c -f, attached for the
-run: it slows the box, so those runs' rates are not comparable); with --spy DIR, py-spy records the
-server (--idle, raw collapsed stacks) into DIR/LABEL-ROUND.txt.
+run: it slows the box, so those runs' rates are not comparable; --strace-all counts every call: under
+this mode the futex calls of the GIL's hand-overs between the event loop and the threads are the most,
+~35 per command, and SQLite's fcntl locks, pwrite64 and getpid, which asyncio.get_running_loop() calls,
+~3-4 each); with --spy DIR, py-spy records the server (--idle, raw collapsed stacks) into
+DIR/LABEL-ROUND.txt: py-spy from $PY_SPY, else PATH, else the venv. With --waits, the box's full
+collections are listed at their second from imaptest's start.
 
-Usage: python -m bench.stress [--code DIR ...] [--rounds 2] [--secs 10] [--strace] [--spy DIR]
+Usage: python -m bench.stress [--code DIR ...] [--rounds 2] [--secs 10] [--strace [--strace-all]] [--spy DIR]
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,7 +36,8 @@ from bench import corpus
 from bench.benchbox import cpu_seconds, thread_cpu, thread_cpu_used
 from bench.side_by_side import IMAPTEST, PASSWORD, STRESS, Box, Setup, parse_imaptest_totals, uptime
 
-SPY = Path(sys.executable).parent / "py-spy"
+# py-spy: $PY_SPY, else the one on PATH, else the venv's
+SPY = Path(os.environ.get("PY_SPY") or shutil.which("py-spy") or Path(sys.executable).parent / "py-spy")
 
 
 @contextlib.contextmanager
@@ -56,8 +62,8 @@ def one_run(setup: Setup, stress_folder: Path, mbox: Path, code: Path | None, se
     with setup.letterbox({STRESS: stress_folder}, code=code) as box:
         tracers: list[contextlib.AbstractContextManager[None]] = []
         if args.strace:
-            tracers.append(attached(["strace", "-c", "-f", "-p", str(box.pid), "-e",
-                                     "trace=fsync,fdatasync,rename,renameat,unlink,unlinkat,sendto,write,mmap,munmap,mremap,recvfrom,read"]))
+            tracers.append(attached(["strace", "-c", "-f", "-p", str(box.pid), *(() if args.strace_all else ("-e",
+                                     "trace=fsync,fdatasync,rename,renameat,unlink,unlinkat,sendto,write,mmap,munmap,mremap,recvfrom,read"))]))
         if args.spy:
             out = Path(args.spy) / f"{label}-{rnd}.txt"
             tracers.append(attached([str(SPY), "record", *(["--idle"] if args.idle else ["--gil"] if args.gil else ["--subprocesses"]), "-r", "200", "-f", "raw", "-o", str(out),
@@ -65,11 +71,14 @@ def one_run(setup: Setup, stress_folder: Path, mbox: Path, code: Path | None, se
         with contextlib.ExitStack() as stack:
             for tracer in tracers:
                 stack.enter_context(tracer)
+            started = time.time()
             figures = _imaptest(box, mbox, secs)
             if waits_file is not None:
                 time.sleep(1.5)  # the probe's last summary (written every second)
                 os.environ.pop("LETTERBOX_WAITS", None)
-                print(waits_table(json.loads(waits_file.read_text())), flush=True)
+                summary = json.loads(waits_file.read_text())
+                print(waits_table(summary), flush=True)
+                print(full_collections(summary, started), flush=True)
             return figures
 
 
@@ -90,6 +99,14 @@ def waits_table(summary: dict[str, Any]) -> str:
                                           and "slices" not in k and "tid" not in k and "sleeps" not in k else f"{k} {v}"
                                           for k, v in sorted(glob.items())))
     return "\n".join(lines)
+
+
+def full_collections(summary: dict[str, Any], started: float) -> str:
+    """The box's full collections (the probe's list), each at its second from imaptest's start: one
+    inside the run is CPU the run's commands are charged for."""
+    rows = [f"{at - started:+.1f} s {ms:.0f} ms ({kind}, {freed} freed)"
+            for at, ms, kind, _thread, freed, _frozen in summary.get("full collections", [])]
+    return "  full collections: " + ("; ".join(rows) or "none")
 
 
 def _imaptest(box: Box, mbox: Path, secs: int) -> dict[str, float]:
@@ -127,6 +144,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--secs", type=int, default=10)
     parser.add_argument("--strace", action="store_true")
+    parser.add_argument("--strace-all", action="store_true", help="with --strace: every system call, not only the usual few")
     parser.add_argument("--spy", default=None)
     parser.add_argument("--idle", action="store_true", help="py-spy --idle (wall samples), else CPU samples")
     parser.add_argument("--waits", default=None,
