@@ -18,7 +18,7 @@ from typing import BinaryIO, NamedTuple, Protocol
 from appliance import address_list, caches
 from appliance.imap.commands import BinarySection, BodySection, FetchAttribute, FetchItem, Section
 from appliance.imap.limits import MAX_HEADER_OCTETS
-from appliance.imap.mime import Headers, Part, Span, unfold
+from appliance.imap.mime import Headers, Part, Span, scan, scan_header, scan_top, unfold
 from appliance.imap.responses import (
     MAX_QUOTED_OCTETS,
     Atom,
@@ -780,10 +780,29 @@ def needs_structure(item: FetchItem) -> bool:
     return item.name in ("BODY", "BODYSTRUCTURE", "RFC822", "RFC822.TEXT")
 
 
+def needs_walk(item: FetchItem) -> bool:
+    """Whether an item needs the parts walked (mime.scan), not only the top header block and where
+    the message ends (mime.scan_top: BODY[], BODY[TEXT], RFC822, RFC822.TEXT)."""
+    if isinstance(item, BinarySection):
+        return True
+    if isinstance(item, BodySection):
+        return bool(item.section.part) or (item.section.text not in ("", "TEXT") and not item.section.text.startswith("HEADER"))
+    return item.name in ("BODY", "BODYSTRUCTURE")
+
+
 def needs_fields(items: Sequence[FetchItem]) -> bool:
     """Whether the items need the parsed header fields, not only the header block's place (which
-    is all that BODY[HEADER], BODY[HEADER.FIELDS (...)] and RFC822.HEADER read)."""
-    return any(needs_structure(i) or (isinstance(i, FetchAttribute) and i.name == "ENVELOPE") for i in items)
+    is all that BODY[HEADER], BODY[HEADER.FIELDS (...)] and RFC822.HEADER read, and BODY[] and
+    BODY[TEXT] with the end of the message)."""
+    return any(needs_walk(i) or (isinstance(i, FetchAttribute) and i.name == "ENVELOPE") for i in items)
+
+
+def scan_for(f: BinaryIO, walk: bool, full: bool, fields: bool) -> Part:
+    """The scan of `f` that items need: `walk` (any needs_walk) the parts walked, else `full` (any
+    needs_structure) the top header and the message's end, else the top header alone."""
+    if walk:
+        return scan(f)
+    return scan_top(f, fields=fields) if full else scan_header(f, fields=fields)
 
 
 def index_value(name: str, facts: MessageFacts) -> Value:
@@ -808,7 +827,8 @@ def item_values(
     are the open message and its structure, needed unless every item is an index item."""
     out: list[tuple[str, Value]] = []
     for item in items:
-        assert root is None or root.complete or not needs_structure(item), "header-only scan used for a body item"
+        assert root is None or root.complete or not needs_structure(item) or (root.ended and not needs_walk(item)), \
+            "header-only scan used for a body item"
         if isinstance(item, BodySection):
             assert f is not None
             assert root is not None

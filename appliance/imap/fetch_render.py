@@ -27,7 +27,7 @@ from appliance.imap import fetch as fetching
 from appliance.imap import fetch_cache
 from appliance.imap.commands import FetchAttribute, FetchItem
 from appliance.imap.limits import STRUCTURE_CACHE_OCTETS
-from appliance.imap.mime import HEADER_PROBE, Part, header_block_of, scan, scan_header, top_header_block
+from appliance.imap.mime import HEADER_PROBE, Part, header_block_of, scan, top_header_block
 from appliance.imap.responses import FetchResponse, Preformatted, Response, Value, fetch_line
 from appliance.imap.selected import SelectedFolder, flag_text
 from appliance.store.mailstore import MessageInfo, open_message
@@ -255,8 +255,7 @@ class FetchRenderer:
     ) -> list[FetchResponse | None]:
         """Runs in a worker thread (on the event loop for one small message): read and render what
         FETCH wants of each message (None: its file is gone)."""
-        full = any(fetching.needs_structure(i) for i in items)
-        fields = fetching.needs_fields(items)
+        needs = _needs(items)
         out: list[FetchResponse | None] = []
         for seq, info, message in jobs:
             try:
@@ -265,19 +264,19 @@ class FetchRenderer:
                 out.append(None)
                 continue
             with f:
-                root = self._structure((*folder, info.uid), f, full, fields)
+                root = self._structure((*folder, info.uid), f, needs)
                 values = fetching.item_values(items, message, f, root, _reopener(f))
             out.append(_response(seq, values, message, flags_changed, condstore))
         return out
 
-    def _structure(self, key: StructureKey, f: BinaryIO, full: bool, fields: bool) -> Part:
+    def _structure(self, key: StructureKey, f: BinaryIO, needs: _Needs) -> Part:
         found = self._structures.get(key)
         if found is not None:
             self._structures.move_to_end(key)
             return found[0]
         f.seek(0)
-        if not full:
-            return scan_header(f, fields=fields)  # cheap enough not to cache
+        if not needs.walk:
+            return fetching.scan_for(f, False, needs.full, needs.fields)  # cheap enough not to cache
         part = scan(f)
         weight = _weight(part)
         if weight <= STRUCTURE_CACHE_OCTETS // 4:
@@ -569,14 +568,15 @@ class _Files(Sequence[tuple[int, str]]):
 class _Needs(NamedTuple):
     """What FETCH items need of a file, worked out once for a batch (not per message)."""
 
-    full: bool  # the whole MIME walk (fetching.needs_structure)
+    walk: bool  # the whole MIME walk (fetching.needs_walk)
+    full: bool  # more than the top header block (fetching.needs_structure): its end too (scan_top)
     fields: bool  # the top header's fields parsed (fetching.needs_fields)
     header_list: bool  # nothing but the top header block (fetching.header_list_only)
 
 
 def _needs(items: Sequence[FetchItem]) -> _Needs:
-    return _Needs(any(fetching.needs_structure(i) for i in items), fetching.needs_fields(items),
-                  fetching.header_list_only(items))
+    return _Needs(any(fetching.needs_walk(i) for i in items), any(fetching.needs_structure(i) for i in items),
+                  fetching.needs_fields(items), fetching.header_list_only(items))
 
 
 def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequence[FetchItem], needs: _Needs,
@@ -602,7 +602,7 @@ def _from_file(info: MessageInfo, message: fetching.MessageFacts, items: Sequenc
             if block is not None:
                 return fetching.header_list_values(items, message, block)
             f.seek(0)  # a long header: scanned as any other
-        root = scan(f) if needs.full else scan_header(f, fields=needs.fields)
+        root = fetching.scan_for(f, needs.walk, needs.full, needs.fields)
         return fetching.item_values(items, message, f, root, _reopener(f))
 
 

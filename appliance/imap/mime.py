@@ -215,7 +215,8 @@ class Part:
     subtype: str
     lines: int  # line ends in the body (RFC 3501 7.4.2 body-fld-lines)
     children: list[Part] = field(default_factory=list)
-    complete: bool = True  # False from scan_header: only the header block was read
+    complete: bool = True  # False from scan_header and scan_top: the parts were not walked
+    ended: bool = True  # False from scan_header: the body's span is not known (put at the header's end)
     placeholder: bool = False  # the empty part that stands in for the missing parts of a multipart
 
     @property
@@ -784,10 +785,27 @@ def header_block_of(probe: bytes) -> bytes | None:
 
 def scan_header(f: BinaryIO, *, fields: bool = True) -> Part:
     """Only the top-level header block (enough for ENVELOPE and BODY[HEADER.FIELDS ...], what most
-    clients fetch for a message list): the body is not walked, `complete` is False. Without
-    `fields` the block is only located, not parsed (`headers` empty, the type text/plain): enough
-    for BODY[HEADER...], which reads the block again from the file."""
+    clients fetch for a message list): the body is not walked, `complete` and `ended` are False.
+    Without `fields` the block is only located, not parsed (`headers` empty, the type text/plain):
+    enough for BODY[HEADER...], which reads the block again from the file."""
+    return _top_header(_Reader(f), fields)
+
+
+def scan_top(f: BinaryIO, *, fields: bool = True) -> Part:
+    """scan_header, and the body's span to the end of the file (`ended`), its octets and wire octets
+    counted in blocks (skip_lines, no Python step per line) without walking its parts: what BODY[],
+    BODY[TEXT], RFC822 and RFC822.TEXT read (fetch.needs_walk). scan() gives the same spans for
+    them: at the top no enclosing delimiter can end the body, so it runs to the end of the file.
+    A client downloading a message (BODY.PEEK[]) made the whole MIME walk, part headers and a
+    delimiter pattern compiled for each multipart's boundary, for two numbers (issue 19)."""
     r = _Reader(f)
+    top = _top_header(r, fields)
+    r.skip_lines([])
+    body = Span(top.body.start, r.pos, top.body.wire_start, r.wire)
+    return Part(top.header, body, top.headers, top.maintype, top.subtype, 0, [], complete=False)
+
+
+def _top_header(r: _Reader, fields: bool) -> Part:
     header = bytearray()
     block = r.header_block(False)
     while block is None:
@@ -802,7 +820,7 @@ def scan_header(f: BinaryIO, *, fields: bool = True) -> Part:
     headers = parse_header(bytes(header) if block is None else block) if fields else Headers([])
     maintype, subtype = _content_type(headers)
     end = Span(r.pos, r.pos, r.wire, r.wire)
-    return Part(Span(0, r.pos, 0, r.wire), end, headers, maintype, subtype, 0, [], complete=False)
+    return Part(Span(0, r.pos, 0, r.wire), end, headers, maintype, subtype, 0, [], complete=False, ended=False)
 
 
 _UNFOLD = re.compile(r"\r?\n(?=[ \t])")

@@ -267,3 +267,60 @@ def test_header_fields_of_a_crlf_block_match_the_line_loop(
     header = b"".join(a + b for a, b in lines) + end
     names = fetching._wanted_names(tuple(wanted))
     assert header_fields(header, tuple(wanted), exclude) == fetching._line_header_fields(header, names, exclude)
+
+
+_TOP_ITEMS = "BODY.PEEK[] BODY.PEEK[TEXT] RFC822 RFC822.TEXT BODY.PEEK[]<7.30> BODY.PEEK[TEXT]<0.5> RFC822.SIZE UID"
+
+
+def _top_answers_the_same(data: bytes) -> None:
+    from appliance.imap.fetch import needs_walk, scan_for
+    from appliance.imap.mime import scan_top
+
+    items = fetch_items(_TOP_ITEMS)
+    assert not any(needs_walk(i) for i in items)
+    facts = MessageFacts(7, ("\\Seen",), len(data), 0)
+    full = item_values(items, facts, io.BytesIO(data), scan(io.BytesIO(data)))
+    top = scan_top(io.BytesIO(data), fields=False)
+    assert not top.complete
+    assert top.ended
+    light = item_values(items, facts, io.BytesIO(data), top)
+    assert FetchResponse(1, tuple(full)).to_bytes() == FetchResponse(1, tuple(light)).to_bytes()
+    chosen = scan_for(io.BytesIO(data), False, True, False)
+    assert (chosen.header, chosen.body, chosen.ended) == (top.header, top.body, True)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_top_scan_answers_whole_message_items_the_same(name: str) -> None:
+    """BODY[], BODY[TEXT], RFC822 and RFC822.TEXT from scan_top (the top header and the message's end,
+    no walk of the parts) are what the whole MIME walk gives, at every block size of its skipping."""
+    data = (CORPUS / name).read_bytes()
+    _top_answers_the_same(data)
+
+
+@pytest.mark.parametrize("block", [3, 4, 5, 7, 16])
+def test_top_scan_is_the_same_at_any_block_size(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import appliance.imap.mime as mime
+
+    monkeypatch.setattr(mime, "SKIP_BLOCK", block)
+    for name in sorted(EXPECTED):
+        _top_answers_the_same((CORPUS / name).read_bytes())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"Subject: x", b"Content-Type: multipart/mixed; boundary=b", b"--b", b"--b--",
+                                 b"", b"text", b"\r", b"x\ry", b"--", b"Content-Type: message/rfc822"]), max_size=25),
+       st.lists(st.sampled_from([b"\r\n", b"\n", b"\r", b""]), min_size=25, max_size=25))
+def test_top_scan_matches_the_walk_for_any_line_ends(lines: list[bytes], ends: list[bytes]) -> None:
+    """Bare LFs and CRs anywhere (the wire length counts each bare LF as two octets), delimiters of
+    every kind: the top scan's spans are the walk's."""
+    _top_answers_the_same(b"".join(line + end for line, end in zip(lines, ends, strict=False)))
+
+
+def test_body_items_are_not_answered_from_a_header_only_scan() -> None:
+    from appliance.imap.mime import scan_header
+
+    data = (CORPUS / "03_mixed_attachment.eml").read_bytes()
+    for text in ("BODY.PEEK[]", "BODY.PEEK[TEXT]", "RFC822.TEXT", "BODY.PEEK[1]"):
+        with pytest.raises(AssertionError):
+            item_values(fetch_items(text), MessageFacts(7, (), len(data), 0), io.BytesIO(data),
+                        scan_header(io.BytesIO(data)))
