@@ -698,9 +698,12 @@ class ImapSession:
         """RFC 2177: report changes as they happen until the client sends DONE."""
         await self.io.send(Continuation("idling"))
         done = self.io.wait_line(self.config.idle_timeout)
+        # No folder selected, so no folder's watcher: a watch of the mailbox itself, woken only when it
+        # is disabled or removed (else such an IDLE went on until the client's DONE).
+        gone = self.store.watch_mailbox(self.mailbox) if self.watcher is None else None
         try:
             while True:
-                await self._idle_once(done)
+                await self._idle_once(done, gone)
                 if done.done():
                     break
                 if await self._mailbox_removed():  # or disabled: woken by the console's change
@@ -708,6 +711,8 @@ class ImapSession:
         finally:
             if not done.done():
                 done.cancel()
+            if gone is not None:
+                gone.close()
         line = done.result()
         if line is None:
             self.state = "logout"
@@ -718,9 +723,9 @@ class ImapSession:
         await self._look("IDLE")
         await self.ok(command, "IDLE terminated", look=False)
 
-    async def _idle_once(self, done: asyncio.Task[bytes | None]) -> None:
+    async def _idle_once(self, done: asyncio.Task[bytes | None], gone: Watcher | None = None) -> None:
         """One round of IDLE: tell what changed, then wait for a change, the client's line or the
-        next look at the disk."""
+        next look at the disk (or, without a folder, the mailbox's `gone` watch)."""
         if self.selected is not None:
             await self._look("IDLE")
         notified: asyncio.Task[None] | None = None
@@ -732,6 +737,8 @@ class ImapSession:
             # Woken by any change through the store; every EXTERNAL_POLL seconds the disk
             # is looked at as well, for changes other programs make to the Maildir.
             waiter = asyncio.ensure_future(self.watcher.wait(EXTERNAL_POLL))
+        elif gone is not None:
+            waiter = asyncio.ensure_future(gone.wait(EXTERNAL_POLL))
         pending: set[asyncio.Future[object]] = {done}  # type: ignore[arg-type]
         if waiter is not None:
             pending.add(waiter)  # type: ignore[arg-type]

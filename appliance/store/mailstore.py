@@ -446,6 +446,11 @@ class MailStore:
     def watch(self, mailbox: str, folder: str) -> Watcher:
         return self.changes.watch(address_key(mailbox), maildir.canonical_name(folder))
 
+    def watch_mailbox(self, mailbox: str) -> Watcher:
+        """Woken only when the mailbox is disabled or removed (ChangeBus.mailbox_gone): no folder has
+        the empty name."""
+        return self.changes.watch(address_key(mailbox), "")
+
     # Added for IMAP (issue 4): COPYUID/MOVE need the destination's UIDVALIDITY (RFC 4315 3), and a
     # snapshot of a large destination folder just for that number is wasteful.
     async def uidvalidity(self, mailbox: str, folder: str) -> int:

@@ -68,15 +68,17 @@ def test_pop3_session_of_a_removed_mailbox_ends(box: BoxHandle) -> None:
     assert b"new secret" in messages[0].path.read_bytes()
 
 
-def test_an_idling_session_of_a_removed_mailbox_gets_bye(box: BoxHandle) -> None:
+@pytest.mark.parametrize("selected", [True, False], ids=["selected", "no-folder"])
+def test_an_idling_session_of_a_removed_mailbox_gets_bye(box: BoxHandle, selected: bool) -> None:
     """The console removes the mailbox of a phone in IDLE: the phone is told BYE at once and the
     connection ends, as at any other command. Before, the IDLE was answered a tagged NO [CANNOT] no
     such mailbox the client had not asked for (no DONE sent), and the session stayed logged in."""
     box.add_user(JONH, OLD_PASSWORD)
-    client = RawImap(box.port("imaps"), box.client_context)
+    client = RawImap(box.port("imaps"), box.client_context, timeout=10)
     try:
         client.login(JONH, OLD_PASSWORD)
-        client.command(b"S", b"SELECT INBOX")
+        if selected:
+            client.command(b"S", b"SELECT INBOX")
         client.send(b"I IDLE\r\n")
         assert client.line() == b"+ idling\r\n"
         box.run(Admin.of(box.services).remove_mailbox(JONH))
@@ -88,18 +90,21 @@ def test_an_idling_session_of_a_removed_mailbox_gets_bye(box: BoxHandle) -> None
 
 @pytest.mark.parametrize(("change", "bye"), [("disable", b"This account is disabled"),
                                              ("remove", b"This mailbox no longer exists")])
+@pytest.mark.parametrize("selected", [True, False], ids=["selected", "no-folder"])
 def test_an_idling_session_ends_when_the_cli_disables_or_removes_its_mailbox(
-    box: BoxHandle, change: str, bye: bytes,
+    box: BoxHandle, change: str, bye: bytes, selected: bool,
 ) -> None:
     """The `letterbox` CLI, another process, disables or removes the mailbox of a phone in IDLE: the
     phone is told BYE within a few seconds, as when the console does it. Before, the box noticed at
     IDLE's next look at the disk, a minute later (left alone last session), and the phone received
-    the disabled mailbox's new mail until then."""
+    the disabled mailbox's new mail until then; an IDLE with no folder selected was never told, by
+    the console's change either."""
     box.add_user(JONH, OLD_PASSWORD)
     client = RawImap(box.port("imaps"), box.client_context, timeout=10)
     try:
         client.login(JONH, OLD_PASSWORD)
-        client.command(b"S", b"SELECT INBOX")
+        if selected:
+            client.command(b"S", b"SELECT INBOX")
         client.send(b"I IDLE\r\n")
         assert client.line() == b"+ idling\r\n"
         subprocess.run([LETTERBOX, "--data", str(box.data.root), "user", change, JONH], check=True,
