@@ -145,6 +145,8 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 async def _login_required(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, LoginRequired)
+    if not exc.next_path:
+        return RedirectResponse("/login", status_code=303)
     return RedirectResponse(f"/login?next={quote(exc.next_path, safe='/@')}", status_code=303)
 
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -130,10 +131,23 @@ async def current(request: Request) -> Principal | None:
     return principal
 
 
+def _return_path(request: Request) -> str:
+    """Where the login sends the browser back to: the page asked for; for a form sent without a
+    session (it ended in another tab, or by a password change), the page the form was on, as the
+    browser's same-origin Referer names it. The form's own address answers only POST: the login led to
+    a "Not allowed" page (405) there, with nothing done. '' when no page is known (then: home)."""
+    if request.method in ("GET", "HEAD"):
+        return request.url.path
+    sent_from = urlsplit(request.headers.get("referer", ""))
+    if sent_from.netloc == request.url.netloc and sent_from.path.startswith("/"):
+        return unquote(sent_from.path)  # as request.url.path is: quoted once, by the redirect
+    return ""
+
+
 async def require(request: Request, role: Role) -> Principal:
     principal = await current(request)
     if principal is None:
-        raise LoginRequired(request.url.path)
+        raise LoginRequired(_return_path(request))
     if principal.role != role:
         raise HTTPException(403, "This page is for the box's administrators." if role == "admin"
                             else "This page is for mailbox owners: log in with your mail address.")
