@@ -389,6 +389,11 @@ class SmtpHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         env = _envelope(envelope)
+        # The room MAIL FROM found may be gone: every message received meanwhile (this one included,
+        # held until it is answered) is about to be written too (appliance/disk_full.py).
+        if not room_for(self.services.config.data.root, self.services.message_memory.others()):
+            log.warning("%s: DATA refused: the disk is nearly full", peer_ip(session))
+            return self._for_all(env, INSUFFICIENT_STORAGE)
         try:
             return await self._data(server, _session(session), env)
         except Exception as exc:  # noqa: BLE001  failure_reply logs it, with its traceback unless the disk is full

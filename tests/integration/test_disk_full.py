@@ -240,6 +240,32 @@ def test_concurrent_appends_together_keep_the_reserve(full_box: tuple[BoxHandle,
         disk.free()
 
 
+def test_smtp_data_that_arrived_together_with_others_keeps_the_reserve(full_box: tuple[BoxHandle, FullDisk]) -> None:
+    """A sender whose MAIL FROM found room sends 10 MiB while a 15 MiB APPEND is on its way, with room
+    for only one of them above the reserve: its DATA gets 452 4.3.1 (it tries again later) and the
+    disk keeps its reserve. Before, MAIL FROM's check was the only one: both were written."""
+    box, disk = full_box
+    size = 15 * 2**20
+    imap = RawImap(box.port("imaps"), box.client_context)
+    try:
+        imap.login(ALICE, PASSWORD)
+        disk.fill(leave=RESERVE_OCTETS + size + 5 * 2**20)
+        with smtplib.SMTP("127.0.0.1", box.port("smtp"), timeout=60) as smtp:
+            smtp.ehlo("sender.example.org")
+            assert smtp.mail("someone@example.org")[0] == 250
+            assert smtp.rcpt(ALICE)[0] == 250
+            imap.send(b"a1 APPEND INBOX {%d}\r\n" % size)
+            assert imap.line() == b"+ Ready for literal data\r\n"
+            code, text = smtp.data(b"Subject: big\r\n\r\n" + (b"y" * 78 + b"\r\n") * (10 * 2**20 // 80))
+            assert (code, text[:5]) == (452, b"4.3.1"), (code, text)
+        imap.send(b"x" * (size - 2) + b"\r\n" + b"\r\n")
+        assert imap.until_tagged(b"a1")[-1].startswith(b"a1 OK")
+        assert disk.free_octets() >= RESERVE_OCTETS
+    finally:
+        imap.close()
+        disk.free()
+
+
 def test_imap_full_disk_says_overquota_and_goes_on(full_box: tuple[BoxHandle, FullDisk]) -> None:
     box, disk = full_box
     # A file copied in by another program: the box has no cached facts of it yet.
