@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 
 
 def save_private(src: BinaryIO, target: Path) -> None:
@@ -16,3 +21,145 @@ def save_private(src: BinaryIO, target: Path) -> None:
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as out:
         shutil.copyfileobj(src, out, 1024 * 1024)
+
+
+class _Form:
+    """python-multipart's callbacks for a form of text fields and at most one file: the fields kept, the
+    file's data handed out a chunk at a time (`pending`), never kept here."""
+
+    def __init__(self, max_fields: int, max_part: int) -> None:
+        self.max_fields, self.max_part = max_fields, max_part
+        self.fields: dict[str, str] = {}
+        self.header_name, self.header_value, self.disposition = b"", b"", b""
+        self.name = ""
+        self.data = bytearray()
+        self.filename: str | None = None  # of the part being read, when it is a file
+        self.files = 0
+        self.file_began = False  # a file's headers were read: what becomes of its data is to be decided
+        self.pending: list[bytes] = []
+
+    def on_part_begin(self) -> None:
+        self.disposition, self.filename = b"", None
+        self.data = bytearray()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += data[start:end]
+        if len(self.header_value) > self.max_part:
+            raise ValueError("a part's header is too long")
+
+    def on_header_end(self) -> None:
+        if self.header_name.lower() == b"content-disposition":
+            self.disposition = self.header_value
+        self.header_name, self.header_value = b"", b""
+
+    def on_headers_finished(self) -> None:
+        from python_multipart.multipart import parse_options_header
+
+        _, options = parse_options_header(self.disposition)
+        if b"name" not in options:
+            raise ValueError("a part without a name")
+        self.name = options[b"name"].decode("utf-8", "replace")
+        if b"filename" in options:
+            self.files += 1
+            if self.files > 1:
+                raise ValueError("more than one file")
+            self.filename = options[b"filename"].decode("utf-8", "replace")
+            self.file_began = True
+        elif len(self.fields) >= self.max_fields:
+            raise ValueError("too many fields")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.filename is not None:
+            self.pending.append(data[start:end])
+            return
+        self.data += data[start:end]
+        if len(self.data) > self.max_part:
+            raise ValueError("a field is too long")
+
+    def on_part_end(self) -> None:
+        if self.filename is None:
+            self.fields[self.name] = self.data.decode("utf-8", "replace")
+
+
+class _Written:
+    """The file an upload goes into: made new, the box user's alone (as save_private makes it)."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.fd = -1
+
+    def open(self, path: Path | None) -> None:
+        if path is not None:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self.path = path
+
+    async def take(self, pending: list[bytes]) -> None:
+        if pending and self.fd >= 0:
+            await asyncio.to_thread(_write_all, self.fd, b"".join(pending))
+        pending.clear()
+
+    def close(self, *, keep: bool) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if not keep and self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+def _parsed(step: Callable[..., object], *args: bytes) -> None:
+    try:
+        step(*args)
+    except ValueError as exc:  # python-multipart's parse errors are ValueErrors too
+        raise HTTPException(400, "The form could not be read.") from exc
+
+
+async def read_form_and_file(request: Request, place: Callable[[dict[str, str], str], Awaitable[Path | None]], *,
+                             max_fields: int = 10, max_part: int = 64 * 1024) -> tuple[dict[str, str], Path | None]:
+    """A multipart form of text fields and at most one file, read as it arrives; the file goes straight
+    into a new file of the box's user alone. When the file's part begins, `place(the fields before it,
+    its name)` says where it goes, or None: then the rest is read and none of it kept. So the fields
+    that come first in the form (its CSRF token, the wizard's setup code) decide whether a byte of the
+    file is written anywhere; starlette's form reading wrote all of it to a spool file before any field
+    could be looked at. `place` may raise HTTPException to answer at once. Returns the fields and the
+    file written (None without one, or when refused); HTTPException(400) for a malformed form."""
+    import python_multipart.multipart as multipart
+
+    kind, params = multipart.parse_options_header(request.headers.get("content-type", ""))
+    if kind != b"multipart/form-data":  # a form without a file input (urlencoded): starlette reads it
+        try:
+            plain = await request.form(max_files=0, max_fields=max_fields, max_part_size=max_part)
+        except Exception as exc:  # malformed, too many fields: the client's fault
+            raise HTTPException(400, "The form could not be read.") from exc
+        return {key: value for key, value in plain.multi_items() if isinstance(value, str)}, None
+    if b"boundary" not in params:
+        raise HTTPException(400, "The form could not be read.")
+    form = _Form(max_fields, max_part)
+    parser = multipart.MultipartParser(params[b"boundary"], {
+        "on_part_begin": form.on_part_begin, "on_part_data": form.on_part_data, "on_part_end": form.on_part_end,
+        "on_header_field": form.on_header_field, "on_header_value": form.on_header_value,
+        "on_header_end": form.on_header_end, "on_headers_finished": form.on_headers_finished,
+    })
+    written = _Written()
+    kept = False
+    try:
+        async for chunk in request.stream():
+            _parsed(parser.write, chunk)
+            if form.file_began:
+                form.file_began = False
+                written.open(await place(dict(form.fields), form.filename) if form.filename else None)
+            await written.take(form.pending)
+        _parsed(parser.finalize)
+        kept = True
+    finally:
+        written.close(keep=kept)
+    return form.fields, written.path
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

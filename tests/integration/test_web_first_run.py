@@ -3,16 +3,15 @@ simultaneous first steps exactly one makes an administrator (issue 11 item 4).""
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import socket
 import ssl
 import stat
-import tempfile
 import threading
 import urllib.parse
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import pytest
@@ -181,17 +180,36 @@ def test_a_wizard_restore_overtaken_by_an_administrator_is_refused(box: BoxHandl
     assert not [p for p in box.data.root.parent.iterdir() if ".upload-" in p.name]
 
 
-def _upload_head(box: BoxHandle, length: int, *, chunked: bool = False) -> ssl.SSLSocket:
-    """A wizard restore whose headers (and a first piece of its form) have arrived, its body still to come;
-    `chunked`: its body in chunks, which RFC 9112 6.3 reads in place of the Content-Length it also has."""
+BOUNDARY = "letterbox-test-boundary"
+
+
+def _form_head(box: BoxHandle, code: str | None) -> tuple[str, bytes]:
+    """The session cookie's header line and the form's first part up to the file's data: with `code`, the
+    CSRF token (of a session of its own) and that setup code before the file, as a browser sends the
+    wizard's form."""
+    fields, cookie = "", ""
+    if code is not None:
+        with httpx.Client(base_url=f"https://localhost:{box.port('https')}", verify=box.client_context) as client:
+            m = _CSRF.search(client.get("/setup/restore").text)
+            assert m
+            cookie = f"Cookie: letterbox_session={client.cookies['letterbox_session']}\r\n"
+        fields = "".join(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+                         for name, value in (("csrf", m.group(1)), ("code", code)))
+    return cookie, (f"{fields}--{BOUNDARY}\r\n"
+                    'Content-Disposition: form-data; name="backup"; filename="b.tar.zst.age"\r\n\r\n').encode()
+
+
+def _upload_head(box: BoxHandle, length: int, *, chunked: bool = False, code: str | None = None,
+                 head: tuple[str, bytes] | None = None) -> ssl.SSLSocket:
+    """A wizard restore whose headers (and a first piece of its form, _form_head's) have arrived, its body
+    still to come; `chunked`: its body in chunks, which RFC 9112 6.3 reads in place of the Content-Length
+    it also has."""
+    cookie, first = head or _form_head(box, code)
     raw = socket.create_connection(("127.0.0.1", box.port("https")), timeout=20)
     tls = box.client_context.wrap_socket(raw, server_hostname="localhost")
-    boundary = "letterbox-test-boundary"
-    first = (f"--{boundary}\r\n"
-             'Content-Disposition: form-data; name="backup"; filename="b.tar.zst.age"\r\n\r\n').encode()
-    tls.sendall(f"POST /setup/restore HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n"
+    tls.sendall(f"POST /setup/restore HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n{cookie}"
                 f"{'Transfer-Encoding: chunked' + chr(13) + chr(10) if chunked else ''}"
-                f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode()
+                f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n".encode()
                 + (b"%x\r\n%s\r\n" % (len(first), first) if chunked else first))
     return tls
 
@@ -213,12 +231,14 @@ def test_wizard_uploads_arriving_together_share_the_free_space(box: BoxHandle) -
     """Each upload was checked alone against the free space: on a fresh box, before the setup code (a
     field of the same form) was read, anyone could send several at once, each up to half of it. The
     uploads arriving count now; one gone gives its share back."""
-    free = min(shutil.disk_usage(p).free for p in (box.data.root.resolve().parent, Path(tempfile.gettempdir())))
+    free = shutil.disk_usage(box.data.root.resolve().parent).free
     length = free * 2 // 5  # one fits (it and its copy: 4/5 of the space), two do not
-    first = _upload_head(box, length)
+    httpx.get(f"https://localhost:{box.port('https')}/setup/restore", verify=box.client_context)  # makes the code
+    code = setup_code(box.data.root)  # the owner's two tabs
+    first = _upload_head(box, length, code=code)
     try:
         wait_until(lambda: box.services.backups.arriving == length, seconds=10, what="the first upload reserved")
-        second = _upload_head(box, length)
+        second = _upload_head(box, length, code=code)
         with second:
             answer = _one_answer(second)
         assert answer.startswith("HTTP/1.1 413"), answer[:200]
@@ -239,3 +259,25 @@ def test_a_wizard_upload_in_chunks_is_refused_before_its_body(box: BoxHandle) ->
     assert "Content-Length" in answer
     assert box.services.backups.arriving == 0
     assert not [p for p in box.data.root.parent.iterdir() if ".upload-" in p.name]
+
+
+def test_a_strangers_wizard_upload_is_never_written(box: BoxHandle, caplog: pytest.LogCaptureFixture) -> None:
+    """The setup code was looked at once the whole upload had been written beside the data directory:
+    anyone could fill half the free space with each upload, and hold that room for as long as the upload
+    trickled on (every owner's restore refused meanwhile). The code comes before the file in the form: a
+    wrong one gives the room back at once, nothing of the file is written, and the browser still gets
+    its answer when the body has come."""
+    data, tail = b"age" * 400_000, f"\r\n--{BOUNDARY}--\r\n".encode()
+    caplog.set_level(logging.WARNING, logger="letterbox.setup")
+    head = _form_head(box, "AAAA-BBBB-CCCC")
+    with _upload_head(box, len(head[1]) + len(data) + len(tail), head=head) as tls:
+        tls.sendall(data[: len(data) // 2])
+        wait_until(lambda: "wrong setup code" in caplog.text, seconds=10, what="the code looked at before the file")
+        assert box.services.backups.arriving == 0
+        assert not [p for p in box.data.root.parent.iterdir() if ".upload-" in p.name]
+        tls.sendall(data[len(data) // 2:] + tail)
+        answer = _one_answer(tls)
+    assert answer.startswith("HTTP/1.1 303"), answer[:200]
+    assert "location: /setup/restore" in answer.lower()
+    assert not [p for p in box.data.root.parent.iterdir() if ".upload-" in p.name]
+    assert box.services.backups.current is None

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -24,7 +23,7 @@ from starlette.routing import Route
 from appliance import backup, setup_code
 from web.pages import admin, flash, peer, read_form, redirect, render, require, services
 from web.security import CSRF_FIELD, csrf_ok
-from web.uploads import save_private
+from web.uploads import read_form_and_file
 
 MAX_UPLOAD = 256 * 1024**3  # a backup is one file of any size a disk holds; it is streamed to disk
 MAX_SECRET = 4096
@@ -74,11 +73,9 @@ async def wizard_page(request: Request) -> Response:
 
 
 def _free_space(request: Request) -> int:
-    """The free space of the upload's two places: starlette's spool file (the temporary directory) and
-    the copy beside the data directory, which the restore then unpacks next to."""
-    root = services(request).config.data.root.resolve()
-    places = {root.parent, Path(tempfile.gettempdir())}
-    return min(shutil.disk_usage(p).free for p in places if p.exists())
+    """The free space beside the data directory, where the upload is written as it arrives (no spool
+    file in the temporary directory any more) and the restore then unpacks next to it."""
+    return shutil.disk_usage(services(request).config.data.root.resolve().parent).free
 
 
 async def _reserve_room(request: Request) -> int:
@@ -104,53 +101,65 @@ async def _reserve_room(request: Request) -> int:
     return length
 
 
-async def _read_upload(request: Request) -> tuple[dict[str, str], Path | None]:
-    """The form's text fields and the uploaded backup, streamed by starlette into a temporary file
-    and moved beside the data directory (the staging directory's file system)."""
+FORM_EXPIRED = "This form has expired or came from another site. Reload the page and try again."
+Gate = Callable[[dict[str, str]], Awaitable[bool]]
+
+
+async def _allow(_fields: dict[str, str]) -> bool:
+    return True
+
+
+async def _read_upload(request: Request, gate: Gate = _allow) -> tuple[dict[str, str], Path | None]:
+    """The form's text fields and the uploaded backup, written beside the data directory (the staging
+    directory's file system) as it arrives. Before a byte of the file is written, the fields before it
+    must carry this session's CSRF token and pass `gate` (the wizard's setup code); a refused file is
+    read to its end (so the browser gets the answer) and kept nowhere, and its room is given back at
+    once."""
     reserved = await _reserve_room(request)
-    try:
-        return await _received_upload(request)
-    finally:
-        services(request).backups.arriving -= reserved
-
-
-async def _received_upload(request: Request) -> tuple[dict[str, str], Path | None]:
-    try:
-        form = await request.form(max_files=1, max_fields=10, max_part_size=64 * 1024)
-    except HTTPException:
-        raise
-    except Exception as exc:
-        raise HTTPException(400, "The form could not be read.") from exc
-    values: dict[str, str] = {}
-    upload: UploadFile | None = None
-    for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            upload = value
-        else:
-            values[key] = value
-    if not csrf_ok(request.session, values.get(CSRF_FIELD)):
-        await form.close()  # the spooled upload goes with it
-        raise HTTPException(403, "This form has expired or came from another site. Reload the page and try again.")
-    if upload is None or not upload.filename:
-        await form.close()
-        return values, None
+    jobs = services(request).backups
     target = backup.upload_path(services(request).config.data.root)
-    await asyncio.to_thread(save_private, upload.file, target)
-    await upload.close()
-    return values, target
+
+    async def place(fields: dict[str, str], _filename: str) -> Path | None:
+        nonlocal reserved
+        if not csrf_ok(request.session, fields.get(CSRF_FIELD)):
+            raise HTTPException(403, FORM_EXPIRED)
+        if await gate(fields):
+            return target
+        jobs.arriving -= reserved
+        reserved = 0
+        return None
+
+    try:
+        values, path = await read_form_and_file(request, place)
+    finally:
+        jobs.arriving -= reserved
+    if not csrf_ok(request.session, values.get(CSRF_FIELD)):  # a form without a file needs its token too
+        if path is not None:
+            await asyncio.to_thread(path.unlink, True)
+        raise HTTPException(403, FORM_EXPIRED)
+    return values, path
 
 
 async def wizard_submit(request: Request) -> Response:
     svc = services(request)
     if await svc.accounts.has_admin():
         return redirect("/login")
-    values, path = await _read_upload(request)
+    verdict: list[bool] = []  # the setup code's, once the gate has looked at it
+
+    async def code_first(fields: dict[str, str]) -> bool:
+        """The setup code comes before the file in the form: a stranger's file is never written."""
+        verdict.append(not await svc.accounts.has_admin() and await setup_code.verify(
+            svc.auth.throttle, svc.config.data.root, fields.get("code", ""), peer(request)))
+        return verdict[0]
+
+    values, path = await _read_upload(request, code_first)
     try:
         if await svc.accounts.has_admin():
             # Made while the upload arrived (a first step in another tab, `letterbox admin add`): the
             # box is claimed now, and only its administrator may replace it, from the console.
             return redirect("/login")
-        if not await setup_code.verify(svc.auth.throttle, svc.config.data.root, values.get("code", ""), peer(request)):
+        if not (verdict[0] if verdict else await setup_code.verify(
+                svc.auth.throttle, svc.config.data.root, values.get("code", ""), peer(request))):
             flash(request, "Not restored: that is not this box's setup code (see the box's screen or its setup-code file).", problem=True)
             return redirect("/setup/restore")
         if path is None or not values.get("secret", "").strip():
