@@ -18,34 +18,24 @@ from appliance.db import Database
 
 log = logging.getLogger("letterbox.accounts")
 
-async def _refuse_hidden_mailbox(tx: aiosqlite.Connection, domain_id: int, local: str, label: str,
-                                 targets: Sequence[str]) -> None:
-    """An alias wins over a mailbox of the same name (resolve()), so one that does not deliver to the
-    mailbox itself would silently take all of that person's mail (issue 10 item 10). Allowed only as an
-    explicit forward that keeps a copy: the mailbox is one of its own targets."""
-    if not local or await one(
-        tx, "SELECT 1 FROM mailboxes WHERE domain_id = ? AND local_part = ?", (domain_id, local)
-    ) is None:
+async def _refuse_lost_mail(tx: aiosqlite.Connection, domain_id: int, local: str, label: str,
+                            targets: Sequence[str]) -> None:
+    """The two aliases that lose mail, told by the mailbox of the alias's own name. With one: an alias
+    wins over a mailbox of the same name (resolve()), so one that does not deliver to the mailbox itself
+    would silently take all of that person's mail (issue 10 item 10); allowed only as an explicit
+    forward that keeps a copy, the mailbox among its own targets. Without one: an alias whose one target
+    is its own address delivers nowhere (resolve() drops the loop: every message to it was refused 'No
+    such user here', while the console listed the alias as made)."""
+    if not local:
         return
     canonical = {t.lower() if t.startswith("@") else parse_address(t).canonical for t in targets}
-    if label not in canonical:
+    mailbox = await one(tx, "SELECT 1 FROM mailboxes WHERE domain_id = ? AND local_part = ?", (domain_id, local))
+    if mailbox is not None and label not in canonical:
         raise AlreadyExists(
             f"{label} is a mailbox: an alias of the same name would take all of its mail. Choose another name,"
             f" or, to forward its mail and keep a copy, include {label} itself among the targets"
         )
-
-
-async def _refuse_only_itself(tx: aiosqlite.Connection, domain_id: int, local: str, label: str,
-                              targets: Sequence[str]) -> None:
-    """An alias whose one target is its own address, with no mailbox of that name, delivers nowhere:
-    resolve() drops the loop and every message to it was refused 'No such user here', while the
-    console listed the alias as made."""
-    if not local:
-        return
-    canonical = {t.lower() if t.startswith("@") else parse_address(t).canonical for t in targets}
-    if canonical != {label}:
-        return
-    if await one(tx, "SELECT 1 FROM mailboxes WHERE domain_id = ? AND local_part = ?", (domain_id, local)) is None:
+    if mailbox is None and canonical == {label}:
         raise InvalidAddress(f"{label} would deliver only to itself, so its mail would go nowhere: "
                              "give the address (or addresses) it should deliver to")
 
@@ -67,8 +57,7 @@ class Aliases:
                 raise NotFound(f"unknown domain {domain}: add the domain first")
             if await one(tx, "SELECT 1 FROM aliases WHERE domain_id = ? AND local_part = ?", (row["id"], local)):
                 raise AlreadyExists(f"alias {label} already exists")
-            await _refuse_hidden_mailbox(tx, row["id"], local, label, clean)
-            await _refuse_only_itself(tx, row["id"], local, label, clean)
+            await _refuse_lost_mail(tx, row["id"], local, label, clean)
             cur = await tx.execute(
                 "INSERT INTO aliases (domain_id, local_part, created_at) VALUES (?, ?, ?)",
                 (row["id"], local, now()),
@@ -94,8 +83,7 @@ class Aliases:
                 raise NotFound(f"no alias {label}")
             domain_id = await one(tx, "SELECT id FROM domains WHERE name = ?", (domain,))
             assert domain_id is not None
-            await _refuse_hidden_mailbox(tx, domain_id["id"], local, label, clean)
-            await _refuse_only_itself(tx, domain_id["id"], local, label, clean)
+            await _refuse_lost_mail(tx, domain_id["id"], local, label, clean)
             await tx.execute("DELETE FROM alias_targets WHERE alias_id = ?", (row["id"],))
             await tx.executemany(
                 "INSERT INTO alias_targets (alias_id, target) VALUES (?, ?)", [(row["id"], t) for t in clean]
