@@ -193,10 +193,6 @@ class SenderReports:
                 log.info("%s: report %s already in %s (before a restart)", part.message_id, report_id, mailbox)
         return copies[mailbox]
 
-    def retry_now(self) -> None:
-        """Reports a mailbox refused are due at the next sweep (the queue was flushed)."""
-        self._deferred = {message_id: (tries, 0.0) for message_id, (tries, _) in self._deferred.items()}
-
     def _forget(self, message_id: str, report_id: str) -> None:
         self._deferred.pop(message_id, None)
         self._copies.pop(report_id, None)

@@ -145,7 +145,6 @@ class OutboundQueue:
         from appliance.queue.state import flush
 
         count = await flush(self.services.db, now=int(self._clock()))
-        self.reports.retry_now()
         self.wake()
         return count
 
