@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import imaplib
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -34,6 +36,14 @@ hypothesis_settings.load_profile("letterbox")
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
+# Hypothesis keeps its example database and a cache of every tested module's constants under the working
+# directory's .hypothesis/ (about 70 files after one `make test`): in the checkout, which a test run must leave
+# as it found it. They go to the machine's tmp, one folder per checkout (a failing example found in one
+# checkout is not replayed in another's code); HYPOTHESIS_STORAGE_DIRECTORY set outside still wins.
+os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY",
+    str(Path(tempfile.gettempdir()) / f"letterbox-hypothesis-{hashlib.sha256(bytes(REPO)).hexdigest()[:12]}"),
+)
 LETTERBOX = str(Path(sys.executable).parent / "letterbox")
 TEST_HOSTNAME = "localhost"  # mbsync/fetchmail match the cert name and ignore IP SANs (PEERS.md)
 IN_CI = os.environ.get("CI", "").lower() == "true"
