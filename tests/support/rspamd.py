@@ -221,6 +221,15 @@ class RspamdPeer:
                  "--maxmemory-policy", "volatile-ttl"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
+    def revive(self) -> None:
+        """Start again, on their ports, whichever of Redis and rspamd has ended (a test killed it): a module's
+        shared peer is whole for each test, whatever the one before did or where it failed."""
+        if self.procs["redis"].poll() is not None:
+            self.start_redis()
+            self.wait_redis()
+        if self.procs["rspamd"].poll() is not None:
+            self.start_rspamd()
+
     def wait_redis(self) -> None:
         """Redis answering PING (it exits when its port is taken)."""
         def answering() -> bool:
