@@ -24,10 +24,17 @@ SCRIPT = Path(__file__).parents[2] / "image/overlay/usr/local/sbin/letterbox-res
 NEW = "the new password from the card é"
 
 
-def run_reset(box: BoxHandle, card: Path, cmdline: str = "BOOT_IMAGE=/vmlinuz ro quiet") -> subprocess.CompletedProcess[str]:
+def run_reset(box: BoxHandle, card: Path, cmdline: str = "BOOT_IMAGE=/vmlinuz ro quiet",
+              cli_stdin_size: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`cli_stdin_size`: the CLI writes there the size of the file it was handed first."""
     (card.parent / "cmdline").write_text(cmdline + "\n")
+    cli = LETTERBOX
+    if cli_stdin_size is not None:
+        cli = str(card.parent / "letterbox-measured")
+        Path(cli).write_text(f'#!/bin/sh\nstat -L -c %s /proc/self/fd/0 > "{cli_stdin_size}"\nexec {LETTERBOX} "$@"\n')
+        os.chmod(cli, 0o700)
     env = {**os.environ, "LETTERBOX_RESET_DIRS": f"{card} {card.parent / 'no-such-partition'}",
-           "LETTERBOX_RESET_DATA": str(box.data.root), "LETTERBOX_RESET_CLI": LETTERBOX,
+           "LETTERBOX_RESET_DATA": str(box.data.root), "LETTERBOX_RESET_CLI": cli,
            "LETTERBOX_RESET_AS": "",  # the image runs it as the box's user; the test's box is this user's
            "LETTERBOX_RESET_CMDLINE": str(card.parent / "cmdline"),
            "LETTERBOX_RESET_ISSUE": str(card.parent / "issue.d/40-letterbox-reset.issue"),
@@ -167,3 +174,14 @@ def test_a_file_the_card_keeps_is_not_applied(box: BoxHandle, tmp_path: Path) ->
         assert "reset from the boot partition" not in events(web)
     assert web_login(box, ADMIN, ADMIN_PASSWORD).status_code == 303
     assert web_login(box, ADMIN, NEW).status_code == 401
+
+
+def test_a_big_file_is_not_copied_whole_into_memory(box: BoxHandle, tmp_path: Path) -> None:
+    """The copy goes to /run, a tmpfs in RAM: the whole file went there, as big as the partition
+    allowed, though the CLI reads 4097 bytes of it at most."""
+    with admin_console(box):
+        card = card_with(tmp_path, "letterbox-reset.txt", b"x" * 20_000_000)
+        run_reset(box, card, cli_stdin_size=tmp_path / "stdin-size")
+        assert int((tmp_path / "stdin-size").read_text()) <= 4097
+        said = (card / "letterbox-reset-result.txt").read_text()
+        assert "the file is larger than 4096 bytes" in said, said
