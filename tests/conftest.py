@@ -58,7 +58,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 MEASURED_FILE_SECONDS = {
     "tests/unit/test_web_security.py": 350, "tests/integration/test_cli.py": 180,
     "tests/integration/test_backup_cli.py": 175, "tests/integration/test_shared_use_cases.py": 165,
-    "tests/unit/test_web_console.py": 135, "tests/integration/test_update.py": 125,
+    "tests/unit/test_web_console.py": 135, "tests/integration/test_update.py": 170,
     "tests/e2e/test_queue_crash.py": 115, "tests/integration/test_acme_pebble.py": 110,
     "tests/e2e/test_kill_points.py": 100, "tests/integration/test_imap_message_cache.py": 95,
     "tests/integration/test_cert_cli.py": 90, "tests/unit/test_web_setup.py": 90,
