@@ -19,7 +19,7 @@ from appliance.admin import Admin
 from appliance.version import running_version
 from appliance.web_sessions import Kind, WebSessions
 from web.forms import check_password, secret
-from web.security import CSRF_FIELD, csrf_ok, csrf_token
+from web.security import CSRF_FIELD, FORM_EXPIRED, csrf_ok, csrf_token
 from web.session import LOGIN_MAX_SECONDS
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ async def read_form(request: Request) -> dict[str, str]:
         raise HTTPException(400, "The form could not be read.") from exc
     values = {key: value for key, value in form.multi_items() if not isinstance(value, UploadFile)}
     if not csrf_ok(request.session, values.get(CSRF_FIELD)):
-        raise HTTPException(403, "This form has expired or came from another site. Reload the page and try again.")
+        raise HTTPException(403, FORM_EXPIRED)
     return values
 
 

@@ -27,6 +27,7 @@ SECURITY_HEADERS: dict[str, str] = {
 
 CSRF_FIELD = "csrf"
 CSRF_SESSION_KEY = "csrf"
+FORM_EXPIRED = "This form has expired or came from another site. Reload the page and try again."
 
 
 class SecurityHeadersMiddleware:

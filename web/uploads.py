@@ -1,26 +1,17 @@
-"""A file uploaded to the console, kept on the box: the restore's backup, an update's bundle."""
+"""A file uploaded to the console, kept on the box: the restore's backup, an update's bundle. Read as it
+arrives, the form's fields before the file deciding whether any of it is written (read_upload)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import BinaryIO
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-
-def save_private(src: BinaryIO, target: Path) -> None:
-    """Copy the upload (starlette's spool file) from its start to `target`, which must not exist, as
-    a file of the box's user alone whatever the umask (`make run` has the shell's, often 022): a
-    backup holds the password hashes and the DKIM keys. Blocking: a worker thread."""
-    src.seek(0)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        shutil.copyfileobj(src, out, 1024 * 1024)
+from web.security import CSRF_FIELD, FORM_EXPIRED, csrf_ok
 
 
 class _Form:
@@ -35,7 +26,9 @@ class _Form:
         self.data = bytearray()
         self.filename: str | None = None  # of the part being read, when it is a file
         self.files = 0
-        self.file_began = False  # a file's headers were read: what becomes of its data is to be decided
+        # The name of the file whose headers were read, while what becomes of its data is to be decided: the
+        # part may have ended, and others begun, in the same chunk (a small file before the form's last fields).
+        self.file_began: str | None = None
         self.pending: list[bytes] = []
 
     def on_part_begin(self) -> None:
@@ -67,7 +60,7 @@ class _Form:
             if self.files > 1:
                 raise ValueError("more than one file")
             self.filename = options[b"filename"].decode("utf-8", "replace")
-            self.file_began = True
+            self.file_began = self.filename
         elif len(self.fields) >= self.max_fields:
             raise ValueError("too many fields")
 
@@ -117,11 +110,11 @@ def _parsed(step: Callable[..., object], *args: bytes) -> None:
         raise HTTPException(400, "The form could not be read.") from exc
 
 
-async def read_form_and_file(request: Request, place: Callable[[dict[str, str], str], Awaitable[Path | None]], *,
+async def read_form_and_file(request: Request, place: Callable[[dict[str, str]], Awaitable[Path | None]], *,
                              max_fields: int = 10, max_part: int = 64 * 1024) -> tuple[dict[str, str], Path | None]:
     """A multipart form of text fields and at most one file, read as it arrives; the file goes straight
-    into a new file of the box's user alone. When the file's part begins, `place(the fields before it,
-    its name)` says where it goes, or None: then the rest is read and none of it kept. So the fields
+    into a new file of the box's user alone. When the file's part begins, `place(the fields before it)`
+    says where it goes, or None: then the rest is read and none of it kept. So the fields
     that come first in the form (its CSRF token, the wizard's setup code) decide whether a byte of the
     file is written anywhere; starlette's form reading wrote all of it to a spool file before any field
     could be looked at. `place` may raise HTTPException to answer at once. Returns the fields and the
@@ -148,9 +141,9 @@ async def read_form_and_file(request: Request, place: Callable[[dict[str, str], 
     try:
         async for chunk in request.stream():
             _parsed(parser.write, chunk)
-            if form.file_began:
-                form.file_began = False
-                written.open(await place(dict(form.fields), form.filename) if form.filename else None)
+            if form.file_began is not None:
+                began, form.file_began = form.file_began, None
+                written.open(await place(dict(form.fields)) if began else None)
             await written.take(form.pending)
         _parsed(parser.finalize)
         kept = True
@@ -163,3 +156,22 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+async def read_upload(request: Request, place: Callable[[dict[str, str]], Awaitable[Path | None]], *,
+                      max_fields: int = 10) -> tuple[dict[str, str], Path | None]:
+    """read_form_and_file with this session's CSRF token required: among the fields before the file
+    (`place` is asked only then, and nothing of the file is written without it), and in a form sent
+    without a file. HTTPException(403) otherwise."""
+
+    async def checked(fields: dict[str, str]) -> Path | None:
+        if not csrf_ok(request.session, fields.get(CSRF_FIELD)):
+            raise HTTPException(403, FORM_EXPIRED)
+        return await place(fields)
+
+    fields, path = await read_form_and_file(request, checked, max_fields=max_fields)
+    if not csrf_ok(request.session, fields.get(CSRF_FIELD)):
+        if path is not None:
+            await asyncio.to_thread(path.unlink, True)
+        raise HTTPException(403, FORM_EXPIRED)
+    return fields, path

@@ -243,6 +243,28 @@ def test_uploaded_backup_shows_its_manifest_then_puts_one_mailbox_back(web: WebC
     assert status["job"]["percent"] == 100
 
 
+def test_an_upload_sent_as_a_browser_sends_it_is_read_whole(web: WebClient, tmp_path: Path) -> None:
+    """A browser sends the form in the page's order: the token, the file, then the kit and the rest. A
+    small file and the fields after it come in one piece of the body: its part had ended (and the next
+    begun) before the reader looked at it, so it was taken for no file ('choose the backup file')."""
+    file, kit = _uploaded_backup(web, tmp_path)
+    boundary = "----browser-like-boundary"
+    parts: list[tuple[str, str | bytes]] = [("csrf", web.csrf("/console/backups")), ("backup", file.read_bytes()),
+                                           ("secret", kit), ("what", "box"), ("address", "")]
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
+        + (f'; filename="{file.name}"\r\nContent-Type: application/octet-stream'.encode() if isinstance(value, bytes)
+           else b"")
+        + b"\r\n\r\n" + (value if isinstance(value, bytes) else value.encode()) + b"\r\n"
+        for name, value in parts) + f"--{boundary}--\r\n".encode()
+    page = web.client.post("/console/backups/upload", content=body,
+                           headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert page.status_code == 200, page.text[:300]
+    assert "Confirm the restore" in page.text
+    [pending] = web.services.backups.pending.values()
+    assert pending.path.read_bytes() == file.read_bytes()
+
+
 def test_an_uploaded_backup_is_the_box_users_alone_whatever_the_umask(web: WebClient, tmp_path: Path) -> None:
     """It holds the password hashes and the DKIM keys (encrypted), and waits beside the data directory
     for its confirmation: `make run` has the shell's umask, not the appliance unit's 0077."""

@@ -22,8 +22,7 @@ from starlette.routing import Route
 
 from appliance import backup, setup_code
 from web.pages import admin, flash, peer, read_form, redirect, render, require, services
-from web.security import CSRF_FIELD, csrf_ok
-from web.uploads import read_form_and_file
+from web.uploads import read_upload
 
 MAX_UPLOAD = 256 * 1024**3  # a backup is one file of any size a disk holds; it is streamed to disk
 MAX_SECRET = 4096
@@ -101,7 +100,6 @@ async def _reserve_room(request: Request) -> int:
     return length
 
 
-FORM_EXPIRED = "This form has expired or came from another site. Reload the page and try again."
 Gate = Callable[[dict[str, str]], Awaitable[bool]]
 
 
@@ -117,27 +115,19 @@ async def _read_upload(request: Request, gate: Gate = _allow) -> tuple[dict[str,
     once."""
     reserved = await _reserve_room(request)
     jobs = services(request).backups
-    target = backup.upload_path(services(request).config.data.root)
 
-    async def place(fields: dict[str, str], _filename: str) -> Path | None:
+    async def place(fields: dict[str, str]) -> Path | None:
         nonlocal reserved
-        if not csrf_ok(request.session, fields.get(CSRF_FIELD)):
-            raise HTTPException(403, FORM_EXPIRED)
         if await gate(fields):
-            return target
+            return backup.upload_path(services(request).config.data.root)
         jobs.arriving -= reserved
         reserved = 0
         return None
 
     try:
-        values, path = await read_form_and_file(request, place)
+        return await read_upload(request, place)
     finally:
         jobs.arriving -= reserved
-    if not csrf_ok(request.session, values.get(CSRF_FIELD)):  # a form without a file needs its token too
-        if path is not None:
-            await asyncio.to_thread(path.unlink, True)
-        raise HTTPException(403, FORM_EXPIRED)
-    return values, path
 
 
 async def wizard_submit(request: Request) -> Response:

@@ -9,16 +9,13 @@ import asyncio
 import secrets
 from pathlib import Path
 
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from appliance import bundle, update
 from web.pages import admin, flash, redirect, render, require, services
-from web.security import CSRF_FIELD, csrf_ok
-from web.uploads import save_private
+from web.uploads import read_upload
 
 MAX_UPLOAD = bundle.MAX_BYTES + 1024 * 1024  # the bundle plus the form around it
 
@@ -32,27 +29,14 @@ async def page(request: Request) -> Response:
 
 
 async def _save_upload(request: Request, folder: Path) -> Path | None:
-    """The uploaded file, checked for this session's CSRF token first, streamed into `folder`."""
-    try:
-        form = await request.form(max_files=1, max_fields=5, max_part_size=64 * 1024)
-    except HTTPException:
-        raise
-    except Exception as exc:  # malformed multipart: the client's fault
-        raise HTTPException(400, "The form could not be read.") from exc
-    try:
-        upload = next((v for _, v in form.multi_items() if isinstance(v, UploadFile)), None)
-        token = next((v for k, v in form.multi_items() if k == CSRF_FIELD and isinstance(v, str)), None)
-        if not csrf_ok(request.session, token):
-            raise HTTPException(403, "This form has expired or came from another site. Reload the page and try again.")
-        if upload is None or not upload.filename:
-            return None
-        target = folder / f".upload-{secrets.token_hex(4)}"
+    """The uploaded file, written into `folder` as it arrives, once the fields before it carried this
+    session's CSRF token (web/uploads.read_upload)."""
 
+    async def place(_fields: dict[str, str]) -> Path:
         await asyncio.to_thread(folder.mkdir, mode=0o700, exist_ok=True)
-        await asyncio.to_thread(save_private, upload.file, target)
-        return target
-    finally:
-        await form.close()
+        return folder / f".upload-{secrets.token_hex(4)}"
+
+    return (await read_upload(request, place, max_fields=5))[1]
 
 
 async def upload(request: Request) -> Response:
