@@ -485,9 +485,9 @@ async def _vouch(cache: FolderCache, written: list[tuple[int, str]], later: list
         await asyncio.to_thread(fetch_cache.vouch_kept, cache, written)
 
 
-async def _prefill(cache: FolderCache, uids: Sequence[int], infos: dict[int, MessageInfo], cpu: CpuPool) -> None:
-    """FetchRenderer.prefill's task: `uids` and `infos` are the snapshot's own (a view that changes
-    makes copies), so they hold still meanwhile."""
+async def _prefill(cache: FolderCache, uids: Sequence[int], infos: Mapping[int, MessageInfo], cpu: CpuPool) -> None:
+    """FetchRenderer.prefill's task: `uids` and `infos` are a folder state's (shared, never changed),
+    so they hold still meanwhile."""
     # Through the database's thread: after the insert of the messages of a first listing, queued
     # before (a row of a message not inserted yet would not be kept). The messages above the
     # highest UID with a row: files first found by a listing get UIDs above all those described.
@@ -547,7 +547,7 @@ class _Files(Sequence[tuple[int, str]]):
     """(UID, file path) of these messages, each path made when a chunk asks for it: a prefill of
     100k files copied in would otherwise hold 100k path strings (about 15 MB) while it lasts."""
 
-    def __init__(self, uids: Sequence[int], infos: dict[int, MessageInfo]) -> None:
+    def __init__(self, uids: Sequence[int], infos: Mapping[int, MessageInfo]) -> None:
         self._uids, self._infos = uids, infos
 
     def __len__(self) -> int:
@@ -656,9 +656,9 @@ def index_only(view: SelectedFolder, uids: Sequence[int], items: Sequence[FetchI
     a few microseconds per message."""
     names = [item.name for item in items if isinstance(item, FetchAttribute)]
     add_flags = "FLAGS" not in names and bool(flags_changed)
-    recent, infos, seq_of = view.recent, view.infos, view.seq_of
+    recent, infos = view.recent, view.infos
     lines: list[str] = []
-    for uid in uids:
+    for uid, seq in zip(uids, view.seqs_of(uids), strict=True):
         info = infos[uid]
         parts: list[str] = []
         for name in names:
@@ -676,7 +676,7 @@ def index_only(view: SelectedFolder, uids: Sequence[int], items: Sequence[FetchI
             parts.append("FLAGS " + flag_text(info.flags, uid in recent))
             if view.condstore and "MODSEQ" not in names:
                 parts.append(f"MODSEQ ({info.modseq})")
-        lines.append(f"* {seq_of(uid)} FETCH ({' '.join(parts)})\r\n")
+        lines.append(f"* {seq} FETCH ({' '.join(parts)})\r\n")
     return Preformatted("".join(lines).encode("utf-8"))
 
 

@@ -6,17 +6,19 @@ client up to date: EXPUNGE (RFC 3501 7.4.1), EXISTS/RECENT (7.3.1-2) and FETCH F
 During FETCH, STORE and SEARCH (not their UID forms) an EXPUNGE must not be sent (7.4.1); the
 expunged messages then stay in the view, marked gone, until a later command may announce them.
 
-Folders of 100,000 messages are normal, so the view keeps plain lists, dicts and sets (no object per
-message beyond the store's MessageInfo), and renders a flag list once per distinct set of flags.
+Folders of 100,000 messages are normal, and a hundred sessions may hold one selected: the view is the
+store's state it took in last (shared with every session at that state) and what differs from it (a
+few messages), nothing per message of its own; it renders a flag list once per distinct set of flags.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from itertools import compress
+from itertools import chain, compress, filterfalse
 from operator import is_not, itemgetter
 
 from appliance.imap.commands import RECENT, SYSTEM_FLAGS, SearchKey, SequenceSet, compact
@@ -25,6 +27,7 @@ from appliance.store.mailstore import FolderSnapshot, MessageInfo
 
 _ORDER = {flag: i for i, flag in enumerate(SYSTEM_FLAGS)}
 _UID = itemgetter(0)  # MessageInfo's
+_FIRST_UID = lambda pair: pair[0][0]  # noqa: E731  (new, old) pairs by UID
 
 
 @lru_cache(maxsize=4096)
@@ -61,18 +64,23 @@ class SelectedFolder:
         self.readonly = readonly
         self.uidvalidity = snapshot.uidvalidity
         self.uidnext = snapshot.uidnext
-        # Shared with the snapshot (and every session that selected the same state) until this view
-        # changes: SELECT of an unchanged folder builds no per-message object (issue 19). Read them
-        # freely; change them only after _own().
-        self.uids: Sequence[int] = snapshot.uids
-        self.infos: dict[int, MessageInfo] = snapshot.by_uid
-        self._snapshot: FolderSnapshot | None = snapshot  # None once the view has its own copies
-        # The last state of the store this view took in (SELECT's, then each apply's): the next
-        # apply finds what changed since by comparing the new state's messages with its messages.
+        # The last state of the store this view took in (SELECT's, then each apply's), shared with
+        # every session that took in the same state: the view's messages are its messages but for
+        # the few below, so a view holds nothing per message of its folder (issue 19: a dict of the
+        # folder's infos and one of its message numbers per session were ~110 bytes per message and
+        # session, 11 MB per session of a 100k folder). The next apply finds what changed since by
+        # comparing the new state's messages with its messages.
         self._base = snapshot
+        # Messages as this view has them where that is not _base's: expunged elsewhere and not yet
+        # announced (`gone`, not in _base), and this session's own changes until the next apply.
+        self._told: dict[int, MessageInfo] = {}
+        # UIDs of _base this session expunged (not in the view any more).
+        self._dropped: set[int] = set()
+        # The view's own UIDs, ascending, while they are not _base's (`gone` or `_dropped` not empty):
+        # 4 octets each. None: _base's.
+        self._uids: array[int] | None = None
         self.gone: set[int] = set()  # expunged elsewhere, not yet announced to this client
-        self.recent: set[int] = set(snapshot.recent)
-        self._seq: dict[int, int] | None = None
+        self.recent: frozenset[int] = snapshot.recent
         self.keywords: set[str] = set(snapshot.keywords)
         self.highestmodseq = snapshot.highestmodseq
         # RFC 7162: once CONDSTORE is enabled every FETCH of flags carries MODSEQ (3.1); once QRESYNC
@@ -82,30 +90,61 @@ class SelectedFolder:
         self.contexts: dict[str, SearchContext] = {}  # RFC 5267 searches kept up to date, by tag
         self.version = 0  # bumped on every change a kept search may have to be re-run for
 
-    def _own(self) -> list[int]:
-        """This view's own UID list and info map, copied from the shared snapshot's at the first
-        change; returns the list (to append to)."""
-        if self._snapshot is not None:
-            self._snapshot = None
-            self.uids = list(self.uids)
-            self.infos = dict(self.infos)
-        assert isinstance(self.uids, list)
-        return self.uids
-
     # --- numbers -----------------------------------------------------------------------------------
 
     @property
+    def uids(self) -> Sequence[int]:
+        """The view's UIDs, ascending (the state's shared tuple, or the view's own array)."""
+        return self._uids if self._uids is not None else self._base.uids
+
+    @property
+    def infos(self) -> Mapping[int, MessageInfo]:
+        """The view's messages by UID: the state's shared map, or a look-up through the view while it
+        differs from the state (a few messages told apart)."""
+        if not self._told and self._uids is None:
+            return self._base.by_uid
+        return _Infos(self._base, dict(self._told), self._uids)
+
+    @property
     def exists(self) -> int:
-        return len(self.uids)
+        return len(self._uids) if self._uids is not None else len(self._base.messages)
 
     @property
     def largest_uid(self) -> int:
-        return self.uids[-1] if self.uids else 0
+        if self._uids is not None:
+            return self._uids[-1] if self._uids else 0
+        messages = self._base.messages
+        return messages[-1].uid if messages else 0
+
+    def _place(self, uid: int) -> int:
+        """Where `uid` is in the view's UIDs (its message number - 1), or -1."""
+        own = self._uids
+        if own is None:
+            return self._base.place(uid)
+        i = bisect_left(own, uid)
+        return i if i < len(own) and own[i] == uid else -1
+
+    def has(self, uid: int) -> bool:
+        return self._place(uid) >= 0
 
     def seq_of(self, uid: int) -> int:
-        if self._seq is None:
-            self._seq = {u: i for i, u in enumerate(self.uids, start=1)}
-        return self._seq[uid]
+        """The message number of `uid` (by bisection: UIDs ascend with the numbers); KeyError when the
+        view has no such message."""
+        i = self._place(uid)
+        if i < 0:
+            raise KeyError(uid)
+        return i + 1
+
+    def seqs_of(self, uids: Sequence[int]) -> Sequence[int]:
+        """The message numbers of `uids` (ascending, all in the view): a range when they are a run of
+        the view's messages (1:*, or a batch of it), else one bisection each."""
+        if not uids:
+            return ()
+        first = self.seq_of(uids[0])
+        run = self.uids[first - 1:first - 1 + len(uids)]
+        if len(run) == len(uids) and run[-1] == uids[-1] and list(run) == list(uids):
+            return range(first, first + len(uids))
+        return [self.seq_of(uid) for uid in uids]
 
     def uid_of(self, seq: int) -> int:
         return self.uids[seq - 1]
@@ -113,24 +152,33 @@ class SelectedFolder:
     def resolve(self, seqset: SequenceSet, uid: bool) -> list[int]:
         """UIDs (ascending) a sequence set names. For UID sets, numbers that are not messages are
         ignored (RFC 3501 6.4.8); `*` is the largest UID in use."""
+        uids = self.uids
         if uid:
-            if not self.uids:
+            if not uids:
                 return []
             if len(seqset.ranges) == 1:
                 low, high = next(seqset.bounds(self.largest_uid))
-                if low <= self.uids[0] and high >= self.uids[-1]:
-                    return list(self.uids)
-            return seqset.select(self.uids, self.largest_uid)
-        return [self.uids[n - 1] for n in seqset.numbers(self.exists)]
+                if low <= uids[0] and high >= uids[-1]:
+                    return list(uids)
+            return seqset.select(uids, self.largest_uid)
+        return [uids[n - 1] for n in seqset.numbers(self.exists)]
 
     def flags_of(self, uid: int) -> list[str]:
-        return flag_text(self.infos[uid].flags, uid in self.recent)[1:-1].split()
+        return flag_text(self.info(uid).flags, uid in self.recent)[1:-1].split()
 
     def flags_atom(self, uid: int) -> Atom:
-        return Atom(flag_text(self.infos[uid].flags, uid in self.recent))
+        return Atom(flag_text(self.info(uid).flags, uid in self.recent))
 
     def info(self, uid: int) -> MessageInfo:
-        return self.infos[uid]
+        """The message as this view has it; KeyError for a UID the view never had."""
+        if self._told:
+            told = self._told.get(uid)
+            if told is not None:
+                return told
+        found = self._base.find(uid)
+        if found is None:
+            raise KeyError(uid)
+        return found
 
     def is_gone(self, uid: int) -> bool:
         return uid in self.gone
@@ -158,72 +206,62 @@ class SelectedFolder:
         return [self.flags_response(), self.permanent_flags()]
 
     def first_unseen(self) -> int | None:
-        if self._snapshot is not None:
-            return self._snapshot.first_unseen  # worked out once per folder state
+        if not self._told and self._uids is None:
+            return self._base.first_unseen  # worked out once per folder state
         for i, uid in enumerate(self.uids, start=1):
-            if "\\Seen" not in self.infos[uid].flags:
+            if "\\Seen" not in self.info(uid).flags:
                 return i
         return None
 
     def unseen_count(self) -> int:
-        return sum(1 for u, m in self.infos.items() if u not in self.gone and "\\Seen" not in m.flags)
+        return sum(1 for u in self.uids if u not in self.gone and "\\Seen" not in self.info(u).flags)
 
     # --- changes -----------------------------------------------------------------------------------
 
     def update_infos(self, infos: Iterable[MessageInfo]) -> list[Response]:
         """This session changed these messages (STORE, implicit \\Seen): take the new state without
         announcing it again later. Returns the announcement of any new keyword (send it first)."""
-        taken = [info for info in infos if info.uid in self.infos]
+        taken = [info for info in infos if self.has(info.uid)]
         self.version += 1
-        if taken:
-            self._own()
         for info in taken:
-            self.infos[info.uid] = info
+            self._told[info.uid] = info
         return self._learn_keywords(taken)
 
     def expunged_by_us(self, uids: Sequence[int]) -> list[Response]:
         """Remove messages this session expunged; the EXPUNGE responses for them."""
-        return self._remove([u for u in uids if u in self.infos])
+        return self._remove([u for u in uids if self.has(u)])
 
     def apply(self, snapshot: FolderSnapshot, allow_expunge: bool, with_uid: bool = True) -> list[Response]:
         """Bring the view up to `snapshot`; the untagged responses that tell the client."""
+        if snapshot is self._base and not (allow_expunge and self.gone):
+            return []  # the state this view took in last: nothing to tell
         out: list[Response] = []
-        changed: list[MessageInfo] = []
-        if snapshot is self._snapshot or (snapshot is self._base and not (allow_expunge and self.gone)):
-            return []  # the very state this view shows, or took in last: nothing to tell
-        base, self._base = self._base, snapshot
-        self._own()
-        messages = snapshot.messages
-        places = self._changed_places(snapshot, base)
+        largest = self.largest_uid
+        pairs = self._changed(snapshot)  # (marks the view's messages no longer there as gone)
         if allow_expunge and self.gone:
             out += self._remove(sorted(self.gone))
+        # Take in the new state: the view is its messages, but for those still gone.
+        self._base = snapshot
+        self._told = {u: self._told[u] for u in self.gone}
+        self._dropped = {u for u in self._dropped if snapshot.place(u) >= 0}
+        if self.gone or self._dropped:
+            # (sorted() merges the two ascending runs in one pass)
+            self._uids = array("I", sorted(chain(filterfalse(self._dropped.__contains__, snapshot.uids), self.gone)))
+        else:
+            self._uids = None
         # Flag changes made elsewhere.
-        infos = self.infos
-        for i in places:
-            new = messages[i]
-            old = infos.get(new.uid)
-            if old is None:
-                continue  # (expunged by this session meanwhile)
-            # The new state is taken whatever changed (its file's name, its date read in the
-            # background): a view that kept an equal old object found it "not the same" at every
-            # later apply, a loop of Python over the whole folder for each session at each change
-            # once the folder's dates were read (25 ms per session per delivery at 100k, issue 19).
-            infos[new.uid] = new
+        changed: list[MessageInfo] = []
+        for new, old in pairs:
             if new.flags != old.flags or (self.condstore and new.modseq != old.modseq):
                 changed.append(new)
                 out.append(self.flags_fetch(new.uid, with_uid))
         # New messages (UIDs only grow, RFC 3501 2.3.1.1).
-        added = messages[bisect_right(messages, self.largest_uid, key=_UID):]
+        messages = snapshot.messages
+        added = [m for m in messages[bisect_right(messages, largest, key=_UID):] if m.uid not in self._dropped]
         recent_before = len(self.recent)
-        self.recent |= set(snapshot.recent)
+        if not snapshot.recent <= self.recent:
+            self.recent |= snapshot.recent
         if added:
-            uids = self._own()
-            seq = self._seq  # kept: new messages take the next numbers (made again was O(folder) per delivery)
-            for m in added:
-                uids.append(m.uid)
-                self.infos[m.uid] = m
-                if seq is not None:
-                    seq[m.uid] = len(uids)
             out.append(Data(f"{self.exists} EXISTS"))
         if added or len(self.recent) != recent_before:
             out.append(Data(f"{len(self.recent)} RECENT"))
@@ -233,27 +271,51 @@ class SelectedFolder:
             self.version += 1
         return [*self._learn_keywords([*changed, *added]), *out]
 
-    def _changed_places(self, snapshot: FolderSnapshot, base: FolderSnapshot) -> Iterable[int]:
-        """Where in `snapshot.messages`, among the messages this view has, those that are not the
-        object the view took in are (lazily); the view's messages no longer in it are added to
-        `gone`. The index hands out the same MessageInfo while a message is unchanged: the few that
-        are not the same object are found in C loops (a loop of Python over every message, for
-        each session at each state of a folder that changes at every command, issue 19)."""
+    def _changed(self, snapshot: FolderSnapshot) -> list[tuple[MessageInfo, MessageInfo]]:
+        """The view's messages that `snapshot` has as another object: (the new one, the view's),
+        in UID order; the view's messages it no longer has are marked gone (kept as the view has
+        them). The index hands out the same MessageInfo while a message is unchanged: the few that
+        are not the same object are found in C loops (a loop of Python over every message, for each
+        session at each state of a folder that changes at every command, issue 19)."""
+        base = self._base
         messages, before = snapshot.messages, base.messages
+        told = self._told
         # UIDs only grow and an expunged one never comes back: when the new state has as many
         # messages up to the largest UID of `base` (the last state this view took in), none of
         # them is gone and they are in the same places: compared by place with base's, without a
         # map of either (building the new state's UID map and reading every message of the view's
         # was most of a session's catch-up after a delivery or a STORE slice: 25 ms at 100k).
+        pairs: dict[int, tuple[MessageInfo, MessageInfo]] = {}
+        dropped = self._dropped
+        # The new state is taken whatever changed in a message (its file's name, its date read in
+        # the background): a view that kept an equal old object found it "not the same" at every
+        # later apply, a loop of Python over the whole folder for each session at each change once
+        # the folder's dates were read (25 ms per session per delivery at 100k, issue 19).
         if not before or bisect_right(messages, before[-1].uid, key=_UID) == len(before):
-            return compress(range(len(before)), map(is_not, messages, before))
-        current = snapshot.by_uid
-        # The snapshot's UIDs up to the view's largest are a subset of the view's: as many means
-        # the same, and no message is gone.
-        known = bisect_right(snapshot.uids, self.largest_uid)
-        if known != len(self.uids):
-            self.gone.update(u for u in self.uids if u not in current)
-        return compress(range(known), map(is_not, messages, map(self.infos.get, snapshot.uids)))
+            for i in compress(range(len(before)), map(is_not, messages, before)):
+                new = messages[i]
+                if new.uid not in dropped:
+                    pairs[new.uid] = (new, told.get(new.uid, before[i]))
+        else:
+            current = snapshot.by_uid
+            for uid in filterfalse(current.__contains__, self.uids):
+                if uid not in self.gone:
+                    told[uid] = self.info(uid)
+                    self.gone.add(uid)
+            known = bisect_right(snapshot.uids, before[-1].uid)
+            by_old = base.by_uid
+            for i in compress(range(known), map(is_not, messages, map(by_old.get, snapshot.uids[:known]))):
+                new = messages[i]
+                old = told.get(new.uid) or by_old.get(new.uid)
+                if old is not None and new.uid not in dropped:
+                    pairs[new.uid] = (new, old)
+        # This session's own changes the new state has as base had them (none, as the store goes).
+        for uid, old in told.items():
+            if uid not in pairs and uid not in self.gone:
+                new_info = snapshot.find(uid)
+                if new_info is not None and new_info is not old:
+                    pairs[uid] = (new_info, old)
+        return sorted(pairs.values(), key=_FIRST_UID) if len(pairs) > 1 else list(pairs.values())
 
     def flags_fetch(self, uid: int, with_uid: bool = True) -> FetchResponse:
         items: list[tuple[str, Atom | int]] = []
@@ -261,16 +323,14 @@ class SelectedFolder:
             items.append(("UID", uid))
         items.append(("FLAGS", self.flags_atom(uid)))
         if self.condstore:
-            items.append(("MODSEQ", Atom(f"({self.infos[uid].modseq})")))
+            items.append(("MODSEQ", Atom(f"({self.info(uid).modseq})")))
         return FetchResponse(self.seq_of(uid), tuple(items))
 
     def _remove(self, uids: Sequence[int]) -> list[Response]:
         if not uids:
             return []
         doomed = set(uids)
-        self._own()
         out: list[Response] = []
-        removed = 0
         self.version += 1
         # RFC 5267 4.3: an expunged message leaves every kept result; told before the EXPUNGE,
         # while its number still means it.
@@ -282,17 +342,56 @@ class SelectedFolder:
         if self.qresync:
             out.append(Data("VANISHED " + compact(sorted(doomed))))  # RFC 7162 3.2.10
         else:
-            for seq, uid in enumerate(self.uids, start=1):
-                if uid in doomed:
-                    out.append(Data(f"{seq - removed} EXPUNGE"))  # later numbers shift down at once
-                    removed += 1
-        self.uids = [u for u in self.uids if u not in doomed]
+            # Each EXPUNGE shifts the later numbers down at once.
+            seqs = sorted(map(self.seq_of, doomed))
+            out += [Data(f"{seq - removed} EXPUNGE") for removed, seq in enumerate(seqs)]
+        base = self._base
+        self._uids = array("I", filterfalse(doomed.__contains__, self.uids))
         for uid in doomed:
-            self.infos.pop(uid, None)
-            self.recent.discard(uid)
+            self._told.pop(uid, None)
+            if base.place(uid) >= 0:
+                self._dropped.add(uid)
+        if not self.recent.isdisjoint(doomed):
+            self.recent -= doomed
         self.gone -= doomed
-        self._seq = None
         return out
+
+
+class _Infos(Mapping[int, MessageInfo]):
+    """SelectedFolder.infos while the view differs from the state it took in last: the view's
+    messages as they are when asked for (later changes of the view do not show; a FETCH's background
+    work may read it after the view moved on)."""
+
+    def __init__(self, base: FolderSnapshot, told: dict[int, MessageInfo], uids: array[int] | None) -> None:
+        self._base, self._told, self._uids = base, told, uids
+
+    def __getitem__(self, uid: int) -> MessageInfo:
+        found = self._told.get(uid)
+        if found is None:
+            if self._uids is not None and not _holds(self._uids, uid):
+                raise KeyError(uid)
+            found = self._base.find(uid)
+            if found is None:
+                raise KeyError(uid)
+        return found
+
+    def __contains__(self, uid: object) -> bool:
+        if not isinstance(uid, int):
+            return False
+        if self._uids is not None:
+            return _holds(self._uids, uid)
+        return self._base.place(uid) >= 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._uids if self._uids is not None else self._base.uids)
+
+    def __len__(self) -> int:
+        return len(self._uids) if self._uids is not None else len(self._base.messages)
+
+
+def _holds(uids: Sequence[int], uid: int) -> bool:
+    i = bisect_left(uids, uid)
+    return i < len(uids) and uids[i] == uid
 
 
 def _keywords(messages: Iterable[MessageInfo]) -> set[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from bisect import bisect_left
 from dataclasses import dataclass
 from functools import cached_property
 from operator import itemgetter
@@ -127,6 +128,26 @@ class FolderSnapshot:
     @cached_property
     def uids(self) -> tuple[int, ...]:
         return tuple(map(_UID, self.messages))
+
+    def place(self, uid: int) -> int:
+        """Where the message with this UID is in `messages`, or -1: by bisection, over the UID tuple
+        when some reader made it, else over the messages themselves (a session's look at one message
+        of a new state builds neither the tuple nor the map, issue 19)."""
+        uids = self.__dict__.get("uids")
+        if uids is not None:
+            i = bisect_left(uids, uid)
+            return i if i < len(uids) and uids[i] == uid else -1
+        messages = self.messages
+        i = bisect_left(messages, uid, key=_UID)
+        return i if i < len(messages) and messages[i][0] == uid else -1
+
+    def find(self, uid: int) -> MessageInfo | None:
+        """The message with this UID, or None (the map when some reader made it, else place())."""
+        by_uid = self.__dict__.get("by_uid")
+        if by_uid is not None:
+            return by_uid.get(uid)  # type: ignore[no-any-return]
+        i = self.place(uid)
+        return self.messages[i] if i >= 0 else None
 
     @cached_property
     def by_uid(self) -> dict[int, MessageInfo]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
 from pathlib import Path
 
 from appliance.imap.commands import STAR, SequenceSet
@@ -48,7 +50,7 @@ def test_expunge_numbers_shift_as_they_go() -> None:
     out = view.apply(snap(info(1), info(3), info(5)), allow_expunge=True)
     # RFC 3501 7.4.1: each EXPUNGE renumbers the messages after it at once.
     assert lines(out) == [b"* 2 EXPUNGE\r\n", b"* 3 EXPUNGE\r\n"]
-    assert view.uids == [1, 3, 5]
+    assert list(view.uids) == [1, 3, 5]
 
 
 def test_expunge_deferred_while_not_allowed() -> None:
@@ -83,7 +85,7 @@ def test_own_changes_are_not_announced_again() -> None:
 def test_expunged_by_us() -> None:
     view = SelectedFolder(snap(info(1), info(2), info(3)), readonly=False)
     assert lines(view.expunged_by_us([1, 3])) == [b"* 1 EXPUNGE\r\n", b"* 2 EXPUNGE\r\n"]
-    assert view.uids == [2]
+    assert list(view.uids) == [2]
 
 
 def test_first_unseen_and_counts() -> None:
@@ -146,3 +148,50 @@ def test_a_catch_up_without_expunges_compares_by_place_and_builds_no_uid_map() -
     out = view.apply(snap(*messages, recent=frozenset({1001})), allow_expunge=True)
     assert lines(out) == [b"* 1001 EXISTS\r\n", b"* 1 RECENT\r\n"]
     assert view.seq_of(1002) == 1001
+
+
+def test_views_hold_nothing_per_message() -> None:
+    """Issue 19: a hundred sessions may hold one folder of 100k messages selected. A view is the
+    state it took in last (shared with every session at that state) and the few messages it tells
+    apart, nothing per message of its own, through every kind of change: a flag set elsewhere, a new
+    message, its own STORE, an expunge it may not announce yet and then does, one it makes itself.
+    (Each view copied the folder's UID list and info map at its first change, and built a map of
+    its message numbers: about 110 bytes per message and session.)"""
+    count, views = 10_000, 10
+    messages = [info(uid) for uid in range(1, count + 1)]
+    first = snap(*messages)
+    messages[9] = info(10, "\\Flagged")  # another session's STORE, and a delivery
+    messages.append(info(count + 1))
+    second = snap(*messages, recent=frozenset({count + 1}))
+    messages[6] = info(7, "\\Seen")  # this session's STORE
+    del messages[2]  # an expunge elsewhere
+    third = snap(*messages)
+    del messages[3]  # and this session's own expunge of UID 5
+    fourth = snap(*messages)
+    for state in (first, second, third, fourth):  # what readers of a state build, once per state
+        assert state.first_unseen == 1
+        assert len(state.by_uid) == len(state.uids)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        held = [SelectedFolder(first, readonly=False) for _ in range(views)]
+        for view in held:
+            assert view.seq_of(count) == count
+            assert view.infos[count].uid == count
+            assert lines(view.apply(second, allow_expunge=True))[0] == b"* 10 FETCH (UID 10 FLAGS (\\Flagged))\r\n"
+            assert view.seqs_of(view.resolve(SequenceSet(((1, STAR),)), uid=True)) == range(1, count + 2)
+            view.update_infos([info(7, "\\Seen")])
+            assert view.apply(third, allow_expunge=False) == []
+            assert view.is_gone(3)
+            assert view.exists == count + 1
+            assert lines(view.apply(third, allow_expunge=True)) == [b"* 3 EXPUNGE\r\n"]
+            assert lines(view.expunged_by_us([5])) == [b"* 4 EXPUNGE\r\n"]
+            assert view.apply(fourth, allow_expunge=True) == []
+            assert (view.exists, view.seq_of(count + 1)) == (count - 1, count - 1)
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    per_message = (after - before) / views / count
+    assert per_message < 2, f"{per_message:.1f} bytes per message and view"

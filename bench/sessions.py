@@ -1,0 +1,84 @@
+"""The box's memory with many IMAP sessions holding one big folder selected (issue 19: an open folder's
+memory per session independent of the folder's size): `letterbox serve` on a copy of the corpus folder,
+then sessions opened in tiers (1, 10, 50 by default). Each session logs in, SELECTs INBOX and fetches
+`1:* (FLAGS)` (what a mail program does when it opens a folder); then a message is APPENDed and another
+session sets a flag, and every session NOOPs, taking in both changes. RSS of the server (and its
+children) is read after each tier, and the growth per session and per message is printed.
+
+    python -m bench.sessions [--size 100000] [--sessions 1,10,50] [--corpus DIR] [--code DIR]
+
+--corpus keeps the generated Maildir between runs; --code runs another checkout (A/B).
+Run it under `nice -n 5` on a shared machine; the figures are sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from pathlib import Path
+
+from bench import corpus
+from bench.memory import rollup, tree, tree_rss
+from bench.side_by_side import READER, Results, Session, Setup, close_session, open_session, uptime
+
+MIB = 1024.0
+
+
+def server_rss(pid: int) -> float:
+    return rollup(pid).get("Rss", 0) / MIB
+
+
+async def tiers(port: int, pid: int, size: int, counts: list[int], deadline: float) -> None:
+    sessions: list[Session] = []
+    start = server_rss(pid)
+    print(f"| sessions | server RSS MiB | all processes MiB | growth per session MiB | per session and message B |  ({uptime()})")
+    print("|---|---|---|---|---|")
+    print(f"| 0 | {start:.1f} | {tree_rss(pid):.1f} | | |", flush=True)
+    for appended, count in enumerate(counts, start=1):
+        while len(sessions) < count:
+            session = await open_session(port, READER, deadline)
+            await session.command("SELECT INBOX")
+            await session.command("FETCH 1:* (FLAGS)")
+            sessions.append(session)
+        # A change every session takes in: a new message and a flag set by the first session.
+        message = corpus.message(size + appended, READER).decode()
+        first = sessions[0]
+        await first.command(f"APPEND INBOX {{{len(message)}+}}\r\n{message}")
+        await first.command(f"STORE {appended} +FLAGS (\\Flagged)")
+        for session in sessions:
+            await session.command("NOOP")
+        await asyncio.sleep(2.0)
+        rss = server_rss(pid)
+        per = (rss - start) / count
+        print(f"| {count} | {rss:.1f} | {tree_rss(pid):.1f} | {per:.2f} | {per * 1024 * 1024 / size:.0f} |", flush=True)
+    for session in sessions:
+        await close_session(session)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=100_000)
+    parser.add_argument("--sessions", default="1,10,50")
+    parser.add_argument("--corpus", type=Path, help="where the generated Maildir is kept between runs")
+    parser.add_argument("--code", type=Path, default=None, help="a checkout whose appliance the box runs (A/B)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per IMAP command")
+    args = parser.parse_args()
+    args.settle = 0.0
+    Results(args)  # (Setup reads nothing of it but the arguments)
+    counts = sorted({int(n) for n in args.sessions.split(",") if n})
+    with tempfile.TemporaryDirectory(prefix="letterbox-sessions-") as tmp:
+        work = Path(tmp)
+        folder = args.corpus or work / "corpus"
+        if not (folder / "cur").is_dir() or len(list((folder / "cur").iterdir())) != args.size:
+            print(f"# writing {args.size:,} messages into {folder}", flush=True)
+            corpus.write_folder(folder, args.size, READER)
+        setup = Setup.make(work, args)
+        with setup.letterbox({READER: folder}, code=args.code) as box:
+            print(f"# {args.size:,} messages, code {args.code or 'this checkout'}, server pid {box.pid} "
+                  f"({len(tree(box.pid))} processes)", flush=True)
+            asyncio.run(tiers(box.port("imaps"), box.pid, args.size, counts, args.timeout))
+
+
+if __name__ == "__main__":
+    main()
