@@ -3,7 +3,8 @@ memory per session independent of the folder's size): `letterbox serve` on a cop
 then sessions opened in tiers (1, 10, 50 by default). Each session logs in, SELECTs INBOX and fetches
 `1:* (FLAGS)` (what a mail program does when it opens a folder); then a message is APPENDed and another
 session sets a flag, and every session NOOPs, taking in both changes. RSS of the server (and its
-children) is read after each tier, and the growth per session and per message is printed.
+children) is read after each tier, and the growth per session and per message is printed, with the
+time of `UID FETCH 1:* (FLAGS)` and of a session's catch-up after another's STORE (NOOP) at that tier.
 
     python -m bench.sessions [--size 100000] [--sessions 1,10,50] [--corpus DIR] [--code DIR]
 
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from bench import corpus
@@ -32,8 +35,9 @@ def server_rss(pid: int) -> float:
 async def tiers(port: int, pid: int, size: int, counts: list[int], deadline: float) -> None:
     sessions: list[Session] = []
     start = server_rss(pid)
-    print(f"| sessions | server RSS MiB | all processes MiB | growth per session MiB | per session and message B |  ({uptime()})")
-    print("|---|---|---|---|---|")
+    print(f"| sessions | server RSS MiB | all processes MiB | growth per session MiB | per session and message B "
+          f"| UID FETCH 1:* FLAGS ms | catch-up per session ms |  ({uptime()})")
+    print("|---|---|---|---|---|---|---|")
     print(f"| 0 | {start:.1f} | {tree_rss(pid):.1f} | | |", flush=True)
     for appended, count in enumerate(counts, start=1):
         while len(sessions) < count:
@@ -51,7 +55,21 @@ async def tiers(port: int, pid: int, size: int, counts: list[int], deadline: flo
         await asyncio.sleep(2.0)
         rss = server_rss(pid)
         per = (rss - start) / count
-        print(f"| {count} | {rss:.1f} | {tree_rss(pid):.1f} | {per:.2f} | {per * 1024 * 1024 / size:.0f} |", flush=True)
+        # What the commands whose work is per message of the view cost meanwhile (ms, medians of 3):
+        # UID FETCH 1:* (FLAGS) in one session, and a catch-up: a flag set in one session, then a
+        # NOOP in each (per session).
+        flags, catch_up = [], []
+        for n in range(3):
+            began = time.perf_counter()
+            await first.command("UID FETCH 1:* (FLAGS)")
+            flags.append((time.perf_counter() - began) * 1000)
+            await first.command(f"STORE {appended + 100 + n} +FLAGS (\\Answered)")
+            began = time.perf_counter()
+            for session in sessions:
+                await session.command("NOOP")
+            catch_up.append((time.perf_counter() - began) * 1000 / count)
+        print(f"| {count} | {rss:.1f} | {tree_rss(pid):.1f} | {per:.2f} | {per * 1024 * 1024 / size:.0f} "
+              f"| {statistics.median(flags):.0f} | {statistics.median(catch_up):.1f} |", flush=True)
     for session in sessions:
         await close_session(session)
 

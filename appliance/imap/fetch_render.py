@@ -138,8 +138,7 @@ class FetchRenderer:
         missing: list[int] = []
         dated = _dated(items)
         for start in range(0, len(uids), FETCH_BATCH):
-            jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid, dated))
-                    for uid in uids[start:start + FETCH_BATCH]]
+            jobs = _jobs(view, uids[start:start + FETCH_BATCH], dated)
             if len(jobs) == 1 and jobs[0][1].size <= INLINE_FILE_OCTETS:
                 # The message a client shows: a few system calls and a small parse, done here. A trip
                 # to a worker thread (a wakeup of it and of the event loop, the GIL handed over twice)
@@ -169,7 +168,7 @@ class FetchRenderer:
         dated = _dated(items)
         for start, stop in _batches(len(uids)):
             reached[0] = stop
-            jobs = [(view.seq_of(uid), view.info(uid), facts(view, uid, dated)) for uid in uids[start:stop]]
+            jobs = _jobs(view, uids[start:stop], dated)
             rendered, new, later = await asyncio.to_thread(
                 _render_cached, cache, jobs, items, flags_changed, condstore)
             missing += _unanswered(jobs, rendered)
@@ -635,15 +634,23 @@ def _with_flags(values: list[tuple[str, Value]], message: fetching.MessageFacts,
     return values
 
 
-def facts(view: SelectedFolder, uid: int, dated: bool = True) -> fetching.MessageFacts:
-    """What the index knows of one message, as the session shows it (\\Recent included). Without
-    `dated` (no INTERNALDATE asked for), the date is the index's as it is, perhaps UNKNOWN_DATE,
-    never sent: reading it from an undated file is a stat, on the event loop (a foreign file is
-    dated in the background after its first listing, and Thunderbird's first list comes before;
-    a stat per message was a sixth of the box's CPU for that list, issue 19)."""
-    info = view.info(uid)
-    return fetching.MessageFacts(uid, tuple(view.flags_of(uid)), info.size,
-                                 info.internaldate if dated else info.date, info.modseq)
+def facts(view: SelectedFolder, uid: int, dated: bool = True, info: MessageInfo | None = None) -> fetching.MessageFacts:
+    """What the index knows of one message (`info`, when the caller has it), as the session shows
+    it (\\Recent included). Without `dated` (no INTERNALDATE asked for), the date is the index's as
+    it is, perhaps UNKNOWN_DATE, never sent: reading it from an undated file is a stat, on the event
+    loop (a foreign file is dated in the background after its first listing, and Thunderbird's
+    first list comes before; a stat per message was a sixth of the box's CPU for that list, issue 19)."""
+    if info is None:
+        info = view.info(uid)
+    flags = flag_text(info.flags, uid in view.recent)[1:-1].split()
+    return fetching.MessageFacts(uid, tuple(flags), info.size, info.internaldate if dated else info.date, info.modseq)
+
+
+def _jobs(view: SelectedFolder, uids: Sequence[int], dated: bool) -> list[_Job]:
+    """(message number, message, facts) of a batch of `uids` (ascending, all in the view)."""
+    infos = view.infos
+    return [(seq, info, facts(view, uid, dated, info))
+            for uid, seq, info in zip(uids, view.seqs_of(uids), map(infos.__getitem__, uids), strict=True)]
 
 
 def _dated(items: Sequence[FetchItem]) -> bool:
