@@ -303,6 +303,14 @@ class PeakRound(ImapRound):
         self.highest = now
 
 
+def corpus_folder(folder: Path, size: int) -> Path:
+    """The corpus Maildir of `size` messages for the reader, written into `folder` unless it is there."""
+    if not (folder / "cur").is_dir() or len(list((folder / "cur").iterdir())) != size:
+        print(f"# writing {size:,} messages into {folder}", flush=True)
+        corpus.write_folder(folder, size, READER)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=100_000)
@@ -326,10 +334,7 @@ def main() -> None:
     results = Results(args)
     with tempfile.TemporaryDirectory(prefix="letterbox-memory-") as tmp:
         work = Path(tmp)
-        folder = args.corpus or work / "corpus"
-        if not (folder / "cur").is_dir() or len(list((folder / "cur").iterdir())) != args.size:
-            print(f"# writing {args.size:,} messages into {folder}", flush=True)
-            corpus.write_folder(folder, args.size, READER)
+        folder = corpus_folder(args.corpus or work / "corpus", args.size)
         setup = Setup.make(work, args)
         with setup.letterbox({READER: folder}, code=args.code) as box:
             snapshot(box.pid, "ready")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench import corpus
-from bench.memory import rollup, tree, tree_rss
+from bench.memory import corpus_folder, rollup, tree, tree_rss
 from bench.side_by_side import READER, Results, Session, Setup, close_session, open_session, uptime
 
 MIB = 1024.0
@@ -87,10 +87,7 @@ def main() -> None:
     counts = sorted({int(n) for n in args.sessions.split(",") if n})
     with tempfile.TemporaryDirectory(prefix="letterbox-sessions-") as tmp:
         work = Path(tmp)
-        folder = args.corpus or work / "corpus"
-        if not (folder / "cur").is_dir() or len(list((folder / "cur").iterdir())) != args.size:
-            print(f"# writing {args.size:,} messages into {folder}", flush=True)
-            corpus.write_folder(folder, args.size, READER)
+        folder = corpus_folder(args.corpus or work / "corpus", args.size)
         setup = Setup.make(work, args)
         with setup.letterbox({READER: folder}, code=args.code) as box:
             print(f"# {args.size:,} messages, code {args.code or 'this checkout'}, server pid {box.pid} "
