@@ -15,6 +15,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import sys
 import threading
 from asyncio import selector_events, sslproto
 from typing import Any
@@ -100,7 +101,11 @@ def share_tls_read_buffer() -> None:
     (recv_into) and the protocol copies it into the connection's MemoryBIO in the same call, nothing
     running in between, so one buffer per thread serves every connection."""
     init = sslproto.SSLProtocol.__init__
-    if getattr(init, "shares_buffer", False):
+    if getattr(vars(sslproto.SSLProtocol).get("__init__"), "shares_buffer", False):
+        return
+    if not _tls_protocol_as_expected(sslproto.SSLProtocol):
+        log.warning("asyncio's SSLProtocol is not the shape heap.share_tls_read_buffer knows (Python %s):"
+                    " each TLS connection keeps its own read buffer", sys.version.split()[0])
         return
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -118,6 +123,24 @@ def share_tls_read_buffer() -> None:
     __init__.shares_buffer = True  # type: ignore[attr-defined]
     sslproto.SSLProtocol.__init__ = __init__  # type: ignore[method-assign]
     sslproto.SSLProtocol.get_buffer = get_buffer  # type: ignore[method-assign]
+
+
+# What share_tls_read_buffer relies on in CPython's private SSLProtocol (3.11 to 3.13): the names each
+# method's code uses. A Python that changed them gets asyncio's own buffers, and one line in the log.
+_SSL_PROTOCOL_SHAPE = {
+    "__init__": {"max_size", "_ssl_buffer", "_ssl_buffer_view"},
+    "get_buffer": {"max_size", "_ssl_buffer_view"},
+    "buffer_updated": {"_incoming", "_ssl_buffer_view"},
+}
+
+
+def _tls_protocol_as_expected(cls: type) -> bool:
+    """Whether cls's methods read and write the buffer attributes share_tls_read_buffer replaces."""
+    for method, names in _SSL_PROTOCOL_SHAPE.items():
+        code = getattr(getattr(cls, method, None), "__code__", None)
+        if code is None or not names <= set(code.co_names):
+            return False
+    return True
 
 
 def _glibc(name: str) -> Any:

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import tracemalloc
+from asyncio import sslproto
 
+import pytest
 import trustme
 
 from appliance.heap import SOCKET_READ_SIZE, share_tls_read_buffer
@@ -63,3 +66,18 @@ def test_idle_tls_connections_share_one_read_buffer() -> None:
     assert echoed == [b"%d:" % n + bytes([n]) * 100_000 for n in range(CONNECTIONS)]
     # Both ends of each connection are asyncio's: 80 SSLProtocols, 5 MiB of buffers before.
     assert held < 2 * CONNECTIONS * SOCKET_READ_SIZE / 8
+
+
+def test_backs_off_when_asyncio_changed_shape(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A Python whose SSLProtocol no longer reads into _ssl_buffer_view keeps its own buffers, and says so."""
+
+    class Changed(sslproto.SSLProtocol):
+        def get_buffer(self, n: int) -> memoryview:
+            return memoryview(bytearray(n))  # no _ssl_buffer_view any more
+
+    monkeypatch.setattr(sslproto, "SSLProtocol", Changed)
+    with caplog.at_level(logging.WARNING, logger="letterbox.heap"):
+        share_tls_read_buffer()
+    assert Changed.get_buffer.__qualname__.startswith("test_backs_off")
+    assert "__init__" not in vars(Changed)
+    assert "not the shape" in caplog.text
