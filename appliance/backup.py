@@ -1110,6 +1110,8 @@ def clean_stale_staging(data_root: Path) -> None:
             aside = _aside_name(root)
             os.rename(p, aside)
             (aside / OLD_DATA_MARK).unlink(missing_ok=True)
+            if (root / "backups").is_dir():
+                _carry_backups(aside, root)  # as switch_over does: the backup files stay with the box
             logging.getLogger("letterbox.backup").warning(
                 "backup: a restore was stopped during its switch-over; the data it replaced is kept in %s", aside)
             continue
