@@ -45,7 +45,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.support.ports import free_ports
+from tests.support.ports import PORT_ATTEMPTS, free_ports
 
 GUEST_PORTS = (22, 25, 80, 110, 143, 443, 465, 587, 993, 995)
 BOOT_TIMEOUT = float(os.environ.get("LETTERBOX_VM_BOOT_TIMEOUT", "1500"))  # TCG on a busy shared machine
@@ -179,11 +179,39 @@ class Vm:
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(self.image.resolve()),
                             str(self.disk), OVERLAY_SIZE], check=True)
         self.console.touch()
-        self.process = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        preexec_fn=_end_with_parent)
-        self.started_at = time.monotonic()
-        self.cpu_at_start = 0.0
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            self.process = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                            preexec_fn=_end_with_parent)
+            self.started_at = time.monotonic()
+            self.cpu_at_start = 0.0
+            output = self._qemu_up()
+            if output is None:
+                return
+            if "Could not set up host forwarding rule" not in output or attempt == PORT_ATTEMPTS:
+                raise VmError(f"qemu exited with {self.process.returncode} at its start: {output}")
+            # free_ports' ports are ephemeral ones: any process's outgoing connection may take one
+            # between picking and qemu's bind (a fresh-clone CI lost both image VMs this way).
+            self.process = None
+            self.ports = dict(zip(GUEST_PORTS, free_ports(len(GUEST_PORTS)), strict=True))
+
+    def _qemu_up(self, timeout: float = 120.0) -> str | None:
+        """None once qemu's monitor answers (its host forwards are bound by then: netdevs are made before
+        the machine), else the output of a qemu that exited first."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                assert self.process.stdout is not None
+                output = self.process.stdout.read().decode(errors="replace")
+                self.process.stdout.close()
+                return output
+            try:
+                self._qmp("query-status")
+                return None
+            except (OSError, VmError):
+                time.sleep(0.2)
+        return None  # a slow monitor is not a failed start: the boot's own waits report a stuck qemu
 
     def cpu_seconds(self) -> float:
         """CPU time qemu has used so far, all its threads (both vCPUs, I/O): the work a boot takes
