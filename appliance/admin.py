@@ -201,6 +201,10 @@ class Admin:
         current one (the console's account page); else an administrator set it."""
         info = await self._mailbox(address)
         await self.accounts.set_password(info.address, password)
+        if self.store is not None:
+            # Its IMAP and POP3 sessions logged in with the old password end: IDLE at once, the others
+            # at their next command (a CLI process's change: SessionWatch, within a second).
+            self.store.wake_sessions(info.address)
         await self.events.record("mailboxes", f"{info.address} changed their password" if by_owner
                                  else f"password of {info.address} set by an administrator")
         return info.address

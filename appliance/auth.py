@@ -48,7 +48,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Generic, Literal, TypeAlias, TypeVar
 
 from argon2 import PasswordHasher
@@ -80,6 +80,9 @@ Outcome = Literal["ok", "bad-password", "unknown-account", "disabled", "locked",
 class Principal:
     name: str  # canonical mailbox address, or admin user name
     kind: Literal["mailbox", "admin"]
+    # The stored hash the password was proven against: a session logged in with it ends once the
+    # account has another (a password changed because it leaked ends the thief's sessions).
+    password_hash: str = field(default="", compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -646,7 +649,7 @@ class Auth:
                 await self._note_failure(outcome, started, key, service, client)
             self._log(outcome, kind, account, service, peer, delay)
             if outcome == "ok" and creds is not None:
-                return Principal(creds.name, kind)
+                return Principal(creds.name, kind, creds.password_hash)
             return None
 
     async def _note_failure(self, outcome: Outcome, started: str | None, key: str, service: str, client: str) -> None:
@@ -687,6 +690,7 @@ class Auth:
             if outcome == "ok" and creds is not None:
                 stored = await self._maybe_rehash(kind, creds, password)
                 self.login_cache.remember(f"{kind}:{creds.name}", password, stored)
+                creds = replace(creds, password_hash=stored)  # what the session logged in under
             return outcome, creds
 
     async def _remember_lockout_password(

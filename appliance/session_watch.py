@@ -1,13 +1,16 @@
-"""Sessions of a mailbox disabled or removed by another process end within POLL_SECONDS.
+"""Sessions of a mailbox disabled, removed or given another password by another process end within
+POLL_SECONDS (the sessions logged in with the new password go on).
 
 The console's change wakes the mailbox's sessions itself (Admin.update_mailbox, remove_mailbox): an
 IMAP client in IDLE is told BYE at once. The `letterbox` CLI is another process and cannot: the box
 noticed at IDLE's next look at the disk, a minute later, and the phone of a stolen password was sent
 the disabled mailbox's new mail until then. Here the box looks at the accounts change counter
 (migration 0018; Database.counters reads it from memory while no commit was made anywhere) once a
-second, and when it moved, wakes the sessions of every watched mailbox that is disabled, removed or
-replaced now (MailStore.wake_gone_sessions). Other sessions end at their next command, as after the
-console's change: POP3 and SMTP have no way to speak first.
+second, and when it moved, wakes the sessions of every watched mailbox that is disabled, removed,
+replaced or given another password now (MailStore.wake_gone_sessions); each session looks at what it
+logged in to (MailStore.session_ended). A password changed because it leaked ends the thief's IDLE.
+Other sessions end at their next command, as after the console's change: POP3 and SMTP have no way to
+speak first.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class SessionWatch:
             try:
                 await self._services.store.wake_gone_sessions()
             except Exception:
-                log.exception("sessions: the look for disabled or removed mailboxes failed")
+                log.exception("sessions: the look for disabled, removed or changed mailboxes failed")
 
 
 async def start_session_watch(services: Services) -> SessionWatch:

@@ -173,14 +173,15 @@ class Accounts:
     async def mailbox_credentials(self, address: str) -> Credentials | None:
         return await self.credentials.mailbox_credentials(address)
 
-    async def may_log_in(self, address: str) -> bool:
-        """The mailbox exists and is enabled: what a session logged in to it must still find (kept
-        while the accounts are unchanged, so the check costs no database trip)."""
-        async def load() -> bool:
+    async def may_log_in(self, address: str, password_hash: str) -> bool:
+        """The mailbox exists, is enabled and still has the password hash a session logged in under
+        (auth.Principal.password_hash): what that session must still find (kept while the accounts
+        are unchanged, so the check costs no database trip)."""
+        async def load() -> str | None:
             found = await self.credentials.mailbox_credentials(address)
-            return found is not None and found.enabled
+            return found.password_hash if found is not None and found.enabled else None
 
-        return await self.lookups.get("may-log-in", address, load)
+        return await self.lookups.get("login-hash", address, load) == password_hash
 
     async def admin_credentials(self, username: str) -> Credentials | None:
         return await self.credentials.admin_credentials(username)

@@ -187,9 +187,10 @@ class Mailboxes:
 
     async def mailbox_record(self, domain: str, local: str) -> MailboxRecord | None:
         """The mailbox `local`@`domain` as stored (parts already canonical), or None: what the mail
-        store needs of it (its row id, never reused, and its quota), and nothing more."""
+        store needs of it (its row id, never reused, its quota, and the password hash its sessions
+        logged in under), and nothing more."""
         row = await self._db.fetchone(
-            "SELECT m.id, m.quota_bytes, m.local_part, d.name, m.enabled FROM mailboxes m"
+            "SELECT m.id, m.quota_bytes, m.local_part, d.name, m.enabled, m.password_hash FROM mailboxes m"
             " JOIN domains d ON d.id = m.domain_id WHERE d.name = ? AND m.local_part = ?", (domain, local))
-        return (MailboxRecord(int(row[0]), int(row[1]), str(row[2]), str(row[3]), bool(row[4]))
+        return (MailboxRecord(int(row[0]), int(row[1]), str(row[2]), str(row[3]), bool(row[4]), str(row[5]))
                 if row is not None else None)

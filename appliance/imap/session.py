@@ -91,7 +91,9 @@ from appliance.imap.store_errors import MissingFolderCode, store_errors
 from appliance.sizes import limit_text
 from appliance.store.mailstore import (
     FolderInfo,
+    Generation,
     NoSuchFolder,
+    SessionEnd,
     StoreError,
     Watcher,
 )
@@ -127,6 +129,12 @@ SEARCH_CACHE_BATCH = 500  # messages whose message-cache rows one read brings, f
 SCAN_CHUNK_MESSAGES = 500  # messages per task of the worker process that scans files
 SCAN_CHUNK_OCTETS = 8 * 1024 * 1024
 SCAN_LIGHT_MESSAGES = 50  # a scan of at most this many files runs in a thread when no worker is up
+# The BYE of a session whose login no longer holds (_mailbox_removed).
+SESSION_END_TEXT: dict[SessionEnd, str] = {
+    "removed": "This mailbox no longer exists",
+    "disabled": "This account is disabled",
+    "password": "The password of this account was changed",
+}
 
 
 class SessionIO(Protocol):
@@ -162,7 +170,7 @@ class ImapSession:
         self.state: State = "not_authenticated"
         self.user: str | None = None
         self._counted: str | None = None  # the account whose session count this session is in
-        self._generation: int | None = None  # the mailbox logged in to (MailStore.mailbox_generation)
+        self._generation: Generation | None = None  # logged in to (MailStore.mailbox_generation)
         self.selected: SelectedFolder | None = None
         self.watcher: Watcher | None = None
         # Look at the store before the next response: `_dirty` when the client polled (NOOP, CHECK,
@@ -234,15 +242,16 @@ class ImapSession:
         return "OK"
 
     async def _mailbox_removed(self) -> bool:
-        """Removed since the login, maybe re-created for someone else, or disabled: nothing more for
-        this session (a BYE, and True)."""
-        if self.user is None or await self.store.mailbox_generation(self.user) == self._generation:
+        """Removed since the login, maybe re-created for someone else, disabled, or given another
+        password: nothing more for this session (a BYE, and True)."""
+        if self.user is None or self._generation is None:
+            return False
+        ended = await self.store.session_ended(self.user, self._generation)
+        if ended is None:
             return False
         self._unselect()
         self.state = "logout"
-        info = await self.services.accounts.get_user(self.user)
-        await self.io.send(Bye("This account is disabled" if info is not None and not info.enabled
-                               else "This mailbox no longer exists"))
+        await self.io.send(Bye(SESSION_END_TEXT[ended]))
         return True
 
     async def ok(self, command: Command, text: str | None = None, code: str | None = None, *,
@@ -367,7 +376,8 @@ class ImapSession:
         if principal is None or principal.kind != "mailbox":
             raise ImapNo("Authentication failed", "AUTHENTICATIONFAILED")
         generation = await self.store.mailbox_generation(principal.name)
-        if generation is None:  # disabled or removed while its password was checked
+        if generation is None or generation.password_hash != principal.password_hash:
+            # Disabled, removed or given another password while its password was checked.
             raise ImapNo("Authentication failed", "AUTHENTICATIONFAILED")
         if not self.services.account_sessions.open(principal.name):
             raise ImapNo("Too many sessions open for this account", "LIMIT")  # RFC 5530 3

@@ -39,7 +39,7 @@ from appliance.pop3.replies import (
     Streamed,
 )
 from appliance.pop3.wire import FileBody
-from appliance.store.mailstore import StoreError, open_message
+from appliance.store.mailstore import Generation, SessionEnd, StoreError, open_message
 from appliance.store.model import INBOX
 
 if TYPE_CHECKING:
@@ -51,6 +51,12 @@ SERVICE = "pop3"  # the name auth.verify logs and throttles under, for both 110 
 IMPLEMENTATION = "Letterbox"
 SASL_MECHANISMS = ("PLAIN",)
 SEEN = "\\Seen"
+# The -ERR of a session whose login no longer holds (handle).
+SESSION_END_TEXT: dict[SessionEnd, str] = {
+    "removed": "This maildrop no longer exists",
+    "disabled": "This account is disabled",
+    "password": "The password of this account was changed",
+}
 
 Handler = Callable[[Command], Awaitable[None]]
 
@@ -80,7 +86,7 @@ class Pop3Session:
         self.locks = services.maildrop_locks
         self.mailbox: str | None = None  # canonical address, once logged in (and the lock is ours)
         self.maildrop: Maildrop | None = None
-        self._generation: int | None = None  # the mailbox logged in to (MailStore.mailbox_generation)
+        self._generation: Generation | None = None  # logged in to (MailStore.mailbox_generation)
         self._user: str | None = None  # the USER argument, waiting for PASS
         self._auth_failures = 0
         self._dispatch: dict[State, dict[str, Handler]] = {
@@ -113,14 +119,14 @@ class Pop3Session:
 
     async def handle(self, command: Command) -> None:
         handler = self._dispatch[self.conn.state][command.name]
-        if self.mailbox is not None and await self.store.mailbox_generation(self.mailbox) != self._generation:
-            # Removed since the login, maybe re-created for someone else, or disabled: no RETR or QUIT
-            # (which would delete by message number) may touch that mailbox (issue 10 item 1).
-            info = await self.services.accounts.get_user(self.mailbox)
-            disabled = info is not None and not info.enabled
-            log.info("pop3 %s: %s was %s; session ended", self.io.peer, self.mailbox, "disabled" if disabled else "removed")
+        if (self.mailbox is not None and self._generation is not None
+                and (ended := await self.store.session_ended(self.mailbox, self._generation)) is not None):
+            # Removed since the login, maybe re-created for someone else, disabled, or given another
+            # password: no RETR or QUIT (which would delete by message number) may touch that mailbox
+            # (issue 10 item 1).
+            log.info("pop3 %s: %s: %s; session ended", self.io.peer, self.mailbox, SESSION_END_TEXT[ended])
             self.conn.close()
-            await self.io.send(Err("This account is disabled" if disabled else "This maildrop no longer exists", SYS_PERM))
+            await self.io.send(Err(SESSION_END_TEXT[ended], SYS_PERM))
             return
         try:
             await handler(command)
@@ -236,7 +242,8 @@ class Pop3Session:
             raise Pop3Err("Maildrop is locked by another POP3 session", IN_USE)  # RFC 2449 8.1.1
         try:
             self._generation = await self.store.mailbox_generation(mailbox)
-            if self._generation is None:  # disabled or removed while its password was checked
+            if self._generation is None or self._generation.password_hash != principal.password_hash:
+                # Disabled, removed or given another password while its password was checked.
                 raise Pop3Err("Authentication failed", AUTH)
             snapshot = await self.store.snapshot(mailbox, INBOX)
         except Exception as exc:

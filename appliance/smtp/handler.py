@@ -236,9 +236,11 @@ class SmtpHandler:
     ) -> str:
         env = _envelope(envelope)
         principal = _session(session).principal
-        if principal is not None and not await self.services.accounts.may_log_in(principal.name):
-            # Removed or disabled since the AUTH (a stolen password the administrator acted on): this
-            # session sends no more (530 below), as IMAP and POP3 sessions of a removed mailbox end.
+        if principal is not None and not await self.services.accounts.may_log_in(principal.name,
+                                                                                 principal.password_hash):
+            # Removed, disabled or given another password since the AUTH (a stolen password the owner
+            # or the administrator acted on): this session sends no more (530 below), as IMAP and POP3
+            # sessions of such a mailbox end.
             log.info("%s: %s may no longer log in; the session's login no longer counts", peer_ip(session),
                      principal.name)
             _session(session).end_login()

@@ -34,9 +34,11 @@ from appliance.store.model import (
     INBOX,
     SPECIAL_FOLDERS,
     FolderExists,
+    Generation,
     MailboxDirectory,
     NoSuchFolder,
     QuotaExceeded,
+    SessionEnd,
     StoreError,
 )
 
@@ -110,6 +112,7 @@ class OpenMailboxes:
         # id an address has now, so an entry of a removed mailbox is dropped as soon as it is seen.
         self._mailboxes: dict[int, OpenMailbox] = {}
         self._current: dict[str, int] = {}
+        self._generations: dict[str, Generation] = {}  # what wake_gone found last, per watched mailbox
         self.changes = ChangeBus()
         self.changes.on_unwatched.append(self._trim_later)
         self.dir_watch = DirWatch()  # big folders' rechecks answered by inotify (FolderIndex.unchanged_by_others)
@@ -148,23 +151,42 @@ class OpenMailboxes:
                 await self._settle(mb)
         return mb
 
-    async def generation(self, address: str) -> int | None:
-        """Which mailbox `address` names now: its row id, never reused (None: no such mailbox, or one
-        disabled). A session keeps the one it logged in to and ends when it changes, so a session
-        opened before the mailbox was removed never reads a later mailbox of the same address (issue
-        10 item 1), and one of a mailbox the administrator disabled ends too."""
+    async def generation(self, address: str) -> Generation | None:
+        """Which mailbox `address` names now, and under which password: its row id, never reused, and
+        its stored password hash (None: no such mailbox, or one disabled). A session keeps the one it
+        logged in to and ends when it changes, so a session opened before the mailbox was removed never
+        reads a later mailbox of the same address (issue 10 item 1), and one of a mailbox the
+        administrator disabled, or whose password was changed, ends too."""
         local, _, domain = address_key(address).rpartition("@")
         record = await self._directory.mailbox_record(domain, local)
-        return record.id if record is not None and record.enabled else None
+        return Generation(record.id, record.password_hash) if record is not None and record.enabled else None
+
+    async def ended(self, address: str, generation: Generation) -> SessionEnd | None:
+        """Why a session logged in to `generation` of `address` must end now, if it must."""
+        local, _, domain = address_key(address).rpartition("@")
+        record = await self._directory.mailbox_record(domain, local)
+        if record is None or record.id != generation.id:
+            return "removed"  # maybe made again for someone else
+        if not record.enabled:
+            return "disabled"
+        return "password" if record.password_hash != generation.password_hash else None
 
     async def wake_gone(self) -> None:
-        """Every watched mailbox that is disabled, removed or replaced by another of its address now
-        has its sessions look again (and end): the change was made by another process (the CLI), which
-        cannot wake them as the console's does (Admin.update_mailbox, Admin.remove_mailbox)."""
-        for owner in self.changes.owners():
+        """Every watched mailbox that is disabled, removed, replaced by another of its address or given
+        another password now has its sessions look again (and those logged in to what is gone end): the
+        change was made by another process (the CLI), which cannot wake them as the console's does
+        (Admin.update_mailbox, Admin.remove_mailbox, Admin.set_mailbox_password). A mailbox first seen
+        here is woken too: which password its sessions logged in under is theirs to tell."""
+        owners = self.changes.owners()
+        for owner in owners:
             generation = await self.generation(owner)
-            if generation is None or self._current.get(owner) != generation:
+            if (generation is None or self._current.get(owner) != generation.id
+                    or self._generations.get(owner) != generation):
                 self.changes.mailbox_gone(owner)
+            if generation is not None:
+                self._generations[owner] = generation
+        for owner in self._generations.keys() - owners:  # no session watches it: forget
+            del self._generations[owner]
 
     def forget_mailbox(self, address: str) -> None:
         """Drop what is cached about the mailbox at `address` (it was removed): its folders are marked

@@ -59,17 +59,19 @@ from appliance.store.model import (
     FolderExists,
     FolderInfo,
     FolderSnapshot,
+    Generation,
     MailboxDirectory,
     MessageInfo,
     NoSuchFolder,
     QuotaExceeded,
+    SessionEnd,
     StoreError,
 )
 from appliance.threads import DaemonThreads
 
 __all__ = [
-    "SPECIAL_FOLDERS", "Filed", "FolderExists", "FolderInfo", "FolderSnapshot", "MailStore", "MessageInfo",
-    "NoSuchFolder", "QuotaExceeded", "StoreError", "Watcher", "open_message",
+    "SPECIAL_FOLDERS", "Filed", "FolderExists", "FolderInfo", "FolderSnapshot", "Generation", "MailStore", "MessageInfo",
+    "NoSuchFolder", "QuotaExceeded", "SessionEnd", "StoreError", "Watcher", "open_message",
 ]
 
 
@@ -463,17 +465,23 @@ class MailStore:
         f = await self._boxes.folder(mb, folder)
         return f.id, f.uidvalidity
 
-    async def mailbox_generation(self, address: str) -> int | None:
-        """Which mailbox `address` names now for its sessions: see OpenMailboxes.generation."""
+    async def mailbox_generation(self, address: str) -> Generation | None:
+        """Which mailbox `address` names now for its sessions, and under which password: see
+        OpenMailboxes.generation."""
         return await self._boxes.generation(address)
 
+    async def session_ended(self, address: str, generation: Generation) -> SessionEnd | None:
+        """Why a session logged in to `generation` of `address` must end now (None: it goes on)."""
+        return await self._boxes.ended(address, generation)
+
     def wake_sessions(self, address: str) -> None:
-        """Every session of the mailbox at `address` looks again now (its IDLE too): it was disabled."""
+        """Every session of the mailbox at `address` looks again now (its IDLE too): it was disabled,
+        or its password changed."""
         self.changes.mailbox_gone(address_key(address))
 
     async def wake_gone_sessions(self) -> None:
-        """The sessions of every mailbox disabled or removed since they logged in look again now (and
-        end): see OpenMailboxes.wake_gone."""
+        """The sessions of every mailbox disabled, removed or given another password since they logged
+        in look again now (and end): see OpenMailboxes.wake_gone."""
         await self._boxes.wake_gone()
 
     def forget_mailbox(self, address: str) -> None:

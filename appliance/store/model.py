@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from operator import itemgetter
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 INBOX = "INBOX"
 JUNK = "Junk"  # the special-use \Junk folder (RFC 6154): the content filter files spam here
@@ -194,6 +194,19 @@ class MailboxRecord:
     local: str
     domain: str
     enabled: bool = True  # a disabled mailbox still gets mail; its sessions end (generation)
+    password_hash: str = ""  # the stored one: a session logged in under another ends (generation)
+
+
+class Generation(NamedTuple):
+    """What a session logged in to (MailStore.mailbox_generation): the mailbox's row id, never reused,
+    and the password hash stored when it logged in. Either changing ends the session: the mailbox was
+    removed and maybe made again for someone else, or its password was changed (a thief's IDLE)."""
+
+    id: int
+    password_hash: str
+
+
+SessionEnd = Literal["removed", "disabled", "password"]  # why a logged-in session ends (OpenMailboxes.ended)
 
 
 class MailboxDirectory(Protocol):

@@ -1,6 +1,7 @@
 """The cache of successful password checks (appliance/login_cache.py, used by auth.py): a reconnecting
 client skips argon2; a wrong password never does; a change made anywhere (the CLI in another process,
-a disable, a removal) ends the cached success at once; the throttle still comes first.
+a disable, a removal) ends the cached success at once, over IMAP, POP3 and SMTP AUTH alike; the
+throttle still comes first.
 
 argon2 work is counted by giving the box's Auth a hasher that counts its verify calls.
 """
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import imaplib
+import poplib
+import smtplib
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,17 +80,43 @@ def test_a_reconnecting_client_skips_argon2_and_a_wrong_password_never_does(
     assert counted.verified == 3  # the failures did not evict the owner's entry
 
 
-def test_a_password_changed_by_the_cli_ends_the_cached_success(box: BoxHandle, counted: CountingHasher) -> None:
-    assert imap_login(box, PASSWORD)
-    assert imap_login(box, PASSWORD)
+def pop3_login(box: BoxHandle, password: str) -> bool:
+    pop = poplib.POP3_SSL("127.0.0.1", box.port("pop3s"), context=box.client_context, timeout=30)
+    try:
+        pop.user(ALICE)
+        pop.pass_(password)
+    except poplib.error_proto:
+        return False
+    finally:
+        pop.close()
+    return True
+
+
+def smtp_login(box: BoxHandle, password: str) -> bool:
+    with smtplib.SMTP_SSL("127.0.0.1", box.port("submissions"), context=box.client_context, timeout=30) as smtp:
+        smtp.ehlo()
+        smtp.user, smtp.password = ALICE, password
+        try:
+            smtp.auth("PLAIN", smtp.auth_plain)  # one mechanism: login() would try LOGIN after a failed PLAIN
+        except smtplib.SMTPAuthenticationError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("login", [imap_login, pop3_login, smtp_login], ids=["imap", "pop3", "smtp"])
+def test_a_password_changed_by_the_cli_ends_the_cached_success(
+    box: BoxHandle, counted: CountingHasher, login: Callable[[BoxHandle, str], bool],
+) -> None:
+    assert login(box, PASSWORD)
+    assert login(box, PASSWORD)
     assert counted.verified == 1
     result = subprocess.run([LETTERBOX, "--data", str(box.data.root), "user", "passwd", ALICE, "--password-stdin"],
                             input=NEW_PASSWORD + "\n", capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
-    assert not imap_login(box, PASSWORD)  # another process changed it: the old password is refused at once
+    assert not login(box, PASSWORD)  # another process changed it: the old password is refused at once
     assert counted.verified == 2
-    assert imap_login(box, NEW_PASSWORD)
-    assert imap_login(box, NEW_PASSWORD)
+    assert login(box, NEW_PASSWORD)
+    assert login(box, NEW_PASSWORD)
     assert counted.verified == 3
 
 

@@ -29,6 +29,17 @@ def replace_jonh(box: BoxHandle) -> None:
     assert uid == 1  # the same UID the old session's message had
 
 
+def idling(box: BoxHandle, password: str, *, selected: bool) -> RawImap:
+    """A phone logged in to jonh in IDLE, with INBOX selected or no folder."""
+    client = RawImap(box.port("imaps"), box.client_context, timeout=10)
+    client.login(JONH, password)
+    if selected:
+        client.command(b"S", b"SELECT INBOX")
+    client.send(b"I IDLE\r\n")
+    assert client.line() == b"+ idling\r\n"
+    return client
+
+
 def test_imap_session_of_a_removed_mailbox_ends(box: BoxHandle) -> None:
     box.add_user(JONH, OLD_PASSWORD)
     box.run(box.services.store.deliver([JONH], b"Subject: old\r\n\r\nold letter\r\n"))
@@ -74,13 +85,8 @@ def test_an_idling_session_of_a_removed_mailbox_gets_bye(box: BoxHandle, selecte
     connection ends, as at any other command. Before, the IDLE was answered a tagged NO [CANNOT] no
     such mailbox the client had not asked for (no DONE sent), and the session stayed logged in."""
     box.add_user(JONH, OLD_PASSWORD)
-    client = RawImap(box.port("imaps"), box.client_context, timeout=10)
+    client = idling(box, OLD_PASSWORD, selected=selected)
     try:
-        client.login(JONH, OLD_PASSWORD)
-        if selected:
-            client.command(b"S", b"SELECT INBOX")
-        client.send(b"I IDLE\r\n")
-        assert client.line() == b"+ idling\r\n"
         box.run(Admin.of(box.services).remove_mailbox(JONH))
         assert client.line() == b"* BYE This mailbox no longer exists\r\n"
         assert client.closed()
@@ -100,13 +106,8 @@ def test_an_idling_session_ends_when_the_cli_disables_or_removes_its_mailbox(
     the disabled mailbox's new mail until then; an IDLE with no folder selected was never told, by
     the console's change either."""
     box.add_user(JONH, OLD_PASSWORD)
-    client = RawImap(box.port("imaps"), box.client_context, timeout=10)
+    client = idling(box, OLD_PASSWORD, selected=selected)
     try:
-        client.login(JONH, OLD_PASSWORD)
-        if selected:
-            client.command(b"S", b"SELECT INBOX")
-        client.send(b"I IDLE\r\n")
-        assert client.line() == b"+ idling\r\n"
         subprocess.run([LETTERBOX, "--data", str(box.data.root), "user", change, JONH], check=True,
                        capture_output=True, timeout=60)
         assert client.line() == b"* BYE " + bye + b"\r\n"
@@ -167,30 +168,37 @@ def test_imap_and_pop3_sessions_of_a_disabled_mailbox_end(box: BoxHandle) -> Non
     assert len(box.run(box.services.store.snapshot(JONH, "INBOX")).messages) == 1
 
 
-def test_a_mailbox_disabled_while_its_password_is_checked_is_not_logged_in(
-    box: BoxHandle, monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("change", ["disable", "password"])
+def test_a_mailbox_changed_while_its_password_is_checked_is_not_logged_in(
+    box: BoxHandle, monkeypatch: pytest.MonkeyPatch, change: str,
 ) -> None:
-    """The administrator disables a mailbox while a login's password check (argon2, on a thread) runs:
-    the login is refused. Before, the session kept "no mailbox" as the one it logged in to, which is
-    what every later check found too, so it never ended and read the disabled mailbox's mail."""
+    """The administrator disables a mailbox, or its password is changed, while a login's password check
+    (argon2, on a thread) runs: the login is refused. Before, the session kept "no mailbox" as the one
+    it logged in to, which is what every later check found too, so it never ended and read the disabled
+    mailbox's mail; a session of the old password went on after the change."""
     box.add_user(JONH, OLD_PASSWORD)
     auth = box.services.auth
     checked = auth.login
+    admin = Admin.of(box.services)
 
-    async def disabled_meanwhile(*args: object, **kwargs: object) -> object:
+    async def changed_meanwhile(*args: object, **kwargs: object) -> object:
         principal = await checked(*args, **kwargs)  # type: ignore[arg-type]
-        await Admin.of(box.services).update_mailbox(JONH, enabled=True)  # (no change yet: warm caches)
-        await Admin.of(box.services).update_mailbox(JONH, enabled=False)
+        if change == "password":
+            await admin.set_mailbox_password(JONH, NEW_PASSWORD)
+        else:
+            await admin.update_mailbox(JONH, enabled=True)  # (no change yet: warm caches)
+            await admin.update_mailbox(JONH, enabled=False)
         return principal
 
-    monkeypatch.setattr(auth, "login", disabled_meanwhile)
+    monkeypatch.setattr(auth, "login", changed_meanwhile)
     imap = RawImap(box.port("imaps"), box.client_context)
     try:
         imap.send(f'L LOGIN "{JONH}" "{OLD_PASSWORD}"\r\n'.encode())
         assert imap.line().startswith(b"L NO [AUTHENTICATIONFAILED]")
     finally:
         imap.close()
-    box.run(Admin.of(box.services).update_mailbox(JONH, enabled=True))
+    box.run(admin.set_mailbox_password(JONH, OLD_PASSWORD) if change == "password"
+            else admin.update_mailbox(JONH, enabled=True))
     pop = poplib.POP3_SSL("127.0.0.1", box.port("pop3s"), context=box.client_context, timeout=15)
     try:
         pop.user(JONH)
