@@ -1,7 +1,7 @@
 """Writes that survive a power cut, in the order DESIGN.md's storage rules give: a file's data is fsynced
 before its name points at it, and the directory holding the name is fsynced after the rename. One
 place for it: the Maildir (messages, dovecot-keywords, subscriptions), removed mailboxes (trash.py),
-updates, TLS and DKIM keys each had a copy of their own, and dovecot-keywords was renamed into place
+updates (their status.json too), TLS and DKIM keys each had a copy of their own, and dovecot-keywords was renamed into place
 without its directory fsynced (a power cut could bring back the old keyword map after a STORE was
 answered: a keyword's letter then named nothing, or another keyword once reused).
 
@@ -11,6 +11,7 @@ Errors are the callers': every function raises what the system call raised, exce
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -52,13 +53,17 @@ def write_file(path: str | Path, data: bytes | bytearray, *, mode: int = 0o600, 
         os.close(fd)
 
 
-def replace_file(path: Path, data: bytes | bytearray, *, tmp: Path | None = None, mode: int = 0o600) -> None:
+def replace_file(path: Path, data: bytes | bytearray, *, tmp: Path | None = None, mode: int = 0o600,
+                 prepare: Callable[[Path], None] | None = None) -> None:
     """Atomic and durable: `path` holds the old content or `data`, never half of either, after a crash
     or a power cut; once this returns, `data` stays. Written to `tmp` (beside `path`, in the same
     directory; `.NAME.tmp` when not given), fsynced, renamed over `path`, the directory fsynced. The
-    file gets `mode` whatever the umask."""
+    file gets `mode` whatever the umask; `prepare(tmp)` runs just before the rename (letterbox-update,
+    as root, gives the file to the box's user there)."""
     tmp = tmp if tmp is not None else path.with_name(f".{path.name}.tmp")
     write_file(tmp, data, mode=mode, exclusive=False)
     os.chmod(tmp, mode)
+    if prepare is not None:
+        prepare(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)

@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from appliance.durable import fsync_dir, fsync_file
+from appliance.durable import fsync_dir, fsync_file, replace_file
 from appliance.version import running_version as running_version  # moved there; re-exported
 
 # The bundle reader (tarfile) is imported where a bundle is installed: the box imports this module at
@@ -158,11 +158,15 @@ def read_status(data_root: Path) -> dict[str, Any] | None:
 
 def mark_recorded(data_root: Path, status: dict[str, Any]) -> None:
     """The running box has put the outcome into its events (Admin.record_update_outcome)."""
-    path = data_root / UPDATES / STATUS
-    tmp = path.with_name(f".{STATUS}.{secrets.token_hex(4)}")
-    tmp.write_text(json.dumps({**status, "recorded": True}), encoding="utf-8")
-    tmp.chmod(0o600)
-    tmp.replace(path)
+    _replace_status(data_root / UPDATES / STATUS, {**status, "recorded": True})
+
+
+def _replace_status(path: Path, status: dict[str, Any], prepare: Callable[[Path], None] | None = None) -> None:
+    """status.json replaced durably: after a power cut it is the old one or this one, never empty (the box
+    then read no outcome, or recorded it a second time). A name of its own for each write: the box and
+    letterbox-update (root) may write it at once."""
+    replace_file(path, json.dumps(status).encode("utf-8"), tmp=path.with_name(f".{STATUS}.{secrets.token_hex(4)}"),
+                 prepare=prepare)
 
 
 def copy_plain(src: Path, dst: Path) -> None:
@@ -259,12 +263,7 @@ class Updater:
             self._run(self._as_user([str(letterbox), "--data", str(self.o.data), "update", "status"]), "event", timeout=60)
 
     def _write_status(self, **values: Any) -> None:
-        path = self._updates_dir() / STATUS
-        tmp = path.with_name(f".{STATUS}.{secrets.token_hex(4)}")
-        tmp.write_text(json.dumps({"at": int(time.time()), **values}), encoding="utf-8")
-        tmp.chmod(0o600)
-        self._give(tmp)
-        tmp.replace(path)
+        _replace_status(self._updates_dir() / STATUS, {"at": int(time.time()), **values}, self._give)
 
     # --- the steps -------------------------------------------------------------------------------------
 
