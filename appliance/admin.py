@@ -96,7 +96,7 @@ class Admin:
     def of(cls, services: Services) -> Admin:
         def wake() -> None:
             if services.queue is not None:
-                services.queue.wake()
+                services.queue.wake(sweep=True)  # a flush made waiting failure reports due too
 
         return cls(db=services.db, settings=services.settings, accounts=services.accounts, data=services.config.data, events=services.events,
                    hostname=lambda: services.hostname, store=services.store, wake_queue=wake,
@@ -340,7 +340,8 @@ class Admin:
         return check
 
     async def flush_queue(self, message_ids: Sequence[str] = ()) -> int:
-        """Every deferred recipient (or those of `message_ids`) due now; returns how many."""
+        """Every deferred recipient (or those of `message_ids`) due now, and every failure report a
+        local mailbox refused (a bounce to a full mailbox); returns how many recipients."""
         from appliance.queue import state as queue_state
 
         count = await queue_state.flush(self.db, message_ids)

@@ -293,7 +293,7 @@ def cmd_queue(args: argparse.Namespace) -> None:
 
 def cmd_queue_flush(args: argparse.Namespace) -> None:
     from appliance.queue import state as queue_state
-    from appliance.queue.service import POLL_INTERVAL
+    from appliance.queue.service import POLL_INTERVAL, SWEEP_INTERVAL
 
     async def act(admin: Admin) -> int:
         # A mistyped id said "0 recipients due now", exit 0, as if there were simply nothing to do.
@@ -304,7 +304,8 @@ def cmd_queue_flush(args: argparse.Namespace) -> None:
 
     count = run_admin(args, act)
     print(f"{count} recipient{'s' if count != 1 else ''} due now; "
-          f"a running Letterbox tries them within {POLL_INTERVAL:.0f} s")
+          f"a running Letterbox tries them within {POLL_INTERVAL:.0f} s (a failure report waiting for room in"
+          f" a mailbox within {SWEEP_INTERVAL:.0f} s)")
 
 
 def cmd_queue_delete(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance import srs
+from appliance.disk_full import is_disk_full
 from appliance.queue import dsn
 from appliance.queue.report_delivery import ReportRefused, deliver_report_to_sender
 from appliance.queue.retry import RetryPolicy
@@ -41,9 +43,10 @@ class SenderReports:
         # as long as the queue keeps a message (its max age).
         self._policy = policy
         self._settle_lock = asyncio.Lock()  # one report per failure, however many jobs end at once
-        # Failure reports a local mailbox refused, by the message they are about: (tries, when the
-        # next is due). The sweep (every minute) passes them by until then.
-        self._deferred: dict[str, tuple[int, float]] = {}
+        # Failure reports a local mailbox refused, by the message they are about: how many times. When
+        # the next try is due is kept in the db (QueueState.report_deferred), where a flush finds it;
+        # the sweep (every minute) passes them by until then.
+        self._tries: dict[str, int] = {}
         # Which local mailboxes hold a copy of a report (by its Message-ID), known without reading
         # them: every copy this process wrote, and each mailbox looked into once after a restart.
         # Each try of a refused report read every message of the mailbox's INBOX that had arrived
@@ -56,13 +59,12 @@ class SenderReports:
             await self._settle_locked(message_id)
 
     async def _settle_locked(self, message_id: str) -> None:
-        deferred = self._deferred.get(message_id)
-        if deferred is not None and self._clock() < deferred[1]:
-            return  # a report a mailbox refused, not due yet
         settlement = await self._state.settlement(message_id)
         if settlement is None:
-            self._deferred.pop(message_id, None)
+            self._tries.pop(message_id, None)
             return
+        if any(f.next_attempt > self._clock() for f in settlement.failed):
+            return  # a report a mailbox refused, not due yet
         if settlement.failed:
             target = await self._report_address(settlement.sender)
             if not settlement.sender:
@@ -169,8 +171,12 @@ class SenderReports:
             if not resumed:
                 log.warning("%s: the failure report to <%s> waits: %s; tried again as the queue retries mail",
                             part.message_id, target, refused)
-            tries = self._deferred.get(part.message_id, (0, 0.0))[0] + 1
-            self._deferred[part.message_id] = (tries, policy.next_attempt(started, tries, now))
+            tries = self._tries[part.message_id] = self._tries.get(part.message_id, 0) + 1
+            try:
+                await self._state.report_deferred(part, math.ceil(policy.next_attempt(started, tries, now)))
+            except Exception as exc:  # not kept: the report is tried again at the next sweep instead
+                if not is_disk_full(exc):
+                    raise
             return False
         waited = now - started
         self._forget(part.message_id, report_id)
@@ -194,7 +200,7 @@ class SenderReports:
         return copies[mailbox]
 
     def _forget(self, message_id: str, report_id: str) -> None:
-        self._deferred.pop(message_id, None)
+        self._tries.pop(message_id, None)
         self._copies.pop(report_id, None)
         self._begun_here.discard(report_id)
 

@@ -85,6 +85,7 @@ class OutboundQueue:
         self._rng = rng or random.Random()  # noqa: S311  retry jitter, not a secret
         self._clock = clock
         self._wake = asyncio.Event()
+        self._sweep_now = False  # the next pass sweeps the reports waiting (wake(sweep=True))
         self._pending: dict[str, collections.deque[Job]] = {}
         self._in_flight: set[tuple[str, str]] = set()
         self._in_flight_rows = 0
@@ -131,8 +132,11 @@ class OutboundQueue:
         self._threads.shutdown()
         log.info("outbound queue stopped")
 
-    def wake(self) -> None:
-        """Look for due work now (a flush; a settings change, through _on_settings_changed)."""
+    def wake(self, *, sweep: bool = False) -> None:
+        """Look for due work now (a flush; a settings change, through _on_settings_changed). `sweep`:
+        the failure reports waiting for a local mailbox are looked at in this pass too (a flush makes
+        them due: state.flush), not at the next minute's sweep."""
+        self._sweep_now = self._sweep_now or sweep
         self._wake.set()
 
     def _on_settings_changed(self, _before: object, _after: object) -> None:
@@ -145,7 +149,7 @@ class OutboundQueue:
         from appliance.queue.state import flush
 
         count = await flush(self.services.db, now=int(self._clock()))
-        self.wake()
+        self.wake(sweep=True)
         return count
 
     async def _clean_up(self) -> None:
@@ -166,7 +170,8 @@ class OutboundQueue:
             delay = self._poll_interval
             try:
                 delay = await self._dispatch()
-                if self._clock() - last_sweep >= SWEEP_INTERVAL:
+                if self._sweep_now or self._clock() - last_sweep >= SWEEP_INTERVAL:
+                    self._sweep_now = False
                     last_sweep = self._clock()
                     for message_id in await self.state.unsettled():
                         if not any(key[0] == message_id for key in self._in_flight):

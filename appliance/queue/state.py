@@ -65,6 +65,8 @@ class Reportable:
     last_attempt: int
     report_id: str | None = None  # the Message-ID of a report to a local mailbox already under way
     report_started: int = 0
+    # A failure: when its report may be tried (a report a local mailbox refused waits: report_deferred).
+    next_attempt: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def _reportable(row: sqlite3.Row) -> Reportable:
         address=str(row["recipient"]), status=str(row["status"]) or "5.0.0", diagnostic=str(row["last_error"]),
         remote=str(row["remote"]), last_attempt=int(row["last_attempt"]),
         report_id=None if row["report_id"] is None else str(row["report_id"]),
-        report_started=int(row["report_started"]),
+        report_started=int(row["report_started"]), next_attempt=int(row["next_attempt"]),
     )
 
 
@@ -217,7 +219,7 @@ class QueueState:
             return None
         rows = await self._db.fetchall(
             "SELECT recipient, state, status, last_error, remote, last_attempt, dsn_sent, report_id,"
-            " report_started FROM queue_recipients WHERE message_id = ? ORDER BY id",
+            " report_started, next_attempt FROM queue_recipients WHERE message_id = ? ORDER BY id",
             (message_id,),
         )
         failed = tuple(_reportable(r) for r in rows if r["state"] == FAILED and not r["dsn_sent"])
@@ -233,6 +235,17 @@ class QueueState:
                 "UPDATE queue_recipients SET report_id = ?, report_started = ? WHERE message_id = ?"
                 " AND recipient = ? AND state = 'failed' AND dsn_sent = 0",
                 [(report_id, now, settlement.message_id, f.address) for f in settlement.failed],
+            )
+
+    async def report_deferred(self, settlement: Settlement, until: int) -> None:
+        """The failure report about `settlement.failed` is not tried again before `until` (a local
+        mailbox refused it). Kept in the db, where a flush (`letterbox queue flush`, the console's
+        "Retry now"), in this process or the CLI's, makes it due again."""
+        async with self._db.transaction() as tx:
+            await tx.executemany(
+                "UPDATE queue_recipients SET next_attempt = ? WHERE message_id = ? AND recipient = ?"
+                " AND state = 'failed' AND dsn_sent = 0",
+                [(until, settlement.message_id, f.address) for f in settlement.failed],
             )
 
     async def mark_settled(self, tx: aiosqlite.Connection, settlement: Settlement) -> bool:
@@ -279,18 +292,22 @@ def _unlink(path: Path) -> None:
 # --- the CLI's operations: they work on the db alone, the running server sees them on its next pass ----
 
 async def flush(db: Database, message_ids: Iterable[str] = (), now: int | None = None) -> int:
-    """Make queued recipients due now (all, or those of `message_ids`); returns how many."""
+    """Make queued recipients due now (all, or those of `message_ids`), and the failure reports a local
+    mailbox refused (SenderReports._refused), as Postfix's `postqueue -f` does for every deferred
+    message, bounces included; returns how many recipients are due now."""
     now = int(time.time()) if now is None else now
     ids = list(message_ids)
+    # Queued recipients, and failures whose report waits (a later next_attempt than now).
+    due = "(state = 'queued' OR (state = 'failed' AND dsn_sent = 0 AND next_attempt > :now))"
     async with db.transaction() as tx:
         if ids:
-            marks = ",".join("?" * len(ids))
+            marks = ",".join(f":id{n}" for n in range(len(ids)))
             cur = await tx.execute(
-                f"UPDATE queue_recipients SET next_attempt = ? WHERE state = 'queued' AND message_id IN ({marks})",  # noqa: S608  only ? placeholders are interpolated
-                (now, *ids),
+                f"UPDATE queue_recipients SET next_attempt = :now WHERE {due} AND message_id IN ({marks})",  # noqa: S608  only named placeholders are interpolated
+                {"now": now, **{f"id{n}": message_id for n, message_id in enumerate(ids)}},
             )
         else:
-            cur = await tx.execute("UPDATE queue_recipients SET next_attempt = ? WHERE state = 'queued'", (now,))
+            cur = await tx.execute(f"UPDATE queue_recipients SET next_attempt = :now WHERE {due}", {"now": now})  # noqa: S608  a constant
         return int(cur.rowcount or 0)
 
 

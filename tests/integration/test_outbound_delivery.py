@@ -8,15 +8,19 @@ import logging
 import os
 import smtplib
 import socket
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import dkim
 import pytest
 
+from appliance.admin import Admin
 from appliance.queue import service
 from appliance.queue.service import start_queue
 from appliance.store.inotify import inotify_events, inotify_open, inotify_watch
+from tests.conftest import LETTERBOX, BoxHandle
 from tests.support.outbound import (  # noqa: F401  (fixtures)
     ALICE,
     BODY,
@@ -267,6 +271,20 @@ def test_each_failure_is_reported_exactly_once(outbound: Outbound) -> None:
                                                            "d@gone3.test")]
 
 
+def fill_alice(box: BoxHandle) -> None:
+    """Alice's mailbox full: a 20 kB message in it, a quota of 10 kB."""
+    box.run(box.services.store.deliver([ALICE], b"Subject: filler\r\n\r\n" + b"x" * 20_000))
+    box.run(box.services.accounts.update_user(ALICE, quota_bytes=10_000))
+
+
+def fail_for_full_alice(outbound: Outbound) -> None:
+    """Alice's mailbox is full and she sends to a domain that takes no mail (a null MX): her message
+    fails, and the failure report must go into her full mailbox."""
+    fill_alice(outbound.box)
+    outbound.zone.set("nomail.test", "MX", ["0 ."])
+    outbound.submit(["a@nomail.test"])
+
+
 def test_a_report_to_a_full_local_mailbox_waits_quietly_then_is_dropped(
     outbound: Outbound, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -276,12 +294,9 @@ def test_a_report_to_a_full_local_mailbox_waits_quietly_then_is_dropped(
     and the message stayed in the queue for ever."""
     monkeypatch.setattr(service, "SWEEP_INTERVAL", 0.1)
     box = outbound.box
-    box.run(box.services.store.deliver([ALICE], b"Subject: filler\r\n\r\n" + b"x" * 20_000))
-    box.run(box.services.accounts.update_user(ALICE, quota_bytes=10_000))
     outbound.setting("queue_max_age", "3")
-    outbound.zone.set("nomail.test", "MX", ["0 ."])
     caplog.set_level(logging.INFO, logger="letterbox")
-    outbound.submit(["a@nomail.test"])
+    fail_for_full_alice(outbound)
     outbound.wait_until(lambda: any(r.state == "failed" for m in outbound.messages() for r in m.recipients),
                         timeout=60, what="the recipient to fail")
     outbound.wait_empty(timeout=60)  # the sweeps come with the scheduler's passes, 5 s apart when idle
@@ -303,15 +318,43 @@ def test_a_report_to_a_full_local_mailbox_arrives_once_there_is_room(
 ) -> None:
     monkeypatch.setattr(service, "SWEEP_INTERVAL", 0.1)
     box = outbound.box
-    box.run(box.services.store.deliver([ALICE], b"Subject: filler\r\n\r\n" + b"x" * 20_000))
-    box.run(box.services.accounts.update_user(ALICE, quota_bytes=10_000))
-    outbound.zone.set("nomail.test", "MX", ["0 ."])
-    outbound.submit(["a@nomail.test"])
+    fail_for_full_alice(outbound)
     outbound.wait_until(lambda: any(r.state == "failed" for m in outbound.messages() for r in m.recipients),
                         what="the recipient to fail")
     box.run(box.services.accounts.update_user(ALICE, quota_bytes=0))
     [_, report] = outbound.wait_inbox(2)
     outbound.wait_empty()
+    assert delivery_status(report)[1]["Final-Recipient"] == "rfc822; a@nomail.test"
+
+
+@pytest.mark.parametrize("by", ["console", "cli"])
+def test_retry_now_tries_a_report_waiting_for_a_full_mailbox_too(
+    outbound: Outbound, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, by: str,
+) -> None:
+    """Alice's mailbox is full when her mail to a remote address fails: the report waits an hour (the
+    queue's retry schedule). She makes room and the administrator presses "Retry now" (or runs
+    `letterbox queue flush`): the report is tried now, as Postfix's `postqueue -f` sends every deferred
+    message, bounces included. Before, a flush made only queued recipients due: the report waited for
+    its hour, and the CLI's flush could not reach the running box's memory of it at all."""
+    if by == "cli":
+        monkeypatch.setattr(service, "SWEEP_INTERVAL", 1.0)  # the CLI's flush is seen at the next sweep
+    box = outbound.box
+    outbound.setting("queue_retry_intervals", "3600")
+    caplog.set_level(logging.INFO, logger="letterbox")
+    fail_for_full_alice(outbound)
+    outbound.wait_until(lambda: any("failure report to <alice@ourdomain.test> waits" in r.getMessage()
+                                    for r in caplog.records), timeout=60, what="the report to be refused")
+    box.run(box.services.accounts.update_user(ALICE, quota_bytes=0))
+    time.sleep(2)  # (the CLI's case: sweeps pass the report by, waiting for its hour)
+    assert len(outbound.inbox()) == 1
+    if by == "console":
+        assert box.run(Admin.of(box.services).flush_queue()) == 1
+    else:
+        result = subprocess.run([LETTERBOX, "--data", str(box.data.root), "queue", "flush"], capture_output=True,
+                                text=True, timeout=60, check=True)
+        assert result.stdout.startswith("1 recipient due now"), result.stdout
+    [_, report] = outbound.wait_inbox(2, timeout=10)
+    outbound.wait_empty(timeout=10)
     assert delivery_status(report)[1]["Final-Recipient"] == "rfc822; a@nomail.test"
 
 
@@ -386,8 +429,7 @@ def test_the_mx_s_bounce_to_a_full_local_sender_waits_for_room(
     bob, full = f"bob@{OURS}", f"full@{OURS}"
     box.add_user(bob, PASSWORD)
     box.add_user(full, PASSWORD, quota_bytes=10_000)
-    box.run(box.services.store.deliver([ALICE], b"Subject: filler\r\n\r\n" + b"x" * 20_000))
-    box.run(box.services.accounts.update_user(ALICE, quota_bytes=10_000))
+    fill_alice(box)
     caplog.set_level(logging.INFO, logger="letterbox")
     big = BODY + b"y" * 20_000 + b"\r\n"
     with smtplib.SMTP("127.0.0.1", box.port("smtp"), timeout=30) as client:
