@@ -11,7 +11,13 @@ and an SMTP/LMTP message once it has arrived, when the messages received with it
 after DATA). Concurrent APPENDs, or DATA sent after MAIL FROM's check, each saw the room before any
 of them was written, and together went below it. What is left is for reading and deleting mail: opening a folder,
 setting flags and EXPUNGE write to the database too, and a user must be able to delete mail to make
-room."""
+room.
+
+Sessions between MAIL FROM and DATA are not counted: nothing of theirs is on the disk or in memory
+yet, and DATA's check, made before anything is written, counts every message then arriving. Holding
+SIZE= announced at MAIL FROM would only refuse some of them sooner, and would let a client that
+announces the largest size on many connections and sends nothing refuse everyone's mail; Postfix's
+smtpd, one process per session, does not count other sessions' SIZE either."""
 
 from __future__ import annotations
 
