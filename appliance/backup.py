@@ -613,10 +613,12 @@ def _payload_key(source: IO[bytes], secret: Secret) -> bytes:
 
 
 @contextlib.contextmanager
-def _plain_members(source: IO[bytes], secret: Secret) -> Iterator[backup_stream.TarReader]:
-    """The tar stream inside an age file, read by a worker thread ahead of the caller. Damage and
-    wrong keys surface as BackupError (at the header, or where the stream breaks)."""
-    child = backup_stream.unpack_child(source)
+def _plain_members(source: IO[bytes], secret: Secret, *, whole: bool = True) -> Iterator[backup_stream.TarReader]:
+    """The tar stream inside an age file. Damage and wrong keys surface as BackupError (at the header,
+    or where the stream breaks). `whole`: the caller reads all of it (a restore), which the `unpack`
+    child makes faster; for the first entry alone it is read here, since that child is a new
+    interpreter: 0.1 s on a quiet machine and 1-2 s at load 12-18, for a few kilobytes."""
+    child = backup_stream.unpack_child(source) if whole else None
     try:
         key = _payload_key(source, secret)
     except BaseException:
@@ -923,7 +925,7 @@ def _check_manifest(data: bytes, known_schema: int) -> dict[str, Any]:
 
 def read_manifest(source: IO[bytes], secret: Secret) -> dict[str, Any]:
     """Only the manifest (the first entry): what the restore page shows before asking to confirm."""
-    with _plain_members(source, secret) as tar:
+    with _plain_members(source, secret, whole=False) as tar:
         for name, kind, size in tar.members():
             if name != MANIFEST_NAME or kind != backup_stream.REGTYPE:
                 break
