@@ -1,6 +1,6 @@
-"""`letterbox serve` emptied by real POP3 downloaders: fetchmail (STLS on 110, implicit TLS on 995) and
-getmail6 download every message intact, once keeping them on the server and once deleting them, and a
-second run finds nothing new."""
+"""`letterbox serve` emptied by a real POP3 downloader: fetchmail (STLS on 110, implicit TLS on 995)
+downloads every message intact, once keeping them on the server and once deleting them, and a second
+run finds nothing new."""
 
 from __future__ import annotations
 
@@ -93,8 +93,10 @@ class Fetchmail:
 
     def run(self) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "FETCHMAILHOME": str(self.home), "HOME": str(self.home)}
-        return subprocess.run([self.program, "-f", str(self.rc), "-v"], env=env, capture_output=True,
-                              text=True, timeout=FETCH_TIMEOUT)
+        # Its own pidfile too: run as root, fetchmail locks /var/run/fetchmail.pid whatever FETCHMAILHOME
+        # says, and a parallel test's run then failed with "another foreground fetchmail is running".
+        return subprocess.run([self.program, "-f", str(self.rc), "--pidfile", str(self.home / "fetchmail.pid"), "-v"],
+                              env=env, capture_output=True, text=True, timeout=FETCH_TIMEOUT)
 
     def fetched(self) -> list[bytes]:
         return sorted(p.read_bytes() for p in self.out.iterdir())
