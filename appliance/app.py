@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from appliance import accept_errors, backup, collector, setup_code, systemd_notify, waits, web_server
+from appliance import (
+    accept_errors,
+    backup,
+    collector,
+    message_spool,
+    setup_code,
+    systemd_notify,
+    waits,
+    web_server,
+)
 from appliance.accounts import Accounts
 from appliance.admin import Admin
 from appliance.auth import Auth
@@ -237,6 +246,9 @@ class Box:
         (serve=True) accept connections on every listener."""
         await self.services.accounts.recover()  # before the store opens a mailbox whose removal was cut short
         await self.services.store.recover()
+        stale = await asyncio.to_thread(message_spool.clean_stale, self.services.config.data.tmp)
+        if stale:
+            log.info("removed %d spool files of messages an unclean stop cut short", stale)
         for service in self._services_to_listen():
             if service not in CONSOLE:
                 await self._bind(service)

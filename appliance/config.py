@@ -63,12 +63,18 @@ class DataLayout:
         """Mail of removed mailboxes and keys of removed domains, kept for a while (appliance/store/trash.py)."""
         return self.root / "deleted"
 
+    @property
+    def tmp(self) -> Path:
+        """Parts of messages being received (appliance/message_spool.py); emptied at start."""
+        return self.root / "tmp"
+
     def create(self) -> None:
-        for path in (self.root, self.mail, self.spool, self.tls, self.dkim, self.backups, self.deleted):
+        paths = (self.root, self.mail, self.spool, self.tls, self.dkim, self.backups, self.deleted, self.tmp)
+        for path in paths:
             path.mkdir(parents=True, exist_ok=True)
         # Keys, mail, the queue and the db are private to the box (issue 11 item 6): no other local
         # user may list or read them, whatever the umask was when an older version made them.
-        for path in (self.root, self.mail, self.spool, self.tls, self.dkim, self.backups, self.deleted):
+        for path in paths:
             if path.stat().st_mode & 0o077:
                 path.chmod(0o700)
 

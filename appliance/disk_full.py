@@ -8,7 +8,9 @@ New mail stops before the disk is full, as Postfix's does (it wants 1.5 times it
 free): an SMTP/LMTP sender or an IMAP APPEND is refused while less than RESERVE_OCTETS (plus what the
 message says it will take, plus the messages being received meanwhile: MessageMemory.others) is free,
 and an SMTP/LMTP message once it has arrived, when the messages received with it leave less (452 4.3.1
-after DATA). Concurrent APPENDs, or DATA sent after MAIL FROM's check, each saw the room before any
+after DATA). The part of a large SMTP message spooled as it comes (message_spool.py) is on the disk
+already, and may take at most half the room above the reserve (smtp/data_phase.Spill, 452 4.3.1 after
+the dot). Concurrent APPENDs, or DATA sent after MAIL FROM's check, each saw the room before any
 of them was written, and together went below it. What is left is for reading and deleting mail: opening a folder,
 setting flags and EXPUNGE write to the database too, and a user must be able to delete mail to make
 room.

@@ -8,6 +8,10 @@ where their LFs are, and the dots of transparency (RFC 5321 4.5.2) are taken out
 replace. A message that breaks a bound is drained to its dot keeping nothing, then refused (RFC 5321
 4.2.5: the reply comes after the dot, and the session goes on).
 
+Past SPOOL_AFTER_OCTETS the rest of a message goes to a spool file (appliance/message_spool.py,
+a Spill): a slow sender holds that much of the box's memory, not its whole message. It is read back
+once the dot has come (read_back).
+
 Read a line at a time, a message of 36 MiB of empty lines was 18 million reads and a bytes object
 each: 11 s of the event loop's CPU for 20 MB, and ~40 octets of memory per octet sent.
 """
@@ -15,15 +19,28 @@ each: 11 s of the event loop's CPU for 20 MB, and ~40 octets of memory per octet
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
 
-from appliance.message_memory import BUSY_TEXT
+from appliance.disk_full import is_disk_full
+from appliance.message_memory import BUSY_TEXT, Hold
+from appliance.message_spool import SPOOL_AFTER_OCTETS, SpoolFile
+from appliance.smtp.policy import INSUFFICIENT_STORAGE
+
+log = logging.getLogger("letterbox.smtp")
+T = TypeVar("T")
 
 # aiosmtpd's texts, so the rewording (server.REWORDED) and LMTP's per-recipient replies apply.
 LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 TOO_MUCH_DATA = "552 Error: Too much mail data"
 # The box's memory for messages being received is taken (appliance/message_memory.py).
 BUSY = f"452 4.3.1 {BUSY_TEXT}"
+# A Spill's: the disk keeps too little (appliance/disk_full.py), or the spool file could not be written.
+DISK_FULL = str(INSUFFICIENT_STORAGE)
+SPOOL_FAILED = "451 4.3.0 Local error in keeping the message, try again later"
 END = b"\r\n.\r\n"  # the CRLF ending the last line, the dot, its CRLF
 CRLF = b"\r\n"
 
@@ -67,12 +84,137 @@ def _longest_line(carried: int, chunk: bytes, max_line: int) -> tuple[int, bool]
     return carried, carried > max_line
 
 
+class Spill:
+    """Where a DATA's octets past `after` go: a spool file in `directory`, its octets counted by
+    `hold`, while `room(n)` says the data disk keeps its reserve with n more (disk_full.room_for)."""
+
+    def __init__(self, directory: Path, hold: Hold, room: Callable[[int], bool],
+                 after: int = SPOOL_AFTER_OCTETS) -> None:
+        self.directory = directory
+        self.hold = hold
+        self.room = room
+        self.after = after
+        self.file: SpoolFile | None = None
+        self._busy: asyncio.Future[Any] | None = None  # the worker thread's call on the file
+
+    async def _in_thread(self, work: Callable[[], T]) -> T:
+        """`work` in a worker thread; a cancelled caller (the client went) leaves it to finish, and
+        close() waits for it: the descriptor is never closed under a write (its number could be
+        another file's by then)."""
+        self._busy = asyncio.ensure_future(asyncio.to_thread(work))
+        result: T = await asyncio.shield(self._busy)
+        return result
+
+    async def write(self, chunk: bytes) -> str | None:
+        """None once `chunk` is in the file, else the refusal to give after the dot."""
+        if not self.hold.spool(len(chunk)):  # the box's bound of spooled octets (message_memory.py)
+            return BUSY
+        return await self._in_thread(partial(self._write, chunk))
+
+    def _write(self, chunk: bytes) -> str | None:
+        if not self.room(len(chunk)):
+            log.warning("DATA refused while spooling: the disk is nearly full")
+            return DISK_FULL
+        try:
+            if self.file is None:
+                self.file = SpoolFile(self.directory)
+            self.file.write(chunk)
+        except OSError as exc:
+            if is_disk_full(exc):
+                log.warning("DATA refused while spooling: the disk is full (%s)", exc)
+                return DISK_FULL
+            log.error("DATA refused: cannot spool the message in %s: %s", self.directory, exc)
+            return SPOOL_FAILED
+        return None
+
+    async def read_back(self, message: Spooled) -> bytes:
+        """The whole message, dot-unstuffed."""
+        return await self._in_thread(partial(_read_back, message))
+
+    def close(self) -> None:
+        if self._busy is not None and not self._busy.done():
+            self._busy.add_done_callback(self._closed_after)
+            return
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def _closed_after(self, busy: asyncio.Future[Any]) -> None:
+        if not busy.cancelled() and busy.exception() is not None:
+            log.warning("spooling a message whose client went failed: %s", busy.exception())
+        self.close()
+
+
+class Spooled:
+    """A message past its Spill's `after`: the first octets in memory, the rest in its file (as sent,
+    dot-stuffed)."""
+
+    def __init__(self, head: bytearray, spill: Spill) -> None:
+        assert spill.file is not None
+        self.head = head
+        self.file = spill.file
+        self.octets = len(head) + spill.file.octets
+
+
+def _read_back(message: Spooled) -> bytes:
+    whole = message.file.read_after(message.head)
+    message.head = bytearray()
+    return _unstuffed(whole)
+
+
+def _unstuffed(kept: bytearray) -> bytes:
+    if kept[:1] == b".":
+        del kept[:1]
+    unstuffed = kept.replace(b"\r\n.", CRLF)
+    del kept
+    return bytes(unstuffed)
+
+
+class _Kept:
+    """What is kept of a message as it is read: its octets in memory, past spill.after in `spill`."""
+
+    def __init__(self, hold: Callable[[int], bool] | None, spill: Spill | None) -> None:
+        self.memory = bytearray()
+        self.hold = hold
+        self.spill = spill
+        self.spooling = False
+
+    def in_memory(self, chunk: bytes) -> bool:
+        """Whether `chunk` is for memory (else for the spill)."""
+        return self.spill is None or (not self.spooling and len(self.memory) + len(chunk) <= self.spill.after)
+
+    def keep(self, chunk: bytes) -> str | None:
+        """None once `chunk` is kept in memory, else the refusal."""
+        if self.hold is not None and not self.hold(len(chunk)):
+            return BUSY
+        self.memory += chunk
+        return None
+
+    async def spool(self, chunk: bytes) -> str | None:
+        """None once `chunk` is in the spill's file, else the refusal."""
+        assert self.spill is not None
+        self.spooling = True
+        return await self.spill.write(chunk)
+
+    def drop(self) -> None:
+        self.memory = bytearray()
+        if self.spill is not None:
+            self.spill.close()
+
+    def message(self) -> bytes | Spooled:
+        if self.spill is not None and self.spooling:
+            return Spooled(self.memory, self.spill)
+        return _unstuffed(self.memory)
+
+
 async def read_message(reader: asyncio.StreamReader, *, max_line: int, max_octets: int,
-                       hold: Callable[[int], bool] | None = None) -> bytes | str:
-    """The message, dot-unstuffed, or the refusal (LINE_TOO_LONG / TOO_MUCH_DATA / BUSY) once it has all
-    been read. max_line counts a line with its CRLF and any transparency dot; max_octets the whole DATA;
-    hold(n) says whether n more octets may be kept (and takes them)."""
-    kept = bytearray()
+                       hold: Callable[[int], bool] | None = None,
+                       spill: Spill | None = None) -> bytes | Spooled | str:
+    """The message, dot-unstuffed, or the refusal (LINE_TOO_LONG / TOO_MUCH_DATA / BUSY, or a Spill's)
+    once it has all been read. max_line counts a line with its CRLF and any transparency dot; max_octets
+    the whole DATA; hold(n) says whether n more octets may be kept in memory (and takes them); past
+    spill.after they go to `spill` instead, and the message is Spooled."""
+    kept = _Kept(hold, spill)
     tail = CRLF  # the last octets read (at most 4); the message begins at a line's start
     line_octets = 0  # of the line not yet ended
     total = 0
@@ -96,19 +238,13 @@ async def read_message(reader: asyncio.StreamReader, *, max_line: int, max_octet
                 refusal = TOO_MUCH_DATA
             elif too_long:
                 refusal = LINE_TOO_LONG
-            elif hold is not None and not hold(len(chunk)):
-                refusal = BUSY
-            if refusal is not None:
-                kept = bytearray()
+            elif kept.in_memory(chunk):
+                refusal = kept.keep(chunk)
             else:
-                kept += chunk
+                refusal = await kept.spool(chunk)
+            if refusal is not None:
+                kept.drop()
         if found and seen.endswith(END):
             break
         tail = seen[-4:]
-    if refusal is not None:
-        return refusal
-    if kept[:1] == b".":
-        del kept[:1]
-    unstuffed = kept.replace(b"\r\n.", CRLF)
-    del kept
-    return bytes(unstuffed)
+    return refusal if refusal is not None else kept.message()

@@ -158,6 +158,7 @@ class SmtpHandler:
         self.deliverer = deliverer
         self.lmtp = service == LMTP_SERVICE
         self.submission = service in SUBMISSION_SERVICES
+        self.spool_directory = services.config.data.tmp  # large messages' (server.py, message_spool.py)
 
     # --- EHLO / LHLO ----------------------------------------------------------------------------------
 

@@ -20,10 +20,20 @@ from typing import TYPE_CHECKING, Any, AnyStr
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, syntax
 
 from appliance.channel import LISTEN_BACKLOG, ConnectionLimiter, ListenerLimits, Slot
-from appliance.disk_full import is_disk_full
+from appliance.disk_full import is_disk_full, room_for
+from appliance.message_memory import Hold
 from appliance.sizes import limit_text
 from appliance.smtp import class_members
-from appliance.smtp.data_phase import BUSY, LINE_TOO_LONG, TOO_MUCH_DATA, read_message
+from appliance.smtp.data_phase import (
+    BUSY,
+    DISK_FULL,
+    LINE_TOO_LONG,
+    SPOOL_FAILED,
+    TOO_MUCH_DATA,
+    Spill,
+    Spooled,
+    read_message,
+)
 from appliance.smtp.delivery import Deliverer
 from appliance.smtp.handler import LetterboxEnvelope, LetterboxSession, SmtpHandler
 from appliance.smtp.limits import (
@@ -71,7 +81,7 @@ REWORDED = {
     "553 5.1.3 Error: malformed address": "501 5.5.2 Syntax error in the address",
 }
 # DATA-phase errors aiosmtpd answers once; LMTP owes one reply per recipient (RFC 2033 4.2).
-DATA_ERRORS = frozenset({TOO_MUCH_DATA, LINE_TOO_LONG, BUSY})
+DATA_ERRORS = frozenset({TOO_MUCH_DATA, LINE_TOO_LONG, BUSY, DISK_FULL, SPOOL_FAILED})
 UNKNOWN_COMMAND = "500 5.5.1 Error: command not recognized"
 
 # RFC 5321 4.1.2 Path with a Dot-string local part and a dot-atom domain (RFC 5322 3.2.3 atext).
@@ -434,19 +444,29 @@ class LetterboxSMTP(SMTP):
             return
         self._data_deadline = self.loop.time() + self.limits.max_data_seconds
         self._reset_timeout(self.limits.data_chunk_timeout)
-        held = self.event_handler.services.message_memory.hold(self._client_ip or "unknown")
+        services = self.event_handler.services
+        held = services.message_memory.hold(self._client_ip or "unknown")
+        memory, root = services.message_memory, services.config.data.root
+        # The memory's octets of every message will be written (disk_full.py). The spool's are on the
+        # disk already, and counted once more: spool files take at most half the room above the reserve,
+        # so slow senders of large messages cannot bring the disk to it, where all mail is refused.
+        spill = Spill(self.event_handler.spool_directory, held,
+                      lambda octets: room_for(root, memory.others() + memory.spooled + octets))
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             try:
                 message = await read_message(
                     self._reader, max_line=MAX_TEXT_LINE_OCTETS, max_octets=self.limits.max_message_octets,
-                    hold=held.take,
+                    hold=held.take, spill=spill,
                 )
             except asyncio.CancelledError:
                 log.info("%s: connection lost during DATA", self._client_ip)
                 self._writer.close()
                 raise
             self._data_deadline = None
+            if isinstance(message, Spooled):
+                message = await self._read_back(message, held, spill)
+            spill.close()
             if isinstance(message, str):
                 await self.push(message)  # before the envelope goes: LMTP says it once per recipient
                 self.envelope = self._create_envelope()  # aiosmtpd's _set_post_data_state
@@ -458,10 +478,20 @@ class LetterboxSMTP(SMTP):
             held.release()  # the message is written (or refused) and let go
             await self.push("250 OK" if status is MISSING else status)
         finally:
+            spill.close()
             held.release()
             self._data_deadline = None
             if self.transport is not None:
                 self._reset_timeout()
+
+    async def _read_back(self, message: Spooled, held: Hold, spill: Spill) -> bytes | str:
+        """A spooled message whole in memory, for the checks and the delivery (which take bytes), once
+        it has its turn (message_memory.READ_BACK_OCTETS); BUSY when it did not come in time."""
+        if not await held.take_back(message.octets):
+            log.warning("%s: a message of %d octets not read back in time: too many large ones at once",
+                        self._client_ip, message.octets)
+            return BUSY
+        return await spill.read_back(message)
 
     # --- greetings and replies ------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import poplib
 import re
 import smtplib
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,6 +163,44 @@ def test_smtp_disk_filled_during_the_transaction(full_box: tuple[BoxHandle, Full
         finally:
             disk.free()
     assert _maildir_files(box) == files
+
+
+def test_a_large_message_stops_spooling_at_the_reserve(full_box: tuple[BoxHandle, FullDisk],
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Past message_spool.SPOOL_AFTER_OCTETS a message goes to <data>/tmp as it comes: with room at MAIL
+    FROM for 3 MiB above the reserve, an 8 MiB message stops being spooled when the next piece would
+    take the reserve, is refused after its dot, and its spool file is gone."""
+    box, disk = full_box
+    files = _maildir_files(box)
+    disk.fill(leave=RESERVE_OCTETS + 3 * 2**20)
+    lowest = [disk.free_octets()]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            lowest[0] = min(lowest[0], disk.free_octets())
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", box.port("smtp"), timeout=30) as smtp:
+            smtp.ehlo("sender.example.org")
+            assert smtp.mail("someone@example.org")[0] == 250
+            assert smtp.rcpt(ALICE)[0] == 250
+            code, text = smtp.data(b"Subject: large\r\n\r\n" + (b"x" * 98 + b"\r\n") * 80_000)
+            assert (code, text[:5]) == (452, b"4.3.1"), (code, text)
+            assert smtp.noop()[0] == 250
+    finally:
+        done.set()
+        watcher.join()
+        free_after = disk.free_octets()
+        disk.free()
+    assert "DATA refused while spooling: the disk is nearly full" in caplog.text
+    assert lowest[0] >= RESERVE_OCTETS - 2**20, (lowest[0], RESERVE_OCTETS)  # a piece at most past it
+    assert free_after >= RESERVE_OCTETS + 2 * 2**20  # the spool file's octets given back
+    assert _maildir_files(box) == files
+    assert box.services.message_memory.others() == 0
 
 
 def test_submission_disk_filled_during_the_transaction(full_box: tuple[BoxHandle, FullDisk]) -> None:

@@ -528,3 +528,23 @@ def test_an_mx_at_our_address_written_otherwise_loops_back_to_myself(
     assert statuses == {"rfc822; a@mapped.test": "5.4.6"}
     assert "mail for mapped.test loops back to myself" in decoded(subparts(parse(report))[0]).decode()
     assert not [r for r in caplog.records if "Relay access denied" in r.getMessage()]
+
+
+def test_a_spooled_submission_goes_out_whole_and_signed(outbound: Outbound) -> None:
+    # Past message_spool.SPOOL_AFTER_OCTETS a message is spooled to <data>/tmp while it comes and read
+    # back after its dot: the copy in the queue and the local one end with the octets sent (submission
+    # adds its header fields), and the DKIM signature made of them verifies.
+    outbound.publish_dkim_key()
+    mx(outbound.zone, "example.net", (10, "mx.example.net", MX1))
+    body = b"".join((b"." if n % 5 == 0 else b"") + b"line %07d " % n + b"z" * 60 + b"\r\n" for n in range(30_000))
+    data = BODY + body
+    with outbound.receiver(MX1) as receiver:
+        outbound.submit(["a@example.net", ALICE], data)
+        [transaction] = receiver.wait(1)
+    assert len(data) > 2_000_000
+    assert transaction.data.startswith(b"DKIM-Signature: ")
+    assert transaction.data.endswith(b"\r\n\r\nHi there.\r\n" + body)
+    assert dkim.verify(transaction.data, dnsfunc=outbound.dkim_dns)
+    [copy] = outbound.wait_inbox(1)
+    assert copy.endswith(b"\r\n\r\nHi there.\r\n" + body)
+    assert outbound.box.services.message_memory.others() == 0

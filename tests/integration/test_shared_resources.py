@@ -136,6 +136,8 @@ def test_messages_being_received_share_one_bound(imap_box: BoxHandle, small_budg
     # the sum of sessions' APPENDs and DATA: fifty from one address could exhaust the box's memory.
     header = b"From: a@example.test\r\nSubject: big\r\n\r\n"
     body = header + (b"x" * 78 + b"\r\n") * ((2_000_000 - len(header)) // 80)
+    # Two appends leave ~100 kB: less than the first SPOOL_AFTER_OCTETS a DATA keeps in memory.
+    small_budget.limit = 4_100_000
     first, go = start_append(imap_box, "127.0.1.2", len(body))
     assert go.startswith(b"+")
     first.send(body[:1_000_000])  # the client is slow: its 2 MB stay held
@@ -170,7 +172,7 @@ def test_messages_being_received_share_one_bound(imap_box: BoxHandle, small_budg
 def test_lmtp_says_busy_once_per_recipient(imap_box: BoxHandle, small_budget: MessageMemory) -> None:
     other = "bob@example.test"
     imap_box.add_user(other, PASSWORD)
-    small_budget.limit = 1_000_000  # a network holds 500 kB at most
+    small_budget.limit = 200_000  # a network holds 100 kB at most: less than DATA keeps before it spools
     with Wire(imap_box.port("lmtp"), timeout=30) as wire:
         wire.reply()
         assert wire.cmd("LHLO mta.test")[0] == 250

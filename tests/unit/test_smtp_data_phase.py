@@ -5,17 +5,30 @@ its cost linear in the octets, not in the lines."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.smtp.data_phase import LINE_TOO_LONG, TOO_MUCH_DATA, read_message
+from appliance.message_memory import MessageMemory
+from appliance.smtp.data_phase import (
+    BUSY,
+    DISK_FULL,
+    LINE_TOO_LONG,
+    TOO_MUCH_DATA,
+    Spill,
+    Spooled,
+    read_message,
+)
 
 BIG = 1 << 30
 
 
-async def _read(pieces: list[bytes], limit: int, max_line: int, max_octets: int) -> tuple[bytes | str, bytes]:
+async def _read(pieces: list[bytes], limit: int, max_line: int, max_octets: int,
+                spill: Spill | None = None) -> tuple[bytes | str, bytes]:
     reader = asyncio.StreamReader(limit=limit)
 
     async def feed() -> None:
@@ -25,17 +38,35 @@ async def _read(pieces: list[bytes], limit: int, max_line: int, max_octets: int)
         reader.feed_eof()
 
     feeding = asyncio.ensure_future(feed())
-    message = await read_message(reader, max_line=max_line, max_octets=max_octets)
+    hold = spill.hold.take if spill is not None else None
+    message = await read_message(reader, max_line=max_line, max_octets=max_octets, hold=hold, spill=spill)
     await feeding
+    if isinstance(message, Spooled):
+        assert spill is not None
+        assert await spill.hold.take_back(message.octets)
+        message = await spill.read_back(message)
+    if spill is not None:
+        spill.close()
+        spill.hold.release()
     return message, await reader.read()
 
 
 def read(data: bytes, *, cuts: list[int] | None = None, limit: int = 64 * 1024, max_line: int = BIG,
-         max_octets: int = BIG) -> tuple[bytes | str, bytes]:
-    """(the message or refusal, what is left in the stream), data fed in pieces cut at `cuts`."""
+         max_octets: int = BIG, spill: Spill | None = None) -> tuple[bytes | str, bytes]:
+    """(the message or refusal, what is left in the stream), data fed in pieces cut at `cuts`; with
+    `spill`, what passes its `after` read back from its file."""
     points = sorted({c for c in cuts or [] if 0 < c < len(data)})
     pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
-    return asyncio.run(_read(pieces, limit, max_line, max_octets))
+    return asyncio.run(_read(pieces, limit, max_line, max_octets, spill))
+
+
+@pytest.fixture(scope="module")
+def spool_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("spool")
+
+
+def spill(directory: Path, after: int, room: bool = True) -> Spill:
+    return Spill(directory, MessageMemory().hold("192.0.2.1"), lambda _octets: room, after=after)
 
 
 def by_lines(data: bytes) -> tuple[bytes, bytes]:
@@ -61,6 +92,28 @@ def test_the_end_and_the_dots_wherever_the_stream_is_cut(body: list[bytes], cuts
     data = b"".join(body) + b"\r\n.\r\nQUIT\r\n"
     message, left = read(data, cuts=cuts, limit=limit)
     assert (message, left) == by_lines(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(body=fragments, cuts=st.lists(st.integers(0, 200), max_size=8), limit=st.integers(5, 40),
+       after=st.integers(0, 60))
+def test_a_spooled_message_is_the_same_message(spool_dir: Path, body: list[bytes], cuts: list[int], limit: int,
+                                               after: int) -> None:
+    # Past `after` the octets go to a file as sent (dot-stuffed) and come back whole after the dot: the
+    # memory part and the file's meet anywhere, in a dot-stuffed line too.
+    data = b"".join(body) + b"\r\n.\r\nQUIT\r\n"
+    assert read(data, cuts=cuts, limit=limit, spill=spill(spool_dir, after)) == by_lines(data)
+    assert os.listdir(spool_dir) == []
+
+
+def test_a_spool_the_disk_has_no_room_for_is_refused_after_the_dot(spool_dir: Path) -> None:
+    chosen = spill(spool_dir, after=10, room=False)
+    data = b"abc\r\n" * 10 + b".\r\nNOOP\r\n"
+    assert read(data, spill=chosen, limit=8) == (DISK_FULL, b"NOOP\r\n")
+    assert chosen.file is None
+    assert read(data, spill=spill(spool_dir, after=100, room=False)) == (b"abc\r\n" * 10, b"NOOP\r\n")  # all in memory
+    over_bound = Spill(spool_dir, MessageMemory(spool_limit=20).hold("192.0.2.1"), lambda _octets: True, after=10)
+    assert read(data, spill=over_bound, limit=8) == (BUSY, b"NOOP\r\n")  # the box's spool is full
 
 
 def test_an_empty_message_and_a_dot_at_the_start() -> None:

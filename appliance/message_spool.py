@@ -1,0 +1,88 @@
+"""The part of an incoming message past SPOOL_AFTER_OCTETS, on disk while it arrives.
+
+SMTP DATA kept a whole message in memory while it came, and a message may take 30 minutes to come
+(limits.MAX_DATA_SECONDS): a few slow senders each holding 36 MiB filled the box's budget for messages
+being received (appliance/message_memory.py), and every other sender got 452 4.3.1 until they
+stopped. Postfix writes each message to its queue file as it arrives. Here the first
+SPOOL_AFTER_OCTETS stay in memory (most mail is smaller: its path is as before) and the rest goes to
+a file in <data>/tmp, on the same file system as the Maildirs and the queue, so the disk reserve
+(appliance/disk_full.py) judges it.
+
+The file is made with O_TMPFILE: it has no name from the start, so a client that goes, a timeout, a
+refusal or a crash leaves nothing behind (closing the descriptor frees the octets). Where the file
+system cannot (O_TMPFILE is Linux's, on ext4, xfs, btrfs, tmpfs), a named file is unlinked at once;
+what a crash could leave between the two is removed at start (clean_stale).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+from pathlib import Path
+
+# 256 KiB: under it a message is read as before (the bench's SMTP rows, most mail). Over it, a DATA
+# holds at most this much of the box's memory however long it trickles: the MX listener's 500
+# connections together hold at most 125 MiB, half the budget (a network, 100 connections, 25 MiB),
+# so senders on port 25 alone can no longer fill it.
+SPOOL_AFTER_OCTETS = 256 * 1024
+_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
+
+
+def _open_unlinked(directory: Path) -> int:
+    flags = os.O_RDWR | os.O_CLOEXEC
+    try:
+        return os.open(directory, flags | os.O_TMPFILE, 0o600)
+    except OSError as exc:
+        if exc.errno not in _NO_TMPFILE:
+            raise
+    path = directory / f"incoming.{secrets.token_hex(8)}"
+    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    os.unlink(path)
+    return fd
+
+
+class SpoolFile:
+    """One message's spooled octets; blocking methods, called through asyncio.to_thread."""
+
+    def __init__(self, directory: Path) -> None:
+        self._fd = _open_unlinked(directory)
+        self.octets = 0
+
+    def write(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+        self.octets += len(data)
+
+    def read_after(self, head: bytes | bytearray) -> bytearray:
+        """`head` and then the file's octets, in one buffer allocated once and filled in place."""
+        buffer = bytearray(len(head) + self.octets)
+        buffer[: len(head)] = head
+        with memoryview(buffer) as view:
+            done = len(head)
+            while done < len(buffer):
+                got = os.preadv(self._fd, [view[done:]], done - len(head))
+                if got <= 0:
+                    raise OSError(errno.EIO, "the spooled message is shorter than written")
+                done += got
+        return buffer
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def clean_stale(directory: Path) -> int:
+    """At start, before any listener: remove what an earlier run left in `directory` (named spool
+    files a crash caught before their unlink). Returns how many went."""
+    removed = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
