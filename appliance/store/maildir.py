@@ -331,9 +331,19 @@ def write_keywords(folder: Path, keywords: Keywords) -> None:
     replace_file(folder / KEYWORDS_FILE, text.encode("utf-8"), tmp=folder / f"{KEYWORDS_FILE}.{unique_name(len(text))}")
 
 
+@lru_cache(maxsize=1024)
+def _looked_at(folder: Path) -> tuple[str, str, str]:
+    """A folder's new/, cur/ and keywords file as strings. A look at a folder (dir_stamp and
+    keywords_mtime: every STATUS, NOOP and catch-up of a session, every STORE's and delivery's
+    stamps on the database's thread) made three Paths and three strings of them: most of a NOOP's
+    look, more than its three stats (issue 19)."""
+    base = os.fspath(folder)
+    return f"{base}/new", f"{base}/cur", f"{base}/{KEYWORDS_FILE}"
+
+
 def keywords_mtime(folder: Path) -> int:
     try:
-        return os.stat(folder / KEYWORDS_FILE).st_mtime_ns
+        return os.stat(_looked_at(folder)[2]).st_mtime_ns
     except FileNotFoundError:
         return 0
 
@@ -630,7 +640,8 @@ def wire_size(path: Path) -> int:
 
 def dir_stamp(folder: Path) -> tuple[int, int]:
     """mtimes of new/ and cur/: a file added, removed or renamed there changes them."""
-    return os.stat(folder / "new").st_mtime_ns, os.stat(folder / "cur").st_mtime_ns
+    new, cur, _ = _looked_at(folder)
+    return os.stat(new).st_mtime_ns, os.stat(cur).st_mtime_ns
 
 
 def list_messages(folder: Path) -> dict[str, tuple[str, str]]:

@@ -338,20 +338,21 @@ class MessageCache:
         """Whether a SELECT's prefill is making this folder's missing rows now."""
         return folder_id in self._prefilling
 
-    @contextlib.contextmanager
-    def answering_now(self) -> Iterator[None]:
+    def answering_now(self) -> AbstractContextManager[None]:
         """Said by a FETCH (imap/fetch_render.py) while it lasts: a prefill made in this process
         waits for a pause in them (quiet), as bulk work in the CPU pool's worker does
         (last_answer)."""
+        return _Answering(self)
+
+    def answer_began(self) -> None:
         self._answering += 1
         self._quiet.clear()
-        try:
-            yield
-        finally:
-            self._answering -= 1
-            self.touched()
-            if not self._answering:
-                self._quiet.set()
+
+    def answer_ended(self) -> None:
+        self._answering -= 1
+        self.touched()
+        if not self._answering:
+            self._quiet.set()
 
     def touched(self) -> None:
         """A client's command just used a folder (a SELECT): as the end of a FETCH for quiet."""
@@ -395,6 +396,22 @@ class MessageCache:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+class _Answering:
+    """MessageCache.answering_now's context manager: a class, not a generator's, at every FETCH
+    (issue 19)."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self, cache: MessageCache) -> None:
+        self._cache = cache
+
+    def __enter__(self) -> None:
+        self._cache.answer_began()
+
+    def __exit__(self, *exc: object) -> None:
+        self._cache.answer_ended()
 
 
 @dataclass(frozen=True)
