@@ -269,15 +269,14 @@ class ConnectionHandler:
         try:
             if seconds <= 0:
                 raise TimeoutError
-            # asyncio.timeout, not wait_for: no task per read, whose start and end were two more
-            # event loop iterations per command (issue 19).
-            async with asyncio.timeout(seconds):
-                if waits.ENABLED:
-                    with waits.span("client: between commands" if self._command_started is None
-                                    else "client: rest of a command", whole_box=True):
-                        data = await self.channel.read()
-                else:
-                    data = await self.channel.read()
+            # The channel's own timer, not wait_for (a task per read, whose start and end were two
+            # more event loop iterations per command) nor asyncio.timeout (a timer per read; issue 19).
+            if waits.ENABLED:
+                with waits.span("client: between commands" if self._command_started is None
+                                else "client: rest of a command", whole_box=True):
+                    data = await self.channel.read_within(seconds)
+            else:
+                data = await self.channel.read_within(seconds)
         except DeadlineExpired as exc:
             # The pre-auth deadline (appliance/channel.py Slot) passed: say why, then close.
             log.info("imap %s: %s, disconnected", self.peer, exc)
