@@ -119,6 +119,7 @@ SERVER_ID = (("name", "Letterbox"), ("vendor", "Letterbox"))
 EXTERNAL_POLL = 60.0  # seconds between looks at the disk during IDLE
 SEEN = "\\Seen"
 RECENT_FLAG = frozenset({"\\Recent"})
+FLAGS_ITEM, MODSEQ_ITEM = FetchAttribute("FLAGS"), FetchAttribute("MODSEQ")  # (made once, not per FETCH)
 # Commands after which the selected folder is another or none: no point bringing the old one up to date.
 LEAVES_FOLDER = frozenset({"SELECT", "EXAMINE", "UNSELECT", "CLOSE", "LOGOUT"})
 POLLS = frozenset({"NOOP", "CHECK"})  # always OK (RFC 3501 6.1.2, 6.4.1): their look at the folder is their own (_look)
@@ -1125,8 +1126,8 @@ class ImapSession:
                 await self.io.send(*view.update_infos(updated))
                 flags_changed = {i.uid for i in updated}
         items = command.items
-        if self.condstore and FetchAttribute("FLAGS") in items and FetchAttribute("MODSEQ") not in items:
-            items = (*items, FetchAttribute("MODSEQ"))  # RFC 7162 3.1: FLAGS come with their MODSEQ
+        if self.condstore and FLAGS_ITEM in items and MODSEQ_ITEM not in items:
+            items = (*items, MODSEQ_ITEM)  # RFC 7162 3.1: FLAGS come with their MODSEQ
         cache = None
         if fetch_cache.wants_header_only(items):  # a message list: answered from the message cache
             cache = await self.store.folder_cache(self.mailbox, view.name, view.uidvalidity)
@@ -1160,7 +1161,7 @@ class ImapSession:
         view = self.view
         if command.vanished and not self.qresync:
             raise ImapBad("VANISHED needs QRESYNC enabled")
-        if command.changedsince is None and FetchAttribute("MODSEQ") not in command.items:
+        if command.changedsince is None and MODSEQ_ITEM not in command.items:
             return uids
         await self._condstore_on()
         since = command.changedsince

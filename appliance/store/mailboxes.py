@@ -16,7 +16,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -50,6 +50,8 @@ _T = TypeVar("_T")
 # from the db again at their next use (0.6 s per 100,000 messages).
 UNWATCHED_INDEX_MEMORY = 8 << 20
 TRIM_DELAY = 2.0  # seconds a folder stays loaded after its last use at least
+# Addresses whose key and parts are kept (address_key, _mailbox_parts): a few dozen bytes each.
+ADDRESSES_KEPT = 4096
 # Background work a folder's first listing leaves (its dates, its dovecot-uidlist) waits this long
 # first, so that a client's first commands after a cold SELECT go before it: at 100k messages it
 # shared the GIL with the UID FETCH FLAGS that follows (issue 19). Stop and flush_uidlists cut it short.
@@ -125,9 +127,10 @@ class OpenMailboxes:
         self.on_unload: list[Callable[[], None]] = []
 
     async def get(self, address: str, *, inbox: bool = False) -> OpenMailbox:
-        local, _, domain = address_key(address).rpartition("@")
-        if not local or not domain or any(p in (".", "..") or "/" in p or "\0" in p for p in (local, domain)):
+        parts = _mailbox_parts(address)
+        if parts is None:
             raise StoreError(f"not a mailbox address: {address[:100]!r}")
+        local, domain = parts
         record = await self._directory.mailbox_record(domain, local)
         if record is None:
             self.forget_mailbox(f"{local}@{domain}")  # removed, maybe by the CLI in another process
@@ -808,14 +811,27 @@ def _settled(task: asyncio.Task[None]) -> None:
         log.warning("store: cannot make the special folders yet: %s", exc)
 
 
+@lru_cache(maxsize=ADDRESSES_KEPT)
 def address_key(address: str) -> str:
-    """local@domain as the db keeps it: lower case, the domain in A-label form; split at the last '@'."""
+    """local@domain as the db keeps it: lower case, the domain in A-label form; split at the last '@'.
+    Kept for the addresses seen last: every store call of every IMAP command asks (issue 19)."""
     local, at, domain = address.rpartition("@")
     domain = domain.rstrip(".").lower()
     if not domain.isascii():
         with contextlib.suppress(idna.IDNAError, UnicodeError):
             domain = idna.encode(domain, uts46=True).decode("ascii")
     return f"{local.lower()}{at}{domain}"
+
+@lru_cache(maxsize=ADDRESSES_KEPT)
+def _mailbox_parts(address: str) -> tuple[str, str] | None:
+    """(local, domain) of the mailbox `address` names, as the db keys it; None when one of them
+    cannot name a directory. Kept as address_key is: a generator's check at every store call was
+    most of OpenMailboxes.get's own time (issue 19)."""
+    local, _, domain = address_key(address).rpartition("@")
+    if not local or not domain or any(p in (".", "..") or "/" in p or "\0" in p for p in (local, domain)):
+        return None
+    return local, domain
+
 
 def existing_name(name: str) -> str:
     """The canonical name of a folder looked up; a name the disk cannot hold names no folder."""
