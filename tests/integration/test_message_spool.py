@@ -17,7 +17,7 @@ from appliance.message_spool import SPOOL_AFTER_OCTETS
 from tests.conftest import BoxHandle
 from tests.integration.test_shared_resources import USER, mx_data
 from tests.support.polling import wait_until
-from tests.support.smtp_wire import maildir_messages
+from tests.support.smtp_wire import lmtp_data, maildir_messages
 
 PASSWORD = "correct horse battery staple"
 
@@ -135,3 +135,21 @@ def test_a_restart_removes_stale_spool_files(tmp_path: Path, ca: trustme.CA) -> 
         assert not stale.exists()
     finally:
         box.close()
+
+
+def test_lmtp_answers_a_spooled_message_per_recipient(box: BoxHandle, small_budget: MessageMemory) -> None:
+    other = "bob@example.test"
+    box.add_user(other, PASSWORD)
+    message = big_message(1_000_000, b"lmtp")
+    with lmtp_data(box.port("lmtp"), (USER, other)) as wire:
+        wire.send(stuffed(message)[:-3])
+        wait_until(lambda: small_budget.spooled >= 600_000, seconds=20, what="the message spooled")
+        assert small_budget.held <= SPOOL_AFTER_OCTETS
+        wire.send(b".\r\n")
+        assert [wire.reply()[0] for _ in (USER, other)] == [250, 250]
+        assert wire.cmd("NOOP")[0] == 250  # in step: one reply per recipient, no more
+    for rcpt in (USER, other):
+        [copy] = maildir_messages(box.data.mail, rcpt)
+        assert copy.endswith(message)
+    wait_until(lambda: small_budget.held == small_budget.spooled == small_budget.read_back == 0,
+               seconds=10, what="every octet given back")

@@ -20,7 +20,7 @@ from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
 from tests.support.listeners import stop_server
 from tests.support.polling import wait_until
-from tests.support.smtp_wire import Wire
+from tests.support.smtp_wire import Wire, lmtp_data
 
 USER = "alice@example.test"
 PASSWORD = "correct horse battery staple"
@@ -173,13 +173,7 @@ def test_lmtp_says_busy_once_per_recipient(imap_box: BoxHandle, small_budget: Me
     other = "bob@example.test"
     imap_box.add_user(other, PASSWORD)
     small_budget.limit = 200_000  # a network holds 100 kB at most: less than DATA keeps before it spools
-    with Wire(imap_box.port("lmtp"), timeout=30) as wire:
-        wire.reply()
-        assert wire.cmd("LHLO mta.test")[0] == 250
-        assert wire.cmd("MAIL FROM:<sender@external.test>")[0] == 250
-        for rcpt in (USER, other):
-            assert wire.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
-        assert wire.cmd("DATA")[0] == 354
+    with lmtp_data(imap_box.port("lmtp"), (USER, other)) as wire:
         wire.send(b"Subject: big\r\n\r\n" + (b"y" * 98 + b"\r\n") * 6000 + b".\r\n")
         replies = [wire.reply() for _ in (USER, other)]
         assert [(code, text.split()[0]) for code, text in replies] == [(452, "4.3.1")] * 2

@@ -12,7 +12,7 @@ import pytest
 
 from appliance.queue.spool import QueuedMessage
 from tests.conftest import LETTERBOX, BoxHandle
-from tests.support.smtp_wire import Wire, hold_outbound, maildir_messages, parse
+from tests.support.smtp_wire import Wire, hold_outbound, lmtp_data, maildir_messages, parse
 
 PASSWORD = "correct horse battery staple 9"
 OURS = "ourdomain.test"
@@ -315,13 +315,7 @@ def test_partial_quota_failure_is_accepted_and_bounced(mx: BoxHandle) -> None:
 
 
 def lmtp_send(box: BoxHandle, rcpts: list[str], data: bytes) -> list[tuple[int, str]]:
-    with Wire(box.port("lmtp")) as wire:
-        wire.reply()
-        assert wire.cmd("LHLO mta.test")[0] == 250
-        assert wire.cmd("MAIL FROM:<sender@external.test>")[0] == 250
-        for rcpt in rcpts:
-            assert wire.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
-        assert wire.cmd("DATA")[0] == 354
+    with lmtp_data(box.port("lmtp"), rcpts, timeout=10) as wire:
         wire.send(data + b".\r\n")
         replies = [wire.reply() for _ in rcpts]
         assert wire.cmd("QUIT")[0] == 221

@@ -73,6 +73,18 @@ class Wire:
             return False
 
 
+def lmtp_data(port: int, recipients: list[str] | tuple[str, ...], timeout: float = 30.0) -> Wire:
+    """An LMTP session at its DATA's 354, for `recipients`."""
+    wire = Wire(port, timeout=timeout)
+    wire.reply()
+    assert wire.cmd("LHLO mta.test")[0] == 250
+    assert wire.cmd("MAIL FROM:<sender@external.test>")[0] == 250
+    for rcpt in recipients:
+        assert wire.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
+    assert wire.cmd("DATA")[0] == 354
+    return wire
+
+
 def maildir_messages(mail_root: Path, address: str, folder: str = "") -> list[bytes]:
     """Every message file of a mailbox's INBOX (or `.Folder`), new/ and cur/, in the order written."""
     local, domain = address.split("@")
