@@ -28,6 +28,7 @@ from appliance.imap.responses import (
     Streamed,
     Value,
     render_value,
+    without_nul,
 )
 
 CHUNK = 256 * 1024  # octets read from the file per write
@@ -68,9 +69,10 @@ class FileSlice:
     Owns the open file (the message's path changes with its flags, an open file does not) and closes
     it when the content has been read or `close()` is called."""
 
-    def __init__(self, f: Readable, span: Span, partial: tuple[int, int] | None = None) -> None:
+    def __init__(self, f: Readable, span: Span, partial: tuple[int, int] | None = None, *, text: bool = False) -> None:
         self._f = f
         self._span = span
+        self._text = text  # a literal's content, not a literal8's: NUL as 0x80 (responses.without_nul)
         self._skip = 0
         size = span.wire_size
         if partial is not None:
@@ -85,7 +87,8 @@ class FileSlice:
 
     def chunks(self) -> Iterator[bytes]:
         try:
-            yield from _read_wire(self._f, self._span, self._skip, self._length)
+            chunks = _read_wire(self._f, self._span, self._skip, self._length)
+            yield from map(without_nul, chunks) if self._text else chunks
         finally:
             self.close()
 
@@ -152,8 +155,8 @@ def section_literal(f: BinaryIO, span: Span, partial: tuple[int, int] | None, re
     owns (so the caller's file can be closed independently of the write)."""
     probe = FileSlice(_Unclosable(f), span, partial)
     if probe.length <= INLINE_LITERAL or reopen is None:
-        return LiteralBytes(b"".join(probe.chunks()))
-    return Streamed(FileSlice(reopen(), span, partial))
+        return LiteralBytes(b"".join(probe.chunks()))  # (its NUL replaced as it is sent)
+    return Streamed(FileSlice(reopen(), span, partial, text=True))
 
 
 # --- sections (RFC 3501 6.4.5) -----------------------------------------------------------------------

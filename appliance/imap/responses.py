@@ -16,6 +16,13 @@ MAX_QUOTED_OCTETS = 1024  # longer strings go out as literals (easier on clients
 _UNQUOTABLE = re.compile(rb"[\x00\r\n\x80-\xff]")  # octets a quoted string cannot carry (RFC 3501 9)
 
 
+def without_nul(data: bytes) -> bytes:
+    """`data` for a literal: a NUL as 0x80, as Dovecot sends it. No IMAP string may carry a NUL (RFC
+    3501 4.3 and 9, CHAR8), only a literal8 (BINARY); port 25 and other programs' Maildir files bring
+    them, and a client reading C strings stopped at one. The octet count stays (RFC822.SIZE, partials)."""
+    return data.replace(b"\0", b"\x80") if b"\0" in data else data
+
+
 class StreamedLiteral(Protocol):
     """Literal content produced in chunks by blocking reads; the server runs `chunks()` off the loop."""
 
@@ -117,8 +124,7 @@ def encode_value(value: Value, out: list[Piece]) -> None:
     elif isinstance(value, Raw):
         out.append(value.data)
     elif isinstance(value, LiteralBytes | Literal8Bytes):
-        out.append((b"~{%d}\r\n" if isinstance(value, Literal8Bytes) else b"{%d}\r\n") % len(value.data))
-        out.append(value.data)
+        out += _literal(value)
     elif isinstance(value, Streamed):
         out.append(b"{%d}\r\n" % value.source.length)
         out.append(value.source)
@@ -159,11 +165,17 @@ def render_value(value: Value) -> bytes:
     return b"".join(p if isinstance(p, bytes) else materialise(p) for p in out)
 
 
+def _literal(value: LiteralBytes | Literal8Bytes) -> tuple[bytes, bytes]:
+    if isinstance(value, Literal8Bytes):
+        return b"~{%d}\r\n" % len(value.data), value.data  # RFC 3516 literal8: may carry a NUL
+    return b"{%d}\r\n" % len(value.data), without_nul(value.data)
+
+
 def _string(data: bytes) -> bytes:
     """encode_string's rendering of `data`, as one piece."""
     if len(data) <= MAX_QUOTED_OCTETS and _UNQUOTABLE.search(data) is None:
         return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-    return b"{%d}\r\n%b" % (len(data), data)
+    return b"{%d}\r\n%b" % (len(data), without_nul(data))
 
 
 def materialise(piece: Piece) -> bytes:
