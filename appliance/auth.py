@@ -808,7 +808,16 @@ class Auth:
             log.exception("auth: could not store the rehashed password of %s", printable(creds.name))
             return creds.password_hash
         if not stored:
-            return creds.password_hash  # changed meanwhile: the cache entry will simply not match
+            # Changed meanwhile: a password change (the session must not log in under the old one), or
+            # another login's rehash of this same password (the owner's devices logging in at once
+            # after the parameters changed), which this login's password proves too: one more check
+            # in this race only. A session logs in under the hash stored (MailStore.mailbox_generation):
+            # the second device was refused its right password, and asked for it again.
+            current = await self._credentials(kind, creds.name)
+            if current is not None and current.password_hash != creds.password_hash \
+                    and (await self._check(current, password))[0] == "ok":
+                return current.password_hash
+            return creds.password_hash  # the cache entry will simply not match
         log.info("auth: password hash of %s upgraded to the current argon2id parameters", printable(creds.name))
         return new_hash
 

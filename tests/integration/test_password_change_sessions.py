@@ -13,8 +13,9 @@ import subprocess
 
 import pytest
 
+from appliance import passwords
 from appliance.admin import Admin
-from tests.conftest import LETTERBOX, BoxHandle
+from tests.conftest import LETTERBOX, TEST_HASHER, BoxHandle
 from tests.integration.test_mailbox_removal_sessions import JONH, NEW_PASSWORD, OLD_PASSWORD, idling
 from tests.support.imap_wire import RawImap
 
@@ -81,3 +82,35 @@ def test_imap_pop3_and_smtp_sessions_of_the_old_password_end_at_their_next_comma
         pop.close()
         smtp.close()
     assert len(box.run(box.services.spool.messages())) == 1
+
+
+def test_the_owners_devices_logging_in_at_once_while_the_hash_is_upgraded_all_log_in(box: BoxHandle) -> None:
+    """A stored hash of other argon2 parameters (an update changed them) is rehashed at a login. Two of
+    the owner's devices logging in at once (a hash slot each) both proved the old hash; the second's
+    compare-and-set of its rehash then failed, it logged in under the old hash, and the session, which
+    ends under any hash but the one stored now, refused it: 'Authentication failed' for the right
+    password, and the phone asked for it again. It now checks the password against the hash stored
+    (another login's rehash of it) and logs in under that."""
+    box.add_user(JONH, OLD_PASSWORD)
+    sources = ["127.0.0.10", "127.0.0.11"]  # two devices the box knows: both may take a hash slot
+    for source in sources:
+        known = RawImap(box.port("imaps"), box.client_context, source=source)
+        known.login(JONH, OLD_PASSWORD)
+        known.close()
+    older = passwords.make_hasher(time_cost=3, memory_cost_kib=8 * 1024, parallelism=1)
+    refused = []
+    for _ in range(5):  # the race is lost in most rounds without the change
+        box.run(box.services.db.execute("UPDATE mailboxes SET password_hash = ?", (older.hash(OLD_PASSWORD),)))
+        devices = [RawImap(box.port("imaps"), box.client_context, source=source) for source in sources]
+        try:
+            for n, device in enumerate(devices):
+                device.send(b'L%d LOGIN "%s" "%s"\r\n' % (n, JONH.encode(), OLD_PASSWORD.encode()))
+            refused += [answer for n, device in enumerate(devices)
+                        if not (answer := device.until_tagged(b"L%d" % n)[-1]).startswith(b"L%d OK" % n)]
+        finally:
+            for device in devices:
+                device.close()
+    assert not refused, refused
+    stored = box.run(box.services.accounts.mailbox_credentials(JONH))
+    assert stored is not None
+    assert not passwords.needs_rehash(stored.password_hash, TEST_HASHER)  # upgraded
