@@ -155,14 +155,19 @@ class Spooled:
         self.file = spill.file
         self.octets = len(head) + spill.file.octets
 
+    def whole(self) -> bytearray:
+        """Its octets in one buffer (the memory part let go)."""
+        head, self.head = self.head, bytearray()
+        return self.file.read_after(head)
+
 
 def _read_back(message: Spooled) -> bytes:
-    whole = message.file.read_after(message.head)
-    message.head = bytearray()
-    return _unstuffed(whole)
+    return _unstuffed(message.whole())
 
 
 def _unstuffed(kept: bytearray) -> bytes:
+    """The message without its transparency dots; `kept` must be referenced nowhere else, so that it
+    is let go before the bytes are made (the message twice in memory at the peak, not three times)."""
     if kept[:1] == b".":
         del kept[:1]
     unstuffed = kept.replace(b"\r\n.", CRLF)
@@ -203,8 +208,12 @@ class _Kept:
 
     def message(self) -> bytes | Spooled:
         if self.spill is not None and self.spooling:
-            return Spooled(self.memory, self.spill)
-        return _unstuffed(self.memory)
+            return Spooled(self._taken(), self.spill)
+        return _unstuffed(self._taken())
+
+    def _taken(self) -> bytearray:
+        memory, self.memory = self.memory, bytearray()
+        return memory
 
 
 async def read_message(reader: asyncio.StreamReader, *, max_line: int, max_octets: int,

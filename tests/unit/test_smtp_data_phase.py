@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,33 @@ def test_many_short_lines_cost_little() -> None:
         message, _ = read(data, cuts=list(range(0, len(data), 65536)))
         assert message == data[:-3]
         assert time.process_time() - started < 0.5
+
+
+def test_a_spooled_message_is_read_back_at_twice_its_size(spool_dir: Path) -> None:
+    # The buffer read back, the one without the dots, the bytes made of it: three times the message
+    # (108 MB for the largest) while a reference to the first outlived its use.
+    async def read_back() -> int:
+        chosen = spill(spool_dir, after=65536)
+        reader = asyncio.StreamReader(limit=65536)
+        feeding = asyncio.ensure_future(_feed(reader, b"..x" + b"y" * 97 + b"\r\n", 80_000))
+        message = await read_message(reader, max_line=BIG, max_octets=BIG, hold=chosen.hold.take, spill=chosen)
+        await feeding
+        assert isinstance(message, Spooled)
+        tracemalloc.start()
+        try:
+            data = await chosen.read_back(message)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            chosen.close()
+        assert len(data) == 80_000 * 101
+        return peak
+
+    assert asyncio.run(read_back()) < 2.2 * 8_080_000
+
+
+async def _feed(reader: asyncio.StreamReader, line: bytes, count: int) -> None:
+    for _ in range(count // 1000):
+        reader.feed_data(line * 1000)
+        await asyncio.sleep(0)
+    reader.feed_data(b".\r\n")
