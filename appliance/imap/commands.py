@@ -165,10 +165,14 @@ class BodySection:
     partial: tuple[int, int] | None = None  # (origin octet, count)
 
     def response_name(self) -> str:
-        """The name in the FETCH response: no PEEK, and the partial shows only its origin."""
-        name = f"BODY[{self.section.spec()}]"
-        if self.partial is not None:
-            name += f"<{self.partial[0]}>"
+        """The name in the FETCH response: no PEEK, and the partial shows only its origin. Made once
+        per item (asked again for each message a FETCH answers, issue 19)."""
+        name: str | None = self.__dict__.get("_response_name")
+        if name is None:
+            name = f"BODY[{self.section.spec()}]"
+            if self.partial is not None:
+                name += f"<{self.partial[0]}>"
+            self.__dict__["_response_name"] = name  # (frozen: not a field, no setattr)
         return name
 
 
