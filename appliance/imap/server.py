@@ -30,7 +30,7 @@ from appliance.imap.protocol import (
     RawLine,
     Reject,
 )
-from appliance.imap.responses import Bye, Response, StreamedLiteral, Tagged
+from appliance.imap.responses import Bye, Piece, Response, StreamedLiteral, Tagged
 from appliance.imap.session import ImapSession, SessionConfig
 
 if TYPE_CHECKING:
@@ -88,7 +88,13 @@ class ConnectionHandler:
     async def send(self, *responses: Response) -> None:
         # Many small responses (a FETCH of 100,000 FLAGS) go out in few writes: each write to a TLS
         # transport becomes at least one TLS record.
-        pieces = [piece for response in responses for piece in response.render()]
+        if len(responses) <= 1:
+            pieces = responses[0].render() if responses else []
+            if self._wrote_short(responses, pieces):
+                await self._drain()
+                return
+        else:
+            pieces = [piece for response in responses for piece in response.render()]
         pending: list[bytes] = []
         size = 0
         try:
@@ -118,6 +124,18 @@ class ConnectionHandler:
             for piece in pieces:  # literals never streamed (the client went away): close their files
                 if not isinstance(piece, bytes):
                     _close(piece)
+
+    def _wrote_short(self, responses: tuple[Response, ...], pieces: list[Piece]) -> bool:
+        """send() of one short response (a tagged reply, an untagged line: `pieces`, its rendering)
+        or of none (a catch-up with nothing to tell), most sends, without its loop, lists and joins
+        (issue 19); False, and nothing written, for anything else."""
+        if pieces and (len(pieces) > 1 or type(pieces[0]) is not bytes or len(pieces[0]) >= WRITE_BATCH):
+            return False
+        if pieces:
+            self._write(pieces[0])  # type: ignore[arg-type]  # bytes, as looked at above
+            if isinstance(responses[0], Tagged):
+                self._answered()  # as send() does
+        return True
 
     def _write(self, data: bytes) -> None:
         if self._deflate is not None:
