@@ -93,6 +93,11 @@ TAG_CHARS = ASTRING_CHARS - {ord("+")}
 ASTRING_INPUT_CHARS = ASTRING_CHARS | frozenset(range(0x80, 0x100))
 LIST_CHARS = ATOM_CHARS | frozenset(b"%*]")
 SEQUENCE_CHARS = frozenset(b"0123456789:,*")
+DIGITS = frozenset(b"0123456789")
+# (Made once: each was made again for every FETCH item, section or number it read, issue 19.)
+FETCH_WORD_CHARS = ATOM_CHARS - {ord("[")}
+PART_CHARS = frozenset(b"0123456789.")
+SECTION_CHARS = frozenset(b"0123456789.ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 MONTHS = {name.upper(): i for i, name in enumerate(calendar.month_abbr) if name}
 _KNOWN_FLAGS = frozenset((*SYSTEM_FLAGS, RECENT))
 MAX_NUMBER = 2**32 - 1  # RFC 3501 9: number is a 32-bit unsigned integer
@@ -202,7 +207,7 @@ class Reader:
             self.pos = start
 
     def number(self, nonzero: bool = False) -> int:
-        digits = self.chars(frozenset(b"0123456789"), "a number")
+        digits = self.chars(DIGITS, "a number")
         value = int(digits)
         if value > MAX_NUMBER or (nonzero and value == 0):
             raise ParseError(f"number out of range: {digits.decode()}")
@@ -210,7 +215,7 @@ class Reader:
 
     def modseq(self, nonzero: bool = True) -> int:
         """RFC 7162 7 mod-sequence-value (1..2^63-1; mod-sequence-valzer allows 0)."""
-        digits = self.chars(frozenset(b"0123456789"), "a mod-sequence")
+        digits = self.chars(DIGITS, "a mod-sequence")
         value = int(digits)
         if len(digits) > 19 or value > MAX_MODSEQ or (nonzero and value == 0):
             raise ParseError(f"mod-sequence out of range: {digits[:20].decode()}")
@@ -747,8 +752,7 @@ def _fetch_tail(r: Reader, uid: bool) -> tuple[tuple[FetchItem, ...], int | None
 
 
 def _fetch_word(r: Reader) -> str:
-    allowed = ATOM_CHARS - {ord("[")}
-    return r.chars(frozenset(allowed), "a fetch item").decode("ascii").upper()
+    return r.chars(FETCH_WORD_CHARS, "a fetch item").decode("ascii").upper()
 
 
 def _fetch_att(r: Reader, word: str | None = None) -> FetchItem:
@@ -775,7 +779,7 @@ def _binary(r: Reader, word: str) -> BinarySection:
     r.expect(b"[")
     part: list[int] = []
     if not r.accept(b"]"):
-        spec = r.chars(frozenset(b"0123456789."), "a part number").decode("ascii")
+        spec = r.chars(PART_CHARS, "a part number").decode("ascii")
         for piece in spec.split("."):
             if not piece.isdigit() or int(piece) == 0 or int(piece) > MAX_NUMBER:
                 raise ParseError(f"bad part {spec}")
@@ -795,8 +799,7 @@ def _section(r: Reader) -> Section:
     r.expect(b"[")
     if r.accept(b"]"):
         return Section()
-    spec = r.chars(frozenset(b"0123456789.ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"),
-                   "a section").decode("ascii").upper()
+    spec = r.chars(SECTION_CHARS, "a section").decode("ascii").upper()
     pieces = spec.split(".")
     part: list[int] = []
     while pieces and pieces[0].isdigit():
