@@ -22,7 +22,7 @@ from itertools import chain, compress, filterfalse
 from operator import is_not, itemgetter
 
 from appliance.imap.commands import RECENT, SYSTEM_FLAGS, SearchKey, SequenceSet, compact
-from appliance.imap.responses import Atom, Data, FetchResponse, Response, UntaggedStatus, flag_list
+from appliance.imap.responses import Atom, Data, Preformatted, Response, UntaggedStatus, flag_list
 from appliance.store.mailstore import FolderSnapshot, MessageInfo
 
 _ORDER = {flag: i for i, flag in enumerate(SYSTEM_FLAGS)}
@@ -317,14 +317,16 @@ class SelectedFolder:
                     pairs[uid] = (new_info, old)
         return sorted(pairs.values(), key=_FIRST_UID) if len(pairs) > 1 else list(pairs.values())
 
-    def flags_fetch(self, uid: int, with_uid: bool = True) -> FetchResponse:
-        items: list[tuple[str, Atom | int]] = []
-        if with_uid or self.qresync:
-            items.append(("UID", uid))
-        items.append(("FLAGS", self.flags_atom(uid)))
+    def flags_fetch(self, uid: int, with_uid: bool = True) -> Response:
+        """* n FETCH (UID u FLAGS (...) MODSEQ (m)), the text made at once: one per message another
+        session changed, for each session at its catch-up, where a FetchResponse's items and their
+        rendering cost more than the line (issue 19)."""
+        info = self.info(uid)
+        line = f"* {self.seq_of(uid)} FETCH ({f'UID {uid} ' if with_uid or self.qresync else ''}FLAGS " + flag_text(
+            info.flags, uid in self.recent)
         if self.condstore:
-            items.append(("MODSEQ", Atom(f"({self.info(uid).modseq})")))
-        return FetchResponse(self.seq_of(uid), tuple(items))
+            line += f" MODSEQ ({info.modseq})"
+        return Preformatted((line + ")\r\n").encode("utf-8"))
 
     def _remove(self, uids: Sequence[int]) -> list[Response]:
         if not uids:
