@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import logging
 import resource
 import signal
@@ -43,7 +44,7 @@ from appliance.host_name import system_hostname
 from appliance.pop3.locks import MaildropLocks
 from appliance.queue.spool import Spool
 from appliance.services import Services
-from appliance.settings import Settings
+from appliance.settings import PUBLISHED_PORTS, Settings
 from appliance.smtp.probes import RecipientProbeGuard
 from appliance.srs import SECRET_FILE, SenderRewriter, load_secret
 from appliance.status_checks import start_status_checks
@@ -130,6 +131,15 @@ BACKGROUND: list[Callable[[Services], Awaitable[BackgroundService]]] = [
 ]
 
 
+async def record_published_ports(db: Database, config: ServeConfig) -> None:
+    """Keep the ports this box's SRV records name (its --port-offset) where `letterbox dns records|check|
+    zone` read them: they named 587 where the console named 10587, and a CLI check called the console's
+    records wrong."""
+    text = json.dumps(config.published_ports(), sort_keys=True)
+    if await db.get_setting(PUBLISHED_PORTS) != text:
+        await db.set_setting(PUBLISHED_PORTS, text)
+
+
 def describe_bytes(data: bytes | bytearray, stamp: FileStamp) -> CachedMessage:
     """The store's describer of a message (imap/fetch_cache.py), imported at its first call: the IMAP
     layer it belongs to is imported with the mail listeners, after the console answers (issue 15)."""
@@ -190,6 +200,7 @@ class Box:
         db = await Database.open(config.data.db)
         try:
             settings = await Settings.load(db, default_hostname=system_hostname(), hostname_override=config.hostname)
+            await record_published_ports(db, config)
             accounts = Accounts(db, data=config.data)
             store = MailStore(config.data.mail, db, accounts, describe=describe_bytes)
             events = EventLog(db)

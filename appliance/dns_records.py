@@ -11,6 +11,7 @@ host (MX, CNAME, SRV targets) carry the dot, as zone files and most DNS panels e
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import dns.reversename
 
 from appliance import dkim_keys
 from appliance.db import Database
-from appliance.settings import read_settings
+from appliance.settings import PUBLISHED_PORTS, read_settings
 
 SPF_VALUE = "v=spf1 mx -all"  # RFC 7208 5.4: the domain's MX hosts may send for it; nothing else may
 DMARC_VALUE = "v=DMARC1; p=quarantine"  # RFC 7489 6.3: ask receivers to treat failing mail as suspect
@@ -260,10 +261,27 @@ async def public_addresses(db: Database) -> tuple[str | None, str | None]:
     return values.public_ipv4 or None, values.public_ipv6 or None
 
 
+async def served_ports(db: Database) -> dict[str, int]:
+    """The SRV records' ports `serve` recorded at its last start (settings.PUBLISHED_PORTS); none before
+    any start, or from a value that cannot be read: the standard ports then."""
+    text = await db.get_setting(PUBLISHED_PORTS)
+    try:
+        stored = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    if not isinstance(stored, dict):
+        return {}
+    return {service: port for service, port in stored.items()
+            if service in STANDARD_CLIENT_PORTS and type(port) is int and 0 < port < 65536}
+
+
 async def domain_records(
     db: Database, dkim_dir: Path, domain: str, hostname: str, ports: Mapping[str, int] | None = None
 ) -> list[DnsRecord]:
-    """The table for one of the box's domains; makes its DKIM key if it has none yet."""
+    """The table for one of the box's domains; makes its DKIM key if it has none yet. Without `ports`
+    (a CLI process), the SRV records name the ports the box's last `serve` published."""
+    if ports is None:
+        ports = await served_ports(db)
     ipv4, ipv6 = await public_addresses(db)
     key = await dkim_keys.ensure_key(db, dkim_dir, domain)
     return records_for(domain, hostname, ipv4=ipv4, ipv6=ipv6, dkim=key, ports=ports)

@@ -61,6 +61,9 @@ RETRY_INTERVALS = "queue_retry_intervals"  # comma-separated seconds; the last o
 RETRY_MAX_AGE = "queue_max_age"
 RETRY_DELAY_NOTICE = "queue_delay_notice"  # 0 turns delay notices off
 DNS_RESOLVER = "dns_resolver"  # address[:port]; empty: the system's resolver
+# {service: port} of the SRV records, JSON, written by `serve` at each start (its --port-offset), so
+# `letterbox dns records|check|zone` in another process name the ports the console names.
+PUBLISHED_PORTS = "published_ports"
 INBOUND_AUTH = "inbound_auth"  # "off": no SPF/DKIM/DMARC checks, no header (the default is on)
 DMARC_REJECT = "dmarc_reject"  # "off": a p=reject failure is delivered, marked, not refused
 RELAY_HOST = "smarthost_host"  # empty or absent: deliver directly to each domain's MX

@@ -6,8 +6,10 @@ import os
 import subprocess
 from pathlib import Path
 
+import trustme
+
 from appliance.config import DataLayout
-from tests.conftest import LETTERBOX, preset_settings
+from tests.conftest import LETTERBOX, ServedBox, preset_settings
 from tests.support.dns_server import ZoneServer
 
 DOMAIN, HOST = "example.test", "mail.example.test"
@@ -64,3 +66,28 @@ def test_unknown_domain_is_one_clear_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "letterbox: nowhere.example is not a domain of this box (letterbox domain add)")
+
+
+def test_the_cli_names_the_ports_the_served_box_publishes(tmp_path: Path, ca: trustme.CA) -> None:
+    """A box served with --port-offset (`make run`'s 10000) names standard + offset in the console's SRV
+    records; `letterbox dns records|zone` named 587, 993 and 995, and `letterbox dns check` called the
+    records the console asks for wrong (and kept that verdict for the console's page)."""
+    box = ServedBox(tmp_path, ca)
+    box.start()
+    try:
+        box.cli("domain", "add", DOMAIN)
+        with ZoneServer({}) as zone:
+            preset_settings(box.data, {"dns_resolver": zone.address, "hostname": HOST})
+            ports = {service: box.port(service) for service in ("submission", "imaps", "pop3s")}
+            assert ports["imaps"] != 993
+            records = box.cli("dns", "records", DOMAIN).stdout.splitlines()
+            srv = {line.split()[1]: line.split(None, 2)[2] for line in records if line.startswith("SRV ")}
+            assert srv == {f"_{service}._tcp.{DOMAIN}": f"0 1 {port} {HOST}." for service, port in ports.items()}
+            text = box.cli("dns", "zone", DOMAIN).stdout
+            assert all(f"SRV   0 1 {port} {HOST}." in text for port in ports.values()), text
+            for name, value in srv.items():
+                zone.set(name, "SRV", [value])
+            check = box.cli("dns", "check", DOMAIN, check=False).stdout
+            assert [line.split()[0] for line in check.splitlines() if " SRV " in line] == ["FOUND"] * 3, check
+    finally:
+        box.stop()
