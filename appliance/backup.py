@@ -1411,6 +1411,9 @@ async def create(db: Database, events: EventLog, layout: DataLayout, *, to: Path
         await asyncio.to_thread(prune, out.parent, keep)
     await events.record("backup", f"backup made: {out.name} ({made.manifest['messages']} messages,"
                                   f" {made.size} bytes)")
+    # Any backup made counts for the status page, not only the daily one: after "Back up now" or
+    # `letterbox backup create` it said "No backup has been made".
+    await db.set_setting(LAST_SETTING, json.dumps({"at": int(time.time()), "ok": True, "text": f"Backup made: {out}"}))
     return made
 
 

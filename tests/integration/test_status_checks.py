@@ -188,3 +188,18 @@ def test_own_address_on_a_blocklist(checked: BoxHandle, zone: ZoneServer) -> Non
     item = run(checked)["blocklists"]
     assert item.level == "unknown"
     assert "resolver" in item.fix
+
+
+def test_a_backup_made_by_hand_counts(checked: BoxHandle) -> None:
+    """A backup made with "Back up now" or `letterbox backup create` (Admin.create_backup, the function both
+    call) is the last backup: the checklist said "No backup has been made and none is scheduled" after it."""
+    from appliance.admin import Admin
+
+    admin = Admin.of(checked.services)
+    assert run(checked)["backups"].summary == "No backup has been made and none is scheduled."
+    checked.run(admin.make_backup_key())
+    made = checked.run(admin.create_backup())
+    assert made.path.is_file()
+    item = run(checked)["backups"]
+    assert item.level == "ok", item
+    assert item.summary.startswith("Last backup ")
