@@ -524,9 +524,15 @@ def _secret(args: argparse.Namespace) -> Any:
     return backup.Secret.from_text(text)
 
 
+def _counted(count: object, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
 def _manifest_line(manifest: dict[str, Any]) -> str:
-    return (f"made {manifest.get('created')} on {manifest.get('host')}: {len(manifest.get('domains', []))} domains,"
-            f" {len(manifest.get('mailboxes', []))} mailboxes, {manifest.get('messages')} messages")
+    return (f"made {manifest.get('created')} on {manifest.get('host')}: "
+            f"{_counted(len(manifest.get('domains', [])), 'domain', 'domains')}, "
+            f"{_counted(len(manifest.get('mailboxes', [])), 'mailbox', 'mailboxes')}, "
+            f"{_counted(manifest.get('messages'), 'message', 'messages')}")
 
 
 async def _restic(admin: Any, args: argparse.Namespace) -> None:

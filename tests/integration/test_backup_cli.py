@@ -135,6 +135,7 @@ def test_cli_create_list_verify_and_passphrase(made: tuple[DataLayout, Path, Pat
     verified = run(layout.root, "backup", "verify", str(file), "--key-file", "-", stdin=kit.read_text())
     assert verified.returncode == 0, verified.stderr
     assert "every checksum matches" in verified.stdout, verified.stderr
+    assert ": 2 domains, 2 mailboxes, 10 messages" in verified.stdout
     phrase = tmp_path / "phrase"
     phrase.write_text("a long and secret passphrase\n")
     usb = tmp_path / "usb"
@@ -564,3 +565,14 @@ def test_one_mailbox_back_killed_once_the_account_is_made_keeps_its_password(mad
     alice = layout.mail / "one.test" / "alice"
     assert len([p for sub in ("cur", "new") for p in (alice / sub).iterdir()]) == 6
     assert len(list((alice / ".Keep" / "cur").iterdir())) == 1
+
+
+def test_the_manifest_line_counts_in_words() -> None:
+    """verify's and restore's line said "1 domains, 1 mailboxes, 1 messages" of a one-person box."""
+    from appliance.cli import _manifest_line
+
+    manifest = {"created": "2026-12-02T00:48:47Z", "host": "mail.example.test", "domains": ["example.test"],
+                "mailboxes": [{"address": "alice@example.test"}], "messages": 1}
+    assert _manifest_line(manifest) == "made 2026-12-02T00:48:47Z on mail.example.test: 1 domain, 1 mailbox, 1 message"
+    manifest["mailboxes"] = []
+    assert _manifest_line(manifest).endswith(": 1 domain, 0 mailboxes, 1 message")
