@@ -70,6 +70,13 @@ def _reaches_this_box(services: Services, port: int) -> Callable[[str], bool]:
     return reaches_this_box(services, port)
 
 
+def nowhere_note(source: str, nowhere: Sequence[str]) -> str:
+    """What the CLI and the console say of an alias's targets that lead nowhere (targets_going_nowhere)."""
+    one = len(nowhere) == 1
+    return (f"{', '.join(nowhere)} {'is' if one else 'are'} not a mailbox or alias of this box (yet): mail for"
+            f" {source} does not reach {'it' if one else 'them'}")
+
+
 @dataclass
 class Admin:
     db: Database
@@ -226,6 +233,20 @@ class Admin:
         info = await self.accounts.set_alias_targets(source, list(targets))
         await self.events.record("aliases", f"alias {info.source} -> {', '.join(info.targets)} changed")
         return info
+
+    async def targets_going_nowhere(self, info: AliasInfo) -> list[str]:
+        """The alias's targets on this box's domains that reach no mailbox and no forward (a typo, a
+        mailbox not made yet, or removed): mail for the alias does not reach them, and when none is
+        left it is refused with "No such user here". Said where the alias is made, not left to be found."""
+        nowhere = []
+        for target in info.targets:
+            _, _, domain = target.rpartition("@")
+            if not await self.accounts.is_local_domain(domain):
+                continue
+            where = await self.accounts.resolver.resolve(target)  # uncached: the alias was just written
+            if not where.mailboxes and not where.forwards:
+                nowhere.append(target)
+        return nowhere
 
     async def remove_alias(self, source: str) -> str:
         info = await self.accounts.get_alias(source)

@@ -23,6 +23,7 @@ from appliance.config import DataLayout, ServeConfig, default_data_dir
 from appliance.db_errors import DatabaseError
 
 if TYPE_CHECKING:
+    from appliance.accounts import AliasInfo
     from appliance.admin import Admin
     from appliance.db import Database
 
@@ -232,8 +233,16 @@ def cmd_user(args: argparse.Namespace) -> None:
 
 def cmd_alias(args: argparse.Namespace) -> None:
     if args.action == "add":
-        info = run_admin(args, lambda admin: admin.add_alias(args.source, args.targets))
+        from appliance.admin import nowhere_note
+
+        async def add(admin: Admin) -> tuple[AliasInfo, list[str]]:
+            info = await admin.add_alias(args.source, args.targets)
+            return info, await admin.targets_going_nowhere(info)
+
+        info, nowhere = run_admin(args, add)
         print(f"added alias {info.source} -> {', '.join(info.targets)}")
+        if nowhere:
+            print(f"letterbox: note: {nowhere_note(info.source, nowhere)}", file=sys.stderr)
     elif args.action == "remove":
         print(f"removed alias {run_admin(args, lambda admin: admin.remove_alias(args.source))}")
     else:

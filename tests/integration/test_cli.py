@@ -250,6 +250,20 @@ def test_an_alias_that_delivers_only_to_itself_is_refused(tmp_path: Path) -> Non
     assert run(data, "alias", "add", "kept@example.org", "kept@example.org").returncode == 0
 
 
+def test_an_alias_to_no_mailbox_is_made_with_a_note(tmp_path: Path) -> None:
+    """`alias add sales@ alcie@` (a typo) was made without a word, and mail for sales@ then got "No such
+    user here"; it is still made (the mailbox may come next), with a note saying where mail does not go."""
+    data = tmp_path / "data"
+    run(data, "domain", "add", "example.org")
+    assert run(data, "user", "add", "alice@example.org", "--password-stdin", stdin="a long enough password\n").returncode == 0
+    made = run(data, "alias", "add", "sales@example.org", "alcie@example.org", "bob@elsewhere.test")
+    assert made.returncode == 0, made.stderr
+    assert made.stderr == ("letterbox: note: alcie@example.org is not a mailbox or alias of this box (yet): mail for"
+                           " sales@example.org does not reach it\n")
+    fine = run(data, "alias", "add", "info@example.org", "alice@example.org", "sales@example.org")
+    assert (fine.returncode, fine.stderr) == (0, "")
+
+
 def test_removed_mailbox_mail_is_moved_aside_and_the_address_starts_empty(tmp_path: Path) -> None:
     """Issue 10 item 1, from the CLI: the Maildir leaves mail/ for deleted/, so the same address created
     again sees nothing of it."""

@@ -271,6 +271,19 @@ def test_aliases_forward_and_catch_all(web: WebClient) -> None:
     assert web.get(f"/console/aliases/@{DOMAIN}").status_code == 404
 
 
+def test_an_alias_to_no_mailbox_says_so(web: WebClient) -> None:
+    """An alias whose target on the box's domain is no mailbox (a typo, or not made yet) was made without
+    a word, and mail for it then got "No such user here"; the console now says so where it is made."""
+    web.add_user()
+    web.post("/console/aliases", {"local": "sales", "domain": DOMAIN, "targets": f"alcie@{DOMAIN}"},
+             token_from="/console/aliases")
+    page = web.get("/console/aliases").text
+    assert f"alcie@{DOMAIN} is not a mailbox or alias of this box (yet): mail for sales@{DOMAIN} does not reach it." in page
+    web.post(f"/console/aliases/sales@{DOMAIN}", {"targets": f"{ALICE}\nsomeone@elsewhere.example"},
+             token_from=f"/console/aliases/sales@{DOMAIN}")
+    assert "is not a mailbox or alias of this box" not in web.get("/console/aliases").text
+
+
 @pytest.mark.parametrize(("values", "field", "words"), [
     ({"local": "info", "domain": DOMAIN, "targets": ""}, "targets", "at least one"),
     ({"local": "info", "domain": DOMAIN, "targets": "bad@@address"}, "targets", "not a valid"),

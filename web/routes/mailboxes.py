@@ -10,7 +10,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from appliance.account_errors import AccountError, AlreadyExists, InvalidAddress, WeakPassword
-from appliance.accounts import MailboxInfo
+from appliance.accounts import AliasInfo, MailboxInfo
+from appliance.admin import nowhere_note
 from appliance.store import trash
 from appliance.store.model import StoreError
 from web import forms
@@ -159,7 +160,7 @@ async def alias_create(request: Request) -> Response:
     source, targets, errors = forms.new_alias(values, tuple(await svc.accounts.list_domains()))
     if not errors:
         try:
-            await admin(request).add_alias(source, targets)
+            made = await admin(request).add_alias(source, targets)
         except AlreadyExists as exc:
             errors = {"local": str(exc)}
         except InvalidAddress as exc:
@@ -170,7 +171,14 @@ async def alias_create(request: Request) -> Response:
         shown = {k: forms.text(values, k, forms.MAX_TARGETS_TEXT) for k in ("local", "domain", "targets")}
         return await aliases_page(request, shown, errors)
     flash(request, f"Alias {source} created.")
+    await _note_nowhere(request, made)
     return redirect("/console/aliases")
+
+
+async def _note_nowhere(request: Request, info: AliasInfo) -> None:
+    nowhere = await admin(request).targets_going_nowhere(info)
+    if nowhere:
+        flash(request, f"Note: {nowhere_note(info.source, nowhere)}.", problem=True)
 
 
 async def _alias_source(request: Request) -> tuple[str, tuple[str, ...]]:
@@ -199,12 +207,13 @@ async def alias_update(request: Request) -> Response:
     targets, errors = forms.alias_targets(values, catch_all=source.startswith("@"))
     if not errors:
         try:
-            await admin(request).set_alias_targets(source, targets)
+            changed = await admin(request).set_alias_targets(source, targets)
         except AccountError as exc:
             errors = {"targets": str(exc)}
     if errors:
         return await alias_page(request, errors, forms.text(values, "targets", forms.MAX_TARGETS_TEXT))
     flash(request, f"Alias {source} saved.")
+    await _note_nowhere(request, changed)
     return redirect("/console/aliases")
 
 
