@@ -248,6 +248,17 @@ class Admin:
                 nowhere.append(target)
         return nowhere
 
+    async def aliases_to_nowhere(self, address: str) -> list[str]:
+        """After the mailbox `address` was removed: a note for each alias still delivering there (a
+        catch-all to it then refused all the domain's other mail as an "alias loop", without a word)."""
+        notes = []
+        for info in await self.accounts.list_aliases():
+            if address.lower() in (target.lower() for target in info.targets):
+                nowhere = await self.targets_going_nowhere(info)
+                if nowhere:
+                    notes.append(nowhere_note(info.source, nowhere))
+        return notes
+
     async def remove_alias(self, source: str) -> str:
         info = await self.accounts.get_alias(source)
         if info is None:

@@ -215,9 +215,14 @@ def cmd_user(args: argparse.Namespace) -> None:
     elif args.action == "remove":
         from appliance.store import trash
 
-        moved = run_admin(args, lambda admin: admin.remove_mailbox(args.address))
+        async def remove(admin: Admin) -> tuple[str | None, list[str]]:
+            return await admin.remove_mailbox(args.address), await admin.aliases_to_nowhere(args.address)
+
+        moved, notes = run_admin(args, remove)
         kept = f" (its mail is kept {trash.RETENTION_DAYS} days in {moved})" if moved else ""
         print(f"removed mailbox {args.address}{kept}")
+        for note in notes:
+            print(f"letterbox: note: {note}", file=sys.stderr)
     elif args.action in ("enable", "disable"):
         info = run_admin(args, lambda admin: admin.update_mailbox(args.address, enabled=args.action == "enable"))
         print(f"mailbox {info.address} {args.action}d")

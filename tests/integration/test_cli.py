@@ -264,6 +264,18 @@ def test_an_alias_to_no_mailbox_is_made_with_a_note(tmp_path: Path) -> None:
     assert (fine.returncode, fine.stderr) == (0, "")
 
 
+def test_removing_a_mailbox_an_alias_delivers_to_says_so(tmp_path: Path) -> None:
+    """`user remove` of the catch-all's only target left the domain refusing all other mail without a word."""
+    data = tmp_path / "data"
+    run(data, "domain", "add", "example.org")
+    assert run(data, "user", "add", "carol@example.org", "--password-stdin", stdin="a long enough password\n").returncode == 0
+    assert run(data, "alias", "add", "@example.org", "carol@example.org").returncode == 0
+    removed = run(data, "user", "remove", "carol@example.org")
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stderr.splitlines()[-1] == ("letterbox: note: carol@example.org is not a mailbox or alias of this"
+                                               " box (yet): mail for @example.org does not reach it")
+
+
 def test_removed_mailbox_mail_is_moved_aside_and_the_address_starts_empty(tmp_path: Path) -> None:
     """Issue 10 item 1, from the CLI: the Maildir leaves mail/ for deleted/, so the same address created
     again sees nothing of it."""

@@ -284,6 +284,16 @@ def test_an_alias_to_no_mailbox_says_so(web: WebClient) -> None:
     assert "is not a mailbox or alias of this box" not in web.get("/console/aliases").text
 
 
+def test_deleting_a_mailbox_an_alias_delivers_to_says_so(web: WebClient) -> None:
+    """A catch-all to a deleted mailbox then refused every other address of the domain (an "alias loop"
+    in the log), and the console said nothing of it."""
+    web.add_user()
+    web.run(web.services.accounts.add_alias, f"@{DOMAIN}", [ALICE])
+    web.post(f"/console/mailboxes/{ALICE}/delete", token_from=f"/console/mailboxes/{ALICE}/delete")
+    page = web.get("/console/mailboxes").text
+    assert f"{ALICE} is not a mailbox or alias of this box (yet): mail for @{DOMAIN} does not reach it." in page
+
+
 @pytest.mark.parametrize(("values", "field", "words"), [
     ({"local": "info", "domain": DOMAIN, "targets": ""}, "targets", "at least one"),
     ({"local": "info", "domain": DOMAIN, "targets": "bad@@address"}, "targets", "not a valid"),

@@ -136,8 +136,11 @@ async def mailbox_delete(request: Request) -> Response:
             "back": mailbox_url(info.address),
         })
     await read_form(request)
-    return await removed(request, admin(request).remove_mailbox(info.address), what=f"mailbox {info.address}",
-                         verb="deleted", back="/console/mailboxes")
+    response = await removed(request, admin(request).remove_mailbox(info.address), what=f"mailbox {info.address}",
+                             verb="deleted", back="/console/mailboxes")
+    for note in await admin(request).aliases_to_nowhere(info.address):
+        flash(request, f"Note: {note}.", problem=True)
+    return response
 
 
 # --- aliases ------------------------------------------------------------------------------------------
