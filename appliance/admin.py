@@ -31,7 +31,7 @@ from appliance.db import Database
 from appliance.events import EventLog
 from appliance.host_name import system_hostname
 from appliance.queue.smarthost import Smarthost, SmarthostError
-from appliance.settings import Settings
+from appliance.settings import SETTABLE, Settable, Settings, parse_setting
 from appliance.spam import outbound
 from appliance.spam.greylist import Greylist, GreylistEntry
 
@@ -331,6 +331,22 @@ class Admin:
         return await self.accounts.list_admins()
 
     # --- sending: direct or through a relay, and the queue ---------------------------------------------
+
+    async def settable(self) -> list[tuple[Settable, str]]:
+        """Each setting a person sets by name (`letterbox settings list`), with its value in force."""
+        values = await self.settings.fresh()
+        return [(s, s.shown(values)) for s in SETTABLE.values()]
+
+    async def set_setting(self, name: str, text: str) -> str:
+        """Set one setting by name, as `letterbox settings set` does; in force for the running box at
+        its next use. SettingError (nothing saved) for an unknown name or a value it does not take.
+        Returns the value as `settable` shows it."""
+        changes = parse_setting(name, text)
+        values = await self.settings.save(**changes)
+        self.wake_queue()  # queue_hold and dns_resolver are the queue's
+        shown = SETTABLE[name].shown(values)
+        await self.events.record("settings", f"{name} set to {shown}")
+        return shown
 
     async def relay(self) -> Smarthost | None:
         """The relay in force (None: direct delivery); SmarthostError when the stored one is unusable."""

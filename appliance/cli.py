@@ -31,7 +31,15 @@ T = TypeVar("T")
 
 
 class CliError(Exception):
-    """Printed as one line; exit status 1."""
+    """Printed as one line; exit status 1 (`status`)."""
+
+    status = 1
+
+
+class CliUsageError(CliError):
+    """A value the command does not take (as argparse's own errors): exit status 2."""
+
+    status = 2
 
 
 # What a shell reports for a program ended by SIGPIPE (128 + 13): `letterbox user list | head` exits
@@ -357,6 +365,25 @@ def cmd_relay(args: argparse.Namespace) -> None:
         print("no relay: mail goes straight to each domain's mail server (port 25)")
     else:
         print(f"relay: {relay.describe()}" + (" (set)" if args.action == "set" else ""))
+
+
+# --- settings --------------------------------------------------------------------------------------
+
+def cmd_settings(args: argparse.Namespace) -> None:
+    from appliance.settings import SettingError
+
+    if args.action == "list":
+        rows = run_admin(args, lambda admin: admin.settable())
+        name_width = max(len(s.name) for s, _ in rows)
+        value_width = max(len(shown) for _, shown in rows)
+        for settable, shown in rows:
+            print(f"{settable.name:<{name_width}}  {shown:<{value_width}}  {settable.does}; takes {settable.accepts}")
+        return
+    try:
+        shown = run_admin(args, lambda admin: admin.set_setting(args.name, args.value))
+    except SettingError as exc:
+        raise CliUsageError(f"{exc}; nothing was saved") from None
+    print(f"{args.name} = {shown}: in force now, a running box uses it from its next use")
 
 
 # --- dkim ------------------------------------------------------------------------------------------
@@ -794,6 +821,14 @@ def build_parser() -> argparse.ArgumentParser:
     rset.add_argument("--ca-file", help="PEM file of the CA to trust for the relay instead of the system's")
     relay.set_defaults(func=cmd_relay)
 
+    settings = sub.add_parser("settings", help="the box's settings by name (dns_resolver, queue_hold...)")
+    ssub = settings.add_subparsers(dest="action", required=True)
+    ssub.add_parser("list", help="each setting, its value and what it does")
+    sset = ssub.add_parser("set", help="change one; a running box uses it from its next use, no restart")
+    sset.add_argument("name")
+    sset.add_argument("value")
+    settings.set_defaults(func=cmd_settings)
+
     queue = sub.add_parser("queue", help="outbound mail waiting for delivery")
     qsub = queue.add_subparsers(dest="action", required=True)
     qsub.add_parser("list", help="spooled messages and the state of each recipient")
@@ -991,7 +1026,7 @@ def _run(argv: Sequence[str] | None) -> int:
         args.func(args)
     except (CliError, AccountError, DatabaseError) as exc:
         print(f"letterbox: {exc}", file=sys.stderr)
-        return 1
+        return getattr(exc, "status", 1)
     except Exception as exc:
         # SQLite's own words ("database is locked" after the 5 s busy wait, "disk I/O error", "attempt to
         # write a readonly database") in one line, not a traceback: on a starved machine the running box

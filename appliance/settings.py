@@ -38,7 +38,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import TypedDict, Unpack
+from typing import TypedDict, Unpack, cast
 
 from appliance.db import Database
 from appliance.queue.retry import RetryOverrides, parse_overrides
@@ -438,6 +438,102 @@ def encode(changes: Changes) -> dict[str, str]:
             key, write = _ENCODINGS[name]
             rows[key] = write(value)
     return rows
+
+
+# --- the settings a person sets by name (`letterbox settings`): the names the README uses ---------------
+
+class SettingError(ValueError):
+    """An unknown setting name, or a value it does not take; the message says what is accepted."""
+
+
+def _parse_flag(text: str) -> bool:
+    if text.strip().lower() in _TRUE:
+        return True
+    if text.strip().lower() in _FALSE:
+        return False
+    raise ValueError(text)
+
+
+def _parse_resolver(text: str) -> str | None:
+    text = text.strip()
+    if text.lower() in ("", "system"):
+        return None
+    from appliance.queue.resolver import parse_nameserver  # dnspython: only when a resolver is given
+
+    parse_nameserver(text)
+    return text
+
+
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+
+
+def _parse_probe(text: str) -> str:
+    """host:port, as check_port25 splits it (the last colon)."""
+    host, colon, port = text.strip().rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_NAME.match(host):
+            raise
+    return f"{host}:{int(port)}"
+
+
+def _parse_days(text: str) -> int:
+    days = int(text.strip())
+    if not 1 <= days <= 3650:  # decode's clamp: the range a stored value is read within
+        raise ValueError(text)
+    return days
+
+
+@dataclass(frozen=True)
+class Settable:
+    """One setting a person may set by name: its key (`name`), the field it writes, what it takes."""
+
+    name: str
+    field: str  # of SettingValues and Changes
+    accepts: str  # what a value looks like (errors and `letterbox settings list`)
+    does: str  # one line
+    parse: Callable[[str], object]  # ValueError when the text does not fit
+
+    def shown(self, values: SettingValues) -> str:
+        value = getattr(values, self.field)
+        if isinstance(value, bool):
+            return _on_off(value)
+        return "system" if value is None else str(value)
+
+
+_ON_OFF = "on or off"
+SETTABLE: dict[str, Settable] = {s.name: s for s in (
+    Settable(DNS_RESOLVER, "dns_resolver", "an address[:port] such as 127.0.0.1:5353, or system",
+             "the DNS server every lookup asks (MX, DNS checks, blocklists); system: /etc/resolv.conf's",
+             _parse_resolver),
+    Settable(PORT25_PROBE, "port25_probe", "host:port such as aspmx.l.google.com:25",
+             "the remote mail server the status check connects to, to tell whether outbound port 25 is open",
+             _parse_probe),
+    Settable(STATUS_CHECKS, "status_checks", _ON_OFF,
+             "the status checklist runs by itself 5 minutes after start and every 6 hours; Check now works either way",
+             _parse_flag),
+    Settable(DELIVERY_LOG, "delivery_log", _ON_OFF, "every message in and out is recorded in the delivery log",
+             _parse_flag),
+    Settable(DELIVERY_LOG_DAYS, "delivery_log_days", "a whole number of days from 1 to 3650",
+             "how long the delivery log keeps its rows", _parse_days),
+    Settable(QUEUE_HOLD, "hold", _ON_OFF, "keep all outbound mail queued, deliver nothing (maintenance)",
+             _parse_flag),
+)}
+
+
+def parse_setting(name: str, text: str) -> Changes:
+    """The change `letterbox settings set NAME VALUE` makes (pure); SettingError naming what is accepted."""
+    settable = SETTABLE.get(name)
+    if settable is None:
+        raise SettingError(f"no setting {name!r}: the settable ones are {', '.join(SETTABLE)}")
+    try:
+        value = settable.parse(text)
+    except ValueError:
+        raise SettingError(f"{name} takes {settable.accepts}, not {text!r}") from None
+    return cast(Changes, {settable.field: value})
 
 
 Subscriber = Callable[[SettingValues, SettingValues], None]  # (before, after)

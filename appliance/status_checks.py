@@ -148,7 +148,7 @@ async def check_reverse_dns(svc: Services) -> Item:
                 problems.append(f"{host} does not resolve back to {address}")
     except dns.exception.DNSException as exc:
         return Item("ptr", "Reverse DNS", "unknown", f"DNS did not answer: {type(exc).__name__}",
-                    "Check again later; if it lasts, check the DNS resolver setting.")
+                    "Check again later; if it lasts, check the DNS resolver setting (letterbox settings list).")
     if problems:
         return Item("ptr", "Reverse DNS", "fail", "; ".join(problems),
                     f"Ask whoever gives you the address (your internet or hosting provider) to set its reverse "
@@ -179,7 +179,8 @@ async def check_blocklists(svc: Services) -> Item:
                     "/console/events")
     if unusable:
         return Item("blocklists", "Blocklists", "unknown", "Could not ask: " + "; ".join(unusable),
-                    "Public resolvers are refused by Spamhaus: set the box's own resolver.")
+                    "Public resolvers are refused by Spamhaus: run a resolver of the box's own (unbound, say) and "
+                    "point the box at it: letterbox settings set dns_resolver 127.0.0.1:53.")
     return Item("blocklists", "Blocklists", "ok",
                 f"{', '.join(addresses)} not listed on {', '.join(values.spam.dnsbl_lists)}.")
 

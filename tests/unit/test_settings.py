@@ -6,9 +6,20 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from appliance.db import Database
 from appliance.queue.smarthost import Smarthost
-from appliance.settings import KNOWN_KEYS, Settings, SettingValues, decode, encode
+from appliance.settings import (
+    KNOWN_KEYS,
+    SETTABLE,
+    SettingError,
+    Settings,
+    SettingValues,
+    decode,
+    encode,
+    parse_setting,
+)
 
 
 def test_defaults_when_nothing_is_stored() -> None:
@@ -89,3 +100,26 @@ def test_hostname_override_holds_until_a_rename(tmp_path: Path) -> None:
             await db.close()
 
     assert asyncio.run(run()) == ["flag.example.test", "renamed.example.test"]
+
+
+def test_each_settable_name_writes_its_own_key_and_reads_back_as_set() -> None:
+    """`letterbox settings set NAME VALUE`: NAME is the stored key, and decode reads back what was set."""
+    given = {"dns_resolver": "127.0.0.1:5353", "port25_probe": "mx.example.net:2525", "status_checks": "off",
+             "delivery_log": "no", "delivery_log_days": "7", "queue_hold": "ON"}
+    assert set(given) == set(SETTABLE)
+    for name, text in given.items():
+        rows = encode(parse_setting(name, text))
+        assert list(rows) == [name]
+        values = decode(rows, default_hostname="box.test")
+        assert SETTABLE[name].shown(values) == {"no": "off", "ON": "on"}.get(text, text)
+    assert parse_setting("dns_resolver", "system") == {"dns_resolver": None}
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("hostname", "box.test"), ("dns_resolver", "dns.example"), ("dns_resolver", "[::1]:0"),
+    ("port25_probe", ":25"), ("port25_probe", "mx.example.net:0"), ("delivery_log_days", "3651"),
+    ("delivery_log", "2"),
+])
+def test_a_name_or_value_not_taken_is_a_setting_error(name: str, text: str) -> None:
+    with pytest.raises(SettingError):
+        parse_setting(name, text)
