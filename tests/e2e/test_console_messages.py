@@ -66,7 +66,8 @@ def test_a_refused_action_is_shown_as_a_problem_and_a_done_one_as_done(served: S
 
         page.goto(f"{https}/console/aliases")
         page.fill("#f-local", "info")
-        page.fill("#f-targets", f"someone@{DOMAIN}")
+        # Off the box: a target on its own domains that is no mailbox gets a note too (ea470fa).
+        page.fill("#f-targets", "someone@elsewhere.test")
         page.click("button:has-text('Create alias')")
         expect(shown).to_have_text(f"Alias info@{DOMAIN} created.")
         expect(shown).to_have_class("flash")
