@@ -167,9 +167,10 @@ def test_round_trip_to_a_fresh_box(tmp_path: Path, ca: trustme.CA) -> None:
             continue
         if table == "change_counters":
             # ... and moves the settings' counter, once, after the snapshot.
-            counted, restored = dict(rows), dict(rows_after[table])
-            assert counted.pop("settings") - restored.pop("settings") in (0, 1)
-            assert restored == counted, table
+            counters_before: dict[str, int] = {str(r[0]): int(str(r[1])) for r in rows}
+            counters_after: dict[str, int] = {str(r[0]): int(str(r[1])) for r in rows_after[table]}
+            assert counters_before.pop("settings") - counters_after.pop("settings") in (0, 1)
+            assert counters_after == counters_before, table
             continue
         if table in ("events", "sqlite_sequence"):
             # 'backup made' is recorded after the snapshot; the restore is recorded as an event
