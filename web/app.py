@@ -42,8 +42,10 @@ if TYPE_CHECKING:
 HERE = Path(__file__).resolve().parent
 MAX_REQUEST_BODY = 256 * 1024  # forms are small; the limit bounds what one request can make us parse
 # Reachable before the first admin exists: the wizard itself, its assets, and client autoconfig.
-OPEN_BEFORE_SETUP = ("/setup", "/static/", "/.well-known/", "/mail/config-v1.1.xml", "/autodiscover/",
-                     "/Autodiscover/")
+OPEN_BEFORE_SETUP = ("/setup", "/static/", "/.well-known/", "/mail/config-v1.1.xml")
+# ...and these in any letter case: Outlook sends /autodiscover/, /Autodiscover/, /AutoDiscover/... (IIS,
+# which it was written for, matches paths in any case). Lower case here.
+OPEN_BEFORE_SETUP_ANY_CASE = ("/autodiscover/",)
 ERROR_TITLES = {400: "Bad request", 403: "Not allowed", 404: "Not found", 405: "Not allowed",
                 413: "Too large"}
 
@@ -59,7 +61,7 @@ class SetupGate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not self._admin_exists:
             path = str(scope.get("path", ""))
-            if not path.startswith(OPEN_BEFORE_SETUP):
+            if not path.startswith(OPEN_BEFORE_SETUP) and not path.lower().startswith(OPEN_BEFORE_SETUP_ANY_CASE):
                 self._admin_exists = await self.services.accounts.has_admin()
                 if not self._admin_exists:
                     await RedirectResponse("/setup", status_code=303)(scope, receive, send)
@@ -150,8 +152,8 @@ async def _login_required(request: Request, exc: Exception) -> Response:
     return RedirectResponse(f"/login?next={quote(exc.next_path, safe='/@')}", status_code=303)
 
 
-def lazy(name: str, *paths: str) -> LazyRoutes:
-    return LazyRoutes(f"web.routes.{name}", paths)
+def lazy(name: str, *paths: str, any_case: tuple[str, ...] = ()) -> LazyRoutes:
+    return LazyRoutes(f"web.routes.{name}", paths, any_case)
 
 
 def routes() -> list[BaseRoute]:
@@ -167,7 +169,7 @@ def routes() -> list[BaseRoute]:
         lazy("mailboxes", "/console/mailboxes*", "/console/aliases*"),
         lazy("sending", "/console/sending*"),
         lazy("account", "/account", "/account/mobileconfig", "/account/password", "/account/certificate.crt"),
-        lazy("autoconfig", "/.well-known/autoconfig/*", "/autodiscover/*", "/Autodiscover/*", "/mail/config-v1.1.xml"),
+        lazy("autoconfig", "/.well-known/autoconfig/*", "/mail/config-v1.1.xml", any_case=OPEN_BEFORE_SETUP_ANY_CASE),
         *wellknown.routes,
         lazy("certificate", "/console/certificate*"),
         lazy("backups", "/console/backups*"),

@@ -8,7 +8,8 @@ Order and precedence stay those of the flat list: the first full match wins, els
 one (a wrong method: 405), exactly as starlette's Router does over the module's own routes.
 
 `paths` says which request paths can belong to the module: an entry matches itself, and an entry
-ending in `*` every path that starts with what is before it. tests/unit/test_web_lazy_routes.py
+ending in `*` every path that starts with what is before it; `any_case` entries (prefixes, `*`-less)
+match in any letter case, for the routes that do too (Outlook's autodiscover). tests/unit/test_web_lazy_routes.py
 checks that every route of each module is covered, so a page added to a module without a path here
 fails a test rather than answering 404.
 """
@@ -32,15 +33,17 @@ def route_path(scope: Scope) -> str:
 
 
 class LazyRoutes(BaseRoute):
-    def __init__(self, module: str, paths: tuple[str, ...]) -> None:
+    def __init__(self, module: str, paths: tuple[str, ...], any_case: tuple[str, ...] = ()) -> None:
         self.module = module
         self.paths = paths
         self._exact = frozenset(p for p in paths if not p.endswith("*"))
         self._prefixes = tuple(p[:-1] for p in paths if p.endswith("*"))
+        self._any_case = tuple(p.lower() for p in any_case)
         self._routes: list[BaseRoute] | None = None
 
     def covers(self, path: str) -> bool:
-        return path in self._exact or path.startswith(self._prefixes)
+        return (path in self._exact or path.startswith(self._prefixes)
+                or path.lower().startswith(self._any_case))  # () matches nothing
 
     @property
     def routes(self) -> list[BaseRoute]:

@@ -14,6 +14,8 @@ import pytest
 
 from appliance import web_server
 from tests.conftest import BoxHandle
+from tests.integration.test_live_settings import admin_console
+from tests.unit.test_web_autoconfig import OUTLOOK_REQUEST
 
 
 def test_https_serves_the_console_with_the_boxs_certificate(box: BoxHandle) -> None:
@@ -53,6 +55,35 @@ def test_thunderbird_autoconfig_over_plain_http(box: BoxHandle) -> None:
         assert response.status_code == 200, path
         assert f"<port>{box.port('imaps')}</port>" in response.text  # the port actually bound
     assert httpx.get(f"http://localhost:{http}/.well-known/nothing-here").status_code == 404
+
+
+AUTODISCOVER_CASINGS = ("/autodiscover/autodiscover.xml", "/Autodiscover/Autodiscover.xml",
+                        "/AutoDiscover/AutoDiscover.xml", "/AUTODISCOVER/AUTODISCOVER.XML", "/autoDiscover/Autodiscover.Xml")
+
+
+def test_outlook_autodiscover_in_any_letter_case(box: BoxHandle) -> None:
+    """Outlook posts to /AutoDiscover/AutoDiscover.xml too (IIS matches paths in any case): every casing
+    is answered, before the wizard made an admin and after; other paths keep their one spelling."""
+    box.add_user("alice@example.test", "alice's long password")
+    base = f"https://localhost:{box.port('https')}"
+    body = OUTLOOK_REQUEST.format(address="alice@example.test").encode()
+
+    def answers(web: httpx.Client) -> None:
+        for path in AUTODISCOVER_CASINGS:
+            response = web.post(f"{base}{path}", content=body, headers={"content-type": "text/xml"})
+            assert response.status_code == 200, (path, response.status_code, response.text[:200])
+            assert "<Server>mail.example.test</Server>" in response.text, path
+            assert web.get(f"{base}{path}").status_code == 405, path  # POST only, in any case
+
+    with httpx.Client(verify=box.client_context) as first_run:
+        answers(first_run)  # no admin yet: open, as the wizard's own pages are
+        for path in ("/MAIL/config-v1.1.xml?emailaddress=alice@example.test", "/Setup/1", "/AutoDiscoverX"):
+            response = first_run.get(f"{base}{path}")
+            assert (response.status_code, response.headers.get("location")) == (303, "/setup"), path
+    with admin_console(box, "mail.example.test") as console:
+        answers(console)
+        for path in ("/MAIL/config-v1.1.xml?emailaddress=alice@example.test", "/Console", "/autodiscover/other.xml"):
+            assert console.get(path).status_code == 404, path
 
 
 def test_listener_status_for_the_console(box: BoxHandle) -> None:

@@ -81,7 +81,8 @@ def test_autoconfig_is_open_before_setup(tmp_path: Path) -> None:
         assert response.status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/autodiscover/autodiscover.xml", "/Autodiscover/Autodiscover.xml"])
+@pytest.mark.parametrize("path", ["/autodiscover/autodiscover.xml", "/Autodiscover/Autodiscover.xml",
+                                  "/AutoDiscover/AutoDiscover.xml"])
 def test_outlook_autodiscover(web: WebClient, path: str) -> None:
     response = web.client.post(path, content=OUTLOOK_REQUEST.format(address=ALICE).encode(),
                                headers={"content-type": "text/xml"})

@@ -47,6 +47,14 @@ def test_a_module_is_imported_on_its_first_request_only() -> None:
     assert group.matches(scope)[0] is Match.PARTIAL
 
 
+def test_any_case_paths_cover_every_casing_and_nothing_else() -> None:
+    group = LazyRoutes("web.routes.autoconfig", ("/mail/config-v1.1.xml",), ("/autodiscover/",))
+    for path in ("/autodiscover/autodiscover.xml", "/AutoDiscover/AutoDiscover.xml", "/AUTODISCOVER/x"):
+        assert group.covers(path), path
+    for path in ("/MAIL/config-v1.1.xml", "/autodiscoverx", "/x/autodiscover/"):
+        assert not group.covers(path), path
+
+
 def test_the_flat_order_is_kept() -> None:
     """The lazy groups stand where the modules' routes stood: the restore pages under /console/backups/
     before the backups module's own, the wizard's restore before /setup/{step}."""

@@ -7,6 +7,9 @@ in one of the box's domains get 404, so the box does not describe itself for str
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -78,10 +81,19 @@ async def autodiscover(request: Request) -> Response:
     return Response(autodiscover_response(address, "", client_settings_for(services(request))), media_type=XML)
 
 
+class AnyCaseRoute(Route):
+    """A route whose path matches in any letter case. Only Outlook's autodiscover: clients send
+    /autodiscover/autodiscover.xml, /Autodiscover/Autodiscover.xml, /AutoDiscover/AutoDiscover.xml...
+    as IIS, which Exchange runs on, matches paths in any case. Every other path of the box keeps one
+    spelling (web/app.py's LazyRoutes and the first-run gate take this one in any case too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.path_regex = re.compile(self.path_regex.pattern, self.path_regex.flags | re.IGNORECASE)
+
+
 routes = [
     Route("/.well-known/autoconfig/mail/config-v1.1.xml", thunderbird, methods=["GET"]),
     Route("/mail/config-v1.1.xml", thunderbird, methods=["GET"]),
-    # Outlook spells it both ways, and paths are case-sensitive here.
-    Route("/autodiscover/autodiscover.xml", autodiscover, methods=["POST"]),
-    Route("/Autodiscover/Autodiscover.xml", autodiscover, methods=["POST"]),
+    AnyCaseRoute("/autodiscover/autodiscover.xml", autodiscover, methods=["POST"]),
 ]
