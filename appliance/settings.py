@@ -496,6 +496,12 @@ class Settable:
     accepts: str  # what a value looks like (errors and `letterbox settings list`)
     does: str  # one line
     parse: Callable[[str], object]  # ValueError when the text does not fit
+    plain: str  # what it does, for someone who is not a mail expert (the console's Settings page)
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The values to pick from, for an on/off setting (a form's select); () for one typed in."""
+        return ("on", "off") if self.parse is _parse_flag else ()
 
     def shown(self, values: SettingValues) -> str:
         value = getattr(values, self.field)
@@ -508,19 +514,30 @@ _ON_OFF = "on or off"
 SETTABLE: dict[str, Settable] = {s.name: s for s in (
     Settable(DNS_RESOLVER, "dns_resolver", "an address[:port] such as 127.0.0.1:5353, or system",
              "the DNS server every lookup asks (MX, DNS checks, blocklists); system: /etc/resolv.conf's",
-             _parse_resolver),
+             _parse_resolver,
+             "Where the box looks up internet names: other domains' mail servers, your DNS records, spam "
+             "blocklists. Keep \"system\" (the computer's own setting) unless you run a DNS server of your own."),
     Settable(PORT25_PROBE, "port25_probe", "host:port such as aspmx.l.google.com:25",
              "the remote mail server the status check connects to, to tell whether outbound port 25 is open",
-             _parse_probe),
+             _parse_probe,
+             "A mail server on the internet the status page tries to reach, to tell whether your internet "
+             "provider lets mail out. Change it only if that server cannot be reached from where you are."),
     Settable(STATUS_CHECKS, "status_checks", _ON_OFF,
              "the status checklist runs by itself 5 minutes after start and every 6 hours; Check now works either way",
-             _parse_flag),
+             _parse_flag,
+             "On: the status page checks the box by itself, 5 minutes after it starts and every 6 hours. "
+             "Off: only when you press Check now."),
     Settable(DELIVERY_LOG, "delivery_log", _ON_OFF, "every message in and out is recorded in the delivery log",
-             _parse_flag),
+             _parse_flag,
+             "On: the delivery log notes every message in and out (who, when, what became of it). "
+             "Off: nothing new is noted."),
     Settable(DELIVERY_LOG_DAYS, "delivery_log_days", "a whole number of days from 1 to 3650",
-             "how long the delivery log keeps its rows", _parse_days),
+             "how long the delivery log keeps its rows", _parse_days,
+             "How many days the delivery log keeps what it noted before deleting it."),
     Settable(QUEUE_HOLD, "hold", _ON_OFF, "keep all outbound mail queued, deliver nothing (maintenance)",
-             _parse_flag),
+             _parse_flag,
+             "On: mail to other domains waits in the queue and nothing is sent, e.g. while you fix a problem. "
+             "Off: it is sent as usual, and what waited goes at once."),
 )}
 
 

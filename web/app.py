@@ -168,6 +168,7 @@ def routes() -> list[BaseRoute]:
         lazy("domains", "/console/domains*"),
         lazy("mailboxes", "/console/mailboxes*", "/console/aliases*"),
         lazy("sending", "/console/sending*"),
+        lazy("settings", "/console/settings"),
         lazy("account", "/account", "/account/mobileconfig", "/account/password", "/account/certificate.crt"),
         lazy("autoconfig", "/.well-known/autoconfig/*", "/mail/config-v1.1.xml", any_case=OPEN_BEFORE_SETUP_ANY_CASE),
         *wellknown.routes,

@@ -27,7 +27,8 @@ ALICE, ALICE_PASSWORD = "alice@example.test", "alice's long mail password"
 PHONE_WIDTH = 360
 CONSOLE_PAGES = ["/console", "/console/domains", "/console/domains/example.test", "/console/mailboxes",
                  f"/console/mailboxes/{ALICE}", "/console/aliases", "/console/sending", "/console/events",
-                 "/console/log", "/console/spam", "/console/backups", "/console/certificate", "/console/updates", "/console/password"]
+                 "/console/log", "/console/spam", "/console/backups", "/console/certificate", "/console/updates", "/console/settings",
+                 "/console/password"]
 ACCOUNT_PAGES = ["/account", "/account/log", "/account/junk"]
 # What a phone's owner reads or presses in a table: the mail program settings, Junk's rows, the mail log's rows.
 STACKED = "table.settings td, table#junk td, table#delivery-log td"
