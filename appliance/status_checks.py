@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
 import dns.asyncresolver
 import dns.exception
@@ -77,6 +78,8 @@ class Probes:
     # "Now" for the checks (a certificate's days left, a backup's or a deferred message's age) and for
     # the alerts' once-a-day rule: tests move it forward instead of waiting days.
     clock: Callable[[], float] = time.time
+    # Whether a program is installed here (rspamd, for the content filter's fix): tests say either.
+    installed: Callable[[str], bool] = lambda name: shutil.which(name) is not None
 
 
 # --- the checks -------------------------------------------------------------------------------------
@@ -324,7 +327,36 @@ async def check_queue(svc: Services, now: float) -> Item:
     return Item("queue", "Outbound queue", "ok", summary)
 
 
-async def check_content_filter(svc: Services) -> Item:
+NO_SPAM_CHECKS = "If you do not want spam checking, switch the content filter off in the spam settings."
+
+
+def _on_this_computer(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def content_filter_fix(status: ContentStatus, installed: Callable[[str], bool]) -> str:
+    """What to do when rspamd is switched on and does not answer, for someone who has never heard of it:
+    a box without rspamd (a checkout's `make run`) is told to install it, not to restart a service it
+    does not have."""
+    if "does not answer" not in status.problem:  # an address that cannot be used (not http://host:port)
+        return f"Correct rspamd's address in the spam settings. {NO_SPAM_CHECKS}"
+    if not _on_this_computer(urlsplit(status.scanner).hostname or ""):
+        return (f"Check that rspamd runs on that machine and lets this box connect, or correct its address in "
+                f"the spam settings. {NO_SPAM_CHECKS}")
+    if not installed("rspamd"):
+        return ("rspamd, the program that checks mail for spam, is not installed on this computer. Install it "
+                f"(on Debian or Ubuntu: sudo apt install rspamd redis-server). {NO_SPAM_CHECKS}")
+    return ("rspamd is installed here. Just after the box started, give it a few minutes: this turns green by "
+            "itself. Otherwise start it (sudo systemctl restart redis-server rspamd), or, if it runs elsewhere, "
+            f"correct its address in the spam settings. {NO_SPAM_CHECKS}")
+
+
+async def check_content_filter(svc: Services, probes: Probes | None = None) -> Item:
     """Is rspamd answering (a ping now, as the console's spam page asks)? Off or silent, mail is
     delivered unfiltered (the MX never refuses or loses a message for a check that did not run)."""
     spam = svc.spam_content
@@ -337,9 +369,9 @@ async def check_content_filter(svc: Services) -> Item:
                     "Turn the content filter on in the spam settings.", "/console/spam")
     if not status.available:
         return Item("content_filter", "Content filter", "fail",
-                    f"Content filtering is not working: {status.problem}. Mail is delivered unchecked.",
-                    "Start rspamd (sudo systemctl restart rspamd) or correct its address in the spam settings.",
-                    "/console/spam")
+                    f"The spam filter is not working: {status.problem}. Mail is delivered unchecked: it all "
+                    "goes to the inboxes, none to Junk (nothing is lost).",
+                    content_filter_fix(status, (probes or svc.status_probes).installed), "/console/spam")
     scanned = f", {status.scanned:,} messages scanned" if status.scanned is not None else ""
     return Item("content_filter", "Content filter", "ok", f"rspamd at {status.scanner} answers{scanned}.")
 
@@ -391,7 +423,7 @@ async def run_all(svc: Services, probes: Probes | None = None, *, now: float | N
         ("backups", "Backups", check_backups(svc, at)),
         ("disk", "Disk", check_disk(svc)),
         ("queue", "Outbound queue", check_queue(svc, at)),
-        ("content_filter", "Content filter", check_content_filter(svc)),
+        ("content_filter", "Content filter", check_content_filter(svc, probes)),
         ("clock", "Time", check_clock(probes)),
     ]
     results = await asyncio.gather(*(_bounded(key, title, check) for key, title, check in checks))

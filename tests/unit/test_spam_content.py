@@ -124,3 +124,27 @@ def test_only_mail_to_one_mailbox_is_judged_by_its_owners_own_bayes() -> None:
     assert statistics_owner(facts("b@y.test")) == "b@y.test"
     assert statistics_owner(facts("b@y.test", "c@y.test")) == ""  # an alias for two: box-wide only
     assert statistics_owner(facts()) == ""
+
+
+@pytest.mark.parametrize(("scanner", "problem", "installed", "says", "never"), [
+    ("http://127.0.0.1:11333", "rspamd at http://127.0.0.1:11333 does not answer", False,
+     "is not installed on this computer. Install it (on Debian or Ubuntu: sudo apt install", "systemctl"),
+    ("http://localhost:11333", "rspamd at http://localhost:11333 does not answer", True,
+     "rspamd is installed here. Just after the box started", "apt install"),
+    ("http://[::1]:11333", "rspamd at http://[::1]:11333 does not answer", True, "systemctl restart", "apt install"),
+    ("http://10.0.0.5:11333", "rspamd at http://10.0.0.5:11333 does not answer", False,
+     "runs on that machine and lets this box connect", "install"),
+    ("ftp://x", "the rspamd address must be http://host:port", True, "Correct rspamd's address", "install"),
+])
+def test_the_content_filter_fix_fits_the_box(scanner: str, problem: str, installed: bool, says: str,
+                                              never: str) -> None:
+    """What the status checklist tells a person whose spam filter does not answer: install rspamd on a
+    box without it (a checkout's `make run`), start it where it is installed, look at the other machine
+    when it runs elsewhere; and always how to do without spam checking instead."""
+    from appliance.spam.content_service import ContentStatus
+    from appliance.status_checks import content_filter_fix
+
+    fix = content_filter_fix(ContentStatus(True, False, problem, scanner), lambda name: installed and name == "rspamd")
+    assert says in fix
+    assert never not in fix
+    assert fix.endswith("If you do not want spam checking, switch the content filter off in the spam settings.")

@@ -18,6 +18,7 @@ from appliance.account_errors import NotFound
 from appliance.admin import SPAM_LAYERS
 from appliance.settings import SpamSettings
 from appliance.spam.content_service import ContentSettingsError, SpamContent, save_content_settings
+from appliance.status_checks import content_filter_fix
 from appliance.store.model import StoreError
 from web.pages import admin, flash, read_form, redirect, render, require, services
 
@@ -66,8 +67,10 @@ async def page(request: Request, errors: dict[str, str] | None = None,
     }
     decisions = services(request).spam_decisions
     counts = await decisions.counts(since=time.time() - DAY)
+    status = await spam.status()
     return await render(request, "console/spam.html", {
-        "title": "Spam", "section": "spam", "status": await spam.status(), "learned": spam.learned,
+        "title": "Spam", "section": "spam", "status": status, "learned": spam.learned,
+        "fix": content_filter_fix(status, services(request).status_probes.installed),
         "decisions": await decisions.recent(DECISIONS_SHOWN),
         "day_counts": sorted(counts.items(), key=lambda item: (-item[1], item[0])),
         "junk_counts": await _junk_counts(request, spam), "values": shown, "errors": errors or {},
