@@ -1,8 +1,9 @@
 """RFC 4469 CATENATE: the IMAP URLs (RFC 5092) an APPEND may take parts of its message from.
 
 Only this user's own messages are reachable: a URL names a folder, optionally its UIDVALIDITY, a UID,
-and optionally a section and a partial range. Pure parsing here and the file work in `extract`
-(called in a worker thread); the session checks the folder, the UIDVALIDITY and the message.
+and optionally a section and a partial range. Pure parsing here and the file work in `locate` and
+`read` (called in a worker thread); the session checks the folder, the UIDVALIDITY and the message,
+and holds the octets `locate` counted in the box's message memory before `read` reads them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from urllib.parse import unquote
 
 from appliance.imap.commands import BodySection, Fetch, Section
 from appliance.imap.fetch import section_span, span_bytes, whole_message
-from appliance.imap.mime import scan
+from appliance.imap.mime import Span, scan
 from appliance.imap.parser import ParseError, parse_command
 from appliance.store.maildir import open_message
 
@@ -57,17 +58,33 @@ def parse_url(url: str) -> ImapUrl | None:
     return ImapUrl(unquote(found["folder"]), uidvalidity, int(found["uid"]), section, partial)
 
 
-def extract(path: Path, url: ImapUrl, limit: int) -> bytes | None:
-    """The octets the URL names in the message file, as FETCH BODY[section]<partial> sends them;
-    None for a section that does not exist or content over `limit` octets."""
+@dataclass(frozen=True)
+class Located:
+    """Where in its message file the octets a URL names are, and how many they are (wire octets)."""
+
+    span: Span
+    partial: tuple[int, int] | None  # (origin, count), as FileSlice takes it
+    octets: int
+
+
+def locate(path: Path, url: ImapUrl) -> Located | None:
+    """The region the URL names in the message file, None for a section that does not exist. Only
+    the message's structure is read here: its octets are counted (and held) before `read` reads them."""
     with open_message(path) as f:
         root = scan(f)
-        span = whole_message(root) if url.section is None else section_span(root, url.section)
-        if span is None or span.wire_size > limit:
-            return None
-        data = span_bytes(f, span)
-    if url.partial is not None:
-        origin, length = url.partial
-        data = data[origin:] if length is None else data[origin:origin + length]
-    return data
+    span = whole_message(root) if url.section is None else section_span(root, url.section)
+    if span is None:
+        return None
+    size = span.wire_size
+    if url.partial is None:
+        return Located(span, None, size)
+    origin, count = url.partial
+    count = size if count is None else count
+    return Located(span, (origin, count), max(0, min(count, size - origin)))
 
+
+def read(path: Path, located: Located) -> bytes:
+    """The octets `locate` found, as FETCH BODY[section]<partial> sends them (a partial reads only its
+    range, not the whole section)."""
+    with open_message(path) as f:
+        return span_bytes(f, located.span, located.partial)

@@ -937,9 +937,10 @@ def _unbase64(raw: bytes) -> bytes:
         return b""
 
 
-def span_bytes(f: BinaryIO, span: Span) -> bytes:
-    """A region of an open message file as IMAP sends it (CRLF line ends); the file stays open."""
-    return b"".join(FileSlice(_Unclosable(f), span, None).chunks())
+def span_bytes(f: BinaryIO, span: Span, partial: tuple[int, int] | None = None) -> bytes:
+    """A region of an open message file (or its partial range) as IMAP sends it (CRLF line ends); the
+    file stays open."""
+    return b"".join(FileSlice(_Unclosable(f), span, partial).chunks())
 
 
 # --- INTERNALDATE (RFC 3501 9 date-time) -----------------------------------------------------------

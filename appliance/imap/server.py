@@ -342,6 +342,11 @@ class ConnectionHandler:
         """Only a logged-in client is told the disk is full; before the login the session answers."""
         return self.session.state not in LOGGED_IN_STATES or self.room_for_append(octets)
 
+    def hold(self, octets: int) -> bool:
+        """Whether `octets` more of the command being answered (a CATENATE URL's content) may be held
+        in memory; they are, until the command is answered (run releases them)."""
+        return self._messages.take(octets)
+
     def room_for_append(self, octets: int) -> bool:
         """Whether the data disk keeps its reserve once `octets` more (this command's messages) and
         every other message being received (other APPENDs, SMTP DATA) are written."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO, Generic, Literal, Protocol, TypeVar
 from appliance.auth import Refused
 from appliance.disk_full import DISK_FULL_TEXT, is_disk_full
 from appliance.imap import fetch_cache, names
-from appliance.imap.catenate import extract, parse_url
+from appliance.imap.catenate import locate, parse_url, read
 from appliance.imap.commands import (
     Append,
     AppendContent,
@@ -88,6 +88,7 @@ from appliance.imap.sort import HEADER_KEYS as SORT_HEADER_KEYS
 from appliance.imap.sort import THREADERS, SortItem, thread_text
 from appliance.imap.sort import sort as sort_messages
 from appliance.imap.store_errors import MissingFolderCode, store_errors
+from appliance.message_memory import BUSY_TEXT
 from appliance.sizes import limit_text
 from appliance.store.mailstore import (
     FolderInfo,
@@ -154,6 +155,7 @@ class SessionIO(Protocol):
     @property
     def compressed(self) -> bool: ...
     def room_for_append(self, octets: int) -> bool: ...
+    def hold(self, octets: int) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -605,8 +607,15 @@ class ImapSession:
         if any(isinstance(content, tuple) for _, _, content in contents):
             # RFC 4469 5: a missing target folder is TRYCREATE (store_errors) before any URL is looked at.
             await self.store.uidvalidity(self.mailbox, name)
-        # CATENATE parts are joined first: every URL is checked before anything is appended.
-        messages = [(flags, date, await self._message_of(content)) for flags, date, content in contents]
+        # CATENATE parts are joined first: every URL is checked before anything is appended. The
+        # command's messages together stay within one limit, as a MULTIAPPEND of literals does
+        # (protocol.py): the URLs' octets have what the literals left.
+        left = MAX_APPEND_OCTETS - sum(_literal_octets(content) for _, _, content in contents)
+        messages = []
+        for flags, date, content in contents:
+            message, used = await self._message_of(content, left)
+            left -= used
+            messages.append((flags, date, message))
         if not all(message for _, _, message in messages):
             raise ImapNo("Empty message", "CANNOT")
         if not self.io.room_for_append(sum(len(message) for _, _, message in messages)):
@@ -635,25 +644,28 @@ class ImapSession:
             raise  # answered by store_errors: TRYCREATE for a folder that does not exist (RFC 3501 6.3.11)
         await self.ok(command, code=f"APPENDUID {uidvalidity} {compact(uids)}")  # RFC 4315 3
 
-    async def _message_of(self, content: AppendContent) -> bytes | bytearray:
+    async def _message_of(self, content: AppendContent, left: int) -> tuple[bytes | bytearray, int]:
         """An APPEND's message: its literal, or its RFC 4469 CATENATE parts joined (a URL that does
-        not name one of this user's messages, or a part of one, is NO [BADURL url])."""
+        not name one of this user's messages, or a part of one, is NO [BADURL url]); and the octets its
+        URLs added, of the `left` the command may still take."""
         if not isinstance(content, tuple):
-            return content
+            return content, 0
         out = bytearray()
+        used = 0
         for part in content:
             if isinstance(part, CatenateUrl):
-                data = await self._url_content(part.url)
+                data = await self._url_content(part.url, left - used)
                 if data is None:
                     raise ImapNo("Bad URL", "BADURL " + part.url[:200])
+                used += len(data)
                 part = data
             out += part
-            if len(out) > MAX_APPEND_OCTETS:
-                raise ImapNo(  # RFC 4469 5: TOOBIG
-                    f"Message too big: this server takes messages of at most {limit_text(MAX_APPEND_OCTETS)}", "TOOBIG")
-        return bytes(out)
+        return out, used
 
-    async def _url_content(self, text: str) -> bytes | None:
+    async def _url_content(self, text: str, left: int) -> bytes | None:
+        """What the URL names, held in the box's message memory (appliance/message_memory.py) until the
+        APPEND is answered, as a literal is: a 24 KB APPEND of 20 CATENATEs of 60 URLs to one 1 MB
+        message held 1.2 GB outside that budget, so a few sessions ran the box out of memory."""
         url = parse_url(text)
         if url is None:
             return None
@@ -667,7 +679,15 @@ class ImapSession:
         if found is None:
             return None
         try:
-            return await asyncio.to_thread(extract, found.path, url, MAX_APPEND_OCTETS)
+            located = await asyncio.to_thread(locate, found.path, url)
+            if located is None:
+                return None
+            if located.octets > left:
+                raise ImapNo(  # RFC 4469 5: TOOBIG
+                    f"Message too big: this server takes messages of at most {limit_text(MAX_APPEND_OCTETS)}", "TOOBIG")
+            if not self.io.hold(located.octets):
+                raise ImapNo(BUSY_TEXT, "UNAVAILABLE")  # RFC 5530 3, as for a literal that does not fit
+            return await asyncio.to_thread(read, found.path, located)
         except OSError:
             return None  # expunged meanwhile
 
@@ -1286,6 +1306,13 @@ class ImapSession:
 
 
 # --- module helpers -------------------------------------------------------------------------------
+
+def _literal_octets(content: AppendContent) -> int:
+    """An APPEND message's octets that came as literals (a CATENATE's TEXT parts, or the message)."""
+    if isinstance(content, tuple):
+        return sum(len(part) for part in content if not isinstance(part, CatenateUrl))
+    return len(content)
+
 
 def _may_expunge(command: Command) -> bool:
     # RFC 3501 7.4.1: no EXPUNGE while answering FETCH, STORE or SEARCH (the UID forms may carry it).

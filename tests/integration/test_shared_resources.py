@@ -169,6 +169,40 @@ def test_messages_being_received_share_one_bound(imap_box: BoxHandle, small_budg
             client.close()
 
 
+def test_catenated_appends_take_their_octets_from_the_same_bound(imap_box: BoxHandle, logged_in: RawImap,
+                                                                 small_budget: MessageMemory) -> None:
+    # CATENATE URLs (RFC 4469) were joined outside the budget and each message of a MULTIAPPEND had
+    # 64 MiB of its own: a 24 KB APPEND of 20 CATENATEs of 60 URLs to one 1 MB message held 1.2 GB.
+    header = b"From: a@example.test\r\nSubject: big\r\n\r\n"
+    big = header + (b"x" * 998 + b"\r\n") * 1000  # 1 MB
+    result = imap_box.run(imap_box.services.store.deliver([USER], big))[USER]
+    assert isinstance(result, int)
+    url = b'URL "/INBOX/;UID=%d"' % result
+
+    def append(tag: bytes, *urls: int) -> bytes:
+        catenates = b" ".join(b"CATENATE (" + b" ".join([url] * count) + b")" for count in urls)
+        return logged_in.command(tag, b"APPEND INBOX " + catenates)[-1]
+
+    def messages() -> bytes:
+        return logged_in.command(b"s", b"STATUS INBOX (MESSAGES)")[0]
+
+    assert append(b"a", 2).startswith(b"a OK [APPENDUID")  # 2 MB of this network's 2.5
+    wait_until(lambda: small_budget.held == 0, seconds=10, what="the append's memory given back")
+    assert append(b"b", 3) == b"b NO [UNAVAILABLE] Too many messages being received at once, try again later\r\n"
+    assert messages() == b"* STATUS INBOX (MESSAGES 2)\r\n"  # nothing appended
+    assert small_budget.held == 0
+    small_budget.limit = MESSAGE_MEMORY_OCTETS
+    # The messages of one MULTIAPPEND stay within 64 MiB together, as literals do: 80 URLs of 1 MB.
+    assert append(b"c", 40, 40).startswith(b"c NO [TOOBIG] Message too big")
+    assert messages() == b"* STATUS INBOX (MESSAGES 2)\r\n"
+    assert small_budget.held == 0
+    # A partial range of a URL is read alone, and the session goes on.
+    reply = logged_in.command(b"d", b'APPEND INBOX CATENATE (URL "/INBOX/;UID=%d/;PARTIAL=6.12")' % result)
+    assert reply[-1].startswith(b"d OK [APPENDUID"), reply
+    logged_in.command(b"e", b"SELECT INBOX")
+    assert logged_in.command(b"f", b"FETCH 3 BODY.PEEK[]")[0] == b"* 3 FETCH (BODY[] {12}\r\na@example.te)\r\n"
+
+
 def test_lmtp_says_busy_once_per_recipient(imap_box: BoxHandle, small_budget: MessageMemory) -> None:
     other = "bob@example.test"
     imap_box.add_user(other, PASSWORD)
