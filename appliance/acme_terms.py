@@ -42,7 +42,7 @@ class AcmeSettings:
     directory: str = LETS_ENCRYPT
     email: str | None = None
     eab_kid: str | None = None
-    eab_hmac_key: str | None = None
+    eab_hmac_key: str | None = field(default=None, repr=False)  # a secret: kept out of any log or traceback
     ca_file: str | None = None  # a CA bundle for the directory's HTTPS (tests: pebble's own CA)
     challenge: str = HTTP_01  # the type answered when the CA offers it; the other one otherwise
 

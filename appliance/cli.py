@@ -485,6 +485,8 @@ def cmd_cert(args: argparse.Namespace) -> None:  # noqa: C901  dispatch of the f
     from appliance import acme_terms, certificates
     from appliance.tls import CertificateProblem
 
+    eab_hmac_key = _eab_hmac_key(args) if args.action == "request" else None
+
     def read(path: str | None, what: str) -> bytes:
         if not path:
             return b""
@@ -501,7 +503,7 @@ def cmd_cert(args: argparse.Namespace) -> None:  # noqa: C901  dispatch of the f
                 if args.ca_file:
                     await admin.db.set_setting(certificates.CA_FILE, args.ca_file)
                 info, names = await admin.request_certificate(
-                    directory=directory, email=args.email, eab_kid=args.eab_kid, eab_hmac_key=args.eab_hmac_key)
+                    directory=directory, email=args.email, eab_kid=args.eab_kid, eab_hmac_key=eab_hmac_key)
                 lines += [f"left out: {reason}" for reason in names.left_out]
                 lines.append(f"issued for {', '.join(info.names)} by {info.issuer}, until {info.not_after:%Y-%m-%d}")
                 lines.append("a running box serves it within a few seconds")
@@ -536,6 +538,21 @@ def cmd_cert(args: argparse.Namespace) -> None:  # noqa: C901  dispatch of the f
 
     for line in run_admin(args, act):
         print(line)
+
+
+EAB_HMAC_ENV = "LETTERBOX_EAB_HMAC_KEY"
+
+
+def _eab_hmac_key(args: argparse.Namespace) -> str | None:
+    """The EAB HMAC key from --eab-hmac-key-file, LETTERBOX_EAB_HMAC_KEY or (certbot's flag, warned about)
+    --eab-hmac-key. It is a secret that lets anyone open accounts on the CA in the owner's name: never echoed."""
+    if args.eab_hmac_key_file is not None:
+        return _read_secret_file(args.eab_hmac_key_file, "HMAC key").split()[0]
+    if args.eab_hmac_key is not None:
+        print(f"letterbox: warning: --eab-hmac-key is visible to other users of this machine (ps, shell history):"
+              f" use --eab-hmac-key-file FILE or {EAB_HMAC_ENV}", file=sys.stderr)
+        return str(args.eab_hmac_key)
+    return os.environ.get(EAB_HMAC_ENV, "").strip() or None
 
 
 # --- backup ----------------------------------------------------------------------------------------
@@ -904,7 +921,12 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--directory", metavar="URL", help="the ACME directory of another CA (RFC 8555)")
     creq.add_argument("--email", metavar="ADDR", help="contact address for the CA's expiry notices")
     creq.add_argument("--eab-kid", help="External Account Binding key ID (CAs that require it)")
-    creq.add_argument("--eab-hmac-key", help="External Account Binding HMAC key (base64url)")
+    hmac_key = creq.add_mutually_exclusive_group()
+    hmac_key.add_argument("--eab-hmac-key-file", metavar="PATH",
+                          help=f"the External Account Binding HMAC key (base64url) from this file ('-': stdin);"
+                               f" or set {EAB_HMAC_ENV}")
+    hmac_key.add_argument("--eab-hmac-key", metavar="KEY",
+                          help="the HMAC key on the command line, where other users see it (certbot's flag)")
     creq.add_argument("--ca-file", help="PEM file of the CA to trust for the directory's HTTPS (a private CA)")
     csub.add_parser("renew", help="renew when due").add_argument("--force", action="store_true",
                                                                   help="renew now even if not due")

@@ -5,6 +5,8 @@ CLI is answered by the running box's port 80 and served by it without a restart.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -17,15 +19,17 @@ from cryptography.x509.oid import NameOID
 
 from appliance.config import DataLayout
 from tests.conftest import LETTERBOX, BoxHandle, preset_settings
-from tests.support.pebble import Pebble, running_pebble
+from tests.support.pebble import EAB_HMAC, EAB_KID, Pebble, running_pebble
 from tests.support.polling import retry
 from tests.support.tls_probe import TLS_SERVICES, served_certificate
 
 HOST = "mail.example.test"
 
 
-def run(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([LETTERBOX, "--data", str(data), *args], capture_output=True, text=True, timeout=120)
+def run(data: Path, *args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([LETTERBOX, "--data", str(data), *args], capture_output=True, text=True, timeout=120,
+                          input=stdin, env=None if env is None else {**os.environ, **env})
 
 
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
@@ -177,3 +181,63 @@ def test_cli_challenge_failure_in_plain_words_old_certificate_kept(box: BoxHandl
         status = run(box.data.root, "cert", "status").stdout
         assert "last error:" in status
         assert "connection refused" in status
+
+
+WARNING = "letterbox: warning: --eab-hmac-key is visible to other users of this machine"
+
+
+@pytest.mark.parametrize("source", ["file", "stdin", "environment", "flag"])
+def test_eab_hmac_key_sources_stored_never_echoed(tmp_path: Path, data: Path, source: str) -> None:
+    # The order fails before any CA is asked (no DNS for the host name here), after the settings given are
+    # kept for renewals: the key stored is the one given, and it is in no output and no event.
+    key = f"{source}-{EAB_HMAC}"
+    (tmp_path / "hmac").write_text(f"{key}\n")
+    args, stdin, env = {
+        "file": (["--eab-hmac-key-file", str(tmp_path / "hmac")], None, None),
+        "stdin": (["--eab-hmac-key-file", "-"], f"{key}\n", None),
+        "environment": ([], None, {"LETTERBOX_EAB_HMAC_KEY": key}),
+        "flag": (["--eab-hmac-key", key], None, None),
+    }[source]
+    result = run(data, "cert", "request", "--directory", "https://127.0.0.1:9/dir", "--eab-kid", EAB_KID, *args,
+                 stdin=stdin, env=env)
+    if source == "flag":
+        warning, _, rest = result.stderr.partition("\n")
+        assert warning.startswith(WARNING), result.stderr
+        assert "--eab-hmac-key-file" in warning
+        result.stderr = rest
+    else:
+        assert "warning" not in result.stderr
+    one_line_error(result)
+    assert key not in result.stdout + result.stderr
+    with sqlite3.connect(DataLayout(data).db) as db:
+        assert db.execute("SELECT value FROM settings WHERE key = 'acme_eab_hmac'").fetchone() == (key,)
+        events = db.execute("SELECT * FROM events").fetchall()
+    assert events, "the failed order is an event"
+    assert key not in repr(events)
+
+
+def test_eab_hmac_key_file_and_flag_exclusive(tmp_path: Path, data: Path) -> None:
+    result = run(data, "cert", "request", "--eab-kid", EAB_KID, "--eab-hmac-key", "x", "--eab-hmac-key-file", "-")
+    assert result.returncode == 2
+    assert "not allowed with argument" in result.stderr
+
+
+def test_eab_hmac_key_file_empty_or_missing(tmp_path: Path, data: Path) -> None:
+    (tmp_path / "empty").write_text("\n")
+    assert "the HMAC key file" in one_line_error(run(data, "cert", "request", "--eab-kid", EAB_KID,
+                                                     "--eab-hmac-key-file", str(tmp_path / "empty")))
+    assert "cannot read the HMAC key file" in one_line_error(run(
+        data, "cert", "request", "--eab-kid", EAB_KID, "--eab-hmac-key-file", str(tmp_path / "absent")))
+
+
+def test_cli_order_with_eab_key_from_a_file(box: BoxHandle, tmp_path: Path) -> None:
+    # A CA that requires External Account Binding issues with the key read from the file.
+    (tmp_path / "hmac").write_text(EAB_HMAC + "\n")
+    with running_pebble(tmp_path / "pebble", box.port("http"), box.port("https"), eab=True) as pebble:
+        point_at_pebble(box, pebble)
+        result = run(box.data.root, "cert", "request", "--directory", pebble.directory,
+                     "--ca-file", str(pebble.listener_ca), "--eab-kid", EAB_KID,
+                     "--eab-hmac-key-file", str(tmp_path / "hmac"))
+        assert result.returncode == 0, result.stderr
+        assert f"issued for {HOST}" in result.stdout
+        assert EAB_HMAC not in result.stdout + result.stderr

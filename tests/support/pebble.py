@@ -151,11 +151,11 @@ class Pebble:
 
 
 @contextmanager
-def running_pebble(root: Path, http_port: int, tls_port: int) -> Iterator[Pebble]:
+def running_pebble(root: Path, http_port: int, tls_port: int, *, eab: bool = False) -> Iterator[Pebble]:
     """Pebble and its DNS started for the `with` block (the programs required), stopped afterwards."""
     require_program("pebble")
     require_program("pebble-challtestsrv")
-    pebble = Pebble(root, http_port=http_port, tls_port=tls_port)
+    pebble = Pebble(root, http_port=http_port, tls_port=tls_port, eab=eab)
     pebble.start()
     try:
         yield pebble
