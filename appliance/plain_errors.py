@@ -64,3 +64,57 @@ def plain(text: str) -> str:
     for pattern, replacement in _RULES:
         text = pattern.sub(replacement, text)
     return text.strip()
+
+
+# A queue error names the host it is about: 'mx.example.net[203.0.113.5]:25: connection failed: [Errno 111]
+# Connection refused' (the port since session 40; older rows have none). Several hops are joined by '; '.
+_HOP = re.compile(r"(?P<name>[^\s\[\];]+)\[(?P<address>[^\]]+)\](?::(?P<port>\d+))?: ")
+_HOP_SPLIT = re.compile(r"; (?=[^\s\[\];]+\[[^\]]+\](?::\d+)?: )")
+_GAVE_UP = re.compile(r"\s*\(gave up after [^)]*\)$")
+# What a socket said when connecting, as a sentence about `where` ('mx.example.net (203.0.113.5) port 25').
+_CONNECT: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), r) for p, r in (
+    (r"^\[Errno 111\] Connection refused$", "connection refused by {where}"),
+    (r"^(timed out|\[Errno 110\] Connection timed out)$", "timed out connecting to {where}"),
+    (r"^\[Errno 113\] No route to host$", "no route to {where} (the host is down, or a firewall drops it)"),
+    (r"^\[Errno 101\] Network is unreachable$", "cannot reach the network of {where} (no IPv6 here?)"),
+    (r"^\[Errno 104\] Connection reset by peer$", "connection reset by {where}"),
+    (r"^Connection unexpectedly closed", "{where} closed the connection"),
+))
+
+
+def queue_error(text: str) -> str:
+    """A queue recipient's last error as `letterbox queue list` and the console show it: 'connection refused
+    by mx.example.net (203.0.113.5) port 25', 'no MX or A/AAAA record for example.net', a server's reply
+    kept as it was. The stored text stays exact: delivery reports and logs carry it."""
+    gave_up = _GAVE_UP.search(text)
+    body = text[:gave_up.start()] if gave_up else text
+    shown = "; ".join(_hop_sentence(part) for part in _HOP_SPLIT.split(body))
+    return shown + (gave_up.group(0) if gave_up else "")
+
+
+def _hop_sentence(text: str) -> str:
+    hop = _HOP.match(text)
+    if hop is None:
+        if text.startswith("connection lost: "):  # mid-transaction (the hop is in the row's `remote`)
+            return f"connection lost during the transaction: {_errno_words(text.removeprefix('connection lost: '))}"
+        return _errno_words(text)
+    where = f"{hop['name']} ({hop['address']})" + (f" port {hop['port']}" if hop["port"] else "")
+    rest = text[hop.end():]
+    if rest.startswith("connection failed: "):
+        reason = rest.removeprefix("connection failed: ")
+        for pattern, sentence in _CONNECT:
+            if pattern.search(reason):
+                return sentence.format(where=where)
+        return f"cannot connect to {where}: {_errno_words(reason)}"
+    return f"{where}: {_errno_words(rest)}"
+
+
+def _errno_words(text: str) -> str:
+    """`plain`, and an errno it has no sentence for as its words alone ('[Errno 99] Cannot assign
+    requested address' -> 'cannot assign requested address')."""
+    if text in ("timed out", "[Errno 110] Connection timed out"):
+        return "timed out"
+    return _ERRNO.sub(lambda m: m["words"][:1].lower() + m["words"][1:], plain(text))
+
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] (?P<words>[^:;]*)")

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import time_zone
 from appliance.disk_full import is_disk_full
-from appliance.plain_errors import plain
+from appliance.plain_errors import plain, queue_error
 from appliance.web_sessions import WebSessions
 from web.display import idn
 from web.lazy_routes import LazyRoutes
@@ -104,6 +104,7 @@ def make_templates() -> Jinja2Templates:
     env.filters["size"] = _size
     env.filters["idn"] = idn  # international names in Unicode, the xn-- form beside
     env.filters["plain"] = plain  # library error texts (TLS, DNS, sockets) in plain words
+    env.filters["queue_error"] = queue_error  # a queue recipient's last error as a sentence
     env.filters["path"] = lambda text: quote(str(text), safe="@")
     return Jinja2Templates(env=env)
 

@@ -242,11 +242,11 @@ class OutboundSession:
                 except _StarttlsBroken as exc:
                     # RFC 7435 opportunistic: a failed handshake falls back to plain text, once.
                     log.info("%s: TLS handshake failed (%s); retrying without STARTTLS", hop, exc)
-                    errors.append(f"{hop}: TLS handshake failed: {exc}")
+                    errors.append(f"{hop}:{port}: TLS handshake failed: {exc}")
                     continue
                 except _HopFailed as exc:
                     log.info("%s: %s", hop, exc.text)
-                    errors.append(f"{hop}: {exc.text}")
+                    errors.append(f"{hop}:{port}: {exc.text}")  # Postfix's 'mx.example.net[192.0.2.1]:25'
                     last_status = exc.status
                     break
             if abort.aborted:

@@ -240,8 +240,10 @@ async def delivery_hops(
     if not hops:
         if temporary:
             raise RouteError("4.4.3", f"DNS lookup of the mail hosts of {domain} failed")
+        if records is None:
+            raise RouteError("4.4.4", f"no MX or A/AAAA record for {domain}")
         names = ", ".join(h.name for h in hosts)
-        raise RouteError("4.4.4", f"no address found for the mail host(s) of {domain}: {names}")
+        raise RouteError("4.4.4", f"no address (A or AAAA record) found for the mail host(s) of {domain}: {names}")
     return hops[:MAX_HOPS]
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from appliance.db import Database
 from appliance.durable import fsync_dir, write_file
+from appliance.plain_errors import queue_error
 
 if TYPE_CHECKING:
     import aiosqlite
@@ -238,7 +239,7 @@ def format_queue(messages: Sequence[QueuedMessage]) -> str:
         lines.append(f"{m.id}  {when}  {m.size:>9} bytes  from <{m.sender}>")
         for r in m.recipients:
             attempts = f"{r.attempts} attempt{'s' if r.attempts != 1 else ''}"
-            error = f"  {r.last_error}" if r.last_error else ""
+            error = f"  {queue_error(r.last_error)}" if r.last_error else ""
             lines.append(f"    {r.recipient}  {r.state}, {attempts}{error}")
     total = sum(len(m.recipients) for m in messages)
     lines.append(f"{len(messages)} message{'s' if len(messages) != 1 else ''}, {total} recipient"

@@ -279,7 +279,7 @@ def test_wizard_console_and_first_mail(served: ServedBox, zone: ZoneServer, rela
                 break
             time.sleep(0.5)
             page.reload()
-        expect(page.locator("table.queue")).to_contain_text("connection refused: nothing accepts")  # plain words
+        expect(page.locator("table.queue")).to_contain_text("connection refused by mx.elsewhere.example")  # plain words
         expect(page.locator("#queue-summary")).to_contain_text("1 message")
         expect(page.locator("#queue-summary")).to_contain_text("1 deferred")
         shot(page, "console-sending")

@@ -141,7 +141,7 @@ def test_no_hop_answers(port: int) -> None:
     with pytest.raises(SessionFailed) as info:
         open_session(port, Hop("mx1.test", "127.0.0.2"), Hop("mx2.test", "127.0.0.3"))
     assert info.value.status.startswith("4")
-    assert "mx2.test[127.0.0.3]: connection failed" in info.value.text
+    assert f"mx2.test[127.0.0.3]:{port}: connection failed" in info.value.text
 
 
 @pytest.mark.parametrize("end", ["<close>", "<reset>"])

@@ -158,6 +158,32 @@ def test_expiry_sends_a_dsn_with_the_last_error(outbound: Outbound) -> None:
     assert " ".join(per_recipient["Diagnostic-Code"].split()).startswith("smtp; 451 4.7.1 Try again later")
 
 
+def test_a_refused_connection_is_a_sentence_in_queue_list_and_exact_in_the_report(outbound: Outbound) -> None:
+    # Nothing listens at MX2; bare.test exists in DNS with neither an MX nor an address record.
+    mx(outbound.zone, "example.net", (10, "mx.example.net", MX2))
+    outbound.zone.set("bare.test", "TXT", ['"v=spf1 -all"'])
+    outbound.setting("queue_retry_intervals", "600")
+    outbound.submit(["a@example.net", "b@bare.test"])
+    outbound.wait_until(lambda: all(r.attempts for m in outbound.messages() for r in m.recipients),
+                        what="an attempt for each recipient")
+    shown = subprocess.run([LETTERBOX, "--data", str(outbound.box.data.root), "queue", "list"],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert f"a@example.net  queued, 1 attempt  connection refused by mx.example.net ({MX2}) port {outbound.port}" \
+        in shown.stdout
+    assert "b@bare.test  queued, 1 attempt  no MX or A/AAAA record for bare.test" in shown.stdout
+    assert "Errno" not in shown.stdout
+    outbound.box.run(outbound.box.services.db.execute("UPDATE queue_recipients SET next_attempt = 0"))
+    outbound.setting("queue_max_age", "1")  # the next attempt is the last
+    reports = outbound.wait_inbox(2, timeout=30)  # one per destination
+    outbound.wait_empty()
+    human = "\n".join(decoded(subparts(parse(report))[0]).decode() for report in reports)
+    # The sender's reports keep the exact diagnostic: host, address, port and the system's words.
+    assert (f"<a@example.net> (from mx.example.net): mx.example.net[{MX2}]:{outbound.port}: connection failed: "
+            f"[Errno 111] Connection refused") in " ".join(human.split())
+    assert "<b@bare.test>: no MX or A/AAAA record for bare.test" in human
+
+
 def test_a_long_delay_warns_the_sender_once_and_keeps_trying(outbound: Outbound) -> None:
     outbound.setting("queue_delay_notice", "1")
     mx(outbound.zone, "example.net", (10, "mx.example.net", MX1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.plain_errors import plain
+from appliance.plain_errors import plain, queue_error
 
 
 @pytest.mark.parametrize(("raw", "words"), [
@@ -39,3 +39,28 @@ def test_other_text_is_kept() -> None:
     assert plain("relay refused our login: 535 5.7.8 bad credentials") == "relay refused our login: 535 5.7.8 bad credentials"
     assert plain("outbound mail goes through the relay relay.example.test:587 (starttls)") == \
         "outbound mail goes through the relay relay.example.test:587 (starttls)"
+
+
+@pytest.mark.parametrize(("stored", "shown"), [
+    ("mx.example.net[203.0.113.5]:25: connection failed: [Errno 111] Connection refused",
+     "connection refused by mx.example.net (203.0.113.5) port 25"),
+    ("mx.example.net[203.0.113.5]: connection failed: [Errno 111] Connection refused",  # a row from before the port
+     "connection refused by mx.example.net (203.0.113.5)"),
+    ("mx.example.net[203.0.113.5]:25: connection failed: timed out",
+     "timed out connecting to mx.example.net (203.0.113.5) port 25"),
+    ("mx[2001:db8::1]:25: connection failed: [Errno 101] Network is unreachable; mx[203.0.113.5]:25: connection "
+     "failed: [Errno 110] Connection timed out (gave up after 5 days)",
+     "cannot reach the network of mx (2001:db8::1) port 25 (no IPv6 here?); timed out connecting to mx "
+     "(203.0.113.5) port 25 (gave up after 5 days)"),
+    ("mx[203.0.113.5]:25: connection failed: [Errno 99] Cannot assign requested address",
+     "cannot connect to mx (203.0.113.5) port 25: cannot assign requested address"),
+    ("mx[203.0.113.5]:25: refused to talk to me: 554 5.3.2 no service; come back later",
+     "mx (203.0.113.5) port 25: refused to talk to me: 554 5.3.2 no service; come back later"),
+    ("connection lost: [Errno 104] Connection reset by peer",
+     "connection lost during the transaction: the server broke off the connection"),
+    ("connection lost: timed out", "connection lost during the transaction: timed out"),
+    ("550 5.1.1 <bob@example.net>: Recipient address rejected", "550 5.1.1 <bob@example.net>: Recipient address rejected"),
+    ("no MX or A/AAAA record for example.net", "no MX or A/AAAA record for example.net"),
+])
+def test_queue_errors_are_sentences(stored: str, shown: str) -> None:
+    assert queue_error(stored) == shown

@@ -292,14 +292,17 @@ def test_an_untrusted_certificate_and_a_closed_port(web: WebClient, relay: Recei
 def test_the_queue_is_listed_with_each_recipients_state(web: WebClient) -> None:
     first = web.enqueue([BOB, CAROL])
     second = web.enqueue(["dave@nowhere.example"])
-    web.attempt(first, {BOB: Outcome("4.4.1", "connection refused", "mx.elsewhere.example[192.0.2.1]")})
+    web.attempt(first, {BOB: Outcome("4.4.1", "mx.elsewhere.example[192.0.2.1]:25: connection failed: [Errno 111] "
+                                              "Connection refused", "mx.elsewhere.example[192.0.2.1]")})
     web.attempt(second, {"dave@nowhere.example": Outcome("5.1.1", "550 5.1.1 no such user", "mx[192.0.2.2]")})
     page = web.get("/console/sending").text
     assert f'id="msg-{first}"' in page
     assert f'id="msg-{second}"' in page
     assert f"<code>{ALICE}</code>" in page
     text = text_of(page)
-    assert re.search(rf"{BOB}\s+deferred\s+1\s+\d{{4}}-\d\d-\d\d [\d:]+ [A-Z]+\s+connection refused", text), text
+    assert re.search(rf"{BOB}\s+deferred\s+1\s+\d{{4}}-\d\d-\d\d [\d:]+ [A-Z]+\s+connection refused by "
+                     r"mx\.elsewhere\.example \(192\.0\.2\.1\) port 25", text), text
+    assert "Errno" not in page
     assert re.search(rf"{CAROL}\s+waiting\s+0\s+now", text), text
     assert re.search(r"dave@nowhere.example\s+failed\s+1\s+–\s+550 5.1.1 no such user", text), text
     assert re.search(r"2 messages\s*, [\d.]+ (bytes|KiB)\s+1 deferred\s+1 failed", text), text
