@@ -30,7 +30,7 @@ from appliance.imap import fetch as fetching
 from appliance.imap.commands import BinarySection, BodySection, FetchAttribute, FetchItem
 from appliance.imap.limits import MAX_HEADER_OCTETS
 from appliance.imap.mime import Headers, Part, crlf_line_ends, decode_words, parses_whole, scan, scan_bytes
-from appliance.imap.responses import LiteralBytes, Raw, Value
+from appliance.imap.responses import LiteralBytes, Raw, Value, without_nul
 from appliance.store import message_cache
 from appliance.store.file_watch import FolderCheck, Located
 from appliance.store.maildir import open_message, read_to_end
@@ -156,12 +156,15 @@ def item_values(items: Sequence[FetchItem], facts: fetching.MessageFacts, row: C
             continue
         assert not isinstance(item, BinarySection), "not served from the cache"
         name = item.name
+        # without_nul: a row rendered before b6b187f may still hold a NUL in a string (a Subject, a
+        # parameter); a search for one is cheaper than bumping CACHE_VERSION, which would make every
+        # user's first message list after an update read every file again.
         if name == "ENVELOPE":
-            out.append((name, Raw(row.envelope)))
+            out.append((name, Raw(without_nul(row.envelope))))
         elif name == "BODYSTRUCTURE":
-            out.append((name, Raw(row.bodystructure)))
+            out.append((name, Raw(without_nul(row.bodystructure))))
         elif name == "BODY":
-            out.append((name, Raw(row.body)))
+            out.append((name, Raw(without_nul(row.body))))
         else:
             out.append((name, fetching.index_value(name, facts)))
     return out

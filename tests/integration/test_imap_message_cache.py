@@ -594,3 +594,26 @@ def test_a_list_of_mail_just_delivered_is_answered_without_a_worker_thread(
     box.services.store.message_cache._recent.clear()  # as after a restart: the rows from the database
     assert fetch(box) == from_memory
     assert threaded == [3]
+
+
+def test_a_row_cached_before_nul_was_replaced_sends_none(box: BoxHandle, opened_files: list[str]) -> None:
+    """A row rendered before a NUL went out as 0x80 (b6b187f) holds the NUL in its ENVELOPE and
+    BODYSTRUCTURE strings; the row still answers (no file read) and no NUL reaches the client."""
+    box.add_user(USER, PASSWORD)
+    data = message(1, "before\0after").replace(b"charset=utf-8", b"charset=utf-8; name=\"a\0b.txt\"")
+    deliver(box, data)
+    wanted = fetch(box)
+    assert b"before\x80after" in wanted
+    assert b"a\x80b.txt" in wanted
+    with sqlite3.connect(box.data.db) as conn:  # the row as the box before b6b187f wrote it
+        envelope, structure, body = conn.execute("SELECT envelope, bodystructure, body FROM message_cache").fetchone()
+        assert all(b"\x80" in value for value in (envelope, structure, body))
+        conn.execute("UPDATE message_cache SET envelope = ?, bodystructure = ?, body = ?",
+                     tuple(v.replace(b"\x80", b"\0") for v in (envelope, structure, body)))
+    box.services.store.message_cache._recent.clear()  # the rows the box kept in memory too
+    settle(box)
+    opened_files.clear()
+    old = fetch(box, LIST_FETCH.replace(b"BODYSTRUCTURE", b"BODYSTRUCTURE BODY"))
+    assert message_files(opened_files, box) == []  # answered from the old row
+    assert b"\0" not in old
+    assert fetch(box) == wanted
