@@ -1250,7 +1250,9 @@ class ImapSession:
 
     def _resolve(self, seqset: SequenceSet, uid: bool) -> list[int]:
         view = self.view
-        if not uid and seqset.mentions_beyond(view.exists):
+        # RFC 3501 6.4.8: a number beyond the mailbox is an error; in an empty one `*` names no message
+        # either (RFC 9051 9: it is the count "in a non-empty mailbox"). BAD, as Dovecot answers both.
+        if not uid and (view.exists == 0 or seqset.mentions_beyond(view.exists)):
             raise ImapBad("Invalid message sequence number")
         return view.resolve(seqset, uid)
 

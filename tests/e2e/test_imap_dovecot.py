@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import ServedBox
 from tests.support.dovecot import PrivateDovecot, private_dovecot
+from tests.support.imap_wire import RawImap
 
 pytestmark = pytest.mark.e2e
 
@@ -156,3 +157,40 @@ def test_letterbox_maildir_read_by_dovecot(dovecot: PrivateDovecot, served_box: 
         client.logout()
     assert folders == FOLDERS
     assert on_dovecot == expected()
+
+
+# Commands naming messages in an empty selected mailbox. A sequence number names none there (`*`
+# neither: RFC 9051 9, the count "in a non-empty mailbox"), and Dovecot answers BAD for every one, `*`
+# included; a UID set, SEARCH, SORT and THREAD merely match nothing (OK). Letterbox answered `FETCH *` OK.
+EMPTY_MAILBOX_COMMANDS = [
+    b"FETCH 1:* (FLAGS)", b"FETCH 1 (FLAGS)", b"FETCH * (FLAGS)", b"FETCH 2:* (FLAGS)",
+    b"FETCH 1:* (FLAGS) (CHANGEDSINCE 1)", b"STORE 1:* +FLAGS (\\Seen)", b"STORE 1 +FLAGS (\\Seen)",
+    b"STORE * +FLAGS (\\Seen)", b"COPY 1:* INBOX", b"MOVE * INBOX",
+    b"SEARCH 1:*", b"SEARCH 1", b"SEARCH *", b"SEARCH UID 1:*", b"SORT (DATE) UTF-8 1:*", b"THREAD REFERENCES UTF-8 1:*",
+    b"UID FETCH 1:* (FLAGS)", b"UID FETCH 1 (FLAGS)", b"UID FETCH * (FLAGS)", b"UID STORE 1:* +FLAGS (\\Seen)",
+    b"UID SEARCH 1:*", b"UID COPY 1:* INBOX", b"UID MOVE 1:* INBOX", b"UID EXPUNGE 1:*",
+]
+
+
+def tagged_results(raw: RawImap) -> dict[bytes, bytes]:
+    """Each EMPTY_MAILBOX_COMMANDS' tagged result (OK, NO or BAD) in a just-selected empty INBOX."""
+    try:
+        assert raw.command(b"e", b"ENABLE CONDSTORE")[-1].startswith(b"e OK")
+        assert raw.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        return {command: raw.command(b"t", command)[-1].split()[1] for command in EMPTY_MAILBOX_COMMANDS}
+    finally:
+        raw.close()
+
+
+def test_commands_on_an_empty_mailbox_answer_as_dovecot(dovecot: PrivateDovecot, served_box: ServedBox) -> None:
+    served_box.add_user(USER, PASSWORD)
+    raw = RawImap(served_box.port("imaps"), served_box.client_context)
+    raw.login(USER, PASSWORD)
+    ours = tagged_results(raw)
+    dovecot.start()
+    raw = RawImap(dovecot.port)
+    raw.login(DOVE_USER, PASSWORD)
+    theirs = tagged_results(raw)
+    assert ours == theirs
+    assert theirs[b"FETCH 1:* (FLAGS)"] == b"BAD"  # (what Dovecot answers, so a change on its side shows)
+    assert theirs[b"UID FETCH 1:* (FLAGS)"] == b"OK"
