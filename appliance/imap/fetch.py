@@ -908,28 +908,55 @@ def binary_content(f: BinaryIO, root: Part, path: tuple[int, ...]) -> bytes:
     raise UnknownCte(cte)
 
 
-_QP_ESCAPE = re.compile(rb"=([0-9A-Fa-f]{2})")
+# In the reversed text a line's trailing white space follows its LF, where a match can only start:
+# linear, where "[ \t\r]+\n" forwards tries again from each blank of a long run with no LF after it.
+_QP_TRAILING_BLANKS_REVERSED = re.compile(rb"\n[ \t\r]+")
+# "=" and one hex digit before a soft break: text, which the break's removal would make an escape.
+_QP_HALF_ESCAPE = re.compile(rb"=(?=[0-9A-Fa-f]=\n)")
+QP_SLICE = 1024 * 1024
 
 
 def decode_quoted_printable(raw: bytes) -> bytes:
     """RFC 2045 6.7 decoding, with CRLF line ends: white space at the end of an encoded line is
     deleted (rule 3), and "=" ending a line, even with white space after it, is a soft line break
     (rule 5 and its robustness note); an "=" not followed by two hex digits is kept as it is.
-    (quopri keeps trailing white space and takes "= " as text.)"""
-    out = bytearray()
-    lines = raw.split(b"\n")
-    for i, line in enumerate(lines):
-        line = line.rstrip(b" \t\r")
-        soft = line.endswith(b"=")
-        out += _QP_ESCAPE.sub(lambda m: bytes((int(m.group(1), 16),)), line[:-1] if soft else line)
-        if not soft and i < len(lines) - 1:
-            out += b"\r\n"
-    return bytes(out)
+    (quopri keeps trailing white space and takes "= " as text.)
+
+    Whole-text passes in C over slices of whole lines: a loop over lines cost 0.5 us and ~10 octets
+    of memory per input octet, so FETCH BINARY of a message of 20 MB of empty lines took 11 s of CPU
+    holding the GIL and 215 MB (so one of 64 MiB, an APPEND's limit, ~35 s), per command."""
+    out = []
+    start = 0
+    while start < len(raw):
+        end = raw.find(b"\n", start + QP_SLICE)
+        end = len(raw) if end < 0 else end + 1
+        out.append(_decode_qp_lines(raw[start:end], last=end == len(raw)))
+        start = end
+    return b"".join(out)
+
+
+def _decode_qp_lines(text: bytes, last: bool) -> bytes:
+    """Whole lines of quoted-printable (the text's last line ends with LF unless `last`)."""
+    text = _QP_TRAILING_BLANKS_REVERSED.sub(b"\n", b"\n" + text[::-1])[:0:-1]
+    # a2b_qp takes "==" as one "=" and "=" before a CR as a soft break; here such an "=" is text, so
+    # it is escaped first (a run of them in a few passes), as is one the soft breaks' removal would
+    # join to the next line's first octets; then the soft breaks go.
+    while b"==" in text:
+        text = text.replace(b"==", b"=3D=")
+    text = _QP_HALF_ESCAPE.sub(b"=3D", text.replace(b"=\r", b"=3D\r")).replace(b"=\n", b"")
+    if last and text.endswith(b"="):
+        text = text[:-1]  # a soft break on the last line, which has no LF
+    # An "=" left starts an escape (a2b_qp decodes it) or is text (kept as it is); the line ends are
+    # the text's LFs, not the ones escapes (=0A) make.
+    return binascii.a2b_qp(text.replace(b"\n", b"\r\n"))
+
+
+_NOT_BASE64 = bytes(sorted(set(range(256)) - set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")))
 
 
 def _unbase64(raw: bytes) -> bytes:
     """Tolerant base64: characters outside the alphabet skipped, a short last group dropped."""
-    cleaned = re.sub(rb"[^A-Za-z0-9+/]", b"", raw)
+    cleaned = raw.translate(None, _NOT_BASE64)  # a regex's substitution cost 90 ns per octet skipped
     cleaned = cleaned[: len(cleaned) - len(cleaned) % 4] if len(cleaned) % 4 == 1 else cleaned
     try:
         return binascii.a2b_base64(cleaned + b"=" * (-len(cleaned) % 4))
