@@ -52,7 +52,7 @@ bench: $(STAMP) peers
 screenshots: $(STAMP) peers
 	UPDATE_SCREENSHOTS=1 $(BIN)/pytest -p no:cacheprovider tests/e2e/test_web_wizard.py tests/e2e/test_web_certificate.py \
 		tests/e2e/test_backup_web.py tests/e2e/test_web_spam.py tests/e2e/test_console_running.py \
-		tests/e2e/test_web_updates.py tests/e2e/test_lockout_web.py
+		tests/e2e/test_web_updates.py tests/e2e/test_lockout_web.py tests/e2e/test_web_settings.py
 
 # The appliance images (image/README.md): Debian bookworm by mmdebstrap, Letterbox from this checkout's wheel.
 # The Debian base is cached in /var/cache/letterbox-image keyed by the package list; outputs go to image/out/.
