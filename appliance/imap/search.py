@@ -10,6 +10,7 @@ searched as raw octets instead of being decoded in memory.
 from __future__ import annotations
 
 import binascii
+import codecs
 import datetime as dt
 import functools
 import io
@@ -320,10 +321,28 @@ def _decode_body(headers: Message, data: bytes) -> str:
             data = quopri.decodestring(data)
     except (binascii.Error, ValueError):
         pass  # malformed encoding: search the octets as they are
-    charset = headers.get_content_charset() or "utf-8"
+    return decode_charset(data, headers.get_content_charset() or "utf-8")
+
+
+# Python codecs a message may name as its charset that are no charsets: 'undefined' raises whatever the
+# error handler, 'idna' takes no handler but strict, and 'punycode' raises too, after quadratic time
+# (1.2 s for 200 KB of body, so hours for the 8 MiB the text index reads). Any sender could name one:
+# SEARCH BODY over such a message ended the session with BYE, and the folder's text index stopped.
+NOT_CHARSETS = frozenset({"undefined", "idna", "punycode"})
+
+
+def decode_charset(data: bytes, charset: str) -> str:
+    """A body's text in its charset, UTF-8 when that is unknown or no charset (RFC 2046 4.1.2 lets a
+    reader treat an unknown charset's text as it can); never raises."""
     try:
-        return data.decode(charset, "replace")
-    except LookupError:  # an unknown charset: UTF-8 is the best guess
+        name = codecs.lookup(charset).name
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
+        name = "utf-8"
+    if name in NOT_CHARSETS:
+        name = "utf-8"
+    try:
+        return data.decode(name, "replace")
+    except (LookupError, UnicodeError):  # LookupError: a codec that is no text encoding (base64, zlib)
         return data.decode("utf-8", "replace")
 
 
