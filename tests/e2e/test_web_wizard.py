@@ -36,7 +36,7 @@ MADE_ELSEWHERE = {"console-certificate", "setup-4-certificate-choices", "setup-4
                   "setup-4-certificate-issued", "console-backups", "setup-1-restore-choice", "setup-restore",
                   "console-backups-upload", "console-backup-confirm", "console-spam", "account-junk",
                   "console-status-problems", "console-status-green", "console-delivery-log",
-                  "console-updates", "console-events-lockout"}
+                  "console-updates", "console-events-lockout", "console-settings"}
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 HOST, DOMAIN, PUBLIC_IP = "mail.example.test", "example.test", "192.0.32.7"
