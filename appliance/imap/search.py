@@ -10,7 +10,6 @@ searched as raw octets instead of being decoded in memory.
 from __future__ import annotations
 
 import binascii
-import codecs
 import datetime as dt
 import functools
 import io
@@ -43,7 +42,7 @@ from appliance.imap.commands import (
 )
 from appliance.imap.fetch_cache import CACHED_FIELDS, CachedFields, HeaderLookup
 from appliance.imap.limits import MAX_DECODED_SEARCH_OCTETS, MAX_HEADER_OCTETS
-from appliance.imap.mime import Part, decode_words, parse_header, scan, unfold
+from appliance.imap.mime import NOT_CHARSETS, Part, codec_name, decode_words, parse_header, scan, unfold
 from appliance.store.maildir import open_message
 
 SUPPORTED_CHARSETS = ("US-ASCII", "UTF-8")
@@ -324,21 +323,11 @@ def _decode_body(headers: Message, data: bytes) -> str:
     return decode_charset(data, headers.get_content_charset() or "utf-8")
 
 
-# Python codecs a message may name as its charset that are no charsets: 'undefined' raises whatever the
-# error handler, 'idna' takes no handler but strict, and 'punycode' raises too, after quadratic time
-# (1.2 s for 200 KB of body, so hours for the 8 MiB the text index reads). Any sender could name one:
-# SEARCH BODY over such a message ended the session with BYE, and the folder's text index stopped.
-NOT_CHARSETS = frozenset({"undefined", "idna", "punycode"})
-
-
 def decode_charset(data: bytes, charset: str) -> str:
     """A body's text in its charset, UTF-8 when that is unknown or no charset (RFC 2046 4.1.2 lets a
     reader treat an unknown charset's text as it can); never raises."""
-    try:
-        name = codecs.lookup(charset).name
-    except (LookupError, ValueError):  # ValueError: a NUL in the name
-        name = "utf-8"
-    if name in NOT_CHARSETS:
+    name = codec_name(charset)
+    if name is None or name in NOT_CHARSETS:  # SEARCH BODY over such a body ended its session with BYE
         name = "utf-8"
     try:
         return data.decode(name, "replace")
