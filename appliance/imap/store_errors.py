@@ -16,7 +16,7 @@ from typing import Literal
 from appliance.disk_full import DISK_FULL_TEXT, is_disk_full
 from appliance.imap.errors import ImapError, ImapNo
 from appliance.imap.fetch import NoSuchPart, UnknownCte
-from appliance.store.model import FolderExists, NoSuchFolder, QuotaExceeded, StoreError
+from appliance.store.model import FolderExists, NoSuchFolder, QuotaExceeded, StoreError, TooManyFolders
 
 # RFC 3501 6.3.11 / 6.4.7 (and RFC 6851 for MOVE): a target folder that does not exist is answered
 # NO [TRYCREATE], so the client may create it and try again; everywhere else RFC 5530 NONEXISTENT.
@@ -62,6 +62,8 @@ def _answer(exc: Exception, command_name: str, missing_folder: MissingFolderCode
         return ImapNo("Mailbox already exists", "ALREADYEXISTS")
     if isinstance(exc, QuotaExceeded):
         return ImapNo("Quota exceeded", "OVERQUOTA")
+    if isinstance(exc, TooManyFolders):
+        return ImapNo(str(exc), "LIMIT")  # RFC 5530 3
     if isinstance(exc, StoreError):
         # The store's messages are written to be shown to a user (StoreError).
         return ImapNo(str(exc) or f"{command_name} failed", "CANNOT")

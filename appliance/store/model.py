@@ -44,6 +44,9 @@ class NoSuchFolder(StoreError): ...
 class FolderExists(StoreError): ...
 
 
+class TooManyFolders(StoreError): ...
+
+
 # INTERNALDATE of a message whose file was indexed without a stat (a foreign file whose name has
 # ',S=' and ',W='): its file's mtime, read when asked (MessageInfo.internaldate) and soon after its
 # first listing, in the background, for the index (mailboxes.OpenMailboxes._date_later).

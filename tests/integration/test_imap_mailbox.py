@@ -14,7 +14,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
 from appliance.imap import fetch as fetching
-from appliance.store import model
+from appliance.store import mailboxes, model
 from tests.conftest import BoxHandle
 from tests.support.imap_wire import RawImap
 
@@ -381,6 +381,33 @@ def test_delete_folder_with_children(imap_box: BoxHandle, client: IMAPClient) ->
         assert b"\\Noselect" in listing["Parent"]
     with pytest.raises(IMAPClientError):
         client.select_folder("Parent")
+
+
+def test_a_mailbox_holds_a_bounded_number_of_folders(imap_box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each folder is four directories and a row outside the quota; one session's CREATEs made 140 a
+    second, so one mailbox's password could fill the disk (found by attack40). Past MAX_FOLDERS
+    (10,000; 12 here) CREATE and a RENAME that would make parents are NO [LIMIT], nothing is made."""
+    monkeypatch.setattr(mailboxes, "MAX_FOLDERS", 12)  # INBOX and the 5 special folders are 6
+    raw = RawImap(imap_box.port("imaps"), imap_box.client_context)
+    try:
+        raw.login(USER, PASSWORD)
+        for n in range(5):
+            assert raw.command(b"c", b"CREATE F%d" % n)[-1].startswith(b"c OK"), n
+        assert raw.command(b"d", b"CREATE Deep/Er")[-1] == (
+            b"d NO [LIMIT] A mailbox has at most 12 folders; delete some first\r\n")  # two to make: 13
+        assert raw.command(b"e", b"CREATE F5")[-1].startswith(b"e OK")
+        assert raw.command(b"f", b"CREATE F6")[-1].startswith(b"f NO [LIMIT]")
+        assert raw.command(b"g", b"RENAME F0 New/F0")[-1].startswith(b"g NO [LIMIT]")  # New/ is one more
+        assert raw.command(b"h", b"RENAME F0 G0")[-1].startswith(b"h OK")  # a rename makes none
+        names = b"".join(raw.command(b"l", b'LIST "" *'))
+        assert [name for name in (b"F6", b"Deep", b"New", b"G0") if name in names] == [b"G0"]
+        folders = {p.name for p in (imap_box.data.mail / "example.test" / "alice").iterdir()}
+        assert not folders & {".F6", ".Deep", ".Deep.Er", ".New", ".New.F0"}
+        assert raw.command(b"i", b"DELETE F1")[-1].startswith(b"i OK")
+        assert raw.command(b"j", b"CREATE F6")[-1].startswith(b"j OK")  # room again
+        assert raw.command(b"k", b"NOOP")[-1].startswith(b"k OK")
+    finally:
+        raw.close()
 
 
 def test_unexpected_error_is_a_bye_not_a_traceback(imap_box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
