@@ -128,6 +128,51 @@ def test_a_size_in_a_digit_that_is_not_ascii_is_ignored(port: int) -> None:
     assert server.errors == []
 
 
+@pytest.mark.parametrize("step", ["greeting", "EHLO", "RCPT"])
+def test_a_reply_of_endless_lines_is_a_broken_connection(port: int, step: str) -> None:
+    """smtplib kept every line of a multiline reply: an MX answering with 300 MB of '250-' lines in
+    2 s raised the box's RSS by 900 MB (found by attack40). Past 100 lines or 64 KiB the connection
+    is closed, as a dropped one: the next hop, or a retry later."""
+    srv = socket.create_server(("127.0.0.2", port))
+    sent: list[int] = [0]
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            endless = (b"250-" + b"x" * 1000 + b"\r\n") * 64
+            try:
+                if step != "greeting":
+                    conn.sendall(b"220 hi\r\n")
+                    conn.recv(1000)  # EHLO
+                if step == "RCPT":
+                    conn.sendall(b"250-scripted\r\n250 PIPELINING\r\n")
+                    conn.recv(1000)  # MAIL, RCPT
+                    conn.sendall(b"250 ok\r\n")
+                while sent[0] < 300_000_000:
+                    conn.sendall(endless)
+                    sent[0] += len(endless)
+            except OSError:
+                pass  # the client closed: what the test wants
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        if step == "RCPT":
+            session = open_session(port)
+            outcome = session.send(Outgoing("a@ours.test", ("x@far.test",), MESSAGE))["x@far.test"]
+            assert outcome.status.startswith("4"), outcome
+            session.close()
+        else:
+            with pytest.raises(SessionFailed) as info:
+                open_session(port)
+            assert info.value.status.startswith("4")
+            assert "reply longer than 100 lines or 65536 octets" in info.value.text
+        thread.join(10)
+        assert sent[0] < 20_000_000, sent[0]  # the client read no further (socket buffers took ~4 MB)
+    finally:
+        srv.close()
+
+
 def test_a_refusing_greeting_sends_us_to_the_next_hop(port: int) -> None:
     refusing = [("", "554 5.3.2 no service here"), ("QUIT", "221 bye")]
     good = [("", "220 hi"), ("EHLO", EHLO_BASIC), ("QUIT", "221 bye")]
