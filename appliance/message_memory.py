@@ -21,6 +21,10 @@ messages, and only from several networks at once. Once its
 dot has come, a spooled message is read back whole (the checks and the delivery take bytes) within a
 second bound, READ_BACK_OCTETS, in turn: a large message waits there (READ_BACK_WAIT at most)
 rather than taking the room the small messages being received need.
+
+IMAP APPEND announces its literal's size: past SPOOL_AFTER_OCTETS of a command's literals the rest goes
+to spool files too (imap/server.py). The octets announced for them and not yet written count as
+`coming` in others(): the disk reserve checks of other messages see them as they saw them in memory.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class MessageMemory:
         self.disk = Shared(spool_limit)  # octets in spool files (on the data disk, not in memory)
         self.read_back_limit = read_back_limit
         self.read_back = 0  # octets of spooled messages read back into memory
+        self.coming = 0  # octets of IMAP APPEND literals announced for a spool file, not yet written
         self._turn = asyncio.Lock()  # FIFO: a large message is not passed for ever by smaller ones
         self._room = asyncio.Event()
 
@@ -102,8 +107,8 @@ class MessageMemory:
         the data disk, so a check of its room counts them (disk_full.room_for), or concurrent messages
         would each find the room and together leave less than the reserve. Spooled octets are on the
         disk already (its free space says so), and their file is gone before their delivery writes."""
-        total = self.held + self.read_back
-        return total - (hold.octets + hold.read_back if hold is not None else 0)
+        total = self.held + self.read_back + self.coming
+        return total - (hold.octets + hold.read_back + hold.coming if hold is not None else 0)
 
     async def _read_back(self, octets: int, wait: float) -> bool:
         try:
@@ -131,6 +136,7 @@ class Hold:
         self.octets = 0  # in memory, of the budget
         self.spooled = 0  # in a spool file
         self.read_back = 0  # read back from it, of READ_BACK_OCTETS
+        self.coming = 0  # announced for a spool file (an IMAP APPEND's literal), not yet written
 
     def take(self, octets: int) -> bool:
         """Whether `octets` more may be held (then they are); nothing is taken when not."""
@@ -145,6 +151,17 @@ class Hold:
             return False
         self.spooled += octets
         return True
+
+    def expect(self, octets: int) -> None:
+        """`octets` of an announced literal will come and go to a spool file (others() counts them)."""
+        self.coming += octets
+        self._budget.coming += octets
+
+    def arrived(self, octets: int) -> None:
+        """`octets` of those came (written to the spool file, or dropped after a refusal)."""
+        octets = min(octets, self.coming)
+        self.coming -= octets
+        self._budget.coming -= octets
 
     async def take_back(self, octets: int, wait: float = READ_BACK_WAIT) -> bool:
         """Whether the spooled message of `octets` (all of it) may be read back into memory, in turn
@@ -165,6 +182,7 @@ class Hold:
             self._budget.memory.give_back(self._network, self.octets)
             self.octets = 0
         self._unspool()
+        self.arrived(self.coming)
         if self.read_back:
             self._budget._read_back_done(self.read_back)
             self.read_back = 0

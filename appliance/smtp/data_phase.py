@@ -89,8 +89,9 @@ class Spill:
     `hold`, while `room(n)` says the data disk keeps its reserve with n more (disk_full.room_for)."""
 
     def __init__(self, directory: Path, hold: Hold, room: Callable[[int], bool],
-                 after: int = SPOOL_AFTER_OCTETS) -> None:
+                 after: int = SPOOL_AFTER_OCTETS, what: str = "DATA") -> None:
         self.directory = directory
+        self.what = what  # the command, in the log's lines (IMAP's APPEND spools its literals too)
         self.hold = hold
         self.room = room
         self.after = after
@@ -105,15 +106,15 @@ class Spill:
         result: T = await asyncio.shield(self._busy)
         return result
 
-    async def write(self, chunk: bytes) -> str | None:
+    async def write(self, chunk: bytes | bytearray) -> str | None:
         """None once `chunk` is in the file, else the refusal to give after the dot."""
         if not self.hold.spool(len(chunk)):  # the box's bound of spooled octets (message_memory.py)
             return BUSY
         return await self._in_thread(partial(self._write, chunk))
 
-    def _write(self, chunk: bytes) -> str | None:
+    def _write(self, chunk: bytes | bytearray) -> str | None:
         if not self.room(len(chunk)):
-            log.warning("DATA refused while spooling: the disk is nearly full")
+            log.warning("%s refused while spooling: the disk is nearly full", self.what)
             return DISK_FULL
         try:
             if self.file is None:
@@ -121,15 +122,20 @@ class Spill:
             self.file.write(chunk)
         except OSError as exc:
             if is_disk_full(exc):
-                log.warning("DATA refused while spooling: the disk is full (%s)", exc)
+                log.warning("%s refused while spooling: the disk is full (%s)", self.what, exc)
                 return DISK_FULL
-            log.error("DATA refused: cannot spool the message in %s: %s", self.directory, exc)
+            log.error("%s refused: cannot spool the message in %s: %s", self.what, self.directory, exc)
             return SPOOL_FAILED
         return None
 
     async def read_back(self, message: Spooled) -> bytes:
         """The whole message, dot-unstuffed."""
         return await self._in_thread(partial(_read_back, message))
+
+    async def read_after(self, head: bytearray) -> bytearray:
+        """`head` and then the file's octets, as written (an IMAP literal has no dots to take out)."""
+        assert self.file is not None
+        return await self._in_thread(partial(self.file.read_after, head))
 
     def close(self) -> None:
         if self._busy is not None and not self._busy.done():

@@ -72,3 +72,18 @@ def test_spooled_octets_have_their_own_bound_half_per_network() -> None:
     first.release()
     assert same.spool(5000)
     assert budget.spooled == 10_000
+
+
+def test_octets_announced_for_a_spool_file_count_for_the_disk_until_written() -> None:
+    # An IMAP APPEND announces its size: the part bound for a spool file is neither in memory nor on
+    # the disk yet, and the reserve checks of other messages must see it coming.
+    budget = MessageMemory(limit=1000)
+    append, other = budget.hold("192.0.2.1"), budget.hold("198.51.100.1")
+    assert append.take(100)
+    append.expect(900)
+    assert (budget.held, budget.coming, budget.others(other), budget.others(append)) == (100, 900, 1000, 0)
+    append.arrived(400)
+    assert append.spool(400)
+    assert (budget.coming, budget.spooled, budget.others(other)) == (500, 400, 600)
+    append.release()
+    assert (budget.held, budget.coming, budget.spooled, budget.others()) == (0, 0, 0, 0)
