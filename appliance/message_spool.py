@@ -6,7 +6,8 @@ being received (appliance/message_memory.py), and every other sender got 452 4.3
 stopped. Postfix writes each message to its queue file as it arrives. Here the first
 SPOOL_AFTER_OCTETS stay in memory (most mail is smaller: its path is as before) and the rest goes to
 a file in <data>/tmp, on the same file system as the Maildirs and the queue, so the disk reserve
-(appliance/disk_full.py) judges it.
+(appliance/disk_full.py) judges it. IMAP APPEND's literals past the same bound go there too
+(imap/server.py), for the same reason: a logged-in client trickling a 64 MiB message held it all.
 
 The file is made with O_TMPFILE: it has no name from the start, so a client that goes, a timeout, a
 refusal or a crash leaves nothing behind (closing the descriptor frees the octets). Where the file

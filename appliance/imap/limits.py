@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from appliance.message_spool import SPOOL_AFTER_OCTETS
+
 # One command line (between literals), CRLF included. Dovecot uses 64 KiB as well: long UID sets from
 # clients like Thunderbird and mbsync fit easily.
 MAX_LINE_OCTETS = 64 * 1024
@@ -12,6 +14,9 @@ MAX_LITERAL_OCTETS = 64 * 1024
 # The message literal of APPEND: the largest message the box keeps (a little above the SMTP limit, so a
 # message that was delivered can always be copied back in by a client).
 MAX_APPEND_OCTETS = 64 * 1024 * 1024
+# An APPEND command's literals past this many octets go to a spool file as they come, not memory
+# (appliance/imap/server.py): a client trickling a 64 MiB message holds this much of the box's budget.
+APPEND_IN_MEMORY_OCTETS = SPOOL_AFTER_OCTETS
 # Everything one command may carry besides the APPEND message: lines plus small literals.
 MAX_COMMAND_OCTETS = 1024 * 1024
 # The same before a login, when a command is LOGIN, AUTHENTICATE, ID, STARTTLS or CAPABILITY (ID's
@@ -71,6 +76,7 @@ class ImapLimits:
     max_line_octets: int = MAX_LINE_OCTETS
     max_literal_octets: int = MAX_LITERAL_OCTETS
     max_append_octets: int = MAX_APPEND_OCTETS
+    append_in_memory_octets: int = APPEND_IN_MEMORY_OCTETS
     max_command_octets: int = MAX_COMMAND_OCTETS
     max_preauth_command_octets: int = MAX_PREAUTH_COMMAND_OCTETS
     max_literals_per_command: int = MAX_LITERALS_PER_COMMAND

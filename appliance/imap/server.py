@@ -4,6 +4,11 @@ Bytes from the socket go into the sans-IO ImapConnection; its events go to the I
 session's responses come back here to be written, streamed literals chunk by chunk from their files
 (read in a worker thread) so a large message never sits in memory whole.
 
+An APPEND's literals past their first limits.append_in_memory_octets (256 KiB) are written to a spool
+file as they come, as SMTP DATA's (smtp/data_phase.Spill, appliance/message_spool.py): a client
+trickling a large message holds that much of the box's budget for messages being received, not the
+whole. Once the command is in, they are read back (in turn with SMTP's) and the session gets it whole.
+
 The socket side (Channel, connection limits, the listener) is shared with the other protocol
 servers in appliance/channel.py; STARTTLS there stops reading before the reply goes out.
 """
@@ -19,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from appliance import waits
 from appliance.channel import Channel, ConnectionClosed, DeadlineExpired, Slot, start_listener
-from appliance.disk_full import room_for
+from appliance.disk_full import DISK_FULL_TEXT, room_for
 from appliance.imap.commands import Command
 from appliance.imap.limits import DEFAULT_LIMITS, ImapLimits
 from appliance.imap.protocol import (
@@ -29,9 +34,14 @@ from appliance.imap.protocol import (
     ImapConnection,
     RawLine,
     Reject,
+    SpoolChunk,
+    SpooledCommand,
+    SpooledLiteral,
 )
 from appliance.imap.responses import Bye, Piece, Response, StreamedLiteral, Tagged
 from appliance.imap.session import ImapSession, SessionConfig
+from appliance.message_memory import BUSY_TEXT
+from appliance.smtp.data_phase import BUSY, DISK_FULL, SPOOL_FAILED, Spill
 
 if TYPE_CHECKING:
     from appliance.services import Services
@@ -44,6 +54,12 @@ MAX_BUFFERED_INPUT = 256 * 1024  # unread input held before the socket stops bei
 WRITE_BATCH = 64 * 1024  # small responses joined up to this size per write
 SHUTDOWN_TEXT = "Server shutting down"
 LOGGED_IN_STATES = frozenset({"authenticated", "selected"})
+# A Spill's refusals (SMTP replies) as an APPEND's NO: its text and response code (RFC 5530).
+SPOOL_REFUSALS = {
+    BUSY: (BUSY_TEXT, "UNAVAILABLE"),
+    DISK_FULL: (DISK_FULL_TEXT, "OVERQUOTA"),
+    SPOOL_FAILED: ("Local error in keeping the message, try again later", "UNAVAILABLE"),
+}
 
 
 class ConnectionHandler:
@@ -65,11 +81,16 @@ class ConnectionHandler:
         self._deflate: zlib._Compress | None = None
         self._inflate: zlib._Decompress | None = None
         self.starttls_available = not implicit_tls
-        # The APPEND messages this connection holds in memory, given back once each command ends.
+        # The APPEND messages this connection holds in memory (their first 256 KiB while they come, then
+        # whole once read back) and spools, given back once each command ends.
         self._messages = services.message_memory.hold(channel.peer)
         self.conn = ImapConnection(limits, room=self._room_for_append,
                                    append_allowed=lambda: self.session.state in LOGGED_IN_STATES,
-                                   hold=self._messages.take)
+                                   hold=self._messages.take, spool=self._messages.expect)
+        # The spool files of the command being received's literals, and the refusal one of them met
+        # (the rest of its literals are then read and dropped).
+        self._spills: dict[SpooledLiteral, Spill] = {}
+        self._spool_refusal: str | None = None
         self.session = ImapSession(services, self, SessionConfig(services.hostname, limits.idle_timeout))
         # Output not yet handed to the channel: written when a command has been answered, when the
         # connection next reads from the client (_read) or when WRITE_BATCH is reached, so a
@@ -352,6 +373,66 @@ class ConnectionHandler:
         every other message being received (other APPENDs, SMTP DATA) are written."""
         return room_for(self.services.store.root, octets + self.services.message_memory.others(self._messages))
 
+    def _room_for_spool(self, octets: int) -> bool:
+        """Whether the disk keeps its reserve once every message being received is written, this
+        command's own included: the `octets` about to be spooled are still `coming` (Hold.expect) there."""
+        return room_for(self.services.store.root, self.services.message_memory.others())
+
+    async def _spool(self, event: SpoolChunk) -> None:
+        """Octets of an APPEND literal past what the command keeps in memory: to its spool file."""
+        try:
+            if self._spool_refusal is None:
+                spill = self._spills.get(event.literal)
+                if spill is None:
+                    spill = Spill(self.services.config.data.tmp, self._messages, self._room_for_spool,
+                                  what="APPEND")
+                    self._spills[event.literal] = spill
+                self._spool_refusal = await spill.write(event.data)
+                if self._spool_refusal is not None:
+                    self._close_spills()  # its octets given back to the disk now, not after the literal
+        finally:
+            self._messages.arrived(len(event.data))
+
+    async def _read_back(self, event: SpooledCommand) -> None:
+        """The command's spooled literals whole in memory (the session and the store take bytes), in
+        turn with SMTP's (message_memory.READ_BACK_OCTETS); or its refusal (the next event, a NO)."""
+        self._input_done()
+        refusal = self._spool_refusal
+        if refusal is None:
+            octets = sum(literal.octets for literal in event.literals)
+            if not await self._messages.take_back(octets):
+                log.warning("imap %s: an APPEND of %d octets not read back in time: too many large ones at once",
+                            self.peer, octets)
+                refusal = BUSY
+        if refusal is None:
+            try:
+                for literal in event.literals:
+                    spill = self._spills.get(literal)
+                    if spill is None or spill.file is None:
+                        raise OSError("no spool file")
+                    literal.data = await spill.read_after(literal.take_head())
+            except OSError as exc:
+                log.error("imap %s: a spooled APPEND could not be read back: %s", self.peer, exc)
+                refusal = SPOOL_FAILED
+        self._close_spills()  # before the session writes the message: the disk has its octets back
+        if refusal is not None:
+            for literal in event.literals:
+                literal.data = None
+                literal.take_head()
+            self.conn.refuse_spooled(*SPOOL_REFUSALS[refusal])
+
+    def _close_spills(self) -> None:
+        for spill in self._spills.values():
+            spill.close()
+        self._spills.clear()
+
+    def _command_over(self) -> None:
+        """The command being received is answered, refused, or its client gone: its spool files closed
+        (nothing is left in <data>/tmp), its part of the budget given back."""
+        self._close_spills()
+        self._spool_refusal = None
+        self._messages.release()
+
     async def run(self) -> None:
         # RFC 3501 5.4 lets a server end an idle unauthenticated session; ours bounds the whole
         # pre-auth phase from connect (shorter when the listener is under stress).
@@ -368,19 +449,20 @@ class ConnectionHandler:
                     status = await self._answer(event)
                 finally:
                     del event  # its literals: the memory given back below is free
-                    self._messages.release()
-                if self.session.state in LOGGED_IN_STATES and not self.slot.authenticated:
-                    self.slot.promote()  # out of the pre-auth pool, its deadline and its stress
-                    if not self.slot.evicted:
-                        self.channel.cancel_expiry()  # the deadline passed during the login itself
+                    self._command_over()
+                self._promote()
                 if status == "BAD" and self.conn.note_bad_command():
                     await self.send(Bye("Too many invalid commands"))
                     return
             elif isinstance(event, ContinuationRequest):
                 await self.send(event.reply)
+            elif isinstance(event, SpoolChunk):
+                await self._spool(event)
+            elif isinstance(event, SpooledCommand):
+                await self._read_back(event)  # the next event is the command, or its refusal
             elif isinstance(event, Reject):
                 self._input_done()
-                self._messages.release()
+                self._command_over()
                 await self.send(event.reply)
             elif isinstance(event, Fatal):
                 await self.send(event.reply)
@@ -388,6 +470,12 @@ class ConnectionHandler:
             elif isinstance(event, RawLine):
                 self._input_done()
                 continue
+
+    def _promote(self) -> None:
+        if self.session.state in LOGGED_IN_STATES and not self.slot.authenticated:
+            self.slot.promote()  # out of the pre-auth pool, its deadline and its stress
+            if not self.slot.evicted:
+                self.channel.cancel_expiry()  # the deadline passed during the login itself
 
     async def _answer(self, command: Command) -> str:
         probe = waits.begin(("UID " if getattr(command, "uid", False) else "") + command.name) if waits.ENABLED else None
@@ -417,7 +505,7 @@ class ConnectionHandler:
             log.exception("imap %s: unexpected error", self.peer)
             await self._say_bye("Internal server error, closing connection")
         finally:
-            self._messages.release()
+            self._command_over()
             with contextlib.suppress(Exception):
                 await self.session.close()
             with contextlib.suppress(ConnectionClosed):

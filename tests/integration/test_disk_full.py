@@ -27,6 +27,7 @@ from appliance.status_checks import check_disk, save
 from tests.conftest import BoxHandle
 from tests.integration.test_live_settings import admin_console
 from tests.support.imap_wire import RawImap
+from tests.support.polling import wait_until
 from tests.support.web import ADMIN_PASSWORD, HOSTNAME, setup_code
 
 PASSWORD = "disk-full-Secret-1"
@@ -243,6 +244,36 @@ def test_imap_nearly_full_refuses_append_and_still_reads_and_deletes(full_box: t
     finally:
         disk.free()
     imap.logout()
+
+
+def test_a_spooled_append_the_disk_fills_under_is_refused_and_the_session_goes_on(
+        full_box: tuple[BoxHandle, FullDisk], caplog: pytest.LogCaptureFixture) -> None:
+    """An APPEND past its first 256 KiB is spooled to <data>/tmp as it comes: the disk filled by
+    something else meanwhile, the next piece would take the reserve; the message is read to its end,
+    refused NO [OVERQUOTA], its spool file gone, and the session goes on."""
+    box, disk = full_box
+    files = _maildir_files(box)
+    budget = box.services.message_memory
+    size = 4 * 2**20
+    client = RawImap(box.port("imaps"), box.client_context, timeout=30)
+    try:
+        client.login(ALICE, PASSWORD)
+        client.send(b"a1 APPEND INBOX {%d}\r\n" % size)
+        assert client.line() == b"+ Ready for literal data\r\n"
+        client.send(b"x" * 2**20)
+        wait_until(lambda: budget.spooled >= 2**19, seconds=10, what="the message spooled")
+        disk.fill(leave=NEARLY_FULL)
+        client.send(b"x" * (size - 2**20 - 2) + b"\r\n" + b"\r\n")
+        assert client.until_tagged(b"a1")[-1] == b"a1 NO [OVERQUOTA] Not enough disk space\r\n"
+        assert client.command(b"a2", b"NOOP")[-1].startswith(b"a2 OK")
+    finally:
+        client.close()
+        disk.free()
+    assert "APPEND refused while spooling: the disk is nearly full" in caplog.text
+    wait_until(lambda: budget.held == budget.spooled == budget.coming == budget.read_back == 0,
+               seconds=10, what="the budget given back")
+    assert os.listdir(box.data.tmp) == []
+    assert _maildir_files(box) == files
 
 
 def test_concurrent_appends_together_keep_the_reserve(full_box: tuple[BoxHandle, FullDisk]) -> None:

@@ -134,18 +134,20 @@ def start_append(box: BoxHandle, source: str, octets: int) -> tuple[RawImap, byt
 def test_messages_being_received_share_one_bound(imap_box: BoxHandle, small_budget: MessageMemory) -> None:
     # One user's ten APPENDs of 59 MB held 574 MB of the server's memory at once, and nothing bounded
     # the sum of sessions' APPENDs and DATA: fifty from one address could exhaust the box's memory.
+    # Messages under the 256 KiB an APPEND or a DATA keeps in memory (past it, the rest is spooled:
+    # test_message_spool.py, test_imap_append_spool.py): held whole while they come.
     header = b"From: a@example.test\r\nSubject: big\r\n\r\n"
-    body = header + (b"x" * 78 + b"\r\n") * ((2_000_000 - len(header)) // 80)
-    # Two appends leave ~100 kB: less than the first SPOOL_AFTER_OCTETS a DATA keeps in memory.
-    small_budget.limit = 4_100_000
+    body = header + (b"x" * 78 + b"\r\n") * ((200_000 - len(header)) // 80)
+    # Two appends leave ~10 kB: less than the message a DATA then keeps in memory.
+    small_budget.limit = 410_000
     first, go = start_append(imap_box, "127.0.1.2", len(body))
     assert go.startswith(b"+")
-    first.send(body[:1_000_000])  # the client is slow: its 2 MB stay held
+    first.send(body[:100_000])  # the client is slow: its 200 kB stay held
     same_network, refused = start_append(imap_box, "127.0.1.3", len(body))
     assert refused.startswith(b"A NO [UNAVAILABLE]"), refused  # its network's half is taken
     second, go = start_append(imap_box, "127.0.2.2", len(body))
     assert go.startswith(b"+")
-    second.send(body[:1_000_000])
+    second.send(body[:100_000])
     # Another sender's message on port 25 finds the rest taken: a temporary refusal after its dot.
     wire = mx_data(imap_box.port("smtp"), source="127.0.3.2")
     try:
@@ -153,7 +155,7 @@ def test_messages_being_received_share_one_bound(imap_box: BoxHandle, small_budg
         assert (code, text.split()[0]) == (452, "4.3.1"), text
         # The appends end; their memory is given back, and the same message now comes in.
         for client in (first, second):
-            client.send(body[1_000_000:] + b"\r\n")
+            client.send(body[100_000:] + b"\r\n")
             assert client.until_tagged(b"A")[-1].startswith(b"A OK")
         same_network.close()
         # Given back as each command ends, just after its tagged OK went out.

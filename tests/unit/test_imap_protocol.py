@@ -14,7 +14,10 @@ from appliance.imap.protocol import (
     ImapConnection,
     RawLine,
     Reject,
+    SpoolChunk,
+    SpooledCommand,
 )
+from appliance.imap.responses import Tagged
 
 
 def feed(conn: ImapConnection, data: bytes, step: int = 1) -> list[Event]:
@@ -280,3 +283,80 @@ def test_an_append_the_box_cannot_hold_now_is_refused_before_its_message() -> No
     assert asked == [500, 500]
     events = feed(ImapConnection(hold=hold), b"a3 SEARCH TEXT {5}\r\n")
     assert isinstance(events[0], ContinuationRequest)  # only APPEND's messages count
+
+
+class Spooling:
+    """The server's side of a spooled APPEND, in memory: what it was told to expect, what it kept."""
+
+    def __init__(self, held: int = 10**9) -> None:
+        self.held = held
+        self.taken: list[int] = []
+        self.expected: list[int] = []
+        self.kept: dict[int, bytearray] = {}
+
+    def hold(self, octets: int) -> bool:
+        self.taken.append(octets)
+        return octets <= self.held
+
+    def run(self, conn: ImapConnection, data: bytes, step: int) -> list[Event]:
+        """Feed `data`; keep every SpoolChunk, read each SpooledCommand's literals back; the other events."""
+        events: list[Event] = []
+        for i in range(0, len(data), step):
+            conn.receive_data(data[i:i + step])
+            while (event := conn.next_event()) is not NEED_DATA:
+                if isinstance(event, SpoolChunk):
+                    self.kept.setdefault(id(event.literal), bytearray()).extend(event.data)
+                elif isinstance(event, SpooledCommand):
+                    for literal in event.literals:
+                        literal.data = literal.take_head() + self.kept.pop(id(literal))
+                    events.append(event)
+                else:
+                    events.append(event)
+        return events
+
+
+@pytest.mark.parametrize("step", [1, 7, 100, 10_000])
+def test_append_literals_past_the_memory_part_are_handed_out_and_put_back(step: int) -> None:
+    # Past limits.append_in_memory_octets of a command's APPEND literals their octets are handed to
+    # the server (a spool file); the command then is what it would have been in memory.
+    limits = ImapLimits(append_in_memory_octets=100)
+    server = Spooling()
+    conn = ImapConnection(limits, hold=server.hold, spool=server.expected.append)
+    first, second = bytes(range(256)) * 2, b"y" * 60
+    data = (b"a1 APPEND INBOX {512}\r\n" + first + b" (\\Seen) {60+}\r\n" + second + b"\r\n"
+            b"a2 APPEND INBOX {50}\r\n" + b"z" * 50 + b"\r\na3 NOOP\r\n")
+    events = server.run(conn, data, step)
+    assert [type(e) for e in events] == [ContinuationRequest, SpooledCommand, Append, ContinuationRequest,
+                                         Append, Command]
+    append = events[2]
+    assert isinstance(append, Append)
+    assert bytes(append.message) == first  # type: ignore[arg-type]
+    [(flags, _, message)] = append.more
+    assert (flags, message) == (("\\Seen",), second)  # small: bytes, as a literal kept in memory
+    assert server.taken == [100, 50]  # the second command's message is under the bound: as before
+    assert server.expected == [412, 60]  # the first's past 100 octets, the second's (the bound spent)
+    assert server.kept == {}
+    assert isinstance(events[4], Append)
+    assert events[4].message == b"z" * 50
+
+
+def test_a_refused_spooled_append_is_answered_no_and_the_stream_goes_on() -> None:
+    limits = ImapLimits(append_in_memory_octets=10)
+    conn = ImapConnection(limits, hold=lambda octets: True, spool=lambda octets: None)
+    conn.receive_data(b"a1 APPEND INBOX {30}\r\n" + b"x" * 30 + b"\r\n")
+    events = [conn.next_event() for _ in range(3)]
+    assert [type(e) for e in events] == [ContinuationRequest, SpoolChunk, SpooledCommand]
+    conn.refuse_spooled("Not enough disk space", "OVERQUOTA")  # the server's: the spool file found no room
+    assert feed(conn, b"a2 NOOP\r\n") == [Reject(Tagged("a1", "NO", "Not enough disk space", "OVERQUOTA")),
+                                           Command("a2", "NOOP")]
+
+
+def test_other_literals_are_never_spooled() -> None:
+    limits = ImapLimits(append_in_memory_octets=10)
+    expected: list[int] = []
+    conn = ImapConnection(limits, hold=lambda octets: True, spool=expected.append,
+                          append_allowed=lambda: False)
+    events = feed(conn, b"a1 SEARCH TEXT {30}\r\n" + b"x" * 30 + b"\r\n"
+                  b"a2 APPEND INBOX {30}\r\n" + b"x" * 30 + b"\r\n")  # not logged in: any literal
+    assert [type(e) for e in events] == [ContinuationRequest, Search, ContinuationRequest, Append]  # the session refuses it
+    assert expected == []
