@@ -191,3 +191,19 @@ def test_the_spool_bound_refuses_the_append_and_the_session_goes_on(box: BoxHand
         client.close()
     nothing_left(box, budget)
     assert maildir_messages(box.data.mail, USER) == [message]
+
+
+def test_a_listener_stopped_mid_literal_leaves_no_spool_file(box: BoxHandle, budget: MessageMemory) -> None:
+    # The session ends by cancellation (a shutdown, a restart of the listeners): its spool file too.
+    server = box.run(start_imap(box.services, "imaps", "127.0.0.1", 0))
+    client = logged_in(box, int(server.sockets[0].getsockname()[1]))
+    try:
+        client.send(b"A APPEND INBOX {%d}\r\n" % MESSAGE_OCTETS)
+        assert client.line().startswith(b"+")
+        client.send(b"x" * 1_000_000)
+        wait_until(lambda: budget.spooled > 500_000, seconds=10, what="the message spooled")
+        box.run(stop_server(server))
+        assert client.line() == b"* BYE Server shutting down\r\n"
+    finally:
+        client.close()
+    nothing_left(box, budget)
