@@ -684,8 +684,15 @@ class _Unpacking:
     dir_name: str = ""  # and as checked (_safe_name), with a '/' after it
     # What the files written may still take of the staging file system: its free space but the reserve
     # the box keeps for new mail (disk_full.RESERVE_OCTETS). A zstd frame of zeros unpacks 10 GB from
-    # a few hundred KiB, and the staging directory shares its file system with the running box.
+    # a few hundred KiB, and the staging directory shares its file system with the running box. Each
+    # file is charged its whole blocks and each directory one block: a tar header of a 1-octet file is a
+    # few octets of zstd, and the file takes a block (4 KiB) on the disk; counting octets alone, 100 000
+    # of them were charged 100 KB and took 400 MB. `inodes`: the file system's free inodes but a reserve,
+    # one taken by every file and directory (empty files cost no block, and each took one of the inodes
+    # the box's new mail needs too). Unlimited when the file system does not count them (btrfs: 0).
     room: int = 2**63
+    block: int = 4096
+    inodes: int = 2**63
 
     def close_dir(self) -> None:
         if self.dir_fd >= 0:
@@ -717,10 +724,7 @@ class _Unpacking:
         if self.manifest is None and name != MANIFEST_NAME:
             raise BackupError("this is not a Letterbox backup (no manifest first)")
         if kind == backup_stream.DIRTYPE:
-            path = os.path.join(self.staging, name)
-            if path not in self.made:
-                os.makedirs(path, mode=0o700, exist_ok=True)
-                self.made.add(path)
+            self._make_dir(os.path.join(self.staging, name))
             return
         if kind != backup_stream.REGTYPE:
             raise BackupError(f"refused: {name[:80]!r} is a link or device, which a backup never holds")
@@ -752,10 +756,7 @@ class _Unpacking:
         # thousands of files.
         write = self.only is None or self.only(name)
         if write:
-            self.room -= size
-            if self.room < 0:
-                raise BackupError("refused: the backup unpacks to more than the free space beside the data directory"
-                                  f" (less {disk_full.RESERVE_OCTETS >> 20} MiB kept for new mail); nothing was changed")
+            self._charge(size)
         view = tar.whole(size)
         if view is not None:  # the usual file: its data lies in one block of the stream, one call
             self.digests[key] = b""  # taken now (a second file of that name is refused above)
@@ -779,14 +780,33 @@ class _Unpacking:
         self.files += 1
         self.kick()
 
+    def _charge(self, size: int, *, directories: int = 0) -> None:
+        """Take what a file of `size` octets (or, with `directories`, that many new directories) will
+        take of the disk from what is left, before it is written."""
+        self.room -= -(-size // self.block) * self.block + directories * self.block
+        self.inodes -= directories or 1
+        if self.room < 0 or self.inodes < 0:
+            raise BackupError("refused: the backup unpacks to more than the free space beside the data directory"
+                              f" (less {disk_full.RESERVE_OCTETS >> 20} MiB kept for new mail); nothing was changed")
+
+    def _make_dir(self, path: str) -> None:
+        """The directory at `path` (inside the staging root) and those above it, each new one charged."""
+        new = []
+        above = path
+        while above != self.staging and above not in self.made:
+            new.append(above)
+            above = os.path.dirname(above)
+        if new:
+            self._charge(0, directories=len(new))
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            self.made.update(new)
+
     def _open_dir(self, parent: str, raw: str) -> None:
         """The directory `parent` (checked, relative to the staging root) made and open as dir_fd;
         `raw` is how the archive spelled it, which the next members' names are compared with."""
         path = os.path.join(self.staging, parent) if parent else self.staging
         if path != self.dir_path:
-            if path not in self.made:
-                os.makedirs(path, mode=0o700, exist_ok=True)
-                self.made.add(path)
+            self._make_dir(path)
             self.close_dir()
             self.dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             self.dir_path = path
@@ -810,6 +830,9 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 
 _NOT_A_NAME = frozenset(("", ".", ".."))
+# Inodes a restore leaves free for the running box's new mail (a file each) and its database's
+# journal: at least this many, or a hundredth of the file system's.
+INODE_RESERVE = 10_000
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -824,7 +847,10 @@ def unpack(source: IO[bytes], secret: Secret, staging: Path, *, known_schema: in
     known = known_schema if known_schema is not None else len(load_migrations())
     staging.mkdir(mode=0o700)
     state = _Unpacking(str(staging), known, only, progress, _EarlyWriteback(staging) if writeback else None)
-    state.room = _free_space(staging) - disk_full.RESERVE_OCTETS
+    st = os.statvfs(staging)
+    state.room, state.block = st.f_bavail * st.f_frsize - disk_full.RESERVE_OCTETS, max(st.f_frsize, 512)
+    if st.f_files:
+        state.inodes = st.f_favail - max(INODE_RESERVE, st.f_files // 100)
     try:
         with _plain_members(source, secret) as tar, _no_cycle_collection():
             for name, kind, size in tar.members():
@@ -849,11 +875,6 @@ def unpack(source: IO[bytes], secret: Secret, staging: Path, *, known_schema: in
         wrong = sorted(set(listed) ^ set(sums)) or [n for n in sums if listed.get(n) != sums[n]]
         raise BackupError(f"refused: the files do not match the manifest's checksums (e.g. {wrong[0][:80]!r})")
     return Unpacked(state.manifest, staging, state.files)
-
-
-def _free_space(directory: Path) -> int:
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize
 
 
 @contextlib.contextmanager

@@ -1,0 +1,143 @@
+"""A backup restored from the web (the wizard's "Restore from a backup") is unpacked beside the data
+directory, on the file system the running box keeps its mail on: what it may take is counted before
+each file is written, and the reserve kept for new mail (disk_full.RESERVE_OCTETS) stays free. Counted
+in octets alone, a backup of many tiny or empty files was charged almost nothing: each 1-octet file
+takes a whole block (4 KiB) and each file an inode, and a few hundred KiB of zstd held enough of them
+to use up the box's disk or its inodes, so that new mail was refused (452) while the restore ran, and
+for good once it failed at ENOSPC. Here the box's data directory is on a small tmpfs (root, as
+`make test` and CI run) and the backups are crafted; the restore is refused before the reserve is
+reached, and nothing of it is left."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trustme
+import zstandard
+
+from appliance import backup, backup_stream
+from appliance.disk_full import RESERVE_OCTETS
+from tests.conftest import BoxHandle
+from tests.support.polling import wait_until
+from tests.support.web import setup_code
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+DISK_OCTETS = RESERVE_OCTETS + 64 * 2**20  # room for the box and 64 MiB above the reserve
+INODES = 40_000
+INODE_RESERVE = backup.INODE_RESERVE  # more than a hundredth of INODES
+_CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+@pytest.fixture
+def small_disk_box(tmp_path: Path, ca: trustme.CA) -> Iterator[tuple[BoxHandle, Path]]:
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_OCTETS},nr_inodes={INODES},mode=0755", "tmpfs",
+                    str(mount)], check=True)
+    try:
+        box = BoxHandle(mount / "data", ca)
+        try:
+            yield box, mount
+        finally:
+            box.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def _crafted(path: Path, kit: backup.Kit, files: int, size: int) -> None:
+    """A backup whose manifest is followed by `files` files of `size` octets in one Maildir (no
+    checksum list: the restore must stop long before it)."""
+    manifest = json.dumps({"format": 1, "schema": 7, "host": "x", "mailboxes": []}).encode()
+    data = b"x" * size + backup_stream.padding(size)
+    with open(path, "wb") as sink, backup._encrypting(sink, kit.recipient, "") as plain:  # noqa: SIM117  one stream layer per line
+        with zstandard.ZstdCompressor().stream_writer(plain, closefd=False) as z:
+            z.write(backup_stream.header(backup.MANIFEST_NAME, len(manifest)) + manifest
+                    + backup_stream.padding(len(manifest)))
+            for n in range(files):
+                z.write(backup_stream.header(f"mail/x.test/a/cur/{n}", size) + data)
+            z.write(backup_stream.END)
+
+
+class Lowest:
+    """The least free space and free inodes the disk had while it was watched."""
+
+    def __init__(self, mount: Path) -> None:
+        self.mount = mount
+        self.octets, self.inodes = self.now()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch)
+
+    def now(self) -> tuple[int, int]:
+        st = os.statvfs(self.mount)
+        return st.f_bavail * st.f_frsize, st.f_favail
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            octets, inodes = self.now()
+            self.octets, self.inodes = min(self.octets, octets), min(self.inodes, inodes)
+            time.sleep(0.001)
+
+    def __enter__(self) -> Lowest:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def _restore_in_wizard(box: BoxHandle, file: Path, kit: backup.Kit) -> str:
+    """The wizard's Restore from a backup, over HTTPS; the job's error (the restore must fail)."""
+    with httpx.Client(base_url=f"https://127.0.0.1:{box.port('https')}", verify=box.client_context,
+                      timeout=60) as web:
+        page = web.get("/setup/restore")
+        assert page.status_code == 200, page.text[:300]
+        token = _CSRF.search(page.text)
+        assert token
+        with file.open("rb") as upload:
+            answer = web.post("/setup/restore", data={"csrf": token.group(1), "code": setup_code(box.data.root),
+                                                      "secret": kit.text},
+                              files={"backup": (file.name, upload, "application/octet-stream")})
+        assert answer.status_code == 303, answer.text[:300]
+
+        def finished() -> dict[str, str]:
+            job: dict[str, str] | None = web.get("/setup/restore/progress").json()["job"]
+            return job if job is not None and not job["running"] else {}
+
+        job = wait_until(finished, seconds=180, what="the restore's end")
+        assert not job["result"], job
+        return job["error"]
+
+
+@pytest.mark.parametrize(("files", "size", "what"), [
+    (24_000, 1, "blocks"),  # 24 KB of data, 94 MiB of the disk's blocks
+    (36_000, 0, "inodes"),  # no data at all, 36 000 of the disk's 40 000 inodes
+])
+def test_a_backup_of_many_small_files_is_refused_before_the_reserve(
+        small_disk_box: tuple[BoxHandle, Path], tmp_path: Path, files: int, size: int, what: str) -> None:
+    box, mount = small_disk_box
+    kit = backup.new_kit("x")
+    crafted = tmp_path / f"many{backup.SUFFIX}"
+    _crafted(crafted, kit, files, size)
+    assert crafted.stat().st_size < 2 * 2**20
+    beside = sorted(p.name for p in mount.iterdir())
+    with Lowest(mount) as lowest:
+        error = _restore_in_wizard(box, crafted, kit)
+    assert error.startswith("refused: the backup unpacks to more than the free space"), (what, error)
+    if what == "blocks":
+        assert lowest.octets >= RESERVE_OCTETS, (lowest.octets, RESERVE_OCTETS)
+    else:
+        assert lowest.inodes >= INODE_RESERVE, lowest.inodes
+    # Nothing of it is left beside the data directory (the upload, the staging directory).
+    assert sorted(p.name for p in mount.iterdir()) == beside
+    assert box.services.backups.staged is None
