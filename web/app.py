@@ -8,6 +8,7 @@ form (CSRF-checked), call the services, and render a template. Nothing here writ
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from appliance.services import Services
 
 HERE = Path(__file__).resolve().parent
+log = logging.getLogger("letterbox.web")
 MAX_REQUEST_BODY = 256 * 1024  # forms are small; the limit bounds what one request can make us parse
 # Reachable before the first admin exists: the wizard itself, its assets, and client autoconfig.
 OPEN_BEFORE_SETUP = ("/setup", "/static/", "/.well-known/", "/mail/config-v1.1.xml")
@@ -146,6 +148,16 @@ async def _server_error(request: Request, exc: Exception) -> Response:
                                                 "message": DISK_FULL_MESSAGE}, status_code=507)
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """A client that went away while its request's body was read (an upload cancelled, a network lost):
+    one line, not a traceback of 60 at ERROR, which anyone could have the log fill with. What the route
+    had begun is undone by its own cleanup (web/uploads.py removes a file half written); the answer
+    goes nowhere."""
+    log.info("%s: the client went away during %s %s", request.client.host if request.client else "?",
+             request.method, request.url.path)
+    return PlainTextResponse("", status_code=400)
+
+
 async def _login_required(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, LoginRequired)
     if not exc.next_path:
@@ -198,7 +210,8 @@ def create_app(services: Services) -> Starlette:
             Middleware(SessionMiddleware, secret=secret),
             Middleware(SetupGate, services=services),
         ],
-        exception_handlers={HTTPException: _http_error, LoginRequired: _login_required, Exception: _server_error},
+        exception_handlers={HTTPException: _http_error, LoginRequired: _login_required, ClientDisconnect: _client_gone,
+                            Exception: _server_error},
     )
     app.state.services = services
     app.state.secret = secret

@@ -281,3 +281,25 @@ def test_a_strangers_wizard_upload_is_never_written(box: BoxHandle, caplog: pyte
     assert "location: /setup/restore" in answer.lower()
     assert not [p for p in box.data.root.parent.iterdir() if ".upload-" in p.name]
     assert box.services.backups.current is None
+
+
+def test_an_upload_cut_off_midway_leaves_nothing_and_no_traceback(box: BoxHandle,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The owner's restore upload (the right setup code) whose connection is lost halfway: the part
+    written beside the data directory is removed and its room given back, and the log says so in one
+    line; it held a 60-line traceback at ERROR ('Exception in ASGI application', ClientDisconnect), which
+    anyone could repeat without the code through any upload or autodiscover request."""
+    caplog.set_level(logging.INFO)
+    httpx.get(f"https://localhost:{box.port('https')}/setup/restore", verify=box.client_context)  # makes the code
+    head = _form_head(box, setup_code(box.data.root))
+    with _upload_head(box, len(head[1]) + 4 * 2**20, head=head) as tls:
+        tls.sendall(b"age" * 500_000)
+        wait_until(lambda: [p for p in box.data.root.parent.iterdir() if ".upload-" in p.name], seconds=10,
+                   what="the upload being written")
+    wait_until(lambda: "the client went away during POST /setup/restore" in caplog.text, seconds=10,
+               what="the lost connection noticed")
+    assert not [p for p in box.data.root.parent.iterdir() if ".upload-" in p.name]
+    assert box.services.backups.arriving == 0
+    assert box.services.backups.current is None
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-2000:]
