@@ -648,6 +648,21 @@ class Unpacked:
     files: int
 
 
+# What Linux holds (NAME_MAX, PATH_MAX): a longer name can never have been a file of a box. A pax header
+# names a member in up to a MiB, and the name of every member is kept until the checksums are compared:
+# those a restore of one mailbox does not write were not stopped by the file system, so each few hundred
+# octets of zstd held a MiB of the box's memory.
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def _octets(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _fits(part: str) -> bool:
+    return len(part) <= NAME_MAX and (part.isascii() or len(_octets(part)) <= NAME_MAX)
+
+
 def _safe_name(name: str) -> str:
     if name.startswith("./"):
         name = name[2:]
@@ -657,6 +672,8 @@ def _safe_name(name: str) -> str:
         raise BackupError(f"refused: the entry {name[:80]!r} would land outside the data directory")
     if "" in parts or "." in parts:
         raise BackupError(f"refused: the entry {name[:80]!r} is not a plain path")
+    if len(name) > PATH_MAX or not all(_fits(part) for part in parts) or len(_octets(name)) > PATH_MAX:
+        raise BackupError(f"refused: an entry's name is longer than a file system holds ({name[:40]!r}...)")
     return name
 
 
@@ -706,7 +723,7 @@ class _Unpacking:
         # to check here; anything else takes the full way below.
         if kind == backup_stream.REGTYPE and self.dir_raw and self.listed is None:
             parent, _, base = raw_name.rpartition("/")
-            if parent == self.dir_raw and base not in _NOT_A_NAME:
+            if parent == self.dir_raw and base not in _NOT_A_NAME and _fits(base):
                 self._file(tar, self.dir_name + base, base, size)
                 return
         self._checked(tar, raw_name, kind, size)
@@ -941,7 +958,32 @@ def _check_manifest(data: bytes, known_schema: int) -> dict[str, Any]:
         raise BackupError(
             f"this backup comes from a newer Letterbox (schema {schema}, this one knows up to {known_schema}):"
             " upgrade Letterbox first; nothing was changed")
-    return dict(manifest)
+    return _described(manifest)
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _described(manifest: object) -> dict[str, Any]:
+    """The manifest with the fields the console's confirmation page, the CLI and the restore read, each
+    of its type: what was missing or of another type is 'unknown', 0 or empty. The manifest is the
+    archive's word (anyone may make one that opens with a kit they hold): a 'created' missing, 'domains'
+    a number or a mailbox a string was a 500 with a traceback on the confirmation page, a TypeError in
+    `letterbox backup verify`, and a failed job for one mailbox put back."""
+    found = dict(manifest) if isinstance(manifest, dict) else {}
+    for key in ("created", "host", "letterbox"):
+        if not isinstance(found.get(key), str):
+            found[key] = "unknown"
+    for key in ("messages", "mail_bytes", "queued"):
+        found[key] = _count(found.get(key))
+    domains, boxes = found.get("domains"), found.get("mailboxes")
+    found["domains"] = [d for d in domains if isinstance(d, str)] if isinstance(domains, list) else []
+    found["mailboxes"] = [
+        {**box, "messages": _count(box.get("messages"))} for box in (boxes if isinstance(boxes, list) else [])
+        if isinstance(box, dict) and isinstance(box.get("address"), str)
+    ]
+    return found
 
 
 def read_manifest(source: IO[bytes], secret: Secret) -> dict[str, Any]:

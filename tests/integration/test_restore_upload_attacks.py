@@ -1,4 +1,6 @@
-"""A backup restored from the web (the wizard's "Restore from a backup") is unpacked beside the data
+"""Crafted backups uploaded to the web console's restores, over HTTPS.
+
+A backup restored from the web (the wizard's "Restore from a backup") is unpacked beside the data
 directory, on the file system the running box keeps its mail on: what it may take is counted before
 each file is written, and the reserve kept for new mail (disk_full.RESERVE_OCTETS) stays free. Counted
 in octets alone, a backup of many tiny or empty files was charged almost nothing: each 1-octet file
@@ -6,7 +8,12 @@ takes a whole block (4 KiB) and each file an inode, and a few hundred KiB of zst
 to use up the box's disk or its inodes, so that new mail was refused (452) while the restore ran, and
 for good once it failed at ENOSPC. Here the box's data directory is on a small tmpfs (root, as
 `make test` and CI run) and the backups are crafted; the restore is refused before the reserve is
-reached, and nothing of it is left."""
+reached, and nothing of it is left.
+
+A backup's manifest is shown for confirmation once uploaded: whatever its fields hold, the page is
+shown (it was a 500 with a traceback). A member's name longer than a file system holds is refused at
+once: a pax header names a member in up to a MiB, every name is kept until the checksums are compared,
+and the files a restore of one mailbox does not write met no file system to refuse them."""
 
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import zstandard
 from appliance import backup, backup_stream
 from appliance.disk_full import RESERVE_OCTETS
 from tests.conftest import BoxHandle
+from tests.integration.test_live_settings import admin_console
 from tests.support.polling import wait_until
 from tests.support.web import setup_code
 
@@ -54,17 +62,18 @@ def small_disk_box(tmp_path: Path, ca: trustme.CA) -> Iterator[tuple[BoxHandle, 
         subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def _crafted(path: Path, kit: backup.Kit, files: int, size: int) -> None:
-    """A backup whose manifest is followed by `files` files of `size` octets in one Maildir (no
-    checksum list: the restore must stop long before it)."""
-    manifest = json.dumps({"format": 1, "schema": 7, "host": "x", "mailboxes": []}).encode()
+def _crafted(path: Path, kit: backup.Kit, files: int = 0, size: int = 0, manifest: bytes | None = None,
+             name: str = "mail/x.test/a/cur/") -> None:
+    """A backup whose manifest is followed by `files` files of `size` octets named `name` and a number
+    (no checksum list: the restore must stop long before it)."""
+    manifest = manifest or json.dumps({"format": 1, "schema": 7, "host": "x", "mailboxes": []}).encode()
     data = b"x" * size + backup_stream.padding(size)
     with open(path, "wb") as sink, backup._encrypting(sink, kit.recipient, "") as plain:  # noqa: SIM117  one stream layer per line
         with zstandard.ZstdCompressor().stream_writer(plain, closefd=False) as z:
             z.write(backup_stream.header(backup.MANIFEST_NAME, len(manifest)) + manifest
                     + backup_stream.padding(len(manifest)))
             for n in range(files):
-                z.write(backup_stream.header(f"mail/x.test/a/cur/{n}", size) + data)
+                z.write(backup_stream.header(f"{name}{n}", size) + data)
             z.write(backup_stream.END)
 
 
@@ -141,3 +150,71 @@ def test_a_backup_of_many_small_files_is_refused_before_the_reserve(
     # Nothing of it is left beside the data directory (the upload, the staging directory).
     assert sorted(p.name for p in mount.iterdir()) == beside
     assert box.services.backups.staged is None
+
+
+@pytest.mark.parametrize("manifest", [
+    {"format": 1, "schema": 7},  # nothing the page shows
+    {"format": 1, "schema": 7, "created": 5, "host": ["h"], "letterbox": None, "domains": 5, "messages": "many",
+     "mail_bytes": "lots", "queued": -1, "mailboxes": [1, "a", None, {"address": 3}, {"address": "a@x.test"}]},
+    {"format": 1, "schema": 7, "domains": ["x.test", 1], "mailboxes": {"a@x.test": 1}},
+])
+def test_any_manifest_is_shown_for_confirmation(box: BoxHandle, tmp_path: Path, manifest: dict[str, object],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    kit = backup.new_kit("x")
+    crafted = tmp_path / f"odd{backup.SUFFIX}"
+    _crafted(crafted, kit, manifest=json.dumps(manifest).encode())
+    with admin_console(box) as web:
+        page = web.get("/console/backups")
+        token = _CSRF.search(page.text)
+        assert token, page.text[:300]
+        with crafted.open("rb") as upload:
+            shown = web.post("/console/backups/upload", data={"csrf": token.group(1), "secret": kit.text, "what": "box"},
+                             files={"backup": (crafted.name, upload, "application/octet-stream")})
+        assert shown.status_code == 200, shown.text[:300]
+        assert "Confirm the restore" in shown.text
+        assert "<dt>Made</dt><dd>unknown</dd>" in shown.text
+        if isinstance(manifest.get("mailboxes"), list):
+            assert "<td>a@x.test</td><td>0</td>" in shown.text
+        cancel = _CSRF.search(shown.text)
+        confirm_token = re.search(r'name="token" value="([^"]+)"', shown.text)
+        assert cancel
+        assert confirm_token
+        answer = web.post("/console/backups/confirm", data={"csrf": cancel.group(1), "token": confirm_token.group(1),
+                                                            "confirm": "no"})
+        assert answer.status_code == 303
+    assert "Traceback" not in caplog.text
+    assert not [p for p in box.data.root.parent.iterdir() if ".upload-" in p.name]
+
+
+def test_a_name_longer_than_a_file_system_holds_is_refused(box: BoxHandle, tmp_path: Path) -> None:
+    """One mailbox put back from an uploaded backup whose other members have names of a MiB: a few
+    hundred octets of the upload each, a MiB of the box's memory each until the end (200 MiB here; a
+    larger file, the whole memory)."""
+    kit = backup.new_kit("x")
+    crafted = tmp_path / f"names{backup.SUFFIX}"
+    manifest = json.dumps({"format": 1, "schema": 7, "mailboxes": [{"address": "a@x.test"}]}).encode()
+    _crafted(crafted, kit, files=200, manifest=manifest, name="other/" + ("y" * 250 + "/") * 4000)
+    assert crafted.stat().st_size < 2**20
+    with admin_console(box) as web:
+        page = web.get("/console/backups")
+        token = _CSRF.search(page.text)
+        assert token, page.text[:300]
+        with crafted.open("rb") as upload:
+            shown = web.post("/console/backups/upload", files={"backup": (crafted.name, upload, "application/octet-stream")},
+                             data={"csrf": token.group(1), "secret": kit.text, "what": "mailbox", "address": "a@x.test"})
+        assert shown.status_code == 200, shown.text[:300]
+        confirm = re.search(r'name="token" value="([^"]+)"', shown.text)
+        csrf = _CSRF.search(shown.text)
+        assert confirm
+        assert csrf
+        answer = web.post("/console/backups/confirm", data={"csrf": csrf.group(1), "token": confirm.group(1),
+                                                            "confirm": "yes"})
+        assert answer.status_code == 303
+
+        def finished() -> dict[str, str]:
+            job: dict[str, str] | None = web.get("/console/backups/progress").json()["job"]
+            return job if job is not None and not job["running"] else {}
+
+        job = wait_until(finished, seconds=120, what="the restore's end")
+    assert job["error"].startswith("refused: an entry's name is longer than a file system holds"), job
+    assert not [p for p in box.data.root.parent.iterdir() if ".upload-" in p.name or ".restore-" in p.name]
