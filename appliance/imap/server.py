@@ -5,7 +5,7 @@ session's responses come back here to be written, streamed literals chunk by chu
 (read in a worker thread) so a large message never sits in memory whole.
 
 An APPEND's literals past their first limits.append_in_memory_octets (256 KiB) are written to a spool
-file as they come, as SMTP DATA's (smtp/data_phase.Spill, appliance/message_spool.py): a client
+file as they come, as SMTP DATA's (appliance/message_spool.Spill): a client
 trickling a large message holds that much of the box's budget for messages being received, not the
 whole. Once the command is in, they are read back (in turn with SMTP's) and the session gets it whole.
 
@@ -41,7 +41,7 @@ from appliance.imap.protocol import (
 from appliance.imap.responses import Bye, Piece, Response, StreamedLiteral, Tagged
 from appliance.imap.session import ImapSession, SessionConfig
 from appliance.message_memory import BUSY_TEXT
-from appliance.smtp.data_phase import BUSY, DISK_FULL, SPOOL_FAILED, Spill
+from appliance.message_spool import Spill, SpoolRefusal
 
 if TYPE_CHECKING:
     from appliance.services import Services
@@ -54,11 +54,11 @@ MAX_BUFFERED_INPUT = 256 * 1024  # unread input held before the socket stops bei
 WRITE_BATCH = 64 * 1024  # small responses joined up to this size per write
 SHUTDOWN_TEXT = "Server shutting down"
 LOGGED_IN_STATES = frozenset({"authenticated", "selected"})
-# A Spill's refusals (SMTP replies) as an APPEND's NO: its text and response code (RFC 5530).
+# A Spill's refusals as an APPEND's NO: its text and response code (RFC 5530).
 SPOOL_REFUSALS = {
-    BUSY: (BUSY_TEXT, "UNAVAILABLE"),
-    DISK_FULL: (DISK_FULL_TEXT, "OVERQUOTA"),
-    SPOOL_FAILED: ("Local error in keeping the message, try again later", "UNAVAILABLE"),
+    SpoolRefusal.BUSY: (BUSY_TEXT, "UNAVAILABLE"),
+    SpoolRefusal.DISK_FULL: (DISK_FULL_TEXT, "OVERQUOTA"),
+    SpoolRefusal.FAILED: ("Local error in keeping the message, try again later", "UNAVAILABLE"),
 }
 
 
@@ -90,7 +90,7 @@ class ConnectionHandler:
         # The spool files of the command being received's literals, and the refusal one of them met
         # (the rest of its literals are then read and dropped).
         self._spills: dict[SpooledLiteral, Spill] = {}
-        self._spool_refusal: str | None = None
+        self._spool_refusal: SpoolRefusal | None = None
         self.session = ImapSession(services, self, SessionConfig(services.hostname, limits.idle_timeout))
         # Output not yet handed to the channel: written when a command has been answered, when the
         # connection next reads from the client (_read) or when WRITE_BATCH is reached, so a
@@ -403,7 +403,7 @@ class ConnectionHandler:
             if not await self._messages.take_back(octets):
                 log.warning("imap %s: an APPEND of %d octets not read back in time: too many large ones at once",
                             self.peer, octets)
-                refusal = BUSY
+                refusal = SpoolRefusal.BUSY
         if refusal is None:
             try:
                 for literal in event.literals:
@@ -413,7 +413,7 @@ class ConnectionHandler:
                     literal.data = await spill.read_after(literal.take_head())
             except OSError as exc:
                 log.error("imap %s: a spooled APPEND could not be read back: %s", self.peer, exc)
-                refusal = SPOOL_FAILED
+                refusal = SpoolRefusal.FAILED
         self._close_spills()  # before the session writes the message: the disk has its octets back
         if refusal is not None:
             for literal in event.literals:

@@ -19,19 +19,12 @@ each: 11 s of the event loop's CPU for 20 MB, and ~40 octets of memory per octet
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
-from typing import Any, TypeVar
 
-from appliance.disk_full import is_disk_full
-from appliance.message_memory import BUSY_TEXT, Hold
-from appliance.message_spool import SPOOL_AFTER_OCTETS, SpoolFile
+from appliance.message_memory import BUSY_TEXT
+from appliance.message_spool import Spill, SpoolRefusal
 from appliance.smtp.policy import INSUFFICIENT_STORAGE
-
-log = logging.getLogger("letterbox.smtp")
-T = TypeVar("T")
 
 # aiosmtpd's texts, so the rewording (server.REWORDED) and LMTP's per-recipient replies apply.
 LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
@@ -41,6 +34,7 @@ BUSY = f"452 4.3.1 {BUSY_TEXT}"
 # A Spill's: the disk keeps too little (appliance/disk_full.py), or the spool file could not be written.
 DISK_FULL = str(INSUFFICIENT_STORAGE)
 SPOOL_FAILED = "451 4.3.0 Local error in keeping the message, try again later"
+SPOOL_REFUSALS = {SpoolRefusal.BUSY: BUSY, SpoolRefusal.DISK_FULL: DISK_FULL, SpoolRefusal.FAILED: SPOOL_FAILED}
 END = b"\r\n.\r\n"  # the CRLF ending the last line, the dot, its CRLF
 CRLF = b"\r\n"
 
@@ -84,73 +78,6 @@ def _longest_line(carried: int, chunk: bytes, max_line: int) -> tuple[int, bool]
     return carried, carried > max_line
 
 
-class Spill:
-    """Where a DATA's octets past `after` go: a spool file in `directory`, its octets counted by
-    `hold`, while `room(n)` says the data disk keeps its reserve with n more (disk_full.room_for)."""
-
-    def __init__(self, directory: Path, hold: Hold, room: Callable[[int], bool],
-                 after: int = SPOOL_AFTER_OCTETS, what: str = "DATA") -> None:
-        self.directory = directory
-        self.what = what  # the command, in the log's lines (IMAP's APPEND spools its literals too)
-        self.hold = hold
-        self.room = room
-        self.after = after
-        self.file: SpoolFile | None = None
-        self._busy: asyncio.Future[Any] | None = None  # the worker thread's call on the file
-
-    async def _in_thread(self, work: Callable[[], T]) -> T:
-        """`work` in a worker thread; a cancelled caller (the client went) leaves it to finish, and
-        close() waits for it: the descriptor is never closed under a write (its number could be
-        another file's by then)."""
-        self._busy = asyncio.ensure_future(asyncio.to_thread(work))
-        result: T = await asyncio.shield(self._busy)
-        return result
-
-    async def write(self, chunk: bytes | bytearray) -> str | None:
-        """None once `chunk` is in the file, else the refusal to give after the dot."""
-        if not self.hold.spool(len(chunk)):  # the box's bound of spooled octets (message_memory.py)
-            return BUSY
-        return await self._in_thread(partial(self._write, chunk))
-
-    def _write(self, chunk: bytes | bytearray) -> str | None:
-        if not self.room(len(chunk)):
-            log.warning("%s refused while spooling: the disk is nearly full", self.what)
-            return DISK_FULL
-        try:
-            if self.file is None:
-                self.file = SpoolFile(self.directory)
-            self.file.write(chunk)
-        except OSError as exc:
-            if is_disk_full(exc):
-                log.warning("%s refused while spooling: the disk is full (%s)", self.what, exc)
-                return DISK_FULL
-            log.error("%s refused: cannot spool the message in %s: %s", self.what, self.directory, exc)
-            return SPOOL_FAILED
-        return None
-
-    async def read_back(self, message: Spooled) -> bytes:
-        """The whole message, dot-unstuffed."""
-        return await self._in_thread(partial(_read_back, message))
-
-    async def read_after(self, head: bytearray) -> bytearray:
-        """`head` and then the file's octets, as written (an IMAP literal has no dots to take out)."""
-        assert self.file is not None
-        return await self._in_thread(partial(self.file.read_after, head))
-
-    def close(self) -> None:
-        if self._busy is not None and not self._busy.done():
-            self._busy.add_done_callback(self._closed_after)
-            return
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-    def _closed_after(self, busy: asyncio.Future[Any]) -> None:
-        if not busy.cancelled() and busy.exception() is not None:
-            log.warning("spooling a message whose client went failed: %s", busy.exception())
-        self.close()
-
-
 class Spooled:
     """A message past its Spill's `after`: the first octets in memory, the rest in its file (as sent,
     dot-stuffed)."""
@@ -165,6 +92,11 @@ class Spooled:
         """Its octets in one buffer (the memory part let go)."""
         head, self.head = self.head, bytearray()
         return self.file.read_after(head)
+
+
+async def read_back(spill: Spill, message: Spooled) -> bytes:
+    """The whole spooled message, dot-unstuffed."""
+    return await spill.in_thread(partial(_read_back, message))
 
 
 def _read_back(message: Spooled) -> bytes:
@@ -205,7 +137,8 @@ class _Kept:
         """None once `chunk` is in the spill's file, else the refusal."""
         assert self.spill is not None
         self.spooling = True
-        return await self.spill.write(chunk)
+        refusal = await self.spill.write(chunk)
+        return None if refusal is None else SPOOL_REFUSALS[refusal]
 
     def drop(self) -> None:
         self.memory = bytearray()

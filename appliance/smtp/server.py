@@ -22,6 +22,7 @@ from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, syntax
 from appliance.channel import LISTEN_BACKLOG, ConnectionLimiter, ListenerLimits, Slot
 from appliance.disk_full import is_disk_full, room_for
 from appliance.message_memory import Hold
+from appliance.message_spool import Spill
 from appliance.sizes import limit_text
 from appliance.smtp import class_members
 from appliance.smtp.data_phase import (
@@ -30,8 +31,8 @@ from appliance.smtp.data_phase import (
     LINE_TOO_LONG,
     SPOOL_FAILED,
     TOO_MUCH_DATA,
-    Spill,
     Spooled,
+    read_back,
     read_message,
 )
 from appliance.smtp.delivery import Deliverer
@@ -491,7 +492,7 @@ class LetterboxSMTP(SMTP):
             log.warning("%s: a message of %d octets not read back in time: too many large ones at once",
                         self._client_ip, message.octets)
             return BUSY
-        return await spill.read_back(message)
+        return await read_back(spill, message)
 
     # --- greetings and replies ------------------------------------------------------------------------
 
