@@ -10,6 +10,9 @@ for good once it failed at ENOSPC. Here the box's data directory is on a small t
 `make test` and CI run) and the backups are crafted; the restore is refused before the reserve is
 reached, and nothing of it is left.
 
+The upload itself leaves the reserve free: it was checked against half the free space, so on a disk
+with less than twice the reserve free it took part of the reserve while it arrived and waited.
+
 A backup's manifest is shown for confirmation once uploaded: whatever its fields hold, the page is
 shown (it was a 500 with a traceback). A member's name longer than a file system holds is refused at
 once: a pax header names a member in up to a MiB, every name is kept until the checksums are compared,
@@ -35,6 +38,7 @@ from appliance import backup, backup_stream
 from appliance.disk_full import RESERVE_OCTETS
 from tests.conftest import BoxHandle
 from tests.integration.test_live_settings import admin_console
+from tests.integration.test_web_first_run import _form_head, _one_answer, _upload_head
 from tests.support.polling import wait_until
 from tests.support.web import setup_code
 
@@ -218,3 +222,24 @@ def test_a_name_longer_than_a_file_system_holds_is_refused(box: BoxHandle, tmp_p
         job = wait_until(finished, seconds=120, what="the restore's end")
     assert job["error"].startswith("refused: an entry's name is longer than a file system holds"), job
     assert not [p for p in box.data.root.parent.iterdir() if ".upload-" in p.name or ".restore-" in p.name]
+
+
+def test_an_upload_that_would_take_the_reserve_is_refused_before_it_is_read(
+        small_disk_box: tuple[BoxHandle, Path]) -> None:
+    """80 MiB free, the reserve 54 MiB: an upload of 38 MiB (and room for its unpacked copy, 76 MiB)
+    passed, and left 42 MiB free. Refused (413) at its headers now, nothing written."""
+    box, mount = small_disk_box
+    filler = mount / "filler"
+    st = os.statvfs(mount)
+    with filler.open("wb") as f:
+        f.truncate(0)
+        os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize - 80 * 2**20)
+    httpx.get(f"https://localhost:{box.port('https')}/setup/restore", verify=box.client_context)  # makes the code
+    head = _form_head(box, setup_code(box.data.root))
+    with _upload_head(box, len(head[1]) + 38 * 2**20, head=head) as tls:
+        answer = _one_answer(tls)
+    assert answer.startswith("HTTP/1.1 413"), answer[:300]
+    assert "MiB stay free for new mail" in answer
+    assert box.services.backups.arriving == 0
+    assert not [p for p in mount.iterdir() if ".upload-" in p.name]
+    assert os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize >= 79 * 2**20

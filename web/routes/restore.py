@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from appliance import backup, setup_code
+from appliance.disk_full import RESERVE_OCTETS
 from web.pages import admin, flash, peer, read_form, redirect, render, require, services
 from web.uploads import read_upload
 
@@ -92,9 +93,12 @@ async def _reserve_room(request: Request) -> int:
         raise HTTPException(411, "The upload must say its size (Content-Length).") from None
     free = await asyncio.to_thread(_free_space, request)
     jobs = services(request).backups
-    if length > MAX_UPLOAD or (length + jobs.arriving) * 2 > free:
+    # The reserve kept for new mail stays free too: on a disk with less than twice the reserve free, an
+    # upload of half the free space took part of it (new mail refused while it arrived and waited).
+    if length > MAX_UPLOAD or (length + jobs.arriving) * 2 + RESERVE_OCTETS > free:
         raise HTTPException(413, f"The backup is too large for the free space on this box ({free // 2**20} MiB"
-                                 " free; the upload and its unpacked copy both need room"
+                                 " free; the upload and its unpacked copy both need room, and"
+                                 f" {RESERVE_OCTETS // 2**20} MiB stay free for new mail"
                                  + (", beside the uploads arriving now)." if jobs.arriving else ")."))
     jobs.arriving += length  # no await between the check and this: two uploads cannot both pass on one figure
     return length
