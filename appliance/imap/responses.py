@@ -62,6 +62,7 @@ class Raw:
 @dataclass(frozen=True)
 class Streamed:
     source: StreamedLiteral
+    eight: bool = False  # RFC 3516 literal8 (~{n}): content that may hold NUL octets (FETCH BINARY)
 
 
 Value: TypeAlias = "int | str | bytes | Atom | Raw | LiteralBytes | Literal8Bytes | Streamed | Sequence[Value] | None"
@@ -126,7 +127,7 @@ def encode_value(value: Value, out: list[Piece]) -> None:
     elif isinstance(value, LiteralBytes | Literal8Bytes):
         out += _literal(value)
     elif isinstance(value, Streamed):
-        out.append(b"{%d}\r\n" % value.source.length)
+        out.append(b"%s{%d}\r\n" % (b"~" if value.eight else b"", value.source.length))
         out.append(value.source)
     else:
         out.append(b"(")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from appliance.imap import fetch
 from appliance.imap.fetch import binary_content, decode_quoted_printable, first_display, first_mailbox
-from appliance.imap.mime import base64_for_nul, decode_words, scan
+from appliance.imap.mime import Span, base64_for_nul, decode_words, scan
 
 # The body of imaptest's fetch-binary-mime-qp.mbox, line ends as in the file.
 QP_BODY = (b"hello  \nbar=\n\nfoo\t=\nbar\nfoo\t \t= \n=62\nfoo = \t\nbar\nfoo =\n=62\nfoo  \nbar=\n\nfoo_bar\n")
@@ -68,6 +68,23 @@ def test_quoted_printable_costs_cpu_in_proportion_to_its_octets(raw: bytes) -> N
     started = time.process_time()
     decode_quoted_printable(raw)
     assert time.process_time() - started < 4
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from([b"QUJD", b"Q", b"U", b"=", b"\r\n", b"\n", b" ", b"!", b"\x00", b"a", b"3", b"D",
+                                 b"=A=\n", b"==", b"=\r\n", b"\t"]), max_size=30).map(b"".join),
+       st.sampled_from([1, 2, 3, 5, fetch.BINARY_BLOCK]))
+def test_binary_decoded_in_blocks_is_the_whole_decoded(raw: bytes, block: int) -> None:
+    """FETCH BINARY decodes a part in blocks as it is sent (fetch.Decoded): the same octets as the
+    whole part decoded at once, whatever the seams."""
+    f = io.BytesIO(b"head" + raw + b"tail")
+    span = Span(4, 4 + len(raw), 0, 0)
+    original, fetch.BINARY_BLOCK = fetch.BINARY_BLOCK, block
+    try:
+        assert b"".join(fetch._decoded_blocks(f, span, "base64")) == fetch._unbase64(raw)
+        assert b"".join(fetch._decoded_blocks(f, span, "quoted-printable")) == decode_quoted_printable(raw)
+    finally:
+        fetch.BINARY_BLOCK = original
 
 
 def test_base64_skips_octets_outside_its_alphabet_in_little_cpu() -> None:
