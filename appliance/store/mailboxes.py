@@ -49,7 +49,7 @@ _T = TypeVar("_T")
 # Folder indexes nobody has selected are kept in memory up to this many octets together (about
 # 9,000 messages, index.ENTRY_MEMORY each); beyond it the least recently used are unloaded and read
 # from the db again at their next use (0.6 s per 100,000 messages).
-# Folders one mailbox may have (INBOX included), as Gmail's labels: each is four directories (16 KiB of
+# Folders one mailbox may have (INBOX included): each is four directories (16 KiB of
 # disk and four inodes) and a row outside the quota, and one session's CREATEs made 140 a second, so
 # one mailbox's password filled the disk for everyone.
 MAX_FOLDERS = 10_000
