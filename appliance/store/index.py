@@ -1219,6 +1219,9 @@ async def commit_arrivals(db: Database, change: Change, first: Callable[[], None
     reserved_modseq: the folder's next changes number above them), the transaction is queued on the
     database's thread (Database.write_queued: in order with the folder's other changes), and the
     messages go into memory when it has committed, fsynced, in the order queued, so in UID order.
+    The fsync is the WAL's, on a worker thread once the commit is made (Database.sync_log), so the
+    database's thread goes on with the writes queued behind it meanwhile; the files' renames and
+    their directories' fsyncs came before the commit (`first`), so no row is durable before its file.
     No session sees a UID before its row and file are durable: a crash cannot give it to another
     message (RFC 3501 2.3.1.1). A change made meanwhile (a flag change) is in memory first: the new
     messages then get a mod-sequence above it (memory at once, the rows after), so HIGHESTMODSEQ a
@@ -1243,14 +1246,28 @@ async def commit_arrivals(db: Database, change: Change, first: Callable[[], None
             f.reserved_modseq = 0
 
     try:
-        written = await db.write_queued(write_all, durable=True)
+        committed = await db.write_queued(write_all, durable=False)
     except BaseException:
         give_back()
         raise
 
+    async def durable() -> None:
+        await committed
+        try:
+            await db.sync_log()
+        except OSError as exc:
+            raise _LogNotSynced(exc) from exc
+
+    written: asyncio.Future[None] = asyncio.ensure_future(durable())
+
     def settle(done: asyncio.Future[None]) -> None:
         """On the loop once the transaction ended, before anyone awaiting it runs (the first callback)."""
         f.arriving.remove(done)
+        if not done.cancelled() and isinstance(done.exception(), _LogNotSynced):
+            # The rows are committed, not known durable: the folder is read again from the db (its
+            # UIDs are not given back to be taken twice); the files go, as for any failed arrival.
+            f.reload_due = True
+            return
         if done.cancelled() or done.exception() is not None:
             give_back()
             return
@@ -1262,6 +1279,10 @@ async def commit_arrivals(db: Database, change: Change, first: Callable[[], None
     f.arriving.append(written)
     written.add_done_callback(settle)
     return written
+
+
+class _LogNotSynced(OSError):
+    """New messages' commit made, and the fsync of the WAL after it failed."""
 
 
 def _renumber(db: Database, change: Change, modseq: int) -> None:
