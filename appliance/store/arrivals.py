@@ -5,7 +5,8 @@ Each delivery writes and fsyncs its own file into tmp/ in its own worker thread 
 of different files join one journal commit of the file system, so they cost about one) and hands it
 here. One flush per folder at a time takes every arrival waiting and, in one trip to the database's
 thread: renames them into new/ or cur/, fsyncs each directory they were renamed into once, then
-indexes them all in one Change (one SQLite transaction, one WAL fsync). Arrivals during a flush wait
+indexes them all in one Change (one SQLite transaction; its WAL fsync then on a worker thread,
+index.commit_arrivals). Arrivals during a flush wait
 for the next one, so the batch grows with the load and a lone delivery is flushed at once (no timer,
 no added delay). The folder lock is held only to take the batch's UIDs and queue its trip, in order
 with the folder's other changes (index.commit_arrivals); the messages go into memory, where sessions

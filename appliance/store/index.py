@@ -1222,6 +1222,8 @@ async def commit_arrivals(db: Database, change: Change, first: Callable[[], None
     The fsync is the WAL's, on a worker thread once the commit is made (Database.sync_log), so the
     database's thread goes on with the writes queued behind it meanwhile; the files' renames and
     their directories' fsyncs came before the commit (`first`), so no row is durable before its file.
+    Another connection (the CLI, the CPU pool's worker) may read the rows before that fsync: what it
+    writes from them comes after them in the WAL, so a power cut in between loses both.
     No session sees a UID before its row and file are durable: a crash cannot give it to another
     message (RFC 3501 2.3.1.1). A change made meanwhile (a flag change) is in memory first: the new
     messages then get a mod-sequence above it (memory at once, the rows after), so HIGHESTMODSEQ a
