@@ -74,7 +74,7 @@ RELAY_PASSWORD = "smarthost_password"  # noqa: S105  a key, not a secret. In cle
 RELAY_CA_FILE = "smarthost_ca_file"  # optional PEM bundle to trust instead of the system's
 RELAY_TESTED = "smarthost_tested"  # Smarthost.describe() of the relay that last passed its test
 SETUP_STEP = "setup_step"  # the furthest wizard step reached
-SETUP_DONE = "setup_done"  # "1" once the wizard's last step was shown
+SETUP_DONE = "setup_done"  # "1" once the wizard's last step was reached (a POST: step 6's Continue)
 SETUP_DOMAIN = "setup_domain"  # the domain chosen in step 2
 SETUP_DOMAIN_ADDED = "setup_domain_added"  # "1" when step 2 created it (a later step 2 may replace it)
 

@@ -144,7 +144,7 @@ def test_the_whole_wizard(web: WebClient) -> None:
     assert "Almost ready: 3 things left" in page
     assert "993" in page
     assert "465" in page
-    assert 'href="/console"' in page
+    assert 'id="to-console"' in page
     assert "Your box is ready" not in page
     assert web.setting("setup_done") == "1"
     assert web.get("/setup").headers["location"] == "/console"

@@ -322,17 +322,26 @@ async def mailboxes_submit(request: Request) -> Response:
             shown = {k: values.get(k, "") for k in ("local", "domain", "name")}
             return await mailboxes_page(request, Form({field: str(exc)}, shown))
         request.session["flash"] = [f"Mailbox {info.address} created."]
+    if result.step == wizard.LAST_STEP:
+        await _finish(request)  # here, a POST with the session's token: the last page's GET changes nothing
     await reach(svc.settings, result.step)
     return redirect(f"/setup/{result.step}")
 
 
 # --- 7: done ------------------------------------------------------------------------------------------
 
-async def done_page(request: Request, form: Form | None) -> Response:
+async def _finish(request: Request) -> None:
+    """Setup is over: the console from now on. Only a POST carrying the session's CSRF token gets here
+    (step 6's Continue, or this page's button): the last page's GET once did it, so a link or an image
+    on another site, loaded in the admin's browser, ended the wizard behind their back."""
     svc = services(request)
     if not await setup_done(svc.settings):
         await svc.settings.save(setup_done=True)
         await svc.events.record("setup", "first-run setup finished")
+
+
+async def done_page(request: Request, form: Form | None) -> Response:
+    svc = services(request)
     return await _page(request, 7, "setup/done.html", {
         "settings": client_settings_for(svc), "mailboxes": await svc.accounts.list_users(),
         "todos": await still_to_do(svc),
@@ -340,7 +349,8 @@ async def done_page(request: Request, form: Form | None) -> Response:
 
 
 async def done_submit(request: Request) -> Response:
-    await read_form(request)
+    await read_form(request)  # refused without the session's CSRF token
+    await _finish(request)  # a box whose wizard stopped here before it finished (an older version's)
     return redirect("/console")
 
 
