@@ -1627,6 +1627,9 @@ class BackupJobs:
     # The job the first-run wizard's restore started: the only one the wizard's pages (open to anyone
     # while the box has no administrator) show. A console job's progress and result are not theirs.
     wizard: BackupJob | None = None
+    # The browser session that started it (web/routes/restore.py): its progress and result line (the
+    # backup's host name, file count) are that session's alone; any other visitor sees only that one runs.
+    wizard_owner: str = ""
 
     def wizard_job(self) -> BackupJob | None:
         """The current job when the wizard started it, else None."""

@@ -1,15 +1,29 @@
-"""The wizard over the box's own HTTPS listener, as browsers reach it: loading a page changes nothing.
+"""The wizard over the box's own HTTPS listener, as browsers reach it: what a page shows to whom, and
+that loading a page changes nothing.
 
 The last step's GET marked setup as done: a link or an image on another site, loaded in the
 administrator's browser, ended the wizard behind their back. It is a POST with the session's CSRF token
-now (step 6's Continue, or the last page's button)."""
+now (step 6's Continue, or the last page's button). While a restore started from the wizard's first
+screen ran, its progress and result line (the backup's host name, how many files) were shown to anyone
+who opened the wizard; only the browser session that started it (and so gave the setup code) sees them
+now, any other visitor only that a restore runs."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+from pathlib import Path
 
+import httpx
+
+from appliance import backup
+from appliance.accounts import Accounts
+from appliance.config import DataLayout
+from appliance.db import Database
 from tests.conftest import BoxHandle
 from tests.integration.test_live_settings import admin_console
+from tests.support.polling import wait_until
+from tests.support.web import setup_code
 
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
@@ -36,3 +50,59 @@ def test_loading_the_last_step_does_not_finish_the_wizard(box: BoxHandle) -> Non
         assert _done(box)
         events = [text for _, _, text in box.run(box.services.events.recent())]
         assert events.count("first-run setup finished") == 1
+
+
+def _a_backup(tmp_path: Path) -> tuple[Path, str]:
+    """A valid backup of another box, with a domain."""
+    layout = DataLayout(tmp_path / "elsewhere" / "data")
+    layout.create()
+
+    async def setup() -> None:
+        db = await Database.open(layout.db)
+        try:
+            await Accounts(db, data=layout).add_domain("restored.test")
+        finally:
+            await db.close()
+
+    asyncio.run(setup())
+    kit = backup.new_kit("elsewhere")
+    made = backup.create_backup(layout, tmp_path / f"other{backup.SUFFIX}", recipient=kit.recipient)
+    return made.path, kit.text
+
+
+def test_a_wizard_restore_is_shown_only_to_the_browser_that_started_it(box: BoxHandle, tmp_path: Path) -> None:
+    file, kit = _a_backup(tmp_path)
+    base = f"https://localhost:{box.port('https')}"
+    with httpx.Client(base_url=base, verify=box.client_context, timeout=60) as owner, \
+            httpx.Client(base_url=base, verify=box.client_context, timeout=60) as stranger:
+        page = owner.get("/setup/restore")
+        token = _CSRF.search(page.text)
+        assert token
+        stranger.get("/setup/restore")  # a session of its own, before and after the restore started
+        with file.open("rb") as upload:
+            answer = owner.post("/setup/restore", data={"csrf": token.group(1), "code": setup_code(box.data.root),
+                                                        "secret": kit},
+                                files={"backup": (file.name, upload, "application/octet-stream")})
+        assert answer.status_code == 303, answer.text[:300]
+
+        def finished() -> dict[str, str]:
+            job: dict[str, str] | None = owner.get("/setup/restore/progress").json()["job"]
+            return job if job is not None and not job["running"] else {}
+
+        job = wait_until(finished, seconds=120, what="the restore's end")
+        assert job["result"].startswith("Verified "), job
+        host = job["result"].split(" from ", 1)[1].split(" (", 1)[0]
+        assert host
+        assert host in owner.get("/setup/restore").text
+
+        seen = stranger.get("/setup/restore/progress").json()["job"]
+        assert seen == {"kind": "restore", "running": False, "percent": 0, "done": 0, "total": 0, "stage": "",
+                        "result": "", "error": ""}
+        shown = stranger.get("/setup/restore").text
+        assert 'id="restore-elsewhere"' in shown
+        assert "Verified" not in shown
+        assert host not in shown
+        assert 'name="code"' not in shown  # no second restore offered meanwhile
+        with httpx.Client(base_url=base, verify=box.client_context) as fresh:  # no session at all
+            assert fresh.get("/setup/restore/progress").json()["job"]["result"] == ""
+            assert "Verified" not in fresh.get("/setup/restore").text

@@ -10,6 +10,7 @@ unclaimed box's data with their own."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -56,7 +57,21 @@ def start_restore(request: Request, path: Path, secret: backup.Secret, *, remove
     job = svc.backups.start("restore", work)
     if job is not None and wizard:
         svc.backups.wizard = job
+        # This browser session gave the setup code: it alone sees the restore's progress and result.
+        svc.backups.wizard_owner = request.session[OWNER_KEY] = secrets.token_urlsafe(18)
     return job is not None
+
+
+OWNER_KEY = "restore"  # the session's key holding the wizard restore's owner token
+
+
+def started_here(request: Request) -> bool:
+    """Whether this browser session started the wizard's restore (and so gave the setup code). The
+    wizard's pages answer anyone while the box has no administrator; the restore's progress and result
+    (the backup's host name, how many files) were shown to every visitor."""
+    owner = services(request).backups.wizard_owner
+    mine = request.session.get(OWNER_KEY, "")
+    return bool(owner) and isinstance(mine, str) and secrets.compare_digest(mine.encode(), owner.encode())
 
 
 async def wizard_page(request: Request) -> Response:
@@ -66,8 +81,11 @@ async def wizard_page(request: Request) -> Response:
         return redirect("/login")
     if not await svc.accounts.has_admin():
         await asyncio.to_thread(setup_code.ensure_code, svc.config.data.root)
+    elsewhere = job is not None and not started_here(request)
+    if elsewhere and job is not None and job.error and not job.running:
+        job = None  # another visitor's failed try: the form, without its error
     return await render(request, "setup/restore.html", {
-        "title": "Restore from a backup", "job": job, "steps": (), "step": 0, "furthest": 0,
+        "title": "Restore from a backup", "job": job, "elsewhere": elsewhere, "steps": (), "step": 0, "furthest": 0,
         "code_file": setup_code.code_path(svc.config.data.root),
     })
 
@@ -265,7 +283,8 @@ async def console_progress(request: Request) -> Response:
 async def wizard_progress(request: Request) -> Response:
     """The wizard's restore, polled by its page (an unclaimed box, or the restore that claimed it). It
     answers anyone: a job the console started (a backup, a mailbox put back) is not shown, nor the
-    download in flight; they were, to anyone, once the box had run one."""
+    download in flight; they were, to anyone, once the box had run one. The restore's progress and
+    result are the browser's that started it; others learn only that it runs."""
     svc = services(request)
     job = svc.backups.wizard_job()
     if await svc.accounts.has_admin() and job is None:
@@ -273,6 +292,9 @@ async def wizard_progress(request: Request) -> Response:
     status = svc.backups.status()
     if job is None:
         status["job"] = None
+    elif not started_here(request):  # that one runs, nothing of what it restores
+        status["job"] = {"kind": job.kind, "running": job.running, "percent": 0, "done": 0, "total": 0,
+                         "stage": "", "result": "", "error": ""}
     status["download"] = None
     return JSONResponse(status, headers={"Cache-Control": "no-store"})
 
