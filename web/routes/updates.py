@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import shutil
 from pathlib import Path
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from appliance import bundle, update
+from appliance.disk_full import RESERVE_OCTETS
 from web.pages import admin, flash, redirect, render, require, services
 from web.uploads import read_upload
 
@@ -26,6 +29,29 @@ async def page(request: Request) -> Response:
     return await render(request, "console/updates.html", {
         "title": "Updates", "section": "updates", "state": state, "max_size": bundle.MAX_BYTES,
     })
+
+
+def _reserve_room(request: Request, free: int) -> int:
+    """Refuse, before a byte of it is written, a bundle that would not fit above the reserve kept for new
+    mail (as a backup upload is, web/routes/restore.py): it was written whatever the free space, so a
+    256 MiB upload to a nearly full disk took the reserve and new mail was refused while it arrived.
+    Counts the other update uploads arriving now; returns the bytes reserved (given back by the caller).
+    A body in chunks is refused: its length is the chunks', not Content-Length's."""
+    if "transfer-encoding" in request.headers:
+        raise HTTPException(411, "The upload must say its size (Content-Length), not come in chunks.")
+    try:
+        length = int(request.headers.get("content-length", ""))
+    except ValueError:
+        raise HTTPException(411, "The upload must say its size (Content-Length).") from None
+    arriving: int = getattr(request.app.state, "updates_arriving", 0)
+    if length > MAX_UPLOAD:
+        raise HTTPException(413, f"A bundle is at most {bundle.MAX_BYTES >> 20} MiB.")
+    if length + arriving + RESERVE_OCTETS > free:
+        raise HTTPException(413, f"The bundle is too large for the free space on this box ({free // 2**20} MiB free,"
+                                 f" of which {RESERVE_OCTETS // 2**20} MiB stay free for new mail"
+                                 + (", beside the uploads arriving now)." if arriving else ")."))
+    request.app.state.updates_arriving = arriving + length  # no await since the check: two cannot both pass
+    return length
 
 
 async def _save_upload(request: Request, folder: Path) -> Path | None:
@@ -42,7 +68,12 @@ async def _save_upload(request: Request, folder: Path) -> Path | None:
 async def upload(request: Request) -> Response:
     await require(request, "admin")
     folder = services(request).config.data.root / update.UPDATES
-    path = await _save_upload(request, folder)
+    free = (await asyncio.to_thread(shutil.disk_usage, services(request).config.data.root)).free
+    reserved = _reserve_room(request, free)
+    try:
+        path = await _save_upload(request, folder)
+    finally:
+        request.app.state.updates_arriving -= reserved
     if path is None:
         flash(request, "Not installed: choose the bundle file (letterbox-bundle-VERSION-MACHINE.tar).", problem=True)
         return redirect("/console/updates")
