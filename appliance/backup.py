@@ -950,7 +950,8 @@ def _check_manifest(data: bytes, known_schema: int) -> dict[str, Any]:
     try:
         manifest = json.loads(data)
         fmt, schema = int(manifest["format"]), int(manifest["schema"])
-    except (ValueError, KeyError, TypeError) as exc:
+    # OverflowError: a number JSON reads as infinity (1e999); RecursionError: arrays nested too deep.
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         raise BackupError("the backup's manifest is damaged") from exc
     if fmt > FORMAT_VERSION:
         raise BackupError(f"this backup has format {fmt}, newer than this Letterbox reads ({FORMAT_VERSION})")

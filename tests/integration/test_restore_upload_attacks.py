@@ -190,6 +190,29 @@ def test_any_manifest_is_shown_for_confirmation(box: BoxHandle, tmp_path: Path, 
     assert not [p for p in box.data.root.parent.iterdir() if ".upload-" in p.name]
 
 
+@pytest.mark.parametrize("manifest", [
+    b'{"format": 1e999, "schema": 7}',  # JSON's infinity: int() raised OverflowError
+    b"[" * 200_000,  # nested deeper than json.loads recurses: RecursionError
+], ids=["infinity", "nested"])
+def test_a_manifest_json_cannot_read_is_refused_as_damaged(box: BoxHandle, tmp_path: Path, manifest: bytes,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Both were a 500 with a traceback on the console's upload (and a job failed with one in the
+    wizard's restore): the manifest is the archive's word."""
+    kit = backup.new_kit("x")
+    crafted = tmp_path / f"damaged{backup.SUFFIX}"
+    _crafted(crafted, kit, manifest=manifest)
+    with admin_console(box) as web:
+        token = _CSRF.search(web.get("/console/backups").text)
+        assert token
+        with crafted.open("rb") as upload:
+            answer = web.post("/console/backups/upload", data={"csrf": token.group(1), "secret": kit.text, "what": "box"},
+                              files={"backup": (crafted.name, upload, "application/octet-stream")})
+        assert answer.status_code == 303, answer.text[:300]
+        assert "the backup&#39;s manifest is damaged" in web.get("/console/backups").text
+    assert "Traceback" not in caplog.text
+    assert not [p for p in box.data.root.parent.iterdir() if ".upload-" in p.name]
+
+
 def test_a_name_longer_than_a_file_system_holds_is_refused(box: BoxHandle, tmp_path: Path) -> None:
     """One mailbox put back from an uploaded backup whose other members have names of a MiB: a few
     hundred octets of the upload each, a MiB of the box's memory each until the end (200 MiB here; a
