@@ -916,6 +916,11 @@ def _binary_source(root: Part, path: tuple[int, ...]) -> tuple[Span, str]:
 
 
 BINARY_BLOCK = 1024 * 1024
+# A quoted-printable line is decoded whole (its trailing white space goes, "=" at its end is a soft
+# break): one longer than this (RFC 2045 allows 76 octets; a crafted part has no line end at all) is
+# cut where the rest of the line cannot change what comes before (_qp_seam), or the part sat whole
+# in the carry and a slow reader's FETCH BINARY held it, as before Decoded.
+QP_LINE_CARRY = BINARY_BLOCK
 
 
 def _decoded_blocks(f: BinaryIO, span: Span, cte: str) -> Iterator[bytes]:
@@ -939,6 +944,8 @@ def _decoded_blocks(f: BinaryIO, span: Span, cte: str) -> Iterator[bytes]:
             start = len(carry)
             carry += block
             cut = carry.rfind(b"\n", start) + 1  # a line longer than a block grows the carry
+            if not cut and len(carry) > QP_LINE_CARRY:
+                cut = _qp_seam(carry)
         if cut:
             whole = bytes(carry[:cut])
             del carry[:cut]
@@ -947,6 +954,18 @@ def _decoded_blocks(f: BinaryIO, span: Span, cte: str) -> Iterator[bytes]:
         yield _unbase64(bytes(carry))
     elif carry:
         yield _decode_qp_lines(bytes(carry), last=True)
+
+
+def _qp_seam(line: bytearray) -> int:
+    """Where a quoted-printable line with no LF yet may be cut so both sides decode as the whole does:
+    after an octet that is no white space (trailing, it would go) and neither "=" nor the first digit
+    after one (an escape, "==" or a soft break across the seam). Looked for in the last 64 octets; crafted
+    text with none there (blanks or "=" throughout) is cut at its end: an octet or two at that seam may
+    decode otherwise than whole (BINARY.SIZE and the content alike, both read these blocks)."""
+    for end in range(len(line), max(0, len(line) - 64), -1):
+        if line[end - 1] not in b" \t\r=" and (end < 2 or line[end - 2] != ord("=")):
+            return end
+    return len(line)
 
 
 def _decoded_facts(f: BinaryIO, span: Span, cte: str) -> tuple[int, bool]:

@@ -87,6 +87,32 @@ def test_binary_decoded_in_blocks_is_the_whole_decoded(raw: bytes, block: int) -
         fetch.BINARY_BLOCK = original
 
 
+def test_a_quoted_printable_line_without_end_is_decoded_in_blocks_too() -> None:
+    """A crafted part of one long line (no LF: RFC 2045's 76 octets ignored) was decoded only at its
+    end, so a slow reader's FETCH BINARY held the whole part, undoing fetch.Decoded's streaming."""
+    raw = b"caf=C3=A9 =3d ok\t=41" * 200_000  # 4 MB, no line end
+    f = io.BytesIO(raw)
+    blocks = list(fetch._decoded_blocks(f, Span(0, len(raw), 0, 0), "quoted-printable"))
+    assert max(len(block) for block in blocks) <= 2 * fetch.BINARY_BLOCK, [len(block) for block in blocks]
+    assert b"".join(blocks) == decode_quoted_printable(raw)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"=41a", b" \ta", b"=\r\na", b"==xa", b"=A=\na", b"\n", b"=ZZa", b"\r\n",
+                                 b"=3a", b"= a", b" \t\n"]), max_size=40).map(b"".join),
+       st.sampled_from([1, 2, 3, 5]), st.sampled_from([4, 8, 16]))
+def test_a_long_quoted_printable_line_cut_at_a_seam_decodes_as_the_whole(raw: bytes, block: int, carry: int) -> None:
+    """A line longer than fetch.QP_LINE_CARRY is cut after an octet the rest of the line cannot change."""
+    f = io.BytesIO(raw)
+    originals = fetch.BINARY_BLOCK, fetch.QP_LINE_CARRY
+    fetch.BINARY_BLOCK, fetch.QP_LINE_CARRY = block, carry
+    try:
+        assert b"".join(fetch._decoded_blocks(f, Span(0, len(raw), 0, 0), "quoted-printable")) == \
+            decode_quoted_printable(raw)
+    finally:
+        fetch.BINARY_BLOCK, fetch.QP_LINE_CARRY = originals
+
+
 def test_base64_skips_octets_outside_its_alphabet_in_little_cpu() -> None:
     assert fetch._unbase64(b"QU\r\nJD\x00!\n") == b"ABC"
     started = time.process_time()
