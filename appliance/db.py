@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -88,6 +89,7 @@ class Database:
         self.counters = ChangeCounters(path)
         self._wal_fd: int | None = None  # sync_log's descriptor of the WAL
         self._wal_lock = threading.Lock()
+        self._closed = False
 
     @classmethod
     async def open(cls, path: Path, *, migrate: bool = True, migrations: Path | None = None) -> Database:
@@ -121,6 +123,7 @@ class Database:
         self.counters.close()
         await self._conn.close()
         with self._wal_lock:
+            self._closed = True
             if self._wal_fd is not None:
                 os.close(self._wal_fd)
                 self._wal_fd = None
@@ -138,6 +141,8 @@ class Database:
     def _sync_wal(self) -> None:
         wal = f"{self.path}-wal"
         with self._wal_lock:  # (never closed under an fdatasync of another thread)
+            if self._closed:  # (a sync after close() would open the WAL again, and keep it open)
+                raise OSError(errno.EBADF, "the database is closed")
             fd = self._wal_fd
             if fd is None or os.fstat(fd).st_ino != os.stat(wal).st_ino:  # a WAL made anew: its file
                 if fd is not None:
