@@ -4,7 +4,6 @@ unchanged; nothing of the failed restore is left beside the data directory."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 from pathlib import Path
 
@@ -12,11 +11,8 @@ import httpx
 import pytest
 import trustme
 
-from appliance import backup
-from appliance.accounts import Accounts
-from appliance.config import DataLayout
-from appliance.db import Database
 from tests.conftest import ServedBox
+from tests.support.other_box import other_box_backup
 from tests.support.polling import wait_until
 from tests.support.web import setup_code
 
@@ -28,21 +24,7 @@ _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 def broken_backup(tmp_path: Path) -> tuple[Path, str]:
     """A valid, verifiable backup of a box whose data cannot start: its SRS secret is too short (the
     box refuses to guess a new one, since addresses in flight depend on it)."""
-    layout = DataLayout(tmp_path / "elsewhere" / "data")
-    layout.create()
-
-    async def setup() -> None:
-        db = await Database.open(layout.db)
-        try:
-            await Accounts(db, data=layout).add_domain("restored.test")
-        finally:
-            await db.close()
-
-    asyncio.run(setup())
-    (layout.root / "srs.secret").write_text("short\n")
-    kit = backup.new_kit("elsewhere")
-    made = backup.create_backup(layout, tmp_path / f"broken{backup.SUFFIX}", recipient=kit.recipient)
-    return made.path, kit.text
+    return other_box_backup(tmp_path, "broken", lambda layout: (layout.root / "srs.secret").write_text("short\n"))
 
 
 def domains(box: ServedBox) -> list[str]:

@@ -10,18 +10,14 @@ now, any other visitor only that a restore runs."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 from pathlib import Path
 
 import httpx
 
-from appliance import backup
-from appliance.accounts import Accounts
-from appliance.config import DataLayout
-from appliance.db import Database
 from tests.conftest import BoxHandle
 from tests.integration.test_live_settings import admin_console
+from tests.support.other_box import other_box_backup
 from tests.support.polling import wait_until
 from tests.support.web import setup_code
 
@@ -52,26 +48,8 @@ def test_loading_the_last_step_does_not_finish_the_wizard(box: BoxHandle) -> Non
         assert events.count("first-run setup finished") == 1
 
 
-def _a_backup(tmp_path: Path) -> tuple[Path, str]:
-    """A valid backup of another box, with a domain."""
-    layout = DataLayout(tmp_path / "elsewhere" / "data")
-    layout.create()
-
-    async def setup() -> None:
-        db = await Database.open(layout.db)
-        try:
-            await Accounts(db, data=layout).add_domain("restored.test")
-        finally:
-            await db.close()
-
-    asyncio.run(setup())
-    kit = backup.new_kit("elsewhere")
-    made = backup.create_backup(layout, tmp_path / f"other{backup.SUFFIX}", recipient=kit.recipient)
-    return made.path, kit.text
-
-
 def test_a_wizard_restore_is_shown_only_to_the_browser_that_started_it(box: BoxHandle, tmp_path: Path) -> None:
-    file, kit = _a_backup(tmp_path)
+    file, kit = other_box_backup(tmp_path, "other")
     base = f"https://localhost:{box.port('https')}"
     with httpx.Client(base_url=base, verify=box.client_context, timeout=60) as owner, \
             httpx.Client(base_url=base, verify=box.client_context, timeout=60) as stranger:
