@@ -24,7 +24,7 @@ from starlette.routing import Route
 from appliance import backup, setup_code
 from appliance.disk_full import RESERVE_OCTETS
 from web.pages import admin, flash, peer, read_form, redirect, render, require, services
-from web.uploads import read_upload
+from web.uploads import declared_length, read_upload
 
 MAX_UPLOAD = 256 * 1024**3  # a backup is one file of any size a disk holds; it is streamed to disk
 MAX_SECRET = 4096
@@ -100,15 +100,9 @@ async def _reserve_room(request: Request) -> int:
     """Refuse an upload larger than the free space it needs before reading any of it (so a backup
     that cannot fit is refused at once, not after an hour), counting the uploads still arriving:
     each was checked alone, so on a fresh box anyone could send several at once, each up to half the
-    free space, before the setup code (a field of the same form) was read. Returns the bytes reserved.
-    A body in chunks is refused: its length is the chunks' (RFC 9112 6.3), whatever Content-Length says,
-    so a reservation of 100 octets let a stranger write 200 MiB. Browsers send Content-Length alone."""
-    if "transfer-encoding" in request.headers:
-        raise HTTPException(411, "The upload must say its size (Content-Length), not come in chunks.")
-    try:
-        length = int(request.headers.get("content-length", ""))
-    except ValueError:
-        raise HTTPException(411, "The upload must say its size (Content-Length).") from None
+    free space, before the setup code (a field of the same form) was read. Returns the bytes reserved
+    (uploads.declared_length: a body in chunks is refused)."""
+    length = declared_length(request)
     free = await asyncio.to_thread(_free_space, request)
     jobs = services(request).backups
     # The reserve kept for new mail stays free too: on a disk with less than twice the reserve free, an

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from appliance import bundle, update
 from appliance.disk_full import RESERVE_OCTETS
 from web.pages import admin, flash, redirect, render, require, services
-from web.uploads import read_upload
+from web.uploads import declared_length, read_upload
 
 MAX_UPLOAD = bundle.MAX_BYTES + 1024 * 1024  # the bundle plus the form around it
 
@@ -35,14 +35,8 @@ def _reserve_room(request: Request, free: int) -> int:
     """Refuse, before a byte of it is written, a bundle that would not fit above the reserve kept for new
     mail (as a backup upload is, web/routes/restore.py): it was written whatever the free space, so a
     256 MiB upload to a nearly full disk took the reserve and new mail was refused while it arrived.
-    Counts the other update uploads arriving now; returns the bytes reserved (given back by the caller).
-    A body in chunks is refused: its length is the chunks', not Content-Length's."""
-    if "transfer-encoding" in request.headers:
-        raise HTTPException(411, "The upload must say its size (Content-Length), not come in chunks.")
-    try:
-        length = int(request.headers.get("content-length", ""))
-    except ValueError:
-        raise HTTPException(411, "The upload must say its size (Content-Length).") from None
+    Counts the other update uploads arriving now; returns the bytes reserved (given back by the caller)."""
+    length = declared_length(request)
     arriving: int = getattr(request.app.state, "updates_arriving", 0)
     if length > MAX_UPLOAD:
         raise HTTPException(413, f"A bundle is at most {bundle.MAX_BYTES >> 20} MiB.")
