@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import smtplib
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from email import message_from_bytes
 from email.message import Message
@@ -87,6 +88,16 @@ class Outbound:
             wait_until(predicate, seconds=timeout, interval=0.05, what=what)
         except AssertionError as exc:
             raise AssertionError(f"{exc}; queue: {self.messages()}") from None
+
+    def stays_queued(self, rcpt: str, receiver: Receiver) -> None:
+        """A message to `rcpt` submitted and the queue woken while delivery is on hold (queue_hold): after
+        a pass and the 1 s retry interval it is still queued, and `receiver` got nothing."""
+        self.submit([rcpt])
+        [message] = self.messages()
+        self.wake()
+        time.sleep(1.5)
+        assert receiver.transactions == []
+        assert [m.id for m in self.messages()] == [message.id]
 
     def wait_empty(self, timeout: float = 20) -> None:
         self.wait_until(lambda: not self.messages(), timeout, "an empty queue")
