@@ -39,6 +39,7 @@ from appliance.disk_full import RESERVE_OCTETS
 from tests.conftest import BoxHandle
 from tests.integration.test_live_settings import admin_console
 from tests.integration.test_web_first_run import _form_head, _one_answer, _upload_head
+from tests.support.other_box import wizard_restore
 from tests.support.polling import wait_until
 from tests.support.web import setup_code
 
@@ -113,21 +114,7 @@ def _restore_in_wizard(box: BoxHandle, file: Path, kit: backup.Kit) -> str:
     """The wizard's Restore from a backup, over HTTPS; the job's error (the restore must fail)."""
     with httpx.Client(base_url=f"https://127.0.0.1:{box.port('https')}", verify=box.client_context,
                       timeout=60) as web:
-        page = web.get("/setup/restore")
-        assert page.status_code == 200, page.text[:300]
-        token = _CSRF.search(page.text)
-        assert token
-        with file.open("rb") as upload:
-            answer = web.post("/setup/restore", data={"csrf": token.group(1), "code": setup_code(box.data.root),
-                                                      "secret": kit.text},
-                              files={"backup": (file.name, upload, "application/octet-stream")})
-        assert answer.status_code == 303, answer.text[:300]
-
-        def finished() -> dict[str, str]:
-            job: dict[str, str] | None = web.get("/setup/restore/progress").json()["job"]
-            return job if job is not None and not job["running"] else {}
-
-        job = wait_until(finished, seconds=180, what="the restore's end")
+        job = wizard_restore(web, box.data.root, file, kit.text, seconds=180)
         assert not job["result"], job
         return job["error"]
 

@@ -17,9 +17,7 @@ import httpx
 
 from tests.conftest import BoxHandle
 from tests.integration.test_live_settings import admin_console
-from tests.support.other_box import other_box_backup
-from tests.support.polling import wait_until
-from tests.support.web import setup_code
+from tests.support.other_box import other_box_backup, wizard_restore
 
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
@@ -53,21 +51,8 @@ def test_a_wizard_restore_is_shown_only_to_the_browser_that_started_it(box: BoxH
     base = f"https://localhost:{box.port('https')}"
     with httpx.Client(base_url=base, verify=box.client_context, timeout=60) as owner, \
             httpx.Client(base_url=base, verify=box.client_context, timeout=60) as stranger:
-        page = owner.get("/setup/restore")
-        token = _CSRF.search(page.text)
-        assert token
         stranger.get("/setup/restore")  # a session of its own, before and after the restore started
-        with file.open("rb") as upload:
-            answer = owner.post("/setup/restore", data={"csrf": token.group(1), "code": setup_code(box.data.root),
-                                                        "secret": kit},
-                                files={"backup": (file.name, upload, "application/octet-stream")})
-        assert answer.status_code == 303, answer.text[:300]
-
-        def finished() -> dict[str, str]:
-            job: dict[str, str] | None = owner.get("/setup/restore/progress").json()["job"]
-            return job if job is not None and not job["running"] else {}
-
-        job = wait_until(finished, seconds=120, what="the restore's end")
+        job = wizard_restore(owner, box.data.root, file, kit, seconds=120)
         assert job["result"].startswith("Verified "), job
         host = job["result"].split(" from ", 1)[1].split(" (", 1)[0]
         assert host
