@@ -46,13 +46,13 @@ from appliance.store.model import (
 log = logging.getLogger("letterbox.store")
 _T = TypeVar("_T")
 
-# Folder indexes nobody has selected are kept in memory up to this many octets together (about
-# 9,000 messages, index.ENTRY_MEMORY each); beyond it the least recently used are unloaded and read
-# from the db again at their next use (0.6 s per 100,000 messages).
 # Folders one mailbox may have (INBOX included): each is four directories (16 KiB of
 # disk and four inodes) and a row outside the quota, and one session's CREATEs made 140 a second, so
 # one mailbox's password filled the disk for everyone.
 MAX_FOLDERS = 10_000
+# Folder indexes nobody has selected are kept in memory up to this many octets together (about
+# 9,000 messages, index.ENTRY_MEMORY each); beyond it the least recently used are unloaded and read
+# from the db again at their next use (0.6 s per 100,000 messages).
 UNWATCHED_INDEX_MEMORY = 8 << 20
 TRIM_DELAY = 2.0  # seconds a folder stays loaded after its last use at least
 # Addresses whose key and parts are kept (address_key, _mailbox_parts): a few dozen bytes each.
@@ -271,10 +271,7 @@ class OpenMailboxes:
 
     async def make_folders(self, mb: OpenMailbox, names: Sequence[str], must_create: str | None = None) -> None:
         """Create the folders of `names` that do not exist, with fresh rows. Mailbox lock held."""
-        missing = await asyncio.to_thread(_missing_folders, mb.root, names)
-        if missing and await asyncio.to_thread(_folder_count, mb.root) + len(missing) > MAX_FOLDERS:
-            raise TooManyFolders(f"A mailbox has at most {MAX_FOLDERS} folders; delete some first")
-        made = await asyncio.to_thread(_make_folder_dirs, mb.root, missing)
+        made = await asyncio.to_thread(_make_folder_dirs, mb.root, names)
         if must_create is not None and must_create not in made:
             raise FolderExists(f"{must_create} already exists")
         if made:
@@ -875,24 +872,18 @@ def _insert_folders(tx: sqlite3.Connection, *, mailbox_id: int, names: Sequence[
     for name in names:
         index.insert_folder(tx, mailbox_id, name)
 
+
 def _make_specials(root: Path) -> None:
     for name in SPECIAL_FOLDERS:
         maildir.make_maildir(maildir.folder_path(root, name), folder=True)
 
-def _folder_count(root: Path) -> int:
-    """Its folders on disk, INBOX included (rows come with a folder's first use: fewer)."""
-    return 1 + len(maildir.discover_folders(root))
-
-
-def _missing_folders(root: Path, names: Sequence[str]) -> list[str]:
-    return [name for name in names if not maildir.folder_path(root, name).is_dir()]
-
 
 def _make_folder_dirs(root: Path, names: Sequence[str]) -> list[str]:
-    made = []
-    for name in names:
-        path = maildir.folder_path(root, name)
-        if not path.is_dir():
-            maildir.make_maildir(path, folder=True)
-            made.append(name)
-    return made
+    """The folders of `names` not on disk, made; none if they would take the mailbox past MAX_FOLDERS
+    (counted on disk, INBOX included: rows come with a folder's first use, so there are fewer)."""
+    missing = [(name, path) for name in names if not (path := maildir.folder_path(root, name)).is_dir()]
+    if missing and 1 + len(maildir.discover_folders(root)) + len(missing) > MAX_FOLDERS:
+        raise TooManyFolders(f"A mailbox has at most {MAX_FOLDERS} folders; delete some first")
+    for _, path in missing:
+        maildir.make_maildir(path, folder=True)
+    return [name for name, _ in missing]
