@@ -563,8 +563,10 @@ def _read_secret_file(name: str | None, what: str) -> str:
         return ""
     try:
         text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
-    except (OSError, UnicodeError) as exc:
-        raise CliError(f"cannot read the {what} file {name}: {exc}") from exc
+    except OSError as exc:  # (its strerror alone: str(exc) names the path a second time)
+        raise CliError(f"cannot read the {what} file {name}: {exc.strerror}") from None
+    except UnicodeError:
+        raise CliError(f"cannot read the {what} file {name}: it is not UTF-8 text") from None
     if not text.strip():
         raise CliError(f"the {what} file {name} is empty")
     return text
