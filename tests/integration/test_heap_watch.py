@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from appliance.heap import HeapWatch, free_heap, resident
+from appliance import collector
+from appliance.heap import HeapWatch, free_heap, release_memory, resident
 from tests.conftest import BoxHandle
 from tests.support.flood import connect_from, raise_open_files_limit
 from tests.support.polling import wait_until
@@ -41,8 +42,7 @@ def _all_closed(counts: Any) -> bool:
 def test_a_burst_of_tls_connections_closed_leaves_no_object_and_its_heap_goes_back(box: BoxHandle) -> None:
     raise_open_files_limit()
     # The box's own watch (every 15 s, at 32 MiB of growth) stopped meanwhile: it may trim while the 300
-    # closes are awaited (slow at load), and this test's watch then finds nothing to do: the likely cause
-    # of this test's one failure, in a fresh-clone run at load (2026-12-02).
+    # closes are awaited (slow at load), and this test's watch would then find nothing to do.
     own = [service for service in box.box._background if isinstance(service, HeapWatch)]
     for watch in own:
         box.run(watch.stop())
@@ -53,6 +53,11 @@ def test_a_burst_of_tls_connections_closed_leaves_no_object_and_its_heap_goes_ba
             box.run(_started(watch))
 
 
+async def _trimmed() -> None:
+    collector.collect()
+    release_memory()
+
+
 async def _started(watch: HeapWatch) -> None:
     watch.start()
 
@@ -61,6 +66,10 @@ def _burst_and_back(box: BoxHandle) -> None:
     port = box.port("imaps")
     sources = [f"127.0.{1 + i // 200}.{2 + i % 200}" for i in range(CONNECTIONS)]
     protocols_before = _server_tls_protocols()
+    # From a trimmed heap, as the box's watch leaves it: free heap that earlier tests left resident in this
+    # process's arenas would take the burst with no growth of RSS, and the watch would rightly see nothing
+    # to do (this test's failure in a fresh-clone CI run, 2026-12-02, reproduced by growing those arenas first).
+    box.run(_trimmed())
     watch = HeapWatch(growth=8 * 1024 * 1024)
     with ThreadPoolExecutor(max_workers=16) as pool:
         held: list[socket.socket] = list(pool.map(partial(_greeted, port, box.client_context), sources))
