@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from appliance.delivery_log import Delivery, Search
 from appliance.queue.client import Outcome
 from appliance.queue.relay_check import check_relay
 from appliance.queue.smarthost import Smarthost
@@ -309,6 +310,22 @@ def test_the_queue_is_listed_with_each_recipients_state(web: WebClient) -> None:
     status = text_of(web.get("/console").text)
     assert re.search(r"Outbound queue\s+2 messages\s*, [\d.]+ (bytes|KiB)\s+1 deferred\s+1 failed", status), status
     assert '<a href="/console/sending">2 messages</a>' in web.get("/console").text
+
+
+def test_the_delivery_log_says_a_deferral_as_the_sending_page_does(web: WebClient) -> None:
+    # The row's detail is the queue's exact text (as _finish records it); the page says it in words.
+    exact = "mx.elsewhere.example[192.0.2.1]:25: connection failed: [Errno 111] Connection refused"
+    row = Delivery(direction="out", result="deferred", sender=ALICE, recipient=BOB, detail=exact,
+                   client="mx.elsewhere.example[192.0.2.1]")
+
+    async def record() -> None:
+        web.services.delivery_log.record(row)
+
+    web.run(record)
+    page = web.get("/console/log").text
+    assert "connection refused by mx.elsewhere.example (192.0.2.1) port 25" in text_of(page), text_of(page)
+    assert "Errno" not in page
+    assert web.run(web.services.delivery_log.search, Search(address=BOB))[0].detail == exact  # kept exact
 
 
 def test_retry_now_makes_a_deferred_message_due(web: WebClient) -> None:
