@@ -32,6 +32,8 @@ MAX_RCPTS_PER_TRANSACTION = 100  # RFC 5321 4.5.3.1.8: every server takes at lea
 TlsPolicy = Literal["opportunistic", "required", "implicit"]
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+_REPLY_LINE = re.compile(rb"(\d{3})(?:[ -]|\r?\n?$)")
+PROTOCOL_ERROR = "5.5.0"  # RFC 3463: a reply the protocol has no place for (Postfix bounces with it too)
 
 
 @dataclass(frozen=True)
@@ -44,15 +46,20 @@ class Reply:
 
     @property
     def status(self) -> str:
-        """The RFC 3463 status: the reply's own enhanced code when it has one of the right class."""
+        """The RFC 3463 status: the reply's own enhanced code when it has one of the right class; a code
+        that is no 2xx, 4xx or 5xx (a 3xx out of place, a 199) is a protocol error, 5.5.0, as Postfix's."""
+        first = str(self.code)[0]
+        if first not in "245":
+            return PROTOCOL_ERROR
         m = _ENHANCED.match(self.text)
-        if m and m.group(1) == str(self.code)[0]:
+        if m and m.group(1) == first:
             return m.group(0)
-        return f"{str(self.code)[0]}.0.0"
+        return f"{first}.0.0"
 
     @property
     def positive(self) -> bool:
-        return 200 <= self.code < 400
+        """RFC 5321 4.2.1: MAIL, RCPT and the final "." succeed with a 2xx only."""
+        return 200 <= self.code < 300
 
 
 def reply_from(code: int, message: bytes | str) -> Reply:
@@ -140,7 +147,7 @@ class _Pinned(smtplib.SMTP):
             assert self.sock is not None
             self.file = self.sock.makefile("rb")
         lines: list[bytes] = []
-        octets = 0
+        octets = read = 0
         while True:
             try:
                 line = self.file.readline(smtplib._MAXLINE + 1)  # type: ignore[attr-defined]
@@ -151,22 +158,24 @@ class _Pinned(smtplib.SMTP):
                 self.close()
                 raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
             octets += len(line)
+            read += 1
             if len(line) > smtplib._MAXLINE:  # type: ignore[attr-defined]
                 self.close()
                 raise smtplib.SMTPResponseException(500, "Line too long.")
-            if len(lines) >= MAX_REPLY_LINES or octets > MAX_REPLY_OCTETS:
+            if read > MAX_REPLY_LINES or octets > MAX_REPLY_OCTETS:
                 self.close()
                 raise smtplib.SMTPServerDisconnected(
                     f"reply longer than {MAX_REPLY_LINES} lines or {MAX_REPLY_OCTETS} octets")
+            reply_line = _REPLY_LINE.match(line)
+            if reply_line is None:
+                # A line without a reply code: smtplib ended the reply there, so the rest of it was
+                # read as the next command's reply; from there every pipelined reply was one behind,
+                # and a RCPT's 250 read as the reply to DATA counted the message as delivered, unsent.
+                # Skipped, as Postfix's smtp_chat does (the bounds above still hold).
+                continue
             lines.append(line[4:].strip(b" \t\r\n"))
-            try:
-                code = int(line[:3])
-            except ValueError:
-                code = -1
-                break
             if line[3:4] != b"-":
-                break
-        return code, b"\n".join(lines)
+                return int(reply_line[1]), b"\n".join(lines)
 
 
 class _PinnedSMTP(_Pinned):
@@ -497,6 +506,13 @@ class OutboundSession:
             return outcomes
         except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
             reply = reply_from(exc.smtp_code, exc.smtp_error)
+            if not str(exc.smtp_code).startswith(("4", "5")):
+                # A 250 (or any non-failure) instead of 354: the message was never sent, yet it counted
+                # as delivered. Postfix bounces it as a protocol error; what the server waits for now
+                # is unknown, so the connection ends.
+                self.broken = True
+                return dict.fromkeys(recipients, Outcome(
+                    PROTOCOL_ERROR, f"Protocol error: {reply} (in reply to DATA)", str(hop)))
             if exc.smtp_code == 421:
                 self.broken = True
             self._reset()

@@ -19,8 +19,13 @@ from tests.support.receivers import Receiver, Script, free_port
 MESSAGE = b"From: a@ours.test\r\nSubject: t\r\n\r\nbody\r\n"
 
 
+NO_DATA = "<no 354>"
+
+
 class Scripted:
-    """A raw TCP server: for each connection, its own list of (line prefix to expect, reply to send)."""
+    """A raw TCP server: for each connection, its own list of (line prefix to expect, reply to send).
+    DATA is answered 354, the message read, then the reply sent; a reply starting NO_DATA answers DATA
+    itself."""
 
     def __init__(self, host: str, port: int, conversations: list[list[tuple[str, str]]]) -> None:
         self.conversations = conversations
@@ -59,12 +64,15 @@ class Scripted:
                         line, _, buffer = buffer.partition(b"\r\n")
                         if not line.decode().upper().startswith(expect.upper()):
                             self.errors.append(f"expected {expect!r}, got {line!r}")
-                    if expect == "DATA":
+                    if reply.startswith(NO_DATA):  # DATA answered with the rest, not with 354
+                        reply = reply[len(NO_DATA):]
+                    elif expect == "DATA":
                         conn.sendall(b"354 go ahead\r\n")
                         while b"\r\n.\r\n" not in buffer:
                             chunk = conn.recv(65536)
                             if not chunk:
                                 break
+                            self.chunks.append(chunk)
                             buffer += chunk
                         _, _, buffer = buffer.partition(b"\r\n.\r\n")
                     if reply == "<close>":
@@ -278,3 +286,43 @@ def test_a_data_refusal_is_per_message(port: int) -> None:
         receiver.wait(1)
     assert first["x@far.test"].status == "5.7.1"
     assert second["x@far.test"].delivered
+
+
+def test_a_reply_line_without_a_code_does_not_put_the_replies_one_behind(port: int) -> None:
+    """A line without a reply code inside a multiline reply ended it (smtplib's way), so the reply's last
+    line was read as the next RCPT's and each later reply as the one after: r1's 550 became r2's, and
+    the reply to DATA was r2's 250, so all three counted as delivered and nothing was sent (attack41).
+    The line is skipped, as Postfix's smtp_chat does."""
+    refusal = "550-5.1.1 no such user\r\nthis line has no reply code\r\n550 5.1.1 no such user"
+    script = [("", "220 hi"), ("EHLO", "250-scripted\r\n250 PIPELINING"), ("MAIL", "250 ok"),
+              ("RCPT TO:<r1@far.test>", refusal), ("RCPT TO:<r2@far.test>", "250 ok"),
+              ("RCPT TO:<r3@far.test>", "250 ok"), ("DATA", "250 2.0.0 queued"), ("QUIT", "221 bye")]
+    with Scripted("127.0.0.2", port, [script]) as server:
+        session = open_session(port)
+        outcomes = session.send(Outgoing("a@ours.test", ("r1@far.test", "r2@far.test", "r3@far.test"), MESSAGE))
+        session.close()
+    assert outcomes["r1@far.test"].permanent
+    assert outcomes["r1@far.test"].status == "5.1.1"
+    assert [outcomes[r].text for r in ("r2@far.test", "r3@far.test")] == ["250 2.0.0 queued"] * 2
+    assert b"body\r\n" in b"".join(server.chunks)  # the message went
+
+
+@pytest.mark.parametrize(("step", "reply"), [
+    ("DATA", f"{NO_DATA}250 2.0.0 ok"),  # DATA taken as if it were the end of the message
+    ("DATA", "354 more, please"),  # a 3xx as the reply to the final "."
+    ("RCPT", "199 fine"),  # a code the protocol has not
+])
+def test_a_reply_out_of_place_is_a_protocol_error_not_a_delivery(port: int, step: str, reply: str) -> None:
+    """A 250 to DATA counted every recipient as delivered though the message was never sent; a 3xx
+    after the final "." was a delay with the status '3.0.0', tried again for 5 days. Either is
+    Postfix's "5.5.0 Protocol error", reported to the sender (attack41)."""
+    script = [("", "220 hi"), ("EHLO", "250-scripted\r\n250 PIPELINING"), ("MAIL", "250 ok"),
+              ("RCPT", reply if step == "RCPT" else "250 ok")]
+    if step == "DATA":
+        script.append(("DATA", reply))
+    with Scripted("127.0.0.2", port, [[*script, ("", "<close>")]]):
+        session = open_session(port)
+        outcome = session.send(Outgoing("a@ours.test", ("x@far.test",), MESSAGE))["x@far.test"]
+        session.close()
+    assert outcome.status == "5.5.0", outcome
+    assert outcome.permanent
