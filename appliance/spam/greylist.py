@@ -12,7 +12,11 @@ that passes SPF for a sender domain that already got through greylisting before 
 remembered in `greylist_spf_domains` when a retry passes with an SPF pass).
 
 State lives in the `greylist` table (migration 0010) with its expiry; a passed triplet's `last_seen`
-is refreshed at most once a day, so regular mail does not commit on every RCPT.
+is refreshed at most once a day, so regular mail does not commit on every RCPT. The table is bounded:
+every RCPT with a fresh sender is a new triplet, and one client flooding them wrote 264 rows a second
+(each kept 2 days: gigabytes). A network holds at most MAX_WAITING_PER_NETWORK triplets not yet
+retried, the table at most MAX_TRIPLETS; past either, the triplets nearest their expiry are forgotten
+(a flood's own oldest first), so a client that floods mostly evicts its own rows.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ RETRY_WINDOW = 2 * DAY  # an unretried triplet is forgotten after this (postgrey
 REFRESH_EVERY = DAY  # a passed triplet's last use is written at most this often
 PURGE_EVERY = 3600.0
 MAX_LISTED = 10_000
+MAX_TRIPLETS = 100_000  # about 30 MB of database; a family's mail has a few thousand
+MAX_WAITING_PER_NETWORK = 1000  # triplets of one /24 or /64 waiting for their retry
+TRIM_EVERY = 1000  # new triplets between two counts of the whole table
 
 GreylistVerdict = Literal["new", "early", "passed", "known"]
 NEW: GreylistVerdict = "new"  # first attempt: deferred
@@ -96,6 +103,7 @@ class Greylist:
         self._db = db
         self._clock = clock
         self._last_purge = 0.0
+        self._new_since_trim = TRIM_EVERY  # the first new triplet after a start counts the table
 
     async def check(self, network: str, sender: str, recipient: str, *, delay: int, remember_days: int) -> Check:
         """Look the triplet up and record this attempt; the verdict says whether it passes."""
@@ -115,6 +123,7 @@ class Greylist:
                 row = await cursor.fetchone()
             current = _entry(row) if row is not None else None
             if current is None or current.expires <= now:
+                await self._make_room(tx, network)
                 await tx.execute(
                     f"INSERT OR REPLACE INTO greylist ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, 1, ?)",  # noqa: S608  fixed columns
                     (*key, now, now, now + RETRY_WINDOW))
@@ -131,6 +140,30 @@ class Greylist:
             await tx.execute("UPDATE greylist SET last_seen = ?, passed_at = ?, attempts = attempts + 1, expires = ?"
                              " WHERE network = ? AND sender = ? AND recipient = ?", (now, now, now + remember, *key))
             return Check(PASSED)
+
+    async def _make_room(self, tx: aiosqlite.Connection, network: str) -> None:
+        """Before a new triplet: keep the network's waiting ones and the whole table within their bounds."""
+        async with tx.execute("SELECT COUNT(*) FROM greylist WHERE network = ? AND passed_at IS NULL",
+                              (network,)) as cursor:
+            row = await cursor.fetchone()
+        if row is not None and int(row[0]) >= MAX_WAITING_PER_NETWORK:
+            await tx.execute(
+                "DELETE FROM greylist WHERE (network, sender, recipient) IN (SELECT network, sender, recipient"
+                " FROM greylist WHERE network = ? AND passed_at IS NULL ORDER BY expires LIMIT ?)",
+                (network, int(row[0]) - MAX_WAITING_PER_NETWORK + 1))
+        self._new_since_trim += 1
+        if self._new_since_trim < TRIM_EVERY:
+            return
+        self._new_since_trim = 0
+        async with tx.execute("SELECT COUNT(*) FROM greylist") as cursor:
+            row = await cursor.fetchone()
+        excess = (int(row[0]) if row is not None else 0) - MAX_TRIPLETS + TRIM_EVERY
+        if excess > 0:  # room for the next TRIM_EVERY new ones, so the table never holds more
+            log.warning("greylist: %d triplets, more than %d; forgetting the %d nearest their expiry",
+                        int(row[0]) if row is not None else 0, MAX_TRIPLETS - TRIM_EVERY, excess)
+            await tx.execute(
+                "DELETE FROM greylist WHERE (network, sender, recipient) IN (SELECT network, sender, recipient"
+                " FROM greylist ORDER BY expires LIMIT ?)", (excess,))
 
     async def _purge_if_due(self, tx: aiosqlite.Connection, now: int) -> None:
         if now - self._last_purge < PURGE_EVERY:

@@ -18,10 +18,12 @@ from typing import Any
 import pytest
 
 from appliance.admin import Admin
+from appliance.spam import greylist
 from appliance.spam.decisions import DBL, DEFER, DNSBL, EARLY_TALKER, GREYLIST, REJECT
 from tests.conftest import LETTERBOX, BoxHandle, require_program
 from tests.support.dns_server import ZoneServer
 from tests.support.polling import wait_until
+from tests.support.smtp_wire import Wire
 
 ALICE, PASSWORD = "alice@example.test", "alice's long password"
 IP_LIST, DOMAIN_LIST = "bl.lists.test", "dbl.lists.test"
@@ -201,6 +203,51 @@ def test_a_domain_that_passed_with_spf_is_not_greylisted_again(mx: BoxHandle, zo
     # A client outside the domain's SPF is greylisted as usual.
     zone.set("sender.test", "TXT", ['"v=spf1 ip4:192.0.2.0/24 -all"'])
     assert rcpt_from(mx, "127.0.0.32", sender="erin@sender.test")[0] == 451
+
+
+def new_triplets(box: BoxHandle, source: str, count: int) -> None:
+    """`count` new triplets from one client, pipelined as a spammer would: a fresh sender for each
+    RCPT (the session may end, past its error budget, before all are answered: each is a new
+    connection's work then)."""
+    sent = 0
+    while sent < count:
+        batch = min(count - sent, 40)  # within one session's junk and error budgets
+        with Wire(box.port("smtp"), source=source) as wire:
+            wire.reply()
+            wire.cmd("EHLO spam.test")
+            wire.send("".join(f"MAIL FROM:<s{sent + n}@flood.test>\r\nRCPT TO:<{ALICE}>\r\nRSET\r\n"
+                              for n in range(batch)))
+            replies = [wire.reply()[0] for _ in range(3 * batch)]
+        assert replies.count(451) == batch, replies
+        sent += batch
+
+
+def greylist_rows(box: BoxHandle, network: str | None = None) -> int:
+    async def count() -> int:
+        row = await box.services.db.fetchone(
+            "SELECT COUNT(*) AS n FROM greylist WHERE ? IS NULL OR network = ?", (network, network))
+        return int(row["n"]) if row else 0
+
+    return box.run(count())
+
+
+def test_a_flood_of_new_triplets_cannot_grow_the_greylist_without_bound(mx: BoxHandle,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each RCPT with a fresh sender is a new triplet: one client wrote 264 rows a second, each kept for
+    2 days (attack41). A network's waiting triplets and the whole table are bounded; a flood evicts
+    its own oldest rows, not the triplet a real server is about to retry from another network."""
+    monkeypatch.setattr(greylist, "MAX_WAITING_PER_NETWORK", 30)
+    monkeypatch.setattr(greylist, "MAX_TRIPLETS", 100)
+    monkeypatch.setattr(greylist, "TRIM_EVERY", 10)
+    configure(mx, greylist=True, greylist_delay=3600)
+    assert rcpt_from(mx, "127.0.9.1")[0] == 451  # a real server's first try
+    new_triplets(mx, "127.0.0.60", 80)
+    assert greylist_rows(mx, "127.0.0.0/24") == 30
+    assert greylist_rows(mx, "127.0.9.0/24") == 1
+    for network in range(1, 6):
+        new_triplets(mx, f"127.0.{network}.60", 30)
+    assert greylist_rows(mx) <= 100
+    assert greylist_rows(mx, "127.0.5.0/24") == 30  # the newest are kept
 
 
 def swaks(box: BoxHandle, source: str) -> subprocess.CompletedProcess[str]:
