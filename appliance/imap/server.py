@@ -454,6 +454,7 @@ class ConnectionHandler:
                 if status == "BAD" and self.conn.note_bad_command():
                     await self.send(Bye("Too many invalid commands"))
                     return
+                await self.channel.take_turn()
             elif isinstance(event, ContinuationRequest):
                 await self.send(event.reply)
             elif isinstance(event, SpoolChunk):

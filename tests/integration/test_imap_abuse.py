@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import smtplib
 import statistics
+import threading
 import time
+import zlib
 from collections.abc import Iterator
 
 import pytest
@@ -307,3 +309,46 @@ def test_a_mailed_source_route_of_thousands_of_domains_sorts_in_little_cpu(imap_
         reply = raw.command(b"T%d" % n, command)
         assert tagged(reply).startswith(b"T%d OK" % n), reply[-1]
         assert time.process_time() - started < 2.0, command  # about 5 s each before
+
+
+# --- session 41: one session's pipelined commands do not hold the event loop ---------------------
+
+def test_a_small_deflate_stream_of_many_commands_leaves_other_sessions_served(imap_box: BoxHandle,
+                                                                             raw: RawImap) -> None:
+    """RFC 4978: 2.4 KB of DEFLATE inflate to 200,000 NOOPs, none of which waits for anything. The
+    session answering them held the event loop until the last: every other session (and SMTP) waited
+    for all of them (52 s for 2 million, 23 KB). Counted, not timed: another session's NOOPs are
+    answered while they run (with the loop held, not one)."""
+    assert tagged(raw.command(b"Z", b"COMPRESS DEFLATE")).startswith(b"Z OK")
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    inflate = zlib.decompressobj(-15)
+    bomb = deflate.compress(b"a NOOP\r\n" * 200_000 + b"end NOOP\r\n") + deflate.flush(zlib.Z_SYNC_FLUSH)
+    assert len(bomb) < 3000
+    other = RawImap(imap_box.port("imaps"), imap_box.client_context, timeout=60)
+    try:
+        other.login(OTHER, PASSWORD)
+        raw.send(bomb)  # whole before the reader starts: one thread at a time on the TLS socket
+        answers: list[int] = []
+
+        def read_answers() -> None:
+            partial, count, ended = b"", 0, False
+            while not ended:
+                chunk = raw.sock.recv(65536)
+                if not chunk:
+                    break
+                *lines, partial = (partial + inflate.decompress(chunk)).split(b"\r\n")
+                count += sum(line == b"a OK NOOP completed" for line in lines)
+                ended = b"end OK NOOP completed" in lines
+            answers.append(count)
+
+        reader = threading.Thread(target=read_answers)
+        reader.start()
+        served = 0
+        while reader.is_alive():
+            assert tagged(other.command(b"N%d" % served, b"NOOP")).startswith(b"N%d OK" % served)
+            served += reader.is_alive()
+        reader.join()
+    finally:
+        other.close()
+    assert answers == [200_000]
+    assert served >= 5, served
