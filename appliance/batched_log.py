@@ -10,7 +10,10 @@ database; rows are written `flush_delay` seconds after the first of them (at onc
 waiting). A crash loses at most those few seconds of log, never mail: nothing depends on these rows.
 At most `max_pending` rows wait (a flood cannot grow memory); beyond that the oldest are dropped and
 counted. Readers call `settle()` first, so they see every row recorded before the call. Rows older
-than `keep_days()` (read live: a setting) are deleted at most once an hour, by a flush.
+than `keep_days()` (read live: a setting) are deleted at most once an hour, by a flush, and a table
+keeps at most `max_rows`, the newest (checked every CAP_EVERY rows written): the network chooses how
+many rows come (a flood of greylisted RCPTs wrote 264 spam decisions a second, kept 30 days: hundreds of
+millions of rows before any was old enough to go).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ FLUSH_DELAY = 2.0
 FLUSH_BATCH = 200
 MAX_PENDING = 5000
 PRUNE_EVERY = 3600.0
+MAX_ROWS = 500_000  # about 100 MB of a log table; a family box writes a few hundred rows a day
+CAP_EVERY = 1000  # rows written between two looks at the table's size
 
 
 def cut(text: str, limit: int) -> str:
@@ -42,11 +47,13 @@ def cut(text: str, limit: int) -> str:
 
 class BatchedLog(Generic[T]):
     """The batched writer of one table: `insert` takes the tuple `to_row(entry)` gives; the table has an
-    integer `at` column (Unix seconds) that pruning compares."""
+    integer `at` column (Unix seconds) that pruning compares and an integer primary key `id`, in the
+    order written, that the cap compares."""
 
     def __init__(self, db: Database, table: str, insert: str, to_row: Callable[[T], Sequence[object]], *,
                  keep_days: Callable[[], int] = lambda: 30, clock: Callable[[], float] = time.time,
-                 flush_delay: float = FLUSH_DELAY, batch: int = FLUSH_BATCH, max_pending: int = MAX_PENDING) -> None:
+                 flush_delay: float = FLUSH_DELAY, batch: int = FLUSH_BATCH, max_pending: int = MAX_PENDING,
+                 max_rows: int = MAX_ROWS) -> None:
         self._db = db
         self._table = table
         self._insert = insert
@@ -56,6 +63,9 @@ class BatchedLog(Generic[T]):
         self._flush_delay = flush_delay
         self._batch = batch
         self._max_pending = max_pending
+        self._max_rows = max_rows
+        self._since_cap = CAP_EVERY  # the first write after a start looks at the table
+        self._cap = f"DELETE FROM {table} WHERE id <= (SELECT MAX(id) FROM {table}) - ?"  # noqa: S608  table name is ours
         self._pending: deque[T] = deque()
         self.dropped = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -107,10 +117,13 @@ class BatchedLog(Generic[T]):
         batch = list(self._pending)
         self._pending.clear()
         values = self._values(batch)
+        cap = self._cap_due(len(values))
 
         def write(conn: sqlite3.Connection) -> None:
             try:
                 conn.executemany(self._insert, values)
+                if cap:
+                    conn.execute(self._cap, (self._max_rows,))
             except Exception:  # a failed statement is rolled back alone: the host transaction commits
                 log.exception("could not write %d rows of %s", len(values), self._table)
 
@@ -129,6 +142,8 @@ class BatchedLog(Generic[T]):
                     self._pending.clear()
                     if batch:
                         await tx.executemany(self._insert, self._values(batch))
+                    if self._cap_due(len(batch)):
+                        await tx.execute(self._cap, (self._max_rows,))
                     now = self._clock()
                     if now - self._last_prune >= PRUNE_EVERY:
                         self._last_prune = now
@@ -140,6 +155,14 @@ class BatchedLog(Generic[T]):
         if self._pending and not self._closed:
             self._schedule(now=False)
         return written
+
+    def _cap_due(self, written: int) -> bool:
+        """Whether the write of these `written` rows should also trim the table to max_rows."""
+        self._since_cap += written
+        if self._since_cap < CAP_EVERY:
+            return False
+        self._since_cap = 0
+        return True
 
     def _cutoff(self, now: float) -> int:
         return int(now - max(self._keep_days(), 0) * 86400)

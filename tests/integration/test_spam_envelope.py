@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from appliance import batched_log
 from appliance.admin import Admin
 from appliance.spam import greylist
 from appliance.spam.decisions import DBL, DEFER, DNSBL, EARLY_TALKER, GREYLIST, REJECT
@@ -248,6 +249,25 @@ def test_a_flood_of_new_triplets_cannot_grow_the_greylist_without_bound(mx: BoxH
         new_triplets(mx, f"127.0.{network}.60", 30)
     assert greylist_rows(mx) <= 100
     assert greylist_rows(mx, "127.0.5.0/24") == 30  # the newest are kept
+
+
+def test_a_flood_of_deferrals_cannot_grow_the_decision_log_without_bound(mx: BoxHandle,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each greylisted RCPT is a spam decision, kept 30 days: 264 a second from one client (attack41).
+    The log keeps its newest rows within a bound (batched_log.py, the delivery log's too)."""
+    monkeypatch.setattr(batched_log, "CAP_EVERY", 10)
+    monkeypatch.setattr(mx.services.spam_decisions._rows, "_max_rows", 50)
+    configure(mx, greylist=True, greylist_delay=3600)
+    new_triplets(mx, "127.0.0.70", 120)
+    mx.run(mx.services.spam_decisions.flush())
+
+    async def senders() -> list[str]:
+        rows = await mx.services.db.fetchall("SELECT sender FROM spam_decisions ORDER BY id")
+        return [str(r["sender"]) for r in rows]
+
+    kept = mx.run(senders())
+    assert 50 <= len(kept) < 60, len(kept)
+    assert kept[-1] == "s119@flood.test"  # the newest are kept
 
 
 def swaks(box: BoxHandle, source: str) -> subprocess.CompletedProcess[str]:
