@@ -19,7 +19,7 @@ from appliance.admin import Admin
 from appliance.version import running_version
 from appliance.web_sessions import Kind, WebSessions
 from web.forms import check_password, secret
-from web.security import CSRF_FIELD, FORM_EXPIRED, csrf_ok, csrf_token
+from web.security import CSRF_FIELD, FORM_EXPIRED, csrf_ok, csrf_token, refuse_other_sites
 from web.session import LOGIN_MAX_SECONDS
 
 if TYPE_CHECKING:
@@ -155,7 +155,9 @@ async def require(request: Request, role: Role) -> Principal:
 
 
 async def read_form(request: Request) -> dict[str, str]:
-    """The submitted fields as text; 403 unless the form carries this session's CSRF token."""
+    """The submitted fields as text; 403 unless the form carries this session's CSRF token and came from
+    this site's own page."""
+    refuse_other_sites(request)
     try:
         form = await request.form(max_files=0, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_PART)
     except HTTPException:

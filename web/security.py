@@ -1,12 +1,16 @@
-"""Security headers on every response, and the CSRF token every form carries."""
+"""Security headers on every response; the CSRF token every form carries, and the browser's own word on
+where a form came from."""
 
 from __future__ import annotations
 
 import hmac
 import secrets
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # No inline script or style anywhere: everything comes from /static. Forms post only to the box.
@@ -28,6 +32,10 @@ SECURITY_HEADERS: dict[str, str] = {
 CSRF_FIELD = "csrf"
 CSRF_SESSION_KEY = "csrf"
 FORM_EXPIRED = "This form has expired or came from another site. Reload the page and try again."
+# Sec-Fetch-Site values of a request this site's own pages made, or the person made ("none": a bookmark,
+# the address bar). "same-site" is refused too: a sibling name (blog.example.org beside the box's
+# mail.example.org) is another origin, whose page can plant a cookie on the box's name.
+OWN_FETCHES = ("same-origin", "none")
 
 
 class SecurityHeadersMiddleware:
@@ -67,3 +75,25 @@ def csrf_ok(session: dict[str, Any], submitted: str | None) -> bool:
     if not isinstance(expected, str) or not submitted:
         return False
     return hmac.compare_digest(expected.encode(), submitted.encode())
+
+
+def made_by_another_site(request: Request) -> bool:
+    """Whether the browser says a page of another origin sent this request: Sec-Fetch-Site, which every
+    current browser sends and a page cannot forge; else Origin against the Host the request came to
+    (Go 1.25's CrossOriginProtection rule, which does not trust a Host-rewriting proxy's Origin either).
+    A request with neither (curl, a mail program, an old browser) is not judged here: its CSRF token is."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        return fetch_site.lower() not in OWN_FETCHES
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False
+    return urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()  # "null" too
+
+
+def refuse_other_sites(request: Request) -> None:
+    """The first step of reading any form: a form posted by another site's page is refused before its
+    body is read (an upload's file too), even with a token it got hold of, as by a cookie that a sibling
+    site planted (SameSite=Lax lets a same-site form through with it)."""
+    if made_by_another_site(request):
+        raise HTTPException(403, FORM_EXPIRED)

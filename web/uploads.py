@@ -11,7 +11,7 @@ from pathlib import Path
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from web.security import CSRF_FIELD, FORM_EXPIRED, csrf_ok
+from web.security import CSRF_FIELD, FORM_EXPIRED, csrf_ok, refuse_other_sites
 
 
 class _Form:
@@ -174,7 +174,8 @@ async def read_upload(request: Request, place: Callable[[dict[str, str]], Awaita
                       max_fields: int = 10) -> tuple[dict[str, str], Path | None]:
     """read_form_and_file with this session's CSRF token required: among the fields before the file
     (`place` is asked only then, and nothing of the file is written without it), and in a form sent
-    without a file. HTTPException(403) otherwise."""
+    without a file; and a form from this site's own page. HTTPException(403) otherwise."""
+    refuse_other_sites(request)
 
     async def checked(fields: dict[str, str]) -> Path | None:
         if not csrf_ok(request.session, fields.get(CSRF_FIELD)):

@@ -102,6 +102,58 @@ def test_first_run_forms_are_closed_once_an_admin_exists(web: WebClient, path: s
     assert web.run(web.services.accounts.list_domains) == [DOMAIN]
 
 
+ANOTHER_SITE = ({"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"},
+                # A sibling name of the box's (SameSite=Lax cookies go with its forms).
+                {"Sec-Fetch-Site": "same-site", "Origin": "https://blog.example.test"},
+                # A browser without Sec-Fetch-Site: its Origin against the Host asked for.
+                {"Origin": "https://evil.example"}, {"Origin": "null"})
+
+
+UPLOADS = ("/setup/restore", "/console/updates", "/console/backups/upload")
+
+
+def _refused_from_other_sites(web: WebClient, path: str, token: str) -> None:
+    form = {"csrf": token, "name": ADMIN, "password": ADMIN_PASSWORD, "domain": "evil.example"}
+    files = {"file": ("b.tar.zst.age", b"x" * 1024)} if path in UPLOADS else None
+    for headers in ANOTHER_SITE:
+        response = web.client.post(path, data=form, files=files, headers=headers, follow_redirects=False)
+        assert response.status_code == 403, (path, headers, response.status_code, response.text[:200])
+        assert "came from another site" in response.text
+
+
+@pytest.mark.parametrize("path", POSTS)
+def test_every_form_from_another_site_is_refused_even_with_its_token(web: WebClient, path: str) -> None:
+    """The token alone stops a forged form only while no other site holds one: a sibling site can plant
+    its own session cookie, whose token it knows, and log the browser in to the attacker's account."""
+    owner = path.startswith("/account")
+    if path != "/login":
+        web.login(ALICE if owner else ADMIN, ALICE_PASSWORD if owner else ADMIN_PASSWORD)
+    token = web.csrf("/account" if owner else "/console" if path != "/login" else "/login")
+    if path.startswith("/setup"):
+        web.set_setting("setup_done", "0")
+    _refused_from_other_sites(web, path, token)
+    assert web.run(web.services.accounts.list_domains) == [DOMAIN]
+    assert web.run(web.services.accounts.get_user, ALICE) is not None
+
+
+@pytest.mark.parametrize("path", sorted(FIRST_RUN_POSTS))
+def test_first_run_forms_from_another_site_are_refused(tmp_path: Path, path: str) -> None:
+    with web_client(tmp_path / "fresh") as fresh:
+        _refused_from_other_sites(fresh, path, fresh.csrf("/setup/1"))
+        assert not fresh.run(fresh.services.accounts.has_admin)
+        assert not list(fresh.services.config.data.root.glob("**/*.age"))
+
+
+@pytest.mark.parametrize("headers", [{"Sec-Fetch-Site": "same-origin", "Origin": "https://testserver"},
+                                     {"Sec-Fetch-Site": "none"}, {"Origin": "https://testserver"},
+                                     {"Origin": "https://TestServer"}, {}])
+def test_forms_from_the_boxs_own_pages_pass(web: WebClient, headers: dict[str, str]) -> None:
+    response = web.client.post("/login", data={"csrf": web.csrf("/login"), "name": ADMIN, "password": ADMIN_PASSWORD},
+                               headers=headers, follow_redirects=False)
+    assert response.status_code == 303, response.text[:200]
+    assert response.headers["location"] == "/console"
+
+
 def test_a_token_from_another_session_is_refused(web: WebClient, tmp_path: Path) -> None:
     foreign = web.csrf("/login")
     web.client.cookies.clear()
