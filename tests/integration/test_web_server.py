@@ -47,6 +47,39 @@ def test_http_redirects_to_https(box: BoxHandle) -> None:
     assert f"location: https://{box.services.hostname}:{https}/x".encode() in reply.lower()
 
 
+def _plain_get(port: int, path: str, host: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        reply = b""
+        while chunk := raw.recv(4096):
+            reply += chunk
+    return reply
+
+
+def test_a_rebound_name_reaches_no_page_of_the_wizard(box: BoxHandle) -> None:
+    """DNS rebinding against a box not yet set up: a page of evil.example has its name resolve to the
+    box's address, so that its script may read and post the box's pages as its own. Over plain HTTP the
+    box answers only with the redirect to HTTPS and with what mail programs and the ACME CA fetch, whatever
+    the path's dot segments; over HTTPS its certificate does not name evil.example, so the browser drops
+    the connection before a request is sent (the box's own CA trusted here, as the owner's browser is)."""
+    http = box.port("http")
+    for path in ("/", "/setup/1", "/setup/restore", "/login", "/console", "/.well-known/../setup/1",
+                 "/.well-known/%2e%2e/setup/1", "/mail/config-v1.1.xml/../../setup/1"):
+        reply = _plain_get(http, path, f"evil.example:{http}")
+        assert reply.startswith((b"HTTP/1.1 301", b"HTTP/1.1 404")), (path, reply[:200])
+        assert b"csrf" not in reply, path
+        assert b"<form" not in reply, path
+    https = box.port("https")
+    for name in ("evil.example", "rebind.evil.example"):
+        with socket.create_connection(("127.0.0.1", https), timeout=5) as raw, \
+                pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+            box.client_context.wrap_socket(raw, server_hostname=name)
+    with socket.create_connection(("127.0.0.1", https), timeout=5) as raw, \
+            box.client_context.wrap_socket(raw, server_hostname="mail.example.test") as tls:
+        tls.sendall(b"GET /setup/1 HTTP/1.1\r\nHost: mail.example.test\r\nConnection: close\r\n\r\n")
+        assert tls.recv(4096).startswith(b"HTTP/1.1 200")  # the box's own name: the wizard
+
+
 def test_thunderbird_autoconfig_over_plain_http(box: BoxHandle) -> None:
     box.add_user("alice@example.test", "alice's long password")
     http = box.port("http")
