@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import smtplib
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -132,25 +134,61 @@ MAX_REPLY_OCTETS = 64 * 1024
 
 class _Pinned(smtplib.SMTP):
     """Connect to a chosen address while smtplib keeps the host *name* (used for SNI and checks); and
-    read replies within MAX_REPLY_LINES and MAX_REPLY_OCTETS."""
+    read replies within MAX_REPLY_LINES and MAX_REPLY_OCTETS, each whole reply within the socket's
+    timeout (smtplib's file read gave the timeout to each recv: an MX that sent a byte every few
+    seconds held the session, one of the queue's 20, for as long as it liked)."""
 
     pinned_address = ""
     _host: str  # smtplib's, declared here for the type checker
+    _unread = b""  # received after the last line taken
+    _unread_from: socket.socket | None = None  # the socket it came from
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         return super()._get_socket(self.pinned_address or host, port, timeout)  # type: ignore[misc, no-any-return]
 
+    def _readline(self, sock: socket.socket, deadline: float) -> bytes:
+        """One line (up to smtplib's _MAXLINE + 1 octets), or what came before the end of the stream."""
+        if self._unread_from is not sock:
+            # STARTTLS put a TLS socket in: what came in plain text after its 220 is dropped (RFC 3207
+            # 5, the STARTTLS injection of CVE-2011-0411), as smtplib drops its file.
+            self._unread, self._unread_from = b"", sock
+        limit = smtplib._MAXLINE + 1  # type: ignore[attr-defined]
+        while True:
+            end = self._unread.find(b"\n", 0, limit)
+            if end >= 0 or len(self._unread) >= limit:
+                cut = end + 1 if end >= 0 else limit
+                line, self._unread = self._unread[:cut], self._unread[cut:]
+                return line
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("timed out")
+            sock.settimeout(remaining)
+            chunk = sock.recv(65536)
+            if not chunk:
+                line, self._unread = self._unread, b""
+                return line
+            self._unread += chunk
+
     def getreply(self) -> tuple[int, bytes]:
         """smtplib's getreply, bounded: past a bound the connection is closed, as when the peer drops
         it (SMTPServerDisconnected: the next hop, or a retry later)."""
-        if self.file is None:
-            assert self.sock is not None
-            self.file = self.sock.makefile("rb")
+        sock = self.sock
+        if sock is None:
+            raise smtplib.SMTPServerDisconnected("not connected")
+        budget = sock.gettimeout()
+        deadline = math.inf if budget is None else time.monotonic() + budget
+        try:
+            return self._reply(sock, deadline)
+        finally:
+            if self.sock is sock:
+                sock.settimeout(budget)
+
+    def _reply(self, sock: socket.socket, deadline: float) -> tuple[int, bytes]:
         lines: list[bytes] = []
         octets = read = 0
         while True:
             try:
-                line = self.file.readline(smtplib._MAXLINE + 1)  # type: ignore[attr-defined]
+                line = self._readline(sock, deadline)
             except OSError as exc:
                 self.close()
                 raise smtplib.SMTPServerDisconnected(f"Connection unexpectedly closed: {exc}") from exc

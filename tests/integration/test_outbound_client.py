@@ -7,6 +7,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -326,3 +327,33 @@ def test_a_reply_out_of_place_is_a_protocol_error_not_a_delivery(port: int, step
         session.close()
     assert outcome.status == "5.5.0", outcome
     assert outcome.permanent
+
+
+def test_a_reply_dripped_a_byte_at_a_time_times_out_as_a_whole(port: int) -> None:
+    """The timeout was smtplib's, per recv: a greeting sent a byte every 0.2 s took 13 s with a 2 s
+    timeout, and with the queue's 300 s an MX could hold one of its sessions for days (attack41)."""
+    srv = socket.create_server(("127.0.0.2", port))
+
+    def drip() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            try:
+                for byte in b"220-" + b"x" * 60 + b"\r\n220 hi\r\n":
+                    conn.sendall(bytes([byte]))
+                    time.sleep(0.2)
+            except OSError:
+                pass  # the client gave up: what the test wants
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(SessionFailed) as info:
+            OutboundSession.open([Hop("mx.test", "127.0.0.2")], port=port, helo_name="mail.ours.test",
+                                 connect_timeout=1, command_timeout=1)
+        assert time.monotonic() - started < 5
+        assert info.value.status.startswith("4")
+        assert "timed out" in info.value.text
+    finally:
+        srv.close()
+        thread.join(15)
