@@ -65,8 +65,14 @@ class Reply:
 
 
 def reply_from(code: int, message: bytes | str) -> Reply:
+    """The reply as the queue keeps it: lines joined by spaces, and any character that is not printable
+    (terminal escapes, NUL, bidi overrides) a '?', as Postfix's smtp_chat makes them: the text is the
+    remote server's choice and `letterbox queue list` prints it to the administrator's terminal."""
     text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
-    return Reply(code, " ".join(line.strip() for line in text.splitlines() if line.strip()))
+    joined = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    if not joined.isprintable():
+        joined = "".join(ch if ch.isprintable() else "?" for ch in joined)
+    return Reply(code, joined)
 
 
 @dataclass(frozen=True)

@@ -357,3 +357,18 @@ def test_a_reply_dripped_a_byte_at_a_time_times_out_as_a_whole(port: int) -> Non
     finally:
         srv.close()
         thread.join(15)
+
+
+def test_a_reply_s_control_characters_are_not_kept(port: int) -> None:
+    """A remote reply is stored as the recipient's last error, which `letterbox queue list` prints to the
+    administrator's terminal: an MX's escape sequences (here OSC 52, which sets the terminal's clipboard)
+    reached it as sent (attack41). Like Postfix's smtp_chat, anything not printable becomes '?'."""
+    refusal = "550 5.1.1 \x1b]52;c;ZWNobyBwd25lZA==\x07 no such user \u202eresu\x00"
+    script = [("", "220 hi"), ("EHLO", "250-scripted\r\n250 PIPELINING"), ("MAIL", "250 ok"),
+              ("RCPT", refusal), ("RSET", "250 ok"), ("QUIT", "221 bye")]
+    with Scripted("127.0.0.2", port, [script]):
+        session = open_session(port)
+        outcome = session.send(Outgoing("a@ours.test", ("x@far.test",), MESSAGE))["x@far.test"]
+        session.close()
+    assert outcome.text == "550 5.1.1 ?]52;c;ZWNobyBwd25lZA==? no such user ?resu?"
+    assert outcome.status == "5.1.1"
