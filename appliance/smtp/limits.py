@@ -20,6 +20,9 @@ MAX_COMMAND_OCTETS = 512
 # RFC 4954 4: an AUTH line with an initial response may be longer than 512; RFC 5321's 1000-octet text
 # line (+1 as before) bounds it.
 MAX_AUTH_COMMAND_OCTETS = 1001
+# RFC 4954 4: a response line to a 334 challenge may be longer than a command; 12288 octets is the size
+# it names for such lines (with CRLF). Longer: 500 5.5.6 (RFC 4954 6), and the session goes on.
+MAX_AUTH_RESPONSE_OCTETS = 12288
 # Message size, advertised with SIZE (RFC 1870) and enforced with 552 5.3.4. Large enough for a 25 MB
 # attachment after base64.
 MAX_MESSAGE_OCTETS = 36 * 1024 * 1024

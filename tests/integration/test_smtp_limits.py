@@ -4,6 +4,8 @@ timeouts, sizes, line lengths, garbage. Servers with small limits run on the box
 from __future__ import annotations
 
 import asyncio
+import base64
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -357,6 +359,29 @@ def test_garbage_never_gets_a_traceback(limited: StartServer) -> None:
             assert "Traceback" not in text, (line, text)
             assert "Error: (" not in text, (line, text)
         assert wire.cmd("NOOP")[0] == 250
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_an_auth_response_line_too_long_is_500_5_5_6_and_the_session_goes_on(
+        box: BoxHandle, mechanism: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A response to a 334 past the reader's 64 KiB was answered 451 with a traceback logged, and the
+    rest of the line was then read as commands (the next NOOP's reply was '500 Command line too
+    long'), found by attack41. RFC 4954: such a line is 500 5.5.6; 12288 octets are taken."""
+    with Wire(box.port("submissions"), tls=box.client_context) as wire:
+        wire.reply()
+        wire.cmd("EHLO client.test")
+        assert wire.cmd(f"AUTH {mechanism}")[0] == 334
+        if mechanism == "LOGIN":
+            assert wire.cmd(base64.b64encode(b"alice@ourdomain.test"))[0] == 334
+        assert wire.cmd(b"A" * 100_000) == (500, "5.5.6 Authentication Exchange line is too long")
+        assert wire.cmd("NOOP") == (250, "2.0.0 OK")
+        assert wire.cmd(f"AUTH {mechanism}")[0] == 334
+        if mechanism == "LOGIN":
+            assert wire.cmd(base64.b64encode(b"alice@ourdomain.test"))[0] == 334
+        code, _ = wire.cmd(base64.b64encode(b"\0alice@ourdomain.test\0" + b"p" * 9000))  # within 12288
+        assert code in (501, 535)
+        assert wire.cmd("NOOP") == (250, "2.0.0 OK")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
 def test_bogus_commands_count_as_errors_not_a_separate_budget(limited: StartServer) -> None:
