@@ -372,3 +372,40 @@ def test_a_reply_s_control_characters_are_not_kept(port: int) -> None:
         session.close()
     assert outcome.text == "550 5.1.1 ?]52;c;ZWNobyBwd25lZA==? no such user ?resu?"
     assert outcome.status == "5.1.1"
+
+
+def test_plain_text_sent_with_the_starttls_reply_is_not_read_after_tls(port: int, ca: trustme.CA) -> None:
+    """RFC 3207 5 (CVE-2011-0411): a reply a man in the middle puts in the same packet as the 220 to
+    STARTTLS must not be taken for the server's reply once TLS is up. The queue's reply reader keeps
+    what it received beyond a line; it drops it when STARTTLS changes the socket."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("mx.test").configure_cert(server_ctx)
+    srv = socket.create_server(("127.0.0.2", port))
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.settimeout(5)
+            conn.sendall(b"220 hi\r\n")
+            conn.recv(1000)  # EHLO
+            conn.sendall(b"250-scripted\r\n250 STARTTLS\r\n")
+            conn.recv(1000)  # STARTTLS
+            conn.sendall(b"220 go ahead\r\n554 5.7.1 injected before TLS\r\n")
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                lines = tls.makefile("rb")
+                seen.append(lines.readline())  # EHLO again
+                tls.sendall(b"250-scripted\r\n250 PIPELINING\r\n")
+                seen.append(lines.readline())  # QUIT
+                tls.sendall(b"221 bye\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        session = open_session(port)
+        assert session.tls.startswith("TLSv1.")
+        session.close()
+        thread.join(5)
+    finally:
+        srv.close()
+    assert seen == [b"ehlo mail.ours.test\r\n", b"quit\r\n"]
