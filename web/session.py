@@ -3,7 +3,8 @@ login's token) lives in the cookie, signed with a secret kept in the data direct
 people logged in. A login itself is valid only while its server-side row exists
 (appliance/web_sessions.py, checked by web/pages.py): the server can end it, a copied cookie included.
 
-The cookie is HttpOnly, SameSite=Lax, Secure when the request came over HTTPS, and expires after
+The cookie is HttpOnly, SameSite=Lax, Secure and named with the __Host- prefix when the request came over
+HTTPS, and expires after
 SESSION_IDLE_SECONDS without a request (each response re-signs it). A login also ends after
 LOGIN_MAX_SECONDS whatever the activity (checked by web/pages.py against the login time it stores).
 """
@@ -20,7 +21,12 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-COOKIE_NAME = "letterbox_session"
+COOKIE_NAME = "letterbox_session"  # over plain HTTP, where the box serves no page that has a session
+# Over HTTPS: a browser takes a __Host- cookie only from this very host, over HTTPS, with Path=/ and no
+# Domain. Without it a sibling site (blog.example.org beside mail.example.org) could plant its own session
+# cookie for the whole domain, and of two cookies of one name the last sent wins: the browser was in the
+# attacker's session, logged in to the attacker's mailbox, without a form or a click.
+SECURE_COOKIE_NAME = f"__Host-{COOKIE_NAME}"
 SESSION_IDLE_SECONDS = 2 * 3600
 LOGIN_MAX_SECONDS = 12 * 3600
 MAX_COOKIE_BYTES = 4000  # browsers drop larger cookies; a session here is a few hundred bytes
@@ -69,10 +75,11 @@ class SessionMiddleware:
             await self.app(scope, receive, send)
             return
         connection = HTTPConnection(scope)
-        had_cookie = COOKIE_NAME in connection.cookies
-        session = self._load(connection.cookies.get(COOKIE_NAME))
+        https = scope.get("scheme") == "https"
+        name, secure = (SECURE_COOKIE_NAME, "; Secure") if https else (COOKIE_NAME, "")
+        had_cookie = name in connection.cookies
+        session = self._load(connection.cookies.get(name))
         scope["session"] = session
-        secure = "; Secure" if scope.get("scheme") == "https" else ""
 
         async def send_with_cookie(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -82,13 +89,13 @@ class SessionMiddleware:
                     value = self.serializer.dumps(current)
                     headers.append(
                         "Set-Cookie",
-                        f"{COOKIE_NAME}={value}; Path=/; Max-Age={SESSION_IDLE_SECONDS}; HttpOnly; "
+                        f"{name}={value}; Path=/; Max-Age={SESSION_IDLE_SECONDS}; HttpOnly; "
                         f"SameSite=Lax{secure}",
                     )
                 elif had_cookie:
                     headers.append(
                         "Set-Cookie",
-                        f"{COOKIE_NAME}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}",
+                        f"{name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}",
                     )
             await send(message)
 

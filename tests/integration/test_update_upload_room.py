@@ -17,6 +17,7 @@ from tests.conftest import BoxHandle
 from tests.integration.test_live_settings import admin_console
 from tests.integration.test_restore_upload_attacks import small_disk_box
 from tests.integration.test_web_first_run import BOUNDARY, _one_answer
+from web.session import SECURE_COOKIE_NAME
 
 __all__ = ["small_disk_box"]  # the fixture, used by name
 
@@ -34,7 +35,7 @@ def _post_head(box: BoxHandle, web: httpx.Client, length: int) -> str:
     assert token
     first = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="csrf"\r\n\r\n{token.group(1)}\r\n'
              f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="bundle"; filename="b.tar"\r\n\r\n').encode()
-    cookie = f"letterbox_session={web.cookies['letterbox_session']}"
+    cookie = f"{SECURE_COOKIE_NAME}={web.cookies[SECURE_COOKIE_NAME]}"
     raw = socket.create_connection(("127.0.0.1", box.port("https")), timeout=20)
     with box.client_context.wrap_socket(raw, server_hostname="localhost") as tls:
         tls.sendall(f"POST /console/updates HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n"

@@ -6,6 +6,7 @@ session cookie (whose token it knows) on the box's name and logs the browser in 
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import httpx
@@ -63,3 +64,41 @@ def test_an_admin_form_with_its_token_is_refused_from_another_site(box: BoxHandl
             response = web.post("/console/domains", data={"csrf": token, "domain": domain}, headers=headers)
             assert response.status_code == 303, (headers, response.text[:300])
         assert box.run(box.services.accounts.list_domains()) == ["one.example", "two.example"]
+
+
+def _session_cookie(client: httpx.Client) -> tuple[str, str]:
+    (name, value), = ((n, v) for n, v in client.cookies.items() if n.endswith("letterbox_session"))
+    return name, value
+
+
+def test_a_session_cookie_planted_by_a_sibling_site_is_never_the_session(box: BoxHandle) -> None:
+    """Cookie tossing: blog.example.test sets `letterbox_session=<the attacker's logged-in session>;
+    Domain=example.test`, and the browser sends it to the box beside (after) its own. A sibling cannot set
+    a __Host- cookie (the browser refuses one with a Domain), and the box reads only that name over HTTPS."""
+    box.run(box.services.accounts.add_admin("admin", "correct horse battery"))
+    box.add_user(MALLORY, MALLORY_PASSWORD)
+    base = f"https://localhost:{box.port('https')}"
+
+    set_cookies: list[str] = []
+
+    def logged_in(name: str, password: str) -> httpx.Client:
+        client = httpx.Client(base_url=base, verify=box.client_context)
+        response = client.post("/login", data={"csrf": _token(client, "/login"), "name": name, "password": password})
+        assert response.status_code == 303
+        set_cookies.extend(v for v in response.headers.get_list("set-cookie") if "letterbox_session=" in v)
+        return client
+
+    with contextlib.closing(logged_in("admin", "correct horse battery")) as victim, \
+            contextlib.closing(logged_in(MALLORY, MALLORY_PASSWORD)) as attacker:
+        tossed = f"letterbox_session={_session_cookie(attacker)[1]}"
+        name, value = _session_cookie(victim)
+        with httpx.Client(base_url=base, verify=box.client_context) as browser:
+            both = browser.get("/", headers={"Cookie": f"{name}={value}; {tossed}"})
+            assert both.headers["location"] == "/setup", both.headers["location"]  # still the admin
+            alone = browser.get("/", headers={"Cookie": tossed})
+            assert alone.headers["location"] == "/login"  # not Mallory's mailbox
+    for set_cookie in set_cookies:
+        assert set_cookie.startswith("__Host-letterbox_session=")
+        assert "; Path=/;" in set_cookie
+        assert "; Secure" in set_cookie
+        assert "domain=" not in set_cookie.lower()

@@ -20,6 +20,7 @@ from appliance.setup_code import code_path
 from tests.conftest import BoxHandle
 from tests.support.polling import wait_until
 from tests.support.web import ADMIN_PASSWORD, HOSTNAME, setup_code
+from web.session import SECURE_COOKIE_NAME
 
 RACERS = 12
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -192,7 +193,7 @@ def _form_head(box: BoxHandle, code: str | None) -> tuple[str, bytes]:
         with httpx.Client(base_url=f"https://localhost:{box.port('https')}", verify=box.client_context) as client:
             m = _CSRF.search(client.get("/setup/restore").text)
             assert m
-            cookie = f"Cookie: letterbox_session={client.cookies['letterbox_session']}\r\n"
+            cookie = f"Cookie: {SECURE_COOKIE_NAME}={client.cookies[SECURE_COOKIE_NAME]}\r\n"
         fields = "".join(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
                          for name, value in (("csrf", m.group(1)), ("code", code)))
     return cookie, (f"{fields}--{BOUNDARY}\r\n"

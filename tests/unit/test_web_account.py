@@ -20,7 +20,7 @@ from tests.support.web import (
     WebClient,
     logged_in,
 )
-from web.session import COOKIE_NAME
+from web.session import SECURE_COOKIE_NAME
 
 NEW_PASSWORD = "alice's brand new passphrase"
 
@@ -93,7 +93,7 @@ def test_profile_needs_a_login(web: WebClient) -> None:
 # copy stops working when it should.
 
 def _cookie(web: WebClient) -> str:
-    return str(web.client.cookies[COOKIE_NAME])
+    return str(web.client.cookies[SECURE_COOKIE_NAME])
 
 
 def _with_cookie(web: WebClient, value: str, path: str = "/account") -> int:
@@ -101,7 +101,7 @@ def _with_cookie(web: WebClient, value: str, path: str = "/account") -> int:
     saved = dict(web.client.cookies)
     web.client.cookies.clear()
     try:
-        response = web.client.get(path, headers={"Cookie": f"{COOKIE_NAME}={value}"}, follow_redirects=False)
+        response = web.client.get(path, headers={"Cookie": f"{SECURE_COOKIE_NAME}={value}"}, follow_redirects=False)
     finally:
         web.client.cookies.clear()
         for name, cookie_value in saved.items():

@@ -23,6 +23,7 @@ from tests.support.web import (
     WebClient,
     web_client,
 )
+from web.session import SECURE_COOKIE_NAME
 
 NEW_PASSWORD = "a brand new passphrase"
 
@@ -318,11 +319,11 @@ def test_duplicate_alias(web: WebClient) -> None:
 
 def use_cookie(web: WebClient, value: str) -> None:
     web.client.cookies.clear()
-    web.client.cookies.set("letterbox_session", value)
+    web.client.cookies.set(SECURE_COOKIE_NAME, value)
 
 
 def test_admin_changes_password_and_other_sessions_end(web: WebClient) -> None:
-    other = web.client.cookies.get("letterbox_session")
+    other = web.client.cookies.get(SECURE_COOKIE_NAME)
     assert other
     use_cookie(web, other)
     assert web.get("/console").status_code == 200  # the cookie alone is the session

@@ -15,6 +15,7 @@ from starlette.routing import Route
 from appliance.auth import ThrottlePolicy
 from tests.support.web import ADMIN, ADMIN_PASSWORD, ALICE, ALICE_PASSWORD, DOMAIN, WebClient, web_client
 from web import app as web_app
+from web.session import SECURE_COOKIE_NAME
 
 WEB = Path(web_app.__file__).parent
 PARAMS = {"step": "1", "domain": DOMAIN, "address": ALICE, "source": f"info@{DOMAIN}",
@@ -276,7 +277,7 @@ def test_logout_ends_the_session(web: WebClient) -> None:
 
 def test_session_cookie_flags_on_https(web: WebClient) -> None:
     response = web.post("/login", {"name": ADMIN, "password": ADMIN_PASSWORD})
-    cookie = next(v for v in response.headers.get_list("set-cookie") if v.startswith("letterbox_session="))
+    cookie = next(v for v in response.headers.get_list("set-cookie") if v.startswith(f"{SECURE_COOKIE_NAME}="))
     for flag in ("HttpOnly", "SameSite=Lax", "Secure", "Path=/", "Max-Age="):
         assert flag in cookie, flag
 
@@ -289,11 +290,11 @@ def test_no_secure_flag_over_plain_http(web: WebClient) -> None:
 
 def test_a_tampered_cookie_is_no_session(web: WebClient) -> None:
     web.login(ADMIN, ADMIN_PASSWORD)
-    value = web.client.cookies["letterbox_session"]
+    value = web.client.cookies[SECURE_COOKIE_NAME]
     web.client.cookies.clear()
-    web.client.cookies.set("letterbox_session", value[:-2] + ("AA" if not value.endswith("AA") else "BB"))
+    web.client.cookies.set(SECURE_COOKIE_NAME, value[:-2] + ("AA" if not value.endswith("AA") else "BB"))
     assert web.get("/console").status_code == 303
-    web.client.cookies.set("letterbox_session", "x" * 5000)
+    web.client.cookies.set(SECURE_COOKIE_NAME, "x" * 5000)
     assert web.get("/console").status_code == 303
 
 
