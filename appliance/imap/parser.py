@@ -991,7 +991,10 @@ def _sort(r: Reader, tag: str, name: str, uid: bool = False) -> Command:
                 raise ParseError("REVERSE twice")
             reverse = True
         elif word in SORT_KEYS:
-            criteria.append((word, reverse))
+            # A key again changes no order (its ties were ties before), but each cost a sort of the
+            # folder: 700 of them took 19 s of CPU at 5,000 messages. Dropped, as Dovecot drops them.
+            if all(word != known for known, _ in criteria):
+                criteria.append((word, reverse))
             reverse = False
         else:
             raise ParseError(f"unknown sort key {word}")

@@ -607,6 +607,9 @@ def test_sort_command() -> None:
     assert esort.returns == ("MIN", "COUNT")
     assert esort.criteria == (("DISPLAYFROM", False),)
     bad("a SORT RETURN (SAVE) (DATE) UTF-8 ALL")
+    again = parse("a SORT (REVERSE DATE SUBJECT DATE REVERSE SUBJECT REVERSE DATE) UTF-8 ALL")
+    assert isinstance(again, Sort)
+    assert again.criteria == (("DATE", True), ("SUBJECT", False))  # a key again is dropped, as by Dovecot
 
 
 def test_append_catenate() -> None:
