@@ -364,6 +364,10 @@ def parse_command(segments: list[Segment]) -> Command:
         segments = [*segments[:-1], last.rstrip(b" ")]
     r = Reader(segments)
     tag = r.chars(TAG_CHARS, "a tag").decode("ascii")
+    if r.peek() not in (0x20, None):
+        # "a+b NOOP": no tag (parse_tag's rule). A BAD to "a" would read as the answer to the client's
+        # command "a", if it had one under way: untagged, as Dovecot answers "* BAD Invalid tag".
+        raise ParseError("Invalid tag")
     try:
         r.sp()
         name = r.keyword()

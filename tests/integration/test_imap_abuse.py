@@ -371,3 +371,15 @@ def test_a_small_deflate_stream_of_many_commands_leaves_other_sessions_served(im
         other.close()
     assert answers == [200_000]
     assert served >= 5, served
+
+
+def test_a_tag_with_a_character_no_tag_may_hold_is_answered_untagged(raw: RawImap) -> None:
+    """RFC 3501 9: a tag is astring characters but "+". `a+b NOOP` was answered `a BAD expected ' '`,
+    which a client with a command "a" under way takes for that command's answer. Now `* BAD`, as
+    Dovecot says it, and the session goes on."""
+    for n, line in enumerate([b"a+b NOOP", b"a%b NOOP", b"a(b NOOP", b'a"b NOOP', b"a\x80b NOOP"]):
+        raw.send(line + b"\r\n")
+        assert raw.line() == b"* BAD Invalid tag\r\n", line
+        assert raw.command(b"n%d" % n, b"NOOP") == [b"n%d OK NOOP completed\r\n" % n]
+    assert raw.command(b"a]b", b"NOOP") == [b"a]b OK NOOP completed\r\n"]  # "]" may be in a tag
+    assert raw.command(b"NOOP", b"") == [b"NOOP BAD expected ' ', found end of line\r\n"]

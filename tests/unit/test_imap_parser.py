@@ -66,6 +66,13 @@ def bad(line: str) -> None:
         parse(line)
 
 
+def test_a_tag_is_followed_by_a_space_or_nothing() -> None:
+    with pytest.raises(ParseError) as raised:
+        parse("a+b NOOP")  # untagged: not TaggedParseError, whose tag "a" the BAD would carry
+    assert type(raised.value) is ParseError
+    assert parse("a]b NOOP").tag == "a]b"
+
+
 def seq(*ranges: tuple[int, int]) -> SequenceSet:
     return SequenceSet(tuple(ranges))
 
