@@ -140,9 +140,9 @@ class Deliverer:
         written = [await copies[0]] if len(copies) == 1 else await asyncio.gather(*copies)
         outcomes = dict(zip(first_route, written, strict=True))
         unspooled: dict[str, Reply] = {}
-        for index, (sender, recipients) in enumerate(await self._outbound_groups(message)):
+        for index, (sender, recipients, aliases) in enumerate(await self._outbound_groups(message)):
             queue_id = message.queue_id if index == 0 else new_queue_id()
-            if (reply := await self._spool_copy(message, sender, recipients, queue_id)) is not None:
+            if (reply := await self._spool_copy(message, sender, recipients, queue_id, aliases)) is not None:
                 unspooled.update(dict.fromkeys(recipients, reply))
 
         replies: list[Reply] = []
@@ -204,23 +204,26 @@ class Deliverer:
             queue_id=queue_id or message.queue_id, message_id=message.message_id,
             owner=(message.auth_user or "") if out else (recipient if result in ("delivered", "junk") else "")))
 
-    async def _outbound_groups(self, message: InboundMessage) -> list[tuple[str, list[str]]]:
-        """The spool entries to write: (envelope sender, recipients). A user's own mail and anything
-        from the null sender or a sender of our domains keeps its sender; an alias's forward of other
-        people's mail gets an SRS sender of the alias's domain, so SPF at the receiver checks a
-        domain that lists us (appliance/srs.py)."""
-        groups: dict[str, list[str]] = {}
+    async def _outbound_groups(self, message: InboundMessage) -> list[tuple[str, list[str], list[str]]]:
+        """The spool entries to write: (envelope sender, recipients, the aliases whose forwards they
+        are). A user's own mail and anything from the null sender or a sender of our domains keeps its
+        sender; an alias's forward of other people's mail gets an SRS sender of the alias's domain, so
+        SPF at the receiver checks a domain that lists us (appliance/srs.py)."""
+        groups: dict[str, tuple[list[str], list[str]]] = {}
         seen: set[str] = set()
         for route in message.routes:
             targets = [(route.remote, message.sender)] if route.remote else []
             if route.forwards:
                 sender = await self._forward_sender(message.sender, route.rcpt)
                 targets += [(rcpt, sender) for rcpt in route.forwards]
+                aliases = groups.setdefault(sender, ([], []))[1]
+                if route.rcpt not in aliases:
+                    aliases.append(route.rcpt)
             for rcpt, sender in targets:
                 if rcpt not in seen:
                     seen.add(rcpt)
-                    groups.setdefault(sender, []).append(rcpt)
-        return list(groups.items())
+                    groups.setdefault(sender, ([], []))[0].append(rcpt)
+        return [(sender, recipients, aliases) for sender, (recipients, aliases) in groups.items() if recipients]
 
     async def _forward_sender(self, sender: str, alias: str) -> str:
         if self._srs is None or not sender:
@@ -230,11 +233,14 @@ class Deliverer:
         return self._srs.forward(sender, alias.rpartition("@")[2])
 
     async def _spool_copy(self, message: InboundMessage, sender: str, recipients: Sequence[str],
-                          queue_id: str) -> Reply | None:
-        """None when the copy is durably in the outbound queue, else the reply that describes the failure."""
+                          queue_id: str, aliases: Sequence[str] = ()) -> Reply | None:
+        """None when the copy is durably in the outbound queue, else the reply that describes the failure.
+        A forward says which aliases sent it on (Delivered-To:, as Postfix's local(8) writes it), so
+        the MX knows it again if it comes back (handler.py: a forwarding loop)."""
         for_rcpt = recipients[0] if len(recipients) == 1 else None
         received = message.received if queue_id == message.queue_id else replace(message.received, queue_id=queue_id)
-        data = headers.received_header(received, for_rcpt=for_rcpt) + message.data
+        data = (headers.received_header(received, for_rcpt=for_rcpt)
+                + b"".join(headers.delivered_to(alias) for alias in aliases) + message.data)
         try:
             await self._spool.enqueue(
                 sender, recipients, data, auth_user=message.auth_user, queue_id=queue_id,

@@ -43,6 +43,7 @@ from appliance.smtp.policy import (
     Reply,
     SmtpReject,
     declared_size,
+    forwarding_loop,
     header_sender_refused,
     header_senders,
     is_bare_postmaster,
@@ -413,8 +414,9 @@ class SmtpHandler:
         else:
             data = headers.normalise_line_ends(raw)
         data = headers.body_separated(data)
-        if headers.count_received(data) >= self.limits.max_received_headers:
-            return self._refuse_data(session, env, TOO_MANY_HOPS, "loop", data)
+        routes = self._without_loops(session, env, data)
+        if isinstance(routes, str):
+            return routes
         if headers.header_section_too_large(data):
             # The From: checks (DMARC, submission) read this much; a field past it would be unseen.
             return self._refuse_data(session, env, HEADER_TOO_LARGE, "size", data)
@@ -466,7 +468,7 @@ class SmtpHandler:
             tls=tls,
             auth_user=principal.name if principal else None,
         )
-        message = InboundMessage(sender, tuple(env.routes), data, received, received.auth_user,
+        message = InboundMessage(sender, routes, data, received, received.auth_user,
                                  sender_verified=sender_verified, junk=content.junk)
         # Shielded: a client hanging up mid-delivery must not cancel a half-done write; the work
         # finishes and the client, having seen no reply, retries (a duplicate beats a loss).
@@ -478,6 +480,31 @@ class SmtpHandler:
         if self.lmtp:
             return "\r\n".join(str(reply) for reply in report.replies)
         return str(report.summary)
+
+    def _without_loops(self, session: LetterboxSession, env: LetterboxEnvelope,
+                       data: bytes) -> tuple[RecipientRoute, ...] | str:
+        """The routes to deliver, or the refusal of a looping message: 50 Received: lines (RFC 5321
+        6.3), or every route an alias that forwards and forwarded this message already (its
+        Delivered-To, delivery.py), as Postfix's local(8) finds a forwarding loop: an alias that
+        forwards to a mailbox elsewhere that forwards back looped 25 times (50 Received: lines), each
+        time a copy for every target. Under LMTP (one reply per recipient) any such loop refuses the
+        message for all; under SMTP the other routes are delivered."""
+        if headers.count_received(data) >= self.limits.max_received_headers:
+            return self._refuse_data(session, env, TOO_MANY_HOPS, "loop", data)
+        routes = tuple(env.routes)
+        if not any(route.forwards for route in routes):
+            return routes
+        seen = headers.delivered_to_values(data)
+        looping = [route for route in routes if route.forwards and route.rcpt.lower() in seen]
+        if not looping:
+            return routes
+        log.warning("%s: mail forwarding loop for %s: not delivered to it again", peer_ip(session),
+                    ", ".join(route.rcpt for route in looping))
+        refusal = forwarding_loop(looping[0].rcpt)
+        if self.lmtp or len(looping) == len(routes):
+            return self._refuse_data(session, env, refusal, "loop", data)
+        self._log_refused(session, env, refusal, "loop", tuple(route.rcpt for route in looping), data)
+        return tuple(route for route in routes if route not in looping)
 
     async def _content_check(self, facts: ContentFacts, data: bytes) -> ContentVerdict:
         """The content filter (issue 16), before any copy is written: on the MX only (mail from the

@@ -113,6 +113,11 @@ def header_names(data: bytes) -> frozenset[str]:
     return frozenset(name.lower() for name in parsed)
 
 
+def delivered_to_values(data: bytes) -> frozenset[str]:
+    """The Delivered-To: addresses of the header section, lower-case (where the box forwarded it from)."""
+    return frozenset(value.strip().lower() for name, value in raw_fields(data) if name == "delivered-to")
+
+
 def count_received(data: bytes) -> int:
     return len(_RECEIVED.findall(data, 0, header_section_end(data)))
 

@@ -74,6 +74,11 @@ LITERAL_REFUSED = Reply(550, "5.1.2", "Address literals are not accepted as dest
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Local error in processing, try again later")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")  # appliance/disk_full.py
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (mail loop?)")  # RFC 5321 6.3
+
+
+def forwarding_loop(rcpt: str) -> Reply:
+    """Postfix local(8)'s words for mail that comes back to an alias that forwarded it already."""
+    return Reply(554, "5.4.6", f"mail forwarding loop for {echo(rcpt)}")
 HEADER_TOO_LARGE = Reply(552, "5.3.4", "Message header section too large")
 
 

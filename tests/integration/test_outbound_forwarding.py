@@ -76,6 +76,37 @@ def test_a_forward_leaves_with_an_srs_sender_and_its_bounce_goes_back(outbound: 
     assert bounce.data.endswith(BOUNCE)
 
 
+def test_a_forward_that_comes_back_is_a_forwarding_loop_at_once(outbound: Outbound) -> None:
+    """An alias forwarding to a mailbox elsewhere that forwards back (a .forward, a webmail's rule) went
+    round 25 times, until its 50 Received: lines were a 554 5.4.6, each time a copy for every target
+    (measured with a loopback forwarder: 25 copies in Alice's inbox, attack41). The forward now says
+    which alias sent it (Delivered-To:, as Postfix's local(8) writes it) and comes back as a loop."""
+    forwarding(outbound)
+    family = f"family@{OURS}"
+    outbound.box.run(outbound.box.services.accounts.add_alias(family, [TARGET, ALICE]))
+    outbound.box.add_user(f"bob@{OURS}", "correct horse battery staple 9")
+    with outbound.receiver(MX1) as target:
+        assert send_mx(outbound, ORIGINAL, family)[0] == 250
+        [forward] = target.wait(1)
+        outbound.wait_empty()
+    assert f"Delivered-To: {family}\r\n".encode() in forward.data
+    # Elsewhere's server sends it back to the alias, with its own Received: line on top.
+    back = b"Received: from mx.ourdomain.test by mx.elsewhere.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n" + forward.data
+    code, text = send_mx(outbound, forward.mail_from, family, back)
+    assert (code, text) == (554, f"5.4.6 mail forwarding loop for {family}".encode())
+    assert len(outbound.inbox()) == 1
+    # With another recipient that does not loop, that one still gets it (SMTP has one reply for all).
+    with smtplib.SMTP("127.0.0.1", outbound.box.port("smtp"), timeout=30) as client:
+        client.ehlo("mx.elsewhere.test")
+        client.mail(forward.mail_from)
+        assert client.rcpt(family)[0] == 250
+        assert client.rcpt(f"bob@{OURS}")[0] == 250
+        assert client.data(back)[0] == 250
+    assert len(outbound.inbox(f"bob@{OURS}")) == 1
+    assert len(outbound.inbox()) == 1
+    assert outbound.messages() == []
+
+
 def test_forged_and_expired_srs_addresses_are_refused(outbound: Outbound) -> None:
     forwarding(outbound)
     good = rewriter(outbound).forward(ORIGINAL, OURS)
