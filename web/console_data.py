@@ -19,6 +19,15 @@ def listeners(services: Services) -> dict[str, tuple[str, int, bool]]:
     return services.listeners()
 
 
+def console_address(services: Services) -> str:
+    """The console as the box names itself (its host name and the HTTPS port it serves), for what an
+    administrator hands on to a mailbox's owner: not the Host this request came with, which may be the
+    box's LAN address or an SSH tunnel's localhost:8443, no use to the owner's phone."""
+    bound = listeners(services).get("https")
+    port = bound[1] if bound else services.config.port("https")
+    return f"https://{services.hostname}{'' if port in (0, 443) else f':{port}'}/"
+
+
 def client_settings_for(services: Services) -> ClientSettings:
     return client_settings(services.hostname, services.config.port, listeners(services))
 

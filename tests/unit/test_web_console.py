@@ -159,8 +159,9 @@ def test_create_mailbox(web: WebClient) -> None:
     assert (info.display_name, info.quota_bytes, info.enabled) == ("Alice Example", 2 * 1024**3, True)
     page = web.get("/console/mailboxes").text
     assert "Mailbox alice@example.test created." in page
-    # What to hand on to its owner (the console said only "created", nothing about where the settings are).
-    assert "Tell its owner to log in at https://testserver/ with the address and this password" in page
+    # What to hand on to its owner (the console said only "created", nothing about where the settings are):
+    # the box by its name, not by the Host this administrator came with (testserver here).
+    assert f"Tell its owner to log in at https://{HOSTNAME}/ with the address and this password" in page
     assert "Alice Example" in page
     assert "2.0 GiB" in page
     assert web.run(web.services.auth.verify, ALICE, ALICE_PASSWORD, "imap", "127.0.0.1") is not None

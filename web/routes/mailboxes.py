@@ -15,6 +15,7 @@ from appliance.admin import nowhere_note
 from appliance.store import trash
 from appliance.store.model import StoreError
 from web import forms
+from web.console_data import console_address
 from web.pages import admin, flash, read_form, redirect, removed, render, require, services
 from web.urls import alias_url, mailbox_url, path_address
 
@@ -68,7 +69,7 @@ async def mailbox_create(request: Request) -> Response:
         shown = {k: forms.text(values, k) for k in ("local", "domain", "name", "quota")}
         return await mailboxes_page(request, shown, errors)
     # What the administrator hands on: the page where the owner finds everything to set up a phone.
-    flash(request, f"Mailbox {info.address} created. Tell its owner to log in at {request.base_url} with the"
+    flash(request, f"Mailbox {info.address} created. Tell its owner to log in at {console_address(svc)} with the"
                    " address and this password: that page has the settings for their phone and mail program"
                    " (and a profile for an iPhone), and changes the password to one of their own.")
     return redirect("/console/mailboxes")
