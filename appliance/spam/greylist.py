@@ -16,7 +16,8 @@ is refreshed at most once a day, so regular mail does not commit on every RCPT. 
 every RCPT with a fresh sender is a new triplet, and one client flooding them wrote 264 rows a second
 (each kept 2 days: gigabytes). A network holds at most MAX_WAITING_PER_NETWORK triplets not yet
 retried, the table at most MAX_TRIPLETS; past either, the triplets nearest their expiry are forgotten
-(a flood's own oldest first), so a client that floods mostly evicts its own rows.
+(a flood's own oldest first), so a client that floods mostly evicts its own rows. The SPF-known
+domains are bounded the same way (MAX_SPF_DOMAINS).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ REFRESH_EVERY = DAY  # a passed triplet's last use is written at most this often
 PURGE_EVERY = 3600.0
 MAX_LISTED = 10_000
 MAX_TRIPLETS = 100_000  # about 30 MB of database; a family's mail has a few thousand
+MAX_SPF_DOMAINS = 10_000  # sender domains remembered for their SPF pass
 MAX_WAITING_PER_NETWORK = 1000  # triplets of one /24 or /64 waiting for their retry
 TRIM_EVERY = 1000  # new triplets between two counts of the whole table
 
@@ -90,6 +92,20 @@ class GreylistEntry:
 _COLUMNS = "network, sender, recipient, first_seen, last_seen, passed_at, attempts, expires"
 
 
+async def _forget_beyond(tx: aiosqlite.Connection, table: str, key: str, most: int) -> None:
+    """Keep `table` under `most` rows with room for the next TRIM_EVERY new ones (so it never holds
+    more): the rows nearest their expiry go."""
+    async with tx.execute(f"SELECT COUNT(*) FROM {table}") as cursor:  # noqa: S608  our table name
+        row = await cursor.fetchone()
+    count = int(row[0]) if row is not None else 0
+    excess = count - most + TRIM_EVERY
+    if excess > 0:
+        log.warning("%s: %d rows, more than %d; forgetting the %d nearest their expiry", table, count,
+                    most - TRIM_EVERY, excess)
+        await tx.execute(f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table}"  # noqa: S608  ours
+                         " ORDER BY expires LIMIT ?)", (excess,))
+
+
 def _entry(r: sqlite3.Row) -> GreylistEntry:
     return GreylistEntry(str(r["network"]), str(r["sender"]), str(r["recipient"]), int(r["first_seen"]),
                          int(r["last_seen"]), None if r["passed_at"] is None else int(r["passed_at"]),
@@ -104,6 +120,7 @@ class Greylist:
         self._clock = clock
         self._last_purge = 0.0
         self._new_since_trim = TRIM_EVERY  # the first new triplet after a start counts the table
+        self._spf_since_trim = TRIM_EVERY
 
     async def check(self, network: str, sender: str, recipient: str, *, delay: int, remember_days: int) -> Check:
         """Look the triplet up and record this attempt; the verdict says whether it passes."""
@@ -152,18 +169,9 @@ class Greylist:
                 " FROM greylist WHERE network = ? AND passed_at IS NULL ORDER BY expires LIMIT ?)",
                 (network, int(row[0]) - MAX_WAITING_PER_NETWORK + 1))
         self._new_since_trim += 1
-        if self._new_since_trim < TRIM_EVERY:
-            return
-        self._new_since_trim = 0
-        async with tx.execute("SELECT COUNT(*) FROM greylist") as cursor:
-            row = await cursor.fetchone()
-        excess = (int(row[0]) if row is not None else 0) - MAX_TRIPLETS + TRIM_EVERY
-        if excess > 0:  # room for the next TRIM_EVERY new ones, so the table never holds more
-            log.warning("greylist: %d triplets, more than %d; forgetting the %d nearest their expiry",
-                        int(row[0]) if row is not None else 0, MAX_TRIPLETS - TRIM_EVERY, excess)
-            await tx.execute(
-                "DELETE FROM greylist WHERE (network, sender, recipient) IN (SELECT network, sender, recipient"
-                " FROM greylist ORDER BY expires LIMIT ?)", (excess,))
+        if self._new_since_trim >= TRIM_EVERY:
+            self._new_since_trim = 0
+            await _forget_beyond(tx, "greylist", "network, sender, recipient", MAX_TRIPLETS)
 
     async def _purge_if_due(self, tx: aiosqlite.Connection, now: int) -> None:
         if now - self._last_purge < PURGE_EVERY:
@@ -180,11 +188,17 @@ class Greylist:
         return row is not None
 
     async def remember_spf_domain(self, domain: str, *, remember_days: int) -> None:
+        """Bounded as the triplets are: a domain with a wildcard SPF record names as many as it likes."""
         now = int(self._clock())
-        await self._db.execute(
-            "INSERT INTO greylist_spf_domains (domain, passed_at, expires) VALUES (?, ?, ?)"
-            " ON CONFLICT(domain) DO UPDATE SET passed_at = excluded.passed_at, expires = excluded.expires",
-            (domain.lower(), now, now + max(remember_days, 1) * DAY))
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO greylist_spf_domains (domain, passed_at, expires) VALUES (?, ?, ?)"
+                " ON CONFLICT(domain) DO UPDATE SET passed_at = excluded.passed_at, expires = excluded.expires",
+                (domain.lower(), now, now + max(remember_days, 1) * DAY))
+            self._spf_since_trim += 1
+            if self._spf_since_trim >= TRIM_EVERY:
+                self._spf_since_trim = 0
+                await _forget_beyond(tx, "greylist_spf_domains", "domain", MAX_SPF_DOMAINS)
 
     # --- what the console and the CLI see ----------------------------------------------------------------
 

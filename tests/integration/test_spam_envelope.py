@@ -251,6 +251,27 @@ def test_a_flood_of_new_triplets_cannot_grow_the_greylist_without_bound(mx: BoxH
     assert greylist_rows(mx, "127.0.5.0/24") == 30  # the newest are kept
 
 
+def test_the_domains_remembered_for_their_spf_pass_are_bounded(mx: BoxHandle, zone: ZoneServer,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A domain that passed greylisting with an SPF pass is remembered for 35 days; one wildcard SPF
+    record names as many domains as its owner likes (attack41). The table keeps the newest."""
+    monkeypatch.setattr(greylist, "MAX_SPF_DOMAINS", 3)
+    monkeypatch.setattr(greylist, "TRIM_EVERY", 1)
+    configure(mx, greylist=True, greylist_delay=0)
+    for n in range(5):
+        zone.set(f"d{n}.test", "TXT", ['"v=spf1 ip4:127.0.0.0/24 -all"'])
+        assert rcpt_from(mx, "127.0.0.35", sender=f"bob@d{n}.test")[0] == 451
+        assert rcpt_from(mx, "127.0.0.35", sender=f"bob@d{n}.test")[0] == 250  # passed, SPF pass: remembered
+
+    async def domains() -> list[str]:
+        rows = await mx.services.db.fetchall("SELECT domain FROM greylist_spf_domains ORDER BY domain")
+        return [str(r["domain"]) for r in rows]
+
+    kept = mx.run(domains())
+    assert len(kept) <= 3, kept
+    assert "d4.test" in kept
+
+
 def test_a_flood_of_deferrals_cannot_grow_the_decision_log_without_bound(mx: BoxHandle,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Each greylisted RCPT is a spam decision, kept 30 days: 264 a second from one client (attack41).
