@@ -169,13 +169,37 @@ def main() -> None:
                 print(f"{label} round {rnd}: fetches/s {figures['fetches/s']:.1f}, logins/s {figures['logins/s']:.1f},"
                       f" server CPU {figures['server cpu s']:.2f} s (loop {figures['loop cpu s']:.2f}), client CPU {figures['client cpu s']:.2f} s, errors {figures['errors']:.0f}; "
                       + " ".join(f"{k[4:]}={v:.0f}" for k, v in figures.items() if k.startswith("cmd ")), flush=True)
+    print("\n".join(summary(runs)))
+
+
+def cpu_per_command(figures: dict[str, float]) -> float:
+    """The server's CPU ms per imaptest command of one run."""
+    return figures["server cpu s"] / max(1.0, sum(v for k, v in figures.items() if k.startswith("cmd "))) * 1000
+
+
+def summary(runs: dict[str, list[dict[str, float]]]) -> list[str]:
+    """Per checkout, the medians (each round's figure in brackets); for each checkout after the first,
+    its rounds against the first's of the same round, run next to each other: on a machine other
+    work loads, a round's CPU per command moves by a tenth or more, most of it shared by the two
+    runs of a round (imaptest's stress mode at load 7-12: the medians of two checkouts 5 % apart in
+    one A/B run and the other way round in the next), so how many rounds went which way says more
+    than medians apart."""
+    lines = []
+    first = next(iter(runs.values()), [])
     for label, figures_list in runs.items():
         rates = [f["fetches/s"] for f in figures_list]
         cpus = [f["server cpu s"] / max(1.0, f.get("cmd Fetc", 0) + f.get("cmd Fet2", 0)) * 1000 for f in figures_list]
-        per_command = [f["server cpu s"] / max(1.0, sum(v for k, v in f.items() if k.startswith("cmd "))) * 1000
-                       for f in figures_list]
-        print(f"{label}: fetches/s median {statistics.median(rates):.1f} ({', '.join(f'{r:.0f}' for r in rates)});"
-              f" server CPU ms per fetch {statistics.median(cpus):.2f}, per command {statistics.median(per_command):.2f}")
+        per_command = [cpu_per_command(f) for f in figures_list]
+        lines.append(f"{label}: fetches/s median {statistics.median(rates):.1f} ({', '.join(f'{r:.0f}' for r in rates)});"
+                     f" server CPU ms per fetch {statistics.median(cpus):.2f}, per command {statistics.median(per_command):.2f}"
+                     f" ({', '.join(f'{c:.3f}' for c in per_command)})")
+        if figures_list is not first:
+            ratios = [cpu_per_command(f) / cpu_per_command(a) for a, f in zip(first, figures_list, strict=False)]
+            if ratios:
+                lower = sum(r < 1 for r in ratios)
+                lines.append(f"  against the first, round by round: CPU per command x{statistics.median(ratios):.3f}"
+                             f" (median of {len(ratios)}; lower in {lower}, higher in {len(ratios) - lower})")
+    return lines
 
 
 if __name__ == "__main__":
