@@ -96,7 +96,7 @@ async def domain_check(request: Request) -> Response:
 async def domain_delete(request: Request) -> Response:
     await require(request, "admin")
     domain = await _domain(request)
-    if request.method == "GET":
+    if request.method in ("GET", "HEAD"):  # HEAD is the page's GET without its body, never the removal
         return await render(request, "console/confirm.html", {
             "title": f"Remove {domain}", "section": "domains", "action": f"/console/domains/{segment(domain)}/delete",
             "question": f"Remove the domain {domain}?",

@@ -126,7 +126,7 @@ async def mailbox_password(request: Request) -> Response:
 async def mailbox_delete(request: Request) -> Response:
     await require(request, "admin")
     info = await _mailbox(request)
-    if request.method == "GET":
+    if request.method in ("GET", "HEAD"):  # HEAD is the page's GET without its body, never the removal
         return await render(request, "console/confirm.html", {
             "title": f"Delete {info.address}", "section": "mailboxes",
             "action": mailbox_url(info.address, "delete"),
@@ -224,7 +224,7 @@ async def alias_update(request: Request) -> Response:
 async def alias_delete(request: Request) -> Response:
     await require(request, "admin")
     source, targets = await _alias_source(request)
-    if request.method == "GET":
+    if request.method in ("GET", "HEAD"):  # HEAD is the page's GET without its body, never the removal
         return await render(request, "console/confirm.html", {
             "title": f"Delete {source}", "section": "aliases", "action": alias_url(source, "delete"),
             "question": f"Delete the alias {source}?",

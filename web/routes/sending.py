@@ -95,7 +95,7 @@ async def retry_one(request: Request) -> Response:
 async def delete_one(request: Request) -> Response:
     await require(request, "admin")
     svc = services(request)
-    if request.method == "GET":
+    if request.method in ("GET", "HEAD"):  # HEAD is the page's GET without its body, never the removal
         message_id = _message_id(request)
         found = [m for m in await svc.spool.messages() if m.id == message_id]
         if not found:
