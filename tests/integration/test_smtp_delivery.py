@@ -335,6 +335,17 @@ def test_lmtp_answers_each_recipient(mx: BoxHandle) -> None:
     assert queue(mx) == []  # LMTP answered the failure itself: no bounce
 
 
+def test_lmtp_refuses_a_forwarding_loop_for_every_recipient(mx: BoxHandle) -> None:
+    """Mail that comes back to an alias that forwarded it (its Delivered-To:) is a forwarding loop;
+    LMTP answers per recipient, so the message is refused for each, not delivered to some."""
+    mx.run(mx.services.accounts.add_alias(f"team@{OURS}", [ALICE, "partner@external.test"]))
+    looped = f"Delivered-To: team@{OURS}\r\n".encode() + BODY
+    replies = lmtp_send(mx, [f"team@{OURS}", BOB], looped)
+    assert replies == [(554, f"5.4.6 mail forwarding loop for team@{OURS}")] * 2
+    assert inbox(mx, ALICE) == inbox(mx, BOB) == []
+    assert queue(mx) == []
+
+
 def test_lmtp_refuses_non_local_recipients(mx: BoxHandle) -> None:
     with Wire(mx.port("lmtp")) as wire:
         wire.reply()
