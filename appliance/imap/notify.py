@@ -9,6 +9,9 @@ its changes the usual way (EXISTS, EXPUNGE, FETCH).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 from dataclasses import dataclass, field
 
 from appliance.imap.commands import NotifyFilter
@@ -51,9 +54,39 @@ class Watched:
 
 @dataclass
 class NotifyState:
+    """The mailboxes followed, and those that changed since they were last told (`fired`), with one
+    event for them all that IDLE waits on: a wait per mailbox was two tasks and a timer each per
+    IDLE round, 41 MB for 10 sessions following 1,500 mailboxes, and every change to one of them
+    made each session cancel and start them all again (6 s per APPEND, the box stalled for seconds)."""
+
     mailboxes: dict[str, Watched] = field(default_factory=dict)
+    fired: set[str] = field(default_factory=set)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def follow(self, name: str, items: tuple[str, ...], watcher: Watcher) -> Watched:
+        watched = Watched(items, watcher)
+        watcher.on_change = functools.partial(self._fire, name)
+        self.mailboxes[name] = watched
+        return watched
+
+    def _fire(self, name: str) -> None:
+        self.fired.add(name)
+        self.changed.set()
+
+    def take_fired(self) -> set[str]:
+        """The mailboxes that changed since the last take, forgotten."""
+        fired, self.fired = self.fired, set()
+        self.changed.clear()
+        return fired
+
+    async def wait(self, seconds: float) -> None:
+        """Until a followed mailbox changes (one not yet taken) or `seconds` pass."""
+        if not self.fired:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), seconds)
 
     def close(self) -> None:
         for watched in self.mailboxes.values():
             watched.watcher.close()
         self.mailboxes.clear()
+        self.take_fired()

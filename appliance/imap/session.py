@@ -63,7 +63,7 @@ from appliance.imap.fetch_cache import HeaderLookup
 from appliance.imap.fetch_render import FetchRenderer
 from appliance.imap.limits import MAX_APPEND_OCTETS, MAX_LIST_PATTERNS, MAX_SEARCH_CONTEXTS
 from appliance.imap.mime import base64_for_nul
-from appliance.imap.notify import NOTIFY_EVENTS, NotifyState, Watched, status_items, unknown_events
+from appliance.imap.notify import NOTIFY_EVENTS, NotifyState, status_items, unknown_events
 from appliance.imap.responses import (
     Bye,
     Continuation,
@@ -190,7 +190,6 @@ class ImapSession:
         self.qresync = False
         self.notify = NotifyState()  # RFC 5465: other mailboxes whose changes are told as STATUS
         self.scanned = 0  # messages SEARCH read from their files (not answered by the full-text index)
-        self._notify_fired: set[str] = set()  # their watchers that fired during IDLE
         self._id_logged = False
         self._look_failed = False  # a poll's look failed on a full disk, and was logged (_look)
 
@@ -762,7 +761,7 @@ class ImapSession:
         notified: asyncio.Task[None] | None = None
         if self.notify.mailboxes:
             await self._notify_changes()
-            notified = asyncio.ensure_future(self._notify_wait(EXTERNAL_POLL))
+            notified = asyncio.ensure_future(self.notify.wait(EXTERNAL_POLL))
         waiter: asyncio.Task[bool] | None = None
         if self.watcher is not None:
             # Woken by any change through the store; every EXTERNAL_POLL seconds the disk
@@ -1055,8 +1054,7 @@ class ImapSession:
         self.notify.close()
         selected = self.selected.name if self.selected is not None else None
         for name, items in wanted.items():
-            watched = Watched(items, self.store.watch(self.mailbox, name))
-            self.notify.mailboxes[name] = watched
+            watched = self.notify.follow(name, items, self.store.watch(self.mailbox, name))
             try:
                 response = await self._status_response(name, items)
             except NoSuchFolder:
@@ -1089,11 +1087,12 @@ class ImapSession:
     async def _notify_changes(self) -> None:
         """RFC 5465 5.2-5.4: an unsolicited STATUS for each followed mailbox (not the selected
         one) whose state changed since it was last told."""
+        fired = self.notify.take_fired()
+        if not fired:
+            return
         selected = self.selected.name if self.selected is not None else None
-        fired, self._notify_fired = self._notify_fired, set()
-        for name, watched in self.notify.mailboxes.items():
-            changed = await watched.watcher.wait(0)
-            if not (changed or name in fired) or name == selected:
+        for name, watched in self.notify.mailboxes.items():  # (in their order, not the set's)
+            if name not in fired or name == selected:
                 continue
             try:
                 response = await self._status_response(name, watched.items)
@@ -1103,18 +1102,6 @@ class ImapSession:
             if text != watched.told:
                 watched.told = text
                 await self.io.send(response)
-
-    async def _notify_wait(self, seconds: float) -> None:
-        """Until a followed mailbox changes (noted in _notify_fired) or `seconds` pass: for IDLE."""
-        waits = {asyncio.ensure_future(w.watcher.wait(seconds)): name for name, w in self.notify.mailboxes.items()}
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task, name in waits.items():
-                if task.done() and not task.cancelled() and task.result():
-                    self._notify_fired.add(name)
-                elif not task.done():
-                    task.cancel()
 
     async def cmd_cancelupdate(self, command: CancelUpdate) -> None:
         """RFC 5267 4.3: stop the updates of these searches; a tag with none is an error."""

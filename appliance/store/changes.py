@@ -65,9 +65,14 @@ class Watcher:
         self._event = asyncio.Event()
         self._unregister = unregister
         self._closed = False
+        # Also called at each change: for one who follows many folders and waits on them all at once
+        # (NOTIFY's), instead of a wait() per folder.
+        self.on_change: Callable[[], None] | None = None
 
     def notify(self) -> None:
         self._event.set()
+        if self.on_change is not None:
+            self.on_change()
 
     async def wait(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 (the contract's shape)
         """True if the folder changed since the last wait; waits up to `timeout` (None: forever,
