@@ -477,8 +477,10 @@ class SmtpHandler:
             session.on_accepted()
         if report.summary.positive and self.submission and principal is not None:
             await self.services.outbound_guard.note_sent(principal.name, len(env.routes))
-        if self.lmtp:
-            return "\r\n".join(str(reply) for reply in report.replies)
+        if self.lmtp:  # one reply per RCPT, in order: a looping alias's refusal where it was left out
+            delivered = iter(report.replies)
+            return "\r\n".join(str(next(delivered) if route in routes else forwarding_loop(route.rcpt))
+                                for route in env.routes)
         return str(report.summary)
 
     def _without_loops(self, session: LetterboxSession, env: LetterboxEnvelope,
@@ -487,8 +489,8 @@ class SmtpHandler:
         6.3), or every route an alias that forwards and forwarded this message already (its
         Delivered-To, delivery.py), as Postfix's local(8) finds a forwarding loop: an alias that
         forwards to a mailbox elsewhere that forwards back looped 25 times (50 Received: lines), each
-        time a copy for every target. Under LMTP (one reply per recipient) any such loop refuses the
-        message for all; under SMTP the other routes are delivered."""
+        time a copy for every target. The other routes are delivered (under LMTP each looping one
+        gets its own refusal; under SMTP, one reply for the message, it is logged as refused)."""
         if headers.count_received(data) >= self.limits.max_received_headers:
             return self._refuse_data(session, env, TOO_MANY_HOPS, "loop", data)
         routes = tuple(env.routes)
@@ -501,7 +503,7 @@ class SmtpHandler:
         log.warning("%s: mail forwarding loop for %s: not delivered to it again", peer_ip(session),
                     ", ".join(route.rcpt for route in looping))
         refusal = forwarding_loop(looping[0].rcpt)
-        if self.lmtp or len(looping) == len(routes):
+        if len(looping) == len(routes):
             return self._refuse_data(session, env, refusal, "loop", data)
         self._log_refused(session, env, refusal, "loop", tuple(route.rcpt for route in looping), data)
         return tuple(route for route in routes if route not in looping)
