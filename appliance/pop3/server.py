@@ -164,7 +164,6 @@ class ConnectionHandler:
                     self.slot.promote()  # out of the pre-auth pool, its deadline and its stress
                     if not self.slot.evicted:
                         self.channel.cancel_expiry()  # the deadline passed during the login itself
-                await self.channel.take_turn()
             elif isinstance(event, Reject):
                 self._line_done()
                 await self.send(event.reply)
