@@ -30,6 +30,11 @@ CONNECT_TIMEOUT = 30.0  # seconds to open a TCP connection (RFC 5321 4.5.3.2 set
 COMMAND_TIMEOUT = 300.0  # RFC 5321 4.5.3.2.1-6: 5 minutes for the greeting and each reply
 DATA_END_TIMEOUT = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes for the reply to the final "."
 MAX_RCPTS_PER_TRANSACTION = 100  # RFC 5321 4.5.3.1.8: every server takes at least 100
+# One attempt's bounds, Postfix's smtp_mx_address_limit and smtp_mx_session_limit: 20 addresses whose
+# hosts accept TCP and never greet held one of the queue's sessions 20 x 30 s = 10 minutes an attempt.
+# The addresses left untried wait for the next attempt (equal-preference MX hosts are shuffled again).
+MX_ADDRESS_LIMIT = 5  # addresses tried (TCP connections attempted)
+MX_SESSION_LIMIT = 2  # addresses whose TCP connection opened but gave no usable session
 
 TlsPolicy = Literal["opportunistic", "required", "implicit"]
 
@@ -129,6 +134,7 @@ class _HopFailed(Exception):
         super().__init__(text)
         self.status = status
         self.text = text
+        self.connected = False  # the TCP connection had opened (MX_SESSION_LIMIT counts it)
 
 
 # One reply's bounds (an EHLO has about 15 lines). smtplib kept every line of a multiline reply however
@@ -145,12 +151,15 @@ class _Pinned(smtplib.SMTP):
     seconds held the session, one of the queue's 20, for as long as it liked)."""
 
     pinned_address = ""
+    connected = False  # the TCP connection opened (whatever came after)
     _host: str  # smtplib's, declared here for the type checker
     _unread = b""  # received after the last line taken
     _unread_from: socket.socket | None = None  # the socket it came from
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        return super()._get_socket(self.pinned_address or host, port, timeout)  # type: ignore[misc, no-any-return]
+        sock: socket.socket = super()._get_socket(self.pinned_address or host, port, timeout)  # type: ignore[misc]
+        self.connected = True
+        return sock
 
     def _readline(self, sock: socket.socket, deadline: float) -> bytes:
         """One line (up to smtplib's _MAXLINE + 1 octets), or what came before the end of the stream."""
@@ -321,13 +330,17 @@ class OutboundSession:
         command_timeout: float = COMMAND_TIMEOUT,
         abort: AbortSignal | None = None,
     ) -> OutboundSession:
-        """A session with the first hop that answers properly; raises SessionFailed otherwise."""
+        """A session with the first hop that answers properly, among the first MX_ADDRESS_LIMIT and
+        before MX_SESSION_LIMIT of them were connected to in vain; raises SessionFailed otherwise."""
         abort = abort or AbortSignal()
         errors: list[str] = []
         last_status = "4.4.1"
         context = tls_context or opportunistic_context()
-        for hop in hops:
+        sessions = 0
+        tried = hops[:MX_ADDRESS_LIMIT]
+        for hop in tried:
             attempts = [True, False] if tls_policy == "opportunistic" else [True]
+            connected = False  # a TCP connection opened: a session, in Postfix's count
             for use_starttls in attempts:
                 try:
                     return cls._open_one(
@@ -337,18 +350,21 @@ class OutboundSession:
                     )
                 except _StarttlsBroken as exc:
                     # RFC 7435 opportunistic: a failed handshake falls back to plain text, once.
+                    connected = True
                     log.info("%s: TLS handshake failed (%s); retrying without STARTTLS", hop, exc)
                     errors.append(f"{hop}:{port}: TLS handshake failed: {exc}")
                     continue
                 except _HopFailed as exc:
+                    connected = connected or exc.connected
                     log.info("%s: %s", hop, exc.text)
                     errors.append(f"{hop}:{port}: {exc.text}")  # Postfix's 'mx.example.net[192.0.2.1]:25'
                     last_status = exc.status
                     break
-            if abort.aborted:
+            sessions += connected
+            if abort.aborted or sessions >= MX_SESSION_LIMIT:
                 break
         detail = "; ".join(errors[-3:]) or "no address to try"
-        raise SessionFailed(last_status, detail, str(hops[-1]) if hops else "")
+        raise SessionFailed(last_status, detail, str(hop) if tried else "")
 
     @classmethod
     def _open_one(  # noqa: C901  connect, EHLO, STARTTLS, AUTH in RFC order (5321, 3207, 4954), one reply check per step
@@ -421,16 +437,22 @@ class OutboundSession:
                     raise _HopFailed("4.7.8", f"relay login failed: {exc}") from exc
             abort.check()
             return cls(smtp, hop, tls, abort)
-        except (_HopFailed, _StarttlsBroken):
+        except _HopFailed as exc:
+            abort.detach(smtp)
+            _close_quietly(smtp)
+            exc.connected = smtp.connected
+            raise
+        except _StarttlsBroken:
             abort.detach(smtp)
             _close_quietly(smtp)
             raise
         except (OSError, smtplib.SMTPException) as exc:
             abort.detach(smtp)
             _close_quietly(smtp)
-            if abort.aborted:
-                raise _HopFailed("4.3.2", "the queue is stopping") from exc
-            raise _HopFailed("4.4.2", f"session failed: {exc}") from exc
+            failed = _HopFailed("4.3.2", "the queue is stopping") if abort.aborted else \
+                _HopFailed("4.4.2", f"session failed: {exc}")
+            failed.connected = smtp.connected
+            raise failed from exc
 
     @staticmethod
     def _hello(smtp: smtplib.SMTP) -> None:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from appliance.services import Services
 
 MAX_MX_HOSTS = 10  # more than this is misconfiguration or abuse; Postfix caps at 5 sessions too
-MAX_HOPS = 20  # addresses tried for one domain in one attempt
+MAX_HOPS = 20  # addresses kept from a lookup; one attempt tries client.MX_ADDRESS_LIMIT of them
 
 
 @dataclass(frozen=True)

@@ -409,3 +409,68 @@ def test_plain_text_sent_with_the_starttls_reply_is_not_read_after_tls(port: int
     finally:
         srv.close()
     assert seen == [b"ehlo mail.ours.test\r\n", b"quit\r\n"]
+
+
+class Silent:
+    """Listeners that accept TCP connections and never greet (or, `greeting`, refuse with it); counts
+    the connections each address took."""
+
+    def __init__(self, hosts: list[str], port: int, greeting: bytes = b"") -> None:
+        self.counts = dict.fromkeys(hosts, 0)
+        self._greeting = greeting
+        self._socks = [socket.create_server((host, port)) for host in hosts]
+        self._held: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._serve, args=(s, h), daemon=True)
+                         for s, h in zip(self._socks, hosts, strict=True)]
+
+    def __enter__(self) -> Silent:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sock in [*self._socks, *self._held]:
+            sock.close()
+
+    def _serve(self, sock: socket.socket, host: str) -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            self.counts[host] += 1
+            self._held.append(conn)
+            if self._greeting:
+                conn.sendall(self._greeting)
+
+
+SEVEN = [f"127.0.0.{n}" for n in range(2, 9)]
+
+
+def test_an_attempt_connects_to_at_most_two_hosts_that_never_greet() -> None:
+    """Postfix's smtp_mx_session_limit: 7 addresses that accept and never greet took 7 connections and
+    7 greeting timeouts in one attempt (up to 20, 10 minutes); now 2, in the hops' order."""
+    port = free_port(SEVEN)
+    with Silent(SEVEN, port) as silent:
+        started = time.monotonic()
+        with pytest.raises(SessionFailed) as info:
+            OutboundSession.open([Hop(f"mx{n}.test", a) for n, a in enumerate(SEVEN)], port=port,
+                                 helo_name="mail.ours.test", connect_timeout=0.5, command_timeout=0.5)
+        elapsed = time.monotonic() - started
+    assert list(silent.counts.values()) == [1, 1, 0, 0, 0, 0, 0]
+    assert elapsed < 3
+    assert info.value.status.startswith("4")
+    assert info.value.remote == "mx1.test[127.0.0.3]"
+
+
+def test_an_attempt_tries_at_most_five_addresses() -> None:
+    """Postfix's smtp_mx_address_limit: the 4 first refuse the connection (no session), the 5th refuses
+    to talk (a session), the 6th and 7th would have served: they wait for the next attempt."""
+    port = free_port(SEVEN)
+    with (Silent(SEVEN[4:], port, greeting=b"554 5.3.2 no service here\r\n") as refusing,
+          pytest.raises(SessionFailed) as info):
+        OutboundSession.open([Hop(f"mx{n}.test", a) for n, a in enumerate(SEVEN)], port=port,
+                             helo_name="mail.ours.test", connect_timeout=2, command_timeout=2)
+    assert list(refusing.counts.values()) == [1, 0, 0]
+    assert info.value.remote == "mx4.test[127.0.0.6]"
+    assert "refused to talk to me: 554 5.3.2 no service here" in info.value.text
