@@ -498,20 +498,28 @@ class OutboundSession:
 
     def send(self, message: Outgoing) -> dict[str, Outcome]:
         """One transaction per MAX_RCPTS_PER_TRANSACTION recipients; an outcome for each recipient.
-        After a broken connection the remaining recipients get a temporary outcome and `broken` is set."""
+        After a broken connection the remaining recipients get a temporary outcome and `broken` is set.
+
+        Recipients refused with 452 (RFC 5321 4.5.3.1.10: "too many recipients") in a transaction that
+        delivered to others go in the next transaction at once, as Postfix does, not to the retry
+        schedule with an attempt counted against them. Each such transaction delivers to at least one
+        recipient, so this ends; a 452 to every recipient of a transaction is a real delay."""
         problem = self.precheck(message)
         if problem is not None:
             return dict.fromkeys(message.recipients, problem)
         outcomes: dict[str, Outcome] = {}
         options = self._mail_options(message)
-        recipients = list(message.recipients)
-        for start in range(0, len(recipients), MAX_RCPTS_PER_TRANSACTION):
-            chunk = recipients[start:start + MAX_RCPTS_PER_TRANSACTION]
+        pending = list(message.recipients)
+        while pending:
+            chunk, pending = pending[:MAX_RCPTS_PER_TRANSACTION], pending[MAX_RCPTS_PER_TRANSACTION:]
             if self.broken:
                 lost = Outcome("4.4.2", "connection lost before this recipient was tried", str(self.hop))
                 outcomes.update(dict.fromkeys(chunk, lost))
                 continue
-            outcomes.update(self._transaction(message.sender, chunk, message.data, options))
+            done, too_many = self._transaction(message.sender, chunk, message.data, options)
+            outcomes.update(done)
+            if too_many and any(done[r].delivered for r in chunk):
+                pending = too_many + pending
         self.messages += 1
         return outcomes
 
@@ -522,9 +530,17 @@ class OutboundSession:
         code, message = self._smtp.getreply()
         return reply_from(code, message)
 
-    def _transaction(  # noqa: C901  the RFC 5321 3.3 transaction: one reply check per command, per-recipient outcomes
-        self, sender: str, recipients: list[str], data: bytes, options: list[bytes]
+    def _transaction(self, sender: str, recipients: list[str], data: bytes,
+                     options: list[bytes]) -> tuple[dict[str, Outcome], list[str]]:
+        """The outcomes, and the recipients whose RCPT got a 452 (to try in another transaction)."""
+        rcpt_replies: list[Reply] = []
+        outcomes = self._exchange(sender, recipients, data, options, rcpt_replies)
+        return outcomes, [r for r, reply in zip(recipients, rcpt_replies, strict=False) if reply.code == 452]
+
+    def _exchange(  # noqa: C901  the RFC 5321 3.3 transaction: one reply check per command, per-recipient outcomes
+        self, sender: str, recipients: list[str], data: bytes, options: list[bytes], rcpt_replies: list[Reply]
     ) -> dict[str, Outcome]:
+        """`rcpt_replies` gets the replies to RCPT as they come."""
         hop = self.hop
         try:
             mail_cmd = self._command(b"MAIL FROM:", sender, options)
@@ -533,11 +549,10 @@ class OutboundSession:
                 # RFC 2920 3.1: MAIL and every RCPT in one write; the replies come back in order.
                 self._smtp.send(mail_cmd + b"".join(rcpt_cmds))
                 mail_reply = self._read()
-                rcpt_replies = [self._read() for _ in rcpt_cmds]
+                rcpt_replies.extend(self._read() for _ in rcpt_cmds)
             else:
                 self._smtp.send(mail_cmd)
                 mail_reply = self._read()
-                rcpt_replies = []
                 if mail_reply.positive:
                     for cmd in rcpt_cmds:
                         self._smtp.send(cmd)

@@ -474,3 +474,33 @@ def test_an_attempt_tries_at_most_five_addresses() -> None:
     assert list(refusing.counts.values()) == [1, 0, 0]
     assert info.value.remote == "mx4.test[127.0.0.6]"
     assert "refused to talk to me: 554 5.3.2 no service here" in info.value.text
+
+
+def test_recipients_refused_as_too_many_go_in_the_next_transaction_at_once(port: int) -> None:
+    """A server that takes 2 recipients per transaction: the 452 4.5.3 ones waited for the next retry,
+    each with a failed attempt counted; now they go in the next transactions of the same session."""
+    recipients = tuple(f"r{n}@far.test" for n in range(5))
+    with Receiver("127.0.0.2", port, script=Script(rcpt_limit=2)) as receiver:
+        session = open_session(port)
+        outcomes = session.send(Outgoing("a@ours.test", recipients, MESSAGE))
+        session.close()
+        transactions = receiver.wait(3)
+        assert receiver.connections == 1
+    assert {r: o.delivered for r, o in outcomes.items()} == dict.fromkeys(recipients, True)
+    assert [t.rcpt_tos for t in transactions] == [recipients[:2], recipients[2:4], recipients[4:]]
+
+
+def test_a_452_to_every_recipient_is_a_delay_not_a_loop(port: int) -> None:
+    """A transaction that delivers to no one ends the follow-ups: a 452 to each first recipient (the
+    limit reached for the session, a full mailbox) is the retry schedule's business."""
+    full = "452 4.2.2 Mailbox full"
+    with Receiver("127.0.0.2", port, script=Script(rcpt={"x@far.test": full, "y@far.test": full})) as receiver:
+        session = open_session(port)
+        everyone_full = session.send(Outgoing("a@ours.test", ("x@far.test", "y@far.test"), MESSAGE))
+        one_full = session.send(Outgoing("a@ours.test", ("x@far.test", "z@far.test"), MESSAGE))
+        session.close()
+        transactions = receiver.wait(1)
+    assert [o.text for o in everyone_full.values()] == [full, full]
+    assert one_full["z@far.test"].delivered
+    assert one_full["x@far.test"].text == full
+    assert [t.rcpt_tos for t in transactions] == [("z@far.test",)]

@@ -40,6 +40,7 @@ class Script:
     data: list[str] = field(default_factory=list)  # replies to the final '.', in order
     mail: list[str] = field(default_factory=list)
     greeting_code: int | None = None  # e.g. 554: refuse the session
+    rcpt_limit: int | None = None  # recipients a transaction takes; past them "452 4.5.3 Too many recipients"
 
 
 def free_port(hosts: Iterable[str] = ("127.0.0.1", "127.0.0.2", "127.0.0.3")) -> int:
@@ -84,6 +85,9 @@ class _Handler:
         reply = self.receiver.script.rcpt.get(address)
         if reply is not None:
             return reply
+        limit = self.receiver.script.rcpt_limit
+        if limit is not None and len(envelope.rcpt_tos) >= limit:
+            return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
