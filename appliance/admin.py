@@ -237,7 +237,7 @@ class Admin:
     async def targets_going_nowhere(self, info: AliasInfo) -> list[str]:
         """The alias's targets on this box's domains that reach no mailbox and no forward (a typo, a
         mailbox not made yet, or removed): mail for the alias does not reach them, and when none is
-        left it is refused with "No such user here". Said where the alias is made, not left to be found."""
+        left it is refused ("No such user here", or "alias loop"). Said where the alias is made, not left to be found."""
         nowhere = []
         for target in info.targets:
             _, _, domain = target.rpartition("@")

@@ -24,6 +24,10 @@ class Resolution:
 
     mailboxes: tuple[str, ...]  # canonical local mailbox addresses
     forwards: tuple[str, ...]  # external addresses
+    # Both empty, why: "loop" (an alias chain back to an earlier alias of it) or "too deep" (past
+    # MAX_ALIAS_DEPTH or MAX_EXPANSION): the box's misconfiguration, not an unknown user, and the
+    # refusal says so. "" otherwise.
+    stopped: str = ""
 
 @dataclass(frozen=True)
 class Credentials:

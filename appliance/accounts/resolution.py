@@ -29,6 +29,7 @@ class _Expansion:
     expanded: set[str] = field(default_factory=set)
     visits: int = 0
     warned: bool = False
+    stopped: str = ""  # Resolution.stopped
 
 
 class Resolver:
@@ -47,7 +48,8 @@ class Resolver:
             return Resolution((), ())
         expansion = _Expansion(use_catch_all=True)
         await self._expand(addr, (), expansion)
-        return Resolution(tuple(expansion.mailboxes), tuple(expansion.forwards.values()))
+        mailboxes, forwards = tuple(expansion.mailboxes), tuple(expansion.forwards.values())
+        return Resolution(mailboxes, forwards, "" if mailboxes or forwards else expansion.stopped)
 
     async def may_send_as(self, mailbox: str, address: str) -> bool:
         """May the logged-in `mailbox` use `address` as its sender? Its own address (with any plus tag)
@@ -74,6 +76,7 @@ class Resolver:
         key = addr.canonical
         ex.visits += 1
         if ex.visits > MAX_EXPANSION or len(path) >= MAX_ALIAS_DEPTH:
+            ex.stopped = ex.stopped or "too deep"
             if not ex.warned:
                 log.warning("alias expansion for %s stopped at %s: more than %d steps or %d levels deep",
                             path[0] if path else key, key, MAX_EXPANSION, MAX_ALIAS_DEPTH)
@@ -100,6 +103,10 @@ class Resolver:
                 if own is not None:
                     ex.mailboxes[own] = None
                 else:
+                    if t.canonical != key:
+                        # Back to an earlier alias of the chain. A name to itself (a catch-all behind
+                        # a removed mailbox) is no loop but nobody, as Postfix's "User unknown".
+                        ex.stopped = ex.stopped or "loop"
                     log.warning("alias loop: %s leads back to %s; that branch is dropped",
                                 key, t.canonical)
                 continue

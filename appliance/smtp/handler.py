@@ -342,8 +342,10 @@ class SmtpHandler:
         mailboxes: tuple[str, ...] = ()
         forwards: tuple[str, ...] = ()
         full: dict[str, bool] = {}
+        stopped = ""
         if local:
             resolution = await accounts.resolve(str(address))
+            stopped = resolution.stopped
             mailboxes, forwards = resolution.mailboxes, resolution.forwards
             if not mailboxes and not forwards and is_role_address(address) and not self.submission:
                 mailboxes = await self._postmaster_mailboxes()
@@ -351,7 +353,7 @@ class SmtpHandler:
             for mailbox in mailboxes:
                 used, quota = await self.services.store.usage(mailbox)
                 full[mailbox] = bool(quota) and used + size >= quota
-        facts = RecipientFacts(address, local, mailboxes, forwards, full)
+        facts = RecipientFacts(address, local, mailboxes, forwards, full, stopped)
         return recipient_route(
             facts,
             authenticated=session.principal is not None,

@@ -95,6 +95,14 @@ def unknown_user(address: str) -> Reply:
     return Reply(550, "5.1.1", f"<{echo(address)}>: No such user here")
 
 
+def alias_stopped(address: str, why: str) -> Reply:
+    """An alias that leads nowhere through a loop (or a chain past the depth limit): "No such user here"
+    sent an administrator reading the log to look for a missing user. 5.4.6 is RFC 3463's routing
+    loop, Postfix's code for "mail forwarding loop"."""
+    text = "alias loop" if why == "loop" else "alias chain too deep"
+    return Reply(554, "5.4.6", f"{text} for <{echo(address)}>")
+
+
 def queued(queue_id: str) -> Reply:
     return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
@@ -232,6 +240,7 @@ class RecipientFacts:
     mailboxes: tuple[str, ...] = ()  # Accounts.resolve() result, empty for remote or unknown
     forwards: tuple[str, ...] = ()
     full: Mapping[str, bool] | None = None  # mailbox -> over quota
+    stopped: str = ""  # Resolution.stopped: why an alias led nowhere
 
 
 def recipient_route(
@@ -245,7 +254,7 @@ def recipient_route(
     rcpt = address.canonical if facts.local_domain else str(address)
     if facts.local_domain and not address.is_literal:
         if not facts.mailboxes and not facts.forwards:
-            return unknown_user(str(address))
+            return alias_stopped(str(address), facts.stopped) if facts.stopped else unknown_user(str(address))
         full = facts.full or {}
         if not facts.forwards and all(full.get(mb, False) for mb in facts.mailboxes):
             return MAILBOX_FULL

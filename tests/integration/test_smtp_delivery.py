@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from appliance.accounts import MAX_ALIAS_DEPTH
 from appliance.queue.spool import QueuedMessage
 from tests.conftest import LETTERBOX, BoxHandle
 from tests.support.smtp_wire import Wire, hold_outbound, lmtp_data, maildir_messages, parse
@@ -132,6 +133,39 @@ def test_catch_all_takes_routing_tricks_locally_not_to_the_spool(mx: BoxHandle) 
     send_mx(mx, "sender@external.test", [f"user%external.test@{OURS}", f"external.test!user@{OURS}"])
     assert len(inbox(mx, ALICE)) == 1
     assert queue(mx) == []
+
+
+def test_an_alias_loop_or_a_chain_too_deep_is_refused_as_such_not_as_an_unknown_user(mx: BoxHandle) -> None:
+    """Both were '550 5.1.1 No such user here', which sent an administrator reading the log after a
+    missing user; the other recipients of the transaction still get the mail."""
+    accounts = mx.services.accounts
+    mx.run(accounts.add_alias(f"a@{OURS}", [f"b@{OURS}"]))
+    mx.run(accounts.add_alias(f"b@{OURS}", [f"a@{OURS}"]))
+    for n in range(MAX_ALIAS_DEPTH + 1):
+        mx.run(accounts.add_alias(f"chain{n}@{OURS}", [f"chain{n + 1}@{OURS}"]))
+    mx.run(accounts.add_alias(f"chain{MAX_ALIAS_DEPTH + 1}@{OURS}", [ALICE]))
+    with Wire(mx.port("smtp")) as wire:
+        wire.reply()
+        wire.cmd("EHLO client.test")
+        wire.cmd("MAIL FROM:<someone@external.test>")
+        assert wire.cmd(f"RCPT TO:<a@{OURS}>") == (554, f"5.4.6 alias loop for <a@{OURS}>")
+        assert wire.cmd(f"RCPT TO:<chain0@{OURS}>") == (554, f"5.4.6 alias chain too deep for <chain0@{OURS}>")
+        assert wire.cmd(f"RCPT TO:<chain3@{OURS}>")[0] == 250  # 20 steps to Alice: within the limit
+        assert wire.cmd(f"RCPT TO:<ghost@{OURS}>") == (550, f"5.1.1 <ghost@{OURS}>: No such user here")
+        wire.cmd("DATA")
+        assert wire.cmd(BODY + b".")[0] == 250
+    assert len(inbox(mx, ALICE)) == 1
+
+
+def test_a_catch_all_to_a_removed_mailbox_is_an_unknown_user_not_a_loop(mx: BoxHandle) -> None:
+    """The catch-all sends bob@ to bob@ itself once the mailbox is gone: nobody, as in Postfix."""
+    mx.run(mx.services.accounts.add_alias(f"@{OURS}", [BOB]))
+    mx.run(mx.services.accounts.remove_user(BOB))
+    with Wire(mx.port("smtp")) as wire:
+        wire.reply()
+        wire.cmd("EHLO client.test")
+        wire.cmd("MAIL FROM:<someone@external.test>")
+        assert wire.cmd(f"RCPT TO:<ghost@{OURS}>") == (550, f"5.1.1 <ghost@{OURS}>: No such user here")
 
 
 def test_bare_postmaster_is_accepted(mx: BoxHandle) -> None:
