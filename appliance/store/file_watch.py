@@ -25,6 +25,15 @@ Events are read (without waiting) at the start of each check, so every change wh
 returned before the check began is known to it. Checks of one folder take turns (its lock): a
 check that matched a file before an event about it was read by another check does not mark the
 file good after that event.
+
+A name whose last event took its file away (removed, renamed away: the box's own expunges and flag
+changes, or another program's) is kept only until the next check of the folder begins: then no
+check that might have stat'ed the file before it went is still running, the marks made for that
+name are dropped (each mark keeps a hash of its directory and name beside it to find them by), and
+so is the name. A name used again is created or renamed to, an event that names it anew. So the
+names kept are those of files still there (and MAX_DIRTY resets a folder only when that many live
+files changed since their last stat), not every name the folder ever had: under imaptest's APPEND,
+STORE and EXPUNGE the list filled up and reset the folder's marks every 20 s or so.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from appliance.store.inotify import (
 )
 
 MAX_DIRTY = 4096  # paths named by events and not yet matched again, per folder, before it is all re-checked
+_GONE = IN_DELETE | IN_MOVED_FROM  # the event took the name's file away
 # The marks are 8 octets per UID from the folder's lowest marked UID to its highest: a folder whose UIDs
 # span more (a million messages, or UIDs far apart) has those above checked by a stat. A Maildir taken
 # from a long-lived server often has high UIDs (UIDNEXT in the hundreds of thousands for a few thousand
@@ -74,14 +84,17 @@ class Located(Protocol):
 class _Folder(WatchedFolder):
     """What is known of one folder's files (its watched directories by path)."""
 
-    __slots__ = ("base", "dirty", "epoch", "lock", "marks")
+    __slots__ = ("base", "checking", "dirty", "epoch", "gone", "lock", "marks", "names")
 
     def __init__(self) -> None:
         super().__init__()
         self.lock = threading.Lock()  # one check at a time (see the module's docstring)
         self.marks = array("q")  # by UID - base: _mark of the last stat that matched its row; 0 none
+        self.names = array("I")  # beside marks: _name_key of the file each mark was made for
         self.base = 0  # the UID of marks[0]
         self.dirty: dict[str, int] = {}  # path -> the drain that last saw an event name it
+        self.gone: set[str] = set()  # the dirty paths whose last event took their file away
+        self.checking = False  # a check of the folder runs (between its first drain and its end)
         self.epoch = 0  # raised whenever the marks are dropped: a check begun before commits none
 
 
@@ -104,11 +117,17 @@ class FileWatch(FolderWatches[_Folder]):
         with folder.lock:
             with self._lock:
                 self._drain()
-            self._same_dirs(folder_id, folder)
-            with self._lock:
-                check = FolderCheck(self, folder_id, folder, self._drains, folder.epoch)
-            yield check
-            check.commit()
+                _settle(folder)  # (no other check of the folder runs: its lock)
+                folder.checking = True
+            try:
+                self._same_dirs(folder_id, folder)
+                with self._lock:
+                    check = FolderCheck(self, folder_id, folder, self._drains, folder.epoch)
+                yield check
+                check.commit()
+            finally:
+                with self._lock:
+                    folder.checking = False
 
     def forget(self, folder_id: int, uids: Iterable[int]) -> None:
         """These messages' rows are to be checked by a stat again: their files were given another
@@ -147,7 +166,7 @@ class FileWatch(FolderWatches[_Folder]):
             if folder.epoch != epoch:
                 return
             _cover(folder, min(uid for uid, _, _ in matched))
-            marks, dirty, dirs, base = folder.marks, folder.dirty, folder.dirs, folder.base
+            marks, names, dirty, dirs, base = folder.marks, folder.names, folder.dirty, folder.dirs, folder.base
             for uid, path, stamp in matched:
                 index = uid - base
                 directory, _, name = path.rpartition("/")
@@ -158,10 +177,13 @@ class FileWatch(FolderWatches[_Folder]):
                     if seen > drain:
                         continue  # named by an event after this check's stat may have been made
                     del dirty[path]
+                    folder.gone.discard(path)
                 if index >= len(marks):
                     grown = min(max(index + 1, len(marks) * 3 // 2), MAX_TRACKED_SPAN)
                     marks.frombytes(bytes(marks.itemsize * (grown - len(marks))))
+                    names.frombytes(bytes(names.itemsize * (grown - len(names))))
                 marks[index] = _mark(directory, name, stamp)
+                names[index] = _name_key(directory, name)
 
     # --- internals -------------------------------------------------------------------------------------
 
@@ -172,9 +194,17 @@ class FileWatch(FolderWatches[_Folder]):
         _reset(folder)
 
     def _named(self, folder: _Folder, key: str, mask: int, name: bytes) -> None:
-        folder.dirty[key + "/" + os.fsdecode(name)] = self._drains
+        path = key + "/" + os.fsdecode(name)
+        folder.dirty[path] = self._drains
+        if mask & _GONE:
+            folder.gone.add(path)
+        else:
+            folder.gone.discard(path)
         if len(folder.dirty) > MAX_DIRTY:
-            _reset(folder)
+            if not folder.checking:  # (a folder no session checks: its gone names go here)
+                _settle(folder)
+            if len(folder.dirty) > MAX_DIRTY:
+                _reset(folder)
 
     def _same_dirs(self, folder_id: int, folder: _Folder) -> None:
         """Drop the watched directories that are no longer at their paths (a folder's directory
@@ -199,11 +229,48 @@ def _mark(directory: str, name: str, stamp: tuple[int, int, int]) -> int:
     return hash((directory, name, stamp)) or 1
 
 
+def _name_key(directory: str, name: str) -> int:
+    """What _Folder.names holds for a file (never 0, as where no mark is): two names of one key
+    only cost a stat of the other when one goes."""
+    return hash((directory, name)) & 0xFFFFFFFF or 1
+
+
+def _settle(folder: _Folder) -> None:
+    """Forget the names whose files are gone, with the marks made for them (under FileWatch._lock,
+    with no check of the folder running: one that stat'ed such a file before it went would mark it
+    after; FileWatch.commit skips the names evented after its check's stat, while they are dirty)."""
+    if not folder.gone:
+        return
+    keys = set()
+    for path in folder.gone:
+        del folder.dirty[path]
+        directory, _, name = path.rpartition("/")
+        keys.add(_name_key(directory, name))
+    folder.gone.clear()
+    marks, names = folder.marks, folder.names
+    if len(keys) <= 16:  # (array.index: a scan in C per name, for the few a check usually finds)
+        for key in keys:
+            at = 0
+            while True:
+                try:
+                    at = names.index(key, at)
+                except ValueError:
+                    break
+                marks[at] = names[at] = 0
+                at += 1
+    else:
+        for at, key in enumerate(names):
+            if key in keys:
+                marks[at] = names[at] = 0
+
+
 def _reset(folder: _Folder) -> None:
     """Every row of the folder is checked by a stat again (under FileWatch._lock)."""
     folder.marks = array("q")
+    folder.names = array("I")
     folder.base = 0
     folder.dirty.clear()
+    folder.gone.clear()
     folder.epoch += 1
 
 
@@ -215,6 +282,7 @@ def _cover(folder: _Folder, low: int) -> None:
         folder.base = low
     elif low < folder.base and folder.base - low + len(marks) <= MAX_TRACKED_SPAN:
         folder.marks = array("q", bytes(marks.itemsize * (folder.base - low))) + marks
+        folder.names = array("I", bytes(folder.names.itemsize * (folder.base - low))) + folder.names
         folder.base = low
 
 

@@ -458,19 +458,24 @@ def test_a_file_changed_after_its_row_was_trusted(box: BoxHandle, how: str) -> N
     assert b"first version" not in answer
 
 
+def counted_stats(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, a 1 here for each stat the check of cache rows against files makes (fetch_cache)."""
+    stats: list[int] = []
+
+    def counting(st: os.stat_result) -> tuple[int, int, int]:
+        stats.append(1)
+        return stamp_of(st)
+
+    monkeypatch.setattr("appliance.imap.fetch_cache.stamp_of", counting)
+    return stats
+
+
 @pytest.mark.parametrize("filled_by", ["FETCH", "the worker"])
 def test_rows_just_computed_need_no_stat_at_the_next_command(
         box: BoxHandle, monkeypatch: pytest.MonkeyPatch, filled_by: str) -> None:
     """Rows a FETCH computed, or the CPU pool's worker wrote after a header list, are checked against
     their files once written (fetch_cache.current_rows): the SEARCH SUBJECT after them stats no file, and
     still sees a file changed since."""
-    stats: list[int] = []
-    counted = stamp_of
-
-    def counting(st: os.stat_result) -> tuple[int, int, int]:
-        stats.append(1)
-        return counted(st)
-
     cur = copied_in(box)
     raw = session(box)
     try:
@@ -480,7 +485,7 @@ def test_rows_just_computed_need_no_stat_at_the_next_command(
             raw.command(b"a", b"FETCH 1:* (BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)])")
             cache = box.services.store.message_cache
             wait_until(lambda: cache_rows(box) == 31 and not cache._fills, what="the rows of the listed files")
-        monkeypatch.setattr("appliance.imap.fetch_cache.stamp_of", counting)
+        stats = counted_stats(monkeypatch)
         assert raw.command(b"b", b'SEARCH SUBJECT "copied in 3"')[0] == b"* SEARCH 4 31\r\n"
         # (the delivered message's row, written at delivery, is stat'ed once)
         assert len(stats) <= 1
@@ -617,3 +622,35 @@ def test_a_row_cached_before_nul_was_replaced_sends_none(box: BoxHandle, opened_
     assert message_files(opened_files, box) == []  # answered from the old row
     assert b"\0" not in old
     assert fetch(box) == wanted
+
+
+
+def test_appends_flag_changes_and_expunges_keep_the_other_rows_trusted(
+        box: BoxHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The names of files expunged or renamed for a flag leave the watch's list of changed names
+    (file_watch.py): they stayed, and at MAX_DIRTY of them every row of the folder was stat'ed again
+    (every 20 s under imaptest's APPEND, STORE, EXPUNGE). Here with a list of 40, and 30 rounds of
+    three names each."""
+    monkeypatch.setattr("appliance.store.file_watch.MAX_DIRTY", 40)
+    box.add_user(USER, PASSWORD)
+    for n in (1, 2, 3):
+        deliver(box, message(n))
+    raw = session(box)
+    try:
+        for tag in (b"a", b"b"):  # the first check stats the files, the second trusts the rows
+            assert raw.command(tag, b'SEARCH SUBJECT "cached"')[0] == b"* SEARCH 1 2 3\r\n"
+        data = message(9, "churn")
+        for _ in range(30):
+            raw.send(b"c APPEND INBOX {%d+}\r\n" % len(data) + data + b"\r\n")
+            assert raw.until_tagged(b"c")[-1].startswith(b"c OK [APPENDUID")
+            assert raw.command(b"d", b"FETCH 4 (ENVELOPE)")[-1].startswith(b"d OK")
+            assert raw.command(b"e", b"STORE 4 +FLAGS (\\Seen)")[-1].startswith(b"e OK")
+            assert raw.command(b"g", b"STORE 4 +FLAGS (\\Deleted)")[-1].startswith(b"g OK")
+            assert raw.command(b"h", b"EXPUNGE")[-1].startswith(b"h OK")
+        stats = counted_stats(monkeypatch)
+        assert raw.command(b"i", b'SEARCH SUBJECT "cached"')[0] == b"* SEARCH 1 2 3\r\n"
+        assert stats == []
+        watch = box.services.store.message_cache.watch
+        assert [len(folder.dirty) <= 2 for folder in watch._folders.values()] == [True]
+    finally:
+        raw.close()

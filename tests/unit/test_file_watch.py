@@ -260,3 +260,55 @@ def test_without_inotify_watches_left_rows_are_checked_by_a_stat(tmp_path: Path)
             print(sorted(check(watch, a, rows(a), 1)), sorted(check(watch, b, rows(b), 2)))
     """))
     assert out.splitlines() == ["[] []", "[1, 2, 3] []", "[1, 2, 3] []"]
+
+
+def _churn(root: Path, watch: FileWatch | None, rounds: int, first_uid: int) -> None:
+    """What imaptest's APPEND, STORE and EXPUNGE do to a folder: a file put in cur/ from tmp/, renamed
+    for a flag, removed; checked between the steps when `watch` is given (FETCH, SEARCH)."""
+    for uid in range(first_uid, first_uid + rounds):
+        tmp, path = root / "tmp" / f"{uid}.x", root / "cur" / f"17000{uid}.M{uid}P1.host:2,"
+        tmp.write_bytes(b"Subject: %d\r\n\r\nbody\r\n" % uid)
+        os.rename(tmp, path)
+        if watch is not None:
+            check(watch, [(uid, str(path))], rows([(uid, str(path))]))
+        flagged = path.with_name(path.name + "S")
+        os.rename(path, flagged)
+        if watch is not None:
+            check(watch, [(uid, str(flagged))], rows([(uid, str(flagged))]))
+        flagged.unlink()
+
+
+@pytest.mark.parametrize("checked_between", [True, False])
+def test_names_of_files_gone_are_not_kept(tmp_path: Path, watch: FileWatch, checked_between: bool) -> None:
+    """The names of files removed or renamed away leave the list (it held them until MAX_DIRTY of
+    them reset the folder's marks: every 20 s under imaptest): the files still there stay trusted."""
+    files = folder(tmp_path)
+    known = rows(files)
+    check(watch, files, known)
+    assert check(watch, files, known) == {1, 2, 3}
+    _churn(tmp_path, watch if checked_between else None, 2100, 100)  # 4,200 names gone
+    assert check(watch, files, known) == {1, 2, 3}
+    assert len(watch._folders[FOLDER].dirty) <= 2
+
+
+def test_a_name_used_again_after_its_file_went_is_checked(tmp_path: Path, watch: FileWatch) -> None:
+    """The same file (same inode, size, times) taken away and put back under its name, while a
+    check runs and between checks: its row is stat'ed before it is trusted again."""
+    files = folder(tmp_path)
+    known = rows(files)
+    check(watch, files, known)
+    path = files[0][1]
+    keep = str(tmp_path / "tmp" / "kept")
+    for during_a_check in (False, True):
+        os.link(path, keep)
+        if during_a_check:
+            with watch.check(FOLDER) as c:
+                c.matched(1, path, known[1][0], 1)  # stat'ed before it went
+                os.unlink(path)
+                os.rename(keep, path)
+        else:
+            os.unlink(path)
+            assert check(watch, files, known) == {2, 3}  # (its name forgotten here, with its mark)
+            os.rename(keep, path)
+        assert check(watch, files, known) == {2, 3}
+        assert check(watch, files, known) == {1, 2, 3}
