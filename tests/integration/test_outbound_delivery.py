@@ -72,6 +72,25 @@ def test_first_mx_down_the_next_one_takes_it(outbound: Outbound) -> None:
     assert transaction.rcpt_tos == ("a@example.net",)
 
 
+def test_an_attempt_stops_after_two_mx_hosts_that_refuse_to_talk(outbound: Outbound) -> None:
+    """Postfix's smtp_mx_session_limit through DNS: 7 MX hosts (preferences 10 to 70) that refuse with a
+    554 greeting got a connection each per attempt; now the best two get one, the rest none, attempt
+    after attempt (each attempt begins again at the best)."""
+    addresses = [f"127.0.0.{n}" for n in range(2, 9)]
+    mx(outbound.zone, "example.net", *((10 * n, f"mx{n}.example.net", a) for n, a in enumerate(addresses, 1)))
+    with contextlib.ExitStack() as stack:
+        receivers = [stack.enter_context(outbound.receiver(a, script=Script(greeting_code=554))) for a in addresses]
+        outbound.submit(["a@example.net"])
+        outbound.wait_until(lambda: any(r.attempts >= 2 for m in outbound.messages() for r in m.recipients),
+                            what="two attempts recorded")
+        [queued] = outbound.messages()
+        counts = [r.connections for r in receivers]
+    assert counts[1] >= 2, counts
+    assert counts[0] - counts[1] in (0, 1), counts  # a third attempt may have begun
+    assert counts[2:] == [0] * 5, counts
+    assert "mx2.example.net" in queued.recipients[0].last_error
+
+
 def test_implicit_mx_and_ipv6(outbound: Outbound) -> None:
     outbound.zone.set("v6only.test", "AAAA", ["::1"])  # no MX: the domain itself is the host
     with outbound.receiver("::1") as receiver:
