@@ -59,12 +59,12 @@ from appliance.store.inotify import (
 )
 
 MAX_DIRTY = 4096  # paths named by events and not yet matched again, per folder, before it is all re-checked
-_GONE = IN_DELETE | IN_MOVED_FROM  # the event took the name's file away
-# The marks are 8 octets per UID from the folder's lowest marked UID to its highest: a folder whose UIDs
-# span more (a million messages, or UIDs far apart) has those above checked by a stat. A Maildir taken
-# from a long-lived server often has high UIDs (UIDNEXT in the hundreds of thousands for a few thousand
-# messages): counting from 0 would have cost 8 octets for every UID ever given.
+# The marks are 12 octets per UID (a mark, and its name's hash) from the folder's lowest marked UID to its
+# highest: a folder whose UIDs span more (a million messages, or UIDs far apart) has those above checked by
+# a stat. A Maildir taken from a long-lived server often has high UIDs (UIDNEXT in the hundreds of thousands
+# for a few thousand messages): counting from 0 would have cost 12 octets for every UID ever given.
 MAX_TRACKED_SPAN = 1 << 20
+_GONE = IN_DELETE | IN_MOVED_FROM  # the event took the name's file away
 
 
 _Row = TypeVar("_Row", bound=tuple[Any, ...])  # a row with the stamp of its file first
@@ -262,6 +262,15 @@ def _settle(folder: _Folder) -> None:
         for at, key in enumerate(names):
             if key in keys:
                 marks[at] = names[at] = 0
+    # The marks from the lowest UID still marked: with UIDs ever rising (APPEND, EXPUNGE), those of
+    # the messages gone would otherwise grow the marks to MAX_TRACKED_SPAN, new ones untracked above.
+    first = 0
+    while first < len(marks) and not marks[first]:
+        first += 1
+    if first:
+        del marks[:first]
+        del names[:first]
+        folder.base += first
 
 
 def _reset(folder: _Folder) -> None:

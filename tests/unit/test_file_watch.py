@@ -289,6 +289,11 @@ def test_names_of_files_gone_are_not_kept(tmp_path: Path, watch: FileWatch, chec
     _churn(tmp_path, watch if checked_between else None, 2100, 100)  # 4,200 names gone
     assert check(watch, files, known) == {1, 2, 3}
     assert len(watch._folders[FOLDER].dirty) <= 2
+    # The marks kept span the UIDs of the files there: once these go too, none (UIDs only rise).
+    for _, path in files:
+        os.unlink(path)
+    assert check(watch, files, known) == set()
+    assert len(watch._folders[FOLDER].marks) == 0
 
 
 def test_a_name_used_again_after_its_file_went_is_checked(tmp_path: Path, watch: FileWatch) -> None:
