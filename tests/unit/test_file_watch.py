@@ -317,3 +317,15 @@ def test_a_name_used_again_after_its_file_went_is_checked(tmp_path: Path, watch:
             os.rename(keep, path)
         assert check(watch, files, known) == {2, 3}
         assert check(watch, files, known) == {1, 2, 3}
+
+
+@pytest.mark.parametrize("removed", [1, 40])
+def test_the_marks_of_files_gone_are_dropped(tmp_path: Path, watch: FileWatch, removed: int) -> None:
+    """Whether few names went between two checks (found one by one) or many (one pass over the marks)."""
+    files = folder(tmp_path, 45)
+    known = rows(files)
+    check(watch, files, known)
+    assert check(watch, files, known) == set(range(1, 46))
+    for _, path in files[1:1 + removed]:
+        os.unlink(path)
+    assert check(watch, files, known) == set(range(1, 46)) - set(range(2, 2 + removed))
