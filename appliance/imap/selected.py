@@ -292,7 +292,7 @@ class SelectedFolder:
         # later apply, a loop of Python over the whole folder for each session at each change once
         # the folder's dates were read (25 ms per session per delivery at 100k, issue 19).
         if not before or bisect_right(messages, before[-1].uid, key=_UID) == len(before):
-            for i in compress(range(len(before)), map(is_not, messages, before)):
+            for i in snapshot.replaced_since(base):
                 new = messages[i]
                 if new.uid not in dropped:
                     pairs[new.uid] = (new, told.get(new.uid, before[i]))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from bisect import bisect_left
 from dataclasses import dataclass
 from functools import cached_property
-from operator import itemgetter
+from itertools import compress
+from operator import is_not, itemgetter
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
 
@@ -143,6 +145,20 @@ class FolderSnapshot:
         messages = self.messages
         i = bisect_left(messages, uid, key=_UID)
         return i if i < len(messages) and messages[i][0] == uid else -1
+
+    def replaced_since(self, base: FolderSnapshot) -> list[int]:
+        """The places among base's messages where this state holds another object, for a `base` whose
+        messages are the first ones of this state's, UID for UID (SelectedFolder._changed checks that).
+        Every IDLE session on a folder takes in the same new state from the same old one: the last
+        answer is kept (by a weak reference to `base`, so states don't hold their predecessors), and
+        the folder's loop over its messages runs once per change, not once per session (issue 19)."""
+        kept = self.__dict__.get("_replaced")
+        if kept is not None and kept[0]() is base:
+            return kept[1]  # type: ignore[no-any-return]
+        before = base.messages
+        found = list(compress(range(len(before)), map(is_not, self.messages, before)))
+        self.__dict__["_replaced"] = (weakref.ref(base), found)
+        return found
 
     def find(self, uid: int) -> MessageInfo | None:
         """The message with this UID, or None (the map when some reader made it, else place())."""
