@@ -763,27 +763,37 @@ class ImapSession:
             await self._notify_changes()
             notified = asyncio.ensure_future(self.notify.wait(EXTERNAL_POLL))
         waiter: asyncio.Task[bool] | None = None
-        if self.watcher is not None:
+        woken: asyncio.Future[None] | None = None
+        watcher = self.watcher
+        if watcher is not None:
             # Woken by any change through the store; every EXTERNAL_POLL seconds the disk
             # is looked at as well, for changes other programs make to the Maildir.
-            waiter = asyncio.ensure_future(self.watcher.wait(EXTERNAL_POLL))
+            woken = watcher.woken()
         elif gone is not None:
             waiter = asyncio.ensure_future(gone.wait(EXTERNAL_POLL))
-        pending: set[asyncio.Future[object]] = {done}  # type: ignore[arg-type]
-        if waiter is not None:
-            pending.add(waiter)  # type: ignore[arg-type]
-        if notified is not None:
-            pending.add(notified)  # type: ignore[arg-type]
-        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        pending: set[asyncio.Future[object]] = {f for f in (done, waiter, woken, notified) if f is not None}  # type: ignore[misc]
+        await asyncio.wait(pending, timeout=EXTERNAL_POLL if woken is not None else None,
+                           return_when=asyncio.FIRST_COMPLETED)
         if notified is not None and not notified.done():
             await cancel_and_wait(notified)
-        if waiter is not None and not waiter.done():
+        changed: bool | None = None  # whether the folder's watch woke (None: the client's line came first)
+        if woken is not None and watcher is not None:
+            if woken.done() or not (done.done() or (notified is not None and notified.done())):
+                changed = await watcher.wait(0)  # (False: EXTERNAL_POLL seconds went by)
+            woken.cancel()
+        elif waiter is not None and not waiter.done():
             await cancel_and_wait(waiter)
         elif waiter is not None:
-            if waiter.result() and time.monotonic() - self._disk_seen < EXTERNAL_POLL:
-                self._owed = True  # a change through the store: in the index already
-            else:
-                self._dirty = True  # time to look at the disk too (other programs' changes)
+            changed = waiter.result()
+        if changed is not None:
+            self._woke(changed)
+
+    def _woke(self, changed: bool) -> None:
+        """What IDLE's next look owes after its wait for the folder ended (`changed`: woken by a change)."""
+        if changed and time.monotonic() - self._disk_seen < EXTERNAL_POLL:
+            self._owed = True  # a change through the store: in the index already
+        else:
+            self._dirty = True  # time to look at the disk too (other programs' changes)
 
     # --- selected (RFC 3501 6.4) -------------------------------------------------------------------
 

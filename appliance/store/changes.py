@@ -68,9 +68,14 @@ class Watcher:
         # Also called at each change: for one who follows many folders and waits on them all at once
         # (NOTIFY's), instead of a wait() per folder.
         self.on_change: Callable[[], None] | None = None
+        self._woken: asyncio.Future[None] | None = None
 
     def notify(self) -> None:
         self._event.set()
+        if self._woken is not None:
+            if not self._woken.done():
+                self._woken.set_result(None)
+            self._woken = None
         if self.on_change is not None:
             self.on_change()
 
@@ -83,6 +88,17 @@ class Watcher:
         changed = self._event.is_set()
         self._event.clear()
         return changed
+
+    def woken(self) -> asyncio.Future[None]:
+        """A future done at the next change (at once when one is pending or the watch is closed); then
+        wait(0) tells it. IDLE's wait for a change without the task, inner task and timer of a wait()
+        per session per delivery (issue 19): the caller times it out and cancels it (one at a time)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._event.is_set() or self._closed:
+            future.set_result(None)
+        else:
+            self._woken = future
+        return future
 
     def close(self) -> None:
         if not self._closed:
