@@ -16,6 +16,7 @@ so the session only ever sees well-formed commands that are valid now.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from appliance.pop3.limits import DEFAULT_LIMITS, Pop3Limits
@@ -105,6 +106,10 @@ GRAMMAR: dict[State, dict[str, Arity]] = {
 }
 KNOWN_COMMANDS = frozenset(name for table in GRAMMAR.values() for name in table) | {"APOP"}
 MAX_KEYWORD_OCTETS = 4  # RFC 2449 3: keywords are three or four characters
+# Unicode's Cc (C0, DEL, C1): what the password policy refuses (passwords.password_problem). Not
+# str.isprintable(), which also refuses the separators and format characters a password may hold
+# (a no-break space, an emoji's zero-width joiner) that IMAP LOGIN and AUTH PLAIN take.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 class Pop3Connection:
@@ -170,8 +175,10 @@ class Pop3Connection:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
             return self._bad("Command is not valid UTF-8")
-        if not text or "\0" in text or not text.isprintable():
-            return self._bad("Empty command or control characters in it" if text else "Empty command")
+        if not text:
+            return self._bad("Empty command")
+        if _CONTROL.search(text):
+            return self._bad("Control characters in the command")
         keyword, _, rest = text.partition(" ")
         name = keyword.upper()
         if len(name) > MAX_KEYWORD_OCTETS or name not in KNOWN_COMMANDS:

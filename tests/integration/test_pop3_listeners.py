@@ -271,3 +271,22 @@ def test_unexpected_errors_give_err_and_a_logged_traceback(
     client.user(USER)
     assert re.match(rb"\+OK Logged in", client.pass_(PASSWORD))  # the failed login left no lock behind
     client.quit()
+
+
+@pytest.mark.parametrize("password", [
+    "correct\u00a0horse battery",  # a no-break space (macOS: Option+Space)
+    "family \U0001f468\u200d\U0001f469\u200d\U0001f467 pass",  # an emoji joined by ZWJ (a format character)
+    "ideographic\u3000space pass",
+])
+def test_pass_takes_every_password_the_policy_allows(box: BoxHandle, password: str) -> None:
+    """The policy refuses only control characters (passwords.password_problem); PASS refused any character
+    str.isprintable() calls unprintable (separators, format characters) as a bad command, though IMAP
+    LOGIN and AUTH PLAIN took the same password."""
+    box.add_user(USER, password)
+    raw = RawPop3(box.port("pop3s"), box.client_context)
+    try:
+        assert raw.command(f"USER {USER}".encode()) == b"+OK Send your password"
+        assert raw.command(f"PASS {password}".encode()).startswith(b"+OK Logged in")
+        raw.command(b"QUIT")
+    finally:
+        raw.close()
