@@ -42,7 +42,7 @@ def stuff_line(line: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Ok:
-    """+OK with an optional multi-line body (CAPA, LIST, UIDL): `lines` without line ends."""
+    """+OK with an optional multi-line body (CAPA, AUTH): `lines` without line ends."""
 
     text: str = ""
     lines: tuple[str, ...] | None = None
@@ -75,7 +75,8 @@ class Continuation:
 
 
 class MessageBody(Protocol):
-    """A message's multi-line body read from its file in pieces (already CRLF, stuffed, terminated)."""
+    """A multi-line body made in pieces (already CRLF, stuffed, terminated): a message read from its
+    file, or the lines of LIST and UIDL for a big maildrop."""
 
     def chunks(self) -> Iterator[bytes]: ...
 
@@ -84,7 +85,8 @@ class MessageBody(Protocol):
 
 @dataclass(frozen=True)
 class Streamed:
-    """+OK text, then a body the server streams (RETR, TOP) so a large message never sits in memory."""
+    """+OK text, then a body the server streams (RETR, TOP; LIST, UIDL) so a large message never sits in
+    memory and a long listing never holds the loop in one step."""
 
     text: str
     body: MessageBody

@@ -278,16 +278,14 @@ class Pop3Session:
             await self.io.send(Ok(f"{message.number} {message.size}"))
             return
         count, octets = self.drop.stat()
-        lines = tuple(f"{m.number} {m.size}" for m in self.drop.live())
-        await self.io.send(Ok(f"{count} messages ({octets} octets)", lines))
+        await self.io.send(Streamed(f"{count} messages ({octets} octets)", self.drop.listing(unique_ids=False)))
 
     async def cmd_uidl(self, command: Command) -> None:
         if command.args:
             message = self.drop.message(command.args[0])
             await self.io.send(Ok(f"{message.number} {message.unique_id}"))
             return
-        lines = tuple(f"{m.number} {m.unique_id}" for m in self.drop.live())
-        await self.io.send(Ok("Unique-ID listing follows", lines))
+        await self.io.send(Streamed("Unique-ID listing follows", self.drop.listing(unique_ids=True)))
 
     async def cmd_retr(self, command: Command) -> None:
         message = self.drop.message(command.args[0])
