@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import ipaddress
 import json
 import logging
 import resource
@@ -390,6 +391,7 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
     try:
         raise_open_files_limit()
         aside: Path | None = None
+        restored: backup.Staged | None = None
         while True:
             # Taken again at every start: after a restore the path names the restored directory.
             config.data.create()
@@ -409,19 +411,45 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
                 # The restored data did not start: the old data comes back, and starts instead.
                 log.exception("the restored data did not start; putting the old data back")
                 await asyncio.to_thread(backup.undo_restore, config.data.root, aside)
-                aside = None
+                aside = restored = None
                 continue
+            if restored is not None:
+                # The events before the switch-over stayed in the old data's database: the restored
+                # box's own list says what happened to it (the console's restore page had no answer).
+                await box.services.events.record("backup", restored_text(restored, aside))
+                restored = None
             staged = await _serve_until_stopped(box, config, stop, announce)
             if staged is None:
                 return
             # A restore from the web: the services are stopped; switch the data over, start again.
             announce("restoring: switching the data directory over to the backup")
             aside = await asyncio.to_thread(backup.switch_over, staged, config.data.root)
+            restored = staged
     finally:
         data_lock.release()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         put_back_handler()
+
+
+def console_url(box: Box) -> str | None:
+    """The console's address to type: `make run`'s 10080 is one browsers refuse (ERR_UNSAFE_PORT), and
+    the list of listeners named no page to open. localhost for a box on loopback, else its name."""
+    https = box.listeners.get("https")
+    if https is None:
+        return None
+    try:
+        local = ipaddress.ip_address(https.host).is_loopback
+    except ValueError:
+        local = False
+    name = "localhost" if local else box.services.hostname
+    return f"https://{name}/" if https.port == 443 else f"https://{name}:{https.port}/"
+
+
+def restored_text(staged: backup.Staged, aside: Path | None) -> str:
+    made = f"made {staged.manifest.get('created')} on {staged.manifest.get('host')}"
+    kept = f"; the data from before it is kept in {aside}" if aside is not None else ""
+    return f"restored from a backup ({made}, {staged.files} files){kept}"
 
 
 async def _start(config: ServeConfig, stop: asyncio.Event, announce: Callable[[str], None]) -> Box:
@@ -452,6 +480,9 @@ async def _serve_until_stopped(box: Box, config: ServeConfig, stop: asyncio.Even
         announce(f"Letterbox {box.services.hostname}: data in {config.data.root.resolve()}")
         for lst in box.listeners.values():
             announce(f"  {lst.service:<12} {lst.host}:{lst.port}")
+        console = console_url(box)
+        if console:
+            announce(f"Open {console} in a web browser.")
         await box.services.events.record("start", f"Letterbox started as {box.services.hostname}")
         await Admin.of(box.services).record_update_outcome()
         # "ready" and READY=1 mean: every listener accepts connections and every background service has
