@@ -82,6 +82,10 @@ def parse_hostname(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+# What is read of standard input after the password's line: only whether there is anything.
+PASSWORD_STDIN_BOUND = 4096
+
+
 def read_password(args: argparse.Namespace) -> str:
     import getpass
 
@@ -90,11 +94,18 @@ def read_password(args: argparse.Namespace) -> str:
         # as a decoding error: a latin-1 password ended in a UnicodeEncodeError traceback at hashing.
         try:
             line = sys.stdin.readline()
+            # The rest of the input must be empty: a second line was dropped, and 'correct horse' NL
+            # 'battery staple' made the password 'correct horse'. Not read from a terminal, where the
+            # line typed with --password-stdin ends at Enter.
+            rest = "" if sys.stdin.isatty() else sys.stdin.read(PASSWORD_STDIN_BOUND)
         except UnicodeDecodeError:
-            line = "\udcff"
+            line, rest = "\udcff", ""
         if any("\udc80" <= ch <= "\udcff" for ch in line):
             raise CliError("the password on standard input is not UTF-8 text")
-        return line.rstrip("\r\n")
+        password = line.removesuffix("\n").removesuffix("\r")
+        if rest or "\r" in password:
+            raise CliError("the password on standard input has more than one line: give it alone, on one line")
+        return password
     if not sys.stdin.isatty():
         raise CliError("no terminal to ask for a password: use --password-stdin")
     first = getpass.getpass("Password: ")

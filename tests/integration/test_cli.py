@@ -103,6 +103,28 @@ def test_a_password_on_stdin_that_is_not_utf8_gives_one_clear_line(tmp_path: Pat
     assert fine.returncode == 0, fine.stderr
 
 
+@pytest.mark.parametrize("args", [("user", "add", "bob@example.org"), ("user", "passwd", "alice@example.org"),
+                                  ("admin", "add", "boss")])
+def test_a_password_of_more_than_one_line_on_stdin_gives_one_clear_line(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """--password-stdin took the first line and dropped the rest: 'correct horse' NL 'battery staple' made
+    the password 'correct horse' (long enough for the policy), and the owner's 'correct horse battery
+    staple' never worked. A password cannot hold a line break (the policy refuses control characters), so
+    input of more than one line is refused, nothing changed; one line with or without its line end is
+    the password."""
+    data = tmp_path / "data"
+    assert run(data, "domain", "add", "example.org").returncode == 0
+    assert run(data, "user", "add", "alice@example.org", "--password-stdin", stdin="a long enough password\n").returncode == 0
+    with sqlite3.connect(data / "letterbox.db") as db:
+        before = db.execute("SELECT local_part, password_hash FROM mailboxes ORDER BY local_part").fetchall()
+    for stdin in ("correct horse\nbattery staple\n", "correct horse battery\n\n", "correct horse battery\r\nmore"):
+        assert_one_line_error(run(data, *args, "--password-stdin", stdin=stdin), "more than one line")
+    with sqlite3.connect(data / "letterbox.db") as db:
+        assert db.execute("SELECT local_part, password_hash FROM mailboxes ORDER BY local_part").fetchall() == before
+    assert "boss" not in run(data, "admin", "list").stdout
+    fine = run(data, *args, "--password-stdin", stdin="correct horse battery staple")
+    assert fine.returncode == 0, fine.stderr
+
+
 def test_duplicate_user_is_refused(tmp_path: Path) -> None:
     data = tmp_path / "data"
     run(data, "domain", "add", "example.org")
