@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import datetime as dt
 import functools
 import gc
 import hashlib
@@ -63,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from appliance import __version__, age_stream, backup_stream, disk_full
+from appliance import __version__, age_stream, backup_stream, disk_full, time_zone
 from appliance.account_errors import AccountError
 from appliance.config import DataLayout
 from appliance.db import DB_FILE_MODE, load_migrations
@@ -1708,14 +1709,16 @@ DEFAULT_HOUR = 3
 SCHEDULE_POLL = 60.0  # settings changed in the console are seen within this
 
 
-def next_run(now: float, hour: int) -> float:
-    """The next local `hour`:00 after `now`."""
-    local = time.localtime(now)
-    today = time.mktime((local.tm_year, local.tm_mon, local.tm_mday, hour, 0, 0, 0, 0, -1))
-    if today > now:
-        return today
-    tomorrow = time.localtime(now + 86400)
-    return time.mktime((tomorrow.tm_year, tomorrow.tm_mon, tomorrow.tm_mday, hour, 0, 0, 0, 0, -1))
+def next_run(now: float, hour: int, zone: dt.tzinfo | None = None) -> float:
+    """The next `hour`:00 after `now` in `zone` (the box's time zone, which the console shows every time
+    in; the system's when None). The system's alone made "at 3" run at 04:00 Berlin time on a UTC box
+    whose console said "Next backup 04:00 CET"."""
+    local = dt.datetime.fromtimestamp(now, zone or dt.datetime.now().astimezone().tzinfo)
+    for day in (local.date(), local.date() + dt.timedelta(days=1)):
+        at = dt.datetime.combine(day, dt.time(hour), tzinfo=local.tzinfo).timestamp()
+        if at > now:
+            return at
+    raise AssertionError("tomorrow's hour is always after now")
 
 
 @dataclass(frozen=True)
@@ -1728,6 +1731,14 @@ class Schedule:
     next_at: float | None
 
 
+async def box_zone(db: Database) -> dt.tzinfo:
+    """The time zone the console shows times in (the wizard's step 1), in which the daily hour is meant.
+    Imported here: appliance.settings brings the queue's modules, which `letterbox backup` needs not."""
+    from appliance.settings import TIME_ZONE
+
+    return time_zone.zone(await db.get_setting(TIME_ZONE) or "")
+
+
 async def read_schedule(db: Database, now: float | None = None) -> Schedule:
     enabled = (await db.get_setting(SCHEDULE_SETTING) or "") == "daily"
     hour_text = await db.get_setting(HOUR_SETTING) or ""
@@ -1738,7 +1749,7 @@ async def read_schedule(db: Database, now: float | None = None) -> Schedule:
         last = json.loads(await db.get_setting(LAST_SETTING) or "{}")
     except ValueError:
         last = {}
-    at = next_run(time.time() if now is None else now, hour) if enabled else None
+    at = next_run(time.time() if now is None else now, hour, await box_zone(db)) if enabled else None
     return Schedule(enabled, hour, await db.get_setting(TARGET_SETTING) or "", keep,
                     last if isinstance(last, dict) else {}, at)
 
@@ -1779,7 +1790,7 @@ class Scheduler:
             elif self._due is None or abs(self._due - (schedule.next_at or now)) > 86400:
                 self._due = schedule.next_at
             if self._due is not None and now >= self._due:
-                self._due = next_run(now + 1, schedule.hour)
+                self._due = next_run(now + 1, schedule.hour, await box_zone(self.db))
                 await self.run_once(schedule)
             await asyncio.sleep(SCHEDULE_POLL if self._due is None else min(SCHEDULE_POLL, max(1.0, self._due - now)))
 

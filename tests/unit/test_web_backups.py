@@ -3,9 +3,11 @@ background with its progress kept across reloads, the list with downloads, one m
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import resource
 import time
+import zoneinfo
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -188,6 +190,23 @@ def test_next_run_is_the_next_hour_of_the_day() -> None:
     base = time.mktime((2026, 3, 10, 2, 30, 0, 0, 0, -1))
     assert backup.next_run(base, 3) == base + 1800
     assert backup.next_run(base, 2) == base + 86400 - 1800
+    tokyo = zoneinfo.ZoneInfo("Asia/Tokyo")  # UTC+9, no summer time
+    noon_utc = dt.datetime(2026, 3, 10, 12, 0, tzinfo=dt.UTC).timestamp()  # 21:00 in Tokyo
+    assert backup.next_run(noon_utc, 3, tokyo) == dt.datetime(2026, 3, 11, 3, 0, tzinfo=tokyo).timestamp()
+    assert backup.next_run(noon_utc, 22, tokyo) == noon_utc + 3600
+
+
+def test_the_daily_hour_is_the_console_time_zone_s(web: WebClient) -> None:
+    """The hour typed in the console is read in the box's time zone, the one the console shows the next run
+    in: on a UTC machine with Asia/Tokyo chosen in the wizard, "at 4" ran at 13:00 in Tokyo."""
+    web.run(web.services.settings.save, time_zone="Asia/Tokyo")  # as the wizard's step 1 does
+    saved = web.post("/console/backups/schedule", {"enabled": "yes", "hour": "4", "target": ""},
+                     token_from="/console/backups")
+    assert saved.status_code == 303
+    schedule = web.run(backup.read_schedule, web.services.db)
+    assert schedule.next_at is not None
+    assert dt.datetime.fromtimestamp(schedule.next_at, zoneinfo.ZoneInfo("Asia/Tokyo")).hour == 4
+    assert re.search(r"Next backup \d{4}-\d\d-\d\d 04:00:00 JST", web.get("/console/backups").text)
 
 
 def test_backup_with_a_passphrase_instead_of_the_key(web: WebClient) -> None:
