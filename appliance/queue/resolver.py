@@ -34,14 +34,28 @@ def parse_nameserver(text: str) -> tuple[str, int]:
         if rest:
             if not rest.startswith(":"):
                 raise ValueError(f"not a resolver address: {text!r}")
-            port = int(rest[1:])
+            port = _port(rest[1:], text)
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
-        port = int(port_text)
-    ipaddress.ip_address(host)  # raises ValueError for a name: a resolver is given by address
+        port = _port(port_text, text)
+    address = ipaddress.ip_address(host)  # raises ValueError for a name: a resolver is given by address
+    # No DNS server answers from these: 0.0.0.0, 224.0.0.1 or 255.255.255.255 were taken, and every
+    # lookup of the box (MX, the DNS checks, the blocklists) then failed.
+    if address.is_unspecified or address.is_multicast or address == _BROADCAST:
+        raise ValueError(f"not a resolver address: {text!r}")
     if not 0 < port < 65536:
         raise ValueError(f"bad port in {text!r}")
     return host, port
+
+
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def _port(digits: str, text: str) -> int:
+    """ASCII digits only: int() also takes '5_3', '+53' and other scripts' digits."""
+    if not (digits.isascii() and digits.isdigit()):
+        raise ValueError(f"bad port in {text!r}")
+    return int(digits)
 
 
 def configure(resolver: dns.resolver.BaseResolver, setting: str | None) -> None:

@@ -59,6 +59,13 @@ def test_dns_resolver_set_from_the_cli_is_asked_for_the_next_message(outbound: O
     (("nosuch", "1"), "the settable ones are dns_resolver, port25_probe"),
     (("dns_resolver", "resolver.example"), "an address[:port]"),
     (("dns_resolver", "127.0.0.1:99999"), "an address[:port]"),
+    # Addresses no DNS server answers from: every lookup of the box (MX, checks, blocklists) failed.
+    (("dns_resolver", "0.0.0.0"), "an address[:port]"),
+    (("dns_resolver", "[::]:53"), "an address[:port]"),
+    (("dns_resolver", "224.0.0.1"), "an address[:port]"),
+    (("dns_resolver", "255.255.255.255"), "an address[:port]"),
+    (("dns_resolver", "ff02::1"), "an address[:port]"),
+    (("dns_resolver", "127.0.0.1:5_3"), "an address[:port]"),
     (("delivery_log_days", "0"), "from 1 to 3650"),
     (("delivery_log_days", "ten"), "from 1 to 3650"),
     (("queue_hold", "maybe"), "on or off"),
