@@ -3,7 +3,8 @@ limit as the protocols' refusals say it.
 
 One rule: a number, whole or with a decimal point, then an optional unit K, M, G or T, each 1024 times
 the one before (as Dovecot's quota settings count), optionally written KiB/KB/K and in any case; no
-unit means bytes. '1.5G' is 1610612736 bytes; a fraction of a byte is dropped. Bounded: the text is
+unit means bytes. '1.5G' is 1610612736 bytes; a fraction of a byte is dropped, and a size
+above 0 but under one byte is refused (0 would be no limit). Bounded: the text is
 short and the result fits the database's 64-bit integer.
 """
 
@@ -30,6 +31,9 @@ def parse_size(text: str) -> int:
     except InvalidOperation:
         raise ValueError(f"not a size: {text[:MAX_SIZE_TEXT]!r}: use {SIZE_HINT}") from None
     size = int(number * 1024 ** _UNITS[(m.group(2) or "").lower()])
+    if size == 0 and number:
+        # Its fraction dropped, '0.5' (meant as half a gigabyte) would be 0: no limit at all.
+        raise ValueError(f"less than one byte: {text[:MAX_SIZE_TEXT]!r}: use {SIZE_HINT}")
     if size > MAX_BYTES:
         raise ValueError(f"too large a size: {text[:MAX_SIZE_TEXT]!r}")
     return size

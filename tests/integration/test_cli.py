@@ -222,6 +222,23 @@ def test_bad_quota_says_what_a_size_looks_like(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("quota", ["0.5", "0.0000001K", ".9b"])
+def test_a_quota_below_one_byte_is_refused_not_taken_as_no_limit(tmp_path: Path, quota: str) -> None:
+    """'0.5' (meant as half a gigabyte) was 0 bytes once its fraction was dropped, and 0 is no limit:
+    the mailbox a quota was meant to bound got none. Nothing is changed."""
+    data = tmp_path / "data"
+    run(data, "domain", "add", "example.org")
+    assert run(data, "user", "add", "bob@example.org", "--quota", "1G", "--password-stdin",
+               stdin="a long enough password\n").returncode == 0
+    for args in (("user", "quota", "bob@example.org", quota),
+                 ("user", "add", "carol@example.org", "--quota", quota, "--password-stdin")):
+        result = run(data, *args, stdin="a long enough password\n")
+        assert result.returncode == 2, result.stderr
+        assert f"less than one byte: {quota!r}" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert run(data, "user", "list").stdout.split() == ["bob@example.org", "1G"]
+
+
 @pytest.mark.parametrize("offset", ["70000", "-25", "ten"])
 def test_a_port_offset_that_leaves_the_ports_is_refused_before_anything_starts(tmp_path: Path, offset: str) -> None:
     """`serve --port-offset 70000` ended in a traceback from bind(), and -25 put SMTP on port 0, a port
