@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -314,6 +315,13 @@ class RedirectToHttps:
         if scope["type"] != "http" or path.startswith(PLAIN_HTTP_PATHS):
             await self.app(scope, receive, send)
             return
+        if not path.startswith("/"):
+            # Absolute-form, "*" or CONNECT's authority: no path to send on (it was glued to the port).
+            await send({"type": "http.response.start", "status": 400, "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"12"),
+            ]})
+            await send({"type": "http.response.body", "body": b"Bad Request\n"})
+            return
         host = _host_without_port(scope) or self.services.hostname
         port = self.https_port()
         target = f"https://{host}{'' if port == 443 else f':{port}'}{quote(path)}"
@@ -330,7 +338,14 @@ def _host_without_port(scope: Scope) -> str | None:
         if name == b"host":
             host: str = value.decode("latin-1").strip()
             if host.startswith("["):  # [IPv6]:port
-                return host.split("]")[0] + "]"
+                literal, _, port = host[1:].partition("]")
+                if port and not port.startswith(":"):
+                    return None
+                try:
+                    address = ipaddress.IPv6Address(literal)
+                except ValueError:
+                    return None  # '[/@evil.example' went into the Location header as it came
+                return None if address.scope_id else f"[{address.compressed}]"  # a zone may hold '@'...
             host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
             # Only a plain host name or address goes into the Location header.
             if host and all(ch.isalnum() or ch in ".-" for ch in host):

@@ -47,13 +47,40 @@ def test_http_redirects_to_https(box: BoxHandle) -> None:
     assert f"location: https://{box.services.hostname}:{https}/x".encode() in reply.lower()
 
 
-def _plain_get(port: int, path: str, host: str) -> bytes:
+def test_the_redirect_to_https_is_always_a_well_formed_url(box: BoxHandle) -> None:
+    """A bracketed Host went into the Location header unchecked ('[/@evil.example' gave
+    'https://[/@evil.example]:...'), and a request target that is no path (absolute-form, '*', CONNECT's
+    authority) was glued to the port: 'https://mail.example.test:443http%3A//evil.example/x'."""
+    http, https = box.port("http"), box.port("https")
+    cases = [
+        ("GET /x HTTP/1.1", "[::1]", f"https://[::1]:{https}/x"),
+        ("GET /x HTTP/1.1", f"[::1]:{http}", f"https://[::1]:{https}/x"),
+        ("GET /x HTTP/1.1", "[/@evil.example", f"https://{box.services.hostname}:{https}/x"),
+        ("GET /x HTTP/1.1", "[evil.example]", f"https://{box.services.hostname}:{https}/x"),
+        ("GET /x HTTP/1.1", "[fe80::1%@evil.example]", f"https://{box.services.hostname}:{https}/x"),
+    ]
+    for line, host, location in cases:
+        reply = _plain_request(http, f"{line}\r\nHost: {host}")
+        assert reply.startswith(b"HTTP/1.1 301"), (host, reply[:200])
+        assert f"\r\nlocation: {location}\r\n".encode() in reply.lower(), (host, reply[:300])
+    for line in ("GET http://evil.example/x HTTP/1.1", "GET * HTTP/1.1", "OPTIONS * HTTP/1.1",
+                 "CONNECT evil.example:443 HTTP/1.1"):
+        reply = _plain_request(http, f"{line}\r\nHost: mail.example.test")
+        assert reply.startswith(b"HTTP/1.1 400"), (line, reply[:200])
+        assert b"location:" not in reply.lower(), (line, reply[:300])
+
+
+def _plain_request(port: int, head: str) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        raw.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        raw.sendall(f"{head}\r\nConnection: close\r\n\r\n".encode())
         reply = b""
         while chunk := raw.recv(4096):
             reply += chunk
     return reply
+
+
+def _plain_get(port: int, path: str, host: str) -> bytes:
+    return _plain_request(port, f"GET {path} HTTP/1.1\r\nHost: {host}")
 
 
 def test_a_rebound_name_reaches_no_page_of_the_wizard(box: BoxHandle) -> None:
