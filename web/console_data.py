@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from appliance.config import STANDARD_PORTS
 from appliance.disk_full import used_percent
 from appliance.queue.spool import QueuedMessage, QueuedRecipient
 from web.clients import ClientSettings, client_settings
@@ -30,6 +31,17 @@ def console_address(services: Services) -> str:
 
 def client_settings_for(services: Services) -> ClientSettings:
     return client_settings(services.hostname, services.config.port, listeners(services))
+
+
+# What the internet must reach: mail in (25), mail programs (587, 465, 993, 995) and the console and
+# Let's Encrypt's check (80, 443). IMAP's and POP3's STARTTLS ports only serve the LAN.
+FORWARDED = ("smtp", "submission", "submissions", "imaps", "pop3s", "http", "https")
+
+
+def forwarded_ports(services: Services) -> list[int]:
+    """The ports a router must forward to the box, as the box serves them (`make run`: 10025...)."""
+    config = services.config
+    return [config.port(service) or STANDARD_PORTS[service] for service in FORWARDED if service not in config.disabled]
 
 
 def dns_ports(services: Services) -> dict[str, int]:

@@ -266,6 +266,11 @@ def test_step3_refuses_a_lan_address_and_says_what_the_public_one_is(web: WebCli
         assert "router" in field_error(response.text, "ipv4") or "provider" in field_error(response.text, "ipv4")
         assert 'id="behind-router"' in response.text
     assert web.setting("public_ipv4") in (None, "")
+    # The ports to forward are the box's own, all of them: POP3S (995) and HTTP (80, Let's Encrypt's
+    # check) were left out, and `make run` (10025...) was told the standard ones.
+    config = web.services.config
+    ports = [str(config.port(s)) for s in ("smtp", "submission", "submissions", "imaps", "pop3s", "http", "https")]
+    assert f"forwards ports {', '.join(ports[:-1])} and {ports[-1]} from" in response.text
     response = web.post("/setup/3", {"ipv4": "192.0.32.7", "ipv6": "fd00::1", "action": "continue"},
                         token_from="/setup/3")
     assert response.status_code == 400

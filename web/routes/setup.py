@@ -25,7 +25,7 @@ from appliance.tls import TlsManager
 from web import certificate_forms as certificate
 from web import forms, wizard
 from web.checklist import still_to_do
-from web.console_data import client_settings_for, dns_ports
+from web.console_data import client_settings_for, dns_ports, forwarded_ports
 from web.pages import admin, current, log_in, peer, read_form, redirect, render, require, services
 from web.sending_form import apply, form_context, stored_relay
 from web.state import reach, setup_done, setup_step
@@ -210,7 +210,7 @@ async def dns_page(request: Request, form: Form | None) -> Response:
     last = await load_results(svc.db, domain)
     return await _page(request, 3, "setup/dns.html", {
         "domain": domain, "records": records, "values": values, "errors": form.errors if form else {},
-        "detected": detected, "checked_at": last[0] if last else None,
+        "detected": detected, "checked_at": last[0] if last else None, "forwarded": forwarded_ports(svc),
         "results": {r.key: r for r in last[1]} if last else {},
     }, 400 if form else 200)
 
