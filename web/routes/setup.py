@@ -128,8 +128,8 @@ async def admin_submit(request: Request) -> Response:
             if await svc.accounts.has_admin():
                 return redirect("/login")  # someone else finished step 1 meanwhile
             problem = wizard.SETUP_CODE_MISSING if not code.strip() else wizard.SETUP_CODE_WRONG
-            return await admin_page(request, Form({"code": problem}, {
-                "name": values.get("name", "")[:wizard.MAX_FIELD], "hostname": values.get("hostname", "")[:wizard.MAX_FIELD],
+            return await admin_page(request, Form({"code": problem}, {  # the chosen zone too: it fell back to UTC
+                field: values.get(field, "")[:wizard.MAX_FIELD] for field in ("name", "hostname", "time_zone")
             }))
     result = wizard.admin_step(values, admin_exists=admin_exists)
     if isinstance(result, Form):
