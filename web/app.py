@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Mapping
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -50,6 +51,10 @@ OPEN_BEFORE_SETUP = ("/setup", "/static/", "/.well-known/", "/mail/config-v1.1.x
 OPEN_BEFORE_SETUP_ANY_CASE = ("/autodiscover/",)
 ERROR_TITLES = {400: "Bad request", 403: "Not allowed", 404: "Not found", 405: "Not allowed",
                 413: "Too large"}
+# Said instead of Starlette's bare reason phrase: a 404 read "Not found" over "Not Found".
+ERROR_MESSAGES = {404: "There is no page at this address: the link may be old, or mistyped.",
+                  405: "This page does not take that kind of request."}
+PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
 
 class SetupGate:
@@ -128,8 +133,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if "session" not in request.scope:
         return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+    message = exc.detail
+    if message == PHRASES.get(exc.status_code):  # no words of the route's own
+        message = ERROR_MESSAGES.get(exc.status_code, "")
     return await render(request, "error.html", {
-        "title": ERROR_TITLES.get(exc.status_code, "Error"), "status": exc.status_code, "message": exc.detail,
+        "title": ERROR_TITLES.get(exc.status_code, "Error"), "status": exc.status_code, "message": message,
     }, status_code=exc.status_code)
 
 

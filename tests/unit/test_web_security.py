@@ -386,6 +386,8 @@ def test_errors_are_pages_not_tracebacks(web: WebClient) -> None:
     response = web.get("/console/no/such/page")
     assert response.status_code == 404
     assert "Not found" in response.text
+    assert "Not Found" not in response.text  # Starlette's phrase under the title said the same again
+    assert "There is no page at this address" in response.text
     assert "Traceback" not in response.text
     response = web.client.put("/console", follow_redirects=False)
     assert response.status_code == 405
