@@ -216,8 +216,11 @@ def test_login_page_says_what_to_do_about_a_forgotten_password(web: WebClient) -
     """"Wrong name or password." was the page's last word: nothing said who can set a new one, or how."""
     web.logout()
     page = web.get("/login").text
-    assert "Forgot your password?" in page
+    assert "<summary>Forgot your password?</summary>" in page
+    assert '<details class="hint" id="forgotten">' in page  # folded until a login fails
     assert "an administrator of this box sets a new one" in page
     assert "<code>letterbox admin passwd NAME</code>" in page
     # The appliance has no command line to type it in (tests/integration/test_boot_reset.py).
     assert "put a plain text file named <code>letterbox-reset.txt</code>" in page
+    failed = web.post("/login", {"name": "admin", "password": "not the password"}, token_from="/login").text
+    assert '<details class="hint" id="forgotten" open>' in failed
