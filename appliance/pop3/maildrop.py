@@ -16,6 +16,7 @@ from appliance.pop3.replies import TERMINATOR, Pop3Err
 from appliance.store.model import MessageInfo
 
 MAX_MESSAGE_NUMBER_DIGITS = 10
+MAX_LINE_COUNT_DIGITS = 20  # TOP's: 2**64 and a little more, as a client may send "as many as there are"
 # Messages per piece of a LIST or UIDL answer: about 2 ms of the loop, 20-40 KB.
 LISTING_CHUNK = 1_000
 _SIZE = operator.attrgetter("size")
@@ -134,3 +135,12 @@ def parse_number(argument: str) -> int:
     if not argument.isascii() or not argument.isdigit() or len(argument) > MAX_MESSAGE_NUMBER_DIGITS:
         raise Pop3Err(f"Invalid number: {argument[:20]}")
     return int(argument)
+
+
+def parse_line_count(argument: str) -> int:
+    """TOP's line count: RFC 1939 7 takes any non-negative number, and Dovecot sends the whole message
+    for 'TOP 1 99999999999'; more digits than a message number may have are fine, within a bound."""
+    digits = argument.lstrip("0")
+    if not (argument.isascii() and argument.isdigit()) or len(digits) > MAX_LINE_COUNT_DIGITS:
+        raise Pop3Err(f"Invalid number: {argument[:20]}")
+    return int(digits or "0")

@@ -24,7 +24,7 @@ from appliance.auth import Refused
 from appliance.disk_full import is_disk_full
 from appliance.pop3.limits import DEFAULT_LIMITS, Pop3Limits
 from appliance.pop3.locks import MaildropLocks as MaildropLocks  # moved there; re-exported
-from appliance.pop3.maildrop import Maildrop, parse_number
+from appliance.pop3.maildrop import Maildrop, parse_line_count
 from appliance.pop3.protocol import Command, Pop3Connection, State
 from appliance.pop3.replies import (
     AUTH,
@@ -295,7 +295,7 @@ class Pop3Session:
 
     async def cmd_top(self, command: Command) -> None:
         message = self.drop.message(command.args[0])
-        lines = parse_number(command.args[1])
+        lines = parse_line_count(command.args[1])
         body = await self._open(message.path, lines)
         await self.io.send(Streamed("Top of message follows", body))
 

@@ -290,3 +290,22 @@ def test_pass_takes_every_password_the_policy_allows(box: BoxHandle, password: s
         raw.command(b"QUIT")
     finally:
         raw.close()
+
+
+def test_top_with_a_line_count_past_any_message_sends_it_whole(pop_box: BoxHandle) -> None:
+    """'TOP 1 99999999999' (more digits than a message number may have) was refused as an invalid
+    number; RFC 1939 7 takes any non-negative count, and Dovecot sends the whole message."""
+    pop_box.run(pop_box.services.store.deliver([USER], b"Subject: one\r\n\r\nbody\r\n.dot\r\n"))
+    raw = RawPop3(pop_box.port("pop3s"), pop_box.client_context)
+    try:
+        raw.command(f"USER {USER}".encode())
+        raw.command(f"PASS {PASSWORD}".encode())
+        for count in (b"99999999999", b"18446744073709551616", b"0" * 30 + b"1"):
+            assert raw.command(b"TOP 1 " + count) == b"+OK Top of message follows"
+            assert raw.multiline() == ([b"Subject: one", b"", b"body"] if count.endswith(b"01") else
+                                       [b"Subject: one", b"", b"body", b"..dot"])
+        assert raw.command(b"TOP 1 " + b"9" * 5000) == b"-ERR Invalid number: " + b"9" * 20
+        assert raw.command(b"TOP 1 -1") == b"-ERR Invalid number: -1"
+        assert raw.command(b"QUIT").startswith(b"+OK")
+    finally:
+        raw.close()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.pop3.maildrop import LISTING_CHUNK, Maildrop, parse_number, unique_id
+from appliance.pop3.maildrop import LISTING_CHUNK, Maildrop, parse_line_count, parse_number, unique_id
 from appliance.pop3.replies import Pop3Err
 from appliance.store.model import MessageInfo
 
@@ -84,3 +84,12 @@ def test_a_big_maildrop_shares_the_snapshot_and_lists_in_pieces() -> None:
     expected = [b"%d %08X00000007" % (n, n) for n in range(1, len(messages) + 1) if n not in {2, LISTING_CHUNK + 1}]
     assert b"".join(pieces) == b"".join(line + b"\r\n" for line in expected) + b".\r\n"
     assert d.stat() == (len(messages) - 2, sum(m.size for m in messages) - messages[1].size - messages[LISTING_CHUNK].size)
+
+
+def test_parse_line_count() -> None:
+    assert parse_line_count("0") == 0
+    assert parse_line_count("0" * 40 + "7") == 7
+    assert parse_line_count("99999999999") == 99_999_999_999
+    for argument in ("-1", "+1", "1.0", "", "١", "9" * 21):
+        with pytest.raises(Pop3Err):
+            parse_line_count(argument)
