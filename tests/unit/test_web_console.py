@@ -351,6 +351,17 @@ def test_international_domains_are_shown_in_unicode_with_the_a_label(web: WebCli
     mailboxes = html.unescape(web.get("/console/mailboxes").text)
     assert "anna@bücher.example (anna@xn--bcher-kva.example)" in mailboxes
     assert '<option value="xn--bcher-kva.example">' in mailboxes  # the form still sends the stored name
+    # What the console says after a change, and the questions before a removal, name it the same way
+    # ("Domain xn--bcher-kva.example added" was the only thing a new domain's page said in xn-- alone).
+    added = web.post("/console/domains", {"domain": "straße.example"}, token_from="/console/domains")
+    assert "Domain straße.example (xn--strae-oqa.example) added" in html.unescape(web.get(added.headers["location"]).text)
+    created = web.post("/console/aliases", {"local": "info", "domain": "xn--bcher-kva.example",
+                                            "targets": "anna@xn--bcher-kva.example"}, token_from="/console/aliases")
+    info = "info@bücher.example (info@xn--bcher-kva.example)"
+    assert f"Alias {info} created." in html.unescape(web.get(created.headers["location"]).text)
+    question = html.unescape(web.get("/console/aliases/info@xn--bcher-kva.example/delete").text)
+    assert f"Delete the alias {info}?" in question
+    assert "no longer reach anna@bücher.example (anna@xn--bcher-kva.example)." in question
 
 
 # --- issue 11 item 5: every stored address is reachable -------------------------------------------------

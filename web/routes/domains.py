@@ -12,7 +12,7 @@ from appliance.dns_check import load_results
 from appliance.store import trash
 from web import forms, wizard
 from web.console_data import dns_ports
-from web.display import attachment
+from web.display import attachment, idn
 from web.pages import admin, flash, read_form, redirect, removed, render, require, services
 from web.urls import path_address, segment
 
@@ -50,7 +50,7 @@ async def domain_add(request: Request) -> Response:
             errors = {"domain": str(exc)}
     if errors:
         return await domains_page(request, {"domain": forms.text(values, "domain")}, errors)
-    flash(request, f"Domain {domain} added: now create its DNS records.")
+    flash(request, f"Domain {idn(domain)} added: now create its DNS records.")
     return redirect(f"/console/domains/{segment(domain)}")
 
 
@@ -99,13 +99,13 @@ async def domain_delete(request: Request) -> Response:
     if request.method in ("GET", "HEAD"):  # HEAD is the page's GET without its body, never the removal
         return await render(request, "console/confirm.html", {
             "title": f"Remove {domain}", "section": "domains", "action": f"/console/domains/{segment(domain)}/delete",
-            "question": f"Remove the domain {domain}?",
+            "question": f"Remove the domain {idn(domain)}?",
             "detail": "Only a domain without mailboxes and aliases can be removed. Its DKIM keys are moved to the "
                       f"deleted/ folder of the data directory and removed for good after {trash.RETENTION_DAYS} days.",
             "back": "/console/domains",
         })
     await read_form(request)
-    return await removed(request, admin(request).remove_domain(domain), what=f"domain {domain}", verb="removed",
+    return await removed(request, admin(request).remove_domain(domain), what=f"domain {idn(domain)}", verb="removed",
                          back="/console/domains")
 
 

@@ -16,6 +16,7 @@ from appliance.store import trash
 from appliance.store.model import StoreError
 from web import forms
 from web.console_data import console_address
+from web.display import idn
 from web.pages import admin, flash, read_form, redirect, removed, render, require, services
 from web.urls import alias_url, mailbox_url, path_address
 
@@ -69,7 +70,7 @@ async def mailbox_create(request: Request) -> Response:
         shown = {k: forms.text(values, k) for k in ("local", "domain", "name", "quota")}
         return await mailboxes_page(request, shown, errors)
     # What the administrator hands on: the page where the owner finds everything to set up a phone.
-    flash(request, f"Mailbox {info.address} created. Tell its owner to log in at {console_address(svc)} with the"
+    flash(request, f"Mailbox {idn(info.address)} created. Tell its owner to log in at {console_address(svc)} with the"
                    " address and this password: that page has the settings for their phone and mail program"
                    " (and a profile for an iPhone), and changes the password to one of their own.")
     return redirect("/console/mailboxes")
@@ -103,7 +104,7 @@ async def mailbox_update(request: Request) -> Response:
         await admin(request).update_mailbox(info.address, display_name=name, quota_bytes=quota, enabled=enabled)
     except AccountError as exc:
         return await mailbox_page(request, {"": str(exc)}, {"name": name, "quota": forms.text(values, "quota")})
-    flash(request, f"Mailbox {info.address} saved.")
+    flash(request, f"Mailbox {idn(info.address)} saved.")
     return redirect(mailbox_url(info.address))
 
 
@@ -119,7 +120,7 @@ async def mailbox_password(request: Request) -> Response:
             errors = {"password": str(exc)}
     if errors:
         return await mailbox_page(request, errors)
-    flash(request, f"New password set for {info.address}.")
+    flash(request, f"New password set for {idn(info.address)}.")
     return redirect(mailbox_url(info.address))
 
 
@@ -130,14 +131,14 @@ async def mailbox_delete(request: Request) -> Response:
         return await render(request, "console/confirm.html", {
             "title": f"Delete {info.address}", "section": "mailboxes",
             "action": mailbox_url(info.address, "delete"),
-            "question": f"Delete the mailbox {info.address}?",
+            "question": f"Delete the mailbox {idn(info.address)}?",
             "detail": "It can no longer log in or receive mail. Its stored mail is moved to the deleted/ folder "
                       f"of the data directory and removed for good after {trash.RETENTION_DAYS} days; a mailbox "
                       "created later with the same address starts empty.",
             "back": mailbox_url(info.address),
         })
     await read_form(request)
-    response = await removed(request, admin(request).remove_mailbox(info.address), what=f"mailbox {info.address}",
+    response = await removed(request, admin(request).remove_mailbox(info.address), what=f"mailbox {idn(info.address)}",
                              verb="deleted", back="/console/mailboxes")
     for note in await admin(request).aliases_to_nowhere(info.address):
         flash(request, f"Note: {note}.", problem=True)
@@ -174,7 +175,7 @@ async def alias_create(request: Request) -> Response:
     if errors:
         shown = {k: forms.text(values, k, forms.MAX_TARGETS_TEXT) for k in ("local", "domain", "targets")}
         return await aliases_page(request, shown, errors)
-    flash(request, f"Alias {source} created.")
+    flash(request, f"Alias {idn(source)} created.")
     await _note_nowhere(request, made)
     return redirect("/console/aliases")
 
@@ -216,7 +217,7 @@ async def alias_update(request: Request) -> Response:
             errors = {"targets": str(exc)}
     if errors:
         return await alias_page(request, errors, forms.text(values, "targets", forms.MAX_TARGETS_TEXT))
-    flash(request, f"Alias {source} saved.")
+    flash(request, f"Alias {idn(source)} saved.")
     await _note_nowhere(request, changed)
     return redirect("/console/aliases")
 
@@ -227,12 +228,12 @@ async def alias_delete(request: Request) -> Response:
     if request.method in ("GET", "HEAD"):  # HEAD is the page's GET without its body, never the removal
         return await render(request, "console/confirm.html", {
             "title": f"Delete {source}", "section": "aliases", "action": alias_url(source, "delete"),
-            "question": f"Delete the alias {source}?",
-            "detail": f"Mail to it will no longer reach {', '.join(targets)}.", "back": "/console/aliases",
+            "question": f"Delete the alias {idn(source)}?",
+            "detail": f"Mail to it will no longer reach {', '.join(idn(t) for t in targets)}.", "back": "/console/aliases",
         })
     await read_form(request)
     return await removed(request, admin(request).remove_alias(source),
-                         what=f"alias {source}", verb="deleted", back="/console/aliases")
+                         what=f"alias {idn(source)}", verb="deleted", back="/console/aliases")
 
 
 # {name:path}: a stored address may contain '/' (an alias's local part), which arrives decoded. The
