@@ -1,6 +1,7 @@
 """What a new administrator saw of the console in Chromium, measured rather than looked at: the delivery
 log broke addresses anywhere (anna@smithf / amily.ne / t), the Backups page's forms were bare inline
-inputs without the console's field layout, and the Spam page's greylist card touched the card above it."""
+inputs without the console's field layout, the Spam page's greylist card touched the card above it, and the
+Certificate page's "Check the names now" button the label below it."""
 
 from __future__ import annotations
 
@@ -56,6 +57,13 @@ def test_log_addresses_backup_forms_and_spam_cards(served: ServedBox, tmp_path: 
                                                     "backup", "secret", "address", "folder"}
             assert [name for name, framed in fields if not framed] == []
             expect(page.locator("#backup-schedule")).to_contain_text("Daily backups are off.")
+
+            page.goto(f"{base}/console/certificate")
+            check = page.locator("#cert-check").bounding_box()
+            label = page.locator("label[for=f-ca]").bounding_box()
+            assert check
+            assert label
+            assert label["y"] - (check["y"] + check["height"]) >= 8
 
             page.goto(f"{base}/console/spam")
             suspended = page.locator("#suspended").bounding_box()
