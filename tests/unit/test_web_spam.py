@@ -82,6 +82,7 @@ def test_owners_see_their_junk_and_release_a_message_but_not_the_admin_page(web:
     assert page.status_code == 200
     assert "You won" in page.text
     assert "lottery.example" in page.text
+    assert '<a href="/account">Back to your account</a>.' in page.text  # as the mail log says it ("your mailbox": the mail?)
     released = web.post("/account/junk/release", {"uid": "1"}, token_from="/account/junk")
     assert released.status_code == 303
     store = web.services.store
