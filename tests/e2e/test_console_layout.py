@@ -57,6 +57,8 @@ def test_log_addresses_backup_forms_and_spam_cards(served: ServedBox, tmp_path: 
                                                     "backup", "secret", "address", "folder"}
             assert [name for name, framed in fields if not framed] == []
             expect(page.locator("#backup-schedule")).to_contain_text("Daily backups are off.")
+            page.goto(f"{base}/console/updates")
+            assert page.evaluate(FIELDS) == [["bundle", True]]
 
             page.goto(f"{base}/console/certificate")
             check = page.locator("#cert-check").bounding_box()
