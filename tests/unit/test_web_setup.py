@@ -216,6 +216,9 @@ def test_skipping_mailboxes_is_allowed(web: WebClient) -> None:
     web.set_setting("setup_step", "6")
     page = web.get("/setup/6").text
     assert "Skip for now" in page
+    # Creating the first mailbox is the page's main (blue) button, not skipping it.
+    assert '<button type="submit" name="action" value="add" class="primary">Create mailbox</button>' in page
+    assert '<button type="submit" name="action" value="continue" class="end">Skip for now</button>' in page
     assert web.post("/setup/6", {"action": "continue"}, token_from="/setup/6").headers["location"] == "/setup/7"
 
 

@@ -26,6 +26,7 @@ from web import certificate_forms as certificate
 from web import forms, wizard
 from web.checklist import still_to_do
 from web.console_data import client_settings_for, dns_ports, forwarded_ports
+from web.display import idn
 from web.pages import admin, current, log_in, peer, read_form, redirect, render, require, services
 from web.sending_form import apply, form_context, stored_relay
 from web.state import reach, setup_done, setup_step
@@ -321,7 +322,7 @@ async def mailboxes_submit(request: Request) -> Response:
             field = "password" if isinstance(exc, WeakPassword) else "local"
             shown = {k: values.get(k, "") for k in ("local", "domain", "name")}
             return await mailboxes_page(request, Form({field: str(exc)}, shown))
-        request.session["flash"] = [f"Mailbox {info.address} created."]
+        request.session["flash"] = [f"Mailbox {idn(info.address)} created."]
     if result.step == wizard.LAST_STEP:
         await _finish(request)  # here, a POST with the session's token: the last page's GET changes nothing
     await reach(svc.settings, result.step)
