@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import importlib
 import ipaddress
 import json
@@ -23,6 +24,7 @@ from appliance import (
     message_spool,
     setup_code,
     systemd_notify,
+    time_zone,
     waits,
     web_server,
 )
@@ -416,7 +418,8 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
             if restored is not None:
                 # The events before the switch-over stayed in the old data's database: the restored
                 # box's own list says what happened to it (the console's restore page had no answer).
-                await box.services.events.record("backup", restored_text(restored, aside))
+                zone = (await box.services.settings.fresh()).time_zone
+                await box.services.events.record("backup", restored_text(restored, aside, zone))
                 restored = None
             staged = await _serve_until_stopped(box, config, stop, announce)
             if staged is None:
@@ -446,8 +449,12 @@ def console_url(box: Box) -> str | None:
     return f"https://{name}/" if https.port == 443 else f"https://{name}:{https.port}/"
 
 
-def restored_text(staged: backup.Staged, aside: Path | None) -> str:
-    made = f"made {staged.manifest.get('created')} on {staged.manifest.get('host')}"
+def restored_text(staged: backup.Staged, aside: Path | None, zone: str) -> str:
+    """The restored box's event: the backup's time as the console shows times (its manifest's is ISO UTC)."""
+    created = str(staged.manifest.get("created"))
+    with contextlib.suppress(ValueError):
+        created = time_zone.shown(dt.datetime.fromisoformat(created.replace("Z", "+00:00")), zone)
+    made = f"made {created} on {staged.manifest.get('host')}"
     kept = f"; the data from before it is kept in {aside}" if aside is not None else ""
     return f"restored from a backup ({made}, {staged.files} files){kept}"
 
