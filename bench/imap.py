@@ -15,8 +15,10 @@ import asyncio
 import contextlib
 import re
 import ssl
+import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.benchbox import cli, free_offset, peak_rss_kib, serving
@@ -56,7 +58,7 @@ class Client:
         self.tag = 0
 
     @classmethod
-    async def connect(cls, port: int, context: ssl.SSLContext) -> Client:
+    async def connect(cls, port: int, context: ssl.SSLContext | None) -> Client:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, limit=1 << 24)
         client = cls(reader, writer)
         await reader.readline()
@@ -134,16 +136,22 @@ async def measure(port: int, size: int) -> dict[str, float]:
     return results
 
 
-def run_size(size: int) -> tuple[dict[str, float], int]:
+@contextlib.contextmanager
+def box_of(size: int) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A `letterbox serve` whose USER's INBOX holds `size` messages (write_messages): its IMAPS port
+    and its process."""
     with tempfile.TemporaryDirectory(prefix="letterbox-bench-imap-") as tmp:
         data = Path(tmp) / "data"
         cli(data, "domain", "add", DOMAIN)
         cli(data, "user", "add", USER, "--password-stdin", stdin=PASSWORD + "\n")
         write_messages(data / "mail" / DOMAIN / USER.split("@")[0], size)
         with serving(data, Path(tmp) / "serve.log", offset := free_offset(), hostname="bench.test") as proc:
-            results = asyncio.run(measure(IMAPS + offset, size))
-            rss = peak_rss_kib(proc.pid)
-    return results, rss
+            yield IMAPS + offset, proc
+
+
+def run_size(size: int) -> tuple[dict[str, float], int]:
+    with box_of(size) as (port, proc):
+        return asyncio.run(measure(port, size)), peak_rss_kib(proc.pid)
 
 
 def main() -> None:

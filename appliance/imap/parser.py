@@ -71,7 +71,12 @@ from appliance.imap.commands import (
 
 
 class ParseError(Exception):
-    """The command does not match the grammar; str() is the text of the BAD reply."""
+    """The command does not match the grammar, or passes a bound of the parser; str() is the text of
+    the BAD reply, `code` its response code."""
+
+    def __init__(self, text: str, code: str | None = None) -> None:
+        super().__init__(text)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,10 @@ MONTHS = {name.upper(): i for i, name in enumerate(calendar.month_abbr) if name}
 _KNOWN_FLAGS = frozenset((*SYSTEM_FLAGS, RECENT))
 MAX_NUMBER = 2**32 - 1  # RFC 3501 9: number is a 32-bit unsigned integer
 MAX_SEARCH_DEPTH = 50  # nested parentheses/NOT/OR in one SEARCH
+# Criteria, NOTs and ORs in one SEARCH, SORT or THREAD program: each non-header key costs a call per
+# message (header keys on one field are checked together, search.Searcher), and a command of literals
+# may carry 1 MiB of keys. (Dovecot bounds the command at 64 KiB, literals included.)
+MAX_SEARCH_KEYS = 2000
 STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE"})
 SEARCH_RETURN_OPTIONS = frozenset({"MIN", "MAX", "COUNT", "ALL"})  # RFC 4731 3.1
 CONTEXT_RETURN_OPTIONS = frozenset({"UPDATE", "PARTIAL"})  # RFC 5267 4.1 and 4.4, SEARCH only
@@ -137,6 +146,7 @@ class Reader:
         self.segments = segments
         self.index = 0
         self.pos = 0
+        self.search_keys = 0  # read so far (MAX_SEARCH_KEYS)
 
     @property
     def text(self) -> bytes:
@@ -385,14 +395,14 @@ def parse_command(segments: list[Segment]) -> Command:
             raise ParseError(f"unknown command {name}")
         return parser(r, tag, name)
     except ParseError as exc:
-        raise TaggedParseError(tag, str(exc)) from None
+        raise TaggedParseError(tag, str(exc), exc.code) from None
 
 
 class TaggedParseError(ParseError):
     """A ParseError once the tag is known: the BAD goes to that tag."""
 
-    def __init__(self, tag: str, text: str) -> None:
-        super().__init__(text)
+    def __init__(self, tag: str, text: str, code: str | None = None) -> None:
+        super().__init__(text, code)
         self.tag = tag
 
 
@@ -1055,6 +1065,9 @@ def _search_key(r: Reader, depth: int) -> SearchKey:
             r.sp()
             keys.append(_search_key(r, depth + 1))
         return keys[0] if len(keys) == 1 else AndKey(tuple(keys))
+    r.search_keys += 1
+    if r.search_keys > MAX_SEARCH_KEYS:
+        raise ParseError(f"Too many search keys (at most {MAX_SEARCH_KEYS})", "LIMIT")  # RFC 5530 3
     if c is not None and c in SEQUENCE_CHARS:
         return SetKey(False, r.sequence_set())
     return _search_key_named(r, r.keyword(), depth)

@@ -391,9 +391,9 @@ class ImapConnection:
         try:
             command = parse_command(segments)
         except TaggedParseError as exc:
-            return self._bad(exc.tag, str(exc))
+            return self._bad(exc.tag, str(exc), code=exc.code)
         except ParseError as exc:
-            return self._bad(None, str(exc))
+            return self._bad(None, str(exc), code=exc.code)
         self._bad_in_a_row = 0
         return command
 

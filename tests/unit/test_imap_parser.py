@@ -652,3 +652,14 @@ def test_thread_command() -> None:
     assert isinstance(ordered, Thread)
     assert ordered.algorithm == "ORDEREDSUBJECT"
     bad("a THREAD REFS UTF-8 ALL")  # not offered
+
+
+def test_a_search_program_is_bounded_in_keys_as_in_depth() -> None:
+    """Criteria, NOTs and ORs count (MAX_SEARCH_KEYS); parentheses do not: `NOT SUBJECT x` 1,000 times is
+    2,000 keys, a balanced OR of 1,000 keys 1,999."""
+    assert isinstance(parse("a SEARCH " + " ".join(f"NOT SUBJECT x{n}" for n in range(1000))), Search)
+    with pytest.raises(ParseError, match=r"Too many search keys \(at most 2000\)") as raised:
+        parse("a SORT (DATE) UTF-8 " + " ".join(f"NOT SUBJECT x{n}" for n in range(1000)) + " ALL")
+    assert raised.value.code == "LIMIT"
+    with pytest.raises(ParseError, match="Too many search keys"):
+        parse("a UID SEARCH " + "1 " * 2000 + "2")

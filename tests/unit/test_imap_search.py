@@ -263,3 +263,53 @@ def test_decode_words_utf8_shortcut_examples() -> None:
     for text in ("Re: =?utf-8?q?J=C3=B6rg?=  =?utf-8?b?w7xiZXI=?= (x)", " =?utf-8?q?a?=b", "=?utf-8?q?a?= =?utf-8?q?b?=",
                  "x =?utf-8?q?a?=\t=?utf-8?q?b?= y", "=?utf-8?q?a?=(b)", "\\=?utf-8?q?a?=\\"):
         assert decode_words(text) == _stdlib_words(text)
+
+
+# --- programs of many keys: the header keys on one field checked together ---------------------------
+
+ATOMS = ["SUBJECT invoice", "SUBJECT march", "SUBJECT lunch", "SUBJECT café", "SUBJECT zz", "FROM joerg", "FROM Jörg",
+         "FROM alice", "FROM zz", "TO bob", "CC bob", "TO example", 'HEADER X-Spam ""', "HEADER X-Spam no",
+         'SUBJECT ""', "SEEN", "TEXT treasure", "SENTBEFORE 2-Mar-2024", "SENTSINCE 2-Mar-2024"]
+
+
+@pytest.fixture(scope="module")
+def module_files(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    root = tmp_path_factory.mktemp("messages")
+    out = {}
+    for uid, data in MESSAGES.items():
+        out[uid] = root / f"{uid}.eml"
+        out[uid].write_bytes(data)
+    return out
+
+
+Program = tuple[str, frozenset[int]]  # (IMAP text, the messages it matches)
+
+
+def programs(atoms: dict[str, frozenset[int]]) -> st.SearchStrategy[Program]:
+    every = frozenset({1, 2, 3})
+    leaves = st.sampled_from(sorted(atoms.items()))
+
+    def extend(inner: st.SearchStrategy[Program]) -> st.SearchStrategy[Program]:
+        negated = inner.map(lambda p: (f"NOT {p[0]}", every - p[1]))
+        either = st.tuples(inner, inner).map(lambda ps: (f"OR {ps[0][0]} {ps[1][0]}", ps[0][1] | ps[1][1]))
+        both = st.lists(inner, min_size=2, max_size=6).map(
+            lambda ps: ("(" + " ".join(p[0] for p in ps) + ")", frozenset.intersection(*(p[1] for p in ps))))
+        return negated | either | both
+
+    return st.recursive(leaves, extend, max_leaves=30)
+
+
+def test_a_program_of_many_header_keys_matches_as_its_keys_one_by_one(module_files: dict[int, Path]) -> None:
+    """The keys of an AND or OR on one field are checked together in the field's text made once per
+    message (Searcher._compile_list): the answers are those of each key on its own, combined."""
+    atoms = {atom: frozenset(search(atom, module_files)) for atom in ATOMS}
+    assert atoms["SUBJECT march"] == atoms["FROM Jörg"] == {1}
+    assert atoms['SUBJECT ""'] == {1, 2, 3}
+
+    @given(programs(atoms))
+    def check(program: Program) -> None:
+        text, expected = program
+        assert set(search(text, module_files)) == expected, text
+
+    check()
+
