@@ -91,7 +91,8 @@ class ConnectionHandler:
         # (the rest of its literals are then read and dropped).
         self._spills: dict[SpooledLiteral, Spill] = {}
         self._spool_refusal: SpoolRefusal | None = None
-        self.session = ImapSession(services, self, SessionConfig(services.hostname, limits.idle_timeout))
+        self.session = ImapSession(services, self, SessionConfig(services.hostname, limits.idle_timeout,
+                                                                limits.max_append_octets))
         # Output not yet handed to the channel: written when a command has been answered, when the
         # connection next reads from the client (_read) or when WRITE_BATCH is reached, so a
         # command's untagged answers and its tagged reply go out in one write. Each write to the TLS

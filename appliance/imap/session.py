@@ -162,6 +162,7 @@ class SessionIO(Protocol):
 class SessionConfig:
     hostname: str
     idle_timeout: float
+    max_append_octets: int = MAX_APPEND_OCTETS  # the connection's (ImapLimits): what its literals may take
 
 
 class ImapSession:
@@ -609,7 +610,7 @@ class ImapSession:
         # CATENATE parts are joined first: every URL is checked before anything is appended. The
         # command's messages together stay within one limit, as a MULTIAPPEND of literals does
         # (protocol.py): the URLs' octets have what the literals left.
-        left = MAX_APPEND_OCTETS - sum(_literal_octets(content) for _, _, content in contents)
+        left = self.config.max_append_octets - sum(_literal_octets(content) for _, _, content in contents)
         messages = []
         for flags, date, content in contents:
             message, used = await self._message_of(content, left)
@@ -646,9 +647,13 @@ class ImapSession:
     async def _message_of(self, content: AppendContent, left: int) -> tuple[bytes | bytearray, int]:
         """An APPEND's message: its literal, or its RFC 4469 CATENATE parts joined (a URL that does
         not name one of this user's messages, or a part of one, is NO [BADURL url]); and the octets its
-        URLs added, of the `left` the command may still take."""
+        URLs added, of the `left` the command may still take. The message joined is a copy of its
+        TEXT parts too (their literals stay with the command until it is answered): those octets are
+        held in the box's message memory as well, as the URLs' are (_url_content)."""
         if not isinstance(content, tuple):
             return content, 0
+        if len(content) == 1 and not isinstance(content[0], CatenateUrl):
+            return content[0], 0  # one TEXT part: the literal itself, no copy
         out = bytearray()
         used = 0
         for part in content:
@@ -658,6 +663,8 @@ class ImapSession:
                     raise ImapNo("Bad URL", "BADURL " + part.url[:200])
                 used += len(data)
                 part = data
+            elif not self.io.hold(len(part)):
+                raise ImapNo(BUSY_TEXT, "UNAVAILABLE")  # RFC 5530 3, as for a literal that does not fit
             out += part
         return out, used
 
@@ -683,7 +690,8 @@ class ImapSession:
                 return None
             if located.octets > left:
                 raise ImapNo(  # RFC 4469 5: TOOBIG
-                    f"Message too big: this server takes messages of at most {limit_text(MAX_APPEND_OCTETS)}", "TOOBIG")
+                    f"Message too big: this server takes messages of at most {limit_text(self.config.max_append_octets)}",
+                    "TOOBIG")
             if not self.io.hold(located.octets):
                 raise ImapNo(BUSY_TEXT, "UNAVAILABLE")  # RFC 5530 3, as for a literal that does not fit
             return await asyncio.to_thread(read, found.path, located)

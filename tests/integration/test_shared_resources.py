@@ -206,6 +206,49 @@ def test_catenated_appends_take_their_octets_from_the_same_bound(imap_box: BoxHa
     assert logged_in.command(b"f", b"FETCH 3 BODY.PEEK[]")[0] == b"* 3 FETCH (BODY[] {12}\r\na@example.te)\r\n"
 
 
+def test_catenate_parts_count_against_the_connections_limit_and_the_budget_as_literals(
+        imap_box: BoxHandle, small_budget: MessageMemory) -> None:
+    """A CATENATE's URLs were measured against the 64 MiB constant, not the listener's limit its
+    literals are held to, and the joined message copies its TEXT parts outside the budget. Now: one
+    limit for the command's literals and URLs, TOOBIG before a URL past it is read (1,000 URLs to a
+    300 kB message build nothing past 1 MB), the copies held, and a refusal leaves nothing on disk."""
+    header = b"From: a@example.test\r\nSubject: big\r\n\r\n"
+    big = header + (b"x" * 998 + b"\r\n") * 300  # 300 kB
+    uid = imap_box.run(imap_box.services.store.deliver([USER], big))[USER]
+    assert isinstance(uid, int)
+    url = b'URL "/INBOX/;UID=%d"' % uid
+    server = imap_box.run(start_imap(imap_box.services, "imaps", "127.0.0.1", 0, ImapLimits(max_append_octets=1_000_000)))
+    client = RawImap(int(server.sockets[0].getsockname()[1]), imap_box.client_context, timeout=30)
+    maildir = imap_box.data.mail / "example.test" / USER.split("@")[0]
+    try:
+        client.login(USER, PASSWORD)
+
+        def refused(tag: bytes, command: bytes, code: bytes) -> None:
+            assert client.command(tag, command)[-1].startswith(tag + b" NO [" + code + b"]")
+            wait_until(lambda: small_budget.held == 0, seconds=10, what="the refused command's memory given back")
+            assert client.command(b"s", b"STATUS INBOX (MESSAGES)")[0] == b"* STATUS INBOX (MESSAGES 2)\r\n"
+            assert list((maildir / "tmp").iterdir()) == list(imap_box.data.tmp.iterdir()) == []
+
+        assert client.command(b"a", b"APPEND INBOX CATENATE (" + b" ".join([url] * 3) + b")")[-1].startswith(b"a OK")
+        # 1,000 URLs of 300 kB: refused at the fourth, before it is read.
+        refused(b"b", b"APPEND INBOX CATENATE (" + b" ".join([url] * 1000) + b")", b"TOOBIG")
+        # 750 kB of TEXT (spooled past its first 256 KiB) and one URL: past the limit together.
+        text = b"TEXT {750000+}\r\n" + b"t" * 750_000
+        refused(b"c", b"APPEND INBOX CATENATE (" + text + b" " + url + b")", b"TOOBIG")
+        # Across the messages of a MULTIAPPEND too, literals first.
+        refused(b"m", b"APPEND INBOX {750000+}\r\n" + b"m" * 750_000 + b" CATENATE (" + url + b")", b"TOOBIG")
+        # The joined copy of 2 x 200 kB of TEXT is held besides the literals: this network's 500 kB
+        # of the budget takes the literals, not their copy as well.
+        small_budget.limit = 1_000_000
+        two = b" ".join([b"TEXT {200000+}\r\n" + b"u" * 200_000] * 2)
+        refused(b"u", b"APPEND INBOX CATENATE (" + two + b")", b"UNAVAILABLE")
+        small_budget.limit = 5_000_000
+        assert client.command(b"v", b"APPEND INBOX CATENATE (" + two + b")")[-1].startswith(b"v OK")
+    finally:
+        client.close()
+        imap_box.run(stop_server(server))
+
+
 def test_binary_of_a_large_part_is_decoded_as_it_is_sent(imap_box: BoxHandle, logged_in: RawImap) -> None:
     # FETCH BINARY decoded the whole part into memory and handed it to the connection at once: ten
     # sessions asking for a 22 MB attachment, their clients reading slowly, kept 300 MB of the server
