@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 from appliance.db import Database
+from appliance.every import Every
 
 log = logging.getLogger("letterbox.batched_log")
 
@@ -64,7 +65,7 @@ class BatchedLog(Generic[T]):
         self._batch = batch
         self._max_pending = max_pending
         self._max_rows = max_rows
-        self._since_cap = CAP_EVERY  # the first write after a start looks at the table
+        self._cap_every = Every(CAP_EVERY)  # the first write after a start looks at the table
         self._cap = f"DELETE FROM {table} WHERE id <= (SELECT MAX(id) FROM {table}) - ?"  # noqa: S608  table name is ours
         self._pending: deque[T] = deque()
         self.dropped = 0
@@ -117,7 +118,7 @@ class BatchedLog(Generic[T]):
         batch = list(self._pending)
         self._pending.clear()
         values = self._values(batch)
-        cap = self._cap_due(len(values))
+        cap = self._cap_every.due(len(values))
 
         def write(conn: sqlite3.Connection) -> None:
             try:
@@ -142,7 +143,7 @@ class BatchedLog(Generic[T]):
                     self._pending.clear()
                     if batch:
                         await tx.executemany(self._insert, self._values(batch))
-                    if self._cap_due(len(batch)):
+                    if self._cap_every.due(len(batch)):
                         await tx.execute(self._cap, (self._max_rows,))
                     now = self._clock()
                     if now - self._last_prune >= PRUNE_EVERY:
@@ -155,14 +156,6 @@ class BatchedLog(Generic[T]):
         if self._pending and not self._closed:
             self._schedule(now=False)
         return written
-
-    def _cap_due(self, written: int) -> bool:
-        """Whether the write of these `written` rows should also trim the table to max_rows."""
-        self._since_cap += written
-        if self._since_cap < CAP_EVERY:
-            return False
-        self._since_cap = 0
-        return True
 
     def _cutoff(self, now: float) -> int:
         return int(now - max(self._keep_days(), 0) * 86400)

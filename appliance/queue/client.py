@@ -437,21 +437,19 @@ class OutboundSession:
                     raise _HopFailed("4.7.8", f"relay login failed: {exc}") from exc
             abort.check()
             return cls(smtp, hop, tls, abort)
-        except _HopFailed as exc:
+        except (_HopFailed, _StarttlsBroken, OSError, smtplib.SMTPException) as exc:
+            # One way out of a session that did not open: the connection closed and out of the abort's
+            # reach; a socket or protocol error is the hop's failure (or the queue stopping).
             abort.detach(smtp)
             _close_quietly(smtp)
-            exc.connected = smtp.connected
-            raise
-        except _StarttlsBroken:
-            abort.detach(smtp)
-            _close_quietly(smtp)
-            raise
-        except (OSError, smtplib.SMTPException) as exc:
-            abort.detach(smtp)
-            _close_quietly(smtp)
-            failed = _HopFailed("4.3.2", "the queue is stopping") if abort.aborted else \
+            if isinstance(exc, _StarttlsBroken):
+                raise
+            failed = exc if isinstance(exc, _HopFailed) else \
+                _HopFailed("4.3.2", "the queue is stopping") if abort.aborted else \
                 _HopFailed("4.4.2", f"session failed: {exc}")
             failed.connected = smtp.connected
+            if failed is exc:
+                raise
             raise failed from exc
 
     @staticmethod

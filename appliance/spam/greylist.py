@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from appliance.db import Database
+from appliance.every import Every
 
 if TYPE_CHECKING:
     import aiosqlite
@@ -119,8 +120,9 @@ class Greylist:
         self._db = db
         self._clock = clock
         self._last_purge = 0.0
-        self._new_since_trim = TRIM_EVERY  # the first new triplet after a start counts the table
-        self._spf_since_trim = TRIM_EVERY
+        # New rows between two counts of each table (the first new one after a start counts it).
+        self.trim_triplets = Every(TRIM_EVERY)
+        self.trim_spf_domains = Every(TRIM_EVERY)
 
     async def check(self, network: str, sender: str, recipient: str, *, delay: int, remember_days: int) -> Check:
         """Look the triplet up and record this attempt; the verdict says whether it passes."""
@@ -168,9 +170,7 @@ class Greylist:
                 "DELETE FROM greylist WHERE (network, sender, recipient) IN (SELECT network, sender, recipient"
                 " FROM greylist WHERE network = ? AND passed_at IS NULL ORDER BY expires LIMIT ?)",
                 (network, int(row[0]) - MAX_WAITING_PER_NETWORK + 1))
-        self._new_since_trim += 1
-        if self._new_since_trim >= TRIM_EVERY:
-            self._new_since_trim = 0
+        if self.trim_triplets.due():
             await _forget_beyond(tx, "greylist", "network, sender, recipient", MAX_TRIPLETS)
 
     async def _purge_if_due(self, tx: aiosqlite.Connection, now: int) -> None:
@@ -195,9 +195,7 @@ class Greylist:
                 "INSERT INTO greylist_spf_domains (domain, passed_at, expires) VALUES (?, ?, ?)"
                 " ON CONFLICT(domain) DO UPDATE SET passed_at = excluded.passed_at, expires = excluded.expires",
                 (domain.lower(), now, now + max(remember_days, 1) * DAY))
-            self._spf_since_trim += 1
-            if self._spf_since_trim >= TRIM_EVERY:
-                self._spf_since_trim = 0
+            if self.trim_spf_domains.due():
                 await _forget_beyond(tx, "greylist_spf_domains", "domain", MAX_SPF_DOMAINS)
 
     # --- what the console and the CLI see ----------------------------------------------------------------

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from appliance import batched_log
 from appliance.admin import Admin
 from appliance.spam import greylist
 from appliance.spam.decisions import DBL, DEFER, DNSBL, EARLY_TALKER, GREYLIST, REJECT
@@ -240,6 +239,7 @@ def test_a_flood_of_new_triplets_cannot_grow_the_greylist_without_bound(mx: BoxH
     monkeypatch.setattr(greylist, "MAX_WAITING_PER_NETWORK", 30)
     monkeypatch.setattr(greylist, "MAX_TRIPLETS", 100)
     monkeypatch.setattr(greylist, "TRIM_EVERY", 10)
+    monkeypatch.setattr(mx.services.greylist.trim_triplets, "n", 10)
     configure(mx, greylist=True, greylist_delay=3600)
     assert rcpt_from(mx, "127.0.9.1")[0] == 451  # a real server's first try
     new_triplets(mx, "127.0.0.60", 80)
@@ -257,6 +257,7 @@ def test_the_domains_remembered_for_their_spf_pass_are_bounded(mx: BoxHandle, zo
     record names as many domains as its owner likes (attack41). The table keeps the newest."""
     monkeypatch.setattr(greylist, "MAX_SPF_DOMAINS", 3)
     monkeypatch.setattr(greylist, "TRIM_EVERY", 1)
+    monkeypatch.setattr(mx.services.greylist.trim_spf_domains, "n", 1)
     configure(mx, greylist=True, greylist_delay=0)
     for n in range(5):
         zone.set(f"d{n}.test", "TXT", ['"v=spf1 ip4:127.0.0.0/24 -all"'])
@@ -276,7 +277,7 @@ def test_a_flood_of_deferrals_cannot_grow_the_decision_log_without_bound(mx: Box
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Each greylisted RCPT is a spam decision, kept 30 days: 264 a second from one client (attack41).
     The log keeps its newest rows within a bound (batched_log.py, the delivery log's too)."""
-    monkeypatch.setattr(batched_log, "CAP_EVERY", 10)
+    monkeypatch.setattr(mx.services.spam_decisions._rows._cap_every, "n", 10)
     monkeypatch.setattr(mx.services.spam_decisions._rows, "_max_rows", 50)
     configure(mx, greylist=True, greylist_delay=3600)
     new_triplets(mx, "127.0.0.70", 120)
