@@ -504,11 +504,13 @@ class SmtpHandler:
             return routes
         log.warning("%s: mail forwarding loop for %s: not delivered to it again", peer_ip(session),
                     ", ".join(route.rcpt for route in looping))
-        refusal = forwarding_loop(looping[0].rcpt)
-        if len(looping) == len(routes):
-            return self._refuse_data(session, env, refusal, "loop", data)
-        self._log_refused(session, env, refusal, "loop", tuple(route.rcpt for route in looping), data)
-        return tuple(route for route in routes if route not in looping)
+        for route in looping:  # each refusal names its own alias (the first one's named them all)
+            self._log_refused(session, env, forwarding_loop(route.rcpt), "loop", (route.rcpt,), data)
+        if len(looping) < len(routes):
+            return tuple(route for route in routes if route not in looping)
+        if self.lmtp:  # one reply per recipient (RFC 2033 4.2), each for its own
+            return "\r\n".join(str(forwarding_loop(route.rcpt)) for route in routes)
+        return str(forwarding_loop(looping[0].rcpt, len(looping) - 1))
 
     async def _content_check(self, facts: ContentFacts, data: bytes) -> ContentVerdict:
         """The content filter (issue 16), before any copy is written: on the MX only (mail from the

@@ -76,9 +76,11 @@ INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try aga
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (mail loop?)")  # RFC 5321 6.3
 
 
-def forwarding_loop(rcpt: str) -> Reply:
-    """Postfix local(8)'s words for mail that comes back to an alias that forwarded it already."""
-    return Reply(554, "5.4.6", f"mail forwarding loop for {echo(rcpt)}")
+def forwarding_loop(rcpt: str, others: int = 0) -> Reply:
+    """Postfix local(8)'s words for mail that comes back to an alias that forwarded it already; `others`:
+    how many more recipients of the message loop too (SMTP's one reply for them all)."""
+    more = f" and {others} other recipient{'s' if others > 1 else ''}" if others else ""
+    return Reply(554, "5.4.6", f"mail forwarding loop for {echo(rcpt)}{more}")
 HEADER_TOO_LARGE = Reply(552, "5.3.4", "Message header section too large")
 
 

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from appliance.accounts import MAX_ALIAS_DEPTH
+from appliance.delivery_log import Search
 from appliance.queue.spool import QueuedMessage
 from tests.conftest import LETTERBOX, BoxHandle
 from tests.support.smtp_wire import Wire, hold_outbound, lmtp_data, maildir_messages, parse
@@ -381,6 +382,26 @@ def test_lmtp_refuses_a_forwarding_loop_for_the_looping_recipient_only(mx: BoxHa
     assert inbox(mx, ALICE) == []
     assert len(inbox(mx, BOB)) == 1
     assert queue(mx) == []  # nothing forwarded to partner@ again
+
+
+def test_a_forwarding_loop_of_every_recipient_names_each_in_its_refusal(mx: BoxHandle) -> None:
+    """When every recipient of a message loops, each refusal named the first one: LMTP's reply for
+    sales@ said team@, and the delivery log's rows for both said team@. Now each names its own;
+    SMTP's one reply names the first and counts the others."""
+    mx.run(mx.services.accounts.add_alias(f"team@{OURS}", [ALICE, "partner@external.test"]))
+    mx.run(mx.services.accounts.add_alias(f"sales@{OURS}", [BOB, "agency@external.test"]))
+    looped = f"Delivered-To: team@{OURS}\r\nDelivered-To: sales@{OURS}\r\n".encode() + BODY
+    replies = lmtp_send(mx, [f"team@{OURS}", f"sales@{OURS}"], looped)
+    assert replies == [(554, f"5.4.6 mail forwarding loop for team@{OURS}"),
+                       (554, f"5.4.6 mail forwarding loop for sales@{OURS}")]
+    assert send_mx(mx, "sender@external.test", [f"sales@{OURS}", f"team@{OURS}"], looped) == (
+        554, f"5.4.6 mail forwarding loop for sales@{OURS} and 1 other recipient".encode())
+    rows = mx.run(mx.services.delivery_log.search(Search(result="rejected")))
+    assert sorted((row.recipient, row.detail) for row in rows) == sorted(
+        (f"{alias}@{OURS}", f"554 5.4.6 mail forwarding loop for {alias}@{OURS}")
+        for alias in ("team", "sales", "team", "sales"))
+    assert inbox(mx, ALICE) == inbox(mx, BOB) == []
+    assert queue(mx) == []
 
 
 def test_lmtp_refuses_non_local_recipients(mx: BoxHandle) -> None:
