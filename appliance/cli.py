@@ -84,6 +84,9 @@ def parse_hostname(text: str) -> str:
 
 # What is read of standard input after the password's line: only whether there is anything.
 PASSWORD_STDIN_BOUND = 4096
+# A certificate, key, chain or secret file named on the command line: read no further than one could be
+# (appliance.tls refuses a PEM file above 256 KiB).
+MAX_FILE_READ = 256 * 1024
 
 
 def read_password(args: argparse.Namespace) -> str:
@@ -502,9 +505,14 @@ def cmd_cert(args: argparse.Namespace) -> None:  # noqa: C901  dispatch of the f
         if not path:
             return b""
         try:
-            return Path(path).read_bytes()
+            # Bounded: /dev/zero, a device or a pipe without end was read until the memory ran out.
+            with open(path, "rb") as f:
+                pem = f.read(MAX_FILE_READ + 1)
         except OSError as exc:
             raise CliError(f"cannot read the {what} {path}: {exc.strerror}") from None
+        if len(pem) > MAX_FILE_READ:
+            raise CliError(f"the {what} {path} is too large to be one (more than {MAX_FILE_READ // 1024} KiB)")
+        return pem
 
     async def act(admin: Admin) -> list[str]:
         try:
@@ -573,11 +581,17 @@ def _read_secret_file(name: str | None, what: str) -> str:
     if name is None:
         return ""
     try:
-        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+        if name == "-":
+            text = sys.stdin.read(MAX_FILE_READ + 1)
+        else:
+            with open(name, encoding="utf-8") as f:
+                text = f.read(MAX_FILE_READ + 1)
     except OSError as exc:  # (its strerror alone: str(exc) names the path a second time)
         raise CliError(f"cannot read the {what} file {name}: {exc.strerror}") from None
     except UnicodeError:
         raise CliError(f"cannot read the {what} file {name}: it is not UTF-8 text") from None
+    if len(text) > MAX_FILE_READ:
+        raise CliError(f"the {what} file {name} is too large to be one (more than {MAX_FILE_READ // 1024} KiB)")
     if not text.strip():
         raise CliError(f"the {what} file {name} is empty")
     return text

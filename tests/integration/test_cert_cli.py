@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import resource
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -114,6 +115,23 @@ def test_upload_refused_with_its_reason(data: Path, files: dict[str, Path], cert
     assert message in line.lower(), line
     if before is not None:
         assert (DataLayout(data).tls / "cert.pem").read_bytes() == before
+
+
+@pytest.mark.parametrize("args", [("cert", "import", "/dev/zero", "{key}"), ("cert", "import", "{leaf}", "/dev/zero"),
+                                  ("cert", "import", "{leaf}", "{key}", "--chain", "/dev/zero"),
+                                  ("cert", "request", "--eab-kid", "kid", "--eab-hmac-key-file", "/dev/zero")])
+def test_a_file_without_end_is_read_only_as_far_as_it_could_matter(data: Path, files: dict[str, Path],
+                                                                  args: tuple[str, ...]) -> None:
+    """A certificate, key or chain file (or the EAB key's) was read whole before any check: /dev/zero, a
+    device or a pipe that never ends took all the memory there was (here, under a 2 GiB address space,
+    a MemoryError traceback). Now no more than could be one is read, and the answer is one line."""
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 * 1024**3, 2 * 1024**3))
+
+    argv = [arg.format(leaf=files["leaf"], key=files["key"]) for arg in args]
+    result = subprocess.run([LETTERBOX, "--data", str(data), *argv], capture_output=True, text=True, timeout=120,
+                            preexec_fn=limited)
+    assert "too large" in one_line_error(result)
 
 
 def test_good_upload_then_status_then_self_signed(data: Path, files: dict[str, Path]) -> None:
