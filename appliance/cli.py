@@ -359,6 +359,14 @@ def cmd_relay(args: argparse.Namespace) -> None:
     from appliance.queue.smarthost import DEFAULT_PORTS, Smarthost, SmarthostError
 
     password = read_password(args) if args.action == "set" and args.user else ""
+    if args.action == "set" and args.ca_file:
+        from appliance.plain_errors import plain
+        from appliance.queue.client import CaFileError, verifying_context
+
+        try:
+            verifying_context(args.ca_file)  # checked now, not at every delivery after it is saved
+        except CaFileError as exc:
+            raise CliError(plain(exc.text)) from None
 
     async def act(admin: Admin) -> Smarthost | None:
         if args.action == "set":

@@ -248,9 +248,22 @@ def opportunistic_context() -> ssl.SSLContext:
     return ctx
 
 
+class CaFileError(SessionFailed):
+    """The relay's CA file cannot be read or holds no certificate: a delivery through the relay is
+    deferred with this as its error (it was a traceback in the log and no error on the message), and
+    `letterbox relay set` refuses the file."""
+
+    def __init__(self, ca_file: str, reason: str) -> None:
+        super().__init__("4.3.5", f"cannot use the CA file {ca_file}: {reason}")
+
+
 def verifying_context(ca_file: str | None = None) -> ssl.SSLContext:
-    """For a relay we send a password to: the certificate must be valid for its name."""
-    return ssl.create_default_context(cafile=ca_file or None)
+    """For a relay we send a password to: the certificate must be valid for its name. CaFileError when
+    `ca_file` cannot be used."""
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except OSError as exc:  # ssl.SSLError too: a file that holds no certificate
+        raise CaFileError(ca_file or "", str(exc)) from None
 
 
 def tls_description(sock: Any) -> str:

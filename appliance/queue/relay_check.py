@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from appliance.queue.client import AbortSignal, OutboundSession, SessionFailed, verifying_context
+from appliance.queue.client import AbortSignal, CaFileError, OutboundSession, SessionFailed, verifying_context
 from appliance.queue.mx import RouteError, host_hops, relay_loop
 from appliance.queue.resolver import make_async_resolver
 from appliance.queue.smarthost import Smarthost
@@ -48,8 +47,8 @@ async def check_relay(
         return RelayCheck(False, relay_loop(relay.host))
     try:
         context = await asyncio.to_thread(verifying_context, relay.ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        return RelayCheck(False, f"cannot read the CA file {relay.ca_file}: {exc}")
+    except CaFileError as exc:
+        return RelayCheck(False, exc.text)
 
     abort = AbortSignal()
     left = max(1.0, deadline - loop.time())

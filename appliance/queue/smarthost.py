@@ -32,8 +32,11 @@ class Smarthost:
     ca_file: str = ""
 
     def __post_init__(self) -> None:
-        if not self.host or any(c.isspace() for c in self.host) or "/" in self.host:
+        if not self.host or any(c.isspace() for c in self.host) or "/" in self.host or not _name_or_address(self.host):
             raise SmarthostError("the relay host must be a host name or address")
+        if ":" in self.host and not _is_ipv6(self.host.removeprefix("[").removesuffix("]")):
+            # 'smtp.example.net:587' was taken as a name, and DNS was asked for it at every delivery.
+            raise SmarthostError("the relay host is a name or address alone: give its port separately (--port)")
         if not 0 < self.port < 65536:
             raise SmarthostError("the relay port must be between 1 and 65535")
         if self.tls not in RELAY_TLS_MODES:
@@ -53,3 +56,20 @@ class Smarthost:
         """For logs and the console: everything but the password."""
         who = f" as {self.user}" if self.user else ""
         return f"{self.host}:{self.port} ({self.tls}){who}"
+
+
+def _is_ipv6(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _name_or_address(host: str) -> bool:
+    """Brackets only around an IPv6 address ('[::1]'); a name's port is told apart by the caller."""
+    if host.startswith("[") or host.endswith("]"):
+        return host.startswith("[") and host.endswith("]") and _is_ipv6(host[1:-1])
+    return True

@@ -239,6 +239,27 @@ def test_a_quota_below_one_byte_is_refused_not_taken_as_no_limit(tmp_path: Path,
     assert run(data, "user", "list").stdout.split() == ["bob@example.org", "1G"]
 
 
+@pytest.mark.parametrize(("args", "needle"), [
+    (("smtp.example.net:587",), "--port"),  # its port typed with the name: DNS was asked for 'smtp.example.net:587'
+    (("[smtp.example.net]",), "host name or address"),
+    (("smtp.example.net", "--ca-file", "{missing}"), "cannot use the CA file"),
+    (("smtp.example.net", "--ca-file", "{not_pem}"), "cannot use the CA file"),
+])
+def test_a_relay_given_wrongly_is_refused_with_one_line_and_nothing_saved(
+        tmp_path: Path, args: tuple[str, ...], needle: str) -> None:
+    """Both were saved, and then every outbound message was deferred: a name with its port in it
+    never resolves, and a CA file that is missing or holds no certificate failed each delivery's TLS
+    set-up. Checked as the relay is set, one line, nothing saved."""
+    data = tmp_path / "data"
+    run(data, "domain", "add", "example.org")
+    not_pem = tmp_path / "notes.txt"
+    not_pem.write_text("not a certificate\n")
+    files = {"missing": str(tmp_path / "missing.pem"), "not_pem": str(not_pem)}
+    result = run(data, "relay", "set", *(arg.format(**files) for arg in args))
+    assert_one_line_error(result, needle)
+    assert run(data, "relay", "show").stdout.startswith("no relay")
+
+
 @pytest.mark.parametrize("offset", ["70000", "-25", "ten"])
 def test_a_port_offset_that_leaves_the_ports_is_refused_before_anything_starts(tmp_path: Path, offset: str) -> None:
     """`serve --port-offset 70000` ended in a traceback from bind(), and -25 put SMTP on port 0, a port

@@ -176,3 +176,23 @@ def test_a_relay_that_is_this_box_itself_is_refused_not_gone_round(outbound: Out
     [queued] = outbound.messages()  # the submitted message alone: it never went round
     assert queued.recipients[0].state == "queued"
     assert queued.recipients[0].last_error.startswith("the relay 127.0.0.1 is this box itself")
+
+
+def test_a_relay_ca_file_that_cannot_be_used_defers_with_its_reason(
+        outbound: Outbound, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The relay's CA file gone (or never one: set by hand, or before `letterbox relay set` checked it):
+    each delivery's worker died with a FileNotFoundError traceback in the log and the message showed no
+    error, retried at every poll. Now a deferral that says why, as any relay failure."""
+    outbound.zone.set(RELAY_NAME, "A", [MX1])
+    missing = tmp_path / "gone-ca.pem"
+    relay = Smarthost(RELAY_NAME, outbound.port, "starttls", RELAY_USER, RELAY_PASSWORD, str(missing))
+    outbound.box.run(outbound.box.services.settings.save(relay=relay))
+    outbound.wake()
+    with caplog.at_level(logging.ERROR, logger="letterbox"):
+        outbound.submit(["a@far-away.test"])
+        outbound.wait_until(lambda: any(r.last_error for m in outbound.messages() for r in m.recipients),
+                            what="the deferral")
+    [queued] = outbound.messages()
+    assert queued.recipients[0].state == "queued"
+    assert queued.recipients[0].last_error.startswith(f"cannot use the CA file {missing}: [Errno 2] No such file")
+    assert not [r for r in caplog.records if r.exc_info], letterbox_log(caplog)
