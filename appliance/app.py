@@ -12,6 +12,7 @@ import logging
 import resource
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -420,6 +421,7 @@ async def serve_forever(config: ServeConfig, *, announce: Callable[[str], None] 
                 # box's own list says what happened to it (the console's restore page had no answer).
                 zone = (await box.services.settings.fresh()).time_zone
                 await box.services.events.record("backup", restored_text(restored, aside, zone))
+                box.services.backups.restored_at = time.time()
                 restored = None
             staged = await _serve_until_stopped(box, config, stop, announce)
             if staged is None:

@@ -1632,6 +1632,9 @@ class BackupJobs:
     # The browser session that started it (web/routes/restore.py): its progress and result line (the
     # backup's host name, file count) are that session's alone; any other visitor sees only that one runs.
     wizard_owner: str = ""
+    # When this start came from a whole-box restore (appliance/app.py): the login page says so for a
+    # while, since every session of the old data is gone and the backup's passwords are the ones now.
+    restored_at: float | None = None
 
     def wizard_job(self) -> BackupJob | None:
         """The current job when the wizard started it, else None."""

@@ -50,6 +50,7 @@ def test_whole_box_restore_from_the_console_ends_at_the_login(served: ServedBox,
             restore.locator("input[name=confirm]").check()
             restore.locator("button[type=submit]").click()
             expect(page).to_have_url(re.compile(r"/login\b"), timeout=90_000)
+            expect(page.locator("#restored")).to_contain_text("restored from a backup")  # why the login is asked
 
             log_in_admin(page, base)
             page.goto(f"{base}/console/events")

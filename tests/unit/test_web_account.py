@@ -217,6 +217,7 @@ def test_login_page_says_what_to_do_about_a_forgotten_password(web: WebClient) -
     web.logout()
     page = web.get("/login").text
     assert "<summary>Forgot your password?</summary>" in page
+    assert 'id="restored"' not in page  # only after a whole-box restore (tests/e2e/test_console_restore.py)
     assert '<details class="hint" id="forgotten">' in page  # folded until a login fails
     assert "an administrator of this box sets a new one" in page
     assert "<code>letterbox admin passwd NAME</code>" in page

@@ -13,6 +13,7 @@ from web.pages import Role, current, log_in, log_out, peer, read_form, redirect,
 from web.state import setup_done
 
 MAX_NEXT = 200
+RESTORED_NOTICE_SECONDS = 30 * 60  # after a whole-box restore, the login page says why everyone was logged out
 ADMIN_PATHS = ("/console", "/setup")
 # The browser's proof that it logged in to an account before: its attempts then keep their own budget of
 # password checks when that account is under attack (appliance/auth.py). Sent only to /login.
@@ -43,7 +44,15 @@ async def index(request: Request) -> Response:
 async def login_page(request: Request) -> Response:
     if await current(request) is not None:
         return redirect(await home_for(request))
-    return await render(request, "login.html", {"title": "Log in", "next": safe_next(request.query_params.get("next"))})
+    return await render(request, "login.html", {
+        "title": "Log in", "next": safe_next(request.query_params.get("next")), "restored": restored_recently(request),
+    })
+
+
+def restored_recently(request: Request) -> bool:
+    """A whole-box restore restarted the box lately: every session is gone, the backup's passwords count."""
+    at = services(request).backups.restored_at
+    return at is not None and time.time() - at < RESTORED_NOTICE_SECONDS
 
 
 async def login_submit(request: Request) -> Response:
@@ -63,7 +72,7 @@ async def login_submit(request: Request) -> Response:
     if not isinstance(principal, Principal):
         refused = isinstance(principal, Refused)
         return await render(request, "login.html", {
-            "title": "Log in", "next": next_path, "values": {"name": name},
+            "title": "Log in", "next": next_path, "values": {"name": name}, "restored": restored_recently(request),
             "errors": {"": principal.message() + "." if isinstance(principal, Refused) else "Wrong name or password."},
         }, status_code=429 if refused else 401)
     role: Role = "admin" if principal.kind == "admin" else "user"
