@@ -52,6 +52,7 @@ class Maildrop:
         self.messages = messages
         self._octets = sum(map(_SIZE, messages))
         self.deleted: dict[int, int] = {}  # message numbers marked by DELE, each with its size
+        self._deleted_octets = 0  # their sum: STAT, pipelined, costs no loop over the marks
         self.retrieved: set[int] = set()  # message numbers sent whole by RETR
 
     def __len__(self) -> int:
@@ -71,14 +72,17 @@ class Maildrop:
         return self.at(number)
 
     def stat(self) -> tuple[int, int]:
-        return len(self.messages) - len(self.deleted), self._octets - sum(self.deleted.values())
+        return len(self.messages) - len(self.deleted), self._octets - self._deleted_octets
 
     def delete(self, message: DropMessage) -> None:
-        self.deleted[message.number] = message.size
+        if message.number not in self.deleted:
+            self.deleted[message.number] = message.size
+            self._deleted_octets += message.size
 
     def reset(self) -> None:
         """RFC 1939 5 RSET: every deletion mark is removed."""
         self.deleted.clear()
+        self._deleted_octets = 0
 
     def deleted_uids(self) -> list[int]:
         return [self.messages[n - 1].uid for n in sorted(self.deleted)]

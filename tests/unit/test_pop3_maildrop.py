@@ -35,6 +35,7 @@ def test_numbers_sizes_and_unique_ids() -> None:
 def test_deletion_marks_hide_messages_until_reset() -> None:
     d = drop()
     d.delete(d.message("2"))
+    d.delete(d.at(2))  # marked once, counted once
     assert d.stat() == (2, 140)
     assert listing(d, unique_ids=False) == b"1 100\r\n3 40\r\n.\r\n"
     assert listing(d, unique_ids=True) == b"1 00000003000004D2\r\n3 00000009000004D2\r\n.\r\n"
