@@ -150,11 +150,27 @@ def _check_a_label(label: str) -> None:
 
 
 def domain_to_unicode(domain: str) -> str:
-    """For display only: U-labels where they decode, the A-label otherwise."""
+    """For display only: 'xn--bcher-kva.example' -> 'bücher.example'; a name without an A-label, or one
+    that does not decode, as it is."""
+    if "xn--" not in domain.lower():
+        return domain
     try:
         return str(idna.decode(domain))
-    except (idna.IDNAError, UnicodeError):
+    except (idna.IDNAError, UnicodeError, ValueError):
         return domain
+
+
+def idn(text: str) -> str:
+    """A domain or an address as the console and the CLI name it: an international domain in Unicode
+    with the A-label it is stored and published as beside it, 'bücher.example (xn--bcher-kva.example)'
+    (RFC 5891 section 5: the U-label for display); plain ASCII names unchanged. '@domain' (a catch-all)
+    and 'local@domain' keep their form."""
+    text = str(text)
+    local, at, domain = text.rpartition("@")
+    shown = domain_to_unicode(domain)
+    if shown == domain:
+        return text
+    return f"{local}{at}{shown} ({text})"
 
 
 def _parse_literal(text: str, literal: str) -> str:
@@ -429,6 +445,7 @@ __all__ = [
     "domain_to_unicode",
     "has_source_route",
     "header_addresses",
+    "idn",
     "is_dot_atom",
     "parse_address",
     "parse_domain",

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from appliance import boot_reset, dkim_keys, sizes
 from appliance.account_errors import AccountError, NotFound
 from appliance.accounts import Accounts, AliasInfo, MailboxInfo, stored_domain
+from appliance.address import idn
 from appliance.config import DataLayout
 from appliance.db import Database
 from appliance.events import EventLog
@@ -73,8 +74,8 @@ def _reaches_this_box(services: Services, port: int) -> Callable[[str], bool]:
 def nowhere_note(source: str, nowhere: Sequence[str]) -> str:
     """What the CLI and the console say of an alias's targets that lead nowhere (targets_going_nowhere)."""
     one = len(nowhere) == 1
-    return (f"{', '.join(nowhere)} {'is' if one else 'are'} not a mailbox or alias of this box (yet): mail for"
-            f" {source} does not reach {'it' if one else 'them'}")
+    return (f"{', '.join(idn(t) for t in nowhere)} {'is' if one else 'are'} not a mailbox or alias of this box (yet):"
+            f" mail for {idn(source)} does not reach {'it' if one else 'them'}")
 
 
 @dataclass

@@ -216,24 +216,31 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 # --- domains, users, aliases, admins ---------------------------------------------------------------
 
+# A domain or an address is named as the console names it (appliance.address.idn): an international
+# domain in Unicode with its xn-- form beside, 'bücher.example (xn--bcher-kva.example)'.
+
 def cmd_domain(args: argparse.Namespace) -> None:
+    from appliance.address import idn
+
     if args.action == "add":
-        print(f"added domain {run_admin(args, lambda admin: admin.add_domain(args.name))} (with its DKIM key)")
+        print(f"added domain {idn(run_admin(args, lambda admin: admin.add_domain(args.name)))}, with its DKIM key")
     elif args.action == "remove":
-        print(f"removed domain {run_admin(args, lambda admin: admin.remove_domain(args.name))}")
+        print(f"removed domain {idn(run_admin(args, lambda admin: admin.remove_domain(args.name)))}")
     else:
         for name in run_admin(args, lambda admin: admin.accounts.list_domains()):
-            print(name)
+            print(idn(name))
 
 
 def cmd_user(args: argparse.Namespace) -> None:
+    from appliance.address import idn, parse_address
+
     password = read_password(args) if args.action in ("add", "passwd") else ""
     if args.action == "add":
         info = run_admin(args, lambda admin: admin.create_mailbox(
             args.address, password, display_name=args.name or "", quota_bytes=args.quota))
-        print(f"added mailbox {info.address}")
+        print(f"added mailbox {idn(info.address)}")
     elif args.action == "passwd":
-        print(f"password changed for {run_admin(args, lambda admin: admin.set_mailbox_password(args.address, password))}")
+        print(f"password changed for {idn(run_admin(args, lambda admin: admin.set_mailbox_password(args.address, password)))}")
     elif args.action == "remove":
         from appliance.store import trash
 
@@ -242,23 +249,25 @@ def cmd_user(args: argparse.Namespace) -> None:
 
         moved, notes = run_admin(args, remove)
         kept = f" (its mail is kept {trash.RETENTION_DAYS} days in {moved})" if moved else ""
-        print(f"removed mailbox {args.address}{kept}")
+        print(f"removed mailbox {idn(parse_address(args.address).canonical)}{kept}")
         for note in notes:
             print(f"letterbox: note: {note}", file=sys.stderr)
     elif args.action in ("enable", "disable"):
         info = run_admin(args, lambda admin: admin.update_mailbox(args.address, enabled=args.action == "enable"))
-        print(f"mailbox {info.address} {args.action}d")
+        print(f"mailbox {idn(info.address)} {args.action}d")
     elif args.action == "quota":
         info = run_admin(args, lambda admin: admin.update_mailbox(args.address, quota_bytes=args.size))
-        print(f"quota of {info.address}: {sizes.format_size(info.quota_bytes) or 'unlimited'}")
+        print(f"quota of {idn(info.address)}: {sizes.format_size(info.quota_bytes) or 'unlimited'}")
     else:
         for info in run_admin(args, lambda admin: admin.accounts.list_users(args.domain)):
             quota = sizes.format_size(info.quota_bytes) or "unlimited"
             state = "" if info.enabled else "  (disabled)"
-            print(f"{info.address}\t{info.display_name}\t{quota}{state}")
+            print(f"{idn(info.address)}\t{info.display_name}\t{quota}{state}")
 
 
 def cmd_alias(args: argparse.Namespace) -> None:
+    from appliance.address import idn
+
     if args.action == "add":
         from appliance.admin import nowhere_note
 
@@ -267,14 +276,14 @@ def cmd_alias(args: argparse.Namespace) -> None:
             return info, await admin.targets_going_nowhere(info)
 
         info, nowhere = run_admin(args, add)
-        print(f"added alias {info.source} -> {', '.join(info.targets)}")
+        print(f"added alias {idn(info.source)} -> {', '.join(idn(t) for t in info.targets)}")
         if nowhere:
             print(f"letterbox: note: {nowhere_note(info.source, nowhere)}", file=sys.stderr)
     elif args.action == "remove":
-        print(f"removed alias {run_admin(args, lambda admin: admin.remove_alias(args.source))}")
+        print(f"removed alias {idn(run_admin(args, lambda admin: admin.remove_alias(args.source)))}")
     else:
         for info in run_admin(args, lambda admin: admin.accounts.list_aliases(args.domain)):
-            print(f"{info.source}\t{', '.join(info.targets)}")
+            print(f"{idn(info.source)}\t{', '.join(idn(t) for t in info.targets)}")
 
 
 def cmd_admin(args: argparse.Namespace) -> None:
@@ -411,8 +420,10 @@ def cmd_settings(args: argparse.Namespace) -> None:
 # --- dkim ------------------------------------------------------------------------------------------
 
 def cmd_dkim(args: argparse.Namespace) -> None:
+    from appliance.address import idn
+
     key = run_admin(args, lambda admin: admin.rotate_dkim(args.domain))
-    print(f"new DKIM key for {key.domain}: selector {key.selector}, used for all mail from now on")
+    print(f"new DKIM key for {idn(key.domain)}: selector {key.selector}, used for all mail from now on")
     print("publish this record (the old one can go once mail signed with it has been delivered):")
     print(f"{key.record_name}. IN TXT \"{key.txt_record()}\"")
 
@@ -672,6 +683,7 @@ def cmd_backup(args: argparse.Namespace) -> None:
     import asyncio
 
     from appliance import backup
+    from appliance.address import idn
     from appliance.admin import open_admin
 
     layout = DataLayout(Path(args.data))
@@ -710,7 +722,7 @@ def cmd_backup(args: argparse.Namespace) -> None:
             else:
                 done = await admin.restore_mailbox(Path(args.file), _secret(args), args.mailbox, args.folder)
                 again = " (mailbox made again)" if done.created else ""
-                print(f"restored {done.messages} messages into {done.address}{again}")
+                print(f"restored {done.messages} messages into {idn(done.address)}{again}")
 
     try:
         asyncio.run(act())
@@ -747,11 +759,13 @@ def cmd_spam_lists(args: argparse.Namespace) -> None:
 
 
 def cmd_spam_suspended(args: argparse.Namespace) -> None:
+    from appliance.address import idn
+
     if args.suspended_action == "lift":
-        print(f"{run_admin(args, lambda admin: admin.lift_suspension(args.address))} may send again")
+        print(f"{idn(run_admin(args, lambda admin: admin.lift_suspension(args.address)))} may send again")
         return
     for s in run_admin(args, lambda admin: admin.outbound_suspensions()):
-        print(f"{s.mailbox}\tsince {_when(s.since)}\t{s.reason}")
+        print(f"{idn(s.mailbox)}\tsince {_when(s.since)}\t{s.reason}")
 
 
 # --- parser ----------------------------------------------------------------------------------------

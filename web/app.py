@@ -26,10 +26,10 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import time_zone
+from appliance.address import idn
 from appliance.disk_full import is_disk_full
 from appliance.plain_errors import plain, queue_error
 from appliance.web_sessions import WebSessions
-from web.display import idn
 from web.lazy_routes import LazyRoutes
 from web.pages import LoginRequired, render, services
 from web.routes import login, setup, wellknown

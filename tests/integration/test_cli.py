@@ -57,6 +57,32 @@ def test_domains_users_aliases_round_trip(tmp_path: Path) -> None:
     assert run(data, "user", "list").stdout.strip() == ""
 
 
+def test_an_international_domain_is_named_as_the_console_names_it(tmp_path: Path) -> None:
+    """`domain add bücher.example` answered 'added domain xn--bcher-kva.example' alone; the console
+    says 'bücher.example (xn--bcher-kva.example)' (appliance.address.idn, shared), and so does every
+    CLI line naming a domain or an address, lists too."""
+    data = tmp_path / "data"
+    book, book_a = "bücher.example", "xn--bcher-kva.example"
+    assert run(data, "domain", "add", book).stdout == f"added domain {book} ({book_a}), with its DKIM key\n"
+    assert run(data, "domain", "add", "example.org").stdout == "added domain example.org, with its DKIM key\n"
+    assert run(data, "domain", "list").stdout.splitlines() == ["example.org", f"{book} ({book_a})"]  # stored order
+    anna = f"anna@{book} (anna@{book_a})"
+    added = run(data, "user", "add", f"anna@{book_a}", "--password-stdin", stdin="a long enough password\n")
+    assert added.stdout == f"added mailbox {anna}\n"
+    assert run(data, "user", "quota", f"anna@{book}", "1G").stdout == f"quota of {anna}: 1G\n"
+    assert run(data, "user", "disable", f"anna@{book}").stdout == f"mailbox {anna} disabled\n"
+    assert run(data, "user", "list", book).stdout == f"{anna}\t\t1G  (disabled)\n"
+    alias = run(data, "alias", "add", f"info@{book}", f"anna@{book}", f"ben@{book}")
+    assert alias.stdout == f"added alias info@{book} (info@{book_a}) -> {anna}, ben@{book} (ben@{book_a})\n"
+    assert alias.stderr == (f"letterbox: note: ben@{book} (ben@{book_a}) is not a mailbox or alias of this box (yet):"
+                            f" mail for info@{book} (info@{book_a}) does not reach it\n")
+    assert run(data, "alias", "list").stdout == f"info@{book} (info@{book_a})\t{anna}, ben@{book} (ben@{book_a})\n"
+    assert run(data, "dkim", "rotate", book).stdout.startswith(f"new DKIM key for {book} ({book_a}): selector ")
+    assert run(data, "alias", "remove", f"info@{book}").stdout == f"removed alias info@{book} (info@{book_a})\n"
+    assert run(data, "user", "remove", f"anna@{book}").stdout.startswith(f"removed mailbox {anna}")
+    assert run(data, "domain", "remove", book).stdout == f"removed domain {book} ({book_a})\n"
+
+
 @pytest.mark.parametrize(
     ("args", "stdin", "needle"),
     [

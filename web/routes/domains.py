@@ -8,11 +8,12 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from appliance.account_errors import AccountError
+from appliance.address import idn
 from appliance.dns_check import load_results
 from appliance.store import trash
 from web import forms, wizard
 from web.console_data import dns_ports
-from web.display import attachment, idn
+from web.display import attachment
 from web.pages import admin, flash, read_form, redirect, removed, render, require, services
 from web.urls import path_address, segment
 

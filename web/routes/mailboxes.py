@@ -11,12 +11,12 @@ from starlette.routing import Route
 
 from appliance.account_errors import AccountError, AlreadyExists, InvalidAddress, WeakPassword
 from appliance.accounts import AliasInfo, MailboxInfo
+from appliance.address import idn
 from appliance.admin import nowhere_note
 from appliance.store import trash
 from appliance.store.model import StoreError
 from web import forms
 from web.console_data import console_address
-from web.display import idn
 from web.pages import admin, flash, read_form, redirect, removed, render, require, services
 from web.urls import alias_url, mailbox_url, path_address
 

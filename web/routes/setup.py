@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from appliance import setup_code, time_zone
 from appliance.account_errors import AccountError, AlreadyExists, WeakPassword
+from appliance.address import idn
 from appliance.dns_check import load_results
 from appliance.dns_records import detect_public_addresses
 from appliance.tls import TlsManager
@@ -26,7 +27,6 @@ from web import certificate_forms as certificate
 from web import forms, wizard
 from web.checklist import still_to_do
 from web.console_data import client_settings_for, dns_ports, forwarded_ports
-from web.display import idn
 from web.pages import admin, current, log_in, peer, read_form, redirect, render, require, services
 from web.sending_form import apply, form_context, stored_relay
 from web.state import reach, setup_done, setup_step
