@@ -269,7 +269,8 @@ def test_decode_words_utf8_shortcut_examples() -> None:
 
 ATOMS = ["SUBJECT invoice", "SUBJECT march", "SUBJECT lunch", "SUBJECT café", "SUBJECT zz", "FROM joerg", "FROM Jörg",
          "FROM alice", "FROM zz", "TO bob", "CC bob", "TO example", 'HEADER X-Spam ""', "HEADER X-Spam no",
-         'SUBJECT ""', "SEEN", "TEXT treasure", "SENTBEFORE 2-Mar-2024", "SENTSINCE 2-Mar-2024"]
+         'SUBJECT ""', "SEEN", "TEXT treasure", "SENTBEFORE 2-Mar-2024", "SENTSINCE 2-Mar-2024", "BODY pay",
+         "BODY zz", "BODY schöne", "TEXT lunch", "BODY treasure", 'BODY ""']
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +302,8 @@ def programs(atoms: dict[str, frozenset[int]]) -> st.SearchStrategy[Program]:
 
 def test_a_program_of_many_header_keys_matches_as_its_keys_one_by_one(module_files: dict[int, Path]) -> None:
     """The keys of an AND or OR on one field are checked together in the field's text made once per
-    message (Searcher._compile_list): the answers are those of each key on its own, combined."""
+    message (Searcher._compile_list), BODY keys look at octets lowercased once per message
+    (_Content._text_octets): the answers are those of each key on its own, combined."""
     atoms = {atom: frozenset(search(atom, module_files)) for atom in ATOMS}
     assert atoms["SUBJECT march"] == atoms["FROM Jörg"] == {1}
     assert atoms['SUBJECT ""'] == {1, 2, 3}
