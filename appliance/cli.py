@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -216,6 +216,31 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 # --- domains, users, aliases, admins ---------------------------------------------------------------
 
+def print_rows(rows: Iterable[str], empty: str) -> None:
+    """A list command's lines; when there are none, one line saying so, on stderr: a script reading
+    stdout still gets no lines, and a person is not left wondering whether the command did anything."""
+    printed = False
+    for row in rows:
+        print(row)
+        printed = True
+    if not printed:
+        print(empty, file=sys.stderr)
+
+
+def _in_domain(domain: str | None) -> str:
+    """'in bücher.example (xn--bcher-kva.example) ' for a list of one domain's (as typed, when it does not parse)."""
+    from appliance.account_errors import InvalidAddress
+    from appliance.accounts import stored_domain
+    from appliance.address import idn
+
+    if not domain:
+        return ""
+    try:
+        return f"in {idn(stored_domain(domain))} "
+    except InvalidAddress:
+        return f"in {domain} "
+
+
 # A domain or an address is named as the console names it (appliance.address.idn): an international
 # domain in Unicode with its xn-- form beside, 'bücher.example (xn--bcher-kva.example)'.
 
@@ -227,8 +252,8 @@ def cmd_domain(args: argparse.Namespace) -> None:
     elif args.action == "remove":
         print(f"removed domain {idn(run_admin(args, lambda admin: admin.remove_domain(args.name)))}")
     else:
-        for name in run_admin(args, lambda admin: admin.accounts.list_domains()):
-            print(idn(name))
+        print_rows((idn(name) for name in run_admin(args, lambda admin: admin.accounts.list_domains())),
+                   "no domains yet: `letterbox domain add NAME` adds one")
 
 
 def cmd_user(args: argparse.Namespace) -> None:
@@ -259,10 +284,10 @@ def cmd_user(args: argparse.Namespace) -> None:
         info = run_admin(args, lambda admin: admin.update_mailbox(args.address, quota_bytes=args.size))
         print(f"quota of {idn(info.address)}: {sizes.format_size(info.quota_bytes) or 'unlimited'}")
     else:
-        for info in run_admin(args, lambda admin: admin.accounts.list_users(args.domain)):
-            quota = sizes.format_size(info.quota_bytes) or "unlimited"
-            state = "" if info.enabled else "  (disabled)"
-            print(f"{idn(info.address)}\t{info.display_name}\t{quota}{state}")
+        print_rows((f"{idn(info.address)}\t{info.display_name}\t{sizes.format_size(info.quota_bytes) or 'unlimited'}"
+                    + ("" if info.enabled else "  (disabled)")
+                    for info in run_admin(args, lambda admin: admin.accounts.list_users(args.domain))),
+                   f"no mailboxes {_in_domain(args.domain)}yet: `letterbox user add ADDRESS` adds one")
 
 
 def cmd_alias(args: argparse.Namespace) -> None:
@@ -282,8 +307,9 @@ def cmd_alias(args: argparse.Namespace) -> None:
     elif args.action == "remove":
         print(f"removed alias {idn(run_admin(args, lambda admin: admin.remove_alias(args.source)))}")
     else:
-        for info in run_admin(args, lambda admin: admin.accounts.list_aliases(args.domain)):
-            print(f"{idn(info.source)}\t{', '.join(idn(t) for t in info.targets)}")
+        print_rows((f"{idn(info.source)}\t{', '.join(idn(t) for t in info.targets)}"
+                    for info in run_admin(args, lambda admin: admin.accounts.list_aliases(args.domain))),
+                   f"no aliases {_in_domain(args.domain)}yet: `letterbox alias add SOURCE TARGET...` adds one")
 
 
 def cmd_admin(args: argparse.Namespace) -> None:
@@ -298,8 +324,8 @@ def cmd_admin(args: argparse.Namespace) -> None:
     elif args.action == "remove":
         print(f"removed administrator {run_admin(args, lambda admin: admin.remove_admin(args.name))}")
     else:
-        for name in run_admin(args, lambda admin: admin.list_admins()):
-            print(name)
+        print_rows(run_admin(args, lambda admin: admin.list_admins()),
+                   "no administrators yet: `letterbox admin add NAME` adds one")
 
 
 def reset_from_boot(args: argparse.Namespace) -> str:
@@ -690,11 +716,8 @@ def cmd_backup(args: argparse.Namespace) -> None:
 
     async def act() -> None:
         if args.action == "list":
-            items = backup.list_backups(layout.backups)
-            for item in items:
-                print(f"{item.path}\t{sizes.format_size(item.size) or '0'}")
-            if not items:  # on stderr: a script reading stdout still gets no lines
-                print(f"no backups in {layout.backups} yet: `letterbox backup create` makes one", file=sys.stderr)
+            print_rows((f"{item.path}\t{sizes.format_size(item.size) or '0'}" for item in backup.list_backups(layout.backups)),
+                       f"no backups in {layout.backups} yet: `letterbox backup create` makes one")
             return
         if args.action == "verify":
             checked = await backup.verify(Path(args.file), _secret(args), layout)
@@ -740,10 +763,11 @@ def _when(stamp: int | None) -> str:
 
 def cmd_spam_greylist(args: argparse.Namespace) -> None:
     if args.greylist_action == "list":
-        for e in run_admin(args, lambda admin: admin.greylist_entries(passed=args.passed)):
-            state = f"passed {_when(e.passed_at)}" if e.passed_at is not None else "waiting"
-            print(f"{e.network}\t{e.sender}\t{e.recipient}\t{state}\tattempts {e.attempts}\t"
-                  f"last {_when(e.last_seen)}\texpires {_when(e.expires)}")
+        print_rows((f"{e.network}\t{e.sender}\t{e.recipient}\t"
+                    + (f"passed {_when(e.passed_at)}" if e.passed_at is not None else "waiting")
+                    + f"\tattempts {e.attempts}\tlast {_when(e.last_seen)}\texpires {_when(e.expires)}"
+                    for e in run_admin(args, lambda admin: admin.greylist_entries(passed=args.passed))),
+                   "no greylist entries" + {True: " that passed", False: " waiting"}.get(args.passed, ""))
         return
     if not (args.all or args.network or args.sender or args.recipient):
         raise CliError("say which triplets to clear (--network, --sender, --recipient) or --all")
@@ -764,8 +788,9 @@ def cmd_spam_suspended(args: argparse.Namespace) -> None:
     if args.suspended_action == "lift":
         print(f"{idn(run_admin(args, lambda admin: admin.lift_suspension(args.address)))} may send again")
         return
-    for s in run_admin(args, lambda admin: admin.outbound_suspensions()):
-        print(f"{idn(s.mailbox)}\tsince {_when(s.since)}\t{s.reason}")
+    print_rows((f"{idn(s.mailbox)}\tsince {_when(s.since)}\t{s.reason}"
+                for s in run_admin(args, lambda admin: admin.outbound_suspensions())),
+               "no mailbox is suspended from sending")
 
 
 # --- parser ----------------------------------------------------------------------------------------

@@ -57,6 +57,31 @@ def test_domains_users_aliases_round_trip(tmp_path: Path) -> None:
     assert run(data, "user", "list").stdout.strip() == ""
 
 
+def test_an_empty_list_says_so_in_one_line_on_stderr(tmp_path: Path) -> None:
+    """`alias list` with no aliases printed nothing at all, as did `user list` and `domain list`, where
+    `backup list` said so: every list command now says it on stderr, its stdout (for scripts) empty."""
+    data = tmp_path / "data"
+    run(data, "domain", "add", "example.org")  # makes the box
+    run(data, "domain", "remove", "example.org")
+    empty = {("domain", "list"): "no domains yet: `letterbox domain add NAME` adds one",
+             ("admin", "list"): "no administrators yet: `letterbox admin add NAME` adds one",
+             ("user", "list"): "no mailboxes yet: `letterbox user add ADDRESS` adds one",
+             ("alias", "list"): "no aliases yet: `letterbox alias add SOURCE TARGET...` adds one",
+             ("spam", "greylist", "list"): "no greylist entries",
+             ("spam", "greylist", "list", "--waiting"): "no greylist entries waiting",
+             ("spam", "suspended", "list"): "no mailbox is suspended from sending",
+             ("backup", "list"): f"no backups in {data / 'backups'} yet: `letterbox backup create` makes one"}
+    for args, note in empty.items():
+        listed = run(data, *args)
+        assert (listed.returncode, listed.stdout, listed.stderr) == (0, "", note + "\n"), args
+    run(data, "domain", "add", "bücher.example")
+    assert run(data, "user", "list", "bücher.example").stderr == (
+        "no mailboxes in bücher.example (xn--bcher-kva.example) yet: `letterbox user add ADDRESS` adds one\n")
+    assert run(data, "alias", "list", "xn--bcher-kva.example").stderr.startswith(
+        "no aliases in bücher.example (xn--bcher-kva.example) yet:")
+    assert run(data, "domain", "list").stderr == ""
+
+
 def test_an_international_domain_is_named_as_the_console_names_it(tmp_path: Path) -> None:
     """`domain add bücher.example` answered 'added domain xn--bcher-kva.example' alone; the console
     says 'bücher.example (xn--bcher-kva.example)' (appliance.address.idn, shared), and so does every
