@@ -189,6 +189,25 @@ def test_create_existing_mailbox(web: WebClient) -> None:
     assert "already exists" in error_of(response.text, "local")
 
 
+def test_the_quota_hint_reads_the_same_on_the_create_and_the_edit_form(web: WebClient) -> None:
+    """The create form said 'e.g. 2G, 1.5G or 500M (K, M, G, T count in 1024s); empty for no limit', the edit
+    form 'e.g. 2G or 500M; empty for no limit': one macro words both, without a '2G' placeholder that
+    read, in the empty field of a mailbox without a limit, as its quota."""
+    web.add_user()
+
+    def quota_field(page: str) -> str:
+        m = re.search(r'<div class="field">\s*<label for="f-quota">.*?</div>', page, re.S)
+        assert m, "no quota field"
+        return m.group(0)
+
+    created, edited = (quota_field(web.get(url).text) for url in ("/console/mailboxes", f"/console/mailboxes/{ALICE}"))
+    hint = "e.g. 2G, 1.5G or 500M (K, M, G, T count in 1024s); empty for no limit"
+    for shown in (created, edited):
+        assert f'<p class="hint">{hint}</p>' in shown
+        assert "placeholder" not in shown
+    assert re.sub(r'value="[^"]*"', "", created) == re.sub(r'value="[^"]*"', "", edited)
+
+
 def test_edit_quota_name_and_disable(web: WebClient) -> None:
     web.add_user()
     page = web.get(f"/console/mailboxes/{ALICE}")
