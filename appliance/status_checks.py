@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import datetime as dt
 import ipaddress
+import json
 import logging
 import shutil
 import socket
@@ -25,13 +26,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
 import dns.reversename
 
+from appliance.address import idn
 from appliance.db import Database
 from appliance.disk_full import RESERVE_OCTETS, room_for, used_percent
 from appliance.dns_check import load_results
@@ -67,6 +69,9 @@ class Item:
     fix: str = ""  # what to do, when not ok
     link: str = ""  # the console page that fixes it
     checked_at: float = 0.0
+    # Several pages that fix it, each named ((text, path), ...): the DNS item's domains, one page each;
+    # shown instead of the one link's "Fix it".
+    links: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -84,30 +89,46 @@ class Probes:
 
 # --- the checks -------------------------------------------------------------------------------------
 
+def _domain_pages(domains: list[str], one: str, several: str) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    """The DNS item's fix for `domains` (those with something to do): one domain's page is its "Fix it"
+    link; several are each linked by name after the words for several ("the domain's page" over two
+    domains' records sent a new administrator looking for which)."""
+    pages = [(idn(domain), f"/console/domains/{quote(domain, safe='@')}") for domain in domains]
+    if len(pages) == 1:
+        return one, pages[0][1], ()
+    return several, "/console/domains", tuple(pages)
+
+
 async def check_dns(svc: Services) -> Item:
     domains = await svc.accounts.list_domains()
     if not domains:
         return Item("dns", "DNS records", "fail", "No mail domain yet.", "Add the domain you receive mail for.",
                     "/console/domains")
-    missing: list[str] = []
+    missing: dict[str, list[str]] = {}
     unchecked: list[str] = []
     for domain in domains:
         last = await load_results(svc.db, domain)
         if last is None:
             unchecked.append(domain)
             continue
-        missing += [f"{r.rdtype} {r.name}" for r in last[1] if r.status != "found"]
+        records = [f"{r.rdtype} {r.name}" for r in last[1] if r.status != "found"]
+        if records:
+            missing[domain] = records
     if missing:
-        count = len(missing)
+        records = [record for each in missing.values() for record in each]
+        count = len(records)
+        publish = (f"Publish {'this record' if count == 1 else f'these {count} records'} where you manage your DNS,"
+                   " then check again on")
+        fix, link, links = _domain_pages(list(missing), f"{publish} the domain's page.", f"{publish} each domain's page:")
         return Item("dns", "DNS records", "fail",
                     f"{count} record{'' if count == 1 else 's'} not found or not right at the last check: "
-                    + ", ".join(missing[:6]) + ("…" if count > 6 else ""),
-                    f"Publish {'this record' if count == 1 else f'these {count} records'} where you manage your "
-                    "DNS, then check again on the domain's page.", "/console/domains")
+                    + ", ".join(records[:6]) + ("…" if count > 6 else ""), fix, link, links=links)
     if unchecked:
-        return Item("dns", "DNS records", "warn", "Not checked yet: " + ", ".join(unchecked),
-                    "Open the domain and press Check now.", "/console/domains")
-    return Item("dns", "DNS records", "ok", f"Every record of {', '.join(domains)} was found at the last check.")
+        fix, link, links = _domain_pages(unchecked, "Open the domain and press Check now.",
+                                         "Open each domain and press Check now:")
+        return Item("dns", "DNS records", "warn", "Not checked yet: " + ", ".join(map(idn, unchecked)), fix, link,
+                    links=links)
+    return Item("dns", "DNS records", "ok", f"Every record of {', '.join(map(idn, domains))} was found at the last check.")
 
 
 def _resolver(svc: Services) -> dns.asyncresolver.Resolver:
@@ -429,7 +450,7 @@ async def run_all(svc: Services, probes: Probes | None = None, *, now: float | N
         ("clock", "Time", check_clock(probes)),
     ]
     results = await asyncio.gather(*(_bounded(key, title, check) for key, title, check in checks))
-    items = [Item(i.key, i.title, i.level, i.summary, i.fix, i.link, at) for i in results]
+    items = [replace(i, checked_at=at) for i in results]
     before = {item.key: item.level for item in await load(svc.db)}
     await save(svc.db, items)
     await _alert(svc, items, before, probes.clock)
@@ -485,10 +506,13 @@ async def _bounded(key: str, title: str, check: Awaitable[Item]) -> Item:
 async def save(db: Database, items: list[Item]) -> None:
     async with db.transaction() as tx:
         await tx.executemany(
-            "INSERT INTO status_checks (key, title, level, summary, fix, link, checked_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO status_checks (key, title, level, summary, fix, link, checked_at, links)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT(key) DO UPDATE SET title = excluded.title, level = excluded.level,"
-            " summary = excluded.summary, fix = excluded.fix, link = excluded.link, checked_at = excluded.checked_at",
-            [(i.key, i.title, i.level, i.summary, i.fix, i.link, int(i.checked_at)) for i in items])
+            " summary = excluded.summary, fix = excluded.fix, link = excluded.link, checked_at = excluded.checked_at,"
+            " links = excluded.links",
+            [(i.key, i.title, i.level, i.summary, i.fix, i.link, int(i.checked_at),
+              json.dumps(i.links) if i.links else "") for i in items])
 
 
 _ORDER = {"fail": 0, "warn": 1, "unknown": 2, "ok": 3}
@@ -500,9 +524,10 @@ def _problems_first(items: list[Item]) -> list[Item]:
 
 async def load(db: Database) -> list[Item]:
     """The kept results, the problems first."""
-    rows = await db.fetchall("SELECT key, title, level, summary, fix, link, checked_at FROM status_checks")
+    rows = await db.fetchall("SELECT key, title, level, summary, fix, link, checked_at, links FROM status_checks")
     items = [Item(str(r["key"]), str(r["title"]), r["level"], str(r["summary"]), str(r["fix"]), str(r["link"]),
-                  float(r["checked_at"])) for r in rows]
+                  float(r["checked_at"]), tuple((str(text), str(path)) for text, path in json.loads(r["links"] or "[]")))
+             for r in rows]
     return _problems_first(items)
 
 

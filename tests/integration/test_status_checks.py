@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import re
 import socket
 from collections.abc import Iterator
@@ -177,6 +178,36 @@ def test_the_console_shows_the_checklist_and_checks_now(checked: BoxHandle) -> N
     # problems first, each with what to do and where
     assert section.index("check-port25") < section.index("check-clock")
     assert 'href="/console/sending">Fix it</a>' in section
+
+
+def test_the_dns_item_links_each_domain_whose_records_are_missing(checked: BoxHandle) -> None:
+    """With two domains or more, the item said 'check again on the domain's page' and linked the list of
+    domains: now one domain with missing records is that domain's "Fix it", several are each linked by
+    name after 'each domain's page', on the status page too; never-checked ones alike."""
+    book = "xn--bcher-kva.example"
+    for domain in (book, "fine.example"):
+        checked.run(checked.services.accounts.add_domain(domain))
+    checked.run(save_results(checked.services.db, "fine.example", [CheckResult("mx", "MX", "fine.example", "found")]))
+    unchecked = run(checked)["dns"]
+    assert (unchecked.fix, unchecked.link) == ("Open each domain and press Check now:", "/console/domains")
+    assert unchecked.links == ((DOMAIN, f"/console/domains/{DOMAIN}"),
+                               (f"bücher.example ({book})", f"/console/domains/{book}"))
+    assert unchecked.summary == f"Not checked yet: {DOMAIN}, bücher.example ({book})"
+    checked.run(save_results(checked.services.db, DOMAIN, [CheckResult("spf", "TXT", DOMAIN, "missing")]))
+    checked.run(save_results(checked.services.db, book, [CheckResult("mx", "MX", book, "found")]))
+    one = run(checked)["dns"]
+    assert one.fix == "Publish this record where you manage your DNS, then check again on the domain's page."
+    assert (one.link, one.links) == (f"/console/domains/{DOMAIN}", ())
+    checked.run(save_results(checked.services.db, book, [CheckResult("mx", "MX", book, "wrong")]))
+    both = run(checked)["dns"]
+    assert both.fix == "Publish these 2 records where you manage your DNS, then check again on each domain's page:"
+    assert [path for _, path in both.links] == [f"/console/domains/{DOMAIN}", f"/console/domains/{book}"]
+    with admin_console(checked) as web:
+        page = web.get("/console")
+    item = html.unescape(page.text.split('id="check-dns"')[1].split("</li>")[0])
+    assert (f"then check again on each domain's page: <a href=\"/console/domains/{DOMAIN}\">{DOMAIN}</a>,"
+            f" <a href=\"/console/domains/{book}\">bücher.example ({book})</a></p>") in item
+    assert "Fix it" not in item
 
 
 def test_own_address_on_a_blocklist(checked: BoxHandle, zone: ZoneServer) -> None:
