@@ -1478,8 +1478,19 @@ async def create(db: Database, events: EventLog, layout: DataLayout, *, to: Path
                                   f" {made.size} bytes)")
     # Any backup made counts for the status page, not only the daily one: after "Back up now" or
     # `letterbox backup create` it said "No backup has been made".
-    await db.set_setting(LAST_SETTING, json.dumps({"at": int(time.time()), "ok": True, "text": f"Backup made: {out}"}))
+    await db.set_setting(LAST_SETTING, json.dumps({"at": int(time.time()), "ok": True,
+                                                   "text": f"Backup made: {shown_path(out, layout)}"}))
     return made
+
+
+def shown_path(path: Path, layout: DataLayout) -> str:
+    """A backup file as the Backups page names it: 'backups/letterbox-....tar.zst.age' in the data
+    directory (the page's own words for that folder), the whole path elsewhere (a mounted disk). The
+    data directory's own path said nothing to the person reading it, and took a line of the card."""
+    try:
+        return str(path.relative_to(layout.root))
+    except ValueError:
+        return str(path)
 
 
 async def verify(path: Path, secret: Secret, layout: DataLayout) -> Unpacked:
@@ -1805,15 +1816,16 @@ class Scheduler:
             from appliance import backup_restic
 
             made = await create(self.db, self.events, self.layout, to=target, progress=progress, keep=schedule.keep)
+            shown = shown_path(made.path, self.layout)
             if await backup_restic.read_target(self.db) is None:
-                return f"Backup made: {made.path}"
+                return f"Backup made: {shown}"
             # The off-box copy: a failure here is the run's failure (the local backup stays made).
             progress.stage = "sending to restic"
             try:
                 snapshot = await backup_restic.send_file(self.db, self.events, made.path)
             except BackupError as exc:
                 raise BackupError(f"backup made ({made.path.name}) but not sent to restic: {exc}") from exc
-            return f"Backup made: {made.path}; sent to the restic repository (snapshot {snapshot})"
+            return f"Backup made: {shown}; sent to the restic repository (snapshot {snapshot})"
 
         job = self.jobs.start("backup", work)
         if job is None or job.task is None:

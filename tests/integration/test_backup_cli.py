@@ -391,6 +391,26 @@ def test_a_backup_to_another_folder_writes_only_the_encrypted_file_there(made: t
     assert not list(layout.root.glob(".backup-snapshot-*"))
 
 
+def test_the_last_backup_names_a_file_of_the_data_directory_from_it(made: tuple[DataLayout, Path, Path],
+                                                                    tmp_path: Path) -> None:
+    """The Backups page's 'The last backup (...): Backup made: /var/lib/letterbox/data/backups/letterbox-...'
+    spelt out the data directory (in the README's screenshot, a pytest temporary path): a file in it is
+    named from it, 'backups/letterbox-...', as the page names that folder; one elsewhere in full."""
+    layout, file, _kit = made
+
+    def last_text() -> str:
+        with contextlib.closing(sqlite3.connect(layout.db)) as db:
+            (value,) = db.execute("SELECT value FROM settings WHERE key = ?", (backup.LAST_SETTING,)).fetchone()
+        return str(json.loads(value)["text"])
+
+    assert last_text() == f"Backup made: backups/{file.name}"
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    assert run(layout.root, "backup", "create", "--to", str(usb)).returncode == 0
+    [elsewhere] = usb.iterdir()
+    assert last_text() == f"Backup made: {elsewhere}"
+
+
 def _empty_sqlite(path: Path) -> bytes:
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute("CREATE TABLE t (x)")
