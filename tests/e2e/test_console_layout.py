@@ -1,5 +1,5 @@
 """What a new administrator saw of the console in Chromium, measured rather than looked at: the delivery
-log broke addresses anywhere (anna@smithf / amily.ne / t), the Backups page's forms were bare inline
+log broke addresses anywhere (anna@smithf / amily.ne / t) and wrapped its search onto two rows, the Backups page's forms were bare inline
 inputs without the console's field layout, the Spam page's greylist card touched the card above it, and the
 Certificate page's "Check the names now" button the label below it."""
 
@@ -25,6 +25,9 @@ ADDRESS_LINES = """() => [...document.querySelectorAll("#delivery-log tbody td c
                             return new Set([...range.getClientRects()].map((r) => Math.round(r.top))).size; };
   return [code.textContent, [...code.childNodes].filter((n) => n.nodeType === Node.TEXT_NODE).map(lines)];
 })"""
+# The delivery log's search controls: each one's top, bottom and left edge.
+SEARCH_CONTROLS = """() => [...document.querySelectorAll("#log-search input, #log-search select, #log-search button")]
+  .map((el) => { const r = el.getBoundingClientRect(); return [el.name || el.textContent, r.top, r.bottom, r.left]; })"""
 # Every field a person fills in on the page: (its name, whether it sits in a .field with its own label).
 FIELDS = """() => [...document.querySelectorAll("main form input, main form select, main form textarea")]
   .filter((el) => !["hidden", "checkbox", "radio"].includes(el.type))
@@ -50,6 +53,14 @@ def test_log_addresses_backup_forms_and_spam_cards(served: ServedBox, tmp_path: 
             cells = page.evaluate(ADDRESS_LINES)
             assert ["carol@elsewhere.example", [1, 1]] in cells
             assert [ANNA, [1, 1]] in cells
+            # Its search fields and button share one row at 1280 px (two fields and the button wrapped
+            # onto a second), left to right, their edges level.
+            controls = page.evaluate(SEARCH_CONTROLS)
+            assert [name for name, *_ in controls] == ["address", "text", "result", "since", "until", "Search"]
+            assert max(top for _, top, _, _ in controls) - min(top for _, top, _, _ in controls) <= 1, controls
+            assert max(bottom for _, _, bottom, _ in controls) - min(bottom for _, _, bottom, _ in controls) <= 1, controls
+            lefts = [left for *_, left in controls]
+            assert lefts == sorted(lefts), controls
 
             page.goto(f"{base}/console/backups")
             fields = page.evaluate(FIELDS)
