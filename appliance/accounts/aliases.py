@@ -13,7 +13,7 @@ from appliance.accounts.checks import alias_source, alias_targets, source_label,
 from appliance.accounts.domains import Domains
 from appliance.accounts.records import AliasInfo
 from appliance.accounts.rows import now, one
-from appliance.address import parse_address
+from appliance.address import idn, parse_address
 from appliance.db import Database
 
 log = logging.getLogger("letterbox.accounts")
@@ -54,9 +54,9 @@ class Aliases:
         async with self._db.transaction() as tx:
             row = await one(tx, "SELECT id FROM domains WHERE name = ?", (domain,))
             if row is None:
-                raise NotFound(f"unknown domain {domain}: add the domain first")
+                raise NotFound(f"unknown domain {idn(domain)}: add the domain first")
             if await one(tx, "SELECT 1 FROM aliases WHERE domain_id = ? AND local_part = ?", (row["id"], local)):
-                raise AlreadyExists(f"alias {label} already exists")
+                raise AlreadyExists(f"alias {idn(label)} already exists")
             await _refuse_lost_mail(tx, row["id"], local, label, clean)
             cur = await tx.execute(
                 "INSERT INTO aliases (domain_id, local_part, created_at) VALUES (?, ?, ?)",

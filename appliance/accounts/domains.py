@@ -11,6 +11,7 @@ from appliance.account_errors import AlreadyExists, InUse, InvalidAddress, NotFo
 from appliance.accounts.checks import new_mail_domain, stored_domain
 from appliance.accounts.files import AccountFiles
 from appliance.accounts.rows import now, one
+from appliance.address import idn
 from appliance.db import Database
 
 log = logging.getLogger("letterbox.accounts")
@@ -26,7 +27,7 @@ class Domains:
         domain = new_mail_domain(name)
         async with self._db.transaction() as tx:
             if await one(tx, "SELECT 1 FROM domains WHERE name = ?", (domain,)):
-                raise AlreadyExists(f"domain {domain} already exists")
+                raise AlreadyExists(f"domain {idn(domain)} already exists")
             await tx.execute("INSERT INTO domains (name, created_at) VALUES (?, ?)", (domain, now()))
         log.info("domain added: %s", domain)
         return domain
@@ -41,7 +42,7 @@ class Domains:
             async with self._db.transaction() as tx:
                 row = await one(tx, "SELECT id FROM domains WHERE name = ?", (domain,))
                 if row is None:
-                    raise NotFound(f"no domain {domain}")
+                    raise NotFound(f"no domain {idn(domain)}")
                 counts = await one(
                     tx,
                     "SELECT (SELECT COUNT(*) FROM mailboxes WHERE domain_id = :id) AS mailboxes,"
@@ -81,5 +82,5 @@ class Domains:
     async def require_domain(self, domain: str) -> int:
         domain_id = await self.domain_id(domain)
         if domain_id is None:
-            raise NotFound(f"unknown domain {domain}: add the domain first")
+            raise NotFound(f"unknown domain {idn(domain)}: add the domain first")
         return domain_id

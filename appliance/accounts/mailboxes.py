@@ -23,6 +23,7 @@ from appliance.accounts.domains import Domains
 from appliance.accounts.files import AccountFiles
 from appliance.accounts.records import MailboxInfo
 from appliance.accounts.rows import now, one
+from appliance.address import idn
 from appliance.db import Database
 from appliance.store.model import MailboxRecord
 from appliance.web_sessions import end_account_sessions
@@ -66,17 +67,17 @@ class Mailboxes:
         # Cheap refusals before the deliberately slow hash; checked again in the transaction.
         await self._domains.require_domain(addr.domain)
         if await self.get_user(addr.canonical):
-            raise AlreadyExists(f"mailbox {addr.canonical} already exists")
+            raise AlreadyExists(f"mailbox {idn(addr.canonical)} already exists")
         if password_hash is None:
             password_hash = await asyncio.to_thread(passwords.hash_password, password, self.hasher)
         created = now()
         async with self._db.transaction() as tx:
             row = await one(tx, "SELECT id FROM domains WHERE name = ?", (addr.domain,))
             if row is None:
-                raise NotFound(f"unknown domain {addr.domain}: add the domain first")
+                raise NotFound(f"unknown domain {idn(addr.domain)}: add the domain first")
             if await one(tx, "SELECT 1 FROM mailboxes WHERE domain_id = ? AND local_part = ?",
                           (row["id"], addr.local)):
-                raise AlreadyExists(f"mailbox {addr.canonical} already exists")
+                raise AlreadyExists(f"mailbox {idn(addr.canonical)} already exists")
             if await one(tx, "SELECT 1 FROM aliases WHERE domain_id = ? AND local_part = ?", (row["id"], addr.local)):
                 raise AlreadyExists(
                     f"{addr.canonical} is already an alias; a mailbox of the same name would never get its mail:"

@@ -108,6 +108,18 @@ def test_an_international_domain_is_named_as_the_console_names_it(tmp_path: Path
     assert run(data, "domain", "remove", book).stdout == f"removed domain {book} ({book_a})\n"
 
 
+def test_a_refusal_names_an_international_domain_as_the_console_does(tmp_path: Path) -> None:
+    """The accounts' refusals, which the console's forms show too, said the domain in xn-- alone."""
+    data = tmp_path / "data"
+    run(data, "domain", "add", "bücher.example")
+    again = run(data, "domain", "add", "BÜCHER.example")
+    assert again.stderr == "letterbox: domain bücher.example (xn--bcher-kva.example) already exists\n"
+    nope = run(data, "user", "add", "x@nöpe.example", "--password-stdin", stdin="a long enough password\n")
+    assert nope.stderr == "letterbox: unknown domain nöpe.example (xn--npe-sna.example): add the domain first\n"
+    assert run(data, "alias", "add", "info@nöpe.example", "x@example.org").stderr == nope.stderr
+    assert run(data, "domain", "remove", "nöpe.example").stderr == "letterbox: no domain nöpe.example (xn--npe-sna.example)\n"
+
+
 @pytest.mark.parametrize(
     ("args", "stdin", "needle"),
     [
