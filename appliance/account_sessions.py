@@ -1,4 +1,5 @@
-"""IMAP sessions open per account, across the 143 and 993 listeners (Services.account_sessions).
+"""IMAP sessions open per account, across the 143 and 993 listeners (Services.account_sessions); POP3
+sessions per account, across 110 and 995, counted apart (Services.pop3_sessions), as they run side by side.
 
 The listeners bound connections per address (50), per network (200) and in total (1000), but not per
 account: one account's password, from five /24s, held all 1000 sessions of a listener (~290 kB of the

@@ -45,7 +45,6 @@ from appliance.heap import (
     start_heap_watch,
 )
 from appliance.host_name import system_hostname
-from appliance.pop3.locks import MaildropLocks
 from appliance.queue.spool import Spool
 from appliance.services import Services
 from appliance.settings import PUBLISHED_PORTS, Settings
@@ -219,7 +218,6 @@ class Box:
                 events=events,
                 spool=Spool(config.data.spool, db),
                 srs=SenderRewriter(load_secret(config.data.root / SECRET_FILE)),
-                maildrop_locks=MaildropLocks(),
                 recipient_guard=RecipientProbeGuard(),
             )
         except BaseException:

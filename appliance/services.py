@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from appliance.db import Database
     from appliance.events import EventLog
     from appliance.imap.fts import TextIndex
-    from appliance.pop3.locks import MaildropLocks
     from appliance.queue.service import OutboundQueue
     from appliance.queue.spool import Spool
     from appliance.settings import Settings
@@ -58,7 +57,6 @@ class Services:
     events: EventLog
     spool: Spool  # the box's one outbound spool: the SMTP listeners write, the queue reads
     srs: SenderRewriter  # forwards' envelope senders (SRS0) and bounces to them
-    maildrop_locks: MaildropLocks  # one POP3 session per mailbox across the 110 and 995 listeners
     recipient_guard: RecipientProbeGuard  # the MX's defence against recipient harvesting
     # The certificate use-cases' state: the http-01 answers the port-80 listener serves, the order lock.
     certificates: CertContext = field(init=False)
@@ -77,6 +75,7 @@ class Services:
     content_filter: ContentFilter | None = None  # the MX's spam check at DATA (appliance/spam/content_filter.py)
     spam_content: SpamContent | None = None  # that filter, the learner, Junk for the console and the CLI
     account_sessions: AccountSessions = field(default_factory=AccountSessions)  # IMAP sessions per account
+    pop3_sessions: AccountSessions = field(default_factory=AccountSessions)  # POP3 sessions per account
     # Incoming messages (SMTP DATA, IMAP APPEND) held in memory at once, all sessions together.
     message_memory: MessageMemory = field(default_factory=MessageMemory)
     # CPU-heavy work (SEARCH BODY scans, full-text indexing) in a worker process (appliance/cpu_pool.py).

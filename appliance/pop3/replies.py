@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 # RFC 2449 8.1 and RFC 3206 4: the response codes this server sends.
-IN_USE = "IN-USE"  # the maildrop is locked by another session
+IN_USE = "IN-USE"  # too many sessions of this mailbox (as Dovecot past mail_max_userip_connections)
 SYS_TEMP = "SYS/TEMP"  # a temporary problem on the server: try again later
 SYS_PERM = "SYS/PERM"  # a problem on the server that will not go away by itself
 AUTH = "AUTH"  # the credentials were wrong (RFC 3206 5), or not acceptable here

@@ -6,8 +6,13 @@ table per state to a handler named cmd_<command>. A handler answers through `sel
 Pop3Err, which carries its -ERR reply. Anything else is a bug: the server logs it with its traceback,
 the client gets -ERR and the connection closes.
 
-The maildrop is the INBOX as it was at login (a snapshot; RFC 1939 8 has the maildrop locked for the
-session). Deletions are only marks until QUIT; a session that ends any other way deletes nothing.
+The maildrop is the INBOX as it was at login (a snapshot). Deletions are only marks until QUIT; a
+session that ends any other way deletes nothing. Sessions of one mailbox run side by side, as under
+Dovecot's default (pop3_lock_session = no), not locked as RFC 1939 8 has it: a connection that died
+without a FIN held the lock until its idle timeout and refused every other login of the mailbox
+meanwhile (the same phone back on another network). Each QUIT removes the messages its own session
+marked, by UID; a message another session removed meanwhile answers RETR and TOP with -ERR, and DELE
+and QUIT with +OK, as Dovecot's do.
 """
 
 from __future__ import annotations
@@ -17,14 +22,12 @@ import base64
 import binascii
 import logging
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from appliance.auth import Refused
 from appliance.disk_full import is_disk_full
 from appliance.pop3.limits import DEFAULT_LIMITS, Pop3Limits
-from appliance.pop3.locks import MaildropLocks as MaildropLocks  # moved there; re-exported
-from appliance.pop3.maildrop import Maildrop, parse_line_count
+from appliance.pop3.maildrop import DropMessage, Maildrop, parse_line_count
 from appliance.pop3.protocol import Command, Pop3Connection, State
 from appliance.pop3.replies import (
     AUTH,
@@ -83,8 +86,8 @@ class Pop3Session:
         self.io = io
         self.conn = conn
         self.limits = limits
-        self.locks = services.maildrop_locks
-        self.mailbox: str | None = None  # canonical address, once logged in (and the lock is ours)
+        self.sessions = services.pop3_sessions
+        self.mailbox: str | None = None  # canonical address, once logged in (and counted in self.sessions)
         self.maildrop: Maildrop | None = None
         self._generation: Generation | None = None  # logged in to (MailStore.mailbox_generation)
         self._user: str | None = None  # the USER argument, waiting for PASS
@@ -134,9 +137,9 @@ class Pop3Session:
             await self.io.send(exc.reply)
 
     async def close(self) -> None:
-        """The connection is gone, however it ended: the maildrop is unlocked, nothing is deleted."""
+        """The connection is gone, however it ended: the session is uncounted, nothing is deleted."""
         if self.mailbox is not None:
-            self.locks.release(self.mailbox)
+            self.sessions.close(self.mailbox)
             self.mailbox = None
         self.maildrop = None
 
@@ -237,9 +240,10 @@ class Pop3Session:
                 raise Pop3Err("Authentication failed; too many failures, closing", AUTH)
             raise Pop3Err("Authentication failed", AUTH)  # RFC 3206 5
         mailbox = principal.name
-        if not self.locks.acquire(mailbox):
-            log.info("pop3 %s: %s refused, maildrop in use", self.io.peer, mailbox)
-            raise Pop3Err("Maildrop is locked by another POP3 session", IN_USE)  # RFC 2449 8.1.1
+        if not self.sessions.open(mailbox):
+            # As Dovecot answers past mail_max_userip_connections (RFC 2449 8.1.1: IN-USE).
+            log.info("pop3 %s: %s refused, %d sessions open", self.io.peer, mailbox, self.sessions.limit)
+            raise Pop3Err(f"Too many POP3 sessions of this mailbox (at most {self.sessions.limit})", IN_USE)
         try:
             self._generation = await self.store.mailbox_generation(mailbox)
             if self._generation is None or self._generation.password_hash != principal.password_hash:
@@ -247,13 +251,13 @@ class Pop3Session:
                 raise Pop3Err("Authentication failed", AUTH)
             snapshot = await self.store.snapshot(mailbox, INBOX)
         except Exception as exc:
-            self.locks.release(mailbox)
+            self.sessions.close(mailbox)
             if not _store_failed(exc):
                 raise
             log.warning("pop3 %s: cannot open the maildrop of %s: %s", self.io.peer, mailbox, exc)
             raise Pop3Err("Cannot open the maildrop; try again later", SYS_TEMP) from None
         except BaseException:
-            self.locks.release(mailbox)
+            self.sessions.close(mailbox)
             raise
         self.mailbox = mailbox
         self.maildrop = Maildrop(snapshot.uidvalidity, snapshot.messages)
@@ -289,24 +293,26 @@ class Pop3Session:
 
     async def cmd_retr(self, command: Command) -> None:
         message = self.drop.message(command.args[0])
-        body = await self._open(message.path, None)
+        body = await self._open(message, None)
         self.drop.retrieved.add(message.number)
         await self.io.send(Streamed(f"{message.size} octets", body))
 
     async def cmd_top(self, command: Command) -> None:
         message = self.drop.message(command.args[0])
         lines = parse_line_count(command.args[1])
-        body = await self._open(message.path, lines)
+        body = await self._open(message, lines)
         await self.io.send(Streamed("Top of message follows", body))
 
-    async def _open(self, path: Path, body_lines: int | None) -> FileBody:
-        """Open the file before +OK goes out: a message gone since login gets -ERR, not half a reply."""
+    async def _open(self, message: DropMessage, body_lines: int | None) -> FileBody:
+        """Open the file before +OK goes out: a message gone since login (another POP3 session's QUIT,
+        an IMAP EXPUNGE) gets -ERR without a code, as Dovecot's "-ERR Message 1 expunged.", not half a
+        reply."""
         try:
-            f = await asyncio.to_thread(open_message, path)
+            f = await asyncio.to_thread(open_message, message.path)
         except FileNotFoundError:
-            raise Pop3Err("Message was removed by another session") from None
+            raise Pop3Err(f"Message {message.number} was removed by another session") from None
         except OSError as exc:
-            log.error("pop3 %s: cannot read %s: %s", self.io.peer, path, exc)
+            log.error("pop3 %s: cannot read %s: %s", self.io.peer, message.path, exc)
             raise Pop3Err("Cannot read the message; try again later", SYS_TEMP) from None
         return FileBody(f, body_lines, self.limits.stream_chunk)
 
@@ -326,8 +332,9 @@ class Pop3Session:
     # --- UPDATE (RFC 1939 6) -----------------------------------------------------------------------
 
     async def cmd_update(self, command: Command) -> None:
-        """QUIT from TRANSACTION: messages marked deleted are removed, then the maildrop is unlocked.
-        IMAP sessions on the INBOX hear of it through the store's watchers (as EXPUNGE)."""
+        """QUIT from TRANSACTION: messages marked deleted are removed, by UID (one another session
+        removed meanwhile is no error), then the session is uncounted. IMAP sessions on the INBOX hear
+        of it through the store's watchers (as EXPUNGE)."""
         drop, mailbox = self.drop, self.mailbox
         assert mailbox is not None
         seen, doomed = drop.seen_uids(), drop.deleted_uids()
@@ -342,6 +349,7 @@ class Pop3Session:
                         raise
                     log.warning("pop3 %s: could not mark %s's messages seen: %s", self.io.peer, mailbox, exc)
             removed: list[int] = []
+            reply = _signing_off(len(doomed))
             if doomed:
                 try:
                     removed = await self.store.expunge(mailbox, INBOX, doomed)
@@ -350,19 +358,16 @@ class Pop3Session:
                         raise
                     log.error("pop3 %s: deleting %s's messages failed: %s", self.io.peer, mailbox, exc)
                     reply = Err("Some deleted messages not removed", SYS_TEMP)  # RFC 1939 6
-                else:
-                    reply = self._signing_off(drop)
-            else:
-                reply = self._signing_off(drop)
             log.info("pop3 %s: %s quit, %d deleted", self.io.peer, mailbox, len(removed))
         finally:
             await self.close()
         await self.io.send(reply)
 
-    @staticmethod
-    def _signing_off(drop: Maildrop) -> Ok:
-        left = len(drop.messages) - len(drop.deleted)
-        return Ok(f"{IMPLEMENTATION} POP3 server signing off ({left} messages left)")
+
+def _signing_off(deleted: int) -> Ok:
+    """What QUIT deleted (by this session, or by another before it): not what is left, which other
+    sessions and new mail change meanwhile."""
+    return Ok(f"{IMPLEMENTATION} POP3 server signing off ({deleted} {'message' if deleted == 1 else 'messages'} deleted)")
 
 
 def _store_failed(exc: BaseException) -> bool:

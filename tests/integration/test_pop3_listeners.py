@@ -178,7 +178,7 @@ def test_pipelined_commands_are_answered_in_order(pop_box: BoxHandle) -> None:
         assert raw.multiline() == [b"Subject: one", b""]
         assert raw.line() == b"+OK Message 1 deleted"
         assert raw.line() == b"+OK 0 0"
-        assert raw.line() == b"+OK Letterbox POP3 server signing off (0 messages left)"
+        assert raw.line() == b"+OK Letterbox POP3 server signing off (1 message deleted)"
         assert raw.at_eof()
     finally:
         raw.close()

@@ -1,4 +1,5 @@
-"""POP3 on a real box with poplib: the maildrop, RETR/TOP/UIDL/DELE, UPDATE only at QUIT, locking, IMAP."""
+"""POP3 on a real box with poplib: the maildrop, RETR/TOP/UIDL/DELE, UPDATE only at QUIT, sessions of one
+mailbox side by side, IMAP."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import imaplib
 import poplib
 import re
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
 
+from appliance.account_sessions import MAX_SESSIONS_PER_ACCOUNT
 from tests.conftest import BoxHandle
 from tests.integration.test_pop3_listeners import RawPop3
+from tests.support.polling import wait_until
 
 USER = "alice@example.test"
 PASSWORD = "correct horse battery staple"
@@ -52,15 +54,26 @@ def drop(client: poplib.POP3) -> None:
     client.sock.close()
 
 
-def login_when_unlocked(box: BoxHandle) -> poplib.POP3_SSL:
-    """Log in once the server has noticed that the previous session's connection is gone."""
-    for _ in range(100):
-        try:
-            return pop3s(box)
-        except poplib.error_proto as exc:
-            assert b"[IN-USE]" in exc.args[0]  # noqa: PT017  polling: each refusal until the lock is freed must be IN-USE
-            time.sleep(0.05)
-    pytest.fail("the lock of a dropped session was never released")
+def pop3_stls(box: BoxHandle) -> poplib.POP3:
+    """A session on 110 after STLS."""
+    client = poplib.POP3("127.0.0.1", box.port("pop3"), timeout=15)
+    client.stls(box.client_context)
+    client.user(USER)
+    client.pass_(PASSWORD)
+    return client
+
+
+def read_all(box: BoxHandle) -> list[bytes]:
+    """Every message of the maildrop, by a new session."""
+    client = pop3s(box)
+    try:
+        return [retr(client, n) for n in range(1, client.stat()[0] + 1)]
+    finally:
+        client.quit()
+
+
+def inbox(box: BoxHandle) -> list[int]:
+    return [m.uid for m in box.run(box.services.store.snapshot(USER, "INBOX")).messages]
 
 
 def retr(client: poplib.POP3, n: int) -> bytes:
@@ -119,40 +132,100 @@ def test_deletions_only_at_quit_and_rset(pop_box: BoxHandle) -> None:
     client.dele(4)
     # The connection drops without QUIT: nothing is deleted (RFC 1939 6).
     drop(client)
-    client = login_when_unlocked(pop_box)
+    client = pop3s(pop_box)
     assert client.stat()[0] == 4
     client.dele(1)
     client.dele(3)
-    assert client.quit().startswith(b"+OK Letterbox POP3 server signing off (2 messages left)")
-    client = pop3s(pop_box)
+    assert client.quit() == b"+OK Letterbox POP3 server signing off (2 messages deleted)"
+    assert read_all(pop_box) == [message(2), message(4)]
+
+
+def test_sessions_side_by_side_each_quit_removes_only_its_own_marks(pop_box: BoxHandle) -> None:
+    # As Dovecot's default (pop3_lock_session = no): a second login was -ERR [IN-USE] while the first lasted.
+    uids = [deliver(pop_box, message(n)) for n in range(1, 6)]
+    first, second = pop3s(pop_box), pop3_stls(pop_box)  # 995 and 110 alike
     try:
-        assert [retr(client, i) for i in (1, 2)] == [message(2), message(4)]
+        for client in (first, second):
+            assert client.stat()[0] == 5
+            assert [retr(client, n) for n in (1, 2, 3, 4, 5)] == [message(n) for n in range(1, 6)]
+        first.dele(1)
+        first.dele(2)
+        second.dele(4)
+        late = deliver(pop_box, message(6))  # after both logins: in neither snapshot, left alone
+        assert first.quit() == b"+OK Letterbox POP3 server signing off (2 messages deleted)"
+        assert second.quit() == b"+OK Letterbox POP3 server signing off (1 message deleted)"
     finally:
-        client.quit()
+        for client in (first, second):
+            client.close()
+    assert inbox(pop_box) == [uids[2], uids[4], late]
+    wait_until(lambda: pop_box.services.pop3_sessions.count(USER) == 0, seconds=10, what="both sessions uncounted")
 
 
-def test_second_session_gets_in_use_until_the_first_quits(pop_box: BoxHandle) -> None:
-    first = pop3s(pop_box)
-    second = poplib.POP3_SSL("127.0.0.1", pop_box.port("pop3s"), context=pop_box.client_context, timeout=15)
-    second.user(USER)
-    with pytest.raises(poplib.error_proto, match=re.escape("-ERR [IN-USE]")):
-        second.pass_(PASSWORD)
-    # Over STLS on the other listener too: one lock table for both.
-    third = poplib.POP3("127.0.0.1", pop_box.port("pop3"), timeout=15)
-    third.stls(pop_box.client_context)
-    third.user(USER)
-    with pytest.raises(poplib.error_proto, match=re.escape("-ERR [IN-USE]")):
-        third.pass_(PASSWORD)
-    third.quit()
-    first.quit()
-    second.user(USER)
-    assert second.pass_(PASSWORD).startswith(b"+OK Logged in")
-    second.quit()
+def test_a_message_another_session_removed_answers_as_dovecot(pop_box: BoxHandle) -> None:
+    # Dovecot 2.3.19 (bench.peers.BenchDovecot, two sessions): after the first QUITs, the second's STAT,
+    # LIST and UIDL still count the message (its snapshot), RETR and TOP of it answer "-ERR Message 1
+    # expunged.", DELE of it "+OK", and QUIT "+OK" removing the rest of its marks.
+    uids = [deliver(pop_box, message(n)) for n in range(1, 5)]
+    first, second = pop3s(pop_box), pop3s(pop_box)
+    try:
+        first.dele(1)
+        assert first.quit().startswith(b"+OK")
+        assert inbox(pop_box) == uids[1:]
+        assert second.stat() == (4, sum(len(message(n)) for n in range(1, 5)))
+        assert [line.split()[0] for line in second.uidl()[1]] == [b"1", b"2", b"3", b"4"]
+        gone = re.escape("-ERR Message 1 was removed by another session")
+        with pytest.raises(poplib.error_proto, match=gone):
+            second.retr(1)
+        with pytest.raises(poplib.error_proto, match=gone):
+            second.top(1, 0)
+        assert retr(second, 2) == message(2)
+        assert second.dele(1) == b"+OK Message 1 deleted"
+        second.dele(3)
+        assert second.quit() == b"+OK Letterbox POP3 server signing off (2 messages deleted)"
+    finally:
+        for client in (first, second):
+            client.close()
+    assert inbox(pop_box) == [uids[1], uids[3]]
+    assert read_all(pop_box) == [message(2), message(4)]
 
 
-def test_a_dropped_session_releases_the_lock(pop_box: BoxHandle) -> None:
-    drop(pop3s(pop_box))
-    login_when_unlocked(pop_box).quit()
+def test_a_dead_connection_does_not_refuse_the_next_login(pop_box: BoxHandle) -> None:
+    # A phone's connection that died without a FIN is, to the server, a session saying nothing until its
+    # idle timeout (10 minutes): it held the maildrop's lock all that while.
+    deliver(pop_box, message(1))
+    dead = pop3s(pop_box)
+    dead.dele(1)
+    try:
+        again = pop3s(pop_box)
+        assert again.stat()[0] == 1
+        assert again.quit().startswith(b"+OK")
+    finally:
+        drop(dead)
+    wait_until(lambda: pop_box.services.pop3_sessions.count(USER) == 0, seconds=10, what="the dropped session uncounted")
+    assert len(inbox(pop_box)) == 1  # the dead session's mark is never applied
+
+
+def test_one_mailbox_holds_a_bounded_number_of_sessions(pop_box: BoxHandle) -> None:
+    # Side by side, one account's password could hold every POP3 session of the listeners; past the bound
+    # the login answers -ERR [IN-USE], as Dovecot's past mail_max_userip_connections.
+    sessions = pop_box.services.pop3_sessions
+    sessions.limit = 2
+    clients = [pop3s(pop_box), pop3_stls(pop_box)]
+    try:
+        refused = poplib.POP3_SSL("127.0.0.1", pop_box.port("pop3s"), context=pop_box.client_context, timeout=15)
+        clients.append(refused)
+        refused.user(USER)
+        with pytest.raises(poplib.error_proto, match=re.escape("-ERR [IN-USE] Too many POP3 sessions of this mailbox (at most 2)")):
+            refused.pass_(PASSWORD)
+        assert clients[0].quit().startswith(b"+OK")
+        refused.user(USER)
+        assert refused.pass_(PASSWORD).startswith(b"+OK Logged in")
+        assert refused.quit().startswith(b"+OK")
+    finally:
+        sessions.limit = MAX_SESSIONS_PER_ACCOUNT
+        for client in clients:
+            client.close()
+    wait_until(lambda: sessions.count(USER) == 0, seconds=10, what="every session uncounted")
 
 
 def test_maildrop_is_a_snapshot_at_login(pop_box: BoxHandle) -> None:

@@ -20,7 +20,6 @@ from appliance.config import DataLayout, ServeConfig
 from appliance.db import Database
 from appliance.events import EventLog
 from appliance.passwords import make_hasher
-from appliance.pop3.locks import MaildropLocks
 from appliance.queue.client import Outcome
 from appliance.queue.retry import RetryPolicy
 from appliance.queue.spool import QueuedMessage, Spool
@@ -71,7 +70,6 @@ async def build_services(root: Path, *, policy: ThrottlePolicy = NO_THROTTLE, ho
         events=events,
         spool=Spool(layout.spool, db),
         srs=SenderRewriter(load_secret(layout.root / SECRET_FILE)),
-        maildrop_locks=MaildropLocks(),
         recipient_guard=RecipientProbeGuard(),
     )
 

@@ -189,7 +189,7 @@ def test_discard_buffer_drops_pipelined_plaintext() -> None:
 def test_reply_rendering() -> None:
     assert Ok().render() == b"+OK\r\n"
     assert Ok("2 320").render() == b"+OK 2 320\r\n"
-    assert Err("Maildrop is locked", "IN-USE").render() == b"-ERR [IN-USE] Maildrop is locked\r\n"
+    assert Err("Too many sessions", "IN-USE").render() == b"-ERR [IN-USE] Too many sessions\r\n"
     assert Ok("list", ("1 120", ".odd", "")).render() == b"+OK list\r\n1 120\r\n..odd\r\n\r\n.\r\n"
     assert Ok("empty", ()).render() == b"+OK empty\r\n.\r\n"
     # Text from the network never breaks a reply into two.

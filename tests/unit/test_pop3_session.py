@@ -1,4 +1,4 @@
-"""The session's dispatch tables against the grammar, the maildrop lock table, CAPA per state."""
+"""The session's dispatch tables against the grammar, CAPA per state."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from typing import Any, cast
 
 import pytest
 
+from appliance.account_sessions import AccountSessions
 from appliance.pop3.protocol import GRAMMAR, Command, Pop3Connection, State
 from appliance.pop3.replies import Err, Ok, Reply
-from appliance.pop3.session import MaildropLocks, Pop3Session
+from appliance.pop3.session import Pop3Session
 
 
 class RecordingIO:
@@ -38,7 +39,7 @@ class RecordingIO:
 
 def session(*, tls: bool, stls: bool) -> tuple[Pop3Session, RecordingIO, Pop3Connection]:
     # Only what these tests touch: no command here reaches the store or the auth service.
-    services = cast(Any, SimpleNamespace(store=None, maildrop_locks=MaildropLocks(), hostname="mail.example.test"))
+    services = cast(Any, SimpleNamespace(store=None, pop3_sessions=AccountSessions(), hostname="mail.example.test"))
     conn = Pop3Connection()
     io = RecordingIO(conn, tls=tls, stls=stls)
     return Pop3Session(services, io, conn), io, conn
@@ -88,16 +89,6 @@ def test_quit_in_authorization_closes_without_update() -> None:
     run(s, conn, b"QUIT\r\n")
     assert io.out[-1] == b"+OK Letterbox POP3 server signing off\r\n"
     assert conn.state is State.CLOSED
-
-
-def test_maildrop_locks() -> None:
-    locks = MaildropLocks()
-    assert locks.acquire("a@example.test")
-    assert not locks.acquire("a@example.test")
-    assert locks.acquire("b@example.test")
-    locks.release("a@example.test")
-    assert "a@example.test" not in locks
-    assert locks.acquire("a@example.test")
 
 
 @pytest.mark.parametrize("reply", [Ok("x"), Err("y", "SYS/TEMP")])
